@@ -1,0 +1,948 @@
+//! Raw YAML structs → [`Snapshot`]: expand `${VAR}`, parse units, apply
+//! defaults, resolve names (routes → upstreams/pools, pools → upstreams,
+//! keys → tiers) and build route matchers and upstream clients.
+//!
+//! Every problem is collected with its position instead of stopping at the
+//! first, so `sluice check` shows them all at once.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+use serde_saphyr::{Location, Spanned};
+
+use super::error::ConfigError;
+use super::expand::expand;
+use super::raw::*;
+use super::units::{parse_duration, parse_size};
+use crate::snapshot::*;
+use crate::upstream::{self, MockSettings, Timeouts, Upstream};
+
+/// Compiles one parsed file. `base_dir` resolves relative file paths;
+/// `env` looks up `${VAR}`s.
+pub fn compile(
+    raw: RawConfig,
+    file: &str,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Snapshot, Vec<ConfigError>> {
+    let mut c = Compiler {
+        file,
+        base_dir,
+        env,
+        errors: Vec::new(),
+    };
+    let snapshot = c.config(raw);
+    if c.errors.is_empty() {
+        Ok(snapshot)
+    } else {
+        c.errors.sort_by_key(|e| (e.line, e.col));
+        Err(c.errors)
+    }
+}
+
+struct Compiler<'a> {
+    file: &'a str,
+    base_dir: &'a Path,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    errors: Vec<ConfigError>,
+}
+
+const DEFAULT_RETRY_ON: [RetryOn; 7] = [
+    RetryOn::Connect,
+    RetryOn::Timeout,
+    RetryOn::Status(429),
+    RetryOn::Status(500),
+    RetryOn::Status(502),
+    RetryOn::Status(503),
+    RetryOn::Status(504),
+];
+
+impl Compiler<'_> {
+    fn error(&mut self, at: &Location, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_owned(),
+            line: at.line(),
+            col: at.column(),
+            message: message.into(),
+        });
+    }
+
+    /// The expanded string, or `None` after recording why not.
+    fn text(&mut self, t: &Text) -> Option<String> {
+        match expand(&t.value.0, self.env) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.error(&t.referenced, e);
+                None
+            }
+        }
+    }
+
+    /// Expands then parses with `parse`; the error message names `what`.
+    fn parsed<T>(&mut self, t: &Text, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+        let s = self.text(t)?;
+        match parse(&s) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.error(&t.referenced, e);
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, t: &Option<Text>, default: Duration) -> Duration {
+        t.as_ref()
+            .and_then(|t| self.parsed(t, parse_duration))
+            .unwrap_or(default)
+    }
+
+    fn opt_duration(&mut self, t: &Option<Text>) -> Option<Duration> {
+        t.as_ref().and_then(|t| self.parsed(t, parse_duration))
+    }
+
+    fn size(&mut self, t: &Option<Text>, default: u64) -> u64 {
+        t.as_ref()
+            .and_then(|t| self.parsed(t, parse_size))
+            .unwrap_or(default)
+    }
+
+    fn number<T: FromStr>(&mut self, t: &Text, what: &str) -> Option<T> {
+        self.parsed(t, |s| {
+            s.trim()
+                .parse::<T>()
+                .map_err(|_| format!("`{s}` is not {what}"))
+        })
+    }
+
+    fn opt_u64(&mut self, t: &Option<Text>) -> Option<u64> {
+        t.as_ref()
+            .and_then(|t| self.number(t, "a non-negative whole number"))
+    }
+
+    fn opt_usd(&mut self, t: &Option<Text>) -> Option<f64> {
+        let t = t.as_ref()?;
+        let v: f64 = self.number(t, "a number")?;
+        if v.is_finite() && v >= 0.0 {
+            Some(v)
+        } else {
+            self.error(&t.referenced, format!("`{v}` must be a non-negative amount"));
+            None
+        }
+    }
+
+    fn bool(&mut self, t: &Option<Text>, default: bool) -> bool {
+        t.as_ref()
+            .and_then(|t| self.number(t, "true or false"))
+            .unwrap_or(default)
+    }
+
+    /// One of a fixed set of words.
+    fn choice<T: Copy>(&mut self, t: &Option<Text>, options: &[(&str, T)], default: T) -> T {
+        let Some(t) = t else { return default };
+        let Some(s) = self.text(t) else { return default };
+        if let Some((_, v)) = options.iter().find(|(name, _)| *name == s) {
+            return *v;
+        }
+        let names: Vec<_> = options.iter().map(|(n, _)| *n).collect();
+        self.error(
+            &t.referenced,
+            format!("`{s}` is not one of: {}", names.join(", ")),
+        );
+        default
+    }
+
+    fn addr(&mut self, t: &Option<Text>, default: &str) -> SocketAddr {
+        let fallback = SocketAddr::from(([0, 0, 0, 0], 0));
+        match t {
+            None => default.parse().unwrap_or(fallback),
+            Some(t) => self
+                .parsed(t, |s| {
+                    s.parse::<SocketAddr>().map_err(|_| {
+                        format!("`{s}` is not a listen address like 0.0.0.0:8080 or [::]:8080")
+                    })
+                })
+                .unwrap_or(fallback),
+        }
+    }
+
+    fn path(&mut self, t: &Text) -> Option<PathBuf> {
+        let s = self.text(t)?;
+        Some(self.base_dir.join(s))
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Snapshot {
+        let listen = self.addr(&raw.listen, "0.0.0.0:8080");
+        let admin_listen = match &raw.admin {
+            Some(a) => self.addr(&a.listen, "0.0.0.0:9090"),
+            None => self.addr(&None, "0.0.0.0:9090"),
+        };
+        let tls = raw.tls.as_ref().and_then(|t| {
+            Some(TlsFiles {
+                cert_file: self.path(&t.cert_file)?,
+                key_file: self.path(&t.key_file)?,
+            })
+        });
+        let limits = self.limits(raw.limits.as_ref());
+        let upstreams = self.upstreams(&raw.upstreams, &limits);
+        let upstream_index: HashMap<&str, usize> = raw
+            .upstreams
+            .keys()
+            .enumerate()
+            .map(|(i, name)| (name.as_str(), i))
+            .collect();
+        let pools = self.pools(&raw.pools, &upstream_index);
+        let pool_index: HashMap<&str, usize> = raw
+            .pools
+            .keys()
+            .enumerate()
+            .map(|(i, name)| (name.as_str(), i))
+            .collect();
+        for (name, pool) in &raw.pools {
+            if upstream_index.contains_key(name.as_str()) {
+                self.error(
+                    &pool.referenced,
+                    format!("pool `{name}` has the name of an upstream; names must be unique"),
+                );
+            }
+        }
+        let tiers = self.tiers(&raw.tiers);
+        let routes = self.routes(&raw.routes, &upstream_index, &pool_index);
+        let route_names: HashSet<&str> = routes.iter().map(|r| &*r.name).collect();
+        let auth = self.auth(raw.auth.as_ref(), &tiers, &route_names);
+        let pricing = self.pricing(&raw.pricing);
+        let budget = self.budget(raw.budget.as_ref());
+        let cache = CacheSettings {
+            max_bytes: self.size(
+                &raw.cache.as_ref().and_then(|c| c.max_bytes.clone()),
+                256 << 20,
+            ),
+        };
+        let state = self.state(raw.state.as_ref());
+        let logging = self.logging(raw.logging.as_ref());
+        Snapshot {
+            listen,
+            tls,
+            admin_listen,
+            limits,
+            upstreams,
+            pools,
+            routes,
+            auth,
+            tiers,
+            pricing,
+            budget,
+            cache,
+            state,
+            logging,
+        }
+    }
+
+    fn limits(&mut self, raw: Option<&RawLimits>) -> Limits {
+        let none = RawLimits {
+            max_request_body: None,
+            header_read_timeout: None,
+            request_timeout: None,
+            max_connections: None,
+            shutdown_grace: None,
+        };
+        let raw = raw.unwrap_or(&none);
+        let max_connections = self.opt_u64(&raw.max_connections).unwrap_or(10_000);
+        if max_connections == 0 {
+            if let Some(t) = &raw.max_connections {
+                self.error(&t.referenced, "max_connections must be at least 1");
+            }
+        }
+        Limits {
+            max_request_body: self.size(&raw.max_request_body, 4 << 20),
+            header_read_timeout: self.duration(&raw.header_read_timeout, Duration::from_secs(10)),
+            request_timeout: self.duration(&raw.request_timeout, Duration::from_secs(300)),
+            max_connections: usize::try_from(max_connections.max(1)).unwrap_or(usize::MAX),
+            shutdown_grace: self.duration(&raw.shutdown_grace, Duration::from_secs(30)),
+        }
+    }
+
+    fn upstreams(
+        &mut self,
+        raw: &BTreeMap<String, Spanned<RawUpstream>>,
+        limits: &Limits,
+    ) -> Vec<Arc<Upstream>> {
+        let mut out = Vec::with_capacity(raw.len());
+        for (name, spanned) in raw {
+            let u = &spanned.value;
+            let at = &spanned.referenced;
+            let timeouts = match &u.timeouts {
+                Some(t) => Timeouts {
+                    connect: self.duration(&t.connect, Duration::from_secs(5)),
+                    first_byte: self.duration(&t.first_byte, limits.request_timeout),
+                    idle: self.duration(&t.idle, Duration::from_secs(60)),
+                },
+                None => Timeouts {
+                    connect: Duration::from_secs(5),
+                    first_byte: limits.request_timeout,
+                    idle: Duration::from_secs(60),
+                },
+            };
+            let set_headers = self.set_headers(name, &u.set_headers);
+            let models = u
+                .models
+                .iter()
+                .filter_map(|(from, to)| Some((from.clone(), self.text(to)?)))
+                .collect();
+            let kind = match (&u.url, &u.mock) {
+                (Some(url), None) => {
+                    let ca_pem = match &u.ca_file {
+                        Some(ca) => self.path(ca).and_then(|p| match std::fs::read(&p) {
+                            Ok(pem) => Some((pem, ca.referenced)),
+                            Err(e) => {
+                                self.error(
+                                    &ca.referenced,
+                                    format!("cannot read ca_file {}: {e}", p.display()),
+                                );
+                                None
+                            }
+                        }),
+                        None => None,
+                    };
+                    let Some(url_text) = self.text(url) else {
+                        continue;
+                    };
+                    match upstream::HttpUpstream::new(
+                        &url_text,
+                        ca_pem.as_ref().map(|(pem, _)| pem.as_slice()),
+                        timeouts.connect,
+                    ) {
+                        Ok(http) => upstream::UpstreamKind::Http(http),
+                        Err(upstream::BuildError::Url(e)) => {
+                            self.error(&url.referenced, e);
+                            continue;
+                        }
+                        Err(upstream::BuildError::Ca(e)) => {
+                            let loc = ca_pem.map(|(_, l)| l).unwrap_or(url.referenced);
+                            self.error(&loc, e);
+                            continue;
+                        }
+                    }
+                }
+                (None, Some(mock)) => {
+                    if let Some(ca) = &u.ca_file {
+                        self.error(&ca.referenced, "ca_file has no meaning on a mock upstream");
+                    }
+                    upstream::UpstreamKind::Mock(self.mock(mock))
+                }
+                (Some(_), Some(_)) => {
+                    self.error(at, format!("upstream `{name}` has both `url` and `mock`; choose one"));
+                    continue;
+                }
+                (None, None) => {
+                    self.error(at, format!("upstream `{name}` needs a `url` or a `mock`"));
+                    continue;
+                }
+            };
+            out.push(Arc::new(Upstream {
+                name: Arc::from(name.as_str()),
+                kind,
+                set_headers,
+                timeouts,
+                models,
+            }));
+        }
+        out
+    }
+
+    fn set_headers(&mut self, upstream: &str, raw: &BTreeMap<String, Text>) -> Vec<SetHeader> {
+        let mut out = Vec::with_capacity(raw.len());
+        for (name, value) in raw {
+            let Ok(header) = HeaderName::from_bytes(name.as_bytes()) else {
+                self.error(
+                    &value.referenced,
+                    format!("upstream `{upstream}`: `{name}` is not a valid header name"),
+                );
+                continue;
+            };
+            let Some(text) = self.text(value) else { continue };
+            // The value is usually a secret: the message never repeats it.
+            match HeaderValue::from_str(&text) {
+                Ok(mut v) => {
+                    v.set_sensitive(true);
+                    out.push(SetHeader {
+                        name: header,
+                        value: v,
+                    });
+                }
+                Err(_) => self.error(
+                    &value.referenced,
+                    format!(
+                        "upstream `{upstream}`: the value of set_headers.{name} is not a valid header value"
+                    ),
+                ),
+            }
+        }
+        out
+    }
+
+    fn mock(&mut self, raw: &RawMock) -> MockSettings {
+        let failure_rate = match &raw.failure_rate {
+            Some(t) => match self.number::<f64>(t, "a number between 0.0 and 1.0") {
+                Some(r) if (0.0..=1.0).contains(&r) => r,
+                Some(r) => {
+                    self.error(&t.referenced, format!("failure_rate {r} is not between 0.0 and 1.0"));
+                    0.0
+                }
+                None => 0.0,
+            },
+            None => 0.0,
+        };
+        let status = match &raw.status {
+            Some(t) => match self.number::<u16>(t, "an HTTP status") {
+                Some(s) if (100..=599).contains(&s) => s,
+                Some(s) => {
+                    self.error(&t.referenced, format!("{s} is not an HTTP status"));
+                    500
+                }
+                None => 500,
+            },
+            None => 500,
+        };
+        MockSettings {
+            latency: self.duration(&raw.latency, Duration::ZERO),
+            failure_rate,
+            failure_status: status,
+            stream_chunks: raw
+                .stream_chunks
+                .as_ref()
+                .and_then(|t| self.number::<u32>(t, "a whole number"))
+                .filter(|n| *n > 0),
+            chunk_interval: self.duration(&raw.chunk_interval, Duration::ZERO),
+        }
+    }
+
+    fn pools(
+        &mut self,
+        raw: &BTreeMap<String, Spanned<RawPool>>,
+        upstream_index: &HashMap<&str, usize>,
+    ) -> Vec<Pool> {
+        let mut out = Vec::with_capacity(raw.len());
+        for (name, spanned) in raw {
+            let p = &spanned.value;
+            let mut members = Vec::with_capacity(p.members.len());
+            for m in &p.members {
+                let Some(member) = self.text(m) else { continue };
+                match upstream_index.get(member.as_str()) {
+                    Some(i) if members.contains(i) => self.error(
+                        &m.referenced,
+                        format!("pool `{name}` lists `{member}` twice"),
+                    ),
+                    Some(i) => members.push(*i),
+                    None => self.error(
+                        &m.referenced,
+                        format!("pool `{name}`: no upstream named `{member}`"),
+                    ),
+                }
+            }
+            if p.members.is_empty() {
+                self.error(&spanned.referenced, format!("pool `{name}` has no members"));
+            }
+            let retry_on = match &p.retry_on {
+                None => DEFAULT_RETRY_ON.to_vec(),
+                Some(list) => list
+                    .iter()
+                    .filter_map(|t| {
+                        self.parsed(t, |s| match s {
+                            "connect" => Ok(RetryOn::Connect),
+                            "timeout" => Ok(RetryOn::Timeout),
+                            other => match other.parse::<u16>() {
+                                Ok(code) if (400..=599).contains(&code) => Ok(RetryOn::Status(code)),
+                                _ => Err(format!(
+                                    "`{other}` is not connect, timeout or an HTTP error status (400-599)"
+                                )),
+                            },
+                        })
+                    })
+                    .collect(),
+            };
+            let max_attempts = match &p.max_attempts {
+                Some(t) => match self.number::<u32>(t, "a whole number") {
+                    Some(0) => {
+                        self.error(&t.referenced, "max_attempts must be at least 1");
+                        1
+                    }
+                    Some(n) => n,
+                    None => 1,
+                },
+                None => u32::try_from(p.members.len().max(1)).unwrap_or(u32::MAX),
+            };
+            let (breaker_failures, breaker_cooldown) = match &p.circuit_breaker {
+                Some(b) => (
+                    b.failures
+                        .as_ref()
+                        .and_then(|t| self.number::<u32>(t, "a whole number"))
+                        .unwrap_or(5)
+                        .max(1),
+                    self.duration(&b.cooldown, Duration::from_secs(30)),
+                ),
+                None => (5, Duration::from_secs(30)),
+            };
+            let health_check = p.health_check.as_ref().and_then(|h| {
+                let path = self.text(&h.path)?;
+                if !path.starts_with('/') {
+                    self.error(&h.path.referenced, "health_check.path must start with /");
+                }
+                Some(HealthCheck {
+                    path,
+                    interval: self.duration(&h.interval, Duration::from_secs(10)),
+                })
+            });
+            out.push(Pool {
+                name: Arc::from(name.as_str()),
+                members,
+                retry_on,
+                max_attempts,
+                breaker_failures,
+                breaker_cooldown,
+                health_check,
+            });
+        }
+        out
+    }
+
+    fn tiers(&mut self, raw: &BTreeMap<String, Spanned<RawTier>>) -> HashMap<Arc<str>, Tier> {
+        raw.iter()
+            .map(|(name, t)| {
+                let t = &t.value;
+                let tier = Tier {
+                    requests_per_minute: self.opt_u64(&t.requests_per_minute),
+                    tokens_per_minute: self.opt_u64(&t.tokens_per_minute),
+                    concurrent_requests: self.opt_u64(&t.concurrent_requests),
+                    daily_budget_usd: self.opt_usd(&t.daily_budget_usd),
+                };
+                (Arc::from(name.as_str()), tier)
+            })
+            .collect()
+    }
+
+    fn routes(
+        &mut self,
+        raw: &[Spanned<RawRoute>],
+        upstream_index: &HashMap<&str, usize>,
+        pool_index: &HashMap<&str, usize>,
+    ) -> Vec<Route> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for spanned in raw {
+            let r = &spanned.value;
+            let name = self.text(&r.name).unwrap_or_default();
+            if !seen.insert(name.clone()) {
+                self.error(&r.name.referenced, format!("route name `{name}` is used twice"));
+            }
+            let path = match (&r.matcher.path_prefix, &r.matcher.path) {
+                (Some(_), Some(p)) => {
+                    self.error(&p.referenced, "a route matches `path` or `path_prefix`, not both");
+                    PathMatch::Any
+                }
+                (Some(p), None) => match self.text(p) {
+                    Some(s) if s.starts_with('/') => PathMatch::Prefix(s),
+                    Some(_) => {
+                        self.error(&p.referenced, "path_prefix must start with /");
+                        PathMatch::Any
+                    }
+                    None => PathMatch::Any,
+                },
+                (None, Some(p)) => match self.text(p) {
+                    Some(s) if s.starts_with('/') => PathMatch::Exact(s),
+                    Some(_) => {
+                        self.error(&p.referenced, "path must start with /");
+                        PathMatch::Any
+                    }
+                    None => PathMatch::Any,
+                },
+                (None, None) => PathMatch::Any,
+            };
+            let host = r
+                .matcher
+                .host
+                .as_ref()
+                .and_then(|h| self.text(h))
+                .map(|h| h.to_ascii_lowercase());
+            let mut methods = Vec::new();
+            for m in r.matcher.methods.iter().flatten() {
+                if let Some(method) = self.parsed(m, |s| {
+                    let upper = s.to_ascii_uppercase();
+                    Method::from_bytes(upper.as_bytes())
+                        .map_err(|_| format!("`{s}` is not an HTTP method"))
+                }) {
+                    methods.push(method);
+                }
+            }
+            let allow = allow_header(&methods, r.cors.is_some());
+            let auth = self.choice(
+                &r.auth,
+                &[
+                    ("required", AuthMode::Required),
+                    ("optional", AuthMode::Optional),
+                    ("none", AuthMode::None),
+                ],
+                AuthMode::Required,
+            );
+            let validate = match &r.validate {
+                None => Validate::None,
+                Some(v) => match &v.value {
+                    RawValidate::Named(n) if n == "none" => Validate::None,
+                    RawValidate::Named(n) if n == "openai" => Validate::OpenAi,
+                    RawValidate::Named(n) => {
+                        self.error(
+                            &v.referenced,
+                            format!("`{n}` is not one of: none, openai, {{ schema_file: … }}"),
+                        );
+                        Validate::None
+                    }
+                    RawValidate::Schema(s) => {
+                        let p = self.base_dir.join(&s.schema_file);
+                        if !p.is_file() {
+                            self.error(
+                                &v.referenced,
+                                format!("schema_file {} does not exist", p.display()),
+                            );
+                        }
+                        Validate::SchemaFile(p)
+                    }
+                },
+            };
+            let rate_limit = r
+                .rate_limit
+                .as_ref()
+                .map(|rl| RouteRateLimit {
+                    requests_per_minute: self.opt_u64(&rl.requests_per_minute),
+                    tokens_per_minute: self.opt_u64(&rl.tokens_per_minute),
+                })
+                .unwrap_or_default();
+            let cache = r.cache.as_ref().map(|c| RouteCache {
+                ttl: self.duration(&c.ttl, Duration::from_secs(300)),
+                scope: self.choice(
+                    &c.scope,
+                    &[("identity", CacheScope::Identity), ("shared", CacheScope::Shared)],
+                    CacheScope::Identity,
+                ),
+            });
+            let cors = r.cors.as_ref().map(|c| self.cors(c));
+            let target_name = self.text(&r.upstream).unwrap_or_default();
+            let target = match (
+                upstream_index.get(target_name.as_str()),
+                pool_index.get(target_name.as_str()),
+            ) {
+                (Some(i), _) => Target::Upstream(*i),
+                (None, Some(i)) => Target::Pool(*i),
+                (None, None) => {
+                    self.error(
+                        &r.upstream.referenced,
+                        format!("route `{name}`: no upstream or pool named `{target_name}`"),
+                    );
+                    Target::Upstream(0)
+                }
+            };
+            out.push(Route {
+                name: Arc::from(name),
+                path,
+                host,
+                methods,
+                allow,
+                auth,
+                validate,
+                rate_limit,
+                cache,
+                cors,
+                target,
+            });
+        }
+        out
+    }
+
+    fn cors(&mut self, c: &RawCors) -> Cors {
+        let list = |me: &mut Self, l: &Option<Vec<Text>>, default: &[&str]| -> Vec<String> {
+            match l {
+                Some(l) => l.iter().filter_map(|t| me.text(t)).collect(),
+                None => default.iter().map(|s| (*s).to_owned()).collect(),
+            }
+        };
+        Cors {
+            allow_origins: list(self, &Some(c.allow_origins.clone()), &[]),
+            allow_methods: list(self, &c.allow_methods, &["GET", "POST", "OPTIONS"]),
+            allow_headers: list(
+                self,
+                &c.allow_headers,
+                &["authorization", "content-type", "x-api-key", "x-request-id"],
+            ),
+            max_age: self.opt_duration(&c.max_age),
+            allow_credentials: self.bool(&c.allow_credentials, false),
+        }
+    }
+
+    fn auth(
+        &mut self,
+        raw: Option<&RawAuth>,
+        tiers: &HashMap<Arc<str>, Tier>,
+        route_names: &HashSet<&str>,
+    ) -> Auth {
+        let Some(raw) = raw else {
+            return Auth {
+                default_tier: tiers.get_key_value("free").map(|(k, _)| k.clone()),
+                anonymous_tier: Arc::from("anonymous"),
+                ..Auth::default()
+            };
+        };
+        let tier_ref = |me: &mut Self, t: &Text| -> Option<Arc<str>> {
+            let name = me.text(t)?;
+            match tiers.get_key_value(name.as_str()) {
+                Some((k, _)) => Some(k.clone()),
+                None => {
+                    me.error(&t.referenced, format!("no tier named `{name}` under `tiers`"));
+                    None
+                }
+            }
+        };
+        let default_tier = match &raw.default_tier {
+            Some(t) => tier_ref(self, t),
+            None => tiers.get_key_value("free").map(|(k, _)| k.clone()),
+        };
+        let mut api_keys = HashMap::with_capacity(raw.api_keys.len());
+        let mut ids = HashSet::new();
+        for spanned in &raw.api_keys {
+            let k = &spanned.value;
+            let Some(id) = self.text(&k.id) else { continue };
+            if !ids.insert(id.clone()) {
+                self.error(&k.id.referenced, format!("api key id `{id}` is used twice"));
+            }
+            let digest = match (&k.key, &k.hash) {
+                (Some(key), None) => match self.text(key) {
+                    Some(key) if key.is_empty() => {
+                        self.error(&key_loc(&k.key), format!("api key `{id}` is empty"));
+                        None
+                    }
+                    Some(key) => Some(crate::proxy::auth::digest(key.as_bytes())),
+                    None => None,
+                },
+                (None, Some(hash)) => self.parsed(hash, |s| {
+                    crate::proxy::auth::parse_hash(s).ok_or_else(|| {
+                        format!("api key `{id}`: hash must be `sha256:` and 64 hex digits (see `sluice hash-key`)")
+                    })
+                }),
+                (Some(_), Some(_)) => {
+                    self.error(&spanned.referenced, format!("api key `{id}` has both `key` and `hash`"));
+                    None
+                }
+                (None, None) => {
+                    self.error(&spanned.referenced, format!("api key `{id}` needs a `key` or a `hash`"));
+                    None
+                }
+            };
+            let tier = k.tier.as_ref().and_then(|t| tier_ref(self, t));
+            let routes = k.routes.as_ref().map(|list| {
+                list.iter()
+                    .filter_map(|t| {
+                        let r = self.text(t)?;
+                        if !route_names.contains(r.as_str()) {
+                            self.error(&t.referenced, format!("api key `{id}`: no route named `{r}`"));
+                        }
+                        Some(Arc::from(r))
+                    })
+                    .collect()
+            });
+            if let Some(digest) = digest {
+                let entry = Arc::new(ApiKey {
+                    id: Arc::from(id.as_str()),
+                    tier,
+                    routes,
+                });
+                if api_keys.insert(digest, entry).is_some() {
+                    self.error(&spanned.referenced, format!("api key `{id}` repeats another key"));
+                }
+            }
+        }
+        let jwt = raw.jwt.as_ref().and_then(|j| self.jwt(j));
+        Auth {
+            api_keys,
+            jwt,
+            default_tier,
+            anonymous_tier: Arc::from("anonymous"),
+        }
+    }
+
+    fn jwt(&mut self, spanned: &Spanned<RawJwt>) -> Option<Jwt> {
+        const ALGORITHMS: [&str; 12] = [
+            "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+            "ES256", "ES384", "EdDSA",
+        ];
+        let j = &spanned.value;
+        let sources = [&j.jwks_url, &j.keys_file, &j.hs256_secret]
+            .iter()
+            .filter(|s| s.is_some())
+            .count();
+        if sources != 1 {
+            self.error(
+                &spanned.referenced,
+                "jwt needs exactly one of jwks_url, keys_file, hs256_secret",
+            );
+            return None;
+        }
+        let keys = if let Some(u) = &j.jwks_url {
+            let url = self.text(u)?;
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                self.error(&u.referenced, "jwks_url must be an http:// or https:// URL");
+            }
+            JwtKeySource::JwksUrl(url)
+        } else if let Some(f) = &j.keys_file {
+            JwtKeySource::KeysFile(self.path(f)?)
+        } else {
+            JwtKeySource::Hs256Secret(self.text(j.hs256_secret.as_ref()?)?)
+        };
+        let mut algorithms = Vec::new();
+        for a in &j.algorithms {
+            if let Some(alg) = self.parsed(a, |s| {
+                if ALGORITHMS.contains(&s) {
+                    Ok(s.to_owned())
+                } else {
+                    Err(format!("`{s}` is not one of: {}", ALGORITHMS.join(", ")))
+                }
+            }) {
+                algorithms.push(alg);
+            }
+        }
+        if algorithms.is_empty() {
+            algorithms.push(
+                if matches!(keys, JwtKeySource::Hs256Secret(_)) {
+                    "HS256"
+                } else {
+                    "RS256"
+                }
+                .to_owned(),
+            );
+        }
+        Some(Jwt {
+            issuer: j.issuer.as_ref().and_then(|t| self.text(t)),
+            audiences: j.audiences.iter().filter_map(|t| self.text(t)).collect(),
+            keys,
+            algorithms,
+            identity_claim: j
+                .identity_claim
+                .as_ref()
+                .and_then(|t| self.text(t))
+                .unwrap_or_else(|| "sub".to_owned()),
+            tier_claim: j.tier_claim.as_ref().and_then(|t| self.text(t)),
+        })
+    }
+
+    fn pricing(&mut self, raw: &BTreeMap<String, Spanned<RawPrice>>) -> HashMap<String, Price> {
+        raw.iter()
+            .filter_map(|(model, p)| {
+                let input = self.opt_usd(&Some(p.value.input.clone()))?;
+                let output = self.opt_usd(&Some(p.value.output.clone()))?;
+                Some((model.clone(), Price { input, output }))
+            })
+            .collect()
+    }
+
+    fn budget(&mut self, raw: Option<&RawBudget>) -> Budget {
+        let Some(raw) = raw else {
+            return Budget::default();
+        };
+        let mut alert_at = Vec::new();
+        for t in raw.alert_at.iter().flatten() {
+            match self.number::<f64>(t, "a fraction like 0.8") {
+                Some(f) if f > 0.0 && f.is_finite() => alert_at.push(f),
+                Some(f) => self.error(&t.referenced, format!("alert_at {f} must be above 0")),
+                None => {}
+            }
+        }
+        alert_at.sort_by(f64::total_cmp);
+        let webhook_url = raw
+            .webhook_url
+            .as_ref()
+            .and_then(|t| self.text(t))
+            .filter(|s| !s.is_empty());
+        Budget {
+            daily_usd: self.opt_usd(&raw.daily_usd),
+            alert_at,
+            enforce: self.bool(&raw.enforce, false),
+            webhook_url,
+        }
+    }
+
+    fn state(&mut self, raw: Option<&RawState>) -> StateSettings {
+        let Some(raw) = raw else {
+            return StateSettings {
+                backend: StateBackend::Memory,
+                redis_url: None,
+                deny_on_error: false,
+            };
+        };
+        let backend = self.choice(
+            &raw.backend,
+            &[("memory", StateBackend::Memory), ("redis", StateBackend::Redis)],
+            StateBackend::Memory,
+        );
+        let redis_url = raw.redis_url.as_ref().and_then(|t| {
+            let url = self.text(t)?;
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                self.error(&t.referenced, "redis_url must start with redis:// or rediss://");
+            }
+            Some(url)
+        });
+        if backend == StateBackend::Redis && redis_url.is_none() {
+            if let Some(b) = &raw.backend {
+                self.error(&b.referenced, "backend: redis needs a redis_url");
+            }
+        }
+        StateSettings {
+            backend,
+            redis_url,
+            deny_on_error: self.choice(&raw.on_error, &[("allow", false), ("deny", true)], false),
+        }
+    }
+
+    fn logging(&mut self, raw: Option<&RawLogging>) -> Logging {
+        let Some(raw) = raw else {
+            return Logging {
+                level: "info".to_owned(),
+                format: LogFormat::Json,
+                log_bodies: false,
+            };
+        };
+        let level = self.choice(
+            &raw.level,
+            &[
+                ("error", "error"),
+                ("warn", "warn"),
+                ("info", "info"),
+                ("debug", "debug"),
+                ("trace", "trace"),
+            ],
+            "info",
+        );
+        Logging {
+            level: level.to_owned(),
+            format: self.choice(
+                &raw.format,
+                &[("json", LogFormat::Json), ("text", LogFormat::Text)],
+                LogFormat::Json,
+            ),
+            log_bodies: self.bool(&raw.log_bodies, false),
+        }
+    }
+}
+
+fn key_loc(t: &Option<Text>) -> Location {
+    t.as_ref().map(|t| t.referenced).unwrap_or(Location::UNKNOWN)
+}
+
+/// The `allow` header value for a 405 on a route limited to `methods`.
+fn allow_header(methods: &[Method], cors: bool) -> HeaderValue {
+    let mut names: Vec<&str> = methods.iter().map(Method::as_str).collect();
+    if cors && !names.contains(&"OPTIONS") {
+        names.push("OPTIONS");
+    }
+    HeaderValue::from_str(&names.join(", ")).unwrap_or(HeaderValue::from_static(""))
+}

@@ -1,0 +1,83 @@
+//! `${VAR}` and `${VAR:-default}` in config strings, resolved from the
+//! environment when the config is compiled (so a reload sees new values).
+
+/// Expands every `${…}` in `text`. `lookup` returns a variable's value;
+/// an unset variable with no default is an error naming it. `$$` stays a
+/// literal `$` so that values may contain `${` when they must.
+pub fn expand(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    if !text.contains('$') {
+        return Ok(text.to_owned());
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let end = body
+                .find('}')
+                .ok_or_else(|| "unterminated `${` in value".to_owned())?;
+            let inner = &body[..end];
+            let (name, default) = match inner.split_once(":-") {
+                Some((name, default)) => (name, Some(default)),
+                None => (inner, None),
+            };
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(format!("`${{{inner}}}` is not a valid variable reference"));
+            }
+            match (lookup(name), default) {
+                (Some(value), _) => out.push_str(&value),
+                (None, Some(default)) => out.push_str(default),
+                (None, None) => {
+                    return Err(format!(
+                        "environment variable `{name}` is not set (use `${{{name}:-default}}` for a default)"
+                    ));
+                }
+            }
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "KEY" => Some("s3cret".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn variables_defaults_and_literals() {
+        assert_eq!(expand("Bearer ${KEY}", env).unwrap(), "Bearer s3cret");
+        assert_eq!(expand("${NOPE:-20ms}", env).unwrap(), "20ms");
+        assert_eq!(expand("${NOPE:-}", env).unwrap(), "");
+        assert_eq!(expand("${EMPTY:-x}", env).unwrap(), "");
+        assert_eq!(expand("a$$b $5", env).unwrap(), "a$b $5");
+        assert_eq!(expand("plain", env).unwrap(), "plain");
+    }
+
+    #[test]
+    fn missing_variable_is_named() {
+        let err = expand("${OPENAI_API_KEY}", env).unwrap_err();
+        assert!(err.contains("`OPENAI_API_KEY` is not set"), "{err}");
+        assert!(expand("${KEY", env).unwrap_err().contains("unterminated"));
+        assert!(expand("${A B}", env).is_err());
+    }
+}

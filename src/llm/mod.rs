@@ -1,0 +1,4 @@
+//! LLM-aware handling of response bodies: the tap every response passes
+//! through (and, as they land, SSE decoding, usage and pricing).
+
+pub mod tap;

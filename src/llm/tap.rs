@@ -1,0 +1,166 @@
+//! The response tap: every response body sluice sends passes through it,
+//! frame by frame as frames arrive (nothing is buffered). It enforces the
+//! idle gap between upstream chunks and the whole-request deadline, and
+//! finalizes exactly once, at end of stream, on error, or when dropped
+//! (client gone): metrics and the access-log line come from there.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Sleep;
+
+use crate::body::{BoxBody, BodyError};
+use crate::gateway::Gateway;
+use crate::proxy::ctx::RequestCtx;
+use crate::telemetry::access_log;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    #[error("upstream sent nothing for {0:?}")]
+    Idle(Duration),
+    #[error("request exceeded its time limit")]
+    Deadline,
+}
+
+pub struct Tap {
+    inner: BoxBody,
+    /// `Some` until finalized.
+    finish: Option<Finish>,
+    /// Longest wait for the next chunk; `None` for bodies sluice wrote.
+    idle: Option<Duration>,
+    deadline: Instant,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+struct Finish {
+    gw: Arc<Gateway>,
+    ctx: RequestCtx,
+}
+
+impl Tap {
+    pub fn new(
+        inner: BoxBody,
+        gw: Arc<Gateway>,
+        ctx: RequestCtx,
+        idle: Option<Duration>,
+        deadline: Instant,
+    ) -> Self {
+        Tap {
+            inner,
+            finish: Some(Finish { gw, ctx }),
+            idle,
+            deadline,
+            timer: None,
+        }
+    }
+
+    fn next_wake(&self) -> Instant {
+        match self.idle {
+            Some(idle) => (Instant::now() + idle).min(self.deadline),
+            None => self.deadline,
+        }
+    }
+
+    fn finalize(&mut self, error: Option<&'static str>) {
+        let Some(Finish { gw, mut ctx }) = self.finish.take() else {
+            return;
+        };
+        if ctx.error.is_none() {
+            ctx.error = error;
+        }
+        let latency = ctx.started.elapsed();
+        let route = ctx.route_label();
+        let m = &gw.metrics;
+        let status = http::StatusCode::from_u16(ctx.status).ok();
+        let status = status.as_ref().map_or("000", http::StatusCode::as_str);
+        m.requests
+            .with_label_values(&[route, ctx.method.as_str(), status])
+            .inc();
+        m.request_duration
+            .with_label_values(&[route])
+            .observe(latency.as_secs_f64());
+        if ctx.route.is_some() {
+            m.in_flight.with_label_values(&[route]).dec();
+        }
+        if let (Some(upstream), Some(sent)) = (&ctx.upstream, ctx.upstream_started) {
+            m.upstream_duration
+                .with_label_values(&[upstream])
+                .observe(sent.elapsed().as_secs_f64());
+        }
+        access_log::emit(&gw.log, &ctx, latency);
+    }
+}
+
+impl Body for Tap {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if this.idle.is_some() {
+                    let wake = this.next_wake();
+                    if let Some(timer) = &mut this.timer {
+                        timer.as_mut().reset(wake.into());
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finalize(Some("upstream_stream_error"));
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                this.finalize(None);
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                // The timer is armed only for bodies that make us wait, so a
+                // body that is ready at once costs no timer at all.
+                if this.timer.is_none() {
+                    let wake = this.next_wake();
+                    this.timer = Some(Box::pin(tokio::time::sleep_until(wake.into())));
+                }
+                let Some(timer) = this.timer.as_mut() else {
+                    return Poll::Pending;
+                };
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let err = if Instant::now() >= this.deadline {
+                    this.finalize(Some("request_timeout"));
+                    TapError::Deadline
+                } else {
+                    this.finalize(Some("upstream_idle_timeout"));
+                    TapError::Idle(this.idle.unwrap_or_default())
+                };
+                Poll::Ready(Some(Err(BodyError(err.into()))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        // Still pending at drop: the body was not read to its end.
+        let done = self.inner.is_end_stream();
+        self.finalize(if done { None } else { Some("client_closed") });
+    }
+}

@@ -1,0 +1,237 @@
+//! The `sluice` command line: `run`, `check`, `hash-key`, `mock`. Errors
+//! become exit codes here and nowhere else: `run` exits 2 on a bad config
+//! or a busy port, `check` exits 1 on an invalid file.
+#![forbid(unsafe_code)]
+
+use std::convert::Infallible;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+
+use sluice::config;
+use sluice::gateway::Gateway;
+use sluice::proxy::auth::format_hash;
+use sluice::telemetry::log::LogSink;
+use sluice::upstream::mock::{self, MockSettings};
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "An AI gateway sidecar")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve until SIGTERM/SIGINT, then drain.
+    Run {
+        #[arg(long, env = "SLUICE_CONFIG", default_value = "proxy.yaml")]
+        config: PathBuf,
+    },
+    /// Validate a config file and print every error.
+    Check {
+        #[arg(long, env = "SLUICE_CONFIG", default_value = "proxy.yaml")]
+        config: PathBuf,
+    },
+    /// Print the `sha256:` hash of an API key (read from stdin without KEY).
+    HashKey { key: Option<String> },
+    /// Run the built-in OpenAI-compatible mock LLM server.
+    Mock {
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: SocketAddr,
+        /// Delay before each response head, e.g. 20ms.
+        #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+        latency: Duration,
+        /// Fraction of requests that fail (0.0 to 1.0).
+        #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+        failure_rate: f64,
+        /// HTTP status of injected failures.
+        #[arg(long, default_value_t = 500)]
+        status: u16,
+        /// Content chunks per streamed answer (default: one per word).
+        #[arg(long)]
+        stream_chunks: Option<u32>,
+        /// Pause between streamed chunks, e.g. 50ms.
+        #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+        chunk_interval: Duration,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    config::units::parse_duration(s)
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("`{s}` is not a number between 0.0 and 1.0")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::HashKey { key } => hash_key(key),
+        Command::Run { config } => with_runtime(run(config)),
+        Command::Mock {
+            listen,
+            latency,
+            failure_rate,
+            status,
+            stream_chunks,
+            chunk_interval,
+        } => {
+            if !(100..=599).contains(&status) {
+                eprintln!("sluice mock: --status {status} is not an HTTP status");
+                return ExitCode::from(2);
+            }
+            let settings = MockSettings {
+                latency,
+                failure_rate,
+                failure_status: status,
+                stream_chunks,
+                chunk_interval,
+            };
+            with_runtime(serve_mock(listen, settings))
+        }
+    }
+}
+
+fn with_runtime(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(fut),
+        Err(e) => {
+            eprintln!("sluice: cannot start the runtime: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match config::load(path) {
+        Ok(_) => {
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn hash_key(key: Option<String>) -> ExitCode {
+    let key = match key {
+        Some(k) => k,
+        None => {
+            let mut s = String::new();
+            if let Err(e) = std::io::stdin().read_to_string(&mut s) {
+                eprintln!("sluice hash-key: cannot read stdin: {e}");
+                return ExitCode::from(2);
+            }
+            s.trim_end_matches(['\r', '\n']).to_owned()
+        }
+    };
+    if key.is_empty() {
+        eprintln!("sluice hash-key: the key is empty");
+        return ExitCode::from(2);
+    }
+    println!("{}", format_hash(key.as_bytes()));
+    ExitCode::SUCCESS
+}
+
+async fn run(path: PathBuf) -> ExitCode {
+    let snapshot = match config::load(&path) {
+        Ok(s) => s,
+        Err(errors) => {
+            let first = errors.0.first().map(ToString::to_string).unwrap_or_default();
+            let more = errors.0.len().saturating_sub(1);
+            if more > 0 {
+                eprintln!(
+                    "sluice: invalid config: {first} (and {more} more; see `sluice check --config {}`)",
+                    path.display()
+                );
+            } else {
+                eprintln!("sluice: invalid config: {first}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let gw = Gateway::new(snapshot, LogSink::Stdout);
+    let _ = tracing::dispatcher::set_global_default(gw.log.clone());
+    let running = match sluice::server::start(gw.clone()).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let signal = shutdown_signal().await;
+    tracing::info!(signal, "shutting down: draining in-flight requests");
+    running.shutdown();
+    running.wait().await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+/// Resolves on SIGTERM or SIGINT, naming which.
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            return tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            };
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    "SIGINT"
+}
+
+async fn serve_mock(listen: SocketAddr, settings: MockSettings) -> ExitCode {
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("sluice mock: cannot listen on {listen}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    eprintln!("sluice mock: OpenAI-compatible mock LLM on http://{listen}/v1");
+    let settings = Arc::new(settings);
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let accept = async {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let settings = settings.clone();
+            let builder = builder.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let settings = settings.clone();
+                    async move { Ok::<_, Infallible>(mock::respond(&settings, req).await) }
+                });
+                let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    };
+    tokio::select! {
+        () = accept => {}
+        _ = shutdown_signal() => {}
+    }
+    ExitCode::SUCCESS
+}

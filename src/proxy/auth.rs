@@ -1,0 +1,123 @@
+//! Phase 2, identity: who is calling. API keys arrive as
+//! `authorization: Bearer <key>` or `x-api-key: <key>`; sluice keeps only
+//! their SHA-256 digests and finds a key by its digest in one hash lookup.
+//! Credentials never reach logs or error messages.
+
+use http::{header, HeaderMap};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::ctx::{Identity, IdentityId, RequestCtx};
+use super::error::ProxyError;
+use crate::snapshot::{AuthMode, Route, Snapshot};
+
+/// The SHA-256 digest of a key.
+pub fn digest(key: &[u8]) -> [u8; 32] {
+    Sha256::digest(key).into()
+}
+
+/// `sha256:<64 hex>` as printed by `sluice hash-key`.
+pub fn format_hash(key: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(digest(key)))
+}
+
+/// Parses a configured `hash:`.
+pub fn parse_hash(text: &str) -> Option<[u8; 32]> {
+    let hex_part = text.trim().strip_prefix("sha256:")?;
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_part, &mut out).ok()?;
+    Some(out)
+}
+
+/// The credential a request presents, if any.
+fn credential(headers: &HeaderMap) -> Option<&[u8]> {
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        let v = v.as_bytes();
+        let scheme = v.get(..7)?;
+        return if scheme.eq_ignore_ascii_case(b"bearer ") {
+            Some(v[7..].trim_ascii())
+        } else {
+            // Another scheme is not ours: treat it as a wrong credential.
+            Some(b"")
+        };
+    }
+    headers.get("x-api-key").map(|v| v.as_bytes().trim_ascii())
+}
+
+/// Sets `ctx.identity` per the route's mode, or refuses with 401/403.
+pub fn identify(
+    snap: &Snapshot,
+    route: &Route,
+    headers: &HeaderMap,
+    ctx: &mut RequestCtx,
+) -> Result<(), ProxyError> {
+    let anonymous = || Identity {
+        id: IdentityId::Ip(ctx.client_addr.ip()),
+        tier: Some(snap.auth.anonymous_tier.clone()),
+    };
+    if route.auth == AuthMode::None {
+        ctx.identity = Some(anonymous());
+        return Ok(());
+    }
+    let Some(presented) = credential(headers) else {
+        return match route.auth {
+            AuthMode::Optional => {
+                ctx.identity = Some(anonymous());
+                Ok(())
+            }
+            _ => Err(ProxyError::Unauthorized { reason: "missing" }),
+        };
+    };
+    let d = digest(presented);
+    let key = snap
+        .auth
+        .api_keys
+        .get_key_value(&d)
+        // The map already compared digests; the constant-time check keeps
+        // that comparison free of early exits however the map is built.
+        .filter(|(stored, _)| bool::from(stored.ct_eq(&d)))
+        .map(|(_, key)| key)
+        .ok_or(ProxyError::Unauthorized {
+            reason: "invalid_key",
+        })?;
+    if let Some(allowed) = &key.routes {
+        if !allowed.iter().any(|r| **r == *route.name) {
+            return Err(ProxyError::Forbidden);
+        }
+    }
+    ctx.identity = Some(Identity {
+        id: IdentityId::Key(key.id.clone()),
+        tier: key.tier.clone().or_else(|| snap.auth.default_tier.clone()),
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn hash_round_trip() {
+        let h = format_hash(b"test");
+        assert_eq!(
+            h,
+            "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+        );
+        assert_eq!(parse_hash(&h), Some(digest(b"test")));
+        assert_eq!(parse_hash("sha256:zz"), None);
+        assert_eq!(parse_hash("md5:00"), None);
+    }
+
+    #[test]
+    fn credential_sources() {
+        let mut h = HeaderMap::new();
+        assert_eq!(credential(&h), None);
+        h.insert("x-api-key", HeaderValue::from_static(" k1 "));
+        assert_eq!(credential(&h), Some(&b"k1"[..]));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer k2"));
+        assert_eq!(credential(&h), Some(&b"k2"[..]));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic eA=="));
+        assert_eq!(credential(&h), Some(&b""[..]));
+    }
+}

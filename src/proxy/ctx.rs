@@ -1,0 +1,93 @@
+//! RequestCtx: the facts one request gathers on its way through the phases
+//! (route, identity, upstream, attempts, usage, error), read at the end by
+//! the metrics and the access log.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Method, Uri};
+
+/// What the listener knows about the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub tls: bool,
+}
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub id: IdentityId,
+    pub tier: Option<Arc<str>>,
+}
+
+#[derive(Debug, Clone)]
+pub enum IdentityId {
+    /// An API key's (or token's) configured `id`.
+    Key(Arc<str>),
+    /// An anonymous caller, known by address.
+    Ip(IpAddr),
+}
+
+#[derive(Debug)]
+pub struct RequestCtx {
+    pub started: Instant,
+    pub request_id: HeaderValue,
+    pub method: Method,
+    pub uri: Uri,
+    pub client_addr: SocketAddr,
+    pub tls: bool,
+    /// The matched route's name.
+    pub route: Option<Arc<str>>,
+    pub identity: Option<Identity>,
+    /// The upstream that answered (or was tried last).
+    pub upstream: Option<Arc<str>>,
+    pub attempts: u32,
+    /// When the current upstream attempt was sent.
+    pub upstream_started: Option<Instant>,
+    /// Time spent waiting on upstreams for response heads.
+    pub upstream_wait: Duration,
+    /// The answering upstream's longest allowed gap between body chunks.
+    pub upstream_idle: Option<Duration>,
+    pub status: u16,
+    /// The `code` of the error sluice answered or met, if any.
+    pub error: Option<&'static str>,
+    pub cache: Option<&'static str>,
+    pub model: Option<String>,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub cost_usd: Option<f64>,
+}
+
+impl RequestCtx {
+    pub fn new(method: Method, uri: Uri, request_id: HeaderValue, conn: &ConnInfo) -> Self {
+        RequestCtx {
+            started: Instant::now(),
+            request_id,
+            method,
+            uri,
+            client_addr: conn.remote,
+            tls: conn.tls,
+            route: None,
+            identity: None,
+            upstream: None,
+            attempts: 0,
+            upstream_started: None,
+            upstream_wait: Duration::ZERO,
+            upstream_idle: None,
+            status: 0,
+            error: None,
+            cache: None,
+            model: None,
+            input_tokens: None,
+            output_tokens: None,
+            cost_usd: None,
+        }
+    }
+
+    /// The route label for metrics: `none` when no route matched.
+    pub fn route_label(&self) -> &str {
+        self.route.as_deref().unwrap_or("none")
+    }
+}

@@ -1,0 +1,166 @@
+//! ProxyError: every error sluice answers itself, one variant per row of
+//! SPEC §3, mapped by one exhaustive match to status, `code` and headers,
+//! and rendered in the OpenAI error shape so AI clients display it well.
+//! Messages are fixed or built from safe facts (names, limits), never from
+//! an underlying error's text, which may hold a secret or an address.
+
+use std::time::Duration;
+
+use http::{header, HeaderValue, Response, StatusCode};
+use serde_json::json;
+
+use crate::body::{full, BoxBody};
+
+#[derive(Debug)]
+pub enum ProxyError {
+    RouteNotFound,
+    MethodNotAllowed { allow: HeaderValue },
+    /// Missing or invalid credential; `reason` is a metric label.
+    Unauthorized { reason: &'static str },
+    Forbidden,
+    TooLarge { limit: u64 },
+    InvalidRequest { message: String },
+    RateLimited { retry_after: Duration },
+    BudgetExceeded { retry_after: Duration },
+    /// Every attempt failed; `attempts` reads `openai: 503; backup: connect refused`.
+    UpstreamFailed { attempts: String },
+    UpstreamUnavailable { retry_after: Duration },
+    UpstreamTimeout { upstream: String },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::RouteNotFound => StatusCode::NOT_FOUND,
+            ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ProxyError::Forbidden => StatusCode::FORBIDDEN,
+            ProxyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::RateLimited { .. } | ProxyError::BudgetExceeded { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The OpenAI-style `code`, also the access log's `error`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::RouteNotFound => "route_not_found",
+            ProxyError::MethodNotAllowed { .. } => "method_not_allowed",
+            ProxyError::Unauthorized { .. } => "invalid_api_key",
+            ProxyError::Forbidden => "forbidden",
+            ProxyError::TooLarge { .. } => "request_too_large",
+            ProxyError::InvalidRequest { .. } => "invalid_request",
+            ProxyError::RateLimited { .. } => "rate_limit_exceeded",
+            ProxyError::BudgetExceeded { .. } => "budget_exceeded",
+            ProxyError::UpstreamFailed { .. } => "upstream_error",
+            ProxyError::UpstreamUnavailable { .. } => "upstream_unavailable",
+            ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::RouteNotFound
+            | ProxyError::MethodNotAllowed { .. }
+            | ProxyError::TooLarge { .. }
+            | ProxyError::InvalidRequest { .. } => "invalid_request_error",
+            ProxyError::Unauthorized { .. } => "authentication_error",
+            ProxyError::Forbidden => "permission_error",
+            ProxyError::RateLimited { .. } => "rate_limit_error",
+            ProxyError::BudgetExceeded { .. } => "insufficient_quota",
+            ProxyError::UpstreamFailed { .. }
+            | ProxyError::UpstreamUnavailable { .. }
+            | ProxyError::UpstreamTimeout { .. } => "server_error",
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            ProxyError::RouteNotFound => "no route matches this request".to_owned(),
+            ProxyError::MethodNotAllowed { allow } => format!(
+                "method not allowed on this route; allowed: {}",
+                allow.to_str().unwrap_or("")
+            ),
+            ProxyError::Unauthorized { reason: "missing" } => {
+                "missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`"
+                    .to_owned()
+            }
+            ProxyError::Unauthorized { .. } => "invalid API key or token".to_owned(),
+            ProxyError::Forbidden => "this identity may not use this route".to_owned(),
+            ProxyError::TooLarge { limit } => {
+                format!("request body is larger than the limit of {limit} bytes")
+            }
+            ProxyError::InvalidRequest { message } => message.clone(),
+            ProxyError::RateLimited { .. } => "rate limit exceeded; retry later".to_owned(),
+            ProxyError::BudgetExceeded { .. } => {
+                "the daily budget is spent; retry after 00:00 UTC".to_owned()
+            }
+            ProxyError::UpstreamFailed { attempts } => {
+                format!("every upstream attempt failed: {attempts}")
+            }
+            ProxyError::UpstreamUnavailable { .. } => {
+                "every upstream is unavailable (circuits open); retry later".to_owned()
+            }
+            ProxyError::UpstreamTimeout { upstream } => {
+                format!("upstream `{upstream}` did not answer in time")
+            }
+        }
+    }
+
+    /// The response sluice sends for this error.
+    pub fn into_response(self) -> Response<BoxBody> {
+        let status = self.status();
+        let body = json!({
+            "error": {
+                "message": self.message(),
+                "type": self.kind(),
+                "param": null,
+                "code": self.code(),
+            }
+        });
+        let mut resp = Response::new(full(body.to_string()));
+        *resp.status_mut() = status;
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        match self {
+            ProxyError::MethodNotAllowed { allow } => {
+                headers.insert(header::ALLOW, allow);
+            }
+            ProxyError::Unauthorized { .. } => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ProxyError::RateLimited { retry_after } => {
+                headers.insert(header::RETRY_AFTER, secs_header(retry_after));
+                headers.insert(
+                    "retry-after-ms",
+                    HeaderValue::from(u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX)),
+                );
+            }
+            ProxyError::BudgetExceeded { retry_after }
+            | ProxyError::UpstreamUnavailable { retry_after } => {
+                headers.insert(header::RETRY_AFTER, secs_header(retry_after));
+            }
+            ProxyError::RouteNotFound
+            | ProxyError::Forbidden
+            | ProxyError::TooLarge { .. }
+            | ProxyError::InvalidRequest { .. }
+            | ProxyError::UpstreamFailed { .. }
+            | ProxyError::UpstreamTimeout { .. } => {}
+        }
+        resp
+    }
+}
+
+/// Whole seconds, rounded up so a client never retries too early.
+fn secs_header(d: Duration) -> HeaderValue {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    HeaderValue::from(secs)
+}

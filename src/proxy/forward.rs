@@ -1,0 +1,197 @@
+//! Phase 6, forwarding: sends the request to the route's upstream (a real
+//! server through its pooled client, or the in-process mock) and returns
+//! the response head as soon as it arrives; the body streams on. Pools
+//! currently send to their first member; the failover loop lands here.
+
+use std::error::Error as StdError;
+use std::time::Instant;
+
+use http::{Request, Response, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::ctx::RequestCtx;
+use super::error::ProxyError;
+use super::headers;
+use super::validate::CappedBody;
+use crate::body::{BodyError, BoxBody};
+use crate::snapshot::{AuthMode, Route, Snapshot, Target};
+use crate::telemetry::metrics::Metrics;
+use crate::upstream::{mock, Upstream, UpstreamKind};
+
+/// Why an attempt failed, as a metric label and a safe human phrase.
+struct AttemptFailure {
+    outcome: &'static str,
+    text: &'static str,
+}
+
+pub async fn send(
+    snap: &Snapshot,
+    route: &Route,
+    metrics: &Metrics,
+    ctx: &mut RequestCtx,
+    req: Request<Incoming>,
+) -> Result<Response<BoxBody>, ProxyError> {
+    let upstream = pick(snap, route).ok_or_else(|| ProxyError::UpstreamFailed {
+        attempts: "no upstream configured".to_owned(),
+    })?;
+    let (mut parts, body) = req.into_parts();
+    headers::to_upstream(
+        &mut parts.headers,
+        ctx,
+        upstream,
+        route.auth != AuthMode::None,
+    );
+    let limit = snap.limits.max_request_body;
+    let (body, over_limit) = CappedBody::new(body, limit);
+    let body = body.boxed_unsync();
+
+    let started = Instant::now();
+    ctx.upstream = Some(upstream.name.clone());
+    ctx.attempts += 1;
+    ctx.upstream_started = Some(started);
+    let remaining = snap
+        .limits
+        .request_timeout
+        .saturating_sub(ctx.started.elapsed());
+    let wait = upstream.timeouts.first_byte.min(remaining);
+
+    let result: Result<Response<BoxBody>, AttemptFailure> = match &upstream.kind {
+        UpstreamKind::Http(http) => {
+            parts.uri = http
+                .uri_for(parts.uri.path_and_query())
+                .map_err(|_| ProxyError::InvalidRequest {
+                    message: "the request path cannot be forwarded".to_owned(),
+                })?;
+            // The pooled client picks HTTP/1.1 or HTTP/2 per connection (ALPN),
+            // whatever the client spoke to us.
+            parts.version = Version::HTTP_11;
+            match tokio::time::timeout(wait, http.client.request(Request::from_parts(parts, body)))
+                .await
+            {
+                Err(_) => Err(AttemptFailure {
+                    outcome: "timeout",
+                    text: "timed out",
+                }),
+                Ok(Err(e)) => Err(classify(&e)),
+                Ok(Ok(resp)) => Ok(resp.map(|b| b.map_err(BodyError::new).boxed_unsync())),
+            }
+        }
+        UpstreamKind::Mock(settings) => {
+            match tokio::time::timeout(
+                wait,
+                mock::respond(settings, Request::from_parts(parts, body)),
+            )
+            .await
+            {
+                Err(_) => Err(AttemptFailure {
+                    outcome: "timeout",
+                    text: "timed out",
+                }),
+                Ok(resp) => Ok(resp),
+            }
+        }
+    };
+    let elapsed = started.elapsed();
+    ctx.upstream_wait += elapsed;
+    let name = &*upstream.name;
+    if over_limit.is_set() {
+        metrics
+            .upstream_requests
+            .with_label_values(&[name, "client_error"])
+            .inc();
+        return Err(ProxyError::TooLarge { limit });
+    }
+    match result {
+        Ok(mut resp) => {
+            metrics
+                .upstream_first_byte
+                .with_label_values(&[name])
+                .observe(elapsed.as_secs_f64());
+            metrics
+                .upstream_requests
+                .with_label_values(&[name, status_outcome(resp.status().as_u16())])
+                .inc();
+            headers::to_client(resp.headers_mut());
+            ctx.upstream_idle = Some(upstream.timeouts.idle);
+            Ok(resp)
+        }
+        Err(failure) => {
+            ctx.upstream_started = None;
+            metrics
+                .upstream_requests
+                .with_label_values(&[name, failure.outcome])
+                .inc();
+            if failure.outcome == "timeout" {
+                Err(ProxyError::UpstreamTimeout {
+                    upstream: name.to_owned(),
+                })
+            } else {
+                Err(ProxyError::UpstreamFailed {
+                    attempts: format!("{name}: {}", failure.text),
+                })
+            }
+        }
+    }
+}
+
+/// The upstream a route sends to.
+fn pick<'s>(snap: &'s Snapshot, route: &Route) -> Option<&'s Upstream> {
+    let index = match route.target {
+        Target::Upstream(i) => i,
+        Target::Pool(p) => *snap.pools.get(p)?.members.first()?,
+    };
+    snap.upstreams.get(index).map(|u| &**u)
+}
+
+fn status_outcome(status: u16) -> &'static str {
+    match status {
+        429 => "http_429",
+        400..=499 => "http_4xx",
+        500..=599 => "http_5xx",
+        _ => "ok",
+    }
+}
+
+/// Names a client error without its text (which may carry an address).
+fn classify(e: &hyper_util::client::legacy::Error) -> AttemptFailure {
+    let mut source: Option<&(dyn StdError + 'static)> = e.source();
+    let mut tls = false;
+    let mut io_kind = None;
+    while let Some(err) = source {
+        if err.downcast_ref::<rustls::Error>().is_some() {
+            tls = true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            io_kind.get_or_insert(io.kind());
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+            {
+                tls = true;
+            }
+        }
+        source = err.source();
+    }
+    if tls {
+        return AttemptFailure {
+            outcome: "tls_error",
+            text: "TLS handshake failed",
+        };
+    }
+    if e.is_connect() {
+        let text = match io_kind {
+            Some(std::io::ErrorKind::ConnectionRefused) => "connect refused",
+            Some(std::io::ErrorKind::TimedOut) => "connect timed out",
+            _ => "connect failed",
+        };
+        return AttemptFailure {
+            outcome: "connect_error",
+            text,
+        };
+    }
+    AttemptFailure {
+        outcome: "connection_error",
+        text: "connection closed before the response",
+    }
+}

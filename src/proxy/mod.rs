@@ -1,0 +1,80 @@
+//! The request path: [`handle`] runs the phases of SPEC §3 in order, each
+//! either filling in the [`RequestCtx`] and continuing, or answering with a
+//! [`ProxyError`]. The order is the design:
+//!
+//! 1. `route::select`: everything after depends on the route (404/405).
+//! 2. `auth::identify`: before limits, so limits key on the identity (401/403).
+//! 3. `validate`: size (and, later, shape) before anything costs upstream money (413/400).
+//! 4. limits, 5. cache: later issues slot in here; a cache hit still counts as
+//!    a request, so the cache comes after the limits.
+//! 6. `forward::send`: the upstream call (502/504).
+//!
+//! Whatever the outcome, the response body is wrapped in the tap, which
+//! writes metrics and the access log once the body has ended.
+
+pub mod auth;
+pub mod ctx;
+pub mod error;
+pub mod forward;
+pub mod headers;
+pub mod route;
+pub mod validate;
+
+use std::sync::Arc;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::body::BoxBody;
+use crate::gateway::Gateway;
+use crate::llm::tap::Tap;
+use crate::snapshot::Snapshot;
+use ctx::{ConnInfo, RequestCtx};
+use error::ProxyError;
+
+/// Serves one request from start to the response head; the body streams
+/// through the returned tap.
+pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) -> Response<Tap> {
+    let snap = gw.snapshot();
+    let request_id = headers::request_id(req.headers());
+    let mut ctx = RequestCtx::new(req.method().clone(), req.uri().clone(), request_id, &conn);
+
+    let result = process(&gw, &snap, &mut ctx, req).await;
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(e) => {
+            ctx.error = Some(e.code());
+            e.into_response()
+        }
+    };
+    ctx.status = resp.status().as_u16();
+    resp.headers_mut()
+        .insert(headers::X_REQUEST_ID, ctx.request_id.clone());
+
+    let overhead = ctx.started.elapsed().saturating_sub(ctx.upstream_wait);
+    let route = ctx.route_label();
+    gw.metrics
+        .overhead
+        .with_label_values(&[route])
+        .observe(overhead.as_secs_f64());
+
+    let idle = ctx.upstream_idle;
+    let deadline = ctx.started + snap.limits.request_timeout;
+    let gw2 = gw.clone();
+    resp.map(move |body| Tap::new(body, gw2, ctx, idle, deadline))
+}
+
+async fn process(
+    gw: &Gateway,
+    snap: &Snapshot,
+    ctx: &mut RequestCtx,
+    req: Request<Incoming>,
+) -> Result<Response<BoxBody>, ProxyError> {
+    let route = route::select(snap, req.method(), req.uri(), req.headers())?;
+    ctx.route = Some(route.name.clone());
+    // Decremented by the tap when the response ends, streams included.
+    gw.metrics.in_flight.with_label_values(&[&route.name]).inc();
+    auth::identify(snap, route, req.headers(), ctx)?;
+    validate::check_declared_size(req.headers(), snap.limits.max_request_body)?;
+    forward::send(snap, route, &gw.metrics, ctx, req).await
+}

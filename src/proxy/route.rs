@@ -1,0 +1,90 @@
+//! Phase 1, route selection: the first route whose path and host match and
+//! whose methods allow the request's. When some route matches path and
+//! host but none allows the method, the answer is 405 with that route's
+//! `allow`; when none matches at all, 404.
+
+use http::{header, HeaderMap, Method, Uri};
+
+use super::error::ProxyError;
+use crate::snapshot::{PathMatch, Route, Snapshot};
+
+pub fn select<'s>(
+    snap: &'s Snapshot,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<&'s Route, ProxyError> {
+    let path = uri.path();
+    let host = request_host(uri, headers);
+    let mut wrong_method: Option<&Route> = None;
+    for route in &snap.routes {
+        if !path_matches(&route.path, path) || !host_matches(route.host.as_deref(), host) {
+            continue;
+        }
+        if route.methods.is_empty() || route.methods.contains(method) {
+            return Ok(route);
+        }
+        wrong_method.get_or_insert(route);
+    }
+    match wrong_method {
+        Some(route) => Err(ProxyError::MethodNotAllowed {
+            allow: route.allow.clone(),
+        }),
+        None => Err(ProxyError::RouteNotFound),
+    }
+}
+
+fn path_matches(m: &PathMatch, path: &str) -> bool {
+    match m {
+        PathMatch::Any => true,
+        PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
+        PathMatch::Exact(exact) => path == exact,
+    }
+}
+
+fn host_matches(want: Option<&str>, host: Option<&str>) -> bool {
+    match (want, host) {
+        (None, _) => true,
+        (Some(want), Some(host)) => want.eq_ignore_ascii_case(host),
+        (Some(_), None) => false,
+    }
+}
+
+/// The request's host without port: the URI authority (HTTP/2) or `host`.
+pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    let raw = match uri.host() {
+        Some(h) => h,
+        None => headers.get(header::HOST)?.to_str().ok()?,
+    };
+    // `[::1]:8080` keeps its brackets; `example.com:8080` loses the port.
+    Some(match raw.rfind(':') {
+        Some(i) if !raw[i..].contains(']') && raw[..i].rfind(':').is_none() => &raw[..i],
+        _ => raw,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn host_drops_port() {
+        let uri: Uri = "/x".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("Example.com:8080"));
+        assert_eq!(request_host(&uri, &h), Some("Example.com"));
+        h.insert(header::HOST, HeaderValue::from_static("[::1]:8080"));
+        assert_eq!(request_host(&uri, &h), Some("[::1]"));
+        let abs: Uri = "http://api.local:9/x".parse().unwrap();
+        assert_eq!(request_host(&abs, &h), Some("api.local"));
+    }
+
+    #[test]
+    fn paths() {
+        assert!(path_matches(&PathMatch::Prefix("/v1/".into()), "/v1/chat"));
+        assert!(!path_matches(&PathMatch::Prefix("/v1/".into()), "/v2/chat"));
+        assert!(path_matches(&PathMatch::Exact("/a".into()), "/a"));
+        assert!(!path_matches(&PathMatch::Exact("/a".into()), "/a/b"));
+    }
+}

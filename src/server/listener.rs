@@ -1,0 +1,117 @@
+//! The proxy listener: accepts connections up to `max_connections`, serves
+//! HTTP/1.1 and HTTP/2 (h2c, or h2 by ALPN over TLS) with a header read
+//! timeout, and drains gracefully on shutdown.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::gateway::Gateway;
+use crate::proxy::{self, ctx::ConnInfo};
+
+pub async fn serve(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let limits = gw.snapshot().limits.clone();
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+
+    loop {
+        // Waiting for a permit before accepting leaves excess connections in
+        // the kernel backlog instead of accepting and then dropping them.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.changed() => break,
+        };
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = ConnInfo {
+            remote,
+            tls: tls.is_some(),
+        };
+        let watcher = graceful.watcher();
+        let gw = gw.clone();
+        let builder = builder.clone();
+        let tls = tls.clone();
+        let handshake_timeout = limits.header_read_timeout;
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let gw = gw.clone();
+                async move { Ok::<_, Infallible>(proxy::handle(gw, req, conn).await) }
+            });
+            match tls {
+                None => {
+                    let c = builder.serve_connection(TokioIo::new(stream), service);
+                    let _ = watcher.watch(c).await;
+                }
+                Some(acceptor) => {
+                    let Some(tls_stream) = tls_handshake(acceptor, stream, handshake_timeout).await
+                    else {
+                        return;
+                    };
+                    let c = builder.serve_connection(TokioIo::new(tls_stream), service);
+                    let _ = watcher.watch(c).await;
+                }
+            }
+            drop(permit);
+        });
+    }
+    // Probes see 503 from now on; in-flight requests carry on.
+    gw.set_ready(false);
+    drop(listener);
+    let grace = limits.shutdown_grace;
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!(grace_s = grace.as_secs_f64(), "shutdown grace elapsed; closing remaining connections");
+        }
+    }
+}
+
+async fn tls_handshake(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    timeout: Duration,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => None,
+    }
+}

@@ -1,0 +1,85 @@
+//! The two listeners (proxy and admin) and their lifecycle: bind, serve,
+//! and on shutdown turn `/readyz` to 503, stop accepting, drain in-flight
+//! requests (streams too) for up to `shutdown_grace`, then stop.
+
+pub mod admin;
+pub mod listener;
+pub mod tls;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::gateway::Gateway;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("tls: {0}")]
+    Tls(String),
+}
+
+/// A started gateway.
+pub struct Running {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Begins the graceful shutdown (what SIGTERM does).
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits until draining is over and both listeners are closed.
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Binds both listeners and serves until [`Running::shutdown`].
+pub async fn start(gw: Arc<Gateway>) -> Result<Running, StartError> {
+    let snap = gw.snapshot();
+    let tls = match &snap.tls {
+        Some(files) => Some(tls::acceptor(files).map_err(StartError::Tls)?),
+        None => None,
+    };
+    let proxy = bind(snap.listen).await?;
+    let admin = bind(snap.admin_listen).await?;
+    let local = |l: &TcpListener, fallback: SocketAddr| l.local_addr().unwrap_or(fallback);
+    let proxy_addr = local(&proxy, snap.listen);
+    let admin_addr = local(&admin, snap.admin_listen);
+
+    let (shutdown, proxy_stop) = watch::channel(false);
+    let (admin_stop_tx, admin_stop) = watch::channel(false);
+    let admin_task = tokio::spawn(admin::serve(gw.clone(), admin, admin_stop));
+    let proxy_gw = gw.clone();
+    let task = tokio::spawn(async move {
+        listener::serve(proxy_gw, proxy, tls, proxy_stop).await;
+        // The admin listener outlives the drain so probes see 503, not a refusal.
+        let _ = admin_stop_tx.send(true);
+        let _ = admin_task.await;
+    });
+    gw.set_ready(true);
+    tracing::info!(%proxy_addr, %admin_addr, "sluice is serving");
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        shutdown,
+        task,
+    })
+}

@@ -1,0 +1,251 @@
+//! The immutable runtime view of one config: what `compile` produces and
+//! what a request reads, through one `Arc` loaded at its start. Nothing in
+//! here is locked or mutated; state that must outlive a reload (limits,
+//! budgets, cache, circuits) lives elsewhere, keyed by the names below.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+
+use crate::upstream::Upstream;
+
+/// One loaded config.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub listen: SocketAddr,
+    pub tls: Option<TlsFiles>,
+    pub admin_listen: SocketAddr,
+    pub limits: Limits,
+    /// Every upstream, in name order; routes refer to them by index.
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub pools: Vec<Pool>,
+    pub routes: Vec<Route>,
+    pub auth: Auth,
+    pub tiers: HashMap<Arc<str>, Tier>,
+    pub pricing: HashMap<String, Price>,
+    pub budget: Budget,
+    pub cache: CacheSettings,
+    pub state: StateSettings,
+    pub logging: Logging,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_request_body: u64,
+    pub header_read_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
+}
+
+/// Where a route sends its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Index into [`Snapshot::upstreams`].
+    Upstream(usize),
+    /// Index into [`Snapshot::pools`].
+    Pool(usize),
+}
+
+/// What a pool member failure may be retried on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryOn {
+    Connect,
+    Timeout,
+    Status(u16),
+}
+
+#[derive(Debug)]
+pub struct Pool {
+    pub name: Arc<str>,
+    /// Indexes into [`Snapshot::upstreams`], in priority order.
+    pub members: Vec<usize>,
+    pub retry_on: Vec<RetryOn>,
+    pub max_attempts: u32,
+    pub breaker_failures: u32,
+    pub breaker_cooldown: Duration,
+    pub health_check: Option<HealthCheck>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+}
+
+/// How a route establishes who is calling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// A valid credential or 401.
+    Required,
+    /// Anonymous when absent, 401 when present but invalid.
+    Optional,
+    /// No credential looked at; the identity is the client IP.
+    None,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    pub path: PathMatch,
+    /// Lower-cased host without port.
+    pub host: Option<String>,
+    /// Empty = every method.
+    pub methods: Vec<Method>,
+    /// The `allow` header of a 405, precomputed.
+    pub allow: HeaderValue,
+    pub auth: AuthMode,
+    pub validate: Validate,
+    pub rate_limit: RouteRateLimit,
+    pub cache: Option<RouteCache>,
+    pub cors: Option<Cors>,
+    pub target: Target,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Prefix(String),
+    Exact(String),
+    Any,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Validate {
+    None,
+    OpenAi,
+    SchemaFile(PathBuf),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RouteRateLimit {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheScope {
+    Identity,
+    Shared,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteCache {
+    pub ttl: Duration,
+    pub scope: CacheScope,
+}
+
+#[derive(Debug, Clone)]
+pub struct Cors {
+    pub allow_origins: Vec<String>,
+    pub allow_methods: Vec<String>,
+    pub allow_headers: Vec<String>,
+    pub max_age: Option<Duration>,
+    pub allow_credentials: bool,
+}
+
+/// Identities known to the gateway.
+#[derive(Debug, Default)]
+pub struct Auth {
+    /// API keys by the SHA-256 digest of the key: the key itself is never kept.
+    pub api_keys: HashMap<[u8; 32], Arc<ApiKey>>,
+    pub jwt: Option<Jwt>,
+    pub default_tier: Option<Arc<str>>,
+    /// The tier of anonymous callers (`anonymous`), shared, not rebuilt per request.
+    pub anonymous_tier: Arc<str>,
+}
+
+#[derive(Debug)]
+pub struct ApiKey {
+    pub id: Arc<str>,
+    pub tier: Option<Arc<str>>,
+    /// Route names this key may use; `None` = all.
+    pub routes: Option<Vec<Arc<str>>>,
+}
+
+#[derive(Debug, Clone)]
+pub enum JwtKeySource {
+    JwksUrl(String),
+    KeysFile(PathBuf),
+    Hs256Secret(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Jwt {
+    pub issuer: Option<String>,
+    pub audiences: Vec<String>,
+    pub keys: JwtKeySource,
+    pub algorithms: Vec<String>,
+    pub identity_claim: String,
+    pub tier_claim: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Tier {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub concurrent_requests: Option<u64>,
+    pub daily_budget_usd: Option<f64>,
+}
+
+/// USD per million tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct Price {
+    pub input: f64,
+    pub output: f64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Budget {
+    pub daily_usd: Option<f64>,
+    pub alert_at: Vec<f64>,
+    pub enforce: bool,
+    pub webhook_url: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateBackend {
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateSettings {
+    pub backend: StateBackend,
+    pub redis_url: Option<String>,
+    pub deny_on_error: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone)]
+pub struct Logging {
+    pub level: String,
+    pub format: LogFormat,
+    pub log_bodies: bool,
+}
+
+/// A header an upstream replaces, parsed once at load.
+#[derive(Debug, Clone)]
+pub struct SetHeader {
+    pub name: HeaderName,
+    pub value: HeaderValue,
+}

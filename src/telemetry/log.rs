@@ -1,0 +1,216 @@
+//! The log pipeline: a `tracing` dispatcher built from `logging:` that
+//! writes one JSON object per line (or human text), to stdout or, in
+//! tests, to a buffer. The JSON writer is ours so that access-log fields
+//! not known for a request are written as `null` rather than left out:
+//! log pipelines then see one stable schema.
+
+use std::fmt;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::EnvFilter;
+
+use super::access_log::{ACCESS_FIELDS, ACCESS_TARGET};
+use crate::snapshot::{LogFormat, Logging};
+
+/// Where log lines go.
+#[derive(Clone)]
+pub enum LogSink {
+    Stdout,
+    /// Every line, kept for a test to read.
+    Capture(Arc<Mutex<Vec<u8>>>),
+}
+
+impl LogSink {
+    pub fn capture() -> (Self, Arc<Mutex<Vec<u8>>>) {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        (LogSink::Capture(buf.clone()), buf)
+    }
+}
+
+/// Writes one formatted event.
+pub enum SinkWriter<'a> {
+    Stdout(io::StdoutLock<'a>),
+    Capture(&'a Mutex<Vec<u8>>),
+}
+
+impl io::Write for SinkWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            SinkWriter::Stdout(out) => out.write(buf),
+            SinkWriter::Capture(m) => {
+                m.lock()
+                    .map_err(|_| io::Error::other("log buffer poisoned"))?
+                    .extend_from_slice(buf);
+                Ok(buf.len())
+            }
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            SinkWriter::Stdout(out) => out.flush(),
+            SinkWriter::Capture(_) => Ok(()),
+        }
+    }
+}
+
+impl<'a> MakeWriter<'a> for LogSink {
+    type Writer = SinkWriter<'a>;
+    fn make_writer(&'a self) -> Self::Writer {
+        match self {
+            LogSink::Stdout => SinkWriter::Stdout(io::stdout().lock()),
+            LogSink::Capture(m) => SinkWriter::Capture(m),
+        }
+    }
+}
+
+/// Builds the dispatcher for `logging`. `SLUICE_LOG` (an `EnvFilter`
+/// directive) overrides the configured level when set.
+pub fn dispatch(logging: &Logging, sink: LogSink) -> tracing::Dispatch {
+    let filter = EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(format!("{},h2=warn,hyper=warn,rustls=warn", logging.level)));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(sink)
+        .with_ansi(false);
+    match logging.format {
+        LogFormat::Json => builder.event_format(JsonLines).into(),
+        LogFormat::Text => builder.into(),
+    }
+}
+
+/// One JSON object per event: `timestamp`, `level`, `target`, the message
+/// and every field at the top level.
+pub struct JsonLines;
+
+impl<S, N> FormatEvent<S, N> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        writer.write_str("{\"timestamp\":\"")?;
+        SystemTime.format_time(&mut writer)?;
+        write!(writer, "\",\"level\":\"{}\",\"target\":", meta.level())?;
+        write_json_str(&mut writer, meta.target())?;
+        let mut visitor = JsonFields {
+            out: &mut writer,
+            seen: 0,
+            result: Ok(()),
+        };
+        event.record(&mut visitor);
+        let (seen, result) = (visitor.seen, visitor.result);
+        result?;
+        if meta.target() == ACCESS_TARGET {
+            for (i, name) in ACCESS_FIELDS.iter().enumerate() {
+                if seen & (1 << i) == 0 {
+                    write!(writer, ",\"{name}\":null")?;
+                }
+            }
+        }
+        writer.write_str("}\n")
+    }
+}
+
+struct JsonFields<'a, 'w> {
+    out: &'a mut Writer<'w>,
+    /// Bit i set = `ACCESS_FIELDS[i]` was written.
+    seen: u32,
+    result: fmt::Result,
+}
+
+impl JsonFields<'_, '_> {
+    fn key(&mut self, field: &Field) -> fmt::Result {
+        if let Some(i) = ACCESS_FIELDS.iter().position(|f| *f == field.name()) {
+            self.seen |= 1 << i;
+        }
+        self.out.write_char(',')?;
+        write_json_str(self.out, field.name())?;
+        self.out.write_char(':')
+    }
+
+    fn record(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
+        if self.result.is_ok() {
+            self.result = self.key(field).and_then(|()| value(self.out));
+        }
+    }
+}
+
+impl Visit for JsonFields<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.record(field, |w| write_json_str(w, value));
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.record(field, |w| write!(w, "{value}"));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.record(field, |w| write!(w, "{value}"));
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.record(field, |w| write!(w, "{value}"));
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if value.is_finite() {
+            self.record(field, |w| write!(w, "{value}"));
+        } else {
+            self.record(field, |w| w.write_str("null"));
+        }
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let text = format!("{value:?}");
+        self.record(field, |w| write_json_str(w, &text));
+    }
+}
+
+/// Writes `s` as a JSON string literal.
+fn write_json_str(w: &mut Writer<'_>, s: &str) -> fmt::Result {
+    w.write_char('"')?;
+    let mut start = 0;
+    for (i, c) in s.char_indices() {
+        let escape = match c {
+            '"' => "\\\"",
+            '\\' => "\\\\",
+            '\n' => "\\n",
+            '\r' => "\\r",
+            '\t' => "\\t",
+            c if (c as u32) < 0x20 => {
+                w.write_str(&s[start..i])?;
+                write!(w, "\\u{:04x}", c as u32)?;
+                start = i + c.len_utf8();
+                continue;
+            }
+            _ => continue,
+        };
+        w.write_str(&s[start..i])?;
+        w.write_str(escape)?;
+        start = i + c.len_utf8();
+    }
+    w.write_str(&s[start..])?;
+    w.write_char('"')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_strings_are_escaped() {
+        let mut s = String::new();
+        write_json_str(&mut Writer::new(&mut s), "a\"b\\c\nd\u{1}é").unwrap();
+        assert_eq!(s, r#""a\"b\\c\nd\u0001é""#);
+        let parsed: String = serde_json::from_str(&s).unwrap();
+        assert_eq!(parsed, "a\"b\\c\nd\u{1}é");
+    }
+}

@@ -1,0 +1,132 @@
+//! Every Prometheus family of SPEC §4 that sluice exports, in one place,
+//! registered into one [`Registry`] owned by the gateway (never the global
+//! default registry, so many gateways can live in one test process).
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// From 1 ms to 120 s: LLM calls range from a cached hit to a long
+/// reasoning answer.
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0,
+];
+
+/// sluice's own overhead is counted in microseconds, so its histogram adds
+/// sub-millisecond buckets below the common ones.
+pub const OVERHEAD_BUCKETS: [f64; 20] = [
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// The metric families. Label sets are bounded: route, upstream and pool
+/// names come from the config, statuses and outcomes from small sets.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub overhead: HistogramVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_duration: HistogramVec,
+    pub upstream_first_byte: HistogramVec,
+    pub in_flight: IntGaugeVec,
+    pub build_info: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)
+                .expect("static metric definition is valid");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("each family is registered once");
+            c
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )
+            .expect("static metric definition is valid");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("each family is registered once");
+            h
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels)
+                .expect("static metric definition is valid");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("each family is registered once");
+            g
+        };
+        let metrics = Metrics {
+            requests: counter(
+                "sluice_requests_total",
+                "Requests answered, by route, method and status.",
+                &["route", "method", "status"],
+            ),
+            request_duration: histogram(
+                "sluice_request_duration_seconds",
+                "Whole request time, until the last body byte (streams included).",
+                &["route"],
+                &LATENCY_BUCKETS,
+            ),
+            overhead: histogram(
+                "sluice_overhead_seconds",
+                "Time spent in sluice itself: request time to the response head minus time waiting on upstreams.",
+                &["route"],
+                &OVERHEAD_BUCKETS,
+            ),
+            upstream_requests: counter(
+                "sluice_upstream_requests_total",
+                "Upstream attempts, by outcome.",
+                &["upstream", "outcome"],
+            ),
+            upstream_duration: histogram(
+                "sluice_upstream_duration_seconds",
+                "Upstream attempt time, until the last body byte.",
+                &["upstream"],
+                &LATENCY_BUCKETS,
+            ),
+            upstream_first_byte: histogram(
+                "sluice_upstream_first_byte_seconds",
+                "Time from sending a request upstream to its response head.",
+                &["upstream"],
+                &LATENCY_BUCKETS,
+            ),
+            in_flight: gauge(
+                "sluice_in_flight_requests",
+                "Requests being served now, streams included.",
+                &["route"],
+            ),
+            build_info: gauge("sluice_build_info", "Always 1; the version label tells.", &["version"]),
+            registry,
+        };
+        metrics
+            .build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        metrics
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec only fails on invalid families, which
+        // `Metrics::new` cannot register.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,5 @@
+//! What sluice tells operators: Prometheus metrics and JSON log lines.
+
+pub mod access_log;
+pub mod log;
+pub mod metrics;

@@ -1,0 +1,380 @@
+//! The built-in OpenAI-compatible mock LLM: the `mock:` upstream (served in
+//! process, no socket) and `sluice mock` (the same engine on a port). It
+//! answers deterministically so demos, drills and benchmarks are
+//! repeatable: usage is counted from the input, and failures, latency and
+//! stream pacing are knobs.
+
+use std::convert::Infallible;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::stream;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited, StreamBody};
+use serde_json::{json, Value};
+
+use crate::body::{full, BoxBody};
+
+/// The mock's knobs (config `mock:` or `sluice mock` flags).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MockSettings {
+    /// Delay before the response head.
+    pub latency: Duration,
+    /// Fraction of requests answered with `failure_status`.
+    pub failure_rate: f64,
+    pub failure_status: u16,
+    /// Content chunks of a streamed answer; `None` = one per word.
+    pub stream_chunks: Option<u32>,
+    /// Pause between streamed chunks.
+    pub chunk_interval: Duration,
+}
+
+impl Default for MockSettings {
+    fn default() -> Self {
+        MockSettings {
+            latency: Duration::ZERO,
+            failure_rate: 0.0,
+            failure_status: 500,
+            stream_chunks: None,
+            chunk_interval: Duration::ZERO,
+        }
+    }
+}
+
+/// Requests larger than this are refused; the mock is not a file store.
+const MAX_BODY: usize = 8 << 20;
+
+const MODELS: [&str; 3] = ["gpt-4o-mini", "gpt-4o", "mock-large"];
+
+/// Answers one request like an OpenAI-compatible server would.
+pub async fn respond<B>(settings: &MockSettings, req: Request<B>) -> Response<BoxBody>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<crate::body::BoxError>,
+{
+    if !settings.latency.is_zero() {
+        tokio::time::sleep(settings.latency).await;
+    }
+    if settings.failure_rate > 0.0 && fastrand::f64() < settings.failure_rate {
+        let status = StatusCode::from_u16(settings.failure_status)
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return error(status, "mock failure injected", "server_error", "mock_failure");
+    }
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    match (&parts.method, path) {
+        (&Method::GET, "/health" | "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
+        (&Method::GET, "/v1/models") => models(),
+        (&Method::POST, "/v1/chat/completions" | "/v1/embeddings") => {
+            let bytes = match Limited::new(body, MAX_BODY).collect().await {
+                Ok(c) => c.to_bytes(),
+                Err(_) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "could not read the request body",
+                        "invalid_request_error",
+                        "invalid_body",
+                    )
+                }
+            };
+            let request: Value = match serde_json::from_slice(&bytes) {
+                Ok(v @ Value::Object(_)) => v,
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "the body must be a JSON object",
+                        "invalid_request_error",
+                        "invalid_json",
+                    )
+                }
+            };
+            if path == "/v1/embeddings" {
+                embeddings(&request)
+            } else {
+                chat(settings, &request)
+            }
+        }
+        (_, "/v1/chat/completions" | "/v1/embeddings" | "/v1/models") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed",
+            "invalid_request_error",
+            "method_not_allowed",
+        ),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "the mock serves /v1/chat/completions, /v1/embeddings and /v1/models",
+            "invalid_request_error",
+            "unknown_url",
+        ),
+    }
+}
+
+/// One token per whitespace-separated word: crude, but deterministic and
+/// easy to check by hand.
+fn count_tokens(text: &str) -> u64 {
+    text.split_whitespace().count() as u64
+}
+
+/// Text of a message `content`: a string, or an array of parts with `text`.
+fn content_text(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => String::new(),
+    }
+}
+
+fn chat(settings: &MockSettings, request: &Value) -> Response<BoxBody> {
+    let Some(messages) = request.get("messages").and_then(Value::as_array) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "`messages` is required and must be an array",
+            "invalid_request_error",
+            "invalid_request",
+        );
+    };
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-large")
+        .to_owned();
+    // Three tokens of framing per message, as OpenAI's own counting does.
+    let prompt_tokens: u64 = messages
+        .iter()
+        .map(|m| 3 + m.get("content").map_or(0, |c| count_tokens(&content_text(c))))
+        .sum();
+    let last_user = messages
+        .iter()
+        .rev()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        .and_then(|m| m.get("content"))
+        .map(content_text)
+        .unwrap_or_default();
+    let echo: Vec<&str> = last_user.split_whitespace().take(12).collect();
+    let reply = format!("Hello from the sluice mock. You said: {}", echo.join(" "));
+    let mut words: Vec<&str> = reply.split_whitespace().collect();
+    let limit = request
+        .get("max_completion_tokens")
+        .or_else(|| request.get("max_tokens"))
+        .and_then(Value::as_u64);
+    let mut finish_reason = "stop";
+    if let Some(limit) = limit {
+        if (words.len() as u64) > limit {
+            words.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+            finish_reason = "length";
+        }
+    }
+    let completion_tokens = words.len() as u64;
+    let usage = json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    });
+    let id = format!("chatcmpl-mock{:016x}", fastrand::u64(..));
+    let created = unix_now();
+    let stream = request.get("stream").and_then(Value::as_bool) == Some(true);
+    if !stream {
+        return json_response(
+            StatusCode::OK,
+            &json!({
+                "id": id,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": words.join(" "), "refusal": null},
+                    "logprobs": null,
+                    "finish_reason": finish_reason,
+                }],
+                "usage": usage,
+                "system_fingerprint": "fp_sluice_mock",
+            }),
+        );
+    }
+    let include_usage = request
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        == Some(true);
+    let chunk = |delta: Value, finish: Option<&str>| -> Bytes {
+        let event = json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": "fp_sluice_mock",
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        });
+        sse(&event)
+    };
+    let mut events = Vec::with_capacity(words.len() + 4);
+    events.push(chunk(json!({"role": "assistant", "content": ""}), None));
+    for piece in split_content(&words, settings.stream_chunks) {
+        events.push(chunk(json!({"content": piece}), None));
+    }
+    events.push(chunk(json!({}), Some(finish_reason)));
+    if include_usage {
+        events.push(sse(&json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": "fp_sluice_mock",
+            "choices": [],
+            "usage": usage,
+        })));
+    }
+    events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    sse_response(events, settings.chunk_interval)
+}
+
+/// Splits the answer into `chunks` content pieces (one per word when `None`);
+/// concatenated they are exactly the non-streamed content.
+fn split_content(words: &[&str], chunks: Option<u32>) -> Vec<String> {
+    if words.is_empty() {
+        return Vec::new();
+    }
+    let n = chunks.map_or(words.len(), |c| (c as usize).clamp(1, words.len()));
+    let per = words.len().div_ceil(n);
+    words
+        .chunks(per)
+        .enumerate()
+        .map(|(i, group)| {
+            let text = group.join(" ");
+            if i == 0 { text } else { format!(" {text}") }
+        })
+        .collect()
+}
+
+fn sse(event: &Value) -> Bytes {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"data: ");
+    // Serializing a `Value` cannot fail.
+    let _ = serde_json::to_writer(&mut out, event);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+/// An SSE response that sends `events` one by one, `interval` apart.
+fn sse_response(events: Vec<Bytes>, interval: Duration) -> Response<BoxBody> {
+    let frames = stream::unfold((events.into_iter(), true), move |(mut it, first)| async move {
+        let event = it.next()?;
+        if !first && !interval.is_zero() {
+            tokio::time::sleep(interval).await;
+        }
+        Some((Ok::<_, Infallible>(http_body::Frame::data(event)), (it, false)))
+    });
+    let body = StreamBody::new(frames)
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+fn embeddings(request: &Value) -> Response<BoxBody> {
+    let inputs: Vec<String> = match request.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+            .collect(),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "`input` is required",
+                "invalid_request_error",
+                "invalid_request",
+            )
+        }
+    };
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("text-embedding-3-small");
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            // A small deterministic vector derived from the bytes.
+            let mut v = [0f64; 8];
+            for (j, b) in text.bytes().enumerate() {
+                v[j % 8] += f64::from(b) / 255.0;
+            }
+            let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-9);
+            let embedding: Vec<f64> = v.iter().map(|x| x / norm).collect();
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    let tokens: u64 = inputs.iter().map(|t| count_tokens(t)).sum();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }),
+    )
+}
+
+fn models() -> Response<BoxBody> {
+    let created = unix_now();
+    let data: Vec<Value> = MODELS
+        .iter()
+        .map(|id| json!({"id": id, "object": "model", "created": created, "owned_by": "sluice-mock"}))
+        .collect();
+    json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<BoxBody> {
+    let mut resp = Response::new(full(value.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn error(status: StatusCode, message: &str, kind: &str, code: &str) -> Response<BoxBody> {
+    let mut resp = json_response(
+        status,
+        &json!({"error": {"message": message, "type": kind, "param": null, "code": code}}),
+    );
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_splits_into_requested_chunks() {
+        let words = ["a", "b", "c", "d", "e"];
+        assert_eq!(split_content(&words, None), ["a", " b", " c", " d", " e"]);
+        assert_eq!(split_content(&words, Some(2)), ["a b c", " d e"]);
+        assert_eq!(split_content(&words, Some(99)).concat(), "a b c d e");
+        assert!(split_content(&[], Some(3)).is_empty());
+    }
+
+    #[test]
+    fn tokens_are_words() {
+        assert_eq!(count_tokens("  Say hello   to me "), 4);
+        assert_eq!(content_text(&json!([{"type": "text", "text": "a b"}, {"text": "c"}])), "a b c");
+    }
+}

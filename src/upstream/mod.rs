@@ -1,0 +1,113 @@
+//! Upstreams: where requests go. An upstream is either a real HTTP(S)
+//! server reached through its own pooled client, or the built-in mock LLM
+//! served in process. Pools (failover between upstreams) build on these.
+
+pub mod client;
+pub mod mock;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::Uri;
+
+pub use client::HttpClient;
+pub use mock::MockSettings;
+
+use crate::snapshot::SetHeader;
+
+/// One configured upstream.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: Arc<str>,
+    pub kind: UpstreamKind,
+    /// Replace the client's values for these names (the upstream's own
+    /// credentials); values are marked sensitive.
+    pub set_headers: Vec<SetHeader>,
+    pub timeouts: Timeouts,
+    /// Rewrite of the request body's `model` (applied by the pool engine).
+    pub models: HashMap<String, String>,
+}
+
+#[derive(Debug)]
+pub enum UpstreamKind {
+    Http(HttpUpstream),
+    Mock(MockSettings),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// From sending the request to the response head.
+    pub first_byte: Duration,
+    /// The longest pause between two response body chunks.
+    pub idle: Duration,
+}
+
+/// A real upstream: its base URL split once, and its pooled client.
+pub struct HttpUpstream {
+    scheme: Scheme,
+    authority: Authority,
+    /// The URL's path without a trailing `/`, prefixed to every request path.
+    base_path: String,
+    pub client: HttpClient,
+}
+
+impl fmt::Debug for HttpUpstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
+    }
+}
+
+/// Why an upstream could not be built from its config.
+#[derive(Debug)]
+pub enum BuildError {
+    Url(String),
+    Ca(String),
+}
+
+impl HttpUpstream {
+    pub fn new(url: &str, ca_pem: Option<&[u8]>, connect: Duration) -> Result<Self, BuildError> {
+        let bad = || BuildError::Url(format!("`{url}` is not an http:// or https:// URL"));
+        let uri: Uri = url.parse().map_err(|_| bad())?;
+        let scheme = uri.scheme().cloned().ok_or_else(bad)?;
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+            return Err(bad());
+        }
+        let authority = uri.authority().cloned().ok_or_else(bad)?;
+        if uri.query().is_some() {
+            return Err(BuildError::Url(format!(
+                "upstream url `{url}` must not have a query string"
+            )));
+        }
+        let base_path = uri.path().trim_end_matches('/').to_owned();
+        let client = client::build(ca_pem, connect).map_err(BuildError::Ca)?;
+        Ok(HttpUpstream {
+            scheme,
+            authority,
+            base_path,
+            client,
+        })
+    }
+
+    /// The upstream URI for a request's path and query.
+    pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+        let pq = path_and_query.map(PathAndQuery::as_str).unwrap_or("/");
+        let builder = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone());
+        if self.base_path.is_empty() {
+            match path_and_query {
+                Some(pq) => builder.path_and_query(pq.clone()).build(),
+                None => builder.path_and_query("/").build(),
+            }
+        } else {
+            let mut joined = String::with_capacity(self.base_path.len() + pq.len());
+            joined.push_str(&self.base_path);
+            joined.push_str(pq);
+            builder.path_and_query(joined).build()
+        }
+    }
+}
