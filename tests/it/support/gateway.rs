@@ -1,0 +1,167 @@
+//! `TestGateway`: the real gateway, in process, on `127.0.0.1:0`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+use sluice::gateway::Gateway;
+use sluice::server::{self, Running};
+use sluice::telemetry::log::LogSink;
+
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub gw: Arc<Gateway>,
+    logs: Arc<Mutex<Vec<u8>>>,
+    running: Option<Running>,
+    /// Keeps files the config refers to alive.
+    pub dir: tempfile::TempDir,
+}
+
+impl TestGateway {
+    /// Starts a gateway on `yaml`; `listen`/`admin` default to ephemeral ports.
+    pub async fn start(yaml: &str) -> Self {
+        Self::start_with_env(yaml, &[]).await
+    }
+
+    pub async fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_in(yaml, env, dir).await
+    }
+
+    /// Starts with files already placed in `dir` (certificates, schemas).
+    pub async fn start_in(yaml: &str, env: &[(&str, &str)], dir: tempfile::TempDir) -> Self {
+        let mut text = String::new();
+        if !yaml.contains("\nlisten:") && !yaml.starts_with("listen:") {
+            text.push_str("listen: 127.0.0.1:0\n");
+        }
+        if !yaml.contains("admin:") {
+            text.push_str("admin: { listen: 127.0.0.1:0 }\n");
+        }
+        text.push_str(yaml);
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let snapshot = sluice::config::load_str(&text, "test.yaml", dir.path(), &|name| {
+            env.get(name).cloned()
+        })
+        .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{text}"));
+        let (sink, logs) = LogSink::capture();
+        let gw = Gateway::new(snapshot, sink);
+        let running = server::start(gw.clone()).await.expect("gateway starts");
+        TestGateway {
+            addr: running.proxy_addr,
+            admin: running.admin_addr,
+            gw,
+            logs,
+            running: Some(running),
+            dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Every log line written so far, parsed.
+    pub fn log_lines(&self) -> Vec<Value> {
+        let raw = self.logs.lock().expect("log buffer").clone();
+        String::from_utf8_lossy(&raw)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {l}")))
+            .collect()
+    }
+
+    /// The raw log text.
+    pub fn log_text(&self) -> String {
+        String::from_utf8_lossy(&self.logs.lock().expect("log buffer")).into_owned()
+    }
+
+    /// Access-log events so far.
+    pub fn access_logs(&self) -> Vec<Value> {
+        self.log_lines()
+            .into_iter()
+            .filter(|l| l["target"] == "sluice::access")
+            .collect()
+    }
+
+    /// Waits until `n` access-log events exist (they are written when the
+    /// response body ends, which can be just after the client saw it).
+    pub async fn wait_access_logs(&self, n: usize) -> Vec<Value> {
+        let ok = super::eventually(std::time::Duration::from_secs(5), || {
+            self.access_logs().len() >= n
+        })
+        .await;
+        assert!(ok, "expected {n} access-log lines, got:\n{}", self.log_text());
+        self.access_logs()
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let reply = super::Client::new().get(&self.admin_url("/metrics")).await;
+        assert_eq!(reply.status, 200);
+        reply.text()
+    }
+
+    /// The value of the sample of `name` whose labels include `labels`.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let text = self.metrics().await;
+        sample(&text, name, labels)
+    }
+
+    /// Begins a graceful shutdown, as SIGTERM does.
+    pub fn shutdown(&self) {
+        if let Some(r) = &self.running {
+            r.shutdown();
+        }
+    }
+
+    /// Waits for the drain to end.
+    pub async fn stopped(mut self) {
+        if let Some(r) = self.running.take() {
+            r.wait().await;
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(r) = &self.running {
+            r.shutdown();
+        }
+    }
+}
+
+/// Finds a sample in Prometheus text by name and a subset of its labels.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let (label_part, value) = match rest.strip_prefix('{') {
+            Some(r) => {
+                let end = r.find('}')?;
+                (&r[..end], &r[end + 1..])
+            }
+            None if rest.starts_with(' ') => ("", rest),
+            None => return None,
+        };
+        let all_match = labels
+            .iter()
+            .all(|(k, v)| label_part.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
+        if all_match {
+            value.trim().parse().ok()
+        } else {
+            None
+        }
+    })
+}
