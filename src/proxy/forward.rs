@@ -164,12 +164,7 @@ fn classify(e: &hyper_util::client::legacy::Error) -> AttemptFailure {
         }
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
             io_kind.get_or_insert(io.kind());
-            if io
-                .get_ref()
-                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
-            {
-                tls = true;
-            }
+            tls |= wraps_rustls_error(io);
         }
         source = err.source();
     }
@@ -194,4 +189,20 @@ fn classify(e: &hyper_util::client::legacy::Error) -> AttemptFailure {
         outcome: "connection_error",
         text: "connection closed before the response",
     }
+}
+
+/// Whether an I/O error carries a rustls error, however deeply wrapped.
+/// `io::Error::source` skips the error it wraps, so the chain is walked
+/// through `get_ref` instead.
+fn wraps_rustls_error(io: &std::io::Error) -> bool {
+    let mut inner = io.get_ref();
+    while let Some(err) = inner {
+        if err.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        inner = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref);
+    }
+    false
 }

@@ -1,1 +1,120 @@
-//! placeholder
+//! API keys on `auth: required` routes: Bearer and x-api-key, raw and
+//! hashed keys, 401 in the SPEC shape, anonymous routes, and no credential
+//! ever written to a log line.
+
+use bytes::Bytes;
+use http::Method;
+
+use crate::support::{Client, TestGateway};
+
+const CONFIG: &str = r#"
+upstreams:
+  demo: { mock: {} }
+auth:
+  api_keys:
+    - id: raw-key
+      key: ${RAW_KEY}
+      tier: pro
+    - id: hashed-key
+      hash: sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+tiers:
+  free: {}
+  pro: {}
+routes:
+  - name: chat
+    match: { path_prefix: /v1/ }
+    upstream: demo
+  - name: maybe
+    match: { path_prefix: /maybe/ }
+    auth: optional
+    upstream: demo
+  - name: public
+    match: { path_prefix: /public/ }
+    auth: none
+    upstream: demo
+"#;
+
+const RAW: &str = "sk-live-0123456789abcdef";
+
+async fn gateway() -> TestGateway {
+    TestGateway::start_with_env(CONFIG, &[("RAW_KEY", RAW)]).await
+}
+
+async fn models(gw: &TestGateway, path: &str, headers: &[(&str, &str)]) -> crate::support::ClientReply {
+    Client::new()
+        .send(Method::GET, &gw.url(path), headers, Bytes::new())
+        .await
+}
+
+#[tokio::test]
+async fn missing_key_is_401_with_www_authenticate() {
+    let gw = gateway().await;
+    let reply = models(&gw, "/v1/models", &[]).await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(reply.header("www-authenticate"), Some("Bearer"));
+    let err = reply.json();
+    assert_eq!(err["error"]["code"], "invalid_api_key");
+    assert_eq!(err["error"]["type"], "authentication_error");
+}
+
+#[tokio::test]
+async fn wrong_key_is_401_and_not_echoed() {
+    let gw = gateway().await;
+    let reply = models(&gw, "/v1/models", &[("authorization", "Bearer sk-wrong-guess-123")]).await;
+    assert_eq!(reply.status, 401);
+    assert!(!reply.text().contains("sk-wrong-guess-123"));
+    let basic = models(&gw, "/v1/models", &[("authorization", "Basic dXNlcjpwYXNz")]).await;
+    assert_eq!(basic.status, 401);
+}
+
+#[tokio::test]
+async fn bearer_and_x_api_key_both_work() {
+    let gw = gateway().await;
+    let bearer = format!("Bearer {RAW}");
+    assert_eq!(models(&gw, "/v1/models", &[("authorization", &bearer)]).await.status, 200);
+    assert_eq!(models(&gw, "/v1/models", &[("x-api-key", RAW)]).await.status, 200);
+    let logs = gw.wait_access_logs(2).await;
+    assert_eq!(logs[0]["identity"], "raw-key");
+    assert_eq!(logs[0]["tier"], "pro");
+}
+
+#[tokio::test]
+async fn hashed_key_matches_its_plaintext() {
+    let gw = gateway().await;
+    assert_eq!(models(&gw, "/v1/models", &[("x-api-key", "test")]).await.status, 200);
+    let logs = gw.wait_access_logs(1).await;
+    assert_eq!(logs[0]["identity"], "hashed-key");
+    // No tier on the key: the default tier (`free` exists) applies.
+    assert_eq!(logs[0]["tier"], "free");
+}
+
+#[tokio::test]
+async fn optional_and_none_routes() {
+    let gw = gateway().await;
+    assert_eq!(models(&gw, "/maybe/v1/models", &[]).await.status, 404, "the mock only knows /v1/");
+    assert_eq!(models(&gw, "/maybe/x", &[("x-api-key", "nope")]).await.status, 401);
+    assert_eq!(models(&gw, "/public/x", &[("x-api-key", "nope")]).await.status, 404);
+    let logs = gw.wait_access_logs(3).await;
+    assert_eq!(logs[0]["identity"], "127.0.0.1");
+    assert_eq!(logs[0]["tier"], "anonymous");
+}
+
+#[tokio::test]
+async fn no_credential_or_upstream_secret_in_any_log_line() {
+    let gw = TestGateway::start_with_env(
+        &CONFIG.replace(
+            "demo: { mock: {} }",
+            "demo: { mock: {} }\n  real:\n    url: http://127.0.0.1:9\n    set_headers: { authorization: \"Bearer ${UP_KEY}\" }",
+        ),
+        &[("RAW_KEY", RAW), ("UP_KEY", "sk-upstream-topsecret"), ("SLUICE_LOG", "trace")],
+    )
+    .await;
+    let bearer = format!("Bearer {RAW}");
+    models(&gw, "/v1/models", &[("authorization", &bearer)]).await;
+    models(&gw, "/v1/models", &[("x-api-key", "sk-wrong-guess-123")]).await;
+    gw.wait_access_logs(2).await;
+    let text = gw.log_text();
+    for secret in [RAW, "sk-wrong-guess-123", "sk-upstream-topsecret"] {
+        assert!(!text.contains(secret), "log leaks {secret}:\n{text}");
+    }
+}

@@ -1,1 +1,228 @@
-//! placeholder
+//! Plain proxying: passthrough of methods, paths, queries and large bodies;
+//! header hygiene both ways; request ids; routing errors.
+
+use bytes::Bytes;
+use http::Method;
+
+use crate::support::{Client, MockUpstream, TestGateway, UpstreamReply};
+
+fn config(upstream: &str) -> String {
+    format!(
+        r#"
+limits: {{ max_request_body: 1MiB }}
+upstreams:
+  app:
+    url: {upstream}
+    set_headers:
+      authorization: "Bearer ${{UPSTREAM_KEY}}"
+auth:
+  api_keys:
+    - id: team-a
+      key: ${{TEAM_A_KEY}}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/, methods: [GET, POST] }}
+    upstream: app
+  - name: open
+    match: {{ path: /public }}
+    auth: none
+    upstream: app
+"#
+    )
+}
+
+const ENV: [(&str, &str); 2] = [("UPSTREAM_KEY", "sk-upstream-secret"), ("TEAM_A_KEY", "key-a")];
+
+#[tokio::test]
+async fn get_passes_path_and_query_through() {
+    let up = MockUpstream::always(UpstreamReply::text("hello").header("x-from", "app")).await;
+    let gw = TestGateway::start_with_env(&config(&up.url()), &ENV).await;
+    let reply = Client::new()
+        .send(
+            Method::GET,
+            &gw.url("/v1/models?limit=5&q=a%20b"),
+            &[("x-api-key", "key-a")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "hello");
+    assert_eq!(reply.header("x-from"), Some("app"));
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].method, Method::GET);
+    assert_eq!(seen[0].uri.path_and_query().unwrap().as_str(), "/v1/models?limit=5&q=a%20b");
+}
+
+#[tokio::test]
+async fn large_post_bodies_arrive_intact_both_ways() {
+    let big_response: Bytes = (0..3_000_000u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
+    let up = MockUpstream::always(UpstreamReply::text(big_response.clone())).await;
+    let gw = TestGateway::start_with_env(&config(&up.url()), &ENV).await;
+    let body: Bytes = (0..900_000u32).map(|i| (i % 241) as u8).collect::<Vec<u8>>().into();
+    let reply = Client::new()
+        .send(
+            Method::POST,
+            &gw.url("/v1/files?purpose=batch"),
+            &[("authorization", "Bearer key-a"), ("content-type", "application/octet-stream")],
+            body.clone(),
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body.len(), big_response.len());
+    assert!(reply.body == big_response, "response body changed in transit");
+    let seen = up.seen();
+    assert_eq!(seen[0].body.len(), body.len());
+    assert!(seen[0].body == body, "request body changed in transit");
+    assert_eq!(seen[0].uri.query(), Some("purpose=batch"));
+}
+
+#[tokio::test]
+async fn h2c_clients_are_served() {
+    let up = MockUpstream::always(UpstreamReply::text("over h2")).await;
+    let gw = TestGateway::start_with_env(&config(&up.url()), &ENV).await;
+    let reply = Client::h2c().get(&gw.url("/public")).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "over h2");
+}
+
+#[tokio::test]
+async fn hop_by_hop_credentials_and_sluice_headers_never_cross() {
+    let up = MockUpstream::always(
+        UpstreamReply::text("ok")
+            .header("connection", "x-upstream-hop")
+            .header("x-upstream-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("x-sluice-cache", "HIT")
+            .header("x-kept", "yes"),
+    )
+    .await;
+    let gw = TestGateway::start_with_env(&config(&up.url()), &ENV).await;
+    let reply = Client::new()
+        .send(
+            Method::GET,
+            &gw.url("/v1/models"),
+            &[
+                ("authorization", "Bearer key-a"),
+                ("x-api-key", "key-a"),
+                ("connection", "x-client-hop"),
+                ("x-client-hop", "1"),
+                ("te", "trailers"),
+                ("x-sluice-identity", "admin"),
+                ("x-forwarded-for", "10.0.0.9"),
+                ("x-custom", "kept"),
+            ],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    // Response side.
+    assert_eq!(reply.header("x-upstream-hop"), None);
+    assert_eq!(reply.header("keep-alive"), None);
+    assert_eq!(reply.header("x-sluice-cache"), None);
+    assert_eq!(reply.header("x-kept"), Some("yes"));
+    // Request side, as the upstream saw it.
+    let seen = &up.seen()[0];
+    assert_eq!(seen.header("x-client-hop"), None);
+    assert_eq!(seen.header("te"), None);
+    assert_eq!(seen.header("x-sluice-identity"), None);
+    assert_eq!(seen.header("x-api-key"), None, "gateway credential forwarded");
+    assert_eq!(
+        seen.header("authorization"),
+        Some("Bearer sk-upstream-secret"),
+        "set_headers must replace the client's credential"
+    );
+    assert_eq!(seen.header("x-custom"), Some("kept"));
+    assert_eq!(seen.header("x-forwarded-for"), Some("10.0.0.9, 127.0.0.1"));
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(seen.header("x-forwarded-host"), Some(gw.addr.to_string().as_str()));
+    assert_eq!(seen.header("host"), Some(up.addr.to_string().as_str()));
+}
+
+#[tokio::test]
+async fn request_id_is_kept_or_made_and_reaches_both_sides() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start_with_env(&config(&up.url()), &ENV).await;
+    let client = Client::new();
+    let given = client
+        .send(Method::GET, &gw.url("/public"), &[("x-request-id", "req-42")], Bytes::new())
+        .await;
+    assert_eq!(given.header("x-request-id"), Some("req-42"));
+    let made = client.get(&gw.url("/public")).await;
+    let id = made.header("x-request-id").expect("a request id").to_owned();
+    assert_eq!(id.len(), 32);
+    assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
+    let seen = up.seen();
+    assert_eq!(seen[0].header("x-request-id"), Some("req-42"));
+    assert_eq!(seen[1].header("x-request-id"), Some(id.as_str()));
+    // Errors sluice answers itself carry one too.
+    let not_found = client.get(&gw.url("/nowhere")).await;
+    assert!(not_found.header("x-request-id").is_some());
+}
+
+#[tokio::test]
+async fn unknown_path_is_404_in_openai_shape() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start_with_env(&config(&up.url()), &ENV).await;
+    let reply = Client::new().get(&gw.url("/admin")).await;
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    let body = reply.json();
+    assert_eq!(body["error"]["code"], "route_not_found");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert!(body["error"]["message"].as_str().unwrap().contains("no route"));
+    assert!(up.seen().is_empty());
+}
+
+#[tokio::test]
+async fn wrong_method_is_405_with_allow() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start_with_env(&config(&up.url()), &ENV).await;
+    let reply = Client::new()
+        .send(Method::DELETE, &gw.url("/v1/models"), &[("x-api-key", "key-a")], Bytes::new())
+        .await;
+    assert_eq!(reply.status, 405);
+    assert_eq!(reply.header("allow"), Some("GET, POST"));
+    assert_eq!(reply.json()["error"]["code"], "method_not_allowed");
+    assert!(up.seen().is_empty());
+}
+
+#[tokio::test]
+async fn declared_oversize_body_is_413_before_forwarding() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start_with_env(&config(&up.url()), &ENV).await;
+    let body = Bytes::from(vec![b'x'; (1 << 20) + 1]);
+    let reply = Client::new()
+        .send(Method::POST, &gw.url("/v1/files"), &[("x-api-key", "key-a")], body)
+        .await;
+    assert_eq!(reply.status, 413);
+    let err = reply.json();
+    assert_eq!(err["error"]["code"], "request_too_large");
+    assert!(err["error"]["message"].as_str().unwrap().contains("1048576"));
+    assert!(up.seen().is_empty(), "an oversize body must not reach the upstream");
+}
+
+#[tokio::test]
+async fn chunked_oversize_body_is_413() {
+    use futures_util::stream;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start_with_env(&config(&up.url()), &ENV).await;
+    // No content-length: the limit can only be found while streaming.
+    let chunks: Vec<Result<Frame<Bytes>, std::io::Error>> = (0..20)
+        .map(|_| Ok(Frame::data(Bytes::from(vec![b'y'; 64 * 1024]))))
+        .collect();
+    let body = StreamBody::new(stream::iter(chunks));
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<StreamBody<_>>();
+    let req = http::Request::post(gw.url("/v1/files"))
+        .header("x-api-key", "key-a")
+        .body(body)
+        .unwrap();
+    let resp = client.request(req).await.expect("response");
+    let reply = crate::support::client::read(resp).await;
+    assert_eq!(reply.status, 413);
+    assert_eq!(reply.json()["error"]["code"], "request_too_large");
+}

@@ -1,1 +1,61 @@
-//! placeholder
+//! Graceful shutdown: readiness turns 503, new connections are refused,
+//! in-flight streams finish.
+
+use std::time::Duration;
+
+use crate::support::{client, eventually, Client, MockUpstream, TestGateway, UpstreamReply};
+
+#[tokio::test]
+async fn drain_lets_an_in_flight_stream_finish() {
+    let events = ["a", "b", "c", "d", "[DONE]"];
+    let up = MockUpstream::always(UpstreamReply::sse(&events, Duration::from_millis(200))).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+limits: {{ shutdown_grace: 10s }}
+upstreams: {{ llm: {{ url: "{}" }} }}
+routes:
+  - name: chat
+    match: {{ path_prefix: / }}
+    auth: none
+    upstream: llm
+"#,
+        up.url()
+    ))
+    .await;
+    let c = Client::new();
+    assert_eq!(c.get(&gw.admin_url("/readyz")).await.status, 200);
+
+    // Start a stream and wait for its head before shutting down.
+    let url = gw.url("/v1/chat/completions");
+    let hyper_client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let resp = hyper_client
+        .request(http::Request::post(&url).body(Default::default()).unwrap())
+        .await
+        .expect("stream starts");
+    assert_eq!(resp.status(), 200);
+    let stream = tokio::spawn(client::read(resp));
+
+    gw.shutdown();
+    let admin = gw.admin_url("/readyz");
+    let mut saw_503 = false;
+    for _ in 0..50 {
+        if c.get(&admin).await.status == 503 {
+            saw_503 = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(saw_503, "/readyz must answer 503 while draining");
+    // The listener is closed: new connections are refused.
+    let proxy = gw.addr;
+    let refused = eventually(Duration::from_secs(2), || std::net::TcpStream::connect(proxy).is_err()).await;
+    assert!(refused, "the proxy port still accepts connections while draining");
+
+    let reply = stream.await.expect("stream task");
+    assert!(reply.body_error.is_none(), "the stream was cut: {:?}", reply.body_error);
+    assert!(reply.text().ends_with("data: [DONE]\n\n"), "{}", reply.text());
+    tokio::time::timeout(Duration::from_secs(5), gw.stopped())
+        .await
+        .expect("the gateway stops once drained");
+}

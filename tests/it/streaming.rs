@@ -1,1 +1,80 @@
-//! placeholder
+//! Streaming: SSE passes through chunk by chunk as it arrives, and the
+//! whole-request and idle limits cut streams that run too long.
+
+use std::time::Duration;
+
+use crate::support::{Client, MockUpstream, TestGateway, UpstreamReply};
+
+fn config(upstream: &str, extra: &str) -> String {
+    format!(
+        r#"
+{extra}
+upstreams:
+  llm:
+    url: {upstream}
+    timeouts: {{ idle: 400ms }}
+routes:
+  - name: chat
+    match: {{ path_prefix: / }}
+    auth: none
+    upstream: llm
+"#
+    )
+}
+
+#[tokio::test]
+async fn sse_arrives_chunk_by_chunk_not_buffered() {
+    let gap = Duration::from_millis(150);
+    let events = ["{\"n\":1}", "{\"n\":2}", "{\"n\":3}", "{\"n\":4}", "[DONE]"];
+    let up = MockUpstream::always(UpstreamReply::sse(&events, gap)).await;
+    let gw = TestGateway::start(&config(&up.url(), "")).await;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], r#"{"stream":true}"#)
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("content-type"), Some("text/event-stream"));
+    let expected: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+    assert_eq!(reply.text(), expected);
+    // Each event was its own frame, and frames arrived spread over time as
+    // the upstream produced them: a buffering proxy delivers them together.
+    assert_eq!(reply.frames.len(), events.len(), "frames: {:?}", reply.frames);
+    for pair in reply.frames.windows(2) {
+        let spacing = pair[1].0 - pair[0].0;
+        assert!(
+            spacing >= Duration::from_millis(100),
+            "chunks arrived {spacing:?} apart; the stream was held back"
+        );
+    }
+}
+
+#[tokio::test]
+async fn stream_that_exceeds_request_timeout_is_cut() {
+    let events = ["1", "2", "3", "4", "5", "6", "7", "8"];
+    let up = MockUpstream::always(UpstreamReply::sse(&events, Duration::from_millis(200))).await;
+    let gw = TestGateway::start(&config(&up.url(), "limits: { request_timeout: 500ms }")).await;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
+        .await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.body_error.is_some(), "the stream should have been cut");
+    assert!(reply.frames.len() < events.len());
+    let logs = gw.wait_access_logs(1).await;
+    assert_eq!(logs[0]["error"], "request_timeout");
+}
+
+#[tokio::test]
+async fn upstream_silent_longer_than_idle_is_cut() {
+    let mut reply = UpstreamReply::sse(&["1"], Duration::ZERO);
+    reply.chunks.push((Duration::from_secs(3), "data: 2\n\n".into()));
+    let up = MockUpstream::always(reply).await;
+    let gw = TestGateway::start(&config(&up.url(), "")).await;
+    let started = std::time::Instant::now();
+    let got = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
+        .await;
+    assert!(got.body_error.is_some(), "the idle stream should have been cut");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(got.text(), "data: 1\n\n");
+    let logs = gw.wait_access_logs(1).await;
+    assert_eq!(logs[0]["error"], "upstream_idle_timeout");
+}

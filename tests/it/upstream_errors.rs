@@ -1,1 +1,77 @@
-//! placeholder
+//! Upstream failures sluice answers itself: 502 when it cannot connect,
+//! 504 when the upstream does not answer in time.
+
+use std::time::Duration;
+
+use crate::support::{Client, MockUpstream, TestGateway, UpstreamReply};
+
+fn config(url: &str, timeouts: &str) -> String {
+    format!(
+        r#"
+upstreams:
+  app:
+    url: {url}
+    timeouts: {timeouts}
+routes:
+  - name: app
+    match: {{ path_prefix: / }}
+    auth: none
+    upstream: app
+"#
+    )
+}
+
+#[tokio::test]
+async fn connection_refused_is_502_naming_the_attempt() {
+    // A port that was just free: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gw = TestGateway::start(&config(&format!("http://127.0.0.1:{port}"), "{ connect: 1s }")).await;
+    let reply = Client::new().get(&gw.url("/hello")).await;
+    assert_eq!(reply.status, 502);
+    let err = reply.json();
+    assert_eq!(err["error"]["code"], "upstream_error");
+    assert_eq!(err["error"]["message"], "every upstream attempt failed: app: connect refused");
+    let logs = gw.wait_access_logs(1).await;
+    assert_eq!(logs[0]["status"], 502);
+    assert_eq!(logs[0]["upstream"], "app");
+    assert_eq!(logs[0]["attempts"], 1);
+    assert_eq!(logs[0]["error"], "upstream_error");
+    assert_eq!(
+        gw.metric("sluice_upstream_requests_total", &[("upstream", "app"), ("outcome", "connect_error")])
+            .await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn slow_upstream_is_504() {
+    let up = MockUpstream::always(UpstreamReply::text("late").delay(Duration::from_secs(5))).await;
+    let gw = TestGateway::start(&config(&up.url(), "{ first_byte: 300ms }")).await;
+    let started = std::time::Instant::now();
+    let reply = Client::new().get(&gw.url("/slow")).await;
+    assert_eq!(reply.status, 504);
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
+    assert_eq!(
+        gw.metric("sluice_upstream_requests_total", &[("upstream", "app"), ("outcome", "timeout")])
+            .await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn upstream_error_statuses_pass_through_unchanged() {
+    let mut bad_request = UpstreamReply::json(&serde_json::json!({"error": {"message": "bad model"}}))
+        .header("x-up", "1");
+    bad_request.status = 400;
+    let up = MockUpstream::always(bad_request).await;
+    let gw = TestGateway::start(&config(&up.url(), "{ connect: 1s }")).await;
+    let reply = Client::new().get(&gw.url("/v1/x")).await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.header("x-up"), Some("1"));
+    assert_eq!(reply.json()["error"]["message"], "bad model");
+}
