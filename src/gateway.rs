@@ -2,8 +2,8 @@
 //! everything that outlives a reload (metrics, the log dispatcher, the
 //! readiness flag). Built once, shared by reference with every connection.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 

@@ -107,7 +107,10 @@ fn main() -> ExitCode {
 }
 
 fn with_runtime(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
-    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt.block_on(fut),
         Err(e) => {
             eprintln!("sluice: cannot start the runtime: {e}");
@@ -155,7 +158,11 @@ async fn run(path: PathBuf) -> ExitCode {
     let snapshot = match config::load(&path) {
         Ok(s) => s,
         Err(errors) => {
-            let first = errors.0.first().map(ToString::to_string).unwrap_or_default();
+            let first = errors
+                .0
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default();
             let more = errors.0.len().saturating_sub(1);
             if more > 0 {
                 eprintln!(
@@ -189,7 +196,7 @@ async fn run(path: PathBuf) -> ExitCode {
 async fn shutdown_signal() -> &'static str {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
+        use tokio::signal::unix::{SignalKind, signal};
         if let Ok(mut term) = signal(SignalKind::terminate()) {
             return tokio::select! {
                 _ = term.recv() => "SIGTERM",
@@ -225,7 +232,9 @@ async fn serve_mock(listen: SocketAddr, settings: MockSettings) -> ExitCode {
                     let settings = settings.clone();
                     async move { Ok::<_, Infallible>(mock::respond(&settings, req).await) }
                 });
-                let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                let _ = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
             });
         }
     };

@@ -130,7 +130,10 @@ impl Compiler<'_> {
         if v.is_finite() && v >= 0.0 {
             Some(v)
         } else {
-            self.error(&t.referenced, format!("`{v}` must be a non-negative amount"));
+            self.error(
+                &t.referenced,
+                format!("`{v}` must be a non-negative amount"),
+            );
             None
         }
     }
@@ -144,7 +147,9 @@ impl Compiler<'_> {
     /// One of a fixed set of words.
     fn choice<T: Copy>(&mut self, t: &Option<Text>, options: &[(&str, T)], default: T) -> T {
         let Some(t) = t else { return default };
-        let Some(s) = self.text(t) else { return default };
+        let Some(s) = self.text(t) else {
+            return default;
+        };
         if let Some((_, v)) = options.iter().find(|(name, _)| *name == s) {
             return *v;
         }
@@ -252,10 +257,10 @@ impl Compiler<'_> {
         };
         let raw = raw.unwrap_or(&none);
         let max_connections = self.opt_u64(&raw.max_connections).unwrap_or(10_000);
-        if max_connections == 0 {
-            if let Some(t) = &raw.max_connections {
-                self.error(&t.referenced, "max_connections must be at least 1");
-            }
+        if max_connections == 0
+            && let Some(t) = &raw.max_connections
+        {
+            self.error(&t.referenced, "max_connections must be at least 1");
         }
         Limits {
             max_request_body: self.size(&raw.max_request_body, 4 << 20),
@@ -316,7 +321,7 @@ impl Compiler<'_> {
                         ca_pem.as_ref().map(|(pem, _)| pem.as_slice()),
                         timeouts.connect,
                     ) {
-                        Ok(http) => upstream::UpstreamKind::Http(http),
+                        Ok(http) => upstream::UpstreamKind::Http(Box::new(http)),
                         Err(upstream::BuildError::Url(e)) => {
                             self.error(&url.referenced, e);
                             continue;
@@ -335,7 +340,10 @@ impl Compiler<'_> {
                     upstream::UpstreamKind::Mock(self.mock(mock))
                 }
                 (Some(_), Some(_)) => {
-                    self.error(at, format!("upstream `{name}` has both `url` and `mock`; choose one"));
+                    self.error(
+                        at,
+                        format!("upstream `{name}` has both `url` and `mock`; choose one"),
+                    );
                     continue;
                 }
                 (None, None) => {
@@ -364,7 +372,9 @@ impl Compiler<'_> {
                 );
                 continue;
             };
-            let Some(text) = self.text(value) else { continue };
+            let Some(text) = self.text(value) else {
+                continue;
+            };
             // The value is usually a secret: the message never repeats it.
             match HeaderValue::from_str(&text) {
                 Ok(mut v) => {
@@ -390,7 +400,10 @@ impl Compiler<'_> {
             Some(t) => match self.number::<f64>(t, "a number between 0.0 and 1.0") {
                 Some(r) if (0.0..=1.0).contains(&r) => r,
                 Some(r) => {
-                    self.error(&t.referenced, format!("failure_rate {r} is not between 0.0 and 1.0"));
+                    self.error(
+                        &t.referenced,
+                        format!("failure_rate {r} is not between 0.0 and 1.0"),
+                    );
                     0.0
                 }
                 None => 0.0,
@@ -537,11 +550,17 @@ impl Compiler<'_> {
             let r = &spanned.value;
             let name = self.text(&r.name).unwrap_or_default();
             if !seen.insert(name.clone()) {
-                self.error(&r.name.referenced, format!("route name `{name}` is used twice"));
+                self.error(
+                    &r.name.referenced,
+                    format!("route name `{name}` is used twice"),
+                );
             }
             let path = match (&r.matcher.path_prefix, &r.matcher.path) {
                 (Some(_), Some(p)) => {
-                    self.error(&p.referenced, "a route matches `path` or `path_prefix`, not both");
+                    self.error(
+                        &p.referenced,
+                        "a route matches `path` or `path_prefix`, not both",
+                    );
                     PathMatch::Any
                 }
                 (Some(p), None) => match self.text(p) {
@@ -624,7 +643,10 @@ impl Compiler<'_> {
                 ttl: self.duration(&c.ttl, Duration::from_secs(300)),
                 scope: self.choice(
                     &c.scope,
-                    &[("identity", CacheScope::Identity), ("shared", CacheScope::Shared)],
+                    &[
+                        ("identity", CacheScope::Identity),
+                        ("shared", CacheScope::Shared),
+                    ],
                     CacheScope::Identity,
                 ),
             });
@@ -699,7 +721,10 @@ impl Compiler<'_> {
             match tiers.get_key_value(name.as_str()) {
                 Some((k, _)) => Some(k.clone()),
                 None => {
-                    me.error(&t.referenced, format!("no tier named `{name}` under `tiers`"));
+                    me.error(
+                        &t.referenced,
+                        format!("no tier named `{name}` under `tiers`"),
+                    );
                     None
                 }
             }
@@ -745,7 +770,10 @@ impl Compiler<'_> {
                     .filter_map(|t| {
                         let r = self.text(t)?;
                         if !route_names.contains(r.as_str()) {
-                            self.error(&t.referenced, format!("api key `{id}`: no route named `{r}`"));
+                            self.error(
+                                &t.referenced,
+                                format!("api key `{id}`: no route named `{r}`"),
+                            );
                         }
                         Some(Arc::from(r))
                     })
@@ -758,7 +786,10 @@ impl Compiler<'_> {
                     routes,
                 });
                 if api_keys.insert(digest, entry).is_some() {
-                    self.error(&spanned.referenced, format!("api key `{id}` repeats another key"));
+                    self.error(
+                        &spanned.referenced,
+                        format!("api key `{id}` repeats another key"),
+                    );
                 }
             }
         }
@@ -881,20 +912,27 @@ impl Compiler<'_> {
         };
         let backend = self.choice(
             &raw.backend,
-            &[("memory", StateBackend::Memory), ("redis", StateBackend::Redis)],
+            &[
+                ("memory", StateBackend::Memory),
+                ("redis", StateBackend::Redis),
+            ],
             StateBackend::Memory,
         );
         let redis_url = raw.redis_url.as_ref().and_then(|t| {
             let url = self.text(t)?;
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                self.error(&t.referenced, "redis_url must start with redis:// or rediss://");
+                self.error(
+                    &t.referenced,
+                    "redis_url must start with redis:// or rediss://",
+                );
             }
             Some(url)
         });
-        if backend == StateBackend::Redis && redis_url.is_none() {
-            if let Some(b) = &raw.backend {
-                self.error(&b.referenced, "backend: redis needs a redis_url");
-            }
+        if backend == StateBackend::Redis
+            && redis_url.is_none()
+            && let Some(b) = &raw.backend
+        {
+            self.error(&b.referenced, "backend: redis needs a redis_url");
         }
         StateSettings {
             backend,
@@ -935,7 +973,9 @@ impl Compiler<'_> {
 }
 
 fn key_loc(t: &Option<Text>) -> Location {
-    t.as_ref().map(|t| t.referenced).unwrap_or(Location::UNKNOWN)
+    t.as_ref()
+        .map(|t| t.referenced)
+        .unwrap_or(Location::UNKNOWN)
 }
 
 /// The `allow` header value for a 405 on a route limited to `methods`.

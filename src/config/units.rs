@@ -19,7 +19,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
-        _ => return Err(format!("`{text}` is not a duration like 250ms, 30s, 5m or 1h")),
+        _ => {
+            return Err(format!(
+                "`{text}` is not a duration like 250ms, 30s, 5m or 1h"
+            ));
+        }
     };
     n.checked_mul(ms_per_unit)
         .map(Duration::from_millis)
@@ -45,7 +49,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "KB" => 1_000,
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
-        _ => return Err(format!("`{text}` is not a size like 4096, 64KiB, 4MiB or 1GiB")),
+        _ => {
+            return Err(format!(
+                "`{text}` is not a size like 4096, 64KiB, 4MiB or 1GiB"
+            ));
+        }
     };
     n.checked_mul(multiplier)
         .ok_or_else(|| format!("size `{text}` is too large"))

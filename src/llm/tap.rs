@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
-use crate::body::{BoxBody, BodyError};
+use crate::body::{BodyError, BoxBody};
 use crate::gateway::Gateway;
 use crate::proxy::ctx::RequestCtx;
 use crate::telemetry::access_log;

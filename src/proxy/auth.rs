@@ -3,7 +3,7 @@
 //! their SHA-256 digests and finds a key by its digest in one hash lookup.
 //! Credentials never reach logs or error messages.
 
-use http::{header, HeaderMap};
+use http::{HeaderMap, header};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -80,10 +80,10 @@ pub fn identify(
         .ok_or(ProxyError::Unauthorized {
             reason: "invalid_key",
         })?;
-    if let Some(allowed) = &key.routes {
-        if !allowed.iter().any(|r| **r == *route.name) {
-            return Err(ProxyError::Forbidden);
-        }
+    if let Some(allowed) = &key.routes
+        && !allowed.iter().any(|r| **r == *route.name)
+    {
+        return Err(ProxyError::Forbidden);
     }
     ctx.identity = Some(Identity {
         id: IdentityId::Key(key.id.clone()),
@@ -117,7 +117,10 @@ mod tests {
         assert_eq!(credential(&h), Some(&b"k1"[..]));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer k2"));
         assert_eq!(credential(&h), Some(&b"k2"[..]));
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic eA=="));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic eA=="),
+        );
         assert_eq!(credential(&h), Some(&b""[..]));
     }
 }

@@ -6,26 +6,44 @@
 
 use std::time::Duration;
 
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{HeaderValue, Response, StatusCode, header};
 use serde_json::json;
 
-use crate::body::{full, BoxBody};
+use crate::body::{BoxBody, full};
 
 #[derive(Debug)]
 pub enum ProxyError {
     RouteNotFound,
-    MethodNotAllowed { allow: HeaderValue },
+    MethodNotAllowed {
+        allow: HeaderValue,
+    },
     /// Missing or invalid credential; `reason` is a metric label.
-    Unauthorized { reason: &'static str },
+    Unauthorized {
+        reason: &'static str,
+    },
     Forbidden,
-    TooLarge { limit: u64 },
-    InvalidRequest { message: String },
-    RateLimited { retry_after: Duration },
-    BudgetExceeded { retry_after: Duration },
+    TooLarge {
+        limit: u64,
+    },
+    InvalidRequest {
+        message: String,
+    },
+    RateLimited {
+        retry_after: Duration,
+    },
+    BudgetExceeded {
+        retry_after: Duration,
+    },
     /// Every attempt failed; `attempts` reads `openai: 503; backup: connect refused`.
-    UpstreamFailed { attempts: String },
-    UpstreamUnavailable { retry_after: Duration },
-    UpstreamTimeout { upstream: String },
+    UpstreamFailed {
+        attempts: String,
+    },
+    UpstreamUnavailable {
+        retry_after: Duration,
+    },
+    UpstreamTimeout {
+        upstream: String,
+    },
 }
 
 impl ProxyError {

@@ -17,7 +17,7 @@ use super::validate::CappedBody;
 use crate::body::{BodyError, BoxBody};
 use crate::snapshot::{AuthMode, Route, Snapshot, Target};
 use crate::telemetry::metrics::Metrics;
-use crate::upstream::{mock, Upstream, UpstreamKind};
+use crate::upstream::{Upstream, UpstreamKind, mock};
 
 /// Why an attempt failed, as a metric label and a safe human phrase.
 struct AttemptFailure {
@@ -58,11 +58,11 @@ pub async fn send(
 
     let result: Result<Response<BoxBody>, AttemptFailure> = match &upstream.kind {
         UpstreamKind::Http(http) => {
-            parts.uri = http
-                .uri_for(parts.uri.path_and_query())
-                .map_err(|_| ProxyError::InvalidRequest {
+            parts.uri = http.uri_for(parts.uri.path_and_query()).map_err(|_| {
+                ProxyError::InvalidRequest {
                     message: "the request path cannot be forwarded".to_owned(),
-                })?;
+                }
+            })?;
             // The pooled client picks HTTP/1.1 or HTTP/2 per connection (ALPN),
             // whatever the client spoke to us.
             parts.version = Version::HTTP_11;

@@ -3,7 +3,7 @@
 //! host but none allows the method, the answer is 405 with that route's
 //! `allow`; when none matches at all, 404.
 
-use http::{header, HeaderMap, Method, Uri};
+use http::{HeaderMap, Method, Uri, header};
 
 use super::error::ProxyError;
 use crate::snapshot::{PathMatch, Route, Snapshot};

@@ -3,12 +3,12 @@
 //! once; a chunked body is counted as it streams and cut off at the limit.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{header, HeaderMap};
+use http::{HeaderMap, header};
 use http_body::{Body, Frame, SizeHint};
 
 use super::error::ProxyError;

@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -13,7 +13,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::body::{full, BoxBody};
+use crate::body::{BoxBody, full};
 use crate::gateway::Gateway;
 
 pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
@@ -35,7 +35,9 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut stop: watch::Rec
                 let gw = gw.clone();
                 async move { Ok::<_, Infallible>(respond(&gw, &req)) }
             });
-            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+            let _ = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }
@@ -56,7 +58,10 @@ fn respond(gw: &Gateway, req: &Request<Incoming>) -> Response<BoxBody> {
             );
             resp
         }
-        _ => text(StatusCode::NOT_FOUND, "admin endpoints: /healthz /readyz /metrics\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "admin endpoints: /healthz /readyz /metrics\n",
+        ),
     }
 }
 

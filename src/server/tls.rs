@@ -15,7 +15,12 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert_file)
         .map_err(|e| format!("cannot read cert_file {}: {e}", files.cert_file.display()))?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("cert_file {} is not valid PEM: {e}", files.cert_file.display()))?;
+        .map_err(|e| {
+            format!(
+                "cert_file {} is not valid PEM: {e}",
+                files.cert_file.display()
+            )
+        })?;
     if certs.is_empty() {
         return Err(format!(
             "cert_file {} holds no certificate",

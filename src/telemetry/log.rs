@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
+use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::EnvFilter;
 
 use super::access_log::{ACCESS_FIELDS, ACCESS_TARGET};
 use crate::snapshot::{LogFormat, Logging};
@@ -73,8 +73,9 @@ impl<'a> MakeWriter<'a> for LogSink {
 /// Builds the dispatcher for `logging`. `SLUICE_LOG` (an `EnvFilter`
 /// directive) overrides the configured level when set.
 pub fn dispatch(logging: &Logging, sink: LogSink) -> tracing::Dispatch {
-    let filter = EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| EnvFilter::new(format!("{},h2=warn,hyper=warn,rustls=warn", logging.level)));
+    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| {
+        EnvFilter::new(format!("{},h2=warn,hyper=warn,rustls=warn", logging.level))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(sink)

@@ -9,8 +9,7 @@ use prometheus::{
 /// From 1 ms to 120 s: LLM calls range from a cached hit to a long
 /// reasoning answer.
 pub const LATENCY_BUCKETS: [f64; 16] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    120.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
 /// sluice's own overhead is counted in microseconds, so its histogram adds
@@ -105,7 +104,11 @@ impl Metrics {
                 "Requests being served now, streams included.",
                 &["route"],
             ),
-            build_info: gauge("sluice_build_info", "Always 1; the version label tells.", &["version"]),
+            build_info: gauge(
+                "sluice_build_info",
+                "Always 1; the version label tells.",
+                &["version"],
+            ),
             registry,
         };
         metrics

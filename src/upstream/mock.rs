@@ -9,11 +9,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::stream;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited, StreamBody};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
-use crate::body::{full, BoxBody};
+use crate::body::{BoxBody, full};
 
 /// The mock's knobs (config `mock:` or `sluice mock` flags).
 #[derive(Debug, Clone, PartialEq)]
@@ -58,12 +58,19 @@ where
     if settings.failure_rate > 0.0 && fastrand::f64() < settings.failure_rate {
         let status = StatusCode::from_u16(settings.failure_status)
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return error(status, "mock failure injected", "server_error", "mock_failure");
+        return error(
+            status,
+            "mock failure injected",
+            "server_error",
+            "mock_failure",
+        );
     }
     let (parts, body) = req.into_parts();
     let path = parts.uri.path();
     match (&parts.method, path) {
-        (&Method::GET, "/health" | "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
+        (&Method::GET, "/health" | "/healthz") => {
+            json_response(StatusCode::OK, &json!({"status": "ok"}))
+        }
         (&Method::GET, "/v1/models") => models(),
         (&Method::POST, "/v1/chat/completions" | "/v1/embeddings") => {
             let bytes = match Limited::new(body, MAX_BODY).collect().await {
@@ -74,7 +81,7 @@ where
                         "could not read the request body",
                         "invalid_request_error",
                         "invalid_body",
-                    )
+                    );
                 }
             };
             let request: Value = match serde_json::from_slice(&bytes) {
@@ -85,7 +92,7 @@ where
                         "the body must be a JSON object",
                         "invalid_request_error",
                         "invalid_json",
-                    )
+                    );
                 }
             };
             if path == "/v1/embeddings" {
@@ -145,7 +152,11 @@ fn chat(settings: &MockSettings, request: &Value) -> Response<BoxBody> {
     // Three tokens of framing per message, as OpenAI's own counting does.
     let prompt_tokens: u64 = messages
         .iter()
-        .map(|m| 3 + m.get("content").map_or(0, |c| count_tokens(&content_text(c))))
+        .map(|m| {
+            3 + m
+                .get("content")
+                .map_or(0, |c| count_tokens(&content_text(c)))
+        })
         .sum();
     let last_user = messages
         .iter()
@@ -162,11 +173,11 @@ fn chat(settings: &MockSettings, request: &Value) -> Response<BoxBody> {
         .or_else(|| request.get("max_tokens"))
         .and_then(Value::as_u64);
     let mut finish_reason = "stop";
-    if let Some(limit) = limit {
-        if (words.len() as u64) > limit {
-            words.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-            finish_reason = "length";
-        }
+    if let Some(limit) = limit
+        && (words.len() as u64) > limit
+    {
+        words.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        finish_reason = "length";
     }
     let completion_tokens = words.len() as u64;
     let usage = json!({
@@ -261,19 +272,28 @@ fn sse(event: &Value) -> Bytes {
 
 /// An SSE response that sends `events` one by one, `interval` apart.
 fn sse_response(events: Vec<Bytes>, interval: Duration) -> Response<BoxBody> {
-    let frames = stream::unfold((events.into_iter(), true), move |(mut it, first)| async move {
-        let event = it.next()?;
-        if !first && !interval.is_zero() {
-            tokio::time::sleep(interval).await;
-        }
-        Some((Ok::<_, Infallible>(http_body::Frame::data(event)), (it, false)))
-    });
+    let frames = stream::unfold(
+        (events.into_iter(), true),
+        move |(mut it, first)| async move {
+            let event = it.next()?;
+            if !first && !interval.is_zero() {
+                tokio::time::sleep(interval).await;
+            }
+            Some((
+                Ok::<_, Infallible>(http_body::Frame::data(event)),
+                (it, false),
+            ))
+        },
+    );
     let body = StreamBody::new(frames)
         .map_err(|never| match never {})
         .boxed_unsync();
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
 }
@@ -291,7 +311,7 @@ fn embeddings(request: &Value) -> Response<BoxBody> {
                 "`input` is required",
                 "invalid_request_error",
                 "invalid_request",
-            )
+            );
         }
     };
     let model = request
@@ -342,8 +362,10 @@ fn unix_now() -> u64 {
 fn json_response(status: StatusCode, value: &Value) -> Response<BoxBody> {
     let mut resp = Response::new(full(value.to_string()));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
@@ -375,6 +397,9 @@ mod tests {
     #[test]
     fn tokens_are_words() {
         assert_eq!(count_tokens("  Say hello   to me "), 4);
-        assert_eq!(content_text(&json!([{"type": "text", "text": "a b"}, {"text": "c"}])), "a b c");
+        assert_eq!(
+            content_text(&json!([{"type": "text", "text": "a b"}, {"text": "c"}])),
+            "a b c"
+        );
     }
 }

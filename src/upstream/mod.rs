@@ -10,8 +10,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::uri::{Authority, PathAndQuery, Scheme};
 use http::Uri;
+use http::uri::{Authority, PathAndQuery, Scheme};
 
 pub use client::HttpClient;
 pub use mock::MockSettings;
@@ -33,7 +33,7 @@ pub struct Upstream {
 
 #[derive(Debug)]
 pub enum UpstreamKind {
-    Http(HttpUpstream),
+    Http(Box<HttpUpstream>),
     Mock(MockSettings),
 }
 
