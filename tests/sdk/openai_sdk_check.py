@@ -1,0 +1,89 @@
+"""Black-box check with the official OpenAI Python SDK against the offline
+demo (`proxy.example.yaml` on the built-in mock): what a user of sluice
+runs first. Started by .ci/run after `cargo test`; needs `pip install openai`.
+
+Usage: python3 tests/sdk/openai_sdk_check.py path/to/sluice
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import openai
+from openai import OpenAI
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    binary = sys.argv[1]
+    port, admin = free_port(), free_port()
+    env = dict(os.environ, SLUICE_LISTEN=f"127.0.0.1:{port}", SLUICE_ADMIN_LISTEN=f"127.0.0.1:{admin}")
+    proc = subprocess.Popen(
+        [binary, "run", "--config", "proxy.example.yaml"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.time() + 10
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline or proc.poll() is not None:
+                print("sluice did not become ready:", proc.stderr.read().decode() if proc.stderr else "")
+                return 1
+            time.sleep(0.05)
+
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-sluice-demo", max_retries=0)
+        messages = [{"role": "user", "content": "Say hello"}]
+
+        reply = client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+        assert reply.object == "chat.completion", reply
+        assert reply.choices[0].message.role == "assistant"
+        assert reply.choices[0].message.content.startswith("Hello from the sluice mock"), reply
+        assert reply.usage.prompt_tokens == 5 and reply.usage.total_tokens == 14, reply.usage
+
+        text = ""
+        usage = None
+        stream = client.chat.completions.create(
+            model="gpt-4o-mini", messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+        for chunk in stream:
+            if chunk.usage:
+                usage = chunk.usage
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+        assert text == reply.choices[0].message.content, text
+        assert usage is not None and usage.completion_tokens == 9, usage
+
+        models = [m.id for m in client.models.list()]
+        assert "gpt-4o-mini" in models, models
+
+        bad = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0)
+        try:
+            bad.models.list()
+            raise AssertionError("a wrong key was accepted")
+        except openai.AuthenticationError as e:
+            assert e.status_code == 401 and e.code == "invalid_api_key", e
+
+        print("openai SDK check ok: chat, stream with usage, models, 401")
+        return 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=35)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
