@@ -3,13 +3,14 @@
 
 mod support;
 
-mod config_errors;
-mod cli;
-mod proxy;
-mod streaming;
-mod upstream_errors;
-mod tls_upstream;
-mod shutdown;
-mod mock_llm;
 mod auth;
+mod cli;
+mod config_errors;
+mod listener;
+mod mock_llm;
+mod proxy;
+mod shutdown;
+mod streaming;
 mod telemetry;
+mod tls_upstream;
+mod upstream_errors;

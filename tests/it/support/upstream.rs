@@ -72,7 +72,8 @@ impl UpstreamReply {
             .header("cache-control", "no-cache");
         for (i, e) in events.iter().enumerate() {
             let pause = if i == 0 { Duration::ZERO } else { gap };
-            r.chunks.push((pause, Bytes::from(format!("data: {e}\n\n"))));
+            r.chunks
+                .push((pause, Bytes::from(format!("data: {e}\n\n"))));
         }
         r
     }
@@ -125,9 +126,10 @@ impl MockUpstream {
     ) -> Self {
         use rustls_pki_types::pem::PemObject;
         use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .expect("test cert");
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .expect("test cert");
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("test key");
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),
@@ -143,7 +145,9 @@ impl MockUpstream {
     }
 
     async fn spawn(handler: Arc<Handler>, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
         let addr = listener.local_addr().expect("local addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let is_tls = tls.is_some();
@@ -165,7 +169,9 @@ impl MockUpstream {
                     let builder = auto::Builder::new(TokioExecutor::new());
                     match tls {
                         None => {
-                            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
                         }
                         Some(acceptor) => {
                             if let Ok(s) = acceptor.accept(stream).await {
@@ -203,9 +209,17 @@ impl Drop for MockUpstream {
 
 type ReplyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
 
-async fn answer(req: Request<Incoming>, handler: &Handler, seen: &Mutex<Vec<Seen>>) -> Response<ReplyBody> {
+async fn answer(
+    req: Request<Incoming>,
+    handler: &Handler,
+    seen: &Mutex<Vec<Seen>>,
+) -> Response<ReplyBody> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     let request = Seen {
         method: parts.method,
         uri: parts.uri,
@@ -218,26 +232,17 @@ async fn answer(req: Request<Incoming>, handler: &Handler, seen: &Mutex<Vec<Seen
     if !reply.head_delay.is_zero() {
         tokio::time::sleep(reply.head_delay).await;
     }
-    let cut = reply.cut;
-    let frames = stream::unfold(
-        (reply.chunks.into_iter(), cut),
-        |(mut it, cut)| async move {
-            match it.next() {
-                Some((pause, data)) => {
-                    if !pause.is_zero() {
-                        tokio::time::sleep(pause).await;
-                    }
-                    Some((Ok(Frame::data(data)), (it, cut)))
-                }
-                None if cut => Some((
-                    Err(std::io::Error::other("cut by the test upstream")),
-                    (it, false),
-                )),
-                None => None,
-            }
-        },
-    );
-    let mut resp = Response::new(StreamBody::new(frames).boxed_unsync());
+    let one_piece = !reply.cut && reply.chunks.iter().all(|(pause, _)| pause.is_zero());
+    let body = if one_piece {
+        // Known length: sent with content-length, as most real upstreams do.
+        let all: Vec<u8> = reply.chunks.iter().flat_map(|(_, b)| b.to_vec()).collect();
+        http_body_util::Full::new(Bytes::from(all))
+            .map_err(|never| match never {})
+            .boxed_unsync()
+    } else {
+        streamed(reply.chunks, reply.cut)
+    };
+    let mut resp = Response::new(body);
     *resp.status_mut() = StatusCode::from_u16(reply.status).expect("valid status");
     for (k, v) in &reply.headers {
         resp.headers_mut().append(
@@ -246,6 +251,26 @@ async fn answer(req: Request<Incoming>, handler: &Handler, seen: &Mutex<Vec<Seen
         );
     }
     resp
+}
+
+/// A body sent chunk by chunk with pauses, optionally cut at the end.
+fn streamed(chunks: Vec<(Duration, Bytes)>, cut: bool) -> ReplyBody {
+    let frames = stream::unfold((chunks.into_iter(), cut), |(mut it, cut)| async move {
+        match it.next() {
+            Some((pause, data)) => {
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+                Some((Ok(Frame::data(data)), (it, cut)))
+            }
+            None if cut => Some((
+                Err(std::io::Error::other("cut by the test upstream")),
+                (it, false),
+            )),
+            None => None,
+        }
+    });
+    StreamBody::new(frames).boxed_unsync()
 }
 
 /// A CA and a server certificate for `localhost` and 127.0.0.1 it signed.

@@ -1,0 +1,114 @@
+//! Listener limits: slow clients are cut off by `header_read_timeout`, and
+//! connections past `max_connections` wait until one frees up.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::support::{MockUpstream, TestGateway, UpstreamReply};
+
+fn config(url: &str, limits: &str) -> String {
+    format!(
+        r#"
+limits: {limits}
+upstreams: {{ app: {{ url: "{url}" }} }}
+routes:
+  - name: app
+    match: {{ path_prefix: / }}
+    auth: none
+    upstream: app
+"#
+    )
+}
+
+/// Sends one keep-alive GET on `stream` and reads the reply head + "ok".
+fn get_on(stream: &mut TcpStream) -> String {
+    stream
+        .write_all(b"GET /x HTTP/1.1\r\nhost: t\r\n\r\n")
+        .expect("write");
+    let mut buf = [0u8; 4096];
+    let mut got = Vec::new();
+    while !got.ends_with(b"ok") {
+        let n = stream.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn slow_header_sender_is_cut_off() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&config(&up.url(), "{ header_read_timeout: 300ms }")).await;
+    let addr = gw.addr;
+    let (elapsed, n) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /x HTTP/1.1\r\nhost: slow\r\n").unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 1024];
+        // The server must give up on us: EOF (or a reset), not our timeout.
+        let n = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break 0,
+                Ok(n) if buf[..n].starts_with(b"HTTP/1.1 408") => break n,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break 0,
+                Err(e) => panic!("the gateway kept the slow connection open: {e}"),
+            }
+        };
+        (started.elapsed(), n)
+    })
+    .await
+    .unwrap();
+    assert!(
+        elapsed >= Duration::from_millis(250),
+        "cut too early: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(4),
+        "cut too late: {elapsed:?} ({n} bytes)"
+    );
+    assert!(up.seen().is_empty());
+}
+
+#[tokio::test]
+async fn connections_past_the_limit_wait_for_a_free_slot() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&config(&up.url(), "{ max_connections: 2 }")).await;
+    let addr = gw.addr;
+    tokio::task::spawn_blocking(move || {
+        let mut first = TcpStream::connect(addr).unwrap();
+        let mut second = TcpStream::connect(addr).unwrap();
+        assert!(get_on(&mut first).starts_with("HTTP/1.1 200"));
+        assert!(get_on(&mut second).starts_with("HTTP/1.1 200"));
+
+        let mut third = TcpStream::connect(addr).unwrap();
+        third
+            .write_all(b"GET /x HTTP/1.1\r\nhost: t\r\n\r\n")
+            .unwrap();
+        third
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let early = third.read(&mut buf);
+        assert!(
+            matches!(&early, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut),
+            "a third connection was served past max_connections: {early:?} {:?}", String::from_utf8_lossy(&buf)
+        );
+        // Free a slot: the waiting connection is accepted and answered.
+        drop(first);
+        third.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(b"ok") {
+            let n = third.read(&mut buf).expect("served once a slot is free");
+            assert!(n > 0, "closed instead of served");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+    })
+    .await
+    .unwrap();
+}
