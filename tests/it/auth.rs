@@ -40,7 +40,11 @@ async fn gateway() -> TestGateway {
     TestGateway::start_with_env(CONFIG, &[("RAW_KEY", RAW)]).await
 }
 
-async fn models(gw: &TestGateway, path: &str, headers: &[(&str, &str)]) -> crate::support::ClientReply {
+async fn models(
+    gw: &TestGateway,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> crate::support::ClientReply {
     Client::new()
         .send(Method::GET, &gw.url(path), headers, Bytes::new())
         .await
@@ -60,10 +64,20 @@ async fn missing_key_is_401_with_www_authenticate() {
 #[tokio::test]
 async fn wrong_key_is_401_and_not_echoed() {
     let gw = gateway().await;
-    let reply = models(&gw, "/v1/models", &[("authorization", "Bearer sk-wrong-guess-123")]).await;
+    let reply = models(
+        &gw,
+        "/v1/models",
+        &[("authorization", "Bearer sk-wrong-guess-123")],
+    )
+    .await;
     assert_eq!(reply.status, 401);
     assert!(!reply.text().contains("sk-wrong-guess-123"));
-    let basic = models(&gw, "/v1/models", &[("authorization", "Basic dXNlcjpwYXNz")]).await;
+    let basic = models(
+        &gw,
+        "/v1/models",
+        &[("authorization", "Basic dXNlcjpwYXNz")],
+    )
+    .await;
     assert_eq!(basic.status, 401);
 }
 
@@ -71,8 +85,18 @@ async fn wrong_key_is_401_and_not_echoed() {
 async fn bearer_and_x_api_key_both_work() {
     let gw = gateway().await;
     let bearer = format!("Bearer {RAW}");
-    assert_eq!(models(&gw, "/v1/models", &[("authorization", &bearer)]).await.status, 200);
-    assert_eq!(models(&gw, "/v1/models", &[("x-api-key", RAW)]).await.status, 200);
+    assert_eq!(
+        models(&gw, "/v1/models", &[("authorization", &bearer)])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        models(&gw, "/v1/models", &[("x-api-key", RAW)])
+            .await
+            .status,
+        200
+    );
     let logs = gw.wait_access_logs(2).await;
     assert_eq!(logs[0]["identity"], "raw-key");
     assert_eq!(logs[0]["tier"], "pro");
@@ -81,7 +105,12 @@ async fn bearer_and_x_api_key_both_work() {
 #[tokio::test]
 async fn hashed_key_matches_its_plaintext() {
     let gw = gateway().await;
-    assert_eq!(models(&gw, "/v1/models", &[("x-api-key", "test")]).await.status, 200);
+    assert_eq!(
+        models(&gw, "/v1/models", &[("x-api-key", "test")])
+            .await
+            .status,
+        200
+    );
     let logs = gw.wait_access_logs(1).await;
     assert_eq!(logs[0]["identity"], "hashed-key");
     // No tier on the key: the default tier (`free` exists) applies.
@@ -91,9 +120,23 @@ async fn hashed_key_matches_its_plaintext() {
 #[tokio::test]
 async fn optional_and_none_routes() {
     let gw = gateway().await;
-    assert_eq!(models(&gw, "/maybe/v1/models", &[]).await.status, 404, "the mock only knows /v1/");
-    assert_eq!(models(&gw, "/maybe/x", &[("x-api-key", "nope")]).await.status, 401);
-    assert_eq!(models(&gw, "/public/x", &[("x-api-key", "nope")]).await.status, 404);
+    assert_eq!(
+        models(&gw, "/maybe/v1/models", &[]).await.status,
+        404,
+        "the mock only knows /v1/"
+    );
+    assert_eq!(
+        models(&gw, "/maybe/x", &[("x-api-key", "nope")])
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        models(&gw, "/public/x", &[("x-api-key", "nope")])
+            .await
+            .status,
+        404
+    );
     let logs = gw.wait_access_logs(3).await;
     assert_eq!(logs[0]["identity"], "127.0.0.1");
     assert_eq!(logs[0]["tier"], "anonymous");

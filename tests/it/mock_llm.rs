@@ -27,7 +27,9 @@ const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"system","conte
 #[tokio::test]
 async fn chat_completion_json_shape_and_usage() {
     let gw = TestGateway::start(&config("{}")).await;
-    let reply = Client::new().post_json(&gw.url("/v1/chat/completions"), &[], CHAT).await;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], CHAT)
+        .await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("content-type"), Some("application/json"));
     let body = reply.json();
@@ -39,11 +41,20 @@ async fn chat_completion_json_shape_and_usage() {
     assert_eq!(choice["message"]["role"], "assistant");
     assert_eq!(choice["finish_reason"], "stop");
     let content = choice["message"]["content"].as_str().unwrap();
-    assert_eq!(content, "Hello from the sluice mock. You said: Say hello to the team");
+    assert_eq!(
+        content,
+        "Hello from the sluice mock. You said: Say hello to the team"
+    );
     // Usage: 3 per message + one per word; completion = words of the answer.
     assert_eq!(body["usage"]["prompt_tokens"], 3 + 2 + 3 + 5);
-    assert_eq!(body["usage"]["completion_tokens"], content.split_whitespace().count());
-    assert_eq!(body["usage"]["total_tokens"], 13 + content.split_whitespace().count());
+    assert_eq!(
+        body["usage"]["completion_tokens"],
+        content.split_whitespace().count()
+    );
+    assert_eq!(
+        body["usage"]["total_tokens"],
+        13 + content.split_whitespace().count()
+    );
 }
 
 #[tokio::test]
@@ -65,15 +76,24 @@ async fn max_tokens_truncates_with_length() {
 fn sse_events(text: &str) -> Vec<String> {
     text.split("\n\n")
         .filter(|e| !e.is_empty())
-        .map(|e| e.strip_prefix("data: ").unwrap_or_else(|| panic!("not an SSE data event: {e:?}")).to_owned())
+        .map(|e| {
+            e.strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not an SSE data event: {e:?}"))
+                .to_owned()
+        })
         .collect()
 }
 
 #[tokio::test]
 async fn streamed_chat_matches_openai_chunks() {
     let gw = TestGateway::start(&config("{ stream_chunks: 3, chunk_interval: 30ms }")).await;
-    let body = CHAT.replace("{\"model\"", "{\"stream\":true,\"stream_options\":{\"include_usage\":true},\"model\"");
-    let reply = Client::new().post_json(&gw.url("/v1/chat/completions"), &[], &body).await;
+    let body = CHAT.replace(
+        "{\"model\"",
+        "{\"stream\":true,\"stream_options\":{\"include_usage\":true},\"model\"",
+    );
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], &body)
+        .await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("content-type"), Some("text/event-stream"));
     let events = sse_events(&reply.text());
@@ -84,14 +104,21 @@ async fn streamed_chat_matches_openai_chunks() {
         .collect();
     // role chunk, 3 content chunks, finish chunk, usage chunk.
     assert_eq!(chunks.len(), 6, "{events:?}");
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
     assert!(chunks.iter().all(|c| c["id"] == chunks[0]["id"]));
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let text: String = chunks[1..4]
         .iter()
         .map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap())
         .collect();
-    assert_eq!(text, "Hello from the sluice mock. You said: Say hello to the team");
+    assert_eq!(
+        text,
+        "Hello from the sluice mock. You said: Say hello to the team"
+    );
     assert_eq!(chunks[4]["choices"][0]["finish_reason"], "stop");
     assert_eq!(chunks[5]["choices"], serde_json::json!([]));
     assert_eq!(chunks[5]["usage"]["prompt_tokens"], 13);
@@ -120,14 +147,22 @@ async fn models_list() {
     let gw = TestGateway::start(&config("{}")).await;
     let body = Client::new().get(&gw.url("/v1/models")).await.json();
     assert_eq!(body["object"], "list");
-    assert!(body["data"].as_array().unwrap().iter().any(|m| m["id"] == "gpt-4o-mini"));
+    assert!(
+        body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == "gpt-4o-mini")
+    );
 }
 
 #[tokio::test]
 async fn failure_knobs_inject_the_configured_status() {
     let gw = TestGateway::start(&config("{ failure_rate: 1.0, status: 503, latency: 50ms }")).await;
     let started = std::time::Instant::now();
-    let reply = Client::new().post_json(&gw.url("/v1/chat/completions"), &[], CHAT).await;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], CHAT)
+        .await;
     assert_eq!(reply.status, 503);
     assert!(started.elapsed() >= Duration::from_millis(50));
     assert_eq!(reply.json()["error"]["code"], "mock_failure");
@@ -136,7 +171,9 @@ async fn failure_knobs_inject_the_configured_status() {
 #[tokio::test]
 async fn bad_json_is_a_400_from_the_mock() {
     let gw = TestGateway::start(&config("{}")).await;
-    let reply = Client::new().post_json(&gw.url("/v1/chat/completions"), &[], "{not json").await;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], "{not json")
+        .await;
     assert_eq!(reply.status, 400);
     assert_eq!(reply.json()["error"]["type"], "invalid_request_error");
 }

@@ -31,7 +31,10 @@ routes:
     )
 }
 
-const ENV: [(&str, &str); 2] = [("UPSTREAM_KEY", "sk-upstream-secret"), ("TEAM_A_KEY", "key-a")];
+const ENV: [(&str, &str); 2] = [
+    ("UPSTREAM_KEY", "sk-upstream-secret"),
+    ("TEAM_A_KEY", "key-a"),
+];
 
 #[tokio::test]
 async fn get_passes_path_and_query_through() {
@@ -51,26 +54,41 @@ async fn get_passes_path_and_query_through() {
     let seen = up.seen();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].method, Method::GET);
-    assert_eq!(seen[0].uri.path_and_query().unwrap().as_str(), "/v1/models?limit=5&q=a%20b");
+    assert_eq!(
+        seen[0].uri.path_and_query().unwrap().as_str(),
+        "/v1/models?limit=5&q=a%20b"
+    );
 }
 
 #[tokio::test]
 async fn large_post_bodies_arrive_intact_both_ways() {
-    let big_response: Bytes = (0..3_000_000u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
+    let big_response: Bytes = (0..3_000_000u32)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into();
     let up = MockUpstream::always(UpstreamReply::text(big_response.clone())).await;
     let gw = TestGateway::start_with_env(&config(&up.url()), &ENV).await;
-    let body: Bytes = (0..900_000u32).map(|i| (i % 241) as u8).collect::<Vec<u8>>().into();
+    let body: Bytes = (0..900_000u32)
+        .map(|i| (i % 241) as u8)
+        .collect::<Vec<u8>>()
+        .into();
     let reply = Client::new()
         .send(
             Method::POST,
             &gw.url("/v1/files?purpose=batch"),
-            &[("authorization", "Bearer key-a"), ("content-type", "application/octet-stream")],
+            &[
+                ("authorization", "Bearer key-a"),
+                ("content-type", "application/octet-stream"),
+            ],
             body.clone(),
         )
         .await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.body.len(), big_response.len());
-    assert!(reply.body == big_response, "response body changed in transit");
+    assert!(
+        reply.body == big_response,
+        "response body changed in transit"
+    );
     let seen = up.seen();
     assert_eq!(seen[0].body.len(), body.len());
     assert!(seen[0].body == body, "request body changed in transit");
@@ -126,7 +144,11 @@ async fn hop_by_hop_credentials_and_sluice_headers_never_cross() {
     assert_eq!(seen.header("x-client-hop"), None);
     assert_eq!(seen.header("te"), None);
     assert_eq!(seen.header("x-sluice-identity"), None);
-    assert_eq!(seen.header("x-api-key"), None, "gateway credential forwarded");
+    assert_eq!(
+        seen.header("x-api-key"),
+        None,
+        "gateway credential forwarded"
+    );
     assert_eq!(
         seen.header("authorization"),
         Some("Bearer sk-upstream-secret"),
@@ -135,7 +157,10 @@ async fn hop_by_hop_credentials_and_sluice_headers_never_cross() {
     assert_eq!(seen.header("x-custom"), Some("kept"));
     assert_eq!(seen.header("x-forwarded-for"), Some("10.0.0.9, 127.0.0.1"));
     assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
-    assert_eq!(seen.header("x-forwarded-host"), Some(gw.addr.to_string().as_str()));
+    assert_eq!(
+        seen.header("x-forwarded-host"),
+        Some(gw.addr.to_string().as_str())
+    );
     assert_eq!(seen.header("host"), Some(up.addr.to_string().as_str()));
 }
 
@@ -145,11 +170,19 @@ async fn request_id_is_kept_or_made_and_reaches_both_sides() {
     let gw = TestGateway::start_with_env(&config(&up.url()), &ENV).await;
     let client = Client::new();
     let given = client
-        .send(Method::GET, &gw.url("/public"), &[("x-request-id", "req-42")], Bytes::new())
+        .send(
+            Method::GET,
+            &gw.url("/public"),
+            &[("x-request-id", "req-42")],
+            Bytes::new(),
+        )
         .await;
     assert_eq!(given.header("x-request-id"), Some("req-42"));
     let made = client.get(&gw.url("/public")).await;
-    let id = made.header("x-request-id").expect("a request id").to_owned();
+    let id = made
+        .header("x-request-id")
+        .expect("a request id")
+        .to_owned();
     assert_eq!(id.len(), 32);
     assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
     let seen = up.seen();
@@ -170,7 +203,12 @@ async fn unknown_path_is_404_in_openai_shape() {
     let body = reply.json();
     assert_eq!(body["error"]["code"], "route_not_found");
     assert_eq!(body["error"]["type"], "invalid_request_error");
-    assert!(body["error"]["message"].as_str().unwrap().contains("no route"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no route")
+    );
     assert!(up.seen().is_empty());
 }
 
@@ -179,7 +217,12 @@ async fn wrong_method_is_405_with_allow() {
     let up = MockUpstream::always(UpstreamReply::text("ok")).await;
     let gw = TestGateway::start_with_env(&config(&up.url()), &ENV).await;
     let reply = Client::new()
-        .send(Method::DELETE, &gw.url("/v1/models"), &[("x-api-key", "key-a")], Bytes::new())
+        .send(
+            Method::DELETE,
+            &gw.url("/v1/models"),
+            &[("x-api-key", "key-a")],
+            Bytes::new(),
+        )
         .await;
     assert_eq!(reply.status, 405);
     assert_eq!(reply.header("allow"), Some("GET, POST"));
@@ -193,13 +236,26 @@ async fn declared_oversize_body_is_413_before_forwarding() {
     let gw = TestGateway::start_with_env(&config(&up.url()), &ENV).await;
     let body = Bytes::from(vec![b'x'; (1 << 20) + 1]);
     let reply = Client::new()
-        .send(Method::POST, &gw.url("/v1/files"), &[("x-api-key", "key-a")], body)
+        .send(
+            Method::POST,
+            &gw.url("/v1/files"),
+            &[("x-api-key", "key-a")],
+            body,
+        )
         .await;
     assert_eq!(reply.status, 413);
     let err = reply.json();
     assert_eq!(err["error"]["code"], "request_too_large");
-    assert!(err["error"]["message"].as_str().unwrap().contains("1048576"));
-    assert!(up.seen().is_empty(), "an oversize body must not reach the upstream");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("1048576")
+    );
+    assert!(
+        up.seen().is_empty(),
+        "an oversize body must not reach the upstream"
+    );
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::support::{client, eventually, Client, MockUpstream, TestGateway, UpstreamReply};
+use crate::support::{Client, MockUpstream, TestGateway, UpstreamReply, client, eventually};
 
 #[tokio::test]
 async fn drain_lets_an_in_flight_stream_finish() {
@@ -27,8 +27,9 @@ routes:
 
     // Start a stream and wait for its head before shutting down.
     let url = gw.url("/v1/chat/completions");
-    let hyper_client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let hyper_client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<http_body_util::Full<bytes::Bytes>>();
     let resp = hyper_client
         .request(http::Request::post(&url).body(Default::default()).unwrap())
         .await
@@ -49,12 +50,26 @@ routes:
     assert!(saw_503, "/readyz must answer 503 while draining");
     // The listener is closed: new connections are refused.
     let proxy = gw.addr;
-    let refused = eventually(Duration::from_secs(2), || std::net::TcpStream::connect(proxy).is_err()).await;
-    assert!(refused, "the proxy port still accepts connections while draining");
+    let refused = eventually(Duration::from_secs(2), || {
+        std::net::TcpStream::connect(proxy).is_err()
+    })
+    .await;
+    assert!(
+        refused,
+        "the proxy port still accepts connections while draining"
+    );
 
     let reply = stream.await.expect("stream task");
-    assert!(reply.body_error.is_none(), "the stream was cut: {:?}", reply.body_error);
-    assert!(reply.text().ends_with("data: [DONE]\n\n"), "{}", reply.text());
+    assert!(
+        reply.body_error.is_none(),
+        "the stream was cut: {:?}",
+        reply.body_error
+    );
+    assert!(
+        reply.text().ends_with("data: [DONE]\n\n"),
+        "{}",
+        reply.text()
+    );
     tokio::time::timeout(Duration::from_secs(5), gw.stopped())
         .await
         .expect("the gateway stops once drained");

@@ -37,7 +37,12 @@ async fn sse_arrives_chunk_by_chunk_not_buffered() {
     assert_eq!(reply.text(), expected);
     // Each event was its own frame, and frames arrived spread over time as
     // the upstream produced them: a buffering proxy delivers them together.
-    assert_eq!(reply.frames.len(), events.len(), "frames: {:?}", reply.frames);
+    assert_eq!(
+        reply.frames.len(),
+        events.len(),
+        "frames: {:?}",
+        reply.frames
+    );
     for pair in reply.frames.windows(2) {
         let spacing = pair[1].0 - pair[0].0;
         assert!(
@@ -56,7 +61,10 @@ async fn stream_that_exceeds_request_timeout_is_cut() {
         .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
         .await;
     assert_eq!(reply.status, 200);
-    assert!(reply.body_error.is_some(), "the stream should have been cut");
+    assert!(
+        reply.body_error.is_some(),
+        "the stream should have been cut"
+    );
     assert!(reply.frames.len() < events.len());
     let logs = gw.wait_access_logs(1).await;
     assert_eq!(logs[0]["error"], "request_timeout");
@@ -65,14 +73,19 @@ async fn stream_that_exceeds_request_timeout_is_cut() {
 #[tokio::test]
 async fn upstream_silent_longer_than_idle_is_cut() {
     let mut reply = UpstreamReply::sse(&["1"], Duration::ZERO);
-    reply.chunks.push((Duration::from_secs(3), "data: 2\n\n".into()));
+    reply
+        .chunks
+        .push((Duration::from_secs(3), "data: 2\n\n".into()));
     let up = MockUpstream::always(reply).await;
     let gw = TestGateway::start(&config(&up.url(), "")).await;
     let started = std::time::Instant::now();
     let got = Client::new()
         .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
         .await;
-    assert!(got.body_error.is_some(), "the idle stream should have been cut");
+    assert!(
+        got.body_error.is_some(),
+        "the idle stream should have been cut"
+    );
     assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(got.text(), "data: 1\n\n");
     let logs = gw.wait_access_logs(1).await;

@@ -28,33 +28,81 @@ async fn request_metrics_count_what_happened() {
     }
     gw.wait_access_logs(3).await;
     let m = gw.metrics().await;
-    let get = |name: &str, labels: &[(&str, &str)]| crate::support::gateway::sample(&m, name, labels);
-    assert_eq!(get("sluice_requests_total", &[("route", "app"), ("method", "GET"), ("status", "200")]), Some(3.0));
-    assert_eq!(get("sluice_request_duration_seconds_count", &[("route", "app")]), Some(3.0));
-    assert_eq!(get("sluice_overhead_seconds_count", &[("route", "app")]), Some(3.0));
+    let get =
+        |name: &str, labels: &[(&str, &str)]| crate::support::gateway::sample(&m, name, labels);
+    assert_eq!(
+        get(
+            "sluice_requests_total",
+            &[("route", "app"), ("method", "GET"), ("status", "200")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        get("sluice_request_duration_seconds_count", &[("route", "app")]),
+        Some(3.0)
+    );
+    assert_eq!(
+        get("sluice_overhead_seconds_count", &[("route", "app")]),
+        Some(3.0)
+    );
     // Overhead excludes the upstream's 20 ms: it stays far below it.
     let overhead = get("sluice_overhead_seconds_sum", &[("route", "app")]).unwrap();
     let total = get("sluice_request_duration_seconds_sum", &[("route", "app")]).unwrap();
     assert!(total >= 0.06, "total {total}");
-    assert!(overhead < total / 2.0, "overhead {overhead} vs total {total}");
-    assert_eq!(get("sluice_upstream_requests_total", &[("upstream", "app"), ("outcome", "ok")]), Some(3.0));
-    assert_eq!(get("sluice_upstream_duration_seconds_count", &[("upstream", "app")]), Some(3.0));
-    assert_eq!(get("sluice_upstream_first_byte_seconds_count", &[("upstream", "app")]), Some(3.0));
-    assert_eq!(get("sluice_in_flight_requests", &[("route", "app")]), Some(0.0));
-    assert_eq!(get("sluice_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0));
+    assert!(
+        overhead < total / 2.0,
+        "overhead {overhead} vs total {total}"
+    );
+    assert_eq!(
+        get(
+            "sluice_upstream_requests_total",
+            &[("upstream", "app"), ("outcome", "ok")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        get(
+            "sluice_upstream_duration_seconds_count",
+            &[("upstream", "app")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        get(
+            "sluice_upstream_first_byte_seconds_count",
+            &[("upstream", "app")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        get("sluice_in_flight_requests", &[("route", "app")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        get(
+            "sluice_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0)
+    );
     assert!(m.contains("sluice_request_duration_seconds_bucket{route=\"app\",le=\"0.001\"}"));
     assert!(m.contains("sluice_request_duration_seconds_bucket{route=\"app\",le=\"120\"}"));
 }
 
 #[tokio::test]
 async fn in_flight_counts_open_streams() {
-    let up = MockUpstream::always(UpstreamReply::sse(&["1", "2"], Duration::from_millis(600))).await;
+    let up =
+        MockUpstream::always(UpstreamReply::sse(&["1", "2"], Duration::from_millis(600))).await;
     let gw = TestGateway::start(&config(&up.url())).await;
     let url = gw.url("/stream");
     let task = tokio::spawn(async move { Client::new().get(&url).await });
     let mut seen_one = false;
     for _ in 0..100 {
-        if gw.metric("sluice_in_flight_requests", &[("route", "app")]).await == Some(1.0) {
+        if gw
+            .metric("sluice_in_flight_requests", &[("route", "app")])
+            .await
+            == Some(1.0)
+        {
             seen_one = true;
             break;
         }
@@ -63,7 +111,11 @@ async fn in_flight_counts_open_streams() {
     assert!(seen_one, "an open stream must count as in flight");
     task.await.unwrap();
     gw.wait_access_logs(1).await;
-    assert_eq!(gw.metric("sluice_in_flight_requests", &[("route", "app")]).await, Some(0.0));
+    assert_eq!(
+        gw.metric("sluice_in_flight_requests", &[("route", "app")])
+            .await,
+        Some(0.0)
+    );
 }
 
 #[tokio::test]
@@ -71,15 +123,38 @@ async fn access_log_has_every_spec_field() {
     let up = MockUpstream::always(UpstreamReply::text("ok")).await;
     let gw = TestGateway::start(&config(&up.url())).await;
     Client::new()
-        .send(http::Method::GET, &gw.url("/v1/x?q=1"), &[("x-request-id", "rid-7")], bytes::Bytes::new())
+        .send(
+            http::Method::GET,
+            &gw.url("/v1/x?q=1"),
+            &[("x-request-id", "rid-7")],
+            bytes::Bytes::new(),
+        )
         .await;
     let logs = gw.wait_access_logs(1).await;
     let line = &logs[0];
     for field in [
-        "timestamp", "request_id", "route", "method", "path", "status", "latency_ms", "identity", "tier",
-        "upstream", "attempts", "cache", "model", "input_tokens", "output_tokens", "cost_usd", "error",
+        "timestamp",
+        "request_id",
+        "route",
+        "method",
+        "path",
+        "status",
+        "latency_ms",
+        "identity",
+        "tier",
+        "upstream",
+        "attempts",
+        "cache",
+        "model",
+        "input_tokens",
+        "output_tokens",
+        "cost_usd",
+        "error",
     ] {
-        assert!(line.get(field).is_some(), "access log lacks `{field}`: {line}");
+        assert!(
+            line.get(field).is_some(),
+            "access log lacks `{field}`: {line}"
+        );
     }
     assert_eq!(line["request_id"], "rid-7");
     assert_eq!(line["route"], "app");
@@ -92,7 +167,10 @@ async fn access_log_has_every_spec_field() {
     assert!(line["cache"].is_null() && line["model"].is_null() && line["error"].is_null());
     // RFC 3339 timestamp.
     let ts = line["timestamp"].as_str().unwrap();
-    assert!(ts.len() >= 20 && ts.as_bytes()[10] == b'T' && ts.ends_with('Z'), "{ts}");
+    assert!(
+        ts.len() >= 20 && ts.as_bytes()[10] == b'T' && ts.ends_with('Z'),
+        "{ts}"
+    );
 }
 
 #[tokio::test]
@@ -104,6 +182,11 @@ async fn admin_health_and_readiness() {
     assert_eq!(c.get(&gw.admin_url("/readyz")).await.status, 200);
     let metrics = c.get(&gw.admin_url("/metrics")).await;
     assert_eq!(metrics.status, 200);
-    assert!(metrics.header("content-type").unwrap().starts_with("text/plain; version=0.0.4"));
+    assert!(
+        metrics
+            .header("content-type")
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
     assert_eq!(c.get(&gw.admin_url("/other")).await.status, 404);
 }

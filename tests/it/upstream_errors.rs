@@ -29,20 +29,30 @@ async fn connection_refused_is_502_naming_the_attempt() {
         .local_addr()
         .unwrap()
         .port();
-    let gw = TestGateway::start(&config(&format!("http://127.0.0.1:{port}"), "{ connect: 1s }")).await;
+    let gw = TestGateway::start(&config(
+        &format!("http://127.0.0.1:{port}"),
+        "{ connect: 1s }",
+    ))
+    .await;
     let reply = Client::new().get(&gw.url("/hello")).await;
     assert_eq!(reply.status, 502);
     let err = reply.json();
     assert_eq!(err["error"]["code"], "upstream_error");
-    assert_eq!(err["error"]["message"], "every upstream attempt failed: app: connect refused");
+    assert_eq!(
+        err["error"]["message"],
+        "every upstream attempt failed: app: connect refused"
+    );
     let logs = gw.wait_access_logs(1).await;
     assert_eq!(logs[0]["status"], 502);
     assert_eq!(logs[0]["upstream"], "app");
     assert_eq!(logs[0]["attempts"], 1);
     assert_eq!(logs[0]["error"], "upstream_error");
     assert_eq!(
-        gw.metric("sluice_upstream_requests_total", &[("upstream", "app"), ("outcome", "connect_error")])
-            .await,
+        gw.metric(
+            "sluice_upstream_requests_total",
+            &[("upstream", "app"), ("outcome", "connect_error")]
+        )
+        .await,
         Some(1.0)
     );
 }
@@ -57,16 +67,20 @@ async fn slow_upstream_is_504() {
     assert!(started.elapsed() < Duration::from_secs(4));
     assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
     assert_eq!(
-        gw.metric("sluice_upstream_requests_total", &[("upstream", "app"), ("outcome", "timeout")])
-            .await,
+        gw.metric(
+            "sluice_upstream_requests_total",
+            &[("upstream", "app"), ("outcome", "timeout")]
+        )
+        .await,
         Some(1.0)
     );
 }
 
 #[tokio::test]
 async fn upstream_error_statuses_pass_through_unchanged() {
-    let mut bad_request = UpstreamReply::json(&serde_json::json!({"error": {"message": "bad model"}}))
-        .header("x-up", "1");
+    let mut bad_request =
+        UpstreamReply::json(&serde_json::json!({"error": {"message": "bad model"}}))
+            .header("x-up", "1");
     bad_request.status = 400;
     let up = MockUpstream::always(bad_request).await;
     let gw = TestGateway::start(&config(&up.url(), "{ connect: 1s }")).await;

@@ -6,8 +6,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 pub struct Client {
@@ -89,7 +89,11 @@ impl Client {
     }
 
     pub async fn request(&self, req: Request<Full<Bytes>>) -> Reply {
-        let resp = self.inner.request(req).await.expect("request reaches the gateway");
+        let resp = self
+            .inner
+            .request(req)
+            .await
+            .expect("request reaches the gateway");
         read(resp).await
     }
 }

@@ -79,7 +79,10 @@ impl TestGateway {
         let raw = self.logs.lock().expect("log buffer").clone();
         String::from_utf8_lossy(&raw)
             .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {l}")))
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {l}"))
+            })
             .collect()
     }
 
@@ -103,7 +106,11 @@ impl TestGateway {
             self.access_logs().len() >= n
         })
         .await;
-        assert!(ok, "expected {n} access-log lines, got:\n{}", self.log_text());
+        assert!(
+            ok,
+            "expected {n} access-log lines, got:\n{}",
+            self.log_text()
+        );
         self.access_logs()
     }
 
@@ -155,9 +162,11 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
             None if rest.starts_with(' ') => ("", rest),
             None => return None,
         };
-        let all_match = labels
-            .iter()
-            .all(|(k, v)| label_part.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
+        let all_match = labels.iter().all(|(k, v)| {
+            label_part
+                .split(',')
+                .any(|pair| pair == format!("{k}=\"{v}\""))
+        });
         if all_match {
             value.trim().parse().ok()
         } else {
