@@ -113,7 +113,9 @@ impl Compiler<'_> {
 
     fn number<T: FromStr>(&mut self, t: &Text, what: &str) -> Option<T> {
         self.parsed(t, |s| {
+            // `500_000` reads as YAML wrote it.
             s.trim()
+                .replace('_', "")
                 .parse::<T>()
                 .map_err(|_| format!("`{s}` is not {what}"))
         })
@@ -140,7 +142,13 @@ impl Compiler<'_> {
 
     fn bool(&mut self, t: &Option<Text>, default: bool) -> bool {
         t.as_ref()
-            .and_then(|t| self.number(t, "true or false"))
+            .and_then(|t| {
+                self.parsed(t, |s| match s.trim().to_ascii_lowercase().as_str() {
+                    "true" | "yes" | "on" => Ok(true),
+                    "false" | "no" | "off" => Ok(false),
+                    _ => Err(format!("`{s}` is not true or false")),
+                })
+            })
             .unwrap_or(default)
     }
 
@@ -323,6 +331,15 @@ impl Compiler<'_> {
                     ) {
                         Ok(http) => upstream::UpstreamKind::Http(Box::new(http)),
                         Err(upstream::BuildError::Url(e)) => {
+                            // The message quotes the URL, and a `${VAR}` in it
+                            // may carry a credential (`?key=…`, `user:pass@`):
+                            // quote it as written, never as expanded.
+                            let written = &url.value.0;
+                            let e = if url_text.is_empty() || url_text == *written {
+                                e
+                            } else {
+                                e.replace(&url_text, written)
+                            };
                             self.error(&url.referenced, e);
                             continue;
                         }

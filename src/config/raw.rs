@@ -14,7 +14,9 @@ use serde::de::{self, Deserializer, Visitor};
 use serde_saphyr::Spanned;
 
 /// A scalar leaf: strings, numbers and booleans are all kept as text so that
-/// any of them may be written as `${VAR:-default}`.
+/// any of them may be written as `${VAR:-default}`. The text is exactly as
+/// written: YAML's own typing would turn `off` into `false` and `1.10` into
+/// `1.1`, changing header values and model names behind the user's back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scalar(pub String);
 
@@ -45,7 +47,7 @@ impl<'de> Deserialize<'de> for Scalar {
                 Ok(Scalar(v.to_string()))
             }
         }
-        deserializer.deserialize_any(ScalarVisitor)
+        deserializer.deserialize_str(ScalarVisitor)
     }
 }
 

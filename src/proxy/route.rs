@@ -57,10 +57,10 @@ pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str>
         None => headers.get(header::HOST)?.to_str().ok()?,
     };
     // `[::1]:8080` keeps its brackets; `example.com:8080` loses the port.
-    Some(match raw.rfind(':') {
-        Some(i) if !raw[i..].contains(']') && raw[..i].rfind(':').is_none() => &raw[..i],
-        _ => raw,
-    })
+    if raw.starts_with('[') {
+        return raw.find(']').map(|end| &raw[..=end]);
+    }
+    Some(raw.split_once(':').map_or(raw, |(host, _port)| host))
 }
 
 #[cfg(test)]

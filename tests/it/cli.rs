@@ -1,1 +1,523 @@
-//! placeholder
+//! The `sluice` binary as users run it: exit codes, what it prints, the
+//! `SLUICE_CONFIG` default, `hash-key`, `mock`, and a SIGTERM drain.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::TokioExecutor;
+
+use crate::support::{Client, client};
+
+const HASH_OF_TEST: &str =
+    "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+const GOOD: &str = "\
+listen: 127.0.0.1:0
+admin: { listen: 127.0.0.1:0 }
+upstreams:
+  demo:
+    mock: {}
+routes:
+  - name: chat
+    match: { path_prefix: /v1/ }
+    auth: none
+    upstream: demo
+";
+
+/// Two errors: a bad duration (line 2) and an unknown upstream (line 7).
+const TWO_ERRORS: &str = "\
+limits:
+  request_timeout: 30x
+upstreams:
+  demo:
+    mock: {}
+routes:
+  - { name: chat, match: { path_prefix: / }, upstream: ghost }
+";
+
+/// `sluice` with a clean environment: no `SLUICE_CONFIG` from the caller.
+fn sluice() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.env_remove("SLUICE_CONFIG");
+    cmd
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("ephemeral port")
+        .port()
+}
+
+/// A child process that is killed if the test ends before it does.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl Running {
+    /// The exit status, polling for at most `within`.
+    fn exit_within(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Runs a command that must exit by itself within 10s; its stdout is
+/// discarded (a `run` logs there), its stderr returned.
+fn exits(mut cmd: Command) -> (ExitStatus, String) {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sluice");
+    let mut running = Running(child);
+    let Some(status) = running.exit_within(Duration::from_secs(10)) else {
+        panic!("sluice did not exit within 10s");
+    };
+    let mut err = String::new();
+    if let Some(mut pipe) = running.0.stderr.take() {
+        std::io::Read::read_to_string(&mut pipe, &mut err).expect("read stderr");
+    }
+    (status, err)
+}
+
+/// Polls until something accepts TCP connections on `addr`.
+fn wait_listening(addr: SocketAddr, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if TcpStream::connect(addr).is_ok() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// GET `url`; `None` when there is no answer (nothing listening).
+async fn status_of(url: &str) -> Option<StatusCode> {
+    let c = HyperClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = http::Request::get(url).body(Full::default()).ok()?;
+    match tokio::time::timeout(Duration::from_secs(2), c.request(req)).await {
+        Ok(Ok(resp)) => Some(resp.status()),
+        _ => None,
+    }
+}
+
+#[test]
+fn check_accepts_a_valid_file_with_exit_0() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = write(dir.path(), "good.yaml", GOOD);
+    let out = sluice()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run sluice check");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&out), format!("{}: ok\n", path.display()));
+    assert_eq!(stderr(&out), "");
+}
+
+#[test]
+fn check_prints_every_error_with_its_position_and_exits_1() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = write(dir.path(), "bad.yaml", TWO_ERRORS);
+    let out = sluice()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run sluice check");
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
+    let p = path.display();
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "{p}:2:20: `30x` is not a duration like 250ms, 30s, 5m or 1h\n\
+             {p}:7:56: route `chat`: no upstream or pool named `ghost`\n"
+        )
+    );
+    assert_eq!(stdout(&out), "");
+}
+
+#[test]
+fn check_reads_sluice_config_when_config_flag_is_absent() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bad = write(dir.path(), "bad.yaml", TWO_ERRORS);
+    let good = write(dir.path(), "good.yaml", GOOD);
+    // An empty working directory: no ./proxy.yaml to fall back on.
+    let cwd = tempfile::tempdir().expect("temp dir");
+    let out = sluice()
+        .arg("check")
+        .env("SLUICE_CONFIG", &bad)
+        .current_dir(cwd.path())
+        .output()
+        .expect("run sluice check");
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 2, "{err}");
+    assert!(
+        err.starts_with(&format!("{}:2:20: ", bad.display())),
+        "the errors must name $SLUICE_CONFIG's file: {err}"
+    );
+
+    // `--config` wins over the variable.
+    let out = sluice()
+        .args(["check", "--config"])
+        .arg(&good)
+        .env("SLUICE_CONFIG", &bad)
+        .current_dir(cwd.path())
+        .output()
+        .expect("run sluice check");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&out), format!("{}: ok\n", good.display()));
+}
+
+#[test]
+fn check_defaults_to_proxy_yaml_in_the_working_directory() {
+    let cwd = tempfile::tempdir().expect("temp dir");
+    write(cwd.path(), "proxy.yaml", GOOD);
+    let out = sluice()
+        .arg("check")
+        .current_dir(cwd.path())
+        .output()
+        .expect("run sluice check");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&out), "proxy.yaml: ok\n");
+}
+
+#[test]
+fn run_with_an_invalid_config_exits_2_with_one_line_and_no_panic() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let one = write(
+        dir.path(),
+        "one.yaml",
+        &GOOD.replace("auth: none", "auth: never"),
+    );
+    let two = write(dir.path(), "two.yaml", TWO_ERRORS);
+    let missing = dir.path().join("missing.yaml");
+    let cases = [
+        (
+            &one,
+            format!(
+                "sluice: invalid config: {}:9:11: `never` is not one of: required, optional, none\n",
+                one.display()
+            ),
+        ),
+        (
+            &two,
+            format!(
+                "sluice: invalid config: {p}:2:20: `30x` is not a duration like 250ms, 30s, 5m or 1h \
+                 (and 1 more; see `sluice check --config {p}`)\n",
+                p = two.display()
+            ),
+        ),
+        (
+            &missing,
+            format!(
+                "sluice: invalid config: {}:0:0: cannot read config: No such file or directory (os error 2)\n",
+                missing.display()
+            ),
+        ),
+    ];
+    for (path, expected) in cases {
+        let mut cmd = sluice();
+        cmd.args(["run", "--config"])
+            .arg(path)
+            .env("RUST_BACKTRACE", "1");
+        let (status, err) = exits(cmd);
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(status.code(), Some(2), "{}: {err}", path.display());
+        assert_eq!(err, expected);
+    }
+}
+
+#[test]
+fn run_exits_2_naming_the_address_when_a_port_is_in_use() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy = taken.local_addr().expect("addr");
+    // The proxy port taken, then the admin port.
+    let configs = [
+        GOOD.replace("listen: 127.0.0.1:0\n", &format!("listen: {busy}\n")),
+        GOOD.replace("{ listen: 127.0.0.1:0 }", &format!("{{ listen: {busy} }}")),
+    ];
+    for (i, yaml) in configs.iter().enumerate() {
+        assert_ne!(yaml, GOOD, "the config must name the busy port");
+        let path = write(dir.path(), &format!("busy{i}.yaml"), yaml);
+        let mut cmd = sluice();
+        cmd.args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_BACKTRACE", "1");
+        let (status, err) = exits(cmd);
+        assert_eq!(status.code(), Some(2), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with(&format!("sluice: cannot listen on {busy}: ")),
+            "{err}"
+        );
+        assert!(err.contains("in use"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    drop(taken);
+}
+
+#[test]
+fn hash_key_prints_the_sha256_of_its_argument() {
+    let out = sluice()
+        .args(["hash-key", "test"])
+        .output()
+        .expect("run sluice hash-key");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&out), format!("{HASH_OF_TEST}\n"));
+}
+
+#[test]
+fn hash_key_reads_stdin_without_the_trailing_newline() {
+    for input in ["test\n", "test\r\n", "test"] {
+        let mut child = sluice()
+            .arg("hash-key")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sluice hash-key");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+        let out = child.wait_with_output().expect("wait");
+        assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+        assert_eq!(stdout(&out), format!("{HASH_OF_TEST}\n"), "input {input:?}");
+    }
+    // An empty key is refused rather than hashed.
+    let mut child = sluice()
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sluice hash-key");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"\n")
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(stdout(&out), "");
+    assert_eq!(stderr(&out), "sluice hash-key: the key is empty\n");
+}
+
+#[tokio::test]
+async fn mock_command_serves_openai_chat_completions() {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let child = sluice()
+        .args(["mock", "--listen", &addr.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sluice mock");
+    let mut mock = Running(child);
+    assert!(
+        wait_listening(addr, Duration::from_secs(5)),
+        "sluice mock is not listening on {addr}: {:?}",
+        mock.0.try_wait()
+    );
+    let reply = Client::new()
+        .post_json(
+            &format!("http://{addr}/v1/chat/completions"),
+            &[],
+            r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}"#,
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let body = reply.json();
+    assert_eq!(body["object"], "chat.completion", "{body}");
+    assert_eq!(body["model"], "gpt-4o-mini", "{body}");
+    let usage = &body["usage"];
+    let prompt = usage["prompt_tokens"].as_u64().expect("prompt_tokens");
+    let completion = usage["completion_tokens"]
+        .as_u64()
+        .expect("completion_tokens");
+    assert!(prompt > 0 && completion > 0, "{usage}");
+    assert_eq!(usage["total_tokens"].as_u64(), Some(prompt + completion));
+    let _ = mock.0.kill();
+    let _ = mock.0.wait();
+}
+
+#[tokio::test]
+async fn sigterm_drains_an_in_flight_stream_then_exits_0() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let yaml = format!(
+        "\
+listen: {proxy}
+admin: {{ listen: {admin} }}
+limits: {{ shutdown_grace: 10s }}
+upstreams:
+  slow:
+    mock: {{ stream_chunks: 5, chunk_interval: 300ms }}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    auth: none
+    upstream: slow
+"
+    );
+    let path = write(dir.path(), "proxy.yaml", &yaml);
+    let log_path = dir.path().join("stdout.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let err_path = dir.path().join("stderr.log");
+    let err = std::fs::File::create(&err_path).expect("stderr file");
+    let child = sluice()
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .spawn()
+        .expect("spawn sluice run");
+    let mut gw = Running(child);
+    let output = || {
+        format!(
+            "stdout:\n{}\nstderr:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default(),
+            std::fs::read_to_string(&err_path).unwrap_or_default()
+        )
+    };
+
+    let readyz = format!("http://{admin}/readyz");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status_of(&readyz).await != Some(StatusCode::OK) {
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never answered 200\n{}",
+            output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A streamed completion; wait for its first event.
+    let hyper_client = HyperClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = http::Request::post(format!("http://{proxy}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello to the whole team"}]}"#,
+        )))
+        .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(5), hyper_client.request(req))
+        .await
+        .expect("the stream's head within 5s")
+        .expect("the stream starts");
+    assert_eq!(resp.status(), 200);
+    let (parts, mut body) = resp.into_parts();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("the first event within 5s")
+        .expect("a first frame")
+        .expect("a good first frame")
+        .into_data()
+        .expect("a data frame");
+    assert!(first.starts_with(b"data: "), "{first:?}");
+    let rest = tokio::spawn(client::read(http::Response::from_parts(parts, body)));
+
+    let pid = libc::pid_t::try_from(gw.0.id()).expect("pid fits");
+    // SAFETY: signals our own child, whose pid it still holds (not reaped).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "kill failed");
+
+    // Draining: /readyz turns 503 while the stream is still going.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match status_of(&readyz).await {
+            Some(StatusCode::SERVICE_UNAVAILABLE) => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "/readyz answered {other:?} after SIGTERM, not 503\n{}",
+                output()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        !rest.is_finished(),
+        "the stream ended before /readyz turned 503"
+    );
+    assert!(
+        matches!(gw.0.try_wait(), Ok(None)),
+        "sluice exited while a stream was in flight\n{}",
+        output()
+    );
+
+    let reply = tokio::time::timeout(Duration::from_secs(10), rest)
+        .await
+        .expect("the stream ends within 10s")
+        .expect("stream task");
+    assert!(
+        reply.body_error.is_none(),
+        "the stream was cut: {:?}",
+        reply.body_error
+    );
+    let mut text = String::from_utf8_lossy(&first).into_owned();
+    text.push_str(&reply.text());
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    // The role event, 5 content events, the finish event and [DONE].
+    assert_eq!(text.matches("data: ").count(), 8, "{text}");
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Ok(Some(status)) = gw.0.try_wait() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sluice did not exit within 5s of the drain\n{}",
+            output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0), "{}", output());
+}

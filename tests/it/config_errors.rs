@@ -1,1 +1,534 @@
-//! placeholder
+//! Config errors as `sluice check` and `sluice run` print them: every problem
+//! as `file:line:col: message` (1-based), pointing at the value at fault,
+//! all of them at once, in file order, and never quoting a secret.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use sluice::config;
+
+/// A route and a mock upstream: the smallest valid config, appended to the
+/// fragments below (which therefore keep their own line numbers).
+const BASE: &str = "\
+upstreams:
+  app:
+    mock: {}
+routes:
+  - name: chat
+    match: { path_prefix: / }
+    upstream: app
+";
+
+fn load(yaml: &str, env: &[(&str, &str)]) -> Result<sluice::snapshot::Snapshot, Vec<String>> {
+    let env: HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    config::load_str(yaml, "test.yaml", Path::new("/nonexistent"), &|name| {
+        env.get(name).cloned()
+    })
+    .map_err(|e| e.0.iter().map(ToString::to_string).collect())
+}
+
+/// The rendered error lines of a config that must be refused.
+fn errors_with_env(yaml: &str, env: &[(&str, &str)]) -> Vec<String> {
+    match load(yaml, env) {
+        Ok(_) => panic!("this config was accepted but must be refused:\n{yaml}"),
+        Err(lines) => lines,
+    }
+}
+
+fn errors(yaml: &str) -> Vec<String> {
+    errors_with_env(yaml, &[])
+}
+
+#[test]
+fn unknown_key_is_rejected_at_its_position() {
+    let yaml = format!("limits:\n  request_timout: 30s\n{BASE}");
+    assert_eq!(
+        errors(&yaml),
+        [
+            "test.yaml:2:3: unknown field `request_timout`, expected one of max_request_body, \
+             header_read_timeout, request_timeout, max_connections, shutdown_grace"
+        ]
+    );
+    // In a flow mapping too, and at the top level.
+    let yaml = format!("limits: {{ request_timout: 30s }}\n{BASE}");
+    let lines = errors(&yaml);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("test.yaml:1:11: unknown field `request_timout`, expected one of "),
+        "{lines:?}"
+    );
+    let yaml = format!("{BASE}listn: 127.0.0.1:8080\n");
+    let lines = errors(&yaml);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("test.yaml:8:1: unknown field `listn`, expected one of listen, "),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn missing_variable_without_default_is_named() {
+    let yaml = "\
+upstreams:
+  app:
+    url: https://api.openai.com
+    set_headers:
+      authorization: \"Bearer ${OPENAI_API_KEY}\"
+routes:
+  - name: chat
+    match: { path_prefix: / }
+    upstream: app
+";
+    assert_eq!(
+        errors(yaml),
+        [
+            "test.yaml:5:22: environment variable `OPENAI_API_KEY` is not set \
+             (use `${OPENAI_API_KEY:-default}` for a default)"
+        ]
+    );
+    // Once it is set the same file loads.
+    assert!(load(yaml, &[("OPENAI_API_KEY", "sk-1")]).is_ok());
+}
+
+#[test]
+fn variable_default_is_used_when_unset_and_the_value_when_set() {
+    let yaml = format!("limits:\n  request_timeout: ${{TIMEOUT:-45s}}\n{BASE}");
+    let unset = load(&yaml, &[]).expect("the default makes it valid");
+    assert_eq!(unset.limits.request_timeout, Duration::from_secs(45));
+    let set = load(&yaml, &[("TIMEOUT", "7s")]).expect("valid");
+    assert_eq!(set.limits.request_timeout, Duration::from_secs(7));
+    // A default is checked like any value, at the place it is written.
+    let yaml = format!("limits:\n  request_timeout: ${{TIMEOUT:-45x}}\n{BASE}");
+    assert_eq!(
+        errors(&yaml),
+        ["test.yaml:2:20: `45x` is not a duration like 250ms, 30s, 5m or 1h"]
+    );
+}
+
+#[test]
+fn duration_with_an_unknown_unit_is_rejected() {
+    let yaml = format!("limits:\n  request_timeout: 30x\n{BASE}");
+    assert_eq!(
+        errors(&yaml),
+        ["test.yaml:2:20: `30x` is not a duration like 250ms, 30s, 5m or 1h"]
+    );
+}
+
+#[test]
+fn duration_without_a_unit_is_rejected() {
+    let yaml = format!("limits:\n  shutdown_grace: 30\n{BASE}");
+    assert_eq!(
+        errors(&yaml),
+        ["test.yaml:2:19: duration `30` needs a unit: ms, s, m or h"]
+    );
+}
+
+#[test]
+fn size_with_an_unknown_unit_is_rejected() {
+    let yaml = format!("limits:\n  max_request_body: 4mb\n{BASE}");
+    assert_eq!(
+        errors(&yaml),
+        ["test.yaml:2:21: `4mb` is not a size like 4096, 64KiB, 4MiB or 1GiB"]
+    );
+}
+
+#[test]
+fn route_to_an_unknown_upstream_points_at_the_upstream_value() {
+    let yaml = "\
+upstreams:
+  app:
+    mock: {}
+routes:
+  - name: chat
+    match: { path_prefix: / }
+    upstream: ap
+";
+    assert_eq!(
+        errors(yaml),
+        ["test.yaml:7:15: route `chat`: no upstream or pool named `ap`"]
+    );
+}
+
+#[test]
+fn pool_member_that_is_no_upstream_is_rejected() {
+    let yaml = "\
+upstreams:
+  app:
+    mock: {}
+pools:
+  llm:
+    members: [app, ghost]
+routes:
+  - name: chat
+    match: { path_prefix: / }
+    upstream: llm
+";
+    assert_eq!(
+        errors(yaml),
+        ["test.yaml:6:20: pool `llm`: no upstream named `ghost`"]
+    );
+}
+
+#[test]
+fn duplicate_route_name_is_rejected_at_the_second_use() {
+    let yaml = format!("{BASE}  - name: chat\n    match: {{ path: /health }}\n    upstream: app\n");
+    assert_eq!(
+        errors(&yaml),
+        ["test.yaml:8:11: route name `chat` is used twice"]
+    );
+}
+
+#[test]
+fn api_key_naming_an_unknown_tier_is_rejected() {
+    let yaml = format!(
+        "{BASE}tiers:\n  free: {{ requests_per_minute: 5 }}\nauth:\n  api_keys:\n    - id: team-a\n      key: k1\n      tier: gold\n"
+    );
+    assert_eq!(
+        errors(&yaml),
+        ["test.yaml:14:13: no tier named `gold` under `tiers`"]
+    );
+}
+
+#[test]
+fn api_key_with_both_key_and_hash_is_rejected() {
+    let yaml = format!(
+        "{BASE}auth:\n  api_keys:\n    - id: team-a\n      key: test\n      hash: sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\n"
+    );
+    assert_eq!(
+        errors(&yaml),
+        ["test.yaml:10:7: api key `team-a` has both `key` and `hash`"]
+    );
+}
+
+#[test]
+fn api_key_with_neither_key_nor_hash_is_rejected() {
+    let yaml = format!("{BASE}auth:\n  api_keys:\n    - id: team-a\n      routes: [chat]\n");
+    assert_eq!(
+        errors(&yaml),
+        ["test.yaml:10:7: api key `team-a` needs a `key` or a `hash`"]
+    );
+}
+
+#[test]
+fn api_key_hash_in_another_format_is_rejected() {
+    for hash in [
+        "md5:098f6bcd4621d373cade4e832627b4f6",
+        // One hex digit short.
+        "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a0",
+    ] {
+        let yaml = format!("{BASE}auth:\n  api_keys:\n    - id: team-a\n      hash: {hash}\n");
+        assert_eq!(
+            errors(&yaml),
+            [
+                "test.yaml:11:13: api key `team-a`: hash must be `sha256:` and 64 hex digits \
+                 (see `sluice hash-key`)"
+            ],
+            "hash {hash}"
+        );
+    }
+}
+
+#[test]
+fn listen_address_that_does_not_parse_is_rejected() {
+    let yaml = format!("listen: localhost:8080\nadmin:\n  listen: 9090\n{BASE}");
+    assert_eq!(
+        errors(&yaml),
+        [
+            "test.yaml:1:9: `localhost:8080` is not a listen address like 0.0.0.0:8080 or [::]:8080",
+            "test.yaml:3:11: `9090` is not a listen address like 0.0.0.0:8080 or [::]:8080",
+        ]
+    );
+}
+
+#[test]
+fn upstream_with_both_url_and_mock_is_rejected() {
+    let yaml = "\
+upstreams:
+  app:
+    url: http://127.0.0.1:8000
+    mock: {}
+routes:
+  - name: chat
+    match: { path_prefix: / }
+    upstream: app
+";
+    assert_eq!(
+        errors(yaml),
+        ["test.yaml:3:5: upstream `app` has both `url` and `mock`; choose one"]
+    );
+}
+
+#[test]
+fn upstream_with_neither_url_nor_mock_is_rejected() {
+    let yaml = "\
+upstreams:
+  app:
+    timeouts: { connect: 2s }
+routes:
+  - name: chat
+    match: { path_prefix: / }
+    upstream: app
+";
+    assert_eq!(
+        errors(yaml),
+        ["test.yaml:3:5: upstream `app` needs a `url` or a `mock`"]
+    );
+}
+
+#[test]
+fn upstream_url_with_a_scheme_other_than_http_is_rejected() {
+    let yaml = "\
+upstreams:
+  app:
+    url: ftp://files.example.com
+routes:
+  - name: chat
+    match: { path_prefix: / }
+    upstream: app
+";
+    assert_eq!(
+        errors(yaml),
+        ["test.yaml:3:10: `ftp://files.example.com` is not an http:// or https:// URL"]
+    );
+}
+
+#[test]
+fn mock_failure_rate_outside_zero_to_one_is_rejected() {
+    let yaml = "\
+upstreams:
+  app:
+    mock: { failure_rate: 1.5 }
+routes:
+  - name: chat
+    match: { path_prefix: / }
+    upstream: app
+";
+    assert_eq!(
+        errors(yaml),
+        ["test.yaml:3:27: failure_rate 1.5 is not between 0.0 and 1.0"]
+    );
+    let below = yaml.replace("1.5", "-0.1");
+    assert_eq!(
+        errors(&below),
+        ["test.yaml:3:27: failure_rate -0.1 is not between 0.0 and 1.0"]
+    );
+}
+
+#[test]
+fn unknown_auth_mode_word_is_rejected() {
+    let yaml = "\
+upstreams:
+  app:
+    mock: {}
+routes:
+  - name: chat
+    match: { path_prefix: / }
+    auth: off
+    upstream: app
+";
+    assert_eq!(
+        errors(yaml),
+        ["test.yaml:7:11: `off` is not one of: required, optional, none"]
+    );
+}
+
+#[test]
+fn scalars_are_kept_exactly_as_written() {
+    // YAML would read `1.10` as the number 1.1 and `off` as false; a header
+    // value, a model name or an error message must keep what was written.
+    let yaml = "\
+upstreams:
+  app:
+    mock: {}
+    set_headers: { x-api-version: 1.10 }
+    models: { gpt-4o: 2024.10 }
+tiers:
+  free: { tokens_per_minute: 500_000 }
+routes:
+  - name: chat
+    match: { path_prefix: / }
+    upstream: app
+logging:
+  log_bodies: yes
+";
+    let snapshot = load(yaml, &[]).unwrap_or_else(|e| panic!("{e:?}"));
+    let app = &snapshot.upstreams[0];
+    assert_eq!(
+        app.set_headers[0].value.to_str().ok(),
+        Some("1.10"),
+        "set_headers value"
+    );
+    assert_eq!(
+        app.models.get("gpt-4o").map(String::as_str),
+        Some("2024.10")
+    );
+    assert_eq!(
+        snapshot.tiers.get("free").and_then(|t| t.tokens_per_minute),
+        Some(500_000)
+    );
+    assert!(snapshot.logging.log_bodies, "`yes` is true");
+}
+
+#[test]
+fn every_error_in_a_file_is_reported_in_file_order() {
+    // Checked in another order than written: `listen` first, `routes`
+    // before `auth`. The report follows the file.
+    let yaml = "\
+tiers:
+  free: { requests_per_minute: 5 }
+auth:
+  api_keys:
+    - id: team-a
+      key: k1
+      tier: gold
+upstreams:
+  app:
+    mock: { failure_rate: 2 }
+routes:
+  - name: chat
+    match: { path_prefix: / }
+    auth: maybe
+    upstream: ghost
+limits:
+  request_timeout: 5y
+listen: nowhere
+";
+    assert_eq!(
+        errors(yaml),
+        [
+            "test.yaml:7:13: no tier named `gold` under `tiers`",
+            "test.yaml:10:27: failure_rate 2 is not between 0.0 and 1.0",
+            "test.yaml:14:11: `maybe` is not one of: required, optional, none",
+            "test.yaml:15:15: route `chat`: no upstream or pool named `ghost`",
+            "test.yaml:17:20: `5y` is not a duration like 250ms, 30s, 5m or 1h",
+            "test.yaml:18:9: `nowhere` is not a listen address like 0.0.0.0:8080 or [::]:8080",
+        ]
+    );
+}
+
+#[test]
+fn yaml_syntax_error_has_a_line_and_column() {
+    let yaml = "limits:\n  request_timeout: 30s\n    shutdown_grace: 5s\n";
+    assert_eq!(
+        errors(yaml),
+        ["test.yaml:3:19: mapping values are not allowed in this context"]
+    );
+    let yaml = "listen: \"127.0.0.1:8080\nroutes: []\n";
+    assert_eq!(errors(yaml), ["test.yaml:1:9: unclosed quote"]);
+}
+
+#[test]
+fn unreadable_file_is_reported_with_position_zero() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("missing.yaml");
+    let err = config::load(&path).expect_err("there is no file");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}:0:0: cannot read config: No such file or directory (os error 2)",
+            path.display()
+        )
+    );
+}
+
+#[test]
+fn errors_from_a_file_name_its_path_and_relative_files_resolve_beside_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("chat.json"), r#"{"type":"object"}"#).expect("schema");
+    let path = dir.path().join("proxy.yaml");
+    let good = format!("{BASE}    validate: {{ schema_file: chat.json }}\n");
+    std::fs::write(&path, &good).expect("config");
+    let snapshot = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        matches!(
+            &snapshot.routes[0].validate,
+            sluice::snapshot::Validate::SchemaFile(p) if *p == dir.path().join("chat.json")
+        ),
+        "schema_file must resolve against the config's directory: {:?}",
+        snapshot.routes[0].validate
+    );
+
+    std::fs::write(&path, format!("limits:\n  request_timout: 30s\n{BASE}")).expect("config");
+    let err = config::load(&path).expect_err("the typo is refused");
+    assert!(
+        err.to_string().starts_with(&format!(
+            "{}:2:3: unknown field `request_timout`",
+            path.display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn example_config_at_the_repo_root_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.example.yaml");
+    let snapshot = config::load(&path).unwrap_or_else(|e| panic!("proxy.example.yaml:\n{e}"));
+    assert_eq!(snapshot.routes.len(), 1);
+    assert_eq!(&*snapshot.routes[0].name, "chat");
+    assert_eq!(snapshot.upstreams.len(), 2);
+}
+
+#[test]
+fn secret_in_an_invalid_header_value_is_never_quoted() {
+    let secret = "sk-live-4f3c2b1a\nx-injected: 1";
+    let yaml = "\
+upstreams:
+  openai:
+    url: https://api.openai.com
+    set_headers: { authorization: \"Bearer ${KEY}\" }
+routes:
+  - name: chat
+    match: { path_prefix: / }
+    upstream: openai
+";
+    let lines = errors_with_env(yaml, &[("KEY", secret)]);
+    assert_eq!(
+        lines,
+        [
+            "test.yaml:4:35: upstream `openai`: the value of set_headers.authorization \
+             is not a valid header value"
+        ]
+    );
+    let all = lines.join("\n");
+    assert!(!all.contains("sk-live-4f3c2b1a"), "{all}");
+    assert!(!all.contains("x-injected"), "{all}");
+}
+
+#[test]
+fn secret_in_an_invalid_upstream_url_is_never_quoted() {
+    // A key in the query string: the URL is refused, quoted as written.
+    let yaml = "\
+upstreams:
+  gemini:
+    url: \"https://llm.example.com/v1?key=${GEMINI_KEY}\"
+routes:
+  - name: chat
+    match: { path_prefix: / }
+    upstream: gemini
+";
+    let lines = errors_with_env(yaml, &[("GEMINI_KEY", "AIzaSecret123")]);
+    assert_eq!(
+        lines,
+        [
+            "test.yaml:3:10: upstream url `https://llm.example.com/v1?key=${GEMINI_KEY}` \
+             must not have a query string"
+        ]
+    );
+    // Credentials in a URL taken whole from the environment.
+    let yaml = yaml.replace(
+        "\"https://llm.example.com/v1?key=${GEMINI_KEY}\"",
+        "${FILES_URL}",
+    );
+    let lines = errors_with_env(
+        &yaml,
+        &[("FILES_URL", "ftp://bob:hunter2@files.example.com")],
+    );
+    assert_eq!(
+        lines,
+        ["test.yaml:3:10: `${FILES_URL}` is not an http:// or https:// URL"]
+    );
+}
