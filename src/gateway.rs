@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use arc_swap::ArcSwap;
 
 use crate::snapshot::Snapshot;
-use crate::telemetry::log::{self, LogSink};
+use crate::telemetry::log::{self, LogGuard, LogSink};
 use crate::telemetry::metrics::Metrics;
 
 pub struct Gateway {
@@ -18,16 +18,19 @@ pub struct Gateway {
     pub log: tracing::Dispatch,
     /// False while starting and while draining: `/readyz` answers 503.
     ready: AtomicBool,
+    /// Flushes buffered log lines when the gateway is dropped.
+    _log_guard: LogGuard,
 }
 
 impl Gateway {
     pub fn new(snapshot: Snapshot, sink: LogSink) -> Arc<Self> {
-        let log = log::dispatch(&snapshot.logging, sink);
+        let (log, log_guard) = log::dispatch(&snapshot.logging, sink);
         Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics: Metrics::new(),
             log,
             ready: AtomicBool::new(false),
+            _log_guard: log_guard,
         })
     }
 

@@ -22,10 +22,16 @@ use crate::snapshot::{LogFormat, Logging};
 /// Where log lines go.
 #[derive(Clone)]
 pub enum LogSink {
+    /// Standard output, written by a background thread in batches so a
+    /// request never waits on the log pipe (lines are dropped, not
+    /// waited for, if that thread falls 64 Ki lines behind).
     Stdout,
     /// Every line, kept for a test to read.
     Capture(Arc<Mutex<Vec<u8>>>),
 }
+
+/// Keeps the background log writer alive; dropping it flushes what is left.
+pub type LogGuard = Option<tracing_appender::non_blocking::WorkerGuard>;
 
 impl LogSink {
     pub fn capture() -> (Self, Arc<Mutex<Vec<u8>>>) {
@@ -34,55 +40,64 @@ impl LogSink {
     }
 }
 
-/// Writes one formatted event.
-pub enum SinkWriter<'a> {
-    Stdout(io::StdoutLock<'a>),
-    Capture(&'a Mutex<Vec<u8>>),
-}
+/// A test's log buffer as a writer.
+#[derive(Clone)]
+pub struct CaptureWriter(Arc<Mutex<Vec<u8>>>);
 
-impl io::Write for SinkWriter<'_> {
+impl io::Write for CaptureWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            SinkWriter::Stdout(out) => out.write(buf),
-            SinkWriter::Capture(m) => {
-                m.lock()
-                    .map_err(|_| io::Error::other("log buffer poisoned"))?
-                    .extend_from_slice(buf);
-                Ok(buf.len())
-            }
-        }
+        self.0
+            .lock()
+            .map_err(|_| io::Error::other("log buffer poisoned"))?
+            .extend_from_slice(buf);
+        Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
-        match self {
-            SinkWriter::Stdout(out) => out.flush(),
-            SinkWriter::Capture(_) => Ok(()),
-        }
+        Ok(())
     }
 }
 
-impl<'a> MakeWriter<'a> for LogSink {
-    type Writer = SinkWriter<'a>;
+impl<'a> MakeWriter<'a> for CaptureWriter {
+    type Writer = CaptureWriter;
     fn make_writer(&'a self) -> Self::Writer {
-        match self {
-            LogSink::Stdout => SinkWriter::Stdout(io::stdout().lock()),
-            LogSink::Capture(m) => SinkWriter::Capture(m),
-        }
+        self.clone()
     }
 }
 
 /// Builds the dispatcher for `logging`. `SLUICE_LOG` (an `EnvFilter`
 /// directive) overrides the configured level when set.
-pub fn dispatch(logging: &Logging, sink: LogSink) -> tracing::Dispatch {
+pub fn dispatch(logging: &Logging, sink: LogSink) -> (tracing::Dispatch, LogGuard) {
     let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| {
         EnvFilter::new(format!("{},h2=warn,hyper=warn,rustls=warn", logging.level))
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(sink)
         .with_ansi(false);
-    match logging.format {
-        LogFormat::Json => builder.event_format(JsonLines).into(),
-        LogFormat::Text => builder.into(),
+    match sink {
+        LogSink::Stdout => {
+            // Buffered so that the writer thread issues one write per batch
+            // of lines rather than one per line.
+            let stdout = io::BufWriter::with_capacity(64 * 1024, io::stdout());
+            let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+                .buffered_lines_limit(64 * 1024)
+                .lossy(true)
+                .thread_name("sluice-log")
+                .finish(stdout);
+            let builder = builder.with_writer(writer);
+            let dispatch = match logging.format {
+                LogFormat::Json => builder.event_format(JsonLines).into(),
+                LogFormat::Text => builder.into(),
+            };
+            (dispatch, Some(guard))
+        }
+        LogSink::Capture(buf) => {
+            let builder = builder.with_writer(CaptureWriter(buf));
+            let dispatch = match logging.format {
+                LogFormat::Json => builder.event_format(JsonLines).into(),
+                LogFormat::Text => builder.into(),
+            };
+            (dispatch, None)
+        }
     }
 }
 
