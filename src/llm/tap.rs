@@ -15,7 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
 use crate::body::{BodyError, BoxBody};
-use crate::gateway::Gateway;
+use crate::gateway::{Active, Gateway};
 use crate::proxy::ctx::RequestCtx;
 use crate::telemetry::access_log;
 
@@ -39,6 +39,8 @@ pub struct Tap {
 
 struct Finish {
     gw: Arc<Gateway>,
+    /// The config the request started with, and its metric children.
+    active: Arc<Active>,
     ctx: RequestCtx,
 }
 
@@ -46,13 +48,14 @@ impl Tap {
     pub fn new(
         inner: BoxBody,
         gw: Arc<Gateway>,
+        active: Arc<Active>,
         ctx: RequestCtx,
         idle: Option<Duration>,
         deadline: Instant,
     ) -> Self {
         Tap {
             inner,
-            finish: Some(Finish { gw, ctx }),
+            finish: Some(Finish { gw, active, ctx }),
             idle,
             deadline,
             timer: None,
@@ -67,30 +70,33 @@ impl Tap {
     }
 
     fn finalize(&mut self, error: Option<&'static str>) {
-        let Some(Finish { gw, mut ctx }) = self.finish.take() else {
+        let Some(Finish {
+            gw,
+            active,
+            mut ctx,
+        }) = self.finish.take()
+        else {
             return;
         };
         if ctx.error.is_none() {
             ctx.error = error;
         }
         let latency = ctx.started.elapsed();
-        let route = ctx.route_label();
-        let m = &gw.metrics;
         let status = http::StatusCode::from_u16(ctx.status).ok();
         let status = status.as_ref().map_or("000", http::StatusCode::as_str);
-        m.requests
-            .with_label_values(&[route, ctx.method.as_str(), status])
+        gw.metrics
+            .requests
+            .with_label_values(&[ctx.route_label(), ctx.method.as_str(), status])
             .inc();
-        m.request_duration
-            .with_label_values(&[route])
-            .observe(latency.as_secs_f64());
-        if ctx.route.is_some() {
-            m.in_flight.with_label_values(&[route]).dec();
+        let route = active.route_metrics(ctx.route_index);
+        route.duration.observe(latency.as_secs_f64());
+        if ctx.route_index.is_some() {
+            route.in_flight.dec();
         }
-        if let (Some(upstream), Some(sent)) = (&ctx.upstream, ctx.upstream_started) {
-            m.upstream_duration
-                .with_label_values(&[upstream])
-                .observe(sent.elapsed().as_secs_f64());
+        if let (Some(index), Some(sent)) = (ctx.upstream_index, ctx.upstream_started)
+            && let Some(upstream) = active.upstreams.get(index)
+        {
+            upstream.duration.observe(sent.elapsed().as_secs_f64());
         }
         access_log::emit(&gw.log, &ctx, latency);
     }

@@ -40,9 +40,13 @@ pub struct RequestCtx {
     pub tls: bool,
     /// The matched route's name.
     pub route: Option<Arc<str>>,
+    /// Its index in the snapshot (for its precomputed metrics).
+    pub route_index: Option<usize>,
     pub identity: Option<Identity>,
     /// The upstream that answered (or was tried last).
     pub upstream: Option<Arc<str>>,
+    /// Its index in the snapshot.
+    pub upstream_index: Option<usize>,
     pub attempts: u32,
     /// When the current upstream attempt was sent.
     pub upstream_started: Option<Instant>,
@@ -70,8 +74,10 @@ impl RequestCtx {
             client_addr: conn.remote,
             tls: conn.tls,
             route: None,
+            route_index: None,
             identity: None,
             upstream: None,
+            upstream_index: None,
             attempts: 0,
             upstream_started: None,
             upstream_wait: Duration::ZERO,

@@ -15,26 +15,33 @@ use super::error::ProxyError;
 use super::headers;
 use super::validate::CappedBody;
 use crate::body::{BodyError, BoxBody};
-use crate::snapshot::{AuthMode, Route, Snapshot, Target};
-use crate::telemetry::metrics::Metrics;
+use crate::gateway::Active;
+use crate::snapshot::{AuthMode, Route, Target};
+use crate::telemetry::metrics::{Outcome, UpstreamMetrics};
 use crate::upstream::{Upstream, UpstreamKind, mock};
 
 /// Why an attempt failed, as a metric label and a safe human phrase.
 struct AttemptFailure {
-    outcome: &'static str,
+    outcome: Outcome,
     text: &'static str,
 }
 
+const TIMED_OUT: AttemptFailure = AttemptFailure {
+    outcome: Outcome::Timeout,
+    text: "timed out",
+};
+
 pub async fn send(
-    snap: &Snapshot,
+    active: &Active,
     route: &Route,
-    metrics: &Metrics,
     ctx: &mut RequestCtx,
     req: Request<Incoming>,
 ) -> Result<Response<BoxBody>, ProxyError> {
-    let upstream = pick(snap, route).ok_or_else(|| ProxyError::UpstreamFailed {
-        attempts: "no upstream configured".to_owned(),
-    })?;
+    let snap = &active.snapshot;
+    let (index, upstream, metrics) =
+        pick(active, route).ok_or_else(|| ProxyError::UpstreamFailed {
+            attempts: "no upstream configured".to_owned(),
+        })?;
     let (mut parts, body) = req.into_parts();
     headers::to_upstream(
         &mut parts.headers,
@@ -48,6 +55,7 @@ pub async fn send(
 
     let started = Instant::now();
     ctx.upstream = Some(upstream.name.clone());
+    ctx.upstream_index = Some(index);
     ctx.attempts += 1;
     ctx.upstream_started = Some(started);
     let remaining = snap
@@ -69,10 +77,7 @@ pub async fn send(
             match tokio::time::timeout(wait, http.client.request(Request::from_parts(parts, body)))
                 .await
             {
-                Err(_) => Err(AttemptFailure {
-                    outcome: "timeout",
-                    text: "timed out",
-                }),
+                Err(_) => Err(TIMED_OUT),
                 Ok(Err(e)) => Err(classify(&e)),
                 Ok(Ok(resp)) => Ok(resp.map(|b| b.map_err(BodyError::new).boxed_unsync())),
             }
@@ -84,10 +89,7 @@ pub async fn send(
             )
             .await
             {
-                Err(_) => Err(AttemptFailure {
-                    outcome: "timeout",
-                    text: "timed out",
-                }),
+                Err(_) => Err(TIMED_OUT),
                 Ok(resp) => Ok(resp),
             }
         }
@@ -96,21 +98,14 @@ pub async fn send(
     ctx.upstream_wait += elapsed;
     let name = &*upstream.name;
     if over_limit.is_set() {
-        metrics
-            .upstream_requests
-            .with_label_values(&[name, "client_error"])
-            .inc();
+        metrics.outcome(Outcome::ClientError).inc();
         return Err(ProxyError::TooLarge { limit });
     }
     match result {
         Ok(mut resp) => {
+            metrics.first_byte.observe(elapsed.as_secs_f64());
             metrics
-                .upstream_first_byte
-                .with_label_values(&[name])
-                .observe(elapsed.as_secs_f64());
-            metrics
-                .upstream_requests
-                .with_label_values(&[name, status_outcome(resp.status().as_u16())])
+                .outcome(Outcome::of_status(resp.status().as_u16()))
                 .inc();
             headers::to_client(resp.headers_mut());
             ctx.upstream_idle = Some(upstream.timeouts.idle);
@@ -118,11 +113,8 @@ pub async fn send(
         }
         Err(failure) => {
             ctx.upstream_started = None;
-            metrics
-                .upstream_requests
-                .with_label_values(&[name, failure.outcome])
-                .inc();
-            if failure.outcome == "timeout" {
+            metrics.outcome(failure.outcome).inc();
+            if failure.outcome == Outcome::Timeout {
                 Err(ProxyError::UpstreamTimeout {
                     upstream: name.to_owned(),
                 })
@@ -135,22 +127,21 @@ pub async fn send(
     }
 }
 
-/// The upstream a route sends to.
-fn pick<'s>(snap: &'s Snapshot, route: &Route) -> Option<&'s Upstream> {
+/// The upstream a route sends to: its index, config and metrics.
+fn pick<'a>(
+    active: &'a Active,
+    route: &Route,
+) -> Option<(usize, &'a Upstream, &'a UpstreamMetrics)> {
+    let snap = &active.snapshot;
     let index = match route.target {
         Target::Upstream(i) => i,
         Target::Pool(p) => *snap.pools.get(p)?.members.first()?,
     };
-    snap.upstreams.get(index).map(|u| &**u)
-}
-
-fn status_outcome(status: u16) -> &'static str {
-    match status {
-        429 => "http_429",
-        400..=499 => "http_4xx",
-        500..=599 => "http_5xx",
-        _ => "ok",
-    }
+    Some((
+        index,
+        snap.upstreams.get(index)?,
+        active.upstreams.get(index)?,
+    ))
 }
 
 /// Names a client error without its text (which may carry an address).
@@ -170,7 +161,7 @@ fn classify(e: &hyper_util::client::legacy::Error) -> AttemptFailure {
     }
     if tls {
         return AttemptFailure {
-            outcome: "tls_error",
+            outcome: Outcome::TlsError,
             text: "TLS handshake failed",
         };
     }
@@ -181,12 +172,12 @@ fn classify(e: &hyper_util::client::legacy::Error) -> AttemptFailure {
             _ => "connect failed",
         };
         return AttemptFailure {
-            outcome: "connect_error",
+            outcome: Outcome::ConnectError,
             text,
         };
     }
     AttemptFailure {
-        outcome: "connection_error",
+        outcome: Outcome::ConnectionError,
         text: "connection closed before the response",
     }
 }

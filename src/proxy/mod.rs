@@ -26,20 +26,19 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 
 use crate::body::BoxBody;
-use crate::gateway::Gateway;
+use crate::gateway::{Active, Gateway};
 use crate::llm::tap::Tap;
-use crate::snapshot::Snapshot;
 use ctx::{ConnInfo, RequestCtx};
 use error::ProxyError;
 
 /// Serves one request from start to the response head; the body streams
 /// through the returned tap.
 pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) -> Response<Tap> {
-    let snap = gw.snapshot();
+    let active = gw.active();
     let request_id = headers::request_id(req.headers());
     let mut ctx = RequestCtx::new(req.method().clone(), req.uri().clone(), request_id, &conn);
 
-    let result = process(&gw, &snap, &mut ctx, req).await;
+    let result = process(&active, &mut ctx, req).await;
     let mut resp = match result {
         Ok(resp) => resp,
         Err(e) => {
@@ -52,29 +51,28 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
         .insert(headers::X_REQUEST_ID, ctx.request_id.clone());
 
     let overhead = ctx.started.elapsed().saturating_sub(ctx.upstream_wait);
-    let route = ctx.route_label();
-    gw.metrics
+    active
+        .route_metrics(ctx.route_index)
         .overhead
-        .with_label_values(&[route])
         .observe(overhead.as_secs_f64());
 
     let idle = ctx.upstream_idle;
-    let deadline = ctx.started + snap.limits.request_timeout;
-    let gw2 = gw.clone();
-    resp.map(move |body| Tap::new(body, gw2, ctx, idle, deadline))
+    let deadline = ctx.started + active.snapshot.limits.request_timeout;
+    resp.map(move |body| Tap::new(body, gw, active, ctx, idle, deadline))
 }
 
 async fn process(
-    gw: &Gateway,
-    snap: &Snapshot,
+    active: &Active,
     ctx: &mut RequestCtx,
     req: Request<Incoming>,
 ) -> Result<Response<BoxBody>, ProxyError> {
-    let route = route::select(snap, req.method(), req.uri(), req.headers())?;
+    let snap = &active.snapshot;
+    let (index, route) = route::select(snap, req.method(), req.uri(), req.headers())?;
     ctx.route = Some(route.name.clone());
+    ctx.route_index = Some(index);
     // Decremented by the tap when the response ends, streams included.
-    gw.metrics.in_flight.with_label_values(&[&route.name]).inc();
+    active.route_metrics(ctx.route_index).in_flight.inc();
     auth::identify(snap, route, req.headers(), ctx)?;
     validate::check_declared_size(req.headers(), snap.limits.max_request_body)?;
-    forward::send(snap, route, &gw.metrics, ctx, req).await
+    forward::send(active, route, ctx, req).await
 }

@@ -13,16 +13,16 @@ pub fn select<'s>(
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
-) -> Result<&'s Route, ProxyError> {
+) -> Result<(usize, &'s Route), ProxyError> {
     let path = uri.path();
     let host = request_host(uri, headers);
     let mut wrong_method: Option<&Route> = None;
-    for route in &snap.routes {
+    for (index, route) in snap.routes.iter().enumerate() {
         if !path_matches(&route.path, path) || !host_matches(route.host.as_deref(), host) {
             continue;
         }
         if route.methods.is_empty() || route.methods.contains(method) {
-            return Ok(route);
+            return Ok((index, route));
         }
         wrong_method.get_or_insert(route);
     }

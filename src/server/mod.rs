@@ -53,7 +53,8 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 
 /// Binds both listeners and serves until [`Running::shutdown`].
 pub async fn start(gw: Arc<Gateway>) -> Result<Running, StartError> {
-    let snap = gw.snapshot();
+    let active = gw.active();
+    let snap = &active.snapshot;
     let tls = match &snap.tls {
         Some(files) => Some(tls::acceptor(files).map_err(StartError::Tls)?),
         None => None,

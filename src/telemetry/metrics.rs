@@ -3,7 +3,8 @@
 //! default registry, so many gateways can live in one test process).
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// From 1 ms to 120 s: LLM calls range from a cached hit to a long
@@ -118,6 +119,29 @@ impl Metrics {
         metrics
     }
 
+    /// The children of one route, resolved once per config load so that a
+    /// request never hashes label values.
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        RouteMetrics {
+            duration: self.request_duration.with_label_values(&[route]),
+            overhead: self.overhead.with_label_values(&[route]),
+            in_flight: self.in_flight.with_label_values(&[route]),
+        }
+    }
+
+    /// The children of one upstream, every outcome included (a series that
+    /// exists at 0 lets `rate()` see its first increment).
+    pub fn upstream(&self, upstream: &str) -> UpstreamMetrics {
+        UpstreamMetrics {
+            first_byte: self.upstream_first_byte.with_label_values(&[upstream]),
+            duration: self.upstream_duration.with_label_values(&[upstream]),
+            outcomes: Outcome::ALL.map(|o| {
+                self.upstream_requests
+                    .with_label_values(&[upstream, o.label()])
+            }),
+        }
+    }
+
     /// The Prometheus text exposition of every family.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
@@ -131,5 +155,81 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// One route's metric children.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    pub duration: Histogram,
+    pub overhead: Histogram,
+    pub in_flight: IntGauge,
+}
+
+/// One upstream's metric children.
+#[derive(Clone)]
+pub struct UpstreamMetrics {
+    pub first_byte: Histogram,
+    pub duration: Histogram,
+    outcomes: [IntCounter; Outcome::ALL.len()],
+}
+
+impl UpstreamMetrics {
+    pub fn outcome(&self, outcome: Outcome) -> &IntCounter {
+        &self.outcomes[outcome as usize]
+    }
+}
+
+/// How an upstream attempt ended: the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// An answer with a 1xx-3xx status.
+    Ok,
+    Http4xx,
+    Http429,
+    Http5xx,
+    ConnectError,
+    TlsError,
+    Timeout,
+    /// The connection broke before a response head.
+    ConnectionError,
+    /// The client's request failed (its body was too large), not the upstream.
+    ClientError,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 9] = [
+        Outcome::Ok,
+        Outcome::Http4xx,
+        Outcome::Http429,
+        Outcome::Http5xx,
+        Outcome::ConnectError,
+        Outcome::TlsError,
+        Outcome::Timeout,
+        Outcome::ConnectionError,
+        Outcome::ClientError,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Http4xx => "http_4xx",
+            Outcome::Http429 => "http_429",
+            Outcome::Http5xx => "http_5xx",
+            Outcome::ConnectError => "connect_error",
+            Outcome::TlsError => "tls_error",
+            Outcome::Timeout => "timeout",
+            Outcome::ConnectionError => "connection_error",
+            Outcome::ClientError => "client_error",
+        }
+    }
+
+    pub fn of_status(status: u16) -> Self {
+        match status {
+            429 => Outcome::Http429,
+            400..=499 => Outcome::Http4xx,
+            500..=599 => Outcome::Http5xx,
+            _ => Outcome::Ok,
+        }
     }
 }
