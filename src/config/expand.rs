@@ -4,6 +4,15 @@
 /// Expands every `${…}` in `text`. `lookup` returns a variable's value;
 /// an unset variable with no default is an error naming it. `$$` stays a
 /// literal `$` so that values may contain `${` when they must.
+///
+/// ```
+/// use sluice::config::expand::expand;
+///
+/// let env = |name: &str| (name == "KEY").then(|| "s3cret".to_owned());
+/// assert_eq!(expand("Bearer ${KEY}", env).unwrap(), "Bearer s3cret");
+/// assert_eq!(expand("${PORT:-8080}", env).unwrap(), "8080");
+/// assert!(expand("${MISSING}", env).is_err());
+/// ```
 pub fn expand(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
     if !text.contains('$') {
         return Ok(text.to_owned());

@@ -5,6 +5,15 @@ use std::time::Duration;
 
 /// Parses `<integer><unit>` with unit `ms`, `s`, `m` or `h`. A unit is
 /// required: a bare `30` is ambiguous between seconds and milliseconds.
+///
+/// ```
+/// use std::time::Duration;
+/// use sluice::config::units::parse_duration;
+///
+/// assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+/// assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+/// assert!(parse_duration("30").is_err());
+/// ```
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -32,6 +41,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// Parses a byte count, bare or with a binary (`KiB`, `MiB`, `GiB`) or
 /// decimal (`KB`, `MB`, `GB`) suffix.
+///
+/// ```
+/// use sluice::config::units::parse_size;
+///
+/// assert_eq!(parse_size("4MiB"), Ok(4 * 1024 * 1024));
+/// assert_eq!(parse_size("4096"), Ok(4096));
+/// ```
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let split = text
