@@ -81,7 +81,8 @@ impl Tap {
         if ctx.error.is_none() {
             ctx.error = error;
         }
-        let latency = ctx.started.elapsed();
+        let now = Instant::now();
+        let latency = now.saturating_duration_since(ctx.started);
         let status = http::StatusCode::from_u16(ctx.status).ok();
         let status = status.as_ref().map_or("000", http::StatusCode::as_str);
         gw.metrics
@@ -96,7 +97,9 @@ impl Tap {
         if let (Some(index), Some(sent)) = (ctx.upstream_index, ctx.upstream_started)
             && let Some(upstream) = active.upstreams.get(index)
         {
-            upstream.duration.observe(sent.elapsed().as_secs_f64());
+            upstream
+                .duration
+                .observe(now.saturating_duration_since(sent).as_secs_f64());
         }
         access_log::emit(&gw.log, &ctx, latency);
     }

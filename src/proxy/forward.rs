@@ -58,11 +58,11 @@ pub async fn send(
     ctx.upstream_index = Some(index);
     ctx.attempts += 1;
     ctx.upstream_started = Some(started);
-    let remaining = snap
-        .limits
-        .request_timeout
-        .saturating_sub(ctx.started.elapsed());
-    let wait = upstream.timeouts.first_byte.min(remaining);
+    // One clock read serves the attempt's start and its deadline: the
+    // sooner of first_byte and what is left of request_timeout.
+    let deadline = (started + upstream.timeouts.first_byte)
+        .min(ctx.started + snap.limits.request_timeout)
+        .into();
 
     let result: Result<Response<BoxBody>, AttemptFailure> = match &upstream.kind {
         UpstreamKind::Http(http) => {
@@ -74,8 +74,11 @@ pub async fn send(
             // The pooled client picks HTTP/1.1 or HTTP/2 per connection (ALPN),
             // whatever the client spoke to us.
             parts.version = Version::HTTP_11;
-            match tokio::time::timeout(wait, http.client.request(Request::from_parts(parts, body)))
-                .await
+            match tokio::time::timeout_at(
+                deadline,
+                http.client.request(Request::from_parts(parts, body)),
+            )
+            .await
             {
                 Err(_) => Err(TIMED_OUT),
                 Ok(Err(e)) => Err(classify(&e)),
@@ -83,8 +86,8 @@ pub async fn send(
             }
         }
         UpstreamKind::Mock(settings) => {
-            match tokio::time::timeout(
-                wait,
+            match tokio::time::timeout_at(
+                deadline,
                 mock::respond(settings, Request::from_parts(parts, body)),
             )
             .await

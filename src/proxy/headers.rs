@@ -3,6 +3,8 @@
 //! gateway credentials never forwarded, `x-forwarded-*` and `x-request-id`
 //! set, and the upstream's own `set_headers` applied.
 
+use std::fmt::Write as _;
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use super::ctx::RequestCtx;
@@ -92,12 +94,16 @@ pub fn to_upstream(
         headers.remove(header::AUTHORIZATION);
         headers.remove(X_API_KEY);
     }
-    let ip = ctx.client_addr.ip().to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.is_empty() => format!("{prior}, {ip}"),
-        _ => ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    // One buffer, handed to the header without a copy.
+    let mut xff = String::with_capacity(48);
+    if let Some(prior) = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok())
+        && !prior.is_empty()
+    {
+        xff.push_str(prior);
+        xff.push_str(", ");
+    }
+    let _ = write!(xff, "{}", ctx.client_addr.ip());
+    if let Ok(v) = HeaderValue::try_from(xff) {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(
