@@ -31,6 +31,14 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// Removes hop-by-hop headers, including those listed in `connection`.
 /// `transfer-encoding` goes too: hyper frames each side's body itself.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names (standard names
+    // compare as enums) instead of a hashed removal per hop-by-hop name.
+    if !headers
+        .keys()
+        .any(|k| HOP_BY_HOP.contains(k) || k == header::TRANSFER_ENCODING)
+    {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -4,7 +4,7 @@
 //! not known for a request are written as `null` rather than left out:
 //! log pipelines then see one stable schema.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::io;
 use std::sync::{Arc, Mutex};
 
@@ -185,36 +185,53 @@ impl Visit for JsonFields<'_, '_> {
         }
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        let text = format!("{value:?}");
-        self.record(field, |w| write_json_str(w, &text));
+        self.record(field, |w| {
+            w.write_char('"')?;
+            write!(JsonEscape(w), "{value:?}")?;
+            w.write_char('"')
+        });
     }
 }
 
 /// Writes `s` as a JSON string literal.
 fn write_json_str(w: &mut Writer<'_>, s: &str) -> fmt::Result {
     w.write_char('"')?;
-    let mut start = 0;
-    for (i, c) in s.char_indices() {
-        let escape = match c {
-            '"' => "\\\"",
-            '\\' => "\\\\",
-            '\n' => "\\n",
-            '\r' => "\\r",
-            '\t' => "\\t",
-            c if (c as u32) < 0x20 => {
-                w.write_str(&s[start..i])?;
-                write!(w, "\\u{:04x}", c as u32)?;
-                start = i + c.len_utf8();
-                continue;
-            }
-            _ => continue,
-        };
-        w.write_str(&s[start..i])?;
-        w.write_str(escape)?;
-        start = i + c.len_utf8();
-    }
-    w.write_str(&s[start..])?;
+    JsonEscape(w).write_str(s)?;
     w.write_char('"')
+}
+
+/// Escapes what is written through it as the inside of a JSON string, so
+/// `Display`/`Debug` values are written without an intermediate `String`.
+struct JsonEscape<'a, W: fmt::Write>(&'a mut W);
+
+impl<W: fmt::Write> fmt::Write for JsonEscape<'_, W> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        // Most values need no escaping: one scan, one write.
+        if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+            return self.0.write_str(s);
+        }
+        let mut start = 0;
+        for (i, b) in s.bytes().enumerate() {
+            let escape = match b {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                b'\t' => "\\t",
+                b if b < 0x20 => {
+                    self.0.write_str(&s[start..i])?;
+                    write!(self.0, "\\u{:04x}", b)?;
+                    start = i + 1;
+                    continue;
+                }
+                _ => continue,
+            };
+            self.0.write_str(&s[start..i])?;
+            self.0.write_str(escape)?;
+            start = i + 1;
+        }
+        self.0.write_str(&s[start..])
+    }
 }
 
 #[cfg(test)]
