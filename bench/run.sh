@@ -29,6 +29,8 @@ WARMUP=${WARMUP:-2}                      # seconds of warm-up per target
 PROXY_CPU=${PROXY_CPU:-0}                # core for the proxy under test
 LOAD_CPU=${LOAD_CPU:-1}                  # core for the upstream + load generators
 SKIP_SLUICE=${SKIP_SLUICE:-0}            # 1: only direct + nginx (no build needed)
+FLOOR=${FLOOR:-0}                        # 1: also the bare hyper proxy (examples/hyper_floor.rs)
+FLOOR_BIN=${FLOOR_BIN:-target/release/examples/hyper_floor}
 SLUICE_BIN=${SLUICE_BIN:-target/release/sluice}
 OPENLOOP_TOOL=${OPENLOOP_TOOL:-python}   # python (bench/openloop.py) | oha (if installed)
 KEEP_TMP=${KEEP_TMP:-0}                  # 1: keep the temp dir (configs, raw outputs)
@@ -36,6 +38,7 @@ KEEP_TMP=${KEEP_TMP:-0}                  # 1: keep the temp dir (configs, raw ou
 UP_PORT=18000       # the fast upstream
 NGINX_PORT=18081    # nginx as reverse proxy
 SLUICE_PORT=18080   # sluice proxy listener
+FLOOR_PORT=18082    # the bare hyper proxy (FLOOR=1)
 ADMIN_PORT=19090    # sluice admin (/readyz)
 REQ_PATH=/v1/chat/completions
 BODY='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
@@ -148,6 +151,16 @@ if (( ! SKIP_SLUICE )); then
   fi
   SLUICE_BIN=$(cd "$(dirname "$SLUICE_BIN")" && pwd)/$(basename "$SLUICE_BIN")
 fi
+if (( FLOOR )); then
+  # The same hyper server and pooled client as sluice, none of its phases:
+  # what the framework alone costs on this machine.
+  if [[ ! -x $FLOOR_BIN ]]; then
+    command -v cargo >/dev/null || die "no $FLOOR_BIN and no cargo to build it"
+    log "run.sh: building the hyper floor (cargo build --release --example hyper_floor)"
+    cargo build --release --example hyper_floor
+  fi
+  FLOOR_BIN=$(cd "$(dirname "$FLOOR_BIN")" && pwd)/$(basename "$FLOOR_BIN")
+fi
 
 # ------------------------------------------------------------------- facts --
 cpu_model=$(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo 2>/dev/null || true)
@@ -187,7 +200,7 @@ echo
 
 # ------------------------------------------------------------------- ports --
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in "$UP_PORT" "$NGINX_PORT" "$SLUICE_PORT" "$ADMIN_PORT"; do
+for p in "$UP_PORT" "$NGINX_PORT" "$SLUICE_PORT" "$ADMIN_PORT" "$FLOOR_PORT"; do
   ! port_busy "$p" || die "127.0.0.1:$p is already in use (a leftover bench process?)"
 done
 
@@ -302,6 +315,13 @@ start_sluice() {
   # TOKIO_WORKER_THREADS=1: one worker thread for the one core it is pinned to.
   TOKIO_WORKER_THREADS=1 taskset -c "$PROXY_CPU" "$SLUICE_BIN" run --config "$WORK/sluice.yaml" \
     </dev/null >/dev/null 2>"$WORK/sluice.stderr" &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+}
+
+start_floor() {
+  TOKIO_WORKER_THREADS=1 taskset -c "$PROXY_CPU" "$FLOOR_BIN" "127.0.0.1:$FLOOR_PORT" "http://127.0.0.1:$UP_PORT" \
+    </dev/null >/dev/null 2>"$WORK/floor.stderr" &
   LAST_PID=$!
   PIDS+=("$LAST_PID")
 }
@@ -434,6 +454,16 @@ if (( ! SKIP_SLUICE )); then
     || { cat "$WORK/sluice.stderr" >&2; die "sluice did not become ready on :$ADMIN_PORT/readyz within ~10 s"; }
   bench_target sluice "http://127.0.0.1:$SLUICE_PORT$REQ_PATH"
   stop_started "$SLUICE_PID"
+fi
+
+# (d) the bare hyper proxy, for reference
+if (( FLOOR )); then
+  start_floor
+  FLOOR_PID=$LAST_PID
+  wait_status "http://127.0.0.1:$FLOOR_PORT$REQ_PATH" 200 "$FLOOR_PID" \
+    || { cat "$WORK/floor.stderr" >&2; die "the hyper floor did not start"; }
+  bench_target hyper-floor "http://127.0.0.1:$FLOOR_PORT$REQ_PATH"
+  stop_started "$FLOOR_PID"
 fi
 
 stop_started "$UP_PID"
