@@ -12,5 +12,6 @@ mod proxy;
 mod shutdown;
 mod streaming;
 mod telemetry;
+mod tls_listener;
 mod tls_upstream;
 mod upstream_errors;

@@ -91,3 +91,23 @@ async fn upstream_silent_longer_than_idle_is_cut() {
     let logs = gw.wait_access_logs(1).await;
     assert_eq!(logs[0]["error"], "upstream_idle_timeout");
 }
+
+#[tokio::test]
+async fn upstream_cut_mid_stream_is_not_passed_off_as_complete() {
+    let up = MockUpstream::always(
+        UpstreamReply::sse(&["{\"n\":1}", "{\"n\":2}"], Duration::from_millis(50)).cut(),
+    )
+    .await;
+    let gw = TestGateway::start(&config(&up.url(), "")).await;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
+        .await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.text().starts_with("data: {\"n\":1}\n\n"));
+    assert!(
+        reply.body_error.is_some(),
+        "a broken upstream stream must not end cleanly for the client"
+    );
+    let logs = gw.wait_access_logs(1).await;
+    assert_eq!(logs[0]["error"], "upstream_stream_error");
+}
