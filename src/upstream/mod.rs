@@ -83,7 +83,16 @@ impl HttpUpstream {
             )));
         }
         let base_path = uri.path().trim_end_matches('/').to_owned();
-        let client = client::build(ca_pem, connect).map_err(BuildError::Ca)?;
+        if scheme == Scheme::HTTP && ca_pem.is_some() {
+            return Err(BuildError::Ca(
+                "ca_file only applies to https:// upstreams".to_owned(),
+            ));
+        }
+        let client = if scheme == Scheme::HTTPS {
+            client::build_tls(ca_pem, connect).map_err(BuildError::Ca)?
+        } else {
+            client::build_plain(connect)
+        };
         Ok(HttpUpstream {
             scheme,
             authority,
