@@ -538,9 +538,7 @@ fn ca_file_on_a_plain_http_upstream_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.pem"), "unused").unwrap();
     let yaml = "upstreams:\n  app:\n    url: http://127.0.0.1:8000\n    ca_file: ca.pem\nroutes:\n  - name: r\n    match: { path_prefix: / }\n    upstream: app\n";
-    let err = config::load_str(yaml, "test.yaml", dir.path(), &|_| None)
-        .err()
-        .expect("refused");
+    let err = config::load_str(yaml, "test.yaml", dir.path(), &|_| None).expect_err("refused");
     let lines: Vec<String> = err.0.iter().map(ToString::to_string).collect();
     assert_eq!(
         lines,
