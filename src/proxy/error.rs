@@ -64,6 +64,23 @@ impl ProxyError {
         }
     }
 
+    /// The `reason` label of `sluice_auth_failures_total`, for auth errors.
+    pub fn auth_failure_reason(&self) -> Option<&'static str> {
+        match self {
+            ProxyError::Unauthorized { reason } => Some(reason),
+            ProxyError::Forbidden => Some("forbidden"),
+            ProxyError::RouteNotFound
+            | ProxyError::MethodNotAllowed { .. }
+            | ProxyError::TooLarge { .. }
+            | ProxyError::InvalidRequest { .. }
+            | ProxyError::RateLimited { .. }
+            | ProxyError::BudgetExceeded { .. }
+            | ProxyError::UpstreamFailed { .. }
+            | ProxyError::UpstreamUnavailable { .. }
+            | ProxyError::UpstreamTimeout { .. } => None,
+        }
+    }
+
     /// The OpenAI-style `code`, also the access log's `error`.
     pub fn code(&self) -> &'static str {
         match self {

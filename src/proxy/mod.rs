@@ -38,7 +38,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     let request_id = headers::request_id(req.headers());
     let mut ctx = RequestCtx::new(req.method().clone(), req.uri().clone(), request_id, &conn);
 
-    let result = process(&active, &mut ctx, req).await;
+    let result = process(&gw, &active, &mut ctx, req).await;
     let mut resp = match result {
         Ok(resp) => resp,
         Err(e) => {
@@ -62,6 +62,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
 }
 
 async fn process(
+    gw: &Gateway,
     active: &Active,
     ctx: &mut RequestCtx,
     req: Request<Incoming>,
@@ -72,7 +73,15 @@ async fn process(
     ctx.route_index = Some(index);
     // Decremented by the tap when the response ends, streams included.
     active.route_metrics(ctx.route_index).in_flight.inc();
-    auth::identify(snap, route, req.headers(), ctx)?;
+    if let Err(e) = auth::identify(snap, route, req.headers(), ctx) {
+        if let Some(reason) = e.auth_failure_reason() {
+            gw.metrics
+                .auth_failures
+                .with_label_values(&[&route.name, reason])
+                .inc();
+        }
+        return Err(e);
+    }
     validate::check_declared_size(req.headers(), snap.limits.max_request_body)?;
     forward::send(active, route, ctx, req).await
 }

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     pub upstream_first_byte: HistogramVec,
     pub in_flight: IntGaugeVec,
+    pub auth_failures: IntCounterVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -104,6 +105,11 @@ impl Metrics {
                 "sluice_in_flight_requests",
                 "Requests being served now, streams included.",
                 &["route"],
+            ),
+            auth_failures: counter(
+                "sluice_auth_failures_total",
+                "Requests refused by authentication (401) or authorization (403), by reason.",
+                &["route", "reason"],
             ),
             build_info: gauge(
                 "sluice_build_info",

@@ -17,6 +17,9 @@ auth:
       tier: pro
     - id: hashed-key
       hash: sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+    - id: public-only
+      key: sk-public-only
+      routes: [public, maybe]
 tiers:
   free: {}
   pro: {}
@@ -160,4 +163,45 @@ async fn no_credential_or_upstream_secret_in_any_log_line() {
     for secret in [RAW, "sk-wrong-guess-123", "sk-upstream-topsecret"] {
         assert!(!text.contains(secret), "log leaks {secret}:\n{text}");
     }
+}
+
+#[tokio::test]
+async fn key_limited_to_other_routes_is_403() {
+    let gw = gateway().await;
+    let reply = models(&gw, "/v1/models", &[("x-api-key", "sk-public-only")]).await;
+    assert_eq!(reply.status, 403);
+    assert_eq!(reply.json()["error"]["code"], "forbidden");
+    assert_eq!(reply.json()["error"]["type"], "permission_error");
+    // Where it is allowed, it is who it says.
+    assert_eq!(
+        models(&gw, "/maybe/x", &[("x-api-key", "sk-public-only")])
+            .await
+            .status,
+        404,
+        "allowed route: the mock answers 404 for an unknown path"
+    );
+    let logs = gw.wait_access_logs(2).await;
+    assert_eq!(logs[1]["identity"], "public-only");
+}
+
+#[tokio::test]
+async fn auth_failures_are_counted_by_route_and_reason() {
+    let gw = gateway().await;
+    models(&gw, "/v1/models", &[]).await;
+    models(&gw, "/v1/models", &[]).await;
+    models(&gw, "/v1/models", &[("x-api-key", "nope")]).await;
+    models(&gw, "/v1/models", &[("x-api-key", "sk-public-only")]).await;
+    let count = |reason: &'static str| {
+        let gw = &gw;
+        async move {
+            gw.metric(
+                "sluice_auth_failures_total",
+                &[("route", "chat"), ("reason", reason)],
+            )
+            .await
+        }
+    };
+    assert_eq!(count("missing").await, Some(2.0));
+    assert_eq!(count("invalid_key").await, Some(1.0));
+    assert_eq!(count("forbidden").await, Some(1.0));
 }
