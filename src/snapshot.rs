@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
 
+use crate::proxy::jwt::JwtVerifier;
 use crate::upstream::Upstream;
 
 /// One loaded config.
@@ -172,21 +173,15 @@ pub struct ApiKey {
     pub routes: Option<Vec<Arc<str>>>,
 }
 
-#[derive(Debug, Clone)]
-pub enum JwtKeySource {
-    JwksUrl(String),
-    KeysFile(PathBuf),
-    Hs256Secret(String),
-}
-
-#[derive(Debug, Clone)]
+/// JWT bearer tokens accepted as identities.
+#[derive(Debug)]
 pub struct Jwt {
-    pub issuer: Option<String>,
-    pub audiences: Vec<String>,
-    pub keys: JwtKeySource,
-    pub algorithms: Vec<String>,
-    pub identity_claim: String,
-    pub tier_claim: Option<String>,
+    /// Checks tokens against the keys loaded at config time (`keys_file`,
+    /// `hs256_secret`).
+    pub verifier: JwtVerifier,
+    /// Keys published by the issuer; fetching them is not built yet, so
+    /// until it is, tokens under a `jwks_url` config are refused.
+    pub jwks_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -19,6 +19,7 @@ use super::error::ConfigError;
 use super::expand::expand;
 use super::raw::*;
 use super::units::{parse_duration, parse_size};
+use crate::proxy::jwt;
 use crate::snapshot::*;
 use crate::upstream::{self, MockSettings, Timeouts, Upstream};
 
@@ -836,50 +837,92 @@ impl Compiler<'_> {
             );
             return None;
         }
+        let mut jwks_url = None;
+        let mut hmac = false;
         let keys = if let Some(u) = &j.jwks_url {
             let url = self.text(u)?;
             if !(url.starts_with("https://") || url.starts_with("http://")) {
                 self.error(&u.referenced, "jwks_url must be an http:// or https:// URL");
             }
-            JwtKeySource::JwksUrl(url)
+            jwks_url = Some(url);
+            Vec::new()
         } else if let Some(f) = &j.keys_file {
-            JwtKeySource::KeysFile(self.path(f)?)
+            let path = self.path(f)?;
+            let loaded = std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read keys_file {}: {e}", path.display()))
+                .and_then(|text| jwt::load_keys_file(&text));
+            match loaded {
+                Ok(keys) => keys,
+                Err(e) => {
+                    self.error(&f.referenced, e);
+                    return None;
+                }
+            }
         } else {
-            JwtKeySource::Hs256Secret(self.text(j.hs256_secret.as_ref()?)?)
+            let secret = j.hs256_secret.as_ref()?;
+            let text = self.text(secret)?;
+            if text.len() < 32 {
+                // The value is a secret: the message never repeats it.
+                self.error(
+                    &secret.referenced,
+                    "hs256_secret must be at least 32 bytes (256 bits)",
+                );
+            }
+            hmac = true;
+            vec![jwt::JwtKey {
+                kid: None,
+                key: jsonwebtoken::DecodingKey::from_secret(text.as_bytes()),
+            }]
         };
         let mut algorithms = Vec::new();
         for a in &j.algorithms {
-            if let Some(alg) = self.parsed(a, |s| {
-                if ALGORITHMS.contains(&s) {
-                    Ok(s.to_owned())
-                } else {
-                    Err(format!("`{s}` is not one of: {}", ALGORITHMS.join(", ")))
-                }
-            }) {
-                algorithms.push(alg);
+            let Some(alg) = self.parsed(a, |s| {
+                s.parse::<jsonwebtoken::Algorithm>()
+                    .ok()
+                    .filter(|alg| ALGORITHMS.contains(&s) && format!("{alg:?}") == s)
+                    .ok_or_else(|| format!("`{s}` is not one of: {}", ALGORITHMS.join(", ")))
+            }) else {
+                continue;
+            };
+            let is_hmac = alg.family() == jsonwebtoken::AlgorithmFamily::Hmac;
+            if is_hmac != hmac {
+                self.error(
+                    &a.referenced,
+                    if hmac {
+                        format!("{alg:?} needs a public key (keys_file or jwks_url), not hs256_secret")
+                    } else {
+                        format!("{alg:?} needs hs256_secret; a public key is never used as an HMAC secret")
+                    },
+                );
+                continue;
             }
+            algorithms.push(alg);
         }
-        if algorithms.is_empty() {
-            algorithms.push(
-                if matches!(keys, JwtKeySource::Hs256Secret(_)) {
-                    "HS256"
-                } else {
-                    "RS256"
-                }
-                .to_owned(),
-            );
+        if j.algorithms.is_empty() {
+            algorithms.push(if hmac {
+                jsonwebtoken::Algorithm::HS256
+            } else {
+                jsonwebtoken::Algorithm::RS256
+            });
         }
+        let issuer = j.issuer.as_ref().and_then(|t| self.text(t));
+        let audiences: Vec<String> = j.audiences.iter().filter_map(|t| self.text(t)).collect();
+        let identity_claim = j
+            .identity_claim
+            .as_ref()
+            .and_then(|t| self.text(t))
+            .unwrap_or_else(|| "sub".to_owned());
+        let tier_claim = j.tier_claim.as_ref().and_then(|t| self.text(t));
         Some(Jwt {
-            issuer: j.issuer.as_ref().and_then(|t| self.text(t)),
-            audiences: j.audiences.iter().filter_map(|t| self.text(t)).collect(),
-            keys,
-            algorithms,
-            identity_claim: j
-                .identity_claim
-                .as_ref()
-                .and_then(|t| self.text(t))
-                .unwrap_or_else(|| "sub".to_owned()),
-            tier_claim: j.tier_claim.as_ref().and_then(|t| self.text(t)),
+            verifier: jwt::JwtVerifier::new(
+                keys,
+                &algorithms,
+                issuer.as_deref(),
+                &audiences,
+                identity_claim,
+                tier_claim,
+            ),
+            jwks_url,
         })
     }
 

@@ -9,7 +9,8 @@ use subtle::ConstantTimeEq;
 
 use super::ctx::{Identity, IdentityId, RequestCtx};
 use super::error::ProxyError;
-use crate::snapshot::{AuthMode, Route, Snapshot};
+use super::jwt;
+use crate::snapshot::{AuthMode, Jwt, Route, Snapshot};
 
 /// The SHA-256 digest of a key.
 pub fn digest(key: &[u8]) -> [u8; 32] {
@@ -69,17 +70,22 @@ pub fn identify(
         };
     };
     let d = digest(presented);
-    let key = snap
+    let found = snap
         .auth
         .api_keys
         .get_key_value(&d)
         // The map already compared digests; the constant-time check keeps
         // that comparison free of early exits however the map is built.
         .filter(|(stored, _)| bool::from(stored.ct_eq(&d)))
-        .map(|(_, key)| key)
-        .ok_or(ProxyError::Unauthorized {
-            reason: "invalid_key",
-        })?;
+        .map(|(_, key)| key);
+    let Some(key) = found else {
+        return match &snap.auth.jwt {
+            Some(jwt) if jwt::looks_like_jwt(presented) => identify_jwt(snap, jwt, presented, ctx),
+            _ => Err(ProxyError::Unauthorized {
+                reason: "invalid_key",
+            }),
+        };
+    };
     if let Some(allowed) = &key.routes
         && !allowed.iter().any(|r| **r == *route.name)
     {
@@ -88,6 +94,34 @@ pub fn identify(
     ctx.identity = Some(Identity {
         id: IdentityId::Key(key.id.clone()),
         tier: key.tier.clone().or_else(|| snap.auth.default_tier.clone()),
+    });
+    Ok(())
+}
+
+/// Sets the identity from a JWT, or refuses it with the reason.
+fn identify_jwt(
+    snap: &Snapshot,
+    jwt: &Jwt,
+    token: &[u8],
+    ctx: &mut RequestCtx,
+) -> Result<(), ProxyError> {
+    let token = std::str::from_utf8(token).map_err(|_| ProxyError::Unauthorized {
+        reason: "malformed",
+    })?;
+    let verified = jwt
+        .verifier
+        .verify(token)
+        .map_err(|reason| ProxyError::Unauthorized { reason })?;
+    // A tier claim counts only when it names a configured tier.
+    let tier = verified
+        .tier
+        .as_deref()
+        .and_then(|t| snap.tiers.get_key_value(t))
+        .map(|(name, _)| name.clone())
+        .or_else(|| snap.auth.default_tier.clone());
+    ctx.identity = Some(Identity {
+        id: IdentityId::Key(verified.identity),
+        tier,
     });
     Ok(())
 }

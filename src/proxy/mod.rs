@@ -17,6 +17,7 @@ pub mod ctx;
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod jwt;
 pub mod route;
 pub mod validate;
 

@@ -1,0 +1,208 @@
+//! JWT bearer tokens (part of phase 2, identity): keys loaded once per
+//! config (PEM or JWKS file, or an HMAC secret), then per request the
+//! signature, `exp`/`nbf` (30 s leeway), `iss` and `aud` are checked with
+//! jsonwebtoken. Only the configured algorithms are accepted, `alg: none`
+//! never parses, and a key is only ever used with its own family, so a
+//! public key can never serve as an HMAC secret.
+
+use std::sync::Arc;
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::{Map, Value};
+
+/// Leeway for `exp` and `nbf`, for clocks that disagree a little.
+const LEEWAY_SECS: u64 = 30;
+
+/// One verification key.
+#[derive(Debug, Clone)]
+pub struct JwtKey {
+    pub kid: Option<String>,
+    pub key: DecodingKey,
+}
+
+/// A token's verified claims.
+pub struct Verified {
+    pub identity: Arc<str>,
+    /// The tier claim's value, if the token has one.
+    pub tier: Option<String>,
+}
+
+/// A JWT check, compiled from `auth.jwt`.
+#[derive(Debug)]
+pub struct JwtVerifier {
+    keys: Vec<JwtKey>,
+    /// One validation per allowed algorithm.
+    validations: Vec<(Algorithm, Validation)>,
+    identity_claim: String,
+    tier_claim: Option<String>,
+}
+
+impl JwtVerifier {
+    pub fn new(
+        keys: Vec<JwtKey>,
+        algorithms: &[Algorithm],
+        issuer: Option<&str>,
+        audiences: &[String],
+        identity_claim: String,
+        tier_claim: Option<String>,
+    ) -> Self {
+        let validations = algorithms
+            .iter()
+            .map(|alg| {
+                let mut v = Validation::new(*alg);
+                v.leeway = LEEWAY_SECS;
+                v.validate_nbf = true;
+                if let Some(iss) = issuer {
+                    v.set_issuer(&[iss]);
+                }
+                if audiences.is_empty() {
+                    v.validate_aud = false;
+                } else {
+                    v.set_audience(audiences);
+                }
+                (*alg, v)
+            })
+            .collect();
+        JwtVerifier {
+            keys,
+            validations,
+            identity_claim,
+            tier_claim,
+        }
+    }
+
+    /// Verifies `token`; the error is a `sluice_auth_failures_total` reason.
+    pub fn verify(&self, token: &str) -> Result<Verified, &'static str> {
+        if self.keys.is_empty() {
+            // A jwks_url config before its keys are fetched.
+            return Err("no_keys");
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| "malformed")?;
+        let validation = self
+            .validations
+            .iter()
+            .find(|(alg, _)| *alg == header.alg)
+            .map(|(_, v)| v)
+            .ok_or("algorithm_not_allowed")?;
+        let family = header.alg.family();
+        let mut candidates = self
+            .keys
+            .iter()
+            .filter(|k| k.key.family() == family)
+            .filter(|k| match (&header.kid, &k.kid) {
+                (Some(want), Some(have)) => want == have,
+                _ => true,
+            })
+            .peekable();
+        if candidates.peek().is_none() {
+            return Err(if header.kid.is_some() {
+                "unknown_kid"
+            } else {
+                "bad_signature"
+            });
+        }
+        for key in candidates {
+            match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, validation) {
+                Ok(data) => return self.claims(&data.claims),
+                // Another key of the set may have signed it.
+                Err(e) if *e.kind() == ErrorKind::InvalidSignature => continue,
+                Err(e) => return Err(reason(e.kind())),
+            }
+        }
+        Err("bad_signature")
+    }
+
+    fn claims(&self, claims: &Map<String, Value>) -> Result<Verified, &'static str> {
+        let identity = match claims.get(&self.identity_claim) {
+            Some(Value::String(s)) if !s.is_empty() => Arc::from(s.as_str()),
+            Some(Value::Number(n)) => Arc::from(n.to_string()),
+            _ => return Err("missing_claim"),
+        };
+        let tier = self
+            .tier_claim
+            .as_ref()
+            .and_then(|c| claims.get(c))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        Ok(Verified { identity, tier })
+    }
+}
+
+fn reason(kind: &ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::ExpiredSignature => "expired",
+        ErrorKind::ImmatureSignature => "not_yet_valid",
+        ErrorKind::InvalidIssuer => "wrong_issuer",
+        ErrorKind::InvalidAudience => "wrong_audience",
+        ErrorKind::InvalidSignature => "bad_signature",
+        ErrorKind::InvalidAlgorithm => "algorithm_not_allowed",
+        ErrorKind::MissingRequiredClaim(_) => "missing_claim",
+        _ => "malformed",
+    }
+}
+
+/// Whether a credential looks like a JWT (three dot-separated parts).
+pub fn looks_like_jwt(credential: &[u8]) -> bool {
+    credential.iter().filter(|b| **b == b'.').count() == 2
+}
+
+/// Keys from a `keys_file`: a JWKS document, or PEM public keys or
+/// certificates (RSA, EC or Ed25519), one or more.
+pub fn load_keys_file(text: &str) -> Result<Vec<JwtKey>, String> {
+    if text.trim_start().starts_with('{') {
+        let set: JwkSet = serde_json::from_str(text)
+            .map_err(|e| format!("keys_file is not a JWKS document: {e}"))?;
+        return set
+            .keys
+            .iter()
+            .map(|jwk| {
+                let key = DecodingKey::from_jwk(jwk)
+                    .map_err(|e| format!("keys_file holds an unusable JWK: {e}"))?;
+                Ok(JwtKey {
+                    kid: jwk.common.key_id.clone(),
+                    key,
+                })
+            })
+            .collect();
+    }
+    let mut keys = Vec::new();
+    for block in pem_blocks(text) {
+        let bytes = block.as_bytes();
+        let key = DecodingKey::from_rsa_pem(bytes)
+            .or_else(|_| DecodingKey::from_ec_pem(bytes))
+            .or_else(|_| DecodingKey::from_ed_pem(bytes))
+            .map_err(|_| {
+                "keys_file holds a PEM block that is not an RSA, EC or Ed25519 public key"
+                    .to_owned()
+            })?;
+        keys.push(JwtKey { kid: None, key });
+    }
+    if keys.is_empty() {
+        return Err("keys_file holds no PEM key and is not a JWKS document".to_owned());
+    }
+    Ok(keys)
+}
+
+/// Each `-----BEGIN …-----` … `-----END …-----` block of a PEM text.
+fn pem_blocks(text: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with("-----BEGIN ") {
+            current = Some(String::new());
+        }
+        if let Some(block) = current.as_mut() {
+            block.push_str(line);
+            block.push('\n');
+        }
+        if line.starts_with("-----END ")
+            && let Some(block) = current.take()
+        {
+            blocks.push(block);
+        }
+    }
+    blocks
+}

@@ -1,0 +1,278 @@
+//! JWT bearer tokens: valid tokens become identities (with their tier
+//! claim), and every way a token can be wrong is a 401 counted by reason.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::Method;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+use crate::support::{Client, ClientReply, TestGateway};
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef-test-secret";
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn config(jwt: &str) -> String {
+    format!(
+        r#"
+upstreams:
+  demo: {{ mock: {{}} }}
+auth:
+  jwt:
+{jwt}
+tiers:
+  free: {{}}
+  pro: {{}}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    upstream: demo
+"#
+    )
+}
+
+fn hs_config(algorithms: &str) -> String {
+    config(&format!(
+        "    issuer: https://login.example.com/\n    audiences: [sluice]\n    hs256_secret: {SECRET}\n    algorithms: {algorithms}\n    tier_claim: tier"
+    ))
+}
+
+fn claims(overrides: Value) -> Value {
+    let mut c = json!({
+        "sub": "alice",
+        "iss": "https://login.example.com/",
+        "aud": "sluice",
+        "exp": now() + 600,
+        "tier": "pro",
+    });
+    for (k, v) in overrides.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    c
+}
+
+fn hs_token(alg: Algorithm, secret: &[u8], claims: &Value) -> String {
+    jsonwebtoken::encode(&Header::new(alg), claims, &EncodingKey::from_secret(secret)).unwrap()
+}
+
+async fn call(gw: &TestGateway, token: &str) -> ClientReply {
+    let auth = format!("Bearer {token}");
+    Client::new()
+        .send(
+            Method::GET,
+            &gw.url("/v1/models"),
+            &[("authorization", &auth)],
+            Bytes::new(),
+        )
+        .await
+}
+
+async fn refused_for(gw: &TestGateway, token: &str, reason: &str) {
+    let reply = call(gw, token).await;
+    assert_eq!(reply.status, 401, "{}", reply.text());
+    assert_eq!(reply.header("www-authenticate"), Some("Bearer"));
+    assert_eq!(reply.json()["error"]["code"], "invalid_api_key");
+    assert!(!reply.text().contains(token), "the token was echoed");
+    assert_eq!(
+        gw.metric(
+            "sluice_auth_failures_total",
+            &[("route", "chat"), ("reason", reason)]
+        )
+        .await,
+        Some(1.0),
+        "reason {reason}:\n{}",
+        gw.metrics().await
+    );
+}
+
+#[tokio::test]
+async fn valid_hs256_token_is_an_identity_with_its_tier() {
+    let gw = TestGateway::start(&hs_config("[HS256]")).await;
+    let reply = call(
+        &gw,
+        &hs_token(Algorithm::HS256, SECRET.as_bytes(), &claims(json!({}))),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let logs = gw.wait_access_logs(1).await;
+    assert_eq!(logs[0]["identity"], "alice");
+    assert_eq!(logs[0]["tier"], "pro");
+    // An unknown tier in the claim falls back to the default tier.
+    let reply = call(
+        &gw,
+        &hs_token(
+            Algorithm::HS256,
+            SECRET.as_bytes(),
+            &claims(json!({"tier": "gold"})),
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(gw.wait_access_logs(2).await[1]["tier"], "free");
+}
+
+#[tokio::test]
+async fn expired_token_is_refused() {
+    let gw = TestGateway::start(&hs_config("[HS256]")).await;
+    let token = hs_token(
+        Algorithm::HS256,
+        SECRET.as_bytes(),
+        &claims(json!({"exp": now() - 120})),
+    );
+    refused_for(&gw, &token, "expired").await;
+}
+
+#[tokio::test]
+async fn token_not_yet_valid_is_refused() {
+    let gw = TestGateway::start(&hs_config("[HS256]")).await;
+    let token = hs_token(
+        Algorithm::HS256,
+        SECRET.as_bytes(),
+        &claims(json!({"nbf": now() + 300})),
+    );
+    refused_for(&gw, &token, "not_yet_valid").await;
+}
+
+#[tokio::test]
+async fn wrong_issuer_is_refused() {
+    let gw = TestGateway::start(&hs_config("[HS256]")).await;
+    let token = hs_token(
+        Algorithm::HS256,
+        SECRET.as_bytes(),
+        &claims(json!({"iss": "https://evil.example/"})),
+    );
+    refused_for(&gw, &token, "wrong_issuer").await;
+}
+
+#[tokio::test]
+async fn wrong_audience_is_refused() {
+    let gw = TestGateway::start(&hs_config("[HS256]")).await;
+    let token = hs_token(
+        Algorithm::HS256,
+        SECRET.as_bytes(),
+        &claims(json!({"aud": "someone-else"})),
+    );
+    refused_for(&gw, &token, "wrong_audience").await;
+}
+
+#[tokio::test]
+async fn bad_signature_is_refused() {
+    let gw = TestGateway::start(&hs_config("[HS256]")).await;
+    let token = hs_token(
+        Algorithm::HS256,
+        b"another-secret-that-is-32-bytes-long!!",
+        &claims(json!({})),
+    );
+    refused_for(&gw, &token, "bad_signature").await;
+}
+
+#[tokio::test]
+async fn alg_none_is_refused() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let gw = TestGateway::start(&hs_config("[HS256]")).await;
+    let header = b64.encode(br#"{"alg":"none","typ":"JWT"}"#);
+    let payload = b64.encode(claims(json!({})).to_string());
+    refused_for(&gw, &format!("{header}.{payload}."), "malformed").await;
+}
+
+#[tokio::test]
+async fn algorithm_outside_the_list_is_refused() {
+    let gw = TestGateway::start(&hs_config("[HS256]")).await;
+    let token = hs_token(Algorithm::HS512, SECRET.as_bytes(), &claims(json!({})));
+    refused_for(&gw, &token, "algorithm_not_allowed").await;
+}
+
+/// An EC P-256 key pair: (private PKCS#8 PEM, public SPKI PEM).
+fn ec_keys() -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    (key.serialize_pem(), key.public_key_pem())
+}
+
+async fn gateway_with_keys_file(contents: &str, algorithms: &str) -> TestGateway {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.pem"), contents).unwrap();
+    let yaml = config(&format!(
+        "    keys_file: keys.pem\n    algorithms: {algorithms}\n    audiences: [sluice]"
+    ));
+    TestGateway::start_in(&yaml, &[], dir).await
+}
+
+#[tokio::test]
+async fn es256_token_verified_with_a_pem_public_key() {
+    let (private, public) = ec_keys();
+    let gw = gateway_with_keys_file(&public, "[ES256]").await;
+    let token = jsonwebtoken::encode(
+        &Header::new(Algorithm::ES256),
+        &claims(json!({"sub": "svc-batch"})),
+        &EncodingKey::from_ec_pem(private.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let reply = call(&gw, &token).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(gw.wait_access_logs(1).await[0]["identity"], "svc-batch");
+}
+
+#[tokio::test]
+async fn public_key_used_as_hmac_secret_is_refused() {
+    let (_, public) = ec_keys();
+    let gw = gateway_with_keys_file(&public, "[ES256]").await;
+    // The classic confusion attack: HMAC-sign with the (public) key text.
+    let token = hs_token(Algorithm::HS256, public.as_bytes(), &claims(json!({})));
+    refused_for(&gw, &token, "algorithm_not_allowed").await;
+    // And a config cannot allow it either.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.pem"), &public).unwrap();
+    let err = sluice::config::load_str(
+        &config("    keys_file: keys.pem\n    algorithms: [ES256, HS256]"),
+        "test.yaml",
+        dir.path(),
+        &|_| None,
+    )
+    .expect_err("HS256 with a public key must be refused");
+    assert_eq!(
+        err.0[0].message,
+        "HS256 needs hs256_secret; a public key is never used as an HMAC secret"
+    );
+}
+
+#[tokio::test]
+async fn jwks_keys_are_chosen_by_kid() {
+    let (private, _) = ec_keys();
+    let encoding = EncodingKey::from_ec_pem(private.as_bytes()).unwrap();
+    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&encoding, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("key-2026".into());
+    let set = json!({ "keys": [jwk] });
+    let gw = gateway_with_keys_file(&set.to_string(), "[ES256]").await;
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("key-2026".into());
+    let token = jsonwebtoken::encode(&header, &claims(json!({})), &encoding).unwrap();
+    assert_eq!(call(&gw, &token).await.status, 200);
+    header.kid = Some("key-1999".into());
+    let token = jsonwebtoken::encode(&header, &claims(json!({})), &encoding).unwrap();
+    refused_for(&gw, &token, "unknown_kid").await;
+}
+
+#[test]
+fn short_hmac_secret_is_a_config_error() {
+    let err = sluice::config::load_str(
+        &config("    hs256_secret: ${JWT_SECRET}"),
+        "test.yaml",
+        std::path::Path::new("/nonexistent"),
+        &|name| (name == "JWT_SECRET").then(|| "short-secret".to_owned()),
+    )
+    .expect_err("a short secret must be refused");
+    let line = err.0[0].to_string();
+    assert_eq!(
+        line,
+        "test.yaml:6:19: hs256_secret must be at least 32 bytes (256 bits)"
+    );
+    assert!(!line.contains("short-secret"));
+}
