@@ -2,12 +2,14 @@
 //! everything that outlives a reload (metrics, the log dispatcher, the
 //! readiness flag). Built once, shared by reference with every connection.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use crate::snapshot::Snapshot;
+use crate::proxy::jwks::JwksKeys;
+use crate::snapshot::{JwksSource, Snapshot};
 use crate::telemetry::log::{self, LogGuard, LogSink};
 use crate::telemetry::metrics::{Metrics, RouteMetrics, UpstreamMetrics};
 
@@ -21,11 +23,19 @@ pub struct Active {
     pub upstreams: Vec<UpstreamMetrics>,
     /// For requests that match no route (`route="none"`).
     pub unrouted: RouteMetrics,
+    /// The keys of the config's `jwks_url`, if it has one.
+    pub jwks: Option<Arc<JwksKeys>>,
 }
 
 impl Active {
-    fn new(snapshot: Snapshot, metrics: &Metrics) -> Self {
+    fn new(snapshot: Snapshot, metrics: &Metrics, jwks: &JwksRegistry) -> Self {
         Active {
+            jwks: snapshot
+                .auth
+                .jwt
+                .as_ref()
+                .and_then(|j| j.jwks.as_ref())
+                .map(|source| jwks.get(source)),
             routes: snapshot
                 .routes
                 .iter()
@@ -49,8 +59,33 @@ impl Active {
     }
 }
 
+/// JWKS keys by URL: fetched keys outlive the config that named them, so
+/// a reload does not refetch them.
+#[derive(Default)]
+struct JwksRegistry(Mutex<HashMap<String, Arc<JwksKeys>>>);
+
+impl JwksRegistry {
+    fn get(&self, source: &JwksSource) -> Arc<JwksKeys> {
+        let url = source.url.to_string();
+        let Ok(mut map) = self.0.lock() else {
+            // Poisoned only by a panic elsewhere: start afresh rather than fail.
+            let keys = JwksKeys::new(source.url.clone(), source.client.clone());
+            keys.spawn_refresher();
+            return keys;
+        };
+        map.entry(url)
+            .or_insert_with(|| {
+                let keys = JwksKeys::new(source.url.clone(), source.client.clone());
+                keys.spawn_refresher();
+                keys
+            })
+            .clone()
+    }
+}
+
 pub struct Gateway {
     active: ArcSwap<Active>,
+    jwks: JwksRegistry,
     pub metrics: Metrics,
     /// Where request-path events (the access log) are written.
     pub log: tracing::Dispatch,
@@ -64,8 +99,10 @@ impl Gateway {
     pub fn new(snapshot: Snapshot, sink: LogSink) -> Arc<Self> {
         let (log, log_guard) = log::dispatch(&snapshot.logging, sink);
         let metrics = Metrics::new();
+        let jwks = JwksRegistry::default();
         Arc::new(Gateway {
-            active: ArcSwap::from_pointee(Active::new(snapshot, &metrics)),
+            active: ArcSwap::from_pointee(Active::new(snapshot, &metrics, &jwks)),
+            jwks,
             metrics,
             log,
             ready: AtomicBool::new(false),
@@ -81,7 +118,7 @@ impl Gateway {
     /// Replaces the config for requests that start from now on.
     pub fn swap(&self, snapshot: Snapshot) {
         self.active
-            .store(Arc::new(Active::new(snapshot, &self.metrics)));
+            .store(Arc::new(Active::new(snapshot, &self.metrics, &self.jwks)));
     }
 
     pub fn is_ready(&self) -> bool {

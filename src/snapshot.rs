@@ -179,9 +179,15 @@ pub struct Jwt {
     /// Checks tokens against the keys loaded at config time (`keys_file`,
     /// `hs256_secret`).
     pub verifier: JwtVerifier,
-    /// Keys published by the issuer; fetching them is not built yet, so
-    /// until it is, tokens under a `jwks_url` config are refused.
-    pub jwks_url: Option<String>,
+    /// Where the issuer publishes its keys, and the client to fetch them
+    /// with; the keys themselves live in the gateway, across reloads.
+    pub jwks: Option<JwksSource>,
+}
+
+#[derive(Debug, Clone)]
+pub struct JwksSource {
+    pub url: http::Uri,
+    pub client: crate::upstream::HttpClient,
 }
 
 #[derive(Debug, Clone, Default)]

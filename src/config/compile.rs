@@ -837,14 +837,23 @@ impl Compiler<'_> {
             );
             return None;
         }
-        let mut jwks_url = None;
+        let mut jwks = None;
         let mut hmac = false;
         let keys = if let Some(u) = &j.jwks_url {
             let url = self.text(u)?;
-            if !(url.starts_with("https://") || url.starts_with("http://")) {
-                self.error(&u.referenced, "jwks_url must be an http:// or https:// URL");
+            let parsed = url
+                .parse::<http::Uri>()
+                .ok()
+                .filter(|uri| uri.host().is_some());
+            let client = match parsed.as_ref().and_then(http::Uri::scheme_str) {
+                Some("https") => upstream::client::build_tls(None, Duration::from_secs(5)).ok(),
+                Some("http") => Some(upstream::client::build_plain(Duration::from_secs(5))),
+                _ => None,
+            };
+            match (parsed, client) {
+                (Some(url), Some(client)) => jwks = Some(JwksSource { url, client }),
+                _ => self.error(&u.referenced, "jwks_url must be an http:// or https:// URL"),
             }
-            jwks_url = Some(url);
             Vec::new()
         } else if let Some(f) = &j.keys_file {
             let path = self.path(f)?;
@@ -922,7 +931,7 @@ impl Compiler<'_> {
                 identity_claim,
                 tier_claim,
             ),
-            jwks_url,
+            jwks,
         })
     }
 

@@ -9,6 +9,7 @@ use subtle::ConstantTimeEq;
 
 use super::ctx::{Identity, IdentityId, RequestCtx};
 use super::error::ProxyError;
+use super::jwks::JwksKeys;
 use super::jwt;
 use crate::snapshot::{AuthMode, Jwt, Route, Snapshot};
 
@@ -46,8 +47,9 @@ fn credential(headers: &HeaderMap) -> Option<&[u8]> {
 }
 
 /// Sets `ctx.identity` per the route's mode, or refuses with 401/403.
-pub fn identify(
+pub async fn identify(
     snap: &Snapshot,
+    jwks: Option<&JwksKeys>,
     route: &Route,
     headers: &HeaderMap,
     ctx: &mut RequestCtx,
@@ -80,7 +82,9 @@ pub fn identify(
         .map(|(_, key)| key);
     let Some(key) = found else {
         return match &snap.auth.jwt {
-            Some(jwt) if jwt::looks_like_jwt(presented) => identify_jwt(snap, jwt, presented, ctx),
+            Some(jwt) if jwt::looks_like_jwt(presented) => {
+                identify_jwt(snap, jwt, jwks, presented, ctx).await
+            }
             _ => Err(ProxyError::Unauthorized {
                 reason: "invalid_key",
             }),
@@ -99,19 +103,30 @@ pub fn identify(
 }
 
 /// Sets the identity from a JWT, or refuses it with the reason.
-fn identify_jwt(
+async fn identify_jwt(
     snap: &Snapshot,
     jwt: &Jwt,
+    jwks: Option<&JwksKeys>,
     token: &[u8],
     ctx: &mut RequestCtx,
 ) -> Result<(), ProxyError> {
     let token = std::str::from_utf8(token).map_err(|_| ProxyError::Unauthorized {
         reason: "malformed",
     })?;
-    let verified = jwt
-        .verifier
-        .verify(token)
-        .map_err(|reason| ProxyError::Unauthorized { reason })?;
+    let verified = match jwks {
+        None => jwt.verifier.verify(token),
+        Some(jwks) => {
+            let first = jwt.verifier.verify_with(token, &jwks.current());
+            match first {
+                // The issuer may have rotated its keys since we fetched them.
+                Err("unknown_kid" | "no_keys") if jwks.refresh_for_unknown_kid().await => {
+                    jwt.verifier.verify_with(token, &jwks.current())
+                }
+                other => other,
+            }
+        }
+    }
+    .map_err(|reason| ProxyError::Unauthorized { reason })?;
     // A tier claim counts only when it names a configured tier.
     let tier = verified
         .tier

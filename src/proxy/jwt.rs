@@ -73,9 +73,15 @@ impl JwtVerifier {
         }
     }
 
-    /// Verifies `token`; the error is a `sluice_auth_failures_total` reason.
+    /// Verifies `token` with the keys loaded from the config; the error is
+    /// a `sluice_auth_failures_total` reason.
     pub fn verify(&self, token: &str) -> Result<Verified, &'static str> {
-        if self.keys.is_empty() {
+        self.verify_with(token, &self.keys)
+    }
+
+    /// Verifies `token` with `keys` (those of a `jwks_url`).
+    pub fn verify_with(&self, token: &str, keys: &[JwtKey]) -> Result<Verified, &'static str> {
+        if keys.is_empty() {
             // A jwks_url config before its keys are fetched.
             return Err("no_keys");
         }
@@ -87,8 +93,7 @@ impl JwtVerifier {
             .map(|(_, v)| v)
             .ok_or("algorithm_not_allowed")?;
         let family = header.alg.family();
-        let mut candidates = self
-            .keys
+        let mut candidates = keys
             .iter()
             .filter(|k| k.key.family() == family)
             .filter(|k| match (&header.kid, &k.kid) {

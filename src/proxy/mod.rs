@@ -17,6 +17,7 @@ pub mod ctx;
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod jwks;
 pub mod jwt;
 pub mod route;
 pub mod validate;
@@ -74,7 +75,7 @@ async fn process(
     ctx.route_index = Some(index);
     // Decremented by the tap when the response ends, streams included.
     active.route_metrics(ctx.route_index).in_flight.inc();
-    if let Err(e) = auth::identify(snap, route, req.headers(), ctx) {
+    if let Err(e) = auth::identify(snap, active.jwks.as_deref(), route, req.headers(), ctx).await {
         if let Some(reason) = e.auth_failure_reason() {
             gw.metrics
                 .auth_failures

@@ -21,6 +21,15 @@ pub enum HttpClient {
     Tls(Client<HttpsConnector<HttpConnector>, BoxBody>),
 }
 
+impl std::fmt::Debug for HttpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HttpClient::Plain(_) => "HttpClient::Plain",
+            HttpClient::Tls(_) => "HttpClient::Tls",
+        })
+    }
+}
+
 impl HttpClient {
     pub fn request(&self, req: http::Request<BoxBody>) -> ResponseFuture {
         match self {

@@ -276,3 +276,67 @@ fn short_hmac_secret_is_a_config_error() {
     );
     assert!(!line.contains("short-secret"));
 }
+
+/// A JWKS document with one EC key, and the key that signs for it.
+fn jwks_with(kid: &str) -> (String, EncodingKey) {
+    let (private, _) = ec_keys();
+    let encoding = EncodingKey::from_ec_pem(private.as_bytes()).unwrap();
+    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&encoding, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some(kid.into());
+    (json!({ "keys": [jwk] }).to_string(), encoding)
+}
+
+fn es_token(kid: &str, key: &EncodingKey) -> String {
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some(kid.into());
+    jsonwebtoken::encode(&header, &claims(json!({})), key).unwrap()
+}
+
+#[tokio::test]
+async fn jwks_url_keys_follow_rotation_and_bad_kids_cannot_hammer_the_issuer() {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use crate::support::{MockUpstream, UpstreamReply, eventually};
+
+    let (doc_a, key_a) = jwks_with("a");
+    let document = Arc::new(Mutex::new(doc_a));
+    let served = document.clone();
+    let issuer = MockUpstream::start(move |_| {
+        UpstreamReply::text(served.lock().unwrap().clone())
+            .header("content-type", "application/json")
+    })
+    .await;
+    let gw = TestGateway::start(&config(&format!(
+        "    jwks_url: {}/.well-known/jwks.json\n    algorithms: [ES256]\n    audiences: [sluice]",
+        issuer.url()
+    )))
+    .await;
+    // Fetched at start, in the background.
+    assert!(eventually(Duration::from_secs(5), || issuer.seen().len() == 1).await);
+    assert_eq!(issuer.seen()[0].uri.path(), "/.well-known/jwks.json");
+    assert_eq!(call(&gw, &es_token("a", &key_a)).await.status, 200);
+
+    // The issuer rotates to key b: the first token signed with it makes
+    // sluice refetch, once.
+    let (doc_b, key_b) = jwks_with("b");
+    *document.lock().unwrap() = doc_b;
+    assert_eq!(call(&gw, &es_token("b", &key_b)).await.status, 200);
+    assert_eq!(issuer.seen().len(), 2);
+
+    // A flood of tokens with kids nobody published costs the issuer nothing
+    // more within the refetch floor.
+    for i in 0..20 {
+        let reply = call(&gw, &es_token(&format!("bogus-{i}"), &key_b)).await;
+        assert_eq!(reply.status, 401);
+    }
+    assert_eq!(issuer.seen().len(), 2, "unknown kids refetched the JWKS");
+    assert_eq!(
+        gw.metric(
+            "sluice_auth_failures_total",
+            &[("route", "chat"), ("reason", "unknown_kid")]
+        )
+        .await,
+        Some(20.0)
+    );
+}

@@ -1,0 +1,149 @@
+//! Keys published at a `jwks_url`: fetched over the upstreams' HTTP(S)
+//! client, kept outside the config snapshot (so a reload keeps them),
+//! refreshed in the background, and refetched when a token names a `kid`
+//! we do not know, at most once per [`REFETCH_FLOOR`] so that a flood of
+//! bad tokens cannot hammer the issuer.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::{Request, Uri};
+use http_body_util::{BodyExt, Limited};
+use jsonwebtoken::DecodingKey;
+use jsonwebtoken::jwk::JwkSet;
+
+use super::jwt::JwtKey;
+use crate::body;
+use crate::upstream::HttpClient;
+
+/// Background refresh period.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(300);
+/// Shortest time between two refetches caused by unknown `kid`s.
+pub const REFETCH_FLOOR: Duration = Duration::from_secs(30);
+/// How long a fetch may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// A JWKS document larger than this is refused.
+const MAX_DOCUMENT: usize = 1 << 20;
+
+/// The keys of one `jwks_url`.
+pub struct JwksKeys {
+    url: Uri,
+    client: HttpClient,
+    keys: ArcSwap<Vec<JwtKey>>,
+    /// When the last refetch for an unknown kid started.
+    last_on_demand: Mutex<Option<Instant>>,
+    /// Serializes fetches so that concurrent misses share one.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for JwksKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "JwksKeys({})", self.url)
+    }
+}
+
+impl JwksKeys {
+    pub fn new(url: Uri, client: HttpClient) -> Arc<Self> {
+        Arc::new(JwksKeys {
+            url,
+            client,
+            keys: ArcSwap::from_pointee(Vec::new()),
+            last_on_demand: Mutex::new(None),
+            fetching: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn url(&self) -> &Uri {
+        &self.url
+    }
+
+    /// The keys known now.
+    pub fn current(&self) -> Arc<Vec<JwtKey>> {
+        self.keys.load_full()
+    }
+
+    /// Fetches now unless another fetch is running (then waits for it).
+    pub async fn refresh(&self) {
+        // The address of the key list identifies a fetch's result.
+        let seen = Arc::as_ptr(&self.keys.load()) as usize;
+        let _guard = self.fetching.lock().await;
+        if Arc::as_ptr(&self.keys.load()) as usize != seen {
+            return; // someone else just fetched
+        }
+        match tokio::time::timeout(FETCH_TIMEOUT, self.fetch()).await {
+            Ok(Ok(keys)) => {
+                tracing::info!(url = %self.url, keys = keys.len(), "JWKS fetched");
+                self.keys.store(Arc::new(keys));
+            }
+            Ok(Err(e)) => tracing::warn!(url = %self.url, error = %e, "JWKS fetch failed"),
+            Err(_) => tracing::warn!(url = %self.url, "JWKS fetch timed out"),
+        }
+    }
+
+    /// A refetch for an unknown kid, unless one ran within the floor.
+    /// Returns whether a refetch happened.
+    pub async fn refresh_for_unknown_kid(&self) -> bool {
+        {
+            let Ok(mut last) = self.last_on_demand.lock() else {
+                return false;
+            };
+            if last.is_some_and(|t| t.elapsed() < REFETCH_FLOOR) {
+                return false;
+            }
+            *last = Some(Instant::now());
+        }
+        self.refresh().await;
+        true
+    }
+
+    async fn fetch(&self) -> Result<Vec<JwtKey>, String> {
+        let req = Request::get(self.url.clone())
+            .header(http::header::ACCEPT, "application/json")
+            .body(body::empty())
+            .map_err(|e| e.to_string())?;
+        let resp = self
+            .client
+            .request(req)
+            .await
+            .map_err(|_| "the issuer could not be reached".to_owned())?;
+        if !resp.status().is_success() {
+            return Err(format!("the issuer answered {}", resp.status()));
+        }
+        let bytes = Limited::new(resp.into_body(), MAX_DOCUMENT)
+            .collect()
+            .await
+            .map_err(|_| "the JWKS document could not be read (or is over 1 MiB)".to_owned())?
+            .to_bytes();
+        let set: JwkSet =
+            serde_json::from_slice(&bytes).map_err(|e| format!("not a JWKS document: {e}"))?;
+        Ok(set
+            .keys
+            .iter()
+            .filter_map(|jwk| {
+                // Keys this crate cannot use (other key types) are skipped,
+                // not fatal: issuers publish several kinds.
+                let key = DecodingKey::from_jwk(jwk).ok()?;
+                Some(JwtKey {
+                    kid: jwk.common.key_id.clone(),
+                    key,
+                })
+            })
+            .collect())
+    }
+
+    /// Fetches now and then every [`REFRESH_EVERY`] while the keys are in use.
+    pub fn spawn_refresher(self: &Arc<Self>) {
+        let weak: Weak<Self> = Arc::downgrade(self);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                loop {
+                    let Some(keys) = weak.upgrade() else { return };
+                    keys.refresh().await;
+                    drop(keys);
+                    tokio::time::sleep(REFRESH_EVERY).await;
+                }
+            });
+        }
+    }
+}
