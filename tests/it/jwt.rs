@@ -340,3 +340,42 @@ async fn jwks_url_keys_follow_rotation_and_bad_kids_cannot_hammer_the_issuer() {
         Some(20.0)
     );
 }
+
+#[tokio::test]
+async fn rs256_token_verifies_and_hs256_with_the_rsa_public_key_does_not() {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    let public = key.public_key_pem();
+    let gw = gateway_with_keys_file(&public, "[RS256]").await;
+    let signing = EncodingKey::from_rsa_pem(key.serialize_pem().as_bytes()).unwrap();
+    let good =
+        jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims(json!({})), &signing).unwrap();
+    assert_eq!(call(&gw, &good).await.status, 200);
+    // RS/HS confusion: an HS256 token whose HMAC key is the public key PEM.
+    let forged = hs_token(Algorithm::HS256, public.as_bytes(), &claims(json!({})));
+    refused_for(&gw, &forged, "algorithm_not_allowed").await;
+}
+
+#[tokio::test]
+async fn tokens_and_secrets_never_reach_the_logs() {
+    let gw = TestGateway::start_with_env(
+        &config("    hs256_secret: ${JWT_SECRET}\n    audiences: [sluice]\n    issuer: https://login.example.com/"),
+        &[("JWT_SECRET", SECRET), ("SLUICE_LOG", "trace")],
+    )
+    .await;
+    let good = hs_token(Algorithm::HS256, SECRET.as_bytes(), &claims(json!({})));
+    let bad = hs_token(
+        Algorithm::HS256,
+        b"forged-forged-forged-forged-forged!!",
+        &claims(json!({})),
+    );
+    assert_eq!(call(&gw, &good).await.status, 200);
+    assert_eq!(call(&gw, &bad).await.status, 401);
+    gw.wait_access_logs(2).await;
+    let text = gw.log_text();
+    for secret in [good.as_str(), bad.as_str(), SECRET] {
+        assert!(
+            !text.contains(secret),
+            "the log leaks a credential:\n{text}"
+        );
+    }
+}
