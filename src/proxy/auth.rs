@@ -11,7 +11,9 @@ use super::ctx::{Identity, IdentityId, RequestCtx};
 use super::error::ProxyError;
 use super::jwks::JwksKeys;
 use super::jwt;
-use crate::snapshot::{AuthMode, Jwt, Route, Snapshot};
+use std::sync::Arc;
+
+use crate::snapshot::{ApiKey, Auth, AuthMode, Jwt, Route, Snapshot};
 
 /// The SHA-256 digest of a key.
 pub fn digest(key: &[u8]) -> [u8; 32] {
@@ -46,6 +48,18 @@ fn credential(headers: &HeaderMap) -> Option<&[u8]> {
     headers.get("x-api-key").map(|v| v.as_bytes().trim_ascii())
 }
 
+/// The configured API key `presented` is, if any: one SHA-256 and one
+/// hash-map lookup, whatever the number of keys.
+pub fn find_api_key<'a>(auth: &'a Auth, presented: &[u8]) -> Option<&'a Arc<ApiKey>> {
+    let d = digest(presented);
+    auth.api_keys
+        .get_key_value(&d)
+        // The map already compared digests; the constant-time check keeps
+        // that comparison free of early exits however the map is built.
+        .filter(|(stored, _)| bool::from(stored.ct_eq(&d)))
+        .map(|(_, key)| key)
+}
+
 /// Sets `ctx.identity` per the route's mode, or refuses with 401/403.
 pub async fn identify(
     snap: &Snapshot,
@@ -71,16 +85,7 @@ pub async fn identify(
             _ => Err(ProxyError::Unauthorized { reason: "missing" }),
         };
     };
-    let d = digest(presented);
-    let found = snap
-        .auth
-        .api_keys
-        .get_key_value(&d)
-        // The map already compared digests; the constant-time check keeps
-        // that comparison free of early exits however the map is built.
-        .filter(|(stored, _)| bool::from(stored.ct_eq(&d)))
-        .map(|(_, key)| key);
-    let Some(key) = found else {
+    let Some(key) = find_api_key(&snap.auth, presented) else {
         return match &snap.auth.jwt {
             Some(jwt) if jwt::looks_like_jwt(presented) => {
                 identify_jwt(snap, jwt, jwks, presented, ctx).await
