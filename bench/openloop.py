@@ -166,7 +166,8 @@ class Gen:
             f"{args.method} {path} HTTP/1.1\r\n"
             f"Host: {u.netloc}\r\n"
             f"Content-Type: {args.content_type}\r\n"
-            f"Content-Length: {len(body)}\r\n"
+            + "".join(f"{h}\r\n" for h in args.header)
+            +             f"Content-Length: {len(body)}\r\n"
             f"\r\n"
         ).encode() + body
         self.rate = float(args.rate)
@@ -308,6 +309,7 @@ def main():
     ap.add_argument("--connections", type=int, default=8, help="keep-alive connections (default 8)")
     ap.add_argument("--drain", type=float, default=5, help="seconds to wait for stragglers after the last send (default 5)")
     ap.add_argument("--method", default="POST")
+    ap.add_argument("--header", action="append", default=[], help="an extra request header line, repeatable")
     ap.add_argument("--body", default='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}')
     ap.add_argument("--content-type", default="application/json")
     ap.add_argument("-v", "--verbose", action="store_true")

@@ -30,6 +30,7 @@ PROXY_CPU=${PROXY_CPU:-0}                # core for the proxy under test
 LOAD_CPU=${LOAD_CPU:-1}                  # core for the upstream + load generators
 SKIP_SLUICE=${SKIP_SLUICE:-0}            # 1: only direct + nginx (no build needed)
 FLOOR=${FLOOR:-0}                        # 1: also the bare hyper proxy (examples/hyper_floor.rs)
+AUTH=${AUTH:-0}                          # 1: sluice's route requires an API key; every target gets the header
 FLOOR_BIN=${FLOOR_BIN:-target/release/examples/hyper_floor}
 SLUICE_BIN=${SLUICE_BIN:-target/release/sluice}
 OPENLOOP_TOOL=${OPENLOOP_TOOL:-python}   # python (bench/openloop.py) | oha (if installed)
@@ -278,16 +279,23 @@ EOF
 EOF
 } >"$WORK/nginx/nginx.conf"
 
-# (c) sluice: one route, no auth, straight to the same upstream.
+# (c) sluice: one route straight to the same upstream; with AUTH=1 it
+# requires an API key (and every target is sent one, so loads are equal).
+BENCH_KEY=sk-bench-0123456789abcdef
+AUTH_HEADER="authorization: Bearer $BENCH_KEY"
+if (( AUTH )); then ROUTE_AUTH=required; else ROUTE_AUTH=none; fi
 cat >"$WORK/sluice.yaml" <<EOF
 listen: 127.0.0.1:$SLUICE_PORT
 admin: { listen: 127.0.0.1:$ADMIN_PORT }
 upstreams:
   fast: { url: "http://127.0.0.1:$UP_PORT" }
+auth:
+  api_keys:
+    - { id: bench, key: $BENCH_KEY }
 routes:
   - name: bench
     match: { path_prefix: / }
-    auth: none
+    auth: $ROUTE_AUTH
     upstream: fast
 EOF
 
@@ -343,8 +351,9 @@ wait_status() {  # $1 = url, $2 = status, $3 = pid that must stay alive
 # One real request through the target: catches a misrouted or failing proxy
 # before it is benchmarked (a fast stream of 404s would look great).
 check_target() {  # $1 = name, $2 = url
-  local out code
-  out=$(curl -sS --max-time 5 -w '\n%{http_code}' -H 'content-type: application/json' -d "$BODY" "$2") \
+  local out code auth=()
+  if (( AUTH )); then auth=(-H "$AUTH_HEADER"); fi
+  out=$(curl -sS --max-time 5 -w '\n%{http_code}' -H 'content-type: application/json' "${auth[@]}" -d "$BODY" "$2") \
     || die "$1: request to $2 failed"
   code=${out##*$'\n'}
   [[ $code == 200 && $out == *chat.completion* ]] || die "$1: expected 200 + chat.completion from $2, got $code: ${out%$'\n'*}"
@@ -353,8 +362,10 @@ check_target() {  # $1 = name, $2 = url
 # ------------------------------------------------------------- load tools --
 # Each prints the RESULT line of its run (raw output kept in $WORK/raw.log).
 run_wrk() {  # $1 = url, $2 = seconds
+  local auth=()
+  if (( AUTH )); then auth=(-H "$AUTH_HEADER"); fi
   taskset -c "$LOAD_CPU" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$2"s --timeout 5s \
-    -s "$BENCH_DIR/chat.lua" "$1" >"$WORK/wrk.out" 2>&1 || { cat "$WORK/wrk.out" >&2; die "wrk failed"; }
+    "${auth[@]}" -s "$BENCH_DIR/chat.lua" "$1" >"$WORK/wrk.out" 2>&1 || { cat "$WORK/wrk.out" >&2; die "wrk failed"; }
   cat "$WORK/wrk.out" >>"$WORK/raw.log"
   grep -m1 '^RESULT ' "$WORK/wrk.out" || { cat "$WORK/wrk.out" >&2; die "no RESULT line from wrk"; }
 }
@@ -364,8 +375,10 @@ run_open() {  # $1 = url
     run_oha "$1"
     return
   fi
+  local auth=()
+  if (( AUTH )); then auth=(--header "$AUTH_HEADER"); fi
   taskset -c "$LOAD_CPU" python3 "$BENCH_DIR/openloop.py" --url "$1" --rate "$RATE" \
-    --duration "$DURATION" --connections "$OPEN_CONNECTIONS" --body "$BODY" \
+    --duration "$DURATION" --connections "$OPEN_CONNECTIONS" --body "$BODY" "${auth[@]}" \
     >"$WORK/open.out" 2>&1 || { cat "$WORK/open.out" >&2; die "openloop.py failed"; }
   cat "$WORK/open.out" >>"$WORK/raw.log"
   grep '^openloop: WARNING' "$WORK/open.out" >&2 || true
