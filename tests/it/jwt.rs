@@ -379,3 +379,19 @@ async fn tokens_and_secrets_never_reach_the_logs() {
         );
     }
 }
+
+#[tokio::test]
+async fn eddsa_token_verifies_with_an_ed25519_public_key() {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let gw = gateway_with_keys_file(&key.public_key_pem(), "[EdDSA]").await;
+    let signing = EncodingKey::from_ed_pem(key.serialize_pem().as_bytes()).unwrap();
+    let token = jsonwebtoken::encode(
+        &Header::new(Algorithm::EdDSA),
+        &claims(json!({"sub": 42})),
+        &signing,
+    )
+    .unwrap();
+    assert_eq!(call(&gw, &token).await.status, 200);
+    // A numeric identity claim is used as its decimal text.
+    assert_eq!(gw.wait_access_logs(1).await[0]["identity"], "42");
+}
