@@ -8,10 +8,13 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
+use prometheus::IntCounter;
+
 use crate::proxy::jwks::JwksKeys;
 use crate::snapshot::{JwksSource, Snapshot};
 use crate::telemetry::log::{self, LogGuard, LogSink};
 use crate::telemetry::metrics::{Metrics, RouteMetrics, UpstreamMetrics};
+use crate::upstream::breaker::Breaker;
 
 /// A config in service: the snapshot and its metric children, resolved
 /// together when it is installed so requests index instead of hashing.
@@ -25,11 +28,30 @@ pub struct Active {
     pub unrouted: RouteMetrics,
     /// The keys of the config's `jwks_url`, if it has one.
     pub jwks: Option<Arc<JwksKeys>>,
+    /// Parallel to `snapshot.upstreams`: circuit state, kept across reloads.
+    pub breakers: Vec<Arc<Breaker>>,
+    /// Parallel to `snapshot.pools`: `sluice_failovers_total{pool}`.
+    pub failovers: Vec<IntCounter>,
 }
 
 impl Active {
-    fn new(snapshot: Snapshot, metrics: &Metrics, jwks: &JwksRegistry) -> Self {
+    fn new(
+        snapshot: Snapshot,
+        metrics: &Metrics,
+        jwks: &JwksRegistry,
+        breakers: &BreakerRegistry,
+    ) -> Self {
         Active {
+            breakers: snapshot
+                .upstreams
+                .iter()
+                .map(|u| breakers.get(&u.name, metrics))
+                .collect(),
+            failovers: snapshot
+                .pools
+                .iter()
+                .map(|p| metrics.failovers.with_label_values(&[&p.name]))
+                .collect(),
             jwks: snapshot
                 .auth
                 .jwt
@@ -83,9 +105,24 @@ impl JwksRegistry {
     }
 }
 
+/// Circuit breakers by upstream name.
+#[derive(Default)]
+struct BreakerRegistry(Mutex<HashMap<String, Arc<Breaker>>>);
+
+impl BreakerRegistry {
+    fn get(&self, name: &str, metrics: &Metrics) -> Arc<Breaker> {
+        let make = || Arc::new(Breaker::new(metrics.upstream_up.with_label_values(&[name])));
+        match self.0.lock() {
+            Ok(mut map) => map.entry(name.to_owned()).or_insert_with(make).clone(),
+            Err(_) => make(),
+        }
+    }
+}
+
 pub struct Gateway {
     active: ArcSwap<Active>,
     jwks: JwksRegistry,
+    breakers: BreakerRegistry,
     pub metrics: Metrics,
     /// Where request-path events (the access log) are written.
     pub log: tracing::Dispatch,
@@ -100,9 +137,11 @@ impl Gateway {
         let (log, log_guard) = log::dispatch(&snapshot.logging, sink);
         let metrics = Metrics::new();
         let jwks = JwksRegistry::default();
+        let breakers = BreakerRegistry::default();
         Arc::new(Gateway {
-            active: ArcSwap::from_pointee(Active::new(snapshot, &metrics, &jwks)),
+            active: ArcSwap::from_pointee(Active::new(snapshot, &metrics, &jwks, &breakers)),
             jwks,
+            breakers,
             metrics,
             log,
             ready: AtomicBool::new(false),
@@ -117,8 +156,12 @@ impl Gateway {
 
     /// Replaces the config for requests that start from now on.
     pub fn swap(&self, snapshot: Snapshot) {
-        self.active
-            .store(Arc::new(Active::new(snapshot, &self.metrics, &self.jwks)));
+        self.active.store(Arc::new(Active::new(
+            snapshot,
+            &self.metrics,
+            &self.jwks,
+            &self.breakers,
+        )));
     }
 
     pub fn is_ready(&self) -> bool {

@@ -1,24 +1,30 @@
-//! Phase 6, forwarding: sends the request to the route's upstream (a real
-//! server through its pooled client, or the in-process mock) and returns
-//! the response head as soon as it arrives; the body streams on. Pools
-//! currently send to their first member; the failover loop lands here.
+//! Phase 6, forwarding: sends the request to the route's upstream, or to
+//! its pool's members in priority order, and returns the response head as
+//! soon as one is good; the body streams on. For a pool, the request body
+//! (bounded by `max_request_body`) is kept so it can be replayed to the
+//! next member; a connect error, a timeout or a `retry_on` status moves
+//! on, within `max_attempts`, skipping members whose circuit is open or
+//! who asked for a pause (429 + `retry-after`).
 
 use std::error::Error as StdError;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::request::Parts;
 use http::{Request, Response, Version};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use super::ctx::RequestCtx;
 use super::error::ProxyError;
 use super::headers;
 use super::validate::CappedBody;
-use crate::body::{BodyError, BoxBody};
+use crate::body::{self, BodyError, BoxBody};
 use crate::gateway::Active;
-use crate::snapshot::{AuthMode, Route, Target};
-use crate::telemetry::metrics::{Outcome, UpstreamMetrics};
-use crate::upstream::{Upstream, UpstreamKind, mock};
+use crate::snapshot::{AuthMode, Pool, RetryOn, Route, Target};
+use crate::telemetry::metrics::Outcome;
+use crate::upstream::breaker::Admit;
+use crate::upstream::{UpstreamKind, mock, pool};
 
 /// Why an attempt failed, as a metric label and a safe human phrase.
 struct AttemptFailure {
@@ -38,21 +44,185 @@ pub async fn send(
     req: Request<Incoming>,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let snap = &active.snapshot;
-    let (index, upstream, metrics) =
-        pick(active, route).ok_or_else(|| ProxyError::UpstreamFailed {
-            attempts: "no upstream configured".to_owned(),
-        })?;
     let (mut parts, body) = req.into_parts();
-    headers::to_upstream(
-        &mut parts.headers,
-        ctx,
-        upstream,
-        route.auth != AuthMode::None,
-    );
+    headers::from_client(&mut parts.headers, ctx, route.auth != AuthMode::None);
     let limit = snap.limits.max_request_body;
-    let (body, over_limit) = CappedBody::new(body, limit);
-    let body = body.boxed_unsync();
+    let pool = match route.target {
+        Target::Upstream(index) => {
+            // One upstream: the body streams through, counted against the limit.
+            let upstream = snap
+                .upstreams
+                .get(index)
+                .ok_or_else(|| ProxyError::UpstreamFailed {
+                    attempts: "no upstream configured".to_owned(),
+                })?;
+            headers::for_upstream(&mut parts.headers, upstream);
+            let (body, over_limit) = CappedBody::new(body, limit);
+            let result = attempt(active, index, ctx, parts, body.boxed_unsync()).await;
+            if over_limit.is_set() {
+                if let Some(m) = active.upstreams.get(index) {
+                    m.outcome(Outcome::ClientError).inc();
+                }
+                return Err(ProxyError::TooLarge { limit });
+            }
+            return result.map_err(|f| {
+                if f.outcome == Outcome::Timeout {
+                    ProxyError::UpstreamTimeout {
+                        upstream: upstream.name.to_string(),
+                    }
+                } else {
+                    ProxyError::UpstreamFailed {
+                        attempts: format!("{}: {}", upstream.name, f.text),
+                    }
+                }
+            });
+        }
+        Target::Pool(p) => snap.pools.get(p).map(|pool| (p, pool)),
+    };
+    let (p, pool) = pool.ok_or_else(|| ProxyError::UpstreamFailed {
+        attempts: "no pool configured".to_owned(),
+    })?;
+    let body = read_body(body, limit).await?;
+    failover(active, p, pool, ctx, &parts, body).await
+}
 
+/// The whole request body, for replay to another member.
+async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, ProxyError> {
+    let cap = usize::try_from(limit).unwrap_or(usize::MAX);
+    match Limited::new(body, cap).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::TooLarge { limit }),
+        Err(_) => Err(ProxyError::InvalidRequest {
+            message: "the request body could not be read".to_owned(),
+        }),
+    }
+}
+
+/// Tries the pool's members in order until one answers well.
+async fn failover(
+    active: &Active,
+    p: usize,
+    pool: &Pool,
+    ctx: &mut RequestCtx,
+    parts: &Parts,
+    body: Bytes,
+) -> Result<Response<BoxBody>, ProxyError> {
+    let snap = &active.snapshot;
+    let mut tried: Vec<String> = Vec::new();
+    let mut reopens: Option<Instant> = None;
+    let mut last_timed_out: Option<&str> = None;
+    let mut attempts = 0u32;
+    for &member in &pool.members {
+        if attempts >= pool.max_attempts {
+            break;
+        }
+        let (Some(upstream), Some(breaker)) =
+            (snap.upstreams.get(member), active.breakers.get(member))
+        else {
+            continue;
+        };
+        let now = Instant::now();
+        if let Admit::No(until) = breaker.admit(now) {
+            reopens = Some(reopens.map_or(until, |r| r.min(until)));
+            continue;
+        }
+        if attempts > 0
+            && let Some(counter) = active.failovers.get(p)
+        {
+            counter.inc();
+        }
+        attempts += 1;
+        let mut member_parts = copy_parts(parts);
+        headers::for_upstream(&mut member_parts.headers, upstream);
+        let bytes = match pool::rewrite_model(&body, &upstream.models) {
+            Some(rewritten) => {
+                member_parts
+                    .headers
+                    .insert(http::header::CONTENT_LENGTH, rewritten.len().into());
+                rewritten
+            }
+            None => body.clone(),
+        };
+        match attempt(active, member, ctx, member_parts, body::full(bytes)).await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                if !pool.retry_on.contains(&RetryOn::Status(status)) {
+                    breaker.success();
+                    return Ok(resp);
+                }
+                match (status, pool::retry_after(resp.headers())) {
+                    (429, Some(pause)) => breaker.cool_down(Instant::now() + pause),
+                    _ => breaker.failure(
+                        Instant::now(),
+                        pool.breaker_failures,
+                        pool.breaker_cooldown,
+                    ),
+                }
+                ctx.upstream_started = None;
+                tried.push(format!("{}: {status}", upstream.name));
+                last_timed_out = None;
+            }
+            Err(failure) => {
+                breaker.failure(Instant::now(), pool.breaker_failures, pool.breaker_cooldown);
+                tried.push(format!("{}: {}", upstream.name, failure.text));
+                let retryable = if failure.outcome == Outcome::Timeout {
+                    last_timed_out = Some(&upstream.name);
+                    pool.retry_on.contains(&RetryOn::Timeout)
+                } else {
+                    last_timed_out = None;
+                    pool.retry_on.contains(&RetryOn::Connect)
+                };
+                if !retryable {
+                    break;
+                }
+            }
+        }
+    }
+    if attempts == 0 {
+        let wait = reopens.map_or(Duration::from_secs(1), |r| {
+            r.saturating_duration_since(Instant::now())
+        });
+        return Err(ProxyError::UpstreamUnavailable {
+            retry_after: wait.max(Duration::from_secs(1)),
+        });
+    }
+    match last_timed_out {
+        Some(name) => Err(ProxyError::UpstreamTimeout {
+            upstream: name.to_owned(),
+        }),
+        None => Err(ProxyError::UpstreamFailed {
+            attempts: tried.join("; "),
+        }),
+    }
+}
+
+/// A copy of a request head for one attempt (`Parts` itself is not `Clone`).
+fn copy_parts(parts: &Parts) -> Parts {
+    let (mut copy, ()) = Request::new(()).into_parts();
+    copy.method = parts.method.clone();
+    copy.uri = parts.uri.clone();
+    copy.version = parts.version;
+    copy.headers = parts.headers.clone();
+    copy
+}
+
+/// One attempt at upstream `index`: records it in the ctx and the metrics
+/// and returns the response head, whatever its status.
+async fn attempt(
+    active: &Active,
+    index: usize,
+    ctx: &mut RequestCtx,
+    mut parts: Parts,
+    body: BoxBody,
+) -> Result<Response<BoxBody>, AttemptFailure> {
+    let snap = &active.snapshot;
+    let (Some(upstream), Some(metrics)) = (snap.upstreams.get(index), active.upstreams.get(index))
+    else {
+        return Err(AttemptFailure {
+            outcome: Outcome::ConnectError,
+            text: "no such upstream",
+        });
+    };
     let started = Instant::now();
     ctx.upstream = Some(upstream.name.clone());
     ctx.upstream_index = Some(index);
@@ -65,26 +235,28 @@ pub async fn send(
         .into();
 
     let result: Result<Response<BoxBody>, AttemptFailure> = match &upstream.kind {
-        UpstreamKind::Http(http) => {
-            parts.uri = http.uri_for(parts.uri.path_and_query()).map_err(|_| {
-                ProxyError::InvalidRequest {
-                    message: "the request path cannot be forwarded".to_owned(),
+        UpstreamKind::Http(http) => match http.uri_for(parts.uri.path_and_query()) {
+            Err(_) => Err(AttemptFailure {
+                outcome: Outcome::ClientError,
+                text: "the request path cannot be forwarded",
+            }),
+            Ok(uri) => {
+                parts.uri = uri;
+                // The pooled client picks HTTP/1.1 or HTTP/2 per connection
+                // (ALPN), whatever the client spoke to us.
+                parts.version = Version::HTTP_11;
+                match tokio::time::timeout_at(
+                    deadline,
+                    http.client.request(Request::from_parts(parts, body)),
+                )
+                .await
+                {
+                    Err(_) => Err(TIMED_OUT),
+                    Ok(Err(e)) => Err(classify(&e)),
+                    Ok(Ok(resp)) => Ok(resp.map(|b| b.map_err(BodyError::new).boxed_unsync())),
                 }
-            })?;
-            // The pooled client picks HTTP/1.1 or HTTP/2 per connection (ALPN),
-            // whatever the client spoke to us.
-            parts.version = Version::HTTP_11;
-            match tokio::time::timeout_at(
-                deadline,
-                http.client.request(Request::from_parts(parts, body)),
-            )
-            .await
-            {
-                Err(_) => Err(TIMED_OUT),
-                Ok(Err(e)) => Err(classify(&e)),
-                Ok(Ok(resp)) => Ok(resp.map(|b| b.map_err(BodyError::new).boxed_unsync())),
             }
-        }
+        },
         UpstreamKind::Mock(settings) => {
             match tokio::time::timeout_at(
                 deadline,
@@ -99,11 +271,6 @@ pub async fn send(
     };
     let elapsed = started.elapsed();
     ctx.upstream_wait += elapsed;
-    let name = &*upstream.name;
-    if over_limit.is_set() {
-        metrics.outcome(Outcome::ClientError).inc();
-        return Err(ProxyError::TooLarge { limit });
-    }
     match result {
         Ok(mut resp) => {
             metrics.first_byte.observe(elapsed.as_secs_f64());
@@ -117,34 +284,9 @@ pub async fn send(
         Err(failure) => {
             ctx.upstream_started = None;
             metrics.outcome(failure.outcome).inc();
-            if failure.outcome == Outcome::Timeout {
-                Err(ProxyError::UpstreamTimeout {
-                    upstream: name.to_owned(),
-                })
-            } else {
-                Err(ProxyError::UpstreamFailed {
-                    attempts: format!("{name}: {}", failure.text),
-                })
-            }
+            Err(failure)
         }
     }
-}
-
-/// The upstream a route sends to: its index, config and metrics.
-fn pick<'a>(
-    active: &'a Active,
-    route: &Route,
-) -> Option<(usize, &'a Upstream, &'a UpstreamMetrics)> {
-    let snap = &active.snapshot;
-    let index = match route.target {
-        Target::Upstream(i) => i,
-        Target::Pool(p) => *snap.pools.get(p)?.members.first()?,
-    };
-    Some((
-        index,
-        snap.upstreams.get(index)?,
-        active.upstreams.get(index)?,
-    ))
 }
 
 /// Names a client error without its text (which may carry an address).

@@ -87,14 +87,10 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("-"))
 }
 
-/// Prepares a client's request headers for `upstream`. `strip_credentials`
-/// is true on routes where sluice consumed the credential.
-pub fn to_upstream(
-    headers: &mut HeaderMap,
-    ctx: &RequestCtx,
-    upstream: &Upstream,
-    strip_credentials: bool,
-) {
+/// Prepares a client's request headers for any upstream (once per
+/// request). `strip_credentials` is true on routes where sluice consumed
+/// the credential.
+pub fn from_client(headers: &mut HeaderMap, ctx: &RequestCtx, strip_credentials: bool) {
     let original_host = headers.remove(header::HOST);
     strip_hop_by_hop(headers);
     strip_sluice(headers);
@@ -132,6 +128,10 @@ pub fn to_upstream(
         }
     }
     headers.insert(X_REQUEST_ID, ctx.request_id.clone());
+}
+
+/// Applies one upstream's own headers (per attempt: members differ).
+pub fn for_upstream(headers: &mut HeaderMap, upstream: &Upstream) {
     for set in &upstream.set_headers {
         headers.insert(set.name.clone(), set.value.clone());
     }

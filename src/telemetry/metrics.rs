@@ -33,6 +33,8 @@ pub struct Metrics {
     pub upstream_first_byte: HistogramVec,
     pub in_flight: IntGaugeVec,
     pub auth_failures: IntCounterVec,
+    pub failovers: IntCounterVec,
+    pub upstream_up: IntGaugeVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -105,6 +107,16 @@ impl Metrics {
                 "sluice_in_flight_requests",
                 "Requests being served now, streams included.",
                 &["route"],
+            ),
+            failovers: counter(
+                "sluice_failovers_total",
+                "Attempts moved to the next pool member after a failure.",
+                &["pool"],
+            ),
+            upstream_up: gauge(
+                "sluice_upstream_up",
+                "1 while the upstream's circuit is closed, 0 while it is open.",
+                &["upstream"],
             ),
             auth_failures: counter(
                 "sluice_auth_failures_total",

@@ -2,8 +2,10 @@
 //! server reached through its own pooled client, or the built-in mock LLM
 //! served in process. Pools (failover between upstreams) build on these.
 
+pub mod breaker;
 pub mod client;
 pub mod mock;
+pub mod pool;
 
 use std::collections::HashMap;
 use std::fmt;

@@ -6,6 +6,7 @@ mod support;
 mod auth;
 mod cli;
 mod config_errors;
+mod failover;
 mod jwt;
 mod listener;
 mod mock_llm;

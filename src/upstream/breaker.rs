@@ -1,0 +1,146 @@
+//! Circuit breaker and cool-down of one upstream: `failures` consecutive
+//! failures open the circuit for `cooldown`; then exactly one probe is let
+//! through and its outcome closes or re-opens it. A 429 with `retry-after`
+//! cools the upstream down for that long. Kept in the gateway by upstream
+//! name, so a reload keeps what it learned. The lock is per upstream and
+//! never held across an await.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use prometheus::IntGauge;
+
+/// Whether an attempt may go to this upstream now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    Yes,
+    /// The circuit is half-open: this attempt is its one probe.
+    Probe,
+    /// Skip it until then.
+    No(Instant),
+}
+
+#[derive(Debug, Default)]
+struct State {
+    consecutive_failures: u32,
+    open_until: Option<Instant>,
+    probing: bool,
+    cooled_until: Option<Instant>,
+}
+
+#[derive(Debug)]
+pub struct Breaker {
+    state: Mutex<State>,
+    /// `sluice_upstream_up`: 1 closed, 0 open.
+    up: IntGauge,
+}
+
+impl Breaker {
+    pub fn new(up: IntGauge) -> Self {
+        up.set(1);
+        Breaker {
+            state: Mutex::new(State::default()),
+            up,
+        }
+    }
+
+    pub fn admit(&self, now: Instant) -> Admit {
+        let Ok(mut s) = self.state.lock() else {
+            return Admit::Yes;
+        };
+        if let Some(until) = s.cooled_until {
+            if now < until {
+                return Admit::No(until);
+            }
+            s.cooled_until = None;
+        }
+        match s.open_until {
+            None => Admit::Yes,
+            Some(until) if now < until => Admit::No(until),
+            // Cooldown over: one probe decides, the others keep skipping.
+            Some(_) if s.probing => Admit::No(now + Duration::from_secs(1)),
+            Some(_) => {
+                s.probing = true;
+                Admit::Probe
+            }
+        }
+    }
+
+    pub fn success(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.consecutive_failures = 0;
+            s.open_until = None;
+            s.probing = false;
+        }
+        self.up.set(1);
+    }
+
+    /// Counts a failure; opens the circuit at `threshold` consecutive ones,
+    /// or at once when the failing attempt was the probe.
+    pub fn failure(&self, now: Instant, threshold: u32, cooldown: Duration) {
+        let Ok(mut s) = self.state.lock() else { return };
+        s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+        if s.probing || s.consecutive_failures >= threshold {
+            s.open_until = Some(now + cooldown);
+            s.probing = false;
+            self.up.set(0);
+        }
+    }
+
+    /// A probe that ended without a verdict (client gone) frees the slot.
+    pub fn probe_abandoned(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.probing = false;
+        }
+    }
+
+    /// The upstream asked for a pause (429 + retry-after).
+    pub fn cool_down(&self, until: Instant) {
+        if let Ok(mut s) = self.state.lock() {
+            s.cooled_until = Some(s.cooled_until.map_or(until, |u| u.max(until)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker() -> Breaker {
+        Breaker::new(IntGauge::new("up", "up").unwrap())
+    }
+
+    #[test]
+    fn opens_after_threshold_then_one_probe_decides() {
+        let b = breaker();
+        let t0 = Instant::now();
+        let cooldown = Duration::from_secs(30);
+        for _ in 0..2 {
+            b.failure(t0, 3, cooldown);
+            assert_eq!(b.admit(t0), Admit::Yes);
+        }
+        b.failure(t0, 3, cooldown);
+        assert_eq!(b.admit(t0), Admit::No(t0 + cooldown));
+        assert_eq!(b.up.get(), 0);
+        let later = t0 + cooldown;
+        assert_eq!(b.admit(later), Admit::Probe);
+        assert!(matches!(b.admit(later), Admit::No(_)), "only one probe");
+        // A failed probe re-opens at once.
+        b.failure(later, 3, cooldown);
+        assert_eq!(b.admit(later), Admit::No(later + cooldown));
+        let again = later + cooldown;
+        assert_eq!(b.admit(again), Admit::Probe);
+        b.success();
+        assert_eq!(b.admit(again), Admit::Yes);
+        assert_eq!(b.up.get(), 1);
+    }
+
+    #[test]
+    fn cool_down_skips_until_its_end() {
+        let b = breaker();
+        let t0 = Instant::now();
+        b.cool_down(t0 + Duration::from_secs(2));
+        assert_eq!(b.admit(t0), Admit::No(t0 + Duration::from_secs(2)));
+        assert_eq!(b.admit(t0 + Duration::from_secs(2)), Admit::Yes);
+    }
+}

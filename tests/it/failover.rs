@@ -1,0 +1,275 @@
+//! Pools: failover on the SPEC's rules, replaying the same body, circuit
+//! breaking with one probe, 429 cool-downs, and the errors when every
+//! member fails.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+
+use crate::support::{Client, ClientReply, MockUpstream, TestGateway, UpstreamReply, eventually};
+
+fn config(primary: &str, backup: &str, pool_extra: &str, backup_extra: &str) -> String {
+    format!(
+        r#"
+upstreams:
+  primary:
+    url: {primary}
+    timeouts: {{ first_byte: 300ms }}
+  backup:
+    url: {backup}
+    timeouts: {{ first_byte: 300ms }}
+{backup_extra}
+pools:
+  llm:
+    members: [primary, backup]
+{pool_extra}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    auth: none
+    upstream: llm
+"#
+    )
+}
+
+const CHAT: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+
+async fn chat(gw: &TestGateway) -> ClientReply {
+    Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], CHAT)
+        .await
+}
+
+fn failing(status: u16) -> UpstreamReply {
+    let mut r = UpstreamReply::json(&serde_json::json!({"error": {"message": "down"}}));
+    r.status = status;
+    r
+}
+
+fn dead_port() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("http://127.0.0.1:{port}")
+}
+
+#[tokio::test]
+async fn status_503_fails_over_to_the_backup_with_the_same_body() {
+    let primary = MockUpstream::always(failing(503)).await;
+    let backup = MockUpstream::always(UpstreamReply::text("from backup")).await;
+    let gw = TestGateway::start(&config(&primary.url(), &backup.url(), "", "")).await;
+    let body: Bytes = (0..100_000u32)
+        .map(|i| (i % 253) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let reply = Client::new()
+        .send(
+            Method::POST,
+            &gw.url("/v1/files"),
+            &[("content-type", "application/octet-stream")],
+            body.clone(),
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "from backup");
+    assert!(primary.seen()[0].body == body);
+    assert!(
+        backup.seen()[0].body == body,
+        "the fallback must get the body byte for byte"
+    );
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["upstream"], "backup");
+    assert_eq!(log["attempts"], 2);
+    assert_eq!(
+        gw.metric("sluice_failovers_total", &[("pool", "llm")])
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        gw.metric(
+            "sluice_upstream_requests_total",
+            &[("upstream", "primary"), ("outcome", "http_5xx")]
+        )
+        .await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn connection_refused_fails_over() {
+    let backup = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&config(&dead_port(), &backup.url(), "", "")).await;
+    assert_eq!(chat(&gw).await.status, 200);
+    assert_eq!(backup.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn first_byte_timeout_fails_over_and_504_when_all_time_out() {
+    let slow =
+        MockUpstream::always(UpstreamReply::text("late").delay(Duration::from_secs(3))).await;
+    let fast = MockUpstream::always(UpstreamReply::text("fast")).await;
+    let gw = TestGateway::start(&config(&slow.url(), &fast.url(), "", "")).await;
+    assert_eq!(chat(&gw).await.text(), "fast");
+
+    let slow2 =
+        MockUpstream::always(UpstreamReply::text("late").delay(Duration::from_secs(3))).await;
+    let gw = TestGateway::start(&config(&slow.url(), &slow2.url(), "", "")).await;
+    let reply = chat(&gw).await;
+    assert_eq!(reply.status, 504);
+    assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
+}
+
+#[tokio::test]
+async fn client_errors_come_back_as_they_are() {
+    let primary = MockUpstream::always(failing(400)).await;
+    let backup = MockUpstream::always(UpstreamReply::text("unused")).await;
+    let gw = TestGateway::start(&config(&primary.url(), &backup.url(), "", "")).await;
+    let reply = chat(&gw).await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.json()["error"]["message"], "down");
+    assert!(backup.seen().is_empty());
+}
+
+#[tokio::test]
+async fn every_member_failing_is_502_listing_the_attempts() {
+    let primary = MockUpstream::always(failing(503)).await;
+    let gw = TestGateway::start(&config(&primary.url(), &dead_port(), "", "")).await;
+    let reply = chat(&gw).await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(
+        reply.json()["error"]["message"],
+        "every upstream attempt failed: primary: 503; backup: connect refused"
+    );
+}
+
+#[tokio::test]
+async fn max_attempts_bounds_the_tries() {
+    let primary = MockUpstream::always(failing(503)).await;
+    let backup = MockUpstream::always(UpstreamReply::text("unused")).await;
+    let gw = TestGateway::start(&config(
+        &primary.url(),
+        &backup.url(),
+        "    max_attempts: 1",
+        "",
+    ))
+    .await;
+    assert_eq!(chat(&gw).await.status, 502);
+    assert!(backup.seen().is_empty());
+}
+
+#[tokio::test]
+async fn retry_after_429_skips_the_member_for_that_long() {
+    let primary = MockUpstream::always(failing(429).header("retry-after", "2")).await;
+    let backup = MockUpstream::always(UpstreamReply::text("backup")).await;
+    let gw = TestGateway::start(&config(&primary.url(), &backup.url(), "", "")).await;
+    for _ in 0..3 {
+        assert_eq!(chat(&gw).await.text(), "backup");
+    }
+    assert_eq!(
+        primary.seen().len(),
+        1,
+        "the cooling member was asked again"
+    );
+    assert_eq!(backup.seen().len(), 3);
+}
+
+#[tokio::test]
+async fn circuit_opens_after_failures_then_one_probe_closes_it() {
+    let healthy = Arc::new(AtomicBool::new(false));
+    let flag = healthy.clone();
+    let primary = MockUpstream::start(move |_| {
+        if flag.load(Ordering::SeqCst) {
+            UpstreamReply::text("primary")
+        } else {
+            failing(500)
+        }
+    })
+    .await;
+    let backup = MockUpstream::always(UpstreamReply::text("backup")).await;
+    let gw = TestGateway::start(&config(
+        &primary.url(),
+        &backup.url(),
+        "    circuit_breaker: { failures: 2, cooldown: 500ms }",
+        "",
+    ))
+    .await;
+    for _ in 0..2 {
+        assert_eq!(chat(&gw).await.text(), "backup");
+    }
+    assert_eq!(
+        gw.metric("sluice_upstream_up", &[("upstream", "primary")])
+            .await,
+        Some(0.0)
+    );
+    // Open: the primary receives nothing.
+    for _ in 0..3 {
+        assert_eq!(chat(&gw).await.text(), "backup");
+    }
+    assert_eq!(primary.seen().len(), 2);
+    // After the cooldown one probe goes through; it succeeds and closes it.
+    healthy.store(true, Ordering::SeqCst);
+    let mut answered_by_primary = false;
+    for _ in 0..40 {
+        if chat(&gw).await.text() == "primary" {
+            answered_by_primary = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(answered_by_primary, "no probe after the cooldown");
+    assert_eq!(primary.seen().len(), 3, "exactly one probe");
+    assert_eq!(
+        gw.metric("sluice_upstream_up", &[("upstream", "primary")])
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(chat(&gw).await.text(), "primary");
+}
+
+#[tokio::test]
+async fn every_circuit_open_is_503_with_retry_after() {
+    let a = MockUpstream::always(failing(500)).await;
+    let b = MockUpstream::always(failing(500)).await;
+    let gw = TestGateway::start(&config(
+        &a.url(),
+        &b.url(),
+        "    circuit_breaker: { failures: 1, cooldown: 30s }",
+        "",
+    ))
+    .await;
+    assert_eq!(chat(&gw).await.status, 502);
+    let reply = chat(&gw).await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.json()["error"]["code"], "upstream_unavailable");
+    let retry: u64 = reply.header("retry-after").unwrap().parse().unwrap();
+    assert!((29..=30).contains(&retry), "retry-after {retry}");
+    assert!(
+        eventually(Duration::from_millis(10), || a.seen().len() == 1
+            && b.seen().len() == 1)
+        .await
+    );
+}
+
+#[tokio::test]
+async fn model_is_rewritten_for_the_member_that_renames_it() {
+    let primary = MockUpstream::always(failing(502)).await;
+    let backup = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&config(
+        &primary.url(),
+        &backup.url(),
+        "",
+        "    models: { gpt-4o: gpt-4o-2024-08-06 }",
+    ))
+    .await;
+    assert_eq!(chat(&gw).await.status, 200);
+    let sent: serde_json::Value = serde_json::from_slice(&backup.seen()[0].body).unwrap();
+    assert_eq!(sent["model"], "gpt-4o-2024-08-06");
+    assert_eq!(sent["messages"][0]["content"], "hi");
+    let original: serde_json::Value = serde_json::from_slice(&primary.seen()[0].body).unwrap();
+    assert_eq!(original["model"], "gpt-4o");
+}
