@@ -35,7 +35,15 @@ pub struct Tap {
     idle: Option<Duration>,
     deadline: Instant,
     timer: Option<Pin<Box<Sleep>>>,
+    /// An upstream SSE stream: a break is reported to the client as a final
+    /// error event, never as a clean-looking end.
+    sse: bool,
+    /// The error event was sent: the body is over.
+    ended: bool,
 }
+
+/// The last event of an SSE stream whose upstream broke (SPEC §3).
+const STREAM_ERROR_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the upstream stream broke before it was complete\",\"type\":\"server_error\",\"param\":null,\"code\":\"upstream_stream_error\"}}\n\n";
 
 struct Finish {
     gw: Arc<Gateway>,
@@ -52,6 +60,7 @@ impl Tap {
         ctx: RequestCtx,
         idle: Option<Duration>,
         deadline: Instant,
+        sse: bool,
     ) -> Self {
         Tap {
             inner,
@@ -59,7 +68,26 @@ impl Tap {
             idle,
             deadline,
             timer: None,
+            sse,
+            ended: false,
         }
+    }
+
+    /// Ends the body after a failure: an SSE client gets the error event
+    /// and a closed stream, anything else an aborted body.
+    fn fail(
+        &mut self,
+        label: &'static str,
+        err: BodyError,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.finalize(Some(label));
+        if self.sse {
+            self.ended = true;
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+                STREAM_ERROR_EVENT,
+            )))));
+        }
+        Poll::Ready(Some(Err(err)))
     }
 
     fn next_wake(&self) -> Instant {
@@ -97,6 +125,12 @@ impl Tap {
         if let (Some(index), Some(sent)) = (ctx.upstream_index, ctx.upstream_started)
             && let Some(upstream) = active.upstreams.get(index)
         {
+            if matches!(
+                ctx.error,
+                Some("upstream_stream_error" | "upstream_idle_timeout")
+            ) {
+                upstream.stream_errors.inc();
+            }
             upstream
                 .duration
                 .observe(now.saturating_duration_since(sent).as_secs_f64());
@@ -114,6 +148,9 @@ impl Body for Tap {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if this.idle.is_some() {
@@ -124,10 +161,7 @@ impl Body for Tap {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => {
-                this.finalize(Some("upstream_stream_error"));
-                Poll::Ready(Some(Err(e)))
-            }
+            Poll::Ready(Some(Err(e))) => this.fail("upstream_stream_error", e),
             Poll::Ready(None) => {
                 this.finalize(None);
                 Poll::Ready(None)
@@ -145,20 +179,21 @@ impl Body for Tap {
                 if timer.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
-                let err = if Instant::now() >= this.deadline {
-                    this.finalize(Some("request_timeout"));
-                    TapError::Deadline
+                if Instant::now() >= this.deadline {
+                    this.fail("request_timeout", BodyError(TapError::Deadline.into()))
                 } else {
-                    this.finalize(Some("upstream_idle_timeout"));
-                    TapError::Idle(this.idle.unwrap_or_default())
-                };
-                Poll::Ready(Some(Err(BodyError(err.into()))))
+                    let idle = this.idle.unwrap_or_default();
+                    this.fail(
+                        "upstream_idle_timeout",
+                        BodyError(TapError::Idle(idle).into()),
+                    )
+                }
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -169,7 +204,7 @@ impl Body for Tap {
 impl Drop for Tap {
     fn drop(&mut self) {
         // Still pending at drop: the body was not read to its end.
-        let done = self.inner.is_end_stream();
+        let done = self.ended || self.inner.is_end_stream();
         self.finalize(if done { None } else { Some("client_closed") });
     }
 }

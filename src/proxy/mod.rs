@@ -60,7 +60,12 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
 
     let idle = ctx.upstream_idle;
     let deadline = ctx.started + active.snapshot.limits.request_timeout;
-    resp.map(move |body| Tap::new(body, gw, active, ctx, idle, deadline))
+    let sse = idle.is_some()
+        && resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    resp.map(move |body| Tap::new(body, gw, active, ctx, idle, deadline, sse))
 }
 
 async fn process(

@@ -34,6 +34,7 @@ pub struct Metrics {
     pub in_flight: IntGaugeVec,
     pub auth_failures: IntCounterVec,
     pub failovers: IntCounterVec,
+    pub stream_errors: IntCounterVec,
     pub upstream_up: IntGaugeVec,
     pub build_info: IntGaugeVec,
 }
@@ -113,6 +114,11 @@ impl Metrics {
                 "Attempts moved to the next pool member after a failure.",
                 &["pool"],
             ),
+            stream_errors: counter(
+                "sluice_stream_errors_total",
+                "Upstream streams that broke after the response began.",
+                &["upstream"],
+            ),
             upstream_up: gauge(
                 "sluice_upstream_up",
                 "1 while the upstream's circuit is closed, 0 while it is open.",
@@ -153,6 +159,7 @@ impl Metrics {
         UpstreamMetrics {
             first_byte: self.upstream_first_byte.with_label_values(&[upstream]),
             duration: self.upstream_duration.with_label_values(&[upstream]),
+            stream_errors: self.stream_errors.with_label_values(&[upstream]),
             outcomes: Outcome::ALL.map(|o| {
                 self.upstream_requests
                     .with_label_values(&[upstream, o.label()])
@@ -189,6 +196,7 @@ pub struct RouteMetrics {
 pub struct UpstreamMetrics {
     pub first_byte: Histogram,
     pub duration: Histogram,
+    pub stream_errors: IntCounter,
     outcomes: [IntCounter; Outcome::ALL.len()],
 }
 

@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use crate::support::{Client, MockUpstream, TestGateway, UpstreamReply};
 
+/// What a client sees last when an upstream stream breaks (SPEC §3).
+const STREAM_ERROR_EVENT: &str = "data: {\"error\":{\"message\":\"the upstream stream broke before it was complete\",\"type\":\"server_error\",\"param\":null,\"code\":\"upstream_stream_error\"}}\n\n";
+
 fn config(upstream: &str, extra: &str) -> String {
     format!(
         r#"
@@ -61,11 +64,12 @@ async fn stream_that_exceeds_request_timeout_is_cut() {
         .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
         .await;
     assert_eq!(reply.status, 200);
+    assert!(reply.frames.len() < events.len(), "the stream was not cut");
     assert!(
-        reply.body_error.is_some(),
-        "the stream should have been cut"
+        reply.text().ends_with(STREAM_ERROR_EVENT),
+        "{}",
+        reply.text()
     );
-    assert!(reply.frames.len() < events.len());
     let logs = gw.wait_access_logs(1).await;
     assert_eq!(logs[0]["error"], "request_timeout");
 }
@@ -83,13 +87,17 @@ async fn upstream_silent_longer_than_idle_is_cut() {
         .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
         .await;
     assert!(
-        got.body_error.is_some(),
-        "the idle stream should have been cut"
+        started.elapsed() < Duration::from_secs(3),
+        "the idle stream was not cut"
     );
-    assert!(started.elapsed() < Duration::from_secs(3));
-    assert_eq!(got.text(), "data: 1\n\n");
+    assert_eq!(got.text(), format!("data: 1\n\n{STREAM_ERROR_EVENT}"));
     let logs = gw.wait_access_logs(1).await;
     assert_eq!(logs[0]["error"], "upstream_idle_timeout");
+    assert_eq!(
+        gw.metric("sluice_stream_errors_total", &[("upstream", "llm")])
+            .await,
+        Some(1.0)
+    );
 }
 
 #[tokio::test]
@@ -103,11 +111,23 @@ async fn upstream_cut_mid_stream_is_not_passed_off_as_complete() {
         .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
         .await;
     assert_eq!(reply.status, 200);
-    assert!(reply.text().starts_with("data: {\"n\":1}\n\n"));
+    // What arrived, then the error event: never a clean-looking end. (The
+    // test upstream may lose its last unflushed event when it aborts.)
+    let text = reply.text();
+    assert!(text.starts_with("data: {\"n\":1}\n\n"), "{text}");
+    assert!(text.ends_with(STREAM_ERROR_EVENT), "{text}");
     assert!(
-        reply.body_error.is_some(),
-        "a broken upstream stream must not end cleanly for the client"
+        reply.body_error.is_none(),
+        "the stream is closed after the event"
     );
+    let last: serde_json::Value =
+        serde_json::from_str(STREAM_ERROR_EVENT.trim().strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_stream_error");
     let logs = gw.wait_access_logs(1).await;
     assert_eq!(logs[0]["error"], "upstream_stream_error");
+    assert_eq!(
+        gw.metric("sluice_stream_errors_total", &[("upstream", "llm")])
+            .await,
+        Some(1.0)
+    );
 }
