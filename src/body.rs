@@ -46,3 +46,55 @@ impl std::error::Error for BodyError {
         Some(&*self.0)
     }
 }
+
+/// A body that first replays frames already read (a held-back stream
+/// preamble), then continues with the rest of the original body.
+pub struct Replay {
+    held: std::collections::VecDeque<http_body::Frame<Bytes>>,
+    held_len: u64,
+    rest: BoxBody,
+}
+
+impl Replay {
+    pub fn new(held: Vec<http_body::Frame<Bytes>>, rest: BoxBody) -> Self {
+        let held_len = held
+            .iter()
+            .filter_map(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+            .sum();
+        Replay {
+            held: held.into(),
+            held_len,
+            rest,
+        }
+    }
+}
+
+impl http_body::Body for Replay {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
+        if let Some(frame) = self.held.pop_front() {
+            return std::task::Poll::Ready(Some(Ok(frame)));
+        }
+        std::pin::Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_empty() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let rest = self.rest.size_hint();
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(rest.lower() + self.held_len);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + self.held_len);
+        }
+        hint
+    }
+}

@@ -1,4 +1,5 @@
 //! LLM-aware handling of response bodies: the tap every response passes
 //! through (and, as they land, SSE decoding, usage and pricing).
 
+pub mod sse;
 pub mod tap;

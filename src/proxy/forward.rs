@@ -21,6 +21,7 @@ use super::headers;
 use super::validate::CappedBody;
 use crate::body::{self, BodyError, BoxBody};
 use crate::gateway::Active;
+use crate::llm::sse;
 use crate::snapshot::{AuthMode, Pool, RetryOn, Route, Target};
 use crate::telemetry::metrics::Outcome;
 use crate::upstream::breaker::Admit;
@@ -147,8 +148,30 @@ async fn failover(
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 if !pool.retry_on.contains(&RetryOn::Status(status)) {
-                    breaker.success();
-                    return Ok(resp);
+                    let deadline = (Instant::now() + upstream.timeouts.first_byte)
+                        .min(ctx.started + snap.limits.request_timeout);
+                    match hold_preamble(resp, deadline).await {
+                        Ok(resp) => {
+                            breaker.success();
+                            return Ok(resp);
+                        }
+                        Err(text) => {
+                            // Nothing has reached the client: the next member
+                            // can still answer instead, invisibly.
+                            breaker.failure(
+                                Instant::now(),
+                                pool.breaker_failures,
+                                pool.breaker_cooldown,
+                            );
+                            if let Some(m) = active.upstreams.get(member) {
+                                m.stream_errors.inc();
+                            }
+                            ctx.upstream_started = None;
+                            tried.push(format!("{}: {text}", upstream.name));
+                            last_timed_out = None;
+                            continue;
+                        }
+                    }
                 }
                 match (status, pool::retry_after(resp.headers())) {
                     (429, Some(pause)) => breaker.cool_down(Instant::now() + pause),
@@ -194,6 +217,58 @@ async fn failover(
             attempts: tried.join("; "),
         }),
     }
+}
+
+/// Events of a stream preamble held back at most, and their bytes.
+const PREAMBLE_EVENTS: usize = 16;
+const PREAMBLE_BYTES: usize = 16 * 1024;
+
+/// For an SSE response, reads until its first content event (bounded in
+/// events, bytes and by `deadline`) and returns the response with what was
+/// read put back in front; an error if the stream fails or ends first, so
+/// that the caller can fail over. Other responses pass unchanged.
+async fn hold_preamble(
+    resp: Response<BoxBody>,
+    deadline: Instant,
+) -> Result<Response<BoxBody>, &'static str> {
+    let is_sse = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if !is_sse {
+        return Ok(resp);
+    }
+    let (parts, mut body) = resp.into_parts();
+    let mut held = Vec::new();
+    let mut splitter = sse::EventSplitter::default();
+    let (mut events, mut bytes) = (0usize, 0usize);
+    loop {
+        let frame = match tokio::time::timeout_at(deadline.into(), body.frame()).await {
+            Err(_) => return Err("stream timed out before content"),
+            Ok(None) => return Err("stream ended before content"),
+            Ok(Some(Err(_))) => return Err("stream broke before content"),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Some(data) = frame.data_ref() else {
+            held.push(frame);
+            break; // trailers: nothing more to wait for
+        };
+        bytes += data.len();
+        splitter.push(data);
+        held.push(frame);
+        let mut content = false;
+        while let Some(event) = splitter.next_event() {
+            events += 1;
+            content |= !sse::is_preamble(&event);
+        }
+        if content || events >= PREAMBLE_EVENTS || bytes >= PREAMBLE_BYTES {
+            break;
+        }
+    }
+    Ok(Response::from_parts(
+        parts,
+        body::Replay::new(held, body).boxed_unsync(),
+    ))
 }
 
 /// A copy of a request head for one attempt (`Parts` itself is not `Clone`).

@@ -273,3 +273,64 @@ async fn model_is_rewritten_for_the_member_that_renames_it() {
     let original: serde_json::Value = serde_json::from_slice(&primary.seen()[0].body).unwrap();
     assert_eq!(original["model"], "gpt-4o");
 }
+
+const ROLE: &str =
+    r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#;
+const HELLO: &str = r#"{"choices":[{"index":0,"delta":{"content":"Hello"},"finish_reason":null}]}"#;
+const STOP: &str = r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#;
+
+#[tokio::test]
+async fn stream_dying_before_content_fails_over_invisibly() {
+    let primary = MockUpstream::always(UpstreamReply::sse(&[ROLE], Duration::ZERO).cut()).await;
+    let events = [ROLE, HELLO, STOP, "[DONE]"];
+    let backup = MockUpstream::always(UpstreamReply::sse(&events, Duration::from_millis(20))).await;
+    let gw = TestGateway::start(&config(&primary.url(), &backup.url(), "", "")).await;
+    let reply = chat(&gw).await;
+    assert_eq!(reply.status, 200);
+    let expected: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+    assert_eq!(
+        reply.text(),
+        expected,
+        "the client must see one clean stream"
+    );
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["upstream"], "backup");
+    assert_eq!(log["attempts"], 2);
+    assert_eq!(
+        gw.metric("sluice_failovers_total", &[("pool", "llm")])
+            .await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn stream_dying_after_content_ends_with_the_error_event() {
+    let mut dying = UpstreamReply::sse(&[ROLE, HELLO], Duration::ZERO).cut();
+    // Let the content be flushed before the cut.
+    dying.chunks.push((
+        Duration::from_millis(100),
+        Bytes::from_static(b": ping\n\n"),
+    ));
+    let primary = MockUpstream::always(dying).await;
+    let backup = MockUpstream::always(UpstreamReply::text("unused")).await;
+    let gw = TestGateway::start(&config(&primary.url(), &backup.url(), "", "")).await;
+    let reply = chat(&gw).await;
+    let text = reply.text();
+    assert!(
+        text.starts_with(&format!("data: {ROLE}\n\ndata: {HELLO}\n\n")),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("\"code\":\"upstream_stream_error\"}}\n\n"),
+        "{text}"
+    );
+    assert!(
+        backup.seen().is_empty(),
+        "content had reached the client: no failover"
+    );
+    assert_eq!(
+        gw.metric("sluice_stream_errors_total", &[("upstream", "primary")])
+            .await,
+        Some(1.0)
+    );
+}
