@@ -15,6 +15,7 @@ use crate::snapshot::{JwksSource, Snapshot};
 use crate::telemetry::log::{self, LogGuard, LogSink};
 use crate::telemetry::metrics::{Metrics, RouteMetrics, UpstreamMetrics};
 use crate::upstream::breaker::Breaker;
+use crate::upstream::health;
 
 /// A config in service: the snapshot and its metric children, resolved
 /// together when it is installed so requests index instead of hashing.
@@ -138,8 +139,10 @@ impl Gateway {
         let metrics = Metrics::new();
         let jwks = JwksRegistry::default();
         let breakers = BreakerRegistry::default();
+        let active = Arc::new(Active::new(snapshot, &metrics, &jwks, &breakers));
+        health::spawn(&active);
         Arc::new(Gateway {
-            active: ArcSwap::from_pointee(Active::new(snapshot, &metrics, &jwks, &breakers)),
+            active: ArcSwap::new(active),
             jwks,
             breakers,
             metrics,
@@ -156,12 +159,14 @@ impl Gateway {
 
     /// Replaces the config for requests that start from now on.
     pub fn swap(&self, snapshot: Snapshot) {
-        self.active.store(Arc::new(Active::new(
+        let active = Arc::new(Active::new(
             snapshot,
             &self.metrics,
             &self.jwks,
             &self.breakers,
-        )));
+        ));
+        health::spawn(&active);
+        self.active.store(active);
     }
 
     pub fn is_ready(&self) -> bool {

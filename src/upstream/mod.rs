@@ -4,6 +4,7 @@
 
 pub mod breaker;
 pub mod client;
+pub mod health;
 pub mod mock;
 pub mod pool;
 

@@ -334,3 +334,58 @@ async fn stream_dying_after_content_ends_with_the_error_event() {
         Some(1.0)
     );
 }
+
+#[tokio::test]
+async fn health_checks_open_and_close_circuits_before_users_notice() {
+    let healthy = Arc::new(AtomicBool::new(false));
+    let flag = healthy.clone();
+    let primary = MockUpstream::start(move |seen| {
+        if seen.uri.path() == "/health" && !flag.load(Ordering::SeqCst) {
+            failing(503)
+        } else {
+            UpstreamReply::text("primary")
+        }
+    })
+    .await;
+    let backup = MockUpstream::always(UpstreamReply::text("backup")).await;
+    let gw = TestGateway::start(&config(
+        &primary.url(),
+        &backup.url(),
+        "    circuit_breaker: { failures: 1, cooldown: 60s }\n    health_check: { path: /health, interval: 100ms }",
+        "",
+    ))
+    .await;
+    let opened = async {
+        for _ in 0..50 {
+            if gw
+                .metric("sluice_upstream_up", &[("upstream", "primary")])
+                .await
+                == Some(0.0)
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    };
+    assert!(opened.await, "a failing health check must open the circuit");
+    // Users go straight to the backup: the primary sees only probes.
+    assert_eq!(chat(&gw).await.text(), "backup");
+    assert!(
+        primary
+            .seen()
+            .iter()
+            .all(|s| s.uri.path() == "/health" && s.method == Method::GET)
+    );
+    // Recovery is found by the probes too, long before the 60 s cooldown.
+    healthy.store(true, Ordering::SeqCst);
+    let mut back = false;
+    for _ in 0..50 {
+        if chat(&gw).await.text() == "primary" {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(back, "a passing health check must close the circuit");
+}

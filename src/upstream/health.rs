@@ -1,0 +1,90 @@
+//! Active health checks (`pools.*.health_check`): a background probe of
+//! each member every `interval` (`GET path`), feeding the same circuit
+//! breaker as user traffic, so a dead member is skipped before users find
+//! out and a recovered one is let back in. The task holds only a weak
+//! reference to its config: it stops when a reload retires that config.
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use http::Request;
+
+use crate::body;
+use crate::gateway::Active;
+use crate::upstream::{UpstreamKind, mock};
+
+/// A probe slower than this counts as a failure.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Starts the probes of every pool of `active` that has a health check.
+pub fn spawn(active: &Arc<Active>) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    for (p, pool) in active.snapshot.pools.iter().enumerate() {
+        let Some(check) = &pool.health_check else {
+            continue;
+        };
+        let weak: Weak<Active> = Arc::downgrade(active);
+        let interval = check.interval;
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(active) = weak.upgrade() else { return };
+                probe_pool(&active, p).await;
+            }
+        });
+    }
+}
+
+async fn probe_pool(active: &Active, p: usize) {
+    let snap = &active.snapshot;
+    let Some(pool) = snap.pools.get(p) else {
+        return;
+    };
+    let Some(check) = &pool.health_check else {
+        return;
+    };
+    for &member in &pool.members {
+        let (Some(upstream), Some(breaker)) =
+            (snap.upstreams.get(member), active.breakers.get(member))
+        else {
+            continue;
+        };
+        let healthy = probe(&upstream.kind, &check.path).await;
+        if healthy {
+            breaker.success();
+        } else {
+            breaker.failure(Instant::now(), pool.breaker_failures, pool.breaker_cooldown);
+            tracing::warn!(upstream = %upstream.name, path = %check.path, "health check failed");
+        }
+    }
+}
+
+/// Whether `GET path` answers 2xx in time.
+async fn probe(kind: &UpstreamKind, path: &str) -> bool {
+    let pq = path.parse::<http::uri::PathAndQuery>().ok();
+    match kind {
+        UpstreamKind::Http(http) => {
+            let Ok(uri) = http.uri_for(pq.as_ref()) else {
+                return false;
+            };
+            let Ok(req) = Request::get(uri).body(body::empty()) else {
+                return false;
+            };
+            matches!(
+                tokio::time::timeout(PROBE_TIMEOUT, http.client.request(req)).await,
+                Ok(Ok(resp)) if resp.status().is_success()
+            )
+        }
+        UpstreamKind::Mock(settings) => {
+            let Ok(req) = Request::get(path).body(body::empty()) else {
+                return false;
+            };
+            matches!(
+                tokio::time::timeout(PROBE_TIMEOUT, mock::respond(settings, req)).await,
+                Ok(resp) if resp.status().is_success()
+            )
+        }
+    }
+}
