@@ -225,6 +225,16 @@ impl Compiler<'_> {
             }
         }
         let tiers = self.tiers(&raw.tiers);
+        if raw.routes.is_empty() {
+            // An empty or truncated file (a ConfigMap gone wrong) must not
+            // start a gateway that answers 404 to everything.
+            self.errors.push(ConfigError {
+                file: self.file.to_owned(),
+                line: 1,
+                col: 1,
+                message: "no routes: add at least one under `routes:`".to_owned(),
+            });
+        }
         let routes = self.routes(&raw.routes, &upstream_index, &pool_index);
         let route_names: HashSet<&str> = routes.iter().map(|r| &*r.name).collect();
         let auth = self.auth(raw.auth.as_ref(), &tiers, &route_names);

@@ -545,3 +545,15 @@ fn ca_file_on_a_plain_http_upstream_is_rejected() {
         ["test.yaml:4:14: ca_file only applies to https:// upstreams"]
     );
 }
+
+#[test]
+fn a_config_without_routes_is_refused() {
+    assert_eq!(
+        errors(""),
+        ["test.yaml:1:1: no routes: add at least one under `routes:`"]
+    );
+    assert_eq!(
+        errors("listen: 127.0.0.1:8080\n"),
+        ["test.yaml:1:1: no routes: add at least one under `routes:`"]
+    );
+}
