@@ -12,6 +12,7 @@ use prometheus::IntCounter;
 
 use crate::proxy::jwks::JwksKeys;
 use crate::snapshot::{JwksSource, Snapshot};
+use crate::state::MemoryLimiter;
 use crate::telemetry::log::{self, LogGuard, LogSink};
 use crate::telemetry::metrics::{Metrics, RouteMetrics, UpstreamMetrics};
 use crate::upstream::breaker::Breaker;
@@ -122,6 +123,8 @@ impl BreakerRegistry {
 
 pub struct Gateway {
     active: ArcSwap<Active>,
+    /// Rate-limit buckets and concurrency slots, across reloads.
+    pub limiter: Arc<MemoryLimiter>,
     jwks: JwksRegistry,
     breakers: BreakerRegistry,
     pub metrics: Metrics,
@@ -145,6 +148,7 @@ impl Gateway {
             active: ArcSwap::new(active),
             jwks,
             breakers,
+            limiter: Arc::new(MemoryLimiter::default()),
             metrics,
             log,
             ready: AtomicBool::new(false),

@@ -25,5 +25,6 @@ pub mod llm;
 pub mod proxy;
 pub mod server;
 pub mod snapshot;
+pub mod state;
 pub mod telemetry;
 pub mod upstream;

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Method, Uri};
 
+use crate::state::{Decision, Slot};
+
 /// What the listener knows about the connection a request came on.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
@@ -22,7 +24,7 @@ pub struct Identity {
     pub tier: Option<Arc<str>>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum IdentityId {
     /// An API key's (or token's) configured `id`.
     Key(Arc<str>),
@@ -62,6 +64,10 @@ pub struct RequestCtx {
     pub input_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
     pub cost_usd: Option<f64>,
+    /// The tightest request bucket seen, for the `x-ratelimit-*` headers.
+    pub rate_limit: Option<Decision>,
+    /// A concurrency slot, released when the ctx is dropped at finalize.
+    pub slot: Option<Slot>,
 }
 
 impl RequestCtx {
@@ -89,6 +95,8 @@ impl RequestCtx {
             input_tokens: None,
             output_tokens: None,
             cost_usd: None,
+            rate_limit: None,
+            slot: None,
         }
     }
 

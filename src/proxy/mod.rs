@@ -19,6 +19,7 @@ pub mod forward;
 pub mod headers;
 pub mod jwks;
 pub mod jwt;
+pub mod limit;
 pub mod route;
 pub mod validate;
 
@@ -49,6 +50,9 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
         }
     };
     ctx.status = resp.status().as_u16();
+    if let Some(decision) = ctx.rate_limit.as_ref() {
+        limit::headers(decision, resp.headers_mut());
+    }
     resp.headers_mut()
         .insert(headers::X_REQUEST_ID, ctx.request_id.clone());
 
@@ -90,5 +94,6 @@ async fn process(
         return Err(e);
     }
     validate::check_declared_size(req.headers(), snap.limits.max_request_body)?;
+    limit::admit(snap, &gw.limiter, &gw.metrics, route, ctx)?;
     forward::send(active, route, ctx, req).await
 }

@@ -34,6 +34,7 @@ pub struct Metrics {
     pub in_flight: IntGaugeVec,
     pub auth_failures: IntCounterVec,
     pub failovers: IntCounterVec,
+    pub rate_limited: IntCounterVec,
     pub stream_errors: IntCounterVec,
     pub upstream_up: IntGaugeVec,
     pub build_info: IntGaugeVec,
@@ -113,6 +114,11 @@ impl Metrics {
                 "sluice_failovers_total",
                 "Attempts moved to the next pool member after a failure.",
                 &["pool"],
+            ),
+            rate_limited: counter(
+                "sluice_rate_limited_total",
+                "Requests refused by a limit, by route, tier and limit.",
+                &["route", "tier", "limit"],
             ),
             stream_errors: counter(
                 "sluice_stream_errors_total",

@@ -8,6 +8,7 @@ mod cli;
 mod config_errors;
 mod failover;
 mod jwt;
+mod limits;
 mod listener;
 mod mock_llm;
 mod proxy;

@@ -1,0 +1,198 @@
+//! Token buckets (GCRA: one timestamp per bucket, refilled continuously)
+//! and concurrency slots, in memory, sharded so that no lock is global.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, RandomState};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::proxy::ctx::IdentityId;
+
+/// A bucket: what it limits (a tier or a route, by name) and for whom.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BucketKey {
+    pub scope: Scope,
+    pub identity: IdentityId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Scope {
+    Tier(Arc<str>),
+    Route(Arc<str>),
+}
+
+/// The outcome of taking from a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// The bucket's capacity (the per-minute figure).
+    pub limit: u64,
+    /// Whole units left after this decision.
+    pub remaining: u64,
+    /// Until the bucket is full again.
+    pub reset: Duration,
+    /// When refused: until the request would fit.
+    pub retry_after: Duration,
+}
+
+const SHARDS: usize = 64;
+const WINDOW: Duration = Duration::from_secs(60);
+
+/// Buckets and slots of one process.
+pub struct MemoryLimiter {
+    hasher: RandomState,
+    /// Per bucket: its theoretical arrival time, in ns since `epoch`.
+    buckets: Vec<Mutex<HashMap<BucketKey, u64>>>,
+    slots: Vec<Mutex<HashMap<BucketKey, u64>>>,
+    epoch: Instant,
+}
+
+impl Default for MemoryLimiter {
+    fn default() -> Self {
+        MemoryLimiter {
+            hasher: RandomState::new(),
+            buckets: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            slots: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl MemoryLimiter {
+    fn shard(&self, key: &BucketKey) -> usize {
+        (self.hasher.hash_one(key) as usize) % SHARDS
+    }
+
+    /// Takes `cost` units from a bucket of `per_minute` capacity, refilled
+    /// continuously (GCRA), if they fit.
+    pub fn take(&self, key: &BucketKey, per_minute: u64, cost: u64, now: Instant) -> Decision {
+        let per_minute = per_minute.max(1);
+        let interval = WINDOW.as_nanos() as u64 / per_minute; // ns per unit
+        let window = WINDOW.as_nanos() as u64;
+        let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
+        let Ok(mut shard) = self.buckets[self.shard(key)].lock() else {
+            // A poisoned shard must not turn into refusals for everyone.
+            return Decision {
+                allowed: true,
+                limit: per_minute,
+                remaining: per_minute,
+                reset: Duration::ZERO,
+                retry_after: Duration::ZERO,
+            };
+        };
+        let tat = shard.get(key).copied().unwrap_or(now_ns).max(now_ns);
+        let new_tat = tat.saturating_add(interval.saturating_mul(cost));
+        let ahead = new_tat - now_ns;
+        if ahead > window {
+            let used = tat - now_ns;
+            return Decision {
+                allowed: false,
+                limit: per_minute,
+                remaining: (window.saturating_sub(used)) / interval,
+                reset: Duration::from_nanos(used),
+                retry_after: Duration::from_nanos(ahead - window),
+            };
+        }
+        shard.insert(key.clone(), new_tat);
+        Decision {
+            allowed: true,
+            limit: per_minute,
+            remaining: (window - ahead) / interval,
+            reset: Duration::from_nanos(ahead),
+            retry_after: Duration::ZERO,
+        }
+    }
+
+    /// One of `max` concurrent slots, held until the returned guard drops.
+    pub fn acquire(self: &Arc<Self>, key: &BucketKey, max: u64) -> Option<Slot> {
+        let Ok(mut shard) = self.slots[self.shard(key)].lock() else {
+            return None;
+        };
+        let held = shard.entry(key.clone()).or_insert(0);
+        if *held >= max {
+            return None;
+        }
+        *held += 1;
+        Some(Slot {
+            limiter: self.clone(),
+            key: key.clone(),
+        })
+    }
+
+    fn release(&self, key: &BucketKey) {
+        if let Ok(mut shard) = self.slots[self.shard(key)].lock()
+            && let Some(held) = shard.get_mut(key)
+        {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                shard.remove(key);
+            }
+        }
+    }
+}
+
+/// A held concurrency slot; dropping it (response ended, client gone)
+/// frees it.
+pub struct Slot {
+    limiter: Arc<MemoryLimiter>,
+    key: BucketKey,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot").field("key", &self.key).finish()
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.limiter.release(&self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(id: &str) -> BucketKey {
+        BucketKey {
+            scope: Scope::Tier("free".into()),
+            identity: IdentityId::Key(id.into()),
+        }
+    }
+
+    #[test]
+    fn bucket_allows_its_capacity_then_refills_continuously() {
+        let l = MemoryLimiter::default();
+        let t0 = Instant::now();
+        for i in 0..5 {
+            let d = l.take(&key("a"), 5, 1, t0);
+            assert!(d.allowed, "request {i}");
+            assert_eq!(d.remaining, 4 - i);
+        }
+        let refused = l.take(&key("a"), 5, 1, t0);
+        assert!(!refused.allowed);
+        assert_eq!(refused.retry_after, Duration::from_secs(12));
+        // Another identity has its own bucket.
+        assert!(l.take(&key("b"), 5, 1, t0).allowed);
+        // One unit comes back every 12 s.
+        assert!(
+            l.take(&key("a"), 5, 1, t0 + Duration::from_secs(12))
+                .allowed
+        );
+        assert!(
+            !l.take(&key("a"), 5, 1, t0 + Duration::from_secs(12))
+                .allowed
+        );
+    }
+
+    #[test]
+    fn slots_are_returned_on_drop() {
+        let l = Arc::new(MemoryLimiter::default());
+        let a = l.acquire(&key("a"), 2).unwrap();
+        let _b = l.acquire(&key("a"), 2).unwrap();
+        assert!(l.acquire(&key("a"), 2).is_none());
+        drop(a);
+        assert!(l.acquire(&key("a"), 2).is_some());
+    }
+}

@@ -1,0 +1,167 @@
+//! Request limits: token buckets per identity (tier) and per route, and
+//! concurrency slots, with the OpenAI-style headers.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+
+use crate::support::{Client, ClientReply, MockUpstream, TestGateway, UpstreamReply, client};
+
+fn config(upstream: &str, tier: &str, route_limit: &str) -> String {
+    format!(
+        r#"
+upstreams:
+  app: {{ url: "{upstream}" }}
+auth:
+  api_keys:
+    - {{ id: alice, key: key-alice, tier: t }}
+    - {{ id: bob, key: key-bob, tier: t }}
+tiers:
+  t: {tier}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+{route_limit}
+    upstream: app
+  - name: other
+    match: {{ path_prefix: /other/ }}
+    upstream: app
+"#
+    )
+}
+
+async fn get(gw: &TestGateway, path: &str, key: &str) -> ClientReply {
+    Client::new()
+        .send(
+            Method::GET,
+            &gw.url(path),
+            &[("x-api-key", key)],
+            Bytes::new(),
+        )
+        .await
+}
+
+#[tokio::test]
+async fn sixth_request_of_five_per_minute_is_429_with_every_header() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&config(&up.url(), "{ requests_per_minute: 5 }", "")).await;
+    for i in 0..5u64 {
+        let r = get(&gw, "/v1/x", "key-alice").await;
+        assert_eq!(r.status, 200, "request {i}");
+        assert_eq!(r.header("x-ratelimit-limit-requests"), Some("5"));
+        assert_eq!(
+            r.header("x-ratelimit-remaining-requests"),
+            Some((4 - i).to_string().as_str())
+        );
+        assert!(r.header("x-ratelimit-reset-requests").is_some());
+    }
+    let refused = get(&gw, "/v1/x", "key-alice").await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.json()["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(refused.header("retry-after"), Some("12"));
+    let ms: u64 = refused.header("retry-after-ms").unwrap().parse().unwrap();
+    assert!((11_000..=12_000).contains(&ms), "retry-after-ms {ms}");
+    assert_eq!(refused.header("x-ratelimit-remaining-requests"), Some("0"));
+    assert_eq!(
+        up.seen().len(),
+        5,
+        "a refused request must not reach the upstream"
+    );
+    assert_eq!(
+        gw.metric(
+            "sluice_rate_limited_total",
+            &[("route", "chat"), ("tier", "t"), ("limit", "requests")]
+        )
+        .await,
+        Some(1.0)
+    );
+    // Identities are isolated.
+    assert_eq!(get(&gw, "/v1/x", "key-bob").await.status, 200);
+}
+
+#[tokio::test]
+async fn refused_request_succeeds_again_after_retry_after() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&config(&up.url(), "{ requests_per_minute: 60 }", "")).await;
+    for _ in 0..60 {
+        assert_eq!(get(&gw, "/v1/x", "key-alice").await.status, 200);
+    }
+    let refused = get(&gw, "/v1/x", "key-alice").await;
+    assert_eq!(refused.status, 429);
+    let ms: u64 = refused.header("retry-after-ms").unwrap().parse().unwrap();
+    assert!(ms <= 1000, "one unit refills every second: {ms}");
+    tokio::time::sleep(Duration::from_millis(ms + 20)).await;
+    assert_eq!(get(&gw, "/v1/x", "key-alice").await.status, 200);
+}
+
+#[tokio::test]
+async fn route_limit_applies_on_top_of_the_tier() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&config(
+        &up.url(),
+        "{ requests_per_minute: 10 }",
+        "    rate_limit: { requests_per_minute: 3 }",
+    ))
+    .await;
+    for _ in 0..3 {
+        assert_eq!(get(&gw, "/v1/x", "key-alice").await.status, 200);
+    }
+    let refused = get(&gw, "/v1/x", "key-alice").await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.header("x-ratelimit-limit-requests"), Some("3"));
+    // The tier still has room on another route: 4 used of 10 so far.
+    for _ in 0..6 {
+        assert_eq!(get(&gw, "/other/x", "key-alice").await.status, 200);
+    }
+    assert_eq!(
+        get(&gw, "/other/x", "key-alice").await.status,
+        429,
+        "the tier's 10 are spent"
+    );
+}
+
+#[tokio::test]
+async fn concurrency_slot_is_freed_when_a_stream_ends_or_the_client_leaves() {
+    let up = MockUpstream::always(UpstreamReply::sse(
+        &["1", "2", "3"],
+        Duration::from_millis(150),
+    ))
+    .await;
+    let gw = TestGateway::start(&config(&up.url(), "{ concurrent_requests: 1 }", "")).await;
+    let hyper_client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<http_body_util::Full<Bytes>>();
+    let open = |gw: &TestGateway| {
+        hyper_client.request(
+            http::Request::get(gw.url("/v1/stream"))
+                .header("x-api-key", "key-alice")
+                .body(Default::default())
+                .unwrap(),
+        )
+    };
+    // A stream holds the slot while it runs.
+    let first = open(&gw).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let second = get(&gw, "/v1/x", "key-alice").await;
+    assert_eq!(second.status, 429);
+    assert_eq!(
+        gw.metric(
+            "sluice_rate_limited_total",
+            &[("route", "chat"), ("tier", "t"), ("limit", "concurrency")]
+        )
+        .await,
+        Some(1.0)
+    );
+    // Read to the end: the slot is free again.
+    let done = client::read(first).await;
+    assert!(done.text().ends_with("data: 3\n\n"));
+    gw.wait_access_logs(2).await;
+    assert_eq!(get(&gw, "/v1/x", "key-alice").await.status, 200);
+    gw.wait_access_logs(3).await;
+    // A client that leaves mid-stream frees it too.
+    let leaving = open(&gw).await.unwrap();
+    drop(leaving);
+    gw.wait_access_logs(4).await;
+    assert_eq!(get(&gw, "/v1/x", "key-alice").await.status, 200);
+}
