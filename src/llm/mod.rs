@@ -1,5 +1,7 @@
 //! LLM-aware handling of response bodies: the tap every response passes
 //! through (and, as they land, SSE decoding, usage and pricing).
 
+pub mod pricing;
 pub mod sse;
 pub mod tap;
+pub mod usage;

@@ -16,6 +16,8 @@ use tokio::time::Sleep;
 
 use crate::body::{BodyError, BoxBody};
 use crate::gateway::{Active, Gateway};
+use crate::llm::pricing;
+use crate::llm::usage::{Meter, Usage};
 use crate::proxy::ctx::RequestCtx;
 use crate::telemetry::access_log;
 
@@ -40,31 +42,34 @@ pub struct Tap {
     sse: bool,
     /// The error event was sent: the body is over.
     ended: bool,
+    /// Reads usage from an upstream's JSON or SSE body as it passes.
+    meter: Option<Meter>,
 }
 
 /// The last event of an SSE stream whose upstream broke (SPEC §3).
 const STREAM_ERROR_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the upstream stream broke before it was complete\",\"type\":\"server_error\",\"param\":null,\"code\":\"upstream_stream_error\"}}\n\n";
 
-struct Finish {
-    gw: Arc<Gateway>,
+/// What the tap needs to account for the request when it ends.
+pub struct Finish {
+    pub gw: Arc<Gateway>,
     /// The config the request started with, and its metric children.
-    active: Arc<Active>,
-    ctx: RequestCtx,
+    pub active: Arc<Active>,
+    pub ctx: RequestCtx,
 }
 
 impl Tap {
     pub fn new(
         inner: BoxBody,
-        gw: Arc<Gateway>,
-        active: Arc<Active>,
-        ctx: RequestCtx,
+        finish: Finish,
         idle: Option<Duration>,
         deadline: Instant,
         sse: bool,
+        meter: Option<Meter>,
     ) -> Self {
         Tap {
+            meter,
             inner,
-            finish: Some(Finish { gw, active, ctx }),
+            finish: Some(finish),
             idle,
             deadline,
             timer: None,
@@ -109,6 +114,9 @@ impl Tap {
         if ctx.error.is_none() {
             ctx.error = error;
         }
+        if let Some(meter) = self.meter.take() {
+            record_usage(&gw, &active, &mut ctx, meter.finish());
+        }
         let now = Instant::now();
         let latency = now.saturating_duration_since(ctx.started);
         let status = http::StatusCode::from_u16(ctx.status).ok();
@@ -139,6 +147,46 @@ impl Tap {
     }
 }
 
+/// Puts a response's usage into the ctx (for the access log) and metrics.
+fn record_usage(gw: &Gateway, active: &Active, ctx: &mut RequestCtx, usage: Usage) {
+    if usage.input_tokens.is_none()
+        && usage.output_tokens.is_none()
+        && usage.finish_reason.is_none()
+    {
+        return;
+    }
+    let route = ctx.route_label().to_owned();
+    let model = usage.model.as_deref().unwrap_or("unknown");
+    let m = &gw.metrics;
+    let (input, output) = (
+        usage.input_tokens.unwrap_or(0),
+        usage.output_tokens.unwrap_or(0),
+    );
+    m.tokens
+        .with_label_values(&[&route, model, "input"])
+        .inc_by(input);
+    m.tokens
+        .with_label_values(&[&route, model, "output"])
+        .inc_by(output);
+    let reason = usage.finish_reason.as_deref().unwrap_or("none");
+    m.completions
+        .with_label_values(&[&route, model, reason])
+        .inc();
+    let cost = pricing::cost(
+        &active.snapshot.pricing,
+        usage.model.as_deref(),
+        input,
+        output,
+    );
+    if let Some(cost) = cost {
+        m.cost_usd.with_label_values(&[&route, model]).inc_by(cost);
+    }
+    ctx.cost_usd = cost;
+    ctx.input_tokens = usage.input_tokens;
+    ctx.output_tokens = usage.output_tokens;
+    ctx.model = usage.model;
+}
+
 impl Body for Tap {
     type Data = Bytes;
     type Error = BodyError;
@@ -153,6 +201,9 @@ impl Body for Tap {
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(meter), Some(data)) = (this.meter.as_mut(), frame.data_ref()) {
+                    meter.observe(data);
+                }
                 if this.idle.is_some() {
                     let wake = this.next_wake();
                     if let Some(timer) = &mut this.timer {

@@ -30,7 +30,8 @@ use hyper::body::Incoming;
 
 use crate::body::BoxBody;
 use crate::gateway::{Active, Gateway};
-use crate::llm::tap::Tap;
+use crate::llm::tap::{Finish, Tap};
+use crate::llm::usage::Meter;
 use ctx::{ConnInfo, RequestCtx};
 use error::ProxyError;
 
@@ -64,12 +65,16 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
 
     let idle = ctx.upstream_idle;
     let deadline = ctx.started + active.snapshot.limits.request_timeout;
+    // Only upstream answers are streams to guard and usage to meter.
+    let content_type = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .filter(|_| ctx.upstream_index.is_some() && ctx.error.is_none());
     let sse = idle.is_some()
-        && resp
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    resp.map(move |body| Tap::new(body, gw, active, ctx, idle, deadline, sse))
+        && content_type.is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let meter = content_type.and_then(|v| Meter::for_content_type(v.as_bytes()));
+    let finish = Finish { gw, active, ctx };
+    resp.map(move |body| Tap::new(body, finish, idle, deadline, sse, meter))
 }
 
 async fn process(

@@ -3,8 +3,8 @@
 //! default registry, so many gateways can live in one test process).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// From 1 ms to 120 s: LLM calls range from a cached hit to a long
@@ -35,6 +35,9 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     pub failovers: IntCounterVec,
     pub rate_limited: IntCounterVec,
+    pub tokens: IntCounterVec,
+    pub completions: IntCounterVec,
+    pub cost_usd: CounterVec,
     pub stream_errors: IntCounterVec,
     pub upstream_up: IntGaugeVec,
     pub build_info: IntGaugeVec,
@@ -70,7 +73,29 @@ impl Metrics {
                 .expect("each family is registered once");
             g
         };
+        let cost_usd = CounterVec::new(
+            Opts::new(
+                "sluice_cost_usd_total",
+                "Spend in USD: tokens times the pricing of the model.",
+            ),
+            &["route", "model"],
+        )
+        .expect("static metric definition is valid");
+        registry
+            .register(Box::new(cost_usd.clone()))
+            .expect("each family is registered once");
         let metrics = Metrics {
+            cost_usd,
+            tokens: counter(
+                "sluice_tokens_total",
+                "Tokens reported by upstreams, by route, model and kind (input, output).",
+                &["route", "model", "kind"],
+            ),
+            completions: counter(
+                "sluice_completions_total",
+                "Completed LLM answers by finish reason: a jump in length or content_filter is a quality signal.",
+                &["route", "model", "finish_reason"],
+            ),
             requests: counter(
                 "sluice_requests_total",
                 "Requests answered, by route, method and status.",

@@ -18,3 +18,4 @@ mod telemetry;
 mod tls_listener;
 mod tls_upstream;
 mod upstream_errors;
+mod usage;

@@ -1,0 +1,174 @@
+//! Usage metering of LLM responses as they pass: tokens, model and finish
+//! reason, from OpenAI (`usage.prompt_tokens`/`completion_tokens`, or
+//! `input_tokens`/`output_tokens` of the responses API) and Anthropic
+//! (`message_start`/`message_delta`) shapes, in JSON bodies and SSE
+//! streams. Frames are observed, not held: a JSON body is copied up to a
+//! cap for parsing at its end, a stream is parsed event by event.
+
+use bytes::BytesMut;
+use serde_json::Value;
+
+use super::sse::EventSplitter;
+
+/// JSON bodies larger than this are not metered (they are not LLM answers).
+const JSON_CAP: usize = 4 << 20;
+
+/// What a response reported.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Usage {
+    pub model: Option<String>,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub finish_reason: Option<String>,
+}
+
+/// Observes one response body.
+pub enum Meter {
+    Json(BytesMut),
+    Sse(EventSplitter, Usage),
+}
+
+impl Meter {
+    /// A meter for a response of this content type, if it is one we read.
+    pub fn for_content_type(content_type: &[u8]) -> Option<Meter> {
+        if content_type.starts_with(b"text/event-stream") {
+            Some(Meter::Sse(EventSplitter::default(), Usage::default()))
+        } else if content_type.starts_with(b"application/json") {
+            Some(Meter::Json(BytesMut::new()))
+        } else {
+            None
+        }
+    }
+
+    pub fn observe(&mut self, data: &[u8]) {
+        match self {
+            Meter::Json(buf) => {
+                if buf.len() + data.len() <= JSON_CAP {
+                    buf.extend_from_slice(data);
+                }
+            }
+            Meter::Sse(splitter, usage) => {
+                splitter.push(data);
+                while let Some(event) = splitter.next_event() {
+                    if let Some(json) = event_json(&event) {
+                        absorb(usage, &json);
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn finish(self) -> Usage {
+        match self {
+            Meter::Json(buf) => {
+                let mut usage = Usage::default();
+                if let Ok(json) = serde_json::from_slice::<Value>(&buf) {
+                    absorb(&mut usage, &json);
+                }
+                usage
+            }
+            Meter::Sse(_, usage) => usage,
+        }
+    }
+}
+
+/// The JSON of an SSE event's data lines, if any.
+fn event_json(event: &[u8]) -> Option<Value> {
+    let text = std::str::from_utf8(event).ok()?;
+    let mut data = String::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("data:") {
+            data.push_str(rest.strip_prefix(' ').unwrap_or(rest));
+        }
+    }
+    serde_json::from_str(&data).ok()
+}
+
+/// Folds one JSON object (a whole body or one stream event) into `usage`.
+fn absorb(usage: &mut Usage, json: &Value) {
+    // Anthropic streams wrap the message in `message_start`.
+    let body = json
+        .get("message")
+        .filter(|m| m.is_object())
+        .unwrap_or(json);
+    if let Some(model) = body.get("model").and_then(Value::as_str) {
+        usage.model = Some(model.to_owned());
+    }
+    if let Some(u) = body
+        .get("usage")
+        .or_else(|| json.get("usage"))
+        .filter(|u| u.is_object())
+    {
+        let num = |k: &str| u.get(k).and_then(Value::as_u64);
+        if let Some(n) = num("prompt_tokens").or_else(|| num("input_tokens")) {
+            usage.input_tokens = Some(n);
+        }
+        if let Some(n) = num("completion_tokens").or_else(|| num("output_tokens")) {
+            usage.output_tokens = Some(n);
+        }
+    }
+    let reason = json
+        .get("choices")
+        .and_then(Value::as_array)
+        .and_then(|c| {
+            c.iter()
+                .find_map(|c| c.get("finish_reason").and_then(Value::as_str))
+        })
+        .or_else(|| body.get("stop_reason").and_then(Value::as_str))
+        .or_else(|| json.pointer("/delta/stop_reason").and_then(Value::as_str));
+    if let Some(reason) = reason {
+        usage.finish_reason = Some(reason.to_owned());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_json() {
+        let mut m = Meter::for_content_type(b"application/json").unwrap();
+        let body = br#"{"model":"gpt-4o-mini","choices":[{"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":9}}"#;
+        m.observe(&body[..20]);
+        m.observe(&body[20..]);
+        assert_eq!(
+            m.finish(),
+            Usage {
+                model: Some("gpt-4o-mini".into()),
+                input_tokens: Some(5),
+                output_tokens: Some(9),
+                finish_reason: Some("stop".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn openai_stream_with_usage_chunk() {
+        let mut m = Meter::for_content_type(b"text/event-stream").unwrap();
+        m.observe(b"data: {\"model\":\"m\",\"choices\":[{\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n");
+        m.observe(b"data: {\"model\":\"m\",\"choices\":[{\"delta\":{},\"finish_reason\":\"length\"}]}\n\ndata: {\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,");
+        m.observe(b"\"completion_tokens\":4}}\n\ndata: [DONE]\n\n");
+        let u = m.finish();
+        assert_eq!((u.input_tokens, u.output_tokens), (Some(3), Some(4)));
+        assert_eq!(u.finish_reason.as_deref(), Some("length"));
+    }
+
+    #[test]
+    fn anthropic_stream() {
+        let mut m = Meter::for_content_type(b"text/event-stream").unwrap();
+        m.observe(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude\",\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n");
+        m.observe(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\n");
+        let u = m.finish();
+        assert_eq!(u.model.as_deref(), Some("claude"));
+        assert_eq!((u.input_tokens, u.output_tokens), (Some(25), Some(15)));
+        assert_eq!(u.finish_reason.as_deref(), Some("end_turn"));
+    }
+
+    #[test]
+    fn responses_api_json() {
+        let mut m = Meter::for_content_type(b"application/json; charset=utf-8").unwrap();
+        m.observe(br#"{"model":"gpt-4.1","usage":{"input_tokens":7,"output_tokens":2}}"#);
+        let u = m.finish();
+        assert_eq!((u.input_tokens, u.output_tokens), (Some(7), Some(2)));
+    }
+}

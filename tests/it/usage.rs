@@ -1,0 +1,144 @@
+//! Usage metering: tokens, cost and finish reasons read from upstream
+//! answers as they pass (JSON and SSE; OpenAI and Anthropic shapes), in
+//! the metrics and the access log.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{Client, MockUpstream, TestGateway, UpstreamReply};
+
+fn config(url: &str) -> String {
+    format!(
+        r#"
+upstreams:
+  llm: {{ url: "{url}" }}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    auth: none
+    upstream: llm
+pricing:
+  gpt-4o-mini: {{ input: 0.15, output: 0.60 }}
+  default: {{ input: 1.00, output: 3.00 }}
+"#
+    )
+}
+
+async fn check(gw: &TestGateway, model: &str, input: u64, output: u64, cost: f64, reason: &str) {
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["model"], model);
+    assert_eq!(log["input_tokens"], input);
+    assert_eq!(log["output_tokens"], output);
+    assert!(
+        (log["cost_usd"].as_f64().unwrap() - cost).abs() < 1e-12,
+        "{log}"
+    );
+    for (kind, tokens) in [("input", input), ("output", output)] {
+        let labels = [("route", "chat"), ("model", model), ("kind", kind)];
+        assert_eq!(
+            gw.metric("sluice_tokens_total", &labels).await,
+            Some(tokens as f64)
+        );
+    }
+    let spent = gw
+        .metric(
+            "sluice_cost_usd_total",
+            &[("route", "chat"), ("model", model)],
+        )
+        .await
+        .unwrap();
+    assert!(
+        (spent - cost).abs() < 1e-12,
+        "cost metric {spent} vs {cost}"
+    );
+    assert_eq!(
+        gw.metric(
+            "sluice_completions_total",
+            &[
+                ("route", "chat"),
+                ("model", model),
+                ("finish_reason", reason)
+            ]
+        )
+        .await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn openai_json_usage_becomes_tokens_and_cost() {
+    let up = MockUpstream::always(UpstreamReply::json(&json!({
+        "object": "chat.completion", "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 2000, "total_tokens": 3000},
+    })))
+    .await;
+    let gw = TestGateway::start(&config(&up.url())).await;
+    assert_eq!(
+        Client::new()
+            .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
+            .await
+            .status,
+        200
+    );
+    check(
+        &gw,
+        "gpt-4o-mini",
+        1000,
+        2000,
+        (1000.0 * 0.15 + 2000.0 * 0.60) / 1e6,
+        "stop",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn openai_stream_usage_is_read_as_it_passes() {
+    let events = [
+        r#"{"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#,
+        r#"{"model":"gpt-4o-mini","choices":[{"index":0,"delta":{},"finish_reason":"length"}]}"#,
+        r#"{"model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":34}}"#,
+        "[DONE]",
+    ];
+    let up = MockUpstream::always(UpstreamReply::sse(&events, Duration::from_millis(10))).await;
+    let gw = TestGateway::start(&config(&up.url())).await;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
+        .await;
+    assert!(reply.text().ends_with("data: [DONE]\n\n"));
+    check(
+        &gw,
+        "gpt-4o-mini",
+        12,
+        34,
+        (12.0 * 0.15 + 34.0 * 0.60) / 1e6,
+        "length",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn anthropic_stream_usage_and_default_price() {
+    let events = [
+        r#"{"type":"message_start","message":{"model":"claude-sonnet","usage":{"input_tokens":25,"output_tokens":1}}}"#,
+        r#"{"type":"content_block_delta","delta":{"type":"text_delta","text":"Hi"}}"#,
+        r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":15}}"#,
+        r#"{"type":"message_stop"}"#,
+    ];
+    let up = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;
+    let gw = TestGateway::start(&config(&up.url())).await;
+    Client::new()
+        .post_json(&gw.url("/v1/messages"), &[], "{}")
+        .await;
+    // Not in pricing: the default price applies.
+    check(
+        &gw,
+        "claude-sonnet",
+        25,
+        15,
+        (25.0 * 1.0 + 15.0 * 3.0) / 1e6,
+        "end_turn",
+    )
+    .await;
+}
