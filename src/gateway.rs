@@ -13,6 +13,8 @@ use prometheus::IntCounter;
 use crate::proxy::jwks::JwksKeys;
 use crate::snapshot::{JwksSource, Snapshot};
 use crate::state::MemoryLimiter;
+use crate::state::budget::Budgets;
+use crate::telemetry::alerts;
 use crate::telemetry::log::{self, LogGuard, LogSink};
 use crate::telemetry::metrics::{Metrics, RouteMetrics, UpstreamMetrics};
 use crate::upstream::breaker::Breaker;
@@ -125,6 +127,10 @@ pub struct Gateway {
     active: ArcSwap<Active>,
     /// Rate-limit buckets and concurrency slots, across reloads.
     pub limiter: Arc<MemoryLimiter>,
+    /// Today's spend per scope, across reloads.
+    pub budgets: Budgets,
+    /// Queue of the budget webhook sender.
+    pub webhook: Option<tokio::sync::mpsc::Sender<alerts::Delivery>>,
     jwks: JwksRegistry,
     breakers: BreakerRegistry,
     pub metrics: Metrics,
@@ -149,6 +155,8 @@ impl Gateway {
             jwks,
             breakers,
             limiter: Arc::new(MemoryLimiter::default()),
+            budgets: Budgets::default(),
+            webhook: alerts::spawn_webhook_sender(),
             metrics,
             log,
             ready: AtomicBool::new(false),

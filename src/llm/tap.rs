@@ -16,8 +16,8 @@ use tokio::time::Sleep;
 
 use crate::body::{BodyError, BoxBody};
 use crate::gateway::{Active, Gateway};
-use crate::llm::pricing;
 use crate::llm::usage::{Meter, Usage};
+use crate::llm::{pricing, spend};
 use crate::proxy::ctx::RequestCtx;
 use crate::telemetry::access_log;
 
@@ -180,6 +180,7 @@ fn record_usage(gw: &Gateway, active: &Active, ctx: &mut RequestCtx, usage: Usag
     );
     if let Some(cost) = cost {
         m.cost_usd.with_label_values(&[&route, model]).inc_by(cost);
+        spend::charge(gw, &active.snapshot, ctx.identity.as_ref(), cost);
     }
     ctx.cost_usd = cost;
     ctx.input_tokens = usage.input_tokens;

@@ -11,7 +11,8 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::ctx::RequestCtx;
 use super::error::ProxyError;
-use crate::snapshot::{Route, Snapshot};
+use crate::snapshot::{Route, Snapshot, Target};
+use crate::state::budget::{self, BudgetScope, Budgets};
 use crate::state::limiter::Scope;
 use crate::state::{BucketKey, Decision, MemoryLimiter};
 use crate::telemetry::metrics::Metrics;
@@ -23,6 +24,7 @@ const CONCURRENCY_RETRY: Duration = Duration::from_secs(1);
 pub fn admit(
     snap: &Snapshot,
     limiter: &Arc<MemoryLimiter>,
+    budgets: &Budgets,
     metrics: &Metrics,
     route: &Route,
     ctx: &mut RequestCtx,
@@ -68,6 +70,29 @@ pub fn admit(
         }
         if !decision.allowed {
             return Err(refuse("requests", decision.retry_after));
+        }
+    }
+    if snap.budget.enforce && matches!(route.target, Target::Pool(_)) {
+        let (_, until_midnight) = budget::today();
+        let global_spent = snap
+            .budget
+            .daily_usd
+            .is_some_and(|limit| budgets.spent(&BudgetScope::Global) >= limit);
+        let own_spent = tier.and_then(|t| t.daily_budget_usd).is_some_and(|limit| {
+            budgets.spent(&BudgetScope::Identity(identity.id.clone())) >= limit
+        });
+        if global_spent || own_spent {
+            metrics
+                .rate_limited
+                .with_label_values(&[
+                    &route.name,
+                    tier_name.as_deref().unwrap_or("none"),
+                    "budget",
+                ])
+                .inc();
+            return Err(ProxyError::BudgetExceeded {
+                retry_after: until_midnight,
+            });
         }
     }
     if let (Some(max), Some(tier)) = (tier.and_then(|t| t.concurrent_requests), tier_name.clone()) {

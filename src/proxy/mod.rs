@@ -99,6 +99,6 @@ async fn process(
         return Err(e);
     }
     validate::check_declared_size(req.headers(), snap.limits.max_request_body)?;
-    limit::admit(snap, &gw.limiter, &gw.metrics, route, ctx)?;
+    limit::admit(snap, &gw.limiter, &gw.budgets, &gw.metrics, route, ctx)?;
     forward::send(active, route, ctx, req).await
 }

@@ -4,6 +4,7 @@
 //! across an await, so a Redis backend can implement it with one round
 //! trip per decision.
 
+pub mod budget;
 pub mod limiter;
 
 pub use limiter::{BucketKey, Decision, MemoryLimiter, Slot};

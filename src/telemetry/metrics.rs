@@ -38,6 +38,9 @@ pub struct Metrics {
     pub tokens: IntCounterVec,
     pub completions: IntCounterVec,
     pub cost_usd: CounterVec,
+    pub budget_spent: prometheus::GaugeVec,
+    pub budget_limit: prometheus::GaugeVec,
+    pub budget_alerts: IntCounterVec,
     pub stream_errors: IntCounterVec,
     pub upstream_up: IntGaugeVec,
     pub build_info: IntGaugeVec,
@@ -84,8 +87,23 @@ impl Metrics {
         registry
             .register(Box::new(cost_usd.clone()))
             .expect("each family is registered once");
+        let float_gauge = |name: &str, help: &str| {
+            let g = prometheus::GaugeVec::new(Opts::new(name, help), &["scope"])
+                .expect("static metric definition is valid");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("each family is registered once");
+            g
+        };
         let metrics = Metrics {
             cost_usd,
+            budget_spent: float_gauge("sluice_budget_spent_usd", "Spend today (UTC), in USD."),
+            budget_limit: float_gauge("sluice_budget_limit_usd", "The daily budget, in USD."),
+            budget_alerts: counter(
+                "sluice_budget_alerts_total",
+                "Budget thresholds crossed, by scope and threshold.",
+                &["scope", "threshold"],
+            ),
             tokens: counter(
                 "sluice_tokens_total",
                 "Tokens reported by upstreams, by route, model and kind (input, output).",

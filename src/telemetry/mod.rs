@@ -1,5 +1,6 @@
 //! What sluice tells operators: Prometheus metrics and JSON log lines.
 
 pub mod access_log;
+pub mod alerts;
 pub mod log;
 pub mod metrics;

@@ -4,6 +4,7 @@
 mod support;
 
 mod auth;
+mod budget;
 mod cli;
 mod config_errors;
 mod failover;

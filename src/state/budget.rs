@@ -1,0 +1,115 @@
+//! Daily spend: the global `budget.daily_usd` and each identity's tier
+//! `daily_budget_usd`, reset at 00:00 UTC. Crossing an `alert_at`
+//! fraction raises one alert per threshold per day per scope. Kept in the
+//! gateway, across reloads.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::proxy::ctx::IdentityId;
+
+const DAY_SECS: u64 = 86_400;
+
+/// Whose spend.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum BudgetScope {
+    Global,
+    Identity(IdentityId),
+}
+
+#[derive(Debug, Default)]
+struct Day {
+    index: u64,
+    spent: HashMap<BudgetScope, f64>,
+    /// Thresholds already alerted, as fractions × 1000.
+    alerted: HashMap<BudgetScope, Vec<u64>>,
+}
+
+/// A threshold crossed by a spend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alert {
+    pub threshold: f64,
+    pub spent_usd: f64,
+    pub budget_usd: f64,
+}
+
+#[derive(Debug, Default)]
+pub struct Budgets {
+    day: Mutex<Day>,
+}
+
+/// Today's number (days since the epoch, UTC) and the time to midnight.
+pub fn today() -> (u64, Duration) {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    (
+        secs / DAY_SECS,
+        Duration::from_secs(DAY_SECS - secs % DAY_SECS),
+    )
+}
+
+impl Budgets {
+    fn with_day<T>(&self, f: impl FnOnce(&mut Day) -> T) -> Option<T> {
+        let mut day = self.day.lock().ok()?;
+        let (index, _) = today();
+        if day.index != index {
+            *day = Day {
+                index,
+                ..Day::default()
+            };
+        }
+        Some(f(&mut day))
+    }
+
+    /// Today's spend of a scope.
+    pub fn spent(&self, scope: &BudgetScope) -> f64 {
+        self.with_day(|d| d.spent.get(scope).copied().unwrap_or(0.0))
+            .unwrap_or(0.0)
+    }
+
+    /// Adds `usd` to a scope and returns the alerts it crosses for the
+    /// first time today.
+    pub fn add(&self, scope: &BudgetScope, usd: f64, budget: f64, alert_at: &[f64]) -> Vec<Alert> {
+        self.with_day(|d| {
+            let spent = d.spent.entry(scope.clone()).or_insert(0.0);
+            *spent += usd;
+            let spent = *spent;
+            let alerted = d.alerted.entry(scope.clone()).or_default();
+            let mut alerts = Vec::new();
+            for &threshold in alert_at {
+                let key = (threshold * 1000.0).round() as u64;
+                if budget > 0.0 && spent >= threshold * budget && !alerted.contains(&key) {
+                    alerted.push(key);
+                    alerts.push(Alert {
+                        threshold,
+                        spent_usd: spent,
+                        budget_usd: budget,
+                    });
+                }
+            }
+            alerts
+        })
+        .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_alert_per_threshold_per_day() {
+        let b = Budgets::default();
+        let g = BudgetScope::Global;
+        assert!(b.add(&g, 5.0, 10.0, &[0.8, 1.0]).is_empty());
+        let a = b.add(&g, 3.5, 10.0, &[0.8, 1.0]);
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].threshold, 0.8);
+        assert!(b.add(&g, 0.1, 10.0, &[0.8, 1.0]).is_empty());
+        let a = b.add(&g, 2.0, 10.0, &[0.8, 1.0]);
+        assert_eq!(a.iter().map(|a| a.threshold).collect::<Vec<_>>(), [1.0]);
+        assert!((b.spent(&g) - 10.6).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,168 @@
+//! Daily budgets: spend from usage × pricing, one alert per threshold
+//! (log, metric, webhook), and enforcement on pool routes.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+use serde_json::json;
+
+use crate::support::{Client, ClientReply, MockUpstream, TestGateway, UpstreamReply, eventually};
+
+/// Every answer reports 600,000 input tokens: $0.60 at $1 per million.
+async fn llm() -> MockUpstream {
+    MockUpstream::always(UpstreamReply::json(&json!({
+        "object": "chat.completion", "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 600_000, "completion_tokens": 0},
+    })))
+    .await
+}
+
+fn config(llm: &str, budget: &str) -> String {
+    format!(
+        r#"
+upstreams:
+  app: {{ url: "{llm}" }}
+pools:
+  llm: {{ members: [app] }}
+auth:
+  api_keys:
+    - {{ id: alice, key: key-alice, tier: free }}
+    - {{ id: bob, key: key-bob, tier: free }}
+tiers:
+  free: {{ daily_budget_usd: 0.5 }}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    upstream: llm
+pricing:
+  default: {{ input: 1.0, output: 0.0 }}
+budget:
+{budget}
+"#
+    )
+}
+
+async fn call(gw: &TestGateway, key: &str) -> ClientReply {
+    Client::new()
+        .send(
+            Method::POST,
+            &gw.url("/v1/chat/completions"),
+            &[("x-api-key", key)],
+            Bytes::from_static(b"{}"),
+        )
+        .await
+}
+
+#[tokio::test]
+async fn global_budget_alerts_once_per_threshold_and_is_enforced() {
+    let up = llm().await;
+    let hook = MockUpstream::always(UpstreamReply::text("thanks")).await;
+    let gw = TestGateway::start(&config(
+        &up.url(),
+        &format!("  daily_usd: 1.0\n  alert_at: [0.5, 1.0]\n  enforce: true\n  webhook_url: {}/hooks/budget", hook.url()),
+    ))
+    .await;
+    // Tier budgets are per identity: alternate so only the global one binds.
+    assert_eq!(call(&gw, "key-alice").await.status, 200); // $0.60: crosses 0.5
+    assert_eq!(call(&gw, "key-bob").await.status, 200); // $1.20: crosses 1.0
+    let refused = call(&gw, "key-bob").await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.json()["error"]["code"], "budget_exceeded");
+    let retry: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert!(
+        (1..=86_400).contains(&retry),
+        "retry-after {retry} is not until midnight"
+    );
+    assert_eq!(up.seen().len(), 2);
+
+    let alerts: Vec<_> = gw
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["message"] == "budget_alert" && l["scope"] == "global")
+        .collect();
+    assert_eq!(alerts.len(), 2, "{alerts:?}");
+    assert_eq!(alerts[0]["level"], "WARN");
+    assert_eq!(alerts[0]["threshold"], 0.5);
+    assert_eq!(alerts[1]["threshold"], 1.0);
+    assert!((alerts[1]["spent_usd"].as_f64().unwrap() - 1.2).abs() < 1e-9);
+    assert_eq!(alerts[1]["budget_usd"], 1.0);
+    for threshold in ["0.5", "1"] {
+        assert_eq!(
+            gw.metric(
+                "sluice_budget_alerts_total",
+                &[("scope", "global"), ("threshold", threshold)]
+            )
+            .await,
+            Some(1.0)
+        );
+    }
+    let spent = gw
+        .metric("sluice_budget_spent_usd", &[("scope", "global")])
+        .await
+        .unwrap();
+    assert!((spent - 1.2).abs() < 1e-9);
+    assert_eq!(
+        gw.metric("sluice_budget_limit_usd", &[("scope", "global")])
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        gw.metric(
+            "sluice_rate_limited_total",
+            &[("route", "chat"), ("limit", "budget")]
+        )
+        .await,
+        Some(1.0)
+    );
+    // The webhook got both (and the tier alerts), off the request path.
+    let global_posts = || -> Vec<serde_json::Value> {
+        hook.seen()
+            .iter()
+            .map(|s| serde_json::from_slice::<serde_json::Value>(&s.body).unwrap())
+            .filter(|p| p["scope"] == "global")
+            .collect()
+    };
+    assert!(eventually(Duration::from_secs(5), || global_posts().len() == 2).await);
+    let posted = &global_posts()[1];
+    assert_eq!(posted["event"], "budget_alert");
+    assert_eq!(posted["threshold"], 1.0);
+    assert!((posted["spent_usd"].as_f64().unwrap() - 1.2).abs() < 1e-9);
+    assert_eq!(hook.seen()[0].uri.path(), "/hooks/budget");
+}
+
+#[tokio::test]
+async fn tier_budget_is_per_identity() {
+    let up = llm().await;
+    let gw = TestGateway::start(&config(
+        &up.url(),
+        "  daily_usd: 100.0\n  alert_at: [1.0]\n  enforce: true",
+    ))
+    .await;
+    assert_eq!(call(&gw, "key-alice").await.status, 200); // alice: $0.60 of her $0.50
+    assert_eq!(call(&gw, "key-alice").await.status, 429);
+    assert_eq!(
+        call(&gw, "key-bob").await.status,
+        200,
+        "bob has his own budget"
+    );
+    assert_eq!(
+        gw.metric(
+            "sluice_budget_alerts_total",
+            &[("scope", "tier:free"), ("threshold", "1")]
+        )
+        .await,
+        Some(2.0),
+        "one alert for alice and one for bob"
+    );
+}
+
+#[tokio::test]
+async fn budgets_are_not_enforced_unless_asked() {
+    let up = llm().await;
+    let gw = TestGateway::start(&config(&up.url(), "  daily_usd: 0.1")).await;
+    for _ in 0..3 {
+        assert_eq!(call(&gw, "key-alice").await.status, 200);
+    }
+}
