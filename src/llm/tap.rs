@@ -19,6 +19,7 @@ use crate::gateway::{Active, Gateway};
 use crate::llm::usage::{Meter, Usage};
 use crate::llm::{pricing, spend};
 use crate::proxy::ctx::RequestCtx;
+use crate::proxy::limit;
 use crate::telemetry::access_log;
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +117,9 @@ impl Tap {
         }
         if let Some(meter) = self.meter.take() {
             record_usage(&gw, &active, &mut ctx, meter.finish());
+        }
+        if !ctx.reservations.is_empty() {
+            limit::settle(&gw.limiter, &mut ctx);
         }
         let now = Instant::now();
         let latency = now.saturating_duration_since(ctx.started);

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Method, Uri};
 
+use super::limit::Reservation;
 use crate::state::{Decision, Slot};
 
 /// What the listener knows about the connection a request came on.
@@ -68,6 +69,10 @@ pub struct RequestCtx {
     pub rate_limit: Option<Decision>,
     /// A concurrency slot, released when the ctx is dropped at finalize.
     pub slot: Option<Slot>,
+    /// The tightest token bucket seen, for the `x-ratelimit-*-tokens` headers.
+    pub token_limit: Option<Decision>,
+    /// Tokens reserved at admission, settled when the response ends.
+    pub reservations: Vec<Reservation>,
 }
 
 impl RequestCtx {
@@ -97,6 +102,8 @@ impl RequestCtx {
             cost_usd: None,
             rate_limit: None,
             slot: None,
+            token_limit: None,
+            reservations: Vec::new(),
         }
     }
 

@@ -18,9 +18,10 @@ use hyper::body::Incoming;
 use super::ctx::RequestCtx;
 use super::error::ProxyError;
 use super::headers;
+use super::limit;
 use super::validate::CappedBody;
 use crate::body::{self, BodyError, BoxBody};
-use crate::gateway::Active;
+use crate::gateway::{Active, Gateway};
 use crate::llm::sse;
 use crate::snapshot::{AuthMode, Pool, RetryOn, Route, Target};
 use crate::telemetry::metrics::Outcome;
@@ -39,6 +40,7 @@ const TIMED_OUT: AttemptFailure = AttemptFailure {
 };
 
 pub async fn send(
+    gw: &Gateway,
     active: &Active,
     route: &Route,
     ctx: &mut RequestCtx,
@@ -47,7 +49,31 @@ pub async fn send(
     let snap = &active.snapshot;
     let (mut parts, body) = req.into_parts();
     headers::from_client(&mut parts.headers, ctx, route.auth != AuthMode::None);
-    let limit = snap.limits.max_request_body;
+    let max_body = snap.limits.max_request_body;
+    // A token limit needs the body to estimate the reservation: the body
+    // is then read (bounded) like a pool's.
+    if limit::token_limits_apply(snap, route, ctx) {
+        let body = read_body(body, max_body).await?;
+        let estimate = limit::estimate_tokens(&body);
+        limit::reserve_tokens(snap, &gw.limiter, &gw.metrics, route, ctx, estimate)?;
+        return match route.target {
+            Target::Upstream(index) => {
+                let name = snap.upstreams.get(index).map(|u| u.name.clone());
+                if let Some(upstream) = snap.upstreams.get(index) {
+                    headers::for_upstream(&mut parts.headers, upstream);
+                }
+                attempt(active, index, ctx, parts, body::full(body))
+                    .await
+                    .map_err(|f| single_failure(name.as_deref().unwrap_or("upstream"), f))
+            }
+            Target::Pool(p) => match snap.pools.get(p) {
+                Some(pool) => failover(active, p, pool, ctx, &parts, body).await,
+                None => Err(ProxyError::UpstreamFailed {
+                    attempts: "no pool configured".to_owned(),
+                }),
+            },
+        };
+    }
     let pool = match route.target {
         Target::Upstream(index) => {
             // One upstream: the body streams through, counted against the limit.
@@ -58,33 +84,36 @@ pub async fn send(
                     attempts: "no upstream configured".to_owned(),
                 })?;
             headers::for_upstream(&mut parts.headers, upstream);
-            let (body, over_limit) = CappedBody::new(body, limit);
+            let (body, over_limit) = CappedBody::new(body, max_body);
             let result = attempt(active, index, ctx, parts, body.boxed_unsync()).await;
             if over_limit.is_set() {
                 if let Some(m) = active.upstreams.get(index) {
                     m.outcome(Outcome::ClientError).inc();
                 }
-                return Err(ProxyError::TooLarge { limit });
+                return Err(ProxyError::TooLarge { limit: max_body });
             }
-            return result.map_err(|f| {
-                if f.outcome == Outcome::Timeout {
-                    ProxyError::UpstreamTimeout {
-                        upstream: upstream.name.to_string(),
-                    }
-                } else {
-                    ProxyError::UpstreamFailed {
-                        attempts: format!("{}: {}", upstream.name, f.text),
-                    }
-                }
-            });
+            return result.map_err(|f| single_failure(&upstream.name, f));
         }
         Target::Pool(p) => snap.pools.get(p).map(|pool| (p, pool)),
     };
     let (p, pool) = pool.ok_or_else(|| ProxyError::UpstreamFailed {
         attempts: "no pool configured".to_owned(),
     })?;
-    let body = read_body(body, limit).await?;
+    let body = read_body(body, max_body).await?;
     failover(active, p, pool, ctx, &parts, body).await
+}
+
+/// The error of a route's single upstream failing.
+fn single_failure(name: &str, f: AttemptFailure) -> ProxyError {
+    if f.outcome == Outcome::Timeout {
+        ProxyError::UpstreamTimeout {
+            upstream: name.to_owned(),
+        }
+    } else {
+        ProxyError::UpstreamFailed {
+            attempts: format!("{name}: {}", f.text),
+        }
+    }
 }
 
 /// The whole request body, for replay to another member.

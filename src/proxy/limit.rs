@@ -110,6 +110,148 @@ pub fn admit(
     Ok(())
 }
 
+/// Whether a token limit applies to this request (its body must then be
+/// read to estimate the reservation).
+pub fn token_limits_apply(snap: &Snapshot, route: &Route, ctx: &RequestCtx) -> bool {
+    route.rate_limit.tokens_per_minute.is_some()
+        || ctx
+            .identity
+            .as_ref()
+            .and_then(|i| i.tier.as_ref())
+            .and_then(|t| snap.tiers.get(t))
+            .is_some_and(|t| t.tokens_per_minute.is_some())
+}
+
+/// A request's token estimate: the prompt from the body's size (about four
+/// bytes a token), plus the most it may generate when it says so.
+pub fn estimate_tokens(body: &[u8]) -> u64 {
+    let prompt = (body.len() as u64).div_ceil(4);
+    let output = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.get("max_completion_tokens")
+                .or_else(|| v.get("max_tokens"))
+                .and_then(serde_json::Value::as_u64)
+        })
+        .unwrap_or(0);
+    prompt.saturating_add(output)
+}
+
+/// Reserves the estimate in every token bucket that applies, or refuses
+/// with 429; the reservations are settled to real usage when the response
+/// ends (`settle`).
+pub fn reserve_tokens(
+    snap: &Snapshot,
+    limiter: &MemoryLimiter,
+    metrics: &Metrics,
+    route: &Route,
+    ctx: &mut RequestCtx,
+    estimate: u64,
+) -> Result<(), ProxyError> {
+    let Some(identity) = ctx.identity.clone() else {
+        return Ok(());
+    };
+    let tier = identity.tier.as_ref().and_then(|t| snap.tiers.get(t));
+    let now = Instant::now();
+    let buckets = [
+        (
+            tier.and_then(|t| t.tokens_per_minute),
+            identity.tier.clone().map(Scope::TierTokens),
+        ),
+        (
+            route.rate_limit.tokens_per_minute,
+            Some(Scope::RouteTokens(route.name.clone())),
+        ),
+    ];
+    for (per_minute, scope) in buckets {
+        let (Some(per_minute), Some(scope)) = (per_minute, scope) else {
+            continue;
+        };
+        let key = BucketKey {
+            scope,
+            identity: identity.id.clone(),
+        };
+        let decision = limiter.take(&key, per_minute, estimate, now);
+        if ctx
+            .token_limit
+            .is_none_or(|d| decision.remaining < d.remaining)
+        {
+            ctx.token_limit = Some(decision);
+        }
+        if !decision.allowed {
+            release(limiter, ctx);
+            metrics
+                .rate_limited
+                .with_label_values(&[
+                    &route.name,
+                    identity.tier.as_deref().unwrap_or("none"),
+                    "tokens",
+                ])
+                .inc();
+            return Err(ProxyError::RateLimited {
+                retry_after: decision.retry_after,
+            });
+        }
+        ctx.reservations.push(Reservation {
+            key,
+            per_minute,
+            tokens: estimate,
+        });
+    }
+    Ok(())
+}
+
+/// Tokens held in a bucket for a request in flight.
+#[derive(Debug)]
+pub struct Reservation {
+    key: BucketKey,
+    per_minute: u64,
+    tokens: u64,
+}
+
+/// Settles the reservations to the tokens really used, or gives them all
+/// back when the answer reported none (the request failed).
+pub fn settle(limiter: &MemoryLimiter, ctx: &mut RequestCtx) {
+    let used = match (ctx.input_tokens, ctx.output_tokens) {
+        (None, None) => {
+            release(limiter, ctx);
+            return;
+        }
+        (i, o) => i.unwrap_or(0) + o.unwrap_or(0),
+    };
+    let now = Instant::now();
+    for r in ctx.reservations.drain(..) {
+        let delta =
+            i64::try_from(used).unwrap_or(i64::MAX) - i64::try_from(r.tokens).unwrap_or(i64::MAX);
+        limiter.adjust(&r.key, r.per_minute, delta, now);
+    }
+}
+
+fn release(limiter: &MemoryLimiter, ctx: &mut RequestCtx) {
+    let now = Instant::now();
+    for r in ctx.reservations.drain(..) {
+        limiter.adjust(
+            &r.key,
+            r.per_minute,
+            -i64::try_from(r.tokens).unwrap_or(i64::MAX),
+            now,
+        );
+    }
+}
+
+const TOKENS_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+const TOKENS_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+const TOKENS_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+
+/// The `x-ratelimit-*-tokens` headers of a decision.
+pub fn token_headers(decision: &Decision, headers: &mut HeaderMap) {
+    headers.insert(TOKENS_LIMIT, HeaderValue::from(decision.limit));
+    headers.insert(TOKENS_REMAINING, HeaderValue::from(decision.remaining));
+    if let Ok(v) = HeaderValue::from_str(&reset_text(decision.reset)) {
+        headers.insert(TOKENS_RESET, v);
+    }
+}
+
 const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
 const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
 const RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");

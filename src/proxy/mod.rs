@@ -54,6 +54,9 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     if let Some(decision) = ctx.rate_limit.as_ref() {
         limit::headers(decision, resp.headers_mut());
     }
+    if let Some(decision) = ctx.token_limit.as_ref() {
+        limit::token_headers(decision, resp.headers_mut());
+    }
     resp.headers_mut()
         .insert(headers::X_REQUEST_ID, ctx.request_id.clone());
 
@@ -100,5 +103,5 @@ async fn process(
     }
     validate::check_declared_size(req.headers(), snap.limits.max_request_body)?;
     limit::admit(snap, &gw.limiter, &gw.budgets, &gw.metrics, route, ctx)?;
-    forward::send(active, route, ctx, req).await
+    forward::send(gw, active, route, ctx, req).await
 }

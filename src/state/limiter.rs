@@ -19,6 +19,8 @@ pub struct BucketKey {
 pub enum Scope {
     Tier(Arc<str>),
     Route(Arc<str>),
+    TierTokens(Arc<str>),
+    RouteTokens(Arc<str>),
 }
 
 /// The outcome of taking from a bucket.
@@ -101,6 +103,27 @@ impl MemoryLimiter {
             reset: Duration::from_nanos(ahead),
             retry_after: Duration::ZERO,
         }
+    }
+
+    /// Settles a reservation: adds `delta` units to a bucket whatever its
+    /// level (usage beyond the estimate is charged after the fact), or
+    /// gives units back when `delta` is negative.
+    pub fn adjust(&self, key: &BucketKey, per_minute: u64, delta: i64, now: Instant) {
+        let interval = WINDOW.as_nanos() as u64 / per_minute.max(1);
+        let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
+        let Ok(mut shard) = self.buckets[self.shard(key)].lock() else {
+            return;
+        };
+        let Some(tat) = shard.get_mut(key) else {
+            return;
+        };
+        let base = (*tat).max(now_ns);
+        let change = interval.saturating_mul(delta.unsigned_abs());
+        *tat = if delta >= 0 {
+            base.saturating_add(change)
+        } else {
+            base.saturating_sub(change).max(now_ns)
+        };
     }
 
     /// One of `max` concurrent slots, held until the returned guard drops.

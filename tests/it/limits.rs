@@ -165,3 +165,92 @@ async fn concurrency_slot_is_freed_when_a_stream_ends_or_the_client_leaves() {
     gw.wait_access_logs(4).await;
     assert_eq!(get(&gw, "/v1/x", "key-alice").await.status, 200);
 }
+
+/// An upstream whose every answer reports `tokens` prompt tokens.
+async fn llm_reporting(tokens: u64, delay: Duration) -> MockUpstream {
+    MockUpstream::always(
+        UpstreamReply::json(&serde_json::json!({
+            "object": "chat.completion", "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": tokens, "completion_tokens": 0},
+        }))
+        .delay(delay),
+    )
+    .await
+}
+
+async fn post(gw: &TestGateway, body: &'static str) -> ClientReply {
+    Client::new()
+        .send(
+            Method::POST,
+            &gw.url("/v1/chat/completions"),
+            &[("x-api-key", "key-alice")],
+            Bytes::from_static(body.as_bytes()),
+        )
+        .await
+}
+
+#[tokio::test]
+async fn token_limit_refuses_after_large_usage_with_token_headers() {
+    let up = llm_reporting(900, Duration::ZERO).await;
+    let gw = TestGateway::start(&config(&up.url(), "{ tokens_per_minute: 1000 }", "")).await;
+    let first = post(&gw, "{}").await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("x-ratelimit-limit-tokens"), Some("1000"));
+    assert!(first.header("x-ratelimit-remaining-tokens").is_some());
+    assert!(first.header("x-ratelimit-reset-tokens").is_some());
+    gw.wait_access_logs(1).await;
+    assert_eq!(
+        post(&gw, "{}").await.status,
+        200,
+        "900 used of 1000: a small request still fits"
+    );
+    gw.wait_access_logs(2).await;
+    let refused = post(&gw, "{}").await;
+    assert_eq!(
+        refused.status, 429,
+        "1800 tokens used: the bucket is overdrawn"
+    );
+    assert_eq!(refused.json()["error"]["code"], "rate_limit_exceeded");
+    let retry: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert!((40..=60).contains(&retry), "retry-after {retry}");
+    assert_eq!(
+        gw.metric(
+            "sluice_rate_limited_total",
+            &[("route", "chat"), ("tier", "t"), ("limit", "tokens")]
+        )
+        .await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn concurrent_reservations_cannot_overshoot_and_settle_to_real_usage() {
+    // Each request reserves 11 (its 44-byte body) + 185 (max_tokens) = 196
+    // tokens: 5 fit in 1000, 6 do not. Each really uses 10.
+    const BODY: &str = r#"{"model":"m","max_tokens":185,"messages":[]}"#;
+    assert_eq!(BODY.len(), 44);
+    let up = llm_reporting(10, Duration::from_millis(300)).await;
+    let gw = TestGateway::start(&config(&up.url(), "{ tokens_per_minute: 1000 }", "")).await;
+    let gw = std::sync::Arc::new(gw);
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let gw = gw.clone();
+        tasks.push(tokio::spawn(async move {
+            post(&gw, BODY).await.status.as_u16()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 15);
+    gw.wait_access_logs(20).await;
+    // Settled to 5 × 10 real tokens: there is room again at once.
+    assert_eq!(post(&gw, BODY).await.status, 200);
+}
