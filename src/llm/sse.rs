@@ -30,6 +30,11 @@ impl EventSplitter {
     pub fn pending(&self) -> usize {
         self.buf.len()
     }
+
+    /// Takes the bytes of an unterminated last event.
+    pub fn take_pending(&mut self) -> Bytes {
+        self.buf.split().freeze()
+    }
 }
 
 /// The position and length of the first blank-line separator.
@@ -123,5 +128,72 @@ mod tests {
         assert!(!is_preamble(stop));
         assert!(!is_preamble(b"data: [DONE]"));
         assert!(!is_preamble(br#"data: {"type":"content_block_delta"}"#));
+    }
+}
+
+/// Whether an event is the usage-only chunk an OpenAI stream ends with
+/// when `stream_options.include_usage` is set (`choices: []` + `usage`).
+pub fn is_usage_only(event: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(event) else {
+        return false;
+    };
+    let data: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+        .collect();
+    serde_json::from_str::<Value>(&data).is_ok_and(|v| {
+        v.get("usage").is_some_and(Value::is_object)
+            && v.get("choices")
+                .and_then(Value::as_array)
+                .is_some_and(Vec::is_empty)
+    })
+}
+
+/// For a streamed chat completion that did not ask for usage, the body
+/// with `stream_options.include_usage` set, so the upstream reports it;
+/// `None` when the request is not such a stream or already asks.
+pub fn ask_for_usage(body: &[u8]) -> Option<Bytes> {
+    let mut json: Value = serde_json::from_slice(body).ok()?;
+    if json.get("stream").and_then(Value::as_bool) != Some(true) {
+        return None;
+    }
+    let obj = json.as_object_mut()?;
+    let options = obj
+        .entry("stream_options")
+        .or_insert_with(|| Value::Object(serde_json::Map::new()));
+    let options = options.as_object_mut()?;
+    if options.get("include_usage").and_then(Value::as_bool) == Some(true) {
+        return None;
+    }
+    options.insert("include_usage".to_owned(), Value::Bool(true));
+    serde_json::to_vec(&json).ok().map(Bytes::from)
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use super::*;
+
+    #[test]
+    fn usage_only_chunk_is_recognized() {
+        assert!(is_usage_only(
+            br#"data: {"choices":[],"usage":{"prompt_tokens":1}}"#
+        ));
+        assert!(!is_usage_only(
+            br#"data: {"choices":[{"delta":{}}],"usage":null}"#
+        ));
+        assert!(!is_usage_only(b"data: [DONE]"));
+    }
+
+    #[test]
+    fn usage_is_asked_for_only_when_missing() {
+        let asked = ask_for_usage(br#"{"stream":true,"messages":[]}"#).unwrap();
+        let v: Value = serde_json::from_slice(&asked).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert!(
+            ask_for_usage(br#"{"stream":true,"stream_options":{"include_usage":true}}"#).is_none()
+        );
+        assert!(ask_for_usage(br#"{"messages":[]}"#).is_none());
+        assert!(ask_for_usage(b"not json").is_none());
     }
 }

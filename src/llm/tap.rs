@@ -10,12 +10,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
 use crate::body::{BodyError, BoxBody};
 use crate::gateway::{Active, Gateway};
+use crate::llm::sse::{self, EventSplitter};
 use crate::llm::usage::{Meter, Usage};
 use crate::llm::{pricing, spend};
 use crate::proxy::ctx::RequestCtx;
@@ -45,6 +46,8 @@ pub struct Tap {
     ended: bool,
     /// Reads usage from an upstream's JSON or SSE body as it passes.
     meter: Option<Meter>,
+    /// Set when sluice asked for stream usage: removes that chunk.
+    strip: Option<EventSplitter>,
 }
 
 /// The last event of an SSE stream whose upstream broke (SPEC §3).
@@ -67,8 +70,10 @@ impl Tap {
         sse: bool,
         meter: Option<Meter>,
     ) -> Self {
+        let strip = (sse && finish.ctx.usage_injected).then(EventSplitter::default);
         Tap {
             meter,
+            strip,
             inner,
             finish: Some(finish),
             idle,
@@ -151,6 +156,20 @@ impl Tap {
     }
 }
 
+/// The complete events of `data` except the usage-only chunk sluice asked
+/// for; an event split across frames is held until its end.
+fn without_usage_chunk(splitter: &mut EventSplitter, data: &[u8]) -> Bytes {
+    splitter.push(data);
+    let mut out = BytesMut::new();
+    while let Some(event) = splitter.next_event() {
+        if !sse::is_usage_only(&event) {
+            out.extend_from_slice(&event);
+            out.extend_from_slice(b"\n\n");
+        }
+    }
+    out.freeze()
+}
+
 /// Puts a response's usage into the ctx (for the access log) and metrics.
 fn record_usage(gw: &Gateway, active: &Active, ctx: &mut RequestCtx, usage: Usage) {
     if usage.input_tokens.is_none()
@@ -204,47 +223,67 @@ impl Body for Tap {
         if this.ended {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(meter), Some(data)) = (this.meter.as_mut(), frame.data_ref()) {
-                    meter.observe(data);
-                }
-                if this.idle.is_some() {
-                    let wake = this.next_wake();
-                    if let Some(timer) = &mut this.timer {
-                        timer.as_mut().reset(wake.into());
+        // Loops only when a whole frame was the removed usage chunk.
+        loop {
+            return match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let (Some(meter), Some(data)) = (this.meter.as_mut(), frame.data_ref()) {
+                        meter.observe(data);
+                    }
+                    if this.idle.is_some() {
+                        let wake = this.next_wake();
+                        if let Some(timer) = &mut this.timer {
+                            timer.as_mut().reset(wake.into());
+                        }
+                    }
+                    match (this.strip.as_mut(), frame.data_ref()) {
+                        (Some(splitter), Some(data)) => {
+                            let out = without_usage_chunk(splitter, data);
+                            if out.is_empty() {
+                                continue;
+                            }
+                            Poll::Ready(Some(Ok(Frame::data(out))))
+                        }
+                        _ => Poll::Ready(Some(Ok(frame))),
                     }
                 }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => this.fail("upstream_stream_error", e),
-            Poll::Ready(None) => {
-                this.finalize(None);
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                // The timer is armed only for bodies that make us wait, so a
-                // body that is ready at once costs no timer at all.
-                if this.timer.is_none() {
-                    let wake = this.next_wake();
-                    this.timer = Some(Box::pin(tokio::time::sleep_until(wake.into())));
+                Poll::Ready(Some(Err(e))) => this.fail("upstream_stream_error", e),
+                Poll::Ready(None) => {
+                    // An unterminated last event is passed on as it came.
+                    let rest = this.strip.as_mut().map(EventSplitter::take_pending);
+                    this.finalize(None);
+                    match rest.filter(|r| !r.is_empty()) {
+                        Some(rest) => {
+                            this.ended = true;
+                            Poll::Ready(Some(Ok(Frame::data(rest))))
+                        }
+                        None => Poll::Ready(None),
+                    }
                 }
-                let Some(timer) = this.timer.as_mut() else {
-                    return Poll::Pending;
-                };
-                if timer.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
+                Poll::Pending => {
+                    // The timer is armed only for bodies that make us wait, so a
+                    // body that is ready at once costs no timer at all.
+                    if this.timer.is_none() {
+                        let wake = this.next_wake();
+                        this.timer = Some(Box::pin(tokio::time::sleep_until(wake.into())));
+                    }
+                    let Some(timer) = this.timer.as_mut() else {
+                        return Poll::Pending;
+                    };
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    if Instant::now() >= this.deadline {
+                        this.fail("request_timeout", BodyError(TapError::Deadline.into()))
+                    } else {
+                        let idle = this.idle.unwrap_or_default();
+                        this.fail(
+                            "upstream_idle_timeout",
+                            BodyError(TapError::Idle(idle).into()),
+                        )
+                    }
                 }
-                if Instant::now() >= this.deadline {
-                    this.fail("request_timeout", BodyError(TapError::Deadline.into()))
-                } else {
-                    let idle = this.idle.unwrap_or_default();
-                    this.fail(
-                        "upstream_idle_timeout",
-                        BodyError(TapError::Idle(idle).into()),
-                    )
-                }
-            }
+            };
         }
     }
 

@@ -73,6 +73,9 @@ pub struct RequestCtx {
     pub token_limit: Option<Decision>,
     /// Tokens reserved at admission, settled when the response ends.
     pub reservations: Vec<Reservation>,
+    /// sluice asked the upstream for stream usage the client did not ask
+    /// for: the usage-only chunk is removed from the client's stream.
+    pub usage_injected: bool,
 }
 
 impl RequestCtx {
@@ -104,6 +107,7 @@ impl RequestCtx {
             slot: None,
             token_limit: None,
             reservations: Vec::new(),
+            usage_injected: false,
         }
     }
 

@@ -50,57 +50,61 @@ pub async fn send(
     let (mut parts, body) = req.into_parts();
     headers::from_client(&mut parts.headers, ctx, route.auth != AuthMode::None);
     let max_body = snap.limits.max_request_body;
-    // A token limit needs the body to estimate the reservation: the body
-    // is then read (bounded) like a pool's.
-    if limit::token_limits_apply(snap, route, ctx) {
-        let body = read_body(body, max_body).await?;
+    // The body is read whole (bounded) when it must be replayed (pools),
+    // estimated (token limits) or edited (streamed chat completions that
+    // did not ask for usage); otherwise it streams through.
+    let chat =
+        parts.method == http::Method::POST && parts.uri.path().ends_with("/chat/completions");
+    let token_limited = limit::token_limits_apply(snap, route, ctx);
+    if let (Target::Upstream(index), false, false) = (route.target, chat, token_limited) {
+        let upstream = snap
+            .upstreams
+            .get(index)
+            .ok_or_else(|| ProxyError::UpstreamFailed {
+                attempts: "no upstream configured".to_owned(),
+            })?;
+        headers::for_upstream(&mut parts.headers, upstream);
+        let (body, over_limit) = CappedBody::new(body, max_body);
+        let result = attempt(active, index, ctx, parts, body.boxed_unsync()).await;
+        if over_limit.is_set() {
+            if let Some(m) = active.upstreams.get(index) {
+                m.outcome(Outcome::ClientError).inc();
+            }
+            return Err(ProxyError::TooLarge { limit: max_body });
+        }
+        return result.map_err(|f| single_failure(&upstream.name, f));
+    }
+    let mut body = read_body(body, max_body).await?;
+    if chat && let Some(asked) = sse::ask_for_usage(&body) {
+        // Usage is asked for upstream and its chunk removed before the
+        // client sees it: the client's stream stays as it would have been.
+        body = asked;
+        ctx.usage_injected = true;
+        parts
+            .headers
+            .insert(http::header::CONTENT_LENGTH, body.len().into());
+    }
+    if token_limited {
         let estimate = limit::estimate_tokens(&body);
         limit::reserve_tokens(snap, &gw.limiter, &gw.metrics, route, ctx, estimate)?;
-        return match route.target {
-            Target::Upstream(index) => {
-                let name = snap.upstreams.get(index).map(|u| u.name.clone());
-                if let Some(upstream) = snap.upstreams.get(index) {
-                    headers::for_upstream(&mut parts.headers, upstream);
-                }
-                attempt(active, index, ctx, parts, body::full(body))
-                    .await
-                    .map_err(|f| single_failure(name.as_deref().unwrap_or("upstream"), f))
-            }
-            Target::Pool(p) => match snap.pools.get(p) {
-                Some(pool) => failover(active, p, pool, ctx, &parts, body).await,
-                None => Err(ProxyError::UpstreamFailed {
-                    attempts: "no pool configured".to_owned(),
-                }),
-            },
-        };
     }
-    let pool = match route.target {
+    match route.target {
         Target::Upstream(index) => {
-            // One upstream: the body streams through, counted against the limit.
-            let upstream = snap
-                .upstreams
-                .get(index)
-                .ok_or_else(|| ProxyError::UpstreamFailed {
-                    attempts: "no upstream configured".to_owned(),
-                })?;
-            headers::for_upstream(&mut parts.headers, upstream);
-            let (body, over_limit) = CappedBody::new(body, max_body);
-            let result = attempt(active, index, ctx, parts, body.boxed_unsync()).await;
-            if over_limit.is_set() {
-                if let Some(m) = active.upstreams.get(index) {
-                    m.outcome(Outcome::ClientError).inc();
-                }
-                return Err(ProxyError::TooLarge { limit: max_body });
+            let name = snap.upstreams.get(index).map(|u| u.name.clone());
+            if let Some(upstream) = snap.upstreams.get(index) {
+                headers::for_upstream(&mut parts.headers, upstream);
             }
-            return result.map_err(|f| single_failure(&upstream.name, f));
+            attempt(active, index, ctx, parts, body::full(body))
+                .await
+                .map_err(|f| single_failure(name.as_deref().unwrap_or("upstream"), f))
         }
-        Target::Pool(p) => snap.pools.get(p).map(|pool| (p, pool)),
-    };
-    let (p, pool) = pool.ok_or_else(|| ProxyError::UpstreamFailed {
-        attempts: "no pool configured".to_owned(),
-    })?;
-    let body = read_body(body, max_body).await?;
-    failover(active, p, pool, ctx, &parts, body).await
+        Target::Pool(p) => match snap.pools.get(p) {
+            Some(pool) => failover(active, p, pool, ctx, &parts, body).await,
+            None => Err(ProxyError::UpstreamFailed {
+                attempts: "no pool configured".to_owned(),
+            }),
+        },
+    }
 }
 
 /// The error of a route's single upstream failing.

@@ -142,3 +142,64 @@ async fn anthropic_stream_usage_and_default_price() {
     )
     .await;
 }
+
+const STREAM: [&str; 4] = [
+    r#"{"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#,
+    r#"{"model":"gpt-4o-mini","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+    r#"{"model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2}}"#,
+    "[DONE]",
+];
+
+#[tokio::test]
+async fn usage_is_asked_for_and_hidden_from_a_client_that_did_not_ask() {
+    let up = MockUpstream::always(UpstreamReply::sse(&STREAM, Duration::from_millis(5))).await;
+    let gw = TestGateway::start(&config(&up.url())).await;
+    let reply = Client::new()
+        .post_json(
+            &gw.url("/v1/chat/completions"),
+            &[],
+            r#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#,
+        )
+        .await;
+    let sent: serde_json::Value = serde_json::from_slice(&up.seen()[0].body).unwrap();
+    assert_eq!(
+        sent["stream_options"]["include_usage"], true,
+        "sluice must ask the upstream"
+    );
+    assert_eq!(sent["messages"], json!([]));
+    let expected: String = [STREAM[0], STREAM[1], STREAM[3]]
+        .iter()
+        .map(|e| format!("data: {e}\n\n"))
+        .collect();
+    assert_eq!(
+        reply.text(),
+        expected,
+        "the client's stream must be what it asked for"
+    );
+    check(
+        &gw,
+        "gpt-4o-mini",
+        7,
+        2,
+        (7.0 * 0.15 + 2.0 * 0.60) / 1e6,
+        "stop",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn usage_chunk_reaches_a_client_that_asked_for_it() {
+    let up = MockUpstream::always(UpstreamReply::sse(&STREAM, Duration::ZERO)).await;
+    let gw = TestGateway::start(&config(&up.url())).await;
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], body)
+        .await;
+    assert_eq!(
+        up.seen()[0].body,
+        body.as_bytes(),
+        "the request is forwarded untouched"
+    );
+    let expected: String = STREAM.iter().map(|e| format!("data: {e}\n\n")).collect();
+    assert_eq!(reply.text(), expected);
+}
