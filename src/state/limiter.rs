@@ -69,7 +69,8 @@ impl MemoryLimiter {
     /// continuously (GCRA), if they fit.
     pub fn take(&self, key: &BucketKey, per_minute: u64, cost: u64, now: Instant) -> Decision {
         let per_minute = per_minute.max(1);
-        let interval = WINDOW.as_nanos() as u64 / per_minute; // ns per unit
+        // ns per unit; at least 1 so that absurdly high limits stay defined.
+        let interval = (WINDOW.as_nanos() as u64 / per_minute).max(1);
         let window = WINDOW.as_nanos() as u64;
         let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
         let Ok(mut shard) = self.buckets[self.shard(key)].lock() else {
@@ -109,7 +110,7 @@ impl MemoryLimiter {
     /// level (usage beyond the estimate is charged after the fact), or
     /// gives units back when `delta` is negative.
     pub fn adjust(&self, key: &BucketKey, per_minute: u64, delta: i64, now: Instant) {
-        let interval = WINDOW.as_nanos() as u64 / per_minute.max(1);
+        let interval = (WINDOW.as_nanos() as u64 / per_minute.max(1)).max(1);
         let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
         let Ok(mut shard) = self.buckets[self.shard(key)].lock() else {
             return;
@@ -207,6 +208,14 @@ mod tests {
             !l.take(&key("a"), 5, 1, t0 + Duration::from_secs(12))
                 .allowed
         );
+    }
+
+    #[test]
+    fn huge_limits_do_not_divide_by_zero() {
+        let l = MemoryLimiter::default();
+        let d = l.take(&key("a"), u64::MAX, 1, Instant::now());
+        assert!(d.allowed);
+        l.adjust(&key("a"), u64::MAX, -5, Instant::now());
     }
 
     #[test]
