@@ -10,13 +10,20 @@ use crate::telemetry::alerts::Delivery;
 
 pub fn charge(gw: &Gateway, snap: &Snapshot, identity: Option<&Identity>, cost: f64) {
     let budget = &snap.budget;
+    // Spend is tracked only where a budget reads it: without one, the
+    // request path takes no budget lock at all.
+    if let Some(limit) = budget.daily_usd {
+        charge_global(gw, snap, cost, limit);
+    }
+    charge_identity(gw, snap, identity, cost);
+}
+
+fn charge_global(gw: &Gateway, snap: &Snapshot, cost: f64, limit: f64) {
+    let budget = &snap.budget;
     let spent = {
-        let alerts = gw.budgets.add(
-            &BudgetScope::Global,
-            cost,
-            budget.daily_usd.unwrap_or(0.0),
-            &budget.alert_at,
-        );
+        let alerts = gw
+            .budgets
+            .add(&BudgetScope::Global, cost, limit, &budget.alert_at);
         raise(gw, snap, "global", alerts);
         gw.budgets.spent(&BudgetScope::Global)
     };
@@ -24,12 +31,14 @@ pub fn charge(gw: &Gateway, snap: &Snapshot, identity: Option<&Identity>, cost: 
         .budget_spent
         .with_label_values(&["global"])
         .set(spent);
-    if let Some(limit) = budget.daily_usd {
-        gw.metrics
-            .budget_limit
-            .with_label_values(&["global"])
-            .set(limit);
-    }
+    gw.metrics
+        .budget_limit
+        .with_label_values(&["global"])
+        .set(limit);
+}
+
+fn charge_identity(gw: &Gateway, snap: &Snapshot, identity: Option<&Identity>, cost: f64) {
+    let budget = &snap.budget;
     let Some(identity) = identity else { return };
     let Some((tier_name, tier)) = identity
         .tier

@@ -154,6 +154,10 @@ pub fn is_usage_only(event: &[u8]) -> bool {
 /// with `stream_options.include_usage` set, so the upstream reports it;
 /// `None` when the request is not such a stream or already asks.
 pub fn ask_for_usage(body: &[u8]) -> Option<Bytes> {
+    // Most requests do not stream: skip parsing them.
+    if !body.windows(8).any(|w| w == b"\"stream\"") {
+        return None;
+    }
     let mut json: Value = serde_json::from_slice(body).ok()?;
     if json.get("stream").and_then(Value::as_bool) != Some(true) {
         return None;

@@ -60,15 +60,52 @@ impl Meter {
 
     pub fn finish(self) -> Usage {
         match self {
-            Meter::Json(buf) => {
-                let mut usage = Usage::default();
-                if let Ok(json) = serde_json::from_slice::<Value>(&buf) {
-                    absorb(&mut usage, &json);
-                }
-                usage
-            }
+            Meter::Json(buf) => from_json_body(&buf),
             Meter::Sse(_, usage) => usage,
         }
+    }
+}
+
+/// The fields of a whole JSON answer that metering needs; the rest of the
+/// document is skipped without being built.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct Answer {
+    model: Option<String>,
+    usage: Option<AnswerUsage>,
+    choices: Vec<AnswerChoice>,
+    stop_reason: Option<String>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct AnswerUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct AnswerChoice {
+    finish_reason: Option<String>,
+}
+
+fn from_json_body(body: &[u8]) -> Usage {
+    let Ok(answer) = serde_json::from_slice::<Answer>(body) else {
+        return Usage::default();
+    };
+    let usage = answer.usage.unwrap_or_default();
+    Usage {
+        model: answer.model,
+        input_tokens: usage.prompt_tokens.or(usage.input_tokens),
+        output_tokens: usage.completion_tokens.or(usage.output_tokens),
+        finish_reason: answer
+            .choices
+            .into_iter()
+            .find_map(|c| c.finish_reason)
+            .or(answer.stop_reason),
     }
 }
 
