@@ -123,9 +123,11 @@ fn event_json(event: &[u8]) -> Option<Value> {
 
 /// Folds one JSON object (a whole body or one stream event) into `usage`.
 fn absorb(usage: &mut Usage, json: &Value) {
-    // Anthropic streams wrap the message in `message_start`.
+    // Anthropic streams wrap the message in `message_start`, the OpenAI
+    // responses API its answer in `response.completed`.
     let body = json
         .get("message")
+        .or_else(|| json.get("response"))
         .filter(|m| m.is_object())
         .unwrap_or(json);
     if let Some(model) = body.get("model").and_then(Value::as_str) {
@@ -199,6 +201,16 @@ mod tests {
         assert_eq!(u.model.as_deref(), Some("claude"));
         assert_eq!((u.input_tokens, u.output_tokens), (Some(25), Some(15)));
         assert_eq!(u.finish_reason.as_deref(), Some("end_turn"));
+    }
+
+    #[test]
+    fn responses_api_stream() {
+        let mut m = Meter::for_content_type(b"text/event-stream").unwrap();
+        m.observe(b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n");
+        m.observe(b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"model\":\"gpt-4.1\",\"usage\":{\"input_tokens\":9,\"output_tokens\":3}}}\n\n");
+        let u = m.finish();
+        assert_eq!(u.model.as_deref(), Some("gpt-4.1"));
+        assert_eq!((u.input_tokens, u.output_tokens), (Some(9), Some(3)));
     }
 
     #[test]
