@@ -178,22 +178,21 @@ fn record_usage(gw: &Gateway, active: &Active, ctx: &mut RequestCtx, usage: Usag
     {
         return;
     }
-    let route = ctx.route_label().to_owned();
     let model = usage.model.as_deref().unwrap_or("unknown");
-    let m = &gw.metrics;
     let (input, output) = (
         usage.input_tokens.unwrap_or(0),
         usage.output_tokens.unwrap_or(0),
     );
-    m.tokens
-        .with_label_values(&[&route, model, "input"])
-        .inc_by(input);
-    m.tokens
-        .with_label_values(&[&route, model, "output"])
-        .inc_by(output);
-    let reason = usage.finish_reason.as_deref().unwrap_or("none");
-    m.completions
-        .with_label_values(&[&route, model, reason])
+    let children = active
+        .route_metrics(ctx.route_index)
+        .model(&gw.metrics, model);
+    children.input_tokens.inc_by(input);
+    children.output_tokens.inc_by(output);
+    children
+        .completion(
+            &gw.metrics,
+            usage.finish_reason.as_deref().unwrap_or("none"),
+        )
         .inc();
     let cost = pricing::cost(
         &active.snapshot.pricing,
@@ -202,7 +201,7 @@ fn record_usage(gw: &Gateway, active: &Active, ctx: &mut RequestCtx, usage: Usag
         output,
     );
     if let Some(cost) = cost {
-        m.cost_usd.with_label_values(&[&route, model]).inc_by(cost);
+        children.cost_usd.inc_by(cost);
         spend::charge(gw, &active.snapshot, ctx.identity.as_ref(), cost);
     }
     ctx.cost_usd = cost;

@@ -2,6 +2,10 @@
 //! registered into one [`Registry`] owned by the gateway (never the global
 //! default registry, so many gateways can live in one test process).
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use prometheus::{
     CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -199,6 +203,8 @@ impl Metrics {
             duration: self.request_duration.with_label_values(&[route]),
             overhead: self.overhead.with_label_values(&[route]),
             in_flight: self.in_flight.with_label_values(&[route]),
+            models: Arc::new(ArcSwap::from_pointee(HashMap::new())),
+            route: Arc::from(route),
         }
     }
 
@@ -238,6 +244,76 @@ pub struct RouteMetrics {
     pub duration: Histogram,
     pub overhead: Histogram,
     pub in_flight: IntGauge,
+    /// Per-model children, resolved on a model's first answer and then
+    /// read without locking or label hashing.
+    models: Arc<ArcSwap<HashMap<String, Arc<ModelMetrics>>>>,
+    route: Arc<str>,
+}
+
+/// One (route, model)'s usage children.
+pub struct ModelMetrics {
+    pub input_tokens: IntCounter,
+    pub output_tokens: IntCounter,
+    pub cost_usd: prometheus::Counter,
+    /// `sluice_completions_total` for the common finish reasons.
+    completions: [IntCounter; FINISH_REASONS.len()],
+    route: Arc<str>,
+    model: String,
+}
+
+/// Finish reasons resolved up front; others are looked up when they occur.
+const FINISH_REASONS: [&str; 7] = [
+    "stop",
+    "length",
+    "tool_calls",
+    "content_filter",
+    "end_turn",
+    "max_tokens",
+    "none",
+];
+
+impl ModelMetrics {
+    pub fn completion(&self, metrics: &Metrics, reason: &str) -> IntCounter {
+        match FINISH_REASONS.iter().position(|r| *r == reason) {
+            Some(i) => self.completions[i].clone(),
+            None => {
+                metrics
+                    .completions
+                    .with_label_values(&[&*self.route, self.model.as_str(), reason])
+            }
+        }
+    }
+}
+
+impl RouteMetrics {
+    /// The usage children of `model` on this route.
+    pub fn model(&self, metrics: &Metrics, model: &str) -> Arc<ModelMetrics> {
+        if let Some(found) = self.models.load().get(model) {
+            return found.clone();
+        }
+        let made = Arc::new(ModelMetrics {
+            input_tokens: metrics
+                .tokens
+                .with_label_values(&[&self.route, model, "input"]),
+            output_tokens: metrics
+                .tokens
+                .with_label_values(&[&self.route, model, "output"]),
+            cost_usd: metrics.cost_usd.with_label_values(&[&self.route, model]),
+            completions: FINISH_REASONS.map(|r| {
+                metrics
+                    .completions
+                    .with_label_values(&[&self.route, model, r])
+            }),
+            route: self.route.clone(),
+            model: model.to_owned(),
+        });
+        self.models.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.entry(model.to_owned()).or_insert_with(|| made.clone());
+            map
+        });
+        made
+    }
 }
 
 /// One upstream's metric children.
