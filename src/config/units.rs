@@ -34,9 +34,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             ));
         }
     };
+    // A year at most: every deadline is computed as `now + duration`, which
+    // must not overflow the clock.
+    const MAX_MS: u64 = 365 * 24 * 3_600_000;
     n.checked_mul(ms_per_unit)
+        .filter(|ms| *ms <= MAX_MS)
         .map(Duration::from_millis)
-        .ok_or_else(|| format!("duration `{text}` is too large"))
+        .ok_or_else(|| format!("duration `{text}` is too large (at most 8760h)"))
 }
 
 /// Parses a byte count, bare or with a binary (`KiB`, `MiB`, `GiB`) or
@@ -89,6 +93,12 @@ mod tests {
         assert!(parse_duration("3x").is_err());
         assert!(parse_duration("ms").is_err());
         assert!(parse_duration("99999999999999999999h").is_err());
+        assert!(parse_duration("8760h").is_ok());
+        assert!(
+            parse_duration("8761h")
+                .unwrap_err()
+                .contains("at most 8760h")
+        );
     }
 
     #[test]
