@@ -51,12 +51,15 @@ fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
     None
 }
 
-/// Whether an event carries no content yet, so that the stream could still
-/// be replaced by another upstream's without the client noticing.
-pub fn is_preamble(event: &[u8]) -> bool {
-    let Ok(text) = std::str::from_utf8(event) else {
-        return false;
-    };
+/// Whether a content type is an SSE stream.
+pub fn is_event_stream(content_type: &[u8]) -> bool {
+    content_type.starts_with(b"text/event-stream")
+}
+
+/// The `data:` lines of an event, joined by newlines as the SSE spec says;
+/// `None` for non-UTF-8 events.
+pub fn event_data(event: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(event).ok()?;
     let mut data = String::new();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("data:") {
@@ -66,6 +69,20 @@ pub fn is_preamble(event: &[u8]) -> bool {
             data.push_str(rest.strip_prefix(' ').unwrap_or(rest));
         }
     }
+    Some(data)
+}
+
+/// The JSON an event carries, if it carries JSON.
+pub fn event_json(event: &[u8]) -> Option<Value> {
+    serde_json::from_str(&event_data(event)?).ok()
+}
+
+/// Whether an event carries no content yet, so that the stream could still
+/// be replaced by another upstream's without the client noticing.
+pub fn is_preamble(event: &[u8]) -> bool {
+    let Some(data) = event_data(event) else {
+        return false;
+    };
     if data.is_empty() {
         return true; // comments, `event:`, `id:`, `retry:` only
     }
@@ -134,15 +151,7 @@ mod tests {
 /// Whether an event is the usage-only chunk an OpenAI stream ends with
 /// when `stream_options.include_usage` is set (`choices: []` + `usage`).
 pub fn is_usage_only(event: &[u8]) -> bool {
-    let Ok(text) = std::str::from_utf8(event) else {
-        return false;
-    };
-    let data: String = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(|d| d.strip_prefix(' ').unwrap_or(d))
-        .collect();
-    serde_json::from_str::<Value>(&data).is_ok_and(|v| {
+    event_json(event).is_some_and(|v| {
         v.get("usage").is_some_and(Value::is_object)
             && v.get("choices")
                 .and_then(Value::as_array)

@@ -8,7 +8,7 @@
 use bytes::BytesMut;
 use serde_json::Value;
 
-use super::sse::EventSplitter;
+use super::sse::{self, EventSplitter, event_json};
 
 /// JSON bodies larger than this are not metered (they are not LLM answers).
 const JSON_CAP: usize = 4 << 20;
@@ -31,7 +31,7 @@ pub enum Meter {
 impl Meter {
     /// A meter for a response of this content type, if it is one we read.
     pub fn for_content_type(content_type: &[u8]) -> Option<Meter> {
-        if content_type.starts_with(b"text/event-stream") {
+        if sse::is_event_stream(content_type) {
             Some(Meter::Sse(EventSplitter::default(), Usage::default()))
         } else if content_type.starts_with(b"application/json") {
             Some(Meter::Json(BytesMut::new()))
@@ -107,18 +107,6 @@ fn from_json_body(body: &[u8]) -> Usage {
             .find_map(|c| c.finish_reason)
             .or(answer.stop_reason),
     }
-}
-
-/// The JSON of an SSE event's data lines, if any.
-fn event_json(event: &[u8]) -> Option<Value> {
-    let text = std::str::from_utf8(event).ok()?;
-    let mut data = String::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("data:") {
-            data.push_str(rest.strip_prefix(' ').unwrap_or(rest));
-        }
-    }
-    serde_json::from_str(&data).ok()
 }
 
 /// Folds one JSON object (a whole body or one stream event) into `usage`.

@@ -267,7 +267,7 @@ async fn hold_preamble(
     let is_sse = resp
         .headers()
         .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        .is_some_and(|v| sse::is_event_stream(v.as_bytes()));
     if !is_sse {
         return Ok(resp);
     }

@@ -30,6 +30,7 @@ use hyper::body::Incoming;
 
 use crate::body::BoxBody;
 use crate::gateway::{Active, Gateway};
+use crate::llm::sse;
 use crate::llm::tap::{Finish, Tap};
 use crate::llm::usage::Meter;
 use ctx::{ConnInfo, RequestCtx};
@@ -73,8 +74,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
         .headers()
         .get(http::header::CONTENT_TYPE)
         .filter(|_| ctx.upstream_index.is_some() && ctx.error.is_none());
-    let sse = idle.is_some()
-        && content_type.is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let sse = idle.is_some() && content_type.is_some_and(|v| sse::is_event_stream(v.as_bytes()));
     let meter = content_type.and_then(|v| Meter::for_content_type(v.as_bytes()));
     let finish = Finish { gw, active, ctx };
     resp.map(move |body| Tap::new(body, finish, idle, deadline, sse, meter))
