@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use super::ctx::RequestCtx;
+use super::ctx::{Identity, RequestCtx};
 use super::error::ProxyError;
 use crate::snapshot::{Route, Snapshot, Target};
 use crate::state::budget::{self, BudgetScope, Budgets};
@@ -35,39 +35,12 @@ pub fn admit(
     let tier_name = identity.tier.clone();
     let tier = tier_name.as_ref().and_then(|t| snap.tiers.get(t));
     let refuse = |limit: &'static str, retry_after: Duration| {
-        metrics
-            .rate_limited
-            .with_label_values(&[&route.name, tier_name.as_deref().unwrap_or("none"), limit])
-            .inc();
-        ProxyError::RateLimited { retry_after }
+        refused(metrics, route, tier_name.as_deref(), limit, retry_after)
     };
     let now = Instant::now();
-    let buckets = [
-        (
-            tier.and_then(|t| t.requests_per_minute),
-            tier_name.clone().map(Scope::Tier),
-        ),
-        (
-            route.rate_limit.requests_per_minute,
-            Some(Scope::Route(route.name.clone())),
-        ),
-    ];
-    for (per_minute, scope) in buckets {
-        let (Some(per_minute), Some(scope)) = (per_minute, scope) else {
-            continue;
-        };
-        let key = BucketKey {
-            scope,
-            identity: identity.id.clone(),
-        };
+    for (key, per_minute) in buckets(snap, route, identity, Kind::Requests) {
         let decision = limiter.take(&key, per_minute, 1, now);
-        // The headers show the tightest bucket.
-        if ctx
-            .rate_limit
-            .is_none_or(|d| decision.remaining < d.remaining)
-        {
-            ctx.rate_limit = Some(decision);
-        }
+        keep_tightest(&mut ctx.rate_limit, decision);
         if !decision.allowed {
             return Err(refuse("requests", decision.retry_after));
         }
@@ -82,14 +55,7 @@ pub fn admit(
             budgets.spent(&BudgetScope::Identity(identity.id.clone())) >= limit
         });
         if global_spent || own_spent {
-            metrics
-                .rate_limited
-                .with_label_values(&[
-                    &route.name,
-                    tier_name.as_deref().unwrap_or("none"),
-                    "budget",
-                ])
-                .inc();
+            count_refusal(metrics, route, tier_name.as_deref(), "budget");
             return Err(ProxyError::BudgetExceeded {
                 retry_after: until_midnight,
             });
@@ -151,46 +117,20 @@ pub fn reserve_tokens(
     let Some(identity) = ctx.identity.clone() else {
         return Ok(());
     };
-    let tier = identity.tier.as_ref().and_then(|t| snap.tiers.get(t));
     let now = Instant::now();
-    let buckets = [
-        (
-            tier.and_then(|t| t.tokens_per_minute),
-            identity.tier.clone().map(Scope::TierTokens),
-        ),
-        (
-            route.rate_limit.tokens_per_minute,
-            Some(Scope::RouteTokens(route.name.clone())),
-        ),
-    ];
-    for (per_minute, scope) in buckets {
-        let (Some(per_minute), Some(scope)) = (per_minute, scope) else {
-            continue;
-        };
-        let key = BucketKey {
-            scope,
-            identity: identity.id.clone(),
-        };
+    for (key, per_minute) in buckets(snap, route, &identity, Kind::Tokens) {
         let decision = limiter.take(&key, per_minute, estimate, now);
-        if ctx
-            .token_limit
-            .is_none_or(|d| decision.remaining < d.remaining)
-        {
-            ctx.token_limit = Some(decision);
-        }
+        keep_tightest(&mut ctx.token_limit, decision);
         if !decision.allowed {
             release(limiter, ctx);
-            metrics
-                .rate_limited
-                .with_label_values(&[
-                    &route.name,
-                    identity.tier.as_deref().unwrap_or("none"),
-                    "tokens",
-                ])
-                .inc();
-            return Err(ProxyError::RateLimited {
-                retry_after: decision.retry_after,
-            });
+            let tier = identity.tier.as_deref();
+            return Err(refused(
+                metrics,
+                route,
+                tier,
+                "tokens",
+                decision.retry_after,
+            ));
         }
         ctx.reservations.push(Reservation {
             key,
@@ -237,6 +177,86 @@ fn release(limiter: &MemoryLimiter, ctx: &mut RequestCtx) {
             now,
         );
     }
+}
+
+/// Which per-minute figures a bucket enforces.
+#[derive(Clone, Copy)]
+enum Kind {
+    Requests,
+    Tokens,
+}
+
+/// The buckets of `kind` that apply to `identity` on `route` (its tier's,
+/// then the route's), with their per-minute capacity.
+fn buckets(
+    snap: &Snapshot,
+    route: &Route,
+    identity: &Identity,
+    kind: Kind,
+) -> impl Iterator<Item = (BucketKey, u64)> {
+    let tier = identity.tier.as_ref().and_then(|t| snap.tiers.get(t));
+    let (tier_limit, route_limit) = match kind {
+        Kind::Requests => (
+            tier.and_then(|t| t.requests_per_minute),
+            route.rate_limit.requests_per_minute,
+        ),
+        Kind::Tokens => (
+            tier.and_then(|t| t.tokens_per_minute),
+            route.rate_limit.tokens_per_minute,
+        ),
+    };
+    let tier_bucket = identity.tier.clone().zip(tier_limit).map(|(name, pm)| {
+        let scope = match kind {
+            Kind::Requests => Scope::Tier(name),
+            Kind::Tokens => Scope::TierTokens(name),
+        };
+        (scope, pm)
+    });
+    let route_bucket = route_limit.map(|pm| {
+        let scope = match kind {
+            Kind::Requests => Scope::Route(route.name.clone()),
+            Kind::Tokens => Scope::RouteTokens(route.name.clone()),
+        };
+        (scope, pm)
+    });
+    let id = identity.id.clone();
+    tier_bucket
+        .into_iter()
+        .chain(route_bucket)
+        .map(move |(scope, pm)| {
+            let key = BucketKey {
+                scope,
+                identity: id.clone(),
+            };
+            (key, pm)
+        })
+}
+
+/// The headers show the bucket with the least left.
+fn keep_tightest(kept: &mut Option<Decision>, decision: Decision) {
+    if kept.is_none_or(|d| decision.remaining < d.remaining) {
+        *kept = Some(decision);
+    }
+}
+
+/// `sluice_rate_limited_total{route,tier,limit}`.
+fn count_refusal(metrics: &Metrics, route: &Route, tier: Option<&str>, limit: &'static str) {
+    metrics
+        .rate_limited
+        .with_label_values(&[&route.name, tier.unwrap_or("none"), limit])
+        .inc();
+}
+
+/// Counts a refusal and builds its 429.
+fn refused(
+    metrics: &Metrics,
+    route: &Route,
+    tier: Option<&str>,
+    limit: &'static str,
+    retry_after: Duration,
+) -> ProxyError {
+    count_refusal(metrics, route, tier, limit);
+    ProxyError::RateLimited { retry_after }
 }
 
 const TOKENS_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
