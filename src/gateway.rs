@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use prometheus::IntCounter;
 
 use crate::proxy::jwks::JwksKeys;
-use crate::snapshot::{JwksSource, Snapshot};
+use crate::snapshot::Snapshot;
 use crate::state::MemoryLimiter;
 use crate::state::budget::Budgets;
 use crate::telemetry::alerts;
@@ -42,14 +42,20 @@ impl Active {
     fn new(
         snapshot: Snapshot,
         metrics: &Metrics,
-        jwks: &JwksRegistry,
-        breakers: &BreakerRegistry,
+        jwks: &Registry<JwksKeys>,
+        breakers: &Registry<Breaker>,
     ) -> Self {
         Active {
             breakers: snapshot
                 .upstreams
                 .iter()
-                .map(|u| breakers.get(&u.name, metrics))
+                .map(|u| {
+                    breakers.get_or(&u.name, || {
+                        Arc::new(Breaker::new(
+                            metrics.upstream_up.with_label_values(&[&u.name]),
+                        ))
+                    })
+                })
                 .collect(),
             failovers: snapshot
                 .pools
@@ -61,7 +67,13 @@ impl Active {
                 .jwt
                 .as_ref()
                 .and_then(|j| j.jwks.as_ref())
-                .map(|source| jwks.get(source)),
+                .map(|source| {
+                    jwks.get_or(&source.url.to_string(), || {
+                        let keys = JwksKeys::new(source.url.clone(), source.client.clone());
+                        keys.spawn_refresher();
+                        keys
+                    })
+                }),
             routes: snapshot
                 .routes
                 .iter()
@@ -85,39 +97,22 @@ impl Active {
     }
 }
 
-/// JWKS keys by URL: fetched keys outlive the config that named them, so
-/// a reload does not refetch them.
-#[derive(Default)]
-struct JwksRegistry(Mutex<HashMap<String, Arc<JwksKeys>>>);
+/// Long-lived state by name (JWKS keys by URL, breakers by upstream), so
+/// that a reload keeps what the old config learned. Touched only when a
+/// config is installed, never per request.
+struct Registry<T>(Mutex<HashMap<String, Arc<T>>>);
 
-impl JwksRegistry {
-    fn get(&self, source: &JwksSource) -> Arc<JwksKeys> {
-        let url = source.url.to_string();
-        let Ok(mut map) = self.0.lock() else {
-            // Poisoned only by a panic elsewhere: start afresh rather than fail.
-            let keys = JwksKeys::new(source.url.clone(), source.client.clone());
-            keys.spawn_refresher();
-            return keys;
-        };
-        map.entry(url)
-            .or_insert_with(|| {
-                let keys = JwksKeys::new(source.url.clone(), source.client.clone());
-                keys.spawn_refresher();
-                keys
-            })
-            .clone()
+impl<T> Default for Registry<T> {
+    fn default() -> Self {
+        Registry(Mutex::new(HashMap::new()))
     }
 }
 
-/// Circuit breakers by upstream name.
-#[derive(Default)]
-struct BreakerRegistry(Mutex<HashMap<String, Arc<Breaker>>>);
-
-impl BreakerRegistry {
-    fn get(&self, name: &str, metrics: &Metrics) -> Arc<Breaker> {
-        let make = || Arc::new(Breaker::new(metrics.upstream_up.with_label_values(&[name])));
+impl<T> Registry<T> {
+    fn get_or(&self, name: &str, make: impl FnOnce() -> Arc<T>) -> Arc<T> {
         match self.0.lock() {
             Ok(mut map) => map.entry(name.to_owned()).or_insert_with(make).clone(),
+            // Poisoned only by a panic elsewhere: start afresh rather than fail.
             Err(_) => make(),
         }
     }
@@ -131,8 +126,8 @@ pub struct Gateway {
     pub budgets: Budgets,
     /// Queue of the budget webhook sender.
     pub webhook: Option<tokio::sync::mpsc::Sender<alerts::Delivery>>,
-    jwks: JwksRegistry,
-    breakers: BreakerRegistry,
+    jwks: Registry<JwksKeys>,
+    breakers: Registry<Breaker>,
     pub metrics: Metrics,
     /// Where request-path events (the access log) are written.
     pub log: tracing::Dispatch,
@@ -146,8 +141,8 @@ impl Gateway {
     pub fn new(snapshot: Snapshot, sink: LogSink) -> Arc<Self> {
         let (log, log_guard) = log::dispatch(&snapshot.logging, sink);
         let metrics = Metrics::new();
-        let jwks = JwksRegistry::default();
-        let breakers = BreakerRegistry::default();
+        let jwks = Registry::default();
+        let breakers = Registry::default();
         let active = Arc::new(Active::new(snapshot, &metrics, &jwks, &breakers));
         health::spawn(&active);
         Arc::new(Gateway {
