@@ -14,6 +14,7 @@ use crate::proxy::jwks::JwksKeys;
 use crate::snapshot::Snapshot;
 use crate::state::MemoryLimiter;
 use crate::state::budget::Budgets;
+use crate::state::cache::ResponseCache;
 use crate::telemetry::alerts;
 use crate::telemetry::log::{self, LogGuard, LogSink};
 use crate::telemetry::metrics::{Metrics, RouteMetrics, UpstreamMetrics};
@@ -124,6 +125,8 @@ pub struct Gateway {
     pub limiter: Arc<MemoryLimiter>,
     /// Today's spend per scope, across reloads.
     pub budgets: Budgets,
+    /// Stored responses and the requests in flight to fill them.
+    pub cache: Arc<ResponseCache>,
     /// Queue of the budget webhook sender.
     pub webhook: Option<tokio::sync::mpsc::Sender<alerts::Delivery>>,
     jwks: Registry<JwksKeys>,
@@ -143,6 +146,7 @@ impl Gateway {
         let metrics = Metrics::new();
         let jwks = Registry::default();
         let breakers = Registry::default();
+        let cache = ResponseCache::new(snapshot.cache.max_bytes);
         let active = Arc::new(Active::new(snapshot, &metrics, &jwks, &breakers));
         health::spawn(&active);
         Arc::new(Gateway {
@@ -151,6 +155,7 @@ impl Gateway {
             breakers,
             limiter: Arc::new(MemoryLimiter::default()),
             budgets: Budgets::default(),
+            cache,
             webhook: alerts::spawn_webhook_sender(),
             metrics,
             log,
@@ -174,6 +179,18 @@ impl Gateway {
         ));
         health::spawn(&active);
         self.active.store(active);
+    }
+
+    /// The Prometheus text of every family, gauges sampled now.
+    pub fn render_metrics(&self) -> Vec<u8> {
+        let (bytes, entries) = self.cache.usage();
+        self.metrics
+            .cache_size_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.metrics
+            .cache_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        self.metrics.render()
     }
 
     pub fn is_ready(&self) -> bool {

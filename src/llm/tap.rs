@@ -19,6 +19,7 @@ use crate::gateway::{Active, Gateway};
 use crate::llm::sse::{self, EventSplitter};
 use crate::llm::usage::{Meter, Usage};
 use crate::llm::{pricing, spend};
+use crate::proxy::cache::Fill;
 use crate::proxy::ctx::RequestCtx;
 use crate::proxy::limit;
 use crate::telemetry::access_log;
@@ -48,6 +49,8 @@ pub struct Tap {
     meter: Option<Meter>,
     /// Set when sluice asked for stream usage: removes that chunk.
     strip: Option<EventSplitter>,
+    /// A cache miss: what the client is sent is copied, to be stored.
+    fill: Option<Fill>,
 }
 
 /// The last event of an SSE stream whose upstream broke (SPEC §3).
@@ -71,7 +74,10 @@ impl Tap {
         meter: Option<Meter>,
     ) -> Self {
         let strip = (sse && finish.ctx.usage_injected).then(EventSplitter::default);
+        let mut finish = finish;
+        let fill = finish.ctx.cache_fill.take();
         Tap {
+            fill,
             meter,
             strip,
             inner,
@@ -125,6 +131,12 @@ impl Tap {
         }
         if !ctx.reservations.is_empty() {
             limit::settle(&gw.limiter, &mut ctx);
+        }
+        // Stored only when complete; dropped unstored, it releases waiters.
+        if let Some(fill) = self.fill.take()
+            && ctx.error.is_none()
+        {
+            fill.store(&gw.cache, ctx.model.clone(), ctx.cost_usd);
         }
         let now = Instant::now();
         let latency = now.saturating_duration_since(ctx.started);
@@ -241,7 +253,16 @@ impl Body for Tap {
                             if out.is_empty() {
                                 continue;
                             }
+                            if let Some(fill) = this.fill.as_mut() {
+                                fill.observe(&out);
+                            }
                             Poll::Ready(Some(Ok(Frame::data(out))))
+                        }
+                        (None, Some(data)) => {
+                            if let Some(fill) = this.fill.as_mut() {
+                                fill.observe(data);
+                            }
+                            Poll::Ready(Some(Ok(frame)))
                         }
                         _ => Poll::Ready(Some(Ok(frame))),
                     }
@@ -250,6 +271,9 @@ impl Body for Tap {
                 Poll::Ready(None) => {
                     // An unterminated last event is passed on as it came.
                     let rest = this.strip.as_mut().map(EventSplitter::take_pending);
+                    if let (Some(fill), Some(rest)) = (this.fill.as_mut(), rest.as_ref()) {
+                        fill.observe(rest);
+                    }
                     this.finalize(None);
                     match rest.filter(|r| !r.is_empty()) {
                         Some(rest) => {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Method, Uri};
 
+use super::cache::{CacheStatus, Fill};
 use super::limit::Reservation;
 use crate::state::{Decision, Slot};
 
@@ -60,7 +61,9 @@ pub struct RequestCtx {
     pub status: u16,
     /// The `code` of the error sluice answered or met, if any.
     pub error: Option<&'static str>,
-    pub cache: Option<&'static str>,
+    pub cache: Option<CacheStatus>,
+    /// A miss to store once its response ended cleanly.
+    pub cache_fill: Option<Fill>,
     pub model: Option<String>,
     pub input_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
@@ -99,6 +102,7 @@ impl RequestCtx {
             status: 0,
             error: None,
             cache: None,
+            cache_fill: None,
             model: None,
             input_tokens: None,
             output_tokens: None,

@@ -39,15 +39,23 @@ const TIMED_OUT: AttemptFailure = AttemptFailure {
     text: "timed out",
 };
 
+/// A request body as the phases before forwarding left it.
+pub enum RequestBody {
+    /// Not read yet: it may stream straight through.
+    Streaming(Incoming),
+    /// Read whole already (the cache key needed it).
+    Read(Bytes),
+}
+
 pub async fn send(
     gw: &Gateway,
     active: &Active,
     route: &Route,
     ctx: &mut RequestCtx,
-    req: Request<Incoming>,
+    mut parts: Parts,
+    body: RequestBody,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let snap = &active.snapshot;
-    let (mut parts, body) = req.into_parts();
     headers::from_client(&mut parts.headers, ctx, route.auth != AuthMode::None);
     let max_body = snap.limits.max_request_body;
     // The body is read whole (bounded) when it must be replayed (pools),
@@ -56,25 +64,13 @@ pub async fn send(
     let chat =
         parts.method == http::Method::POST && parts.uri.path().ends_with("/chat/completions");
     let token_limited = limit::token_limits_apply(snap, route, ctx);
-    if let (Target::Upstream(index), false, false) = (route.target, chat, token_limited) {
-        let upstream = snap
-            .upstreams
-            .get(index)
-            .ok_or_else(|| ProxyError::UpstreamFailed {
-                attempts: "no upstream configured".to_owned(),
-            })?;
-        headers::for_upstream(&mut parts.headers, upstream);
-        let (body, over_limit) = CappedBody::new(body, max_body);
-        let result = attempt(active, index, ctx, parts, body.boxed_unsync()).await;
-        if over_limit.is_set() {
-            if let Some(m) = active.upstreams.get(index) {
-                m.outcome(Outcome::ClientError).inc();
-            }
-            return Err(ProxyError::TooLarge { limit: max_body });
+    let mut body = match (route.target, chat, token_limited, body) {
+        (Target::Upstream(index), false, false, RequestBody::Streaming(body)) => {
+            return stream_through(active, index, ctx, parts, body, max_body).await;
         }
-        return result.map_err(|f| single_failure(&upstream.name, f));
-    }
-    let mut body = read_body(body, max_body).await?;
+        (.., RequestBody::Streaming(body)) => read_body(body, max_body).await?,
+        (.., RequestBody::Read(bytes)) => bytes,
+    };
     if chat && let Some(asked) = sse::ask_for_usage(&body) {
         // Usage is asked for upstream and its chunk removed before the
         // client sees it: the client's stream stays as it would have been.
@@ -107,6 +103,36 @@ pub async fn send(
     }
 }
 
+/// Forwards to a single upstream with the body streaming through,
+/// counted on its way against `max_request_body`.
+async fn stream_through(
+    active: &Active,
+    index: usize,
+    ctx: &mut RequestCtx,
+    mut parts: Parts,
+    body: Incoming,
+    max_body: u64,
+) -> Result<Response<BoxBody>, ProxyError> {
+    let upstream =
+        active
+            .snapshot
+            .upstreams
+            .get(index)
+            .ok_or_else(|| ProxyError::UpstreamFailed {
+                attempts: "no upstream configured".to_owned(),
+            })?;
+    headers::for_upstream(&mut parts.headers, upstream);
+    let (body, over_limit) = CappedBody::new(body, max_body);
+    let result = attempt(active, index, ctx, parts, body.boxed_unsync()).await;
+    if over_limit.is_set() {
+        if let Some(m) = active.upstreams.get(index) {
+            m.outcome(Outcome::ClientError).inc();
+        }
+        return Err(ProxyError::TooLarge { limit: max_body });
+    }
+    result.map_err(|f| single_failure(&upstream.name, f))
+}
+
 /// The error of a route's single upstream failing.
 fn single_failure(name: &str, f: AttemptFailure) -> ProxyError {
     if f.outcome == Outcome::Timeout {
@@ -120,8 +146,9 @@ fn single_failure(name: &str, f: AttemptFailure) -> ProxyError {
     }
 }
 
-/// The whole request body, for replay to another member.
-async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, ProxyError> {
+/// The whole request body (for replay to another member, an estimate,
+/// an edit or the cache key), bounded by `limit`.
+pub async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, ProxyError> {
     let cap = usize::try_from(limit).unwrap_or(usize::MAX);
     match Limited::new(body, cap).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),

@@ -23,6 +23,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_SLUICE_CACHE: HeaderName = HeaderName::from_static("x-sluice-cache");
 pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");

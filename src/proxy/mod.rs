@@ -5,14 +5,17 @@
 //! 1. `route::select`: everything after depends on the route (404/405).
 //! 2. `auth::identify`: before limits, so limits key on the identity (401/403).
 //! 3. `validate`: size (and, later, shape) before anything costs upstream money (413/400).
-//! 4. limits, 5. cache: later issues slot in here; a cache hit still counts as
-//!    a request, so the cache comes after the limits.
+//! 4. `limit::admit`: a cache hit still counts as a request, so limits come
+//!    before the cache (429).
+//! 5. `cache::lookup`: a hit answers here, and identical requests in flight
+//!    wait for the first; a miss is stored by the tap as it streams.
 //! 6. `forward::send`: the upstream call (502/504).
 //!
 //! Whatever the outcome, the response body is wrapped in the tap, which
 //! writes metrics and the access log once the body has ended.
 
 pub mod auth;
+pub mod cache;
 pub mod ctx;
 pub mod error;
 pub mod forward;
@@ -52,6 +55,16 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
         }
     };
     ctx.status = resp.status().as_u16();
+    if let Some(fill) = ctx.cache_fill.as_mut()
+        && (ctx.error.is_some() || !fill.accept_head(resp.status(), resp.headers()))
+    {
+        // Not stored: requests waiting on this one take their turn now.
+        ctx.cache_fill = None;
+    }
+    if let Some(status) = ctx.cache {
+        resp.headers_mut()
+            .insert(headers::X_SLUICE_CACHE, status.header());
+    }
     if let Some(decision) = ctx.rate_limit.as_ref() {
         limit::headers(decision, resp.headers_mut());
     }
@@ -103,5 +116,9 @@ async fn process(
     }
     validate::check_declared_size(req.headers(), snap.limits.max_request_body)?;
     limit::admit(snap, &gw.limiter, &gw.budgets, &gw.metrics, route, ctx)?;
-    forward::send(gw, active, route, ctx, req).await
+    let (parts, body) = req.into_parts();
+    match cache::lookup(gw, active, route, ctx, &parts, body).await? {
+        cache::Step::Hit(resp) => Ok(resp),
+        cache::Step::Forward(body) => forward::send(gw, active, route, ctx, parts, body).await,
+    }
 }

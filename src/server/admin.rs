@@ -51,7 +51,7 @@ fn respond(gw: &Gateway, req: &Request<Incoming>) -> Response<BoxBody> {
         "/readyz" if gw.is_ready() => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/metrics" => {
-            let mut resp = Response::new(full(gw.metrics.render()));
+            let mut resp = Response::new(full(gw.render_metrics()));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

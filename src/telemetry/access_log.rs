@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::proxy::cache::CacheStatus;
 use crate::proxy::ctx::{IdentityId, RequestCtx};
 
 /// The `target` of access-log events.
@@ -55,7 +56,7 @@ pub fn emit(dispatch: &tracing::Dispatch, ctx: &RequestCtx, latency: Duration) {
             tier = ctx.identity.as_ref().and_then(|i| i.tier.as_deref()),
             upstream = ctx.upstream.as_deref(),
             attempts = ctx.attempts,
-            cache = ctx.cache,
+            cache = ctx.cache.map(CacheStatus::label),
             model = ctx.model.as_deref(),
             input_tokens = ctx.input_tokens,
             output_tokens = ctx.output_tokens,

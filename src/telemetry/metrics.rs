@@ -11,6 +11,8 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::proxy::cache::CacheStatus;
+
 /// From 1 ms to 120 s: LLM calls range from a cached hit to a long
 /// reasoning answer.
 pub const LATENCY_BUCKETS: [f64; 16] = [
@@ -42,6 +44,10 @@ pub struct Metrics {
     pub tokens: IntCounterVec,
     pub completions: IntCounterVec,
     pub cost_usd: CounterVec,
+    pub cache_requests: IntCounterVec,
+    pub cache_saved_usd: CounterVec,
+    pub cache_size_bytes: IntGauge,
+    pub cache_entries: IntGauge,
     pub budget_spent: prometheus::GaugeVec,
     pub budget_limit: prometheus::GaugeVec,
     pub budget_alerts: IntCounterVec,
@@ -91,6 +97,24 @@ impl Metrics {
         registry
             .register(Box::new(cost_usd.clone()))
             .expect("each family is registered once");
+        let cache_saved_usd = CounterVec::new(
+            Opts::new(
+                "sluice_cache_saved_usd_total",
+                "What cache hits saved in USD: the cost of the upstream call each hit replaced.",
+            ),
+            &["route"],
+        )
+        .expect("static metric definition is valid");
+        registry
+            .register(Box::new(cache_saved_usd.clone()))
+            .expect("each family is registered once");
+        let plain_gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("static metric definition is valid");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("each family is registered once");
+            g
+        };
         let float_gauge = |name: &str, help: &str| {
             let g = prometheus::GaugeVec::new(Opts::new(name, help), &["scope"])
                 .expect("static metric definition is valid");
@@ -101,6 +125,20 @@ impl Metrics {
         };
         let metrics = Metrics {
             cost_usd,
+            cache_saved_usd,
+            cache_requests: counter(
+                "sluice_cache_requests_total",
+                "Requests on cached routes by result (hit, miss, bypass).",
+                &["route", "result"],
+            ),
+            cache_size_bytes: plain_gauge(
+                "sluice_cache_size_bytes",
+                "Bytes held by the response cache (bounded by cache.max_bytes).",
+            ),
+            cache_entries: plain_gauge(
+                "sluice_cache_entries",
+                "Responses held by the response cache.",
+            ),
             budget_spent: float_gauge("sluice_budget_spent_usd", "Spend today (UTC), in USD."),
             budget_limit: float_gauge("sluice_budget_limit_usd", "The daily budget, in USD."),
             budget_alerts: counter(
@@ -203,6 +241,9 @@ impl Metrics {
             duration: self.request_duration.with_label_values(&[route]),
             overhead: self.overhead.with_label_values(&[route]),
             in_flight: self.in_flight.with_label_values(&[route]),
+            cache_results: [CacheStatus::Hit, CacheStatus::Miss, CacheStatus::Bypass]
+                .map(|r| self.cache_requests.with_label_values(&[route, r.label()])),
+            cache_saved: self.cache_saved_usd.with_label_values(&[route]),
             models: Arc::new(ArcSwap::from_pointee(HashMap::new())),
             route: Arc::from(route),
         }
@@ -244,6 +285,9 @@ pub struct RouteMetrics {
     pub duration: Histogram,
     pub overhead: Histogram,
     pub in_flight: IntGauge,
+    /// `sluice_cache_requests_total` by result: hit, miss, bypass.
+    cache_results: [IntCounter; 3],
+    pub cache_saved: prometheus::Counter,
     /// Per-model children, resolved on a model's first answer and then
     /// read without locking or label hashing.
     models: Arc<ArcSwap<HashMap<String, Arc<ModelMetrics>>>>,
@@ -286,6 +330,11 @@ impl ModelMetrics {
 }
 
 impl RouteMetrics {
+    /// `sluice_cache_requests_total` of this route for `result`.
+    pub fn cache(&self, result: CacheStatus) -> &IntCounter {
+        &self.cache_results[result as usize]
+    }
+
     /// The usage children of `model` on this route.
     pub fn model(&self, metrics: &Metrics, model: &str) -> Arc<ModelMetrics> {
         if let Some(found) = self.models.load().get(model) {

@@ -5,6 +5,7 @@ mod support;
 
 mod auth;
 mod budget;
+mod cache;
 mod cli;
 mod config_errors;
 mod failover;

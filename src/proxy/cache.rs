@@ -1,0 +1,354 @@
+//! Phase 5, the response cache (SPEC §3): on a route with `cache`, a
+//! request is answered from a stored response when an identical one was
+//! answered before; otherwise its response is copied as it streams to the
+//! client and stored when it ended cleanly (see [`Fill`], driven by the
+//! tap). Identical requests that arrive while the first is in flight wait
+//! for it instead of calling the upstream too.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::request::Parts;
+use http::{Method, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::ctx::{IdentityId, RequestCtx};
+use super::error::ProxyError;
+use super::forward::{self, RequestBody};
+use crate::body::{self, BoxBody};
+use crate::gateway::{Active, Gateway};
+use crate::snapshot::{CacheScope, Route, RouteCache};
+use crate::state::cache::{CachedResponse, Flight, Join, Key, ResponseCache};
+
+/// What the cache did for a request: the `x-sluice-cache` header, the
+/// metric's `result` label and the access log's `cache` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    Hit,
+    Miss,
+    Bypass,
+}
+
+impl CacheStatus {
+    pub fn label(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Bypass => "bypass",
+        }
+    }
+
+    pub fn header(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Miss => "MISS",
+            CacheStatus::Bypass => "BYPASS",
+        })
+    }
+}
+
+/// The result of the cache phase.
+pub enum Step {
+    /// A stored response answers the request.
+    Hit(Response<BoxBody>),
+    /// The upstream answers; the body as it now is (read when the key
+    /// needed it).
+    Forward(RequestBody),
+}
+
+/// How many times a waiter takes its turn again after leads that failed
+/// before it calls the upstream without waiting.
+const MAX_WAITS: usize = 4;
+
+pub async fn lookup(
+    gw: &Gateway,
+    active: &Active,
+    route: &Route,
+    ctx: &mut RequestCtx,
+    parts: &Parts,
+    body: Incoming,
+) -> Result<Step, ProxyError> {
+    let Some(settings) = route.cache.as_ref() else {
+        return Ok(Step::Forward(RequestBody::Streaming(body)));
+    };
+    let metrics = active.route_metrics(ctx.route_index);
+    let directives = RequestDirectives::of(&parts.headers);
+    let cacheable_method = matches!(parts.method, Method::GET | Method::HEAD | Method::POST);
+    if !cacheable_method || directives.no_store {
+        ctx.cache = Some(CacheStatus::Bypass);
+        metrics.cache(CacheStatus::Bypass).inc();
+        return Ok(Step::Forward(RequestBody::Streaming(body)));
+    }
+    let max_body = active.snapshot.limits.max_request_body;
+    let bytes = forward::read_body(body, max_body).await?;
+    let key = key(route, settings, parts, ctx, &bytes);
+    let deadline = ctx.started + active.snapshot.limits.request_timeout;
+    let mut flight = None;
+    if !directives.no_cache {
+        for _ in 0..MAX_WAITS {
+            if let Some(entry) = gw.cache.get(&key) {
+                ctx.cache = Some(CacheStatus::Hit);
+                ctx.model.clone_from(&entry.model);
+                metrics.cache(CacheStatus::Hit).inc();
+                if let Some(saved) = entry.cost_usd {
+                    metrics.cache_saved.inc_by(saved);
+                }
+                return Ok(Step::Hit(hit_response(&entry)));
+            }
+            match gw.cache.join(key) {
+                Join::Lead(lead) => {
+                    flight = Some(lead);
+                    break;
+                }
+                Join::Wait(mut done) => {
+                    // Woken when the lead stored its response or gave up;
+                    // past the deadline the request goes on alone.
+                    let woken = tokio::time::timeout_at(deadline.into(), done.changed()).await;
+                    if woken.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    ctx.cache = Some(CacheStatus::Miss);
+    metrics.cache(CacheStatus::Miss).inc();
+    ctx.cache_fill = Some(Fill::new(key, settings, flight, gw.cache.entry_cap()));
+    Ok(Step::Forward(RequestBody::Read(bytes)))
+}
+
+/// The request's `cache-control` directives that concern the cache.
+#[derive(Default)]
+struct RequestDirectives {
+    no_cache: bool,
+    no_store: bool,
+}
+
+impl RequestDirectives {
+    fn of(headers: &HeaderMap) -> Self {
+        let mut found = RequestDirectives::default();
+        for directive in directives(headers) {
+            found.no_cache |= directive.eq_ignore_ascii_case("no-cache");
+            found.no_store |= directive.eq_ignore_ascii_case("no-store");
+        }
+        found
+    }
+}
+
+/// The directives of every `cache-control` header, names only.
+fn directives(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|d| d.split('=').next().unwrap_or("").trim())
+}
+
+/// The digest of what makes two requests the same: route, method, path
+/// and query, the identity when the route's scope is `identity`, and the
+/// body (JSON in canonical form, anything else as bytes). Every part is
+/// length-prefixed so that no two different requests write the same bytes.
+pub fn key(
+    route: &Route,
+    settings: &RouteCache,
+    parts: &Parts,
+    ctx: &RequestCtx,
+    body: &[u8],
+) -> Key {
+    let mut hash = Sha256::new();
+    field(&mut hash, route.name.as_bytes());
+    field(&mut hash, parts.method.as_str().as_bytes());
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    field(&mut hash, path.as_bytes());
+    match (settings.scope, ctx.identity.as_ref().map(|i| &i.id)) {
+        (CacheScope::Shared, _) => field(&mut hash, b"*"),
+        (CacheScope::Identity, Some(IdentityId::Key(id))) => {
+            field(&mut hash, b"key");
+            field(&mut hash, id.as_bytes());
+        }
+        (CacheScope::Identity, Some(IdentityId::Ip(ip))) => {
+            field(&mut hash, b"ip");
+            field(&mut hash, ip.to_string().as_bytes());
+        }
+        (CacheScope::Identity, None) => field(&mut hash, b"-"),
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(json) => {
+            hash.update(b"json");
+            canonical(&mut hash, &json);
+        }
+        Err(_) => {
+            hash.update(b"bytes");
+            field(&mut hash, body);
+        }
+    }
+    hash.finalize().into()
+}
+
+fn field(hash: &mut Sha256, bytes: &[u8]) {
+    hash.update((bytes.len() as u64).to_le_bytes());
+    hash.update(bytes);
+}
+
+/// Hashes a JSON value so that object key order and whitespace do not
+/// matter. Keys are sorted here rather than trusting the map's order, which
+/// a dependency enabling serde_json's `preserve_order` would change.
+fn canonical(hash: &mut Sha256, value: &Value) {
+    match value {
+        Value::Null => hash.update(b"n"),
+        Value::Bool(b) => hash.update(if *b { b"t" } else { b"f" }),
+        Value::Number(n) => {
+            hash.update(b"#");
+            field(hash, n.to_string().as_bytes());
+        }
+        Value::String(s) => {
+            hash.update(b"s");
+            field(hash, s.as_bytes());
+        }
+        Value::Array(items) => {
+            hash.update(b"[");
+            hash.update((items.len() as u64).to_le_bytes());
+            for item in items {
+                canonical(hash, item);
+            }
+        }
+        Value::Object(map) => {
+            let mut members: Vec<(&String, &Value)> = map.iter().collect();
+            members.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            hash.update(b"{");
+            hash.update((members.len() as u64).to_le_bytes());
+            for (name, member) in members {
+                field(hash, name.as_bytes());
+                canonical(hash, member);
+            }
+        }
+    }
+}
+
+fn hit_response(entry: &CachedResponse) -> Response<BoxBody> {
+    let mut resp = Response::new(body::full(entry.body.clone()));
+    resp.headers_mut().clone_from(&entry.headers);
+    let age = entry.stored_at.elapsed().as_secs();
+    resp.headers_mut()
+        .insert(header::AGE, HeaderValue::from(age));
+    resp
+}
+
+/// A miss on its way to be stored: the response is copied as the tap
+/// passes it to the client and stored when it ended cleanly. Dropping it
+/// unstored releases the requests waiting on it.
+pub struct Fill {
+    key: Key,
+    ttl: Duration,
+    /// The lead of the fetch, when other requests may wait on it.
+    _flight: Option<Flight>,
+    headers: HeaderMap,
+    chunks: Vec<Bytes>,
+    len: usize,
+    cap: usize,
+    /// The body grew past the per-entry cap: it is no longer copied.
+    overflowed: bool,
+}
+
+impl std::fmt::Debug for Fill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fill")
+            .field("len", &self.len)
+            .field("overflowed", &self.overflowed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Fill {
+    fn new(key: Key, settings: &RouteCache, flight: Option<Flight>, cap: usize) -> Self {
+        Fill {
+            key,
+            ttl: settings.ttl,
+            _flight: flight,
+            headers: HeaderMap::new(),
+            chunks: Vec::new(),
+            len: 0,
+            cap,
+            overflowed: false,
+        }
+    }
+
+    /// Takes the response head to store; false when this response must
+    /// not be stored (only a 200 is, and not when the upstream said
+    /// `no-store` or `private`).
+    pub fn accept_head(&mut self, status: StatusCode, headers: &HeaderMap) -> bool {
+        if status != StatusCode::OK
+            || directives(headers)
+                .any(|d| d.eq_ignore_ascii_case("no-store") || d.eq_ignore_ascii_case("private"))
+        {
+            return false;
+        }
+        for (name, value) in headers {
+            if !is_per_response(name) {
+                self.headers.append(name.clone(), value.clone());
+            }
+        }
+        true
+    }
+
+    /// Copies a body chunk the client was sent (a reference count, not
+    /// the bytes).
+    pub fn observe(&mut self, data: &Bytes) {
+        if self.overflowed {
+            return;
+        }
+        self.len += data.len();
+        if self.len > self.cap {
+            self.overflowed = true;
+            self.chunks = Vec::new();
+            return;
+        }
+        self.chunks.push(data.clone());
+    }
+
+    /// Stores the response, which ended cleanly.
+    pub fn store(self, cache: &ResponseCache, model: Option<String>, cost_usd: Option<f64>) {
+        if self.overflowed {
+            return;
+        }
+        let body = match self.chunks.as_slice() {
+            [one] => one.clone(),
+            chunks => {
+                let mut whole = BytesMut::with_capacity(self.len);
+                for chunk in chunks {
+                    whole.extend_from_slice(chunk);
+                }
+                whole.freeze()
+            }
+        };
+        cache.insert(
+            self.key,
+            CachedResponse {
+                headers: self.headers,
+                body,
+                stored_at: Instant::now(),
+                model,
+                cost_usd,
+                ttl: self.ttl,
+            },
+        );
+    }
+}
+
+/// Headers that belong to one response only and are not replayed: the
+/// request's id and limits, the framing (a hit has its own length), the
+/// date and cookies.
+fn is_per_response(name: &header::HeaderName) -> bool {
+    name == header::CONTENT_LENGTH
+        || name == header::TRANSFER_ENCODING
+        || name == header::DATE
+        || name == header::SET_COOKIE
+        || name == header::AGE
+        || name.as_str() == "x-request-id"
+        || name.as_str().starts_with("x-ratelimit-")
+        || name.as_str().starts_with("x-sluice-")
+}

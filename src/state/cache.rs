@@ -1,0 +1,164 @@
+//! The response cache store: finished 200 responses by request digest,
+//! bounded in bytes (moka, with a weigher and a per-entry TTL), and the
+//! table of requests in flight that identical requests wait on instead of
+//! calling the upstream again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use tokio::sync::watch;
+
+/// A request's cache key: a SHA-256 digest (see `proxy::cache::key`).
+pub type Key = [u8; 32];
+
+/// A stored response, shared by every hit.
+#[derive(Debug)]
+pub struct CachedResponse {
+    /// The headers the first client got, minus per-request ones.
+    pub headers: HeaderMap,
+    /// The body exactly as the first client got it (an SSE stream too).
+    pub body: Bytes,
+    pub stored_at: Instant,
+    /// The model that answered, for the access log of hits.
+    pub model: Option<String>,
+    /// What the upstream call cost: what each hit saves.
+    pub cost_usd: Option<f64>,
+    pub ttl: Duration,
+}
+
+impl CachedResponse {
+    /// Bytes this entry holds, as the store's weigher counts them: the
+    /// body, the headers and a fixed overhead for the key and bookkeeping.
+    pub fn weight(&self) -> u64 {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 32)
+            .sum();
+        (self.body.len() + headers + ENTRY_OVERHEAD) as u64
+    }
+}
+
+const ENTRY_OVERHEAD: usize = 256;
+
+/// Largest entry stored: a fraction of the whole bound, so that one huge
+/// answer cannot evict everything else, and never more than 8 MiB.
+pub fn entry_cap(max_bytes: u64) -> usize {
+    usize::try_from((max_bytes / 8).min(8 << 20)).unwrap_or(8 << 20)
+}
+
+/// Shards of the in-flight table: a miss locks one of them briefly, never
+/// one lock for the whole process.
+const FLIGHT_SHARDS: usize = 16;
+
+type Flights = HashMap<Key, watch::Receiver<()>>;
+
+pub struct ResponseCache {
+    entries: moka::sync::Cache<Key, Arc<CachedResponse>>,
+    flights: [Mutex<Flights>; FLIGHT_SHARDS],
+    entry_cap: usize,
+}
+
+/// What [`ResponseCache::join`] found for a key that is not stored.
+pub enum Join {
+    /// No one is fetching it: the caller does, and holds the flight until
+    /// its response is stored or has failed.
+    Lead(Flight),
+    /// Another request is fetching it: wait on this, then look again.
+    Wait(watch::Receiver<()>),
+}
+
+/// The lead of a fetch. Dropping it (stored or failed) wakes every waiter.
+pub struct Flight {
+    cache: Arc<ResponseCache>,
+    key: Key,
+    _done: watch::Sender<()>,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        // Removed before the sender drops, so a woken waiter that finds no
+        // entry can take the lead itself.
+        self.cache.shard(&self.key).remove(&self.key);
+    }
+}
+
+struct TtlExpiry;
+
+impl moka::Expiry<Key, Arc<CachedResponse>> for TtlExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &Key,
+        value: &Arc<CachedResponse>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
+}
+
+impl ResponseCache {
+    pub fn new(max_bytes: u64) -> Arc<Self> {
+        let entries = moka::sync::Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_key: &Key, value: &Arc<CachedResponse>| {
+                u32::try_from(value.weight()).unwrap_or(u32::MAX)
+            })
+            .expire_after(TtlExpiry)
+            .build();
+        Arc::new(ResponseCache {
+            entries,
+            flights: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            entry_cap: entry_cap(max_bytes),
+        })
+    }
+
+    /// The stored response for `key`, if still fresh.
+    pub fn get(&self, key: &Key) -> Option<Arc<CachedResponse>> {
+        self.entries.get(key)
+    }
+
+    /// Stores a finished response; too large an entry is not stored.
+    pub fn insert(&self, key: Key, response: CachedResponse) {
+        if response.body.len() <= self.entry_cap && !response.ttl.is_zero() {
+            self.entries.insert(key, Arc::new(response));
+        }
+    }
+
+    /// The largest body stored; a response growing past it stops being
+    /// copied for the cache.
+    pub fn entry_cap(&self) -> usize {
+        self.entry_cap
+    }
+
+    /// Takes the lead of fetching `key`, or joins the request that has it.
+    pub fn join(self: &Arc<Self>, key: Key) -> Join {
+        let mut flights = self.shard(&key);
+        if let Some(waiting) = flights.get(&key) {
+            return Join::Wait(waiting.clone());
+        }
+        let (done, waiting) = watch::channel(());
+        flights.insert(key, waiting);
+        Join::Lead(Flight {
+            cache: self.clone(),
+            key,
+            _done: done,
+        })
+    }
+
+    /// Bytes held and entries, after pending evictions ran.
+    pub fn usage(&self) -> (u64, u64) {
+        self.entries.run_pending_tasks();
+        (self.entries.weighted_size(), self.entries.entry_count())
+    }
+
+    fn shard(&self, key: &Key) -> std::sync::MutexGuard<'_, Flights> {
+        // The key is a digest: its first byte is already uniform.
+        let index = usize::from(key[0]) % FLIGHT_SHARDS;
+        self.flights[index]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}

@@ -1,0 +1,420 @@
+//! The response cache: hits with `age`, canonical JSON keys, identity and
+//! shared scope, client and upstream cache-control, non-200 answers, TTL,
+//! the byte bound, SSE replay, coalescing of concurrent identical requests
+//! (and a failed lead not failing the rest), and the metrics of hits.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{Client, MockUpstream, TestGateway, UpstreamReply};
+
+fn config(url: &str, cache: &str) -> String {
+    format!(
+        r#"
+upstreams:
+  llm: {{ url: "{url}" }}
+auth:
+  api_keys:
+    - {{ id: alice, key: sk-alice-0001 }}
+    - {{ id: bob, key: sk-bob-0002 }}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    cache: {cache}
+    upstream: llm
+  - name: plain
+    match: {{ path_prefix: /plain/ }}
+    upstream: llm
+pricing:
+  gpt-4o-mini: {{ input: 0.15, output: 0.60 }}
+  default: {{ input: 1.00, output: 3.00 }}
+"#
+    )
+}
+
+const ALICE: (&str, &str) = ("authorization", "Bearer sk-alice-0001");
+const BOB: (&str, &str) = ("authorization", "Bearer sk-bob-0002");
+
+fn answer() -> serde_json::Value {
+    json!({
+        "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500}
+    })
+}
+
+async fn start(cache: &str, reply: UpstreamReply) -> (TestGateway, MockUpstream) {
+    let upstream = MockUpstream::always(reply).await;
+    let gw = TestGateway::start(&config(&upstream.url(), cache)).await;
+    (gw, upstream)
+}
+
+const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello"}]}"#;
+
+#[tokio::test]
+async fn second_identical_request_is_a_hit_with_age() {
+    let (gw, upstream) = start("{ ttl: 10m }", UpstreamReply::json(&answer())).await;
+    let client = Client::new();
+    let url = gw.url("/v1/chat/completions?x=1");
+    let first = client.post_json(&url, &[ALICE], CHAT).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("x-sluice-cache"), Some("MISS"));
+    assert_eq!(first.header("age"), None);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let second = client.post_json(&url, &[ALICE], CHAT).await;
+    assert_eq!(second.status, 200);
+    assert_eq!(second.header("x-sluice-cache"), Some("HIT"));
+    let age: u64 = second.header("age").unwrap().parse().unwrap();
+    assert!(age >= 1, "age {age}");
+    assert_eq!(second.body, first.body);
+    assert_eq!(second.header("content-type"), Some("application/json"));
+    assert!(second.header("x-request-id").is_some());
+    assert_ne!(second.header("x-request-id"), first.header("x-request-id"));
+    assert_eq!(upstream.seen().len(), 1, "the upstream was called once");
+
+    let logs = gw.wait_access_logs(2).await;
+    assert_eq!(logs[0]["cache"], "miss");
+    assert_eq!(logs[1]["cache"], "hit");
+    assert_eq!(logs[1]["status"], 200);
+    assert_eq!(logs[1]["upstream"], serde_json::Value::Null);
+    for (result, n) in [("hit", 1.0), ("miss", 1.0), ("bypass", 0.0)] {
+        let labels = [("route", "chat"), ("result", result)];
+        assert_eq!(
+            gw.metric("sluice_cache_requests_total", &labels).await,
+            Some(n),
+            "{result}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_hit_saves_its_cost_and_spends_no_tokens() {
+    let (gw, upstream) = start("{ ttl: 10m }", UpstreamReply::json(&answer())).await;
+    let client = Client::new();
+    let url = gw.url("/v1/chat/completions");
+    for _ in 0..3 {
+        assert_eq!(client.post_json(&url, &[ALICE], CHAT).await.status, 200);
+    }
+    assert_eq!(upstream.seen().len(), 1);
+    // 1000 × 0.15 + 500 × 0.60 per million: what each of the two hits saved.
+    let one_call = (1000.0 * 0.15 + 500.0 * 0.60) / 1e6;
+    let saved = gw
+        .metric("sluice_cache_saved_usd_total", &[("route", "chat")])
+        .await
+        .unwrap();
+    assert!((saved - 2.0 * one_call).abs() < 1e-12, "saved {saved}");
+    let input = [
+        ("route", "chat"),
+        ("model", "gpt-4o-mini"),
+        ("kind", "input"),
+    ];
+    assert_eq!(gw.metric("sluice_tokens_total", &input).await, Some(1000.0));
+    let spent = gw
+        .metric(
+            "sluice_cost_usd_total",
+            &[("route", "chat"), ("model", "gpt-4o-mini")],
+        )
+        .await
+        .unwrap();
+    assert!((spent - one_call).abs() < 1e-12, "spent {spent}");
+    let logs = gw.wait_access_logs(3).await;
+    assert_eq!(logs[2]["cache"], "hit");
+    assert_eq!(logs[2]["model"], "gpt-4o-mini");
+    assert_eq!(logs[2]["input_tokens"], serde_json::Value::Null);
+}
+
+#[tokio::test]
+async fn key_order_and_whitespace_do_not_matter() {
+    let (gw, upstream) = start("{ ttl: 10m }", UpstreamReply::json(&answer())).await;
+    let client = Client::new();
+    let url = gw.url("/v1/chat/completions");
+    client.post_json(&url, &[ALICE], CHAT).await;
+    let reordered = r#"{ "messages": [ {"content": "hello", "role": "user"} ],
+        "model": "gpt-4o-mini" }"#;
+    let again = client.post_json(&url, &[ALICE], reordered).await;
+    assert_eq!(again.header("x-sluice-cache"), Some("HIT"));
+    assert_eq!(upstream.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn a_different_body_path_or_query_misses() {
+    let (gw, upstream) = start("{ ttl: 10m }", UpstreamReply::json(&answer())).await;
+    let client = Client::new();
+    client
+        .post_json(&gw.url("/v1/chat/completions"), &[ALICE], CHAT)
+        .await;
+    let other_body = CHAT.replace("hello", "hello!");
+    let cases = [
+        (gw.url("/v1/chat/completions"), other_body.as_str()),
+        (gw.url("/v1/chat/completions?v=2"), CHAT),
+        (gw.url("/v1/completions"), CHAT),
+    ];
+    for (url, body) in &cases {
+        let reply = client.post_json(url, &[ALICE], body).await;
+        assert_eq!(reply.header("x-sluice-cache"), Some("MISS"), "{url} {body}");
+    }
+    assert_eq!(upstream.seen().len(), 4);
+}
+
+#[tokio::test]
+async fn identity_scope_keeps_callers_apart_and_shared_scope_does_not() {
+    let (gw, upstream) = start("{ ttl: 10m }", UpstreamReply::json(&answer())).await;
+    let client = Client::new();
+    let url = gw.url("/v1/chat/completions");
+    client.post_json(&url, &[ALICE], CHAT).await;
+    let bob = client.post_json(&url, &[BOB], CHAT).await;
+    assert_eq!(bob.header("x-sluice-cache"), Some("MISS"));
+    assert_eq!(upstream.seen().len(), 2);
+
+    let (gw, upstream) = start(
+        "{ ttl: 10m, scope: shared }",
+        UpstreamReply::json(&answer()),
+    )
+    .await;
+    let url = gw.url("/v1/chat/completions");
+    client.post_json(&url, &[ALICE], CHAT).await;
+    let bob = client.post_json(&url, &[BOB], CHAT).await;
+    assert_eq!(bob.header("x-sluice-cache"), Some("HIT"));
+    assert_eq!(upstream.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn no_cache_skips_the_lookup_but_stores_and_no_store_bypasses() {
+    let (gw, upstream) = start("{ ttl: 10m }", UpstreamReply::json(&answer())).await;
+    let client = Client::new();
+    let url = gw.url("/v1/chat/completions");
+
+    let bypass = client
+        .post_json(&url, &[ALICE, ("cache-control", "no-store")], CHAT)
+        .await;
+    assert_eq!(bypass.header("x-sluice-cache"), Some("BYPASS"));
+    let after_bypass = client
+        .post_json(&url, &[ALICE, ("cache-control", "no-cache")], CHAT)
+        .await;
+    // no-store stored nothing, and no-cache did not look: both went upstream.
+    assert_eq!(after_bypass.header("x-sluice-cache"), Some("MISS"));
+    assert_eq!(upstream.seen().len(), 2);
+
+    // ... but no-cache stored its answer.
+    let hit = client.post_json(&url, &[ALICE], CHAT).await;
+    assert_eq!(hit.header("x-sluice-cache"), Some("HIT"));
+    let fresh = client
+        .post_json(
+            &url,
+            &[ALICE, ("cache-control", "max-age=0, no-cache")],
+            CHAT,
+        )
+        .await;
+    assert_eq!(fresh.header("x-sluice-cache"), Some("MISS"));
+    assert_eq!(upstream.seen().len(), 3);
+    assert_eq!(
+        gw.metric(
+            "sluice_cache_requests_total",
+            &[("route", "chat"), ("result", "bypass")]
+        )
+        .await,
+        Some(1.0)
+    );
+    // A route without cache says nothing about it.
+    let plain = client.post_json(&gw.url("/plain/x"), &[ALICE], CHAT).await;
+    assert_eq!(plain.header("x-sluice-cache"), None);
+}
+
+#[tokio::test]
+async fn only_cacheable_200_answers_are_stored() {
+    let replies = [
+        UpstreamReply::status(500).body("{}"),
+        UpstreamReply::status(201).body("{}"),
+        UpstreamReply::json(&answer()).header("cache-control", "no-store"),
+        UpstreamReply::json(&answer()).header("cache-control", "private, max-age=60"),
+    ];
+    for reply in replies {
+        let what = format!("{} {:?}", reply.status, reply.headers);
+        let (gw, upstream) = start("{ ttl: 10m }", reply).await;
+        let client = Client::new();
+        let url = gw.url("/v1/chat/completions");
+        for _ in 0..2 {
+            let reply = client.post_json(&url, &[ALICE], CHAT).await;
+            assert_eq!(reply.header("x-sluice-cache"), Some("MISS"), "{what}");
+        }
+        assert_eq!(upstream.seen().len(), 2, "{what}");
+    }
+}
+
+#[tokio::test]
+async fn entries_expire_after_the_route_ttl() {
+    let (gw, upstream) = start("{ ttl: 1s }", UpstreamReply::json(&answer())).await;
+    let client = Client::new();
+    let url = gw.url("/v1/chat/completions");
+    client.post_json(&url, &[ALICE], CHAT).await;
+    let hit = client.post_json(&url, &[ALICE], CHAT).await;
+    assert_eq!(hit.header("x-sluice-cache"), Some("HIT"));
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let expired = client.post_json(&url, &[ALICE], CHAT).await;
+    assert_eq!(expired.header("x-sluice-cache"), Some("MISS"));
+    assert_eq!(upstream.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn the_cache_holds_no_more_than_max_bytes() {
+    let upstream = MockUpstream::start(|seen| {
+        // A distinct 2 KiB answer per request.
+        let mut body = String::from_utf8_lossy(&seen.body).into_owned();
+        body.push_str(&"x".repeat(2048));
+        UpstreamReply::text(body)
+    })
+    .await;
+    let yaml = format!(
+        "{}cache: {{ max_bytes: 64KiB }}\n",
+        config(&upstream.url(), "{ ttl: 10m }")
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let client = Client::new();
+    let url = gw.url("/v1/echo");
+    for i in 0..200 {
+        let reply = client
+            .post_json(&url, &[ALICE], &format!("{{\"n\":{i}}}"))
+            .await;
+        assert_eq!(reply.status, 200);
+    }
+    let bytes = gw.metric("sluice_cache_size_bytes", &[]).await.unwrap();
+    let entries = gw.metric("sluice_cache_entries", &[]).await.unwrap();
+    assert!(bytes <= 65536.0, "{bytes} bytes held");
+    assert!(bytes >= 16384.0, "the cache holds something: {bytes}");
+    assert!((8.0..32.0).contains(&entries), "{entries} entries");
+    // An entry larger than an eighth of the bound is never stored.
+    let big = "y".repeat(16 * 1024);
+    for _ in 0..2 {
+        let reply = client
+            .post_json(&url, &[ALICE], &format!("{{\"big\":\"{big}\"}}"))
+            .await;
+        assert_eq!(reply.header("x-sluice-cache"), Some("MISS"));
+    }
+}
+
+#[tokio::test]
+async fn a_streamed_answer_is_replayed_byte_identical() {
+    let events = [
+        r#"{"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#,
+        r#"{"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"Hel"}}]}"#,
+        r#"{"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"stop"}]}"#,
+        r#"{"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#,
+        "[DONE]",
+    ];
+    let (gw, upstream) = start(
+        "{ ttl: 10m }",
+        UpstreamReply::sse(&events, Duration::from_millis(30)),
+    )
+    .await;
+    let client = Client::new();
+    let url = gw.url("/v1/chat/completions");
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#;
+    let first = client.post_json(&url, &[ALICE], body).await;
+    assert_eq!(first.header("x-sluice-cache"), Some("MISS"));
+    assert!(first.frames.len() >= 4, "the miss streamed chunk by chunk");
+    let second = client.post_json(&url, &[ALICE], body).await;
+    assert_eq!(second.header("x-sluice-cache"), Some("HIT"));
+    assert_eq!(second.header("content-type"), Some("text/event-stream"));
+    assert_eq!(second.body, first.body, "the replay is byte-identical");
+    assert!(second.text().ends_with("data: [DONE]\n\n"));
+    assert_eq!(upstream.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn a_broken_stream_is_not_stored() {
+    let reply = UpstreamReply::sse(
+        &[
+            r#"{"choices":[{"index":0,"delta":{"content":"Hel"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"lo"}}]}"#,
+        ],
+        Duration::from_millis(20),
+    )
+    .cut();
+    let (gw, upstream) = start("{ ttl: 10m }", reply).await;
+    let client = Client::new();
+    let url = gw.url("/v1/chat/completions");
+    let body = r#"{"model":"m","stream":true,"messages":[]}"#;
+    for _ in 0..2 {
+        let reply = client.post_json(&url, &[ALICE], body).await;
+        assert_eq!(reply.header("x-sluice-cache"), Some("MISS"));
+        assert!(
+            reply.text().contains("upstream_stream_error"),
+            "{}",
+            reply.text()
+        );
+    }
+    assert_eq!(upstream.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn concurrent_identical_requests_make_one_upstream_call() {
+    let (gw, upstream) = start(
+        "{ ttl: 10m }",
+        UpstreamReply::json(&answer()).delay(Duration::from_millis(300)),
+    )
+    .await;
+    let gw = Arc::new(gw);
+    let client = Client::new();
+    let url = gw.url("/v1/chat/completions");
+    let calls = (0..20).map(|_| {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move { client.post_json(&url, &[ALICE], CHAT).await })
+    });
+    let replies = futures_util::future::join_all(calls).await;
+    let mut hits = 0;
+    for reply in replies {
+        let reply = reply.unwrap();
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.json(), answer());
+        hits += usize::from(reply.header("x-sluice-cache") == Some("HIT"));
+    }
+    assert_eq!(
+        upstream.seen().len(),
+        1,
+        "one upstream call for 20 requests"
+    );
+    assert_eq!(hits, 19);
+}
+
+#[tokio::test]
+async fn a_failed_lead_does_not_fail_the_requests_waiting_on_it() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let upstream = MockUpstream::start(move |_| {
+        if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+            UpstreamReply::status(500)
+                .body(r#"{"error":{"message":"boom"}}"#)
+                .delay(Duration::from_millis(300))
+        } else {
+            UpstreamReply::json(&answer()).delay(Duration::from_millis(100))
+        }
+    })
+    .await;
+    let gw = TestGateway::start(&config(&upstream.url(), "{ ttl: 10m }")).await;
+    let client = Client::new();
+    let url = gw.url("/v1/chat/completions");
+    let lead = {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move { client.post_json(&url, &[ALICE], CHAT).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiters = (0..5).map(|_| {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move { client.post_json(&url, &[ALICE], CHAT).await })
+    });
+    let waiters = futures_util::future::join_all(waiters).await;
+    assert_eq!(lead.await.unwrap().status, 500);
+    for reply in waiters {
+        let reply = reply.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.json(), answer());
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "one waiter retried, the others waited on it"
+    );
+}
