@@ -31,6 +31,7 @@ LOAD_CPU=${LOAD_CPU:-1}                  # core for the upstream + load generato
 SKIP_SLUICE=${SKIP_SLUICE:-0}            # 1: only direct + nginx (no build needed)
 FLOOR=${FLOOR:-0}                        # 1: also the bare hyper proxy (examples/hyper_floor.rs)
 AUTH=${AUTH:-0}                          # 1: sluice's route requires an API key; every target gets the header
+CACHE=${CACHE:-0}                        # 1: also sluice serving every request from its response cache (hits)
 FLOOR_BIN=${FLOOR_BIN:-target/release/examples/hyper_floor}
 SLUICE_BIN=${SLUICE_BIN:-target/release/sluice}
 OPENLOOP_TOOL=${OPENLOOP_TOOL:-python}   # python (bench/openloop.py) | oha (if installed)
@@ -293,6 +294,11 @@ auth:
   api_keys:
     - { id: bench, key: $BENCH_KEY }
 routes:
+  - name: cached        # CACHE=1: the same upstream behind the response cache
+    match: { path_prefix: /cached/ }
+    auth: $ROUTE_AUTH
+    cache: { ttl: 1h, scope: shared }
+    upstream: fast
   - name: bench
     match: { path_prefix: / }
     auth: $ROUTE_AUTH
@@ -466,6 +472,8 @@ if (( ! SKIP_SLUICE )); then
   wait_status "http://127.0.0.1:$ADMIN_PORT/readyz" 200 "$SLUICE_PID" \
     || { cat "$WORK/sluice.stderr" >&2; die "sluice did not become ready on :$ADMIN_PORT/readyz within ~10 s"; }
   bench_target sluice "http://127.0.0.1:$SLUICE_PORT$REQ_PATH"
+  # Every request after check_target's first is a hit: the same body each time.
+  if (( CACHE )); then bench_target sluice-cache-hit "http://127.0.0.1:$SLUICE_PORT/cached$REQ_PATH"; fi
   stop_started "$SLUICE_PID"
 fi
 

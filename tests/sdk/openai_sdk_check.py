@@ -55,18 +55,26 @@ def main() -> int:
         assert reply.choices[0].message.content.startswith("Hello from the sluice mock"), reply
         assert reply.usage.prompt_tokens == 5 and reply.usage.total_tokens == 14, reply.usage
 
-        text = ""
-        usage = None
-        stream = client.chat.completions.create(
-            model="gpt-4o-mini", messages=messages, stream=True, stream_options={"include_usage": True}
-        )
-        for chunk in stream:
-            if chunk.usage:
-                usage = chunk.usage
-            if chunk.choices:
-                text += chunk.choices[0].delta.content or ""
-        assert text == reply.choices[0].message.content, text
-        assert usage is not None and usage.completion_tokens == 9, usage
+        # The demo route caches: the same question again is a hit, and the
+        # SDK reads the replay like the original.
+        again = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=messages)
+        assert again.headers.get("x-sluice-cache") == "HIT", dict(again.headers)
+        assert again.parse().choices[0].message.content == reply.choices[0].message.content
+
+        for expected in ("MISS", "HIT"):
+            raw = client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=messages, stream=True, stream_options={"include_usage": True}
+            )
+            assert raw.headers.get("x-sluice-cache") == expected, (expected, dict(raw.headers))
+            text = ""
+            usage = None
+            for chunk in raw.parse():
+                if chunk.usage:
+                    usage = chunk.usage
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+            assert text == reply.choices[0].message.content, (expected, text)
+            assert usage is not None and usage.completion_tokens == 9, (expected, usage)
 
         models = [m.id for m in client.models.list()]
         assert "gpt-4o-mini" in models, models
@@ -78,7 +86,7 @@ def main() -> int:
         except openai.AuthenticationError as e:
             assert e.status_code == 401 and e.code == "invalid_api_key", e
 
-        print("openai SDK check ok: chat, stream with usage, models, 401")
+        print("openai SDK check ok: chat, cache hit, stream with usage and its replay, models, 401")
         return 0
     finally:
         proc.terminate()
