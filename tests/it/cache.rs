@@ -418,3 +418,27 @@ async fn a_failed_lead_does_not_fail_the_requests_waiting_on_it() {
         "one waiter retried, the others waited on it"
     );
 }
+
+#[tokio::test]
+async fn a_hit_still_counts_against_request_limits() {
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer())).await;
+    let yaml = config(&upstream.url(), "{ ttl: 10m }").replace(
+        "    cache: { ttl: 10m }\n",
+        "    cache: { ttl: 10m }\n    rate_limit: { requests_per_minute: 2 }\n",
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let client = Client::new();
+    let url = gw.url("/v1/chat/completions");
+    let statuses = [
+        client.post_json(&url, &[ALICE], CHAT).await,
+        client.post_json(&url, &[ALICE], CHAT).await,
+        client.post_json(&url, &[ALICE], CHAT).await,
+    ];
+    assert_eq!(statuses[1].header("x-sluice-cache"), Some("HIT"));
+    assert_eq!(
+        statuses[1].header("x-ratelimit-remaining-requests"),
+        Some("0")
+    );
+    assert_eq!(statuses[2].status, 429);
+    assert_eq!(upstream.seen().len(), 1);
+}
