@@ -12,6 +12,7 @@
 //! - [`config`]: YAML → validated [`snapshot::Snapshot`] (shared by `run`, `check`, reload)
 //! - [`gateway`]: the snapshot behind an atomic pointer, plus metrics and logs
 //! - [`server`]: proxy and admin listeners, TLS, graceful drain
+//! - [`reload`]: SIGHUP and file changes → a validated config swap, a new certificate
 //! - [`proxy`]: the request path, one file per phase
 //! - [`upstream`]: pooled clients and the built-in mock LLM
 //! - [`llm`]: the response tap (and usage, pricing as they land)
@@ -23,6 +24,7 @@ pub mod config;
 pub mod gateway;
 pub mod llm;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod snapshot;
 pub mod state;

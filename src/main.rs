@@ -184,6 +184,11 @@ async fn run(path: PathBuf) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let env: sluice::reload::Env = Arc::new(|name: &str| std::env::var(name).ok());
+    let reloader = sluice::reload::Reloader::new(gw.clone(), path, env, running.certs.clone());
+    if let Err(e) = sluice::reload::spawn(reloader) {
+        tracing::warn!(error = e.as_str(), "hot reload is off");
+    }
     let signal = shutdown_signal().await;
     tracing::info!(signal, "shutting down: draining in-flight requests");
     running.shutdown();

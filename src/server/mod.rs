@@ -29,6 +29,8 @@ pub enum StartError {
 pub struct Running {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The proxy listener's certificate, for reload to swap.
+    pub certs: Option<Arc<tls::CertStore>>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -55,8 +57,12 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 pub async fn start(gw: Arc<Gateway>) -> Result<Running, StartError> {
     let active = gw.active();
     let snap = &active.snapshot;
-    let tls = match &snap.tls {
-        Some(files) => Some(tls::acceptor(files).map_err(StartError::Tls)?),
+    let certs = match &snap.tls {
+        Some(files) => Some(tls::CertStore::load(files).map_err(StartError::Tls)?),
+        None => None,
+    };
+    let tls = match &certs {
+        Some(store) => Some(tls::acceptor(store.clone()).map_err(StartError::Tls)?),
         None => None,
     };
     let proxy = bind(snap.listen).await?;
@@ -80,6 +86,7 @@ pub async fn start(gw: Arc<Gateway>) -> Result<Running, StartError> {
     Ok(Running {
         proxy_addr,
         admin_addr,
+        certs,
         shutdown,
         task,
     })

@@ -1,17 +1,51 @@
 //! TLS termination on the proxy listener: rustls (aws-lc-rs), TLS 1.2 and
-//! 1.3, ALPN `h2` then `http/1.1`, certificate and key from PEM files.
+//! 1.3, ALPN `h2` then `http/1.1`, certificate and key from PEM files. The
+//! pair sits behind a [`CertStore`] that reload swaps, so a certificate
+//! rotated in place (cert-manager) serves the next handshake, no restart.
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
 use crate::snapshot::TlsFiles;
 
-/// Builds the acceptor from the configured files. Errors name the file,
-/// never its content.
-pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
+/// The certificate new handshakes get.
+#[derive(Debug)]
+pub struct CertStore {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl CertStore {
+    /// Reads the pair; the error names the file, never its content.
+    pub fn load(files: &TlsFiles) -> Result<Arc<Self>, String> {
+        Ok(Arc::new(CertStore {
+            current: ArcSwap::from_pointee(read_pair(files)?),
+        }))
+    }
+
+    /// Re-reads the pair; on error the current one keeps serving.
+    pub fn reload(&self, files: &TlsFiles) -> Result<(), String> {
+        self.current.store(Arc::new(read_pair(files)?));
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn read_pair(files: &TlsFiles) -> Result<CertifiedKey, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert_file)
         .map_err(|e| format!("cannot read cert_file {}: {e}", files.cert_file.display()))?
         .collect::<Result<_, _>>()
@@ -29,14 +63,19 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
     }
     let key = PrivateKeyDer::from_pem_file(&files.key_file)
         .map_err(|e| format!("key_file {}: {e}", files.key_file.display()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| format!("certificate and key do not form a usable pair: {e}"))?;
+    // Checks that the key belongs to the certificate: a rotation caught
+    // between writing the two files is refused, not served.
+    CertifiedKey::from_der(certs, key, &provider())
+        .map_err(|e| format!("certificate and key do not form a usable pair: {e}"))
+}
+
+/// The acceptor for the listener, resolving certificates from `store`.
+pub fn acceptor(store: Arc<CertStore>) -> Result<TlsAcceptor, String> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(store);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -45,6 +45,7 @@ pub struct Metrics {
     pub completions: IntCounterVec,
     pub cost_usd: CounterVec,
     pub cache_requests: IntCounterVec,
+    pub config_reloads: IntCounterVec,
     pub cache_saved_usd: CounterVec,
     pub cache_size_bytes: IntGauge,
     pub cache_entries: IntGauge,
@@ -126,6 +127,11 @@ impl Metrics {
         let metrics = Metrics {
             cost_usd,
             cache_saved_usd,
+            config_reloads: counter(
+                "sluice_config_reloads_total",
+                "Config reloads (SIGHUP or a changed file) by result (ok, error).",
+                &["result"],
+            ),
             cache_requests: counter(
                 "sluice_cache_requests_total",
                 "Requests on cached routes by result (hit, miss, bypass).",
@@ -231,6 +237,10 @@ impl Metrics {
             .build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Both series exist from start, so an alert on errors sees the first.
+        for result in ["ok", "error"] {
+            metrics.config_reloads.with_label_values(&[result]);
+        }
         metrics
     }
 

@@ -521,3 +521,81 @@ routes:
     };
     assert_eq!(status.code(), Some(0), "{}", output());
 }
+
+#[tokio::test]
+async fn sighup_and_an_edited_file_reload_the_running_config() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let yaml = format!(
+        "\
+listen: {proxy}
+admin: {{ listen: {admin} }}
+upstreams:
+  demo: {{ mock: {{}} }}
+routes:
+  - name: first
+    match: {{ path_prefix: /v1/, methods: [POST] }}
+    auth: none
+    upstream: demo
+"
+    );
+    let path = write(dir.path(), "proxy.yaml", &yaml);
+    let child = sluice()
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sluice run");
+    let mut gw = Running(child);
+    let metrics = format!("http://{admin}/metrics");
+    let reloads = |result: &'static str| {
+        let metrics = metrics.clone();
+        async move {
+            let text = Client::new().get(&metrics).await.text();
+            crate::support::gateway::sample(
+                &text,
+                "sluice_config_reloads_total",
+                &[("result", result)],
+            )
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status_of(&format!("http://{admin}/readyz")).await != Some(StatusCode::OK) {
+        assert!(Instant::now() < deadline, "/readyz never answered 200");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(reloads("ok").await, Some(0.0));
+
+    let pid = libc::pid_t::try_from(gw.0.id()).expect("pid fits");
+    // SAFETY: signals our own child, whose pid it still holds (not reaped).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0, "kill failed");
+    // An unchanged file still reloads on SIGHUP: the environment or a
+    // referenced file may have changed.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reloads("ok").await != Some(1.0) {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Edited in place: the watcher reloads it.
+    let models = format!("http://{proxy}/v1/models");
+    assert_eq!(
+        status_of(&models).await,
+        Some(StatusCode::METHOD_NOT_ALLOWED)
+    );
+    std::fs::write(&path, yaml.replace("[POST]", "[GET, POST]")).expect("edit config");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status_of(&models).await != Some(StatusCode::OK) {
+        assert!(
+            Instant::now() < deadline,
+            "the edited config was not loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(reloads("ok").await, Some(2.0));
+    assert_eq!(reloads("error").await, Some(0.0));
+    assert!(matches!(gw.0.try_wait(), Ok(None)), "still running");
+}

@@ -14,6 +14,7 @@ mod limits;
 mod listener;
 mod mock_llm;
 mod proxy;
+mod reload;
 mod shutdown;
 mod streaming;
 mod telemetry;

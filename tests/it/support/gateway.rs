@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 use sluice::gateway::Gateway;
+use sluice::reload::{self, Reloader};
 use sluice::server::{self, Running};
 use sluice::telemetry::log::LogSink;
 
@@ -33,25 +34,50 @@ impl TestGateway {
 
     /// Starts with files already placed in `dir` (certificates, schemas).
     pub async fn start_in(yaml: &str, env: &[(&str, &str)], dir: tempfile::TempDir) -> Self {
-        let mut text = String::new();
-        if !yaml.contains("\nlisten:") && !yaml.starts_with("listen:") {
-            text.push_str("listen: 127.0.0.1:0\n");
-        }
-        if !yaml.contains("admin:") {
-            text.push_str("admin: { listen: 127.0.0.1:0 }\n");
-        }
-        text.push_str(yaml);
-        let env: HashMap<String, String> = env
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
+        let text = with_test_listeners(yaml);
+        let env = env_map(env);
         let snapshot = sluice::config::load_str(&text, "test.yaml", dir.path(), &|name| {
             env.get(name).cloned()
         })
         .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{text}"));
+        Self::launch(snapshot, dir, None).await
+    }
+
+    /// Starts from a config file laid out as a Kubernetes ConfigMap mount
+    /// (`proxy.yaml` → `..data/proxy.yaml`, `..data` → a versioned dir),
+    /// with hot reload on: [`TestGateway::swap_config`] updates it the way
+    /// the kubelet does.
+    pub async fn start_watched(yaml: &str, env: &[(&str, &str)], dir: tempfile::TempDir) -> Self {
+        let root = dir.path();
+        let text = with_test_listeners(yaml);
+        std::fs::create_dir(root.join("..v0")).expect("config version dir");
+        std::fs::write(root.join("..v0/proxy.yaml"), &text).expect("write config");
+        std::os::unix::fs::symlink("..v0", root.join("..data")).expect("..data link");
+        std::os::unix::fs::symlink("..data/proxy.yaml", root.join("proxy.yaml"))
+            .expect("proxy.yaml link");
+        let env = env_map(env);
+        let path = root.join("proxy.yaml");
+        let lookup = env.clone();
+        let snapshot = sluice::config::load_str(&text, &path.display().to_string(), root, &|n| {
+            lookup.get(n).cloned()
+        })
+        .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{text}"));
+        let env: sluice::reload::Env = Arc::new(move |name: &str| env.get(name).cloned());
+        Self::launch(snapshot, dir, Some((path, env))).await
+    }
+
+    async fn launch(
+        snapshot: sluice::snapshot::Snapshot,
+        dir: tempfile::TempDir,
+        reload: Option<(PathBuf, sluice::reload::Env)>,
+    ) -> Self {
         let (sink, logs) = LogSink::capture();
         let gw = Gateway::new(snapshot, sink);
         let running = server::start(gw.clone()).await.expect("gateway starts");
+        if let Some((path, env)) = reload {
+            let reloader = Reloader::new(gw.clone(), path, env, running.certs.clone());
+            reload::spawn(reloader).expect("hot reload starts");
+        }
         TestGateway {
             addr: running.proxy_addr,
             admin: running.admin_addr,
@@ -60,6 +86,23 @@ impl TestGateway {
             running: Some(running),
             dir,
         }
+    }
+
+    /// Replaces the config as a ConfigMap update does: a new version
+    /// directory, then `..data` swapped to it by an atomic rename.
+    pub fn swap_config(&self, yaml: &str) {
+        static VERSION: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+        let n = VERSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let root = self.dir.path();
+        let version = format!("..v{n}");
+        std::fs::create_dir(root.join(&version)).expect("config version dir");
+        std::fs::write(
+            root.join(&version).join("proxy.yaml"),
+            with_test_listeners(yaml),
+        )
+        .expect("write config");
+        std::os::unix::fs::symlink(&version, root.join("..data_tmp")).expect("..data_tmp link");
+        std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("swap ..data");
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -140,6 +183,27 @@ impl TestGateway {
             r.wait().await;
         }
     }
+}
+
+/// The test's listeners on ephemeral ports, unless the config sets them.
+fn with_test_listeners(yaml: &str) -> String {
+    let mut text = String::new();
+    if !yaml.contains("\nlisten:") && !yaml.starts_with("listen:") {
+        text.push_str("listen: 127.0.0.1:0\n");
+    }
+    if !yaml.contains("admin:") {
+        text.push_str("admin: { listen: 127.0.0.1:0 }\n");
+    }
+    text.push_str(yaml);
+    text
+}
+
+fn env_map(env: &[(&str, &str)]) -> Arc<HashMap<String, String>> {
+    Arc::new(
+        env.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    )
 }
 
 impl Drop for TestGateway {

@@ -1,0 +1,287 @@
+//! Hot reload (SPEC §2): SIGHUP, or a change to the config file (a
+//! Kubernetes ConfigMap's `..data` symlink swap included) or to the TLS
+//! files, re-reads them. A new config is compiled whole and swapped in
+//! only when valid; an invalid one is refused, logged and counted, and the
+//! old one keeps serving. Requests keep the config they started with, and
+//! state keyed by name (limits, budgets, cache, circuits) lives outside the
+//! snapshot, so it carries over.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{EventKind, RecursiveMode, Watcher};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::config::{self, ConfigErrors};
+use crate::gateway::Gateway;
+use crate::server::tls::CertStore;
+use crate::snapshot::{Snapshot, TlsFiles};
+
+/// Where `${VAR}`s come from: the process environment in `sluice run`.
+pub type Env = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// A burst of file events (a ConfigMap update is several) is handled once,
+/// this long after its first event.
+const SETTLE: Duration = Duration::from_millis(100);
+
+type Digest32 = [u8; 32];
+
+/// Reloads the config file and the certificate when asked or changed.
+pub struct Reloader {
+    gw: Arc<Gateway>,
+    path: PathBuf,
+    env: Env,
+    certs: Option<Arc<CertStore>>,
+    /// What was last read, so that events which changed nothing (a file
+    /// touched, a sibling written) reload nothing.
+    config_digest: Option<Digest32>,
+    tls_digest: Option<Digest32>,
+}
+
+/// What one config check did.
+#[derive(Debug)]
+pub enum Outcome {
+    Unchanged,
+    Reloaded,
+    Refused(ConfigErrors),
+}
+
+impl Reloader {
+    pub fn new(gw: Arc<Gateway>, path: PathBuf, env: Env, certs: Option<Arc<CertStore>>) -> Self {
+        let config_digest = digest_of(&[&path]);
+        let tls_digest = gw.active().snapshot.tls.as_ref().and_then(tls_digest);
+        Reloader {
+            gw,
+            path,
+            env,
+            certs,
+            config_digest,
+            tls_digest,
+        }
+    }
+
+    /// Reloads the config if its file changed, or anyway when `forced`
+    /// (SIGHUP: a `${VAR}` or a referenced file may differ).
+    pub fn config(&mut self, forced: bool) -> Outcome {
+        let text = std::fs::read_to_string(&self.path);
+        let digest = text.as_ref().ok().map(|t| sha256(t.as_bytes()));
+        if !forced && digest == self.config_digest {
+            return Outcome::Unchanged;
+        }
+        self.config_digest = digest;
+        let file = self.path.display().to_string();
+        let loaded = match text {
+            Ok(text) => {
+                let base_dir = base_dir(&self.path);
+                config::load_str(&text, &file, base_dir, &*self.env)
+            }
+            Err(e) => Err(ConfigErrors(vec![config::ConfigError {
+                file: file.clone(),
+                line: 0,
+                col: 0,
+                message: format!("cannot read config: {e}"),
+            }])),
+        };
+        let metrics = &self.gw.metrics.config_reloads;
+        match loaded {
+            Ok(snapshot) => {
+                let restart = needs_restart(&self.gw.active().snapshot, &snapshot);
+                self.gw.swap(snapshot);
+                metrics.with_label_values(&["ok"]).inc();
+                self.log(|| {
+                    tracing::info!(event = "config_reloaded", file, "config reloaded");
+                    for what in &restart {
+                        tracing::warn!(
+                            event = "config_needs_restart",
+                            setting = what,
+                            "this setting changed; it takes effect after a restart"
+                        );
+                    }
+                });
+                self.certs(forced);
+                Outcome::Reloaded
+            }
+            Err(errors) => {
+                metrics.with_label_values(&["error"]).inc();
+                let text = errors.to_string();
+                self.log(|| {
+                    tracing::error!(
+                        event = "config_reload_failed",
+                        file,
+                        errors = text.as_str(),
+                        "the new config is invalid; the old one keeps serving"
+                    );
+                });
+                Outcome::Refused(errors)
+            }
+        }
+    }
+
+    /// Re-reads the certificate and key if they changed (or `forced`); a
+    /// pair that does not load (caught mid-rotation) keeps the old one.
+    pub fn certs(&mut self, forced: bool) {
+        let (Some(store), Some(files)) = (&self.certs, self.gw.active().snapshot.tls.clone())
+        else {
+            return;
+        };
+        let digest = tls_digest(&files);
+        if !forced && digest == self.tls_digest {
+            return;
+        }
+        match store.reload(&files) {
+            Ok(()) => {
+                self.tls_digest = digest;
+                self.log(|| tracing::info!(event = "tls_reloaded", "certificate reloaded"));
+            }
+            Err(e) => self.log(|| {
+                tracing::warn!(
+                    event = "tls_reload_failed",
+                    error = e.as_str(),
+                    "the new certificate was not loaded; the old one keeps serving"
+                );
+            }),
+        }
+    }
+
+    /// The directories whose changes may concern us: a ConfigMap or Secret
+    /// mount swaps a symlink in the directory, not the file itself.
+    fn dirs(&self) -> HashSet<PathBuf> {
+        let mut dirs = HashSet::from([base_dir(&self.path).to_path_buf()]);
+        if let Some(files) = &self.gw.active().snapshot.tls {
+            dirs.insert(base_dir(&files.cert_file).to_path_buf());
+            dirs.insert(base_dir(&files.key_file).to_path_buf());
+        }
+        dirs
+    }
+
+    fn log(&self, emit: impl FnOnce()) {
+        tracing::dispatcher::with_default(&self.gw.log, emit);
+    }
+}
+
+/// Starts reloading on SIGHUP and on file changes, until the gateway's
+/// process ends.
+pub fn spawn(mut reloader: Reloader) -> Result<JoinHandle<()>, String> {
+    let (changed, mut events) = mpsc::channel::<()>(1);
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Reads (ours included) are not changes; a full channel already
+        // holds a wake-up.
+        if let Ok(event) = event
+            && !matches!(event.kind, EventKind::Access(_))
+        {
+            let _ = changed.try_send(());
+        }
+    })
+    .map_err(|e| format!("cannot watch the config: {e}"))?;
+    let mut watched = HashSet::new();
+    watch_dirs(&mut watcher, &mut watched, reloader.dirs())?;
+    let mut hangup = hangup()?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let forced = tokio::select! {
+                Some(()) = hangup.recv() => true,
+                Some(()) = events.recv() => false,
+                else => break,
+            };
+            tokio::time::sleep(SETTLE).await;
+            while events.try_recv().is_ok() {}
+            if let Outcome::Unchanged = reloader.config(forced) {
+                reloader.certs(forced);
+            }
+            // A reload may have moved the certificate: watch where it is now.
+            if let Err(e) = watch_dirs(&mut watcher, &mut watched, reloader.dirs()) {
+                reloader.log(|| tracing::warn!(event = "watch_failed", error = e.as_str()));
+            }
+        }
+    }))
+}
+
+fn watch_dirs(
+    watcher: &mut notify::RecommendedWatcher,
+    watched: &mut HashSet<PathBuf>,
+    dirs: HashSet<PathBuf>,
+) -> Result<(), String> {
+    for dir in dirs {
+        if watched.contains(&dir) {
+            continue;
+        }
+        watcher
+            .watch(&dir, RecursiveMode::NonRecursive)
+            .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
+        watched.insert(dir);
+    }
+    Ok(())
+}
+
+/// SIGHUP as a stream of wake-ups (never on non-Unix systems).
+fn hangup() -> Result<mpsc::Receiver<()>, String> {
+    let (tx, rx) = mpsc::channel(1);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup =
+            signal(SignalKind::hangup()).map_err(|e| format!("cannot handle SIGHUP: {e}"))?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                if tx.send(()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    drop(tx);
+    Ok(rx)
+}
+
+/// Settings read once at start: a reload that changes them says so.
+fn needs_restart(old: &Snapshot, new: &Snapshot) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.listen != new.listen {
+        changed.push("listen");
+    }
+    if old.admin_listen != new.admin_listen {
+        changed.push("admin.listen");
+    }
+    if old.tls.is_some() != new.tls.is_some() {
+        changed.push("tls");
+    }
+    if old.cache.max_bytes != new.cache.max_bytes {
+        changed.push("cache.max_bytes");
+    }
+    if old.state.backend != new.state.backend {
+        changed.push("state.backend");
+    }
+    changed
+}
+
+fn base_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+fn tls_digest(files: &TlsFiles) -> Option<Digest32> {
+    digest_of(&[&files.cert_file, &files.key_file])
+}
+
+/// The digest of the files' contents (symlinks followed); `None` when one
+/// cannot be read.
+fn digest_of(paths: &[&Path]) -> Option<Digest32> {
+    let mut hash = Sha256::new();
+    for path in paths {
+        let bytes = std::fs::read(path).ok()?;
+        hash.update((bytes.len() as u64).to_le_bytes());
+        hash.update(&bytes);
+    }
+    Some(hash.finalize().into())
+}
+
+fn sha256(bytes: &[u8]) -> Digest32 {
+    Sha256::digest(bytes).into()
+}

@@ -1,0 +1,280 @@
+//! Hot reload: a ConfigMap-style symlink swap reloads the config; an
+//! invalid one is refused while traffic keeps flowing; limits and cache
+//! entries survive; a request in flight finishes on the config it started
+//! with; a certificate rotated in place serves the next connection.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::support::{Client, MockUpstream, TestGateway, TestPki, UpstreamReply};
+
+fn config(url: &str, extra_route: &str) -> String {
+    format!(
+        r#"
+upstreams:
+  llm: {{ url: "{url}" }}
+auth:
+  api_keys:
+    - {{ id: alice, key: sk-alice-0001 }}
+routes:
+{extra_route}
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    rate_limit: {{ requests_per_minute: 5 }}
+    cache: {{ ttl: 10m }}
+    upstream: llm
+"#
+    )
+}
+
+const ALICE: (&str, &str) = ("authorization", "Bearer sk-alice-0001");
+
+async fn reloads(gw: &TestGateway, result: &str) -> f64 {
+    gw.metric("sluice_config_reloads_total", &[("result", result)])
+        .await
+        .unwrap_or(-1.0)
+}
+
+async fn wait_reloads(gw: &TestGateway, result: &str, n: f64) {
+    for _ in 0..100 {
+        if reloads(gw, result).await >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "expected {n} {result} reloads, have {}\n{}",
+        reloads(gw, result).await,
+        gw.log_text()
+    );
+}
+
+#[tokio::test]
+async fn a_configmap_symlink_swap_reloads_the_config() {
+    let old = MockUpstream::always(UpstreamReply::text("old")).await;
+    let new = MockUpstream::always(UpstreamReply::text("new")).await;
+    let gw = TestGateway::start_watched(&config(&old.url(), ""), &[], tempfile::tempdir().unwrap())
+        .await;
+    let client = Client::new();
+    assert_eq!(
+        reloads(&gw, "ok").await,
+        0.0,
+        "the series exists from start"
+    );
+    let before = client.get(&gw.url("/v1/models")).await;
+    assert_eq!(before.status, 401);
+
+    gw.swap_config(&config(&new.url(), "").replace(
+        "  - name: chat\n",
+        "  - name: open\n    match: { path_prefix: /open/ }\n    auth: none\n    upstream: llm\n  - name: chat\n",
+    ));
+    wait_reloads(&gw, "ok", 1.0).await;
+    let open = client.get(&gw.url("/open/x")).await;
+    assert_eq!(open.status, 200);
+    assert_eq!(open.text(), "new");
+    assert_eq!(reloads(&gw, "error").await, 0.0);
+    assert!(
+        gw.log_lines()
+            .iter()
+            .any(|l| l["event"] == "config_reloaded"),
+        "{}",
+        gw.log_text()
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_config_is_refused_while_traffic_keeps_flowing() {
+    let upstream = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let url = upstream.url();
+    let yaml = config(&url, "").replace("requests_per_minute: 5", "requests_per_minute: 100000");
+    let gw = Arc::new(TestGateway::start_watched(&yaml, &[], tempfile::tempdir().unwrap()).await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (gw, stop) = (gw.clone(), stop.clone());
+        tokio::spawn(async move {
+            let client = Client::new();
+            let mut statuses = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let reply = client
+                    .post_json(
+                        &gw.url("/v1/x"),
+                        &[ALICE, ("cache-control", "no-store")],
+                        "{}",
+                    )
+                    .await;
+                statuses.push(reply.status.as_u16());
+            }
+            statuses
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A typo'd key, then an unknown upstream: each refused whole.
+    gw.swap_config(&yaml.replace("rate_limit:", "rate_limt:"));
+    wait_reloads(&gw, "error", 1.0).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gw.swap_config(&yaml.replace("upstream: llm", "upstream: nowhere"));
+    wait_reloads(&gw, "error", 2.0).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gw.swap_config(&yaml.replace(
+        "  - name: chat\n",
+        "  - name: extra\n    match: { path: /extra }\n    auth: none\n    upstream: llm\n  - name: chat\n",
+    ));
+    wait_reloads(&gw, "ok", 1.0).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, Ordering::Relaxed);
+    let statuses = load.await.unwrap();
+    assert!(statuses.len() > 20, "the load ran: {}", statuses.len());
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "every request succeeded: {statuses:?}"
+    );
+    let failures: Vec<String> = gw
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "config_reload_failed" && l["level"] == "ERROR")
+        .map(|l| l["errors"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(failures.len(), 2, "{}", gw.log_text());
+    assert!(
+        failures[0].contains("proxy.yaml:13:5: unknown field `rate_limt`"),
+        "{failures:?}"
+    );
+    assert!(failures[1].contains("nowhere"), "{failures:?}");
+    assert_eq!(Client::new().get(&gw.url("/extra")).await.status, 200);
+}
+
+#[tokio::test]
+async fn limits_and_cache_entries_survive_a_reload() {
+    let upstream = MockUpstream::always(UpstreamReply::text("answer")).await;
+    let yaml = config(&upstream.url(), "");
+    let gw = TestGateway::start_watched(&yaml, &[], tempfile::tempdir().unwrap()).await;
+    let client = Client::new();
+    let url = gw.url("/v1/chat/completions");
+    for i in 0..4 {
+        let body = format!("{{\"n\":{i}}}");
+        assert_eq!(client.post_json(&url, &[ALICE], &body).await.status, 200);
+    }
+    gw.swap_config(&yaml.replace(
+        "  - name: chat\n",
+        "  - name: extra\n    match: { path: /extra }\n    auth: none\n    upstream: llm\n  - name: chat\n",
+    ));
+    wait_reloads(&gw, "ok", 1.0).await;
+    // The fifth request of the minute is a hit of an entry stored before
+    // the reload; the sixth is over the limit, counted across the reload.
+    let hit = client.post_json(&url, &[ALICE], "{\"n\":0}").await;
+    assert_eq!(hit.header("x-sluice-cache"), Some("HIT"));
+    assert_eq!(hit.header("x-ratelimit-remaining-requests"), Some("0"));
+    let refused = client.post_json(&url, &[ALICE], "{\"n\":9}").await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(upstream.seen().len(), 4);
+}
+
+#[tokio::test]
+async fn a_request_in_flight_finishes_on_the_config_it_started_with() {
+    let slow =
+        MockUpstream::always(UpstreamReply::text("slow answer").delay(Duration::from_millis(600)))
+            .await;
+    let yaml = format!(
+        r#"
+upstreams:
+  app: {{ url: "{}" }}
+routes:
+  - name: app
+    match: {{ path_prefix: /app/ }}
+    auth: none
+    upstream: app
+"#,
+        slow.url()
+    );
+    let gw = Arc::new(TestGateway::start_watched(&yaml, &[], tempfile::tempdir().unwrap()).await);
+    let in_flight = {
+        let gw = gw.clone();
+        tokio::spawn(async move { Client::new().get(&gw.url("/app/x")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gw.swap_config(&yaml.replace("path_prefix: /app/", "path_prefix: /moved/"));
+    wait_reloads(&gw, "ok", 1.0).await;
+    assert_eq!(Client::new().get(&gw.url("/app/x")).await.status, 404);
+    let reply = in_flight.await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "slow answer");
+}
+
+#[tokio::test]
+async fn a_certificate_rotated_in_place_serves_the_next_connection() {
+    let first = TestPki::new();
+    let second = TestPki::new();
+    let upstream = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tls.crt"), &first.cert_pem).unwrap();
+    std::fs::write(dir.path().join("tls.key"), &first.key_pem).unwrap();
+    let yaml = format!(
+        r#"
+tls: {{ cert_file: tls.crt, key_file: tls.key }}
+upstreams: {{ app: {{ url: "{}" }} }}
+routes:
+  - name: app
+    match: {{ path_prefix: / }}
+    auth: none
+    upstream: app
+"#,
+        upstream.url()
+    );
+    let gw = TestGateway::start_watched(&yaml, &[], dir).await;
+    let served = |pki: &TestPki| der(&pki.cert_pem);
+    assert_eq!(
+        peer_certificate(&gw, &[&first, &second]).await,
+        served(&first)
+    );
+
+    // Written one file after the other, as a careless rotation would: the
+    // moment where they do not match is refused, the final pair is served.
+    std::fs::write(gw.path("tls.key"), &second.key_pem).unwrap();
+    std::fs::write(gw.path("tls.crt"), &second.cert_pem).unwrap();
+    let mut rotated = false;
+    for _ in 0..100 {
+        if peer_certificate(&gw, &[&first, &second]).await == served(&second) {
+            rotated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        rotated,
+        "the new certificate was not served\n{}",
+        gw.log_text()
+    );
+    assert!(gw.log_text().contains("tls_reloaded"), "{}", gw.log_text());
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+/// The certificate a new TLS connection to the gateway is served, with a
+/// client that trusts both test CAs.
+async fn peer_certificate(gw: &TestGateway, trusted: &[&TestPki]) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for pki in trusted {
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
