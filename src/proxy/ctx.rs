@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderValue, Method, Uri};
 
 use super::cache::{CacheStatus, Fill};
+use super::cors::Allowed;
 use super::limit::Reservation;
 use crate::state::{Decision, Slot};
 
@@ -62,6 +63,8 @@ pub struct RequestCtx {
     /// The `code` of the error sluice answered or met, if any.
     pub error: Option<&'static str>,
     pub cache: Option<CacheStatus>,
+    /// An origin the route's `cors` allows: its headers go on the response.
+    pub cors: Option<Allowed>,
     /// A miss to store once its response ended cleanly.
     pub cache_fill: Option<Fill>,
     pub model: Option<String>,
@@ -102,6 +105,7 @@ impl RequestCtx {
             status: 0,
             error: None,
             cache: None,
+            cors: None,
             cache_fill: None,
             model: None,
             input_tokens: None,

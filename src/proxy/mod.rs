@@ -2,7 +2,9 @@
 //! either filling in the [`RequestCtx`] and continuing, or answering with a
 //! [`ProxyError`]. The order is the design:
 //!
-//! 1. `route::select`: everything after depends on the route (404/405).
+//! 1. `route::select`: everything after depends on the route (404/405);
+//!    `cors` preflights are answered right after it, before auth, because
+//!    browsers send them without credentials.
 //! 2. `auth::identify`: before limits, so limits key on the identity (401/403).
 //! 3. `validate`: size (and, later, shape) before anything costs upstream money (413/400).
 //! 4. `limit::admit`: a cache hit still counts as a request, so limits come
@@ -16,6 +18,7 @@
 
 pub mod auth;
 pub mod cache;
+pub mod cors;
 pub mod ctx;
 pub mod error;
 pub mod forward;
@@ -73,6 +76,9 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     }
     resp.headers_mut()
         .insert(headers::X_REQUEST_ID, ctx.request_id.clone());
+    if let Some(allowed) = ctx.cors.take() {
+        cors::decorate(allowed, resp.headers_mut());
+    }
 
     let overhead = ctx.started.elapsed().saturating_sub(ctx.upstream_wait);
     active
@@ -105,6 +111,12 @@ async fn process(
     ctx.route_index = Some(index);
     // Decremented by the tap when the response ends, streams included.
     active.route_metrics(ctx.route_index).in_flight.inc();
+    if let Some(rules) = &route.cors {
+        ctx.cors = cors::allowed(rules, req.headers());
+        if cors::is_preflight(req.method(), req.headers()) {
+            return Ok(cors::preflight(rules, ctx.cors.is_some()));
+        }
+    }
     if let Err(e) = auth::identify(snap, active.jwks.as_deref(), route, req.headers(), ctx).await {
         if let Some(reason) = e.auth_failure_reason() {
             gw.metrics

@@ -21,7 +21,9 @@ pub fn select<'s>(
         if !path_matches(&route.path, path) || !host_matches(route.host.as_deref(), host) {
             continue;
         }
-        if route.methods.is_empty() || route.methods.contains(method) {
+        // A CORS route takes its preflights whatever its methods.
+        let preflight = route.cors.is_some() && method == Method::OPTIONS;
+        if route.methods.is_empty() || route.methods.contains(method) || preflight {
             return Ok((index, route));
         }
         wrong_method.get_or_insert(route);

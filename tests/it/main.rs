@@ -8,6 +8,7 @@ mod budget;
 mod cache;
 mod cli;
 mod config_errors;
+mod cors;
 mod failover;
 mod jwt;
 mod limits;

@@ -1,0 +1,157 @@
+//! CORS on routes with `cors`: preflights answered by sluice before auth
+//! (never reaching the upstream), `access-control-*` headers on responses
+//! for allowed origins, none for others, nothing on routes without `cors`.
+
+use http::{Method, Request};
+use http_body_util::Full;
+
+use crate::support::{Client, MockUpstream, TestGateway, UpstreamReply};
+
+async fn start() -> (TestGateway, MockUpstream) {
+    let upstream = MockUpstream::always(UpstreamReply::text("{}")).await;
+    let yaml = format!(
+        r#"
+upstreams:
+  app: {{ url: "{}" }}
+auth:
+  api_keys:
+    - {{ id: web, key: sk-web-0001 }}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/, methods: [POST] }}
+    cors: {{ allow_origins: ["https://app.example.com"], max_age: 10m }}
+    upstream: app
+  - name: open
+    match: {{ path_prefix: /open/ }}
+    auth: none
+    cors: {{ allow_origins: ["*"], allow_credentials: false }}
+    upstream: app
+  - name: plain
+    match: {{ path_prefix: / }}
+    upstream: app
+"#,
+        upstream.url()
+    );
+    (TestGateway::start(&yaml).await, upstream)
+}
+
+fn preflight(url: &str, origin: &str) -> Request<Full<bytes::Bytes>> {
+    Request::builder()
+        .method(Method::OPTIONS)
+        .uri(url)
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization, content-type",
+        )
+        .body(Full::default())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_preflight_is_answered_before_auth_and_never_forwarded() {
+    let (gw, upstream) = start().await;
+    let reply = Client::new()
+        .request(preflight(
+            &gw.url("/v1/chat/completions"),
+            "https://app.example.com",
+        ))
+        .await;
+    assert_eq!(reply.status, 204);
+    assert_eq!(
+        reply.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    let methods = reply.header("access-control-allow-methods").unwrap();
+    assert!(methods.contains("POST"), "{methods}");
+    let headers = reply.header("access-control-allow-headers").unwrap();
+    assert!(headers.contains("authorization") && headers.contains("content-type"));
+    assert_eq!(reply.header("access-control-max-age"), Some("600"));
+    assert!(reply.header("vary").unwrap().contains("origin"));
+    assert!(upstream.seen().is_empty(), "the upstream saw the preflight");
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["status"], 204);
+    assert_eq!(log["route"], "chat");
+}
+
+#[tokio::test]
+async fn a_disallowed_origin_gets_no_cors_headers() {
+    let (gw, upstream) = start().await;
+    let client = Client::new();
+    let reply = client
+        .request(preflight(
+            &gw.url("/v1/chat/completions"),
+            "https://evil.example",
+        ))
+        .await;
+    assert_eq!(reply.status, 204);
+    for (name, _) in &reply.headers {
+        assert!(
+            !name.as_str().starts_with("access-control-"),
+            "{name} sent to a disallowed origin"
+        );
+    }
+    let call = client
+        .post_json(
+            &gw.url("/v1/chat/completions"),
+            &[
+                ("authorization", "Bearer sk-web-0001"),
+                ("origin", "https://evil.example"),
+            ],
+            "{}",
+        )
+        .await;
+    assert_eq!(call.status, 200);
+    assert_eq!(call.header("access-control-allow-origin"), None);
+    assert_eq!(upstream.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn responses_to_an_allowed_origin_carry_the_headers_errors_included() {
+    let (gw, _upstream) = start().await;
+    let client = Client::new();
+    let origin = ("origin", "https://app.example.com");
+    let ok = client
+        .post_json(
+            &gw.url("/v1/chat/completions"),
+            &[("authorization", "Bearer sk-web-0001"), origin],
+            "{}",
+        )
+        .await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(
+        ok.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    let exposed = ok.header("access-control-expose-headers").unwrap();
+    assert!(exposed.contains("x-request-id"), "{exposed}");
+    // A 401 the page can read, rather than an opaque CORS failure.
+    let denied = client
+        .post_json(&gw.url("/v1/chat/completions"), &[origin], "{}")
+        .await;
+    assert_eq!(denied.status, 401);
+    assert_eq!(
+        denied.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+}
+
+#[tokio::test]
+async fn a_wildcard_allows_any_origin_and_routes_without_cors_say_nothing() {
+    let (gw, upstream) = start().await;
+    let client = Client::new();
+    let any = client
+        .request(preflight(&gw.url("/open/x"), "https://anything.example"))
+        .await;
+    assert_eq!(any.status, 204);
+    assert_eq!(any.header("access-control-allow-origin"), Some("*"));
+
+    let plain = client
+        .request(preflight(&gw.url("/other"), "https://app.example.com"))
+        .await;
+    // Without `cors` the OPTIONS is an ordinary request: auth applies.
+    assert_eq!(plain.status, 401);
+    assert_eq!(plain.header("access-control-allow-origin"), None);
+    assert!(upstream.seen().is_empty());
+}
