@@ -120,11 +120,12 @@ pub enum PathMatch {
     Any,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Validate {
     None,
     OpenAi,
-    SchemaFile(PathBuf),
+    /// A JSON Schema from `schema_file`, compiled at load.
+    Schema(Arc<jsonschema::Validator>),
 }
 
 #[derive(Debug, Clone, Default)]

@@ -649,13 +649,13 @@ impl Compiler<'_> {
                     }
                     RawValidate::Schema(s) => {
                         let p = self.base_dir.join(&s.schema_file);
-                        if !p.is_file() {
-                            self.error(
-                                &v.referenced,
-                                format!("schema_file {} does not exist", p.display()),
-                            );
+                        match load_schema(&p) {
+                            Ok(validator) => Validate::Schema(Arc::new(validator)),
+                            Err(message) => {
+                                self.error(&v.referenced, message);
+                                Validate::None
+                            }
                         }
-                        Validate::SchemaFile(p)
                     }
                 },
             };
@@ -1058,6 +1058,21 @@ fn key_loc(t: &Option<Text>) -> Location {
 }
 
 /// The `allow` header value for a 405 on a route limited to `methods`.
+/// Reads and compiles a JSON Schema once per config load.
+fn load_schema(path: &Path) -> Result<jsonschema::Validator, String> {
+    let shown = path.display();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("schema_file {shown} cannot be read: {e}"))?;
+    let schema: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("schema_file {shown} is not JSON: {e}"))?;
+    jsonschema::validator_for(&schema).map_err(|e| {
+        format!(
+            "schema_file {shown} is not a valid JSON Schema: {}",
+            e.masked()
+        )
+    })
+}
+
 fn allow_header(methods: &[Method], cors: bool) -> HeaderValue {
     let mut names: Vec<&str> = methods.iter().map(Method::as_str).collect();
     if cors && !names.contains(&"OPTIONS") {

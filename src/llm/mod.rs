@@ -1,7 +1,8 @@
-//! LLM-aware handling of response bodies: the tap every response passes
-//! through (and, as they land, SSE decoding, usage and pricing).
+//! LLM-aware handling of bodies: the tap every response passes through,
+//! SSE decoding, usage, pricing and spend, and OpenAI request shapes.
 
 pub mod pricing;
+pub mod shape;
 pub mod spend;
 pub mod sse;
 pub mod tap;

@@ -11,7 +11,6 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
-use hyper::body::Incoming;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -69,10 +68,10 @@ pub async fn lookup(
     route: &Route,
     ctx: &mut RequestCtx,
     parts: &Parts,
-    body: Incoming,
+    body: RequestBody,
 ) -> Result<Step, ProxyError> {
     let Some(settings) = route.cache.as_ref() else {
-        return Ok(Step::Forward(RequestBody::Streaming(body)));
+        return Ok(Step::Forward(body));
     };
     let metrics = active.route_metrics(ctx.route_index);
     let directives = RequestDirectives::of(&parts.headers);
@@ -80,10 +79,14 @@ pub async fn lookup(
     if !cacheable_method || directives.no_store {
         ctx.cache = Some(CacheStatus::Bypass);
         metrics.cache(CacheStatus::Bypass).inc();
-        return Ok(Step::Forward(RequestBody::Streaming(body)));
+        return Ok(Step::Forward(body));
     }
-    let max_body = active.snapshot.limits.max_request_body;
-    let bytes = forward::read_body(body, max_body).await?;
+    let bytes = match body {
+        RequestBody::Read(bytes) => bytes,
+        RequestBody::Streaming(body) => {
+            forward::read_body(body, active.snapshot.limits.max_request_body).await?
+        }
+    };
     let key = key(route, settings, parts, ctx, &bytes);
     let deadline = ctx.started + active.snapshot.limits.request_timeout;
     let mut flight = None;

@@ -27,6 +27,8 @@ pub enum ProxyError {
     },
     InvalidRequest {
         message: String,
+        /// The JSON path of the offending field, when one is to blame.
+        param: Option<String>,
     },
     RateLimited {
         retry_after: Duration,
@@ -130,7 +132,7 @@ impl ProxyError {
             ProxyError::TooLarge { limit } => {
                 format!("request body is larger than the limit of {limit} bytes")
             }
-            ProxyError::InvalidRequest { message } => message.clone(),
+            ProxyError::InvalidRequest { message, .. } => message.clone(),
             ProxyError::RateLimited { .. } => "rate limit exceeded; retry later".to_owned(),
             ProxyError::BudgetExceeded { .. } => {
                 "the daily budget is spent; retry after 00:00 UTC".to_owned()
@@ -150,11 +152,15 @@ impl ProxyError {
     /// The response sluice sends for this error.
     pub fn into_response(self) -> Response<BoxBody> {
         let status = self.status();
+        let param = match &self {
+            ProxyError::InvalidRequest { param, .. } => param.as_deref(),
+            _ => None,
+        };
         let body = json!({
             "error": {
                 "message": self.message(),
                 "type": self.kind(),
-                "param": null,
+                "param": param,
                 "code": self.code(),
             }
         });

@@ -154,6 +154,7 @@ pub async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, ProxyError> 
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::TooLarge { limit }),
         Err(_) => Err(ProxyError::InvalidRequest {
+            param: None,
             message: "the request body could not be read".to_owned(),
         }),
     }

@@ -6,7 +6,7 @@
 //!    `cors` preflights are answered right after it, before auth, because
 //!    browsers send them without credentials.
 //! 2. `auth::identify`: before limits, so limits key on the identity (401/403).
-//! 3. `validate`: size (and, later, shape) before anything costs upstream money (413/400).
+//! 3. `validate`: size and shape before anything costs upstream money (413/400).
 //! 4. `limit::admit`: a cache hit still counts as a request, so limits come
 //!    before the cache (429).
 //! 5. `cache::lookup`: a hit answers here, and identical requests in flight
@@ -126,9 +126,11 @@ async fn process(
         }
         return Err(e);
     }
-    validate::check_declared_size(req.headers(), snap.limits.max_request_body)?;
-    limit::admit(snap, &gw.limiter, &gw.budgets, &gw.metrics, route, ctx)?;
+    let max_body = snap.limits.max_request_body;
+    validate::check_declared_size(req.headers(), max_body)?;
     let (parts, body) = req.into_parts();
+    let body = validate::check_body(&route.validate, &parts, body, max_body).await?;
+    limit::admit(snap, &gw.limiter, &gw.budgets, &gw.metrics, route, ctx)?;
     match cache::lookup(gw, active, route, ctx, &parts, body).await? {
         cache::Step::Hit(resp) => Ok(resp),
         cache::Step::Forward(body) => forward::send(gw, active, route, ctx, parts, body).await,

@@ -1,6 +1,9 @@
 //! Phase 3, request checks before anything is forwarded: the body size
-//! limit (413). A declared `content-length` over the limit is refused at
-//! once; a chunked body is counted as it streams and cut off at the limit.
+//! limit (413), and on routes with `validate` the body's shape (400). A
+//! declared `content-length` over the limit is refused at once; a chunked
+//! body is counted as it streams and cut off at the limit. A validated
+//! body is read whole (bounded), its nesting depth counted before it is
+//! parsed, so a hostile body costs one linear scan, never a deep tree.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,8 +14,19 @@ use bytes::Bytes;
 use http::{HeaderMap, header};
 use http_body::{Body, Frame, SizeHint};
 
+use http::request::Parts;
+use hyper::body::Incoming;
+use serde_json::Value;
+
 use super::error::ProxyError;
+use super::forward::{self, RequestBody};
 use crate::body::{BodyError, BoxError};
+use crate::llm::shape::{self, Endpoint};
+use crate::snapshot::Validate;
+
+/// JSON nesting accepted in a validated body: far beyond any real API
+/// request, far below what could exhaust a stack.
+pub const MAX_DEPTH: usize = 64;
 
 /// 413 when the declared length exceeds `limit`.
 pub fn check_declared_size(headers: &HeaderMap, limit: u64) -> Result<(), ProxyError> {
@@ -24,6 +38,116 @@ pub fn check_declared_size(headers: &HeaderMap, limit: u64) -> Result<(), ProxyE
         Some(n) if n > limit => Err(ProxyError::TooLarge { limit }),
         _ => Ok(()),
     }
+}
+
+/// On a route with `validate`, reads the body (bounded) and checks it;
+/// otherwise leaves it to stream.
+pub async fn check_body(
+    validate: &Validate,
+    parts: &Parts,
+    body: Incoming,
+    max_body: u64,
+) -> Result<RequestBody, ProxyError> {
+    let endpoint = Endpoint::of(parts.uri.path());
+    let applies = match validate {
+        Validate::None => false,
+        Validate::OpenAi => endpoint.is_some(),
+        Validate::Schema(_) => true,
+    };
+    let has_body = matches!(
+        parts.method,
+        http::Method::POST | http::Method::PUT | http::Method::PATCH
+    );
+    if !applies || !has_body {
+        return Ok(RequestBody::Streaming(body));
+    }
+    let bytes = forward::read_body(body, max_body).await?;
+    check_json(validate, endpoint, &bytes)?;
+    Ok(RequestBody::Read(bytes))
+}
+
+fn check_json(
+    validate: &Validate,
+    endpoint: Option<Endpoint>,
+    bytes: &[u8],
+) -> Result<(), ProxyError> {
+    if nesting_exceeds(bytes, MAX_DEPTH) {
+        return Err(invalid(
+            format!("the JSON body nests deeper than {MAX_DEPTH} levels"),
+            None,
+        ));
+    }
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| invalid(format!("the body is not valid JSON: {e}"), None))?;
+    match (validate, endpoint) {
+        (Validate::OpenAi, Some(endpoint)) => shape::check(endpoint, &value)
+            .map_err(|e| invalid(e.message, Some(e.path).filter(|p| !p.is_empty()))),
+        (Validate::Schema(schema), _) => match schema.iter_errors(&value).next() {
+            None => Ok(()),
+            Some(error) => {
+                let path = json_path(error.instance_path().as_str());
+                let shown = if path.is_empty() { "the body" } else { &path };
+                Err(invalid(
+                    format!("`{shown}` does not match the schema: {}", error.masked()),
+                    Some(path).filter(|p| !p.is_empty()),
+                ))
+            }
+        },
+        _ => Ok(()),
+    }
+}
+
+fn invalid(message: String, param: Option<String>) -> ProxyError {
+    ProxyError::InvalidRequest { message, param }
+}
+
+/// Whether JSON text nests arrays and objects deeper than `max`, by one
+/// pass over the bytes (strings skipped, escapes honoured).
+pub fn nesting_exceeds(bytes: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// A JSON pointer (`/messages/0/role`) as the path a developer reads
+/// (`messages[0].role`).
+fn json_path(pointer: &str) -> String {
+    let mut out = String::new();
+    for segment in pointer.split('/').skip(1) {
+        let segment = segment.replace("~1", "/").replace("~0", "~");
+        if !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit()) {
+            out.push('[');
+            out.push_str(&segment);
+            out.push(']');
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(&segment);
+        }
+    }
+    out
 }
 
 /// Set when a [`CappedBody`] hit its limit, so the forward phase can tell
@@ -101,5 +225,26 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_is_counted_outside_strings() {
+        assert!(!nesting_exceeds(br#"{"a":[{"b":1}]}"#, 3));
+        assert!(nesting_exceeds(br#"{"a":[{"b":[1]}]}"#, 3));
+        assert!(!nesting_exceeds(br#"{"a":"[[[[[[[[\"[[["}"#, 1));
+        let deep = "[".repeat(100_000);
+        assert!(nesting_exceeds(deep.as_bytes(), MAX_DEPTH));
+    }
+
+    #[test]
+    fn pointers_read_as_paths() {
+        assert_eq!(json_path(""), "");
+        assert_eq!(json_path("/messages/0/role"), "messages[0].role");
+        assert_eq!(json_path("/a~1b/c"), "a/b.c");
     }
 }

@@ -446,11 +446,21 @@ fn errors_from_a_file_name_its_path_and_relative_files_resolve_beside_it() {
     assert!(
         matches!(
             &snapshot.routes[0].validate,
-            sluice::snapshot::Validate::SchemaFile(p) if *p == dir.path().join("chat.json")
+            sluice::snapshot::Validate::Schema(_)
         ),
         "schema_file must resolve against the config's directory: {:?}",
         snapshot.routes[0].validate
     );
+    // A schema that does not compile, or is missing, is a config error.
+    std::fs::write(dir.path().join("chat.json"), r#"{"type": 12}"#).expect("schema");
+    let err = config::load(&path).expect_err("a bad schema is refused");
+    assert!(
+        err.to_string().contains("is not a valid JSON Schema"),
+        "{err}"
+    );
+    std::fs::remove_file(dir.path().join("chat.json")).expect("remove schema");
+    let err = config::load(&path).expect_err("a missing schema is refused");
+    assert!(err.to_string().contains("cannot be read"), "{err}");
 
     std::fs::write(&path, format!("limits:\n  request_timout: 30s\n{BASE}")).expect("config");
     let err = config::load(&path).expect_err("the typo is refused");

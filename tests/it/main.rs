@@ -23,3 +23,4 @@ mod tls_listener;
 mod tls_upstream;
 mod upstream_errors;
 mod usage;
+mod validate;

@@ -1,0 +1,412 @@
+//! The shapes of OpenAI API requests, for `validate: openai`: required
+//! fields, types, roles and ranges of chat completions, completions,
+//! embeddings and responses requests, checked before a malformed request
+//! costs an upstream call. A failure names the JSON path to blame.
+
+use serde_json::{Map, Value};
+
+/// Why a request does not have its endpoint's shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// `messages[1].role`; empty for the body as a whole.
+    pub path: String,
+    pub message: String,
+}
+
+/// Which OpenAI endpoint a path is, by its end (any prefix before it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+    Responses,
+}
+
+impl Endpoint {
+    pub fn of(path: &str) -> Option<Self> {
+        let path = path.trim_end_matches('/');
+        if path.ends_with("/chat/completions") {
+            Some(Endpoint::ChatCompletions)
+        } else if path.ends_with("/completions") {
+            Some(Endpoint::Completions)
+        } else if path.ends_with("/embeddings") {
+            Some(Endpoint::Embeddings)
+        } else if path.ends_with("/responses") {
+            Some(Endpoint::Responses)
+        } else {
+            None
+        }
+    }
+}
+
+const ROLES: [&str; 6] = [
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
+
+pub fn check(endpoint: Endpoint, body: &Value) -> Result<(), Invalid> {
+    let Some(body) = body.as_object() else {
+        return Err(Invalid {
+            path: String::new(),
+            message: format!("the body must be a JSON object, not {}", kind(body)),
+        });
+    };
+    let at = Obj {
+        map: body,
+        path: "",
+    };
+    at.required("model", &[Type::String])?;
+    at.non_empty_string("model")?;
+    match endpoint {
+        Endpoint::ChatCompletions => chat(&at),
+        Endpoint::Completions => completions(&at),
+        Endpoint::Embeddings => embeddings(&at),
+        Endpoint::Responses => responses(&at),
+    }
+}
+
+fn chat(at: &Obj<'_>) -> Result<(), Invalid> {
+    let messages = at.required("messages", &[Type::Array])?;
+    let messages = messages.as_array().map(Vec::as_slice).unwrap_or_default();
+    if messages.is_empty() {
+        return Err(at.invalid("messages", "must hold at least one message".to_owned()));
+    }
+    for (i, message) in messages.iter().enumerate() {
+        let path = format!("messages[{i}]");
+        let Some(map) = message.as_object() else {
+            return Err(Invalid {
+                message: format!("`{path}` must be an object, not {}", kind(message)),
+                path,
+            });
+        };
+        let m = Obj { map, path: &path };
+        m.required("role", &[Type::String])?;
+        let role = map.get("role").and_then(Value::as_str).unwrap_or("");
+        if !ROLES.contains(&role) {
+            return Err(m.invalid(
+                "role",
+                format!("must be one of {}, not {role:?}", ROLES.join(", ")),
+            ));
+        }
+        match role {
+            "assistant" => m.optional("content", &[Type::String, Type::Array, Type::Null])?,
+            _ => {
+                m.required("content", &[Type::String, Type::Array])?;
+            }
+        }
+        if role == "tool" {
+            m.required("tool_call_id", &[Type::String])?;
+        }
+        if let Some(Value::Array(parts)) = map.get("content") {
+            for (j, part) in parts.iter().enumerate() {
+                let path = format!("{path}.content[{j}]");
+                let Some(map) = part.as_object() else {
+                    return Err(Invalid {
+                        message: format!("`{path}` must be an object, not {}", kind(part)),
+                        path,
+                    });
+                };
+                Obj { map, path: &path }.required("type", &[Type::String])?;
+            }
+        }
+    }
+    sampling(at)?;
+    at.optional("max_tokens", &[Type::Integer, Type::Null])?;
+    at.at_least("max_tokens", 1)?;
+    at.optional("max_completion_tokens", &[Type::Integer, Type::Null])?;
+    at.at_least("max_completion_tokens", 1)?;
+    at.optional("stop", &[Type::String, Type::Array, Type::Null])?;
+    at.optional("tools", &[Type::Array])?;
+    at.optional("stream_options", &[Type::Object, Type::Null])?;
+    at.optional("response_format", &[Type::Object])?;
+    at.optional("seed", &[Type::Integer, Type::Null])?;
+    at.optional("user", &[Type::String])
+}
+
+fn completions(at: &Obj<'_>) -> Result<(), Invalid> {
+    at.optional("prompt", &[Type::String, Type::Array, Type::Null])?;
+    sampling(at)?;
+    at.optional("max_tokens", &[Type::Integer, Type::Null])?;
+    at.at_least("max_tokens", 0)?;
+    at.optional("stop", &[Type::String, Type::Array, Type::Null])?;
+    at.optional("suffix", &[Type::String, Type::Null])
+}
+
+fn embeddings(at: &Obj<'_>) -> Result<(), Invalid> {
+    let input = at.required("input", &[Type::String, Type::Array])?;
+    let empty = match input {
+        Value::String(s) => s.is_empty(),
+        Value::Array(items) => items.is_empty(),
+        _ => false,
+    };
+    if empty {
+        return Err(at.invalid("input", "must not be empty".to_owned()));
+    }
+    at.optional("dimensions", &[Type::Integer])?;
+    at.at_least("dimensions", 1)?;
+    at.optional("encoding_format", &[Type::String])?;
+    if let Some(format) = at.map.get("encoding_format").and_then(Value::as_str)
+        && format != "float"
+        && format != "base64"
+    {
+        return Err(at.invalid(
+            "encoding_format",
+            format!("must be float or base64, not {format:?}"),
+        ));
+    }
+    at.optional("user", &[Type::String])
+}
+
+fn responses(at: &Obj<'_>) -> Result<(), Invalid> {
+    at.optional("input", &[Type::String, Type::Array])?;
+    at.optional("instructions", &[Type::String, Type::Null])?;
+    at.optional("stream", &[Type::Bool, Type::Null])?;
+    at.optional("temperature", &[Type::Number, Type::Null])?;
+    at.range("temperature", 0.0, 2.0)?;
+    at.optional("top_p", &[Type::Number, Type::Null])?;
+    at.range("top_p", 0.0, 1.0)?;
+    at.optional("max_output_tokens", &[Type::Integer, Type::Null])?;
+    at.at_least("max_output_tokens", 1)?;
+    at.optional("tools", &[Type::Array])?;
+    at.optional("previous_response_id", &[Type::String, Type::Null])
+}
+
+/// Fields chat and completions share.
+fn sampling(at: &Obj<'_>) -> Result<(), Invalid> {
+    at.optional("stream", &[Type::Bool, Type::Null])?;
+    at.optional("temperature", &[Type::Number, Type::Null])?;
+    at.range("temperature", 0.0, 2.0)?;
+    at.optional("top_p", &[Type::Number, Type::Null])?;
+    at.range("top_p", 0.0, 1.0)?;
+    at.optional("n", &[Type::Integer, Type::Null])?;
+    at.at_least("n", 1)?;
+    at.optional("presence_penalty", &[Type::Number, Type::Null])?;
+    at.range("presence_penalty", -2.0, 2.0)?;
+    at.optional("frequency_penalty", &[Type::Number, Type::Null])?;
+    at.range("frequency_penalty", -2.0, 2.0)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Type {
+    String,
+    Integer,
+    Number,
+    Bool,
+    Array,
+    Object,
+    Null,
+}
+
+impl Type {
+    fn name(self) -> &'static str {
+        match self {
+            Type::String => "a string",
+            Type::Integer => "an integer",
+            Type::Number => "a number",
+            Type::Bool => "a boolean",
+            Type::Array => "an array",
+            Type::Object => "an object",
+            Type::Null => "null",
+        }
+    }
+
+    fn admits(self, value: &Value) -> bool {
+        match self {
+            Type::String => value.is_string(),
+            Type::Integer => value.is_i64() || value.is_u64(),
+            Type::Number => value.is_number(),
+            Type::Bool => value.is_boolean(),
+            Type::Array => value.is_array(),
+            Type::Object => value.is_object(),
+            Type::Null => value.is_null(),
+        }
+    }
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// An object being checked, and where it is in the body.
+struct Obj<'a> {
+    map: &'a Map<String, Value>,
+    path: &'a str,
+}
+
+impl<'a> Obj<'a> {
+    fn path_of(&self, field: &str) -> String {
+        if self.path.is_empty() {
+            field.to_owned()
+        } else {
+            format!("{}.{field}", self.path)
+        }
+    }
+
+    fn invalid(&self, field: &str, what: String) -> Invalid {
+        let path = self.path_of(field);
+        Invalid {
+            message: format!("`{path}` {what}"),
+            path,
+        }
+    }
+
+    fn required(&self, field: &str, types: &[Type]) -> Result<&'a Value, Invalid> {
+        match self.map.get(field) {
+            None => Err(self.invalid(field, "is required".to_owned())),
+            Some(value) => {
+                self.typed(field, value, types)?;
+                Ok(value)
+            }
+        }
+    }
+
+    fn optional(&self, field: &str, types: &[Type]) -> Result<(), Invalid> {
+        match self.map.get(field) {
+            None => Ok(()),
+            Some(value) => self.typed(field, value, types),
+        }
+    }
+
+    fn typed(&self, field: &str, value: &Value, types: &[Type]) -> Result<(), Invalid> {
+        if types.iter().any(|t| t.admits(value)) {
+            return Ok(());
+        }
+        let wanted: Vec<&str> = types.iter().map(|t| t.name()).collect();
+        Err(self.invalid(
+            field,
+            format!("must be {}, not {}", wanted.join(" or "), kind(value)),
+        ))
+    }
+
+    fn non_empty_string(&self, field: &str) -> Result<(), Invalid> {
+        match self.map.get(field).and_then(Value::as_str) {
+            Some("") => Err(self.invalid(field, "must not be empty".to_owned())),
+            _ => Ok(()),
+        }
+    }
+
+    fn range(&self, field: &str, min: f64, max: f64) -> Result<(), Invalid> {
+        match self.map.get(field).and_then(Value::as_f64) {
+            Some(v) if !(min..=max).contains(&v) => {
+                Err(self.invalid(field, format!("must be between {min} and {max}, not {v}")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn at_least(&self, field: &str, min: i64) -> Result<(), Invalid> {
+        match self.map.get(field) {
+            Some(v) if v.as_i64().is_some_and(|n| n < min) => {
+                Err(self.invalid(field, format!("must be at least {min}, not {v}")))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn chat(body: Value) -> Result<(), Invalid> {
+        check(Endpoint::ChatCompletions, &body)
+    }
+
+    #[test]
+    fn a_good_chat_request_passes() {
+        let body = json!({
+            "model": "gpt-4o-mini",
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                {"role": "assistant", "content": null, "tool_calls": []},
+                {"role": "tool", "tool_call_id": "call_1", "content": "42"}
+            ],
+            "temperature": 0.2, "max_tokens": 10, "stream": true,
+            "stream_options": {"include_usage": true}
+        });
+        assert_eq!(chat(body), Ok(()));
+    }
+
+    #[test]
+    fn failures_name_the_path() {
+        let cases = [
+            (json!([]), ""),
+            (json!({"messages": []}), "model"),
+            (json!({"model": 4, "messages": []}), "model"),
+            (json!({"model": "m"}), "messages"),
+            (json!({"model": "m", "messages": []}), "messages"),
+            (json!({"model": "m", "messages": ["hi"]}), "messages[0]"),
+            (
+                json!({"model": "m", "messages": [{"content": "x"}]}),
+                "messages[0].role",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "robot", "content": "x"}]}),
+                "messages[1].role",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user"}]}),
+                "messages[0].content",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "tool", "content": "x"}]}),
+                "messages[0].tool_call_id",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": [{"text": "x"}]}]}),
+                "messages[0].content[0].type",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}),
+                "temperature",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}),
+                "max_tokens",
+            ),
+        ];
+        for (body, path) in cases {
+            let err = chat(body.clone()).expect_err(&body.to_string());
+            assert_eq!(err.path, path, "{body}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn other_endpoints() {
+        assert_eq!(Endpoint::of("/v1/embeddings"), Some(Endpoint::Embeddings));
+        assert_eq!(
+            Endpoint::of("/openai/v1/completions"),
+            Some(Endpoint::Completions)
+        );
+        assert_eq!(Endpoint::of("/v1/models"), None);
+        let embed = |b: Value| check(Endpoint::Embeddings, &b).map_err(|e| e.path);
+        assert_eq!(embed(json!({"model": "e", "input": "x"})), Ok(()));
+        assert_eq!(
+            embed(json!({"model": "e", "input": []})),
+            Err("input".into())
+        );
+        assert_eq!(embed(json!({"model": "e"})), Err("input".into()));
+        let responses = |b: Value| check(Endpoint::Responses, &b).map_err(|e| e.path);
+        assert_eq!(responses(json!({"model": "m", "input": "hi"})), Ok(()));
+        assert_eq!(
+            responses(json!({"model": "m", "input": 5})),
+            Err("input".into())
+        );
+        let completions = |b: Value| check(Endpoint::Completions, &b).map_err(|e| e.path);
+        assert_eq!(completions(json!({"model": "m", "prompt": "x"})), Ok(()));
+        assert_eq!(completions(json!({"model": "m", "n": 0})), Err("n".into()));
+    }
+}

@@ -1,0 +1,162 @@
+//! Request validation on routes with `validate`: OpenAI request shapes and
+//! JSON Schema files, 400 `invalid_request` naming the JSON path, and a
+//! deeply nested body refused before it is parsed. Refused requests never
+//! reach the upstream.
+
+use crate::support::{Client, MockUpstream, TestGateway, UpstreamReply};
+
+const SCHEMA: &str = r#"{
+  "type": "object",
+  "required": ["name", "tags"],
+  "properties": {
+    "name": {"type": "string"},
+    "tags": {"type": "array", "items": {"type": "string"}}
+  }
+}"#;
+
+async fn start() -> (TestGateway, MockUpstream) {
+    let upstream = MockUpstream::always(UpstreamReply::text("{}")).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("item.json"), SCHEMA).unwrap();
+    let yaml = format!(
+        r#"
+upstreams:
+  llm: {{ url: "{}" }}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    auth: none
+    validate: openai
+    upstream: llm
+  - name: items
+    match: {{ path_prefix: /items }}
+    auth: none
+    validate: {{ schema_file: item.json }}
+    upstream: llm
+"#,
+        upstream.url()
+    );
+    (TestGateway::start_in(&yaml, &[], dir).await, upstream)
+}
+
+fn error(reply: &crate::support::ClientReply) -> serde_json::Value {
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    let body = reply.json();
+    assert_eq!(body["error"]["code"], "invalid_request");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    body["error"].clone()
+}
+
+#[tokio::test]
+async fn a_malformed_chat_request_is_refused_naming_the_path() {
+    let (gw, upstream) = start().await;
+    let client = Client::new();
+    let url = gw.url("/v1/chat/completions");
+    let bad_role = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"},{"role":"robot","content":"x"}]}"#;
+    let err = error(&client.post_json(&url, &[], bad_role).await);
+    assert_eq!(err["param"], "messages[1].role");
+    let message = err["message"].as_str().unwrap();
+    assert!(message.contains("messages[1].role"), "{message}");
+    assert!(message.contains("robot"), "{message}");
+
+    let no_model = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
+    assert_eq!(
+        error(&client.post_json(&url, &[], no_model).await)["param"],
+        "model"
+    );
+    let wrong_type = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":"yes"}"#;
+    assert_eq!(
+        error(&client.post_json(&url, &[], wrong_type).await)["param"],
+        "stream"
+    );
+    let not_json = error(&client.post_json(&url, &[], "{\"model\":").await);
+    assert!(
+        not_json["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON")
+    );
+    let embed = error(
+        &client
+            .post_json(&gw.url("/v1/embeddings"), &[], r#"{"model":"e"}"#)
+            .await,
+    );
+    assert_eq!(embed["param"], "input");
+    assert!(
+        upstream.seen().is_empty(),
+        "a refused request reached the upstream"
+    );
+    let log = &gw.wait_access_logs(5).await[0];
+    assert_eq!(log["status"], 400);
+    assert_eq!(log["error"], "invalid_request");
+}
+
+#[tokio::test]
+async fn well_formed_requests_pass_unchanged() {
+    let (gw, upstream) = start().await;
+    let client = Client::new();
+    let chat = r#"{"model":"gpt-4o-mini","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}],"temperature":0.5}"#;
+    let reply = client
+        .post_json(&gw.url("/v1/chat/completions"), &[], chat)
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    // Endpoints without a known shape and bodiless requests are not checked.
+    assert_eq!(client.get(&gw.url("/v1/models")).await.status, 200);
+    let other = client
+        .post_json(&gw.url("/v1/files"), &[], "not json at all")
+        .await;
+    assert_eq!(other.status, 200);
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[0].body, chat.as_bytes());
+}
+
+#[tokio::test]
+async fn a_schema_file_is_enforced() {
+    let (gw, upstream) = start().await;
+    let client = Client::new();
+    let url = gw.url("/items");
+    let ok = client
+        .post_json(&url, &[], r#"{"name":"x","tags":["a","b"]}"#)
+        .await;
+    assert_eq!(ok.status, 200);
+    let err = error(
+        &client
+            .post_json(&url, &[], r#"{"name":"x","tags":["a",7]}"#)
+            .await,
+    );
+    assert_eq!(err["param"], "tags[1]");
+    assert!(
+        err["message"].as_str().unwrap().contains("tags[1]"),
+        "{err}"
+    );
+    let missing = error(&client.post_json(&url, &[], r#"{"tags":[]}"#).await);
+    assert_eq!(missing["param"], serde_json::Value::Null);
+    assert!(
+        missing["message"].as_str().unwrap().contains("name"),
+        "{missing}"
+    );
+    assert_eq!(upstream.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn a_deeply_nested_body_is_refused_before_parsing() {
+    let (gw, upstream) = start().await;
+    let client = Client::new();
+    let deep = format!(
+        r#"{{"model":"m","messages":{}{}}}"#,
+        "[".repeat(200_000),
+        "]".repeat(200_000)
+    );
+    for path in ["/v1/chat/completions", "/items"] {
+        let err = error(&client.post_json(&gw.url(path), &[], &deep).await);
+        assert!(
+            err["message"]
+                .as_str()
+                .unwrap()
+                .contains("nests deeper than 64"),
+            "{err}"
+        );
+    }
+    assert!(upstream.seen().is_empty());
+}
