@@ -23,6 +23,7 @@ use crate::proxy::cache::Fill;
 use crate::proxy::ctx::RequestCtx;
 use crate::proxy::limit;
 use crate::telemetry::access_log;
+use crate::telemetry::body_log::BodyLog;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
@@ -51,6 +52,8 @@ pub struct Tap {
     strip: Option<EventSplitter>,
     /// A cache miss: what the client is sent is copied, to be stored.
     fill: Option<Fill>,
+    /// `log_bodies`: the head of what the client is sent, for the log.
+    body_log: Option<BodyLog>,
 }
 
 /// The last event of an SSE stream whose upstream broke (SPEC §3).
@@ -76,8 +79,15 @@ impl Tap {
         let strip = (sse && finish.ctx.usage_injected).then(EventSplitter::default);
         let mut finish = finish;
         let fill = finish.ctx.cache_fill.take();
+        let body_log = finish
+            .active
+            .snapshot
+            .logging
+            .log_bodies
+            .then(BodyLog::default);
         Tap {
             fill,
+            body_log,
             meter,
             strip,
             inner,
@@ -107,6 +117,16 @@ impl Tap {
         Poll::Ready(Some(Err(err)))
     }
 
+    /// Hands what the client is sent to the cache fill and the body log.
+    fn copy(&mut self, data: &Bytes) {
+        if let Some(fill) = self.fill.as_mut() {
+            fill.observe(data);
+        }
+        if let Some(log) = self.body_log.as_mut() {
+            log.push(data);
+        }
+    }
+
     fn next_wake(&self) -> Instant {
         match self.idle {
             Some(idle) => (Instant::now() + idle).min(self.deadline),
@@ -125,6 +145,9 @@ impl Tap {
         };
         if ctx.error.is_none() {
             ctx.error = error;
+        }
+        if let Some(log) = self.body_log.take() {
+            ctx.response_body = Some(log.render());
         }
         if let Some(meter) = self.meter.take() {
             record_usage(&gw, &active, &mut ctx, meter.finish());
@@ -253,15 +276,11 @@ impl Body for Tap {
                             if out.is_empty() {
                                 continue;
                             }
-                            if let Some(fill) = this.fill.as_mut() {
-                                fill.observe(&out);
-                            }
+                            this.copy(&out);
                             Poll::Ready(Some(Ok(Frame::data(out))))
                         }
                         (None, Some(data)) => {
-                            if let Some(fill) = this.fill.as_mut() {
-                                fill.observe(data);
-                            }
+                            this.copy(data);
                             Poll::Ready(Some(Ok(frame)))
                         }
                         _ => Poll::Ready(Some(Ok(frame))),
@@ -271,8 +290,8 @@ impl Body for Tap {
                 Poll::Ready(None) => {
                     // An unterminated last event is passed on as it came.
                     let rest = this.strip.as_mut().map(EventSplitter::take_pending);
-                    if let (Some(fill), Some(rest)) = (this.fill.as_mut(), rest.as_ref()) {
-                        fill.observe(rest);
+                    if let Some(rest) = rest.as_ref() {
+                        this.copy(rest);
                     }
                     this.finalize(None);
                     match rest.filter(|r| !r.is_empty()) {

@@ -71,6 +71,9 @@ pub struct RequestCtx {
     pub input_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
     pub cost_usd: Option<f64>,
+    /// `log_bodies`: the masked head of each body, for the access log.
+    pub request_body: Option<String>,
+    pub response_body: Option<String>,
     /// The tightest request bucket seen, for the `x-ratelimit-*` headers.
     pub rate_limit: Option<Decision>,
     /// A concurrency slot, released when the ctx is dropped at finalize.
@@ -111,6 +114,8 @@ impl RequestCtx {
             input_tokens: None,
             output_tokens: None,
             cost_usd: None,
+            request_body: None,
+            response_body: None,
             rate_limit: None,
             slot: None,
             token_limit: None,

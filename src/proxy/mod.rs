@@ -39,6 +39,7 @@ use crate::gateway::{Active, Gateway};
 use crate::llm::sse;
 use crate::llm::tap::{Finish, Tap};
 use crate::llm::usage::Meter;
+use crate::telemetry::body_log::BodyLog;
 use ctx::{ConnInfo, RequestCtx};
 use error::ProxyError;
 
@@ -129,7 +130,18 @@ async fn process(
     let max_body = snap.limits.max_request_body;
     validate::check_declared_size(req.headers(), max_body)?;
     let (parts, body) = req.into_parts();
-    let body = validate::check_body(&route.validate, &parts, body, max_body).await?;
+    let mut body = validate::check_body(&route.validate, &parts, body, max_body).await?;
+    if snap.logging.log_bodies {
+        // A debug aid: the request body is read whole (bounded) to log it.
+        let bytes = match body {
+            forward::RequestBody::Read(bytes) => bytes,
+            forward::RequestBody::Streaming(body) => forward::read_body(body, max_body).await?,
+        };
+        let mut log = BodyLog::default();
+        log.push(&bytes);
+        ctx.request_body = Some(log.render());
+        body = forward::RequestBody::Read(bytes);
+    }
     limit::admit(snap, &gw.limiter, &gw.budgets, &gw.metrics, route, ctx)?;
     match cache::lookup(gw, active, route, ctx, &parts, body).await? {
         cache::Step::Hit(resp) => Ok(resp),

@@ -63,6 +63,8 @@ pub fn emit(dispatch: &tracing::Dispatch, ctx: &RequestCtx, latency: Duration) {
             cost_usd = ctx.cost_usd,
             error = ctx.error,
             client_ip = %ctx.client_addr.ip(),
+            request_body = ctx.request_body.as_deref(),
+            response_body = ctx.response_body.as_deref(),
             "request"
         );
     });

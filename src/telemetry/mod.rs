@@ -2,5 +2,6 @@
 
 pub mod access_log;
 pub mod alerts;
+pub mod body_log;
 pub mod log;
 pub mod metrics;

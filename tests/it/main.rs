@@ -4,6 +4,7 @@
 mod support;
 
 mod auth;
+mod body_log;
 mod budget;
 mod cache;
 mod cli;

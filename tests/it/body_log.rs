@@ -1,0 +1,118 @@
+//! `logging.log_bodies`: request and response bodies in the access log,
+//! truncated to 4 KiB and with credentials masked, streams included (and
+//! still streamed); off by default.
+
+use std::time::Duration;
+
+use crate::support::{Client, MockUpstream, TestGateway, UpstreamReply};
+
+fn config(url: &str, log_bodies: bool) -> String {
+    format!(
+        r#"
+upstreams:
+  llm: {{ url: "{url}" }}
+auth:
+  api_keys:
+    - {{ id: alice, key: sk-alice-0123456789 }}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    upstream: llm
+logging: {{ level: info, log_bodies: {log_bodies} }}
+"#
+    )
+}
+
+const ALICE: (&str, &str) = ("authorization", "Bearer sk-alice-0123456789");
+
+#[tokio::test]
+async fn bodies_are_logged_masked_and_truncated() {
+    let answer = format!(
+        r#"{{"id":"x","access_token":"tok-123456","text":"{}"}}"#,
+        "z".repeat(6000)
+    );
+    let upstream = MockUpstream::always(
+        UpstreamReply::text(answer.clone()).header("content-type", "application/json"),
+    )
+    .await;
+    let gw = TestGateway::start(&config(&upstream.url(), true)).await;
+    let body = r#"{"model":"m","api_key":"sk-live-abcdefgh1234","password":"hunter2","messages":[{"role":"user","content":"my key is Bearer abc.def.ghi"}]}"#;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[ALICE], body)
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), answer, "the client got the whole body");
+    assert_eq!(upstream.seen()[0].body, body.as_bytes(), "the upstream too");
+
+    let log = &gw.wait_access_logs(1).await[0];
+    let request = log["request_body"].as_str().unwrap();
+    assert_eq!(
+        request,
+        r#"{"model":"m","api_key":"***","password":"***","messages":[{"role":"user","content":"my key is Bearer ***"}]}"#
+    );
+    let response = log["response_body"].as_str().unwrap();
+    assert!(
+        response.starts_with(r#"{"id":"x","access_token":"***","text":"zzz"#),
+        "{response}"
+    );
+    assert!(response.ends_with("bytes in all]"), "{response}");
+    assert!(response.len() < 4200, "{} bytes logged", response.len());
+    let text = gw.log_text();
+    for secret in [
+        "sk-live-abcdefgh1234",
+        "hunter2",
+        "abc.def.ghi",
+        "tok-123456",
+        "sk-alice-0123456789",
+    ] {
+        assert!(!text.contains(secret), "{secret} leaked into the log");
+    }
+}
+
+#[tokio::test]
+async fn a_streamed_response_is_logged_as_it_passed() {
+    let events = [
+        r#"{"choices":[{"index":0,"delta":{"content":"Hel"}}]}"#,
+        r#"{"choices":[{"index":0,"delta":{"content":"lo"}}]}"#,
+        "[DONE]",
+    ];
+    let upstream =
+        MockUpstream::always(UpstreamReply::sse(&events, Duration::from_millis(50))).await;
+    let gw = TestGateway::start(&config(&upstream.url(), true)).await;
+    let reply = Client::new()
+        .post_json(
+            &gw.url("/v1/chat/completions"),
+            &[ALICE],
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+        )
+        .await;
+    assert!(
+        reply.frames.len() >= 3,
+        "still streamed: {:?}",
+        reply.frames
+    );
+    let gap = reply.frames[2].0 - reply.frames[0].0;
+    assert!(
+        gap >= Duration::from_millis(80),
+        "frames arrived {gap:?} apart"
+    );
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["response_body"].as_str().unwrap(), reply.text());
+}
+
+#[tokio::test]
+async fn bodies_are_not_logged_by_default() {
+    let upstream = MockUpstream::always(UpstreamReply::text("{\"secret\":1}")).await;
+    let gw = TestGateway::start(
+        &config(&upstream.url(), false)
+            .replace("logging: { level: info, log_bodies: false }\n", ""),
+    )
+    .await;
+    Client::new()
+        .post_json(&gw.url("/v1/x"), &[ALICE], r#"{"hello":"there"}"#)
+        .await;
+    let log = &gw.wait_access_logs(1).await[0];
+    assert!(log.get("request_body").is_none(), "{log}");
+    assert!(log.get("response_body").is_none(), "{log}");
+    assert!(!gw.log_text().contains("there"));
+}
