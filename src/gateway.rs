@@ -12,9 +12,8 @@ use prometheus::IntCounter;
 
 use crate::proxy::jwks::JwksKeys;
 use crate::snapshot::Snapshot;
-use crate::state::MemoryLimiter;
-use crate::state::budget::Budgets;
-use crate::state::cache::ResponseCache;
+use crate::state::State;
+use crate::state::budget::BudgetScope;
 use crate::telemetry::alerts;
 use crate::telemetry::log::{self, LogGuard, LogSink};
 use crate::telemetry::metrics::{Metrics, RouteMetrics, UpstreamMetrics};
@@ -121,12 +120,9 @@ impl<T> Registry<T> {
 
 pub struct Gateway {
     active: ArcSwap<Active>,
-    /// Rate-limit buckets and concurrency slots, across reloads.
-    pub limiter: Arc<MemoryLimiter>,
-    /// Today's spend per scope, across reloads.
-    pub budgets: Budgets,
-    /// Stored responses and the requests in flight to fill them.
-    pub cache: Arc<ResponseCache>,
+    /// Buckets, slots, budgets and the cache, across reloads (in memory
+    /// or in Redis).
+    pub state: Arc<State>,
     /// Queue of the budget webhook sender.
     pub webhook: Option<tokio::sync::mpsc::Sender<alerts::Delivery>>,
     jwks: Registry<JwksKeys>,
@@ -146,16 +142,19 @@ impl Gateway {
         let metrics = Metrics::new();
         let jwks = Registry::default();
         let breakers = Registry::default();
-        let cache = ResponseCache::new(snapshot.cache.max_bytes);
+        let state = Arc::new(State::new(
+            &snapshot.state,
+            snapshot.cache.max_bytes,
+            &metrics,
+            log.clone(),
+        ));
         let active = Arc::new(Active::new(snapshot, &metrics, &jwks, &breakers));
         health::spawn(&active);
         Arc::new(Gateway {
             active: ArcSwap::new(active),
             jwks,
             breakers,
-            limiter: Arc::new(MemoryLimiter::default()),
-            budgets: Budgets::default(),
-            cache,
+            state,
             webhook: alerts::spawn_webhook_sender(),
             metrics,
             log,
@@ -183,13 +182,28 @@ impl Gateway {
 
     /// The Prometheus text of every family, gauges sampled now.
     pub fn render_metrics(&self) -> Vec<u8> {
-        let (bytes, entries) = self.cache.usage();
+        let (bytes, entries) = self.state.cache_usage();
         self.metrics
             .cache_size_bytes
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         self.metrics
             .cache_entries
             .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        // Sampled now rather than when spend was last charged, so that
+        // the gauges follow a reload and reset at midnight without traffic.
+        if !self.state.is_shared()
+            && let Some(limit) = self.active().snapshot.budget.daily_usd
+        {
+            let spent = self.state.local_spent(&BudgetScope::Global);
+            self.metrics
+                .budget_spent
+                .with_label_values(&["global"])
+                .set(spent);
+            self.metrics
+                .budget_limit
+                .with_label_values(&["global"])
+                .set(limit);
+        }
         self.metrics.render()
     }
 

@@ -999,11 +999,14 @@ impl Compiler<'_> {
         );
         let redis_url = raw.redis_url.as_ref().and_then(|t| {
             let url = self.text(t)?;
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            if !url.starts_with("redis://") {
                 self.error(
                     &t.referenced,
-                    "redis_url must start with redis:// or rediss://",
+                    "redis_url must start with redis:// (TLS to Redis, rediss://, is not supported)",
                 );
+            } else if redis::Client::open(url.as_str()).is_err() {
+                // Not the URL itself: it may carry a password.
+                self.error(&t.referenced, "redis_url is not a valid Redis URL");
             }
             Some(url)
         });

@@ -2,63 +2,78 @@
 //! identity's tier budget) and raises the alerts it crosses: a
 //! `budget_alert` warning, `sluice_budget_alerts_total`, and the webhook.
 
-use crate::gateway::Gateway;
-use crate::proxy::ctx::Identity;
+use std::sync::Arc;
+
+use futures_util::FutureExt;
+
+use crate::gateway::{Active, Gateway};
+use crate::proxy::ctx::{Identity, IdentityId};
 use crate::snapshot::Snapshot;
 use crate::state::budget::{Alert, BudgetScope};
 use crate::telemetry::alerts::Delivery;
 
-pub fn charge(gw: &Gateway, snap: &Snapshot, identity: Option<&Identity>, cost: f64) {
-    let budget = &snap.budget;
+pub fn charge(gw: &Arc<Gateway>, active: &Arc<Active>, identity: Option<&Identity>, cost: f64) {
+    let snap = &active.snapshot;
     // Spend is tracked only where a budget reads it: without one, the
-    // request path takes no budget lock at all.
-    if let Some(limit) = budget.daily_usd {
-        charge_global(gw, snap, cost, limit);
+    // request path touches no budget at all.
+    let global = snap.budget.daily_usd;
+    let own = identity.and_then(|identity| {
+        let (tier_name, tier) = identity
+            .tier
+            .as_ref()
+            .and_then(|t| snap.tiers.get_key_value(t))?;
+        // Per-identity spend is not a metric label (unbounded); its alerts
+        // count under the tier.
+        Some((
+            format!("tier:{tier_name}"),
+            identity.id.clone(),
+            tier.daily_budget_usd?,
+        ))
+    });
+    if global.is_none() && own.is_none() {
+        return;
     }
-    charge_identity(gw, snap, identity, cost);
+    let work = charge_scopes(gw.clone(), active.clone(), global, own, cost);
+    if gw.state.is_shared() {
+        // A round trip to Redis: done after the response, off its path.
+        tokio::spawn(work);
+    } else {
+        // In memory the work never waits: it completes right here.
+        let _ = work.now_or_never();
+    }
 }
 
-fn charge_global(gw: &Gateway, snap: &Snapshot, cost: f64, limit: f64) {
-    let budget = &snap.budget;
-    let spent = {
-        let alerts = gw
-            .budgets
-            .add(&BudgetScope::Global, cost, limit, &budget.alert_at);
-        raise(gw, snap, "global", alerts);
-        gw.budgets.spent(&BudgetScope::Global)
-    };
-    gw.metrics
-        .budget_spent
-        .with_label_values(&["global"])
-        .set(spent);
-    gw.metrics
-        .budget_limit
-        .with_label_values(&["global"])
-        .set(limit);
-}
-
-fn charge_identity(gw: &Gateway, snap: &Snapshot, identity: Option<&Identity>, cost: f64) {
-    let budget = &snap.budget;
-    let Some(identity) = identity else { return };
-    let Some((tier_name, tier)) = identity
-        .tier
-        .as_ref()
-        .and_then(|t| snap.tiers.get_key_value(t))
-    else {
-        return;
-    };
-    let Some(tier_budget) = tier.daily_budget_usd else {
-        return;
-    };
-    let alerts = gw.budgets.add(
-        &BudgetScope::Identity(identity.id.clone()),
-        cost,
-        tier_budget,
-        &budget.alert_at,
-    );
-    // Per-identity spend is not a metric label (unbounded); its alerts
-    // count under the tier.
-    raise(gw, snap, &format!("tier:{tier_name}"), alerts);
+async fn charge_scopes(
+    gw: Arc<Gateway>,
+    active: Arc<Active>,
+    global: Option<f64>,
+    own: Option<(String, IdentityId, f64)>,
+    cost: f64,
+) {
+    let snap = &active.snapshot;
+    let alert_at = &snap.budget.alert_at;
+    if let Some(limit) = global {
+        let (spent, alerts) = gw
+            .state
+            .add_spend(&BudgetScope::Global, cost, limit, alert_at)
+            .await;
+        raise(&gw, snap, "global", alerts);
+        gw.metrics
+            .budget_spent
+            .with_label_values(&["global"])
+            .set(spent);
+        gw.metrics
+            .budget_limit
+            .with_label_values(&["global"])
+            .set(limit);
+    }
+    if let Some((scope, id, budget)) = own {
+        let (_, alerts) = gw
+            .state
+            .add_spend(&BudgetScope::Identity(id), cost, budget, alert_at)
+            .await;
+        raise(&gw, snap, &scope, alerts);
+    }
 }
 
 fn raise(gw: &Gateway, snap: &Snapshot, scope: &str, alerts: Vec<Alert>) {

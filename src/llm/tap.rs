@@ -153,13 +153,13 @@ impl Tap {
             record_usage(&gw, &active, &mut ctx, meter.finish());
         }
         if !ctx.reservations.is_empty() {
-            limit::settle(&gw.limiter, &mut ctx);
+            limit::settle(&gw.state, &mut ctx);
         }
         // Stored only when complete; dropped unstored, it releases waiters.
         if let Some(fill) = self.fill.take()
             && ctx.error.is_none()
         {
-            fill.store(&gw.cache, ctx.model.clone(), ctx.cost_usd);
+            fill.store(&gw.state, ctx.model.clone(), ctx.cost_usd);
         }
         let now = Instant::now();
         let latency = now.saturating_duration_since(ctx.started);
@@ -206,7 +206,7 @@ fn without_usage_chunk(splitter: &mut EventSplitter, data: &[u8]) -> Bytes {
 }
 
 /// Puts a response's usage into the ctx (for the access log) and metrics.
-fn record_usage(gw: &Gateway, active: &Active, ctx: &mut RequestCtx, usage: Usage) {
+fn record_usage(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, usage: Usage) {
     if usage.input_tokens.is_none()
         && usage.output_tokens.is_none()
         && usage.finish_reason.is_none()
@@ -237,7 +237,7 @@ fn record_usage(gw: &Gateway, active: &Active, ctx: &mut RequestCtx, usage: Usag
     );
     if let Some(cost) = cost {
         children.cost_usd.inc_by(cost);
-        spend::charge(gw, &active.snapshot, ctx.identity.as_ref(), cost);
+        spend::charge(gw, active, ctx.identity.as_ref(), cost);
     }
     ctx.cost_usd = cost;
     ctx.input_tokens = usage.input_tokens;

@@ -20,7 +20,8 @@ use super::forward::{self, RequestBody};
 use crate::body::{self, BoxBody};
 use crate::gateway::{Active, Gateway};
 use crate::snapshot::{CacheScope, Route, RouteCache};
-use crate::state::cache::{CachedResponse, Flight, Join, Key, ResponseCache};
+use crate::state::State;
+use crate::state::cache::{CachedResponse, Flight, Join, Key};
 
 /// What the cache did for a request: the `x-sluice-cache` header, the
 /// metric's `result` label and the access log's `cache` field.
@@ -92,7 +93,7 @@ pub async fn lookup(
     let mut flight = None;
     if !directives.no_cache {
         for _ in 0..MAX_WAITS {
-            if let Some(entry) = gw.cache.get(&key) {
+            if let Some(entry) = gw.state.cache_get(&key).await {
                 ctx.cache = Some(CacheStatus::Hit);
                 ctx.model.clone_from(&entry.model);
                 metrics.cache(CacheStatus::Hit).inc();
@@ -101,7 +102,7 @@ pub async fn lookup(
                 }
                 return Ok(Step::Hit(hit_response(&entry)));
             }
-            match gw.cache.join(key) {
+            match gw.state.cache_join(key) {
                 Join::Lead(lead) => {
                     flight = Some(lead);
                     break;
@@ -119,7 +120,7 @@ pub async fn lookup(
     }
     ctx.cache = Some(CacheStatus::Miss);
     metrics.cache(CacheStatus::Miss).inc();
-    ctx.cache_fill = Some(Fill::new(key, settings, flight, gw.cache.entry_cap()));
+    ctx.cache_fill = Some(Fill::new(key, settings, flight, gw.state.cache_entry_cap()));
     Ok(Step::Forward(RequestBody::Read(bytes)))
 }
 
@@ -314,7 +315,7 @@ impl Fill {
     }
 
     /// Stores the response, which ended cleanly.
-    pub fn store(self, cache: &ResponseCache, model: Option<String>, cost_usd: Option<f64>) {
+    pub fn store(self, state: &State, model: Option<String>, cost_usd: Option<f64>) {
         if self.overflowed {
             return;
         }
@@ -328,7 +329,7 @@ impl Fill {
                 whole.freeze()
             }
         };
-        cache.insert(
+        state.cache_put(
             self.key,
             CachedResponse {
                 headers: self.headers,

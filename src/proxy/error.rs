@@ -46,6 +46,8 @@ pub enum ProxyError {
     UpstreamTimeout {
         upstream: String,
     },
+    /// The shared state (Redis) failed and `state.on_error` is `deny`.
+    StateUnavailable,
 }
 
 impl ProxyError {
@@ -61,7 +63,9 @@ impl ProxyError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::UpstreamUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamUnavailable { .. } | ProxyError::StateUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -79,7 +83,8 @@ impl ProxyError {
             | ProxyError::BudgetExceeded { .. }
             | ProxyError::UpstreamFailed { .. }
             | ProxyError::UpstreamUnavailable { .. }
-            | ProxyError::UpstreamTimeout { .. } => None,
+            | ProxyError::UpstreamTimeout { .. }
+            | ProxyError::StateUnavailable => None,
         }
     }
 
@@ -96,6 +101,7 @@ impl ProxyError {
             ProxyError::BudgetExceeded { .. } => "budget_exceeded",
             ProxyError::UpstreamFailed { .. } => "upstream_error",
             ProxyError::UpstreamUnavailable { .. } => "upstream_unavailable",
+            ProxyError::StateUnavailable => "state_unavailable",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
         }
     }
@@ -112,7 +118,8 @@ impl ProxyError {
             ProxyError::BudgetExceeded { .. } => "insufficient_quota",
             ProxyError::UpstreamFailed { .. }
             | ProxyError::UpstreamUnavailable { .. }
-            | ProxyError::UpstreamTimeout { .. } => "server_error",
+            | ProxyError::UpstreamTimeout { .. }
+            | ProxyError::StateUnavailable => "server_error",
         }
     }
 
@@ -145,6 +152,9 @@ impl ProxyError {
             }
             ProxyError::UpstreamTimeout { upstream } => {
                 format!("upstream `{upstream}` did not answer in time")
+            }
+            ProxyError::StateUnavailable => {
+                "the shared limit store is unavailable; retry later".to_owned()
             }
         }
     }
@@ -195,6 +205,9 @@ impl ProxyError {
             | ProxyError::InvalidRequest { .. }
             | ProxyError::UpstreamFailed { .. }
             | ProxyError::UpstreamTimeout { .. } => {}
+            ProxyError::StateUnavailable => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
         }
         resp
     }

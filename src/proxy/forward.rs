@@ -82,7 +82,7 @@ pub async fn send(
     }
     if token_limited {
         let estimate = limit::estimate_tokens(&body);
-        limit::reserve_tokens(snap, &gw.limiter, &gw.metrics, route, ctx, estimate)?;
+        limit::reserve_tokens(snap, &gw.state, &gw.metrics, route, ctx, estimate).await?;
     }
     match route.target {
         Target::Upstream(index) => {

@@ -4,27 +4,35 @@
 //! auth, because limits key on the identity; before the cache, because a
 //! cache hit still counts as a request.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::ctx::{Identity, RequestCtx};
 use super::error::ProxyError;
 use crate::snapshot::{Route, Snapshot, Target};
-use crate::state::budget::{self, BudgetScope, Budgets};
+use crate::state::budget::{self, BudgetScope};
 use crate::state::limiter::Scope;
-use crate::state::{BucketKey, Decision, MemoryLimiter};
+use crate::state::{BucketKey, Decision, State, Unavailable};
 use crate::telemetry::metrics::Metrics;
 
 /// How long a client refused for concurrency should wait: slots free up
 /// when some response ends, which cannot be predicted.
 const CONCURRENCY_RETRY: Duration = Duration::from_secs(1);
 
-pub fn admit(
+/// How long a shared concurrency lease outlives the request's deadline
+/// (a replica that died holding it frees it this long after).
+const LEASE_MARGIN: Duration = Duration::from_secs(10);
+
+impl From<Unavailable> for ProxyError {
+    fn from(_: Unavailable) -> Self {
+        ProxyError::StateUnavailable
+    }
+}
+
+pub async fn admit(
     snap: &Snapshot,
-    limiter: &Arc<MemoryLimiter>,
-    budgets: &Budgets,
+    state: &State,
     metrics: &Metrics,
     route: &Route,
     ctx: &mut RequestCtx,
@@ -37,9 +45,8 @@ pub fn admit(
     let refuse = |limit: &'static str, retry_after: Duration| {
         refused(metrics, route, tier_name.as_deref(), limit, retry_after)
     };
-    let now = Instant::now();
     for (key, per_minute) in buckets(snap, route, identity, Kind::Requests) {
-        let decision = limiter.take(&key, per_minute, 1, now);
+        let (decision, _) = state.take(&key, per_minute, 1).await?;
         keep_tightest(&mut ctx.rate_limit, decision);
         if !decision.allowed {
             return Err(refuse("requests", decision.retry_after));
@@ -47,13 +54,19 @@ pub fn admit(
     }
     if snap.budget.enforce && matches!(route.target, Target::Pool(_)) {
         let (_, until_midnight) = budget::today();
-        let global_spent = snap
-            .budget
-            .daily_usd
-            .is_some_and(|limit| budgets.spent(&BudgetScope::Global) >= limit);
-        let own_spent = tier.and_then(|t| t.daily_budget_usd).is_some_and(|limit| {
-            budgets.spent(&BudgetScope::Identity(identity.id.clone())) >= limit
-        });
+        let global_spent = match snap.budget.daily_usd {
+            Some(limit) => state.spent(&BudgetScope::Global).await? >= limit,
+            None => false,
+        };
+        let own_spent = match tier.and_then(|t| t.daily_budget_usd) {
+            Some(limit) => {
+                state
+                    .spent(&BudgetScope::Identity(identity.id.clone()))
+                    .await?
+                    >= limit
+            }
+            None => false,
+        };
         if global_spent || own_spent {
             count_refusal(metrics, route, tier_name.as_deref(), "budget");
             return Err(ProxyError::BudgetExceeded {
@@ -66,7 +79,9 @@ pub fn admit(
             scope: Scope::Tier(tier),
             identity: identity.id.clone(),
         };
-        match limiter.acquire(&key, max) {
+        // A lease outlives no request: request_timeout bounds the exchange.
+        let lease = snap.limits.request_timeout + LEASE_MARGIN;
+        match state.acquire(&key, max, lease).await? {
             // Held by the ctx: freed when the tap finalizes (body ended or
             // client gone).
             Some(slot) => ctx.slot = Some(slot),
@@ -106,9 +121,9 @@ pub fn estimate_tokens(body: &[u8]) -> u64 {
 /// Reserves the estimate in every token bucket that applies, or refuses
 /// with 429; the reservations are settled to real usage when the response
 /// ends (`settle`).
-pub fn reserve_tokens(
+pub async fn reserve_tokens(
     snap: &Snapshot,
-    limiter: &MemoryLimiter,
+    state: &State,
     metrics: &Metrics,
     route: &Route,
     ctx: &mut RequestCtx,
@@ -117,12 +132,17 @@ pub fn reserve_tokens(
     let Some(identity) = ctx.identity.clone() else {
         return Ok(());
     };
-    let now = Instant::now();
     for (key, per_minute) in buckets(snap, route, &identity, Kind::Tokens) {
-        let decision = limiter.take(&key, per_minute, estimate, now);
+        let (decision, shared) = match state.take(&key, per_minute, estimate).await {
+            Ok(taken) => taken,
+            Err(e) => {
+                release(state, ctx);
+                return Err(e.into());
+            }
+        };
         keep_tightest(&mut ctx.token_limit, decision);
         if !decision.allowed {
-            release(limiter, ctx);
+            release(state, ctx);
             let tier = identity.tier.as_deref();
             return Err(refused(
                 metrics,
@@ -136,6 +156,7 @@ pub fn reserve_tokens(
             key,
             per_minute,
             tokens: estimate,
+            shared,
         });
     }
     Ok(())
@@ -147,35 +168,31 @@ pub struct Reservation {
     key: BucketKey,
     per_minute: u64,
     tokens: u64,
+    /// Taken from the shared backend (settled there too).
+    shared: bool,
 }
 
 /// Settles the reservations to the tokens really used, or gives them all
 /// back when the answer reported none (the request failed).
-pub fn settle(limiter: &MemoryLimiter, ctx: &mut RequestCtx) {
+pub fn settle(state: &State, ctx: &mut RequestCtx) {
     let used = match (ctx.input_tokens, ctx.output_tokens) {
         (None, None) => {
-            release(limiter, ctx);
+            release(state, ctx);
             return;
         }
         (i, o) => i.unwrap_or(0) + o.unwrap_or(0),
     };
-    let now = Instant::now();
     for r in ctx.reservations.drain(..) {
         let delta =
             i64::try_from(used).unwrap_or(i64::MAX) - i64::try_from(r.tokens).unwrap_or(i64::MAX);
-        limiter.adjust(&r.key, r.per_minute, delta, now);
+        state.adjust(&r.key, r.per_minute, delta, r.shared);
     }
 }
 
-fn release(limiter: &MemoryLimiter, ctx: &mut RequestCtx) {
-    let now = Instant::now();
+fn release(state: &State, ctx: &mut RequestCtx) {
     for r in ctx.reservations.drain(..) {
-        limiter.adjust(
-            &r.key,
-            r.per_minute,
-            -i64::try_from(r.tokens).unwrap_or(i64::MAX),
-            now,
-        );
+        let back = -i64::try_from(r.tokens).unwrap_or(i64::MAX);
+        state.adjust(&r.key, r.per_minute, back, r.shared);
     }
 }
 

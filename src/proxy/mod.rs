@@ -142,7 +142,7 @@ async fn process(
         ctx.request_body = Some(log.render());
         body = forward::RequestBody::Read(bytes);
     }
-    limit::admit(snap, &gw.limiter, &gw.budgets, &gw.metrics, route, ctx)?;
+    limit::admit(snap, &gw.state, &gw.metrics, route, ctx).await?;
     match cache::lookup(gw, active, route, ctx, &parts, body).await? {
         cache::Step::Hit(resp) => Ok(resp),
         cache::Step::Forward(body) => forward::send(gw, active, route, ctx, parts, body).await,

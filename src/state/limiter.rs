@@ -38,7 +38,8 @@ pub struct Decision {
 }
 
 const SHARDS: usize = 64;
-const WINDOW: Duration = Duration::from_secs(60);
+/// The period of every per-minute limit.
+pub const WINDOW: Duration = Duration::from_secs(60);
 
 /// Buckets and slots of one process.
 pub struct MemoryLimiter {
@@ -128,7 +129,7 @@ impl MemoryLimiter {
     }
 
     /// One of `max` concurrent slots, held until the returned guard drops.
-    pub fn acquire(self: &Arc<Self>, key: &BucketKey, max: u64) -> Option<Slot> {
+    pub fn acquire(self: &Arc<Self>, key: &BucketKey, max: u64) -> Option<MemorySlot> {
         let Ok(mut shard) = self.slots[self.shard(key)].lock() else {
             return None;
         };
@@ -137,7 +138,7 @@ impl MemoryLimiter {
             return None;
         }
         *held += 1;
-        Some(Slot {
+        Some(MemorySlot {
             limiter: self.clone(),
             key: key.clone(),
         })
@@ -157,18 +158,20 @@ impl MemoryLimiter {
 
 /// A held concurrency slot; dropping it (response ended, client gone)
 /// frees it.
-pub struct Slot {
+pub struct MemorySlot {
     limiter: Arc<MemoryLimiter>,
     key: BucketKey,
 }
 
-impl std::fmt::Debug for Slot {
+impl std::fmt::Debug for MemorySlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Slot").field("key", &self.key).finish()
+        f.debug_struct("MemorySlot")
+            .field("key", &self.key)
+            .finish()
     }
 }
 
-impl Drop for Slot {
+impl Drop for MemorySlot {
     fn drop(&mut self) {
         self.limiter.release(&self.key);
     }

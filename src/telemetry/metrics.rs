@@ -26,6 +26,11 @@ pub const OVERHEAD_BUCKETS: [f64; 20] = [
     0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
+/// Calls to Redis take tens of microseconds, up to a timeout of 100 ms.
+pub const STATE_BUCKETS: [f64; 12] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+];
+
 /// The metric families. Label sets are bounded: route, upstream and pool
 /// names come from the config, statuses and outcomes from small sets.
 #[derive(Clone)]
@@ -46,6 +51,8 @@ pub struct Metrics {
     pub cost_usd: CounterVec,
     pub cache_requests: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    pub state_errors: IntCounterVec,
+    pub state_duration: HistogramVec,
     pub cache_saved_usd: CounterVec,
     pub cache_size_bytes: IntGauge,
     pub cache_entries: IntGauge,
@@ -127,6 +134,17 @@ impl Metrics {
         let metrics = Metrics {
             cost_usd,
             cache_saved_usd,
+            state_errors: counter(
+                "sluice_state_errors_total",
+                "Calls to the shared state backend (Redis) that failed or timed out, by operation.",
+                &["operation"],
+            ),
+            state_duration: histogram(
+                "sluice_state_duration_seconds",
+                "Latency of calls to the shared state backend (Redis), by operation.",
+                &["operation"],
+                &STATE_BUCKETS,
+            ),
             config_reloads: counter(
                 "sluice_config_reloads_total",
                 "Config reloads (SIGHUP or a changed file) by result (ok, error).",

@@ -1,0 +1,427 @@
+//! The Redis state backend (`state.backend: redis`): the replicas of an
+//! app share one view of rate limits, token buckets, concurrency, budgets
+//! and cached responses. Each decision is one atomic round trip: a Lua
+//! script, loaded once and called by SHA. Redis's own clock (`TIME`) is the
+//! one every replica reads, so their clocks need not agree. Every call is
+//! bounded by a tight timeout; what happens on failure is the caller's
+//! policy (`state.on_error`), not this module's.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+
+use super::limiter::{BucketKey, Decision, Scope, WINDOW};
+use crate::proxy::ctx::IdentityId;
+use crate::state::budget::BudgetScope;
+use crate::state::cache::CachedResponse;
+
+/// The longest a request waits on Redis for one decision.
+pub const CALL_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Why a state call failed (never the URL: it may carry a password).
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis: {0}")]
+    Redis(String),
+}
+
+impl From<redis::RedisError> for StateError {
+    fn from(e: redis::RedisError) -> Self {
+        // The kind and category only: a detail may quote the URL.
+        StateError::Redis(format!("{:?} ({})", e.kind(), e.category()))
+    }
+}
+
+/// GCRA in one step: the bucket is one key holding its theoretical
+/// arrival time in µs of Redis time. Returns {allowed, ahead_us, retry_us}.
+const TAKE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local cost = tonumber(ARGV[2])
+local window = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval * cost
+local ahead = new_tat - now
+if ahead > window then
+  return {0, tat - now, ahead - window}
+end
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil(ahead / 1000) + 1000)
+return {1, ahead, 0}
+";
+
+/// Settles a reservation: moves a bucket's arrival time by `delta` units,
+/// never below now.
+const ADJUST: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+local tat = tonumber(current)
+if tat < now then tat = now end
+tat = tat + tonumber(ARGV[1]) * tonumber(ARGV[2])
+if tat < now then tat = now end
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+return 1
+";
+
+/// A concurrency slot as a lease: a sorted set of holders scored by when
+/// their lease ends, so a crashed replica's slots expire by themselves.
+const ACQUIRE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+local lease = tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], now + lease, ARGV[2])
+redis.call('PEXPIRE', KEYS[1], lease)
+return 1
+";
+
+/// Adds to a day's spend and claims the alert thresholds it crossed, each
+/// claimed once by whichever replica crosses it first. Returns the spend
+/// and the thresholds (× 1000) this call claimed.
+const SPEND: &str = r"
+local spent = tonumber(redis.call('INCRBYFLOAT', KEYS[1], ARGV[1]))
+redis.call('EXPIRE', KEYS[1], 172800)
+local budget = tonumber(ARGV[2])
+local out = {string.format('%.17g', spent)}
+for i = 3, #ARGV do
+  local threshold = tonumber(ARGV[i])
+  if budget > 0 and spent >= threshold / 1000 * budget then
+    if redis.call('SET', KEYS[1] .. ':alert:' .. ARGV[i], '1', 'NX', 'EX', 172800) then
+      table.insert(out, ARGV[i])
+    end
+  end
+end
+return out
+";
+
+pub struct RedisState {
+    conn: ConnectionManager,
+    take: Script,
+    adjust: Script,
+    acquire: Script,
+    spend: Script,
+}
+
+impl RedisState {
+    /// Connects lazily: start-up never waits on Redis, and the manager
+    /// reconnects by itself after Redis comes back.
+    pub fn new(url: &str) -> Result<Self, String> {
+        let client = redis::Client::open(url)
+            .map_err(|e| format!("state.redis_url is not a usable Redis URL ({:?})", e.kind()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(CALL_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| format!("cannot set up the Redis connection ({:?})", e.kind()))?;
+        Ok(RedisState {
+            conn,
+            take: Script::new(TAKE),
+            adjust: Script::new(ADJUST),
+            acquire: Script::new(ACQUIRE),
+            spend: Script::new(SPEND),
+        })
+    }
+
+    /// Takes `cost` units from a bucket of `per_minute` capacity (GCRA).
+    pub async fn take(
+        &self,
+        key: &BucketKey,
+        per_minute: u64,
+        cost: u64,
+    ) -> Result<Decision, StateError> {
+        let per_minute = per_minute.max(1);
+        let window = micros(WINDOW);
+        let interval = (window / per_minute).max(1);
+        let mut conn = self.conn.clone();
+        let mut call = self.take.key(bucket_key(key));
+        call.arg(interval).arg(cost).arg(window);
+        let (allowed, ahead, retry): (u8, u64, u64) = bounded(call.invoke_async(&mut conn)).await?;
+        Ok(if allowed == 1 {
+            Decision {
+                allowed: true,
+                limit: per_minute,
+                remaining: window.saturating_sub(ahead) / interval,
+                reset: Duration::from_micros(ahead),
+                retry_after: Duration::ZERO,
+            }
+        } else {
+            // For a refusal `ahead` is what is already used.
+            Decision {
+                allowed: false,
+                limit: per_minute,
+                remaining: window.saturating_sub(ahead) / interval,
+                reset: Duration::from_micros(ahead),
+                retry_after: Duration::from_micros(retry),
+            }
+        })
+    }
+
+    /// Moves a bucket by `delta` units (a settled reservation).
+    pub async fn adjust(
+        &self,
+        key: &BucketKey,
+        per_minute: u64,
+        delta: i64,
+    ) -> Result<(), StateError> {
+        let interval = (micros(WINDOW) / per_minute.max(1)).max(1);
+        let mut conn = self.conn.clone();
+        let mut call = self.adjust.key(bucket_key(key));
+        call.arg(interval).arg(delta);
+        let _: i64 = bounded(call.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    /// Takes one of `max` slots as a lease `holder` keeps until released
+    /// or until `lease` passes.
+    pub async fn acquire(
+        &self,
+        key: &BucketKey,
+        max: u64,
+        holder: &str,
+        lease: Duration,
+    ) -> Result<bool, StateError> {
+        let mut conn = self.conn.clone();
+        let mut call = self.acquire.key(slot_key(key));
+        call.arg(max).arg(holder).arg(millis(lease));
+        let got: i64 = bounded(call.invoke_async(&mut conn)).await?;
+        Ok(got == 1)
+    }
+
+    pub async fn release(&self, key: &BucketKey, holder: &str) -> Result<(), StateError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = bounded(conn.zrem(slot_key(key), holder)).await?;
+        Ok(())
+    }
+
+    /// Today's spend of a scope.
+    pub async fn spent(&self, scope: &BudgetScope, day: u64) -> Result<f64, StateError> {
+        let mut conn = self.conn.clone();
+        let value: Option<String> = bounded(conn.get(budget_key(scope, day))).await?;
+        Ok(value.and_then(|v| v.parse().ok()).unwrap_or(0.0))
+    }
+
+    /// Adds `usd` to today's spend; returns the new spend and the alert
+    /// thresholds this call was the first to cross.
+    pub async fn add_spend(
+        &self,
+        scope: &BudgetScope,
+        day: u64,
+        usd: f64,
+        budget: f64,
+        alert_at: &[f64],
+    ) -> Result<(f64, Vec<f64>), StateError> {
+        let mut conn = self.conn.clone();
+        let mut call = self.spend.key(budget_key(scope, day));
+        call.arg(format!("{usd:.12}")).arg(budget);
+        for threshold in alert_at {
+            call.arg((threshold * 1000.0).round() as u64);
+        }
+        let out: Vec<String> = bounded(call.invoke_async(&mut conn)).await?;
+        let spent = out.first().and_then(|s| s.parse().ok()).unwrap_or(0.0);
+        let crossed = out
+            .iter()
+            .skip(1)
+            .filter_map(|t| t.parse::<f64>().ok())
+            .map(|t| t / 1000.0)
+            .collect();
+        Ok((spent, crossed))
+    }
+
+    /// A stored response, if some replica stored it and it is still fresh.
+    pub async fn cache_get(&self, key: &[u8; 32]) -> Result<Option<CachedResponse>, StateError> {
+        let mut conn = self.conn.clone();
+        let raw: Option<Vec<u8>> = bounded(conn.get(cache_key(key))).await?;
+        Ok(raw.and_then(|raw| decode_entry(&raw)))
+    }
+
+    /// Stores a response once for every replica, for its TTL.
+    pub async fn cache_put(
+        &self,
+        key: &[u8; 32],
+        entry: &CachedResponse,
+    ) -> Result<(), StateError> {
+        let mut conn = self.conn.clone();
+        let ttl = millis(entry.ttl).max(1);
+        let () = bounded(conn.pset_ex(cache_key(key), encode_entry(entry), ttl)).await?;
+        Ok(())
+    }
+}
+
+async fn bounded<T>(
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StateError> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Err(_) => Err(StateError::Timeout(CALL_TIMEOUT)),
+        Ok(result) => Ok(result?),
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Names as they appear in keys: `%` and `:` escaped so that no two
+/// different (scope, identity) pairs share a key.
+fn escaped(name: &str) -> String {
+    name.replace('%', "%25").replace(':', "%3A")
+}
+
+fn identity_part(id: &IdentityId) -> String {
+    match id {
+        IdentityId::Key(k) => format!("key:{}", escaped(k)),
+        IdentityId::Ip(ip) => format!("ip:{}", escaped(&ip.to_string())),
+    }
+}
+
+fn scope_part(scope: &Scope) -> String {
+    match scope {
+        Scope::Tier(n) => format!("tier:{}", escaped(n)),
+        Scope::Route(n) => format!("route:{}", escaped(n)),
+        Scope::TierTokens(n) => format!("tier-tokens:{}", escaped(n)),
+        Scope::RouteTokens(n) => format!("route-tokens:{}", escaped(n)),
+    }
+}
+
+fn bucket_key(key: &BucketKey) -> String {
+    format!(
+        "sluice:rl:{}:{}",
+        scope_part(&key.scope),
+        identity_part(&key.identity)
+    )
+}
+
+fn slot_key(key: &BucketKey) -> String {
+    format!(
+        "sluice:slots:{}:{}",
+        scope_part(&key.scope),
+        identity_part(&key.identity)
+    )
+}
+
+/// A day's spend; its alert claims share the hash tag, so one script
+/// touches one cluster slot.
+fn budget_key(scope: &BudgetScope, day: u64) -> String {
+    let who = match scope {
+        BudgetScope::Global => "global".to_owned(),
+        BudgetScope::Identity(id) => identity_part(id),
+    };
+    format!("sluice:budget:{{{day}:{who}}}")
+}
+
+fn cache_key(key: &[u8; 32]) -> String {
+    format!("sluice:cache:{}", hex::encode(key))
+}
+
+/// An entry as stored: a JSON head line, then the body bytes as they are.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct EntryHead {
+    headers: Vec<(String, String)>,
+    model: Option<String>,
+    cost_usd: Option<f64>,
+    stored_unix_ms: u64,
+    ttl_ms: u64,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, millis)
+}
+
+fn encode_entry(entry: &CachedResponse) -> Vec<u8> {
+    let age = entry.stored_at.elapsed();
+    let head = EntryHead {
+        headers: entry
+            .headers
+            .iter()
+            .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect(),
+        model: entry.model.clone(),
+        cost_usd: entry.cost_usd,
+        stored_unix_ms: unix_ms().saturating_sub(millis(age)),
+        ttl_ms: millis(entry.ttl),
+    };
+    let mut out = serde_json::to_vec(&head).unwrap_or_default();
+    out.push(b'\n');
+    out.extend_from_slice(&entry.body);
+    out
+}
+
+fn decode_entry(raw: &[u8]) -> Option<CachedResponse> {
+    let split = raw.iter().position(|&b| b == b'\n')?;
+    let head: EntryHead = serde_json::from_slice(&raw[..split]).ok()?;
+    let mut headers = HeaderMap::new();
+    for (name, value) in head.headers {
+        headers.append(
+            HeaderName::from_bytes(name.as_bytes()).ok()?,
+            HeaderValue::from_str(&value).ok()?,
+        );
+    }
+    let age = Duration::from_millis(unix_ms().saturating_sub(head.stored_unix_ms));
+    let now = std::time::Instant::now();
+    Some(CachedResponse {
+        headers,
+        body: Bytes::copy_from_slice(&raw[split + 1..]),
+        stored_at: now.checked_sub(age).unwrap_or(now),
+        model: head.model,
+        cost_usd: head.cost_usd,
+        ttl: Duration::from_millis(head.ttl_ms),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_cannot_collide_through_separators() {
+        let a = BucketKey {
+            scope: Scope::Tier("a:key".into()),
+            identity: IdentityId::Key("b".into()),
+        };
+        let b = BucketKey {
+            scope: Scope::Tier("a".into()),
+            identity: IdentityId::Key("key:b".into()),
+        };
+        assert_ne!(bucket_key(&a), bucket_key(&b));
+        assert_eq!(bucket_key(&b), "sluice:rl:tier:a:key:key%3Ab");
+    }
+
+    #[test]
+    fn entries_round_trip() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "content-type",
+            HeaderValue::from_static("text/event-stream"),
+        );
+        let entry = CachedResponse {
+            headers,
+            body: Bytes::from_static(b"data: {\"x\":1}\n\ndata: [DONE]\n\n"),
+            stored_at: std::time::Instant::now(),
+            model: Some("m".into()),
+            cost_usd: Some(0.25),
+            ttl: Duration::from_secs(60),
+        };
+        let back = decode_entry(&encode_entry(&entry)).unwrap();
+        assert_eq!(back.body, entry.body);
+        assert_eq!(back.headers, entry.headers);
+        assert_eq!(back.model, entry.model);
+        assert_eq!(back.cost_usd, entry.cost_usd);
+        assert_eq!(back.ttl, entry.ttl);
+    }
+}

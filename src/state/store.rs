@@ -1,0 +1,353 @@
+//! [`State`]: the one interface the request path uses for limits, slots,
+//! budgets and the cache, whichever backend holds them. With Redis, a
+//! call that fails or is slow follows `state.on_error`: `allow` decides
+//! with this replica's memory instead (counted, and warned about at most
+//! every few seconds), `deny` refuses the request with 503. Calls after a
+//! failure try Redis again, so recovery needs no restart.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use prometheus::{HistogramVec, IntCounterVec};
+
+use super::budget::{self, Alert, BudgetScope, Budgets};
+use super::cache::{CachedResponse, Join, Key, ResponseCache};
+use super::limiter::{BucketKey, Decision, MemoryLimiter, MemorySlot};
+use super::redis::{RedisState, StateError};
+use crate::snapshot::{StateBackend, StateSettings};
+use crate::telemetry::metrics::Metrics;
+
+/// The request must be refused: Redis failed and `on_error` is `deny`.
+#[derive(Debug, Clone, Copy)]
+pub struct Unavailable;
+
+/// How often a failing backend is warned about, at most.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+pub struct State {
+    memory: Arc<MemoryLimiter>,
+    budgets: Budgets,
+    cache: Arc<ResponseCache>,
+    redis: Option<Arc<RedisState>>,
+    deny_on_error: bool,
+    health: Arc<Health>,
+}
+
+/// Metrics and warnings about the shared backend.
+struct Health {
+    errors: IntCounterVec,
+    duration: HistogramVec,
+    log: tracing::Dispatch,
+    started: Instant,
+    /// When the last warning was logged, in ms since `started` (+1, so 0
+    /// means never).
+    last_warning: AtomicU64,
+}
+
+impl Health {
+    fn observe(&self, operation: &str, since: Instant) {
+        self.duration
+            .with_label_values(&[operation])
+            .observe(since.elapsed().as_secs_f64());
+    }
+
+    fn failed(&self, operation: &str, error: &StateError) {
+        self.errors.with_label_values(&[operation]).inc();
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX) + 1;
+        let last = self.last_warning.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= WARN_EVERY.as_millis() as u64;
+        if due
+            && self
+                .last_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let error = error.to_string();
+            tracing::dispatcher::with_default(&self.log, || {
+                tracing::warn!(
+                    event = "state_error",
+                    operation,
+                    error = error.as_str(),
+                    "the shared state backend failed; following state.on_error (warned at most every 10s)"
+                );
+            });
+        }
+    }
+}
+
+/// A held concurrency slot, freed when dropped (the response ended or the
+/// client left).
+#[derive(Debug)]
+pub enum Slot {
+    Memory(MemorySlot),
+    Shared(SharedSlot),
+}
+
+/// A lease in Redis: released when dropped, else it expires by itself.
+pub struct SharedSlot {
+    redis: Arc<RedisState>,
+    health: Arc<Health>,
+    key: BucketKey,
+    holder: String,
+}
+
+impl std::fmt::Debug for SharedSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedSlot")
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl Drop for SharedSlot {
+    fn drop(&mut self) {
+        let (redis, health) = (self.redis.clone(), self.health.clone());
+        let (key, holder) = (self.key.clone(), std::mem::take(&mut self.holder));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let started = Instant::now();
+                match redis.release(&key, &holder).await {
+                    Ok(()) => health.observe("release", started),
+                    Err(e) => health.failed("release", &e),
+                }
+            });
+        }
+    }
+}
+
+impl State {
+    pub fn new(
+        settings: &StateSettings,
+        max_cache_bytes: u64,
+        metrics: &Metrics,
+        log: tracing::Dispatch,
+    ) -> Self {
+        let redis = match (settings.backend, settings.redis_url.as_deref()) {
+            (StateBackend::Redis, Some(url)) => match RedisState::new(url) {
+                Ok(redis) => Some(Arc::new(redis)),
+                Err(error) => {
+                    // The config check parses the URL first, so this is
+                    // not expected; serving from memory beats not serving.
+                    tracing::dispatcher::with_default(&log, || {
+                        tracing::error!(
+                            event = "state_error",
+                            error = error.as_str(),
+                            "state kept in memory"
+                        );
+                    });
+                    None
+                }
+            },
+            _ => None,
+        };
+        State {
+            memory: Arc::new(MemoryLimiter::default()),
+            budgets: Budgets::default(),
+            cache: ResponseCache::new(max_cache_bytes),
+            redis,
+            deny_on_error: settings.deny_on_error,
+            health: Arc::new(Health {
+                errors: metrics.state_errors.clone(),
+                duration: metrics.state_duration.clone(),
+                log,
+                started: Instant::now(),
+                last_warning: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Whether the state is shared (Redis): its calls are round trips.
+    pub fn is_shared(&self) -> bool {
+        self.redis.is_some()
+    }
+
+    /// `Ok` to go on with memory, `Err` to refuse, after a failure.
+    fn fallback(&self, operation: &str, error: &StateError) -> Result<(), Unavailable> {
+        self.health.failed(operation, error);
+        if self.deny_on_error {
+            Err(Unavailable)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Takes `cost` units from a bucket; the flag tells whether the shared
+    /// backend decided (so its settlement goes there too).
+    pub async fn take(
+        &self,
+        key: &BucketKey,
+        per_minute: u64,
+        cost: u64,
+    ) -> Result<(Decision, bool), Unavailable> {
+        if let Some(redis) = &self.redis {
+            let started = Instant::now();
+            match redis.take(key, per_minute, cost).await {
+                Ok(decision) => {
+                    self.health.observe("take", started);
+                    return Ok((decision, true));
+                }
+                Err(e) => self.fallback("take", &e)?,
+            }
+        }
+        Ok((
+            self.memory.take(key, per_minute, cost, Instant::now()),
+            false,
+        ))
+    }
+
+    /// Moves a bucket by `delta` units, where the units were taken.
+    pub fn adjust(&self, key: &BucketKey, per_minute: u64, delta: i64, shared: bool) {
+        match (&self.redis, shared) {
+            (Some(redis), true) => {
+                let (redis, health, key) = (redis.clone(), self.health.clone(), key.clone());
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    match redis.adjust(&key, per_minute, delta).await {
+                        Ok(()) => health.observe("adjust", started),
+                        Err(e) => health.failed("adjust", &e),
+                    }
+                });
+            }
+            _ => self.memory.adjust(key, per_minute, delta, Instant::now()),
+        }
+    }
+
+    /// One of `max` concurrent slots; `lease` bounds how long a shared one
+    /// outlives a replica that died holding it.
+    pub async fn acquire(
+        &self,
+        key: &BucketKey,
+        max: u64,
+        lease: Duration,
+    ) -> Result<Option<Slot>, Unavailable> {
+        if let Some(redis) = &self.redis {
+            let holder = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+            let started = Instant::now();
+            match redis.acquire(key, max, &holder, lease).await {
+                Ok(got) => {
+                    self.health.observe("acquire", started);
+                    return Ok(got.then(|| {
+                        Slot::Shared(SharedSlot {
+                            redis: redis.clone(),
+                            health: self.health.clone(),
+                            key: key.clone(),
+                            holder,
+                        })
+                    }));
+                }
+                Err(e) => self.fallback("acquire", &e)?,
+            }
+        }
+        Ok(self.memory.acquire(key, max).map(Slot::Memory))
+    }
+
+    /// Today's spend of a scope.
+    pub async fn spent(&self, scope: &BudgetScope) -> Result<f64, Unavailable> {
+        if let Some(redis) = &self.redis {
+            let started = Instant::now();
+            match redis.spent(scope, budget::today().0).await {
+                Ok(spent) => {
+                    self.health.observe("spent", started);
+                    return Ok(spent);
+                }
+                Err(e) => self.fallback("spent", &e)?,
+            }
+        }
+        Ok(self.budgets.spent(scope))
+    }
+
+    /// Adds to today's spend; returns the new spend and the alerts this
+    /// call crossed first (across replicas, with Redis).
+    pub async fn add_spend(
+        &self,
+        scope: &BudgetScope,
+        usd: f64,
+        budget_usd: f64,
+        alert_at: &[f64],
+    ) -> (f64, Vec<Alert>) {
+        if let Some(redis) = &self.redis {
+            let started = Instant::now();
+            match redis
+                .add_spend(scope, budget::today().0, usd, budget_usd, alert_at)
+                .await
+            {
+                Ok((spent, crossed)) => {
+                    self.health.observe("spend", started);
+                    let alerts = crossed
+                        .into_iter()
+                        .map(|threshold| Alert {
+                            threshold,
+                            spent_usd: spent,
+                            budget_usd,
+                        })
+                        .collect();
+                    return (spent, alerts);
+                }
+                // After the fact there is nothing to refuse: the spend is
+                // kept in memory instead.
+                Err(e) => self.health.failed("spend", &e),
+            }
+        }
+        let alerts = self.budgets.add(scope, usd, budget_usd, alert_at);
+        (self.budgets.spent(scope), alerts)
+    }
+
+    /// Today's spend in this replica's memory (the gauge of the memory
+    /// backend).
+    pub fn local_spent(&self, scope: &BudgetScope) -> f64 {
+        self.budgets.spent(scope)
+    }
+
+    /// A fresh stored response. A failing backend is a miss, whatever
+    /// `on_error` says: the cache only ever saves work.
+    pub async fn cache_get(&self, key: &Key) -> Option<Arc<CachedResponse>> {
+        let Some(redis) = &self.redis else {
+            return self.cache.get(key);
+        };
+        let started = Instant::now();
+        match redis.cache_get(key).await {
+            Ok(found) => {
+                self.health.observe("cache_get", started);
+                found.map(Arc::new)
+            }
+            Err(e) => {
+                self.health.failed("cache_get", &e);
+                None
+            }
+        }
+    }
+
+    /// Stores a finished response (in the background with Redis).
+    pub fn cache_put(&self, key: Key, entry: CachedResponse) {
+        if entry.body.len() > self.cache.entry_cap() {
+            return;
+        }
+        let Some(redis) = &self.redis else {
+            self.cache.insert(key, entry);
+            return;
+        };
+        let (redis, health) = (redis.clone(), self.health.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            match redis.cache_put(&key, &entry).await {
+                Ok(()) => health.observe("cache_put", started),
+                Err(e) => health.failed("cache_put", &e),
+            }
+        });
+    }
+
+    /// Leads or joins the fetch of `key` (coalescing is per replica).
+    pub fn cache_join(&self, key: Key) -> Join {
+        self.cache.join(key)
+    }
+
+    pub fn cache_entry_cap(&self) -> usize {
+        self.cache.entry_cap()
+    }
+
+    /// Bytes and entries held by this replica's cache.
+    pub fn cache_usage(&self) -> (u64, u64) {
+        self.cache.usage()
+    }
+}
