@@ -16,6 +16,7 @@ mod limits;
 mod listener;
 mod mock_llm;
 mod proxy;
+mod redis_state;
 mod reload;
 mod shutdown;
 mod streaming;

@@ -5,12 +5,14 @@
 
 pub mod client;
 pub mod gateway;
+pub mod redis;
 pub mod upstream;
 
 use std::time::Duration;
 
 pub use client::{Client, Reply as ClientReply};
 pub use gateway::TestGateway;
+pub use redis::RedisServer;
 pub use upstream::{MockUpstream, Seen, TestPki, UpstreamReply};
 
 /// Polls `check` until it holds, for at most `within`.

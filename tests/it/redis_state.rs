@@ -1,0 +1,327 @@
+//! `state.backend: redis`: two sluice instances sharing one real Redis
+//! share their request and token buckets, budget alerts, cache entries
+//! (JSON and SSE) and concurrency leases; with Redis killed, `allow`
+//! serves from memory and `deny` answers 503, and both recover when Redis
+//! is back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{Client, MockUpstream, RedisServer, TestGateway, UpstreamReply};
+
+const ALICE: (&str, &str) = ("authorization", "Bearer sk-alice-0001");
+
+fn config(upstream: &str, redis: &str, tier: &str, extra: &str) -> String {
+    format!(
+        r#"
+upstreams:
+  llm: {{ url: "{upstream}" }}
+auth:
+  api_keys:
+    - {{ id: alice, key: sk-alice-0001, tier: free }}
+tiers:
+  free: {tier}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    cache: {{ ttl: 10m, scope: shared }}
+    upstream: llm
+pricing:
+  gpt-4o-mini: {{ input: 0.15, output: 0.60 }}
+state: {{ backend: redis, redis_url: "{redis}", on_error: allow }}
+{extra}"#
+    )
+}
+
+fn answer(prompt: u64, completion: u64) -> serde_json::Value {
+    json!({
+        "id": "c", "object": "chat.completion", "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion}
+    })
+}
+
+/// Two replicas of the same config on one Redis.
+async fn pair(yaml: &str) -> (TestGateway, TestGateway) {
+    (
+        TestGateway::start(yaml).await,
+        TestGateway::start(yaml).await,
+    )
+}
+
+fn no_store() -> (&'static str, &'static str) {
+    ("cache-control", "no-store")
+}
+
+#[tokio::test]
+async fn the_request_limit_is_one_across_replicas() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
+    let (a, b) = pair(&config(
+        &upstream.url(),
+        &redis.url(),
+        "{ requests_per_minute: 5 }",
+        "",
+    ))
+    .await;
+    let client = Client::new();
+    let mut remaining = Vec::new();
+    for i in 0..5 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let reply = client
+            .post_json(&gw.url("/v1/x"), &[ALICE, no_store()], "{}")
+            .await;
+        assert_eq!(reply.status, 200, "request {i}");
+        remaining.push(
+            reply
+                .header("x-ratelimit-remaining-requests")
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(remaining, ["4", "3", "2", "1", "0"]);
+    for gw in [&a, &b] {
+        let refused = client
+            .post_json(&gw.url("/v1/x"), &[ALICE, no_store()], "{}")
+            .await;
+        assert_eq!(refused.status, 429);
+        assert!(refused.header("retry-after").is_some());
+    }
+    assert_eq!(upstream.seen().len(), 5);
+    let calls = a
+        .metric(
+            "sluice_state_duration_seconds_count",
+            &[("operation", "take")],
+        )
+        .await
+        .unwrap();
+    assert!(calls >= 3.0, "{calls} timed take calls");
+}
+
+#[tokio::test]
+async fn the_token_bucket_is_shared() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer(10, 150))).await;
+    let (a, b) = pair(&config(
+        &upstream.url(),
+        &redis.url(),
+        "{ tokens_per_minute: 200 }",
+        "",
+    ))
+    .await;
+    let client = Client::new();
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":150,"messages":[]}"#;
+    let first = client
+        .post_json(&a.url("/v1/chat/completions"), &[ALICE, no_store()], body)
+        .await;
+    assert_eq!(first.status, 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = client
+        .post_json(&b.url("/v1/chat/completions"), &[ALICE, no_store()], body)
+        .await;
+    assert_eq!(second.status, 429, "{}", second.text());
+    assert_eq!(second.header("x-ratelimit-limit-tokens"), Some("200"));
+    assert_eq!(
+        b.metric(
+            "sluice_rate_limited_total",
+            &[("route", "chat"), ("limit", "tokens")]
+        )
+        .await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_shared_budget_alert_fires_once() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1000, 500))).await;
+    // Each answer costs 0.00045 USD; the alert is at 0.0005.
+    let (a, b) = pair(&config(
+        &upstream.url(),
+        &redis.url(),
+        "{}",
+        "budget: { daily_usd: 0.001, alert_at: [0.5] }\n",
+    ))
+    .await;
+    let client = Client::new();
+    for gw in [&a, &b, &a, &b] {
+        let reply = client
+            .post_json(&gw.url("/v1/x"), &[ALICE, no_store()], "{}")
+            .await;
+        assert_eq!(reply.status, 200);
+        // Spend is charged after the response: let it land in order.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let alerts = |gw: &TestGateway| {
+        gw.log_lines()
+            .into_iter()
+            .filter(|l| l["message"] == "budget_alert")
+            .count()
+    };
+    assert_eq!(
+        alerts(&a) + alerts(&b),
+        1,
+        "{}\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+    let spent = b
+        .metric("sluice_budget_spent_usd", &[("scope", "global")])
+        .await
+        .unwrap();
+    assert!((spent - 0.0018).abs() < 1e-9, "spent {spent}");
+}
+
+#[tokio::test]
+async fn a_cached_answer_is_a_hit_on_the_other_replica() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::start(|seen| {
+        if seen.body.windows(6).any(|w| w == b"stream") {
+            UpstreamReply::sse(
+                &[
+                    r#"{"choices":[{"index":0,"delta":{"content":"Hel"}}]}"#,
+                    r#"{"choices":[{"index":0,"delta":{"content":"lo"}}]}"#,
+                    "[DONE]",
+                ],
+                Duration::from_millis(20),
+            )
+        } else {
+            UpstreamReply::json(&answer(3, 4))
+        }
+    })
+    .await;
+    let (a, b) = pair(&config(&upstream.url(), &redis.url(), "{}", "")).await;
+    let client = Client::new();
+    for body in [
+        r#"{"model":"gpt-4o-mini","messages":[]}"#,
+        r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+    ] {
+        let first = client
+            .post_json(&a.url("/v1/chat/completions"), &[ALICE], body)
+            .await;
+        assert_eq!(first.header("x-sluice-cache"), Some("MISS"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let other = client
+            .post_json(&b.url("/v1/chat/completions"), &[ALICE], body)
+            .await;
+        assert_eq!(other.header("x-sluice-cache"), Some("HIT"), "{body}");
+        assert_eq!(other.body, first.body, "byte-identical: {body}");
+        assert_eq!(other.header("content-type"), first.header("content-type"));
+        assert!(other.header("age").is_some());
+    }
+    assert_eq!(upstream.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn a_concurrency_lease_is_released_after_a_stream() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::always(UpstreamReply::sse(
+        &["{\"a\":1}", "{\"a\":2}", "[DONE]"],
+        Duration::from_millis(250),
+    ))
+    .await;
+    let (a, b) = pair(&config(
+        &upstream.url(),
+        &redis.url(),
+        "{ concurrent_requests: 1 }",
+        "",
+    ))
+    .await;
+    let a = Arc::new(a);
+    let stream = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            Client::new()
+                .post_json(&a.url("/v1/s"), &[ALICE, no_store()], "{}")
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let client = Client::new();
+    let busy = client
+        .post_json(&b.url("/v1/s"), &[ALICE, no_store()], "{}")
+        .await;
+    assert_eq!(busy.status, 429, "the other replica's slot is held");
+    assert_eq!(stream.await.unwrap().status, 200);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let free = client
+        .post_json(&b.url("/v1/s"), &[ALICE, no_store()], "{}")
+        .await;
+    assert_eq!(free.status, 200, "the lease was released");
+}
+
+#[tokio::test]
+async fn a_killed_redis_is_survived_by_allow_and_refused_by_deny() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
+    let yaml = config(
+        &upstream.url(),
+        &redis.url(),
+        "{ requests_per_minute: 1000 }",
+        "",
+    );
+    let allow = TestGateway::start(&yaml).await;
+    let deny = TestGateway::start(&yaml.replace("on_error: allow", "on_error: deny")).await;
+    let client = Client::new();
+    let call = |gw: &TestGateway| {
+        let url = gw.url("/v1/x");
+        let client = client.clone();
+        async move { client.post_json(&url, &[ALICE, no_store()], "{}").await }
+    };
+    assert_eq!(call(&allow).await.status, 200);
+    assert_eq!(call(&deny).await.status, 200);
+
+    redis.kill();
+    for _ in 0..3 {
+        assert_eq!(call(&allow).await.status, 200, "allow serves from memory");
+        let refused = call(&deny).await;
+        assert_eq!(refused.status, 503);
+        assert_eq!(refused.json()["error"]["code"], "state_unavailable");
+    }
+    for gw in [&allow, &deny] {
+        let errors = gw
+            .metric("sluice_state_errors_total", &[("operation", "take")])
+            .await
+            .unwrap();
+        assert!(errors >= 3.0, "{errors} errors counted");
+        let warnings = gw
+            .log_lines()
+            .into_iter()
+            .filter(|l| l["event"] == "state_error")
+            .count();
+        assert_eq!(warnings, 1, "warned once, not per request");
+        assert!(
+            !gw.log_text().contains(&redis.url()),
+            "the URL is not logged"
+        );
+    }
+
+    redis.restart();
+    let mut recovered = false;
+    for _ in 0..50 {
+        if call(&deny).await.status == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        recovered,
+        "deny serves again once Redis is back, no restart"
+    );
+    assert_eq!(call(&allow).await.status, 200);
+}
