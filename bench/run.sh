@@ -32,6 +32,7 @@ SKIP_SLUICE=${SKIP_SLUICE:-0}            # 1: only direct + nginx (no build need
 FLOOR=${FLOOR:-0}                        # 1: also the bare hyper proxy (examples/hyper_floor.rs)
 AUTH=${AUTH:-0}                          # 1: sluice's route requires an API key; every target gets the header
 CACHE=${CACHE:-0}                        # 1: also sluice serving every request from its response cache (hits)
+REDIS=${REDIS:-0}                        # 1: a request limit on sluice's route, kept in memory and then in Redis
 FLOOR_BIN=${FLOOR_BIN:-target/release/examples/hyper_floor}
 SLUICE_BIN=${SLUICE_BIN:-target/release/sluice}
 OPENLOOP_TOOL=${OPENLOOP_TOOL:-python}   # python (bench/openloop.py) | oha (if installed)
@@ -41,6 +42,7 @@ UP_PORT=18000       # the fast upstream
 NGINX_PORT=18081    # nginx as reverse proxy
 SLUICE_PORT=18080   # sluice proxy listener
 FLOOR_PORT=18082    # the bare hyper proxy (FLOOR=1)
+REDIS_PORT=18379    # redis-server (REDIS=1)
 ADMIN_PORT=19090    # sluice admin (/readyz)
 REQ_PATH=/v1/chat/completions
 BODY='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
@@ -109,6 +111,7 @@ install_tools() {
   command -v taskset >/dev/null || pkgs+=(util-linux)
   command -v pgrep >/dev/null || pkgs+=(procps)
   command -v python3 >/dev/null || pkgs+=(python3)
+  if (( REDIS )); then command -v redis-server >/dev/null || pkgs+=(redis-server); fi
   (( ${#pkgs[@]} || want_nginx )) || return 0
   [[ $(id -u) -eq 0 ]] || die "missing tools (${pkgs[*]} $( ((want_nginx)) && echo nginx)); run as root or install them"
   command -v apt-get >/dev/null || die "missing tools and no apt-get: install wrk, nginx, curl, python3 by hand"
@@ -202,7 +205,7 @@ echo
 
 # ------------------------------------------------------------------- ports --
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in "$UP_PORT" "$NGINX_PORT" "$SLUICE_PORT" "$ADMIN_PORT" "$FLOOR_PORT"; do
+for p in "$UP_PORT" "$NGINX_PORT" "$SLUICE_PORT" "$ADMIN_PORT" "$FLOOR_PORT" "$REDIS_PORT"; do
   ! port_busy "$p" || die "127.0.0.1:$p is already in use (a leftover bench process?)"
 done
 
@@ -304,6 +307,14 @@ routes:
     auth: $ROUTE_AUTH
     upstream: fast
 EOF
+if (( REDIS )); then
+  # A limit too high to refuse anything: every request pays for one
+  # bucket decision, in memory for `sluice` and in Redis for `sluice-redis`.
+  sed -i '$a\    rate_limit: { requests_per_minute: 1000000000 }' "$WORK/sluice.yaml"
+  { cat "$WORK/sluice.yaml"
+    echo "state: { backend: redis, redis_url: \"redis://127.0.0.1:$REDIS_PORT\", on_error: deny }"
+  } >"$WORK/sluice-redis.yaml"
+fi
 
 # nginx >= 1.19.5 takes -e for the startup error log; without it an nginx
 # built with a file default would open /var/log/nginx/error.log first.
@@ -323,11 +334,11 @@ start_nginx() {  # $1 = instance dir, $2 = cpu
   PIDS+=("$LAST_PID")
 }
 
-start_sluice() {
+start_sluice() {  # $1 = config (default: sluice.yaml)
   # Access log lines go to stdout -> /dev/null (formatted, not stored), like
   # a sidecar whose log shipper is fast; stderr is kept for startup errors.
   # TOKIO_WORKER_THREADS=1: one worker thread for the one core it is pinned to.
-  TOKIO_WORKER_THREADS=1 taskset -c "$PROXY_CPU" "$SLUICE_BIN" run --config "$WORK/sluice.yaml" \
+  TOKIO_WORKER_THREADS=1 taskset -c "$PROXY_CPU" "$SLUICE_BIN" run --config "${1:-$WORK/sluice.yaml}" \
     </dev/null >/dev/null 2>"$WORK/sluice.stderr" &
   LAST_PID=$!
   PIDS+=("$LAST_PID")
@@ -475,6 +486,23 @@ if (( ! SKIP_SLUICE )); then
   # Every request after check_target's first is a hit: the same body each time.
   if (( CACHE )); then bench_target sluice-cache-hit "http://127.0.0.1:$SLUICE_PORT/cached$REQ_PATH"; fi
   stop_started "$SLUICE_PID"
+fi
+
+# (c') sluice with its limit in Redis. redis-server is pinned with the load:
+# it stands for a Redis on another machine, not for the proxy's own work.
+if (( REDIS && ! SKIP_SLUICE )); then
+  taskset -c "$LOAD_CPU" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
+    </dev/null >"$WORK/redis.log" 2>&1 &
+  REDIS_PID=$!
+  PIDS+=("$REDIS_PID")
+  for ((i = 0; i < 100; i++)); do port_busy "$REDIS_PORT" && break; sleep 0.1; done
+  start_sluice "$WORK/sluice-redis.yaml"
+  SLUICE_PID=$LAST_PID
+  wait_status "http://127.0.0.1:$ADMIN_PORT/readyz" 200 "$SLUICE_PID" \
+    || { cat "$WORK/sluice.stderr" >&2; die "sluice (redis) did not become ready"; }
+  bench_target sluice-redis "http://127.0.0.1:$SLUICE_PORT$REQ_PATH"
+  stop_started "$SLUICE_PID"
+  stop_started "$REDIS_PID"
 fi
 
 # (d) the bare hyper proxy, for reference
