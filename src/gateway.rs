@@ -77,14 +77,14 @@ impl Active {
             routes: snapshot
                 .routes
                 .iter()
-                .map(|r| metrics.route(&r.name))
+                .map(|r| metrics.route(&r.name, r.cache.is_some()))
                 .collect(),
             upstreams: snapshot
                 .upstreams
                 .iter()
                 .map(|u| metrics.upstream(&u.name))
                 .collect(),
-            unrouted: metrics.route("none"),
+            unrouted: metrics.route("none", false),
             snapshot,
         }
     }

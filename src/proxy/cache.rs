@@ -79,7 +79,7 @@ pub async fn lookup(
     let cacheable_method = matches!(parts.method, Method::GET | Method::HEAD | Method::POST);
     if !cacheable_method || directives.no_store {
         ctx.cache = Some(CacheStatus::Bypass);
-        metrics.cache(CacheStatus::Bypass).inc();
+        metrics.cache_result(CacheStatus::Bypass);
         return Ok(Step::Forward(body));
     }
     let bytes = match body {
@@ -96,9 +96,9 @@ pub async fn lookup(
             if let Some(entry) = gw.state.cache_get(&key).await {
                 ctx.cache = Some(CacheStatus::Hit);
                 ctx.model.clone_from(&entry.model);
-                metrics.cache(CacheStatus::Hit).inc();
+                metrics.cache_result(CacheStatus::Hit);
                 if let Some(saved) = entry.cost_usd {
-                    metrics.cache_saved.inc_by(saved);
+                    metrics.cache_saved(saved);
                 }
                 return Ok(Step::Hit(hit_response(&entry)));
             }
@@ -119,7 +119,7 @@ pub async fn lookup(
         }
     }
     ctx.cache = Some(CacheStatus::Miss);
-    metrics.cache(CacheStatus::Miss).inc();
+    metrics.cache_result(CacheStatus::Miss);
     ctx.cache_fill = Some(Fill::new(key, settings, flight, gw.state.cache_entry_cap()));
     Ok(Step::Forward(RequestBody::Read(bytes)))
 }

@@ -264,14 +264,18 @@ impl Metrics {
 
     /// The children of one route, resolved once per config load so that a
     /// request never hashes label values.
-    pub fn route(&self, route: &str) -> RouteMetrics {
+    /// `cached`: the route has a `cache`, so its cache series exist (at 0
+    /// from the start); other routes have none.
+    pub fn route(&self, route: &str, cached: bool) -> RouteMetrics {
         RouteMetrics {
             duration: self.request_duration.with_label_values(&[route]),
             overhead: self.overhead.with_label_values(&[route]),
             in_flight: self.in_flight.with_label_values(&[route]),
-            cache_results: [CacheStatus::Hit, CacheStatus::Miss, CacheStatus::Bypass]
-                .map(|r| self.cache_requests.with_label_values(&[route, r.label()])),
-            cache_saved: self.cache_saved_usd.with_label_values(&[route]),
+            cache: cached.then(|| RouteCacheMetrics {
+                results: [CacheStatus::Hit, CacheStatus::Miss, CacheStatus::Bypass]
+                    .map(|r| self.cache_requests.with_label_values(&[route, r.label()])),
+                saved_usd: self.cache_saved_usd.with_label_values(&[route]),
+            }),
             models: Arc::new(ArcSwap::from_pointee(HashMap::new())),
             route: Arc::from(route),
         }
@@ -313,9 +317,8 @@ pub struct RouteMetrics {
     pub duration: Histogram,
     pub overhead: Histogram,
     pub in_flight: IntGauge,
-    /// `sluice_cache_requests_total` by result: hit, miss, bypass.
-    cache_results: [IntCounter; 3],
-    pub cache_saved: prometheus::Counter,
+    /// The cache's children, on routes with a `cache`.
+    cache: Option<RouteCacheMetrics>,
     /// Per-model children, resolved on a model's first answer and then
     /// read without locking or label hashing.
     models: Arc<ArcSwap<HashMap<String, Arc<ModelMetrics>>>>,
@@ -357,10 +360,26 @@ impl ModelMetrics {
     }
 }
 
+#[derive(Clone)]
+struct RouteCacheMetrics {
+    /// `sluice_cache_requests_total` by result: hit, miss, bypass.
+    results: [IntCounter; 3],
+    saved_usd: prometheus::Counter,
+}
+
 impl RouteMetrics {
-    /// `sluice_cache_requests_total` of this route for `result`.
-    pub fn cache(&self, result: CacheStatus) -> &IntCounter {
-        &self.cache_results[result as usize]
+    /// Counts a request of this route's cache.
+    pub fn cache_result(&self, result: CacheStatus) {
+        if let Some(cache) = &self.cache {
+            cache.results[result as usize].inc();
+        }
+    }
+
+    /// Adds what a hit saved to `sluice_cache_saved_usd_total`.
+    pub fn cache_saved(&self, usd: f64) {
+        if let Some(cache) = &self.cache {
+            cache.saved_usd.inc_by(usd);
+        }
     }
 
     /// The usage children of `model` on this route.
