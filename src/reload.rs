@@ -68,7 +68,7 @@ impl Reloader {
     /// (SIGHUP: a `${VAR}` or a referenced file may differ).
     pub fn config(&mut self, forced: bool) -> Outcome {
         let text = std::fs::read_to_string(&self.path);
-        let digest = text.as_ref().ok().map(|t| sha256(t.as_bytes()));
+        let digest = text.as_ref().ok().map(|t| content_digest(&[t.as_bytes()]));
         if !forced && digest == self.config_digest {
             return Outcome::Unchanged;
         }
@@ -158,16 +158,43 @@ impl Reloader {
         dirs
     }
 
+    /// Adds watches on the directories not watched yet; a failure is
+    /// warned about, and SIGHUP still works.
+    fn watch(
+        &self,
+        watcher: Option<&mut notify::RecommendedWatcher>,
+        watched: &mut HashSet<PathBuf>,
+    ) {
+        let Some(watcher) = watcher else { return };
+        for dir in self.dirs() {
+            if watched.contains(&dir) {
+                continue;
+            }
+            match watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    watched.insert(dir);
+                }
+                Err(e) => {
+                    let error = format!("cannot watch {}: {e}", dir.display());
+                    self.log(|| tracing::warn!(event = "watch_failed", error = error.as_str()));
+                }
+            }
+        }
+    }
+
     fn log(&self, emit: impl FnOnce()) {
         tracing::dispatcher::with_default(&self.gw.log, emit);
     }
 }
 
 /// Starts reloading on SIGHUP and on file changes, until the gateway's
-/// process ends.
+/// process ends. SIGHUP is handled first and whatever happens to the file
+/// watcher (inotify instances run out on busy nodes): without a watcher,
+/// reload is on SIGHUP only, and a warning says so.
 pub fn spawn(mut reloader: Reloader) -> Result<JoinHandle<()>, String> {
+    let mut hangup = hangup()?;
     let (changed, mut events) = mpsc::channel::<()>(1);
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Reads (ours included) are not changes; a full channel already
         // holds a wake-up.
         if let Ok(event) = event
@@ -175,11 +202,23 @@ pub fn spawn(mut reloader: Reloader) -> Result<JoinHandle<()>, String> {
         {
             let _ = changed.try_send(());
         }
-    })
-    .map_err(|e| format!("cannot watch the config: {e}"))?;
+    });
+    let mut watcher = match watcher {
+        Ok(watcher) => Some(watcher),
+        Err(e) => {
+            let error = e.to_string();
+            reloader.log(|| {
+                tracing::warn!(
+                    event = "watch_failed",
+                    error = error.as_str(),
+                    "file changes are not watched; reload with SIGHUP"
+                );
+            });
+            None
+        }
+    };
     let mut watched = HashSet::new();
-    watch_dirs(&mut watcher, &mut watched, reloader.dirs())?;
-    let mut hangup = hangup()?;
+    reloader.watch(watcher.as_mut(), &mut watched);
     Ok(tokio::spawn(async move {
         loop {
             let forced = tokio::select! {
@@ -189,32 +228,15 @@ pub fn spawn(mut reloader: Reloader) -> Result<JoinHandle<()>, String> {
             };
             tokio::time::sleep(SETTLE).await;
             while events.try_recv().is_ok() {}
-            if let Outcome::Unchanged = reloader.config(forced) {
+            // A rotated certificate counts even when the config in the
+            // same batch was refused.
+            if !matches!(reloader.config(forced), Outcome::Reloaded) {
                 reloader.certs(forced);
             }
             // A reload may have moved the certificate: watch where it is now.
-            if let Err(e) = watch_dirs(&mut watcher, &mut watched, reloader.dirs()) {
-                reloader.log(|| tracing::warn!(event = "watch_failed", error = e.as_str()));
-            }
+            reloader.watch(watcher.as_mut(), &mut watched);
         }
     }))
-}
-
-fn watch_dirs(
-    watcher: &mut notify::RecommendedWatcher,
-    watched: &mut HashSet<PathBuf>,
-    dirs: HashSet<PathBuf>,
-) -> Result<(), String> {
-    for dir in dirs {
-        if watched.contains(&dir) {
-            continue;
-        }
-        watcher
-            .watch(&dir, RecursiveMode::NonRecursive)
-            .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
-        watched.insert(dir);
-    }
-    Ok(())
 }
 
 /// SIGHUP as a stream of wake-ups (never on non-Unix systems).
@@ -253,8 +275,23 @@ fn needs_restart(old: &Snapshot, new: &Snapshot) -> Vec<&'static str> {
     if old.cache.max_bytes != new.cache.max_bytes {
         changed.push("cache.max_bytes");
     }
-    if old.state.backend != new.state.backend {
-        changed.push("state.backend");
+    if old.state.backend != new.state.backend
+        || old.state.redis_url != new.state.redis_url
+        || old.state.deny_on_error != new.state.deny_on_error
+    {
+        changed.push("state");
+    }
+    if old.limits.max_connections != new.limits.max_connections {
+        changed.push("limits.max_connections");
+    }
+    if old.limits.header_read_timeout != new.limits.header_read_timeout {
+        changed.push("limits.header_read_timeout");
+    }
+    if old.limits.shutdown_grace != new.limits.shutdown_grace {
+        changed.push("limits.shutdown_grace");
+    }
+    if old.logging.level != new.logging.level || old.logging.format != new.logging.format {
+        changed.push("logging.level and logging.format");
     }
     changed
 }
@@ -273,15 +310,21 @@ fn tls_digest(files: &TlsFiles) -> Option<Digest32> {
 /// The digest of the files' contents (symlinks followed); `None` when one
 /// cannot be read.
 fn digest_of(paths: &[&Path]) -> Option<Digest32> {
-    let mut hash = Sha256::new();
-    for path in paths {
-        let bytes = std::fs::read(path).ok()?;
-        hash.update((bytes.len() as u64).to_le_bytes());
-        hash.update(&bytes);
-    }
-    Some(hash.finalize().into())
+    let contents = paths
+        .iter()
+        .map(std::fs::read)
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?;
+    let parts: Vec<&[u8]> = contents.iter().map(Vec::as_slice).collect();
+    Some(content_digest(&parts))
 }
 
-fn sha256(bytes: &[u8]) -> Digest32 {
-    Sha256::digest(bytes).into()
+/// One digest over several contents, each length-prefixed.
+fn content_digest(parts: &[&[u8]]) -> Digest32 {
+    let mut hash = Sha256::new();
+    for part in parts {
+        hash.update((part.len() as u64).to_le_bytes());
+        hash.update(part);
+    }
+    hash.finalize().into()
 }

@@ -718,6 +718,16 @@ impl Compiler<'_> {
                 None => default.iter().map(|s| (*s).to_owned()).collect(),
             }
         };
+        let allow_credentials = self.bool(&c.allow_credentials, false);
+        if allow_credentials
+            && c.allow_origins.iter().any(|o| o.value.0.trim() == "*")
+            && let Some(first) = c.allow_origins.first()
+        {
+            self.error(
+                &first.referenced,
+                "cors: allow_origins \"*\" cannot be combined with allow_credentials: true (any site could call with the user's credentials); list the origins",
+            );
+        }
         Cors {
             allow_origins: list(self, &Some(c.allow_origins.clone()), &[]),
             allow_methods: list(self, &c.allow_methods, &["GET", "POST", "OPTIONS"]),
@@ -727,7 +737,7 @@ impl Compiler<'_> {
                 &["authorization", "content-type", "x-api-key", "x-request-id"],
             ),
             max_age: self.opt_duration(&c.max_age),
-            allow_credentials: self.bool(&c.allow_credentials, false),
+            allow_credentials,
         }
     }
 

@@ -249,7 +249,7 @@ pub struct Fill {
     key: Key,
     ttl: Duration,
     /// The lead of the fetch, when other requests may wait on it.
-    _flight: Option<Flight>,
+    flight: Option<Flight>,
     headers: HeaderMap,
     chunks: Vec<Bytes>,
     len: usize,
@@ -272,7 +272,7 @@ impl Fill {
         Fill {
             key,
             ttl: settings.ttl,
-            _flight: flight,
+            flight,
             headers: HeaderMap::new(),
             chunks: Vec::new(),
             len: 0,
@@ -307,20 +307,24 @@ impl Fill {
         }
         self.len += data.len();
         if self.len > self.cap {
+            // Too large to store: the requests waiting on it go now.
             self.overflowed = true;
             self.chunks = Vec::new();
+            self.flight = None;
             return;
         }
         self.chunks.push(data.clone());
     }
 
     /// Stores the response, which ended cleanly.
-    pub fn store(self, state: &State, model: Option<String>, cost_usd: Option<f64>) {
+    pub fn store(mut self, state: &State, model: Option<String>, cost_usd: Option<f64>) {
         if self.overflowed {
             return;
         }
         let body = match self.chunks.as_slice() {
-            [one] => one.clone(),
+            // A copy: a slice would keep the whole read buffer it points
+            // into alive, beyond what the weigher counts.
+            [one] => Bytes::copy_from_slice(one),
             chunks => {
                 let mut whole = BytesMut::with_capacity(self.len);
                 for chunk in chunks {
@@ -339,6 +343,7 @@ impl Fill {
                 cost_usd,
                 ttl: self.ttl,
             },
+            self.flight.take(),
         );
     }
 }

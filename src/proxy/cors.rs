@@ -13,35 +13,51 @@ use crate::snapshot::Cors;
 /// What a browser may read of sluice's own headers besides the safelisted ones.
 const EXPOSE: &str = "x-request-id, x-sluice-cache, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens, retry-after, retry-after-ms";
 
-/// The allowed origin of a request, to echo in `access-control-allow-origin`.
+/// What a request on a `cors` route gets: the allowed origin to echo in
+/// `access-control-allow-origin`, or `None` (no origin, or not allowed).
+/// Either way responses vary by origin.
 #[derive(Debug, Clone)]
 pub struct Allowed {
-    origin: HeaderValue,
+    origin: Option<HeaderValue>,
     credentials: bool,
 }
 
-/// The request's origin, when `cors` allows it.
-pub fn allowed(cors: &Cors, headers: &HeaderMap) -> Option<Allowed> {
-    let origin = headers.get(header::ORIGIN)?;
-    let text = origin.to_str().ok()?;
+impl Allowed {
+    pub fn is_allowed(&self) -> bool {
+        self.origin.is_some()
+    }
+}
+
+/// The request's origin, as `cors` judges it.
+pub fn allowed(cors: &Cors, headers: &HeaderMap) -> Allowed {
+    let refused = Allowed {
+        origin: None,
+        credentials: false,
+    };
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return refused;
+    };
+    let Ok(text) = origin.to_str() else {
+        return refused;
+    };
     let any = cors.allow_origins.iter().any(|o| o == "*");
     let listed = cors
         .allow_origins
         .iter()
         .any(|o| o.eq_ignore_ascii_case(text));
     if !(any || listed) {
-        return None;
+        return refused;
     }
-    // `*` cannot be sent with credentials: the origin itself is echoed.
-    let origin = if any && !listed && !cors.allow_credentials {
-        HeaderValue::from_static("*")
-    } else {
+    // The config refuses `*` with credentials, so `*` is sent as it is.
+    let origin = if listed {
         origin.clone()
+    } else {
+        HeaderValue::from_static("*")
     };
-    Some(Allowed {
-        origin,
+    Allowed {
+        origin: Some(origin),
         credentials: cors.allow_credentials,
-    })
+    }
 }
 
 /// Whether a request is a CORS preflight rather than an API call.
@@ -83,7 +99,11 @@ pub fn preflight(cors: &Cors, allowed: bool) -> Response<BoxBody> {
 
 /// Adds the headers that let the browser hand the response to the page.
 pub fn decorate(allowed: Allowed, headers: &mut HeaderMap) {
-    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed.origin);
+    headers.append(header::VARY, HeaderValue::from_static("origin"));
+    let Some(origin) = allowed.origin else {
+        return;
+    };
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
     if allowed.credentials {
         headers.insert(
             header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
@@ -94,5 +114,4 @@ pub fn decorate(allowed: Allowed, headers: &mut HeaderMap) {
         header::ACCESS_CONTROL_EXPOSE_HEADERS,
         HeaderValue::from_static(EXPOSE),
     );
-    headers.append(header::VARY, HeaderValue::from_static("origin"));
 }

@@ -99,6 +99,11 @@ pub fn from_client(headers: &mut HeaderMap, ctx: &RequestCtx, strip_credentials:
         headers.remove(header::AUTHORIZATION);
         headers.remove(X_API_KEY);
     }
+    // sluice reads answers as they pass (usage, the cache, the body log),
+    // so it asks upstreams for them uncompressed; a compressed answer
+    // would be metered as nothing and replayed from the cache to clients
+    // that never asked for that encoding.
+    headers.remove(header::ACCEPT_ENCODING);
     // One buffer, handed to the header without a copy.
     let mut xff = String::with_capacity(48);
     if let Some(prior) = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok())

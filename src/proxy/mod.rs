@@ -113,9 +113,12 @@ async fn process(
     // Decremented by the tap when the response ends, streams included.
     active.route_metrics(ctx.route_index).in_flight.inc();
     if let Some(rules) = &route.cors {
-        ctx.cors = cors::allowed(rules, req.headers());
-        if cors::is_preflight(req.method(), req.headers()) {
-            return Ok(cors::preflight(rules, ctx.cors.is_some()));
+        let allowed = cors::allowed(rules, req.headers());
+        let preflight = cors::is_preflight(req.method(), req.headers());
+        let answer = preflight.then(|| cors::preflight(rules, allowed.is_allowed()));
+        ctx.cors = Some(allowed);
+        if let Some(answer) = answer {
+            return Ok(answer);
         }
     }
     if let Err(e) = auth::identify(snap, active.jwks.as_deref(), route, req.headers(), ctx).await {

@@ -22,7 +22,7 @@ pub fn select<'s>(
             continue;
         }
         // A CORS route takes its preflights whatever its methods.
-        let preflight = route.cors.is_some() && method == Method::OPTIONS;
+        let preflight = route.cors.is_some() && super::cors::is_preflight(method, headers);
         if route.methods.is_empty() || route.methods.contains(method) || preflight {
             return Ok((index, route));
         }

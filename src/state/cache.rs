@@ -97,6 +97,17 @@ impl moka::Expiry<Key, Arc<CachedResponse>> for TtlExpiry {
     ) -> Option<Duration> {
         Some(value.ttl)
     }
+
+    /// A replaced entry (a `no-cache` refresh) lives its own full TTL.
+    fn expire_after_update(
+        &self,
+        _key: &Key,
+        value: &Arc<CachedResponse>,
+        _updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
 }
 
 impl ResponseCache {

@@ -61,11 +61,14 @@ return {1, ahead, 0}
 const ADJUST: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local delta = tonumber(ARGV[2])
 local current = redis.call('GET', KEYS[1])
-if not current then return 0 end
-local tat = tonumber(current)
+-- An expired bucket still owes usage beyond its estimate; nothing to
+-- give back to it, though.
+if not current and delta <= 0 then return 0 end
+local tat = tonumber(current or now)
 if tat < now then tat = now end
-tat = tat + tonumber(ARGV[1]) * tonumber(ARGV[2])
+tat = tat + tonumber(ARGV[1]) * delta
 if tat < now then tat = now end
 redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
 return 1
@@ -143,6 +146,9 @@ impl RedisState {
         let per_minute = per_minute.max(1);
         let window = micros(WINDOW);
         let interval = (window / per_minute).max(1);
+        // More than the whole window is refused anyway; clamping keeps the
+        // script's arithmetic far from the edges of Redis integers.
+        let cost = cost.min(per_minute.saturating_add(1));
         let mut conn = self.conn.clone();
         let mut call = self.take.key(bucket_key(key));
         call.arg(interval).arg(cost).arg(window);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use prometheus::{HistogramVec, IntCounterVec};
 
 use super::budget::{self, Alert, BudgetScope, Budgets};
-use super::cache::{CachedResponse, Join, Key, ResponseCache};
+use super::cache::{CachedResponse, Flight, Join, Key, ResponseCache};
 use super::limiter::{BucketKey, Decision, MemoryLimiter, MemorySlot};
 use super::redis::{RedisState, StateError};
 use crate::snapshot::{StateBackend, StateSettings};
@@ -318,13 +318,16 @@ impl State {
         }
     }
 
-    /// Stores a finished response (in the background with Redis).
-    pub fn cache_put(&self, key: Key, entry: CachedResponse) {
+    /// Stores a finished response (in the background with Redis). The
+    /// fetch's `flight` is released once the entry can be read, so the
+    /// requests waiting on it find it rather than calling the upstream.
+    pub fn cache_put(&self, key: Key, entry: CachedResponse, flight: Option<Flight>) {
         if entry.body.len() > self.cache.entry_cap() {
             return;
         }
         let Some(redis) = &self.redis else {
             self.cache.insert(key, entry);
+            drop(flight);
             return;
         };
         let (redis, health) = (redis.clone(), self.health.clone());
@@ -334,6 +337,7 @@ impl State {
                 Ok(()) => health.observe("cache_put", started),
                 Err(e) => health.failed("cache_put", &e),
             }
+            drop(flight);
         });
     }
 

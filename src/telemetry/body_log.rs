@@ -8,17 +8,25 @@ pub const LIMIT: usize = 4096;
 
 const MASK: &str = "***";
 
-/// JSON field names whose string values are never logged, matched as
-/// lower-cased substrings of the name (`client_secret`, `apiKey`…).
-const SECRET_FIELDS: [&str; 7] = [
+/// Names of secret fields, matched as lower-cased substrings of the name
+/// (`client_secret`, `apiKey`…). `token` counts too, but not `tokens`:
+/// `max_tokens` and `prompt_tokens` are counts, not credentials.
+const SECRET_NAMES: [&str; 8] = [
     "api_key",
     "apikey",
     "api-key",
     "password",
+    "passwd",
     "secret",
     "authorization",
-    "token",
+    "credential",
 ];
+
+fn is_secret_name(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    SECRET_NAMES.iter().any(|n| lower.contains(n))
+        || (lower.contains("token") && !lower.contains("tokens"))
+}
 
 /// The first [`LIMIT`] bytes of a body as it goes by.
 #[derive(Debug, Default)]
@@ -44,11 +52,12 @@ impl BodyLog {
     }
 }
 
-/// A body's text with credentials masked: the string values of secret
-/// JSON fields (also in a body cut short mid-value), bearer tokens and
-/// `sk-` style keys anywhere.
+/// A body's text with credentials masked: the values of secret JSON
+/// fields whatever their type (also in a body cut short mid-value),
+/// `name=value` and `name: value` pairs with a secret name (form bodies,
+/// JSON escaped inside a string), bearer tokens and `sk-` style keys.
 pub fn mask(text: &str) -> String {
-    mask_patterns(&mask_fields(text))
+    mask_pairs(&mask_patterns(&mask_fields(text)))
 }
 
 fn mask_fields(text: &str) -> String {
@@ -61,33 +70,110 @@ fn mask_fields(text: &str) -> String {
             i += 1;
             continue;
         }
-        let key_end = string_end(bytes, i);
-        let Some(key_end) = key_end else { break };
-        let key = &text[i + 1..key_end];
+        let Some(key_end) = string_end(bytes, i) else {
+            break;
+        };
         let mut j = skip_space(bytes, key_end + 1);
-        let is_key = bytes.get(j) == Some(&b':');
-        if !is_key {
+        if bytes.get(j) != Some(&b':') {
             i = key_end + 1;
             continue;
         }
         j = skip_space(bytes, j + 1);
-        let lower = key.to_ascii_lowercase();
-        if bytes.get(j) == Some(&b'"') && SECRET_FIELDS.iter().any(|f| lower.contains(f)) {
-            out.push_str(&text[copied..=j]);
-            out.push_str(MASK);
-            match string_end(bytes, j) {
-                Some(value_end) => {
-                    copied = value_end;
-                    i = value_end + 1;
-                }
-                None => {
-                    // Cut short inside the secret: nothing more of it shows.
-                    return out;
-                }
-            }
-        } else {
+        if !is_secret_name(&text[i + 1..key_end]) {
             i = j;
+            continue;
         }
+        out.push_str(&text[copied..j]);
+        out.push('"');
+        out.push_str(MASK);
+        out.push('"');
+        match value_end(bytes, j) {
+            Some(end) => {
+                copied = end;
+                i = end;
+            }
+            // Cut short inside the secret: nothing more of it shows.
+            None => return out,
+        }
+    }
+    out.push_str(&text[copied..]);
+    out
+}
+
+/// Where the JSON value starting at `start` ends (exclusive); `None` when
+/// the text ends first.
+fn value_end(bytes: &[u8], start: usize) -> Option<usize> {
+    match bytes.get(start)? {
+        b'"' => string_end(bytes, start).map(|end| end + 1),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut i = start;
+            while i < bytes.len() {
+                match bytes[i] {
+                    b'"' => i = string_end(bytes, i)?,
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(i + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+            None
+        }
+        _ => {
+            let len = bytes[start..]
+                .iter()
+                .take_while(|b| !matches!(b, b',' | b'}' | b']') && !b.is_ascii_whitespace())
+                .count();
+            Some(start + len)
+        }
+    }
+}
+
+/// Masks the value after `name=`, `name:` (also `\"name\":\"value\"`)
+/// for secret names, up to the next delimiter.
+fn mask_pairs(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let is_name = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.');
+    let mut out = String::with_capacity(text.len());
+    let mut copied = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        if !is_name(bytes[i]) || (i > 0 && is_name(bytes[i - 1])) {
+            i += 1;
+            continue;
+        }
+        let name_end = i + bytes[i..].iter().take_while(|b| is_name(**b)).count();
+        let mut j = name_end;
+        while matches!(bytes.get(j), Some(b'"' | b'\\')) {
+            j += 1;
+        }
+        j = skip_space(bytes, j);
+        if !matches!(bytes.get(j), Some(b':' | b'=')) || !is_secret_name(&text[i..name_end]) {
+            i = name_end;
+            continue;
+        }
+        j = skip_space(bytes, j + 1);
+        while matches!(bytes.get(j), Some(b'"' | b'\\')) {
+            j += 1;
+        }
+        let run = bytes[j..]
+            .iter()
+            .take_while(|b| {
+                !matches!(b, b'"' | b'\\' | b'&' | b',' | b'}' | b']' | b';')
+                    && !b.is_ascii_whitespace()
+            })
+            .count();
+        if run > 0 && &text[j..j + run] != MASK {
+            out.push_str(&text[copied..j]);
+            out.push_str(MASK);
+            copied = j + run;
+        }
+        i = j + run.max(1);
     }
     out.push_str(&text[copied..]);
     out
@@ -168,10 +254,32 @@ mod tests {
     }
 
     #[test]
+    fn secrets_of_any_type_and_shape_are_masked() {
+        assert_eq!(
+            mask(r#"{"api_keys":["k1","k2"],"secret":{"v":"x"},"pin_token":1234,"max_tokens":50}"#),
+            r#"{"api_keys":"***","secret":"***","pin_token":"***","max_tokens":50}"#
+        );
+        assert_eq!(
+            mask("user=bob&password=hunter2&client_secret=s%3Dx&keep=1"),
+            "user=bob&password=***&client_secret=***&keep=1"
+        );
+        assert_eq!(
+            mask(r#"{"arguments":"{\"password\":\"hunter2\",\"n\":1}"}"#),
+            r#"{"arguments":"{\"password\":\"***\",\"n\":1}"}"#
+        );
+        assert_eq!(
+            mask("my password is safe, password: hunter2 ok"),
+            "my password is safe, password: *** ok"
+        );
+        // Multi-byte text around secrets is never cut inside a character.
+        assert_eq!(mask("é password=ü€ é"), "é password=*** é");
+    }
+
+    #[test]
     fn a_secret_cut_short_is_hidden() {
         assert_eq!(
             mask(r#"{"a":"b","token":"abcdef"#),
-            r#"{"a":"b","token":"***"#
+            r#"{"a":"b","token":"***""#
         );
     }
 

@@ -155,3 +155,43 @@ async fn a_wildcard_allows_any_origin_and_routes_without_cors_say_nothing() {
     assert_eq!(plain.header("access-control-allow-origin"), None);
     assert!(upstream.seen().is_empty());
 }
+
+#[tokio::test]
+async fn a_wildcard_with_credentials_is_a_config_error() {
+    let yaml = r#"
+upstreams: { app: { mock: {} } }
+routes:
+  - name: open
+    match: { path_prefix: / }
+    auth: none
+    cors: { allow_origins: ["*"], allow_credentials: true }
+    upstream: app
+"#;
+    let err = sluice::config::load_str(yaml, "t.yaml", std::path::Path::new("."), &|_| None)
+        .expect_err("refused");
+    assert!(
+        err.to_string()
+            .contains("cannot be combined with allow_credentials"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_plain_options_request_is_not_taken_for_a_preflight() {
+    let (gw, upstream) = start().await;
+    // No access-control-request-method: an API call. The chat route allows
+    // only POST, so the catch-all `plain` route (auth required) takes it.
+    let reply = Client::new()
+        .request(
+            Request::builder()
+                .method(Method::OPTIONS)
+                .uri(gw.url("/v1/chat/completions"))
+                .header("origin", "https://app.example.com")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(reply.header("access-control-allow-origin"), None);
+    assert!(upstream.seen().is_empty());
+}

@@ -129,6 +129,7 @@ async fn hop_by_hop_credentials_and_sluice_headers_never_cross() {
                 ("x-sluice-identity", "admin"),
                 ("x-forwarded-for", "10.0.0.9"),
                 ("x-custom", "kept"),
+                ("accept-encoding", "gzip, br"),
             ],
             Bytes::new(),
         )
@@ -155,6 +156,11 @@ async fn hop_by_hop_credentials_and_sluice_headers_never_cross() {
         "set_headers must replace the client's credential"
     );
     assert_eq!(seen.header("x-custom"), Some("kept"));
+    assert_eq!(
+        seen.header("accept-encoding"),
+        None,
+        "sluice reads answers: it asks for them uncompressed"
+    );
     assert_eq!(seen.header("x-forwarded-for"), Some("10.0.0.9, 127.0.0.1"));
     assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
     assert_eq!(

@@ -325,3 +325,60 @@ async fn a_killed_redis_is_survived_by_allow_and_refused_by_deny() {
     );
     assert_eq!(call(&allow).await.status, 200);
 }
+
+#[tokio::test]
+async fn identical_requests_on_one_replica_make_one_upstream_call() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream =
+        MockUpstream::always(UpstreamReply::json(&answer(3, 4)).delay(Duration::from_millis(200)))
+            .await;
+    let gw = Arc::new(TestGateway::start(&config(&upstream.url(), &redis.url(), "{}", "")).await);
+    let calls = (0..10).map(|_| {
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            Client::new()
+                .post_json(&gw.url("/v1/chat/completions"), &[ALICE], "{\"q\":1}")
+                .await
+        })
+    });
+    for reply in futures_util::future::join_all(calls).await {
+        assert_eq!(reply.unwrap().status, 200);
+    }
+    // The waiters were released only once the entry was in Redis.
+    assert_eq!(upstream.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn usage_beyond_the_estimate_is_charged_after_a_long_stream() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    // 6000 tokens a minute: a 10-token estimate keeps the bucket key alive
+    // for about 1.1 s; the stream lasts longer and reports 7000 tokens.
+    let upstream = MockUpstream::always(UpstreamReply::sse(
+        &[
+            r#"{"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"a"}}]}"#,
+            r#"{"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"b"},"finish_reason":"stop"}]}"#,
+            r#"{"model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":10,"completion_tokens":6990}}"#,
+        ],
+        Duration::from_millis(700),
+    ))
+    .await;
+    let gw = TestGateway::start(&config(
+        &upstream.url(),
+        &redis.url(),
+        "{ tokens_per_minute: 6000 }",
+        "",
+    ))
+    .await;
+    let client = Client::new();
+    let body = r#"{"stream":true,"stream_options":{"include_usage":true}}"#;
+    let url = gw.url("/v1/chat/completions");
+    let first = client.post_json(&url, &[ALICE, no_store()], body).await;
+    assert_eq!(first.status, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = client.post_json(&url, &[ALICE, no_store()], body).await;
+    assert_eq!(second.status, 429, "the 7000 tokens used were charged");
+}
