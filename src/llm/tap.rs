@@ -149,8 +149,11 @@ impl Tap {
         if let Some(log) = self.body_log.take() {
             ctx.response_body = Some(log.render());
         }
+        let mut stream_error = false;
         if let Some(meter) = self.meter.take() {
-            record_usage(&gw, &active, &mut ctx, meter.finish());
+            let usage = meter.finish();
+            stream_error = usage.stream_error;
+            record_usage(&gw, &active, &mut ctx, usage);
         }
         if !ctx.reservations.is_empty() {
             limit::settle(&gw.state, &mut ctx);
@@ -158,6 +161,7 @@ impl Tap {
         // Stored only when complete; dropped unstored, it releases waiters.
         if let Some(fill) = self.fill.take()
             && ctx.error.is_none()
+            && !stream_error
         {
             fill.store(&gw.state, ctx.model.clone(), ctx.cost_usd);
         }

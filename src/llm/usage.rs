@@ -20,6 +20,9 @@ pub struct Usage {
     pub input_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
     pub finish_reason: Option<String>,
+    /// A stream carried an error event (it may still end normally): not
+    /// an answer to keep in the cache.
+    pub stream_error: bool,
 }
 
 /// Observes one response body.
@@ -106,11 +109,18 @@ fn from_json_body(body: &[u8]) -> Usage {
             .into_iter()
             .find_map(|c| c.finish_reason)
             .or(answer.stop_reason),
+        stream_error: false,
     }
 }
 
 /// Folds one JSON object (a whole body or one stream event) into `usage`.
 fn absorb(usage: &mut Usage, json: &Value) {
+    // OpenAI's `{"error": {...}}`, Anthropic's `{"type": "error", ...}`.
+    if json.get("error").is_some_and(|e| !e.is_null())
+        || json.get("type").and_then(Value::as_str) == Some("error")
+    {
+        usage.stream_error = true;
+    }
     // Anthropic streams wrap the message in `message_start`, the OpenAI
     // responses API its answer in `response.completed`.
     let body = json
@@ -165,8 +175,17 @@ mod tests {
                 input_tokens: Some(5),
                 output_tokens: Some(9),
                 finish_reason: Some("stop".into()),
+                stream_error: false,
             }
         );
+    }
+
+    #[test]
+    fn an_error_event_marks_the_stream() {
+        let mut m = Meter::for_content_type(b"text/event-stream").unwrap();
+        m.observe(b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n");
+        m.observe(b"data: {\"error\":{\"message\":\"overloaded\"}}\n\ndata: [DONE]\n\n");
+        assert!(m.finish().stream_error);
     }
 
     #[test]

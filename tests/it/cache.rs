@@ -442,3 +442,26 @@ async fn a_hit_still_counts_against_request_limits() {
     assert_eq!(statuses[2].status, 429);
     assert_eq!(upstream.seen().len(), 1);
 }
+
+#[tokio::test]
+async fn a_stream_that_carried_an_error_event_is_not_stored() {
+    let reply = UpstreamReply::sse(
+        &[
+            r#"{"choices":[{"index":0,"delta":{"content":"Hel"}}]}"#,
+            r#"{"error":{"message":"the model is overloaded","type":"server_error"}}"#,
+            "[DONE]",
+        ],
+        Duration::from_millis(10),
+    );
+    let (gw, upstream) = start("{ ttl: 10m }", reply).await;
+    let client = Client::new();
+    let body =
+        r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
+    for _ in 0..2 {
+        let reply = client
+            .post_json(&gw.url("/v1/chat/completions"), &[ALICE], body)
+            .await;
+        assert_eq!(reply.header("x-sluice-cache"), Some("MISS"));
+    }
+    assert_eq!(upstream.seen().len(), 2);
+}
