@@ -76,6 +76,15 @@ def main() -> int:
             assert text == reply.choices[0].message.content, (expected, text)
             assert usage is not None and usage.completion_tokens == 9, (expected, usage)
 
+        # The demo route validates: the SDK surfaces sluice's 400 with the
+        # field to blame, and nothing reaches the mock.
+        try:
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "robot", "content": "hi"}])
+            raise AssertionError("a malformed request was accepted")
+        except openai.BadRequestError as e:
+            assert e.status_code == 400 and e.code == "invalid_request", e
+            assert e.param == "messages[0].role", e.param
+
         models = [m.id for m in client.models.list()]
         assert "gpt-4o-mini" in models, models
 
@@ -86,7 +95,7 @@ def main() -> int:
         except openai.AuthenticationError as e:
             assert e.status_code == 401 and e.code == "invalid_api_key", e
 
-        print("openai SDK check ok: chat, cache hit, stream with usage and its replay, models, 401")
+        print("openai SDK check ok: chat, cache hit, stream with usage and its replay, 400 with param, models, 401")
         return 0
     finally:
         proc.terminate()
