@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::ctx::{IdentityId, RequestCtx};
 use super::error::ProxyError;
-use super::forward::{self, RequestBody};
+use super::forward::RequestBody;
 use crate::body::{self, BoxBody};
 use crate::gateway::{Active, Gateway};
 use crate::snapshot::{CacheScope, Route, RouteCache};
@@ -82,12 +82,9 @@ pub async fn lookup(
         metrics.cache_result(CacheStatus::Bypass);
         return Ok(Step::Forward(body));
     }
-    let bytes = match body {
-        RequestBody::Read(bytes) => bytes,
-        RequestBody::Streaming(body) => {
-            forward::read_body(body, active.snapshot.limits.max_request_body).await?
-        }
-    };
+    let bytes = body
+        .into_bytes(active.snapshot.limits.max_request_body)
+        .await?;
     let key = key(route, settings, parts, ctx, &bytes);
     let deadline = ctx.started + active.snapshot.limits.request_timeout;
     let mut flight = None;

@@ -43,8 +43,19 @@ const TIMED_OUT: AttemptFailure = AttemptFailure {
 pub enum RequestBody {
     /// Not read yet: it may stream straight through.
     Streaming(Incoming),
-    /// Read whole already (the cache key needed it).
+    /// Read whole already (validation, the body log or the cache key
+    /// needed it).
     Read(Bytes),
+}
+
+impl RequestBody {
+    /// The whole body, read now (bounded by `limit`) unless it was already.
+    pub async fn into_bytes(self, limit: u64) -> Result<Bytes, ProxyError> {
+        match self {
+            RequestBody::Read(bytes) => Ok(bytes),
+            RequestBody::Streaming(body) => read_body(body, limit).await,
+        }
+    }
 }
 
 pub async fn send(
@@ -68,8 +79,7 @@ pub async fn send(
         (Target::Upstream(index), false, false, RequestBody::Streaming(body)) => {
             return stream_through(active, index, ctx, parts, body, max_body).await;
         }
-        (.., RequestBody::Streaming(body)) => read_body(body, max_body).await?,
-        (.., RequestBody::Read(bytes)) => bytes,
+        (.., body) => body.into_bytes(max_body).await?,
     };
     if chat && let Some(asked) = sse::ask_for_usage(&body) {
         // Usage is asked for upstream and its chunk removed before the

@@ -136,13 +136,8 @@ async fn process(
     let mut body = validate::check_body(&route.validate, &parts, body, max_body).await?;
     if snap.logging.log_bodies {
         // A debug aid: the request body is read whole (bounded) to log it.
-        let bytes = match body {
-            forward::RequestBody::Read(bytes) => bytes,
-            forward::RequestBody::Streaming(body) => forward::read_body(body, max_body).await?,
-        };
-        let mut log = BodyLog::default();
-        log.push(&bytes);
-        ctx.request_body = Some(log.render());
+        let bytes = body.into_bytes(max_body).await?;
+        ctx.request_body = Some(BodyLog::of(&bytes).render());
         body = forward::RequestBody::Read(bytes);
     }
     limit::admit(snap, &gw.state, &gw.metrics, route, ctx).await?;

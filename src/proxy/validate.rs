@@ -48,11 +48,14 @@ pub async fn check_body(
     body: Incoming,
     max_body: u64,
 ) -> Result<RequestBody, ProxyError> {
-    let endpoint = Endpoint::of(parts.uri.path());
-    let applies = match validate {
-        Validate::None => false,
-        Validate::OpenAi => endpoint.is_some(),
-        Validate::Schema(_) => true,
+    // Routes without `validate` (most) decide without looking at the path.
+    let (applies, endpoint) = match validate {
+        Validate::None => (false, None),
+        Validate::OpenAi => {
+            let endpoint = Endpoint::of(parts.uri.path());
+            (endpoint.is_some(), endpoint)
+        }
+        Validate::Schema(_) => (true, None),
     };
     let has_body = matches!(
         parts.method,

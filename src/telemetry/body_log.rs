@@ -36,6 +36,13 @@ pub struct BodyLog {
 }
 
 impl BodyLog {
+    /// The log of a body already read whole.
+    pub fn of(body: &[u8]) -> Self {
+        let mut log = BodyLog::default();
+        log.push(body);
+        log
+    }
+
     pub fn push(&mut self, data: &[u8]) {
         self.total += data.len();
         let room = LIMIT.saturating_sub(self.head.len());
