@@ -195,14 +195,7 @@ impl Gateway {
             && let Some(limit) = self.active().snapshot.budget.daily_usd
         {
             let spent = self.state.local_spent(&BudgetScope::Global);
-            self.metrics
-                .budget_spent
-                .with_label_values(&["global"])
-                .set(spent);
-            self.metrics
-                .budget_limit
-                .with_label_values(&["global"])
-                .set(limit);
+            self.metrics.set_global_budget(spent, limit);
         }
         self.metrics.render()
     }

@@ -22,13 +22,8 @@ pub fn charge(gw: &Arc<Gateway>, active: &Arc<Active>, identity: Option<&Identit
             .tier
             .as_ref()
             .and_then(|t| snap.tiers.get_key_value(t))?;
-        // Per-identity spend is not a metric label (unbounded); its alerts
-        // count under the tier.
-        Some((
-            format!("tier:{tier_name}"),
-            identity.id.clone(),
-            tier.daily_budget_usd?,
-        ))
+        let budget = tier.daily_budget_usd?;
+        Some((tier_name.clone(), identity.id.clone(), budget))
     });
     if global.is_none() && own.is_none() {
         return;
@@ -47,7 +42,7 @@ async fn charge_scopes(
     gw: Arc<Gateway>,
     active: Arc<Active>,
     global: Option<f64>,
-    own: Option<(String, IdentityId, f64)>,
+    own: Option<(Arc<str>, IdentityId, f64)>,
     cost: f64,
 ) {
     let snap = &active.snapshot;
@@ -58,21 +53,18 @@ async fn charge_scopes(
             .add_spend(&BudgetScope::Global, cost, limit, alert_at)
             .await;
         raise(&gw, snap, "global", alerts);
-        gw.metrics
-            .budget_spent
-            .with_label_values(&["global"])
-            .set(spent);
-        gw.metrics
-            .budget_limit
-            .with_label_values(&["global"])
-            .set(limit);
+        gw.metrics.set_global_budget(spent, limit);
     }
-    if let Some((scope, id, budget)) = own {
+    if let Some((tier, id, budget)) = own {
         let (_, alerts) = gw
             .state
             .add_spend(&BudgetScope::Identity(id), cost, budget, alert_at)
             .await;
-        raise(&gw, snap, &scope, alerts);
+        if !alerts.is_empty() {
+            // Per-identity spend is not a metric label (unbounded); its
+            // alerts count under the tier.
+            raise(&gw, snap, &format!("tier:{tier}"), alerts);
+        }
     }
 }
 

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use prometheus::core::Collector;
 use prometheus::{
     CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -30,6 +31,19 @@ pub const OVERHEAD_BUCKETS: [f64; 20] = [
 pub const STATE_BUCKETS: [f64; 12] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 ];
+
+/// Registers a family built from static definitions: neither step can
+/// fail unless the code itself is wrong.
+fn register<C: Collector + Clone + 'static>(
+    registry: &Registry,
+    built: prometheus::Result<C>,
+) -> C {
+    let metric = built.expect("static metric definition is valid");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each family is registered once");
+    metric
+}
 
 /// The metric families. Label sets are bounded: route, upstream and pool
 /// names come from the config, statuses and outcomes from small sets.
@@ -68,69 +82,35 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)
-                .expect("static metric definition is valid");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("each family is registered once");
-            c
+            register(&registry, IntCounterVec::new(Opts::new(name, help), labels))
         };
         let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
-            let h = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-                labels,
-            )
-            .expect("static metric definition is valid");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("each family is registered once");
-            h
+            let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+            register(&registry, HistogramVec::new(opts, labels))
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
-            let g = IntGaugeVec::new(Opts::new(name, help), labels)
-                .expect("static metric definition is valid");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("each family is registered once");
-            g
+            register(&registry, IntGaugeVec::new(Opts::new(name, help), labels))
         };
-        let cost_usd = CounterVec::new(
-            Opts::new(
-                "sluice_cost_usd_total",
-                "Spend in USD: tokens times the pricing of the model.",
-            ),
-            &["route", "model"],
-        )
-        .expect("static metric definition is valid");
-        registry
-            .register(Box::new(cost_usd.clone()))
-            .expect("each family is registered once");
-        let cache_saved_usd = CounterVec::new(
-            Opts::new(
-                "sluice_cache_saved_usd_total",
-                "What cache hits saved in USD: the cost of the upstream call each hit replaced.",
-            ),
-            &["route"],
-        )
-        .expect("static metric definition is valid");
-        registry
-            .register(Box::new(cache_saved_usd.clone()))
-            .expect("each family is registered once");
-        let plain_gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("static metric definition is valid");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("each family is registered once");
-            g
+        let usd_counter = |name: &str, help: &str, labels: &[&str]| {
+            register(&registry, CounterVec::new(Opts::new(name, help), labels))
         };
+        let plain_gauge = |name: &str, help: &str| register(&registry, IntGauge::new(name, help));
         let float_gauge = |name: &str, help: &str| {
-            let g = prometheus::GaugeVec::new(Opts::new(name, help), &["scope"])
-                .expect("static metric definition is valid");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("each family is registered once");
-            g
+            register(
+                &registry,
+                prometheus::GaugeVec::new(Opts::new(name, help), &["scope"]),
+            )
         };
+        let cost_usd = usd_counter(
+            "sluice_cost_usd_total",
+            "Spend in USD: tokens times the pricing of the model.",
+            &["route", "model"],
+        );
+        let cache_saved_usd = usd_counter(
+            "sluice_cache_saved_usd_total",
+            "What cache hits saved in USD: the cost of the upstream call each hit replaced.",
+            &["route"],
+        );
         let metrics = Metrics {
             cost_usd,
             cache_saved_usd,
@@ -293,6 +273,12 @@ impl Metrics {
                     .with_label_values(&[upstream, o.label()])
             }),
         }
+    }
+
+    /// The global budget's gauges.
+    pub fn set_global_budget(&self, spent: f64, limit: f64) {
+        self.budget_spent.with_label_values(&["global"]).set(spent);
+        self.budget_limit.with_label_values(&["global"]).set(limit);
     }
 
     /// The Prometheus text exposition of every family.
