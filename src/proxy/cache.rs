@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use super::ctx::{IdentityId, RequestCtx};
 use super::error::ProxyError;
 use super::forward::RequestBody;
+use super::headers;
 use crate::body::{self, BoxBody};
 use crate::gateway::{Active, Gateway};
 use crate::snapshot::{CacheScope, Route, RouteCache};
@@ -354,7 +355,7 @@ fn is_per_response(name: &header::HeaderName) -> bool {
         || name == header::DATE
         || name == header::SET_COOKIE
         || name == header::AGE
-        || name.as_str() == "x-request-id"
+        || name == headers::X_REQUEST_ID
         || name.as_str().starts_with("x-ratelimit-")
-        || name.as_str().starts_with("x-sluice-")
+        || headers::is_sluice(name)
 }

@@ -56,14 +56,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::TRANSFER_ENCODING);
 }
 
+/// Whether a header is one of sluice's own (`x-sluice-*`).
+pub fn is_sluice(name: &HeaderName) -> bool {
+    name.as_str().starts_with("x-sluice-")
+}
+
 /// Removes every `x-sluice-*` header: only sluice may set those.
 fn strip_sluice(headers: &mut HeaderMap) {
-    if headers.keys().any(|k| k.as_str().starts_with("x-sluice-")) {
-        let names: Vec<HeaderName> = headers
-            .keys()
-            .filter(|k| k.as_str().starts_with("x-sluice-"))
-            .cloned()
-            .collect();
+    if headers.keys().any(is_sluice) {
+        let names: Vec<HeaderName> = headers.keys().filter(|k| is_sluice(k)).cloned().collect();
         for name in names {
             headers.remove(name);
         }

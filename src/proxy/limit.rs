@@ -276,29 +276,37 @@ fn refused(
     ProxyError::RateLimited { retry_after }
 }
 
-const TOKENS_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
-const TOKENS_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
-const TOKENS_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+/// The `x-ratelimit-{limit,remaining,reset}-*` names of one kind of bucket.
+type HeaderNames = [HeaderName; 3];
 
-/// The `x-ratelimit-*-tokens` headers of a decision.
-pub fn token_headers(decision: &Decision, headers: &mut HeaderMap) {
-    headers.insert(TOKENS_LIMIT, HeaderValue::from(decision.limit));
-    headers.insert(TOKENS_REMAINING, HeaderValue::from(decision.remaining));
-    if let Ok(v) = HeaderValue::from_str(&reset_text(decision.reset)) {
-        headers.insert(TOKENS_RESET, v);
-    }
-}
+const REQUEST_HEADERS: HeaderNames = [
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+];
 
-const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
-const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
-const RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+const TOKEN_HEADERS: HeaderNames = [
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];
 
 /// The OpenAI-style `x-ratelimit-*-requests` headers of a decision.
 pub fn headers(decision: &Decision, headers: &mut HeaderMap) {
-    headers.insert(LIMIT, HeaderValue::from(decision.limit));
-    headers.insert(REMAINING, HeaderValue::from(decision.remaining));
+    write_headers(REQUEST_HEADERS, decision, headers);
+}
+
+/// The `x-ratelimit-*-tokens` headers of a decision.
+pub fn token_headers(decision: &Decision, headers: &mut HeaderMap) {
+    write_headers(TOKEN_HEADERS, decision, headers);
+}
+
+fn write_headers(names: HeaderNames, decision: &Decision, headers: &mut HeaderMap) {
+    let [limit, remaining, reset] = names;
+    headers.insert(limit, HeaderValue::from(decision.limit));
+    headers.insert(remaining, HeaderValue::from(decision.remaining));
     if let Ok(v) = HeaderValue::from_str(&reset_text(decision.reset)) {
-        headers.insert(RESET, v);
+        headers.insert(reset, v);
     }
 }
 
