@@ -153,23 +153,14 @@ impl RedisState {
         let mut call = self.take.key(bucket_key(key));
         call.arg(interval).arg(cost).arg(window);
         let (allowed, ahead, retry): (u8, u64, u64) = bounded(call.invoke_async(&mut conn)).await?;
-        Ok(if allowed == 1 {
-            Decision {
-                allowed: true,
-                limit: per_minute,
-                remaining: window.saturating_sub(ahead) / interval,
-                reset: Duration::from_micros(ahead),
-                retry_after: Duration::ZERO,
-            }
-        } else {
-            // For a refusal `ahead` is what is already used.
-            Decision {
-                allowed: false,
-                limit: per_minute,
-                remaining: window.saturating_sub(ahead) / interval,
-                reset: Duration::from_micros(ahead),
-                retry_after: Duration::from_micros(retry),
-            }
+        // `ahead` is the bucket's use after this call (before it, for a
+        // refusal); `retry` is 0 when allowed.
+        Ok(Decision {
+            allowed: allowed == 1,
+            limit: per_minute,
+            remaining: window.saturating_sub(ahead) / interval,
+            reset: Duration::from_micros(ahead),
+            retry_after: Duration::from_micros(retry),
         })
     }
 

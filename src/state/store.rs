@@ -5,6 +5,7 @@
 //! every few seconds), `deny` refuses the request with 503. Calls after a
 //! failure try Redis again, so recovery needs no restart.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -46,10 +47,26 @@ struct Health {
 }
 
 impl Health {
-    fn observe(&self, operation: &str, since: Instant) {
-        self.duration
-            .with_label_values(&[operation])
-            .observe(since.elapsed().as_secs_f64());
+    /// Runs one backend call: its latency is observed, or its failure
+    /// counted and warned about; `None` on failure.
+    async fn timed<T>(
+        &self,
+        operation: &str,
+        call: impl Future<Output = Result<T, StateError>>,
+    ) -> Option<T> {
+        let started = Instant::now();
+        match call.await {
+            Ok(value) => {
+                self.duration
+                    .with_label_values(&[operation])
+                    .observe(started.elapsed().as_secs_f64());
+                Some(value)
+            }
+            Err(e) => {
+                self.failed(operation, &e);
+                None
+            }
+        }
     }
 
     fn failed(&self, operation: &str, error: &StateError) {
@@ -106,11 +123,7 @@ impl Drop for SharedSlot {
         let (key, holder) = (self.key.clone(), std::mem::take(&mut self.holder));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                let started = Instant::now();
-                match redis.release(&key, &holder).await {
-                    Ok(()) => health.observe("release", started),
-                    Err(e) => health.failed("release", &e),
-                }
+                health.timed("release", redis.release(&key, &holder)).await;
             });
         }
     }
@@ -162,9 +175,8 @@ impl State {
         self.redis.is_some()
     }
 
-    /// `Ok` to go on with memory, `Err` to refuse, after a failure.
-    fn fallback(&self, operation: &str, error: &StateError) -> Result<(), Unavailable> {
-        self.health.failed(operation, error);
+    /// After a failed call: `Ok` to go on with memory, `Err` to refuse.
+    fn fallback(&self) -> Result<(), Unavailable> {
         if self.deny_on_error {
             Err(Unavailable)
         } else {
@@ -181,13 +193,13 @@ impl State {
         cost: u64,
     ) -> Result<(Decision, bool), Unavailable> {
         if let Some(redis) = &self.redis {
-            let started = Instant::now();
-            match redis.take(key, per_minute, cost).await {
-                Ok(decision) => {
-                    self.health.observe("take", started);
-                    return Ok((decision, true));
-                }
-                Err(e) => self.fallback("take", &e)?,
+            match self
+                .health
+                .timed("take", redis.take(key, per_minute, cost))
+                .await
+            {
+                Some(decision) => return Ok((decision, true)),
+                None => self.fallback()?,
             }
         }
         Ok((
@@ -202,11 +214,9 @@ impl State {
             (Some(redis), true) => {
                 let (redis, health, key) = (redis.clone(), self.health.clone(), key.clone());
                 tokio::spawn(async move {
-                    let started = Instant::now();
-                    match redis.adjust(&key, per_minute, delta).await {
-                        Ok(()) => health.observe("adjust", started),
-                        Err(e) => health.failed("adjust", &e),
-                    }
+                    health
+                        .timed("adjust", redis.adjust(&key, per_minute, delta))
+                        .await;
                 });
             }
             _ => self.memory.adjust(key, per_minute, delta, Instant::now()),
@@ -223,10 +233,12 @@ impl State {
     ) -> Result<Option<Slot>, Unavailable> {
         if let Some(redis) = &self.redis {
             let holder = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-            let started = Instant::now();
-            match redis.acquire(key, max, &holder, lease).await {
-                Ok(got) => {
-                    self.health.observe("acquire", started);
+            let got = self
+                .health
+                .timed("acquire", redis.acquire(key, max, &holder, lease))
+                .await;
+            match got {
+                Some(got) => {
                     return Ok(got.then(|| {
                         Slot::Shared(SharedSlot {
                             redis: redis.clone(),
@@ -236,7 +248,7 @@ impl State {
                         })
                     }));
                 }
-                Err(e) => self.fallback("acquire", &e)?,
+                None => self.fallback()?,
             }
         }
         Ok(self.memory.acquire(key, max).map(Slot::Memory))
@@ -245,13 +257,10 @@ impl State {
     /// Today's spend of a scope.
     pub async fn spent(&self, scope: &BudgetScope) -> Result<f64, Unavailable> {
         if let Some(redis) = &self.redis {
-            let started = Instant::now();
-            match redis.spent(scope, budget::today().0).await {
-                Ok(spent) => {
-                    self.health.observe("spent", started);
-                    return Ok(spent);
-                }
-                Err(e) => self.fallback("spent", &e)?,
+            let today = budget::today().0;
+            match self.health.timed("spent", redis.spent(scope, today)).await {
+                Some(spent) => return Ok(spent),
+                None => self.fallback()?,
             }
         }
         Ok(self.budgets.spent(scope))
@@ -267,26 +276,20 @@ impl State {
         alert_at: &[f64],
     ) -> (f64, Vec<Alert>) {
         if let Some(redis) = &self.redis {
-            let started = Instant::now();
-            match redis
-                .add_spend(scope, budget::today().0, usd, budget_usd, alert_at)
-                .await
-            {
-                Ok((spent, crossed)) => {
-                    self.health.observe("spend", started);
-                    let alerts = crossed
-                        .into_iter()
-                        .map(|threshold| Alert {
-                            threshold,
-                            spent_usd: spent,
-                            budget_usd,
-                        })
-                        .collect();
-                    return (spent, alerts);
-                }
-                // After the fact there is nothing to refuse: the spend is
-                // kept in memory instead.
-                Err(e) => self.health.failed("spend", &e),
+            let today = budget::today().0;
+            let call = redis.add_spend(scope, today, usd, budget_usd, alert_at);
+            // After the fact there is nothing to refuse: on failure the
+            // spend is kept in memory instead.
+            if let Some((spent, crossed)) = self.health.timed("spend", call).await {
+                let alerts = crossed
+                    .into_iter()
+                    .map(|threshold| Alert {
+                        threshold,
+                        spent_usd: spent,
+                        budget_usd,
+                    })
+                    .collect();
+                return (spent, alerts);
             }
         }
         let alerts = self.budgets.add(scope, usd, budget_usd, alert_at);
@@ -305,17 +308,11 @@ impl State {
         let Some(redis) = &self.redis else {
             return self.cache.get(key);
         };
-        let started = Instant::now();
-        match redis.cache_get(key).await {
-            Ok(found) => {
-                self.health.observe("cache_get", started);
-                found.map(Arc::new)
-            }
-            Err(e) => {
-                self.health.failed("cache_get", &e);
-                None
-            }
-        }
+        self.health
+            .timed("cache_get", redis.cache_get(key))
+            .await
+            .flatten()
+            .map(Arc::new)
     }
 
     /// Stores a finished response (in the background with Redis). The
@@ -332,11 +329,9 @@ impl State {
         };
         let (redis, health) = (redis.clone(), self.health.clone());
         tokio::spawn(async move {
-            let started = Instant::now();
-            match redis.cache_put(&key, &entry).await {
-                Ok(()) => health.observe("cache_put", started),
-                Err(e) => health.failed("cache_put", &e),
-            }
+            health
+                .timed("cache_put", redis.cache_put(&key, &entry))
+                .await;
             drop(flight);
         });
     }
