@@ -310,27 +310,8 @@ fn hash_key_prints_the_sha256_of_its_argument() {
     assert_eq!(stdout(&out), format!("{HASH_OF_TEST}\n"));
 }
 
-#[test]
-fn hash_key_reads_stdin_without_the_trailing_newline() {
-    for input in ["test\n", "test\r\n", "test"] {
-        let mut child = sluice()
-            .arg("hash-key")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn sluice hash-key");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes())
-            .expect("write stdin");
-        let out = child.wait_with_output().expect("wait");
-        assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
-        assert_eq!(stdout(&out), format!("{HASH_OF_TEST}\n"), "input {input:?}");
-    }
-    // An empty key is refused rather than hashed.
+/// `sluice hash-key` with `input` on its stdin.
+fn hash_key_from_stdin(input: &str) -> Output {
     let mut child = sluice()
         .arg("hash-key")
         .stdin(Stdio::piped())
@@ -342,9 +323,20 @@ fn hash_key_reads_stdin_without_the_trailing_newline() {
         .stdin
         .take()
         .expect("stdin")
-        .write_all(b"\n")
+        .write_all(input.as_bytes())
         .expect("write stdin");
-    let out = child.wait_with_output().expect("wait");
+    child.wait_with_output().expect("wait")
+}
+
+#[test]
+fn hash_key_reads_stdin_without_the_trailing_newline() {
+    for input in ["test\n", "test\r\n", "test"] {
+        let out = hash_key_from_stdin(input);
+        assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+        assert_eq!(stdout(&out), format!("{HASH_OF_TEST}\n"), "input {input:?}");
+    }
+    // An empty key is refused rather than hashed.
+    let out = hash_key_from_stdin("\n");
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(stdout(&out), "");
     assert_eq!(stderr(&out), "sluice hash-key: the key is empty\n");

@@ -1,8 +1,6 @@
 //! HTTPS on the proxy listener (`tls:`): HTTP/1.1 and h2 by ALPN, with the
 //! certificate and key read from PEM files.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
@@ -34,24 +32,13 @@ routes:
 }
 
 fn https_client(
-    ca_pem: &str,
+    pki: &TestPki,
     h2_only: bool,
 ) -> Client<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
     Full<Bytes>,
 > {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls = TestPki::client_config(&[pki]);
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only();
@@ -72,7 +59,7 @@ async fn https_clients_are_served_over_http1_and_h2() {
     let gw = gateway(&pki, &up).await;
     let url = format!("https://localhost:{}/v1/models", gw.addr.port());
     for h2 in [false, true] {
-        let resp = https_client(&pki.ca_pem, h2)
+        let resp = https_client(&pki, h2)
             .request(http::Request::get(&url).body(Full::default()).unwrap())
             .await
             .expect("TLS request");

@@ -302,4 +302,24 @@ impl TestPki {
             key_pem: key.serialize_pem(),
         }
     }
+
+    /// A TLS client config that trusts the CAs of `pkis` (and nothing else).
+    pub fn client_config(pkis: &[&TestPki]) -> rustls::ClientConfig {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for pki in pkis {
+            for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
+                roots
+                    .add(cert.expect("test CA"))
+                    .expect("test CA is usable");
+            }
+        }
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("default TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+    }
 }
