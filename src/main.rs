@@ -106,11 +106,32 @@ fn main() -> ExitCode {
     }
 }
 
+/// How many threads run requests: `TOKIO_WORKER_THREADS` when set, else
+/// the CPUs this process may use (its affinity mask and cgroup CPU quota
+/// included, so a sidecar limited to one CPU counts one).
+fn worker_threads() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1)
+}
+
 fn with_runtime(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let workers = worker_threads();
+    // On one core a work-stealing pool only adds cost: queues shared
+    // between threads, cross-thread wake-ups, and a main thread besides the
+    // worker. A current-thread runtime polls the I/O driver and every
+    // connection from one thread (linkerd2-proxy makes the same choice).
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    match builder.enable_all().build() {
         Ok(rt) => rt.block_on(fut),
         Err(e) => {
             eprintln!("sluice: cannot start the runtime: {e}");
