@@ -26,6 +26,7 @@ use crate::llm::sse;
 use crate::snapshot::{AuthMode, Pool, RetryOn, Route, Target};
 use crate::telemetry::metrics::Outcome;
 use crate::upstream::breaker::Admit;
+use crate::upstream::client::ClientError;
 use crate::upstream::{UpstreamKind, mock, pool};
 
 /// Why an attempt failed, as a metric label and a safe human phrase.
@@ -436,7 +437,7 @@ async fn attempt(
 }
 
 /// Names a client error without its text (which may carry an address).
-fn classify(e: &hyper_util::client::legacy::Error) -> AttemptFailure {
+fn classify(e: &ClientError) -> AttemptFailure {
     let mut source: Option<&(dyn StdError + 'static)> = e.source();
     let mut tls = false;
     let mut io_kind = None;

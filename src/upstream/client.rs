@@ -1,24 +1,31 @@
 //! The pooled HTTP client of one upstream: keep-alive connections, TLS with
 //! the public web roots plus the upstream's own `ca_file`, HTTP/2 by ALPN.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
 use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
+use super::h1_pool::{H1Pool, Leased};
 use crate::body::BoxBody;
 
 /// One upstream's pooled client. Plain `http://` upstreams (the app beside
-/// the sidecar, usually) skip the TLS connector and its per-request cost.
+/// the sidecar, usually) use sluice's lean HTTP/1.1 pool; HTTPS upstreams
+/// use hyper-util's, which also speaks HTTP/2 when the upstream offers it.
 #[derive(Clone)]
 pub enum HttpClient {
-    Plain(Client<HttpConnector, BoxBody>),
-    Tls(Client<HttpsConnector<HttpConnector>, BoxBody>),
+    Plain(Arc<H1Pool>),
+    Tls(Box<Client<HttpsConnector<HttpConnector>, BoxBody>>),
 }
 
 impl std::fmt::Debug for HttpClient {
@@ -31,13 +38,82 @@ impl std::fmt::Debug for HttpClient {
 }
 
 impl HttpClient {
-    pub fn request(&self, req: http::Request<BoxBody>) -> ResponseFuture {
+    /// Sends `req` (absolute URI) and returns the response head; the body
+    /// streams on.
+    pub async fn request(
+        &self,
+        req: http::Request<BoxBody>,
+    ) -> Result<http::Response<UpstreamBody>, ClientError> {
         match self {
-            HttpClient::Plain(c) => c.request(req),
-            HttpClient::Tls(c) => c.request(req),
+            HttpClient::Plain(pool) => Ok(pool.request(req).await?.map(UpstreamBody::Plain)),
+            HttpClient::Tls(c) => match c.request(req).await {
+                Ok(resp) => Ok(resp.map(UpstreamBody::Tls)),
+                Err(e) if e.is_connect() => Err(ClientError::Connect(e.into())),
+                Err(e) => Err(ClientError::Pooled(e)),
+            },
         }
     }
 }
+
+/// Why a request got no response head. Its text may name an address: it
+/// goes to debug logs at most, never to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("could not connect")]
+    Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the request URI has no usable host")]
+    InvalidUri,
+    #[error("the connection closed before the request was sent")]
+    Closed,
+    #[error("the HTTP exchange failed")]
+    Http(#[source] hyper::Error),
+    #[error("the HTTPS exchange failed")]
+    Pooled(#[source] hyper_util::client::legacy::Error),
+}
+
+impl ClientError {
+    pub fn is_connect(&self) -> bool {
+        matches!(self, ClientError::Connect(_))
+    }
+}
+
+/// A response body from either kind of client.
+pub enum UpstreamBody {
+    Plain(Leased),
+    Tls(Incoming),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Plain(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Tls(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Plain(b) => b.is_end_stream(),
+            UpstreamBody::Tls(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Plain(b) => b.size_hint(),
+            UpstreamBody::Tls(b) => b.size_hint(),
+        }
+    }
+}
+
+/// How long an idle upstream connection is kept for reuse.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 fn tcp_connector(connect_timeout: Duration) -> HttpConnector {
     let mut http = HttpConnector::new();
@@ -49,20 +125,19 @@ fn tcp_connector(connect_timeout: Duration) -> HttpConnector {
     http
 }
 
-fn pooled<C>(connector: C) -> Client<C, BoxBody>
-where
-    C: hyper_util::client::legacy::connect::Connect + Clone,
-{
+fn pooled(
+    connector: HttpsConnector<HttpConnector>,
+) -> Client<HttpsConnector<HttpConnector>, BoxBody> {
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_idle_timeout(IDLE_TIMEOUT)
         .build(connector)
 }
 
 /// Builds a plain-HTTP client.
 pub fn build_plain(connect_timeout: Duration) -> HttpClient {
-    HttpClient::Plain(pooled(tcp_connector(connect_timeout)))
+    HttpClient::Plain(H1Pool::new(tcp_connector(connect_timeout), IDLE_TIMEOUT))
 }
 
 /// Builds an HTTPS client trusting the web roots and the certificates in
@@ -96,5 +171,5 @@ pub fn build_tls(ca_pem: Option<&[u8]>, connect_timeout: Duration) -> Result<Htt
         .enable_http1()
         .enable_http2()
         .wrap_connector(tcp_connector(connect_timeout));
-    Ok(HttpClient::Tls(pooled(connector)))
+    Ok(HttpClient::Tls(Box::new(pooled(connector))))
 }

@@ -4,6 +4,7 @@
 
 pub mod breaker;
 pub mod client;
+pub mod h1_pool;
 pub mod health;
 pub mod mock;
 pub mod pool;

@@ -24,5 +24,6 @@ mod telemetry;
 mod tls_listener;
 mod tls_upstream;
 mod upstream_errors;
+mod upstream_pool;
 mod usage;
 mod validate;

@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -104,6 +105,7 @@ type Handler = dyn Fn(&Seen) -> UpstreamReply + Send + Sync;
 pub struct MockUpstream {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    connections: Arc<AtomicUsize>,
     tls: bool,
     task: tokio::task::JoinHandle<()>,
 }
@@ -152,11 +154,14 @@ impl MockUpstream {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let is_tls = tls.is_some();
         let seen2 = seen.clone();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let accepted = connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let handler = handler.clone();
                 let seen = seen2.clone();
                 let tls = tls.clone();
@@ -185,6 +190,7 @@ impl MockUpstream {
         MockUpstream {
             addr,
             seen,
+            connections,
             tls: is_tls,
             task,
         }
@@ -193,6 +199,11 @@ impl MockUpstream {
     pub fn url(&self) -> String {
         let scheme = if self.tls { "https" } else { "http" };
         format!("{scheme}://{}", self.addr)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     /// Every request received so far.
