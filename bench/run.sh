@@ -430,11 +430,33 @@ field() { sed -n "s/.* $2=\([^ ]*\).*/\1/p" <<<" ${1#RESULT }"; }
 
 RESULTS="$WORK/results.tsv"
 : >"$RESULTS"
-record() {  # $1 = target, $2 = mode, $3 = RESULT line, $4 = "proxy%/load%" core busy
+record() {  # $1 = target, $2 = mode, $3 = RESULT line, $4 = "proxy%/load%" core busy, $5 = proxy CPU per request
   local rps p50 p99 err
   rps=$(field "$3" rps); p50=$(field "$3" p50_us); p99=$(field "$3" p99_us); err=$(field "$3" errors)
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$rps" "$p50" "$p99" "$err" "$4" >>"$RESULTS"
-  log "  $1 / $2: ${rps} req/s, p50 ${p50} us, p99 ${p99} us, errors ${err}, busy cpu$PROXY_CPU/cpu$LOAD_CPU: $4   [${3#RESULT }]"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$rps" "$p50" "$p99" "$err" "$4" "$5" >>"$RESULTS"
+  log "  $1 / $2: ${rps} req/s, p50 ${p50} us, p99 ${p99} us, errors ${err}, busy cpu$PROXY_CPU/cpu$LOAD_CPU: $4, proxy CPU/req: $5   [${3#RESULT }]"
+}
+
+# CPU time (user + system, in clock ticks) used so far by the given
+# processes and their threads, from /proc/PID/stat (fields 14 and 15).
+CLK_TCK=$(getconf CLK_TCK)
+proc_ticks() {  # $@ = pids
+  local total=0 p f
+  for p in "$@"; do
+    [[ -r /proc/$p/stat ]] || continue
+    # Split after the command name, which may itself hold spaces.
+    read -r -a f <<<"$(sed 's/.*) //' "/proc/$p/stat")"
+    total=$(( total + f[11] + f[12] ))
+  done
+  echo "$total"
+}
+# A proxy and its children (nginx's worker is a child of its master).
+proxy_pids() { echo "$1" $(pgrep -P "$1" || true); }
+# µs of proxy CPU per request served: steadier than req/s on a noisy VM,
+# and it compares proxies even when the load side is the bottleneck.
+cpu_per_request() {  # $1, $2 = proc_ticks before/after, $3 = requests
+  python3 -c "import sys; t0, t1, n, hz = map(float, sys.argv[1:]); print(f'{(t1 - t0) * 1e6 / hz / n:.1f}' if n > 0 else 'n/a')" \
+    "$1" "$2" "$3" "$CLK_TCK"
 }
 
 OPEN_MODE="open@${RATE}/s"
@@ -442,19 +464,23 @@ OPEN_MODE="open@${RATE}/s"
 # Warm-up, then closed-loop, then open-loop against one URL.
 # (The load runs are plain assignments, not arguments, so that a failing
 # tool stops the script under `set -e`.)
-bench_target() {  # $1 = target name, $2 = url
-  local res s1 s2
+bench_target() {  # $1 = target name, $2 = url, $3 = the proxy's pid (none for direct)
+  local res s1 s2 pids=() t1 t2 per_req="—"
   check_target "$1" "$2"
   log "run.sh: $1: warm-up ${WARMUP}s"
   if (( WARMUP > 0 )); then res=$(run_wrk "$2" "$WARMUP"); fi
   log "run.sh: $1: closed loop ${DURATION}s"
+  if [[ -n ${3:-} ]]; then read -r -a pids <<<"$(proxy_pids "$3")"; fi
+  t1=$(proc_ticks "${pids[@]}")
   s1=$(cpu_snap)
   res=$(run_wrk "$2" "$DURATION")
   s2=$(cpu_snap)
-  record "$1" closed "$res" "$(busy_between "$s1" "$s2" | tr ' ' /)"
+  t2=$(proc_ticks "${pids[@]}")
+  if (( ${#pids[@]} )); then per_req="$(cpu_per_request "$t1" "$t2" "$(field "$res" requests)") µs"; fi
+  record "$1" closed "$res" "$(busy_between "$s1" "$s2" | tr ' ' /)" "$per_req"
   log "run.sh: $1: open loop ${RATE} req/s ${DURATION}s"
   res=$(run_open "$2")
-  record "$1" "$OPEN_MODE" "$res" "—"   # (busy only matters at saturation)
+  record "$1" "$OPEN_MODE" "$res" "—" "—"   # (busy and CPU/request only matter at saturation)
 }
 
 # ------------------------------------------------------------------- runs --
@@ -473,7 +499,7 @@ start_nginx "$WORK/nginx" "$PROXY_CPU"
 NGINX_PID=$LAST_PID
 wait_status "http://127.0.0.1:$NGINX_PORT$REQ_PATH" 200 "$NGINX_PID" \
   || { cat "$WORK/nginx/error.log" >&2; die "nginx proxy did not start"; }
-bench_target nginx "http://127.0.0.1:$NGINX_PORT$REQ_PATH"
+bench_target nginx "http://127.0.0.1:$NGINX_PORT$REQ_PATH" "$NGINX_PID"
 stop_started "$NGINX_PID"
 
 # (c) sluice
@@ -482,9 +508,9 @@ if (( ! SKIP_SLUICE )); then
   SLUICE_PID=$LAST_PID
   wait_status "http://127.0.0.1:$ADMIN_PORT/readyz" 200 "$SLUICE_PID" \
     || { cat "$WORK/sluice.stderr" >&2; die "sluice did not become ready on :$ADMIN_PORT/readyz within ~10 s"; }
-  bench_target sluice "http://127.0.0.1:$SLUICE_PORT$REQ_PATH"
+  bench_target sluice "http://127.0.0.1:$SLUICE_PORT$REQ_PATH" "$SLUICE_PID"
   # Every request after check_target's first is a hit: the same body each time.
-  if (( CACHE )); then bench_target sluice-cache-hit "http://127.0.0.1:$SLUICE_PORT/cached$REQ_PATH"; fi
+  if (( CACHE )); then bench_target sluice-cache-hit "http://127.0.0.1:$SLUICE_PORT/cached$REQ_PATH" "$SLUICE_PID"; fi
   stop_started "$SLUICE_PID"
 fi
 
@@ -500,7 +526,7 @@ if (( REDIS && ! SKIP_SLUICE )); then
   SLUICE_PID=$LAST_PID
   wait_status "http://127.0.0.1:$ADMIN_PORT/readyz" 200 "$SLUICE_PID" \
     || { cat "$WORK/sluice.stderr" >&2; die "sluice (redis) did not become ready"; }
-  bench_target sluice-redis "http://127.0.0.1:$SLUICE_PORT$REQ_PATH"
+  bench_target sluice-redis "http://127.0.0.1:$SLUICE_PORT$REQ_PATH" "$SLUICE_PID"
   stop_started "$SLUICE_PID"
   stop_started "$REDIS_PID"
 fi
@@ -511,7 +537,7 @@ if (( FLOOR )); then
   FLOOR_PID=$LAST_PID
   wait_status "http://127.0.0.1:$FLOOR_PORT$REQ_PATH" 200 "$FLOOR_PID" \
     || { cat "$WORK/floor.stderr" >&2; die "the hyper floor did not start"; }
-  bench_target hyper-floor "http://127.0.0.1:$FLOOR_PORT$REQ_PATH"
+  bench_target hyper-floor "http://127.0.0.1:$FLOOR_PORT$REQ_PATH" "$FLOOR_PID"
   stop_started "$FLOOR_PID"
 fi
 
@@ -524,13 +550,14 @@ echo
 python3 - "$RESULTS" "$PROXY_CPU" "$LOAD_CPU" <<'PY'
 import sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-by = {(t, m): (float(r), int(p50), int(p99), int(e)) for t, m, r, p50, p99, e, _ in rows}
-busy = {(t, m): b for t, m, *_, b in rows}
+by = {(t, m): (float(r), int(p50), int(p99), int(e)) for t, m, r, p50, p99, e, _, _ in rows}
+busy = {(t, m): b for t, m, *_, b, _ in rows}
+cpu = {(t, m): c for t, m, *_, c in rows}
 pc, lc = sys.argv[2], sys.argv[3]
 def us(v, sign=""):
     return f"{v / 1000:{sign}.2f} ms" if abs(v) >= 10000 else f"{v:{sign}d} µs"
-print(f"| target | mode | req/s | p50 | p99 | req/s vs nginx | added p50 vs direct | errors | busy % cpu{pc}/cpu{lc} |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+print(f"| target | mode | req/s | p50 | p99 | req/s vs nginx | added p50 vs direct | errors | busy % cpu{pc}/cpu{lc} | proxy CPU/req |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for t, m, *_ in rows:
     rps, p50, p99, err = by[(t, m)]
     ng = by.get(("nginx", m))
@@ -538,12 +565,13 @@ for t, m, *_ in rows:
     ratio = "n/a" if r is None else f"{r:.2f}x" if r >= 0.1 else f"{r:.2g}x"
     d = by.get(("direct", m))
     added = "—" if t == "direct" or not d else us(p50 - d[1], "+")
-    print(f"| {t} | {m} | {rps:,.0f} | {us(p50)} | {us(p99)} | {ratio} | {added} | {err} | {busy[(t, m)]} |")
+    print(f"| {t} | {m} | {rps:,.0f} | {us(p50)} | {us(p99)} | {ratio} | {added} | {err} | {busy[(t, m)]} | {cpu[(t, m)]} |")
 PY
 echo
 echo "closed = wrk, $CONNECTIONS connections, max throughput; $OPEN_MODE = fixed rate on $OPEN_CONNECTIONS connections, latency from the scheduled send time."
 echo "busy = share of each pinned core in use during a closed-loop run (cpu$PROXY_CPU: proxy under test, idle for direct; cpu$LOAD_CPU: upstream + wrk)."
 echo "A proxy's closed-loop req/s measures the proxy only when its own core is the one at ~100%."
+echo "proxy CPU/req = user + system CPU time of the proxy's processes during the closed-loop run, per request served."
 if awk -F'\t' '$6 > 0 {bad=1} END {exit !bad}' "$RESULTS"; then
   echo
   echo "WARNING: some runs had errors (see the errors column); their numbers are not comparable."

@@ -1,7 +1,7 @@
-//! The floor of a hyper-based proxy: the same server and pooled client
-//! sluice uses, with no routing, auth, metrics or logging. `bench/run.sh`
-//! can run it beside sluice (`FLOOR=1`) to tell framework cost from
-//! sluice's own.
+//! The floor of a hyper-based proxy: the same server, pooled client
+//! (sluice's own, `sluice::upstream::client`) and runtime choice sluice
+//! uses, with no routing, auth, metrics or logging. `bench/run.sh` can run
+//! it beside sluice (`FLOOR=1`) to tell framework cost from sluice's own.
 //!
 //! `cargo run --release --example hyper_floor -- 127.0.0.1:18082 http://127.0.0.1:18000`
 
@@ -12,15 +12,29 @@ use http::Request;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use sluice::body::BodyError;
 
-type Body = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, hyper::Error>;
+fn main() {
+    // As `sluice run` does: one worker thread means a current-thread runtime.
+    let one = std::env::var("TOKIO_WORKER_THREADS").is_ok_and(|v| v.trim() == "1");
+    let runtime = if one {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
+    match runtime {
+        Ok(rt) => rt.block_on(serve()),
+        Err(e) => eprintln!("hyper_floor: cannot start the runtime: {e}"),
+    }
+}
 
-#[tokio::main]
-async fn main() {
+async fn serve() {
     let mut args = std::env::args().skip(1);
     let listen: SocketAddr = args
         .next()
@@ -30,10 +44,7 @@ async fn main() {
         .next()
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| http::Uri::from_static("http://127.0.0.1:18000"));
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client: Client<HttpConnector, Body> =
-        Client::builder(TokioExecutor::new()).build(connector);
+    let client = sluice::upstream::client::build_plain(std::time::Duration::from_secs(5));
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -57,7 +68,8 @@ async fn main() {
                     let mut uri = upstream.into_parts();
                     uri.path_and_query = parts.uri.path_and_query().cloned();
                     parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
-                    let req = Request::from_parts(parts, body.boxed_unsync());
+                    let req =
+                        Request::from_parts(parts, body.map_err(BodyError::new).boxed_unsync());
                     let resp = match client.request(req).await {
                         Ok(resp) => resp.map(|b| b.boxed_unsync()),
                         Err(_) => {

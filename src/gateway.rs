@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use prometheus::IntCounter;
 
 use crate::proxy::jwks::JwksKeys;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{LogFormat, Snapshot};
 use crate::state::State;
 use crate::state::budget::BudgetScope;
 use crate::telemetry::alerts;
@@ -130,6 +130,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// Where request-path events (the access log) are written.
     pub log: tracing::Dispatch,
+    /// The format `log` writes (a restart-only setting).
+    pub log_format: LogFormat,
     /// False while starting and while draining: `/readyz` answers 503.
     ready: AtomicBool,
     /// Flushes buffered log lines when the gateway is dropped.
@@ -139,6 +141,7 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(snapshot: Snapshot, sink: LogSink) -> Arc<Self> {
         let (log, log_guard) = log::dispatch(&snapshot.logging, sink);
+        let log_format = snapshot.logging.format;
         let metrics = Metrics::new();
         let jwks = Registry::default();
         let breakers = Registry::default();
@@ -158,6 +161,7 @@ impl Gateway {
             webhook: alerts::spawn_webhook_sender(),
             metrics,
             log,
+            log_format,
             ready: AtomicBool::new(false),
             _log_guard: log_guard,
         })

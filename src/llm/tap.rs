@@ -191,7 +191,7 @@ impl Tap {
                 .duration
                 .observe(now.saturating_duration_since(sent).as_secs_f64());
         }
-        access_log::emit(&gw.log, &ctx, latency);
+        access_log::emit(&gw.log, gw.log_format, &ctx, latency);
     }
 }
 

@@ -2,10 +2,10 @@
 //! reason, from OpenAI (`usage.prompt_tokens`/`completion_tokens`, or
 //! `input_tokens`/`output_tokens` of the responses API) and Anthropic
 //! (`message_start`/`message_delta`) shapes, in JSON bodies and SSE
-//! streams. Frames are observed, not held: a JSON body is copied up to a
-//! cap for parsing at its end, a stream is parsed event by event.
+//! streams. A JSON body's frames are kept by reference (up to a cap) for
+//! parsing at its end, a stream is parsed event by event.
 
-use bytes::BytesMut;
+use bytes::Bytes;
 use serde_json::Value;
 
 use super::sse::{self, EventSplitter, event_json};
@@ -27,7 +27,7 @@ pub struct Usage {
 
 /// Observes one response body.
 pub enum Meter {
-    Json(BytesMut),
+    Json(JsonFrames),
     Sse(EventSplitter, Usage),
 }
 
@@ -37,19 +37,15 @@ impl Meter {
         if sse::is_event_stream(content_type) {
             Some(Meter::Sse(EventSplitter::default(), Usage::default()))
         } else if content_type.starts_with(b"application/json") {
-            Some(Meter::Json(BytesMut::new()))
+            Some(Meter::Json(JsonFrames::default()))
         } else {
             None
         }
     }
 
-    pub fn observe(&mut self, data: &[u8]) {
+    pub fn observe(&mut self, data: &Bytes) {
         match self {
-            Meter::Json(buf) => {
-                if buf.len() + data.len() <= JSON_CAP {
-                    buf.extend_from_slice(data);
-                }
-            }
+            Meter::Json(frames) => frames.push(data),
             Meter::Sse(splitter, usage) => {
                 splitter.push(data);
                 while let Some(event) = splitter.next_event() {
@@ -63,9 +59,42 @@ impl Meter {
 
     pub fn finish(self) -> Usage {
         match self {
-            Meter::Json(buf) => from_json_body(&buf),
+            Meter::Json(frames) => match frames.more.is_empty() {
+                // Most answers arrive in one frame: parsed where it lies.
+                true => from_json_body(frames.first.as_deref().unwrap_or_default()),
+                false => from_json_body(&frames.concat()),
+            },
             Meter::Sse(_, usage) => usage,
         }
+    }
+}
+
+/// A JSON body's frames, shared with the response rather than copied.
+#[derive(Default)]
+pub struct JsonFrames {
+    first: Option<Bytes>,
+    more: Vec<Bytes>,
+    len: usize,
+}
+
+impl JsonFrames {
+    fn push(&mut self, data: &Bytes) {
+        if self.len + data.len() > JSON_CAP {
+            return;
+        }
+        self.len += data.len();
+        match self.first {
+            None => self.first = Some(data.clone()),
+            Some(_) => self.more.push(data.clone()),
+        }
+    }
+
+    fn concat(&self) -> Vec<u8> {
+        let mut whole = Vec::with_capacity(self.len);
+        for frame in self.first.iter().chain(&self.more) {
+            whole.extend_from_slice(frame);
+        }
+        whole
     }
 }
 
@@ -162,12 +191,16 @@ fn absorb(usage: &mut Usage, json: &Value) {
 mod tests {
     use super::*;
 
+    fn feed(m: &mut Meter, data: &[u8]) {
+        m.observe(&Bytes::copy_from_slice(data));
+    }
+
     #[test]
     fn openai_json() {
         let mut m = Meter::for_content_type(b"application/json").unwrap();
         let body = br#"{"model":"gpt-4o-mini","choices":[{"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":9}}"#;
-        m.observe(&body[..20]);
-        m.observe(&body[20..]);
+        feed(&mut m, &body[..20]);
+        feed(&mut m, &body[20..]);
         assert_eq!(
             m.finish(),
             Usage {
@@ -183,17 +216,23 @@ mod tests {
     #[test]
     fn an_error_event_marks_the_stream() {
         let mut m = Meter::for_content_type(b"text/event-stream").unwrap();
-        m.observe(b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n");
-        m.observe(b"data: {\"error\":{\"message\":\"overloaded\"}}\n\ndata: [DONE]\n\n");
+        feed(
+            &mut m,
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+        );
+        feed(
+            &mut m,
+            b"data: {\"error\":{\"message\":\"overloaded\"}}\n\ndata: [DONE]\n\n",
+        );
         assert!(m.finish().stream_error);
     }
 
     #[test]
     fn openai_stream_with_usage_chunk() {
         let mut m = Meter::for_content_type(b"text/event-stream").unwrap();
-        m.observe(b"data: {\"model\":\"m\",\"choices\":[{\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n");
-        m.observe(b"data: {\"model\":\"m\",\"choices\":[{\"delta\":{},\"finish_reason\":\"length\"}]}\n\ndata: {\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,");
-        m.observe(b"\"completion_tokens\":4}}\n\ndata: [DONE]\n\n");
+        feed(&mut m, b"data: {\"model\":\"m\",\"choices\":[{\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n");
+        feed(&mut m, b"data: {\"model\":\"m\",\"choices\":[{\"delta\":{},\"finish_reason\":\"length\"}]}\n\ndata: {\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,");
+        feed(&mut m, b"\"completion_tokens\":4}}\n\ndata: [DONE]\n\n");
         let u = m.finish();
         assert_eq!((u.input_tokens, u.output_tokens), (Some(3), Some(4)));
         assert_eq!(u.finish_reason.as_deref(), Some("length"));
@@ -202,8 +241,8 @@ mod tests {
     #[test]
     fn anthropic_stream() {
         let mut m = Meter::for_content_type(b"text/event-stream").unwrap();
-        m.observe(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude\",\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n");
-        m.observe(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\n");
+        feed(&mut m, b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude\",\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n");
+        feed(&mut m, b"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\n");
         let u = m.finish();
         assert_eq!(u.model.as_deref(), Some("claude"));
         assert_eq!((u.input_tokens, u.output_tokens), (Some(25), Some(15)));
@@ -213,8 +252,8 @@ mod tests {
     #[test]
     fn responses_api_stream() {
         let mut m = Meter::for_content_type(b"text/event-stream").unwrap();
-        m.observe(b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n");
-        m.observe(b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"model\":\"gpt-4.1\",\"usage\":{\"input_tokens\":9,\"output_tokens\":3}}}\n\n");
+        feed(&mut m, b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n");
+        feed(&mut m, b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"model\":\"gpt-4.1\",\"usage\":{\"input_tokens\":9,\"output_tokens\":3}}}\n\n");
         let u = m.finish();
         assert_eq!(u.model.as_deref(), Some("gpt-4.1"));
         assert_eq!((u.input_tokens, u.output_tokens), (Some(9), Some(3)));
@@ -223,7 +262,10 @@ mod tests {
     #[test]
     fn responses_api_json() {
         let mut m = Meter::for_content_type(b"application/json; charset=utf-8").unwrap();
-        m.observe(br#"{"model":"gpt-4.1","usage":{"input_tokens":7,"output_tokens":2}}"#);
+        feed(
+            &mut m,
+            br#"{"model":"gpt-4.1","usage":{"input_tokens":7,"output_tokens":2}}"#,
+        );
         let u = m.finish();
         assert_eq!((u.input_tokens, u.output_tokens), (Some(7), Some(2)));
     }

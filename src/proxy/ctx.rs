@@ -14,10 +14,25 @@ use super::limit::Reservation;
 use crate::state::{Decision, Slot};
 
 /// What the listener knows about the connection a request came on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub remote: SocketAddr,
     pub tls: bool,
+    /// The remote address as text, rendered once per connection for the
+    /// `x-forwarded-for` header and the access log of each request.
+    pub remote_ip: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(remote: SocketAddr, tls: bool) -> Self {
+        let remote_ip =
+            HeaderValue::try_from(remote.ip().to_string()).unwrap_or(HeaderValue::from_static("-"));
+        ConnInfo {
+            remote,
+            tls,
+            remote_ip,
+        }
+    }
 }
 
 /// Who is calling.
@@ -42,6 +57,8 @@ pub struct RequestCtx {
     pub method: Method,
     pub uri: Uri,
     pub client_addr: SocketAddr,
+    /// `client_addr`'s IP as text.
+    pub client_ip: HeaderValue,
     pub tls: bool,
     /// The matched route's name.
     pub route: Option<Arc<str>>,
@@ -95,6 +112,7 @@ impl RequestCtx {
             method,
             uri,
             client_addr: conn.remote,
+            client_ip: conn.remote_ip.clone(),
             tls: conn.tls,
             route: None,
             route_index: None,

@@ -9,10 +9,10 @@
 use std::error::Error as StdError;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::request::Parts;
 use http::{Request, Response, Version};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::ctx::RequestCtx;
@@ -159,16 +159,43 @@ fn single_failure(name: &str, f: AttemptFailure) -> ProxyError {
 
 /// The whole request body (for replay to another member, an estimate,
 /// an edit or the cache key), bounded by `limit`.
-pub async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, ProxyError> {
+pub async fn read_body(mut body: Incoming, limit: u64) -> Result<Bytes, ProxyError> {
     let cap = usize::try_from(limit).unwrap_or(usize::MAX);
-    match Limited::new(body, cap).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::TooLarge { limit }),
-        Err(_) => Err(ProxyError::InvalidRequest {
-            param: None,
-            message: "the request body could not be read".to_owned(),
-        }),
+    // A small body usually arrives in one frame, which is kept as it is;
+    // only a body in several frames is copied into one buffer.
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Err(ProxyError::InvalidRequest {
+                param: None,
+                message: "the request body could not be read".to_owned(),
+            });
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: not part of the body
+        };
+        let so_far = joined
+            .as_ref()
+            .map_or_else(|| first.as_ref().map_or(0, Bytes::len), BytesMut::len);
+        if so_far.saturating_add(data.len()) > cap {
+            return Err(ProxyError::TooLarge { limit });
+        }
+        match (&mut joined, first.take()) {
+            (Some(buf), _) => buf.extend_from_slice(&data),
+            (None, None) => first = Some(data),
+            (None, Some(earlier)) => {
+                let mut buf = BytesMut::with_capacity(earlier.len() + data.len());
+                buf.extend_from_slice(&earlier);
+                buf.extend_from_slice(&data);
+                joined = Some(buf);
+            }
+        }
     }
+    Ok(match joined {
+        Some(buf) => buf.freeze(),
+        None => first.unwrap_or_default(),
+    })
 }
 
 /// Tries the pool's members in order until one answers well.

@@ -3,15 +3,16 @@
 //! gateway credentials never forwarded, `x-forwarded-*` and `x-request-id`
 //! set, and the upstream's own `set_headers` applied.
 
-use std::fmt::Write as _;
-
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use super::ctx::RequestCtx;
 use crate::upstream::Upstream;
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that describe one connection, not the message (RFC 9110
+/// §7.6.1), and `transfer-encoding`: hyper frames each side's body itself.
+/// A `static`, not a `const`: a const array would be built and dropped
+/// wherever it is used.
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -20,7 +21,26 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TE,
     header::TRAILER,
     header::UPGRADE,
+    header::TRANSFER_ENCODING,
 ];
+
+/// A name's index in [`HOP_BY_HOP`], a bit in [`strip_hop_by_hop`]'s mask.
+fn hop_by_hop_bit(name: &HeaderName) -> Option<u32> {
+    // Standard names are enums whose `as_str` is a static string, so this
+    // is a few length and byte compares, with no hashing.
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "proxy-authorization" => 4,
+        "te" => 5,
+        "trailer" => 6,
+        "upgrade" => 7,
+        "transfer-encoding" => 8,
+        _ => return None,
+    })
+}
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_SLUICE_CACHE: HeaderName = HeaderName::from_static("x-sluice-cache");
@@ -30,30 +50,36 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Removes hop-by-hop headers, including those listed in `connection`.
-/// `transfer-encoding` goes too: hyper frames each side's body itself.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names (standard names
-    // compare as enums) instead of a hashed removal per hop-by-hop name.
-    if !headers
-        .keys()
-        .any(|k| HOP_BY_HOP.contains(k) || k == header::TRANSFER_ENCODING)
-    {
+    // One pass over the names finds the few present; only those are
+    // removed, as each removal hashes. Most messages carry none, or only
+    // `connection` (upstreams answer `connection: keep-alive`).
+    let mut present = 0u32;
+    for name in headers.keys() {
+        if let Some(bit) = hop_by_hop_bit(name) {
+            present |= 1 << bit;
+        }
+    }
+    if present == 0 {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if present & 1 != 0 {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (bit, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << bit) != 0 {
+            headers.remove(name);
+        }
     }
-    headers.remove(header::TRANSFER_ENCODING);
 }
 
 /// Whether a header is one of sluice's own (`x-sluice-*`).
@@ -105,17 +131,21 @@ pub fn from_client(headers: &mut HeaderMap, ctx: &RequestCtx, strip_credentials:
     // would be metered as nothing and replayed from the cache to clients
     // that never asked for that encoding.
     headers.remove(header::ACCEPT_ENCODING);
-    // One buffer, handed to the header without a copy.
-    let mut xff = String::with_capacity(48);
-    if let Some(prior) = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok())
-        && !prior.is_empty()
-    {
-        xff.push_str(prior);
-        xff.push_str(", ");
-    }
-    let _ = write!(xff, "{}", ctx.client_addr.ip());
-    if let Ok(v) = HeaderValue::try_from(xff) {
-        headers.insert(X_FORWARDED_FOR, v);
+    match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+        Some(prior) if !prior.is_empty() => {
+            // One buffer, handed to the header without a copy.
+            let ip = ctx.client_ip.as_bytes();
+            let mut xff = Vec::with_capacity(prior.len() + 2 + ip.len());
+            xff.extend_from_slice(prior);
+            xff.extend_from_slice(b", ");
+            xff.extend_from_slice(ip);
+            if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
+                headers.insert(X_FORWARDED_FOR, v);
+            }
+        }
+        _ => {
+            headers.insert(X_FORWARDED_FOR, ctx.client_ip.clone());
+        }
     }
     headers.insert(
         X_FORWARDED_PROTO,
@@ -168,6 +198,14 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn hop_by_hop_bits_index_the_table() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_bit(name), Some(i as u32), "{name}");
+        }
+        assert_eq!(hop_by_hop_bit(&header::CONTENT_TYPE), None);
     }
 
     #[test]

@@ -58,10 +58,7 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = ConnInfo {
-            remote,
-            tls: tls.is_some(),
-        };
+        let conn = ConnInfo::new(remote, tls.is_some());
         let watcher = graceful.watcher();
         let gw = gw.clone();
         let builder = builder.clone();
@@ -70,6 +67,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let gw = gw.clone();
+                let conn = conn.clone();
                 async move { Ok::<_, Infallible>(proxy::handle(gw, req, conn).await) }
             });
             match tls {

@@ -12,11 +12,10 @@ use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 
-use super::access_log::{ACCESS_FIELDS, ACCESS_TARGET};
+use super::access_log::RENDERED_FIELD;
 use crate::snapshot::{LogFormat, Logging};
 
 /// Where log lines go.
@@ -118,40 +117,32 @@ where
     ) -> fmt::Result {
         let meta = event.metadata();
         writer.write_str("{\"timestamp\":\"")?;
-        SystemTime.format_time(&mut writer)?;
-        write!(writer, "\",\"level\":\"{}\",\"target\":", meta.level())?;
+        write!(
+            writer,
+            "{}",
+            humantime::format_rfc3339_micros(std::time::SystemTime::now())
+        )?;
+        writer.write_str("\",\"level\":\"")?;
+        writer.write_str(meta.level().as_str())?;
+        writer.write_str("\",\"target\":")?;
         write_json_str(&mut writer, meta.target())?;
         let mut visitor = JsonFields {
             out: &mut writer,
-            seen: 0,
             result: Ok(()),
         };
         event.record(&mut visitor);
-        let (seen, result) = (visitor.seen, visitor.result);
-        result?;
-        if meta.target() == ACCESS_TARGET {
-            for (i, name) in ACCESS_FIELDS.iter().enumerate() {
-                if seen & (1 << i) == 0 {
-                    write!(writer, ",\"{name}\":null")?;
-                }
-            }
-        }
+        visitor.result?;
         writer.write_str("}\n")
     }
 }
 
 struct JsonFields<'a, 'w> {
     out: &'a mut Writer<'w>,
-    /// Bit i set = `ACCESS_FIELDS[i]` was written.
-    seen: u32,
     result: fmt::Result,
 }
 
 impl JsonFields<'_, '_> {
     fn key(&mut self, field: &Field) -> fmt::Result {
-        if let Some(i) = ACCESS_FIELDS.iter().position(|f| *f == field.name()) {
-            self.seen |= 1 << i;
-        }
         self.out.write_char(',')?;
         write_json_str(self.out, field.name())?;
         self.out.write_char(':')
@@ -166,20 +157,29 @@ impl JsonFields<'_, '_> {
 
 impl Visit for JsonFields<'_, '_> {
     fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == RENDERED_FIELD {
+            // The access log's members, rendered and escaped already.
+            if self.result.is_ok() {
+                self.result = self.out.write_str(value);
+            }
+            return;
+        }
         self.record(field, |w| write_json_str(w, value));
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.record(field, |w| write!(w, "{value}"));
+        self.record(field, |w| w.write_str(itoa::Buffer::new().format(value)));
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.record(field, |w| write!(w, "{value}"));
+        self.record(field, |w| w.write_str(itoa::Buffer::new().format(value)));
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.record(field, |w| write!(w, "{value}"));
+        self.record(field, |w| w.write_str(if value { "true" } else { "false" }));
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
         if value.is_finite() {
-            self.record(field, |w| write!(w, "{value}"));
+            self.record(field, |w| {
+                w.write_str(ryu::Buffer::new().format_finite(value))
+            });
         } else {
             self.record(field, |w| w.write_str("null"));
         }

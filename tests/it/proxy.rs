@@ -288,3 +288,58 @@ async fn chunked_oversize_body_is_413() {
     assert_eq!(reply.status, 413);
     assert_eq!(reply.json()["error"]["code"], "request_too_large");
 }
+
+/// Posts a chat request without a length, in frames of `frame` bytes.
+async fn post_chat_in_frames(
+    gw: &TestGateway,
+    body: &[u8],
+    frame: usize,
+) -> crate::support::ClientReply {
+    use futures_util::stream;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+
+    let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = body
+        .chunks(frame)
+        .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+        .collect();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<StreamBody<_>>();
+    let req = http::Request::post(gw.url("/v1/chat/completions"))
+        .header("x-api-key", "key-a")
+        .header("content-type", "application/json")
+        .body(StreamBody::new(stream::iter(frames)))
+        .unwrap();
+    let resp = client.request(req).await.expect("response");
+    crate::support::client::read(resp).await
+}
+
+fn chat_body(content_len: usize) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "z".repeat(content_len)}],
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_chat_body_in_many_frames_reaches_the_upstream_whole() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start_with_env(&config(&up.url()), &ENV).await;
+    let body = chat_body(300_000);
+    let reply = post_chat_in_frames(&gw, &body, 16 * 1024).await;
+    assert_eq!(reply.status, 200);
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body.as_ref(), body.as_slice());
+}
+
+#[tokio::test]
+async fn a_chunked_chat_body_over_the_limit_is_413() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start_with_env(&config(&up.url()), &ENV).await;
+    let reply = post_chat_in_frames(&gw, &chat_body(1 << 20), 64 * 1024).await;
+    assert_eq!(reply.status, 413);
+    assert_eq!(reply.json()["error"]["code"], "request_too_large");
+    assert!(up.seen().is_empty());
+}
