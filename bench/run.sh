@@ -437,25 +437,31 @@ record() {  # $1 = target, $2 = mode, $3 = RESULT line, $4 = "proxy%/load%" core
   log "  $1 / $2: ${rps} req/s, p50 ${p50} us, p99 ${p99} us, errors ${err}, busy cpu$PROXY_CPU/cpu$LOAD_CPU: $4, proxy CPU/req: $5   [${3#RESULT }]"
 }
 
-# CPU time (user + system, in clock ticks) used so far by the given
+# CPU time ("user system", in clock ticks) used so far by the given
 # processes and their threads, from /proc/PID/stat (fields 14 and 15).
 CLK_TCK=$(getconf CLK_TCK)
 proc_ticks() {  # $@ = pids
-  local total=0 p f
+  local user=0 sys=0 p f
   for p in "$@"; do
     [[ -r /proc/$p/stat ]] || continue
     # Split after the command name, which may itself hold spaces.
     read -r -a f <<<"$(sed 's/.*) //' "/proc/$p/stat")"
-    total=$(( total + f[11] + f[12] ))
+    user=$(( user + f[11] )); sys=$(( sys + f[12] ))
   done
-  echo "$total"
+  echo "$user $sys"
 }
 # A proxy and its children (nginx's worker is a child of its master).
 proxy_pids() { echo "$1" $(pgrep -P "$1" || true); }
-# µs of proxy CPU per request served: steadier than req/s on a noisy VM,
-# and it compares proxies even when the load side is the bottleneck.
+# µs of proxy CPU per request served, "total (user)": steadier than req/s
+# on a noisy VM, and it compares proxies even when the load side is the
+# bottleneck.
 cpu_per_request() {  # $1, $2 = proc_ticks before/after, $3 = requests
-  python3 -c "import sys; t0, t1, n, hz = map(float, sys.argv[1:]); print(f'{(t1 - t0) * 1e6 / hz / n:.1f}' if n > 0 else 'n/a')" \
+  python3 -c "
+import sys
+u0, s0 = map(float, sys.argv[1].split()); u1, s1 = map(float, sys.argv[2].split())
+n, hz = float(sys.argv[3]), float(sys.argv[4])
+us = lambda t: t * 1e6 / hz / n
+print(f'{us(u1 - u0 + s1 - s0):.1f} µs ({us(u1 - u0):.1f} user)' if n > 0 else 'n/a')" \
     "$1" "$2" "$3" "$CLK_TCK"
 }
 
@@ -476,7 +482,7 @@ bench_target() {  # $1 = target name, $2 = url, $3 = the proxy's pid (none for d
   res=$(run_wrk "$2" "$DURATION")
   s2=$(cpu_snap)
   t2=$(proc_ticks "${pids[@]}")
-  if (( ${#pids[@]} )); then per_req="$(cpu_per_request "$t1" "$t2" "$(field "$res" requests)") µs"; fi
+  if (( ${#pids[@]} )); then per_req=$(cpu_per_request "$t1" "$t2" "$(field "$res" requests)"); fi
   record "$1" closed "$res" "$(busy_between "$s1" "$s2" | tr ' ' /)" "$per_req"
   log "run.sh: $1: open loop ${RATE} req/s ${DURATION}s"
   res=$(run_open "$2")
@@ -571,7 +577,7 @@ echo
 echo "closed = wrk, $CONNECTIONS connections, max throughput; $OPEN_MODE = fixed rate on $OPEN_CONNECTIONS connections, latency from the scheduled send time."
 echo "busy = share of each pinned core in use during a closed-loop run (cpu$PROXY_CPU: proxy under test, idle for direct; cpu$LOAD_CPU: upstream + wrk)."
 echo "A proxy's closed-loop req/s measures the proxy only when its own core is the one at ~100%."
-echo "proxy CPU/req = user + system CPU time of the proxy's processes during the closed-loop run, per request served."
+echo "proxy CPU/req = user + system CPU time of the proxy's processes during the closed-loop run, per request served (user part in brackets)."
 if awk -F'\t' '$6 > 0 {bad=1} END {exit !bad}' "$RESULTS"; then
   echo
   echo "WARNING: some runs had errors (see the errors column); their numbers are not comparable."

@@ -1,6 +1,6 @@
 //! Like `hyper_floor`, but each client connection gets its own upstream
 //! connection through `hyper::client::conn::http1` (no shared pool): how
-//! much the pooled legacy client costs on top of hyper itself.
+//! much any shared pool costs on top of hyper itself.
 //!
 //! `cargo run --release --example hyper_floor_conn -- 127.0.0.1:18083 127.0.0.1:18000`
 
