@@ -64,7 +64,7 @@ pub struct Finish {
     pub gw: Arc<Gateway>,
     /// The config the request started with, and its metric children.
     pub active: Arc<Active>,
-    pub ctx: RequestCtx,
+    pub ctx: Box<RequestCtx>,
 }
 
 impl Tap {

@@ -416,6 +416,9 @@ async fn attempt(
             }),
             Ok(uri) => {
                 parts.uri = uri;
+                if let Some(host) = &http.host {
+                    parts.headers.insert(http::header::HOST, host.clone());
+                }
                 // The pooled client picks HTTP/1.1 or HTTP/2 per connection
                 // (ALPN), whatever the client spoke to us.
                 parts.version = Version::HTTP_11;

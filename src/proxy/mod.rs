@@ -48,7 +48,14 @@ use error::ProxyError;
 pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) -> Response<Tap> {
     let active = gw.active();
     let request_id = headers::request_id(req.headers());
-    let mut ctx = RequestCtx::new(req.method().clone(), req.uri().clone(), request_id, &conn);
+    // Boxed: the ctx travels from the phases into the tap and the response,
+    // and a pointer moves where hundreds of bytes would be copied.
+    let mut ctx = Box::new(RequestCtx::new(
+        req.method().clone(),
+        req.uri().clone(),
+        request_id,
+        &conn,
+    ));
 
     let result = process(&gw, &active, &mut ctx, req).await;
     let mut resp = match result {

@@ -72,8 +72,8 @@ impl H1Pool {
             .cloned()
             .ok_or(ClientError::InvalidUri)?;
         if !req.headers().contains_key(http::header::HOST) {
-            req.headers_mut()
-                .insert(http::header::HOST, host_header(&authority)?);
+            let host = host_header(&authority, 80).ok_or(ClientError::InvalidUri)?;
+            req.headers_mut().insert(http::header::HOST, host);
         }
         // HTTP/1.1 to an origin server names the target by path alone.
         let origin_form = req
@@ -197,14 +197,14 @@ impl H1Pool {
     }
 }
 
-/// `Host` for an authority, without the default port (as browsers and
-/// hyper-util send it).
-fn host_header(authority: &Authority) -> Result<HeaderValue, ClientError> {
+/// `Host` for an authority, without the scheme's default port (as
+/// browsers and hyper-util send it).
+pub fn host_header(authority: &Authority, default_port: u16) -> Option<HeaderValue> {
     let host = match authority.port_u16() {
-        Some(80) => authority.host(),
+        Some(port) if port == default_port => authority.host(),
         _ => authority.as_str(),
     };
-    HeaderValue::from_str(host).map_err(|_| ClientError::InvalidUri)
+    HeaderValue::from_str(host).ok()
 }
 
 /// A connection lent to one response.

@@ -56,6 +56,10 @@ pub struct HttpUpstream {
     authority: Authority,
     /// The URL's path without a trailing `/`, prefixed to every request path.
     base_path: String,
+    /// For `http://` upstreams, the `Host` header of every request, built
+    /// once. (hyper-util's client sets it for HTTPS upstreams, by protocol:
+    /// HTTP/2 carries the host in `:authority` instead.)
+    pub host: Option<http::HeaderValue>,
     pub client: HttpClient,
 }
 
@@ -97,7 +101,13 @@ impl HttpUpstream {
         } else {
             client::build_plain(connect)
         };
+        let host = if scheme == Scheme::HTTP {
+            h1_pool::host_header(&authority, 80)
+        } else {
+            None
+        };
         Ok(HttpUpstream {
+            host,
             scheme,
             authority,
             base_path,
