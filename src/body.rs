@@ -23,6 +23,56 @@ pub fn empty() -> BoxBody {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
+/// A body's data frames gathered into one piece. A body in one frame
+/// (most small bodies) is kept as that frame, shared and not copied; from
+/// the second frame on they are copied into one buffer, so memory follows
+/// the bytes, not the number of frames.
+#[derive(Default)]
+pub struct Joined {
+    first: Option<Bytes>,
+    buf: Option<bytes::BytesMut>,
+}
+
+impl Joined {
+    pub fn len(&self) -> usize {
+        match (&self.buf, &self.first) {
+            (Some(buf), _) => buf.len(),
+            (None, first) => first.as_ref().map_or(0, Bytes::len),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn push(&mut self, data: &Bytes) {
+        match (&mut self.buf, self.first.take()) {
+            (Some(buf), _) => buf.extend_from_slice(data),
+            (None, None) => self.first = Some(data.clone()),
+            (None, Some(first)) => {
+                let mut buf = bytes::BytesMut::with_capacity(first.len() + data.len());
+                buf.extend_from_slice(&first);
+                buf.extend_from_slice(data);
+                self.buf = Some(buf);
+            }
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        match (&self.buf, &self.first) {
+            (Some(buf), _) => buf,
+            (None, first) => first.as_deref().unwrap_or_default(),
+        }
+    }
+
+    pub fn into_bytes(self) -> Bytes {
+        match self.buf {
+            Some(buf) => buf.freeze(),
+            None => self.first.unwrap_or_default(),
+        }
+    }
+}
+
 /// The error of a body in flight. A concrete type rather than a bare
 /// `Box<dyn Error>`: hyper's client and server bounds on a boxed trait
 /// object fail rustc's higher-ranked checks inside spawned futures.

@@ -110,12 +110,18 @@ fn main() -> ExitCode {
 /// the CPUs this process may use (its affinity mask and cgroup CPU quota
 /// included, so a sidecar limited to one CPU counts one).
 fn worker_threads() -> usize {
-    std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|n| *n > 0)
-        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
-        .unwrap_or(1)
+    let cpus = || std::thread::available_parallelism().map_or(1, |n| n.get());
+    match std::env::var("TOKIO_WORKER_THREADS") {
+        Err(_) => cpus(),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                let n = cpus();
+                eprintln!("sluice: TOKIO_WORKER_THREADS={v:?} is not a positive number; using {n}");
+                n
+            }
+        },
+    }
 }
 
 fn with_runtime(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::sse::{self, EventSplitter, event_json};
+use crate::body::Joined;
 
 /// JSON bodies larger than this are not metered (they are not LLM answers).
 const JSON_CAP: usize = 4 << 20;
@@ -59,42 +60,39 @@ impl Meter {
 
     pub fn finish(self) -> Usage {
         match self {
-            Meter::Json(frames) => match frames.more.is_empty() {
-                // Most answers arrive in one frame: parsed where it lies.
-                true => from_json_body(frames.first.as_deref().unwrap_or_default()),
-                false => from_json_body(&frames.concat()),
-            },
+            Meter::Json(frames) => frames.usage(),
             Meter::Sse(_, usage) => usage,
         }
     }
 }
 
-/// A JSON body's frames, shared with the response rather than copied.
+/// A JSON body as it passes, joined (shared when in one frame) up to
+/// `JSON_CAP`.
 #[derive(Default)]
 pub struct JsonFrames {
-    first: Option<Bytes>,
-    more: Vec<Bytes>,
-    len: usize,
+    joined: Joined,
+    /// Past `JSON_CAP`: not metered at all (a partial document is not one).
+    over_cap: bool,
 }
 
 impl JsonFrames {
     fn push(&mut self, data: &Bytes) {
-        if self.len + data.len() > JSON_CAP {
+        if self.over_cap {
             return;
         }
-        self.len += data.len();
-        match self.first {
-            None => self.first = Some(data.clone()),
-            Some(_) => self.more.push(data.clone()),
+        if self.joined.len() + data.len() > JSON_CAP {
+            self.joined = Joined::default();
+            self.over_cap = true;
+            return;
         }
+        self.joined.push(data);
     }
 
-    fn concat(&self) -> Vec<u8> {
-        let mut whole = Vec::with_capacity(self.len);
-        for frame in self.first.iter().chain(&self.more) {
-            whole.extend_from_slice(frame);
+    fn usage(&self) -> Usage {
+        if self.over_cap {
+            return Usage::default();
         }
-        whole
+        from_json_body(self.joined.as_slice())
     }
 }
 
@@ -193,6 +191,30 @@ mod tests {
 
     fn feed(m: &mut Meter, data: &[u8]) {
         m.observe(&Bytes::copy_from_slice(data));
+    }
+
+    #[test]
+    fn a_json_answer_in_tiny_frames_is_metered() {
+        let body = br#"{"model":"gpt-4o","usage":{"prompt_tokens":3,"completion_tokens":5}}"#;
+        let mut m = Meter::for_content_type(b"application/json").unwrap();
+        for byte in body.chunks(1) {
+            feed(&mut m, byte);
+        }
+        let usage = m.finish();
+        assert_eq!(usage.input_tokens, Some(3));
+        assert_eq!(usage.output_tokens, Some(5));
+    }
+
+    #[test]
+    fn a_json_answer_over_the_cap_is_not_metered() {
+        let mut m = Meter::for_content_type(b"application/json").unwrap();
+        feed(&mut m, br#"{"usage":{"prompt_tokens":3},"pad":""#);
+        let pad = vec![b'x'; 64 * 1024];
+        for _ in 0..(JSON_CAP / pad.len() + 1) {
+            feed(&mut m, &pad);
+        }
+        feed(&mut m, br#""}"#);
+        assert_eq!(m.finish(), Usage::default());
     }
 
     #[test]

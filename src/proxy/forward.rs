@@ -9,7 +9,7 @@
 use std::error::Error as StdError;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::request::Parts;
 use http::{Request, Response, Version};
 use http_body_util::BodyExt;
@@ -20,7 +20,7 @@ use super::error::ProxyError;
 use super::headers;
 use super::limit;
 use super::validate::CappedBody;
-use crate::body::{self, BodyError, BoxBody};
+use crate::body::{self, BodyError, BoxBody, Joined};
 use crate::gateway::{Active, Gateway};
 use crate::llm::sse;
 use crate::snapshot::{AuthMode, Pool, RetryOn, Route, Target};
@@ -161,10 +161,7 @@ fn single_failure(name: &str, f: AttemptFailure) -> ProxyError {
 /// an edit or the cache key), bounded by `limit`.
 pub async fn read_body(mut body: Incoming, limit: u64) -> Result<Bytes, ProxyError> {
     let cap = usize::try_from(limit).unwrap_or(usize::MAX);
-    // A small body usually arrives in one frame, which is kept as it is;
-    // only a body in several frames is copied into one buffer.
-    let mut first: Option<Bytes> = None;
-    let mut joined: Option<BytesMut> = None;
+    let mut joined = Joined::default();
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
             return Err(ProxyError::InvalidRequest {
@@ -175,27 +172,12 @@ pub async fn read_body(mut body: Incoming, limit: u64) -> Result<Bytes, ProxyErr
         let Ok(data) = frame.into_data() else {
             continue; // trailers: not part of the body
         };
-        let so_far = joined
-            .as_ref()
-            .map_or_else(|| first.as_ref().map_or(0, Bytes::len), BytesMut::len);
-        if so_far.saturating_add(data.len()) > cap {
+        if joined.len().saturating_add(data.len()) > cap {
             return Err(ProxyError::TooLarge { limit });
         }
-        match (&mut joined, first.take()) {
-            (Some(buf), _) => buf.extend_from_slice(&data),
-            (None, None) => first = Some(data),
-            (None, Some(earlier)) => {
-                let mut buf = BytesMut::with_capacity(earlier.len() + data.len());
-                buf.extend_from_slice(&earlier);
-                buf.extend_from_slice(&data);
-                joined = Some(buf);
-            }
-        }
+        joined.push(&data);
     }
-    Ok(match joined {
-        Some(buf) => buf.freeze(),
-        None => first.unwrap_or_default(),
-    })
+    Ok(joined.into_bytes())
 }
 
 /// Tries the pool's members in order until one answers well.

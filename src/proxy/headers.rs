@@ -140,12 +140,13 @@ pub fn from_client(headers: &mut HeaderMap, ctx: &RequestCtx, strip_credentials:
     // would be metered as nothing and replayed from the cache to clients
     // that never asked for that encoding.
     headers.remove(header::ACCEPT_ENCODING);
-    match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+    // A prior value that is not plain text is replaced, not extended.
+    match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) if !prior.is_empty() => {
             // One buffer, handed to the header without a copy.
             let ip = ctx.client_ip.as_bytes();
             let mut xff = Vec::with_capacity(prior.len() + 2 + ip.len());
-            xff.extend_from_slice(prior);
+            xff.extend_from_slice(prior.as_bytes());
             xff.extend_from_slice(b", ");
             xff.extend_from_slice(ip);
             if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {

@@ -264,7 +264,11 @@ mod tests {
         assert_eq!(line.len(), ACCESS_FIELDS.len());
         let positions: Vec<usize> = ACCESS_FIELDS
             .iter()
-            .map(|name| members.find(&format!(",\"{name}\":")).expect(name))
+            .map(|name| {
+                let key = format!(",\"{name}\":");
+                assert_eq!(members.matches(&key).count(), 1, "{name} once");
+                members.find(&key).expect(name)
+            })
             .collect();
         assert!(positions.windows(2).all(|w| w[0] < w[1]), "{members}");
         assert_eq!(line["request_id"], "req-\"1");

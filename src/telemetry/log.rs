@@ -117,11 +117,10 @@ where
     ) -> fmt::Result {
         let meta = event.metadata();
         writer.write_str("{\"timestamp\":\"")?;
-        write!(
-            writer,
-            "{}",
-            humantime::format_rfc3339_micros(std::time::SystemTime::now())
-        )?;
+        // humantime refuses times before 1970 (a clock that broken is
+        // logged as the epoch).
+        let now = std::time::SystemTime::now().max(std::time::UNIX_EPOCH);
+        write!(writer, "{}", humantime::format_rfc3339_micros(now))?;
         writer.write_str("\",\"level\":\"")?;
         writer.write_str(meta.level().as_str())?;
         writer.write_str("\",\"target\":")?;

@@ -72,8 +72,10 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Nothing reached the upstream: no connection, or a new one that
+    /// closed before the request could be sent.
     pub fn is_connect(&self) -> bool {
-        matches!(self, ClientError::Connect(_))
+        matches!(self, ClientError::Connect(_) | ClientError::Closed)
     }
 }
 

@@ -107,7 +107,9 @@ impl H1Pool {
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if reused => req = unsent,
-                    _ => return Err(ClientError::Http(e.into_error())),
+                    // A new connection closed before the request was sent.
+                    Some(_) => return Err(ClientError::Closed),
+                    None => return Err(ClientError::Http(e.into_error())),
                 },
             }
         }
@@ -199,12 +201,15 @@ impl H1Pool {
 
 /// `Host` for an authority, without the scheme's default port (as
 /// browsers and hyper-util send it).
+/// Built from the host and port alone: credentials in the URL's userinfo
+/// never reach the header.
 pub fn host_header(authority: &Authority, default_port: u16) -> Option<HeaderValue> {
-    let host = match authority.port_u16() {
-        Some(port) if port == default_port => authority.host(),
-        _ => authority.as_str(),
-    };
-    HeaderValue::from_str(host).ok()
+    match authority.port_u16() {
+        Some(port) if port != default_port => {
+            HeaderValue::try_from(format!("{}:{port}", authority.host())).ok()
+        }
+        _ => HeaderValue::from_str(authority.host()).ok(),
+    }
 }
 
 /// A connection lent to one response.
@@ -297,9 +302,14 @@ impl Body for Leased {
 
 impl Drop for Leased {
     fn drop(&mut self) {
-        // Servers often stop reading at the last byte they expect
-        // (`is_end_stream`), without asking for the end.
-        self.release_if_ended();
+        // Servers stop reading at the last byte they expect, and sluice
+        // drops bodies unread (health probes, failover past a `retry_on`
+        // status). The connection goes back once hyper has found it idle:
+        // at once if the body was read to its end, else once hyper has
+        // drained it; hyper closes it instead if it cannot.
+        if let Some(lease) = self.lease.take() {
+            lease.give_back();
+        }
     }
 }
 
@@ -364,6 +374,16 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(120)).await;
         assert_eq!(get(&pool, &authority).await, "ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2, "replaced once stale");
+    }
+
+    #[test]
+    fn host_headers_leave_out_credentials_and_default_ports() {
+        let host = |a: &str, port| host_header(&a.parse().unwrap(), port).unwrap();
+        assert_eq!(host("user:secret@app:8080", 80), "app:8080");
+        assert_eq!(host("user:secret@app:80", 80), "app");
+        assert_eq!(host("app", 80), "app");
+        assert_eq!(host("[::1]:9000", 80), "[::1]:9000");
+        assert_eq!(host("api.example.com:443", 443), "api.example.com");
     }
 
     #[tokio::test]

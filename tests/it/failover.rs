@@ -389,3 +389,20 @@ async fn health_checks_open_and_close_circuits_before_users_notice() {
     }
     assert!(back, "a passing health check must close the circuit");
 }
+
+#[tokio::test]
+async fn a_member_whose_failed_answers_go_unread_keeps_its_connection() {
+    // sluice drops a `retry_on` answer's body unread and moves on; the
+    // connection still goes back to the pool once hyper has drained it.
+    let primary = MockUpstream::always(failing(503)).await;
+    let backup = MockUpstream::always(UpstreamReply::text("from backup")).await;
+    let gw = TestGateway::start(&config(&primary.url(), &backup.url(), "", "")).await;
+    for _ in 0..3 {
+        let reply = chat(&gw).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.text(), "from backup");
+    }
+    assert_eq!(primary.seen().len(), 3);
+    assert_eq!(primary.connections(), 1);
+    assert_eq!(backup.connections(), 1);
+}

@@ -151,3 +151,18 @@ async fn an_abandoned_stream_does_not_leak_into_the_next_answer() {
         assert_eq!(reply.text(), "plain answer");
     }
 }
+
+#[tokio::test]
+async fn a_head_answer_without_a_body_frees_its_connection() {
+    let up = MockUpstream::always(UpstreamReply::text("12345")).await;
+    let gw = TestGateway::start(&config(&up.url())).await;
+    let client = Client::new();
+    let head = client
+        .send(Method::HEAD, &gw.url("/doc"), &[], Bytes::new())
+        .await;
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    let get = client.get(&gw.url("/doc")).await;
+    assert_eq!(get.text(), "12345");
+    assert_eq!(up.connections(), 1);
+}
