@@ -82,7 +82,9 @@ pub async fn start(gw: Arc<Gateway>) -> Result<Running, StartError> {
         let _ = admin_task.await;
     });
     gw.set_ready(true);
-    tracing::info!(%proxy_addr, %admin_addr, "sluice is serving");
+    // Threads serving requests (1 on a current-thread runtime).
+    let threads = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(%proxy_addr, %admin_addr, threads, "sluice is serving");
     Ok(Running {
         proxy_addr,
         admin_addr,

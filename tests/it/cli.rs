@@ -408,6 +408,9 @@ routes:
     let child = sluice()
         .args(["run", "--config"])
         .arg(&path)
+        // One thread: the single-threaded runtime a one-CPU pod gets
+        // (the other `run` tests use the machine's CPUs).
+        .env("TOKIO_WORKER_THREADS", "1")
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(err)
@@ -512,6 +515,17 @@ routes:
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(status.code(), Some(0), "{}", output());
+    let serving = std::fs::read_to_string(&log_path)
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.contains("sluice is serving"))
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+    assert_eq!(
+        serving.as_ref().map(|l| &l["threads"]),
+        Some(&serde_json::json!(1)),
+        "{}",
+        output()
+    );
 }
 
 #[tokio::test]
