@@ -85,7 +85,10 @@ async fn serve() {
                     Ok::<_, Infallible>(resp)
                 }
             });
-            let _ = auto::Builder::new(TokioExecutor::new())
+            // The listener's settings that matter for cost (src/server/listener.rs).
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder.http1().writev(false);
+            let _ = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

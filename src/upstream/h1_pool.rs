@@ -148,7 +148,9 @@ impl H1Pool {
             .call(uri)
             .await
             .map_err(|e| ClientError::Connect(e.into()))?;
+        // One buffer, one write per message (as the listener does).
         let (sender, conn) = http1::Builder::new()
+            .writev(false)
             .handshake(io)
             .await
             .map_err(ClientError::Http)?;
