@@ -2,11 +2,13 @@
 //! ends (or the client goes away), from what the request context gathered.
 //! Identities are logged by their `id`, never by their credential.
 
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::proxy::cache::CacheStatus;
 use crate::proxy::ctx::{IdentityId, RequestCtx};
 use crate::snapshot::LogFormat;
+use crate::telemetry::log::JsonEscape;
 
 /// The `target` of access-log events.
 pub const ACCESS_TARGET: &str = "sluice::access";
@@ -136,7 +138,8 @@ impl Line {
         match value {
             Some(v) => {
                 self.0.push('"');
-                json_escape_into(&mut self.0, v);
+                // Writing to a `String` cannot fail.
+                let _ = JsonEscape(&mut self.0).write_str(v);
                 self.0.push('"');
             }
             None => self.0.push_str("null"),
@@ -162,36 +165,6 @@ impl Line {
         self.0.push(char::from(b'0' + (frac % 10) as u8));
     }
 }
-
-/// Appends `s` escaped as the inside of a JSON string: runs of plain
-/// characters are copied whole.
-pub fn json_escape_into(out: &mut String, s: &str) {
-    let mut start = 0;
-    for (i, b) in s.bytes().enumerate() {
-        let escape = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            b if b < 0x20 => {
-                out.push_str(&s[start..i]);
-                out.push_str("\\u00");
-                out.push(char::from(HEX[usize::from(b >> 4)]));
-                out.push(char::from(HEX[usize::from(b & 0xf)]));
-                start = i + 1;
-                continue;
-            }
-            _ => continue,
-        };
-        out.push_str(&s[start..i]);
-        out.push_str(escape);
-        start = i + 1;
-    }
-    out.push_str(&s[start..]);
-}
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// The access-log event as separate fields, for the human text format.
 fn emit_fields(ctx: &RequestCtx, latency: Duration) {
@@ -232,14 +205,6 @@ fn emit_fields(ctx: &RequestCtx, latency: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn escapes_match_json() {
-        let mut s = String::new();
-        json_escape_into(&mut s, "a\"b\\c\nd\u{1}\u{1f}é");
-        let parsed: String = serde_json::from_str(&format!("\"{s}\"")).unwrap();
-        assert_eq!(parsed, "a\"b\\c\nd\u{1}\u{1f}é");
-    }
 
     #[test]
     fn a_line_has_every_field_in_order() {

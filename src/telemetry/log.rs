@@ -201,7 +201,7 @@ fn write_json_str(w: &mut Writer<'_>, s: &str) -> fmt::Result {
 
 /// Escapes what is written through it as the inside of a JSON string, so
 /// `Display`/`Debug` values are written without an intermediate `String`.
-struct JsonEscape<'a, W: fmt::Write>(&'a mut W);
+pub(crate) struct JsonEscape<'a, W: fmt::Write>(pub(crate) &'a mut W);
 
 impl<W: fmt::Write> fmt::Write for JsonEscape<'_, W> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
