@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::support::{Client, MockUpstream, TestGateway, TestPki, UpstreamReply};
+use crate::support::{
+    Client, MockUpstream, TestGateway, TestPki, UpstreamReply, tls_listener_config,
+};
 
 fn config(url: &str, extra_route: &str) -> String {
     format!(
@@ -207,20 +209,8 @@ async fn a_certificate_rotated_in_place_serves_the_next_connection() {
     let second = TestPki::new();
     let upstream = MockUpstream::always(UpstreamReply::text("ok")).await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("tls.crt"), &first.cert_pem).unwrap();
-    std::fs::write(dir.path().join("tls.key"), &first.key_pem).unwrap();
-    let yaml = format!(
-        r#"
-tls: {{ cert_file: tls.crt, key_file: tls.key }}
-upstreams: {{ app: {{ url: "{}" }} }}
-routes:
-  - name: app
-    match: {{ path_prefix: / }}
-    auth: none
-    upstream: app
-"#,
-        upstream.url()
-    );
+    first.write_files(dir.path());
+    let yaml = tls_listener_config(&upstream.url());
     let gw = TestGateway::start_watched(&yaml, &[], dir).await;
     let served = |pki: &TestPki| der(&pki.cert_pem);
     assert_eq!(

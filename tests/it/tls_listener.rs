@@ -6,29 +6,14 @@ use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::support::{MockUpstream, TestGateway, TestPki, UpstreamReply, client};
+use crate::support::{
+    MockUpstream, TestGateway, TestPki, UpstreamReply, client, tls_listener_config,
+};
 
 async fn gateway(pki: &TestPki, up: &MockUpstream) -> TestGateway {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("tls.crt"), &pki.cert_pem).unwrap();
-    std::fs::write(dir.path().join("tls.key"), &pki.key_pem).unwrap();
-    TestGateway::start_in(
-        &format!(
-            r#"
-tls: {{ cert_file: tls.crt, key_file: tls.key }}
-upstreams: {{ app: {{ url: "{}" }} }}
-routes:
-  - name: app
-    match: {{ path_prefix: / }}
-    auth: none
-    upstream: app
-"#,
-            up.url()
-        ),
-        &[],
-        dir,
-    )
-    .await
+    pki.write_files(dir.path());
+    TestGateway::start_in(&tls_listener_config(&up.url()), &[], dir).await
 }
 
 fn https_client(

@@ -291,7 +291,31 @@ pub struct TestPki {
     pub key_pem: String,
 }
 
+/// A listener config serving HTTPS with `tls.crt`/`tls.key` (as written
+/// by [`TestPki::write_files`]) in front of the upstream at `url`.
+pub fn tls_listener_config(url: &str) -> String {
+    format!(
+        r#"
+tls: {{ cert_file: tls.crt, key_file: tls.key }}
+upstreams: {{ app: {{ url: "{url}" }} }}
+routes:
+  - name: app
+    match: {{ path_prefix: / }}
+    auth: none
+    upstream: app
+"#
+    )
+}
+
 impl TestPki {
+    /// Writes the server certificate and key as `tls.crt` and `tls.key`
+    /// in `dir` (key first: a watcher sees a matching pair once the
+    /// certificate lands).
+    pub fn write_files(&self, dir: &std::path::Path) {
+        std::fs::write(dir.join("tls.key"), &self.key_pem).expect("write tls.key");
+        std::fs::write(dir.join("tls.crt"), &self.cert_pem).expect("write tls.crt");
+    }
+
     pub fn new() -> Self {
         use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
         let ca_key = KeyPair::generate().expect("ca key");
