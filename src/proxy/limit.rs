@@ -54,19 +54,20 @@ pub async fn admit(
     }
     if snap.budget.enforce && matches!(route.target, Target::Pool(_)) {
         let (_, until_midnight) = budget::today();
-        let global_spent = match snap.budget.daily_usd {
-            Some(limit) => state.spent(&BudgetScope::Global).await? >= limit,
-            None => false,
-        };
-        let own_spent = match tier.and_then(|t| t.daily_budget_usd) {
-            Some(limit) => {
-                state
-                    .spent(&BudgetScope::Identity(identity.id.clone()))
-                    .await?
-                    >= limit
+        // Independent reads: with Redis, one round trip's wait, not two.
+        let over = |scope: BudgetScope, limit: Option<f64>| async move {
+            match limit {
+                Some(limit) => Ok(state.spent(&scope).await? >= limit),
+                None => Ok::<_, ProxyError>(false),
             }
-            None => false,
         };
+        let (global_spent, own_spent) = tokio::try_join!(
+            over(BudgetScope::Global, snap.budget.daily_usd),
+            over(
+                BudgetScope::Identity(identity.id.clone()),
+                tier.and_then(|t| t.daily_budget_usd)
+            ),
+        )?;
         if global_spent || own_spent {
             count_refusal(metrics, route, tier_name.as_deref(), "budget");
             return Err(ProxyError::BudgetExceeded {

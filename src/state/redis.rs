@@ -239,7 +239,7 @@ impl RedisState {
     pub async fn cache_get(&self, key: &[u8; 32]) -> Result<Option<CachedResponse>, StateError> {
         let mut conn = self.conn.clone();
         let raw: Option<Vec<u8>> = bounded(conn.get(cache_key(key))).await?;
-        Ok(raw.and_then(|raw| decode_entry(&raw)))
+        Ok(raw.and_then(|raw| decode_entry(Bytes::from(raw))))
     }
 
     /// Stores a response once for every replica, for its TTL.
@@ -272,42 +272,60 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Names as they appear in keys: `%` and `:` escaped so that no two
-/// different (scope, identity) pairs share a key.
-fn escaped(name: &str) -> String {
-    name.replace('%', "%25").replace(':', "%3A")
+/// Appends a name as it appears in keys: `%` and `:` escaped so that no
+/// two different (scope, identity) pairs share a key.
+fn push_escaped(out: &mut String, name: &str) {
+    for c in name.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            ':' => out.push_str("%3A"),
+            c => out.push(c),
+        }
+    }
+}
+
+fn push_identity(out: &mut String, id: &IdentityId) {
+    match id {
+        IdentityId::Key(k) => {
+            out.push_str("key:");
+            push_escaped(out, k);
+        }
+        IdentityId::Ip(ip) => {
+            out.push_str("ip:");
+            push_escaped(out, &ip.to_string());
+        }
+    }
 }
 
 fn identity_part(id: &IdentityId) -> String {
-    match id {
-        IdentityId::Key(k) => format!("key:{}", escaped(k)),
-        IdentityId::Ip(ip) => format!("ip:{}", escaped(&ip.to_string())),
-    }
+    let mut out = String::new();
+    push_identity(&mut out, id);
+    out
 }
 
-fn scope_part(scope: &Scope) -> String {
-    match scope {
-        Scope::Tier(n) => format!("tier:{}", escaped(n)),
-        Scope::Route(n) => format!("route:{}", escaped(n)),
-        Scope::TierTokens(n) => format!("tier-tokens:{}", escaped(n)),
-        Scope::RouteTokens(n) => format!("route-tokens:{}", escaped(n)),
-    }
+/// `prefix` + `scope:name:identity`, e.g. `sluice:rl:tier:free:key:alice`.
+fn limit_key(prefix: &str, key: &BucketKey) -> String {
+    let (kind, name) = match &key.scope {
+        Scope::Tier(n) => ("tier:", n),
+        Scope::Route(n) => ("route:", n),
+        Scope::TierTokens(n) => ("tier-tokens:", n),
+        Scope::RouteTokens(n) => ("route-tokens:", n),
+    };
+    let mut out = String::with_capacity(64);
+    out.push_str(prefix);
+    out.push_str(kind);
+    push_escaped(&mut out, name);
+    out.push(':');
+    push_identity(&mut out, &key.identity);
+    out
 }
 
 fn bucket_key(key: &BucketKey) -> String {
-    format!(
-        "sluice:rl:{}:{}",
-        scope_part(&key.scope),
-        identity_part(&key.identity)
-    )
+    limit_key("sluice:rl:", key)
 }
 
 fn slot_key(key: &BucketKey) -> String {
-    format!(
-        "sluice:slots:{}:{}",
-        scope_part(&key.scope),
-        identity_part(&key.identity)
-    )
+    limit_key("sluice:slots:", key)
 }
 
 /// A day's spend; its alert claims share the hash tag, so one script
@@ -359,7 +377,8 @@ fn encode_entry(entry: &CachedResponse) -> Vec<u8> {
     out
 }
 
-fn decode_entry(raw: &[u8]) -> Option<CachedResponse> {
+/// The body is a slice of `raw`, not a copy of it.
+fn decode_entry(raw: Bytes) -> Option<CachedResponse> {
     let split = raw.iter().position(|&b| b == b'\n')?;
     let head: EntryHead = serde_json::from_slice(&raw[..split]).ok()?;
     let mut headers = HeaderMap::new();
@@ -373,7 +392,7 @@ fn decode_entry(raw: &[u8]) -> Option<CachedResponse> {
     let now = std::time::Instant::now();
     Some(CachedResponse {
         headers,
-        body: Bytes::copy_from_slice(&raw[split + 1..]),
+        body: raw.slice(split + 1..),
         stored_at: now.checked_sub(age).unwrap_or(now),
         model: head.model,
         cost_usd: head.cost_usd,
@@ -414,11 +433,25 @@ mod tests {
             cost_usd: Some(0.25),
             ttl: Duration::from_secs(60),
         };
-        let back = decode_entry(&encode_entry(&entry)).unwrap();
+        let back = decode_entry(Bytes::from(encode_entry(&entry))).unwrap();
         assert_eq!(back.body, entry.body);
         assert_eq!(back.headers, entry.headers);
         assert_eq!(back.model, entry.model);
         assert_eq!(back.cost_usd, entry.cost_usd);
         assert_eq!(back.ttl, entry.ttl);
+    }
+
+    #[test]
+    fn limit_keys_escape_names_and_keep_their_shape() {
+        let key = BucketKey {
+            scope: Scope::Tier("fr:ee".into()),
+            identity: IdentityId::Key("a%b".into()),
+        };
+        assert_eq!(bucket_key(&key), "sluice:rl:tier:fr%3Aee:key:a%25b");
+        let key = BucketKey {
+            scope: Scope::RouteTokens("chat".into()),
+            identity: IdentityId::Ip("10.0.0.1".parse().unwrap()),
+        };
+        assert_eq!(slot_key(&key), "sluice:slots:route-tokens:chat:ip:10.0.0.1");
     }
 }
