@@ -1070,7 +1070,6 @@ fn key_loc(t: &Option<Text>) -> Location {
         .unwrap_or(Location::UNKNOWN)
 }
 
-/// The `allow` header value for a 405 on a route limited to `methods`.
 /// Reads and compiles a JSON Schema once per config load.
 fn load_schema(path: &Path) -> Result<jsonschema::Validator, String> {
     let shown = path.display();
@@ -1086,6 +1085,7 @@ fn load_schema(path: &Path) -> Result<jsonschema::Validator, String> {
     })
 }
 
+/// The `allow` header value for a 405 on a route limited to `methods`.
 fn allow_header(methods: &[Method], cors: bool) -> HeaderValue {
     let mut names: Vec<&str> = methods.iter().map(Method::as_str).collect();
     if cors && !names.contains(&"OPTIONS") {

@@ -155,7 +155,10 @@ fn absorb(usage: &mut Usage, json: &Value) {
         .or_else(|| json.get("response"))
         .filter(|m| m.is_object())
         .unwrap_or(json);
-    if let Some(model) = body.get("model").and_then(Value::as_str) {
+    // Every chunk of a stream repeats the model: copied once, not per chunk.
+    if let Some(model) = body.get("model").and_then(Value::as_str)
+        && usage.model.as_deref() != Some(model)
+    {
         usage.model = Some(model.to_owned());
     }
     if let Some(u) = body

@@ -142,11 +142,7 @@ impl RequestDirectives {
 
 /// The directives of every `cache-control` header, names only.
 fn directives(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
+    super::headers::list_items(headers, header::CACHE_CONTROL)
         .map(|d| d.split('=').next().unwrap_or("").trim())
 }
 

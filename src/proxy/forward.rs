@@ -97,10 +97,10 @@ pub async fn send(
     }
     match route.target {
         Target::Upstream(index) => {
-            let name = snap.upstreams.get(index).map(|u| u.name.clone());
-            if let Some(upstream) = snap.upstreams.get(index) {
+            let name = snap.upstreams.get(index).map(|upstream| {
                 headers::for_upstream(&mut parts.headers, upstream);
-            }
+                upstream.name.clone()
+            });
             attempt(active, index, ctx, parts, body::full(body))
                 .await
                 .map_err(|f| single_failure(name.as_deref().unwrap_or("upstream"), f))

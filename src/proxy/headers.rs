@@ -66,12 +66,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present & 1 != 0 {
         // `close` and names of the table (usually `keep-alive`) need no
         // lookup: the table's are removed below when present.
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
+        let named: Vec<HeaderName> = list_items(headers, header::CONNECTION)
             .filter(|token| {
                 !token.eq_ignore_ascii_case("close")
                     && !HOP_BY_HOP
@@ -89,6 +84,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+}
+
+/// The items of a comma-separated list header, over all its values,
+/// trimmed (`cache-control`, `connection`, ...).
+pub fn list_items(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
 }
 
 /// Whether a header is one of sluice's own (`x-sluice-*`).

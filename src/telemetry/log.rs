@@ -15,7 +15,7 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 
-use super::access_log::RENDERED_FIELD;
+use super::access_log::{ACCESS_TARGET, RENDERED_FIELD};
 use crate::snapshot::{LogFormat, Logging};
 
 /// Where log lines go.
@@ -127,6 +127,7 @@ where
         write_json_str(&mut writer, meta.target())?;
         let mut visitor = JsonFields {
             out: &mut writer,
+            access: meta.target() == ACCESS_TARGET,
             result: Ok(()),
         };
         event.record(&mut visitor);
@@ -137,6 +138,9 @@ where
 
 struct JsonFields<'a, 'w> {
     out: &'a mut Writer<'w>,
+    /// An access-log event: its rendered members are written as they are
+    /// (no other event's field is trusted to be JSON).
+    access: bool,
     result: fmt::Result,
 }
 
@@ -156,7 +160,7 @@ impl JsonFields<'_, '_> {
 
 impl Visit for JsonFields<'_, '_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == RENDERED_FIELD {
+        if self.access && field.name() == RENDERED_FIELD {
             // The access log's members, rendered and escaped already.
             if self.result.is_ok() {
                 self.result = self.out.write_str(value);
