@@ -247,21 +247,24 @@ pub struct Fill {
     headers: HeaderMap,
     chunks: Vec<Bytes>,
     len: usize,
+    /// Past it (`len > cap`) the body is no longer copied or stored.
     cap: usize,
-    /// The body grew past the per-entry cap: it is no longer copied.
-    overflowed: bool,
 }
 
 impl std::fmt::Debug for Fill {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fill")
             .field("len", &self.len)
-            .field("overflowed", &self.overflowed)
+            .field("overflowed", &self.overflowed())
             .finish_non_exhaustive()
     }
 }
 
 impl Fill {
+    fn overflowed(&self) -> bool {
+        self.len > self.cap
+    }
+
     fn new(key: Key, settings: &RouteCache, flight: Option<Flight>, cap: usize) -> Self {
         Fill {
             key,
@@ -271,7 +274,6 @@ impl Fill {
             chunks: Vec::new(),
             len: 0,
             cap,
-            overflowed: false,
         }
     }
 
@@ -296,13 +298,12 @@ impl Fill {
     /// Copies a body chunk the client was sent (a reference count, not
     /// the bytes).
     pub fn observe(&mut self, data: &Bytes) {
-        if self.overflowed {
+        if self.overflowed() {
             return;
         }
         self.len += data.len();
-        if self.len > self.cap {
+        if self.overflowed() {
             // Too large to store: the requests waiting on it go now.
-            self.overflowed = true;
             self.chunks = Vec::new();
             self.flight = None;
             return;
@@ -312,7 +313,7 @@ impl Fill {
 
     /// Stores the response, which ended cleanly.
     pub fn store(mut self, state: &State, model: Option<String>, cost_usd: Option<f64>) {
-        if self.overflowed {
+        if self.overflowed() {
             return;
         }
         let body = match self.chunks.as_slice() {

@@ -115,3 +115,28 @@ pub fn decorate(allowed: Allowed, headers: &mut HeaderMap) {
         HeaderValue::from_static(EXPOSE),
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::EXPOSE;
+    use crate::proxy::error::RETRY_AFTER_MS;
+    use crate::proxy::headers::{X_REQUEST_ID, X_SLUICE_CACHE};
+    use crate::proxy::limit::{REQUEST_HEADERS, TOKEN_HEADERS};
+
+    #[test]
+    fn every_header_sluice_sets_is_exposed() {
+        let exposed: Vec<&str> = EXPOSE.split(", ").collect();
+        let ours = [
+            X_REQUEST_ID,
+            X_SLUICE_CACHE,
+            http::header::RETRY_AFTER,
+            RETRY_AFTER_MS,
+        ]
+        .into_iter()
+        .chain(REQUEST_HEADERS)
+        .chain(TOKEN_HEADERS);
+        for name in ours {
+            assert!(exposed.contains(&name.as_str()), "{name} is not exposed");
+        }
+    }
+}

@@ -11,6 +11,9 @@ use serde_json::json;
 
 use crate::body::{BoxBody, full};
 
+/// A 429's wait in milliseconds, as OpenAI sends it beside `retry-after`.
+pub const RETRY_AFTER_MS: http::HeaderName = http::HeaderName::from_static("retry-after-ms");
+
 #[derive(Debug)]
 pub enum ProxyError {
     RouteNotFound,
@@ -191,7 +194,7 @@ impl ProxyError {
             ProxyError::RateLimited { retry_after } => {
                 headers.insert(header::RETRY_AFTER, secs_header(retry_after));
                 headers.insert(
-                    "retry-after-ms",
+                    RETRY_AFTER_MS,
                     HeaderValue::from(u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX)),
                 );
             }

@@ -280,13 +280,13 @@ fn refused(
 /// The `x-ratelimit-{limit,remaining,reset}-*` names of one kind of bucket.
 type HeaderNames = [HeaderName; 3];
 
-const REQUEST_HEADERS: HeaderNames = [
+pub(crate) const REQUEST_HEADERS: HeaderNames = [
     HeaderName::from_static("x-ratelimit-limit-requests"),
     HeaderName::from_static("x-ratelimit-remaining-requests"),
     HeaderName::from_static("x-ratelimit-reset-requests"),
 ];
 
-const TOKEN_HEADERS: HeaderNames = [
+pub(crate) const TOKEN_HEADERS: HeaderNames = [
     HeaderName::from_static("x-ratelimit-limit-tokens"),
     HeaderName::from_static("x-ratelimit-remaining-tokens"),
     HeaderName::from_static("x-ratelimit-reset-tokens"),
