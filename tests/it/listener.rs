@@ -5,20 +5,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use crate::support::{MockUpstream, TestGateway, UpstreamReply};
+use crate::support::{MockUpstream, TestGateway, UpstreamReply, app_config};
 
 fn config(url: &str, limits: &str) -> String {
-    format!(
-        r#"
-limits: {limits}
-upstreams: {{ app: {{ url: "{url}" }} }}
-routes:
-  - name: app
-    match: {{ path_prefix: / }}
-    auth: none
-    upstream: app
-"#
-    )
+    app_config(url, &format!("limits: {limits}"))
 }
 
 /// Sends one keep-alive GET on `stream` and reads the reply head + "ok".

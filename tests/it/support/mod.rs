@@ -13,7 +13,7 @@ use std::time::Duration;
 pub use client::{Client, Reply as ClientReply};
 pub use gateway::TestGateway;
 pub use redis::RedisServer;
-pub use upstream::{MockUpstream, Seen, TestPki, UpstreamReply, tls_listener_config};
+pub use upstream::{MockUpstream, Seen, TestPki, UpstreamReply, app_config, tls_listener_config};
 
 /// Polls `check` until it holds, for at most `within`.
 pub async fn eventually<F: FnMut() -> bool>(within: Duration, mut check: F) -> bool {

@@ -291,12 +291,12 @@ pub struct TestPki {
     pub key_pem: String,
 }
 
-/// A listener config serving HTTPS with `tls.crt`/`tls.key` (as written
-/// by [`TestPki::write_files`]) in front of the upstream at `url`.
-pub fn tls_listener_config(url: &str) -> String {
+/// A config with one open route to the upstream at `url`, after `head`
+/// (top-level settings such as `limits:` or `tls:`).
+pub fn app_config(url: &str, head: &str) -> String {
     format!(
         r#"
-tls: {{ cert_file: tls.crt, key_file: tls.key }}
+{head}
 upstreams: {{ app: {{ url: "{url}" }} }}
 routes:
   - name: app
@@ -305,6 +305,12 @@ routes:
     upstream: app
 "#
     )
+}
+
+/// [`app_config`] served over HTTPS with `tls.crt`/`tls.key` (as written
+/// by [`TestPki::write_files`]).
+pub fn tls_listener_config(url: &str) -> String {
+    app_config(url, "tls: { cert_file: tls.crt, key_file: tls.key }")
 }
 
 impl TestPki {
