@@ -5,6 +5,8 @@
 //! streams. A JSON body's frames are kept by reference (up to a cap) for
 //! parsing at its end, a stream is parsed event by event.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use serde_json::Value;
 
@@ -97,14 +99,18 @@ impl JsonFrames {
 }
 
 /// The fields of a whole JSON answer that metering needs; the rest of the
-/// document is skipped without being built.
+/// document is skipped without being built. Strings are borrowed from the
+/// body where they hold no escapes, and `choices` is walked rather than
+/// collected: only its first `finish_reason` is kept.
 #[derive(serde::Deserialize, Default)]
 #[serde(default)]
-struct Answer {
-    model: Option<String>,
+struct Answer<'a> {
+    #[serde(borrow)]
+    model: Option<Cow<'a, str>>,
     usage: Option<AnswerUsage>,
-    choices: Vec<AnswerChoice>,
-    stop_reason: Option<String>,
+    choices: FirstFinishReason<'a>,
+    #[serde(borrow)]
+    stop_reason: Option<Cow<'a, str>>,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -118,8 +124,38 @@ struct AnswerUsage {
 
 #[derive(serde::Deserialize, Default)]
 #[serde(default)]
-struct AnswerChoice {
-    finish_reason: Option<String>,
+struct AnswerChoice<'a> {
+    #[serde(borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+/// The first non-null `finish_reason` of a `choices` array.
+#[derive(Default)]
+struct FirstFinishReason<'a>(Option<Cow<'a, str>>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for FirstFinishReason<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Choices;
+        impl<'de> serde::de::Visitor<'de> for Choices {
+            type Value = FirstFinishReason<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of choices")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut first = None;
+                while let Some(choice) = seq.next_element::<AnswerChoice<'de>>()? {
+                    if first.is_none() {
+                        first = choice.finish_reason;
+                    }
+                }
+                Ok(FirstFinishReason(first))
+            }
+        }
+        d.deserialize_seq(Choices)
+    }
 }
 
 fn from_json_body(body: &[u8]) -> Usage {
@@ -128,14 +164,10 @@ fn from_json_body(body: &[u8]) -> Usage {
     };
     let usage = answer.usage.unwrap_or_default();
     Usage {
-        model: answer.model,
+        model: answer.model.map(Cow::into_owned),
         input_tokens: usage.prompt_tokens.or(usage.input_tokens),
         output_tokens: usage.completion_tokens.or(usage.output_tokens),
-        finish_reason: answer
-            .choices
-            .into_iter()
-            .find_map(|c| c.finish_reason)
-            .or(answer.stop_reason),
+        finish_reason: answer.choices.0.or(answer.stop_reason).map(Cow::into_owned),
         stream_error: false,
     }
 }
@@ -235,6 +267,25 @@ mod tests {
                 finish_reason: Some("stop".into()),
                 stream_error: false,
             }
+        );
+    }
+
+    #[test]
+    fn json_answer_with_escaped_strings_and_several_choices() {
+        // The model name holds an escape (so it cannot be borrowed), the
+        // first choice has no finish reason yet, the later ones do.
+        let body = br#"{"model":"ft:gpt-4o\/acme","choices":[{"finish_reason":null,"message":{"content":"a \"quote\""}},{"finish_reason":"length"},{"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
+        let usage = from_json_body(body);
+        assert_eq!(usage.model.as_deref(), Some("ft:gpt-4o/acme"));
+        assert_eq!(usage.finish_reason.as_deref(), Some("length"));
+        assert_eq!(
+            (usage.input_tokens, usage.output_tokens),
+            (Some(1), Some(2))
+        );
+        // A `choices` that is not an array is not an OpenAI answer.
+        assert_eq!(
+            from_json_body(br#"{"model":"m","choices":{}}"#),
+            Usage::default()
         );
     }
 
