@@ -1,6 +1,7 @@
 //! LLM-aware handling of bodies: the tap every response passes through,
 //! SSE decoding, usage, pricing and spend, and OpenAI request shapes.
 
+pub mod facts;
 pub mod pricing;
 pub mod shape;
 pub mod spend;

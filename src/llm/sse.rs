@@ -4,6 +4,8 @@
 //! no content yet (comments, role-only or empty chat deltas, Anthropic's
 //! `message_start`/`ping`), which the failover loop may hold back.
 
+use std::borrow::Cow;
+
 use bytes::{Buf, Bytes, BytesMut};
 use serde_json::Value;
 
@@ -20,10 +22,16 @@ impl EventSplitter {
 
     /// The next complete event, without its terminating blank line.
     pub fn next_event(&mut self) -> Option<Bytes> {
+        self.next_event_sized().map(|(event, _)| event)
+    }
+
+    /// The next complete event, and how many bytes it took with its
+    /// blank line.
+    pub fn next_event_sized(&mut self) -> Option<(Bytes, usize)> {
         let (end, sep) = find_blank_line(&self.buf)?;
         let event = self.buf.split_to(end).freeze();
         self.buf.advance(sep);
-        Some(event)
+        Some((event, end + sep))
     }
 
     /// Bytes waiting for the end of their event.
@@ -56,37 +64,39 @@ pub fn is_event_stream(content_type: &[u8]) -> bool {
     content_type.starts_with(b"text/event-stream")
 }
 
-/// The `data:` lines of an event, joined by newlines as the SSE spec says;
-/// `None` for non-UTF-8 events.
-pub fn event_data(event: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(event).ok()?;
-    let mut data = String::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("data:") {
-            if !data.is_empty() {
-                data.push('\n');
-            }
-            data.push_str(rest.strip_prefix(' ').unwrap_or(rest));
-        }
+/// The payload of an event: its `data:` lines, joined by newlines as the
+/// SSE spec says, borrowed from the event when it has just one (the usual
+/// case). Empty for an event with none (comments, `event:`, `id:` only).
+pub fn event_payload(event: &[u8]) -> Cow<'_, [u8]> {
+    let mut data_lines = event
+        .split(|&b| b == b'\n')
+        .filter_map(|line| line.strip_prefix(b"data:"))
+        .map(|rest| {
+            let rest = rest.strip_suffix(b"\r").unwrap_or(rest);
+            rest.strip_prefix(b" ").unwrap_or(rest)
+        });
+    let Some(first) = data_lines.next() else {
+        return Cow::Borrowed(&[]);
+    };
+    let Some(second) = data_lines.next() else {
+        return Cow::Borrowed(first);
+    };
+    let mut joined = [first, second].join(&b'\n');
+    for line in data_lines {
+        joined.push(b'\n');
+        joined.extend_from_slice(line);
     }
-    Some(data)
-}
-
-/// The JSON an event carries, if it carries JSON.
-pub fn event_json(event: &[u8]) -> Option<Value> {
-    serde_json::from_str(&event_data(event)?).ok()
+    Cow::Owned(joined)
 }
 
 /// Whether an event carries no content yet, so that the stream could still
 /// be replaced by another upstream's without the client noticing.
 pub fn is_preamble(event: &[u8]) -> bool {
-    let Some(data) = event_data(event) else {
-        return false;
-    };
+    let data = event_payload(event);
     if data.is_empty() {
         return true; // comments, `event:`, `id:`, `retry:` only
     }
-    let Ok(json) = serde_json::from_str::<Value>(&data) else {
+    let Ok(json) = serde_json::from_slice::<Value>(&data) else {
         return false; // `[DONE]` or anything unknown: treat as content
     };
     if let Some(kind) = json.get("type").and_then(Value::as_str) {
@@ -148,17 +158,6 @@ mod tests {
     }
 }
 
-/// Whether an event is the usage-only chunk an OpenAI stream ends with
-/// when `stream_options.include_usage` is set (`choices: []` + `usage`).
-pub fn is_usage_only(event: &[u8]) -> bool {
-    event_json(event).is_some_and(|v| {
-        v.get("usage").is_some_and(Value::is_object)
-            && v.get("choices")
-                .and_then(Value::as_array)
-                .is_some_and(Vec::is_empty)
-    })
-}
-
 /// For a streamed chat completion that did not ask for usage, the body
 /// with `stream_options.include_usage` set, so the upstream reports it;
 /// `None` when the request is not such a stream or already asks.
@@ -184,18 +183,18 @@ pub fn ask_for_usage(body: &[u8]) -> Option<Bytes> {
 }
 
 #[cfg(test)]
-mod usage_tests {
+mod payload_tests {
     use super::*;
 
     #[test]
-    fn usage_only_chunk_is_recognized() {
-        assert!(is_usage_only(
-            br#"data: {"choices":[],"usage":{"prompt_tokens":1}}"#
+    fn event_payloads() {
+        assert!(matches!(event_payload(b"data: {}"), Cow::Borrowed(b"{}")));
+        assert!(matches!(
+            event_payload(b"event: ping\r\ndata:{\"a\":1}\r\nid: 7"),
+            Cow::Borrowed(br#"{"a":1}"#)
         ));
-        assert!(!is_usage_only(
-            br#"data: {"choices":[{"delta":{}}],"usage":null}"#
-        ));
-        assert!(!is_usage_only(b"data: [DONE]"));
+        assert_eq!(&*event_payload(b"data: a\ndata:  b\ndata: c"), b"a\n b\nc");
+        assert!(event_payload(b": comment").is_empty());
     }
 
     #[test]

@@ -10,13 +10,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
 use crate::body::{BodyError, BoxBody};
 use crate::gateway::{Active, Gateway};
-use crate::llm::sse::{self, EventSplitter};
 use crate::llm::usage::{Meter, Usage};
 use crate::llm::{pricing, spend};
 use crate::proxy::cache::Fill;
@@ -46,10 +45,9 @@ pub struct Tap {
     sse: bool,
     /// The error event was sent: the body is over.
     ended: bool,
-    /// Reads usage from an upstream's JSON or SSE body as it passes.
+    /// Reads usage from an upstream's JSON or SSE body as it passes, and
+    /// removes the usage chunk of a stream when sluice asked for it.
     meter: Option<Meter>,
-    /// Set when sluice asked for stream usage: removes that chunk.
-    strip: Option<EventSplitter>,
     /// A cache miss: what the client is sent is copied, to be stored.
     fill: Option<Fill>,
     /// `log_bodies`: the head of what the client is sent, for the log.
@@ -74,9 +72,14 @@ impl Tap {
         idle: Option<Duration>,
         deadline: Instant,
         sse: bool,
-        meter: Option<Meter>,
+        mut meter: Option<Meter>,
     ) -> Self {
-        let strip = (sse && finish.ctx.usage_injected).then(EventSplitter::default);
+        if let Some(meter) = meter.as_mut()
+            && sse
+            && finish.ctx.usage_injected
+        {
+            meter.strip_usage_chunk();
+        }
         let mut finish = finish;
         let fill = finish.ctx.cache_fill.take();
         let body_log = finish
@@ -89,7 +92,6 @@ impl Tap {
             fill,
             body_log,
             meter,
-            strip,
             inner,
             finish: Some(finish),
             idle,
@@ -195,20 +197,6 @@ impl Tap {
     }
 }
 
-/// The complete events of `data` except the usage-only chunk sluice asked
-/// for; an event split across frames is held until its end.
-fn without_usage_chunk(splitter: &mut EventSplitter, data: &[u8]) -> Bytes {
-    splitter.push(data);
-    let mut out = BytesMut::new();
-    while let Some(event) = splitter.next_event() {
-        if !sse::is_usage_only(&event) {
-            out.extend_from_slice(&event);
-            out.extend_from_slice(b"\n\n");
-        }
-    }
-    out.freeze()
-}
-
 /// Puts a response's usage into the ctx (for the access log) and metrics.
 fn record_usage(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, usage: Usage) {
     if usage.input_tokens.is_none()
@@ -265,40 +253,39 @@ impl Body for Tap {
         loop {
             return match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    if let (Some(meter), Some(data)) = (this.meter.as_mut(), frame.data_ref()) {
-                        meter.observe(data);
-                    }
+                    let replaced = match (this.meter.as_mut(), frame.data_ref()) {
+                        (Some(meter), Some(data)) => meter.observe(data),
+                        _ => None,
+                    };
                     if this.idle.is_some() {
                         let wake = this.next_wake();
                         if let Some(timer) = &mut this.timer {
                             timer.as_mut().reset(wake.into());
                         }
                     }
-                    match (this.strip.as_mut(), frame.data_ref()) {
-                        (Some(splitter), Some(data)) => {
-                            let out = without_usage_chunk(splitter, data);
-                            if out.is_empty() {
-                                continue;
-                            }
+                    match replaced {
+                        Some(out) if out.is_empty() => continue,
+                        Some(out) => {
                             this.copy(&out);
                             Poll::Ready(Some(Ok(Frame::data(out))))
                         }
-                        (None, Some(data)) => {
-                            this.copy(data);
+                        None => {
+                            if let Some(data) = frame.data_ref() {
+                                this.copy(data);
+                            }
                             Poll::Ready(Some(Ok(frame)))
                         }
-                        _ => Poll::Ready(Some(Ok(frame))),
                     }
                 }
                 Poll::Ready(Some(Err(e))) => this.fail("upstream_stream_error", e),
                 Poll::Ready(None) => {
                     // An unterminated last event is passed on as it came.
-                    let rest = this.strip.as_mut().map(EventSplitter::take_pending);
+                    let rest = this.meter.as_mut().and_then(Meter::take_held);
                     if let Some(rest) = rest.as_ref() {
                         this.copy(rest);
                     }
                     this.finalize(None);
-                    match rest.filter(|r| !r.is_empty()) {
+                    match rest {
                         Some(rest) => {
                             this.ended = true;
                             Poll::Ready(Some(Ok(Frame::data(rest))))

@@ -7,10 +7,10 @@
 
 use std::borrow::Cow;
 
-use bytes::Bytes;
-use serde_json::Value;
+use bytes::{Bytes, BytesMut};
 
-use super::sse::{self, EventSplitter, event_json};
+use super::facts::{self, Answer, Facts};
+use super::sse::{self, EventSplitter};
 use crate::body::Joined;
 
 /// JSON bodies larger than this are not metered (they are not LLM answers).
@@ -31,14 +31,14 @@ pub struct Usage {
 /// Observes one response body.
 pub enum Meter {
     Json(JsonFrames),
-    Sse(EventSplitter, Usage),
+    Sse(SseMeter),
 }
 
 impl Meter {
     /// A meter for a response of this content type, if it is one we read.
     pub fn for_content_type(content_type: &[u8]) -> Option<Meter> {
         if sse::is_event_stream(content_type) {
-            Some(Meter::Sse(EventSplitter::default(), Usage::default()))
+            Some(Meter::Sse(SseMeter::default()))
         } else if content_type.starts_with(b"application/json") {
             Some(Meter::Json(JsonFrames::default()))
         } else {
@@ -46,24 +46,41 @@ impl Meter {
         }
     }
 
-    pub fn observe(&mut self, data: &Bytes) {
+    /// Keeps the usage-only chunk of a stream from the client: sluice
+    /// asked for it on the client's behalf (`stream_options`).
+    pub fn strip_usage_chunk(&mut self) {
+        if let Meter::Sse(stream) = self {
+            stream.strip_usage = true;
+        }
+    }
+
+    /// Reads one frame of the body. `Some` is what the client is to be
+    /// sent instead of the frame (possibly nothing), when it differs.
+    pub fn observe(&mut self, data: &Bytes) -> Option<Bytes> {
         match self {
-            Meter::Json(frames) => frames.push(data),
-            Meter::Sse(splitter, usage) => {
-                splitter.push(data);
-                while let Some(event) = splitter.next_event() {
-                    if let Some(json) = event_json(&event) {
-                        absorb(usage, &json);
-                    }
-                }
+            Meter::Json(frames) => {
+                frames.push(data);
+                None
             }
+            Meter::Sse(stream) => stream.observe(data),
+        }
+    }
+
+    /// At the end of the body: the start of an unterminated last event
+    /// held back while stripping, to be sent as it came.
+    pub fn take_held(&mut self) -> Option<Bytes> {
+        match self {
+            Meter::Sse(stream) if stream.strip_usage => {
+                Some(stream.splitter.take_pending()).filter(|rest| !rest.is_empty())
+            }
+            _ => None,
         }
     }
 
     pub fn finish(self) -> Usage {
         match self {
             Meter::Json(frames) => frames.usage(),
-            Meter::Sse(_, usage) => usage,
+            Meter::Sse(stream) => stream.usage,
         }
     }
 }
@@ -98,123 +115,121 @@ impl JsonFrames {
     }
 }
 
-/// The fields of a whole JSON answer that metering needs; the rest of the
-/// document is skipped without being built. Strings are borrowed from the
-/// body where they hold no escapes, and `choices` is walked rather than
-/// collected: only its first `finish_reason` is kept.
-#[derive(serde::Deserialize, Default)]
-#[serde(default)]
-struct Answer<'a> {
-    #[serde(borrow)]
-    model: Option<Cow<'a, str>>,
-    usage: Option<AnswerUsage>,
-    choices: FirstFinishReason<'a>,
-    #[serde(borrow)]
-    stop_reason: Option<Cow<'a, str>>,
-}
-
-#[derive(serde::Deserialize, Default)]
-#[serde(default)]
-struct AnswerUsage {
-    prompt_tokens: Option<u64>,
-    completion_tokens: Option<u64>,
-    input_tokens: Option<u64>,
-    output_tokens: Option<u64>,
-}
-
-#[derive(serde::Deserialize, Default)]
-#[serde(default)]
-struct AnswerChoice<'a> {
-    #[serde(borrow)]
-    finish_reason: Option<Cow<'a, str>>,
-}
-
-/// The first non-null `finish_reason` of a `choices` array.
+/// An SSE body, metered event by event as events complete; each event is
+/// parsed once, for its usage and for whether it is the chunk to strip.
 #[derive(Default)]
-struct FirstFinishReason<'a>(Option<Cow<'a, str>>);
+pub struct SseMeter {
+    splitter: EventSplitter,
+    usage: Usage,
+    strip_usage: bool,
+}
 
-impl<'de: 'a, 'a> serde::Deserialize<'de> for FirstFinishReason<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Choices;
-        impl<'de> serde::de::Visitor<'de> for Choices {
-            type Value = FirstFinishReason<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an array of choices")
+impl SseMeter {
+    fn observe(&mut self, data: &Bytes) -> Option<Bytes> {
+        let carried = self.splitter.pending();
+        self.splitter.push(data);
+        if !self.strip_usage {
+            while let Some(event) = self.splitter.next_event() {
+                self.absorb_event(&event);
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut first = None;
-                while let Some(choice) = seq.next_element::<AnswerChoice<'de>>()? {
-                    if first.is_none() {
-                        first = choice.finish_reason;
-                    }
-                }
-                Ok(FirstFinishReason(first))
-            }
+            return None;
         }
-        d.deserialize_seq(Choices)
+        // Stripping: only complete events go on. A frame of whole events
+        // none of which is stripped goes on as it came (the usual case).
+        // Otherwise the events kept are sent, each ended by a blank line.
+        let mut rebuilt = (carried > 0).then(BytesMut::new);
+        let mut consumed = 0;
+        while let Some((event, size)) = self.splitter.next_event_sized() {
+            let strip = self.absorb_event(&event);
+            match rebuilt.as_mut() {
+                // The first stripped event of a frame that began on an
+                // event boundary: what came before it goes as it came.
+                None if strip => rebuilt = Some(BytesMut::from(&data[..consumed])),
+                Some(out) if !strip => {
+                    out.extend_from_slice(&event);
+                    out.extend_from_slice(b"\n\n");
+                }
+                _ => {}
+            }
+            consumed += size;
+        }
+        match rebuilt {
+            Some(out) => Some(out.freeze()),
+            None if self.splitter.pending() == 0 => None,
+            // Whole events, then the start of one held back.
+            None => Some(data.slice(..consumed)),
+        }
+    }
+
+    /// Folds one event into the usage; true when it is the usage-only
+    /// chunk and sluice strips it.
+    fn absorb_event(&mut self, event: &[u8]) -> bool {
+        let payload = sse::event_payload(event);
+        let Some(facts) = Facts::parse(&payload) else {
+            return false;
+        };
+        absorb(&mut self.usage, &facts);
+        self.strip_usage && facts.is_usage_only()
     }
 }
 
 fn from_json_body(body: &[u8]) -> Usage {
-    let Ok(answer) = serde_json::from_slice::<Answer>(body) else {
+    let Some(answer) = facts::parse::<Answer>(body) else {
         return Usage::default();
     };
-    let usage = answer.usage.unwrap_or_default();
+    let counts = answer.usage.0.unwrap_or_default();
     Usage {
-        model: answer.model.map(Cow::into_owned),
-        input_tokens: usage.prompt_tokens.or(usage.input_tokens),
-        output_tokens: usage.completion_tokens.or(usage.output_tokens),
-        finish_reason: answer.choices.0.or(answer.stop_reason).map(Cow::into_owned),
+        model: answer.model.0.map(Cow::into_owned),
+        input_tokens: counts.input(),
+        output_tokens: counts.output(),
+        finish_reason: answer
+            .choices
+            .0
+            .and_then(|c| c.finish_reason)
+            .or(answer.stop_reason.0)
+            .map(Cow::into_owned),
         stream_error: false,
     }
 }
 
-/// Folds one JSON object (a whole body or one stream event) into `usage`.
-fn absorb(usage: &mut Usage, json: &Value) {
+/// Folds one stream event into `usage`.
+fn absorb(usage: &mut Usage, event: &Facts<'_>) {
     // OpenAI's `{"error": {...}}`, Anthropic's `{"type": "error", ...}`.
-    if json.get("error").is_some_and(|e| !e.is_null())
-        || json.get("type").and_then(Value::as_str) == Some("error")
-    {
+    if event.error.is_some() || event.kind.0.as_deref() == Some("error") {
         usage.stream_error = true;
     }
     // Anthropic streams wrap the message in `message_start`, the OpenAI
     // responses API its answer in `response.completed`.
-    let body = json
-        .get("message")
-        .or_else(|| json.get("response"))
-        .filter(|m| m.is_object())
-        .unwrap_or(json);
+    let (model, counts, stop_reason) = match event.message.0.as_ref().or(event.response.0.as_ref())
+    {
+        Some(inner) => (&inner.model, inner.usage.0.as_ref(), &inner.stop_reason),
+        None => (&event.model, None, &event.stop_reason),
+    };
     // Every chunk of a stream repeats the model: copied once, not per chunk.
-    if let Some(model) = body.get("model").and_then(Value::as_str)
+    if let Some(model) = model.0.as_deref()
         && usage.model.as_deref() != Some(model)
     {
         usage.model = Some(model.to_owned());
     }
-    if let Some(u) = body
-        .get("usage")
-        .or_else(|| json.get("usage"))
-        .filter(|u| u.is_object())
-    {
-        let num = |k: &str| u.get(k).and_then(Value::as_u64);
-        if let Some(n) = num("prompt_tokens").or_else(|| num("input_tokens")) {
+    if let Some(counts) = counts.or(event.usage.0.as_ref()) {
+        if let Some(n) = counts.input() {
             usage.input_tokens = Some(n);
         }
-        if let Some(n) = num("completion_tokens").or_else(|| num("output_tokens")) {
+        if let Some(n) = counts.output() {
             usage.output_tokens = Some(n);
         }
     }
-    let reason = json
-        .get("choices")
-        .and_then(Value::as_array)
-        .and_then(|c| {
-            c.iter()
-                .find_map(|c| c.get("finish_reason").and_then(Value::as_str))
-        })
-        .or_else(|| body.get("stop_reason").and_then(Value::as_str))
-        .or_else(|| json.pointer("/delta/stop_reason").and_then(Value::as_str));
+    let reason = event
+        .choices
+        .0
+        .as_ref()
+        .and_then(|c| c.finish_reason.as_deref())
+        .or(stop_reason.0.as_deref())
+        .or(event
+            .delta
+            .0
+            .as_ref()
+            .and_then(|d| d.stop_reason.0.as_deref()));
     if let Some(reason) = reason {
         usage.finish_reason = Some(reason.to_owned());
     }
@@ -252,6 +267,70 @@ mod tests {
         assert_eq!(m.finish(), Usage::default());
     }
 
+    fn stripping_meter() -> Meter {
+        let mut m = Meter::for_content_type(b"text/event-stream").unwrap();
+        m.strip_usage_chunk();
+        m
+    }
+
+    const CHUNK: &[u8] = b"data: {\"model\":\"m\",\"choices\":[{\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}]}\r\n\r\n";
+    const USAGE: &[u8] =
+        b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":5}}\n\n";
+
+    #[test]
+    fn stripping_passes_whole_event_frames_as_they_came() {
+        let mut m = stripping_meter();
+        // Whole events, none stripped: the frame goes on unchanged
+        // (its CRLF separators too).
+        assert_eq!(m.observe(&Bytes::from_static(CHUNK)), None);
+        // The usage chunk between two events is cut out; the rest of the
+        // frame goes on byte for byte.
+        let frame = [CHUNK, USAGE, b"data: [DONE]\n\n"].concat();
+        let out = m.observe(&Bytes::from(frame)).unwrap();
+        assert_eq!(&out[..], &[CHUNK, b"data: [DONE]\n\n"].concat()[..]);
+        assert_eq!(m.take_held(), None);
+        let usage = m.finish();
+        assert_eq!(
+            (usage.input_tokens, usage.output_tokens),
+            (Some(3), Some(5))
+        );
+    }
+
+    #[test]
+    fn stripping_holds_an_event_until_it_is_complete() {
+        let mut m = stripping_meter();
+        // A whole event then half of the usage chunk: the whole one goes
+        // on, zero-copy, the half is held.
+        let frame = Bytes::from([CHUNK, &USAGE[..20]].concat());
+        let out = m.observe(&frame).unwrap();
+        assert_eq!(&out[..], CHUNK);
+        // The rest of the usage chunk completes it: stripped, nothing sent.
+        assert_eq!(
+            m.observe(&Bytes::from_static(&USAGE[20..])).as_deref(),
+            Some(&b""[..])
+        );
+        // An event begun in an earlier frame is sent rebuilt, whole.
+        assert_eq!(
+            m.observe(&Bytes::from_static(b"data: [DO")).as_deref(),
+            Some(&b""[..])
+        );
+        let out = m.observe(&Bytes::from_static(b"NE]\n\n: tail")).unwrap();
+        assert_eq!(&out[..], b"data: [DONE]\n\n");
+        // An unterminated last event goes as it came, at the end.
+        assert_eq!(m.take_held().as_deref(), Some(&b": tail"[..]));
+        assert_eq!(m.finish().output_tokens, Some(5));
+    }
+
+    #[test]
+    fn a_meter_that_does_not_strip_never_changes_a_frame() {
+        let mut m = Meter::for_content_type(b"text/event-stream").unwrap();
+        for frame in [&USAGE[..10], &USAGE[10..], CHUNK] {
+            assert_eq!(m.observe(&Bytes::copy_from_slice(frame)), None);
+        }
+        assert_eq!(m.take_held(), None);
+        assert_eq!(m.finish().input_tokens, Some(3));
+    }
+
     #[test]
     fn openai_json() {
         let mut m = Meter::for_content_type(b"application/json").unwrap();
@@ -282,11 +361,18 @@ mod tests {
             (usage.input_tokens, usage.output_tokens),
             (Some(1), Some(2))
         );
-        // A `choices` that is not an array is not an OpenAI answer.
-        assert_eq!(
-            from_json_body(br#"{"model":"m","choices":{}}"#),
-            Usage::default()
+        // A member of an unexpected type is read as absent, the rest is
+        // still metered.
+        let odd = from_json_body(
+            br#"{"model":"m","choices":{},"usage":{"prompt_tokens":1.5,"completion_tokens":3}}"#,
         );
+        assert_eq!(odd.model.as_deref(), Some("m"));
+        assert_eq!(
+            (odd.input_tokens, odd.output_tokens, odd.finish_reason),
+            (None, Some(3), None)
+        );
+        // Not an object at all: nothing.
+        assert_eq!(from_json_body(br#"["m"]"#), Usage::default());
     }
 
     #[test]

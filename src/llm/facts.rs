@@ -1,0 +1,288 @@
+//! What metering reads from one JSON object (a whole answer or one stream
+//! event), parsed in one pass straight from the bytes: no `Value` tree,
+//! strings borrowed unless they hold escapes, every other member skipped.
+//!
+//! Parsing is lenient on purpose. A member of an unexpected type (a float
+//! token count, a numeric finish reason) is read as absent rather than
+//! failing the whole object: one odd field must not cost the rest of the
+//! metering. Only JSON that does not parse at all yields nothing.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+/// The members of an answer or event that metering uses.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+pub struct Facts<'a> {
+    /// OpenAI's `{"error": {...}}`: present and not null.
+    pub error: Option<IgnoredAny>,
+    /// Anthropic's event type (`{"type": "error"}` among them).
+    #[serde(rename = "type", borrow)]
+    pub kind: Loose<Cow<'a, str>>,
+    /// Anthropic's `message_start` wraps the message here.
+    #[serde(borrow)]
+    pub message: Loose<Inner<'a>>,
+    /// The responses API's `response.completed` wraps its answer here.
+    #[serde(borrow)]
+    pub response: Loose<Inner<'a>>,
+    #[serde(borrow)]
+    pub model: Loose<Cow<'a, str>>,
+    pub usage: Loose<Counts>,
+    #[serde(borrow)]
+    pub choices: Loose<Choices<'a>>,
+    #[serde(borrow)]
+    pub stop_reason: Loose<Cow<'a, str>>,
+    /// Anthropic's `message_delta` carries `delta.stop_reason`.
+    #[serde(borrow)]
+    pub delta: Loose<Delta<'a>>,
+}
+
+/// The members of a whole JSON answer that metering uses (fewer than an
+/// event's, so fewer names to match per member).
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+pub struct Answer<'a> {
+    #[serde(borrow)]
+    pub model: Loose<Cow<'a, str>>,
+    pub usage: Loose<Counts>,
+    #[serde(borrow)]
+    pub choices: Loose<Choices<'a>>,
+    #[serde(borrow)]
+    pub stop_reason: Loose<Cow<'a, str>>,
+}
+
+/// A wrapped message or answer.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+pub struct Inner<'a> {
+    #[serde(borrow)]
+    pub model: Loose<Cow<'a, str>>,
+    pub usage: Loose<Counts>,
+    #[serde(borrow)]
+    pub stop_reason: Loose<Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+pub struct Delta<'a> {
+    #[serde(borrow)]
+    pub stop_reason: Loose<Cow<'a, str>>,
+}
+
+/// Token counts, in OpenAI chat (`prompt_`/`completion_tokens`) or
+/// responses-API and Anthropic (`input_`/`output_tokens`) names.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+pub struct Counts {
+    prompt_tokens: Loose<u64>,
+    completion_tokens: Loose<u64>,
+    input_tokens: Loose<u64>,
+    output_tokens: Loose<u64>,
+}
+
+impl Counts {
+    pub fn input(&self) -> Option<u64> {
+        self.prompt_tokens.0.or(self.input_tokens.0)
+    }
+    pub fn output(&self) -> Option<u64> {
+        self.completion_tokens.0.or(self.output_tokens.0)
+    }
+}
+
+/// A `choices` array, walked rather than collected.
+#[derive(Default)]
+pub struct Choices<'a> {
+    /// The first choice's `finish_reason` that is a string.
+    pub finish_reason: Option<Cow<'a, str>>,
+    pub len: usize,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct Choice<'a> {
+    #[serde(borrow)]
+    finish_reason: Loose<Cow<'a, str>>,
+}
+
+impl<'a> Facts<'a> {
+    /// `None` when `json` is not one JSON object.
+    pub fn parse(json: &'a [u8]) -> Option<Self> {
+        parse(json)
+    }
+
+    /// The usage-only chunk an OpenAI stream ends with when
+    /// `stream_options.include_usage` is set: `choices: []` and `usage`.
+    pub fn is_usage_only(&self) -> bool {
+        self.usage.0.is_some() && self.choices.0.as_ref().is_some_and(|c| c.len == 0)
+    }
+}
+
+/// `json` read as `T`; `None` when it is not one JSON object.
+pub fn parse<'a, T: Deserialize<'a>>(json: &'a [u8]) -> Option<T> {
+    // A derived struct would also read an array, by position.
+    if json.trim_ascii_start().first() != Some(&b'{') {
+        return None;
+    }
+    serde_json::from_slice(json).ok()
+}
+
+/// A member of the expected JSON type, or `None` for any other (null
+/// included), which is skipped rather than an error.
+#[derive(Default)]
+pub struct Loose<T>(pub Option<T>);
+
+/// How a [`Loose`] member is read from each JSON type it accepts; every
+/// type not accepted is skipped.
+pub trait LooseKind<'de>: Sized {
+    fn from_str(_: Cow<'de, str>) -> Option<Self> {
+        None
+    }
+    fn from_u64(_: u64) -> Option<Self> {
+        None
+    }
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Self>, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Option<Self>, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+}
+
+impl<'de: 'a, 'a> LooseKind<'de> for Cow<'a, str> {
+    fn from_str(s: Cow<'de, str>) -> Option<Self> {
+        Some(s)
+    }
+}
+
+impl LooseKind<'_> for u64 {
+    fn from_u64(n: u64) -> Option<Self> {
+        Some(n)
+    }
+}
+
+/// Objects read as a struct; the struct's own members are `Loose`.
+macro_rules! loose_object {
+    ($($ty:ty),*) => {$(
+        impl<'de: 'a, 'a> LooseKind<'de> for $ty {
+            fn from_map<A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
+                Self::deserialize(MapAccessDeserializer::new(map)).map(Some)
+            }
+        }
+    )*};
+}
+loose_object!(Inner<'a>, Delta<'a>, Choice<'a>, Counts);
+
+impl<'de: 'a, 'a> LooseKind<'de> for Choices<'a> {
+    fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Option<Self>, A::Error> {
+        let mut choices = Choices::default();
+        while let Some(choice) = seq.next_element::<Loose<Choice<'a>>>()? {
+            choices.len += 1;
+            if choices.finish_reason.is_none() {
+                choices.finish_reason = choice.0.and_then(|c| c.finish_reason.0);
+            }
+        }
+        Ok(Some(choices))
+    }
+}
+
+impl<'de, T: LooseKind<'de>> Deserialize<'de> for Loose<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(LooseVisitor(PhantomData)).map(Loose)
+    }
+}
+
+struct LooseVisitor<T>(PhantomData<T>);
+
+impl<'de, T: LooseKind<'de>> Visitor<'de> for LooseVisitor<T> {
+    type Value = Option<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Self::Value, E> {
+        Ok(T::from_str(Cow::Borrowed(s)))
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(T::from_str(Cow::Owned(s.to_owned())))
+    }
+    fn visit_string<E: de::Error>(self, s: String) -> Result<Self::Value, E> {
+        Ok(T::from_str(Cow::Owned(s)))
+    }
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Self::Value, E> {
+        Ok(T::from_u64(n))
+    }
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Self::Value, E> {
+        Ok(u64::try_from(n).ok().and_then(T::from_u64))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        T::from_map(map)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        T::from_seq(seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_of_other_types_are_absent_not_errors() {
+        let facts = Facts::parse(
+            br#"{"model":7,"usage":{"prompt_tokens":1.5,"completion_tokens":-2,"input_tokens":4,"output_tokens":"5"},
+                "choices":[3,{"finish_reason":1},{"finish_reason":"stop","extra":[{}]}],"stop_reason":{},"delta":[],
+                "message":"text","error":null}"#,
+        )
+        .unwrap();
+        assert!(facts.model.0.is_none());
+        let usage = facts.usage.0.unwrap();
+        assert_eq!((usage.input(), usage.output()), (Some(4), None));
+        let choices = facts.choices.0.unwrap();
+        assert_eq!(
+            (choices.finish_reason.as_deref(), choices.len),
+            (Some("stop"), 3)
+        );
+        assert!(facts.stop_reason.0.is_none() && facts.delta.0.is_none());
+        assert!(facts.message.0.is_none() && facts.error.is_none());
+    }
+
+    #[test]
+    fn strings_are_borrowed_unless_escaped() {
+        let facts = Facts::parse(br#"{"model":"gpt-4o","type":"a\"b"}"#).unwrap();
+        assert!(matches!(facts.model.0, Some(Cow::Borrowed("gpt-4o"))));
+        assert!(matches!(facts.kind.0.as_deref(), Some("a\"b")));
+    }
+
+    #[test]
+    fn usage_only_chunk() {
+        let only = Facts::parse(br#"{"choices":[],"usage":{"prompt_tokens":1}}"#).unwrap();
+        assert!(only.is_usage_only());
+        for other in [
+            r#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}"#,
+            r#"{"choices":[],"usage":null}"#,
+            r#"{"usage":{"prompt_tokens":1}}"#,
+        ] {
+            assert!(
+                !Facts::parse(other.as_bytes()).unwrap().is_usage_only(),
+                "{other}"
+            );
+        }
+        assert!(Facts::parse(b"[DONE]").is_none());
+        assert!(Facts::parse(b"[1]").is_none());
+    }
+}
