@@ -47,13 +47,18 @@ impl EventSplitter {
 
 /// The position and length of the first blank-line separator.
 fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
-    let mut i = 0;
-    while i + 1 < buf.len() {
-        match (buf[i], buf[i + 1]) {
-            (b'\n', b'\n') => return Some((i, 2)),
-            (b'\r', b'\n') if buf[i + 2..].starts_with(b"\r\n") => return Some((i, 4)),
-            (b'\n', b'\r') if buf[i + 2..].starts_with(b"\n") => return Some((i, 3)),
-            _ => i += 1,
+    // Every separator holds a `\n`: jump from one to the next.
+    let mut from = 0;
+    while let Some(found) = memchr::memchr(b'\n', &buf[from..]) {
+        let i = from + found;
+        let before = i.checked_sub(1).map(|j| buf[j]);
+        match (before, buf.get(i + 1)) {
+            (_, Some(b'\n')) => return Some((i, 2)),
+            (Some(b'\r'), Some(b'\r')) if buf.get(i + 2) == Some(&b'\n') => {
+                return Some((i - 1, 4));
+            }
+            (_, Some(b'\r')) if buf.get(i + 2) == Some(&b'\n') => return Some((i, 3)),
+            _ => from = i + 1,
         }
     }
     None
@@ -136,6 +141,27 @@ mod tests {
         assert_eq!(s.next_event().as_deref(), Some(&b"data: b"[..]));
         assert_eq!(s.next_event().as_deref(), Some(&b": comment"[..]));
         assert_eq!(s.next_event(), None);
+    }
+
+    #[test]
+    fn blank_lines_are_found_as_a_byte_by_byte_scan_finds_them() {
+        fn reference(buf: &[u8]) -> Option<(usize, usize)> {
+            (0..buf.len()).find_map(|i| match &buf[i..] {
+                [b'\n', b'\n', ..] => Some((i, 2)),
+                [b'\r', b'\n', b'\r', b'\n', ..] => Some((i, 4)),
+                [b'\n', b'\r', b'\n', ..] => Some((i, 3)),
+                _ => None,
+            })
+        }
+        // Every string of up to 7 bytes over `a`, CR and LF.
+        for len in 0..=7u32 {
+            for n in 0..3usize.pow(len) {
+                let buf: Vec<u8> = (0..len)
+                    .map(|k| [b'a', b'\r', b'\n'][n / 3usize.pow(k) % 3])
+                    .collect();
+                assert_eq!(find_blank_line(&buf), reference(&buf), "{buf:?}");
+            }
+        }
     }
 
     #[test]
