@@ -39,6 +39,12 @@ pub struct Tap {
     /// Longest wait for the next chunk; `None` for bodies sluice wrote.
     idle: Option<Duration>,
     deadline: Instant,
+    /// When the last frame came (or the tap was made): the idle gap runs
+    /// from here.
+    last_frame: Instant,
+    /// Armed at the first wait. A frame does not move it: when it fires
+    /// early it is set again for the current due time, so a stream pays
+    /// for a timer update once per idle period, not once per chunk.
     timer: Option<Pin<Box<Sleep>>>,
     /// An upstream SSE stream: a break is reported to the client as a final
     /// error event, never as a clean-looking end.
@@ -96,6 +102,7 @@ impl Tap {
             finish: Some(finish),
             idle,
             deadline,
+            last_frame: Instant::now(),
             timer: None,
             sse,
             ended: false,
@@ -129,9 +136,10 @@ impl Tap {
         }
     }
 
-    fn next_wake(&self) -> Instant {
+    /// When the body fails if no frame comes first.
+    fn due(&self) -> Instant {
         match self.idle {
-            Some(idle) => (Instant::now() + idle).min(self.deadline),
+            Some(idle) => (self.last_frame + idle).min(self.deadline),
             None => self.deadline,
         }
     }
@@ -258,10 +266,7 @@ impl Body for Tap {
                         _ => None,
                     };
                     if this.idle.is_some() {
-                        let wake = this.next_wake();
-                        if let Some(timer) = &mut this.timer {
-                            timer.as_mut().reset(wake.into());
-                        }
+                        this.last_frame = Instant::now();
                     }
                     match replaced {
                         Some(out) if out.is_empty() => continue,
@@ -296,15 +301,19 @@ impl Body for Tap {
                 Poll::Pending => {
                     // The timer is armed only for bodies that make us wait, so a
                     // body that is ready at once costs no timer at all.
-                    if this.timer.is_none() {
-                        let wake = this.next_wake();
-                        this.timer = Some(Box::pin(tokio::time::sleep_until(wake.into())));
-                    }
-                    let Some(timer) = this.timer.as_mut() else {
-                        return Poll::Pending;
-                    };
+                    let due = this.due();
+                    let timer = this
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due.into())));
                     if timer.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
+                    }
+                    // Set before the last frames came: not due yet.
+                    if Instant::now() < due {
+                        timer.as_mut().reset(due.into());
+                        if timer.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
                     }
                     if Instant::now() >= this.deadline {
                         this.fail("request_timeout", BodyError(TapError::Deadline.into()))
