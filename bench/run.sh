@@ -33,8 +33,9 @@ FLOOR=${FLOOR:-0}                        # 1: also the bare hyper proxy (example
 AUTH=${AUTH:-0}                          # 1: sluice's route requires an API key; every target gets the header
 CACHE=${CACHE:-0}                        # 1: also sluice serving every request from its response cache (hits)
 REDIS=${REDIS:-0}                        # 1: a request limit on sluice's route, kept in memory and then in Redis
-FLOOR_BIN=${FLOOR_BIN:-target/release/examples/hyper_floor}
-SLUICE_BIN=${SLUICE_BIN:-target/release/sluice}
+PROFILE=${PROFILE:-dist}                 # cargo profile of the default binaries: dist (what the image ships) | release
+FLOOR_BIN=${FLOOR_BIN:-target/$PROFILE/examples/hyper_floor}
+SLUICE_BIN=${SLUICE_BIN:-target/$PROFILE/sluice}
 OPENLOOP_TOOL=${OPENLOOP_TOOL:-python}   # python (bench/openloop.py) | oha (if installed)
 KEEP_TMP=${KEEP_TMP:-0}                  # 1: keep the temp dir (configs, raw outputs)
 
@@ -147,23 +148,24 @@ taskset -c "$LOAD_CPU" true 2>/dev/null || die "cannot pin to CPU $LOAD_CPU (set
 [[ $PROXY_CPU != "$LOAD_CPU" ]] || die "PROXY_CPU and LOAD_CPU must differ"
 
 # ------------------------------------------------------------------ sluice --
+# The default binaries are built (a no-op when up to date) so that a stale
+# one is never measured; a SLUICE_BIN/FLOOR_BIN given is used as it is.
 if (( ! SKIP_SLUICE )); then
-  if [[ ! -x $SLUICE_BIN ]]; then
-    [[ $SLUICE_BIN == target/release/sluice ]] || die "SLUICE_BIN=$SLUICE_BIN is not an executable"
-    command -v cargo >/dev/null || die "no $SLUICE_BIN and no cargo to build it (or set SKIP_SLUICE=1)"
-    log "run.sh: building sluice (cargo build --release)"
-    cargo build --release
+  if [[ $SLUICE_BIN == "target/$PROFILE/sluice" ]] && command -v cargo >/dev/null; then
+    log "run.sh: building sluice (cargo build --profile $PROFILE --bin sluice)"
+    cargo build --profile "$PROFILE" --bin sluice
   fi
+  [[ -x $SLUICE_BIN ]] || die "$SLUICE_BIN is not an executable (no cargo to build it? or set SKIP_SLUICE=1)"
   SLUICE_BIN=$(cd "$(dirname "$SLUICE_BIN")" && pwd)/$(basename "$SLUICE_BIN")
 fi
 if (( FLOOR )); then
   # The same hyper server and pooled client as sluice, none of its phases:
   # what the framework alone costs on this machine.
-  if [[ ! -x $FLOOR_BIN ]]; then
-    command -v cargo >/dev/null || die "no $FLOOR_BIN and no cargo to build it"
-    log "run.sh: building the hyper floor (cargo build --release --example hyper_floor)"
-    cargo build --release --example hyper_floor
+  if [[ $FLOOR_BIN == "target/$PROFILE/examples/hyper_floor" ]] && command -v cargo >/dev/null; then
+    log "run.sh: building the hyper floor (cargo build --profile $PROFILE --example hyper_floor)"
+    cargo build --profile "$PROFILE" --example hyper_floor
   fi
+  [[ -x $FLOOR_BIN ]] || die "$FLOOR_BIN is not an executable (no cargo to build it?)"
   FLOOR_BIN=$(cd "$(dirname "$FLOOR_BIN")" && pwd)/$(basename "$FLOOR_BIN")
 fi
 
@@ -174,7 +176,7 @@ echo
 echo "- host: nproc=$(nproc), cpu: ${cpu_model:-unknown}, kernel: $(uname -srm)"
 tools="$(wrk -v 2>&1 | head -n1 | cut -d' ' -f1-2 || true), $("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), $(python3 --version 2>&1)"
 if [[ $OPENLOOP_TOOL == oha ]]; then tools+=", $(oha --version 2>&1 | head -n1)"; fi
-if (( ! SKIP_SLUICE )); then tools+=", $("$SLUICE_BIN" --version 2>&1 | head -n1)"; fi
+if (( ! SKIP_SLUICE )); then tools+=", $("$SLUICE_BIN" --version 2>&1 | head -n1) ($SLUICE_BIN)"; fi
 echo "- tools: $tools"
 echo "- closed loop: wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s; open loop: $OPENLOOP_TOOL at $RATE req/s on $OPEN_CONNECTIONS connections for ${DURATION}s; warm-up ${WARMUP}s per target"
 echo "- pinning: proxy under test on CPU $PROXY_CPU; upstream nginx + load generator on CPU $LOAD_CPU"
