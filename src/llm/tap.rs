@@ -78,14 +78,8 @@ impl Tap {
         idle: Option<Duration>,
         deadline: Instant,
         sse: bool,
-        mut meter: Option<Meter>,
+        meter: Option<Meter>,
     ) -> Self {
-        if let Some(meter) = meter.as_mut()
-            && sse
-            && finish.ctx.usage_injected
-        {
-            meter.strip_usage_chunk();
-        }
         let mut finish = finish;
         let fill = finish.ctx.cache_fill.take();
         let body_log = finish
@@ -334,7 +328,11 @@ impl Body for Tap {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.meter {
+            // Not the upstream's length once a chunk may be cut out.
+            Some(meter) if meter.strips() => SizeHint::default(),
+            _ => self.inner.size_hint(),
+        }
     }
 }
 

@@ -54,6 +54,11 @@ impl Meter {
         }
     }
 
+    /// Whether frames may come out changed (the usage chunk stripped).
+    pub fn strips(&self) -> bool {
+        matches!(self, Meter::Sse(stream) if stream.strip_usage)
+    }
+
     /// Reads one frame of the body. `Some` is what the client is to be
     /// sent instead of the frame (possibly nothing), when it differs.
     pub fn observe(&mut self, data: &Bytes) -> Option<Bytes> {

@@ -188,6 +188,49 @@ async fn usage_is_asked_for_and_hidden_from_a_client_that_did_not_ask() {
 }
 
 #[tokio::test]
+async fn a_stream_sent_with_a_length_is_not_cut_short_by_the_stripped_chunk() {
+    // Some upstreams (a caching proxy, a canned test server) send a whole
+    // SSE body at once, with content-length. The client gets fewer bytes
+    // than that length once the usage chunk is cut out.
+    let whole: String = STREAM.iter().map(|e| format!("data: {e}\n\n")).collect();
+    let up = MockUpstream::always(
+        UpstreamReply::text(whole).header("content-type", "text/event-stream"),
+    )
+    .await;
+    let gw = TestGateway::start(&config(&up.url())).await;
+    let reply = Client::new()
+        .post_json(
+            &gw.url("/v1/chat/completions"),
+            &[],
+            r#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#,
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.body_error.is_none(), "{:?}", reply.body_error);
+    let expected: String = [STREAM[0], STREAM[1], STREAM[3]]
+        .iter()
+        .map(|e| format!("data: {e}\n\n"))
+        .collect();
+    assert_eq!(reply.text(), expected);
+    if let Some(length) = reply.header("content-length") {
+        assert_eq!(
+            length,
+            expected.len().to_string(),
+            "a length must be the real one"
+        );
+    }
+    check(
+        &gw,
+        "gpt-4o-mini",
+        7,
+        2,
+        (7.0 * 0.15 + 2.0 * 0.60) / 1e6,
+        "stop",
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn usage_chunk_reaches_a_client_that_asked_for_it() {
     let up = MockUpstream::always(UpstreamReply::sse(&STREAM, Duration::ZERO)).await;
     let gw = TestGateway::start(&config(&up.url())).await;
