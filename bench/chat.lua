@@ -3,7 +3,8 @@
 -- a request() function) lets wrk build the request once and reuse it, so the
 -- load generator spends as little CPU as possible per request.
 wrk.method = "POST"
-wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
+-- run.sh exports the body it benches (STREAM=1 asks for a stream).
+wrk.body = os.getenv("BENCH_BODY") or '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
 wrk.headers["Content-Type"] = "application/json"
 
 -- No response() callback on purpose: defining one makes wrk hand every

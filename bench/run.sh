@@ -32,11 +32,13 @@ SKIP_SLUICE=${SKIP_SLUICE:-0}            # 1: only direct + nginx (no build need
 FLOOR=${FLOOR:-0}                        # 1: also the bare hyper proxy (examples/hyper_floor.rs)
 AUTH=${AUTH:-0}                          # 1: sluice's route requires an API key; every target gets the header
 CACHE=${CACHE:-0}                        # 1: also sluice serving every request from its response cache (hits)
+STREAM=${STREAM:-0}                      # 1: every request asks for a stream; the upstream answers STREAM_CHUNKS SSE chunks
 REDIS=${REDIS:-0}                        # 1: a request limit on sluice's route, kept in memory and then in Redis
 PROFILE=${PROFILE:-dist}                 # cargo profile of the default binaries: dist (what the image ships) | release
 FLOOR_BIN=${FLOOR_BIN:-target/$PROFILE/examples/hyper_floor}
 SLUICE_BIN=${SLUICE_BIN:-target/$PROFILE/sluice}
 OPENLOOP_TOOL=${OPENLOOP_TOOL:-python}   # python (bench/openloop.py) | oha (if installed)
+STREAM_CHUNKS=${STREAM_CHUNKS:-50}       # STREAM=1: content chunks per streamed answer
 KEEP_TMP=${KEEP_TMP:-0}                  # 1: keep the temp dir (configs, raw outputs)
 
 UP_PORT=18000       # the fast upstream
@@ -47,6 +49,14 @@ REDIS_PORT=18379    # redis-server (REDIS=1)
 ADMIN_PORT=19090    # sluice admin (/readyz)
 REQ_PATH=/v1/chat/completions
 BODY='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
+if (( STREAM )); then
+  # The upstream streams under /stream/ (see its config); the body asks for
+  # a stream as the OpenAI SDK does, without stream_options, so sluice asks
+  # the upstream for usage and strips the usage chunk it did not ask for.
+  REQ_PATH=/stream/v1/chat/completions
+  BODY='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}],"stream":true}'
+fi
+export BENCH_BODY=$BODY   # chat.lua sends it
 
 log() { printf '%s\n' "$*" >&2; }
 die() { log "run.sh: $*"; exit 1; }
@@ -243,8 +253,38 @@ nginx_http_common() {  # $1 = instance dir
 EOF
 }
 
+# A canned OpenAI chat stream: a role chunk, STREAM_CHUNKS content chunks,
+# the finish chunk, the usage chunk (as asked for by include_usage) and
+# [DONE], each event ended by a blank line. nginx caps one config token at
+# 4 KiB, so the body is `set` in pieces (literal newlines inside quotes)
+# and returned joined.
+sse_directives() {
+  python3 - "$STREAM_CHUNKS" <<'PY'
+import sys
+n = int(sys.argv[1])
+head = 'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1700000000,"model":"gpt-4o-mini","system_fingerprint":"fp_bench"'
+def chunk(delta, finish="null"):
+    return f'{head},"choices":[{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{finish}}}],"usage":null}}\n\n'
+events = [chunk('{"role":"assistant","content":""}')]
+events += [chunk(f'{{"content":" word{i}"}}') for i in range(n)]
+events.append(chunk("{}", '"stop"'))
+events.append(f'{head},"choices":[],"usage":{{"prompt_tokens":9,"completion_tokens":{n},"total_tokens":{n + 9}}}}}\n\n')
+events.append("data: [DONE]\n\n")
+pieces, piece = [], ""
+for e in events:
+    if piece and len(piece) + len(e) > 3500:
+        pieces.append(piece)
+        piece = ""
+    piece += e
+pieces.append(piece)
+for i, p in enumerate(pieces):
+    print(f"            set $sse{i} '{p}';")
+print("            return 200 \"" + "".join(f"$sse{i}" for i in range(len(pieces))) + "\";")
+PY
+}
+
 # (a) The fast upstream: a canned OpenAI chat.completion with usage, for
-# any path and method, served from memory.
+# any path and method, served from memory; under /stream/, a canned stream.
 mkdir -p "$WORK/upstream" "$WORK/nginx"
 {
   nginx_common "$WORK/upstream"
@@ -254,6 +294,10 @@ mkdir -p "$WORK/upstream" "$WORK/nginx"
     server {
         listen 127.0.0.1:$UP_PORT;
         default_type application/json;
+        location /stream/ {
+            default_type text/event-stream;
+$(sse_directives)
+        }
         location / {
             return 200 '{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":9,"total_tokens":18}}';
         }
@@ -278,7 +322,7 @@ EOF
         location / {
             proxy_pass http://fast;
             proxy_http_version 1.1;
-            proxy_set_header Connection "";
+            proxy_set_header Connection "";$( ((STREAM)) && printf '\n            proxy_buffering off;   # as nginx is set up in front of SSE' || true)
         }
     }
 }
