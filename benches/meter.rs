@@ -62,3 +62,18 @@ fn json_answer(bencher: divan::Bencher) {
         m.finish()
     });
 }
+
+/// A streamed chat request with a long conversation (~64 KB of messages):
+/// sluice adds `stream_options.include_usage` to it.
+#[divan::bench]
+fn ask_for_usage_64k_request(bencher: divan::Bencher) {
+    let turn = r#"{"role":"user","content":"Summarize the following paragraph about rivers, sluices and the locks that let boats climb from one level to the next, in plain words."},"#;
+    let mut body =
+        String::from(r#"{"model":"gpt-4o-mini","stream":true,"temperature":0.7,"messages":["#);
+    while body.len() < 64 * 1024 {
+        body.push_str(turn);
+    }
+    body.push_str(r#"{"role":"user","content":"Thanks!"}]}"#);
+    let body = body.into_bytes();
+    bencher.bench_local(|| sluice::llm::sse::ask_for_usage(&body));
+}

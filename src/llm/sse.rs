@@ -8,6 +8,9 @@ use std::borrow::Cow;
 
 use bytes::{Buf, Bytes, BytesMut};
 use serde_json::Value;
+use serde_json::value::RawValue;
+
+use super::facts;
 
 /// Finds complete events (ended by a blank line) in pushed chunks.
 #[derive(Default)]
@@ -187,25 +190,82 @@ mod tests {
 /// For a streamed chat completion that did not ask for usage, the body
 /// with `stream_options.include_usage` set, so the upstream reports it;
 /// `None` when the request is not such a stream or already asks.
+///
+/// The client's bytes are kept as they are: the option is spliced in (or
+/// `stream_options` alone rewritten), never the whole request
+/// re-serialized, so a long conversation costs one scan, and its key
+/// order and number spellings reach the upstream unchanged.
 pub fn ask_for_usage(body: &[u8]) -> Option<Bytes> {
     // Most requests do not stream: skip parsing them.
-    if !body.windows(8).any(|w| w == b"\"stream\"") {
+    memchr::memmem::find(body, b"\"stream\"")?;
+    let request: StreamRequest = facts::parse(body)?;
+    if request.stream != Some(true) {
         return None;
     }
-    let mut json: Value = serde_json::from_slice(body).ok()?;
-    if json.get("stream").and_then(Value::as_bool) != Some(true) {
-        return None;
+    let (range, options) = match request.stream_options.0 {
+        Some(raw) if raw.get() != "null" => {
+            let mut options: serde_json::Map<String, Value> =
+                serde_json::from_str(raw.get()).ok()?;
+            if options.get("include_usage").and_then(Value::as_bool) == Some(true) {
+                return None;
+            }
+            options.insert("include_usage".to_owned(), Value::Bool(true));
+            (
+                span_of(body, raw.get())?,
+                serde_json::to_vec(&options).ok()?,
+            )
+        }
+        // Absent (or null): added as the last member.
+        absent => {
+            let range = match absent {
+                Some(null) => span_of(body, null.get())?,
+                None => {
+                    let close = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
+                    close..close
+                }
+            };
+            let member = if absent.is_some() {
+                &br#"{"include_usage":true}"#[..]
+            } else {
+                &br#","stream_options":{"include_usage":true}"#[..]
+            };
+            (range, member.to_vec())
+        }
+    };
+    let mut out = Vec::with_capacity(body.len() + options.len());
+    out.extend_from_slice(&body[..range.start]);
+    out.extend_from_slice(&options);
+    out.extend_from_slice(&body[range.end..]);
+    Some(Bytes::from(out))
+}
+
+/// The members of a chat request that say whether it streams and asks
+/// for usage; the rest (the conversation) is skipped, not built.
+#[derive(serde::Deserialize)]
+struct StreamRequest<'a> {
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(borrow, default)]
+    stream_options: Member<'a>,
+}
+
+/// A member as it is written, `null` included (`Option` would read a
+/// `null` as absent); `None` when the member is absent.
+#[derive(Default)]
+struct Member<'a>(Option<&'a RawValue>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Member<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <&RawValue>::deserialize(d).map(|raw| Member(Some(raw)))
     }
-    let obj = json.as_object_mut()?;
-    let options = obj
-        .entry("stream_options")
-        .or_insert_with(|| Value::Object(serde_json::Map::new()));
-    let options = options.as_object_mut()?;
-    if options.get("include_usage").and_then(Value::as_bool) == Some(true) {
-        return None;
-    }
-    options.insert("include_usage".to_owned(), Value::Bool(true));
-    serde_json::to_vec(&json).ok().map(Bytes::from)
+}
+
+/// Where `part`, a slice of `whole` (as serde hands out borrowed raw
+/// values), lies in it.
+fn span_of(whole: &[u8], part: &str) -> Option<std::ops::Range<usize>> {
+    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= whole.len()).then_some(start..end)
 }
 
 #[cfg(test)]
@@ -225,13 +285,44 @@ mod payload_tests {
 
     #[test]
     fn usage_is_asked_for_only_when_missing() {
-        let asked = ask_for_usage(br#"{"stream":true,"messages":[]}"#).unwrap();
-        let v: Value = serde_json::from_slice(&asked).unwrap();
-        assert_eq!(v["stream_options"]["include_usage"], true);
-        assert!(
-            ask_for_usage(br#"{"stream":true,"stream_options":{"include_usage":true}}"#).is_none()
+        let asked = |body: &str| {
+            ask_for_usage(body.as_bytes()).map(|b| String::from_utf8(b.to_vec()).unwrap())
+        };
+        // Spliced in; every other byte (key order, spacing, number
+        // spellings) is the client's.
+        assert_eq!(
+            asked("{\"stream\": true, \"seed\": 1e3, \"messages\": [{\"content\":\"}\"}]} \n")
+                .as_deref(),
+            Some(
+                "{\"stream\": true, \"seed\": 1e3, \"messages\": [{\"content\":\"}\"}],\"stream_options\":{\"include_usage\":true}} \n"
+            )
         );
-        assert!(ask_for_usage(br#"{"messages":[]}"#).is_none());
-        assert!(ask_for_usage(b"not json").is_none());
+        // Other options are kept; only stream_options is rewritten.
+        assert_eq!(
+            asked(r#"{"stream_options":{"include_usage":false,"x":[1]},"stream":true,"n":2}"#)
+                .as_deref(),
+            Some(r#"{"stream_options":{"include_usage":true,"x":[1]},"stream":true,"n":2}"#)
+        );
+        // A null stream_options is replaced, not left beside a second one.
+        assert_eq!(
+            asked(r#"{"stream":true,"stream_options":null,"n":2}"#).as_deref(),
+            Some(r#"{"stream":true,"stream_options":{"include_usage":true},"n":2}"#)
+        );
+        for not_asked in [
+            r#"{"stream":true,"stream_options":{"include_usage":true}}"#,
+            r#"{"stream":false,"messages":[]}"#,
+            r#"{"stream":"true"}"#,
+            r#"{"stream":true,"stream_options":"x"}"#,
+            r#"[true]"#,
+            r#"{"messages":[]}"#,
+            "not json",
+            r#"{"stream":true"#,
+        ] {
+            assert_eq!(asked(not_asked), None, "{not_asked}");
+        }
+        // What is sent is JSON with the option set.
+        let v: Value =
+            serde_json::from_str(&asked(r#"{"stream":true,"messages":[]}"#).unwrap()).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
     }
 }
