@@ -10,6 +10,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::ctx::{Identity, RequestCtx};
 use super::error::ProxyError;
+use crate::llm::facts::{self, Loose};
 use crate::snapshot::{Route, Snapshot, Target};
 use crate::state::budget::{self, BudgetScope};
 use crate::state::limiter::Scope;
@@ -108,15 +109,20 @@ pub fn token_limits_apply(snap: &Snapshot, route: &Route, ctx: &RequestCtx) -> b
 /// bytes a token), plus the most it may generate when it says so.
 pub fn estimate_tokens(body: &[u8]) -> u64 {
     let prompt = (body.len() as u64).div_ceil(4);
-    let output = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| {
-            v.get("max_completion_tokens")
-                .or_else(|| v.get("max_tokens"))
-                .and_then(serde_json::Value::as_u64)
-        })
+    // Only the two caps are read; the conversation is skipped, not built.
+    let output = facts::parse::<OutputCap>(body)
+        .and_then(|cap| cap.max_completion_tokens.0.or(cap.max_tokens.0))
         .unwrap_or(0);
     prompt.saturating_add(output)
+}
+
+/// The most a request may generate: `max_completion_tokens`, or the older
+/// `max_tokens` when that is absent or null.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct OutputCap {
+    max_completion_tokens: Loose<u64>,
+    max_tokens: Loose<u64>,
 }
 
 /// Reserves the estimate in every token bucket that applies, or refuses
@@ -334,5 +340,22 @@ mod tests {
         assert_eq!(reset_text(Duration::from_millis(1500)), "1.5s");
         assert_eq!(reset_text(Duration::from_secs(12)), "12s");
         assert_eq!(reset_text(Duration::from_secs(360)), "6m0s");
+    }
+
+    #[test]
+    fn estimates_count_the_body_and_the_output_cap() {
+        let estimate = |body: &str| estimate_tokens(body.as_bytes());
+        let quarter = |body: &str| (body.len() as u64).div_ceil(4);
+        for (body, cap) in [
+            (r#"{"messages":[],"max_tokens":100}"#, 100),
+            (r#"{"max_completion_tokens":50,"max_tokens":100}"#, 50),
+            // null means unset: the older name counts.
+            (r#"{"max_completion_tokens":null,"max_tokens":100}"#, 100),
+            (r#"{"max_tokens":"100"}"#, 0),
+            (r#"{"max_tokens":-1}"#, 0),
+            ("not json", 0),
+        ] {
+            assert_eq!(estimate(body), quarter(body) + cap, "{body}");
+        }
     }
 }
