@@ -10,6 +10,9 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
 
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -119,6 +122,45 @@ impl<'a> Facts<'a> {
     pub fn is_usage_only(&self) -> bool {
         self.usage.0.is_some() && self.choices.0.as_ref().is_some_and(|c| c.len == 0)
     }
+}
+
+/// Whether `json` (one stream event) certainly holds nothing metering
+/// would read beyond the model it already knows: no error, no usage or
+/// stop reason other than `null`, no other model. Most chunks of a stream
+/// are such (text deltas), and this byte scan costs a fraction of a
+/// parse. It only ever answers false when in doubt; the event is then
+/// parsed. Member names are matched with their quotes, so text inside a
+/// string (where quotes are escaped) cannot match them.
+pub fn holds_nothing_new(json: &[u8], known_model: Option<&str>) -> bool {
+    static ERROR: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"error\""));
+    static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+    // finish_reason, stop_reason.
+    static REASON: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"reason\""));
+    static MODEL: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"model\""));
+    let Some(model) = known_model.filter(|m| !m.bytes().any(|b| b == b'"' || b == b'\\')) else {
+        return false;
+    };
+    let is_null = |value: &[u8]| value.starts_with(b"null");
+    let is_model = |value: &[u8]| {
+        value
+            .strip_prefix(b"\"")
+            .and_then(|v| v.strip_prefix(model.as_bytes()))
+            .is_some_and(|v| v.starts_with(b"\""))
+    };
+    ERROR.find(json).is_none()
+        && every_value(json, &USAGE, is_null)
+        && every_value(json, &REASON, is_null)
+        && every_value(json, &MODEL, is_model)
+}
+
+/// Whether the value after each occurrence of `name` passes `test`; an
+/// occurrence not followed by `:` and a value fails.
+fn every_value(json: &[u8], name: &Finder<'_>, test: impl Fn(&[u8]) -> bool) -> bool {
+    name.find_iter(json).all(|at| {
+        let rest = json[at + name.needle().len()..].trim_ascii_start();
+        rest.strip_prefix(b":")
+            .is_some_and(|value| test(value.trim_ascii_start()))
+    })
 }
 
 /// `json` read as `T`; `None` when it is not one JSON object.

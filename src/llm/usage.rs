@@ -170,6 +170,9 @@ impl SseMeter {
     /// chunk and sluice strips it.
     fn absorb_event(&mut self, event: &[u8]) -> bool {
         let payload = sse::event_payload(event);
+        if facts::holds_nothing_new(&payload, self.usage.model.as_deref()) {
+            return false;
+        }
         let Some(facts) = Facts::parse(&payload) else {
             return false;
         };
@@ -334,6 +337,62 @@ mod tests {
         }
         assert_eq!(m.take_held(), None);
         assert_eq!(m.finish().input_tokens, Some(3));
+    }
+
+    /// The byte scan that skips parsing may only skip events whose parse
+    /// would change nothing.
+    #[test]
+    fn events_skipped_unparsed_are_those_that_change_nothing() {
+        let events: &[&[u8]] = &[
+            // Text deltas: skipped.
+            br#"{"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":{"content":"Hi"},"logprobs":null,"finish_reason":null}],"usage":null}"#,
+            br#"{"model" : "gpt-4o", "choices":[{"delta":{"content":"the \"usage\": 5 and \"model\":\"x\" and \"error\""},"finish_reason" :  null}]}"#,
+            br#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}"#,
+            b"[DONE]",
+            // What must be parsed.
+            br#"{"model":"gpt-4o","choices":[{"delta":{},"finish_reason":"stop"}],"usage":null}"#,
+            br#"{"model":"gpt-4o","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#,
+            br#"{"model":"gpt-4o-2024","choices":[{"delta":{"content":"x"},"finish_reason":null}]}"#,
+            br#"{"model":"gpt-4o","error":{"message":"overloaded"}}"#,
+            br#"{"type":"error","error":{"type":"overloaded_error"}}"#,
+            br#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":15}}"#,
+            br#"{"type":"message_start","message":{"model":"claude-x","usage":{"input_tokens":9}}}"#,
+            br#"{"type":"response.completed","response":{"model":"gpt-4o","usage":{"input_tokens":1,"output_tokens":2}}}"#,
+            br#"{"model":"gpt-4o","usage" : {"prompt_tokens":1}}"#,
+            br#"{"model":"gpt-4o","choices":[{"finish_reason":"length"}]}"#,
+            br#"{"model":"gpt-4o","stop_reason":"max_tokens"}"#,
+            br#"{"model":"gpt-4o","choices":[{"delta":{"content":"model"}}]}"#,
+            br#"{"model":"gpt-4o","usage"}"#,
+        ];
+        let mut skipped = 0;
+        for known in ["gpt-4o", "claude-x"] {
+            let before = Usage {
+                model: Some(known.to_owned()),
+                input_tokens: Some(1),
+                output_tokens: Some(1),
+                finish_reason: None,
+                stream_error: false,
+            };
+            for event in events {
+                if !facts::holds_nothing_new(event, Some(known)) {
+                    continue;
+                }
+                skipped += 1;
+                let mut after = before.clone();
+                if let Some(facts) = Facts::parse(event) {
+                    absorb(&mut after, &facts);
+                    assert!(!facts.is_usage_only());
+                }
+                assert_eq!(after, before, "skipped {}", String::from_utf8_lossy(event));
+            }
+        }
+        // The first four under gpt-4o; the Anthropic delta and [DONE]
+        // (which name no model) under claude-x: the scan is not vacuous.
+        assert_eq!(skipped, 6);
+        assert!(
+            !facts::holds_nothing_new(events[0], None),
+            "an unknown model is news"
+        );
     }
 
     #[test]
