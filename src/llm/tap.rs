@@ -171,13 +171,8 @@ impl Tap {
         }
         let now = Instant::now();
         let latency = now.saturating_duration_since(ctx.started);
-        let status = http::StatusCode::from_u16(ctx.status).ok();
-        let status = status.as_ref().map_or("000", http::StatusCode::as_str);
-        gw.metrics
-            .requests
-            .with_label_values(&[ctx.route_label(), ctx.method.as_str(), status])
-            .inc();
         let route = active.route_metrics(ctx.route_index);
+        route.count_request(&gw.metrics, &ctx.method, ctx.status);
         route.duration.observe(latency.as_secs_f64());
         if ctx.route_index.is_some() {
             route.in_flight.dec();

@@ -141,9 +141,4 @@ impl RequestCtx {
             usage_injected: false,
         }
     }
-
-    /// The route label for metrics: `none` when no route matched.
-    pub fn route_label(&self) -> &str {
-        self.route.as_deref().unwrap_or("none")
-    }
 }

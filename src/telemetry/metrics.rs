@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use http::{Method, StatusCode};
 use prometheus::core::Collector;
 use prometheus::{
     CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
@@ -257,6 +258,7 @@ impl Metrics {
                 saved_usd: self.cache_saved_usd.with_label_values(&[route]),
             }),
             models: Arc::new(ArcSwap::from_pointee(HashMap::new())),
+            requests: Arc::new(ArcSwap::from_pointee(HashMap::new())),
             route: Arc::from(route),
         }
     }
@@ -308,6 +310,9 @@ pub struct RouteMetrics {
     /// Per-model children, resolved on a model's first answer and then
     /// read without locking or label hashing.
     models: Arc<ArcSwap<HashMap<String, Arc<ModelMetrics>>>>,
+    /// `sluice_requests_total` children by (method, status), resolved on
+    /// a pair's first request and then read without the family's lock.
+    requests: Arc<ArcSwap<HashMap<(Method, u16), IntCounter>>>,
     route: Arc<str>,
 }
 
@@ -366,6 +371,26 @@ impl RouteMetrics {
         if let Some(cache) = &self.cache {
             cache.saved_usd.inc_by(usd);
         }
+    }
+
+    /// Counts a finished request in `sluice_requests_total`.
+    pub fn count_request(&self, metrics: &Metrics, method: &Method, status: u16) {
+        let key = (method.clone(), status);
+        if let Some(counter) = self.requests.load().get(&key) {
+            counter.inc();
+            return;
+        }
+        let code = StatusCode::from_u16(status).ok();
+        let label = code.as_ref().map_or("000", StatusCode::as_str);
+        let counter = metrics
+            .requests
+            .with_label_values(&[&self.route, method.as_str(), label]);
+        counter.inc();
+        self.requests.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.entry(key.clone()).or_insert_with(|| counter.clone());
+            map
+        });
     }
 
     /// The usage children of `model` on this route.
