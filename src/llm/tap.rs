@@ -319,7 +319,8 @@ impl Body for Tap {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended || self.inner.is_end_stream()
+        // An event held back while stripping still has to go out.
+        self.ended || (self.inner.is_end_stream() && !self.meter.as_ref().is_some_and(Meter::holds))
     }
 
     fn size_hint(&self) -> SizeHint {

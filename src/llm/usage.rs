@@ -71,6 +71,11 @@ impl Meter {
         }
     }
 
+    /// Whether bytes of an unterminated event are held back (stripping).
+    pub fn holds(&self) -> bool {
+        matches!(self, Meter::Sse(stream) if stream.strip_usage && stream.splitter.pending() > 0)
+    }
+
     /// At the end of the body: the start of an unterminated last event
     /// held back while stripping, to be sent as it came.
     pub fn take_held(&mut self) -> Option<Bytes> {

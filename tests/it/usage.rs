@@ -231,6 +231,29 @@ async fn a_stream_sent_with_a_length_is_not_cut_short_by_the_stripped_chunk() {
 }
 
 #[tokio::test]
+async fn an_unterminated_last_event_after_the_stripped_chunk_still_arrives() {
+    // A length-delimited body whose last event has no blank line after
+    // it: held back while stripping, it must still reach the client
+    // after the upstream's body has ended.
+    let whole = format!("data: {}\n\ndata: {}\n\ndata: [DONE]", STREAM[0], STREAM[2]);
+    let up = MockUpstream::always(
+        UpstreamReply::text(whole).header("content-type", "text/event-stream"),
+    )
+    .await;
+    let gw = TestGateway::start(&config(&up.url())).await;
+    let reply = Client::new()
+        .post_json(
+            &gw.url("/v1/chat/completions"),
+            &[],
+            r#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#,
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.body_error.is_none(), "{:?}", reply.body_error);
+    assert_eq!(reply.text(), format!("data: {}\n\ndata: [DONE]", STREAM[0]));
+}
+
+#[tokio::test]
 async fn usage_chunk_reaches_a_client_that_asked_for_it() {
     let up = MockUpstream::always(UpstreamReply::sse(&STREAM, Duration::ZERO)).await;
     let gw = TestGateway::start(&config(&up.url())).await;
