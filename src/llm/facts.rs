@@ -137,6 +137,7 @@ pub fn holds_nothing_new(json: &[u8], known_model: Option<&str>) -> bool {
     // finish_reason, stop_reason.
     static REASON: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"reason\""));
     static MODEL: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"model\""));
+    static ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u00"));
     let Some(model) = known_model.filter(|m| !m.bytes().any(|b| b == b'"' || b == b'\\')) else {
         return false;
     };
@@ -147,7 +148,14 @@ pub fn holds_nothing_new(json: &[u8], known_model: Option<&str>) -> bool {
             .and_then(|v| v.strip_prefix(model.as_bytes()))
             .is_some_and(|v| v.starts_with(b"\""))
     };
-    ERROR.find(json).is_none()
+    // A name could be spelled with escaped letters (`"us\u0061ge"`),
+    // which serde reads as the name: `\u0040`–`\u007f` sends the event
+    // to the parser. Other escapes (quotes, non-ASCII text) do not.
+    let escaped_letter = ESCAPE
+        .find_iter(json)
+        .any(|at| matches!(json.get(at + 4), Some(b'4'..=b'7')));
+    !escaped_letter
+        && ERROR.find(json).is_none()
         && every_value(json, &USAGE, is_null)
         && every_value(json, &REASON, is_null)
         && every_value(json, &MODEL, is_model)

@@ -354,6 +354,7 @@ mod tests {
             br#"{"model" : "gpt-4o", "choices":[{"delta":{"content":"the \"usage\": 5 and \"model\":\"x\" and \"error\""},"finish_reason" :  null}]}"#,
             br#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}"#,
             b"[DONE]",
+            br#"{"model":"gpt-4o","choices":[{"delta":{"content":"caf\u00e9 \u4f60\u597d \u0022q\u0022"},"finish_reason":null}]}"#,
             // What must be parsed.
             br#"{"model":"gpt-4o","choices":[{"delta":{},"finish_reason":"stop"}],"usage":null}"#,
             br#"{"model":"gpt-4o","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#,
@@ -368,6 +369,11 @@ mod tests {
             br#"{"model":"gpt-4o","stop_reason":"max_tokens"}"#,
             br#"{"model":"gpt-4o","choices":[{"delta":{"content":"model"}}]}"#,
             br#"{"model":"gpt-4o","usage"}"#,
+            // Names spelled with escaped letters are still those names.
+            br#"{"model":"gpt-4o","choices":[{"finish_re\u0061son":"stop"}]}"#,
+            br#"{"type":"\u0065rror"}"#,
+            br#"{"model":"gpt-4o","choices":[],"us\u0061ge":{"prompt_tokens":3}}"#,
+            br#"{"m\u006Fdel":"other","choices":[{"delta":{"content":"x"}}]}"#,
         ];
         let mut skipped = 0;
         for known in ["gpt-4o", "claude-x"] {
@@ -391,9 +397,9 @@ mod tests {
                 assert_eq!(after, before, "skipped {}", String::from_utf8_lossy(event));
             }
         }
-        // The first four under gpt-4o; the Anthropic delta and [DONE]
+        // The first five under gpt-4o; the Anthropic delta and [DONE]
         // (which name no model) under claude-x: the scan is not vacuous.
-        assert_eq!(skipped, 6);
+        assert_eq!(skipped, 7);
         assert!(
             !facts::holds_nothing_new(events[0], None),
             "an unknown model is news"
