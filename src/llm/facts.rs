@@ -5,7 +5,11 @@
 //! Parsing is lenient on purpose. A member of an unexpected type (a float
 //! token count, a numeric finish reason) is read as absent rather than
 //! failing the whole object: one odd field must not cost the rest of the
-//! metering. Only JSON that does not parse at all yields nothing.
+//! metering. Only JSON that does not parse at all yields nothing, and
+//! an object with a member written twice, which the derived structs
+//! refuse: upstream encoders build answers from maps and never write
+//! one. (Client requests, which could, fall back to a `Value` where it
+//! matters: `sse::ask_for_usage`, `limit::estimate_tokens`.)
 
 use std::borrow::Cow;
 use std::fmt;

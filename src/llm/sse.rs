@@ -216,7 +216,9 @@ mod tests {
 pub fn ask_for_usage(body: &[u8]) -> Option<Bytes> {
     // Most requests do not stream: skip parsing them.
     memchr::memmem::find(body, b"\"stream\"")?;
-    let request: StreamRequest = facts::parse(body)?;
+    let Some(request) = facts::parse::<StreamRequest>(body) else {
+        return ask_for_usage_rewriting(body);
+    };
     if request.stream != Some(true) {
         return None;
     }
@@ -255,6 +257,29 @@ pub fn ask_for_usage(body: &[u8]) -> Option<Bytes> {
     out.extend_from_slice(&options);
     out.extend_from_slice(&body[range.end..]);
     Some(Bytes::from(out))
+}
+
+/// [`ask_for_usage`] for a body the typed view refuses: a member written
+/// twice, which upstreams read as its last value, as `Value` does. A
+/// client must not dodge metering that way. The whole body is rewritten.
+fn ask_for_usage_rewriting(body: &[u8]) -> Option<Bytes> {
+    let mut json: Value = serde_json::from_slice(body).ok()?;
+    if json.get("stream").and_then(Value::as_bool) != Some(true) {
+        return None;
+    }
+    let obj = json.as_object_mut()?;
+    let options = obj
+        .entry("stream_options")
+        .or_insert_with(|| Value::Object(serde_json::Map::new()));
+    if options.is_null() {
+        *options = Value::Object(serde_json::Map::new());
+    }
+    let options = options.as_object_mut()?;
+    if options.get("include_usage").and_then(Value::as_bool) == Some(true) {
+        return None;
+    }
+    options.insert("include_usage".to_owned(), Value::Bool(true));
+    serde_json::to_vec(&json).ok().map(Bytes::from)
 }
 
 /// The members of a chat request that say whether it streams and asks
@@ -338,6 +363,16 @@ mod payload_tests {
         ] {
             assert_eq!(asked(not_asked), None, "{not_asked}");
         }
+        // A member written twice counts by its last value, as upstreams
+        // read it: no dodging usage with a duplicate.
+        for twice in [
+            r#"{"stream":false,"stream":true,"messages":[]}"#,
+            r#"{"stream":true,"stream_options":{"include_usage":true},"stream_options":{}}"#,
+        ] {
+            let v: Value = serde_json::from_str(&asked(twice).expect(twice)).unwrap();
+            assert_eq!(v["stream_options"]["include_usage"], true, "{twice}");
+        }
+        assert_eq!(asked(r#"{"stream":true,"stream":false}"#), None);
         // What is sent is JSON with the option set.
         let v: Value =
             serde_json::from_str(&asked(r#"{"stream":true,"messages":[]}"#).unwrap()).unwrap();

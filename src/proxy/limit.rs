@@ -110,9 +110,18 @@ pub fn token_limits_apply(snap: &Snapshot, route: &Route, ctx: &RequestCtx) -> b
 pub fn estimate_tokens(body: &[u8]) -> u64 {
     let prompt = (body.len() as u64).div_ceil(4);
     // Only the two caps are read; the conversation is skipped, not built.
-    let output = facts::parse::<OutputCap>(body)
-        .and_then(|cap| cap.max_completion_tokens.0.or(cap.max_tokens.0))
-        .unwrap_or(0);
+    let output = match facts::parse::<OutputCap>(body) {
+        Some(cap) => cap.max_completion_tokens.0.or(cap.max_tokens.0),
+        // Refused by the typed view (a member written twice, read by
+        // upstreams as its last value): read as a `Value`, which agrees.
+        None => serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| {
+                let cap = |name| v.get(name).and_then(serde_json::Value::as_u64);
+                cap("max_completion_tokens").or_else(|| cap("max_tokens"))
+            }),
+    }
+    .unwrap_or(0);
     prompt.saturating_add(output)
 }
 
@@ -354,6 +363,7 @@ mod tests {
             (r#"{"max_tokens":"100"}"#, 0),
             (r#"{"max_tokens":-1}"#, 0),
             ("not json", 0),
+            (r#"{"max_tokens":5,"max_tokens":100}"#, 100),
         ] {
             assert_eq!(estimate(body), quarter(body) + cap, "{body}");
         }
