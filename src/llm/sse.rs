@@ -16,6 +16,10 @@ use super::facts;
 #[derive(Default)]
 pub struct EventSplitter {
     buf: BytesMut,
+    /// Bytes at the start of `buf` already looked through for a blank
+    /// line: an event arriving in many frames is not scanned again from
+    /// its start on every one.
+    scanned: usize,
 }
 
 impl EventSplitter {
@@ -31,7 +35,15 @@ impl EventSplitter {
     /// The next complete event, and how many bytes it took with its
     /// blank line.
     pub fn next_event_sized(&mut self) -> Option<(Bytes, usize)> {
-        let (end, sep) = find_blank_line(&self.buf)?;
+        // A separator is at most 4 bytes: one not found yet starts in the
+        // last 3 bytes scanned or after them.
+        let from = self.scanned.saturating_sub(3);
+        let Some((end, sep)) = find_blank_line(&self.buf[from..]) else {
+            self.scanned = self.buf.len();
+            return None;
+        };
+        let end = from + end;
+        self.scanned = 0;
         let event = self.buf.split_to(end).freeze();
         self.buf.advance(sep);
         Some((event, end + sep))
@@ -44,6 +56,7 @@ impl EventSplitter {
 
     /// Takes the bytes of an unterminated last event.
     pub fn take_pending(&mut self) -> Bytes {
+        self.scanned = 0;
         self.buf.split().freeze()
     }
 }
@@ -162,6 +175,23 @@ mod tests {
         assert_eq!(s.next_event().as_deref(), Some(&b"data: b"[..]));
         assert_eq!(s.next_event().as_deref(), Some(&b": comment"[..]));
         assert_eq!(s.next_event(), None);
+    }
+
+    #[test]
+    fn events_fed_a_byte_at_a_time_split_as_when_whole() {
+        let stream = b"data: a\r\n\r\n: c\n\ndata: b\n\r\nid: 1\ndata: x\r\n\r\ntail";
+        let mut whole = EventSplitter::default();
+        whole.push(stream);
+        let expected: Vec<_> = std::iter::from_fn(|| whole.next_event_sized()).collect();
+        assert_eq!(expected.len(), 4);
+        let mut bytewise = EventSplitter::default();
+        let mut got = Vec::new();
+        for &b in stream {
+            bytewise.push(&[b]);
+            got.extend(std::iter::from_fn(|| bytewise.next_event_sized()));
+        }
+        assert_eq!(got, expected);
+        assert_eq!(&bytewise.take_pending()[..], b"tail");
     }
 
     #[test]

@@ -132,10 +132,31 @@ pub struct SseMeter {
     splitter: EventSplitter,
     usage: Usage,
     strip_usage: bool,
+    /// An event outgrew `EVENT_CAP`: the rest of the stream passes
+    /// unread, so a stream that never ends an event cannot grow sluice's
+    /// memory.
+    gave_up: bool,
 }
+
+/// The longest SSE event read; LLM stream events are a few hundred bytes.
+const EVENT_CAP: usize = 1 << 20;
 
 impl SseMeter {
     fn observe(&mut self, data: &Bytes) -> Option<Bytes> {
+        if self.gave_up {
+            return None;
+        }
+        let out = self.read(data);
+        if self.splitter.pending() <= EVENT_CAP {
+            return out;
+        }
+        self.gave_up = true;
+        let held = self.splitter.take_pending();
+        // While stripping, what is held has not been sent: it goes now.
+        out.map(|out| [&out[..], &held[..]].concat().into())
+    }
+
+    fn read(&mut self, data: &Bytes) -> Option<Bytes> {
         let carried = self.splitter.pending();
         self.splitter.push(data);
         if !self.strip_usage {
@@ -332,6 +353,30 @@ mod tests {
         // An unterminated last event goes as it came, at the end.
         assert_eq!(m.take_held().as_deref(), Some(&b": tail"[..]));
         assert_eq!(m.finish().output_tokens, Some(5));
+    }
+
+    #[test]
+    fn an_event_that_never_ends_is_passed_on_not_held_forever() {
+        let big = Bytes::from(vec![b'x'; EVENT_CAP / 2 + 1]);
+        let mut m = stripping_meter();
+        assert_eq!(m.observe(&Bytes::from_static(CHUNK)), None);
+        // Held while it may still be the usage chunk...
+        assert_eq!(m.observe(&big).as_deref(), Some(&b""[..]));
+        assert!(m.holds());
+        // ...until it outgrows the cap: then all of it goes, and the rest
+        // of the stream passes as it comes, unread.
+        let out = m.observe(&big).unwrap();
+        assert_eq!(out.len(), 2 * big.len());
+        assert!(!m.holds());
+        assert_eq!(m.observe(&Bytes::from_static(USAGE)), None);
+        assert_eq!(m.take_held(), None);
+        assert_eq!(m.finish().model.as_deref(), Some("m"));
+
+        let mut m = Meter::for_content_type(b"text/event-stream").unwrap();
+        for _ in 0..3 {
+            assert_eq!(m.observe(&big), None);
+        }
+        assert!(!m.holds());
     }
 
     #[test]
