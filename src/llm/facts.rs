@@ -268,6 +268,9 @@ impl<'de, T: LooseKind<'de>> Visitor<'de> for LooseVisitor<T> {
     fn visit_string<E: de::Error>(self, s: String) -> Result<Self::Value, E> {
         Ok(T::from_str(Cow::Owned(s)))
     }
+    // serde_json hands numbers over as u64/i64/f64 unless its
+    // `arbitrary_precision` feature is on, which would make every count
+    // absent (the tests here would fail first).
     fn visit_u64<E: de::Error>(self, n: u64) -> Result<Self::Value, E> {
         Ok(T::from_u64(n))
     }
