@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::time::Sleep;
+use tokio::time::{Instant as TokioInstant, Sleep};
 
 use crate::body::{BodyError, BoxBody};
 use crate::gateway::{Active, Gateway};
@@ -38,10 +38,12 @@ pub struct Tap {
     finish: Option<Finish>,
     /// Longest wait for the next chunk; `None` for bodies sluice wrote.
     idle: Option<Duration>,
-    deadline: Instant,
+    /// On tokio's clock, as the timer is, so that a timer that fired is
+    /// never judged early by another clock.
+    deadline: TokioInstant,
     /// When the last frame came (or the tap was made): the idle gap runs
     /// from here.
-    last_frame: Instant,
+    last_frame: TokioInstant,
     /// Armed at the first wait. A frame does not move it: when it fires
     /// early it is set again for the current due time, so a stream pays
     /// for a timer update once per idle period, not once per chunk.
@@ -95,8 +97,8 @@ impl Tap {
             inner,
             finish: Some(finish),
             idle,
-            deadline,
-            last_frame: Instant::now(),
+            deadline: TokioInstant::from_std(deadline),
+            last_frame: TokioInstant::now(),
             timer: None,
             sse,
             ended: false,
@@ -131,7 +133,7 @@ impl Tap {
     }
 
     /// When the body fails if no frame comes first.
-    fn due(&self) -> Instant {
+    fn due(&self) -> TokioInstant {
         match self.idle {
             Some(idle) => (self.last_frame + idle).min(self.deadline),
             None => self.deadline,
@@ -255,7 +257,7 @@ impl Body for Tap {
                         _ => None,
                     };
                     if this.idle.is_some() {
-                        this.last_frame = Instant::now();
+                        this.last_frame = TokioInstant::now();
                     }
                     match replaced {
                         Some(out) if out.is_empty() => continue,
@@ -293,18 +295,18 @@ impl Body for Tap {
                     let due = this.due();
                     let timer = this
                         .timer
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due.into())));
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
                     if timer.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }
                     // Set before the last frames came: not due yet.
-                    if Instant::now() < due {
-                        timer.as_mut().reset(due.into());
+                    if TokioInstant::now() < due {
+                        timer.as_mut().reset(due);
                         if timer.as_mut().poll(cx).is_pending() {
                             return Poll::Pending;
                         }
                     }
-                    if Instant::now() >= this.deadline {
+                    if TokioInstant::now() >= this.deadline {
                         this.fail("request_timeout", BodyError(TapError::Deadline.into()))
                     } else {
                         let idle = this.idle.unwrap_or_default();
