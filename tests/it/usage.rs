@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{Client, MockUpstream, TestGateway, UpstreamReply};
+use crate::support::{Client, ClientReply, MockUpstream, TestGateway, UpstreamReply};
 
 fn config(url: &str) -> String {
     format!(
@@ -150,53 +150,9 @@ const STREAM: [&str; 4] = [
     "[DONE]",
 ];
 
-#[tokio::test]
-async fn usage_is_asked_for_and_hidden_from_a_client_that_did_not_ask() {
-    let up = MockUpstream::always(UpstreamReply::sse(&STREAM, Duration::from_millis(5))).await;
-    let gw = TestGateway::start(&config(&up.url())).await;
-    let reply = Client::new()
-        .post_json(
-            &gw.url("/v1/chat/completions"),
-            &[],
-            r#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#,
-        )
-        .await;
-    let sent: serde_json::Value = serde_json::from_slice(&up.seen()[0].body).unwrap();
-    assert_eq!(
-        sent["stream_options"]["include_usage"], true,
-        "sluice must ask the upstream"
-    );
-    assert_eq!(sent["messages"], json!([]));
-    let expected: String = [STREAM[0], STREAM[1], STREAM[3]]
-        .iter()
-        .map(|e| format!("data: {e}\n\n"))
-        .collect();
-    assert_eq!(
-        reply.text(),
-        expected,
-        "the client's stream must be what it asked for"
-    );
-    check(
-        &gw,
-        "gpt-4o-mini",
-        7,
-        2,
-        (7.0 * 0.15 + 2.0 * 0.60) / 1e6,
-        "stop",
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn a_stream_sent_with_a_length_is_not_cut_short_by_the_stripped_chunk() {
-    // Some upstreams (a caching proxy, a canned test server) send a whole
-    // SSE body at once, with content-length. The client gets fewer bytes
-    // than that length once the usage chunk is cut out.
-    let whole: String = STREAM.iter().map(|e| format!("data: {e}\n\n")).collect();
-    let up = MockUpstream::always(
-        UpstreamReply::text(whole).header("content-type", "text/event-stream"),
-    )
-    .await;
+/// A streamed chat request that does not ask for usage (as the OpenAI SDK
+/// sends it), through a gateway in front of `up`.
+async fn stream_without_usage(up: &MockUpstream) -> (TestGateway, ClientReply) {
     let gw = TestGateway::start(&config(&up.url())).await;
     let reply = Client::new()
         .post_json(
@@ -207,10 +163,56 @@ async fn a_stream_sent_with_a_length_is_not_cut_short_by_the_stripped_chunk() {
         .await;
     assert_eq!(reply.status, 200);
     assert!(reply.body_error.is_none(), "{:?}", reply.body_error);
-    let expected: String = [STREAM[0], STREAM[1], STREAM[3]]
-        .iter()
-        .map(|e| format!("data: {e}\n\n"))
-        .collect();
+    (gw, reply)
+}
+
+/// Events as an upstream sends them.
+fn sse_text(events: &[&str]) -> String {
+    events.iter().map(|e| format!("data: {e}\n\n")).collect()
+}
+
+/// What metering must find for `STREAM`.
+async fn check_stream_usage(gw: &TestGateway) {
+    check(
+        gw,
+        "gpt-4o-mini",
+        7,
+        2,
+        (7.0 * 0.15 + 2.0 * 0.60) / 1e6,
+        "stop",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn usage_is_asked_for_and_hidden_from_a_client_that_did_not_ask() {
+    let up = MockUpstream::always(UpstreamReply::sse(&STREAM, Duration::from_millis(5))).await;
+    let (gw, reply) = stream_without_usage(&up).await;
+    let sent: serde_json::Value = serde_json::from_slice(&up.seen()[0].body).unwrap();
+    assert_eq!(
+        sent["stream_options"]["include_usage"], true,
+        "sluice must ask the upstream"
+    );
+    assert_eq!(sent["messages"], json!([]));
+    assert_eq!(
+        reply.text(),
+        sse_text(&[STREAM[0], STREAM[1], STREAM[3]]),
+        "the client's stream must be what it asked for"
+    );
+    check_stream_usage(&gw).await;
+}
+
+#[tokio::test]
+async fn a_stream_sent_with_a_length_is_not_cut_short_by_the_stripped_chunk() {
+    // Some upstreams (a caching proxy, a canned test server) send a whole
+    // SSE body at once, with content-length. The client gets fewer bytes
+    // than that length once the usage chunk is cut out.
+    let up = MockUpstream::always(
+        UpstreamReply::text(sse_text(&STREAM)).header("content-type", "text/event-stream"),
+    )
+    .await;
+    let (gw, reply) = stream_without_usage(&up).await;
+    let expected = sse_text(&[STREAM[0], STREAM[1], STREAM[3]]);
     assert_eq!(reply.text(), expected);
     if let Some(length) = reply.header("content-length") {
         assert_eq!(
@@ -219,15 +221,7 @@ async fn a_stream_sent_with_a_length_is_not_cut_short_by_the_stripped_chunk() {
             "a length must be the real one"
         );
     }
-    check(
-        &gw,
-        "gpt-4o-mini",
-        7,
-        2,
-        (7.0 * 0.15 + 2.0 * 0.60) / 1e6,
-        "stop",
-    )
-    .await;
+    check_stream_usage(&gw).await;
 }
 
 #[tokio::test]
@@ -235,22 +229,13 @@ async fn an_unterminated_last_event_after_the_stripped_chunk_still_arrives() {
     // A length-delimited body whose last event has no blank line after
     // it: held back while stripping, it must still reach the client
     // after the upstream's body has ended.
-    let whole = format!("data: {}\n\ndata: {}\n\ndata: [DONE]", STREAM[0], STREAM[2]);
+    let whole = sse_text(&[STREAM[0], STREAM[2]]) + "data: [DONE]";
     let up = MockUpstream::always(
         UpstreamReply::text(whole).header("content-type", "text/event-stream"),
     )
     .await;
-    let gw = TestGateway::start(&config(&up.url())).await;
-    let reply = Client::new()
-        .post_json(
-            &gw.url("/v1/chat/completions"),
-            &[],
-            r#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#,
-        )
-        .await;
-    assert_eq!(reply.status, 200);
-    assert!(reply.body_error.is_none(), "{:?}", reply.body_error);
-    assert_eq!(reply.text(), format!("data: {}\n\ndata: [DONE]", STREAM[0]));
+    let (_gw, reply) = stream_without_usage(&up).await;
+    assert_eq!(reply.text(), sse_text(&[STREAM[0]]) + "data: [DONE]");
 }
 
 #[tokio::test]
@@ -266,6 +251,5 @@ async fn usage_chunk_reaches_a_client_that_asked_for_it() {
         body.as_bytes(),
         "the request is forwarded untouched"
     );
-    let expected: String = STREAM.iter().map(|e| format!("data: {e}\n\n")).collect();
-    assert_eq!(reply.text(), expected);
+    assert_eq!(reply.text(), sse_text(&STREAM));
 }
