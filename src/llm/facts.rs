@@ -32,10 +32,10 @@ pub struct Facts<'a> {
     pub kind: Loose<Cow<'a, str>>,
     /// Anthropic's `message_start` wraps the message here.
     #[serde(borrow)]
-    pub message: Loose<Inner<'a>>,
+    pub message: Loose<Answer<'a>>,
     /// The responses API's `response.completed` wraps its answer here.
     #[serde(borrow)]
-    pub response: Loose<Inner<'a>>,
+    pub response: Loose<Answer<'a>>,
     #[serde(borrow)]
     pub model: Loose<Cow<'a, str>>,
     pub usage: Loose<Counts>,
@@ -48,8 +48,8 @@ pub struct Facts<'a> {
     pub delta: Loose<Delta<'a>>,
 }
 
-/// The members of a whole JSON answer that metering uses (fewer than an
-/// event's, so fewer names to match per member).
+/// An answer's own members: a whole JSON answer, or the message or
+/// answer an event wraps (which has no `choices`).
 #[derive(serde::Deserialize, Default)]
 #[serde(default)]
 pub struct Answer<'a> {
@@ -58,17 +58,6 @@ pub struct Answer<'a> {
     pub usage: Loose<Counts>,
     #[serde(borrow)]
     pub choices: Loose<Choices<'a>>,
-    #[serde(borrow)]
-    pub stop_reason: Loose<Cow<'a, str>>,
-}
-
-/// A wrapped message or answer.
-#[derive(serde::Deserialize, Default)]
-#[serde(default)]
-pub struct Inner<'a> {
-    #[serde(borrow)]
-    pub model: Loose<Cow<'a, str>>,
-    pub usage: Loose<Counts>,
     #[serde(borrow)]
     pub stop_reason: Loose<Cow<'a, str>>,
 }
@@ -230,7 +219,7 @@ macro_rules! loose_object {
         }
     )*};
 }
-loose_object!(Inner<'a>, Delta<'a>, Choice<'a>, Counts);
+loose_object!(Answer<'a>, Delta<'a>, Choice<'a>, Counts);
 
 impl<'de: 'a, 'a> LooseKind<'de> for Choices<'a> {
     fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Option<Self>, A::Error> {
