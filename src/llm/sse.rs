@@ -252,34 +252,28 @@ pub fn ask_for_usage(body: &[u8]) -> Option<Bytes> {
     if request.stream != Some(true) {
         return None;
     }
-    let (range, options) = match request.stream_options.0 {
-        Some(raw) if raw.get() != "null" => {
-            let mut options: serde_json::Map<String, Value> =
-                serde_json::from_str(raw.get()).ok()?;
-            if options.get("include_usage").and_then(Value::as_bool) == Some(true) {
-                return None;
-            }
-            options.insert("include_usage".to_owned(), Value::Bool(true));
+    let (range, options): (_, Cow<'_, [u8]>) = match request.stream_options.0 {
+        // Absent: added as the last member.
+        None => {
+            let close = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
             (
-                span_of(body, raw.get())?,
-                serde_json::to_vec(&options).ok()?,
+                close..close,
+                Cow::Borrowed(br#","stream_options":{"include_usage":true}"#),
             )
         }
-        // Absent (or null): added as the last member.
-        absent => {
-            let range = match absent {
-                Some(null) => span_of(body, null.get())?,
-                None => {
-                    let close = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
-                    close..close
-                }
-            };
-            let member = if absent.is_some() {
-                &br#"{"include_usage":true}"#[..]
-            } else {
-                &br#","stream_options":{"include_usage":true}"#[..]
-            };
-            (range, member.to_vec())
+        Some(null) if null.get() == "null" => (
+            span_of(body, null.get())?,
+            Cow::Borrowed(br#"{"include_usage":true}"#),
+        ),
+        Some(raw) => {
+            let mut options = serde_json::from_str(raw.get()).ok()?;
+            if !set_include_usage(&mut options) {
+                return None;
+            }
+            (
+                span_of(body, raw.get())?,
+                Cow::Owned(serde_json::to_vec(&options).ok()?),
+            )
         }
     };
     let mut out = Vec::with_capacity(body.len() + options.len());
@@ -297,19 +291,27 @@ fn ask_for_usage_rewriting(body: &[u8]) -> Option<Bytes> {
     if json.get("stream").and_then(Value::as_bool) != Some(true) {
         return None;
     }
-    let obj = json.as_object_mut()?;
-    let options = obj
+    let options = json
+        .as_object_mut()?
         .entry("stream_options")
-        .or_insert_with(|| Value::Object(serde_json::Map::new()));
+        .or_insert(Value::Null);
     if options.is_null() {
         *options = Value::Object(serde_json::Map::new());
     }
-    let options = options.as_object_mut()?;
-    if options.get("include_usage").and_then(Value::as_bool) == Some(true) {
+    if !set_include_usage(options.as_object_mut()?) {
         return None;
     }
-    options.insert("include_usage".to_owned(), Value::Bool(true));
     serde_json::to_vec(&json).ok().map(Bytes::from)
+}
+
+/// Sets `include_usage` in a `stream_options` object; false when it was
+/// already asked for.
+fn set_include_usage(options: &mut serde_json::Map<String, Value>) -> bool {
+    if options.get("include_usage").and_then(Value::as_bool) == Some(true) {
+        return false;
+    }
+    options.insert("include_usage".to_owned(), Value::Bool(true));
+    true
 }
 
 /// The members of a chat request that say whether it streams and asks
