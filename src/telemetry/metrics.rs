@@ -2,12 +2,15 @@
 //! registered into one [`Registry`] owned by the gateway (never the global
 //! default registry, so many gateways can live in one test process).
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::io::Write as _;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::{Method, StatusCode};
 use prometheus::core::Collector;
+use prometheus::proto::MetricType;
 use prometheus::{
     CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -34,15 +37,18 @@ pub const STATE_BUCKETS: [f64; 12] = [
 ];
 
 /// Registers a family built from static definitions: neither step can
-/// fail unless the code itself is wrong.
+/// fail unless the code itself is wrong. The family is also kept in
+/// `families`, so that `render` can name it before it has a series.
 fn register<C: Collector + Clone + 'static>(
     registry: &Registry,
+    families: &RefCell<Vec<Box<dyn Collector>>>,
     built: prometheus::Result<C>,
 ) -> C {
     let metric = built.expect("static metric definition is valid");
     registry
         .register(Box::new(metric.clone()))
         .expect("each family is registered once");
+    families.borrow_mut().push(Box::new(metric.clone()));
     metric
 }
 
@@ -77,28 +83,45 @@ pub struct Metrics {
     pub stream_errors: IntCounterVec,
     pub upstream_up: IntGaugeVec,
     pub build_info: IntGaugeVec,
+    /// Every family registered, with or without series.
+    families: Arc<[Box<dyn Collector>]>,
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
+        let families = RefCell::new(Vec::new());
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            register(&registry, IntCounterVec::new(Opts::new(name, help), labels))
+            register(
+                &registry,
+                &families,
+                IntCounterVec::new(Opts::new(name, help), labels),
+            )
         };
         let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
             let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
-            register(&registry, HistogramVec::new(opts, labels))
+            register(&registry, &families, HistogramVec::new(opts, labels))
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
-            register(&registry, IntGaugeVec::new(Opts::new(name, help), labels))
+            register(
+                &registry,
+                &families,
+                IntGaugeVec::new(Opts::new(name, help), labels),
+            )
         };
         let usd_counter = |name: &str, help: &str, labels: &[&str]| {
-            register(&registry, CounterVec::new(Opts::new(name, help), labels))
+            register(
+                &registry,
+                &families,
+                CounterVec::new(Opts::new(name, help), labels),
+            )
         };
-        let plain_gauge = |name: &str, help: &str| register(&registry, IntGauge::new(name, help));
+        let plain_gauge =
+            |name: &str, help: &str| register(&registry, &families, IntGauge::new(name, help));
         let float_gauge = |name: &str, help: &str| {
             register(
                 &registry,
+                &families,
                 prometheus::GaugeVec::new(Opts::new(name, help), &["scope"]),
             )
         };
@@ -231,6 +254,7 @@ impl Metrics {
                 &["version"],
             ),
             registry,
+            families: Arc::from(families.take()),
         };
         metrics
             .build_info
@@ -284,11 +308,32 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every family.
+    ///
+    /// A family with no series yet (no request refused, no budget set) is
+    /// still named by its `# HELP` and `# TYPE` lines: the registry alone
+    /// would leave it out, and a dashboard or alert cannot tell a family
+    /// that is empty from one that does not exist.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
+        let gathered = self.registry.gather();
         // Encoding into a Vec only fails on invalid families, which
         // `Metrics::new` cannot register.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        let _ = TextEncoder::new().encode(&gathered, &mut out);
+        let shown: HashSet<&str> = gathered.iter().map(|f| f.name()).collect();
+        for family in self.families.iter().flat_map(|c| c.collect()) {
+            if family.get_metric().is_empty() && !shown.contains(family.name()) {
+                let help = family.help().replace('\\', "\\\\").replace('\n', "\\n");
+                let kind = match family.get_field_type() {
+                    MetricType::COUNTER => "counter",
+                    MetricType::GAUGE => "gauge",
+                    MetricType::HISTOGRAM => "histogram",
+                    MetricType::SUMMARY => "summary",
+                    MetricType::UNTYPED => "untyped",
+                };
+                let name = family.name();
+                let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+            }
+        }
         out
     }
 }

@@ -190,3 +190,56 @@ async fn admin_health_and_readiness() {
     );
     assert_eq!(c.get(&gw.admin_url("/other")).await.status, 404);
 }
+
+/// Every family of SPEC §4, by name and type, before any request: a
+/// family with no series yet is still named, once.
+#[tokio::test]
+async fn a_fresh_gateway_names_every_spec_family() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&config(&up.url())).await;
+    let m = gw.metrics().await;
+    let families = [
+        ("sluice_requests_total", "counter"),
+        ("sluice_request_duration_seconds", "histogram"),
+        ("sluice_overhead_seconds", "histogram"),
+        ("sluice_upstream_requests_total", "counter"),
+        ("sluice_upstream_duration_seconds", "histogram"),
+        ("sluice_upstream_first_byte_seconds", "histogram"),
+        ("sluice_failovers_total", "counter"),
+        ("sluice_stream_errors_total", "counter"),
+        ("sluice_upstream_up", "gauge"),
+        ("sluice_tokens_total", "counter"),
+        ("sluice_completions_total", "counter"),
+        ("sluice_cost_usd_total", "counter"),
+        ("sluice_cache_requests_total", "counter"),
+        ("sluice_cache_saved_usd_total", "counter"),
+        ("sluice_rate_limited_total", "counter"),
+        ("sluice_auth_failures_total", "counter"),
+        ("sluice_budget_spent_usd", "gauge"),
+        ("sluice_budget_limit_usd", "gauge"),
+        ("sluice_budget_alerts_total", "counter"),
+        ("sluice_in_flight_requests", "gauge"),
+        ("sluice_config_reloads_total", "counter"),
+        ("sluice_build_info", "gauge"),
+    ];
+    for (name, kind) in families {
+        let type_line = format!("# TYPE {name} {kind}");
+        let help_line = format!("# HELP {name} ");
+        assert_eq!(
+            m.lines().filter(|l| *l == type_line).count(),
+            1,
+            "{type_line} once in:\n{m}"
+        );
+        assert_eq!(
+            m.lines().filter(|l| l.starts_with(&help_line)).count(),
+            1,
+            "{help_line} once"
+        );
+    }
+    // No family is named twice, with or without series.
+    let mut types: Vec<&str> = m.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+    let all = types.len();
+    types.sort_unstable();
+    types.dedup();
+    assert_eq!(types.len(), all);
+}
