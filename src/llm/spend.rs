@@ -73,6 +73,7 @@ fn raise(gw: &Gateway, snap: &Snapshot, scope: &str, alerts: Vec<Alert>) {
         tracing::dispatcher::with_default(&gw.log, || {
             tracing::warn!(
                 target: "sluice::budget",
+                event = "budget_alert",
                 scope,
                 threshold = alert.threshold,
                 spent_usd = alert.spent_usd,

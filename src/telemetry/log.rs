@@ -65,9 +65,17 @@ impl<'a> MakeWriter<'a> for CaptureWriter {
 
 /// Builds the dispatcher for `logging`. `SLUICE_LOG` (an `EnvFilter`
 /// directive) overrides the configured level when set.
+///
+/// The configured level does not silence the access log: every request
+/// writes its event whatever the level, as nginx's and Envoy's access
+/// logs do not follow their error-log level. Only a `SLUICE_LOG`
+/// directive can turn it off.
 pub fn dispatch(logging: &Logging, sink: LogSink) -> (tracing::Dispatch, LogGuard) {
     let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| {
-        EnvFilter::new(format!("{},h2=warn,hyper=warn,rustls=warn", logging.level))
+        EnvFilter::new(format!(
+            "{},{ACCESS_TARGET}=info,h2=warn,hyper=warn,rustls=warn",
+            logging.level
+        ))
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -248,5 +256,31 @@ mod tests {
         assert_eq!(s, r#""a\"b\\c\nd\u0001é""#);
         let parsed: String = serde_json::from_str(&s).unwrap();
         assert_eq!(parsed, "a\"b\\c\nd\u{1}é");
+    }
+
+    /// The configured level filters sluice's own events but never the
+    /// access log.
+    #[test]
+    fn the_level_spares_the_access_log() {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let logging = Logging {
+            level: "error".into(),
+            format: LogFormat::Json,
+            log_bodies: false,
+        };
+        let (dispatch, _guard) = dispatch(&logging, LogSink::Capture(buf.clone()));
+        tracing::dispatcher::with_default(&dispatch, || {
+            tracing::info!(target: ACCESS_TARGET, "request");
+            tracing::info!(target: "sluice::reload", "config reloaded");
+            tracing::warn!(target: "sluice::budget", "budget_alert");
+            tracing::error!(target: "sluice::server", "cannot bind");
+        });
+        let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+        let messages: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|v| v["message"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(messages, ["request", "cannot bind"], "{text}");
     }
 }

@@ -80,10 +80,11 @@ async fn global_budget_alerts_once_per_threshold_and_is_enforced() {
     let alerts: Vec<_> = gw
         .log_lines()
         .into_iter()
-        .filter(|l| l["message"] == "budget_alert" && l["scope"] == "global")
+        .filter(|l| l["event"] == "budget_alert" && l["scope"] == "global")
         .collect();
     assert_eq!(alerts.len(), 2, "{alerts:?}");
     assert_eq!(alerts[0]["level"], "WARN");
+    assert_eq!(alerts[0]["message"], "budget_alert");
     assert_eq!(alerts[0]["threshold"], 0.5);
     assert_eq!(alerts[1]["threshold"], 1.0);
     assert!((alerts[1]["spent_usd"].as_f64().unwrap() - 1.2).abs() < 1e-9);

@@ -243,3 +243,19 @@ async fn a_fresh_gateway_names_every_spec_family() {
     types.dedup();
     assert_eq!(types.len(), all);
 }
+
+/// `logging.level` quiets sluice's own events, not the access log: every
+/// request still writes its line.
+#[tokio::test]
+async fn access_log_is_written_at_every_level() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let cfg = format!("logging: {{ level: error }}\n{}", config(&up.url()));
+    let gw = TestGateway::start(&cfg).await;
+    let c = Client::new();
+    for _ in 0..2 {
+        assert_eq!(c.get(&gw.url("/x")).await.status, 200);
+    }
+    let logs = gw.wait_access_logs(2).await;
+    assert_eq!(logs.len(), 2);
+    assert_eq!(logs[0]["status"], 200);
+}
