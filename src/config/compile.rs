@@ -196,10 +196,20 @@ impl Compiler<'_> {
             None => self.addr(&None, "0.0.0.0:9090"),
         };
         let tls = raw.tls.as_ref().and_then(|t| {
-            Some(TlsFiles {
+            let files = TlsFiles {
                 cert_file: self.path(&t.cert_file)?,
                 key_file: self.path(&t.key_file)?,
-            })
+            };
+            // Read now, so that `check` refuses what `run` would.
+            if let Err((e, key_at_fault)) = crate::server::tls::check_pair(&files) {
+                let at = if key_at_fault {
+                    &t.key_file
+                } else {
+                    &t.cert_file
+                };
+                self.error(&at.referenced, e);
+            }
+            Some(files)
         });
         let limits = self.limits(raw.limits.as_ref());
         let upstreams = self.upstreams(&raw.upstreams, &limits);

@@ -45,6 +45,15 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// Whether `files` hold a certificate and the key that belongs to it.
+/// The error says how, and whether the key file is the one at fault.
+pub fn check_pair(files: &TlsFiles) -> Result<(), (String, bool)> {
+    read_pair(files).map(drop).map_err(|e| {
+        let key_at_fault = e.starts_with("key_file");
+        (e, key_at_fault)
+    })
+}
+
 fn read_pair(files: &TlsFiles) -> Result<CertifiedKey, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert_file)
         .map_err(|e| format!("cannot read cert_file {}: {e}", files.cert_file.display()))?
@@ -61,8 +70,13 @@ fn read_pair(files: &TlsFiles) -> Result<CertifiedKey, String> {
             files.cert_file.display()
         ));
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key_file)
-        .map_err(|e| format!("key_file {}: {e}", files.key_file.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key_file).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => format!(
+            "key_file {} holds no PEM private key",
+            files.key_file.display()
+        ),
+        e => format!("key_file {}: {e}", files.key_file.display()),
+    })?;
     // Checks that the key belongs to the certificate: a rotation caught
     // between writing the two files is refused, not served.
     CertifiedKey::from_der(certs, key, &provider())

@@ -63,22 +63,43 @@ async fn https_clients_are_served_over_http1_and_h2() {
     assert_eq!(seen[0].header("x-forwarded-proto"), Some("https"));
 }
 
-#[tokio::test]
-async fn missing_certificate_file_fails_start_with_a_clear_error() {
+/// `check` (and so `run` and a reload) reads the certificate and key, and
+/// points at the file at fault, as it does for a `ca_file`.
+#[test]
+fn unusable_certificate_files_are_config_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let snapshot = sluice::config::load_str(
-        "listen: 127.0.0.1:0\nadmin: { listen: 127.0.0.1:0 }\ntls: { cert_file: nope.crt, key_file: nope.key }\nupstreams: { m: { mock: {} } }\nroutes: [ { name: r, match: { path_prefix: / }, upstream: m } ]\n",
-        "test.yaml",
-        dir.path(),
-        &|_| None,
-    )
-    .unwrap();
-    let (sink, _logs) = sluice::telemetry::log::LogSink::capture();
-    let gw = sluice::gateway::Gateway::new(snapshot, sink);
-    let err = match sluice::server::start(gw).await {
-        Ok(_) => panic!("started without a certificate"),
-        Err(e) => e.to_string(),
+    let load = |tls: &str| {
+        let yaml = format!(
+            "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\n{tls}\nupstreams: {{ m: {{ mock: {{}} }} }}\nroutes: [ {{ name: r, match: {{ path_prefix: / }}, upstream: m }} ]\n"
+        );
+        match sluice::config::load_str(&yaml, "test.yaml", dir.path(), &|_| None) {
+            Ok(_) => panic!("{tls} was accepted"),
+            Err(errors) => errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+        }
     };
-    assert!(err.starts_with("tls: cannot read cert_file "), "{err}");
-    assert!(err.contains("nope.crt"), "{err}");
+    let errors = load("tls: { cert_file: nope.crt, key_file: nope.key }");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].starts_with("test.yaml:3:19: cannot read cert_file "),
+        "{errors:?}"
+    );
+    assert!(errors[0].contains("nope.crt"), "{errors:?}");
+
+    // A key that is not the certificate's, from another test PKI.
+    let pki = TestPki::new();
+    let other = TestPki::new();
+    std::fs::write(dir.path().join("tls.crt"), &pki.cert_pem).unwrap();
+    std::fs::write(dir.path().join("other.key"), &other.key_pem).unwrap();
+    std::fs::write(dir.path().join("empty.key"), "").unwrap();
+    let errors = load("tls: { cert_file: tls.crt, key_file: other.key }");
+    assert!(
+        errors[0].starts_with("test.yaml:3:19: certificate and key do not form a usable pair"),
+        "{errors:?}"
+    );
+    let errors = load("tls: { cert_file: tls.crt, key_file: empty.key }");
+    assert!(
+        errors[0].starts_with("test.yaml:3:38: key_file ")
+            && errors[0].ends_with("empty.key holds no PEM private key"),
+        "{errors:?}"
+    );
 }
