@@ -25,7 +25,7 @@ use crate::gateway::{Active, Gateway};
 use crate::llm::sse;
 use crate::snapshot::{AuthMode, Pool, RetryOn, Route, Target};
 use crate::telemetry::metrics::Outcome;
-use crate::upstream::breaker::Admit;
+use crate::upstream::breaker::{Admit, ProbeSlot};
 use crate::upstream::client::ClientError;
 use crate::upstream::{UpstreamKind, mock, pool};
 
@@ -203,11 +203,12 @@ async fn failover(
         else {
             continue;
         };
-        let now = Instant::now();
-        if let Admit::No(until) = breaker.admit(now) {
+        let admit = breaker.admit(Instant::now());
+        if let Admit::No(until) = admit {
             reopens = Some(reopens.map_or(until, |r| r.min(until)));
             continue;
         }
+        let mut probe = ProbeSlot::new(breaker, admit);
         if attempts > 0
             && let Some(counter) = active.failovers.get(p)
         {
@@ -234,6 +235,7 @@ async fn failover(
                     match hold_preamble(resp, deadline).await {
                         Ok(resp) => {
                             breaker.success();
+                            probe.settled();
                             return Ok(resp);
                         }
                         Err(text) => {
@@ -244,6 +246,7 @@ async fn failover(
                                 pool.breaker_failures,
                                 pool.breaker_cooldown,
                             );
+                            probe.settled();
                             if let Some(m) = active.upstreams.get(member) {
                                 m.stream_errors.inc();
                             }
@@ -255,12 +258,16 @@ async fn failover(
                     }
                 }
                 match (status, pool::retry_after(resp.headers())) {
+                    // A pause is no verdict: a probe's slot is freed.
                     (429, Some(pause)) => breaker.cool_down(Instant::now() + pause),
-                    _ => breaker.failure(
-                        Instant::now(),
-                        pool.breaker_failures,
-                        pool.breaker_cooldown,
-                    ),
+                    _ => {
+                        breaker.failure(
+                            Instant::now(),
+                            pool.breaker_failures,
+                            pool.breaker_cooldown,
+                        );
+                        probe.settled();
+                    }
                 }
                 ctx.upstream_started = None;
                 tried.push(format!("{}: {status}", upstream.name));
@@ -268,6 +275,7 @@ async fn failover(
             }
             Err(failure) => {
                 breaker.failure(Instant::now(), pool.breaker_failures, pool.breaker_cooldown);
+                probe.settled();
                 tried.push(format!("{}: {}", upstream.name, failure.text));
                 let retryable = if failure.outcome == Outcome::Timeout {
                     last_timed_out = Some(&upstream.name);

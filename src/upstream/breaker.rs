@@ -102,6 +102,32 @@ impl Breaker {
     }
 }
 
+/// The half-open circuit's one probe slot, held while its probe runs. A
+/// probe that ends without a verdict frees the slot when this drops: the
+/// client went away (its request's future is dropped mid-attempt) or the
+/// upstream only asked for a pause (429 with `retry-after`). Otherwise
+/// the slot would stay taken and the upstream be skipped for good.
+/// `settled` marks a verdict (`success` or `failure`) given.
+pub struct ProbeSlot<'a>(Option<&'a Breaker>);
+
+impl<'a> ProbeSlot<'a> {
+    pub fn new(breaker: &'a Breaker, admit: Admit) -> Self {
+        ProbeSlot((admit == Admit::Probe).then_some(breaker))
+    }
+
+    pub fn settled(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ProbeSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(breaker) = self.0 {
+            breaker.probe_abandoned();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +168,29 @@ mod tests {
         b.cool_down(t0 + Duration::from_secs(2));
         assert_eq!(b.admit(t0), Admit::No(t0 + Duration::from_secs(2)));
         assert_eq!(b.admit(t0 + Duration::from_secs(2)), Admit::Yes);
+    }
+
+    #[test]
+    fn a_probe_without_verdict_frees_its_slot() {
+        let b = breaker();
+        let t0 = Instant::now();
+        let cooldown = Duration::from_secs(30);
+        b.failure(t0, 1, cooldown);
+        let later = t0 + cooldown;
+        // Dropped unsettled (client gone, or a 429 pause): another probe.
+        let admit = b.admit(later);
+        drop(ProbeSlot::new(&b, admit));
+        assert_eq!(b.admit(later), Admit::Probe);
+        // Settled by a failure: open again, no probe until the cooldown ends.
+        let mut slot = ProbeSlot::new(&b, Admit::Probe);
+        b.failure(later, 1, cooldown);
+        slot.settled();
+        drop(slot);
+        assert_eq!(b.admit(later), Admit::No(later + cooldown));
+        // Not a probe: dropping it changes nothing.
+        let b = breaker();
+        let slot = ProbeSlot::new(&b, b.admit(t0));
+        drop(slot);
+        assert_eq!(b.admit(t0), Admit::Yes);
     }
 }

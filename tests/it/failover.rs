@@ -406,3 +406,42 @@ async fn a_member_whose_failed_answers_go_unread_keeps_its_connection() {
     assert_eq!(primary.connections(), 1);
     assert_eq!(backup.connections(), 1);
 }
+
+/// A half-open circuit's probe answered with a 429 and `retry-after` gives
+/// no verdict: once the pause ends the member is probed again, rather than
+/// skipped for good with its probe slot still taken.
+#[tokio::test]
+async fn a_probe_paused_by_429_is_followed_by_another_probe() {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    let primary = MockUpstream::start(move |_| match counter.fetch_add(1, Ordering::SeqCst) {
+        0 => failing(500),
+        1 => failing(429).header("retry-after", "1"),
+        _ => UpstreamReply::text("primary"),
+    })
+    .await;
+    let backup = MockUpstream::always(UpstreamReply::text("backup")).await;
+    let gw = TestGateway::start(&config(
+        &primary.url(),
+        &backup.url(),
+        "    circuit_breaker: { failures: 1, cooldown: 200ms }",
+        "",
+    ))
+    .await;
+    assert_eq!(chat(&gw).await.text(), "backup");
+    // The cooldown ends; the probe gets the 429 and the backup answers.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(chat(&gw).await.text(), "backup");
+    assert_eq!(primary.seen().len(), 2);
+    // After the pause, a new probe reaches the primary and closes the circuit.
+    let mut answered_by_primary = false;
+    for _ in 0..40 {
+        if chat(&gw).await.text() == "primary" {
+            answered_by_primary = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(answered_by_primary, "the primary was never probed again");
+    assert_eq!(chat(&gw).await.text(), "primary");
+}
