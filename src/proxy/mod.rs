@@ -40,6 +40,7 @@ use crate::llm::sse;
 use crate::llm::tap::{Finish, Tap};
 use crate::llm::usage::Meter;
 use crate::telemetry::body_log::BodyLog;
+use cache::CacheStatus;
 use ctx::{ConnInfo, RequestCtx};
 use error::ProxyError;
 
@@ -71,6 +72,15 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     {
         // Not stored: requests waiting on this one take their turn now.
         ctx.cache_fill = None;
+    }
+    if ctx.cache.is_none() && active.route_metrics(ctx.route_index).cached() {
+        // Refused before the cache was consulted (auth, limits, body):
+        // neither served from it nor stored, as SPEC §3 wants every
+        // response of a cached route to say.
+        ctx.cache = Some(CacheStatus::Bypass);
+        active
+            .route_metrics(ctx.route_index)
+            .cache_result(CacheStatus::Bypass);
     }
     if let Some(status) = ctx.cache {
         resp.headers_mut()

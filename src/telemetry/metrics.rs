@@ -411,6 +411,11 @@ impl RouteMetrics {
         }
     }
 
+    /// Whether this route has a cache.
+    pub fn cached(&self) -> bool {
+        self.cache.is_some()
+    }
+
     /// Adds what a hit saved to `sluice_cache_saved_usd_total`.
     pub fn cache_saved(&self, usd: f64) {
         if let Some(cache) = &self.cache {

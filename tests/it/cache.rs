@@ -465,3 +465,38 @@ async fn a_stream_that_carried_an_error_event_is_not_stored() {
     }
     assert_eq!(upstream.seen().len(), 2);
 }
+
+/// Every response of a cached route says `x-sluice-cache`, also one refused
+/// before the cache was consulted: BYPASS, counted and logged as such.
+/// Other routes never carry the header.
+#[tokio::test]
+async fn refusals_on_a_cached_route_say_bypass() {
+    let (gw, upstream) = start("{ ttl: 10m }", UpstreamReply::json(&answer())).await;
+    let client = Client::new();
+    let url = gw.url("/v1/chat/completions");
+    let refused = client.post_json(&url, &[], CHAT).await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.header("x-sluice-cache"), Some("BYPASS"));
+    let plain = client.post_json(&gw.url("/plain/x"), &[], CHAT).await;
+    assert_eq!(plain.status, 401);
+    assert_eq!(plain.header("x-sluice-cache"), None);
+    let logs = gw.wait_access_logs(2).await;
+    let chat_log = logs.iter().find(|l| l["route"] == "chat").unwrap();
+    assert_eq!(chat_log["cache"], "bypass");
+    let plain_log = logs.iter().find(|l| l["route"] == "plain").unwrap();
+    assert_eq!(plain_log["cache"], serde_json::Value::Null);
+    assert_eq!(
+        gw.metric(
+            "sluice_cache_requests_total",
+            &[("route", "chat"), ("result", "bypass")]
+        )
+        .await,
+        Some(1.0)
+    );
+    // A request the cache does see is unchanged: a miss, then a hit.
+    let miss = client.post_json(&url, &[ALICE], CHAT).await;
+    assert_eq!(miss.header("x-sluice-cache"), Some("MISS"));
+    let hit = client.post_json(&url, &[ALICE], CHAT).await;
+    assert_eq!(hit.header("x-sluice-cache"), Some("HIT"));
+    assert_eq!(upstream.seen().len(), 1);
+}
