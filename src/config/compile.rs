@@ -75,10 +75,15 @@ impl Compiler<'_> {
 
     /// The expanded string, or `None` after recording why not.
     fn text(&mut self, t: &Text) -> Option<String> {
-        match expand(&t.value.0, self.env) {
+        self.expanded(&t.value.0, &t.referenced)
+    }
+
+    /// `raw` with its `${VAR}`s expanded; an error points at `at`.
+    fn expanded(&mut self, raw: &str, at: &Location) -> Option<String> {
+        match expand(raw, self.env) {
             Ok(s) => Some(s),
             Err(e) => {
-                self.error(&t.referenced, e);
+                self.error(at, e);
                 None
             }
         }
@@ -648,25 +653,27 @@ impl Compiler<'_> {
             let validate = match &r.validate {
                 None => Validate::None,
                 Some(v) => match &v.value {
-                    RawValidate::Named(n) if n == "none" => Validate::None,
-                    RawValidate::Named(n) if n == "openai" => Validate::OpenAi,
-                    RawValidate::Named(n) => {
-                        self.error(
-                            &v.referenced,
-                            format!("`{n}` is not one of: none, openai, {{ schema_file: … }}"),
-                        );
-                        Validate::None
-                    }
-                    RawValidate::Schema(s) => {
-                        let p = self.base_dir.join(&s.schema_file);
-                        match load_schema(&p) {
+                    RawValidate::Named(n) => match self.expanded(n, &v.referenced).as_deref() {
+                        Some("none") | None => Validate::None,
+                        Some("openai") => Validate::OpenAi,
+                        Some(n) => {
+                            self.error(
+                                &v.referenced,
+                                format!("`{n}` is not one of: none, openai, {{ schema_file: … }}"),
+                            );
+                            Validate::None
+                        }
+                    },
+                    RawValidate::Schema(s) => match self.expanded(&s.schema_file, &v.referenced) {
+                        Some(file) => match load_schema(&self.base_dir.join(file)) {
                             Ok(validator) => Validate::Schema(Arc::new(validator)),
                             Err(message) => {
                                 self.error(&v.referenced, message);
                                 Validate::None
                             }
-                        }
-                    }
+                        },
+                        None => Validate::None,
+                    },
                 },
             };
             let rate_limit = r

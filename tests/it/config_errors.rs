@@ -567,3 +567,28 @@ fn a_config_without_routes_is_refused() {
         ["test.yaml:1:1: no routes: add at least one under `routes:`"]
     );
 }
+
+/// `validate` is a string like any other: `${VAR}` works in its name and
+/// in `schema_file`, and a missing variable is an error at its position.
+#[test]
+fn validate_expands_variables() {
+    let snapshot = load(&format!("{BASE}    validate: ${{CHECKS:-openai}}\n"), &[])
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(matches!(
+        snapshot.routes[0].validate,
+        sluice::snapshot::Validate::OpenAi
+    ));
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("chat.json"), r#"{"type":"object"}"#).expect("schema");
+    let yaml = format!("{BASE}    validate: {{ schema_file: \"${{SCHEMAS}}/chat.json\" }}\n");
+    let dir_text = dir.path().display().to_string();
+    let snapshot = load(&yaml, &[("SCHEMAS", &dir_text)]).unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(matches!(
+        snapshot.routes[0].validate,
+        sluice::snapshot::Validate::Schema(_)
+    ));
+    let errs = errors(&yaml);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].starts_with("test.yaml:8:15: "), "{errs:?}");
+    assert!(errs[0].contains("SCHEMAS"), "{errs:?}");
+}
