@@ -5,6 +5,7 @@ pub mod compile;
 pub mod error;
 pub mod expand;
 pub mod raw;
+mod recover;
 pub mod units;
 
 use std::path::Path;
@@ -37,11 +38,42 @@ pub fn load_str(
     base_dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Snapshot, ConfigErrors> {
-    let options = serde_saphyr::options! { with_snippet: false };
-    let raw: raw::RawConfig = serde_saphyr::from_str_with_options(text, options)
-        .map_err(|e| ConfigErrors(vec![parse_error(file, &e)]))?;
-    compile::compile(raw, file, base_dir, env).map_err(ConfigErrors)
+    let mut errors = Vec::new();
+    let mut text = std::borrow::Cow::Borrowed(text);
+    loop {
+        let options = serde_saphyr::options! { with_snippet: false };
+        match serde_saphyr::from_str_with_options::<raw::RawConfig>(&text, options) {
+            Ok(raw) => match compile::compile(raw, file, base_dir, env) {
+                Ok(snapshot) if errors.is_empty() => return Ok(snapshot),
+                Ok(_) => break,
+                Err(more) => {
+                    errors.extend(more);
+                    break;
+                }
+            },
+            Err(e) => {
+                let error = parse_error(file, &e);
+                // Past an unknown key the rest of the file can still be
+                // read; past any other parse error it cannot.
+                let next = (error.message.starts_with("unknown field")
+                    && errors.len() < MAX_PARSE_ERRORS)
+                    .then(|| recover::without_key(&text, error.line, error.col))
+                    .flatten();
+                errors.push(error);
+                match next {
+                    Some(rest) => text = rest.into(),
+                    None => break,
+                }
+            }
+        }
+    }
+    errors.sort_by_key(|e| (e.line, e.col));
+    Err(ConfigErrors(errors))
 }
+
+/// Unknown keys reported before `check` gives up on a file (each one costs
+/// a parse of it).
+const MAX_PARSE_ERRORS: usize = 32;
 
 fn parse_error(file: &str, e: &serde_saphyr::Error) -> ConfigError {
     let (line, col) = e

@@ -70,6 +70,56 @@ fn unknown_key_is_rejected_at_its_position() {
     );
 }
 
+/// `check` prints every error: each unknown key, and then what compiling
+/// the rest finds (a bad duration, a route naming no upstream), in file
+/// order, each at its own position.
+#[test]
+fn every_unknown_key_and_every_later_error_is_reported() {
+    let yaml = "\
+limits:
+  request_timout: 30s
+  header_read_timeout: soon
+upstreams:
+  app:
+    mock: {}
+    tiemouts:
+      connect: 1s
+routes:
+  - name: chat
+    match: { path_prefix: / }
+    upstream: nowhere
+    retries: 3
+logging:
+  levle: debug
+";
+    let lines = errors(yaml);
+    // `file:line:col`, up to the third colon.
+    let places: Vec<&str> = lines
+        .iter()
+        .map(|l| &l[..l.match_indices(':').nth(2).map_or(0, |(i, _)| i)])
+        .collect();
+    assert_eq!(
+        places,
+        [
+            "test.yaml:2:3",
+            "test.yaml:3:24",
+            "test.yaml:7:5",
+            "test.yaml:12:15",
+            "test.yaml:13:5",
+            "test.yaml:15:3",
+        ],
+        "{lines:#?}"
+    );
+    assert!(
+        lines[0].contains("unknown field `request_timout`"),
+        "{lines:?}"
+    );
+    assert!(lines[2].contains("unknown field `tiemouts`"), "{lines:?}");
+    assert!(lines[3].contains("nowhere"), "{lines:?}");
+    assert!(lines[4].contains("unknown field `retries`"), "{lines:?}");
+    assert!(lines[5].contains("unknown field `levle`"), "{lines:?}");
+}
+
 #[test]
 fn missing_variable_without_default_is_named() {
     let yaml = "\

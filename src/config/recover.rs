@@ -1,0 +1,99 @@
+//! Reading past an unknown key, so that `check` can print every error of a
+//! file. serde stops at the first key it does not know; blanking that key
+//! (and the block under it) and parsing again finds the next one. Blanked
+//! lines stay as empty lines, so every later position is still exact.
+
+/// `text` with the block-style key at `line`:`col` (1-based) and its
+/// value blanked, or `None` when the key is not one this can remove
+/// safely: a key inside a flow mapping (`{ a: 1, typo: 2 }`) or the first
+/// key of a sequence item (`- typo: 1`), where blanking would change the
+/// shape of what remains and report errors the user did not make.
+pub fn without_key(text: &str, line: u64, col: u64) -> Option<String> {
+    let line = usize::try_from(line.checked_sub(1)?).ok()?;
+    let col = usize::try_from(col.checked_sub(1)?).ok()?;
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let key_line = lines.get(line)?;
+    let (indent, rest) = key_line.split_at_checked(col)?;
+    if !indent.bytes().all(|b| b == b' ') || !is_block_key(rest) {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len());
+    for l in &lines[..line] {
+        out.push_str(l);
+    }
+    out.push_str(line_end(key_line));
+    let mut next = line + 1;
+    // The value: every following line indented deeper than the key, blank
+    // lines and comments among them, and a sequence written at the key's
+    // own indentation (`key:\n- a`).
+    while let Some(l) = lines.get(next) {
+        let body = l.trim_end_matches(['\n', '\r']);
+        let depth = body.len() - body.trim_start_matches(' ').len();
+        let blank = body.trim().is_empty() || body.trim_start().starts_with('#');
+        let deeper = depth > col;
+        let own_sequence = depth == col && body[depth..].starts_with('-');
+        if !(blank || deeper || own_sequence) {
+            break;
+        }
+        out.push_str(line_end(l));
+        next += 1;
+    }
+    for l in &lines[next..] {
+        out.push_str(l);
+    }
+    Some(out)
+}
+
+/// Whether `rest` starts with a plain key followed by `:`, outside any
+/// flow collection.
+fn is_block_key(rest: &str) -> bool {
+    let Some(colon) = rest.find(':') else {
+        return false;
+    };
+    let key = &rest[..colon];
+    !key.is_empty() && !key.contains(['{', '}', '[', ']', ',', '#', '-', ' '])
+}
+
+/// The line ending of `l`, which a blanked line keeps.
+fn line_end(l: &str) -> &'static str {
+    if l.ends_with("\r\n") {
+        "\r\n"
+    } else if l.ends_with('\n') {
+        "\n"
+    } else {
+        ""
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blanks_the_key_and_its_block_keeping_lines() {
+        let text = "limits:\n  request_timout: 30s\n  bogus:\n    a: 1\n\n    b: [1,\n      2]\n  max_request_body: 1mb\nroutes: []\n";
+        let out = without_key(text, 3, 3).unwrap();
+        assert_eq!(
+            out,
+            "limits:\n  request_timout: 30s\n\n\n\n\n\n  max_request_body: 1mb\nroutes: []\n"
+        );
+        assert_eq!(out.lines().count(), text.lines().count());
+        let out = without_key(text, 2, 3).unwrap();
+        assert!(out.starts_with("limits:\n\n  bogus:\n"), "{out}");
+    }
+
+    #[test]
+    fn a_sequence_at_the_keys_indentation_is_its_value() {
+        let text = "typo:\n- a\n- b\nroutes: []\n";
+        assert_eq!(without_key(text, 1, 1).unwrap(), "\n\n\nroutes: []\n");
+    }
+
+    #[test]
+    fn flow_and_sequence_item_keys_are_left_alone() {
+        assert_eq!(without_key("limits: { typo: 1 }\n", 1, 11), None);
+        assert_eq!(without_key("routes:\n  - typo: 1\n", 2, 5), None);
+        assert_eq!(without_key("a: 1\n", 9, 1), None);
+        assert_eq!(without_key("a: 1\n", 0, 0), None);
+        assert_eq!(without_key("é: 1\n", 1, 2), None);
+    }
+}
