@@ -27,7 +27,7 @@ use crate::snapshot::{AuthMode, Pool, RetryOn, Route, Target};
 use crate::telemetry::metrics::Outcome;
 use crate::upstream::breaker::{Admit, ProbeSlot};
 use crate::upstream::client::ClientError;
-use crate::upstream::{UpstreamKind, mock, pool};
+use crate::upstream::{Upstream, UpstreamKind, mock, pool};
 
 /// Why an attempt failed, as a metric label and a safe human phrase.
 struct AttemptFailure {
@@ -76,8 +76,15 @@ pub async fn send(
     let chat =
         parts.method == http::Method::POST && parts.uri.path().ends_with("/chat/completions");
     let token_limited = limit::token_limits_apply(snap, route, ctx);
+    let renames = |index: usize| {
+        snap.upstreams
+            .get(index)
+            .is_some_and(|u| !u.models.is_empty())
+    };
     let mut body = match (route.target, chat, token_limited, body) {
-        (Target::Upstream(index), false, false, RequestBody::Streaming(body)) => {
+        (Target::Upstream(index), false, false, RequestBody::Streaming(body))
+            if !renames(index) =>
+        {
             return stream_through(active, index, ctx, parts, body, max_body).await;
         }
         (.., body) => body.into_bytes(max_body).await?,
@@ -99,6 +106,7 @@ pub async fn send(
         Target::Upstream(index) => {
             let name = snap.upstreams.get(index).map(|upstream| {
                 headers::for_upstream(&mut parts.headers, upstream);
+                body = for_member(upstream, &body, &mut parts.headers);
                 upstream.name.clone()
             });
             attempt(active, index, ctx, parts, body::full(body))
@@ -111,6 +119,18 @@ pub async fn send(
                 attempts: "no pool configured".to_owned(),
             }),
         },
+    }
+}
+
+/// The body as `upstream` gets it: its `models` rename applied, with the
+/// `content-length` that goes with it.
+fn for_member(upstream: &Upstream, body: &Bytes, headers: &mut http::HeaderMap) -> Bytes {
+    match pool::rewrite_model(body, &upstream.models) {
+        Some(rewritten) => {
+            headers.insert(http::header::CONTENT_LENGTH, rewritten.len().into());
+            rewritten
+        }
+        None => body.clone(),
     }
 }
 
@@ -217,15 +237,7 @@ async fn failover(
         attempts += 1;
         let mut member_parts = copy_parts(parts);
         headers::for_upstream(&mut member_parts.headers, upstream);
-        let bytes = match pool::rewrite_model(&body, &upstream.models) {
-            Some(rewritten) => {
-                member_parts
-                    .headers
-                    .insert(http::header::CONTENT_LENGTH, rewritten.len().into());
-                rewritten
-            }
-            None => body.clone(),
-        };
+        let bytes = for_member(upstream, &body, &mut member_parts.headers);
         match attempt(active, member, ctx, member_parts, body::full(bytes)).await {
             Ok(resp) => {
                 let status = resp.status().as_u16();

@@ -31,7 +31,7 @@ pub struct Upstream {
     /// credentials); values are marked sensitive.
     pub set_headers: Vec<SetHeader>,
     pub timeouts: Timeouts,
-    /// Rewrite of the request body's `model` (applied by the pool engine).
+    /// Rewrite of the request body's `model`, for this upstream alone.
     pub models: HashMap<String, String>,
 }
 

@@ -445,3 +445,50 @@ async fn a_probe_paused_by_429_is_followed_by_another_probe() {
     assert!(answered_by_primary, "the primary was never probed again");
     assert_eq!(chat(&gw).await.text(), "primary");
 }
+
+/// `models` belongs to the upstream: a route that names the upstream
+/// directly renames too, on every path, with a matching content-length.
+#[tokio::test]
+async fn model_is_rewritten_on_a_route_to_a_single_upstream() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  openai:
+    url: {}
+    models: {{ gpt-4o: gpt-4o-2024-08-06 }}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    auth: none
+    upstream: openai
+"#,
+        up.url()
+    ))
+    .await;
+    let client = Client::new();
+    assert_eq!(chat(&gw).await.status, 200);
+    let embed = r#"{"model":"gpt-4o","input":"hi"}"#;
+    let reply = client
+        .post_json(&gw.url("/v1/embeddings"), &[], embed)
+        .await;
+    assert_eq!(reply.status, 200);
+    let other = r#"{"model":"gpt-4o-mini","input":"hi"}"#;
+    client
+        .post_json(&gw.url("/v1/embeddings"), &[], other)
+        .await;
+    let seen = up.seen();
+    for s in &seen[..2] {
+        let sent: serde_json::Value = serde_json::from_slice(&s.body).unwrap();
+        assert_eq!(sent["model"], "gpt-4o-2024-08-06", "{}", s.uri);
+        assert_eq!(
+            s.header("content-length"),
+            Some(s.body.len().to_string().as_str())
+        );
+    }
+    assert_eq!(
+        seen[2].body,
+        other.as_bytes(),
+        "unlisted models pass as sent"
+    );
+}
