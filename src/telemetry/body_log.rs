@@ -49,12 +49,20 @@ impl BodyLog {
         self.head.extend_from_slice(&data[..data.len().min(room)]);
     }
 
-    /// The logged text: masked, and marked when cut short.
+    /// The logged text: masked, and marked when cut short; never more
+    /// than [`LIMIT`] bytes in all, the mark included.
     pub fn render(&self) -> String {
         let mut text = mask(&String::from_utf8_lossy(&self.head));
-        if self.total > self.head.len() {
-            text.push_str(&format!("… [{} bytes in all]", self.total));
+        if self.total <= self.head.len() && text.len() <= LIMIT {
+            return text;
         }
+        let mark = format!("… [{} bytes in all]", self.total);
+        let mut keep = LIMIT.saturating_sub(mark.len()).min(text.len());
+        while !text.is_char_boundary(keep) {
+            keep -= 1;
+        }
+        text.truncate(keep);
+        text.push_str(&mark);
         text
     }
 }
@@ -310,7 +318,23 @@ mod tests {
         log.push(&[b'b'; 3000]);
         let text = log.render();
         assert!(text.starts_with(&"a".repeat(3000)));
-        assert!(text.ends_with("… [6000 bytes in all]"), "{}", &text[4000..]);
-        assert_eq!(text.matches('b').count(), LIMIT - 3000 + 1);
+        let mark = "… [6000 bytes in all]";
+        assert!(text.ends_with(mark), "{}", &text[4000..]);
+        assert_eq!(text.len(), LIMIT, "the mark fits in the limit");
+        assert_eq!(text.matches('b').count(), LIMIT - 3000 - mark.len() + 1);
+    }
+
+    #[test]
+    fn masking_and_multibyte_text_stay_within_the_limit() {
+        // Short secrets grow when masked: the body fits, its log did not.
+        let body = r#"{"secret":"a"}"#.repeat(LIMIT / 14);
+        assert!(body.len() <= LIMIT);
+        let text = BodyLog::of(body.as_bytes()).render();
+        assert!(text.len() <= LIMIT, "{}", text.len());
+        assert!(text.ends_with(" bytes in all]"), "{}", &text[4000..]);
+        assert!(!text.contains(r#""a""#));
+        // A cut never splits a character.
+        let text = BodyLog::of("é".repeat(LIMIT).as_bytes()).render();
+        assert!(text.len() <= LIMIT && text.starts_with("éé"));
     }
 }
