@@ -2,7 +2,8 @@
 //! environment when the config is compiled (so a reload sees new values).
 
 /// Expands every `${…}` in `text`. `lookup` returns a variable's value;
-/// an unset variable with no default is an error naming it. `$$` stays a
+/// an unset variable with no default is an error naming it; the default
+/// also replaces a variable set to the empty string, as in the shell. `$$` stays a
 /// literal `$` so that values may contain `${` when they must.
 ///
 /// ```
@@ -38,6 +39,9 @@ pub fn expand(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Str
                 return Err(format!("`${{{inner}}}` is not a valid variable reference"));
             }
             match (lookup(name), default) {
+                // As in the shell and docker compose, `:-` also covers a
+                // variable set to the empty string.
+                (Some(value), Some(default)) if value.is_empty() => out.push_str(default),
                 (Some(value), _) => out.push_str(&value),
                 (None, Some(default)) => out.push_str(default),
                 (None, None) => {
@@ -73,7 +77,8 @@ mod tests {
         assert_eq!(expand("Bearer ${KEY}", env).unwrap(), "Bearer s3cret");
         assert_eq!(expand("${NOPE:-20ms}", env).unwrap(), "20ms");
         assert_eq!(expand("${NOPE:-}", env).unwrap(), "");
-        assert_eq!(expand("${EMPTY:-x}", env).unwrap(), "");
+        assert_eq!(expand("${EMPTY:-x}", env).unwrap(), "x");
+        assert_eq!(expand("${EMPTY}", env).unwrap(), "");
         assert_eq!(expand("a$$b $5", env).unwrap(), "a$b $5");
         assert_eq!(expand("plain", env).unwrap(), "plain");
     }

@@ -151,6 +151,9 @@ fn variable_default_is_used_when_unset_and_the_value_when_set() {
     assert_eq!(unset.limits.request_timeout, Duration::from_secs(45));
     let set = load(&yaml, &[("TIMEOUT", "7s")]).expect("valid");
     assert_eq!(set.limits.request_timeout, Duration::from_secs(7));
+    // Set but empty (`TIMEOUT= sluice run`): the default, as in the shell.
+    let empty = load(&yaml, &[("TIMEOUT", "")]).expect("the default makes it valid");
+    assert_eq!(empty.limits.request_timeout, Duration::from_secs(45));
     // A default is checked like any value, at the place it is written.
     let yaml = format!("limits:\n  request_timeout: ${{TIMEOUT:-45x}}\n{BASE}");
     assert_eq!(
