@@ -1,6 +1,7 @@
 //! JWT bearer tokens (part of phase 2, identity): keys loaded once per
 //! config (PEM or JWKS file, or an HMAC secret), then per request the
-//! signature, `exp`/`nbf` (30 s leeway), `iss` and `aud` are checked with
+//! signature, `exp`/`nbf` when present (30 s leeway), and the configured
+//! `iss` and `aud` (then required) are checked with
 //! jsonwebtoken. Only the configured algorithms are accepted, `alg: none`
 //! never parses, and a key is only ever used with its own family, so a
 //! public key can never serve as an HMAC secret.
@@ -54,14 +55,23 @@ impl JwtVerifier {
                 let mut v = Validation::new(*alg);
                 v.leeway = LEEWAY_SECS;
                 v.validate_nbf = true;
+                // jsonwebtoken checks `iss` and `aud` only when a token has
+                // them: a configured issuer or audience must be required
+                // too, or a token without the claim would pass. `exp` is
+                // checked when present but not required, as Envoy does: a
+                // token's lifetime is its issuer's choice.
+                let mut required = Vec::new();
                 if let Some(iss) = issuer {
                     v.set_issuer(&[iss]);
+                    required.push("iss");
                 }
                 if audiences.is_empty() {
                     v.validate_aud = false;
                 } else {
                     v.set_audience(audiences);
+                    required.push("aud");
                 }
+                v.set_required_spec_claims(&required);
                 (*alg, v)
             })
             .collect();

@@ -129,6 +129,32 @@ async fn expired_token_is_refused() {
     refused_for(&gw, &token, "expired").await;
 }
 
+/// A configured issuer or audience is required, not only checked when
+/// present; `exp` is checked when present, and a token without one (the
+/// issuer's choice) is accepted.
+#[tokio::test]
+async fn configured_claims_are_required_and_exp_is_optional() {
+    let gw = TestGateway::start(&hs_config("[HS256]")).await;
+    for missing in ["iss", "aud"] {
+        let mut c = claims(json!({}));
+        c.as_object_mut().unwrap().remove(missing);
+        let token = hs_token(Algorithm::HS256, SECRET.as_bytes(), &c);
+        assert_eq!(call(&gw, &token).await.status, 401, "without {missing}");
+    }
+    assert_eq!(
+        gw.metric(
+            "sluice_auth_failures_total",
+            &[("route", "chat"), ("reason", "missing_claim")]
+        )
+        .await,
+        Some(2.0)
+    );
+    let mut c = claims(json!({}));
+    c.as_object_mut().unwrap().remove("exp");
+    let token = hs_token(Algorithm::HS256, SECRET.as_bytes(), &c);
+    assert_eq!(call(&gw, &token).await.status, 200);
+}
+
 #[tokio::test]
 async fn token_not_yet_valid_is_refused() {
     let gw = TestGateway::start(&hs_config("[HS256]")).await;
