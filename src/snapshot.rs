@@ -150,7 +150,9 @@ pub struct RouteCache {
 pub struct Cors {
     pub allow_origins: Vec<String>,
     pub allow_methods: Vec<String>,
-    pub allow_headers: Vec<String>,
+    /// `None`: whatever the preflight asks for (its
+    /// `access-control-request-headers`), as the origin is allowed anyway.
+    pub allow_headers: Option<Vec<String>>,
     pub max_age: Option<Duration>,
     pub allow_credentials: bool,
 }

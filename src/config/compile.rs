@@ -748,11 +748,13 @@ impl Compiler<'_> {
         Cors {
             allow_origins: list(self, &Some(c.allow_origins.clone()), &[]),
             allow_methods: list(self, &c.allow_methods, &["GET", "POST", "OPTIONS"]),
-            allow_headers: list(
-                self,
-                &c.allow_headers,
-                &["authorization", "content-type", "x-api-key", "x-request-id"],
-            ),
+            // Unset, a preflight's own list is echoed: browser SDKs send
+            // headers of their own (the OpenAI SDK's `x-stainless-*`,
+            // `openai-beta`…) that no fixed default would keep up with.
+            allow_headers: c
+                .allow_headers
+                .is_some()
+                .then(|| list(self, &c.allow_headers, &[])),
             max_age: self.opt_duration(&c.max_age),
             allow_credentials,
         }

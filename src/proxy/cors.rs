@@ -67,9 +67,10 @@ pub fn is_preflight(method: &Method, headers: &HeaderMap) -> bool {
         && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
-/// The answer to a preflight: what may be sent, and for how long the
-/// browser may remember it. For a disallowed origin, nothing.
-pub fn preflight(cors: &Cors, allowed: bool) -> Response<BoxBody> {
+/// The answer to a preflight (`request` its headers): what may be sent,
+/// and for how long the browser may remember it. For a disallowed origin,
+/// nothing.
+pub fn preflight(cors: &Cors, allowed: bool, request: &HeaderMap) -> Response<BoxBody> {
     let mut resp = Response::new(body::empty());
     *resp.status_mut() = StatusCode::NO_CONTENT;
     let headers = resp.headers_mut();
@@ -85,8 +86,17 @@ pub fn preflight(cors: &Cors, allowed: bool) -> Response<BoxBody> {
     if let Ok(methods) = HeaderValue::from_str(&cors.allow_methods.join(", ")) {
         headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, methods);
     }
-    if let Ok(names) = HeaderValue::from_str(&cors.allow_headers.join(", ")) {
-        headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, names);
+    match &cors.allow_headers {
+        Some(names) => {
+            if let Ok(names) = HeaderValue::from_str(&names.join(", ")) {
+                headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, names);
+            }
+        }
+        None => {
+            if let Some(asked) = request.get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
+                headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
+            }
+        }
     }
     if let Some(max_age) = cors.max_age {
         headers.insert(

@@ -141,7 +141,7 @@ async fn process(
     if let Some(rules) = &route.cors {
         let allowed = cors::allowed(rules, req.headers());
         let preflight = cors::is_preflight(req.method(), req.headers());
-        let answer = preflight.then(|| cors::preflight(rules, allowed.is_allowed()));
+        let answer = preflight.then(|| cors::preflight(rules, allowed.is_allowed(), req.headers()));
         ctx.cors = Some(allowed);
         if let Some(answer) = answer {
             return Ok(answer);

@@ -195,3 +195,49 @@ async fn a_plain_options_request_is_not_taken_for_a_preflight() {
     assert_eq!(reply.header("access-control-allow-origin"), None);
     assert!(upstream.seen().is_empty());
 }
+
+/// Without `allow_headers`, a preflight gets back the headers it asks for:
+/// browser SDKs send their own (the OpenAI SDK's `x-stainless-*`,
+/// `openai-beta`). A configured list is sent as it is.
+#[tokio::test]
+async fn a_preflight_gets_the_headers_it_asks_for_unless_listed() {
+    let upstream = MockUpstream::always(UpstreamReply::text("{}")).await;
+    let yaml = format!(
+        r#"
+upstreams:
+  app: {{ url: "{}" }}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    cors: {{ allow_origins: ["https://app.example.com"] }}
+    upstream: app
+  - name: strict
+    match: {{ path_prefix: /strict/ }}
+    cors: {{ allow_origins: ["https://app.example.com"], allow_headers: [authorization, content-type] }}
+    upstream: app
+"#,
+        upstream.url()
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let asked = "authorization, content-type, x-stainless-os, x-stainless-retry-count, openai-beta";
+    let ask = |path: &str| {
+        Request::builder()
+            .method(Method::OPTIONS)
+            .uri(gw.url(path))
+            .header("origin", "https://app.example.com")
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", asked)
+            .body(Full::default())
+            .unwrap()
+    };
+    let client = Client::new();
+    let reply = client.request(ask("/v1/chat/completions")).await;
+    assert_eq!(reply.status, 204);
+    assert_eq!(reply.header("access-control-allow-headers"), Some(asked));
+    let reply = client.request(ask("/strict/x")).await;
+    assert_eq!(
+        reply.header("access-control-allow-headers"),
+        Some("authorization, content-type")
+    );
+    assert!(upstream.seen().is_empty());
+}
