@@ -44,10 +44,14 @@ impl CachedResponse {
 
 const ENTRY_OVERHEAD: usize = 256;
 
-/// Largest entry stored: a fraction of the whole bound, so that one huge
-/// answer cannot evict everything else, and never more than 8 MiB.
+/// Largest entry body stored: an eighth of the whole bound, so that one
+/// huge answer cannot evict everything else, and never more than 8 MiB.
+/// A small cache (a test's, or a tight sidecar's) still takes answers of
+/// up to 64 KiB, or its whole bound when that is less: an eighth of 2 KiB
+/// would refuse every chat answer and the cache would never hit.
 pub fn entry_cap(max_bytes: u64) -> usize {
-    usize::try_from((max_bytes / 8).min(8 << 20)).unwrap_or(8 << 20)
+    let cap = (max_bytes / 8).max(max_bytes.min(64 << 10)).min(8 << 20);
+    usize::try_from(cap).unwrap_or(8 << 20)
 }
 
 /// Shards of the in-flight table: a miss locks one of them briefly, never
@@ -171,5 +175,18 @@ impl ResponseCache {
         self.flights[index]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_cap_is_an_eighth_within_bounds() {
+        assert_eq!(entry_cap(2 << 10), 2 << 10);
+        assert_eq!(entry_cap(64 << 10), 64 << 10);
+        assert_eq!(entry_cap(1 << 20), 128 << 10);
+        assert_eq!(entry_cap(256 << 20), 8 << 20);
     }
 }

@@ -285,8 +285,8 @@ async fn the_cache_holds_no_more_than_max_bytes() {
     assert!(bytes <= 65536.0, "{bytes} bytes held");
     assert!(bytes >= 16384.0, "the cache holds something: {bytes}");
     assert!((8.0..32.0).contains(&entries), "{entries} entries");
-    // An entry larger than an eighth of the bound is never stored.
-    let big = "y".repeat(16 * 1024);
+    // An entry larger than its cap (here the whole bound) is never stored.
+    let big = "y".repeat(64 * 1024);
     for _ in 0..2 {
         let reply = client
             .post_json(&url, &[ALICE], &format!("{{\"big\":\"{big}\"}}"))
@@ -498,5 +498,24 @@ async fn refusals_on_a_cached_route_say_bypass() {
     assert_eq!(miss.header("x-sluice-cache"), Some("MISS"));
     let hit = client.post_json(&url, &[ALICE], CHAT).await;
     assert_eq!(hit.header("x-sluice-cache"), Some("HIT"));
+    assert_eq!(upstream.seen().len(), 1);
+}
+
+/// A small cache still stores an ordinary answer: the entry cap is not an
+/// eighth of a 2 KiB bound.
+#[tokio::test]
+async fn a_small_cache_still_hits() {
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer())).await;
+    let yaml = format!(
+        "{}cache: {{ max_bytes: 2KiB }}\n",
+        config(&upstream.url(), "{ ttl: 10m }")
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let client = Client::new();
+    let url = gw.url("/v1/chat/completions");
+    let first = client.post_json(&url, &[ALICE], CHAT).await;
+    assert_eq!(first.header("x-sluice-cache"), Some("MISS"));
+    let second = client.post_json(&url, &[ALICE], CHAT).await;
+    assert_eq!(second.header("x-sluice-cache"), Some("HIT"));
     assert_eq!(upstream.seen().len(), 1);
 }
