@@ -505,7 +505,9 @@ async fn refusals_on_a_cached_route_say_bypass() {
 /// eighth of a 2 KiB bound.
 #[tokio::test]
 async fn a_small_cache_still_hits() {
-    let upstream = MockUpstream::always(UpstreamReply::json(&answer())).await;
+    let mut long = answer();
+    long["choices"][0]["message"]["content"] = json!("a longer answer ".repeat(40));
+    let upstream = MockUpstream::always(UpstreamReply::json(&long)).await;
     let yaml = format!(
         "{}cache: {{ max_bytes: 2KiB }}\n",
         config(&upstream.url(), "{ ttl: 10m }")
