@@ -84,10 +84,13 @@ pub async fn lookup(
         return Ok(Step::Forward(body));
     }
     let bytes = body
-        .into_bytes(active.snapshot.limits.max_request_body)
+        .into_bytes(
+            active.snapshot.limits.max_request_body,
+            ctx.deadline(&active.snapshot),
+        )
         .await?;
     let key = key(route, settings, parts, ctx, &bytes);
-    let deadline = ctx.started + active.snapshot.limits.request_timeout;
+    let deadline = ctx.deadline(&active.snapshot);
     let mut flight = None;
     if !directives.no_cache {
         for _ in 0..MAX_WAITS {

@@ -105,6 +105,11 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
+    /// When `request_timeout` ends this request's whole exchange.
+    pub fn deadline(&self, snap: &crate::snapshot::Snapshot) -> Instant {
+        self.started + snap.limits.request_timeout
+    }
+
     pub fn new(method: Method, uri: Uri, request_id: HeaderValue, conn: &ConnInfo) -> Self {
         RequestCtx {
             started: Instant::now(),

@@ -28,6 +28,8 @@ pub enum ProxyError {
     TooLarge {
         limit: u64,
     },
+    /// The client did not send its body within `request_timeout`.
+    RequestTimeout,
     InvalidRequest {
         message: String,
         /// The JSON path of the offending field, when one is to blame.
@@ -61,6 +63,7 @@ impl ProxyError {
             ProxyError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             ProxyError::Forbidden => StatusCode::FORBIDDEN,
             ProxyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ProxyError::RateLimited { .. } | ProxyError::BudgetExceeded { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -81,6 +84,7 @@ impl ProxyError {
             ProxyError::RouteNotFound
             | ProxyError::MethodNotAllowed { .. }
             | ProxyError::TooLarge { .. }
+            | ProxyError::RequestTimeout
             | ProxyError::InvalidRequest { .. }
             | ProxyError::RateLimited { .. }
             | ProxyError::BudgetExceeded { .. }
@@ -99,6 +103,7 @@ impl ProxyError {
             ProxyError::Unauthorized { .. } => "invalid_api_key",
             ProxyError::Forbidden => "forbidden",
             ProxyError::TooLarge { .. } => "request_too_large",
+            ProxyError::RequestTimeout => "request_timeout",
             ProxyError::InvalidRequest { .. } => "invalid_request",
             ProxyError::RateLimited { .. } => "rate_limit_exceeded",
             ProxyError::BudgetExceeded { .. } => "budget_exceeded",
@@ -114,6 +119,7 @@ impl ProxyError {
             ProxyError::RouteNotFound
             | ProxyError::MethodNotAllowed { .. }
             | ProxyError::TooLarge { .. }
+            | ProxyError::RequestTimeout
             | ProxyError::InvalidRequest { .. } => "invalid_request_error",
             ProxyError::Unauthorized { .. } => "authentication_error",
             ProxyError::Forbidden => "permission_error",
@@ -141,6 +147,9 @@ impl ProxyError {
             ProxyError::Forbidden => "this identity may not use this route".to_owned(),
             ProxyError::TooLarge { limit } => {
                 format!("request body is larger than the limit of {limit} bytes")
+            }
+            ProxyError::RequestTimeout => {
+                "the request body did not arrive within the request timeout".to_owned()
             }
             ProxyError::InvalidRequest { message, .. } => message.clone(),
             ProxyError::RateLimited { .. } => "rate limit exceeded; retry later".to_owned(),
@@ -201,6 +210,10 @@ impl ProxyError {
             ProxyError::BudgetExceeded { retry_after }
             | ProxyError::UpstreamUnavailable { retry_after } => {
                 headers.insert(header::RETRY_AFTER, secs_header(retry_after));
+            }
+            // The rest of the body may still be on its way (RFC 9110 §15.5.9).
+            ProxyError::RequestTimeout => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             ProxyError::RouteNotFound
             | ProxyError::Forbidden

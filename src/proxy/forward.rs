@@ -50,11 +50,12 @@ pub enum RequestBody {
 }
 
 impl RequestBody {
-    /// The whole body, read now (bounded by `limit`) unless it was already.
-    pub async fn into_bytes(self, limit: u64) -> Result<Bytes, ProxyError> {
+    /// The whole body, read now (bounded by `limit`, and by `deadline`
+    /// in time) unless it was already.
+    pub async fn into_bytes(self, limit: u64, deadline: Instant) -> Result<Bytes, ProxyError> {
         match self {
             RequestBody::Read(bytes) => Ok(bytes),
-            RequestBody::Streaming(body) => read_body(body, limit).await,
+            RequestBody::Streaming(body) => read_body(body, limit, deadline).await,
         }
     }
 }
@@ -87,7 +88,7 @@ pub async fn send(
         {
             return stream_through(active, index, ctx, parts, body, max_body).await;
         }
-        (.., body) => body.into_bytes(max_body).await?,
+        (.., body) => body.into_bytes(max_body, ctx.deadline(snap)).await?,
     };
     if chat && let Some(asked) = sse::ask_for_usage(&body) {
         // Usage is asked for upstream and its chunk removed before the
@@ -178,11 +179,22 @@ fn single_failure(name: &str, f: AttemptFailure) -> ProxyError {
 }
 
 /// The whole request body (for replay to another member, an estimate,
-/// an edit or the cache key), bounded by `limit`.
-pub async fn read_body(mut body: Incoming, limit: u64) -> Result<Bytes, ProxyError> {
+/// an edit or the cache key), bounded by `limit`. A client that has not
+/// sent it all by `deadline` (the request's timeout) gets a 408: a body
+/// trickled byte by byte must not hold the request open for ever.
+pub async fn read_body(
+    mut body: Incoming,
+    limit: u64,
+    deadline: Instant,
+) -> Result<Bytes, ProxyError> {
     let cap = usize::try_from(limit).unwrap_or(usize::MAX);
     let mut joined = Joined::default();
-    while let Some(frame) = body.frame().await {
+    let deadline = tokio::time::Instant::from_std(deadline);
+    loop {
+        let Ok(next) = tokio::time::timeout_at(deadline, body.frame()).await else {
+            return Err(ProxyError::RequestTimeout);
+        };
+        let Some(frame) = next else { break };
         let Ok(frame) = frame else {
             return Err(ProxyError::InvalidRequest {
                 param: None,
@@ -242,8 +254,8 @@ async fn failover(
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 if !pool.retry_on.contains(&RetryOn::Status(status)) {
-                    let deadline = (Instant::now() + upstream.timeouts.first_byte)
-                        .min(ctx.started + snap.limits.request_timeout);
+                    let deadline =
+                        (Instant::now() + upstream.timeouts.first_byte).min(ctx.deadline(snap));
                     match hold_preamble(resp, deadline).await {
                         Ok(resp) => {
                             breaker.success();
@@ -407,7 +419,7 @@ async fn attempt(
     // One clock read serves the attempt's start and its deadline: the
     // sooner of first_byte and what is left of request_timeout.
     let deadline = (started + upstream.timeouts.first_byte)
-        .min(ctx.started + snap.limits.request_timeout)
+        .min(ctx.deadline(snap))
         .into();
 
     let result: Result<Response<BoxBody>, AttemptFailure> = match &upstream.kind {

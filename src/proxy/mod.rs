@@ -105,7 +105,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
         .observe(overhead.as_secs_f64());
 
     let idle = ctx.upstream_idle;
-    let deadline = ctx.started + active.snapshot.limits.request_timeout;
+    let deadline = ctx.deadline(&active.snapshot);
     // Only upstream answers are streams to guard and usage to meter.
     let content_type = resp
         .headers()
@@ -159,10 +159,11 @@ async fn process(
     let max_body = snap.limits.max_request_body;
     validate::check_declared_size(req.headers(), max_body)?;
     let (parts, body) = req.into_parts();
-    let mut body = validate::check_body(&route.validate, &parts, body, max_body).await?;
+    let deadline = ctx.deadline(snap);
+    let mut body = validate::check_body(&route.validate, &parts, body, max_body, deadline).await?;
     if snap.logging.log_bodies {
         // A debug aid: the request body is read whole (bounded) to log it.
-        let bytes = body.into_bytes(max_body).await?;
+        let bytes = body.into_bytes(max_body, deadline).await?;
         ctx.request_body = Some(BodyLog::of(&bytes).render());
         body = forward::RequestBody::Read(bytes);
     }

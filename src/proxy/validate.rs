@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderMap, header};
@@ -47,6 +48,7 @@ pub async fn check_body(
     parts: &Parts,
     body: Incoming,
     max_body: u64,
+    deadline: Instant,
 ) -> Result<RequestBody, ProxyError> {
     // Routes without `validate` (most) decide without looking at the path.
     let (applies, endpoint) = match validate {
@@ -64,7 +66,7 @@ pub async fn check_body(
     if !applies || !has_body {
         return Ok(RequestBody::Streaming(body));
     }
-    let bytes = forward::read_body(body, max_body).await?;
+    let bytes = forward::read_body(body, max_body, deadline).await?;
     check_json(validate, endpoint, &bytes)?;
     Ok(RequestBody::Read(bytes))
 }

@@ -102,3 +102,46 @@ async fn connections_past_the_limit_wait_for_a_free_slot() {
     .await
     .unwrap();
 }
+
+/// A body sluice must read whole (here a chat completion, read to ask for
+/// usage) is bounded by `request_timeout` too: a client trickling it gets
+/// a 408 in the SPEC's error shape and its connection closed, and the
+/// upstream sees nothing.
+#[tokio::test]
+async fn slow_body_sender_gets_408() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&config(&up.url(), "{ request_timeout: 400ms }")).await;
+    let addr = gw.addr;
+    let (elapsed, reply) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\"",
+        )
+        .unwrap();
+        let started = Instant::now();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("the gateway kept the slow body open: {e}"),
+            }
+        }
+        (started.elapsed(), String::from_utf8_lossy(&got).into_owned())
+    })
+    .await
+    .unwrap();
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("\"code\":\"request_timeout\""), "{reply}");
+    assert!(
+        elapsed >= Duration::from_millis(350) && elapsed < Duration::from_secs(4),
+        "{elapsed:?}"
+    );
+    assert!(up.seen().is_empty());
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["status"], 408);
+    assert_eq!(log["error"], "request_timeout");
+}
