@@ -33,19 +33,22 @@ pub fn parse_hash(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// The credential a request presents, if any.
+/// The credential a request presents, if any: a bearer token, else an
+/// `x-api-key`. An `authorization` of another scheme (or a bare `Bearer`)
+/// with no `x-api-key` beside it presents a credential that matches
+/// nothing, so it is refused rather than taken for no credential at all.
 fn credential(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(v) = headers.get(header::AUTHORIZATION) {
-        let v = v.as_bytes();
-        let scheme = v.get(..7)?;
-        return if scheme.eq_ignore_ascii_case(b"bearer ") {
-            Some(v[7..].trim_ascii())
-        } else {
-            // Another scheme is not ours: treat it as a wrong credential.
-            Some(b"")
-        };
+    let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    if let Some(v) = authorization
+        && v.len() > 7
+        && v[..7].eq_ignore_ascii_case(b"bearer ")
+    {
+        return Some(v[7..].trim_ascii());
     }
-    headers.get("x-api-key").map(|v| v.as_bytes().trim_ascii())
+    match headers.get("x-api-key") {
+        Some(key) => Some(key.as_bytes().trim_ascii()),
+        None => authorization.map(|_| &b""[..]),
+    }
 }
 
 /// The configured API key `presented` is, if any: one SHA-256 and one

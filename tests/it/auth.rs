@@ -205,3 +205,34 @@ async fn auth_failures_are_counted_by_route_and_reason() {
     assert_eq!(count("invalid_key").await, Some(1.0));
     assert_eq!(count("forbidden").await, Some(1.0));
 }
+
+/// A bearer token or an `x-api-key` is the credential. Another
+/// `authorization` scheme, or a bare `Bearer`, is a wrong credential (401
+/// on an optional route too, not anonymous), unless an `x-api-key` is
+/// beside it.
+#[tokio::test]
+async fn other_authorization_schemes_are_wrong_credentials() {
+    let gw = gateway().await;
+    for value in ["Bearer", "Basic", "Bearer ", "Basic dXNlcjpwYXNz"] {
+        let reply = models(&gw, "/maybe/x", &[("authorization", value)]).await;
+        assert_eq!(reply.status, 401, "{value:?} on an optional route");
+        let reply = models(&gw, "/v1/models", &[("authorization", value)]).await;
+        assert_eq!(reply.status, 401, "{value:?}");
+    }
+    let reply = models(
+        &gw,
+        "/v1/models",
+        &[("authorization", "Basic dXNlcjpwYXNz"), ("x-api-key", RAW)],
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    // A bearer token decides, whatever x-api-key says.
+    let bearer = format!("Bearer {RAW}");
+    let reply = models(
+        &gw,
+        "/v1/models",
+        &[("authorization", &bearer), ("x-api-key", "sk-wrong")],
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+}
