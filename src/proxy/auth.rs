@@ -178,6 +178,11 @@ mod tests {
             header::AUTHORIZATION,
             HeaderValue::from_static("Basic eA=="),
         );
+        // Another scheme: the x-api-key beside it, else a wrong credential.
+        assert_eq!(credential(&h), Some(&b"k1"[..]));
+        h.remove("x-api-key");
+        assert_eq!(credential(&h), Some(&b""[..]));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer"));
         assert_eq!(credential(&h), Some(&b""[..]));
     }
 }
