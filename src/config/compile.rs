@@ -132,6 +132,22 @@ impl Compiler<'_> {
             .and_then(|t| self.number(t, "a non-negative whole number"))
     }
 
+    /// A limit: a whole number of at least 1. Zero is refused rather than
+    /// guessed at: some read it as "no limit", others as "refuse all".
+    fn opt_limit(&mut self, t: &Option<Text>) -> Option<u64> {
+        let n = self.opt_u64(t)?;
+        if n == 0 {
+            if let Some(t) = t {
+                self.error(
+                    &t.referenced,
+                    "a limit must be at least 1 (leave it out for no limit)",
+                );
+            }
+            return None;
+        }
+        Some(n)
+    }
+
     fn opt_usd(&mut self, t: &Option<Text>) -> Option<f64> {
         let t = t.as_ref()?;
         let v: f64 = self.number(t, "a number")?;
@@ -571,9 +587,9 @@ impl Compiler<'_> {
             .map(|(name, t)| {
                 let t = &t.value;
                 let tier = Tier {
-                    requests_per_minute: self.opt_u64(&t.requests_per_minute),
-                    tokens_per_minute: self.opt_u64(&t.tokens_per_minute),
-                    concurrent_requests: self.opt_u64(&t.concurrent_requests),
+                    requests_per_minute: self.opt_limit(&t.requests_per_minute),
+                    tokens_per_minute: self.opt_limit(&t.tokens_per_minute),
+                    concurrent_requests: self.opt_limit(&t.concurrent_requests),
                     daily_budget_usd: self.opt_usd(&t.daily_budget_usd),
                 };
                 (Arc::from(name.as_str()), tier)
@@ -680,8 +696,8 @@ impl Compiler<'_> {
                 .rate_limit
                 .as_ref()
                 .map(|rl| RouteRateLimit {
-                    requests_per_minute: self.opt_u64(&rl.requests_per_minute),
-                    tokens_per_minute: self.opt_u64(&rl.tokens_per_minute),
+                    requests_per_minute: self.opt_limit(&rl.requests_per_minute),
+                    tokens_per_minute: self.opt_limit(&rl.tokens_per_minute),
                 })
                 .unwrap_or_default();
             let cache = r.cache.as_ref().map(|c| RouteCache {

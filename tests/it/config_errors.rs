@@ -645,3 +645,20 @@ fn validate_expands_variables() {
     assert!(errs[0].starts_with("test.yaml:8:15: "), "{errs:?}");
     assert!(errs[0].contains("SCHEMAS"), "{errs:?}");
 }
+
+/// A limit of 0 is refused: it reads as "no limit" to some and "refuse
+/// all" to others; leaving the key out is how to have no limit.
+#[test]
+fn a_zero_limit_is_refused() {
+    let yaml = format!(
+        "tiers:\n  free: {{ requests_per_minute: 0, concurrent_requests: 0 }}\n{BASE}    rate_limit: {{ tokens_per_minute: 0 }}\n"
+    );
+    let errs = errors(&yaml);
+    assert_eq!(errs.len(), 3, "{errs:?}");
+    for (e, place) in errs.iter().zip(["2:32", "2:56", "10:38"]) {
+        assert!(
+            e.starts_with(&format!("test.yaml:{place}: a limit must be at least 1")),
+            "{errs:?}"
+        );
+    }
+}
