@@ -72,6 +72,7 @@ where
             json_response(StatusCode::OK, &json!({"status": "ok"}))
         }
         (&Method::GET, "/v1/models") => models(),
+        (&Method::GET, p) if p.starts_with("/v1/models/") => model(&p["/v1/models/".len()..]),
         (&Method::POST, "/v1/chat/completions" | "/v1/embeddings") => {
             let bytes = match Limited::new(body, MAX_BODY).collect().await {
                 Ok(c) => c.to_bytes(),
@@ -109,7 +110,7 @@ where
         ),
         _ => error(
             StatusCode::NOT_FOUND,
-            "the mock serves /v1/chat/completions, /v1/embeddings and /v1/models",
+            "the mock serves /v1/chat/completions, /v1/embeddings, /v1/models and /v1/models/{id}",
             "invalid_request_error",
             "unknown_url",
         ),
@@ -346,11 +347,26 @@ fn embeddings(request: &Value) -> Response<BoxBody> {
 
 fn models() -> Response<BoxBody> {
     let created = unix_now();
-    let data: Vec<Value> = MODELS
-        .iter()
-        .map(|id| json!({"id": id, "object": "model", "created": created, "owned_by": "sluice-mock"}))
-        .collect();
+    let data: Vec<Value> = MODELS.iter().map(|id| model_object(id, created)).collect();
     json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
+}
+
+/// `GET /v1/models/{id}` (the SDK's `models.retrieve`): the model, or
+/// OpenAI's 404 `model_not_found`.
+fn model(id: &str) -> Response<BoxBody> {
+    if MODELS.contains(&id) {
+        return json_response(StatusCode::OK, &model_object(id, unix_now()));
+    }
+    error(
+        StatusCode::NOT_FOUND,
+        &format!("The model `{id}` does not exist"),
+        "invalid_request_error",
+        "model_not_found",
+    )
+}
+
+fn model_object(id: &str, created: u64) -> Value {
+    json!({"id": id, "object": "model", "created": created, "owned_by": "sluice-mock"})
 }
 
 fn unix_now() -> u64 {

@@ -156,6 +156,21 @@ async fn models_list() {
     );
 }
 
+/// `models.retrieve`: a known model, or OpenAI's 404 `model_not_found`.
+#[tokio::test]
+async fn one_model_by_id() {
+    let gw = TestGateway::start(&config("{}")).await;
+    let client = Client::new();
+    let known = client.get(&gw.url("/v1/models/gpt-4o")).await;
+    assert_eq!(known.status, 200);
+    let body = known.json();
+    assert_eq!(body["id"], "gpt-4o");
+    assert_eq!(body["object"], "model");
+    let unknown = client.get(&gw.url("/v1/models/gpt-9")).await;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.json()["error"]["code"], "model_not_found");
+}
+
 #[tokio::test]
 async fn failure_knobs_inject_the_configured_status() {
     let gw = TestGateway::start(&config("{ failure_rate: 1.0, status: 503, latency: 50ms }")).await;

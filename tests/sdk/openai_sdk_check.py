@@ -87,6 +87,12 @@ def main() -> int:
 
         models = [m.id for m in client.models.list()]
         assert "gpt-4o-mini" in models, models
+        assert client.models.retrieve("gpt-4o-mini").id == "gpt-4o-mini"
+        try:
+            client.models.retrieve("no-such-model")
+            raise AssertionError("an unknown model was found")
+        except openai.NotFoundError as e:
+            assert e.status_code == 404 and e.code == "model_not_found", e
 
         bad = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0)
         try:
@@ -95,7 +101,7 @@ def main() -> int:
         except openai.AuthenticationError as e:
             assert e.status_code == 401 and e.code == "invalid_api_key", e
 
-        print("openai SDK check ok: chat, cache hit, stream with usage and its replay, 400 with param, models, 401")
+        print("openai SDK check ok: chat, cache hit, stream with usage and its replay, 400 with param, models (list and retrieve), 401")
         return 0
     finally:
         proc.terminate()
