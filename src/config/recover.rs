@@ -3,17 +3,22 @@
 //! (and the block under it) and parsing again finds the next one. Blanked
 //! lines stay as empty lines, so every later position is still exact.
 
-/// `text` with the block-style key at `line`:`col` (1-based) and its
-/// value blanked, or `None` when the key is not one this can remove
-/// safely: a key inside a flow mapping (`{ a: 1, typo: 2 }`) or the first
-/// key of a sequence item (`- typo: 1`), where blanking would change the
-/// shape of what remains and report errors the user did not make.
+/// `text` with the key at `line`:`col` (1-based) and its value blanked,
+/// or `None` when the key is not one this can remove safely: the first key
+/// of a sequence item (`- typo: 1`), or a flow entry that goes on past its
+/// line, where blanking would change the shape of what remains and report
+/// errors the user did not make.
 pub fn without_key(text: &str, line: u64, col: u64) -> Option<String> {
     let line = usize::try_from(line.checked_sub(1)?).ok()?;
     let col = usize::try_from(col.checked_sub(1)?).ok()?;
     let lines: Vec<&str> = text.split_inclusive('\n').collect();
     let key_line = lines.get(line)?;
-    let (indent, rest) = key_line.split_at_checked(col)?;
+    // Columns count characters; the text is cut at bytes.
+    let col = key_line.char_indices().nth(col)?.0;
+    let (indent, rest) = key_line.split_at(col);
+    if indent.trim_end().ends_with(['{', ',']) {
+        return without_flow_entry(&lines, line, col);
+    }
     if !indent.bytes().all(|b| b == b' ') || !is_block_key(rest) {
         return None;
     }
@@ -39,6 +44,55 @@ pub fn without_key(text: &str, line: u64, col: u64) -> Option<String> {
         next += 1;
     }
     for l in &lines[next..] {
+        out.push_str(l);
+    }
+    Some(out)
+}
+
+/// `lines` with the flow mapping entry at `line`:`col` (`typo: 2` in
+/// `{ a: 1, typo: 2, b: 3 }`) and its comma turned into spaces, so that
+/// every column stays where it was. `None` when the entry does not end on
+/// its line.
+fn without_flow_entry(lines: &[&str], line: usize, col: usize) -> Option<String> {
+    let key_line = lines[line];
+    let bytes = key_line.as_bytes();
+    let mut depth = 0usize;
+    let mut quote: Option<u8> = None;
+    let mut end = None;
+    let mut i = col;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match quote {
+            Some(q) if b == q => quote = None,
+            Some(b'"') if b == b'\\' => i += 1,
+            Some(_) => {}
+            None => match b {
+                b'"' | b'\'' => quote = Some(b),
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' if depth == 0 => {
+                    end = Some(i);
+                    break;
+                }
+                b'}' | b']' => depth -= 1,
+                b',' if depth == 0 => {
+                    end = Some(i + 1);
+                    break;
+                }
+                b'#' if i > col && bytes[i - 1] == b' ' => return None,
+                _ => {}
+            },
+        }
+        i += 1;
+    }
+    let end = end?;
+    let mut out = String::new();
+    for l in &lines[..line] {
+        out.push_str(l);
+    }
+    out.push_str(&key_line[..col]);
+    out.extend(key_line[col..end].chars().map(|_| ' '));
+    out.push_str(&key_line[end..]);
+    for l in &lines[line + 1..] {
         out.push_str(l);
     }
     Some(out)
@@ -89,11 +143,32 @@ mod tests {
     }
 
     #[test]
-    fn flow_and_sequence_item_keys_are_left_alone() {
-        assert_eq!(without_key("limits: { typo: 1 }\n", 1, 11), None);
+    fn flow_entries_are_blanked_in_place() {
+        assert_eq!(
+            without_key("limits: { typo: 1 }\n", 1, 11).unwrap(),
+            "limits: {         }\n"
+        );
+        assert_eq!(
+            without_key("m: { a: 1, typo: { b: [1, \"}\"] }, c: 2 }\nx: 1\n", 1, 12).unwrap(),
+            "m: { a: 1,                        c: 2 }\nx: 1\n"
+        );
+        assert_eq!(
+            without_key("m: { a: 1, typo: 'x' }\n", 1, 12).unwrap(),
+            "m: { a: 1,           }\n"
+        );
+        // An entry that goes on to the next line is left alone.
+        assert_eq!(without_key("m: { typo: [1,\n 2] }\n", 1, 6), None);
+    }
+
+    #[test]
+    fn sequence_item_keys_are_left_alone() {
         assert_eq!(without_key("routes:\n  - typo: 1\n", 2, 5), None);
         assert_eq!(without_key("a: 1\n", 9, 1), None);
         assert_eq!(without_key("a: 1\n", 0, 0), None);
         assert_eq!(without_key("é: 1\n", 1, 2), None);
+        assert_eq!(
+            without_key("é: { typo: 1 }\n", 1, 6).unwrap(),
+            "é: {         }\n"
+        );
     }
 }

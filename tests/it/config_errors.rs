@@ -70,8 +70,8 @@ fn unknown_key_is_rejected_at_its_position() {
     );
 }
 
-/// `check` prints every error: each unknown key, and then what compiling
-/// the rest finds (a bad duration, a route naming no upstream), in file
+/// `check` prints every error: each unknown key (block or flow style),
+/// and then what compiling the rest finds (a bad duration, a route naming no upstream), in file
 /// order, each at its own position.
 #[test]
 fn every_unknown_key_and_every_later_error_is_reported() {
@@ -86,7 +86,7 @@ upstreams:
       connect: 1s
 routes:
   - name: chat
-    match: { path_prefix: / }
+    match: { path_prefix: /, methds: [GET] }
     upstream: nowhere
     retries: 3
 logging:
@@ -104,6 +104,7 @@ logging:
             "test.yaml:2:3",
             "test.yaml:3:24",
             "test.yaml:7:5",
+            "test.yaml:11:30",
             "test.yaml:12:15",
             "test.yaml:13:5",
             "test.yaml:15:3",
@@ -115,9 +116,10 @@ logging:
         "{lines:?}"
     );
     assert!(lines[2].contains("unknown field `tiemouts`"), "{lines:?}");
-    assert!(lines[3].contains("nowhere"), "{lines:?}");
-    assert!(lines[4].contains("unknown field `retries`"), "{lines:?}");
-    assert!(lines[5].contains("unknown field `levle`"), "{lines:?}");
+    assert!(lines[3].contains("unknown field `methds`"), "{lines:?}");
+    assert!(lines[4].contains("nowhere"), "{lines:?}");
+    assert!(lines[5].contains("unknown field `retries`"), "{lines:?}");
+    assert!(lines[6].contains("unknown field `levle`"), "{lines:?}");
 }
 
 #[test]
