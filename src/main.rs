@@ -204,6 +204,10 @@ async fn run(path: PathBuf) -> ExitCode {
     };
     let gw = Gateway::new(snapshot, LogSink::Stdout);
     let _ = tracing::dispatcher::set_global_default(gw.log.clone());
+    // Signals are taken over before `start` makes /readyz say 200: a
+    // SIGTERM or SIGHUP sent right then must drain or reload, not kill.
+    let stop = StopSignals::install();
+    let hangup = sluice::reload::hangup();
     let running = match sluice::server::start(gw.clone()).await {
         Ok(r) => r,
         Err(e) => {
@@ -213,10 +217,10 @@ async fn run(path: PathBuf) -> ExitCode {
     };
     let env: sluice::reload::Env = Arc::new(|name: &str| std::env::var(name).ok());
     let reloader = sluice::reload::Reloader::new(gw.clone(), path, env, running.certs.clone());
-    if let Err(e) = sluice::reload::spawn(reloader) {
+    if let Err(e) = hangup.and_then(|hangup| sluice::reload::spawn(reloader, hangup)) {
         tracing::warn!(error = e.as_str(), "hot reload is off");
     }
-    let signal = shutdown_signal().await;
+    let signal = stop.recv().await;
     tracing::info!(signal, "shutting down: draining in-flight requests");
     running.shutdown();
     running.wait().await;
@@ -224,20 +228,38 @@ async fn run(path: PathBuf) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Resolves on SIGTERM or SIGINT, naming which.
-async fn shutdown_signal() -> &'static str {
+/// SIGTERM and SIGINT, handled from the moment `install` runs.
+struct StopSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
+    handlers: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl StopSignals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let handlers = signal(SignalKind::terminate())
+                .and_then(|term| Ok((term, signal(SignalKind::interrupt())?)))
+                .ok();
+            StopSignals { handlers }
+        }
+        #[cfg(not(unix))]
+        StopSignals {}
+    }
+
+    /// Resolves on the first of them, naming which.
+    async fn recv(self) -> &'static str {
+        #[cfg(unix)]
+        if let Some((mut term, mut int)) = self.handlers {
             return tokio::select! {
                 _ = term.recv() => "SIGTERM",
-                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = int.recv() => "SIGINT",
             };
         }
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
     }
-    let _ = tokio::signal::ctrl_c().await;
-    "SIGINT"
 }
 
 async fn serve_mock(listen: SocketAddr, settings: MockSettings) -> ExitCode {
@@ -248,6 +270,7 @@ async fn serve_mock(listen: SocketAddr, settings: MockSettings) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let stop = StopSignals::install();
     eprintln!("sluice mock: OpenAI-compatible mock LLM on http://{listen}/v1");
     let settings = Arc::new(settings);
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
@@ -272,7 +295,7 @@ async fn serve_mock(listen: SocketAddr, settings: MockSettings) -> ExitCode {
     };
     tokio::select! {
         () = accept => {}
-        _ = shutdown_signal() => {}
+        _ = stop.recv() => {}
     }
     ExitCode::SUCCESS
 }

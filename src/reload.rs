@@ -191,8 +191,8 @@ impl Reloader {
 /// process ends. SIGHUP is handled first and whatever happens to the file
 /// watcher (inotify instances run out on busy nodes): without a watcher,
 /// reload is on SIGHUP only, and a warning says so.
-pub fn spawn(mut reloader: Reloader) -> Result<JoinHandle<()>, String> {
-    let mut hangup = hangup()?;
+pub fn spawn(mut reloader: Reloader, hangup: Hangup) -> Result<JoinHandle<()>, String> {
+    let mut hangup = hangup.0;
     let (changed, mut events) = mpsc::channel::<()>(1);
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Reads (ours included) are not changes; a full channel already
@@ -240,7 +240,17 @@ pub fn spawn(mut reloader: Reloader) -> Result<JoinHandle<()>, String> {
 }
 
 /// SIGHUP as a stream of wake-ups (never on non-Unix systems).
-fn hangup() -> Result<mpsc::Receiver<()>, String> {
+/// SIGHUPs received, from the moment [`hangup`] was called.
+pub struct Hangup(mpsc::Receiver<()>);
+
+/// Takes over SIGHUP now. Called before the gateway reports ready, so
+/// that a SIGHUP sent as soon as `/readyz` says 200 reloads rather than
+/// kills the process (the signal's default action).
+pub fn hangup() -> Result<Hangup, String> {
+    hangup_events().map(Hangup)
+}
+
+fn hangup_events() -> Result<mpsc::Receiver<()>, String> {
     let (tx, rx) = mpsc::channel(1);
     #[cfg(unix)]
     {

@@ -76,7 +76,8 @@ impl TestGateway {
         let running = server::start(gw.clone()).await.expect("gateway starts");
         if let Some((path, env)) = reload {
             let reloader = Reloader::new(gw.clone(), path, env, running.certs.clone());
-            reload::spawn(reloader).expect("hot reload starts");
+            reload::spawn(reloader, reload::hangup().expect("SIGHUP handled"))
+                .expect("hot reload starts");
         }
         TestGateway {
             addr: running.proxy_addr,
