@@ -145,3 +145,40 @@ async fn slow_body_sender_gets_408() {
     assert_eq!(log["status"], 408);
     assert_eq!(log["error"], "request_timeout");
 }
+
+/// A client that connects and sends nothing is cut off after
+/// `header_read_timeout` too: telling HTTP/1 from h2 waits for its first
+/// bytes, and that wait must not hold a connection slot for ever.
+#[tokio::test]
+async fn silent_connection_is_cut_off() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&config(
+        &up.url(),
+        "{ header_read_timeout: 300ms, max_connections: 1 }",
+    ))
+    .await;
+    let addr = gw.addr;
+    let elapsed = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("the silent connection was kept: {other:?}"),
+        }
+        let elapsed = started.elapsed();
+        // Its slot is free again: with max_connections 1, a request is served.
+        let mut next = TcpStream::connect(addr).expect("connect");
+        next.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert!(get_on(&mut next).starts_with("HTTP/1.1 200"));
+        elapsed
+    })
+    .await
+    .unwrap();
+    assert!(
+        elapsed >= Duration::from_millis(250) && elapsed < Duration::from_secs(4),
+        "{elapsed:?}"
+    );
+}

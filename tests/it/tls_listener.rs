@@ -103,3 +103,38 @@ fn unusable_certificate_files_are_config_errors() {
         "{errors:?}"
     );
 }
+
+/// A TLS client that finishes its handshake and then says nothing is cut
+/// off after `header_read_timeout`, as a plain one is.
+#[tokio::test]
+async fn silent_tls_connection_is_cut_off() {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncReadExt;
+
+    let pki = TestPki::new();
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let dir = tempfile::tempdir().unwrap();
+    pki.write_files(dir.path());
+    let yaml = format!(
+        "limits: {{ header_read_timeout: 300ms }}\n{}",
+        tls_listener_config(&up.url())
+    );
+    let gw = TestGateway::start_in(&yaml, &[], dir).await;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(TestPki::client_config(&[&pki])));
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.expect("handshake");
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await;
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the silent TLS connection was kept: {read:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(250) && elapsed < Duration::from_secs(4),
+        "{elapsed:?}"
+    );
+}
