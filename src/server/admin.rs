@@ -44,7 +44,10 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut stop: watch::Rec
 
 fn respond(gw: &Gateway, req: &Request<Incoming>) -> Response<BoxBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return resp;
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),

@@ -189,6 +189,9 @@ async fn admin_health_and_readiness() {
             .starts_with("text/plain; version=0.0.4")
     );
     assert_eq!(c.get(&gw.admin_url("/other")).await.status, 404);
+    let post = c.post_json(&gw.admin_url("/metrics"), &[], "{}").await;
+    assert_eq!(post.status, 405);
+    assert_eq!(post.header("allow"), Some("GET, HEAD"));
 }
 
 /// Every family of SPEC §4, by name and type, before any request: a
