@@ -46,10 +46,22 @@ impl Meter {
         }
     }
 
+    /// Sends a stream on in whole events only, holding the start of one
+    /// until it ends (it is usually in the same frame). A stream that
+    /// breaks mid-event then never leaves half an event for the client's
+    /// parser to join to the error event sluice ends it with.
+    pub fn whole_events(&mut self) {
+        if let Meter::Sse(stream) = self {
+            stream.whole_events = true;
+        }
+    }
+
     /// Keeps the usage-only chunk of a stream from the client: sluice
-    /// asked for it on the client's behalf (`stream_options`).
+    /// asked for it on the client's behalf (`stream_options`). Implies
+    /// [`Meter::whole_events`].
     pub fn strip_usage_chunk(&mut self) {
         if let Meter::Sse(stream) = self {
+            stream.whole_events = true;
             stream.strip_usage = true;
         }
     }
@@ -71,16 +83,16 @@ impl Meter {
         }
     }
 
-    /// Whether bytes of an unterminated event are held back (stripping).
+    /// Whether bytes of an unterminated event are held back.
     pub fn holds(&self) -> bool {
-        matches!(self, Meter::Sse(stream) if stream.strip_usage && stream.splitter.pending() > 0)
+        matches!(self, Meter::Sse(stream) if stream.whole_events && stream.splitter.pending() > 0)
     }
 
     /// At the end of the body: the start of an unterminated last event
-    /// held back while stripping, to be sent as it came.
+    /// held back, to be sent as it came.
     pub fn take_held(&mut self) -> Option<Bytes> {
         match self {
-            Meter::Sse(stream) if stream.strip_usage => {
+            Meter::Sse(stream) if stream.whole_events => {
                 Some(stream.splitter.take_pending()).filter(|rest| !rest.is_empty())
             }
             _ => None,
@@ -131,6 +143,8 @@ impl JsonFrames {
 pub struct SseMeter {
     splitter: EventSplitter,
     usage: Usage,
+    /// Only whole events go on; the start of one is held until it ends.
+    whole_events: bool,
     strip_usage: bool,
     /// An event outgrew `EVENT_CAP`: the rest of the stream passes
     /// unread, so a stream that never ends an event cannot grow sluice's
@@ -152,21 +166,21 @@ impl SseMeter {
         }
         self.gave_up = true;
         let held = self.splitter.take_pending();
-        // While stripping, what is held has not been sent: it goes now.
+        // In whole events, what is held has not been sent: it goes now.
         out.map(|out| [&out[..], &held[..]].concat().into())
     }
 
     fn read(&mut self, data: &Bytes) -> Option<Bytes> {
         let carried = self.splitter.pending();
         self.splitter.push(data);
-        if !self.strip_usage {
+        if !self.whole_events {
             while let Some(event) = self.splitter.next_event() {
                 self.absorb_event(&event);
             }
             return None;
         }
-        // Stripping: only complete events go on. A frame of whole events
-        // none of which is stripped goes on as it came (the usual case).
+        // Only complete events go on. A frame of whole events none of
+        // which is stripped goes on as it came (the usual case).
         // Otherwise the events kept are sent, each ended by a blank line.
         let mut rebuilt = (carried > 0).then(BytesMut::new);
         let mut consumed = 0;

@@ -113,14 +113,14 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
         .filter(|_| ctx.upstream_index.is_some() && ctx.error.is_none());
     let sse = idle.is_some() && content_type.is_some_and(|v| sse::is_event_stream(v.as_bytes()));
     let mut meter = content_type.and_then(|v| Meter::for_content_type(v.as_bytes()));
-    if sse
-        && ctx.usage_injected
-        && let Some(meter) = meter.as_mut()
-    {
-        // The client gets fewer bytes than the upstream sent: a length
-        // the upstream gave would cut the stream short.
-        meter.strip_usage_chunk();
-        resp.headers_mut().remove(http::header::CONTENT_LENGTH);
+    if sse && let Some(meter) = meter.as_mut() {
+        meter.whole_events();
+        if ctx.usage_injected {
+            // The client gets fewer bytes than the upstream sent: a length
+            // the upstream gave would cut the stream short.
+            meter.strip_usage_chunk();
+            resp.headers_mut().remove(http::header::CONTENT_LENGTH);
+        }
     }
     let finish = Finish { gw, active, ctx };
     resp.map(move |body| Tap::new(body, finish, idle, deadline, sse, meter))

@@ -131,3 +131,37 @@ async fn upstream_cut_mid_stream_is_not_passed_off_as_complete() {
         Some(1.0)
     );
 }
+
+/// A stream that breaks in the middle of an event: the half event never
+/// reaches the client, so the error event stands alone (a parser would
+/// otherwise join the two into one broken event). Here the client asked
+/// for usage itself, so nothing is stripped and content-length would be
+/// kept.
+#[tokio::test]
+async fn a_stream_cut_mid_event_ends_with_a_clean_error_event() {
+    const HELLO: &str =
+        r#"{"choices":[{"index":0,"delta":{"content":"Hello"},"finish_reason":null}]}"#;
+    let mut dying = UpstreamReply::sse(&[HELLO], Duration::ZERO).cut();
+    dying.chunks.push((
+        Duration::from_millis(100),
+        bytes::Bytes::from_static(
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" wor",
+        ),
+    ));
+    // Flushed before the cut.
+    dying
+        .chunks
+        .push((Duration::from_millis(100), bytes::Bytes::from_static(b"ld")));
+    let up = MockUpstream::always(dying).await;
+    let gw = TestGateway::start(&config(&up.url(), "")).await;
+    let body = r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], body)
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.text(),
+        format!("data: {HELLO}\n\n{STREAM_ERROR_EVENT}"),
+        "no half event before the error event"
+    );
+}
