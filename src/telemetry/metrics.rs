@@ -357,7 +357,7 @@ pub struct RouteMetrics {
     models: Arc<ArcSwap<HashMap<String, Arc<ModelMetrics>>>>,
     /// `sluice_requests_total` children by (method, status), resolved on
     /// a pair's first request and then read without the family's lock.
-    requests: Arc<ArcSwap<HashMap<(Method, u16), IntCounter>>>,
+    requests: Arc<ArcSwap<HashMap<(&'static str, u16), IntCounter>>>,
     route: Arc<str>,
 }
 
@@ -371,6 +371,46 @@ pub struct ModelMetrics {
     route: Arc<str>,
     model: String,
 }
+
+/// The label of values outside a bounded set (methods, models, finish
+/// reasons), so that no client or upstream can grow a family at will.
+const OTHER: &str = "other";
+
+/// Distinct `model` labels a route keeps before counting more as `other`.
+pub const MAX_MODELS_PER_ROUTE: usize = 64;
+
+/// The `method` label: the methods of RFC 9110 and PATCH, else `other`
+/// (hyper accepts any token as a method).
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => OTHER,
+    }
+}
+
+/// Finish reasons known to OpenAI, Anthropic and Gemini-style APIs;
+/// others count as `other`.
+const KNOWN_FINISH_REASONS: [&str; 11] = [
+    "function_call",
+    "stop_sequence",
+    "tool_use",
+    "pause_turn",
+    "refusal",
+    "STOP",
+    "MAX_TOKENS",
+    "SAFETY",
+    "RECITATION",
+    "error",
+    "cancelled",
+];
 
 /// Finish reasons resolved up front; others are looked up when they occur.
 const FINISH_REASONS: [&str; 7] = [
@@ -388,6 +428,11 @@ impl ModelMetrics {
         match FINISH_REASONS.iter().position(|r| *r == reason) {
             Some(i) => self.completions[i].clone(),
             None => {
+                let reason = if KNOWN_FINISH_REASONS.contains(&reason) {
+                    reason
+                } else {
+                    OTHER
+                };
                 metrics
                     .completions
                     .with_label_values(&[&*self.route, self.model.as_str(), reason])
@@ -425,7 +470,7 @@ impl RouteMetrics {
 
     /// Counts a finished request in `sluice_requests_total`.
     pub fn count_request(&self, metrics: &Metrics, method: &Method, status: u16) {
-        let key = (method.clone(), status);
+        let key = (method_label(method), status);
         if let Some(counter) = self.requests.load().get(&key) {
             counter.inc();
             return;
@@ -434,7 +479,7 @@ impl RouteMetrics {
         let label = code.as_ref().map_or("000", StatusCode::as_str);
         let counter = metrics
             .requests
-            .with_label_values(&[&self.route, method.as_str(), label]);
+            .with_label_values(&[&self.route, key.0, label]);
         counter.inc();
         self.requests.rcu(|map| {
             let mut map = HashMap::clone(map);
@@ -443,11 +488,24 @@ impl RouteMetrics {
         });
     }
 
-    /// The usage children of `model` on this route.
+    /// The usage children of `model` on this route. Past
+    /// [`MAX_MODELS_PER_ROUTE`] models, others count as `other`: an
+    /// upstream that echoes whatever model a client names must not grow
+    /// the series without bound.
     pub fn model(&self, metrics: &Metrics, model: &str) -> Arc<ModelMetrics> {
-        if let Some(found) = self.models.load().get(model) {
+        let models = self.models.load();
+        if let Some(found) = models.get(model) {
             return found.clone();
         }
+        let model = if models.len() >= MAX_MODELS_PER_ROUTE {
+            if let Some(other) = models.get(OTHER) {
+                return other.clone();
+            }
+            OTHER
+        } else {
+            model
+        };
+        drop(models);
         let made = Arc::new(ModelMetrics {
             input_tokens: metrics
                 .tokens

@@ -262,3 +262,59 @@ async fn access_log_is_written_at_every_level() {
     assert_eq!(logs.len(), 2);
     assert_eq!(logs[0]["status"], 200);
 }
+
+/// No client or upstream can grow a metric family at will: made-up
+/// methods count as `other`, and past 64 models on a route (an upstream
+/// may echo whatever model a client names) the rest count as `other`.
+#[tokio::test]
+async fn label_values_stay_bounded() {
+    let gw = TestGateway::start(
+        r#"
+upstreams:
+  demo: { mock: {} }
+routes:
+  - name: chat
+    match: { path_prefix: / }
+    auth: none
+    upstream: demo
+"#,
+    )
+    .await;
+    let c = Client::new();
+    for i in 0..3 {
+        let method = http::Method::from_bytes(format!("MADEUP{i}").as_bytes()).unwrap();
+        c.send(method, &gw.url("/v1/models"), &[], bytes::Bytes::new())
+            .await;
+    }
+    for i in 0..70 {
+        let body =
+            format!(r#"{{"model":"model-{i}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+        let reply = c
+            .post_json(&gw.url("/v1/chat/completions"), &[], &body)
+            .await;
+        assert_eq!(reply.status, 200);
+    }
+    gw.wait_access_logs(73).await;
+    let m = gw.metrics().await;
+    assert!(!m.contains("MADEUP"), "a made-up method became a label");
+    let other_method: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("sluice_requests_total{") && l.contains("method=\"other\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(other_method, 3.0);
+    let models: std::collections::HashSet<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("sluice_tokens_total{"))
+        .filter_map(|l| l.split("model=\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(models.len(), 65, "64 models and other: {models:?}");
+    assert!(models.contains("other"));
+    let other_input = crate::support::gateway::sample(
+        &m,
+        "sluice_tokens_total",
+        &[("route", "chat"), ("model", "other"), ("kind", "input")],
+    )
+    .unwrap();
+    assert!(other_input > 0.0, "the 6 models past the cap are counted");
+}
