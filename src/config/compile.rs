@@ -23,6 +23,10 @@ use crate::proxy::jwt;
 use crate::snapshot::*;
 use crate::upstream::{self, MockSettings, Timeouts, Upstream};
 
+/// The most connections a listener may hold: far above what one process
+/// serves, and within what tokio's semaphore can count.
+const MAX_CONNECTIONS_CAP: u64 = 10_000_000;
+
 /// Compiles one parsed file. `base_dir` resolves relative file paths;
 /// `env` looks up `${VAR}`s.
 pub fn compile(
@@ -307,16 +311,20 @@ impl Compiler<'_> {
         };
         let raw = raw.unwrap_or(&none);
         let max_connections = self.opt_u64(&raw.max_connections).unwrap_or(10_000);
-        if max_connections == 0
-            && let Some(t) = &raw.max_connections
+        if let Some(t) = &raw.max_connections
+            && !(1..=MAX_CONNECTIONS_CAP).contains(&max_connections)
         {
-            self.error(&t.referenced, "max_connections must be at least 1");
+            self.error(
+                &t.referenced,
+                format!("max_connections must be from 1 to {MAX_CONNECTIONS_CAP}"),
+            );
         }
         Limits {
             max_request_body: self.size(&raw.max_request_body, 4 << 20),
             header_read_timeout: self.duration(&raw.header_read_timeout, Duration::from_secs(10)),
             request_timeout: self.duration(&raw.request_timeout, Duration::from_secs(300)),
-            max_connections: usize::try_from(max_connections.max(1)).unwrap_or(usize::MAX),
+            max_connections: usize::try_from(max_connections.clamp(1, MAX_CONNECTIONS_CAP))
+                .unwrap_or(10_000),
             shutdown_grace: self.duration(&raw.shutdown_grace, Duration::from_secs(30)),
         }
     }

@@ -196,7 +196,8 @@ pub fn settle(state: &State, ctx: &mut RequestCtx) {
             release(state, ctx);
             return;
         }
-        (i, o) => i.unwrap_or(0) + o.unwrap_or(0),
+        // Counts come from the upstream: no overflow, whatever they say.
+        (i, o) => i.unwrap_or(0).saturating_add(o.unwrap_or(0)),
     };
     for r in ctx.reservations.drain(..) {
         let delta =

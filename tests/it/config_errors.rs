@@ -664,3 +664,19 @@ fn a_zero_limit_is_refused() {
         );
     }
 }
+
+/// A max_connections the listener cannot hold is refused by check, not
+/// found by a panic at start.
+#[test]
+fn max_connections_is_bounded() {
+    for value in ["0", "99999999999", "9999999999999999999"] {
+        let errs = errors(&format!("limits: {{ max_connections: {value} }}\n{BASE}"));
+        assert_eq!(
+            errs,
+            [format!(
+                "test.yaml:1:28: max_connections must be from 1 to 10000000"
+            )],
+            "{value}"
+        );
+    }
+}
