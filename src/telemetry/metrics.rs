@@ -483,7 +483,7 @@ impl RouteMetrics {
         counter.inc();
         self.requests.rcu(|map| {
             let mut map = HashMap::clone(map);
-            map.entry(key.clone()).or_insert_with(|| counter.clone());
+            map.entry(key).or_insert_with(|| counter.clone());
             map
         });
     }
