@@ -673,9 +673,7 @@ fn max_connections_is_bounded() {
         let errs = errors(&format!("limits: {{ max_connections: {value} }}\n{BASE}"));
         assert_eq!(
             errs,
-            [format!(
-                "test.yaml:1:28: max_connections must be from 1 to 10000000"
-            )],
+            ["test.yaml:1:28: max_connections must be from 1 to 10000000"],
             "{value}"
         );
     }
