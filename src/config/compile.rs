@@ -23,6 +23,16 @@ use crate::proxy::jwt;
 use crate::snapshot::*;
 use crate::upstream::{self, MockSettings, Timeouts, Upstream};
 
+/// An error message about `expanded` that quotes the value as written
+/// when a `${VAR}` made it: a variable may hold a secret, and config
+/// errors reach `check`'s output and the reload log.
+fn as_written(message: String, expanded: &str, written: &str) -> String {
+    if expanded == written {
+        return message;
+    }
+    message.replace(&format!("`{expanded}`"), &format!("`{written}`"))
+}
+
 /// The most connections a listener may hold: far above what one process
 /// serves, and within what tokio's semaphore can count.
 const MAX_CONNECTIONS_CAP: u64 = 10_000_000;
@@ -99,7 +109,7 @@ impl Compiler<'_> {
         match parse(&s) {
             Ok(v) => Some(v),
             Err(e) => {
-                self.error(&t.referenced, e);
+                self.error(&t.referenced, as_written(e, &s, &t.value.0));
                 None
             }
         }
@@ -188,10 +198,8 @@ impl Compiler<'_> {
             return *v;
         }
         let names: Vec<_> = options.iter().map(|(n, _)| *n).collect();
-        self.error(
-            &t.referenced,
-            format!("`{s}` is not one of: {}", names.join(", ")),
-        );
+        let message = format!("`{s}` is not one of: {}", names.join(", "));
+        self.error(&t.referenced, as_written(message, &s, &t.value.0));
         default
     }
 
@@ -681,10 +689,13 @@ impl Compiler<'_> {
                         Some("none") | None => Validate::None,
                         Some("openai") => Validate::OpenAi,
                         Some(n) => {
-                            self.error(
-                                &v.referenced,
-                                format!("`{n}` is not one of: none, openai, {{ schema_file: … }}"),
-                            );
+                            let message =
+                                format!("`{n}` is not one of: none, openai, {{ schema_file: … }}");
+                            let written = match &v.value {
+                                RawValidate::Named(written) => written.as_str(),
+                                RawValidate::Schema(_) => n,
+                            };
+                            self.error(&v.referenced, as_written(message, n, written));
                             Validate::None
                         }
                     },

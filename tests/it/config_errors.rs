@@ -678,3 +678,23 @@ fn max_connections_is_bounded() {
         );
     }
 }
+
+/// A variable may hold a secret: an error about a value that came from
+/// one quotes it as written, never the value.
+#[test]
+fn errors_quote_variables_as_written() {
+    let secret = "sk-live-do-not-print-1234";
+    for yaml in [
+        format!("limits: {{ max_connections: \"${{TOKEN}}\" }}\n{BASE}"),
+        format!("limits: {{ request_timeout: \"${{TOKEN}}\" }}\n{BASE}"),
+        format!("limits: {{ max_request_body: \"${{TOKEN}}\" }}\n{BASE}"),
+        format!("logging: {{ format: \"${{TOKEN}}\" }}\n{BASE}"),
+        format!("listen: \"${{TOKEN}}\"\n{BASE}"),
+        format!("{BASE}    validate: \"${{TOKEN}}\"\n"),
+    ] {
+        let errs = errors_with_env(&yaml, &[("TOKEN", secret)]);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(!errs[0].contains(secret), "{}", errs[0]);
+        assert!(errs[0].contains("`${TOKEN}`"), "{}", errs[0]);
+    }
+}
