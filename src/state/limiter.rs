@@ -44,8 +44,7 @@ pub const WINDOW: Duration = Duration::from_secs(60);
 /// Buckets and slots of one process.
 pub struct MemoryLimiter {
     hasher: RandomState,
-    /// Per bucket: its theoretical arrival time, in ns since `epoch`.
-    buckets: Vec<Mutex<HashMap<BucketKey, u64>>>,
+    buckets: Vec<Mutex<Buckets>>,
     slots: Vec<Mutex<HashMap<BucketKey, u64>>>,
     epoch: Instant,
 }
@@ -54,7 +53,9 @@ impl Default for MemoryLimiter {
     fn default() -> Self {
         MemoryLimiter {
             hasher: RandomState::new(),
-            buckets: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            buckets: (0..SHARDS)
+                .map(|_| Mutex::new(Buckets::default()))
+                .collect(),
             slots: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             epoch: Instant::now(),
         }
@@ -84,7 +85,13 @@ impl MemoryLimiter {
                 retry_after: Duration::ZERO,
             };
         };
-        let tat = shard.get(key).copied().unwrap_or(now_ns).max(now_ns);
+        let tat = match shard.tats.get(key) {
+            Some(tat) => (*tat).max(now_ns),
+            None => {
+                shard.sweep_if_due(now_ns);
+                now_ns
+            }
+        };
         let new_tat = tat.saturating_add(interval.saturating_mul(cost));
         let ahead = new_tat - now_ns;
         if ahead > window {
@@ -97,7 +104,7 @@ impl MemoryLimiter {
                 retry_after: Duration::from_nanos(ahead - window),
             };
         }
-        shard.insert(key.clone(), new_tat);
+        shard.tats.insert(key.clone(), new_tat);
         Decision {
             allowed: true,
             limit: per_minute,
@@ -116,9 +123,9 @@ impl MemoryLimiter {
         let Ok(mut shard) = self.buckets[self.shard(key)].lock() else {
             return;
         };
-        let Some(tat) = shard.get_mut(key) else {
-            return;
-        };
+        // A bucket swept as full since it was taken from still owes what
+        // the usage went beyond its reservation.
+        let tat = shard.tats.entry(key.clone()).or_insert(now_ns);
         let base = (*tat).max(now_ns);
         let change = interval.saturating_mul(delta.unsigned_abs());
         *tat = if delta >= 0 {
@@ -156,6 +163,32 @@ impl MemoryLimiter {
     }
 }
 
+/// One shard's buckets: per bucket its theoretical arrival time, in ns
+/// since the limiter's epoch.
+#[derive(Default)]
+struct Buckets {
+    tats: HashMap<BucketKey, u64>,
+    /// The size at which full buckets are next swept out.
+    sweep_at: usize,
+}
+
+/// Buckets a shard holds before its first sweep.
+const SWEEP_FLOOR: usize = 1024;
+
+impl Buckets {
+    /// Drops buckets that are full again (their time has passed), which
+    /// are the same as absent ones: anonymous callers are keyed by address,
+    /// so without this every address ever seen would stay in memory. Run
+    /// when the shard has doubled since the last sweep: amortized O(1).
+    fn sweep_if_due(&mut self, now_ns: u64) {
+        if self.tats.len() < self.sweep_at.max(SWEEP_FLOOR) {
+            return;
+        }
+        self.tats.retain(|_, tat| *tat > now_ns);
+        self.sweep_at = self.tats.len().saturating_mul(2);
+    }
+}
+
 /// A held concurrency slot; dropping it (response ended, client gone)
 /// frees it.
 pub struct MemorySlot {
@@ -180,6 +213,32 @@ impl Drop for MemorySlot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn full_buckets_are_swept_out() {
+        let l = MemoryLimiter::default();
+        let t0 = Instant::now();
+        let many = SHARDS * SWEEP_FLOOR * 2;
+        for i in 0..many {
+            assert!(l.take(&key(&format!("ip-{i}")), 60, 1, t0).allowed);
+        }
+        let count = |l: &MemoryLimiter| -> usize {
+            l.buckets.iter().map(|b| b.lock().unwrap().tats.len()).sum()
+        };
+        assert_eq!(count(&l), many, "nothing is full yet: nothing swept");
+        // A minute on, every one of them is full again: new callers sweep
+        // them out, shard by shard.
+        let later = t0 + WINDOW;
+        for i in 0..many {
+            assert!(l.take(&key(&format!("new-{i}")), 60, 1, later).allowed);
+        }
+        assert!(count(&l) < many + many / 2, "{} buckets kept", count(&l));
+        // A swept bucket is a full one: its caller has its whole minute.
+        for _ in 0..60 {
+            assert!(l.take(&key("ip-0"), 60, 1, later).allowed);
+        }
+        assert!(!l.take(&key("ip-0"), 60, 1, later).allowed);
+    }
 
     fn key(id: &str) -> BucketKey {
         BucketKey {
