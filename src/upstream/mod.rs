@@ -85,6 +85,13 @@ impl HttpUpstream {
             return Err(bad());
         }
         let authority = uri.authority().cloned().ok_or_else(bad)?;
+        if authority.as_str().contains('@') {
+            // Never quoted: the URL holds a secret. It would also reach the
+            // upstream verbatim (h2's `:authority`), not as Basic auth.
+            return Err(BuildError::Url(
+                "an upstream url must not carry credentials (user:password@host); send them with set_headers".to_owned(),
+            ));
+        }
         if uri.query().is_some() {
             return Err(BuildError::Url(format!(
                 "upstream url `{url}` must not have a query string"

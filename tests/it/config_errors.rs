@@ -698,3 +698,24 @@ fn errors_quote_variables_as_written() {
         assert!(errs[0].contains("`${TOKEN}`"), "{}", errs[0]);
     }
 }
+
+/// Credentials in an upstream URL are refused, without repeating them:
+/// they would be sent on as the request's authority, not as auth.
+#[test]
+fn upstream_url_credentials_are_refused_unquoted() {
+    let yaml = "\
+upstreams:
+  app: { url: \"https://user:s3cret-pass@llm.example.com\" }
+routes:
+  - name: chat
+    match: { path_prefix: / }
+    upstream: app
+";
+    let errs = errors(yaml);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with("test.yaml:2:15: an upstream url must not carry credentials"),
+        "{errs:?}"
+    );
+    assert!(!errs[0].contains("s3cret"), "{errs:?}");
+}
