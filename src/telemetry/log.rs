@@ -63,6 +63,11 @@ impl<'a> MakeWriter<'a> for CaptureWriter {
     }
 }
 
+/// The protocol libraries log at warn at most, whatever `SLUICE_LOG` asks
+/// for: their debug and trace output describes frames and connections in
+/// detail, and no directive may open a way for a credential into a log.
+const LIBRARY_CAPS: &str = "h2=warn,hyper=warn,hyper_util=warn,rustls=warn,tokio_rustls=warn";
+
 /// Builds the dispatcher for `logging`. `SLUICE_LOG` (an `EnvFilter`
 /// directive) overrides the configured level when set.
 ///
@@ -71,12 +76,12 @@ impl<'a> MakeWriter<'a> for CaptureWriter {
 /// logs do not follow their error-log level. Only a `SLUICE_LOG`
 /// directive can turn it off.
 pub fn dispatch(logging: &Logging, sink: LogSink) -> (tracing::Dispatch, LogGuard) {
-    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| {
-        EnvFilter::new(format!(
-            "{},{ACCESS_TARGET}=info,h2=warn,hyper=warn,rustls=warn",
-            logging.level
-        ))
-    });
+    // An unset, empty or unparsable SLUICE_LOG leaves the configured level.
+    let directives = std::env::var("SLUICE_LOG")
+        .ok()
+        .filter(|d| !d.trim().is_empty() && EnvFilter::try_new(d).is_ok())
+        .unwrap_or_else(|| format!("{},{ACCESS_TARGET}=info", logging.level));
+    let filter = EnvFilter::new(format!("{directives},{LIBRARY_CAPS}"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false);
@@ -256,6 +261,32 @@ mod tests {
         assert_eq!(s, r#""a\"b\\c\nd\u0001é""#);
         let parsed: String = serde_json::from_str(&s).unwrap();
         assert_eq!(parsed, "a\"b\\c\nd\u{1}é");
+    }
+
+    /// `SLUICE_LOG` cannot lift the caps on the protocol libraries.
+    #[test]
+    fn library_caps_hold_over_any_directive() {
+        let filter = EnvFilter::new(format!("trace,hyper=trace,h2=debug,{LIBRARY_CAPS}"));
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(CaptureWriter(buf.clone()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::debug!(target: "hyper::proto::h1", "hyper detail");
+            tracing::trace!(target: "h2::codec", "h2 detail");
+            tracing::warn!(target: "hyper::client", "hyper warning");
+            tracing::trace!(target: "sluice::proxy", "sluice detail");
+        });
+        let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+        assert!(
+            !text.contains("hyper detail") && !text.contains("h2 detail"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hyper warning") && text.contains("sluice detail"),
+            "{text}"
+        );
     }
 
     /// The configured level filters sluice's own events but never the
