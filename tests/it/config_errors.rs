@@ -156,11 +156,12 @@ fn variable_default_is_used_when_unset_and_the_value_when_set() {
     // Set but empty (`TIMEOUT= sluice run`): the default, as in the shell.
     let empty = load(&yaml, &[("TIMEOUT", "")]).expect("the default makes it valid");
     assert_eq!(empty.limits.request_timeout, Duration::from_secs(45));
-    // A default is checked like any value, at the place it is written.
+    // A default is checked like any value, at the place it is written, and
+    // quoted as written (a variable's value is never quoted).
     let yaml = format!("limits:\n  request_timeout: ${{TIMEOUT:-45x}}\n{BASE}");
     assert_eq!(
         errors(&yaml),
-        ["test.yaml:2:20: `45x` is not a duration like 250ms, 30s, 5m or 1h"]
+        ["test.yaml:2:20: `${TIMEOUT:-45x}` is not a duration like 250ms, 30s, 5m or 1h"]
     );
 }
 
