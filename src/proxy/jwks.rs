@@ -39,7 +39,18 @@ pub struct JwksKeys {
 
 impl std::fmt::Debug for JwksKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "JwksKeys({})", self.url)
+        write!(f, "JwksKeys({})", shown(&self.url))
+    }
+}
+
+/// The URL as logs show it: scheme, host, port and path, never userinfo
+/// or a query, which may carry a token.
+fn shown(url: &Uri) -> String {
+    let scheme = url.scheme_str().unwrap_or("https");
+    let host = url.host().unwrap_or("");
+    match url.port_u16() {
+        Some(port) => format!("{scheme}://{host}:{port}{}", url.path()),
+        None => format!("{scheme}://{host}{}", url.path()),
     }
 }
 
@@ -73,11 +84,11 @@ impl JwksKeys {
         }
         match tokio::time::timeout(FETCH_TIMEOUT, self.fetch()).await {
             Ok(Ok(keys)) => {
-                tracing::info!(url = %self.url, keys = keys.len(), "JWKS fetched");
+                tracing::info!(url = %shown(&self.url), keys = keys.len(), "JWKS fetched");
                 self.keys.store(Arc::new(keys));
             }
-            Ok(Err(e)) => tracing::warn!(url = %self.url, error = %e, "JWKS fetch failed"),
-            Err(_) => tracing::warn!(url = %self.url, "JWKS fetch timed out"),
+            Ok(Err(e)) => tracing::warn!(url = %shown(&self.url), error = %e, "JWKS fetch failed"),
+            Err(_) => tracing::warn!(url = %shown(&self.url), "JWKS fetch timed out"),
         }
     }
 
@@ -145,5 +156,18 @@ impl JwksKeys {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logged_urls_lose_userinfo_and_query() {
+        let url: Uri = "https://user:pw@login.example.com:8443/keys.json?token=t0k"
+            .parse()
+            .unwrap();
+        assert_eq!(shown(&url), "https://login.example.com:8443/keys.json");
     }
 }

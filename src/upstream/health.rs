@@ -56,7 +56,9 @@ async fn probe_pool(active: &Active, p: usize) {
             breaker.success();
         } else {
             breaker.failure(Instant::now(), pool.breaker_failures, pool.breaker_cooldown);
-            tracing::warn!(upstream = %upstream.name, path = %check.path, "health check failed");
+            // The path without its query, which may carry a token.
+            let path = check.path.split('?').next().unwrap_or_default();
+            tracing::warn!(upstream = %upstream.name, path, "health check failed");
         }
     }
 }
