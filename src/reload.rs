@@ -67,7 +67,7 @@ impl Reloader {
     /// Reloads the config if its file changed, or anyway when `forced`
     /// (SIGHUP: a `${VAR}` or a referenced file may differ).
     pub fn config(&mut self, forced: bool) -> Outcome {
-        let text = std::fs::read_to_string(&self.path);
+        let text = crate::config::read_text(&self.path);
         let digest = text.as_ref().ok().map(|t| content_digest(&[t.as_bytes()]));
         if !forced && digest == self.config_digest {
             return Outcome::Unchanged;
@@ -322,7 +322,7 @@ fn tls_digest(files: &TlsFiles) -> Option<Digest32> {
 fn digest_of(paths: &[&Path]) -> Option<Digest32> {
     let contents = paths
         .iter()
-        .map(std::fs::read)
+        .map(|p| crate::config::read_file(p))
         .collect::<Result<Vec<_>, _>>()
         .ok()?;
     let parts: Vec<&[u8]> = contents.iter().map(Vec::as_slice).collect();

@@ -367,7 +367,7 @@ impl Compiler<'_> {
             let kind = match (&u.url, &u.mock) {
                 (Some(url), None) => {
                     let ca_pem = match &u.ca_file {
-                        Some(ca) => self.path(ca).and_then(|p| match std::fs::read(&p) {
+                        Some(ca) => self.path(ca).and_then(|p| match super::read_file(&p) {
                             Ok(pem) => Some((pem, ca.referenced)),
                             Err(e) => {
                                 self.error(
@@ -931,7 +931,7 @@ impl Compiler<'_> {
             Vec::new()
         } else if let Some(f) = &j.keys_file {
             let path = self.path(f)?;
-            let loaded = std::fs::read_to_string(&path)
+            let loaded = super::read_text(&path)
                 .map_err(|e| format!("cannot read keys_file {}: {e}", path.display()))
                 .and_then(|text| jwt::load_keys_file(&text));
             match loaded {
@@ -1127,8 +1127,8 @@ fn key_loc(t: &Option<Text>) -> Location {
 /// Reads and compiles a JSON Schema once per config load.
 fn load_schema(path: &Path) -> Result<jsonschema::Validator, String> {
     let shown = path.display();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("schema_file {shown} cannot be read: {e}"))?;
+    let text =
+        super::read_text(path).map_err(|e| format!("schema_file {shown} cannot be read: {e}"))?;
     let schema: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| format!("schema_file {shown} is not JSON: {e}"))?;
     jsonschema::validator_for(&schema).map_err(|e| {

@@ -14,10 +14,41 @@ pub use error::{ConfigError, ConfigErrors};
 
 use crate::snapshot::Snapshot;
 
+/// The largest file a config names (or is) that sluice reads: configs,
+/// PEM files, JWKS documents and schemas are kilobytes.
+pub const FILE_CAP: u64 = 16 << 20;
+
+/// The bytes of a file the config names, refusing what is not a regular
+/// file or is over [`FILE_CAP`]: `/dev/zero` or a runaway log must be an
+/// error, not a process out of memory.
+pub fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if meta.len() > FILE_CAP {
+        return Err(std::io::Error::other("larger than 16 MiB"));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(FILE_CAP + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > FILE_CAP {
+        return Err(std::io::Error::other("larger than 16 MiB"));
+    }
+    Ok(bytes)
+}
+
+/// [`read_file`] as UTF-8 text.
+pub fn read_text(path: &Path) -> std::io::Result<String> {
+    String::from_utf8(read_file(path)?)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
+}
+
 /// Reads, parses and compiles the file at `path`, taking `${VAR}`s from the
 /// process environment.
 pub fn load(path: &Path) -> Result<Snapshot, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let text = read_text(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             file: path.display().to_string(),
             line: 0,

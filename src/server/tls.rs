@@ -55,8 +55,10 @@ pub fn check_pair(files: &TlsFiles) -> Result<(), (String, bool)> {
 }
 
 fn read_pair(files: &TlsFiles) -> Result<CertifiedKey, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert_file)
-        .map_err(|e| format!("cannot read cert_file {}: {e}", files.cert_file.display()))?
+    let cert_pem = crate::config::read_file(&files.cert_file)
+        .map_err(|e| format!("cannot read cert_file {}: {e}", files.cert_file.display()))?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .map(|c| c.map(CertificateDer::into_owned))
         .collect::<Result<_, _>>()
         .map_err(|e| {
             format!(
@@ -70,7 +72,9 @@ fn read_pair(files: &TlsFiles) -> Result<CertifiedKey, String> {
             files.cert_file.display()
         ));
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key_file).map_err(|e| match e {
+    let key_pem = crate::config::read_file(&files.key_file)
+        .map_err(|e| format!("cannot read key_file {}: {e}", files.key_file.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
         rustls_pki_types::pem::Error::NoItemsFound => format!(
             "key_file {} holds no PEM private key",
             files.key_file.display()

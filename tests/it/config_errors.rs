@@ -720,3 +720,31 @@ routes:
     );
     assert!(!errs[0].contains("s3cret"), "{errs:?}");
 }
+
+/// Files a config names are read only when they are regular files of at
+/// most 16 MiB: `/dev/zero` is an error, not a process out of memory.
+#[test]
+fn named_files_must_be_regular_and_bounded() {
+    let yaml = "\
+upstreams:
+  app: { url: \"https://llm.example.com\", ca_file: /dev/zero }
+routes:
+  - name: chat
+    match: { path_prefix: / }
+    upstream: app
+";
+    let errs = errors(yaml);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains("cannot read ca_file /dev/zero: not a regular file"),
+        "{errs:?}"
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let big = std::fs::File::create(dir.path().join("big.json")).expect("create");
+    big.set_len(sluice::config::FILE_CAP + 1)
+        .expect("sparse file");
+    let yaml = format!("{BASE}    validate: {{ schema_file: big.json }}\n");
+    let err = config::load_str(&yaml, "test.yaml", dir.path(), &|_| None)
+        .expect_err("a 16 MiB + 1 schema is refused");
+    assert!(err.to_string().contains("larger than 16 MiB"), "{err}");
+}
