@@ -216,17 +216,33 @@ fn skip_space(bytes: &[u8], mut i: usize) -> usize {
 }
 
 /// Masks what follows `Bearer ` and `sk-` (eight or more key characters).
+/// Credentials recognized by their look, wherever they are: the prefix
+/// kept, the token after it masked when at least `min` bytes long. A JWT
+/// (`eyJ…`, base64 of `{"`) is caught outside `Bearer` too.
+const PATTERNS: [(&str, bool, usize); 3] = [
+    // (prefix, case-insensitive, min)
+    ("bearer ", true, 1),
+    ("sk-", false, 8),
+    ("eyJ", false, 16),
+];
+
 fn mask_patterns(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     loop {
-        let bearer = find_ignore_case(rest, "bearer ");
-        let key = rest.find("sk-");
-        let (at, prefix_len, min) = match (bearer, key) {
-            (Some(b), Some(k)) if k < b => (k, 3, 8),
-            (Some(b), _) => (b, 7, 1),
-            (None, Some(k)) => (k, 3, 8),
-            (None, None) => break,
+        let found = PATTERNS
+            .iter()
+            .filter_map(|&(prefix, ignore_case, min)| {
+                let at = if ignore_case {
+                    find_ignore_case(rest, prefix)
+                } else {
+                    rest.find(prefix)
+                };
+                at.map(|at| (at, prefix.len(), min))
+            })
+            .min_by_key(|&(at, ..)| at);
+        let Some((at, prefix_len, min)) = found else {
+            break;
         };
         let after = &rest[at + prefix_len..];
         let token_len = after
@@ -295,6 +311,17 @@ mod tests {
         assert_eq!(
             mask(r#"{"a":"b","token":"abcdef"#),
             r#"{"a":"b","token":"***""#
+        );
+    }
+
+    #[test]
+    fn bare_jwts_are_masked() {
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl";
+        assert_eq!(
+            mask(&format!(
+                r#"{{"assertion":"{jwt}","note":"eyJust a word"}}"#
+            )),
+            r#"{"assertion":"eyJ***","note":"eyJust a word"}"#
         );
     }
 
