@@ -187,10 +187,18 @@ pub struct Jwt {
     pub jwks: Option<JwksSource>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct JwksSource {
     pub url: http::Uri,
     pub client: crate::upstream::HttpClient,
+}
+
+impl std::fmt::Debug for JwksSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwksSource")
+            .field("url", &crate::proxy::jwks::shown(&self.url))
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -208,13 +216,28 @@ pub struct Price {
     pub output: f64,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Budget {
     pub daily_usd: Option<f64>,
     pub alert_at: Vec<f64>,
     pub enforce: bool,
+    /// May carry a token (`?key=…`): never shown.
     pub webhook_url: Option<String>,
 }
+
+impl std::fmt::Debug for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Budget")
+            .field("daily_usd", &self.daily_usd)
+            .field("alert_at", &self.alert_at)
+            .field("enforce", &self.enforce)
+            .field("webhook_url", &self.webhook_url.as_ref().map(|_| REDACTED))
+            .finish()
+    }
+}
+
+/// What a secret shows in `Debug` output.
+const REDACTED: &str = "<redacted>";
 
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
@@ -227,11 +250,22 @@ pub enum StateBackend {
     Redis,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StateSettings {
     pub backend: StateBackend,
+    /// May carry a password (`redis://:pw@host`): never shown.
     pub redis_url: Option<String>,
     pub deny_on_error: bool,
+}
+
+impl std::fmt::Debug for StateSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateSettings")
+            .field("backend", &self.backend)
+            .field("redis_url", &self.redis_url.as_ref().map(|_| REDACTED))
+            .field("deny_on_error", &self.deny_on_error)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,4 +286,25 @@ pub struct Logging {
 pub struct SetHeader {
     pub name: HeaderName,
     pub value: HeaderValue,
+}
+
+#[cfg(test)]
+mod tests {
+    /// Secrets a config holds never show in `Debug` output, so that no
+    /// future log or error that prints a snapshot part can leak them.
+    #[test]
+    fn debug_output_hides_secrets() {
+        let budget = super::Budget {
+            webhook_url: Some("https://hooks.example.com/x?token=hook-secret".into()),
+            ..Default::default()
+        };
+        let state = super::StateSettings {
+            backend: super::StateBackend::Redis,
+            redis_url: Some("redis://:redis-secret@redis:6379".into()),
+            deny_on_error: false,
+        };
+        let shown = format!("{budget:?} {state:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
 }

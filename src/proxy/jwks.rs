@@ -45,7 +45,7 @@ impl std::fmt::Debug for JwksKeys {
 
 /// The URL as logs show it: scheme, host, port and path, never userinfo
 /// or a query, which may carry a token.
-fn shown(url: &Uri) -> String {
+pub(crate) fn shown(url: &Uri) -> String {
     let scheme = url.scheme_str().unwrap_or("https");
     let host = url.host().unwrap_or("");
     match url.port_u16() {
