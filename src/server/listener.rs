@@ -10,11 +10,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
+use super::preface;
 use crate::gateway::Gateway;
 use crate::proxy::{self, ctx::ConnInfo};
 
@@ -77,37 +77,28 @@ pub async fn serve(
                 async move { Ok::<_, Infallible>(proxy::handle(gw, req, conn).await) }
             });
             // hyper's `header_read_timeout` starts once the protocol is
-            // known, and telling HTTP/1 from h2 waits for the first bytes
-            // with no timer: a client that connects and says nothing is
-            // cut off here instead of holding a connection slot for ever.
+            // known: the bytes that tell it are read here, within that
+            // timeout, and replayed to hyper.
             match tls {
                 None => {
-                    // `peek`, not `readable`: readiness may be reported
-                    // before any byte is there.
-                    let mut first = [0u8; 1];
-                    let peeked =
-                        tokio::time::timeout(handshake_timeout, stream.peek(&mut first)).await;
-                    if !matches!(peeked, Ok(Ok(1))) {
+                    let mut stream = stream;
+                    let Some(head) = preface::read(&mut stream, handshake_timeout).await else {
                         return;
-                    }
-                    let c = builder.serve_connection(TokioIo::new(stream), service);
-                    let _ = watcher.watch(c).await;
+                    };
+                    let io = TokioIo::new(preface::Rewound::new(head, stream));
+                    let _ = watcher.watch(builder.serve_connection(io, service)).await;
                 }
                 Some(acceptor) => {
-                    let Some(tls_stream) = tls_handshake(acceptor, stream, handshake_timeout).await
+                    let Some(mut tls_stream) =
+                        tls_handshake(acceptor, stream, handshake_timeout).await
                     else {
                         return;
                     };
-                    // Plaintext may already sit in rustls's buffer, so the
-                    // wait is for bytes through the TLS stream, kept for
-                    // hyper to read.
-                    let mut first = BufReader::with_capacity(FIRST_READ, tls_stream);
-                    match tokio::time::timeout(handshake_timeout, first.fill_buf()).await {
-                        Ok(Ok(bytes)) if !bytes.is_empty() => {}
-                        _ => return,
-                    }
-                    let c = builder.serve_connection(TokioIo::new(first), service);
-                    let _ = watcher.watch(c).await;
+                    let Some(head) = preface::read(&mut tls_stream, handshake_timeout).await else {
+                        return;
+                    };
+                    let io = TokioIo::new(preface::Rewound::new(head, tls_stream));
+                    let _ = watcher.watch(builder.serve_connection(io, service)).await;
                 }
             }
             drop(permit);
@@ -124,11 +115,6 @@ pub async fn serve(
         }
     }
 }
-
-/// What the first read of a TLS connection buffers: enough for hyper to
-/// tell HTTP/1 from h2 (24 bytes); reads after it go past the buffer, as
-/// hyper's own buffer is larger.
-const FIRST_READ: usize = 64;
 
 async fn tls_handshake(
     acceptor: TlsAcceptor,

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod listener;
+mod preface;
 pub mod tls;
 
 use std::io;
