@@ -30,7 +30,20 @@ fn as_written(message: String, expanded: &str, written: &str) -> String {
     if expanded == written {
         return message;
     }
-    message.replace(&format!("`{expanded}`"), &format!("`{written}`"))
+    // Parsers quote the value as given or trimmed.
+    let written = format!("`{written}`");
+    message
+        .replace(&format!("`{expanded}`"), &written)
+        .replace(&format!("`{}`", expanded.trim()), &written)
+}
+
+/// `message` with its first `quoted` part replaced by `written`.
+fn quote_instead(message: &str, written: &str) -> String {
+    let mut parts = message.splitn(3, '`');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(before), Some(_), Some(after)) => format!("{before}`{written}`{after}"),
+        _ => message.to_owned(),
+    }
 }
 
 /// The most connections a listener may hold: far above what one process
@@ -393,10 +406,10 @@ impl Compiler<'_> {
                             // may carry a credential (`?key=…`, `user:pass@`):
                             // quote it as written, never as expanded.
                             let written = &url.value.0;
-                            let e = if url_text.is_empty() || url_text == *written {
+                            let e = if url_text == *written {
                                 e
                             } else {
-                                e.replace(&url_text, written)
+                                quote_instead(&e, written)
                             };
                             self.error(&url.referenced, e);
                             continue;

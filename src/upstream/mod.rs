@@ -78,14 +78,27 @@ pub enum BuildError {
 
 impl HttpUpstream {
     pub fn new(url: &str, ca_pem: Option<&[u8]>, connect: Duration) -> Result<Self, BuildError> {
-        let bad = || BuildError::Url(format!("`{url}` is not an http:// or https:// URL"));
+        let bad = || {
+            BuildError::Url(format!(
+                "`{}` is not an http:// or https:// URL",
+                without_secrets(url)
+            ))
+        };
+        if url.contains('#') {
+            return Err(BuildError::Url(format!(
+                "upstream url `{}` must not have a fragment (#)",
+                without_secrets(url)
+            )));
+        }
         let uri: Uri = url.parse().map_err(|_| bad())?;
         let scheme = uri.scheme().cloned().ok_or_else(bad)?;
         if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
             return Err(bad());
         }
         let authority = uri.authority().cloned().ok_or_else(bad)?;
-        if authority.as_str().contains('@') {
+        // On the text, not the parsed authority: a password holding `#`
+        // or `/` would end the authority early and slip past.
+        if url.contains('@') {
             // Never quoted: the URL holds a secret. It would also reach the
             // upstream verbatim (h2's `:authority`), not as Basic auth.
             return Err(BuildError::Url(
@@ -94,7 +107,8 @@ impl HttpUpstream {
         }
         if uri.query().is_some() {
             return Err(BuildError::Url(format!(
-                "upstream url `{url}` must not have a query string"
+                "upstream url `{}` must not have a query string",
+                without_secrets(url)
             )));
         }
         let base_path = uri.path().trim_end_matches('/').to_owned();
@@ -138,6 +152,52 @@ impl HttpUpstream {
             joined.push_str(&self.base_path);
             joined.push_str(pq);
             builder.path_and_query(joined).build()
+        }
+    }
+}
+
+/// `url` as an error may quote it: no userinfo (everything up to the last
+/// `@`, as a password may hold `/`, `?` or `#`), no query, no fragment.
+fn without_secrets(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let (userinfo, rest) = match rest.rfind('@') {
+        Some(at) => ("…@", &rest[at + 1..]),
+        None => ("", rest),
+    };
+    let (rest, cut) = match rest.find(['?', '#']) {
+        Some(at) => (&rest[..at], "?…"),
+        None => (rest, ""),
+    };
+    let scheme = if scheme.is_empty() {
+        String::new()
+    } else {
+        format!("{scheme}://")
+    };
+    format!("{scheme}{userinfo}{rest}{cut}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_quote_urls_without_secrets() {
+        for (url, shown) in [
+            (
+                "https://u:pa#ss@llm.example.com/v1",
+                "https://…@llm.example.com/v1",
+            ),
+            (
+                "https://u:p/a?s@llm.example.com",
+                "https://…@llm.example.com",
+            ),
+            (
+                "https://llm.example.com/v1?key=k3y",
+                "https://llm.example.com/v1?…",
+            ),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(without_secrets(url), shown, "{url}");
         }
     }
 }

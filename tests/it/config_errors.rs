@@ -693,10 +693,13 @@ fn errors_quote_variables_as_written() {
         format!("listen: \"${{TOKEN}}\"\n{BASE}"),
         format!("{BASE}    validate: \"${{TOKEN}}\"\n"),
     ] {
-        let errs = errors_with_env(&yaml, &[("TOKEN", secret)]);
-        assert_eq!(errs.len(), 1, "{errs:?}");
-        assert!(!errs[0].contains(secret), "{}", errs[0]);
-        assert!(errs[0].contains("`${TOKEN}`"), "{}", errs[0]);
+        // Also with the blanks a value read from a file may end with.
+        for value in [secret.to_owned(), format!(" {secret}\n")] {
+            let errs = errors_with_env(&yaml, &[("TOKEN", &value)]);
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert!(!errs[0].contains(secret), "{}", errs[0]);
+            assert!(errs[0].contains("`${TOKEN}`"), "{}", errs[0]);
+        }
     }
 }
 
@@ -747,4 +750,24 @@ routes:
     let err = config::load_str(&yaml, "test.yaml", dir.path(), &|_| None)
         .expect_err("a 16 MiB + 1 schema is refused");
     assert!(err.to_string().contains("larger than 16 MiB"), "{err}");
+}
+
+/// A URL written with its secret in it is never quoted with the secret:
+/// not when it cannot be parsed, not when it has a query.
+#[test]
+fn a_literal_secret_in_an_upstream_url_is_never_quoted() {
+    for url in [
+        "https://bob:pa#ss@llm.example.com",
+        "https://llm.example.com/v1?key=AIzaSecret123",
+    ] {
+        let yaml = format!(
+            "upstreams:\n  app: {{ url: \"{url}\" }}\nroutes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: app\n"
+        );
+        let errs = errors(&yaml);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            !errs[0].contains("pa#ss") && !errs[0].contains("AIzaSecret123"),
+            "{errs:?}"
+        );
+    }
 }
