@@ -68,6 +68,24 @@ impl<'a> MakeWriter<'a> for CaptureWriter {
 /// detail, and no directive may open a way for a credential into a log.
 const LIBRARY_CAPS: &str = "h2=warn,hyper=warn,hyper_util=warn,rustls=warn,tokio_rustls=warn";
 
+/// `directives` without those naming a capped library or one of its
+/// modules: a more specific directive (`hyper::proto=trace`) would win
+/// over the cap on the crate.
+fn without_library_directives(directives: &str) -> String {
+    directives
+        .split(',')
+        .filter(|d| {
+            let target = d.trim().split(['=', '[']).next().unwrap_or_default();
+            let krate = target.split("::").next().unwrap_or_default();
+            !LIBRARIES.contains(&krate)
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The crates [`LIBRARY_CAPS`] caps.
+const LIBRARIES: [&str; 5] = ["h2", "hyper", "hyper_util", "rustls", "tokio_rustls"];
+
 /// Builds the dispatcher for `logging`. `SLUICE_LOG` (an `EnvFilter`
 /// directive) overrides the configured level when set.
 ///
@@ -80,6 +98,7 @@ pub fn dispatch(logging: &Logging, sink: LogSink) -> (tracing::Dispatch, LogGuar
     let directives = std::env::var("SLUICE_LOG")
         .ok()
         .filter(|d| !d.trim().is_empty() && EnvFilter::try_new(d).is_ok())
+        .map(|d| without_library_directives(&d))
         .unwrap_or_else(|| format!("{},{ACCESS_TARGET}=info", logging.level));
     let filter = EnvFilter::new(format!("{directives},{LIBRARY_CAPS}"));
     let builder = tracing_subscriber::fmt()
@@ -266,7 +285,11 @@ mod tests {
     /// `SLUICE_LOG` cannot lift the caps on the protocol libraries.
     #[test]
     fn library_caps_hold_over_any_directive() {
-        let filter = EnvFilter::new(format!("trace,hyper=trace,h2=debug,{LIBRARY_CAPS}"));
+        let asked = "trace,hyper=trace,hyper::proto=trace,h2::codec=debug,rustls::conn[x]=trace";
+        let filter = EnvFilter::new(format!(
+            "{},{LIBRARY_CAPS}",
+            without_library_directives(asked)
+        ));
         let buf = Arc::new(Mutex::new(Vec::new()));
         let subscriber = tracing_subscriber::fmt()
             .with_env_filter(filter)
@@ -275,6 +298,7 @@ mod tests {
         tracing::subscriber::with_default(subscriber, || {
             tracing::debug!(target: "hyper::proto::h1", "hyper detail");
             tracing::trace!(target: "h2::codec", "h2 detail");
+            tracing::trace!(target: "rustls::conn", "rustls detail");
             tracing::warn!(target: "hyper::client", "hyper warning");
             tracing::trace!(target: "sluice::proxy", "sluice detail");
         });
