@@ -84,10 +84,16 @@ pub fn load_str(
             },
             Err(e) => {
                 let error = parse_error(file, &e);
+                let unknown_key = error.message.starts_with("unknown field");
+                if !unknown_key && !errors.is_empty() {
+                    // Possibly made by the blanking (a required key that
+                    // was misspelt is now missing): the user has errors
+                    // to fix already.
+                    break;
+                }
                 // Past an unknown key the rest of the file can still be
                 // read; past any other parse error it cannot.
-                let next = (error.message.starts_with("unknown field")
-                    && errors.len() < MAX_PARSE_ERRORS)
+                let next = (unknown_key && errors.len() < MAX_PARSE_ERRORS)
                     .then(|| recover::without_key(&text, error.line, error.col))
                     .flatten();
                 errors.push(error);

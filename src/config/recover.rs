@@ -22,31 +22,63 @@ pub fn without_key(text: &str, line: u64, col: u64) -> Option<String> {
     if !indent.bytes().all(|b| b == b' ') || !is_block_key(rest) {
         return None;
     }
-    let mut out = String::with_capacity(text.len());
-    for l in &lines[..line] {
-        out.push_str(l);
-    }
-    out.push_str(line_end(key_line));
     let mut next = line + 1;
     // The value: every following line indented deeper than the key, blank
-    // lines and comments among them, and a sequence written at the key's
-    // own indentation (`key:\n- a`).
+    // lines and comments among them, and a sequence or the closer of a
+    // flow collection written at the key's own indentation.
     while let Some(l) = lines.get(next) {
         let body = l.trim_end_matches(['\n', '\r']);
         let depth = body.len() - body.trim_start_matches(' ').len();
         let blank = body.trim().is_empty() || body.trim_start().starts_with('#');
         let deeper = depth > col;
-        let own_sequence = depth == col && body[depth..].starts_with('-');
-        if !(blank || deeper || own_sequence) {
+        let own_level = depth == col && body[depth..].starts_with(['-', ']', '}']);
+        if !(blank || deeper || own_level) {
             break;
         }
-        out.push_str(line_end(l));
         next += 1;
+    }
+    // The only key of its mapping leaves an empty mapping, not a null
+    // that would read as an error the user did not make.
+    let only_key = content_column(lines[..line].iter().rev()).is_none_or(|c| c < col)
+        && content_column(lines[next..].iter()).is_none_or(|c| c < col);
+    let mut out = String::with_capacity(text.len());
+    for l in &lines[..line] {
+        out.push_str(l);
+    }
+    if only_key {
+        out.push_str(indent);
+        out.push_str("{}");
+    }
+    out.push_str(line_end(key_line));
+    for l in &lines[line + 1..next] {
+        out.push_str(line_end(l));
     }
     for l in &lines[next..] {
         out.push_str(l);
     }
     Some(out)
+}
+
+/// The column where the first line of `lines` with content starts its
+/// key: past the indentation and any `- ` of sequence items.
+fn content_column<'a>(mut lines: impl Iterator<Item = &'a &'a str>) -> Option<usize> {
+    let line = lines.find(|l| {
+        let t = l.trim();
+        !t.is_empty() && !t.starts_with('#')
+    })?;
+    let mut col = 0;
+    let mut rest = *line;
+    loop {
+        let trimmed = rest.trim_start_matches(' ');
+        col += rest.len() - trimmed.len();
+        match trimmed.strip_prefix("- ") {
+            Some(after) => {
+                col += 2;
+                rest = after;
+            }
+            None => return Some(col),
+        }
+    }
 }
 
 /// `lines` with the flow mapping entry at `line`:`col` (`typo: 2` in
@@ -134,6 +166,24 @@ mod tests {
         assert_eq!(out.lines().count(), text.lines().count());
         let out = without_key(text, 2, 3).unwrap();
         assert!(out.starts_with("limits:\n\n  bogus:\n"), "{out}");
+    }
+
+    #[test]
+    fn the_only_key_of_a_mapping_leaves_it_empty() {
+        let text = "upstreams:\n  m:\n    mock:\n      latncy: 5ms\nroutes: []\n";
+        assert_eq!(
+            without_key(text, 4, 7).unwrap(),
+            "upstreams:\n  m:\n    mock:\n      {}\nroutes: []\n"
+        );
+        // In a sequence item, a sibling after `- ` is a sibling.
+        let text = "routes:\n  - name: r\n    typo: 1\n";
+        assert_eq!(without_key(text, 3, 5).unwrap(), "routes:\n  - name: r\n\n");
+        // A flow value closed at the key's own indentation goes with it.
+        let text = "limits:\n  typo: [\n    1\n  ]\n  max_connections: 5\n";
+        assert_eq!(
+            without_key(text, 2, 3).unwrap(),
+            "limits:\n\n\n\n  max_connections: 5\n"
+        );
     }
 
     #[test]

@@ -771,3 +771,30 @@ fn a_literal_secret_in_an_upstream_url_is_never_quoted() {
         );
     }
 }
+
+/// Reading past an unknown key never reports an error the user did not
+/// make: a misspelt only key leaves its mapping empty (a mock with
+/// defaults), and a misspelt required key is not then called missing.
+#[test]
+fn reading_past_unknown_keys_invents_no_errors() {
+    let yaml = "\
+upstreams:
+  app:
+    mock:
+      latncy: 5ms
+routes:
+  - nme: chat
+    match: { path_prefix: / }
+    upstream: app
+";
+    let errs = errors(yaml);
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert!(
+        errs[0].starts_with("test.yaml:4:7: unknown field `latncy`"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[1].starts_with("test.yaml:6:5: unknown field `nme`"),
+        "{errs:?}"
+    );
+}
