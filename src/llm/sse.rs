@@ -6,7 +6,7 @@
 
 use std::borrow::Cow;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
@@ -29,12 +29,12 @@ impl EventSplitter {
 
     /// The next complete event, without its terminating blank line.
     pub fn next_event(&mut self) -> Option<Bytes> {
-        self.next_event_sized().map(|(event, _)| event)
+        self.next_event_raw().map(|(event, _)| event)
     }
 
-    /// The next complete event, and how many bytes it took with its
-    /// blank line.
-    pub fn next_event_sized(&mut self) -> Option<(Bytes, usize)> {
+    /// The next complete event, and its bytes as they came, blank line
+    /// included.
+    pub fn next_event_raw(&mut self) -> Option<(Bytes, Bytes)> {
         // A separator is at most 4 bytes: one not found yet starts in the
         // last 3 bytes scanned or after them.
         let from = self.scanned.saturating_sub(3);
@@ -44,9 +44,8 @@ impl EventSplitter {
         };
         let end = from + end;
         self.scanned = 0;
-        let event = self.buf.split_to(end).freeze();
-        self.buf.advance(sep);
-        Some((event, end + sep))
+        let raw = self.buf.split_to(end + sep).freeze();
+        Some((raw.slice(..end), raw))
     }
 
     /// Bytes waiting for the end of their event.
@@ -182,13 +181,13 @@ mod tests {
         let stream = b"data: a\r\n\r\n: c\n\ndata: b\n\r\nid: 1\ndata: x\r\n\r\ntail";
         let mut whole = EventSplitter::default();
         whole.push(stream);
-        let expected: Vec<_> = std::iter::from_fn(|| whole.next_event_sized()).collect();
+        let expected: Vec<_> = std::iter::from_fn(|| whole.next_event_raw()).collect();
         assert_eq!(expected.len(), 4);
         let mut bytewise = EventSplitter::default();
         let mut got = Vec::new();
         for &b in stream {
             bytewise.push(&[b]);
-            got.extend(std::iter::from_fn(|| bytewise.next_event_sized()));
+            got.extend(std::iter::from_fn(|| bytewise.next_event_raw()));
         }
         assert_eq!(got, expected);
         assert_eq!(&bytewise.take_pending()[..], b"tail");

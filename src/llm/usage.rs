@@ -181,22 +181,21 @@ impl SseMeter {
         }
         // Only complete events go on. A frame of whole events none of
         // which is stripped goes on as it came (the usual case).
-        // Otherwise the events kept are sent, each ended by a blank line.
+        // Otherwise the events kept are sent as they came, each with its
+        // own blank line, so that the bytes add up to what the upstream
+        // sent (less any stripped event).
         let mut rebuilt = (carried > 0).then(BytesMut::new);
         let mut consumed = 0;
-        while let Some((event, size)) = self.splitter.next_event_sized() {
+        while let Some((event, raw)) = self.splitter.next_event_raw() {
             let strip = self.absorb_event(&event);
             match rebuilt.as_mut() {
                 // The first stripped event of a frame that began on an
                 // event boundary: what came before it goes as it came.
                 None if strip => rebuilt = Some(BytesMut::from(&data[..consumed])),
-                Some(out) if !strip => {
-                    out.extend_from_slice(&event);
-                    out.extend_from_slice(b"\n\n");
-                }
+                Some(out) if !strip => out.extend_from_slice(&raw),
                 _ => {}
             }
-            consumed += size;
+            consumed += raw.len();
         }
         match rebuilt {
             Some(out) => Some(out.freeze()),
@@ -367,6 +366,28 @@ mod tests {
         // An unterminated last event goes as it came, at the end.
         assert_eq!(m.take_held().as_deref(), Some(&b": tail"[..]));
         assert_eq!(m.finish().output_tokens, Some(5));
+    }
+
+    /// Whole events only, nothing stripped: however the frames cut the
+    /// stream, the client gets every byte the upstream sent, CRLF
+    /// separators included, so a content-length stays true.
+    #[test]
+    fn whole_events_keep_every_byte() {
+        let stream = [CHUNK, USAGE, CHUNK, b"data: [DONE]\r\n\r\n", b": tail"].concat();
+        for cut in 1..stream.len() {
+            let mut m = Meter::for_content_type(b"text/event-stream").unwrap();
+            m.whole_events();
+            let mut sent = Vec::new();
+            for part in stream.chunks(cut) {
+                let part = Bytes::copy_from_slice(part);
+                match m.observe(&part) {
+                    Some(out) => sent.extend_from_slice(&out),
+                    None => sent.extend_from_slice(&part),
+                }
+            }
+            sent.extend_from_slice(&m.take_held().unwrap_or_default());
+            assert_eq!(sent, stream, "frames of {cut} bytes");
+        }
     }
 
     #[test]
