@@ -189,10 +189,14 @@ pub async fn read_body(
 ) -> Result<Bytes, ProxyError> {
     let cap = usize::try_from(limit).unwrap_or(usize::MAX);
     let mut joined = Joined::default();
-    let deadline = tokio::time::Instant::from_std(deadline);
+    // One timer for the whole body, not one per frame.
+    let expiry = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
+    tokio::pin!(expiry);
     loop {
-        let Ok(next) = tokio::time::timeout_at(deadline, body.frame()).await else {
-            return Err(ProxyError::RequestTimeout);
+        let next = tokio::select! {
+            biased;
+            next = body.frame() => next,
+            () = &mut expiry => return Err(ProxyError::RequestTimeout),
         };
         let Some(frame) = next else { break };
         let Ok(frame) = frame else {

@@ -58,12 +58,18 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
         &conn,
     ));
 
+    let h2 = req.version() == http::Version::HTTP_2;
     let result = process(&gw, &active, &mut ctx, req).await;
     let mut resp = match result {
         Ok(resp) => resp,
         Err(e) => {
             ctx.error = Some(e.code());
-            e.into_response()
+            let mut resp = e.into_response();
+            if h2 {
+                // HTTP/1 only: h2 has no `connection` (hyper would warn).
+                resp.headers_mut().remove(http::header::CONNECTION);
+            }
+            resp
         }
     };
     ctx.status = resp.status().as_u16();

@@ -49,7 +49,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// The error says how, and whether the key file is the one at fault.
 pub fn check_pair(files: &TlsFiles) -> Result<(), (String, bool)> {
     read_pair(files).map(drop).map_err(|e| {
-        let key_at_fault = e.starts_with("key_file");
+        let key_at_fault = e.contains("key_file");
         (e, key_at_fault)
     })
 }

@@ -123,16 +123,25 @@ impl MemoryLimiter {
         let Ok(mut shard) = self.buckets[self.shard(key)].lock() else {
             return;
         };
-        // A bucket swept as full since it was taken from still owes what
-        // the usage went beyond its reservation.
-        let tat = shard.tats.entry(key.clone()).or_insert(now_ns);
-        let base = (*tat).max(now_ns);
         let change = interval.saturating_mul(delta.unsigned_abs());
-        *tat = if delta >= 0 {
-            base.saturating_add(change)
-        } else {
-            base.saturating_sub(change).max(now_ns)
-        };
+        match shard.tats.get_mut(key) {
+            Some(tat) => {
+                let base = (*tat).max(now_ns);
+                *tat = if delta >= 0 {
+                    base.saturating_add(change)
+                } else {
+                    base.saturating_sub(change).max(now_ns)
+                };
+            }
+            // Swept as full since it was taken from: it still owes what
+            // the usage went beyond its reservation.
+            None if delta > 0 => {
+                shard
+                    .tats
+                    .insert(key.clone(), now_ns.saturating_add(change));
+            }
+            None => {}
+        }
     }
 
     /// One of `max` concurrent slots, held until the returned guard drops.

@@ -96,6 +96,11 @@ fn unusable_certificate_files_are_config_errors() {
         errors[0].starts_with("test.yaml:3:19: certificate and key do not form a usable pair"),
         "{errors:?}"
     );
+    let errors = load("tls: { cert_file: tls.crt, key_file: missing.key }");
+    assert!(
+        errors[0].starts_with("test.yaml:3:38: cannot read key_file "),
+        "{errors:?}"
+    );
     let errors = load("tls: { cert_file: tls.crt, key_file: empty.key }");
     assert!(
         errors[0].starts_with("test.yaml:3:38: key_file ")
