@@ -14,8 +14,9 @@ use prometheus::IntGauge;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admit {
     Yes,
-    /// The circuit is half-open: this attempt is its one probe.
-    Probe,
+    /// The circuit is half-open: this attempt is its one probe (by its
+    /// number, so that only this probe can give its slot back).
+    Probe(u64),
     /// Skip it until then.
     No(Instant),
 }
@@ -25,6 +26,8 @@ struct State {
     consecutive_failures: u32,
     open_until: Option<Instant>,
     probing: bool,
+    /// The number of the last probe let through.
+    probe: u64,
     cooled_until: Option<Instant>,
 }
 
@@ -61,7 +64,8 @@ impl Breaker {
             Some(_) if s.probing => Admit::No(now + Duration::from_secs(1)),
             Some(_) => {
                 s.probing = true;
-                Admit::Probe
+                s.probe = s.probe.wrapping_add(1);
+                Admit::Probe(s.probe)
             }
         }
     }
@@ -87,9 +91,12 @@ impl Breaker {
         }
     }
 
-    /// A probe that ended without a verdict (client gone) frees the slot.
-    pub fn probe_abandoned(&self) {
-        if let Ok(mut s) = self.state.lock() {
+    /// Probe `probe` ended without a verdict (client gone): its slot is
+    /// free, unless a verdict already freed it and another probe took it.
+    pub fn probe_abandoned(&self, probe: u64) {
+        if let Ok(mut s) = self.state.lock()
+            && s.probe == probe
+        {
             s.probing = false;
         }
     }
@@ -108,11 +115,14 @@ impl Breaker {
 /// upstream only asked for a pause (429 with `retry-after`). Otherwise
 /// the slot would stay taken and the upstream be skipped for good.
 /// `settled` marks a verdict (`success` or `failure`) given.
-pub struct ProbeSlot<'a>(Option<&'a Breaker>);
+pub struct ProbeSlot<'a>(Option<(&'a Breaker, u64)>);
 
 impl<'a> ProbeSlot<'a> {
     pub fn new(breaker: &'a Breaker, admit: Admit) -> Self {
-        ProbeSlot((admit == Admit::Probe).then_some(breaker))
+        match admit {
+            Admit::Probe(probe) => ProbeSlot(Some((breaker, probe))),
+            _ => ProbeSlot(None),
+        }
     }
 
     pub fn settled(&mut self) {
@@ -122,8 +132,8 @@ impl<'a> ProbeSlot<'a> {
 
 impl Drop for ProbeSlot<'_> {
     fn drop(&mut self) {
-        if let Some(breaker) = self.0 {
-            breaker.probe_abandoned();
+        if let Some((breaker, probe)) = self.0 {
+            breaker.probe_abandoned(probe);
         }
     }
 }
@@ -149,13 +159,13 @@ mod tests {
         assert_eq!(b.admit(t0), Admit::No(t0 + cooldown));
         assert_eq!(b.up.get(), 0);
         let later = t0 + cooldown;
-        assert_eq!(b.admit(later), Admit::Probe);
+        assert!(matches!(b.admit(later), Admit::Probe(_)));
         assert!(matches!(b.admit(later), Admit::No(_)), "only one probe");
         // A failed probe re-opens at once.
         b.failure(later, 3, cooldown);
         assert_eq!(b.admit(later), Admit::No(later + cooldown));
         let again = later + cooldown;
-        assert_eq!(b.admit(again), Admit::Probe);
+        assert!(matches!(b.admit(again), Admit::Probe(_)));
         b.success();
         assert_eq!(b.admit(again), Admit::Yes);
         assert_eq!(b.up.get(), 1);
@@ -178,11 +188,21 @@ mod tests {
         b.failure(t0, 1, cooldown);
         let later = t0 + cooldown;
         // Dropped unsettled (client gone, or a 429 pause): another probe.
-        let admit = b.admit(later);
-        drop(ProbeSlot::new(&b, admit));
-        assert_eq!(b.admit(later), Admit::Probe);
+        let first = b.admit(later);
+        assert!(matches!(first, Admit::Probe(_)));
+        drop(ProbeSlot::new(&b, first));
+        let second = b.admit(later);
+        assert!(matches!(second, Admit::Probe(_)));
+        let mut slot = ProbeSlot::new(&b, second);
+        // A stale guard of the first probe cannot free the second's slot.
+        if let Admit::Probe(n) = first {
+            b.probe_abandoned(n);
+        }
+        assert!(
+            matches!(b.admit(later), Admit::No(_)),
+            "one probe at a time"
+        );
         // Settled by a failure: open again, no probe until the cooldown ends.
-        let mut slot = ProbeSlot::new(&b, Admit::Probe);
         b.failure(later, 1, cooldown);
         slot.settled();
         drop(slot);
