@@ -409,7 +409,7 @@ impl Compiler<'_> {
                             let e = if url_text == *written {
                                 e
                             } else {
-                                quote_instead(&e, written)
+                                quote_instead(&e, &upstream::without_secrets(written))
                             };
                             self.error(&url.referenced, e);
                             continue;

@@ -96,9 +96,10 @@ impl HttpUpstream {
             return Err(bad());
         }
         let authority = uri.authority().cloned().ok_or_else(bad)?;
-        // On the text, not the parsed authority: a password holding `#`
-        // or `/` would end the authority early and slip past.
-        if url.contains('@') {
+        // A password holding `#` was refused above; one holding `/` or
+        // `?` ends the authority early and fails to parse. An `@` in the
+        // path (`…/claude-sonnet-4@20250514`) is no credential.
+        if authority.as_str().contains('@') {
             // Never quoted: the URL holds a secret. It would also reach the
             // upstream verbatim (h2's `:authority`), not as Basic auth.
             return Err(BuildError::Url(
@@ -156,24 +157,24 @@ impl HttpUpstream {
     }
 }
 
-/// `url` as an error may quote it: no userinfo (everything up to the last
-/// `@`, as a password may hold `/`, `?` or `#`), no query, no fragment.
-fn without_secrets(url: &str) -> String {
+/// `url` as an error may quote it: never its userinfo, query or fragment.
+/// When it has both an `@` and a `?` or `#`, which ends which is not
+/// known (a password may hold `?`, a query `@`): only its scheme shows.
+pub(crate) fn without_secrets(url: &str) -> String {
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let (userinfo, rest) = match rest.rfind('@') {
-        Some(at) => ("…@", &rest[at + 1..]),
-        None => ("", rest),
-    };
-    let (rest, cut) = match rest.find(['?', '#']) {
-        Some(at) => (&rest[..at], "?…"),
-        None => (rest, ""),
-    };
     let scheme = if scheme.is_empty() {
         String::new()
     } else {
         format!("{scheme}://")
     };
-    format!("{scheme}{userinfo}{rest}{cut}")
+    let at = rest.rfind('@');
+    let cut = rest.find(['?', '#']);
+    match (at, cut) {
+        (Some(_), Some(_)) => format!("{scheme}…"),
+        (Some(at), None) => format!("{scheme}…@{}", &rest[at + 1..]),
+        (None, Some(cut)) => format!("{scheme}{}?…", &rest[..cut]),
+        (None, None) => format!("{scheme}{rest}"),
+    }
 }
 
 #[cfg(test)]
@@ -183,13 +184,12 @@ mod tests {
     #[test]
     fn errors_quote_urls_without_secrets() {
         for (url, shown) in [
+            ("https://u:pa#ss@llm.example.com/v1", "https://…"),
+            ("https://u:p/a?s@llm.example.com", "https://…"),
+            ("https://h/v1?u=a@b&key=SECRET#x", "https://…"),
             (
-                "https://u:pa#ss@llm.example.com/v1",
+                "https://u:p@llm.example.com/v1",
                 "https://…@llm.example.com/v1",
-            ),
-            (
-                "https://u:p/a?s@llm.example.com",
-                "https://…@llm.example.com",
             ),
             (
                 "https://llm.example.com/v1?key=k3y",

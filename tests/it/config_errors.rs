@@ -566,7 +566,7 @@ routes:
 
 #[test]
 fn secret_in_an_invalid_upstream_url_is_never_quoted() {
-    // A key in the query string: the URL is refused, quoted as written.
+    // A key in the query string: the URL is refused, quoted without it.
     let yaml = "\
 upstreams:
   gemini:
@@ -580,7 +580,7 @@ routes:
     assert_eq!(
         lines,
         [
-            "test.yaml:3:10: upstream url `https://llm.example.com/v1?key=${GEMINI_KEY}` \
+            "test.yaml:3:10: upstream url `https://llm.example.com/v1?…` \
              must not have a query string"
         ]
     );
@@ -722,6 +722,12 @@ routes:
         "{errs:?}"
     );
     assert!(!errs[0].contains("s3cret"), "{errs:?}");
+    // An `@` in the path is no credential (Vertex model ids have one).
+    let vertex = yaml.replace(
+        "https://user:s3cret-pass@llm.example.com",
+        "https://llm.example.com/v1/models/claude-sonnet-4@20250514",
+    );
+    load(&vertex, &[]).unwrap_or_else(|e| panic!("{e:?}"));
 }
 
 /// Files a config names are read only when they are regular files of at
@@ -753,12 +759,14 @@ routes:
 }
 
 /// A URL written with its secret in it is never quoted with the secret:
-/// not when it cannot be parsed, not when it has a query.
+/// not when it cannot be parsed, not when it has a query, not when a
+/// variable elsewhere in it made it differ from what was written.
 #[test]
 fn a_literal_secret_in_an_upstream_url_is_never_quoted() {
     for url in [
         "https://bob:pa#ss@llm.example.com",
         "https://llm.example.com/v1?key=AIzaSecret123",
+        "https://${HOST:-llm.example.com}/v1?key=AIzaSecret123",
     ] {
         let yaml = format!(
             "upstreams:\n  app: {{ url: \"{url}\" }}\nroutes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: app\n"
