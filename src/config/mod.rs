@@ -23,11 +23,12 @@ pub const FILE_CAP: u64 = 16 << 20;
 /// error, not a process out of memory.
 pub fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    let file = std::fs::File::open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() {
+    // Before opening: opening a FIFO blocks until a writer comes.
+    if !std::fs::metadata(path)?.is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
     if meta.len() > FILE_CAP {
         return Err(std::io::Error::other("larger than 16 MiB"));
     }
@@ -85,10 +86,9 @@ pub fn load_str(
             Err(e) => {
                 let error = parse_error(file, &e);
                 let unknown_key = error.message.starts_with("unknown field");
-                if !unknown_key && !errors.is_empty() {
-                    // Possibly made by the blanking (a required key that
-                    // was misspelt is now missing): the user has errors
-                    // to fix already.
+                if error.message.starts_with("missing field") && !errors.is_empty() {
+                    // Made by the blanking: a required key that was
+                    // misspelt is now missing, and it was reported.
                     break;
                 }
                 // Past an unknown key the rest of the file can still be

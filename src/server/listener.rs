@@ -38,7 +38,14 @@ pub async fn serve(
         // less than a vectored write of separate pieces (~3% of CPU per
         // request in bench/run.sh).
         .writev(false);
-    builder.http2().timer(TokioTimer::new());
+    // An h2 client that sent its preface and then nothing, or vanished,
+    // must not hold a slot for ever either: a ping unanswered within
+    // header_read_timeout closes the connection (live clients answer).
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.header_read_timeout)
+        .keep_alive_timeout(limits.header_read_timeout);
     let builder = Arc::new(builder);
 
     loop {

@@ -3,7 +3,8 @@
 //! bytes decide, with no timer, and hyper's `header_read_timeout` only
 //! starts after that: a client that sends nothing, or `P` and nothing
 //! more, would hold a connection slot for ever. Here the same reading is
-//! bounded by `header_read_timeout`.
+//! bounded by `header_read_timeout`. (Past the h2 preface, the listener's
+//! h2 keep-alive pings take over.)
 
 use std::io;
 use std::pin::Pin;

@@ -48,13 +48,16 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// Whether `files` hold a certificate and the key that belongs to it.
 /// The error says how, and whether the key file is the one at fault.
 pub fn check_pair(files: &TlsFiles) -> Result<(), (String, bool)> {
-    read_pair(files).map(drop).map_err(|e| {
-        let key_at_fault = e.contains("key_file");
-        (e, key_at_fault)
-    })
+    let certs = read_certs(files).map_err(|e| (e, false))?;
+    let key = read_key(files).map_err(|e| (e, true))?;
+    pair(certs, key).map(drop).map_err(|e| (e, false))
 }
 
 fn read_pair(files: &TlsFiles) -> Result<CertifiedKey, String> {
+    pair(read_certs(files)?, read_key(files)?)
+}
+
+fn read_certs(files: &TlsFiles) -> Result<Vec<CertificateDer<'static>>, String> {
     let cert_pem = crate::config::read_file(&files.cert_file)
         .map_err(|e| format!("cannot read cert_file {}: {e}", files.cert_file.display()))?;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
@@ -72,15 +75,25 @@ fn read_pair(files: &TlsFiles) -> Result<CertifiedKey, String> {
             files.cert_file.display()
         ));
     }
+    Ok(certs)
+}
+
+fn read_key(files: &TlsFiles) -> Result<PrivateKeyDer<'static>, String> {
     let key_pem = crate::config::read_file(&files.key_file)
         .map_err(|e| format!("cannot read key_file {}: {e}", files.key_file.display()))?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
+    PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
         rustls_pki_types::pem::Error::NoItemsFound => format!(
             "key_file {} holds no PEM private key",
             files.key_file.display()
         ),
         e => format!("key_file {}: {e}", files.key_file.display()),
-    })?;
+    })
+}
+
+fn pair(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<CertifiedKey, String> {
     // Checks that the key belongs to the certificate: a rotation caught
     // between writing the two files is refused, not served.
     CertifiedKey::from_der(certs, key, &provider())

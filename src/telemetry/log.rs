@@ -75,9 +75,13 @@ fn without_library_directives(directives: &str) -> String {
     directives
         .split(',')
         .filter(|d| {
-            let target = d.trim().split(['=', '[']).next().unwrap_or_default();
+            let d = d.trim();
+            let target = d.split(['=', '[']).next().unwrap_or_default();
             let krate = target.split("::").next().unwrap_or_default();
-            !LIBRARIES.contains(&krate)
+            // A span filter with no target (`[Connection]=trace`) reaches
+            // into the libraries' spans: it goes too.
+            let any_target_span = target.is_empty() && d.starts_with('[');
+            !LIBRARIES.contains(&krate) && !any_target_span
         })
         .collect::<Vec<_>>()
         .join(",")
@@ -285,7 +289,7 @@ mod tests {
     /// `SLUICE_LOG` cannot lift the caps on the protocol libraries.
     #[test]
     fn library_caps_hold_over_any_directive() {
-        let asked = "trace,hyper=trace,hyper::proto=trace,h2::codec=debug,rustls::conn[x]=trace";
+        let asked = "trace,hyper=trace,hyper::proto=trace,h2::codec=debug,rustls::conn[x]=trace,[Connection]=trace";
         let filter = EnvFilter::new(format!(
             "{},{LIBRARY_CAPS}",
             without_library_directives(asked)

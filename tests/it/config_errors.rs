@@ -806,3 +806,20 @@ routes:
         "{errs:?}"
     );
 }
+
+/// Reading past an unknown key goes on to report a later error of
+/// another kind: a value of the wrong shape, a bad number.
+#[test]
+fn an_unknown_key_does_not_hide_a_later_error() {
+    let yaml = "limits:\n  request_timout: 30s\nupstreams: [app]\nroutes: []\n";
+    let errs = errors(yaml);
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert!(errs[1].starts_with("test.yaml:3:"), "{errs:?}");
+    let yaml = format!("limits:\n  request_timout: 30s\n  max_connections: abc\n{BASE}");
+    let errs = errors(&yaml);
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert!(
+        errs[1].starts_with("test.yaml:3:20: `abc` is not"),
+        "{errs:?}"
+    );
+}

@@ -189,3 +189,33 @@ async fn silent_connection_is_cut_off() {
         "{elapsed:?}"
     );
 }
+
+/// An h2 client that sends its preface and then nothing (no settings, no
+/// ping answers) is closed too: the listener's h2 keep-alive pings go
+/// unanswered within `header_read_timeout`.
+#[tokio::test]
+async fn silent_h2_client_is_closed() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&config(&up.url(), "{ header_read_timeout: 300ms }")).await;
+    let addr = gw.addr;
+    let elapsed = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 1024];
+        // The server's settings and pings arrive; then it closes.
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("the silent h2 client was kept: {e}"),
+            }
+        }
+        started.elapsed()
+    })
+    .await
+    .unwrap();
+    assert!(elapsed < Duration::from_secs(4), "{elapsed:?}");
+}
