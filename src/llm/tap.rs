@@ -321,14 +321,15 @@ impl Body for Tap {
     }
 
     fn is_end_stream(&self) -> bool {
-        // An event held back while stripping still has to go out.
+        // An event held back (whole events only) still has to go out.
         self.ended || (self.inner.is_end_stream() && !self.meter.as_ref().is_some_and(Meter::holds))
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.meter {
-            // Not the upstream's length once a chunk may be cut out.
-            Some(meter) if meter.strips() => SizeHint::default(),
+            // Not the upstream's length once a chunk may be cut out, nor
+            // while the start of an event is held back.
+            Some(meter) if meter.strips() || meter.holds() => SizeHint::default(),
             _ => self.inner.size_hint(),
         }
     }
