@@ -26,6 +26,11 @@ pub struct Unavailable;
 /// How often a failing backend is warned about, at most.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
+/// After a failed call, how long requests skip the backend (following
+/// `on_error` at once) before calls try it again: during an outage each
+/// request would otherwise wait out a timeout on every call it makes.
+const OUTAGE_PAUSE: Duration = Duration::from_secs(1);
+
 pub struct State {
     memory: Arc<MemoryLimiter>,
     budgets: Budgets,
@@ -44,12 +49,38 @@ struct Health {
     /// When the last warning was logged, in ms since `started` (+1, so 0
     /// means never).
     last_warning: AtomicU64,
+    /// Until when calls skip the backend, in ms since `started` (0: they
+    /// do not).
+    paused_until: AtomicU64,
 }
 
 impl Health {
-    /// Runs one backend call: its latency is observed, or its failure
-    /// counted and warned about; `None` on failure.
+    /// Runs one backend call on the request path: its latency is
+    /// observed, or its failure counted and warned about; `None` on
+    /// failure. Within [`OUTAGE_PAUSE`] of a failure the call is not made
+    /// and counts as failed.
     async fn timed<T>(
+        &self,
+        operation: &str,
+        call: impl Future<Output = Result<T, StateError>>,
+    ) -> Option<T> {
+        if self.paused() {
+            self.errors.with_label_values(&[operation]).inc();
+            return None;
+        }
+        self.always(operation, call).await
+    }
+
+    /// Whether calls skip the backend now, after a recent failure.
+    fn paused(&self) -> bool {
+        let until = self.paused_until.load(Ordering::Relaxed);
+        until != 0 && self.now_ms() < until
+    }
+
+    /// [`Health::timed`] for calls off the request path (giving a lease
+    /// back), which are always made: skipping one would leave its work
+    /// undone after the outage.
+    async fn always<T>(
         &self,
         operation: &str,
         call: impl Future<Output = Result<T, StateError>>,
@@ -60,18 +91,30 @@ impl Health {
                 self.duration
                     .with_label_values(&[operation])
                     .observe(started.elapsed().as_secs_f64());
+                if self.paused_until.load(Ordering::Relaxed) != 0 {
+                    self.paused_until.store(0, Ordering::Relaxed);
+                }
                 Some(value)
             }
             Err(e) => {
+                let until = self
+                    .now_ms()
+                    .saturating_add(OUTAGE_PAUSE.as_millis() as u64);
+                self.paused_until.store(until, Ordering::Relaxed);
                 self.failed(operation, &e);
                 None
             }
         }
     }
 
+    /// Milliseconds since `started`, plus one (so that 0 means never).
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+    }
+
     fn failed(&self, operation: &str, error: &StateError) {
         self.errors.with_label_values(&[operation]).inc();
-        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX) + 1;
+        let now = self.now_ms();
         let last = self.last_warning.load(Ordering::Relaxed);
         let due = last == 0 || now.saturating_sub(last) >= WARN_EVERY.as_millis() as u64;
         if due
@@ -123,7 +166,7 @@ impl Drop for SharedSlot {
         let (key, holder) = (self.key.clone(), std::mem::take(&mut self.holder));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                health.timed("release", redis.release(&key, &holder)).await;
+                health.always("release", redis.release(&key, &holder)).await;
             });
         }
     }
@@ -166,6 +209,7 @@ impl State {
                 log,
                 started: Instant::now(),
                 last_warning: AtomicU64::new(0),
+                paused_until: AtomicU64::new(0),
             }),
         }
     }
@@ -233,6 +277,7 @@ impl State {
     ) -> Result<Option<Slot>, Unavailable> {
         if let Some(redis) = &self.redis {
             let holder = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+            let called = !self.health.paused();
             let got = self
                 .health
                 .timed("acquire", redis.acquire(key, max, &holder, lease))
@@ -248,7 +293,19 @@ impl State {
                         })
                     }));
                 }
-                None => self.fallback()?,
+                None => {
+                    // A call made may have timed out after Redis took the
+                    // lease: give it back rather than let it block the
+                    // identity until it expires.
+                    if called {
+                        let (redis, health) = (redis.clone(), self.health.clone());
+                        let key = key.clone();
+                        tokio::spawn(async move {
+                            health.always("release", redis.release(&key, &holder)).await;
+                        });
+                    }
+                    self.fallback()?
+                }
             }
         }
         Ok(self.memory.acquire(key, max).map(Slot::Memory))
@@ -348,5 +405,52 @@ impl State {
     /// Bytes and entries held by this replica's cache.
     pub fn cache_usage(&self) -> (u64, u64) {
         self.cache.usage()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    fn health() -> Health {
+        let metrics = Metrics::new();
+        Health {
+            errors: metrics.state_errors.clone(),
+            duration: metrics.state_duration.clone(),
+            log: tracing::Dispatch::none(),
+            started: Instant::now(),
+            last_warning: AtomicU64::new(0),
+            paused_until: AtomicU64::new(0),
+        }
+    }
+
+    /// During an outage a request does not wait out a timeout on every
+    /// call: after a failure, calls are skipped for a while; calls off
+    /// the request path are still made; a success ends the pause.
+    #[tokio::test]
+    async fn a_failure_pauses_calls_on_the_request_path() {
+        let h = health();
+        let failing = async { Err::<(), _>(StateError::Timeout(Duration::from_millis(100))) };
+        assert_eq!(h.timed("take", failing).await, None);
+        let made = AtomicBool::new(false);
+        let call = async {
+            made.store(true, Ordering::Relaxed);
+            Ok::<_, StateError>(1)
+        };
+        assert_eq!(h.timed("take", call).await, None);
+        assert!(!made.load(Ordering::Relaxed), "skipped while paused");
+        assert_eq!(h.errors.with_label_values(&["take"]).get(), 2);
+        // Off the request path: made anyway, and its success ends the pause.
+        assert_eq!(
+            h.always("release", async { Ok::<_, StateError>(2) }).await,
+            Some(2)
+        );
+        assert!(!h.paused());
+        assert_eq!(
+            h.timed("take", async { Ok::<_, StateError>(3) }).await,
+            Some(3)
+        );
     }
 }
