@@ -27,13 +27,32 @@ pub enum StateError {
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
     #[error("redis: {0}")]
+    Unreachable(String),
+    #[error("redis: {0}")]
     Redis(String),
+}
+
+impl StateError {
+    /// Whether the failure says Redis cannot be reached now (rather than
+    /// that one command went wrong).
+    pub fn unreachable(&self) -> bool {
+        matches!(self, StateError::Timeout(_) | StateError::Unreachable(_))
+    }
 }
 
 impl From<redis::RedisError> for StateError {
     fn from(e: redis::RedisError) -> Self {
         // The kind and category only: a detail may quote the URL.
-        StateError::Redis(format!("{:?} ({})", e.kind(), e.category()))
+        let text = format!("{:?} ({})", e.kind(), e.category());
+        if e.is_io_error()
+            || e.is_connection_refusal()
+            || e.is_connection_dropped()
+            || e.is_timeout()
+        {
+            StateError::Unreachable(text)
+        } else {
+            StateError::Redis(text)
+        }
     }
 }
 

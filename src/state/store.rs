@@ -52,55 +52,98 @@ struct Health {
     /// Until when calls skip the backend, in ms since `started` (0: they
     /// do not).
     paused_until: AtomicU64,
+    /// When the latest call that succeeded had started, in ms since
+    /// `started`: a failure of a call begun before it pauses nothing.
+    last_ok_start: AtomicU64,
+}
+
+/// How a call on the request path went.
+enum Called<T> {
+    Ok(T),
+    /// Made, and failed: it may have taken effect before it timed out.
+    Failed,
+    /// Not made: the backend is paused after a recent failure.
+    Skipped,
+}
+
+impl<T> Called<T> {
+    fn ok(self) -> Option<T> {
+        match self {
+            Called::Ok(value) => Some(value),
+            Called::Failed | Called::Skipped => None,
+        }
+    }
 }
 
 impl Health {
     /// Runs one backend call on the request path: its latency is
     /// observed, or its failure counted and warned about; `None` on
-    /// failure. Within [`OUTAGE_PAUSE`] of a failure the call is not made
-    /// and counts as failed.
+    /// failure. Within [`OUTAGE_PAUSE`] of a failure that says Redis is
+    /// unreachable the call is not made and counts as failed.
     async fn timed<T>(
         &self,
         operation: &str,
         call: impl Future<Output = Result<T, StateError>>,
     ) -> Option<T> {
-        if self.paused() {
-            self.errors.with_label_values(&[operation]).inc();
-            return None;
-        }
-        self.always(operation, call).await
+        self.call(operation, call).await.ok()
     }
 
-    /// Whether calls skip the backend now, after a recent failure.
-    fn paused(&self) -> bool {
+    /// [`Health::timed`], telling a call made and failed from one skipped.
+    async fn call<T>(
+        &self,
+        operation: &str,
+        call: impl Future<Output = Result<T, StateError>>,
+    ) -> Called<T> {
         let until = self.paused_until.load(Ordering::Relaxed);
-        until != 0 && self.now_ms() < until
+        if until != 0 && self.now_ms() < until {
+            self.errors.with_label_values(&[operation]).inc();
+            return Called::Skipped;
+        }
+        match self.always(operation, call).await {
+            Some(value) => Called::Ok(value),
+            None => Called::Failed,
+        }
     }
 
-    /// [`Health::timed`] for calls off the request path (giving a lease
-    /// back), which are always made: skipping one would leave its work
-    /// undone after the outage.
+    /// [`Health::timed`] for calls off the request path (settling tokens,
+    /// giving a lease back), which are always made: skipping one would
+    /// leave its work undone after the outage.
     async fn always<T>(
         &self,
         operation: &str,
         call: impl Future<Output = Result<T, StateError>>,
     ) -> Option<T> {
         let started = Instant::now();
+        let started_ms = self.now_ms();
         match call.await {
             Ok(value) => {
                 self.duration
                     .with_label_values(&[operation])
                     .observe(started.elapsed().as_secs_f64());
-                if self.paused_until.load(Ordering::Relaxed) != 0 {
-                    self.paused_until.store(0, Ordering::Relaxed);
-                }
+                self.last_ok_start.fetch_max(started_ms, Ordering::Relaxed);
+                // Ends a pause set by a failure before this call began; a
+                // later failure's pause stands.
+                let _ =
+                    self.paused_until
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |until| {
+                            let failed_at = until.saturating_sub(OUTAGE_PAUSE.as_millis() as u64);
+                            (until != 0 && failed_at <= started_ms).then_some(0)
+                        });
                 Some(value)
             }
             Err(e) => {
-                let until = self
-                    .now_ms()
-                    .saturating_add(OUTAGE_PAUSE.as_millis() as u64);
-                self.paused_until.store(until, Ordering::Relaxed);
+                // A failure says Redis is unreachable only when no call
+                // begun after this one has succeeded since. A cache call
+                // may just be slow with a large entry: it pauses nothing.
+                if e.unreachable()
+                    && !operation.starts_with("cache_")
+                    && self.last_ok_start.load(Ordering::Relaxed) <= started_ms
+                {
+                    let until = self
+                        .now_ms()
+                        .saturating_add(OUTAGE_PAUSE.as_millis() as u64);
+                    self.paused_until.fetch_max(until, Ordering::Relaxed);
+                }
                 self.failed(operation, &e);
                 None
             }
@@ -210,6 +253,7 @@ impl State {
                 started: Instant::now(),
                 last_warning: AtomicU64::new(0),
                 paused_until: AtomicU64::new(0),
+                last_ok_start: AtomicU64::new(0),
             }),
         }
     }
@@ -259,7 +303,7 @@ impl State {
                 let (redis, health, key) = (redis.clone(), self.health.clone(), key.clone());
                 tokio::spawn(async move {
                     health
-                        .timed("adjust", redis.adjust(&key, per_minute, delta))
+                        .always("adjust", redis.adjust(&key, per_minute, delta))
                         .await;
                 });
             }
@@ -277,12 +321,12 @@ impl State {
     ) -> Result<Option<Slot>, Unavailable> {
         if let Some(redis) = &self.redis {
             let holder = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-            let called = !self.health.paused();
             let got = self
                 .health
-                .timed("acquire", redis.acquire(key, max, &holder, lease))
+                .call("acquire", redis.acquire(key, max, &holder, lease))
                 .await;
-            match got {
+            let called = matches!(got, Called::Failed);
+            match got.ok() {
                 Some(got) => {
                     return Ok(got.then(|| {
                         Slot::Shared(SharedSlot {
@@ -423,6 +467,7 @@ mod tests {
             started: Instant::now(),
             last_warning: AtomicU64::new(0),
             paused_until: AtomicU64::new(0),
+            last_ok_start: AtomicU64::new(0),
         }
     }
 
@@ -447,10 +492,28 @@ mod tests {
             h.always("release", async { Ok::<_, StateError>(2) }).await,
             Some(2)
         );
-        assert!(!h.paused());
+        assert_eq!(h.paused_until.load(Ordering::Relaxed), 0);
         assert_eq!(
             h.timed("take", async { Ok::<_, StateError>(3) }).await,
             Some(3)
         );
+    }
+
+    /// A command that went wrong, or a slow cache call, says nothing
+    /// about Redis being reachable: no pause. A failure of a call begun
+    /// before a later success does not pause either.
+    #[tokio::test]
+    async fn only_fresh_unreachability_pauses() {
+        let h = health();
+        let wrong = async { Err::<(), _>(StateError::Redis("ResponseError".into())) };
+        assert_eq!(h.timed("take", wrong).await, None);
+        let slow_cache = async { Err::<(), _>(StateError::Timeout(Duration::from_millis(100))) };
+        assert_eq!(h.timed("cache_put", slow_cache).await, None);
+        assert_eq!(h.paused_until.load(Ordering::Relaxed), 0);
+        // A success of a call begun later than a failing one.
+        h.last_ok_start.store(h.now_ms() + 1_000, Ordering::Relaxed);
+        let stale = async { Err::<(), _>(StateError::Timeout(Duration::from_millis(100))) };
+        assert_eq!(h.timed("take", stale).await, None);
+        assert_eq!(h.paused_until.load(Ordering::Relaxed), 0);
     }
 }

@@ -140,7 +140,7 @@ impl Metrics {
             cache_saved_usd,
             state_errors: counter(
                 "sluice_state_errors_total",
-                "Calls to the shared state backend (Redis) that failed or timed out, by operation.",
+                "Calls to the shared state backend (Redis) that failed, timed out, or were skipped in the second after it was found unreachable, by operation.",
                 &["operation"],
             ),
             state_duration: histogram(
