@@ -55,6 +55,9 @@ struct Health {
     /// When the latest call that succeeded had started, in ms since
     /// `started`: a failure of a call begun before it pauses nothing.
     last_ok_start: AtomicU64,
+    /// When the latest call that paused had started: a success of a call
+    /// begun no earlier ends the pause, even if it failed first.
+    failed_start: AtomicU64,
 }
 
 /// How a call on the request path went.
@@ -121,14 +124,11 @@ impl Health {
                     .with_label_values(&[operation])
                     .observe(started.elapsed().as_secs_f64());
                 self.last_ok_start.fetch_max(started_ms, Ordering::Relaxed);
-                // Ends a pause set by a failure before this call began; a
-                // later failure's pause stands.
-                let _ =
-                    self.paused_until
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |until| {
-                            let failed_at = until.saturating_sub(OUTAGE_PAUSE.as_millis() as u64);
-                            (until != 0 && failed_at <= started_ms).then_some(0)
-                        });
+                // Ends a pause set by a call begun no later than this one;
+                // that of a call begun after it stands.
+                if self.failed_start.load(Ordering::Relaxed) <= started_ms {
+                    self.paused_until.store(0, Ordering::Relaxed);
+                }
                 Some(value)
             }
             Err(e) => {
@@ -142,6 +142,7 @@ impl Health {
                     let until = self
                         .now_ms()
                         .saturating_add(OUTAGE_PAUSE.as_millis() as u64);
+                    self.failed_start.fetch_max(started_ms, Ordering::Relaxed);
                     self.paused_until.fetch_max(until, Ordering::Relaxed);
                 }
                 self.failed(operation, &e);
@@ -254,6 +255,7 @@ impl State {
                 last_warning: AtomicU64::new(0),
                 paused_until: AtomicU64::new(0),
                 last_ok_start: AtomicU64::new(0),
+                failed_start: AtomicU64::new(0),
             }),
         }
     }
@@ -468,6 +470,7 @@ mod tests {
             last_warning: AtomicU64::new(0),
             paused_until: AtomicU64::new(0),
             last_ok_start: AtomicU64::new(0),
+            failed_start: AtomicU64::new(0),
         }
     }
 
@@ -515,5 +518,33 @@ mod tests {
         let stale = async { Err::<(), _>(StateError::Timeout(Duration::from_millis(100))) };
         assert_eq!(h.timed("take", stale).await, None);
         assert_eq!(h.paused_until.load(Ordering::Relaxed), 0);
+    }
+
+    /// A call begun before a failure that paused, and succeeding after
+    /// it, shows Redis answers: the pause ends. One begun earlier still
+    /// does not end the pause of a call begun after it.
+    #[tokio::test]
+    async fn a_success_ends_the_pause_of_a_call_begun_no_later() {
+        let h = health();
+        // The paused call began now; `early` begins no earlier, waits
+        // past the failure, then succeeds.
+        h.failed_start.store(h.now_ms(), Ordering::Relaxed);
+        h.paused_until.store(h.now_ms() + 1_000, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let early = h.always("take", async {
+            let _ = rx.await;
+            Ok::<_, StateError>(())
+        });
+        let (done, ()) = tokio::join!(early, async { drop(tx) });
+        assert_eq!(done, Some(()));
+        assert_eq!(h.paused_until.load(Ordering::Relaxed), 0);
+        // A pause by a call begun later than a success's start stands.
+        h.failed_start.store(h.now_ms() + 500, Ordering::Relaxed);
+        h.paused_until.store(h.now_ms() + 1_000, Ordering::Relaxed);
+        assert_eq!(
+            h.always("take", async { Ok::<_, StateError>(()) }).await,
+            Some(())
+        );
+        assert_ne!(h.paused_until.load(Ordering::Relaxed), 0);
     }
 }
