@@ -211,13 +211,10 @@ impl ProxyError {
             | ProxyError::UpstreamUnavailable { retry_after } => {
                 headers.insert(header::RETRY_AFTER, secs_header(retry_after));
             }
-            // The rest of the body may still be on its way (RFC 9110 §15.5.9).
-            ProxyError::RequestTimeout => {
-                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
             ProxyError::RouteNotFound
             | ProxyError::Forbidden
             | ProxyError::TooLarge { .. }
+            | ProxyError::RequestTimeout
             | ProxyError::InvalidRequest { .. }
             | ProxyError::UpstreamFailed { .. }
             | ProxyError::UpstreamTimeout { .. } => {}

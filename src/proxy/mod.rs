@@ -58,18 +58,12 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
         &conn,
     ));
 
-    let h2 = req.version() == http::Version::HTTP_2;
     let result = process(&gw, &active, &mut ctx, req).await;
     let mut resp = match result {
         Ok(resp) => resp,
         Err(e) => {
             ctx.error = Some(e.code());
-            let mut resp = e.into_response();
-            if h2 {
-                // HTTP/1 only: h2 has no `connection` (hyper would warn).
-                resp.headers_mut().remove(http::header::CONNECTION);
-            }
-            resp
+            e.into_response()
         }
     };
     ctx.status = resp.status().as_u16();
@@ -79,14 +73,13 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
         // Not stored: requests waiting on this one take their turn now.
         ctx.cache_fill = None;
     }
-    if ctx.cache.is_none() && active.route_metrics(ctx.route_index).cached() {
+    let route_metrics = active.route_metrics(ctx.route_index);
+    if ctx.cache.is_none() && route_metrics.cached() {
         // Refused before the cache was consulted (auth, limits, body):
         // neither served from it nor stored, as SPEC §3 wants every
         // response of a cached route to say.
         ctx.cache = Some(CacheStatus::Bypass);
-        active
-            .route_metrics(ctx.route_index)
-            .cache_result(CacheStatus::Bypass);
+        route_metrics.cache_result(CacheStatus::Bypass);
     }
     if let Some(status) = ctx.cache {
         resp.headers_mut()
@@ -105,10 +98,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     }
 
     let overhead = ctx.started.elapsed().saturating_sub(ctx.upstream_wait);
-    active
-        .route_metrics(ctx.route_index)
-        .overhead
-        .observe(overhead.as_secs_f64());
+    route_metrics.overhead.observe(overhead.as_secs_f64());
 
     let idle = ctx.upstream_idle;
     let deadline = ctx.deadline(&active.snapshot);
