@@ -25,7 +25,7 @@ use crate::gateway::{Active, Gateway};
 use crate::llm::sse;
 use crate::snapshot::{AuthMode, Pool, RetryOn, Route, Target};
 use crate::telemetry::metrics::Outcome;
-use crate::upstream::breaker::{Admit, ProbeSlot};
+use crate::upstream::breaker::{Admit, Verdict};
 use crate::upstream::client::ClientError;
 use crate::upstream::{Upstream, UpstreamKind, mock, pool};
 
@@ -244,7 +244,7 @@ async fn failover(
             reopens = Some(reopens.map_or(until, |r| r.min(until)));
             continue;
         }
-        let mut probe = ProbeSlot::new(breaker, admit);
+        let verdict = Verdict::new(breaker, admit);
         if attempts > 0
             && let Some(counter) = active.failovers.get(p)
         {
@@ -262,19 +262,17 @@ async fn failover(
                         (Instant::now() + upstream.timeouts.first_byte).min(ctx.deadline(snap));
                     match hold_preamble(resp, deadline).await {
                         Ok(resp) => {
-                            breaker.success();
-                            probe.settled();
+                            verdict.success();
                             return Ok(resp);
                         }
                         Err(text) => {
                             // Nothing has reached the client: the next member
                             // can still answer instead, invisibly.
-                            breaker.failure(
+                            verdict.failure(
                                 Instant::now(),
                                 pool.breaker_failures,
                                 pool.breaker_cooldown,
                             );
-                            probe.settled();
                             if let Some(m) = active.upstreams.get(member) {
                                 m.stream_errors.inc();
                             }
@@ -288,22 +286,18 @@ async fn failover(
                 match (status, pool::retry_after(resp.headers())) {
                     // A pause is no verdict: a probe's slot is freed.
                     (429, Some(pause)) => breaker.cool_down(Instant::now() + pause),
-                    _ => {
-                        breaker.failure(
-                            Instant::now(),
-                            pool.breaker_failures,
-                            pool.breaker_cooldown,
-                        );
-                        probe.settled();
-                    }
+                    _ => verdict.failure(
+                        Instant::now(),
+                        pool.breaker_failures,
+                        pool.breaker_cooldown,
+                    ),
                 }
                 ctx.upstream_started = None;
                 tried.push(format!("{}: {status}", upstream.name));
                 last_timed_out = None;
             }
             Err(failure) => {
-                breaker.failure(Instant::now(), pool.breaker_failures, pool.breaker_cooldown);
-                probe.settled();
+                verdict.failure(Instant::now(), pool.breaker_failures, pool.breaker_cooldown);
                 tried.push(format!("{}: {}", upstream.name, failure.text));
                 let retryable = if failure.outcome == Outcome::Timeout {
                     last_timed_out = Some(&upstream.name);

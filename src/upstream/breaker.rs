@@ -109,31 +109,42 @@ impl Breaker {
     }
 }
 
-/// The half-open circuit's one probe slot, held while its probe runs. A
-/// probe that ends without a verdict frees the slot when this drops: the
-/// client went away (its request's future is dropped mid-attempt) or the
-/// upstream only asked for a pause (429 with `retry-after`). Otherwise
-/// the slot would stay taken and the upstream be skipped for good.
-/// `settled` marks a verdict (`success` or `failure`) given.
-pub struct ProbeSlot<'a>(Option<(&'a Breaker, u64)>);
+/// One attempt's hold on its breaker, through which it gives its verdict.
+/// When the attempt is the half-open circuit's probe and ends without a
+/// verdict, dropping this frees the probe slot: the client went away (its
+/// request's future is dropped mid-attempt) or the upstream only asked for
+/// a pause (429 with `retry-after`). Otherwise the slot would stay taken
+/// and the upstream be skipped for good.
+pub struct Verdict<'a> {
+    breaker: &'a Breaker,
+    /// The probe this attempt is, until a verdict is given.
+    probe: Option<u64>,
+}
 
-impl<'a> ProbeSlot<'a> {
+impl<'a> Verdict<'a> {
     pub fn new(breaker: &'a Breaker, admit: Admit) -> Self {
-        match admit {
-            Admit::Probe(probe) => ProbeSlot(Some((breaker, probe))),
-            _ => ProbeSlot(None),
-        }
+        let probe = match admit {
+            Admit::Probe(probe) => Some(probe),
+            Admit::Yes | Admit::No(_) => None,
+        };
+        Verdict { breaker, probe }
     }
 
-    pub fn settled(&mut self) {
-        self.0 = None;
+    pub fn success(mut self) {
+        self.probe = None;
+        self.breaker.success();
+    }
+
+    pub fn failure(mut self, now: Instant, threshold: u32, cooldown: Duration) {
+        self.probe = None;
+        self.breaker.failure(now, threshold, cooldown);
     }
 }
 
-impl Drop for ProbeSlot<'_> {
+impl Drop for Verdict<'_> {
     fn drop(&mut self) {
-        if let Some((breaker, probe)) = self.0 {
-            breaker.probe_abandoned(probe);
+        if let Some(probe) = self.probe {
+            self.breaker.probe_abandoned(probe);
         }
     }
 }
@@ -190,10 +201,10 @@ mod tests {
         // Dropped unsettled (client gone, or a 429 pause): another probe.
         let first = b.admit(later);
         assert!(matches!(first, Admit::Probe(_)));
-        drop(ProbeSlot::new(&b, first));
+        drop(Verdict::new(&b, first));
         let second = b.admit(later);
         assert!(matches!(second, Admit::Probe(_)));
-        let mut slot = ProbeSlot::new(&b, second);
+        let verdict = Verdict::new(&b, second);
         // A stale guard of the first probe cannot free the second's slot.
         if let Admit::Probe(n) = first {
             b.probe_abandoned(n);
@@ -203,14 +214,11 @@ mod tests {
             "one probe at a time"
         );
         // Settled by a failure: open again, no probe until the cooldown ends.
-        b.failure(later, 1, cooldown);
-        slot.settled();
-        drop(slot);
+        verdict.failure(later, 1, cooldown);
         assert_eq!(b.admit(later), Admit::No(later + cooldown));
         // Not a probe: dropping it changes nothing.
         let b = breaker();
-        let slot = ProbeSlot::new(&b, b.admit(t0));
-        drop(slot);
+        drop(Verdict::new(&b, b.admit(t0)));
         assert_eq!(b.admit(t0), Admit::Yes);
     }
 }
