@@ -23,26 +23,18 @@ use crate::proxy::jwt;
 use crate::snapshot::*;
 use crate::upstream::{self, MockSettings, Timeouts, Upstream};
 
-/// An error message about `expanded` that quotes the value as written
-/// when a `${VAR}` made it: a variable may hold a secret, and config
-/// errors reach `check`'s output and the reload log.
+/// An error message about a value, which it quotes first (`` `…` is
+/// not …``), quoting instead the value as written when a `${VAR}` made
+/// it: a variable may hold a secret, and config errors reach `check`'s
+/// output and the reload log.
 fn as_written(message: String, expanded: &str, written: &str) -> String {
     if expanded == written {
         return message;
     }
-    // Parsers quote the value as given or trimmed.
-    let written = format!("`{written}`");
-    message
-        .replace(&format!("`{expanded}`"), &written)
-        .replace(&format!("`{}`", expanded.trim()), &written)
-}
-
-/// `message` with its first `quoted` part replaced by `written`.
-fn quote_instead(message: &str, written: &str) -> String {
     let mut parts = message.splitn(3, '`');
     match (parts.next(), parts.next(), parts.next()) {
         (Some(before), Some(_), Some(after)) => format!("{before}`{written}`{after}"),
-        _ => message.to_owned(),
+        _ => message,
     }
 }
 
@@ -405,13 +397,8 @@ impl Compiler<'_> {
                             // The message quotes the URL, and a `${VAR}` in it
                             // may carry a credential (`?key=…`, `user:pass@`):
                             // quote it as written, never as expanded.
-                            let written = &url.value.0;
-                            let e = if url_text == *written {
-                                e
-                            } else {
-                                quote_instead(&e, &upstream::without_secrets(written))
-                            };
-                            self.error(&url.referenced, e);
+                            let written = upstream::without_secrets(&url.value.0);
+                            self.error(&url.referenced, as_written(e, &url_text, &written));
                             continue;
                         }
                         Err(upstream::BuildError::Ca(e)) => {
@@ -698,20 +685,19 @@ impl Compiler<'_> {
             let validate = match &r.validate {
                 None => Validate::None,
                 Some(v) => match &v.value {
-                    RawValidate::Named(n) => match self.expanded(n, &v.referenced).as_deref() {
-                        Some("none") | None => Validate::None,
-                        Some("openai") => Validate::OpenAi,
-                        Some(n) => {
-                            let message =
-                                format!("`{n}` is not one of: none, openai, {{ schema_file: … }}");
-                            let written = match &v.value {
-                                RawValidate::Named(written) => written.as_str(),
-                                RawValidate::Schema(_) => n,
-                            };
-                            self.error(&v.referenced, as_written(message, n, written));
-                            Validate::None
+                    RawValidate::Named(written) => {
+                        match self.expanded(written, &v.referenced).as_deref() {
+                            Some("none") | None => Validate::None,
+                            Some("openai") => Validate::OpenAi,
+                            Some(name) => {
+                                let message = format!(
+                                    "`{name}` is not one of: none, openai, {{ schema_file: … }}"
+                                );
+                                self.error(&v.referenced, as_written(message, name, written));
+                                Validate::None
+                            }
                         }
-                    },
+                    }
                     RawValidate::Schema(s) => match self.expanded(&s.schema_file, &v.referenced) {
                         Some(file) => match load_schema(&self.base_dir.join(file)) {
                             Ok(validator) => Validate::Schema(Arc::new(validator)),
