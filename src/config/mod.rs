@@ -24,16 +24,18 @@ pub const FILE_CAP: u64 = 16 << 20;
 pub fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     // Before opening: opening a FIFO blocks until a writer comes.
-    if !std::fs::metadata(path)?.is_file() {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }
-    let file = std::fs::File::open(path)?;
-    let meta = file.metadata()?;
     if meta.len() > FILE_CAP {
         return Err(std::io::Error::other("larger than 16 MiB"));
     }
+    // The file may have grown since: the read is bounded anyway.
     let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-    file.take(FILE_CAP + 1).read_to_end(&mut bytes)?;
+    std::fs::File::open(path)?
+        .take(FILE_CAP + 1)
+        .read_to_end(&mut bytes)?;
     if bytes.len() as u64 > FILE_CAP {
         return Err(std::io::Error::other("larger than 16 MiB"));
     }

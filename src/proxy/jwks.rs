@@ -43,15 +43,10 @@ impl std::fmt::Debug for JwksKeys {
     }
 }
 
-/// The URL as logs show it: scheme, host, port and path, never userinfo
-/// or a query, which may carry a token.
+/// The URL as logs show it: never its userinfo or query, which may carry
+/// a token.
 pub(crate) fn shown(url: &Uri) -> String {
-    let scheme = url.scheme_str().unwrap_or("https");
-    let host = url.host().unwrap_or("");
-    match url.port_u16() {
-        Some(port) => format!("{scheme}://{host}:{port}{}", url.path()),
-        None => format!("{scheme}://{host}{}", url.path()),
-    }
+    crate::upstream::without_secrets(&url.to_string())
 }
 
 impl JwksKeys {
@@ -165,9 +160,17 @@ mod tests {
 
     #[test]
     fn logged_urls_lose_userinfo_and_query() {
-        let url: Uri = "https://user:pw@login.example.com:8443/keys.json?token=t0k"
-            .parse()
-            .unwrap();
-        assert_eq!(shown(&url), "https://login.example.com:8443/keys.json");
+        for (url, logged) in [
+            (
+                "https://user:pw@login.example.com:8443/keys.json",
+                "https://…@login.example.com:8443/keys.json",
+            ),
+            (
+                "https://login.example.com/keys.json?token=t0k",
+                "https://login.example.com/keys.json?…",
+            ),
+        ] {
+            assert_eq!(shown(&url.parse().unwrap()), logged);
+        }
     }
 }

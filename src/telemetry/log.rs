@@ -66,7 +66,17 @@ impl<'a> MakeWriter<'a> for CaptureWriter {
 /// The protocol libraries log at warn at most, whatever `SLUICE_LOG` asks
 /// for: their debug and trace output describes frames and connections in
 /// detail, and no directive may open a way for a credential into a log.
-const LIBRARY_CAPS: &str = "h2=warn,hyper=warn,hyper_util=warn,rustls=warn,tokio_rustls=warn";
+const LIBRARIES: [&str; 5] = ["h2", "hyper", "hyper_util", "rustls", "tokio_rustls"];
+
+/// `directives`, then the caps on [`LIBRARIES`] (the last word on them).
+fn with_library_caps(directives: &str) -> String {
+    LIBRARIES
+        .iter()
+        .fold(directives.to_owned(), |mut all, krate| {
+            all.push_str(&format!(",{krate}=warn"));
+            all
+        })
+}
 
 /// `directives` without those naming a capped library or one of its
 /// modules: a more specific directive (`hyper::proto=trace`) would win
@@ -87,9 +97,6 @@ fn without_library_directives(directives: &str) -> String {
         .join(",")
 }
 
-/// The crates [`LIBRARY_CAPS`] caps.
-const LIBRARIES: [&str; 5] = ["h2", "hyper", "hyper_util", "rustls", "tokio_rustls"];
-
 /// Builds the dispatcher for `logging`. `SLUICE_LOG` (an `EnvFilter`
 /// directive) overrides the configured level when set.
 ///
@@ -104,7 +111,7 @@ pub fn dispatch(logging: &Logging, sink: LogSink) -> (tracing::Dispatch, LogGuar
         .filter(|d| !d.trim().is_empty() && EnvFilter::try_new(d).is_ok())
         .map(|d| without_library_directives(&d))
         .unwrap_or_else(|| format!("{},{ACCESS_TARGET}=info", logging.level));
-    let filter = EnvFilter::new(format!("{directives},{LIBRARY_CAPS}"));
+    let filter = EnvFilter::new(with_library_caps(&directives));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false);
@@ -290,10 +297,7 @@ mod tests {
     #[test]
     fn library_caps_hold_over_any_directive() {
         let asked = "trace,hyper=trace,hyper::proto=trace,h2::codec=debug,rustls::conn[x]=trace,[Connection]=trace";
-        let filter = EnvFilter::new(format!(
-            "{},{LIBRARY_CAPS}",
-            without_library_directives(asked)
-        ));
+        let filter = EnvFilter::new(with_library_caps(&without_library_directives(asked)));
         let buf = Arc::new(Mutex::new(Vec::new()));
         let subscriber = tracing_subscriber::fmt()
             .with_env_filter(filter)

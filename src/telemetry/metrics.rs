@@ -3,7 +3,7 @@
 //! default registry, so many gateways can live in one test process).
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::sync::Arc;
 
@@ -315,13 +315,12 @@ impl Metrics {
     /// that is empty from one that does not exist.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
-        let gathered = self.registry.gather();
         // Encoding into a Vec only fails on invalid families, which
         // `Metrics::new` cannot register.
-        let _ = TextEncoder::new().encode(&gathered, &mut out);
-        let shown: HashSet<&str> = gathered.iter().map(|f| f.name()).collect();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        // What `gather` left out: the families with no series.
         for family in self.families.iter().flat_map(|c| c.collect()) {
-            if family.get_metric().is_empty() && !shown.contains(family.name()) {
+            if family.get_metric().is_empty() {
                 let help = family.help().replace('\\', "\\\\").replace('\n', "\\n");
                 let kind = match family.get_field_type() {
                     MetricType::COUNTER => "counter",
