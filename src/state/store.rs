@@ -97,15 +97,27 @@ impl Health {
         operation: &str,
         call: impl Future<Output = Result<T, StateError>>,
     ) -> Called<T> {
-        let until = self.paused_until.load(Ordering::Relaxed);
-        if until != 0 && self.now_ms() < until {
-            self.errors.with_label_values(&[operation]).inc();
+        if self.skips(operation) {
             return Called::Skipped;
         }
-        match self.always(operation, call).await {
+        match self.run(operation, call, true).await {
             Some(value) => Called::Ok(value),
             None => Called::Failed,
         }
+    }
+
+    /// [`Health::timed`] for the cache, whose calls may be slow for the
+    /// size of an entry rather than for Redis being gone: their failures
+    /// pause nothing.
+    async fn cached<T>(
+        &self,
+        operation: &str,
+        call: impl Future<Output = Result<T, StateError>>,
+    ) -> Option<T> {
+        if self.skips(operation) {
+            return None;
+        }
+        self.run(operation, call, false).await
     }
 
     /// [`Health::timed`] for calls off the request path (settling tokens,
@@ -115,6 +127,27 @@ impl Health {
         &self,
         operation: &str,
         call: impl Future<Output = Result<T, StateError>>,
+    ) -> Option<T> {
+        self.run(operation, call, true).await
+    }
+
+    /// Whether calls are paused now; a skipped call counts as failed.
+    fn skips(&self, operation: &str) -> bool {
+        let until = self.paused_until.load(Ordering::Relaxed);
+        let paused = until != 0 && self.now_ms() < until;
+        if paused {
+            self.errors.with_label_values(&[operation]).inc();
+        }
+        paused
+    }
+
+    /// Makes the call; when it fails with Redis unreachable and
+    /// `may_pause`, calls on the request path pause.
+    async fn run<T>(
+        &self,
+        operation: &str,
+        call: impl Future<Output = Result<T, StateError>>,
+        may_pause: bool,
     ) -> Option<T> {
         let started = Instant::now();
         let started_ms = self.now_ms();
@@ -133,10 +166,9 @@ impl Health {
             }
             Err(e) => {
                 // A failure says Redis is unreachable only when no call
-                // begun after this one has succeeded since. A cache call
-                // may just be slow with a large entry: it pauses nothing.
-                if e.unreachable()
-                    && !operation.starts_with("cache_")
+                // begun after this one has succeeded since.
+                if may_pause
+                    && e.unreachable()
                     && self.last_ok_start.load(Ordering::Relaxed) <= started_ms
                 {
                     let until = self
@@ -412,7 +444,7 @@ impl State {
             return self.cache.get(key);
         };
         self.health
-            .timed("cache_get", redis.cache_get(key))
+            .cached("cache_get", redis.cache_get(key))
             .await
             .flatten()
             .map(Arc::new)
@@ -433,7 +465,7 @@ impl State {
         let (redis, health) = (redis.clone(), self.health.clone());
         tokio::spawn(async move {
             health
-                .timed("cache_put", redis.cache_put(&key, &entry))
+                .cached("cache_put", redis.cache_put(&key, &entry))
                 .await;
             drop(flight);
         });
@@ -511,7 +543,7 @@ mod tests {
         let wrong = async { Err::<(), _>(StateError::Redis("ResponseError".into())) };
         assert_eq!(h.timed("take", wrong).await, None);
         let slow_cache = async { Err::<(), _>(StateError::Timeout(Duration::from_millis(100))) };
-        assert_eq!(h.timed("cache_put", slow_cache).await, None);
+        assert_eq!(h.cached("cache_put", slow_cache).await, None);
         assert_eq!(h.paused_until.load(Ordering::Relaxed), 0);
         // A success of a call begun later than a failing one.
         h.last_ok_start.store(h.now_ms() + 1_000, Ordering::Relaxed);
