@@ -52,6 +52,15 @@ async fn start(cache: &str, reply: UpstreamReply) -> (TestGateway, MockUpstream)
     (gw, upstream)
 }
 
+/// `sluice_cache_requests_total` of the `chat` route for `result`.
+async fn cache_results(gw: &TestGateway, result: &str) -> Option<f64> {
+    gw.metric(
+        "sluice_cache_requests_total",
+        &[("route", "chat"), ("result", result)],
+    )
+    .await
+}
+
 const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello"}]}"#;
 
 #[tokio::test]
@@ -81,12 +90,7 @@ async fn second_identical_request_is_a_hit_with_age() {
     assert_eq!(logs[1]["status"], 200);
     assert_eq!(logs[1]["upstream"], serde_json::Value::Null);
     for (result, n) in [("hit", 1.0), ("miss", 1.0), ("bypass", 0.0)] {
-        let labels = [("route", "chat"), ("result", result)];
-        assert_eq!(
-            gw.metric("sluice_cache_requests_total", &labels).await,
-            Some(n),
-            "{result}"
-        );
+        assert_eq!(cache_results(&gw, result).await, Some(n), "{result}");
     }
 }
 
@@ -210,14 +214,7 @@ async fn no_cache_skips_the_lookup_but_stores_and_no_store_bypasses() {
         .await;
     assert_eq!(fresh.header("x-sluice-cache"), Some("MISS"));
     assert_eq!(upstream.seen().len(), 3);
-    assert_eq!(
-        gw.metric(
-            "sluice_cache_requests_total",
-            &[("route", "chat"), ("result", "bypass")]
-        )
-        .await,
-        Some(1.0)
-    );
+    assert_eq!(cache_results(&gw, "bypass").await, Some(1.0));
     // A route without cache says nothing about it.
     let plain = client.post_json(&gw.url("/plain/x"), &[ALICE], CHAT).await;
     assert_eq!(plain.header("x-sluice-cache"), None);
@@ -485,14 +482,7 @@ async fn refusals_on_a_cached_route_say_bypass() {
     assert_eq!(chat_log["cache"], "bypass");
     let plain_log = logs.iter().find(|l| l["route"] == "plain").unwrap();
     assert_eq!(plain_log["cache"], serde_json::Value::Null);
-    assert_eq!(
-        gw.metric(
-            "sluice_cache_requests_total",
-            &[("route", "chat"), ("result", "bypass")]
-        )
-        .await,
-        Some(1.0)
-    );
+    assert_eq!(cache_results(&gw, "bypass").await, Some(1.0));
     // A request the cache does see is unchanged: a miss, then a hit.
     let miss = client.post_json(&url, &[ALICE], CHAT).await;
     assert_eq!(miss.header("x-sluice-cache"), Some("MISS"));

@@ -703,19 +703,20 @@ fn errors_quote_variables_as_written() {
     }
 }
 
+/// One route to the upstream `app`, written `{ <settings> }` on line 2.
+fn one_upstream(settings: &str) -> String {
+    format!(
+        "upstreams:\n  app: {{ {settings} }}\nroutes:\n  - name: chat\n    match: {{ path_prefix: / }}\n    upstream: app\n"
+    )
+}
+
 /// Credentials in an upstream URL are refused, without repeating them:
 /// they would be sent on as the request's authority, not as auth.
 #[test]
 fn upstream_url_credentials_are_refused_unquoted() {
-    let yaml = "\
-upstreams:
-  app: { url: \"https://user:s3cret-pass@llm.example.com\" }
-routes:
-  - name: chat
-    match: { path_prefix: / }
-    upstream: app
-";
-    let errs = errors(yaml);
+    let errs = errors(&one_upstream(
+        "url: \"https://user:s3cret-pass@llm.example.com\"",
+    ));
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(
         errs[0].starts_with("test.yaml:2:15: an upstream url must not carry credentials"),
@@ -723,10 +724,7 @@ routes:
     );
     assert!(!errs[0].contains("s3cret"), "{errs:?}");
     // An `@` in the path is no credential (Vertex model ids have one).
-    let vertex = yaml.replace(
-        "https://user:s3cret-pass@llm.example.com",
-        "https://llm.example.com/v1/models/claude-sonnet-4@20250514",
-    );
+    let vertex = one_upstream("url: https://llm.example.com/v1/models/claude-sonnet-4@20250514");
     load(&vertex, &[]).unwrap_or_else(|e| panic!("{e:?}"));
 }
 
@@ -734,15 +732,9 @@ routes:
 /// most 16 MiB: `/dev/zero` is an error, not a process out of memory.
 #[test]
 fn named_files_must_be_regular_and_bounded() {
-    let yaml = "\
-upstreams:
-  app: { url: \"https://llm.example.com\", ca_file: /dev/zero }
-routes:
-  - name: chat
-    match: { path_prefix: / }
-    upstream: app
-";
-    let errs = errors(yaml);
+    let errs = errors(&one_upstream(
+        "url: \"https://llm.example.com\", ca_file: /dev/zero",
+    ));
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(
         errs[0].contains("cannot read ca_file /dev/zero: not a regular file"),
@@ -768,10 +760,7 @@ fn a_literal_secret_in_an_upstream_url_is_never_quoted() {
         "https://llm.example.com/v1?key=AIzaSecret123",
         "https://${HOST:-llm.example.com}/v1?key=AIzaSecret123",
     ] {
-        let yaml = format!(
-            "upstreams:\n  app: {{ url: \"{url}\" }}\nroutes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: app\n"
-        );
-        let errs = errors(&yaml);
+        let errs = errors(&one_upstream(&format!("url: \"{url}\"")));
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(
             !errs[0].contains("pa#ss") && !errs[0].contains("AIzaSecret123"),

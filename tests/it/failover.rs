@@ -35,6 +35,14 @@ routes:
     )
 }
 
+/// A pool of `primary` and a backup answering "backup", the pool
+/// configured with `pool_extra`.
+async fn with_backup(primary: &MockUpstream, pool_extra: &str) -> (TestGateway, MockUpstream) {
+    let backup = MockUpstream::always(UpstreamReply::text("backup")).await;
+    let gw = TestGateway::start(&config(&primary.url(), &backup.url(), pool_extra, "")).await;
+    (gw, backup)
+}
+
 const CHAT: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
 
 async fn chat(gw: &TestGateway) -> ClientReply {
@@ -190,13 +198,10 @@ async fn circuit_opens_after_failures_then_one_probe_closes_it() {
         }
     })
     .await;
-    let backup = MockUpstream::always(UpstreamReply::text("backup")).await;
-    let gw = TestGateway::start(&config(
-        &primary.url(),
-        &backup.url(),
+    let (gw, _backup) = with_backup(
+        &primary,
         "    circuit_breaker: { failures: 2, cooldown: 500ms }",
-        "",
-    ))
+    )
     .await;
     for _ in 0..2 {
         assert_eq!(chat(&gw).await.text(), "backup");
@@ -347,14 +352,7 @@ async fn health_checks_open_and_close_circuits_before_users_notice() {
         }
     })
     .await;
-    let backup = MockUpstream::always(UpstreamReply::text("backup")).await;
-    let gw = TestGateway::start(&config(
-        &primary.url(),
-        &backup.url(),
-        "    circuit_breaker: { failures: 1, cooldown: 60s }\n    health_check: { path: /health, interval: 100ms }",
-        "",
-    ))
-    .await;
+    let (gw, _backup) = with_backup(&primary, "    circuit_breaker: { failures: 1, cooldown: 60s }\n    health_check: { path: /health, interval: 100ms }").await;
     let opened = async {
         for _ in 0..50 {
             if gw
@@ -420,13 +418,10 @@ async fn a_probe_paused_by_429_is_followed_by_another_probe() {
         _ => UpstreamReply::text("primary"),
     })
     .await;
-    let backup = MockUpstream::always(UpstreamReply::text("backup")).await;
-    let gw = TestGateway::start(&config(
-        &primary.url(),
-        &backup.url(),
+    let (gw, _backup) = with_backup(
+        &primary,
         "    circuit_breaker: { failures: 1, cooldown: 200ms }",
-        "",
-    ))
+    )
     .await;
     assert_eq!(chat(&gw).await.text(), "backup");
     // The cooldown ends; the probe gets the 429 and the backup answers.
