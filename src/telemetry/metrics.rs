@@ -4,6 +4,11 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+
+/// The children maps are read on every request and hold at most a few
+/// dozen keys (models are capped per route): a fast seeded hash rather
+/// than SipHash, whose flooding resistance a bounded map does not need.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::io::Write as _;
 use std::sync::Arc;
 
@@ -281,8 +286,8 @@ impl Metrics {
                     .map(|r| self.cache_requests.with_label_values(&[route, r.label()])),
                 saved_usd: self.cache_saved_usd.with_label_values(&[route]),
             }),
-            models: Arc::new(ArcSwap::from_pointee(HashMap::new())),
-            requests: Arc::new(ArcSwap::from_pointee(HashMap::new())),
+            models: Arc::new(ArcSwap::from_pointee(FastMap::default())),
+            requests: Arc::new(ArcSwap::from_pointee(FastMap::default())),
             route: Arc::from(route),
         }
     }
@@ -353,10 +358,10 @@ pub struct RouteMetrics {
     cache: Option<RouteCacheMetrics>,
     /// Per-model children, resolved on a model's first answer and then
     /// read without locking or label hashing.
-    models: Arc<ArcSwap<HashMap<String, Arc<ModelMetrics>>>>,
+    models: Arc<ArcSwap<FastMap<String, Arc<ModelMetrics>>>>,
     /// `sluice_requests_total` children by (method, status), resolved on
     /// a pair's first request and then read without the family's lock.
-    requests: Arc<ArcSwap<HashMap<(&'static str, u16), IntCounter>>>,
+    requests: Arc<ArcSwap<FastMap<(&'static str, u16), IntCounter>>>,
     route: Arc<str>,
 }
 
@@ -481,7 +486,7 @@ impl RouteMetrics {
             .with_label_values(&[&self.route, key.0, label]);
         counter.inc();
         self.requests.rcu(|map| {
-            let mut map = HashMap::clone(map);
+            let mut map = FastMap::clone(map);
             map.entry(key).or_insert_with(|| counter.clone());
             map
         });
@@ -522,7 +527,7 @@ impl RouteMetrics {
             model: model.to_owned(),
         });
         self.models.rcu(|map| {
-            let mut map = HashMap::clone(map);
+            let mut map = FastMap::clone(map);
             map.entry(model.to_owned()).or_insert_with(|| made.clone());
             map
         });
