@@ -5,8 +5,10 @@
 //! `message_start`/`ping`), which the failover loop may hold back.
 
 use std::borrow::Cow;
+use std::sync::LazyLock;
 
 use bytes::{Bytes, BytesMut};
+use memchr::memmem::Finder;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
@@ -244,7 +246,8 @@ mod tests {
 /// order and number spellings reach the upstream unchanged.
 pub fn ask_for_usage(body: &[u8]) -> Option<Bytes> {
     // Most requests do not stream: skip parsing them.
-    memchr::memmem::find(body, b"\"stream\"")?;
+    static STREAM: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"stream\""));
+    STREAM.find(body)?;
     let Some(request) = facts::parse::<StreamRequest>(body) else {
         return ask_for_usage_rewriting(body);
     };
