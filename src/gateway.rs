@@ -15,7 +15,7 @@ use crate::snapshot::{LogFormat, Snapshot};
 use crate::state::State;
 use crate::state::budget::BudgetScope;
 use crate::telemetry::alerts;
-use crate::telemetry::log::{self, LogGuard, LogSink};
+use crate::telemetry::log::{self, Log, LogSink};
 use crate::telemetry::metrics::{Metrics, RouteMetrics, UpstreamMetrics};
 use crate::upstream::breaker::Breaker;
 use crate::upstream::health;
@@ -129,18 +129,16 @@ pub struct Gateway {
     breakers: Registry<Breaker>,
     pub metrics: Metrics,
     /// Where request-path events (the access log) are written.
-    pub log: tracing::Dispatch,
+    pub log: Log,
     /// The format `log` writes (a restart-only setting).
     pub log_format: LogFormat,
     /// False while starting and while draining: `/readyz` answers 503.
     ready: AtomicBool,
-    /// Flushes buffered log lines when the gateway is dropped.
-    _log_guard: LogGuard,
 }
 
 impl Gateway {
     pub fn new(snapshot: Snapshot, sink: LogSink) -> Arc<Self> {
-        let (log, log_guard) = log::dispatch(&snapshot.logging, sink);
+        let log = log::build(&snapshot.logging, sink);
         let log_format = snapshot.logging.format;
         let metrics = Metrics::new();
         let jwks = Registry::default();
@@ -149,7 +147,7 @@ impl Gateway {
             &snapshot.state,
             snapshot.cache.max_bytes,
             &metrics,
-            log.clone(),
+            log.dispatch.clone(),
         ));
         let active = Arc::new(Active::new(snapshot, &metrics, &jwks, &breakers));
         health::spawn(&active);
@@ -163,7 +161,6 @@ impl Gateway {
             log,
             log_format,
             ready: AtomicBool::new(false),
-            _log_guard: log_guard,
         })
     }
 

@@ -203,7 +203,7 @@ async fn run(path: PathBuf) -> ExitCode {
         }
     };
     let gw = Gateway::new(snapshot, LogSink::Stdout);
-    let _ = tracing::dispatcher::set_global_default(gw.log.clone());
+    let _ = tracing::dispatcher::set_global_default(gw.log.dispatch.clone());
     // Signals are taken over before `start` makes /readyz say 200: a
     // SIGTERM or SIGHUP sent right then must drain or reload, not kill.
     let stop = StopSignals::install();

@@ -183,7 +183,7 @@ impl Reloader {
     }
 
     fn log(&self, emit: impl FnOnce()) {
-        tracing::dispatcher::with_default(&self.gw.log, emit);
+        tracing::dispatcher::with_default(&self.gw.log.dispatch, emit);
     }
 }
 

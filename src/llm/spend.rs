@@ -70,7 +70,7 @@ async fn charge_scopes(
 
 fn raise(gw: &Gateway, snap: &Snapshot, scope: &str, alerts: Vec<Alert>) {
     for alert in alerts {
-        tracing::dispatcher::with_default(&gw.log, || {
+        tracing::dispatcher::with_default(&gw.log.dispatch, || {
             tracing::warn!(
                 target: "sluice::budget",
                 event = "budget_alert",

@@ -5,7 +5,7 @@
 //! log pipelines then see one stable schema.
 
 use std::fmt::{self, Write as _};
-use std::io;
+use std::io::{self, Write as _};
 use std::sync::{Arc, Mutex};
 
 use tracing::field::{Field, Visit};
@@ -15,7 +15,7 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 
-use super::access_log::{ACCESS_TARGET, RENDERED_FIELD};
+use super::access_log::ACCESS_TARGET;
 use crate::snapshot::{LogFormat, Logging};
 
 /// Where log lines go.
@@ -97,14 +97,47 @@ fn without_library_directives(directives: &str) -> String {
         .join(",")
 }
 
-/// Builds the dispatcher for `logging`. `SLUICE_LOG` (an `EnvFilter`
+/// The log pipeline of a gateway.
+pub struct Log {
+    /// Every event goes through it.
+    pub dispatch: tracing::Dispatch,
+    /// The writer behind `dispatch`, for lines formatted already (the
+    /// access log's fast path): they join the same stream in order.
+    pub lines: LineWriter,
+    /// Whether the access log is on, as `dispatch` filters it. The filter
+    /// is fixed at start (`SLUICE_LOG` is read once), so asking once is
+    /// exact and spares every request the filter's lookup.
+    pub access: bool,
+    /// Flushes buffered lines when dropped.
+    pub guard: LogGuard,
+}
+
+/// Writes whole lines to where the dispatcher writes.
+#[derive(Clone)]
+pub enum LineWriter {
+    Stdout(tracing_appender::non_blocking::NonBlocking),
+    Capture(CaptureWriter),
+}
+
+impl LineWriter {
+    /// Writes one line (with its `\n`); a line the background writer
+    /// cannot take is dropped, as the dispatcher's own are.
+    pub fn write_line(&self, line: &[u8]) {
+        let _ = match self {
+            LineWriter::Stdout(w) => w.clone().write_all(line),
+            LineWriter::Capture(w) => w.clone().write_all(line),
+        };
+    }
+}
+
+/// Builds the log pipeline for `logging`. `SLUICE_LOG` (an `EnvFilter`
 /// directive) overrides the configured level when set.
 ///
 /// The configured level does not silence the access log: every request
 /// writes its event whatever the level, as nginx's and Envoy's access
 /// logs do not follow their error-log level. Only a `SLUICE_LOG`
 /// directive can turn it off.
-pub fn dispatch(logging: &Logging, sink: LogSink) -> (tracing::Dispatch, LogGuard) {
+pub fn build(logging: &Logging, sink: LogSink) -> Log {
     // An unset, empty or unparsable SLUICE_LOG leaves the configured level.
     let directives = std::env::var("SLUICE_LOG")
         .ok()
@@ -115,7 +148,7 @@ pub fn dispatch(logging: &Logging, sink: LogSink) -> (tracing::Dispatch, LogGuar
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false);
-    match sink {
+    let (dispatch, lines, guard): (tracing::Dispatch, _, _) = match sink {
         LogSink::Stdout => {
             // Buffered so that the writer thread issues one write per batch
             // of lines rather than one per line.
@@ -125,22 +158,53 @@ pub fn dispatch(logging: &Logging, sink: LogSink) -> (tracing::Dispatch, LogGuar
                 .lossy(true)
                 .thread_name("sluice-log")
                 .finish(stdout);
+            let lines = LineWriter::Stdout(writer.clone());
             let builder = builder.with_writer(writer);
             let dispatch = match logging.format {
                 LogFormat::Json => builder.event_format(JsonLines).into(),
                 LogFormat::Text => builder.into(),
             };
-            (dispatch, Some(guard))
+            (dispatch, lines, Some(guard))
         }
         LogSink::Capture(buf) => {
-            let builder = builder.with_writer(CaptureWriter(buf));
+            let writer = CaptureWriter(buf);
+            let lines = LineWriter::Capture(writer.clone());
+            let builder = builder.with_writer(writer);
             let dispatch = match logging.format {
                 LogFormat::Json => builder.event_format(JsonLines).into(),
                 LogFormat::Text => builder.into(),
             };
-            (dispatch, None)
+            (dispatch, lines, None)
         }
+    };
+    let access = tracing::dispatcher::with_default(
+        &dispatch,
+        || tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO),
+    );
+    Log {
+        dispatch,
+        lines,
+        access,
+        guard,
     }
+}
+
+/// The members every JSON line starts with: `{"timestamp":"…","level":"…","target":"…"`.
+pub(crate) fn write_line_head(
+    out: &mut impl fmt::Write,
+    level: &tracing::Level,
+    target: &str,
+) -> fmt::Result {
+    out.write_str("{\"timestamp\":\"")?;
+    // humantime refuses times before 1970 (a clock that broken is
+    // logged as the epoch).
+    let now = std::time::SystemTime::now().max(std::time::UNIX_EPOCH);
+    write!(out, "{}", humantime::format_rfc3339_micros(now))?;
+    out.write_str("\",\"level\":\"")?;
+    out.write_str(level.as_str())?;
+    out.write_str("\",\"target\":\"")?;
+    JsonEscape(out).write_str(target)?;
+    out.write_char('"')
 }
 
 /// One JSON object per event: `timestamp`, `level`, `target`, the message
@@ -159,18 +223,9 @@ where
         event: &Event<'_>,
     ) -> fmt::Result {
         let meta = event.metadata();
-        writer.write_str("{\"timestamp\":\"")?;
-        // humantime refuses times before 1970 (a clock that broken is
-        // logged as the epoch).
-        let now = std::time::SystemTime::now().max(std::time::UNIX_EPOCH);
-        write!(writer, "{}", humantime::format_rfc3339_micros(now))?;
-        writer.write_str("\",\"level\":\"")?;
-        writer.write_str(meta.level().as_str())?;
-        writer.write_str("\",\"target\":")?;
-        write_json_str(&mut writer, meta.target())?;
+        write_line_head(&mut writer, meta.level(), meta.target())?;
         let mut visitor = JsonFields {
             out: &mut writer,
-            access: meta.target() == ACCESS_TARGET,
             result: Ok(()),
         };
         event.record(&mut visitor);
@@ -181,9 +236,6 @@ where
 
 struct JsonFields<'a, 'w> {
     out: &'a mut Writer<'w>,
-    /// An access-log event: its rendered members are written as they are
-    /// (no other event's field is trusted to be JSON).
-    access: bool,
     result: fmt::Result,
 }
 
@@ -203,13 +255,6 @@ impl JsonFields<'_, '_> {
 
 impl Visit for JsonFields<'_, '_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        if self.access && field.name() == RENDERED_FIELD {
-            // The access log's members, rendered and escaped already.
-            if self.result.is_ok() {
-                self.result = self.out.write_str(value);
-            }
-            return;
-        }
         self.record(field, |w| write_json_str(w, value));
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
@@ -331,8 +376,8 @@ mod tests {
             format: LogFormat::Json,
             log_bodies: false,
         };
-        let (dispatch, _guard) = dispatch(&logging, LogSink::Capture(buf.clone()));
-        tracing::dispatcher::with_default(&dispatch, || {
+        let log = build(&logging, LogSink::Capture(buf.clone()));
+        tracing::dispatcher::with_default(&log.dispatch, || {
             tracing::info!(target: ACCESS_TARGET, "request");
             tracing::info!(target: "sluice::reload", "config reloaded");
             tracing::warn!(target: "sluice::budget", "budget_alert");
