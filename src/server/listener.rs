@@ -9,11 +9,11 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
+use super::drain::Drain;
 use super::preface;
 use crate::gateway::Gateway;
 use crate::proxy::{self, ctx::ConnInfo};
@@ -26,7 +26,7 @@ pub async fn serve(
 ) {
     let limits = gw.active().snapshot.limits.clone();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    let drain = Drain::default();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -72,7 +72,7 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let conn = ConnInfo::new(remote, tls.is_some());
-        let watcher = graceful.watcher();
+        let member = drain.join();
         let gw = gw.clone();
         let builder = builder.clone();
         let tls = tls.clone();
@@ -93,7 +93,8 @@ pub async fn serve(
                         return;
                     };
                     let io = TokioIo::new(preface::Rewound::new(head, stream));
-                    let _ = watcher.watch(builder.serve_connection(io, service)).await;
+                    let conn = builder.serve_connection(io, service);
+                    member.serve(conn, |c| c.graceful_shutdown()).await;
                 }
                 Some(acceptor) => {
                     let Some(mut tls_stream) =
@@ -105,7 +106,8 @@ pub async fn serve(
                         return;
                     };
                     let io = TokioIo::new(preface::Rewound::new(head, tls_stream));
-                    let _ = watcher.watch(builder.serve_connection(io, service)).await;
+                    let conn = builder.serve_connection(io, service);
+                    member.serve(conn, |c| c.graceful_shutdown()).await;
                 }
             }
             drop(permit);
@@ -116,7 +118,7 @@ pub async fn serve(
     drop(listener);
     let grace = limits.shutdown_grace;
     tokio::select! {
-        () = graceful.shutdown() => {}
+        () = drain.drained() => {}
         () = tokio::time::sleep(grace) => {
             tracing::warn!(grace_s = grace.as_secs_f64(), "shutdown grace elapsed; closing remaining connections");
         }

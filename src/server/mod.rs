@@ -3,6 +3,7 @@
 //! requests (streams too) for up to `shutdown_grace`, then stop.
 
 pub mod admin;
+mod drain;
 pub mod listener;
 mod preface;
 pub mod tls;
