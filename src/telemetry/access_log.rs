@@ -59,8 +59,10 @@ pub fn emit(log: &Log, format: LogFormat, ctx: &RequestCtx, latency: Duration) {
                 Err(_) => &mut own,
             };
             out.clear();
-            render_line(out, ctx, latency);
-            log.lines.write_line(out.as_bytes());
+            // Only a clock past year 9999 fails (as every line then does).
+            if render_line(out, ctx, latency).is_ok() {
+                log.lines.write_line(out.as_bytes());
+            }
             // A rare huge line (logged bodies) does not stay allocated.
             if out.capacity() > LINE_KEEP {
                 *out = String::with_capacity(LINE_CAPACITY);
@@ -83,12 +85,12 @@ thread_local! {
 
 /// One whole JSON line: the members every line starts with, `message`,
 /// then [`render`]'s.
-fn render_line(out: &mut String, ctx: &RequestCtx, latency: Duration) {
-    // Writing to a `String` cannot fail.
-    let _ = write_line_head(out, &tracing::Level::INFO, ACCESS_TARGET);
+fn render_line(out: &mut String, ctx: &RequestCtx, latency: Duration) -> std::fmt::Result {
+    write_line_head(out, &tracing::Level::INFO, ACCESS_TARGET)?;
     out.push_str(",\"message\":\"request\"");
     render(out, ctx, latency);
     out.push_str("}\n");
+    Ok(())
 }
 
 /// The identity as logged: a key's `id`, or an anonymous caller's address.

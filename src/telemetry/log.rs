@@ -196,10 +196,7 @@ pub(crate) fn write_line_head(
     target: &str,
 ) -> fmt::Result {
     out.write_str("{\"timestamp\":\"")?;
-    // humantime refuses times before 1970 (a clock that broken is
-    // logged as the epoch).
-    let now = std::time::SystemTime::now().max(std::time::UNIX_EPOCH);
-    write!(out, "{}", humantime::format_rfc3339_micros(now))?;
+    write_timestamp(out, std::time::SystemTime::now())?;
     out.write_str("\",\"level\":\"")?;
     out.write_str(level.as_str())?;
     out.write_str("\",\"target\":\"")?;
@@ -291,6 +288,70 @@ fn write_json_str(w: &mut Writer<'_>, s: &str) -> fmt::Result {
     w.write_char('"')
 }
 
+/// `now` in RFC 3339 UTC with microseconds (`2026-01-02T03:04:05.678901Z`).
+/// The part up to the second is formatted once per second per thread:
+/// a busy gateway writes thousands of lines within each second.
+fn write_timestamp(out: &mut impl fmt::Write, now: std::time::SystemTime) -> fmt::Result {
+    thread_local! {
+        static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
+    }
+    // humantime refuses times before 1970 (a clock that broken is
+    // logged as the epoch).
+    let since_epoch = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since_epoch.as_secs();
+    let (cached, mut head) = SECOND.get();
+    if cached != secs {
+        let whole = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        // humantime fails past year 9999 (as the line then does).
+        let mut text = String::with_capacity(20);
+        write!(text, "{}", humantime::format_rfc3339_seconds(whole))?;
+        head = text
+            .as_bytes()
+            .get(..19)
+            .and_then(|h| <[u8; 19]>::try_from(h).ok())
+            .ok_or(fmt::Error)?;
+        SECOND.set((secs, head));
+    }
+    // The head is ASCII digits and separators from humantime.
+    out.write_str(std::str::from_utf8(&head).map_err(|_| fmt::Error)?)?;
+    out.write_char('.')?;
+    let micros = since_epoch.subsec_micros();
+    let mut digits = [b'0'; 6];
+    let mut rest = micros;
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    out.write_str(std::str::from_utf8(&digits).map_err(|_| fmt::Error)?)?;
+    out.write_char('Z')
+}
+
+/// Whether `s` holds a byte JSON needs escaped: a control character, `"`
+/// or `\`. Eight bytes at a time: most log values need nothing.
+fn needs_escape(s: &[u8]) -> bool {
+    const ONES: u64 = u64::from_le_bytes([1; 8]);
+    const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
+    // Exact as a yes/no: some byte of `x` is below `n` (n <= 128).
+    let any_below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGHS != 0;
+    let any_equal = |x: u64, b: u8| any_below(x ^ (ONES * u64::from(b)), 1);
+    let mut chunks = s.chunks_exact(8);
+    for chunk in &mut chunks {
+        let Ok(word) = <[u8; 8]>::try_from(chunk) else {
+            return true;
+        };
+        let x = u64::from_le_bytes(word);
+        if any_below(x, 0x20) || any_equal(x, b'"') || any_equal(x, b'\\') {
+            return true;
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+}
+
 /// Escapes what is written through it as the inside of a JSON string, so
 /// `Display`/`Debug` values are written without an intermediate `String`.
 pub(crate) struct JsonEscape<'a, W: fmt::Write>(pub(crate) &'a mut W);
@@ -298,7 +359,7 @@ pub(crate) struct JsonEscape<'a, W: fmt::Write>(pub(crate) &'a mut W);
 impl<W: fmt::Write> fmt::Write for JsonEscape<'_, W> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         // Most values need no escaping: one scan, one write.
-        if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        if !needs_escape(s.as_bytes()) {
             return self.0.write_str(s);
         }
         let mut start = 0;
@@ -328,6 +389,56 @@ impl<W: fmt::Write> fmt::Write for JsonEscape<'_, W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn needs_escape_finds_every_byte_json_escapes() {
+        for len in 0..20 {
+            assert!(!needs_escape(&vec![b'a'; len]));
+            for at in 0..len {
+                for b in (0u8..0x20).chain([b'"', b'\\']) {
+                    let mut s = vec![b'a'; len];
+                    s[at] = b;
+                    assert!(needs_escape(&s), "byte {b:#x} at {at} of {len}");
+                }
+            }
+        }
+        // Bytes just around the ones escaped, and non-ASCII text, are not.
+        let plain: Vec<u8> = (0x20u8..=0xff)
+            .filter(|b| *b != b'"' && *b != b'\\')
+            .collect();
+        assert!(!needs_escape(&plain));
+        assert!(!needs_escape("é€😀 ~\x7f".as_bytes()));
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_with_microseconds() {
+        let at = |secs: u64, micros: u32| {
+            let t = std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs(secs)
+                + std::time::Duration::from_micros(u64::from(micros));
+            let mut s = String::new();
+            write_timestamp(&mut s, t).unwrap();
+            s
+        };
+        assert_eq!(at(1_767_323_045, 678_901), "2026-01-02T03:04:05.678901Z");
+        // Same second (cached head), other micros; then the next second.
+        assert_eq!(at(1_767_323_045, 7), "2026-01-02T03:04:05.000007Z");
+        assert_eq!(at(1_767_323_046, 0), "2026-01-02T03:04:06.000000Z");
+        // Past year 9999 humantime fails, and so does the line (no panic).
+        let mut s = String::new();
+        let far = std::time::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_800);
+        assert!(write_timestamp(&mut s, far).is_err());
+        // Before 1970: the epoch.
+        let before = std::time::UNIX_EPOCH - std::time::Duration::from_secs(5);
+        let mut s = String::new();
+        write_timestamp(&mut s, before).unwrap();
+        assert_eq!(s, "1970-01-01T00:00:00.000000Z");
+        // The same text as humantime writes.
+        let now = std::time::SystemTime::now();
+        let mut ours = String::new();
+        write_timestamp(&mut ours, now).unwrap();
+        assert_eq!(ours, humantime::format_rfc3339_micros(now).to_string());
+    }
 
     #[test]
     fn json_strings_are_escaped() {
