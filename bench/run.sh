@@ -30,6 +30,8 @@ PROXY_CPU=${PROXY_CPU:-0}                # core for the proxy under test
 LOAD_CPU=${LOAD_CPU:-1}                  # core for the upstream + load generators
 SKIP_SLUICE=${SKIP_SLUICE:-0}            # 1: only direct + nginx (no build needed)
 FLOOR=${FLOOR:-0}                        # 1: also the bare hyper proxy (examples/hyper_floor.rs)
+NGINX_LOG=${NGINX_LOG:-1}                # 1: also nginx writing a JSON access-log line per request, as sluice does
+ROUNDS=${ROUNDS:-1}                      # measure every target this many times, alternating; the table shows medians
 AUTH=${AUTH:-0}                          # 1: sluice's route requires an API key; every target gets the header
 CACHE=${CACHE:-0}                        # 1: also sluice serving every request from its response cache (hits)
 STREAM=${STREAM:-0}                      # 1: every request asks for a stream; the upstream answers STREAM_CHUNKS SSE chunks
@@ -43,6 +45,7 @@ KEEP_TMP=${KEEP_TMP:-0}                  # 1: keep the temp dir (configs, raw ou
 
 UP_PORT=18000       # the fast upstream
 NGINX_PORT=18081    # nginx as reverse proxy
+NGINX_LOG_PORT=18083  # the same, with an access log (NGINX_LOG=1)
 SLUICE_PORT=18080   # sluice proxy listener
 FLOOR_PORT=18082    # the bare hyper proxy (FLOOR=1)
 REDIS_PORT=18379    # redis-server (REDIS=1)
@@ -61,11 +64,11 @@ export BENCH_BODY=$BODY   # chat.lua sends it
 log() { printf '%s\n' "$*" >&2; }
 die() { log "run.sh: $*"; exit 1; }
 
-for v in DURATION CONNECTIONS THREADS RATE OPEN_CONNECTIONS WARMUP PROXY_CPU LOAD_CPU; do
+for v in DURATION CONNECTIONS THREADS RATE OPEN_CONNECTIONS WARMUP PROXY_CPU LOAD_CPU ROUNDS; do
   [[ ${!v} =~ ^[0-9]+$ && ${!v} -ge 0 ]] || die "$v must be a whole number (got '${!v}')"
 done
-(( DURATION > 0 && CONNECTIONS > 0 && RATE > 0 && OPEN_CONNECTIONS > 0 && THREADS > 0 )) \
-  || die "DURATION, CONNECTIONS, THREADS, RATE and OPEN_CONNECTIONS must be > 0"
+(( DURATION > 0 && CONNECTIONS > 0 && RATE > 0 && OPEN_CONNECTIONS > 0 && THREADS > 0 && ROUNDS > 0 )) \
+  || die "DURATION, CONNECTIONS, THREADS, RATE, OPEN_CONNECTIONS and ROUNDS must be > 0"
 (( CONNECTIONS >= THREADS )) || die "wrk needs CONNECTIONS >= THREADS"
 [[ $OPENLOOP_TOOL == python || $OPENLOOP_TOOL == oha ]] || die "OPENLOOP_TOOL must be python or oha"
 
@@ -217,7 +220,7 @@ echo
 
 # ------------------------------------------------------------------- ports --
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in "$UP_PORT" "$NGINX_PORT" "$SLUICE_PORT" "$ADMIN_PORT" "$FLOOR_PORT" "$REDIS_PORT"; do
+for p in "$UP_PORT" "$NGINX_PORT" "$NGINX_LOG_PORT" "$SLUICE_PORT" "$ADMIN_PORT" "$FLOOR_PORT" "$REDIS_PORT"; do
   ! port_busy "$p" || die "127.0.0.1:$p is already in use (a leftover bench process?)"
 done
 
@@ -306,11 +309,27 @@ $(sse_directives)
 EOF
 } >"$WORK/upstream/nginx.conf"
 
-# (b) nginx as a plain reverse proxy with a keep-alive pool to the upstream.
-{
-  nginx_common "$WORK/nginx"
+# (b) nginx as a plain reverse proxy with a keep-alive pool to the upstream;
+# (b') the same writing one JSON access-log line per request, as sluice
+# does: the fields nginx knows of sluice's line, escaped as JSON, to
+# /dev/null (sluice's stdout goes there too), batched as sluice batches
+# its lines (64 KiB buffer, flushed at least every second).
+nginx_proxy_conf() {  # $1 = instance dir, $2 = port, $3 = 1 for the access log
+  nginx_common "$1"
   echo "http {"
-  nginx_http_common "$WORK/nginx"
+  if (( $3 )); then
+    # (`access_log off` would cancel every access_log of its level.)
+    nginx_http_common "$1" | grep -v 'access_log off'
+    cat <<'EOF'
+    log_format sluice_like escape=json '{"timestamp":"$time_iso8601","level":"INFO","target":"nginx::access",'
+        '"message":"request","request_id":"$request_id","method":"$request_method","path":"$uri",'
+        '"status":$status,"latency_ms":$request_time,"upstream":"$upstream_addr",'
+        '"upstream_ms":"$upstream_response_time","client_ip":"$remote_addr"}';
+    access_log /dev/null sluice_like buffer=64k flush=1s;
+EOF
+  else
+    nginx_http_common "$1"
+  fi
   cat <<EOF
     upstream fast {
         server 127.0.0.1:$UP_PORT;
@@ -318,7 +337,7 @@ EOF
         keepalive_requests 1000000;
     }
     server {
-        listen 127.0.0.1:$NGINX_PORT;
+        listen 127.0.0.1:$2;
         location / {
             proxy_pass http://fast;
             proxy_http_version 1.1;
@@ -327,7 +346,12 @@ EOF
     }
 }
 EOF
-} >"$WORK/nginx/nginx.conf"
+}
+nginx_proxy_conf "$WORK/nginx" "$NGINX_PORT" 0 >"$WORK/nginx/nginx.conf"
+if (( NGINX_LOG )); then
+  mkdir -p "$WORK/nginx-log"
+  nginx_proxy_conf "$WORK/nginx-log" "$NGINX_LOG_PORT" 1 >"$WORK/nginx-log/nginx.conf"
+fi
 
 # (c) sluice: one route straight to the same upstream; with AUTH=1 it
 # requires an API key (and every target is sent one, so loads are equal).
@@ -507,7 +531,7 @@ import sys
 u0, s0 = map(float, sys.argv[1].split()); u1, s1 = map(float, sys.argv[2].split())
 n, hz = float(sys.argv[3]), float(sys.argv[4])
 us = lambda t: t * 1e6 / hz / n
-print(f'{us(u1 - u0 + s1 - s0):.1f} µs ({us(u1 - u0):.1f} user)' if n > 0 else 'n/a')" \
+print(f'{us(u1 - u0 + s1 - s0):.2f} {us(u1 - u0):.2f}' if n > 0 else '-')" \
     "$1" "$2" "$3" "$CLK_TCK"
 }
 
@@ -517,7 +541,7 @@ OPEN_MODE="open@${RATE}/s"
 # (The load runs are plain assignments, not arguments, so that a failing
 # tool stops the script under `set -e`.)
 bench_target() {  # $1 = target name, $2 = url, $3 = the proxy's pid (none for direct)
-  local res s1 s2 pids=() t1 t2 per_req="—"
+  local res s1 s2 pids=() t1 t2 per_req="-"
   check_target "$1" "$2"
   log "run.sh: $1: warm-up ${WARMUP}s"
   if (( WARMUP > 0 )); then res=$(run_wrk "$2" "$WARMUP"); fi
@@ -532,7 +556,7 @@ bench_target() {  # $1 = target name, $2 = url, $3 = the proxy's pid (none for d
   record "$1" closed "$res" "$(busy_between "$s1" "$s2" | tr ' ' /)" "$per_req"
   log "run.sh: $1: open loop ${RATE} req/s ${DURATION}s"
   res=$(run_open "$2")
-  record "$1" "$OPEN_MODE" "$res" "—" "—"   # (busy and CPU/request only matter at saturation)
+  record "$1" "$OPEN_MODE" "$res" "-" "-"   # (busy and CPU/request only matter at saturation)
 }
 
 # ------------------------------------------------------------------- runs --
@@ -543,16 +567,29 @@ UP_PID=$LAST_PID
 wait_status "http://127.0.0.1:$UP_PORT$REQ_PATH" 200 "$UP_PID" \
   || { cat "$WORK/upstream/error.log" >&2; die "upstream nginx did not start"; }
 
+# Every round measures every target in turn, so that a slow spell of the
+# VM is shared out rather than landing on one target.
+for ((round = 1; round <= ROUNDS; round++)); do
+if (( ROUNDS > 1 )); then log "run.sh: round $round of $ROUNDS"; fi
+
 # (a) direct
 bench_target direct "http://127.0.0.1:$UP_PORT$REQ_PATH"
 
-# (b) nginx reverse proxy
-start_nginx "$WORK/nginx" "$PROXY_CPU"
-NGINX_PID=$LAST_PID
-wait_status "http://127.0.0.1:$NGINX_PORT$REQ_PATH" 200 "$NGINX_PID" \
-  || { cat "$WORK/nginx/error.log" >&2; die "nginx proxy did not start"; }
-bench_target nginx "http://127.0.0.1:$NGINX_PORT$REQ_PATH" "$NGINX_PID"
-stop_started "$NGINX_PID"
+# (b) nginx reverse proxy, (b') with its access log
+for variant in nginx nginx-log; do
+  if [[ $variant == nginx-log ]]; then
+    (( NGINX_LOG )) || continue
+    port=$NGINX_LOG_PORT
+  else
+    port=$NGINX_PORT
+  fi
+  start_nginx "$WORK/$variant" "$PROXY_CPU"
+  NGINX_PID=$LAST_PID
+  wait_status "http://127.0.0.1:$port$REQ_PATH" 200 "$NGINX_PID" \
+    || { cat "$WORK/$variant/error.log" >&2; die "$variant proxy did not start"; }
+  bench_target "$variant" "http://127.0.0.1:$port$REQ_PATH" "$NGINX_PID"
+  stop_started "$NGINX_PID"
+done
 
 # (c) sluice
 if (( ! SKIP_SLUICE )); then
@@ -593,6 +630,8 @@ if (( FLOOR )); then
   stop_started "$FLOOR_PID"
 fi
 
+done
+
 stop_started "$UP_PID"
 
 # ------------------------------------------------------------------ table --
@@ -600,30 +639,56 @@ stop_started "$UP_PID"
 # added p50 = p50 of the row - p50 of direct in the same mode.
 echo
 python3 - "$RESULTS" "$PROXY_CPU" "$LOAD_CPU" <<'PY'
-import sys
+import statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-by = {(t, m): (float(r), int(p50), int(p99), int(e)) for t, m, r, p50, p99, e, _, _ in rows}
-busy = {(t, m): b for t, m, *_, b, _ in rows}
-cpu = {(t, m): c for t, m, *_, c in rows}
+runs = {}  # (target, mode) -> every round's (rps, p50, p99, errors, busy, cpu)
+for t, m, r, p50, p99, e, b, c in rows:
+    runs.setdefault((t, m), []).append((float(r), int(p50), int(p99), int(e), b, c))
+med = lambda xs: statistics.median(xs)
+def summary(k):
+    rs = runs[k]
+    cpus = [tuple(map(float, c.split())) for *_, c in rs if c != "-"]
+    return {
+        "rps": med([r[0] for r in rs]), "rps_all": [r[0] for r in rs],
+        "p50": round(med([r[1] for r in rs])), "p99": round(med([r[2] for r in rs])),
+        "err": sum(r[3] for r in rs), "busy": rs[len(rs) // 2][4],
+        "cpu": (med([c[0] for c in cpus]), med([c[1] for c in cpus])) if cpus else None,
+    }
+by = {k: summary(k) for k in runs}
 pc, lc = sys.argv[2], sys.argv[3]
+many = any(len(v) > 1 for v in runs.values())
 def us(v, sign=""):
     return f"{v / 1000:{sign}.2f} ms" if abs(v) >= 10000 else f"{v:{sign}d} µs"
-print(f"| target | mode | req/s | p50 | p99 | req/s vs nginx | added p50 vs direct | errors | busy % cpu{pc}/cpu{lc} | proxy CPU/req |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-for t, m, *_ in rows:
-    rps, p50, p99, err = by[(t, m)]
-    ng = by.get(("nginx", m))
-    r = rps / ng[0] if ng and ng[0] > 0 else None
-    ratio = "n/a" if r is None else f"{r:.2f}x" if r >= 0.1 else f"{r:.2g}x"
+head = f"| target | mode | req/s | p50 | p99 | req/s vs nginx | req/s vs nginx-log | added p50 vs direct | errors | busy % cpu{pc}/cpu{lc} | proxy CPU/req |"
+if many:
+    head += " req/s of each round |"
+print(head)
+print("|---" * (head.count("|") - 1) + "|")
+for k in runs:
+    t, m = k
+    row = by[k]
+    def ratio(base):
+        b = by.get((base, m))
+        if not b or b["rps"] <= 0:
+            return "n/a"
+        r = row["rps"] / b["rps"]
+        return f"{r:.2f}x" if r >= 0.1 else f"{r:.2g}x"
     d = by.get(("direct", m))
-    added = "—" if t == "direct" or not d else us(p50 - d[1], "+")
-    print(f"| {t} | {m} | {rps:,.0f} | {us(p50)} | {us(p99)} | {ratio} | {added} | {err} | {busy[(t, m)]} | {cpu[(t, m)]} |")
+    added = "—" if t == "direct" or not d else us(row["p50"] - d["p50"], "+")
+    cpu = "—" if not row["cpu"] else f"{row['cpu'][0]:.1f} µs ({row['cpu'][1]:.1f} user)"
+    line = (f"| {t} | {m} | {row['rps']:,.0f} | {us(row['p50'])} | {us(row['p99'])} | {ratio('nginx')} "
+            f"| {ratio('nginx-log')} | {added} | {row['err']} | {row['busy']} | {cpu} |")
+    if many:
+        line += " " + " / ".join(f"{r:,.0f}" for r in row["rps_all"]) + " |"
+    print(line)
 PY
 echo
 echo "closed = wrk, $CONNECTIONS connections, max throughput; $OPEN_MODE = fixed rate on $OPEN_CONNECTIONS connections, latency from the scheduled send time."
 echo "busy = share of each pinned core in use during a closed-loop run (cpu$PROXY_CPU: proxy under test, idle for direct; cpu$LOAD_CPU: upstream + wrk)."
 echo "A proxy's closed-loop req/s measures the proxy only when its own core is the one at ~100%."
 echo "proxy CPU/req = user + system CPU time of the proxy's processes during the closed-loop run, per request served (user part in brackets)."
+echo "nginx-log = the nginx proxy writing one JSON access-log line per request (batched), the job sluice's access log does."
+if (( ROUNDS > 1 )); then echo "Every figure is the median of $ROUNDS rounds; the last column has each round's req/s."; fi
 if awk -F'\t' '$6 > 0 {bad=1} END {exit !bad}' "$RESULTS"; then
   echo
   echo "WARNING: some runs had errors (see the errors column); their numbers are not comparable."
