@@ -6,7 +6,7 @@
 //! token count, a numeric finish reason) is read as absent rather than
 //! failing the whole object: one odd field must not cost the rest of the
 //! metering. Only JSON that does not parse at all yields nothing, and
-//! an object with a member written twice, which the derived structs
+//! an object with a member written twice, which the member readers
 //! refuse: upstream encoders build answers from maps and never write
 //! one. (Client requests, which could, fall back to a `Value` where it
 //! matters: `sse::ask_for_usage`, `limit::estimate_tokens`.)
@@ -22,60 +22,44 @@ use serde::de::value::MapAccessDeserializer;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 /// The members of an answer or event that metering uses. It repeats
-/// [`Answer`]'s members rather than `#[serde(flatten)]` them: flatten
-/// buffers every member through serde's private content tree, losing the
-/// borrowed strings and the speed this type exists for.
-#[derive(serde::Deserialize, Default)]
-#[serde(default)]
+/// [`Answer`]'s members rather than nesting one: an answer's members sit
+/// at the top level of a JSON answer.
+#[derive(Default)]
 pub struct Facts<'a> {
     /// OpenAI's `{"error": {...}}`: present and not null.
     pub error: Option<IgnoredAny>,
-    /// Anthropic's event type (`{"type": "error"}` among them).
-    #[serde(rename = "type", borrow)]
+    /// Anthropic's event `type` (`{"type": "error"}` among them).
     pub kind: Loose<Cow<'a, str>>,
     /// Anthropic's `message_start` wraps the message here.
-    #[serde(borrow)]
     pub message: Loose<Answer<'a>>,
     /// The responses API's `response.completed` wraps its answer here.
-    #[serde(borrow)]
     pub response: Loose<Answer<'a>>,
-    #[serde(borrow)]
     pub model: Loose<Cow<'a, str>>,
     pub usage: Loose<Counts>,
-    #[serde(borrow)]
     pub choices: Loose<Choices<'a>>,
-    #[serde(borrow)]
     pub stop_reason: Loose<Cow<'a, str>>,
     /// Anthropic's `message_delta` carries `delta.stop_reason`.
-    #[serde(borrow)]
     pub delta: Loose<Delta<'a>>,
 }
 
 /// An answer's own members: a whole JSON answer, or the message or
 /// answer an event wraps (which has no `choices`).
-#[derive(serde::Deserialize, Default)]
-#[serde(default)]
+#[derive(Default)]
 pub struct Answer<'a> {
-    #[serde(borrow)]
     pub model: Loose<Cow<'a, str>>,
     pub usage: Loose<Counts>,
-    #[serde(borrow)]
     pub choices: Loose<Choices<'a>>,
-    #[serde(borrow)]
     pub stop_reason: Loose<Cow<'a, str>>,
 }
 
-#[derive(serde::Deserialize, Default)]
-#[serde(default)]
+#[derive(Default)]
 pub struct Delta<'a> {
-    #[serde(borrow)]
     pub stop_reason: Loose<Cow<'a, str>>,
 }
 
 /// Token counts, in OpenAI chat (`prompt_`/`completion_tokens`) or
 /// responses-API and Anthropic (`input_`/`output_tokens`) names.
-#[derive(serde::Deserialize, Default)]
-#[serde(default)]
+#[derive(Default)]
 pub struct Counts {
     prompt_tokens: Loose<u64>,
     completion_tokens: Loose<u64>,
@@ -100,11 +84,136 @@ pub struct Choices<'a> {
     pub len: usize,
 }
 
-#[derive(serde::Deserialize, Default)]
-#[serde(default)]
+#[derive(Default)]
 struct Choice<'a> {
-    #[serde(borrow)]
     finish_reason: Loose<Cow<'a, str>>,
+}
+
+/// `Deserialize` for a struct of metering members, each read by its JSON
+/// name; other members are skipped, a missing one stays default, and a
+/// member written twice fails the object (as serde's derive would).
+///
+/// Names are compared as bytes (escapes resolved): serde's derive reads
+/// every name as a `str`, checking it is UTF-8, at ~90 instructions a
+/// name, for names that are mostly skipped (`id`, `object`, `created`…).
+macro_rules! members {
+    ([$($generics:tt)*] $ty:ty { $($bit:literal $name:literal => $field:ident),* $(,)? }) => {
+        impl<$($generics)*> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                d.deserialize_map(MembersVisitor::<Self>(PhantomData))
+            }
+        }
+        impl<$($generics)*> Members<'de> for $ty {
+            fn read<A: MapAccess<'de>>(
+                &mut self,
+                name: &[u8],
+                seen: &mut u32,
+                map: &mut A,
+            ) -> Result<(), A::Error> {
+                match name {
+                    $($name => {
+                        if *seen & (1 << $bit) != 0 {
+                            return Err(de::Error::duplicate_field(stringify!($field)));
+                        }
+                        *seen |= 1 << $bit;
+                        self.$field = map.next_value()?;
+                    })*
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    };
+}
+
+members!(['de: 'a, 'a] Facts<'a> {
+    0 b"error" => error,
+    1 b"type" => kind,
+    2 b"message" => message,
+    3 b"response" => response,
+    4 b"model" => model,
+    5 b"usage" => usage,
+    6 b"choices" => choices,
+    7 b"stop_reason" => stop_reason,
+    8 b"delta" => delta,
+});
+members!(['de: 'a, 'a] Answer<'a> {
+    0 b"model" => model,
+    1 b"usage" => usage,
+    2 b"choices" => choices,
+    3 b"stop_reason" => stop_reason,
+});
+members!(['de: 'a, 'a] Delta<'a> { 0 b"stop_reason" => stop_reason });
+members!(['de: 'a, 'a] Choice<'a> { 0 b"finish_reason" => finish_reason });
+members!(['de] Counts {
+    0 b"prompt_tokens" => prompt_tokens,
+    1 b"completion_tokens" => completion_tokens,
+    2 b"input_tokens" => input_tokens,
+    3 b"output_tokens" => output_tokens,
+});
+
+/// A struct read member by member ([`members!`]).
+trait Members<'de>: Default {
+    /// Reads the value of the member called `name` (or skips it).
+    fn read<A: MapAccess<'de>>(
+        &mut self,
+        name: &[u8],
+        seen: &mut u32,
+        map: &mut A,
+    ) -> Result<(), A::Error>;
+}
+
+struct MembersVisitor<T>(PhantomData<T>);
+
+impl<'de, T: Members<'de>> Visitor<'de> for MembersVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<T, A::Error> {
+        let mut out = T::default();
+        let mut seen = 0;
+        while let Some(Name(name)) = map.next_key()? {
+            out.read(&name, &mut seen, &mut map)?;
+        }
+        Ok(out)
+    }
+}
+
+/// A member's name as bytes, escapes resolved, not checked as UTF-8: it
+/// is only compared with the names [`members!`] knows.
+struct Name<'de>(Cow<'de, [u8]>);
+
+impl<'de> Deserialize<'de> for Name<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_bytes(NameVisitor)
+    }
+}
+
+struct NameVisitor;
+
+impl<'de> Visitor<'de> for NameVisitor {
+    type Value = Name<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a member name")
+    }
+    fn visit_borrowed_bytes<E: de::Error>(self, name: &'de [u8]) -> Result<Self::Value, E> {
+        Ok(Name(Cow::Borrowed(name)))
+    }
+    fn visit_bytes<E: de::Error>(self, name: &[u8]) -> Result<Self::Value, E> {
+        Ok(Name(Cow::Owned(name.to_vec())))
+    }
+    fn visit_borrowed_str<E: de::Error>(self, name: &'de str) -> Result<Self::Value, E> {
+        Ok(Name(Cow::Borrowed(name.as_bytes())))
+    }
+    fn visit_str<E: de::Error>(self, name: &str) -> Result<Self::Value, E> {
+        Ok(Name(Cow::Owned(name.as_bytes().to_vec())))
+    }
 }
 
 impl<'a> Facts<'a> {
@@ -308,6 +417,34 @@ mod tests {
         );
         assert!(facts.stop_reason.0.is_none() && facts.delta.0.is_none());
         assert!(facts.message.0.is_none() && facts.error.is_none());
+    }
+
+    #[test]
+    fn names_are_read_with_escapes_resolved_and_only_once() {
+        let facts = Facts::parse(
+            br#"{"id":"x","us\u0061ge":{"prompt_tokens":3,"output_tokens":4},"\u006dodel":"m","choices":[{"finish_reason":"stop"}]}"#,
+        )
+        .unwrap();
+        let usage = facts.usage.0.unwrap();
+        assert_eq!((usage.input(), usage.output()), (Some(3), Some(4)));
+        assert_eq!(facts.model.0.as_deref(), Some("m"));
+        assert_eq!(
+            facts.choices.0.unwrap().finish_reason.as_deref(),
+            Some("stop")
+        );
+        // A member written twice fails the object, at any depth; other
+        // names may repeat.
+        for twice in [
+            r#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2}}"#,
+            r#"{"usage":{"prompt_tokens":1,"prompt_tokens":2}}"#,
+            r#"{"model":"a","mod\u0065l":"b"}"#,
+        ] {
+            assert!(Facts::parse(twice.as_bytes()).is_none(), "{twice}");
+        }
+        assert!(Facts::parse(br#"{"id":1,"id":2,"model":"m"}"#).is_some());
+        // Names that only start like ours are others.
+        let facts = Facts::parse(br#"{"models":"x","usage_":{"prompt_tokens":1}}"#).unwrap();
+        assert!(facts.model.0.is_none() && facts.usage.0.is_none());
     }
 
     #[test]
