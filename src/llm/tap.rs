@@ -41,9 +41,11 @@ pub struct Tap {
     /// On tokio's clock, as the timer is, so that a timer that fired is
     /// never judged early by another clock.
     deadline: TokioInstant,
-    /// When the last frame came (or the tap was made): the idle gap runs
-    /// from here.
-    last_frame: TokioInstant,
+    /// When the body began to wait after its last frame (or from the
+    /// start): the idle gap runs from here. `None` until that wait, so
+    /// that frames read without waiting cost no clock read: a JSON answer
+    /// is usually whole at once.
+    waiting_since: Option<TokioInstant>,
     /// Armed at the first wait. A frame does not move it: when it fires
     /// early it is set again for the current due time, so a stream pays
     /// for a timer update once per idle period, not once per chunk.
@@ -98,7 +100,7 @@ impl Tap {
             finish: Some(finish),
             idle,
             deadline: TokioInstant::from_std(deadline),
-            last_frame: TokioInstant::now(),
+            waiting_since: None,
             timer: None,
             sse,
             ended: false,
@@ -132,10 +134,14 @@ impl Tap {
         }
     }
 
-    /// When the body fails if no frame comes first.
-    fn due(&self) -> TokioInstant {
+    /// When the body fails if no frame comes first; the idle gap starts
+    /// now if the body was not waiting yet.
+    fn due(&mut self) -> TokioInstant {
         match self.idle {
-            Some(idle) => (self.last_frame + idle).min(self.deadline),
+            Some(idle) => {
+                let since = *self.waiting_since.get_or_insert_with(TokioInstant::now);
+                (since + idle).min(self.deadline)
+            }
             None => self.deadline,
         }
     }
@@ -256,9 +262,7 @@ impl Body for Tap {
                         (Some(meter), Some(data)) => meter.observe(data),
                         _ => None,
                     };
-                    if this.idle.is_some() {
-                        this.last_frame = TokioInstant::now();
-                    }
+                    this.waiting_since = None;
                     match replaced {
                         Some(out) if out.is_empty() => continue,
                         Some(out) => {
