@@ -63,7 +63,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 {
         return;
     }
-    if present & 1 != 0 {
+    if present & 1 != 0 && !names_only_hop_by_hop(headers) {
         // `close` and names of the table (usually `keep-alive`) need no
         // lookup: the table's are removed below when present.
         let named: Vec<HeaderName> = list_items(headers, header::CONNECTION)
@@ -84,6 +84,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+}
+
+/// Whether `connection` is only `keep-alive` or `close` (what nearly
+/// every message sends): it then names no header beyond the table's, and
+/// the list need not be split and compared item by item.
+fn names_only_hop_by_hop(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONNECTION).iter().all(|value| {
+        let value = value.as_bytes().trim_ascii();
+        value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
+    })
 }
 
 /// The items of a comma-separated list header, over all its values,
@@ -233,6 +243,27 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn a_name_in_any_connection_value_goes() {
+        // The plain `keep-alive` of one value does not hide the other's name.
+        for plain in ["keep-alive", " Keep-Alive ", "close"] {
+            let mut h = HeaderMap::new();
+            h.append(header::CONNECTION, HeaderValue::from_static(plain));
+            h.append(header::CONNECTION, HeaderValue::from_static("x-hop"));
+            h.insert("x-hop", HeaderValue::from_static("1"));
+            h.insert("x-keep", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.len(), 1, "{plain}");
+            assert!(h.contains_key("x-keep"));
+        }
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
     }
 
     #[test]
