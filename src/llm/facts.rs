@@ -184,9 +184,24 @@ impl<'de, T: Members<'de>> Visitor<'de> for MembersVisitor<T> {
     }
 }
 
-/// A member's name as bytes, escapes resolved, not checked as UTF-8: it
-/// is only compared with the names [`members!`] knows.
+/// A member's name as bytes, escapes resolved: it is only compared with
+/// the names [`members!`] knows.
 struct Name<'de>(Cow<'de, [u8]>);
+
+impl Name<'_> {
+    /// What serde_json refuses in a name read as a `str` (and so in the
+    /// objects serde's derive read): a raw control byte, or bytes that are
+    /// not UTF-8 (a lone surrogate escape among them). Checked here so
+    /// that such JSON still yields nothing.
+    fn check<E: de::Error>(name: &[u8]) -> Result<(), E> {
+        let plain = name.iter().all(|&b| (0x20..0x80).contains(&b));
+        if plain || (!name.iter().any(|&b| b < 0x20) && std::str::from_utf8(name).is_ok()) {
+            Ok(())
+        } else {
+            Err(E::custom("a member name that is not a JSON string"))
+        }
+    }
+}
 
 impl<'de> Deserialize<'de> for Name<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -203,9 +218,11 @@ impl<'de> Visitor<'de> for NameVisitor {
         f.write_str("a member name")
     }
     fn visit_borrowed_bytes<E: de::Error>(self, name: &'de [u8]) -> Result<Self::Value, E> {
+        Name::check(name)?;
         Ok(Name(Cow::Borrowed(name)))
     }
     fn visit_bytes<E: de::Error>(self, name: &[u8]) -> Result<Self::Value, E> {
+        Name::check(name)?;
         Ok(Name(Cow::Owned(name.to_vec())))
     }
     fn visit_borrowed_str<E: de::Error>(self, name: &'de str) -> Result<Self::Value, E> {
@@ -442,6 +459,19 @@ mod tests {
             assert!(Facts::parse(twice.as_bytes()).is_none(), "{twice}");
         }
         assert!(Facts::parse(br#"{"id":1,"id":2,"model":"m"}"#).is_some());
+        // Names serde_json refuses as strings fail the object, as before.
+        for bad in [
+            &b"{\"a\nb\":0,\"model\":\"m\"}"[..],
+            b"{\"a\xffb\":0,\"model\":\"m\"}",
+            br#"{"\ud800":0,"model":"m"}"#,
+        ] {
+            assert!(
+                Facts::parse(bad).is_none(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(Facts::parse("{\"é\\u00e9\":0,\"model\":\"m\"}".as_bytes()).is_some());
         // Names that only start like ours are others.
         let facts = Facts::parse(br#"{"models":"x","usage_":{"prompt_tokens":1}}"#).unwrap();
         assert!(facts.model.0.is_none() && facts.usage.0.is_none());
