@@ -41,10 +41,10 @@ pub struct Tap {
     /// On tokio's clock, as the timer is, so that a timer that fired is
     /// never judged early by another clock.
     deadline: TokioInstant,
-    /// When the body began to wait after its last frame (or from the
-    /// start): the idle gap runs from here. `None` until that wait, so
-    /// that frames read without waiting cost no clock read: a JSON answer
-    /// is usually whole at once.
+    /// Where the idle gap runs from: the last frame once the body has
+    /// waited for one (the timer is armed), else the first wait. Frames
+    /// of a body that never waits, as a JSON answer usually arrives whole,
+    /// then cost no clock read.
     waiting_since: Option<TokioInstant>,
     /// Armed at the first wait. A frame does not move it: when it fires
     /// early it is set again for the current due time, so a stream pays
@@ -262,7 +262,13 @@ impl Body for Tap {
                         (Some(meter), Some(data)) => meter.observe(data),
                         _ => None,
                     };
-                    this.waiting_since = None;
+                    // A body that waited before may wait again, perhaps
+                    // unpolled while the client is slow: the gap runs from
+                    // this frame.
+                    this.waiting_since = match (this.idle, &this.timer) {
+                        (Some(_), Some(_)) => Some(TokioInstant::now()),
+                        _ => None,
+                    };
                     match replaced {
                         Some(out) if out.is_empty() => continue,
                         Some(out) => {
