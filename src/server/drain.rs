@@ -105,10 +105,12 @@ impl Member {
     /// closes at once).
     pub async fn serve<C: Future>(mut self, conn: C, graceful: impl FnOnce(Pin<&mut C>)) {
         let mut conn = pin!(conn);
+        // The signal first, as hyper-util's watcher did: a connection
+        // still waiting for its first bytes closes without a request.
         tokio::select! {
             biased;
-            _ = conn.as_mut() => return,
             _ = &mut self.signal => graceful(conn.as_mut()),
+            _ = conn.as_mut() => return,
         }
         conn.await;
     }
