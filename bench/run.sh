@@ -323,8 +323,8 @@ nginx_proxy_conf() {  # $1 = instance dir, $2 = port, $3 = 1 for the access log
     cat <<'EOF'
     log_format sluice_like escape=json '{"timestamp":"$time_iso8601","level":"INFO","target":"nginx::access",'
         '"message":"request","request_id":"$request_id","method":"$request_method","path":"$uri",'
-        '"status":$status,"latency_ms":$request_time,"upstream":"$upstream_addr",'
-        '"upstream_ms":"$upstream_response_time","client_ip":"$remote_addr"}';
+        '"status":$status,"latency_s":$request_time,"upstream":"$upstream_addr",'
+        '"upstream_s":"$upstream_response_time","client_ip":"$remote_addr"}';
     access_log /dev/null sluice_like buffer=64k flush=1s;
 EOF
   else
@@ -651,7 +651,8 @@ def summary(k):
     return {
         "rps": med([r[0] for r in rs]), "rps_all": [r[0] for r in rs],
         "p50": round(med([r[1] for r in rs])), "p99": round(med([r[2] for r in rs])),
-        "err": sum(r[3] for r in rs), "busy": rs[len(rs) // 2][4],
+        # busy: of the round with the median req/s (the lower of two).
+        "err": sum(r[3] for r in rs), "busy": sorted(rs)[(len(rs) - 1) // 2][4],
         "cpu": (med([c[0] for c in cpus]), med([c[1] for c in cpus])) if cpus else None,
     }
 by = {k: summary(k) for k in runs}
