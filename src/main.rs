@@ -33,13 +33,15 @@ struct Cli {
 enum Command {
     /// Serve until SIGTERM/SIGINT, then drain.
     Run {
-        #[arg(long, env = "SLUICE_CONFIG", default_value = "proxy.yaml")]
-        config: PathBuf,
+        /// The config file [default: $SLUICE_CONFIG, else proxy.yaml]
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Validate a config file and print every error.
     Check {
-        #[arg(long, env = "SLUICE_CONFIG", default_value = "proxy.yaml")]
-        config: PathBuf,
+        /// The config file [default: $SLUICE_CONFIG, else proxy.yaml]
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Print the `sha256:` hash of an API key (read from stdin without KEY).
     HashKey { key: Option<String> },
@@ -65,6 +67,18 @@ enum Command {
     },
 }
 
+/// `--config`, else `$SLUICE_CONFIG` when set and not empty (an empty
+/// variable, as a manifest's `value: ""` leaves it, means unset), else
+/// `./proxy.yaml`.
+fn config_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| {
+        std::env::var_os("SLUICE_CONFIG")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    })
+    .unwrap_or_else(|| PathBuf::from("proxy.yaml"))
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     config::units::parse_duration(s)
 }
@@ -79,9 +93,9 @@ fn parse_rate(s: &str) -> Result<f64, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check { config } => check(&config_path(config)),
         Command::HashKey { key } => hash_key(key),
-        Command::Run { config } => with_runtime(run(config)),
+        Command::Run { config } => with_runtime(run(config_path(config))),
         Command::Mock {
             listen,
             latency,
@@ -148,7 +162,10 @@ fn with_runtime(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
 
 fn check(path: &std::path::Path) -> ExitCode {
     match config::load(path) {
-        Ok(_) => {
+        Ok(snapshot) => {
+            for w in &snapshot.warnings {
+                eprintln!("{w}");
+            }
             println!("{}: ok", path.display());
             ExitCode::SUCCESS
         }
@@ -202,8 +219,12 @@ async fn run(path: PathBuf) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let warnings = snapshot.warnings.clone();
     let gw = Gateway::new(snapshot, LogSink::Stdout);
     let _ = tracing::dispatcher::set_global_default(gw.log.dispatch.clone());
+    for w in &warnings {
+        tracing::warn!(target: "sluice::config", "{w}");
+    }
     // Signals are taken over before `start` makes /readyz say 200: a
     // SIGTERM or SIGHUP sent right then must drain or reload, not kill.
     let stop = StopSignals::install();

@@ -90,10 +90,14 @@ impl Reloader {
         match loaded {
             Ok(snapshot) => {
                 let restart = needs_restart(&self.gw.active().snapshot, &snapshot);
+                let warnings = snapshot.warnings.clone();
                 self.gw.swap(snapshot);
                 metrics.with_label_values(&["ok"]).inc();
                 self.log(|| {
                     tracing::info!(event = "config_reloaded", file, "config reloaded");
+                    for w in &warnings {
+                        tracing::warn!(target: "sluice::config", "{w}");
+                    }
                     for what in &restart {
                         tracing::warn!(
                             event = "config_needs_restart",

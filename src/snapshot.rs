@@ -32,6 +32,8 @@ pub struct Snapshot {
     pub cache: CacheSettings,
     pub state: StateSettings,
     pub logging: Logging,
+    /// What works but should be fixed (`file:line:col: warning: …`).
+    pub warnings: Vec<crate::config::ConfigError>,
 }
 
 #[derive(Debug, Clone)]

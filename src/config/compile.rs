@@ -55,9 +55,11 @@ pub fn compile(
         base_dir,
         env,
         errors: Vec::new(),
+        warnings: Vec::new(),
     };
-    let snapshot = c.config(raw);
+    let mut snapshot = c.config(raw);
     if c.errors.is_empty() {
+        snapshot.warnings = c.warnings;
         Ok(snapshot)
     } else {
         c.errors.sort_by_key(|e| (e.line, e.col));
@@ -70,6 +72,7 @@ struct Compiler<'a> {
     base_dir: &'a Path,
     env: &'a dyn Fn(&str) -> Option<String>,
     errors: Vec<ConfigError>,
+    warnings: Vec<ConfigError>,
 }
 
 const DEFAULT_RETRY_ON: [RetryOn; 7] = [
@@ -89,6 +92,17 @@ impl Compiler<'_> {
             line: at.line(),
             col: at.column(),
             message: message.into(),
+        });
+    }
+
+    /// Something that works but that the operator should fix; `check`
+    /// prints it and `run` logs it.
+    fn warning(&mut self, at: &Location, message: impl Into<String>) {
+        self.warnings.push(ConfigError {
+            file: self.file.to_owned(),
+            line: at.line(),
+            col: at.column(),
+            message: format!("warning: {}", message.into()),
         });
     }
 
@@ -297,6 +311,7 @@ impl Compiler<'_> {
         let state = self.state(raw.state.as_ref());
         let logging = self.logging(raw.logging.as_ref());
         Snapshot {
+            warnings: Vec::new(),
             listen,
             tls,
             admin_listen,
@@ -944,10 +959,12 @@ impl Compiler<'_> {
             let secret = j.hs256_secret.as_ref()?;
             let text = self.text(secret)?;
             if text.len() < 32 {
+                // RFC 7518 §3.2 wants 256 bits; Envoy and the JWT
+                // libraries accept shorter, and so does sluice, loudly.
                 // The value is a secret: the message never repeats it.
-                self.error(
+                self.warning(
                     &secret.referenced,
-                    "hs256_secret must be at least 32 bytes (256 bits)",
+                    "hs256_secret is shorter than 32 bytes (RFC 7518 asks for 256 bits): tokens signed with it are easier to forge",
                 );
             }
             hmac = true;

@@ -222,6 +222,15 @@ fn check_defaults_to_proxy_yaml_in_the_working_directory() {
         .expect("run sluice check");
     assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
     assert_eq!(stdout(&out), "proxy.yaml: ok\n");
+    // An empty SLUICE_CONFIG (a manifest's `value: ""`) counts as unset.
+    let out = sluice()
+        .arg("check")
+        .env("SLUICE_CONFIG", "")
+        .current_dir(cwd.path())
+        .output()
+        .expect("run sluice check");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&out), "proxy.yaml: ok\n");
 }
 
 #[test]
