@@ -110,8 +110,11 @@ pub async fn lookup(
                 }
                 Join::Wait(mut done) => {
                     // Woken when the lead stored its response or gave up;
-                    // past the deadline the request goes on alone.
+                    // past the deadline the request goes on alone. The wait
+                    // is the lead's upstream time, not sluice's overhead.
+                    let waited = Instant::now();
                     let woken = tokio::time::timeout_at(deadline.into(), done.changed()).await;
+                    ctx.upstream_wait += waited.elapsed();
                     if woken.is_err() {
                         break;
                     }

@@ -23,7 +23,7 @@ use super::validate::CappedBody;
 use crate::body::{self, BodyError, BoxBody, Joined};
 use crate::gateway::{Active, Gateway};
 use crate::llm::sse;
-use crate::snapshot::{AuthMode, Pool, RetryOn, Route, Target};
+use crate::snapshot::{Pool, RetryOn, Route, Target};
 use crate::telemetry::metrics::Outcome;
 use crate::upstream::breaker::{Admit, Verdict};
 use crate::upstream::client::ClientError;
@@ -69,7 +69,7 @@ pub async fn send(
     body: RequestBody,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let snap = &active.snapshot;
-    headers::from_client(&mut parts.headers, ctx, route.auth != AuthMode::None);
+    headers::from_client(&mut parts.headers, ctx);
     let max_body = snap.limits.max_request_body;
     // The body is read whole (bounded) when it must be replayed (pools),
     // estimated (token limits) or edited (streamed chat completions that
@@ -257,12 +257,25 @@ async fn failover(
         match attempt(active, member, ctx, member_parts, body::full(bytes)).await {
             Ok(resp) => {
                 let status = resp.status().as_u16();
+                let pause = match status {
+                    429 => pool::retry_after(resp.headers()),
+                    _ => None,
+                };
                 if !pool.retry_on.contains(&RetryOn::Status(status)) {
-                    let deadline =
-                        (Instant::now() + upstream.timeouts.first_byte).min(ctx.deadline(snap));
-                    match hold_preamble(resp, deadline).await {
+                    let held = Instant::now();
+                    let deadline = (held + upstream.timeouts.first_byte).min(ctx.deadline(snap));
+                    let preamble = hold_preamble(resp, deadline).await;
+                    // Waiting for the stream's first content is upstream time.
+                    ctx.upstream_wait += held.elapsed();
+                    match preamble {
                         Ok(resp) => {
-                            verdict.success();
+                            match pause {
+                                // A 429 with `retry-after` cools the member
+                                // down (SPEC §3) even when it goes to the
+                                // client; a pause is no verdict.
+                                Some(pause) => breaker.cool_down(Instant::now() + pause),
+                                None => verdict.success(),
+                            }
                             return Ok(resp);
                         }
                         Err(text) => {
@@ -283,10 +296,10 @@ async fn failover(
                         }
                     }
                 }
-                match (status, pool::retry_after(resp.headers())) {
+                match pause {
                     // A pause is no verdict: a probe's slot is freed.
-                    (429, Some(pause)) => breaker.cool_down(Instant::now() + pause),
-                    _ => verdict.failure(
+                    Some(pause) => breaker.cool_down(Instant::now() + pause),
+                    None => verdict.failure(
                         Instant::now(),
                         pool.breaker_failures,
                         pool.breaker_cooldown,

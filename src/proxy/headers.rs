@@ -141,16 +141,15 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 }
 
 /// Prepares a client's request headers for any upstream (once per
-/// request). `strip_credentials` is true on routes where sluice consumed
-/// the credential.
-pub fn from_client(headers: &mut HeaderMap, ctx: &RequestCtx, strip_credentials: bool) {
+/// request). Credentials are the gateway's (SPEC §3) on every route,
+/// `auth: none` ones included: they never reach an upstream, which gets
+/// its own from `set_headers`.
+pub fn from_client(headers: &mut HeaderMap, ctx: &RequestCtx) {
     let original_host = headers.remove(header::HOST);
     strip_hop_by_hop(headers);
     strip_sluice(headers);
-    if strip_credentials {
-        headers.remove(header::AUTHORIZATION);
-        headers.remove(X_API_KEY);
-    }
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(X_API_KEY);
     // sluice reads answers as they pass (usage, the cache, the body log),
     // so it asks upstreams for them uncompressed; a compressed answer
     // would be metered as nothing and replayed from the cache to clients

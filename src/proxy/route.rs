@@ -23,7 +23,7 @@ pub fn select<'s>(
         }
         // A CORS route takes its preflights whatever its methods.
         let preflight = route.cors.is_some() && super::cors::is_preflight(method, headers);
-        if route.methods.is_empty() || route.methods.contains(method) || preflight {
+        if route.methods.is_empty() || allows(&route.methods, method) || preflight {
             return Ok((index, route));
         }
         wrong_method.get_or_insert(route);
@@ -34,6 +34,13 @@ pub fn select<'s>(
         }),
         None => Err(ProxyError::RouteNotFound),
     }
+}
+
+/// Whether `methods` allow `method`. HEAD is GET without the body (RFC
+/// 9110 §9.3.2): a route that serves GET serves HEAD. (Its `allow` lists
+/// the methods as configured.)
+fn allows(methods: &[Method], method: &Method) -> bool {
+    methods.contains(method) || (*method == Method::HEAD && methods.contains(&Method::GET))
 }
 
 fn path_matches(m: &PathMatch, path: &str) -> bool {

@@ -186,6 +186,23 @@ async fn retry_after_429_skips_the_member_for_that_long() {
     assert_eq!(backup.seen().len(), 3);
 }
 
+/// A 429 with `retry-after` cools the member down even when 429 is not a
+/// failover trigger and the client gets the 429 (SPEC §3).
+#[tokio::test]
+async fn retry_after_429_cools_down_also_without_failover_on_429() {
+    let primary = MockUpstream::always(failing(429).header("retry-after", "30")).await;
+    let (gw, backup) = with_backup(&primary, "    retry_on: [connect, timeout, 503]").await;
+    let first = chat(&gw).await;
+    assert_eq!(first.status, 429, "{}", first.text());
+    assert!(backup.seen().is_empty(), "429 is no failover trigger here");
+    assert_eq!(chat(&gw).await.text(), "backup");
+    assert_eq!(
+        primary.seen().len(),
+        1,
+        "the cooling member was asked again"
+    );
+}
+
 #[tokio::test]
 async fn circuit_opens_after_failures_then_one_probe_closes_it() {
     let healthy = Arc::new(AtomicBool::new(false));

@@ -170,6 +170,42 @@ async fn hop_by_hop_credentials_and_sluice_headers_never_cross() {
     assert_eq!(seen.header("host"), Some(up.addr.to_string().as_str()));
 }
 
+/// Credentials are the gateway's (SPEC §3) on `auth: none` routes too:
+/// an upstream with no `set_headers` gets none of the client's.
+#[tokio::test]
+async fn credentials_never_reach_an_upstream_on_auth_none_routes() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams: {{ app: {{ url: "{}" }} }}
+routes:
+  - name: open
+    match: {{ path_prefix: / }}
+    auth: none
+    upstream: app
+"#,
+        up.url()
+    ))
+    .await;
+    let reply = Client::new()
+        .send(
+            Method::GET,
+            &gw.url("/anything"),
+            &[
+                ("authorization", "Bearer sk-client-secret"),
+                ("x-api-key", "sk-client-secret"),
+                ("x-custom", "kept"),
+            ],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    let seen = &up.seen()[0];
+    assert_eq!(seen.header("authorization"), None);
+    assert_eq!(seen.header("x-api-key"), None);
+    assert_eq!(seen.header("x-custom"), Some("kept"));
+}
+
 #[tokio::test]
 async fn request_id_is_kept_or_made_and_reaches_both_sides() {
     let up = MockUpstream::always(UpstreamReply::text("ok")).await;
@@ -234,6 +270,17 @@ async fn wrong_method_is_405_with_allow() {
     assert_eq!(reply.header("allow"), Some("GET, POST"));
     assert_eq!(reply.json()["error"]["code"], "method_not_allowed");
     assert!(up.seen().is_empty());
+    // HEAD goes where GET goes.
+    let head = Client::new()
+        .send(
+            Method::HEAD,
+            &gw.url("/v1/models"),
+            &[("x-api-key", "key-a")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(head.status, 200);
+    assert_eq!(up.seen()[0].method, Method::HEAD);
 }
 
 #[tokio::test]
