@@ -52,29 +52,41 @@ async fn charge_scopes(
             .state
             .add_spend(&BudgetScope::Global, cost, limit, alert_at)
             .await;
-        raise(&gw, snap, "global", alerts);
+        raise(&gw, snap, "global", None, alerts);
         gw.metrics.set_global_budget(spent, limit);
     }
     if let Some((tier, id, budget)) = own {
         let (_, alerts) = gw
             .state
-            .add_spend(&BudgetScope::Identity(id), cost, budget, alert_at)
+            .add_spend(&BudgetScope::Identity(id.clone()), cost, budget, alert_at)
             .await;
         if !alerts.is_empty() {
             // Per-identity spend is not a metric label (unbounded); its
-            // alerts count under the tier.
-            raise(&gw, snap, &format!("tier:{tier}"), alerts);
+            // alerts count under the tier, and the event names whose.
+            let who = identity_label(&id);
+            raise(&gw, snap, &format!("tier:{tier}"), Some(&who), alerts);
         }
     }
 }
 
-fn raise(gw: &Gateway, snap: &Snapshot, scope: &str, alerts: Vec<Alert>) {
+/// An identity as logs name it: a key's `id`, an anonymous caller's address.
+fn identity_label(id: &IdentityId) -> String {
+    match id {
+        IdentityId::Key(id) => id.to_string(),
+        IdentityId::Ip(ip) => ip.to_string(),
+    }
+}
+
+/// Logs, counts and posts `alerts` of `scope`; `identity` is whose spend
+/// crossed them, for a tier's per-identity budget.
+fn raise(gw: &Gateway, snap: &Snapshot, scope: &str, identity: Option<&str>, alerts: Vec<Alert>) {
     for alert in alerts {
         tracing::dispatcher::with_default(&gw.log.dispatch, || {
             tracing::warn!(
                 target: "sluice::budget",
                 event = "budget_alert",
                 scope,
+                identity,
                 threshold = alert.threshold,
                 spent_usd = alert.spent_usd,
                 budget_usd = alert.budget_usd,
@@ -90,6 +102,7 @@ fn raise(gw: &Gateway, snap: &Snapshot, scope: &str, alerts: Vec<Alert>) {
             let _ = queue.try_send(Delivery {
                 url: url.clone(),
                 scope: scope.to_owned(),
+                identity: identity.map(str::to_owned),
                 alert,
             });
         }

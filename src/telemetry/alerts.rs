@@ -22,6 +22,8 @@ const ATTEMPTS: u32 = 3;
 pub struct Delivery {
     pub url: String,
     pub scope: String,
+    /// Whose spend, for a tier's per-identity budget (`None`: global).
+    pub identity: Option<String>,
     pub alert: Alert,
 }
 
@@ -52,6 +54,7 @@ async fn deliver(d: Delivery) {
     let payload = json!({
         "event": "budget_alert",
         "scope": d.scope,
+        "identity": d.identity,
         "threshold": d.alert.threshold,
         "spent_usd": d.alert.spent_usd,
         "budget_usd": d.alert.budget_usd,

@@ -157,6 +157,15 @@ async fn tier_budget_is_per_identity() {
         Some(2.0),
         "one alert for alice and one for bob"
     );
+    // Each event says whose budget it is; the global one says no one's.
+    let logs = gw.log_lines();
+    let mut whose: Vec<&str> = logs
+        .iter()
+        .filter(|l| l["event"] == "budget_alert" && l["scope"] == "tier:free")
+        .filter_map(|l| l["identity"].as_str())
+        .collect();
+    whose.sort_unstable();
+    assert_eq!(whose, ["alice", "bob"]);
 }
 
 #[tokio::test]
