@@ -73,6 +73,8 @@ pub fn load_str(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Snapshot, ConfigErrors> {
     let mut errors = Vec::new();
+    // Unknown keys blanked so far, to tell a misspelt required key.
+    let mut blanked: Vec<String> = Vec::new();
     let mut text = std::borrow::Cow::Borrowed(text);
     loop {
         let options = serde_saphyr::options! { with_snippet: false };
@@ -87,17 +89,33 @@ pub fn load_str(
             },
             Err(e) => {
                 let error = parse_error(file, &e);
-                let unknown_key = error.message.starts_with("unknown field");
-                if error.message.starts_with("missing field") && !errors.is_empty() {
-                    // Made by the blanking: a required key that was
-                    // misspelt is now missing, and it was reported.
+                if errors
+                    .iter()
+                    .any(|e: &ConfigError| (e.line, e.col) == (error.line, error.col))
+                {
+                    // Made by blanking a value there (now null): reported.
                     break;
                 }
-                // Past an unknown key the rest of the file can still be
-                // read; past any other parse error it cannot.
-                let next = (unknown_key && errors.len() < MAX_PARSE_ERRORS)
-                    .then(|| recover::without_key(&text, error.line, error.col))
-                    .flatten();
+                if let Some(missing) = missing_field(&error.message) {
+                    // A required key that was misspelt is now missing,
+                    // and was reported as unknown; another one is an
+                    // error of its own. Either way nothing can fill it.
+                    if !recover::misspelt(missing, &blanked) {
+                        errors.push(error);
+                    }
+                    break;
+                }
+                // Past an unknown key, or a value of the wrong type, the
+                // rest of the file can still be read: the key or the
+                // value is blanked and the file parsed again.
+                let next = if errors.len() >= MAX_PARSE_ERRORS {
+                    None
+                } else if let Some(key) = unknown_field(&error.message) {
+                    blanked.push(key.to_owned());
+                    recover::without_key(&text, error.line, error.col)
+                } else {
+                    recover::without_value(&text, error.line, error.col)
+                };
                 errors.push(error);
                 match next {
                     Some(rest) => text = rest.into(),
@@ -110,7 +128,17 @@ pub fn load_str(
     Err(ConfigErrors(errors))
 }
 
-/// Unknown keys reported before `check` gives up on a file (each one costs
+/// The key of serde's "unknown field `x`, expected …".
+fn unknown_field(message: &str) -> Option<&str> {
+    message.strip_prefix("unknown field `")?.split('`').next()
+}
+
+/// The key of serde's "missing field `x`".
+fn missing_field(message: &str) -> Option<&str> {
+    message.strip_prefix("missing field `")?.split('`').next()
+}
+
+/// Parse errors reported before `check` gives up on a file (each one costs
 /// a parse of it).
 const MAX_PARSE_ERRORS: usize = 32;
 

@@ -59,6 +59,91 @@ pub fn without_key(text: &str, line: u64, col: u64) -> Option<String> {
     Some(out)
 }
 
+/// `text` with the plain or quoted scalar at `line`:`col` (1-based) turned
+/// into spaces, so that its key reads as null and every column stays
+/// where it was: past a value of the wrong type (`methods: GET` where a
+/// list is wanted) the rest of the file can still be read. `None` when
+/// no scalar starts there (a collection, an anchor, a block scalar).
+pub fn without_value(text: &str, line: u64, col: u64) -> Option<String> {
+    let line = usize::try_from(line.checked_sub(1)?).ok()?;
+    let col = usize::try_from(col.checked_sub(1)?).ok()?;
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let value_line = lines.get(line)?;
+    let col = value_line.char_indices().nth(col)?.0;
+    let (before, rest) = value_line.split_at(col);
+    // A value comes after `key:` (block or flow); anything else (a list
+    // item, a key) is not blanked.
+    if !before.trim_end().ends_with(':') {
+        return None;
+    }
+    let rest = rest.trim_end_matches(['\n', '\r']);
+    let in_flow = before.contains('{');
+    let len = match rest.as_bytes().first()? {
+        q @ (b'"' | b'\'') => {
+            let mut i = 1;
+            let bytes = rest.as_bytes();
+            loop {
+                match bytes.get(i)? {
+                    b'\\' if *q == b'"' => i += 2,
+                    b if b == q => break i + 1,
+                    _ => i += 1,
+                }
+            }
+        }
+        b'{' | b'[' | b'-' | b'|' | b'>' | b'&' | b'*' | b'!' | b'#' | b',' | b'}' | b']' => {
+            return None;
+        }
+        _ => {
+            let end = rest
+                .char_indices()
+                .find(|&(i, c)| {
+                    (in_flow && matches!(c, ',' | '}' | ']'))
+                        || (c == '#' && rest[..i].ends_with(' '))
+                })
+                .map_or(rest.len(), |(i, _)| i);
+            rest[..end].trim_end().len()
+        }
+    };
+    let mut out = String::with_capacity(text.len());
+    for l in &lines[..line] {
+        out.push_str(l);
+    }
+    out.push_str(before);
+    out.extend(rest[..len].chars().map(|_| ' '));
+    out.push_str(&value_line[col + len..]);
+    for l in &lines[line + 1..] {
+        out.push_str(l);
+    }
+    Some(out)
+}
+
+/// Whether a required key reported missing is likely the one a blanked
+/// unknown key misspelt (`upstrem` for `upstream`): then the user made
+/// one error, already reported.
+pub fn misspelt(missing: &str, blanked: &[String]) -> bool {
+    blanked
+        .iter()
+        .any(|b| edit_distance(missing, b) <= 2.max(missing.len() / 4))
+}
+
+/// Levenshtein distance of two short names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
 /// The column where the first line of `lines` with content starts its
 /// key: past the indentation and any `- ` of sequence items.
 fn content_column<'a>(mut lines: impl Iterator<Item = &'a &'a str>) -> Option<usize> {
@@ -154,6 +239,35 @@ fn line_end(l: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blanks_a_scalar_value_keeping_columns() {
+        let text =
+            "routes:\n  - match: { path_prefix: /, methods: GET }\n    auth: \"maybe\" # c\n";
+        let out = without_value(text, 2, 39).unwrap();
+        assert_eq!(
+            out,
+            "routes:\n  - match: { path_prefix: /, methods:     }\n    auth: \"maybe\" # c\n"
+        );
+        let out = without_value(text, 3, 11).unwrap();
+        assert_eq!(
+            out,
+            "routes:\n  - match: { path_prefix: /, methods: GET }\n    auth:         # c\n"
+        );
+        // Not after a key, or not a scalar: left alone.
+        assert!(without_value(text, 2, 5).is_none());
+        assert!(without_value("a: [1, 2]\n", 1, 4).is_none());
+        assert!(without_value("a: {b: 1}\n", 1, 4).is_none());
+    }
+
+    #[test]
+    fn misspellings_of_a_blanked_key() {
+        let blanked = ["upstrem".to_owned(), "tokens_per_minut".to_owned()];
+        assert!(misspelt("upstream", &blanked));
+        assert!(!misspelt("output", &blanked));
+        assert!(!misspelt("matcher", &blanked));
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
 
     #[test]
     fn blanks_the_key_and_its_block_keeping_lines() {

@@ -812,3 +812,76 @@ fn an_unknown_key_does_not_hide_a_later_error() {
         "{errs:?}"
     );
 }
+
+/// A value of the wrong type does not hide the errors after it: the value
+/// is read as absent and the rest of the file is checked.
+#[test]
+fn a_value_of_the_wrong_type_does_not_stop_the_check() {
+    let errs = errors(
+        "\
+limits:
+  request_timeout: 30
+upstreams:
+  a: { url: \"http://127.0.0.1:1\" }
+routes:
+  - name: r
+    match: { path_prefix: /, methods: GET }
+    upstream: nope
+    tokens_per_minut: 5
+",
+    );
+    assert_eq!(errs.len(), 4, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("test.yaml:2:20: duration `30` needs a unit"),
+        "{errs:#?}"
+    );
+    assert!(errs[1].starts_with("test.yaml:7:39: "), "{errs:#?}");
+    assert!(
+        errs[2].starts_with("test.yaml:8:15: route `r`: no upstream or pool named `nope`"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[3].starts_with("test.yaml:9:5: unknown field `tokens_per_minut`"),
+        "{errs:#?}"
+    );
+}
+
+/// A required key that is missing is reported beside an unknown key,
+/// unless the unknown key is its misspelling (one error, reported once).
+#[test]
+fn a_missing_key_is_reported_unless_it_was_misspelt() {
+    let errs = errors(
+        "\
+upstreams:
+  a: { url: \"http://127.0.0.1:1\" }
+routes:
+  - name: r
+    match: { path_prefix: / }
+    bogus: 1
+",
+    );
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(
+        errs.iter().any(|e| e.contains("missing field `upstream`")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter().any(|e| e.contains("unknown field `bogus`")),
+        "{errs:#?}"
+    );
+    let errs = errors(
+        "\
+upstreams:
+  a: { url: \"http://127.0.0.1:1\" }
+routes:
+  - name: r
+    match: { path_prefix: / }
+    upstrem: a
+",
+    );
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("test.yaml:6:5: unknown field `upstrem`"),
+        "{errs:#?}"
+    );
+}
