@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{Client, TestGateway};
+use crate::support::{Client, ClientReply, TestGateway};
 
 fn config(mock: &str) -> String {
     format!(
@@ -22,14 +22,17 @@ routes:
     )
 }
 
+/// `body` POSTed to `path` through the gateway.
+async fn post(gw: &TestGateway, path: &str, body: &str) -> ClientReply {
+    Client::new().post_json(&gw.url(path), &[], body).await
+}
+
 const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Say hello to the team"}]}"#;
 
 #[tokio::test]
 async fn chat_completion_json_shape_and_usage() {
     let gw = TestGateway::start(&config("{}")).await;
-    let reply = Client::new()
-        .post_json(&gw.url("/v1/chat/completions"), &[], CHAT)
-        .await;
+    let reply = post(&gw, "/v1/chat/completions", CHAT).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("content-type"), Some("application/json"));
     let body = reply.json();
@@ -60,13 +63,12 @@ async fn chat_completion_json_shape_and_usage() {
 #[tokio::test]
 async fn max_tokens_truncates_with_length() {
     let gw = TestGateway::start(&config("{}")).await;
-    let reply = Client::new()
-        .post_json(
-            &gw.url("/v1/chat/completions"),
-            &[],
-            r#"{"model":"m","max_tokens":3,"messages":[{"role":"user","content":"hi"}]}"#,
-        )
-        .await;
+    let reply = post(
+        &gw,
+        "/v1/chat/completions",
+        r#"{"model":"m","max_tokens":3,"messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
     let body = reply.json();
     assert_eq!(body["choices"][0]["finish_reason"], "length");
     assert_eq!(body["choices"][0]["message"]["content"], "Hello from the");
@@ -91,9 +93,7 @@ async fn streamed_chat_matches_openai_chunks() {
         "{\"model\"",
         "{\"stream\":true,\"stream_options\":{\"include_usage\":true},\"model\"",
     );
-    let reply = Client::new()
-        .post_json(&gw.url("/v1/chat/completions"), &[], &body)
-        .await;
+    let reply = post(&gw, "/v1/chat/completions", &body).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("content-type"), Some("text/event-stream"));
     let events = sse_events(&reply.text());
@@ -131,13 +131,12 @@ async fn streamed_chat_matches_openai_chunks() {
 #[tokio::test]
 async fn stream_without_include_usage_has_no_usage_chunk() {
     let gw = TestGateway::start(&config("{}")).await;
-    let reply = Client::new()
-        .post_json(
-            &gw.url("/v1/chat/completions"),
-            &[],
-            r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"x"}]}"#,
-        )
-        .await;
+    let reply = post(
+        &gw,
+        "/v1/chat/completions",
+        r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"x"}]}"#,
+    )
+    .await;
     let events = sse_events(&reply.text());
     assert!(events.iter().all(|e| !e.contains("\"usage\"")));
 }
@@ -175,9 +174,7 @@ async fn one_model_by_id() {
 async fn failure_knobs_inject_the_configured_status() {
     let gw = TestGateway::start(&config("{ failure_rate: 1.0, status: 503, latency: 50ms }")).await;
     let started = std::time::Instant::now();
-    let reply = Client::new()
-        .post_json(&gw.url("/v1/chat/completions"), &[], CHAT)
-        .await;
+    let reply = post(&gw, "/v1/chat/completions", CHAT).await;
     assert_eq!(reply.status, 503);
     assert!(started.elapsed() >= Duration::from_millis(50));
     assert_eq!(reply.json()["error"]["code"], "mock_failure");
@@ -186,9 +183,165 @@ async fn failure_knobs_inject_the_configured_status() {
 #[tokio::test]
 async fn bad_json_is_a_400_from_the_mock() {
     let gw = TestGateway::start(&config("{}")).await;
-    let reply = Client::new()
-        .post_json(&gw.url("/v1/chat/completions"), &[], "{not json")
-        .await;
+    let reply = post(&gw, "/v1/chat/completions", "{not json").await;
     assert_eq!(reply.status, 400);
     assert_eq!(reply.json()["error"]["type"], "invalid_request_error");
+}
+
+/// `POST /v1/responses` (the SDK's `responses.create`): a `response`
+/// object whose usage sluice meters like any answer's.
+#[tokio::test]
+async fn responses_api_json_shape_and_usage() {
+    let gw = TestGateway::start(&config("{}")).await;
+    let reply = post(
+        &gw,
+        "/v1/responses",
+        r#"{"model":"gpt-4o-mini","instructions":"Be brief.","input":"Say hello to the team"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let body = reply.json();
+    assert_eq!(body["object"], "response");
+    assert_eq!(body["status"], "completed");
+    assert!(body["id"].as_str().unwrap().starts_with("resp_"));
+    let message = &body["output"][0];
+    assert_eq!(
+        (&message["type"], &message["role"]),
+        (&"message".into(), &"assistant".into())
+    );
+    let text = message["content"][0]["text"].as_str().unwrap();
+    assert_eq!(message["content"][0]["type"], "output_text");
+    assert_eq!(
+        text,
+        "Hello from the sluice mock. You said: Say hello to the team"
+    );
+    let words = text.split_whitespace().count() as u64;
+    // Input: the words of the input and of the instructions.
+    assert_eq!(body["usage"]["input_tokens"], 5 + 2);
+    assert_eq!(body["usage"]["output_tokens"], words);
+    assert_eq!(body["usage"]["total_tokens"], 7 + words);
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["input_tokens"], 7);
+    assert_eq!(log["output_tokens"], words);
+    // An output limit ends it incomplete.
+    let cut = post(
+        &gw,
+        "/v1/responses",
+        r#"{"model":"gpt-4o-mini","input":[{"role":"user","content":"hi"}],"max_output_tokens":2}"#,
+    )
+    .await
+    .json();
+    assert_eq!(cut["status"], "incomplete");
+    assert_eq!(cut["incomplete_details"]["reason"], "max_output_tokens");
+    assert_eq!(cut["usage"]["input_tokens"], 3 + 1);
+    assert_eq!(cut["usage"]["output_tokens"], 2);
+}
+
+/// The responses API's stream: typed, numbered events, the text in
+/// deltas, and `response.completed` with the usage last.
+#[tokio::test]
+async fn responses_api_stream_events() {
+    let gw = TestGateway::start(&config("{ stream_chunks: 3 }")).await;
+    let reply = post(
+        &gw,
+        "/v1/responses",
+        r#"{"model":"gpt-4o-mini","input":"Say hello to the team","stream":true}"#,
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("content-type"), Some("text/event-stream"));
+    let events: Vec<(String, Value)> = reply
+        .text()
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let (kind, data) = e.split_once('\n').expect("event and data lines");
+            let kind = kind
+                .strip_prefix("event: ")
+                .expect("an event line")
+                .to_owned();
+            let data: Value =
+                serde_json::from_str(data.strip_prefix("data: ").expect("a data line")).unwrap();
+            assert_eq!(data["type"], kind.as_str());
+            (kind, data)
+        })
+        .collect();
+    let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+    );
+    for (i, (_, data)) in events.iter().enumerate() {
+        assert_eq!(data["sequence_number"], i);
+    }
+    let text: String = events[4..7]
+        .iter()
+        .map(|(_, d)| d["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        text,
+        "Hello from the sluice mock. You said: Say hello to the team"
+    );
+    let done = &events[10].1["response"];
+    assert_eq!(done["status"], "completed");
+    assert_eq!(done["output"][0]["content"][0]["text"], text.as_str());
+    assert_eq!(done["usage"]["input_tokens"], 5);
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["input_tokens"], 5);
+    assert_eq!(log["output_tokens"], text.split_whitespace().count());
+}
+
+/// `POST /v1/completions` (legacy text completions), JSON and stream.
+#[tokio::test]
+async fn text_completions_json_and_stream() {
+    let gw = TestGateway::start(&config("{ stream_chunks: 2 }")).await;
+    let body = post(
+        &gw,
+        "/v1/completions",
+        r#"{"model":"gpt-4o-mini","prompt":"Say hello","max_tokens":50}"#,
+    )
+    .await
+    .json();
+    assert_eq!(body["object"], "text_completion");
+    assert!(body["id"].as_str().unwrap().starts_with("cmpl-"));
+    let text = body["choices"][0]["text"].as_str().unwrap().to_owned();
+    assert_eq!(text, "Hello from the sluice mock. You said: Say hello");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(body["usage"]["prompt_tokens"], 2);
+    assert_eq!(body["usage"]["completion_tokens"], 9);
+    let reply = post(
+        &gw,
+        "/v1/completions",
+        r#"{"model":"gpt-4o-mini","prompt":"Say hello","stream":true}"#,
+    )
+    .await;
+    let events = sse_events(&reply.text());
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, text);
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "stop"
+    );
+    // No usage chunk unless `stream_options.include_usage` asks.
+    assert!(chunks.iter().all(|c| c.get("usage").is_none()));
 }

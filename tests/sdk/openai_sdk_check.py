@@ -94,6 +94,23 @@ def main() -> int:
         except openai.NotFoundError as e:
             assert e.status_code == 404 and e.code == "model_not_found", e
 
+        # The responses API and legacy completions, JSON and streamed.
+        resp = client.responses.create(model="gpt-4o-mini", input="Say hello", instructions="Be brief.")
+        assert resp.status == "completed", resp
+        assert resp.output_text.startswith("Hello from the sluice mock"), resp
+        assert resp.usage.input_tokens == 4 and resp.usage.output_tokens == 9, resp.usage
+        streamed, final = "", None
+        for event in client.responses.create(model="gpt-4o-mini", input="Say hello again", stream=True):
+            if event.type == "response.output_text.delta":
+                streamed += event.delta
+            elif event.type == "response.completed":
+                final = event.response
+        assert final is not None and final.output_text == streamed, (streamed, final)
+        assert final.usage.output_tokens == len(streamed.split()), final.usage
+        comp = client.completions.create(model="gpt-4o-mini", prompt="Say hello")
+        assert comp.choices[0].text.startswith("Hello from the sluice mock"), comp
+        assert comp.usage.prompt_tokens == 2, comp.usage
+
         bad = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0)
         try:
             bad.models.list()
@@ -101,7 +118,10 @@ def main() -> int:
         except openai.AuthenticationError as e:
             assert e.status_code == 401 and e.code == "invalid_api_key", e
 
-        print("openai SDK check ok: chat, cache hit, stream with usage and its replay, 400 with param, models (list and retrieve), 401")
+        print(
+            "openai SDK check ok: chat, cache hit, stream with usage and its replay, 400 with param, "
+            "responses (JSON and stream), completions, models (list and retrieve), 401"
+        )
         return 0
     finally:
         proc.terminate()

@@ -15,6 +15,10 @@ use serde_json::{Value, json};
 
 use crate::body::{BoxBody, full};
 
+mod chat;
+mod completions;
+mod responses;
+
 /// The mock's knobs (config `mock:` or `sluice mock` flags).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MockSettings {
@@ -73,7 +77,10 @@ where
         }
         (&Method::GET, "/v1/models") => models(),
         (&Method::GET, p) if p.starts_with("/v1/models/") => model(&p["/v1/models/".len()..]),
-        (&Method::POST, "/v1/chat/completions" | "/v1/embeddings") => {
+        (
+            &Method::POST,
+            "/v1/chat/completions" | "/v1/embeddings" | "/v1/completions" | "/v1/responses",
+        ) => {
             let bytes = match Limited::new(body, MAX_BODY).collect().await {
                 Ok(c) => c.to_bytes(),
                 Err(_) => {
@@ -96,13 +103,21 @@ where
                     );
                 }
             };
-            if path == "/v1/embeddings" {
-                embeddings(&request)
-            } else {
-                chat(settings, &request)
+            match path {
+                "/v1/embeddings" => embeddings(&request),
+                "/v1/completions" => completions::completions(settings, &request),
+                "/v1/responses" => responses::responses(settings, &request),
+                _ => chat::chat(settings, &request),
             }
         }
-        (_, "/v1/chat/completions" | "/v1/embeddings" | "/v1/models") => error(
+        (
+            _,
+            "/v1/chat/completions"
+            | "/v1/embeddings"
+            | "/v1/completions"
+            | "/v1/responses"
+            | "/v1/models",
+        ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method not allowed",
             "invalid_request_error",
@@ -110,7 +125,7 @@ where
         ),
         _ => error(
             StatusCode::NOT_FOUND,
-            "the mock serves /v1/chat/completions, /v1/embeddings, /v1/models and /v1/models/{id}",
+            "the mock serves /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/models and /v1/models/{id}",
             "invalid_request_error",
             "unknown_url",
         ),
@@ -136,112 +151,49 @@ fn content_text(content: &Value) -> String {
     }
 }
 
-fn chat(settings: &MockSettings, request: &Value) -> Response<BoxBody> {
-    let Some(messages) = request.get("messages").and_then(Value::as_array) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "`messages` is required and must be an array",
-            "invalid_request_error",
-            "invalid_request",
-        );
-    };
-    let model = request
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("mock-large")
-        .to_owned();
-    // Three tokens of framing per message, as OpenAI's own counting does.
-    let prompt_tokens: u64 = messages
-        .iter()
-        .map(|m| {
-            3 + m
-                .get("content")
-                .map_or(0, |c| count_tokens(&content_text(c)))
-        })
-        .sum();
-    let last_user = messages
-        .iter()
-        .rev()
-        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
-        .and_then(|m| m.get("content"))
-        .map(content_text)
-        .unwrap_or_default();
-    let echo: Vec<&str> = last_user.split_whitespace().take(12).collect();
-    let reply = format!("Hello from the sluice mock. You said: {}", echo.join(" "));
-    let mut words: Vec<&str> = reply.split_whitespace().collect();
-    let limit = request
-        .get("max_completion_tokens")
-        .or_else(|| request.get("max_tokens"))
-        .and_then(Value::as_u64);
-    let mut finish_reason = "stop";
-    if let Some(limit) = limit
-        && (words.len() as u64) > limit
-    {
-        words.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-        finish_reason = "length";
+/// What the mock answers: a greeting that echoes the start of the input,
+/// one token per word, cut at the request's output limit.
+pub(super) struct Answer {
+    text: String,
+    /// Cut short by the limit.
+    cut: bool,
+}
+
+impl Answer {
+    fn to(input: &str, limit: Option<u64>) -> Self {
+        let echo: Vec<&str> = input.split_whitespace().take(12).collect();
+        let reply = format!("Hello from the sluice mock. You said: {}", echo.join(" "));
+        let mut words: Vec<&str> = reply.split_whitespace().collect();
+        let mut cut = false;
+        if let Some(limit) = limit
+            && (words.len() as u64) > limit
+        {
+            words.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+            cut = true;
+        }
+        Answer {
+            text: words.join(" "),
+            cut,
+        }
     }
-    let completion_tokens = words.len() as u64;
-    let usage = json!({
+
+    fn words(&self) -> Vec<&str> {
+        self.text.split_whitespace().collect()
+    }
+
+    /// The chat and completions APIs' `finish_reason`.
+    fn finish_reason(&self) -> &'static str {
+        if self.cut { "length" } else { "stop" }
+    }
+}
+
+/// The chat and completions APIs' `usage`.
+fn usage(prompt_tokens: u64, completion_tokens: u64) -> Value {
+    json!({
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-    });
-    let id = format!("chatcmpl-mock{:016x}", fastrand::u64(..));
-    let created = unix_now();
-    let stream = request.get("stream").and_then(Value::as_bool) == Some(true);
-    if !stream {
-        return json_response(
-            StatusCode::OK,
-            &json!({
-                "id": id,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": words.join(" "), "refusal": null},
-                    "logprobs": null,
-                    "finish_reason": finish_reason,
-                }],
-                "usage": usage,
-                "system_fingerprint": "fp_sluice_mock",
-            }),
-        );
-    }
-    let include_usage = request
-        .pointer("/stream_options/include_usage")
-        .and_then(Value::as_bool)
-        == Some(true);
-    let chunk = |delta: Value, finish: Option<&str>| -> Bytes {
-        let event = json!({
-            "id": id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": "fp_sluice_mock",
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-        });
-        sse(&event)
-    };
-    let mut events = Vec::with_capacity(words.len() + 4);
-    events.push(chunk(json!({"role": "assistant", "content": ""}), None));
-    for piece in split_content(&words, settings.stream_chunks) {
-        events.push(chunk(json!({"content": piece}), None));
-    }
-    events.push(chunk(json!({}), Some(finish_reason)));
-    if include_usage {
-        events.push(sse(&json!({
-            "id": id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": "fp_sluice_mock",
-            "choices": [],
-            "usage": usage,
-        })));
-    }
-    events.push(Bytes::from_static(b"data: [DONE]\n\n"));
-    sse_response(events, settings.chunk_interval)
+    })
 }
 
 /// Splits the answer into `chunks` content pieces (one per word when `None`);
@@ -383,6 +335,25 @@ fn json_response(status: StatusCode, value: &Value) -> Response<BoxBody> {
         HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+/// OpenAI's 400 for a request the mock cannot read.
+fn bad_request(message: &str) -> Response<BoxBody> {
+    error(
+        StatusCode::BAD_REQUEST,
+        message,
+        "invalid_request_error",
+        "invalid_request",
+    )
+}
+
+/// The request's `model`, or the mock's own name for it.
+fn model_of(request: &Value) -> String {
+    request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-large")
+        .to_owned()
 }
 
 fn error(status: StatusCode, message: &str, kind: &str, code: &str) -> Response<BoxBody> {

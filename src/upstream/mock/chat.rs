@@ -1,0 +1,101 @@
+//! The mock's `POST /v1/chat/completions`: a chat completion, or its
+//! stream of chunks (with the usage chunk when `stream_options` asks).
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use serde_json::{Value, json};
+
+use super::usage;
+use super::{
+    Answer, MockSettings, bad_request, content_text, count_tokens, json_response, model_of,
+    split_content, sse, sse_response, unix_now,
+};
+use crate::body::BoxBody;
+
+pub(super) fn chat(settings: &MockSettings, request: &Value) -> Response<BoxBody> {
+    let Some(messages) = request.get("messages").and_then(Value::as_array) else {
+        return bad_request("`messages` is required and must be an array");
+    };
+    let model = model_of(request);
+    // Three tokens of framing per message, as OpenAI's own counting does.
+    let prompt_tokens: u64 = messages
+        .iter()
+        .map(|m| {
+            3 + m
+                .get("content")
+                .map_or(0, |c| count_tokens(&content_text(c)))
+        })
+        .sum();
+    let last_user = messages
+        .iter()
+        .rev()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        .and_then(|m| m.get("content"))
+        .map(content_text)
+        .unwrap_or_default();
+    let limit = request
+        .get("max_completion_tokens")
+        .or_else(|| request.get("max_tokens"))
+        .and_then(Value::as_u64);
+    let answer = Answer::to(&last_user, limit);
+    let words = answer.words();
+    let finish_reason = answer.finish_reason();
+    let completion_tokens = words.len() as u64;
+    let usage = usage(prompt_tokens, completion_tokens);
+    let id = format!("chatcmpl-mock{:016x}", fastrand::u64(..));
+    let created = unix_now();
+    let stream = request.get("stream").and_then(Value::as_bool) == Some(true);
+    if !stream {
+        return json_response(
+            StatusCode::OK,
+            &json!({
+                "id": id,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": words.join(" "), "refusal": null},
+                    "logprobs": null,
+                    "finish_reason": finish_reason,
+                }],
+                "usage": usage,
+                "system_fingerprint": "fp_sluice_mock",
+            }),
+        );
+    }
+    let include_usage = request
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        == Some(true);
+    let chunk = |delta: Value, finish: Option<&str>| -> Bytes {
+        let event = json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": "fp_sluice_mock",
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        });
+        sse(&event)
+    };
+    let mut events = Vec::with_capacity(words.len() + 4);
+    events.push(chunk(json!({"role": "assistant", "content": ""}), None));
+    for piece in split_content(&words, settings.stream_chunks) {
+        events.push(chunk(json!({"content": piece}), None));
+    }
+    events.push(chunk(json!({}), Some(finish_reason)));
+    if include_usage {
+        events.push(sse(&json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": "fp_sluice_mock",
+            "choices": [],
+            "usage": usage,
+        })));
+    }
+    events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    sse_response(events, settings.chunk_interval)
+}
