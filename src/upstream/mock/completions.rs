@@ -5,10 +5,9 @@ use bytes::Bytes;
 use http::{Response, StatusCode};
 use serde_json::{Value, json};
 
-use super::usage;
 use super::{
     Answer, MockSettings, bad_request, count_tokens, json_response, model_of, split_content, sse,
-    sse_response, unix_now,
+    sse_response, unix_now, usage,
 };
 use crate::body::BoxBody;
 
