@@ -142,6 +142,22 @@ fn missing_field(message: &str) -> Option<&str> {
 /// a parse of it).
 const MAX_PARSE_ERRORS: usize = 32;
 
+/// A parser message said as the rest of sluice's errors are, where the
+/// library's own words would puzzle a user (its option names, its types).
+fn in_our_words(message: String) -> String {
+    if let Some(rest) = message.strip_prefix("duplicate mapping key: ") {
+        let key = rest
+            .split(", set DuplicateKeyPolicy")
+            .next()
+            .unwrap_or(rest);
+        return format!("duplicate key `{key}`");
+    }
+    if message == "data did not match any variant of untagged enum RawValidate" {
+        return "validate must be none, openai or { schema_file: PATH }".to_owned();
+    }
+    message
+}
+
 fn parse_error(file: &str, e: &serde_saphyr::Error) -> ConfigError {
     let (line, col) = e
         .location()
@@ -154,6 +170,7 @@ fn parse_error(file: &str, e: &serde_saphyr::Error) -> ConfigError {
         Some(i) => rendered[..i].to_owned(),
         None => rendered,
     };
+    let message = in_our_words(message);
     ConfigError {
         file: file.to_owned(),
         line,

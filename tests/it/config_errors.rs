@@ -885,3 +885,35 @@ routes:
         "{errs:#?}"
     );
 }
+
+/// The parser's messages in sluice's words, not the library's.
+#[test]
+fn duplicate_keys_and_bad_validate_values_are_said_plainly() {
+    let errs = errors(
+        "\
+upstreams:
+  a: { url: \"http://127.0.0.1:1\" }
+  a: { url: \"http://127.0.0.1:2\" }
+routes:
+  - name: r
+    match: { path_prefix: / }
+    upstream: a
+",
+    );
+    assert_eq!(errs, ["test.yaml:3:3: duplicate key `a`"]);
+    let errs = errors(
+        "\
+upstreams:
+  a: { url: \"http://127.0.0.1:1\" }
+routes:
+  - name: r
+    match: { path_prefix: / }
+    upstream: a
+    validate: { schema_fil: x.json }
+",
+    );
+    assert_eq!(
+        errs,
+        ["test.yaml:7:15: validate must be none, openai or { schema_file: PATH }"]
+    );
+}
