@@ -178,6 +178,21 @@ pub async fn reserve_tokens(
     Ok(())
 }
 
+/// The token buckets' state for the `-tokens` headers of a response that
+/// reserved nothing (a cache hit, a refusal before the reservation): each
+/// bucket that applies is read by taking nothing from it. Best effort: a
+/// backend error leaves the headers out.
+pub async fn peek_tokens(snap: &Snapshot, state: &State, route: &Route, ctx: &mut RequestCtx) {
+    let Some(identity) = ctx.identity.clone() else {
+        return;
+    };
+    for (key, per_minute) in buckets(snap, route, &identity, Kind::Tokens) {
+        if let Ok((decision, _)) = state.take(&key, per_minute, 0).await {
+            keep_tightest(&mut ctx.token_limit, decision);
+        }
+    }
+}
+
 /// Tokens held in a bucket for a request in flight.
 #[derive(Debug)]
 pub struct Reservation {

@@ -88,6 +88,14 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     if let Some(decision) = ctx.rate_limit.as_ref() {
         limit::headers(decision, resp.headers_mut());
     }
+    if ctx.token_limit.is_none()
+        && let Some(route) = ctx.route_index.and_then(|i| active.snapshot.routes.get(i))
+        && limit::token_limits_apply(&active.snapshot, route, &ctx)
+    {
+        // Answered without a reservation (a cache hit, a refusal before
+        // it): the `-tokens` trio still says where the buckets stand.
+        limit::peek_tokens(&active.snapshot, &gw.state, route, &mut ctx).await;
+    }
     if let Some(decision) = ctx.token_limit.as_ref() {
         limit::token_headers(decision, resp.headers_mut());
     }

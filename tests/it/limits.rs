@@ -224,6 +224,36 @@ async fn token_limit_refuses_after_large_usage_with_token_headers() {
     );
 }
 
+/// Where a token limit applies, every response with an identity has the
+/// `-tokens` trio: also a refusal by the request limit, which comes before
+/// any token reservation (and takes no tokens).
+#[tokio::test]
+async fn token_headers_also_on_responses_that_reserved_nothing() {
+    let up = llm_reporting(10, Duration::ZERO).await;
+    let gw = TestGateway::start(&config(
+        &up.url(),
+        "{ requests_per_minute: 1, tokens_per_minute: 1000 }",
+        "",
+    ))
+    .await;
+    assert_eq!(post(&gw, "{}").await.status, 200);
+    gw.wait_access_logs(1).await;
+    let refused = post(&gw, "{}").await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.header("x-ratelimit-limit-requests"), Some("1"));
+    assert_eq!(refused.header("x-ratelimit-limit-tokens"), Some("1000"));
+    let remaining: u64 = refused
+        .header("x-ratelimit-remaining-tokens")
+        .expect("remaining tokens")
+        .parse()
+        .unwrap();
+    assert!(
+        (985..=990).contains(&remaining),
+        "10 used: {remaining} left"
+    );
+    assert!(refused.header("x-ratelimit-reset-tokens").is_some());
+}
+
 #[tokio::test]
 async fn concurrent_reservations_cannot_overshoot_and_settle_to_real_usage() {
     // Each request reserves 11 (its 44-byte body) + 185 (max_tokens) = 196
