@@ -221,17 +221,31 @@ pub struct Price {
 #[derive(Clone, Default)]
 pub struct Budget {
     pub daily_usd: Option<f64>,
+    /// Ascending.
     pub alert_at: Vec<f64>,
+    /// Each of `alert_at` as the config wrote it: the metric's label.
+    pub alert_labels: Vec<String>,
     pub enforce: bool,
     /// May carry a token (`?key=…`): never shown.
     pub webhook_url: Option<String>,
+}
+
+impl Budget {
+    /// The `threshold` label of an alert at `fraction`, as written.
+    pub fn alert_label(&self, fraction: f64) -> String {
+        self.alert_at
+            .iter()
+            .position(|&f| f == fraction)
+            .and_then(|i| self.alert_labels.get(i).cloned())
+            .unwrap_or_else(|| fraction.to_string())
+    }
 }
 
 impl std::fmt::Debug for Budget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Budget")
             .field("daily_usd", &self.daily_usd)
-            .field("alert_at", &self.alert_at)
+            .field("alert_at", &self.alert_labels)
             .field("enforce", &self.enforce)
             .field("webhook_url", &self.webhook_url.as_ref().map(|_| REDACTED))
             .finish()

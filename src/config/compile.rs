@@ -1039,15 +1039,21 @@ impl Compiler<'_> {
         let Some(raw) = raw else {
             return Budget::default();
         };
-        let mut alert_at = Vec::new();
+        let mut alerts: Vec<(f64, String)> = Vec::new();
         for t in raw.alert_at.iter().flatten() {
             match self.number::<f64>(t, "a fraction like 0.8") {
-                Some(f) if f > 0.0 && f.is_finite() => alert_at.push(f),
+                Some(f) if f > 0.0 && f.is_finite() => {
+                    // The metric's `threshold` label is the fraction as the
+                    // config writes it (`1.0` stays `1.0`).
+                    let written = self.text(t).unwrap_or_default().trim().to_owned();
+                    alerts.push((f, written));
+                }
                 Some(f) => self.error(&t.referenced, format!("alert_at {f} must be above 0")),
                 None => {}
             }
         }
-        alert_at.sort_by(f64::total_cmp);
+        alerts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (alert_at, alert_labels) = alerts.into_iter().unzip();
         let webhook_url = raw
             .webhook_url
             .as_ref()
@@ -1056,6 +1062,7 @@ impl Compiler<'_> {
         Budget {
             daily_usd: self.opt_usd(&raw.daily_usd),
             alert_at,
+            alert_labels,
             enforce: self.bool(&raw.enforce, false),
             webhook_url,
         }

@@ -95,7 +95,7 @@ fn raise(gw: &Gateway, snap: &Snapshot, scope: &str, identity: Option<&str>, ale
         });
         gw.metrics
             .budget_alerts
-            .with_label_values(&[scope, &alert.threshold.to_string()])
+            .with_label_values(&[scope, &snap.budget.alert_label(alert.threshold)])
             .inc();
         if let (Some(url), Some(queue)) = (&snap.budget.webhook_url, &gw.webhook) {
             // Full queue: the alert is still logged and counted.

@@ -89,7 +89,7 @@ async fn global_budget_alerts_once_per_threshold_and_is_enforced() {
     assert_eq!(alerts[1]["threshold"], 1.0);
     assert!((alerts[1]["spent_usd"].as_f64().unwrap() - 1.2).abs() < 1e-9);
     assert_eq!(alerts[1]["budget_usd"], 1.0);
-    for threshold in ["0.5", "1"] {
+    for threshold in ["0.5", "1.0"] {
         assert_eq!(
             gw.metric(
                 "sluice_budget_alerts_total",
@@ -151,7 +151,7 @@ async fn tier_budget_is_per_identity() {
     assert_eq!(
         gw.metric(
             "sluice_budget_alerts_total",
-            &[("scope", "tier:free"), ("threshold", "1")]
+            &[("scope", "tier:free"), ("threshold", "1.0")]
         )
         .await,
         Some(2.0),
