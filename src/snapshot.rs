@@ -231,11 +231,14 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// The `threshold` label of an alert at `fraction`, as written.
+    /// The `threshold` label of an alert at `fraction`, as written. The
+    /// Redis backend hands fractions back in thousandths, so they are
+    /// matched at that precision.
     pub fn alert_label(&self, fraction: f64) -> String {
+        let thousandths = |f: f64| (f * 1000.0).round();
         self.alert_at
             .iter()
-            .position(|&f| f == fraction)
+            .position(|&f| thousandths(f) == thousandths(fraction))
             .and_then(|i| self.alert_labels.get(i).cloned())
             .unwrap_or_else(|| fraction.to_string())
     }

@@ -958,7 +958,10 @@ impl Compiler<'_> {
         } else {
             let secret = j.hs256_secret.as_ref()?;
             let text = self.text(secret)?;
-            if text.len() < 32 {
+            if text.is_empty() {
+                // An empty key would let anyone sign tokens.
+                self.error(&secret.referenced, "hs256_secret must not be empty");
+            } else if text.len() < 32 {
                 // RFC 7518 §3.2 wants 256 bits; Envoy and the JWT
                 // libraries accept shorter, and so does sluice, loudly.
                 // The value is a secret: the message never repeats it.

@@ -151,7 +151,12 @@ pub fn is_preamble(event: &[u8]) -> bool {
                     v.is_null() || v.as_str() == Some("") || v.as_array().is_some_and(Vec::is_empty)
                 })
             };
+            // Legacy completions stream their text in `choices[].text`.
+            let no_text = c
+                .get("text")
+                .is_none_or(|v| v.is_null() || v.as_str() == Some(""));
             c.get("finish_reason").is_none_or(Value::is_null)
+                && no_text
                 && empty("content")
                 && empty("tool_calls")
                 && empty("function_call")
@@ -232,6 +237,13 @@ mod tests {
         assert!(!is_preamble(tool));
         assert!(!is_preamble(stop));
         assert!(!is_preamble(b"data: [DONE]"));
+        // Legacy completions: text in `choices[].text`.
+        assert!(!is_preamble(
+            br#"data: {"object":"text_completion","choices":[{"text":"Hi","index":0,"finish_reason":null}]}"#
+        ));
+        assert!(is_preamble(
+            br#"data: {"object":"text_completion","choices":[{"text":"","index":0,"finish_reason":null}]}"#
+        ));
         assert!(!is_preamble(br#"data: {"type":"content_block_delta"}"#));
     }
 }

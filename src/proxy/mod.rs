@@ -88,7 +88,10 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     if let Some(decision) = ctx.rate_limit.as_ref() {
         limit::headers(decision, resp.headers_mut());
     }
+    // Not when the shared state just failed: asking it again would only
+    // delay the error.
     if ctx.token_limit.is_none()
+        && ctx.error != Some("state_unavailable")
         && let Some(route) = ctx.route_index.and_then(|i| active.snapshot.routes.get(i))
         && limit::token_limits_apply(&active.snapshot, route, &ctx)
     {

@@ -305,6 +305,17 @@ fn short_hmac_secret_is_a_warning() {
         ]
     );
     assert!(!lines[0].contains("short-secret"));
+    let empty = sluice::config::load_str(
+        &config("    hs256_secret: ${JWT_SECRET:-}"),
+        "test.yaml",
+        std::path::Path::new("/nonexistent"),
+        &|_| None,
+    )
+    .expect_err("an empty secret would let anyone sign tokens");
+    assert_eq!(
+        empty.0[0].to_string(),
+        "test.yaml:6:19: hs256_secret must not be empty"
+    );
     let long = sluice::config::load_str(
         &config("    hs256_secret: ${JWT_SECRET}"),
         "test.yaml",

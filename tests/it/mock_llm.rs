@@ -153,6 +153,17 @@ async fn models_list() {
             .iter()
             .any(|m| m["id"] == "gpt-4o-mini")
     );
+    // HEAD is answered as GET is, without the body.
+    let head = Client::new()
+        .send(
+            http::Method::HEAD,
+            &gw.url("/v1/models"),
+            &[],
+            bytes::Bytes::new(),
+        )
+        .await;
+    assert_eq!(head.status, 200);
+    assert!(head.text().is_empty());
 }
 
 /// `models.retrieve`: a known model, or OpenAI's 404 `model_not_found`.

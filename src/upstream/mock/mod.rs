@@ -71,7 +71,13 @@ where
     }
     let (parts, body) = req.into_parts();
     let path = parts.uri.path();
-    match (&parts.method, path) {
+    // HEAD is GET without the body (hyper leaves the body out).
+    let method = if parts.method == Method::HEAD {
+        &Method::GET
+    } else {
+        &parts.method
+    };
+    match (method, path) {
         (&Method::GET, "/health" | "/healthz") => {
             json_response(StatusCode::OK, &json!({"status": "ok"}))
         }
