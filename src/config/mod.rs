@@ -73,8 +73,10 @@ pub fn load_str(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Snapshot, ConfigErrors> {
     let mut errors = Vec::new();
-    // Unknown keys blanked so far, to tell a misspelt required key.
-    let mut blanked: Vec<String> = Vec::new();
+    // Unknown keys blanked so far, to tell a misspelt required key, and
+    // where values were blanked, to tell the errors that blanking made.
+    let mut blanked: Vec<recover::Blanked> = Vec::new();
+    let mut blanked_values: Vec<(u64, u64)> = Vec::new();
     let mut text = std::borrow::Cow::Borrowed(text);
     loop {
         let options = serde_saphyr::options! { with_snippet: false };
@@ -89,20 +91,21 @@ pub fn load_str(
             },
             Err(e) => {
                 let error = parse_error(file, &e);
-                if errors
-                    .iter()
-                    .any(|e: &ConfigError| (e.line, e.col) == (error.line, error.col))
-                {
-                    // Made by blanking a value there (now null): reported.
-                    break;
-                }
                 if let Some(missing) = missing_field(&error.message) {
                     // A required key that was misspelt is now missing,
                     // and was reported as unknown; another one is an
                     // error of its own. Either way nothing can fill it.
-                    if !recover::misspelt(missing, &blanked) {
+                    if !recover::misspelt(missing, error.line, error.col, &blanked) {
                         errors.push(error);
                     }
+                    break;
+                }
+                if blanked_values
+                    .iter()
+                    .any(|&(line, col)| error.line == line && error.col <= col)
+                {
+                    // The null left where a value was blanked, reported
+                    // (at its key's `:` or at the value) as that value.
                     break;
                 }
                 // Past an unknown key, or a value of the wrong type, the
@@ -111,9 +114,14 @@ pub fn load_str(
                 let next = if errors.len() >= MAX_PARSE_ERRORS {
                     None
                 } else if let Some(key) = unknown_field(&error.message) {
-                    blanked.push(key.to_owned());
+                    blanked.push(recover::Blanked {
+                        name: key.to_owned(),
+                        line: error.line,
+                        col: error.col,
+                    });
                     recover::without_key(&text, error.line, error.col)
                 } else {
+                    blanked_values.push((error.line, error.col));
                     recover::without_value(&text, error.line, error.col)
                 };
                 errors.push(error);

@@ -77,6 +77,10 @@ pub fn without_value(text: &str, line: u64, col: u64) -> Option<String> {
         return None;
     }
     let rest = rest.trim_end_matches(['\n', '\r']);
+    // Inside a flow mapping opened on this line, the value ends at `,`,
+    // `}` or `]`; one opened on an earlier line is not known here, and a
+    // value with those characters is then left alone rather than cut
+    // where the user did not end it.
     let in_flow = before.contains('{');
     let len = match rest.as_bytes().first()? {
         q @ (b'"' | b'\'') => {
@@ -85,6 +89,8 @@ pub fn without_value(text: &str, line: u64, col: u64) -> Option<String> {
             loop {
                 match bytes.get(i)? {
                     b'\\' if *q == b'"' => i += 2,
+                    // `''` is a quote inside a single-quoted scalar.
+                    b'\'' if *q == b'\'' && bytes.get(i + 1) == Some(&b'\'') => i += 2,
                     b if b == q => break i + 1,
                     _ => i += 1,
                 }
@@ -101,7 +107,11 @@ pub fn without_value(text: &str, line: u64, col: u64) -> Option<String> {
                         || (c == '#' && rest[..i].ends_with(' '))
                 })
                 .map_or(rest.len(), |(i, _)| i);
-            rest[..end].trim_end().len()
+            let token = rest[..end].trim_end();
+            if !in_flow && token.contains([',', '}', ']']) {
+                return None;
+            }
+            token.len()
         }
     };
     let mut out = String::with_capacity(text.len());
@@ -117,13 +127,29 @@ pub fn without_value(text: &str, line: u64, col: u64) -> Option<String> {
     Some(out)
 }
 
-/// Whether a required key reported missing is likely the one a blanked
-/// unknown key misspelt (`upstrem` for `upstream`): then the user made
-/// one error, already reported.
-pub fn misspelt(missing: &str, blanked: &[String]) -> bool {
+/// An unknown key that was blanked, and where it was.
+pub struct Blanked {
+    pub name: String,
+    pub line: u64,
+    pub col: u64,
+}
+
+/// Whether a required key reported missing, in the mapping the parser
+/// places at `line`:`col` (one of its keys), is likely one a blanked
+/// unknown key of that mapping misspelt (`upstrem` for `upstream`): then
+/// the user made one error, already reported.
+pub fn misspelt(missing: &str, line: u64, col: u64, blanked: &[Blanked]) -> bool {
+    // A block mapping's keys line up in one column; a flow mapping's share
+    // its line. (A sibling mapping in that column may pass for the same.)
+    let same_mapping = |b: &Blanked| b.col == col || b.line == line;
+    let near = match missing.chars().count() {
+        0..=4 => 1,
+        5..=10 => 2,
+        n => n / 5,
+    };
     blanked
         .iter()
-        .any(|b| edit_distance(missing, b) <= 2.max(missing.len() / 4))
+        .any(|b| same_mapping(b) && edit_distance(missing, &b.name) <= near)
 }
 
 /// Levenshtein distance of two short names.
@@ -254,6 +280,13 @@ mod tests {
             out,
             "routes:\n  - match: { path_prefix: /, methods: GET }\n    auth:         # c\n"
         );
+        // A flow mapping opened on an earlier line: not cut blindly.
+        assert!(without_value("m: { a: 1,\n  b: GET }\n", 2, 6).is_none());
+        // `''` inside single quotes.
+        assert_eq!(
+            without_value("a: 'it''s'\nb: 1\n", 1, 4).unwrap(),
+            "a:        \nb: 1\n"
+        );
         // Not after a key, or not a scalar: left alone.
         assert!(without_value(text, 2, 5).is_none());
         assert!(without_value("a: [1, 2]\n", 1, 4).is_none());
@@ -262,10 +295,22 @@ mod tests {
 
     #[test]
     fn misspellings_of_a_blanked_key() {
-        let blanked = ["upstrem".to_owned(), "tokens_per_minut".to_owned()];
-        assert!(misspelt("upstream", &blanked));
-        assert!(!misspelt("output", &blanked));
-        assert!(!misspelt("matcher", &blanked));
+        let at = |name: &str, line, col| Blanked {
+            name: name.to_owned(),
+            line,
+            col,
+        };
+        let blanked = [at("upstrem", 6, 5), at("tir", 9, 7)];
+        // A block mapping with keys in column 5, placed before or after
+        // the typo.
+        assert!(misspelt("upstream", 4, 5, &blanked));
+        assert!(misspelt("upstream", 7, 5, &blanked));
+        assert!(!misspelt("output", 4, 5, &blanked));
+        // Another mapping's typo is not this one's.
+        assert!(!misspelt("upstream", 4, 7, &blanked));
+        // Short names must be nearly equal: `tir` is no misspelt `id`.
+        assert!(!misspelt("id", 8, 7, &blanked));
+        assert!(misspelt("tier", 8, 7, &blanked));
         assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 

@@ -884,6 +884,57 @@ routes:
         errs[0].starts_with("test.yaml:6:5: unknown field `upstrem`"),
         "{errs:#?}"
     );
+    // The typo before the mapping's other keys, too.
+    let errs = errors(
+        "\
+upstreams:
+  a: { url: \"http://127.0.0.1:1\" }
+routes:
+  - name: r
+    upstrem: a
+    match: { path_prefix: / }
+",
+    );
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("test.yaml:5:5: unknown field `upstrem`"),
+        "{errs:#?}"
+    );
+}
+
+/// Recovery never invents errors: a value of the wrong type whose key
+/// must have one stops the check after that error, once.
+#[test]
+fn a_required_value_of_the_wrong_type_is_reported_once() {
+    let errs = errors(
+        "\
+upstreams:
+  openai: { url: \"http://127.0.0.1:1\" }
+pools:
+  llm:
+    members: openai
+routes:
+  - name: r
+    match: { path_prefix: / }
+    upstream: llm
+",
+    );
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].starts_with("test.yaml:5:14: "), "{errs:#?}");
+    // A flow mapping spread over lines is not cut blindly.
+    let errs = errors(
+        "\
+upstreams:
+  a: { url: \"http://127.0.0.1:1\" }
+routes:
+  - name: r
+    match: { path_prefix: /,
+      methods: GET }
+    upstream: a
+",
+    );
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].starts_with("test.yaml:6:16: "), "{errs:#?}");
 }
 
 /// The parser's messages in sluice's words, not the library's.
