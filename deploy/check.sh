@@ -740,9 +740,9 @@ PY
   else
     fail "budget gauges: spent '$spent' of '$limit' USD, expected a ratio >= 1"
   fi
-  [[ -n $(metric_value "$last" sluice_budget_alerts_total 'scope="global"' 'threshold="1"') ]] \
-    && pass "sluice_budget_alerts_total{scope=\"global\",threshold=\"1\"} exists" \
-    || fail "sluice_budget_alerts_total{scope=\"global\",threshold=\"1\"} exists"
+  [[ -n $(metric_value "$last" sluice_budget_alerts_total 'scope="global"' 'threshold="1.0"') ]] \
+    && pass "sluice_budget_alerts_total{scope=\"global\",threshold=\"1.0\"} exists" \
+    || fail "sluice_budget_alerts_total{scope=\"global\",threshold=\"1.0\"} exists"
   grep -q '^sluice_rate_limited_total{.*tier="tiny"' "$last" \
     && pass "sluice_rate_limited_total counts the tier's 429s" || fail "sluice_rate_limited_total counts the tier's 429s"
 
