@@ -248,7 +248,7 @@ mod tests {
     }
 }
 
-/// For a streamed chat completion that did not ask for usage, the body
+/// For a streamed chat or text completion that did not ask for usage, the body
 /// with `stream_options.include_usage` set, so the upstream reports it;
 /// `None` when the request is not such a stream or already asks.
 ///

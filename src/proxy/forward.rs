@@ -72,17 +72,18 @@ pub async fn send(
     headers::from_client(&mut parts.headers, ctx);
     let max_body = snap.limits.max_request_body;
     // The body is read whole (bounded) when it must be replayed (pools),
-    // estimated (token limits) or edited (streamed chat completions that
-    // did not ask for usage); otherwise it streams through.
-    let chat =
-        parts.method == http::Method::POST && parts.uri.path().ends_with("/chat/completions");
+    // estimated (token limits) or edited (streamed chat or text
+    // completions that did not ask for usage: both APIs take
+    // `stream_options.include_usage`); otherwise it streams through.
+    let completions =
+        parts.method == http::Method::POST && parts.uri.path().ends_with("/completions");
     let token_limited = limit::token_limits_apply(snap, route, ctx);
     let renames = |index: usize| {
         snap.upstreams
             .get(index)
             .is_some_and(|u| !u.models.is_empty())
     };
-    let mut body = match (route.target, chat, token_limited, body) {
+    let mut body = match (route.target, completions, token_limited, body) {
         (Target::Upstream(index), false, false, RequestBody::Streaming(body))
             if !renames(index) =>
         {
@@ -90,7 +91,7 @@ pub async fn send(
         }
         (.., body) => body.into_bytes(max_body, ctx.deadline(snap)).await?,
     };
-    if chat && let Some(asked) = sse::ask_for_usage(&body) {
+    if completions && let Some(asked) = sse::ask_for_usage(&body) {
         // Usage is asked for upstream and its chunk removed before the
         // client sees it: the client's stream stays as it would have been.
         body = asked;

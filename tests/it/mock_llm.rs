@@ -353,6 +353,10 @@ async fn text_completions_json_and_stream() {
         chunks.last().unwrap()["choices"][0]["finish_reason"],
         "stop"
     );
-    // No usage chunk unless `stream_options.include_usage` asks.
+    // The client did not ask for usage: sluice asked the upstream for it,
+    // removed the usage chunk, and metered the stream.
     assert!(chunks.iter().all(|c| c.get("usage").is_none()));
+    let logs = gw.wait_access_logs(2).await;
+    assert_eq!(logs[1]["input_tokens"], 2);
+    assert_eq!(logs[1]["output_tokens"], 9);
 }
