@@ -164,6 +164,10 @@ async fn models_list() {
         .await;
     assert_eq!(head.status, 200);
     assert!(head.text().is_empty());
+    // The body hyper leaves out of a HEAD answer is no client gone.
+    let logs = gw.wait_access_logs(2).await;
+    assert_eq!(logs[1]["method"], "HEAD");
+    assert_eq!(logs[1]["error"], Value::Null);
 }
 
 /// `models.retrieve`: a known model, or OpenAI's 404 `model_not_found`.
