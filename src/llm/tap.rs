@@ -89,7 +89,9 @@ impl Tap {
     ) -> Self {
         let mut finish = finish;
         let head = finish.ctx.method == http::Method::HEAD;
-        let fill = finish.ctx.cache_fill.take();
+        // A HEAD answer's body is never read: there is nothing to store
+        // (dropped unstored, the fill lets waiting requests go on).
+        let fill = finish.ctx.cache_fill.take().filter(|_| !head);
         let body_log = finish
             .active
             .snapshot

@@ -170,6 +170,33 @@ async fn models_list() {
     assert_eq!(logs[1]["error"], Value::Null);
 }
 
+/// A HEAD answer is not stored in the response cache: its body was never
+/// read, and a hit would replay an empty one without its length.
+#[tokio::test]
+async fn head_answers_are_not_cached() {
+    let gw = TestGateway::start(&config("{}").replace(
+        "    auth: none\n",
+        "    auth: none\n    cache: { ttl: 1m, scope: shared }\n",
+    ))
+    .await;
+    let head = || async {
+        Client::new()
+            .send(
+                http::Method::HEAD,
+                &gw.url("/v1/models"),
+                &[],
+                bytes::Bytes::new(),
+            )
+            .await
+    };
+    for _ in 0..2 {
+        let reply = head().await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("x-sluice-cache"), Some("MISS"));
+        gw.wait_access_logs(1).await;
+    }
+}
+
 /// `models.retrieve`: a known model, or OpenAI's 404 `model_not_found`.
 #[tokio::test]
 async fn one_model_by_id() {
