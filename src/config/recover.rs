@@ -77,11 +77,16 @@ pub fn without_value(text: &str, line: u64, col: u64) -> Option<String> {
         return None;
     }
     let rest = rest.trim_end_matches(['\n', '\r']);
-    // Inside a flow mapping opened on this line, the value ends at `,`,
-    // `}` or `]`; one opened on an earlier line is not known here, and a
-    // value with those characters is then left alone rather than cut
-    // where the user did not end it.
-    let in_flow = before.contains('{');
+    // Inside a flow collection (opened on this line or an earlier one)
+    // the value ends at `,`, `}` or `]`; in block style it runs to the
+    // end of the line, commas included (`methods: GET,POST`).
+    let in_flow = lines[..line]
+        .iter()
+        .copied()
+        .chain([before])
+        .fold(Flow::default(), Flow::read)
+        .depth
+        > 0;
     let len = match rest.as_bytes().first()? {
         q @ (b'"' | b'\'') => {
             let mut i = 1;
@@ -107,11 +112,7 @@ pub fn without_value(text: &str, line: u64, col: u64) -> Option<String> {
                         || (c == '#' && rest[..i].ends_with(' '))
                 })
                 .map_or(rest.len(), |(i, _)| i);
-            let token = rest[..end].trim_end();
-            if !in_flow && token.contains([',', '}', ']']) {
-                return None;
-            }
-            token.len()
+            rest[..end].trim_end().len()
         }
     };
     let mut out = String::with_capacity(text.len());
@@ -132,6 +133,51 @@ pub struct Blanked {
     pub name: String,
     pub line: u64,
     pub col: u64,
+}
+
+/// How deep in flow collections (`{…}`, `[…]`) the text read so far
+/// ends, quotes and comments skipped.
+#[derive(Default, Clone, Copy)]
+struct Flow {
+    depth: usize,
+    /// Inside a quoted scalar, by its quote; `"` ones may span lines.
+    quote: Option<char>,
+}
+
+impl Flow {
+    /// The state after `text` (whole lines, or the start of one).
+    fn read(mut self, text: &str) -> Flow {
+        let mut chars = text.chars().peekable();
+        let mut prev = ' ';
+        while let Some(c) = chars.next() {
+            match self.quote {
+                Some('"') if c == '\\' => {
+                    chars.next();
+                }
+                Some('\'') if c == '\'' && chars.peek() == Some(&'\'') => {
+                    chars.next();
+                }
+                Some(q) if c == q => self.quote = None,
+                Some(_) => {}
+                None => match c {
+                    '"' | '\'' => self.quote = Some(c),
+                    '{' | '[' => self.depth += 1,
+                    '}' | ']' => self.depth = self.depth.saturating_sub(1),
+                    // A comment runs to the end of its line.
+                    '#' if prev.is_whitespace() => {
+                        for c in chars.by_ref() {
+                            if c == '\n' {
+                                break;
+                            }
+                        }
+                    }
+                    _ => {}
+                },
+            }
+            prev = c;
+        }
+        self
+    }
 }
 
 /// Whether a required key reported missing, in the mapping the parser
@@ -280,8 +326,16 @@ mod tests {
             out,
             "routes:\n  - match: { path_prefix: /, methods: GET }\n    auth:         # c\n"
         );
-        // A flow mapping opened on an earlier line: not cut blindly.
-        assert!(without_value("m: { a: 1,\n  b: GET }\n", 2, 6).is_none());
+        // A flow mapping opened on an earlier line: cut at its end.
+        assert_eq!(
+            without_value("m: { a: 1, # {\n  b: GET }\n", 2, 6).unwrap(),
+            "m: { a: 1, # {\n  b:     }\n"
+        );
+        // In block style a value runs to the end of its line, commas too.
+        assert_eq!(
+            without_value("x: '[' # [\nm: GET,POST # c\n", 2, 4).unwrap(),
+            "x: '[' # [\nm:          # c\n"
+        );
         // `''` inside single quotes.
         assert_eq!(
             without_value("a: 'it''s'\nb: 1\n", 1, 4).unwrap(),

@@ -75,8 +75,11 @@ pub async fn send(
     // estimated (token limits) or edited (streamed chat or text
     // completions that did not ask for usage: both APIs take
     // `stream_options.include_usage`); otherwise it streams through.
-    let completions =
-        parts.method == http::Method::POST && parts.uri.path().ends_with("/completions");
+    // Only these two APIs' paths: an app's own `/…/completions` behind the
+    // sidecar, or another provider's (FIM), may refuse the extra member.
+    let path = parts.uri.path();
+    let completions = parts.method == http::Method::POST
+        && (path.ends_with("/chat/completions") || path.ends_with("/v1/completions"));
     let token_limited = limit::token_limits_apply(snap, route, ctx);
     let renames = |index: usize| {
         snap.upstreams

@@ -129,8 +129,14 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
             resp.headers_mut().remove(http::header::CONTENT_LENGTH);
         }
     }
+    // A HEAD answer has no content (its length is kept). hyper leaves the
+    // body out over HTTP/1.1 but its HTTP/2 server would send it.
+    let head = ctx.method == http::Method::HEAD;
     let finish = Finish { gw, active, ctx };
-    resp.map(move |body| Tap::new(body, finish, idle, deadline, sse, meter))
+    resp.map(move |body| {
+        let body = if head { crate::body::empty() } else { body };
+        Tap::new(body, finish, idle, deadline, sse, meter)
+    })
 }
 
 async fn process(
