@@ -39,6 +39,10 @@ fn errors_with_env(yaml: &str, env: &[(&str, &str)]) -> Vec<String> {
     }
 }
 
+/// The head of a one-route config whose route `r` the tests complete
+/// (upstream `a`); the route's own keys start on line 5.
+const ROUTE_R: &str = "upstreams:\n  a: { url: \"http://127.0.0.1:1\" }\nroutes:\n  - name: r\n";
+
 fn errors(yaml: &str) -> Vec<String> {
     errors_with_env(yaml, &[])
 }
@@ -850,16 +854,7 @@ routes:
 /// unless the unknown key is its misspelling (one error, reported once).
 #[test]
 fn a_missing_key_is_reported_unless_it_was_misspelt() {
-    let errs = errors(
-        "\
-upstreams:
-  a: { url: \"http://127.0.0.1:1\" }
-routes:
-  - name: r
-    match: { path_prefix: / }
-    bogus: 1
-",
-    );
+    let errs = errors(&[ROUTE_R, "    match: { path_prefix: / }\n    bogus: 1\n"].concat());
     assert_eq!(errs.len(), 2, "{errs:#?}");
     assert!(
         errs.iter().any(|e| e.contains("missing field `upstream`")),
@@ -869,32 +864,14 @@ routes:
         errs.iter().any(|e| e.contains("unknown field `bogus`")),
         "{errs:#?}"
     );
-    let errs = errors(
-        "\
-upstreams:
-  a: { url: \"http://127.0.0.1:1\" }
-routes:
-  - name: r
-    match: { path_prefix: / }
-    upstrem: a
-",
-    );
+    let errs = errors(&[ROUTE_R, "    match: { path_prefix: / }\n    upstrem: a\n"].concat());
     assert_eq!(errs.len(), 1, "{errs:#?}");
     assert!(
         errs[0].starts_with("test.yaml:6:5: unknown field `upstrem`"),
         "{errs:#?}"
     );
     // The typo before the mapping's other keys, too.
-    let errs = errors(
-        "\
-upstreams:
-  a: { url: \"http://127.0.0.1:1\" }
-routes:
-  - name: r
-    upstrem: a
-    match: { path_prefix: / }
-",
-    );
+    let errs = errors(&[ROUTE_R, "    upstrem: a\n    match: { path_prefix: / }\n"].concat());
     assert_eq!(errs.len(), 1, "{errs:#?}");
     assert!(
         errs[0].starts_with("test.yaml:5:5: unknown field `upstrem`"),
@@ -923,15 +900,11 @@ routes:
     assert!(errs[0].starts_with("test.yaml:5:14: "), "{errs:#?}");
     // A flow mapping spread over lines is not cut blindly.
     let errs = errors(
-        "\
-upstreams:
-  a: { url: \"http://127.0.0.1:1\" }
-routes:
-  - name: r
-    match: { path_prefix: /,
-      methods: GET }
-    upstream: a
-",
+        &[
+            ROUTE_R,
+            "    match: { path_prefix: /,\n      methods: GET }\n    upstream: a\n",
+        ]
+        .concat(),
     );
     assert_eq!(errs.len(), 1, "{errs:#?}");
     assert!(errs[0].starts_with("test.yaml:6:16: "), "{errs:#?}");
@@ -952,17 +925,7 @@ routes:
 ",
     );
     assert_eq!(errs, ["test.yaml:3:3: duplicate key `a`"]);
-    let errs = errors(
-        "\
-upstreams:
-  a: { url: \"http://127.0.0.1:1\" }
-routes:
-  - name: r
-    match: { path_prefix: / }
-    upstream: a
-    validate: { schema_fil: x.json }
-",
-    );
+    let errs = errors(&[ROUTE_R, "    match: { path_prefix: / }\n    upstream: a\n    validate: { schema_fil: x.json }\n"].concat());
     assert_eq!(
         errs,
         ["test.yaml:7:15: validate must be none, openai or { schema_file: PATH }"]
