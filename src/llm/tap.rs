@@ -55,9 +55,6 @@ pub struct Tap {
     sse: bool,
     /// The error event was sent: the body is over.
     ended: bool,
-    /// The answer to a HEAD request: hyper sends no body and drops it
-    /// unread, which is its end, not a client gone.
-    head: bool,
     /// Reads usage from an upstream's JSON or SSE body as it passes, and
     /// removes the usage chunk of a stream when sluice asked for it.
     meter: Option<Meter>,
@@ -88,10 +85,7 @@ impl Tap {
         meter: Option<Meter>,
     ) -> Self {
         let mut finish = finish;
-        let head = finish.ctx.method == http::Method::HEAD;
-        // A HEAD answer's body is never read: there is nothing to store
-        // (dropped unstored, the fill lets waiting requests go on).
-        let fill = finish.ctx.cache_fill.take().filter(|_| !head);
+        let fill = finish.ctx.cache_fill.take();
         let body_log = finish
             .active
             .snapshot
@@ -110,7 +104,6 @@ impl Tap {
             timer: None,
             sse,
             ended: false,
-            head,
         }
     }
 
@@ -355,7 +348,7 @@ impl Body for Tap {
 impl Drop for Tap {
     fn drop(&mut self) {
         // Still pending at drop: the body was not read to its end.
-        let done = self.ended || self.head || self.inner.is_end_stream();
+        let done = self.ended || self.inner.is_end_stream();
         self.finalize(if done { None } else { Some("client_closed") });
     }
 }

@@ -67,8 +67,12 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
         }
     };
     ctx.status = resp.status().as_u16();
+    // A HEAD answer has no content (its length is kept): hyper leaves the
+    // body out over HTTP/1.1, but its HTTP/2 server would send it, and an
+    // empty body is nothing to store.
+    let head = ctx.method == http::Method::HEAD;
     if let Some(fill) = ctx.cache_fill.as_mut()
-        && (ctx.error.is_some() || !fill.accept_head(resp.status(), resp.headers()))
+        && (head || ctx.error.is_some() || !fill.accept_head(resp.status(), resp.headers()))
     {
         // Not stored: requests waiting on this one take their turn now.
         ctx.cache_fill = None;
@@ -129,9 +133,6 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
             resp.headers_mut().remove(http::header::CONTENT_LENGTH);
         }
     }
-    // A HEAD answer has no content (its length is kept). hyper leaves the
-    // body out over HTTP/1.1 but its HTTP/2 server would send it.
-    let head = ctx.method == http::Method::HEAD;
     let finish = Finish { gw, active, ctx };
     resp.map(move |body| {
         let body = if head { crate::body::empty() } else { body };
