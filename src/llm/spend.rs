@@ -63,17 +63,9 @@ async fn charge_scopes(
         if !alerts.is_empty() {
             // Per-identity spend is not a metric label (unbounded); its
             // alerts count under the tier, and the event names whose.
-            let who = identity_label(&id);
+            let who = id.to_string();
             raise(&gw, snap, &format!("tier:{tier}"), Some(&who), alerts);
         }
-    }
-}
-
-/// An identity as logs name it: a key's `id`, an anonymous caller's address.
-fn identity_label(id: &IdentityId) -> String {
-    match id {
-        IdentityId::Key(id) => id.to_string(),
-        IdentityId::Ip(ip) => ip.to_string(),
     }
 }
 

@@ -50,6 +50,16 @@ pub enum IdentityId {
     Ip(IpAddr),
 }
 
+/// As logs name an identity: a key's `id`, an anonymous caller's address.
+impl std::fmt::Display for IdentityId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IdentityId::Key(id) => f.write_str(id),
+            IdentityId::Ip(ip) => ip.fmt(f),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct RequestCtx {
     pub started: Instant,
