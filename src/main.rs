@@ -222,9 +222,7 @@ async fn run(path: PathBuf) -> ExitCode {
     let warnings = snapshot.warnings.clone();
     let gw = Gateway::new(snapshot, LogSink::Stdout);
     let _ = tracing::dispatcher::set_global_default(gw.log.dispatch.clone());
-    for w in &warnings {
-        tracing::warn!(target: "sluice::config", "{w}");
-    }
+    config::log_warnings(&warnings);
     // Signals are taken over before `start` makes /readyz say 200: a
     // SIGTERM or SIGHUP sent right then must drain or reload, not kill.
     let stop = StopSignals::install();

@@ -95,9 +95,7 @@ impl Reloader {
                 metrics.with_label_values(&["ok"]).inc();
                 self.log(|| {
                     tracing::info!(event = "config_reloaded", file, "config reloaded");
-                    for w in &warnings {
-                        tracing::warn!(target: "sluice::config", "{w}");
-                    }
+                    config::log_warnings(&warnings);
                     for what in &restart {
                         tracing::warn!(
                             event = "config_needs_restart",

@@ -23,6 +23,14 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// Logs config warnings (a reload's, or the first load's once logging is
+/// up) at warn level.
+pub fn log_warnings(warnings: &[ConfigError]) {
+    for w in warnings {
+        tracing::warn!(target: "sluice::config", "{w}");
+    }
+}
+
 /// All the errors of one load, in file order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigErrors(pub Vec<ConfigError>);

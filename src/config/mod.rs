@@ -10,7 +10,7 @@ pub mod units;
 
 use std::path::Path;
 
-pub use error::{ConfigError, ConfigErrors};
+pub use error::{ConfigError, ConfigErrors, log_warnings};
 
 use crate::snapshot::Snapshot;
 
