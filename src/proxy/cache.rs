@@ -23,6 +23,7 @@ use crate::gateway::{Active, Gateway};
 use crate::snapshot::{CacheScope, Route, RouteCache};
 use crate::state::State;
 use crate::state::cache::{CachedResponse, Flight, Join, Key};
+use crate::telemetry::metrics::RouteMetrics;
 
 /// What the cache did for a request: the `x-sluice-cache` header, the
 /// metric's `result` label and the access log's `cache` field.
@@ -79,18 +80,14 @@ pub async fn lookup(
     let directives = RequestDirectives::of(&parts.headers);
     let cacheable_method = matches!(parts.method, Method::GET | Method::HEAD | Method::POST);
     if !cacheable_method || directives.no_store {
-        ctx.cache = Some(CacheStatus::Bypass);
-        metrics.cache_result(CacheStatus::Bypass);
+        bypass(ctx, metrics);
         return Ok(Step::Forward(body));
     }
+    let deadline = ctx.deadline(&active.snapshot);
     let bytes = body
-        .into_bytes(
-            active.snapshot.limits.max_request_body,
-            ctx.deadline(&active.snapshot),
-        )
+        .into_bytes(active.snapshot.limits.max_request_body, deadline)
         .await?;
     let key = key(route, settings, parts, ctx, &bytes);
-    let deadline = ctx.deadline(&active.snapshot);
     let mut flight = None;
     if !directives.no_cache {
         for _ in 0..MAX_WAITS {
@@ -126,6 +123,13 @@ pub async fn lookup(
     metrics.cache_result(CacheStatus::Miss);
     ctx.cache_fill = Some(Fill::new(key, settings, flight, gw.state.cache_entry_cap()));
     Ok(Step::Forward(RequestBody::Read(bytes)))
+}
+
+/// Marks a request on a cached route as neither served from the cache nor
+/// stored, and counts it.
+pub fn bypass(ctx: &mut RequestCtx, metrics: &RouteMetrics) {
+    ctx.cache = Some(CacheStatus::Bypass);
+    metrics.cache_result(CacheStatus::Bypass);
 }
 
 /// The request's `cache-control` directives that concern the cache.

@@ -40,7 +40,6 @@ use crate::llm::sse;
 use crate::llm::tap::{Finish, Tap};
 use crate::llm::usage::Meter;
 use crate::telemetry::body_log::BodyLog;
-use cache::CacheStatus;
 use ctx::{ConnInfo, RequestCtx};
 use error::ProxyError;
 
@@ -82,8 +81,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
         // Refused before the cache was consulted (auth, limits, body):
         // neither served from it nor stored, as SPEC §3 wants every
         // response of a cached route to say.
-        ctx.cache = Some(CacheStatus::Bypass);
-        route_metrics.cache_result(CacheStatus::Bypass);
+        cache::bypass(&mut ctx, route_metrics);
     }
     if let Some(status) = ctx.cache {
         resp.headers_mut()
