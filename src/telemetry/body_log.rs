@@ -215,7 +215,6 @@ fn skip_space(bytes: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// Masks what follows `Bearer ` and `sk-` (eight or more key characters).
 /// Credentials recognized by their look, wherever they are: the prefix
 /// kept, the token after it masked when at least `min` bytes long. A JWT
 /// (`eyJ…`, base64 of `{"`) is caught outside `Bearer` too.
@@ -226,6 +225,7 @@ const PATTERNS: [(&str, bool, usize); 3] = [
     ("eyJ", false, 16),
 ];
 
+/// Masks what follows `Bearer `, `sk-` and `eyJ` (each at its own length).
 fn mask_patterns(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
