@@ -150,7 +150,7 @@ impl Health {
         may_pause: bool,
     ) -> Option<T> {
         let started = Instant::now();
-        let started_ms = self.now_ms();
+        let started_ms = self.ms_at(started);
         match call.await {
             Ok(value) => {
                 self.duration
@@ -185,7 +185,13 @@ impl Health {
 
     /// Milliseconds since `started`, plus one (so that 0 means never).
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+        self.ms_at(Instant::now())
+    }
+
+    /// `at` in ms since this store started, from 1 (0 means never).
+    fn ms_at(&self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.started);
+        u64::try_from(since.as_millis()).unwrap_or(u64::MAX) + 1
     }
 
     fn failed(&self, operation: &str, error: &StateError) {
