@@ -10,7 +10,7 @@ use std::collections::HashMap;
 /// than SipHash, whose flooding resistance a bounded map does not need.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::io::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use http::{Method, StatusCode};
@@ -371,7 +371,7 @@ pub struct ModelMetrics {
     pub output_tokens: IntCounter,
     pub cost_usd: prometheus::Counter,
     /// `sluice_completions_total` for the common finish reasons.
-    completions: [IntCounter; FINISH_REASONS.len()],
+    completions: [OnceLock<IntCounter>; FINISH_REASONS.len()],
     route: Arc<str>,
     model: String,
 }
@@ -400,9 +400,18 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
-/// Finish reasons known to OpenAI, Anthropic and Gemini-style APIs;
-/// others count as `other`.
-const KNOWN_FINISH_REASONS: [&str; 11] = [
+/// The `finish_reason` labels: those known to OpenAI, Anthropic and
+/// Gemini-style APIs, then `other` for any else. The first
+/// [`EAGER_FINISH_REASONS`] are resolved up front (their series show from
+/// a model's first answer); the rest on first use, then kept.
+const FINISH_REASONS: [&str; 19] = [
+    "stop",
+    "length",
+    "tool_calls",
+    "content_filter",
+    "end_turn",
+    "max_tokens",
+    "none",
     "function_call",
     "stop_sequence",
     "tool_use",
@@ -414,34 +423,24 @@ const KNOWN_FINISH_REASONS: [&str; 11] = [
     "RECITATION",
     "error",
     "cancelled",
+    OTHER,
 ];
-
-/// Finish reasons resolved up front; others are looked up when they occur.
-const FINISH_REASONS: [&str; 7] = [
-    "stop",
-    "length",
-    "tool_calls",
-    "content_filter",
-    "end_turn",
-    "max_tokens",
-    "none",
-];
+const EAGER_FINISH_REASONS: usize = 7;
 
 impl ModelMetrics {
-    pub fn completion(&self, metrics: &Metrics, reason: &str) -> IntCounter {
-        match FINISH_REASONS.iter().position(|r| *r == reason) {
-            Some(i) => self.completions[i].clone(),
-            None => {
-                let reason = if KNOWN_FINISH_REASONS.contains(&reason) {
-                    reason
-                } else {
-                    OTHER
-                };
-                metrics
-                    .completions
-                    .with_label_values(&[&*self.route, self.model.as_str(), reason])
-            }
-        }
+    pub fn completion(&self, metrics: &Metrics, reason: &str) -> &IntCounter {
+        let last = FINISH_REASONS.len() - 1;
+        let i = FINISH_REASONS[..last]
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(last);
+        self.completions[i].get_or_init(|| {
+            metrics.completions.with_label_values(&[
+                &*self.route,
+                self.model.as_str(),
+                FINISH_REASONS[i],
+            ])
+        })
     }
 }
 
@@ -518,10 +517,16 @@ impl RouteMetrics {
                 .tokens
                 .with_label_values(&[&self.route, model, "output"]),
             cost_usd: metrics.cost_usd.with_label_values(&[&self.route, model]),
-            completions: FINISH_REASONS.map(|r| {
-                metrics
-                    .completions
-                    .with_label_values(&[&self.route, model, r])
+            completions: std::array::from_fn(|i| {
+                let counter = OnceLock::new();
+                if i < EAGER_FINISH_REASONS {
+                    let _ = counter.set(metrics.completions.with_label_values(&[
+                        &self.route,
+                        model,
+                        FINISH_REASONS[i],
+                    ]));
+                }
+                counter
             }),
             route: self.route.clone(),
             model: model.to_owned(),
