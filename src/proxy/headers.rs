@@ -148,8 +148,17 @@ pub fn from_client(headers: &mut HeaderMap, ctx: &RequestCtx) {
     let original_host = headers.remove(header::HOST);
     strip_hop_by_hop(headers);
     strip_sluice(headers);
-    headers.remove(header::AUTHORIZATION);
-    headers.remove(X_API_KEY);
+    // One pass over the names, as for hop-by-hop headers: a removal
+    // hashes, and most requests carry at most one of the two.
+    let (authorization, api_key) = headers.keys().fold((false, false), |(a, k), name| {
+        (a || name == header::AUTHORIZATION, k || name == X_API_KEY)
+    });
+    if authorization {
+        headers.remove(header::AUTHORIZATION);
+    }
+    if api_key {
+        headers.remove(X_API_KEY);
+    }
     // sluice reads answers as they pass (usage, the cache, the body log),
     // so it asks upstreams for them uncompressed; a compressed answer
     // would be metered as nothing and replayed from the cache to clients
