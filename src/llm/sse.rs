@@ -31,12 +31,17 @@ impl EventSplitter {
 
     /// The next complete event, without its terminating blank line.
     pub fn next_event(&mut self) -> Option<Bytes> {
-        self.next_event_raw().map(|(event, _)| event)
+        self.next_event_raw().map(|(end, mut raw)| {
+            raw.truncate(end);
+            raw.freeze()
+        })
     }
 
-    /// The next complete event, and its bytes as they came, blank line
-    /// included.
-    pub fn next_event_raw(&mut self) -> Option<(Bytes, Bytes)> {
+    /// The next complete event's bytes as they came, blank line included,
+    /// and where the event ends in them. Left unfrozen, so that events
+    /// taken one after another from the same buffer join again without a
+    /// copy (`BytesMut::unsplit`).
+    pub fn next_event_raw(&mut self) -> Option<(usize, BytesMut)> {
         // A separator is at most 4 bytes: one not found yet starts in the
         // last 3 bytes scanned or after them.
         let from = self.scanned.saturating_sub(3);
@@ -46,8 +51,7 @@ impl EventSplitter {
         };
         let end = from + end;
         self.scanned = 0;
-        let raw = self.buf.split_to(end + sep).freeze();
-        Some((raw.slice(..end), raw))
+        Some((end, self.buf.split_to(end + sep)))
     }
 
     /// Bytes waiting for the end of their event.

@@ -186,16 +186,18 @@ impl SseMeter {
         // sent (less any stripped event).
         let mut rebuilt = (carried > 0).then(BytesMut::new);
         let mut consumed = 0;
-        while let Some((event, raw)) = self.splitter.next_event_raw() {
-            let strip = self.absorb_event(&event);
+        while let Some((end, raw)) = self.splitter.next_event_raw() {
+            let strip = self.absorb_event(&raw[..end]);
+            let len = raw.len();
             match rebuilt.as_mut() {
                 // The first stripped event of a frame that began on an
                 // event boundary: what came before it goes as it came.
                 None if strip => rebuilt = Some(BytesMut::from(&data[..consumed])),
-                Some(out) if !strip => out.extend_from_slice(&raw),
+                // Adjacent kept events join without a copy.
+                Some(out) if !strip => out.unsplit(raw),
                 _ => {}
             }
-            consumed += raw.len();
+            consumed += len;
         }
         match rebuilt {
             Some(out) => Some(out.freeze()),
