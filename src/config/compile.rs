@@ -106,6 +106,20 @@ impl Compiler<'_> {
         });
     }
 
+    /// A key the schema requires, or `None` after reporting it missing
+    /// at `mapping` (where serde would have stopped at it).
+    fn required<'t, T>(
+        &mut self,
+        value: &'t Option<T>,
+        mapping: &Location,
+        key: &str,
+    ) -> Option<&'t T> {
+        if value.is_none() {
+            self.error(mapping, format!("missing field `{key}`"));
+        }
+        value.as_ref()
+    }
+
     /// The expanded string, or `None` after recording why not.
     fn text(&mut self, t: &Text) -> Option<String> {
         self.expanded(&t.value.0, &t.referenced)
@@ -247,18 +261,17 @@ impl Compiler<'_> {
             Some(a) => self.addr(&a.listen, "0.0.0.0:9090"),
             None => self.addr(&None, "0.0.0.0:9090"),
         };
-        let tls = raw.tls.as_ref().and_then(|t| {
+        let tls = raw.tls.as_ref().and_then(|spanned| {
+            let cert = self.required(&spanned.value.cert_file, &spanned.referenced, "cert_file");
+            let key = self.required(&spanned.value.key_file, &spanned.referenced, "key_file");
+            let (cert, key) = (cert?, key?);
             let files = TlsFiles {
-                cert_file: self.path(&t.cert_file)?,
-                key_file: self.path(&t.key_file)?,
+                cert_file: self.path(cert)?,
+                key_file: self.path(key)?,
             };
             // Read now, so that `check` refuses what `run` would.
             if let Err((e, key_at_fault)) = crate::server::tls::check_pair(&files) {
-                let at = if key_at_fault {
-                    &t.key_file
-                } else {
-                    &t.cert_file
-                };
+                let at = if key_at_fault { key } else { cert };
                 self.error(&at.referenced, e);
             }
             Some(files)
@@ -591,13 +604,14 @@ impl Compiler<'_> {
                 None => (5, Duration::from_secs(30)),
             };
             let health_check = p.health_check.as_ref().and_then(|h| {
-                let path = self.text(&h.path)?;
+                let written = self.required(&h.value.path, &h.referenced, "path")?;
+                let path = self.text(written)?;
                 if !path.starts_with('/') {
-                    self.error(&h.path.referenced, "health_check.path must start with /");
+                    self.error(&written.referenced, "health_check.path must start with /");
                 }
                 Some(HealthCheck {
                     path,
-                    interval: self.duration(&h.interval, Duration::from_secs(10)),
+                    interval: self.duration(&h.value.interval, Duration::from_secs(10)),
                 })
             });
             out.push(Pool {
@@ -638,14 +652,24 @@ impl Compiler<'_> {
         let mut out = Vec::with_capacity(raw.len());
         for spanned in raw {
             let r = &spanned.value;
-            let name = self.text(&r.name).unwrap_or_default();
-            if !seen.insert(name.clone()) {
+            let at = &spanned.referenced;
+            // A missing key is reported and the route still compiled from
+            // the rest, so that its other keys are checked too and its
+            // name stays known to the api keys that list it.
+            let written_name = self.required(&r.name, at, "name");
+            let matcher = self.required(&r.matcher, at, "match");
+            let matcher = matcher.unwrap_or(&RawMatch::ANY);
+            let upstream = self.required(&r.upstream, at, "upstream");
+            let name = written_name.and_then(|n| self.text(n)).unwrap_or_default();
+            if let Some(written) = written_name
+                && !seen.insert(name.clone())
+            {
                 self.error(
-                    &r.name.referenced,
+                    &written.referenced,
                     format!("route name `{name}` is used twice"),
                 );
             }
-            let path = match (&r.matcher.path_prefix, &r.matcher.path) {
+            let path = match (&matcher.path_prefix, &matcher.path) {
                 (Some(_), Some(p)) => {
                     self.error(
                         &p.referenced,
@@ -671,14 +695,13 @@ impl Compiler<'_> {
                 },
                 (None, None) => PathMatch::Any,
             };
-            let host = r
-                .matcher
+            let host = matcher
                 .host
                 .as_ref()
                 .and_then(|h| self.text(h))
                 .map(|h| h.to_ascii_lowercase());
             let mut methods = Vec::new();
-            for m in r.matcher.methods.iter().flatten() {
+            for m in matcher.methods.iter().flatten() {
                 if let Some(method) = self.parsed(m, |s| {
                     let upper = s.to_ascii_uppercase();
                     Method::from_bytes(upper.as_bytes())
@@ -745,7 +768,7 @@ impl Compiler<'_> {
                 ),
             });
             let cors = r.cors.as_ref().map(|c| self.cors(c));
-            let target_name = self.text(&r.upstream).unwrap_or_default();
+            let target_name = upstream.and_then(|u| self.text(u)).unwrap_or_default();
             let target = match (
                 upstream_index.get(target_name.as_str()),
                 pool_index.get(target_name.as_str()),
@@ -753,10 +776,12 @@ impl Compiler<'_> {
                 (Some(i), _) => Target::Upstream(*i),
                 (None, Some(i)) => Target::Pool(*i),
                 (None, None) => {
-                    self.error(
-                        &r.upstream.referenced,
-                        format!("route `{name}`: no upstream or pool named `{target_name}`"),
-                    );
+                    if let Some(upstream) = upstream {
+                        self.error(
+                            &upstream.referenced,
+                            format!("route `{name}`: no upstream or pool named `{target_name}`"),
+                        );
+                    }
                     Target::Upstream(0)
                 }
             };
@@ -843,9 +868,17 @@ impl Compiler<'_> {
         let mut ids = HashSet::new();
         for spanned in &raw.api_keys {
             let k = &spanned.value;
-            let Some(id) = self.text(&k.id) else { continue };
+            let Some(written_id) = self.required(&k.id, &spanned.referenced, "id") else {
+                continue;
+            };
+            let Some(id) = self.text(written_id) else {
+                continue;
+            };
             if !ids.insert(id.clone()) {
-                self.error(&k.id.referenced, format!("api key id `{id}` is used twice"));
+                self.error(
+                    &written_id.referenced,
+                    format!("api key id `{id}` is used twice"),
+                );
             }
             let digest = match (&k.key, &k.hash) {
                 (Some(key), None) => match self.text(key) {
@@ -1031,8 +1064,10 @@ impl Compiler<'_> {
     fn pricing(&mut self, raw: &BTreeMap<String, Spanned<RawPrice>>) -> HashMap<String, Price> {
         raw.iter()
             .filter_map(|(model, p)| {
-                let input = self.opt_usd(&Some(p.value.input.clone()))?;
-                let output = self.opt_usd(&Some(p.value.output.clone()))?;
+                let input = self.required(&p.value.input, &p.referenced, "input");
+                let output = self.required(&p.value.output, &p.referenced, "output");
+                let input = self.opt_usd(&Some(input?.clone()))?;
+                let output = self.opt_usd(&Some(output?.clone()))?;
                 Some((model.clone(), Price { input, output }))
             })
             .collect()

@@ -85,7 +85,13 @@ pub fn load_str(
                 Ok(snapshot) if errors.is_empty() => return Ok(snapshot),
                 Ok(_) => break,
                 Err(more) => {
-                    errors.extend(more);
+                    // A required key reported missing where a key was
+                    // blanked (misspelt, or its value of the wrong type)
+                    // was reported already.
+                    errors.extend(more.into_iter().filter(|e| {
+                        missing_field(&e.message)
+                            .is_none_or(|key| !recover::misspelt(key, e.line, e.col, &blanked))
+                    }));
                     break;
                 }
             },
@@ -122,6 +128,7 @@ pub fn load_str(
                     recover::without_key(&text, error.line, error.col)
                 } else {
                     blanked_values.push((error.line, error.col));
+                    blanked.extend(recover::key_of_value(&text, error.line, error.col));
                     recover::without_value(&text, error.line, error.col)
                 };
                 errors.push(error);

@@ -4,7 +4,9 @@
 //! limit). Leaves are [`Text`]: the scalar as written plus its position, so
 //! that `${VAR}` expansion and unit parsing happen in `compile` and their
 //! errors still point at `file:line:col`. Defaults live in `compile`, next to
-//! the code that applies them.
+//! the code that applies them, and so does the check of required keys: they
+//! are `Option`s here, so that a missing one is reported with every other
+//! error of the file rather than stopping serde at it.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -61,7 +63,7 @@ pub struct RawConfig {
     /// Proxy listener address. Default `0.0.0.0:8080`.
     pub listen: Option<Text>,
     /// Serve HTTPS on the proxy listener (h2 + http/1.1 by ALPN).
-    pub tls: Option<RawTls>,
+    pub tls: Option<Spanned<RawTls>>,
     pub admin: Option<RawAdmin>,
     pub limits: Option<RawLimits>,
     #[serde(default)]
@@ -84,8 +86,8 @@ pub struct RawConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
-    pub cert_file: Text,
-    pub key_file: Text,
+    pub cert_file: Option<Text>,
+    pub key_file: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,14 +159,15 @@ pub struct RawMock {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPool {
-    /// Upstream names in priority order.
+    /// Upstream names in priority order (none is an error of `compile`).
+    #[serde(default)]
     pub members: Vec<Text>,
     /// Default `[connect, timeout, 429, 500, 502, 503, 504]`.
     pub retry_on: Option<Vec<Text>>,
     /// Default: the number of members.
     pub max_attempts: Option<Text>,
     pub circuit_breaker: Option<RawBreaker>,
-    pub health_check: Option<RawHealthCheck>,
+    pub health_check: Option<Spanned<RawHealthCheck>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -179,7 +182,7 @@ pub struct RawBreaker {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHealthCheck {
-    pub path: Text,
+    pub path: Option<Text>,
     /// Default 10s.
     pub interval: Option<Text>,
 }
@@ -197,7 +200,7 @@ pub struct RawAuth {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawApiKey {
-    pub id: Text,
+    pub id: Option<Text>,
     /// The key itself (usually `${ENV}`). Exactly one of `key` and `hash`.
     pub key: Option<Text>,
     /// `sha256:<hex>` as printed by `sluice hash-key`.
@@ -235,9 +238,9 @@ pub struct RawTier {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
-    pub name: Text,
+    pub name: Option<Text>,
     #[serde(rename = "match")]
-    pub matcher: RawMatch,
+    pub matcher: Option<RawMatch>,
     /// `required` (default) | `optional` | `none`.
     pub auth: Option<Text>,
     /// `none` (default) | `openai` | `{ schema_file: … }`.
@@ -246,7 +249,7 @@ pub struct RawRoute {
     pub cache: Option<RawRouteCache>,
     pub cors: Option<RawCors>,
     /// An upstream or a pool name.
-    pub upstream: Text,
+    pub upstream: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -256,6 +259,17 @@ pub struct RawMatch {
     pub path: Option<Text>,
     pub host: Option<Text>,
     pub methods: Option<Vec<Text>>,
+}
+
+impl RawMatch {
+    /// A route with no `match` (an error of its own) compiles as if it
+    /// matched everything, so that its other keys are still checked.
+    pub const ANY: RawMatch = RawMatch {
+        path_prefix: None,
+        path: None,
+        host: None,
+        methods: None,
+    };
 }
 
 #[derive(Debug, Deserialize)]
@@ -301,9 +315,9 @@ pub struct RawCors {
 #[serde(deny_unknown_fields)]
 pub struct RawPrice {
     /// USD per million input tokens.
-    pub input: Text,
+    pub input: Option<Text>,
     /// USD per million output tokens.
-    pub output: Text,
+    pub output: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -128,7 +128,29 @@ pub fn without_value(text: &str, line: u64, col: u64) -> Option<String> {
     Some(out)
 }
 
-/// An unknown key that was blanked, and where it was.
+/// The key whose value starts at `line`:`col` (1-based), and where the
+/// key is: a value blanked by [`without_value`] leaves its key without
+/// one, which a key the schema requires then reports as missing.
+pub fn key_of_value(text: &str, line: u64, col: u64) -> Option<Blanked> {
+    let index = usize::try_from(line.checked_sub(1)?).ok()?;
+    let chars = usize::try_from(col.checked_sub(1)?).ok()?;
+    let value_line = text.split_inclusive('\n').nth(index)?;
+    let at = value_line.char_indices().nth(chars)?.0;
+    let before = value_line[..at].trim_end().strip_suffix(':')?.trim_end();
+    let start = before.rfind([' ', '{', ',', '\t']).map_or(0, |i| i + 1);
+    let name = before[start..].trim_matches(['"', '\'']);
+    if name.is_empty() || name.starts_with('-') {
+        return None;
+    }
+    Some(Blanked {
+        name: name.to_owned(),
+        line,
+        col: u64::try_from(before[..start].chars().count() + 1).ok()?,
+    })
+}
+
+/// A key that was blanked (an unknown one, or one whose value was), and
+/// where it was.
 pub struct Blanked {
     pub name: String,
     pub line: u64,

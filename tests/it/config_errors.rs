@@ -879,6 +879,53 @@ fn a_missing_key_is_reported_unless_it_was_misspelt() {
     );
 }
 
+/// A missing required key does not end the check: the keys around it,
+/// and the rest of the file, are still checked and reported, each at the
+/// mapping that lacks it.
+#[test]
+fn missing_required_keys_are_reported_with_every_other_error() {
+    let errs = errors(
+        "\
+tls: { cert_file: /x }
+upstreams:
+  a: { url: \"http://127.0.0.1:1\" }
+pools:
+  p: { members: [a], health_check: { interval: 1s } }
+auth:
+  api_keys:
+    - { key: abc, routes: [r1] }
+routes:
+  - name: r1
+    match: { path_prefix: /, bogus: 1 }
+  - name: r2
+    match: { path: /x }
+    upstream: nope
+pricing:
+  m: { input: 1 }
+limits:
+  max_request_body: 4XB
+",
+    );
+    assert_eq!(
+        errs,
+        [
+            "test.yaml:1:6: missing field `key_file`",
+            "test.yaml:5:36: missing field `path`",
+            "test.yaml:8:7: missing field `id`",
+            "test.yaml:10:5: missing field `upstream`",
+            "test.yaml:11:30: unknown field `bogus`, expected one of path_prefix, path, host, methods",
+            "test.yaml:14:15: route `r2`: no upstream or pool named `nope`",
+            "test.yaml:16:6: missing field `output`",
+            "test.yaml:18:21: `4XB` is not a size like 4096, 64KiB, 4MiB or 1GiB",
+        ]
+    );
+    // A value of the wrong type is one error: its key is not then also
+    // reported missing.
+    let errs = errors(&[ROUTE_R, "    match: /v1/\n    upstream: a\n"].concat());
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].starts_with("test.yaml:5:12: "), "{errs:#?}");
+}
+
 /// Recovery never invents errors: a value of the wrong type whose key
 /// must have one stops the check after that error, once.
 #[test]
