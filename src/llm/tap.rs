@@ -67,12 +67,106 @@ pub struct Tap {
 /// The last event of an SSE stream whose upstream broke (SPEC §3).
 const STREAM_ERROR_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the upstream stream broke before it was complete\",\"type\":\"server_error\",\"param\":null,\"code\":\"upstream_stream_error\"}}\n\n";
 
-/// What the tap needs to account for the request when it ends.
+/// What accounting for a request needs: metrics, limits, spend and the
+/// access-log line. It accounts exactly once: when the tap that took it
+/// over ends, or, dropped before that, as a request whose client went
+/// away before the response head (hyper drops the request's future).
 pub struct Finish {
     pub gw: Arc<Gateway>,
     /// The config the request started with, and its metric children.
     pub active: Arc<Active>,
     pub ctx: Box<RequestCtx>,
+    accounted: bool,
+}
+
+/// The status logged and counted for a request whose client went away
+/// before it was answered: nginx's, which dashboards know.
+pub const CLIENT_CLOSED_STATUS: u16 = 499;
+
+impl Finish {
+    pub fn new(gw: Arc<Gateway>, active: Arc<Active>, ctx: Box<RequestCtx>) -> Self {
+        Finish {
+            gw,
+            active,
+            ctx,
+            accounted: false,
+        }
+    }
+
+    /// Accounts for the request, once: `meter`, `fill` and `body_log` are
+    /// what the tap gathered of the response body.
+    fn account(
+        &mut self,
+        error: Option<&'static str>,
+        meter: Option<Meter>,
+        fill: Option<Fill>,
+        body_log: Option<BodyLog>,
+    ) {
+        if std::mem::replace(&mut self.accounted, true) {
+            return;
+        }
+        let Finish {
+            gw, active, ctx, ..
+        } = self;
+        if ctx.error.is_none() {
+            ctx.error = error;
+        }
+        if let Some(log) = body_log {
+            ctx.response_body = Some(log.render());
+        }
+        let mut stream_error = false;
+        if let Some(meter) = meter {
+            let usage = meter.finish();
+            stream_error = usage.stream_error;
+            record_usage(gw, active, ctx, usage);
+        }
+        if !ctx.reservations.is_empty() {
+            limit::settle(&gw.state, ctx);
+        }
+        // Stored only when complete; dropped unstored, it releases waiters.
+        if let Some(fill) = fill
+            && ctx.error.is_none()
+            && !stream_error
+        {
+            fill.store(&gw.state, ctx.model.clone(), ctx.cost_usd);
+        }
+        let now = Instant::now();
+        let latency = now.saturating_duration_since(ctx.started);
+        let route = active.route_metrics(ctx.route_index);
+        route.count_request(&gw.metrics, &ctx.method, ctx.status);
+        route.duration.observe(latency.as_secs_f64());
+        if ctx.route_index.is_some() {
+            route.in_flight.dec();
+        }
+        if let (Some(index), Some(sent)) = (ctx.upstream_index, ctx.upstream_started)
+            && let Some(upstream) = active.upstreams.get(index)
+        {
+            if matches!(
+                ctx.error,
+                Some("upstream_stream_error" | "upstream_idle_timeout")
+            ) {
+                upstream.stream_errors.inc();
+            }
+            upstream
+                .duration
+                .observe(now.saturating_duration_since(sent).as_secs_f64());
+        }
+        access_log::emit(&gw.log, gw.log_format, ctx, latency);
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        if !self.accounted {
+            // No response head was made: the client left while the
+            // request waited (on limits, the cache, an upstream). What it
+            // held (a reservation, the in-flight count) is given back.
+            if self.ctx.status == 0 {
+                self.ctx.status = CLIENT_CLOSED_STATUS;
+            }
+            self.account(Some("client_closed"), None, None, None);
+        }
+    }
 }
 
 impl Tap {
@@ -147,58 +241,14 @@ impl Tap {
     }
 
     fn finalize(&mut self, error: Option<&'static str>) {
-        let Some(Finish {
-            gw,
-            active,
-            mut ctx,
-        }) = self.finish.take()
-        else {
-            return;
-        };
-        if ctx.error.is_none() {
-            ctx.error = error;
+        if let Some(mut finish) = self.finish.take() {
+            finish.account(
+                error,
+                self.meter.take(),
+                self.fill.take(),
+                self.body_log.take(),
+            );
         }
-        if let Some(log) = self.body_log.take() {
-            ctx.response_body = Some(log.render());
-        }
-        let mut stream_error = false;
-        if let Some(meter) = self.meter.take() {
-            let usage = meter.finish();
-            stream_error = usage.stream_error;
-            record_usage(&gw, &active, &mut ctx, usage);
-        }
-        if !ctx.reservations.is_empty() {
-            limit::settle(&gw.state, &mut ctx);
-        }
-        // Stored only when complete; dropped unstored, it releases waiters.
-        if let Some(fill) = self.fill.take()
-            && ctx.error.is_none()
-            && !stream_error
-        {
-            fill.store(&gw.state, ctx.model.clone(), ctx.cost_usd);
-        }
-        let now = Instant::now();
-        let latency = now.saturating_duration_since(ctx.started);
-        let route = active.route_metrics(ctx.route_index);
-        route.count_request(&gw.metrics, &ctx.method, ctx.status);
-        route.duration.observe(latency.as_secs_f64());
-        if ctx.route_index.is_some() {
-            route.in_flight.dec();
-        }
-        if let (Some(index), Some(sent)) = (ctx.upstream_index, ctx.upstream_started)
-            && let Some(upstream) = active.upstreams.get(index)
-        {
-            if matches!(
-                ctx.error,
-                Some("upstream_stream_error" | "upstream_idle_timeout")
-            ) {
-                upstream.stream_errors.inc();
-            }
-            upstream
-                .duration
-                .observe(now.saturating_duration_since(sent).as_secs_f64());
-        }
-        access_log::emit(&gw.log, gw.log_format, &ctx, latency);
     }
 }
 

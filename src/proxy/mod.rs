@@ -50,14 +50,20 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     let request_id = headers::request_id(req.headers());
     // Boxed: the ctx travels from the phases into the tap and the response,
     // and a pointer moves where hundreds of bytes would be copied.
-    let mut ctx = Box::new(RequestCtx::new(
+    let ctx = Box::new(RequestCtx::new(
         req.method().clone(),
         req.uri().clone(),
         request_id,
         &conn,
     ));
+    // Accounts for the request if this future is dropped before the tap
+    // takes it over (the client went away while it waited).
+    let mut finish = Finish::new(gw, active, ctx);
+    let Finish {
+        gw, active, ctx, ..
+    } = &mut finish;
 
-    let result = process(&gw, &active, &mut ctx, req).await;
+    let result = process(gw, active, ctx, req).await;
     let mut resp = match result {
         Ok(resp) => resp,
         Err(e) => {
@@ -81,7 +87,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
         // Refused before the cache was consulted (auth, limits, body):
         // neither served from it nor stored, as SPEC §3 wants every
         // response of a cached route to say.
-        cache::bypass(&mut ctx, route_metrics);
+        cache::bypass(ctx, route_metrics);
     }
     if let Some(status) = ctx.cache {
         resp.headers_mut()
@@ -95,11 +101,11 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     if ctx.token_limit.is_none()
         && ctx.error != Some("state_unavailable")
         && let Some(route) = ctx.route_index.and_then(|i| active.snapshot.routes.get(i))
-        && limit::token_limits_apply(&active.snapshot, route, &ctx)
+        && limit::token_limits_apply(&active.snapshot, route, ctx)
     {
         // Answered without a reservation (a cache hit, a refusal before
         // it): the `-tokens` trio still says where the buckets stand.
-        limit::peek_tokens(&active.snapshot, &gw.state, route, &mut ctx).await;
+        limit::peek_tokens(&active.snapshot, &gw.state, route, ctx).await;
     }
     if let Some(decision) = ctx.token_limit.as_ref() {
         limit::token_headers(decision, resp.headers_mut());
@@ -131,7 +137,6 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
             resp.headers_mut().remove(http::header::CONTENT_LENGTH);
         }
     }
-    let finish = Finish { gw, active, ctx };
     resp.map(move |body| {
         let body = if head { crate::body::empty() } else { body };
         Tap::new(body, finish, idle, deadline, sse, meter)

@@ -284,3 +284,58 @@ async fn concurrent_reservations_cannot_overshoot_and_settle_to_real_usage() {
     // Settled to 5 × 10 real tokens: there is room again at once.
     assert_eq!(post(&gw, BODY).await.status, 200);
 }
+
+/// A client that leaves before the response head (the upstream is slow)
+/// gives back what its request held: its token reservation, its slot and
+/// the in-flight count; and the request is logged, as 499 `client_closed`.
+#[tokio::test]
+async fn a_client_that_leaves_before_the_answer_gives_back_what_it_held() {
+    let up = llm_reporting(10, Duration::from_millis(800)).await;
+    let gw = TestGateway::start(&config(
+        &up.url(),
+        "{ tokens_per_minute: 600, concurrent_requests: 1 }",
+        "",
+    ))
+    .await;
+    let (client, url) = (Client::new(), gw.url("/v1/chat/completions"));
+    let leaving = client.send(
+        Method::POST,
+        &url,
+        &[("x-api-key", "key-alice")],
+        Bytes::from_static(br#"{"model":"m","max_tokens":500,"messages":[]}"#),
+    );
+    // Gone while the upstream is still thinking.
+    let gone = tokio::time::timeout(Duration::from_millis(300), leaving).await;
+    assert!(
+        gone.is_err(),
+        "the upstream answered before the client left"
+    );
+    let logs = gw.wait_access_logs(1).await;
+    assert_eq!(logs[0]["status"], 499, "{logs:?}");
+    assert_eq!(logs[0]["error"], "client_closed", "{logs:?}");
+    assert_eq!(logs[0]["identity"], "alice", "{logs:?}");
+    assert_eq!(
+        gw.metric("sluice_in_flight_requests", &[("route", "chat")])
+            .await,
+        Some(0.0)
+    );
+    assert_eq!(
+        gw.metric(
+            "sluice_requests_total",
+            &[("route", "chat"), ("method", "POST"), ("status", "499")]
+        )
+        .await,
+        Some(1.0)
+    );
+    // 500 reserved of 600 are back, and the one slot is free: a request
+    // for 200 more fits.
+    let r = Client::new()
+        .send(
+            Method::POST,
+            &gw.url("/v1/chat/completions"),
+            &[("x-api-key", "key-alice")],
+            Bytes::from_static(br#"{"model":"m","max_tokens":200,"messages":[]}"#),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
