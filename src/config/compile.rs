@@ -594,11 +594,20 @@ impl Compiler<'_> {
             };
             let (breaker_failures, breaker_cooldown) = match &p.circuit_breaker {
                 Some(b) => (
-                    b.failures
-                        .as_ref()
-                        .and_then(|t| self.number::<u32>(t, "a whole number"))
-                        .unwrap_or(5)
-                        .max(1),
+                    match &b.failures {
+                        Some(t) => match self.number::<u32>(t, "a whole number") {
+                            Some(0) => {
+                                self.error(
+                                    &t.referenced,
+                                    "circuit_breaker.failures must be at least 1",
+                                );
+                                1
+                            }
+                            Some(n) => n,
+                            None => 5,
+                        },
+                        None => 5,
+                    },
                     self.duration(&b.cooldown, Duration::from_secs(30)),
                 ),
                 None => (5, Duration::from_secs(30)),
@@ -609,10 +618,14 @@ impl Compiler<'_> {
                 if !path.starts_with('/') {
                     self.error(&written.referenced, "health_check.path must start with /");
                 }
-                Some(HealthCheck {
-                    path,
-                    interval: self.duration(&h.value.interval, Duration::from_secs(10)),
-                })
+                let interval = self.duration(&h.value.interval, Duration::from_secs(10));
+                if interval.is_zero()
+                    && let Some(t) = &h.value.interval
+                {
+                    // Every member probed back to back, without end.
+                    self.error(&t.referenced, "health_check.interval must be above 0");
+                }
+                Some(HealthCheck { path, interval })
             });
             out.push(Pool {
                 name: Arc::from(name.as_str()),

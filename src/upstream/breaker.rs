@@ -1,7 +1,10 @@
 //! Circuit breaker and cool-down of one upstream: `failures` consecutive
 //! failures open the circuit for `cooldown`; then exactly one probe is let
 //! through and its outcome closes or re-opens it. A 429 with `retry-after`
-//! cools the upstream down for that long. Kept in the gateway by upstream
+//! cools the upstream down for that long. Active health checks keep their
+//! own verdict beside the circuit, as Envoy keeps health checking apart
+//! from outlier detection: a passing check does not close a circuit that
+//! traffic opened, nor forgive traffic's failures. Kept in the gateway by upstream
 //! name, so a reload keeps what it learned. The lock is per upstream and
 //! never held across an await.
 
@@ -29,6 +32,19 @@ struct State {
     /// The number of the last probe let through.
     probe: u64,
     cooled_until: Option<Instant>,
+    /// Consecutive failed health checks.
+    health_failures: u32,
+    /// Marked down by health checks: skipped until a check passes, or
+    /// until this time if none comes (the checks stopped with a reload).
+    health_down_until: Option<Instant>,
+}
+
+impl State {
+    /// `sluice_upstream_up`: the circuit closed and the health checks
+    /// passing.
+    fn up(&self) -> i64 {
+        i64::from(self.open_until.is_none() && self.health_down_until.is_none())
+    }
 }
 
 #[derive(Debug)]
@@ -57,6 +73,14 @@ impl Breaker {
             }
             s.cooled_until = None;
         }
+        if let Some(until) = s.health_down_until {
+            if now < until {
+                return Admit::No(until);
+            }
+            s.health_down_until = None;
+            s.health_failures = 0;
+            self.up.set(s.up());
+        }
         match s.open_until {
             None => Admit::Yes,
             Some(until) if now < until => Admit::No(until),
@@ -75,8 +99,8 @@ impl Breaker {
             s.consecutive_failures = 0;
             s.open_until = None;
             s.probing = false;
+            self.up.set(s.up());
         }
-        self.up.set(1);
     }
 
     /// Counts a failure; opens the circuit at `threshold` consecutive ones,
@@ -88,6 +112,29 @@ impl Breaker {
             s.open_until = Some(now + cooldown);
             s.probing = false;
             self.up.set(0);
+        }
+    }
+
+    /// A health check passed: the upstream is healthy again (a circuit
+    /// opened by traffic still waits for its cooldown and probe).
+    pub fn health_passed(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.health_failures = 0;
+            s.health_down_until = None;
+            self.up.set(s.up());
+        }
+    }
+
+    /// A health check failed; at `threshold` consecutive ones the upstream
+    /// is marked down until a check passes. `recheck_by` is when the next
+    /// check is due at the latest: past it with no check, the mark lapses.
+    pub fn health_failed(&self, threshold: u32, recheck_by: Instant) {
+        if let Ok(mut s) = self.state.lock() {
+            s.health_failures = s.health_failures.saturating_add(1);
+            if s.health_failures >= threshold {
+                s.health_down_until = Some(recheck_by);
+                self.up.set(0);
+            }
         }
     }
 
@@ -179,6 +226,39 @@ mod tests {
         assert!(matches!(b.admit(again), Admit::Probe(_)));
         b.success();
         assert_eq!(b.admit(again), Admit::Yes);
+        assert_eq!(b.up.get(), 1);
+    }
+
+    #[test]
+    fn health_checks_neither_close_nor_forgive_the_circuit() {
+        let b = breaker();
+        let t0 = Instant::now();
+        let cooldown = Duration::from_secs(30);
+        // Traffic failures add up between passing checks.
+        b.failure(t0, 2, cooldown);
+        b.health_passed();
+        b.failure(t0, 2, cooldown);
+        assert_eq!(b.admit(t0), Admit::No(t0 + cooldown));
+        // A passing check does not end the cooldown.
+        b.health_passed();
+        assert_eq!(b.admit(t0), Admit::No(t0 + cooldown));
+        assert_eq!(b.up.get(), 0);
+        assert!(matches!(b.admit(t0 + cooldown), Admit::Probe(_)));
+        b.success();
+        assert_eq!(b.up.get(), 1);
+        // Failing checks mark it down at the threshold, until one passes.
+        let recheck = t0 + Duration::from_secs(15);
+        b.health_failed(2, recheck);
+        assert_eq!(b.admit(t0), Admit::Yes);
+        b.health_failed(2, recheck);
+        assert_eq!(b.admit(t0), Admit::No(recheck));
+        assert_eq!(b.up.get(), 0);
+        b.health_passed();
+        assert_eq!(b.admit(t0), Admit::Yes);
+        assert_eq!(b.up.get(), 1);
+        // With no check after it, the mark lapses.
+        b.health_failed(1, recheck);
+        assert_eq!(b.admit(recheck), Admit::Yes);
         assert_eq!(b.up.get(), 1);
     }
 

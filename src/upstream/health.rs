@@ -1,7 +1,9 @@
 //! Active health checks (`pools.*.health_check`): a background probe of
-//! each member every `interval` (`GET path`), feeding the same circuit
-//! breaker as user traffic, so a dead member is skipped before users find
-//! out and a recovered one is let back in. The task holds only a weak
+//! each member every `interval` (`GET path`). `failures` failed checks in
+//! a row mark a member down, so it is skipped before users find out, and
+//! one passing check lets it back in. The verdict is kept beside the
+//! member's circuit breaker, not in it: traffic's failures and cooldowns
+//! stand whatever the checks say. The task holds only a weak
 //! reference to its config: it stops when a reload retires that config.
 
 use std::sync::{Arc, Weak};
@@ -53,9 +55,16 @@ async fn probe_pool(active: &Active, p: usize) {
         };
         let healthy = probe(&upstream.kind, &check.path).await;
         if healthy {
-            breaker.success();
+            breaker.health_passed();
         } else {
-            breaker.failure(Instant::now(), pool.breaker_failures, pool.breaker_cooldown);
+            // Down until the next round of checks says otherwise: the
+            // interval, plus the time each member's check may take.
+            let round =
+                PROBE_TIMEOUT.saturating_mul(u32::try_from(pool.members.len()).unwrap_or(u32::MAX));
+            breaker.health_failed(
+                pool.breaker_failures,
+                Instant::now() + check.interval + round,
+            );
             // The path without its query, which may carry a token.
             let path = check.path.split('?').next().unwrap_or_default();
             tracing::warn!(upstream = %upstream.name, path, "health check failed");

@@ -978,3 +978,34 @@ routes:
         ["test.yaml:7:15: validate must be none, openai or { schema_file: PATH }"]
     );
 }
+
+/// Pool settings that would disable what they set up are refused: no
+/// attempt at all, a circuit that opens on nothing, or health checks
+/// sent back to back without a pause.
+#[test]
+fn pool_settings_of_zero_are_refused() {
+    let errs = errors(
+        "\
+upstreams:
+  a: { url: \"http://127.0.0.1:1\" }
+pools:
+  p:
+    members: [a]
+    max_attempts: 0
+    circuit_breaker: { failures: 0 }
+    health_check: { path: /health, interval: 0s }
+routes:
+  - name: r
+    match: { path_prefix: / }
+    upstream: p
+",
+    );
+    assert_eq!(
+        errs,
+        [
+            "test.yaml:6:19: max_attempts must be at least 1",
+            "test.yaml:7:34: circuit_breaker.failures must be at least 1",
+            "test.yaml:8:46: health_check.interval must be above 0",
+        ]
+    );
+}

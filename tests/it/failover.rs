@@ -405,6 +405,44 @@ async fn health_checks_open_and_close_circuits_before_users_notice() {
     assert!(back, "a passing health check must close the circuit");
 }
 
+/// A member that fails users but passes its health check stays out for
+/// the cooldown traffic opened: passing checks neither close that circuit
+/// nor forgive the failures that add up to it.
+#[tokio::test]
+async fn passing_health_checks_do_not_close_a_circuit_traffic_opened() {
+    let primary = MockUpstream::start(|seen| {
+        if seen.uri.path() == "/health" {
+            UpstreamReply::text("ok")
+        } else {
+            failing(503)
+        }
+    })
+    .await;
+    let (gw, _backup) = with_backup(&primary, "    circuit_breaker: { failures: 2, cooldown: 60s }\n    health_check: { path: /health, interval: 50ms }").await;
+    let chats = || {
+        primary
+            .seen()
+            .iter()
+            .filter(|s| s.uri.path() != "/health")
+            .count()
+    };
+    assert_eq!(chat(&gw).await.text(), "backup");
+    // Checks pass between the two failures: they still add up.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(chat(&gw).await.text(), "backup");
+    assert_eq!(chats(), 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        gw.metric("sluice_upstream_up", &[("upstream", "primary")])
+            .await,
+        Some(0.0)
+    );
+    for _ in 0..3 {
+        assert_eq!(chat(&gw).await.text(), "backup");
+    }
+    assert_eq!(chats(), 2, "skipped for its cooldown");
+}
+
 #[tokio::test]
 async fn a_member_whose_failed_answers_go_unread_keeps_its_connection() {
     // sluice drops a `retry_on` answer's body unread and moves on; the
