@@ -23,21 +23,6 @@ use crate::proxy::jwt;
 use crate::snapshot::*;
 use crate::upstream::{self, MockSettings, Timeouts, Upstream};
 
-/// An error message about a value, which it quotes first (`` `…` is
-/// not …``), quoting instead the value as written when a `${VAR}` made
-/// it: a variable may hold a secret, and config errors reach `check`'s
-/// output and the reload log.
-fn as_written(message: String, expanded: &str, written: &str) -> String {
-    if expanded == written {
-        return message;
-    }
-    let mut parts = message.splitn(3, '`');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some(before), Some(_), Some(after)) => format!("{before}`{written}`{after}"),
-        _ => message,
-    }
-}
-
 /// The most connections a listener may hold: far above what one process
 /// serves, and within what tokio's semaphore can count.
 const MAX_CONNECTIONS_CAP: u64 = 10_000_000;
@@ -56,6 +41,7 @@ pub fn compile(
         env,
         errors: Vec::new(),
         warnings: Vec::new(),
+        expansions: Vec::new(),
     };
     let mut snapshot = c.config(raw);
     if c.errors.is_empty() {
@@ -73,6 +59,9 @@ struct Compiler<'a> {
     env: &'a dyn Fn(&str) -> Option<String>,
     errors: Vec<ConfigError>,
     warnings: Vec<ConfigError>,
+    /// What `${VAR}`s expanded to, and the text as written: messages
+    /// quote the latter (see [`Compiler::as_written`]).
+    expansions: Vec<(String, String)>,
 }
 
 const DEFAULT_RETRY_ON: [RetryOn; 7] = [
@@ -87,12 +76,36 @@ const DEFAULT_RETRY_ON: [RetryOn; 7] = [
 
 impl Compiler<'_> {
     fn error(&mut self, at: &Location, message: impl Into<String>) {
+        let message = self.as_written(message.into());
         self.errors.push(ConfigError {
             file: self.file.to_owned(),
             line: at.line(),
             col: at.column(),
-            message: message.into(),
+            message,
         });
+    }
+
+    /// `message` quoting values as written where a `${VAR}` made them: a
+    /// variable may hold a secret, and config errors reach `check`'s
+    /// output and the reload log. A quoted value (`` `…` ``) is put back
+    /// whole; a long one (a key, a token) wherever it appears.
+    fn as_written(&self, mut message: String) -> String {
+        for (value, written) in &self.expansions {
+            // Values are read trimmed: a file's value often ends in `\n`.
+            for value in [value.as_str(), value.trim()] {
+                if value.is_empty() {
+                    continue;
+                }
+                let quoted = format!("`{value}`");
+                if message.contains(&quoted) {
+                    message = message.replace(&quoted, &format!("`{written}`"));
+                }
+                if value.len() >= 8 && message.contains(value) {
+                    message = message.replace(value, written);
+                }
+            }
+        }
+        message
     }
 
     /// Something that works but that the operator should fix; `check`
@@ -102,7 +115,7 @@ impl Compiler<'_> {
             file: self.file.to_owned(),
             line: at.line(),
             col: at.column(),
-            message: format!("warning: {}", message.into()),
+            message: format!("warning: {}", self.as_written(message.into())),
         });
     }
 
@@ -128,7 +141,12 @@ impl Compiler<'_> {
     /// `raw` with its `${VAR}`s expanded; an error points at `at`.
     fn expanded(&mut self, raw: &str, at: &Location) -> Option<String> {
         match expand(raw, self.env) {
-            Ok(s) => Some(s),
+            Ok(s) => {
+                if s != raw {
+                    self.expansions.push((s.clone(), raw.to_owned()));
+                }
+                Some(s)
+            }
             Err(e) => {
                 self.error(at, e);
                 None
@@ -142,7 +160,7 @@ impl Compiler<'_> {
         match parse(&s) {
             Ok(v) => Some(v),
             Err(e) => {
-                self.error(&t.referenced, as_written(e, &s, &t.value.0));
+                self.error(&t.referenced, e);
                 None
             }
         }
@@ -232,7 +250,7 @@ impl Compiler<'_> {
         }
         let names: Vec<_> = options.iter().map(|(n, _)| *n).collect();
         let message = format!("`{s}` is not one of: {}", names.join(", "));
-        self.error(&t.referenced, as_written(message, &s, &t.value.0));
+        self.error(&t.referenced, message);
         default
     }
 
@@ -426,7 +444,13 @@ impl Compiler<'_> {
                             // may carry a credential (`?key=…`, `user:pass@`):
                             // quote it as written, never as expanded.
                             let written = upstream::without_secrets(&url.value.0);
-                            self.error(&url.referenced, as_written(e, &url_text, &written));
+                            let e = match e.splitn(3, '`').collect::<Vec<_>>()[..] {
+                                [before, _, after] if url_text != url.value.0 => {
+                                    format!("{before}`{written}`{after}")
+                                }
+                                _ => e,
+                            };
+                            self.error(&url.referenced, e);
                             continue;
                         }
                         Err(upstream::BuildError::Ca(e)) => {
@@ -744,7 +768,7 @@ impl Compiler<'_> {
                                 let message = format!(
                                     "`{name}` is not one of: none, openai, {{ schema_file: … }}"
                                 );
-                                self.error(&v.referenced, as_written(message, name, written));
+                                self.error(&v.referenced, message);
                                 Validate::None
                             }
                         }

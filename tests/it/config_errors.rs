@@ -707,6 +707,24 @@ fn errors_quote_variables_as_written() {
     }
 }
 
+/// Messages that name what a value refers to (a tier, an upstream, a
+/// pool member, a route) quote it as written too.
+#[test]
+fn references_from_variables_are_quoted_as_written() {
+    let secret = "sk-upstream-SECRETVALUE3";
+    for yaml in [
+        format!("auth:\n  api_keys:\n    - {{ id: a, key: k, tier: \"${{TOKEN}}\" }}\n{BASE}"),
+        format!("auth:\n  api_keys:\n    - {{ id: a, key: k, routes: [\"${{TOKEN}}\"] }}\n{BASE}"),
+        format!("pools:\n  p: {{ members: [\"${{TOKEN}}\"] }}\n{BASE}"),
+        format!("{ROUTE_R}    match: {{ path_prefix: / }}\n    upstream: \"${{TOKEN}}\"\n"),
+    ] {
+        let errs = errors_with_env(&yaml, &[("TOKEN", secret)]);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(!errs[0].contains(secret), "{}", errs[0]);
+        assert!(errs[0].contains("`${TOKEN}`"), "{}", errs[0]);
+    }
+}
+
 /// One route to the upstream `app`, written `{ <settings> }` on line 2.
 fn one_upstream(settings: &str) -> String {
     format!(
