@@ -143,7 +143,7 @@ async fn identify_jwt(
         .map(|(name, _)| name.clone())
         .or_else(|| snap.auth.default_tier.clone());
     ctx.identity = Some(Identity {
-        id: IdentityId::Key(verified.identity),
+        id: IdentityId::Subject(verified.identity),
         tier,
     });
     Ok(())

@@ -178,6 +178,10 @@ pub fn key(
             field(&mut hash, b"key");
             field(&mut hash, id.as_bytes());
         }
+        (CacheScope::Identity, Some(IdentityId::Subject(sub))) => {
+            field(&mut hash, b"sub");
+            field(&mut hash, sub.as_bytes());
+        }
         (CacheScope::Identity, Some(IdentityId::Ip(ip))) => {
             field(&mut hash, b"ip");
             field(&mut hash, ip.to_string().as_bytes());

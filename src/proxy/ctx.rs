@@ -44,8 +44,13 @@ pub struct Identity {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum IdentityId {
-    /// An API key's (or token's) configured `id`.
+    /// An API key's configured `id`.
     Key(Arc<str>),
+    /// A JWT's identity claim. Apart from API keys: the identity provider
+    /// names its subjects, the config names its keys, and a subject that
+    /// happens to be spelled like a key's `id` must not share its cached
+    /// answers, limits or budget.
+    Subject(Arc<str>),
     /// An anonymous caller, known by address.
     Ip(IpAddr),
 }
@@ -54,7 +59,7 @@ pub enum IdentityId {
 impl std::fmt::Display for IdentityId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            IdentityId::Key(id) => f.write_str(id),
+            IdentityId::Key(id) | IdentityId::Subject(id) => f.write_str(id),
             IdentityId::Ip(ip) => ip.fmt(f),
         }
     }

@@ -309,6 +309,10 @@ fn push_identity(out: &mut String, id: &IdentityId) {
             out.push_str("key:");
             push_escaped(out, k);
         }
+        IdentityId::Subject(s) => {
+            out.push_str("sub:");
+            push_escaped(out, s);
+        }
         IdentityId::Ip(ip) => {
             out.push_str("ip:");
             push_escaped(out, &ip.to_string());

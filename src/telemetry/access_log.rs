@@ -96,7 +96,7 @@ fn render_line(out: &mut String, ctx: &RequestCtx, latency: Duration) -> std::fm
 /// The identity as logged: a key's `id`, or an anonymous caller's address.
 fn identity(ctx: &RequestCtx) -> Option<IdentityLabel<'_>> {
     match ctx.identity.as_ref().map(|i| &i.id) {
-        Some(IdentityId::Key(id)) => Some(IdentityLabel::Id(id)),
+        Some(IdentityId::Key(id) | IdentityId::Subject(id)) => Some(IdentityLabel::Id(id)),
         // Anonymous callers are known by the connection's address, which
         // the listener rendered once per connection.
         Some(IdentityId::Ip(addr)) if *addr == ctx.client_addr.ip() => {

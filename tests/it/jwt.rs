@@ -461,3 +461,60 @@ async fn eddsa_token_verifies_with_an_ed25519_public_key() {
     // A numeric identity claim is used as its decimal text.
     assert_eq!(gw.wait_access_logs(1).await[0]["identity"], "42");
 }
+
+/// A token's subject spelled like an API key's `id` is another identity:
+/// it does not get the key's answers from a per-identity cache.
+#[tokio::test]
+async fn a_subject_named_like_a_key_id_is_another_identity() {
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  demo: {{ mock: {{}} }}
+auth:
+  api_keys:
+    - {{ id: alice, key: sk-alice-key }}
+  jwt:
+    issuer: https://login.example.com/
+    audiences: [sluice]
+    hs256_secret: {SECRET}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    cache: {{ ttl: 5m, scope: identity }}
+    upstream: demo
+"#
+    ))
+    .await;
+    let post = |auth: String| {
+        let gw = &gw;
+        async move {
+            Client::new()
+                .send(
+                    Method::POST,
+                    &gw.url("/v1/chat/completions"),
+                    &[
+                        ("authorization", &auth),
+                        ("content-type", "application/json"),
+                    ],
+                    Bytes::from_static(
+                        br#"{"model":"m","messages":[{"role":"user","content":"private"}]}"#,
+                    ),
+                )
+                .await
+        }
+    };
+    let by_key = post("Bearer sk-alice-key".to_owned()).await;
+    assert_eq!(by_key.header("x-sluice-cache"), Some("MISS"));
+    let token = hs_token(Algorithm::HS256, SECRET.as_bytes(), &claims(json!({})));
+    assert_eq!(claims(json!({}))["sub"], "alice");
+    let by_token = post(format!("Bearer {token}")).await;
+    assert_eq!(by_token.status, 200, "{}", by_token.text());
+    assert_eq!(by_token.header("x-sluice-cache"), Some("MISS"));
+    // Each still hits its own entry.
+    assert_eq!(
+        post("Bearer sk-alice-key".to_owned())
+            .await
+            .header("x-sluice-cache"),
+        Some("HIT")
+    );
+}
