@@ -184,6 +184,19 @@ pub fn load_keys_file(text: &str) -> Result<Vec<JwtKey>, String> {
     }
     let mut keys = Vec::new();
     for block in pem_blocks(text) {
+        // jsonwebtoken reads an RSA private key as a decoding key, and no
+        // token then verifies against it; and a signing key has no place
+        // in a gateway's config.
+        if block
+            .lines()
+            .next()
+            .is_some_and(|l| l.contains("PRIVATE KEY"))
+        {
+            return Err(
+                "keys_file holds a private key; give the public key (or a certificate) only"
+                    .to_owned(),
+            );
+        }
         let bytes = block.as_bytes();
         let key = DecodingKey::from_rsa_pem(bytes)
             .or_else(|_| DecodingKey::from_ec_pem(bytes))

@@ -518,3 +518,25 @@ routes:
         Some("HIT")
     );
 }
+
+/// A private key given as `keys_file` is refused by `check`: read as a
+/// decoding key it would verify no token, and it has no place there.
+#[test]
+fn a_private_key_as_keys_file_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let rsa = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    for (name, pem) in [("rsa.key", rsa.serialize_pem()), ("ec.key", ec_keys().0)] {
+        std::fs::write(dir.path().join(name), pem).unwrap();
+        let yaml = config(&format!(
+            "    keys_file: {name}\n    algorithms: [RS256, ES256]\n    audiences: [sluice]"
+        ));
+        let errs = sluice::config::load_str(&yaml, "test.yaml", dir.path(), &|_| None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            errs.contains("keys_file holds a private key"),
+            "{name}: {errs}"
+        );
+    }
+}
