@@ -150,7 +150,10 @@ fn value_end(bytes: &[u8], start: usize) -> Option<usize> {
 }
 
 /// Masks the value after `name=`, `name:` (also `\"name\":\"value\"`)
-/// for secret names, up to the next delimiter.
+/// for secret names: a quoted value (escaped quotes too) to its closing
+/// quote, a bracketed one (`[…]`, `{…}`) to its closing bracket, any
+/// other to the end of the pair (`&`, `;`, `,`, a line's end), spaces
+/// included, so that `Authorization: Basic …` hides its credentials.
 fn mask_pairs(text: &str) -> String {
     let bytes = text.as_bytes();
     let is_name = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.');
@@ -164,7 +167,7 @@ fn mask_pairs(text: &str) -> String {
         }
         let name_end = i + bytes[i..].iter().take_while(|b| is_name(**b)).count();
         let mut j = name_end;
-        while matches!(bytes.get(j), Some(b'"' | b'\\')) {
+        while matches!(bytes.get(j), Some(b'"' | b'\\' | b'\'')) {
             j += 1;
         }
         j = skip_space(bytes, j);
@@ -173,25 +176,66 @@ fn mask_pairs(text: &str) -> String {
             continue;
         }
         j = skip_space(bytes, j + 1);
-        while matches!(bytes.get(j), Some(b'"' | b'\\')) {
-            j += 1;
-        }
-        let run = bytes[j..]
-            .iter()
-            .take_while(|b| {
-                !matches!(b, b'"' | b'\\' | b'&' | b',' | b'}' | b']' | b';')
-                    && !b.is_ascii_whitespace()
-            })
-            .count();
-        if run > 0 && &text[j..j + run] != MASK {
-            out.push_str(&text[copied..j]);
+        let (start, len) = pair_value(&bytes[j..]);
+        let start = j + start;
+        if len > 0 && &text[start..start + len] != MASK {
+            out.push_str(&text[copied..start]);
             out.push_str(MASK);
-            copied = j + run;
+            copied = start + len;
         }
-        i = j + run.max(1);
+        i = (start + len).max(j + 1);
     }
     out.push_str(&text[copied..]);
     out
+}
+
+/// Where a pair's value starts in `rest` (past an opening quote) and how
+/// long it is; to the end of `rest` when it is cut short.
+fn pair_value(rest: &[u8]) -> (usize, usize) {
+    let quote: &[u8] = match rest {
+        [b'\\', b'"', ..] => b"\\\"",
+        [b'"', ..] => b"\"",
+        [b'\'', ..] => b"'",
+        [b'[' | b'{', ..] => {
+            let mut depth = 0usize;
+            for (at, b) in rest.iter().enumerate() {
+                match b {
+                    b'[' | b'{' => depth += 1,
+                    b']' | b'}' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return (0, at + 1);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            return (0, rest.len());
+        }
+        _ => {
+            let len = rest
+                .iter()
+                .take_while(|b| {
+                    !matches!(
+                        b,
+                        b'"' | b'\\' | b'&' | b',' | b'}' | b']' | b';' | b'\n' | b'\r'
+                    )
+                })
+                .count();
+            let trimmed = rest[..len].trim_ascii_end().len();
+            return (0, trimmed);
+        }
+    };
+    let body = &rest[quote.len()..];
+    let len = match quote {
+        // In a plain string an escaped quote (`\"`) is not the end.
+        b"\"" => body
+            .iter()
+            .enumerate()
+            .position(|(at, &b)| b == b'"' && (at == 0 || body[at - 1] != b'\\')),
+        _ => body.windows(quote.len()).position(|w| w == quote),
+    };
+    (quote.len(), len.unwrap_or(body.len()))
 }
 
 /// The index of the quote closing the string that opens at `start`.
@@ -300,10 +344,36 @@ mod tests {
         );
         assert_eq!(
             mask("my password is safe, password: hunter2 ok"),
-            "my password is safe, password: *** ok"
+            "my password is safe, password: ***"
         );
         // Multi-byte text around secrets is never cut inside a character.
-        assert_eq!(mask("é password=ü€ é"), "é password=*** é");
+        assert_eq!(mask("é password=ü€ é&a=é"), "é password=***&a=é");
+    }
+
+    #[test]
+    fn pair_values_are_masked_whole() {
+        assert_eq!(
+            mask("Authorization: Basic QkFTSUM6cHc=\nAccept: */*"),
+            "Authorization: ***\nAccept: */*"
+        );
+        assert_eq!(
+            mask(r#"password = "has space PW-3" user='x' secret = 'a b'"#),
+            r#"password = "***" user='x' secret = '***'"#
+        );
+        assert_eq!(
+            mask(
+                r#"{"tool":"{\"password\": [\"ARRPW-4\"], \"api_key\": {\"v\": \"OBJAK-5\"}, \"n\": 1}"}"#
+            ),
+            r#"{"tool":"{\"password\": ***, \"api_key\": ***, \"n\": 1}"}"#
+        );
+        assert_eq!(
+            mask(r#"{"echo":"x \"credentials\":{\"x\":\"CREDVAL-7\"} y"}"#),
+            r#"{"echo":"x \"credentials\":*** y"}"#
+        );
+        assert_eq!(
+            mask(r#"{"t":"{\"token\": \"a b\"}"}"#),
+            r#"{"t":"{\"token\": \"***\"}"}"#
+        );
     }
 
     #[test]
