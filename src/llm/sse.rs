@@ -144,8 +144,26 @@ pub fn is_preamble(event: &[u8]) -> bool {
         return false; // `[DONE]` or anything unknown: treat as content
     };
     if let Some(kind) = json.get("type").and_then(Value::as_str) {
-        // Anthropic messages stream.
-        return matches!(kind, "message_start" | "content_block_start" | "ping");
+        let empty_text = |v: Option<&Value>| {
+            v.and_then(|p| p.get("text"))
+                .is_none_or(|t| t.is_null() || t.as_str() == Some(""))
+        };
+        return match kind {
+            // Anthropic's messages stream.
+            "message_start" | "content_block_start" | "ping" => true,
+            // OpenAI's responses API: the answer and its message opened,
+            // with no text yet. A function call or reasoning item opening
+            // is the answer itself.
+            "response.created" | "response.queued" | "response.in_progress" => true,
+            "response.output_item.added" => {
+                json.get("item")
+                    .and_then(|i| i.get("type"))
+                    .and_then(Value::as_str)
+                    == Some("message")
+            }
+            "response.content_part.added" => empty_text(json.get("part")),
+            _ => false,
+        };
     }
     match json.get("choices").and_then(Value::as_array) {
         Some(choices) => choices.iter().all(|c| {
@@ -173,6 +191,26 @@ pub fn is_preamble(event: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn responses_api_stream_opens_with_a_preamble() {
+        for event in [
+            r#"event: response.created
+data: {"type":"response.created","response":{"id":"r","status":"in_progress","output":[]}}"#,
+            r#"data: {"type":"response.in_progress","response":{"id":"r"}}"#,
+            r#"data: {"type":"response.output_item.added","item":{"type":"message","role":"assistant","content":[]}}"#,
+            r#"data: {"type":"response.content_part.added","part":{"type":"output_text","text":""}}"#,
+        ] {
+            assert!(is_preamble(event.as_bytes()), "{event}");
+        }
+        for event in [
+            r#"data: {"type":"response.output_text.delta","delta":"Hi"}"#,
+            r#"data: {"type":"response.output_item.added","item":{"type":"function_call","name":"f"}}"#,
+            r#"data: {"type":"response.completed","response":{"id":"r"}}"#,
+        ] {
+            assert!(!is_preamble(event.as_bytes()), "{event}");
+        }
+    }
 
     #[test]
     fn splits_events_across_chunks() {

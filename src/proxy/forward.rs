@@ -114,9 +114,9 @@ pub async fn send(
                 body = for_member(upstream, &body, &mut parts.headers);
                 upstream.name.clone()
             });
-            attempt(active, index, ctx, parts, body::full(body))
-                .await
-                .map_err(|f| single_failure(name.as_deref().unwrap_or("upstream"), f))
+            let answer = attempt(active, index, ctx, parts, body::full(body)).await;
+            count_answer(active, index, &answer);
+            answer.map_err(|f| single_failure(name.as_deref().unwrap_or("upstream"), f))
         }
         Target::Pool(p) => match snap.pools.get(p) {
             Some(pool) => failover(active, p, pool, ctx, &parts, body).await,
@@ -161,11 +161,11 @@ async fn stream_through(
     let (body, over_limit) = CappedBody::new(body, max_body);
     let result = attempt(active, index, ctx, parts, body.boxed_unsync()).await;
     if over_limit.is_set() {
-        if let Some(m) = active.upstreams.get(index) {
-            m.outcome(Outcome::ClientError).inc();
-        }
+        // The client's fault, whatever the upstream made of the cut body.
+        count(active, index, Outcome::ClientError);
         return Err(ProxyError::TooLarge { limit: max_body });
     }
+    count_answer(active, index, &result);
     result.map_err(|f| single_failure(&upstream.name, f))
 }
 
@@ -248,6 +248,11 @@ async fn failover(
             reopens = Some(reopens.map_or(until, |r| r.min(until)));
             continue;
         }
+        if attempts > 0 && Instant::now() >= ctx.deadline(snap) {
+            // request_timeout is spent: a next member would time out
+            // before it could answer, and be blamed for it.
+            break;
+        }
         let verdict = Verdict::new(breaker, admit);
         if attempts > 0
             && let Some(counter) = active.failovers.get(p)
@@ -267,10 +272,19 @@ async fn failover(
                 };
                 if !pool.retry_on.contains(&RetryOn::Status(status)) {
                     let held = Instant::now();
-                    let deadline = (held + upstream.timeouts.first_byte).min(ctx.deadline(snap));
+                    // first_byte bounds the wait for the first content
+                    // from the attempt's start, not again from the head.
+                    let sent = ctx.upstream_started.unwrap_or(held);
+                    let deadline = (sent + upstream.timeouts.first_byte).min(ctx.deadline(snap));
                     let preamble = hold_preamble(resp, deadline).await;
                     // Waiting for the stream's first content is upstream time.
                     ctx.upstream_wait += held.elapsed();
+                    let outcome = match &preamble {
+                        Ok(_) => Outcome::of_status(status),
+                        Err(Preamble::TimedOut) => Outcome::Timeout,
+                        Err(Preamble::Failed(_)) => Outcome::StreamError,
+                    };
+                    count(active, member, outcome);
                     match preamble {
                         Ok(resp) => {
                             match pause {
@@ -282,7 +296,7 @@ async fn failover(
                             }
                             return Ok(resp);
                         }
-                        Err(text) => {
+                        Err(failed) => {
                             // Nothing has reached the client: the next member
                             // can still answer instead, invisibly.
                             verdict.failure(
@@ -294,12 +308,14 @@ async fn failover(
                                 m.stream_errors.inc();
                             }
                             ctx.upstream_started = None;
-                            tried.push(format!("{}: {text}", upstream.name));
-                            last_timed_out = None;
+                            tried.push(format!("{}: {}", upstream.name, failed.text()));
+                            last_timed_out =
+                                matches!(failed, Preamble::TimedOut).then_some(&upstream.name);
                             continue;
                         }
                     }
                 }
+                count(active, member, Outcome::of_status(status));
                 match pause {
                     // A pause is no verdict: a probe's slot is freed.
                     Some(pause) => breaker.cool_down(Instant::now() + pause),
@@ -314,6 +330,7 @@ async fn failover(
                 last_timed_out = None;
             }
             Err(failure) => {
+                count(active, member, failure.outcome);
                 verdict.failure(Instant::now(), pool.breaker_failures, pool.breaker_cooldown);
                 tried.push(format!("{}: {}", upstream.name, failure.text));
                 let retryable = if failure.outcome == Outcome::Timeout {
@@ -358,7 +375,7 @@ const PREAMBLE_BYTES: usize = 16 * 1024;
 async fn hold_preamble(
     resp: Response<BoxBody>,
     deadline: Instant,
-) -> Result<Response<BoxBody>, &'static str> {
+) -> Result<Response<BoxBody>, Preamble> {
     let is_sse = resp
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -372,9 +389,9 @@ async fn hold_preamble(
     let (mut events, mut bytes) = (0usize, 0usize);
     loop {
         let frame = match tokio::time::timeout_at(deadline.into(), body.frame()).await {
-            Err(_) => return Err("stream timed out before content"),
-            Ok(None) => return Err("stream ended before content"),
-            Ok(Some(Err(_))) => return Err("stream broke before content"),
+            Err(_) => return Err(Preamble::TimedOut),
+            Ok(None) => return Err(Preamble::Failed("stream ended before content")),
+            Ok(Some(Err(_))) => return Err(Preamble::Failed("stream broke before content")),
             Ok(Some(Ok(frame))) => frame,
         };
         let Some(data) = frame.data_ref() else {
@@ -399,6 +416,38 @@ async fn hold_preamble(
     ))
 }
 
+/// Why a held stream preamble never reached content.
+enum Preamble {
+    /// No content within `first_byte` (or the request's deadline).
+    TimedOut,
+    Failed(&'static str),
+}
+
+impl Preamble {
+    fn text(&self) -> &'static str {
+        match self {
+            Preamble::TimedOut => "stream timed out before content",
+            Preamble::Failed(text) => text,
+        }
+    }
+}
+
+/// Counts an attempt's outcome for its upstream.
+fn count(active: &Active, index: usize, outcome: Outcome) {
+    if let Some(m) = active.upstreams.get(index) {
+        m.outcome(outcome).inc();
+    }
+}
+
+/// Counts a single upstream's answer, or its failure.
+fn count_answer(active: &Active, index: usize, answer: &Result<Response<BoxBody>, AttemptFailure>) {
+    let outcome = match answer {
+        Ok(resp) => Outcome::of_status(resp.status().as_u16()),
+        Err(failure) => failure.outcome,
+    };
+    count(active, index, outcome);
+}
+
 /// A copy of a request head for one attempt (`Parts` itself is not `Clone`).
 fn copy_parts(parts: &Parts) -> Parts {
     let (mut copy, ()) = Request::new(()).into_parts();
@@ -409,8 +458,10 @@ fn copy_parts(parts: &Parts) -> Parts {
     copy
 }
 
-/// One attempt at upstream `index`: records it in the ctx and the metrics
-/// and returns the response head, whatever its status.
+/// One attempt at upstream `index`: records it in the ctx and its timing
+/// metrics and returns the response head, whatever its status. The caller
+/// counts its outcome: on a pool route a stream's outcome is known only
+/// once its first content came (or did not).
 async fn attempt(
     active: &Active,
     index: usize,
@@ -480,16 +531,12 @@ async fn attempt(
     match result {
         Ok(mut resp) => {
             metrics.first_byte.observe(elapsed.as_secs_f64());
-            metrics
-                .outcome(Outcome::of_status(resp.status().as_u16()))
-                .inc();
             headers::to_client(resp.headers_mut());
             ctx.upstream_idle = Some(upstream.timeouts.idle);
             Ok(resp)
         }
         Err(failure) => {
             ctx.upstream_started = None;
-            metrics.outcome(failure.outcome).inc();
             Err(failure)
         }
     }

@@ -570,10 +570,13 @@ pub enum Outcome {
     ConnectionError,
     /// The client's request failed (its body was too large), not the upstream.
     ClientError,
+    /// A streamed answer broke or ended before its first content, while
+    /// a pool route held its preamble back (and failed over).
+    StreamError,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Ok,
         Outcome::Http4xx,
         Outcome::Http429,
@@ -583,6 +586,7 @@ impl Outcome {
         Outcome::Timeout,
         Outcome::ConnectionError,
         Outcome::ClientError,
+        Outcome::StreamError,
     ];
 
     pub fn label(self) -> &'static str {
@@ -596,6 +600,7 @@ impl Outcome {
             Outcome::Timeout => "timeout",
             Outcome::ConnectionError => "connection_error",
             Outcome::ClientError => "client_error",
+            Outcome::StreamError => "stream_error",
         }
     }
 

@@ -443,6 +443,89 @@ async fn passing_health_checks_do_not_close_a_circuit_traffic_opened() {
     assert_eq!(chats(), 2, "skipped for its cooldown");
 }
 
+/// When request_timeout is spent on one member, the next is not tried:
+/// it could not answer in no time, and would be blamed (its circuit
+/// opened) for the first one's slowness.
+#[tokio::test]
+async fn a_spent_request_timeout_tries_no_further_member() {
+    let slow =
+        MockUpstream::always(UpstreamReply::text("late").delay(Duration::from_secs(3))).await;
+    let fast = MockUpstream::always(UpstreamReply::text("fast")).await;
+    let yaml = config(
+        &slow.url(),
+        &fast.url(),
+        "    circuit_breaker: { failures: 1, cooldown: 60s }",
+        "",
+    )
+    .replace("first_byte: 300ms", "first_byte: 10s")
+    .replace("pools:", "limits: { request_timeout: 400ms }\npools:");
+    let gw = TestGateway::start(&yaml).await;
+    let reply = chat(&gw).await;
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert!(
+        reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("primary"),
+        "{}",
+        reply.text()
+    );
+    assert!(fast.seen().is_empty());
+    let metrics = gw.metrics().await;
+    let sample = |labels: &[(&str, &str)]| {
+        crate::support::gateway::sample(&metrics, "sluice_upstream_requests_total", labels)
+    };
+    assert_eq!(
+        sample(&[("upstream", "primary"), ("outcome", "timeout")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&[("upstream", "backup"), ("outcome", "timeout")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        crate::support::gateway::sample(&metrics, "sluice_upstream_up", &[("upstream", "backup")]),
+        Some(1.0)
+    );
+}
+
+/// A stream that opens and then stalls before its first content times out
+/// like an upstream that never answered: counted as a timeout (not `ok`),
+/// and a 504 when no member is left.
+#[tokio::test]
+async fn a_stream_stalled_before_content_is_a_timeout() {
+    let stalled = || {
+        let mut reply = UpstreamReply::sse(&[ROLE], Duration::ZERO);
+        reply.chunks.push((
+            Duration::from_secs(3),
+            Bytes::from_static(b"data: [DONE]\n\n"),
+        ));
+        reply
+    };
+    let primary = MockUpstream::always(stalled()).await;
+    let backup = MockUpstream::always(stalled()).await;
+    let gw = TestGateway::start(&config(&primary.url(), &backup.url(), "", "")).await;
+    let started = std::time::Instant::now();
+    let reply = chat(&gw).await;
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
+    // first_byte (300ms) bounds each member from its attempt's start.
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    for upstream in ["primary", "backup"] {
+        for (outcome, n) in [("timeout", 1.0), ("ok", 0.0)] {
+            assert_eq!(
+                gw.metric(
+                    "sluice_upstream_requests_total",
+                    &[("upstream", upstream), ("outcome", outcome)]
+                )
+                .await,
+                Some(n),
+                "{upstream} {outcome}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_member_whose_failed_answers_go_unread_keeps_its_connection() {
     // sluice drops a `retry_on` answer's body unread and moves on; the
