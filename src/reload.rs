@@ -7,8 +7,9 @@
 //! snapshot, so it carries over.
 
 use std::collections::HashSet;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use notify::{EventKind, RecursiveMode, Watcher};
@@ -40,6 +41,10 @@ pub struct Reloader {
     /// touched, a sibling written) reload nothing.
     config_digest: Option<Digest32>,
     tls_digest: Option<Digest32>,
+    /// The certificate pair last tried, loaded or not: a pair refused
+    /// (caught mid-rotation) is tried again when it changes, not on every
+    /// event, and its failure is logged once.
+    tls_tried: Option<Digest32>,
 }
 
 /// What one config check did.
@@ -61,6 +66,7 @@ impl Reloader {
             certs,
             config_digest,
             tls_digest,
+            tls_tried: tls_digest,
         }
     }
 
@@ -131,9 +137,10 @@ impl Reloader {
             return;
         };
         let digest = tls_digest(&files);
-        if !forced && digest == self.tls_digest {
+        if !forced && (digest == self.tls_digest || digest == self.tls_tried) {
             return;
         }
+        self.tls_tried = digest;
         match store.reload(&files) {
             Ok(()) => {
                 self.tls_digest = digest;
@@ -158,6 +165,25 @@ impl Reloader {
             dirs.insert(base_dir(&files.key_file).to_path_buf());
         }
         dirs
+    }
+
+    /// The names of files whose changes concern us, in those directories:
+    /// the config's and the certificate pair's, and a mount's `..data`
+    /// symlink and its `..<timestamp>` directories. Other files there
+    /// (a log written beside the config) wake nothing.
+    fn names(&self) -> HashSet<OsString> {
+        let mut names = HashSet::new();
+        let mut add = |path: &Path| {
+            if let Some(name) = path.file_name() {
+                names.insert(name.to_owned());
+            }
+        };
+        add(&self.path);
+        if let Some(files) = &self.gw.active().snapshot.tls {
+            add(&files.cert_file);
+            add(&files.key_file);
+        }
+        names
     }
 
     /// Adds watches on the directories not watched yet; a failure is
@@ -196,11 +222,17 @@ impl Reloader {
 pub fn spawn(mut reloader: Reloader, hangup: Hangup) -> Result<JoinHandle<()>, String> {
     let mut hangup = hangup.0;
     let (changed, mut events) = mpsc::channel::<()>(1);
+    let names = Arc::new(RwLock::new(reloader.names()));
+    let watched_names = names.clone();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Reads (ours included) are not changes; a full channel already
         // holds a wake-up.
         if let Ok(event) = event
             && !matches!(event.kind, EventKind::Access(_))
+            && event
+                .paths
+                .iter()
+                .any(|path| concerns(path, &watched_names))
         {
             let _ = changed.try_send(());
         }
@@ -237,8 +269,21 @@ pub fn spawn(mut reloader: Reloader, hangup: Hangup) -> Result<JoinHandle<()>, S
             }
             // A reload may have moved the certificate: watch where it is now.
             reloader.watch(watcher.as_mut(), &mut watched);
+            if let Ok(mut names) = names.write() {
+                *names = reloader.names();
+            }
         }
     }))
+}
+
+/// Whether a change to `path` may change the config or the certificate.
+fn concerns(path: &Path, names: &RwLock<HashSet<OsString>>) -> bool {
+    let Some(name) = path.file_name() else {
+        return true;
+    };
+    // Kubernetes swaps a mount's `..data` symlink to a new `..<time>` dir.
+    name.as_encoded_bytes().starts_with(b"..")
+        || names.read().map_or(true, |names| names.contains(name))
 }
 
 /// SIGHUP as a stream of wake-ups (never on non-Unix systems).

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::support::{
-    Client, MockUpstream, TestGateway, TestPki, UpstreamReply, tls_listener_config,
+    Client, MockUpstream, TestGateway, TestPki, UpstreamReply, eventually, tls_listener_config,
 };
 
 fn config(url: &str, extra_route: &str) -> String {
@@ -254,4 +254,32 @@ async fn peer_certificate(gw: &TestGateway, trusted: &[&TestPki]) -> Vec<u8> {
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
     let tls = connector.connect(name, tcp).await.unwrap();
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// A certificate that does not match its key is refused once: files that
+/// change beside it (a log written next to the config) neither retry it
+/// nor log its failure again.
+#[tokio::test]
+async fn a_refused_certificate_is_reported_once() {
+    let first = TestPki::new();
+    let second = TestPki::new();
+    let upstream = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let dir = tempfile::tempdir().unwrap();
+    first.write_files(dir.path());
+    let yaml = tls_listener_config(&upstream.url());
+    let gw = TestGateway::start_watched(&yaml, &[], dir).await;
+    // Half a rotation: the new certificate, the old key.
+    std::fs::write(gw.path("tls.crt"), &second.cert_pem).unwrap();
+    let failures = || gw.log_text().matches("tls_reload_failed").count();
+    assert!(eventually(Duration::from_secs(5), || failures() == 1).await);
+    for i in 0..5 {
+        std::fs::write(gw.path("app.log"), format!("line {i}\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(failures(), 1, "{}", gw.log_text());
+    assert_eq!(
+        peer_certificate(&gw, &[&first, &second]).await,
+        der(&first.cert_pem),
+        "the old pair keeps serving"
+    );
 }
