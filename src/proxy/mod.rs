@@ -150,7 +150,15 @@ async fn process(
     req: Request<Incoming>,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let snap = &active.snapshot;
-    let (index, route) = route::select(snap, req.method(), req.uri(), req.headers())?;
+    let (index, route) = match route::select(snap, req.method(), req.uri(), req.headers()) {
+        Ok(found) => found,
+        Err(refused) => {
+            if let Some(rules) = refused.route.and_then(|r| r.cors.as_ref()) {
+                ctx.cors = Some(cors::allowed(rules, req.headers()));
+            }
+            return Err(refused.error);
+        }
+    };
     ctx.route = Some(route.name.clone());
     ctx.route_index = Some(index);
     // Decremented by the tap when the response ends, streams included.

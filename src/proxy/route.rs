@@ -13,7 +13,7 @@ pub fn select<'s>(
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
-) -> Result<(usize, &'s Route), ProxyError> {
+) -> Result<(usize, &'s Route), Refused<'s>> {
     let path = uri.path();
     let host = request_host(uri, headers);
     let mut wrong_method: Option<&Route> = None;
@@ -28,12 +28,25 @@ pub fn select<'s>(
         }
         wrong_method.get_or_insert(route);
     }
-    match wrong_method {
-        Some(route) => Err(ProxyError::MethodNotAllowed {
-            allow: route.allow.clone(),
-        }),
-        None => Err(ProxyError::RouteNotFound),
-    }
+    Err(match wrong_method {
+        Some(route) => Refused {
+            error: ProxyError::MethodNotAllowed {
+                allow: route.allow.clone(),
+            },
+            route: Some(route),
+        },
+        None => Refused {
+            error: ProxyError::RouteNotFound,
+            route: None,
+        },
+    })
+}
+
+/// Why no route takes a request; for a 405, the route whose methods
+/// refused it (a browser reads the error only with its CORS headers).
+pub struct Refused<'s> {
+    pub error: ProxyError,
+    pub route: Option<&'s Route>,
 }
 
 /// Whether `methods` allow `method`. HEAD is GET without the body (RFC

@@ -241,3 +241,42 @@ routes:
     );
     assert!(upstream.seen().is_empty());
 }
+
+/// A 405 on a CORS route (no later route takes the method) carries its
+/// CORS headers: a browser shows the error only with them.
+#[tokio::test]
+async fn a_wrong_method_on_a_cors_route_has_its_cors_headers() {
+    let upstream = MockUpstream::always(UpstreamReply::text("{}")).await;
+    let yaml = format!(
+        r#"
+upstreams:
+  app: {{ url: "{}" }}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/, methods: [POST] }}
+    auth: none
+    cors: {{ allow_origins: ["https://app.example.com"] }}
+    upstream: app
+"#,
+        upstream.url()
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let wrong = Client::new()
+        .request(
+            Request::builder()
+                .method(Method::PUT)
+                .uri(gw.url("/v1/chat/completions"))
+                .header("origin", "https://app.example.com")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(wrong.status, 405);
+    assert_eq!(wrong.header("allow"), Some("POST, OPTIONS"));
+    assert_eq!(
+        wrong.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert_eq!(wrong.header("vary"), Some("origin"));
+    assert!(upstream.seen().is_empty());
+}
