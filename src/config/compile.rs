@@ -279,6 +279,24 @@ impl Compiler<'_> {
             Some(a) => self.addr(&a.listen, "0.0.0.0:9090"),
             None => self.addr(&None, "0.0.0.0:9090"),
         };
+        let clash = listen.port() == admin_listen.port()
+            && listen.port() != 0
+            && (listen.ip() == admin_listen.ip()
+                || listen.ip().is_unspecified()
+                || admin_listen.ip().is_unspecified());
+        if clash {
+            // `run` would fail to bind the second; say so in `check`.
+            let at = raw
+                .admin
+                .as_ref()
+                .and_then(|a| a.listen.as_ref())
+                .or(raw.listen.as_ref())
+                .map_or(Location::UNKNOWN, |t| t.referenced);
+            self.error(
+                &at,
+                format!("admin.listen {admin_listen} and listen {listen} share a port; give each its own"),
+            );
+        }
         let tls = raw.tls.as_ref().and_then(|spanned| {
             let cert = self.required(&spanned.value.cert_file, &spanned.referenced, "cert_file");
             let key = self.required(&spanned.value.key_file, &spanned.referenced, "key_file");

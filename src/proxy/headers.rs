@@ -164,23 +164,32 @@ pub fn from_client(headers: &mut HeaderMap, ctx: &RequestCtx) {
     // would be metered as nothing and replayed from the cache to clients
     // that never asked for that encoding.
     headers.remove(header::ACCEPT_ENCODING);
-    // A prior value that is not plain text is replaced, not extended.
-    match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.is_empty() => {
-            // One buffer, handed to the header without a copy.
-            let ip = ctx.client_ip.as_bytes();
-            let mut xff = Vec::with_capacity(prior.len() + 2 + ip.len());
-            xff.extend_from_slice(prior.as_bytes());
-            xff.extend_from_slice(b", ");
-            xff.extend_from_slice(ip);
-            if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
-                headers.insert(X_FORWARDED_FOR, v);
+    // The hops so far, from every line (RFC 9110 §5.3: several lines are
+    // one comma-separated list), then ours. A prior value that is not
+    // plain text is replaced, not extended.
+    let mut hops: Option<Vec<u8>> = Some(Vec::new());
+    for line in headers.get_all(&X_FORWARDED_FOR) {
+        match (line.to_str().map(str::trim), hops.as_mut()) {
+            (Ok(""), _) | (_, None) => {}
+            (Ok(line), Some(buf)) => {
+                if !buf.is_empty() {
+                    buf.extend_from_slice(b", ");
+                }
+                buf.extend_from_slice(line.as_bytes());
             }
-        }
-        _ => {
-            headers.insert(X_FORWARDED_FOR, ctx.client_ip.clone());
+            (Err(_), Some(_)) => hops = None,
         }
     }
+    let extended = hops.filter(|buf| !buf.is_empty()).and_then(|mut buf| {
+        buf.extend_from_slice(b", ");
+        buf.extend_from_slice(ctx.client_ip.as_bytes());
+        // One buffer, handed to the header without a copy.
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(buf)).ok()
+    });
+    headers.insert(
+        X_FORWARDED_FOR,
+        extended.unwrap_or_else(|| ctx.client_ip.clone()),
+    );
     headers.insert(
         X_FORWARDED_PROTO,
         HeaderValue::from_static(if ctx.tls { "https" } else { "http" }),

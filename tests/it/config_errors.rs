@@ -1027,3 +1027,29 @@ routes:
         ]
     );
 }
+
+/// The admin listener and the proxy listener cannot share a port: `check`
+/// says so, rather than `run` failing to bind.
+#[test]
+fn admin_and_proxy_listeners_on_one_port_are_refused() {
+    for (listen, admin) in [
+        ("127.0.0.1:8080", "127.0.0.1:8080"),
+        ("0.0.0.0:8080", "127.0.0.1:8080"),
+    ] {
+        let errs = errors(&format!(
+            "listen: {listen}\nadmin: {{ listen: {admin} }}\n{BASE}"
+        ));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("test.yaml:2:18: admin.listen") && errs[0].contains("share a port"),
+            "{errs:?}"
+        );
+    }
+    assert!(
+        load(
+            &format!("listen: 127.0.0.1:8080\nadmin: {{ listen: 127.0.0.2:8080 }}\n{BASE}"),
+            &[]
+        )
+        .is_ok()
+    );
+}

@@ -172,6 +172,29 @@ async fn hop_by_hop_credentials_and_sluice_headers_never_cross() {
 
 /// Credentials are the gateway's (SPEC §3) on `auth: none` routes too:
 /// an upstream with no `set_headers` gets none of the client's.
+/// Several `x-forwarded-for` lines are one list (RFC 9110 §5.3): every
+/// hop reaches the upstream, in order, then the client's address.
+#[tokio::test]
+async fn every_x_forwarded_for_line_is_kept() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&crate::support::app_config(&up.url(), "")).await;
+    let reply = Client::new()
+        .send(
+            Method::GET,
+            &gw.url("/x"),
+            &[
+                ("x-forwarded-for", "1.1.1.1"),
+                ("x-forwarded-for", "2.2.2.2, 3.3.3.3"),
+            ],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    let seen = &up.seen()[0];
+    let lines: Vec<_> = seen.headers.get_all("x-forwarded-for").iter().collect();
+    assert_eq!(lines, ["1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1"]);
+}
+
 #[tokio::test]
 async fn credentials_never_reach_an_upstream_on_auth_none_routes() {
     let up = MockUpstream::always(UpstreamReply::text("ok")).await;
