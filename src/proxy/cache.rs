@@ -22,7 +22,7 @@ use crate::body::{self, BoxBody};
 use crate::gateway::{Active, Gateway};
 use crate::snapshot::{CacheScope, Route, RouteCache};
 use crate::state::State;
-use crate::state::cache::{CachedResponse, Flight, Join, Key};
+use crate::state::cache::{CachedResponse, Ended, Flight, Join, Key};
 use crate::telemetry::metrics::RouteMetrics;
 
 /// What the cache did for a request: the `x-sluice-cache` header, the
@@ -52,6 +52,10 @@ impl CacheStatus {
     }
 }
 
+/// How many times a waiter takes its turn again after leads that failed
+/// before it calls the upstream without waiting.
+const MAX_WAITS: usize = 4;
+
 /// The result of the cache phase.
 pub enum Step {
     /// A stored response answers the request.
@@ -60,10 +64,6 @@ pub enum Step {
     /// needed it).
     Forward(RequestBody),
 }
-
-/// How many times a waiter takes its turn again after leads that failed
-/// before it calls the upstream without waiting.
-const MAX_WAITS: usize = 4;
 
 pub async fn lookup(
     gw: &Gateway,
@@ -109,10 +109,14 @@ pub async fn lookup(
                     // Woken when the lead stored its response or gave up;
                     // past the deadline the request goes on alone. The wait
                     // is the lead's upstream time, not sluice's overhead.
-                    let waited = Instant::now();
+                    let since = Instant::now();
                     let woken = tokio::time::timeout_at(deadline.into(), done.changed()).await;
-                    ctx.upstream_wait += waited.elapsed();
-                    if woken.is_err() {
+                    ctx.upstream_wait += since.elapsed();
+                    // A final answer that was not stored would be the
+                    // same for each waiter: taking the lead in turn would
+                    // serve them one after the other, each an LLM call's
+                    // time later. They all go now.
+                    if woken.is_err() || *done.borrow() == Ended::Unstorable {
                         break;
                     }
                 }
@@ -279,6 +283,14 @@ impl Fill {
         self.len > self.cap
     }
 
+    /// Drops the fill without storing. `answered`: the response is final
+    /// (not a failure), so requests waiting on it should not wait again.
+    pub fn abandon(mut self, answered: bool) {
+        if let (true, Some(flight)) = (answered, self.flight.take()) {
+            flight.unstorable();
+        }
+    }
+
     fn new(key: Key, settings: &RouteCache, flight: Option<Flight>, cap: usize) -> Self {
         Fill {
             key,
@@ -319,7 +331,9 @@ impl Fill {
         if self.overflowed() {
             // Too large to store: the requests waiting on it go now.
             self.chunks = Vec::new();
-            self.flight = None;
+            if let Some(flight) = self.flight.take() {
+                flight.unstorable();
+            }
             return;
         }
         self.chunks.push(data.clone());

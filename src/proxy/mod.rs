@@ -78,9 +78,16 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
     let head = ctx.method == http::Method::HEAD;
     if let Some(fill) = ctx.cache_fill.as_mut()
         && (head || ctx.error.is_some() || !fill.accept_head(resp.status(), resp.headers()))
+        && let Some(fill) = ctx.cache_fill.take()
     {
-        // Not stored: requests waiting on this one take their turn now.
-        ctx.cache_fill = None;
+        // Not stored. After a failure (sluice's error, an upstream 5xx or
+        // 429) one waiting request takes its turn; after a final answer
+        // they all go at once.
+        let status = resp.status();
+        let failed = ctx.error.is_some()
+            || status.is_server_error()
+            || status == http::StatusCode::TOO_MANY_REQUESTS;
+        fill.abandon(!failed);
     }
     let route_metrics = active.route_metrics(ctx.route_index);
     if ctx.cache.is_none() && route_metrics.cached() {

@@ -58,7 +58,17 @@ pub fn entry_cap(max_bytes: u64) -> usize {
 /// one lock for the whole process.
 const FLIGHT_SHARDS: usize = 16;
 
-type Flights = HashMap<Key, watch::Receiver<()>>;
+type Flights = HashMap<Key, watch::Receiver<Ended>>;
+
+/// How a fetch that others waited on ended without storing its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// It failed (or its client left): one waiter takes the lead next.
+    Failed,
+    /// Its answer was final but not stored (not cacheable, too large):
+    /// each waiter calls the upstream now, rather than in turn.
+    Unstorable,
+}
 
 pub struct ResponseCache {
     entries: moka::sync::Cache<Key, Arc<CachedResponse>>,
@@ -72,14 +82,21 @@ pub enum Join {
     /// its response is stored or has failed.
     Lead(Flight),
     /// Another request is fetching it: wait on this, then look again.
-    Wait(watch::Receiver<()>),
+    Wait(watch::Receiver<Ended>),
 }
 
 /// The lead of a fetch. Dropping it (stored or failed) wakes every waiter.
 pub struct Flight {
     cache: Arc<ResponseCache>,
     key: Key,
-    _done: watch::Sender<()>,
+    done: watch::Sender<Ended>,
+}
+
+impl Flight {
+    /// Ends the fetch with an answer that will not be stored.
+    pub fn unstorable(self) {
+        self.done.send_replace(Ended::Unstorable);
+    }
 }
 
 impl Drop for Flight {
@@ -154,12 +171,12 @@ impl ResponseCache {
         if let Some(waiting) = flights.get(&key) {
             return Join::Wait(waiting.clone());
         }
-        let (done, waiting) = watch::channel(());
+        let (done, waiting) = watch::channel(Ended::Failed);
         flights.insert(key, waiting);
         Join::Lead(Flight {
             cache: self.clone(),
             key,
-            _done: done,
+            done,
         })
     }
 

@@ -416,6 +416,44 @@ async fn a_failed_lead_does_not_fail_the_requests_waiting_on_it() {
     );
 }
 
+/// A lead whose answer is final but not stored (a 400, a `no-store`)
+/// sends the requests waiting on it to the upstream at once, not one
+/// after the other.
+#[tokio::test]
+async fn requests_waiting_on_an_unstorable_answer_go_at_once() {
+    let upstream = MockUpstream::always(
+        UpstreamReply::status(400)
+            .body(r#"{"error":{"message":"bad"}}"#)
+            .delay(Duration::from_millis(400)),
+    )
+    .await;
+    let gw = TestGateway::start(&config(&upstream.url(), "{ ttl: 10m }")).await;
+    let client = Client::new();
+    let url = gw.url("/v1/chat/completions");
+    let started = std::time::Instant::now();
+    let lead = {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move { client.post_json(&url, &[ALICE], CHAT).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiters = (0..4).map(|_| {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move { client.post_json(&url, &[ALICE], CHAT).await })
+    });
+    let waiters = futures_util::future::join_all(waiters).await;
+    assert_eq!(lead.await.unwrap().status, 400);
+    for reply in waiters {
+        assert_eq!(reply.unwrap().status, 400);
+    }
+    assert_eq!(upstream.seen().len(), 5);
+    // In turn, they would take 5 × 400 ms.
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn a_hit_still_counts_against_request_limits() {
     let upstream = MockUpstream::always(UpstreamReply::json(&answer())).await;
