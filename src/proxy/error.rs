@@ -37,6 +37,9 @@ pub enum ProxyError {
     },
     RateLimited {
         retry_after: Duration,
+        /// The tokens a request needs and the per-minute limit it is over
+        /// on its own: no wait makes it fit, and the message says so.
+        over: Option<(u64, u64)>,
     },
     BudgetExceeded {
         retry_after: Duration,
@@ -152,6 +155,12 @@ impl ProxyError {
                 "the request body did not arrive within the request timeout".to_owned()
             }
             ProxyError::InvalidRequest { message, .. } => message.clone(),
+            ProxyError::RateLimited {
+                over: Some((needed, limit)),
+                ..
+            } => format!(
+                "this request needs about {needed} tokens, more than the limit of {limit} tokens per minute: reduce its input or max_tokens"
+            ),
             ProxyError::RateLimited { .. } => "rate limit exceeded; retry later".to_owned(),
             ProxyError::BudgetExceeded { .. } => {
                 "the daily budget is spent; retry after 00:00 UTC".to_owned()
@@ -200,7 +209,7 @@ impl ProxyError {
             ProxyError::Unauthorized { .. } => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            ProxyError::RateLimited { retry_after } => {
+            ProxyError::RateLimited { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, secs_header(retry_after));
                 headers.insert(
                     RETRY_AFTER_MS,

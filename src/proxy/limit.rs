@@ -149,6 +149,17 @@ pub async fn reserve_tokens(
         return Ok(());
     };
     for (key, per_minute) in buckets(snap, route, &identity, Kind::Tokens) {
+        if estimate > per_minute {
+            // It would not fit in an empty bucket: no wait helps, and the
+            // backends must not each guess one. A full window is the
+            // soonest a retry (with a smaller request) means anything.
+            release(state, ctx);
+            count_refusal(metrics, route, identity.tier.as_deref(), "tokens");
+            return Err(ProxyError::RateLimited {
+                retry_after: crate::state::limiter::WINDOW,
+                over: Some((estimate, per_minute)),
+            });
+        }
         let (decision, shared) = match state.take(&key, per_minute, estimate).await {
             Ok(taken) => taken,
             Err(e) => {
@@ -305,7 +316,10 @@ fn refused(
     retry_after: Duration,
 ) -> ProxyError {
     count_refusal(metrics, route, tier, limit);
-    ProxyError::RateLimited { retry_after }
+    ProxyError::RateLimited {
+        retry_after,
+        over: None,
+    }
 }
 
 /// The `x-ratelimit-{limit,remaining,reset}-*` names of one kind of bucket.

@@ -339,3 +339,40 @@ async fn a_client_that_leaves_before_the_answer_gives_back_what_it_held() {
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// A request that needs more tokens than the limit allows in a minute
+/// can never fit: it is refused with a message that says so, and the
+/// same wait (a full minute) whatever the backend.
+#[tokio::test]
+async fn a_request_over_the_whole_token_limit_says_it_never_fits() {
+    let up = llm_reporting(10, Duration::ZERO).await;
+    let gw = TestGateway::start(&config(&up.url(), "{ tokens_per_minute: 600 }", "")).await;
+    let r = Client::new()
+        .send(
+            Method::POST,
+            &gw.url("/v1/chat/completions"),
+            &[("x-api-key", "key-alice")],
+            Bytes::from_static(br#"{"model":"m","max_tokens":5000,"messages":[]}"#),
+        )
+        .await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
+    let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains("more than the limit of 600 tokens per minute"),
+        "{message}"
+    );
+    assert_eq!(r.header("retry-after"), Some("60"));
+    assert_eq!(r.header("retry-after-ms"), Some("60000"));
+    assert!(up.seen().is_empty());
+    // Nothing was taken: a request that fits still does.
+    let ok = Client::new()
+        .send(
+            Method::POST,
+            &gw.url("/v1/chat/completions"),
+            &[("x-api-key", "key-alice")],
+            Bytes::from_static(br#"{"model":"m","max_tokens":500,"messages":[]}"#),
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+}
