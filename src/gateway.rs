@@ -182,7 +182,7 @@ impl Gateway {
     }
 
     /// The Prometheus text of every family, gauges sampled now.
-    pub fn render_metrics(&self) -> Vec<u8> {
+    pub async fn render_metrics(&self) -> Vec<u8> {
         let (bytes, entries) = self.state.cache_usage();
         self.metrics
             .cache_size_bytes
@@ -191,12 +191,18 @@ impl Gateway {
             .cache_entries
             .set(i64::try_from(entries).unwrap_or(i64::MAX));
         // Sampled now rather than when spend was last charged, so that
-        // the gauges follow a reload and reset at midnight without traffic.
-        if !self.state.is_shared()
-            && let Some(limit) = self.active().snapshot.budget.daily_usd
-        {
-            let spent = self.state.local_spent(&BudgetScope::Global);
-            self.metrics.set_global_budget(spent, limit);
+        // the gauges follow a reload and reset at midnight without traffic,
+        // and, with Redis, every replica reports the spend all share (one
+        // bounded read per scrape; unreadable, the gauges keep their value).
+        if let Some(limit) = self.active().snapshot.budget.daily_usd {
+            let spent = if self.state.is_shared() {
+                self.state.spent(&BudgetScope::Global).await.ok()
+            } else {
+                Some(self.state.local_spent(&BudgetScope::Global))
+            };
+            if let Some(spent) = spent {
+                self.metrics.set_global_budget(spent, limit);
+            }
         }
         self.metrics.render()
     }

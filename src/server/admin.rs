@@ -33,7 +33,7 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut stop: watch::Rec
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let gw = gw.clone();
-                async move { Ok::<_, Infallible>(respond(&gw, &req)) }
+                async move { Ok::<_, Infallible>(respond(&gw, &req).await) }
             });
             let _ = builder
                 .serve_connection(TokioIo::new(stream), service)
@@ -42,7 +42,7 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut stop: watch::Rec
     }
 }
 
-fn respond(gw: &Gateway, req: &Request<Incoming>) -> Response<BoxBody> {
+async fn respond(gw: &Gateway, req: &Request<Incoming>) -> Response<BoxBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
         resp.headers_mut()
@@ -54,7 +54,7 @@ fn respond(gw: &Gateway, req: &Request<Incoming>) -> Response<BoxBody> {
         "/readyz" if gw.is_ready() => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/metrics" => {
-            let mut resp = Response::new(full(gw.render_metrics()));
+            let mut resp = Response::new(full(gw.render_metrics().await));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

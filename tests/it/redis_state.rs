@@ -173,11 +173,33 @@ async fn a_shared_budget_alert_fires_once() {
         a.log_text(),
         b.log_text()
     );
-    let spent = b
+    // Each replica reports the spend both share, the last one to charge
+    // or not.
+    for gw in [&a, &b] {
+        let spent = gw
+            .metric("sluice_budget_spent_usd", &[("scope", "global")])
+            .await
+            .unwrap();
+        assert!((spent - 0.0018).abs() < 1e-9, "spent {spent}");
+    }
+    // A replica that has served nothing reports it too, with the limit.
+    let c = TestGateway::start(&config(
+        &upstream.url(),
+        &redis.url(),
+        "{}",
+        "budget: { daily_usd: 0.001, alert_at: [0.5] }\n",
+    ))
+    .await;
+    let spent = c
         .metric("sluice_budget_spent_usd", &[("scope", "global")])
         .await
         .unwrap();
     assert!((spent - 0.0018).abs() < 1e-9, "spent {spent}");
+    assert_eq!(
+        c.metric("sluice_budget_limit_usd", &[("scope", "global")])
+            .await,
+        Some(0.001)
+    );
 }
 
 #[tokio::test]
