@@ -258,6 +258,9 @@ fn record_usage(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, u
         && usage.output_tokens.is_none()
         && usage.finish_reason.is_none()
     {
+        // Nothing to count (a stream broken before its end), but the log
+        // still says which model was answering.
+        ctx.model = usage.model;
         return;
     }
     let model = usage.model.as_deref().unwrap_or("unknown");

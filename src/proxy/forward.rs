@@ -307,7 +307,7 @@ async fn failover(
                             if let Some(m) = active.upstreams.get(member) {
                                 m.stream_errors.inc();
                             }
-                            ctx.upstream_started = None;
+                            end_attempt(active, member, ctx);
                             tried.push(format!("{}: {}", upstream.name, failed.text()));
                             last_timed_out =
                                 matches!(failed, Preamble::TimedOut).then_some(&upstream.name);
@@ -325,7 +325,7 @@ async fn failover(
                         pool.breaker_cooldown,
                     ),
                 }
-                ctx.upstream_started = None;
+                end_attempt(active, member, ctx);
                 tried.push(format!("{}: {status}", upstream.name));
                 last_timed_out = None;
             }
@@ -429,6 +429,14 @@ impl Preamble {
             Preamble::TimedOut => "stream timed out before content",
             Preamble::Failed(text) => text,
         }
+    }
+}
+
+/// Ends an attempt whose answer is dropped (a failover): its time goes
+/// into `sluice_upstream_duration_seconds`, as a finished answer's does.
+fn end_attempt(active: &Active, index: usize, ctx: &mut RequestCtx) {
+    if let (Some(started), Some(m)) = (ctx.upstream_started.take(), active.upstreams.get(index)) {
+        m.duration.observe(started.elapsed().as_secs_f64());
     }
 }
 
@@ -536,6 +544,7 @@ async fn attempt(
             Ok(resp)
         }
         Err(failure) => {
+            metrics.duration.observe(elapsed.as_secs_f64());
             ctx.upstream_started = None;
             Err(failure)
         }

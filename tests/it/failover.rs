@@ -106,6 +106,18 @@ async fn status_503_fails_over_to_the_backup_with_the_same_body() {
         .await,
         Some(1.0)
     );
+    // The failed attempt's time is an upstream duration too.
+    for upstream in ["primary", "backup"] {
+        assert_eq!(
+            gw.metric(
+                "sluice_upstream_duration_seconds_count",
+                &[("upstream", upstream)]
+            )
+            .await,
+            Some(1.0),
+            "{upstream}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -114,6 +126,15 @@ async fn connection_refused_fails_over() {
     let gw = TestGateway::start(&config(&dead_port(), &backup.url(), "", "")).await;
     assert_eq!(chat(&gw).await.status, 200);
     assert_eq!(backup.seen().len(), 1);
+    assert_eq!(
+        gw.metric(
+            "sluice_upstream_duration_seconds_count",
+            &[("upstream", "primary")]
+        )
+        .await,
+        Some(1.0),
+        "a failed attempt's time counts too"
+    );
 }
 
 #[tokio::test]

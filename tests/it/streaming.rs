@@ -103,7 +103,14 @@ async fn upstream_silent_longer_than_idle_is_cut() {
 #[tokio::test]
 async fn upstream_cut_mid_stream_is_not_passed_off_as_complete() {
     let up = MockUpstream::always(
-        UpstreamReply::sse(&["{\"n\":1}", "{\"n\":2}"], Duration::from_millis(50)).cut(),
+        UpstreamReply::sse(
+            &[
+                "{\"n\":1,\"model\":\"gpt-x\"}",
+                "{\"n\":2,\"model\":\"gpt-x\"}",
+            ],
+            Duration::from_millis(50),
+        )
+        .cut(),
     )
     .await;
     let gw = TestGateway::start(&config(&up.url(), "")).await;
@@ -114,7 +121,10 @@ async fn upstream_cut_mid_stream_is_not_passed_off_as_complete() {
     // What arrived, then the error event: never a clean-looking end. (The
     // test upstream may lose its last unflushed event when it aborts.)
     let text = reply.text();
-    assert!(text.starts_with("data: {\"n\":1}\n\n"), "{text}");
+    assert!(
+        text.starts_with("data: {\"n\":1,\"model\":\"gpt-x\"}\n\n"),
+        "{text}"
+    );
     assert!(text.ends_with(STREAM_ERROR_EVENT), "{text}");
     assert!(
         reply.body_error.is_none(),
@@ -125,6 +135,7 @@ async fn upstream_cut_mid_stream_is_not_passed_off_as_complete() {
     assert_eq!(last["error"]["code"], "upstream_stream_error");
     let logs = gw.wait_access_logs(1).await;
     assert_eq!(logs[0]["error"], "upstream_stream_error");
+    assert_eq!(logs[0]["model"], "gpt-x", "the model the chunks named");
     assert_eq!(
         gw.metric("sluice_stream_errors_total", &[("upstream", "llm")])
             .await,
