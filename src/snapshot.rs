@@ -298,6 +298,10 @@ pub struct Logging {
     pub level: String,
     pub format: LogFormat,
     pub log_bodies: bool,
+    /// With `log_bodies`: the config's `set_headers` values, masked in
+    /// logged bodies wherever they show (an upstream that echoes its
+    /// request back).
+    pub known_secrets: KnownSecrets,
 }
 
 /// A header an upstream replaces, parsed once at load.
@@ -305,6 +309,16 @@ pub struct Logging {
 pub struct SetHeader {
     pub name: HeaderName,
     pub value: HeaderValue,
+}
+
+/// Secret values a logged body must not show; `Debug` counts them only.
+#[derive(Clone, Default)]
+pub struct KnownSecrets(pub Vec<String>);
+
+impl std::fmt::Debug for KnownSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} redacted>", self.0.len())
+    }
 }
 
 #[cfg(test)]

@@ -358,7 +358,10 @@ impl Compiler<'_> {
             ),
         };
         let state = self.state(raw.state.as_ref());
-        let logging = self.logging(raw.logging.as_ref());
+        let mut logging = self.logging(raw.logging.as_ref());
+        if logging.log_bodies {
+            logging.known_secrets = known_secrets(&upstreams);
+        }
         Snapshot {
             warnings: Vec::new(),
             listen,
@@ -1209,6 +1212,7 @@ impl Compiler<'_> {
                 level: "info".to_owned(),
                 format: LogFormat::Json,
                 log_bodies: false,
+                known_secrets: KnownSecrets::default(),
             };
         };
         let level = self.choice(
@@ -1230,8 +1234,30 @@ impl Compiler<'_> {
                 LogFormat::Json,
             ),
             log_bodies: self.bool(&raw.log_bodies, false),
+            known_secrets: KnownSecrets::default(),
         }
     }
+}
+
+/// The `set_headers` values of `upstreams`, whole and, for `<scheme>
+/// <credential>`, the credential alone: what a logged body must not show.
+/// Short values (a version, `json`) are no secrets and would mask words.
+fn known_secrets(upstreams: &[Arc<Upstream>]) -> KnownSecrets {
+    let mut secrets: Vec<String> = Vec::new();
+    for header in upstreams.iter().flat_map(|u| &u.set_headers) {
+        let Ok(value) = header.value.to_str() else {
+            continue;
+        };
+        let credential = value.rsplit(' ').next().unwrap_or(value);
+        for secret in [value, credential] {
+            if secret.len() >= 8 && !secrets.iter().any(|s| s == secret) {
+                secrets.push(secret.to_owned());
+            }
+        }
+    }
+    // Longest first, so a whole value is masked before its credential.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    KnownSecrets(secrets)
 }
 
 fn key_loc(t: &Option<Text>) -> Location {

@@ -112,7 +112,7 @@ impl Finish {
             ctx.error = error;
         }
         if let Some(log) = body_log {
-            ctx.response_body = Some(log.render());
+            ctx.response_body = Some(log.render(&active.snapshot.logging.known_secrets.0));
         }
         let mut stream_error = false;
         if let Some(meter) = meter {

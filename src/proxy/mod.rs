@@ -196,7 +196,7 @@ async fn process(
     if snap.logging.log_bodies {
         // A debug aid: the request body is read whole (bounded) to log it.
         let bytes = body.into_bytes(max_body, deadline).await?;
-        ctx.request_body = Some(BodyLog::of(&bytes).render());
+        ctx.request_body = Some(BodyLog::of(&bytes).render(&snap.logging.known_secrets.0));
         body = forward::RequestBody::Read(bytes);
     }
     limit::admit(snap, &gw.state, &gw.metrics, route, ctx).await?;

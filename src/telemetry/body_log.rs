@@ -49,10 +49,16 @@ impl BodyLog {
         self.head.extend_from_slice(&data[..data.len().min(room)]);
     }
 
-    /// The logged text: masked, and marked when cut short; never more
-    /// than [`LIMIT`] bytes in all, the mark included.
-    pub fn render(&self) -> String {
+    /// The logged text: masked (`known` values too, wherever they show),
+    /// and marked when cut short; never more than [`LIMIT`] bytes in all,
+    /// the mark included.
+    pub fn render(&self, known: &[String]) -> String {
         let mut text = mask(&String::from_utf8_lossy(&self.head));
+        for secret in known {
+            if text.contains(secret.as_str()) {
+                text = text.replace(secret.as_str(), MASK);
+            }
+        }
         if self.total <= self.head.len() && text.len() <= LIMIT {
             return text;
         }
@@ -413,7 +419,7 @@ mod tests {
         let mut log = BodyLog::default();
         log.push(&[b'a'; 3000]);
         log.push(&[b'b'; 3000]);
-        let text = log.render();
+        let text = log.render(&[]);
         assert!(text.starts_with(&"a".repeat(3000)));
         let mark = "… [6000 bytes in all]";
         assert!(text.ends_with(mark), "{}", &text[4000..]);
@@ -426,12 +432,12 @@ mod tests {
         // Short secrets grow when masked: the body fits, its log did not.
         let body = r#"{"secret":"a"}"#.repeat(LIMIT / 14);
         assert!(body.len() <= LIMIT);
-        let text = BodyLog::of(body.as_bytes()).render();
+        let text = BodyLog::of(body.as_bytes()).render(&[]);
         assert!(text.len() <= LIMIT, "{}", text.len());
         assert!(text.ends_with(" bytes in all]"), "{}", &text[4000..]);
         assert!(!text.contains(r#""a""#));
         // A cut never splits a character.
-        let text = BodyLog::of("é".repeat(LIMIT).as_bytes()).render();
+        let text = BodyLog::of("é".repeat(LIMIT).as_bytes()).render(&[]);
         assert!(text.len() <= LIMIT && text.starts_with("éé"));
     }
 }

@@ -486,6 +486,7 @@ mod tests {
             level: "error".into(),
             format: LogFormat::Json,
             log_bodies: false,
+            known_secrets: Default::default(),
         };
         let log = build(&logging, LogSink::Capture(buf.clone()));
         tracing::dispatcher::with_default(&log.dispatch, || {

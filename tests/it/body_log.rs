@@ -116,3 +116,40 @@ async fn bodies_are_not_logged_by_default() {
     assert!(log.get("response_body").is_none(), "{log}");
     assert!(!gw.log_text().contains("there"));
 }
+
+/// An upstream that echoes the request it got (headers included) would
+/// put a `set_headers` value in the logged response body: it is masked
+/// there, whatever its name or shape.
+#[tokio::test]
+async fn set_headers_values_echoed_back_are_masked() {
+    let upstream = MockUpstream::start(|seen| {
+        // Under names nothing else masks.
+        let echo = format!(
+            r#"{{"seen":["{}","{}"]}}"#,
+            seen.header("x-upstream-token").unwrap_or(""),
+            seen.header("authorization").unwrap_or("")
+        );
+        UpstreamReply::text(echo)
+    })
+    .await;
+    let yaml = config(&upstream.url(), true).replace(
+        &format!("  llm: {{ url: \"{}\" }}", upstream.url()),
+        &format!(
+            "  llm:\n    url: \"{}\"\n    set_headers: {{ x-upstream-token: uptok-4f9a8b7c6d, authorization: \"Token up-cred-99887766\" }}",
+            upstream.url()
+        ),
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[ALICE], "{}")
+        .await;
+    assert_eq!(reply.status, 200);
+    assert!(
+        reply.text().contains("uptok-4f9a8b7c6d"),
+        "the client gets the echo"
+    );
+    gw.wait_access_logs(1).await;
+    let text = gw.log_text();
+    assert!(!text.contains("uptok-4f9a8b7c6d"), "{text}");
+    assert!(!text.contains("up-cred-99887766"), "{text}");
+}
