@@ -50,6 +50,59 @@ pub struct Answer<'a> {
     pub usage: Loose<Counts>,
     pub choices: Loose<Choices<'a>>,
     pub stop_reason: Loose<Cow<'a, str>>,
+    /// The responses API says how an answer ended by its `status`, the
+    /// `incomplete_details` of an incomplete one, and its `output` items.
+    pub status: Loose<Cow<'a, str>>,
+    pub incomplete_details: Loose<Incomplete<'a>>,
+    pub output: Loose<Output>,
+}
+
+impl<'a> Answer<'a> {
+    /// Why the answer ended, as its API says it: a chat choice's
+    /// `finish_reason`, Anthropic's `stop_reason`, or the responses API's
+    /// status in chat's words (a dashboard watching `length` sees both).
+    pub fn finish_reason(self) -> Option<Cow<'a, str>> {
+        let responses = self.status_reason();
+        self.choices
+            .0
+            .and_then(|c| c.finish_reason)
+            .or(self.stop_reason.0)
+            .or(responses.map(Cow::Borrowed))
+    }
+
+    /// The responses API's `status` as a chat `finish_reason`.
+    pub fn status_reason(&self) -> Option<&'static str> {
+        match self.status.0.as_deref()? {
+            "completed" if self.output.0.as_ref().is_some_and(|o| o.function_call) => {
+                Some("tool_calls")
+            }
+            "completed" => Some("stop"),
+            "incomplete" => match self.incomplete_details.0.as_ref()?.reason.0.as_deref()? {
+                "max_output_tokens" => Some("length"),
+                "content_filter" => Some("content_filter"),
+                _ => None,
+            },
+            "failed" => Some("error"),
+            "cancelled" => Some("cancelled"),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Incomplete<'a> {
+    pub reason: Loose<Cow<'a, str>>,
+}
+
+/// A responses API `output` array, walked for a function call.
+#[derive(Default)]
+pub struct Output {
+    pub function_call: bool,
+}
+
+#[derive(Default)]
+struct OutputItem<'a> {
+    kind: Loose<Cow<'a, str>>,
 }
 
 #[derive(Default)]
@@ -144,7 +197,12 @@ members!(['de: 'a, 'a] Answer<'a> {
     1 b"usage" => usage,
     2 b"choices" => choices,
     3 b"stop_reason" => stop_reason,
+    4 b"status" => status,
+    5 b"incomplete_details" => incomplete_details,
+    6 b"output" => output,
 });
+members!(['de: 'a, 'a] Incomplete<'a> { 0 b"reason" => reason });
+members!(['de: 'a, 'a] OutputItem<'a> { 0 b"type" => kind });
 members!(['de: 'a, 'a] Delta<'a> { 0 b"stop_reason" => stop_reason });
 members!(['de: 'a, 'a] Choice<'a> { 0 b"finish_reason" => finish_reason });
 members!(['de] Counts {
@@ -348,7 +406,26 @@ macro_rules! loose_object {
         }
     )*};
 }
-loose_object!(Answer<'a>, Delta<'a>, Choice<'a>, Counts);
+loose_object!(
+    Answer<'a>,
+    Delta<'a>,
+    Choice<'a>,
+    Counts,
+    Incomplete<'a>,
+    OutputItem<'a>
+);
+
+impl<'de> LooseKind<'de> for Output {
+    fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Option<Self>, A::Error> {
+        let mut output = Output::default();
+        while let Some(item) = seq.next_element::<Loose<OutputItem<'de>>>()? {
+            output.function_call |= item
+                .0
+                .is_some_and(|i| i.kind.0.as_deref() == Some("function_call"));
+        }
+        Ok(Some(output))
+    }
+}
 
 impl<'de: 'a, 'a> LooseKind<'de> for Choices<'a> {
     fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Option<Self>, A::Error> {

@@ -223,20 +223,16 @@ impl SseMeter {
 }
 
 fn from_json_body(body: &[u8]) -> Usage {
-    let Some(answer) = facts::parse::<Answer>(body) else {
+    let Some(mut answer) = facts::parse::<Answer>(body) else {
         return Usage::default();
     };
-    let counts = answer.usage.0.unwrap_or_default();
+    let counts = answer.usage.0.take().unwrap_or_default();
+    let model = answer.model.0.take().map(Cow::into_owned);
     Usage {
-        model: answer.model.0.map(Cow::into_owned),
+        model,
         input_tokens: counts.input(),
         output_tokens: counts.output(),
-        finish_reason: answer
-            .choices
-            .0
-            .and_then(|c| c.finish_reason)
-            .or(answer.stop_reason.0)
-            .map(Cow::into_owned),
+        finish_reason: answer.finish_reason().map(Cow::into_owned),
         stream_error: false,
     }
 }
@@ -249,8 +245,8 @@ fn absorb(usage: &mut Usage, event: &Facts<'_>) {
     }
     // Anthropic streams wrap the message in `message_start`, the OpenAI
     // responses API its answer in `response.completed`.
-    let (model, counts, stop_reason) = match event.message.0.as_ref().or(event.response.0.as_ref())
-    {
+    let inner = event.message.0.as_ref().or(event.response.0.as_ref());
+    let (model, counts, stop_reason) = match inner {
         Some(inner) => (&inner.model, inner.usage.0.as_ref(), &inner.stop_reason),
         None => (&event.model, None, &event.stop_reason),
     };
@@ -278,7 +274,8 @@ fn absorb(usage: &mut Usage, event: &Facts<'_>) {
             .delta
             .0
             .as_ref()
-            .and_then(|d| d.stop_reason.0.as_deref()));
+            .and_then(|d| d.stop_reason.0.as_deref()))
+        .or(inner.and_then(Answer::status_reason));
     if let Some(reason) = reason {
         usage.finish_reason = Some(reason.to_owned());
     }
@@ -583,9 +580,38 @@ mod tests {
         let mut m = Meter::for_content_type(b"application/json; charset=utf-8").unwrap();
         feed(
             &mut m,
-            br#"{"model":"gpt-4.1","usage":{"input_tokens":7,"output_tokens":2}}"#,
+            br#"{"model":"gpt-4.1","status":"completed","output":[{"type":"message","content":[]}],"usage":{"input_tokens":7,"output_tokens":2}}"#,
         );
         let u = m.finish();
         assert_eq!((u.input_tokens, u.output_tokens), (Some(7), Some(2)));
+        assert_eq!(u.finish_reason.as_deref(), Some("stop"));
+    }
+
+    /// The responses API's status says how an answer ended, in the words
+    /// chat answers use, so that one `length` series shows both.
+    #[test]
+    fn responses_api_status_reads_as_a_finish_reason() {
+        for (answer, reason) in [
+            (
+                r#"{"status":"completed","output":[{"type":"reasoning"},{"type":"function_call","name":"f"}]}"#,
+                Some("tool_calls"),
+            ),
+            (
+                r#"{"status":"incomplete","incomplete_details":{"reason":"max_output_tokens"}}"#,
+                Some("length"),
+            ),
+            (
+                r#"{"status":"incomplete","incomplete_details":{"reason":"content_filter"}}"#,
+                Some("content_filter"),
+            ),
+            (r#"{"status":"in_progress"}"#, None),
+        ] {
+            let mut m = Meter::for_content_type(b"application/json").unwrap();
+            feed(&mut m, answer.as_bytes());
+            assert_eq!(m.finish().finish_reason.as_deref(), reason, "{answer}");
+        }
+        let mut m = Meter::for_content_type(b"text/event-stream").unwrap();
+        feed(&mut m, b"data: {\"type\":\"response.completed\",\"response\":{\"status\":\"completed\",\"output\":[]}}\n\n");
+        assert_eq!(m.finish().finish_reason.as_deref(), Some("stop"));
     }
 }
