@@ -46,11 +46,26 @@ pub async fn admit(
     let refuse = |limit: &'static str, retry_after: Duration| {
         refused(metrics, route, tier_name.as_deref(), limit, retry_after)
     };
-    for (key, per_minute) in buckets(snap, route, identity, Kind::Requests) {
-        let (decision, _) = state.take(&key, per_minute, 1).await?;
+    // The request units taken so far (a tier's bucket, a route's): a
+    // request refused after taking them gives them back, or a client
+    // hammering one route-limited route would drain its tier's bucket
+    // for every other route.
+    let mut taken = Taken::default();
+    for (i, (key, per_minute)) in buckets(snap, route, identity, Kind::Requests).enumerate() {
+        let (decision, shared) = match state.take(&key, per_minute, 1).await {
+            Ok(taken) => taken,
+            Err(e) => {
+                taken.give_back(state);
+                return Err(e.into());
+            }
+        };
         keep_tightest(&mut ctx.rate_limit, decision);
         if !decision.allowed {
+            taken.give_back(state);
             return Err(refuse("requests", decision.retry_after));
+        }
+        if let Some(slot) = taken.0.get_mut(i) {
+            *slot = Some((key, per_minute, shared));
         }
     }
     if snap.budget.enforce && matches!(route.target, Target::Pool(_)) {
@@ -62,14 +77,22 @@ pub async fn admit(
                 None => Ok::<_, ProxyError>(false),
             }
         };
-        let (global_spent, own_spent) = tokio::try_join!(
+        let spent = tokio::try_join!(
             over(BudgetScope::Global, snap.budget.daily_usd),
             over(
                 BudgetScope::Identity(identity.id.clone()),
                 tier.and_then(|t| t.daily_budget_usd)
             ),
-        )?;
+        );
+        let (global_spent, own_spent) = match spent {
+            Ok(spent) => spent,
+            Err(e) => {
+                taken.give_back(state);
+                return Err(e);
+            }
+        };
         if global_spent || own_spent {
+            taken.give_back(state);
             count_refusal(metrics, route, tier_name.as_deref(), "budget");
             return Err(ProxyError::BudgetExceeded {
                 retry_after: until_midnight,
@@ -83,14 +106,34 @@ pub async fn admit(
         };
         // A lease outlives no request: request_timeout bounds the exchange.
         let lease = snap.limits.request_timeout + LEASE_MARGIN;
-        match state.acquire(&key, max, lease).await? {
+        match state.acquire(&key, max, lease).await {
             // Held by the ctx: freed when the tap finalizes (body ended or
             // client gone).
-            Some(slot) => ctx.slot = Some(slot),
-            None => return Err(refuse("concurrency", CONCURRENCY_RETRY)),
+            Ok(Some(slot)) => ctx.slot = Some(slot),
+            Ok(None) => {
+                taken.give_back(state);
+                return Err(refuse("concurrency", CONCURRENCY_RETRY));
+            }
+            Err(e) => {
+                taken.give_back(state);
+                return Err(e.into());
+            }
         }
     }
     Ok(())
+}
+
+/// Request units taken from at most two buckets (the tier's, the
+/// route's), without an allocation.
+#[derive(Default)]
+struct Taken([Option<(BucketKey, u64, bool)>; 2]);
+
+impl Taken {
+    fn give_back(&mut self, state: &State) {
+        for (key, per_minute, shared) in self.0.iter_mut().filter_map(Option::take) {
+            state.adjust(&key, per_minute, -1, shared);
+        }
+    }
 }
 
 /// Whether a token limit applies to this request (its body must then be

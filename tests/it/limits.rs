@@ -107,11 +107,14 @@ async fn route_limit_applies_on_top_of_the_tier() {
     for _ in 0..3 {
         assert_eq!(get(&gw, "/v1/x", "key-alice").await.status, 200);
     }
-    let refused = get(&gw, "/v1/x", "key-alice").await;
-    assert_eq!(refused.status, 429);
-    assert_eq!(refused.header("x-ratelimit-limit-requests"), Some("3"));
-    // The tier still has room on another route: 4 used of 10 so far.
-    for _ in 0..6 {
+    for _ in 0..5 {
+        let refused = get(&gw, "/v1/x", "key-alice").await;
+        assert_eq!(refused.status, 429);
+        assert_eq!(refused.header("x-ratelimit-limit-requests"), Some("3"));
+    }
+    // The tier still has room on another route: the refused requests
+    // gave back what they took of it, so 3 are used of 10.
+    for _ in 0..7 {
         assert_eq!(get(&gw, "/other/x", "key-alice").await.status, 200);
     }
     assert_eq!(
