@@ -90,7 +90,11 @@ impl Compiler<'_> {
     /// output and the reload log. A quoted value (`` `…` ``) is put back
     /// whole; a long one (a key, a token) wherever it appears.
     fn as_written(&self, mut message: String) -> String {
-        for (value, written) in &self.expansions {
+        // Longest first: a value inside another is not put back first,
+        // which would leave the rest of the longer one showing.
+        let mut expansions: Vec<&(String, String)> = self.expansions.iter().collect();
+        expansions.sort_by_key(|(value, _)| std::cmp::Reverse(value.len()));
+        for (value, written) in expansions {
             // Values are read trimmed: a file's value often ends in `\n`.
             for value in [value.as_str(), value.trim()] {
                 if value.is_empty() {
@@ -279,11 +283,14 @@ impl Compiler<'_> {
             Some(a) => self.addr(&a.listen, "0.0.0.0:9090"),
             None => self.addr(&None, "0.0.0.0:9090"),
         };
+        // An unspecified address takes the port on every address of its
+        // family, and `[::]` (dual-stack on Linux) on IPv4's too.
+        let covers = |a: std::net::IpAddr, b: std::net::IpAddr| {
+            a == b || (a.is_unspecified() && (a.is_ipv6() || b.is_ipv4()))
+        };
         let clash = listen.port() == admin_listen.port()
             && listen.port() != 0
-            && (listen.ip() == admin_listen.ip()
-                || listen.ip().is_unspecified()
-                || admin_listen.ip().is_unspecified());
+            && (covers(listen.ip(), admin_listen.ip()) || covers(admin_listen.ip(), listen.ip()));
         if clash {
             // `run` would fail to bind the second; say so in `check`.
             let at = raw

@@ -159,12 +159,18 @@ impl Drop for Finish {
     fn drop(&mut self) {
         if !self.accounted {
             // No response head was made: the client left while the
-            // request waited (on limits, the cache, an upstream). What it
-            // held (a reservation, the in-flight count) is given back.
+            // request waited (on limits, the cache, an upstream), or a bug
+            // panicked. What it held (a reservation, the in-flight count)
+            // is given back either way.
+            let (status, error) = if std::thread::panicking() {
+                (500, "internal_error")
+            } else {
+                (CLIENT_CLOSED_STATUS, "client_closed")
+            };
             if self.ctx.status == 0 {
-                self.ctx.status = CLIENT_CLOSED_STATUS;
+                self.ctx.status = status;
             }
-            self.account(Some("client_closed"), None, None, None);
+            self.account(Some(error), None, None, None);
         }
     }
 }

@@ -243,16 +243,22 @@ async fn failover(
         else {
             continue;
         };
-        let admit = breaker.admit(Instant::now());
+        let now = Instant::now();
+        let deadline = ctx.deadline(snap);
+        if attempts > 0 && now >= deadline {
+            // request_timeout is spent: a next member would time out
+            // before it could answer, and be blamed for it. (Checked
+            // before `admit`, which may hand out a half-open probe.)
+            break;
+        }
+        let admit = breaker.admit(now);
         if let Admit::No(until) = admit {
             reopens = Some(reopens.map_or(until, |r| r.min(until)));
             continue;
         }
-        if attempts > 0 && Instant::now() >= ctx.deadline(snap) {
-            // request_timeout is spent: a next member would time out
-            // before it could answer, and be blamed for it.
-            break;
-        }
+        // What is left of request_timeout, not first_byte, bounds this
+        // attempt: its timeout is the request's, not the member's fault.
+        let request_bound = deadline < now + upstream.timeouts.first_byte;
         let verdict = Verdict::new(breaker, admit);
         if attempts > 0
             && let Some(counter) = active.failovers.get(p)
@@ -297,13 +303,17 @@ async fn failover(
                             return Ok(resp);
                         }
                         Err(failed) => {
-                            // Nothing has reached the client: the next member
-                            // can still answer instead, invisibly.
-                            verdict.failure(
-                                Instant::now(),
-                                pool.breaker_failures,
-                                pool.breaker_cooldown,
-                            );
+                            let out_of_time = matches!(failed, Preamble::TimedOut) && request_bound;
+                            if out_of_time {
+                                // The request's time ran out, not the member's.
+                                drop(verdict);
+                            } else {
+                                verdict.failure(
+                                    Instant::now(),
+                                    pool.breaker_failures,
+                                    pool.breaker_cooldown,
+                                );
+                            }
                             if let Some(m) = active.upstreams.get(member) {
                                 m.stream_errors.inc();
                             }
@@ -311,6 +321,11 @@ async fn failover(
                             tried.push(format!("{}: {}", upstream.name, failed.text()));
                             last_timed_out =
                                 matches!(failed, Preamble::TimedOut).then_some(&upstream.name);
+                            if out_of_time {
+                                break;
+                            }
+                            // Nothing has reached the client: the next member
+                            // can still answer instead, invisibly.
                             continue;
                         }
                     }
@@ -331,9 +346,18 @@ async fn failover(
             }
             Err(failure) => {
                 count(active, member, failure.outcome);
+                let timed_out = failure.outcome == Outcome::Timeout;
+                if timed_out && request_bound {
+                    // No verdict (a probe's slot is freed): the request ran
+                    // out of time, and no other member has any left.
+                    drop(verdict);
+                    tried.push(format!("{}: {}", upstream.name, failure.text));
+                    last_timed_out = Some(&upstream.name);
+                    break;
+                }
                 verdict.failure(Instant::now(), pool.breaker_failures, pool.breaker_cooldown);
                 tried.push(format!("{}: {}", upstream.name, failure.text));
-                let retryable = if failure.outcome == Outcome::Timeout {
+                let retryable = if timed_out {
                     last_timed_out = Some(&upstream.name);
                     pool.retry_on.contains(&RetryOn::Timeout)
                 } else {

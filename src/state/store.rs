@@ -341,11 +341,15 @@ impl State {
         match (&self.redis, shared) {
             (Some(redis), true) => {
                 let (redis, health, key) = (redis.clone(), self.health.clone(), key.clone());
-                tokio::spawn(async move {
-                    health
-                        .always("adjust", redis.adjust(&key, per_minute, delta))
-                        .await;
-                });
+                // Also called from drops (a request's accounting), which
+                // may run outside the runtime as it shuts down.
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(async move {
+                        health
+                            .always("adjust", redis.adjust(&key, per_minute, delta))
+                            .await;
+                    });
+                }
             }
             _ => self.memory.adjust(key, per_minute, delta, Instant::now()),
         }

@@ -57,14 +57,14 @@ async fn probe_pool(active: &Active, p: usize) {
         if healthy {
             breaker.health_passed();
         } else {
-            // Down until the next round of checks says otherwise: the
-            // interval, plus the time each member's check may take.
-            let round =
-                PROBE_TIMEOUT.saturating_mul(u32::try_from(pool.members.len()).unwrap_or(u32::MAX));
-            breaker.health_failed(
-                pool.breaker_failures,
-                Instant::now() + check.interval + round,
+            // Down until a later check says otherwise; the mark lapses
+            // only if no check comes for two rounds (each the interval plus
+            // the time every member's check may take), so that checks that
+            // keep failing keep it with room to spare.
+            let round = check.interval.saturating_add(
+                PROBE_TIMEOUT.saturating_mul(u32::try_from(pool.members.len()).unwrap_or(u32::MAX)),
             );
+            breaker.health_failed(pool.breaker_failures, Instant::now() + round * 2);
             // The path without its query, which may carry a token.
             let path = check.path.split('?').next().unwrap_or_default();
             tracing::warn!(upstream = %upstream.name, path, "health check failed");

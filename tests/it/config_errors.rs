@@ -1035,6 +1035,7 @@ fn admin_and_proxy_listeners_on_one_port_are_refused() {
     for (listen, admin) in [
         ("127.0.0.1:8080", "127.0.0.1:8080"),
         ("0.0.0.0:8080", "127.0.0.1:8080"),
+        ("\"[::]:8080\"", "127.0.0.1:8080"),
     ] {
         let errs = errors(&format!(
             "listen: {listen}\nadmin: {{ listen: {admin} }}\n{BASE}"
@@ -1045,11 +1046,11 @@ fn admin_and_proxy_listeners_on_one_port_are_refused() {
             "{errs:?}"
         );
     }
-    assert!(
-        load(
-            &format!("listen: 127.0.0.1:8080\nadmin: {{ listen: 127.0.0.2:8080 }}\n{BASE}"),
-            &[]
-        )
-        .is_ok()
-    );
+    for (listen, admin) in [
+        ("127.0.0.1:8080", "127.0.0.2:8080"),
+        ("0.0.0.0:8080", "\"[::1]:8080\""),
+    ] {
+        let yaml = format!("listen: {listen}\nadmin: {{ listen: {admin} }}\n{BASE}");
+        assert!(load(&yaml, &[]).is_ok(), "{yaml}");
+    }
 }

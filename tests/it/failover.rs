@@ -510,6 +510,46 @@ async fn a_spent_request_timeout_tries_no_further_member() {
     );
 }
 
+/// A half-open member reached after request_timeout is spent is not
+/// probed: its probe slot stays free for the next request, which finds it
+/// recovered, rather than the member being skipped for good.
+#[tokio::test]
+async fn a_spent_request_does_not_take_a_half_open_probe() {
+    let primary_calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = primary_calls.clone();
+    let primary = MockUpstream::start(move |_| match counter.fetch_add(1, Ordering::SeqCst) {
+        1 => UpstreamReply::text("late").delay(Duration::from_secs(2)),
+        _ => failing(503),
+    })
+    .await;
+    let backup_calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = backup_calls.clone();
+    let backup = MockUpstream::start(move |_| match counter.fetch_add(1, Ordering::SeqCst) {
+        0 => failing(503),
+        _ => UpstreamReply::text("backup"),
+    })
+    .await;
+    let yaml = config(
+        &primary.url(),
+        &backup.url(),
+        "    circuit_breaker: { failures: 1, cooldown: 300ms }",
+        "",
+    )
+    .replace("first_byte: 300ms", "first_byte: 10s")
+    .replace("pools:", "limits: { request_timeout: 500ms }\npools:");
+    let gw = TestGateway::start(&yaml).await;
+    // Both fail: both circuits open.
+    assert_eq!(chat(&gw).await.status, 502);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The primary's probe spends the whole request: the backup is not
+    // reached.
+    assert_eq!(chat(&gw).await.status, 504);
+    assert_eq!(backup.seen().len(), 1);
+    // The next request probes the backup, which has recovered.
+    let reply = chat(&gw).await;
+    assert_eq!(reply.text(), "backup");
+}
+
 /// A stream that opens and then stalls before its first content times out
 /// like an upstream that never answered: counted as a timeout (not `ok`),
 /// and a 504 when no member is left.
