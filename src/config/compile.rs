@@ -367,7 +367,7 @@ impl Compiler<'_> {
         let state = self.state(raw.state.as_ref());
         let mut logging = self.logging(raw.logging.as_ref());
         if logging.log_bodies {
-            logging.known_secrets = known_secrets(&upstreams);
+            logging.known_secrets = self.known_secrets(&upstreams);
         }
         Snapshot {
             warnings: Vec::new(),
@@ -1246,25 +1246,33 @@ impl Compiler<'_> {
     }
 }
 
-/// The `set_headers` values of `upstreams`, whole and, for `<scheme>
-/// <credential>`, the credential alone: what a logged body must not show.
-/// Short values (a version, `json`) are no secrets and would mask words.
-fn known_secrets(upstreams: &[Arc<Upstream>]) -> KnownSecrets {
-    let mut secrets: Vec<String> = Vec::new();
-    for header in upstreams.iter().flat_map(|u| &u.set_headers) {
-        let Ok(value) = header.value.to_str() else {
-            continue;
-        };
-        let credential = value.rsplit(' ').next().unwrap_or(value);
-        for secret in [value, credential] {
-            if secret.len() >= 8 && !secrets.iter().any(|s| s == secret) {
-                secrets.push(secret.to_owned());
+impl Compiler<'_> {
+    /// The `set_headers` values of `upstreams` that are secrets (taken
+    /// from a `${VAR}`, or under a credential's name), whole and, for
+    /// `<scheme> <credential>`, the credential alone: what a logged body
+    /// must not show. Others (`anthropic-version: 2023-06-01`) are not
+    /// masked wherever they show, nor are values too short to be keys.
+    fn known_secrets(&self, upstreams: &[Arc<Upstream>]) -> KnownSecrets {
+        let mut secrets: Vec<String> = Vec::new();
+        for header in upstreams.iter().flat_map(|u| &u.set_headers) {
+            let Ok(value) = header.value.to_str() else {
+                continue;
+            };
+            let from_variable = self.expansions.iter().any(|(v, _)| v.trim() == value);
+            if !from_variable && !crate::telemetry::body_log::is_secret_name(header.name.as_str()) {
+                continue;
+            }
+            let credential = value.rsplit(' ').next().unwrap_or(value);
+            for secret in [value, credential] {
+                if secret.len() >= 8 && !secrets.iter().any(|s| s == secret) {
+                    secrets.push(secret.to_owned());
+                }
             }
         }
+        // Longest first, so a whole value is masked before its credential.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        KnownSecrets(secrets)
     }
-    // Longest first, so a whole value is masked before its credential.
-    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    KnownSecrets(secrets)
 }
 
 fn key_loc(t: &Option<Text>) -> Location {

@@ -22,7 +22,7 @@ const SECRET_NAMES: [&str; 8] = [
     "credential",
 ];
 
-fn is_secret_name(name: &str) -> bool {
+pub fn is_secret_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     SECRET_NAMES.iter().any(|n| lower.contains(n))
         || (lower.contains("token") && !lower.contains("tokens"))
@@ -57,6 +57,15 @@ impl BodyLog {
         for secret in known {
             if text.contains(secret.as_str()) {
                 text = text.replace(secret.as_str(), MASK);
+            }
+            // Cut at the limit in the middle of one: its head shows.
+            if self.total > self.head.len()
+                && let Some(cut) = (4..secret.len())
+                    .rev()
+                    .find(|&k| secret.get(..k).is_some_and(|head| text.ends_with(head)))
+            {
+                text.truncate(text.len() - cut);
+                text.push_str(MASK);
             }
         }
         if self.total <= self.head.len() && text.len() <= LIMIT {
@@ -196,52 +205,72 @@ fn mask_pairs(text: &str) -> String {
 }
 
 /// Where a pair's value starts in `rest` (past an opening quote) and how
-/// long it is; to the end of `rest` when it is cut short.
+/// long it is; to the end of `rest` when it is cut short. A quote may be
+/// escaped once or more (`\"`, `\\\"`: JSON inside a JSON string, maybe
+/// twice): the value ends at the next quote escaped as many times. When
+/// in doubt it runs on: masking too much is the safe mistake.
 fn pair_value(rest: &[u8]) -> (usize, usize) {
-    let quote: &[u8] = match rest {
-        [b'\\', b'"', ..] => b"\\\"",
-        [b'"', ..] => b"\"",
-        [b'\'', ..] => b"'",
-        [b'[' | b'{', ..] => {
-            let mut depth = 0usize;
-            for (at, b) in rest.iter().enumerate() {
-                match b {
-                    b'[' | b'{' => depth += 1,
-                    b']' | b'}' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            return (0, at + 1);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            return (0, rest.len());
+    let run = rest.iter().take_while(|&&b| b == b'\\').count();
+    match rest.get(run) {
+        Some(b'"') => {
+            let body = &rest[run + 1..];
+            (run + 1, closing_quote(body, run).unwrap_or(body.len()))
         }
+        Some(b'\'') if run == 0 => {
+            let body = &rest[1..];
+            (1, memchr::memchr(b'\'', body).unwrap_or(body.len()))
+        }
+        Some(b'[' | b'{') if run == 0 => (0, bracketed_len(rest)),
         _ => {
             let len = rest
                 .iter()
                 .take_while(|b| {
-                    !matches!(
-                        b,
-                        b'"' | b'\\' | b'&' | b',' | b'}' | b']' | b';' | b'\n' | b'\r'
-                    )
+                    !matches!(b, b'"' | b'&' | b',' | b'}' | b']' | b';' | b'\n' | b'\r')
                 })
                 .count();
-            let trimmed = rest[..len].trim_ascii_end().len();
-            return (0, trimmed);
+            (0, rest[..len].trim_ascii_end().len())
         }
-    };
-    let body = &rest[quote.len()..];
-    let len = match quote {
-        // In a plain string an escaped quote (`\"`) is not the end.
-        b"\"" => body
-            .iter()
-            .enumerate()
-            .position(|(at, &b)| b == b'"' && (at == 0 || body[at - 1] != b'\\')),
-        _ => body.windows(quote.len()).position(|w| w == quote),
-    };
-    (quote.len(), len.unwrap_or(body.len()))
+    }
+}
+
+/// How many backslashes come right before `bytes[at]`.
+fn backslashes_before(bytes: &[u8], at: usize) -> usize {
+    bytes[..at]
+        .iter()
+        .rev()
+        .take_while(|&&b| b == b'\\')
+        .count()
+}
+
+/// Where in `body` the quote escaped by exactly `run` backslashes starts
+/// (its backslashes included).
+fn closing_quote(body: &[u8], run: usize) -> Option<usize> {
+    memchr::memchr_iter(b'"', body)
+        .find(|&at| backslashes_before(body, at) == run)
+        .map(|at| at - run)
+}
+
+/// The length of the `[…]` or `{…}` that `rest` starts with, brackets
+/// inside its strings skipped; all of `rest` when it is cut short.
+fn bracketed_len(rest: &[u8]) -> usize {
+    let mut depth = 0usize;
+    // Inside a string: the backslashes its quotes are escaped with.
+    let mut string: Option<usize> = None;
+    for (at, &b) in rest.iter().enumerate() {
+        match (b, string) {
+            (b'"', None) => string = Some(backslashes_before(rest, at)),
+            (b'"', Some(run)) if backslashes_before(rest, at) == run => string = None,
+            (b'[' | b'{', None) => depth += 1,
+            (b']' | b'}', None) => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    return at + 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    rest.len()
 }
 
 /// The index of the quote closing the string that opens at `start`.
@@ -380,6 +409,16 @@ mod tests {
             mask(r#"{"t":"{\"token\": \"a b\"}"}"#),
             r#"{"t":"{\"token\": \"***\"}"}"#
         );
+        // JSON inside a string inside a string.
+        assert_eq!(
+            mask(r#"{"e":"{\"a\":\"{\\\"password\\\":\\\"hunter2\\\"}\"}"}"#),
+            r#"{"e":"{\"a\":\"{\\\"password\\\":\\\"***\\\"}\"}"}"#
+        );
+        // Brackets inside the strings of a bracketed secret.
+        assert_eq!(
+            mask(r#"{"t":"{\"password\": [\"a]b\", \"SECRET\"], \"n\": 1}"}"#),
+            r#"{"t":"{\"password\": ***, \"n\": 1}"}"#
+        );
     }
 
     #[test]
@@ -412,6 +451,21 @@ mod tests {
             mask(r#"{"content":"bearer 123"}"#),
             r#"{"content":"bearer ***"}"#
         );
+    }
+
+    #[test]
+    fn a_known_secret_cut_at_the_limit_shows_none_of_its_head() {
+        let secret = format!("known-secret-{}", "7".repeat(47));
+        let mut log = BodyLog::default();
+        // 30 bytes of it fit: 7 would show before the cut's mark.
+        log.push("a".repeat(LIMIT - 30).as_bytes());
+        log.push(secret.as_bytes());
+        let text = log.render(std::slice::from_ref(&secret));
+        assert!(!text.contains("known"), "{}", &text[LIMIT - 60..]);
+        assert!(text.contains("a***… ["), "{}", &text[LIMIT - 60..]);
+        // Whole, anywhere, it is masked too.
+        let text = BodyLog::of(format!("x {secret} y").as_bytes()).render(&[secret]);
+        assert_eq!(text, "x *** y");
     }
 
     #[test]

@@ -125,9 +125,11 @@ async fn set_headers_values_echoed_back_are_masked() {
     let upstream = MockUpstream::start(|seen| {
         // Under names nothing else masks.
         let echo = format!(
-            r#"{{"seen":["{}","{}"]}}"#,
+            r#"{{"seen":["{}","{}","{}","{}"]}}"#,
             seen.header("x-upstream-token").unwrap_or(""),
-            seen.header("authorization").unwrap_or("")
+            seen.header("authorization").unwrap_or(""),
+            seen.header("x-org").unwrap_or(""),
+            seen.header("anthropic-version").unwrap_or("")
         );
         UpstreamReply::text(echo)
     })
@@ -135,11 +137,11 @@ async fn set_headers_values_echoed_back_are_masked() {
     let yaml = config(&upstream.url(), true).replace(
         &format!("  llm: {{ url: \"{}\" }}", upstream.url()),
         &format!(
-            "  llm:\n    url: \"{}\"\n    set_headers: {{ x-upstream-token: uptok-4f9a8b7c6d, authorization: \"Token up-cred-99887766\" }}",
+            "  llm:\n    url: \"{}\"\n    set_headers: {{ x-upstream-token: uptok-4f9a8b7c6d, authorization: \"Token up-cred-99887766\", x-org: \"${{ORG}}\", anthropic-version: 2023-06-01 }}",
             upstream.url()
         ),
     );
-    let gw = TestGateway::start(&yaml).await;
+    let gw = TestGateway::start_with_env(&yaml, &[("ORG", "org-from-env-31337")]).await;
     let reply = Client::new()
         .post_json(&gw.url("/v1/chat/completions"), &[ALICE], "{}")
         .await;
@@ -152,4 +154,12 @@ async fn set_headers_values_echoed_back_are_masked() {
     let text = gw.log_text();
     assert!(!text.contains("uptok-4f9a8b7c6d"), "{text}");
     assert!(!text.contains("up-cred-99887766"), "{text}");
+    assert!(
+        !text.contains("org-from-env-31337"),
+        "a value from a variable: {text}"
+    );
+    assert!(
+        text.contains("2023-06-01"),
+        "a plain setting is no secret: {text}"
+    );
 }
