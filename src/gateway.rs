@@ -194,15 +194,10 @@ impl Gateway {
         // the gauges follow a reload and reset at midnight without traffic,
         // and, with Redis, every replica reports the spend all share (one
         // bounded read per scrape; unreadable, the gauges keep their value).
-        if let Some(limit) = self.active().snapshot.budget.daily_usd {
-            let spent = if self.state.is_shared() {
-                self.state.spent(&BudgetScope::Global).await.ok()
-            } else {
-                Some(self.state.local_spent(&BudgetScope::Global))
-            };
-            if let Some(spent) = spent {
-                self.metrics.set_global_budget(spent, limit);
-            }
+        if let Some(limit) = self.active().snapshot.budget.daily_usd
+            && let Some(spent) = self.state.spent_for_scrape(&BudgetScope::Global).await
+        {
+            self.metrics.set_global_budget(spent, limit);
         }
         self.metrics.render()
     }

@@ -173,9 +173,14 @@ impl Reloader {
     /// (a log written beside the config) wake nothing.
     fn names(&self) -> HashSet<OsString> {
         let mut names = HashSet::new();
+        // Each file by its own name and, when it is a symlink (`proxy.yaml
+        // -> proxy.prod.yaml`), by its target's: an edit names the target.
         let mut add = |path: &Path| {
-            if let Some(name) = path.file_name() {
-                names.insert(name.to_owned());
+            let target = std::fs::canonicalize(path).ok();
+            for path in [Some(path), target.as_deref()].into_iter().flatten() {
+                if let Some(name) = path.file_name() {
+                    names.insert(name.to_owned());
+                }
             }
         };
         add(&self.path);
@@ -227,12 +232,16 @@ pub fn spawn(mut reloader: Reloader, hangup: Hangup) -> Result<JoinHandle<()>, S
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Reads (ours included) are not changes; a full channel already
         // holds a wake-up.
+        // An event with no path (an overflow of the kernel's queue) may
+        // have hidden any change: it counts.
         if let Ok(event) = event
             && !matches!(event.kind, EventKind::Access(_))
-            && event
-                .paths
-                .iter()
-                .any(|path| concerns(path, &watched_names))
+            && (event.need_rescan()
+                || event.paths.is_empty()
+                || event
+                    .paths
+                    .iter()
+                    .any(|path| concerns(path, &watched_names)))
         {
             let _ = changed.try_send(());
         }

@@ -14,7 +14,9 @@
 //! 6. `forward::send`: the upstream call (502/504).
 //!
 //! Whatever the outcome, the response body is wrapped in the tap, which
-//! writes metrics and the access log once the body has ended.
+//! writes metrics and the access log once the body has ended; a request
+//! whose client leaves before it is answered is accounted for when its
+//! future is dropped (`tap::Finish`).
 
 pub mod auth;
 pub mod cache;

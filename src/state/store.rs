@@ -447,6 +447,17 @@ impl State {
         self.budgets.spent(scope)
     }
 
+    /// Today's spend of a scope for a metrics scrape: the shared figure
+    /// with Redis, or `None` when it cannot be read. Unlike [`State::spent`]
+    /// a failure neither falls back to this replica's own figure (the
+    /// gauge would drop) nor counts toward pausing Redis for requests.
+    pub async fn spent_for_scrape(&self, scope: &BudgetScope) -> Option<f64> {
+        match &self.redis {
+            Some(redis) => redis.spent(scope, budget::today().0).await.ok(),
+            None => Some(self.budgets.spent(scope)),
+        }
+    }
+
     /// A fresh stored response. A failing backend is a miss, whatever
     /// `on_error` says: the cache only ever saves work.
     pub async fn cache_get(&self, key: &Key) -> Option<Arc<CachedResponse>> {

@@ -50,7 +50,8 @@ impl State {
 #[derive(Debug)]
 pub struct Breaker {
     state: Mutex<State>,
-    /// `sluice_upstream_up`: 1 closed, 0 open.
+    /// `sluice_upstream_up`: 1 closed and not marked down by health
+    /// checks, else 0.
     up: IntGauge,
 }
 
