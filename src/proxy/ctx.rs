@@ -11,6 +11,7 @@ use http::{HeaderValue, Method, Uri};
 use super::cache::{CacheStatus, Fill};
 use super::cors::Allowed;
 use super::limit::Reservation;
+use crate::server::idle::{Activity, Busy};
 use crate::state::{Decision, Slot};
 
 /// What the listener knows about the connection a request came on.
@@ -21,6 +22,8 @@ pub struct ConnInfo {
     /// The remote address as text, rendered once per connection for the
     /// `x-forwarded-for` header and the access log of each request.
     pub remote_ip: HeaderValue,
+    /// An h2 connection's requests, watched to close it when quiet.
+    pub activity: Option<Arc<Activity>>,
 }
 
 impl ConnInfo {
@@ -31,6 +34,7 @@ impl ConnInfo {
             remote,
             tls,
             remote_ip,
+            activity: None,
         }
     }
 }
@@ -92,6 +96,9 @@ pub struct RequestCtx {
     /// The answering upstream's longest allowed gap between body chunks.
     pub upstream_idle: Option<Duration>,
     pub status: u16,
+    /// On an h2 connection: the request counts as activity until its
+    /// accounting is done.
+    pub busy: Option<Busy>,
     /// The `code` of the error sluice answered or met, if any.
     pub error: Option<&'static str>,
     pub cache: Option<CacheStatus>,
@@ -144,6 +151,7 @@ impl RequestCtx {
             upstream_wait: Duration::ZERO,
             upstream_idle: None,
             status: 0,
+            busy: conn.activity.as_ref().map(Activity::enter),
             error: None,
             cache: None,
             cors: None,

@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{Notify, oneshot};
 
+use super::idle::Watch;
+
 /// The open connections of one listener.
 #[derive(Default)]
 pub struct Drain {
@@ -103,14 +105,28 @@ impl Member {
     /// Serves `conn` to its end. When the drain begins, `graceful` asks
     /// hyper to close it after the requests in flight (an idle connection
     /// closes at once).
-    pub async fn serve<C: Future>(mut self, conn: C, graceful: impl FnOnce(Pin<&mut C>)) {
+    /// With `idle`, a connection quiet for its period is closed the same
+    /// way.
+    pub async fn serve<C: Future>(
+        mut self,
+        conn: C,
+        graceful: impl FnOnce(Pin<&mut C>),
+        idle: Option<Watch>,
+    ) {
         let mut conn = pin!(conn);
+        let quiet = async {
+            match &idle {
+                Some(watch) => watch.quiet().await,
+                None => std::future::pending().await,
+            }
+        };
         // The signal first, as hyper-util's watcher did: a connection
         // still waiting for its first bytes closes without a request.
         tokio::select! {
             biased;
             _ = &mut self.signal => graceful(conn.as_mut()),
             _ = conn.as_mut() => return,
+            () = quiet => graceful(conn.as_mut()),
         }
         conn.await;
     }
@@ -133,7 +149,7 @@ mod tests {
                 tokio::time::sleep(linger).await;
             }
         };
-        member.serve(conn, |_| asked.notify_one()).await;
+        member.serve(conn, |_| asked.notify_one(), None).await;
         stopped.notify_one();
     }
 

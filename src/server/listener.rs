@@ -14,6 +14,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use super::drain::Drain;
+use super::idle::{Activity, Watch};
 use super::preface;
 use crate::gateway::Gateway;
 use crate::proxy::{self, ctx::ConnInfo};
@@ -71,30 +72,44 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = ConnInfo::new(remote, tls.is_some());
+        let mut conn = ConnInfo::new(remote, tls.is_some());
         let member = drain.join();
         let gw = gw.clone();
         let builder = builder.clone();
         let tls = tls.clone();
         let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let gw = gw.clone();
-                let conn = conn.clone();
-                async move { Ok::<_, Infallible>(proxy::handle(gw, req, conn).await) }
-            });
             // hyper's `header_read_timeout` starts once the protocol is
             // known: the bytes that tell it are read here, within that
-            // timeout, and replayed to hyper.
+            // timeout, and replayed to hyper. An h2 connection is watched
+            // for quiet instead (see `idle`).
+            let watch = |head: &[u8], conn: &mut ConnInfo| {
+                preface::is_h2(head).then(|| {
+                    let activity = Arc::new(Activity::default());
+                    conn.activity = Some(activity.clone());
+                    Watch {
+                        activity,
+                        after: handshake_timeout,
+                    }
+                })
+            };
+            let service = |conn: ConnInfo| {
+                service_fn(move |req| {
+                    let gw = gw.clone();
+                    let conn = conn.clone();
+                    async move { Ok::<_, Infallible>(proxy::handle(gw, req, conn).await) }
+                })
+            };
             match tls {
                 None => {
                     let mut stream = stream;
                     let Some(head) = preface::read(&mut stream, handshake_timeout).await else {
                         return;
                     };
+                    let idle = watch(&head, &mut conn);
                     let io = TokioIo::new(preface::Rewound::new(head, stream));
-                    let conn = builder.serve_connection(io, service);
-                    member.serve(conn, |c| c.graceful_shutdown()).await;
+                    let served = builder.serve_connection(io, service(conn));
+                    member.serve(served, |c| c.graceful_shutdown(), idle).await;
                 }
                 Some(acceptor) => {
                     let Some(mut tls_stream) =
@@ -105,9 +120,10 @@ pub async fn serve(
                     let Some(head) = preface::read(&mut tls_stream, handshake_timeout).await else {
                         return;
                     };
+                    let idle = watch(&head, &mut conn);
                     let io = TokioIo::new(preface::Rewound::new(head, tls_stream));
-                    let conn = builder.serve_connection(io, service);
-                    member.serve(conn, |c| c.graceful_shutdown()).await;
+                    let served = builder.serve_connection(io, service(conn));
+                    member.serve(served, |c| c.graceful_shutdown(), idle).await;
                 }
             }
             drop(permit);

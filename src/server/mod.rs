@@ -4,6 +4,7 @@
 
 pub mod admin;
 mod drain;
+pub mod idle;
 pub mod listener;
 mod preface;
 pub mod tls;

@@ -37,6 +37,11 @@ pub async fn read<S: AsyncRead + Unpin>(stream: &mut S, timeout: Duration) -> Op
     tokio::time::timeout(timeout, reading).await.ok().flatten()
 }
 
+/// Whether a connection's first bytes (from [`read`]) are h2's preface.
+pub fn is_h2(head: &[u8]) -> bool {
+    head.starts_with(H2_PREFACE)
+}
+
 /// A stream whose first bytes, already read, are read again first.
 pub struct Rewound<S> {
     head: Vec<u8>,

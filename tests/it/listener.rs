@@ -219,3 +219,40 @@ async fn silent_h2_client_is_closed() {
     .unwrap();
     assert!(elapsed < Duration::from_secs(4), "{elapsed:?}");
 }
+
+/// A live h2 client that answers pings but asks nothing is closed once a
+/// whole `header_read_timeout` passes quiet (as HTTP/1 closes a quiet
+/// keep-alive connection): its slot frees for the next client. A
+/// connection in use is not closed.
+#[tokio::test]
+async fn a_quiet_h2_connection_frees_its_slot() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&config(
+        &up.url(),
+        "{ header_read_timeout: 300ms, max_connections: 1 }",
+    ))
+    .await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let driven = tokio::spawn(conn);
+    // In use: requests a little apart keep it open past the timeout.
+    for _ in 0..4 {
+        let req = http::Request::get(format!("http://{}/x", gw.addr))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    // Quiet (hyper's client answers the pings): closed by the server.
+    let closed = tokio::time::timeout(Duration::from_secs(3), driven).await;
+    assert!(closed.is_ok(), "the quiet h2 connection was kept");
+    // Its one slot serves a new client.
+    let reply = crate::support::Client::new().get(&gw.url("/x")).await;
+    assert_eq!(reply.status, 200);
+}
