@@ -64,8 +64,13 @@ pub struct Tap {
     body_log: Option<BodyLog>,
 }
 
-/// The last event of an SSE stream whose upstream broke (SPEC §3).
+/// The last event of an SSE stream whose upstream broke or went quiet
+/// (SPEC §3).
 const STREAM_ERROR_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the upstream stream broke before it was complete\",\"type\":\"server_error\",\"param\":null,\"code\":\"upstream_stream_error\"}}\n\n";
+
+/// The last event of an SSE stream cut by `request_timeout`: sluice's own
+/// limit, which a client should tell from a provider's failure.
+const DEADLINE_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the request exceeded its time limit (request_timeout)\",\"type\":\"server_error\",\"param\":null,\"code\":\"request_timeout\"}}\n\n";
 
 /// What accounting for a request needs: metrics, limits, spend and the
 /// access-log line. It accounts exactly once: when the tap that took it
@@ -217,9 +222,11 @@ impl Tap {
         self.finalize(Some(label));
         if self.sse {
             self.ended = true;
-            return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
-                STREAM_ERROR_EVENT,
-            )))));
+            let event = match label {
+                "request_timeout" => DEADLINE_EVENT,
+                _ => STREAM_ERROR_EVENT,
+            };
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(event)))));
         }
         Poll::Ready(Some(Err(err)))
     }

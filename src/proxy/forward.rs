@@ -158,9 +158,15 @@ async fn stream_through(
                 attempts: "no upstream configured".to_owned(),
             })?;
     headers::for_upstream(&mut parts.headers, upstream);
-    let (body, over_limit) = CappedBody::new(body, max_body);
+    let (body, progress) = CappedBody::new(body, max_body);
     let result = attempt(active, index, ctx, parts, body.boxed_unsync()).await;
-    if over_limit.is_set() {
+    if matches!(&result, Err(f) if f.outcome == Outcome::Timeout) && !progress.ended() {
+        // The client had not sent its whole body when time ran out: its
+        // trickle, not the upstream, held the answer back.
+        count(active, index, Outcome::ClientError);
+        return Err(ProxyError::RequestTimeout);
+    }
+    if progress.over_limit() {
         // The client's fault, whatever the upstream made of the cut body.
         count(active, index, Outcome::ClientError);
         return Err(ProxyError::TooLarge { limit: max_body });

@@ -7,7 +7,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -155,14 +155,27 @@ fn json_path(pointer: &str) -> String {
     out
 }
 
-/// Set when a [`CappedBody`] hit its limit, so the forward phase can tell
-/// "the client sent too much" (413) from "the upstream failed" (502).
+/// How far a [`CappedBody`] got, so the forward phase can tell the
+/// client's fault from the upstream's: a body over its limit (413, not
+/// 502), or not all sent when the upstream's answer timed out (408, not
+/// 504: the client trickled it).
 #[derive(Clone, Default)]
-pub struct OverLimit(Arc<AtomicBool>);
+pub struct BodyProgress(Arc<AtomicU8>);
 
-impl OverLimit {
-    pub fn is_set(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+const OVER_LIMIT: u8 = 1;
+const ENDED: u8 = 2;
+
+impl BodyProgress {
+    pub fn over_limit(&self) -> bool {
+        self.0.load(Ordering::Acquire) == OVER_LIMIT
+    }
+
+    pub fn ended(&self) -> bool {
+        self.0.load(Ordering::Acquire) == ENDED
+    }
+
+    fn set(&self, state: u8) {
+        self.0.store(state, Ordering::Release);
     }
 }
 
@@ -175,12 +188,16 @@ pub struct CappedBody<B> {
     inner: B,
     remaining: u64,
     limit: u64,
-    flag: OverLimit,
+    flag: BodyProgress,
 }
 
-impl<B> CappedBody<B> {
-    pub fn new(inner: B, limit: u64) -> (Self, OverLimit) {
-        let flag = OverLimit::default();
+impl<B: Body> CappedBody<B> {
+    pub fn new(inner: B, limit: u64) -> (Self, BodyProgress) {
+        let flag = BodyProgress::default();
+        if inner.is_end_stream() {
+            // No body at all: nothing for the client to send.
+            flag.set(ENDED);
+        }
         (
             CappedBody {
                 inner,
@@ -211,15 +228,22 @@ where
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
                     if n > this.remaining {
-                        this.flag.0.store(true, Ordering::Release);
+                        this.flag.set(OVER_LIMIT);
                         return Poll::Ready(Some(Err(BodyError::new(BodyTooLarge(this.limit)))));
                     }
                     this.remaining -= n;
                 }
+                // hyper stops polling a body that says it has ended.
+                if this.inner.is_end_stream() {
+                    this.flag.set(ENDED);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                this.flag.set(ENDED);
+                Poll::Ready(None)
+            }
             Poll::Pending => Poll::Pending,
         }
     }

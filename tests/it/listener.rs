@@ -109,6 +109,17 @@ async fn connections_past_the_limit_wait_for_a_free_slot() {
 /// upstream sees nothing.
 #[tokio::test]
 async fn slow_body_sender_gets_408() {
+    // A body read whole (chat completions), and one streamed through to
+    // the upstream as it comes, which then waits for the rest.
+    for (i, path) in ["/v1/chat/completions", "/v1/embeddings"]
+        .into_iter()
+        .enumerate()
+    {
+        slow_body_on(path, i == 0).await;
+    }
+}
+
+async fn slow_body_on(path: &'static str, read_whole: bool) {
     let up = MockUpstream::always(UpstreamReply::text("ok")).await;
     let gw = TestGateway::start(&config(&up.url(), "{ request_timeout: 400ms }")).await;
     let addr = gw.addr;
@@ -116,7 +127,7 @@ async fn slow_body_sender_gets_408() {
         let mut s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         s.write_all(
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\"",
+            format!("POST {path} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"model\"").as_bytes(),
         )
         .unwrap();
         let started = Instant::now();
@@ -140,10 +151,24 @@ async fn slow_body_sender_gets_408() {
         elapsed >= Duration::from_millis(350) && elapsed < Duration::from_secs(4),
         "{elapsed:?}"
     );
-    assert!(up.seen().is_empty());
+    if read_whole {
+        // (A body streaming through reached the upstream as it came.)
+        assert!(up.seen().is_empty(), "{path}");
+    }
     let log = &gw.wait_access_logs(1).await[0];
-    assert_eq!(log["status"], 408);
+    assert_eq!(log["status"], 408, "{path}");
     assert_eq!(log["error"], "request_timeout");
+    if !read_whole {
+        // The client's fault, not the upstream's.
+        assert_eq!(
+            gw.metric(
+                "sluice_upstream_requests_total",
+                &[("upstream", "app"), ("outcome", "client_error")]
+            )
+            .await,
+            Some(1.0)
+        );
+    }
 }
 
 /// A client that connects and sends nothing, or only the start of the h2
