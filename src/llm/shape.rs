@@ -93,7 +93,11 @@ fn chat(at: &Obj<'_>) -> Result<(), Invalid> {
             ));
         }
         match role {
-            "assistant" => m.optional("content", &[Type::String, Type::Array, Type::Null])?,
+            // An assistant's tool call has no text; nor may the legacy
+            // `function` role's result.
+            "assistant" | "function" => {
+                m.optional("content", &[Type::String, Type::Array, Type::Null])?;
+            }
             _ => {
                 m.required("content", &[Type::String, Type::Array])?;
             }
@@ -332,7 +336,8 @@ mod tests {
                 {"role": "system", "content": "be brief"},
                 {"role": "user", "content": [{"type": "text", "text": "hi"}]},
                 {"role": "assistant", "content": null, "tool_calls": []},
-                {"role": "tool", "tool_call_id": "call_1", "content": "42"}
+                {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+                {"role": "function", "name": "f", "content": null}
             ],
             "temperature": 0.2, "max_tokens": 10, "stream": true,
             "stream_options": {"include_usage": true}

@@ -90,10 +90,24 @@ fn check_json(
         (Validate::Schema(schema), _) => match schema.iter_errors(&value).next() {
             None => Ok(()),
             Some(error) => {
-                let path = json_path(error.instance_path().as_str());
-                let shown = if path.is_empty() { "the body" } else { &path };
+                let mut path = json_path(error.instance_path().as_str());
+                // A missing property is the field at fault, not its object.
+                if let jsonschema::error::ValidationErrorKind::Required {
+                    property: Value::String(name),
+                } = error.kind()
+                {
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(name);
+                }
+                let shown = if path.is_empty() {
+                    "the body".to_owned()
+                } else {
+                    format!("`{path}`")
+                };
                 Err(invalid(
-                    format!("`{shown}` does not match the schema: {}", error.masked()),
+                    format!("{shown} does not match the schema: {}", error.masked()),
                     Some(path).filter(|p| !p.is_empty()),
                 ))
             }

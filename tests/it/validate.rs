@@ -130,11 +130,25 @@ async fn a_schema_file_is_enforced() {
         err["message"].as_str().unwrap().contains("tags[1]"),
         "{err}"
     );
+    // A missing property is named as the field at fault.
     let missing = error(&client.post_json(&url, &[], r#"{"tags":[]}"#).await);
-    assert_eq!(missing["param"], serde_json::Value::Null);
+    assert_eq!(missing["param"], "name");
     assert!(
-        missing["message"].as_str().unwrap().contains("name"),
+        missing["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("`name` does not match the schema"),
         "{missing}"
+    );
+    // A body of the wrong type is "the body", said plainly.
+    let whole = error(&client.post_json(&url, &[], "[1]").await);
+    assert_eq!(whole["param"], serde_json::Value::Null);
+    assert!(
+        whole["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("the body does not match the schema"),
+        "{whole}"
     );
     assert_eq!(upstream.seen().len(), 1);
 }
