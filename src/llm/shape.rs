@@ -3,6 +3,8 @@
 //! embeddings and responses requests, checked before a malformed request
 //! costs an upstream call. A failure names the JSON path to blame.
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 /// Why a request does not have its endpoint's shape.
@@ -22,9 +24,22 @@ pub enum Endpoint {
     Responses,
 }
 
+/// A request path as an API reads it: percent-escapes decoded (an upstream
+/// decodes `/v1/chat/%63ompletions` to chat completions, which must not
+/// slip past validation or metering) and trailing slashes dropped.
+pub fn api_path(path: &str) -> Cow<'_, str> {
+    let path = path.trim_end_matches('/');
+    if path.contains('%') {
+        let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+        Cow::Owned(decoded.trim_end_matches('/').to_owned())
+    } else {
+        Cow::Borrowed(path)
+    }
+}
+
 impl Endpoint {
     pub fn of(path: &str) -> Option<Self> {
-        let path = path.trim_end_matches('/');
+        let path = api_path(path);
         if path.ends_with("/chat/completions") {
             Some(Endpoint::ChatCompletions)
         } else if path.ends_with("/completions") {
@@ -387,6 +402,20 @@ mod tests {
             let err = chat(body.clone()).expect_err(&body.to_string());
             assert_eq!(err.path, path, "{body}: {}", err.message);
         }
+    }
+
+    #[test]
+    fn escaped_and_slashed_paths_are_the_endpoints_they_name() {
+        assert_eq!(
+            Endpoint::of("/v1/chat/%63ompletions"),
+            Some(Endpoint::ChatCompletions)
+        );
+        assert_eq!(
+            Endpoint::of("/v1/chat/completions/"),
+            Some(Endpoint::ChatCompletions)
+        );
+        assert_eq!(api_path("/v1/%65mbeddings%2F"), "/v1/embeddings");
+        assert_eq!(api_path("/v1/models"), "/v1/models");
     }
 
     #[test]

@@ -77,7 +77,7 @@ pub async fn send(
     // `stream_options.include_usage`); otherwise it streams through.
     // Only these two APIs' paths: an app's own `/…/completions` behind the
     // sidecar, or another provider's (FIM), may refuse the extra member.
-    let path = parts.uri.path();
+    let path = crate::llm::shape::api_path(parts.uri.path());
     let completions = parts.method == http::Method::POST
         && (path.ends_with("/chat/completions") || path.ends_with("/v1/completions"));
     let token_limited = limit::token_limits_apply(snap, route, ctx);

@@ -64,6 +64,12 @@ async fn a_malformed_chat_request_is_refused_naming_the_path() {
         error(&client.post_json(&url, &[], no_model).await)["param"],
         "model"
     );
+    // The same endpoint spelled with an escape, which an upstream decodes.
+    let escaped = gw.url("/v1/chat/%63ompletions");
+    assert_eq!(
+        error(&client.post_json(&escaped, &[], no_model).await)["param"],
+        "model"
+    );
     let wrong_type = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":"yes"}"#;
     assert_eq!(
         error(&client.post_json(&url, &[], wrong_type).await)["param"],
