@@ -290,7 +290,9 @@ async fn serve_mock(listen: SocketAddr, settings: MockSettings) -> ExitCode {
         }
     };
     let stop = StopSignals::install();
-    eprintln!("sluice mock: OpenAI-compatible mock LLM on http://{listen}/v1");
+    // The bound address: a port of 0 is the one the system picked.
+    let bound = listener.local_addr().unwrap_or(listen);
+    eprintln!("sluice mock: OpenAI-compatible mock LLM on http://{bound}/v1");
     let settings = Arc::new(settings);
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     let accept = async {

@@ -391,3 +391,90 @@ async fn text_completions_json_and_stream() {
     assert_eq!(logs[1]["input_tokens"], 2);
     assert_eq!(logs[1]["output_tokens"], 9);
 }
+
+/// `n` choices, each numbered, in the answer and in the stream; usage
+/// counts every one.
+#[tokio::test]
+async fn n_choices_json_and_stream() {
+    let gw = TestGateway::start(&config("{}")).await;
+    let body = r#"{"model":"m","n":3,"messages":[{"role":"user","content":"hi there"}]}"#;
+    let reply = post(&gw, "/v1/chat/completions", body).await.json();
+    let choices = reply["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i);
+        assert_eq!(choice["finish_reason"], "stop");
+    }
+    let words = choices[0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .split_whitespace()
+        .count();
+    assert_eq!(reply["usage"]["completion_tokens"], 3 * words);
+    let streamed = body.replace("\"n\":3", "\"n\":3,\"stream\":true");
+    let text = post(&gw, "/v1/chat/completions", &streamed).await.text();
+    let finished: Vec<u64> = sse_events(&text)
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter(|e| e["choices"][0]["finish_reason"] == "stop")
+        .map(|e| e["choices"][0]["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(finished, [0, 1, 2]);
+}
+
+/// Embeddings of the asked `dimensions`, as floats or, when asked, as
+/// base64 of little-endian float32s (as OpenAI sends them).
+#[tokio::test]
+async fn embeddings_dimensions_and_base64() {
+    use base64::Engine as _;
+    let gw = TestGateway::start(&config("{}")).await;
+    let floats = post(
+        &gw,
+        "/v1/embeddings",
+        r#"{"model":"e","input":"hello","dimensions":16}"#,
+    )
+    .await
+    .json();
+    let vector: Vec<f64> = floats["data"][0]["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(vector.len(), 16);
+    let packed = post(
+        &gw,
+        "/v1/embeddings",
+        r#"{"model":"e","input":"hello","dimensions":16,"encoding_format":"base64"}"#,
+    )
+    .await
+    .json();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(packed["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let decoded: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    assert_eq!(decoded.len(), 16);
+    for (a, b) in decoded.iter().zip(&vector) {
+        assert!((f64::from(*a) - b).abs() < 1e-6);
+    }
+}
+
+/// The mock's 405 says which methods its path takes.
+#[tokio::test]
+async fn wrong_methods_get_405_with_allow() {
+    let gw = TestGateway::start(&config("{}")).await;
+    for (method, path, allow) in [
+        (http::Method::GET, "/v1/chat/completions", "POST"),
+        (http::Method::DELETE, "/v1/models/gpt-4o-mini", "GET, HEAD"),
+    ] {
+        let reply = Client::new()
+            .send(method, &gw.url(path), &[], bytes::Bytes::new())
+            .await;
+        assert_eq!(reply.status, 405, "{path}");
+        assert_eq!(reply.header("allow"), Some(allow), "{path}");
+    }
+}

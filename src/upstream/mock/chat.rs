@@ -39,7 +39,13 @@ pub(super) fn chat(settings: &MockSettings, request: &Value) -> Response<BoxBody
     let answer = Answer::to(&last_user, limit);
     let words = answer.words();
     let finish_reason = answer.finish_reason();
-    let completion_tokens = words.len() as u64;
+    // `n` choices, each the same answer (OpenAI allows up to 128).
+    let n = request
+        .get("n")
+        .and_then(Value::as_u64)
+        .unwrap_or(1)
+        .clamp(1, 128);
+    let completion_tokens = words.len() as u64 * n;
     let usage = usage(prompt_tokens, completion_tokens);
     let id = format!("chatcmpl-mock{:016x}", fastrand::u64(..));
     let created = unix_now();
@@ -52,12 +58,12 @@ pub(super) fn chat(settings: &MockSettings, request: &Value) -> Response<BoxBody
                 "object": "chat.completion",
                 "created": created,
                 "model": model,
-                "choices": [{
-                    "index": 0,
+                "choices": (0..n).map(|index| json!({
+                    "index": index,
                     "message": {"role": "assistant", "content": words.join(" "), "refusal": null},
                     "logprobs": null,
                     "finish_reason": finish_reason,
-                }],
+                })).collect::<Vec<_>>(),
                 "usage": usage,
                 "system_fingerprint": "fp_sluice_mock",
             }),
@@ -67,23 +73,27 @@ pub(super) fn chat(settings: &MockSettings, request: &Value) -> Response<BoxBody
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
         == Some(true);
-    let chunk = |delta: Value, finish: Option<&str>| -> Bytes {
+    let chunk = |index: u64, delta: &Value, finish: Option<&str>| -> Bytes {
         let event = json!({
             "id": id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
             "system_fingerprint": "fp_sluice_mock",
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}],
         });
         sse(&event)
     };
-    let mut events = Vec::with_capacity(words.len() + 4);
-    events.push(chunk(json!({"role": "assistant", "content": ""}), None));
-    for piece in split_content(&words, settings.stream_chunks) {
-        events.push(chunk(json!({"content": piece}), None));
+    // With several choices, each step is sent for every choice in turn.
+    let pieces = split_content(&words, settings.stream_chunks);
+    let mut events = Vec::with_capacity((pieces.len() + 2) * n as usize + 2);
+    let role = json!({"role": "assistant", "content": ""});
+    events.extend((0..n).map(|i| chunk(i, &role, None)));
+    for piece in pieces {
+        let delta = json!({ "content": piece });
+        events.extend((0..n).map(|i| chunk(i, &delta, None)));
     }
-    events.push(chunk(json!({}), Some(finish_reason)));
+    events.extend((0..n).map(|i| chunk(i, &json!({}), Some(finish_reason))));
     if include_usage {
         events.push(sse(&json!({
             "id": id,

@@ -116,19 +116,10 @@ where
                 _ => chat::chat(settings, &request),
             }
         }
-        (
-            _,
-            "/v1/chat/completions"
-            | "/v1/embeddings"
-            | "/v1/completions"
-            | "/v1/responses"
-            | "/v1/models",
-        ) => error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed",
-            "invalid_request_error",
-            "method_not_allowed",
-        ),
+        (_, "/v1/chat/completions" | "/v1/embeddings" | "/v1/completions" | "/v1/responses") => {
+            not_allowed("POST")
+        }
+        (_, p) if p == "/v1/models" || p.starts_with("/v1/models/") => not_allowed("GET, HEAD"),
         _ => error(
             StatusCode::NOT_FOUND,
             "the mock serves /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/models and /v1/models/{id}",
@@ -257,6 +248,19 @@ fn sse_response(events: Vec<Bytes>, interval: Duration) -> Response<BoxBody> {
     resp
 }
 
+/// A 405 that says, as RFC 9110 asks, which methods the path takes.
+fn not_allowed(allow: &'static str) -> Response<BoxBody> {
+    let mut resp = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed",
+        "invalid_request_error",
+        "method_not_allowed",
+    );
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    resp
+}
+
 fn embeddings(request: &Value) -> Response<BoxBody> {
     let inputs: Vec<String> = match request.get("input") {
         Some(Value::String(s)) => vec![s.clone()],
@@ -277,17 +281,31 @@ fn embeddings(request: &Value) -> Response<BoxBody> {
         .get("model")
         .and_then(Value::as_str)
         .unwrap_or("text-embedding-3-small");
+    // 8 dimensions unless asked for others (up to text-embedding-3-large's).
+    let dimensions = request
+        .get("dimensions")
+        .and_then(Value::as_u64)
+        .map_or(8, |d| d.clamp(1, 3072) as usize);
+    let base64 = request.get("encoding_format").and_then(Value::as_str) == Some("base64");
     let data: Vec<Value> = inputs
         .iter()
         .enumerate()
         .map(|(i, text)| {
             // A small deterministic vector derived from the bytes.
-            let mut v = [0f64; 8];
+            let mut v = vec![0f64; dimensions];
             for (j, b) in text.bytes().enumerate() {
-                v[j % 8] += f64::from(b) / 255.0;
+                v[j % dimensions] += f64::from(b) / 255.0;
             }
             let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-9);
-            let embedding: Vec<f64> = v.iter().map(|x| x / norm).collect();
+            let unit = v.iter().map(|x| x / norm);
+            // base64: the little-endian float32s, as OpenAI sends them.
+            let embedding = if base64 {
+                use base64::Engine as _;
+                let bytes: Vec<u8> = unit.flat_map(|x| (x as f32).to_le_bytes()).collect();
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(unit.collect::<Vec<f64>>())
+            };
             json!({"object": "embedding", "index": i, "embedding": embedding})
         })
         .collect();

@@ -98,9 +98,10 @@ pub(super) fn responses(settings: &MockSettings, request: &Value) -> Response<Bo
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": input_tokens + output_tokens,
     });
+    // A message cut by max_output_tokens is itself incomplete.
     let done = response(
         status,
-        json!([message("completed", json!([part(&text)]))]),
+        json!([message(status, json!([part(&text)]))]),
         usage,
     );
     if request.get("stream").and_then(Value::as_bool) != Some(true) {
@@ -135,7 +136,7 @@ pub(super) fn responses(settings: &MockSettings, request: &Value) -> Response<Bo
     );
     events.push(
         "response.output_item.done",
-        json!({"output_index": 0, "item": message("completed", json!([part(&text)]))}),
+        json!({"output_index": 0, "item": message(status, json!([part(&text)]))}),
     );
     let last = if answer.cut {
         "response.incomplete"
