@@ -390,6 +390,17 @@ async fn text_completions_json_and_stream() {
     let logs = gw.wait_access_logs(2).await;
     assert_eq!(logs[1]["input_tokens"], 2);
     assert_eq!(logs[1]["output_tokens"], 9);
+    // A prompt of token IDs is as many tokens.
+    for prompt in ["[1,2,3]", "[[1,2],[3]]"] {
+        let ids = post(
+            &gw,
+            "/v1/completions",
+            &format!(r#"{{"model":"m","prompt":{prompt}}}"#),
+        )
+        .await;
+        assert_eq!(ids.status, 200, "{prompt}: {}", ids.text());
+        assert_eq!(ids.json()["usage"]["prompt_tokens"], 3, "{prompt}");
+    }
 }
 
 /// `n` choices, each numbered, in the answer and in the stream; usage

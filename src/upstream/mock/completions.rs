@@ -19,8 +19,21 @@ pub(super) fn completions(settings: &MockSettings, request: &Value) -> Response<
             .filter_map(Value::as_str)
             .collect::<Vec<_>>()
             .join(" "),
+        // Token IDs (one prompt, or several): each ID one word, so one
+        // token, as it is.
+        Some(Value::Array(items)) if !items.is_empty() && items.iter().all(is_token_ids) => items
+            .iter()
+            .flat_map(|item| {
+                item.as_array()
+                    .map_or_else(|| vec![item], |ids| ids.iter().collect())
+            })
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .join(" "),
         _ => {
-            return bad_request("`prompt` is required and must be a string or an array of strings");
+            return bad_request(
+                "`prompt` is required and must be a string, an array of strings, or token IDs",
+            );
         }
     };
     let model = model_of(request);
@@ -76,4 +89,12 @@ pub(super) fn completions(settings: &MockSettings, request: &Value) -> Response<
     }
     events.push(Bytes::from_static(b"data: [DONE]\n\n"));
     sse_response(events, settings.chunk_interval)
+}
+
+/// A token ID, or an array of them.
+fn is_token_ids(item: &Value) -> bool {
+    item.is_u64()
+        || item
+            .as_array()
+            .is_some_and(|ids| ids.iter().all(Value::is_u64))
 }
