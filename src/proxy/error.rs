@@ -152,7 +152,7 @@ impl ProxyError {
                 format!("request body is larger than the limit of {limit} bytes")
             }
             ProxyError::RequestTimeout => {
-                "the request body did not arrive within the request timeout".to_owned()
+                "the request body did not arrive in time (request_timeout, or the upstream's first_byte while it waited for it)".to_owned()
             }
             ProxyError::InvalidRequest { message, .. } => message.clone(),
             ProxyError::RateLimited {

@@ -160,9 +160,10 @@ async fn stream_through(
     headers::for_upstream(&mut parts.headers, upstream);
     let (body, progress) = CappedBody::new(body, max_body);
     let result = attempt(active, index, ctx, parts, body.boxed_unsync()).await;
-    if matches!(&result, Err(f) if f.outcome == Outcome::Timeout) && !progress.ended() {
-        // The client had not sent its whole body when time ran out: its
-        // trickle, not the upstream, held the answer back.
+    if matches!(&result, Err(f) if f.outcome == Outcome::Timeout) && progress.waiting_on_client() {
+        // sluice was waiting for more of the client's body when time ran
+        // out: its trickle, not the upstream, held the answer back. (An
+        // upstream that stopped reading leaves sluice waiting on it.)
         count(active, index, Outcome::ClientError);
         return Err(ProxyError::RequestTimeout);
     }
@@ -262,9 +263,12 @@ async fn failover(
             reopens = Some(reopens.map_or(until, |r| r.min(until)));
             continue;
         }
-        // What is left of request_timeout, not first_byte, bounds this
-        // attempt: its timeout is the request's, not the member's fault.
-        let request_bound = deadline < now + upstream.timeouts.first_byte;
+        // Earlier members spent the request's time, and what is left of
+        // request_timeout, not first_byte, bounds this attempt: its
+        // timeout is theirs, not this member's fault. (A first attempt
+        // is always judged: with the default first_byte, request_timeout
+        // bounds every attempt, and a hung member must still trip.)
+        let request_bound = attempts > 0 && deadline < now + upstream.timeouts.first_byte;
         let verdict = Verdict::new(breaker, admit);
         if attempts > 0
             && let Some(counter) = active.failovers.get(p)

@@ -171,21 +171,25 @@ fn json_path(pointer: &str) -> String {
 
 /// How far a [`CappedBody`] got, so the forward phase can tell the
 /// client's fault from the upstream's: a body over its limit (413, not
-/// 502), or not all sent when the upstream's answer timed out (408, not
-/// 504: the client trickled it).
+/// 502), or one sluice was still waiting for when the upstream's answer
+/// timed out (408, not 504: the client trickled it).
 #[derive(Clone, Default)]
 pub struct BodyProgress(Arc<AtomicU8>);
 
-const OVER_LIMIT: u8 = 1;
-const ENDED: u8 = 2;
+/// Passing (or not asked for yet): a stall is not the client's.
+const PASSING: u8 = 0;
+/// The last read found no bytes from the client: sluice waits on it.
+const WAITING: u8 = 1;
+const OVER_LIMIT: u8 = 2;
+const ENDED: u8 = 3;
 
 impl BodyProgress {
     pub fn over_limit(&self) -> bool {
         self.0.load(Ordering::Acquire) == OVER_LIMIT
     }
 
-    pub fn ended(&self) -> bool {
-        self.0.load(Ordering::Acquire) == ENDED
+    pub fn waiting_on_client(&self) -> bool {
+        self.0.load(Ordering::Acquire) == WAITING
     }
 
     fn set(&self, state: u8) {
@@ -247,10 +251,10 @@ where
                     }
                     this.remaining -= n;
                 }
-                // hyper stops polling a body that says it has ended.
-                if this.inner.is_end_stream() {
-                    this.flag.set(ENDED);
-                }
+                // hyper stops polling a body that says it has ended, or
+                // whose trailers came.
+                let ended = this.inner.is_end_stream() || frame.is_trailers();
+                this.flag.set(if ended { ENDED } else { PASSING });
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::new(e)))),
@@ -258,7 +262,10 @@ where
                 this.flag.set(ENDED);
                 Poll::Ready(None)
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                this.flag.set(WAITING);
+                Poll::Pending
+            }
         }
     }
 

@@ -550,6 +550,33 @@ async fn a_spent_request_does_not_take_a_half_open_probe() {
     assert_eq!(reply.text(), "backup");
 }
 
+/// With the default first_byte (= request_timeout), a member that hangs
+/// is still judged by its timeout: its circuit opens and the next request
+/// goes straight to the backup.
+#[tokio::test]
+async fn a_hung_member_trips_its_circuit_with_default_timeouts() {
+    let hung =
+        MockUpstream::always(UpstreamReply::text("late").delay(Duration::from_secs(3))).await;
+    let backup = MockUpstream::always(UpstreamReply::text("backup")).await;
+    let yaml = config(
+        &hung.url(),
+        &backup.url(),
+        "    circuit_breaker: { failures: 1, cooldown: 60s }",
+        "",
+    )
+    .replace("    timeouts: { first_byte: 300ms }\n", "")
+    .replace("pools:", "limits: { request_timeout: 300ms }\npools:");
+    let gw = TestGateway::start(&yaml).await;
+    assert_eq!(chat(&gw).await.status, 504);
+    assert_eq!(
+        gw.metric("sluice_upstream_up", &[("upstream", "primary")])
+            .await,
+        Some(0.0)
+    );
+    let reply = chat(&gw).await;
+    assert_eq!(reply.text(), "backup");
+}
+
 /// A stream that opens and then stalls before its first content times out
 /// like an upstream that never answered: counted as a timeout (not `ok`),
 /// and a 504 when no member is left.

@@ -89,3 +89,31 @@ async fn upstream_error_statuses_pass_through_unchanged() {
     assert_eq!(reply.header("x-up"), Some("1"));
     assert_eq!(reply.json()["error"]["message"], "bad model");
 }
+
+/// An upstream slow to read a body that streams through to it is still
+/// the one at fault when its answer times out: 504, not a 408 blaming
+/// the client, whose body was all there.
+#[tokio::test]
+async fn an_upstream_that_reads_late_is_504_not_408() {
+    let gw = TestGateway::start(
+        r#"
+upstreams:
+  slow: { mock: { latency: 1s }, timeouts: { first_byte: 200ms } }
+routes:
+  - name: r
+    match: { path_prefix: / }
+    auth: none
+    upstream: slow
+"#,
+    )
+    .await;
+    let reply = Client::new()
+        .post_json(
+            &gw.url("/v1/embeddings"),
+            &[],
+            r#"{"model":"e","input":"hello"}"#,
+        )
+        .await;
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
+}
