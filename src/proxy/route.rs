@@ -3,6 +3,8 @@
 //! host but none allows the method, the answer is 405 with that route's
 //! `allow`; when none matches at all, 404.
 
+use std::borrow::Cow;
+
 use http::{HeaderMap, Method, Uri, header};
 
 use super::error::ProxyError;
@@ -14,7 +16,8 @@ pub fn select<'s>(
     uri: &Uri,
     headers: &HeaderMap,
 ) -> Result<(usize, &'s Route), Refused<'s>> {
-    let path = uri.path();
+    let path = normalized(uri.path());
+    let path = path.as_ref();
     let host = request_host(uri, headers);
     let mut wrong_method: Option<&Route> = None;
     for (index, route) in snap.routes.iter().enumerate() {
@@ -56,6 +59,43 @@ fn allows(methods: &[Method], method: &Method) -> bool {
     methods.contains(method) || (*method == Method::HEAD && methods.contains(&Method::GET))
 }
 
+/// The path as an upstream resolves it, for matching (it is forwarded as
+/// it came): percent-escapes decoded, `.` and `..` segments resolved and
+/// repeated slashes merged, as nginx and Envoy's `normalize_path` do.
+/// Otherwise `/%61dmin` or `/public/../admin` would miss an `/admin` route
+/// and its auth, and fall through to a looser one.
+fn normalized(path: &str) -> Cow<'_, str> {
+    let plain = !path.contains('%') && !path.contains("/.") && !path.contains("//");
+    if plain {
+        return Cow::Borrowed(path);
+    }
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for segment in &segments {
+        out.push('/');
+        out.push_str(segment);
+    }
+    // A trailing slash (or `.`/`..` segment) names a directory.
+    if out.is_empty()
+        || decoded.ends_with('/')
+        || decoded.ends_with("/.")
+        || decoded.ends_with("/..")
+    {
+        out.push('/');
+    }
+    Cow::Owned(out)
+}
+
 fn path_matches(m: &PathMatch, path: &str) -> bool {
     match m {
         PathMatch::Any => true,
@@ -89,6 +129,22 @@ pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str>
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn paths_are_matched_as_upstreams_resolve_them() {
+        for (raw, seen) in [
+            ("/v1/chat/completions", "/v1/chat/completions"),
+            ("/%61dmin/x", "/admin/x"),
+            ("/public/../admin", "/admin"),
+            ("/public/./../admin/", "/admin/"),
+            ("//admin//x", "/admin/x"),
+            ("/..", "/"),
+            ("/a/b/..", "/a/"),
+            ("/%2e%2e/admin", "/admin"),
+        ] {
+            assert_eq!(normalized(raw), seen, "{raw}");
+        }
+    }
 
     #[test]
     fn host_drops_port() {

@@ -236,3 +236,37 @@ async fn other_authorization_schemes_are_wrong_credentials() {
     .await;
     assert_eq!(reply.status, 200);
 }
+
+/// A path spelled to miss a guarded route (an escape, a `..` segment, a
+/// doubled slash) is matched as an upstream resolves it: it meets the
+/// guarded route's auth instead of falling through to an open route.
+#[tokio::test]
+async fn an_encoded_path_cannot_slip_past_a_guarded_route() {
+    let up = crate::support::MockUpstream::always(crate::support::UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  app: {{ url: "{}" }}
+auth:
+  api_keys:
+    - {{ id: ops, key: sk-ops-0123456789 }}
+routes:
+  - name: admin
+    match: {{ path_prefix: /admin }}
+    auth: required
+    upstream: app
+  - name: open
+    match: {{ path_prefix: / }}
+    auth: none
+    upstream: app
+"#,
+        up.url()
+    ))
+    .await;
+    for path in ["/%61dmin/users", "/public/../admin/users", "//admin/users"] {
+        let reply = Client::new().get(&gw.url(path)).await;
+        assert_eq!(reply.status, 401, "{path}");
+    }
+    assert!(up.seen().is_empty());
+    assert_eq!(Client::new().get(&gw.url("/public/x")).await.status, 200);
+}
