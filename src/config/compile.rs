@@ -406,10 +406,29 @@ impl Compiler<'_> {
                 format!("max_connections must be from 1 to {MAX_CONNECTIONS_CAP}"),
             );
         }
+        // Zero would refuse every client (or, for header_read_timeout,
+        // leave the keep-alive and quiet-h2 timers spinning).
+        let above_zero = |me: &mut Self, t: &Option<Text>, default: Duration, name: &str| {
+            let d = me.duration(t, default);
+            if let (true, Some(t)) = (d.is_zero(), t) {
+                me.error(&t.referenced, format!("{name} must be above 0"));
+            }
+            d
+        };
         Limits {
             max_request_body: self.size(&raw.max_request_body, 4 << 20),
-            header_read_timeout: self.duration(&raw.header_read_timeout, Duration::from_secs(10)),
-            request_timeout: self.duration(&raw.request_timeout, Duration::from_secs(300)),
+            header_read_timeout: above_zero(
+                self,
+                &raw.header_read_timeout,
+                Duration::from_secs(10),
+                "header_read_timeout",
+            ),
+            request_timeout: above_zero(
+                self,
+                &raw.request_timeout,
+                Duration::from_secs(300),
+                "request_timeout",
+            ),
             max_connections: usize::try_from(max_connections.clamp(1, MAX_CONNECTIONS_CAP))
                 .unwrap_or(10_000),
             shutdown_grace: self.duration(&raw.shutdown_grace, Duration::from_secs(30)),
@@ -1247,11 +1266,12 @@ impl Compiler<'_> {
 }
 
 impl Compiler<'_> {
-    /// The `set_headers` values of `upstreams` that are secrets (taken
-    /// from a `${VAR}`, or under a credential's name), whole and, for
-    /// `<scheme> <credential>`, the credential alone: what a logged body
-    /// must not show. Others (`anthropic-version: 2023-06-01`) are not
-    /// masked wherever they show, nor are values too short to be keys.
+    /// The `set_headers` values of `upstreams`, whole and, for `<scheme>
+    /// <credential>`, the credential alone: what a logged body must not
+    /// show (SPEC §5). Known settings written in the file
+    /// (`anthropic-version: 2023-06-01`) are left out, as are values too
+    /// short to be keys: masked, they would mask the same words wherever
+    /// they show.
     fn known_secrets(&self, upstreams: &[Arc<Upstream>]) -> KnownSecrets {
         let mut secrets: Vec<String> = Vec::new();
         for header in upstreams.iter().flat_map(|u| &u.set_headers) {
@@ -1259,7 +1279,7 @@ impl Compiler<'_> {
                 continue;
             };
             let from_variable = self.expansions.iter().any(|(v, _)| v.trim() == value);
-            if !from_variable && !crate::telemetry::body_log::is_secret_name(header.name.as_str()) {
+            if !from_variable && PLAIN_HEADERS.contains(&header.name.as_str()) {
                 continue;
             }
             let credential = value.rsplit(' ').next().unwrap_or(value);
@@ -1280,6 +1300,19 @@ fn key_loc(t: &Option<Text>) -> Location {
         .map(|t| t.referenced)
         .unwrap_or(Location::UNKNOWN)
 }
+
+/// Headers whose values are API settings, not credentials.
+const PLAIN_HEADERS: [&str; 9] = [
+    "anthropic-version",
+    "anthropic-beta",
+    "openai-beta",
+    "api-version",
+    "x-ms-version",
+    "content-type",
+    "accept",
+    "user-agent",
+    "openai-organization",
+];
 
 /// Reads and compiles a JSON Schema once per config load.
 fn load_schema(path: &Path) -> Result<jsonschema::Validator, String> {

@@ -22,7 +22,7 @@ const SECRET_NAMES: [&str; 8] = [
     "credential",
 ];
 
-pub fn is_secret_name(name: &str) -> bool {
+fn is_secret_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     SECRET_NAMES.iter().any(|n| lower.contains(n))
         || (lower.contains("token") && !lower.contains("tokens"))
@@ -222,12 +222,17 @@ fn pair_value(rest: &[u8]) -> (usize, usize) {
         }
         Some(b'[' | b'{') if run == 0 => (0, bracketed_len(rest)),
         _ => {
+            // To the end of the pair: a delimiter, a line's end, or an
+            // escaped one (`\n`, `\"`) in JSON-escaped text.
             let len = rest
                 .iter()
-                .take_while(|b| {
-                    !matches!(b, b'"' | b'&' | b',' | b'}' | b']' | b';' | b'\n' | b'\r')
+                .enumerate()
+                .position(|(at, &b)| {
+                    matches!(b, b'"' | b'&' | b',' | b'}' | b']' | b';' | b'\n' | b'\r')
+                        || (b == b'\\'
+                            && matches!(rest.get(at + 1), Some(b'n' | b'r' | b't' | b'"')))
                 })
-                .count();
+                .unwrap_or(rest.len());
             (0, rest[..len].trim_ascii_end().len())
         }
     }
@@ -390,6 +395,11 @@ mod tests {
         assert_eq!(
             mask("Authorization: Basic QkFTSUM6cHc=\nAccept: */*"),
             "Authorization: ***\nAccept: */*"
+        );
+        // The same, escaped inside a JSON string.
+        assert_eq!(
+            mask(r#"{"h":"Authorization: Basic QkFT\nAccept: */*"}"#),
+            r#"{"h":"Authorization: ***\nAccept: */*"}"#
         );
         assert_eq!(
             mask(r#"password = "has space PW-3" user='x' secret = 'a b'"#),

@@ -125,11 +125,12 @@ async fn set_headers_values_echoed_back_are_masked() {
     let upstream = MockUpstream::start(|seen| {
         // Under names nothing else masks.
         let echo = format!(
-            r#"{{"seen":["{}","{}","{}","{}"]}}"#,
+            r#"{{"seen":["{}","{}","{}","{}","{}"]}}"#,
             seen.header("x-upstream-token").unwrap_or(""),
             seen.header("authorization").unwrap_or(""),
             seen.header("x-org").unwrap_or(""),
-            seen.header("anthropic-version").unwrap_or("")
+            seen.header("anthropic-version").unwrap_or(""),
+            seen.header("ocp-apim-subscription-key").unwrap_or("")
         );
         UpstreamReply::text(echo)
     })
@@ -137,7 +138,7 @@ async fn set_headers_values_echoed_back_are_masked() {
     let yaml = config(&upstream.url(), true).replace(
         &format!("  llm: {{ url: \"{}\" }}", upstream.url()),
         &format!(
-            "  llm:\n    url: \"{}\"\n    set_headers: {{ x-upstream-token: uptok-4f9a8b7c6d, authorization: \"Token up-cred-99887766\", x-org: \"${{ORG}}\", anthropic-version: 2023-06-01 }}",
+            "  llm:\n    url: \"{}\"\n    set_headers: {{ x-upstream-token: uptok-4f9a8b7c6d, authorization: \"Token up-cred-99887766\", x-org: \"${{ORG}}\", anthropic-version: 2023-06-01, ocp-apim-subscription-key: apim-literal-5566 }}",
             upstream.url()
         ),
     );
@@ -158,6 +159,7 @@ async fn set_headers_values_echoed_back_are_masked() {
         !text.contains("org-from-env-31337"),
         "a value from a variable: {text}"
     );
+    assert!(!text.contains("apim-literal-5566"), "a literal key: {text}");
     assert!(
         text.contains("2023-06-01"),
         "a plain setting is no secret: {text}"

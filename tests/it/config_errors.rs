@@ -1054,3 +1054,18 @@ fn admin_and_proxy_listeners_on_one_port_are_refused() {
         assert!(load(&yaml, &[]).is_ok(), "{yaml}");
     }
 }
+
+/// Timeouts of zero would refuse every client: refused.
+#[test]
+fn zero_timeouts_are_refused() {
+    let errs = errors(&format!(
+        "limits: {{ header_read_timeout: 0s, request_timeout: 0ms }}\n{BASE}"
+    ));
+    assert_eq!(
+        errs,
+        [
+            "test.yaml:1:32: header_read_timeout must be above 0",
+            "test.yaml:1:53: request_timeout must be above 0",
+        ]
+    );
+}

@@ -472,6 +472,12 @@ async fn embeddings_dimensions_and_base64() {
     for (a, b) in decoded.iter().zip(&vector) {
         assert!((f64::from(*a) - b).abs() < 1e-6);
     }
+    // What the mock builds is bounded: it runs inside sluice.
+    let many = format!(
+        r#"{{"model":"e","input":[{}],"dimensions":3072}}"#,
+        vec!["\"x\""; 200].join(",")
+    );
+    assert_eq!(post(&gw, "/v1/embeddings", &many).await.status, 400);
 }
 
 /// The mock's 405 says which methods its path takes.

@@ -248,6 +248,9 @@ fn sse_response(events: Vec<Bytes>, interval: Duration) -> Response<BoxBody> {
     resp
 }
 
+/// The most embedding values one mock answer holds.
+const MAX_EMBEDDING_VALUES: usize = 1 << 18;
+
 /// A 405 that says, as RFC 9110 asks, which methods the path takes.
 fn not_allowed(allow: &'static str) -> Response<BoxBody> {
     let mut resp = error(
@@ -287,6 +290,16 @@ fn embeddings(request: &Value) -> Response<BoxBody> {
         .and_then(Value::as_u64)
         .map_or(8, |d| d.clamp(1, 3072) as usize);
     let base64 = request.get("encoding_format").and_then(Value::as_str) == Some("base64");
+    // OpenAI takes at most 2048 inputs. The mock runs inside sluice: it
+    // also bounds what it builds, so a request cannot eat its memory.
+    if inputs.len() > 2048 || inputs.len() * dimensions > MAX_EMBEDDING_VALUES {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "too many inputs for the mock: at most 2048, and 262144 values in all",
+            "invalid_request_error",
+            "invalid_request",
+        );
+    }
     let data: Vec<Value> = inputs
         .iter()
         .enumerate()
