@@ -314,16 +314,7 @@ async fn failover(
                         }
                         Err(failed) => {
                             let out_of_time = matches!(failed, Preamble::TimedOut) && request_bound;
-                            if out_of_time {
-                                // The request's time ran out, not the member's.
-                                drop(verdict);
-                            } else {
-                                verdict.failure(
-                                    Instant::now(),
-                                    pool.breaker_failures,
-                                    pool.breaker_cooldown,
-                                );
-                            }
+                            judge(verdict, out_of_time, pool);
                             if let Some(m) = active.upstreams.get(member) {
                                 m.stream_errors.inc();
                             }
@@ -357,16 +348,14 @@ async fn failover(
             Err(failure) => {
                 count(active, member, failure.outcome);
                 let timed_out = failure.outcome == Outcome::Timeout;
-                if timed_out && request_bound {
-                    // No verdict (a probe's slot is freed): the request ran
-                    // out of time, and no other member has any left.
-                    drop(verdict);
-                    tried.push(format!("{}: {}", upstream.name, failure.text));
+                let out_of_time = timed_out && request_bound;
+                judge(verdict, out_of_time, pool);
+                tried.push(format!("{}: {}", upstream.name, failure.text));
+                if out_of_time {
+                    // No other member has any time left either.
                     last_timed_out = Some(&upstream.name);
                     break;
                 }
-                verdict.failure(Instant::now(), pool.breaker_failures, pool.breaker_cooldown);
-                tried.push(format!("{}: {}", upstream.name, failure.text));
                 let retryable = if timed_out {
                     last_timed_out = Some(&upstream.name);
                     pool.retry_on.contains(&RetryOn::Timeout)
@@ -463,6 +452,15 @@ impl Preamble {
             Preamble::TimedOut => "stream timed out before content",
             Preamble::Failed(text) => text,
         }
+    }
+}
+
+/// A failed attempt's verdict: none when the request's own time ran out
+/// (a half-open probe's slot is freed), else a failure toward the
+/// member's circuit.
+fn judge(verdict: Verdict<'_>, out_of_time: bool, pool: &Pool) {
+    if !out_of_time {
+        verdict.failure(Instant::now(), pool.breaker_failures, pool.breaker_cooldown);
     }
 }
 
