@@ -413,8 +413,16 @@ impl Body for Tap {
 
 impl Drop for Tap {
     fn drop(&mut self) {
-        // Still pending at drop: the body was not read to its end.
+        // Still pending at drop: the body was not read to its end, by a
+        // client that left, or that was cut at the deadline.
         let done = self.ended || self.inner.is_end_stream();
-        self.finalize(if done { None } else { Some("client_closed") });
+        let error = if done {
+            None
+        } else if TokioInstant::now() >= self.deadline {
+            Some("request_timeout")
+        } else {
+            Some("client_closed")
+        };
+        self.finalize(error);
     }
 }

@@ -11,6 +11,7 @@ use http::{HeaderValue, Method, Uri};
 use super::cache::{CacheStatus, Fill};
 use super::cors::Allowed;
 use super::limit::Reservation;
+use crate::server::deadline::{Armed, Deadline};
 use crate::server::idle::{Activity, Busy};
 use crate::state::{Decision, Slot};
 
@@ -24,6 +25,9 @@ pub struct ConnInfo {
     pub remote_ip: HeaderValue,
     /// An h2 connection's requests, watched to close it when quiet.
     pub activity: Option<Arc<Activity>>,
+    /// An HTTP/1 connection's stream deadline, watched to cut a stream
+    /// whose client stopped reading.
+    pub deadline: Option<Arc<Deadline>>,
 }
 
 impl ConnInfo {
@@ -35,6 +39,7 @@ impl ConnInfo {
             tls,
             remote_ip,
             activity: None,
+            deadline: None,
         }
     }
 }
@@ -99,6 +104,8 @@ pub struct RequestCtx {
     /// On an h2 connection: the request counts as activity until its
     /// accounting is done.
     pub busy: Option<Busy>,
+    /// A stream's deadline, armed on its HTTP/1 connection.
+    pub armed: Option<Armed>,
     /// The `code` of the error sluice answered or met, if any.
     pub error: Option<&'static str>,
     pub cache: Option<CacheStatus>,
@@ -152,6 +159,7 @@ impl RequestCtx {
             upstream_idle: None,
             status: 0,
             busy: conn.activity.as_ref().map(Activity::enter),
+            armed: None,
             error: None,
             cache: None,
             cors: None,

@@ -136,6 +136,11 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) ->
         .get(http::header::CONTENT_TYPE)
         .filter(|_| ctx.upstream_index.is_some() && ctx.error.is_none());
     let sse = idle.is_some() && content_type.is_some_and(|v| sse::is_event_stream(v.as_bytes()));
+    if sse && let Some(watch) = &conn.deadline {
+        // A stream may outlive a client that stopped reading, which the
+        // tap cannot see: the connection cuts it at the deadline.
+        ctx.armed = Some(watch.arm(deadline));
+    }
     let mut meter = content_type.and_then(|v| Meter::for_content_type(v.as_bytes()));
     if sse && let Some(meter) = meter.as_mut() {
         meter.whole_events();

@@ -14,7 +14,16 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{Notify, oneshot};
 
+use super::deadline::Deadline;
 use super::idle::Watch;
+
+/// What else ends a connection than its client or a drain.
+pub enum Guard {
+    /// An h2 connection with no request for a while.
+    Quiet(Watch),
+    /// An HTTP/1 connection's stream past its deadline.
+    Deadline(std::sync::Arc<Deadline>),
+}
 
 /// The open connections of one listener.
 #[derive(Default)]
@@ -105,18 +114,26 @@ impl Member {
     /// Serves `conn` to its end. When the drain begins, `graceful` asks
     /// hyper to close it after the requests in flight (an idle connection
     /// closes at once).
-    /// With `idle`, a connection quiet for its period is closed the same
-    /// way.
+    /// `guard` watches the connection too: an h2 one quiet for its period
+    /// is closed the same way; an HTTP/1 one whose stream outlived its
+    /// deadline is dropped at once (its client is not reading).
     pub async fn serve<C: Future>(
         mut self,
         conn: C,
         graceful: impl FnOnce(Pin<&mut C>),
-        idle: Option<Watch>,
+        guard: Option<Guard>,
     ) {
         let mut conn = pin!(conn);
-        let quiet = async {
-            match &idle {
-                Some(watch) => watch.quiet().await,
+        let watched = async {
+            match &guard {
+                Some(Guard::Quiet(watch)) => {
+                    watch.quiet().await;
+                    true
+                }
+                Some(Guard::Deadline(deadline)) => {
+                    deadline.passed().await;
+                    false
+                }
                 None => std::future::pending().await,
             }
         };
@@ -126,7 +143,12 @@ impl Member {
             biased;
             _ = &mut self.signal => graceful(conn.as_mut()),
             _ = conn.as_mut() => return,
-            () = quiet => graceful(conn.as_mut()),
+            gracefully = watched => {
+                if !gracefully {
+                    return;
+                }
+                graceful(conn.as_mut());
+            }
         }
         conn.await;
     }

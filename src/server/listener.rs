@@ -13,7 +13,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
-use super::drain::Drain;
+use super::deadline::Deadline;
+use super::drain::{Drain, Guard};
 use super::idle::{Activity, Watch};
 use super::preface;
 use crate::gateway::Gateway;
@@ -84,14 +85,18 @@ pub async fn serve(
             // timeout, and replayed to hyper. An h2 connection is watched
             // for quiet instead (see `idle`).
             let watch = |head: &[u8], conn: &mut ConnInfo| {
-                preface::is_h2(head).then(|| {
+                if preface::is_h2(head) {
                     let activity = Arc::new(Activity::default());
                     conn.activity = Some(activity.clone());
-                    Watch {
+                    Guard::Quiet(Watch {
                         activity,
                         after: handshake_timeout,
-                    }
-                })
+                    })
+                } else {
+                    let deadline = Arc::new(Deadline::default());
+                    conn.deadline = Some(deadline.clone());
+                    Guard::Deadline(deadline)
+                }
             };
             let service = |conn: ConnInfo| {
                 service_fn(move |req| {
@@ -106,10 +111,12 @@ pub async fn serve(
                     let Some(head) = preface::read(&mut stream, handshake_timeout).await else {
                         return;
                     };
-                    let idle = watch(&head, &mut conn);
+                    let guard = watch(&head, &mut conn);
                     let io = TokioIo::new(preface::Rewound::new(head, stream));
                     let served = builder.serve_connection(io, service(conn));
-                    member.serve(served, |c| c.graceful_shutdown(), idle).await;
+                    member
+                        .serve(served, |c| c.graceful_shutdown(), Some(guard))
+                        .await;
                 }
                 Some(acceptor) => {
                     let Some(mut tls_stream) =
@@ -120,10 +127,12 @@ pub async fn serve(
                     let Some(head) = preface::read(&mut tls_stream, handshake_timeout).await else {
                         return;
                     };
-                    let idle = watch(&head, &mut conn);
+                    let guard = watch(&head, &mut conn);
                     let io = TokioIo::new(preface::Rewound::new(head, tls_stream));
                     let served = builder.serve_connection(io, service(conn));
-                    member.serve(served, |c| c.graceful_shutdown(), idle).await;
+                    member
+                        .serve(served, |c| c.graceful_shutdown(), Some(guard))
+                        .await;
                 }
             }
             drop(permit);

@@ -3,6 +3,7 @@
 //! requests (streams too) for up to `shutdown_grace`, then stop.
 
 pub mod admin;
+pub mod deadline;
 mod drain;
 pub mod idle;
 pub mod listener;

@@ -179,3 +179,62 @@ async fn a_stream_cut_mid_event_ends_with_a_clean_error_event() {
         "no half event before the error event"
     );
 }
+
+/// A client that stops reading a stream is cut at `request_timeout` all
+/// the same: hyper stops polling a body while the client's socket is
+/// full, so the connection itself watches the deadline. The request is
+/// accounted for then, not when (if ever) the client reads again.
+#[tokio::test]
+async fn a_stream_whose_client_stops_reading_is_cut_at_the_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that streams far more than socket buffers hold, as fast
+    // as it can (chunked SSE, a chat chunk of 4 KB at a time).
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", upstream.local_addr().unwrap());
+    tokio::spawn(async move {
+        let Ok((mut conn, _)) = upstream.accept().await else {
+            return;
+        };
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let event = format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
+            "y".repeat(4000)
+        );
+        let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+        let _ = conn
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await;
+        for _ in 0..20_000 {
+            if conn.write_all(chunk.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+        let _ = conn.write_all(b"0\r\n\r\n").await;
+    });
+    let gw = TestGateway::start(&config(&url, "limits: { request_timeout: 500ms }")).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut client = socket.connect(gw.addr).await.unwrap();
+    client
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
+    // Not reading: the answer piles up until the sockets are full.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let logs = gw.access_logs();
+    assert_eq!(logs.len(), 1, "not cut while the client was not reading");
+    assert_eq!(logs[0]["error"], "request_timeout");
+    let latency = logs[0]["latency_ms"].as_f64().unwrap();
+    assert!(latency < 1500.0, "cut at {latency} ms");
+    // The client finds its connection closed, the stream cut short.
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the connection was kept open");
+}

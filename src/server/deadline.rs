@@ -1,0 +1,101 @@
+//! Cutting an HTTP/1 connection whose streamed answer outlives
+//! `request_timeout` while its client reads nothing. The tap enforces the
+//! deadline whenever hyper polls it, but hyper stops polling a body while
+//! the client's socket is full: a client that stops reading would hold
+//! its connection, and the upstream's, for as long as it likes. The
+//! connection's task watches the deadline of the stream it serves and
+//! drops the connection when it passes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+/// The deadline of the stream a connection is serving, if any.
+#[derive(Debug)]
+pub struct Deadline {
+    /// Milliseconds after `base`, plus one; 0 = none.
+    at: AtomicU64,
+    changed: Notify,
+    base: Instant,
+}
+
+/// A stream's deadline, cleared when the stream's accounting is done.
+#[derive(Debug)]
+pub struct Armed {
+    deadline: Arc<Deadline>,
+    at: u64,
+}
+
+impl Default for Deadline {
+    fn default() -> Self {
+        Deadline {
+            at: AtomicU64::new(0),
+            changed: Notify::new(),
+            base: Instant::now(),
+        }
+    }
+}
+
+impl Deadline {
+    pub fn arm(self: &Arc<Self>, when: Instant) -> Armed {
+        let ms = u64::try_from(when.saturating_duration_since(self.base).as_millis())
+            .unwrap_or(u64::MAX - 1);
+        let at = ms.saturating_add(1);
+        self.at.store(at, Ordering::Release);
+        self.changed.notify_one();
+        Armed {
+            deadline: self.clone(),
+            at,
+        }
+    }
+
+    /// Resolves once an armed deadline passes while still armed.
+    pub async fn passed(&self) {
+        loop {
+            let at = self.at.load(Ordering::Acquire);
+            if at == 0 {
+                self.changed.notified().await;
+                continue;
+            }
+            let when = self.base + Duration::from_millis(at - 1);
+            tokio::select! {
+                () = tokio::time::sleep_until(when.into()) => {
+                    if self.at.load(Ordering::Acquire) == at {
+                        return;
+                    }
+                }
+                () = self.changed.notified() => {}
+            }
+        }
+    }
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        // Only its own: a later stream may have armed it since.
+        let _ = self
+            .deadline
+            .at
+            .compare_exchange(self.at, 0, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn passes_only_while_armed() {
+        let deadline = Arc::new(Deadline::default());
+        let armed = deadline.arm(Instant::now() + Duration::from_secs(60));
+        drop(armed);
+        // Disarmed: not passed, however long.
+        let waited = tokio::time::timeout(Duration::from_secs(120), deadline.passed()).await;
+        assert!(waited.is_err());
+        let _armed = deadline.arm(Instant::now() + Duration::from_secs(1));
+        let waited = tokio::time::timeout(Duration::from_secs(5), deadline.passed()).await;
+        assert!(waited.is_ok());
+    }
+}
