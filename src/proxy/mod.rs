@@ -47,7 +47,11 @@ use error::ProxyError;
 
 /// Serves one request from start to the response head; the body streams
 /// through the returned tap.
-pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, conn: ConnInfo) -> Response<Tap> {
+pub async fn handle(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+    conn: Arc<ConnInfo>,
+) -> Response<Tap> {
     let active = gw.active();
     let request_id = headers::request_id(req.headers());
     // Boxed: the ctx travels from the phases into the tap and the response,

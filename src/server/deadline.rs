@@ -6,18 +6,25 @@
 //! connection's task watches the deadline of the stream it serves and
 //! drops the connection when it passes.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
+use tokio::time::Sleep;
 
 /// The deadline of the stream a connection is serving, if any.
 #[derive(Debug)]
 pub struct Deadline {
     /// Milliseconds after `base`, plus one; 0 = none.
     at: AtomicU64,
-    changed: Notify,
+    /// The connection's task, told when a stream arms a deadline. (Not a
+    /// `Notify`: its every poll takes a lock, and the connection's task
+    /// polls this on each of its wake-ups, for every request.)
+    waker: AtomicWaker,
     base: Instant,
 }
 
@@ -32,7 +39,7 @@ impl Default for Deadline {
     fn default() -> Self {
         Deadline {
             at: AtomicU64::new(0),
-            changed: Notify::new(),
+            waker: AtomicWaker::new(),
             base: Instant::now(),
         }
     }
@@ -44,7 +51,7 @@ impl Deadline {
             .unwrap_or(u64::MAX - 1);
         let at = ms.saturating_add(1);
         self.at.store(at, Ordering::Release);
-        self.changed.notify_one();
+        self.waker.wake();
         Armed {
             deadline: self.clone(),
             at,
@@ -52,22 +59,49 @@ impl Deadline {
     }
 
     /// Resolves once an armed deadline passes while still armed.
-    pub async fn passed(&self) {
-        loop {
-            let at = self.at.load(Ordering::Acquire);
-            if at == 0 {
-                self.changed.notified().await;
-                continue;
-            }
-            let when = self.base + Duration::from_millis(at - 1);
-            tokio::select! {
-                () = tokio::time::sleep_until(when.into()) => {
-                    if self.at.load(Ordering::Acquire) == at {
-                        return;
-                    }
-                }
-                () = self.changed.notified() => {}
-            }
+    pub fn passed(&self) -> Passed<'_> {
+        Passed {
+            deadline: self,
+            sleep: None,
+            timing: 0,
+        }
+    }
+}
+
+/// See [`Deadline::passed`].
+pub struct Passed<'a> {
+    deadline: &'a Deadline,
+    /// Made at the first deadline, then reset for each.
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// The deadline the sleep is set for.
+    timing: u64,
+}
+
+impl Future for Passed<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        // Registered before reading, so that an arm() after the read
+        // wakes this task.
+        this.deadline.waker.register(cx.waker());
+        let at = this.deadline.at.load(Ordering::Acquire);
+        if at == 0 {
+            return Poll::Pending;
+        }
+        let when =
+            tokio::time::Instant::from_std(this.deadline.base + Duration::from_millis(at - 1));
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(when)));
+        if this.timing != at {
+            sleep.as_mut().reset(when);
+            this.timing = at;
+        }
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) if this.deadline.at.load(Ordering::Acquire) == at => Poll::Ready(()),
+            // Disarmed (or re-armed, which woke this task) meanwhile.
+            _ => Poll::Pending,
         }
     }
 }

@@ -99,6 +99,8 @@ pub async fn serve(
                 }
             };
             let service = |conn: ConnInfo| {
+                // Shared by the connection's requests: one count per request.
+                let conn = Arc::new(conn);
                 service_fn(move |req| {
                     let gw = gw.clone();
                     let conn = conn.clone();
