@@ -762,7 +762,10 @@ impl Compiler<'_> {
                     PathMatch::Any
                 }
                 (Some(p), None) => match self.text(p) {
-                    Some(s) if s.starts_with('/') => PathMatch::Prefix(s),
+                    // In the normal form request paths are matched in.
+                    Some(s) if s.starts_with('/') => {
+                        PathMatch::Prefix(crate::proxy::route::normalized(&s).unwrap_or(s))
+                    }
                     Some(_) => {
                         self.error(&p.referenced, "path_prefix must start with /");
                         PathMatch::Any
@@ -770,7 +773,9 @@ impl Compiler<'_> {
                     None => PathMatch::Any,
                 },
                 (None, Some(p)) => match self.text(p) {
-                    Some(s) if s.starts_with('/') => PathMatch::Exact(s),
+                    Some(s) if s.starts_with('/') => {
+                        PathMatch::Exact(crate::proxy::route::normalized(&s).unwrap_or(s))
+                    }
                     Some(_) => {
                         self.error(&p.referenced, "path must start with /");
                         PathMatch::Any

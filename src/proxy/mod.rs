@@ -165,9 +165,16 @@ async fn process(
     gw: &Gateway,
     active: &Active,
     ctx: &mut RequestCtx,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let snap = &active.snapshot;
+    // Routes match, and upstreams get, the path in normal form: one path
+    // for both, whatever escapes or dot segments the client wrote.
+    if let Some(path) = route::normalized(req.uri().path())
+        && let Some(uri) = with_path(req.uri(), &path)
+    {
+        *req.uri_mut() = uri;
+    }
     let (index, route) = match route::select(snap, req.method(), req.uri(), req.headers()) {
         Ok(found) => found,
         Err(refused) => {
@@ -215,4 +222,15 @@ async fn process(
         cache::Step::Hit(resp) => Ok(resp),
         cache::Step::Forward(body) => forward::send(gw, active, route, ctx, parts, body).await,
     }
+}
+
+/// `uri` with its path replaced, its query kept.
+fn with_path(uri: &http::Uri, path: &str) -> Option<http::Uri> {
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse().ok()?);
+    http::Uri::from_parts(parts).ok()
 }

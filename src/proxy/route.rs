@@ -3,8 +3,6 @@
 //! host but none allows the method, the answer is 405 with that route's
 //! `allow`; when none matches at all, 404.
 
-use std::borrow::Cow;
-
 use http::{HeaderMap, Method, Uri, header};
 
 use super::error::ProxyError;
@@ -16,8 +14,7 @@ pub fn select<'s>(
     uri: &Uri,
     headers: &HeaderMap,
 ) -> Result<(usize, &'s Route), Refused<'s>> {
-    let path = normalized(uri.path());
-    let path = path.as_ref();
+    let path = uri.path();
     let host = request_host(uri, headers);
     let mut wrong_method: Option<&Route> = None;
     for (index, route) in snap.routes.iter().enumerate() {
@@ -59,17 +56,19 @@ fn allows(methods: &[Method], method: &Method) -> bool {
     methods.contains(method) || (*method == Method::HEAD && methods.contains(&Method::GET))
 }
 
-/// The path as an upstream resolves it, for matching (it is forwarded as
-/// it came): percent-escapes decoded, `.` and `..` segments resolved and
-/// repeated slashes merged, as nginx and Envoy's `normalize_path` do.
-/// Otherwise `/%61dmin` or `/public/../admin` would miss an `/admin` route
-/// and its auth, and fall through to a looser one.
-fn normalized(path: &str) -> Cow<'_, str> {
+/// A request path in normal form (RFC 3986 §6.2.2), as Envoy's
+/// `normalize_path` and `merge_slashes` make it: escapes of unreserved
+/// characters decoded (`%61` is `a`; `%2F` stays, being no `/`), `.` and
+/// `..` segments resolved, repeated slashes merged. Routes match it and
+/// upstreams get it, so that both read one path: `/%61dmin` or
+/// `/public/../admin` meets the `/admin` route and its auth. `None` when
+/// the path is already normal (no allocation).
+pub fn normalized(path: &str) -> Option<String> {
     let plain = !path.contains('%') && !path.contains("/.") && !path.contains("//");
     if plain {
-        return Cow::Borrowed(path);
+        return None;
     }
-    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    let decoded = decode_unreserved(path);
     let mut segments: Vec<&str> = Vec::new();
     for segment in decoded.split('/') {
         match segment {
@@ -93,7 +92,36 @@ fn normalized(path: &str) -> Cow<'_, str> {
     {
         out.push('/');
     }
-    Cow::Owned(out)
+    (out != path).then_some(out)
+}
+
+/// `path` with the escapes of unreserved characters (letters, digits,
+/// `-._~`) decoded; other escapes are kept as written.
+fn decode_unreserved(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+            .filter(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
+        match escaped {
+            Some(b) => {
+                out.push(char::from(b));
+                i += 3;
+            }
+            None => {
+                // Whole characters: `path` is a `str`, and a `%` is ASCII.
+                let ch_len = path[i..].chars().next().map_or(1, char::len_utf8);
+                out.push_str(&path[i..i + ch_len]);
+                i += ch_len;
+            }
+        }
+    }
+    out
 }
 
 fn path_matches(m: &PathMatch, path: &str) -> bool {
@@ -133,7 +161,6 @@ mod tests {
     #[test]
     fn paths_are_matched_as_upstreams_resolve_them() {
         for (raw, seen) in [
-            ("/v1/chat/completions", "/v1/chat/completions"),
             ("/%61dmin/x", "/admin/x"),
             ("/public/../admin", "/admin"),
             ("/public/./../admin/", "/admin/"),
@@ -141,9 +168,13 @@ mod tests {
             ("/..", "/"),
             ("/a/b/..", "/a/"),
             ("/%2e%2e/admin", "/admin"),
+            // An escaped slash is no slash, and `..` beside it no segment.
+            ("/admin/x%2F..%2F..%2Fpublic", "/admin/x%2F..%2F..%2Fpublic"),
+            ("/v1/models/ft%3Amodel%2Fé", "/v1/models/ft%3Amodel%2Fé"),
         ] {
-            assert_eq!(normalized(raw), seen, "{raw}");
+            assert_eq!(normalized(raw).as_deref().unwrap_or(raw), seen, "{raw}");
         }
+        assert_eq!(normalized("/v1/chat/completions"), None);
     }
 
     #[test]

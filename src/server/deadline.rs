@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 use futures_util::task::AtomicWaker;
 use tokio::time::Sleep;
 
+/// How long after its deadline a stream nobody reads is cut.
+const MARGIN: Duration = Duration::from_millis(500);
+
 /// The deadline of the stream a connection is serving, if any.
 #[derive(Debug)]
 pub struct Deadline {
@@ -46,9 +49,14 @@ impl Default for Deadline {
 }
 
 impl Deadline {
+    /// Arms the watch for a stream due to end by `when`. It fires a
+    /// `MARGIN` later: a stream its client reads is ended at `when` by the
+    /// tap, cleanly, with its error event; the watch only cuts one that
+    /// nobody polls.
     pub fn arm(self: &Arc<Self>, when: Instant) -> Armed {
-        let ms = u64::try_from(when.saturating_duration_since(self.base).as_millis())
-            .unwrap_or(u64::MAX - 1);
+        let from_base = (when + MARGIN).saturating_duration_since(self.base);
+        // Whole milliseconds, rounded up: never before its time.
+        let ms = u64::try_from(from_base.as_micros().div_ceil(1000)).unwrap_or(u64::MAX - 1);
         let at = ms.saturating_add(1);
         self.at.store(at, Ordering::Release);
         self.waker.wake();
@@ -120,16 +128,17 @@ impl Drop for Armed {
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn passes_only_while_armed() {
+    #[tokio::test]
+    async fn passes_only_while_armed_and_not_before_its_margin() {
         let deadline = Arc::new(Deadline::default());
-        let armed = deadline.arm(Instant::now() + Duration::from_secs(60));
-        drop(armed);
-        // Disarmed: not passed, however long.
-        let waited = tokio::time::timeout(Duration::from_secs(120), deadline.passed()).await;
+        drop(deadline.arm(Instant::now()));
+        // Disarmed: not passed.
+        let waited = tokio::time::timeout(MARGIN * 2, deadline.passed()).await;
         assert!(waited.is_err());
-        let _armed = deadline.arm(Instant::now() + Duration::from_secs(1));
+        let started = Instant::now();
+        let _armed = deadline.arm(started + Duration::from_millis(100));
         let waited = tokio::time::timeout(Duration::from_secs(5), deadline.passed()).await;
         assert!(waited.is_ok());
+        assert!(started.elapsed() >= Duration::from_millis(100) + MARGIN);
     }
 }
