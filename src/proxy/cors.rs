@@ -67,6 +67,15 @@ pub fn is_preflight(method: &Method, headers: &HeaderMap) -> bool {
         && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
+/// The answer to a plain `OPTIONS` (not a preflight) on a CORS route that
+/// does not forward it: the methods the route allows.
+pub fn options(allow: &HeaderValue) -> Response<BoxBody> {
+    let mut resp = Response::new(body::empty());
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    resp.headers_mut().insert(header::ALLOW, allow.clone());
+    resp
+}
+
 /// The answer to a preflight (`request` its headers): what may be sent,
 /// and for how long the browser may remember it. For a disallowed origin,
 /// nothing.

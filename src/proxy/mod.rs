@@ -178,8 +178,15 @@ async fn process(
     let (index, route) = match route::select(snap, req.method(), req.uri(), req.headers()) {
         Ok(found) => found,
         Err(refused) => {
-            if let Some(rules) = refused.route.and_then(|r| r.cors.as_ref()) {
+            if let Some(route) = refused.route
+                && let Some(rules) = &route.cors
+            {
                 ctx.cors = Some(cors::allowed(rules, req.headers()));
+                if req.method() == http::Method::OPTIONS {
+                    // A plain OPTIONS no route takes, on a CORS route whose
+                    // `allow` names OPTIONS (its preflights): what it allows.
+                    return Ok(cors::options(&route.allow));
+                }
             }
             return Err(refused.error);
         }

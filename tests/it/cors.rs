@@ -278,5 +278,17 @@ routes:
         Some("https://app.example.com")
     );
     assert_eq!(wrong.header("vary"), Some("origin"));
+    // A plain OPTIONS (no preflight) is answered with what `allow` says.
+    let options = Client::new()
+        .request(
+            Request::builder()
+                .method(Method::OPTIONS)
+                .uri(gw.url("/v1/chat/completions"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(options.status, 204, "{}", options.text());
+    assert_eq!(options.header("allow"), Some("POST, OPTIONS"));
     assert!(upstream.seen().is_empty());
 }
