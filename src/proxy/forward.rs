@@ -292,7 +292,11 @@ async fn failover(
                     // from the attempt's start, not again from the head.
                     let sent = ctx.upstream_started.unwrap_or(held);
                     let deadline = (sent + upstream.timeouts.first_byte).min(ctx.deadline(snap));
+                    // A client that leaves during the hold drops this
+                    // future: the answer is counted as its head said.
+                    let mut unjudged = Unjudged(Some((active, member, Outcome::of_status(status))));
                     let preamble = hold_preamble(resp, deadline).await;
+                    unjudged.0 = None;
                     // Waiting for the stream's first content is upstream time.
                     ctx.upstream_wait += held.elapsed();
                     let outcome = match &preamble {
@@ -469,6 +473,18 @@ fn judge(verdict: Verdict<'_>, out_of_time: bool, pool: &Pool) {
 fn end_attempt(active: &Active, index: usize, ctx: &mut RequestCtx) {
     if let (Some(started), Some(m)) = (ctx.upstream_started.take(), active.upstreams.get(index)) {
         m.duration.observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// An attempt whose outcome waits on its stream's first content; dropped
+/// before that (the client left), it counts the outcome it holds.
+struct Unjudged<'a>(Option<(&'a Active, usize, Outcome)>);
+
+impl Drop for Unjudged<'_> {
+    fn drop(&mut self) {
+        if let Some((active, member, outcome)) = self.0.take() {
+            count(active, member, outcome);
+        }
     }
 }
 

@@ -713,3 +713,40 @@ routes:
         "unlisted models pass as sent"
     );
 }
+
+/// A client that leaves while a stream's preamble is held still has the
+/// attempt counted, as the answer's head said.
+#[tokio::test]
+async fn an_attempt_held_when_the_client_leaves_is_counted() {
+    let mut stalled = UpstreamReply::sse(&[ROLE], Duration::ZERO);
+    stalled.chunks.push((
+        Duration::from_secs(3),
+        Bytes::from_static(b"data: [DONE]\n\n"),
+    ));
+    let primary = MockUpstream::always(stalled).await;
+    let backup = MockUpstream::always(UpstreamReply::text("backup")).await;
+    let gw = TestGateway::start(&config(&primary.url(), &backup.url(), "", "")).await;
+    let leaving = tokio::time::timeout(Duration::from_millis(100), chat(&gw)).await;
+    assert!(leaving.is_err(), "answered before the client left");
+    assert!(
+        eventually(Duration::from_secs(2), || primary.seen().len() == 1).await,
+        "the primary was asked"
+    );
+    let counted = async {
+        for _ in 0..50 {
+            if gw
+                .metric(
+                    "sluice_upstream_requests_total",
+                    &[("upstream", "primary"), ("outcome", "ok")],
+                )
+                .await
+                == Some(1.0)
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    };
+    assert!(counted.await, "{}", gw.metrics().await);
+}
