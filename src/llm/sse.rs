@@ -133,6 +133,48 @@ fn lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
+/// Whether an event's payload (its data) is the last of a stream: OpenAI's
+/// `[DONE]`, Anthropic's `message_stop`, the responses API's final
+/// `response.completed` / `incomplete` / `failed`. Read by prefix, as these
+/// APIs write them: every event of a stream passes here.
+pub fn is_last_event(payload: &[u8]) -> bool {
+    if payload == b"[DONE]" {
+        return true;
+    }
+    let Some(kind) = payload.strip_prefix(b"{\"type\":\"") else {
+        return false;
+    };
+    [
+        &b"message_stop\""[..],
+        b"response.completed\"",
+        b"response.incomplete\"",
+        b"response.failed\"",
+    ]
+    .iter()
+    .any(|last| kind.starts_with(last))
+}
+
+/// Whether an event reports an error instead of content: OpenAI's
+/// `{"error": {...}}`, Anthropic's and the responses API's `"type":
+/// "error"` (or `response.failed`). Read only while a pool route holds a
+/// stream's preamble, so the parse is rare.
+pub fn is_error_event(event: &[u8]) -> bool {
+    let data = event_payload(event);
+    if memchr::memmem::find(&data, b"error").is_none()
+        && memchr::memmem::find(&data, b"failed").is_none()
+    {
+        return false;
+    }
+    let Ok(json) = serde_json::from_slice::<Value>(&data) else {
+        return false;
+    };
+    json.get("error").is_some_and(|e| !e.is_null())
+        || matches!(
+            json.get("type").and_then(Value::as_str),
+            Some("error" | "response.failed")
+        )
+}
+
 /// Whether an event carries no content yet, so that the stream could still
 /// be replaced by another upstream's without the client noticing.
 pub fn is_preamble(event: &[u8]) -> bool {
@@ -191,6 +233,31 @@ pub fn is_preamble(event: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn last_events_and_error_events_are_told() {
+        for last in [
+            &b"[DONE]"[..],
+            br#"{"type":"message_stop"}"#,
+            br#"{"type":"response.completed","response":{}}"#,
+            br#"{"type":"response.failed","response":{}}"#,
+        ] {
+            assert!(is_last_event(last), "{}", String::from_utf8_lossy(last));
+        }
+        for other in [
+            &br#"{"type":"message_delta"}"#[..],
+            br#"{"choices":[]}"#,
+            br#"{"type":"response.output_text.delta"}"#,
+        ] {
+            assert!(!is_last_event(other));
+        }
+        assert!(is_error_event(br#"data: {"error":{"message":"x"}}"#));
+        assert!(is_error_event(br#"data: {"type":"error","error":{}}"#));
+        assert!(!is_error_event(br#"data: {"error":null,"choices":[]}"#));
+        assert!(!is_error_event(
+            br#"data: {"choices":[{"delta":{"content":"an error"}}]}"#
+        ));
+    }
 
     #[test]
     fn responses_api_stream_opens_with_a_preamble() {

@@ -415,7 +415,9 @@ impl Drop for Tap {
     fn drop(&mut self) {
         // Still pending at drop: the body was not read to its end, by a
         // client that left, or that was cut at the deadline.
-        let done = self.ended || self.inner.is_end_stream();
+        let done = self.ended
+            || self.inner.is_end_stream()
+            || self.meter.as_ref().is_some_and(Meter::finished);
         let error = if done {
             None
         } else if TokioInstant::now() >= self.deadline {

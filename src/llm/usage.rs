@@ -83,6 +83,14 @@ impl Meter {
         }
     }
 
+    /// Whether a stream's last event passed: OpenAI's `[DONE]`,
+    /// Anthropic's `message_stop`, the responses API's final event. A
+    /// client may hang up then, before the upstream's own end of body
+    /// (the OpenAI SDK does): the stream was complete all the same.
+    pub fn finished(&self) -> bool {
+        matches!(self, Meter::Sse(stream) if stream.finished)
+    }
+
     /// Whether bytes of an unterminated event are held back.
     pub fn holds(&self) -> bool {
         matches!(self, Meter::Sse(stream) if stream.whole_events && stream.splitter.pending() > 0)
@@ -146,6 +154,8 @@ pub struct SseMeter {
     /// Only whole events go on; the start of one is held until it ends.
     whole_events: bool,
     strip_usage: bool,
+    /// The stream's last event passed (see [`Meter::finished`]).
+    finished: bool,
     /// An event outgrew `EVENT_CAP`: the rest of the stream passes
     /// unread, so a stream that never ends an event cannot grow sluice's
     /// memory.
@@ -211,6 +221,9 @@ impl SseMeter {
     /// chunk and sluice strips it.
     fn absorb_event(&mut self, event: &[u8]) -> bool {
         let payload = sse::event_payload(event);
+        if sse::is_last_event(&payload) {
+            self.finished = true;
+        }
         if facts::holds_nothing_new(&payload, self.usage.model.as_deref()) {
             return false;
         }

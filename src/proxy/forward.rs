@@ -319,9 +319,9 @@ async fn failover(
                         Err(failed) => {
                             let out_of_time = matches!(failed, Preamble::TimedOut) && request_bound;
                             judge(verdict, out_of_time, pool);
-                            if let Some(m) = active.upstreams.get(member) {
-                                m.stream_errors.inc();
-                            }
+                            // (No stream error: SPEC §4 counts those that
+                            // broke after content reached the client; this
+                            // one is outcome stream_error or timeout.)
                             end_attempt(active, member, ctx);
                             tried.push(format!("{}: {}", upstream.name, failed.text()));
                             last_timed_out =
@@ -431,6 +431,11 @@ async fn hold_preamble(
         let mut content = false;
         while let Some(event) = splitter.next_event() {
             events += 1;
+            if !content && sse::is_error_event(&event) {
+                // It failed before producing anything: the next member
+                // can still answer instead (SPEC §3).
+                return Err(Preamble::Failed("stream reported an error before content"));
+            }
             content |= !sse::is_preamble(&event);
         }
         if content || events >= PREAMBLE_EVENTS || bytes >= PREAMBLE_BYTES {

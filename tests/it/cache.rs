@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use serde_json::json;
 
 use crate::support::{Client, MockUpstream, TestGateway, UpstreamReply};
@@ -547,5 +549,60 @@ async fn a_small_cache_still_hits() {
     assert_eq!(first.header("x-sluice-cache"), Some("MISS"));
     let second = client.post_json(&url, &[ALICE], CHAT).await;
     assert_eq!(second.header("x-sluice-cache"), Some("HIT"));
+    assert_eq!(upstream.seen().len(), 1);
+}
+
+/// A client that hangs up as soon as it has read `[DONE]` (the OpenAI SDK
+/// does), before the upstream's own end of body, read a complete stream:
+/// it is stored and logged without error.
+#[tokio::test]
+async fn a_stream_read_to_done_is_stored_though_its_client_leaves_then() {
+    let events = [
+        r#"{"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}"#,
+        r#"{"model":"gpt-4o-mini","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+        "[DONE]",
+    ];
+    let mut reply = UpstreamReply::sse(&events, Duration::ZERO);
+    // The upstream's end of body comes a while after `[DONE]`.
+    reply
+        .chunks
+        .push((Duration::from_millis(500), Bytes::from_static(b": bye\n\n")));
+    let (gw, upstream) = start("{ ttl: 10m }", reply).await;
+    let stream_body =
+        r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let hyper_client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<http_body_util::Full<Bytes>>();
+    let resp = hyper_client
+        .request(
+            http::Request::post(gw.url("/v1/chat/completions"))
+                .header("authorization", ALICE.1)
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(Bytes::from_static(
+                    stream_body.as_bytes(),
+                )))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-sluice-cache"], "MISS");
+    let mut body = resp.into_body();
+    let mut seen = Vec::new();
+    while !seen.ends_with(b"data: [DONE]\n\n") {
+        use http_body_util::BodyExt;
+        let frame = body.frame().await.unwrap().unwrap();
+        if let Ok(data) = frame.into_data() {
+            seen.extend_from_slice(&data);
+        }
+    }
+    drop(body);
+    drop(hyper_client);
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["error"], serde_json::Value::Null, "{log}");
+    let hit = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[ALICE], stream_body)
+        .await;
+    assert_eq!(hit.header("x-sluice-cache"), Some("HIT"));
+    assert!(hit.text().as_bytes().starts_with(&seen), "{}", hit.text());
     assert_eq!(upstream.seen().len(), 1);
 }

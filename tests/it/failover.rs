@@ -750,3 +750,36 @@ async fn an_attempt_held_when_the_client_leaves_is_counted() {
     };
     assert!(counted.await, "{}", gw.metrics().await);
 }
+
+/// A stream that reports an error before any content (OpenAI's
+/// `{"error": …}` after the role chunk, Anthropic's `error` event after
+/// `message_start`) failed before producing anything: it fails over.
+#[tokio::test]
+async fn an_error_event_before_content_fails_over() {
+    for events in [
+        vec![
+            ROLE,
+            r#"{"error":{"message":"overloaded","type":"server_error"}}"#,
+        ],
+        vec![
+            r#"{"type":"message_start","message":{"model":"claude","usage":{"input_tokens":25}}}"#,
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+        ],
+    ] {
+        let primary = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;
+        let (gw, backup) = with_backup(&primary, "").await;
+        let reply = chat(&gw).await;
+        assert_eq!(reply.text(), "backup", "{events:?}");
+        assert_eq!(backup.seen().len(), 1);
+        let log = &gw.wait_access_logs(1).await[0];
+        assert_eq!(log["attempts"], 2);
+        assert_eq!(
+            gw.metric(
+                "sluice_upstream_requests_total",
+                &[("upstream", "primary"), ("outcome", "stream_error")]
+            )
+            .await,
+            Some(1.0)
+        );
+    }
+}
