@@ -50,21 +50,14 @@ pub async fn admit(
     // request refused after taking them gives them back, or a client
     // hammering one route-limited route would drain its tier's bucket
     // for every other route.
-    let mut taken = Taken::default();
+    let mut taken = Taken::new(state);
     for (i, (key, per_minute)) in buckets(snap, route, identity, Kind::Requests).enumerate() {
-        let (decision, shared) = match state.take(&key, per_minute, 1).await {
-            Ok(taken) => taken,
-            Err(e) => {
-                taken.give_back(state);
-                return Err(e.into());
-            }
-        };
+        let (decision, shared) = state.take(&key, per_minute, 1).await?;
         keep_tightest(&mut ctx.rate_limit, decision);
         if !decision.allowed {
-            taken.give_back(state);
             return Err(refuse("requests", decision.retry_after));
         }
-        if let Some(slot) = taken.0.get_mut(i) {
+        if let Some(slot) = taken.units.get_mut(i) {
             *slot = Some((key, per_minute, shared));
         }
     }
@@ -77,22 +70,14 @@ pub async fn admit(
                 None => Ok::<_, ProxyError>(false),
             }
         };
-        let spent = tokio::try_join!(
+        let (global_spent, own_spent) = tokio::try_join!(
             over(BudgetScope::Global, snap.budget.daily_usd),
             over(
                 BudgetScope::Identity(identity.id.clone()),
                 tier.and_then(|t| t.daily_budget_usd)
             ),
-        );
-        let (global_spent, own_spent) = match spent {
-            Ok(spent) => spent,
-            Err(e) => {
-                taken.give_back(state);
-                return Err(e);
-            }
-        };
+        )?;
         if global_spent || own_spent {
-            taken.give_back(state);
             count_refusal(metrics, route, tier_name.as_deref(), "budget");
             return Err(ProxyError::BudgetExceeded {
                 retry_after: until_midnight,
@@ -106,32 +91,43 @@ pub async fn admit(
         };
         // A lease outlives no request: request_timeout bounds the exchange.
         let lease = snap.limits.request_timeout + LEASE_MARGIN;
-        match state.acquire(&key, max, lease).await {
+        match state.acquire(&key, max, lease).await? {
             // Held by the ctx: freed when the tap finalizes (body ended or
             // client gone).
-            Ok(Some(slot)) => ctx.slot = Some(slot),
-            Ok(None) => {
-                taken.give_back(state);
-                return Err(refuse("concurrency", CONCURRENCY_RETRY));
-            }
-            Err(e) => {
-                taken.give_back(state);
-                return Err(e.into());
-            }
+            Some(slot) => ctx.slot = Some(slot),
+            None => return Err(refuse("concurrency", CONCURRENCY_RETRY)),
         }
     }
+    taken.keep();
     Ok(())
 }
 
 /// Request units taken from at most two buckets (the tier's, the
-/// route's), without an allocation.
-#[derive(Default)]
-struct Taken([Option<(BucketKey, u64, bool)>; 2]);
+/// route's), without an allocation; given back when dropped (a refusal,
+/// a state error, the request's future dropped) unless kept.
+struct Taken<'a> {
+    state: &'a State,
+    units: [Option<(BucketKey, u64, bool)>; 2],
+}
 
-impl Taken {
-    fn give_back(&mut self, state: &State) {
-        for (key, per_minute, shared) in self.0.iter_mut().filter_map(Option::take) {
-            state.adjust(&key, per_minute, -1, shared);
+impl<'a> Taken<'a> {
+    fn new(state: &'a State) -> Self {
+        Taken {
+            state,
+            units: [None, None],
+        }
+    }
+
+    /// The request is admitted: the units stay taken.
+    fn keep(mut self) {
+        self.units = [None, None];
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        for (key, per_minute, shared) in self.units.iter_mut().filter_map(Option::take) {
+            self.state.adjust(&key, per_minute, -1, shared);
         }
     }
 }
