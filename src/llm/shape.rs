@@ -3,8 +3,6 @@
 //! embeddings and responses requests, checked before a malformed request
 //! costs an upstream call. A failure names the JSON path to blame.
 
-use std::borrow::Cow;
-
 use serde_json::{Map, Value};
 
 /// Why a request does not have its endpoint's shape.
@@ -24,17 +22,12 @@ pub enum Endpoint {
     Responses,
 }
 
-/// A request path as an API reads it: percent-escapes decoded (an upstream
-/// decodes `/v1/chat/%63ompletions` to chat completions, which must not
-/// slip past validation or metering) and trailing slashes dropped.
-pub fn api_path(path: &str) -> Cow<'_, str> {
-    let path = path.trim_end_matches('/');
-    if path.contains('%') {
-        let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
-        Cow::Owned(decoded.trim_end_matches('/').to_owned())
-    } else {
-        Cow::Borrowed(path)
-    }
+/// A request path as an API reads it, trailing slashes dropped. The path
+/// is already in normal form (`proxy::route::normalized`: escapes of
+/// letters decoded, dot segments resolved), so `/v1/chat/%63ompletions`
+/// reaches validation and metering as chat completions.
+pub fn api_path(path: &str) -> &str {
+    path.trim_end_matches('/')
 }
 
 impl Endpoint {
@@ -405,16 +398,11 @@ mod tests {
     }
 
     #[test]
-    fn escaped_and_slashed_paths_are_the_endpoints_they_name() {
-        assert_eq!(
-            Endpoint::of("/v1/chat/%63ompletions"),
-            Some(Endpoint::ChatCompletions)
-        );
+    fn slashed_paths_are_the_endpoints_they_name() {
         assert_eq!(
             Endpoint::of("/v1/chat/completions/"),
             Some(Endpoint::ChatCompletions)
         );
-        assert_eq!(api_path("/v1/%65mbeddings%2F"), "/v1/embeddings");
         assert_eq!(api_path("/v1/models"), "/v1/models");
     }
 
