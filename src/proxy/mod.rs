@@ -82,10 +82,13 @@ pub async fn handle(
     // body out over HTTP/1.1, but its HTTP/2 server would send it, and an
     // empty body is nothing to store.
     let head = ctx.method == http::Method::HEAD;
-    if let Some(fill) = ctx.cache_fill.as_mut()
-        && (head || ctx.error.is_some() || !fill.accept_head(resp.status(), resp.headers()))
-        && let Some(fill) = ctx.cache_fill.take()
-    {
+    let storable = match ctx.cache_fill.as_mut() {
+        Some(fill) => {
+            !head && ctx.error.is_none() && fill.accept_head(resp.status(), resp.headers())
+        }
+        None => true,
+    };
+    if !storable && let Some(fill) = ctx.cache_fill.take() {
         // Not stored. After a failure (sluice's error, an upstream 5xx or
         // 429) one waiting request takes its turn; after a final answer
         // they all go at once.
