@@ -181,7 +181,6 @@ const PASSING: u8 = 0;
 /// The last read found no bytes from the client: sluice waits on it.
 const WAITING: u8 = 1;
 const OVER_LIMIT: u8 = 2;
-const ENDED: u8 = 3;
 
 impl BodyProgress {
     pub fn over_limit(&self) -> bool {
@@ -209,13 +208,9 @@ pub struct CappedBody<B> {
     flag: BodyProgress,
 }
 
-impl<B: Body> CappedBody<B> {
+impl<B> CappedBody<B> {
     pub fn new(inner: B, limit: u64) -> (Self, BodyProgress) {
         let flag = BodyProgress::default();
-        if inner.is_end_stream() {
-            // No body at all: nothing for the client to send.
-            flag.set(ENDED);
-        }
         (
             CappedBody {
                 inner,
@@ -251,15 +246,14 @@ where
                     }
                     this.remaining -= n;
                 }
-                // hyper stops polling a body that says it has ended, or
-                // whose trailers came.
-                let ended = this.inner.is_end_stream() || frame.is_trailers();
-                this.flag.set(if ended { ENDED } else { PASSING });
+                // Only a read that found nothing waits on the client: a
+                // body that ended, or that hyper stopped polling, does not.
+                this.flag.set(PASSING);
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::new(e)))),
             Poll::Ready(None) => {
-                this.flag.set(ENDED);
+                this.flag.set(PASSING);
                 Poll::Ready(None)
             }
             Poll::Pending => {
