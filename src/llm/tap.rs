@@ -86,7 +86,7 @@ pub struct Finish {
 
 /// The status logged and counted for a request whose client went away
 /// before it was answered: nginx's, which dashboards know.
-pub const CLIENT_CLOSED_STATUS: u16 = 499;
+const CLIENT_CLOSED_STATUS: u16 = 499;
 
 impl Finish {
     pub fn new(gw: Arc<Gateway>, active: Arc<Active>, ctx: Box<RequestCtx>) -> Self {
