@@ -187,12 +187,19 @@ pub async fn reserve_tokens(
     let Some(identity) = ctx.identity.clone() else {
         return Ok(());
     };
+    // The buckets reserved in so far, as they stand once a refusal gives
+    // their tokens back: a 429's headers show the state it leaves.
+    let mut given_back: Option<Decision> = None;
     for (key, per_minute) in buckets(snap, route, &identity, Kind::Tokens) {
         if estimate > per_minute {
             // It would not fit in an empty bucket: no wait helps, and the
             // backends must not each guess one. A full window is the
             // soonest a retry (with a smaller request) means anything.
             release(state, ctx);
+            ctx.token_limit = given_back;
+            if let Ok((decision, _)) = state.take(&key, per_minute, 0).await {
+                keep_tightest(&mut ctx.token_limit, decision);
+            }
             count_refusal(metrics, route, identity.tier.as_deref(), "tokens");
             return Err(ProxyError::RateLimited {
                 retry_after: crate::state::limiter::WINDOW,
@@ -203,12 +210,14 @@ pub async fn reserve_tokens(
             Ok(taken) => taken,
             Err(e) => {
                 release(state, ctx);
+                ctx.token_limit = given_back;
                 return Err(e.into());
             }
         };
-        keep_tightest(&mut ctx.token_limit, decision);
         if !decision.allowed {
             release(state, ctx);
+            ctx.token_limit = given_back;
+            keep_tightest(&mut ctx.token_limit, decision);
             let tier = identity.tier.as_deref();
             return Err(refused(
                 metrics,
@@ -218,6 +227,17 @@ pub async fn reserve_tokens(
                 decision.retry_after,
             ));
         }
+        keep_tightest(&mut ctx.token_limit, decision);
+        keep_tightest(
+            &mut given_back,
+            Decision {
+                remaining: decision
+                    .remaining
+                    .saturating_add(estimate)
+                    .min(decision.limit),
+                ..decision
+            },
+        );
         ctx.reservations.push(Reservation {
             key,
             per_minute,

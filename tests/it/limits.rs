@@ -257,6 +257,40 @@ async fn token_headers_also_on_responses_that_reserved_nothing() {
     assert!(refused.header("x-ratelimit-reset-tokens").is_some());
 }
 
+/// A 429 from one bucket shows the buckets as the refusal leaves them:
+/// the tier's reservation taken on the way was given back, and the
+/// refusing route bucket is the tightest.
+#[tokio::test]
+async fn a_token_refusal_shows_the_buckets_as_it_leaves_them() {
+    const BODY: &str = r#"{"model":"m","max_tokens":290,"messages":[]}"#;
+    let up = llm_reporting(10, Duration::ZERO).await;
+    let gw = TestGateway::start(&config(
+        &up.url(),
+        "{ tokens_per_minute: 1000 }",
+        "    rate_limit: { tokens_per_minute: 100 }",
+    ))
+    .await;
+    let refused = post(&gw, BODY).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.header("x-ratelimit-limit-tokens"), Some("100"));
+    assert_eq!(refused.header("x-ratelimit-remaining-tokens"), Some("100"));
+    let other = Client::new()
+        .send(
+            Method::GET,
+            &gw.url("/other/x"),
+            &[("x-api-key", "key-alice")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(other.status, 200);
+    assert_eq!(other.header("x-ratelimit-limit-tokens"), Some("1000"));
+    assert_eq!(
+        other.header("x-ratelimit-remaining-tokens"),
+        Some("1000"),
+        "the tier's reservation was given back"
+    );
+}
+
 #[tokio::test]
 async fn concurrent_reservations_cannot_overshoot_and_settle_to_real_usage() {
     // Each request reserves 11 (its 44-byte body) + 185 (max_tokens) = 196
