@@ -143,7 +143,10 @@ pub async fn handle(
         .get(http::header::CONTENT_TYPE)
         .filter(|_| ctx.upstream_index.is_some() && ctx.error.is_none());
     let sse = idle.is_some() && content_type.is_some_and(|v| sse::is_event_stream(v.as_bytes()));
-    if sse && let Some(watch) = &conn.deadline {
+    if idle.is_some()
+        && (sse || may_outgrow_socket_buffers(resp.headers()))
+        && let Some(watch) = &conn.deadline
+    {
         // A stream may outlive a client that stopped reading, which the
         // tap cannot see: the connection cuts it at the deadline.
         ctx.armed = Some(watch.arm(deadline));
@@ -162,6 +165,18 @@ pub async fn handle(
         let body = if head { crate::body::empty() } else { body };
         Tap::new(body, finish, idle, deadline, sse, meter)
     })
+}
+
+/// An answer with no length, or one too long to sit whole in the
+/// sockets' buffers: a client that stops reading it can stall it. A short
+/// one is written out at once, whoever reads it.
+fn may_outgrow_socket_buffers(headers: &http::HeaderMap) -> bool {
+    const BUFFERED: u64 = 64 * 1024;
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_none_or(|len| len > BUFFERED)
 }
 
 async fn process(

@@ -186,6 +186,17 @@ async fn a_stream_cut_mid_event_ends_with_a_clean_error_event() {
 /// accounted for then, not when (if ever) the client reads again.
 #[tokio::test]
 async fn a_stream_whose_client_stops_reading_is_cut_at_the_deadline() {
+    stalled_reader_is_cut_at_the_deadline("text/event-stream").await;
+}
+
+/// The same holds for any answer too long for the sockets' buffers: a
+/// download with no length, or an NDJSON stream.
+#[tokio::test]
+async fn a_long_answer_whose_client_stops_reading_is_cut_at_the_deadline() {
+    stalled_reader_is_cut_at_the_deadline("application/x-ndjson").await;
+}
+
+async fn stalled_reader_is_cut_at_the_deadline(content_type: &'static str) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // An upstream that streams far more than socket buffers hold, as fast
     // as it can (chunked SSE, a chat chunk of 4 KB at a time).
@@ -208,9 +219,10 @@ async fn a_stream_whose_client_stops_reading_is_cut_at_the_deadline() {
             "y".repeat(4000)
         );
         let chunk = format!("{:x}\r\n{event}\r\n", event.len());
-        let _ = conn
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-            .await;
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let _ = conn.write_all(head.as_bytes()).await;
         for _ in 0..20_000 {
             if conn.write_all(chunk.as_bytes()).await.is_err() {
                 return;
