@@ -19,8 +19,9 @@ use super::idle::Watch;
 
 /// What else ends a connection than its client or a drain.
 pub enum Guard {
-    /// An h2 connection with no request for a while.
-    Quiet(Watch),
+    /// An h2 connection: closed when it has had no request for a while,
+    /// dropped when one of its streams is past its deadline.
+    Multiplexed(Watch, std::sync::Arc<Deadline>),
     /// An HTTP/1 connection's stream past its deadline.
     Deadline(std::sync::Arc<Deadline>),
 }
@@ -115,8 +116,8 @@ impl Member {
     /// hyper to close it after the requests in flight (an idle connection
     /// closes at once).
     /// `guard` watches the connection too: an h2 one quiet for its period
-    /// is closed the same way; an HTTP/1 one whose stream outlived its
-    /// deadline is dropped at once (its client is not reading).
+    /// is closed the same way; one whose stream outlived its deadline is
+    /// dropped at once (its client is not reading).
     pub async fn serve<C: Future>(
         mut self,
         conn: C,
@@ -126,9 +127,11 @@ impl Member {
         let mut conn = pin!(conn);
         let watched = async {
             match &guard {
-                Some(Guard::Quiet(watch)) => {
-                    watch.quiet().await;
-                    true
+                Some(Guard::Multiplexed(watch, deadline)) => {
+                    tokio::select! {
+                        _ = watch.quiet() => true,
+                        _ = deadline.passed() => false,
+                    }
                 }
                 Some(Guard::Deadline(deadline)) => {
                     deadline.passed().await;

@@ -88,10 +88,13 @@ pub async fn serve(
                 if preface::is_h2(head) {
                     let activity = Arc::new(Activity::default());
                     conn.activity = Some(activity.clone());
-                    Guard::Quiet(Watch {
+                    let deadline = Arc::new(Deadline::multiplexed());
+                    conn.deadline = Some(deadline.clone());
+                    let quiet = Watch {
                         activity,
                         after: handshake_timeout,
-                    })
+                    };
+                    Guard::Multiplexed(quiet, deadline)
                 } else {
                     let deadline = Arc::new(Deadline::default());
                     conn.deadline = Some(deadline.clone());

@@ -180,26 +180,10 @@ async fn a_stream_cut_mid_event_ends_with_a_clean_error_event() {
     );
 }
 
-/// A client that stops reading a stream is cut at `request_timeout` all
-/// the same: hyper stops polling a body while the client's socket is
-/// full, so the connection itself watches the deadline. The request is
-/// accounted for then, not when (if ever) the client reads again.
-#[tokio::test]
-async fn a_stream_whose_client_stops_reading_is_cut_at_the_deadline() {
-    stalled_reader_is_cut_at_the_deadline("text/event-stream").await;
-}
-
-/// The same holds for any answer too long for the sockets' buffers: a
-/// download with no length, or an NDJSON stream.
-#[tokio::test]
-async fn a_long_answer_whose_client_stops_reading_is_cut_at_the_deadline() {
-    stalled_reader_is_cut_at_the_deadline("application/x-ndjson").await;
-}
-
-async fn stalled_reader_is_cut_at_the_deadline(content_type: &'static str) {
+/// An upstream that streams far more than socket buffers hold, as fast
+/// as it can (chunked, a chat chunk of 4 KB at a time), to one request.
+async fn flooding_upstream(content_type: &'static str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // An upstream that streams far more than socket buffers hold, as fast
-    // as it can (chunked SSE, a chat chunk of 4 KB at a time).
     let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", upstream.local_addr().unwrap());
     tokio::spawn(async move {
@@ -230,6 +214,62 @@ async fn stalled_reader_is_cut_at_the_deadline(content_type: &'static str) {
         }
         let _ = conn.write_all(b"0\r\n\r\n").await;
     });
+    url
+}
+
+/// On h2 a client that stops reading one stream stalls it by flow
+/// control. hyper cannot reset that one stream from outside: the
+/// connection is dropped at the deadline, and the request accounted for.
+#[tokio::test]
+async fn an_h2_stream_whose_client_stops_reading_is_cut_at_the_deadline() {
+    let url = flooding_upstream("text/event-stream").await;
+    let gw = TestGateway::start(&config(&url, "limits: { request_timeout: 500ms }")).await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(16 * 1024)
+            .initial_connection_window_size(1024 * 1024)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let driven = tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{}/v1/chat/completions", gw.addr))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // Not reading: the stream's window fills and sluice stops sending.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let logs = gw.access_logs();
+    assert_eq!(logs.len(), 1, "not cut while the client was not reading");
+    assert_eq!(logs[0]["error"], "request_timeout");
+    let latency = logs[0]["latency_ms"].as_f64().unwrap();
+    assert!(latency < 1500.0, "cut at {latency} ms");
+    let closed = tokio::time::timeout(Duration::from_secs(5), driven).await;
+    assert!(closed.is_ok(), "the connection was kept open");
+    drop(resp);
+}
+
+/// A client that stops reading a stream is cut at `request_timeout` all
+/// the same: hyper stops polling a body while the client's socket is
+/// full, so the connection itself watches the deadline. The request is
+/// accounted for then, not when (if ever) the client reads again.
+#[tokio::test]
+async fn a_stream_whose_client_stops_reading_is_cut_at_the_deadline() {
+    stalled_reader_is_cut_at_the_deadline("text/event-stream").await;
+}
+
+/// The same holds for any answer too long for the sockets' buffers: a
+/// download with no length, or an NDJSON stream.
+#[tokio::test]
+async fn a_long_answer_whose_client_stops_reading_is_cut_at_the_deadline() {
+    stalled_reader_is_cut_at_the_deadline("application/x-ndjson").await;
+}
+
+async fn stalled_reader_is_cut_at_the_deadline(content_type: &'static str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let url = flooding_upstream(content_type).await;
     let gw = TestGateway::start(&config(&url, "limits: { request_timeout: 500ms }")).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
