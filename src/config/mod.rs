@@ -42,6 +42,37 @@ pub fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// What is wrong with a PEM file, in words that never quote it:
+/// rustls' own messages print the offending line, and a key whose line
+/// breaks were lost (pasted from an env var) is one line.
+pub fn pem_problem(e: &rustls_pki_types::pem::Error) -> &'static str {
+    use rustls_pki_types::pem::Error;
+    match e {
+        Error::MissingSectionEnd { .. } => {
+            "a PEM section has no END line (were its line breaks lost?)"
+        }
+        Error::IllegalSectionStart { .. } => "a PEM BEGIN line is malformed",
+        Error::Base64Decode(_) => "a PEM section is not valid base64",
+        Error::NoItemsFound => "no PEM section of the expected kind",
+        Error::SectionTooLarge => "a PEM section is over 256 MB",
+        _ => "not valid PEM",
+    }
+}
+
+/// Why a JSON document did not parse, and where, without quoting it:
+/// serde's messages quote the values they met, and a document fetched
+/// from a server may reflect a token from its URL.
+pub fn json_problem(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Io => "could not be read",
+        Category::Syntax => "is not valid JSON",
+        Category::Data => "does not have the expected members",
+        Category::Eof => "ends too early",
+    };
+    format!("{what} (line {}, column {})", e.line(), e.column())
+}
+
 /// [`read_file`] as UTF-8 text.
 pub fn read_text(path: &Path) -> std::io::Result<String> {
     String::from_utf8(read_file(path)?)

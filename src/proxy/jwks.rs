@@ -121,21 +121,7 @@ impl JwksKeys {
             .await
             .map_err(|_| "the JWKS document could not be read (or is over 1 MiB)".to_owned())?
             .to_bytes();
-        let set: JwkSet =
-            serde_json::from_slice(&bytes).map_err(|e| format!("not a JWKS document: {e}"))?;
-        Ok(set
-            .keys
-            .iter()
-            .filter_map(|jwk| {
-                // Keys this crate cannot use (other key types) are skipped,
-                // not fatal: issuers publish several kinds.
-                let key = DecodingKey::from_jwk(jwk).ok()?;
-                Some(JwtKey {
-                    kid: jwk.common.key_id.clone(),
-                    key,
-                })
-            })
-            .collect())
+        keys_of(&bytes)
     }
 
     /// Fetches now and then every [`REFRESH_EVERY`] while the keys are in use.
@@ -154,9 +140,47 @@ impl JwksKeys {
     }
 }
 
+/// The keys of a JWKS document. A document that is not one is reported
+/// without quoting it: an issuer, or a proxy before it, may answer with
+/// an error that reflects the request URL, token and all.
+fn keys_of(bytes: &[u8]) -> Result<Vec<JwtKey>, String> {
+    let set: JwkSet = serde_json::from_slice(bytes).map_err(|e| {
+        format!(
+            "not a JWKS document: it {}",
+            crate::config::json_problem(&e)
+        )
+    })?;
+    Ok(set
+        .keys
+        .iter()
+        .filter_map(|jwk| {
+            // Keys this crate cannot use (other key types) are skipped,
+            // not fatal: issuers publish several kinds.
+            let key = DecodingKey::from_jwk(jwk).ok()?;
+            Some(JwtKey {
+                kid: jwk.common.key_id.clone(),
+                key,
+            })
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_document_that_is_not_a_jwks_is_reported_without_quoting_it() {
+        for doc in [
+            r#"{"keys": "no such page: /jwks.json?access_token=T0KEN"}"#,
+            r#"{"keys": [], "error": "T0KEN""#,
+            "<html>T0KEN</html>",
+        ] {
+            let error = keys_of(doc.as_bytes()).err().unwrap_or_default();
+            assert!(error.starts_with("not a JWKS document: it "), "{error}");
+            assert!(!error.contains("T0KEN"), "{error}");
+        }
+    }
 
     #[test]
     fn logged_urls_lose_userinfo_and_query() {

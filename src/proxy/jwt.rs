@@ -167,8 +167,12 @@ pub fn looks_like_jwt(credential: &[u8]) -> bool {
 /// certificates (RSA, EC or Ed25519), one or more.
 pub fn load_keys_file(text: &str) -> Result<Vec<JwtKey>, String> {
     if text.trim_start().starts_with('{') {
-        let set: JwkSet = serde_json::from_str(text)
-            .map_err(|e| format!("keys_file is not a JWKS document: {e}"))?;
+        let set: JwkSet = serde_json::from_str(text).map_err(|e| {
+            format!(
+                "keys_file is not a JWKS document: it {}",
+                crate::config::json_problem(&e)
+            )
+        })?;
         return set
             .keys
             .iter()

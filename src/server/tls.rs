@@ -65,8 +65,9 @@ fn read_certs(files: &TlsFiles) -> Result<Vec<CertificateDer<'static>>, String> 
         .collect::<Result<_, _>>()
         .map_err(|e| {
             format!(
-                "cert_file {} is not valid PEM: {e}",
-                files.cert_file.display()
+                "cert_file {} is not valid PEM: {}",
+                files.cert_file.display(),
+                crate::config::pem_problem(&e)
             )
         })?;
     if certs.is_empty() {
@@ -86,7 +87,11 @@ fn read_key(files: &TlsFiles) -> Result<PrivateKeyDer<'static>, String> {
             "key_file {} holds no PEM private key",
             files.key_file.display()
         ),
-        e => format!("key_file {}: {e}", files.key_file.display()),
+        e => format!(
+            "key_file {} is not valid PEM: {}",
+            files.key_file.display(),
+            crate::config::pem_problem(&e)
+        ),
     })
 }
 

@@ -150,7 +150,12 @@ pub fn build_tls(ca_pem: Option<&[u8]>, connect_timeout: Duration) -> Result<Htt
     if let Some(pem) = ca_pem {
         let mut added = 0;
         for cert in CertificateDer::pem_slice_iter(pem) {
-            let cert = cert.map_err(|e| format!("ca_file is not valid PEM: {e}"))?;
+            let cert = cert.map_err(|e| {
+                format!(
+                    "ca_file is not valid PEM: {}",
+                    crate::config::pem_problem(&e)
+                )
+            })?;
             roots
                 .add(cert)
                 .map_err(|e| format!("ca_file holds an unusable certificate: {e}"))?;

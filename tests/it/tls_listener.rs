@@ -107,6 +107,36 @@ fn unusable_certificate_files_are_config_errors() {
             && errors[0].ends_with("empty.key holds no PEM private key"),
         "{errors:?}"
     );
+
+    // A key whose line breaks were lost (pasted from an env var), or a
+    // bundle holding one: the message says what is wrong and quotes none
+    // of it, in any form (rustls' own message lists its bytes).
+    let one_line = pki.key_pem.trim().replace('\n', "\\n");
+    std::fs::write(dir.path().join("one-line.key"), &one_line).unwrap();
+    std::fs::write(
+        dir.path().join("bundle.crt"),
+        format!("{}{one_line}", pki.cert_pem),
+    )
+    .unwrap();
+    let body_line = pki.key_pem.lines().nth(1).unwrap();
+    let as_bytes = format!("{:?}", &body_line.as_bytes()[..8]);
+    let as_bytes = as_bytes.trim_end_matches(']');
+    for (tls, at) in [
+        (
+            "tls: { cert_file: tls.crt, key_file: one-line.key }",
+            "key_file",
+        ),
+        (
+            "tls: { cert_file: bundle.crt, key_file: one-line.key }",
+            "cert_file",
+        ),
+    ] {
+        let errors = load(tls);
+        assert!(errors[0].contains(&format!("{at} ")), "{errors:?}");
+        assert!(errors[0].contains("has no END line"), "{errors:?}");
+        assert!(!errors[0].contains(&body_line[..16]), "{errors:?}");
+        assert!(!errors[0].contains(as_bytes), "{errors:?}");
+    }
 }
 
 /// A TLS client that finishes its handshake and then says nothing is cut
