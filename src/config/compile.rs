@@ -42,6 +42,7 @@ pub fn compile(
         errors: Vec::new(),
         warnings: Vec::new(),
         expansions: Vec::new(),
+        plain_keys: Vec::new(),
     };
     let mut snapshot = c.config(raw);
     if c.errors.is_empty() {
@@ -62,6 +63,8 @@ struct Compiler<'a> {
     /// What `${VAR}`s expanded to, and the text as written: messages
     /// quote the latter (see [`Compiler::as_written`]).
     expansions: Vec<(String, String)>,
+    /// The API keys written as `key:`, for the body log to mask.
+    plain_keys: Vec<String>,
 }
 
 const DEFAULT_RETRY_ON: [RetryOn; 7] = [
@@ -975,7 +978,11 @@ impl Compiler<'_> {
                         self.error(&key_loc(&k.key), format!("api key `{id}` is empty"));
                         None
                     }
-                    Some(key) => Some(crate::proxy::auth::digest(key.as_bytes())),
+                    Some(key) => {
+                        let digest = crate::proxy::auth::digest(key.as_bytes());
+                        self.plain_keys.push(key);
+                        Some(digest)
+                    }
                     None => None,
                 },
                 (None, Some(hash)) => self.parsed(hash, |s| {
@@ -1272,13 +1279,28 @@ impl Compiler<'_> {
 
 impl Compiler<'_> {
     /// The `set_headers` values of `upstreams`, whole and, for `<scheme>
-    /// <credential>`, the credential alone: what a logged body must not
-    /// show (SPEC §5). Known settings written in the file
+    /// <credential>`, the credential alone, and the API keys written in
+    /// the file: what a logged body must not show (SPEC §5). Each is also
+    /// listed as a JSON string would escape it, once and twice, and with
+    /// `/` escaped as some encoders do. Known settings written in the file
     /// (`anthropic-version: 2023-06-01`) are left out, as are values too
     /// short to be keys: masked, they would mask the same words wherever
     /// they show.
     fn known_secrets(&self, upstreams: &[Arc<Upstream>]) -> KnownSecrets {
         let mut secrets: Vec<String> = Vec::new();
+        let mut add = |secret: &str| {
+            if secret.len() < 8 {
+                return;
+            }
+            let escaped = json_escaped(secret);
+            let twice = json_escaped(&escaped);
+            let slashes = escaped.replace('/', "\\/");
+            for form in [secret.to_owned(), escaped, twice, slashes] {
+                if !secrets.contains(&form) {
+                    secrets.push(form);
+                }
+            }
+        };
         for header in upstreams.iter().flat_map(|u| &u.set_headers) {
             let Ok(value) = header.value.to_str() else {
                 continue;
@@ -1287,17 +1309,26 @@ impl Compiler<'_> {
             if !from_variable && PLAIN_HEADERS.contains(&header.name.as_str()) {
                 continue;
             }
-            let credential = value.rsplit(' ').next().unwrap_or(value);
-            for secret in [value, credential] {
-                if secret.len() >= 8 && !secrets.iter().any(|s| s == secret) {
-                    secrets.push(secret.to_owned());
-                }
-            }
+            add(value);
+            add(value.rsplit(' ').next().unwrap_or(value));
+        }
+        for key in &self.plain_keys {
+            add(key);
         }
         // Longest first, so a whole value is masked before its credential.
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         KnownSecrets(secrets)
     }
+}
+
+/// `text` as it reads inside a JSON string.
+fn json_escaped(text: &str) -> String {
+    let quoted = serde_json::to_string(text).unwrap_or_default();
+    quoted
+        .strip_prefix('"')
+        .and_then(|q| q.strip_suffix('"'))
+        .unwrap_or(text)
+        .to_owned()
 }
 
 fn key_loc(t: &Option<Text>) -> Location {

@@ -53,7 +53,9 @@ impl BodyLog {
     /// and marked when cut short; never more than [`LIMIT`] bytes in all,
     /// the mark included.
     pub fn render(&self, known: &[String]) -> String {
-        let mut text = mask(&String::from_utf8_lossy(&self.head));
+        // Known values first: masking a pattern may cut one short and
+        // leave its tail unmatched (`Bearer acct:tail` → `Bearer ***:tail`).
+        let mut text = String::from_utf8_lossy(&self.head).into_owned();
         for secret in known {
             if text.contains(secret.as_str()) {
                 text = text.replace(secret.as_str(), MASK);
@@ -68,6 +70,7 @@ impl BodyLog {
                 text.push_str(MASK);
             }
         }
+        let mut text = mask(&text);
         if self.total <= self.head.len() && text.len() <= LIMIT {
             return text;
         }
@@ -299,33 +302,40 @@ fn skip_space(bytes: &[u8], mut i: usize) -> usize {
     i
 }
 
+/// A prefix, whether it is matched ignoring case, and whether the token
+/// after it is a credential.
+type Pattern = (&'static str, bool, fn(&str) -> bool);
+
 /// Credentials recognized by their look, wherever they are: the prefix
-/// kept, the token after it masked when at least `min` bytes long. A JWT
+/// kept, the token after it masked when it passes its check. A JWT
 /// (`eyJ…`, base64 of `{"`) is caught outside `Bearer` too.
-const PATTERNS: [(&str, bool, usize); 3] = [
-    // (prefix, case-insensitive, min)
-    ("bearer ", true, 1),
-    ("sk-", false, 8),
-    ("eyJ", false, 16),
+const PATTERNS: [Pattern; 4] = [
+    ("bearer ", true, |token| !token.is_empty()),
+    // Basic credentials are base64; prose ("basic questions") is words.
+    ("basic ", true, |token| {
+        token.len() >= 8 && !token.bytes().all(|b| b.is_ascii_lowercase())
+    }),
+    ("sk-", false, |token| token.len() >= 8),
+    ("eyJ", false, |token| token.len() >= 16),
 ];
 
-/// Masks what follows `Bearer `, `sk-` and `eyJ` (each at its own length).
+/// Masks what follows `Bearer `, `Basic `, `sk-` and `eyJ`.
 fn mask_patterns(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     loop {
         let found = PATTERNS
             .iter()
-            .filter_map(|&(prefix, ignore_case, min)| {
+            .filter_map(|&(prefix, ignore_case, accept)| {
                 let at = if ignore_case {
                     find_ignore_case(rest, prefix)
                 } else {
                     rest.find(prefix)
                 };
-                at.map(|at| (at, prefix.len(), min))
+                at.map(|at| (at, prefix.len(), accept))
             })
             .min_by_key(|&(at, ..)| at);
-        let Some((at, prefix_len, min)) = found else {
+        let Some((at, prefix_len, accept)) = found else {
             break;
         };
         let after = &rest[at + prefix_len..];
@@ -337,7 +347,7 @@ fn mask_patterns(text: &str) -> String {
             })
             .count();
         out.push_str(&rest[..at + prefix_len]);
-        if token_len >= min {
+        if accept(&after[..token_len]) {
             out.push_str(MASK);
         } else {
             out.push_str(&after[..token_len]);
@@ -457,6 +467,10 @@ mod tests {
             "auth was Bearer *** and key sk-*** end"
         );
         assert_eq!(mask("ask-me and sk-short"), "ask-me and sk-short");
+        assert_eq!(
+            mask(r#"{"access":"Basic dXNlcjpwYXNzd29yZA==","q":"basic questions"}"#),
+            r#"{"access":"Basic ***","q":"basic questions"}"#
+        );
         assert_eq!(
             mask(r#"{"content":"bearer 123"}"#),
             r#"{"content":"bearer ***"}"#

@@ -14,6 +14,7 @@ upstreams:
 auth:
   api_keys:
     - {{ id: alice, key: sk-alice-0123456789 }}
+    - {{ id: bob, key: gwkey-bob-5566778899 }}
 routes:
   - name: chat
     match: {{ path_prefix: /v1/ }}
@@ -124,13 +125,16 @@ async fn bodies_are_not_logged_by_default() {
 async fn set_headers_values_echoed_back_are_masked() {
     let upstream = MockUpstream::start(|seen| {
         // Under names nothing else masks.
+        // `x-slashed` as encoders that escape `/` write it.
         let echo = format!(
-            r#"{{"seen":["{}","{}","{}","{}","{}"]}}"#,
+            r#"{{"seen":["{}","{}","{}","{}","{}","{}","{}"]}}"#,
             seen.header("x-upstream-token").unwrap_or(""),
             seen.header("authorization").unwrap_or(""),
             seen.header("x-org").unwrap_or(""),
             seen.header("anthropic-version").unwrap_or(""),
-            seen.header("ocp-apim-subscription-key").unwrap_or("")
+            seen.header("ocp-apim-subscription-key").unwrap_or(""),
+            seen.header("x-acct").unwrap_or(""),
+            seen.header("x-slashed").unwrap_or("").replace('/', "\\/"),
         );
         UpstreamReply::text(echo)
     })
@@ -138,13 +142,18 @@ async fn set_headers_values_echoed_back_are_masked() {
     let yaml = config(&upstream.url(), true).replace(
         &format!("  llm: {{ url: \"{}\" }}", upstream.url()),
         &format!(
-            "  llm:\n    url: \"{}\"\n    set_headers: {{ x-upstream-token: uptok-4f9a8b7c6d, authorization: \"Token up-cred-99887766\", x-org: \"${{ORG}}\", anthropic-version: 2023-06-01, ocp-apim-subscription-key: apim-literal-5566 }}",
+            "  llm:\n    url: \"{}\"\n    set_headers: {{ x-upstream-token: uptok-4f9a8b7c6d, authorization: \"Token up-cred-99887766\", x-org: \"${{ORG}}\", anthropic-version: 2023-06-01, ocp-apim-subscription-key: apim-literal-5566, x-acct: \"Bearer acct_7Hq2:ACCT-TAIL-41\", x-slashed: wJalrXUtn/K7MDENG/SLASHED-TAIL-42 }}",
             upstream.url()
         ),
     );
     let gw = TestGateway::start_with_env(&yaml, &[("ORG", "org-from-env-31337")]).await;
+    // A client that pastes another client's gateway key into its prompt.
     let reply = Client::new()
-        .post_json(&gw.url("/v1/chat/completions"), &[ALICE], "{}")
+        .post_json(
+            &gw.url("/v1/chat/completions"),
+            &[ALICE],
+            r#"{"messages":[{"role":"user","content":"bob's key is gwkey-bob-5566778899"}]}"#,
+        )
         .await;
     assert_eq!(reply.status, 200);
     assert!(
@@ -160,6 +169,12 @@ async fn set_headers_values_echoed_back_are_masked() {
         "a value from a variable: {text}"
     );
     assert!(!text.contains("apim-literal-5566"), "a literal key: {text}");
+    assert!(
+        !text.contains("ACCT-TAIL-41"),
+        "a value partly masked: {text}"
+    );
+    assert!(!text.contains("SLASHED-TAIL-42"), "escaped slashes: {text}");
+    assert!(!text.contains("gwkey-bob"), "a gateway key: {text}");
     assert!(
         text.contains("2023-06-01"),
         "a plain setting is no secret: {text}"
