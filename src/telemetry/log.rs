@@ -88,10 +88,13 @@ fn without_library_directives(directives: &str) -> String {
             let d = d.trim();
             let target = d.split(['=', '[']).next().unwrap_or_default();
             let krate = target.split("::").next().unwrap_or_default();
-            // A span filter with no target (`[Connection]=trace`) reaches
-            // into the libraries' spans: it goes too.
-            let any_target_span = target.is_empty() && d.starts_with('[');
-            !LIBRARIES.contains(&krate) && !any_target_span
+            // A span filter enables what happens inside the spans it
+            // names, whatever the static caps say; its target matches
+            // every target it begins (`h[Connection]` reaches h2's): one
+            // that could reach a library's spans goes too.
+            let span_in_library =
+                d.contains('[') && LIBRARIES.iter().any(|library| library.starts_with(target));
+            !LIBRARIES.contains(&krate) && !span_in_library
         })
         .collect::<Vec<_>>()
         .join(",")
@@ -452,7 +455,7 @@ mod tests {
     /// `SLUICE_LOG` cannot lift the caps on the protocol libraries.
     #[test]
     fn library_caps_hold_over_any_directive() {
-        let asked = "trace,hyper=trace,hyper::proto=trace,h2::codec=debug,rustls::conn[x]=trace,[Connection]=trace";
+        let asked = "trace,hyper=trace,hyper::proto=trace,h2::codec=debug,rustls::conn[x]=trace,[Connection]=trace,h[Connection]=trace,hy[Conn]=debug";
         let filter = EnvFilter::new(with_library_caps(&without_library_directives(asked)));
         let buf = Arc::new(Mutex::new(Vec::new()));
         let subscriber = tracing_subscriber::fmt()
@@ -463,12 +466,16 @@ mod tests {
             tracing::debug!(target: "hyper::proto::h1", "hyper detail");
             tracing::trace!(target: "h2::codec", "h2 detail");
             tracing::trace!(target: "rustls::conn", "rustls detail");
+            let span = tracing::error_span!(target: "h2::proto", "Connection");
+            span.in_scope(|| tracing::trace!(target: "h2::proto", "h2 span detail"));
             tracing::warn!(target: "hyper::client", "hyper warning");
             tracing::trace!(target: "sluice::proxy", "sluice detail");
         });
         let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
         assert!(
-            !text.contains("hyper detail") && !text.contains("h2 detail"),
+            !text.contains("hyper detail")
+                && !text.contains("h2 detail")
+                && !text.contains("h2 span detail"),
             "{text}"
         );
         assert!(
