@@ -494,12 +494,8 @@ impl Compiler<'_> {
                             // may carry a credential (`?key=…`, `user:pass@`):
                             // quote it as written, never as expanded.
                             let written = upstream::without_secrets(&url.value.0);
-                            let e = match e.splitn(3, '`').collect::<Vec<_>>()[..] {
-                                [before, _, after] if url_text != url.value.0 => {
-                                    format!("{before}`{written}`{after}")
-                                }
-                                _ => e,
-                            };
+                            let shown = upstream::without_secrets(&url_text);
+                            let e = e.replace(&format!("`{shown}`"), &format!("`{written}`"));
                             self.error(&url.referenced, e);
                             continue;
                         }

@@ -707,6 +707,23 @@ fn errors_quote_variables_as_written() {
     }
 }
 
+/// An upstream url from a variable is quoted as written, whatever
+/// characters the value holds (a backtick ended the quote it was found by).
+#[test]
+fn a_bad_upstream_url_from_a_variable_is_quoted_as_written() {
+    let yaml = "upstreams:\n  app: { url: \"${U}\" }\nroutes:\n  - { name: r, match: { path_prefix: / }, upstream: app }\n";
+    for value in [
+        "http://h/a`PATH-SECRET-65 x",
+        "ftp://h/PATH-SECRET-65",
+        "PATH-SECRET-65",
+    ] {
+        let errs = errors_with_env(yaml, &[("U", value)]);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(!errs[0].contains("PATH-SECRET-65"), "{}", errs[0]);
+        assert!(errs[0].contains("`${U}`"), "{}", errs[0]);
+    }
+}
+
 /// Messages that name what a value refers to (a tier, an upstream, a
 /// pool member, a route) quote it as written too.
 #[test]
