@@ -49,8 +49,9 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Removes hop-by-hop headers, including those listed in `connection`.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes hop-by-hop headers, including those listed in `connection`;
+/// says whether `transfer-encoding` was among them.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     // One pass over the names finds the few present; only those are
     // removed, as each removal hashes. Most messages carry none, or only
     // `connection` (upstreams answer `connection: keep-alive`).
@@ -61,7 +62,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         }
     }
     if present == 0 {
-        return;
+        return false;
     }
     if present & 1 != 0 && !names_only_hop_by_hop(headers) {
         // `close` and names of the table (usually `keep-alive`) need no
@@ -84,6 +85,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+    present & (1 << 8) != 0
 }
 
 /// Whether `connection` is only `keep-alive` or `close` (what nearly
@@ -219,7 +221,11 @@ pub fn for_upstream(headers: &mut HeaderMap, upstream: &Upstream) {
 
 /// Prepares an upstream's response headers for the client.
 pub fn to_client(headers: &mut HeaderMap) {
-    strip_hop_by_hop(headers);
+    if strip_hop_by_hop(headers) {
+        // Chunks framed the body, not a length sent beside them (RFC 9112
+        // §6.3): passed on, a wrong one would end the client's copy short.
+        headers.remove(header::CONTENT_LENGTH);
+    }
     strip_sluice(headers);
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::support::{Client, MockUpstream, TestGateway, UpstreamReply};
+use crate::support::{AfterAnswer, Client, MockUpstream, RawUpstream, TestGateway, UpstreamReply};
 
 fn config(url: &str, timeouts: &str) -> String {
     format!(
@@ -116,4 +116,25 @@ routes:
         .await;
     assert_eq!(reply.status, 504, "{}", reply.text());
     assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
+}
+
+/// An answer framed by chunks that also states a length (a buggy server,
+/// or a smuggling attempt) reaches the client whole: the chunks frame it
+/// (RFC 9112 §6.3), and the length is not passed on to cut it short.
+#[tokio::test]
+async fn a_chunked_answer_with_a_stale_length_reaches_the_client_whole() {
+    let up = RawUpstream::start(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n",
+        AfterAnswer::KeepAlive,
+    )
+    .await;
+    let gw = TestGateway::start(&config(&up.url(), "{}")).await;
+    for _ in 0..2 {
+        let reply = Client::new().get(&gw.url("/x")).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.text(), "0123456789");
+        assert_ne!(reply.header("content-length"), Some("3"));
+    }
+    let logs = gw.wait_access_logs(2).await;
+    assert!(logs.iter().all(|l| l["error"].is_null()), "{logs:?}");
 }

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod gateway;
+pub mod raw;
 pub mod redis;
 pub mod upstream;
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 pub use client::{Client, Reply as ClientReply};
 pub use gateway::TestGateway;
+pub use raw::{AfterAnswer, RawUpstream};
 pub use redis::RedisServer;
 pub use upstream::{MockUpstream, Seen, TestPki, UpstreamReply, app_config, tls_listener_config};
 

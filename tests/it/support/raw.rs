@@ -1,0 +1,119 @@
+//! `RawUpstream`: an upstream written at the byte level, for answers a
+//! well-behaved HTTP server would never send (conflicting framing) and
+//! connection behaviour hyper hides (closing a kept-alive connection).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// How the upstream treats a connection after each answer.
+#[derive(Clone, Copy)]
+pub enum AfterAnswer {
+    /// Keeps it open for the next request.
+    KeepAlive,
+    /// Closes it once it has been idle this long, as app servers'
+    /// keep-alive timeouts do, without saying so in the answer.
+    CloseWhenIdle(Duration),
+}
+
+pub struct RawUpstream {
+    addr: std::net::SocketAddr,
+    requests: Arc<AtomicUsize>,
+    heads: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawUpstream {
+    /// Answers every request with `answer`, as it is.
+    pub async fn start(answer: &'static [u8], after: AfterAnswer) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (counted, kept) = (requests.clone(), heads.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                tokio::spawn(serve(conn, answer, after, counted.clone(), kept.clone()));
+            }
+        });
+        RawUpstream {
+            addr,
+            requests,
+            heads,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests answered so far.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// The request heads received, as text.
+    pub fn heads(&self) -> Vec<String> {
+        self.heads.lock().expect("heads").clone()
+    }
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(
+    mut conn: TcpStream,
+    answer: &'static [u8],
+    after: AfterAnswer,
+    requests: Arc<AtomicUsize>,
+    heads: Arc<Mutex<Vec<String>>>,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let idle = match after {
+            AfterAnswer::KeepAlive => Duration::from_secs(3600),
+            AfterAnswer::CloseWhenIdle(idle) => idle,
+        };
+        // A request head, then as many body bytes as its content-length
+        // says (the tests send no chunked bodies here).
+        let head_end = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout(idle, conn.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                _ => return,
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let length = head
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse::<usize>().ok())?
+            })
+            .unwrap_or(0);
+        while buf.len() < head_end + length {
+            let mut chunk = [0u8; 4096];
+            match conn.read(&mut chunk).await {
+                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                _ => return,
+            }
+        }
+        buf.drain(..head_end + length);
+        heads.lock().expect("heads").push(head);
+        requests.fetch_add(1, Ordering::SeqCst);
+        if conn.write_all(answer).await.is_err() {
+            return;
+        }
+    }
+}
