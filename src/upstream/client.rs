@@ -117,6 +117,12 @@ impl Body for UpstreamBody {
 /// How long an idle upstream connection is kept for reuse.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// The same for `http://` upstreams: under the keep-alive timeouts of the
+/// app servers found beside a sidecar (uvicorn's and Node's 5 s), so
+/// sluice retires an idle connection before the app closes it under a
+/// request it is sending. A new connection on loopback costs little.
+const PLAIN_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
 fn tcp_connector(connect_timeout: Duration) -> HttpConnector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
@@ -139,7 +145,10 @@ fn pooled(
 
 /// Builds a plain-HTTP client.
 pub fn build_plain(connect_timeout: Duration) -> HttpClient {
-    HttpClient::Plain(H1Pool::new(tcp_connector(connect_timeout), IDLE_TIMEOUT))
+    HttpClient::Plain(H1Pool::new(
+        tcp_connector(connect_timeout),
+        PLAIN_IDLE_TIMEOUT,
+    ))
 }
 
 /// Builds an HTTPS client trusting the web roots and the certificates in

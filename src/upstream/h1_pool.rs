@@ -61,7 +61,11 @@ impl H1Pool {
     /// Sends `req` (an absolute `http://` URI) on an idle connection to its
     /// host, or on a new one. A request that a reused connection closed
     /// before it was written goes out again on a fresh connection, as
-    /// hyper-util's pool does: the upstream never saw it.
+    /// hyper-util's pool does: the upstream never saw it. So does a
+    /// replayable one (see [`replay_of`]) that a reused connection failed
+    /// before any answer: the upstream closed an idle connection as it was
+    /// being reused, a race every keep-alive timeout shorter than ours
+    /// loses now and then (Go's and nginx's clients replay these too).
     pub async fn request(
         self: &Arc<Self>,
         mut req: Request<BoxBody>,
@@ -82,8 +86,14 @@ impl H1Pool {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         *req.uri_mut() = Uri::from(origin_form);
+        let mut replayed = false;
         loop {
-            let (mut sender, reused) = match self.checkout(&authority) {
+            let checked_out = if replayed {
+                None
+            } else {
+                self.checkout(&authority)
+            };
+            let (mut sender, reused) = match checked_out {
                 Some(sender) => (sender, true),
                 None => (self.connect(&authority).await?, false),
             };
@@ -93,6 +103,7 @@ impl H1Pool {
                 }
                 return Err(ClientError::Closed);
             }
+            let replay = if reused { replay_of(&req) } else { None };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     let lease = Lease {
@@ -105,11 +116,16 @@ impl H1Pool {
                         lease: Some(lease),
                     }));
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => req = unsent,
+                Err(mut e) => match (e.take_message(), replay) {
+                    (Some(unsent), _) if reused => req = unsent,
                     // A new connection closed before the request was sent.
-                    Some(_) => return Err(ClientError::Closed),
-                    None => return Err(ClientError::Http(e.into_error())),
+                    (Some(_), _) => return Err(ClientError::Closed),
+                    (None, Some(again)) => {
+                        tracing::debug!(error = %e.error(), "replaying a request a reused upstream connection dropped");
+                        req = again;
+                        replayed = true;
+                    }
+                    (None, None) => return Err(ClientError::Http(e.into_error())),
                 },
             }
         }
@@ -199,6 +215,28 @@ impl H1Pool {
             }
         });
     }
+}
+
+/// A copy of `req` to send again if a reused connection fails it before
+/// any answer, when sending it twice is safe: an idempotent method with
+/// no body (RFC 9110 §9.2.2). Others (a chat completion is a POST) are never replayed: the upstream
+/// may have started on it.
+fn replay_of(req: &Request<BoxBody>) -> Option<Request<BoxBody>> {
+    use http::Method;
+    let method = req.method();
+    let idempotent = matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    );
+    if !idempotent || !req.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(crate::body::empty());
+    *copy.method_mut() = method.clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
 }
 
 /// `Host` for an authority, without the scheme's default port (as

@@ -138,3 +138,26 @@ async fn a_chunked_answer_with_a_stale_length_reaches_the_client_whole() {
     let logs = gw.wait_access_logs(2).await;
     assert!(logs.iter().all(|l| l["error"].is_null()), "{logs:?}");
 }
+
+/// An upstream that closes a kept-alive connection just as sluice reuses
+/// it (its keep-alive timeout ran out) costs a GET nothing: the request is
+/// sent again on a fresh connection. A POST is not: the upstream may have
+/// started on it, so it fails as it did.
+#[tokio::test]
+async fn a_get_a_reused_connection_dropped_is_sent_again_on_a_fresh_one() {
+    let up = RawUpstream::start(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        AfterAnswer::DropTheNext,
+    )
+    .await;
+    let gw = TestGateway::start(&config(&up.url(), "{}")).await;
+    let client = Client::new();
+    assert_eq!(client.get(&gw.url("/x")).await.status, 200);
+    let again = client.get(&gw.url("/x")).await;
+    assert_eq!(again.status, 200, "{}", again.text());
+    assert_eq!(again.text(), "ok");
+    assert_eq!(up.requests(), 3, "the dropped request and its replay");
+    let post = client.post_json(&gw.url("/x"), &[], "{}").await;
+    assert_eq!(post.status, 502, "{}", post.text());
+    assert_eq!(up.requests(), 4, "a POST is not sent twice");
+}

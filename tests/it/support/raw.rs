@@ -17,6 +17,9 @@ pub enum AfterAnswer {
     /// Closes it once it has been idle this long, as app servers'
     /// keep-alive timeouts do, without saying so in the answer.
     CloseWhenIdle(Duration),
+    /// Closes it, unanswered, when its next request comes: an upstream
+    /// closing an idle connection just as it is reused.
+    DropTheNext,
 }
 
 pub struct RawUpstream {
@@ -51,7 +54,7 @@ impl RawUpstream {
         format!("http://{}", self.addr)
     }
 
-    /// Requests answered so far.
+    /// Requests received so far (answered or not).
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
     }
@@ -76,10 +79,11 @@ async fn serve(
     heads: Arc<Mutex<Vec<String>>>,
 ) {
     let mut buf = Vec::new();
+    let mut answered = false;
     loop {
         let idle = match after {
-            AfterAnswer::KeepAlive => Duration::from_secs(3600),
             AfterAnswer::CloseWhenIdle(idle) => idle,
+            _ => Duration::from_secs(3600),
         };
         // A request head, then as many body bytes as its content-length
         // says (the tests send no chunked bodies here).
@@ -112,6 +116,10 @@ async fn serve(
         buf.drain(..head_end + length);
         heads.lock().expect("heads").push(head);
         requests.fetch_add(1, Ordering::SeqCst);
+        if answered && matches!(after, AfterAnswer::DropTheNext) {
+            return;
+        }
+        answered = true;
         if conn.write_all(answer).await.is_err() {
             return;
         }
