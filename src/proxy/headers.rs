@@ -196,11 +196,12 @@ pub fn from_client(headers: &mut HeaderMap, ctx: &RequestCtx) {
         X_FORWARDED_PROTO,
         HeaderValue::from_static(if ctx.tls { "https" } else { "http" }),
     );
-    let host = original_host.or_else(|| {
-        ctx.uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    // The target's authority first, as routes read it (`route::request_host`).
+    let host = ctx
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .or(original_host);
     match host {
         Some(h) => {
             headers.insert(X_FORWARDED_HOST, h);

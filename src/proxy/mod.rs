@@ -193,6 +193,7 @@ async fn process(
     {
         *req.uri_mut() = uri;
     }
+    route::check_host(req.version(), req.uri(), req.headers())?;
     let (index, route) = match route::select(snap, req.method(), req.uri(), req.headers()) {
         Ok(found) => found,
         Err(refused) => {

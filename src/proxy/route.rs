@@ -3,7 +3,7 @@
 //! host but none allows the method, the answer is 405 with that route's
 //! `allow`; when none matches at all, 404.
 
-use http::{HeaderMap, Method, Uri, header};
+use http::{HeaderMap, Method, Uri, Version, header};
 
 use super::error::ProxyError;
 use crate::snapshot::{PathMatch, Route, Snapshot};
@@ -140,17 +140,55 @@ fn host_matches(want: Option<&str>, host: Option<&str>) -> bool {
     }
 }
 
-/// The request's host without port: the URI authority (HTTP/2) or `host`.
+/// The request's host without port: the URI authority (HTTP/2, or an
+/// absolute-form target) or `host`. `x-forwarded-host` is taken from the
+/// same place, so an upstream sees the host the route was chosen by.
 pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
     let raw = match uri.host() {
         Some(h) => h,
         None => headers.get(header::HOST)?.to_str().ok()?,
     };
-    // `[::1]:8080` keeps its brackets; `example.com:8080` loses the port.
+    Some(without_port(raw))
+}
+
+/// `[::1]:8080` keeps its brackets, `example.com:8080` loses the port,
+/// and a fully qualified `example.com.` its root dot.
+fn without_port(raw: &str) -> &str {
     if raw.starts_with('[') {
-        return raw.find(']').map(|end| &raw[..=end]);
+        return raw.find(']').map_or(raw, |end| &raw[..=end]);
     }
-    Some(raw.split_once(':').map_or(raw, |(host, _port)| host))
+    let host = raw.split_once(':').map_or(raw, |(host, _port)| host);
+    host.strip_suffix('.').unwrap_or(host)
+}
+
+/// Refuses requests whose host is ambiguous (RFC 9112 §3.2, RFC 9113
+/// §8.3.1), as nginx does: more than one `host`, none on HTTP/1.1, or one
+/// naming another host than the target's authority. Routes match on the
+/// host, and an upstream trusting `x-forwarded-host` must see the same.
+pub fn check_host(version: Version, uri: &Uri, headers: &HeaderMap) -> Result<(), ProxyError> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    let problem = if hosts.next().is_some() {
+        "the request has more than one host header"
+    } else {
+        match (uri.host(), host) {
+            (None, None) if version == Version::HTTP_11 => {
+                "an HTTP/1.1 request needs a host header"
+            }
+            (Some(target), Some(host))
+                if !host
+                    .to_str()
+                    .is_ok_and(|h| without_port(h).eq_ignore_ascii_case(without_port(target))) =>
+            {
+                "the host header names another host than the request target"
+            }
+            _ => return Ok(()),
+        }
+    };
+    Err(ProxyError::InvalidRequest {
+        message: problem.to_owned(),
+        param: None,
+    })
 }
 
 #[cfg(test)]

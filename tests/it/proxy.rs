@@ -413,3 +413,117 @@ async fn a_chunked_chat_body_over_the_limit_is_413() {
     assert_eq!(reply.json()["error"]["code"], "request_too_large");
     assert!(up.seen().is_empty());
 }
+
+/// Sends raw bytes and reads the answer's status and whole text.
+async fn raw_exchange(gw: &TestGateway, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        conn.read_to_end(&mut got),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// A route chosen by host is chosen by the same host the upstream is told
+/// of in `x-forwarded-host`: a request naming two hosts (an absolute-form
+/// target and a `host` header, two `host` lines, or, on h2, `:authority`
+/// and `host`) is refused, as nginx refuses it, rather than routed by one
+/// and forwarded as the other.
+#[tokio::test]
+async fn a_request_naming_two_hosts_is_refused() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  app: {{ url: "{}" }}
+auth:
+  api_keys: [ {{ id: a, key: key-a }} ]
+routes:
+  - name: admin
+    match: {{ host: admin.internal }}
+    upstream: app
+  - name: open
+    match: {{ path_prefix: / }}
+    auth: none
+    upstream: app
+"#,
+        up.url()
+    ))
+    .await;
+    for (request, why) in [
+        (
+            "GET http://public.example/x HTTP/1.1\r\nhost: admin.internal\r\nconnection: close\r\n\r\n",
+            "absolute-form target and host differ",
+        ),
+        (
+            "GET /x HTTP/1.1\r\nhost: public.example\r\nhost: admin.internal\r\nconnection: close\r\n\r\n",
+            "two host lines",
+        ),
+        (
+            "GET /x HTTP/1.1\r\nconnection: close\r\n\r\n",
+            "no host on HTTP/1.1",
+        ),
+    ] {
+        let (status, text) = raw_exchange(&gw, request).await;
+        assert_eq!(status, 400, "{why}: {text}");
+        assert!(
+            text.contains("\"code\":\"invalid_request\""),
+            "{why}: {text}"
+        );
+    }
+    assert!(up.seen().is_empty(), "nothing was forwarded");
+
+    // HTTP/1.0 needs no host; an absolute-form target agreeing with its
+    // host is routed and forwarded by it; a fully qualified host (root
+    // dot) is the same host.
+    let (status, _) = raw_exchange(&gw, "GET /x HTTP/1.0\r\n\r\n").await;
+    assert_eq!(status, 200);
+    let (status, _) = raw_exchange(
+        &gw,
+        "GET http://admin.internal/x HTTP/1.1\r\nhost: admin.internal\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 401, "the admin route, which needs a key");
+    let (status, _) = raw_exchange(
+        &gw,
+        "GET http://public.example/x HTTP/1.1\r\nhost: public.example:80\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        up.seen().last().unwrap().header("x-forwarded-host"),
+        Some("public.example")
+    );
+    let (status, _) = raw_exchange(
+        &gw,
+        "GET /x HTTP/1.1\r\nhost: admin.internal.\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 401, "admin.internal. is admin.internal");
+
+    // h2: `:authority` and a `host` that differ.
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("http://public.example/x")
+        .header("host", "admin.internal")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 400);
+}
