@@ -172,6 +172,12 @@ async fn stream_through(
         count(active, index, Outcome::ClientError);
         return Err(ProxyError::TooLarge { limit: max_body });
     }
+    if result.is_err() && progress.client_failed() {
+        // A broken chunk or a client gone mid-upload cut the request
+        // short: the upstream did nothing wrong, and counts no failure.
+        count(active, index, Outcome::ClientError);
+        return Err(unreadable_body());
+    }
     count_answer(active, index, &result);
     result.map_err(|f| single_failure(&upstream.name, f))
 }
@@ -211,10 +217,7 @@ pub async fn read_body(
         };
         let Some(frame) = next else { break };
         let Ok(frame) = frame else {
-            return Err(ProxyError::InvalidRequest {
-                param: None,
-                message: "the request body could not be read".to_owned(),
-            });
+            return Err(unreadable_body());
         };
         let Ok(data) = frame.into_data() else {
             continue; // trailers: not part of the body
@@ -225,6 +228,16 @@ pub async fn read_body(
         joined.push(&data);
     }
     Ok(joined.into_bytes())
+}
+
+/// A request body that broke its framing (a bad chunk) or ended early
+/// (the client went away): the same 400 whether it was read whole first
+/// or streamed through.
+fn unreadable_body() -> ProxyError {
+    ProxyError::InvalidRequest {
+        param: None,
+        message: "the request body could not be read".to_owned(),
+    }
 }
 
 /// Tries the pool's members in order until one answers well.

@@ -181,10 +181,16 @@ const PASSING: u8 = 0;
 /// The last read found no bytes from the client: sluice waits on it.
 const WAITING: u8 = 1;
 const OVER_LIMIT: u8 = 2;
+/// Reading the client's body failed: it broke its framing or went away.
+const CLIENT_FAILED: u8 = 3;
 
 impl BodyProgress {
     pub fn over_limit(&self) -> bool {
         self.0.load(Ordering::Acquire) == OVER_LIMIT
+    }
+
+    pub fn client_failed(&self) -> bool {
+        self.0.load(Ordering::Acquire) == CLIENT_FAILED
     }
 
     pub fn waiting_on_client(&self) -> bool {
@@ -251,7 +257,10 @@ where
                 this.flag.set(PASSING);
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::new(e)))),
+            Poll::Ready(Some(Err(e))) => {
+                this.flag.set(CLIENT_FAILED);
+                Poll::Ready(Some(Err(BodyError::new(e))))
+            }
             Poll::Ready(None) => {
                 this.flag.set(PASSING);
                 Poll::Ready(None)

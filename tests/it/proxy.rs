@@ -527,3 +527,34 @@ routes:
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 400);
 }
+
+/// A body streamed through to the upstream that breaks its chunked
+/// framing is the client's error, as it is on a route that reads bodies
+/// whole: a 400, counted against nobody's upstream (not a 502 that would
+/// page whoever watches upstream errors).
+#[tokio::test]
+async fn a_malformed_body_streamed_through_is_a_client_error() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&crate::support::app_config(&up.url(), "")).await;
+    let (status, text) = raw_exchange(
+        &gw,
+        "POST /x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains("the request body could not be read"),
+        "{text}"
+    );
+    let logs = gw.wait_access_logs(1).await;
+    for (outcome, count) in [("client_error", 1.0), ("connection_error", 0.0)] {
+        let counted = gw
+            .metric(
+                "sluice_upstream_requests_total",
+                &[("upstream", "app"), ("outcome", outcome)],
+            )
+            .await;
+        assert_eq!(counted.unwrap_or(0.0), count, "{outcome}");
+    }
+    assert_eq!(logs[0]["status"], 400);
+}
