@@ -158,6 +158,14 @@ async fn stream_through(
                 attempts: "no upstream configured".to_owned(),
             })?;
     headers::for_upstream(&mut parts.headers, upstream);
+    if body_of_unknown_length(&parts.method, &body) {
+        // hyper sends a GET, HEAD or CONNECT of unknown length with no
+        // body at all unless told to chunk it: the body would be lost.
+        parts.headers.insert(
+            http::header::TRANSFER_ENCODING,
+            http::HeaderValue::from_static("chunked"),
+        );
+    }
     let (body, progress) = CappedBody::new(body, max_body);
     let result = attempt(active, index, ctx, parts, body.boxed_unsync()).await;
     if matches!(&result, Err(f) if f.outcome == Outcome::Timeout) && progress.waiting_on_client() {
@@ -180,6 +188,16 @@ async fn stream_through(
     }
     count_answer(active, index, &result);
     result.map_err(|f| single_failure(&upstream.name, f))
+}
+
+/// A body on a method that rarely has one, with no length said (chunked
+/// on HTTP/1.1, DATA frames on h2).
+fn body_of_unknown_length(method: &http::Method, body: &Incoming) -> bool {
+    use http::Method;
+    use hyper::body::Body;
+    matches!(*method, Method::GET | Method::HEAD | Method::CONNECT)
+        && !body.is_end_stream()
+        && body.size_hint().exact().is_none()
 }
 
 /// The error of a route's single upstream failing.

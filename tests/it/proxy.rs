@@ -558,3 +558,30 @@ async fn a_malformed_body_streamed_through_is_a_client_error() {
     }
     assert_eq!(logs[0]["status"], 400);
 }
+
+/// A GET with a chunked body (some search APIs take one) reaches the
+/// upstream with its body, as nginx forwards it.
+#[tokio::test]
+async fn a_chunked_body_on_a_get_is_forwarded() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&crate::support::app_config(&up.url(), "")).await;
+    let (status, text) = raw_exchange(
+        &gw,
+        "GET /search HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let seen = up.seen();
+    assert_eq!(seen[0].method, Method::GET);
+    assert_eq!(&seen[0].body[..], b"hello");
+    // A GET without a body is still sent without one.
+    let (status, _) = raw_exchange(
+        &gw,
+        "GET /plain HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let seen = up.seen();
+    assert!(seen[1].body.is_empty());
+    assert_eq!(seen[1].header("transfer-encoding"), None);
+}
