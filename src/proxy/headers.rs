@@ -152,14 +152,26 @@ pub fn from_client(headers: &mut HeaderMap, ctx: &RequestCtx) {
     strip_sluice(headers);
     // One pass over the names, as for hop-by-hop headers: a removal
     // hashes, and most requests carry at most one of the two.
-    let (authorization, api_key) = headers.keys().fold((false, false), |(a, k), name| {
-        (a || name == header::AUTHORIZATION, k || name == X_API_KEY)
-    });
+    let (authorization, api_key, expect) =
+        headers
+            .keys()
+            .fold((false, false, false), |(a, k, e), name| {
+                (
+                    a || name == header::AUTHORIZATION,
+                    k || name == X_API_KEY,
+                    e || name == header::EXPECT,
+                )
+            });
     if authorization {
         headers.remove(header::AUTHORIZATION);
     }
     if api_key {
         headers.remove(X_API_KEY);
+    }
+    if expect {
+        // hyper answered the client's `100-continue` already; the
+        // upstream gets the body without being asked (as nginx does).
+        headers.remove(header::EXPECT);
     }
     // sluice reads answers as they pass (usage, the cache, the body log),
     // so it asks upstreams for them uncompressed; a compressed answer

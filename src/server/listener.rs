@@ -20,6 +20,9 @@ use super::preface;
 use crate::gateway::Gateway;
 use crate::proxy::{self, ctx::ConnInfo};
 
+/// The most an HTTP/1 request head may take (request line and headers).
+const MAX_HEAD: usize = 64 * 1024;
+
 pub async fn serve(
     gw: Arc<Gateway>,
     listener: TcpListener,
@@ -39,7 +42,11 @@ pub async fn serve(
         // for the small messages an LLM API mostly exchanges this costs
         // less than a vectored write of separate pieces (~3% of CPU per
         // request in bench/run.sh).
-        .writev(false);
+        .writev(false)
+        // hyper's default lets a request head reach ~400 KB, held per
+        // connection while it is read; 64 KiB is Envoy's bound (nginx's
+        // is 8 KB by default). Larger heads get 431.
+        .max_buf_size(MAX_HEAD);
     // An h2 client that sent its preface and then nothing, or vanished,
     // must not hold a slot for ever either: a ping unanswered within
     // header_read_timeout closes the connection (live clients answer).

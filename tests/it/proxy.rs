@@ -426,12 +426,19 @@ async fn raw_exchange(gw: &TestGateway, request: &str) -> (u16, String) {
     )
     .await;
     let text = String::from_utf8_lossy(&got).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, text)
+    // The final answer's status, after any interim (1xx) ones.
+    let mut rest = text.as_str();
+    loop {
+        let status: u16 = rest
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        match rest.split_once("\r\n\r\n") {
+            Some((_, after)) if (100..200).contains(&status) => rest = after,
+            _ => return (status, text),
+        }
+    }
 }
 
 /// A route chosen by host is chosen by the same host the upstream is told
@@ -584,4 +591,45 @@ async fn a_chunked_body_on_a_get_is_forwarded() {
     let seen = up.seen();
     assert!(seen[1].body.is_empty());
     assert_eq!(seen[1].header("transfer-encoding"), None);
+}
+
+/// A request head is bounded (64 KiB, Envoy's bound) rather than
+/// hyper's ~400 KB: larger ones get 431 and never reach the upstream.
+#[tokio::test]
+async fn an_oversized_request_head_is_refused() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&crate::support::app_config(&up.url(), "")).await;
+    let big = "a".repeat(100 * 1024);
+    let (status, _) = raw_exchange(
+        &gw,
+        &format!("GET /x HTTP/1.1\r\nhost: t\r\nx-big: {big}\r\nconnection: close\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 431);
+    let fits = "a".repeat(32 * 1024);
+    let (status, _) = raw_exchange(
+        &gw,
+        &format!("GET /x HTTP/1.1\r\nhost: t\r\nx-big: {fits}\r\nconnection: close\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(up.seen().len(), 1);
+}
+
+/// sluice answers a client's `expect: 100-continue` itself (hyper sends
+/// the 100 when the body is wanted); the upstream gets the body without
+/// the header, as nginx forwards it.
+#[tokio::test]
+async fn expect_continue_is_answered_not_forwarded() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&crate::support::app_config(&up.url(), "")).await;
+    let (status, text) = raw_exchange(
+        &gw,
+        "POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\nexpect: 100-continue\r\nconnection: close\r\n\r\nhello",
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let seen = up.seen();
+    assert_eq!(&seen[0].body[..], b"hello");
+    assert_eq!(seen[0].header("expect"), None);
 }
