@@ -193,6 +193,14 @@ async fn process(
     {
         *req.uri_mut() = uri;
     }
+    if req.method() == http::Method::CONNECT {
+        // A tunnel request to a reverse proxy: no upstream can take it
+        // (nginx answers it 400 too).
+        return Err(ProxyError::InvalidRequest {
+            message: "CONNECT is not supported: sluice is a reverse proxy".to_owned(),
+            param: None,
+        });
+    }
     route::check_host(req.version(), req.uri(), req.headers())?;
     let (index, route) = match route::select(snap, req.method(), req.uri(), req.headers()) {
         Ok(found) => found,

@@ -633,3 +633,19 @@ async fn expect_continue_is_answered_not_forwarded() {
     assert_eq!(&seen[0].body[..], b"hello");
     assert_eq!(seen[0].header("expect"), None);
 }
+
+/// A tunnel request is refused, not forwarded as a malformed request to
+/// whichever route takes any path.
+#[tokio::test]
+async fn connect_is_refused() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&crate::support::app_config(&up.url(), "")).await;
+    let (status, text) = raw_exchange(
+        &gw,
+        "CONNECT tunnel.example:443 HTTP/1.1\r\nhost: tunnel.example:443\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("CONNECT is not supported"), "{text}");
+    assert!(up.seen().is_empty());
+}
