@@ -315,7 +315,13 @@ impl Fill {
         }
         for (name, value) in headers {
             if !is_per_response(name) {
-                self.headers.append(name.clone(), value.clone());
+                // Copied: a parsed value is a slice of the connection's
+                // whole read buffer, which a clone would keep alive for as
+                // long as the entry lives (8 KiB per entry, unaccounted).
+                let Ok(owned) = HeaderValue::from_bytes(value.as_bytes()) else {
+                    continue;
+                };
+                self.headers.append(name.clone(), owned);
             }
         }
         true
@@ -383,4 +389,30 @@ fn is_per_response(name: &header::HeaderName) -> bool {
         || name == headers::X_REQUEST_ID
         || name.as_str().starts_with("x-ratelimit-")
         || headers::is_sluice(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A parsed header value is a slice of its connection's read buffer:
+    /// a stored copy must own its bytes, or each entry would keep a whole
+    /// buffer alive that the cache's size bound never counts.
+    #[test]
+    fn stored_headers_own_their_bytes() {
+        let buffer = bytes::Bytes::from(vec![b'a'; 8192]);
+        let value = HeaderValue::from_maybe_shared(buffer.slice(0..16)).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, value);
+        let settings = RouteCache {
+            ttl: Duration::from_secs(60),
+            scope: crate::snapshot::CacheScope::Shared,
+        };
+        let mut fill = Fill::new([0; 32], &settings, None, 1024);
+        assert!(fill.accept_head(StatusCode::OK, &headers));
+        let stored = fill.headers.get(header::CONTENT_TYPE).unwrap();
+        assert_eq!(stored.as_bytes(), &buffer[..16]);
+        let range = buffer.as_ptr_range();
+        assert!(!range.contains(&stored.as_bytes().as_ptr()));
+    }
 }
