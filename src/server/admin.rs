@@ -7,24 +7,38 @@ use std::sync::Arc;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::body::{BoxBody, full};
 use crate::gateway::Gateway;
 
+/// How long an admin connection may take to send a request head, also
+/// its first byte: the port is reachable from outside the pod, and a
+/// connection that says nothing must not hold a descriptor for ever.
+const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
+    // HTTP/1.1 only (Prometheus and the kubelet speak it): the protocol
+    // sniffing of an auto builder waits for a first byte with no timer.
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT);
     let builder = Arc::new(builder);
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
-                Err(_) => continue,
+                Err(_) => {
+                    // Out of descriptors (EMFILE): back off as the proxy
+                    // listener does instead of spinning on the error.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
             },
             _ = stop.changed() => break,
         };

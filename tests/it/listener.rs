@@ -281,3 +281,21 @@ async fn a_quiet_h2_connection_frees_its_slot() {
     let reply = crate::support::Client::new().get(&gw.url("/x")).await;
     assert_eq!(reply.status, 200);
 }
+
+/// The admin port is reachable from outside the pod: a connection that
+/// sends nothing is closed after a while instead of holding a descriptor
+/// for ever, and the port keeps answering.
+#[tokio::test]
+async fn a_silent_admin_connection_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&crate::support::app_config(&up.url(), "")).await;
+    let mut silent = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(15), silent.read(&mut buf)).await;
+    assert!(closed.is_ok(), "a silent admin connection was kept");
+    let reply = crate::support::Client::new()
+        .get(&format!("http://{}/healthz", gw.admin))
+        .await;
+    assert_eq!(reply.status, 200);
+}
