@@ -159,8 +159,8 @@ async fn stream_through(
             })?;
     headers::for_upstream(&mut parts.headers, upstream);
     if body_of_unknown_length(&parts.method, &body) {
-        // hyper sends a GET, HEAD or CONNECT of unknown length with no
-        // body at all unless told to chunk it: the body would be lost.
+        // hyper sends a GET or HEAD of unknown length with no body at
+        // all unless told to chunk it: the body would be lost.
         parts.headers.insert(
             http::header::TRANSFER_ENCODING,
             http::HeaderValue::from_static("chunked"),
@@ -195,7 +195,7 @@ async fn stream_through(
 fn body_of_unknown_length(method: &http::Method, body: &Incoming) -> bool {
     use http::Method;
     use hyper::body::Body;
-    matches!(*method, Method::GET | Method::HEAD | Method::CONNECT)
+    matches!(*method, Method::GET | Method::HEAD)
         && !body.is_end_stream()
         && body.size_hint().exact().is_none()
 }

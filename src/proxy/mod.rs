@@ -144,7 +144,7 @@ pub async fn handle(
         .filter(|_| ctx.upstream_index.is_some() && ctx.error.is_none());
     let sse = idle.is_some() && content_type.is_some_and(|v| sse::is_event_stream(v.as_bytes()));
     if idle.is_some()
-        && (sse || may_outgrow_socket_buffers(resp.headers()))
+        && (sse || may_outgrow_socket_buffers(resp.body()))
         && let Some(watch) = &conn.deadline
     {
         // A stream may outlive a client that stopped reading, which the
@@ -170,13 +170,12 @@ pub async fn handle(
 /// An answer with no length, or one too long to sit whole in the
 /// sockets' buffers: a client that stops reading it can stall it. A short
 /// one is written out at once, whoever reads it.
-fn may_outgrow_socket_buffers(headers: &http::HeaderMap) -> bool {
+/// (Read from the body's own size, which hyper took from its length:
+/// no header lookup on every answer.)
+fn may_outgrow_socket_buffers(body: &BoxBody) -> bool {
+    use hyper::body::Body;
     const BUFFERED: u64 = 64 * 1024;
-    headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_none_or(|len| len > BUFFERED)
+    body.size_hint().exact().is_none_or(|len| len > BUFFERED)
 }
 
 async fn process(
@@ -201,23 +200,24 @@ async fn process(
             param: None,
         });
     }
-    route::check_host(req.version(), req.uri(), req.headers())?;
-    let (index, route) = match route::select(snap, req.method(), req.uri(), req.headers()) {
-        Ok(found) => found,
-        Err(refused) => {
-            if let Some(route) = refused.route
-                && let Some(rules) = &route.cors
-            {
-                ctx.cors = Some(cors::allowed(rules, req.headers()));
-                if req.method() == http::Method::OPTIONS {
-                    // A plain OPTIONS no route takes, on a CORS route whose
-                    // `allow` names OPTIONS (its preflights): what it allows.
-                    return Ok(cors::options(&route.allow));
+    let host = route::request_host(req.version(), req.uri(), req.headers())?;
+    let (index, route) =
+        match route::select(snap, req.method(), req.uri().path(), host, req.headers()) {
+            Ok(found) => found,
+            Err(refused) => {
+                if let Some(route) = refused.route
+                    && let Some(rules) = &route.cors
+                {
+                    ctx.cors = Some(cors::allowed(rules, req.headers()));
+                    if req.method() == http::Method::OPTIONS {
+                        // A plain OPTIONS no route takes, on a CORS route whose
+                        // `allow` names OPTIONS (its preflights): what it allows.
+                        return Ok(cors::options(&route.allow));
+                    }
                 }
+                return Err(refused.error);
             }
-            return Err(refused.error);
-        }
-    };
+        };
     ctx.route = Some(route.name.clone());
     ctx.route_index = Some(index);
     // Decremented by the tap when the response ends, streams included.

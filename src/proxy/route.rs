@@ -8,14 +8,14 @@ use http::{HeaderMap, Method, Uri, Version, header};
 use super::error::ProxyError;
 use crate::snapshot::{PathMatch, Route, Snapshot};
 
+/// `host` is the request's, as [`request_host`] reads it.
 pub fn select<'s>(
     snap: &'s Snapshot,
     method: &Method,
-    uri: &Uri,
+    path: &str,
+    host: Option<&str>,
     headers: &HeaderMap,
 ) -> Result<(usize, &'s Route), Refused<'s>> {
-    let path = uri.path();
-    let host = request_host(uri, headers);
     let mut wrong_method: Option<&Route> = None;
     for (index, route) in snap.routes.iter().enumerate() {
         if !path_matches(&route.path, path) || !host_matches(route.host.as_deref(), host) {
@@ -140,15 +140,48 @@ fn host_matches(want: Option<&str>, host: Option<&str>) -> bool {
     }
 }
 
-/// The request's host without port: the URI authority (HTTP/2, or an
-/// absolute-form target) or `host`. `x-forwarded-host` is taken from the
-/// same place, so an upstream sees the host the route was chosen by.
-pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
-    let raw = match uri.host() {
-        Some(h) => h,
-        None => headers.get(header::HOST)?.to_str().ok()?,
-    };
-    Some(without_port(raw))
+/// The host routes match: the target's authority (h2's `:authority`, an
+/// absolute-form URL) or else the `host` header, without port or root
+/// dot. `x-forwarded-host` is taken from the same place, so an upstream
+/// sees the host the route was chosen by. A request whose host is
+/// ambiguous (RFC 9112 §3.2, RFC 9113 §8.3.1) is refused, as nginx
+/// refuses it: more than one `host`, none on HTTP/1.1, or one naming
+/// another host than the target's.
+pub fn request_host<'a>(
+    version: Version,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+) -> Result<Option<&'a str>, ProxyError> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let header = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ambiguous("the request has more than one host header"));
+    }
+    let target = uri.host().map(without_port);
+    match (target, header) {
+        (Some(target), Some(header))
+            if !header
+                .to_str()
+                .is_ok_and(|h| without_port(h).eq_ignore_ascii_case(target)) =>
+        {
+            Err(ambiguous(
+                "the host header names another host than the request target",
+            ))
+        }
+        (Some(target), _) => Ok(Some(target)),
+        (None, Some(header)) => Ok(header.to_str().ok().map(without_port)),
+        (None, None) if version == Version::HTTP_11 => {
+            Err(ambiguous("an HTTP/1.1 request needs a host header"))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+fn ambiguous(problem: &str) -> ProxyError {
+    ProxyError::InvalidRequest {
+        message: problem.to_owned(),
+        param: None,
+    }
 }
 
 /// `[::1]:8080` keeps its brackets, `example.com:8080` loses the port,
@@ -159,36 +192,6 @@ fn without_port(raw: &str) -> &str {
     }
     let host = raw.split_once(':').map_or(raw, |(host, _port)| host);
     host.strip_suffix('.').unwrap_or(host)
-}
-
-/// Refuses requests whose host is ambiguous (RFC 9112 §3.2, RFC 9113
-/// §8.3.1), as nginx does: more than one `host`, none on HTTP/1.1, or one
-/// naming another host than the target's authority. Routes match on the
-/// host, and an upstream trusting `x-forwarded-host` must see the same.
-pub fn check_host(version: Version, uri: &Uri, headers: &HeaderMap) -> Result<(), ProxyError> {
-    let mut hosts = headers.get_all(header::HOST).iter();
-    let host = hosts.next();
-    let problem = if hosts.next().is_some() {
-        "the request has more than one host header"
-    } else {
-        match (uri.host(), host) {
-            (None, None) if version == Version::HTTP_11 => {
-                "an HTTP/1.1 request needs a host header"
-            }
-            (Some(target), Some(host))
-                if !host
-                    .to_str()
-                    .is_ok_and(|h| without_port(h).eq_ignore_ascii_case(without_port(target))) =>
-            {
-                "the host header names another host than the request target"
-            }
-            _ => return Ok(()),
-        }
-    };
-    Err(ProxyError::InvalidRequest {
-        message: problem.to_owned(),
-        param: None,
-    })
 }
 
 #[cfg(test)]
@@ -217,14 +220,31 @@ mod tests {
 
     #[test]
     fn host_drops_port() {
-        let uri: Uri = "/x".parse().unwrap();
-        let mut h = HeaderMap::new();
-        h.insert(header::HOST, HeaderValue::from_static("Example.com:8080"));
-        assert_eq!(request_host(&uri, &h), Some("Example.com"));
-        h.insert(header::HOST, HeaderValue::from_static("[::1]:8080"));
-        assert_eq!(request_host(&uri, &h), Some("[::1]"));
-        let abs: Uri = "http://api.local:9/x".parse().unwrap();
-        assert_eq!(request_host(&abs, &h), Some("api.local"));
+        let host = |uri: &str, header: Option<&'static str>| {
+            let uri: Uri = uri.parse().unwrap();
+            let mut h = HeaderMap::new();
+            if let Some(header) = header {
+                h.insert(header::HOST, HeaderValue::from_static(header));
+            }
+            request_host(Version::HTTP_11, &uri, &h)
+                .ok()
+                .flatten()
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            host("/x", Some("Example.com:8080")).as_deref(),
+            Some("Example.com")
+        );
+        assert_eq!(host("/x", Some("[::1]:8080")).as_deref(), Some("[::1]"));
+        assert_eq!(host("/x", Some("api.local.")).as_deref(), Some("api.local"));
+        assert_eq!(
+            host("http://api.local:9/x", None).as_deref(),
+            Some("api.local")
+        );
+        assert_eq!(
+            host("http://api.local:9/x", Some("API.local:80")).as_deref(),
+            Some("api.local")
+        );
     }
 
     #[test]
