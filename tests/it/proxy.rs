@@ -176,8 +176,7 @@ async fn hop_by_hop_credentials_and_sluice_headers_never_cross() {
 /// hop reaches the upstream, in order, then the client's address.
 #[tokio::test]
 async fn every_x_forwarded_for_line_is_kept() {
-    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
-    let gw = TestGateway::start(&crate::support::app_config(&up.url(), "")).await;
+    let (up, gw) = open_app().await;
     let reply = Client::new()
         .send(
             Method::GET,
@@ -541,8 +540,7 @@ routes:
 /// page whoever watches upstream errors).
 #[tokio::test]
 async fn a_malformed_body_streamed_through_is_a_client_error() {
-    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
-    let gw = TestGateway::start(&crate::support::app_config(&up.url(), "")).await;
+    let (_up, gw) = open_app().await;
     let (status, text) = raw_exchange(
         &gw,
         "POST /x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
@@ -570,8 +568,7 @@ async fn a_malformed_body_streamed_through_is_a_client_error() {
 /// upstream with its body, as nginx forwards it.
 #[tokio::test]
 async fn a_chunked_body_on_a_get_is_forwarded() {
-    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
-    let gw = TestGateway::start(&crate::support::app_config(&up.url(), "")).await;
+    let (up, gw) = open_app().await;
     let (status, text) = raw_exchange(
         &gw,
         "GET /search HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
@@ -597,8 +594,7 @@ async fn a_chunked_body_on_a_get_is_forwarded() {
 /// hyper's ~400 KB: larger ones get 431 and never reach the upstream.
 #[tokio::test]
 async fn an_oversized_request_head_is_refused() {
-    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
-    let gw = TestGateway::start(&crate::support::app_config(&up.url(), "")).await;
+    let (up, gw) = open_app().await;
     let big = "a".repeat(100 * 1024);
     let (status, _) = raw_exchange(
         &gw,
@@ -621,8 +617,7 @@ async fn an_oversized_request_head_is_refused() {
 /// the header, as nginx forwards it.
 #[tokio::test]
 async fn expect_continue_is_answered_not_forwarded() {
-    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
-    let gw = TestGateway::start(&crate::support::app_config(&up.url(), "")).await;
+    let (up, gw) = open_app().await;
     let (status, text) = raw_exchange(
         &gw,
         "POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\nexpect: 100-continue\r\nconnection: close\r\n\r\nhello",
@@ -638,8 +633,7 @@ async fn expect_continue_is_answered_not_forwarded() {
 /// whichever route takes any path.
 #[tokio::test]
 async fn connect_is_refused() {
-    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
-    let gw = TestGateway::start(&crate::support::app_config(&up.url(), "")).await;
+    let (up, gw) = open_app().await;
     let (status, text) = raw_exchange(
         &gw,
         "CONNECT tunnel.example:443 HTTP/1.1\r\nhost: tunnel.example:443\r\nconnection: close\r\n\r\n",
@@ -648,4 +642,11 @@ async fn connect_is_refused() {
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("CONNECT is not supported"), "{text}");
     assert!(up.seen().is_empty());
+}
+
+/// An upstream answering `ok`, behind one open route taking every path.
+async fn open_app() -> (MockUpstream, TestGateway) {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&crate::support::app_config(&up.url(), "")).await;
+    (up, gw)
 }

@@ -217,6 +217,17 @@ async fn flooding_upstream(content_type: &'static str) -> String {
     url
 }
 
+/// After a client stopped reading a stream due within 500 ms: it was
+/// cut and accounted for at its deadline (plus the watch's margin).
+async fn assert_cut_at_the_deadline(gw: &TestGateway) {
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let logs = gw.access_logs();
+    assert_eq!(logs.len(), 1, "not cut while the client was not reading");
+    assert_eq!(logs[0]["error"], "request_timeout");
+    let latency = logs[0]["latency_ms"].as_f64().unwrap();
+    assert!(latency < 1500.0, "cut at {latency} ms");
+}
+
 /// On h2 a client that stops reading one stream stalls it by flow
 /// control. hyper cannot reset that one stream from outside: the
 /// connection is dropped at the deadline, and the request accounted for.
@@ -240,12 +251,7 @@ async fn an_h2_stream_whose_client_stops_reading_is_cut_at_the_deadline() {
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     // Not reading: the stream's window fills and sluice stops sending.
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    let logs = gw.access_logs();
-    assert_eq!(logs.len(), 1, "not cut while the client was not reading");
-    assert_eq!(logs[0]["error"], "request_timeout");
-    let latency = logs[0]["latency_ms"].as_f64().unwrap();
-    assert!(latency < 1500.0, "cut at {latency} ms");
+    assert_cut_at_the_deadline(&gw).await;
     let closed = tokio::time::timeout(Duration::from_secs(5), driven).await;
     assert!(closed.is_ok(), "the connection was kept open");
     drop(resp);
@@ -279,12 +285,7 @@ async fn stalled_reader_is_cut_at_the_deadline(content_type: &'static str) {
         .await
         .unwrap();
     // Not reading: the answer piles up until the sockets are full.
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    let logs = gw.access_logs();
-    assert_eq!(logs.len(), 1, "not cut while the client was not reading");
-    assert_eq!(logs[0]["error"], "request_timeout");
-    let latency = logs[0]["latency_ms"].as_f64().unwrap();
-    assert!(latency < 1500.0, "cut at {latency} ms");
+    assert_cut_at_the_deadline(&gw).await;
     // The client finds its connection closed, the stream cut short.
     let mut got = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut got)).await;
