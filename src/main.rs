@@ -19,6 +19,7 @@ use hyper_util::server::conn::auto;
 use sluice::config;
 use sluice::gateway::Gateway;
 use sluice::proxy::auth::format_hash;
+use sluice::server::open_files::OpenFiles;
 use sluice::telemetry::log::LogSink;
 use sluice::upstream::mock::{self, MockSettings};
 
@@ -223,6 +224,10 @@ async fn run(path: PathBuf) -> ExitCode {
     let gw = Gateway::new(snapshot, LogSink::Stdout);
     let _ = tracing::dispatcher::set_global_default(gw.log.dispatch.clone());
     config::log_warnings(&warnings);
+    log_open_files(
+        sluice::server::open_files::raise(),
+        gw.active().snapshot.limits.max_connections,
+    );
     // Signals are taken over before `start` makes /readyz say 200: a
     // SIGTERM or SIGHUP sent right then must drain or reload, not kill.
     let stop = StopSignals::install();
@@ -245,6 +250,27 @@ async fn run(path: PathBuf) -> ExitCode {
     running.wait().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// Says when the open-files limit was raised, and warns when it is
+/// still too low for `max_connections`: past it, connections fail with
+/// "too many open files" long before the configured limit.
+fn log_open_files(limit: OpenFiles, max_connections: usize) {
+    if limit.now != limit.was {
+        tracing::info!(
+            from = limit.was,
+            to = limit.now,
+            "raised the open-files limit"
+        );
+    }
+    if let Some(needed) = limit.short_for(max_connections) {
+        tracing::warn!(
+            limit = limit.now,
+            needed,
+            max_connections,
+            "the open-files limit is too low for max_connections; raise the hard limit (ulimit -Hn) or lower max_connections"
+        );
+    }
 }
 
 /// SIGTERM and SIGINT, handled from the moment `install` runs.

@@ -7,6 +7,7 @@ pub mod deadline;
 mod drain;
 pub mod idle;
 pub mod listener;
+pub mod open_files;
 mod preface;
 pub mod tls;
 

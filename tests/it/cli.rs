@@ -309,6 +309,84 @@ fn run_exits_2_naming_the_address_when_a_port_is_in_use() {
     drop(taken);
 }
 
+#[tokio::test]
+async fn run_raises_the_open_files_limit_and_warns_when_it_stays_short() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    // 3000 connections need ~6000 descriptors; the hard limit is 4096.
+    let yaml = GOOD.replace("{ listen: 127.0.0.1:0 }", &format!("{{ listen: {admin} }}"))
+        + "limits: { max_connections: 3000 }\n";
+    let path = write(dir.path(), "proxy.yaml", &yaml);
+    let mut cmd = sluice();
+    cmd.args(["run", "--config"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: setrlimit is async-signal-safe; the closure touches nothing
+    // else between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            // As a container runtime starts it: 1024-style soft limit,
+            // a higher hard one.
+            let limit = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: 4096,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let mut gw = Running(cmd.spawn().expect("spawn sluice run"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status_of(&format!("http://{admin}/readyz")).await != Some(StatusCode::OK) {
+        assert!(Instant::now() < deadline, "/readyz never answered 200");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", gw.0.id())).expect("limits");
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("an open-files line");
+    assert_eq!(
+        open_files.split_whitespace().collect::<Vec<_>>(),
+        ["Max", "open", "files", "4096", "4096", "files"]
+    );
+    let _ = gw.0.kill();
+    let _ = gw.0.wait();
+    let mut out = String::new();
+    if let Some(mut pipe) = gw.0.stdout.take() {
+        std::io::Read::read_to_string(&mut pipe, &mut out).expect("read stdout");
+    }
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let event = |message: &str| {
+        events
+            .iter()
+            .find(|e| {
+                e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(message))
+            })
+            .unwrap_or_else(|| panic!("no {message:?} event in {out}"))
+    };
+    let raised = event("raised the open-files limit");
+    assert_eq!(
+        (raised["from"].as_u64(), raised["to"].as_u64()),
+        (Some(256), Some(4096))
+    );
+    let short = event("the open-files limit is too low");
+    assert_eq!(short["level"], "WARN", "{short}");
+    assert_eq!(short["limit"].as_u64(), Some(4096));
+    assert_eq!(short["needed"].as_u64(), Some(6064));
+}
+
 #[test]
 fn hash_key_prints_the_sha256_of_its_argument() {
     let out = sluice()
