@@ -384,7 +384,10 @@ async fn failover(
                 count(active, member, failure.outcome);
                 let timed_out = failure.outcome == Outcome::Timeout;
                 let out_of_time = timed_out && request_bound;
-                judge(verdict, out_of_time, pool);
+                // sluice's own shortage (descriptors, ports) says nothing
+                // about the member: its circuit must not open for it.
+                let local = failure.outcome == Outcome::LocalError;
+                judge(verdict, out_of_time || local, pool);
                 tried.push(format!("{}: {}", upstream.name, failure.text));
                 if out_of_time {
                     // No other member has any time left either.
@@ -498,8 +501,8 @@ impl Preamble {
 /// A failed attempt's verdict: none when the request's own time ran out
 /// (a half-open probe's slot is freed), else a failure toward the
 /// member's circuit.
-fn judge(verdict: Verdict<'_>, out_of_time: bool, pool: &Pool) {
-    if !out_of_time {
+fn judge(verdict: Verdict<'_>, excused: bool, pool: &Pool) {
+    if !excused {
         verdict.failure(Instant::now(), pool.breaker_failures, pool.breaker_cooldown);
     }
 }
@@ -640,6 +643,7 @@ fn classify(e: &ClientError) -> AttemptFailure {
     let mut source: Option<&(dyn StdError + 'static)> = e.source();
     let mut tls = false;
     let mut io_kind = None;
+    let mut local = false;
     while let Some(err) = source {
         if err.downcast_ref::<rustls::Error>().is_some() {
             tls = true;
@@ -647,8 +651,15 @@ fn classify(e: &ClientError) -> AttemptFailure {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
             io_kind.get_or_insert(io.kind());
             tls |= wraps_rustls_error(io);
+            local |= is_local_shortage(io);
         }
         source = err.source();
+    }
+    if local {
+        return AttemptFailure {
+            outcome: Outcome::LocalError,
+            text: "sluice could not open a connection (out of file descriptors or local ports)",
+        };
     }
     if tls {
         return AttemptFailure {
@@ -671,6 +682,17 @@ fn classify(e: &ClientError) -> AttemptFailure {
         outcome: Outcome::ConnectionError,
         text: "connection closed before the response",
     }
+}
+
+/// Whether a socket could not be opened for want of something local:
+/// descriptors (the process's or the system's), buffer memory, or free
+/// ephemeral ports.
+fn is_local_shortage(io: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    matches!(
+        Errno::from_io_error(io),
+        Some(Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM | Errno::ADDRNOTAVAIL)
+    )
 }
 
 /// Whether an I/O error carries a rustls error, however deeply wrapped.

@@ -13,6 +13,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::accept::AcceptErrors;
 use crate::body::{BoxBody, full};
 use crate::gateway::Gateway;
 
@@ -29,14 +30,13 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut stop: watch::Rec
         .timer(TokioTimer::new())
         .header_read_timeout(HEAD_TIMEOUT);
     let builder = Arc::new(builder);
+    let mut accept_errors = AcceptErrors::new("admin");
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
-                Err(_) => {
-                    // Out of descriptors (EMFILE): back off as the proxy
-                    // listener does instead of spinning on the error.
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                Err(e) => {
+                    accept_errors.back_off(&e).await;
                     continue;
                 }
             },

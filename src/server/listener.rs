@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
+use super::accept::AcceptErrors;
 use super::deadline::Deadline;
 use super::drain::{Drain, Guard};
 use super::idle::{Activity, Watch};
@@ -56,6 +57,7 @@ pub async fn serve(
         .keep_alive_interval(limits.header_read_timeout)
         .keep_alive_timeout(limits.header_read_timeout);
     let builder = Arc::new(builder);
+    let mut accept_errors = AcceptErrors::new("proxy");
 
     loop {
         // Waiting for a permit before accepting leaves excess connections in
@@ -71,9 +73,7 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    accept_errors.back_off(&e).await;
                     continue;
                 }
             },

@@ -2,6 +2,7 @@
 //! and on shutdown turn `/readyz` to 503, stop accepting, drain in-flight
 //! requests (streams too) for up to `shutdown_grace`, then stop.
 
+mod accept;
 pub mod admin;
 pub mod deadline;
 mod drain;

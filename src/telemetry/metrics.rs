@@ -573,10 +573,13 @@ pub enum Outcome {
     /// A streamed answer broke or ended before its first content, while
     /// a pool route held its preamble back (and failed over).
     StreamError,
+    /// sluice itself could not open a connection (out of descriptors,
+    /// memory or local ports): not the upstream's failure.
+    LocalError,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Ok,
         Outcome::Http4xx,
         Outcome::Http429,
@@ -587,6 +590,7 @@ impl Outcome {
         Outcome::ConnectionError,
         Outcome::ClientError,
         Outcome::StreamError,
+        Outcome::LocalError,
     ];
 
     pub fn label(self) -> &'static str {
@@ -601,6 +605,7 @@ impl Outcome {
             Outcome::ConnectionError => "connection_error",
             Outcome::ClientError => "client_error",
             Outcome::StreamError => "stream_error",
+            Outcome::LocalError => "local_error",
         }
     }
 

@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::TokioExecutor;
 
+use crate::support::upstream::{MockUpstream, UpstreamReply};
 use crate::support::{Client, client};
 
 const HASH_OF_TEST: &str =
@@ -131,6 +132,54 @@ fn wait_listening(addr: SocketAddr, within: Duration) -> bool {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Starts `cmd` with `RLIMIT_NOFILE` set to `soft` / `hard`.
+fn limit_open_files(cmd: &mut Command, soft: u64, hard: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe; the closure touches nothing
+    // else between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
+/// Polls the admin listener until `/readyz` answers 200.
+async fn wait_ready(admin: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status_of(&format!("http://{admin}/readyz")).await != Some(StatusCode::OK) {
+        assert!(Instant::now() < deadline, "/readyz never answered 200");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Kills a `run` started with its stdout piped and returns the JSON log
+/// events it wrote.
+fn stop_and_read_events(mut gw: Running) -> Vec<serde_json::Value> {
+    let _ = gw.0.kill();
+    let _ = gw.0.wait();
+    let mut out = String::new();
+    if let Some(mut pipe) = gw.0.stdout.take() {
+        std::io::Read::read_to_string(&mut pipe, &mut out).expect("read stdout");
+    }
+    out.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// How many descriptors process `pid` has open.
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
 }
 
 /// GET `url`; `None` when there is no answer (nothing listening).
@@ -311,7 +360,6 @@ fn run_exits_2_naming_the_address_when_a_port_is_in_use() {
 
 #[tokio::test]
 async fn run_raises_the_open_files_limit_and_warns_when_it_stays_short() {
-    use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().expect("temp dir");
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     // 3000 connections need ~6000 descriptors; the hard limit is 4096.
@@ -324,29 +372,10 @@ async fn run_raises_the_open_files_limit_and_warns_when_it_stays_short() {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
-    // SAFETY: setrlimit is async-signal-safe; the closure touches nothing
-    // else between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            // As a container runtime starts it: 1024-style soft limit,
-            // a higher hard one.
-            let limit = libc::rlimit {
-                rlim_cur: 256,
-                rlim_max: 4096,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
-    let mut gw = Running(cmd.spawn().expect("spawn sluice run"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while status_of(&format!("http://{admin}/readyz")).await != Some(StatusCode::OK) {
-        assert!(Instant::now() < deadline, "/readyz never answered 200");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // As a container runtime starts it: a low soft limit, a higher hard one.
+    limit_open_files(&mut cmd, 256, 4096);
+    let gw = Running(cmd.spawn().expect("spawn sluice run"));
+    wait_ready(admin).await;
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", gw.0.id())).expect("limits");
     let open_files = limits
         .lines()
@@ -356,16 +385,7 @@ async fn run_raises_the_open_files_limit_and_warns_when_it_stays_short() {
         open_files.split_whitespace().collect::<Vec<_>>(),
         ["Max", "open", "files", "4096", "4096", "files"]
     );
-    let _ = gw.0.kill();
-    let _ = gw.0.wait();
-    let mut out = String::new();
-    if let Some(mut pipe) = gw.0.stdout.take() {
-        std::io::Read::read_to_string(&mut pipe, &mut out).expect("read stdout");
-    }
-    let events: Vec<serde_json::Value> = out
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let events = stop_and_read_events(gw);
     let event = |message: &str| {
         events
             .iter()
@@ -374,7 +394,7 @@ async fn run_raises_the_open_files_limit_and_warns_when_it_stays_short() {
                     .as_str()
                     .is_some_and(|m| m.starts_with(message))
             })
-            .unwrap_or_else(|| panic!("no {message:?} event in {out}"))
+            .unwrap_or_else(|| panic!("no {message:?} event in {events:?}"))
     };
     let raised = event("raised the open-files limit");
     assert_eq!(
@@ -385,6 +405,121 @@ async fn run_raises_the_open_files_limit_and_warns_when_it_stays_short() {
     assert_eq!(short["level"], "WARN", "{short}");
     assert_eq!(short["limit"].as_u64(), Some(4096));
     assert_eq!(short["needed"].as_u64(), Some(6064));
+}
+
+#[tokio::test]
+async fn running_out_of_descriptors_is_not_counted_against_the_upstream() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = MockUpstream::always(UpstreamReply::text("fine")).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    // One failure opens the member's circuit.
+    let yaml = format!(
+        "\
+listen: {proxy}
+admin: {{ listen: {admin} }}
+upstreams:
+  app: {{ url: \"{}\" }}
+pools:
+  llm: {{ members: [app], circuit_breaker: {{ failures: 1, cooldown: 60s }} }}
+routes:
+  - {{ name: app, match: {{ path_prefix: / }}, auth: none, upstream: llm }}
+",
+        upstream.url()
+    );
+    let path = write(dir.path(), "proxy.yaml", &yaml);
+    let mut cmd = sluice();
+    cmd.args(["run", "--config"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    limit_open_files(&mut cmd, 64, 64);
+    let gw = Running(cmd.spawn().expect("spawn sluice run"));
+    wait_ready(admin).await;
+
+    // Idle client connections fill sluice's descriptor table.
+    let mut idle = Vec::new();
+    for _ in 0..80 {
+        idle.push(
+            tokio::net::TcpStream::connect(proxy)
+                .await
+                .expect("connect"),
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while open_descriptors(gw.0.id()) < 64 {
+        assert!(
+            Instant::now() < deadline,
+            "sluice never used its 64 descriptors"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Long enough for a failing accept every 50 ms to flood the log.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = &mut idle[0];
+    first
+        .write_all(b"GET /v1/models HTTP/1.1\r\nhost: sluice\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), first.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 502 "), "{answer}");
+    assert!(answer.contains("out of file descriptors"), "{answer}");
+    assert!(answer.contains("\"code\":\"upstream_error\""), "{answer}");
+
+    // With descriptors back, the member was never judged: no open circuit.
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while open_descriptors(gw.0.id()) > 40 {
+        assert!(
+            Instant::now() < deadline,
+            "the idle connections were not closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let resp = Client::new()
+        .get(&format!("http://{proxy}/v1/models"))
+        .await;
+    assert_eq!(resp.status, StatusCode::OK, "{}", resp.text());
+    let metrics = Client::new()
+        .get(&format!("http://{admin}/metrics"))
+        .await
+        .text();
+    let sample = |name: &str, labels: &[(&str, &str)]| {
+        crate::support::gateway::sample(&metrics, name, labels)
+    };
+    let outcome = |outcome: &str| {
+        sample(
+            "sluice_upstream_requests_total",
+            &[("upstream", "app"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(outcome("local_error"), Some(1.0));
+    assert_eq!(outcome("connect_error"), Some(0.0));
+    assert_eq!(outcome("ok"), Some(1.0));
+    assert_eq!(
+        sample("sluice_upstream_up", &[("upstream", "app")]),
+        Some(1.0)
+    );
+
+    // Accepts failed every 50 ms while the table was full: one line said so.
+    let events = stop_and_read_events(gw);
+    let accept_failures: Vec<_> = events
+        .iter()
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("accept failed"))
+        })
+        .collect();
+    assert_eq!(accept_failures.len(), 1, "{accept_failures:?}");
+    assert_eq!(accept_failures[0]["listener"], "proxy");
 }
 
 #[test]
