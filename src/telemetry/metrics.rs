@@ -10,7 +10,7 @@ use std::collections::HashMap;
 /// than SipHash, whose flooding resistance a bounded map does not need.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::io::Write as _;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 use http::{Method, StatusCode};
@@ -90,7 +90,13 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// Every family registered, with or without series.
     families: Arc<[Box<dyn Collector>]>,
+    /// Each route name's models, kept across config loads: the series
+    /// outlive a reload, so the cap on them must too.
+    route_models: Arc<Mutex<FastMap<Arc<str>, Models>>>,
 }
+
+/// A route's per-model children (see [`RouteMetrics::model`]).
+type Models = Arc<ArcSwap<FastMap<String, Arc<ModelMetrics>>>>;
 
 impl Metrics {
     pub fn new() -> Self {
@@ -260,6 +266,7 @@ impl Metrics {
             ),
             registry,
             families: Arc::from(families.take()),
+            route_models: Arc::default(),
         };
         metrics
             .build_info
@@ -277,6 +284,11 @@ impl Metrics {
     /// `cached`: the route has a `cache`, so its cache series exist (at 0
     /// from the start); other routes have none.
     pub fn route(&self, route: &str, cached: bool) -> RouteMetrics {
+        let models = match self.route_models.lock() {
+            Ok(mut kept) => kept.entry(Arc::from(route)).or_default().clone(),
+            // A panic elsewhere while it was held: a fresh map still works.
+            Err(_) => Models::default(),
+        };
         RouteMetrics {
             duration: self.request_duration.with_label_values(&[route]),
             overhead: self.overhead.with_label_values(&[route]),
@@ -286,7 +298,7 @@ impl Metrics {
                     .map(|r| self.cache_requests.with_label_values(&[route, r.label()])),
                 saved_usd: self.cache_saved_usd.with_label_values(&[route]),
             }),
-            models: Arc::new(ArcSwap::from_pointee(FastMap::default())),
+            models,
             requests: Arc::new(ArcSwap::from_pointee(FastMap::default())),
             route: Arc::from(route),
         }
@@ -358,7 +370,7 @@ pub struct RouteMetrics {
     cache: Option<RouteCacheMetrics>,
     /// Per-model children, resolved on a model's first answer and then
     /// read without locking or label hashing.
-    models: Arc<ArcSwap<FastMap<String, Arc<ModelMetrics>>>>,
+    models: Models,
     /// `sluice_requests_total` children by (method, status), resolved on
     /// a pair's first request and then read without the family's lock.
     requests: Arc<ArcSwap<FastMap<(&'static str, u16), IntCounter>>>,
@@ -382,6 +394,10 @@ const OTHER: &str = "other";
 
 /// Distinct `model` labels a route keeps before counting more as `other`.
 pub const MAX_MODELS_PER_ROUTE: usize = 64;
+/// The longest `model` label; a longer name counts as `other`. Real
+/// names (`anthropic.claude-3-5-sonnet-20240620-v1:0`, Hugging Face
+/// ids, Azure deployments) are well under it.
+const MAX_MODEL_LABEL: usize = 128;
 
 /// The `method` label: the methods of RFC 9110 and PATCH, else `other`
 /// (hyper accepts any token as a method).
@@ -492,15 +508,16 @@ impl RouteMetrics {
     }
 
     /// The usage children of `model` on this route. Past
-    /// [`MAX_MODELS_PER_ROUTE`] models, others count as `other`: an
-    /// upstream that echoes whatever model a client names must not grow
-    /// the series without bound.
+    /// [`MAX_MODELS_PER_ROUTE`] models, others count as `other`, as do
+    /// names longer than [`MAX_MODEL_LABEL`]: an upstream that echoes
+    /// whatever model a client names must not grow the series, or their
+    /// size, without bound.
     pub fn model(&self, metrics: &Metrics, model: &str) -> Arc<ModelMetrics> {
         let models = self.models.load();
         if let Some(found) = models.get(model) {
             return found.clone();
         }
-        let model = if models.len() >= MAX_MODELS_PER_ROUTE {
+        let model = if models.len() >= MAX_MODELS_PER_ROUTE || model.len() > MAX_MODEL_LABEL {
             if let Some(other) = models.get(OTHER) {
                 return other.clone();
             }

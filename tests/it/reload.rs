@@ -283,3 +283,53 @@ async fn a_refused_certificate_is_reported_once() {
         "the old pair keeps serving"
     );
 }
+
+/// The 64-model cap of a route holds across reloads (the series do not
+/// go away with the old config), and an overlong model name is no label.
+#[tokio::test]
+async fn the_model_label_cap_outlives_a_reload() {
+    let yaml = |methods: &str| {
+        format!(
+            r#"
+upstreams:
+  demo: {{ mock: {{}} }}
+routes:
+  - name: chat
+    match: {{ path_prefix: /, methods: [{methods}] }}
+    auth: none
+    upstream: demo
+"#
+        )
+    };
+    let gw = TestGateway::start_watched(&yaml("POST"), &[], tempfile::tempdir().unwrap()).await;
+    let c = Client::new();
+    let ask = |model: String| {
+        let c = &c;
+        let url = gw.url("/v1/chat/completions");
+        async move {
+            let body =
+                format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+            assert_eq!(c.post_json(&url, &[], &body).await.status, 200);
+        }
+    };
+    ask("x".repeat(200)).await;
+    for i in 0..40 {
+        ask(format!("model-{i}")).await;
+    }
+    gw.swap_config(&yaml("GET, POST"));
+    wait_reloads(&gw, "ok", 1.0).await;
+    for i in 40..80 {
+        ask(format!("model-{i}")).await;
+    }
+    gw.wait_access_logs(81).await;
+    let m = gw.metrics().await;
+    let models: std::collections::HashSet<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("sluice_tokens_total{"))
+        .filter_map(|l| l.split("model=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(models.iter().all(|m| m.len() <= 128), "{models:?}");
+    // `other` took the overlong name first, then 63 names kept it company.
+    assert_eq!(models.len(), 64, "{models:?}");
+    assert!(models.contains("other"));
+}
