@@ -80,6 +80,9 @@ pub struct RequestCtx {
     pub request_id: HeaderValue,
     pub method: Method,
     pub uri: Uri,
+    /// hyper refused the request head (too large, malformed): `method`
+    /// and `uri` are placeholders, logged as null.
+    pub head_unread: bool,
     pub client_addr: SocketAddr,
     /// `client_addr`'s IP as text.
     pub client_ip: HeaderValue,
@@ -145,6 +148,7 @@ impl RequestCtx {
             request_id,
             method,
             uri,
+            head_unread: false,
             client_addr: conn.remote,
             client_ip: conn.remote_ip.clone(),
             tls: conn.tls,

@@ -167,6 +167,66 @@ pub async fn handle(
     })
 }
 
+/// Accounts for a request hyper refused before sluice saw it: a head
+/// over the 64 KiB bound (431), a URI too long (414), a malformed request
+/// line or header (400). hyper answers these itself, with an empty body;
+/// this gives them the access-log line and the `sluice_requests_total`
+/// count (route `none`, method `other`) every other answer has, so a
+/// client failing this way shows up somewhere. Other connection errors
+/// (a client gone, a timeout) are no answer and count nothing.
+pub fn account_refused_head(
+    gw: &Gateway,
+    conn: &ConnInfo,
+    error: &(dyn std::error::Error + 'static),
+) {
+    let Some(hyper_error) = error.downcast_ref::<hyper::Error>() else {
+        return;
+    };
+    let Some((status, code)) = refused_head_status(hyper_error) else {
+        return;
+    };
+    let active = gw.active();
+    // Placeholders: the head was never read (logged as null).
+    let Ok(method) = http::Method::from_bytes(b"UNREAD") else {
+        return;
+    };
+    let mut ctx = RequestCtx::new(
+        method,
+        http::Uri::default(),
+        headers::request_id(&http::HeaderMap::new()),
+        conn,
+    );
+    ctx.head_unread = true;
+    ctx.status = status;
+    ctx.error = Some(code);
+    active
+        .route_metrics(None)
+        .count_request(&gw.metrics, &ctx.method, status);
+    crate::telemetry::access_log::emit(&gw.log, gw.log_format, &ctx, std::time::Duration::ZERO);
+}
+
+/// The status hyper's HTTP/1 server answered a refused head with (see
+/// its `Server::on_error`), and the error code logged for it.
+fn refused_head_status(e: &hyper::Error) -> Option<(u16, &'static str)> {
+    if !e.is_parse() || e.is_parse_status() || e.is_parse_version_h2() {
+        return None;
+    }
+    if e.is_parse_too_large() {
+        // The two kinds share the predicate; hyper names them apart.
+        let uri = e.to_string().contains("URI");
+        return Some(if uri {
+            (414, "request_too_large")
+        } else {
+            (431, "request_too_large")
+        });
+    }
+    // Internal parse failures get no answer from hyper.
+    if e.to_string().contains("internal") {
+        return None;
+    }
+    Some((400, "invalid_request"))
+}
+
 /// An answer with no length, or one too long to sit whole in the
 /// sockets' buffers: a client that stops reading it can stall it. A short
 /// one is written out at once, whoever reads it.

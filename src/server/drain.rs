@@ -118,12 +118,13 @@ impl Member {
     /// `guard` watches the connection too: an h2 one quiet for its period
     /// is closed the same way; one whose stream outlived its deadline is
     /// dropped at once (its client is not reading).
+    /// Returns how the connection ended, unless it was dropped.
     pub async fn serve<C: Future>(
         mut self,
         conn: C,
         graceful: impl FnOnce(Pin<&mut C>),
         guard: Option<Guard>,
-    ) {
+    ) -> Option<C::Output> {
         let mut conn = pin!(conn);
         let watched = async {
             match &guard {
@@ -145,15 +146,15 @@ impl Member {
         tokio::select! {
             biased;
             _ = &mut self.signal => graceful(conn.as_mut()),
-            _ = conn.as_mut() => return,
+            ended = conn.as_mut() => return Some(ended),
             gracefully = watched => {
                 if !gracefully {
-                    return;
+                    return None;
                 }
                 graceful(conn.as_mut());
             }
         }
-        conn.await;
+        Some(conn.await)
     }
 }
 

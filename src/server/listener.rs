@@ -108,14 +108,20 @@ pub async fn serve(
                     Guard::Deadline(deadline)
                 }
             };
-            let service = |conn: ConnInfo| {
-                // Shared by the connection's requests: one count per request.
-                let conn = Arc::new(conn);
+            // Shared by the connection's requests: one count per request.
+            let service = |conn: Arc<ConnInfo>| {
+                let gw = gw.clone();
                 service_fn(move |req| {
                     let gw = gw.clone();
                     let conn = conn.clone();
                     async move { Ok::<_, Infallible>(proxy::handle(gw, req, conn).await) }
                 })
+            };
+            let ended = |conn: &ConnInfo, ended: Option<Result<(), _>>| {
+                if let Some(Err(e)) = ended {
+                    let e: Box<dyn std::error::Error + Send + Sync> = e;
+                    proxy::account_refused_head(&gw, conn, &*e);
+                }
             };
             match tls {
                 None => {
@@ -124,11 +130,13 @@ pub async fn serve(
                         return;
                     };
                     let guard = watch(&head, &mut conn);
+                    let conn = Arc::new(conn);
                     let io = TokioIo::new(preface::Rewound::new(head, stream));
-                    let served = builder.serve_connection(io, service(conn));
-                    member
+                    let served = builder.serve_connection(io, service(conn.clone()));
+                    let result = member
                         .serve(served, |c| c.graceful_shutdown(), Some(guard))
                         .await;
+                    ended(&conn, result);
                 }
                 Some(acceptor) => {
                     let Some(mut tls_stream) =
@@ -140,11 +148,13 @@ pub async fn serve(
                         return;
                     };
                     let guard = watch(&head, &mut conn);
+                    let conn = Arc::new(conn);
                     let io = TokioIo::new(preface::Rewound::new(head, tls_stream));
-                    let served = builder.serve_connection(io, service(conn));
-                    member
+                    let served = builder.serve_connection(io, service(conn.clone()));
+                    let result = member
                         .serve(served, |c| c.graceful_shutdown(), Some(guard))
                         .await;
+                    ended(&conn, result);
                 }
             }
             drop(permit);

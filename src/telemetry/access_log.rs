@@ -128,8 +128,9 @@ fn render(out: &mut String, ctx: &RequestCtx, latency: Duration) {
         ctx.request_id.to_str().ok().or(Some("-")),
     );
     out.str_field(key!("route"), ctx.route.as_deref());
-    out.str_field(key!("method"), Some(ctx.method.as_str()));
-    out.str_field(key!("path"), Some(ctx.uri.path()));
+    let head = (!ctx.head_unread).then_some(ctx);
+    out.str_field(key!("method"), head.map(|c| c.method.as_str()));
+    out.str_field(key!("path"), head.map(|c| c.uri.path()));
     out.uint_field(key!("status"), Some(u64::from(ctx.status)));
     out.0.push_str(key!("latency_ms"));
     out.millis(latency);
@@ -219,8 +220,8 @@ fn emit_fields(ctx: &RequestCtx, latency: Duration) {
         target: ACCESS_TARGET,
         request_id = ctx.request_id.to_str().unwrap_or("-"),
         route = ctx.route.as_deref(),
-        method = ctx.method.as_str(),
-        path = ctx.uri.path(),
+        method = (!ctx.head_unread).then(|| ctx.method.as_str()),
+        path = (!ctx.head_unread).then(|| ctx.uri.path()),
         status = ctx.status,
         latency_ms = latency.as_micros() as f64 / 1000.0,
         identity,

@@ -592,6 +592,8 @@ async fn a_chunked_body_on_a_get_is_forwarded() {
 
 /// A request head is bounded (64 KiB, Envoy's bound) rather than
 /// hyper's ~400 KB: larger ones get 431 and never reach the upstream.
+/// hyper answers those (and malformed heads) itself; they are still
+/// logged and counted, with the method and path sluice never read as null.
 #[tokio::test]
 async fn an_oversized_request_head_is_refused() {
     let (up, gw) = open_app().await;
@@ -610,6 +612,37 @@ async fn an_oversized_request_head_is_refused() {
     .await;
     assert_eq!(status, 200);
     assert_eq!(up.seen().len(), 1);
+    let (status, _) = raw_exchange(&gw, "GET /x HTTP/7.1\r\nhost: t\r\n\r\n").await;
+    assert_eq!(status, 400);
+
+    let logs = gw.wait_access_logs(3).await;
+    let refused: Vec<_> = logs.iter().filter(|l| l["path"].is_null()).collect();
+    assert_eq!(refused.len(), 2, "{logs:?}");
+    for (line, (status, error)) in refused
+        .iter()
+        .zip([(431, "request_too_large"), (400, "invalid_request")])
+    {
+        assert_eq!(line["status"], status, "{line}");
+        assert_eq!(line["error"], error, "{line}");
+        assert!(
+            line["method"].is_null() && line["route"].is_null(),
+            "{line}"
+        );
+        assert_eq!(line["client_ip"], "127.0.0.1", "{line}");
+        assert_eq!(
+            line["request_id"].as_str().map(str::len),
+            Some(32),
+            "{line}"
+        );
+    }
+    for status in ["431", "400"] {
+        let labels = [("route", "none"), ("method", "other"), ("status", status)];
+        assert_eq!(
+            gw.metric("sluice_requests_total", &labels).await,
+            Some(1.0),
+            "{status}"
+        );
+    }
 }
 
 /// sluice answers a client's `expect: 100-continue` itself (hyper sends
