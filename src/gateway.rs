@@ -10,6 +10,7 @@ use arc_swap::ArcSwap;
 
 use prometheus::IntCounter;
 
+use crate::proxy::buffered::{Budget, Buffered};
 use crate::proxy::jwks::JwksKeys;
 use crate::snapshot::{LogFormat, Snapshot};
 use crate::state::State;
@@ -134,6 +135,8 @@ pub struct Gateway {
     pub log_format: LogFormat,
     /// False while starting and while draining: `/readyz` answers 503.
     ready: AtomicBool,
+    /// Request bodies held whole right now (`limits.max_buffered_bytes`).
+    pub buffered: Arc<Buffered>,
 }
 
 impl Gateway {
@@ -161,7 +164,16 @@ impl Gateway {
             log,
             log_format,
             ready: AtomicBool::new(false),
+            buffered: Arc::default(),
         })
+    }
+
+    /// What a request reading its body whole may take, under `snapshot`'s cap.
+    pub fn body_budget<'a>(&'a self, snapshot: &Snapshot) -> Budget<'a> {
+        Budget {
+            pool: &self.buffered,
+            cap: snapshot.limits.max_buffered_bytes,
+        }
     }
 
     /// The config a request uses from start to end.

@@ -45,6 +45,9 @@ pub struct TlsFiles {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_request_body: u64,
+    /// The bytes of request bodies held whole at once, all requests
+    /// together (see `proxy::buffered`).
+    pub max_buffered_bytes: u64,
     pub header_read_timeout: Duration,
     pub request_timeout: Duration,
     pub max_connections: usize,

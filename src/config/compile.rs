@@ -394,6 +394,7 @@ impl Compiler<'_> {
     fn limits(&mut self, raw: Option<&RawLimits>) -> Limits {
         let none = RawLimits {
             max_request_body: None,
+            max_buffered_bytes: None,
             header_read_timeout: None,
             request_timeout: None,
             max_connections: None,
@@ -418,8 +419,23 @@ impl Compiler<'_> {
             }
             d
         };
+        let max_request_body = self.size(&raw.max_request_body, 4 << 20);
+        // Never below one body at the limit, whatever the default.
+        let max_buffered_bytes =
+            self.size(&raw.max_buffered_bytes, max_request_body.max(256 << 20));
+        if let Some(t) = &raw.max_buffered_bytes
+            && max_buffered_bytes < max_request_body
+        {
+            self.error(
+                &t.referenced,
+                format!(
+                    "max_buffered_bytes ({max_buffered_bytes} bytes) is below max_request_body ({max_request_body} bytes): one body at the limit would be refused"
+                ),
+            );
+        }
         Limits {
-            max_request_body: self.size(&raw.max_request_body, 4 << 20),
+            max_request_body,
+            max_buffered_bytes,
             header_read_timeout: above_zero(
                 self,
                 &raw.header_read_timeout,

@@ -102,6 +102,9 @@ pub struct RawAdmin {
 pub struct RawLimits {
     /// Default 4MiB; larger bodies get 413.
     pub max_request_body: Option<Text>,
+    /// Default 256MiB: request bodies held whole in memory at once, all
+    /// requests together; past it, 503.
+    pub max_buffered_bytes: Option<Text>,
     /// Default 10s.
     pub header_read_timeout: Option<Text>,
     /// Default 300s, streaming included.

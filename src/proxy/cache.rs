@@ -85,7 +85,11 @@ pub async fn lookup(
     }
     let deadline = ctx.deadline(&active.snapshot);
     let bytes = body
-        .into_bytes(active.snapshot.limits.max_request_body, deadline)
+        .into_bytes(
+            active.snapshot.limits.max_request_body,
+            deadline,
+            gw.body_budget(&active.snapshot),
+        )
         .await?;
     let key = key(route, settings, parts, ctx, &bytes);
     let mut flight = None;

@@ -56,6 +56,8 @@ pub enum ProxyError {
     },
     /// The shared state (Redis) failed and `state.on_error` is `deny`.
     StateUnavailable,
+    /// Request bodies held whole passed `limits.max_buffered_bytes`.
+    Overloaded,
 }
 
 impl ProxyError {
@@ -72,9 +74,9 @@ impl ProxyError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::UpstreamUnavailable { .. } | ProxyError::StateUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::UpstreamUnavailable { .. }
+            | ProxyError::StateUnavailable
+            | ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -94,7 +96,8 @@ impl ProxyError {
             | ProxyError::UpstreamFailed { .. }
             | ProxyError::UpstreamUnavailable { .. }
             | ProxyError::UpstreamTimeout { .. }
-            | ProxyError::StateUnavailable => None,
+            | ProxyError::StateUnavailable
+            | ProxyError::Overloaded => None,
         }
     }
 
@@ -113,6 +116,7 @@ impl ProxyError {
             ProxyError::UpstreamFailed { .. } => "upstream_error",
             ProxyError::UpstreamUnavailable { .. } => "upstream_unavailable",
             ProxyError::StateUnavailable => "state_unavailable",
+            ProxyError::Overloaded => "server_overloaded",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
         }
     }
@@ -131,7 +135,8 @@ impl ProxyError {
             ProxyError::UpstreamFailed { .. }
             | ProxyError::UpstreamUnavailable { .. }
             | ProxyError::UpstreamTimeout { .. }
-            | ProxyError::StateUnavailable => "server_error",
+            | ProxyError::StateUnavailable
+            | ProxyError::Overloaded => "server_error",
         }
     }
 
@@ -176,6 +181,9 @@ impl ProxyError {
             }
             ProxyError::StateUnavailable => {
                 "the shared limit store is unavailable; retry later".to_owned()
+            }
+            ProxyError::Overloaded => {
+                "the gateway is holding too many request bodies (limits.max_buffered_bytes); retry shortly".to_owned()
             }
         }
     }
@@ -227,7 +235,7 @@ impl ProxyError {
             | ProxyError::InvalidRequest { .. }
             | ProxyError::UpstreamFailed { .. }
             | ProxyError::UpstreamTimeout { .. } => {}
-            ProxyError::StateUnavailable => {
+            ProxyError::StateUnavailable | ProxyError::Overloaded => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
         }

@@ -15,6 +15,7 @@ use http::{Request, Response, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use super::buffered::Budget;
 use super::ctx::RequestCtx;
 use super::error::ProxyError;
 use super::headers;
@@ -52,10 +53,15 @@ pub enum RequestBody {
 impl RequestBody {
     /// The whole body, read now (bounded by `limit`, and by `deadline`
     /// in time) unless it was already.
-    pub async fn into_bytes(self, limit: u64, deadline: Instant) -> Result<Bytes, ProxyError> {
+    pub async fn into_bytes(
+        self,
+        limit: u64,
+        deadline: Instant,
+        budget: Budget<'_>,
+    ) -> Result<Bytes, ProxyError> {
         match self {
             RequestBody::Read(bytes) => Ok(bytes),
-            RequestBody::Streaming(body) => read_body(body, limit, deadline).await,
+            RequestBody::Streaming(body) => read_body(body, limit, deadline, budget).await,
         }
     }
 }
@@ -92,7 +98,10 @@ pub async fn send(
         {
             return stream_through(active, index, ctx, parts, body, max_body).await;
         }
-        (.., body) => body.into_bytes(max_body, ctx.deadline(snap)).await?,
+        (.., body) => {
+            body.into_bytes(max_body, ctx.deadline(snap), gw.body_budget(snap))
+                .await?
+        }
     };
     if completions && let Some(asked) = sse::ask_for_usage(&body) {
         // Usage is asked for upstream and its chunk removed before the
@@ -221,9 +230,11 @@ pub async fn read_body(
     mut body: Incoming,
     limit: u64,
     deadline: Instant,
+    budget: Budget<'_>,
 ) -> Result<Bytes, ProxyError> {
     let cap = usize::try_from(limit).unwrap_or(usize::MAX);
     let mut joined = Joined::default();
+    let mut share = budget.share();
     // One timer for the whole body, not one per frame.
     let expiry = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
     tokio::pin!(expiry);
@@ -243,9 +254,12 @@ pub async fn read_body(
         if joined.len().saturating_add(data.len()) > cap {
             return Err(ProxyError::TooLarge { limit });
         }
+        if !share.grow(data.len() as u64) {
+            return Err(ProxyError::Overloaded);
+        }
         joined.push(&data);
     }
-    Ok(joined.into_bytes())
+    Ok(share.attach(joined.into_bytes()))
 }
 
 /// A request body that broke its framing (a bad chunk) or ended early

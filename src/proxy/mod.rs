@@ -19,6 +19,7 @@
 //! future is dropped (`tap::Finish`).
 
 pub mod auth;
+pub mod buffered;
 pub mod cache;
 pub mod cors;
 pub mod ctx;
@@ -304,10 +305,14 @@ async fn process(
     validate::check_declared_size(req.headers(), max_body)?;
     let (parts, body) = req.into_parts();
     let deadline = ctx.deadline(snap);
-    let mut body = validate::check_body(&route.validate, &parts, body, max_body, deadline).await?;
+    let budget = gw.body_budget(snap);
+    let mut body =
+        validate::check_body(&route.validate, &parts, body, max_body, deadline, budget).await?;
     if snap.logging.log_bodies {
         // A debug aid: the request body is read whole (bounded) to log it.
-        let bytes = body.into_bytes(max_body, deadline).await?;
+        let bytes = body
+            .into_bytes(max_body, deadline, gw.body_budget(snap))
+            .await?;
         ctx.request_body = Some(BodyLog::of(&bytes).render(&snap.logging.known_secrets.0));
         body = forward::RequestBody::Read(bytes);
     }

@@ -17,6 +17,8 @@ use http_body::{Body, Frame, SizeHint};
 
 use http::request::Parts;
 use hyper::body::Incoming;
+
+use super::buffered::Budget;
 use serde_json::Value;
 
 use super::error::ProxyError;
@@ -49,6 +51,7 @@ pub async fn check_body(
     body: Incoming,
     max_body: u64,
     deadline: Instant,
+    budget: Budget<'_>,
 ) -> Result<RequestBody, ProxyError> {
     // Routes without `validate` (most) decide without looking at the path.
     let (applies, endpoint) = match validate {
@@ -66,7 +69,7 @@ pub async fn check_body(
     if !applies || !has_body {
         return Ok(RequestBody::Streaming(body));
     }
-    let bytes = forward::read_body(body, max_body, deadline).await?;
+    let bytes = forward::read_body(body, max_body, deadline, budget).await?;
     check_json(validate, endpoint, &bytes)?;
     Ok(RequestBody::Read(bytes))
 }

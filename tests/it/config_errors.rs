@@ -54,7 +54,7 @@ fn unknown_key_is_rejected_at_its_position() {
         errors(&yaml),
         [
             "test.yaml:2:3: unknown field `request_timout`, expected one of max_request_body, \
-             header_read_timeout, request_timeout, max_connections, shutdown_grace"
+             max_buffered_bytes, header_read_timeout, request_timeout, max_connections, shutdown_grace"
         ]
     );
     // In a flow mapping too, and at the top level.
@@ -668,6 +668,30 @@ fn a_zero_limit_is_refused() {
             "{errs:?}"
         );
     }
+}
+
+/// A bound on all buffered bodies below one body's limit would refuse
+/// every body near that limit: check says so.
+#[test]
+fn max_buffered_bytes_holds_at_least_one_body() {
+    let errs = errors(&format!(
+        "limits: {{ max_request_body: 8MiB, max_buffered_bytes: 4MiB }}\n{BASE}"
+    ));
+    assert_eq!(
+        errs,
+        [
+            "test.yaml:1:55: max_buffered_bytes (4194304 bytes) is below max_request_body (8388608 bytes): one body at the limit would be refused"
+        ],
+        "{errs:?}"
+    );
+    // Left out, it is never below one body.
+    assert!(
+        load(
+            &format!("limits: {{ max_request_body: 300MiB }}\n{BASE}"),
+            &[]
+        )
+        .is_ok()
+    );
 }
 
 /// A max_connections the listener cannot hold is refused by check, not

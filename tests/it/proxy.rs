@@ -358,6 +358,71 @@ async fn chunked_oversize_body_is_413() {
     assert_eq!(reply.json()["error"]["code"], "request_too_large");
 }
 
+/// Request bodies held whole (here for a pool's replay) are bounded all
+/// together by `max_buffered_bytes`: past it a request gets a 503 the
+/// SDKs retry, and each body's share comes back once it is dropped.
+#[tokio::test]
+async fn bodies_held_whole_are_bounded_together() {
+    use tokio::io::AsyncWriteExt;
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+limits: {{ max_request_body: 1MiB, max_buffered_bytes: 1MiB }}
+upstreams:
+  app: {{ url: "{}" }}
+pools:
+  both: {{ members: [app] }}
+routes:
+  - {{ name: app, match: {{ path_prefix: / }}, auth: none, upstream: both }}
+"#,
+        up.url()
+    ))
+    .await;
+    let post = |size: usize| {
+        let url = gw.url("/v1/files");
+        async move {
+            Client::new()
+                .send(Method::POST, &url, &[], Bytes::from(vec![b'b'; size]))
+                .await
+        }
+    };
+    // A slow upload holds 700 KB of its 1 MB while it trickles in.
+    let mut slow = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    slow.write_all(b"POST /v1/files HTTP/1.1\r\nhost: t\r\ncontent-length: 1000000\r\n\r\n")
+        .await
+        .unwrap();
+    slow.write_all(&vec![b'a'; 700_000]).await.unwrap();
+    let mut refused = None;
+    for _ in 0..200 {
+        let reply = post(500_000).await;
+        if reply.status == 503 {
+            refused = Some(reply);
+            break;
+        }
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let refused = refused.expect("700 KB + 500 KB never passed the 1 MiB bound");
+    assert_eq!(refused.json()["error"]["code"], "server_overloaded");
+    assert_eq!(refused.json()["error"]["type"], "server_error");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+
+    // The slow client gives up: its share is back.
+    drop(slow);
+    let mut back = false;
+    for _ in 0..200 {
+        if post(500_000).await.status == 200 {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(back, "the abandoned upload's share was never given back");
+    // Nothing held after answered requests: one body near the bound fits.
+    assert_eq!(post(1_000_000).await.status, 200);
+    assert_eq!(post(1_000_000).await.status, 200);
+}
+
 /// Posts a chat request without a length, in frames of `frame` bytes.
 async fn post_chat_in_frames(
     gw: &TestGateway,
