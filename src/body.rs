@@ -2,7 +2,7 @@
 //! constructors for bodies sluice writes itself.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 
 /// Errors of any body in flight (client, upstream, mock, tap).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -11,11 +11,46 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// `Send` only, and upstream bodies are not `Sync`.
 pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BodyError>;
 
-/// A body of known bytes.
+/// A body of known bytes, handed to hyper in frames of at most
+/// [`FRAME`]. hyper copies each frame into its connection's write buffer
+/// (one write per message: `writev(false)`), and that buffer keeps its
+/// size for the connection's life: one 4 MiB frame would leave a pooled
+/// upstream connection, or a client's, holding 4 MiB while idle.
 pub fn full(bytes: impl Into<Bytes>) -> BoxBody {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    Slices { rest: bytes.into() }.boxed_unsync()
+}
+
+/// The largest frame [`full`] hands to hyper.
+pub const FRAME: usize = 64 * 1024;
+
+/// Known bytes, given out a frame at a time (each a slice, not a copy).
+struct Slices {
+    rest: Bytes,
+}
+
+impl http_body::Body for Slices {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
+        let rest = &mut self.get_mut().rest;
+        if rest.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let frame = rest.split_to(rest.len().min(FRAME));
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(frame))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.rest.len() as u64)
+    }
 }
 
 /// An empty body.
@@ -31,9 +66,20 @@ pub fn empty() -> BoxBody {
 pub struct Joined {
     first: Option<Bytes>,
     buf: Option<bytes::BytesMut>,
+    /// The whole size when the sender said it (`content-length`): the
+    /// buffer is made that size once instead of doubling its way there.
+    expected: usize,
 }
 
 impl Joined {
+    /// Gathers a body announced as `len` bytes long.
+    pub fn expecting(len: Option<u64>) -> Self {
+        Joined {
+            expected: len.and_then(|n| usize::try_from(n).ok()).unwrap_or(0),
+            ..Joined::default()
+        }
+    }
+
     pub fn len(&self) -> usize {
         match (&self.buf, &self.first) {
             (Some(buf), _) => buf.len(),
@@ -50,7 +96,8 @@ impl Joined {
             (Some(buf), _) => buf.extend_from_slice(data),
             (None, None) => self.first = Some(data.clone()),
             (None, Some(first)) => {
-                let mut buf = bytes::BytesMut::with_capacity(first.len() + data.len());
+                let needed = first.len() + data.len();
+                let mut buf = bytes::BytesMut::with_capacity(needed.max(self.expected));
                 buf.extend_from_slice(&first);
                 buf.extend_from_slice(data);
                 self.buf = Some(buf);
@@ -146,5 +193,30 @@ impl http_body::Body for Replay {
             hint.set_upper(upper + self.held_len);
         }
         hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn known_bytes_go_out_in_bounded_frames_that_add_up() {
+        let bytes = Bytes::from((0..FRAME * 3 + 7).map(|i| i as u8).collect::<Vec<u8>>());
+        let mut body = full(bytes.clone());
+        assert_eq!(
+            http_body::Body::size_hint(&body).exact(),
+            Some(bytes.len() as u64)
+        );
+        let mut sizes = Vec::new();
+        let mut joined = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let data = frame.expect("a data frame").into_data().expect("data");
+            sizes.push(data.len());
+            joined.extend_from_slice(&data);
+        }
+        assert_eq!(sizes, [FRAME, FRAME, FRAME, 7]);
+        assert_eq!(joined, bytes);
+        assert!(http_body::Body::is_end_stream(&full(Bytes::new())));
     }
 }

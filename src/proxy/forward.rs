@@ -233,7 +233,11 @@ pub async fn read_body(
     budget: Budget<'_>,
 ) -> Result<Bytes, ProxyError> {
     let cap = usize::try_from(limit).unwrap_or(usize::MAX);
-    let mut joined = Joined::default();
+    // The announced length, bounded: a lying one costs no more than the limit.
+    let announced = hyper::body::Body::size_hint(&body)
+        .exact()
+        .filter(|&n| n <= limit);
+    let mut joined = Joined::expecting(announced);
     let mut share = budget.share();
     // One timer for the whole body, not one per frame.
     let expiry = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
