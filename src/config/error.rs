@@ -1,6 +1,5 @@
 //! Config errors: every problem found in a config file, with the place it
-//! points at, printed as `file:line:col: message` by `sluice check` and `run`
-//! (`file: message` when the problem is the file as a whole).
+//! points at, printed as `file:line:col: message` by `sluice check` and `run`.
 
 use std::fmt;
 
@@ -16,11 +15,6 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Line 0: the error is the file's as a whole (it cannot be read),
-        // and a made-up position would send the reader looking for one.
-        if self.line == 0 {
-            return write!(f, "{}: {}", self.file, self.message);
-        }
         write!(
             f,
             "{}:{}:{}: {}",
