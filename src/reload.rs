@@ -87,8 +87,10 @@ impl Reloader {
             }
             Err(e) => Err(ConfigErrors(vec![config::ConfigError {
                 file: file.clone(),
-                line: 0,
-                col: 0,
+                // The file as a whole: its first position, which
+                // exists (0:0 does not) and keeps SPEC §1's format.
+                line: 1,
+                col: 1,
                 message: format!("cannot read config: {e}"),
             }])),
         };

@@ -85,8 +85,10 @@ pub fn load(path: &Path) -> Result<Snapshot, ConfigErrors> {
     let text = read_text(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             file: path.display().to_string(),
-            line: 0,
-            col: 0,
+            // The file as a whole: its first position, which exists (0:0
+            // does not) and keeps SPEC §1's `file:line:col: message`.
+            line: 1,
+            col: 1,
             message: format!("cannot read config: {e}"),
         }])
     })?;

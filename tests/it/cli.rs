@@ -311,7 +311,7 @@ fn run_with_an_invalid_config_exits_2_with_one_line_and_no_panic() {
         (
             &missing,
             format!(
-                "sluice: invalid config: {}:0:0: cannot read config: No such file or directory (os error 2)\n",
+                "sluice: invalid config: {}:1:1: cannot read config: No such file or directory (os error 2)\n",
                 missing.display()
             ),
         ),

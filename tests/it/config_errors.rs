@@ -489,7 +489,7 @@ fn unreadable_file_is_reported_with_position_zero() {
     assert_eq!(
         err.to_string(),
         format!(
-            "{}:0:0: cannot read config: No such file or directory (os error 2)",
+            "{}:1:1: cannot read config: No such file or directory (os error 2)",
             path.display()
         )
     );
