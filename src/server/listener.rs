@@ -58,10 +58,15 @@ pub async fn serve(
         .keep_alive_timeout(limits.header_read_timeout);
     let builder = Arc::new(builder);
     let mut accept_errors = AcceptErrors::new("proxy");
+    let mut full = Full::default();
+    let open = gw.metrics.connections_open.clone();
 
     loop {
         // Waiting for a permit before accepting leaves excess connections in
         // the kernel backlog instead of accepting and then dropping them.
+        if permits.available_permits() == 0 {
+            full.note(limits.max_connections);
+        }
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p {
                 Ok(p) => p,
@@ -80,6 +85,7 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
+        let open = OpenConnection::new(&open, permit);
         let mut conn = ConnInfo::new(remote, tls.is_some());
         let member = drain.join();
         let gw = gw.clone();
@@ -157,7 +163,7 @@ pub async fn serve(
                     ended(&conn, result);
                 }
             }
-            drop(permit);
+            drop(open);
         });
     }
     // Probes see 503 from now on; in-flight requests carry on.
@@ -169,6 +175,51 @@ pub async fn serve(
         () = tokio::time::sleep(grace) => {
             tracing::warn!(grace_s = grace.as_secs_f64(), "shutdown grace elapsed; closing remaining connections");
         }
+    }
+}
+
+/// One accepted connection: its `max_connections` slot and its place in
+/// `sluice_connections_open`, both given back when it is dropped.
+struct OpenConnection {
+    gauge: prometheus::IntGauge,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl OpenConnection {
+    fn new(gauge: &prometheus::IntGauge, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        gauge.inc();
+        OpenConnection {
+            gauge: gauge.clone(),
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// Says when the listener has `max_connections` open and new ones wait in
+/// the kernel's backlog: at most once a minute, or the log would follow
+/// every connection that comes and goes at the limit.
+#[derive(Default)]
+struct Full {
+    quiet_until: Option<std::time::Instant>,
+}
+
+impl Full {
+    fn note(&mut self, max_connections: usize) {
+        let now = std::time::Instant::now();
+        if self.quiet_until.is_some_and(|until| now < until) {
+            return;
+        }
+        self.quiet_until = Some(now + Duration::from_secs(60));
+        tracing::warn!(
+            max_connections,
+            "max_connections reached: new connections wait in the kernel backlog until one closes"
+        );
     }
 }
 

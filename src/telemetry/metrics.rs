@@ -82,6 +82,7 @@ pub struct Metrics {
     pub cache_saved_usd: CounterVec,
     pub cache_size_bytes: IntGauge,
     pub cache_entries: IntGauge,
+    pub connections_open: IntGauge,
     pub budget_spent: prometheus::GaugeVec,
     pub budget_limit: prometheus::GaugeVec,
     pub budget_alerts: IntCounterVec,
@@ -173,6 +174,10 @@ impl Metrics {
             cache_size_bytes: plain_gauge(
                 "sluice_cache_size_bytes",
                 "Bytes held by the response cache (bounded by cache.max_bytes).",
+            ),
+            connections_open: plain_gauge(
+                "sluice_connections_open",
+                "Client connections open on the proxy listener (at most limits.max_connections).",
             ),
             cache_entries: plain_gauge(
                 "sluice_cache_entries",

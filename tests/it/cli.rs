@@ -522,6 +522,74 @@ routes:
     assert_eq!(accept_failures[0]["listener"], "proxy");
 }
 
+/// At `max_connections` the listener stops accepting: the gauge shows
+/// the connections open, and one warning says why new ones wait.
+#[tokio::test]
+async fn reaching_max_connections_is_visible() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let yaml = GOOD
+        .replace("listen: 127.0.0.1:0\n", &format!("listen: {proxy}\n"))
+        .replace("{ listen: 127.0.0.1:0 }", &format!("{{ listen: {admin} }}"))
+        + "limits: { max_connections: 2 }\n";
+    let path = write(dir.path(), "proxy.yaml", &yaml);
+    let mut cmd = sluice();
+    cmd.args(["run", "--config"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let gw = Running(cmd.spawn().expect("spawn sluice run"));
+    wait_ready(admin).await;
+    let open = || async {
+        let text = Client::new()
+            .get(&format!("http://{admin}/metrics"))
+            .await
+            .text();
+        crate::support::gateway::sample(&text, "sluice_connections_open", &[])
+    };
+    assert_eq!(open().await, Some(0.0));
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(
+            tokio::net::TcpStream::connect(proxy)
+                .await
+                .expect("connect"),
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while open().await != Some(2.0) {
+        assert!(Instant::now() < deadline, "the gauge never showed 2 open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The third waits in the backlog until one of the two closes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(open().await, Some(2.0));
+    drop(idle.remove(0));
+    drop(idle.remove(0));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while open().await != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the third was not accepted once room was made"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let events = stop_and_read_events(gw);
+    let full: Vec<_> = events
+        .iter()
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("max_connections reached"))
+        })
+        .collect();
+    assert_eq!(full.len(), 1, "{events:?}");
+    assert_eq!(full[0]["level"], "WARN");
+    assert_eq!(full[0]["max_connections"], 2);
+}
+
 #[test]
 fn hash_key_prints_the_sha256_of_its_argument() {
     let out = sluice()
