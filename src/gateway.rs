@@ -135,6 +135,9 @@ pub struct Gateway {
     pub log_format: LogFormat,
     /// False while starting and while draining: `/readyz` answers 503.
     ready: AtomicBool,
+    /// Set when `shutdown_grace` ran out: requests still open from then
+    /// on are being cut by sluice, not left by their clients.
+    cutting: AtomicBool,
     /// Request bodies held whole right now (`limits.max_buffered_bytes`).
     pub buffered: Arc<Buffered>,
 }
@@ -164,6 +167,7 @@ impl Gateway {
             log,
             log_format,
             ready: AtomicBool::new(false),
+            cutting: AtomicBool::new(false),
             buffered: Arc::default(),
         })
     }
@@ -220,5 +224,15 @@ impl Gateway {
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
+    }
+
+    /// `shutdown_grace` ran out: the requests still open are cut.
+    pub fn cut_remaining(&self) {
+        self.cutting.store(true, Ordering::Release);
+    }
+
+    /// Whether a request ending now was cut by the shutdown.
+    pub fn is_cutting(&self) -> bool {
+        self.cutting.load(Ordering::Acquire)
     }
 }

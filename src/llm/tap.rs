@@ -87,6 +87,9 @@ pub struct Finish {
 /// The status logged and counted for a request whose client went away
 /// before it was answered: nginx's, which dashboards know.
 const CLIENT_CLOSED_STATUS: u16 = 499;
+/// The `error` of a request still open when `shutdown_grace` ran out:
+/// sluice closed it, its client did not leave.
+const SERVER_SHUTDOWN: &str = "server_shutdown";
 
 impl Finish {
     pub fn new(gw: Arc<Gateway>, active: Arc<Active>, ctx: Box<RequestCtx>) -> Self {
@@ -169,6 +172,8 @@ impl Drop for Finish {
             // is given back either way.
             let (status, error) = if std::thread::panicking() {
                 (500, "internal_error")
+            } else if self.gw.is_cutting() {
+                (503, SERVER_SHUTDOWN)
             } else {
                 (CLIENT_CLOSED_STATUS, "client_closed")
             };
@@ -422,6 +427,8 @@ impl Drop for Tap {
             None
         } else if TokioInstant::now() >= self.deadline {
             Some("request_timeout")
+        } else if self.finish.as_ref().is_some_and(|f| f.gw.is_cutting()) {
+            Some(SERVER_SHUTDOWN)
         } else {
             Some("client_closed")
         };

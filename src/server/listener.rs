@@ -174,6 +174,7 @@ pub async fn serve(
         () = drain.drained() => {}
         () = tokio::time::sleep(grace) => {
             tracing::warn!(grace_s = grace.as_secs_f64(), "shutdown grace elapsed; closing remaining connections");
+            gw.cut_remaining();
         }
     }
 }
