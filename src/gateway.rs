@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
 
@@ -20,6 +20,7 @@ use crate::telemetry::log::{self, Log, LogSink};
 use crate::telemetry::metrics::{Metrics, RouteMetrics, UpstreamMetrics};
 use crate::upstream::breaker::Breaker;
 use crate::upstream::health;
+use crate::upstream::{HttpClient, UpstreamKind};
 
 /// A config in service: the snapshot and its metric children, resolved
 /// together when it is installed so requests index instead of hashing.
@@ -140,6 +141,9 @@ pub struct Gateway {
     cutting: AtomicBool,
     /// Request bodies held whole right now (`limits.max_buffered_bytes`).
     pub buffered: Arc<Buffered>,
+    /// The upstream clients in service by what they were built from, so
+    /// a reload keeps their pooled connections (see [`Gateway::swap`]).
+    clients: Mutex<HashMap<String, HttpClient>>,
 }
 
 impl Gateway {
@@ -155,6 +159,8 @@ impl Gateway {
             &metrics,
             log.dispatch.clone(),
         ));
+        let clients = Mutex::new(HashMap::new());
+        let snapshot = keep_clients(&clients, snapshot);
         let active = Arc::new(Active::new(snapshot, &metrics, &jwks, &breakers));
         health::spawn(&active);
         Arc::new(Gateway {
@@ -169,6 +175,7 @@ impl Gateway {
             ready: AtomicBool::new(false),
             cutting: AtomicBool::new(false),
             buffered: Arc::default(),
+            clients,
         })
     }
 
@@ -187,6 +194,7 @@ impl Gateway {
 
     /// Replaces the config for requests that start from now on.
     pub fn swap(&self, snapshot: Snapshot) {
+        let snapshot = keep_clients(&self.clients, snapshot);
         let active = Arc::new(Active::new(
             snapshot,
             &self.metrics,
@@ -235,4 +243,30 @@ impl Gateway {
     pub fn is_cutting(&self) -> bool {
         self.cutting.load(Ordering::Acquire)
     }
+}
+
+/// Gives each HTTP upstream of `snapshot` the client already in service
+/// for the same scheme, host, connect timeout and CA, if there is one: a
+/// reload (a ConfigMap edit that changed a limit) must not drop every
+/// pooled connection and TLS session. Clients no upstream uses any more
+/// leave the registry; requests still running on the old config hold
+/// their own copy until they end.
+fn keep_clients(clients: &Mutex<HashMap<String, HttpClient>>, mut snapshot: Snapshot) -> Snapshot {
+    let mut kept = clients.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut in_use = HashMap::with_capacity(snapshot.upstreams.len());
+    for upstream in &mut snapshot.upstreams {
+        // Freshly compiled, the snapshot owns its upstreams alone.
+        let Some(upstream) = Arc::get_mut(upstream) else {
+            continue;
+        };
+        let UpstreamKind::Http(http) = &mut upstream.kind else {
+            continue;
+        };
+        if let Some(client) = kept.get(&http.client_key) {
+            http.client = client.clone();
+        }
+        in_use.insert(http.client_key.clone(), http.client.clone());
+    }
+    *kept = in_use;
+    snapshot
 }

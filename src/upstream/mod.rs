@@ -61,6 +61,10 @@ pub struct HttpUpstream {
     /// HTTP/2 carries the host in `:authority` instead.)
     pub host: Option<http::HeaderValue>,
     pub client: HttpClient,
+    /// What `client` was built from (scheme, host, connect timeout, the
+    /// CA's digest): a reload whose upstream has the same key keeps the
+    /// client, and with it the pooled connections and TLS sessions.
+    pub client_key: String,
 }
 
 impl fmt::Debug for HttpUpstream {
@@ -128,12 +132,19 @@ impl HttpUpstream {
         } else {
             None
         };
+        let ca_digest = ca_pem.map(|pem| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(pem)));
+        let client_key = format!(
+            "{scheme}://{authority} connect={}ms ca={}",
+            connect.as_millis(),
+            ca_digest.as_deref().unwrap_or("-")
+        );
         Ok(HttpUpstream {
             host,
             scheme,
             authority,
             base_path,
             client,
+            client_key,
         })
     }
 

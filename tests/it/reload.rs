@@ -85,6 +85,41 @@ async fn a_configmap_symlink_swap_reloads_the_config() {
     );
 }
 
+/// A reload keeps an upstream's pooled connections (and, on https, its
+/// TLS sessions) when the upstream itself did not change; one whose URL
+/// changed gets a client of its own.
+#[tokio::test]
+async fn a_reload_keeps_the_connections_of_unchanged_upstreams() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let other = MockUpstream::always(UpstreamReply::text("other")).await;
+    let yaml = |limit: u32, url: &str| {
+        config(url, "").replace(
+            "requests_per_minute: 5",
+            &format!("requests_per_minute: {limit}"),
+        )
+    };
+    let gw =
+        TestGateway::start_watched(&yaml(100, &up.url()), &[], tempfile::tempdir().unwrap()).await;
+    let client = Client::new();
+    // Past the route's cache: every request reaches the upstream.
+    let url = gw.url("/v1/x");
+    let send = || client.post_json(&url, &[ALICE, ("cache-control", "no-store")], "{}");
+    assert_eq!(send().await.status, 200);
+    gw.swap_config(&yaml(200, &up.url()));
+    wait_reloads(&gw, "ok", 1.0).await;
+    assert_eq!(send().await.status, 200);
+    assert_eq!(up.seen().len(), 2);
+    assert_eq!(
+        up.connections(),
+        1,
+        "the reload dropped the pooled connection"
+    );
+
+    gw.swap_config(&yaml(200, &other.url()));
+    wait_reloads(&gw, "ok", 2.0).await;
+    assert_eq!(send().await.text(), "other");
+}
+
 #[tokio::test]
 async fn an_invalid_config_is_refused_while_traffic_keeps_flowing() {
     let upstream = MockUpstream::always(UpstreamReply::text("ok")).await;
