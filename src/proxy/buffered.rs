@@ -36,6 +36,20 @@ impl Budget<'_> {
             bytes: 0,
         }
     }
+
+    /// `bytes`, an edited copy of a body already admitted, counted in its
+    /// turn whatever the cap: the original, whose share goes back once it
+    /// is dropped, held as much, and refusing now would waste the work.
+    pub fn adopt(self, bytes: Bytes) -> Bytes {
+        let len = bytes.len() as u64;
+        self.pool.held.fetch_add(len, Ordering::Relaxed);
+        let share = Share {
+            pool: self.pool.clone(),
+            cap: self.cap,
+            bytes: len,
+        };
+        share.attach(bytes)
+    }
 }
 
 /// One body's part of the budget, given back when it is dropped.
@@ -48,6 +62,10 @@ pub struct Share {
 impl Share {
     /// Takes `n` more bytes, unless all bodies together would pass the cap.
     pub fn grow(&mut self, n: u64) -> bool {
+        if n == 0 {
+            // An empty frame takes nothing, even past a lowered cap.
+            return true;
+        }
         let held = &self.pool.held;
         let mut current = held.load(Ordering::Relaxed);
         loop {
@@ -62,6 +80,11 @@ impl Share {
                 Err(now) => current = now,
             }
         }
+    }
+
+    /// The bytes this share holds.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// `bytes`, carrying this share: it is given back when the last

@@ -106,7 +106,8 @@ pub async fn send(
     if completions && let Some(asked) = sse::ask_for_usage(&body) {
         // Usage is asked for upstream and its chunk removed before the
         // client sees it: the client's stream stays as it would have been.
-        body = asked;
+        // The edited copy takes over the original's place in the budget.
+        body = gw.body_budget(snap).adopt(asked);
         ctx.usage_injected = true;
         parts
             .headers
@@ -120,7 +121,10 @@ pub async fn send(
         Target::Upstream(index) => {
             let name = snap.upstreams.get(index).map(|upstream| {
                 headers::for_upstream(&mut parts.headers, upstream);
-                body = for_member(upstream, &body, &mut parts.headers);
+                if let Some(renamed) = renamed_for(upstream, &body, &mut parts.headers) {
+                    // Held through the token reservation and the upload.
+                    body = gw.body_budget(snap).adopt(renamed);
+                }
                 upstream.name.clone()
             });
             let answer = attempt(active, index, ctx, parts, body::full(body)).await;
@@ -139,13 +143,15 @@ pub async fn send(
 /// The body as `upstream` gets it: its `models` rename applied, with the
 /// `content-length` that goes with it.
 fn for_member(upstream: &Upstream, body: &Bytes, headers: &mut http::HeaderMap) -> Bytes {
-    match pool::rewrite_model(body, &upstream.models) {
-        Some(rewritten) => {
-            headers.insert(http::header::CONTENT_LENGTH, rewritten.len().into());
-            rewritten
-        }
-        None => body.clone(),
-    }
+    renamed_for(upstream, body, headers).unwrap_or_else(|| body.clone())
+}
+
+/// The body with `upstream`'s `models` rename applied, when it renames
+/// the body's model, and the `content-length` that goes with it.
+fn renamed_for(upstream: &Upstream, body: &Bytes, headers: &mut http::HeaderMap) -> Option<Bytes> {
+    let rewritten = pool::rewrite_model(body, &upstream.models)?;
+    headers.insert(http::header::CONTENT_LENGTH, rewritten.len().into());
+    Some(rewritten)
 }
 
 /// Forwards to a single upstream with the body streaming through,
@@ -239,6 +245,13 @@ pub async fn read_body(
         .filter(|&n| n <= limit);
     let mut joined = Joined::expecting(announced);
     let mut share = budget.share();
+    // The buffer is made its announced size at the second frame: charged
+    // for in full now, which also refuses at once a body that cannot fit.
+    if let Some(len) = announced
+        && !share.grow(len)
+    {
+        return Err(ProxyError::Overloaded);
+    }
     // One timer for the whole body, not one per frame.
     let expiry = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
     tokio::pin!(expiry);
@@ -258,7 +271,8 @@ pub async fn read_body(
         if joined.len().saturating_add(data.len()) > cap {
             return Err(ProxyError::TooLarge { limit });
         }
-        if !share.grow(data.len() as u64) {
+        let held = (joined.len() + data.len()) as u64;
+        if held > share.bytes() && !share.grow(held - share.bytes()) {
             return Err(ProxyError::Overloaded);
         }
         joined.push(&data);
@@ -410,6 +424,12 @@ async fn failover(
                 if out_of_time {
                     // No other member has any time left either.
                     last_timed_out = Some(&upstream.name);
+                    break;
+                }
+                if local {
+                    // The next member would meet the same shortage: no
+                    // failover to count against a member not at fault.
+                    last_timed_out = None;
                     break;
                 }
                 let retryable = if timed_out {
@@ -676,7 +696,7 @@ fn classify(e: &ClientError) -> AttemptFailure {
     if local {
         return AttemptFailure {
             outcome: Outcome::LocalError,
-            text: "sluice could not open a connection (out of file descriptors or local ports)",
+            text: "sluice could not open a connection (out of file descriptors or memory)",
         };
     }
     if tls {
@@ -703,14 +723,23 @@ fn classify(e: &ClientError) -> AttemptFailure {
 }
 
 /// Whether a socket could not be opened for want of something local:
-/// descriptors (the process's or the system's), buffer memory, or free
-/// ephemeral ports.
+/// descriptors (the process's or the system's) or buffer memory.
 fn is_local_shortage(io: &std::io::Error) -> bool {
-    use rustix::io::Errno;
-    matches!(
-        Errno::from_io_error(io),
-        Some(Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM | Errno::ADDRNOTAVAIL)
-    )
+    // Not EADDRNOTAVAIL: an IPv6 upstream in a pod without IPv6 fails
+    // with it too, and that member must still trip its breaker.
+    #[cfg(unix)]
+    {
+        use rustix::io::Errno;
+        matches!(
+            Errno::from_io_error(io),
+            Some(Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM)
+        )
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = io;
+        false
+    }
 }
 
 /// Whether an I/O error carries a rustls error, however deeply wrapped.

@@ -1,6 +1,7 @@
 //! The open-files limit: raised at start to what the system allows, so a
 //! default soft limit of 1024 does not cut `max_connections` short.
 
+#[cfg(unix)]
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
 /// Descriptors one proxied connection can hold: the client's, and the
@@ -34,6 +35,7 @@ impl OpenFiles {
 /// and nginx's `worker_rlimit_nofile` do: container runtimes commonly
 /// start processes at 1024 soft with a far higher hard limit. Failure
 /// leaves the limit as it was.
+#[cfg(unix)]
 pub fn raise() -> OpenFiles {
     let limit = getrlimit(Resource::Nofile);
     let was = limit.current;
@@ -50,6 +52,15 @@ pub fn raise() -> OpenFiles {
             now: limit.maximum,
         },
         Err(_) => OpenFiles { was, now: was },
+    }
+}
+
+/// Elsewhere there is no such limit to raise.
+#[cfg(not(unix))]
+pub fn raise() -> OpenFiles {
+    OpenFiles {
+        was: None,
+        now: None,
     }
 }
 

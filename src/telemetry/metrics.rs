@@ -83,6 +83,7 @@ pub struct Metrics {
     pub cache_size_bytes: IntGauge,
     pub cache_entries: IntGauge,
     pub connections_open: IntGauge,
+    pub buffered_request_bytes: IntGauge,
     pub budget_spent: prometheus::GaugeVec,
     pub budget_limit: prometheus::GaugeVec,
     pub budget_alerts: IntCounterVec,
@@ -174,6 +175,10 @@ impl Metrics {
             cache_size_bytes: plain_gauge(
                 "sluice_cache_size_bytes",
                 "Bytes held by the response cache (bounded by cache.max_bytes).",
+            ),
+            buffered_request_bytes: plain_gauge(
+                "sluice_buffered_request_bytes",
+                "Bytes of request bodies held whole right now, all requests together (bounded by limits.max_buffered_bytes).",
             ),
             connections_open: plain_gauge(
                 "sluice_connections_open",

@@ -30,6 +30,8 @@ type Sender = http1::SendRequest<BoxBody>;
 /// Idle connections kept per pool; past this, a connection whose answer
 /// ended is closed instead of kept.
 const MAX_IDLE: usize = 1024;
+/// The largest read or write buffer of an upstream connection.
+const MAX_BUFFER: usize = 64 * 1024;
 
 /// Idle connections to plain-HTTP hosts, and how to make new ones.
 pub struct H1Pool {
@@ -167,6 +169,11 @@ impl H1Pool {
         // One buffer, one write per message (as the listener does).
         let (sender, conn) = http1::Builder::new()
             .writev(false)
+            // The write buffer grows to what is queued in it and keeps
+            // that size while the connection idles in the pool: bounded
+            // here (with `body::full`'s 64 KiB frames) instead of
+            // hyper's ~400 KB. Also the most a response head may take.
+            .max_buf_size(MAX_BUFFER)
             .handshake(io)
             .await
             .map_err(ClientError::Http)?;

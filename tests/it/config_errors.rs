@@ -482,7 +482,7 @@ fn yaml_syntax_error_has_a_line_and_column() {
 }
 
 #[test]
-fn unreadable_file_is_reported_with_position_zero() {
+fn unreadable_file_is_reported_at_its_first_position() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("missing.yaml");
     let err = config::load(&path).expect_err("there is no file");

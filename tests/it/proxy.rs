@@ -423,6 +423,59 @@ routes:
     assert_eq!(post(1_000_000).await.status, 200);
 }
 
+/// A body sluice edits before sending it (usage asked for on a streamed
+/// chat request, the SDKs' default) stays counted while the edited copy
+/// waits on the upstream, and is given back once the answer is in.
+#[tokio::test]
+async fn an_edited_body_stays_counted_while_it_is_held() {
+    let up = MockUpstream::always(
+        UpstreamReply::text("ok").delay(std::time::Duration::from_millis(600)),
+    )
+    .await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  app: {{ url: "{}" }}
+pools:
+  both: {{ members: [app] }}
+routes:
+  - {{ name: app, match: {{ path_prefix: / }}, auth: none, upstream: both }}
+"#,
+        up.url()
+    ))
+    .await;
+    let prompt = "x".repeat(300_000);
+    let body = format!(
+        r#"{{"model":"m","stream":true,"messages":[{{"role":"user","content":"{prompt}"}}]}}"#
+    );
+    let url = gw.url("/v1/chat/completions");
+    let request = tokio::spawn(async move { Client::new().post_json(&url, &[], &body).await });
+    let held = || async {
+        gw.metric("sluice_buffered_request_bytes", &[])
+            .await
+            .unwrap_or(-1.0)
+    };
+    // Once the upstream has the request, only the edited copy is held.
+    for _ in 0..40 {
+        if !up.seen().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(up.seen().len(), 1, "the upstream never got the request");
+    let seen = held().await;
+    assert!(seen >= 300_000.0, "held while waiting: {seen}");
+    assert_eq!(request.await.unwrap().status, 200);
+    assert!(
+        up.seen()[0]
+            .body
+            .windows(14)
+            .any(|w| w == b"include_usage\""),
+        "usage was asked for"
+    );
+    assert_eq!(held().await, 0.0);
+}
+
 /// Posts a chat request without a length, in frames of `frame` bytes.
 async fn post_chat_in_frames(
     gw: &TestGateway,
