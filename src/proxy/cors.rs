@@ -118,7 +118,14 @@ pub fn preflight(cors: &Cors, allowed: bool, request: &HeaderMap) -> Response<Bo
 
 /// Adds the headers that let the browser hand the response to the page.
 pub fn decorate(allowed: Allowed, headers: &mut HeaderMap) {
-    headers.append(header::VARY, HeaderValue::from_static("origin"));
+    // A preflight answer names `origin` among its own `vary` already.
+    let varies = headers
+        .get_all(header::VARY)
+        .iter()
+        .any(|v| v.as_bytes().starts_with(b"origin"));
+    if !varies {
+        headers.append(header::VARY, HeaderValue::from_static("origin"));
+    }
     let Some(origin) = allowed.origin else {
         return;
     };

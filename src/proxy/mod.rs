@@ -266,7 +266,14 @@ async fn process(
         match route::select(snap, req.method(), req.uri().path(), host, req.headers()) {
             Ok(found) => found,
             Err(refused) => {
-                if let Some(route) = refused.route
+                if let Some((index, route)) = refused.route {
+                    // A 405 is the route's answer: logged and counted as
+                    // its own, as any other refusal of the route is.
+                    ctx.route = Some(route.name.clone());
+                    ctx.route_index = Some(index);
+                    active.route_metrics(ctx.route_index).in_flight.inc();
+                }
+                if let Some((_, route)) = refused.route
                     && let Some(rules) = &route.cors
                 {
                     ctx.cors = Some(cors::allowed(rules, req.headers()));

@@ -16,7 +16,7 @@ pub fn select<'s>(
     host: Option<&str>,
     headers: &HeaderMap,
 ) -> Result<(usize, &'s Route), Refused<'s>> {
-    let mut wrong_method: Option<&Route> = None;
+    let mut wrong_method: Option<(usize, &Route)> = None;
     for (index, route) in snap.routes.iter().enumerate() {
         if !path_matches(&route.path, path) || !host_matches(route.host.as_deref(), host) {
             continue;
@@ -26,14 +26,14 @@ pub fn select<'s>(
         if route.methods.is_empty() || allows(&route.methods, method) || preflight {
             return Ok((index, route));
         }
-        wrong_method.get_or_insert(route);
+        wrong_method.get_or_insert((index, route));
     }
     Err(match wrong_method {
-        Some(route) => Refused {
+        Some((index, route)) => Refused {
             error: ProxyError::MethodNotAllowed {
                 allow: route.allow.clone(),
             },
-            route: Some(route),
+            route: Some((index, route)),
         },
         None => Refused {
             error: ProxyError::RouteNotFound,
@@ -46,7 +46,9 @@ pub fn select<'s>(
 /// refused it (a browser reads the error only with its CORS headers).
 pub struct Refused<'s> {
     pub error: ProxyError,
-    pub route: Option<&'s Route>,
+    /// The first route whose path and host matched, with its index, when
+    /// only its methods refused the request (a 405 is that route's).
+    pub route: Option<(usize, &'s Route)>,
 }
 
 /// Whether `methods` allow `method`. HEAD is GET without the body (RFC

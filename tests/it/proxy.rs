@@ -292,6 +292,16 @@ async fn wrong_method_is_405_with_allow() {
     assert_eq!(reply.header("allow"), Some("GET, POST"));
     assert_eq!(reply.json()["error"]["code"], "method_not_allowed");
     assert!(up.seen().is_empty());
+    // The route's own answer: logged and counted under it.
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["route"], "chat", "{log}");
+    let labels = [("route", "chat"), ("method", "DELETE"), ("status", "405")];
+    assert_eq!(gw.metric("sluice_requests_total", &labels).await, Some(1.0));
+    let in_flight = [("route", "chat")];
+    assert_eq!(
+        gw.metric("sluice_in_flight_requests", &in_flight).await,
+        Some(0.0)
+    );
     // HEAD goes where GET goes.
     let head = Client::new()
         .send(
