@@ -207,6 +207,9 @@ impl Gateway {
 
     /// The Prometheus text of every family, gauges sampled now.
     pub async fn render_metrics(&self) -> Vec<u8> {
+        if let Some(dropped) = &self.log.dropped {
+            dropped.tell(&self.metrics.log_lines_dropped);
+        }
         self.metrics
             .buffered_request_bytes
             .set(i64::try_from(self.buffered.held()).unwrap_or(i64::MAX));

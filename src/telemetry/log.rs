@@ -113,6 +113,37 @@ pub struct Log {
     pub access: bool,
     /// Flushes buffered lines when dropped.
     pub guard: LogGuard,
+    /// Lines dropped because the writer thread fell behind (stdout only).
+    pub dropped: Option<Dropped>,
+}
+
+/// The count of log lines dropped, as `sluice_log_lines_dropped_total`
+/// learns it: the writer counts, each scrape adds what is new.
+pub struct Dropped {
+    counter: tracing_appender::non_blocking::ErrorCounter,
+    /// What the metric has been told so far.
+    told: std::sync::atomic::AtomicU64,
+}
+
+impl Dropped {
+    pub fn new(counter: tracing_appender::non_blocking::ErrorCounter) -> Self {
+        Dropped {
+            counter,
+            told: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Adds to `metric` the lines dropped since the last call (two
+    /// scrapes at once add each line once).
+    pub fn tell(&self, metric: &prometheus::IntCounter) {
+        let now = self.counter.dropped_lines() as u64;
+        let before = self
+            .told
+            .fetch_max(now, std::sync::atomic::Ordering::AcqRel);
+        if now > before {
+            metric.inc_by(now - before);
+        }
+    }
 }
 
 /// Writes whole lines to where the dispatcher writes.
@@ -151,6 +182,7 @@ pub fn build(logging: &Logging, sink: LogSink) -> Log {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false);
+    let mut dropped = None;
     let (dispatch, lines, guard): (tracing::Dispatch, _, _) = match sink {
         LogSink::Stdout => {
             // Buffered so that the writer thread issues one write per batch
@@ -161,6 +193,7 @@ pub fn build(logging: &Logging, sink: LogSink) -> Log {
                 .lossy(true)
                 .thread_name("sluice-log")
                 .finish(stdout);
+            dropped = Some(Dropped::new(writer.error_counter()));
             let lines = LineWriter::Stdout(writer.clone());
             let builder = builder.with_writer(writer);
             let dispatch = match logging.format {
@@ -189,6 +222,7 @@ pub fn build(logging: &Logging, sink: LogSink) -> Log {
         lines,
         access,
         guard,
+        dropped,
     }
 }
 
@@ -392,6 +426,42 @@ impl<W: fmt::Write> fmt::Write for JsonEscape<'_, W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stdout that takes nothing until it is let go.
+    struct Stuck(std::sync::mpsc::Receiver<()>);
+
+    impl io::Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let _ = self.0.recv();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lines_the_writer_drops_are_counted_once_each() {
+        let (release, stuck) = std::sync::mpsc::channel();
+        let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .buffered_lines_limit(4)
+            .lossy(true)
+            .finish(Stuck(stuck));
+        let dropped = Dropped::new(writer.error_counter());
+        let lines = LineWriter::Stdout(writer);
+        for _ in 0..50 {
+            lines.write_line(b"{}\n");
+        }
+        let metric = prometheus::IntCounter::new("t", "t").unwrap();
+        dropped.tell(&metric);
+        let counted = metric.get();
+        assert!((40..=46).contains(&counted), "dropped {counted} of 50");
+        // A second scrape adds nothing new.
+        dropped.tell(&metric);
+        assert_eq!(metric.get(), counted);
+        drop(release);
+        drop(guard);
+    }
 
     #[test]
     fn needs_escape_finds_every_byte_json_escapes() {

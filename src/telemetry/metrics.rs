@@ -84,6 +84,7 @@ pub struct Metrics {
     pub cache_entries: IntGauge,
     pub connections_open: IntGauge,
     pub buffered_request_bytes: IntGauge,
+    pub log_lines_dropped: IntCounter,
     pub budget_spent: prometheus::GaugeVec,
     pub budget_limit: prometheus::GaugeVec,
     pub budget_alerts: IntCounterVec,
@@ -175,6 +176,14 @@ impl Metrics {
             cache_size_bytes: plain_gauge(
                 "sluice_cache_size_bytes",
                 "Bytes held by the response cache (bounded by cache.max_bytes).",
+            ),
+            log_lines_dropped: register(
+                &registry,
+                &families,
+                IntCounter::new(
+                    "sluice_log_lines_dropped_total",
+                    "Log lines (access log included) dropped because stdout could not take them in time.",
+                ),
             ),
             buffered_request_bytes: plain_gauge(
                 "sluice_buffered_request_bytes",
