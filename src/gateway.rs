@@ -268,7 +268,8 @@ fn keep_clients(clients: &Mutex<HashMap<String, HttpClient>>, mut snapshot: Snap
         let UpstreamKind::Http(http) = &mut upstream.kind else {
             continue;
         };
-        if let Some(client) = kept.get(&http.client_key) {
+        // Two upstreams with one URL share one client, from the first load.
+        if let Some(client) = in_use.get(&http.client_key).or(kept.get(&http.client_key)) {
             http.client = client.clone();
         }
         in_use.insert(http.client_key.clone(), http.client.clone());

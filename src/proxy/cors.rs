@@ -119,10 +119,13 @@ pub fn preflight(cors: &Cors, allowed: bool, request: &HeaderMap) -> Response<Bo
 /// Adds the headers that let the browser hand the response to the page.
 pub fn decorate(allowed: Allowed, headers: &mut HeaderMap) {
     // A preflight answer names `origin` among its own `vary` already.
-    let varies = headers
-        .get_all(header::VARY)
-        .iter()
-        .any(|v| v.as_bytes().starts_with(b"origin"));
+    let varies = headers.get_all(header::VARY).iter().any(|v| {
+        v.to_str().is_ok_and(|list| {
+            list.split(',')
+                .map(str::trim)
+                .any(|name| name == "*" || name.eq_ignore_ascii_case("origin"))
+        })
+    });
     if !varies {
         headers.append(header::VARY, HeaderValue::from_static("origin"));
     }

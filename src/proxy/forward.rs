@@ -132,18 +132,15 @@ pub async fn send(
             answer.map_err(|f| single_failure(name.as_deref().unwrap_or("upstream"), f))
         }
         Target::Pool(p) => match snap.pools.get(p) {
-            Some(pool) => failover(active, p, pool, ctx, &parts, body).await,
+            Some(pool) => {
+                let budget = gw.body_budget(snap);
+                failover(active, p, pool, ctx, &parts, body, budget).await
+            }
             None => Err(ProxyError::UpstreamFailed {
                 attempts: "no pool configured".to_owned(),
             }),
         },
     }
-}
-
-/// The body as `upstream` gets it: its `models` rename applied, with the
-/// `content-length` that goes with it.
-fn for_member(upstream: &Upstream, body: &Bytes, headers: &mut http::HeaderMap) -> Bytes {
-    renamed_for(upstream, body, headers).unwrap_or_else(|| body.clone())
 }
 
 /// The body with `upstream`'s `models` rename applied, when it renames
@@ -245,13 +242,6 @@ pub async fn read_body(
         .filter(|&n| n <= limit);
     let mut joined = Joined::expecting(announced);
     let mut share = budget.share();
-    // The buffer is made its announced size at the second frame: charged
-    // for in full now, which also refuses at once a body that cannot fit.
-    if let Some(len) = announced
-        && !share.grow(len)
-    {
-        return Err(ProxyError::Overloaded);
-    }
     // One timer for the whole body, not one per frame.
     let expiry = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
     tokio::pin!(expiry);
@@ -271,11 +261,14 @@ pub async fn read_body(
         if joined.len().saturating_add(data.len()) > cap {
             return Err(ProxyError::TooLarge { limit });
         }
-        let held = (joined.len() + data.len()) as u64;
+        joined.push(&data);
+        // Charged what the join holds, its buffer made at the announced
+        // size included: a client that announces much and sends nothing
+        // holds nothing. (Refused, the buffer goes with `joined`.)
+        let held = joined.held() as u64;
         if held > share.bytes() && !share.grow(held - share.bytes()) {
             return Err(ProxyError::Overloaded);
         }
-        joined.push(&data);
     }
     Ok(share.attach(joined.into_bytes()))
 }
@@ -298,6 +291,7 @@ async fn failover(
     ctx: &mut RequestCtx,
     parts: &Parts,
     body: Bytes,
+    budget: Budget<'_>,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let snap = &active.snapshot;
     let mut tried: Vec<String> = Vec::new();
@@ -341,7 +335,11 @@ async fn failover(
         attempts += 1;
         let mut member_parts = copy_parts(parts);
         headers::for_upstream(&mut member_parts.headers, upstream);
-        let bytes = for_member(upstream, &body, &mut member_parts.headers);
+        // A member's renamed copy is held through its attempt: counted too.
+        let bytes = match renamed_for(upstream, &body, &mut member_parts.headers) {
+            Some(renamed) => budget.adopt(renamed),
+            None => body.clone(),
+        };
         match attempt(active, member, ctx, member_parts, body::full(bytes)).await {
             Ok(resp) => {
                 let status = resp.status().as_u16();
@@ -714,6 +712,15 @@ fn classify(e: &ClientError) -> AttemptFailure {
         return AttemptFailure {
             outcome: Outcome::ConnectError,
             text,
+        };
+    }
+    if let ClientError::Http(h) = e
+        && h.is_parse_too_large()
+    {
+        // A plain-HTTP upstream connection reads about 64 KiB of head.
+        return AttemptFailure {
+            outcome: Outcome::ConnectionError,
+            text: "the response head is too large (about 64 KiB at most)",
         };
     }
     AttemptFailure {

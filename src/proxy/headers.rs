@@ -209,10 +209,12 @@ pub fn from_client(headers: &mut HeaderMap, ctx: &RequestCtx) {
         HeaderValue::from_static(if ctx.tls { "https" } else { "http" }),
     );
     // The target's authority first, as routes read it (`route::request_host`).
+    // Never an absolute-form target's `user:password@`.
     let host = ctx
         .uri
         .authority()
-        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .map(|a| a.as_str().rsplit('@').next().unwrap_or(a.as_str()))
+        .and_then(|a| HeaderValue::from_str(a).ok())
         .or(original_host);
     match host {
         Some(h) => {

@@ -3,7 +3,7 @@
 //! host but none allows the method, the answer is 405 with that route's
 //! `allow`; when none matches at all, 404.
 
-use http::{HeaderMap, Method, Uri, Version, header};
+use http::{HeaderMap, HeaderValue, Method, Uri, Version, header};
 
 use super::error::ProxyError;
 use crate::snapshot::{PathMatch, Route, Snapshot};
@@ -17,6 +17,10 @@ pub fn select<'s>(
     headers: &HeaderMap,
 ) -> Result<(usize, &'s Route), Refused<'s>> {
     let mut wrong_method: Option<(usize, &Route)> = None;
+    // Later routes on the same path and host that refuse the method too:
+    // the `allow` of a 405 lists what any of them would take. (Empty, and
+    // not allocated, but on that rare path.)
+    let mut also_refusing: Vec<&Route> = Vec::new();
     for (index, route) in snap.routes.iter().enumerate() {
         if !path_matches(&route.path, path) || !host_matches(route.host.as_deref(), host) {
             continue;
@@ -26,12 +30,15 @@ pub fn select<'s>(
         if route.methods.is_empty() || allows(&route.methods, method) || preflight {
             return Ok((index, route));
         }
-        wrong_method.get_or_insert((index, route));
+        match wrong_method {
+            None => wrong_method = Some((index, route)),
+            Some(_) => also_refusing.push(route),
+        }
     }
     Err(match wrong_method {
         Some((index, route)) => Refused {
             error: ProxyError::MethodNotAllowed {
-                allow: route.allow.clone(),
+                allow: allowed_by(route, &also_refusing),
             },
             route: Some((index, route)),
         },
@@ -49,6 +56,22 @@ pub struct Refused<'s> {
     /// The first route whose path and host matched, with its index, when
     /// only its methods refused the request (a 405 is that route's).
     pub route: Option<(usize, &'s Route)>,
+}
+
+/// The methods `first` and `others` take, each named once, in order.
+fn allowed_by(first: &Route, others: &[&Route]) -> HeaderValue {
+    if others.is_empty() {
+        return first.allow.clone();
+    }
+    let mut names: Vec<&str> = Vec::new();
+    for route in std::iter::once(first).chain(others.iter().copied()) {
+        for name in route.allow.to_str().unwrap_or("").split(", ") {
+            if !name.is_empty() && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    HeaderValue::from_str(&names.join(", ")).unwrap_or_else(|_| first.allow.clone())
 }
 
 /// Whether `methods` allow `method`. HEAD is GET without the body (RFC

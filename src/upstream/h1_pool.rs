@@ -172,7 +172,8 @@ impl H1Pool {
             // The write buffer grows to what is queued in it and keeps
             // that size while the connection idles in the pool: bounded
             // here (with `body::full`'s 64 KiB frames) instead of
-            // hyper's ~400 KB. Also the most a response head may take.
+            // hyper's ~400 KB. It also bounds a response head, roughly
+            // (hyper checks it between reads).
             .max_buf_size(MAX_BUFFER)
             .handshake(io)
             .await

@@ -298,3 +298,43 @@ routes:
     assert_eq!(options.header("allow"), Some("POST, OPTIONS"));
     assert!(upstream.seen().is_empty());
 }
+
+/// An upstream that varies by `Origin` already (any case) is not told so
+/// twice; a response to an allowed origin always varies by it.
+#[tokio::test]
+async fn vary_names_origin_once_whoever_wrote_it() {
+    let upstream =
+        MockUpstream::always(UpstreamReply::text("{}").header("vary", "Accept-Encoding, Origin"))
+            .await;
+    let yaml = format!(
+        r#"
+upstreams:
+  app: {{ url: "{}" }}
+routes:
+  - name: open
+    match: {{ path_prefix: / }}
+    auth: none
+    cors: {{ allow_origins: ["https://app.example.com"] }}
+    upstream: app
+"#,
+        upstream.url()
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let reply = Client::new()
+        .send(
+            Method::GET,
+            &gw.url("/x"),
+            &[("origin", "https://app.example.com")],
+            bytes::Bytes::new(),
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    let vary: Vec<String> = reply
+        .headers
+        .get_all("vary")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_ascii_lowercase)
+        .collect();
+    assert_eq!(vary.join(", ").matches("origin").count(), 1, "{vary:?}");
+}

@@ -811,3 +811,83 @@ async fn open_app() -> (MockUpstream, TestGateway) {
     let gw = TestGateway::start(&crate::support::app_config(&up.url(), "")).await;
     (up, gw)
 }
+
+/// A 405's `allow` names what every route on that path would take, not
+/// only the first: a client told `GET` alone would never try `POST`.
+#[tokio::test]
+async fn a_405_allows_the_methods_of_every_route_on_the_path() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  app: {{ url: "{}" }}
+routes:
+  - {{ name: read, match: {{ path: /x, methods: [GET] }}, auth: none, upstream: app }}
+  - {{ name: write, match: {{ path: /x, methods: [POST, GET] }}, auth: none, upstream: app }}
+"#,
+        up.url()
+    ))
+    .await;
+    let reply = Client::new()
+        .send(Method::DELETE, &gw.url("/x"), &[], Bytes::new())
+        .await;
+    assert_eq!(reply.status, 405);
+    assert_eq!(reply.header("allow"), Some("GET, POST"));
+}
+
+/// An absolute-form target with credentials (`http://user:pw@host/`)
+/// never passes them on in `x-forwarded-host`.
+#[tokio::test]
+async fn x_forwarded_host_never_carries_userinfo() {
+    let (up, gw) = open_app().await;
+    let (status, _) = raw_exchange(
+        &gw,
+        "GET http://user:secret@t/x HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(up.seen()[0].header("x-forwarded-host"), Some("t"));
+}
+
+/// A body is charged what sluice holds of it: a client that announces a
+/// large body and sends nothing holds nothing of the budget.
+#[tokio::test]
+async fn an_announced_body_is_charged_as_it_arrives() {
+    use tokio::io::AsyncWriteExt;
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+limits: {{ max_request_body: 1MiB, max_buffered_bytes: 1MiB }}
+upstreams:
+  app: {{ url: "{}" }}
+pools:
+  both: {{ members: [app] }}
+routes:
+  - {{ name: app, match: {{ path_prefix: / }}, auth: none, upstream: both }}
+"#,
+        up.url()
+    ))
+    .await;
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        conn.write_all(b"POST /v1/files HTTP/1.1\r\nhost: t\r\ncontent-length: 1000000\r\n\r\n")
+            .await
+            .unwrap();
+        silent.push(conn);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(
+        gw.metric("sluice_buffered_request_bytes", &[]).await,
+        Some(0.0)
+    );
+    let reply = Client::new()
+        .send(
+            Method::POST,
+            &gw.url("/v1/files"),
+            &[],
+            Bytes::from(vec![b'b'; 900_000]),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}

@@ -161,3 +161,24 @@ async fn a_get_a_reused_connection_dropped_is_sent_again_on_a_fresh_one() {
     assert_eq!(post.status, 502, "{}", post.text());
     assert_eq!(up.requests(), 4, "a POST is not sent twice");
 }
+
+/// A plain-HTTP upstream's answer head is bounded near 64 KiB (hyper
+/// checks once a read leaves the head unfinished; pooled connections keep
+/// their buffers): a far larger one is a 502 that says so.
+#[tokio::test]
+async fn an_oversized_upstream_head_is_a_502_that_says_so() {
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 2\r\n\r\nok",
+        "a".repeat(512 * 1024)
+    );
+    let answer: &'static [u8] = Box::leak(answer.into_bytes().into_boxed_slice());
+    let up = RawUpstream::start(answer, AfterAnswer::KeepAlive).await;
+    let gw = TestGateway::start(&config(&up.url(), "{}")).await;
+    let reply = Client::new().get(&gw.url("/x")).await;
+    assert_eq!(reply.status, 502);
+    let message = reply.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("response head is too large"), "{message}");
+}
