@@ -297,12 +297,18 @@ fn record_usage(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, u
             usage.finish_reason.as_deref().unwrap_or("none"),
         )
         .inc();
-    let cost = pricing::cost(
-        &active.snapshot.pricing,
-        usage.model.as_deref(),
-        input,
-        output,
-    );
+    // No token count, no cost: the log says null, not a made-up 0.
+    let counted = usage.input_tokens.is_some() || usage.output_tokens.is_some();
+    let cost = counted
+        .then(|| {
+            pricing::cost(
+                &active.snapshot.pricing,
+                usage.model.as_deref(),
+                input,
+                output,
+            )
+        })
+        .flatten();
     if let Some(cost) = cost {
         children.cost_usd.inc_by(cost);
         spend::charge(gw, active, ctx.identity.as_ref(), cost);

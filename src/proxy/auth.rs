@@ -98,15 +98,17 @@ pub async fn identify(
             }),
         };
     };
+    // Known before the allow-list is read: a 403 is logged with the
+    // identity it refused ("valid identity, not allowed here").
+    ctx.identity = Some(Identity {
+        id: IdentityId::Key(key.id.clone()),
+        tier: key.tier.clone().or_else(|| snap.auth.default_tier.clone()),
+    });
     if let Some(allowed) = &key.routes
         && !allowed.iter().any(|r| **r == *route.name)
     {
         return Err(ProxyError::Forbidden);
     }
-    ctx.identity = Some(Identity {
-        id: IdentityId::Key(key.id.clone()),
-        tier: key.tier.clone().or_else(|| snap.auth.default_tier.clone()),
-    });
     Ok(())
 }
 

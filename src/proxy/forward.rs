@@ -563,6 +563,18 @@ impl Drop for Unjudged<'_> {
     }
 }
 
+/// An attempt in flight; dropped before its answer came (the client
+/// left), it counts as `client_error`.
+struct Abandoned<'a>(Option<(&'a Active, usize)>);
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if let Some((active, index)) = self.0.take() {
+            count(active, index, Outcome::ClientError);
+        }
+    }
+}
+
 /// Counts an attempt's outcome for its upstream.
 fn count(active: &Active, index: usize, outcome: Outcome) {
     if let Some(m) = active.upstreams.get(index) {
@@ -619,6 +631,9 @@ async fn attempt(
         .min(ctx.deadline(snap))
         .into();
 
+    // Dropped before the answer (its client left), the attempt still
+    // counts under an outcome: the outcomes add up to the attempts.
+    let mut abandoned = Abandoned(Some((active, index)));
     let result: Result<Response<BoxBody>, AttemptFailure> = match &upstream.kind {
         UpstreamKind::Http(http) => match http.uri_for(parts.uri.path_and_query()) {
             Err(_) => Err(AttemptFailure {
@@ -657,6 +672,7 @@ async fn attempt(
             }
         }
     };
+    abandoned.0 = None;
     let elapsed = started.elapsed();
     ctx.upstream_wait += elapsed;
     match result {

@@ -200,9 +200,12 @@ pub fn account_refused_head(
     ctx.head_unread = true;
     ctx.status = status;
     ctx.error = Some(code);
-    active
-        .route_metrics(None)
-        .count_request(&gw.metrics, &ctx.method, status);
+    let unrouted = active.route_metrics(None);
+    unrouted.count_request(&gw.metrics, &ctx.method, status);
+    // Answered at once, by hyper: the histograms' counts still match the
+    // requests counted.
+    unrouted.duration.observe(0.0);
+    unrouted.overhead.observe(0.0);
     crate::telemetry::access_log::emit(&gw.log, gw.log_format, &ctx, std::time::Duration::ZERO);
 }
 

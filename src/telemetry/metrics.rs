@@ -435,35 +435,43 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
-/// The `finish_reason` labels: those known to OpenAI, Anthropic and
-/// Gemini-style APIs, then `other` for any else. The first
+/// The `finish_reason` labels: OpenAI's (other APIs' reasons are read
+/// as OpenAI's, see [`openai_finish_reason`]), then the few with no
+/// OpenAI name, then `other` for any else. The first
 /// [`EAGER_FINISH_REASONS`] are resolved up front (their series show from
 /// a model's first answer); the rest on first use, then kept.
-const FINISH_REASONS: [&str; 19] = [
+const FINISH_REASONS: [&str; 10] = [
     "stop",
     "length",
     "tool_calls",
     "content_filter",
-    "end_turn",
-    "max_tokens",
     "none",
     "function_call",
-    "stop_sequence",
-    "tool_use",
     "pause_turn",
-    "refusal",
-    "STOP",
-    "MAX_TOKENS",
-    "SAFETY",
-    "RECITATION",
     "error",
     "cancelled",
     OTHER,
 ];
-const EAGER_FINISH_REASONS: usize = 7;
+const EAGER_FINISH_REASONS: usize = 5;
+
+/// A finish reason in OpenAI's words, so that one dashboard reads every
+/// provider: a jump in `length` is a jump in truncations, whether
+/// Anthropic says `max_tokens` or Gemini `MAX_TOKENS`.
+fn openai_finish_reason(reason: &str) -> &str {
+    match reason {
+        "end_turn" | "stop_sequence" | "STOP" => "stop",
+        "max_tokens" | "MAX_TOKENS" => "length",
+        "tool_use" => "tool_calls",
+        "refusal" | "SAFETY" | "RECITATION" | "PROHIBITED_CONTENT" | "BLOCKLIST" | "SPII" => {
+            "content_filter"
+        }
+        other => other,
+    }
+}
 
 impl ModelMetrics {
     pub fn completion(&self, metrics: &Metrics, reason: &str) -> &IntCounter {
+        let reason = openai_finish_reason(reason);
         let last = FINISH_REASONS.len() - 1;
         let i = FINISH_REASONS[..last]
             .iter()

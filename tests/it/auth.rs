@@ -172,6 +172,11 @@ async fn key_limited_to_other_routes_is_403() {
     assert_eq!(reply.status, 403);
     assert_eq!(reply.json()["error"]["code"], "forbidden");
     assert_eq!(reply.json()["error"]["type"], "permission_error");
+    // The log says who was refused (by id, never by key).
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["status"], 403);
+    assert_eq!(log["identity"], "public-only", "{log}");
+    assert!(!gw.log_text().contains("sk-public-only"));
     // Where it is allowed, it is who it says.
     assert_eq!(
         models(&gw, "/maybe/x", &[("x-api-key", "sk-public-only")])

@@ -364,6 +364,12 @@ async fn a_client_that_leaves_before_the_answer_gives_back_what_it_held() {
         .await,
         Some(1.0)
     );
+    // The abandoned attempt has an outcome, as every attempt does.
+    let labels = [("upstream", "app"), ("outcome", "client_error")];
+    assert_eq!(
+        gw.metric("sluice_upstream_requests_total", &labels).await,
+        Some(1.0)
+    );
     // 500 reserved of 600 are back, and the one slot is free: a request
     // for 200 more fits.
     let r = Client::new()

@@ -763,6 +763,14 @@ async fn an_oversized_request_head_is_refused() {
             "{line}"
         );
     }
+    assert_eq!(
+        gw.metric(
+            "sluice_request_duration_seconds_count",
+            &[("route", "none")]
+        )
+        .await,
+        Some(2.0)
+    );
     for status in ["431", "400"] {
         let labels = [("route", "none"), ("method", "other"), ("status", status)];
         assert_eq!(

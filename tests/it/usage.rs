@@ -138,7 +138,8 @@ async fn anthropic_stream_usage_and_default_price() {
         25,
         15,
         (25.0 * 1.0 + 15.0 * 3.0) / 1e6,
-        "end_turn",
+        // Anthropic's end_turn, counted in OpenAI's words.
+        "stop",
     )
     .await;
 }
@@ -252,4 +253,35 @@ async fn usage_chunk_reaches_a_client_that_asked_for_it() {
         "the request is forwarded untouched"
     );
     assert_eq!(reply.text(), sse_text(&STREAM));
+}
+
+/// An answer that reports no usage costs nothing known: the log says
+/// null for its cost as for its tokens, and the completion still counts.
+#[tokio::test]
+async fn an_answer_without_usage_has_no_cost() {
+    let up = MockUpstream::always(UpstreamReply::json(&json!({
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]
+    })))
+    .await;
+    let gw = TestGateway::start(&config(&up.url())).await;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
+        .await;
+    assert_eq!(reply.status, 200);
+    let log = &gw.wait_access_logs(1).await[0];
+    assert!(
+        log["input_tokens"].is_null() && log["output_tokens"].is_null(),
+        "{log}"
+    );
+    assert!(log["cost_usd"].is_null(), "{log}");
+    let labels = [
+        ("route", "chat"),
+        ("model", "gpt-4o-mini"),
+        ("finish_reason", "stop"),
+    ];
+    assert_eq!(
+        gw.metric("sluice_completions_total", &labels).await,
+        Some(1.0)
+    );
 }
