@@ -180,6 +180,8 @@ impl Drop for Finish {
             if self.ctx.status == 0 {
                 self.ctx.status = status;
             }
+            let route = self.active.route_metrics(self.ctx.route_index);
+            crate::proxy::cache::count_miss(&mut self.ctx, route);
             self.account(Some(error), None, None, None);
         }
     }

@@ -127,10 +127,27 @@ pub async fn lookup(
             }
         }
     }
+    // Counted when the request ends (`count_miss`): a limit may still
+    // refuse it before any upstream is asked.
     ctx.cache = Some(CacheStatus::Miss);
-    metrics.cache_result(CacheStatus::Miss);
     ctx.cache_fill = Some(Fill::new(key, settings, flight, gw.state.cache_entry_cap()));
     Ok(Step::Forward(RequestBody::Read(bytes)))
+}
+
+/// Counts a request that missed the cache, once: as a miss if an upstream
+/// was asked, as a bypass if sluice refused it first (a token limit, the
+/// shared state failing), which is what its `x-sluice-cache` then says.
+pub fn count_miss(ctx: &mut RequestCtx, metrics: &RouteMetrics) {
+    if ctx.cache != Some(CacheStatus::Miss) || ctx.miss_counted {
+        return;
+    }
+    ctx.miss_counted = true;
+    if ctx.attempts == 0 && ctx.error.is_some() {
+        ctx.cache = Some(CacheStatus::Bypass);
+    }
+    if let Some(status) = ctx.cache {
+        metrics.cache_result(status);
+    }
 }
 
 /// Marks a request on a cached route as neither served from the cache nor

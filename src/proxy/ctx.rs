@@ -112,6 +112,9 @@ pub struct RequestCtx {
     /// The `code` of the error sluice answered or met, if any.
     pub error: Option<&'static str>,
     pub cache: Option<CacheStatus>,
+    /// A `Miss` is counted once the request has met its upstream or been
+    /// refused (see `cache::count_miss`); this says it was.
+    pub miss_counted: bool,
     /// An origin the route's `cors` allows: its headers go on the response.
     pub cors: Option<Allowed>,
     /// A miss to store once its response ended cleanly.
@@ -166,6 +169,7 @@ impl RequestCtx {
             armed: None,
             error: None,
             cache: None,
+            miss_counted: false,
             cors: None,
             cache_fill: None,
             model: None,

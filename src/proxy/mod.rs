@@ -100,6 +100,7 @@ pub async fn handle(
         fill.abandon(!failed);
     }
     let route_metrics = active.route_metrics(ctx.route_index);
+    cache::count_miss(ctx, route_metrics);
     if ctx.cache.is_none() && route_metrics.cached() {
         // Refused before the cache was consulted (auth, limits, body):
         // neither served from it nor stored, as SPEC §3 wants every

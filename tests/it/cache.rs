@@ -606,3 +606,30 @@ async fn a_stream_read_to_done_is_stored_though_its_client_leaves_then() {
     assert!(hit.text().as_bytes().starts_with(&seen), "{}", hit.text());
     assert_eq!(upstream.seen().len(), 1);
 }
+
+/// A request that missed the cache but was refused by a token limit
+/// before any upstream was asked is a bypass, in its header, its log line
+/// and the metric, as every other refusal on a cached route is.
+#[tokio::test]
+async fn a_token_limit_refusal_after_a_miss_is_a_bypass() {
+    let up = MockUpstream::always(UpstreamReply::json(&answer())).await;
+    let yaml = config(&up.url(), "{ ttl: 10m }").replace(
+        "    cache: { ttl: 10m }\n",
+        "    cache: { ttl: 10m }\n    rate_limit: { tokens_per_minute: 100 }\n",
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let reply = Client::new()
+        .post_json(
+            &gw.url("/v1/chat/completions"),
+            &[ALICE],
+            r#"{"model":"gpt-4o-mini","max_tokens":1000,"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .await;
+    assert_eq!(reply.status, 429);
+    assert_eq!(reply.header("x-sluice-cache"), Some("BYPASS"));
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["cache"], "bypass", "{log}");
+    assert_eq!(cache_results(&gw, "bypass").await, Some(1.0));
+    assert_eq!(cache_results(&gw, "miss").await, Some(0.0));
+    assert!(up.seen().is_empty());
+}
