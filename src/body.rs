@@ -91,15 +91,6 @@ impl Joined {
         self.len() == 0
     }
 
-    /// The bytes this join keeps allocated: its buffer's capacity, or
-    /// the one frame it shares.
-    pub fn held(&self) -> usize {
-        match (&self.buf, &self.first) {
-            (Some(buf), _) => buf.capacity(),
-            (None, first) => first.as_ref().map_or(0, Bytes::len),
-        }
-    }
-
     pub fn push(&mut self, data: &Bytes) {
         match (&mut self.buf, self.first.take()) {
             (Some(buf), _) => buf.extend_from_slice(data),

@@ -261,14 +261,15 @@ pub async fn read_body(
         if joined.len().saturating_add(data.len()) > cap {
             return Err(ProxyError::TooLarge { limit });
         }
-        joined.push(&data);
-        // Charged what the join holds, its buffer made at the announced
-        // size included: a client that announces much and sends nothing
-        // holds nothing. (Refused, the buffer goes with `joined`.)
-        let held = joined.held() as u64;
-        if held > share.bytes() && !share.grow(held - share.bytes()) {
+        // Charged the bytes received, which is what the join costs: its
+        // buffer, made at the announced size or doubling, is mapped
+        // lazily and takes memory only as it is written. Charging the
+        // announced length would let a client that announces 4 MiB and
+        // sends two bytes hold 4 MiB of the budget for request_timeout.
+        if !share.grow(data.len() as u64) {
             return Err(ProxyError::Overloaded);
         }
+        joined.push(&data);
     }
     Ok(share.attach(joined.into_bytes()))
 }

@@ -857,8 +857,9 @@ async fn x_forwarded_host_never_carries_userinfo() {
     assert_eq!(up.seen()[0].header("x-forwarded-host"), Some("t"));
 }
 
-/// A body is charged what sluice holds of it: a client that announces a
-/// large body and sends nothing holds nothing of the budget.
+/// A body is charged the bytes it sent: clients that announce a large
+/// body and send two bytes hold two bytes each of the budget, not what
+/// they announced, and cannot refuse everyone else.
 #[tokio::test]
 async fn an_announced_body_is_charged_as_it_arrives() {
     use tokio::io::AsyncWriteExt;
@@ -879,15 +880,18 @@ routes:
     let mut silent = Vec::new();
     for _ in 0..3 {
         let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-        conn.write_all(b"POST /v1/files HTTP/1.1\r\nhost: t\r\ncontent-length: 1000000\r\n\r\n")
+        conn.write_all(b"POST /v1/files HTTP/1.1\r\nhost: t\r\ncontent-length: 1000000\r\n\r\n{")
             .await
             .unwrap();
+        // A second frame: the join's buffer is made at the announced size.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        conn.write_all(b"\"").await.unwrap();
         silent.push(conn);
     }
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert_eq!(
         gw.metric("sluice_buffered_request_bytes", &[]).await,
-        Some(0.0)
+        Some(6.0)
     );
     let reply = Client::new()
         .send(
