@@ -53,10 +53,26 @@ impl Running {
     }
 }
 
+/// The listen queue asked for; the kernel caps it at `net.core.somaxconn`
+/// (4096 on current Linux). std's and tokio's `bind` ask for 128, and a
+/// reconnect storm past that has its SYNs dropped and retried a second or
+/// more later; connections past `max_connections` wait in this queue too.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
+    let bound = || -> io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As std's bind does: a restart may bind while old connections
+        // linger in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    bound().map_err(|source| StartError::Bind { addr, source })
 }
 
 /// Binds both listeners and serves until [`Running::shutdown`].

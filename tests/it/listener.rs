@@ -299,3 +299,48 @@ async fn a_silent_admin_connection_is_closed() {
         .await;
     assert_eq!(reply.status, 200);
 }
+
+/// The listen queue is the kernel's (up to `somaxconn`), not std's 128:
+/// a burst of connections past `max_connections` is queued at once, not
+/// dropped and retried a second later by every client past the 128th.
+#[tokio::test]
+async fn a_burst_of_connections_waits_in_a_deep_listen_queue() {
+    // The kernel caps the queue at somaxconn: on one that keeps it at
+    // 128 (Linux before 5.4) there is nothing deeper to show.
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if somaxconn < 512 {
+        eprintln!("net.core.somaxconn is {somaxconn}: the listen queue cannot be deeper");
+        return;
+    }
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&config(&up.url(), "{ max_connections: 1 }")).await;
+    // The one slot, taken: every later connection waits in the queue.
+    let _held = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let burst: Vec<_> = (0..300)
+        .map(|_| {
+            let addr = gw.addr;
+            tokio::spawn(async move {
+                tokio::time::timeout(
+                    Duration::from_millis(700),
+                    tokio::net::TcpStream::connect(addr),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut queued = Vec::new();
+    let mut late = 0;
+    for task in burst {
+        match task.await.expect("task") {
+            Ok(Ok(stream)) => queued.push(stream),
+            _ => late += 1,
+        }
+    }
+    assert_eq!(late, 0, "{late} of 300 connections were not queued at once");
+}
