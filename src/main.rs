@@ -308,10 +308,11 @@ impl StopSignals {
 }
 
 async fn serve_mock(listen: SocketAddr, settings: MockSettings) -> ExitCode {
-    let listener = match tokio::net::TcpListener::bind(listen).await {
+    // The gateway's own listen queue: a drill's bursts are queued too.
+    let listener = match sluice::server::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("sluice mock: cannot listen on {listen}: {e}");
+            eprintln!("sluice mock: {e}");
             return ExitCode::from(2);
         }
     };

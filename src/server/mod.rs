@@ -59,7 +59,7 @@ impl Running {
 /// more later; connections past `max_connections` wait in this queue too.
 const LISTEN_BACKLOG: u32 = 4096;
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     let bound = || -> io::Result<TcpListener> {
         let socket = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
