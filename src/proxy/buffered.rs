@@ -41,13 +41,9 @@ impl Budget<'_> {
     /// turn whatever the cap: the original, whose share goes back once it
     /// is dropped, held as much, and refusing now would waste the work.
     pub fn adopt(self, bytes: Bytes) -> Bytes {
-        let len = bytes.len() as u64;
-        self.pool.held.fetch_add(len, Ordering::Relaxed);
-        let share = Share {
-            pool: self.pool.clone(),
-            cap: self.cap,
-            bytes: len,
-        };
+        let mut share = self.share();
+        share.bytes = bytes.len() as u64;
+        self.pool.held.fetch_add(share.bytes, Ordering::Relaxed);
         share.attach(bytes)
     }
 }
@@ -80,11 +76,6 @@ impl Share {
                 Err(now) => current = now,
             }
         }
-    }
-
-    /// The bytes this share holds.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
     }
 
     /// `bytes`, carrying this share: it is given back when the last

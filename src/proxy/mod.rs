@@ -216,17 +216,14 @@ fn refused_head_status(e: &hyper::Error) -> Option<(u16, &'static str)> {
     if !e.is_parse() || e.is_parse_status() || e.is_parse_version_h2() {
         return None;
     }
+    // hyper names apart the kinds its predicates share.
+    let kind = e.to_string();
     if e.is_parse_too_large() {
-        // The two kinds share the predicate; hyper names them apart.
-        let uri = e.to_string().contains("URI");
-        return Some(if uri {
-            (414, "request_too_large")
-        } else {
-            (431, "request_too_large")
-        });
+        let status = if kind.contains("URI") { 414 } else { 431 };
+        return Some((status, "request_too_large"));
     }
     // Internal parse failures get no answer from hyper.
-    if e.to_string().contains("internal") {
+    if kind.contains("internal") {
         return None;
     }
     Some((400, "invalid_request"))
@@ -276,15 +273,14 @@ async fn process(
                     ctx.route = Some(route.name.clone());
                     ctx.route_index = Some(index);
                     active.route_metrics(ctx.route_index).in_flight.inc();
-                }
-                if let Some((_, route)) = refused.route
-                    && let Some(rules) = &route.cors
-                {
-                    ctx.cors = Some(cors::allowed(rules, req.headers()));
-                    if req.method() == http::Method::OPTIONS {
-                        // A plain OPTIONS no route takes, on a CORS route whose
-                        // `allow` names OPTIONS (its preflights): what it allows.
-                        return Ok(cors::options(&route.allow));
+                    if let Some(rules) = &route.cors {
+                        ctx.cors = Some(cors::allowed(rules, req.headers()));
+                        if req.method() == http::Method::OPTIONS {
+                            // A plain OPTIONS no route takes, on a CORS route
+                            // whose `allow` names OPTIONS (its preflights):
+                            // what it allows.
+                            return Ok(cors::options(&route.allow));
+                        }
                     }
                 }
                 return Err(refused.error);

@@ -9,13 +9,14 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
-use super::accept::AcceptErrors;
+use super::accept::{AcceptErrors, Full};
 use super::deadline::Deadline;
-use super::drain::{Drain, Guard};
+use super::drain::{Drain, Guard, Member};
 use super::idle::{Activity, Watch};
 use super::preface;
 use crate::gateway::Gateway;
@@ -86,81 +87,27 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let open = OpenConnection::new(&open, permit);
-        let mut conn = ConnInfo::new(remote, tls.is_some());
+        let conn = ConnInfo::new(remote, tls.is_some());
         let member = drain.join();
         let gw = gw.clone();
         let builder = builder.clone();
         let tls = tls.clone();
         let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            // hyper's `header_read_timeout` starts once the protocol is
-            // known: the bytes that tell it are read here, within that
-            // timeout, and replayed to hyper. An h2 connection is watched
-            // for quiet instead (see `idle`).
-            let watch = |head: &[u8], conn: &mut ConnInfo| {
-                if preface::is_h2(head) {
-                    let activity = Arc::new(Activity::default());
-                    conn.activity = Some(activity.clone());
-                    let deadline = Arc::new(Deadline::multiplexed());
-                    conn.deadline = Some(deadline.clone());
-                    let quiet = Watch {
-                        activity,
-                        after: handshake_timeout,
-                    };
-                    Guard::Multiplexed(quiet, deadline)
-                } else {
-                    let deadline = Arc::new(Deadline::default());
-                    conn.deadline = Some(deadline.clone());
-                    Guard::Deadline(deadline)
-                }
-            };
-            // Shared by the connection's requests: one count per request.
-            let service = |conn: Arc<ConnInfo>| {
-                let gw = gw.clone();
-                service_fn(move |req| {
-                    let gw = gw.clone();
-                    let conn = conn.clone();
-                    async move { Ok::<_, Infallible>(proxy::handle(gw, req, conn).await) }
-                })
-            };
-            let ended = |conn: &ConnInfo, ended: Option<Result<(), _>>| {
-                if let Some(Err(e)) = ended {
-                    let e: Box<dyn std::error::Error + Send + Sync> = e;
-                    proxy::account_refused_head(&gw, conn, &*e);
-                }
+            let connection = Connection {
+                gw,
+                builder,
+                member,
+                handshake_timeout,
             };
             match tls {
-                None => {
-                    let mut stream = stream;
-                    let Some(head) = preface::read(&mut stream, handshake_timeout).await else {
-                        return;
-                    };
-                    let guard = watch(&head, &mut conn);
-                    let conn = Arc::new(conn);
-                    let io = TokioIo::new(preface::Rewound::new(head, stream));
-                    let served = builder.serve_connection(io, service(conn.clone()));
-                    let result = member
-                        .serve(served, |c| c.graceful_shutdown(), Some(guard))
-                        .await;
-                    ended(&conn, result);
-                }
+                None => connection.serve(stream, conn).await,
                 Some(acceptor) => {
-                    let Some(mut tls_stream) =
+                    if let Some(tls_stream) =
                         tls_handshake(acceptor, stream, handshake_timeout).await
-                    else {
-                        return;
-                    };
-                    let Some(head) = preface::read(&mut tls_stream, handshake_timeout).await else {
-                        return;
-                    };
-                    let guard = watch(&head, &mut conn);
-                    let conn = Arc::new(conn);
-                    let io = TokioIo::new(preface::Rewound::new(head, tls_stream));
-                    let served = builder.serve_connection(io, service(conn.clone()));
-                    let result = member
-                        .serve(served, |c| c.graceful_shutdown(), Some(guard))
-                        .await;
-                    ended(&conn, result);
+                    {
+                        connection.serve(tls_stream, conn).await;
+                    }
                 }
             }
             drop(open);
@@ -175,6 +122,69 @@ pub async fn serve(
         () = tokio::time::sleep(grace) => {
             tracing::warn!(grace_s = grace.as_secs_f64(), "shutdown grace elapsed; closing remaining connections");
             gw.cut_remaining();
+        }
+    }
+}
+
+/// What serving one accepted connection takes, whatever its transport.
+struct Connection {
+    gw: Arc<Gateway>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    member: Member,
+    handshake_timeout: Duration,
+}
+
+impl Connection {
+    /// Serves `stream` (plain, or after its TLS handshake) to its end.
+    async fn serve<S>(self, mut stream: S, mut conn: ConnInfo)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            gw,
+            builder,
+            member,
+            handshake_timeout,
+        } = self;
+        // hyper's `header_read_timeout` starts once the protocol is known:
+        // the bytes that tell it are read here, within that timeout, and
+        // replayed to hyper. An h2 connection is watched for quiet instead
+        // (see `idle`).
+        let Some(head) = preface::read(&mut stream, handshake_timeout).await else {
+            return;
+        };
+        let guard = if preface::is_h2(&head) {
+            let activity = Arc::new(Activity::default());
+            conn.activity = Some(activity.clone());
+            let deadline = Arc::new(Deadline::multiplexed());
+            conn.deadline = Some(deadline.clone());
+            let quiet = Watch {
+                activity,
+                after: handshake_timeout,
+            };
+            Guard::Multiplexed(quiet, deadline)
+        } else {
+            let deadline = Arc::new(Deadline::default());
+            conn.deadline = Some(deadline.clone());
+            Guard::Deadline(deadline)
+        };
+        // Shared by the connection's requests: one count per request.
+        let conn = Arc::new(conn);
+        let service = {
+            let (gw, conn) = (gw.clone(), conn.clone());
+            service_fn(move |req| {
+                let gw = gw.clone();
+                let conn = conn.clone();
+                async move { Ok::<_, Infallible>(proxy::handle(gw, req, conn).await) }
+            })
+        };
+        let io = TokioIo::new(preface::Rewound::new(head, stream));
+        let served = builder.serve_connection(io, service);
+        let ended = member
+            .serve(served, |c| c.graceful_shutdown(), Some(guard))
+            .await;
+        if let Some(Err(e)) = ended {
+            proxy::account_refused_head(&gw, &conn, &*e);
         }
     }
 }
@@ -199,28 +209,6 @@ impl OpenConnection {
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.gauge.dec();
-    }
-}
-
-/// Says when the listener has `max_connections` open and new ones wait in
-/// the kernel's backlog: at most once a minute, or the log would follow
-/// every connection that comes and goes at the limit.
-#[derive(Default)]
-struct Full {
-    quiet_until: Option<std::time::Instant>,
-}
-
-impl Full {
-    fn note(&mut self, max_connections: usize) {
-        let now = std::time::Instant::now();
-        if self.quiet_until.is_some_and(|until| now < until) {
-            return;
-        }
-        self.quiet_until = Some(now + Duration::from_secs(60));
-        tracing::warn!(
-            max_connections,
-            "max_connections reached: new connections wait in the kernel backlog until one closes"
-        );
     }
 }
 
