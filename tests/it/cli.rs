@@ -163,6 +163,18 @@ async fn wait_ready(admin: SocketAddr) {
     }
 }
 
+/// `sluice run` on `config`, its JSON log piped for
+/// [`stop_and_read_events`].
+fn run_logging(config: &Path) -> Command {
+    let mut cmd = sluice();
+    cmd.args(["run", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    cmd
+}
+
 /// Kills a `run` started with its stdout piped and returns the JSON log
 /// events it wrote.
 fn stop_and_read_events(mut gw: Running) -> Vec<serde_json::Value> {
@@ -366,12 +378,7 @@ async fn run_raises_the_open_files_limit_and_warns_when_it_stays_short() {
     let yaml = GOOD.replace("{ listen: 127.0.0.1:0 }", &format!("{{ listen: {admin} }}"))
         + "limits: { max_connections: 3000 }\n";
     let path = write(dir.path(), "proxy.yaml", &yaml);
-    let mut cmd = sluice();
-    cmd.args(["run", "--config"])
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    let mut cmd = run_logging(&path);
     // As a container runtime starts it: a low soft limit, a higher hard one.
     limit_open_files(&mut cmd, 256, 4096);
     let gw = Running(cmd.spawn().expect("spawn sluice run"));
@@ -429,12 +436,7 @@ routes:
         upstream.url()
     );
     let path = write(dir.path(), "proxy.yaml", &yaml);
-    let mut cmd = sluice();
-    cmd.args(["run", "--config"])
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    let mut cmd = run_logging(&path);
     limit_open_files(&mut cmd, 64, 64);
     let gw = Running(cmd.spawn().expect("spawn sluice run"));
     wait_ready(admin).await;
@@ -534,12 +536,7 @@ async fn reaching_max_connections_is_visible() {
         .replace("{ listen: 127.0.0.1:0 }", &format!("{{ listen: {admin} }}"))
         + "limits: { max_connections: 2 }\n";
     let path = write(dir.path(), "proxy.yaml", &yaml);
-    let mut cmd = sluice();
-    cmd.args(["run", "--config"])
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    let mut cmd = run_logging(&path);
     let gw = Running(cmd.spawn().expect("spawn sluice run"));
     wait_ready(admin).await;
     let open = || async {
@@ -609,12 +606,7 @@ routes:
 "
     );
     let path = write(dir.path(), "proxy.yaml", &yaml);
-    let mut cmd = sluice();
-    cmd.args(["run", "--config"])
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    let mut cmd = run_logging(&path);
     let mut gw = Running(cmd.spawn().expect("spawn sluice run"));
     wait_ready(admin).await;
     let hyper_client = HyperClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();

@@ -68,13 +68,7 @@ async fn a_preflight_is_answered_before_auth_and_never_forwarded() {
     let headers = reply.header("access-control-allow-headers").unwrap();
     assert!(headers.contains("authorization") && headers.contains("content-type"));
     assert_eq!(reply.header("access-control-max-age"), Some("600"));
-    let vary: Vec<&str> = reply
-        .headers
-        .get_all("vary")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    assert_eq!(vary.join(", ").matches("origin").count(), 1, "{vary:?}");
+    assert_eq!(times_origin_varies(&reply), 1, "{:?}", reply.headers);
     assert!(upstream.seen().is_empty(), "the upstream saw the preflight");
     let log = &gw.wait_access_logs(1).await[0];
     assert_eq!(log["status"], 204);
@@ -329,12 +323,16 @@ routes:
         )
         .await;
     assert_eq!(reply.status, 200);
-    let vary: Vec<String> = reply
+    assert_eq!(times_origin_varies(&reply), 1, "{:?}", reply.headers);
+}
+
+/// How many times a reply's `vary` lines name `origin`, in any case.
+fn times_origin_varies(reply: &crate::support::ClientReply) -> usize {
+    reply
         .headers
         .get_all("vary")
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .map(str::to_ascii_lowercase)
-        .collect();
-    assert_eq!(vary.join(", ").matches("origin").count(), 1, "{vary:?}");
+        .map(|v| v.to_ascii_lowercase().matches("origin").count())
+        .sum()
 }

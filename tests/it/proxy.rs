@@ -368,16 +368,16 @@ async fn chunked_oversize_body_is_413() {
     assert_eq!(reply.json()["error"]["code"], "request_too_large");
 }
 
-/// Request bodies held whole (here for a pool's replay) are bounded all
-/// together by `max_buffered_bytes`: past it a request gets a 503 the
-/// SDKs retry, and each body's share comes back once it is dropped.
-#[tokio::test]
-async fn bodies_held_whole_are_bounded_together() {
-    use tokio::io::AsyncWriteExt;
-    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+/// Limits under which 1 MiB of request bodies may be held whole at once.
+const BUDGET_1MIB: &str = "limits: { max_request_body: 1MiB, max_buffered_bytes: 1MiB }";
+
+/// A gateway (with `limits`) whose one route sends to a pool of one
+/// member answering `reply`: a pool reads bodies whole, to replay them.
+async fn pool_app(reply: UpstreamReply, limits: &str) -> (MockUpstream, TestGateway) {
+    let up = MockUpstream::always(reply).await;
     let gw = TestGateway::start(&format!(
         r#"
-limits: {{ max_request_body: 1MiB, max_buffered_bytes: 1MiB }}
+{limits}
 upstreams:
   app: {{ url: "{}" }}
 pools:
@@ -388,6 +388,16 @@ routes:
         up.url()
     ))
     .await;
+    (up, gw)
+}
+
+/// Request bodies held whole (here for a pool's replay) are bounded all
+/// together by `max_buffered_bytes`: past it a request gets a 503 the
+/// SDKs retry, and each body's share comes back once it is dropped.
+#[tokio::test]
+async fn bodies_held_whole_are_bounded_together() {
+    use tokio::io::AsyncWriteExt;
+    let (_up, gw) = pool_app(UpstreamReply::text("ok"), BUDGET_1MIB).await;
     let post = |size: usize| {
         let url = gw.url("/v1/files");
         async move {
@@ -438,22 +448,8 @@ routes:
 /// waits on the upstream, and is given back once the answer is in.
 #[tokio::test]
 async fn an_edited_body_stays_counted_while_it_is_held() {
-    let up = MockUpstream::always(
-        UpstreamReply::text("ok").delay(std::time::Duration::from_millis(600)),
-    )
-    .await;
-    let gw = TestGateway::start(&format!(
-        r#"
-upstreams:
-  app: {{ url: "{}" }}
-pools:
-  both: {{ members: [app] }}
-routes:
-  - {{ name: app, match: {{ path_prefix: / }}, auth: none, upstream: both }}
-"#,
-        up.url()
-    ))
-    .await;
+    let reply = UpstreamReply::text("ok").delay(std::time::Duration::from_millis(600));
+    let (up, gw) = pool_app(reply, "").await;
     let prompt = "x".repeat(300_000);
     let body = format!(
         r#"{{"model":"m","stream":true,"messages":[{{"role":"user","content":"{prompt}"}}]}}"#
@@ -863,20 +859,7 @@ async fn x_forwarded_host_never_carries_userinfo() {
 #[tokio::test]
 async fn an_announced_body_is_charged_as_it_arrives() {
     use tokio::io::AsyncWriteExt;
-    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
-    let gw = TestGateway::start(&format!(
-        r#"
-limits: {{ max_request_body: 1MiB, max_buffered_bytes: 1MiB }}
-upstreams:
-  app: {{ url: "{}" }}
-pools:
-  both: {{ members: [app] }}
-routes:
-  - {{ name: app, match: {{ path_prefix: / }}, auth: none, upstream: both }}
-"#,
-        up.url()
-    ))
-    .await;
+    let (_up, gw) = pool_app(UpstreamReply::text("ok"), BUDGET_1MIB).await;
     let mut silent = Vec::new();
     for _ in 0..3 {
         let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
