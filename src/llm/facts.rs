@@ -58,16 +58,21 @@ pub struct Answer<'a> {
 }
 
 impl<'a> Answer<'a> {
-    /// Why the answer ended, as its API says it: a chat choice's
-    /// `finish_reason`, Anthropic's `stop_reason`, or the responses API's
-    /// status in chat's words (a dashboard watching `length` sees both).
-    pub fn finish_reason(self) -> Option<Cow<'a, str>> {
+    /// Why the answer ended, as its API says it, by choice index: each
+    /// chat choice's `finish_reason` (`None` when it gives none), else
+    /// Anthropic's `stop_reason`, or the responses API's status in chat's
+    /// words (a dashboard watching `length` sees both), as choice 0.
+    pub fn finish_reasons(self) -> Vec<(u64, Option<Cow<'a, str>>)> {
         let responses = self.status_reason();
-        self.choices
-            .0
-            .and_then(|c| c.finish_reason)
-            .or(self.stop_reason.0)
-            .or(responses.map(Cow::Borrowed))
+        match self.choices.0 {
+            Some(choices) if !choices.ends.is_empty() => choices.ends,
+            _ => self
+                .stop_reason
+                .0
+                .or(responses.map(Cow::Borrowed))
+                .map(|reason| vec![(0, Some(reason))])
+                .unwrap_or_default(),
+        }
     }
 
     /// The responses API's `status` as a chat `finish_reason`.
@@ -129,16 +134,24 @@ impl Counts {
     }
 }
 
+/// The most choices whose ends are read from one answer or event (the
+/// most `n` OpenAI accepts): an upstream sending more cannot make
+/// metering hold or count without bound.
+pub const MAX_CHOICES: usize = 128;
+
 /// A `choices` array, walked rather than collected.
 #[derive(Default)]
 pub struct Choices<'a> {
-    /// The first choice's `finish_reason` that is a string.
-    pub finish_reason: Option<Cow<'a, str>>,
+    /// How each choice that is an object ended: its `index` (else its
+    /// place in the array) and its `finish_reason` when that is a string.
+    /// An answer asked for with `n > 1` has one per choice.
+    pub ends: Vec<(u64, Option<Cow<'a, str>>)>,
     pub len: usize,
 }
 
 #[derive(Default)]
 struct Choice<'a> {
+    index: Loose<u64>,
     finish_reason: Loose<Cow<'a, str>>,
 }
 
@@ -204,7 +217,10 @@ members!(['de: 'a, 'a] Answer<'a> {
 members!(['de: 'a, 'a] Incomplete<'a> { 0 b"reason" => reason });
 members!(['de: 'a, 'a] OutputItem<'a> { 0 b"type" => kind });
 members!(['de: 'a, 'a] Delta<'a> { 0 b"stop_reason" => stop_reason });
-members!(['de: 'a, 'a] Choice<'a> { 0 b"finish_reason" => finish_reason });
+members!(['de: 'a, 'a] Choice<'a> {
+    0 b"index" => index,
+    1 b"finish_reason" => finish_reason,
+});
 members!(['de] Counts {
     0 b"prompt_tokens" => prompt_tokens,
     1 b"completion_tokens" => completion_tokens,
@@ -431,10 +447,11 @@ impl<'de: 'a, 'a> LooseKind<'de> for Choices<'a> {
     fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Option<Self>, A::Error> {
         let mut choices = Choices::default();
         while let Some(choice) = seq.next_element::<Loose<Choice<'a>>>()? {
-            choices.len += 1;
-            if choices.finish_reason.is_none() {
-                choices.finish_reason = choice.0.and_then(|c| c.finish_reason.0);
+            if let Some(choice) = choice.0.filter(|_| choices.ends.len() < MAX_CHOICES) {
+                let index = choice.index.0.unwrap_or(choices.len as u64);
+                choices.ends.push((index, choice.finish_reason.0));
             }
+            choices.len += 1;
         }
         Ok(Some(choices))
     }
@@ -505,10 +522,13 @@ mod tests {
         let usage = facts.usage.0.unwrap();
         assert_eq!((usage.input(), usage.output()), (Some(4), None));
         let choices = facts.choices.0.unwrap();
-        assert_eq!(
-            (choices.finish_reason.as_deref(), choices.len),
-            (Some("stop"), 3)
-        );
+        // The number is no choice at all; the others are read by place.
+        let ends: Vec<_> = choices
+            .ends
+            .iter()
+            .map(|(i, r)| (*i, r.as_deref()))
+            .collect();
+        assert_eq!((ends, choices.len), (vec![(1, None), (2, Some("stop"))], 3));
         assert!(facts.stop_reason.0.is_none() && facts.delta.0.is_none());
         assert!(facts.message.0.is_none() && facts.error.is_none());
     }
@@ -522,10 +542,7 @@ mod tests {
         let usage = facts.usage.0.unwrap();
         assert_eq!((usage.input(), usage.output()), (Some(3), Some(4)));
         assert_eq!(facts.model.0.as_deref(), Some("m"));
-        assert_eq!(
-            facts.choices.0.unwrap().finish_reason.as_deref(),
-            Some("stop")
-        );
+        assert_eq!(facts.choices.0.unwrap().ends[0].1.as_deref(), Some("stop"));
         // A member written twice fails the object, at any depth; other
         // names may repeat.
         for twice in [

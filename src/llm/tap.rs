@@ -274,10 +274,7 @@ impl Tap {
 
 /// Puts a response's usage into the ctx (for the access log) and metrics.
 fn record_usage(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, usage: Usage) {
-    if usage.input_tokens.is_none()
-        && usage.output_tokens.is_none()
-        && usage.finish_reason.is_none()
-    {
+    if usage.input_tokens.is_none() && usage.output_tokens.is_none() && usage.finishes.is_empty() {
         // Nothing to count (a stream broken before its end), but the log
         // still says which model was answering.
         ctx.model = usage.model;
@@ -293,12 +290,17 @@ fn record_usage(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, u
         .model(&gw.metrics, model);
     children.input_tokens.inc_by(input);
     children.output_tokens.inc_by(output);
-    children
-        .completion(
-            &gw.metrics,
-            usage.finish_reason.as_deref().unwrap_or("none"),
-        )
-        .inc();
+    // One completion per choice (`n` of them when a chat request asks
+    // for `n`), `none` for a choice that ended without a reason and for
+    // an answer that says nothing of how it ended.
+    if usage.finishes.is_empty() {
+        children.completion(&gw.metrics, "none").inc();
+    }
+    for reason in usage.finishes.reasons() {
+        children
+            .completion(&gw.metrics, reason.unwrap_or("none"))
+            .inc();
+    }
     // No token count, no cost: the log says null, not a made-up 0.
     let counted = usage.input_tokens.is_some() || usage.output_tokens.is_some();
     let cost = counted

@@ -9,7 +9,7 @@ use std::borrow::Cow;
 
 use bytes::{Bytes, BytesMut};
 
-use super::facts::{self, Answer, Facts};
+use super::facts::{self, Answer, Facts, MAX_CHOICES};
 use super::sse::{self, EventSplitter};
 use crate::body::Joined;
 
@@ -22,10 +22,44 @@ pub struct Usage {
     pub model: Option<String>,
     pub input_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
-    pub finish_reason: Option<String>,
+    pub finishes: Finishes,
     /// A stream carried an error event (it may still end normally): not
     /// an answer to keep in the cache.
     pub stream_error: bool,
+}
+
+/// How an answer's choices ended, by choice index: the reason each gave
+/// (`None`: a choice that ended without one). One entry for the APIs that
+/// answer once, `n` for a chat request asking for `n` choices.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Finishes(Vec<(u64, Option<String>)>);
+
+impl Finishes {
+    /// Records choice `index`'s reason: a stream saying it again keeps
+    /// the last, and past [`MAX_CHOICES`] choices more are not recorded.
+    fn set(&mut self, index: u64, reason: Option<&str>) {
+        let full = self.0.len() >= MAX_CHOICES;
+        match self.0.iter_mut().find(|(i, _)| *i == index) {
+            Some((_, known)) => *known = reason.map(str::to_owned),
+            None if !full => self.0.push((index, reason.map(str::to_owned))),
+            None => {}
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Each choice's reason, `None` for a choice that gave none.
+    pub fn reasons(&self) -> impl Iterator<Item = Option<&str>> {
+        self.0.iter().map(|(_, reason)| reason.as_deref())
+    }
+
+    /// The first reason given, for tests of one-choice answers.
+    #[cfg(test)]
+    fn first(&self) -> Option<&str> {
+        self.reasons().flatten().next()
+    }
 }
 
 /// Observes one response body.
@@ -241,11 +275,15 @@ fn from_json_body(body: &[u8]) -> Usage {
     };
     let counts = answer.usage.0.take().unwrap_or_default();
     let model = answer.model.0.take().map(Cow::into_owned);
+    let mut finishes = Finishes::default();
+    for (index, reason) in answer.finish_reasons() {
+        finishes.set(index, reason.as_deref());
+    }
     Usage {
         model,
         input_tokens: counts.input(),
         output_tokens: counts.output(),
-        finish_reason: answer.finish_reason().map(Cow::into_owned),
+        finishes,
         stream_error: false,
     }
 }
@@ -277,12 +315,22 @@ fn absorb(usage: &mut Usage, event: &Facts<'_>) {
             usage.output_tokens = Some(n);
         }
     }
-    let reason = event
-        .choices
+    // A stream's chunks end each choice with its own `finish_reason`
+    // (one chunk per choice when `n > 1`); the other reasons stand for
+    // the one answer an event's API gives.
+    let mut ended = false;
+    for (index, reason) in event.choices.0.iter().flat_map(|c| &c.ends) {
+        if let Some(reason) = reason {
+            usage.finishes.set(*index, Some(reason));
+            ended = true;
+        }
+    }
+    if ended {
+        return;
+    }
+    let reason = stop_reason
         .0
-        .as_ref()
-        .and_then(|c| c.finish_reason.as_deref())
-        .or(stop_reason.0.as_deref())
+        .as_deref()
         .or(event
             .delta
             .0
@@ -290,7 +338,7 @@ fn absorb(usage: &mut Usage, event: &Facts<'_>) {
             .and_then(|d| d.stop_reason.0.as_deref()))
         .or(inner.and_then(Answer::status_reason));
     if let Some(reason) = reason {
-        usage.finish_reason = Some(reason.to_owned());
+        usage.finishes.set(0, Some(reason));
     }
 }
 
@@ -473,7 +521,7 @@ mod tests {
                 model: Some(known.to_owned()),
                 input_tokens: Some(1),
                 output_tokens: Some(1),
-                finish_reason: None,
+                finishes: Finishes::default(),
                 stream_error: false,
             };
             for event in events {
@@ -510,7 +558,7 @@ mod tests {
                 model: Some("gpt-4o-mini".into()),
                 input_tokens: Some(5),
                 output_tokens: Some(9),
-                finish_reason: Some("stop".into()),
+                finishes: Finishes(vec![(0, Some("stop".into()))]),
                 stream_error: false,
             }
         );
@@ -523,7 +571,11 @@ mod tests {
         let body = br#"{"model":"ft:gpt-4o\/acme","choices":[{"finish_reason":null,"message":{"content":"a \"quote\""}},{"finish_reason":"length"},{"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
         let usage = from_json_body(body);
         assert_eq!(usage.model.as_deref(), Some("ft:gpt-4o/acme"));
-        assert_eq!(usage.finish_reason.as_deref(), Some("length"));
+        // Each choice counts; one that ended without a reason as such.
+        assert_eq!(
+            usage.finishes.reasons().collect::<Vec<_>>(),
+            [None, Some("length"), Some("stop")]
+        );
         assert_eq!(
             (usage.input_tokens, usage.output_tokens),
             (Some(1), Some(2))
@@ -535,8 +587,8 @@ mod tests {
         );
         assert_eq!(odd.model.as_deref(), Some("m"));
         assert_eq!(
-            (odd.input_tokens, odd.output_tokens, odd.finish_reason),
-            (None, Some(3), None)
+            (odd.input_tokens, odd.output_tokens, odd.finishes),
+            (None, Some(3), Finishes::default())
         );
         // Not an object at all: nothing.
         assert_eq!(from_json_body(br#"["m"]"#), Usage::default());
@@ -564,7 +616,32 @@ mod tests {
         feed(&mut m, b"\"completion_tokens\":4}}\n\ndata: [DONE]\n\n");
         let u = m.finish();
         assert_eq!((u.input_tokens, u.output_tokens), (Some(3), Some(4)));
-        assert_eq!(u.finish_reason.as_deref(), Some("length"));
+        assert_eq!(u.finishes.first(), Some("length"));
+    }
+
+    /// With `n > 1` each choice ends in its own chunk; a provider saying
+    /// a choice's reason again does not make it two completions.
+    #[test]
+    fn a_stream_of_several_choices_ends_each_once() {
+        let mut m = Meter::for_content_type(b"text/event-stream").unwrap();
+        for (index, reason) in [(0, "stop"), (1, "length"), (0, "stop")] {
+            let chunk = format!(
+                "data: {{\"model\":\"m\",\"choices\":[{{\"index\":{index},\"delta\":{{}},\"finish_reason\":\"{reason}\"}}]}}\n\n"
+            );
+            feed(&mut m, chunk.as_bytes());
+        }
+        let u = m.finish();
+        assert_eq!(
+            u.finishes.reasons().collect::<Vec<_>>(),
+            [Some("stop"), Some("length")]
+        );
+    }
+
+    #[test]
+    fn choices_past_the_cap_are_not_counted() {
+        let choices = vec![r#"{"finish_reason":"stop"}"#; MAX_CHOICES + 50].join(",");
+        let usage = from_json_body(format!(r#"{{"model":"m","choices":[{choices}]}}"#).as_bytes());
+        assert_eq!(usage.finishes.reasons().count(), MAX_CHOICES);
     }
 
     #[test]
@@ -575,7 +652,7 @@ mod tests {
         let u = m.finish();
         assert_eq!(u.model.as_deref(), Some("claude"));
         assert_eq!((u.input_tokens, u.output_tokens), (Some(25), Some(15)));
-        assert_eq!(u.finish_reason.as_deref(), Some("end_turn"));
+        assert_eq!(u.finishes.first(), Some("end_turn"));
     }
 
     #[test]
@@ -597,7 +674,7 @@ mod tests {
         );
         let u = m.finish();
         assert_eq!((u.input_tokens, u.output_tokens), (Some(7), Some(2)));
-        assert_eq!(u.finish_reason.as_deref(), Some("stop"));
+        assert_eq!(u.finishes.first(), Some("stop"));
     }
 
     /// The responses API's status says how an answer ended, in the words
@@ -621,10 +698,10 @@ mod tests {
         ] {
             let mut m = Meter::for_content_type(b"application/json").unwrap();
             feed(&mut m, answer.as_bytes());
-            assert_eq!(m.finish().finish_reason.as_deref(), reason, "{answer}");
+            assert_eq!(m.finish().finishes.first(), reason, "{answer}");
         }
         let mut m = Meter::for_content_type(b"text/event-stream").unwrap();
         feed(&mut m, b"data: {\"type\":\"response.completed\",\"response\":{\"status\":\"completed\",\"output\":[]}}\n\n");
-        assert_eq!(m.finish().finish_reason.as_deref(), Some("stop"));
+        assert_eq!(m.finish().finishes.first(), Some("stop"));
     }
 }

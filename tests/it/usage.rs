@@ -285,3 +285,47 @@ async fn an_answer_without_usage_has_no_cost() {
         Some(1.0)
     );
 }
+
+/// A chat request asking for `n` choices gets `n` completions, each
+/// counted with its own finish reason, in JSON and in a stream (where the
+/// mock sends one finish chunk per choice).
+#[tokio::test]
+async fn each_of_n_choices_counts_as_a_completion() {
+    let gw = TestGateway::start(
+        r#"
+upstreams:
+  demo: { mock: {} }
+routes:
+  - name: chat
+    match: { path_prefix: /v1/ }
+    auth: none
+    upstream: demo
+"#,
+    )
+    .await;
+    let url = gw.url("/v1/chat/completions");
+    let client = Client::new();
+    for body in [
+        json!({"model": "gpt-4o-mini", "n": 3, "messages": [{"role": "user", "content": "hi"}]}),
+        json!({"model": "gpt-4o-mini", "n": 2, "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+        json!({"model": "gpt-4o-mini", "n": 2, "max_tokens": 1, "stream": true,
+               "messages": [{"role": "user", "content": "tell me a long story"}]}),
+    ] {
+        let reply = client.post_json(&url, &[], &body.to_string()).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    gw.wait_access_logs(3).await;
+    let completions = |reason: &'static str| {
+        let gw = &gw;
+        async move {
+            let labels = [
+                ("route", "chat"),
+                ("model", "gpt-4o-mini"),
+                ("finish_reason", reason),
+            ];
+            gw.metric("sluice_completions_total", &labels).await
+        }
+    };
+    assert_eq!(completions("stop").await, Some(5.0));
+    assert_eq!(completions("length").await, Some(2.0));
+}
