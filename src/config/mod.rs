@@ -6,6 +6,7 @@ pub mod error;
 pub mod expand;
 pub mod raw;
 mod recover;
+mod redact;
 pub mod units;
 
 use std::path::Path;
@@ -115,7 +116,12 @@ pub fn load_str(
         let options = serde_saphyr::options! { with_snippet: false };
         match serde_saphyr::from_str_with_options::<raw::RawConfig>(&text, options) {
             Ok(raw) => match compile::compile(raw, file, base_dir, env) {
-                Ok(snapshot) if errors.is_empty() => return Ok(snapshot),
+                Ok(mut snapshot) if errors.is_empty() => {
+                    for warning in &mut snapshot.warnings {
+                        warning.message = redact::message(std::mem::take(&mut warning.message));
+                    }
+                    return Ok(snapshot);
+                }
                 Ok(_) => break,
                 Err(more) => {
                     // A required key reported missing where a key was
@@ -173,6 +179,9 @@ pub fn load_str(
         }
     }
     errors.sort_by_key(|e| (e.line, e.col));
+    for error in &mut errors {
+        error.message = redact::message(std::mem::take(&mut error.message));
+    }
     Err(ConfigErrors(errors))
 }
 

@@ -210,14 +210,19 @@ pub fn misspelt(missing: &str, line: u64, col: u64, blanked: &[Blanked]) -> bool
     // A block mapping's keys line up in one column; a flow mapping's share
     // its line. (A sibling mapping in that column may pass for the same.)
     let same_mapping = |b: &Blanked| b.col == col || b.line == line;
-    let near = match missing.chars().count() {
+    blanked
+        .iter()
+        .any(|b| same_mapping(b) && is_near_miss(&b.name, missing))
+}
+
+/// Whether `word` is close enough to `name` to be a misspelling of it.
+pub fn is_near_miss(word: &str, name: &str) -> bool {
+    let near = match name.chars().count() {
         0..=4 => 1,
         5..=10 => 2,
         n => n / 5,
     };
-    blanked
-        .iter()
-        .any(|b| same_mapping(b) && edit_distance(missing, &b.name) <= near)
+    edit_distance(word, name) <= near
 }
 
 /// Levenshtein distance of two short names.

@@ -951,3 +951,50 @@ routes:
     assert_eq!(reloads("error").await, Some(0.0));
     assert!(matches!(gw.0.try_wait(), Ok(None)), "still running");
 }
+
+/// A secret pasted where a key name or a setting belongs is not repeated
+/// by `check` (nor by `run`, which prints the same errors): the position
+/// says where it is. A misspelt key is still shown.
+#[test]
+fn check_does_not_repeat_what_could_be_a_secret() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let routes = "routes:\n  - name: chat\n    match: { path_prefix: / }\n    upstream: demo\n";
+    for (file, body, at, shown) in [
+        (
+            "key.yaml",
+            "upstreams:\n  demo: { mock: {} }\nauth:\n  api_keys:\n    - id: team-a\n      sk-team-a-PLAINSECRET-777: 1\n",
+            "6:7",
+            "unknown key (not repeated here: it could be a secret), expected one of id, key",
+        ),
+        (
+            "url.yaml",
+            "upstreams:\n  demo: { mock: {} }\nstate:\n  backend: \"redis://:s3cretpass@127.0.0.1:6379\"\n",
+            "4:12",
+            "not one of: memory, redis (the value is not repeated here",
+        ),
+        (
+            "typo.yaml",
+            "upstreams:\n  demo: { mock: {} }\nstate:\n  bakend: memory\n",
+            "4:3",
+            "unknown field `bakend`",
+        ),
+    ] {
+        let path = write(dir.path(), file, &format!("{body}{routes}"));
+        let out = sluice()
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run sluice check");
+        assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
+        let errors = stderr(&out);
+        assert!(
+            !errors.contains("PLAINSECRET") && !errors.contains("s3cretpass"),
+            "{errors}"
+        );
+        let p = path.display();
+        assert!(
+            errors.starts_with(&format!("{p}:{at}: {shown}")),
+            "{errors}"
+        );
+    }
+}
