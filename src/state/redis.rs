@@ -6,7 +6,12 @@
 //! bounded by a tight timeout; what happens on failure is the caller's
 //! policy (`state.on_error`), not this module's.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -126,7 +131,7 @@ return out
 ";
 
 pub struct RedisState {
-    conn: ConnectionManager,
+    conn: Connection,
     take: Script,
     adjust: Script,
     acquire: Script,
@@ -139,12 +144,7 @@ impl RedisState {
     pub fn new(url: &str) -> Result<Self, String> {
         let client = redis::Client::open(url)
             .map_err(|e| format!("state.redis_url is not a usable Redis URL ({:?})", e.kind()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(CALL_TIMEOUT))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
+        let conn = Connection::new(client)
             .map_err(|e| format!("cannot set up the Redis connection ({:?})", e.kind()))?;
         Ok(RedisState {
             conn,
@@ -168,10 +168,15 @@ impl RedisState {
         // More than the whole window is refused anyway; clamping keeps the
         // script's arithmetic far from the edges of Redis integers.
         let cost = cost.min(per_minute.saturating_add(1));
-        let mut conn = self.conn.clone();
         let mut call = self.take.key(bucket_key(key));
         call.arg(interval).arg(cost).arg(window);
-        let (allowed, ahead, retry): (u8, u64, u64) = bounded(call.invoke_async(&mut conn)).await?;
+        let (allowed, ahead, retry): (u8, u64, u64) = self
+            .conn
+            .call(|mut conn| {
+                let call = &call;
+                async move { call.invoke_async(&mut conn).await }
+            })
+            .await?;
         // `ahead` is the bucket's use after this call (before it, for a
         // refusal); `retry` is 0 when allowed.
         Ok(Decision {
@@ -191,10 +196,15 @@ impl RedisState {
         delta: i64,
     ) -> Result<(), StateError> {
         let interval = (micros(WINDOW) / per_minute.max(1)).max(1);
-        let mut conn = self.conn.clone();
         let mut call = self.adjust.key(bucket_key(key));
         call.arg(interval).arg(delta);
-        let _: i64 = bounded(call.invoke_async(&mut conn)).await?;
+        let _: i64 = self
+            .conn
+            .call(|mut conn| {
+                let call = &call;
+                async move { call.invoke_async(&mut conn).await }
+            })
+            .await?;
         Ok(())
     }
 
@@ -207,23 +217,40 @@ impl RedisState {
         holder: &str,
         lease: Duration,
     ) -> Result<bool, StateError> {
-        let mut conn = self.conn.clone();
         let mut call = self.acquire.key(slot_key(key));
         call.arg(max).arg(holder).arg(millis(lease));
-        let got: i64 = bounded(call.invoke_async(&mut conn)).await?;
+        let got: i64 = self
+            .conn
+            .call(|mut conn| {
+                let call = &call;
+                async move { call.invoke_async(&mut conn).await }
+            })
+            .await?;
         Ok(got == 1)
     }
 
     pub async fn release(&self, key: &BucketKey, holder: &str) -> Result<(), StateError> {
-        let mut conn = self.conn.clone();
-        let _: i64 = bounded(conn.zrem(slot_key(key), holder)).await?;
+        let key = slot_key(key);
+        let _: i64 = self
+            .conn
+            .call(|mut conn| {
+                let key = &key;
+                async move { conn.zrem(key, holder).await }
+            })
+            .await?;
         Ok(())
     }
 
     /// Today's spend of a scope.
     pub async fn spent(&self, scope: &BudgetScope, day: u64) -> Result<f64, StateError> {
-        let mut conn = self.conn.clone();
-        let value: Option<String> = bounded(conn.get(budget_key(scope, day))).await?;
+        let key = budget_key(scope, day);
+        let value: Option<String> = self
+            .conn
+            .call(|mut conn| {
+                let key = &key;
+                async move { conn.get(key).await }
+            })
+            .await?;
         Ok(value.and_then(|v| v.parse().ok()).unwrap_or(0.0))
     }
 
@@ -237,13 +264,18 @@ impl RedisState {
         budget: f64,
         alert_at: &[f64],
     ) -> Result<(f64, Vec<f64>), StateError> {
-        let mut conn = self.conn.clone();
         let mut call = self.spend.key(budget_key(scope, day));
         call.arg(format!("{usd:.12}")).arg(budget);
         for threshold in alert_at {
             call.arg((threshold * 1000.0).round() as u64);
         }
-        let out: Vec<String> = bounded(call.invoke_async(&mut conn)).await?;
+        let out: Vec<String> = self
+            .conn
+            .call(|mut conn| {
+                let call = &call;
+                async move { call.invoke_async(&mut conn).await }
+            })
+            .await?;
         let spent = out.first().and_then(|s| s.parse().ok()).unwrap_or(0.0);
         let crossed = out
             .iter()
@@ -256,8 +288,14 @@ impl RedisState {
 
     /// A stored response, if some replica stored it and it is still fresh.
     pub async fn cache_get(&self, key: &[u8; 32]) -> Result<Option<CachedResponse>, StateError> {
-        let mut conn = self.conn.clone();
-        let raw: Option<Vec<u8>> = bounded(conn.get(cache_key(key))).await?;
+        let key = cache_key(key);
+        let raw: Option<Vec<u8>> = self
+            .conn
+            .call(|mut conn| {
+                let key = &key;
+                async move { conn.get(key).await }
+            })
+            .await?;
         Ok(raw.and_then(|raw| decode_entry(Bytes::from(raw))))
     }
 
@@ -267,19 +305,101 @@ impl RedisState {
         key: &[u8; 32],
         entry: &CachedResponse,
     ) -> Result<(), StateError> {
-        let mut conn = self.conn.clone();
         let ttl = millis(entry.ttl).max(1);
-        let () = bounded(conn.pset_ex(cache_key(key), encode_entry(entry), ttl)).await?;
+        let (key, value) = (cache_key(key), encode_entry(entry));
+        let () = self
+            .conn
+            .call(|mut conn| {
+                let (key, value) = (&key, &value);
+                async move { conn.pset_ex(key, value, ttl).await }
+            })
+            .await?;
         Ok(())
     }
 }
 
-async fn bounded<T>(
-    call: impl std::future::Future<Output = redis::RedisResult<T>>,
-) -> Result<T, StateError> {
-    match tokio::time::timeout(CALL_TIMEOUT, call).await {
-        Err(_) => Err(StateError::Timeout(CALL_TIMEOUT)),
-        Ok(result) => Ok(result?),
+/// The connection to Redis: one multiplexed connection that
+/// redis-rs's manager reconnects after I/O errors, and that sluice
+/// replaces when the manager would not (a refused login).
+struct Connection {
+    client: redis::Client,
+    manager: ArcSwap<ConnectionManager>,
+    started: Instant,
+    /// When the manager was last replaced, in ms since `started`.
+    replaced_ms: AtomicU64,
+}
+
+/// A refused login is retried this often, not on every call.
+const RELOGIN_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Connection {
+    fn new(client: redis::Client) -> redis::RedisResult<Self> {
+        let manager = Self::manager(&client)?;
+        Ok(Connection {
+            client,
+            manager: ArcSwap::from_pointee(manager),
+            started: Instant::now(),
+            replaced_ms: AtomicU64::new(0),
+        })
+    }
+
+    /// Connects lazily: start-up never waits on Redis.
+    fn manager(client: &redis::Client) -> redis::RedisResult<ConnectionManager> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(CALL_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        ConnectionManager::new_lazy_with_config(client.clone(), config)
+    }
+
+    /// Runs `call` within [`CALL_TIMEOUT`].
+    async fn call<T, F, Fut>(&self, call: F) -> Result<T, StateError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let attempts = async {
+            match call(ConnectionManager::clone(&self.manager.load())).await {
+                // A connection closed while idle (Redis's `timeout`, a
+                // proxy's idle limit, CLIENT KILL) is found closed by the
+                // call that would have used it, before the call was sent;
+                // the manager is reconnecting, and the call goes out once
+                // more on the new connection rather than failing.
+                Err(e) if e.is_connection_dropped() => {
+                    call(ConnectionManager::clone(&self.manager.load())).await
+                }
+                other => other,
+            }
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, attempts).await {
+            Err(_) => Err(StateError::Timeout(CALL_TIMEOUT)),
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                if e.kind() == redis::ErrorKind::AuthenticationFailed {
+                    self.relogin();
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Replaces the manager after a refused login: redis-rs's manager
+    /// keeps answering with that error and never connects again, so a
+    /// rotated password would cut the replica off Redis until restarted.
+    fn relogin(&self) {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = self.replaced_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= millis(RELOGIN_INTERVAL);
+        if due
+            && self
+                .replaced_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            && let Ok(manager) = Self::manager(&self.client)
+        {
+            self.manager.store(Arc::new(manager));
+        }
     }
 }
 

@@ -60,6 +60,15 @@ struct Health {
     failed_start: AtomicU64,
 }
 
+/// Which failures of a call pause the calls on the request path.
+#[derive(Clone, Copy)]
+enum Pause {
+    /// Any failure saying Redis cannot be reached, a timeout included.
+    WhenUnreachable,
+    /// A connection refused or lost, not a timeout.
+    UnlessTimeout,
+}
+
 /// How a call on the request path went.
 enum Called<T> {
     Ok(T),
@@ -100,15 +109,17 @@ impl Health {
         if self.skips(operation) {
             return Called::Skipped;
         }
-        match self.run(operation, call, true).await {
+        match self.run(operation, call, Pause::WhenUnreachable).await {
             Some(value) => Called::Ok(value),
             None => Called::Failed,
         }
     }
 
     /// [`Health::timed`] for the cache, whose calls may be slow for the
-    /// size of an entry rather than for Redis being gone: their failures
-    /// pause nothing.
+    /// size of an entry rather than for Redis being gone: their timeouts
+    /// pause nothing, but a connection refused or lost does (a route with
+    /// only a cache would otherwise pay for each request an attempt to
+    /// reach a Redis that is down).
     async fn cached<T>(
         &self,
         operation: &str,
@@ -117,7 +128,7 @@ impl Health {
         if self.skips(operation) {
             return None;
         }
-        self.run(operation, call, false).await
+        self.run(operation, call, Pause::UnlessTimeout).await
     }
 
     /// [`Health::timed`] for calls off the request path (settling tokens,
@@ -128,7 +139,7 @@ impl Health {
         operation: &str,
         call: impl Future<Output = Result<T, StateError>>,
     ) -> Option<T> {
-        self.run(operation, call, true).await
+        self.run(operation, call, Pause::WhenUnreachable).await
     }
 
     /// Whether calls are paused now; a skipped call counts as failed.
@@ -141,13 +152,13 @@ impl Health {
         paused
     }
 
-    /// Makes the call; when it fails with Redis unreachable and
-    /// `may_pause`, calls on the request path pause.
+    /// Makes the call; when it fails with Redis unreachable (as `pause`
+    /// reads it), calls on the request path pause.
     async fn run<T>(
         &self,
         operation: &str,
         call: impl Future<Output = Result<T, StateError>>,
-        may_pause: bool,
+        pause: Pause,
     ) -> Option<T> {
         let started = Instant::now();
         let started_ms = self.ms_at(started);
@@ -167,10 +178,11 @@ impl Health {
             Err(e) => {
                 // A failure says Redis is unreachable only when no call
                 // begun after this one has succeeded since.
-                if may_pause
-                    && e.unreachable()
-                    && self.last_ok_start.load(Ordering::Relaxed) <= started_ms
-                {
+                let unreachable = match pause {
+                    Pause::WhenUnreachable => e.unreachable(),
+                    Pause::UnlessTimeout => e.unreachable() && !matches!(e, StateError::Timeout(_)),
+                };
+                if unreachable && self.last_ok_start.load(Ordering::Relaxed) <= started_ms {
                     let until = self
                         .now_ms()
                         .saturating_add(OUTAGE_PAUSE.as_millis() as u64);
@@ -566,6 +578,11 @@ mod tests {
         let slow_cache = async { Err::<(), _>(StateError::Timeout(Duration::from_millis(100))) };
         assert_eq!(h.cached("cache_put", slow_cache).await, None);
         assert_eq!(h.paused_until.load(Ordering::Relaxed), 0);
+        // A cache call that found Redis gone, though, pauses.
+        let refused = async { Err::<(), _>(StateError::Unreachable("Io".into())) };
+        assert_eq!(h.cached("cache_get", refused).await, None);
+        assert_ne!(h.paused_until.load(Ordering::Relaxed), 0);
+        h.paused_until.store(0, Ordering::Relaxed);
         // A success of a call begun later than a failing one.
         h.last_ok_start.store(h.now_ms() + 1_000, Ordering::Relaxed);
         let stale = async { Err::<(), _>(StateError::Timeout(Duration::from_millis(100))) };

@@ -404,3 +404,96 @@ async fn usage_beyond_the_estimate_is_charged_after_a_long_stream() {
     let second = client.post_json(&url, &[ALICE, no_store()], body).await;
     assert_eq!(second.status, 429, "the 7000 tokens used were charged");
 }
+
+/// A connection Redis closed while it sat idle (its `timeout` setting, an
+/// idle limit on the way, CLIENT KILL) costs no request a refusal: the
+/// call goes out again on a new connection.
+#[tokio::test]
+async fn a_connection_closed_while_idle_fails_no_request() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
+    let yaml = config(
+        &upstream.url(),
+        &redis.url(),
+        "{ requests_per_minute: 1000 }",
+        "",
+    )
+    .replace("on_error: allow", "on_error: deny");
+    let gw = TestGateway::start(&yaml).await;
+    let client = Client::new();
+    let url = gw.url("/v1/x");
+    for round in 0..3 {
+        let reply = client.post_json(&url, &[ALICE, no_store()], "{}").await;
+        assert_eq!(reply.status, 200, "round {round}: {}", reply.text());
+        let killed = redis.cli(None, &["CLIENT", "KILL", "TYPE", "normal"]);
+        assert_ne!(killed, "0", "sluice's connection was open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        gw.metric("sluice_state_errors_total", &[("operation", "take")])
+            .await,
+        None
+    );
+}
+
+/// A login Redis refused (a password rotated on the server before the
+/// replica's) is tried again: once Redis takes the password again the
+/// replica is back on the shared state, no restart.
+#[tokio::test]
+async fn a_refused_login_is_tried_again() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    redis.cli(None, &["CONFIG", "SET", "requirepass", "pw-one"]);
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
+    let url_with_password = redis.url().replace("redis://", "redis://:pw-one@");
+    let yaml = config(
+        &upstream.url(),
+        &url_with_password,
+        "{ requests_per_minute: 1000 }",
+        "",
+    )
+    .replace("on_error: allow", "on_error: deny");
+    let gw = TestGateway::start(&yaml).await;
+    let client = Client::new();
+    let url = gw.url("/v1/x");
+    let status = || async {
+        client
+            .post_json(&url, &[ALICE, no_store()], "{}")
+            .await
+            .status
+    };
+    assert_eq!(status().await, 200);
+
+    redis.cli(Some("pw-one"), &["CONFIG", "SET", "requirepass", "pw-two"]);
+    redis.cli(Some("pw-two"), &["CLIENT", "KILL", "TYPE", "normal"]);
+    let mut refused = false;
+    for _ in 0..50 {
+        if status().await == 503 {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused, "deny refuses while the login is refused");
+    // Past the client's own retries of that login.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(status().await, 503);
+
+    redis.cli(Some("pw-two"), &["CONFIG", "SET", "requirepass", "pw-one"]);
+    let mut recovered = false;
+    for _ in 0..60 {
+        if status().await == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "the replica logs in again, no restart");
+    assert!(
+        !gw.log_text().contains("pw-one"),
+        "the password is not logged"
+    );
+}

@@ -61,6 +61,21 @@ impl RedisServer {
         }
     }
 
+    /// Runs one `redis-cli` command against it (`auth`: its password, if
+    /// one is set); the command's reply.
+    pub fn cli(&self, auth: Option<&str>, args: &[&str]) -> String {
+        let mut cli = Command::new("redis-cli");
+        cli.args(["-p", &self.port.to_string()]);
+        if let Some(password) = auth {
+            cli.args(["--no-auth-warning", "-a", password]);
+        }
+        let out = cli
+            .args(args)
+            .output()
+            .expect("redis-cli on PATH (redis-tools)");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     /// Kills it, as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
