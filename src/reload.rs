@@ -37,9 +37,14 @@ pub struct Reloader {
     path: PathBuf,
     env: Env,
     certs: Option<Arc<CertStore>>,
-    /// What was last read, so that events which changed nothing (a file
-    /// touched, a sibling written) reload nothing.
-    config_digest: Option<Digest32>,
+    /// The running config's text and the files it read: events that
+    /// changed neither (a file touched, a sibling written) reload nothing.
+    accepted: Option<Digest32>,
+    /// What the last refused attempt read (the text, the files the
+    /// running config reads, the TLS pair, which loading checks): it is
+    /// tried again when one of them changes, not on every event, and
+    /// its errors are logged once.
+    refused: Option<Digest32>,
     tls_digest: Option<Digest32>,
     /// The certificate pair last tried, loaded or not: a pair refused
     /// (caught mid-rotation) is tried again when it changes, not on every
@@ -57,14 +62,17 @@ pub enum Outcome {
 
 impl Reloader {
     pub fn new(gw: Arc<Gateway>, path: PathBuf, env: Env, certs: Option<Arc<CertStore>>) -> Self {
-        let config_digest = digest_of(&[&path]);
         let tls_digest = gw.active().snapshot.tls.as_ref().and_then(tls_digest);
+        let accepted = crate::config::read_text(&path)
+            .ok()
+            .map(|text| config_digest(&text, &gw.active().snapshot.sources));
         Reloader {
             gw,
             path,
             env,
             certs,
-            config_digest,
+            accepted,
+            refused: None,
             tls_digest,
             tls_tried: tls_digest,
         }
@@ -74,16 +82,29 @@ impl Reloader {
     /// (SIGHUP: a `${VAR}` or a referenced file may differ).
     pub fn config(&mut self, forced: bool) -> Outcome {
         let text = crate::config::read_text(&self.path);
-        let digest = text.as_ref().ok().map(|t| content_digest(&[t.as_bytes()]));
-        if !forced && digest == self.config_digest {
+        let active = self.gw.active();
+        let running = &active.snapshot;
+        let now = text
+            .as_ref()
+            .ok()
+            .map(|text| config_digest(text, &running.sources));
+        if !forced && now.is_some() && now == self.accepted {
             return Outcome::Unchanged;
         }
-        self.config_digest = digest;
+        let tls = running.tls.as_ref().and_then(tls_digest);
+        let attempt = content_digest(&[
+            now.as_ref().map_or(&b"unreadable"[..], |d| &d[..]),
+            tls.as_ref().map_or(&b"no pair"[..], |d| &d[..]),
+        ]);
+        if !forced && self.refused == Some(attempt) {
+            return Outcome::Unchanged;
+        }
+        drop(active);
         let file = self.path.display().to_string();
-        let loaded = match text {
+        let loaded = match &text {
             Ok(text) => {
                 let base_dir = base_dir(&self.path);
-                config::load_str(&text, &file, base_dir, &*self.env)
+                config::load_str(text, &file, base_dir, &*self.env)
             }
             Err(e) => Err(ConfigErrors(vec![config::ConfigError {
                 file: file.clone(),
@@ -97,6 +118,11 @@ impl Reloader {
         let metrics = &self.gw.metrics.config_reloads;
         match loaded {
             Ok(snapshot) => {
+                self.accepted = text
+                    .as_ref()
+                    .ok()
+                    .map(|text| config_digest(text, &snapshot.sources));
+                self.refused = None;
                 let restart = needs_restart(&self.gw.active().snapshot, &snapshot);
                 let warnings = snapshot.warnings.clone();
                 self.gw.swap(snapshot);
@@ -116,6 +142,7 @@ impl Reloader {
                 Outcome::Reloaded
             }
             Err(errors) => {
+                self.refused = Some(attempt);
                 metrics.with_label_values(&["error"]).inc();
                 let text = errors.to_string();
                 self.log(|| {
@@ -158,13 +185,30 @@ impl Reloader {
         }
     }
 
-    /// The directories whose changes may concern us: a ConfigMap or Secret
-    /// mount swaps a symlink in the directory, not the file itself.
+    /// The files whose changes concern us: the config, its TLS pair and
+    /// the files it reads.
+    fn files(&self) -> Vec<PathBuf> {
+        let active = self.gw.active();
+        let mut files = vec![self.path.clone()];
+        if let Some(tls) = &active.snapshot.tls {
+            files.extend([tls.cert_file.clone(), tls.key_file.clone()]);
+        }
+        files.extend(active.snapshot.sources.iter().cloned());
+        files
+    }
+
+    /// The directories whose changes may concern us: each file's (a
+    /// ConfigMap or Secret mount swaps a symlink in the directory, not the
+    /// file itself) and, for a symlink, its target's (`proxy.yaml ->
+    /// ../shared/proxy.yaml`, certbot's `live/` links: an edit happens
+    /// there).
     fn dirs(&self) -> HashSet<PathBuf> {
-        let mut dirs = HashSet::from([base_dir(&self.path).to_path_buf()]);
-        if let Some(files) = &self.gw.active().snapshot.tls {
-            dirs.insert(base_dir(&files.cert_file).to_path_buf());
-            dirs.insert(base_dir(&files.key_file).to_path_buf());
+        let mut dirs = HashSet::new();
+        for file in self.files() {
+            dirs.insert(base_dir(&file).to_path_buf());
+            if let Ok(target) = std::fs::canonicalize(&file) {
+                dirs.insert(base_dir(&target).to_path_buf());
+            }
         }
         dirs
     }
@@ -185,23 +229,30 @@ impl Reloader {
                 }
             }
         };
-        add(&self.path);
-        if let Some(files) = &self.gw.active().snapshot.tls {
-            add(&files.cert_file);
-            add(&files.key_file);
+        for file in self.files() {
+            add(&file);
         }
         names
     }
 
-    /// Adds watches on the directories not watched yet; a failure is
-    /// warned about, and SIGHUP still works.
+    /// Watches the directories that concern us now, and no longer those
+    /// that stopped (a symlink's old target); a failure is warned about,
+    /// and SIGHUP still works.
     fn watch(
         &self,
         watcher: Option<&mut notify::RecommendedWatcher>,
         watched: &mut HashSet<PathBuf>,
     ) {
         let Some(watcher) = watcher else { return };
-        for dir in self.dirs() {
+        let dirs = self.dirs();
+        watched.retain(|dir| {
+            let keep = dirs.contains(dir);
+            if !keep {
+                let _ = watcher.unwatch(dir);
+            }
+            keep
+        });
+        for dir in dirs {
             if watched.contains(&dir) {
                 continue;
             }
@@ -369,6 +420,23 @@ fn base_dir(path: &Path) -> &Path {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     }
+}
+
+/// The digest of a config's text and of the files it read, as they are
+/// now (a file that cannot be read counts as such, not as an error).
+fn config_digest(text: &str, sources: &[PathBuf]) -> Digest32 {
+    let contents: Vec<Option<Vec<u8>>> = sources
+        .iter()
+        .map(|p| crate::config::read_file(p).ok())
+        .collect();
+    let mut parts: Vec<&[u8]> = vec![text.as_bytes()];
+    for content in &contents {
+        match content {
+            Some(bytes) => parts.extend([&b"file"[..], bytes]),
+            None => parts.push(b"unreadable"),
+        }
+    }
+    content_digest(&parts)
 }
 
 fn tls_digest(files: &TlsFiles) -> Option<Digest32> {

@@ -34,6 +34,10 @@ pub struct Snapshot {
     pub logging: Logging,
     /// What works but should be fixed (`file:line:col: warning: …`).
     pub warnings: Vec<crate::config::ConfigError>,
+    /// The files the config read besides itself and its TLS pair
+    /// (`schema_file`, `keys_file`, `ca_file`): a change to one is a
+    /// change to the config, for hot reload.
+    pub sources: Vec<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone)]

@@ -43,10 +43,12 @@ pub fn compile(
         warnings: Vec::new(),
         expansions: Vec::new(),
         plain_keys: Vec::new(),
+        sources: Vec::new(),
     };
     let mut snapshot = c.config(raw);
     if c.errors.is_empty() {
         snapshot.warnings = c.warnings;
+        snapshot.sources = c.sources;
         Ok(snapshot)
     } else {
         c.errors.sort_by_key(|e| (e.line, e.col));
@@ -65,6 +67,8 @@ struct Compiler<'a> {
     expansions: Vec<(String, String)>,
     /// The API keys written as `key:`, for the body log to mask.
     plain_keys: Vec<String>,
+    /// The files read besides the config (see [`Snapshot::sources`]).
+    sources: Vec<PathBuf>,
 }
 
 const DEFAULT_RETRY_ON: [RetryOn; 7] = [
@@ -280,6 +284,17 @@ impl Compiler<'_> {
         Some(self.base_dir.join(s))
     }
 
+    /// The path of a file the config reads its contents from.
+    fn source(&mut self, t: &Text) -> Option<PathBuf> {
+        let path = self.path(t)?;
+        Some(self.add_source(path))
+    }
+
+    fn add_source(&mut self, path: PathBuf) -> PathBuf {
+        self.sources.push(path.clone());
+        path
+    }
+
     fn config(&mut self, raw: RawConfig) -> Snapshot {
         let listen = self.addr(&raw.listen, "0.0.0.0:8080");
         let admin_listen = match &raw.admin {
@@ -374,6 +389,7 @@ impl Compiler<'_> {
         }
         Snapshot {
             warnings: Vec::new(),
+            sources: Vec::new(),
             listen,
             tls,
             admin_listen,
@@ -484,7 +500,7 @@ impl Compiler<'_> {
             let kind = match (&u.url, &u.mock) {
                 (Some(url), None) => {
                     let ca_pem = match &u.ca_file {
-                        Some(ca) => self.path(ca).and_then(|p| match super::read_file(&p) {
+                        Some(ca) => self.source(ca).and_then(|p| match super::read_file(&p) {
                             Ok(pem) => Some((pem, ca.referenced)),
                             Err(e) => {
                                 self.error(
@@ -841,7 +857,8 @@ impl Compiler<'_> {
                         }
                     }
                     RawValidate::Schema(s) => match self.expanded(&s.schema_file, &v.referenced) {
-                        Some(file) => match load_schema(&self.base_dir.join(file)) {
+                        Some(file) => match load_schema(&self.add_source(self.base_dir.join(file)))
+                        {
                             Ok(validator) => Validate::Schema(Arc::new(validator)),
                             Err(message) => {
                                 self.error(&v.referenced, message);
@@ -1085,7 +1102,7 @@ impl Compiler<'_> {
             }
             Vec::new()
         } else if let Some(f) = &j.keys_file {
-            let path = self.path(f)?;
+            let path = self.source(f)?;
             let loaded = super::read_text(&path)
                 .map_err(|e| format!("cannot read keys_file {}: {e}", path.display()))
                 .and_then(|text| jwt::load_keys_file(&text));

@@ -368,3 +368,82 @@ routes:
     assert_eq!(models.len(), 64, "{models:?}");
     assert!(models.contains("other"));
 }
+
+/// A config reached through a symlink into another directory (`etc/proxy.yaml
+/// -> ../shared/proxy.yaml`) is edited where it lives: that edit reloads it.
+#[tokio::test]
+async fn an_edit_to_a_symlinked_config_in_another_directory_reloads_it() {
+    let upstream = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (etc, shared) = (dir.path().join("etc"), dir.path().join("shared"));
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::create_dir_all(&shared).unwrap();
+    let yaml = crate::support::gateway::with_test_listeners(&config(&upstream.url(), ""));
+    std::fs::write(shared.join("proxy.yaml"), &yaml).unwrap();
+    std::os::unix::fs::symlink("../shared/proxy.yaml", etc.join("proxy.yaml")).unwrap();
+    let gw = TestGateway::start_at(etc.join("proxy.yaml"), dir).await;
+    assert_eq!(Client::new().get(&gw.url("/open/x")).await.status, 404);
+
+    let open =
+        "  - name: open\n    match: { path_prefix: /open/ }\n    auth: none\n    upstream: llm\n";
+    std::fs::write(
+        shared.join("proxy.yaml"),
+        crate::support::gateway::with_test_listeners(&config(&upstream.url(), open)),
+    )
+    .unwrap();
+    wait_reloads(&gw, "ok", 1.0).await;
+    assert_eq!(Client::new().get(&gw.url("/open/x")).await.status, 200);
+}
+
+/// A ConfigMap update that changes only a file the config reads (here a
+/// `schema_file`) is a change to the config: the new schema applies.
+#[tokio::test]
+async fn a_configmap_update_of_a_referenced_file_reloads_the_config() {
+    let upstream = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let yaml = |validate: &str| {
+        format!(
+            "upstreams:\n  llm: {{ url: \"{}\" }}\nroutes:\n  - name: chat\n    match: {{ path_prefix: /v1/ }}\n    auth: none\n    validate: {validate}\n    upstream: llm\n",
+            upstream.url()
+        )
+    };
+    let gw = TestGateway::start_watched(&yaml("none"), &[], tempfile::tempdir().unwrap()).await;
+    let with_schema = yaml("{ schema_file: chat.schema.json }");
+    let anything = r#"{"type":"object"}"#;
+    let strict = r#"{"type":"object","required":["must_have_this"]}"#;
+    gw.swap_files(&[("proxy.yaml", &with_schema), ("chat.schema.json", anything)]);
+    wait_reloads(&gw, "ok", 1.0).await;
+    let client = Client::new();
+    let url = gw.url("/v1/chat/completions");
+    let post = || client.post_json(&url, &[], "{}");
+    assert_eq!(post().await.status, 200);
+
+    gw.swap_files(&[("proxy.yaml", &with_schema), ("chat.schema.json", strict)]);
+    wait_reloads(&gw, "ok", 2.0).await;
+    let refused = post().await;
+    assert_eq!(refused.status, 400, "{}", refused.text());
+}
+
+/// A config change that lands while a certificate rotation is half
+/// written is refused (loading checks the pair), and tried again once the
+/// pair is whole: it is not lost until the next edit or SIGHUP.
+#[tokio::test]
+async fn a_config_refused_mid_rotation_is_applied_when_the_pair_is_whole() {
+    let first = TestPki::new();
+    let second = TestPki::new();
+    let upstream = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let dir = tempfile::tempdir().unwrap();
+    first.write_files(dir.path());
+    let yaml = tls_listener_config(&upstream.url());
+    let gw = TestGateway::start_watched(&yaml, &[], dir).await;
+    std::fs::write(gw.path("tls.crt"), &second.cert_pem).unwrap();
+    let failures = || gw.log_text().matches("tls_reload_failed").count();
+    assert!(eventually(Duration::from_secs(5), || failures() == 1).await);
+
+    let renamed = yaml.replace("name: app", "name: renamed");
+    assert_ne!(renamed, yaml, "the config changes");
+    gw.swap_config(&renamed);
+    wait_reloads(&gw, "error", 1.0).await;
+    std::fs::write(gw.path("tls.key"), &second.key_pem).unwrap();
+    // The renamed config, refused once, is what this reload applies.
+    wait_reloads(&gw, "ok", 1.0).await;
+}

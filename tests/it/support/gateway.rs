@@ -66,6 +66,18 @@ impl TestGateway {
         Self::launch(snapshot, dir, Some((path, env))).await
     }
 
+    /// A gateway on the config file at `path` (any layout, symlinks
+    /// included), reloading it as it changes; `dir` lives as long as it.
+    pub async fn start_at(path: PathBuf, dir: tempfile::TempDir) -> Self {
+        let text = std::fs::read_to_string(&path).expect("read config");
+        let base = path.parent().expect("config dir").to_path_buf();
+        let snapshot =
+            sluice::config::load_str(&text, &path.display().to_string(), &base, &|_| None)
+                .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{text}"));
+        let env: sluice::reload::Env = Arc::new(|_: &str| None);
+        Self::launch(snapshot, dir, Some((path, env))).await
+    }
+
     async fn launch(
         snapshot: sluice::snapshot::Snapshot,
         dir: tempfile::TempDir,
@@ -102,6 +114,30 @@ impl TestGateway {
             with_test_listeners(yaml),
         )
         .expect("write config");
+        std::os::unix::fs::symlink(&version, root.join("..data_tmp")).expect("..data_tmp link");
+        std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("swap ..data");
+    }
+
+    /// A ConfigMap update of several files (`proxy.yaml` among them, or
+    /// not): a new version directory holding them, each reached from the
+    /// mount as `name -> ..data/name`, then `..data` swapped to it.
+    pub fn swap_files(&self, files: &[(&str, &str)]) {
+        static VERSION: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+        let n = VERSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let root = self.dir.path();
+        let version = format!("..files{n}");
+        std::fs::create_dir(root.join(&version)).expect("version dir");
+        for (name, text) in files {
+            let text = match *name {
+                "proxy.yaml" => with_test_listeners(text),
+                _ => (*text).to_owned(),
+            };
+            std::fs::write(root.join(&version).join(name), text).expect("write file");
+            let link = root.join(name);
+            if std::fs::symlink_metadata(&link).is_err() {
+                std::os::unix::fs::symlink(format!("..data/{name}"), &link).expect("file link");
+            }
+        }
         std::os::unix::fs::symlink(&version, root.join("..data_tmp")).expect("..data_tmp link");
         std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("swap ..data");
     }
@@ -187,7 +223,7 @@ impl TestGateway {
 }
 
 /// The test's listeners on ephemeral ports, unless the config sets them.
-fn with_test_listeners(yaml: &str) -> String {
+pub fn with_test_listeners(yaml: &str) -> String {
     let mut text = String::new();
     if !yaml.contains("\nlisten:") && !yaml.starts_with("listen:") {
         text.push_str("listen: 127.0.0.1:0\n");
