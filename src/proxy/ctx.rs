@@ -83,6 +83,9 @@ pub struct RequestCtx {
     /// hyper refused the request head (too large, malformed): `method`
     /// and `uri` are placeholders, logged as null.
     pub head_unread: bool,
+    /// An HTTP/1 request whose body sluice has neither read nor passed
+    /// on: answered now, its connection cannot serve another request.
+    pub body_unread: bool,
     pub client_addr: SocketAddr,
     /// `client_addr`'s IP as text.
     pub client_ip: HeaderValue,
@@ -152,6 +155,7 @@ impl RequestCtx {
             method,
             uri,
             head_unread: false,
+            body_unread: false,
             client_addr: conn.remote,
             client_ip: conn.remote_ip.clone(),
             tls: conn.tls,

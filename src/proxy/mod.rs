@@ -70,12 +70,24 @@ pub async fn handle(
         gw, active, ctx, ..
     } = &mut finish;
 
+    ctx.body_unread = declares_body_over_http1(&req);
     let result = process(gw, active, ctx, req).await;
     let mut resp = match result {
         Ok(resp) => resp,
         Err(e) => {
             ctx.error = Some(e.code());
-            e.into_response()
+            let mut resp = e.into_response();
+            if ctx.body_unread {
+                // hyper closes a connection whose request body was left
+                // unread once it has answered; saying so lets the client
+                // open a new one rather than send its next request into a
+                // closed socket (RFC 9112 §9.6), as nginx and Envoy do.
+                resp.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            resp
         }
     };
     ctx.status = resp.status().as_u16();
@@ -167,6 +179,19 @@ pub async fn handle(
         let body = if head { crate::body::empty() } else { body };
         Tap::new(body, finish, idle, deadline, sse, meter)
     })
+}
+
+/// Whether an HTTP/1 request comes with a body (a length above zero, or
+/// chunks).
+fn declares_body_over_http1<B>(req: &Request<B>) -> bool {
+    if req.version() > http::Version::HTTP_11 {
+        return false;
+    }
+    let headers = req.headers();
+    headers.contains_key(http::header::TRANSFER_ENCODING)
+        || headers
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|len| len.as_bytes() != b"0")
 }
 
 /// Accounts for a request hyper refused before sluice saw it: a head
@@ -315,6 +340,9 @@ async fn process(
     let budget = gw.body_budget(snap);
     let mut body =
         validate::check_body(&route.validate, &parts, body, max_body, deadline, budget).await?;
+    if matches!(body, forward::RequestBody::Read(_)) {
+        ctx.body_unread = false;
+    }
     if snap.logging.log_bodies {
         // A debug aid: the request body is read whole (bounded) to log it.
         let bytes = body
@@ -324,6 +352,8 @@ async fn process(
         body = forward::RequestBody::Read(bytes);
     }
     limit::admit(snap, &gw.state, &gw.metrics, route, ctx).await?;
+    // From here the body is read (for a cache key) or passed on.
+    ctx.body_unread = false;
     match cache::lookup(gw, active, route, ctx, &parts, body).await? {
         cache::Step::Hit(resp) => Ok(resp),
         cache::Step::Forward(body) => forward::send(gw, active, route, ctx, parts, body).await,

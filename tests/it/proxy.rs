@@ -886,3 +886,42 @@ async fn an_announced_body_is_charged_as_it_arrives() {
         .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
 }
+
+/// A request refused before its body arrived (here: no API key) is
+/// answered at once, with `connection: close`: hyper closes a connection
+/// whose body was left unread, and a client told so opens a new one for
+/// its next request instead of writing into a closed socket. A refusal
+/// without a body keeps the connection.
+#[tokio::test]
+async fn a_refusal_before_the_body_says_the_connection_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&format!(
+        "upstreams:\n  app: {{ url: \"{}\" }}\nauth:\n  api_keys:\n    - {{ id: a, key: sk-a-0001 }}\nroutes:\n  - name: app\n    match: {{ path_prefix: / }}\n    upstream: app\n",
+        upstream.url()
+    ))
+    .await;
+    let head_of = |request: &'static str| {
+        let addr = gw.addr;
+        async move {
+            let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+            conn.write_all(request.as_bytes()).await.unwrap();
+            let mut got = vec![0; 4096];
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut got))
+                .await
+                .expect("answered before the body came")
+                .unwrap();
+            String::from_utf8_lossy(&got[..n]).to_ascii_lowercase()
+        }
+    };
+    // The head only: the body never comes.
+    let unread = head_of("POST /v1/chat HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n").await;
+    assert!(unread.starts_with("http/1.1 401"), "{unread}");
+    assert!(unread.contains("\r\nconnection: close\r\n"), "{unread}");
+    let chunked =
+        head_of("POST /v1/chat HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n").await;
+    assert!(chunked.contains("\r\nconnection: close\r\n"), "{chunked}");
+    let bodiless = head_of("GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert!(bodiless.starts_with("http/1.1 401"), "{bodiless}");
+    assert!(!bodiless.contains("connection: close"), "{bodiless}");
+}
