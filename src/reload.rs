@@ -50,6 +50,36 @@ pub struct Reloader {
     /// (caught mid-rotation) is tried again when it changes, not on every
     /// event, and its failure is logged once.
     tls_tried: Option<Digest32>,
+    /// What the process read at start and still runs with.
+    started: Started,
+}
+
+/// The settings read once at start, which a reload does not change: a
+/// reloaded config that differs says so, against what is running.
+struct Started {
+    listen: std::net::SocketAddr,
+    admin_listen: std::net::SocketAddr,
+    /// The listener's certificate pair; rotated from these files while a
+    /// reloaded config names none.
+    tls: Option<TlsFiles>,
+    cache_max_bytes: u64,
+    state: crate::snapshot::StateSettings,
+    limits: crate::snapshot::Limits,
+    logging: crate::snapshot::Logging,
+}
+
+impl Started {
+    fn of(snapshot: &Snapshot) -> Self {
+        Started {
+            listen: snapshot.listen,
+            admin_listen: snapshot.admin_listen,
+            tls: snapshot.tls.clone(),
+            cache_max_bytes: snapshot.cache.max_bytes,
+            state: snapshot.state.clone(),
+            limits: snapshot.limits.clone(),
+            logging: snapshot.logging.clone(),
+        }
+    }
 }
 
 /// What one config check did.
@@ -66,11 +96,13 @@ impl Reloader {
         let accepted = crate::config::read_text(&path)
             .ok()
             .map(|text| config_digest(&text, &gw.active().snapshot.sources));
+        let started = Started::of(&gw.active().snapshot);
         Reloader {
             gw,
             path,
             env,
             certs,
+            started,
             accepted,
             refused: None,
             tls_digest,
@@ -91,7 +123,7 @@ impl Reloader {
         if !forced && now.is_some() && now == self.accepted {
             return Outcome::Unchanged;
         }
-        let tls = running.tls.as_ref().and_then(tls_digest);
+        let tls = self.tls_files().as_ref().and_then(tls_digest);
         let attempt = content_digest(&[
             now.as_ref().map_or(&b"unreadable"[..], |d| &d[..]),
             tls.as_ref().map_or(&b"no pair"[..], |d| &d[..]),
@@ -123,7 +155,7 @@ impl Reloader {
                     .ok()
                     .map(|text| config_digest(text, &snapshot.sources));
                 self.refused = None;
-                let restart = needs_restart(&self.gw.active().snapshot, &snapshot);
+                let restart = needs_restart(&self.started, &snapshot);
                 let warnings = snapshot.warnings.clone();
                 self.gw.swap(snapshot);
                 metrics.with_label_values(&["ok"]).inc();
@@ -161,8 +193,7 @@ impl Reloader {
     /// Re-reads the certificate and key if they changed (or `forced`); a
     /// pair that does not load (caught mid-rotation) keeps the old one.
     pub fn certs(&mut self, forced: bool) {
-        let (Some(store), Some(files)) = (&self.certs, self.gw.active().snapshot.tls.clone())
-        else {
+        let (Some(store), Some(files)) = (&self.certs, self.tls_files()) else {
             return;
         };
         let digest = tls_digest(&files);
@@ -185,13 +216,26 @@ impl Reloader {
         }
     }
 
+    /// The listener's certificate pair: where the running config says,
+    /// else (a config without `tls` reloaded onto a TLS listener, which
+    /// keeps serving TLS until restarted) where it was at start.
+    fn tls_files(&self) -> Option<TlsFiles> {
+        self.certs.as_ref()?;
+        self.gw
+            .active()
+            .snapshot
+            .tls
+            .clone()
+            .or_else(|| self.started.tls.clone())
+    }
+
     /// The files whose changes concern us: the config, its TLS pair and
     /// the files it reads.
     fn files(&self) -> Vec<PathBuf> {
         let active = self.gw.active();
         let mut files = vec![self.path.clone()];
-        if let Some(tls) = &active.snapshot.tls {
-            files.extend([tls.cert_file.clone(), tls.key_file.clone()]);
+        if let Some(tls) = self.tls_files() {
+            files.extend([tls.cert_file, tls.key_file]);
         }
         files.extend(active.snapshot.sources.iter().cloned());
         files
@@ -380,7 +424,7 @@ fn hangup_events() -> Result<mpsc::Receiver<()>, String> {
 }
 
 /// Settings read once at start: a reload that changes them says so.
-fn needs_restart(old: &Snapshot, new: &Snapshot) -> Vec<&'static str> {
+fn needs_restart(old: &Started, new: &Snapshot) -> Vec<&'static str> {
     let mut changed = Vec::new();
     if old.listen != new.listen {
         changed.push("listen");
@@ -391,7 +435,7 @@ fn needs_restart(old: &Snapshot, new: &Snapshot) -> Vec<&'static str> {
     if old.tls.is_some() != new.tls.is_some() {
         changed.push("tls");
     }
-    if old.cache.max_bytes != new.cache.max_bytes {
+    if old.cache_max_bytes != new.cache.max_bytes {
         changed.push("cache.max_bytes");
     }
     if old.state.backend != new.state.backend

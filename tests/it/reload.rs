@@ -447,3 +447,50 @@ async fn a_config_refused_mid_rotation_is_applied_when_the_pair_is_whole() {
     // The renamed config, refused once, is what this reload applies.
     wait_reloads(&gw, "ok", 1.0).await;
 }
+
+/// `config_needs_restart` compares a reloaded config with what the
+/// process runs: a change of `listen` warns, and changing it back to the
+/// address still bound does not warn again.
+#[tokio::test]
+async fn a_setting_changed_back_to_what_runs_needs_no_restart() {
+    let upstream = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let base = config(&upstream.url(), "");
+    let gw = TestGateway::start_watched(&base, &[], tempfile::tempdir().unwrap()).await;
+    let warnings = || {
+        gw.log_lines()
+            .into_iter()
+            .filter(|l| l["event"] == "config_needs_restart" && l["setting"] == "listen")
+            .count()
+    };
+    gw.swap_config(&format!("listen: 127.0.0.1:1\n{base}"));
+    wait_reloads(&gw, "ok", 1.0).await;
+    assert_eq!(warnings(), 1, "{}", gw.log_text());
+    gw.swap_config(&format!("listen: 127.0.0.1:0\n{base}"));
+    wait_reloads(&gw, "ok", 2.0).await;
+    assert_eq!(warnings(), 1, "{}", gw.log_text());
+}
+
+/// A config without `tls` reloaded onto a TLS listener (which serves TLS
+/// until restarted) leaves certificate rotation on: the files the
+/// listener started with are still watched and re-read.
+#[tokio::test]
+async fn a_reload_dropping_tls_keeps_rotating_the_served_certificate() {
+    let first = TestPki::new();
+    let second = TestPki::new();
+    let upstream = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let dir = tempfile::tempdir().unwrap();
+    first.write_files(dir.path());
+    let gw = TestGateway::start_watched(&tls_listener_config(&upstream.url()), &[], dir).await;
+    gw.swap_config(&crate::support::app_config(&upstream.url(), ""));
+    wait_reloads(&gw, "ok", 1.0).await;
+    second.write_files(gw.path("").as_path());
+    let mut rotated = false;
+    for _ in 0..100 {
+        if peer_certificate(&gw, &[&first, &second]).await == der(&second.cert_pem) {
+            rotated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(rotated, "still rotated\n{}", gw.log_text());
+}
