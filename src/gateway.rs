@@ -47,12 +47,23 @@ impl Active {
         jwks: &Registry<JwksKeys>,
         breakers: &Registry<Breaker>,
     ) -> Self {
+        // A circuit belongs to an upstream's name and where it points: a
+        // reload that fixes an upstream's URL gives it a closed circuit
+        // (the old address's failures say nothing of the new one), and
+        // circuits of upstreams gone from the config are let go.
+        let circuits: Vec<String> = snapshot
+            .upstreams
+            .iter()
+            .map(|u| format!("{}\0{}", u.name, u.target()))
+            .collect();
+        breakers.keep_only(&circuits);
         Active {
             breakers: snapshot
                 .upstreams
                 .iter()
-                .map(|u| {
-                    breakers.get_or(&u.name, || {
+                .zip(&circuits)
+                .map(|(u, circuit)| {
+                    breakers.get_or(circuit, || {
                         Arc::new(Breaker::new(
                             metrics.upstream_up.with_label_values(&[&u.name]),
                         ))
@@ -116,6 +127,13 @@ impl<T> Registry<T> {
             Ok(mut map) => map.entry(name.to_owned()).or_insert_with(make).clone(),
             // Poisoned only by a panic elsewhere: start afresh rather than fail.
             Err(_) => make(),
+        }
+    }
+
+    /// Forgets the entries not named in `names`.
+    fn keep_only(&self, names: &[String]) {
+        if let Ok(mut map) = self.0.lock() {
+            map.retain(|name, _| names.contains(name));
         }
     }
 }

@@ -35,6 +35,16 @@ pub struct Upstream {
     pub models: HashMap<String, String>,
 }
 
+impl Upstream {
+    /// Where it sends requests: its URL, or `mock`.
+    pub fn target(&self) -> String {
+        match &self.kind {
+            UpstreamKind::Http(http) => format!("{http:?}"),
+            UpstreamKind::Mock(_) => "mock".to_owned(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub enum UpstreamKind {
     Http(Box<HttpUpstream>),

@@ -783,3 +783,46 @@ async fn an_error_event_before_content_fails_over() {
         );
     }
 }
+
+/// A reload that repoints an upstream whose circuit is open gives it a
+/// closed circuit: the old address's failures say nothing of the new one,
+/// and an operator fixing a URL expects it used at once. A reload that
+/// leaves the URL alone keeps the circuit open.
+#[tokio::test]
+async fn a_reload_that_fixes_an_upstream_url_closes_its_circuit() {
+    let broken = MockUpstream::always(failing(500)).await;
+    let fixed = MockUpstream::always(UpstreamReply::text("fixed")).await;
+    let backup = MockUpstream::always(UpstreamReply::text("backup")).await;
+    let pool = "    circuit_breaker: { failures: 1, cooldown: 60s }";
+    let gw = TestGateway::start_watched(
+        &config(&broken.url(), &backup.url(), pool, ""),
+        &[],
+        tempfile::tempdir().unwrap(),
+    )
+    .await;
+    assert_eq!(chat(&gw).await.text(), "backup");
+    let up = || gw.metric("sluice_upstream_up", &[("upstream", "primary")]);
+    assert_eq!(up().await, Some(0.0));
+
+    // Another change, same URL: still open.
+    gw.swap_config(&config(&broken.url(), &backup.url(), pool, "").replace("300ms", "400ms"));
+    assert!(
+        eventually(Duration::from_secs(5), || gw
+            .log_text()
+            .contains("config_reloaded"))
+        .await
+    );
+    assert_eq!(up().await, Some(0.0));
+    assert_eq!(chat(&gw).await.text(), "backup");
+
+    gw.swap_config(&config(&fixed.url(), &backup.url(), pool, ""));
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            gw.log_text().matches("config_reloaded").count() == 2
+        })
+        .await
+    );
+    assert_eq!(up().await, Some(1.0));
+    assert_eq!(chat(&gw).await.text(), "fixed");
+    assert_eq!(broken.seen().len(), 1);
+}
