@@ -201,7 +201,14 @@ impl Reloader {
             return;
         }
         self.tls_tried = digest;
-        match store.reload(&files) {
+        let result = store.reload(&files);
+        let counted = if result.is_ok() { "ok" } else { "error" };
+        self.gw
+            .metrics
+            .tls_reloads
+            .with_label_values(&[counted])
+            .inc();
+        match result {
             Ok(()) => {
                 self.tls_digest = digest;
                 self.log(|| tracing::info!(event = "tls_reloaded", "certificate reloaded"));

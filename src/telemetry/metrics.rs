@@ -77,6 +77,7 @@ pub struct Metrics {
     pub cost_usd: CounterVec,
     pub cache_requests: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    pub tls_reloads: IntCounterVec,
     pub state_errors: IntCounterVec,
     pub state_duration: HistogramVec,
     pub cache_saved_usd: CounterVec,
@@ -166,6 +167,11 @@ impl Metrics {
             config_reloads: counter(
                 "sluice_config_reloads_total",
                 "Config reloads (SIGHUP or a changed file) by result (ok, error).",
+                &["result"],
+            ),
+            tls_reloads: counter(
+                "sluice_tls_reloads_total",
+                "Re-reads of the listener's changed certificate and key by result (ok, error: the old pair keeps serving).",
                 &["result"],
             ),
             cache_requests: counter(
@@ -294,6 +300,7 @@ impl Metrics {
         // Both series exist from start, so an alert on errors sees the first.
         for result in ["ok", "error"] {
             metrics.config_reloads.with_label_values(&[result]);
+            metrics.tls_reloads.with_label_values(&[result]);
         }
         metrics
     }

@@ -271,6 +271,11 @@ async fn a_certificate_rotated_in_place_serves_the_next_connection() {
         gw.log_text()
     );
     assert!(gw.log_text().contains("tls_reloaded"), "{}", gw.log_text());
+    assert_eq!(
+        gw.metric("sluice_tls_reloads_total", &[("result", "ok")])
+            .await,
+        Some(1.0)
+    );
 }
 
 fn der(pem: &str) -> Vec<u8> {
@@ -312,6 +317,14 @@ async fn a_refused_certificate_is_reported_once() {
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     assert_eq!(failures(), 1, "{}", gw.log_text());
+    for (result, count) in [("error", 1.0), ("ok", 0.0)] {
+        assert_eq!(
+            gw.metric("sluice_tls_reloads_total", &[("result", result)])
+                .await,
+            Some(count),
+            "{result}"
+        );
+    }
     assert_eq!(
         peer_certificate(&gw, &[&first, &second]).await,
         der(&first.cert_pem),
