@@ -31,6 +31,18 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 /// request would otherwise wait out a timeout on every call it makes.
 const OUTAGE_PAUSE: Duration = Duration::from_secs(1);
 
+/// The `operation` label values of the backend's metrics.
+const OPERATIONS: [&str; 8] = [
+    "take",
+    "adjust",
+    "acquire",
+    "release",
+    "spent",
+    "spend",
+    "cache_get",
+    "cache_put",
+];
+
 pub struct State {
     memory: Arc<MemoryLimiter>,
     budgets: Budgets,
@@ -58,6 +70,9 @@ struct Health {
     /// When the latest call that paused had started: a success of a call
     /// begun no earlier ends the pause, even if it failed first.
     failed_start: AtomicU64,
+    /// Redis was found unreachable and has not answered since: its next
+    /// answer is logged, so an outage's end shows beside its start.
+    outage: std::sync::atomic::AtomicBool,
 }
 
 /// Which failures of a call pause the calls on the request path.
@@ -173,6 +188,15 @@ impl Health {
                 if self.failed_start.load(Ordering::Relaxed) <= started_ms {
                     self.paused_until.store(0, Ordering::Relaxed);
                 }
+                if self.outage.swap(false, Ordering::Relaxed) {
+                    tracing::dispatcher::with_default(&self.log, || {
+                        tracing::info!(
+                            event = "state_recovered",
+                            operation,
+                            "the shared state backend answers again"
+                        );
+                    });
+                }
                 Some(value)
             }
             Err(e) => {
@@ -188,6 +212,7 @@ impl Health {
                         .saturating_add(OUTAGE_PAUSE.as_millis() as u64);
                     self.failed_start.fetch_max(started_ms, Ordering::Relaxed);
                     self.paused_until.fetch_max(until, Ordering::Relaxed);
+                    self.outage.store(true, Ordering::Relaxed);
                 }
                 self.failed(operation, &e);
                 None
@@ -291,6 +316,13 @@ impl State {
             },
             _ => None,
         };
+        if redis.is_some() {
+            // Every operation's error series exists from start, so that
+            // an alert on their rate sees the first failure.
+            for operation in OPERATIONS {
+                metrics.state_errors.with_label_values(&[operation]);
+            }
+        }
         State {
             memory: Arc::new(MemoryLimiter::default()),
             budgets: Budgets::default(),
@@ -306,6 +338,7 @@ impl State {
                 paused_until: AtomicU64::new(0),
                 last_ok_start: AtomicU64::new(0),
                 failed_start: AtomicU64::new(0),
+                outage: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -536,6 +569,7 @@ mod tests {
             paused_until: AtomicU64::new(0),
             last_ok_start: AtomicU64::new(0),
             failed_start: AtomicU64::new(0),
+            outage: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

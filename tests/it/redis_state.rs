@@ -298,6 +298,13 @@ async fn a_killed_redis_is_survived_by_allow_and_refused_by_deny() {
     );
     let allow = TestGateway::start(&yaml).await;
     let deny = TestGateway::start(&yaml.replace("on_error: allow", "on_error: deny")).await;
+    assert_eq!(
+        allow
+            .metric("sluice_state_errors_total", &[("operation", "take")])
+            .await,
+        Some(0.0),
+        "the series exists before the first error"
+    );
     let client = Client::new();
     let call = |gw: &TestGateway| {
         let url = gw.url("/v1/x");
@@ -346,6 +353,14 @@ async fn a_killed_redis_is_survived_by_allow_and_refused_by_deny() {
         "deny serves again once Redis is back, no restart"
     );
     assert_eq!(call(&allow).await.status, 200);
+    for gw in [&allow, &deny] {
+        let recoveries = gw
+            .log_lines()
+            .into_iter()
+            .filter(|l| l["event"] == "state_recovered")
+            .count();
+        assert_eq!(recoveries, 1, "the outage's end is logged once");
+    }
 }
 
 #[tokio::test]
@@ -434,7 +449,7 @@ async fn a_connection_closed_while_idle_fails_no_request() {
     assert_eq!(
         gw.metric("sluice_state_errors_total", &[("operation", "take")])
             .await,
-        None
+        Some(0.0)
     );
 }
 
