@@ -1249,10 +1249,11 @@ impl Compiler<'_> {
         );
         let redis_url = raw.redis_url.as_ref().and_then(|t| {
             let url = self.text(t)?;
-            if !url.starts_with("redis://") {
+            let scheme = url.split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase());
+            if scheme.as_deref() != Some("redis") {
                 self.error(
                     &t.referenced,
-                    "redis_url must start with redis:// (TLS to Redis, rediss://, is not supported)",
+                    "redis_url must be redis://host[:port][/db], with user:password@ before the host if Redis needs them (rediss:// TLS and unix sockets are not supported)",
                 );
             } else if redis::Client::open(url.as_str()).is_err() {
                 // Not the URL itself: it may carry a password.
@@ -1260,8 +1261,10 @@ impl Compiler<'_> {
             }
             Some(url)
         });
+        // A redis_url that is there but did not expand (a missing
+        // variable) was reported as such.
         if backend == StateBackend::Redis
-            && redis_url.is_none()
+            && raw.redis_url.is_none()
             && let Some(b) = &raw.backend
         {
             self.error(&b.referenced, "backend: redis needs a redis_url");

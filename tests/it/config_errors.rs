@@ -1110,3 +1110,32 @@ fn zero_timeouts_are_refused() {
         ]
     );
 }
+
+/// `redis_url`: the scheme in any case; one error for a variable that is
+/// not set (not a second one saying the URL is missing); other schemes
+/// are named in the message.
+#[test]
+fn redis_urls_are_checked_once_and_said_plainly() {
+    let state = |url: &str| format!("state: {{ backend: redis, redis_url: \"{url}\" }}\n{BASE}");
+    assert!(load(&state("REDIS://127.0.0.1:6379/2"), &[]).is_ok());
+    assert_eq!(
+        errors(&state("${REDIS_URL}")),
+        [
+            "test.yaml:1:37: environment variable `REDIS_URL` is not set (use `${REDIS_URL:-default}` for a default)"
+        ]
+    );
+    for url in [
+        "unix:///run/redis.sock",
+        "rediss://cache:6380",
+        "cache:6379",
+    ] {
+        assert_eq!(
+            errors(&state(url)),
+            [
+                "test.yaml:1:37: redis_url must be redis://host[:port][/db], with user:password@ \
+                 before the host if Redis needs them (rediss:// TLS and unix sockets are not supported)"
+            ],
+            "{url}"
+        );
+    }
+}
