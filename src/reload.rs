@@ -159,6 +159,7 @@ impl Reloader {
                 let warnings = snapshot.warnings.clone();
                 self.gw.swap(snapshot);
                 metrics.with_label_values(&["ok"]).inc();
+                self.gw.metrics.config_last_reload_ok.set(1);
                 self.log(|| {
                     tracing::info!(event = "config_reloaded", file, "config reloaded");
                     config::log_warnings(&warnings);
@@ -176,6 +177,7 @@ impl Reloader {
             Err(errors) => {
                 self.refused = Some(attempt);
                 metrics.with_label_values(&["error"]).inc();
+                self.gw.metrics.config_last_reload_ok.set(0);
                 let text = errors.to_string();
                 self.log(|| {
                     tracing::error!(
@@ -203,11 +205,9 @@ impl Reloader {
         self.tls_tried = digest;
         let result = store.reload(&files);
         let counted = if result.is_ok() { "ok" } else { "error" };
-        self.gw
-            .metrics
-            .tls_reloads
-            .with_label_values(&[counted])
-            .inc();
+        let metrics = &self.gw.metrics;
+        metrics.tls_reloads.with_label_values(&[counted]).inc();
+        metrics.tls_last_reload_ok.set(i64::from(result.is_ok()));
         match result {
             Ok(()) => {
                 self.tls_digest = digest;

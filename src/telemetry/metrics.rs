@@ -78,6 +78,10 @@ pub struct Metrics {
     pub cache_requests: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub tls_reloads: IntCounterVec,
+    /// 1 while the config last read is the one serving (0 after a refusal).
+    pub config_last_reload_ok: IntGauge,
+    /// 1 while the certificate pair last read is the one serving.
+    pub tls_last_reload_ok: IntGauge,
     pub state_errors: IntCounterVec,
     pub state_duration: HistogramVec,
     pub cache_saved_usd: CounterVec,
@@ -195,6 +199,14 @@ impl Metrics {
                 "sluice_buffered_request_bytes",
                 "Bytes of request bodies held whole right now, all requests together (bounded by limits.max_buffered_bytes).",
             ),
+            config_last_reload_ok: plain_gauge(
+                "sluice_config_last_reload_successful",
+                "1 when the last config reload (or the start) succeeded, 0 when the last one was refused and the previous config keeps serving.",
+            ),
+            tls_last_reload_ok: plain_gauge(
+                "sluice_tls_last_reload_successful",
+                "1 when the last re-read of the listener's certificate pair (or the start) succeeded, 0 when the last one was refused.",
+            ),
             connections_open: plain_gauge(
                 "sluice_connections_open",
                 "Client connections open on the proxy listener (at most limits.max_connections).",
@@ -302,6 +314,8 @@ impl Metrics {
             metrics.config_reloads.with_label_values(&[result]);
             metrics.tls_reloads.with_label_values(&[result]);
         }
+        metrics.config_last_reload_ok.set(1);
+        metrics.tls_last_reload_ok.set(1);
         metrics
     }
 

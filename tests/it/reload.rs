@@ -152,12 +152,15 @@ async fn an_invalid_config_is_refused_while_traffic_keeps_flowing() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     gw.swap_config(&yaml.replace("upstream: llm", "upstream: nowhere"));
     wait_reloads(&gw, "error", 2.0).await;
+    let last_ok = || gw.metric("sluice_config_last_reload_successful", &[]);
+    assert_eq!(last_ok().await, Some(0.0), "the last reload was refused");
     tokio::time::sleep(Duration::from_millis(100)).await;
     gw.swap_config(&yaml.replace(
         "  - name: chat\n",
         "  - name: extra\n    match: { path: /extra }\n    auth: none\n    upstream: llm\n  - name: chat\n",
     ));
     wait_reloads(&gw, "ok", 1.0).await;
+    assert_eq!(last_ok().await, Some(1.0), "the last reload succeeded");
     tokio::time::sleep(Duration::from_millis(100)).await;
     stop.store(true, Ordering::Relaxed);
     let statuses = load.await.unwrap();
@@ -317,6 +320,10 @@ async fn a_refused_certificate_is_reported_once() {
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     assert_eq!(failures(), 1, "{}", gw.log_text());
+    assert_eq!(
+        gw.metric("sluice_tls_last_reload_successful", &[]).await,
+        Some(0.0)
+    );
     for (result, count) in [("error", 1.0), ("ok", 0.0)] {
         assert_eq!(
             gw.metric("sluice_tls_reloads_total", &[("result", result)])
