@@ -106,7 +106,11 @@ pub async fn start(gw: Arc<Gateway>) -> Result<Running, StartError> {
     gw.set_ready(true);
     // Threads serving requests (1 on a current-thread runtime).
     let threads = tokio::runtime::Handle::current().metrics().num_workers();
-    tracing::info!(%proxy_addr, %admin_addr, threads, "sluice is serving");
+    let state = match snap.state.backend {
+        crate::snapshot::StateBackend::Memory => "memory",
+        crate::snapshot::StateBackend::Redis => "redis",
+    };
+    tracing::info!(%proxy_addr, %admin_addr, threads, state, "sluice is serving");
     Ok(Running {
         proxy_addr,
         admin_addr,

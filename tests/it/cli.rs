@@ -872,6 +872,13 @@ routes:
         "{}",
         output()
     );
+    // Where limits and budgets live, said once at start.
+    assert_eq!(
+        serving.as_ref().map(|l| &l["state"]),
+        Some(&serde_json::json!("memory")),
+        "{}",
+        output()
+    );
 }
 
 #[tokio::test]
