@@ -87,7 +87,20 @@ fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
 
 /// Whether a content type is an SSE stream.
 pub fn is_event_stream(content_type: &[u8]) -> bool {
-    content_type.starts_with(b"text/event-stream")
+    has_media_type(content_type, b"text/event-stream")
+}
+
+/// Whether `content_type` is of `media_type` (lower case), parameters
+/// aside: media types are case-insensitive (RFC 9110 §8.3.1), and an
+/// upstream may well send `Text/Event-Stream`.
+pub fn has_media_type(content_type: &[u8], media_type: &[u8]) -> bool {
+    content_type
+        .get(..media_type.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(media_type))
+        && matches!(
+            content_type.get(media_type.len()),
+            None | Some(b';' | b' ' | b'\t')
+        )
 }
 
 /// The payload of an event: its `data:` lines, joined by newlines as the

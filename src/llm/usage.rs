@@ -73,7 +73,7 @@ impl Meter {
     pub fn for_content_type(content_type: &[u8]) -> Option<Meter> {
         if sse::is_event_stream(content_type) {
             Some(Meter::Sse(SseMeter::default()))
-        } else if content_type.starts_with(b"application/json") {
+        } else if sse::has_media_type(content_type, b"application/json") {
             Some(Meter::Json(JsonFrames::default()))
         } else {
             None
@@ -544,6 +544,25 @@ mod tests {
             !facts::holds_nothing_new(events[0], None),
             "an unknown model is news"
         );
+    }
+
+    #[test]
+    fn media_types_are_read_in_any_case_parameters_aside() {
+        for (content_type, sse) in [
+            (&b"Text/Event-Stream"[..], Some(true)),
+            (b"text/event-stream; charset=utf-8", Some(true)),
+            (b"APPLICATION/JSON;charset=UTF-8", Some(false)),
+            (b"application/jsonl", None),
+            (b"text/event-streams", None),
+        ] {
+            let meter = Meter::for_content_type(content_type);
+            assert_eq!(
+                meter.map(|m| matches!(m, Meter::Sse(_))),
+                sse,
+                "{}",
+                String::from_utf8_lossy(content_type)
+            );
+        }
     }
 
     #[test]
