@@ -30,6 +30,8 @@ pub enum TapError {
     Idle(Duration),
     #[error("request exceeded its time limit")]
     Deadline,
+    #[error("the upstream ended the stream before it was complete")]
+    Truncated,
 }
 
 pub struct Tap {
@@ -126,6 +128,12 @@ impl Finish {
         if let Some(meter) = meter {
             let usage = meter.finish();
             stream_error = usage.stream_error;
+            if stream_error && ctx.error.is_none() {
+                // The upstream ended its stream with an error event of its
+                // own (the client saw it): the log and
+                // `sluice_stream_errors_total` say so too.
+                ctx.error = Some("upstream_stream_error");
+            }
             record_usage(gw, active, ctx, usage);
         }
         if !ctx.reservations.is_empty() {
@@ -366,8 +374,22 @@ impl Body for Tap {
                 }
                 Poll::Ready(Some(Err(e))) => this.fail("upstream_stream_error", e),
                 Poll::Ready(None) => {
-                    // An unterminated last event is passed on as it came.
-                    let rest = this.meter.as_mut().and_then(Meter::take_held);
+                    let mut rest = this.meter.as_mut().and_then(Meter::take_held);
+                    if let Some(meter) = this.meter.as_mut()
+                        && meter.broke_off(rest.as_ref())
+                    {
+                        // An LLM stream that ended without saying how (no
+                        // `[DONE]`, finish reason or final event) was cut:
+                        // a close-delimited answer ends so when its
+                        // upstream dies. Half an event is not passed on.
+                        return this.fail(
+                            "upstream_stream_error",
+                            BodyError(TapError::Truncated.into()),
+                        );
+                    }
+                    // An unterminated last event of a complete stream is
+                    // passed on as it came.
+                    let rest = rest.take();
                     if let Some(rest) = rest.as_ref() {
                         this.copy(rest);
                     }

@@ -125,6 +125,28 @@ impl Meter {
         matches!(self, Meter::Sse(stream) if stream.finished)
     }
 
+    /// At the upstream's end of body, with `rest` the unterminated last
+    /// event held back: whether an LLM stream broke off there, having
+    /// said neither that it was done (`[DONE]`, a final event) nor how it
+    /// ended (a finish reason). A stream whose events name no model is
+    /// not an LLM's: its end is its own, unless it ends mid-event.
+    pub fn broke_off(&mut self, rest: Option<&Bytes>) -> bool {
+        // Past an event too long to read, the rest went unread: no telling.
+        let Meter::Sse(stream) = self else {
+            return false;
+        };
+        if stream.gave_up {
+            return false;
+        }
+        if let Some(rest) = rest {
+            // Read as an event, as lenient parsers do: a stream that ends
+            // `data: [DONE]` without its blank line is complete.
+            stream.absorb_event(rest);
+        }
+        let said_so = stream.finished || !stream.usage.finishes.is_empty();
+        !said_so && (rest.is_some() || stream.usage.model.is_some())
+    }
+
     /// Whether bytes of an unterminated event are held back.
     pub fn holds(&self) -> bool {
         matches!(self, Meter::Sse(stream) if stream.whole_events && stream.splitter.pending() > 0)

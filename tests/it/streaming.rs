@@ -291,3 +291,112 @@ async fn stalled_reader_is_cut_at_the_deadline(content_type: &'static str) {
     let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut got)).await;
     assert!(read.is_ok(), "the connection was kept open");
 }
+
+const ROLE_M: &str = r#"{"model":"gpt-x","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#;
+const TEXT_M: &str = r#"{"model":"gpt-x","choices":[{"index":0,"delta":{"content":"Partial"},"finish_reason":null}]}"#;
+const STOP_M: &str =
+    r#"{"model":"gpt-x","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#;
+
+/// An upstream answering `head` and then `events`, ending its body by
+/// closing the connection (no length, no chunks): EOF is the only end.
+async fn close_delimited(events: &'static str) -> crate::support::RawUpstream {
+    let answer: &'static [u8] = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n{events}"
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    );
+    crate::support::RawUpstream::start(
+        answer,
+        crate::support::AfterAnswer::CloseWhenIdle(Duration::ZERO),
+    )
+    .await
+}
+
+/// An LLM stream that ends (here by the upstream closing a close-delimited
+/// answer, which is how a dying upstream ends one) without `[DONE]` or a
+/// finish reason was cut, and is said to be: the error event follows what
+/// came, half an event is not passed on, and it counts as a stream error.
+#[tokio::test]
+async fn a_stream_ending_without_its_end_is_not_passed_off_as_complete() {
+    let events: &'static str = Box::leak(
+        format!("data: {ROLE_M}\n\ndata: {TEXT_M}\n\ndata: {{\"id\":\"chatcmpl-x\",\"choi")
+            .into_boxed_str(),
+    );
+    let up = close_delimited(events).await;
+    let gw = TestGateway::start(&config(&up.url(), "")).await;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.text(),
+        format!("data: {ROLE_M}\n\ndata: {TEXT_M}\n\n{STREAM_ERROR_EVENT}")
+    );
+    let logs = gw.wait_access_logs(1).await;
+    assert_eq!(logs[0]["error"], "upstream_stream_error");
+    assert_eq!(
+        gw.metric("sluice_stream_errors_total", &[("upstream", "llm")])
+            .await,
+        Some(1.0)
+    );
+}
+
+/// A complete stream ends as it came, even close-delimited and even when
+/// its last event lacks the blank line; so does an SSE stream that is no
+/// LLM's (its events name no model).
+#[tokio::test]
+async fn a_complete_stream_ends_as_it_came() {
+    for events in [
+        "data: {\"model\":\"gpt-x\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n",
+        "data: {\"model\":\"gpt-x\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}]}\n\ndata: [DONE]\n",
+        "event: tick\ndata: {\"n\":1}\n\nevent: tick\ndata: {\"n\":2}\n\n",
+    ] {
+        let up = close_delimited(events).await;
+        let gw = TestGateway::start(&config(&up.url(), "")).await;
+        let reply = Client::new()
+            .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
+            .await;
+        assert_eq!(reply.text(), events);
+        let logs = gw.wait_access_logs(1).await;
+        assert!(logs[0]["error"].is_null(), "{events}: {}", logs[0]);
+    }
+    // Chunked, ended with its finish chunk but no [DONE]: complete.
+    let up = MockUpstream::always(UpstreamReply::sse(&[ROLE_M, STOP_M], Duration::ZERO)).await;
+    let gw = TestGateway::start(&config(&up.url(), "")).await;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
+        .await;
+    assert!(
+        !reply.text().contains("upstream_stream_error"),
+        "{}",
+        reply.text()
+    );
+}
+
+/// An upstream that ends its stream with an error event of its own: the
+/// client sees that event (and no second one from sluice), the log and
+/// `sluice_stream_errors_total` see a stream error.
+#[tokio::test]
+async fn an_upstream_error_event_is_a_stream_error() {
+    let error = r#"{"error":{"message":"overloaded","type":"server_error"}}"#;
+    let up =
+        MockUpstream::always(UpstreamReply::sse(&[ROLE_M, TEXT_M, error], Duration::ZERO)).await;
+    let gw = TestGateway::start(&config(&up.url(), "")).await;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
+        .await;
+    assert!(
+        reply.text().ends_with(&format!("data: {error}\n\n")),
+        "{}",
+        reply.text()
+    );
+    let logs = gw.wait_access_logs(1).await;
+    assert_eq!(logs[0]["error"], "upstream_stream_error");
+    assert_eq!(
+        gw.metric("sluice_stream_errors_total", &[("upstream", "llm")])
+            .await,
+        Some(1.0)
+    );
+}
