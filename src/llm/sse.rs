@@ -66,20 +66,31 @@ impl EventSplitter {
     }
 }
 
-/// The position and length of the first blank-line separator.
+/// The position and length of the first blank-line separator: a line
+/// end right after a line end, where a line ends in CRLF, LF or a lone
+/// CR (WHATWG's SSE grammar). A CR ending a line at the end of `buf`
+/// waits for the next byte (a LF may follow and belong to it); a CR
+/// ending the blank line there does not: the event is complete either
+/// way, and a LF that follows starts the next event's bytes as an empty
+/// line, which readers skip.
 fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
-    // Every separator holds a `\n`: jump from one to the next.
     let mut from = 0;
-    while let Some(found) = memchr::memchr(b'\n', &buf[from..]) {
+    while let Some(found) = memchr::memchr2(b'\n', b'\r', &buf[from..]) {
         let i = from + found;
-        let before = i.checked_sub(1).map(|j| buf[j]);
-        match (before, buf.get(i + 1)) {
-            (_, Some(b'\n')) => return Some((i, 2)),
-            (Some(b'\r'), Some(b'\r')) if buf.get(i + 2) == Some(&b'\n') => {
-                return Some((i - 1, 4));
+        let first = match (buf[i], buf.get(i + 1)) {
+            (b'\r', None) => return None,
+            (b'\r', Some(b'\n')) => 2,
+            _ => 1,
+        };
+        let j = i + first;
+        match buf.get(j) {
+            Some(b'\n') => return Some((i, first + 1)),
+            Some(b'\r') => {
+                let second = if buf.get(j + 1) == Some(&b'\n') { 2 } else { 1 };
+                return Some((i, first + second));
             }
-            (_, Some(b'\r')) if buf.get(i + 2) == Some(&b'\n') => return Some((i, 3)),
-            _ => from = i + 1,
+            Some(_) => from = j,
+            None => return None,
         }
     }
     None
@@ -127,13 +138,14 @@ pub fn event_payload(event: &[u8]) -> Cow<'_, [u8]> {
     Cow::Owned(joined)
 }
 
-/// The lines of an event, as `split` on `\n` gives them, found by memchr
-/// (a chunk's one line is a few hundred bytes).
+/// The lines of an event, split at CR and at LF (a CRLF gives an empty
+/// line between them, which no reader takes for anything), found by
+/// memchr (a chunk's one line is a few hundred bytes).
 fn lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = Some(event);
     std::iter::from_fn(move || {
         let text = rest?;
-        match memchr::memchr(b'\n', text) {
+        match memchr::memchr2(b'\n', b'\r', text) {
             Some(end) => {
                 rest = Some(&text[end + 1..]);
                 Some(&text[..end])
@@ -306,31 +318,59 @@ data: {"type":"response.created","response":{"id":"r","status":"in_progress","ou
     }
 
     #[test]
-    fn events_fed_a_byte_at_a_time_split_as_when_whole() {
-        let stream = b"data: a\r\n\r\n: c\n\ndata: b\n\r\nid: 1\ndata: x\r\n\r\ntail";
+    fn events_fed_a_byte_at_a_time_read_as_when_whole() {
+        let stream =
+            b"data: a\r\n\r\n: c\n\ndata: b\n\r\nid: 1\ndata: x\r\n\r\ndata: y\rdata: z\r\rtail";
+        // What a reader takes from each event, and every byte passed on.
+        let read = |events: &[(usize, BytesMut)]| {
+            let payloads: Vec<Vec<u8>> = events
+                .iter()
+                .map(|(end, raw)| event_payload(&raw[..*end]).into_owned())
+                .filter(|payload| !payload.is_empty())
+                .collect();
+            let bytes: Vec<u8> = events.iter().flat_map(|(_, raw)| raw.to_vec()).collect();
+            (payloads, bytes)
+        };
         let mut whole = EventSplitter::default();
         whole.push(stream);
         let expected: Vec<_> = std::iter::from_fn(|| whole.next_event_raw()).collect();
-        assert_eq!(expected.len(), 4);
+        assert_eq!(expected.len(), 5);
         let mut bytewise = EventSplitter::default();
         let mut got = Vec::new();
         for &b in stream {
             bytewise.push(&[b]);
             got.extend(std::iter::from_fn(|| bytewise.next_event_raw()));
         }
-        assert_eq!(got, expected);
+        assert_eq!(read(&got), read(&expected));
+        let (payloads, _) = read(&expected);
+        assert_eq!(payloads, [&b"a"[..], b"b", b"x", b"y\nz"]);
         assert_eq!(&bytewise.take_pending()[..], b"tail");
     }
 
     #[test]
     fn blank_lines_are_found_as_a_byte_by_byte_scan_finds_them() {
+        // Line ends read one at a time from the start.
         fn reference(buf: &[u8]) -> Option<(usize, usize)> {
-            (0..buf.len()).find_map(|i| match &buf[i..] {
-                [b'\n', b'\n', ..] => Some((i, 2)),
-                [b'\r', b'\n', b'\r', b'\n', ..] => Some((i, 4)),
-                [b'\n', b'\r', b'\n', ..] => Some((i, 3)),
-                _ => None,
-            })
+            let line_end = |at: usize| match &buf[at..] {
+                [b'\r'] => Err(()),
+                [b'\r', b'\n', ..] => Ok(2),
+                [b'\r' | b'\n', ..] => Ok(1),
+                _ => Ok(0),
+            };
+            let mut i = 0;
+            while i < buf.len() {
+                match line_end(i) {
+                    Err(()) => return None,
+                    Ok(0) => i += 1,
+                    Ok(first) => match &buf[i + first..] {
+                        [] => return None,
+                        [b'\r', b'\n', ..] => return Some((i, first + 2)),
+                        [b'\r' | b'\n', ..] => return Some((i, first + 1)),
+                        _ => i += first,
+                    },
+                }
+            }
+            None
         }
         // Every string of up to 7 bytes over `a`, CR and LF.
         for len in 0..=7u32 {

@@ -400,3 +400,35 @@ async fn an_upstream_error_event_is_a_stream_error() {
         Some(1.0)
     );
 }
+
+/// SSE whose lines end in a lone CR (as the SSE grammar allows) is read
+/// event by event like any other: metered, complete, passed on as it came.
+#[tokio::test]
+async fn a_stream_with_cr_line_ends_is_read_event_by_event() {
+    let usage =
+        r#"{"model":"gpt-x","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#;
+    let mut reply = UpstreamReply::status(200).header("content-type", "text/event-stream");
+    for event in [ROLE_M, TEXT_M, STOP_M, usage, "[DONE]"] {
+        reply.chunks.push((
+            Duration::from_millis(30),
+            bytes::Bytes::from(format!("data: {event}\r\r")),
+        ));
+    }
+    let up = MockUpstream::always(reply).await;
+    let gw = TestGateway::start(&config(&up.url(), "")).await;
+    let body =
+        r#"{"model":"gpt-x","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], body)
+        .await;
+    assert_eq!(
+        reply.text(),
+        format!(
+            "data: {ROLE_M}\r\rdata: {TEXT_M}\r\rdata: {STOP_M}\r\rdata: {usage}\r\rdata: [DONE]\r\r"
+        )
+    );
+    let log = &gw.wait_access_logs(1).await[0];
+    assert!(log["error"].is_null(), "{log}");
+    assert_eq!(log["model"], "gpt-x");
+    assert_eq!(log["output_tokens"], 2);
+}
