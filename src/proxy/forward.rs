@@ -357,7 +357,7 @@ async fn failover(
                     // A client that leaves during the hold drops this
                     // future: the answer is counted as its head said.
                     let mut unjudged = Unjudged(Some((active, member, Outcome::of_status(status))));
-                    let preamble = hold_preamble(resp, deadline).await;
+                    let preamble = hold_preamble(resp, deadline, upstream.timeouts.idle).await;
                     unjudged.0 = None;
                     // Waiting for the stream's first content is upstream time.
                     ctx.upstream_wait += held.elapsed();
@@ -392,7 +392,17 @@ async fn failover(
                                 break;
                             }
                             // Nothing has reached the client: the next member
-                            // can still answer instead, invisibly.
+                            // can still answer instead, invisibly, if
+                            // `retry_on` says so for a stall (`timeout`) or
+                            // a stream that broke or ended (`connect`, as a
+                            // connection that failed).
+                            let retry_on = match failed {
+                                Preamble::TimedOut => RetryOn::Timeout,
+                                Preamble::Failed(_) => RetryOn::Connect,
+                            };
+                            if !pool.retry_on.contains(&retry_on) {
+                                break;
+                            }
                             continue;
                         }
                     }
@@ -467,12 +477,14 @@ const PREAMBLE_EVENTS: usize = 16;
 const PREAMBLE_BYTES: usize = 16 * 1024;
 
 /// For an SSE response, reads until its first content event (bounded in
-/// events, bytes and by `deadline`) and returns the response with what was
-/// read put back in front; an error if the stream fails or ends first, so
-/// that the caller can fail over. Other responses pass unchanged.
+/// events, bytes, by `deadline` and by `idle` between frames, as the
+/// stream is once it flows) and returns the response with what was read
+/// put back in front; an error if the stream fails, stalls or ends first,
+/// so that the caller can fail over. Other responses pass unchanged.
 async fn hold_preamble(
     resp: Response<BoxBody>,
     deadline: Instant,
+    idle: Duration,
 ) -> Result<Response<BoxBody>, Preamble> {
     let is_sse = resp
         .headers()
@@ -486,7 +498,8 @@ async fn hold_preamble(
     let mut splitter = sse::EventSplitter::default();
     let (mut events, mut bytes) = (0usize, 0usize);
     loop {
-        let frame = match tokio::time::timeout_at(deadline.into(), body.frame()).await {
+        let due = deadline.min(Instant::now() + idle);
+        let frame = match tokio::time::timeout_at(due.into(), body.frame()).await {
             Err(_) => return Err(Preamble::TimedOut),
             Ok(None) => return Err(Preamble::Failed("stream ended before content")),
             Ok(Some(Err(_))) => return Err(Preamble::Failed("stream broke before content")),
@@ -521,7 +534,8 @@ async fn hold_preamble(
 
 /// Why a held stream preamble never reached content.
 enum Preamble {
-    /// No content within `first_byte` (or the request's deadline).
+    /// No content within `first_byte` (or the request's deadline), or
+    /// nothing at all for `idle`.
     TimedOut,
     Failed(&'static str),
 }

@@ -826,3 +826,73 @@ async fn a_reload_that_fixes_an_upstream_url_closes_its_circuit() {
     assert_eq!(chat(&gw).await.text(), "fixed");
     assert_eq!(broken.seen().len(), 1);
 }
+
+/// A stream that breaks before content fails over only if `retry_on`
+/// says so for a failed connection (`connect`): a pool that retries on
+/// 503 alone answers 502 and leaves the next member alone.
+#[tokio::test]
+async fn a_stream_broken_before_content_fails_over_only_as_retry_on_says() {
+    let mut dying = UpstreamReply::sse(&[ROLE], Duration::ZERO).cut();
+    // The role chunk is flushed before the cut.
+    dying.chunks.push((
+        Duration::from_millis(100),
+        Bytes::from_static(b": ping\n\n"),
+    ));
+    let primary = MockUpstream::always(dying).await;
+    let backup = MockUpstream::always(UpstreamReply::text("backup")).await;
+    let gw = TestGateway::start(&config(
+        &primary.url(),
+        &backup.url(),
+        "    retry_on: [503]",
+        "",
+    ))
+    .await;
+    let reply = chat(&gw).await;
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert!(backup.seen().is_empty(), "no failover");
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["attempts"], 1);
+}
+
+/// A stream that goes quiet before content is cut at the upstream's
+/// `idle`, as it would be once flowing, not left to wait out `first_byte`
+/// (by default the whole request_timeout): it fails over at once.
+#[tokio::test]
+async fn a_stream_quiet_before_content_fails_over_after_idle() {
+    let mut stalled = UpstreamReply::sse(&[ROLE], Duration::ZERO);
+    stalled.chunks.push((
+        Duration::from_secs(10),
+        Bytes::from(format!("data: {HELLO}\n\n")),
+    ));
+    let primary = MockUpstream::always(stalled).await;
+    let events = [ROLE, HELLO, STOP, "[DONE]"];
+    let backup = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  primary: {{ url: "{}", timeouts: {{ first_byte: 20s, idle: 300ms }} }}
+  backup: {{ url: "{}" }}
+pools:
+  llm: {{ members: [primary, backup] }}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    auth: none
+    upstream: llm
+"#,
+        primary.url(),
+        backup.url()
+    ))
+    .await;
+    let started = std::time::Instant::now();
+    let reply = chat(&gw).await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.text().contains("Hello"), "{}", reply.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["upstream"], "backup");
+}
