@@ -1,5 +1,7 @@
 //! Active health checks (`pools.*.health_check`): a background probe of
-//! each member every `interval` (`GET path`). `failures` failed checks in
+//! each member every `interval` (`GET path`, with the member's
+//! `set_headers`, so a provider's authenticated path can be the check),
+//! all members at once, each given at most the interval to answer. `failures` failed checks in
 //! a row mark a member down, so it is skipped before users find out, and
 //! one passing check lets it back in. The verdict is kept beside the
 //! member's circuit breaker, not in it: traffic's failures and cooldowns
@@ -13,9 +15,9 @@ use http::Request;
 
 use crate::body;
 use crate::gateway::Active;
-use crate::upstream::{UpstreamKind, mock};
+use crate::upstream::{Upstream, UpstreamKind, mock};
 
-/// A probe slower than this counts as a failure.
+/// A probe slower than this, or than the interval, counts as a failure.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Starts the probes of every pool of `active` that has a health check.
@@ -47,23 +49,28 @@ async fn probe_pool(active: &Active, p: usize) {
     let Some(check) = &pool.health_check else {
         return;
     };
-    for &member in &pool.members {
-        let (Some(upstream), Some(breaker)) =
-            (snap.upstreams.get(member), active.breakers.get(member))
-        else {
-            continue;
-        };
-        let healthy = probe(&upstream.kind, &check.path).await;
+    // A member that hangs must not delay the others' checks.
+    let timeout = PROBE_TIMEOUT.min(check.interval);
+    let members: Vec<_> = pool
+        .members
+        .iter()
+        .filter_map(|&m| Some((snap.upstreams.get(m)?, active.breakers.get(m)?)))
+        .collect();
+    let verdicts = futures_util::future::join_all(
+        members
+            .iter()
+            .map(|(upstream, _)| probe(upstream, &check.path, timeout)),
+    )
+    .await;
+    for ((upstream, breaker), healthy) in members.into_iter().zip(verdicts) {
         if healthy {
             breaker.health_passed();
         } else {
             // Down until a later check says otherwise; the mark lapses
             // only if no check comes for two rounds (each the interval plus
-            // the time every member's check may take), so that checks that
-            // keep failing keep it with room to spare.
-            let round = check.interval.saturating_add(
-                PROBE_TIMEOUT.saturating_mul(u32::try_from(pool.members.len()).unwrap_or(u32::MAX)),
-            );
+            // the time a check may take), so that checks that keep failing
+            // keep it with room to spare.
+            let round = check.interval.saturating_add(timeout);
             breaker.health_failed(pool.breaker_failures, Instant::now() + round * 2);
             // The path without its query, which may carry a token.
             let path = check.path.split('?').next().unwrap_or_default();
@@ -72,19 +79,23 @@ async fn probe_pool(active: &Active, p: usize) {
     }
 }
 
-/// Whether `GET path` answers 2xx in time.
-async fn probe(kind: &UpstreamKind, path: &str) -> bool {
+/// Whether `GET path` answers 2xx within `timeout`.
+async fn probe(upstream: &Upstream, path: &str, timeout: Duration) -> bool {
     let pq = path.parse::<http::uri::PathAndQuery>().ok();
-    match kind {
+    match &upstream.kind {
         UpstreamKind::Http(http) => {
             let Ok(uri) = http.uri_for(pq.as_ref()) else {
                 return false;
             };
-            let Ok(req) = Request::get(uri).body(body::empty()) else {
+            let Ok(mut req) = Request::get(uri).body(body::empty()) else {
                 return false;
             };
+            crate::proxy::headers::for_upstream(req.headers_mut(), upstream);
+            if let Some(host) = &http.host {
+                req.headers_mut().insert(http::header::HOST, host.clone());
+            }
             matches!(
-                tokio::time::timeout(PROBE_TIMEOUT, http.client.request(req)).await,
+                tokio::time::timeout(timeout, http.client.request(req)).await,
                 Ok(Ok(resp)) if resp.status().is_success()
             )
         }
@@ -93,7 +104,7 @@ async fn probe(kind: &UpstreamKind, path: &str) -> bool {
                 return false;
             };
             matches!(
-                tokio::time::timeout(PROBE_TIMEOUT, mock::respond(settings, req)).await,
+                tokio::time::timeout(timeout, mock::respond(settings, req)).await,
                 Ok(resp) if resp.status().is_success()
             )
         }

@@ -896,3 +896,47 @@ routes:
     let log = &gw.wait_access_logs(1).await[0];
     assert_eq!(log["upstream"], "backup");
 }
+
+/// Health checks probe every member at once, each with the interval to
+/// answer: a member whose check hangs does not hold back the others'
+/// checks. Probes carry the member's `set_headers` (a provider's
+/// authenticated path can be the check).
+#[tokio::test]
+async fn health_checks_run_every_interval_whatever_one_member_does() {
+    let hanging =
+        MockUpstream::always(UpstreamReply::text("late").delay(Duration::from_secs(30))).await;
+    let steady = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  hanging: {{ url: "{}" }}
+  steady:
+    url: "{}"
+    set_headers: {{ authorization: "Bearer sk-upstream-own" }}
+pools:
+  llm:
+    members: [hanging, steady]
+    health_check: {{ path: /health, interval: 200ms }}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    auth: none
+    upstream: llm
+"#,
+        hanging.url(),
+        steady.url()
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let probes = steady.seen();
+    assert!(probes.len() >= 4, "{} probes in 1.5 s", probes.len());
+    assert!(probes.iter().all(|p| p.uri.path() == "/health"));
+    assert_eq!(
+        probes[0]
+            .headers
+            .get("authorization")
+            .map(|v| v.to_str().unwrap()),
+        Some("Bearer sk-upstream-own")
+    );
+    drop(gw);
+}
