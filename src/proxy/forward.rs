@@ -319,6 +319,12 @@ async fn failover(
         let admit = breaker.admit(now);
         if let Admit::No(until) = admit {
             reopens = Some(reopens.map_or(until, |r| r.min(until)));
+            // Named in a 502's list of attempts, so that "b: 503" alone
+            // does not read as if `a` had never been configured.
+            tried.push(format!(
+                "{}: skipped (circuit open or cooling down)",
+                upstream.name
+            ));
             continue;
         }
         // Earlier members spent the request's time, and what is left of

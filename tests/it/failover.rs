@@ -940,3 +940,31 @@ routes:
     );
     drop(gw);
 }
+
+/// A member skipped for its open circuit is named in the 502's list of
+/// attempts, beside the members that were tried.
+#[tokio::test]
+async fn a_skipped_member_is_named_when_every_attempt_fails() {
+    let broken = MockUpstream::always(failing(500)).await;
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let backup = MockUpstream::start(move |_| match counted.fetch_add(1, Ordering::SeqCst) {
+        0 => UpstreamReply::text("backup"),
+        _ => failing(503),
+    })
+    .await;
+    let gw = TestGateway::start(&config(
+        &broken.url(),
+        &backup.url(),
+        "    circuit_breaker: { failures: 1, cooldown: 60s }",
+        "",
+    ))
+    .await;
+    assert_eq!(chat(&gw).await.text(), "backup");
+    let reply = chat(&gw).await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(
+        reply.json()["error"]["message"],
+        "every upstream attempt failed: primary: skipped (circuit open or cooling down); backup: 503"
+    );
+}
