@@ -114,6 +114,11 @@ pub fn has_media_type(content_type: &[u8], media_type: &[u8]) -> bool {
         )
 }
 
+/// Whether an event has an `event:` line (a name).
+pub fn has_event_name(event: &[u8]) -> bool {
+    lines(event).any(|line| line.starts_with(b"event:"))
+}
+
 /// The payload of an event: its `data:` lines, joined by newlines as the
 /// SSE spec says, borrowed from the event when it has just one (the usual
 /// case). Empty for an event with none (comments, `event:`, `id:` only).

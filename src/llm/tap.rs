@@ -234,6 +234,8 @@ impl Tap {
         label: &'static str,
         err: BodyError,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        // Read before `finalize` takes the meter.
+        let named = self.meter.as_ref().is_some_and(Meter::names_events);
         self.finalize(Some(label));
         if self.sse {
             self.ended = true;
@@ -241,7 +243,15 @@ impl Tap {
                 "request_timeout" => DEADLINE_EVENT,
                 _ => STREAM_ERROR_EVENT,
             };
-            return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(event)))));
+            // A stream of named events (Anthropic's, the responses API's)
+            // gets a named one: Anthropic's SDK raises on `event: error`
+            // only, and OpenAI's raises on it too.
+            let frame = if named {
+                Bytes::from([&b"event: error\n"[..], event].concat())
+            } else {
+                Bytes::from_static(event)
+            };
+            return Poll::Ready(Some(Ok(Frame::data(frame))));
         }
         Poll::Ready(Some(Err(err)))
     }

@@ -147,6 +147,12 @@ impl Meter {
         !said_so && (rest.is_some() || stream.usage.model.is_some())
     }
 
+    /// Whether the stream names its events (`event:` lines), as
+    /// Anthropic's and the responses API's do.
+    pub fn names_events(&self) -> bool {
+        matches!(self, Meter::Sse(stream) if stream.named_events)
+    }
+
     /// Whether bytes of an unterminated event are held back.
     pub fn holds(&self) -> bool {
         matches!(self, Meter::Sse(stream) if stream.whole_events && stream.splitter.pending() > 0)
@@ -212,6 +218,8 @@ pub struct SseMeter {
     strip_usage: bool,
     /// The stream's last event passed (see [`Meter::finished`]).
     finished: bool,
+    /// An event came with an `event:` line (see [`Meter::names_events`]).
+    named_events: bool,
     /// An event outgrew `EVENT_CAP`: the rest of the stream passes
     /// unread, so a stream that never ends an event cannot grow sluice's
     /// memory.
@@ -276,6 +284,9 @@ impl SseMeter {
     /// Folds one event into the usage; true when it is the usage-only
     /// chunk and sluice strips it.
     fn absorb_event(&mut self, event: &[u8]) -> bool {
+        if !self.named_events {
+            self.named_events = sse::has_event_name(event);
+        }
         let payload = sse::event_payload(event);
         if sse::is_last_event(&payload) {
             self.finished = true;

@@ -432,3 +432,33 @@ async fn a_stream_with_cr_line_ends_is_read_event_by_event() {
     assert_eq!(log["model"], "gpt-x");
     assert_eq!(log["output_tokens"], 2);
 }
+
+/// A stream of named events (Anthropic's) that breaks after content ends
+/// with a named error event, which Anthropic's SDK raises on (it ignores
+/// unnamed events); OpenAI-style streams keep the unnamed one (above).
+#[tokio::test]
+async fn a_broken_stream_of_named_events_ends_with_a_named_error_event() {
+    let mut reply = UpstreamReply::status(200).header("content-type", "text/event-stream");
+    for event in [
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-x\",\"usage\":{\"input_tokens\":3}}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+        // Flushes the content before the cut.
+        "event: ping\ndata: {\"type\":\"ping\"}\n\n",
+    ] {
+        reply.chunks.push((
+            Duration::from_millis(30),
+            bytes::Bytes::from_static(event.as_bytes()),
+        ));
+    }
+    let up = MockUpstream::always(reply.cut()).await;
+    let gw = TestGateway::start(&config(&up.url(), "")).await;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/messages"), &[], "{}")
+        .await;
+    let text = reply.text();
+    assert!(text.contains("text_delta"), "{text}");
+    assert!(
+        text.ends_with(&format!("event: error\n{STREAM_ERROR_EVENT}")),
+        "{text}"
+    );
+}
