@@ -150,9 +150,16 @@ fn keys_of(bytes: &[u8]) -> Result<Vec<JwtKey>, String> {
             crate::config::json_problem(&e)
         )
     })?;
-    Ok(set
+    let keys: Vec<JwtKey> = set
         .keys
         .iter()
+        .filter(|jwk| {
+            // A key published for encryption verifies no signature.
+            !matches!(
+                jwk.common.public_key_use,
+                Some(jsonwebtoken::jwk::PublicKeyUse::Encryption)
+            )
+        })
         .filter_map(|jwk| {
             // Keys this crate cannot use (other key types) are skipped,
             // not fatal: issuers publish several kinds.
@@ -162,7 +169,13 @@ fn keys_of(bytes: &[u8]) -> Result<Vec<JwtKey>, String> {
                 key,
             })
         })
-        .collect())
+        .collect();
+    // An issuer (or a proxy before it) answering an empty set for a
+    // moment must not take away the keys every valid token needs.
+    if keys.is_empty() {
+        return Err("the JWKS document holds no key that can verify signatures".to_owned());
+    }
+    Ok(keys)
 }
 
 #[cfg(test)]
@@ -180,6 +193,24 @@ mod tests {
             assert!(error.starts_with("not a JWKS document: it "), "{error}");
             assert!(!error.contains("T0KEN"), "{error}");
         }
+    }
+
+    #[test]
+    fn keys_for_encryption_verify_nothing() {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let signing =
+            jsonwebtoken::EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap();
+        let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(
+            &signing,
+            jsonwebtoken::Algorithm::ES256,
+        )
+        .unwrap();
+        let signs = serde_json::json!({ "keys": [jwk.clone()] }).to_string();
+        assert_eq!(keys_of(signs.as_bytes()).map(|k| k.len()), Ok(1));
+        jwk.common.public_key_use = Some(jsonwebtoken::jwk::PublicKeyUse::Encryption);
+        let encrypts = serde_json::json!({ "keys": [jwk] }).to_string();
+        let error = keys_of(encrypts.as_bytes()).err().unwrap_or_default();
+        assert!(error.contains("no key that can verify"), "{error}");
     }
 
     #[test]

@@ -540,3 +540,36 @@ fn a_private_key_as_keys_file_is_a_config_error() {
         );
     }
 }
+
+/// An issuer answering, for a moment, a JWKS with no usable key (an empty
+/// set, or keys for encryption only) does not take away the keys valid
+/// tokens need: the fetch counts as failed and the old keys stay.
+#[tokio::test]
+async fn a_jwks_without_usable_keys_keeps_the_old_keys() {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use crate::support::{MockUpstream, UpstreamReply, eventually};
+
+    let (doc_a, key_a) = jwks_with("a");
+    let document = Arc::new(Mutex::new(doc_a));
+    let served = document.clone();
+    let issuer = MockUpstream::start(move |_| {
+        UpstreamReply::text(served.lock().unwrap().clone())
+            .header("content-type", "application/json")
+    })
+    .await;
+    let gw = TestGateway::start(&config(&format!(
+        "    jwks_url: {}/jwks.json\n    algorithms: [ES256]\n    audiences: [sluice]",
+        issuer.url()
+    )))
+    .await;
+    assert!(eventually(Duration::from_secs(5), || issuer.seen().len() == 1).await);
+    assert_eq!(call(&gw, &es_token("a", &key_a)).await.status, 200);
+
+    *document.lock().unwrap() = r#"{"keys":[]}"#.to_owned();
+    // A kid nobody published makes sluice refetch, and find nothing usable.
+    assert_eq!(call(&gw, &es_token("new", &key_a)).await.status, 401);
+    assert_eq!(issuer.seen().len(), 2);
+    assert_eq!(call(&gw, &es_token("a", &key_a)).await.status, 200);
+}
