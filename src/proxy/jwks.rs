@@ -200,11 +200,9 @@ mod tests {
         let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let signing =
             jsonwebtoken::EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap();
-        let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(
-            &signing,
-            jsonwebtoken::Algorithm::ES256,
-        )
-        .unwrap();
+        let mut jwk =
+            jsonwebtoken::jwk::Jwk::from_encoding_key(&signing, jsonwebtoken::Algorithm::ES256)
+                .unwrap();
         let signs = serde_json::json!({ "keys": [jwk.clone()] }).to_string();
         assert_eq!(keys_of(signs.as_bytes()).map(|k| k.len()), Ok(1));
         jwk.common.public_key_use = Some(jsonwebtoken::jwk::PublicKeyUse::Encryption);

@@ -287,3 +287,20 @@ routes:
         "/public/x/y?q=%2E"
     );
 }
+
+/// A key read from a file (a Kubernetes Secret made from one) often ends
+/// in a newline, and YAML can hold blanks around it: no client can send
+/// those (a presented key is trimmed), so the configured key is trimmed
+/// too and matches.
+#[tokio::test]
+async fn a_configured_key_with_blanks_around_it_matches() {
+    let gw = TestGateway::start_with_env(CONFIG, &[("RAW_KEY", &format!(" {RAW}\n"))]).await;
+    let reply = Client::new()
+        .post_json(
+            &gw.url("/v1/chat/completions"),
+            &[("x-api-key", RAW)],
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}

@@ -648,12 +648,15 @@ routes:
 
 #[test]
 fn hash_key_prints_the_sha256_of_its_argument() {
-    let out = sluice()
-        .args(["hash-key", "test"])
-        .output()
-        .expect("run sluice hash-key");
-    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
-    assert_eq!(stdout(&out), format!("{HASH_OF_TEST}\n"));
+    // Blanks around a key are no part of it (a client's are trimmed too).
+    for key in ["test", " test\n"] {
+        let out = sluice()
+            .args(["hash-key", key])
+            .output()
+            .expect("run sluice hash-key");
+        assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+        assert_eq!(stdout(&out), format!("{HASH_OF_TEST}\n"), "{key:?}");
+    }
 }
 
 /// `sluice hash-key` with `input` on its stdin.
@@ -676,7 +679,7 @@ fn hash_key_from_stdin(input: &str) -> Output {
 
 #[test]
 fn hash_key_reads_stdin_without_the_trailing_newline() {
-    for input in ["test\n", "test\r\n", "test"] {
+    for input in ["test\n", "test\r\n", "test", "  test \n"] {
         let out = hash_key_from_stdin(input);
         assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
         assert_eq!(stdout(&out), format!("{HASH_OF_TEST}\n"), "input {input:?}");
