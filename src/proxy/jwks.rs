@@ -124,16 +124,27 @@ impl JwksKeys {
         keys_of(&bytes)
     }
 
-    /// Fetches now and then every [`REFRESH_EVERY`] while the keys are in use.
+    /// Fetches now and then every [`REFRESH_EVERY`] while the keys are in
+    /// use; while no fetch has found keys yet (the issuer was down when
+    /// sluice started), again after 1 s, 2 s, 4 s… up to
+    /// [`REFETCH_FLOOR`], so that tokens verify soon after it is back.
     pub fn spawn_refresher(self: &Arc<Self>) {
         let weak: Weak<Self> = Arc::downgrade(self);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
+                let mut retry = Duration::from_secs(1);
                 loop {
                     let Some(keys) = weak.upgrade() else { return };
                     keys.refresh().await;
+                    let wait = if keys.current().is_empty() {
+                        let wait = retry;
+                        retry = (retry * 2).min(REFETCH_FLOOR);
+                        wait
+                    } else {
+                        REFRESH_EVERY
+                    };
                     drop(keys);
-                    tokio::time::sleep(REFRESH_EVERY).await;
+                    tokio::time::sleep(wait).await;
                 }
             });
         }

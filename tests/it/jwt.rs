@@ -573,3 +573,48 @@ async fn a_jwks_without_usable_keys_keeps_the_old_keys() {
     assert_eq!(issuer.seen().len(), 2);
     assert_eq!(call(&gw, &es_token("a", &key_a)).await.status, 200);
 }
+
+/// An issuer down when sluice starts: the keys are fetched again soon
+/// (1 s, 2 s, 4 s… apart, not at the next 5-minute refresh nor only on
+/// demand, which a failed attempt holds off for 30 s), so valid tokens
+/// verify within seconds of the issuer's return.
+#[tokio::test]
+async fn keys_missing_at_start_are_fetched_soon_after_the_issuer_returns() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use crate::support::{MockUpstream, UpstreamReply, eventually};
+
+    let (doc, key) = jwks_with("a");
+    let document = Arc::new(Mutex::new(doc));
+    let up = Arc::new(AtomicBool::new(false));
+    let (served, is_up) = (document.clone(), up.clone());
+    let issuer = MockUpstream::start(move |_| {
+        if is_up.load(Ordering::SeqCst) {
+            UpstreamReply::text(served.lock().unwrap().clone())
+                .header("content-type", "application/json")
+        } else {
+            UpstreamReply::status(500)
+        }
+    })
+    .await;
+    let gw = TestGateway::start(&config(&format!(
+        "    jwks_url: {}/jwks.json\n    algorithms: [ES256]\n    audiences: [sluice]",
+        issuer.url()
+    )))
+    .await;
+    assert!(eventually(Duration::from_secs(5), || !issuer.seen().is_empty()).await);
+    // Refused while there are no keys; this also spends the on-demand refetch.
+    assert_eq!(call(&gw, &es_token("a", &key)).await.status, 401);
+    up.store(true, Ordering::SeqCst);
+    let mut verified = false;
+    for _ in 0..40 {
+        if call(&gw, &es_token("a", &key)).await.status == 200 {
+            verified = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(verified, "tokens verify within 8 s of the issuer's return");
+}
