@@ -47,6 +47,8 @@ pub enum ProxyError {
     /// Every attempt failed; `attempts` reads `openai: 503; backup: connect refused`.
     UpstreamFailed {
         attempts: String,
+        /// Every attempt was a 429 naming its wait: the shortest of them.
+        retry_after: Option<Duration>,
     },
     UpstreamUnavailable {
         retry_after: Duration,
@@ -170,11 +172,11 @@ impl ProxyError {
             ProxyError::BudgetExceeded { .. } => {
                 "the daily budget is spent; retry after 00:00 UTC".to_owned()
             }
-            ProxyError::UpstreamFailed { attempts } => {
+            ProxyError::UpstreamFailed { attempts, .. } => {
                 format!("every upstream attempt failed: {attempts}")
             }
             ProxyError::UpstreamUnavailable { .. } => {
-                "every upstream is unavailable (circuits open); retry later".to_owned()
+                "every upstream is unavailable (circuit open, cooling down after a 429, or failing its health check); retry later".to_owned()
             }
             ProxyError::UpstreamTimeout { upstream } => {
                 format!("upstream `{upstream}` did not answer in time")
@@ -225,7 +227,11 @@ impl ProxyError {
                 );
             }
             ProxyError::BudgetExceeded { retry_after }
-            | ProxyError::UpstreamUnavailable { retry_after } => {
+            | ProxyError::UpstreamUnavailable { retry_after }
+            | ProxyError::UpstreamFailed {
+                retry_after: Some(retry_after),
+                ..
+            } => {
                 headers.insert(header::RETRY_AFTER, secs_header(retry_after));
             }
             ProxyError::RouteNotFound

@@ -138,6 +138,7 @@ pub async fn send(
             }
             None => Err(ProxyError::UpstreamFailed {
                 attempts: "no pool configured".to_owned(),
+                retry_after: None,
             }),
         },
     }
@@ -168,6 +169,7 @@ async fn stream_through(
             .get(index)
             .ok_or_else(|| ProxyError::UpstreamFailed {
                 attempts: "no upstream configured".to_owned(),
+                retry_after: None,
             })?;
     headers::for_upstream(&mut parts.headers, upstream);
     if body_of_unknown_length(&parts.method, &body) {
@@ -221,6 +223,7 @@ fn single_failure(name: &str, f: AttemptFailure) -> ProxyError {
     } else {
         ProxyError::UpstreamFailed {
             attempts: format!("{name}: {}", f.text),
+            retry_after: None,
         }
     }
 }
@@ -299,6 +302,7 @@ async fn failover(
     let mut reopens: Option<Instant> = None;
     let mut last_timed_out: Option<&str> = None;
     let mut attempts = 0u32;
+    let (mut paused_attempts, mut shortest_pause) = (0u32, None::<Duration>);
     for &member in &pool.members {
         if attempts >= pool.max_attempts {
             break;
@@ -416,7 +420,11 @@ async fn failover(
                 count(active, member, Outcome::of_status(status));
                 match pause {
                     // A pause is no verdict: a probe's slot is freed.
-                    Some(pause) => breaker.cool_down(Instant::now() + pause),
+                    Some(pause) => {
+                        breaker.cool_down(Instant::now() + pause);
+                        paused_attempts += 1;
+                        shortest_pause = Some(shortest_pause.map_or(pause, |p| p.min(pause)));
+                    }
                     None => verdict.failure(
                         Instant::now(),
                         pool.breaker_failures,
@@ -474,6 +482,11 @@ async fn failover(
         }),
         None => Err(ProxyError::UpstreamFailed {
             attempts: tried.join("; "),
+            // Every member asked to be left alone for a while: a client
+            // (the OpenAI SDKs read it) waits that long, not less.
+            retry_after: (paused_attempts == attempts)
+                .then_some(shortest_pause)
+                .flatten(),
         }),
     }
 }

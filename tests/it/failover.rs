@@ -968,3 +968,28 @@ async fn a_skipped_member_is_named_when_every_attempt_fails() {
         "every upstream attempt failed: primary: skipped (circuit open or cooling down); backup: 503"
     );
 }
+
+/// Every member answering 429 with a `retry-after`: the 502 says how long
+/// to wait (the shortest), so that SDKs back off that long. One that fails
+/// otherwise leaves it out (a retry might succeed at once).
+#[tokio::test]
+async fn every_member_rate_limited_gives_the_shortest_wait() {
+    let limited = |secs: &str| {
+        let mut r = failing(429);
+        r.headers.push(("retry-after".into(), secs.into()));
+        r
+    };
+    let a = MockUpstream::always(limited("7")).await;
+    let b = MockUpstream::always(limited("3")).await;
+    let gw = TestGateway::start(&config(&a.url(), &b.url(), "", "")).await;
+    let reply = chat(&gw).await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(reply.header("retry-after"), Some("3"));
+
+    let a = MockUpstream::always(limited("7")).await;
+    let b = MockUpstream::always(failing(500)).await;
+    let gw = TestGateway::start(&config(&a.url(), &b.url(), "", "")).await;
+    let reply = chat(&gw).await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(reply.header("retry-after"), None);
+}
