@@ -62,7 +62,7 @@ impl<'a> Answer<'a> {
     /// chat choice's `finish_reason` (`None` when it gives none), else
     /// Anthropic's `stop_reason`, or the responses API's status in chat's
     /// words (a dashboard watching `length` sees both), as choice 0.
-    pub fn finish_reasons(self) -> Vec<(u64, Option<Cow<'a, str>>)> {
+    pub fn finish_reasons(self) -> Ends<'a> {
         let responses = self.status_reason();
         match self.choices.0 {
             Some(choices) if !choices.ends.is_empty() => choices.ends,
@@ -70,7 +70,7 @@ impl<'a> Answer<'a> {
                 .stop_reason
                 .0
                 .or(responses.map(Cow::Borrowed))
-                .map(|reason| vec![(0, Some(reason))])
+                .map(|reason| smallvec::smallvec![(0, Some(reason))])
                 .unwrap_or_default(),
         }
     }
@@ -139,13 +139,17 @@ impl Counts {
 /// metering hold or count without bound.
 pub const MAX_CHOICES: usize = 128;
 
+/// Each choice's index and finish reason.
+pub type Ends<'a> = smallvec::SmallVec<[(u64, Option<Cow<'a, str>>); 1]>;
+
 /// A `choices` array, walked rather than collected.
 #[derive(Default)]
 pub struct Choices<'a> {
     /// How each choice that is an object ended: its `index` (else its
     /// place in the array) and its `finish_reason` when that is a string.
     /// An answer asked for with `n > 1` has one per choice.
-    pub ends: Vec<(u64, Option<Cow<'a, str>>)>,
+    /// (Inline for one choice: no allocation for the usual answer.)
+    pub ends: Ends<'a>,
     pub len: usize,
 }
 

@@ -32,7 +32,7 @@ pub struct Usage {
 /// (`None`: a choice that ended without one). One entry for the APIs that
 /// answer once, `n` for a chat request asking for `n` choices.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct Finishes(Vec<(u64, Option<String>)>);
+pub struct Finishes(smallvec::SmallVec<[(u64, Option<String>); 1]>);
 
 impl Finishes {
     /// Records choice `index`'s reason: a stream saying it again keeps
@@ -610,7 +610,7 @@ mod tests {
                 model: Some("gpt-4o-mini".into()),
                 input_tokens: Some(5),
                 output_tokens: Some(9),
-                finishes: Finishes(vec![(0, Some("stop".into()))]),
+                finishes: Finishes(smallvec::smallvec![(0, Some("stop".into()))]),
                 stream_error: false,
             }
         );
