@@ -182,14 +182,14 @@ fn check(path: &std::path::Path) -> ExitCode {
 fn hash_key(key: Option<String>) -> ExitCode {
     let key = match key {
         // Trimmed as the gateway trims configured and presented keys.
-        Some(k) => k.trim().to_owned(),
+        Some(k) => k.trim_ascii().to_owned(),
         None => {
             let mut s = String::new();
             if let Err(e) = std::io::stdin().read_to_string(&mut s) {
                 eprintln!("sluice hash-key: cannot read stdin: {e}");
                 return ExitCode::from(2);
             }
-            s.trim().to_owned()
+            s.trim_ascii().to_owned()
         }
     };
     if key.is_empty() {

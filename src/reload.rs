@@ -121,6 +121,10 @@ impl Reloader {
             .ok()
             .map(|text| config_digest(text, &running.sources));
         if !forced && now.is_some() && now == self.accepted {
+            // Back to what runs (a refused edit undone): nothing stands
+            // refused any more.
+            self.refused = None;
+            self.gw.metrics.config_last_reload_ok.set(1);
             return Outcome::Unchanged;
         }
         let tls = self.tls_files().as_ref().and_then(tls_digest);
@@ -199,7 +203,13 @@ impl Reloader {
             return;
         };
         let digest = tls_digest(&files);
-        if !forced && (digest == self.tls_digest || digest == self.tls_tried) {
+        if !forced && digest == self.tls_digest {
+            // The serving pair is back (a refused rotation undone).
+            self.tls_tried = digest;
+            self.gw.metrics.tls_last_reload_ok.set(1);
+            return;
+        }
+        if !forced && digest == self.tls_tried {
             return;
         }
         self.tls_tried = digest;

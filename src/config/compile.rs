@@ -1005,7 +1005,7 @@ impl Compiler<'_> {
                 // Trimmed as a presented key is: a key read from a file
                 // (a Kubernetes Secret made from one) often ends in a
                 // newline no client sends.
-                (Some(key), None) => match self.text(key).map(|k| k.trim().to_owned()) {
+                (Some(key), None) => match self.text(key).map(|k| k.trim_ascii().to_owned()) {
                     Some(key) if key.is_empty() => {
                         self.error(&key_loc(&k.key), format!("api key `{id}` is empty"));
                         None

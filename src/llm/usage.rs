@@ -126,25 +126,30 @@ impl Meter {
     }
 
     /// At the upstream's end of body, with `rest` the unterminated last
-    /// event held back: whether an LLM stream broke off there, having
-    /// said neither that it was done (`[DONE]`, a final event) nor how it
-    /// ended (a finish reason). A stream whose events name no model is
-    /// not an LLM's: its end is its own, unless it ends mid-event.
+    /// event held back: whether an LLM API's stream (OpenAI's chat,
+    /// completions or responses, Anthropic's messages) broke off there,
+    /// having said neither that it was done (`[DONE]`, a final event) nor
+    /// how it ended (a finish reason), or ended mid-event. Other SSE (a
+    /// local model server's own format) ends as it ends, and so does a
+    /// stream that carried the upstream's own error event.
     pub fn broke_off(&mut self, rest: Option<&Bytes>) -> bool {
         // Past an event too long to read, the rest went unread: no telling.
         let Meter::Sse(stream) = self else {
             return false;
         };
-        if stream.gave_up {
+        if stream.gave_up || stream.usage.stream_error {
             return false;
         }
+        // Line ends only (a blank line more than needed, or the LF of a
+        // CRLF split from its CR): nothing was cut.
+        let rest = rest.filter(|r| r.iter().any(|b| !matches!(b, b'\r' | b'\n')));
         if let Some(rest) = rest {
             // Read as an event, as lenient parsers do: a stream that ends
             // `data: [DONE]` without its blank line is complete.
             stream.absorb_event(rest);
         }
         let said_so = stream.finished || !stream.usage.finishes.is_empty();
-        !said_so && (rest.is_some() || stream.usage.model.is_some())
+        !said_so && (stream.api || (rest.is_some() && stream.usage.model.is_some()))
     }
 
     /// Whether the stream names its events (`event:` lines), as
@@ -220,6 +225,9 @@ pub struct SseMeter {
     finished: bool,
     /// An event came with an `event:` line (see [`Meter::names_events`]).
     named_events: bool,
+    /// An event had the shape of an LLM API's (`choices`, Anthropic's
+    /// `message`, the responses API's `response`): its end is known.
+    api: bool,
     /// An event outgrew `EVENT_CAP`: the rest of the stream passes
     /// unread, so a stream that never ends an event cannot grow sluice's
     /// memory.
@@ -297,6 +305,8 @@ impl SseMeter {
         let Some(facts) = Facts::parse(&payload) else {
             return false;
         };
+        self.api |=
+            facts.choices.0.is_some() || facts.message.0.is_some() || facts.response.0.is_some();
         absorb(&mut self.usage, &facts);
         self.strip_usage && facts.is_usage_only()
     }

@@ -373,8 +373,8 @@ async fn failover(
                     ctx.upstream_wait += held.elapsed();
                     let outcome = match &preamble {
                         Ok(_) => Outcome::of_status(status),
-                        Err(Preamble::TimedOut) => Outcome::Timeout,
-                        Err(Preamble::Failed(_)) => Outcome::StreamError,
+                        Err(Preamble::TimedOut | Preamble::Quiet) => Outcome::Timeout,
+                        Err(Preamble::Broke(_) | Preamble::ReportedError) => Outcome::StreamError,
                     };
                     count(active, member, outcome);
                     match preamble {
@@ -389,6 +389,8 @@ async fn failover(
                             return Ok(resp);
                         }
                         Err(failed) => {
+                            // Only the deadline spends the request's time: a
+                            // member gone quiet is its own fault.
                             let out_of_time = matches!(failed, Preamble::TimedOut) && request_bound;
                             judge(verdict, out_of_time, pool);
                             // (No stream error: SPEC §4 counts those that
@@ -396,8 +398,8 @@ async fn failover(
                             // one is outcome stream_error or timeout.)
                             end_attempt(active, member, ctx);
                             tried.push(format!("{}: {}", upstream.name, failed.text()));
-                            last_timed_out =
-                                matches!(failed, Preamble::TimedOut).then_some(&upstream.name);
+                            last_timed_out = matches!(failed, Preamble::TimedOut | Preamble::Quiet)
+                                .then_some(&upstream.name);
                             if out_of_time {
                                 break;
                             }
@@ -406,11 +408,17 @@ async fn failover(
                             // `retry_on` says so for a stall (`timeout`) or
                             // a stream that broke or ended (`connect`, as a
                             // connection that failed).
-                            let retry_on = match failed {
-                                Preamble::TimedOut => RetryOn::Timeout,
-                                Preamble::Failed(_) => RetryOn::Connect,
+                            // An error event before content always moves on
+                            // (SPEC §3: an upstream that fails before any
+                            // text still fails over).
+                            let retry = match failed {
+                                Preamble::TimedOut | Preamble::Quiet => {
+                                    pool.retry_on.contains(&RetryOn::Timeout)
+                                }
+                                Preamble::Broke(_) => pool.retry_on.contains(&RetryOn::Connect),
+                                Preamble::ReportedError => true,
                             };
-                            if !pool.retry_on.contains(&retry_on) {
+                            if !retry {
                                 break;
                             }
                             continue;
@@ -484,9 +492,15 @@ async fn failover(
             attempts: tried.join("; "),
             // Every member asked to be left alone for a while: a client
             // (the OpenAI SDKs read it) waits that long, not less.
+            // (A member skipped for its circuit may be back sooner.)
             retry_after: (paused_attempts == attempts)
                 .then_some(shortest_pause)
-                .flatten(),
+                .flatten()
+                .map(|pause| match reopens {
+                    Some(r) => pause.min(r.saturating_duration_since(Instant::now())),
+                    None => pause,
+                })
+                .map(|wait| wait.max(Duration::from_secs(1))),
         }),
     }
 }
@@ -517,11 +531,13 @@ async fn hold_preamble(
     let mut splitter = sse::EventSplitter::default();
     let (mut events, mut bytes) = (0usize, 0usize);
     loop {
-        let due = deadline.min(Instant::now() + idle);
-        let frame = match tokio::time::timeout_at(due.into(), body.frame()).await {
+        let quiet_at = Instant::now() + idle;
+        let frame = match tokio::time::timeout_at(deadline.min(quiet_at).into(), body.frame()).await
+        {
+            Err(_) if quiet_at < deadline => return Err(Preamble::Quiet),
             Err(_) => return Err(Preamble::TimedOut),
-            Ok(None) => return Err(Preamble::Failed("stream ended before content")),
-            Ok(Some(Err(_))) => return Err(Preamble::Failed("stream broke before content")),
+            Ok(None) => return Err(Preamble::Broke("stream ended before content")),
+            Ok(Some(Err(_))) => return Err(Preamble::Broke("stream broke before content")),
             Ok(Some(Ok(frame))) => frame,
         };
         let Some(data) = frame.data_ref() else {
@@ -537,7 +553,7 @@ async fn hold_preamble(
             if !content && sse::is_error_event(&event) {
                 // It failed before producing anything: the next member
                 // can still answer instead (SPEC §3).
-                return Err(Preamble::Failed("stream reported an error before content"));
+                return Err(Preamble::ReportedError);
             }
             content |= !sse::is_preamble(&event);
         }
@@ -553,17 +569,23 @@ async fn hold_preamble(
 
 /// Why a held stream preamble never reached content.
 enum Preamble {
-    /// No content within `first_byte` (or the request's deadline), or
-    /// nothing at all for `idle`.
+    /// No content within `first_byte` (or the request's deadline).
     TimedOut,
-    Failed(&'static str),
+    /// Nothing at all for the upstream's `idle`.
+    Quiet,
+    /// The stream broke or ended.
+    Broke(&'static str),
+    /// The stream's first event past the preamble was an error.
+    ReportedError,
 }
 
 impl Preamble {
     fn text(&self) -> &'static str {
         match self {
             Preamble::TimedOut => "stream timed out before content",
-            Preamble::Failed(text) => text,
+            Preamble::Quiet => "stream went quiet before content",
+            Preamble::Broke(text) => text,
+            Preamble::ReportedError => "stream reported an error before content",
         }
     }
 }

@@ -49,6 +49,11 @@ impl From<redis::RedisError> for StateError {
     fn from(e: redis::RedisError) -> Self {
         // The kind and category only: a detail may quote the URL.
         let text = format!("{:?} ({})", e.kind(), e.category());
+        // The client's own response timeout is a timeout like ours, not
+        // a connection lost (a slow cache entry must not pause Redis).
+        if e.is_timeout() {
+            return StateError::Timeout(CALL_TIMEOUT);
+        }
         if e.is_io_error()
             || e.is_connection_refusal()
             || e.is_connection_dropped()
@@ -172,7 +177,7 @@ impl RedisState {
         call.arg(interval).arg(cost).arg(window);
         let (allowed, ahead, retry): (u8, u64, u64) = self
             .conn
-            .call(|mut conn| {
+            .call(Replay::IfDropped, |mut conn| {
                 let call = &call;
                 async move { call.invoke_async(&mut conn).await }
             })
@@ -200,7 +205,7 @@ impl RedisState {
         call.arg(interval).arg(delta);
         let _: i64 = self
             .conn
-            .call(|mut conn| {
+            .call(Replay::Never, |mut conn| {
                 let call = &call;
                 async move { call.invoke_async(&mut conn).await }
             })
@@ -221,7 +226,7 @@ impl RedisState {
         call.arg(max).arg(holder).arg(millis(lease));
         let got: i64 = self
             .conn
-            .call(|mut conn| {
+            .call(Replay::Never, |mut conn| {
                 let call = &call;
                 async move { call.invoke_async(&mut conn).await }
             })
@@ -233,7 +238,7 @@ impl RedisState {
         let key = slot_key(key);
         let _: i64 = self
             .conn
-            .call(|mut conn| {
+            .call(Replay::IfDropped, |mut conn| {
                 let key = &key;
                 async move { conn.zrem(key, holder).await }
             })
@@ -246,7 +251,7 @@ impl RedisState {
         let key = budget_key(scope, day);
         let value: Option<String> = self
             .conn
-            .call(|mut conn| {
+            .call(Replay::IfDropped, |mut conn| {
                 let key = &key;
                 async move { conn.get(key).await }
             })
@@ -271,7 +276,7 @@ impl RedisState {
         }
         let out: Vec<String> = self
             .conn
-            .call(|mut conn| {
+            .call(Replay::Never, |mut conn| {
                 let call = &call;
                 async move { call.invoke_async(&mut conn).await }
             })
@@ -291,7 +296,7 @@ impl RedisState {
         let key = cache_key(key);
         let raw: Option<Vec<u8>> = self
             .conn
-            .call(|mut conn| {
+            .call(Replay::IfDropped, |mut conn| {
                 let key = &key;
                 async move { conn.get(key).await }
             })
@@ -309,7 +314,7 @@ impl RedisState {
         let (key, value) = (cache_key(key), encode_entry(entry));
         let () = self
             .conn
-            .call(|mut conn| {
+            .call(Replay::IfDropped, |mut conn| {
                 let (key, value) = (&key, &value);
                 async move { conn.pset_ex(key, value, ttl).await }
             })
@@ -327,6 +332,17 @@ struct Connection {
     started: Instant,
     /// When the manager was last replaced, in ms since `started`.
     replaced_ms: AtomicU64,
+}
+
+/// Whether a call whose connection turned out closed goes out again.
+/// redis-rs reports a call lost in flight as it reports one never sent,
+/// so only calls that may run twice are sent again: reads, writes of a
+/// value, removals, and a rate-limit take (run twice, it errs on the
+/// strict side). Spend, settlements and leases are not.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Replay {
+    IfDropped,
+    Never,
 }
 
 /// A refused login is retried this often, not on every call.
@@ -354,7 +370,7 @@ impl Connection {
     }
 
     /// Runs `call` within [`CALL_TIMEOUT`].
-    async fn call<T, F, Fut>(&self, call: F) -> Result<T, StateError>
+    async fn call<T, F, Fut>(&self, replay: Replay, call: F) -> Result<T, StateError>
     where
         F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
@@ -363,10 +379,10 @@ impl Connection {
             match call(ConnectionManager::clone(&self.manager.load())).await {
                 // A connection closed while idle (Redis's `timeout`, a
                 // proxy's idle limit, CLIENT KILL) is found closed by the
-                // call that would have used it, before the call was sent;
-                // the manager is reconnecting, and the call goes out once
-                // more on the new connection rather than failing.
-                Err(e) if e.is_connection_dropped() => {
+                // call that would have used it; the manager is
+                // reconnecting, and the call goes out once more on the
+                // new connection rather than failing.
+                Err(e) if replay == Replay::IfDropped && e.is_connection_dropped() => {
                     call(ConnectionManager::clone(&self.manager.load())).await
                 }
                 other => other,

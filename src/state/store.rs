@@ -185,10 +185,13 @@ impl Health {
                 self.last_ok_start.fetch_max(started_ms, Ordering::Relaxed);
                 // Ends a pause set by a call begun no later than this one;
                 // that of a call begun after it stands.
+                // A call begun before the failure says nothing of now.
                 if self.failed_start.load(Ordering::Relaxed) <= started_ms {
                     self.paused_until.store(0, Ordering::Relaxed);
                 }
-                if self.outage.swap(false, Ordering::Relaxed) {
+                if self.failed_start.load(Ordering::Relaxed) <= started_ms
+                    && self.outage.swap(false, Ordering::Relaxed)
+                {
                     tracing::dispatcher::with_default(&self.log, || {
                         tracing::info!(
                             event = "state_recovered",

@@ -1,7 +1,7 @@
 //! Active health checks (`pools.*.health_check`): a background probe of
 //! each member every `interval` (`GET path`, with the member's
 //! `set_headers`, so a provider's authenticated path can be the check),
-//! all members at once, each given at most the interval to answer. `failures` failed checks in
+//! each member on its own, given the interval (1 s to 5 s) to answer. `failures` failed checks in
 //! a row mark a member down, so it is skipped before users find out, and
 //! one passing check lets it back in. The verdict is kept beside the
 //! member's circuit breaker, not in it: traffic's failures and cooldowns
@@ -19,8 +19,12 @@ use crate::upstream::{Upstream, UpstreamKind, mock};
 
 /// A probe slower than this, or than the interval, counts as a failure.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The shortest time a probe is given, whatever the interval.
+const PROBE_FLOOR: Duration = Duration::from_secs(1);
 
-/// Starts the probes of every pool of `active` that has a health check.
+/// Starts the probes of every pool of `active` that has a health check:
+/// one task per member, so that a member whose check hangs holds back
+/// no other member's checks.
 pub fn spawn(active: &Arc<Active>) {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return;
@@ -29,53 +33,47 @@ pub fn spawn(active: &Arc<Active>) {
         let Some(check) = &pool.health_check else {
             continue;
         };
-        let weak: Weak<Active> = Arc::downgrade(active);
-        let interval = check.interval;
-        rt.spawn(async move {
-            loop {
-                tokio::time::sleep(interval).await;
-                let Some(active) = weak.upgrade() else { return };
-                probe_pool(&active, p).await;
-            }
-        });
+        for slot in 0..pool.members.len() {
+            let weak: Weak<Active> = Arc::downgrade(active);
+            let interval = check.interval;
+            rt.spawn(async move {
+                loop {
+                    tokio::time::sleep(interval).await;
+                    let Some(active) = weak.upgrade() else { return };
+                    probe_member(&active, p, slot).await;
+                }
+            });
+        }
     }
 }
 
-async fn probe_pool(active: &Active, p: usize) {
+/// Checks the `slot`th member of pool `p` once and records the verdict.
+async fn probe_member(active: &Active, p: usize, slot: usize) {
     let snap = &active.snapshot;
     let Some(pool) = snap.pools.get(p) else {
         return;
     };
-    let Some(check) = &pool.health_check else {
+    let (Some(check), Some(&member)) = (&pool.health_check, pool.members.get(slot)) else {
         return;
     };
-    // A member that hangs must not delay the others' checks.
-    let timeout = PROBE_TIMEOUT.min(check.interval);
-    let members: Vec<_> = pool
-        .members
-        .iter()
-        .filter_map(|&m| Some((snap.upstreams.get(m)?, active.breakers.get(m)?)))
-        .collect();
-    let verdicts = futures_util::future::join_all(
-        members
-            .iter()
-            .map(|(upstream, _)| probe(upstream, &check.path, timeout)),
-    )
-    .await;
-    for ((upstream, breaker), healthy) in members.into_iter().zip(verdicts) {
-        if healthy {
-            breaker.health_passed();
-        } else {
-            // Down until a later check says otherwise; the mark lapses
-            // only if no check comes for two rounds (each the interval plus
-            // the time a check may take), so that checks that keep failing
-            // keep it with room to spare.
-            let round = check.interval.saturating_add(timeout);
-            breaker.health_failed(pool.breaker_failures, Instant::now() + round * 2);
-            // The path without its query, which may carry a token.
-            let path = check.path.split('?').next().unwrap_or_default();
-            tracing::warn!(upstream = %upstream.name, path, "health check failed");
-        }
+    let (Some(upstream), Some(breaker)) = (snap.upstreams.get(member), active.breakers.get(member))
+    else {
+        return;
+    };
+    // At least a second: a TLS handshake and an answer take time.
+    let timeout = PROBE_TIMEOUT.min(check.interval).max(PROBE_FLOOR);
+    if probe(upstream, &check.path, timeout).await {
+        breaker.health_passed();
+    } else {
+        // Down until a later check says otherwise; the mark lapses
+        // only if no check comes for two rounds (each the interval plus
+        // the time a check may take), so that checks that keep failing
+        // keep it with room to spare.
+        let round = check.interval.saturating_add(timeout);
+        breaker.health_failed(pool.breaker_failures, Instant::now() + round * 2);
+        // The path without its query, which may carry a token.
+        let path = check.path.split('?').next().unwrap_or_default();
+        tracing::warn!(upstream = %upstream.name, path, "health check failed");
     }
 }
 

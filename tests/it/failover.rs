@@ -993,3 +993,43 @@ async fn every_member_rate_limited_gives_the_shortest_wait() {
     assert_eq!(reply.status, 502);
     assert_eq!(reply.header("retry-after"), None);
 }
+
+/// With the default timeouts (first_byte = request_timeout), a member
+/// that goes quiet before content after an earlier member failed is its
+/// own fault, not the request's time running out: the next member is
+/// still tried.
+#[tokio::test]
+async fn a_quiet_second_member_still_fails_over_to_the_third() {
+    let mut stalled = UpstreamReply::sse(&[ROLE], Duration::ZERO);
+    stalled.chunks.push((
+        Duration::from_secs(10),
+        Bytes::from(format!("data: {HELLO}\n\n")),
+    ));
+    let quiet = MockUpstream::always(stalled).await;
+    let events = [ROLE, HELLO, STOP, "[DONE]"];
+    let good = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  dead: {{ url: "{}" }}
+  quiet: {{ url: "{}", timeouts: {{ idle: 300ms }} }}
+  good: {{ url: "{}" }}
+pools:
+  llm: {{ members: [dead, quiet, good] }}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    auth: none
+    upstream: llm
+"#,
+        dead_port(),
+        quiet.url(),
+        good.url()
+    ))
+    .await;
+    let reply = chat(&gw).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["upstream"], "good");
+    assert_eq!(log["attempts"], 3);
+}

@@ -182,6 +182,29 @@ async fn an_invalid_config_is_refused_while_traffic_keeps_flowing() {
     );
     assert!(failures[1].contains("nowhere"), "{failures:?}");
     assert_eq!(Client::new().get(&gw.url("/extra")).await.status, 200);
+    // A refused edit undone: the running text is back, nothing stands refused.
+    gw.swap_config(&yaml.replace("rate_limit:", "rate_limt:"));
+    wait_reloads(&gw, "error", 3.0).await;
+    assert_eq!(last_ok().await, Some(0.0));
+    gw.swap_config(&yaml.replace(
+        "  - name: chat\n",
+        "  - name: extra\n    match: { path: /extra }\n    auth: none\n    upstream: llm\n  - name: chat\n",
+    ));
+    assert!(
+        crate::support::eventually(Duration::from_secs(5), || gw
+            .log_text()
+            .matches("config_reload")
+            .count()
+            > 0)
+        .await
+    );
+    for _ in 0..100 {
+        if last_ok().await == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(last_ok().await, Some(1.0), "undone");
 }
 
 #[tokio::test]

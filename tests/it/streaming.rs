@@ -349,7 +349,11 @@ async fn a_stream_ending_without_its_end_is_not_passed_off_as_complete() {
 #[tokio::test]
 async fn a_complete_stream_ends_as_it_came() {
     for events in [
-        "data: {\"model\":\"gpt-x\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n",
+        // A blank line more than needed at the end.
+        "data: {\"model\":\"gpt-x\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n\n",
+        // A local model server's own stream format (llama.cpp's native
+        // one): it names a model, and ends without [DONE].
+        "data: {\"content\":\"Hi\",\"stop\":false,\"model\":\"m\"}\n\ndata: {\"content\":\"\",\"stop\":true,\"model\":\"m\"}\n\n",
         "data: {\"model\":\"gpt-x\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}]}\n\ndata: [DONE]\n",
         "event: tick\ndata: {\"n\":1}\n\nevent: tick\ndata: {\"n\":2}\n\n",
     ] {
