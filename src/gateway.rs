@@ -56,7 +56,7 @@ impl Active {
             .iter()
             .map(|u| format!("{}\0{}", u.name, u.target()))
             .collect();
-        breakers.keep_only(&circuits);
+        breakers.keep_only(&circuits, |circuit| circuit.retire());
         Active {
             breakers: snapshot
                 .upstreams
@@ -130,10 +130,16 @@ impl<T> Registry<T> {
         }
     }
 
-    /// Forgets the entries not named in `names`.
-    fn keep_only(&self, names: &[String]) {
+    /// Forgets the entries not named in `names`, `retire`-ing each.
+    fn keep_only(&self, names: &[String], retire: impl Fn(&T)) {
         if let Ok(mut map) = self.0.lock() {
-            map.retain(|name, _| names.contains(name));
+            map.retain(|name, entry| {
+                let keep = names.contains(name);
+                if !keep {
+                    retire(entry);
+                }
+                keep
+            });
         }
     }
 }

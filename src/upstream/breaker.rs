@@ -53,6 +53,10 @@ pub struct Breaker {
     /// `sluice_upstream_up`: 1 closed and not marked down by health
     /// checks, else 0.
     up: IntGauge,
+    /// Replaced by a reload (its upstream repointed or gone): requests and
+    /// health checks still running on the old config no longer move the
+    /// gauge that the new circuit now reports on.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 impl Breaker {
@@ -61,6 +65,19 @@ impl Breaker {
         Breaker {
             state: Mutex::new(State::default()),
             up,
+            retired: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// See [`Breaker::retired`].
+    pub fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn show(&self, up: i64) {
+        if !self.retired.load(std::sync::atomic::Ordering::Relaxed) {
+            self.up.set(up);
         }
     }
 
@@ -80,7 +97,7 @@ impl Breaker {
             }
             s.health_down_until = None;
             s.health_failures = 0;
-            self.up.set(s.up());
+            self.show(s.up());
         }
         match s.open_until {
             None => Admit::Yes,
@@ -100,7 +117,7 @@ impl Breaker {
             s.consecutive_failures = 0;
             s.open_until = None;
             s.probing = false;
-            self.up.set(s.up());
+            self.show(s.up());
         }
     }
 
@@ -112,7 +129,7 @@ impl Breaker {
         if s.probing || s.consecutive_failures >= threshold {
             s.open_until = Some(now + cooldown);
             s.probing = false;
-            self.up.set(0);
+            self.show(0);
         }
     }
 
@@ -122,7 +139,7 @@ impl Breaker {
         if let Ok(mut s) = self.state.lock() {
             s.health_failures = 0;
             s.health_down_until = None;
-            self.up.set(s.up());
+            self.show(s.up());
         }
     }
 
@@ -134,7 +151,7 @@ impl Breaker {
             s.health_failures = s.health_failures.saturating_add(1);
             if s.health_failures >= threshold {
                 s.health_down_until = Some(recheck_by);
-                self.up.set(0);
+                self.show(0);
             }
         }
     }

@@ -1033,3 +1033,62 @@ routes:
     assert_eq!(log["upstream"], "good");
     assert_eq!(log["attempts"], 3);
 }
+
+/// The circuit of an upstream a reload repointed is the only one that
+/// moves its gauge: the old config's health checks, which go on while a
+/// request still runs on it, no longer report the old address there.
+#[tokio::test]
+async fn a_repointed_upstream_gauge_is_not_moved_by_the_old_config() {
+    let broken = MockUpstream::always(failing(500)).await;
+    let fixed = MockUpstream::always(UpstreamReply::text("fixed")).await;
+    let mut long_answer = UpstreamReply::text("s");
+    long_answer
+        .chunks
+        .push((Duration::from_secs(2), Bytes::from_static(b"low")));
+    let slow = MockUpstream::always(long_answer).await;
+    let pool = "    health_check: { path: /health, interval: 100ms }\n    circuit_breaker: { failures: 1, cooldown: 60s }";
+    let gw = Arc::new(
+        TestGateway::start_watched(
+            &config(&broken.url(), &slow.url(), pool, ""),
+            &[],
+            tempfile::tempdir().unwrap(),
+        )
+        .await,
+    );
+    async fn up(gw: &TestGateway) -> Option<f64> {
+        gw.metric("sluice_upstream_up", &[("upstream", "primary")])
+            .await
+    }
+    for _ in 0..50 {
+        if up(&gw).await == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(up(&gw).await, Some(0.0));
+    // A request that keeps the old config alive through the reload.
+    let in_flight = {
+        let gw = gw.clone();
+        tokio::spawn(async move { chat(&gw).await.text() })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Without a health check of its own: only the old config's probes
+    // could move the gauge now.
+    gw.swap_config(&config(
+        &fixed.url(),
+        &slow.url(),
+        "    circuit_breaker: { failures: 1, cooldown: 60s }",
+        "",
+    ));
+    assert!(
+        eventually(Duration::from_secs(5), || gw
+            .log_text()
+            .contains("config_reloaded"))
+        .await
+    );
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(up(&gw).await, Some(1.0));
+    }
+    assert_eq!(in_flight.await.unwrap(), "slow");
+}
