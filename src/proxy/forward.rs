@@ -712,6 +712,13 @@ async fn attempt(
                 {
                     Err(_) => Err(TIMED_OUT),
                     Ok(Err(e)) => Err(classify(&e)),
+                    // hyper reads any three digits; HTTP's statuses end at
+                    // 599 (RFC 9110 §15), and a client (the OpenAI SDKs
+                    // among them) cannot tell what a 7xx would mean.
+                    Ok(Ok(resp)) if resp.status().as_u16() > 599 => Err(AttemptFailure {
+                        outcome: Outcome::ConnectionError,
+                        text: "answered with a status beyond 599, which is not HTTP",
+                    }),
                     Ok(Ok(resp)) => Ok(resp.map(|b| b.map_err(BodyError::new).boxed_unsync())),
                 }
             }

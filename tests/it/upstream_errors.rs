@@ -182,3 +182,30 @@ async fn an_oversized_upstream_head_is_a_502_that_says_so() {
         .to_owned();
     assert!(message.contains("response head is too large"), "{message}");
 }
+
+/// An answer whose status is beyond 599 is not HTTP (RFC 9110 §15): a 502
+/// that says so, counted as a failed connection, not passed on as an `ok`.
+#[tokio::test]
+async fn a_status_beyond_599_is_a_502() {
+    let up = RawUpstream::start(
+        b"HTTP/1.1 799 Odd\r\ncontent-length: 2\r\n\r\nok",
+        AfterAnswer::KeepAlive,
+    )
+    .await;
+    let gw = TestGateway::start(&config(&up.url(), "{}")).await;
+    let reply = Client::new().get(&gw.url("/x")).await;
+    assert_eq!(reply.status, 502);
+    let message = reply.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("beyond 599"), "{message}");
+    gw.wait_access_logs(1).await;
+    let ok = gw
+        .metric(
+            "sluice_upstream_requests_total",
+            &[("upstream", "app"), ("outcome", "ok")],
+        )
+        .await;
+    assert_eq!(ok, Some(0.0));
+}
