@@ -258,42 +258,38 @@ impl Reloader {
         files
     }
 
-    /// The directories whose changes may concern us: each file's (a
-    /// ConfigMap or Secret mount swaps a symlink in the directory, not the
-    /// file itself) and, for a symlink, its target's (`proxy.yaml ->
-    /// ../shared/proxy.yaml`, certbot's `live/` links: an edit happens
-    /// there).
-    fn dirs(&self) -> HashSet<PathBuf> {
-        let mut dirs = HashSet::new();
+    /// Each file that concerns us and, for a symlink, its target
+    /// (`proxy.yaml -> ../shared/proxy.yaml`, certbot's `live/` links,
+    /// a ConfigMap's `..data/proxy.yaml`): an edit happens there.
+    fn paths(&self) -> Vec<PathBuf> {
+        let mut paths = Vec::new();
         for file in self.files() {
-            dirs.insert(base_dir(&file).to_path_buf());
-            if let Ok(target) = std::fs::canonicalize(&file) {
-                dirs.insert(base_dir(&target).to_path_buf());
-            }
+            let target = std::fs::canonicalize(&file).ok();
+            paths.push(file);
+            paths.extend(target);
         }
-        dirs
+        paths
+    }
+
+    /// The directories whose changes may concern us: each path's (a
+    /// ConfigMap or Secret mount swaps a symlink in the directory, not the
+    /// file itself).
+    fn dirs(&self) -> HashSet<PathBuf> {
+        self.paths()
+            .iter()
+            .map(|path| base_dir(path).to_path_buf())
+            .collect()
     }
 
     /// The names of files whose changes concern us, in those directories:
-    /// the config's and the certificate pair's, and a mount's `..data`
-    /// symlink and its `..<timestamp>` directories. Other files there
-    /// (a log written beside the config) wake nothing.
+    /// each path's, and a mount's `..data` symlink and its `..<timestamp>`
+    /// directories (see [`concerns`]). Other files there (a log written
+    /// beside the config) wake nothing.
     fn names(&self) -> HashSet<OsString> {
-        let mut names = HashSet::new();
-        // Each file by its own name and, when it is a symlink (`proxy.yaml
-        // -> proxy.prod.yaml`), by its target's: an edit names the target.
-        let mut add = |path: &Path| {
-            let target = std::fs::canonicalize(path).ok();
-            for path in [Some(path), target.as_deref()].into_iter().flatten() {
-                if let Some(name) = path.file_name() {
-                    names.insert(name.to_owned());
-                }
-            }
-        };
-        for file in self.files() {
-            add(&file);
-        }
-        names
+        self.paths()
+            .iter()
+            .filter_map(|path| path.file_name().map(ToOwned::to_owned))
+            .collect()
     }
 
     /// Watches the directories that concern us now, and no longer those

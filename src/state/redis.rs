@@ -15,8 +15,8 @@ use arc_swap::ArcSwap;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
+use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Script};
 
 use super::limiter::{BucketKey, Decision, Scope, WINDOW};
 use crate::proxy::ctx::IdentityId;
@@ -160,6 +160,32 @@ impl RedisState {
         })
     }
 
+    /// Runs one of the scripts, loaded once and called by SHA.
+    async fn script<T: redis::FromRedisValue>(
+        &self,
+        replay: Replay,
+        call: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StateError> {
+        self.conn
+            .call(replay, |mut conn| async move {
+                call.invoke_async(&mut conn).await
+            })
+            .await
+    }
+
+    /// Runs one plain command.
+    async fn command<T: redis::FromRedisValue>(
+        &self,
+        replay: Replay,
+        command: &redis::Cmd,
+    ) -> Result<T, StateError> {
+        self.conn
+            .call(replay, |mut conn| async move {
+                command.query_async(&mut conn).await
+            })
+            .await
+    }
+
     /// Takes `cost` units from a bucket of `per_minute` capacity (GCRA).
     pub async fn take(
         &self,
@@ -175,13 +201,7 @@ impl RedisState {
         let cost = cost.min(per_minute.saturating_add(1));
         let mut call = self.take.key(bucket_key(key));
         call.arg(interval).arg(cost).arg(window);
-        let (allowed, ahead, retry): (u8, u64, u64) = self
-            .conn
-            .call(Replay::IfDropped, |mut conn| {
-                let call = &call;
-                async move { call.invoke_async(&mut conn).await }
-            })
-            .await?;
+        let (allowed, ahead, retry): (u8, u64, u64) = self.script(Replay::IfDropped, &call).await?;
         // `ahead` is the bucket's use after this call (before it, for a
         // refusal); `retry` is 0 when allowed.
         Ok(Decision {
@@ -203,13 +223,7 @@ impl RedisState {
         let interval = (micros(WINDOW) / per_minute.max(1)).max(1);
         let mut call = self.adjust.key(bucket_key(key));
         call.arg(interval).arg(delta);
-        let _: i64 = self
-            .conn
-            .call(Replay::Never, |mut conn| {
-                let call = &call;
-                async move { call.invoke_async(&mut conn).await }
-            })
-            .await?;
+        let _: i64 = self.script(Replay::Never, &call).await?;
         Ok(())
     }
 
@@ -224,37 +238,21 @@ impl RedisState {
     ) -> Result<bool, StateError> {
         let mut call = self.acquire.key(slot_key(key));
         call.arg(max).arg(holder).arg(millis(lease));
-        let got: i64 = self
-            .conn
-            .call(Replay::Never, |mut conn| {
-                let call = &call;
-                async move { call.invoke_async(&mut conn).await }
-            })
-            .await?;
+        let got: i64 = self.script(Replay::Never, &call).await?;
         Ok(got == 1)
     }
 
     pub async fn release(&self, key: &BucketKey, holder: &str) -> Result<(), StateError> {
-        let key = slot_key(key);
         let _: i64 = self
-            .conn
-            .call(Replay::IfDropped, |mut conn| {
-                let key = &key;
-                async move { conn.zrem(key, holder).await }
-            })
+            .command(Replay::IfDropped, &redis::Cmd::zrem(slot_key(key), holder))
             .await?;
         Ok(())
     }
 
     /// Today's spend of a scope.
     pub async fn spent(&self, scope: &BudgetScope, day: u64) -> Result<f64, StateError> {
-        let key = budget_key(scope, day);
         let value: Option<String> = self
-            .conn
-            .call(Replay::IfDropped, |mut conn| {
-                let key = &key;
-                async move { conn.get(key).await }
-            })
+            .command(Replay::IfDropped, &redis::Cmd::get(budget_key(scope, day)))
             .await?;
         Ok(value.and_then(|v| v.parse().ok()).unwrap_or(0.0))
     }
@@ -274,13 +272,7 @@ impl RedisState {
         for threshold in alert_at {
             call.arg((threshold * 1000.0).round() as u64);
         }
-        let out: Vec<String> = self
-            .conn
-            .call(Replay::Never, |mut conn| {
-                let call = &call;
-                async move { call.invoke_async(&mut conn).await }
-            })
-            .await?;
+        let out: Vec<String> = self.script(Replay::Never, &call).await?;
         let spent = out.first().and_then(|s| s.parse().ok()).unwrap_or(0.0);
         let crossed = out
             .iter()
@@ -293,13 +285,8 @@ impl RedisState {
 
     /// A stored response, if some replica stored it and it is still fresh.
     pub async fn cache_get(&self, key: &[u8; 32]) -> Result<Option<CachedResponse>, StateError> {
-        let key = cache_key(key);
         let raw: Option<Vec<u8>> = self
-            .conn
-            .call(Replay::IfDropped, |mut conn| {
-                let key = &key;
-                async move { conn.get(key).await }
-            })
+            .command(Replay::IfDropped, &redis::Cmd::get(cache_key(key)))
             .await?;
         Ok(raw.and_then(|raw| decode_entry(Bytes::from(raw))))
     }
@@ -311,14 +298,8 @@ impl RedisState {
         entry: &CachedResponse,
     ) -> Result<(), StateError> {
         let ttl = millis(entry.ttl).max(1);
-        let (key, value) = (cache_key(key), encode_entry(entry));
-        let () = self
-            .conn
-            .call(Replay::IfDropped, |mut conn| {
-                let (key, value) = (&key, &value);
-                async move { conn.pset_ex(key, value, ttl).await }
-            })
-            .await?;
+        let set = redis::Cmd::pset_ex(cache_key(key), encode_entry(entry), ttl);
+        let () = self.command(Replay::IfDropped, &set).await?;
         Ok(())
     }
 }

@@ -1,9 +1,9 @@
 //! Active health checks (`pools.*.health_check`): a background probe of
 //! each member every `interval` (`GET path`, with the member's
 //! `set_headers`, so a provider's authenticated path can be the check),
-//! each member on its own, given the interval (1 s to 5 s) to answer. `failures` failed checks in
-//! a row mark a member down, so it is skipped before users find out, and
-//! one passing check lets it back in. The verdict is kept beside the
+//! each member on its own, given the interval (1 s to 5 s) to answer.
+//! `failures` failed checks in a row mark a member down, so it is
+//! skipped before users find out, and one passing check lets it back in. The verdict is kept beside the
 //! member's circuit breaker, not in it: traffic's failures and cooldowns
 //! stand whatever the checks say. The task holds only a weak
 //! reference to its config: it stops when a reload retires that config.
@@ -88,10 +88,8 @@ async fn probe(upstream: &Upstream, path: &str, timeout: Duration) -> bool {
             let Ok(mut req) = Request::get(uri).body(body::empty()) else {
                 return false;
             };
+            // (The client sets `host`, as for every request.)
             crate::proxy::headers::for_upstream(req.headers_mut(), upstream);
-            if let Some(host) = &http.host {
-                req.headers_mut().insert(http::header::HOST, host.clone());
-            }
             matches!(
                 tokio::time::timeout(timeout, http.client.request(req)).await,
                 Ok(Ok(resp)) if resp.status().is_success()
