@@ -384,7 +384,7 @@ impl Body for Tap {
                 }
                 Poll::Ready(Some(Err(e))) => this.fail("upstream_stream_error", e),
                 Poll::Ready(None) => {
-                    let mut rest = this.meter.as_mut().and_then(Meter::take_held);
+                    let rest = this.meter.as_mut().and_then(Meter::take_held);
                     if let Some(meter) = this.meter.as_mut()
                         && meter.broke_off(rest.as_ref())
                     {
@@ -399,7 +399,6 @@ impl Body for Tap {
                     }
                     // An unterminated last event of a complete stream is
                     // passed on as it came.
-                    let rest = rest.take();
                     if let Some(rest) = rest.as_ref() {
                         this.copy(rest);
                     }

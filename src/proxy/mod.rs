@@ -183,15 +183,8 @@ pub async fn handle(
 
 /// Whether an HTTP/1 request comes with a body (a length above zero, or
 /// chunks).
-fn declares_body_over_http1<B>(req: &Request<B>) -> bool {
-    if req.version() > http::Version::HTTP_11 {
-        return false;
-    }
-    let headers = req.headers();
-    headers.contains_key(http::header::TRANSFER_ENCODING)
-        || headers
-            .get(http::header::CONTENT_LENGTH)
-            .is_some_and(|len| len.as_bytes() != b"0")
+fn declares_body_over_http1(req: &Request<Incoming>) -> bool {
+    req.version() <= http::Version::HTTP_11 && !http_body::Body::is_end_stream(req.body())
 }
 
 /// Accounts for a request hyper refused before sluice saw it: a head
