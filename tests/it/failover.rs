@@ -57,6 +57,14 @@ fn failing(status: u16) -> UpstreamReply {
     r
 }
 
+/// `upstreams` (YAML lines) in pool `llm` (`pool`: its flow mapping's
+/// members and settings), behind route `chat` on `/v1/`.
+fn pool_of(upstreams: &str, pool: &str) -> String {
+    format!(
+        "upstreams:\n{upstreams}\npools:\n  llm: {{ {pool} }}\nroutes:\n  - name: chat\n    match: {{ path_prefix: /v1/ }}\n    auth: none\n    upstream: llm\n"
+    )
+}
+
 fn dead_port() -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -867,21 +875,13 @@ async fn a_stream_quiet_before_content_fails_over_after_idle() {
     let primary = MockUpstream::always(stalled).await;
     let events = [ROLE, HELLO, STOP, "[DONE]"];
     let backup = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;
-    let gw = TestGateway::start(&format!(
-        r#"
-upstreams:
-  primary: {{ url: "{}", timeouts: {{ first_byte: 20s, idle: 300ms }} }}
-  backup: {{ url: "{}" }}
-pools:
-  llm: {{ members: [primary, backup] }}
-routes:
-  - name: chat
-    match: {{ path_prefix: /v1/ }}
-    auth: none
-    upstream: llm
-"#,
-        primary.url(),
-        backup.url()
+    let gw = TestGateway::start(&pool_of(
+        &format!(
+            "  primary: {{ url: \"{}\", timeouts: {{ first_byte: 20s, idle: 300ms }} }}\n  backup: {{ url: \"{}\" }}",
+            primary.url(),
+            backup.url()
+        ),
+        "members: [primary, backup]",
     ))
     .await;
     let started = std::time::Instant::now();
@@ -906,25 +906,13 @@ async fn health_checks_run_every_interval_whatever_one_member_does() {
     let hanging =
         MockUpstream::always(UpstreamReply::text("late").delay(Duration::from_secs(30))).await;
     let steady = MockUpstream::always(UpstreamReply::text("ok")).await;
-    let gw = TestGateway::start(&format!(
-        r#"
-upstreams:
-  hanging: {{ url: "{}" }}
-  steady:
-    url: "{}"
-    set_headers: {{ authorization: "Bearer sk-upstream-own" }}
-pools:
-  llm:
-    members: [hanging, steady]
-    health_check: {{ path: /health, interval: 200ms }}
-routes:
-  - name: chat
-    match: {{ path_prefix: /v1/ }}
-    auth: none
-    upstream: llm
-"#,
-        hanging.url(),
-        steady.url()
+    let gw = TestGateway::start(&pool_of(
+        &format!(
+            "  hanging: {{ url: \"{}\" }}\n  steady: {{ url: \"{}\", set_headers: {{ authorization: \"Bearer sk-upstream-own\" }} }}",
+            hanging.url(),
+            steady.url()
+        ),
+        "members: [hanging, steady], health_check: { path: /health, interval: 200ms }",
     ))
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -1008,23 +996,14 @@ async fn a_quiet_second_member_still_fails_over_to_the_third() {
     let quiet = MockUpstream::always(stalled).await;
     let events = [ROLE, HELLO, STOP, "[DONE]"];
     let good = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;
-    let gw = TestGateway::start(&format!(
-        r#"
-upstreams:
-  dead: {{ url: "{}" }}
-  quiet: {{ url: "{}", timeouts: {{ idle: 300ms }} }}
-  good: {{ url: "{}" }}
-pools:
-  llm: {{ members: [dead, quiet, good] }}
-routes:
-  - name: chat
-    match: {{ path_prefix: /v1/ }}
-    auth: none
-    upstream: llm
-"#,
-        dead_port(),
-        quiet.url(),
-        good.url()
+    let gw = TestGateway::start(&pool_of(
+        &format!(
+            "  dead: {{ url: \"{}\" }}\n  quiet: {{ url: \"{}\", timeouts: {{ idle: 300ms }} }}\n  good: {{ url: \"{}\" }}",
+            dead_port(),
+            quiet.url(),
+            good.url()
+        ),
+        "members: [dead, quiet, good]",
     ))
     .await;
     let reply = chat(&gw).await;

@@ -358,37 +358,68 @@ fn es_token(kid: &str, key: &EncodingKey) -> String {
     jsonwebtoken::encode(&header, &claims(json!({})), key).unwrap()
 }
 
+/// An issuer serving a JWKS document that a test can change, or take
+/// down (`None`: it answers 500).
+struct Issuer {
+    upstream: crate::support::MockUpstream,
+    document: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Issuer {
+    async fn start(document: Option<String>) -> Self {
+        use crate::support::{MockUpstream, UpstreamReply};
+        let document = std::sync::Arc::new(std::sync::Mutex::new(document));
+        let served = document.clone();
+        let upstream = MockUpstream::start(move |_| match served.lock().unwrap().clone() {
+            Some(doc) => UpstreamReply::text(doc).header("content-type", "application/json"),
+            None => UpstreamReply::status(500),
+        })
+        .await;
+        Issuer { upstream, document }
+    }
+
+    fn serve(&self, document: Option<String>) {
+        *self.document.lock().unwrap() = document;
+    }
+
+    /// Fetches of the document so far.
+    fn fetches(&self) -> usize {
+        self.upstream.seen().len()
+    }
+
+    /// A gateway verifying ES256 tokens with this issuer's keys.
+    async fn gateway(&self) -> TestGateway {
+        TestGateway::start(&config(&format!(
+            "    jwks_url: {}/.well-known/jwks.json\n    algorithms: [ES256]\n    audiences: [sluice]",
+            self.upstream.url()
+        )))
+        .await
+    }
+}
+
 #[tokio::test]
 async fn jwks_url_keys_follow_rotation_and_bad_kids_cannot_hammer_the_issuer() {
-    use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use crate::support::{MockUpstream, UpstreamReply, eventually};
+    use crate::support::eventually;
 
     let (doc_a, key_a) = jwks_with("a");
-    let document = Arc::new(Mutex::new(doc_a));
-    let served = document.clone();
-    let issuer = MockUpstream::start(move |_| {
-        UpstreamReply::text(served.lock().unwrap().clone())
-            .header("content-type", "application/json")
-    })
-    .await;
-    let gw = TestGateway::start(&config(&format!(
-        "    jwks_url: {}/.well-known/jwks.json\n    algorithms: [ES256]\n    audiences: [sluice]",
-        issuer.url()
-    )))
-    .await;
+    let issuer = Issuer::start(Some(doc_a)).await;
+    let gw = issuer.gateway().await;
     // Fetched at start, in the background.
-    assert!(eventually(Duration::from_secs(5), || issuer.seen().len() == 1).await);
-    assert_eq!(issuer.seen()[0].uri.path(), "/.well-known/jwks.json");
+    assert!(eventually(Duration::from_secs(5), || issuer.fetches() == 1).await);
+    assert_eq!(
+        issuer.upstream.seen()[0].uri.path(),
+        "/.well-known/jwks.json"
+    );
     assert_eq!(call(&gw, &es_token("a", &key_a)).await.status, 200);
 
     // The issuer rotates to key b: the first token signed with it makes
     // sluice refetch, once.
     let (doc_b, key_b) = jwks_with("b");
-    *document.lock().unwrap() = doc_b;
+    issuer.serve(Some(doc_b));
     assert_eq!(call(&gw, &es_token("b", &key_b)).await.status, 200);
-    assert_eq!(issuer.seen().len(), 2);
+    assert_eq!(issuer.fetches(), 2);
 
     // A flood of tokens with kids nobody published costs the issuer nothing
     // more within the refetch floor.
@@ -396,7 +427,7 @@ async fn jwks_url_keys_follow_rotation_and_bad_kids_cannot_hammer_the_issuer() {
         let reply = call(&gw, &es_token(&format!("bogus-{i}"), &key_b)).await;
         assert_eq!(reply.status, 401);
     }
-    assert_eq!(issuer.seen().len(), 2, "unknown kids refetched the JWKS");
+    assert_eq!(issuer.fetches(), 2, "unknown kids refetched the JWKS");
     assert_eq!(
         gw.metric(
             "sluice_auth_failures_total",
@@ -546,31 +577,20 @@ fn a_private_key_as_keys_file_is_a_config_error() {
 /// tokens need: the fetch counts as failed and the old keys stay.
 #[tokio::test]
 async fn a_jwks_without_usable_keys_keeps_the_old_keys() {
-    use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use crate::support::{MockUpstream, UpstreamReply, eventually};
+    use crate::support::eventually;
 
     let (doc_a, key_a) = jwks_with("a");
-    let document = Arc::new(Mutex::new(doc_a));
-    let served = document.clone();
-    let issuer = MockUpstream::start(move |_| {
-        UpstreamReply::text(served.lock().unwrap().clone())
-            .header("content-type", "application/json")
-    })
-    .await;
-    let gw = TestGateway::start(&config(&format!(
-        "    jwks_url: {}/jwks.json\n    algorithms: [ES256]\n    audiences: [sluice]",
-        issuer.url()
-    )))
-    .await;
-    assert!(eventually(Duration::from_secs(5), || issuer.seen().len() == 1).await);
+    let issuer = Issuer::start(Some(doc_a)).await;
+    let gw = issuer.gateway().await;
+    assert!(eventually(Duration::from_secs(5), || issuer.fetches() == 1).await);
     assert_eq!(call(&gw, &es_token("a", &key_a)).await.status, 200);
 
-    *document.lock().unwrap() = r#"{"keys":[]}"#.to_owned();
+    issuer.serve(Some(r#"{"keys":[]}"#.to_owned()));
     // A kid nobody published makes sluice refetch, and find nothing usable.
     assert_eq!(call(&gw, &es_token("new", &key_a)).await.status, 401);
-    assert_eq!(issuer.seen().len(), 2);
+    assert_eq!(issuer.fetches(), 2);
     assert_eq!(call(&gw, &es_token("a", &key_a)).await.status, 200);
 }
 
@@ -580,34 +600,17 @@ async fn a_jwks_without_usable_keys_keeps_the_old_keys() {
 /// verify within seconds of the issuer's return.
 #[tokio::test]
 async fn keys_missing_at_start_are_fetched_soon_after_the_issuer_returns() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use crate::support::{MockUpstream, UpstreamReply, eventually};
+    use crate::support::eventually;
 
     let (doc, key) = jwks_with("a");
-    let document = Arc::new(Mutex::new(doc));
-    let up = Arc::new(AtomicBool::new(false));
-    let (served, is_up) = (document.clone(), up.clone());
-    let issuer = MockUpstream::start(move |_| {
-        if is_up.load(Ordering::SeqCst) {
-            UpstreamReply::text(served.lock().unwrap().clone())
-                .header("content-type", "application/json")
-        } else {
-            UpstreamReply::status(500)
-        }
-    })
-    .await;
-    let gw = TestGateway::start(&config(&format!(
-        "    jwks_url: {}/jwks.json\n    algorithms: [ES256]\n    audiences: [sluice]",
-        issuer.url()
-    )))
-    .await;
-    assert!(eventually(Duration::from_secs(5), || !issuer.seen().is_empty()).await);
+    let issuer = Issuer::start(None).await;
+    let gw = issuer.gateway().await;
+    assert!(eventually(Duration::from_secs(5), || issuer.fetches() > 0).await);
     // Refused while there are no keys; this also spends the on-demand refetch.
     assert_eq!(call(&gw, &es_token("a", &key)).await.status, 401);
-    up.store(true, Ordering::SeqCst);
+    issuer.serve(Some(doc));
     let mut verified = false;
     for _ in 0..40 {
         if call(&gw, &es_token("a", &key)).await.status == 200 {
