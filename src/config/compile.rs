@@ -1132,10 +1132,9 @@ impl Compiler<'_> {
                 );
             }
             hmac = true;
-            vec![jwt::JwtKey {
-                kid: None,
-                key: jsonwebtoken::DecodingKey::from_secret(text.as_bytes()),
-            }]
+            vec![jwt::JwtKey::any_algorithm(
+                jsonwebtoken::DecodingKey::from_secret(text.as_bytes()),
+            )]
         };
         let mut algorithms = Vec::new();
         for a in &j.algorithms {

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use http::{Request, Uri};
 use http_body_util::{BodyExt, Limited};
-use jsonwebtoken::DecodingKey;
 use jsonwebtoken::jwk::JwkSet;
 
 use super::jwt::JwtKey;
@@ -161,25 +160,12 @@ fn keys_of(bytes: &[u8]) -> Result<Vec<JwtKey>, String> {
             crate::config::json_problem(&e)
         )
     })?;
+    // Keys this crate cannot use (other key types) are skipped, not
+    // fatal: issuers publish several kinds.
     let keys: Vec<JwtKey> = set
         .keys
         .iter()
-        .filter(|jwk| {
-            // A key published for encryption verifies no signature.
-            !matches!(
-                jwk.common.public_key_use,
-                Some(jsonwebtoken::jwk::PublicKeyUse::Encryption)
-            )
-        })
-        .filter_map(|jwk| {
-            // Keys this crate cannot use (other key types) are skipped,
-            // not fatal: issuers publish several kinds.
-            let key = DecodingKey::from_jwk(jwk).ok()?;
-            Some(JwtKey {
-                kid: jwk.common.key_id.clone(),
-                key,
-            })
-        })
+        .filter_map(|jwk| JwtKey::from_jwk(jwk).ok().flatten())
         .collect();
     // An issuer (or a proxy before it) answering an empty set for a
     // moment must not take away the keys every valid token needs.

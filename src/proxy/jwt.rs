@@ -4,12 +4,13 @@
 //! `iss` and `aud` (then required) are checked with
 //! jsonwebtoken. Only the configured algorithms are accepted, `alg: none`
 //! never parses, and a key is only ever used with its own family, so a
-//! public key can never serve as an HMAC secret.
+//! public key can never serve as an HMAC secret; a JWK that names its
+//! `alg` is used with that one only. Tokens with `crit` are refused.
 
 use std::sync::Arc;
 
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
@@ -21,6 +22,45 @@ const LEEWAY_SECS: u64 = 30;
 pub struct JwtKey {
     pub kid: Option<String>,
     pub key: DecodingKey,
+    /// The one algorithm a JWK's `alg` ties the key to (RFC 7517 §4.4);
+    /// `None`: any allowed algorithm of the key's family.
+    pub alg: Option<Algorithm>,
+}
+
+impl JwtKey {
+    /// A key of the config itself (PEM or HMAC secret), for any allowed
+    /// algorithm of its family.
+    pub fn any_algorithm(key: DecodingKey) -> Self {
+        JwtKey {
+            kid: None,
+            key,
+            alg: None,
+        }
+    }
+
+    /// The verification key of a JWK; `Ok(None)` for a key published for
+    /// encryption (by `use` or by `alg`), which verifies no signature.
+    pub fn from_jwk(jwk: &Jwk) -> Result<Option<Self>, String> {
+        if jwk.common.public_key_use == Some(PublicKeyUse::Encryption) {
+            return Ok(None);
+        }
+        let alg = match jwk.common.key_algorithm {
+            None => None,
+            // RSA1_5, RSA-OAEP and algorithms this crate does not know:
+            // nothing a signature can be checked with.
+            Some(KeyAlgorithm::UNKNOWN_ALGORITHM) => return Ok(None),
+            Some(named) => match Algorithm::try_from(named) {
+                Ok(alg) => Some(alg),
+                Err(_) => return Ok(None),
+            },
+        };
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
+        Ok(Some(JwtKey {
+            kid: jwk.common.key_id.clone(),
+            key,
+            alg,
+        }))
+    }
 }
 
 /// A token's verified claims.
@@ -96,6 +136,11 @@ impl JwtVerifier {
             return Err("no_keys");
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| "malformed")?;
+        if header.crit.is_some() {
+            // RFC 7515 §4.1.11: a token whose header names extensions the
+            // verifier must understand is refused by one that knows none.
+            return Err("unsupported_crit");
+        }
         let validation = self
             .validations
             .iter()
@@ -106,6 +151,7 @@ impl JwtVerifier {
         let mut candidates = keys
             .iter()
             .filter(|k| k.key.family() == family)
+            .filter(|k| k.alg.is_none_or(|alg| alg == header.alg))
             .filter(|k| match (&header.kid, &k.kid) {
                 (Some(want), Some(have)) => want == have,
                 _ => true,
@@ -173,18 +219,18 @@ pub fn load_keys_file(text: &str) -> Result<Vec<JwtKey>, String> {
                 crate::config::json_problem(&e)
             )
         })?;
-        return set
-            .keys
-            .iter()
-            .map(|jwk| {
-                let key = DecodingKey::from_jwk(jwk)
-                    .map_err(|e| format!("keys_file holds an unusable JWK: {e}"))?;
-                Ok(JwtKey {
-                    kid: jwk.common.key_id.clone(),
-                    key,
-                })
-            })
-            .collect();
+        let mut keys = Vec::new();
+        for jwk in &set.keys {
+            if let Some(key) = JwtKey::from_jwk(jwk)
+                .map_err(|e| format!("keys_file holds an unusable JWK: {e}"))?
+            {
+                keys.push(key);
+            }
+        }
+        if keys.is_empty() {
+            return Err("keys_file holds no JWK that can verify signatures".to_owned());
+        }
+        return Ok(keys);
     }
     let mut keys = Vec::new();
     for block in pem_blocks(text) {
@@ -209,7 +255,7 @@ pub fn load_keys_file(text: &str) -> Result<Vec<JwtKey>, String> {
                 "keys_file holds a PEM block that is not an RSA, EC or Ed25519 public key"
                     .to_owned()
             })?;
-        keys.push(JwtKey { kid: None, key });
+        keys.push(JwtKey::any_algorithm(key));
     }
     if keys.is_empty() {
         return Err("keys_file holds no PEM key and is not a JWKS document".to_owned());

@@ -621,3 +621,38 @@ async fn keys_missing_at_start_are_fetched_soon_after_the_issuer_returns() {
     }
     assert!(verified, "tokens verify within 8 s of the issuer's return");
 }
+
+/// A JWK that names its `alg` verifies tokens of that algorithm only
+/// (RFC 7517 §4.4), even when the config allows another of its family.
+#[tokio::test]
+async fn a_jwk_verifies_only_the_algorithm_it_names() {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    let signing = EncodingKey::from_rsa_pem(key.serialize_pem().as_bytes()).unwrap();
+    let jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&signing, Algorithm::RS256).unwrap();
+    let mut encryption = jwk.clone();
+    encryption.common.key_algorithm = Some(jsonwebtoken::jwk::KeyAlgorithm::RSA_OAEP);
+    let set = json!({ "keys": [encryption, jwk] });
+    let gw = gateway_with_keys_file(&set.to_string(), "[RS256, PS256]").await;
+    let rs256 =
+        jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims(json!({})), &signing).unwrap();
+    assert_eq!(call(&gw, &rs256).await.status, 200);
+    let ps256 =
+        jsonwebtoken::encode(&Header::new(Algorithm::PS256), &claims(json!({})), &signing).unwrap();
+    refused_for(&gw, &ps256, "bad_signature").await;
+}
+
+/// A token whose header lists critical extensions is refused: sluice
+/// understands none (RFC 7515 §4.1.11).
+#[tokio::test]
+async fn a_token_with_critical_extensions_is_refused() {
+    let gw = TestGateway::start(&hs_config("[HS256]")).await;
+    let mut header = Header::new(Algorithm::HS256);
+    header.crit = Some(vec!["exp-policy".into()]);
+    let token = jsonwebtoken::encode(
+        &header,
+        &claims(json!({})),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    refused_for(&gw, &token, "unsupported_crit").await;
+}
