@@ -10,7 +10,7 @@ use http::{HeaderValue, Method, Uri};
 
 use super::cache::{CacheStatus, Fill};
 use super::cors::Allowed;
-use super::limit::Reservation;
+use super::limit::{RequestUnits, Reservation};
 use crate::server::deadline::{Armed, Deadline};
 use crate::server::idle::{Activity, Busy};
 use crate::state::{Decision, Slot};
@@ -131,6 +131,8 @@ pub struct RequestCtx {
     pub response_body: Option<String>,
     /// The tightest request bucket seen, for the `x-ratelimit-*` headers.
     pub rate_limit: Option<Decision>,
+    /// The request units admission took (refunded on a token refusal).
+    pub request_units: RequestUnits,
     /// A concurrency slot, released when the ctx is dropped at finalize.
     pub slot: Option<Slot>,
     /// The tightest token bucket seen, for the `x-ratelimit-*-tokens` headers.
@@ -183,6 +185,7 @@ impl RequestCtx {
             request_body: None,
             response_body: None,
             rate_limit: None,
+            request_units: RequestUnits::default(),
             slot: None,
             token_limit: None,
             reservations: Vec::new(),

@@ -57,7 +57,7 @@ pub async fn admit(
         if !decision.allowed {
             return Err(refuse("requests", decision.retry_after));
         }
-        if let Some(slot) = taken.units.get_mut(i) {
+        if let Some(slot) = taken.units.0.get_mut(i) {
             *slot = Some((key, per_minute, shared));
         }
     }
@@ -98,7 +98,7 @@ pub async fn admit(
             None => return Err(refuse("concurrency", CONCURRENCY_RETRY)),
         }
     }
-    taken.keep();
+    ctx.request_units = taken.keep();
     Ok(())
 }
 
@@ -107,28 +107,44 @@ pub async fn admit(
 /// a state error, the request's future dropped) unless kept.
 struct Taken<'a> {
     state: &'a State,
-    units: [Option<(BucketKey, u64, bool)>; 2],
+    units: RequestUnits,
 }
 
 impl<'a> Taken<'a> {
     fn new(state: &'a State) -> Self {
         Taken {
             state,
-            units: [None, None],
+            units: RequestUnits::default(),
         }
     }
 
-    /// The request is admitted: the units stay taken.
-    fn keep(mut self) {
-        self.units = [None, None];
+    /// The request is admitted: the units stay taken, and the request
+    /// holds them until a later phase either keeps or refunds them.
+    fn keep(mut self) -> RequestUnits {
+        std::mem::take(&mut self.units)
     }
 }
 
 impl Drop for Taken<'_> {
     fn drop(&mut self) {
-        for (key, per_minute, shared) in self.units.iter_mut().filter_map(Option::take) {
-            self.state.adjust(&key, per_minute, -1, shared);
+        let _ = self.units.give_back(self.state);
+    }
+}
+
+/// The request units an admitted request took, so that a refusal by its
+/// token limits, which comes later, gives them back too.
+#[derive(Debug, Default)]
+pub struct RequestUnits([Option<(BucketKey, u64, bool)>; 2]);
+
+impl RequestUnits {
+    /// Whether any unit was given back.
+    fn give_back(&mut self, state: &State) -> bool {
+        let mut any = false;
+        for (key, per_minute, shared) in self.0.iter_mut().filter_map(Option::take) {
+            state.adjust(&key, per_minute, -1, shared);
+            any = true;
         }
+        any
     }
 }
 
@@ -195,7 +211,7 @@ pub async fn reserve_tokens(
             // It would not fit in an empty bucket: no wait helps, and the
             // backends must not each guess one. A full window is the
             // soonest a retry (with a smaller request) means anything.
-            release(state, ctx);
+            refund(state, ctx);
             ctx.token_limit = given_back;
             if let Ok((decision, _)) = state.take(&key, per_minute, 0).await {
                 keep_tightest(&mut ctx.token_limit, decision);
@@ -209,13 +225,13 @@ pub async fn reserve_tokens(
         let (decision, shared) = match state.take(&key, per_minute, estimate).await {
             Ok(taken) => taken,
             Err(e) => {
-                release(state, ctx);
+                refund(state, ctx);
                 ctx.token_limit = given_back;
                 return Err(e.into());
             }
         };
         if !decision.allowed {
-            release(state, ctx);
+            refund(state, ctx);
             ctx.token_limit = given_back;
             keep_tightest(&mut ctx.token_limit, decision);
             let tier = identity.tier.as_deref();
@@ -273,10 +289,17 @@ pub struct Reservation {
     shared: bool,
 }
 
-/// Settles the reservations to the tokens really used, or gives them all
-/// back when the answer reported none (the request failed).
+/// Settles the reservations to the tokens really used. An answer that
+/// reported none keeps its estimate when the upstream did answer (an
+/// upstream that counts nothing, a stream its client left or that broke
+/// off: the tokens were spent all the same), and gives it back when the
+/// request failed.
 pub fn settle(state: &State, ctx: &mut RequestCtx) {
     let used = match (ctx.input_tokens, ctx.output_tokens) {
+        (None, None) if (200..300).contains(&ctx.status) => {
+            ctx.reservations.clear();
+            return;
+        }
         (None, None) => {
             release(state, ctx);
             return;
@@ -288,6 +311,18 @@ pub fn settle(state: &State, ctx: &mut RequestCtx) {
         let delta =
             i64::try_from(used).unwrap_or(i64::MAX) - i64::try_from(r.tokens).unwrap_or(i64::MAX);
         state.adjust(&r.key, r.per_minute, delta, r.shared);
+    }
+}
+
+/// A refusal after admission: the reserved tokens and the request units
+/// both go back, as for a request refused at once.
+fn refund(state: &State, ctx: &mut RequestCtx) {
+    release(state, ctx);
+    if ctx.request_units.give_back(state)
+        && let Some(shown) = ctx.rate_limit.as_mut()
+    {
+        // Each bucket got its unit back; the headers show that.
+        shown.remaining = shown.remaining.saturating_add(1).min(shown.limit);
     }
 }
 

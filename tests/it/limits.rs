@@ -419,3 +419,76 @@ async fn a_request_over_the_whole_token_limit_says_it_never_fits() {
         .await;
     assert_eq!(ok.status, 200, "{}", ok.text());
 }
+
+/// A request refused by a token limit gives back the request units its
+/// admission took, as a request refused at once does: a client retrying
+/// on token 429s does not drain its request buckets.
+#[tokio::test]
+async fn token_refusals_give_back_their_request_units() {
+    let up = llm_reporting(10, Duration::ZERO).await;
+    let gw = TestGateway::start(&config(
+        &up.url(),
+        "{ tokens_per_minute: 1000 }",
+        "    rate_limit: { requests_per_minute: 2 }",
+    ))
+    .await;
+    for _ in 0..3 {
+        let refused = post(&gw, r#"{"model":"m","max_tokens":5000,"messages":[]}"#).await;
+        assert_eq!(refused.status, 429, "{}", refused.text());
+        assert_eq!(refused.header("x-ratelimit-remaining-requests"), Some("2"));
+    }
+    let ok = post(&gw, "{}").await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert_eq!(ok.header("x-ratelimit-remaining-requests"), Some("1"));
+}
+
+/// An answer that reports no usage (an app that counts nothing) keeps
+/// the request's estimate in the token buckets: the limit still binds.
+#[tokio::test]
+async fn an_answer_without_usage_is_charged_its_estimate() {
+    const BODY: &str = r#"{"model":"m","max_tokens":900,"messages":[]}"#;
+    let up = MockUpstream::always(UpstreamReply::json(&serde_json::json!({
+        "object": "chat.completion", "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+    })))
+    .await;
+    let gw = TestGateway::start(&config(&up.url(), "{ tokens_per_minute: 1000 }", "")).await;
+    assert_eq!(post(&gw, BODY).await.status, 200);
+    gw.wait_access_logs(1).await;
+    let second = post(&gw, BODY).await;
+    assert_eq!(
+        second.status,
+        429,
+        "911 of 1000 stay spent: {}",
+        second.text()
+    );
+    assert_eq!(up.seen().len(), 1);
+}
+
+/// A client that leaves in the middle of a stream, before the usage
+/// chunk, is charged its estimate: hanging up early is no way around
+/// a token limit.
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_is_charged_its_estimate() {
+    let chunk = r#"{"object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}"#;
+    let mut events = vec![chunk; 10];
+    events.push(r#"{"object":"chat.completion.chunk","model":"m","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":10}}"#);
+    events.push("[DONE]");
+    let up = MockUpstream::always(UpstreamReply::sse(&events, Duration::from_millis(150))).await;
+    let gw = TestGateway::start(&config(&up.url(), "{ tokens_per_minute: 1000 }", "")).await;
+    let leaving = post(
+        &gw,
+        r#"{"model":"m","stream":true,"max_tokens":800,"messages":[]}"#,
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(600), leaving)
+            .await
+            .is_err(),
+        "the stream ended before the client left"
+    );
+    let logs = gw.wait_access_logs(1).await;
+    assert_eq!(logs[0]["status"], 200, "{logs:?}");
+    assert_eq!(logs[0]["error"], "client_closed", "{logs:?}");
+    let next = post(&gw, r#"{"model":"m","max_tokens":500,"messages":[]}"#).await;
+    assert_eq!(next.status, 429, "~815 of 1000 stay spent: {}", next.text());
+}
