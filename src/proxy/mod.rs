@@ -281,6 +281,26 @@ async fn process(
         });
     }
     let host = route::request_host(req.version(), req.uri(), req.headers())?;
+    let slash_view = route::slashes_decoded(req.uri().path());
+    if let Some(view) = &slash_view {
+        // An app may read `%2F` as `/`, and then `..` as a step up, or
+        // not: every reading must meet the same route, or one of them
+        // would pass another route's auth (Envoy's
+        // `path_with_escaped_slashes_action` refuses such paths too).
+        let meets = |path: &str| {
+            route::select(snap, req.method(), path, host, req.headers())
+                .ok()
+                .map(|(index, _)| index)
+        };
+        let written = meets(req.uri().path());
+        let resolved = route::normalized(view);
+        if meets(view) != written || resolved.is_some_and(|p| meets(&p) != written) {
+            return Err(ProxyError::InvalidRequest {
+                message: "the path's escaped slashes (%2F, %5C) would make it meet another route than as written; send them as `/`".to_owned(),
+                param: None,
+            });
+        }
+    }
     let (index, route) =
         match route::select(snap, req.method(), req.uri().path(), host, req.headers()) {
             Ok(found) => found,
@@ -331,8 +351,17 @@ async fn process(
     let (parts, body) = req.into_parts();
     let deadline = ctx.deadline(snap);
     let budget = gw.body_budget(snap);
-    let mut body =
-        validate::check_body(&route.validate, &parts, body, max_body, deadline, budget).await?;
+    let route_path = slash_view.as_deref().unwrap_or(parts.uri.path());
+    let mut body = validate::check_body(
+        &route.validate,
+        &parts,
+        route_path,
+        body,
+        max_body,
+        deadline,
+        budget,
+    )
+    .await?;
     if matches!(body, forward::RequestBody::Read(_)) {
         ctx.body_unread = false;
     }

@@ -120,6 +120,37 @@ pub fn normalized(path: &str) -> Option<String> {
     (out != path).then_some(out)
 }
 
+/// The path as an app that decodes `%2F` and `%5C` to slashes before
+/// its own routing reads it (Starlette, Werkzeug do), dot segments kept
+/// as such an app may keep them; `None` when `path` has neither escape.
+/// The upstream still gets the path as written; routes must agree on
+/// every reading of it (see `proxy::process`).
+pub fn slashes_decoded(path: &str) -> Option<String> {
+    let bytes = path.as_bytes();
+    let escaped_slash = memchr::memchr_iter(b'%', bytes)
+        .any(|i| matches!(bytes.get(i + 1..i + 3), Some(b"2F" | b"2f" | b"5C" | b"5c")));
+    if !escaped_slash {
+        return None;
+    }
+    let mut plain = String::with_capacity(path.len());
+    let mut rest = path;
+    while let Some(at) = rest.find('%') {
+        plain.push_str(&rest[..at]);
+        match rest.get(at + 1..at + 3) {
+            Some("2F" | "2f" | "5C" | "5c") => {
+                plain.push('/');
+                rest = &rest[at + 3..];
+            }
+            _ => {
+                plain.push('%');
+                rest = &rest[at + 1..];
+            }
+        }
+    }
+    plain.push_str(rest);
+    Some(plain)
+}
+
 /// `path` with the escapes of unreserved characters (letters, digits,
 /// `-._~`) decoded; other escapes are kept as written.
 fn decode_unreserved(path: &str) -> String {
@@ -278,5 +309,24 @@ mod tests {
         assert!(!path_matches(&PathMatch::Prefix("/v1/".into()), "/v2/chat"));
         assert!(path_matches(&PathMatch::Exact("/a".into()), "/a"));
         assert!(!path_matches(&PathMatch::Exact("/a".into()), "/a/b"));
+    }
+
+    #[test]
+    fn escaped_slashes_are_read_as_slashes_for_routing() {
+        for (path, view) in [
+            ("/v1/chat%2Fcompletions", Some("/v1/chat/completions")),
+            ("/v1/chat%2fcompletions", Some("/v1/chat/completions")),
+            ("/public%2F..%2Fadmin", Some("/public/../admin")),
+            ("/a%5C..%5Cb", Some("/a/../b")),
+            (
+                "/v1/models/org%2Fmodel%3A1",
+                Some("/v1/models/org/model%3A1"),
+            ),
+            ("/v1/models%2", None),
+            ("/v1/chat/completions", None),
+            ("/100%25", None),
+        ] {
+            assert_eq!(slashes_decoded(path).as_deref(), view, "{path}");
+        }
     }
 }

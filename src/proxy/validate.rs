@@ -44,10 +44,11 @@ pub fn check_declared_size(headers: &HeaderMap, limit: u64) -> Result<(), ProxyE
 }
 
 /// On a route with `validate`, reads the body (bounded) and checks it;
-/// otherwise leaves it to stream.
+/// otherwise leaves it to stream. `path` is the one routes read.
 pub async fn check_body(
     validate: &Validate,
     parts: &Parts,
+    path: &str,
     body: Incoming,
     max_body: u64,
     deadline: Instant,
@@ -57,7 +58,7 @@ pub async fn check_body(
     let (applies, endpoint) = match validate {
         Validate::None => (false, None),
         Validate::OpenAi => {
-            let endpoint = Endpoint::of(parts.uri.path());
+            let endpoint = Endpoint::of(path);
             (endpoint.is_some(), endpoint)
         }
         Validate::Schema(_) => (true, None),

@@ -268,16 +268,17 @@ routes:
         up.url()
     ))
     .await;
-    for path in [
-        "/%61dmin/users",
-        "/public/../admin/users",
-        "//admin/users",
-        // An escaped slash is no slash: this stays under /admin.
-        "/admin/x%2F..%2F..%2Fpublic",
-    ] {
+    for path in ["/%61dmin/users", "/public/../admin/users", "//admin/users"] {
         let reply = Client::new().get(&gw.url(path)).await;
         assert_eq!(reply.status, 401, "{path}");
     }
+    // Read with `%2F` as `/` and `..` resolved, this meets the open
+    // route; as written, the guarded one: refused, whichever the app does.
+    let reply = Client::new()
+        .get(&gw.url("/admin/x%2F..%2F..%2Fpublic"))
+        .await;
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "invalid_request");
     assert!(up.seen().is_empty());
     // The upstream gets the path the route saw, the query as it came.
     let reply = Client::new().get(&gw.url("/public/./%78//y?q=%2E")).await;
@@ -303,4 +304,70 @@ async fn a_configured_key_with_blanks_around_it_matches() {
         )
         .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+/// An app that decodes `%2F` before routing (Starlette, Werkzeug) reads
+/// `/v1/chat%2Fcompletions` as the guarded, validated path: sluice
+/// refuses a path whose readings meet different routes, and passes one
+/// whose readings agree with its escape as written.
+#[tokio::test]
+async fn an_escaped_slash_cannot_slip_past_a_guarded_route() {
+    let up = crate::support::MockUpstream::always(crate::support::UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  app: {{ url: "{}" }}
+auth:
+  api_keys:
+    - {{ id: ops, key: sk-ops-0123456789 }}
+routes:
+  - name: chat
+    match: {{ path: /v1/chat/completions }}
+    auth: required
+    validate: openai
+    upstream: app
+  - name: validated
+    match: {{ path_prefix: /api/ }}
+    auth: none
+    validate: openai
+    upstream: app
+  - name: open
+    match: {{ path_prefix: / }}
+    auth: none
+    upstream: app
+"#,
+        up.url()
+    ))
+    .await;
+    // Both readings meet `validated`: the body is checked as a chat
+    // request's, as the app will read it.
+    let reply = Client::new()
+        .post_json(
+            &gw.url("/api/v1/chat%2Fcompletions"),
+            &[],
+            r#"{"model":1,"messages":"x"}"#,
+        )
+        .await;
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["param"], "model", "{}", reply.text());
+    for path in [
+        "/v1/chat%2Fcompletions",
+        "/v1/chat%2fcompletions",
+        "/v1%5Cchat/completions",
+    ] {
+        let reply = Client::new()
+            .post_json(&gw.url(path), &[], r#"{"model":1,"messages":"x"}"#)
+            .await;
+        assert_eq!(reply.status, 400, "{path}: {}", reply.text());
+        assert_eq!(reply.json()["error"]["code"], "invalid_request");
+    }
+    assert!(up.seen().is_empty(), "the app was reached");
+    let reply = Client::new()
+        .get(&gw.url("/v1/models/meta-llama%2FLlama-3-8B"))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        up.seen()[0].uri.path(),
+        "/v1/models/meta-llama%2FLlama-3-8B"
+    );
 }
