@@ -96,27 +96,41 @@ impl Compiler<'_> {
     /// variable may hold a secret, and config errors reach `check`'s
     /// output and the reload log. A quoted value (`` `…` ``) is put back
     /// whole; a long one (a key, a token) wherever it appears.
-    fn as_written(&self, mut message: String) -> String {
-        // Longest first: a value inside another is not put back first,
-        // which would leave the rest of the longer one showing.
-        let mut expansions: Vec<&(String, String)> = self.expansions.iter().collect();
-        expansions.sort_by_key(|(value, _)| std::cmp::Reverse(value.len()));
-        for (value, written) in expansions {
-            // Values are read trimmed: a file's value often ends in `\n`.
+    fn as_written(&self, message: String) -> String {
+        if self.expansions.is_empty() {
+            return message;
+        }
+        // Values are read trimmed too: a file's value often ends in `\n`.
+        let mut swaps: Vec<(String, String)> = Vec::new();
+        for (value, written) in &self.expansions {
             for value in [value.as_str(), value.trim()] {
                 if value.is_empty() {
                     continue;
                 }
-                let quoted = format!("`{value}`");
-                if message.contains(&quoted) {
-                    message = message.replace(&quoted, &format!("`{written}`"));
-                }
-                if value.len() >= 8 && message.contains(value) {
-                    message = message.replace(value, written);
+                swaps.push((format!("`{value}`"), format!("`{written}`")));
+                if value.len() >= 8 {
+                    swaps.push((value.to_owned(), written.clone()));
                 }
             }
         }
-        message
+        // Longest first, so a value inside another does not leave the rest
+        // of the longer one showing; one pass, so what was put back (which
+        // may hold its own default) is never replaced again.
+        swaps.sort_by_key(|(value, _)| std::cmp::Reverse(value.len()));
+        let mut out = String::with_capacity(message.len());
+        let mut rest = message.as_str();
+        'scan: while let Some(ch) = rest.chars().next() {
+            for (value, written) in &swaps {
+                if let Some(after) = rest.strip_prefix(value.as_str()) {
+                    out.push_str(written);
+                    rest = after;
+                    continue 'scan;
+                }
+            }
+            out.push(ch);
+            rest = &rest[ch.len_utf8()..];
+        }
+        out
     }
 
     /// Something that works but that the operator should fix; `check`

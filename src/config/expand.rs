@@ -3,8 +3,10 @@
 
 /// Expands every `${…}` in `text`. `lookup` returns a variable's value;
 /// an unset variable with no default is an error naming it; the default
-/// also replaces a variable set to the empty string, as in the shell. `$$` stays a
-/// literal `$` so that values may contain `${` when they must.
+/// also replaces a variable set to the empty string, as in the shell. A
+/// default may hold references of its own (`${A:-${B}}`, as in docker
+/// compose), expanded only when it is used. `$$` stays a literal `$` so
+/// that values may contain `${` when they must.
 ///
 /// ```
 /// use sluice::config::expand::expand;
@@ -15,6 +17,10 @@
 /// assert!(expand("${MISSING}", env).is_err());
 /// ```
 pub fn expand(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    expand_with(text, &lookup)
+}
+
+fn expand_with(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
     if !text.contains('$') {
         return Ok(text.to_owned());
     }
@@ -27,9 +33,7 @@ pub fn expand(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Str
             out.push('$');
             rest = tail;
         } else if let Some(body) = after.strip_prefix('{') {
-            let end = body
-                .find('}')
-                .ok_or_else(|| "unterminated `${` in value".to_owned())?;
+            let end = closing_brace(body).ok_or_else(|| "unterminated `${` in value".to_owned())?;
             let inner = &body[..end];
             let (name, default) = match inner.split_once(":-") {
                 Some((name, default)) => (name, Some(default)),
@@ -41,9 +45,11 @@ pub fn expand(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Str
             match (lookup(name), default) {
                 // As in the shell and docker compose, `:-` also covers a
                 // variable set to the empty string.
-                (Some(value), Some(default)) if value.is_empty() => out.push_str(default),
+                (Some(value), Some(default)) if value.is_empty() => {
+                    out.push_str(&expand_with(default, lookup)?);
+                }
                 (Some(value), _) => out.push_str(&value),
-                (None, Some(default)) => out.push_str(default),
+                (None, Some(default)) => out.push_str(&expand_with(default, lookup)?),
                 (None, None) => {
                     return Err(format!(
                         "environment variable `{name}` is not set (use `${{{name}:-default}}` for a default)"
@@ -58,6 +64,28 @@ pub fn expand(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Str
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// Where the `}` closing a `${` ends, in `body` (the text after `${`):
+/// the first one outside any nested `${…}`.
+fn closing_brace(body: &str) -> Option<usize> {
+    let bytes = body.as_bytes();
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], bytes.get(i + 1)) {
+            (b'$', Some(b'$')) => i += 1,
+            (b'$', Some(b'{')) => {
+                depth += 1;
+                i += 1;
+            }
+            (b'}', _) if depth == 0 => return Some(i),
+            (b'}', _) => depth -= 1,
+            _ => {}
+        }
+        i += 1;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -81,6 +109,22 @@ mod tests {
         assert_eq!(expand("${EMPTY}", env).unwrap(), "");
         assert_eq!(expand("a$$b $5", env).unwrap(), "a$b $5");
         assert_eq!(expand("plain", env).unwrap(), "plain");
+    }
+
+    #[test]
+    fn defaults_may_hold_references() {
+        assert_eq!(expand("${NOPE:-${KEY}}", env).unwrap(), "s3cret");
+        assert_eq!(expand("${EMPTY:-${NOPE:-x}}!", env).unwrap(), "x!");
+        // Used only when needed: a set variable skips its default.
+        assert_eq!(expand("${KEY:-${NOPE}}", env).unwrap(), "s3cret");
+        let err = expand("${NOPE:-${ALSO_NOPE}}", env).unwrap_err();
+        assert!(err.contains("`ALSO_NOPE` is not set"), "{err}");
+        assert_eq!(expand("${NOPE:-a$${b}}", env).unwrap(), "a${b}");
+        assert!(
+            expand("${NOPE:-${KEY}", env)
+                .unwrap_err()
+                .contains("unterminated")
+        );
     }
 
     #[test]

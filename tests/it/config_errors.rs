@@ -169,6 +169,42 @@ fn variable_default_is_used_when_unset_and_the_value_when_set() {
     );
 }
 
+/// A default is put back as written once: a message never nests it in
+/// itself, whatever its length.
+#[test]
+fn a_long_default_is_quoted_as_written_once() {
+    let yaml = format!("logging:\n  format: \"${{FMT:-jsonlines}}\"\n{BASE}");
+    assert_eq!(
+        errors(&yaml),
+        ["test.yaml:2:11: `${FMT:-jsonlines}` is not one of: json, text"]
+    );
+}
+
+/// A default may name another variable, as in docker compose: a key
+/// `${TEAM_KEY:-${FALLBACK_KEY}}` is never the literal text.
+#[test]
+fn a_default_may_name_another_variable() {
+    let yaml = "\
+auth:
+  api_keys:
+    - { id: a, key: \"${TEAM_KEY:-${FALLBACK_KEY}}\" }
+upstreams:
+  app: { mock: {} }
+routes:
+  - name: chat
+    match: { path_prefix: / }
+    upstream: app
+";
+    assert_eq!(
+        errors(yaml),
+        [
+            "test.yaml:3:21: environment variable `FALLBACK_KEY` is not set \
+          (use `${FALLBACK_KEY:-default}` for a default)"
+        ]
+    );
+    assert!(load(yaml, &[("FALLBACK_KEY", "fallback-secret-123")]).is_ok());
+}
+
 #[test]
 fn duration_with_an_unknown_unit_is_rejected() {
     let yaml = format!("limits:\n  request_timeout: 30x\n{BASE}");
