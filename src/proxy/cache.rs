@@ -110,11 +110,15 @@ pub async fn lookup(
                     break;
                 }
                 Join::Wait(mut done) => {
-                    // Woken when the lead stored its response or gave up;
-                    // past the deadline the request goes on alone. The wait
-                    // is the lead's upstream time, not sluice's overhead.
+                    // Woken when the lead stored its response or gave up.
+                    // The lead's answer fills the cache as fast as the
+                    // lead's client reads it, which may be never: past half
+                    // of what is left of its own time, the request goes on
+                    // alone, with time left for its own upstream call. The
+                    // wait is the lead's upstream time, not sluice's overhead.
                     let since = Instant::now();
-                    let woken = tokio::time::timeout_at(deadline.into(), done.changed()).await;
+                    let give_up = since + deadline.saturating_duration_since(since) / 2;
+                    let woken = tokio::time::timeout_at(give_up.into(), done.changed()).await;
                     ctx.upstream_wait += since.elapsed();
                     // A final answer that was not stored would be the
                     // same for each waiter: taking the lead in turn would

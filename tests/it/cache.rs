@@ -633,3 +633,62 @@ async fn a_token_limit_refusal_after_a_miss_is_a_bypass() {
     assert_eq!(cache_results(&gw, "miss").await, Some(0.0));
     assert!(up.seen().is_empty());
 }
+
+/// A lead whose client stops reading fills the cache no further; a
+/// request waiting on it goes on alone in time for its own upstream call,
+/// instead of timing out (and counting a timeout the upstream never had).
+#[tokio::test]
+async fn a_lead_whose_client_stops_reading_does_not_hold_the_waiters() {
+    use tokio::io::AsyncWriteExt;
+    let big = "x".repeat(7 << 20);
+    let upstream = MockUpstream::always(UpstreamReply::text(big.clone())).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+limits: {{ request_timeout: 4s }}
+cache: {{ max_bytes: 64MiB }}
+upstreams:
+  llm: {{ url: "{}" }}
+auth:
+  api_keys:
+    - {{ id: alice, key: sk-alice-0001 }}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    cache: {{ ttl: 10m, scope: shared }}
+    upstream: llm
+"#,
+        upstream.url()
+    ))
+    .await;
+    // The lead: asks, then reads nothing, through a tiny receive window.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut lead = socket.connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-alice-0001\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{CHAT}",
+        CHAT.len()
+    );
+    lead.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(upstream.seen().len(), 1);
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[ALICE], CHAT)
+        .await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        &reply.text()[..200.min(reply.text().len())]
+    );
+    assert_eq!(reply.text().len(), big.len());
+    assert_eq!(
+        gw.metric(
+            "sluice_upstream_requests_total",
+            &[("upstream", "llm"), ("outcome", "timeout")]
+        )
+        .await,
+        Some(0.0)
+    );
+    drop(lead);
+}
