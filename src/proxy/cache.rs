@@ -95,7 +95,9 @@ pub async fn lookup(
     let mut flight = None;
     if !directives.no_cache {
         for _ in 0..MAX_WAITS {
-            if let Some(entry) = gw.state.cache_get(&key).await {
+            if let Some(entry) = gw.state.cache_get(&key).await
+                && serves(&entry, settings, &parts.headers)
+            {
                 ctx.cache = Some(CacheStatus::Hit);
                 ctx.model.clone_from(&entry.model);
                 metrics.cache_result(CacheStatus::Hit);
@@ -134,7 +136,13 @@ pub async fn lookup(
     // Counted when the request ends (`count_miss`): a limit may still
     // refuse it before any upstream is asked.
     ctx.cache = Some(CacheStatus::Miss);
-    ctx.cache_fill = Some(Fill::new(key, settings, flight, gw.state.cache_entry_cap()));
+    ctx.cache_fill = Some(Fill::new(
+        key,
+        settings,
+        flight,
+        gw.state.cache_entry_cap(),
+        &parts.headers,
+    ));
     Ok(Step::Forward(RequestBody::Read(bytes)))
 }
 
@@ -270,6 +278,54 @@ fn canonical(hash: &mut Sha256, value: &Value) {
     }
 }
 
+/// Whether a stored entry answers this request: it is younger than the
+/// route's TTL as it now is (a reload may have shortened it), and the
+/// request has the values of the headers its response varies on.
+fn serves(entry: &CachedResponse, settings: &RouteCache, request: &HeaderMap) -> bool {
+    if entry.stored_at.elapsed() >= settings.ttl {
+        return false;
+    }
+    match entry.vary {
+        None => true,
+        Some(digest) => {
+            vary_names(&entry.headers).is_some_and(|names| vary_digest(&names, request) == digest)
+        }
+    }
+}
+
+/// The request header names a response's `vary` lists, lower-cased;
+/// `None` for `vary: *` (no two requests are the same).
+fn vary_names(response: &HeaderMap) -> Option<Vec<String>> {
+    let mut names = Vec::new();
+    for value in response.get_all(header::VARY) {
+        for name in value.to_str().unwrap_or("*").split(',') {
+            let name = name.trim();
+            if name == "*" {
+                return None;
+            }
+            if !name.is_empty() {
+                names.push(name.to_ascii_lowercase());
+            }
+        }
+    }
+    Some(names)
+}
+
+/// The digest of `request`'s values of `names` (a digest: one of them
+/// may be a credential, and entries may sit in Redis).
+fn vary_digest(names: &[String], request: &HeaderMap) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    for name in names {
+        field(&mut hash, name.as_bytes());
+        for value in request.get_all(name.as_str()) {
+            hash.update(b"=");
+            field(&mut hash, value.as_bytes());
+        }
+        hash.update(b";");
+    }
+    hash.finalize().into()
+}
+
 fn hit_response(entry: &CachedResponse) -> Response<BoxBody> {
     let mut resp = Response::new(body::full(entry.body.clone()));
     resp.headers_mut().clone_from(&entry.headers);
@@ -292,6 +348,9 @@ pub struct Fill {
     len: usize,
     /// Past it (`len > cap`) the body is no longer copied or stored.
     cap: usize,
+    /// The request's headers until the response says what it varies on.
+    request: Option<HeaderMap>,
+    vary: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for Fill {
@@ -316,7 +375,13 @@ impl Fill {
         }
     }
 
-    fn new(key: Key, settings: &RouteCache, flight: Option<Flight>, cap: usize) -> Self {
+    fn new(
+        key: Key,
+        settings: &RouteCache,
+        flight: Option<Flight>,
+        cap: usize,
+        request: &HeaderMap,
+    ) -> Self {
         Fill {
             key,
             ttl: settings.ttl,
@@ -325,18 +390,31 @@ impl Fill {
             chunks: Vec::new(),
             len: 0,
             cap,
+            request: Some(request.clone()),
+            vary: None,
         }
     }
 
     /// Takes the response head to store; false when this response must
     /// not be stored (only a 200 is, and not when the upstream said
-    /// `no-store` or `private`).
+    /// `no-store` or `private`, or `vary: *`).
     pub fn accept_head(&mut self, status: StatusCode, headers: &HeaderMap) -> bool {
+        let request = self.request.take();
         if status != StatusCode::OK
             || directives(headers)
                 .any(|d| d.eq_ignore_ascii_case("no-store") || d.eq_ignore_ascii_case("private"))
         {
             return false;
+        }
+        // A response that varies on request headers (a cookie, the
+        // origin, the language) answers only requests with the same
+        // values: the key holds none of them.
+        match vary_names(headers) {
+            None => return false,
+            Some(names) if names.is_empty() => {}
+            Some(names) => {
+                self.vary = Some(vary_digest(&names, &request.unwrap_or_default()));
+            }
         }
         for (name, value) in headers {
             if !is_per_response(name) {
@@ -396,6 +474,7 @@ impl Fill {
                 model,
                 cost_usd,
                 ttl: self.ttl,
+                vary: self.vary,
             },
             self.flight.take(),
         );
@@ -433,11 +512,32 @@ mod tests {
             ttl: Duration::from_secs(60),
             scope: crate::snapshot::CacheScope::Shared,
         };
-        let mut fill = Fill::new([0; 32], &settings, None, 1024);
+        let mut fill = Fill::new([0; 32], &settings, None, 1024, &HeaderMap::new());
         assert!(fill.accept_head(StatusCode::OK, &headers));
         let stored = fill.headers.get(header::CONTENT_TYPE).unwrap();
         assert_eq!(stored.as_bytes(), &buffer[..16]);
         let range = buffer.as_ptr_range();
         assert!(!range.contains(&stored.as_bytes().as_ptr()));
+    }
+
+    /// A reload that shortens a route's TTL applies to entries stored
+    /// before it: they answer no longer than the TTL now says.
+    #[test]
+    fn entries_answer_within_the_ttl_as_it_now_is() {
+        let entry = CachedResponse {
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            stored_at: Instant::now() - Duration::from_secs(5),
+            model: None,
+            cost_usd: None,
+            ttl: Duration::from_secs(600),
+            vary: None,
+        };
+        let ttl = |secs| RouteCache {
+            ttl: Duration::from_secs(secs),
+            scope: crate::snapshot::CacheScope::Shared,
+        };
+        assert!(serves(&entry, &ttl(600), &HeaderMap::new()));
+        assert!(!serves(&entry, &ttl(2), &HeaderMap::new()));
     }
 }

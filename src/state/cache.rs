@@ -27,6 +27,9 @@ pub struct CachedResponse {
     /// What the upstream call cost: what each hit saves.
     pub cost_usd: Option<f64>,
     pub ttl: Duration,
+    /// The digest of the first request's values of the headers the
+    /// response's `vary` names: a hit needs the same values.
+    pub vary: Option<[u8; 32]>,
 }
 
 impl CachedResponse {

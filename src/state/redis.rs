@@ -490,6 +490,8 @@ struct EntryHead {
     cost_usd: Option<f64>,
     stored_unix_ms: u64,
     ttl_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vary: Option<String>,
 }
 
 fn unix_ms() -> u64 {
@@ -510,6 +512,7 @@ fn encode_entry(entry: &CachedResponse) -> Vec<u8> {
         cost_usd: entry.cost_usd,
         stored_unix_ms: unix_ms().saturating_sub(millis(age)),
         ttl_ms: millis(entry.ttl),
+        vary: entry.vary.map(hex::encode),
     };
     let mut out = serde_json::to_vec(&head).unwrap_or_default();
     out.push(b'\n');
@@ -537,6 +540,10 @@ fn decode_entry(raw: Bytes) -> Option<CachedResponse> {
         model: head.model,
         cost_usd: head.cost_usd,
         ttl: Duration::from_millis(head.ttl_ms),
+        vary: match head.vary {
+            Some(digest) => Some(hex::decode(digest).ok()?.try_into().ok()?),
+            None => None,
+        },
     })
 }
 
@@ -572,8 +579,10 @@ mod tests {
             model: Some("m".into()),
             cost_usd: Some(0.25),
             ttl: Duration::from_secs(60),
+            vary: Some([7; 32]),
         };
         let back = decode_entry(Bytes::from(encode_entry(&entry))).unwrap();
+        assert_eq!(back.vary, entry.vary);
         assert_eq!(back.body, entry.body);
         assert_eq!(back.headers, entry.headers);
         assert_eq!(back.model, entry.model);

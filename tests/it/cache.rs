@@ -692,3 +692,63 @@ routes:
     );
     drop(lead);
 }
+
+/// A response that varies on a request header (a cookie here) answers
+/// only requests with the same value: the key holds no header, so one
+/// user's answer must not reach another on the same key.
+#[tokio::test]
+async fn a_response_that_varies_on_a_header_answers_only_that_value() {
+    let upstream = MockUpstream::start(|seen| {
+        let cookie = seen.header("cookie").unwrap_or("none").to_owned();
+        UpstreamReply::text(format!("for {cookie}")).header("vary", "Cookie")
+    })
+    .await;
+    let (url, client) = (upstream.url(), Client::new());
+    let gw = TestGateway::start(&config(&url, "{ ttl: 10m, scope: shared }")).await;
+    let get = |cookie: &'static str| {
+        let (client, url) = (client.clone(), gw.url("/v1/me"));
+        async move {
+            client
+                .send(
+                    http::Method::GET,
+                    &url,
+                    &[ALICE, ("cookie", cookie)],
+                    Bytes::new(),
+                )
+                .await
+        }
+    };
+    let a = get("session=a").await;
+    assert_eq!(
+        (a.text().as_str(), a.header("x-sluice-cache")),
+        ("for session=a", Some("MISS"))
+    );
+    let b = get("session=b").await;
+    assert_eq!(
+        (b.text().as_str(), b.header("x-sluice-cache")),
+        ("for session=b", Some("MISS"))
+    );
+    let b_again = get("session=b").await;
+    assert_eq!(
+        (b_again.text().as_str(), b_again.header("x-sluice-cache")),
+        ("for session=b", Some("HIT"))
+    );
+    assert_eq!(upstream.seen().len(), 2);
+}
+
+/// `vary: *` says no two requests are the same: never stored.
+#[tokio::test]
+async fn a_response_that_varies_on_everything_is_not_stored() {
+    let (gw, upstream) = start(
+        "{ ttl: 10m }",
+        UpstreamReply::json(&answer()).header("vary", "*"),
+    )
+    .await;
+    for _ in 0..2 {
+        let reply = Client::new()
+            .post_json(&gw.url("/v1/chat/completions"), &[ALICE], CHAT)
+            .await;
+        assert_eq!(reply.header("x-sluice-cache"), Some("MISS"));
+    }
+    assert_eq!(upstream.seen().len(), 2);
+}
