@@ -125,9 +125,11 @@ impl Finish {
             ctx.response_body = Some(log.render(&active.snapshot.logging.known_secrets.0));
         }
         let mut stream_error = false;
+        let mut malformed = false;
         if let Some(meter) = meter {
             let usage = meter.finish();
             stream_error = usage.stream_error;
+            malformed = usage.malformed;
             if stream_error && ctx.error.is_none() {
                 // The upstream ended its stream with an error event of its
                 // own (the client saw it): the log and
@@ -143,6 +145,7 @@ impl Finish {
         if let Some(fill) = fill
             && ctx.error.is_none()
             && !stream_error
+            && !malformed
         {
             fill.store(&gw.state, ctx.model.clone(), ctx.cost_usd);
         }

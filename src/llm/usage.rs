@@ -26,6 +26,9 @@ pub struct Usage {
     /// A stream carried an error event (it may still end normally): not
     /// an answer to keep in the cache.
     pub stream_error: bool,
+    /// A JSON answer that is no JSON document (one an upstream cut short
+    /// by closing a body without a length): not to keep in the cache.
+    pub malformed: bool,
 }
 
 /// How an answer's choices ended, by choice index: the reason each gave
@@ -314,7 +317,13 @@ impl SseMeter {
 
 fn from_json_body(body: &[u8]) -> Usage {
     let Some(mut answer) = facts::parse::<Answer>(body) else {
-        return Usage::default();
+        // Refused by the typed view: a shape it does not take, or no
+        // JSON at all.
+        let malformed = serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err();
+        return Usage {
+            malformed,
+            ..Usage::default()
+        };
     };
     let counts = answer.usage.0.take().unwrap_or_default();
     let model = answer.model.0.take().map(Cow::into_owned);
@@ -328,6 +337,7 @@ fn from_json_body(body: &[u8]) -> Usage {
         output_tokens: counts.output(),
         finishes,
         stream_error: false,
+        malformed: false,
     }
 }
 
@@ -566,6 +576,7 @@ mod tests {
                 output_tokens: Some(1),
                 finishes: Finishes::default(),
                 stream_error: false,
+                malformed: false,
             };
             for event in events {
                 if !facts::holds_nothing_new(event, Some(known)) {
@@ -622,6 +633,7 @@ mod tests {
                 output_tokens: Some(9),
                 finishes: Finishes(smallvec::smallvec![(0, Some("stop".into()))]),
                 stream_error: false,
+                malformed: false,
             }
         );
     }

@@ -752,3 +752,24 @@ async fn a_response_that_varies_on_everything_is_not_stored() {
     }
     assert_eq!(upstream.seen().len(), 2);
 }
+
+/// A JSON answer cut short by an upstream that closed a body without a
+/// length looks ended to HTTP, but is no JSON document: not stored.
+#[tokio::test]
+async fn a_json_answer_cut_short_is_not_stored() {
+    use crate::support::raw::{AfterAnswer, RawUpstream};
+    let upstream = RawUpstream::start(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n\
+          {\"object\":\"chat.completion\",\"choices\":[{\"message\":{\"content\":\"hal",
+        AfterAnswer::CloseWhenIdle(Duration::from_millis(50)),
+    )
+    .await;
+    let gw = TestGateway::start(&config(&upstream.url(), "{ ttl: 10m }")).await;
+    for _ in 0..2 {
+        let reply = Client::new()
+            .post_json(&gw.url("/v1/chat/completions"), &[ALICE], CHAT)
+            .await;
+        assert_eq!(reply.header("x-sluice-cache"), Some("MISS"));
+    }
+    assert_eq!(upstream.requests(), 2);
+}
