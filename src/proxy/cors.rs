@@ -116,6 +116,20 @@ pub fn preflight(cors: &Cors, allowed: bool, request: &HeaderMap) -> Response<Bo
     resp
 }
 
+/// On a route with `cors`, the route's is the one policy: an upstream's
+/// own `access-control-*` headers (an app's `allow-origin: *`, its
+/// `allow-credentials: true`) are removed, or they would open the
+/// response to origins the route does not allow.
+pub fn drop_upstreams(headers: &mut HeaderMap) {
+    while let Some(name) = headers
+        .keys()
+        .find(|name| name.as_str().starts_with("access-control-"))
+        .cloned()
+    {
+        headers.remove(&name);
+    }
+}
+
 /// Adds the headers that let the browser hand the response to the page.
 pub fn decorate(allowed: Allowed, headers: &mut HeaderMap) {
     // A preflight answer names `origin` among its own `vary` already.

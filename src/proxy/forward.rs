@@ -742,6 +742,9 @@ async fn attempt(
         Ok(mut resp) => {
             metrics.first_byte.observe(elapsed.as_secs_f64());
             headers::to_client(resp.headers_mut());
+            if ctx.cors.is_some() {
+                super::cors::drop_upstreams(resp.headers_mut());
+            }
             ctx.upstream_idle = Some(upstream.timeouts.idle);
             Ok(resp)
         }

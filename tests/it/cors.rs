@@ -336,3 +336,63 @@ fn times_origin_varies(reply: &crate::support::ClientReply) -> usize {
         .map(|v| v.to_ascii_lowercase().matches("origin").count())
         .sum()
 }
+
+/// The route's `cors` is the one policy: an app's own permissive CORS
+/// headers reach neither a disallowed origin nor, beyond what the route
+/// says, an allowed one.
+#[tokio::test]
+async fn the_upstreams_own_cors_headers_are_replaced_by_the_routes() {
+    let upstream = MockUpstream::always(
+        UpstreamReply::text("{}")
+            .header("access-control-allow-origin", "*")
+            .header("access-control-allow-credentials", "true")
+            .header("access-control-expose-headers", "x-internal"),
+    )
+    .await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  app: {{ url: "{}" }}
+routes:
+  - name: web
+    match: {{ path_prefix: / }}
+    auth: none
+    cors: {{ allow_origins: ["https://app.example.com"] }}
+    upstream: app
+"#,
+        upstream.url()
+    ))
+    .await;
+    let call = |origin: &'static str| {
+        let url = gw.url("/x");
+        async move {
+            Client::new()
+                .send(
+                    Method::GET,
+                    &url,
+                    &[("origin", origin)],
+                    bytes::Bytes::new(),
+                )
+                .await
+        }
+    };
+    let evil = call("https://evil.example").await;
+    assert_eq!(evil.status, 200);
+    for (name, _) in &evil.headers {
+        assert!(
+            !name.as_str().starts_with("access-control-"),
+            "{name} sent to a disallowed origin"
+        );
+    }
+    let app = call("https://app.example.com").await;
+    assert_eq!(
+        app.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert_eq!(app.header("access-control-allow-credentials"), None);
+    assert!(
+        !app.header("access-control-expose-headers")
+            .unwrap_or_default()
+            .contains("x-internal")
+    );
+}
