@@ -30,6 +30,9 @@ pub enum ProxyError {
     },
     /// The client did not send its body within `request_timeout`.
     RequestTimeout,
+    /// The client went away before its body was sent whole (logged as
+    /// nginx does, 499; nobody reads the answer).
+    ClientClosed,
     InvalidRequest {
         message: String,
         /// The JSON path of the offending field, when one is to blame.
@@ -71,6 +74,9 @@ impl ProxyError {
             ProxyError::Forbidden => StatusCode::FORBIDDEN,
             ProxyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::ClientClosed => {
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
+            }
             ProxyError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ProxyError::RateLimited { .. } | ProxyError::BudgetExceeded { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -92,6 +98,7 @@ impl ProxyError {
             | ProxyError::MethodNotAllowed { .. }
             | ProxyError::TooLarge { .. }
             | ProxyError::RequestTimeout
+            | ProxyError::ClientClosed
             | ProxyError::InvalidRequest { .. }
             | ProxyError::RateLimited { .. }
             | ProxyError::BudgetExceeded { .. }
@@ -112,6 +119,7 @@ impl ProxyError {
             ProxyError::Forbidden => "forbidden",
             ProxyError::TooLarge { .. } => "request_too_large",
             ProxyError::RequestTimeout => "request_timeout",
+            ProxyError::ClientClosed => "client_closed",
             ProxyError::InvalidRequest { .. } => "invalid_request",
             ProxyError::RateLimited { .. } => "rate_limit_exceeded",
             ProxyError::BudgetExceeded { .. } => "budget_exceeded",
@@ -129,6 +137,7 @@ impl ProxyError {
             | ProxyError::MethodNotAllowed { .. }
             | ProxyError::TooLarge { .. }
             | ProxyError::RequestTimeout
+            | ProxyError::ClientClosed
             | ProxyError::InvalidRequest { .. } => "invalid_request_error",
             ProxyError::Unauthorized { .. } => "authentication_error",
             ProxyError::Forbidden => "permission_error",
@@ -160,6 +169,9 @@ impl ProxyError {
             }
             ProxyError::RequestTimeout => {
                 "the request body did not arrive in time (request_timeout, or the upstream's first_byte while it waited for it)".to_owned()
+            }
+            ProxyError::ClientClosed => {
+                "the client closed the connection before its request body was sent".to_owned()
             }
             ProxyError::InvalidRequest { message, .. } => message.clone(),
             ProxyError::RateLimited {
@@ -238,6 +250,7 @@ impl ProxyError {
             | ProxyError::Forbidden
             | ProxyError::TooLarge { .. }
             | ProxyError::RequestTimeout
+            | ProxyError::ClientClosed
             | ProxyError::InvalidRequest { .. }
             | ProxyError::UpstreamFailed { .. }
             | ProxyError::UpstreamTimeout { .. } => {}

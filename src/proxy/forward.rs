@@ -194,6 +194,10 @@ async fn stream_through(
         count(active, index, Outcome::ClientError);
         return Err(ProxyError::TooLarge { limit: max_body });
     }
+    if result.is_err() && progress.client_gone() {
+        count(active, index, Outcome::ClientError);
+        return Err(ProxyError::ClientClosed);
+    }
     if result.is_err() && progress.client_failed() {
         // A broken chunk or a client gone mid-upload cut the request
         // short: the upstream did nothing wrong, and counts no failure.
@@ -255,8 +259,10 @@ pub async fn read_body(
             () = &mut expiry => return Err(ProxyError::RequestTimeout),
         };
         let Some(frame) = next else { break };
-        let Ok(frame) = frame else {
-            return Err(unreadable_body());
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) if super::validate::went_away(&e) => return Err(ProxyError::ClientClosed),
+            Err(_) => return Err(unreadable_body()),
         };
         let Ok(data) = frame.into_data() else {
             continue; // trailers: not part of the body

@@ -356,15 +356,13 @@ async fn process(
         &route.validate,
         &parts,
         route_path,
+        &mut ctx.body_unread,
         body,
         max_body,
         deadline,
         budget,
     )
     .await?;
-    if matches!(body, forward::RequestBody::Read(_)) {
-        ctx.body_unread = false;
-    }
     if snap.logging.log_bodies {
         // A debug aid: the request body is read whole (bounded) to log it.
         let bytes = body

@@ -44,11 +44,15 @@ pub fn check_declared_size(headers: &HeaderMap, limit: u64) -> Result<(), ProxyE
 }
 
 /// On a route with `validate`, reads the body (bounded) and checks it;
-/// otherwise leaves it to stream. `path` is the one routes read.
+/// otherwise leaves it to stream. `path` is the one routes read;
+/// `body_unread` is cleared once the body is read whole, valid or not
+/// (the connection can then serve the next request).
+#[allow(clippy::too_many_arguments)]
 pub async fn check_body(
     validate: &Validate,
     parts: &Parts,
     path: &str,
+    body_unread: &mut bool,
     body: Incoming,
     max_body: u64,
     deadline: Instant,
@@ -71,6 +75,7 @@ pub async fn check_body(
         return Ok(RequestBody::Streaming(body));
     }
     let bytes = forward::read_body(body, max_body, deadline, budget).await?;
+    *body_unread = false;
     check_json(validate, endpoint, &bytes)?;
     Ok(RequestBody::Read(bytes))
 }
@@ -185,8 +190,10 @@ const PASSING: u8 = 0;
 /// The last read found no bytes from the client: sluice waits on it.
 const WAITING: u8 = 1;
 const OVER_LIMIT: u8 = 2;
-/// Reading the client's body failed: it broke its framing or went away.
+/// Reading the client's body failed: it broke its framing.
 const CLIENT_FAILED: u8 = 3;
+/// The client went away mid-body.
+const CLIENT_GONE: u8 = 4;
 
 impl BodyProgress {
     pub fn over_limit(&self) -> bool {
@@ -197,6 +204,10 @@ impl BodyProgress {
         self.0.load(Ordering::Acquire) == CLIENT_FAILED
     }
 
+    pub fn client_gone(&self) -> bool {
+        self.0.load(Ordering::Acquire) == CLIENT_GONE
+    }
+
     pub fn waiting_on_client(&self) -> bool {
         self.0.load(Ordering::Acquire) == WAITING
     }
@@ -204,6 +215,26 @@ impl BodyProgress {
     fn set(&self, state: u8) {
         self.0.store(state, Ordering::Release);
     }
+}
+
+/// Whether a body read failed because the client closed its connection
+/// (hyper's body ended early, or the socket was reset), rather than
+/// because it broke the body's framing.
+pub fn went_away(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        cause = e.source();
+    }
+    false
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -262,7 +293,12 @@ where
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                this.flag.set(CLIENT_FAILED);
+                let e: BoxError = e.into();
+                this.flag.set(if went_away(&*e) {
+                    CLIENT_GONE
+                } else {
+                    CLIENT_FAILED
+                });
                 Poll::Ready(Some(Err(BodyError::new(e))))
             }
             Poll::Ready(None) => {

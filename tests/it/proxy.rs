@@ -925,3 +925,79 @@ async fn a_refusal_before_the_body_says_the_connection_closes() {
     assert!(bodiless.starts_with("http/1.1 401"), "{bodiless}");
     assert!(!bodiless.contains("connection: close"), "{bodiless}");
 }
+
+/// A client that goes away mid-upload is logged as nginx logs it, 499
+/// `client_closed`, whether its body streamed through or was read whole
+/// (a validated route): not a 400 that dashboards read as a bad request.
+#[tokio::test]
+async fn a_client_gone_mid_upload_is_a_499() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  app: {{ url: "{}" }}
+routes:
+  - {{ name: checked, match: {{ path_prefix: /v1/ }}, auth: none, validate: openai, upstream: app }}
+  - {{ name: open, match: {{ path_prefix: / }}, auth: none, upstream: app }}
+"#,
+        up.url()
+    ))
+    .await;
+    for (i, path) in ["/x", "/v1/chat/completions"].into_iter().enumerate() {
+        let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"model\""
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        conn.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            conn.read_to_end(&mut rest),
+        )
+        .await;
+        let logs = gw.wait_access_logs(i + 1).await;
+        assert_eq!(logs[i]["status"], 499, "{path}: {:?}", logs[i]);
+        assert_eq!(logs[i]["error"], "client_closed", "{path}: {:?}", logs[i]);
+    }
+    assert_eq!(
+        gw.metric(
+            "sluice_requests_total",
+            &[("route", "open"), ("method", "POST"), ("status", "499")]
+        )
+        .await,
+        Some(1.0)
+    );
+}
+
+/// A body read whole and refused by validation leaves nothing unread:
+/// the connection serves the next request (nginx and Envoy keep it too).
+#[tokio::test]
+async fn a_refused_body_read_whole_keeps_the_connection() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  app: {{ url: "{}" }}
+routes:
+  - {{ name: checked, match: {{ path_prefix: /v1/ }}, auth: none, validate: openai, upstream: app }}
+"#,
+        up.url()
+    ))
+    .await;
+    let body = r#"{"model":"x"}"#;
+    let (_, text) = raw_exchange(
+        &gw,
+        &format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\n\r\n{body}GET /v1/models HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n",
+            body.len()
+        ),
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 2, "{text}");
+    assert!(text.contains("HTTP/1.1 200"), "{text}");
+}
