@@ -238,6 +238,31 @@ impl Compiler<'_> {
         Some(n)
     }
 
+    /// A duration that must be above zero: zero would fail (or spin)
+    /// every time it is used.
+    fn positive_duration(&mut self, t: &Option<Text>, default: Duration, name: &str) -> Duration {
+        let d = self.duration(t, default);
+        if let (true, Some(t)) = (d.is_zero(), t) {
+            self.error(&t.referenced, format!("{name} must be above 0"));
+        }
+        d
+    }
+
+    /// A daily budget: above zero (left out, there is none; zero reads
+    /// both ways, as a limit of 0 does).
+    fn budget_usd(&mut self, t: &Option<Text>, name: &str) -> Option<f64> {
+        let v = self.opt_usd(t)?;
+        if v == 0.0
+            && let Some(t) = t
+        {
+            self.error(
+                &t.referenced,
+                format!("{name} must be above 0 (leave it out for no budget)"),
+            );
+        }
+        Some(v)
+    }
+
     fn opt_usd(&mut self, t: &Option<Text>) -> Option<f64> {
         let t = t.as_ref()?;
         let v: f64 = self.number(t, "a number")?;
@@ -390,6 +415,7 @@ impl Compiler<'_> {
         let auth = self.auth(raw.auth.as_ref(), &tiers, &route_names);
         let pricing = self.pricing(&raw.pricing);
         let budget = self.budget(raw.budget.as_ref());
+        self.check_budget_use(&raw, &budget, &tiers);
         let cache = CacheSettings {
             max_bytes: self.size(
                 &raw.cache.as_ref().and_then(|c| c.max_bytes.clone()),
@@ -443,13 +469,15 @@ impl Compiler<'_> {
         // Zero would refuse every client (or, for header_read_timeout,
         // leave the keep-alive and quiet-h2 timers spinning).
         let above_zero = |me: &mut Self, t: &Option<Text>, default: Duration, name: &str| {
-            let d = me.duration(t, default);
-            if let (true, Some(t)) = (d.is_zero(), t) {
-                me.error(&t.referenced, format!("{name} must be above 0"));
-            }
-            d
+            me.positive_duration(t, default, name)
         };
         let max_request_body = self.size(&raw.max_request_body, 4 << 20);
+        if max_request_body == 0
+            && let Some(t) = &raw.max_request_body
+        {
+            // Every request with a body would be a 413.
+            self.error(&t.referenced, "max_request_body must be above 0");
+        }
         // Never below one body at the limit, whatever the default.
         let max_buffered_bytes =
             self.size(&raw.max_buffered_bytes, max_request_body.max(256 << 20));
@@ -494,10 +522,19 @@ impl Compiler<'_> {
             let u = &spanned.value;
             let at = &spanned.referenced;
             let timeouts = match &u.timeouts {
+                // Zero would time out every request.
                 Some(t) => Timeouts {
-                    connect: self.duration(&t.connect, Duration::from_secs(5)),
-                    first_byte: self.duration(&t.first_byte, limits.request_timeout),
-                    idle: self.duration(&t.idle, Duration::from_secs(60)),
+                    connect: self.positive_duration(
+                        &t.connect,
+                        Duration::from_secs(5),
+                        "timeouts.connect",
+                    ),
+                    first_byte: self.positive_duration(
+                        &t.first_byte,
+                        limits.request_timeout,
+                        "timeouts.first_byte",
+                    ),
+                    idle: self.positive_duration(&t.idle, Duration::from_secs(60), "timeouts.idle"),
                 },
                 None => Timeouts {
                     connect: Duration::from_secs(5),
@@ -735,11 +772,11 @@ impl Compiler<'_> {
                     self.error(&written.referenced, "health_check.path must start with /");
                 }
                 let interval = self.duration(&h.value.interval, Duration::from_secs(10));
-                if interval.is_zero()
+                if interval < Duration::from_millis(50)
                     && let Some(t) = &h.value.interval
                 {
-                    // Every member probed back to back, without end.
-                    self.error(&t.referenced, "health_check.interval must be above 0");
+                    // Below it (`1ms` for `1s`?), probes hammer the members.
+                    self.error(&t.referenced, "health_check.interval must be at least 50ms");
                 }
                 Some(HealthCheck { path, interval })
             });
@@ -764,7 +801,7 @@ impl Compiler<'_> {
                     requests_per_minute: self.opt_limit(&t.requests_per_minute),
                     tokens_per_minute: self.opt_limit(&t.tokens_per_minute),
                     concurrent_requests: self.opt_limit(&t.concurrent_requests),
-                    daily_budget_usd: self.opt_usd(&t.daily_budget_usd),
+                    daily_budget_usd: self.budget_usd(&t.daily_budget_usd, "daily_budget_usd"),
                 };
                 (Arc::from(name.as_str()), tier)
             })
@@ -829,11 +866,16 @@ impl Compiler<'_> {
                 },
                 (None, None) => PathMatch::Any,
             };
-            let host = matcher
-                .host
-                .as_ref()
-                .and_then(|h| self.text(h))
-                .map(|h| h.to_ascii_lowercase());
+            let host = matcher.host.as_ref().and_then(|h| {
+                let text = self.text(h)?;
+                match route_host(&text) {
+                    Ok(host) => Some(host),
+                    Err(e) => {
+                        self.error(&h.referenced, e);
+                        None
+                    }
+                }
+            });
             let mut methods = Vec::new();
             for m in matcher.methods.iter().flatten() {
                 if let Some(method) = self.parsed(m, |s| {
@@ -892,7 +934,9 @@ impl Compiler<'_> {
                 })
                 .unwrap_or_default();
             let cache = r.cache.as_ref().map(|c| RouteCache {
-                ttl: self.duration(&c.ttl, Duration::from_secs(300)),
+                // Zero stores nothing, and identical requests would wait
+                // on each other for nothing.
+                ttl: self.positive_duration(&c.ttl, Duration::from_secs(300), "cache.ttl"),
                 scope: self.choice(
                     &c.scope,
                     &[
@@ -945,17 +989,31 @@ impl Compiler<'_> {
             }
         };
         let allow_credentials = self.bool(&c.allow_credentials, false);
-        if allow_credentials
-            && c.allow_origins.iter().any(|o| o.value.0.trim() == "*")
-            && let Some(first) = c.allow_origins.first()
-        {
-            self.error(
-                &first.referenced,
-                "cors: allow_origins \"*\" cannot be combined with allow_credentials: true (any site could call with the user's credentials); list the origins",
-            );
+        let mut allow_origins = Vec::with_capacity(c.allow_origins.len());
+        for written in &c.allow_origins {
+            let Some(origin) = self.text(written) else {
+                continue;
+            };
+            let origin = origin.trim().to_owned();
+            if origin == "*" {
+                if allow_credentials {
+                    self.error(
+                        &written.referenced,
+                        "cors: allow_origins \"*\" cannot be combined with allow_credentials: true (any site could call with the user's credentials); list the origins",
+                    );
+                }
+            } else if !is_origin(&origin) {
+                // A browser's `origin` is exactly scheme://host[:port]:
+                // anything else would never match, and silently so.
+                self.error(
+                    &written.referenced,
+                    "cors: each of allow_origins is \"*\" or an origin as browsers send it, scheme://host[:port] (like https://app.example.com), with no path or final slash",
+                );
+            }
+            allow_origins.push(origin);
         }
         Cors {
-            allow_origins: list(self, &Some(c.allow_origins.clone()), &[]),
+            allow_origins,
             allow_methods: list(self, &c.allow_methods, &["GET", "POST", "OPTIONS"]),
             // Unset, a preflight's own list is echoed: browser SDKs send
             // headers of their own (the OpenAI SDK's `x-stainless-*`,
@@ -1233,17 +1291,58 @@ impl Compiler<'_> {
         }
         alerts.sort_by(|a, b| a.0.total_cmp(&b.0));
         let (alert_at, alert_labels) = alerts.into_iter().unzip();
-        let webhook_url = raw
-            .webhook_url
-            .as_ref()
-            .and_then(|t| self.text(t))
-            .filter(|s| !s.is_empty());
+        let webhook_url = raw.webhook_url.as_ref().and_then(|t| {
+            let url = self.text(t).filter(|s| !s.is_empty())?;
+            let parsed = url.parse::<http::Uri>().ok().filter(|u| {
+                matches!(u.scheme_str(), Some("http" | "https"))
+                    && u.authority()
+                        .is_some_and(|a| !a.host().is_empty() && port_is_valid(a))
+            });
+            if parsed.is_none() {
+                // Found at the first alert, maybe days later, otherwise.
+                self.error(
+                    &t.referenced,
+                    "webhook_url must be an http:// or https:// URL with a host",
+                );
+            }
+            Some(url)
+        });
         Budget {
-            daily_usd: self.opt_usd(&raw.daily_usd),
+            daily_usd: self.budget_usd(&raw.daily_usd, "daily_usd"),
             alert_at,
             alert_labels,
             enforce: self.bool(&raw.enforce, false),
             webhook_url,
+        }
+    }
+
+    /// Budgets that are there but cannot act: typos must not silently
+    /// disable a limit, and neither must a missing section.
+    fn check_budget_use(
+        &mut self,
+        raw: &RawConfig,
+        budget: &Budget,
+        tiers: &HashMap<Arc<str>, Tier>,
+    ) {
+        if budget.alert_at.is_empty() && !budget.enforce {
+            for (name, tier) in &raw.tiers {
+                if let Some(t) = &tier.value.daily_budget_usd {
+                    self.warning(
+                        &t.referenced,
+                        format!("tier `{name}`: daily_budget_usd does nothing without budget.alert_at or budget.enforce: true"),
+                    );
+                }
+            }
+        }
+        if budget.enforce
+            && budget.daily_usd.is_none()
+            && tiers.values().all(|t| t.daily_budget_usd.is_none())
+            && let Some(t) = raw.budget.as_ref().and_then(|b| b.enforce.as_ref())
+        {
+            self.warning(
+                &t.referenced,
+                "budget.enforce has nothing to enforce: set budget.daily_usd or a tier's daily_budget_usd",
+            );
         }
     }
 
@@ -1370,6 +1469,58 @@ impl Compiler<'_> {
 }
 
 /// `text` as it reads inside a JSON string.
+/// A route's `host` as requests are compared with it: lower case,
+/// without a final dot; `*.example.com` matches the names under it.
+fn route_host(text: &str) -> Result<String, &'static str> {
+    let host = text.trim().trim_end_matches('.').to_ascii_lowercase();
+    let name = host.strip_prefix("*.").unwrap_or(&host);
+    let ipv6 = name.starts_with('[') && name.ends_with(']') && name.len() > 2;
+    let valid = ipv6
+        || (!name.is_empty()
+            && name.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            }));
+    if valid {
+        Ok(host)
+    } else {
+        Err(
+            "host must be a host name like api.example.com, or *.example.com for the names under it, without scheme, port or path (requests match by host without their port)",
+        )
+    }
+}
+
+/// Whether `text` is an origin as browsers send it: scheme://host[:port].
+fn is_origin(text: &str) -> bool {
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return false;
+    };
+    !scheme.is_empty()
+        && scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+        && !rest.is_empty()
+        && !rest.contains('@')
+        && rest
+            .parse::<http::uri::Authority>()
+            .is_ok_and(|a| a.as_str() == rest && port_is_valid(&a))
+}
+
+/// Whether an authority's port, if it has one, is a port number (the
+/// `http` crate parses `:99999` as no port at all).
+fn port_is_valid(authority: &http::uri::Authority) -> bool {
+    let text = authority.as_str();
+    let host_and_port = text.rsplit_once('@').map_or(text, |(_, after)| after);
+    let after_host = host_and_port
+        .rfind(']')
+        .map_or(host_and_port, |end| &host_and_port[end + 1..]);
+    after_host
+        .rsplit_once(':')
+        .is_none_or(|(_, port)| port.parse::<u16>().is_ok())
+}
+
 fn json_escaped(text: &str) -> String {
     let quoted = serde_json::to_string(text).unwrap_or_default();
     quoted

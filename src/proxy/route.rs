@@ -191,7 +191,15 @@ fn path_matches(m: &PathMatch, path: &str) -> bool {
 fn host_matches(want: Option<&str>, host: Option<&str>) -> bool {
     match (want, host) {
         (None, _) => true,
-        (Some(want), Some(host)) => want.eq_ignore_ascii_case(host),
+        (Some(want), Some(host)) => match want.strip_prefix('*') {
+            // `*.example.com`: a name under it, not the domain itself.
+            Some(suffix) => {
+                let (host, suffix) = (host.as_bytes(), suffix.as_bytes());
+                host.len() > suffix.len()
+                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+            }
+            None => want.eq_ignore_ascii_case(host),
+        },
         (Some(_), None) => false,
     }
 }

@@ -1100,7 +1100,7 @@ routes:
         [
             "test.yaml:6:19: max_attempts must be at least 1",
             "test.yaml:7:34: circuit_breaker.failures must be at least 1",
-            "test.yaml:8:46: health_check.interval must be above 0",
+            "test.yaml:8:46: health_check.interval must be at least 50ms",
         ]
     );
 }
@@ -1174,4 +1174,141 @@ fn redis_urls_are_checked_once_and_said_plainly() {
             "{url}"
         );
     }
+}
+
+/// The one error of a config that must be refused, whatever its place.
+fn one_error(yaml: &str, env: &[(&str, &str)]) -> String {
+    let lines = errors_with_env(yaml, env);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    lines[0].clone()
+}
+
+/// Values that would break the gateway at its first use are refused
+/// by `check`, not found at run time.
+#[test]
+fn values_that_would_break_every_request_are_refused() {
+    let upstream = |timeouts: &str| {
+        format!(
+            "upstreams:\n  a: {{ url: \"http://127.0.0.1:1\", timeouts: {{ {timeouts} }} }}\nroutes:\n  - {{ name: r, match: {{ path_prefix: / }}, upstream: a }}\n"
+        )
+    };
+    for (key, message) in [
+        ("connect: 0s", "timeouts.connect must be above 0"),
+        ("first_byte: 0s", "timeouts.first_byte must be above 0"),
+        ("idle: 0ms", "timeouts.idle must be above 0"),
+    ] {
+        let e = one_error(&upstream(key), &[]);
+        assert!(e.ends_with(message), "{e}");
+    }
+    let e = one_error(&format!("limits: {{ max_request_body: 0 }}\n{BASE}"), &[]);
+    assert!(e.ends_with("max_request_body must be above 0"), "{e}");
+    let e = one_error(
+        "upstreams:\n  a: { url: \"http://127.0.0.1:1\" }\npools:\n  p: { members: [a], health_check: { path: /h, interval: 1ms } }\nroutes:\n  - { name: r, match: { path_prefix: / }, upstream: p }\n",
+        &[],
+    );
+    assert!(
+        e.ends_with("health_check.interval must be at least 50ms"),
+        "{e}"
+    );
+    let e = one_error(
+        &format!(
+            "{ROUTE_R}    match: {{ path_prefix: / }}\n    cache: {{ ttl: 0s }}\n    upstream: a\n"
+        ),
+        &[],
+    );
+    assert!(e.ends_with("cache.ttl must be above 0"), "{e}");
+    let e = one_error(&format!("budget: {{ daily_usd: 0 }}\n{BASE}"), &[]);
+    assert!(
+        e.ends_with("daily_usd must be above 0 (leave it out for no budget)"),
+        "{e}"
+    );
+    for url in [
+        "not a url",
+        "ftp://hooks.example",
+        "http://127.0.0.1:99999/",
+    ] {
+        let e = one_error(
+            &format!("budget: {{ daily_usd: 1, webhook_url: \"{url}\" }}\n{BASE}"),
+            &[],
+        );
+        assert!(
+            e.ends_with("webhook_url must be an http:// or https:// URL with a host"),
+            "{url}: {e}"
+        );
+    }
+}
+
+/// A route `host` or a CORS origin that no request could ever match is
+/// refused; a final dot and a `*.` wildcard are read as requests are.
+#[test]
+fn hosts_and_origins_that_could_never_match_are_refused() {
+    let route = |matcher: &str| format!("{ROUTE_R}    match: {{ {matcher} }}\n    upstream: a\n");
+    for host in [
+        "api.local:8080",
+        "https://api.local",
+        "api local",
+        "a.*.local",
+        "",
+    ] {
+        let e = one_error(&route(&format!("host: \"{host}\"")), &[]);
+        assert!(
+            e.contains("host must be a host name like api.example.com"),
+            "{host}: {e}"
+        );
+    }
+    for host in ["API.local.", "*.example.com", "[::1]"] {
+        assert!(
+            load(&route(&format!("host: \"{host}\"")), &[]).is_ok(),
+            "{host}"
+        );
+    }
+    let cors = |origins: &str, credentials: bool| {
+        format!(
+            "{ROUTE_R}    match: {{ path_prefix: / }}\n    cors: {{ allow_origins: [{origins}], allow_credentials: {credentials} }}\n    upstream: a\n"
+        )
+    };
+    for origin in [
+        "\"https://app.example.com/\"",
+        "\"app.example.com\"",
+        "\"https://app.example.com/x\"",
+    ] {
+        let e = one_error(&cors(origin, false), &[]);
+        assert!(e.contains("an origin as browsers send it"), "{origin}: {e}");
+    }
+    assert!(
+        load(
+            &cors(
+                "\"https://app.example.com\", \"http://localhost:3000\"",
+                true
+            ),
+            &[]
+        )
+        .is_ok()
+    );
+    // `*` with credentials is refused also when a variable writes it.
+    let e = one_error(&cors("\"https://a.example\", \"${ORIGIN:-*}\"", true), &[]);
+    assert!(
+        e.contains("cannot be combined with allow_credentials"),
+        "{e}"
+    );
+    assert!(e.starts_with("test.yaml:6:50:"), "points at the `*`: {e}");
+}
+
+/// A tier's daily budget with nothing to act on it (no alert_at, no
+/// enforce) is accepted, with a warning that says so.
+#[test]
+fn a_budget_that_cannot_act_is_a_warning() {
+    let yaml = format!("tiers:\n  metered: {{ daily_budget_usd: 0.01 }}\n{BASE}");
+    let snapshot = load(&yaml, &[]).expect("valid");
+    let warnings: Vec<String> = snapshot.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            "test.yaml:2:32: warning: tier `metered`: daily_budget_usd does nothing without budget.alert_at or budget.enforce: true"
+        ]
+    );
+    let yaml = format!(
+        "budget: {{ alert_at: [0.5] }}\ntiers:\n  metered: {{ daily_budget_usd: 0.01 }}\n{BASE}"
+    );
+    assert!(load(&yaml, &[]).expect("valid").warnings.is_empty());
 }

@@ -1001,3 +1001,35 @@ routes:
     assert_eq!(text.matches("HTTP/1.1 ").count(), 2, "{text}");
     assert!(text.contains("HTTP/1.1 200"), "{text}");
 }
+
+/// A route `host` of `*.example.com` takes the names under it (any
+/// case, any port), not the domain itself, as Envoy's domains do.
+#[tokio::test]
+async fn a_wildcard_host_takes_the_names_under_it() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  app: {{ url: "{}" }}
+routes:
+  - {{ name: tenants, match: {{ host: "*.example.com" }}, auth: none, upstream: app }}
+  - {{ name: rest, match: {{ path_prefix: / }}, upstream: app }}
+"#,
+        up.url()
+    ))
+    .await;
+    for (host, status) in [
+        ("a.example.com", 200),
+        ("B.Example.COM:8443", 200),
+        ("a.b.example.com", 200),
+        ("example.com", 401),
+        ("badexample.com", 401),
+    ] {
+        let (got, text) = raw_exchange(
+            &gw,
+            &format!("GET /x HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(got, status, "{host}: {text}");
+    }
+}
