@@ -91,6 +91,32 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A line on stderr; a stderr that cannot be written is no reason to
+/// panic.
+macro_rules! stderr_line {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
+/// A line on stdout, then success. A reader that left early (`| head`)
+/// is no failure; any other write error (`> /dev/full`) is reported,
+/// exit 2, never a panic.
+macro_rules! stdout_line {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        match writeln!(out, $($arg)*).and_then(|()| out.flush()) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                stderr_line!("sluice: cannot write to standard output: {e}");
+                ExitCode::from(2)
+            }
+            _ => ExitCode::SUCCESS,
+        }
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -106,7 +132,7 @@ fn main() -> ExitCode {
             chunk_interval,
         } => {
             if !(100..=599).contains(&status) {
-                eprintln!("sluice mock: --status {status} is not an HTTP status");
+                stderr_line!("sluice mock: --status {status} is not an HTTP status");
                 return ExitCode::from(2);
             }
             let settings = MockSettings {
@@ -132,7 +158,9 @@ fn worker_threads() -> usize {
             Ok(n) if n > 0 => n,
             _ => {
                 let n = cpus();
-                eprintln!("sluice: TOKIO_WORKER_THREADS={v:?} is not a positive number; using {n}");
+                stderr_line!(
+                    "sluice: TOKIO_WORKER_THREADS={v:?} is not a positive number; using {n}"
+                );
                 n
             }
         },
@@ -155,7 +183,7 @@ fn with_runtime(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     match builder.enable_all().build() {
         Ok(rt) => rt.block_on(fut),
         Err(e) => {
-            eprintln!("sluice: cannot start the runtime: {e}");
+            stderr_line!("sluice: cannot start the runtime: {e}");
             ExitCode::from(2)
         }
     }
@@ -165,14 +193,13 @@ fn check(path: &std::path::Path) -> ExitCode {
     match config::load(path) {
         Ok(snapshot) => {
             for w in &snapshot.warnings {
-                eprintln!("{w}");
+                stderr_line!("{w}");
             }
-            println!("{}: ok", path.display());
-            ExitCode::SUCCESS
+            stdout_line!("{}: ok", path.display())
         }
         Err(errors) => {
             for e in &errors.0 {
-                eprintln!("{e}");
+                stderr_line!("{e}");
             }
             ExitCode::from(1)
         }
@@ -186,18 +213,22 @@ fn hash_key(key: Option<String>) -> ExitCode {
         None => {
             let mut s = String::new();
             if let Err(e) = std::io::stdin().read_to_string(&mut s) {
-                eprintln!("sluice hash-key: cannot read stdin: {e}");
+                stderr_line!("sluice hash-key: cannot read stdin: {e}");
                 return ExitCode::from(2);
             }
             s.trim_ascii().to_owned()
         }
     };
     if key.is_empty() {
-        eprintln!("sluice hash-key: the key is empty");
+        stderr_line!("sluice hash-key: the key is empty");
         return ExitCode::from(2);
     }
-    println!("{}", format_hash(key.as_bytes()));
-    ExitCode::SUCCESS
+    if key.contains(['\n', '\r']) {
+        // No client can send a key with a line break in a header.
+        stderr_line!("sluice hash-key: the key holds a line break; give one key");
+        return ExitCode::from(2);
+    }
+    stdout_line!("{}", format_hash(key.as_bytes()))
 }
 
 async fn run(path: PathBuf) -> ExitCode {
@@ -211,12 +242,12 @@ async fn run(path: PathBuf) -> ExitCode {
                 .unwrap_or_default();
             let more = errors.0.len().saturating_sub(1);
             if more > 0 {
-                eprintln!(
+                stderr_line!(
                     "sluice: invalid config: {first} (and {more} more; see `sluice check --config {}`)",
                     path.display()
                 );
             } else {
-                eprintln!("sluice: invalid config: {first}");
+                stderr_line!("sluice: invalid config: {first}");
             }
             return ExitCode::from(2);
         }
@@ -236,7 +267,7 @@ async fn run(path: PathBuf) -> ExitCode {
     let running = match sluice::server::start(gw.clone()).await {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("sluice: {e}");
+            stderr_line!("sluice: {e}");
             return ExitCode::from(2);
         }
     };
@@ -313,14 +344,14 @@ async fn serve_mock(listen: SocketAddr, settings: MockSettings) -> ExitCode {
     let listener = match sluice::server::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("sluice mock: {e}");
+            stderr_line!("sluice mock: {e}");
             return ExitCode::from(2);
         }
     };
     let stop = StopSignals::install();
     // The bound address: a port of 0 is the one the system picked.
     let bound = listener.local_addr().unwrap_or(listen);
-    eprintln!("sluice mock: OpenAI-compatible mock LLM on http://{bound}/v1");
+    stderr_line!("sluice mock: OpenAI-compatible mock LLM on http://{bound}/v1");
     let settings = Arc::new(settings);
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     let accept = async {

@@ -691,6 +691,53 @@ fn hash_key_reads_stdin_without_the_trailing_newline() {
     assert_eq!(stderr(&out), "sluice hash-key: the key is empty\n");
 }
 
+/// Two lines are two keys: no client can send a key with a line break.
+#[test]
+fn hash_key_refuses_a_key_with_a_line_break() {
+    let out = hash_key_from_stdin("one\ntwo\n");
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(stdout(&out), "");
+    assert_eq!(
+        stderr(&out),
+        "sluice hash-key: the key holds a line break; give one key\n"
+    );
+}
+
+/// An output that cannot be written is reported, never a panic: a full
+/// disk is an error (exit 2), a reader gone early (`| head`) is not.
+#[test]
+fn an_unwritable_stdout_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = write(dir.path(), "good.yaml", GOOD);
+    let full = || std::fs::File::create("/dev/full").expect("/dev/full");
+    for args in [
+        vec!["hash-key", "abc"],
+        vec!["check", "--config", path.to_str().unwrap()],
+    ] {
+        let out = sluice()
+            .args(&args)
+            .stdout(full())
+            .output()
+            .expect("run sluice");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).starts_with("sluice: cannot write to standard output:"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    // A closed pipe: the reader is gone before sluice writes.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = sluice()
+        .args(["hash-key", "abc"])
+        .stdout(writer)
+        .output()
+        .expect("run sluice");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "");
+}
+
 #[tokio::test]
 async fn mock_command_serves_openai_chat_completions() {
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
