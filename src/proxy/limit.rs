@@ -166,14 +166,20 @@ pub fn estimate_tokens(body: &[u8]) -> u64 {
     let prompt = (body.len() as u64).div_ceil(4);
     // Only the two caps are read; the conversation is skipped, not built.
     let output = match facts::parse::<OutputCap>(body) {
-        Some(cap) => cap.max_completion_tokens.0.or(cap.max_tokens.0),
+        Some(cap) => cap
+            .max_completion_tokens
+            .0
+            .or(cap.max_tokens.0)
+            .or(cap.max_output_tokens.0),
         // Refused by the typed view (a member written twice, read by
         // upstreams as its last value): read as a `Value`, which agrees.
         None => serde_json::from_slice::<serde_json::Value>(body)
             .ok()
             .and_then(|v| {
                 let cap = |name| v.get(name).and_then(serde_json::Value::as_u64);
-                cap("max_completion_tokens").or_else(|| cap("max_tokens"))
+                cap("max_completion_tokens")
+                    .or_else(|| cap("max_tokens"))
+                    .or_else(|| cap("max_output_tokens"))
             }),
     }
     .unwrap_or(0);
@@ -181,12 +187,14 @@ pub fn estimate_tokens(body: &[u8]) -> u64 {
 }
 
 /// The most a request may generate: `max_completion_tokens`, or the older
-/// `max_tokens` when that is absent or null.
+/// `max_tokens` (also Anthropic's) when that is absent or null, or the
+/// responses API's `max_output_tokens`.
 #[derive(serde::Deserialize, Default)]
 #[serde(default)]
 struct OutputCap {
     max_completion_tokens: Loose<u64>,
     max_tokens: Loose<u64>,
+    max_output_tokens: Loose<u64>,
 }
 
 /// Reserves the estimate in every token bucket that applies, or refuses
@@ -488,6 +496,9 @@ mod tests {
             (r#"{"max_tokens":-1}"#, 0),
             ("not json", 0),
             (r#"{"max_tokens":5,"max_tokens":100}"#, 100),
+            // The responses API's name.
+            (r#"{"input":"hi","max_output_tokens":5000}"#, 5000),
+            (r#"{"max_output_tokens":1,"max_output_tokens":70}"#, 70),
         ] {
             assert_eq!(estimate(body), quarter(body) + cap, "{body}");
         }

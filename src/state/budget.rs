@@ -11,6 +11,13 @@ use crate::proxy::ctx::IdentityId;
 
 const DAY_SECS: u64 = 86_400;
 
+/// Spend read to the nano-dollar: sums of binary fractions drift (ten
+/// requests at $0.005 add up to $0.049999999999999996), and a budget of
+/// $0.05 must be reached by them, and shown as $0.05.
+pub fn rounded(usd: f64) -> f64 {
+    (usd * 1e9).round() / 1e9
+}
+
 /// Whose spend.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum BudgetScope {
@@ -22,8 +29,10 @@ pub enum BudgetScope {
 struct Day {
     index: u64,
     spent: HashMap<BudgetScope, f64>,
-    /// Thresholds already alerted, as fractions × 1000.
-    alerted: HashMap<BudgetScope, Vec<u64>>,
+    /// Thresholds already alerted, as fractions × 1000, with the budget
+    /// (in micro-dollars) they were of: a budget raised by a reload
+    /// alerts again at its own thresholds.
+    alerted: HashMap<BudgetScope, Vec<(u64, u64)>>,
 }
 
 /// A threshold crossed by a spend.
@@ -65,7 +74,7 @@ impl Budgets {
 
     /// Today's spend of a scope.
     pub fn spent(&self, scope: &BudgetScope) -> f64 {
-        self.with_day(|d| d.spent.get(scope).copied().unwrap_or(0.0))
+        self.with_day(|d| d.spent.get(scope).copied().map_or(0.0, rounded))
             .unwrap_or(0.0)
     }
 
@@ -75,11 +84,14 @@ impl Budgets {
         self.with_day(|d| {
             let spent = d.spent.entry(scope.clone()).or_insert(0.0);
             *spent += usd;
-            let spent = *spent;
+            let spent = rounded(*spent);
             let alerted = d.alerted.entry(scope.clone()).or_default();
             let mut alerts = Vec::new();
             for &threshold in alert_at {
-                let key = (threshold * 1000.0).round() as u64;
+                let key = (
+                    (threshold * 1000.0).round() as u64,
+                    (budget * 1e6).round() as u64,
+                );
                 if budget > 0.0 && spent >= threshold * budget && !alerted.contains(&key) {
                     alerted.push(key);
                     alerts.push(Alert {
@@ -111,5 +123,29 @@ mod tests {
         let a = b.add(&g, 2.0, 10.0, &[0.8, 1.0]);
         assert_eq!(a.iter().map(|a| a.threshold).collect::<Vec<_>>(), [1.0]);
         assert!((b.spent(&g) - 10.6).abs() < 1e-9);
+    }
+
+    #[test]
+    fn sums_of_small_costs_reach_the_budget_they_add_up_to() {
+        let b = Budgets::default();
+        let g = BudgetScope::Global;
+        let mut alerts = Vec::new();
+        for _ in 0..10 {
+            alerts.extend(b.add(&g, 0.005, 0.05, &[1.0]));
+        }
+        assert_eq!(b.spent(&g), 0.05);
+        assert_eq!(alerts.len(), 1);
+        assert_eq!(alerts[0].spent_usd, 0.05);
+    }
+
+    #[test]
+    fn a_raised_budget_alerts_again_at_its_own_thresholds() {
+        let b = Budgets::default();
+        let g = BudgetScope::Global;
+        assert_eq!(b.add(&g, 0.05, 0.05, &[0.8]).len(), 1);
+        assert!(b.add(&g, 0.01, 0.05, &[0.8]).is_empty());
+        // Raised to $0.10: 80% of it is $0.08.
+        assert!(b.add(&g, 0.01, 0.1, &[0.8]).is_empty());
+        assert_eq!(b.add(&g, 0.02, 0.1, &[0.8]).len(), 1);
     }
 }

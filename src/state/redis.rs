@@ -117,17 +117,19 @@ return 1
 ";
 
 /// Adds to a day's spend and claims the alert thresholds it crossed, each
-/// claimed once by whichever replica crosses it first. Returns the spend
-/// and the thresholds (× 1000) this call claimed.
+/// claimed once (per budget amount) by whichever replica crosses it
+/// first. Returns the spend, to the nano-dollar, and the thresholds
+/// (× 1000) this call claimed.
 const SPEND: &str = r"
 local spent = tonumber(redis.call('INCRBYFLOAT', KEYS[1], ARGV[1]))
 redis.call('EXPIRE', KEYS[1], 172800)
+spent = math.floor(spent * 1e9 + 0.5) / 1e9
 local budget = tonumber(ARGV[2])
 local out = {string.format('%.17g', spent)}
 for i = 3, #ARGV do
   local threshold = tonumber(ARGV[i])
   if budget > 0 and spent >= threshold / 1000 * budget then
-    if redis.call('SET', KEYS[1] .. ':alert:' .. ARGV[i], '1', 'NX', 'EX', 172800) then
+    if redis.call('SET', KEYS[1] .. ':alert:' .. ARGV[i] .. ':' .. ARGV[2], '1', 'NX', 'EX', 172800) then
       table.insert(out, ARGV[i])
     end
   end
@@ -254,7 +256,9 @@ impl RedisState {
         let value: Option<String> = self
             .command(Replay::IfDropped, &redis::Cmd::get(budget_key(scope, day)))
             .await?;
-        Ok(value.and_then(|v| v.parse().ok()).unwrap_or(0.0))
+        Ok(value
+            .and_then(|v| v.parse().ok())
+            .map_or(0.0, crate::state::budget::rounded))
     }
 
     /// Adds `usd` to today's spend; returns the new spend and the alert
@@ -273,7 +277,10 @@ impl RedisState {
             call.arg((threshold * 1000.0).round() as u64);
         }
         let out: Vec<String> = self.script(Replay::Never, &call).await?;
-        let spent = out.first().and_then(|s| s.parse().ok()).unwrap_or(0.0);
+        let spent = out
+            .first()
+            .and_then(|s| s.parse().ok())
+            .map_or(0.0, crate::state::budget::rounded);
         let crossed = out
             .iter()
             .skip(1)
