@@ -12,6 +12,16 @@ use crate::snapshot::Snapshot;
 use crate::state::budget::{Alert, BudgetScope};
 use crate::telemetry::alerts::Delivery;
 
+/// Whether a budget counts this identity's spend (the global one, or its
+/// tier's).
+pub fn applies(snap: &Snapshot, identity: Option<&Identity>) -> bool {
+    snap.budget.daily_usd.is_some()
+        || identity
+            .and_then(|i| i.tier.as_ref())
+            .and_then(|t| snap.tiers.get(t))
+            .is_some_and(|t| t.daily_budget_usd.is_some())
+}
+
 pub fn charge(gw: &Arc<Gateway>, active: &Arc<Active>, identity: Option<&Identity>, cost: f64) {
     let snap = &active.snapshot;
     // Spend is tracked only where a budget reads it: without one, the

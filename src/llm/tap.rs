@@ -299,6 +299,7 @@ fn record_usage(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, u
         // Nothing to count (a stream broken before its end), but the log
         // still says which model was answering.
         ctx.model = usage.model;
+        charge_estimate(gw, active, ctx);
         return;
     }
     let model = usage.model.as_deref().unwrap_or("unknown");
@@ -342,6 +343,43 @@ fn record_usage(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, u
     ctx.input_tokens = usage.input_tokens;
     ctx.output_tokens = usage.output_tokens;
     ctx.model = usage.model;
+    if !counted {
+        charge_estimate(gw, active, ctx);
+    }
+}
+
+/// An LLM's answer cut short before it reported usage (its client left,
+/// or the stream broke) was generated, and billed, all the same: the
+/// request's estimate is charged to the budgets, as its reservation is
+/// kept in the token buckets. The log's `cost_usd` says so; its token
+/// counts stay null, being unknown.
+fn charge_estimate(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx) {
+    let cut_short = matches!(
+        ctx.error,
+        Some("client_closed" | "upstream_stream_error" | "upstream_idle_timeout")
+    );
+    let (Some(estimate), Some(model), true) = (ctx.estimate, ctx.model.as_deref(), cut_short)
+    else {
+        return;
+    };
+    if !(200..300).contains(&ctx.status) {
+        return;
+    }
+    let Some(cost) = pricing::cost(
+        &active.snapshot.pricing,
+        Some(model),
+        estimate.prompt,
+        estimate.output,
+    ) else {
+        return;
+    };
+    active
+        .route_metrics(ctx.route_index)
+        .model(&gw.metrics, model)
+        .cost_usd
+        .inc_by(cost);
+    spend::charge(gw, active, ctx.identity.as_ref(), cost);
+    ctx.cost_usd = Some(cost);
 }
 
 impl Body for Tap {

@@ -10,7 +10,7 @@ use http::{HeaderValue, Method, Uri};
 
 use super::cache::{CacheStatus, Fill};
 use super::cors::Allowed;
-use super::limit::{RequestUnits, Reservation};
+use super::limit::{RequestUnits, Reservation, TokenEstimate};
 use crate::server::deadline::{Armed, Deadline};
 use crate::server::idle::{Activity, Busy};
 use crate::state::{Decision, Slot};
@@ -139,6 +139,8 @@ pub struct RequestCtx {
     pub token_limit: Option<Decision>,
     /// Tokens reserved at admission, settled when the response ends.
     pub reservations: Vec<Reservation>,
+    /// The request's token estimate, where a limit or a budget needs it.
+    pub estimate: Option<TokenEstimate>,
     /// sluice asked the upstream for stream usage the client did not ask
     /// for: the usage-only chunk is removed from the client's stream.
     pub usage_injected: bool,
@@ -189,6 +191,7 @@ impl RequestCtx {
             slot: None,
             token_limit: None,
             reservations: Vec::new(),
+            estimate: None,
             usage_injected: false,
         }
     }

@@ -113,9 +113,15 @@ pub async fn send(
             .headers
             .insert(http::header::CONTENT_LENGTH, body.len().into());
     }
-    if token_limited {
+    if token_limited || crate::llm::spend::applies(snap, ctx.identity.as_ref()) {
+        // Kept for an answer cut short before it reported usage: it is
+        // charged this instead (see `limit::settle`, `tap::record_usage`).
         let estimate = limit::estimate_tokens(&body);
-        limit::reserve_tokens(snap, &gw.state, &gw.metrics, route, ctx, estimate).await?;
+        ctx.estimate = Some(estimate);
+        if token_limited {
+            limit::reserve_tokens(snap, &gw.state, &gw.metrics, route, ctx, estimate.total())
+                .await?;
+        }
     }
     match route.target {
         Target::Upstream(index) => {

@@ -160,9 +160,21 @@ pub fn token_limits_apply(snap: &Snapshot, route: &Route, ctx: &RequestCtx) -> b
             .is_some_and(|t| t.tokens_per_minute.is_some())
 }
 
-/// A request's token estimate: the prompt from the body's size (about four
-/// bytes a token), plus the most it may generate when it says so.
-pub fn estimate_tokens(body: &[u8]) -> u64 {
+/// A request's token estimate: the prompt from the body's size (about
+/// four bytes a token), and the most it may generate when it says so.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenEstimate {
+    pub prompt: u64,
+    pub output: u64,
+}
+
+impl TokenEstimate {
+    pub fn total(self) -> u64 {
+        self.prompt.saturating_add(self.output)
+    }
+}
+
+pub fn estimate_tokens(body: &[u8]) -> TokenEstimate {
     let prompt = (body.len() as u64).div_ceil(4);
     // Only the two caps are read; the conversation is skipped, not built.
     let output = match facts::parse::<OutputCap>(body) {
@@ -183,7 +195,7 @@ pub fn estimate_tokens(body: &[u8]) -> u64 {
             }),
     }
     .unwrap_or(0);
-    prompt.saturating_add(output)
+    TokenEstimate { prompt, output }
 }
 
 /// The most a request may generate: `max_completion_tokens`, or the older
@@ -485,7 +497,7 @@ mod tests {
 
     #[test]
     fn estimates_count_the_body_and_the_output_cap() {
-        let estimate = |body: &str| estimate_tokens(body.as_bytes());
+        let estimate = |body: &str| estimate_tokens(body.as_bytes()).total();
         let quarter = |body: &str| (body.len() as u64).div_ceil(4);
         for (body, cap) in [
             (r#"{"messages":[],"max_tokens":100}"#, 100),

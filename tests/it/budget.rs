@@ -176,3 +176,61 @@ async fn budgets_are_not_enforced_unless_asked() {
         assert_eq!(call(&gw, "key-alice").await.status, 200);
     }
 }
+
+/// A client that leaves mid-stream, before the usage chunk, is charged
+/// the request's estimate (its prompt, plus its `max_tokens`): hanging
+/// up early is no way around a budget.
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_is_charged_its_estimate() {
+    const BODY: &str = r#"{"model":"m","stream":true,"max_tokens":100,"messages":[]}"#;
+    let chunk = r#"{"object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}"#;
+    let mut events = vec![chunk; 10];
+    events.push(r#"{"object":"chat.completion.chunk","model":"m","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":10}}"#);
+    events.push("[DONE]");
+    let up = MockUpstream::always(UpstreamReply::sse(&events, Duration::from_millis(150))).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  app: {{ url: "{}" }}
+pools:
+  llm: {{ members: [app] }}
+auth:
+  api_keys:
+    - {{ id: alice, key: key-alice }}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    upstream: llm
+pricing:
+  default: {{ input: 1000000, output: 1000000 }}
+budget:
+  daily_usd: 100000
+"#,
+        up.url()
+    ))
+    .await;
+    let (client, url) = (Client::new(), gw.url("/v1/chat/completions"));
+    let leaving = client.send(
+        Method::POST,
+        &url,
+        &[("x-api-key", "key-alice")],
+        Bytes::from_static(BODY.as_bytes()),
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), leaving)
+            .await
+            .is_err(),
+        "the stream ended before the client left"
+    );
+    let logs = gw.wait_access_logs(1).await;
+    assert_eq!(logs[0]["error"], "client_closed", "{logs:?}");
+    // $1 a token: the body's quarter (the upstream got it with
+    // `stream_options` added), plus max_tokens.
+    let cost = logs[0]["cost_usd"].as_f64().expect("a cost was charged");
+    assert!((110.0..=140.0).contains(&cost), "{cost}");
+    assert_eq!(logs[0]["input_tokens"], serde_json::Value::Null);
+    let spent = gw
+        .metric("sluice_budget_spent_usd", &[("scope", "global")])
+        .await;
+    assert_eq!(spent, Some(cost));
+}
