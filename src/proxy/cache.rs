@@ -225,17 +225,71 @@ pub fn key(
         }
         (CacheScope::Identity, None) => field(&mut hash, b"-"),
     }
-    match serde_json::from_slice::<Value>(body) {
-        Ok(json) => {
+    body_digest(&mut hash, body);
+    hash.finalize().into()
+}
+
+/// The body's part of the key: JSON in canonical form, else its bytes.
+/// A number beyond what a double holds exactly would read the same as
+/// its neighbours: such a body is keyed by its bytes too.
+fn body_digest(hash: &mut Sha256, body: &[u8]) {
+    let json = (!has_inexact_number(body))
+        .then(|| serde_json::from_slice::<Value>(body).ok())
+        .flatten();
+    match json {
+        Some(json) => {
             hash.update(b"json");
-            canonical(&mut hash, &json);
+            canonical(hash, &json);
         }
-        Err(_) => {
+        None => {
             hash.update(b"bytes");
-            field(&mut hash, body);
+            field(hash, body);
         }
     }
-    hash.finalize().into()
+}
+
+/// Whether `json` (as text) holds a number a double cannot hold exactly:
+/// more than 15 significant digits, unless it is an integer that fits 64
+/// bits (serde_json keeps those exact). Strings are skipped.
+fn has_inexact_number(json: &[u8]) -> bool {
+    let mut i = 0;
+    while i < json.len() {
+        match json[i] {
+            b'"' => {
+                i += 1;
+                while i < json.len() && json[i] != b'"' {
+                    i += if json[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < json.len()
+                    && matches!(json[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                {
+                    i += 1;
+                }
+                let token = &json[start..i];
+                let mantissa = token
+                    .iter()
+                    .position(|b| matches!(b, b'e' | b'E'))
+                    .map_or(token, |e| &token[..e]);
+                let significant = mantissa
+                    .iter()
+                    .filter(|b| b.is_ascii_digit())
+                    .skip_while(|b| **b == b'0')
+                    .count();
+                let integer = mantissa.len() == token.len() && !token.contains(&b'.');
+                let fits = std::str::from_utf8(token)
+                    .is_ok_and(|t| t.parse::<i64>().is_ok() || t.parse::<u64>().is_ok());
+                if significant > 15 && !(integer && fits) {
+                    return true;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    false
 }
 
 fn field(hash: &mut Sha256, bytes: &[u8]) {
@@ -252,7 +306,22 @@ fn canonical(hash: &mut Sha256, value: &Value) {
         Value::Bool(b) => hash.update(if *b { b"t" } else { b"f" }),
         Value::Number(n) => {
             hash.update(b"#");
-            field(hash, n.to_string().as_bytes());
+            // `1`, `1.0` and `1e0` are one number to an upstream.
+            const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+            let mut int = itoa::Buffer::new();
+            let text = match (n.as_i64(), n.as_u64(), n.as_f64()) {
+                (Some(i), ..) => int.format(i),
+                (None, Some(u), _) => int.format(u),
+                (None, None, Some(f)) if f.fract() == 0.0 && f.abs() < EXACT => {
+                    int.format(f as i64)
+                }
+                (None, None, Some(f)) => {
+                    field(hash, ryu::Buffer::new().format(f).as_bytes());
+                    return;
+                }
+                (None, None, None) => "?",
+            };
+            field(hash, text.as_bytes());
         }
         Value::String(s) => {
             hash.update(b"s");
@@ -539,5 +608,31 @@ mod tests {
         };
         assert!(serves(&entry, &ttl(600), &HeaderMap::new()));
         assert!(!serves(&entry, &ttl(2), &HeaderMap::new()));
+    }
+
+    #[test]
+    fn numbers_are_keyed_by_value_and_never_merged() {
+        let key_of = |body: &str| {
+            let mut hash = Sha256::new();
+            body_digest(&mut hash, body.as_bytes());
+            <[u8; 32]>::from(hash.finalize())
+        };
+        assert_eq!(key_of(r#"{"t":1}"#), key_of(r#"{"t":1.0}"#));
+        assert_eq!(key_of(r#"{"t":1}"#), key_of(r#"{"t":1e0}"#));
+        assert_ne!(key_of(r#"{"t":1}"#), key_of(r#"{"t":1.5}"#));
+        assert_ne!(
+            key_of(r#"{"seed":18446744073709551616}"#),
+            key_of(r#"{"seed":18446744073709551617}"#)
+        );
+        assert_ne!(
+            key_of(r#"{"x":0.10000000000000000001}"#),
+            key_of(r#"{"x":0.10000000000000000002}"#)
+        );
+        assert!(!has_inexact_number(
+            br#"{"a":"123456789012345678901","b":[1,2.5,-3e4]}"#
+        ));
+        assert!(!has_inexact_number(br#"{"seed":18446744073709551615}"#));
+        assert!(has_inexact_number(br#"{"seed":18446744073709551616}"#));
+        assert!(!has_inexact_number(br#"{"s":"\"12345678901234567890.5"}"#));
     }
 }
