@@ -731,7 +731,16 @@ async fn attempt(
                         outcome: Outcome::ConnectionError,
                         text: "answered with a status beyond 599, which is not HTTP",
                     }),
-                    Ok(Ok(resp)) => Ok(resp.map(|b| b.map_err(BodyError::new).boxed_unsync())),
+                    Ok(Ok(mut resp)) => {
+                        if let Some(location) = resp
+                            .headers()
+                            .get(http::header::LOCATION)
+                            .and_then(|l| http.local_location(l))
+                        {
+                            resp.headers_mut().insert(http::header::LOCATION, location);
+                        }
+                        Ok(resp.map(|b| b.map_err(BodyError::new).boxed_unsync()))
+                    }
                 }
             }
         },

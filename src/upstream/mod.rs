@@ -14,8 +14,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Uri;
 use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Uri};
 
 pub use client::HttpClient;
 pub use mock::MockSettings;
@@ -158,6 +158,31 @@ impl HttpUpstream {
         })
     }
 
+    /// A `location` that points at this upstream's own address (an app
+    /// building redirects from the `host` sluice sent it), made relative,
+    /// so the client follows it through sluice, as nginx's
+    /// `proxy_redirect default` does. `None`: leave it as it is.
+    pub fn local_location(&self, location: &HeaderValue) -> Option<HeaderValue> {
+        let text = location.to_str().ok()?;
+        let (scheme, rest) = text.split_once("://")?;
+        if !scheme.eq_ignore_ascii_case(self.scheme.as_str()) {
+            return None;
+        }
+        let authority = self.authority.as_str();
+        let after = rest
+            .get(..authority.len())
+            .filter(|a| a.eq_ignore_ascii_case(authority))
+            .map(|_| &rest[authority.len()..])?;
+        let after = after.strip_prefix(self.base_path.as_str())?;
+        match after.bytes().next() {
+            None => Some(HeaderValue::from_static("/")),
+            Some(b'/') => HeaderValue::from_str(after).ok(),
+            Some(b'?' | b'#') => HeaderValue::from_str(&format!("/{after}")).ok(),
+            // `host:8000` is a prefix of `host:80001`; `/base` of `/basement`.
+            Some(_) => None,
+        }
+    }
+
     /// The upstream URI for a request's path and query.
     pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
         let pq = path_and_query.map(PathAndQuery::as_str).unwrap_or("/");
@@ -219,6 +244,34 @@ mod tests {
             ("not a url", "not a url"),
         ] {
             assert_eq!(without_secrets(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn redirects_to_the_upstreams_own_address_become_relative() {
+        let up = HttpUpstream::new("http://127.0.0.1:8000/app", None, Duration::from_secs(1))
+            .expect("a valid upstream");
+        let local = |l: &'static str| {
+            up.local_location(&HeaderValue::from_static(l))
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(
+            local("http://127.0.0.1:8000/app/v1/x?a=1").as_deref(),
+            Some("/v1/x?a=1")
+        );
+        assert_eq!(local("HTTP://127.0.0.1:8000/app").as_deref(), Some("/"));
+        assert_eq!(
+            local("http://127.0.0.1:8000/app?next=1").as_deref(),
+            Some("/?next=1")
+        );
+        for other in [
+            "http://127.0.0.1:80001/app/x",
+            "http://127.0.0.1:8000/application",
+            "https://127.0.0.1:8000/app/x",
+            "https://login.example.com/app/x",
+            "/already/relative",
+        ] {
+            assert_eq!(local(other), None, "{other}");
         }
     }
 }

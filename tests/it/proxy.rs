@@ -1033,3 +1033,28 @@ routes:
         assert_eq!(got, status, "{host}: {text}");
     }
 }
+
+/// An app builds its redirects from the `host` it was sent, which is its
+/// own address: the client gets them relative, to follow through
+/// sluice (nginx's `proxy_redirect default`). Others pass as they are.
+#[tokio::test]
+async fn redirects_to_the_upstreams_own_address_are_made_relative() {
+    let up = MockUpstream::start(|seen| {
+        let host = seen.header("host").unwrap_or_default().to_owned();
+        let location = match seen.uri.path() {
+            "/away" => "https://login.example.com/sso".to_owned(),
+            _ => format!("http://{host}/v1/chat/completions?x=1"),
+        };
+        UpstreamReply::status(307).header("location", &location)
+    })
+    .await;
+    let gw = TestGateway::start(&crate::support::app_config(&up.url(), "")).await;
+    let reply = Client::new().get(&gw.url("/v1/chat/completions/")).await;
+    assert_eq!(reply.status, 307);
+    assert_eq!(reply.header("location"), Some("/v1/chat/completions?x=1"));
+    let reply = Client::new().get(&gw.url("/away")).await;
+    assert_eq!(
+        reply.header("location"),
+        Some("https://login.example.com/sso")
+    );
+}
