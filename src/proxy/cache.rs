@@ -118,6 +118,8 @@ pub async fn lookup(
                     // of what is left of its own time, the request goes on
                     // alone, with time left for its own upstream call. The
                     // wait is the lead's upstream time, not sluice's overhead.
+                    // A client that leaves while it waits missed all the same.
+                    ctx.cache = Some(CacheStatus::Miss);
                     let since = Instant::now();
                     let give_up = since + deadline.saturating_duration_since(since) / 2;
                     let woken = tokio::time::timeout_at(give_up.into(), done.changed()).await;

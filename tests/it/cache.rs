@@ -773,3 +773,32 @@ async fn a_json_answer_cut_short_is_not_stored() {
     }
     assert_eq!(upstream.requests(), 2);
 }
+
+/// A request that leaves while it waits on another's fetch is logged
+/// and counted as a miss, as every request on a cached route has a
+/// cache result.
+#[tokio::test]
+async fn a_waiter_that_leaves_is_counted_as_a_miss() {
+    let (gw, _upstream) = start(
+        "{ ttl: 10m }",
+        UpstreamReply::json(&answer()).delay(Duration::from_millis(800)),
+    )
+    .await;
+    let (client, url) = (Client::new(), gw.url("/v1/chat/completions"));
+    let lead = {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move { client.post_json(&url, &[ALICE], CHAT).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiter = client.post_json(&url, &[ALICE], CHAT);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), waiter)
+            .await
+            .is_err()
+    );
+    let logs = gw.wait_access_logs(1).await;
+    assert_eq!(logs[0]["cache"], "miss", "{logs:?}");
+    assert_eq!(lead.await.unwrap().status, 200);
+    gw.wait_access_logs(2).await;
+    assert_eq!(cache_results(&gw, "miss").await, Some(2.0));
+}
