@@ -179,6 +179,19 @@ pub fn load_str(
         }
     }
     errors.sort_by_key(|e| (e.line, e.col));
+    if errors.len() >= MAX_PARSE_ERRORS
+        && let Some(last) = errors.last()
+    {
+        // Not silently: a file with more errors than this must not look
+        // as if these were all of them.
+        let (line, col, count) = (last.line, last.col, errors.len());
+        errors.push(ConfigError {
+            file: file.to_owned(),
+            line,
+            col,
+            message: format!("stopped reading after {count} errors; fix these and check again"),
+        });
+    }
     for error in &mut errors {
         error.message = redact::message(std::mem::take(&mut error.message));
     }

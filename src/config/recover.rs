@@ -321,7 +321,9 @@ fn is_block_key(rest: &str) -> bool {
         return false;
     };
     let key = &rest[..colon];
-    !key.is_empty() && !key.contains(['{', '}', '[', ']', ',', '#', '-', ' '])
+    // `set-headers:` is a key (a kebab-case typo of `set_headers`); a
+    // sequence item's dash never starts one at the key's column.
+    !key.is_empty() && !key.starts_with('-') && !key.contains(['{', '}', '[', ']', ',', '#', ' '])
 }
 
 /// The line ending of `l`, which a blanked line keeps.

@@ -126,6 +126,56 @@ logging:
     assert!(lines[6].contains("unknown field `levle`"), "{lines:?}");
 }
 
+/// A kebab-case typo (`set-headers`) is an unknown key like any other:
+/// reading goes on past it to the file's later errors.
+#[test]
+fn reading_goes_on_past_a_kebab_case_key() {
+    let yaml = "\
+upstreams:
+  app:
+    url: http://127.0.0.1:1
+    set-headers:
+      authorization: x
+pools:
+  p:
+    members: [app]
+    retry-on: [connect]
+routes:
+  - name: chat
+    match: { path_prefix: / }
+    upstream: nope
+logging:
+  levl: x
+";
+    let lines = errors(yaml);
+    assert_eq!(lines.len(), 4, "{lines:#?}");
+    assert!(
+        lines[0].contains("unknown field `set-headers`"),
+        "{lines:?}"
+    );
+    assert!(lines[1].contains("unknown field `retry-on`"), "{lines:?}");
+    assert!(lines[2].contains("nope"), "{lines:?}");
+    assert!(lines[3].contains("unknown field `levl`"), "{lines:?}");
+}
+
+/// Past its bound of errors, `check` says it stopped reading rather than
+/// let the list look whole.
+#[test]
+fn a_file_with_too_many_errors_says_reading_stopped() {
+    let mut yaml = String::from("limits:\n");
+    for i in 0..40 {
+        yaml.push_str(&format!("  typo_{i}: 1\n"));
+    }
+    yaml.push_str(BASE);
+    let lines = errors(&yaml);
+    assert_eq!(lines.len(), 34, "{lines:#?}");
+    assert!(
+        lines[33].ends_with("stopped reading after 33 errors; fix these and check again"),
+        "{}",
+        lines[33]
+    );
+}
+
 #[test]
 fn missing_variable_without_default_is_named() {
     let yaml = "\
