@@ -225,7 +225,24 @@ fn in_our_words(message: String) -> String {
     if message == "data did not match any variant of untagged enum RawValidate" {
         return "validate must be none, openai or { schema_file: PATH }".to_owned();
     }
+    if message.starts_with("multiple YAML documents detected") {
+        return "the file holds more than one YAML document (a `---` line between them); a config is one".to_owned();
+    }
+    if message.starts_with("budget breached") {
+        return "the file has more YAML nodes than a config can (aliases expanding without end, or a file that is no config)".to_owned();
+    }
+    if message == "expected mapping start" {
+        return "expected a mapping here (`key: value` lines)".to_owned();
+    }
     message
+}
+
+/// Whether `text` is exactly `N column M` or `N, column M` (the end of
+/// the crate's place, which a message may also hold within it).
+fn is_place(text: &str) -> bool {
+    let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    text.split_once(" column ")
+        .is_some_and(|(line, col)| number(line.strip_suffix(',').unwrap_or(line)) && number(col))
 }
 
 fn parse_error(file: &str, e: &serde_saphyr::Error) -> ConfigError {
@@ -237,8 +254,8 @@ fn parse_error(file: &str, e: &serde_saphyr::Error) -> ConfigError {
     // The crate appends its own " at line X column Y"; we print the place
     // once, in front, as `file:line:col`.
     let message = match rendered.rfind(" at line ") {
-        Some(i) => rendered[..i].to_owned(),
-        None => rendered,
+        Some(i) if is_place(&rendered[i + " at line ".len()..]) => rendered[..i].to_owned(),
+        _ => rendered,
     };
     let message = in_our_words(message);
     ConfigError {

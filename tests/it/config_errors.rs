@@ -1362,3 +1362,19 @@ fn a_budget_that_cannot_act_is_a_warning() {
     );
     assert!(load(&yaml, &[]).expect("valid").warnings.is_empty());
 }
+
+/// The parser's own words (its option names, its internals) are said as
+/// a user of sluice reads them.
+#[test]
+fn parser_messages_are_in_a_users_words() {
+    assert_eq!(
+        errors(&format!("{BASE}---\nlisten: 127.0.0.1:1\n")),
+        [
+            "test.yaml:9:1: the file holds more than one YAML document (a `---` line between them); a config is one"
+        ]
+    );
+    assert_eq!(
+        errors("- a\n- b\n"),
+        ["test.yaml:1:1: expected a mapping here (`key: value` lines)"]
+    );
+}
