@@ -45,7 +45,11 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Print the `sha256:` hash of an API key (read from stdin without KEY).
-    HashKey { key: Option<String> },
+    HashKey {
+        /// The key to hash; without it, one key is read from stdin (so it
+        /// stays out of the shell's history).
+        key: Option<String>,
+    },
     /// Run the built-in OpenAI-compatible mock LLM server.
     Mock {
         #[arg(long, default_value = "127.0.0.1:8000")]
@@ -60,7 +64,7 @@ enum Command {
         #[arg(long, default_value_t = 500)]
         status: u16,
         /// Content chunks per streamed answer (default: one per word).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         stream_chunks: Option<u32>,
         /// Pause between streamed chunks, e.g. 50ms.
         #[arg(long, default_value = "0ms", value_parser = parse_duration)]
@@ -252,6 +256,14 @@ async fn run(path: PathBuf) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Ok(filter) = std::env::var("SLUICE_LOG")
+        && !filter.trim().is_empty()
+        && tracing_subscriber::EnvFilter::try_new(&filter).is_err()
+    {
+        stderr_line!(
+            "sluice: SLUICE_LOG={filter:?} is not a log filter (like `warn` or `sluice=debug`); using logging.level"
+        );
+    }
     let warnings = snapshot.warnings.clone();
     let gw = Gateway::new(snapshot, LogSink::Stdout);
     let _ = tracing::dispatcher::set_global_default(gw.log.dispatch.clone());

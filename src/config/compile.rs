@@ -681,11 +681,13 @@ impl Compiler<'_> {
             latency: self.duration(&raw.latency, Duration::ZERO),
             failure_rate,
             failure_status: status,
-            stream_chunks: raw
-                .stream_chunks
-                .as_ref()
-                .and_then(|t| self.number::<u32>(t, "a whole number"))
-                .filter(|n| *n > 0),
+            stream_chunks: raw.stream_chunks.as_ref().and_then(|t| {
+                let n = self.number::<u32>(t, "a whole number")?;
+                if n == 0 {
+                    self.error(&t.referenced, "stream_chunks must be at least 1");
+                }
+                Some(n).filter(|n| *n > 0)
+            }),
             chunk_interval: self.duration(&raw.chunk_interval, Duration::ZERO),
         }
     }

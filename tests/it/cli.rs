@@ -1050,8 +1050,44 @@ fn check_does_not_repeat_what_could_be_a_secret() {
         );
         let p = path.display();
         assert!(
-            errors.starts_with(&format!("{p}:{at}: {shown}")),
+            errors
+                .lines()
+                .any(|l| l.starts_with(&format!("{p}:{at}: {shown}"))),
             "{errors}"
         );
     }
+}
+
+/// A `SLUICE_LOG` that is no log filter is said on stderr at start, not
+/// silently replaced by the configured level.
+#[tokio::test]
+async fn an_unreadable_sluice_log_is_reported() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let yaml = GOOD.replace("{ listen: 127.0.0.1:0 }", &format!("{{ listen: {admin} }}"));
+    let path = write(dir.path(), "proxy.yaml", &yaml);
+    let mut cmd = run_logging(&path);
+    cmd.env("SLUICE_LOG", "garbage[[[").stderr(Stdio::piped());
+    let mut gw = Running(cmd.spawn().expect("spawn sluice run"));
+    wait_ready(admin).await;
+    let _ = gw.0.kill();
+    let _ = gw.0.wait();
+    let mut err = String::new();
+    if let Some(mut pipe) = gw.0.stderr.take() {
+        std::io::Read::read_to_string(&mut pipe, &mut err).expect("read stderr");
+    }
+    assert!(
+        err.contains("SLUICE_LOG=\"garbage[[[\" is not a log filter"),
+        "{err}"
+    );
+}
+
+#[test]
+fn mock_refuses_zero_stream_chunks() {
+    let out = sluice()
+        .args(["mock", "--stream-chunks", "0"])
+        .output()
+        .expect("run sluice mock");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--stream-chunks"), "{}", stderr(&out));
 }
