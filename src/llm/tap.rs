@@ -298,8 +298,12 @@ fn record_usage(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, u
     if usage.input_tokens.is_none() && usage.output_tokens.is_none() && usage.finishes.is_empty() {
         // Nothing to count (a stream broken before its end), but the log
         // still says which model was answering.
+        if let Some(model) = usage.model.as_deref()
+            && let Some(cost) = estimated_cost(active, ctx, model)
+        {
+            charge(gw, active, ctx, model, cost);
+        }
         ctx.model = usage.model;
-        charge_estimate(gw, active, ctx);
         return;
     }
     let model = usage.model.as_deref().unwrap_or("unknown");
@@ -325,7 +329,7 @@ fn record_usage(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, u
     }
     // No token count, no cost: the log says null, not a made-up 0.
     let counted = usage.input_tokens.is_some() || usage.output_tokens.is_some();
-    let cost = counted
+    let reported = counted
         .then(|| {
             pricing::cost(
                 &active.snapshot.pricing,
@@ -335,44 +339,22 @@ fn record_usage(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, u
             )
         })
         .flatten();
-    if let Some(cost) = cost {
-        children.cost_usd.inc_by(cost);
-        spend::charge(gw, active, ctx.identity.as_ref(), cost);
-    }
-    ctx.cost_usd = cost;
+    // What a stream cut short reported (Anthropic's `message_start`
+    // counts one output token) may be far below what it generated.
+    let cost = match (reported, estimated_cost(active, ctx, model)) {
+        (Some(reported), Some(estimated)) => Some(reported.max(estimated)),
+        (reported, estimated) => reported.or(estimated),
+    };
     ctx.input_tokens = usage.input_tokens;
     ctx.output_tokens = usage.output_tokens;
-    ctx.model = usage.model;
-    if !counted {
-        charge_estimate(gw, active, ctx);
+    if let Some(cost) = cost {
+        charge(gw, active, ctx, model, cost);
     }
+    ctx.model = usage.model;
 }
 
-/// An LLM's answer cut short before it reported usage (its client left,
-/// or the stream broke) was generated, and billed, all the same: the
-/// request's estimate is charged to the budgets, as its reservation is
-/// kept in the token buckets. The log's `cost_usd` says so; its token
-/// counts stay null, being unknown.
-fn charge_estimate(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx) {
-    let cut_short = matches!(
-        ctx.error,
-        Some("client_closed" | "upstream_stream_error" | "upstream_idle_timeout")
-    );
-    let (Some(estimate), Some(model), true) = (ctx.estimate, ctx.model.as_deref(), cut_short)
-    else {
-        return;
-    };
-    if !(200..300).contains(&ctx.status) {
-        return;
-    }
-    let Some(cost) = pricing::cost(
-        &active.snapshot.pricing,
-        Some(model),
-        estimate.prompt,
-        estimate.output,
-    ) else {
-        return;
-    };
+/// Counts `cost` for the request: the metric, the budgets, the log.
+fn charge(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, model: &str, cost: f64) {
     active
         .route_metrics(ctx.route_index)
         .model(&gw.metrics, model)
@@ -380,6 +362,25 @@ fn charge_estimate(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx
         .inc_by(cost);
     spend::charge(gw, active, ctx.identity.as_ref(), cost);
     ctx.cost_usd = Some(cost);
+}
+
+/// What an LLM's answer cut short (its client left, the stream broke or
+/// ran out of time) is charged at least: it was generated, and billed,
+/// all the same, though it may not have reported its usage yet. The
+/// request's estimate at the model's price, as its token reservation is
+/// kept in the buckets (`limit::settle`). `None` for an answer that
+/// ended whole, or where no estimate was made.
+fn estimated_cost(active: &Active, ctx: &RequestCtx, model: &str) -> Option<f64> {
+    if !limit::cut_short(ctx) {
+        return None;
+    }
+    let estimate = ctx.estimate?;
+    pricing::cost(
+        &active.snapshot.pricing,
+        Some(model),
+        estimate.prompt,
+        estimate.output,
+    )
 }
 
 impl Body for Tap {

@@ -309,25 +309,53 @@ pub struct Reservation {
     shared: bool,
 }
 
-/// Settles the reservations to the tokens really used. An answer that
-/// reported none keeps its estimate when the upstream did answer (an
-/// upstream that counts nothing, a stream its client left or that broke
-/// off: the tokens were spent all the same), and gives it back when the
-/// request failed.
+/// Whether an answer that began (a 2xx) was cut short: its client left,
+/// its stream broke or stalled, or time ran out. It may not have reported
+/// all its usage, though the tokens were spent.
+pub fn cut_short(ctx: &RequestCtx) -> bool {
+    (200..300).contains(&ctx.status)
+        && matches!(
+            ctx.error,
+            Some(
+                "client_closed"
+                    | "upstream_stream_error"
+                    | "upstream_idle_timeout"
+                    | "request_timeout"
+                    | "server_shutdown"
+            )
+        )
+}
+
+/// Settles the reservations to the tokens really used. An answer cut
+/// short keeps at least its estimate (hanging up early is no way around
+/// a limit: what it reported so far, an Anthropic stream's first count,
+/// may be far below what was generated); one that reported no usage at
+/// all keeps its estimate when the upstream did answer (an app that
+/// counts nothing); a request that failed gives it all back.
 pub fn settle(state: &State, ctx: &mut RequestCtx) {
-    let used = match (ctx.input_tokens, ctx.output_tokens) {
-        (None, None) if (200..300).contains(&ctx.status) => {
+    let reported = match (ctx.input_tokens, ctx.output_tokens) {
+        (None, None) => None,
+        // Counts come from the upstream: no overflow, whatever they say.
+        (i, o) => Some(i.unwrap_or(0).saturating_add(o.unwrap_or(0))),
+    };
+    let at_least_estimate = cut_short(ctx);
+    let used = match reported {
+        Some(used) => used,
+        None if (200..300).contains(&ctx.status) => {
             ctx.reservations.clear();
             return;
         }
-        (None, None) => {
+        None => {
             release(state, ctx);
             return;
         }
-        // Counts come from the upstream: no overflow, whatever they say.
-        (i, o) => i.unwrap_or(0).saturating_add(o.unwrap_or(0)),
     };
     for r in ctx.reservations.drain(..) {
+        let used = if at_least_estimate {
+            used.max(r.tokens)
+        } else {
+            used
+        };
         let delta =
             i64::try_from(used).unwrap_or(i64::MAX) - i64::try_from(r.tokens).unwrap_or(i64::MAX);
         state.adjust(&r.key, r.per_minute, delta, r.shared);

@@ -492,3 +492,36 @@ async fn a_client_that_leaves_mid_stream_is_charged_its_estimate() {
     let next = post(&gw, r#"{"model":"m","max_tokens":500,"messages":[]}"#).await;
     assert_eq!(next.status, 429, "~815 of 1000 stay spent: {}", next.text());
 }
+
+/// An Anthropic stream counts its input, and one output token, in its
+/// first event: a client that leaves mid-stream has "reported" usage far
+/// below what was generated, and is charged its estimate all the same.
+#[tokio::test]
+async fn a_stream_cut_short_after_a_partial_count_keeps_its_estimate() {
+    let start = r#"{"type":"message_start","message":{"id":"m1","type":"message","role":"assistant","model":"claude-x","content":[],"usage":{"input_tokens":5,"output_tokens":1}}}"#;
+    let delta =
+        r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi"}}"#;
+    let mut events = vec![start];
+    events.extend([delta; 10]);
+    events.push(r#"{"type":"message_stop"}"#);
+    let up = MockUpstream::always(UpstreamReply::sse(&events, Duration::from_millis(150))).await;
+    let gw = TestGateway::start(&config(&up.url(), "{ tokens_per_minute: 1000 }", "")).await;
+    let (client, url) = (Client::new(), gw.url("/v1/messages"));
+    let leaving = client.send(
+        Method::POST,
+        &url,
+        &[("x-api-key", "key-alice")],
+        Bytes::from_static(br#"{"model":"claude-x","stream":true,"max_tokens":800,"messages":[]}"#),
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(600), leaving)
+            .await
+            .is_err(),
+        "the stream ended before the client left"
+    );
+    let logs = gw.wait_access_logs(1).await;
+    assert_eq!(logs[0]["error"], "client_closed", "{logs:?}");
+    assert_eq!(logs[0]["input_tokens"], 5, "{logs:?}");
+    let next = post(&gw, r#"{"model":"m","max_tokens":500,"messages":[]}"#).await;
+    assert_eq!(next.status, 429, "~816 of 1000 stay spent: {}", next.text());
+}
