@@ -116,7 +116,11 @@ pub async fn send(
     if token_limited || crate::llm::spend::applies(snap, ctx.identity.as_ref()) {
         // Kept for an answer cut short before it reported usage: it is
         // charged this instead (see `limit::settle`, `tap::record_usage`).
-        let estimate = limit::estimate_tokens(&body);
+        let estimate = if token_limited {
+            limit::estimate_tokens(&body)
+        } else {
+            limit::estimate_tokens_roughly(&body)
+        };
         ctx.estimate = Some(estimate);
         if token_limited {
             limit::reserve_tokens(snap, &gw.state, &gw.metrics, route, ctx, estimate.total())

@@ -198,6 +198,33 @@ pub fn estimate_tokens(body: &[u8]) -> TokenEstimate {
     TokenEstimate { prompt, output }
 }
 
+/// A cheap estimate for a budget alone, which needs one only if the
+/// answer is cut short: the prompt by size, and the output cap found by a
+/// byte search, not a parse of the whole body on every request. (A cap
+/// named inside a message's text may be read instead: an estimate.)
+pub fn estimate_tokens_roughly(body: &[u8]) -> TokenEstimate {
+    let cap = |name: &[u8]| {
+        let at = memchr::memmem::find(body, name)? + name.len();
+        let rest = body.get(at..)?.trim_ascii_start().strip_prefix(b":")?;
+        let digits = rest.trim_ascii_start();
+        let end = digits
+            .iter()
+            .position(|b| !b.is_ascii_digit())
+            .unwrap_or(digits.len());
+        std::str::from_utf8(&digits[..end])
+            .ok()?
+            .parse::<u64>()
+            .ok()
+    };
+    TokenEstimate {
+        prompt: (body.len() as u64).div_ceil(4),
+        output: cap(b"\"max_completion_tokens\"")
+            .or_else(|| cap(b"\"max_tokens\""))
+            .or_else(|| cap(b"\"max_output_tokens\""))
+            .unwrap_or(0),
+    }
+}
+
 /// The most a request may generate: `max_completion_tokens`, or the older
 /// `max_tokens` (also Anthropic's) when that is absent or null, or the
 /// responses API's `max_output_tokens`.
@@ -541,6 +568,16 @@ mod tests {
             (r#"{"max_output_tokens":1,"max_output_tokens":70}"#, 70),
         ] {
             assert_eq!(estimate(body), quarter(body) + cap, "{body}");
+        }
+        for (body, cap) in [
+            (r#"{"messages":[],"max_tokens": 100}"#, 100),
+            (r#"{"max_completion_tokens":50,"max_tokens":100}"#, 50),
+            (r#"{"input":"hi","max_output_tokens" :7}"#, 7),
+            (r#"{"max_tokens":"100"}"#, 0),
+            ("not json", 0),
+        ] {
+            let rough = estimate_tokens_roughly(body.as_bytes());
+            assert_eq!(rough.total(), quarter(body) + cap, "{body}");
         }
     }
 }
