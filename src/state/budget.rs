@@ -92,7 +92,7 @@ impl Budgets {
                     (threshold * 1000.0).round() as u64,
                     (budget * 1e6).round() as u64,
                 );
-                if budget > 0.0 && spent >= threshold * budget && !alerted.contains(&key) {
+                if budget > 0.0 && spent >= rounded(threshold * budget) && !alerted.contains(&key) {
                     alerted.push(key);
                     alerts.push(Alert {
                         threshold,
@@ -136,6 +136,19 @@ mod tests {
         assert_eq!(b.spent(&g), 0.05);
         assert_eq!(alerts.len(), 1);
         assert_eq!(alerts[0].spent_usd, 0.05);
+    }
+
+    /// 0.8 × $0.05 is 0.04000000000000001 in binary: eight requests at
+    /// $0.005 reach it all the same.
+    #[test]
+    fn a_fraction_of_the_budget_is_reached_to_the_nano_dollar() {
+        let b = Budgets::default();
+        let g = BudgetScope::Global;
+        let mut alerts = Vec::new();
+        for _ in 0..8 {
+            alerts.extend(b.add(&g, 0.005, 0.05, &[0.8]));
+        }
+        assert_eq!(alerts.len(), 1);
     }
 
     #[test]

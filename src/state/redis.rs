@@ -127,8 +127,8 @@ spent = math.floor(spent * 1e9 + 0.5) / 1e9
 local budget = tonumber(ARGV[2])
 local out = {string.format('%.17g', spent)}
 for i = 3, #ARGV do
-  local threshold = tonumber(ARGV[i])
-  if budget > 0 and spent >= threshold / 1000 * budget then
+  local at = math.floor(tonumber(ARGV[i]) / 1000 * budget * 1e9 + 0.5) / 1e9
+  if budget > 0 and spent >= at then
     if redis.call('SET', KEYS[1] .. ':alert:' .. ARGV[i] .. ':' .. ARGV[2], '1', 'NX', 'EX', 172800) then
       table.insert(out, ARGV[i])
     end

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{Client, MockUpstream, RedisServer, TestGateway, UpstreamReply};
+use crate::support::{Client, MockUpstream, RedisServer, TestGateway, UpstreamReply, eventually};
 
 const ALICE: (&str, &str) = ("authorization", "Bearer sk-alice-0001");
 
@@ -134,6 +134,43 @@ async fn the_token_bucket_is_shared() {
         )
         .await,
         Some(1.0)
+    );
+}
+
+/// 0.9 × $0.001 is 0.0009000000000000001 in binary: two answers at
+/// $0.00045 reach it all the same, in Redis's script too.
+#[tokio::test]
+async fn a_shared_budget_fraction_is_reached_to_the_nano_dollar() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1000, 500))).await;
+    let (a, b) = pair(&config(
+        &upstream.url(),
+        &redis.url(),
+        "{}",
+        "budget: { daily_usd: 0.001, alert_at: [0.9] }\n",
+    ))
+    .await;
+    let client = Client::new();
+    for gw in [&a, &b] {
+        let reply = client
+            .post_json(&gw.url("/v1/x"), &[ALICE, no_store()], "{}")
+            .await;
+        assert_eq!(reply.status, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let alerts = |gw: &TestGateway| {
+        gw.log_lines()
+            .into_iter()
+            .filter(|l| l["message"] == "budget_alert")
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(3), || alerts(&a) + alerts(&b) == 1).await,
+        "{}\n{}",
+        a.log_text(),
+        b.log_text()
     );
 }
 
