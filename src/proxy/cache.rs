@@ -95,8 +95,9 @@ pub async fn lookup(
     let mut flight = None;
     if !directives.no_cache {
         for _ in 0..MAX_WAITS {
-            if let Some(entry) = gw.state.cache_get(&key).await
-                && serves(&entry, settings, &parts.headers)
+            let stored = gw.state.cache_get(&key).await;
+            if let Some(entry) = stored.as_ref()
+                && serves(entry, settings, &parts.headers)
             {
                 ctx.cache = Some(CacheStatus::Hit);
                 ctx.model.clone_from(&entry.model);
@@ -104,7 +105,20 @@ pub async fn lookup(
                 if let Some(saved) = entry.cost_usd {
                     metrics.cache_saved(saved);
                 }
-                return Ok(Step::Hit(hit_response(&entry)));
+                let mut hit = hit_response(entry);
+                if ctx.cors.is_some() {
+                    // Stored before the route had `cors`, or by an older
+                    // sluice: the route's policy is still the one.
+                    super::cors::drop_upstreams(hit.headers_mut());
+                }
+                return Ok(Step::Hit(hit));
+            }
+            if stored.is_some() {
+                // An answer for other values of the headers it varies on
+                // (or older than the TTL now allows): waiting on another
+                // fetch would queue requests of different values one
+                // behind the other. This one goes alone.
+                break;
             }
             match gw.state.cache_join(key) {
                 Join::Lead(lead) => {

@@ -802,3 +802,48 @@ async fn a_waiter_that_leaves_is_counted_as_a_miss() {
     gw.wait_access_logs(2).await;
     assert_eq!(cache_results(&gw, "miss").await, Some(2.0));
 }
+
+/// Requests whose header values differ from a stored answer's `vary`
+/// go to the upstream side by side, not queued one behind the other on
+/// each other's fetches.
+#[tokio::test]
+async fn requests_of_other_vary_values_do_not_queue() {
+    let upstream = MockUpstream::start(|seen| {
+        let cookie = seen.header("cookie").unwrap_or("none").to_owned();
+        UpstreamReply::text(format!("for {cookie}"))
+            .header("vary", "cookie")
+            .delay(Duration::from_millis(400))
+    })
+    .await;
+    let gw = TestGateway::start(&config(&upstream.url(), "{ ttl: 10m, scope: shared }")).await;
+    let client = Client::new();
+    let url = gw.url("/v1/me");
+    let get = |cookie: String| {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move {
+            client
+                .send(
+                    http::Method::GET,
+                    &url,
+                    &[ALICE, ("cookie", &cookie)],
+                    Bytes::new(),
+                )
+                .await
+        })
+    };
+    assert_eq!(get("u=a".into()).await.unwrap().text(), "for u=a");
+    let started = std::time::Instant::now();
+    let others = (0..4).map(|i| get(format!("u={i}")));
+    for (i, reply) in futures_util::future::join_all(others)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(reply.unwrap().text(), format!("for u={i}"));
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "queued: {:?}",
+        started.elapsed()
+    );
+}
