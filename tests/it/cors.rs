@@ -396,3 +396,63 @@ routes:
             .contains("x-internal")
     );
 }
+
+/// A cached answer stored before its route had `cors` (with the app's
+/// own permissive headers) is served under the route's policy once a
+/// reload adds it.
+#[tokio::test]
+async fn a_cache_hit_follows_the_routes_cors_not_the_stored_headers() {
+    let upstream =
+        MockUpstream::always(UpstreamReply::text("{}").header("access-control-allow-origin", "*"))
+            .await;
+    let yaml = |cors: &str| {
+        format!(
+            r#"
+upstreams:
+  app: {{ url: "{}" }}
+routes:
+  - name: web
+    match: {{ path_prefix: / }}
+    auth: none
+    cache: {{ ttl: 10m, scope: shared }}
+{cors}    upstream: app
+"#,
+            upstream.url()
+        )
+    };
+    let gw = TestGateway::start_watched(&yaml(""), &[], tempfile::tempdir().unwrap()).await;
+    let call = || {
+        let url = gw.url("/x");
+        async move {
+            Client::new()
+                .send(
+                    Method::GET,
+                    &url,
+                    &[("origin", "https://evil.example")],
+                    bytes::Bytes::new(),
+                )
+                .await
+        }
+    };
+    let first = call().await;
+    assert_eq!(first.header("access-control-allow-origin"), Some("*"));
+    gw.swap_config(&yaml(
+        "    cors: { allow_origins: [\"https://app.example.com\"] }\n",
+    ));
+    let mut reloaded = false;
+    for _ in 0..100 {
+        let ok = gw
+            .metric("sluice_config_reloads_total", &[("result", "ok")])
+            .await;
+        if ok == Some(1.0) {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(reloaded, "the config was not reloaded");
+    let hit = call().await;
+    assert_eq!(hit.header("x-sluice-cache"), Some("HIT"));
+    assert_eq!(hit.header("access-control-allow-origin"), None);
+    assert_eq!(upstream.seen().len(), 1);
+}
