@@ -1058,3 +1058,44 @@ async fn redirects_to_the_upstreams_own_address_are_made_relative() {
         Some("https://login.example.com/sso")
     );
 }
+
+/// An HTTP/2 client that cancels its stream mid-upload (a browser's
+/// abort, an SDK's timeout: RST_STREAM CANCEL) is logged as 499 too.
+#[tokio::test]
+async fn an_h2_client_cancelling_mid_upload_is_a_499() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&crate::support::app_config(&up.url(), "")).await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let frames = Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+        let data = rx.recv().await?;
+        Some((
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(data)),
+            rx,
+        ))
+    }));
+    let req = http::Request::post(gw.url("/upload"))
+        .header("content-type", "application/json")
+        .body(http_body_util::StreamBody::new(frames))
+        .unwrap();
+    tx.send(Bytes::from_static(b"{\"model\"")).await.unwrap();
+    // Cancelled while the body is still coming: the response is dropped
+    // with the sender alive, which resets the stream.
+    let pending = sender.send_request(req);
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(300), pending)
+            .await
+            .is_err()
+    );
+    let logs = gw.wait_access_logs(1).await;
+    assert_eq!(logs[0]["status"], 499, "{:?}", logs[0]);
+    assert_eq!(logs[0]["error"], "client_closed", "{:?}", logs[0]);
+    drop(tx);
+}
