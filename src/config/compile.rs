@@ -997,6 +997,10 @@ impl Compiler<'_> {
                 continue;
             };
             let origin = origin.trim().to_owned();
+            if origin.is_empty() {
+                // `${DEV_ORIGIN:-}` unset: no origin, as the list reads.
+                continue;
+            }
             if origin == "*" {
                 if allow_credentials {
                     self.error(

@@ -17,10 +17,23 @@
 /// assert!(expand("${MISSING}", env).is_err());
 /// ```
 pub fn expand(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
-    expand_with(text, &lookup)
+    expand_with(text, &lookup, 0)
 }
 
-fn expand_with(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+/// Defaults nested deeper than this are refused: no config needs them,
+/// and each level is a recursion.
+const MAX_NESTING: usize = 8;
+
+fn expand_with(
+    text: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    depth: usize,
+) -> Result<String, String> {
+    if depth > MAX_NESTING {
+        return Err(format!(
+            "`${{…}}` defaults are nested more than {MAX_NESTING} deep"
+        ));
+    }
     if !text.contains('$') {
         return Ok(text.to_owned());
     }
@@ -46,10 +59,10 @@ fn expand_with(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<St
                 // As in the shell and docker compose, `:-` also covers a
                 // variable set to the empty string.
                 (Some(value), Some(default)) if value.is_empty() => {
-                    out.push_str(&expand_with(default, lookup)?);
+                    out.push_str(&expand_with(default, lookup, depth + 1)?);
                 }
                 (Some(value), _) => out.push_str(&value),
-                (None, Some(default)) => out.push_str(&expand_with(default, lookup)?),
+                (None, Some(default)) => out.push_str(&expand_with(default, lookup, depth + 1)?),
                 (None, None) => {
                     return Err(format!(
                         "environment variable `{name}` is not set (use `${{{name}:-default}}` for a default)"

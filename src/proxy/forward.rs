@@ -83,7 +83,10 @@ pub async fn send(
     // `stream_options.include_usage`); otherwise it streams through.
     // Only these two APIs' paths: an app's own `/…/completions` behind the
     // sidecar, or another provider's (FIM), may refuse the extra member.
-    let path = crate::llm::shape::api_path(parts.uri.path());
+    // As routes and validation read it (`%2F` as `/`), so that a path an
+    // app reads as chat completions is metered as one.
+    let slash_view = super::route::slashes_decoded(parts.uri.path());
+    let path = crate::llm::shape::api_path(slash_view.as_deref().unwrap_or(parts.uri.path()));
     let completions = parts.method == http::Method::POST
         && (path.ends_with("/chat/completions") || path.ends_with("/v1/completions"));
     let token_limited = limit::token_limits_apply(snap, route, ctx);

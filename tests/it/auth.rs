@@ -370,4 +370,16 @@ routes:
         up.seen()[0].uri.path(),
         "/v1/models/meta-llama%2FLlama-3-8B"
     );
+    // A stream the app reads as chat completions is metered as one: sluice
+    // asks for its usage.
+    let reply = Client::new()
+        .post_json(
+            &gw.url("/api/v1/chat%2Fcompletions"),
+            &[],
+            r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let body = String::from_utf8_lossy(&up.seen()[1].body).into_owned();
+    assert!(body.contains("include_usage"), "{body}");
 }

@@ -644,7 +644,7 @@ async fn a_lead_whose_client_stops_reading_does_not_hold_the_waiters() {
     let upstream = MockUpstream::always(UpstreamReply::text(big.clone())).await;
     let gw = TestGateway::start(&format!(
         r#"
-limits: {{ request_timeout: 4s }}
+limits: {{ request_timeout: 6s }}
 cache: {{ max_bytes: 64MiB }}
 upstreams:
   llm: {{ url: "{}" }}

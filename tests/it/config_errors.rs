@@ -1335,6 +1335,14 @@ fn hosts_and_origins_that_could_never_match_are_refused() {
         )
         .is_ok()
     );
+    // An unset optional origin is no origin.
+    assert!(
+        load(
+            &cors("\"https://app.example.com\", \"${DEV_ORIGIN:-}\"", true),
+            &[]
+        )
+        .is_ok()
+    );
     // `*` with credentials is refused also when a variable writes it.
     let e = one_error(&cors("\"https://a.example\", \"${ORIGIN:-*}\"", true), &[]);
     assert!(

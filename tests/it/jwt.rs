@@ -629,7 +629,11 @@ async fn a_jwk_verifies_only_the_algorithm_it_names() {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
     let signing = EncodingKey::from_rsa_pem(key.serialize_pem().as_bytes()).unwrap();
     let jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&signing, Algorithm::RS256).unwrap();
-    let mut encryption = jwk.clone();
+    // Another key, published for encryption only (by its `alg`).
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    let other = EncodingKey::from_rsa_pem(other.serialize_pem().as_bytes()).unwrap();
+    let mut encryption =
+        jsonwebtoken::jwk::Jwk::from_encoding_key(&other, Algorithm::RS256).unwrap();
     encryption.common.key_algorithm = Some(jsonwebtoken::jwk::KeyAlgorithm::RSA_OAEP);
     let set = json!({ "keys": [encryption, jwk] });
     let gw = gateway_with_keys_file(&set.to_string(), "[RS256, PS256]").await;
@@ -639,6 +643,11 @@ async fn a_jwk_verifies_only_the_algorithm_it_names() {
     let ps256 =
         jsonwebtoken::encode(&Header::new(Algorithm::PS256), &claims(json!({})), &signing).unwrap();
     refused_for(&gw, &ps256, "bad_signature").await;
+    // Signed with the encryption key's private half: no signature key.
+    let by_encryption_key =
+        jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims(json!({})), &other).unwrap();
+    let reply = call(&gw, &by_encryption_key).await;
+    assert_eq!(reply.status, 401, "{}", reply.text());
 }
 
 /// A token whose header lists critical extensions is refused: sluice
