@@ -33,6 +33,11 @@ pub enum ProxyError {
     /// The client went away before its body was sent whole (logged as
     /// nginx does, 499; nobody reads the answer).
     ClientClosed,
+    /// A request framing sluice does not take (a transfer coding other
+    /// than chunked): 501, as nginx answers it.
+    NotImplemented {
+        message: &'static str,
+    },
     InvalidRequest {
         message: String,
         /// The JSON path of the offending field, when one is to blame.
@@ -77,6 +82,7 @@ impl ProxyError {
             ProxyError::ClientClosed => {
                 StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
             }
+            ProxyError::NotImplemented { .. } => StatusCode::NOT_IMPLEMENTED,
             ProxyError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ProxyError::RateLimited { .. } | ProxyError::BudgetExceeded { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -99,6 +105,7 @@ impl ProxyError {
             | ProxyError::TooLarge { .. }
             | ProxyError::RequestTimeout
             | ProxyError::ClientClosed
+            | ProxyError::NotImplemented { .. }
             | ProxyError::InvalidRequest { .. }
             | ProxyError::RateLimited { .. }
             | ProxyError::BudgetExceeded { .. }
@@ -120,6 +127,7 @@ impl ProxyError {
             ProxyError::TooLarge { .. } => "request_too_large",
             ProxyError::RequestTimeout => "request_timeout",
             ProxyError::ClientClosed => "client_closed",
+            ProxyError::NotImplemented { .. } => "not_implemented",
             ProxyError::InvalidRequest { .. } => "invalid_request",
             ProxyError::RateLimited { .. } => "rate_limit_exceeded",
             ProxyError::BudgetExceeded { .. } => "budget_exceeded",
@@ -138,6 +146,7 @@ impl ProxyError {
             | ProxyError::TooLarge { .. }
             | ProxyError::RequestTimeout
             | ProxyError::ClientClosed
+            | ProxyError::NotImplemented { .. }
             | ProxyError::InvalidRequest { .. } => "invalid_request_error",
             ProxyError::Unauthorized { .. } => "authentication_error",
             ProxyError::Forbidden => "permission_error",
@@ -173,6 +182,7 @@ impl ProxyError {
             ProxyError::ClientClosed => {
                 "the client closed the connection before its request body was sent".to_owned()
             }
+            ProxyError::NotImplemented { message } => (*message).to_owned(),
             ProxyError::InvalidRequest { message, .. } => message.clone(),
             ProxyError::RateLimited {
                 over: Some((needed, limit)),
@@ -251,6 +261,7 @@ impl ProxyError {
             | ProxyError::TooLarge { .. }
             | ProxyError::RequestTimeout
             | ProxyError::ClientClosed
+            | ProxyError::NotImplemented { .. }
             | ProxyError::InvalidRequest { .. }
             | ProxyError::UpstreamFailed { .. }
             | ProxyError::UpstreamTimeout { .. } => {}

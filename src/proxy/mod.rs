@@ -272,6 +272,16 @@ async fn process(
     {
         *req.uri_mut() = uri;
     }
+    if let Some(coding) = req.headers().get(http::header::TRANSFER_ENCODING)
+        && !coding.as_bytes().eq_ignore_ascii_case(b"chunked")
+    {
+        // hyper reads `gzip, chunked` as chunked, and the gzip would be
+        // lost on the way: the upstream would get compressed bytes as
+        // the body, with nothing saying so.
+        return Err(ProxyError::NotImplemented {
+            message: "transfer codings other than chunked are not supported; send the body plain, or with content-encoding",
+        });
+    }
     if req.method() == http::Method::CONNECT {
         // A tunnel request to a reverse proxy: no upstream can take it
         // (nginx answers it 400 too).

@@ -1099,3 +1099,24 @@ async fn an_h2_client_cancelling_mid_upload_is_a_499() {
     assert_eq!(logs[0]["error"], "client_closed", "{:?}", logs[0]);
     drop(tx);
 }
+
+/// A transfer coding other than chunked would be lost on the way (the
+/// upstream would get gzip bytes as the body): 501, as nginx answers.
+#[tokio::test]
+async fn a_transfer_coding_other_than_chunked_is_a_501() {
+    let (up, gw) = open_app().await;
+    let (status, text) = raw_exchange(
+        &gw,
+        "POST /x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: gzip, chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 501, "{text}");
+    assert!(text.contains("\"code\":\"not_implemented\""), "{text}");
+    assert!(up.seen().is_empty());
+    let (status, _) = raw_exchange(
+        &gw,
+        "POST /x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: Chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+}
