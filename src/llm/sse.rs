@@ -171,7 +171,17 @@ pub fn is_last_event(payload: &[u8]) -> bool {
     if payload == b"[DONE]" {
         return true;
     }
-    let Some(kind) = payload.strip_prefix(b"{\"type\":\"") else {
+    // `{"type":"…` as compact writers send it, or with blanks around the
+    // colon (Python's `json.dumps`).
+    let kind = payload
+        .strip_prefix(b"{")
+        .map(<[u8]>::trim_ascii_start)
+        .and_then(|p| p.strip_prefix(b"\"type\""))
+        .map(<[u8]>::trim_ascii_start)
+        .and_then(|p| p.strip_prefix(b":"))
+        .map(<[u8]>::trim_ascii_start)
+        .and_then(|p| p.strip_prefix(b"\""));
+    let Some(kind) = kind else {
         return false;
     };
     [
@@ -249,12 +259,14 @@ pub fn is_preamble(event: &[u8]) -> bool {
             let no_text = c
                 .get("text")
                 .is_none_or(|v| v.is_null() || v.as_str() == Some(""));
-            c.get("finish_reason").is_none_or(Value::is_null)
-                && no_text
-                && empty("content")
-                && empty("tool_calls")
-                && empty("function_call")
-                && empty("refusal")
+            // Anything a delta holds besides its role is the answer: its
+            // text, tool calls, a refusal, and also the reasoning
+            // (`reasoning_content`, `reasoning`) or audio some servers
+            // stream before any text.
+            let delta_empty = delta
+                .and_then(Value::as_object)
+                .is_none_or(|d| d.iter().all(|(key, _)| key == "role" || empty(key)));
+            c.get("finish_reason").is_none_or(Value::is_null) && no_text && delta_empty
         }),
         None => false,
     }
@@ -269,6 +281,8 @@ mod tests {
         for last in [
             &b"[DONE]"[..],
             br#"{"type":"message_stop"}"#,
+            br#"{ "type" : "message_stop"}"#,
+            br#"{"type": "response.completed", "response": {}}"#,
             br#"{"type":"response.completed","response":{}}"#,
             br#"{"type":"response.failed","response":{}}"#,
         ] {
@@ -403,6 +417,13 @@ data: {"type":"response.created","response":{"id":"r","status":"in_progress","ou
         assert!(!is_preamble(text));
         assert!(!is_preamble(tool));
         assert!(!is_preamble(stop));
+        // Reasoning streamed before any text (DeepSeek, vLLM) is the answer.
+        assert!(!is_preamble(
+            br#"data: {"choices":[{"index":0,"delta":{"content":null,"reasoning_content":"Let me"},"finish_reason":null}]}"#
+        ));
+        assert!(is_preamble(
+            br#"data: {"choices":[{"index":0,"delta":{"role":"assistant","content":null,"reasoning_content":""},"finish_reason":null}]}"#
+        ));
         assert!(!is_preamble(b"data: [DONE]"));
         // Legacy completions: text in `choices[].text`.
         assert!(!is_preamble(
