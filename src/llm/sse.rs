@@ -64,6 +64,15 @@ impl EventSplitter {
         self.scanned = 0;
         self.buf.split().freeze()
     }
+
+    /// Takes the bytes of an event too long to hold, but its last three,
+    /// where its separator may have begun: the end of the event is still
+    /// found, and the events after it read.
+    pub fn take_pending_but_tail(&mut self) -> Bytes {
+        self.scanned = 0;
+        let cut = self.buf.len().saturating_sub(3);
+        self.buf.split_to(cut).freeze()
+    }
 }
 
 /// The position and length of the first blank-line separator: a line

@@ -136,17 +136,19 @@ impl Meter {
     /// local model server's own format) ends as it ends, and so does a
     /// stream that carried the upstream's own error event.
     pub fn broke_off(&mut self, rest: Option<&Bytes>) -> bool {
-        // Past an event too long to read, the rest went unread: no telling.
         let Meter::Sse(stream) = self else {
             return false;
         };
-        if stream.gave_up || stream.usage.stream_error {
+        if stream.usage.stream_error {
             return false;
         }
         // Line ends only (a blank line more than needed, or the LF of a
         // CRLF split from its CR): nothing was cut.
         let rest = rest.filter(|r| r.iter().any(|b| !matches!(b, b'\r' | b'\n')));
-        if let Some(rest) = rest {
+        // The end of an event too long to read is no event to read.
+        if let Some(rest) = rest
+            && !stream.oversized
+        {
             // Read as an event, as lenient parsers do: a stream that ends
             // `data: [DONE]` without its blank line is complete.
             stream.absorb_event(rest);
@@ -231,10 +233,10 @@ pub struct SseMeter {
     /// An event had the shape of an LLM API's (`choices`, Anthropic's
     /// `message`, the responses API's `response`): its end is known.
     api: bool,
-    /// An event outgrew `EVENT_CAP`: the rest of the stream passes
-    /// unread, so a stream that never ends an event cannot grow sluice's
-    /// memory.
-    gave_up: bool,
+    /// The event being read outgrew `EVENT_CAP`: what came of it was
+    /// passed on unread, so that an event that never ends cannot grow
+    /// sluice's memory; the events after it are read again.
+    oversized: bool,
 }
 
 /// The longest SSE event read; LLM stream events are a few hundred bytes.
@@ -242,15 +244,14 @@ const EVENT_CAP: usize = 1 << 20;
 
 impl SseMeter {
     fn observe(&mut self, data: &Bytes) -> Option<Bytes> {
-        if self.gave_up {
-            return None;
-        }
         let out = self.read(data);
         if self.splitter.pending() <= EVENT_CAP {
             return out;
         }
-        self.gave_up = true;
-        let held = self.splitter.take_pending();
+        // An image's partial data, a huge delta: not read, but passed on,
+        // and the stream's later events (its usage) still are.
+        self.oversized = true;
+        let held = self.splitter.take_pending_but_tail();
         // In whole events, what is held has not been sent: it goes now.
         out.map(|out| [&out[..], &held[..]].concat().into())
     }
@@ -260,7 +261,9 @@ impl SseMeter {
         self.splitter.push(data);
         if !self.whole_events {
             while let Some(event) = self.splitter.next_event() {
-                self.absorb_event(&event);
+                if !std::mem::take(&mut self.oversized) {
+                    self.absorb_event(&event);
+                }
             }
             return None;
         }
@@ -272,7 +275,8 @@ impl SseMeter {
         let mut rebuilt = (carried > 0).then(BytesMut::new);
         let mut consumed = 0;
         while let Some((end, raw)) = self.splitter.next_event_raw() {
-            let strip = self.absorb_event(&raw[..end]);
+            // The end of an event too long to read: passed on as it is.
+            let strip = !std::mem::take(&mut self.oversized) && self.absorb_event(&raw[..end]);
             let len = raw.len();
             match rebuilt.as_mut() {
                 // The first stripped event of a frame that began on an
@@ -511,14 +515,24 @@ mod tests {
         // Held while it may still be the usage chunk...
         assert_eq!(m.observe(&big).as_deref(), Some(&b""[..]));
         assert!(m.holds());
-        // ...until it outgrows the cap: then all of it goes, and the rest
-        // of the stream passes as it comes, unread.
+        // ...until it outgrows the cap: then all of it goes but the
+        // last bytes, where its end may begin...
         let out = m.observe(&big).unwrap();
-        assert_eq!(out.len(), 2 * big.len());
-        assert!(!m.holds());
-        assert_eq!(m.observe(&Bytes::from_static(USAGE)), None);
+        assert_eq!(out.len(), 2 * big.len() - 3);
+        // ...and once it ends, the events after it are read again: the
+        // usage chunk is counted and stripped.
+        assert_eq!(
+            m.observe(&Bytes::from_static(b"\n\n")).as_deref(),
+            Some(&b"xxx\n\n"[..])
+        );
+        assert_eq!(
+            m.observe(&Bytes::from_static(USAGE)).as_deref(),
+            Some(&b""[..])
+        );
         assert_eq!(m.take_held(), None);
-        assert_eq!(m.finish().model.as_deref(), Some("m"));
+        let usage = m.finish();
+        assert_eq!(usage.model.as_deref(), Some("m"));
+        assert!(usage.input_tokens.is_some(), "{usage:?}");
 
         let mut m = Meter::for_content_type(b"text/event-stream").unwrap();
         for _ in 0..3 {

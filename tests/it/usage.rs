@@ -329,3 +329,23 @@ routes:
     assert_eq!(completions("stop").await, Some(5.0));
     assert_eq!(completions("length").await, Some(2.0));
 }
+
+/// An event too long to read (a 1.5 MiB delta, an image's partial data)
+/// passes unread, and the events after it still are: the usage is
+/// counted, and the usage chunk sluice asked for still stripped.
+#[tokio::test]
+async fn events_after_one_too_long_to_read_are_still_read() {
+    let huge = format!(
+        r#"{{"model":"gpt-4o-mini","choices":[{{"index":0,"delta":{{"content":"{}"}},"finish_reason":null}}]}}"#,
+        "x".repeat(1536 * 1024)
+    );
+    let events = [STREAM[0], huge.as_str(), STREAM[1], STREAM[2], STREAM[3]];
+    let up = MockUpstream::always(UpstreamReply::sse(&events, Duration::from_millis(5))).await;
+    let (gw, reply) = stream_without_usage(&up).await;
+    assert!(
+        reply.text() == sse_text(&[events[0], events[1], events[2], events[4]]),
+        "the client's stream must be what it asked for ({} bytes)",
+        reply.text().len()
+    );
+    check_stream_usage(&gw).await;
+}
