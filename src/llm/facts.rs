@@ -123,11 +123,27 @@ pub struct Counts {
     completion_tokens: Loose<u64>,
     input_tokens: Loose<u64>,
     output_tokens: Loose<u64>,
+    cache_read_input_tokens: Loose<u64>,
+    cache_creation_input_tokens: Loose<u64>,
 }
 
 impl Counts {
+    /// The prompt's tokens. OpenAI's counts include those read from its
+    /// prompt cache; Anthropic's `input_tokens` leave out those read from
+    /// or written to the cache, which it counts apart: added here, as
+    /// OpenAI counts them (they are billed, if at other prices).
     pub fn input(&self) -> Option<u64> {
-        self.prompt_tokens.0.or(self.input_tokens.0)
+        self.prompt_tokens.0.or_else(|| {
+            let cached = self
+                .cache_read_input_tokens
+                .0
+                .unwrap_or(0)
+                .saturating_add(self.cache_creation_input_tokens.0.unwrap_or(0));
+            match self.input_tokens.0 {
+                Some(input) => Some(input.saturating_add(cached)),
+                None => (cached > 0).then_some(cached),
+            }
+        })
     }
     pub fn output(&self) -> Option<u64> {
         self.completion_tokens.0.or(self.output_tokens.0)
@@ -230,6 +246,8 @@ members!(['de] Counts {
     1 b"completion_tokens" => completion_tokens,
     2 b"input_tokens" => input_tokens,
     3 b"output_tokens" => output_tokens,
+    4 b"cache_read_input_tokens" => cache_read_input_tokens,
+    5 b"cache_creation_input_tokens" => cache_creation_input_tokens,
 });
 
 /// A struct read member by member ([`members!`]).

@@ -349,3 +349,30 @@ async fn events_after_one_too_long_to_read_are_still_read() {
     );
     check_stream_usage(&gw).await;
 }
+
+/// Anthropic counts prompt tokens read from or written to its cache apart
+/// from `input_tokens`; they are input all the same (OpenAI's
+/// `prompt_tokens` include its cached ones), and billed.
+#[tokio::test]
+async fn anthropic_cached_prompt_tokens_count_as_input() {
+    let events = [
+        r#"{"type":"message_start","message":{"model":"claude-sonnet","usage":{"input_tokens":5,"cache_read_input_tokens":20000,"cache_creation_input_tokens":100,"output_tokens":1}}}"#,
+        r#"{"type":"content_block_delta","delta":{"type":"text_delta","text":"Hi"}}"#,
+        r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":15}}"#,
+        r#"{"type":"message_stop"}"#,
+    ];
+    let up = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;
+    let gw = TestGateway::start(&config(&up.url())).await;
+    Client::new()
+        .post_json(&gw.url("/v1/messages"), &[], "{}")
+        .await;
+    check(
+        &gw,
+        "claude-sonnet",
+        20105,
+        15,
+        (20105.0 * 1.0 + 15.0 * 3.0) / 1e6,
+        "stop",
+    )
+    .await;
+}
