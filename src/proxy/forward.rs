@@ -7,6 +7,7 @@
 //! who asked for a pause (429 + `retry-after`).
 
 use std::error::Error as StdError;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -106,7 +107,11 @@ pub async fn send(
                 .await?
         }
     };
+    // The body as the client sent it, while the one sent upstream asks
+    // for usage: an upstream that refuses the question gets this instead.
+    let mut plain: Option<Bytes> = None;
     if completions && let Some(asked) = sse::ask_for_usage(&body) {
+        plain = Some(body.clone());
         // Usage is asked for upstream and its chunk removed before the
         // client sees it: the client's stream stays as it would have been.
         // The edited copy takes over the original's place in the budget.
@@ -137,17 +142,20 @@ pub async fn send(
                 if let Some(renamed) = renamed_for(upstream, &body, &mut parts.headers) {
                     // Held through the token reservation and the upload.
                     body = gw.body_budget(snap).adopt(renamed);
+                    plain = plain
+                        .take()
+                        .map(|p| pool::rewrite_model(&p, &upstream.models).unwrap_or(p));
                 }
                 upstream.name.clone()
             });
-            let answer = attempt(active, index, ctx, parts, body::full(body)).await;
+            let answer = attempt_asking_usage(active, index, ctx, parts, body, plain).await;
             count_answer(active, index, &answer);
             answer.map_err(|f| single_failure(name.as_deref().unwrap_or("upstream"), f))
         }
         Target::Pool(p) => match snap.pools.get(p) {
             Some(pool) => {
                 let budget = gw.body_budget(snap);
-                failover(active, p, pool, ctx, &parts, body, budget).await
+                failover(active, p, pool, ctx, &parts, body, plain, budget).await
             }
             None => Err(ProxyError::UpstreamFailed {
                 attempts: "no pool configured".to_owned(),
@@ -306,7 +314,10 @@ fn unreadable_body() -> ProxyError {
     }
 }
 
-/// Tries the pool's members in order until one answers well.
+/// Tries the pool's members in order until one answers well. `plain`:
+/// the body without the usage sluice asked for, for a member that
+/// refuses the question.
+#[allow(clippy::too_many_arguments)]
 async fn failover(
     active: &Active,
     p: usize,
@@ -314,6 +325,7 @@ async fn failover(
     ctx: &mut RequestCtx,
     parts: &Parts,
     body: Bytes,
+    plain: Option<Bytes>,
     budget: Budget<'_>,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let snap = &active.snapshot;
@@ -366,11 +378,16 @@ async fn failover(
         let mut member_parts = copy_parts(parts);
         headers::for_upstream(&mut member_parts.headers, upstream);
         // A member's renamed copy is held through its attempt: counted too.
-        let bytes = match renamed_for(upstream, &body, &mut member_parts.headers) {
-            Some(renamed) => budget.adopt(renamed),
-            None => body.clone(),
+        let (bytes, member_plain) = match renamed_for(upstream, &body, &mut member_parts.headers) {
+            Some(renamed) => (
+                budget.adopt(renamed),
+                plain
+                    .as_ref()
+                    .map(|p| pool::rewrite_model(p, &upstream.models).unwrap_or_else(|| p.clone())),
+            ),
+            None => (body.clone(), plain.clone()),
         };
-        match attempt(active, member, ctx, member_parts, body::full(bytes)).await {
+        match attempt_asking_usage(active, member, ctx, member_parts, bytes, member_plain).await {
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 let pause = match status {
@@ -664,6 +681,77 @@ fn count_answer(active: &Active, index: usize, answer: &Result<Response<BoxBody>
         Err(failure) => failure.outcome,
     };
     count(active, index, outcome);
+}
+
+/// The largest error answer read to see whether it names
+/// `stream_options`.
+const REFUSAL_SNIFF: u64 = 64 * 1024;
+
+/// An attempt with `body`, which asks for stream usage when `plain` (the
+/// body as the client sent it) is there. An upstream that refuses the
+/// question (a 400 naming `stream_options`, as older Azure OpenAI API
+/// versions answer) is asked again with `plain`, and not asked for usage
+/// again: metering must never break a request that works without sluice.
+async fn attempt_asking_usage(
+    active: &Active,
+    index: usize,
+    ctx: &mut RequestCtx,
+    mut parts: Parts,
+    body: Bytes,
+    plain: Option<Bytes>,
+) -> Result<Response<BoxBody>, AttemptFailure> {
+    let http = active
+        .snapshot
+        .upstreams
+        .get(index)
+        .and_then(|u| match &u.kind {
+            UpstreamKind::Http(http) => Some(http),
+            UpstreamKind::Mock(_) => None,
+        });
+    let Some(plain) = plain else {
+        return attempt(active, index, ctx, parts, body::full(body)).await;
+    };
+    if http.is_some_and(|h| h.refuses_stream_options.load(Ordering::Relaxed)) {
+        ctx.usage_injected = false;
+        parts
+            .headers
+            .insert(http::header::CONTENT_LENGTH, plain.len().into());
+        return attempt(active, index, ctx, parts, body::full(plain)).await;
+    }
+    ctx.usage_injected = true;
+    let again = copy_parts(&parts);
+    let resp = attempt(active, index, ctx, parts, body::full(body)).await?;
+    let small = http_body::Body::size_hint(resp.body())
+        .exact()
+        .is_some_and(|n| n <= REFUSAL_SNIFF);
+    if resp.status() != http::StatusCode::BAD_REQUEST || !small {
+        return Ok(resp);
+    }
+    let (head, answer) = resp.into_parts();
+    let idle = ctx.upstream_idle.unwrap_or(Duration::from_secs(30));
+    let read = tokio::time::timeout(idle, answer.collect()).await;
+    let Ok(Ok(collected)) = read else {
+        // The error answer broke or stalled: a failed attempt, as it is.
+        return Err(AttemptFailure {
+            outcome: Outcome::ConnectionError,
+            text: "its error answer broke off",
+        });
+    };
+    let text = collected.to_bytes();
+    if memchr::memmem::find(&text, b"stream_options").is_none() {
+        return Ok(Response::from_parts(head, body::full(text)));
+    }
+    if let Some(http) = http {
+        http.refuses_stream_options.store(true, Ordering::Relaxed);
+    }
+    // The refusal counts as the attempt it was; this one is the request's.
+    count(active, index, Outcome::Http4xx);
+    ctx.usage_injected = false;
+    let mut again = again;
+    again
+        .headers
+        .insert(http::header::CONTENT_LENGTH, plain.len().into());
+    attempt(active, index, ctx, again, body::full(plain)).await
 }
 
 /// A copy of a request head for one attempt (`Parts` itself is not `Clone`).

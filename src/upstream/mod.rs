@@ -75,6 +75,9 @@ pub struct HttpUpstream {
     /// CA's digest): a reload whose upstream has the same key keeps the
     /// client, and with it the pooled connections and TLS sessions.
     pub client_key: String,
+    /// It refused a request for naming `stream_options` (older Azure
+    /// OpenAI API versions do): sluice no longer asks it for stream usage.
+    pub refuses_stream_options: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for HttpUpstream {
@@ -155,6 +158,7 @@ impl HttpUpstream {
             base_path,
             client,
             client_key,
+            refuses_stream_options: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

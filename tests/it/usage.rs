@@ -376,3 +376,49 @@ async fn anthropic_cached_prompt_tokens_count_as_input() {
     )
     .await;
 }
+
+/// An upstream that refuses `stream_options` (older Azure OpenAI API
+/// versions) is asked again without it, and not asked again: sluice's
+/// metering never breaks a request that works without sluice.
+#[tokio::test]
+async fn an_upstream_that_refuses_stream_options_is_asked_without_it() {
+    let up = MockUpstream::start(|seen| {
+        if String::from_utf8_lossy(&seen.body).contains("stream_options") {
+            UpstreamReply::status(400)
+                .header("content-type", "application/json")
+                .body(r#"{"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error"}}"#)
+        } else {
+            UpstreamReply::sse(&STREAM, Duration::ZERO)
+        }
+    })
+    .await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  azure: {{ url: "{}" }}
+pools:
+  llm: {{ members: [azure] }}
+routes:
+  - {{ name: direct, match: {{ path_prefix: /d/ }}, auth: none, upstream: azure }}
+  - {{ name: pooled, match: {{ path_prefix: /p/ }}, auth: none, upstream: llm }}
+"#,
+        up.url()
+    ))
+    .await;
+    for (path, calls) in [
+        ("/d/v1/chat/completions", 2),
+        ("/d/v1/chat/completions", 3),
+        ("/p/v1/chat/completions", 4),
+    ] {
+        let reply = Client::new()
+            .post_json(
+                &gw.url(path),
+                &[],
+                r#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#,
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.text());
+        assert_eq!(reply.text(), sse_text(&STREAM), "{path}: passed as it came");
+        assert_eq!(up.seen().len(), calls, "{path}");
+    }
+}
