@@ -89,6 +89,7 @@ pub async fn lookup(
             active.snapshot.limits.max_request_body,
             deadline,
             gw.body_budget(&active.snapshot),
+            &mut ctx.waiting,
         )
         .await?;
     let key = key(route, settings, parts, ctx, &bytes);
@@ -137,7 +138,7 @@ pub async fn lookup(
                     let since = Instant::now();
                     let give_up = since + deadline.saturating_duration_since(since) / 2;
                     let woken = tokio::time::timeout_at(give_up.into(), done.changed()).await;
-                    ctx.upstream_wait += since.elapsed();
+                    ctx.waiting += since.elapsed();
                     // A final answer that was not stored would be the
                     // same for each waiter: taking the lead in turn would
                     // serve them one after the other, each an LLM call's

@@ -102,8 +102,9 @@ pub struct RequestCtx {
     pub attempts: u32,
     /// When the current upstream attempt was sent.
     pub upstream_started: Option<Instant>,
-    /// Time spent waiting on upstreams for response heads.
-    pub upstream_wait: Duration,
+    /// Time spent waiting on others: upstreams for their response heads,
+    /// the client for its body. Not sluice's overhead.
+    pub waiting: Duration,
     /// The answering upstream's longest allowed gap between body chunks.
     pub upstream_idle: Option<Duration>,
     pub status: u16,
@@ -170,7 +171,7 @@ impl RequestCtx {
             upstream_index: None,
             attempts: 0,
             upstream_started: None,
-            upstream_wait: Duration::ZERO,
+            waiting: Duration::ZERO,
             upstream_idle: None,
             status: 0,
             busy: conn.activity.as_ref().map(Activity::enter),

@@ -53,16 +53,23 @@ pub enum RequestBody {
 
 impl RequestBody {
     /// The whole body, read now (bounded by `limit`, and by `deadline`
-    /// in time) unless it was already.
+    /// in time) unless it was already. The read is time spent waiting on
+    /// the client, added to `waiting`: not sluice's overhead.
     pub async fn into_bytes(
         self,
         limit: u64,
         deadline: Instant,
         budget: Budget<'_>,
+        waiting: &mut Duration,
     ) -> Result<Bytes, ProxyError> {
         match self {
             RequestBody::Read(bytes) => Ok(bytes),
-            RequestBody::Streaming(body) => read_body(body, limit, deadline, budget).await,
+            RequestBody::Streaming(body) => {
+                let since = Instant::now();
+                let read = read_body(body, limit, deadline, budget).await;
+                *waiting += since.elapsed();
+                read
+            }
         }
     }
 }
@@ -103,7 +110,8 @@ pub async fn send(
             return stream_through(active, index, ctx, parts, body, max_body).await;
         }
         (.., body) => {
-            body.into_bytes(max_body, ctx.deadline(snap), gw.body_budget(snap))
+            let deadline = ctx.deadline(snap);
+            body.into_bytes(max_body, deadline, gw.body_budget(snap), &mut ctx.waiting)
                 .await?
         }
     };
@@ -406,7 +414,7 @@ async fn failover(
                     let preamble = hold_preamble(resp, deadline, upstream.timeouts.idle).await;
                     unjudged.0 = None;
                     // Waiting for the stream's first content is upstream time.
-                    ctx.upstream_wait += held.elapsed();
+                    ctx.waiting += held.elapsed();
                     let outcome = match &preamble {
                         Ok(_) => Outcome::of_status(status),
                         Err(Preamble::TimedOut | Preamble::Quiet) => Outcome::Timeout,
@@ -853,7 +861,7 @@ async fn attempt(
     };
     abandoned.0 = None;
     let elapsed = started.elapsed();
-    ctx.upstream_wait += elapsed;
+    ctx.waiting += elapsed;
     match result {
         Ok(mut resp) => {
             metrics.first_byte.observe(elapsed.as_secs_f64());

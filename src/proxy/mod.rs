@@ -146,7 +146,7 @@ pub async fn handle(
         cors::decorate(allowed, resp.headers_mut());
     }
 
-    let overhead = ctx.started.elapsed().saturating_sub(ctx.upstream_wait);
+    let overhead = ctx.started.elapsed().saturating_sub(ctx.waiting);
     route_metrics.overhead.observe(overhead.as_secs_f64());
 
     let idle = ctx.upstream_idle;
@@ -366,7 +366,7 @@ async fn process(
         &route.validate,
         &parts,
         route_path,
-        &mut ctx.body_unread,
+        ctx,
         body,
         max_body,
         deadline,
@@ -376,7 +376,7 @@ async fn process(
     if snap.logging.log_bodies {
         // A debug aid: the request body is read whole (bounded) to log it.
         let bytes = body
-            .into_bytes(max_body, deadline, gw.body_budget(snap))
+            .into_bytes(max_body, deadline, gw.body_budget(snap), &mut ctx.waiting)
             .await?;
         ctx.request_body = Some(BodyLog::of(&bytes).render(&snap.logging.known_secrets.0));
         body = forward::RequestBody::Read(bytes);

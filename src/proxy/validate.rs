@@ -21,8 +21,9 @@ use hyper::body::Incoming;
 use super::buffered::Budget;
 use serde_json::Value;
 
+use super::ctx::RequestCtx;
 use super::error::ProxyError;
-use super::forward::{self, RequestBody};
+use super::forward::RequestBody;
 use crate::body::{BodyError, BoxError};
 use crate::llm::shape::{self, Endpoint};
 use crate::snapshot::Validate;
@@ -44,15 +45,16 @@ pub fn check_declared_size(headers: &HeaderMap, limit: u64) -> Result<(), ProxyE
 }
 
 /// On a route with `validate`, reads the body (bounded) and checks it;
-/// otherwise leaves it to stream. `path` is the one routes read;
-/// `body_unread` is cleared once the body is read whole, valid or not
-/// (the connection can then serve the next request).
+/// otherwise leaves it to stream. `path` is the one routes read. Once
+/// the body is read whole, valid or not, the ctx says so (the connection
+/// can then serve the next request) and counts the read as time spent
+/// waiting on the client, not sluice's overhead.
 #[allow(clippy::too_many_arguments)]
 pub async fn check_body(
     validate: &Validate,
     parts: &Parts,
     path: &str,
-    body_unread: &mut bool,
+    ctx: &mut RequestCtx,
     body: Incoming,
     max_body: u64,
     deadline: Instant,
@@ -74,8 +76,10 @@ pub async fn check_body(
     if !applies || !has_body {
         return Ok(RequestBody::Streaming(body));
     }
-    let bytes = forward::read_body(body, max_body, deadline, budget).await?;
-    *body_unread = false;
+    let bytes = RequestBody::Streaming(body)
+        .into_bytes(max_body, deadline, budget, &mut ctx.waiting)
+        .await?;
+    ctx.body_unread = false;
     check_json(validate, endpoint, &bytes)?;
     Ok(RequestBody::Read(bytes))
 }

@@ -318,3 +318,50 @@ routes:
     .unwrap();
     assert!(other_input > 0.0, "the 6 models past the cap are counted");
 }
+
+/// A client that uploads slowly to a route that reads bodies whole
+/// (validation, pools, the cache) keeps sluice waiting, not working:
+/// `sluice_overhead_seconds` does not count its upload, or a slow mobile
+/// client would page whoever watches sluice's overhead.
+#[tokio::test]
+async fn a_slow_upload_is_not_counted_as_overhead() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = TestGateway::start(
+        r#"
+upstreams:
+  demo: { mock: {} }
+routes:
+  - { name: chat, match: { path_prefix: /v1/ }, auth: none, validate: openai, upstream: demo }
+"#,
+    )
+    .await;
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let (first, rest) = body.split_at(10);
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{first}",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    conn.write_all(rest.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    gw.wait_access_logs(1).await;
+    let overhead = gw
+        .metric("sluice_overhead_seconds_sum", &[("route", "chat")])
+        .await
+        .unwrap();
+    let total = gw
+        .metric("sluice_request_duration_seconds_sum", &[("route", "chat")])
+        .await
+        .unwrap();
+    assert!(total >= 0.6, "total {total}");
+    assert!(overhead < 0.3, "overhead {overhead} of {total}");
+}
