@@ -57,6 +57,11 @@ impl Active {
             .map(|u| format!("{}\0{}", u.name, u.target()))
             .collect();
         breakers.keep_only(&circuits, |circuit| circuit.retire());
+        let names: Vec<&str> = snapshot.upstreams.iter().map(|u| &*u.name).collect();
+        metrics.keep_upstreams_up(&names);
+        if snapshot.budget.daily_usd.is_none() {
+            metrics.clear_global_budget();
+        }
         Active {
             breakers: snapshot
                 .upstreams

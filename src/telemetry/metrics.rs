@@ -359,6 +359,32 @@ impl Metrics {
     }
 
     /// The global budget's gauges.
+    /// Drops the `sluice_upstream_up` series of upstreams no longer in
+    /// the config: left at their last value, a removed upstream's 0 would
+    /// page as down forever. (Counters of the old names stay, as counters
+    /// of stopped series do.)
+    pub fn keep_upstreams_up(&self, names: &[&str]) {
+        let gone: Vec<String> = self
+            .upstream_up
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .flat_map(|m| m.get_label())
+            .filter(|l| l.name() == "upstream" && !names.contains(&l.value()))
+            .map(|l| l.value().to_owned())
+            .collect();
+        for name in gone {
+            let _ = self.upstream_up.remove_label_values(&[&name]);
+        }
+    }
+
+    /// Drops the global budget's gauges when the config no longer has
+    /// one: its last figures would keep its alerts firing.
+    pub fn clear_global_budget(&self) {
+        let _ = self.budget_spent.remove_label_values(&["global"]);
+        let _ = self.budget_limit.remove_label_values(&["global"]);
+    }
+
     pub fn set_global_budget(&self, spent: f64, limit: f64) {
         self.budget_spent.with_label_values(&["global"]).set(spent);
         self.budget_limit.with_label_values(&["global"]).set(limit);

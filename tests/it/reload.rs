@@ -537,3 +537,63 @@ async fn a_reload_dropping_tls_keeps_rotating_the_served_certificate() {
         gw.log_text()
     );
 }
+
+/// A reload that removes an upstream (down, its circuit open) or the
+/// budget drops their gauges: a removed upstream's 0 must not page as
+/// down forever, nor a removed budget's figures keep its alerts firing.
+#[tokio::test]
+async fn a_reload_drops_the_gauges_of_what_it_removed() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let yaml = |extra: &str| {
+        format!(
+            r#"
+upstreams:
+  app: {{ url: "{}" }}
+{extra}
+routes:
+  - name: chat
+    match: {{ path_prefix: / }}
+    auth: none
+    upstream: app
+"#,
+            up.url()
+        )
+    };
+    let with_old = yaml(
+        "  old: { url: \"http://127.0.0.1:1\" }\npools:\n  llm: { members: [old], circuit_breaker: { failures: 1, cooldown: 60s } }\nbudget: { daily_usd: 1.0 }",
+    )
+    .replace("upstream: app", "upstream: llm");
+    let gw = TestGateway::start_watched(&with_old, &[], tempfile::tempdir().unwrap()).await;
+    assert_eq!(Client::new().get(&gw.url("/x")).await.status, 502);
+    assert_eq!(
+        gw.metric("sluice_upstream_up", &[("upstream", "old")])
+            .await,
+        Some(0.0)
+    );
+    assert_eq!(
+        gw.metric("sluice_budget_limit_usd", &[("scope", "global")])
+            .await,
+        Some(1.0)
+    );
+    gw.swap_config(&yaml(""));
+    wait_reloads(&gw, "ok", 1.0).await;
+    assert_eq!(
+        gw.metric("sluice_upstream_up", &[("upstream", "old")])
+            .await,
+        None,
+        "{}",
+        gw.metrics().await
+    );
+    assert_eq!(
+        gw.metric("sluice_upstream_up", &[("upstream", "app")])
+            .await,
+        Some(1.0)
+    );
+    for gauge in ["sluice_budget_limit_usd", "sluice_budget_spent_usd"] {
+        assert_eq!(
+            gw.metric(gauge, &[("scope", "global")]).await,
+            None,
+            "{gauge}"
+        );
+    }
+}
