@@ -318,8 +318,10 @@ fn record_usage(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, u
     children.output_tokens.inc_by(output);
     // One completion per choice (`n` of them when a chat request asks
     // for `n`), `none` for a choice that ended without a reason and for
-    // an answer that says nothing of how it ended.
-    if usage.finishes.is_empty() {
+    // an answer that says nothing of how it ended. Embeddings complete
+    // nothing: counted there, they would drown the quality signal.
+    let embeddings = crate::llm::shape::api_path(ctx.uri.path()).ends_with("/embeddings");
+    if usage.finishes.is_empty() && !embeddings {
         children.completion(&gw.metrics, "none").inc();
     }
     for reason in usage.finishes.reasons() {
@@ -361,7 +363,8 @@ fn charge(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, model: 
         .cost_usd
         .inc_by(cost);
     spend::charge(gw, active, ctx.identity.as_ref(), cost);
-    ctx.cost_usd = Some(cost);
+    // Logged to the nano-dollar, as spend is kept: not 3.5850000000000004e-05.
+    ctx.cost_usd = Some(crate::state::budget::rounded(cost));
 }
 
 /// What an LLM's answer cut short (its client left, the stream broke or

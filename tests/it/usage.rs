@@ -422,3 +422,46 @@ routes:
         assert_eq!(up.seen().len(), calls, "{path}");
     }
 }
+
+/// The log's `cost_usd` is to the nano-dollar, as spend is kept, not a
+/// binary fraction's noise; embeddings count no completion.
+#[tokio::test]
+async fn costs_are_logged_clean_and_embeddings_complete_nothing() {
+    let up = MockUpstream::always(UpstreamReply::json(&json!({
+        "object": "list", "model": "gpt-4o-mini",
+        "data": [{"object": "embedding", "index": 0, "embedding": [0.1]}],
+        "usage": {"prompt_tokens": 239, "total_tokens": 239},
+    })))
+    .await;
+    let gw = TestGateway::start(&config(&up.url())).await;
+    let reply = Client::new()
+        .post_json(
+            &gw.url("/v1/embeddings"),
+            &[],
+            r#"{"model":"gpt-4o-mini","input":"hi"}"#,
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    let logs = gw.wait_access_logs(1).await;
+    // 239 × $0.15 per million is 3.5850000000000004e-05 in binary.
+    assert_eq!(
+        logs[0]["cost_usd"].as_f64(),
+        Some(3.585e-5),
+        "{:?}",
+        logs[0]
+    );
+    let none = gw
+        .metric(
+            "sluice_completions_total",
+            &[
+                ("route", "chat"),
+                ("model", "gpt-4o-mini"),
+                ("finish_reason", "none"),
+            ],
+        )
+        .await;
+    assert!(
+        none.unwrap_or(0.0) == 0.0,
+        "an embedding counted as a completion"
+    );
+}
