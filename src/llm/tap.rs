@@ -150,6 +150,16 @@ impl Finish {
             fill.store(&gw.state, ctx.model.clone(), ctx.cost_usd);
         }
         let now = Instant::now();
+        if let Some(verdict) = ctx.stream_verdict.take() {
+            match ctx.error {
+                // The member broke the stream (or its own error event did).
+                Some("upstream_stream_error" | "upstream_idle_timeout") => verdict.failure(now),
+                // The request's own time or sluice's shutdown cut it: no
+                // verdict (a probe's slot is freed).
+                Some("request_timeout" | SERVER_SHUTDOWN) => drop(verdict),
+                _ => verdict.success(),
+            }
+        }
         let latency = now.saturating_duration_since(ctx.started);
         let route = active.route_metrics(ctx.route_index);
         route.count_request(&gw.metrics, &ctx.method, ctx.status);

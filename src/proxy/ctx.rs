@@ -14,6 +14,7 @@ use super::limit::{RequestUnits, Reservation, TokenEstimate};
 use crate::server::deadline::{Armed, Deadline};
 use crate::server::idle::{Activity, Busy};
 use crate::state::{Decision, Slot};
+use crate::upstream::breaker::StreamVerdict;
 
 /// What the listener knows about the connection a request came on.
 #[derive(Debug, Clone)]
@@ -136,6 +137,9 @@ pub struct RequestCtx {
     pub request_units: RequestUnits,
     /// A concurrency slot, released when the ctx is dropped at finalize.
     pub slot: Option<Slot>,
+    /// A pool member's circuit verdict on the stream it answered with,
+    /// given when the stream ends (by the tap).
+    pub stream_verdict: Option<StreamVerdict>,
     /// The tightest token bucket seen, for the `x-ratelimit-*-tokens` headers.
     pub token_limit: Option<Decision>,
     /// Tokens reserved at admission, settled when the response ends.
@@ -190,6 +194,7 @@ impl RequestCtx {
             rate_limit: None,
             request_units: RequestUnits::default(),
             slot: None,
+            stream_verdict: None,
             token_limit: None,
             reservations: Vec::new(),
             estimate: None,

@@ -7,6 +7,7 @@
 //! who asked for a pause (429 + `retry-after`).
 
 use std::error::Error as StdError;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -428,6 +429,13 @@ async fn failover(
                                 // down (SPEC §3) even when it goes to the
                                 // client; a pause is no verdict.
                                 Some(pause) => breaker.cool_down(Instant::now() + pause),
+                                None if is_event_stream(&resp) => {
+                                    ctx.stream_verdict = Some(verdict.at_stream_end(
+                                        Arc::clone(breaker),
+                                        pool.breaker_failures,
+                                        pool.breaker_cooldown,
+                                    ));
+                                }
                                 None => verdict.success(),
                             }
                             return Ok(resp);
@@ -553,6 +561,12 @@ async fn failover(
 const PREAMBLE_EVENTS: usize = 16;
 const PREAMBLE_BYTES: usize = 16 * 1024;
 
+fn is_event_stream<B>(resp: &Response<B>) -> bool {
+    resp.headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| sse::is_event_stream(v.as_bytes()))
+}
+
 /// For an SSE response, reads until its first content event (bounded in
 /// events, bytes, by `deadline` and by `idle` between frames, as the
 /// stream is once it flows) and returns the response with what was read
@@ -563,11 +577,7 @@ async fn hold_preamble(
     deadline: Instant,
     idle: Duration,
 ) -> Result<Response<BoxBody>, Preamble> {
-    let is_sse = resp
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| sse::is_event_stream(v.as_bytes()));
-    if !is_sse {
+    if !is_event_stream(&resp) {
         return Ok(resp);
     }
     let (parts, mut body) = resp.into_parts();

@@ -8,7 +8,7 @@
 //! name, so a reload keeps what it learned. The lock is per upstream and
 //! never held across an await.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::IntGauge;
@@ -112,8 +112,14 @@ impl Breaker {
         }
     }
 
-    pub fn success(&self) {
+    /// A success closes the circuit only as its probe: an attempt let
+    /// through before the circuit opened (a stream judged when it ends)
+    /// says nothing of the failures that opened it since.
+    pub fn success(&self, probe: bool) {
         if let Ok(mut s) = self.state.lock() {
+            if s.open_until.is_some() && !probe {
+                return;
+            }
             s.consecutive_failures = 0;
             s.open_until = None;
             s.probing = false;
@@ -196,13 +202,60 @@ impl<'a> Verdict<'a> {
     }
 
     pub fn success(mut self) {
-        self.probe = None;
-        self.breaker.success();
+        let probe = self.probe.take().is_some();
+        self.breaker.success(probe);
     }
 
     pub fn failure(mut self, now: Instant, threshold: u32, cooldown: Duration) {
         self.probe = None;
         self.breaker.failure(now, threshold, cooldown);
+    }
+
+    /// Holds the verdict until the answer's stream ends: one that breaks
+    /// after its first content reached the client fails too, or an
+    /// upstream that breaks every stream midway would never trip.
+    pub fn at_stream_end(
+        mut self,
+        breaker: Arc<Breaker>,
+        threshold: u32,
+        cooldown: Duration,
+    ) -> StreamVerdict {
+        StreamVerdict {
+            breaker,
+            probe: self.probe.take(),
+            threshold,
+            cooldown,
+        }
+    }
+}
+
+/// A [`Verdict`] given when a stream ends ([`Verdict::at_stream_end`]);
+/// dropped without one, it frees a probe's slot as a `Verdict` does.
+#[derive(Debug)]
+pub struct StreamVerdict {
+    breaker: Arc<Breaker>,
+    probe: Option<u64>,
+    threshold: u32,
+    cooldown: Duration,
+}
+
+impl StreamVerdict {
+    pub fn success(mut self) {
+        let probe = self.probe.take().is_some();
+        self.breaker.success(probe);
+    }
+
+    pub fn failure(mut self, now: Instant) {
+        self.probe = None;
+        self.breaker.failure(now, self.threshold, self.cooldown);
+    }
+}
+
+impl Drop for StreamVerdict {
+    fn drop(&mut self) {
+        if let Some(probe) = self.probe {
+            self.breaker.probe_abandoned(probe);
+        }
     }
 }
 
@@ -242,9 +295,37 @@ mod tests {
         assert_eq!(b.admit(later), Admit::No(later + cooldown));
         let again = later + cooldown;
         assert!(matches!(b.admit(again), Admit::Probe(_)));
-        b.success();
+        b.success(true);
         assert_eq!(b.admit(again), Admit::Yes);
         assert_eq!(b.up.get(), 1);
+    }
+
+    #[test]
+    fn a_stream_let_through_before_the_circuit_opened_does_not_close_it() {
+        let b = breaker();
+        let t0 = Instant::now();
+        let cooldown = Duration::from_secs(30);
+        let long_stream = Verdict::new(&b, b.admit(t0));
+        b.failure(t0, 1, cooldown);
+        long_stream.success();
+        assert_eq!(b.admit(t0), Admit::No(t0 + cooldown));
+        assert_eq!(b.up.get(), 0);
+    }
+
+    #[test]
+    fn a_stream_verdict_dropped_frees_the_probe() {
+        let b = Arc::new(breaker());
+        let t0 = Instant::now();
+        let cooldown = Duration::from_secs(30);
+        b.failure(t0, 1, cooldown);
+        let later = t0 + cooldown;
+        let probe = Verdict::new(&b, b.admit(later)).at_stream_end(b.clone(), 1, cooldown);
+        assert!(
+            matches!(b.admit(later), Admit::No(_)),
+            "one probe at a time"
+        );
+        drop(probe);
+        assert!(matches!(b.admit(later), Admit::Probe(_)));
     }
 
     #[test]
@@ -262,7 +343,7 @@ mod tests {
         assert_eq!(b.admit(t0), Admit::No(t0 + cooldown));
         assert_eq!(b.up.get(), 0);
         assert!(matches!(b.admit(t0 + cooldown), Admit::Probe(_)));
-        b.success();
+        b.success(true);
         assert_eq!(b.up.get(), 1);
         // Failing checks mark it down at the threshold, until one passes.
         let recheck = t0 + Duration::from_secs(15);

@@ -387,6 +387,68 @@ async fn stream_dying_after_content_ends_with_the_error_event() {
 }
 
 #[tokio::test]
+async fn streams_breaking_after_content_open_the_circuit() {
+    let mut dying = UpstreamReply::sse(&[ROLE, HELLO], Duration::ZERO).cut();
+    dying
+        .chunks
+        .push((Duration::from_millis(50), Bytes::from_static(b": ping\n\n")));
+    let primary = MockUpstream::always(dying).await;
+    let events = [ROLE, HELLO, STOP, "[DONE]"];
+    let backup = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;
+    let gw = TestGateway::start(&config(
+        &primary.url(),
+        &backup.url(),
+        "    circuit_breaker: { failures: 2, cooldown: 30s }",
+        "",
+    ))
+    .await;
+    // Each stream got its first content through: no failover, but each
+    // broke midway, which the primary's circuit counts.
+    for _ in 0..2 {
+        let text = chat(&gw).await.text();
+        assert!(text.contains("upstream_stream_error"), "{text}");
+    }
+    assert_eq!(
+        gw.metric("sluice_upstream_up", &[("upstream", "primary")])
+            .await,
+        Some(0.0)
+    );
+    let reply = chat(&gw).await;
+    let expected: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+    assert_eq!(
+        reply.text(),
+        expected,
+        "the open circuit sends it to the backup"
+    );
+    assert_eq!(primary.seen().len(), 2);
+    assert_eq!(backup.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn a_stream_that_ends_well_keeps_the_circuit_closed() {
+    let events = [ROLE, HELLO, STOP, "[DONE]"];
+    let primary = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;
+    let backup = MockUpstream::always(UpstreamReply::text("unused")).await;
+    let gw = TestGateway::start(&config(
+        &primary.url(),
+        &backup.url(),
+        "    circuit_breaker: { failures: 1, cooldown: 30s }",
+        "",
+    ))
+    .await;
+    for _ in 0..3 {
+        assert_eq!(chat(&gw).await.status, 200);
+    }
+    assert_eq!(primary.seen().len(), 3);
+    assert!(backup.seen().is_empty());
+    assert_eq!(
+        gw.metric("sluice_upstream_up", &[("upstream", "primary")])
+            .await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
 async fn health_checks_open_and_close_circuits_before_users_notice() {
     let healthy = Arc::new(AtomicBool::new(false));
     let flag = healthy.clone();
