@@ -599,6 +599,12 @@ if ((ready)); then
   expect_status "GET /v1/models" 200 "$(status GET /v1/models "$CI_KEY")"
   scrape "$WORK/metrics-1.txt"
   [[ -s $WORK/metrics-1.txt ]] && pass "GET /metrics" || fail "GET /metrics"
+  # The exposition as Prometheus's own linter reads it (names, types,
+  # HELP, counters' _total), after traffic filled the labelled families.
+  if [[ -n ${PROMTOOL:-} && -x $PROMTOOL ]]; then
+    check "promtool check metrics (a live /metrics after traffic)" \
+      sh -c '"$1" check metrics <"$2"' sh "$PROMTOOL" "$WORK/metrics-1.txt"
+  fi
 
   # Reload: SIGHUP with the same config; a ConfigMap-style update with no
   # signal; then a config sluice must refuse (an unknown key) while the old
