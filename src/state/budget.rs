@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::proxy::ctx::IdentityId;
@@ -33,6 +34,9 @@ struct Day {
     /// (in micro-dollars) they were of: a budget raised by a reload
     /// alerts again at its own thresholds.
     alerted: HashMap<BudgetScope, Vec<(u64, u64)>>,
+    /// Spend the shared backend did not take (its call failed), owed to
+    /// it by the next call for the scope that reaches it.
+    owed: HashMap<BudgetScope, f64>,
 }
 
 /// A threshold crossed by a spend.
@@ -46,6 +50,9 @@ pub struct Alert {
 #[derive(Debug, Default)]
 pub struct Budgets {
     day: Mutex<Day>,
+    /// Some spend may be owed to the shared backend: without any, a call
+    /// for it takes no lock.
+    owing: AtomicBool,
 }
 
 /// Today's number (days since the epoch, UTC) and the time to midnight.
@@ -76,6 +83,31 @@ impl Budgets {
     pub fn spent(&self, scope: &BudgetScope) -> f64 {
         self.with_day(|d| d.spent.get(scope).copied().map_or(0.0, rounded))
             .unwrap_or(0.0)
+    }
+
+    /// Keeps `usd` that the shared backend could not take, for
+    /// [`Budgets::take_owed`]. A new day forgets it, as it does the spend.
+    pub fn owe(&self, scope: &BudgetScope, usd: f64) {
+        self.with_day(|d| {
+            *d.owed.entry(scope.clone()).or_insert(0.0) += usd;
+            self.owing.store(true, Ordering::Relaxed);
+        });
+    }
+
+    /// What is owed to the shared backend for `scope` today, now handed
+    /// over (owed again if its call fails too).
+    pub fn take_owed(&self, scope: &BudgetScope) -> f64 {
+        if !self.owing.load(Ordering::Relaxed) {
+            return 0.0;
+        }
+        self.with_day(|d| {
+            let owed = d.owed.remove(scope).unwrap_or(0.0);
+            if d.owed.is_empty() {
+                self.owing.store(false, Ordering::Relaxed);
+            }
+            owed
+        })
+        .unwrap_or(0.0)
     }
 
     /// Adds `usd` to a scope and returns the alerts it crosses for the
@@ -149,6 +181,21 @@ mod tests {
             alerts.extend(b.add(&g, 0.005, 0.05, &[0.8]));
         }
         assert_eq!(alerts.len(), 1);
+    }
+
+    #[test]
+    fn owed_spend_is_handed_over_once_per_scope() {
+        let b = Budgets::default();
+        let g = BudgetScope::Global;
+        let other = BudgetScope::Identity(IdentityId::Key("alice".into()));
+        assert_eq!(b.take_owed(&g), 0.0);
+        b.owe(&g, 0.25);
+        b.owe(&g, 0.5);
+        b.owe(&other, 1.0);
+        assert_eq!(b.take_owed(&g), 0.75);
+        assert_eq!(b.take_owed(&g), 0.0, "handed over once");
+        assert_eq!(b.take_owed(&other), 1.0);
+        assert!(!b.owing.load(Ordering::Relaxed));
     }
 
     #[test]

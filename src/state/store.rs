@@ -470,9 +470,15 @@ impl State {
     ) -> (f64, Vec<Alert>) {
         if let Some(redis) = &self.redis {
             let today = budget::today().0;
-            let call = redis.add_spend(scope, today, usd, budget_usd, alert_at);
+            // What this replica spent while Redis failed joins the first
+            // call that reaches it, or an outage would lower the shared
+            // spend for good. (A call that timed out after Redis applied
+            // it is then counted twice: a budget errs on the side of
+            // spend.)
+            let sent = usd + self.budgets.take_owed(scope);
+            let call = redis.add_spend(scope, today, sent, budget_usd, alert_at);
             // After the fact there is nothing to refuse: on failure the
-            // spend is kept in memory instead.
+            // spend is kept in memory instead, and owed to Redis.
             if let Some((spent, crossed)) = self.health.timed("spend", call).await {
                 let alerts = crossed
                     .into_iter()
@@ -484,6 +490,7 @@ impl State {
                     .collect();
                 return (spent, alerts);
             }
+            self.budgets.owe(scope, sent);
         }
         let alerts = self.budgets.add(scope, usd, budget_usd, alert_at);
         (self.budgets.spent(scope), alerts)

@@ -401,6 +401,71 @@ async fn a_killed_redis_is_survived_by_allow_and_refused_by_deny() {
 }
 
 #[tokio::test]
+async fn spend_during_an_outage_reaches_redis_once_it_is_back() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    // $0.00045 a request at gpt-4o-mini's prices.
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1000, 500))).await;
+    let gw = TestGateway::start(&config(
+        &upstream.url(),
+        &redis.url(),
+        "{}",
+        "budget: { daily_usd: 100.0 }\n",
+    ))
+    .await;
+    let client = Client::new();
+    let url = gw.url("/v1/x");
+    let headers = [ALICE, no_store()];
+    let call = || client.post_json(&url, &headers, "{}");
+    redis.kill();
+    for _ in 0..2 {
+        assert_eq!(call().await.status, 200, "allow serves from memory");
+    }
+    // The outage's spend was recorded (in memory) before Redis returns.
+    let local_spend = || {
+        gw.log_lines()
+            .into_iter()
+            .filter(|l| l["message"] == "request" && l["cost_usd"].is_number())
+            .count()
+            == 2
+    };
+    assert!(eventually(Duration::from_secs(3), local_spend).await);
+    redis.restart();
+    let key = format!(
+        "sluice:budget:{{{}:global}}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            / 86_400
+    );
+    let in_redis = || {
+        redis
+            .cli(None, &["GET", &key])
+            .parse::<f64>()
+            .unwrap_or(0.0)
+    };
+    let mut sent = 2;
+    for _ in 0..50 {
+        assert_eq!(call().await.status, 200);
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if in_redis() > 0.0 {
+            break;
+        }
+    }
+    let expected = f64::from(sent) * 0.00045;
+    assert!(
+        eventually(Duration::from_secs(3), || (in_redis() - expected).abs()
+            < 1e-9)
+        .await,
+        "Redis holds {} after {sent} requests, {expected} spent",
+        in_redis()
+    );
+}
+
+#[tokio::test]
 async fn identical_requests_on_one_replica_make_one_upstream_call() {
     let Some(redis) = RedisServer::start() else {
         return;
