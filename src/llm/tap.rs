@@ -152,10 +152,11 @@ impl Finish {
         let now = Instant::now();
         if let Some(verdict) = ctx.stream_verdict.take() {
             match ctx.error {
-                // The member broke the stream (or its own error event did).
+                // The member broke the stream, or sent an error event
+                // (also when its client left on reading it).
+                _ if stream_error => verdict.failure(now),
                 Some("upstream_stream_error" | "upstream_idle_timeout") => verdict.failure(now),
-                // The request's own time or sluice's shutdown cut it: no
-                // verdict (a probe's slot is freed).
+                // The request's own time or sluice's shutdown cut it.
                 Some("request_timeout" | SERVER_SHUTDOWN) => drop(verdict),
                 _ => verdict.success(),
             }

@@ -412,7 +412,12 @@ async fn failover(
                     // A client that leaves during the hold drops this
                     // future: the answer is counted as its head said.
                     let mut unjudged = Unjudged(Some((active, member, Outcome::of_status(status))));
-                    let preamble = hold_preamble(resp, deadline, upstream.timeouts.idle).await;
+                    // A HEAD answer has no stream to wait for: its head is it.
+                    let preamble = if parts.method == http::Method::HEAD {
+                        Ok(resp)
+                    } else {
+                        hold_preamble(resp, deadline, upstream.timeouts.idle).await
+                    };
                     unjudged.0 = None;
                     // Waiting for the stream's first content is upstream time.
                     ctx.waiting += held.elapsed();

@@ -128,11 +128,13 @@ impl Breaker {
     }
 
     /// Counts a failure; opens the circuit at `threshold` consecutive ones,
-    /// or at once when the failing attempt was the probe.
-    pub fn failure(&self, now: Instant, threshold: u32, cooldown: Duration) {
+    /// or at once when the failing attempt was the probe. While a probe
+    /// is out, another attempt's failure (one let through before, judged
+    /// late) only counts: the probe decides.
+    pub fn failure(&self, now: Instant, threshold: u32, cooldown: Duration, probe: bool) {
         let Ok(mut s) = self.state.lock() else { return };
         s.consecutive_failures = s.consecutive_failures.saturating_add(1);
-        if s.probing || s.consecutive_failures >= threshold {
+        if probe || (!s.probing && s.consecutive_failures >= threshold) {
             s.open_until = Some(now + cooldown);
             s.probing = false;
             self.show(0);
@@ -207,55 +209,50 @@ impl<'a> Verdict<'a> {
     }
 
     pub fn failure(mut self, now: Instant, threshold: u32, cooldown: Duration) {
-        self.probe = None;
-        self.breaker.failure(now, threshold, cooldown);
+        let probe = self.probe.take().is_some();
+        self.breaker.failure(now, threshold, cooldown, probe);
     }
 
-    /// Holds the verdict until the answer's stream ends: one that breaks
-    /// after its first content reached the client fails too, or an
-    /// upstream that breaks every stream midway would never trip.
+    /// For a stream whose first content came: the verdict waits for its
+    /// end, where one that breaks fails too, or an upstream that breaks
+    /// every stream midway would never trip. A probe's success is given
+    /// now all the same (a circuit must not stay half-open, every other
+    /// request skipping the member, for as long as one answer streams);
+    /// its end then counts as any other's.
     pub fn at_stream_end(
-        mut self,
+        self,
         breaker: Arc<Breaker>,
         threshold: u32,
         cooldown: Duration,
     ) -> StreamVerdict {
+        if self.probe.is_some() {
+            self.success();
+        }
         StreamVerdict {
             breaker,
-            probe: self.probe.take(),
             threshold,
             cooldown,
         }
     }
 }
 
-/// A [`Verdict`] given when a stream ends ([`Verdict::at_stream_end`]);
-/// dropped without one, it frees a probe's slot as a `Verdict` does.
+/// A stream's verdict, given when it ends ([`Verdict::at_stream_end`]);
+/// never a probe's. Dropped, it gives none.
 #[derive(Debug)]
 pub struct StreamVerdict {
     breaker: Arc<Breaker>,
-    probe: Option<u64>,
     threshold: u32,
     cooldown: Duration,
 }
 
 impl StreamVerdict {
-    pub fn success(mut self) {
-        let probe = self.probe.take().is_some();
-        self.breaker.success(probe);
+    pub fn success(self) {
+        self.breaker.success(false);
     }
 
-    pub fn failure(mut self, now: Instant) {
-        self.probe = None;
-        self.breaker.failure(now, self.threshold, self.cooldown);
-    }
-}
-
-impl Drop for StreamVerdict {
-    fn drop(&mut self) {
-        if let Some(probe) = self.probe {
-            self.breaker.probe_abandoned(probe);
-        }
+    pub fn failure(self, now: Instant) {
+        self.breaker
+            .failure(now, self.threshold, self.cooldown, false);
     }
 }
 
@@ -281,17 +278,17 @@ mod tests {
         let t0 = Instant::now();
         let cooldown = Duration::from_secs(30);
         for _ in 0..2 {
-            b.failure(t0, 3, cooldown);
+            b.failure(t0, 3, cooldown, false);
             assert_eq!(b.admit(t0), Admit::Yes);
         }
-        b.failure(t0, 3, cooldown);
+        b.failure(t0, 3, cooldown, false);
         assert_eq!(b.admit(t0), Admit::No(t0 + cooldown));
         assert_eq!(b.up.get(), 0);
         let later = t0 + cooldown;
         assert!(matches!(b.admit(later), Admit::Probe(_)));
         assert!(matches!(b.admit(later), Admit::No(_)), "only one probe");
         // A failed probe re-opens at once.
-        b.failure(later, 3, cooldown);
+        b.failure(later, 3, cooldown, true);
         assert_eq!(b.admit(later), Admit::No(later + cooldown));
         let again = later + cooldown;
         assert!(matches!(b.admit(again), Admit::Probe(_)));
@@ -306,26 +303,43 @@ mod tests {
         let t0 = Instant::now();
         let cooldown = Duration::from_secs(30);
         let long_stream = Verdict::new(&b, b.admit(t0));
-        b.failure(t0, 1, cooldown);
+        b.failure(t0, 1, cooldown, false);
         long_stream.success();
         assert_eq!(b.admit(t0), Admit::No(t0 + cooldown));
         assert_eq!(b.up.get(), 0);
     }
 
     #[test]
-    fn a_stream_verdict_dropped_frees_the_probe() {
+    fn a_probes_stream_closes_at_its_first_content_and_its_break_counts() {
         let b = Arc::new(breaker());
         let t0 = Instant::now();
         let cooldown = Duration::from_secs(30);
-        b.failure(t0, 1, cooldown);
+        b.failure(t0, 2, cooldown, false);
+        b.failure(t0, 2, cooldown, false);
         let later = t0 + cooldown;
-        let probe = Verdict::new(&b, b.admit(later)).at_stream_end(b.clone(), 1, cooldown);
-        assert!(
-            matches!(b.admit(later), Admit::No(_)),
-            "one probe at a time"
-        );
-        drop(probe);
-        assert!(matches!(b.admit(later), Admit::Probe(_)));
+        let stream = Verdict::new(&b, b.admit(later)).at_stream_end(b.clone(), 2, cooldown);
+        assert_eq!(b.admit(later), Admit::Yes, "closed while the probe streams");
+        assert_eq!(b.up.get(), 1);
+        stream.failure(later);
+        assert_eq!(b.admit(later), Admit::Yes, "one failure of two");
+        let next = Verdict::new(&b, b.admit(later)).at_stream_end(b.clone(), 2, cooldown);
+        next.failure(later);
+        assert_eq!(b.admit(later), Admit::No(later + cooldown));
+    }
+
+    #[test]
+    fn a_late_failure_while_a_probe_is_out_leaves_the_decision_to_it() {
+        let b = breaker();
+        let t0 = Instant::now();
+        let cooldown = Duration::from_secs(30);
+        let early = Verdict::new(&b, b.admit(t0));
+        b.failure(t0, 1, cooldown, false);
+        let later = t0 + cooldown;
+        let probe = Verdict::new(&b, b.admit(later));
+        early.failure(later, 1, cooldown);
+        assert!(matches!(b.admit(later), Admit::No(_)), "still one probe");
+        probe.success();
+        assert_eq!(b.admit(later), Admit::Yes);
     }
 
     #[test]
@@ -334,9 +348,9 @@ mod tests {
         let t0 = Instant::now();
         let cooldown = Duration::from_secs(30);
         // Traffic failures add up between passing checks.
-        b.failure(t0, 2, cooldown);
+        b.failure(t0, 2, cooldown, false);
         b.health_passed();
-        b.failure(t0, 2, cooldown);
+        b.failure(t0, 2, cooldown, false);
         assert_eq!(b.admit(t0), Admit::No(t0 + cooldown));
         // A passing check does not end the cooldown.
         b.health_passed();
@@ -375,7 +389,7 @@ mod tests {
         let b = breaker();
         let t0 = Instant::now();
         let cooldown = Duration::from_secs(30);
-        b.failure(t0, 1, cooldown);
+        b.failure(t0, 1, cooldown, false);
         let later = t0 + cooldown;
         // Dropped unsettled (client gone, or a 429 pause): another probe.
         let first = b.admit(later);

@@ -425,6 +425,93 @@ async fn streams_breaking_after_content_open_the_circuit() {
 }
 
 #[tokio::test]
+async fn an_error_event_counts_against_the_circuit_when_the_client_leaves_on_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let error = r#"{"error":{"message":"overloaded","type":"server_error"}}"#;
+    let mut reply = UpstreamReply::sse(&[ROLE, HELLO, error], Duration::ZERO);
+    // The upstream keeps the stream open after its error event.
+    reply.chunks.push((
+        Duration::from_millis(300),
+        Bytes::from_static(b": ping\n\n"),
+    ));
+    let primary = MockUpstream::always(reply).await;
+    let backup = MockUpstream::always(UpstreamReply::text("unused")).await;
+    let gw = TestGateway::start(&config(
+        &primary.url(),
+        &backup.url(),
+        "    circuit_breaker: { failures: 1, cooldown: 30s }",
+        "",
+    ))
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let body = CHAT.as_bytes();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(body).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("overloaded") {
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "the stream ended before its error event");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // As an SDK does on an error event: it raises and hangs up.
+    drop(tcp);
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["upstream"], "primary");
+    // Accounted (the log line) with its verdict.
+    assert_eq!(
+        gw.metric("sluice_upstream_up", &[("upstream", "primary")])
+            .await,
+        Some(0.0),
+        "the error event failed the member"
+    );
+}
+
+#[tokio::test]
+async fn a_head_request_to_a_streaming_member_is_answered_by_it() {
+    let events = [ROLE, HELLO, STOP, "[DONE]"];
+    let primary = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;
+    let backup = MockUpstream::always(UpstreamReply::text("unused")).await;
+    let gw = TestGateway::start(&config(
+        &primary.url(),
+        &backup.url(),
+        "    circuit_breaker: { failures: 1, cooldown: 30s }",
+        "",
+    ))
+    .await;
+    for _ in 0..2 {
+        let reply = Client::new()
+            .send(
+                http::Method::HEAD,
+                &gw.url("/v1/chat/completions"),
+                &[],
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("content-type"), Some("text/event-stream"));
+    }
+    assert_eq!(
+        primary.seen().len(),
+        2,
+        "no failover: the head is the answer"
+    );
+    assert!(backup.seen().is_empty());
+    assert_eq!(
+        gw.metric("sluice_upstream_up", &[("upstream", "primary")])
+            .await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
 async fn a_stream_that_ends_well_keeps_the_circuit_closed() {
     let events = [ROLE, HELLO, STOP, "[DONE]"];
     let primary = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;
