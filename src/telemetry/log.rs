@@ -16,21 +16,23 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter}
 use tracing_subscriber::registry::LookupSpan;
 
 use super::access_log::ACCESS_TARGET;
+use super::batch::{BatchGuard, BatchWriter};
 use crate::snapshot::{LogFormat, Logging};
 
 /// Where log lines go.
 #[derive(Clone)]
 pub enum LogSink {
-    /// Standard output, written by a background thread in batches so a
-    /// request never waits on the log pipe (lines are dropped, not
-    /// waited for, if that thread falls 64 Ki lines behind).
+    /// Standard output, written by a background thread from per-thread
+    /// batches ([`super::batch`]), so a request never waits on the log
+    /// pipe (lines are dropped, not waited for, if that thread falls
+    /// about 8 MiB behind).
     Stdout,
     /// Every line, kept for a test to read.
     Capture(Arc<Mutex<Vec<u8>>>),
 }
 
 /// Keeps the background log writer alive; dropping it flushes what is left.
-pub type LogGuard = Option<tracing_appender::non_blocking::WorkerGuard>;
+pub type LogGuard = Option<BatchGuard>;
 
 impl LogSink {
     pub fn capture() -> (Self, Arc<Mutex<Vec<u8>>>) {
@@ -120,13 +122,13 @@ pub struct Log {
 /// The count of log lines dropped, as `sluice_log_lines_dropped_total`
 /// learns it: the writer counts, each scrape adds what is new.
 pub struct Dropped {
-    counter: tracing_appender::non_blocking::ErrorCounter,
+    counter: BatchWriter,
     /// What the metric has been told so far.
     told: std::sync::atomic::AtomicU64,
 }
 
 impl Dropped {
-    pub fn new(counter: tracing_appender::non_blocking::ErrorCounter) -> Self {
+    pub fn new(counter: BatchWriter) -> Self {
         Dropped {
             counter,
             told: std::sync::atomic::AtomicU64::new(0),
@@ -136,7 +138,7 @@ impl Dropped {
     /// Adds to `metric` the lines dropped since the last call (two
     /// scrapes at once add each line once).
     pub fn tell(&self, metric: &prometheus::IntCounter) {
-        let now = self.counter.dropped_lines() as u64;
+        let now = self.counter.dropped();
         let before = self
             .told
             .fetch_max(now, std::sync::atomic::Ordering::AcqRel);
@@ -149,7 +151,9 @@ impl Dropped {
 /// Writes whole lines to where the dispatcher writes.
 #[derive(Clone)]
 pub enum LineWriter {
-    Stdout(tracing_appender::non_blocking::NonBlocking),
+    Stdout(BatchWriter),
+    /// Standard output, written by the caller (no writer thread).
+    Direct,
     Capture(CaptureWriter),
 }
 
@@ -157,10 +161,15 @@ impl LineWriter {
     /// Writes one line (with its `\n`); a line the background writer
     /// cannot take is dropped, as the dispatcher's own are.
     pub fn write_line(&self, line: &[u8]) {
-        let _ = match self {
-            LineWriter::Stdout(w) => w.clone().write_all(line),
-            LineWriter::Capture(w) => w.clone().write_all(line),
-        };
+        match self {
+            LineWriter::Stdout(w) => w.write_line(line, false),
+            LineWriter::Direct => {
+                let _ = io::stdout().lock().write_all(line);
+            }
+            LineWriter::Capture(w) => {
+                let _ = w.clone().write_all(line);
+            }
+        }
     }
 }
 
@@ -184,24 +193,28 @@ pub fn build(logging: &Logging, sink: LogSink) -> Log {
         .with_ansi(false);
     let mut dropped = None;
     let (dispatch, lines, guard): (tracing::Dispatch, _, _) = match sink {
-        LogSink::Stdout => {
-            // Buffered so that the writer thread issues one write per batch
-            // of lines rather than one per line.
-            let stdout = io::BufWriter::with_capacity(64 * 1024, io::stdout());
-            let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-                .buffered_lines_limit(64 * 1024)
-                .lossy(true)
-                .thread_name("sluice-log")
-                .finish(stdout);
-            dropped = Some(Dropped::new(writer.error_counter()));
-            let lines = LineWriter::Stdout(writer.clone());
-            let builder = builder.with_writer(writer);
-            let dispatch = match logging.format {
-                LogFormat::Json => builder.event_format(JsonLines).into(),
-                LogFormat::Text => builder.into(),
-            };
-            (dispatch, lines, Some(guard))
-        }
+        LogSink::Stdout => match super::batch::spawn(io::stdout()) {
+            Ok((writer, guard)) => {
+                dropped = Some(Dropped::new(writer.clone()));
+                let lines = LineWriter::Stdout(writer.clone());
+                let builder = builder.with_writer(writer);
+                let dispatch = match logging.format {
+                    LogFormat::Json => builder.event_format(JsonLines).into(),
+                    LogFormat::Text => builder.into(),
+                };
+                (dispatch, lines, Some(guard))
+            }
+            // No thread for the writer (the process is out of them):
+            // lines are written as they come rather than lost.
+            Err(_) => {
+                let builder = builder.with_writer(io::stdout);
+                let dispatch = match logging.format {
+                    LogFormat::Json => builder.event_format(JsonLines).into(),
+                    LogFormat::Text => builder.into(),
+                };
+                (dispatch, LineWriter::Direct, None)
+            }
+        },
         LogSink::Capture(buf) => {
             let writer = CaptureWriter(buf);
             let lines = LineWriter::Capture(writer.clone());
@@ -443,19 +456,18 @@ mod tests {
     #[test]
     fn lines_the_writer_drops_are_counted_once_each() {
         let (release, stuck) = std::sync::mpsc::channel();
-        let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-            .buffered_lines_limit(4)
-            .lossy(true)
-            .finish(Stuck(stuck));
-        let dropped = Dropped::new(writer.error_counter());
+        let (writer, guard) = super::super::batch::spawn(Stuck(stuck)).unwrap();
+        let dropped = Dropped::new(writer.clone());
         let lines = LineWriter::Stdout(writer);
-        for _ in 0..50 {
-            lines.write_line(b"{}\n");
+        let line = [vec![b'x'; 1023], b"\n".to_vec()].concat();
+        for _ in 0..20_000 {
+            lines.write_line(&line);
         }
         let metric = prometheus::IntCounter::new("t", "t").unwrap();
         dropped.tell(&metric);
         let counted = metric.get();
-        assert!((40..=46).contains(&counted), "dropped {counted} of 50");
+        assert!(counted > 0, "a stuck writer drops lines");
+        assert_eq!(counted % 32, 0, "whole batches of 32 lines: {counted}");
         // A second scrape adds nothing new.
         dropped.tell(&metric);
         assert_eq!(metric.get(), counted);

@@ -2,6 +2,7 @@
 
 pub mod access_log;
 pub mod alerts;
+pub mod batch;
 pub mod body_log;
 pub mod log;
 pub mod metrics;

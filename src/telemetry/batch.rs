@@ -1,0 +1,440 @@
+//! Log lines batched per thread and written out by one background thread.
+//! A request appends its access-log line to its own thread's batch: no
+//! allocation, no hand-off and no wake-up of another thread per line, and
+//! nothing on the way to its response's last bytes. A batch goes to the
+//! writer when it fills, when any other event is logged on its thread
+//! (that event comes right after the lines before it), and at least every
+//! [`FLUSH_EVERY`] from the writer's own sweep, as nginx's `access_log
+//! … buffer= flush=` and Envoy's access-log flush interval do.
+
+use std::cell::RefCell;
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use tracing_subscriber::fmt::MakeWriter;
+
+/// A thread's batch is handed over once it holds this much.
+const BATCH_BYTES: usize = 32 * 1024;
+/// Batches waiting for the writer. Beyond, new ones are dropped and their
+/// lines counted (a stuck stdout must never stall requests), so at most
+/// about 8 MiB of log waits in memory.
+const QUEUED: usize = 256;
+/// The longest a line waits in a batch.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// How long the guard waits for the writer at exit.
+const EXIT_WAIT: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    lines: u64,
+}
+
+impl Batch {
+    fn take(&mut self) -> Option<(Vec<u8>, u64)> {
+        if self.lines == 0 {
+            return None;
+        }
+        let bytes = std::mem::replace(&mut self.bytes, Vec::with_capacity(BATCH_BYTES));
+        Some((bytes, std::mem::take(&mut self.lines)))
+    }
+}
+
+enum Message {
+    Lines(Vec<u8>),
+    Exit,
+}
+
+struct Shared {
+    queue: SyncSender<Message>,
+    /// Lines dropped because the queue was full.
+    dropped: AtomicU64,
+    /// Every thread's batch, for the sweeps. A thread holds the only
+    /// strong reference to its own.
+    batches: Mutex<Vec<Weak<Mutex<Batch>>>>,
+}
+
+impl Shared {
+    fn send(&self, bytes: Vec<u8>, lines: u64) {
+        self.send_by(bytes, lines, None);
+    }
+
+    /// Sends, or drops and counts when the queue is full; with `until`,
+    /// waits for room until then (at exit, when nothing else waits).
+    fn send_by(&self, bytes: Vec<u8>, lines: u64, until: Option<Instant>) {
+        let mut message = Message::Lines(bytes);
+        loop {
+            match self.queue.try_send(message) {
+                Ok(()) => return,
+                Err(TrySendError::Full(back)) if until.is_some_and(|u| Instant::now() < u) => {
+                    message = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                    self.dropped.fetch_add(lines, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Hands every thread's batch, in turn, to `to` (which sends it).
+    fn sweep(&self, mut to: impl FnMut(Vec<u8>, u64)) {
+        let live: Vec<Arc<Mutex<Batch>>> = {
+            let mut batches = self.batches.lock().unwrap_or_else(PoisonError::into_inner);
+            batches.retain(|batch| batch.strong_count() > 0);
+            batches.iter().filter_map(Weak::upgrade).collect()
+        };
+        for batch in live {
+            // Handed over under the batch's lock, as its thread hands over
+            // a full batch: a thread's batches enter the queue in order.
+            let mut batch = batch.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((bytes, lines)) = batch.take() {
+                to(bytes, lines);
+            }
+        }
+    }
+}
+
+/// Where log lines are written: cloned into every logging place.
+#[derive(Clone)]
+pub struct BatchWriter {
+    shared: Arc<Shared>,
+}
+
+/// This thread's batch for each writer it has written to (one, in
+/// practice); what is left in them goes out when the thread ends.
+struct ThreadBatches(Vec<(Weak<Shared>, Arc<Mutex<Batch>>)>);
+
+impl Drop for ThreadBatches {
+    fn drop(&mut self) {
+        for (shared, batch) in &self.0 {
+            let taken = batch.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if let (Some(shared), Some((bytes, lines))) = (shared.upgrade(), taken) {
+                shared.send(bytes, lines);
+            }
+        }
+    }
+}
+
+thread_local! {
+    static THREAD_BATCHES: RefCell<ThreadBatches> = const { RefCell::new(ThreadBatches(Vec::new())) };
+}
+
+impl BatchWriter {
+    /// Appends one whole line (with its `\n`) to this thread's batch;
+    /// `now` hands the batch over at once (an event other than an
+    /// access-log line).
+    pub fn write_line(&self, line: &[u8], now: bool) {
+        let appended = THREAD_BATCHES.try_with(|mine| {
+            let Ok(mut mine) = mine.try_borrow_mut() else {
+                return false;
+            };
+            let batch = match mine
+                .0
+                .iter()
+                .find(|(shared, _)| std::ptr::eq(shared.as_ptr(), Arc::as_ptr(&self.shared)))
+            {
+                Some((_, batch)) => batch,
+                None => {
+                    mine.0.retain(|(shared, _)| shared.strong_count() > 0);
+                    let batch = Arc::new(Mutex::new(Batch {
+                        bytes: Vec::with_capacity(BATCH_BYTES),
+                        lines: 0,
+                    }));
+                    self.shared
+                        .batches
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(Arc::downgrade(&batch));
+                    mine.0.push((Arc::downgrade(&self.shared), batch));
+                    match mine.0.last() {
+                        Some((_, batch)) => batch,
+                        None => return false,
+                    }
+                }
+            };
+            let mut batch = batch.lock().unwrap_or_else(PoisonError::into_inner);
+            batch.bytes.extend_from_slice(line);
+            batch.lines += 1;
+            if (now || batch.bytes.len() >= BATCH_BYTES)
+                && let Some((bytes, lines)) = batch.take()
+            {
+                // Under the lock: see `Shared::sweep`.
+                self.shared.send(bytes, lines);
+            }
+            true
+        });
+        // A thread ending (its batches gone) writes its last lines alone.
+        if !matches!(appended, Ok(true)) {
+            self.shared.send(line.to_vec(), 1);
+        }
+    }
+
+    /// Lines dropped so far because the writer fell behind.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Flushes every batch and lets the writer finish when dropped (waiting
+/// a bounded time: a stuck stdout does not hold up the exit).
+pub struct BatchGuard {
+    shared: Arc<Shared>,
+    /// In a mutex only to be `Sync` (the gateway holding it is shared).
+    finished: Mutex<Receiver<()>>,
+}
+
+impl Drop for BatchGuard {
+    fn drop(&mut self) {
+        let until = Instant::now() + EXIT_WAIT;
+        self.shared
+            .sweep(|bytes, lines| self.shared.send_by(bytes, lines, Some(until)));
+        loop {
+            match self.shared.queue.try_send(Message::Exit) {
+                Err(TrySendError::Full(_)) if Instant::now() < until => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                _ => break,
+            }
+        }
+        let finished = self.finished.lock().unwrap_or_else(PoisonError::into_inner);
+        let _ = finished.recv_timeout(until.saturating_duration_since(Instant::now()));
+    }
+}
+
+/// Starts the writer thread over `out`.
+pub fn spawn(out: impl Write + Send + 'static) -> io::Result<(BatchWriter, BatchGuard)> {
+    let (queue, received) = sync_channel(QUEUED);
+    let shared = Arc::new(Shared {
+        queue,
+        dropped: AtomicU64::new(0),
+        batches: Mutex::new(Vec::new()),
+    });
+    let (finish, finished) = sync_channel(1);
+    let sweeper = Arc::downgrade(&shared);
+    std::thread::Builder::new()
+        .name("sluice-log".to_owned())
+        .spawn(move || {
+            write_out(out, &received, &sweeper);
+            let _ = finish.send(());
+        })?;
+    Ok((
+        BatchWriter {
+            shared: shared.clone(),
+        },
+        BatchGuard {
+            shared,
+            finished: Mutex::new(finished),
+        },
+    ))
+}
+
+/// The writer thread: writes what it receives, sweeps the threads'
+/// batches every [`FLUSH_EVERY`], and flushes whenever it has nothing
+/// more to write.
+fn write_out(out: impl Write, received: &Receiver<Message>, shared: &Weak<Shared>) {
+    let mut out = io::BufWriter::with_capacity(64 * 1024, out);
+    let mut next_sweep = Instant::now() + FLUSH_EVERY;
+    loop {
+        let wait = next_sweep.saturating_duration_since(Instant::now());
+        match received.recv_timeout(wait) {
+            Ok(Message::Lines(bytes)) => {
+                let _ = out.write_all(&bytes);
+            }
+            Ok(Message::Exit) | Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        if Instant::now() >= next_sweep {
+            // Into this same queue, behind what each thread sent before
+            // (written on the next turns). Never waiting: this thread is
+            // the one that makes room.
+            if let Some(shared) = shared.upgrade() {
+                shared.sweep(|bytes, lines| shared.send(bytes, lines));
+            }
+            next_sweep = Instant::now() + FLUSH_EVERY;
+        }
+        if let Ok(Message::Lines(bytes)) = received.try_recv() {
+            let _ = out.write_all(&bytes);
+            continue;
+        }
+        let _ = out.flush();
+    }
+    // What arrived before the exit message.
+    while let Ok(Message::Lines(bytes)) = received.try_recv() {
+        let _ = out.write_all(&bytes);
+    }
+    let _ = out.flush();
+}
+
+/// The writer `tracing`'s formatter gets: each event it formats is a
+/// line, handed over at once with the batch before it, except access-log
+/// events (the text format's), which wait in the batch as the JSON
+/// lines do.
+pub struct EventWriter {
+    writer: BatchWriter,
+    now: bool,
+}
+
+impl Write for EventWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.writer.write_line(buf, self.now);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for BatchWriter {
+    type Writer = EventWriter;
+
+    fn make_writer(&'a self) -> EventWriter {
+        EventWriter {
+            writer: self.clone(),
+            now: true,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> EventWriter {
+        EventWriter {
+            writer: self.clone(),
+            now: meta.target() != super::access_log::ACCESS_TARGET,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An output a test reads; `stuck` holds every write until released.
+    #[derive(Clone, Default)]
+    struct Output {
+        bytes: Arc<Mutex<Vec<u8>>>,
+        stuck: Arc<Mutex<()>>,
+    }
+
+    impl Write for Output {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let _held = self.stuck.lock().unwrap();
+            self.bytes.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Output {
+        fn text(&self) -> String {
+            String::from_utf8(self.bytes.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    fn eventually(what: impl Fn() -> bool) -> bool {
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            if what() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    #[test]
+    fn every_threads_lines_arrive_in_their_order() {
+        let out = Output::default();
+        let (writer, guard) = spawn(out.clone()).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let writer = writer.clone();
+                std::thread::spawn(move || {
+                    // Long enough for the writer's sweeps to take partial
+                    // batches between full ones.
+                    for i in 0..2000 {
+                        let pad = "x".repeat(400);
+                        writer.write_line(format!("{t} {i} {pad}\n").as_bytes(), false);
+                        if i % 100 == 0 {
+                            std::thread::sleep(Duration::from_millis(30));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        drop(guard);
+        let text = out.text();
+        for t in 0..4 {
+            let seen: Vec<u32> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix(&format!("{t} ")))
+                .map(|rest| rest.split(' ').next().unwrap().parse().unwrap())
+                .collect();
+            assert_eq!(seen, (0..2000).collect::<Vec<_>>(), "thread {t}");
+        }
+        assert_eq!(writer.dropped(), 0);
+    }
+
+    #[test]
+    fn a_quiet_threads_lines_go_out_within_the_flush_interval() {
+        let out = Output::default();
+        let (writer, _guard) = spawn(out.clone()).unwrap();
+        writer.write_line(b"only line\n", false);
+        let written = Instant::now();
+        assert!(
+            eventually(|| out.text() == "only line\n"),
+            "{:?}",
+            out.text()
+        );
+        assert!(written.elapsed() < FLUSH_EVERY * 5);
+    }
+
+    #[test]
+    fn an_event_takes_the_lines_before_it_along_at_once() {
+        let out = Output::default();
+        let (writer, _guard) = spawn(out.clone()).unwrap();
+        writer.write_line(b"request 1\n", false);
+        writer.write_line(b"request 2\n", false);
+        let mut event = writer.make_writer();
+        event.write_all(b"a warning\n").unwrap();
+        assert!(eventually(|| !out.text().is_empty()));
+        assert_eq!(out.text(), "request 1\nrequest 2\na warning\n");
+    }
+
+    #[test]
+    fn an_ending_thread_leaves_no_line_behind() {
+        let out = Output::default();
+        let (writer, _guard) = spawn(out.clone()).unwrap();
+        let w = writer.clone();
+        std::thread::spawn(move || w.write_line(b"last words\n", false))
+            .join()
+            .unwrap();
+        assert!(eventually(|| out.text() == "last words\n"));
+    }
+
+    #[test]
+    fn lines_of_dropped_batches_are_counted_one_by_one() {
+        let out = Output::default();
+        let stuck = out.stuck.lock().unwrap();
+        let (writer, guard) = spawn(out.clone()).unwrap();
+        let line = vec![b'x'; 99];
+        let line = [line.as_slice(), b"\n"].concat();
+        let total: u64 = 400 * 1000;
+        for _ in 0..total {
+            writer.write_line(&line, false);
+        }
+        assert!(writer.dropped() > 0, "the queue must have filled");
+        drop(stuck);
+        drop(guard);
+        let dropped = writer.dropped();
+        let written = out.text().lines().count() as u64;
+        assert_eq!(written + dropped, total, "each line written or counted");
+    }
+}
