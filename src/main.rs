@@ -289,9 +289,12 @@ async fn run(path: PathBuf) -> ExitCode {
         tracing::warn!(error = e.as_str(), "hot reload is off");
     }
     let signal = stop.recv().await;
+    // The access lines of requests answered before it come first.
+    gw.log.lines.flush();
     tracing::info!(signal, "shutting down: draining in-flight requests");
     running.shutdown();
     running.wait().await;
+    gw.log.lines.flush();
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }

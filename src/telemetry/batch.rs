@@ -9,19 +9,20 @@
 
 use std::cell::RefCell;
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use tracing_subscriber::fmt::MakeWriter;
 
-/// A thread's batch is handed over once it holds this much.
+/// A thread's batch is handed over before it would hold more than this.
 const BATCH_BYTES: usize = 32 * 1024;
-/// Batches waiting for the writer. Beyond, new ones are dropped and their
-/// lines counted (a stuck stdout must never stall requests), so at most
-/// about 8 MiB of log waits in memory.
-const QUEUED: usize = 256;
+/// Log waiting for the writer, in bytes and in messages (most events go
+/// alone). Beyond either, what comes is dropped and its lines counted: a
+/// stuck stdout must never stall requests.
+const QUEUED_BYTES: usize = 8 * 1024 * 1024;
+const QUEUED: usize = 4096;
 /// The longest a line waits in a batch.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
 /// How long the guard waits for the writer at exit.
@@ -34,23 +35,32 @@ struct Batch {
 }
 
 impl Batch {
+    /// What the batch holds, as an allocation of its own size (an event
+    /// alone does not hold a batch's worth); the batch's buffer is kept.
     fn take(&mut self) -> Option<(Vec<u8>, u64)> {
         if self.lines == 0 {
             return None;
         }
-        let bytes = std::mem::replace(&mut self.bytes, Vec::with_capacity(BATCH_BYTES));
+        let bytes = self.bytes.clone();
+        self.bytes.clear();
+        if self.bytes.capacity() > 2 * BATCH_BYTES {
+            // Grown by a rare long line (logged bodies): given back.
+            self.bytes.shrink_to(BATCH_BYTES);
+        }
         Some((bytes, std::mem::take(&mut self.lines)))
     }
 }
 
 enum Message {
-    Lines(Vec<u8>),
+    Lines { bytes: Vec<u8>, lines: u64 },
     Exit,
 }
 
 struct Shared {
     queue: SyncSender<Message>,
-    /// Lines dropped because the queue was full.
+    /// Bytes sent and not written yet.
+    queued_bytes: AtomicUsize,
+    /// Lines dropped because the queue was full, or stdout failed.
     dropped: AtomicU64,
     /// Every thread's batch, for the sweeps. A thread holds the only
     /// strong reference to its own.
@@ -65,9 +75,21 @@ impl Shared {
     /// Sends, or drops and counts when the queue is full; with `until`,
     /// waits for room until then (at exit, when nothing else waits).
     fn send_by(&self, bytes: Vec<u8>, lines: u64, until: Option<Instant>) {
-        let mut message = Message::Lines(bytes);
+        let len = bytes.len();
+        let mut message = Message::Lines { bytes, lines };
         loop {
-            match self.queue.try_send(message) {
+            // Counted in before it is sent: the writer may count it out
+            // as soon as it is.
+            let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
+            let sent = if before + len <= QUEUED_BYTES {
+                self.queue.try_send(message)
+            } else {
+                Err(TrySendError::Full(message))
+            };
+            if sent.is_err() {
+                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            }
+            match sent {
                 Ok(()) => return,
                 Err(TrySendError::Full(back)) if until.is_some_and(|u| Instant::now() < u) => {
                     message = back;
@@ -81,8 +103,19 @@ impl Shared {
         }
     }
 
+    /// Writes what the writer received, counting it out of the queue.
+    fn write(&self, out: &mut impl Write, bytes: &[u8], lines: u64) {
+        self.queued_bytes.fetch_sub(bytes.len(), Ordering::Relaxed);
+        if out.write_all(bytes).is_err() {
+            // A closed or failing stdout: lost, and counted as lost.
+            self.dropped.fetch_add(lines, Ordering::Relaxed);
+        }
+    }
+
     /// Hands every thread's batch, in turn, to `to` (which sends it).
-    fn sweep(&self, mut to: impl FnMut(Vec<u8>, u64)) {
+    /// With `skip_busy`, a batch whose lock is held (its thread appending,
+    /// or the exit waiting for room) is left for the next sweep.
+    fn sweep(&self, skip_busy: bool, mut to: impl FnMut(Vec<u8>, u64)) {
         let live: Vec<Arc<Mutex<Batch>>> = {
             let mut batches = self.batches.lock().unwrap_or_else(PoisonError::into_inner);
             batches.retain(|batch| batch.strong_count() > 0);
@@ -91,7 +124,14 @@ impl Shared {
         for batch in live {
             // Handed over under the batch's lock, as its thread hands over
             // a full batch: a thread's batches enter the queue in order.
-            let mut batch = batch.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut batch = match batch.try_lock() {
+                Ok(batch) => batch,
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) if skip_busy => continue,
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    batch.lock().unwrap_or_else(PoisonError::into_inner)
+                }
+            };
             if let Some((bytes, lines)) = batch.take() {
                 to(bytes, lines);
             }
@@ -158,12 +198,15 @@ impl BatchWriter {
                 }
             };
             let mut batch = batch.lock().unwrap_or_else(PoisonError::into_inner);
-            batch.bytes.extend_from_slice(line);
-            batch.lines += 1;
-            if (now || batch.bytes.len() >= BATCH_BYTES)
+            // Handed over under the lock: see `Shared::sweep`.
+            if batch.bytes.len() + line.len() > BATCH_BYTES
                 && let Some((bytes, lines)) = batch.take()
             {
-                // Under the lock: see `Shared::sweep`.
+                self.shared.send(bytes, lines);
+            }
+            batch.bytes.extend_from_slice(line);
+            batch.lines += 1;
+            if now && let Some((bytes, lines)) = batch.take() {
                 self.shared.send(bytes, lines);
             }
             true
@@ -172,6 +215,13 @@ impl BatchWriter {
         if !matches!(appended, Ok(true)) {
             self.shared.send(line.to_vec(), 1);
         }
+    }
+
+    /// Hands every thread's batch to the writer now (before an event
+    /// that should come after them, such as the last ones at shutdown).
+    pub fn flush(&self) {
+        self.shared
+            .sweep(false, |bytes, lines| self.shared.send(bytes, lines));
     }
 
     /// Lines dropped so far because the writer fell behind.
@@ -191,8 +241,9 @@ pub struct BatchGuard {
 impl Drop for BatchGuard {
     fn drop(&mut self) {
         let until = Instant::now() + EXIT_WAIT;
-        self.shared
-            .sweep(|bytes, lines| self.shared.send_by(bytes, lines, Some(until)));
+        self.shared.sweep(false, |bytes, lines| {
+            self.shared.send_by(bytes, lines, Some(until))
+        });
         loop {
             match self.shared.queue.try_send(Message::Exit) {
                 Err(TrySendError::Full(_)) if Instant::now() < until => {
@@ -211,6 +262,7 @@ pub fn spawn(out: impl Write + Send + 'static) -> io::Result<(BatchWriter, Batch
     let (queue, received) = sync_channel(QUEUED);
     let shared = Arc::new(Shared {
         queue,
+        queued_bytes: AtomicUsize::new(0),
         dropped: AtomicU64::new(0),
         batches: Mutex::new(Vec::new()),
     });
@@ -237,35 +289,40 @@ pub fn spawn(out: impl Write + Send + 'static) -> io::Result<(BatchWriter, Batch
 /// batches every [`FLUSH_EVERY`], and flushes whenever it has nothing
 /// more to write.
 fn write_out(out: impl Write, received: &Receiver<Message>, shared: &Weak<Shared>) {
+    let Some(counts) = shared.upgrade() else {
+        return;
+    };
     let mut out = io::BufWriter::with_capacity(64 * 1024, out);
     let mut next_sweep = Instant::now() + FLUSH_EVERY;
+    let mut message = None;
     loop {
-        let wait = next_sweep.saturating_duration_since(Instant::now());
-        match received.recv_timeout(wait) {
-            Ok(Message::Lines(bytes)) => {
-                let _ = out.write_all(&bytes);
-            }
+        let next = match message.take() {
+            Some(next) => Ok(next),
+            None => received.recv_timeout(next_sweep.saturating_duration_since(Instant::now())),
+        };
+        match next {
+            Ok(Message::Lines { bytes, lines }) => counts.write(&mut out, &bytes, lines),
             Ok(Message::Exit) | Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {}
         }
         if Instant::now() >= next_sweep {
             // Into this same queue, behind what each thread sent before
-            // (written on the next turns). Never waiting: this thread is
-            // the one that makes room.
-            if let Some(shared) = shared.upgrade() {
-                shared.sweep(|bytes, lines| shared.send(bytes, lines));
-            }
+            // (written on the next turns). Never waiting, neither for a
+            // batch's lock nor for room: this thread is the one that
+            // makes room.
+            counts.sweep(true, |bytes, lines| counts.send(bytes, lines));
             next_sweep = Instant::now() + FLUSH_EVERY;
         }
-        if let Ok(Message::Lines(bytes)) = received.try_recv() {
-            let _ = out.write_all(&bytes);
-            continue;
+        match received.try_recv() {
+            Ok(next) => message = Some(next),
+            Err(_) => {
+                let _ = out.flush();
+            }
         }
-        let _ = out.flush();
     }
     // What arrived before the exit message.
-    while let Ok(Message::Lines(bytes)) = received.try_recv() {
-        let _ = out.write_all(&bytes);
+    while let Ok(Message::Lines { bytes, lines }) = received.try_recv() {
+        counts.write(&mut out, &bytes, lines);
     }
     let _ = out.flush();
 }
@@ -406,6 +463,46 @@ mod tests {
         event.write_all(b"a warning\n").unwrap();
         assert!(eventually(|| !out.text().is_empty()));
         assert_eq!(out.text(), "request 1\nrequest 2\na warning\n");
+    }
+
+    #[test]
+    fn a_flush_takes_other_threads_lines_before_the_next_event() {
+        let out = Output::default();
+        let (writer, _guard) = spawn(out.clone()).unwrap();
+        let w = writer.clone();
+        let (done, wait) = std::sync::mpsc::channel();
+        let (end, ended) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || {
+            w.write_line(b"answered\n", false);
+            done.send(()).unwrap();
+            // Alive, its batch unswept, until the test ends.
+            let _ = ended.recv();
+        });
+        wait.recv().unwrap();
+        writer.flush();
+        writer.make_writer().write_all(b"stopped\n").unwrap();
+        assert!(eventually(|| out.text().contains("stopped")));
+        assert_eq!(out.text(), "answered\nstopped\n");
+        drop(end);
+        other.join().unwrap();
+    }
+
+    #[test]
+    fn the_exit_waits_for_the_writer_not_for_its_timeout() {
+        let out = Output::default();
+        let (writer, guard) = spawn(out.clone()).unwrap();
+        // Batches in the queue ahead of the exit message.
+        for i in 0..3 {
+            writer.write_line(format!("event {i}\n").as_bytes(), true);
+        }
+        let dropping = Instant::now();
+        drop(guard);
+        assert!(
+            dropping.elapsed() < EXIT_WAIT / 2,
+            "{:?}",
+            dropping.elapsed()
+        );
+        assert_eq!(out.text(), "event 0\nevent 1\nevent 2\n");
     }
 
     #[test]

@@ -158,6 +158,14 @@ pub enum LineWriter {
 }
 
 impl LineWriter {
+    /// Hands the lines every thread has batched to the writer now, so that
+    /// an event logged next comes after them (shutdown's).
+    pub fn flush(&self) {
+        if let LineWriter::Stdout(w) = self {
+            w.flush();
+        }
+    }
+
     /// Writes one line (with its `\n`); a line the background writer
     /// cannot take is dropped, as the dispatcher's own are.
     pub fn write_line(&self, line: &[u8]) {
