@@ -150,12 +150,15 @@ impl Finish {
             fill.store(&gw.state, ctx.model.clone(), ctx.cost_usd);
         }
         let now = Instant::now();
+        let broke_off = matches!(
+            ctx.error,
+            Some("upstream_stream_error" | "upstream_idle_timeout")
+        );
         if let Some(verdict) = ctx.stream_verdict.take() {
             match ctx.error {
                 // The member broke the stream, or sent an error event
                 // (also when its client left on reading it).
-                _ if stream_error => verdict.failure(now),
-                Some("upstream_stream_error" | "upstream_idle_timeout") => verdict.failure(now),
+                _ if broke_off || stream_error => verdict.failure(now),
                 // The request's own time or sluice's shutdown cut it.
                 Some("request_timeout" | SERVER_SHUTDOWN) => drop(verdict),
                 _ => verdict.success(),
@@ -171,10 +174,7 @@ impl Finish {
         if let (Some(index), Some(sent)) = (ctx.upstream_index, ctx.upstream_started)
             && let Some(upstream) = active.upstreams.get(index)
         {
-            if matches!(
-                ctx.error,
-                Some("upstream_stream_error" | "upstream_idle_timeout")
-            ) {
+            if broke_off {
                 upstream.stream_errors.inc();
             }
             upstream

@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
 use tracing_subscriber::fmt::MakeWriter;
@@ -28,13 +28,25 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
 /// How long the guard waits for the writer at exit.
 const EXIT_WAIT: Duration = Duration::from_secs(1);
 
-#[derive(Default)]
 struct Batch {
     bytes: Vec<u8>,
     lines: u64,
 }
 
+/// A lock taken whatever a panic elsewhere left: a log buffer stays
+/// usable.
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Batch {
+    fn new() -> Self {
+        Batch {
+            bytes: Vec::with_capacity(BATCH_BYTES),
+            lines: 0,
+        }
+    }
+
     /// What the batch holds, as an allocation of its own size (an event
     /// alone does not hold a batch's worth); the batch's buffer is kept.
     fn take(&mut self) -> Option<(Vec<u8>, u64)> {
@@ -56,6 +68,16 @@ enum Message {
     Exit,
 }
 
+impl Message {
+    /// Its bytes and lines, as the queue counts them.
+    fn size(&self) -> (usize, u64) {
+        match self {
+            Message::Lines { bytes, lines } => (bytes.len(), *lines),
+            Message::Exit => (0, 0),
+        }
+    }
+}
+
 struct Shared {
     queue: SyncSender<Message>,
     /// Bytes sent and not written yet.
@@ -69,14 +91,13 @@ struct Shared {
 
 impl Shared {
     fn send(&self, bytes: Vec<u8>, lines: u64) {
-        self.send_by(bytes, lines, None);
+        self.send_by(Message::Lines { bytes, lines }, None);
     }
 
     /// Sends, or drops and counts when the queue is full; with `until`,
     /// waits for room until then (at exit, when nothing else waits).
-    fn send_by(&self, bytes: Vec<u8>, lines: u64, until: Option<Instant>) {
-        let len = bytes.len();
-        let mut message = Message::Lines { bytes, lines };
+    fn send_by(&self, mut message: Message, until: Option<Instant>) {
+        let (len, lines) = message.size();
         loop {
             // Counted in before it is sent: the writer may count it out
             // as soon as it is.
@@ -117,7 +138,7 @@ impl Shared {
     /// or the exit waiting for room) is left for the next sweep.
     fn sweep(&self, skip_busy: bool, mut to: impl FnMut(Vec<u8>, u64)) {
         let live: Vec<Arc<Mutex<Batch>>> = {
-            let mut batches = self.batches.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut batches = locked(&self.batches);
             batches.retain(|batch| batch.strong_count() > 0);
             batches.iter().filter_map(Weak::upgrade).collect()
         };
@@ -126,11 +147,9 @@ impl Shared {
             // a full batch: a thread's batches enter the queue in order.
             let mut batch = match batch.try_lock() {
                 Ok(batch) => batch,
-                Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) if skip_busy => continue,
-                Err(std::sync::TryLockError::WouldBlock) => {
-                    batch.lock().unwrap_or_else(PoisonError::into_inner)
-                }
+                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                Err(TryLockError::WouldBlock) if skip_busy => continue,
+                Err(TryLockError::WouldBlock) => locked(&batch),
             };
             if let Some((bytes, lines)) = batch.take() {
                 to(bytes, lines);
@@ -152,7 +171,7 @@ struct ThreadBatches(Vec<(Weak<Shared>, Arc<Mutex<Batch>>)>);
 impl Drop for ThreadBatches {
     fn drop(&mut self) {
         for (shared, batch) in &self.0 {
-            let taken = batch.lock().unwrap_or_else(PoisonError::into_inner).take();
+            let taken = locked(batch).take();
             if let (Some(shared), Some((bytes, lines))) = (shared.upgrade(), taken) {
                 shared.send(bytes, lines);
             }
@@ -173,31 +192,7 @@ impl BatchWriter {
             let Ok(mut mine) = mine.try_borrow_mut() else {
                 return false;
             };
-            let batch = match mine
-                .0
-                .iter()
-                .find(|(shared, _)| std::ptr::eq(shared.as_ptr(), Arc::as_ptr(&self.shared)))
-            {
-                Some((_, batch)) => batch,
-                None => {
-                    mine.0.retain(|(shared, _)| shared.strong_count() > 0);
-                    let batch = Arc::new(Mutex::new(Batch {
-                        bytes: Vec::with_capacity(BATCH_BYTES),
-                        lines: 0,
-                    }));
-                    self.shared
-                        .batches
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push(Arc::downgrade(&batch));
-                    mine.0.push((Arc::downgrade(&self.shared), batch));
-                    match mine.0.last() {
-                        Some((_, batch)) => batch,
-                        None => return false,
-                    }
-                }
-            };
-            let mut batch = batch.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut batch = locked(self.batch_in(&mut mine));
             // Handed over under the lock: see `Shared::sweep`.
             if batch.bytes.len() + line.len() > BATCH_BYTES
                 && let Some((bytes, lines)) = batch.take()
@@ -215,6 +210,22 @@ impl BatchWriter {
         if !matches!(appended, Ok(true)) {
             self.shared.send(line.to_vec(), 1);
         }
+    }
+
+    /// This writer's batch among a thread's, made on its first line.
+    fn batch_in<'t>(&self, mine: &'t mut ThreadBatches) -> &'t Mutex<Batch> {
+        let ours = |shared: &Weak<Shared>| std::ptr::eq(shared.as_ptr(), Arc::as_ptr(&self.shared));
+        let at = match mine.0.iter().position(|(shared, _)| ours(shared)) {
+            Some(at) => at,
+            None => {
+                mine.0.retain(|(shared, _)| shared.strong_count() > 0);
+                let batch = Arc::new(Mutex::new(Batch::new()));
+                locked(&self.shared.batches).push(Arc::downgrade(&batch));
+                mine.0.push((Arc::downgrade(&self.shared), batch));
+                mine.0.len() - 1
+            }
+        };
+        &mine.0[at].1
     }
 
     /// Hands every thread's batch to the writer now (before an event
@@ -240,20 +251,16 @@ pub struct BatchGuard {
 
 impl Drop for BatchGuard {
     fn drop(&mut self) {
-        let until = Instant::now() + EXIT_WAIT;
-        self.shared.sweep(false, |bytes, lines| {
-            self.shared.send_by(bytes, lines, Some(until))
+        let until = Some(Instant::now() + EXIT_WAIT);
+        let shared = &self.shared;
+        shared.sweep(false, |bytes, lines| {
+            shared.send_by(Message::Lines { bytes, lines }, until)
         });
-        loop {
-            match self.shared.queue.try_send(Message::Exit) {
-                Err(TrySendError::Full(_)) if Instant::now() < until => {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                _ => break,
-            }
-        }
-        let finished = self.finished.lock().unwrap_or_else(PoisonError::into_inner);
-        let _ = finished.recv_timeout(until.saturating_duration_since(Instant::now()));
+        shared.send_by(Message::Exit, until);
+        let wait = until.map_or(Duration::ZERO, |u| {
+            u.saturating_duration_since(Instant::now())
+        });
+        let _ = locked(&self.finished).recv_timeout(wait);
     }
 }
 
@@ -267,11 +274,11 @@ pub fn spawn(out: impl Write + Send + 'static) -> io::Result<(BatchWriter, Batch
         batches: Mutex::new(Vec::new()),
     });
     let (finish, finished) = sync_channel(1);
-    let sweeper = Arc::downgrade(&shared);
+    let writer = shared.clone();
     std::thread::Builder::new()
         .name("sluice-log".to_owned())
         .spawn(move || {
-            write_out(out, &received, &sweeper);
+            write_out(out, &received, &writer);
             let _ = finish.send(());
         })?;
     Ok((
@@ -288,10 +295,7 @@ pub fn spawn(out: impl Write + Send + 'static) -> io::Result<(BatchWriter, Batch
 /// The writer thread: writes what it receives, sweeps the threads'
 /// batches every [`FLUSH_EVERY`], and flushes whenever it has nothing
 /// more to write.
-fn write_out(out: impl Write, received: &Receiver<Message>, shared: &Weak<Shared>) {
-    let Some(counts) = shared.upgrade() else {
-        return;
-    };
+fn write_out(out: impl Write, received: &Receiver<Message>, counts: &Shared) {
     let mut out = io::BufWriter::with_capacity(64 * 1024, out);
     let mut next_sweep = Instant::now() + FLUSH_EVERY;
     let mut message = None;

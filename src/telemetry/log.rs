@@ -196,42 +196,27 @@ pub fn build(logging: &Logging, sink: LogSink) -> Log {
         .map(|d| without_library_directives(&d))
         .unwrap_or_else(|| format!("{},{ACCESS_TARGET}=info", logging.level));
     let filter = EnvFilter::new(with_library_caps(&directives));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false);
+    let format = logging.format;
     let mut dropped = None;
-    let (dispatch, lines, guard): (tracing::Dispatch, _, _) = match sink {
+    let (dispatch, lines, guard) = match sink {
         LogSink::Stdout => match super::batch::spawn(io::stdout()) {
             Ok((writer, guard)) => {
                 dropped = Some(Dropped::new(writer.clone()));
                 let lines = LineWriter::Stdout(writer.clone());
-                let builder = builder.with_writer(writer);
-                let dispatch = match logging.format {
-                    LogFormat::Json => builder.event_format(JsonLines).into(),
-                    LogFormat::Text => builder.into(),
-                };
-                (dispatch, lines, Some(guard))
+                (dispatch_to(writer, filter, format), lines, Some(guard))
             }
             // No thread for the writer (the process is out of them):
             // lines are written as they come rather than lost.
-            Err(_) => {
-                let builder = builder.with_writer(io::stdout);
-                let dispatch = match logging.format {
-                    LogFormat::Json => builder.event_format(JsonLines).into(),
-                    LogFormat::Text => builder.into(),
-                };
-                (dispatch, LineWriter::Direct, None)
-            }
+            Err(_) => (
+                dispatch_to(io::stdout, filter, format),
+                LineWriter::Direct,
+                None,
+            ),
         },
         LogSink::Capture(buf) => {
             let writer = CaptureWriter(buf);
             let lines = LineWriter::Capture(writer.clone());
-            let builder = builder.with_writer(writer);
-            let dispatch = match logging.format {
-                LogFormat::Json => builder.event_format(JsonLines).into(),
-                LogFormat::Text => builder.into(),
-            };
-            (dispatch, lines, None)
+            (dispatch_to(writer, filter, format), lines, None)
         }
     };
     let access = tracing::dispatcher::with_default(
@@ -244,6 +229,22 @@ pub fn build(logging: &Logging, sink: LogSink) -> Log {
         access,
         guard,
         dropped,
+    }
+}
+
+/// A dispatcher writing events that `filter` lets through to `writer`,
+/// as `format` says.
+fn dispatch_to<W>(writer: W, filter: EnvFilter, format: LogFormat) -> tracing::Dispatch
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(writer);
+    match format {
+        LogFormat::Json => builder.event_format(JsonLines).into(),
+        LogFormat::Text => builder.into(),
     }
 }
 
