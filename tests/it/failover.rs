@@ -43,6 +43,19 @@ async fn with_backup(primary: &MockUpstream, pool_extra: &str) -> (TestGateway, 
     (gw, backup)
 }
 
+/// A pool of `primary` and `backup` whose circuits open after
+/// `failures` in a row, for 30 s.
+async fn with_breaker(primary: &MockUpstream, backup: &MockUpstream, failures: u32) -> TestGateway {
+    let breaker = format!("    circuit_breaker: {{ failures: {failures}, cooldown: 30s }}");
+    TestGateway::start(&config(&primary.url(), &backup.url(), &breaker, "")).await
+}
+
+/// `sluice_upstream_up` of the primary (1 closed, 0 open).
+async fn primary_up(gw: &TestGateway) -> Option<f64> {
+    gw.metric("sluice_upstream_up", &[("upstream", "primary")])
+        .await
+}
+
 const CHAT: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
 
 async fn chat(gw: &TestGateway) -> ClientReply {
@@ -252,11 +265,7 @@ async fn circuit_opens_after_failures_then_one_probe_closes_it() {
     for _ in 0..2 {
         assert_eq!(chat(&gw).await.text(), "backup");
     }
-    assert_eq!(
-        gw.metric("sluice_upstream_up", &[("upstream", "primary")])
-            .await,
-        Some(0.0)
-    );
+    assert_eq!(primary_up(&gw).await, Some(0.0));
     // Open: the primary receives nothing.
     for _ in 0..3 {
         assert_eq!(chat(&gw).await.text(), "backup");
@@ -274,11 +283,7 @@ async fn circuit_opens_after_failures_then_one_probe_closes_it() {
     }
     assert!(answered_by_primary, "no probe after the cooldown");
     assert_eq!(primary.seen().len(), 3, "exactly one probe");
-    assert_eq!(
-        gw.metric("sluice_upstream_up", &[("upstream", "primary")])
-            .await,
-        Some(1.0)
-    );
+    assert_eq!(primary_up(&gw).await, Some(1.0));
     assert_eq!(chat(&gw).await.text(), "primary");
 }
 
@@ -286,13 +291,7 @@ async fn circuit_opens_after_failures_then_one_probe_closes_it() {
 async fn every_circuit_open_is_503_with_retry_after() {
     let a = MockUpstream::always(failing(500)).await;
     let b = MockUpstream::always(failing(500)).await;
-    let gw = TestGateway::start(&config(
-        &a.url(),
-        &b.url(),
-        "    circuit_breaker: { failures: 1, cooldown: 30s }",
-        "",
-    ))
-    .await;
+    let gw = with_breaker(&a, &b, 1).await;
     assert_eq!(chat(&gw).await.status, 502);
     let reply = chat(&gw).await;
     assert_eq!(reply.status, 503);
@@ -395,24 +394,14 @@ async fn streams_breaking_after_content_open_the_circuit() {
     let primary = MockUpstream::always(dying).await;
     let events = [ROLE, HELLO, STOP, "[DONE]"];
     let backup = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;
-    let gw = TestGateway::start(&config(
-        &primary.url(),
-        &backup.url(),
-        "    circuit_breaker: { failures: 2, cooldown: 30s }",
-        "",
-    ))
-    .await;
+    let gw = with_breaker(&primary, &backup, 2).await;
     // Each stream got its first content through: no failover, but each
     // broke midway, which the primary's circuit counts.
     for _ in 0..2 {
         let text = chat(&gw).await.text();
         assert!(text.contains("upstream_stream_error"), "{text}");
     }
-    assert_eq!(
-        gw.metric("sluice_upstream_up", &[("upstream", "primary")])
-            .await,
-        Some(0.0)
-    );
+    assert_eq!(primary_up(&gw).await, Some(0.0));
     let reply = chat(&gw).await;
     let expected: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
     assert_eq!(
@@ -436,13 +425,7 @@ async fn an_error_event_counts_against_the_circuit_when_the_client_leaves_on_it(
     ));
     let primary = MockUpstream::always(reply).await;
     let backup = MockUpstream::always(UpstreamReply::text("unused")).await;
-    let gw = TestGateway::start(&config(
-        &primary.url(),
-        &backup.url(),
-        "    circuit_breaker: { failures: 1, cooldown: 30s }",
-        "",
-    ))
-    .await;
+    let gw = with_breaker(&primary, &backup, 1).await;
     let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let body = CHAT.as_bytes();
     let head = format!(
@@ -467,8 +450,7 @@ async fn an_error_event_counts_against_the_circuit_when_the_client_leaves_on_it(
     assert_eq!(log["upstream"], "primary");
     // Accounted (the log line) with its verdict.
     assert_eq!(
-        gw.metric("sluice_upstream_up", &[("upstream", "primary")])
-            .await,
+        primary_up(&gw).await,
         Some(0.0),
         "the error event failed the member"
     );
@@ -479,13 +461,7 @@ async fn a_head_request_to_a_streaming_member_is_answered_by_it() {
     let events = [ROLE, HELLO, STOP, "[DONE]"];
     let primary = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;
     let backup = MockUpstream::always(UpstreamReply::text("unused")).await;
-    let gw = TestGateway::start(&config(
-        &primary.url(),
-        &backup.url(),
-        "    circuit_breaker: { failures: 1, cooldown: 30s }",
-        "",
-    ))
-    .await;
+    let gw = with_breaker(&primary, &backup, 1).await;
     for _ in 0..2 {
         let reply = Client::new()
             .send(
@@ -504,11 +480,7 @@ async fn a_head_request_to_a_streaming_member_is_answered_by_it() {
         "no failover: the head is the answer"
     );
     assert!(backup.seen().is_empty());
-    assert_eq!(
-        gw.metric("sluice_upstream_up", &[("upstream", "primary")])
-            .await,
-        Some(1.0)
-    );
+    assert_eq!(primary_up(&gw).await, Some(1.0));
 }
 
 #[tokio::test]
@@ -516,23 +488,13 @@ async fn a_stream_that_ends_well_keeps_the_circuit_closed() {
     let events = [ROLE, HELLO, STOP, "[DONE]"];
     let primary = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;
     let backup = MockUpstream::always(UpstreamReply::text("unused")).await;
-    let gw = TestGateway::start(&config(
-        &primary.url(),
-        &backup.url(),
-        "    circuit_breaker: { failures: 1, cooldown: 30s }",
-        "",
-    ))
-    .await;
+    let gw = with_breaker(&primary, &backup, 1).await;
     for _ in 0..3 {
         assert_eq!(chat(&gw).await.status, 200);
     }
     assert_eq!(primary.seen().len(), 3);
     assert!(backup.seen().is_empty());
-    assert_eq!(
-        gw.metric("sluice_upstream_up", &[("upstream", "primary")])
-            .await,
-        Some(1.0)
-    );
+    assert_eq!(primary_up(&gw).await, Some(1.0));
 }
 
 #[tokio::test]
@@ -610,11 +572,7 @@ async fn passing_health_checks_do_not_close_a_circuit_traffic_opened() {
     assert_eq!(chat(&gw).await.text(), "backup");
     assert_eq!(chats(), 2);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        gw.metric("sluice_upstream_up", &[("upstream", "primary")])
-            .await,
-        Some(0.0)
-    );
+    assert_eq!(primary_up(&gw).await, Some(0.0));
     for _ in 0..3 {
         assert_eq!(chat(&gw).await.text(), "backup");
     }
@@ -725,11 +683,7 @@ async fn a_hung_member_trips_its_circuit_with_default_timeouts() {
     .replace("pools:", "limits: { request_timeout: 300ms }\npools:");
     let gw = TestGateway::start(&yaml).await;
     assert_eq!(chat(&gw).await.status, 504);
-    assert_eq!(
-        gw.metric("sluice_upstream_up", &[("upstream", "primary")])
-            .await,
-        Some(0.0)
-    );
+    assert_eq!(primary_up(&gw).await, Some(0.0));
     let reply = chat(&gw).await;
     assert_eq!(reply.text(), "backup");
 }
@@ -1184,8 +1138,7 @@ async fn a_repointed_upstream_gauge_is_not_moved_by_the_old_config() {
         .await,
     );
     async fn up(gw: &TestGateway) -> Option<f64> {
-        gw.metric("sluice_upstream_up", &[("upstream", "primary")])
-            .await
+        primary_up(gw).await
     }
     for _ in 0..50 {
         if up(&gw).await == Some(0.0) {
