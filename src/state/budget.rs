@@ -110,6 +110,19 @@ impl Budgets {
         .unwrap_or(0.0)
     }
 
+    /// Everything still owed to the shared backend today, every scope's,
+    /// now handed over (owed again where its call fails).
+    pub fn take_all_owed(&self) -> Vec<(BudgetScope, f64)> {
+        if !self.owing.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        self.with_day(|d| {
+            self.owing.store(false, Ordering::Relaxed);
+            d.owed.drain().collect()
+        })
+        .unwrap_or_default()
+    }
+
     /// Adds `usd` to a scope and returns the alerts it crosses for the
     /// first time today.
     pub fn add(&self, scope: &BudgetScope, usd: f64, budget: f64, alert_at: &[f64]) -> Vec<Alert> {
@@ -196,6 +209,13 @@ mod tests {
         assert_eq!(b.take_owed(&g), 0.0, "handed over once");
         assert_eq!(b.take_owed(&other), 1.0);
         assert!(!b.owing.load(Ordering::Relaxed));
+        b.owe(&g, 0.5);
+        b.owe(&other, 2.0);
+        let mut all = b.take_all_owed();
+        all.sort_by(|x, y| x.1.total_cmp(&y.1));
+        assert_eq!(all, [(g.clone(), 0.5), (other.clone(), 2.0)]);
+        assert!(b.take_all_owed().is_empty(), "handed over once");
+        assert_eq!(b.take_owed(&g), 0.0);
     }
 
     #[test]

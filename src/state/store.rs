@@ -45,7 +45,7 @@ const OPERATIONS: [&str; 8] = [
 
 pub struct State {
     memory: Arc<MemoryLimiter>,
-    budgets: Budgets,
+    budgets: Arc<Budgets>,
     cache: Arc<ResponseCache>,
     redis: Option<Arc<RedisState>>,
     deny_on_error: bool,
@@ -328,7 +328,7 @@ impl State {
         }
         State {
             memory: Arc::new(MemoryLimiter::default()),
-            budgets: Budgets::default(),
+            budgets: Arc::default(),
             cache: ResponseCache::new(max_cache_bytes),
             redis,
             deny_on_error: settings.deny_on_error,
@@ -480,6 +480,7 @@ impl State {
             // After the fact there is nothing to refuse: on failure the
             // spend is kept in memory instead, and owed to Redis.
             if let Some((spent, crossed)) = self.health.timed("spend", call).await {
+                self.send_owed(redis, today);
                 let alerts = crossed
                     .into_iter()
                     .map(|threshold| Alert {
@@ -494,6 +495,28 @@ impl State {
         }
         let alerts = self.budgets.add(scope, usd, budget_usd, alert_at);
         (self.budgets.spent(scope), alerts)
+    }
+
+    /// Sends, once Redis answers again, what other scopes still owe from
+    /// an outage: a scope not charged again that day (an identity gone
+    /// quiet) would otherwise keep it in this replica's memory. Sent
+    /// without alert thresholds: those crossed during the outage were
+    /// alerted from memory, and a threshold this crosses in Redis is
+    /// claimed by the scope's next charge.
+    fn send_owed(&self, redis: &Arc<RedisState>, day: u64) {
+        let owed = self.budgets.take_all_owed();
+        if owed.is_empty() {
+            return;
+        }
+        let (redis, health, budgets) = (redis.clone(), self.health.clone(), self.budgets.clone());
+        tokio::spawn(async move {
+            for (scope, usd) in owed {
+                let call = redis.add_spend(&scope, day, usd, 0.0, &[]);
+                if health.timed("spend", call).await.is_none() {
+                    budgets.owe(&scope, usd);
+                }
+            }
+        });
     }
 
     /// Today's spend in this replica's memory (the gauge of the memory

@@ -466,6 +466,79 @@ async fn spend_during_an_outage_reaches_redis_once_it_is_back() {
 }
 
 #[tokio::test]
+async fn an_outage_s_spend_reaches_redis_also_for_an_identity_gone_quiet() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1000, 500))).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  llm: {{ url: "{}" }}
+auth:
+  api_keys:
+    - {{ id: alice, key: sk-alice-0001, tier: free }}
+tiers:
+  free: {{ daily_budget_usd: 100.0 }}
+routes:
+  - {{ name: open, match: {{ path_prefix: /open/ }}, auth: none, upstream: llm }}
+  - {{ name: chat, match: {{ path_prefix: /v1/ }}, upstream: llm }}
+pricing:
+  gpt-4o-mini: {{ input: 0.15, output: 0.60 }}
+state: {{ backend: redis, redis_url: "{}", on_error: allow }}
+budget: {{ daily_usd: 100.0 }}
+"#,
+        upstream.url(),
+        redis.url()
+    ))
+    .await;
+    let client = Client::new();
+    redis.kill();
+    // Alice spends $0.0009 while Redis is down, then calls no more.
+    for _ in 0..2 {
+        let reply = client.post_json(&gw.url("/v1/x"), &[ALICE], "{}").await;
+        assert_eq!(reply.status, 200, "allow serves from memory");
+    }
+    let charged = || {
+        gw.log_lines()
+            .into_iter()
+            .filter(|l| l["message"] == "request" && l["cost_usd"].is_number())
+            .count()
+            == 2
+    };
+    assert!(eventually(Duration::from_secs(3), charged).await);
+    redis.restart();
+    let day = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 86_400;
+    let in_redis = |who: &str| {
+        redis
+            .cli(None, &["GET", &format!("sluice:budget:{{{day}:{who}}}")])
+            .parse::<f64>()
+            .unwrap_or(0.0)
+    };
+    // Someone else's request reaches Redis once it is back.
+    for _ in 0..50 {
+        let reply = client.post_json(&gw.url("/open/x"), &[], "{}").await;
+        assert_eq!(reply.status, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if in_redis("global") > 0.0 {
+            break;
+        }
+    }
+    assert!(
+        eventually(Duration::from_secs(3), || (in_redis("key:alice") - 0.0009)
+            .abs()
+            < 1e-9)
+        .await,
+        "Redis holds {} of alice's $0.0009",
+        in_redis("key:alice")
+    );
+}
+
+#[tokio::test]
 async fn identical_requests_on_one_replica_make_one_upstream_call() {
     let Some(redis) = RedisServer::start() else {
         return;
