@@ -11,7 +11,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use super::ctx::{Identity, RequestCtx};
 use super::error::ProxyError;
 use crate::llm::facts::{self, Loose};
-use crate::snapshot::{Route, Snapshot, Target};
+use crate::snapshot::{Route, Snapshot, Target, Tier};
 use crate::state::budget::{self, BudgetScope};
 use crate::state::limiter::Scope;
 use crate::state::{BucketKey, Decision, State, Unavailable};
@@ -152,12 +152,23 @@ impl RequestUnits {
 /// read to estimate the reservation).
 pub fn token_limits_apply(snap: &Snapshot, route: &Route, ctx: &RequestCtx) -> bool {
     route.rate_limit.tokens_per_minute.is_some()
-        || ctx
-            .identity
-            .as_ref()
-            .and_then(|i| i.tier.as_ref())
-            .and_then(|t| snap.tiers.get(t))
-            .is_some_and(|t| t.tokens_per_minute.is_some())
+        || tier_of(snap, ctx).is_some_and(|t| t.tokens_per_minute.is_some())
+}
+
+/// Whether a limit applies to this request whose bucket it has no
+/// decision from yet (its headers then need a [`peek`]).
+pub fn limits_unread(snap: &Snapshot, route: &Route, ctx: &RequestCtx) -> bool {
+    let requests = || {
+        route.rate_limit.requests_per_minute.is_some()
+            || tier_of(snap, ctx).is_some_and(|t| t.requests_per_minute.is_some())
+    };
+    (ctx.rate_limit.is_none() && requests())
+        || (ctx.token_limit.is_none() && token_limits_apply(snap, route, ctx))
+}
+
+fn tier_of<'a>(snap: &'a Snapshot, ctx: &RequestCtx) -> Option<&'a Tier> {
+    let tier = ctx.identity.as_ref()?.tier.as_ref()?;
+    snap.tiers.get(tier)
 }
 
 /// A request's token estimate: the prompt from the body's size (about
@@ -311,17 +322,27 @@ pub async fn reserve_tokens(
     Ok(())
 }
 
-/// The token buckets' state for the `-tokens` headers of a response that
-/// reserved nothing (a cache hit, a refusal before the reservation): each
-/// bucket that applies is read by taking nothing from it. Best effort: a
+/// The buckets' state for the `x-ratelimit-*` headers of a response
+/// that took or reserved nothing from them (a cache hit, a refusal before
+/// admission or before the reservation): each bucket that applies and
+/// has no decision yet is read by taking nothing from it. Best effort: a
 /// backend error leaves the headers out.
-pub async fn peek_tokens(snap: &Snapshot, state: &State, route: &Route, ctx: &mut RequestCtx) {
+pub async fn peek(snap: &Snapshot, state: &State, route: &Route, ctx: &mut RequestCtx) {
     let Some(identity) = ctx.identity.clone() else {
         return;
     };
-    for (key, per_minute) in buckets(snap, route, &identity, Kind::Tokens) {
-        if let Ok((decision, _)) = state.take(&key, per_minute, 0).await {
-            keep_tightest(&mut ctx.token_limit, decision);
+    for kind in [Kind::Requests, Kind::Tokens] {
+        let kept = match kind {
+            Kind::Requests => &mut ctx.rate_limit,
+            Kind::Tokens => &mut ctx.token_limit,
+        };
+        if kept.is_some() {
+            continue;
+        }
+        for (key, per_minute) in buckets(snap, route, &identity, kind) {
+            if let Ok((decision, _)) = state.take(&key, per_minute, 0).await {
+                keep_tightest(kept, decision);
+            }
         }
     }
 }

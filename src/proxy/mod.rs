@@ -123,19 +123,20 @@ pub async fn handle(
         resp.headers_mut()
             .insert(headers::X_SLUICE_CACHE, status.header());
     }
-    if let Some(decision) = ctx.rate_limit.as_ref() {
-        limit::headers(decision, resp.headers_mut());
-    }
     // Not when the shared state just failed: asking it again would only
     // delay the error.
-    if ctx.token_limit.is_none()
+    if ctx.identity.is_some()
         && ctx.error != Some("state_unavailable")
         && let Some(route) = ctx.route_index.and_then(|i| active.snapshot.routes.get(i))
-        && limit::token_limits_apply(&active.snapshot, route, ctx)
+        && limit::limits_unread(&active.snapshot, route, ctx)
     {
-        // Answered without a reservation (a cache hit, a refusal before
-        // it): the `-tokens` trio still says where the buckets stand.
-        limit::peek_tokens(&active.snapshot, &gw.state, route, ctx).await;
+        // Answered without taking from the buckets (a cache hit, a
+        // refusal before admission): the headers still say where they
+        // stand, as on every response of a rate-limited route.
+        limit::peek(&active.snapshot, &gw.state, route, ctx).await;
+    }
+    if let Some(decision) = ctx.rate_limit.as_ref() {
+        limit::headers(decision, resp.headers_mut());
     }
     if let Some(decision) = ctx.token_limit.as_ref() {
         limit::token_headers(decision, resp.headers_mut());

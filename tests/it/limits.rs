@@ -525,3 +525,58 @@ async fn a_stream_cut_short_after_a_partial_count_keeps_its_estimate() {
     let next = post(&gw, r#"{"model":"m","max_tokens":500,"messages":[]}"#).await;
     assert_eq!(next.status, 429, "~816 of 1000 stay spent: {}", next.text());
 }
+
+/// SPEC §3: responses on rate-limited routes carry both trios, also the
+/// refusals that come before admission (403, 413, 400): they show the
+/// buckets as they stand, having taken nothing from them.
+#[tokio::test]
+async fn refusals_before_admission_carry_both_trios_and_take_nothing() {
+    let up = llm_reporting(10, Duration::ZERO).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+limits: {{ max_request_body: 1KiB }}
+upstreams:
+  app: {{ url: "{}" }}
+auth:
+  api_keys:
+    - {{ id: alice, key: key-alice, tier: t, routes: [chat] }}
+tiers:
+  t: {{ requests_per_minute: 5, tokens_per_minute: 1000 }}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    validate: openai
+    upstream: app
+  - name: other
+    match: {{ path_prefix: /other/ }}
+    upstream: app
+"#,
+        up.url()
+    ))
+    .await;
+    let send = |path: &'static str, body: Bytes| {
+        let url = gw.url(path);
+        async move {
+            Client::new()
+                .send(Method::POST, &url, &[("x-api-key", "key-alice")], body)
+                .await
+        }
+    };
+    let forbidden = send("/other/x", Bytes::new()).await;
+    let too_large = send("/v1/chat/completions", Bytes::from(vec![b' '; 2048])).await;
+    let invalid = send("/v1/chat/completions", Bytes::from_static(b"{}")).await;
+    for (reply, status) in [(&forbidden, 403), (&too_large, 413), (&invalid, 400)] {
+        assert_eq!(reply.status, status, "{:?}", reply.json());
+        for (name, value) in [
+            ("x-ratelimit-limit-requests", "5"),
+            ("x-ratelimit-remaining-requests", "5"),
+            ("x-ratelimit-limit-tokens", "1000"),
+            ("x-ratelimit-remaining-tokens", "1000"),
+        ] {
+            assert_eq!(reply.header(name), Some(value), "{status}: {name}");
+        }
+        assert!(reply.header("x-ratelimit-reset-requests").is_some());
+        assert!(reply.header("x-ratelimit-reset-tokens").is_some());
+    }
+    assert!(up.seen().is_empty());
+}
