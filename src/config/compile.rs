@@ -1570,9 +1570,19 @@ fn load_schema(path: &Path) -> Result<jsonschema::Validator, String> {
     })
 }
 
-/// The `allow` header value for a 405 on a route limited to `methods`.
+/// The `allow` header value for a 405 on a route limited to `methods`:
+/// HEAD follows GET, which serves it (RFC 9110 §9.3.2), as Go's and
+/// Apache's servers list it.
 fn allow_header(methods: &[Method], cors: bool) -> HeaderValue {
-    let mut names: Vec<&str> = methods.iter().map(Method::as_str).collect();
+    let mut names: Vec<&str> = Vec::with_capacity(methods.len() + 2);
+    for method in methods {
+        if !names.contains(&method.as_str()) {
+            names.push(method.as_str());
+        }
+        if *method == Method::GET && !methods.contains(&Method::HEAD) && !names.contains(&"HEAD") {
+            names.push("HEAD");
+        }
+    }
     if cors && !names.contains(&"OPTIONS") {
         names.push("OPTIONS");
     }

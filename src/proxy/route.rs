@@ -75,8 +75,8 @@ fn allowed_by(first: &Route, others: &[&Route]) -> HeaderValue {
 }
 
 /// Whether `methods` allow `method`. HEAD is GET without the body (RFC
-/// 9110 §9.3.2): a route that serves GET serves HEAD. (Its `allow` lists
-/// the methods as configured.)
+/// 9110 §9.3.2): a route that serves GET serves HEAD, and its `allow`
+/// says so.
 fn allows(methods: &[Method], method: &Method) -> bool {
     methods.contains(method) || (*method == Method::HEAD && methods.contains(&Method::GET))
 }

@@ -289,7 +289,7 @@ async fn wrong_method_is_405_with_allow() {
         )
         .await;
     assert_eq!(reply.status, 405);
-    assert_eq!(reply.header("allow"), Some("GET, POST"));
+    assert_eq!(reply.header("allow"), Some("GET, HEAD, POST"));
     assert_eq!(reply.json()["error"]["code"], "method_not_allowed");
     assert!(up.seen().is_empty());
     // The route's own answer: logged and counted under it.
@@ -836,7 +836,7 @@ routes:
         .send(Method::DELETE, &gw.url("/x"), &[], Bytes::new())
         .await;
     assert_eq!(reply.status, 405);
-    assert_eq!(reply.header("allow"), Some("GET, POST"));
+    assert_eq!(reply.header("allow"), Some("GET, HEAD, POST"));
 }
 
 /// An absolute-form target with credentials (`http://user:pw@host/`)
