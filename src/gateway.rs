@@ -102,7 +102,7 @@ impl Active {
                 .iter()
                 .map(|u| metrics.upstream(&u.name))
                 .collect(),
-            unrouted: metrics.route("none", false),
+            unrouted: metrics.route(crate::telemetry::metrics::UNNAMED, false),
             snapshot,
         }
     }

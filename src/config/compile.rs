@@ -797,8 +797,14 @@ impl Compiler<'_> {
 
     fn tiers(&mut self, raw: &BTreeMap<String, Spanned<RawTier>>) -> HashMap<Arc<str>, Tier> {
         raw.iter()
-            .map(|(name, t)| {
-                let t = &t.value;
+            .map(|(name, spanned)| {
+                if name == crate::telemetry::metrics::UNNAMED {
+                    self.error(
+                        &spanned.referenced,
+                        "tier name `none` is reserved: the metrics label identities without a tier `tier=\"none\"`",
+                    );
+                }
+                let t = &spanned.value;
                 let tier = Tier {
                     requests_per_minute: self.opt_limit(&t.requests_per_minute),
                     tokens_per_minute: self.opt_limit(&t.tokens_per_minute),
@@ -835,6 +841,14 @@ impl Compiler<'_> {
                 self.error(
                     &written.referenced,
                     format!("route name `{name}` is used twice"),
+                );
+            }
+            if let Some(written) = written_name
+                && name == crate::telemetry::metrics::UNNAMED
+            {
+                self.error(
+                    &written.referenced,
+                    "route name `none` is reserved: the metrics label requests that match no route `route=\"none\"`",
                 );
             }
             let path = match (&matcher.path_prefix, &matcher.path) {

@@ -493,7 +493,11 @@ fn keep_tightest(kept: &mut Option<Decision>, decision: Decision) {
 fn count_refusal(metrics: &Metrics, route: &Route, tier: Option<&str>, limit: &'static str) {
     metrics
         .rate_limited
-        .with_label_values(&[&route.name, tier.unwrap_or("none"), limit])
+        .with_label_values(&[
+            &route.name,
+            tier.unwrap_or(crate::telemetry::metrics::UNNAMED),
+            limit,
+        ])
         .inc();
 }
 

@@ -25,6 +25,10 @@ use crate::proxy::cache::CacheStatus;
 
 /// From 1 ms to 120 s: LLM calls range from a cached hit to a long
 /// reasoning answer.
+/// The `route` label of requests no route matched, and the `tier` label
+/// of identities without a tier: no route or tier may be named so.
+pub const UNNAMED: &str = "none";
+
 pub const LATENCY_BUCKETS: [f64; 16] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];

@@ -1386,3 +1386,30 @@ fn parser_messages_are_in_a_users_words() {
         ["test.yaml:1:1: expected a mapping here (`key: value` lines)"]
     );
 }
+
+/// `none` labels the requests no route matched and identities without a
+/// tier in the metrics: a route or tier so named would mix with them.
+#[test]
+fn route_and_tier_named_none_are_rejected() {
+    let yaml = "\
+upstreams:
+  app:
+    mock: {}
+tiers:
+  none: { requests_per_minute: 5 }
+routes:
+  - name: none
+    match: { path_prefix: / }
+    upstream: app
+";
+    let errors = errors(yaml);
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].starts_with("test.yaml:5:9: tier name `none` is reserved"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with("test.yaml:7:11: route name `none` is reserved"),
+        "{errors:?}"
+    );
+}
