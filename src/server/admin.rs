@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use super::accept::AcceptErrors;
 use crate::body::{BoxBody, full};
 use crate::gateway::Gateway;
+use crate::proxy::headers::{X_REQUEST_ID, request_id};
 
 /// How long an admin connection may take to send a request head, also
 /// its first byte: the port is reachable from outside the pod, and a
@@ -56,7 +57,17 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut stop: watch::Rec
     }
 }
 
+/// Every answer carries `x-request-id` (the caller's, else a new one),
+/// as the proxy's do (SPEC §3): a probe's failure can be matched to
+/// what the prober logged.
 async fn respond(gw: &Gateway, req: &Request<Incoming>) -> Response<BoxBody> {
+    let mut resp = answer(gw, req).await;
+    resp.headers_mut()
+        .insert(X_REQUEST_ID, request_id(req.headers()));
+    resp
+}
+
+async fn answer(gw: &Gateway, req: &Request<Incoming>) -> Response<BoxBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
         resp.headers_mut()

@@ -192,6 +192,20 @@ async fn admin_health_and_readiness() {
     let post = c.post_json(&gw.admin_url("/metrics"), &[], "{}").await;
     assert_eq!(post.status, 405);
     assert_eq!(post.header("allow"), Some("GET, HEAD"));
+    // Every answer has an id, the caller's when it sent one.
+    for reply in [&metrics, &post] {
+        let id = reply.header("x-request-id").expect("x-request-id");
+        assert_eq!(id.len(), 32, "{id}");
+    }
+    let probe = Client::new()
+        .send(
+            http::Method::GET,
+            &gw.admin_url("/healthz"),
+            &[("x-request-id", "kubelet-probe-1")],
+            bytes::Bytes::new(),
+        )
+        .await;
+    assert_eq!(probe.header("x-request-id"), Some("kubelet-probe-1"));
 }
 
 /// Every family of SPEC §4, by name and type, before any request: a
