@@ -30,19 +30,35 @@ struct Cli {
     command: Command,
 }
 
+/// Where the config file is: `--config FILE`, or FILE alone (as
+/// `promtool check config FILE` takes it).
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// The config file [default: $SLUICE_CONFIG, else proxy.yaml]
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The config file, as --config names it
+    #[arg(value_name = "FILE", conflicts_with = "config")]
+    file: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    fn path(self) -> PathBuf {
+        config_path(self.config.or(self.file))
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve until SIGTERM/SIGINT, then drain.
     Run {
-        /// The config file [default: $SLUICE_CONFIG, else proxy.yaml]
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Validate a config file and print every error.
     Check {
-        /// The config file [default: $SLUICE_CONFIG, else proxy.yaml]
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Print the `sha256:` hash of an API key (read from stdin without KEY).
     HashKey {
@@ -124,9 +140,9 @@ macro_rules! stdout_line {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => check(&config_path(config)),
+        Command::Check { config } => check(&config.path()),
         Command::HashKey { key } => hash_key(key),
-        Command::Run { config } => with_runtime(run(config_path(config))),
+        Command::Run { config } => with_runtime(run(config.path())),
         Command::Mock {
             listen,
             latency,

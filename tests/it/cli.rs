@@ -218,6 +218,36 @@ fn check_accepts_a_valid_file_with_exit_0() {
     assert_eq!(stderr(&out), "");
 }
 
+/// The file may also be named alone (`sluice check proxy.yaml`), as
+/// `promtool check config` takes it; naming it both ways is refused.
+#[test]
+fn check_and_run_take_the_file_without_the_flag() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let good = write(dir.path(), "good.yaml", GOOD);
+    let bad = write(dir.path(), "bad.yaml", TWO_ERRORS);
+    let out = sluice().arg("check").arg(&good).output().expect("check");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&out), format!("{}: ok\n", good.display()));
+    let out = sluice().arg("check").arg(&bad).output().expect("check");
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
+    assert_eq!(stderr(&out).lines().count(), 2, "{}", stderr(&out));
+    let out = sluice().arg("run").arg(&bad).output().expect("run");
+    assert_eq!(out.status.code(), Some(2), "stderr: {}", stderr(&out));
+    assert!(stderr(&out).starts_with(&format!("sluice: invalid config: {}:2:20:", bad.display())));
+    let both = sluice()
+        .args(["check", "--config"])
+        .arg(&good)
+        .arg(&bad)
+        .output()
+        .expect("check");
+    assert_eq!(both.status.code(), Some(2), "stderr: {}", stderr(&both));
+    assert!(
+        stderr(&both).contains("cannot be used with"),
+        "{}",
+        stderr(&both)
+    );
+}
+
 #[test]
 fn check_prints_every_error_with_its_position_and_exits_1() {
     let dir = tempfile::tempdir().expect("temp dir");
