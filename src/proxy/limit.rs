@@ -51,11 +51,14 @@ pub async fn admit(
     // hammering one route-limited route would drain its tier's bucket
     // for every other route.
     let mut taken = Taken::new(state);
-    for (i, (key, per_minute)) in buckets(snap, route, identity, Kind::Requests).enumerate() {
+    let mut request_buckets = buckets(snap, route, identity, Kind::Requests).enumerate();
+    while let Some((i, (key, per_minute))) = request_buckets.next() {
         let (decision, shared) = state.take(&key, per_minute, 1).await?;
         keep_tightest(&mut ctx.rate_limit, decision);
         if !decision.allowed {
-            return Err(refuse("requests", decision.retry_after));
+            let rest = request_buckets.map(|(_, bucket)| bucket);
+            let wait = wait_on(state, rest, 1, &mut ctx.rate_limit).await;
+            return Err(refuse("requests", decision.retry_after.max(wait)));
         }
         if let Some(slot) = taken.units.0.get_mut(i) {
             *slot = Some((key, per_minute, shared));
@@ -264,7 +267,8 @@ pub async fn reserve_tokens(
     // The buckets reserved in so far, as they stand once a refusal gives
     // their tokens back: a 429's headers show the state it leaves.
     let mut given_back: Option<Decision> = None;
-    for (key, per_minute) in buckets(snap, route, &identity, Kind::Tokens) {
+    let mut token_buckets = buckets(snap, route, &identity, Kind::Tokens);
+    while let Some((key, per_minute)) = token_buckets.next() {
         if estimate > per_minute {
             // It would not fit in an empty bucket: no wait helps, and the
             // backends must not each guess one. A full window is the
@@ -292,13 +296,14 @@ pub async fn reserve_tokens(
             refund(state, ctx);
             ctx.token_limit = given_back;
             keep_tightest(&mut ctx.token_limit, decision);
+            let wait = wait_on(state, token_buckets, estimate, &mut ctx.token_limit).await;
             let tier = identity.tier.as_deref();
             return Err(refused(
                 metrics,
                 route,
                 tier,
                 "tokens",
-                decision.retry_after,
+                decision.retry_after.max(wait),
             ));
         }
         keep_tightest(&mut ctx.token_limit, decision);
@@ -480,6 +485,27 @@ fn buckets(
             };
             (key, pm)
         })
+}
+
+/// After a bucket refused: how long the buckets not yet asked need
+/// before `cost` fits in each (read by taking nothing), so that a
+/// `retry-after` covers every bucket short of it, not only the first.
+/// Their states join the headers' `kept`. Best effort: a backend error
+/// leaves a bucket out.
+async fn wait_on(
+    state: &State,
+    rest: impl Iterator<Item = (BucketKey, u64)>,
+    cost: u64,
+    kept: &mut Option<Decision>,
+) -> Duration {
+    let mut wait = Duration::ZERO;
+    for (key, per_minute) in rest {
+        if let Ok((decision, _)) = state.take(&key, per_minute, 0).await {
+            keep_tightest(kept, decision);
+            wait = wait.max(decision.wait_for(cost));
+        }
+    }
+    wait
 }
 
 /// The headers show the bucket with the least left.

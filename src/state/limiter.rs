@@ -37,6 +37,16 @@ pub struct Decision {
     pub retry_after: Duration,
 }
 
+impl Decision {
+    /// How long until `cost` units fit in the bucket as this decision
+    /// left it (zero when they fit now).
+    pub fn wait_for(&self, cost: u64) -> Duration {
+        let interval = WINDOW.as_nanos() as u64 / self.limit.max(1);
+        let needed = Duration::from_nanos(interval.saturating_mul(cost));
+        (self.reset + needed).saturating_sub(WINDOW)
+    }
+}
+
 const SHARDS: usize = 64;
 /// The period of every per-minute limit.
 pub const WINDOW: Duration = Duration::from_secs(60);
@@ -247,6 +257,26 @@ mod tests {
             assert!(l.take(&key("ip-0"), 60, 1, later).allowed);
         }
         assert!(!l.take(&key("ip-0"), 60, 1, later).allowed);
+    }
+
+    #[test]
+    fn a_peek_says_how_long_until_units_fit() {
+        let l = MemoryLimiter::default();
+        let now = Instant::now();
+        let peek = |at| l.take(&key("p"), 4, 0, at);
+        assert_eq!(peek(now).wait_for(1), Duration::ZERO);
+        for _ in 0..4 {
+            assert!(l.take(&key("p"), 4, 1, now).allowed);
+        }
+        // Empty: one unit comes back every 15 s.
+        assert_eq!(peek(now).wait_for(1), Duration::from_secs(15));
+        assert_eq!(peek(now).wait_for(3), Duration::from_secs(45));
+        let later = now + Duration::from_secs(10);
+        assert_eq!(peek(later).wait_for(1), Duration::from_secs(5));
+        assert_eq!(
+            l.take(&key("p"), 4, 1, now).retry_after,
+            peek(now).wait_for(1)
+        );
     }
 
     fn key(id: &str) -> BucketKey {

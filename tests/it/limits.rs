@@ -580,3 +580,26 @@ routes:
     }
     assert!(up.seen().is_empty());
 }
+
+/// A `retry-after` covers every bucket that is short, not only the first
+/// to refuse: here the tier's refuses first (a slot back in 30 s) while
+/// the route's needs 60 s; a client told 30 would only be refused again.
+#[tokio::test]
+async fn retry_after_waits_for_every_bucket_that_is_short() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&config(
+        &up.url(),
+        "{ requests_per_minute: 2 }",
+        "    rate_limit: { requests_per_minute: 1 }",
+    ))
+    .await;
+    assert_eq!(get(&gw, "/v1/x", "key-alice").await.status, 200);
+    assert_eq!(get(&gw, "/other/x", "key-alice").await.status, 200);
+    let refused = get(&gw, "/v1/x", "key-alice").await;
+    assert_eq!(refused.status, 429);
+    let ms: u64 = refused.header("retry-after-ms").unwrap().parse().unwrap();
+    assert!((59_000..=60_000).contains(&ms), "retry-after-ms {ms}");
+    assert_eq!(refused.header("retry-after"), Some("60"));
+    assert_eq!(refused.header("x-ratelimit-limit-requests"), Some("2"));
+    assert_eq!(refused.header("x-ratelimit-remaining-requests"), Some("0"));
+}
