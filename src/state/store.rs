@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use prometheus::{HistogramVec, IntCounterVec};
@@ -30,6 +30,13 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 /// `on_error` at once) before calls try it again: during an outage each
 /// request would otherwise wait out a timeout on every call it makes.
 const OUTAGE_PAUSE: Duration = Duration::from_secs(1);
+
+/// How many cache calls in a row, with no call answered between them,
+/// must time out before the cache's calls pause too. One slow call may be
+/// a large entry; a Redis that cannot be reached (its connection being
+/// retried after a refusal, or a host that dropped off the network)
+/// times out every call.
+const CACHE_TIMEOUTS_TO_PAUSE: u32 = 2;
 
 /// The `operation` label values of the backend's metrics.
 const OPERATIONS: [&str; 8] = [
@@ -72,7 +79,9 @@ struct Health {
     failed_start: AtomicU64,
     /// Redis was found unreachable and has not answered since: its next
     /// answer is logged, so an outage's end shows beside its start.
-    outage: std::sync::atomic::AtomicBool,
+    outage: AtomicBool,
+    /// Cache calls timed out since a call was last answered.
+    cache_timeouts: AtomicU32,
 }
 
 /// Which failures of a call pause the calls on the request path.
@@ -80,7 +89,8 @@ struct Health {
 enum Pause {
     /// Any failure saying Redis cannot be reached, a timeout included.
     WhenUnreachable,
-    /// A connection refused or lost, not a timeout.
+    /// A connection refused or lost, or a timeout that follows another
+    /// with no answer between them ([`CACHE_TIMEOUTS_TO_PAUSE`]).
     UnlessTimeout,
 }
 
@@ -131,10 +141,10 @@ impl Health {
     }
 
     /// [`Health::timed`] for the cache, whose calls may be slow for the
-    /// size of an entry rather than for Redis being gone: their timeouts
-    /// pause nothing, but a connection refused or lost does (a route with
-    /// only a cache would otherwise pay for each request an attempt to
-    /// reach a Redis that is down).
+    /// size of an entry rather than for Redis being gone: one timeout
+    /// pauses nothing, but a connection refused or lost does, and so do
+    /// timeouts in a row (a route with only a cache would otherwise pay
+    /// for each request an attempt to reach a Redis that is down).
     async fn cached<T>(
         &self,
         operation: &str,
@@ -183,6 +193,7 @@ impl Health {
                     .with_label_values(&[operation])
                     .observe(started.elapsed().as_secs_f64());
                 self.last_ok_start.fetch_max(started_ms, Ordering::Relaxed);
+                self.cache_timeouts.store(0, Ordering::Relaxed);
                 // Ends a pause set by a call begun no later than this one;
                 // that of a call begun after it stands.
                 // A call begun before the failure says nothing of now.
@@ -207,7 +218,13 @@ impl Health {
                 // begun after this one has succeeded since.
                 let unreachable = match pause {
                     Pause::WhenUnreachable => e.unreachable(),
-                    Pause::UnlessTimeout => e.unreachable() && !matches!(e, StateError::Timeout(_)),
+                    Pause::UnlessTimeout => match e {
+                        StateError::Timeout(_) => {
+                            let in_a_row = self.cache_timeouts.fetch_add(1, Ordering::Relaxed) + 1;
+                            in_a_row >= CACHE_TIMEOUTS_TO_PAUSE
+                        }
+                        _ => e.unreachable(),
+                    },
                 };
                 if unreachable && self.last_ok_start.load(Ordering::Relaxed) <= started_ms {
                     let until = self
@@ -341,7 +358,8 @@ impl State {
                 paused_until: AtomicU64::new(0),
                 last_ok_start: AtomicU64::new(0),
                 failed_start: AtomicU64::new(0),
-                outage: std::sync::atomic::AtomicBool::new(false),
+                outage: AtomicBool::new(false),
+                cache_timeouts: AtomicU32::new(0),
             }),
         }
     }
@@ -602,7 +620,8 @@ mod tests {
             paused_until: AtomicU64::new(0),
             last_ok_start: AtomicU64::new(0),
             failed_start: AtomicU64::new(0),
-            outage: std::sync::atomic::AtomicBool::new(false),
+            outage: AtomicBool::new(false),
+            cache_timeouts: AtomicU32::new(0),
         }
     }
 
@@ -634,8 +653,8 @@ mod tests {
         );
     }
 
-    /// A command that went wrong, or a slow cache call, says nothing
-    /// about Redis being reachable: no pause. A failure of a call begun
+    /// A command that went wrong, or one slow cache call, says nothing
+    /// about Redis being reachable: no pause; two in a row do. A failure of a call begun
     /// before a later success does not pause either.
     #[tokio::test]
     async fn only_fresh_unreachability_pauses() {
@@ -644,6 +663,16 @@ mod tests {
         assert_eq!(h.timed("take", wrong).await, None);
         let slow_cache = async { Err::<(), _>(StateError::Timeout(Duration::from_millis(100))) };
         assert_eq!(h.cached("cache_put", slow_cache).await, None);
+        assert_eq!(h.paused_until.load(Ordering::Relaxed), 0);
+        // A second cache timeout with no answer between them does.
+        let slow_again = async { Err::<(), _>(StateError::Timeout(Duration::from_millis(100))) };
+        assert_eq!(h.cached("cache_get", slow_again).await, None);
+        assert_ne!(h.paused_until.load(Ordering::Relaxed), 0);
+        h.paused_until.store(0, Ordering::Relaxed);
+        // An answer between two timeouts starts the count again.
+        assert_eq!(h.timed("take", async { Ok(()) }).await, Some(()));
+        let slow_once = async { Err::<(), _>(StateError::Timeout(Duration::from_millis(100))) };
+        assert_eq!(h.cached("cache_put", slow_once).await, None);
         assert_eq!(h.paused_until.load(Ordering::Relaxed), 0);
         // A cache call that found Redis gone, though, pauses.
         let refused = async { Err::<(), _>(StateError::Unreachable("Io".into())) };

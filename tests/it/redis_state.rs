@@ -687,3 +687,36 @@ async fn a_refused_login_is_tried_again() {
         "the password is not logged"
     );
 }
+
+/// With Redis gone, a route whose only use of it is the cache does not
+/// make each request wait out a cache call: as for limits, the calls are
+/// skipped for a while after they fail, and the requests go straight to
+/// the upstream.
+#[tokio::test]
+async fn a_cache_only_route_stops_waiting_on_a_redis_that_is_gone() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
+    let gw = TestGateway::start(&config(&upstream.url(), &redis.url(), "{}", "")).await;
+    let client = Client::new();
+    let url = gw.url("/v1/chat/completions");
+    let body = r#"{"model":"gpt-4o-mini","messages":[]}"#;
+    assert_eq!(client.post_json(&url, &[ALICE], body).await.status, 200);
+    redis.kill();
+    const REQUESTS: usize = 8;
+    for _ in 0..REQUESTS {
+        let reply = client.post_json(&url, &[ALICE], body).await;
+        assert_eq!(reply.status, 200, "the cache only ever saves work");
+    }
+    let logs = gw.wait_access_logs(1 + REQUESTS).await;
+    let waited = logs[1..]
+        .iter()
+        .filter(|l| l["latency_ms"].as_f64().unwrap_or(0.0) >= 100.0)
+        .count();
+    assert!(
+        waited <= 2,
+        "{waited} of {REQUESTS} requests waited out a cache call on a Redis that is gone"
+    );
+    assert_eq!(upstream.seen().len(), 1 + REQUESTS);
+}
