@@ -31,6 +31,10 @@ struct State {
     probing: bool,
     /// The number of the last probe let through.
     probe: u64,
+    /// The probe whose first streamed content closed the circuit, while
+    /// no attempt has succeeded since: if its stream then breaks, the
+    /// probe failed after all, and the circuit opens again at once.
+    closed_by_stream: Option<u64>,
     cooled_until: Option<Instant>,
     /// Consecutive failed health checks.
     health_failures: u32,
@@ -120,11 +124,27 @@ impl Breaker {
             if s.open_until.is_some() && !probe {
                 return;
             }
-            s.consecutive_failures = 0;
-            s.open_until = None;
-            s.probing = false;
-            self.show(s.up());
+            self.close(&mut s);
         }
+    }
+
+    /// Probe `probe`'s stream gave its first content: it closes the
+    /// circuit now (a circuit must not stay half-open, every other request
+    /// skipping the member, for as long as one answer streams), but its
+    /// end still decides ([`Breaker::stream_failed`]).
+    fn probe_streaming(&self, probe: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            self.close(&mut s);
+            s.closed_by_stream = Some(probe);
+        }
+    }
+
+    fn close(&self, s: &mut State) {
+        s.consecutive_failures = 0;
+        s.open_until = None;
+        s.probing = false;
+        s.closed_by_stream = None;
+        self.show(s.up());
     }
 
     /// Counts a failure; opens the circuit at `threshold` consecutive ones,
@@ -133,6 +153,29 @@ impl Breaker {
     /// late) only counts: the probe decides.
     pub fn failure(&self, now: Instant, threshold: u32, cooldown: Duration, probe: bool) {
         let Ok(mut s) = self.state.lock() else { return };
+        self.count_failure(&mut s, now, threshold, cooldown, probe);
+    }
+
+    /// A stream broke after its first content. A probe's stream that
+    /// closed the circuit fails as its probe did, unless another attempt
+    /// has succeeded since (the member answers; this was one bad stream).
+    fn stream_failed(&self, now: Instant, threshold: u32, cooldown: Duration, probe: Option<u64>) {
+        let Ok(mut s) = self.state.lock() else { return };
+        let decides = probe.is_some() && s.closed_by_stream == probe;
+        if decides {
+            s.closed_by_stream = None;
+        }
+        self.count_failure(&mut s, now, threshold, cooldown, decides);
+    }
+
+    fn count_failure(
+        &self,
+        s: &mut State,
+        now: Instant,
+        threshold: u32,
+        cooldown: Duration,
+        probe: bool,
+    ) {
         s.consecutive_failures = s.consecutive_failures.saturating_add(1);
         if probe || (!s.probing && s.consecutive_failures >= threshold) {
             s.open_until = Some(now + cooldown);
@@ -215,34 +258,37 @@ impl<'a> Verdict<'a> {
 
     /// For a stream whose first content came: the verdict waits for its
     /// end, where one that breaks fails too, or an upstream that breaks
-    /// every stream midway would never trip. A probe's success is given
-    /// now all the same (a circuit must not stay half-open, every other
-    /// request skipping the member, for as long as one answer streams);
-    /// its end then counts as any other's.
+    /// every stream midway would never trip. A probe closes the circuit
+    /// now all the same ([`Breaker::probe_streaming`]); if its stream
+    /// breaks before another attempt succeeds, it reopens it.
     pub fn at_stream_end(
-        self,
+        mut self,
         breaker: Arc<Breaker>,
         threshold: u32,
         cooldown: Duration,
     ) -> StreamVerdict {
-        if self.probe.is_some() {
-            self.success();
+        let probe = self.probe.take();
+        if let Some(probe) = probe {
+            self.breaker.probe_streaming(probe);
         }
         StreamVerdict {
             breaker,
             threshold,
             cooldown,
+            probe,
         }
     }
 }
 
-/// A stream's verdict, given when it ends ([`Verdict::at_stream_end`]);
-/// never a probe's. Dropped, it gives none.
+/// A stream's verdict, given when it ends ([`Verdict::at_stream_end`]).
+/// Dropped, it gives none.
 #[derive(Debug)]
 pub struct StreamVerdict {
     breaker: Arc<Breaker>,
     threshold: u32,
     cooldown: Duration,
+    /// The probe this stream was, if it was one.
+    probe: Option<u64>,
 }
 
 impl StreamVerdict {
@@ -252,7 +298,7 @@ impl StreamVerdict {
 
     pub fn failure(self, now: Instant) {
         self.breaker
-            .failure(now, self.threshold, self.cooldown, false);
+            .stream_failed(now, self.threshold, self.cooldown, self.probe);
     }
 }
 
@@ -310,7 +356,7 @@ mod tests {
     }
 
     #[test]
-    fn a_probes_stream_closes_at_its_first_content_and_its_break_counts() {
+    fn a_probes_stream_closes_at_its_first_content_and_its_break_reopens() {
         let b = Arc::new(breaker());
         let t0 = Instant::now();
         let cooldown = Duration::from_secs(30);
@@ -321,10 +367,22 @@ mod tests {
         assert_eq!(b.admit(later), Admit::Yes, "closed while the probe streams");
         assert_eq!(b.up.get(), 1);
         stream.failure(later);
-        assert_eq!(b.admit(later), Admit::Yes, "one failure of two");
-        let next = Verdict::new(&b, b.admit(later)).at_stream_end(b.clone(), 2, cooldown);
-        next.failure(later);
-        assert_eq!(b.admit(later), Admit::No(later + cooldown));
+        assert_eq!(
+            b.admit(later),
+            Admit::No(later + cooldown),
+            "the probe failed"
+        );
+        assert_eq!(b.up.get(), 0);
+        // A success after the probe's first content: its break is then
+        // one failure like any other.
+        let again = later + cooldown;
+        let stream = Verdict::new(&b, b.admit(again)).at_stream_end(b.clone(), 2, cooldown);
+        Verdict::new(&b, b.admit(again)).success();
+        stream.failure(again);
+        assert_eq!(b.admit(again), Admit::Yes, "one failure of two");
+        let next = Verdict::new(&b, b.admit(again)).at_stream_end(b.clone(), 2, cooldown);
+        next.failure(again);
+        assert_eq!(b.admit(again), Admit::No(again + cooldown));
     }
 
     #[test]

@@ -413,6 +413,38 @@ async fn streams_breaking_after_content_open_the_circuit() {
     assert_eq!(backup.seen().len(), 1);
 }
 
+/// A half-open circuit's probe whose stream breaks after its first
+/// content failed: the circuit opens again at once, as after a probe
+/// answered 500, rather than closing and waiting for more failures.
+#[tokio::test]
+async fn a_probe_whose_stream_breaks_opens_the_circuit_again() {
+    let mut dying = UpstreamReply::sse(&[ROLE, HELLO], Duration::ZERO).cut();
+    dying
+        .chunks
+        .push((Duration::from_millis(50), Bytes::from_static(b": ping\n\n")));
+    let primary = MockUpstream::always(dying).await;
+    let events = [ROLE, HELLO, STOP, "[DONE]"];
+    let backup = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;
+    let breaker = "    circuit_breaker: { failures: 2, cooldown: 300ms }";
+    let gw = TestGateway::start(&config(&primary.url(), &backup.url(), breaker, "")).await;
+    for _ in 0..2 {
+        assert!(chat(&gw).await.text().contains("upstream_stream_error"));
+    }
+    assert_eq!(primary_up(&gw).await, Some(0.0));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let probed = chat(&gw).await.text();
+    assert!(probed.contains("upstream_stream_error"), "{probed}");
+    assert_eq!(primary.seen().len(), 3, "the probe went to the primary");
+    assert_eq!(
+        primary_up(&gw).await,
+        Some(0.0),
+        "the failed probe reopened it"
+    );
+    let expected: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+    assert_eq!(chat(&gw).await.text(), expected, "the backup answers");
+    assert_eq!(primary.seen().len(), 3);
+}
+
 #[tokio::test]
 async fn an_error_event_counts_against_the_circuit_when_the_client_leaves_on_it() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
