@@ -191,7 +191,7 @@ impl Gateway {
         let clients = Mutex::new(HashMap::new());
         let snapshot = keep_clients(&clients, snapshot);
         let active = Arc::new(Active::new(snapshot, &metrics, &jwks, &breakers));
-        health::spawn(&active);
+        health::spawn(&active, &log.dispatch);
         Arc::new(Gateway {
             active: ArcSwap::new(active),
             jwks,
@@ -230,7 +230,7 @@ impl Gateway {
             &self.jwks,
             &self.breakers,
         ));
-        health::spawn(&active);
+        health::spawn(&active, &self.log.dispatch);
         self.active.store(active);
     }
 

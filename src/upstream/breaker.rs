@@ -185,26 +185,35 @@ impl Breaker {
     }
 
     /// A health check passed: the upstream is healthy again (a circuit
-    /// opened by traffic still waits for its cooldown and probe).
-    pub fn health_passed(&self) {
-        if let Ok(mut s) = self.state.lock() {
-            s.health_failures = 0;
-            s.health_down_until = None;
-            self.show(s.up());
-        }
+    /// opened by traffic still waits for its cooldown and probe). True
+    /// when the checks had marked it down.
+    pub fn health_passed(&self) -> bool {
+        let Ok(mut s) = self.state.lock() else {
+            return false;
+        };
+        let was_down = s.health_down_until.is_some();
+        s.health_failures = 0;
+        s.health_down_until = None;
+        self.show(s.up());
+        was_down
     }
 
     /// A health check failed; at `threshold` consecutive ones the upstream
     /// is marked down until a check passes. `recheck_by` is when the next
     /// check is due at the latest: past it with no check, the mark lapses.
-    pub fn health_failed(&self, threshold: u32, recheck_by: Instant) {
-        if let Ok(mut s) = self.state.lock() {
-            s.health_failures = s.health_failures.saturating_add(1);
-            if s.health_failures >= threshold {
-                s.health_down_until = Some(recheck_by);
-                self.show(0);
-            }
+    /// True when this check marked it down (it was not already).
+    pub fn health_failed(&self, threshold: u32, recheck_by: Instant) -> bool {
+        let Ok(mut s) = self.state.lock() else {
+            return false;
+        };
+        s.health_failures = s.health_failures.saturating_add(1);
+        if s.health_failures < threshold {
+            return false;
         }
+        let was_down = s.health_down_until.is_some();
+        s.health_down_until = Some(recheck_by);
+        self.show(0);
+        !was_down
     }
 
     /// Probe `probe` ended without a verdict (client gone): its slot is

@@ -24,8 +24,8 @@ const PROBE_FLOOR: Duration = Duration::from_secs(1);
 
 /// Starts the probes of every pool of `active` that has a health check:
 /// one task per member, so that a member whose check hangs holds back
-/// no other member's checks.
-pub fn spawn(active: &Arc<Active>) {
+/// no other member's checks. Their verdicts are logged to `log`.
+pub fn spawn(active: &Arc<Active>, log: &tracing::Dispatch) {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return;
     };
@@ -36,11 +36,12 @@ pub fn spawn(active: &Arc<Active>) {
         for slot in 0..pool.members.len() {
             let weak: Weak<Active> = Arc::downgrade(active);
             let interval = check.interval;
+            let log = log.clone();
             rt.spawn(async move {
                 loop {
                     tokio::time::sleep(interval).await;
                     let Some(active) = weak.upgrade() else { return };
-                    probe_member(&active, p, slot).await;
+                    probe_member(&active, p, slot, &log).await;
                 }
             });
         }
@@ -48,7 +49,7 @@ pub fn spawn(active: &Arc<Active>) {
 }
 
 /// Checks the `slot`th member of pool `p` once and records the verdict.
-async fn probe_member(active: &Active, p: usize, slot: usize) {
+async fn probe_member(active: &Active, p: usize, slot: usize, log: &tracing::Dispatch) {
     let snap = &active.snapshot;
     let Some(pool) = snap.pools.get(p) else {
         return;
@@ -62,18 +63,39 @@ async fn probe_member(active: &Active, p: usize, slot: usize) {
     };
     // At least a second: a TLS handshake and an answer take time.
     let timeout = PROBE_TIMEOUT.min(check.interval).max(PROBE_FLOOR);
+    // The path without its query, which may carry a token.
+    let path = check.path.split('?').next().unwrap_or_default();
+    // Logged when the verdict changes, not at every check: a member down
+    // for an hour would otherwise write a warning every interval.
     if probe(upstream, &check.path, timeout).await {
-        breaker.health_passed();
+        if breaker.health_passed() {
+            tracing::dispatcher::with_default(log, || {
+                tracing::info!(
+                    event = "upstream_marked_up",
+                    upstream = %upstream.name,
+                    path,
+                    "a health check passed; the member takes requests again"
+                );
+            });
+        }
     } else {
         // Down until a later check says otherwise; the mark lapses
         // only if no check comes for two rounds (each the interval plus
         // the time a check may take), so that checks that keep failing
         // keep it with room to spare.
         let round = check.interval.saturating_add(timeout);
-        breaker.health_failed(pool.breaker_failures, Instant::now() + round * 2);
-        // The path without its query, which may carry a token.
-        let path = check.path.split('?').next().unwrap_or_default();
-        tracing::warn!(upstream = %upstream.name, path, "health check failed");
+        let threshold = pool.breaker_failures;
+        if breaker.health_failed(threshold, Instant::now() + round * 2) {
+            tracing::dispatcher::with_default(log, || {
+                tracing::warn!(
+                    event = "upstream_marked_down",
+                    upstream = %upstream.name,
+                    path,
+                    failures = threshold,
+                    "health checks failed; the member is skipped until one passes"
+                );
+            });
+        }
     }
 }
 

@@ -564,6 +564,19 @@ async fn health_checks_open_and_close_circuits_before_users_notice() {
             .iter()
             .all(|s| s.uri.path() == "/health" && s.method == Method::GET)
     );
+    // The checks go on failing: the member's fall is logged once, not at
+    // every check.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let events = |name: &str| {
+        gw.log_lines()
+            .into_iter()
+            .filter(|l| l["event"] == name && l["upstream"] == "primary")
+            .collect::<Vec<_>>()
+    };
+    let down = events("upstream_marked_down");
+    assert_eq!(down.len(), 1, "{down:?} {}", gw.log_text());
+    assert_eq!(down[0]["level"], "WARN");
+    assert_eq!(down[0]["path"], "/health");
     // Recovery is found by the probes too, long before the 60 s cooldown.
     healthy.store(true, Ordering::SeqCst);
     let mut back = false;
@@ -575,6 +588,13 @@ async fn health_checks_open_and_close_circuits_before_users_notice() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(back, "a passing health check must close the circuit");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(
+        events("upstream_marked_up").len(),
+        1,
+        "the return is logged once"
+    );
+    assert_eq!(events("upstream_marked_down").len(), 1);
 }
 
 /// A member that fails users but passes its health check stays out for
