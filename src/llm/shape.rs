@@ -140,7 +140,9 @@ fn chat(at: &Obj<'_>) -> Result<(), Invalid> {
 }
 
 fn completions(at: &Obj<'_>) -> Result<(), Invalid> {
-    at.optional("prompt", &[Type::String, Type::Array, Type::Null])?;
+    // Required, as OpenAI's API reference has it (a missing prompt is
+    // OpenAI's 400 `missing_required_parameter`).
+    at.required("prompt", &[Type::String, Type::Array])?;
     sampling(at)?;
     at.optional("max_tokens", &[Type::Integer, Type::Null])?;
     at.at_least("max_tokens", 0)?;
@@ -429,6 +431,10 @@ mod tests {
         );
         let completions = |b: Value| check(Endpoint::Completions, &b).map_err(|e| e.path);
         assert_eq!(completions(json!({"model": "m", "prompt": "x"})), Ok(()));
-        assert_eq!(completions(json!({"model": "m", "n": 0})), Err("n".into()));
+        assert_eq!(
+            completions(json!({"model": "m", "prompt": "x", "n": 0})),
+            Err("n".into())
+        );
+        assert_eq!(completions(json!({"model": "m"})), Err("prompt".into()));
     }
 }

@@ -103,12 +103,22 @@ fn check_json(
         (Validate::Schema(schema), _) => match schema.iter_errors(&value).next() {
             None => Ok(()),
             Some(error) => {
+                use jsonschema::error::ValidationErrorKind as Kind;
                 let mut path = json_path(error.instance_path().as_str());
-                // A missing property is the field at fault, not its object.
-                if let jsonschema::error::ValidationErrorKind::Required {
-                    property: Value::String(name),
-                } = error.kind()
-                {
+                // A missing property, or one the schema does not allow, is
+                // the field at fault, not its object (the first one, when
+                // several are not allowed; the message lists them all).
+                let field = match error.kind() {
+                    Kind::Required {
+                        property: Value::String(name),
+                    } => Some(name.as_str()),
+                    Kind::AdditionalProperties { unexpected }
+                    | Kind::UnevaluatedProperties { unexpected } => {
+                        unexpected.first().map(String::as_str)
+                    }
+                    _ => None,
+                };
+                if let Some(name) = field {
                     if !path.is_empty() {
                         path.push('.');
                     }

@@ -8,6 +8,7 @@ use crate::support::{Client, MockUpstream, TestGateway, UpstreamReply};
 const SCHEMA: &str = r#"{
   "type": "object",
   "required": ["name", "tags"],
+  "additionalProperties": false,
   "properties": {
     "name": {"type": "string"},
     "tags": {"type": "array", "items": {"type": "string"}}
@@ -88,6 +89,12 @@ async fn a_malformed_chat_request_is_refused_naming_the_path() {
             .await,
     );
     assert_eq!(embed["param"], "input");
+    let no_prompt = error(
+        &client
+            .post_json(&gw.url("/v1/completions"), &[], r#"{"model":"m"}"#)
+            .await,
+    );
+    assert_eq!(no_prompt["param"], "prompt");
     assert!(
         upstream.seen().is_empty(),
         "a refused request reached the upstream"
@@ -145,6 +152,17 @@ async fn a_schema_file_is_enforced() {
             .unwrap()
             .starts_with("`name` does not match the schema"),
         "{missing}"
+    );
+    // So is a property the schema does not allow.
+    let extra = error(
+        &client
+            .post_json(&url, &[], r#"{"name":"x","tags":[],"colour":"red"}"#)
+            .await,
+    );
+    assert_eq!(extra["param"], "colour");
+    assert!(
+        extra["message"].as_str().unwrap().contains("colour"),
+        "{extra}"
     );
     // A body of the wrong type is "the body", said plainly.
     let whole = error(&client.post_json(&url, &[], "[1]").await);
