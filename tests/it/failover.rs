@@ -9,7 +9,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Method;
 
-use crate::support::{Client, ClientReply, MockUpstream, TestGateway, UpstreamReply, eventually};
+use crate::support::{
+    Client, ClientReply, MockUpstream, RefusedPort, TestGateway, UpstreamReply, eventually,
+};
 
 fn config(primary: &str, backup: &str, pool_extra: &str, backup_extra: &str) -> String {
     format!(
@@ -78,15 +80,6 @@ fn pool_of(upstreams: &str, pool: &str) -> String {
     )
 }
 
-fn dead_port() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("http://127.0.0.1:{port}")
-}
-
 #[tokio::test]
 async fn status_503_fails_over_to_the_backup_with_the_same_body() {
     let primary = MockUpstream::always(failing(503)).await;
@@ -144,7 +137,8 @@ async fn status_503_fails_over_to_the_backup_with_the_same_body() {
 #[tokio::test]
 async fn connection_refused_fails_over() {
     let backup = MockUpstream::always(UpstreamReply::text("ok")).await;
-    let gw = TestGateway::start(&config(&dead_port(), &backup.url(), "", "")).await;
+    let dead = RefusedPort::new();
+    let gw = TestGateway::start(&config(&dead.url(), &backup.url(), "", "")).await;
     assert_eq!(chat(&gw).await.status, 200);
     assert_eq!(backup.seen().len(), 1);
     assert_eq!(
@@ -188,7 +182,8 @@ async fn client_errors_come_back_as_they_are() {
 #[tokio::test]
 async fn every_member_failing_is_502_listing_the_attempts() {
     let primary = MockUpstream::always(failing(503)).await;
-    let gw = TestGateway::start(&config(&primary.url(), &dead_port(), "", "")).await;
+    let dead = RefusedPort::new();
+    let gw = TestGateway::start(&config(&primary.url(), &dead.url(), "", "")).await;
     let reply = chat(&gw).await;
     assert_eq!(reply.status, 502);
     assert_eq!(
@@ -1151,10 +1146,11 @@ async fn a_quiet_second_member_still_fails_over_to_the_third() {
     let quiet = MockUpstream::always(stalled).await;
     let events = [ROLE, HELLO, STOP, "[DONE]"];
     let good = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;
+    let dead = RefusedPort::new();
     let gw = TestGateway::start(&pool_of(
         &format!(
             "  dead: {{ url: \"{}\" }}\n  quiet: {{ url: \"{}\", timeouts: {{ idle: 300ms }} }}\n  good: {{ url: \"{}\" }}",
-            dead_port(),
+            dead.url(),
             quiet.url(),
             good.url()
         ),

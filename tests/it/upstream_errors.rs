@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use crate::support::{AfterAnswer, Client, MockUpstream, RawUpstream, TestGateway, UpstreamReply};
+use crate::support::{
+    AfterAnswer, Client, MockUpstream, RawUpstream, RefusedPort, TestGateway, UpstreamReply,
+};
 
 fn config(url: &str, timeouts: &str) -> String {
     format!(
@@ -23,17 +25,8 @@ routes:
 
 #[tokio::test]
 async fn connection_refused_is_502_naming_the_attempt() {
-    // A port that was just free: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let gw = TestGateway::start(&config(
-        &format!("http://127.0.0.1:{port}"),
-        "{ connect: 1s }",
-    ))
-    .await;
+    let dead = RefusedPort::new();
+    let gw = TestGateway::start(&config(&dead.url(), "{ connect: 1s }")).await;
     let reply = Client::new().get(&gw.url("/hello")).await;
     assert_eq!(reply.status, 502);
     let err = reply.json();

@@ -30,3 +30,30 @@ pub async fn eventually<F: FnMut() -> bool>(within: Duration, mut check: F) -> b
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A loopback port that refuses connections for as long as this lives:
+/// its socket is bound and never listens. Unlike a port bound and let go,
+/// no other test's listener can be given it meanwhile (which turned a
+/// refused connection into another server's answer).
+pub struct RefusedPort {
+    _socket: tokio::net::TcpSocket,
+    pub port: u16,
+}
+
+impl RefusedPort {
+    pub fn new() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("address"))
+            .expect("bind");
+        let port = socket.local_addr().expect("bound address").port();
+        RefusedPort {
+            _socket: socket,
+            port,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
