@@ -47,14 +47,22 @@ impl Batch {
         }
     }
 
-    /// What the batch holds, as an allocation of its own size (an event
-    /// alone does not hold a batch's worth); the batch's buffer is kept.
+    /// What the batch holds. A full batch hands over its buffer itself
+    /// (and starts a new one): copying every byte logged once more would
+    /// cost more than the allocation. Less than half a batch (an event
+    /// alone, a sweep of a quiet thread) goes as a copy of its own size,
+    /// so that the queue does not hold a batch's worth for each.
     fn take(&mut self) -> Option<(Vec<u8>, u64)> {
         if self.lines == 0 {
             return None;
         }
-        let bytes = self.bytes.clone();
-        self.bytes.clear();
+        let bytes = if self.bytes.len() >= BATCH_BYTES / 2 {
+            std::mem::replace(&mut self.bytes, Vec::with_capacity(BATCH_BYTES))
+        } else {
+            let copy = self.bytes.clone();
+            self.bytes.clear();
+            copy
+        };
         if self.bytes.capacity() > 2 * BATCH_BYTES {
             // Grown by a rare long line (logged bodies): given back.
             self.bytes.shrink_to(BATCH_BYTES);
@@ -296,7 +304,10 @@ pub fn spawn(out: impl Write + Send + 'static) -> io::Result<(BatchWriter, Batch
 /// batches every [`FLUSH_EVERY`], and flushes whenever it has nothing
 /// more to write.
 fn write_out(out: impl Write, received: &Receiver<Message>, counts: &Shared) {
-    let mut out = io::BufWriter::with_capacity(64 * 1024, out);
+    // Small messages (events, sweeps of quiet threads) are gathered; a
+    // message at least this large (a full batch) is written straight
+    // from its own buffer, after what was gathered, not copied first.
+    let mut out = io::BufWriter::with_capacity(BATCH_BYTES / 2, out);
     let mut next_sweep = Instant::now() + FLUSH_EVERY;
     let mut message = None;
     loop {
@@ -537,5 +548,25 @@ mod tests {
         let dropped = writer.dropped();
         let written = out.text().lines().count() as u64;
         assert_eq!(written + dropped, total, "each line written or counted");
+    }
+
+    #[test]
+    fn a_full_batch_hands_over_its_buffer_and_a_small_one_a_copy() {
+        let mut batch = Batch::new();
+        let line = [b'x'; 100];
+        while batch.bytes.len() < BATCH_BYTES / 2 {
+            batch.bytes.extend_from_slice(&line);
+            batch.lines += 1;
+        }
+        let buffer = batch.bytes.as_ptr();
+        let (bytes, lines) = batch.take().unwrap();
+        assert_eq!(bytes.as_ptr(), buffer, "not copied");
+        assert_eq!((bytes.len(), lines), (164 * 100, 164));
+        assert!(batch.bytes.is_empty() && batch.bytes.capacity() >= BATCH_BYTES);
+        batch.bytes.extend_from_slice(b"event\n");
+        batch.lines = 1;
+        let (small, _) = batch.take().unwrap();
+        assert_eq!(small.capacity(), 6, "an event holds no batch's worth");
+        assert!(batch.take().is_none());
     }
 }
