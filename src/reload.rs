@@ -273,11 +273,18 @@ impl Reloader {
 
     /// The directories whose changes may concern us: each path's (a
     /// ConfigMap or Secret mount swaps a symlink in the directory, not the
-    /// file itself).
+    /// file itself), each by its canonical name. A directory known by two
+    /// names (a relative path and the absolute one its file resolves to)
+    /// is one inotify watch: watched under both, dropping the name that
+    /// stopped concerning us (the file deleted, so no longer resolved)
+    /// would end the watch of the other, and no change would wake us.
     fn dirs(&self) -> HashSet<PathBuf> {
         self.paths()
             .iter()
-            .map(|path| base_dir(path).to_path_buf())
+            .map(|path| {
+                let dir = base_dir(path);
+                std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf())
+            })
             .collect()
     }
 

@@ -597,3 +597,31 @@ routes:
         );
     }
 }
+
+/// A config file deleted and written again later (an editor, a deploy
+/// script) is still watched: its return reloads. Named by a path that
+/// is not its canonical one (through a symlinked directory here; a
+/// relative path is another such name), so that its directory is known
+/// by two names.
+#[tokio::test]
+async fn a_config_file_deleted_then_written_again_reloads() {
+    let upstream = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("real")).unwrap();
+    std::os::unix::fs::symlink("real", dir.path().join("conf")).unwrap();
+    let path = dir.path().join("conf").join("proxy.yaml");
+    let yaml = |extra: &str| {
+        crate::support::gateway::with_test_listeners(&config(&upstream.url(), extra))
+    };
+    std::fs::write(&path, yaml("")).unwrap();
+    let gw = TestGateway::start_at(path.clone(), dir).await;
+    assert_eq!(Client::new().get(&gw.url("/open/x")).await.status, 404);
+
+    std::fs::remove_file(&path).unwrap();
+    wait_reloads(&gw, "error", 1.0).await;
+    let open =
+        "  - name: open\n    match: { path_prefix: /open/ }\n    auth: none\n    upstream: llm\n";
+    std::fs::write(&path, yaml(open)).unwrap();
+    wait_reloads(&gw, "ok", 1.0).await;
+    assert_eq!(Client::new().get(&gw.url("/open/x")).await.status, 200);
+}
