@@ -17,6 +17,7 @@ use super::accept::AcceptErrors;
 use crate::body::{BoxBody, full};
 use crate::gateway::Gateway;
 use crate::proxy::headers::{X_REQUEST_ID, request_id};
+use crate::proxy::error::ProxyError;
 
 /// How long an admin connection may take to send a request head, also
 /// its first byte: the port is reachable from outside the pod, and a
@@ -68,11 +69,10 @@ async fn respond(gw: &Gateway, req: &Request<Incoming>) -> Response<BoxBody> {
 }
 
 async fn answer(gw: &Gateway, req: &Request<Incoming>) -> Response<BoxBody> {
+    // Errors in the OpenAI shape, as every error sluice makes (SPEC §3).
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
-        resp.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return resp;
+        let allow = HeaderValue::from_static("GET, HEAD");
+        return ProxyError::MethodNotAllowed { allow }.into_response();
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
@@ -86,10 +86,7 @@ async fn answer(gw: &Gateway, req: &Request<Incoming>) -> Response<BoxBody> {
             );
             resp
         }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "admin endpoints: /healthz /readyz /metrics\n",
-        ),
+        _ => ProxyError::RouteNotFound.into_response(),
     }
 }
 

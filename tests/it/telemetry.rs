@@ -188,10 +188,15 @@ async fn admin_health_and_readiness() {
             .unwrap()
             .starts_with("text/plain; version=0.0.4")
     );
-    assert_eq!(c.get(&gw.admin_url("/other")).await.status, 404);
+    // Its errors have the OpenAI shape, as every error sluice makes.
+    let other = c.get(&gw.admin_url("/other")).await;
+    assert_eq!(other.status, 404);
+    assert_eq!(other.json()["error"]["code"], "route_not_found");
     let post = c.post_json(&gw.admin_url("/metrics"), &[], "{}").await;
     assert_eq!(post.status, 405);
     assert_eq!(post.header("allow"), Some("GET, HEAD"));
+    assert_eq!(post.json()["error"]["code"], "method_not_allowed");
+    assert_eq!(post.header("content-type"), Some("application/json"));
     // Every answer has an id, the caller's when it sent one.
     for reply in [&metrics, &post] {
         let id = reply.header("x-request-id").expect("x-request-id");
