@@ -273,16 +273,6 @@ async fn process(
     {
         *req.uri_mut() = uri;
     }
-    if let Some(coding) = req.headers().get(http::header::TRANSFER_ENCODING)
-        && !coding.as_bytes().eq_ignore_ascii_case(b"chunked")
-    {
-        // hyper reads `gzip, chunked` as chunked, and the gzip would be
-        // lost on the way: the upstream would get compressed bytes as
-        // the body, with nothing saying so.
-        return Err(ProxyError::NotImplemented {
-            message: "transfer codings other than chunked are not supported; send the body plain, or with content-encoding",
-        });
-    }
     if req.method() == http::Method::CONNECT {
         // A tunnel request to a reverse proxy: no upstream can take it
         // (nginx answers it 400 too).
@@ -347,6 +337,17 @@ async fn process(
         if let Some(answer) = answer {
             return Ok(answer);
         }
+    }
+    if let Some(coding) = req.headers().get(http::header::TRANSFER_ENCODING)
+        && !coding.as_bytes().eq_ignore_ascii_case(b"chunked")
+    {
+        // Refused once routed, so the answer carries the route's headers
+        // (CORS, `x-sluice-cache`) as its other refusals do. hyper reads `gzip, chunked` as chunked, and the gzip would be
+        // lost on the way: the upstream would get compressed bytes as
+        // the body, with nothing saying so.
+        return Err(ProxyError::NotImplemented {
+            message: "transfer codings other than chunked are not supported; send the body plain, or with content-encoding",
+        });
     }
     if let Err(e) = auth::identify(snap, active.jwks.as_deref(), route, req.headers(), ctx).await {
         if let Some(reason) = e.auth_failure_reason() {

@@ -1119,4 +1119,34 @@ async fn a_transfer_coding_other_than_chunked_is_a_501() {
     )
     .await;
     assert_eq!(status, 200);
+    // On a route with a cache and CORS, the refusal is the route's, with
+    // the headers every one of its responses carries.
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  app: {{ url: "{}" }}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    auth: none
+    cache: {{ ttl: 1m, scope: shared }}
+    cors: {{ allow_origins: ["https://app.example.com"] }}
+    upstream: app
+"#,
+        up.url()
+    ))
+    .await;
+    let (status, text) = raw_exchange(
+        &gw,
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\norigin: https://app.example.com\r\ntransfer-encoding: gzip, chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 501, "{text}");
+    let head = text.to_ascii_lowercase();
+    assert!(head.contains("x-sluice-cache: bypass"), "{text}");
+    assert!(
+        head.contains("access-control-allow-origin: https://app.example.com"),
+        "{text}"
+    );
+    assert_eq!(up.seen().len(), 1, "only the chunked request went through");
 }
