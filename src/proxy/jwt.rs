@@ -135,7 +135,7 @@ impl JwtVerifier {
             // A jwks_url config before its keys are fetched.
             return Err("no_keys");
         }
-        let header = jsonwebtoken::decode_header(token).map_err(|_| "malformed")?;
+        let header = jsonwebtoken::decode_header(token).map_err(|_| unreadable_header(token))?;
         if header.crit.is_some() {
             // RFC 7515 §4.1.11: a token whose header names extensions the
             // verifier must understand is refused by one that knows none.
@@ -201,6 +201,29 @@ fn reason(kind: &ErrorKind) -> &'static str {
         ErrorKind::InvalidAlgorithm => "algorithm_not_allowed",
         ErrorKind::MissingRequiredClaim(_) => "missing_claim",
         _ => "malformed",
+    }
+}
+
+/// Why a token's header did not read: an `alg` no list can hold
+/// (`none`, the classic forgery, or a name jsonwebtoken does not know)
+/// is `algorithm_not_allowed`, as a known one outside the list is; else
+/// the header is `malformed`.
+fn unreadable_header(token: &str) -> &'static str {
+    use base64::Engine as _;
+    let names_alg = token
+        .split('.')
+        .next()
+        .and_then(|head| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(head)
+                .ok()
+        })
+        .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok())
+        .is_some_and(|header| header.get("alg").is_some_and(serde_json::Value::is_string));
+    if names_alg {
+        "algorithm_not_allowed"
+    } else {
+        "malformed"
     }
 }
 

@@ -16,8 +16,8 @@ use tokio::sync::watch;
 use super::accept::AcceptErrors;
 use crate::body::{BoxBody, full};
 use crate::gateway::Gateway;
-use crate::proxy::headers::{X_REQUEST_ID, request_id};
 use crate::proxy::error::ProxyError;
+use crate::proxy::headers::{X_REQUEST_ID, request_id};
 
 /// How long an admin connection may take to send a request head, also
 /// its first byte: the port is reachable from outside the pod, and a

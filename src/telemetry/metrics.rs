@@ -35,9 +35,9 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
 
 /// sluice's own overhead is counted in microseconds, so its histogram adds
 /// sub-millisecond buckets below the common ones.
-pub const OVERHEAD_BUCKETS: [f64; 20] = [
-    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+pub const OVERHEAD_BUCKETS: [f64; 21] = [
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
 /// Calls to Redis take tens of microseconds, up to a timeout of 100 ms.

@@ -206,7 +206,12 @@ async fn alg_none_is_refused() {
     let gw = TestGateway::start(&hs_config("[HS256]")).await;
     let header = b64.encode(br#"{"alg":"none","typ":"JWT"}"#);
     let payload = b64.encode(claims(json!({})).to_string());
-    refused_for(&gw, &format!("{header}.{payload}."), "malformed").await;
+    refused_for(
+        &gw,
+        &format!("{header}.{payload}."),
+        "algorithm_not_allowed",
+    )
+    .await;
 }
 
 #[tokio::test]

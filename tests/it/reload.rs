@@ -610,9 +610,8 @@ async fn a_config_file_deleted_then_written_again_reloads() {
     std::fs::create_dir(dir.path().join("real")).unwrap();
     std::os::unix::fs::symlink("real", dir.path().join("conf")).unwrap();
     let path = dir.path().join("conf").join("proxy.yaml");
-    let yaml = |extra: &str| {
-        crate::support::gateway::with_test_listeners(&config(&upstream.url(), extra))
-    };
+    let yaml =
+        |extra: &str| crate::support::gateway::with_test_listeners(&config(&upstream.url(), extra));
     std::fs::write(&path, yaml("")).unwrap();
     let gw = TestGateway::start_at(path.clone(), dir).await;
     assert_eq!(Client::new().get(&gw.url("/open/x")).await.status, 404);
