@@ -22,7 +22,7 @@ use super::ctx::RequestCtx;
 use super::error::ProxyError;
 use super::headers;
 use super::limit;
-use super::validate::CappedBody;
+use super::validate::{BodyProgress, CappedBody};
 use crate::body::{self, BodyError, BoxBody, Joined};
 use crate::gateway::{Active, Gateway};
 use crate::llm::sse;
@@ -211,7 +211,15 @@ async fn stream_through(
         );
     }
     let (body, progress) = CappedBody::new(body, max_body);
-    let result = attempt(active, index, ctx, parts, body.boxed_unsync()).await;
+    let result = attempt(
+        active,
+        index,
+        ctx,
+        parts,
+        body.boxed_unsync(),
+        Some(&progress),
+    )
+    .await;
     if matches!(&result, Err(f) if f.outcome == Outcome::Timeout) && progress.waiting_on_client() {
         // sluice was waiting for more of the client's body when time ran
         // out: its trickle, not the upstream, held the answer back. (An
@@ -732,18 +740,18 @@ async fn attempt_asking_usage(
             UpstreamKind::Mock(_) => None,
         });
     let Some(plain) = plain else {
-        return attempt(active, index, ctx, parts, body::full(body)).await;
+        return attempt(active, index, ctx, parts, body::full(body), None).await;
     };
     if http.is_some_and(|h| h.refuses_stream_options.load(Ordering::Relaxed)) {
         ctx.usage_injected = false;
         parts
             .headers
             .insert(http::header::CONTENT_LENGTH, plain.len().into());
-        return attempt(active, index, ctx, parts, body::full(plain)).await;
+        return attempt(active, index, ctx, parts, body::full(plain), None).await;
     }
     ctx.usage_injected = true;
     let again = copy_parts(&parts);
-    let resp = attempt(active, index, ctx, parts, body::full(body)).await?;
+    let resp = attempt(active, index, ctx, parts, body::full(body), None).await?;
     let small = http_body::Body::size_hint(resp.body())
         .exact()
         .is_some_and(|n| n <= REFUSAL_SNIFF);
@@ -774,7 +782,7 @@ async fn attempt_asking_usage(
     again
         .headers
         .insert(http::header::CONTENT_LENGTH, plain.len().into());
-    attempt(active, index, ctx, again, body::full(plain)).await
+    attempt(active, index, ctx, again, body::full(plain), None).await
 }
 
 /// A copy of a request head for one attempt (`Parts` itself is not `Clone`).
@@ -790,13 +798,15 @@ fn copy_parts(parts: &Parts) -> Parts {
 /// One attempt at upstream `index`: records it in the ctx and its timing
 /// metrics and returns the response head, whatever its status. The caller
 /// counts its outcome: on a pool route a stream's outcome is known only
-/// once its first content came (or did not).
+/// once its first content came (or did not). `upload` is the progress of
+/// a body the client is still sending as it streams through.
 async fn attempt(
     active: &Active,
     index: usize,
     ctx: &mut RequestCtx,
     mut parts: Parts,
     body: BoxBody,
+    upload: Option<&BodyProgress>,
 ) -> Result<Response<BoxBody>, AttemptFailure> {
     let snap = &active.snapshot;
     let (Some(upstream), Some(metrics)) = (snap.upstreams.get(index), active.upstreams.get(index))
@@ -811,11 +821,12 @@ async fn attempt(
     ctx.upstream_index = Some(index);
     ctx.attempts += 1;
     ctx.upstream_started = Some(started);
-    // One clock read serves the attempt's start and its deadline: the
-    // sooner of first_byte and what is left of request_timeout.
-    let deadline = (started + upstream.timeouts.first_byte)
-        .min(ctx.deadline(snap))
-        .into();
+    let wait = AnswerWait {
+        started,
+        first_byte: upstream.timeouts.first_byte,
+        request_deadline: ctx.deadline(snap),
+        upload,
+    };
 
     // Dropped before the answer (its client left), the attempt still
     // counts under an outcome: the outcomes add up to the attempts.
@@ -834,22 +845,20 @@ async fn attempt(
                 // The pooled client picks HTTP/1.1 or HTTP/2 per connection
                 // (ALPN), whatever the client spoke to us.
                 parts.version = Version::HTTP_11;
-                match tokio::time::timeout_at(
-                    deadline,
-                    http.client.request(Request::from_parts(parts, body)),
-                )
-                .await
+                match wait
+                    .answer(http.client.request(Request::from_parts(parts, body)))
+                    .await
                 {
-                    Err(_) => Err(TIMED_OUT),
-                    Ok(Err(e)) => Err(classify(&e)),
+                    None => Err(TIMED_OUT),
+                    Some(Err(e)) => Err(classify(&e)),
                     // hyper reads any three digits; HTTP's statuses end at
                     // 599 (RFC 9110 §15), and a client (the OpenAI SDKs
                     // among them) cannot tell what a 7xx would mean.
-                    Ok(Ok(resp)) if resp.status().as_u16() > 599 => Err(AttemptFailure {
+                    Some(Ok(resp)) if resp.status().as_u16() > 599 => Err(AttemptFailure {
                         outcome: Outcome::ConnectionError,
                         text: "answered with a status beyond 599, which is not HTTP",
                     }),
-                    Ok(Ok(mut resp)) => {
+                    Some(Ok(mut resp)) => {
                         if let Some(location) = resp
                             .headers()
                             .get(http::header::LOCATION)
@@ -863,14 +872,12 @@ async fn attempt(
             }
         },
         UpstreamKind::Mock(settings) => {
-            match tokio::time::timeout_at(
-                deadline,
-                mock::respond(settings, Request::from_parts(parts, body)),
-            )
-            .await
+            match wait
+                .answer(mock::respond(settings, Request::from_parts(parts, body)))
+                .await
             {
-                Err(_) => Err(TIMED_OUT),
-                Ok(resp) => Ok(resp),
+                None => Err(TIMED_OUT),
+                Some(resp) => Ok(resp),
             }
         }
     };
@@ -891,6 +898,38 @@ async fn attempt(
             metrics.duration.observe(elapsed.as_secs_f64());
             ctx.upstream_started = None;
             Err(failure)
+        }
+    }
+}
+
+/// How long an attempt waits for the upstream's answer head: `first_byte`
+/// from the attempt's start, within what is left of `request_timeout`.
+struct AnswerWait<'a> {
+    started: Instant,
+    first_byte: Duration,
+    request_deadline: Instant,
+    upload: Option<&'a BodyProgress>,
+}
+
+impl AnswerWait<'_> {
+    /// `answer`, or `None` when the wait ran out. An upstream cannot answer
+    /// before it has the request: while sluice is still waiting for more
+    /// of a streaming body from its client, `first_byte` starts again
+    /// (as nginx's `proxy_read_timeout` starts once the request is sent),
+    /// and only `request_timeout` bounds the upload (then a 408).
+    async fn answer<F: Future>(&self, answer: F) -> Option<F::Output> {
+        let mut answer = std::pin::pin!(answer);
+        let mut deadline = (self.started + self.first_byte).min(self.request_deadline);
+        loop {
+            if let Ok(out) = tokio::time::timeout_at(deadline.into(), answer.as_mut()).await {
+                return Some(out);
+            }
+            let now = Instant::now();
+            let uploading = self.upload.is_some_and(BodyProgress::waiting_on_client);
+            if !uploading || now >= self.request_deadline {
+                return None;
+            }
+            deadline = (now + self.first_byte).min(self.request_deadline);
         }
     }
 }

@@ -344,3 +344,43 @@ async fn a_burst_of_connections_waits_in_a_deep_listen_queue() {
     }
     assert_eq!(late, 0, "{late} of 200 connections were not queued at once");
 }
+
+/// A client uploading steadily, slower than the upstream's `first_byte`,
+/// is not cut off by it: the upstream cannot answer before it has the
+/// body, so `first_byte` counts from the body's end (as nginx's
+/// `proxy_read_timeout` counts from the request sent), and only
+/// `request_timeout` bounds the upload.
+#[tokio::test]
+async fn a_steady_upload_longer_than_first_byte_is_answered() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  app: {{ url: "{}", timeouts: {{ first_byte: 300ms }} }}
+routes:
+  - {{ name: app, match: {{ path_prefix: / }}, auth: none, upstream: app }}
+limits: {{ request_timeout: 10s }}
+"#,
+        up.url()
+    ))
+    .await;
+    let addr = gw.addr;
+    let reply = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"POST /upload HTTP/1.1\r\nhost: t\r\ncontent-length: 10000\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        // 1 s of upload, a tenth of it every 100 ms.
+        for _ in 0..10 {
+            s.write_all(&[b'x'; 1000]).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        String::from_utf8_lossy(&got).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_eq!(up.seen()[0].body.len(), 10_000);
+}
