@@ -13,7 +13,7 @@ use super::error::ProxyError;
 use crate::llm::facts::{self, Loose};
 use crate::snapshot::{Route, Snapshot, Target, Tier};
 use crate::state::budget::{self, BudgetScope};
-use crate::state::limiter::Scope;
+use crate::state::limiter::{Scope, WINDOW};
 use crate::state::{BucketKey, Decision, State, Unavailable};
 use crate::telemetry::metrics::Metrics;
 
@@ -422,8 +422,15 @@ fn refund(state: &State, ctx: &mut RequestCtx) {
     if ctx.request_units.give_back(state)
         && let Some(shown) = ctx.rate_limit.as_mut()
     {
-        // Each bucket got its unit back; the headers show that.
+        // Each bucket got its unit back; the headers show that, the
+        // reset a unit's refill sooner.
         shown.remaining = shown.remaining.saturating_add(1).min(shown.limit);
+        let unit = WINDOW / u32::try_from(shown.limit.max(1)).unwrap_or(u32::MAX);
+        shown.reset = if shown.remaining == shown.limit {
+            Duration::ZERO
+        } else {
+            shown.reset.saturating_sub(unit)
+        };
     }
 }
 
@@ -579,7 +586,10 @@ fn write_headers(names: HeaderNames, decision: &Decision, headers: &mut HeaderMa
 /// A duration as the OpenAI API writes resets: `20ms`, `1.5s`, `6m0s`.
 fn reset_text(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms < 1000 {
+    if ms == 0 {
+        // Go's (and so OpenAI's) zero duration.
+        "0s".to_owned()
+    } else if ms < 1000 {
         format!("{ms}ms")
     } else if ms < 60_000 {
         let secs = format!("{:.3}", d.as_secs_f64());
@@ -595,6 +605,7 @@ mod tests {
 
     #[test]
     fn resets_read_like_openai() {
+        assert_eq!(reset_text(Duration::ZERO), "0s");
         assert_eq!(reset_text(Duration::from_millis(20)), "20ms");
         assert_eq!(reset_text(Duration::from_millis(1500)), "1.5s");
         assert_eq!(reset_text(Duration::from_secs(12)), "12s");

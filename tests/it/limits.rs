@@ -436,6 +436,8 @@ async fn token_refusals_give_back_their_request_units() {
         let refused = post(&gw, r#"{"model":"m","max_tokens":5000,"messages":[]}"#).await;
         assert_eq!(refused.status, 429, "{}", refused.text());
         assert_eq!(refused.header("x-ratelimit-remaining-requests"), Some("2"));
+        // Full again: nothing to wait for.
+        assert_eq!(refused.header("x-ratelimit-reset-requests"), Some("0s"));
     }
     let ok = post(&gw, "{}").await;
     assert_eq!(ok.status, 200, "{}", ok.text());
