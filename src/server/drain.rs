@@ -112,6 +112,18 @@ impl Drain {
 }
 
 impl Member {
+    /// Runs `step` (a connection's first bytes or TLS handshake, before
+    /// any request) unless the drain begins first: then `None`, and the
+    /// connection closes. It holds no request to finish, and would
+    /// otherwise hold the exit back until its timeout.
+    pub async fn unless_draining<F: Future>(&mut self, step: F) -> Option<F::Output> {
+        tokio::select! {
+            biased;
+            _ = &mut self.signal => None,
+            done = step => Some(done),
+        }
+    }
+
     /// Serves `conn` to its end. When the drain begins, `graceful` asks
     /// hyper to close it after the requests in flight (an idle connection
     /// closes at once).

@@ -103,8 +103,10 @@ pub async fn serve(
             match tls {
                 None => connection.serve(stream, conn).await,
                 Some(acceptor) => {
-                    if let Some(tls_stream) =
-                        tls_handshake(acceptor, stream, handshake_timeout).await
+                    let mut connection = connection;
+                    let handshake = tls_handshake(acceptor, stream, handshake_timeout);
+                    if let Some(Some(tls_stream)) =
+                        connection.member.unless_draining(handshake).await
                     {
                         connection.serve(tls_stream, conn).await;
                     }
@@ -143,14 +145,15 @@ impl Connection {
         let Connection {
             gw,
             builder,
-            member,
+            mut member,
             handshake_timeout,
         } = self;
         // hyper's `header_read_timeout` starts once the protocol is known:
         // the bytes that tell it are read here, within that timeout, and
         // replayed to hyper. An h2 connection is watched for quiet instead
         // (see `idle`).
-        let Some(head) = preface::read(&mut stream, handshake_timeout).await else {
+        let first_bytes = preface::read(&mut stream, handshake_timeout);
+        let Some(Some(head)) = member.unless_draining(first_bytes).await else {
             return;
         };
         let guard = if preface::is_h2(&head) {

@@ -74,3 +74,35 @@ routes:
         .await
         .expect("the gateway stops once drained");
 }
+
+/// A connection that has sent nothing yet holds no request: the drain
+/// closes it at once rather than waiting out its header_read_timeout
+/// (or the whole grace), plain or before its TLS handshake alike.
+#[tokio::test]
+async fn a_connection_that_sent_nothing_does_not_hold_the_exit() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+limits: {{ shutdown_grace: 30s, header_read_timeout: 30s }}
+upstreams: {{ app: {{ url: "{}" }} }}
+routes:
+  - {{ name: app, match: {{ path_prefix: / }}, auth: none, upstream: app }}
+"#,
+        up.url()
+    ))
+    .await;
+    let mut silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    // Accepted and waiting for its first bytes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gw.shutdown();
+    tokio::time::timeout(Duration::from_secs(5), gw.stopped())
+        .await
+        .expect("the gateway stops without waiting on a silent connection");
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(1), silent.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the silent connection was closed: {read:?}"
+    );
+}
