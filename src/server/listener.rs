@@ -55,6 +55,9 @@ pub async fn serve(
     builder
         .http2()
         .timer(TokioTimer::new())
+        // The same bound on a request's head as over HTTP/1 (h2's own
+        // default is 16 KiB, answered by hyper with an unlogged 431).
+        .max_header_list_size(MAX_HEAD as u32)
         .keep_alive_interval(limits.header_read_timeout)
         .keep_alive_timeout(limits.header_read_timeout);
     let builder = Arc::new(builder);

@@ -102,6 +102,15 @@ async fn h2c_clients_are_served() {
     let reply = Client::h2c().get(&gw.url("/public")).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.text(), "over h2");
+    // A head of 20 KiB passes, as over HTTP/1.1 (h2's own default
+    // bound is 16 KiB).
+    let big = http::Request::get(gw.url("/public"))
+        .header("x-big", "x".repeat(20 * 1024))
+        .body(Default::default())
+        .unwrap();
+    let reply = Client::h2c().request(big).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(up.seen().len(), 2);
 }
 
 #[tokio::test]
