@@ -38,6 +38,18 @@ struct AttemptFailure {
     text: &'static str,
 }
 
+impl AttemptFailure {
+    /// The upstream did not answer in time (SPEC §3: 504), a connect that
+    /// timed out included, as nginx answers it; such a connect still
+    /// fails over as a connect error (`retry_on: connect`).
+    fn late(&self) -> bool {
+        self.outcome == Outcome::Timeout || self.text == CONNECT_TIMED_OUT
+    }
+}
+
+/// What a connect that timed out is called in a 502's list and a 504.
+const CONNECT_TIMED_OUT: &str = "connect timed out";
+
 const TIMED_OUT: AttemptFailure = AttemptFailure {
     outcome: Outcome::Timeout,
     text: "timed out",
@@ -258,7 +270,7 @@ fn body_of_unknown_length(method: &http::Method, body: &Incoming) -> bool {
 
 /// The error of a route's single upstream failing.
 fn single_failure(name: &str, f: AttemptFailure) -> ProxyError {
-    if f.outcome == Outcome::Timeout {
+    if f.late() {
         ProxyError::UpstreamTimeout {
             upstream: name.to_owned(),
         }
@@ -532,7 +544,7 @@ async fn failover(
                     last_timed_out = Some(&upstream.name);
                     pool.retry_on.contains(&RetryOn::Timeout)
                 } else {
-                    last_timed_out = None;
+                    last_timed_out = failure.late().then_some(&*upstream.name);
                     pool.retry_on.contains(&RetryOn::Connect)
                 };
                 if !retryable {
@@ -966,7 +978,7 @@ fn classify(e: &ClientError) -> AttemptFailure {
     if e.is_connect() {
         let text = match io_kind {
             Some(std::io::ErrorKind::ConnectionRefused) => "connect refused",
-            Some(std::io::ErrorKind::TimedOut) => "connect timed out",
+            Some(std::io::ErrorKind::TimedOut) => CONNECT_TIMED_OUT,
             _ => "connect failed",
         };
         return AttemptFailure {

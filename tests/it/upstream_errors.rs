@@ -69,6 +69,43 @@ async fn slow_upstream_is_504() {
     );
 }
 
+/// A connect that times out is an upstream that did not answer in time:
+/// 504 `upstream_timeout` (SPEC §3), as nginx answers it; its outcome
+/// stays `connect_error`. The upstream is a listener whose accept queue
+/// is full, so the kernel drops further SYNs.
+#[tokio::test]
+async fn a_connect_that_times_out_is_504() {
+    let listener = tokio::net::TcpSocket::new_v4().unwrap();
+    listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let listener = listener.listen(0).unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        let connect = socket.connect(addr);
+        if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_millis(200), connect).await {
+            fillers.push(stream);
+        }
+    }
+    let gw = TestGateway::start(&config(
+        &format!("http://{addr}"),
+        "{ connect: 300ms, first_byte: 5s }",
+    ))
+    .await;
+    let reply = Client::new().get(&gw.url("/x")).await;
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
+    assert_eq!(
+        gw.metric(
+            "sluice_upstream_requests_total",
+            &[("upstream", "app"), ("outcome", "connect_error")]
+        )
+        .await,
+        Some(1.0)
+    );
+    drop((listener, fillers));
+}
+
 #[tokio::test]
 async fn upstream_error_statuses_pass_through_unchanged() {
     let mut bad_request =
