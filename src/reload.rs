@@ -122,8 +122,17 @@ impl Reloader {
             .map(|text| config_digest(text, &running.sources));
         if !forced && now.is_some() && now == self.accepted {
             // Back to what runs (a refused edit undone): nothing stands
-            // refused any more.
-            self.refused = None;
+            // refused any more, and the log says so beside the refusal.
+            if self.refused.take().is_some() {
+                let file = self.path.display().to_string();
+                self.log(|| {
+                    tracing::info!(
+                        event = "config_restored",
+                        file,
+                        "the config file is back to the running config; the refused change is gone"
+                    );
+                });
+            }
             self.gw.metrics.config_last_reload_ok.set(1);
             return Outcome::Unchanged;
         }

@@ -205,6 +205,12 @@ async fn an_invalid_config_is_refused_while_traffic_keeps_flowing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(last_ok().await, Some(1.0), "undone");
+    let restored = gw
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "config_restored")
+        .count();
+    assert_eq!(restored, 1, "the undoing is logged once");
 }
 
 #[tokio::test]
