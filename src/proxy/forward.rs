@@ -925,10 +925,11 @@ struct AnswerWait<'a> {
 
 impl AnswerWait<'_> {
     /// `answer`, or `None` when the wait ran out. An upstream cannot answer
-    /// before it has the request: while sluice is still waiting for more
-    /// of a streaming body from its client, `first_byte` starts again
+    /// before it has the request: while a streaming body is still coming
+    /// from its client, `first_byte` counts from the last bytes that came
     /// (as nginx's `proxy_read_timeout` starts once the request is sent),
-    /// and only `request_timeout` bounds the upload (then a 408).
+    /// and only `request_timeout` bounds the upload (then a 408). An
+    /// upstream that stopped reading takes no more bytes, and times out.
     async fn answer<F: Future>(&self, answer: F) -> Option<F::Output> {
         let mut answer = std::pin::pin!(answer);
         let mut deadline = (self.started + self.first_byte).min(self.request_deadline);
@@ -937,11 +938,16 @@ impl AnswerWait<'_> {
                 return Some(out);
             }
             let now = Instant::now();
-            let uploading = self.upload.is_some_and(BodyProgress::waiting_on_client);
-            if !uploading || now >= self.request_deadline {
-                return None;
+            let from = match self.upload {
+                Some(upload) if upload.waiting_on_client() => Some(now),
+                Some(upload) => upload.last_read(),
+                None => None,
+            };
+            let next = from.map(|from| (from + self.first_byte).min(self.request_deadline));
+            match next {
+                Some(next) if next > now => deadline = next,
+                _ => return None,
             }
-            deadline = (now + self.first_byte).min(self.request_deadline);
         }
     }
 }

@@ -7,7 +7,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -196,8 +196,26 @@ fn json_path(pointer: &str) -> String {
 /// client's fault from the upstream's: a body over its limit (413, not
 /// 502), or one sluice was still waiting for when the upstream's answer
 /// timed out (408, not 504: the client trickled it).
-#[derive(Clone, Default)]
-pub struct BodyProgress(Arc<AtomicU8>);
+#[derive(Clone)]
+pub struct BodyProgress(Arc<Progress>);
+
+struct Progress {
+    state: AtomicU8,
+    /// When body bytes last came from the client, in µs since `start`
+    /// plus one (0: none yet).
+    last_read: AtomicU64,
+    start: Instant,
+}
+
+impl Default for BodyProgress {
+    fn default() -> Self {
+        BodyProgress(Arc::new(Progress {
+            state: AtomicU8::new(PASSING),
+            last_read: AtomicU64::new(0),
+            start: Instant::now(),
+        }))
+    }
+}
 
 /// Passing (or not asked for yet): a stall is not the client's.
 const PASSING: u8 = 0;
@@ -211,23 +229,36 @@ const CLIENT_GONE: u8 = 4;
 
 impl BodyProgress {
     pub fn over_limit(&self) -> bool {
-        self.0.load(Ordering::Acquire) == OVER_LIMIT
+        self.0.state.load(Ordering::Acquire) == OVER_LIMIT
     }
 
     pub fn client_failed(&self) -> bool {
-        self.0.load(Ordering::Acquire) == CLIENT_FAILED
+        self.0.state.load(Ordering::Acquire) == CLIENT_FAILED
     }
 
     pub fn client_gone(&self) -> bool {
-        self.0.load(Ordering::Acquire) == CLIENT_GONE
+        self.0.state.load(Ordering::Acquire) == CLIENT_GONE
     }
 
     pub fn waiting_on_client(&self) -> bool {
-        self.0.load(Ordering::Acquire) == WAITING
+        self.0.state.load(Ordering::Acquire) == WAITING
+    }
+
+    /// When body bytes last came from the client.
+    pub fn last_read(&self) -> Option<Instant> {
+        match self.0.last_read.load(Ordering::Acquire) {
+            0 => None,
+            at => Some(self.0.start + std::time::Duration::from_micros(at - 1)),
+        }
+    }
+
+    fn read_now(&self) {
+        let since = u64::try_from(self.0.start.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
+        self.0.last_read.store(since + 1, Ordering::Release);
     }
 
     fn set(&self, state: u8) {
-        self.0.store(state, Ordering::Release);
+        self.0.state.store(state, Ordering::Release);
     }
 }
 
@@ -300,6 +331,7 @@ where
                         return Poll::Ready(Some(Err(BodyError::new(BodyTooLarge(this.limit)))));
                     }
                     this.remaining -= n;
+                    this.flag.read_now();
                 }
                 // Only a read that found nothing waits on the client: a
                 // body that ended, or that hyper stopped polling, does not.
