@@ -341,10 +341,11 @@ async fn process(
     if let Some(coding) = req.headers().get(http::header::TRANSFER_ENCODING)
         && !coding.as_bytes().eq_ignore_ascii_case(b"chunked")
     {
-        // Refused once routed, so the answer carries the route's headers
-        // (CORS, `x-sluice-cache`) as its other refusals do. hyper reads `gzip, chunked` as chunked, and the gzip would be
-        // lost on the way: the upstream would get compressed bytes as
-        // the body, with nothing saying so.
+        // hyper reads `gzip, chunked` as chunked, and the gzip would be
+        // lost on the way: the upstream would get compressed bytes as the
+        // body, with nothing saying so. Refused once routed, so that the
+        // answer carries the route's headers (CORS, `x-sluice-cache`) as
+        // its other refusals do.
         return Err(ProxyError::NotImplemented {
             message: "transfer codings other than chunked are not supported; send the body plain, or with content-encoding",
         });

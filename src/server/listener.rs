@@ -97,7 +97,7 @@ pub async fn serve(
         let tls = tls.clone();
         let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            let connection = Connection {
+            let mut connection = Connection {
                 gw,
                 builder,
                 member,
@@ -106,7 +106,6 @@ pub async fn serve(
             match tls {
                 None => connection.serve(stream, conn).await,
                 Some(acceptor) => {
-                    let mut connection = connection;
                     let handshake = tls_handshake(acceptor, stream, handshake_timeout);
                     if let Some(Some(tls_stream)) =
                         connection.member.unless_draining(handshake).await

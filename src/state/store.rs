@@ -654,8 +654,8 @@ mod tests {
     }
 
     /// A command that went wrong, or one slow cache call, says nothing
-    /// about Redis being reachable: no pause; two in a row do. A failure of a call begun
-    /// before a later success does not pause either.
+    /// about Redis being reachable: no pause; two in a row do. A failure
+    /// of a call begun before a later success does not pause either.
     #[tokio::test]
     async fn only_fresh_unreachability_pauses() {
         let h = health();

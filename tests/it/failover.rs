@@ -380,15 +380,34 @@ async fn stream_dying_after_content_ends_with_the_error_event() {
     );
 }
 
-#[tokio::test]
-async fn streams_breaking_after_content_open_the_circuit() {
+/// The events of the backup's whole stream.
+const WHOLE_STREAM: [&str; 4] = [ROLE, HELLO, STOP, "[DONE]"];
+
+/// A primary whose every stream breaks after its first content, and a
+/// backup answering [`WHOLE_STREAM`].
+async fn breaking_primary_and_backup() -> (MockUpstream, MockUpstream) {
     let mut dying = UpstreamReply::sse(&[ROLE, HELLO], Duration::ZERO).cut();
     dying
         .chunks
         .push((Duration::from_millis(50), Bytes::from_static(b": ping\n\n")));
-    let primary = MockUpstream::always(dying).await;
-    let events = [ROLE, HELLO, STOP, "[DONE]"];
-    let backup = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;
+    let backup = UpstreamReply::sse(&WHOLE_STREAM, Duration::ZERO);
+    (
+        MockUpstream::always(dying).await,
+        MockUpstream::always(backup).await,
+    )
+}
+
+/// The backup's whole stream as the client reads it.
+fn whole_stream_text() -> String {
+    WHOLE_STREAM
+        .iter()
+        .map(|e| format!("data: {e}\n\n"))
+        .collect()
+}
+
+#[tokio::test]
+async fn streams_breaking_after_content_open_the_circuit() {
+    let (primary, backup) = breaking_primary_and_backup().await;
     let gw = with_breaker(&primary, &backup, 2).await;
     // Each stream got its first content through: no failover, but each
     // broke midway, which the primary's circuit counts.
@@ -397,11 +416,9 @@ async fn streams_breaking_after_content_open_the_circuit() {
         assert!(text.contains("upstream_stream_error"), "{text}");
     }
     assert_eq!(primary_up(&gw).await, Some(0.0));
-    let reply = chat(&gw).await;
-    let expected: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
     assert_eq!(
-        reply.text(),
-        expected,
+        chat(&gw).await.text(),
+        whole_stream_text(),
         "the open circuit sends it to the backup"
     );
     assert_eq!(primary.seen().len(), 2);
@@ -413,13 +430,7 @@ async fn streams_breaking_after_content_open_the_circuit() {
 /// answered 500, rather than closing and waiting for more failures.
 #[tokio::test]
 async fn a_probe_whose_stream_breaks_opens_the_circuit_again() {
-    let mut dying = UpstreamReply::sse(&[ROLE, HELLO], Duration::ZERO).cut();
-    dying
-        .chunks
-        .push((Duration::from_millis(50), Bytes::from_static(b": ping\n\n")));
-    let primary = MockUpstream::always(dying).await;
-    let events = [ROLE, HELLO, STOP, "[DONE]"];
-    let backup = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;
+    let (primary, backup) = breaking_primary_and_backup().await;
     let breaker = "    circuit_breaker: { failures: 2, cooldown: 300ms }";
     let gw = TestGateway::start(&config(&primary.url(), &backup.url(), breaker, "")).await;
     for _ in 0..2 {
@@ -435,8 +446,11 @@ async fn a_probe_whose_stream_breaks_opens_the_circuit_again() {
         Some(0.0),
         "the failed probe reopened it"
     );
-    let expected: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
-    assert_eq!(chat(&gw).await.text(), expected, "the backup answers");
+    assert_eq!(
+        chat(&gw).await.text(),
+        whole_stream_text(),
+        "the backup answers"
+    );
     assert_eq!(primary.seen().len(), 3);
 }
 

@@ -23,6 +23,15 @@ routes:
     )
 }
 
+/// `sluice_upstream_requests_total` of upstream `app` with `outcome`.
+async fn attempts_of_app(gw: &TestGateway, outcome: &str) -> Option<f64> {
+    gw.metric(
+        "sluice_upstream_requests_total",
+        &[("upstream", "app"), ("outcome", outcome)],
+    )
+    .await
+}
+
 #[tokio::test]
 async fn connection_refused_is_502_naming_the_attempt() {
     let dead = RefusedPort::new();
@@ -40,14 +49,7 @@ async fn connection_refused_is_502_naming_the_attempt() {
     assert_eq!(logs[0]["upstream"], "app");
     assert_eq!(logs[0]["attempts"], 1);
     assert_eq!(logs[0]["error"], "upstream_error");
-    assert_eq!(
-        gw.metric(
-            "sluice_upstream_requests_total",
-            &[("upstream", "app"), ("outcome", "connect_error")]
-        )
-        .await,
-        Some(1.0)
-    );
+    assert_eq!(attempts_of_app(&gw, "connect_error").await, Some(1.0));
 }
 
 #[tokio::test]
@@ -59,14 +61,7 @@ async fn slow_upstream_is_504() {
     assert_eq!(reply.status, 504);
     assert!(started.elapsed() < Duration::from_secs(4));
     assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
-    assert_eq!(
-        gw.metric(
-            "sluice_upstream_requests_total",
-            &[("upstream", "app"), ("outcome", "timeout")]
-        )
-        .await,
-        Some(1.0)
-    );
+    assert_eq!(attempts_of_app(&gw, "timeout").await, Some(1.0));
 }
 
 /// A connect that times out is an upstream that did not answer in time:
@@ -95,14 +90,7 @@ async fn a_connect_that_times_out_is_504() {
     let reply = Client::new().get(&gw.url("/x")).await;
     assert_eq!(reply.status, 504, "{}", reply.text());
     assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
-    assert_eq!(
-        gw.metric(
-            "sluice_upstream_requests_total",
-            &[("upstream", "app"), ("outcome", "connect_error")]
-        )
-        .await,
-        Some(1.0)
-    );
+    assert_eq!(attempts_of_app(&gw, "connect_error").await, Some(1.0));
     drop((listener, fillers));
 }
 
