@@ -5,6 +5,7 @@ pub mod facts;
 pub mod pricing;
 pub mod shape;
 pub mod spend;
+pub mod splice;
 pub mod sse;
 pub mod tap;
 pub mod usage;

@@ -14,9 +14,38 @@ pub fn cost(
     output: u64,
 ) -> Option<f64> {
     let price = model
-        .and_then(|m| pricing.get(m))
+        .and_then(|m| price_of(pricing, m))
         .or_else(|| pricing.get("default"))?;
     Some((input as f64 * price.input + output as f64 * price.output) / 1_000_000.0)
+}
+
+/// The price listed for `model`, else for its undated name: an upstream
+/// reports the snapshot that answered (OpenAI's `gpt-4o-mini` request
+/// comes back as `gpt-4o-mini-2024-07-18`, Anthropic's as
+/// `claude-3-5-sonnet-20241022`), while a price list names the model.
+/// A snapshot listed under its own name keeps its own price.
+fn price_of<'p>(pricing: &'p HashMap<String, Price>, model: &str) -> Option<&'p Price> {
+    pricing.get(model).or_else(|| pricing.get(undated(model)?))
+}
+
+/// `model` without a snapshot date at its end: `-2024-07-18`,
+/// `-20241022` or Vertex AI's `@20241022`.
+fn undated(model: &str) -> Option<&str> {
+    let is_date = |d: &[u8]| match d.len() {
+        10 => d.iter().enumerate().all(|(i, b)| match i {
+            4 | 7 => *b == b'-',
+            _ => b.is_ascii_digit(),
+        }),
+        _ => d.iter().all(u8::is_ascii_digit),
+    };
+    [10, 8].into_iter().find_map(|len| {
+        let at = model.len().checked_sub(len + 1)?;
+        // `None` unless `at` starts a character, so a date's bytes are ASCII.
+        let name = model.get(..at).filter(|n| !n.is_empty())?;
+        let (separator, date) = model.as_bytes()[at..].split_first()?;
+        let separated = *separator == b'-' || (*separator == b'@' && len == 8);
+        (separated && is_date(date)).then_some(name)
+    })
 }
 
 #[cfg(test)]
@@ -46,5 +75,41 @@ mod tests {
         let d = cost(&p, Some("unknown"), 1_000, 1_000).unwrap();
         assert!((d - 0.004).abs() < 1e-12);
         assert_eq!(cost(&HashMap::new(), Some("x"), 1, 1), None);
+    }
+
+    #[test]
+    fn a_dated_snapshot_is_priced_as_its_model() {
+        let price = |input| Price { input, output: 0.0 };
+        let p = HashMap::from([
+            ("gpt-4o-mini".to_owned(), price(1.0)),
+            ("gpt-4o".to_owned(), price(2.0)),
+            ("gpt-4o-2024-05-13".to_owned(), price(5.0)),
+            ("claude-3-5-sonnet".to_owned(), price(3.0)),
+            ("default".to_owned(), price(9.0)),
+        ]);
+        let per_token = |m| cost(&p, Some(m), 1_000_000, 0).unwrap();
+        assert_eq!(per_token("gpt-4o-mini-2024-07-18"), 1.0);
+        assert_eq!(per_token("gpt-4o-2024-08-06"), 2.0);
+        assert_eq!(per_token("gpt-4o-2024-05-13"), 5.0, "listed itself");
+        assert_eq!(per_token("claude-3-5-sonnet-20241022"), 3.0);
+        assert_eq!(per_token("claude-3-5-sonnet@20241022"), 3.0);
+        // Not a date, or nothing before it: the default.
+        assert_eq!(per_token("gpt-4o-mini-2024-07"), 9.0);
+        assert_eq!(per_token("gpt-4o-mini-12345678x"), 9.0);
+        assert_eq!(per_token("gpt-4o-mini-2024_07_18"), 9.0);
+        assert_eq!(per_token("-20241022"), 9.0);
+        assert_eq!(per_token("2024-07-18"), 9.0);
+        assert_eq!(per_token("gpt-4o-mini@2024-07-18"), 9.0);
+        // Names from upstreams are any text: no byte index may split one.
+        for odd in [
+            "€abcdefghij",
+            "€-2024-07-1",
+            "ab€2024-07-18",
+            "x€20241022",
+            "é",
+        ] {
+            assert_eq!(per_token(odd), 9.0, "{odd}");
+        }
+        assert_eq!(undated("x-20241022"), Some("x"));
     }
 }

@@ -10,9 +10,9 @@ use std::sync::LazyLock;
 use bytes::{Bytes, BytesMut};
 use memchr::memmem::Finder;
 use serde_json::Value;
-use serde_json::value::RawValue;
 
 use super::facts;
+use super::splice::{self, Member, span_of};
 
 /// Finds complete events (ended by a blank line) in pushed chunks.
 #[derive(Default)]
@@ -487,11 +487,7 @@ pub fn ask_for_usage(body: &[u8]) -> Option<Bytes> {
             )
         }
     };
-    let mut out = Vec::with_capacity(body.len() + options.len());
-    out.extend_from_slice(&body[..range.start]);
-    out.extend_from_slice(&options);
-    out.extend_from_slice(&body[range.end..]);
-    Some(Bytes::from(out))
+    Some(splice::spliced(body, range, &options))
 }
 
 /// [`ask_for_usage`] for a body the typed view refuses: a member written
@@ -533,25 +529,6 @@ struct StreamRequest<'a> {
     stream: Option<bool>,
     #[serde(borrow, default)]
     stream_options: Member<'a>,
-}
-
-/// A member as it is written, `null` included (`Option` would read a
-/// `null` as absent); `None` when the member is absent.
-#[derive(Default)]
-struct Member<'a>(Option<&'a RawValue>);
-
-impl<'de: 'a, 'a> serde::Deserialize<'de> for Member<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        <&RawValue>::deserialize(d).map(|raw| Member(Some(raw)))
-    }
-}
-
-/// Where `part`, a slice of `whole` (as serde hands out borrowed raw
-/// values), lies in it.
-fn span_of(whole: &[u8], part: &str) -> Option<std::ops::Range<usize>> {
-    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
-    let end = start.checked_add(part.len())?;
-    (end <= whole.len()).then_some(start..end)
 }
 
 #[cfg(test)]

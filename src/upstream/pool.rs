@@ -8,6 +8,8 @@ use bytes::Bytes;
 use http::HeaderMap;
 use serde_json::Value;
 
+use crate::llm::{facts, splice};
+
 /// A `retry-after` in seconds or as an HTTP date, capped at an hour so a
 /// broken upstream cannot park itself for days.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
@@ -28,15 +30,41 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// The body with its JSON `model` renamed per `models`, or `None` when
-/// nothing changes (no map, not JSON, no such model).
+/// nothing changes (no map, not JSON, no such model). Only the name's
+/// bytes change: a structured output's schema keeps its key order, which
+/// the model follows, and numbers keep their spelling.
 pub fn rewrite_model(body: &Bytes, models: &HashMap<String, String>) -> Option<Bytes> {
     if models.is_empty() {
         return None;
     }
+    let Some(request) = facts::parse::<ModelRequest>(body) else {
+        return rewrite_model_whole(body, models);
+    };
+    let raw = request.model.0?;
+    let to = models.get(&serde_json::from_str::<String>(raw.get()).ok()?)?;
+    let name = serde_json::to_vec(to).ok()?;
+    Some(splice::spliced(
+        body,
+        splice::span_of(body, raw.get())?,
+        &name,
+    ))
+}
+
+/// [`rewrite_model`] for a body the typed view refuses: `model` written
+/// twice, which upstreams read as its last value, as `Value` does. The
+/// whole body is rewritten.
+fn rewrite_model_whole(body: &Bytes, models: &HashMap<String, String>) -> Option<Bytes> {
     let mut json: Value = serde_json::from_slice(body).ok()?;
     let to = models.get(json.get("model")?.as_str()?)?;
     json["model"] = Value::String(to.clone());
     serde_json::to_vec(&json).ok().map(Bytes::from)
+}
+
+/// A request's `model` as written.
+#[derive(serde::Deserialize)]
+struct ModelRequest<'a> {
+    #[serde(borrow, default)]
+    model: splice::Member<'a>,
 }
 
 #[cfg(test)]
@@ -71,5 +99,29 @@ mod tests {
         assert!(rewrite_model(&Bytes::from_static(br#"{"model":"other"}"#), &models).is_none());
         assert!(rewrite_model(&Bytes::from_static(b"not json"), &models).is_none());
         assert!(rewrite_model(&body, &HashMap::new()).is_none());
+    }
+
+    #[test]
+    fn a_model_rewrite_keeps_every_other_byte() {
+        let models = HashMap::from([("alias".to_owned(), "gpt-4o-mini".to_owned())]);
+        let body = Bytes::from_static(
+            br#"{"seed":123456789012345678901,"temperature":1e0, "model" : "alias","response_format":{"z":1,"a":"\u00e9"}}"#,
+        );
+        assert_eq!(
+            &rewrite_model(&body, &models).unwrap()[..],
+            br#"{"seed":123456789012345678901,"temperature":1e0, "model" : "gpt-4o-mini","response_format":{"z":1,"a":"\u00e9"}}"#
+        );
+        // Escaped in the request, the name is still the one renamed.
+        let escaped = Bytes::from_static(br#"{"model":"\u0061lias"}"#);
+        assert_eq!(
+            &rewrite_model(&escaped, &models).unwrap()[..],
+            br#"{"model":"gpt-4o-mini"}"#
+        );
+        // Written twice, the last one counts, as upstreams read it.
+        let twice = Bytes::from_static(br#"{"model":"x","model":"alias"}"#);
+        let out: Value = serde_json::from_slice(&rewrite_model(&twice, &models).unwrap()).unwrap();
+        assert_eq!(out["model"], "gpt-4o-mini");
+        assert!(rewrite_model(&Bytes::from_static(br#"{"model":7}"#), &models).is_none());
+        assert!(rewrite_model(&Bytes::from_static(br#"["alias"]"#), &models).is_none());
     }
 }

@@ -93,6 +93,32 @@ async fn openai_json_usage_becomes_tokens_and_cost() {
     .await;
 }
 
+/// OpenAI answers a `gpt-4o-mini` request from a dated snapshot and says
+/// so; a price list names the model. The metrics keep the name reported.
+#[tokio::test]
+async fn a_dated_snapshot_is_priced_as_its_model() {
+    let up = MockUpstream::always(UpstreamReply::json(&json!({
+        "object": "chat.completion", "model": "gpt-4o-mini-2024-07-18",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+    })))
+    .await;
+    let gw = TestGateway::start(&config(&up.url())).await;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
+        .await;
+    assert_eq!(reply.status, 200);
+    check(
+        &gw,
+        "gpt-4o-mini-2024-07-18",
+        11,
+        7,
+        (11.0 * 0.15 + 7.0 * 0.60) / 1e6,
+        "stop",
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn openai_stream_usage_is_read_as_it_passes() {
     let events = [
