@@ -42,7 +42,7 @@ pub fn compile(
         errors: Vec::new(),
         warnings: Vec::new(),
         expansions: Vec::new(),
-        plain_keys: Vec::new(),
+        secrets_written: Vec::new(),
         sources: Vec::new(),
     };
     let mut snapshot = c.config(raw);
@@ -65,8 +65,11 @@ struct Compiler<'a> {
     /// What `${VAR}`s expanded to, and the text as written: messages
     /// quote the latter (see [`Compiler::as_written`]).
     expansions: Vec<(String, String)>,
-    /// The API keys written as `key:`, for the body log to mask.
-    plain_keys: Vec<String>,
+    /// The secrets the file holds besides `set_headers`, for the body log
+    /// to mask: API keys written as `key:`, the JWT `hs256_secret`, a
+    /// Redis URL's password, the budget webhook URL (Slack's and most
+    /// others carry their token in the path).
+    secrets_written: Vec<String>,
     /// The files read besides the config (see [`Snapshot::sources`]).
     sources: Vec<PathBuf>,
 }
@@ -1104,7 +1107,7 @@ impl Compiler<'_> {
                     }
                     Some(key) => {
                         let digest = crate::proxy::auth::digest(key.as_bytes());
-                        self.plain_keys.push(key);
+                        self.secrets_written.push(key.clone());
                         Some(digest)
                     }
                     None => None,
@@ -1224,9 +1227,11 @@ impl Compiler<'_> {
                 );
             }
             hmac = true;
-            vec![jwt::JwtKey::any_algorithm(
-                jsonwebtoken::DecodingKey::from_secret(text.as_bytes()),
-            )]
+            let key = jwt::JwtKey::any_algorithm(jsonwebtoken::DecodingKey::from_secret(
+                text.as_bytes(),
+            ));
+            self.secrets_written.push(text);
+            vec![key]
         };
         let mut algorithms = Vec::new();
         for a in &j.algorithms {
@@ -1325,6 +1330,7 @@ impl Compiler<'_> {
                     "webhook_url must be an http:// or https:// URL with a host",
                 );
             }
+            self.secrets_written.push(url.clone());
             Some(url)
         });
         Budget {
@@ -1390,9 +1396,17 @@ impl Compiler<'_> {
                     &t.referenced,
                     "redis_url must be redis://host[:port][/db], with user:password@ before the host if Redis needs them (rediss:// TLS and unix sockets are not supported)",
                 );
-            } else if redis::Client::open(url.as_str()).is_err() {
-                // Not the URL itself: it may carry a password.
-                self.error(&t.referenced, "redis_url is not a valid Redis URL");
+            } else {
+                match redis::Client::open(url.as_str()) {
+                    Ok(client) => {
+                        let settings = client.get_connection_info().redis_settings();
+                        if let Some(password) = settings.password() {
+                            self.secrets_written.push(password.to_owned());
+                        }
+                    }
+                    // Not the URL itself: it may carry a password.
+                    Err(_) => self.error(&t.referenced, "redis_url is not a valid Redis URL"),
+                }
             }
             Some(url)
         });
@@ -1446,8 +1460,8 @@ impl Compiler<'_> {
 
 impl Compiler<'_> {
     /// The `set_headers` values of `upstreams`, whole and, for `<scheme>
-    /// <credential>`, the credential alone, and the API keys written in
-    /// the file: what a logged body must not show (SPEC §5). Each is also
+    /// <credential>`, the credential alone, and the other secrets written
+    /// in the file: what a logged body must not show (SPEC §5). Each is also
     /// listed as a JSON string would escape it, once and twice, and with
     /// `/` escaped as some encoders do. Known settings written in the file
     /// (`anthropic-version: 2023-06-01`) are left out, as are values too
@@ -1479,8 +1493,8 @@ impl Compiler<'_> {
             add(value);
             add(value.rsplit(' ').next().unwrap_or(value));
         }
-        for key in &self.plain_keys {
-            add(key);
+        for secret in &self.secrets_written {
+            add(secret);
         }
         // Longest first, so a whole value is masked before its credential.
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));

@@ -180,3 +180,39 @@ async fn set_headers_values_echoed_back_are_masked() {
         "a plain setting is no secret: {text}"
     );
 }
+
+/// The other secrets a config holds: a body that quotes them (a prompt
+/// pasted from an ops runbook, an answer echoing it) logs them masked.
+#[tokio::test]
+async fn other_secrets_of_the_config_are_masked_in_bodies() {
+    const HS256: &str = "hs-secret-7f3e9a1b2c4d5e6f7a8b9c0d1e2f3a4b";
+    const REDIS_PASSWORD: &str = "redis-pw-0a1b2c3d4e";
+    const WEBHOOK: &str = "https://hooks.slack.com/services/T000/B000/XOXB-HOOK-TOKEN-77";
+    let upstream =
+        MockUpstream::start(|seen| UpstreamReply::text(seen.body.clone())).await;
+    let yaml = config(&upstream.url(), true).replace(
+        "routes:",
+        &format!(
+            "  jwt: {{ issuer: https://login.example.com/, hs256_secret: {HS256}, algorithms: [HS256] }}\n\
+             state: {{ backend: memory, redis_url: \"redis://:{REDIS_PASSWORD}@127.0.0.1:6379\" }}\n\
+             budget: {{ daily_usd: 100, webhook_url: \"{WEBHOOK}\" }}\n\
+             routes:"
+        ),
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let body = format!(
+        r#"{{"messages":[{{"role":"user","content":"jwt {HS256} redis {REDIS_PASSWORD} hook {}"}}]}}"#,
+        WEBHOOK.replace('/', "\\/")
+    );
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[ALICE], &body)
+        .await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.text().contains(HS256), "the client gets the echo");
+    let logs = gw.wait_access_logs(1).await;
+    assert!(logs[0]["request_body"].is_string(), "{}", logs[0]);
+    let text = gw.log_text();
+    for secret in [HS256, REDIS_PASSWORD, "XOXB-HOOK-TOKEN-77"] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+}
