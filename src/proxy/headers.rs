@@ -152,16 +152,20 @@ pub fn from_client(headers: &mut HeaderMap, ctx: &RequestCtx) {
     strip_sluice(headers);
     // One pass over the names, as for hop-by-hop headers: a removal
     // hashes, and most requests carry at most one of the two.
-    let (authorization, api_key, expect) =
+    let (authorization, api_key, expect, cookie) =
         headers
             .keys()
-            .fold((false, false, false), |(a, k, e), name| {
+            .fold((false, false, false, false), |(a, k, e, c), name| {
                 (
                     a || name == header::AUTHORIZATION,
                     k || name == X_API_KEY,
                     e || name == header::EXPECT,
+                    c || name == header::COOKIE,
                 )
             });
+    if cookie {
+        join_cookies(headers);
+    }
     if authorization {
         headers.remove(header::AUTHORIZATION);
     }
@@ -225,6 +229,25 @@ pub fn from_client(headers: &mut HeaderMap, ctx: &RequestCtx) {
         }
     }
     headers.insert(X_REQUEST_ID, ctx.request_id.clone());
+}
+
+/// One `cookie` line from several. HTTP/2 clients send each cookie as a
+/// line of its own (RFC 9113 §8.2.3), which must be joined with `; `
+/// before an HTTP/1.1 hop: apps read one line (or join them with `, `,
+/// which splits no cookie).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut lines = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (lines.next(), lines.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for line in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(line.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
+        headers.insert(header::COOKIE, value);
+    }
 }
 
 /// Applies one upstream's own headers (per attempt: members differ).

@@ -110,7 +110,18 @@ async fn h2c_clients_are_served() {
         .unwrap();
     let reply = Client::h2c().request(big).await;
     assert_eq!(reply.status, 200);
-    assert_eq!(up.seen().len(), 2);
+    // Cookies, one line each over h2, reach the HTTP/1.1 upstream as one
+    // line (RFC 9113 §8.2.3).
+    let cookies = http::Request::get(gw.url("/public"))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .body(Default::default())
+        .unwrap();
+    assert_eq!(Client::h2c().request(cookies).await.status, 200);
+    let seen = up.seen();
+    assert_eq!(seen.len(), 3);
+    let lines: Vec<_> = seen[2].headers.get_all("cookie").iter().collect();
+    assert_eq!(lines, ["a=1; b=2"]);
 }
 
 #[tokio::test]
