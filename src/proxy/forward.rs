@@ -870,7 +870,17 @@ async fn attempt(
                         outcome: Outcome::ConnectionError,
                         text: "answered with a status beyond 599, which is not HTTP",
                     }),
+                    // hyper hands over a 101 (other 1xx it reads past);
+                    // sluice sends no `upgrade`, so it switches to nothing.
+                    Some(Ok(resp)) if resp.status().is_informational() => Err(AttemptFailure {
+                        outcome: Outcome::ConnectionError,
+                        text: "answered 101 Switching Protocols, but no upgrade was asked for",
+                    }),
                     Some(Ok(mut resp)) => {
+                        // A proxy answers in its own version (RFC 9110
+                        // §6.2): an HTTP/1.0 upstream's would close the
+                        // client's keep-alive connection.
+                        *resp.version_mut() = http::Version::HTTP_11;
                         if let Some(location) = resp
                             .headers()
                             .get(http::header::LOCATION)

@@ -227,3 +227,44 @@ async fn a_status_beyond_599_is_a_502() {
         .await;
     assert_eq!(ok, Some(0.0));
 }
+
+/// A 101 to a request that asked for no upgrade (sluice sends none)
+/// switches to nothing: a 502, not a status passed on as an `ok`.
+#[tokio::test]
+async fn a_switch_of_protocol_no_one_asked_for_is_a_502() {
+    let up = RawUpstream::start(
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+        AfterAnswer::KeepAlive,
+    )
+    .await;
+    let gw = TestGateway::start(&config(&up.url(), "{}")).await;
+    let reply = Client::new().get(&gw.url("/x")).await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(reply.json()["error"]["code"], "upstream_error");
+    assert_eq!(attempts_of_app(&gw, "connection_error").await, Some(1.0));
+    assert_eq!(attempts_of_app(&gw, "ok").await, Some(0.0));
+}
+
+/// An HTTP/1.0 upstream's answer reaches an HTTP/1.1 client in sluice's
+/// own version, and the client's connection stays open for the next.
+#[tokio::test]
+async fn an_http_1_0_answer_keeps_the_clients_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = RawUpstream::start(
+        b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        AfterAnswer::KeepAlive,
+    )
+    .await;
+    let gw = TestGateway::start(&config(&up.url(), "{}")).await;
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(
+        b"GET /x HTTP/1.1\r\nhost: t\r\n\r\nGET /y HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut got)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(text.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{text}");
+    assert!(!text.contains("HTTP/1.0"), "{text}");
+}
