@@ -1227,9 +1227,8 @@ impl Compiler<'_> {
                 );
             }
             hmac = true;
-            let key = jwt::JwtKey::any_algorithm(jsonwebtoken::DecodingKey::from_secret(
-                text.as_bytes(),
-            ));
+            let key =
+                jwt::JwtKey::any_algorithm(jsonwebtoken::DecodingKey::from_secret(text.as_bytes()));
             self.secrets_written.push(text);
             vec![key]
         };

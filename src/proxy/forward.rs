@@ -1002,14 +1002,21 @@ fn classify(e: &ClientError) -> AttemptFailure {
             text,
         };
     }
-    if let ClientError::Http(h) = e
-        && h.is_parse_too_large()
-    {
-        // A plain-HTTP upstream connection reads about 64 KiB of head.
-        return AttemptFailure {
-            outcome: Outcome::ConnectionError,
-            text: "the response head is too large (about 64 KiB at most)",
-        };
+    if let ClientError::Http(h) = e {
+        // A plain-HTTP upstream connection reads about 64 KiB of head, in
+        // at most 100 lines (as Envoy's default).
+        if h.is_parse_too_large() {
+            return AttemptFailure {
+                outcome: Outcome::ConnectionError,
+                text: "the response head is too large (about 64 KiB or 100 header lines at most)",
+            };
+        }
+        if h.is_parse() || h.is_parse_status() {
+            return AttemptFailure {
+                outcome: Outcome::ConnectionError,
+                text: "answered with a response head that is not valid HTTP",
+            };
+        }
     }
     AttemptFailure {
         outcome: Outcome::ConnectionError,

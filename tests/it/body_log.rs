@@ -188,8 +188,7 @@ async fn other_secrets_of_the_config_are_masked_in_bodies() {
     const HS256: &str = "hs-secret-7f3e9a1b2c4d5e6f7a8b9c0d1e2f3a4b";
     const REDIS_PASSWORD: &str = "redis-pw-0a1b2c3d4e";
     const WEBHOOK: &str = "https://hooks.slack.com/services/T000/B000/XOXB-HOOK-TOKEN-77";
-    let upstream =
-        MockUpstream::start(|seen| UpstreamReply::text(seen.body.clone())).await;
+    let upstream = MockUpstream::start(|seen| UpstreamReply::text(seen.body.clone())).await;
     let yaml = config(&upstream.url(), true).replace(
         "routes:",
         &format!(

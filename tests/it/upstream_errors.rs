@@ -201,6 +201,35 @@ async fn an_oversized_upstream_head_is_a_502_that_says_so() {
     assert!(message.contains("response head is too large"), "{message}");
 }
 
+/// Too many header lines, or a head that is not HTTP, are named as such,
+/// not as a connection closed before answering.
+#[tokio::test]
+async fn a_malformed_upstream_head_is_a_502_that_says_so() {
+    let many = format!(
+        "HTTP/1.1 200 OK\r\n{}content-length: 2\r\n\r\nok",
+        "x-h: 1\r\n".repeat(150)
+    );
+    let many: &'static [u8] = Box::leak(many.into_bytes().into_boxed_slice());
+    for (answer, says) in [
+        (many, "100 header lines"),
+        (
+            &b"HTTP/1.1 2OO OK\r\ncontent-length: 2\r\n\r\nok"[..],
+            "not valid HTTP",
+        ),
+        (&b"SSH-2.0-OpenSSH_9.2\r\n\r\n"[..], "not valid HTTP"),
+    ] {
+        let up = RawUpstream::start(answer, AfterAnswer::KeepAlive).await;
+        let gw = TestGateway::start(&config(&up.url(), "{}")).await;
+        let reply = Client::new().get(&gw.url("/x")).await;
+        assert_eq!(reply.status, 502);
+        let message = reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(message.contains(says), "{says}: {message}");
+    }
+}
+
 /// An answer whose status is beyond 599 is not HTTP (RFC 9110 §15): a 502
 /// that says so, counted as a failed connection, not passed on as an `ok`.
 #[tokio::test]
