@@ -48,6 +48,7 @@ pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Removes hop-by-hop headers, including those listed in `connection`;
 /// says whether `transfer-encoding` was among them.
@@ -208,6 +209,9 @@ pub fn from_client(headers: &mut HeaderMap, ctx: &RequestCtx) {
         X_FORWARDED_FOR,
         extended.unwrap_or_else(|| ctx.client_ip.clone()),
     );
+    // Apps behind nginx read the client's address here (`proxy_set_header
+    // X-Real-IP $remote_addr`): the peer's, never one a client wrote.
+    headers.insert(X_REAL_IP, ctx.client_ip.clone());
     headers.insert(
         X_FORWARDED_PROTO,
         HeaderValue::from_static(if ctx.tls { "https" } else { "http" }),

@@ -148,6 +148,7 @@ async fn hop_by_hop_credentials_and_sluice_headers_never_cross() {
                 ("te", "trailers"),
                 ("x-sluice-identity", "admin"),
                 ("x-forwarded-for", "10.0.0.9"),
+                ("x-real-ip", "10.0.0.9"),
                 ("x-custom", "kept"),
                 ("accept-encoding", "gzip, br"),
             ],
@@ -182,6 +183,7 @@ async fn hop_by_hop_credentials_and_sluice_headers_never_cross() {
         "sluice reads answers: it asks for them uncompressed"
     );
     assert_eq!(seen.header("x-forwarded-for"), Some("10.0.0.9, 127.0.0.1"));
+    assert_eq!(seen.header("x-real-ip"), Some("127.0.0.1"), "the peer's");
     assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
     assert_eq!(
         seen.header("x-forwarded-host"),
