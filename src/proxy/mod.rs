@@ -71,13 +71,18 @@ pub async fn handle(
     } = &mut finish;
 
     ctx.body_unread = declares_body_over_http1(&req);
-    let result = process(gw, active, ctx, req).await;
+    let drainable = ctx.body_unread && is_small_and_sent(&req);
+    // The body, kept here until `process` takes it: a refusal can then
+    // read what is left of a small one, and keep the connection.
+    let mut unread = None;
+    let req = req.map(|body| unread = Some(body));
+    let result = process(gw, active, ctx, req, &mut unread).await;
     let mut resp = match result {
         Ok(resp) => resp,
         Err(e) => {
             ctx.error = Some(e.code());
             let mut resp = e.into_response();
-            if ctx.body_unread {
+            if ctx.body_unread && !(drainable && drain(unread.take(), &mut ctx.waiting).await) {
                 // hyper closes a connection whose request body was left
                 // unread once it has answered; saying so lets the client
                 // open a new one rather than send its next request into a
@@ -188,6 +193,49 @@ fn declares_body_over_http1(req: &Request<Incoming>) -> bool {
     req.version() <= http::Version::HTTP_11 && !http_body::Body::is_end_stream(req.body())
 }
 
+/// The most of a refused request's body read to keep its connection (a
+/// chat request's size; larger ones close it, as before).
+const DRAIN_BYTES: u64 = 64 * 1024;
+/// How long a refusal waits for the rest of such a body. Most arrive
+/// with their head; a slow one costs its connection, not the answer's
+/// time.
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Whether a refusal may read the request's body to keep the connection
+/// open, as nginx discards a refused request's body: a declared length
+/// of at most [`DRAIN_BYTES`], and no `expect: 100-continue` (reading
+/// would ask the client for the body its refusal spares it).
+fn is_small_and_sent(req: &Request<Incoming>) -> bool {
+    let small = http_body::Body::size_hint(req.body())
+        .exact()
+        .is_some_and(|len| len <= DRAIN_BYTES);
+    small && !req.headers().contains_key(http::header::EXPECT)
+}
+
+/// Reads a refused request's body to its end within [`DRAIN_WAIT`]:
+/// whether it ended, so hyper can take the connection's next request.
+/// The wait is the client's, not sluice's overhead.
+async fn drain(body: Option<Incoming>, waiting: &mut std::time::Duration) -> bool {
+    use http_body_util::BodyExt;
+    let Some(mut body) = body else {
+        return false;
+    };
+    let started = std::time::Instant::now();
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            if frame.is_err() {
+                return false;
+            }
+        }
+        true
+    };
+    let ended = tokio::time::timeout(DRAIN_WAIT, read)
+        .await
+        .unwrap_or(false);
+    *waiting += started.elapsed();
+    ended
+}
+
 /// Accounts for a request hyper refused before sluice saw it: a head
 /// over the 64 KiB bound (431), a URI too long (414), a malformed request
 /// line or header (400). hyper answers these itself, with an empty body;
@@ -263,7 +311,8 @@ async fn process(
     gw: &Gateway,
     active: &Active,
     ctx: &mut RequestCtx,
-    mut req: Request<Incoming>,
+    mut req: Request<()>,
+    unread: &mut Option<Incoming>,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let snap = &active.snapshot;
     // Routes match, and upstreams get, the path in normal form: one path
@@ -361,7 +410,11 @@ async fn process(
     }
     let max_body = snap.limits.max_request_body;
     validate::check_declared_size(req.headers(), max_body)?;
-    let (parts, body) = req.into_parts();
+    let (parts, ()) = req.into_parts();
+    // `handle` keeps the body until here, and nothing else takes it.
+    let Some(body) = unread.take() else {
+        return Err(ProxyError::ClientClosed);
+    };
     let deadline = ctx.deadline(snap);
     let budget = gw.body_budget(snap);
     let route_path = slash_view.as_deref().unwrap_or(parts.uri.path());
@@ -384,7 +437,12 @@ async fn process(
         ctx.request_body = Some(BodyLog::of(&bytes).render(&snap.logging.known_secrets.0));
         body = forward::RequestBody::Read(bytes);
     }
-    limit::admit(snap, &gw.state, &gw.metrics, route, ctx).await?;
+    if let Err(refused) = limit::admit(snap, &gw.state, &gw.metrics, route, ctx).await {
+        if let forward::RequestBody::Streaming(body) = body {
+            *unread = Some(body);
+        }
+        return Err(refused);
+    }
     // From here the body is read (for a cache key) or passed on.
     ctx.body_unread = false;
     match cache::lookup(gw, active, route, ctx, &parts, body).await? {

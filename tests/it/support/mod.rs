@@ -57,3 +57,21 @@ impl RefusedPort {
         format!("http://127.0.0.1:{}", self.port)
     }
 }
+
+/// Reads what arrives on `conn` until it closes or goes quiet for
+/// `quiet`: the answers, and whether the connection was closed.
+pub async fn answers(
+    conn: &mut tokio::net::TcpStream,
+    quiet: std::time::Duration,
+) -> (String, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match tokio::time::timeout(quiet, conn.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&got).into_owned(), true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&got).into_owned(), false),
+        }
+    }
+}
