@@ -146,6 +146,9 @@ pub struct RequestCtx {
     pub reservations: Vec<Reservation>,
     /// The request's token estimate, where a limit or a budget needs it.
     pub estimate: Option<TokenEstimate>,
+    /// The model the request names, kept with the estimate: the price of
+    /// an answer that never came (its client left first).
+    pub requested_model: Option<String>,
     /// sluice asked the upstream for stream usage the client did not ask
     /// for: the usage-only chunk is removed from the client's stream.
     pub usage_injected: bool,
@@ -198,6 +201,7 @@ impl RequestCtx {
             token_limit: None,
             reservations: Vec::new(),
             estimate: None,
+            requested_model: None,
             usage_injected: false,
         }
     }

@@ -151,6 +151,7 @@ pub async fn send(
             limit::estimate_tokens_roughly(&body)
         };
         ctx.estimate = Some(estimate);
+        ctx.requested_model = limit::requested_model(&body);
         if token_limited {
             limit::reserve_tokens(snap, &gw.state, &gw.metrics, route, ctx, estimate.total())
                 .await?;

@@ -327,6 +327,39 @@ pub async fn reserve_tokens(
     Ok(())
 }
 
+/// A request-limit refusal's `retry-after`, lengthened to cover the token
+/// buckets short of `estimate` too (read by taking nothing): a client
+/// told only the request bucket's wait would be refused again by the
+/// token bucket. Their states join the token headers.
+pub async fn covering_tokens(
+    snap: &Snapshot,
+    state: &State,
+    route: &Route,
+    ctx: &mut RequestCtx,
+    refusal: ProxyError,
+    estimate: u64,
+) -> ProxyError {
+    let (
+        ProxyError::RateLimited {
+            retry_after,
+            over: None,
+        },
+        Some(identity),
+    ) = (&refusal, ctx.identity.clone())
+    else {
+        return refusal;
+    };
+    // A bucket the estimate never fits has no wait to give (its own
+    // refusal says so, once the request is let in).
+    let short = buckets(snap, route, &identity, Kind::Tokens)
+        .filter(|&(_, per_minute)| estimate <= per_minute);
+    let wait = wait_on(state, short, estimate, &mut ctx.token_limit).await;
+    ProxyError::RateLimited {
+        retry_after: (*retry_after).max(wait),
+        over: None,
+    }
+}
+
 /// The buckets' state for the `x-ratelimit-*` headers of a response
 /// that took or reserved nothing from them (a cache hit, a refusal before
 /// admission or before the reservation): each bucket that applies and
@@ -364,19 +397,41 @@ pub struct Reservation {
 
 /// Whether an answer that began (a 2xx) was cut short: its client left,
 /// its stream broke or stalled, or time ran out. It may not have reported
-/// all its usage, though the tokens were spent.
+/// all its usage, though the tokens were spent. So was one whose client
+/// left before its answer began ([`left_mid_attempt`]).
 pub fn cut_short(ctx: &RequestCtx) -> bool {
-    (200..300).contains(&ctx.status)
-        && matches!(
-            ctx.error,
-            Some(
-                "client_closed"
-                    | "upstream_stream_error"
-                    | "upstream_idle_timeout"
-                    | "request_timeout"
-                    | "server_shutdown"
-            )
-        )
+    left_mid_attempt(ctx)
+        || ((200..300).contains(&ctx.status)
+            && matches!(
+                ctx.error,
+                Some(
+                    "client_closed"
+                        | "upstream_stream_error"
+                        | "upstream_idle_timeout"
+                        | "request_timeout"
+                        | "server_shutdown"
+                )
+            ))
+}
+
+/// Whether the client left while its request was with an upstream, before
+/// any answer: the upstream goes on with it (a non-streamed completion
+/// is generated, and billed, whoever waits), so it counts as used.
+pub fn left_mid_attempt(ctx: &RequestCtx) -> bool {
+    ctx.status == 499 && ctx.error == Some("client_closed") && ctx.upstream_started.is_some()
+}
+
+/// The `model` a request body names (its first string `model` member),
+/// found by a byte search: what an answer that never came is priced at.
+pub fn requested_model(body: &[u8]) -> Option<String> {
+    memchr::memmem::find_iter(body, b"\"model\"").find_map(|at| {
+        let rest = body.get(at + 7..)?.trim_ascii_start().strip_prefix(b":")?;
+        let name = rest.trim_ascii_start().strip_prefix(b"\"")?;
+        let end = memchr::memchr2(b'"', b'\\', name)?;
+        (name.get(end) == Some(&b'"'))
+            .then(|| std::str::from_utf8(&name[..end]).ok().map(str::to_owned))
+            .flatten()
+    })
 }
 
 /// Settles the reservations to the tokens really used. An answer cut
@@ -384,7 +439,8 @@ pub fn cut_short(ctx: &RequestCtx) -> bool {
 /// a limit: what it reported so far, an Anthropic stream's first count,
 /// may be far below what was generated); one that reported no usage at
 /// all keeps its estimate when the upstream did answer (an app that
-/// counts nothing); a request that failed gives it all back.
+/// counts nothing); a request that failed gives it all back, but for
+/// one whose client left while an upstream had it, which keeps it.
 pub fn settle(state: &State, ctx: &mut RequestCtx) {
     let reported = match (ctx.input_tokens, ctx.output_tokens) {
         (None, None) => None,
@@ -394,7 +450,7 @@ pub fn settle(state: &State, ctx: &mut RequestCtx) {
     let at_least_estimate = cut_short(ctx);
     let used = match reported {
         Some(used) => used,
-        None if (200..300).contains(&ctx.status) => {
+        None if (200..300).contains(&ctx.status) || left_mid_attempt(ctx) => {
             ctx.reservations.clear();
             return;
         }
@@ -610,6 +666,27 @@ mod tests {
         assert_eq!(reset_text(Duration::from_millis(1500)), "1.5s");
         assert_eq!(reset_text(Duration::from_secs(12)), "12s");
         assert_eq!(reset_text(Duration::from_secs(360)), "6m0s");
+    }
+
+    #[test]
+    fn the_requested_model_is_the_first_string_member_so_named() {
+        assert_eq!(
+            requested_model(br#"{"messages":[], "model" : "gpt-4o"}"#).as_deref(),
+            Some("gpt-4o")
+        );
+        // A tool schema's `model` object first, then the request's own.
+        assert_eq!(
+            requested_model(br#"{"tools":[{"properties":{"model":{}}}],"model":"m"}"#).as_deref(),
+            Some("m")
+        );
+        // Quoted in a message, the name is escaped: not a member.
+        assert_eq!(
+            requested_model(br#"{"messages":[{"content":"say \"model\": \"x\""}]}"#),
+            None
+        );
+        assert_eq!(requested_model(br#"{"model":"a\"b"}"#), None);
+        assert_eq!(requested_model(br#"{"model":7}"#), None);
+        assert_eq!(requested_model(b"not json"), None);
     }
 
     #[test]

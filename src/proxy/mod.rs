@@ -438,10 +438,27 @@ async fn process(
         body = forward::RequestBody::Read(bytes);
     }
     if let Err(refused) = limit::admit(snap, &gw.state, &gw.metrics, route, ctx).await {
-        if let forward::RequestBody::Streaming(body) = body {
-            *unread = Some(body);
+        if !limit::token_limits_apply(snap, route, ctx) {
+            if let forward::RequestBody::Streaming(body) = body {
+                *unread = Some(body);
+            }
+            return Err(refused);
         }
-        return Err(refused);
+        // The token buckets need the estimate, read from the body: one
+        // that has not come within the drain's wait leaves them out (and
+        // the connection closes).
+        let by = deadline.min(std::time::Instant::now() + DRAIN_WAIT);
+        let estimate = match body
+            .into_bytes(max_body, by, budget, &mut ctx.waiting)
+            .await
+        {
+            Ok(bytes) => {
+                ctx.body_unread = false;
+                limit::estimate_tokens(&bytes).total()
+            }
+            Err(_) => return Err(refused),
+        };
+        return Err(limit::covering_tokens(snap, &gw.state, route, ctx, refused, estimate).await);
     }
     // From here the body is read (for a cache key) or passed on.
     ctx.body_unread = false;

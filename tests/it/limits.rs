@@ -323,17 +323,20 @@ async fn concurrent_reservations_cannot_overshoot_and_settle_to_real_usage() {
 }
 
 /// A client that leaves before the response head (the upstream is slow)
-/// gives back what its request held: its token reservation, its slot and
-/// the in-flight count; and the request is logged, as 499 `client_closed`.
+/// gives back its slot and the in-flight count, and is logged as 499
+/// `client_closed`; but its tokens were spent all the same (the upstream
+/// goes on generating, and bills it), so its reservation stays and its
+/// estimate is charged at the price of the model it asked for: hanging up
+/// early is no way around a limit or a budget.
 #[tokio::test]
-async fn a_client_that_leaves_before_the_answer_gives_back_what_it_held() {
+async fn a_client_that_leaves_before_the_answer_is_charged_its_estimate() {
     let up = llm_reporting(10, Duration::from_millis(800)).await;
-    let gw = TestGateway::start(&config(
+    let yaml = config(
         &up.url(),
         "{ tokens_per_minute: 600, concurrent_requests: 1 }",
         "",
-    ))
-    .await;
+    ) + "pricing:\n  m: { input: 1000, output: 1000 }\n";
+    let gw = TestGateway::start(&yaml).await;
     let (client, url) = (Client::new(), gw.url("/v1/chat/completions"));
     let leaving = client.send(
         Method::POST,
@@ -351,6 +354,10 @@ async fn a_client_that_leaves_before_the_answer_gives_back_what_it_held() {
     assert_eq!(logs[0]["status"], 499, "{logs:?}");
     assert_eq!(logs[0]["error"], "client_closed", "{logs:?}");
     assert_eq!(logs[0]["identity"], "alice", "{logs:?}");
+    // 44 bytes of prompt (11 tokens) and 500 of output, at $1000 a million.
+    assert_eq!(logs[0]["cost_usd"], 0.511, "{logs:?}");
+    let cost = [("route", "chat"), ("model", "m")];
+    assert_eq!(gw.metric("sluice_cost_usd_total", &cost).await, Some(0.511));
     assert_eq!(
         gw.metric("sluice_in_flight_requests", &[("route", "chat")])
             .await,
@@ -370,16 +377,11 @@ async fn a_client_that_leaves_before_the_answer_gives_back_what_it_held() {
         gw.metric("sluice_upstream_requests_total", &labels).await,
         Some(1.0)
     );
-    // 500 reserved of 600 are back, and the one slot is free: a request
-    // for 200 more fits.
-    let r = Client::new()
-        .send(
-            Method::POST,
-            &gw.url("/v1/chat/completions"),
-            &[("x-api-key", "key-alice")],
-            Bytes::from_static(br#"{"model":"m","max_tokens":200,"messages":[]}"#),
-        )
-        .await;
+    // 511 of 600 stay taken: 200 more do not fit...
+    let more = post(&gw, r#"{"model":"m","max_tokens":200,"messages":[]}"#).await;
+    assert_eq!(more.status, 429, "{}", more.text());
+    // ...but the one slot is free.
+    let r = post(&gw, r#"{"model":"m","max_tokens":10,"messages":[]}"#).await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
@@ -604,6 +606,44 @@ async fn retry_after_waits_for_every_bucket_that_is_short() {
     assert_eq!(refused.header("retry-after"), Some("60"));
     assert_eq!(refused.header("x-ratelimit-limit-requests"), Some("2"));
     assert_eq!(refused.header("x-ratelimit-remaining-requests"), Some("0"));
+}
+
+/// A request refused by its request bucket also waits for its token
+/// buckets: one told only the request bucket's 30 s would be refused
+/// again, by the token bucket, which needs ~51 s for its estimate.
+#[tokio::test]
+async fn retry_after_of_a_request_refusal_covers_the_token_buckets() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let answered = std::sync::Arc::new(AtomicUsize::new(0));
+    let up = MockUpstream::start(move |_| {
+        // The first answer used 950 of the 1000 tokens; later ones none.
+        let tokens = if answered.fetch_add(1, Ordering::SeqCst) == 0 { 950 } else { 0 };
+        UpstreamReply::json(&serde_json::json!({
+            "object": "chat.completion", "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": tokens, "completion_tokens": 0},
+        }))
+    })
+    .await;
+    let gw = TestGateway::start(&config(
+        &up.url(),
+        "{ requests_per_minute: 2, tokens_per_minute: 1000 }",
+        "",
+    ))
+    .await;
+    assert_eq!(post(&gw, r#"{"max_tokens":10}"#).await.status, 200);
+    assert_eq!(get(&gw, "/other/x", "key-alice").await.status, 200);
+    let refused = post(&gw, r#"{"max_tokens":900}"#).await;
+    assert_eq!(refused.status, 429);
+    let ms: u64 = refused.header("retry-after-ms").unwrap().parse().unwrap();
+    assert!((48_000..=54_000).contains(&ms), "retry-after-ms {ms}");
+    assert_eq!(refused.header("x-ratelimit-remaining-requests"), Some("0"));
+    let tokens: u64 = refused
+        .header("x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((45..=60).contains(&tokens), "remaining tokens {tokens}");
 }
 
 /// A request refused by a limit, its small body sent with it, leaves the
