@@ -1320,7 +1320,7 @@ impl Compiler<'_> {
             let parsed = url.parse::<http::Uri>().ok().filter(|u| {
                 matches!(u.scheme_str(), Some("http" | "https"))
                     && u.authority()
-                        .is_some_and(|a| !a.host().is_empty() && port_is_valid(a))
+                        .is_some_and(|a| !a.host().is_empty() && crate::upstream::port_is_valid(a))
             });
             if parsed.is_none() {
                 // Found at the first alert, maybe days later, otherwise.
@@ -1538,20 +1538,7 @@ fn is_origin(text: &str) -> bool {
         && !rest.contains('@')
         && rest
             .parse::<http::uri::Authority>()
-            .is_ok_and(|a| a.as_str() == rest && port_is_valid(&a))
-}
-
-/// Whether an authority's port, if it has one, is a port number (the
-/// `http` crate parses `:99999` as no port at all).
-fn port_is_valid(authority: &http::uri::Authority) -> bool {
-    let text = authority.as_str();
-    let host_and_port = text.rsplit_once('@').map_or(text, |(_, after)| after);
-    let after_host = host_and_port
-        .rfind(']')
-        .map_or(host_and_port, |end| &host_and_port[end + 1..]);
-    after_host
-        .rsplit_once(':')
-        .is_none_or(|(_, port)| port.parse::<u16>().is_ok())
+            .is_ok_and(|a| a.as_str() == rest && crate::upstream::port_is_valid(&a))
 }
 
 fn json_escaped(text: &str) -> String {

@@ -966,16 +966,18 @@ impl AnswerWait<'_> {
 /// Names a client error without its text (which may carry an address).
 fn classify(e: &ClientError) -> AttemptFailure {
     let mut source: Option<&(dyn StdError + 'static)> = e.source();
-    let mut tls = false;
+    let mut tls = None;
     let mut io_kind = None;
     let mut local = false;
     while let Some(err) = source {
-        if err.downcast_ref::<rustls::Error>().is_some() {
-            tls = true;
+        if let Some(rustls) = err.downcast_ref::<rustls::Error>() {
+            tls.get_or_insert(rustls);
         }
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
             io_kind.get_or_insert(io.kind());
-            tls |= wraps_rustls_error(io);
+            if let Some(rustls) = wrapped_rustls_error(io) {
+                tls.get_or_insert(rustls);
+            }
             local |= is_local_shortage(io);
         }
         source = err.source();
@@ -986,10 +988,10 @@ fn classify(e: &ClientError) -> AttemptFailure {
             text: "sluice could not open a connection (out of file descriptors or memory)",
         };
     }
-    if tls {
+    if let Some(error) = tls {
         return AttemptFailure {
             outcome: Outcome::TlsError,
-            text: "TLS handshake failed",
+            text: tls_failure(error),
         };
     }
     if e.is_connect() {
@@ -1048,15 +1050,45 @@ fn is_local_shortage(io: &std::io::Error) -> bool {
 /// Whether an I/O error carries a rustls error, however deeply wrapped.
 /// `io::Error::source` skips the error it wraps, so the chain is walked
 /// through `get_ref` instead.
-fn wraps_rustls_error(io: &std::io::Error) -> bool {
+fn wrapped_rustls_error(io: &std::io::Error) -> Option<&rustls::Error> {
     let mut inner = io.get_ref();
     while let Some(err) = inner {
-        if err.downcast_ref::<rustls::Error>().is_some() {
-            return true;
+        if let Some(rustls) = err.downcast_ref::<rustls::Error>() {
+            return Some(rustls);
         }
         inner = err
             .downcast_ref::<std::io::Error>()
             .and_then(std::io::Error::get_ref);
     }
-    false
+    None
+}
+
+/// Why a handshake with an upstream failed, in the words an operator
+/// acts on: a missing `ca_file`, a certificate for another name or out
+/// of date, or no TLS on that port.
+fn tls_failure(error: &rustls::Error) -> &'static str {
+    use rustls::CertificateError as Cert;
+    match error {
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            Cert::UnknownIssuer => {
+                "TLS handshake failed: the certificate is not signed by a trusted CA (a private CA goes in ca_file)"
+            }
+            Cert::NotValidForName | Cert::NotValidForNameContext { .. } => {
+                "TLS handshake failed: the certificate is not valid for the upstream's host name"
+            }
+            Cert::Expired | Cert::ExpiredContext { .. } => {
+                "TLS handshake failed: the certificate has expired"
+            }
+            Cert::NotValidYet | Cert::NotValidYetContext { .. } => {
+                "TLS handshake failed: the certificate is not valid yet"
+            }
+            Cert::Revoked => "TLS handshake failed: the certificate is revoked",
+            _ => "TLS handshake failed: the certificate is invalid",
+        },
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+            "TLS handshake failed: the upstream does not speak TLS on that port"
+        }
+        rustls::Error::AlertReceived(_) => "TLS handshake failed: the upstream refused it (alert)",
+        _ => "TLS handshake failed",
+    }
 }

@@ -129,6 +129,19 @@ impl HttpUpstream {
                 without_secrets(url)
             )));
         }
+        // `http://${APP_HOST}:8000` with the variable set but empty.
+        if authority.host().is_empty() {
+            return Err(BuildError::Url(format!(
+                "upstream url `{}` has no host (an empty variable?)",
+                without_secrets(url)
+            )));
+        }
+        if !port_is_valid(&authority) {
+            return Err(BuildError::Url(format!(
+                "upstream url `{}` has a port that is not 1-65535",
+                without_secrets(url)
+            )));
+        }
         let base_path = uri.path().trim_end_matches('/').to_owned();
         if scheme == Scheme::HTTP && ca_pem.is_some() {
             return Err(BuildError::Ca(
@@ -210,6 +223,19 @@ impl HttpUpstream {
 /// `url` as an error may quote it: never its userinfo, query or fragment.
 /// When it has both an `@` and a `?` or `#`, which ends which is not
 /// known (a password may hold `?`, a query `@`): only its scheme shows.
+/// Whether an authority's port, if it has one, is a port number, 1 to
+/// 65535 (the `http` crate parses `:99999` as no port at all).
+pub(crate) fn port_is_valid(authority: &http::uri::Authority) -> bool {
+    let text = authority.as_str();
+    let host_and_port = text.rsplit_once('@').map_or(text, |(_, after)| after);
+    let after_host = host_and_port
+        .rfind(']')
+        .map_or(host_and_port, |end| &host_and_port[end + 1..]);
+    after_host
+        .rsplit_once(':')
+        .is_none_or(|(_, port)| port.parse::<u16>().is_ok_and(|p| p != 0))
+}
+
 pub(crate) fn without_secrets(url: &str) -> String {
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
     let scheme = if scheme.is_empty() {
@@ -222,7 +248,8 @@ pub(crate) fn without_secrets(url: &str) -> String {
     match (at, cut) {
         (Some(_), Some(_)) => format!("{scheme}…"),
         (Some(at), None) => format!("{scheme}…@{}", &rest[at + 1..]),
-        (None, Some(cut)) => format!("{scheme}{}?…", &rest[..cut]),
+        // Marked by the character that began the part left out.
+        (None, Some(cut)) => format!("{scheme}{}{}…", &rest[..cut], &rest[cut..cut + 1]),
         (None, None) => format!("{scheme}{rest}"),
     }
 }
@@ -245,6 +272,7 @@ mod tests {
                 "https://llm.example.com/v1?key=k3y",
                 "https://llm.example.com/v1?…",
             ),
+            ("http://127.0.0.1:8000#frag", "http://127.0.0.1:8000#…"),
             ("not a url", "not a url"),
         ] {
             assert_eq!(without_secrets(url), shown, "{url}");

@@ -689,6 +689,47 @@ routes:
     );
 }
 
+/// URLs every request through would fail: no host (a variable set but
+/// empty), a port that is no port. And a fragment, quoted to its `#`.
+#[test]
+fn an_upstream_url_without_a_host_or_with_no_port_is_refused() {
+    let yaml = |url: &str| {
+        format!(
+            "upstreams:\n  app:\n    url: \"{url}\"\nroutes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: app\n"
+        )
+    };
+    for (url, env, says) in [
+        (
+            "http://${APP_HOST}:8000",
+            ("APP_HOST", ""),
+            "upstream url `http://${APP_HOST}:8000` has no host (an empty variable?)",
+        ),
+        (
+            "https://:443/v1",
+            ("", ""),
+            "upstream url `https://:443/v1` has no host (an empty variable?)",
+        ),
+        (
+            "http://127.0.0.1:99999",
+            ("", ""),
+            "upstream url `http://127.0.0.1:99999` has a port that is not 1-65535",
+        ),
+        (
+            "http://127.0.0.1:0",
+            ("", ""),
+            "upstream url `http://127.0.0.1:0` has a port that is not 1-65535",
+        ),
+        (
+            "http://127.0.0.1:8000#frag",
+            ("", ""),
+            "upstream url `http://127.0.0.1:8000#…` must not have a fragment (#)",
+        ),
+    ] {
+        let lines = errors_with_env(&yaml(url), &[env]);
+        assert_eq!(lines, [format!("test.yaml:3:10: {says}")], "{url}");
+    }
+}
+
 #[test]
 fn ca_file_on_a_plain_http_upstream_is_rejected() {
     let dir = tempfile::tempdir().unwrap();

@@ -55,7 +55,62 @@ async fn https_upstream_with_unknown_ca_is_502() {
     assert_eq!(reply.status, 502);
     assert_eq!(
         reply.json()["error"]["message"],
-        "every upstream attempt failed: secure: TLS handshake failed"
+        "every upstream attempt failed: secure: TLS handshake failed: the certificate is not signed by a trusted CA (a private CA goes in ca_file)"
     );
     assert!(up.seen().is_empty());
+}
+
+/// Each reason a handshake fails is named, so that an operator can tell
+/// a certificate for another name from one out of date, or a port that
+/// does not speak TLS; each counts as a `tls_error`.
+#[tokio::test]
+async fn a_failed_handshake_says_why() {
+    let other_name = TestPki::issuing(|p| {
+        p.subject_alt_names = vec![rcgen::SanType::DnsName("other.example".try_into().unwrap())];
+    });
+    let expired = TestPki::issuing(|p| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
+    for (pki, says) in [
+        (
+            &other_name,
+            "the certificate is not valid for the upstream's host name",
+        ),
+        (&expired, "the certificate has expired"),
+    ] {
+        let up =
+            MockUpstream::start_tls(|_| UpstreamReply::text("no"), &pki.cert_pem, &pki.key_pem)
+                .await;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &pki.ca_pem).unwrap();
+        let url = format!("https://localhost:{}", up.addr.port());
+        let gw = TestGateway::start_in(&config(&url, Some("ca.pem")), &[], dir).await;
+        let reply = Client::new().get(&gw.url("/")).await;
+        assert_eq!(reply.status, 502);
+        let message = reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(message.ends_with(says), "{says}: {message}");
+        let labels = [("upstream", "secure"), ("outcome", "tls_error")];
+        assert_eq!(
+            gw.metric("sluice_upstream_requests_total", &labels).await,
+            Some(1.0)
+        );
+    }
+    // An https:// URL for a port that answers plain HTTP.
+    let plain = MockUpstream::always(UpstreamReply::text("plain")).await;
+    let url = format!("https://localhost:{}", plain.addr.port());
+    let gw = TestGateway::start(&config(&url, None)).await;
+    let reply = Client::new().get(&gw.url("/")).await;
+    assert_eq!(reply.status, 502);
+    let message = reply.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.ends_with("the upstream does not speak TLS on that port"),
+        "{message}"
+    );
 }

@@ -323,6 +323,12 @@ impl TestPki {
     }
 
     pub fn new() -> Self {
+        Self::issuing(|_| {})
+    }
+
+    /// A PKI whose server certificate (for `localhost` and 127.0.0.1) is
+    /// first changed by `edit`: another name, other dates.
+    pub fn issuing(edit: impl FnOnce(&mut rcgen::CertificateParams)) -> Self {
         use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
         let ca_key = KeyPair::generate().expect("ca key");
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
@@ -336,6 +342,7 @@ impl TestPki {
         params
             .subject_alt_names
             .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+        edit(&mut params);
         let cert = params.signed_by(&key, &ca).expect("server cert");
         TestPki {
             ca_pem: ca.pem(),
