@@ -290,7 +290,7 @@ async fn run(path: PathBuf) -> ExitCode {
     );
     // Signals are taken over before `start` makes /readyz say 200: a
     // SIGTERM or SIGHUP sent right then must drain or reload, not kill.
-    let stop = StopSignals::install();
+    let mut stop = StopSignals::install();
     let hangup = sluice::reload::hangup();
     let running = match sluice::server::start(gw.clone()).await {
         Ok(r) => r,
@@ -309,7 +309,19 @@ async fn run(path: PathBuf) -> ExitCode {
     gw.log.lines.flush();
     tracing::info!(signal, "shutting down: draining in-flight requests");
     running.shutdown();
-    running.wait().await;
+    // A second signal (Ctrl-C twice, an impatient supervisor) ends the
+    // drain at once, as the grace running out would.
+    let cut = running.cutter();
+    let drained = running.wait();
+    tokio::pin!(drained);
+    tokio::select! {
+        () = &mut drained => {}
+        signal = stop.recv() => {
+            tracing::info!(signal, "asked again: not waiting for in-flight requests");
+            cut();
+            drained.await;
+        }
+    }
     gw.log.lines.flush();
     tracing::info!("stopped");
     ExitCode::SUCCESS
@@ -356,10 +368,10 @@ impl StopSignals {
         StopSignals {}
     }
 
-    /// Resolves on the first of them, naming which.
-    async fn recv(self) -> &'static str {
+    /// Resolves on the next of them, naming which.
+    async fn recv(&mut self) -> &'static str {
         #[cfg(unix)]
-        if let Some((mut term, mut int)) = self.handlers {
+        if let Some((term, int)) = self.handlers.as_mut() {
             return tokio::select! {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
@@ -379,7 +391,7 @@ async fn serve_mock(listen: SocketAddr, settings: MockSettings) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let stop = StopSignals::install();
+    let mut stop = StopSignals::install();
     // The bound address: a port of 0 is the one the system picked.
     let bound = listener.local_addr().unwrap_or(listen);
     stderr_line!("sluice mock: OpenAI-compatible mock LLM on http://{bound}/v1");

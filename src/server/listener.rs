@@ -30,6 +30,7 @@ pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
+    cut: Arc<tokio::sync::Notify>,
 ) {
     let limits = gw.active().snapshot.limits.clone();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -125,6 +126,10 @@ pub async fn serve(
         () = drain.drained() => {}
         () = tokio::time::sleep(grace) => {
             tracing::warn!(grace_s = grace.as_secs_f64(), "shutdown grace elapsed; closing remaining connections");
+            gw.cut_remaining();
+        }
+        () = cut.notified() => {
+            tracing::warn!("asked again to stop; closing remaining connections");
             gw.cut_remaining();
         }
     }

@@ -38,6 +38,8 @@ pub struct Running {
     /// The proxy listener's certificate, for reload to swap.
     pub certs: Option<Arc<tls::CertStore>>,
     shutdown: watch::Sender<bool>,
+    /// Ends the drain at once, as if `shutdown_grace` had run out.
+    cut: Arc<tokio::sync::Notify>,
     task: JoinHandle<()>,
 }
 
@@ -45,6 +47,14 @@ impl Running {
     /// Begins the graceful shutdown (what SIGTERM does).
     pub fn shutdown(&self) {
         let _ = self.shutdown.send(true);
+    }
+
+    /// What ends a drain now, also once [`Running::wait`] holds `self`:
+    /// the requests still open are cut, as when `shutdown_grace` runs
+    /// out (a second SIGTERM or Ctrl-C).
+    pub fn cutter(&self) -> impl Fn() + Send + 'static {
+        let cut = self.cut.clone();
+        move || cut.notify_one()
     }
 
     /// Waits until draining is over and both listeners are closed.
@@ -97,8 +107,10 @@ pub async fn start(gw: Arc<Gateway>) -> Result<Running, StartError> {
     let (admin_stop_tx, admin_stop) = watch::channel(false);
     let admin_task = tokio::spawn(admin::serve(gw.clone(), admin, admin_stop));
     let proxy_gw = gw.clone();
+    let cut = Arc::new(tokio::sync::Notify::new());
+    let cut_drain = cut.clone();
     let task = tokio::spawn(async move {
-        listener::serve(proxy_gw, proxy, tls, proxy_stop).await;
+        listener::serve(proxy_gw, proxy, tls, proxy_stop, cut_drain).await;
         // The admin listener outlives the drain so probes see 503, not a refusal.
         let _ = admin_stop_tx.send(true);
         let _ = admin_task.await;
@@ -116,6 +128,7 @@ pub async fn start(gw: Arc<Gateway>) -> Result<Running, StartError> {
         admin_addr,
         certs,
         shutdown,
+        cut,
         task,
     })
 }

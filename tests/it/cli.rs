@@ -676,6 +676,71 @@ routes:
     assert_eq!(access[0]["status"], 200);
 }
 
+/// A second signal during the drain (Ctrl-C twice, an impatient
+/// supervisor) ends it at once, as the grace running out would: the
+/// stream still open is cut and logged so, and sluice exits 0.
+#[tokio::test]
+async fn a_second_signal_ends_the_drain_at_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let yaml = format!(
+        "\
+listen: {proxy}
+admin: {{ listen: {admin} }}
+limits: {{ shutdown_grace: 60s }}
+upstreams:
+  slow: {{ mock: {{ stream_chunks: 5, chunk_interval: 2s }} }}
+routes:
+  - {{ name: chat, match: {{ path_prefix: /v1/ }}, auth: none, upstream: slow }}
+"
+    );
+    let path = write(dir.path(), "proxy.yaml", &yaml);
+    let mut cmd = run_logging(&path);
+    let mut gw = Running(cmd.spawn().expect("spawn sluice run"));
+    wait_ready(admin).await;
+    let hyper_client = HyperClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = http::Request::post(format!("http://{proxy}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        )))
+        .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(5), hyper_client.request(req))
+        .await
+        .expect("the stream's head within 5s")
+        .expect("the stream starts");
+    assert_eq!(resp.status(), 200);
+    let rest = tokio::spawn(client::read(resp));
+
+    let pid = libc::pid_t::try_from(gw.0.id()).expect("pid fits");
+    // SAFETY: signals our own child, whose pid it still holds (not reaped).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "kill failed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(gw.0.try_wait().expect("wait").is_none(), "still draining");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0, "kill failed");
+    let status = gw
+        .exit_within(Duration::from_secs(5))
+        .expect("exits at once, not after the 60 s grace");
+    assert_eq!(status.code(), Some(0));
+    let reply = tokio::time::timeout(Duration::from_secs(5), rest)
+        .await
+        .expect("the stream ends")
+        .expect("stream task");
+    assert!(reply.body_error.is_some(), "the cut stream looked complete");
+
+    let events = stop_and_read_events(gw);
+    let access: Vec<_> = events
+        .iter()
+        .filter(|e| e["target"] == "sluice::access")
+        .collect();
+    assert_eq!(access.len(), 1, "{events:?}");
+    assert_eq!(access[0]["error"], "server_shutdown", "{}", access[0]);
+    let again = events.iter().filter(|e| e["signal"] == "SIGINT").count();
+    assert_eq!(again, 1, "{events:?}");
+}
+
 #[test]
 fn hash_key_prints_the_sha256_of_its_argument() {
     // Blanks around a key are no part of it (a client's are trimmed too).
