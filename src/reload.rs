@@ -231,6 +231,7 @@ impl Reloader {
             Ok(()) => {
                 self.tls_digest = digest;
                 self.log(|| tracing::info!(event = "tls_reloaded", "certificate reloaded"));
+                crate::server::tls::report_expiry(store, &self.gw);
             }
             Err(e) => self.log(|| {
                 tracing::warn!(

@@ -376,6 +376,11 @@ impl Compiler<'_> {
             if let Err((e, key_at_fault)) = crate::server::tls::check_pair(&files) {
                 let at = if key_at_fault { key } else { cert };
                 self.error(&at.referenced, e);
+            } else if let Some(not_after) = crate::server::tls::files_not_after(&files)
+                && let Some(warning) =
+                    crate::server::tls::expiry_warning(not_after, crate::server::tls::unix_now())
+            {
+                self.warning(&cert.referenced, warning);
             }
             Some(files)
         });

@@ -94,7 +94,10 @@ pub async fn start(gw: Arc<Gateway>) -> Result<Running, StartError> {
         None => None,
     };
     let tls = match &certs {
-        Some(store) => Some(tls::acceptor(store.clone()).map_err(StartError::Tls)?),
+        Some(store) => {
+            tls::report_expiry(store, &gw);
+            Some(tls::acceptor(store.clone()).map_err(StartError::Tls)?)
+        }
         None => None,
     };
     let proxy = bind(snap.listen).await?;

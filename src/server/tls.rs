@@ -33,6 +33,76 @@ impl CertStore {
         self.current.store(Arc::new(read_pair(files)?));
         Ok(())
     }
+
+    /// When the serving certificate expires, as a Unix time.
+    pub fn not_after(&self) -> Option<i64> {
+        not_after(self.current.load().cert.first()?)
+    }
+}
+
+/// A certificate's `notAfter`, as a Unix time.
+fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp())
+}
+
+/// How soon before its expiry a certificate is warned about: cert-manager
+/// renews at two thirds of a 90-day life, so one this close was not.
+pub const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// A warning for a certificate that has expired or expires within
+/// [`EXPIRY_WARNING`] of `now` (Unix seconds), else `None`.
+pub fn expiry_warning(not_after: i64, now: i64) -> Option<String> {
+    let left = not_after.saturating_sub(now);
+    let warn_within = i64::try_from(EXPIRY_WARNING.as_secs()).unwrap_or(i64::MAX);
+    if left <= 0 {
+        Some("the listener's certificate has expired: clients refuse it".to_owned())
+    } else if left < warn_within {
+        let hours = left / 3600;
+        Some(format!(
+            "the listener's certificate expires in {}d {}h",
+            hours / 24,
+            hours % 24
+        ))
+    } else {
+        None
+    }
+}
+
+/// Exports the serving certificate's expiry, and warns when it is near
+/// or past (at start and after each rotation).
+pub fn report_expiry(store: &CertStore, gw: &crate::gateway::Gateway) {
+    let Some(not_after) = store.not_after() else {
+        return;
+    };
+    gw.metrics
+        .tls_cert_expiry
+        .with_label_values(&[] as &[&str])
+        .set(not_after);
+    if let Some(warning) = expiry_warning(not_after, unix_now()) {
+        let at = std::time::UNIX_EPOCH
+            + std::time::Duration::from_secs(u64::try_from(not_after).unwrap_or(0));
+        tracing::dispatcher::with_default(&gw.log.dispatch, || {
+            tracing::warn!(
+                event = "tls_cert_expiring",
+                not_after = %httpdate::fmt_http_date(at),
+                "{warning}"
+            );
+        });
+    }
+}
+
+/// The current Unix time in seconds.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// The expiry of the leaf certificate in `files`, read as `check` reads
+/// the pair (`None` when it cannot be read: that error is reported).
+pub fn files_not_after(files: &TlsFiles) -> Option<i64> {
+    not_after(read_certs(files).ok()?.first()?)
 }
 
 impl ResolvesServerCert for CertStore {
@@ -114,4 +184,26 @@ pub fn acceptor(store: Arc<CertStore>) -> Result<TlsAcceptor, String> {
         .with_cert_resolver(store);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_is_warned_about_within_a_week_and_after() {
+        let now = 1_800_000_000;
+        let day = 24 * 3600;
+        assert_eq!(expiry_warning(now + 8 * day, now), None);
+        assert_eq!(
+            expiry_warning(now + 6 * day + 5 * 3600 + 59, now).as_deref(),
+            Some("the listener's certificate expires in 6d 5h")
+        );
+        assert_eq!(
+            expiry_warning(now, now).as_deref(),
+            Some("the listener's certificate has expired: clients refuse it")
+        );
+        assert!(expiry_warning(i64::MIN, now).is_some());
+        assert_eq!(expiry_warning(i64::MAX, now), None);
+    }
 }

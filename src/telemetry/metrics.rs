@@ -86,6 +86,8 @@ pub struct Metrics {
     pub config_last_reload_ok: IntGauge,
     /// 1 while the certificate pair last read is the one serving.
     pub tls_last_reload_ok: IntGauge,
+    /// Set once the listener serves TLS: no series without it.
+    pub tls_cert_expiry: IntGaugeVec,
     pub state_errors: IntCounterVec,
     pub state_duration: HistogramVec,
     pub cache_saved_usd: CounterVec,
@@ -210,6 +212,11 @@ impl Metrics {
             tls_last_reload_ok: plain_gauge(
                 "sluice_tls_last_reload_successful",
                 "1 when the last re-read of the listener's certificate pair (or the start) succeeded, 0 when the last one was refused.",
+            ),
+            tls_cert_expiry: gauge(
+                "sluice_tls_cert_expiry_timestamp_seconds",
+                "When the certificate the listener serves expires, as a Unix time (only with tls).",
+                &[],
             ),
             connections_open: plain_gauge(
                 "sluice_connections_open",

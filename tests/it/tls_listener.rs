@@ -173,3 +173,60 @@ async fn silent_tls_connection_is_cut_off() {
         "{elapsed:?}"
     );
 }
+
+/// The serving certificate's expiry is a gauge (from start, and after
+/// each rotation), and one expired or about to be is warned about, at
+/// start and by `check`: a renewal that never came shows before clients
+/// refuse the listener.
+#[tokio::test]
+async fn a_certificate_near_its_end_is_warned_about_and_its_expiry_exported() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    // rcgen's default is valid to 4096: no warning, the gauge set.
+    let fresh = TestPki::new();
+    let gw = gateway(&fresh, &up).await;
+    let expiry = gw
+        .metric("sluice_tls_cert_expiry_timestamp_seconds", &[])
+        .await
+        .expect("the gauge is there with tls");
+    assert!(expiry > 4.0e12 / 1000.0, "{expiry}");
+    assert!(!gw.log_text().contains("tls_cert_expiring"));
+
+    let expired = TestPki::issuing(|p| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
+    let gw = gateway(&expired, &up).await;
+    assert_eq!(
+        gw.metric("sluice_tls_cert_expiry_timestamp_seconds", &[])
+            .await,
+        Some(1_609_459_200.0)
+    );
+    let warned: Vec<_> = gw
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "tls_cert_expiring")
+        .collect();
+    assert_eq!(warned.len(), 1, "{}", gw.log_text());
+    let warned = &warned[0];
+    assert_eq!(warned["level"], "WARN", "{warned}");
+    assert_eq!(
+        warned["not_after"], "Fri, 01 Jan 2021 00:00:00 GMT",
+        "{warned}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    expired.write_files(dir.path());
+    let snapshot = sluice::config::load_str(
+        &tls_listener_config(&up.url()),
+        "test.yaml",
+        dir.path(),
+        &|_| None,
+    )
+    .expect("an expired certificate still loads");
+    let lines: Vec<String> = snapshot.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].ends_with("warning: the listener's certificate has expired: clients refuse it"),
+        "{lines:?}"
+    );
+}
