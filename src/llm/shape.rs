@@ -47,6 +47,13 @@ impl Endpoint {
     }
 }
 
+/// Whether the path names the model, as Azure OpenAI's
+/// `/openai/deployments/{deployment}/chat/completions` does: its bodies
+/// carry no `model`.
+pub fn model_in_path(path: &str) -> bool {
+    path.contains("/deployments/")
+}
+
 const ROLES: [&str; 6] = [
     "system",
     "developer",
@@ -56,7 +63,9 @@ const ROLES: [&str; 6] = [
     "function",
 ];
 
-pub fn check(endpoint: Endpoint, body: &Value) -> Result<(), Invalid> {
+/// Checks `body` against `endpoint`'s shape; `model_in_path` when the
+/// path names the model (see [`model_in_path`]).
+pub fn check(endpoint: Endpoint, model_in_path: bool, body: &Value) -> Result<(), Invalid> {
     let Some(body) = body.as_object() else {
         return Err(Invalid {
             path: String::new(),
@@ -67,7 +76,13 @@ pub fn check(endpoint: Endpoint, body: &Value) -> Result<(), Invalid> {
         map: body,
         path: "",
     };
-    at.required("model", &[Type::String])?;
+    // A responses request may take its model from a stored prompt
+    // (`prompt: {id}`); an Azure deployment's path names it.
+    if model_in_path || endpoint == Endpoint::Responses {
+        at.optional("model", &[Type::String])?;
+    } else {
+        at.required("model", &[Type::String])?;
+    }
     at.non_empty_string("model")?;
     match endpoint {
         Endpoint::ChatCompletions => chat(&at),
@@ -122,7 +137,59 @@ fn chat(at: &Obj<'_>) -> Result<(), Invalid> {
                         path,
                     });
                 };
-                Obj { map, path: &path }.required("type", &[Type::String])?;
+                content_part(&Obj { map, path: &path })?;
+            }
+        }
+        if let Some(calls) = map.get("tool_calls") {
+            m.typed("tool_calls", calls, &[Type::Array, Type::Null])?;
+            for (j, call) in calls.as_array().into_iter().flatten().enumerate() {
+                let path = format!("{path}.tool_calls[{j}]");
+                let call = object(call, &path)?;
+                call.required("id", &[Type::String])?;
+                let function = call.required("function", &[Type::Object])?;
+                let path = format!("{path}.function");
+                let function = object(function, &path)?;
+                function.required("name", &[Type::String])?;
+                function.required("arguments", &[Type::String])?;
+            }
+        }
+    }
+    if let Some(tools) = at.map.get("tools") {
+        at.typed("tools", tools, &[Type::Array, Type::Null])?;
+        for (i, tool) in tools.as_array().into_iter().flatten().enumerate() {
+            let path = format!("tools[{i}]");
+            let tool = object(tool, &path)?;
+            tool.required("type", &[Type::String])?;
+            if tool.map.get("type").and_then(Value::as_str) == Some("function") {
+                let function = tool.required("function", &[Type::Object])?;
+                let path = format!("{path}.function");
+                let function = object(function, &path)?;
+                function.required("name", &[Type::String])?;
+                function.non_empty_string("name")?;
+            }
+        }
+    }
+    match at.map.get("tool_choice") {
+        None | Some(Value::Null | Value::Object(_)) => {}
+        Some(Value::String(choice)) if ["none", "auto", "required"].contains(&choice.as_str()) => {}
+        Some(other) => {
+            return Err(at.invalid(
+                "tool_choice",
+                format!("must be none, auto, required or an object naming a tool, not {other}"),
+            ));
+        }
+    }
+    if let Some(format) = at.map.get("response_format") {
+        at.typed("response_format", format, &[Type::Object, Type::Null])?;
+        if let Some(map) = format.as_object() {
+            let format = Obj {
+                map,
+                path: "response_format",
+            };
+            format.required("type", &[Type::String])?;
+            if map.get("type").and_then(Value::as_str) == Some("json_schema") {
+                let schema = format.required("json_schema", &[Type::Object])?;
+                object(schema, "response_format.json_schema")?.required("name", &[Type::String])?;
             }
         }
     }
@@ -132,11 +199,39 @@ fn chat(at: &Obj<'_>) -> Result<(), Invalid> {
     at.optional("max_completion_tokens", &[Type::Integer, Type::Null])?;
     at.at_least("max_completion_tokens", 1)?;
     at.optional("stop", &[Type::String, Type::Array, Type::Null])?;
-    at.optional("tools", &[Type::Array])?;
     at.optional("stream_options", &[Type::Object, Type::Null])?;
-    at.optional("response_format", &[Type::Object])?;
     at.optional("seed", &[Type::Integer, Type::Null])?;
-    at.optional("user", &[Type::String])
+    at.optional("user", &[Type::String, Type::Null])
+}
+
+/// A message's content part: its `type`, and for the types OpenAI
+/// defines, the member that carries it (other types pass, for APIs
+/// newer than this check).
+fn content_part(part: &Obj<'_>) -> Result<(), Invalid> {
+    part.required("type", &[Type::String])?;
+    let carrier = match part.map.get("type").and_then(Value::as_str) {
+        Some("text") => return part.required("text", &[Type::String]).map(drop),
+        Some("image_url") => Some(("image_url", "url")),
+        Some("input_audio") => Some(("input_audio", "data")),
+        _ => None,
+    };
+    if let Some((member, inner)) = carrier {
+        let value = part.required(member, &[Type::Object])?;
+        let path = part.path_of(member);
+        object(value, &path)?.required(inner, &[Type::String])?;
+    }
+    Ok(())
+}
+
+/// `value` as an object at `path`, or the error saying it is not one.
+fn object<'a>(value: &'a Value, path: &'a str) -> Result<Obj<'a>, Invalid> {
+    match value.as_object() {
+        Some(map) => Ok(Obj { map, path }),
+        None => Err(Invalid {
+            message: format!("`{path}` must be an object, not {}", kind(value)),
+            path: path.to_owned(),
+        }),
+    }
 }
 
 fn completions(at: &Obj<'_>) -> Result<(), Invalid> {
@@ -160,9 +255,9 @@ fn embeddings(at: &Obj<'_>) -> Result<(), Invalid> {
     if empty {
         return Err(at.invalid("input", "must not be empty".to_owned()));
     }
-    at.optional("dimensions", &[Type::Integer])?;
+    at.optional("dimensions", &[Type::Integer, Type::Null])?;
     at.at_least("dimensions", 1)?;
-    at.optional("encoding_format", &[Type::String])?;
+    at.optional("encoding_format", &[Type::String, Type::Null])?;
     if let Some(format) = at.map.get("encoding_format").and_then(Value::as_str)
         && format != "float"
         && format != "base64"
@@ -172,7 +267,7 @@ fn embeddings(at: &Obj<'_>) -> Result<(), Invalid> {
             format!("must be float or base64, not {format:?}"),
         ));
     }
-    at.optional("user", &[Type::String])
+    at.optional("user", &[Type::String, Type::Null])
 }
 
 fn responses(at: &Obj<'_>) -> Result<(), Invalid> {
@@ -185,7 +280,7 @@ fn responses(at: &Obj<'_>) -> Result<(), Invalid> {
     at.range("top_p", 0.0, 1.0)?;
     at.optional("max_output_tokens", &[Type::Integer, Type::Null])?;
     at.at_least("max_output_tokens", 1)?;
-    at.optional("tools", &[Type::Array])?;
+    at.optional("tools", &[Type::Array, Type::Null])?;
     at.optional("previous_response_id", &[Type::String, Type::Null])
 }
 
@@ -335,7 +430,7 @@ mod tests {
     use serde_json::json;
 
     fn chat(body: Value) -> Result<(), Invalid> {
-        check(Endpoint::ChatCompletions, &body)
+        check(Endpoint::ChatCompletions, false, &body)
     }
 
     #[test]
@@ -393,10 +488,94 @@ mod tests {
                 "max_tokens",
             ),
         ];
-        for (body, path) in cases {
+        let user = |extra: Value| {
+            let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            body
+        };
+        let part = |p: Value| json!({"model": "m", "messages": [{"role": "user", "content": [p]}]});
+        let nested = [
+            (part(json!({"type": "text"})), "messages[0].content[0].text"),
+            (
+                part(json!({"type": "image_url", "image_url": {}})),
+                "messages[0].content[0].image_url.url",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f"}}]}]}),
+                "messages[0].tool_calls[0].function.arguments",
+            ),
+            (
+                user(json!({"tools": [{"type": "function"}]})),
+                "tools[0].function",
+            ),
+            (
+                user(json!({"tools": [{"type": "function", "function": {"name": ""}}]})),
+                "tools[0].function.name",
+            ),
+            (user(json!({"tool_choice": "sometimes"})), "tool_choice"),
+            (
+                user(
+                    json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}),
+                ),
+                "response_format.json_schema.name",
+            ),
+        ];
+        for (body, path) in cases.into_iter().chain(nested) {
             let err = chat(body.clone()).expect_err(&body.to_string());
             assert_eq!(err.path, path, "{body}: {}", err.message);
         }
+    }
+
+    /// Valid requests of the current API pass: content parts of types
+    /// this check does not know, explicit nulls, tools and schemas.
+    #[test]
+    fn modern_requests_pass() {
+        let body = json!({
+            "model": "gpt-4o",
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "what is this?"},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "low"}},
+                    {"type": "input_audio", "input_audio": {"data": "UklG", "format": "wav"}},
+                    {"type": "file", "file": {"file_id": "file-1"}},
+                    {"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}},
+                ]},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                ]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+            ],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            "tool_choice": {"type": "function", "function": {"name": "f"}},
+            "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {}}},
+            "user": null,
+        });
+        assert_eq!(chat(body), Ok(()));
+        let nulls = json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": null, "response_format": null, "tool_choice": null});
+        assert_eq!(chat(nulls), Ok(()));
+        let embed = json!({"model": "e", "input": "x", "dimensions": null, "encoding_format": null, "user": null});
+        assert_eq!(check(Endpoint::Embeddings, false, &embed), Ok(()));
+    }
+
+    /// A stored prompt gives a responses request its model; an Azure
+    /// deployment's path does for any endpoint. Elsewhere it is required.
+    #[test]
+    fn the_model_may_come_from_a_prompt_or_the_path() {
+        let prompt = json!({"prompt": {"id": "pmpt_1"}, "input": "hi"});
+        assert_eq!(check(Endpoint::Responses, false, &prompt), Ok(()));
+        let azure = json!({"messages": [{"role": "user", "content": "hi"}]});
+        assert!(model_in_path("/openai/deployments/gpt4/chat/completions"));
+        assert_eq!(check(Endpoint::ChatCompletions, true, &azure), Ok(()));
+        assert_eq!(
+            check(Endpoint::ChatCompletions, false, &azure).map_err(|e| e.path),
+            Err("model".to_owned())
+        );
+        let empty = json!({"model": "", "messages": [{"role": "user", "content": "hi"}]});
+        assert!(check(Endpoint::ChatCompletions, true, &empty).is_err());
+        assert!(!model_in_path("/v1/chat/completions"));
     }
 
     #[test]
@@ -416,20 +595,20 @@ mod tests {
             Some(Endpoint::Completions)
         );
         assert_eq!(Endpoint::of("/v1/models"), None);
-        let embed = |b: Value| check(Endpoint::Embeddings, &b).map_err(|e| e.path);
+        let embed = |b: Value| check(Endpoint::Embeddings, false, &b).map_err(|e| e.path);
         assert_eq!(embed(json!({"model": "e", "input": "x"})), Ok(()));
         assert_eq!(
             embed(json!({"model": "e", "input": []})),
             Err("input".into())
         );
         assert_eq!(embed(json!({"model": "e"})), Err("input".into()));
-        let responses = |b: Value| check(Endpoint::Responses, &b).map_err(|e| e.path);
+        let responses = |b: Value| check(Endpoint::Responses, false, &b).map_err(|e| e.path);
         assert_eq!(responses(json!({"model": "m", "input": "hi"})), Ok(()));
         assert_eq!(
             responses(json!({"model": "m", "input": 5})),
             Err("input".into())
         );
-        let completions = |b: Value| check(Endpoint::Completions, &b).map_err(|e| e.path);
+        let completions = |b: Value| check(Endpoint::Completions, false, &b).map_err(|e| e.path);
         assert_eq!(completions(json!({"model": "m", "prompt": "x"})), Ok(()));
         assert_eq!(
             completions(json!({"model": "m", "prompt": "x", "n": 0})),

@@ -80,13 +80,14 @@ pub async fn check_body(
         .into_bytes(max_body, deadline, budget, &mut ctx.waiting)
         .await?;
     ctx.body_unread = false;
-    check_json(validate, endpoint, &bytes)?;
+    check_json(validate, endpoint, shape::model_in_path(path), &bytes)?;
     Ok(RequestBody::Read(bytes))
 }
 
 fn check_json(
     validate: &Validate,
     endpoint: Option<Endpoint>,
+    model_in_path: bool,
     bytes: &[u8],
 ) -> Result<(), ProxyError> {
     if nesting_exceeds(bytes, MAX_DEPTH) {
@@ -98,7 +99,7 @@ fn check_json(
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| invalid(format!("the body is not valid JSON: {e}"), None))?;
     match (validate, endpoint) {
-        (Validate::OpenAi, Some(endpoint)) => shape::check(endpoint, &value)
+        (Validate::OpenAi, Some(endpoint)) => shape::check(endpoint, model_in_path, &value)
             .map_err(|e| invalid(e.message, Some(e.path).filter(|p| !p.is_empty()))),
         (Validate::Schema(schema), _) => match schema.iter_errors(&value).next() {
             None => Ok(()),

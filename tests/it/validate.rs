@@ -29,6 +29,11 @@ routes:
     auth: none
     validate: openai
     upstream: llm
+  - name: azure
+    match: {{ path_prefix: /openai/ }}
+    auth: none
+    validate: openai
+    upstream: llm
   - name: items
     match: {{ path_prefix: /items }}
     auth: none
@@ -197,4 +202,38 @@ async fn a_deeply_nested_body_is_refused_before_parsing() {
         );
     }
     assert!(upstream.seen().is_empty());
+}
+
+/// Requests whose model comes from elsewhere pass: an Azure OpenAI
+/// deployment's path names it, and a responses request may take it from
+/// a stored prompt. A plain chat request without one is still refused.
+#[tokio::test]
+async fn a_model_named_by_the_path_or_a_stored_prompt_is_not_required() {
+    let (gw, upstream) = start().await;
+    let client = Client::new();
+    let azure = client
+        .post_json(
+            &gw.url("/openai/deployments/gpt4/chat/completions?api-version=2024-10-21"),
+            &[],
+            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .await;
+    assert_eq!(azure.status, 200, "{}", azure.text());
+    let prompt = client
+        .post_json(
+            &gw.url("/v1/responses"),
+            &[],
+            r#"{"prompt":{"id":"pmpt_1"},"input":"hi"}"#,
+        )
+        .await;
+    assert_eq!(prompt.status, 200, "{}", prompt.text());
+    assert_eq!(upstream.seen().len(), 2);
+    let bare = client
+        .post_json(
+            &gw.url("/v1/chat/completions"),
+            &[],
+            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .await;
+    assert_eq!(error(&bare)["param"], "model");
 }
