@@ -382,6 +382,9 @@ impl StopSignals {
     }
 }
 
+/// How long `sluice mock` waits for a request head.
+const MOCK_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn serve_mock(listen: SocketAddr, settings: MockSettings) -> ExitCode {
     // The gateway's own listen queue: a drill's bursts are queued too.
     let listener = match sluice::server::bind(listen).await {
@@ -396,7 +399,14 @@ async fn serve_mock(listen: SocketAddr, settings: MockSettings) -> ExitCode {
     let bound = listener.local_addr().unwrap_or(listen);
     stderr_line!("sluice mock: OpenAI-compatible mock LLM on http://{bound}/v1");
     let settings = Arc::new(settings);
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client that stalls mid-head does not hold its connection for
+    // good (the gateway's own default).
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(MOCK_HEADER_READ_TIMEOUT);
+    let builder = Arc::new(builder);
     let accept = async {
         loop {
             let Ok((stream, _)) = listener.accept().await else {

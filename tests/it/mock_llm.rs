@@ -495,3 +495,26 @@ async fn wrong_methods_get_405_with_allow() {
         assert_eq!(reply.header("allow"), Some(allow), "{path}");
     }
 }
+
+/// A body past the mock's 8 MiB is a 413, as the API answers, not a
+/// malformed-body 400.
+#[tokio::test]
+async fn a_body_over_the_mocks_bound_is_a_413() {
+    let gw = TestGateway::start(
+        r#"
+limits: { max_request_body: 16MiB }
+upstreams:
+  m: { mock: {} }
+routes:
+  - { name: r, match: { path_prefix: / }, auth: none, upstream: m }
+"#,
+    )
+    .await;
+    let big = format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "a".repeat(9 << 20)
+    );
+    let reply = post(&gw, "/v1/chat/completions", &big).await;
+    assert_eq!(reply.status, 413, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "request_too_large");
+}

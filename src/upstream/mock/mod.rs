@@ -89,6 +89,14 @@ where
         ) => {
             let bytes = match Limited::new(body, MAX_BODY).collect().await {
                 Ok(c) => c.to_bytes(),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    return error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "the request body is larger than the mock's 8 MiB",
+                        "invalid_request_error",
+                        "request_too_large",
+                    );
+                }
                 Err(_) => {
                     return error(
                         StatusCode::BAD_REQUEST,
