@@ -480,6 +480,28 @@ async fn embeddings_dimensions_and_base64() {
     assert_eq!(post(&gw, "/v1/embeddings", &many).await.status, 400);
 }
 
+/// Embeddings take tokens as well as text, as the API does: one token
+/// array is one input, an array of them several, each token counted.
+#[tokio::test]
+async fn embeddings_of_token_arrays() {
+    let gw = TestGateway::start(&config("{}")).await;
+    for (input, inputs, tokens) in [
+        ("[1,2,3]", 1, 3),
+        ("[[1,2],[3,4,5]]", 2, 5),
+        (r#"["a b","c"]"#, 2, 3),
+    ] {
+        let answer = post(
+            &gw,
+            "/v1/embeddings",
+            &format!(r#"{{"model":"e","input":{input}}}"#),
+        )
+        .await
+        .json();
+        assert_eq!(answer["data"].as_array().unwrap().len(), inputs, "{input}");
+        assert_eq!(answer["usage"]["prompt_tokens"], tokens, "{input}");
+    }
+}
+
 /// The mock's 405 says which methods its path takes.
 #[tokio::test]
 async fn wrong_methods_get_405_with_allow() {

@@ -273,12 +273,21 @@ fn not_allowed(allow: &'static str) -> Response<BoxBody> {
 }
 
 fn embeddings(request: &Value) -> Response<BoxBody> {
-    let inputs: Vec<String> = match request.get("input") {
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
-            .collect(),
+    // Each input's text (what its vector is made from) and tokens. The
+    // API takes a string, strings, one token array or token arrays.
+    let of = |v: &Value| match v {
+        Value::String(s) => (s.clone(), count_tokens(s)),
+        Value::Array(tokens) => (v.to_string(), tokens.len() as u64),
+        other => (other.to_string(), 1),
+    };
+    let inputs: Vec<(String, u64)> = match request.get("input") {
+        Some(Value::String(s)) => vec![of(&Value::String(s.clone()))],
+        Some(tokens @ Value::Array(items))
+            if !items.is_empty() && items.iter().all(Value::is_number) =>
+        {
+            vec![of(tokens)]
+        }
+        Some(Value::Array(items)) => items.iter().map(of).collect(),
         _ => {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -311,7 +320,7 @@ fn embeddings(request: &Value) -> Response<BoxBody> {
     let data: Vec<Value> = inputs
         .iter()
         .enumerate()
-        .map(|(i, text)| {
+        .map(|(i, (text, _))| {
             // A small deterministic vector derived from the bytes.
             let mut v = vec![0f64; dimensions];
             for (j, b) in text.bytes().enumerate() {
@@ -330,7 +339,7 @@ fn embeddings(request: &Value) -> Response<BoxBody> {
             json!({"object": "embedding", "index": i, "embedding": embedding})
         })
         .collect();
-    let tokens: u64 = inputs.iter().map(|t| count_tokens(t)).sum();
+    let tokens: u64 = inputs.iter().map(|(_, tokens)| tokens).sum();
     json_response(
         StatusCode::OK,
         &json!({
