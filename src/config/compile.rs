@@ -377,8 +377,10 @@ impl Compiler<'_> {
                 let at = if key_at_fault { key } else { cert };
                 self.error(&at.referenced, e);
             } else if let Some(not_after) = crate::server::tls::files_not_after(&files)
-                && let Some(warning) =
-                    crate::server::tls::expiry_warning(not_after, crate::server::tls::unix_now())
+                && let Some(warning) = crate::server::tls::expiry_warning(
+                    crate::server::tls::at_unix(not_after),
+                    std::time::SystemTime::now(),
+                )
             {
                 self.warning(&cert.referenced, warning);
             }

@@ -3,6 +3,8 @@
 //! embeddings and responses requests, checked before a malformed request
 //! costs an upstream call. A failure names the JSON path to blame.
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 /// Why a request does not have its endpoint's shape.
@@ -74,7 +76,7 @@ pub fn check(endpoint: Endpoint, model_in_path: bool, body: &Value) -> Result<()
     };
     let at = Obj {
         map: body,
-        path: "",
+        path: Cow::Borrowed(""),
     };
     // A responses request may take its model from a stored prompt
     // (`prompt: {id}`); an Azure deployment's path names it.
@@ -99,14 +101,8 @@ fn chat(at: &Obj<'_>) -> Result<(), Invalid> {
         return Err(at.invalid("messages", "must hold at least one message".to_owned()));
     }
     for (i, message) in messages.iter().enumerate() {
-        let path = format!("messages[{i}]");
-        let Some(map) = message.as_object() else {
-            return Err(Invalid {
-                message: format!("`{path}` must be an object, not {}", kind(message)),
-                path,
-            });
-        };
-        let m = Obj { map, path: &path };
+        let m = object(message, format!("messages[{i}]"))?;
+        let map = m.map;
         m.required("role", &[Type::String])?;
         let role = map.get("role").and_then(Value::as_str).unwrap_or("");
         if !ROLES.contains(&role) {
@@ -130,25 +126,15 @@ fn chat(at: &Obj<'_>) -> Result<(), Invalid> {
         }
         if let Some(Value::Array(parts)) = map.get("content") {
             for (j, part) in parts.iter().enumerate() {
-                let path = format!("{path}.content[{j}]");
-                let Some(map) = part.as_object() else {
-                    return Err(Invalid {
-                        message: format!("`{path}` must be an object, not {}", kind(part)),
-                        path,
-                    });
-                };
-                content_part(&Obj { map, path: &path })?;
+                content_part(&object(part, m.path_of(&format!("content[{j}]")))?)?;
             }
         }
         if let Some(calls) = map.get("tool_calls") {
             m.typed("tool_calls", calls, &[Type::Array, Type::Null])?;
             for (j, call) in calls.as_array().into_iter().flatten().enumerate() {
-                let path = format!("{path}.tool_calls[{j}]");
-                let call = object(call, &path)?;
+                let call = object(call, m.path_of(&format!("tool_calls[{j}]")))?;
                 call.required("id", &[Type::String])?;
-                let function = call.required("function", &[Type::Object])?;
-                let path = format!("{path}.function");
-                let function = object(function, &path)?;
+                let function = call.required_object("function")?;
                 function.required("name", &[Type::String])?;
                 function.required("arguments", &[Type::String])?;
             }
@@ -157,13 +143,10 @@ fn chat(at: &Obj<'_>) -> Result<(), Invalid> {
     if let Some(tools) = at.map.get("tools") {
         at.typed("tools", tools, &[Type::Array, Type::Null])?;
         for (i, tool) in tools.as_array().into_iter().flatten().enumerate() {
-            let path = format!("tools[{i}]");
-            let tool = object(tool, &path)?;
+            let tool = object(tool, format!("tools[{i}]"))?;
             tool.required("type", &[Type::String])?;
             if tool.map.get("type").and_then(Value::as_str) == Some("function") {
-                let function = tool.required("function", &[Type::Object])?;
-                let path = format!("{path}.function");
-                let function = object(function, &path)?;
+                let function = tool.required_object("function")?;
                 function.required("name", &[Type::String])?;
                 function.non_empty_string("name")?;
             }
@@ -181,15 +164,13 @@ fn chat(at: &Obj<'_>) -> Result<(), Invalid> {
     }
     if let Some(format) = at.map.get("response_format") {
         at.typed("response_format", format, &[Type::Object, Type::Null])?;
-        if let Some(map) = format.as_object() {
-            let format = Obj {
-                map,
-                path: "response_format",
-            };
+        if format.is_object() {
+            let format = object(format, "response_format".to_owned())?;
             format.required("type", &[Type::String])?;
-            if map.get("type").and_then(Value::as_str) == Some("json_schema") {
-                let schema = format.required("json_schema", &[Type::Object])?;
-                object(schema, "response_format.json_schema")?.required("name", &[Type::String])?;
+            if format.map.get("type").and_then(Value::as_str) == Some("json_schema") {
+                format
+                    .required_object("json_schema")?
+                    .required("name", &[Type::String])?;
             }
         }
     }
@@ -216,20 +197,22 @@ fn content_part(part: &Obj<'_>) -> Result<(), Invalid> {
         _ => None,
     };
     if let Some((member, inner)) = carrier {
-        let value = part.required(member, &[Type::Object])?;
-        let path = part.path_of(member);
-        object(value, &path)?.required(inner, &[Type::String])?;
+        part.required_object(member)?
+            .required(inner, &[Type::String])?;
     }
     Ok(())
 }
 
 /// `value` as an object at `path`, or the error saying it is not one.
-fn object<'a>(value: &'a Value, path: &'a str) -> Result<Obj<'a>, Invalid> {
+fn object(value: &Value, path: String) -> Result<Obj<'_>, Invalid> {
     match value.as_object() {
-        Some(map) => Ok(Obj { map, path }),
+        Some(map) => Ok(Obj {
+            map,
+            path: Cow::Owned(path),
+        }),
         None => Err(Invalid {
             message: format!("`{path}` must be an object, not {}", kind(value)),
-            path: path.to_owned(),
+            path,
         }),
     }
 }
@@ -350,7 +333,7 @@ fn kind(value: &Value) -> &'static str {
 /// An object being checked, and where it is in the body.
 struct Obj<'a> {
     map: &'a Map<String, Value>,
-    path: &'a str,
+    path: Cow<'a, str>,
 }
 
 impl<'a> Obj<'a> {
@@ -360,6 +343,12 @@ impl<'a> Obj<'a> {
         } else {
             format!("{}.{field}", self.path)
         }
+    }
+
+    /// The member `field`, required to be an object.
+    fn required_object(&self, field: &str) -> Result<Obj<'a>, Invalid> {
+        let value = self.required(field, &[Type::Object])?;
+        object(value, self.path_of(field))
     }
 
     fn invalid(&self, field: &str, what: String) -> Invalid {

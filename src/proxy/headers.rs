@@ -240,16 +240,14 @@ pub fn from_client(headers: &mut HeaderMap, ctx: &RequestCtx) {
 /// before an HTTP/1.1 hop: apps read one line (or join them with `, `,
 /// which splits no cookie).
 fn join_cookies(headers: &mut HeaderMap) {
-    let mut lines = headers.get_all(header::COOKIE).iter();
-    let (Some(first), Some(_)) = (lines.next(), lines.next()) else {
+    let lines = headers.get_all(header::COOKIE);
+    // Most requests carry one line, left as it is.
+    if lines.iter().nth(1).is_none() {
         return;
-    };
-    let mut joined = first.as_bytes().to_vec();
-    for line in headers.get_all(header::COOKIE).iter().skip(1) {
-        joined.extend_from_slice(b"; ");
-        joined.extend_from_slice(line.as_bytes());
     }
-    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
+    let lines: Vec<&[u8]> = lines.iter().map(HeaderValue::as_bytes).collect();
+    let joined = bytes::Bytes::from(lines.join(&b"; "[..]));
+    if let Ok(value) = HeaderValue::from_maybe_shared(joined) {
         headers.insert(header::COOKIE, value);
     }
 }

@@ -218,9 +218,7 @@ pub fn estimate_tokens(body: &[u8]) -> TokenEstimate {
 /// named inside a message's text may be read instead: an estimate.)
 pub fn estimate_tokens_roughly(body: &[u8]) -> TokenEstimate {
     let cap = |name: &[u8]| {
-        let at = memchr::memmem::find(body, name)? + name.len();
-        let rest = body.get(at..)?.trim_ascii_start().strip_prefix(b":")?;
-        let digits = rest.trim_ascii_start();
+        let digits = values_after(body, name).next()?;
         let end = digits
             .iter()
             .position(|b| !b.is_ascii_digit())
@@ -237,6 +235,17 @@ pub fn estimate_tokens_roughly(body: &[u8]) -> TokenEstimate {
             .or_else(|| cap(b"\"max_output_tokens\""))
             .unwrap_or(0),
     }
+}
+
+/// What follows each `"name":` in `body` (`name` with its quotes), found
+/// by a byte search rather than a parse: inside a JSON string the
+/// quotes would be escaped, so text cannot match, though a nested
+/// member of the same name can.
+fn values_after<'b>(body: &'b [u8], name: &'b [u8]) -> impl Iterator<Item = &'b [u8]> {
+    memchr::memmem::find_iter(body, name).filter_map(move |at| {
+        let rest = body.get(at + name.len()..)?.trim_ascii_start();
+        Some(rest.strip_prefix(b":")?.trim_ascii_start())
+    })
 }
 
 /// The most a request may generate: `max_completion_tokens`, or the older
@@ -424,11 +433,10 @@ pub fn left_mid_attempt(ctx: &RequestCtx) -> bool {
 /// The `model` a request body names (its first string `model` member),
 /// found by a byte search: what an answer that never came is priced at.
 pub fn requested_model(body: &[u8]) -> Option<String> {
-    memchr::memmem::find_iter(body, b"\"model\"").find_map(|at| {
-        let rest = body.get(at + 7..)?.trim_ascii_start().strip_prefix(b":")?;
-        let name = rest.trim_ascii_start().strip_prefix(b"\"")?;
+    values_after(body, b"\"model\"").find_map(|value| {
+        let name = value.strip_prefix(b"\"")?;
         let end = memchr::memchr2(b'"', b'\\', name)?;
-        (name.get(end) == Some(&b'"'))
+        (name[end] == b'"')
             .then(|| std::str::from_utf8(&name[..end]).ok().map(str::to_owned))
             .flatten()
     })

@@ -4,6 +4,7 @@
 //! rotated in place (cert-manager) serves the next handshake, no restart.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -48,26 +49,34 @@ fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
 
 /// How soon before its expiry a certificate is warned about: cert-manager
 /// renews at two thirds of a 90-day life, so one this close was not.
-pub const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A Unix time as a `SystemTime`, within what X.509 can say (1970, long
+/// past, for earlier; the end of year 9999 for later).
+pub fn at_unix(secs: i64) -> SystemTime {
+    const END_OF_9999: u64 = 253_402_300_799;
+    UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0).min(END_OF_9999))
+}
 
 /// A warning for a certificate that has expired or expires within
-/// [`EXPIRY_WARNING`] of `now` (Unix seconds), else `None`.
-pub fn expiry_warning(not_after: i64, now: i64) -> Option<String> {
-    let left = not_after.saturating_sub(now);
-    let warn_within = i64::try_from(EXPIRY_WARNING.as_secs()).unwrap_or(i64::MAX);
-    if left <= 0 {
-        Some("the listener's certificate has expired: clients refuse it".to_owned())
-    } else if left < warn_within {
-        let hours = left / 3600;
-        Some(format!(
-            "the listener's certificate expires in {}d {}h",
-            hours / 24,
-            hours % 24
-        ))
-    } else {
-        None
+/// [`EXPIRY_WARNING`] of `now`, else `None`.
+pub fn expiry_warning(not_after: SystemTime, now: SystemTime) -> Option<String> {
+    match not_after.duration_since(now) {
+        Err(_) => Some(EXPIRED.to_owned()),
+        Ok(left) if left.is_zero() => Some(EXPIRED.to_owned()),
+        Ok(left) if left < EXPIRY_WARNING => {
+            let hours = left.as_secs() / 3600;
+            Some(format!(
+                "the listener's certificate expires in {}d {}h",
+                hours / 24,
+                hours % 24
+            ))
+        }
+        Ok(_) => None,
     }
 }
+
+const EXPIRED: &str = "the listener's certificate has expired: clients refuse it";
 
 /// Exports the serving certificate's expiry, and warns when it is near
 /// or past (at start and after each rotation).
@@ -79,9 +88,8 @@ pub fn report_expiry(store: &CertStore, gw: &crate::gateway::Gateway) {
         .tls_cert_expiry
         .with_label_values(&[] as &[&str])
         .set(not_after);
-    if let Some(warning) = expiry_warning(not_after, unix_now()) {
-        let at = std::time::UNIX_EPOCH
-            + std::time::Duration::from_secs(u64::try_from(not_after).unwrap_or(0));
+    let at = at_unix(not_after);
+    if let Some(warning) = expiry_warning(at, SystemTime::now()) {
         tracing::dispatcher::with_default(&gw.log.dispatch, || {
             tracing::warn!(
                 event = "tls_cert_expiring",
@@ -90,13 +98,6 @@ pub fn report_expiry(store: &CertStore, gw: &crate::gateway::Gateway) {
             );
         });
     }
-}
-
-/// The current Unix time in seconds.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// The expiry of the leaf certificate in `files`, read as `check` reads
@@ -192,18 +193,18 @@ mod tests {
 
     #[test]
     fn expiry_is_warned_about_within_a_week_and_after() {
-        let now = 1_800_000_000;
-        let day = 24 * 3600;
+        let now = at_unix(1_800_000_000);
+        let day = Duration::from_secs(24 * 3600);
         assert_eq!(expiry_warning(now + 8 * day, now), None);
         assert_eq!(
-            expiry_warning(now + 6 * day + 5 * 3600 + 59, now).as_deref(),
+            expiry_warning(now + 6 * day + Duration::from_secs(5 * 3600 + 59), now).as_deref(),
             Some("the listener's certificate expires in 6d 5h")
         );
+        assert_eq!(expiry_warning(now, now).as_deref(), Some(EXPIRED));
         assert_eq!(
-            expiry_warning(now, now).as_deref(),
-            Some("the listener's certificate has expired: clients refuse it")
+            expiry_warning(at_unix(i64::MIN), now).as_deref(),
+            Some(EXPIRED)
         );
-        assert!(expiry_warning(i64::MIN, now).is_some());
-        assert_eq!(expiry_warning(i64::MAX, now), None);
+        assert_eq!(expiry_warning(at_unix(i64::MAX), now), None);
     }
 }

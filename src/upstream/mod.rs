@@ -220,9 +220,6 @@ impl HttpUpstream {
     }
 }
 
-/// `url` as an error may quote it: never its userinfo, query or fragment.
-/// When it has both an `@` and a `?` or `#`, which ends which is not
-/// known (a password may hold `?`, a query `@`): only its scheme shows.
 /// Whether an authority's port, if it has one, is a port number, 1 to
 /// 65535 (the `http` crate parses `:99999` as no port at all).
 pub(crate) fn port_is_valid(authority: &http::uri::Authority) -> bool {
@@ -236,6 +233,9 @@ pub(crate) fn port_is_valid(authority: &http::uri::Authority) -> bool {
         .is_none_or(|(_, port)| port.parse::<u16>().is_ok_and(|p| p != 0))
 }
 
+/// `url` as an error may quote it: never its userinfo, query or fragment.
+/// When it has both an `@` and a `?` or `#`, which ends which is not
+/// known (a password may hold `?`, a query `@`): only its scheme shows.
 pub(crate) fn without_secrets(url: &str) -> String {
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
     let scheme = if scheme.is_empty() {

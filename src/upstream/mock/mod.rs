@@ -281,7 +281,7 @@ fn embeddings(request: &Value) -> Response<BoxBody> {
         other => (other.to_string(), 1),
     };
     let inputs: Vec<(String, u64)> = match request.get("input") {
-        Some(Value::String(s)) => vec![of(&Value::String(s.clone()))],
+        Some(text @ Value::String(_)) => vec![of(text)],
         Some(tokens @ Value::Array(items))
             if !items.is_empty() && items.iter().all(Value::is_number) =>
         {
