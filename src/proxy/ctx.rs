@@ -87,6 +87,9 @@ pub struct RequestCtx {
     /// An HTTP/1 request whose body sluice has neither read nor passed
     /// on: answered now, its connection cannot serve another request.
     pub body_unread: bool,
+    /// That body is small and sent (no `expect: 100-continue`): a
+    /// refusal may read it to keep the connection (`proxy::drain`).
+    pub body_drainable: bool,
     pub client_addr: SocketAddr,
     /// `client_addr`'s IP as text.
     pub client_ip: HeaderValue,
@@ -168,6 +171,7 @@ impl RequestCtx {
             uri,
             head_unread: false,
             body_unread: false,
+            body_drainable: false,
             client_addr: conn.remote,
             client_ip: conn.remote_ip.clone(),
             tls: conn.tls,

@@ -71,7 +71,7 @@ pub async fn handle(
     } = &mut finish;
 
     ctx.body_unread = declares_body_over_http1(&req);
-    let drainable = ctx.body_unread && is_small_and_sent(&req);
+    ctx.body_drainable = ctx.body_unread && is_small_and_sent(&req);
     // The body, kept here until `process` takes it: a refusal can then
     // read what is left of a small one, and keep the connection.
     let mut unread = None;
@@ -82,7 +82,9 @@ pub async fn handle(
         Err(e) => {
             ctx.error = Some(e.code());
             let mut resp = e.into_response();
-            if ctx.body_unread && !(drainable && drain(unread.take(), &mut ctx.waiting).await) {
+            if ctx.body_unread
+                && !(ctx.body_drainable && drain(unread.take(), &mut ctx.waiting).await)
+            {
                 // hyper closes a connection whose request body was left
                 // unread once it has answered; saying so lets the client
                 // open a new one rather than send its next request into a
@@ -438,26 +440,34 @@ async fn process(
         body = forward::RequestBody::Read(bytes);
     }
     if let Err(refused) = limit::admit(snap, &gw.state, &gw.metrics, route, ctx).await {
-        if !limit::token_limits_apply(snap, route, ctx) {
-            if let forward::RequestBody::Streaming(body) = body {
-                *unread = Some(body);
+        let token_limited = limit::token_limits_apply(snap, route, ctx);
+        // The token buckets need the estimate, read from the body when
+        // a refusal may read it at all (see `drain`); else they are left
+        // out, and the body to `handle`.
+        let bytes = match body {
+            forward::RequestBody::Read(bytes) => bytes,
+            forward::RequestBody::Streaming(body) if token_limited && ctx.body_drainable => {
+                let by = deadline.min(std::time::Instant::now() + DRAIN_WAIT);
+                let read = forward::RequestBody::Streaming(body)
+                    .into_bytes(max_body, by, budget, &mut ctx.waiting)
+                    .await;
+                match read {
+                    Ok(bytes) => {
+                        ctx.body_unread = false;
+                        bytes
+                    }
+                    Err(_) => return Err(refused),
+                }
             }
+            forward::RequestBody::Streaming(body) => {
+                *unread = Some(body);
+                return Err(refused);
+            }
+        };
+        if !token_limited {
             return Err(refused);
         }
-        // The token buckets need the estimate, read from the body: one
-        // that has not come within the drain's wait leaves them out (and
-        // the connection closes).
-        let by = deadline.min(std::time::Instant::now() + DRAIN_WAIT);
-        let estimate = match body
-            .into_bytes(max_body, by, budget, &mut ctx.waiting)
-            .await
-        {
-            Ok(bytes) => {
-                ctx.body_unread = false;
-                limit::estimate_tokens(&bytes).total()
-            }
-            Err(_) => return Err(refused),
-        };
+        let estimate = limit::estimate_tokens(&bytes).total();
         return Err(limit::covering_tokens(snap, &gw.state, route, ctx, refused, estimate).await);
     }
     // From here the body is read (for a cache key) or passed on.
