@@ -617,10 +617,15 @@ async fn reaching_max_connections_is_visible() {
     assert_eq!(full[0]["max_connections"], 2);
 }
 
-/// A stream still open when `shutdown_grace` runs out is cut, and its
-/// access-log line says sluice cut it rather than blaming the client.
-#[tokio::test]
-async fn a_stream_cut_at_the_end_of_the_grace_is_logged_as_cut_by_sluice() {
+/// `sluice run` with `shutdown_grace`, a stream open through it (a mock
+/// answering a chunk every 2 s) and the stream's reader.
+async fn streaming_through(
+    grace: &str,
+) -> (
+    tempfile::TempDir,
+    Running,
+    tokio::task::JoinHandle<client::Reply>,
+) {
     let dir = tempfile::tempdir().expect("temp dir");
     let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -628,7 +633,7 @@ async fn a_stream_cut_at_the_end_of_the_grace_is_logged_as_cut_by_sluice() {
         "\
 listen: {proxy}
 admin: {{ listen: {admin} }}
-limits: {{ shutdown_grace: 500ms }}
+limits: {{ shutdown_grace: {grace} }}
 upstreams:
   slow: {{ mock: {{ stream_chunks: 5, chunk_interval: 2s }} }}
 routes:
@@ -637,7 +642,7 @@ routes:
     );
     let path = write(dir.path(), "proxy.yaml", &yaml);
     let mut cmd = run_logging(&path);
-    let mut gw = Running(cmd.spawn().expect("spawn sluice run"));
+    let gw = Running(cmd.spawn().expect("spawn sluice run"));
     wait_ready(admin).await;
     let hyper_client = HyperClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let req = http::Request::post(format!("http://{proxy}/v1/chat/completions"))
@@ -652,20 +657,27 @@ routes:
         .expect("the stream starts");
     assert_eq!(resp.status(), 200);
     let rest = tokio::spawn(client::read(resp));
+    (dir, gw, rest)
+}
 
-    let pid = libc::pid_t::try_from(gw.0.id()).expect("pid fits");
+/// Sends `signal` to our own child sluice.
+fn signal(child: &Running, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.0.id()).expect("pid fits");
     // SAFETY: signals our own child, whose pid it still holds (not reaped).
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "kill failed");
-    let status = gw
-        .exit_within(Duration::from_secs(5))
-        .expect("exits after the grace");
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill failed");
+}
+
+/// The stream `rest` reads was cut (never complete-looking), and the one
+/// access line says sluice cut it; the events logged.
+async fn cut_by_sluice(
+    gw: Running,
+    rest: tokio::task::JoinHandle<client::Reply>,
+) -> Vec<serde_json::Value> {
     let reply = tokio::time::timeout(Duration::from_secs(5), rest)
         .await
         .expect("the stream ends")
         .expect("stream task");
     assert!(reply.body_error.is_some(), "the cut stream looked complete");
-
     let events = stop_and_read_events(gw);
     let access: Vec<_> = events
         .iter()
@@ -674,6 +686,20 @@ routes:
     assert_eq!(access.len(), 1, "{events:?}");
     assert_eq!(access[0]["error"], "server_shutdown", "{}", access[0]);
     assert_eq!(access[0]["status"], 200);
+    events
+}
+
+/// A stream still open when `shutdown_grace` runs out is cut, and its
+/// access-log line says sluice cut it rather than blaming the client.
+#[tokio::test]
+async fn a_stream_cut_at_the_end_of_the_grace_is_logged_as_cut_by_sluice() {
+    let (_dir, mut gw, rest) = streaming_through("500ms").await;
+    signal(&gw, libc::SIGTERM);
+    let status = gw
+        .exit_within(Duration::from_secs(5))
+        .expect("exits after the grace");
+    assert_eq!(status.code(), Some(0));
+    cut_by_sluice(gw, rest).await;
 }
 
 /// A second signal during the drain (Ctrl-C twice, an impatient
@@ -681,62 +707,16 @@ routes:
 /// stream still open is cut and logged so, and sluice exits 0.
 #[tokio::test]
 async fn a_second_signal_ends_the_drain_at_once() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let yaml = format!(
-        "\
-listen: {proxy}
-admin: {{ listen: {admin} }}
-limits: {{ shutdown_grace: 60s }}
-upstreams:
-  slow: {{ mock: {{ stream_chunks: 5, chunk_interval: 2s }} }}
-routes:
-  - {{ name: chat, match: {{ path_prefix: /v1/ }}, auth: none, upstream: slow }}
-"
-    );
-    let path = write(dir.path(), "proxy.yaml", &yaml);
-    let mut cmd = run_logging(&path);
-    let mut gw = Running(cmd.spawn().expect("spawn sluice run"));
-    wait_ready(admin).await;
-    let hyper_client = HyperClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let req = http::Request::post(format!("http://{proxy}/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(
-            br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
-        )))
-        .expect("request");
-    let resp = tokio::time::timeout(Duration::from_secs(5), hyper_client.request(req))
-        .await
-        .expect("the stream's head within 5s")
-        .expect("the stream starts");
-    assert_eq!(resp.status(), 200);
-    let rest = tokio::spawn(client::read(resp));
-
-    let pid = libc::pid_t::try_from(gw.0.id()).expect("pid fits");
-    // SAFETY: signals our own child, whose pid it still holds (not reaped).
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "kill failed");
+    let (_dir, mut gw, rest) = streaming_through("60s").await;
+    signal(&gw, libc::SIGTERM);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(gw.0.try_wait().expect("wait").is_none(), "still draining");
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0, "kill failed");
+    signal(&gw, libc::SIGINT);
     let status = gw
         .exit_within(Duration::from_secs(5))
         .expect("exits at once, not after the 60 s grace");
     assert_eq!(status.code(), Some(0));
-    let reply = tokio::time::timeout(Duration::from_secs(5), rest)
-        .await
-        .expect("the stream ends")
-        .expect("stream task");
-    assert!(reply.body_error.is_some(), "the cut stream looked complete");
-
-    let events = stop_and_read_events(gw);
-    let access: Vec<_> = events
-        .iter()
-        .filter(|e| e["target"] == "sluice::access")
-        .collect();
-    assert_eq!(access.len(), 1, "{events:?}");
-    assert_eq!(access[0]["error"], "server_shutdown", "{}", access[0]);
+    let events = cut_by_sluice(gw, rest).await;
     let again = events.iter().filter(|e| e["signal"] == "SIGINT").count();
     assert_eq!(again, 1, "{events:?}");
 }
@@ -951,9 +931,7 @@ routes:
     assert!(first.starts_with(b"data: "), "{first:?}");
     let rest = tokio::spawn(client::read(http::Response::from_parts(parts, body)));
 
-    let pid = libc::pid_t::try_from(gw.0.id()).expect("pid fits");
-    // SAFETY: signals our own child, whose pid it still holds (not reaped).
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "kill failed");
+    signal(&gw, libc::SIGTERM);
 
     // Draining: /readyz turns 503 while the stream is still going.
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -1073,9 +1051,7 @@ routes:
     }
     assert_eq!(reloads("ok").await, Some(0.0));
 
-    let pid = libc::pid_t::try_from(gw.0.id()).expect("pid fits");
-    // SAFETY: signals our own child, whose pid it still holds (not reaped).
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0, "kill failed");
+    signal(&gw, libc::SIGHUP);
     // An unchanged file still reloads on SIGHUP: the environment or a
     // referenced file may have changed.
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -402,7 +402,7 @@ async fn a_request_over_the_whole_token_limit_says_it_never_fits() {
         .await;
     assert_eq!(r.status, 429);
     assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
-    let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    let message = r.error_message();
     assert!(
         message.contains("more than the limit of 600 tokens per minute"),
         "{message}"

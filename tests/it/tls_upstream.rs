@@ -21,11 +21,11 @@ upstreams:
     )
 }
 
-#[tokio::test]
-async fn https_upstream_with_private_ca() {
-    let pki = TestPki::new();
+/// An HTTPS upstream serving `pki`'s certificate, answering `text`, and
+/// a gateway that reaches it as `localhost` with `pki`'s CA as `ca_file`.
+async fn trusting(pki: &TestPki, text: &'static str) -> (MockUpstream, TestGateway) {
     let up = MockUpstream::start_tls(
-        |_| UpstreamReply::text("secret garden"),
+        move |_| UpstreamReply::text(text),
         &pki.cert_pem,
         &pki.key_pem,
     )
@@ -34,6 +34,12 @@ async fn https_upstream_with_private_ca() {
     std::fs::write(dir.path().join("ca.pem"), &pki.ca_pem).unwrap();
     let url = format!("https://localhost:{}", up.addr.port());
     let gw = TestGateway::start_in(&config(&url, Some("ca.pem")), &[], dir).await;
+    (up, gw)
+}
+
+#[tokio::test]
+async fn https_upstream_with_private_ca() {
+    let (up, gw) = trusting(&TestPki::new(), "secret garden").await;
     let reply = Client::new().get(&gw.url("/v1/models?x=1")).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.text(), "secret garden");
@@ -79,19 +85,10 @@ async fn a_failed_handshake_says_why() {
         ),
         (&expired, "the certificate has expired"),
     ] {
-        let up =
-            MockUpstream::start_tls(|_| UpstreamReply::text("no"), &pki.cert_pem, &pki.key_pem)
-                .await;
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("ca.pem"), &pki.ca_pem).unwrap();
-        let url = format!("https://localhost:{}", up.addr.port());
-        let gw = TestGateway::start_in(&config(&url, Some("ca.pem")), &[], dir).await;
+        let (_up, gw) = trusting(pki, "no").await;
         let reply = Client::new().get(&gw.url("/")).await;
         assert_eq!(reply.status, 502);
-        let message = reply.json()["error"]["message"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let message = reply.error_message();
         assert!(message.ends_with(says), "{says}: {message}");
         let labels = [("upstream", "secure"), ("outcome", "tls_error")];
         assert_eq!(
@@ -105,10 +102,7 @@ async fn a_failed_handshake_says_why() {
     let gw = TestGateway::start(&config(&url, None)).await;
     let reply = Client::new().get(&gw.url("/")).await;
     assert_eq!(reply.status, 502);
-    let message = reply.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let message = reply.error_message();
     assert!(
         message.ends_with("the upstream does not speak TLS on that port"),
         "{message}"

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use crate::support::{
-    AfterAnswer, Client, MockUpstream, RawUpstream, RefusedPort, TestGateway, UpstreamReply,
+    AfterAnswer, Client, ClientReply, MockUpstream, RawUpstream, RefusedPort, TestGateway,
+    UpstreamReply,
 };
 
 fn config(url: &str, timeouts: &str) -> String {
@@ -180,6 +181,15 @@ async fn a_get_a_reused_connection_dropped_is_sent_again_on_a_fresh_one() {
     assert_eq!(up.requests(), 4, "a POST is not sent twice");
 }
 
+/// A GET through sluice to an upstream that answers `answer`, as it is,
+/// on a kept-alive connection.
+async fn get_answered_by(answer: &'static [u8]) -> (RawUpstream, TestGateway, ClientReply) {
+    let up = RawUpstream::start(answer, AfterAnswer::KeepAlive).await;
+    let gw = TestGateway::start(&config(&up.url(), "{}")).await;
+    let reply = Client::new().get(&gw.url("/x")).await;
+    (up, gw, reply)
+}
+
 /// A plain-HTTP upstream's answer head is bounded near 64 KiB (hyper
 /// checks once a read leaves the head unfinished; pooled connections keep
 /// their buffers): a far larger one is a 502 that says so.
@@ -190,14 +200,9 @@ async fn an_oversized_upstream_head_is_a_502_that_says_so() {
         "a".repeat(512 * 1024)
     );
     let answer: &'static [u8] = Box::leak(answer.into_bytes().into_boxed_slice());
-    let up = RawUpstream::start(answer, AfterAnswer::KeepAlive).await;
-    let gw = TestGateway::start(&config(&up.url(), "{}")).await;
-    let reply = Client::new().get(&gw.url("/x")).await;
+    let (_up, _gw, reply) = get_answered_by(answer).await;
     assert_eq!(reply.status, 502);
-    let message = reply.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let message = reply.error_message();
     assert!(message.contains("response head is too large"), "{message}");
 }
 
@@ -218,14 +223,9 @@ async fn a_malformed_upstream_head_is_a_502_that_says_so() {
         ),
         (&b"SSH-2.0-OpenSSH_9.2\r\n\r\n"[..], "not valid HTTP"),
     ] {
-        let up = RawUpstream::start(answer, AfterAnswer::KeepAlive).await;
-        let gw = TestGateway::start(&config(&up.url(), "{}")).await;
-        let reply = Client::new().get(&gw.url("/x")).await;
+        let (_up, _gw, reply) = get_answered_by(answer).await;
         assert_eq!(reply.status, 502);
-        let message = reply.json()["error"]["message"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let message = reply.error_message();
         assert!(message.contains(says), "{says}: {message}");
     }
 }
@@ -234,18 +234,10 @@ async fn a_malformed_upstream_head_is_a_502_that_says_so() {
 /// that says so, counted as a failed connection, not passed on as an `ok`.
 #[tokio::test]
 async fn a_status_beyond_599_is_a_502() {
-    let up = RawUpstream::start(
-        b"HTTP/1.1 799 Odd\r\ncontent-length: 2\r\n\r\nok",
-        AfterAnswer::KeepAlive,
-    )
-    .await;
-    let gw = TestGateway::start(&config(&up.url(), "{}")).await;
-    let reply = Client::new().get(&gw.url("/x")).await;
+    let (_up, gw, reply) =
+        get_answered_by(b"HTTP/1.1 799 Odd\r\ncontent-length: 2\r\n\r\nok").await;
     assert_eq!(reply.status, 502);
-    let message = reply.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let message = reply.error_message();
     assert!(message.contains("beyond 599"), "{message}");
     gw.wait_access_logs(1).await;
     let ok = gw
@@ -261,13 +253,10 @@ async fn a_status_beyond_599_is_a_502() {
 /// switches to nothing: a 502, not a status passed on as an `ok`.
 #[tokio::test]
 async fn a_switch_of_protocol_no_one_asked_for_is_a_502() {
-    let up = RawUpstream::start(
+    let (_up, gw, reply) = get_answered_by(
         b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
-        AfterAnswer::KeepAlive,
     )
     .await;
-    let gw = TestGateway::start(&config(&up.url(), "{}")).await;
-    let reply = Client::new().get(&gw.url("/x")).await;
     assert_eq!(reply.status, 502);
     assert_eq!(reply.json()["error"]["code"], "upstream_error");
     assert_eq!(attempts_of_app(&gw, "connection_error").await, Some(1.0));

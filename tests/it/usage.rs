@@ -66,29 +66,30 @@ async fn check(gw: &TestGateway, model: &str, input: u64, output: u64, cost: f64
     );
 }
 
-#[tokio::test]
-async fn openai_json_usage_becomes_tokens_and_cost() {
+/// A chat request answered in JSON by `model` with these counts, then
+/// checked as `check` does.
+async fn json_answer_metered(model: &str, input: u64, output: u64, cost: f64) {
     let up = MockUpstream::always(UpstreamReply::json(&json!({
-        "object": "chat.completion", "model": "gpt-4o-mini",
+        "object": "chat.completion", "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 1000, "completion_tokens": 2000, "total_tokens": 3000},
+        "usage": {"prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output},
     })))
     .await;
     let gw = TestGateway::start(&config(&up.url())).await;
-    assert_eq!(
-        Client::new()
-            .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
-            .await
-            .status,
-        200
-    );
-    check(
-        &gw,
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
+        .await;
+    assert_eq!(reply.status, 200);
+    check(&gw, model, input, output, cost, "stop").await;
+}
+
+#[tokio::test]
+async fn openai_json_usage_becomes_tokens_and_cost() {
+    json_answer_metered(
         "gpt-4o-mini",
         1000,
         2000,
         (1000.0 * 0.15 + 2000.0 * 0.60) / 1e6,
-        "stop",
     )
     .await;
 }
@@ -97,24 +98,11 @@ async fn openai_json_usage_becomes_tokens_and_cost() {
 /// so; a price list names the model. The metrics keep the name reported.
 #[tokio::test]
 async fn a_dated_snapshot_is_priced_as_its_model() {
-    let up = MockUpstream::always(UpstreamReply::json(&json!({
-        "object": "chat.completion", "model": "gpt-4o-mini-2024-07-18",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
-    })))
-    .await;
-    let gw = TestGateway::start(&config(&up.url())).await;
-    let reply = Client::new()
-        .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
-        .await;
-    assert_eq!(reply.status, 200);
-    check(
-        &gw,
+    json_answer_metered(
         "gpt-4o-mini-2024-07-18",
         11,
         7,
         (11.0 * 0.15 + 7.0 * 0.60) / 1e6,
-        "stop",
     )
     .await;
 }

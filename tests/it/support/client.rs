@@ -36,6 +36,15 @@ impl Reply {
             .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
     }
 
+    /// The message of an answer in the OpenAI error shape.
+    pub fn error_message(&self) -> String {
+        let body = self.json();
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error message in {body}"))
+            .to_owned()
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
