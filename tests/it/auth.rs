@@ -391,16 +391,17 @@ routes:
 /// connection, said with `connection: close`.
 #[tokio::test]
 async fn a_refused_small_body_keeps_the_connection() {
-    use tokio::io::AsyncWriteExt;
+    use crate::support::exchange;
+    use std::time::Duration;
     let gw = gateway().await;
-    let quiet = std::time::Duration::from_millis(400);
-    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let refused = "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: 17\r\n\r\n{\"model\":\"gpt-4\"}";
     let next = format!("GET /v1/models HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {RAW}\r\n\r\n");
-    conn.write_all(format!("{refused}{next}").as_bytes())
-        .await
-        .unwrap();
-    let (text, closed) = crate::support::answers(&mut conn, quiet).await;
+    let (text, closed) = exchange(
+        gw.addr,
+        format!("{refused}{next}").as_bytes(),
+        Duration::from_millis(400),
+    )
+    .await;
     assert!(text.starts_with("HTTP/1.1 401 "), "{text}");
     assert!(!text.contains("connection: close"), "{text}");
     assert!(
@@ -411,27 +412,25 @@ async fn a_refused_small_body_keeps_the_connection() {
 
     // Part of the body, the rest never sent: answered within the wait,
     // and closed.
-    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let started = std::time::Instant::now();
-    conn.write_all(
+    let (text, closed) = exchange(
+        gw.addr,
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: 100\r\n\r\n{\"model\"",
+        Duration::from_secs(3),
     )
-    .await
-    .unwrap();
-    let (text, closed) =
-        crate::support::answers(&mut conn, std::time::Duration::from_secs(3)).await;
+    .await;
     assert!(text.starts_with("HTTP/1.1 401 "), "{text}");
     assert!(text.contains("connection: close"), "{text}");
     assert!(closed);
-    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert!(started.elapsed() < Duration::from_secs(2));
 
     // `expect: 100-continue`: refused at once, the body never asked for.
-    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    conn.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: 17\r\nexpect: 100-continue\r\n\r\n")
-        .await
-        .unwrap();
-    let (text, closed) =
-        crate::support::answers(&mut conn, std::time::Duration::from_secs(3)).await;
+    let (text, closed) = exchange(
+        gw.addr,
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: 17\r\nexpect: 100-continue\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
     assert!(text.starts_with("HTTP/1.1 401 "), "no 100 first: {text}");
     assert!(text.contains("connection: close"), "{text}");
     assert!(closed);

@@ -651,16 +651,16 @@ async fn retry_after_of_a_request_refusal_covers_the_token_buckets() {
 /// time.
 #[tokio::test]
 async fn a_refused_post_keeps_its_connection() {
-    use tokio::io::AsyncWriteExt;
     let up = MockUpstream::always(UpstreamReply::text("ok")).await;
     let gw = TestGateway::start(&config(&up.url(), "{ requests_per_minute: 1 }", "")).await;
     let post = "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nx-api-key: key-alice\r\ncontent-length: 2\r\n\r\n{}";
     let next = "GET /other/x HTTP/1.1\r\nhost: t\r\nx-api-key: key-bob\r\n\r\n";
-    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    conn.write_all(format!("{post}{post}{next}").as_bytes())
-        .await
-        .unwrap();
-    let (text, closed) = crate::support::answers(&mut conn, Duration::from_millis(400)).await;
+    let (text, closed) = crate::support::exchange(
+        gw.addr,
+        format!("{post}{post}{next}").as_bytes(),
+        Duration::from_millis(400),
+    )
+    .await;
     let statuses: Vec<_> = text
         .match_indices("HTTP/1.1 ")
         .map(|(at, _)| &text[at + 9..at + 12])

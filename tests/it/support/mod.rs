@@ -75,3 +75,16 @@ pub async fn answers(
         }
     }
 }
+
+/// Sends `request` (raw bytes) on a new connection to `addr`, then reads
+/// as [`answers`] does.
+pub async fn exchange(
+    addr: std::net::SocketAddr,
+    request: &[u8],
+    quiet: std::time::Duration,
+) -> (String, bool) {
+    use tokio::io::AsyncWriteExt;
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    conn.write_all(request).await.expect("write the request");
+    answers(&mut conn, quiet).await
+}
