@@ -162,6 +162,30 @@ impl RedisState {
         })
     }
 
+    /// Opens a connection of its own and asks Redis for a `PING`, to say
+    /// why calls fail: the shared connection's calls only time out while
+    /// redis-rs retries a refused login or an unreachable host behind them.
+    pub async fn probe(&self) -> Result<(), String> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(PROBE_TIMEOUT))
+            .set_response_timeout(Some(PROBE_TIMEOUT));
+        let attempt = async {
+            let mut conn = self
+                .conn
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            redis::cmd("PING").query_async::<()>(&mut conn).await
+        };
+        match tokio::time::timeout(PROBE_TIMEOUT, attempt).await {
+            Err(_) => Err(format!(
+                "a new connection to redis got no answer within {PROBE_TIMEOUT:?}"
+            )),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(probe_failure(&e)),
+        }
+    }
+
     /// Runs one of the scripts, loaded once and called by SHA.
     async fn script<T: redis::FromRedisValue>(
         &self,
@@ -405,6 +429,35 @@ impl Connection {
             self.manager.store(Arc::new(manager));
         }
     }
+}
+
+/// How long [`RedisState::probe`] waits: off the request path, so long
+/// enough for a Redis across a zone.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What an operator does about a failed probe, from the error's kind and
+/// code only (its detail may quote the URL, password included).
+fn probe_failure(e: &redis::RedisError) -> String {
+    let refused_login = e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"));
+    if refused_login {
+        return format!(
+            "redis refused the login ({}): check the user and password in state.redis_url",
+            e.code().unwrap_or("AuthenticationFailed")
+        );
+    }
+    if e.is_connection_refusal() {
+        return "redis refused the connection: is it running, on the host and port of state.redis_url?"
+            .to_string();
+    }
+    if e.is_timeout() {
+        return format!("a new connection to redis got no answer within {PROBE_TIMEOUT:?}");
+    }
+    format!(
+        "a new connection to redis failed: {:?} ({})",
+        e.kind(),
+        e.category()
+    )
 }
 
 fn micros(d: Duration) -> u64 {

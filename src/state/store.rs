@@ -82,6 +82,9 @@ struct Health {
     outage: AtomicBool,
     /// Cache calls timed out since a call was last answered.
     cache_timeouts: AtomicU32,
+    /// Probed, on a connection of its own, when calls fail as if Redis
+    /// were unreachable, so the warning says why.
+    redis: Option<Arc<RedisState>>,
 }
 
 /// Which failures of a call pause the calls on the request path.
@@ -113,6 +116,22 @@ impl<T> Called<T> {
 }
 
 impl Health {
+    fn new(metrics: &Metrics, log: tracing::Dispatch, redis: Option<Arc<RedisState>>) -> Self {
+        Health {
+            errors: metrics.state_errors.clone(),
+            duration: metrics.state_duration.clone(),
+            log,
+            started: Instant::now(),
+            last_warning: AtomicU64::new(0),
+            paused_until: AtomicU64::new(0),
+            last_ok_start: AtomicU64::new(0),
+            failed_start: AtomicU64::new(0),
+            outage: AtomicBool::new(false),
+            cache_timeouts: AtomicU32::new(0),
+            redis,
+        }
+    }
+
     /// Runs one backend call on the request path: its latency is
     /// observed, or its failure counted and warned about; `None` on
     /// failure. Within [`OUTAGE_PAUSE`] of a failure that says Redis is
@@ -262,16 +281,43 @@ impl Health {
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            let error = error.to_string();
+            let text = error.to_string();
             tracing::dispatcher::with_default(&self.log, || {
                 tracing::warn!(
                     event = "state_error",
                     operation,
-                    error = error.as_str(),
+                    error = text.as_str(),
                     "the shared state backend failed; following state.on_error (warned at most every 10s)"
                 );
             });
+            if error.unreachable() {
+                self.probe();
+            }
         }
+    }
+
+    /// Finds out, off the request path, why Redis does not answer (a
+    /// refused login, a refused connection, no answer), and warns with
+    /// that: a call on the shared connection only ever sees a timeout.
+    fn probe(&self) {
+        let (Some(redis), Ok(runtime)) =
+            (self.redis.clone(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let log = self.log.clone();
+        runtime.spawn(async move {
+            if let Err(reason) = redis.probe().await {
+                tracing::dispatcher::with_default(&log, || {
+                    tracing::warn!(
+                        event = "state_error",
+                        operation = "connect",
+                        error = reason.as_str(),
+                        "why the shared state backend fails"
+                    );
+                });
+            }
+        });
     }
 }
 
@@ -343,25 +389,18 @@ impl State {
                 metrics.state_errors.with_label_values(&[operation]);
             }
         }
-        State {
+        let state = State {
             memory: Arc::new(MemoryLimiter::default()),
             budgets: Arc::default(),
             cache: ResponseCache::new(max_cache_bytes),
-            redis,
+            redis: redis.clone(),
             deny_on_error: settings.deny_on_error,
-            health: Arc::new(Health {
-                errors: metrics.state_errors.clone(),
-                duration: metrics.state_duration.clone(),
-                log,
-                started: Instant::now(),
-                last_warning: AtomicU64::new(0),
-                paused_until: AtomicU64::new(0),
-                last_ok_start: AtomicU64::new(0),
-                failed_start: AtomicU64::new(0),
-                outage: AtomicBool::new(false),
-                cache_timeouts: AtomicU32::new(0),
-            }),
-        }
+            health: Arc::new(Health::new(metrics, log, redis)),
+        };
+        // A Redis that refuses the login or cannot be reached is named at
+        // start, not at the first request that needs it.
+        state.health.probe();
+        state
     }
 
     /// Whether the state is shared (Redis): its calls are round trips.
@@ -610,19 +649,7 @@ mod tests {
     use super::*;
 
     fn health() -> Health {
-        let metrics = Metrics::new();
-        Health {
-            errors: metrics.state_errors.clone(),
-            duration: metrics.state_duration.clone(),
-            log: tracing::Dispatch::none(),
-            started: Instant::now(),
-            last_warning: AtomicU64::new(0),
-            paused_until: AtomicU64::new(0),
-            last_ok_start: AtomicU64::new(0),
-            failed_start: AtomicU64::new(0),
-            outage: AtomicBool::new(false),
-            cache_timeouts: AtomicU32::new(0),
-        }
+        Health::new(&Metrics::new(), tracing::Dispatch::none(), None)
     }
 
     /// During an outage a request does not wait out a timeout on every

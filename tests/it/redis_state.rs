@@ -367,9 +367,17 @@ async fn a_killed_redis_is_survived_by_allow_and_refused_by_deny() {
         let warnings = gw
             .log_lines()
             .into_iter()
-            .filter(|l| l["event"] == "state_error")
+            .filter(|l| l["event"] == "state_error" && l["operation"] == "take")
             .count();
         assert_eq!(warnings, 1, "warned once, not per request");
+        assert!(
+            eventually(Duration::from_secs(5), || connect_warnings(gw)
+                .iter()
+                .any(|reason| reason.contains("refused the connection")))
+            .await,
+            "and why: {}",
+            gw.log_text()
+        );
         assert!(
             !gw.log_text().contains(&redis.url()),
             "the URL is not logged"
@@ -719,4 +727,75 @@ async fn a_cache_only_route_stops_waiting_on_a_redis_that_is_gone() {
         "{waited} of {REQUESTS} requests waited out a cache call on a Redis that is gone"
     );
     assert_eq!(upstream.seen().len(), 1 + REQUESTS);
+}
+
+/// The `connect` warnings in the log, by their `error`.
+fn connect_warnings(gw: &TestGateway) -> Vec<String> {
+    gw.log_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "state_error" && l["operation"] == "connect")
+        .map(|l| l["error"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// A wrong password in `redis_url` is named as such, at start and again
+/// when calls fail, not only as calls timing out (redis-rs retries the
+/// refused login behind the shared connection's calls), and neither
+/// password is logged.
+#[tokio::test]
+async fn a_refused_login_is_named_at_start_and_when_calls_fail() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    redis.cli(None, &["CONFIG", "SET", "requirepass", "pw-right"]);
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
+    let wrong = redis.url().replace("redis://", "redis://:pw-wrong@");
+    let yaml = config(&upstream.url(), &wrong, "{ requests_per_minute: 1000 }", "")
+        .replace("on_error: allow", "on_error: deny");
+    let gw = TestGateway::start(&yaml).await;
+    assert!(
+        eventually(Duration::from_secs(5), || connect_warnings(&gw).len() == 1).await,
+        "named at start: {}",
+        gw.log_text()
+    );
+    let reason = &connect_warnings(&gw)[0];
+    assert!(
+        reason.contains("refused the login") && reason.contains("state.redis_url"),
+        "{reason}"
+    );
+
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/x"), &[ALICE, no_store()], "{}")
+        .await;
+    assert_eq!(reply.status, 503, "deny");
+    assert!(
+        eventually(Duration::from_secs(5), || connect_warnings(&gw).len() == 2).await,
+        "named again beside the failed call's warning: {}",
+        gw.log_text()
+    );
+    let log = gw.log_text();
+    assert!(log.contains("did not answer within"), "{log}");
+    assert!(
+        !log.contains("pw-wrong") && !log.contains("pw-right"),
+        "{log}"
+    );
+}
+
+/// A Redis that is not running is named as a refused connection.
+#[tokio::test]
+async fn a_redis_not_running_is_named_at_start() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let url = redis.url();
+    redis.kill();
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
+    let gw = TestGateway::start(&config(&upstream.url(), &url, "{}", "")).await;
+    assert!(
+        eventually(Duration::from_secs(5), || !connect_warnings(&gw).is_empty()).await,
+        "{}",
+        gw.log_text()
+    );
+    let reason = &connect_warnings(&gw)[0];
+    assert!(reason.contains("refused the connection"), "{reason}");
 }
