@@ -87,6 +87,22 @@ const DEFAULT_RETRY_ON: [RetryOn; 7] = [
 impl Compiler<'_> {
     fn error(&mut self, at: &Location, message: impl Into<String>) {
         let message = self.as_written(message.into());
+        self.record(at, message);
+    }
+
+    /// Refuses a name that would label nothing: empty, blank, or holding
+    /// a control character (a newline in a metric label or a log field).
+    fn check_name(&mut self, what: &str, name: &str, at: &Location) {
+        if name.trim().is_empty() {
+            self.error(at, format!("{what} is empty"));
+        } else if name.chars().any(char::is_control) {
+            self.error(at, format!("{what} `{name}` holds a control character"));
+        }
+    }
+
+    /// Records `message` as it is: [`Compiler::error`] without hiding
+    /// what variables made.
+    fn record(&mut self, at: &Location, message: String) {
         self.errors.push(ConfigError {
             file: self.file.to_owned(),
             line: at.line(),
@@ -183,12 +199,21 @@ impl Compiler<'_> {
     }
 
     /// Expands then parses with `parse`; the error message names `what`.
+    /// A value that variables made is quoted as written (`${PORT:-8080}`),
+    /// never as made: a variable may hold a secret. The message says so,
+    /// or a valid-looking default would read as the fault.
     fn parsed<T>(&mut self, t: &Text, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
         let s = self.text(t)?;
         match parse(&s) {
             Ok(v) => Some(v),
             Err(e) => {
-                self.error(&t.referenced, e);
+                let mut message = self.as_written(e);
+                // Defaults are written in the file: quoted, they show the
+                // value whole. Only a variable's own value is hidden.
+                if expand(&t.value.0, |_| None).ok().as_deref() != Some(s.as_str()) {
+                    message.push_str(" (as its variables made it; their values are not shown)");
+                }
+                self.record(&t.referenced, message);
                 None
             }
         }
@@ -213,10 +238,14 @@ impl Compiler<'_> {
     fn number<T: FromStr>(&mut self, t: &Text, what: &str) -> Option<T> {
         self.parsed(t, |s| {
             // `500_000` reads as YAML wrote it.
-            s.trim()
-                .replace('_', "")
-                .parse::<T>()
-                .map_err(|_| format!("`{s}` is not {what}"))
+            let digits = s.trim().replace('_', "");
+            digits.parse::<T>().map_err(|_| {
+                if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+                    format!("`{s}` is too large here")
+                } else {
+                    format!("`{s}` is not {what}")
+                }
+            })
         })
     }
 
@@ -286,7 +315,7 @@ impl Compiler<'_> {
                 self.parsed(t, |s| match s.trim().to_ascii_lowercase().as_str() {
                     "true" | "yes" | "on" => Ok(true),
                     "false" | "no" | "off" => Ok(false),
-                    _ => Err(format!("`{s}` is not true or false")),
+                    _ => Err(format!("`{s}` is not true or false (or yes/no, on/off)")),
                 })
             })
             .unwrap_or(default)
@@ -295,16 +324,14 @@ impl Compiler<'_> {
     /// One of a fixed set of words.
     fn choice<T: Copy>(&mut self, t: &Option<Text>, options: &[(&str, T)], default: T) -> T {
         let Some(t) = t else { return default };
-        let Some(s) = self.text(t) else {
-            return default;
-        };
-        if let Some((_, v)) = options.iter().find(|(name, _)| *name == s) {
-            return *v;
-        }
-        let names: Vec<_> = options.iter().map(|(n, _)| *n).collect();
-        let message = format!("`{s}` is not one of: {}", names.join(", "));
-        self.error(&t.referenced, message);
-        default
+        self.parsed(t, |s| match options.iter().find(|(name, _)| *name == s) {
+            Some((_, v)) => Ok(*v),
+            None => {
+                let names: Vec<_> = options.iter().map(|(n, _)| *n).collect();
+                Err(format!("`{s}` is not one of: {}", names.join(", ")))
+            }
+        })
+        .unwrap_or(default)
     }
 
     fn addr(&mut self, t: &Option<Text>, default: &str) -> SocketAddr {
@@ -388,6 +415,23 @@ impl Compiler<'_> {
         });
         let limits = self.limits(raw.limits.as_ref());
         let upstreams = self.upstreams(&raw.upstreams, &limits);
+        for upstream in &upstreams {
+            if let crate::upstream::UpstreamKind::Http(http) = &upstream.kind
+                && (http.is_at(listen) || http.is_at(admin_listen))
+                && let Some(url) = raw
+                    .upstreams
+                    .get(&*upstream.name)
+                    .and_then(|u| u.value.url.as_ref())
+            {
+                self.error(
+                    &url.referenced,
+                    format!(
+                        "upstream `{}` is sluice itself (it listens there): its requests would loop",
+                        upstream.name
+                    ),
+                );
+            }
+        }
         let upstream_index: HashMap<&str, usize> = raw
             .upstreams
             .keys()
@@ -531,6 +575,7 @@ impl Compiler<'_> {
         for (name, spanned) in raw {
             let u = &spanned.value;
             let at = &spanned.referenced;
+            self.check_name("upstream name", name, at);
             let timeouts = match &u.timeouts {
                 // Zero would time out every request.
                 Some(t) => Timeouts {
@@ -629,7 +674,7 @@ impl Compiler<'_> {
     }
 
     fn set_headers(&mut self, upstream: &str, raw: &BTreeMap<String, Text>) -> Vec<SetHeader> {
-        let mut out = Vec::with_capacity(raw.len());
+        let mut out: Vec<SetHeader> = Vec::with_capacity(raw.len());
         for (name, value) in raw {
             let Ok(header) = HeaderName::from_bytes(name.as_bytes()) else {
                 self.error(
@@ -638,6 +683,22 @@ impl Compiler<'_> {
                 );
                 continue;
             };
+            if let Some(why) = not_settable(&header) {
+                self.error(
+                    &value.referenced,
+                    format!("upstream `{upstream}`: set_headers cannot set `{header}`: {why}"),
+                );
+                continue;
+            }
+            if out.iter().any(|set| set.name == header) {
+                self.error(
+                    &value.referenced,
+                    format!(
+                        "upstream `{upstream}`: set_headers names `{header}` twice (names are case-insensitive)"
+                    ),
+                );
+                continue;
+            }
             let Some(text) = self.text(value) else {
                 continue;
             };
@@ -709,6 +770,7 @@ impl Compiler<'_> {
     ) -> Vec<Pool> {
         let mut out = Vec::with_capacity(raw.len());
         for (name, spanned) in raw {
+            self.check_name("pool name", name, &spanned.referenced);
             let p = &spanned.value;
             let mut members = Vec::with_capacity(p.members.len());
             for m in &p.members {
@@ -808,6 +870,7 @@ impl Compiler<'_> {
     fn tiers(&mut self, raw: &BTreeMap<String, Spanned<RawTier>>) -> HashMap<Arc<str>, Tier> {
         raw.iter()
             .map(|(name, spanned)| {
+                self.check_name("tier name", name, &spanned.referenced);
                 if name == crate::telemetry::metrics::UNNAMED {
                     self.error(
                         &spanned.referenced,
@@ -845,6 +908,9 @@ impl Compiler<'_> {
             let matcher = matcher.unwrap_or(&RawMatch::ANY);
             let upstream = self.required(&r.upstream, at, "upstream");
             let name = written_name.and_then(|n| self.text(n)).unwrap_or_default();
+            if let Some(written) = written_name {
+                self.check_name("route name", &name, &written.referenced);
+            }
             if let Some(written) = written_name
                 && !seen.insert(name.clone())
             {
@@ -1097,6 +1163,7 @@ impl Compiler<'_> {
             let Some(id) = self.text(written_id) else {
                 continue;
             };
+            self.check_name("api key id", &id, &written_id.referenced);
             if !ids.insert(id.clone()) {
                 self.error(
                     &written_id.referenced,
@@ -1608,4 +1675,25 @@ fn allow_header(methods: &[Method], cors: bool) -> HeaderValue {
         names.push("OPTIONS");
     }
     HeaderValue::from_str(&names.join(", ")).unwrap_or(HeaderValue::from_static(""))
+}
+
+/// Why an upstream's `set_headers` may not name `header`: these frame the
+/// message or belong to one connection (RFC 9110 §7.6.1), so sluice sets
+/// them itself for each hop.
+fn not_settable(header: &HeaderName) -> Option<&'static str> {
+    use http::header;
+    if *header == header::CONTENT_LENGTH || *header == header::TRANSFER_ENCODING {
+        return Some("it frames the body, which sluice does for each hop");
+    }
+    let hop_by_hop = [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ];
+    hop_by_hop
+        .contains(header)
+        .then_some("it is a hop-by-hop header, about one connection only")
 }

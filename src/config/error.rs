@@ -18,9 +18,30 @@ impl fmt::Display for ConfigError {
         write!(
             f,
             "{}:{}:{}: {}",
-            self.file, self.line, self.col, self.message
+            one_line(&self.file),
+            self.line,
+            self.col,
+            one_line(&self.message)
         )
     }
+}
+
+/// `text` with its control characters escaped (`\n`, `\u{1b}`): an error
+/// quoting a value that holds a newline stays one line, as `check`'s
+/// readers and `run`'s one-line exit expect.
+fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Logs config warnings (a reload's, or the first load's once logging is
@@ -48,3 +69,22 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl std::error::Error for ConfigErrors {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_is_one_line_whatever_it_quotes() {
+        let e = ConfigError {
+            file: "a.yaml".into(),
+            line: 3,
+            col: 9,
+            message: "`127.0.0.1:1\nINJECTED: x\u{1b}` is not a listen address".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "a.yaml:3:9: `127.0.0.1:1\\nINJECTED: x\\u{1b}` is not a listen address"
+        );
+    }
+}

@@ -200,6 +200,36 @@ impl HttpUpstream {
         }
     }
 
+    /// Whether requests to it would reach `listener`, an address sluice
+    /// listens on: as far as the URL tells without a DNS lookup (an IP,
+    /// or `localhost`).
+    pub fn is_at(&self, listener: std::net::SocketAddr) -> bool {
+        let default_port = if self.scheme == Scheme::HTTPS {
+            443
+        } else {
+            80
+        };
+        if self.authority.port_u16().unwrap_or(default_port) != listener.port() {
+            return false;
+        }
+        let host = self.authority.host();
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let listens_here = |ip: std::net::IpAddr| {
+            ip == listener.ip() || (listener.ip().is_unspecified() && ip.is_loopback())
+        };
+        match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => listens_here(ip),
+            Err(_) if host.eq_ignore_ascii_case("localhost") => {
+                listens_here(std::net::Ipv4Addr::LOCALHOST.into())
+                    || listens_here(std::net::Ipv6Addr::LOCALHOST.into())
+            }
+            Err(_) => false,
+        }
+    }
+
     /// The upstream URI for a request's path and query.
     pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
         let pq = path_and_query.map(PathAndQuery::as_str).unwrap_or("/");

@@ -1454,3 +1454,148 @@ routes:
         "{errors:?}"
     );
 }
+
+/// A value holding a newline is quoted escaped: each error stays one line.
+#[test]
+fn an_error_quoting_a_newline_stays_one_line() {
+    let yaml = format!("listen: \"127.0.0.1:1\\nINJECTED: x\"\n{BASE}");
+    assert_eq!(
+        errors(&yaml),
+        [
+            "test.yaml:1:9: `127.0.0.1:1\\nINJECTED: x` is not a listen address like 0.0.0.0:8080 or [::]:8080"
+        ]
+    );
+}
+
+/// A value that variables made is said to be theirs (its default may
+/// look valid), still without the value: it could be a secret.
+#[test]
+fn a_value_made_by_variables_says_so() {
+    let yaml = format!("listen: \"${{LISTEN:-127.0.0.1:8080}}\"\n{BASE}");
+    let errs = errors_with_env(&yaml, &[("LISTEN", "localhost:8080")]);
+    assert_eq!(
+        errs,
+        [
+            "test.yaml:1:9: `${LISTEN:-127.0.0.1:8080}` is not a listen address like 0.0.0.0:8080 \
+             or [::]:8080 (as its variables made it; their values are not shown)"
+        ]
+    );
+}
+
+/// Names label metrics and log lines: an empty or blank one, or one
+/// holding a control character, labels nothing a reader can find.
+#[test]
+fn blank_names_are_refused() {
+    let yaml = "\
+upstreams:
+  \"\": { mock: {} }
+  \"a\\tb\": { mock: {} }
+  ok: { mock: {} }
+tiers:
+  \" \": {}
+auth:
+  api_keys:
+    - { id: \"\", key: k1 }
+routes:
+  - name: \"  \"
+    match: { path_prefix: / }
+    upstream: ok
+";
+    assert_eq!(
+        errors(yaml),
+        [
+            "test.yaml:2:7: upstream name is empty",
+            "test.yaml:3:11: upstream name `a\\tb` holds a control character",
+            "test.yaml:6:8: tier name is empty",
+            "test.yaml:9:13: api key id is empty",
+            "test.yaml:11:11: route name is empty",
+        ]
+    );
+}
+
+/// `set_headers` cannot set what frames a message or belongs to one
+/// connection, nor name a header twice in two spellings.
+#[test]
+fn set_headers_refuse_framing_hop_by_hop_and_twice_named_headers() {
+    for (name, why) in [
+        ("content-length", "it frames the body"),
+        ("Transfer-Encoding", "it frames the body"),
+        ("connection", "hop-by-hop"),
+        ("upgrade", "hop-by-hop"),
+        ("te", "hop-by-hop"),
+        ("keep-alive", "hop-by-hop"),
+    ] {
+        let errs = errors(&one_upstream(&format!(
+            "url: \"http://127.0.0.1:1\", set_headers: {{ {name}: x }}"
+        )));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].contains(&format!(
+                "set_headers cannot set `{}`",
+                name.to_ascii_lowercase()
+            )) && errs[0].contains(why),
+            "{}",
+            errs[0]
+        );
+    }
+    let errs = errors(&one_upstream(
+        "url: \"http://127.0.0.1:1\", set_headers: { Authorization: a, authorization: b }",
+    ));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains("names `authorization` twice"),
+        "{}",
+        errs[0]
+    );
+    assert!(
+        !errs[0].contains(": a") && !errs[0].contains(": b"),
+        "{}",
+        errs[0]
+    );
+}
+
+/// An upstream whose URL is one of sluice's own listeners would send
+/// each request back to sluice, without end.
+#[test]
+fn an_upstream_that_is_sluice_itself_is_refused() {
+    for url in [
+        "http://127.0.0.1:8080",
+        "http://localhost:8080/v1",
+        "http://[::1]:8080",
+        "http://127.0.0.1:9090",
+    ] {
+        let yaml = format!(
+            "listen: \"[::]:8080\"\n{}",
+            one_upstream(&format!("url: \"{url}\""))
+        );
+        assert_eq!(
+            errors(&yaml),
+            [
+                "test.yaml:3:15: upstream `app` is sluice itself (it listens there): its requests would loop"
+            ],
+            "{url}"
+        );
+    }
+    // Another port, or an address sluice does not listen on, is fine.
+    for (listen, url) in [
+        ("0.0.0.0:8080", "http://127.0.0.1:8081"),
+        ("127.0.0.1:8080", "http://10.0.0.5:8080"),
+        ("0.0.0.0:8080", "https://api.openai.com"),
+    ] {
+        let yaml = format!(
+            "listen: \"{listen}\"\n{}",
+            one_upstream(&format!("url: \"{url}\""))
+        );
+        assert!(load(&yaml, &[]).is_ok(), "{listen} {url}");
+    }
+}
+
+/// A whole number too large for its setting is said to be too large.
+#[test]
+fn a_number_too_large_is_said_so() {
+    let errs = errors(&format!(
+        "pools:\n  p: {{ members: [app], max_attempts: 99999999999999999999999 }}\n{BASE}"
+    ));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("is too large"), "{}", errs[0]);
+}

@@ -1172,3 +1172,20 @@ routes:
     );
     assert_eq!(up.seen().len(), 1, "only the chunked request went through");
 }
+
+/// An upstream's `set_headers` may name its `host`: a virtual host served
+/// at an address.
+#[tokio::test]
+async fn set_headers_may_name_the_upstreams_host() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let yaml = format!(
+        "upstreams:\n  app:\n    url: {}\n    set_headers: {{ host: api.internal.example }}\nroutes:\n  - {{ name: r, match: {{ path_prefix: / }}, auth: none, upstream: app }}\n",
+        up.url()
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let reply = Client::new()
+        .send(Method::GET, &gw.url("/v1/models"), &[], Bytes::new())
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(up.seen()[0].header("host"), Some("api.internal.example"));
+}
