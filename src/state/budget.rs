@@ -133,10 +133,7 @@ impl Budgets {
             let alerted = d.alerted.entry(scope.clone()).or_default();
             let mut alerts = Vec::new();
             for &threshold in alert_at {
-                let key = (
-                    (threshold * 1000.0).round() as u64,
-                    (budget * 1e6).round() as u64,
-                );
+                let key = alert_key(threshold, budget);
                 if budget > 0.0 && spent >= rounded(threshold * budget) && !alerted.contains(&key) {
                     alerted.push(key);
                     alerts.push(Alert {
@@ -150,6 +147,46 @@ impl Budgets {
         })
         .unwrap_or_default()
     }
+
+    /// Takes in a scope's spend as the shared backend last told it:
+    /// during an outage this replica decides from memory, which must
+    /// start from that figure, not from what it spent alone (a spent
+    /// budget would open again). The thresholds `shared` has crossed
+    /// were alerted by whichever replica crossed them.
+    pub fn seen(&self, scope: &BudgetScope, shared: f64, budget: f64, alert_at: &[f64]) {
+        self.with_day(|d| {
+            let spent = d.spent.entry(scope.clone()).or_insert(0.0);
+            *spent = spent.max(shared);
+            if budget > 0.0 {
+                let alerted = d.alerted.entry(scope.clone()).or_default();
+                for &threshold in alert_at {
+                    let key = alert_key(threshold, budget);
+                    if rounded(shared) >= rounded(threshold * budget) && !alerted.contains(&key) {
+                        alerted.push(key);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Whether this replica alerted `threshold` of `budget` today (from
+    /// memory, during an outage).
+    pub fn alerted(&self, scope: &BudgetScope, threshold: f64, budget: f64) -> bool {
+        self.with_day(|d| {
+            d.alerted
+                .get(scope)
+                .is_some_and(|a| a.contains(&alert_key(threshold, budget)))
+        })
+        .unwrap_or(false)
+    }
+}
+
+/// A threshold of a budget as [`Day::alerted`] keeps it.
+fn alert_key(threshold: f64, budget: f64) -> (u64, u64) {
+    (
+        (threshold * 1000.0).round() as u64,
+        (budget * 1e6).round() as u64,
+    )
 }
 
 #[cfg(test)]
@@ -168,6 +205,23 @@ mod tests {
         let a = b.add(&g, 2.0, 10.0, &[0.8, 1.0]);
         assert_eq!(a.iter().map(|a| a.threshold).collect::<Vec<_>>(), [1.0]);
         assert!((b.spent(&g) - 10.6).abs() < 1e-9);
+    }
+
+    /// What the shared backend last said is where an outage's memory
+    /// starts: its spend, and the thresholds it had crossed (alerted by
+    /// whichever replica crossed them) are not alerted again.
+    #[test]
+    fn the_shared_spend_seen_is_where_memory_goes_on() {
+        let b = Budgets::default();
+        let g = BudgetScope::Global;
+        b.seen(&g, 6.0, 10.0, &[0.5, 0.8]);
+        assert!((b.spent(&g) - 6.0).abs() < 1e-9);
+        assert!(b.alerted(&g, 0.5, 10.0) && !b.alerted(&g, 0.8, 10.0));
+        let a = b.add(&g, 2.5, 10.0, &[0.5, 0.8]);
+        assert_eq!(a.iter().map(|a| a.threshold).collect::<Vec<_>>(), [0.8]);
+        // A lower figure (read before this replica's own spend) lowers nothing.
+        b.seen(&g, 1.0, 0.0, &[]);
+        assert!((b.spent(&g) - 8.5).abs() < 1e-9);
     }
 
     #[test]

@@ -47,8 +47,16 @@ impl StateError {
 
 impl From<redis::RedisError> for StateError {
     fn from(e: redis::RedisError) -> Self {
-        // The kind and category only: a detail may quote the URL.
-        let text = format!("{:?} ({})", e.kind(), e.category());
+        // The kind and category only: a client-side detail may quote
+        // the URL. What Redis itself answered (`OOM command not allowed
+        // when used memory > 'maxmemory'`) is what an operator needs.
+        let text = match (e.code(), e.detail()) {
+            (Some(code), Some(detail)) => {
+                let detail: String = detail.chars().take(160).collect();
+                format!("answered {code} {detail}")
+            }
+            _ => format!("{:?} ({})", e.kind(), e.category()),
+        };
         // The client's own response timeout is a timeout like ours, not
         // a connection lost (a slow cache entry must not pause Redis).
         if e.is_timeout() {

@@ -509,7 +509,10 @@ impl State {
         if let Some(redis) = &self.redis {
             let today = budget::today().0;
             match self.health.timed("spent", redis.spent(scope, today)).await {
-                Some(spent) => return Ok(spent),
+                Some(spent) => {
+                    self.budgets.seen(scope, spent, 0.0, &[]);
+                    return Ok(spent);
+                }
                 None => self.fallback()?,
             }
         }
@@ -538,7 +541,14 @@ impl State {
             // spend is kept in memory instead, and owed to Redis.
             if let Some((spent, crossed)) = self.health.timed("spend", call).await {
                 self.send_owed(redis, today);
+                // A threshold this replica alerted from memory during an
+                // outage is not alerted again when Redis first claims it.
                 let alerts = crossed
+                    .into_iter()
+                    .filter(|&threshold| !self.budgets.alerted(scope, threshold, budget_usd))
+                    .collect::<Vec<_>>();
+                self.budgets.seen(scope, spent, budget_usd, alert_at);
+                let alerts = alerts
                     .into_iter()
                     .map(|threshold| Alert {
                         threshold,

@@ -799,3 +799,105 @@ async fn a_redis_not_running_is_named_at_start() {
     let reason = &connect_warnings(&gw)[0];
     assert!(reason.contains("refused the connection"), "{reason}");
 }
+
+/// A Redis that refuses writes says why in the warning (its own answer,
+/// `OOM command not allowed…`), not as a bare error kind.
+#[tokio::test]
+async fn what_redis_answered_is_in_the_warning() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
+    let yaml = config(
+        &upstream.url(),
+        &redis.url(),
+        "{ requests_per_minute: 1000 }",
+        "",
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let client = Client::new();
+    let url = gw.url("/v1/x");
+    assert_eq!(
+        client
+            .post_json(&url, &[ALICE, no_store()], "{}")
+            .await
+            .status,
+        200
+    );
+    redis.cli(None, &["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    redis.cli(None, &["CONFIG", "SET", "maxmemory", "1"]);
+    let reply = client.post_json(&url, &[ALICE, no_store()], "{}").await;
+    assert_eq!(reply.status, 200, "allow serves from memory");
+    let warned = |gw: &TestGateway| {
+        gw.log_lines()
+            .into_iter()
+            .filter(|l| l["event"] == "state_error" && l["operation"] == "take")
+            .map(|l| l["error"].as_str().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || !warned(&gw).is_empty()).await,
+        "{}",
+        gw.log_text()
+    );
+    let error = &warned(&gw)[0];
+    assert!(
+        error.contains("answered OOM") && error.contains("maxmemory"),
+        "{error}"
+    );
+    redis.cli(None, &["CONFIG", "SET", "maxmemory", "0"]);
+}
+
+/// With Redis gone, `on_error: allow` decides budgets from this
+/// replica's memory, which starts from the spend Redis last told it: a
+/// budget spent before the outage stays spent through it.
+#[tokio::test]
+async fn a_spent_budget_stays_spent_through_an_outage() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    // $0.00045 a request at gpt-4o-mini's prices; two spend the budget.
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1000, 500))).await;
+    let yaml = format!(
+        r#"
+upstreams:
+  llm: {{ url: "{}" }}
+pools:
+  main: {{ members: [llm] }}
+auth:
+  api_keys:
+    - {{ id: alice, key: sk-alice-0001 }}
+routes:
+  - {{ name: chat, match: {{ path_prefix: /v1/ }}, upstream: main }}
+pricing:
+  gpt-4o-mini: {{ input: 0.15, output: 0.60 }}
+budget: {{ daily_usd: 0.0008, enforce: true }}
+state: {{ backend: redis, redis_url: "{}", on_error: allow }}
+"#,
+        upstream.url(),
+        redis.url()
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let client = Client::new();
+    let url = gw.url("/v1/x");
+    let call = || client.post_json(&url, &[ALICE], "{}");
+    for _ in 0..2 {
+        assert_eq!(call().await.status, 200);
+        // Spend is charged after the response: let it land.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = call().await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.json()["error"]["code"], "budget_exceeded");
+
+    redis.kill();
+    let refused = call().await;
+    assert_eq!(
+        (
+            refused.status.as_u16(),
+            refused.json()["error"]["code"].clone()
+        ),
+        (429, json!("budget_exceeded")),
+        "the budget spent before the outage is still spent"
+    );
+}
