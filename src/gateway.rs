@@ -46,6 +46,7 @@ impl Active {
         metrics: &Metrics,
         jwks: &Registry<JwksKeys>,
         breakers: &Registry<Breaker>,
+        log: &tracing::Dispatch,
     ) -> Self {
         // A circuit belongs to an upstream's name and where it points: a
         // reload that fixes an upstream's URL gives it a closed circuit
@@ -71,6 +72,8 @@ impl Active {
                     breakers.get_or(circuit, || {
                         Arc::new(Breaker::new(
                             metrics.upstream_up.with_label_values(&[&u.name]),
+                            u.name.clone(),
+                            log.clone(),
                         ))
                     })
                 })
@@ -190,7 +193,13 @@ impl Gateway {
         ));
         let clients = Mutex::new(HashMap::new());
         let snapshot = keep_clients(&clients, snapshot);
-        let active = Arc::new(Active::new(snapshot, &metrics, &jwks, &breakers));
+        let active = Arc::new(Active::new(
+            snapshot,
+            &metrics,
+            &jwks,
+            &breakers,
+            &log.dispatch,
+        ));
         health::spawn(&active, &log.dispatch);
         Arc::new(Gateway {
             active: ArcSwap::new(active),
@@ -229,6 +238,7 @@ impl Gateway {
             &self.metrics,
             &self.jwks,
             &self.breakers,
+            &self.log.dispatch,
         ));
         health::spawn(&active, &self.log.dispatch);
         self.active.store(active);

@@ -51,9 +51,13 @@ impl State {
     }
 }
 
-#[derive(Debug)]
 pub struct Breaker {
     state: Mutex<State>,
+    /// The upstream's name, for the log events of its circuit opening
+    /// and closing (`sluice_upstream_up` alone leaves nothing to search
+    /// for in the logs).
+    upstream: Arc<str>,
+    log: tracing::Dispatch,
     /// `sluice_upstream_up`: 1 closed and not marked down by health
     /// checks, else 0.
     up: IntGauge,
@@ -63,11 +67,22 @@ pub struct Breaker {
     retired: std::sync::atomic::AtomicBool,
 }
 
+impl std::fmt::Debug for Breaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Breaker")
+            .field("upstream", &self.upstream)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Breaker {
-    pub fn new(up: IntGauge) -> Self {
+    pub fn new(up: IntGauge, upstream: Arc<str>, log: tracing::Dispatch) -> Self {
         up.set(1);
         Breaker {
             state: Mutex::new(State::default()),
+            upstream,
+            log,
             up,
             retired: std::sync::atomic::AtomicBool::new(false),
         }
@@ -140,6 +155,15 @@ impl Breaker {
     }
 
     fn close(&self, s: &mut State) {
+        if s.open_until.is_some() && !self.retired.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::dispatcher::with_default(&self.log, || {
+                tracing::info!(
+                    event = "circuit_closed",
+                    upstream = &*self.upstream,
+                    "a probe answered: the upstream's circuit is closed again"
+                );
+            });
+        }
         s.consecutive_failures = 0;
         s.open_until = None;
         s.probing = false;
@@ -178,9 +202,24 @@ impl Breaker {
     ) {
         s.consecutive_failures = s.consecutive_failures.saturating_add(1);
         if probe || (!s.probing && s.consecutive_failures >= threshold) {
+            // A failure judged late, while it is open already, extends
+            // the cooldown but is no new opening to log.
+            let opens = probe || s.open_until.is_none();
             s.open_until = Some(now + cooldown);
             s.probing = false;
             self.show(0);
+            if opens && !self.retired.load(std::sync::atomic::Ordering::Relaxed) {
+                tracing::dispatcher::with_default(&self.log, || {
+                    tracing::warn!(
+                        event = "circuit_opened",
+                        upstream = &*self.upstream,
+                        failures = s.consecutive_failures,
+                        probe_failed = probe,
+                        cooldown_s = cooldown.as_secs_f64(),
+                        "the upstream's circuit opened: it is skipped until a probe after the cooldown answers"
+                    );
+                });
+            }
         }
     }
 
@@ -324,7 +363,11 @@ mod tests {
     use super::*;
 
     fn breaker() -> Breaker {
-        Breaker::new(IntGauge::new("up", "up").unwrap())
+        Breaker::new(
+            IntGauge::new("up", "up").unwrap(),
+            Arc::from("test"),
+            tracing::Dispatch::none(),
+        )
     }
 
     #[test]

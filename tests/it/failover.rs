@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Method;
+use serde_json::{Value, json};
 
 use crate::support::{
     Client, ClientReply, MockUpstream, RefusedPort, TestGateway, UpstreamReply, eventually,
@@ -280,6 +281,26 @@ async fn circuit_opens_after_failures_then_one_probe_closes_it() {
     assert_eq!(primary.seen().len(), 3, "exactly one probe");
     assert_eq!(primary_up(&gw).await, Some(1.0));
     assert_eq!(chat(&gw).await.text(), "primary");
+    // Each change of the circuit is one log event an operator can find.
+    let events: Vec<_> = gw
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["upstream"] == "primary" && l["event"].is_string())
+        .map(|l| {
+            (
+                l["event"].clone(),
+                l["level"].clone(),
+                l["failures"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        events,
+        [
+            (json!("circuit_opened"), json!("WARN"), json!(2)),
+            (json!("circuit_closed"), json!("INFO"), Value::Null),
+        ]
+    );
 }
 
 #[tokio::test]
