@@ -74,7 +74,7 @@ enum Command {
         #[arg(long, default_value = "0ms", value_parser = parse_duration)]
         latency: Duration,
         /// Fraction of requests that fail (0.0 to 1.0).
-        #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+        #[arg(long, default_value_t = 0.0, value_parser = parse_rate, allow_negative_numbers = true)]
         failure_rate: f64,
         /// HTTP status of injected failures.
         #[arg(long, default_value_t = 500)]
@@ -151,8 +151,10 @@ fn main() -> ExitCode {
             stream_chunks,
             chunk_interval,
         } => {
-            if !(100..=599).contains(&status) {
-                stderr_line!("sluice mock: --status {status} is not an HTTP status");
+            if !(400..=599).contains(&status) {
+                stderr_line!(
+                    "sluice mock: --status {status} is not an HTTP error status (400-599), as an injected failure answers"
+                );
                 return ExitCode::from(2);
             }
             let settings = MockSettings {

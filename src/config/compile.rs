@@ -267,6 +267,15 @@ impl Compiler<'_> {
             }
             return None;
         }
+        if n > MAX_PER_MINUTE {
+            if let Some(t) = t {
+                self.error(
+                    &t.referenced,
+                    format!("a limit must be at most {MAX_PER_MINUTE} a minute (leave it out for no limit)"),
+                );
+            }
+            return None;
+        }
         Some(n)
     }
 
@@ -298,12 +307,12 @@ impl Compiler<'_> {
     fn opt_usd(&mut self, t: &Option<Text>) -> Option<f64> {
         let t = t.as_ref()?;
         let v: f64 = self.number(t, "a number")?;
-        if v.is_finite() && v >= 0.0 {
+        if v.is_finite() && (0.0..=MAX_USD).contains(&v) {
             Some(v)
         } else {
             self.error(
                 &t.referenced,
-                format!("`{v}` must be a non-negative amount"),
+                format!("`{v}` must be a non-negative amount of at most {MAX_USD} USD"),
             );
             None
         }
@@ -739,9 +748,12 @@ impl Compiler<'_> {
         };
         let status = match &raw.status {
             Some(t) => match self.number::<u16>(t, "an HTTP status") {
-                Some(s) if (100..=599).contains(&s) => s,
+                Some(s) if (400..=599).contains(&s) => s,
                 Some(s) => {
-                    self.error(&t.referenced, format!("{s} is not an HTTP status"));
+                    self.error(
+                        &t.referenced,
+                        format!("{s} is not an HTTP error status (400-599), as an injected failure answers"),
+                    );
                     500
                 }
                 None => 500,
@@ -1039,7 +1051,10 @@ impl Compiler<'_> {
                 ),
             });
             let cors = r.cors.as_ref().map(|c| self.cors(c));
-            let target_name = upstream.and_then(|u| self.text(u)).unwrap_or_default();
+            // `None` when its variables failed (already reported): no
+            // second error about an upstream named ``.
+            let expanded = upstream.and_then(|u| self.text(u));
+            let target_name = expanded.clone().unwrap_or_default();
             let target = match (
                 upstream_index.get(target_name.as_str()),
                 pool_index.get(target_name.as_str()),
@@ -1047,7 +1062,9 @@ impl Compiler<'_> {
                 (Some(i), _) => Target::Upstream(*i),
                 (None, Some(i)) => Target::Pool(*i),
                 (None, None) => {
-                    if let Some(upstream) = upstream {
+                    if let Some(upstream) = upstream
+                        && expanded.is_some()
+                    {
                         self.error(
                             &upstream.referenced,
                             format!("route `{name}`: no upstream or pool named `{target_name}`"),
@@ -1676,6 +1693,15 @@ fn allow_header(methods: &[Method], cors: bool) -> HeaderValue {
     }
     HeaderValue::from_str(&names.join(", ")).unwrap_or(HeaderValue::from_static(""))
 }
+
+/// The largest per-minute limit: far past any real traffic, and small
+/// enough that the buckets' arithmetic in `f64` stays exact (and the
+/// `x-ratelimit-*` headers agree with each other).
+const MAX_PER_MINUTE: u64 = 1_000_000_000_000;
+
+/// The largest amount of money a price or a budget may name: a price of
+/// 1e308 made every cost `inf`.
+const MAX_USD: f64 = 1e9;
 
 /// Why an upstream's `set_headers` may not name `header`: these frame the
 /// message or belong to one connection (RFC 9110 §7.6.1), so sluice sets

@@ -38,6 +38,8 @@ fn expand_with(
         return Ok(text.to_owned());
     }
     let mut out = String::with_capacity(text.len());
+    // Every unset variable of the value is named, not only the first.
+    let mut missing: Vec<&str> = Vec::new();
     let mut rest = text;
     while let Some(pos) = rest.find('$') {
         out.push_str(&rest[..pos]);
@@ -63,11 +65,7 @@ fn expand_with(
                 }
                 (Some(value), _) => out.push_str(&value),
                 (None, Some(default)) => out.push_str(&expand_with(default, lookup, depth + 1)?),
-                (None, None) => {
-                    return Err(format!(
-                        "environment variable `{name}` is not set (use `${{{name}:-default}}` for a default)"
-                    ));
-                }
+                (None, None) => missing.push(name),
             }
             rest = &body[end + 1..];
         } else {
@@ -76,7 +74,20 @@ fn expand_with(
         }
     }
     out.push_str(rest);
-    Ok(out)
+    match missing.as_slice() {
+        [] => Ok(out),
+        [name] => Err(format!(
+            "environment variable `{name}` is not set (use `${{{name}:-default}}` for a default)"
+        )),
+        names => Err(format!(
+            "environment variables {} are not set (use `${{NAME:-default}}` for a default)",
+            names
+                .iter()
+                .map(|name| format!("`{name}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
 }
 
 /// Where the `}` closing a `${` ends, in `body` (the text after `${`):

@@ -26,17 +26,22 @@ pub fn message(message: String) -> String {
 }
 
 /// Whether `word` is shown: a near miss of an expected name, a short
-/// word of lower-case letters (`teir`), which no key or password is, or
-/// a value quoted as written (`${TOKEN}`: the variable's name).
+/// word of lower-case letters (`teir`), or words of them joined by `_`
+/// (`concurrent_requests`, a key of another section), which no key or
+/// password is, or a value quoted as written (`${TOKEN}`: the
+/// variable's name).
 fn shown_as_written<'a>(word: &str, mut expected: impl Iterator<Item = &'a str>) -> bool {
     if word.starts_with("${") {
         return true;
     }
-    if word.len() <= 16
-        && word
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'-')
-    {
+    let lower = |b: u8| b.is_ascii_lowercase() || b == b'_' || b == b'-';
+    if word.len() <= 16 && word.bytes().all(lower) {
+        return true;
+    }
+    let snake_words = word.len() <= 40
+        && word.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+        && word.split('_').all(|w| (2..=16).contains(&w.len()));
+    if snake_words {
         return true;
     }
     let word = word.to_ascii_lowercase();
@@ -106,6 +111,20 @@ mod tests {
         assert!(!none.contains("abc123secret"), "{none}");
         let unquoted = message("unknown field `teir`, expected one of id, key, tier".to_owned());
         assert!(unquoted.starts_with("unknown field `teir`"), "{unquoted}");
+        // A key of another section, put in the wrong one.
+        let misplaced = message(
+            "unknown field `concurrent_requests`, expected one of `requests_per_minute`, `tokens_per_minute`".to_owned(),
+        );
+        assert!(
+            misplaced.starts_with("unknown field `concurrent_requests`"),
+            "{misplaced}"
+        );
+        let long_lower =
+            message("unknown field `abcdefghijklmnopqrstu`, there are no fields".to_owned());
+        assert!(
+            !long_lower.contains("abcdefghijklmnopqrstu"),
+            "{long_lower}"
+        );
     }
 
     #[test]

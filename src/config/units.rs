@@ -54,11 +54,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// ```
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
+    // `1_000_000` reads as YAML wrote it, as numbers do.
     let split = text
-        .find(|c: char| !c.is_ascii_digit())
+        .find(|c: char| !c.is_ascii_digit() && c != '_')
         .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
     let n: u64 = digits
+        .replace('_', "")
         .parse()
         .map_err(|_| format!("`{text}` is not a size like 4096, 64KiB, 4MiB or 1GiB"))?;
     let multiplier: u64 = match unit.trim() {
@@ -108,6 +110,8 @@ mod tests {
         assert_eq!(parse_size("4MiB"), Ok(4 << 20));
         assert_eq!(parse_size("1GiB"), Ok(1 << 30));
         assert_eq!(parse_size("2MB"), Ok(2_000_000));
+        assert_eq!(parse_size("1_048_576"), Ok(1 << 20));
+        assert!(parse_size("_").is_err());
         assert!(parse_size("4 parsecs").is_err());
         assert!(parse_size("").is_err());
     }

@@ -1599,3 +1599,67 @@ fn a_number_too_large_is_said_so() {
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(errs[0].contains("is too large"), "{}", errs[0]);
 }
+
+/// Every unset variable of a value is named, not only the first.
+#[test]
+fn every_unset_variable_of_a_value_is_named() {
+    let errs = errors(&format!("listen: \"${{NA}}:${{NB}}\"\n{BASE}"));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains("variables `NA`, `NB` are not set"),
+        "{}",
+        errs[0]
+    );
+}
+
+/// A reference whose variable is unset is one error, not also a second
+/// about an upstream named ``.
+#[test]
+fn an_unset_variable_in_a_reference_is_one_error() {
+    let yaml = "upstreams:\n  a: { mock: {} }\nroutes:\n  - { name: r, match: { path_prefix: / }, upstream: \"${UP}\" }\n";
+    let errs = errors(yaml);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("`UP` is not set"), "{}", errs[0]);
+}
+
+/// Limits and amounts past any real use are refused: their arithmetic
+/// would overflow into nonsense (`inf` costs, headers that disagree).
+#[test]
+fn limits_and_amounts_past_any_real_use_are_refused() {
+    let errs = errors(&format!(
+        "tiers:\n  t: {{ requests_per_minute: 18446744073709551615 }}\n{BASE}"
+    ));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("a limit must be at most"), "{}", errs[0]);
+    let errs = errors(&format!(
+        "pricing:\n  m: {{ input: 1e308, output: 1 }}\n{BASE}"
+    ));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("at most 1000000000 USD"), "{}", errs[0]);
+    assert!(
+        load(
+            &format!("tiers:\n  t: {{ requests_per_minute: 1_000_000_000_000 }}\n{BASE}"),
+            &[]
+        )
+        .is_ok()
+    );
+}
+
+/// The mock's `status` is what its injected failures answer: an error.
+#[test]
+fn a_mock_failure_status_must_be_an_error() {
+    let errs = errors(&one_upstream("mock: { failure_rate: 0.5, status: 200 }"));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains("200 is not an HTTP error status"),
+        "{}",
+        errs[0]
+    );
+    assert!(
+        load(
+            &one_upstream("mock: { failure_rate: 0.5, status: 429 }"),
+            &[]
+        )
+        .is_ok()
+    );
+}
