@@ -63,7 +63,9 @@ enum Command {
     /// Print the `sha256:` hash of an API key (read from stdin without KEY).
     HashKey {
         /// The key to hash; without it, one key is read from stdin (so it
-        /// stays out of the shell's history).
+        /// stays out of the shell's history). A key starting with `-` is
+        /// a key, not a flag: a parse error would repeat part of it.
+        #[arg(allow_hyphen_values = true)]
         key: Option<String>,
     },
     /// Run the built-in OpenAI-compatible mock LLM server.

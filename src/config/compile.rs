@@ -1091,9 +1091,25 @@ impl Compiler<'_> {
     }
 
     fn cors(&mut self, c: &RawCors) -> Cors {
-        let list = |me: &mut Self, l: &Option<Vec<Text>>, default: &[&str]| -> Vec<String> {
+        // Each is a token (RFC 9110 §5.6.2), as methods and header names
+        // are: anything else would never match a preflight, silently.
+        let list = |me: &mut Self,
+                    l: &Option<Vec<Text>>,
+                    default: &[&str],
+                    (what, valid): (&str, fn(&[u8]) -> bool)|
+         -> Vec<String> {
             match l {
-                Some(l) => l.iter().filter_map(|t| me.text(t)).collect(),
+                Some(l) => l
+                    .iter()
+                    .filter_map(|t| {
+                        let item = me.text(t)?;
+                        if !valid(item.trim().as_bytes()) {
+                            me.error(&t.referenced, format!("cors: `{item}` is not {what}"));
+                            return None;
+                        }
+                        Some(item.trim().to_owned())
+                    })
+                    .collect(),
                 None => default.iter().map(|s| (*s).to_owned()).collect(),
             }
         };
@@ -1127,14 +1143,23 @@ impl Compiler<'_> {
         }
         Cors {
             allow_origins,
-            allow_methods: list(self, &c.allow_methods, &["GET", "POST", "OPTIONS"]),
+            allow_methods: list(
+                self,
+                &c.allow_methods,
+                &["GET", "POST", "OPTIONS"],
+                ("an HTTP method", |b| Method::from_bytes(b).is_ok()),
+            ),
             // Unset, a preflight's own list is echoed: browser SDKs send
             // headers of their own (the OpenAI SDK's `x-stainless-*`,
             // `openai-beta`…) that no fixed default would keep up with.
-            allow_headers: c
-                .allow_headers
-                .is_some()
-                .then(|| list(self, &c.allow_headers, &[])),
+            allow_headers: c.allow_headers.is_some().then(|| {
+                list(
+                    self,
+                    &c.allow_headers,
+                    &[],
+                    ("a header name", |b| HeaderName::from_bytes(b).is_ok()),
+                )
+            }),
             max_age: self.opt_duration(&c.max_age),
             allow_credentials,
         }
@@ -1194,6 +1219,15 @@ impl Compiler<'_> {
                 (Some(key), None) => match self.text(key).map(|k| k.trim_ascii().to_owned()) {
                     Some(key) if key.is_empty() => {
                         self.error(&key_loc(&k.key), format!("api key `{id}` is empty"));
+                        None
+                    }
+                    // A client sends its key in a header, which cannot
+                    // carry these: such a key would match no request.
+                    Some(key) if key.chars().any(char::is_control) => {
+                        self.error(
+                            &key_loc(&k.key),
+                            format!("api key `{id}` holds a control character (a newline?), which no header can carry"),
+                        );
                         None
                     }
                     Some(key) => {

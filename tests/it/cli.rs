@@ -732,6 +732,14 @@ fn hash_key_prints_the_sha256_of_its_argument() {
         assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
         assert_eq!(stdout(&out), format!("{HASH_OF_TEST}\n"), "{key:?}");
     }
+    // A key may start with `-`: hashed, not parsed as a flag (whose
+    // error would quote it).
+    let out = sluice()
+        .args(["hash-key", "-sk-dash-key"])
+        .output()
+        .expect("run sluice hash-key");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert!(stdout(&out).starts_with("sha256:"), "{}", stdout(&out));
 }
 
 /// `sluice hash-key` with `input` on its stdin.

@@ -1663,3 +1663,36 @@ fn a_mock_failure_status_must_be_an_error() {
         .is_ok()
     );
 }
+
+/// A key no header can carry (a newline from a Secret made by `echo`
+/// inside it) is refused, and not quoted.
+#[test]
+fn an_api_key_holding_a_control_character_is_refused_unquoted() {
+    let errs = errors_with_env(
+        &format!("auth:\n  api_keys:\n    - {{ id: a, key: \"${{K}}\" }}\n{BASE}"),
+        &[("K", "sk-part-one\nsk-part-two")],
+    );
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("holds a control character"), "{}", errs[0]);
+    assert!(!errs[0].contains("sk-part"), "{}", errs[0]);
+}
+
+/// A CORS method or header name that is no token would never match a
+/// browser's preflight: refused rather than silently useless.
+#[test]
+fn cors_methods_and_headers_must_be_tokens() {
+    let errs = errors(&format!(
+        "{BASE}    cors: {{ allow_origins: [\"https://a.example\"], allow_methods: [\"bad method\"], allow_headers: [\"x-ok\", \"bad header\"] }}\n"
+    ));
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert!(
+        errs[0].contains("`bad method` is not an HTTP method"),
+        "{}",
+        errs[0]
+    );
+    assert!(
+        errs[1].contains("`bad header` is not a header name"),
+        "{}",
+        errs[1]
+    );
+}
