@@ -326,6 +326,9 @@ async fn run(path: PathBuf) -> ExitCode {
             drained.await;
         }
     }
+    // Spend kept in memory through a Redis outage, which this replica's
+    // next charge would have sent.
+    gw.state.settle_owed().await;
     gw.log.lines.flush();
     tracing::info!("stopped");
     ExitCode::SUCCESS

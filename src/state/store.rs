@@ -38,6 +38,9 @@ const OUTAGE_PAUSE: Duration = Duration::from_secs(1);
 /// times out every call.
 const CACHE_TIMEOUTS_TO_PAUSE: u32 = 2;
 
+/// How long stopping waits to send Redis the spend owed from an outage.
+const SETTLE_WAIT: Duration = Duration::from_secs(2);
+
 /// The `operation` label values of the backend's metrics.
 const OPERATIONS: [&str; 8] = [
     "take",
@@ -584,6 +587,43 @@ impl State {
                 }
             }
         });
+    }
+
+    /// At shutdown: sends Redis what this replica still owes it from an
+    /// outage (its next charge would have; there is none now), within
+    /// a bound. What cannot be sent leaves with the process, and is said.
+    pub async fn settle_owed(&self) {
+        let Some(redis) = &self.redis else { return };
+        let owed = self.budgets.take_all_owed();
+        if owed.is_empty() {
+            return;
+        }
+        let day = budget::today().0;
+        let total: f64 = owed.iter().map(|(_, usd)| usd).sum();
+        let sending = async {
+            let mut sent = 0.0;
+            for (scope, usd) in &owed {
+                let call = redis.add_spend(scope, day, *usd, 0.0, &[]);
+                if self.health.always("spend", call).await.is_some() {
+                    sent += usd;
+                }
+            }
+            sent
+        };
+        let sent = tokio::time::timeout(SETTLE_WAIT, sending)
+            .await
+            .unwrap_or(0.0);
+        let lost = total - sent;
+        if lost > 0.0 {
+            tracing::dispatcher::with_default(&self.health.log, || {
+                tracing::warn!(
+                    event = "state_error",
+                    operation = "spend",
+                    lost_usd = budget::rounded(lost),
+                    "spend owed to the shared state from an outage could not be sent before stopping"
+                );
+            });
+        }
     }
 
     /// Today's spend in this replica's memory (the gauge of the memory

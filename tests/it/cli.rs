@@ -1170,3 +1170,57 @@ fn mock_refuses_zero_stream_chunks() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--stream-chunks"), "{}", stderr(&out));
 }
+
+/// Spend a replica kept in memory through a Redis outage is sent by its
+/// next charge; stopping before one comes sends it on the way out, or
+/// it would leave with the process.
+#[tokio::test]
+async fn spend_owed_to_redis_is_sent_when_stopping() {
+    let Some(mut redis) = crate::support::RedisServer::start() else {
+        return;
+    };
+    let answer = serde_json::json!({
+        "id": "c", "object": "chat.completion", "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 500}
+    });
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, admin_port) = (free_port(), free_port());
+    let config = write(
+        dir.path(),
+        "proxy.yaml",
+        &format!(
+            "listen: 127.0.0.1:{port}\nadmin: {{ listen: 127.0.0.1:{admin_port} }}\n\
+             upstreams:\n  llm: {{ url: \"{}\" }}\n\
+             routes:\n  - {{ name: chat, match: {{ path_prefix: / }}, auth: none, upstream: llm }}\n\
+             pricing:\n  gpt-4o-mini: {{ input: 0.15, output: 0.60 }}\n\
+             budget: {{ daily_usd: 100.0 }}\n\
+             state: {{ backend: redis, redis_url: \"{}\", on_error: allow }}\n",
+            upstream.url(),
+            redis.url()
+        ),
+    );
+    let mut gw = Running(run_logging(&config).spawn().expect("start sluice"));
+    wait_ready(SocketAddr::from(([127, 0, 0, 1], admin_port))).await;
+    redis.kill();
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    for _ in 0..2 {
+        let reply = Client::new().post_json(&url, &[], "{}").await;
+        assert_eq!(reply.status, 200, "allow serves from memory");
+    }
+    // The charges land (in memory, owed) after each answer.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.restart();
+    signal(&gw, libc::SIGTERM);
+    let status = gw.exit_within(Duration::from_secs(10)).expect("exits");
+    assert_eq!(status.code(), Some(0));
+    let day = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 86_400);
+    let spent: f64 = redis
+        .cli(None, &["GET", &format!("sluice:budget:{{{day}:global}}")])
+        .parse()
+        .unwrap_or(0.0);
+    assert!((spent - 0.0009).abs() < 1e-9, "Redis holds {spent}");
+}
