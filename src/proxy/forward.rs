@@ -785,9 +785,6 @@ async fn attempt_asking_usage(
     if memchr::memmem::find(&text, b"stream_options").is_none() {
         return Ok(Response::from_parts(head, body::full(text)));
     }
-    if let Some(http) = http {
-        http.refuses_stream_options.store(true, Ordering::Relaxed);
-    }
     // The refusal counts as the attempt it was; this one is the request's.
     count(active, index, Outcome::Http4xx);
     ctx.usage_injected = false;
@@ -795,7 +792,17 @@ async fn attempt_asking_usage(
     again
         .headers
         .insert(http::header::CONTENT_LENGTH, plain.len().into());
-    attempt(active, index, ctx, again, body::full(plain), None).await
+    let resp = attempt(active, index, ctx, again, body::full(plain), None).await?;
+    // Only when the body as the client sent it is taken was the question
+    // at fault. A client's own bad `stream_options` (a key the API does
+    // not know) is refused both ways: it must not stop the metering of
+    // every other client's streams.
+    if resp.status().is_success()
+        && let Some(http) = http
+    {
+        http.refuses_stream_options.store(true, Ordering::Relaxed);
+    }
+    Ok(resp)
 }
 
 /// A copy of a request head for one attempt (`Parts` itself is not `Clone`).

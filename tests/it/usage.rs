@@ -437,6 +437,44 @@ routes:
     }
 }
 
+/// A client whose own `stream_options` the upstream refuses (a key it
+/// does not know) gets its 400, and every other client's streams are
+/// still asked for usage: one bad request must not stop the metering.
+#[tokio::test]
+async fn a_clients_own_bad_stream_options_do_not_stop_metering() {
+    let up = MockUpstream::start(|seen| {
+        if String::from_utf8_lossy(&seen.body).contains("bogus") {
+            UpstreamReply::status(400)
+                .header("content-type", "application/json")
+                .body(r#"{"error":{"message":"Unknown parameter: 'stream_options.bogus'.","type":"invalid_request_error","param":"stream_options.bogus"}}"#)
+        } else {
+            UpstreamReply::sse(&STREAM, Duration::ZERO)
+        }
+    })
+    .await;
+    let gw = TestGateway::start(&config(&up.url())).await;
+    let url = gw.url("/v1/chat/completions");
+    let bad = Client::new()
+        .post_json(
+            &url,
+            &[],
+            r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"bogus":1},"messages":[]}"#,
+        )
+        .await;
+    assert_eq!(bad.status, 400, "the client's own error, as it is");
+    assert_eq!(up.seen().len(), 2, "asked with the question, then without");
+    let good = Client::new()
+        .post_json(&url, &[], r#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#)
+        .await;
+    assert_eq!(good.status, 200);
+    let sent: serde_json::Value =
+        serde_json::from_slice(&up.seen()[2].body).expect("the upstream got JSON");
+    assert_eq!(
+        sent["stream_options"]["include_usage"], true,
+        "still asked for usage"
+    );
+}
+
 /// The log's `cost_usd` is to the nano-dollar, as spend is kept, not a
 /// binary fraction's noise; embeddings count no completion.
 #[tokio::test]
