@@ -3,6 +3,7 @@
 
 pub mod facts;
 pub mod pricing;
+pub mod prompt_size;
 pub mod shape;
 pub mod spend;
 pub mod splice;

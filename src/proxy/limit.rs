@@ -189,26 +189,34 @@ impl TokenEstimate {
 }
 
 pub fn estimate_tokens(body: &[u8]) -> TokenEstimate {
-    let prompt = (body.len() as u64).div_ceil(4);
-    // Only the two caps are read; the conversation is skipped, not built.
-    let output = match facts::parse::<OutputCap>(body) {
-        Some(cap) => cap
-            .max_completion_tokens
-            .0
-            .or(cap.max_tokens.0)
-            .or(cap.max_output_tokens.0),
+    let prompt = crate::llm::prompt_size::estimate(body);
+    // Only the caps are read; the conversation is skipped, not built.
+    let (cap, choices) = match facts::parse::<OutputCap>(body) {
+        Some(cap) => (
+            cap.max_completion_tokens
+                .0
+                .or(cap.max_tokens.0)
+                .or(cap.max_output_tokens.0),
+            cap.n.0,
+        ),
         // Refused by the typed view (a member written twice, read by
         // upstreams as its last value): read as a `Value`, which agrees.
         None => serde_json::from_slice::<serde_json::Value>(body)
             .ok()
-            .and_then(|v| {
+            .map(|v| {
                 let cap = |name| v.get(name).and_then(serde_json::Value::as_u64);
-                cap("max_completion_tokens")
-                    .or_else(|| cap("max_tokens"))
-                    .or_else(|| cap("max_output_tokens"))
-            }),
-    }
-    .unwrap_or(0);
+                (
+                    cap("max_completion_tokens")
+                        .or_else(|| cap("max_tokens"))
+                        .or_else(|| cap("max_output_tokens")),
+                    cap("n"),
+                )
+            })
+            .unwrap_or_default(),
+    };
+    // A chat request asking for `n` choices may generate the cap for each.
+    let choices = choices.unwrap_or(1).clamp(1, facts::MAX_CHOICES as u64);
+    let output = cap.unwrap_or(0).saturating_mul(choices);
     TokenEstimate { prompt, output }
 }
 
@@ -229,7 +237,7 @@ pub fn estimate_tokens_roughly(body: &[u8]) -> TokenEstimate {
             .ok()
     };
     TokenEstimate {
-        prompt: (body.len() as u64).div_ceil(4),
+        prompt: crate::llm::prompt_size::estimate(body),
         output: cap(b"\"max_completion_tokens\"")
             .or_else(|| cap(b"\"max_tokens\""))
             .or_else(|| cap(b"\"max_output_tokens\""))
@@ -257,6 +265,7 @@ struct OutputCap {
     max_completion_tokens: Loose<u64>,
     max_tokens: Loose<u64>,
     max_output_tokens: Loose<u64>,
+    n: Loose<u64>,
 }
 
 /// Reserves the estimate in every token bucket that applies, or refuses
@@ -700,7 +709,14 @@ mod tests {
     #[test]
     fn estimates_count_the_body_and_the_output_cap() {
         let estimate = |body: &str| estimate_tokens(body.as_bytes()).total();
-        let quarter = |body: &str| (body.len() as u64).div_ceil(4);
+        // A body that is no JSON is no prompt (a multipart upload).
+        let quarter = |body: &str| {
+            if body.starts_with('{') {
+                (body.len() as u64).div_ceil(4)
+            } else {
+                0
+            }
+        };
         for (body, cap) in [
             (r#"{"messages":[],"max_tokens":100}"#, 100),
             (r#"{"max_completion_tokens":50,"max_tokens":100}"#, 50),
@@ -713,6 +729,9 @@ mod tests {
             // The responses API's name.
             (r#"{"input":"hi","max_output_tokens":5000}"#, 5000),
             (r#"{"max_output_tokens":1,"max_output_tokens":70}"#, 70),
+            // `n` choices, each up to the cap.
+            (r#"{"n":5,"max_tokens":1000}"#, 5000),
+            (r#"{"n":0,"max_tokens":1000}"#, 1000),
         ] {
             assert_eq!(estimate(body), quarter(body) + cap, "{body}");
         }

@@ -669,3 +669,26 @@ async fn a_refused_post_keeps_its_connection() {
     assert!(!text.contains("connection: close"), "{text}");
     assert!(!closed);
 }
+
+/// An image sent inline is reserved as the tokens a provider bills for
+/// it (about a thousand), not as a quarter of its base64 bytes: a 1 MB
+/// photo fits a 20,000-token limit.
+#[tokio::test]
+async fn an_inline_image_is_reserved_as_an_image_not_as_its_bytes() {
+    let up = llm_reporting(900, Duration::ZERO).await;
+    let gw = TestGateway::start(&config(&up.url(), "{ tokens_per_minute: 20000 }", "")).await;
+    let image = "iVBORw0KGgo".repeat(100_000);
+    let body = format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":[{{"type":"text","text":"what is this?"}},{{"type":"image_url","image_url":{{"url":"data:image/png;base64,{image}"}}}}]}}]}}"#
+    );
+    let reply = Client::new()
+        .send(
+            Method::POST,
+            &gw.url("/v1/chat/completions"),
+            &[("x-api-key", "key-alice")],
+            Bytes::from(body.clone()),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(up.seen()[0].body, body.as_bytes(), "forwarded whole");
+}

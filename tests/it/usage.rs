@@ -464,7 +464,11 @@ async fn a_clients_own_bad_stream_options_do_not_stop_metering() {
     assert_eq!(bad.status, 400, "the client's own error, as it is");
     assert_eq!(up.seen().len(), 2, "asked with the question, then without");
     let good = Client::new()
-        .post_json(&url, &[], r#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#)
+        .post_json(
+            &url,
+            &[],
+            r#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#,
+        )
         .await;
     assert_eq!(good.status, 200);
     let sent: serde_json::Value =

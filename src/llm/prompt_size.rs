@@ -1,0 +1,143 @@
+//! How many tokens a request's prompt is, estimated from its body's bytes
+//! before the upstream counts them: text at about four bytes a token,
+//! and media sent inline (base64 images, audio, files) at a fixed count
+//! each, as providers bill them by their size in pixels or seconds, not
+//! by the bytes of their encoding (a 1 MB photo is about a thousand
+//! tokens, not 333,000).
+
+/// Tokens counted for one inline media string: OpenAI's most for an
+/// image in high detail (85 + 170 for each of 8 tiles), about what
+/// Anthropic counts for its largest images. A reservation errs high; the
+/// answer's usage settles it.
+pub const MEDIA_TOKENS: u64 = 1_445;
+
+/// The shortest string taken for media: text of this length has spaces
+/// or punctuation outside base64's alphabet.
+const MEDIA_MIN: usize = 1_024;
+
+/// The prompt's estimated tokens. A body that is no JSON object or array
+/// (a multipart upload, audio bytes) is no prompt to estimate: 0, and the
+/// answer's usage counts it.
+pub fn estimate(body: &[u8]) -> u64 {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if !matches!(first, Some(b'{' | b'[')) {
+        return 0;
+    }
+    let (media_bytes, media) = inline_media(body);
+    let text = (body.len() - media_bytes) as u64;
+    text.div_ceil(4)
+        .saturating_add(media.saturating_mul(MEDIA_TOKENS))
+}
+
+/// The bytes and the number of the JSON strings in `body` that are
+/// inline media: base64 (standard or URL-safe), bare or as a `data:` URL,
+/// of at least [`MEDIA_MIN`] bytes.
+fn inline_media(body: &[u8]) -> (usize, u64) {
+    let (mut bytes, mut count) = (0, 0);
+    let mut at = 0;
+    // Outside strings a JSON text holds no quote but those that open one.
+    while let Some(open) = memchr::memchr(b'"', &body[at..]) {
+        let start = at + open + 1;
+        let Some(end) = string_end(body, start) else {
+            break;
+        };
+        let text = &body[start..end];
+        if text.len() >= MEDIA_MIN && is_media(text) {
+            bytes += text.len();
+            count += 1;
+        }
+        at = end + 1;
+    }
+    (bytes, count)
+}
+
+/// Where the string whose text starts at `start` ends: its closing quote.
+fn string_end(body: &[u8], start: usize) -> Option<usize> {
+    let mut at = start;
+    loop {
+        let found = at + memchr::memchr2(b'"', b'\\', body.get(at..)?)?;
+        if body[found] == b'"' {
+            return Some(found);
+        }
+        // An escape: the byte after the backslash is part of it.
+        at = found + 2;
+    }
+}
+
+fn is_media(text: &[u8]) -> bool {
+    let data = match text.strip_prefix(b"data:") {
+        Some(url) => {
+            let head = &url[..url.len().min(128)];
+            match memchr::memmem::find(head, b";base64,") {
+                Some(at) => &url[at + b";base64,".len()..],
+                None => return false,
+            }
+        }
+        None => text,
+    };
+    data.iter()
+        .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base64_of(len: usize) -> String {
+        "QUJD".repeat(len / 4)
+    }
+
+    #[test]
+    fn text_is_four_bytes_a_token() {
+        let body = r#"{"messages":[{"role":"user","content":"hello there"}]}"#;
+        assert_eq!(estimate(body.as_bytes()), (body.len() as u64).div_ceil(4));
+    }
+
+    #[test]
+    fn inline_media_counts_as_a_fixed_number_of_tokens() {
+        let image = base64_of(1_000_000);
+        for part in [
+            format!(
+                r#"{{"type":"image_url","image_url":{{"url":"data:image/png;base64,{image}"}}}}"#
+            ),
+            format!(
+                r#"{{"type":"input_audio","input_audio":{{"data":"{image}","format":"wav"}}}}"#
+            ),
+            format!(
+                r#"{{"type":"image","source":{{"type":"base64","media_type":"image/jpeg","data":"{image}"}}}}"#
+            ),
+        ] {
+            let body = format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":[{{"type":"text","text":"what is it?"}},{part}]}}]}}"#
+            );
+            // The media, and under 400 bytes of text around it.
+            let estimate = estimate(body.as_bytes());
+            assert!(
+                (MEDIA_TOKENS..MEDIA_TOKENS + 100).contains(&estimate),
+                "{estimate} for {}",
+                &part[..40]
+            );
+        }
+    }
+
+    #[test]
+    fn long_text_and_escaped_quotes_are_not_media() {
+        let words = "lorem ipsum ".repeat(200);
+        let body = format!(
+            r#"{{"content":"{words}","x":"say \"{}\""}}"#,
+            base64_of(2_000)
+        );
+        // The base64 run sits inside a string with a quote escaped in it:
+        // one string, with spaces, so text.
+        assert_eq!(estimate(body.as_bytes()), (body.len() as u64).div_ceil(4));
+    }
+
+    #[test]
+    fn a_body_that_is_no_json_is_no_prompt_but_a_bom_is_skipped() {
+        assert_eq!(estimate(b"--boundary\r\nContent-Disposition: form-data"), 0);
+        assert_eq!(estimate(b"\x1f\x8b\x08\x00binary"), 0);
+        assert_eq!(estimate(b""), 0);
+        assert_eq!(estimate(b"\xEF\xBB\xBF{\"a\":1}"), 2);
+    }
+}
