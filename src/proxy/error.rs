@@ -43,6 +43,9 @@ pub enum ProxyError {
         /// The JSON path of the offending field, when one is to blame.
         param: Option<String>,
     },
+    /// A compressed request body on a route whose limits read the body
+    /// (415, as RFC 9110 §15.5.16 has it, with `accept-encoding`).
+    UnsupportedEncoding,
     RateLimited {
         retry_after: Duration,
         /// The tokens a request needs and the per-minute limit it is over
@@ -84,6 +87,7 @@ impl ProxyError {
             }
             ProxyError::NotImplemented { .. } => StatusCode::NOT_IMPLEMENTED,
             ProxyError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::UnsupportedEncoding => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ProxyError::RateLimited { .. } | ProxyError::BudgetExceeded { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -107,6 +111,7 @@ impl ProxyError {
             | ProxyError::ClientClosed
             | ProxyError::NotImplemented { .. }
             | ProxyError::InvalidRequest { .. }
+            | ProxyError::UnsupportedEncoding
             | ProxyError::RateLimited { .. }
             | ProxyError::BudgetExceeded { .. }
             | ProxyError::UpstreamFailed { .. }
@@ -129,6 +134,7 @@ impl ProxyError {
             ProxyError::ClientClosed => "client_closed",
             ProxyError::NotImplemented { .. } => "not_implemented",
             ProxyError::InvalidRequest { .. } => "invalid_request",
+            ProxyError::UnsupportedEncoding => "unsupported_content_encoding",
             ProxyError::RateLimited { .. } => "rate_limit_exceeded",
             ProxyError::BudgetExceeded { .. } => "budget_exceeded",
             ProxyError::UpstreamFailed { .. } => "upstream_error",
@@ -147,7 +153,8 @@ impl ProxyError {
             | ProxyError::RequestTimeout
             | ProxyError::ClientClosed
             | ProxyError::NotImplemented { .. }
-            | ProxyError::InvalidRequest { .. } => "invalid_request_error",
+            | ProxyError::InvalidRequest { .. }
+            | ProxyError::UnsupportedEncoding => "invalid_request_error",
             ProxyError::Unauthorized { .. } => "authentication_error",
             ProxyError::Forbidden => "permission_error",
             ProxyError::RateLimited { .. } => "rate_limit_error",
@@ -184,6 +191,9 @@ impl ProxyError {
             }
             ProxyError::NotImplemented { message } => (*message).to_owned(),
             ProxyError::InvalidRequest { message, .. } => message.clone(),
+            ProxyError::UnsupportedEncoding => {
+                "this route's token limits read request bodies: send them uncompressed (no content-encoding)".to_owned()
+            }
             ProxyError::RateLimited {
                 over: Some((needed, limit)),
                 ..
@@ -237,6 +247,12 @@ impl ProxyError {
         match self {
             ProxyError::MethodNotAllowed { allow } => {
                 headers.insert(header::ALLOW, allow);
+            }
+            ProxyError::UnsupportedEncoding => {
+                headers.insert(
+                    header::ACCEPT_ENCODING,
+                    HeaderValue::from_static("identity"),
+                );
             }
             ProxyError::Unauthorized { .. } => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -111,6 +111,17 @@ pub async fn send(
     let completions = parts.method == http::Method::POST
         && (path.ends_with("/chat/completions") || path.ends_with("/v1/completions"));
     let token_limited = limit::token_limits_apply(snap, route, ctx);
+    // A compressed body would be estimated at its compressed size, and
+    // a stream's usage could not be asked for in it: a way around the
+    // limit wherever the upstream takes compressed bodies.
+    if token_limited
+        && parts
+            .headers
+            .get(http::header::CONTENT_ENCODING)
+            .is_some_and(|coding| !coding.as_bytes().eq_ignore_ascii_case(b"identity"))
+    {
+        return Err(ProxyError::UnsupportedEncoding);
+    }
     let renames = |index: usize| {
         snap.upstreams
             .get(index)

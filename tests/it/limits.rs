@@ -692,3 +692,28 @@ async fn an_inline_image_is_reserved_as_an_image_not_as_its_bytes() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(up.seen()[0].body, body.as_bytes(), "forwarded whole");
 }
+
+/// A compressed body on a token-limited route is refused with 415: it
+/// would be estimated at its compressed size, a way around the limit.
+#[tokio::test]
+async fn a_compressed_body_on_a_token_limited_route_is_415() {
+    let up = llm_reporting(10, Duration::ZERO).await;
+    let gw = TestGateway::start(&config(&up.url(), "{ tokens_per_minute: 1000 }", "")).await;
+    let reply = Client::new()
+        .send(
+            Method::POST,
+            &gw.url("/v1/chat/completions"),
+            &[("x-api-key", "key-alice"), ("content-encoding", "gzip")],
+            Bytes::from_static(b"\x1f\x8b\x08\x00\x00\x00\x00\x00"),
+        )
+        .await;
+    assert_eq!(reply.status, 415);
+    assert_eq!(
+        reply.json()["error"]["code"],
+        "unsupported_content_encoding"
+    );
+    assert_eq!(reply.header("accept-encoding"), Some("identity"));
+    assert!(up.seen().is_empty());
+    let plain = post(&gw, "{}").await;
+    assert_eq!(plain.status, 200);
+}
