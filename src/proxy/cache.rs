@@ -194,11 +194,21 @@ struct RequestDirectives {
 }
 
 impl RequestDirectives {
+    /// `max-age=0` asks for nothing stored before now (RFC 9111
+    /// §5.2.1.1): a lookup skipped, as `no-cache` does; so does HTTP/1.0's
+    /// `pragma: no-cache` when no `cache-control` is sent (§5.4).
     fn of(headers: &HeaderMap) -> Self {
         let mut found = RequestDirectives::default();
-        for directive in directives(headers) {
-            found.no_cache |= directive.eq_ignore_ascii_case("no-cache");
-            found.no_store |= directive.eq_ignore_ascii_case("no-store");
+        for item in super::headers::list_items(headers, header::CACHE_CONTROL) {
+            let (name, value) = item.split_once('=').unwrap_or((item, ""));
+            let name = name.trim();
+            found.no_cache |= name.eq_ignore_ascii_case("no-cache")
+                || (name.eq_ignore_ascii_case("max-age") && value.trim().trim_matches('"') == "0");
+            found.no_store |= name.eq_ignore_ascii_case("no-store");
+        }
+        if !headers.contains_key(header::CACHE_CONTROL) {
+            found.no_cache = super::headers::list_items(headers, header::PRAGMA)
+                .any(|d| d.trim().eq_ignore_ascii_case("no-cache"));
         }
         found
     }

@@ -216,6 +216,13 @@ async fn no_cache_skips_the_lookup_but_stores_and_no_store_bypasses() {
         .await;
     assert_eq!(fresh.header("x-sluice-cache"), Some("MISS"));
     assert_eq!(upstream.seen().len(), 3);
+    // `max-age=0` alone, and HTTP/1.0's `pragma: no-cache`, ask for a
+    // fresh answer too (RFC 9111 §5.2.1.1, §5.4).
+    for asked in [("cache-control", "max-age=0"), ("pragma", "no-cache")] {
+        let fresh = client.post_json(&url, &[ALICE, asked], CHAT).await;
+        assert_eq!(fresh.header("x-sluice-cache"), Some("MISS"), "{asked:?}");
+    }
+    assert_eq!(upstream.seen().len(), 5);
     assert_eq!(cache_results(&gw, "bypass").await, Some(1.0));
     // A route without cache says nothing about it.
     let plain = client.post_json(&gw.url("/plain/x"), &[ALICE], CHAT).await;
