@@ -26,6 +26,9 @@ use crate::upstream::{HttpClient, UpstreamKind};
 /// together when it is installed so requests index instead of hashing.
 pub struct Active {
     pub snapshot: Snapshot,
+    /// The gateway's log, for events of the request path that name
+    /// what the config made (an upstream).
+    pub log: tracing::Dispatch,
     /// Parallel to `snapshot.routes`.
     pub routes: Vec<RouteMetrics>,
     /// Parallel to `snapshot.upstreams`.
@@ -64,6 +67,7 @@ impl Active {
             metrics.clear_global_budget();
         }
         Active {
+            log: log.clone(),
             breakers: snapshot
                 .upstreams
                 .iter()

@@ -810,8 +810,16 @@ async fn attempt_asking_usage(
     // every other client's streams.
     if resp.status().is_success()
         && let Some(http) = http
+        && !http.refuses_stream_options.swap(true, Ordering::Relaxed)
+        && let Some(upstream) = active.snapshot.upstreams.get(index)
     {
-        http.refuses_stream_options.store(true, Ordering::Relaxed);
+        tracing::dispatcher::with_default(&active.log, || {
+            tracing::warn!(
+                event = "stream_usage_refused",
+                upstream = &*upstream.name,
+                "the upstream refuses stream_options.include_usage: its streams go unmetered unless it reports usage itself, until a reload"
+            );
+        });
     }
     Ok(resp)
 }

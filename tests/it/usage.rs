@@ -435,6 +435,14 @@ routes:
         assert_eq!(reply.text(), sse_text(&STREAM), "{path}: passed as it came");
         assert_eq!(up.seen().len(), calls, "{path}");
     }
+    // Said once, when found: its streams go unmetered from then on.
+    let said: Vec<_> = gw
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "stream_usage_refused")
+        .map(|l| l["upstream"].clone())
+        .collect();
+    assert_eq!(said, [json!("azure")]);
 }
 
 /// A client whose own `stream_options` the upstream refuses (a key it
@@ -477,6 +485,7 @@ async fn a_clients_own_bad_stream_options_do_not_stop_metering() {
         sent["stream_options"]["include_usage"], true,
         "still asked for usage"
     );
+    assert!(!gw.log_text().contains("stream_usage_refused"));
 }
 
 /// The log's `cost_usd` is to the nano-dollar, as spend is kept, not a
