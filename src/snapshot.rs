@@ -223,6 +223,11 @@ pub struct Tier {
 pub struct Price {
     pub input: f64,
     pub output: f64,
+    /// Prompt tokens read from the provider's prompt cache (`input` when
+    /// unset).
+    pub cached_input: Option<f64>,
+    /// Prompt tokens written to it (Anthropic; `input` when unset).
+    pub cache_write: Option<f64>,
 }
 
 #[derive(Clone, Default)]

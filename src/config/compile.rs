@@ -1416,7 +1416,17 @@ impl Compiler<'_> {
                 let output = self.required(&p.value.output, &p.referenced, "output");
                 let input = self.opt_usd(&Some(input?.clone()))?;
                 let output = self.opt_usd(&Some(output?.clone()))?;
-                Some((model.clone(), Price { input, output }))
+                let cached_input = self.opt_usd(&p.value.cached_input);
+                let cache_write = self.opt_usd(&p.value.cache_write);
+                Some((
+                    model.clone(),
+                    Price {
+                        input,
+                        output,
+                        cached_input,
+                        cache_write,
+                    },
+                ))
             })
             .collect()
     }

@@ -321,6 +321,10 @@ pub struct RawPrice {
     pub input: Option<Text>,
     /// USD per million output tokens.
     pub output: Option<Text>,
+    /// USD per million prompt tokens read from the provider's cache.
+    pub cached_input: Option<Text>,
+    /// USD per million prompt tokens written to it (Anthropic).
+    pub cache_write: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -125,9 +125,35 @@ pub struct Counts {
     output_tokens: Loose<u64>,
     cache_read_input_tokens: Loose<u64>,
     cache_creation_input_tokens: Loose<u64>,
+    /// OpenAI chat's `prompt_tokens_details` (`cached_tokens`).
+    prompt_tokens_details: Loose<TokenDetails>,
+    /// The responses API's `input_tokens_details` (`cached_tokens`).
+    input_tokens_details: Loose<TokenDetails>,
+}
+
+/// The part of an answer's prompt read from the provider's prompt cache.
+#[derive(Default)]
+pub struct TokenDetails {
+    cached_tokens: Loose<u64>,
 }
 
 impl Counts {
+    /// The prompt's tokens read from the provider's prompt cache, billed
+    /// at a lower price: OpenAI's `cached_tokens` (within its prompt
+    /// count), Anthropic's `cache_read_input_tokens`.
+    pub fn cache_read(&self) -> Option<u64> {
+        self.cache_read_input_tokens
+            .0
+            .or_else(|| self.prompt_tokens_details.0.as_ref()?.cached_tokens.0)
+            .or_else(|| self.input_tokens_details.0.as_ref()?.cached_tokens.0)
+    }
+
+    /// The prompt's tokens written to the provider's prompt cache
+    /// (Anthropic's `cache_creation_input_tokens`), billed higher.
+    pub fn cache_write(&self) -> Option<u64> {
+        self.cache_creation_input_tokens.0
+    }
+
     /// The prompt's tokens. OpenAI's counts include those read from its
     /// prompt cache; Anthropic's `input_tokens` leave out those read from
     /// or written to the cache, which it counts apart: added here, as
@@ -248,7 +274,10 @@ members!(['de] Counts {
     3 b"output_tokens" => output_tokens,
     4 b"cache_read_input_tokens" => cache_read_input_tokens,
     5 b"cache_creation_input_tokens" => cache_creation_input_tokens,
+    6 b"prompt_tokens_details" => prompt_tokens_details,
+    7 b"input_tokens_details" => input_tokens_details,
 });
+members!(['de] TokenDetails { 0 b"cached_tokens" => cached_tokens });
 
 /// A struct read member by member ([`members!`]).
 trait Members<'de>: Default {
@@ -449,6 +478,7 @@ loose_object!(
     Delta<'a>,
     Choice<'a>,
     Counts,
+    TokenDetails,
     Incomplete<'a>,
     OutputItem<'a>
 );
@@ -553,6 +583,32 @@ mod tests {
         assert_eq!((ends, choices.len), (vec![(1, None), (2, Some("stop"))], 3));
         assert!(facts.stop_reason.0.is_none() && facts.delta.0.is_none());
         assert!(facts.message.0.is_none() && facts.error.is_none());
+    }
+
+    /// Each API says how much of its prompt came from its cache in its
+    /// own words.
+    #[test]
+    fn cached_prompt_tokens_in_each_apis_words() {
+        let read = |json: &[u8]| {
+            let usage = Facts::parse(json).and_then(|f| f.usage.0).unwrap();
+            (usage.cache_read(), usage.cache_write())
+        };
+        assert_eq!(
+            read(br#"{"usage":{"prompt_tokens":9,"prompt_tokens_details":{"cached_tokens":6}}}"#),
+            (Some(6), None)
+        );
+        assert_eq!(
+            read(br#"{"usage":{"input_tokens":9,"input_tokens_details":{"cached_tokens":4}}}"#),
+            (Some(4), None)
+        );
+        assert_eq!(
+            read(br#"{"usage":{"input_tokens":1,"cache_read_input_tokens":7,"cache_creation_input_tokens":2}}"#),
+            (Some(7), Some(2))
+        );
+        assert_eq!(
+            read(br#"{"usage":{"prompt_tokens":9,"prompt_tokens_details":null}}"#),
+            (None, None)
+        );
     }
 
     #[test]

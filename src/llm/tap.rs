@@ -355,8 +355,12 @@ fn record_usage(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, u
             pricing::cost(
                 &active.snapshot.pricing,
                 usage.model.as_deref(),
-                input,
-                output,
+                pricing::Tokens {
+                    input,
+                    output,
+                    cache_read: usage.cache_read_tokens.unwrap_or(0),
+                    cache_write: usage.cache_write_tokens.unwrap_or(0),
+                },
             )
         })
         .flatten();
@@ -400,8 +404,11 @@ fn estimated_cost(active: &Active, ctx: &RequestCtx, model: &str) -> Option<f64>
     pricing::cost(
         &active.snapshot.pricing,
         Some(model),
-        estimate.prompt,
-        estimate.output,
+        pricing::Tokens {
+            input: estimate.prompt,
+            output: estimate.output,
+            ..pricing::Tokens::default()
+        },
     )
 }
 

@@ -22,6 +22,10 @@ pub struct Usage {
     pub model: Option<String>,
     pub input_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
+    /// Within `input_tokens`: read from the provider's prompt cache.
+    pub cache_read_tokens: Option<u64>,
+    /// Within `input_tokens`: written to it.
+    pub cache_write_tokens: Option<u64>,
     pub finishes: Finishes,
     /// A stream carried an error event (it may still end normally): not
     /// an answer to keep in the cache.
@@ -339,6 +343,8 @@ fn from_json_body(body: &[u8]) -> Usage {
         model,
         input_tokens: counts.input(),
         output_tokens: counts.output(),
+        cache_read_tokens: counts.cache_read(),
+        cache_write_tokens: counts.cache_write(),
         finishes,
         stream_error: false,
         malformed: false,
@@ -370,6 +376,12 @@ fn absorb(usage: &mut Usage, event: &Facts<'_>) {
         }
         if let Some(n) = counts.output() {
             usage.output_tokens = Some(n);
+        }
+        if let Some(n) = counts.cache_read() {
+            usage.cache_read_tokens = Some(n);
+        }
+        if let Some(n) = counts.cache_write() {
+            usage.cache_write_tokens = Some(n);
         }
     }
     // A stream's chunks end each choice with its own `finish_reason`
@@ -588,6 +600,8 @@ mod tests {
                 model: Some(known.to_owned()),
                 input_tokens: Some(1),
                 output_tokens: Some(1),
+                cache_read_tokens: None,
+                cache_write_tokens: None,
                 finishes: Finishes::default(),
                 stream_error: false,
                 malformed: false,
@@ -645,6 +659,8 @@ mod tests {
                 model: Some("gpt-4o-mini".into()),
                 input_tokens: Some(5),
                 output_tokens: Some(9),
+                cache_read_tokens: None,
+                cache_write_tokens: None,
                 finishes: Finishes(smallvec::smallvec![(0, Some("stop".into()))]),
                 stream_error: false,
                 malformed: false,

@@ -530,3 +530,42 @@ async fn costs_are_logged_clean_and_embeddings_complete_nothing() {
         "an embedding counted as a completion"
     );
 }
+
+/// With `cached_input` and `cache_write` priced, prompt tokens read from
+/// or written to the provider's cache cost those prices: Anthropic's
+/// stream counts, and OpenAI's `cached_tokens` within `prompt_tokens`.
+#[tokio::test]
+async fn cached_prompt_tokens_cost_their_own_prices() {
+    let priced = |url: &str| {
+        config(url).replace(
+            "  default: { input: 1.00, output: 3.00 }",
+            "  default: { input: 1.00, output: 3.00, cached_input: 0.10, cache_write: 1.25 }",
+        )
+    };
+    let events = [
+        r#"{"type":"message_start","message":{"model":"claude-sonnet","usage":{"input_tokens":5,"cache_read_input_tokens":20000,"cache_creation_input_tokens":100,"output_tokens":1}}}"#,
+        r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":15}}"#,
+        r#"{"type":"message_stop"}"#,
+    ];
+    let up = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;
+    let gw = TestGateway::start(&priced(&up.url())).await;
+    Client::new()
+        .post_json(&gw.url("/v1/messages"), &[], "{}")
+        .await;
+    let cost = (5.0 * 1.0 + 20000.0 * 0.10 + 100.0 * 1.25 + 15.0 * 3.0) / 1e6;
+    check(&gw, "claude-sonnet", 20105, 15, cost, "stop").await;
+
+    let up = MockUpstream::always(UpstreamReply::json(&json!({
+        "object": "chat.completion", "model": "gpt-4.1",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1200, "completion_tokens": 10, "total_tokens": 1210,
+                  "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0}},
+    })))
+    .await;
+    let gw = TestGateway::start(&priced(&up.url())).await;
+    Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
+        .await;
+    let cost = (176.0 * 1.0 + 1024.0 * 0.10 + 10.0 * 3.0) / 1e6;
+    check(&gw, "gpt-4.1", 1200, 10, cost, "stop").await;
+}
