@@ -359,6 +359,12 @@ impl Compiler<'_> {
 
     fn path(&mut self, t: &Text) -> Option<PathBuf> {
         let s = self.text(t)?;
+        if s.trim().is_empty() {
+            // Joined to the config's directory, it would name that
+            // directory, and the error would say so instead.
+            self.error(&t.referenced, "the file path is empty");
+            return None;
+        }
         Some(self.base_dir.join(s))
     }
 
@@ -1438,6 +1444,11 @@ impl Compiler<'_> {
         let mut alerts: Vec<(f64, String)> = Vec::new();
         for t in raw.alert_at.iter().flatten() {
             match self.number::<f64>(t, "a fraction like 0.8") {
+                // Listed twice, a threshold would be one alert with two
+                // `threshold` labels (`0.8` and `0.80`).
+                Some(f) if alerts.iter().any(|(seen, _)| *seen == f) => {
+                    self.error(&t.referenced, format!("alert_at lists {f} twice"));
+                }
                 Some(f) if f > 0.0 && f.is_finite() => {
                     // The metric's `threshold` label is the fraction as the
                     // config writes it (`1.0` stays `1.0`).

@@ -353,8 +353,10 @@ fn from_json_body(body: &[u8]) -> Usage {
 
 /// Folds one stream event into `usage`.
 fn absorb(usage: &mut Usage, event: &Facts<'_>) {
-    // OpenAI's `{"error": {...}}`, Anthropic's `{"type": "error", ...}`.
-    if event.error.is_some() || event.kind.0.as_deref() == Some("error") {
+    // OpenAI's `{"error": {...}}`, Anthropic's and the responses API's
+    // `{"type": "error", ...}`, and the latter's `response.failed`.
+    if event.error.is_some() || matches!(event.kind.0.as_deref(), Some("error" | "response.failed"))
+    {
         usage.stream_error = true;
     }
     // Anthropic streams wrap the message in `message_start`, the OpenAI
@@ -710,6 +712,18 @@ mod tests {
             b"data: {\"error\":{\"message\":\"overloaded\"}}\n\ndata: [DONE]\n\n",
         );
         assert!(m.finish().stream_error);
+        // The responses API's failed answer.
+        let mut m = Meter::for_content_type(b"text/event-stream").unwrap();
+        feed(
+            &mut m,
+            b"event: response.failed\ndata: {\"type\":\"response.failed\",\"response\":{\"status\":\"failed\",\"error\":{\"code\":\"server_error\"}}}\n\n",
+        );
+        let usage = m.finish();
+        assert!(usage.stream_error);
+        assert_eq!(
+            usage.finishes.reasons().collect::<Vec<_>>(),
+            [Some("error")]
+        );
     }
 
     #[test]

@@ -1696,3 +1696,16 @@ fn cors_methods_and_headers_must_be_tokens() {
         errs[1]
     );
 }
+
+/// An empty file path, and a threshold listed twice, are said plainly.
+#[test]
+fn an_empty_path_and_a_repeated_threshold_are_said_plainly() {
+    let errs = errors(&one_upstream("url: \"https://127.0.0.1:1\", ca_file: \"\""));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].ends_with("the file path is empty"), "{}", errs[0]);
+    let errs = errors(&format!(
+        "budget: {{ daily_usd: 1, alert_at: [0.8, 0.5, 0.80] }}\n{BASE}"
+    ));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("alert_at lists 0.8 twice"), "{}", errs[0]);
+}
