@@ -224,7 +224,13 @@ impl ProxyError {
 
     /// The response sluice sends for this error.
     pub fn into_response(self) -> Response<BoxBody> {
-        let status = self.status();
+        // 499 is a log's word for a client gone (nginx never sends it):
+        // one that only half-closed still reads the answer, and an HTTP
+        // status (its body ended before its length: a bad request).
+        let status = match self {
+            ProxyError::ClientClosed => StatusCode::BAD_REQUEST,
+            _ => self.status(),
+        };
         let param = match &self {
             ProxyError::InvalidRequest { param, .. } => param.as_deref(),
             _ => None,

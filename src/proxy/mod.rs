@@ -77,10 +77,14 @@ pub async fn handle(
     let mut unread = None;
     let req = req.map(|body| unread = Some(body));
     let result = process(gw, active, ctx, req, &mut unread).await;
+    // What the log and metrics say: a client gone is 499 there, though
+    // the answer (read only by a client that half-closed) says 400.
+    let mut logged_status = None;
     let mut resp = match result {
         Ok(resp) => resp,
         Err(e) => {
             ctx.error = Some(e.code());
+            logged_status = Some(e.status().as_u16());
             let mut resp = e.into_response();
             if ctx.body_unread
                 && !(ctx.body_drainable && drain(unread.take(), &mut ctx.waiting).await)
@@ -97,7 +101,7 @@ pub async fn handle(
             resp
         }
     };
-    ctx.status = resp.status().as_u16();
+    ctx.status = logged_status.unwrap_or_else(|| resp.status().as_u16());
     // A HEAD answer has no content (its length is kept): hyper leaves the
     // body out over HTTP/1.1, but its HTTP/2 server would send it, and an
     // empty body is nothing to store.

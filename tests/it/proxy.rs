@@ -980,6 +980,9 @@ routes:
             conn.read_to_end(&mut rest),
         )
         .await;
+        // Half-closed, it still reads: an HTTP status, not the log's 499.
+        let answer = String::from_utf8_lossy(&rest);
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{path}: {answer}");
         let logs = gw.wait_access_logs(i + 1).await;
         assert_eq!(logs[i]["status"], 499, "{path}: {:?}", logs[i]);
         assert_eq!(logs[i]["error"], "client_closed", "{path}: {:?}", logs[i]);
