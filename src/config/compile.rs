@@ -925,8 +925,12 @@ impl Compiler<'_> {
             let matcher = self.required(&r.matcher, at, "match");
             let matcher = matcher.unwrap_or(&RawMatch::ANY);
             let upstream = self.required(&r.upstream, at, "upstream");
+            let errors_before = self.errors.len();
             let name = written_name.and_then(|n| self.text(n)).unwrap_or_default();
-            if let Some(written) = written_name {
+            // A name whose variables failed is reported already.
+            if let Some(written) = written_name
+                && self.errors.len() == errors_before
+            {
                 self.check_name("route name", &name, &written.referenced);
             }
             if let Some(written) = written_name
@@ -1446,7 +1450,11 @@ impl Compiler<'_> {
             match self.number::<f64>(t, "a fraction like 0.8") {
                 // Listed twice, a threshold would be one alert with two
                 // `threshold` labels (`0.8` and `0.80`).
-                Some(f) if alerts.iter().any(|(seen, _)| *seen == f) => {
+                Some(f)
+                    if alerts
+                        .iter()
+                        .any(|(seen, _)| (seen * 1000.0).round() == (f * 1000.0).round()) =>
+                {
                     self.error(&t.referenced, format!("alert_at lists {f} twice"));
                 }
                 Some(f) if f > 0.0 && f.is_finite() => {

@@ -19,7 +19,7 @@ const MEDIA_MIN: usize = 1_024;
 /// (a multipart upload, audio bytes) is no prompt to estimate: 0, and the
 /// answer's usage counts it.
 pub fn estimate(body: &[u8]) -> u64 {
-    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let body = without_bom(body);
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if !matches!(first, Some(b'{' | b'[')) {
         return 0;
@@ -30,12 +30,23 @@ pub fn estimate(body: &[u8]) -> u64 {
         .saturating_add(media.saturating_mul(MEDIA_TOKENS))
 }
 
+/// `body` without a UTF-8 byte order mark, which some encoders write and
+/// JSON parsers that take bytes (Python's) skip.
+pub fn without_bom(body: &[u8]) -> &[u8] {
+    body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body)
+}
+
 /// The bytes and the number of the JSON strings in `body` that are
-/// inline media: base64 (standard or URL-safe), bare or as a `data:` URL,
-/// of at least [`MEDIA_MIN`] bytes.
+/// inline media, of at least [`MEDIA_MIN`] bytes: a base64 `data:` URL
+/// (OpenAI's `image_url`), or base64 as the value of a member named
+/// `data` or `file_data` (OpenAI's `input_audio` and `file` parts,
+/// Anthropic's `source`). Base64 anywhere else (pasted into a message)
+/// is text the model reads, and is billed as such.
 fn inline_media(body: &[u8]) -> (usize, u64) {
     let (mut bytes, mut count) = (0, 0);
     let mut at = 0;
+    // The member name the string being read is the value of.
+    let mut key: &[u8] = b"";
     // Outside strings a JSON text holds no quote but those that open one.
     while let Some(open) = memchr::memchr(b'"', &body[at..]) {
         let start = at + open + 1;
@@ -43,9 +54,20 @@ fn inline_media(body: &[u8]) -> (usize, u64) {
             break;
         };
         let text = &body[start..end];
-        if text.len() >= MEDIA_MIN && is_media(text) {
-            bytes += text.len();
-            count += 1;
+        let is_key = body[end + 1..].trim_ascii_start().first() == Some(&b':');
+        if is_key {
+            key = text;
+        } else {
+            let media = text.len() >= MEDIA_MIN
+                && match text.strip_prefix(b"data:") {
+                    Some(url) => data_url_payload(url).is_some_and(is_base64),
+                    None => matches!(key, b"data" | b"file_data") && is_base64(text),
+                };
+            if media {
+                bytes += text.len();
+                count += 1;
+            }
+            key = b"";
         }
         at = end + 1;
     }
@@ -65,19 +87,37 @@ fn string_end(body: &[u8], start: usize) -> Option<usize> {
     }
 }
 
-fn is_media(text: &[u8]) -> bool {
-    let data = match text.strip_prefix(b"data:") {
-        Some(url) => {
-            let head = &url[..url.len().min(128)];
-            match memchr::memmem::find(head, b";base64,") {
-                Some(at) => &url[at + b";base64,".len()..],
-                None => return false,
-            }
-        }
-        None => text,
-    };
-    data.iter()
-        .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_'))
+/// What follows `;base64,` in a `data:` URL (after `data:`).
+fn data_url_payload(url: &[u8]) -> Option<&[u8]> {
+    let head = &url[..url.len().min(128)];
+    let at = memchr::memmem::find(head, b";base64,")?;
+    Some(&url[at + b";base64,".len()..])
+}
+
+/// Whether a JSON string's raw text is base64 (standard or URL-safe),
+/// with the escapes some encoders write for its symbols: `\/` (PHP),
+/// `\u002b`, `\u002f`, `\u003d` (Gson).
+fn is_base64(text: &[u8]) -> bool {
+    let mut rest = text;
+    while let Some((&b, tail)) = rest.split_first() {
+        rest = match b {
+            b'\\' => match tail {
+                [b'/', after @ ..] => after,
+                [b'u', b'0', b'0', hi, lo, after @ ..]
+                    if matches!(
+                        (*hi, lo.to_ascii_lowercase()),
+                        (b'2', b'b' | b'f') | (b'3', b'd')
+                    ) =>
+                {
+                    after
+                }
+                _ => return false,
+            },
+            b if b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_') => tail,
+            _ => return false,
+        };
+    }
+    true
 }
 
 #[cfg(test)]
@@ -102,7 +142,14 @@ mod tests {
                 r#"{{"type":"image_url","image_url":{{"url":"data:image/png;base64,{image}"}}}}"#
             ),
             format!(
-                r#"{{"type":"input_audio","input_audio":{{"data":"{image}","format":"wav"}}}}"#
+                r#"{{"type":"input_audio","input_audio":{{"data" : "{image}","format":"wav"}}}}"#
+            ),
+            format!(
+                r#"{{"type":"file","file":{{"file_data":"data:application/pdf;base64,{image}"}}}}"#
+            ),
+            // PHP writes `/` as `\/`, Gson `=` as `\u003d`.
+            format!(
+                r#"{{"type":"image_url","image_url":{{"url":"data:image/png;base64,{image}\/\/AB\u003d\u003d"}}}}"#
             ),
             format!(
                 r#"{{"type":"image","source":{{"type":"base64","media_type":"image/jpeg","data":"{image}"}}}}"#
@@ -119,6 +166,15 @@ mod tests {
                 &part[..40]
             );
         }
+    }
+
+    /// Base64 pasted into a message is text the model reads, and is
+    /// billed as such: only a data URL or a `data` member is media.
+    #[test]
+    fn base64_elsewhere_is_text() {
+        let pasted = base64_of(100_000);
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"{pasted}"}}]}}"#);
+        assert_eq!(estimate(body.as_bytes()), (body.len() as u64).div_ceil(4));
     }
 
     #[test]

@@ -114,12 +114,18 @@ pub async fn send(
     // A compressed body would be estimated at its compressed size, and
     // a stream's usage could not be asked for in it: a way around the
     // limit wherever the upstream takes compressed bodies.
-    if token_limited
-        && parts
+    // Every coding of every line, as bytes: a second line, or a value
+    // that is no text, must not slip one past.
+    let compressed = || {
+        parts
             .headers
-            .get(http::header::CONTENT_ENCODING)
-            .is_some_and(|coding| !coding.as_bytes().eq_ignore_ascii_case(b"identity"))
-    {
+            .get_all(http::header::CONTENT_ENCODING)
+            .iter()
+            .flat_map(|line| line.as_bytes().split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"identity"))
+    };
+    if token_limited && compressed() {
         return Err(ProxyError::UnsupportedEncoding);
     }
     let renames = |index: usize| {

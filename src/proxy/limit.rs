@@ -190,6 +190,8 @@ impl TokenEstimate {
 
 pub fn estimate_tokens(body: &[u8]) -> TokenEstimate {
     let prompt = crate::llm::prompt_size::estimate(body);
+    // As the prompt's size, the caps are read past a UTF-8 BOM.
+    let body = crate::llm::prompt_size::without_bom(body);
     // Only the caps are read; the conversation is skipped, not built.
     let (cap, choices) = match facts::parse::<OutputCap>(body) {
         Some(cap) => (

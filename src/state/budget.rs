@@ -148,13 +148,18 @@ impl Budgets {
         .unwrap_or_default()
     }
 
-    /// Takes in a scope's spend as the shared backend last told it:
-    /// during an outage this replica decides from memory, which must
-    /// start from that figure, not from what it spent alone (a spent
-    /// budget would open again). The thresholds `shared` has crossed
-    /// were alerted by whichever replica crossed them.
-    pub fn seen(&self, scope: &BudgetScope, shared: f64, budget: f64, alert_at: &[f64]) {
+    /// Takes in a scope's spend on `day` as the shared backend last told
+    /// it (answering this replica's charge): during an outage this
+    /// replica decides from memory, which must start from that figure,
+    /// not from what it spent alone (a spent budget would open again).
+    /// The thresholds `shared` has crossed were alerted by whichever
+    /// replica crossed them. A figure of a day that has ended since is
+    /// no part of today's.
+    pub fn seen(&self, scope: &BudgetScope, day: u64, shared: f64, budget: f64, alert_at: &[f64]) {
         self.with_day(|d| {
+            if d.index != day {
+                return;
+            }
             let spent = d.spent.entry(scope.clone()).or_insert(0.0);
             *spent = spent.max(shared);
             if budget > 0.0 {
@@ -214,13 +219,17 @@ mod tests {
     fn the_shared_spend_seen_is_where_memory_goes_on() {
         let b = Budgets::default();
         let g = BudgetScope::Global;
-        b.seen(&g, 6.0, 10.0, &[0.5, 0.8]);
+        let day = today().0;
+        b.seen(&g, day, 6.0, 10.0, &[0.5, 0.8]);
         assert!((b.spent(&g) - 6.0).abs() < 1e-9);
         assert!(b.alerted(&g, 0.5, 10.0) && !b.alerted(&g, 0.8, 10.0));
         let a = b.add(&g, 2.5, 10.0, &[0.5, 0.8]);
         assert_eq!(a.iter().map(|a| a.threshold).collect::<Vec<_>>(), [0.8]);
         // A lower figure (read before this replica's own spend) lowers nothing.
-        b.seen(&g, 1.0, 0.0, &[]);
+        b.seen(&g, day, 1.0, 0.0, &[]);
+        assert!((b.spent(&g) - 8.5).abs() < 1e-9);
+        // Yesterday's figure, answered after midnight, is not today's.
+        b.seen(&g, day - 1, 100.0, 10.0, &[0.5, 0.8]);
         assert!((b.spent(&g) - 8.5).abs() < 1e-9);
     }
 

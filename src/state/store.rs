@@ -512,10 +512,7 @@ impl State {
         if let Some(redis) = &self.redis {
             let today = budget::today().0;
             match self.health.timed("spent", redis.spent(scope, today)).await {
-                Some(spent) => {
-                    self.budgets.seen(scope, spent, 0.0, &[]);
-                    return Ok(spent);
-                }
+                Some(spent) => return Ok(spent),
                 None => self.fallback()?,
             }
         }
@@ -550,7 +547,7 @@ impl State {
                     .into_iter()
                     .filter(|&threshold| !self.budgets.alerted(scope, threshold, budget_usd))
                     .collect::<Vec<_>>();
-                self.budgets.seen(scope, spent, budget_usd, alert_at);
+                self.budgets.seen(scope, today, spent, budget_usd, alert_at);
                 let alerts = alerts
                     .into_iter()
                     .map(|threshold| Alert {
@@ -600,19 +597,17 @@ impl State {
         }
         let day = budget::today().0;
         let total: f64 = owed.iter().map(|(_, usd)| usd).sum();
+        // Counted as each call is answered: a timeout keeps what was sent.
+        let mut sent = 0.0;
         let sending = async {
-            let mut sent = 0.0;
             for (scope, usd) in &owed {
                 let call = redis.add_spend(scope, day, *usd, 0.0, &[]);
                 if self.health.always("spend", call).await.is_some() {
                     sent += usd;
                 }
             }
-            sent
         };
-        let sent = tokio::time::timeout(SETTLE_WAIT, sending)
-            .await
-            .unwrap_or(0.0);
+        let _ = tokio::time::timeout(SETTLE_WAIT, sending).await;
         let lost = total - sent;
         if lost > 0.0 {
             tracing::dispatcher::with_default(&self.health.log, || {

@@ -1703,9 +1703,16 @@ fn an_empty_path_and_a_repeated_threshold_are_said_plainly() {
     let errs = errors(&one_upstream("url: \"https://127.0.0.1:1\", ca_file: \"\""));
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(errs[0].ends_with("the file path is empty"), "{}", errs[0]);
-    let errs = errors(&format!(
-        "budget: {{ daily_usd: 1, alert_at: [0.8, 0.5, 0.80] }}\n{BASE}"
-    ));
-    assert_eq!(errs.len(), 1, "{errs:?}");
-    assert!(errs[0].contains("alert_at lists 0.8 twice"), "{}", errs[0]);
+    // Also two fractions one alert would tell apart by less than a
+    // thousandth.
+    for list in ["[0.8, 0.5, 0.80]", "[0.8, 0.8004]"] {
+        let errs = errors(&format!(
+            "budget: {{ daily_usd: 1, alert_at: {list} }}\n{BASE}"
+        ));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].contains("twice"), "{}", errs[0]);
+    }
+    // A route name whose variable is unset is one error, not also "empty".
+    let yaml = "upstreams:\n  a: { mock: {} }\nroutes:\n  - { name: \"${RN}\", match: { path_prefix: / }, upstream: a }\n";
+    assert_eq!(errors(yaml).len(), 1, "{:?}", errors(yaml));
 }

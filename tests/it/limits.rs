@@ -714,6 +714,20 @@ async fn a_compressed_body_on_a_token_limited_route_is_415() {
     );
     assert_eq!(reply.header("accept-encoding"), Some("identity"));
     assert!(up.seen().is_empty());
+    // A second line is read too, not only the first.
+    let two_lines = Client::new()
+        .send(
+            Method::POST,
+            &gw.url("/v1/chat/completions"),
+            &[
+                ("x-api-key", "key-alice"),
+                ("content-encoding", "identity"),
+                ("content-encoding", "gzip"),
+            ],
+            Bytes::from_static(b"\x1f\x8b\x08\x00\x00\x00\x00\x00"),
+        )
+        .await;
+    assert_eq!(two_lines.status, 415);
     let plain = post(&gw, "{}").await;
     assert_eq!(plain.status, 200);
 }
