@@ -271,7 +271,7 @@ impl Compiler<'_> {
             if let Some(t) = t {
                 self.error(
                     &t.referenced,
-                    format!("a limit must be at most {MAX_PER_MINUTE} a minute (leave it out for no limit)"),
+                    format!("a limit must be at most {MAX_PER_MINUTE} (leave it out for no limit)"),
                 );
             }
             return None;

@@ -17,17 +17,38 @@
 /// assert!(expand("${MISSING}", env).is_err());
 /// ```
 pub fn expand(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
-    expand_with(text, &lookup, 0)
+    // Every unset variable of the value is named, defaults' included,
+    // not only the first.
+    let mut missing = Vec::new();
+    let out = expand_with(text, &lookup, 0, &mut missing)?;
+    match missing.as_slice() {
+        [] => Ok(out),
+        [name] => Err(format!(
+            "environment variable `{name}` is not set (use `${{{name}:-default}}` for a default)"
+        )),
+        names => Err(format!(
+            "environment variables {} are not set (use `${{NAME:-default}}` for a default)",
+            names
+                .iter()
+                .map(|name| format!("`{name}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
 }
 
 /// Defaults nested deeper than this are refused: no config needs them,
 /// and each level is a recursion.
 const MAX_NESTING: usize = 8;
 
-fn expand_with(
-    text: &str,
+/// `text` expanded; unset variables without a default are added to
+/// `missing` (and expand to nothing); `Err` for a reference that does not
+/// parse.
+fn expand_with<'t>(
+    text: &'t str,
     lookup: &dyn Fn(&str) -> Option<String>,
     depth: usize,
+    missing: &mut Vec<&'t str>,
 ) -> Result<String, String> {
     if depth > MAX_NESTING {
         return Err(format!(
@@ -38,8 +59,6 @@ fn expand_with(
         return Ok(text.to_owned());
     }
     let mut out = String::with_capacity(text.len());
-    // Every unset variable of the value is named, not only the first.
-    let mut missing: Vec<&str> = Vec::new();
     let mut rest = text;
     while let Some(pos) = rest.find('$') {
         out.push_str(&rest[..pos]);
@@ -61,10 +80,12 @@ fn expand_with(
                 // As in the shell and docker compose, `:-` also covers a
                 // variable set to the empty string.
                 (Some(value), Some(default)) if value.is_empty() => {
-                    out.push_str(&expand_with(default, lookup, depth + 1)?);
+                    out.push_str(&expand_with(default, lookup, depth + 1, missing)?);
                 }
                 (Some(value), _) => out.push_str(&value),
-                (None, Some(default)) => out.push_str(&expand_with(default, lookup, depth + 1)?),
+                (None, Some(default)) => {
+                    out.push_str(&expand_with(default, lookup, depth + 1, missing)?);
+                }
                 (None, None) => missing.push(name),
             }
             rest = &body[end + 1..];
@@ -74,20 +95,7 @@ fn expand_with(
         }
     }
     out.push_str(rest);
-    match missing.as_slice() {
-        [] => Ok(out),
-        [name] => Err(format!(
-            "environment variable `{name}` is not set (use `${{{name}:-default}}` for a default)"
-        )),
-        names => Err(format!(
-            "environment variables {} are not set (use `${{NAME:-default}}` for a default)",
-            names
-                .iter()
-                .map(|name| format!("`{name}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )),
-    }
+    Ok(out)
 }
 
 /// Where the `}` closing a `${` ends, in `body` (the text after `${`):

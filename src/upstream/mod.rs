@@ -217,8 +217,13 @@ impl HttpUpstream {
             .strip_prefix('[')
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(host);
+        // An unspecified address takes its family's loopback too, and
+        // `[::]` (dual-stack on Linux) IPv4's as well.
         let listens_here = |ip: std::net::IpAddr| {
-            ip == listener.ip() || (listener.ip().is_unspecified() && ip.is_loopback())
+            ip == listener.ip()
+                || (listener.ip().is_unspecified()
+                    && ip.is_loopback()
+                    && (listener.is_ipv6() || ip.is_ipv4()))
         };
         match host.parse::<std::net::IpAddr>() {
             Ok(ip) => listens_here(ip),

@@ -1581,6 +1581,8 @@ fn an_upstream_that_is_sluice_itself_is_refused() {
         ("0.0.0.0:8080", "http://127.0.0.1:8081"),
         ("127.0.0.1:8080", "http://10.0.0.5:8080"),
         ("0.0.0.0:8080", "https://api.openai.com"),
+        // IPv4's any-address does not take IPv6's loopback.
+        ("0.0.0.0:8080", "http://[::1]:8080"),
     ] {
         let yaml = format!(
             "listen: \"{listen}\"\n{}",
@@ -1607,6 +1609,13 @@ fn every_unset_variable_of_a_value_is_named() {
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(
         errs[0].contains("variables `NA`, `NB` are not set"),
+        "{}",
+        errs[0]
+    );
+    // Those of a default too.
+    let errs = errors(&format!("listen: \"${{NA}}:${{NB:-${{NC}}}}\"\n{BASE}"));
+    assert!(
+        errs[0].contains("variables `NA`, `NC` are not set"),
         "{}",
         errs[0]
     );
