@@ -641,7 +641,14 @@ impl Compiler<'_> {
                         ca_pem.as_ref().map(|(pem, _)| pem.as_slice()),
                         timeouts.connect,
                     ) {
-                        Ok(http) => upstream::UpstreamKind::Http(Box::new(http)),
+                        Ok(mut http) => {
+                            // `set_headers` may name the host (a virtual
+                            // host at an address): then it is the one sent.
+                            if set_headers.iter().any(|set| set.name == http::header::HOST) {
+                                http.host = None;
+                            }
+                            upstream::UpstreamKind::Http(Box::new(http))
+                        }
                         Err(upstream::BuildError::Url(e)) => {
                             // The message quotes the URL, and a `${VAR}` in it
                             // may carry a credential (`?key=…`, `user:pass@`):
@@ -1770,19 +1777,9 @@ const MAX_USD: f64 = 1e9;
 /// message or belong to one connection (RFC 9110 §7.6.1), so sluice sets
 /// them itself for each hop.
 fn not_settable(header: &HeaderName) -> Option<&'static str> {
-    use http::header;
-    if *header == header::CONTENT_LENGTH || *header == header::TRANSFER_ENCODING {
+    if *header == http::header::CONTENT_LENGTH || *header == http::header::TRANSFER_ENCODING {
         return Some("it frames the body, which sluice does for each hop");
     }
-    let hop_by_hop = [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::UPGRADE,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ];
-    hop_by_hop
-        .contains(header)
+    crate::proxy::headers::is_hop_by_hop(header)
         .then_some("it is a hop-by-hop header, about one connection only")
 }

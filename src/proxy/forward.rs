@@ -884,14 +884,7 @@ async fn attempt(
             }),
             Ok(uri) => {
                 parts.uri = uri;
-                // An upstream's `set_headers` may name its host (a
-                // virtual host behind an address).
-                if let Some(host) = &http.host
-                    && !upstream
-                        .set_headers
-                        .iter()
-                        .any(|set| set.name == http::header::HOST)
-                {
+                if let Some(host) = &http.host {
                     parts.headers.insert(http::header::HOST, host.clone());
                 }
                 // The pooled client picks HTTP/1.1 or HTTP/2 per connection

@@ -42,6 +42,12 @@ fn hop_by_hop_bit(name: &HeaderName) -> Option<u32> {
     })
 }
 
+/// Whether `name` describes one connection, not the message (see
+/// [`HOP_BY_HOP`]): dropped on each hop, so no config may set it.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    hop_by_hop_bit(name).is_some()
+}
+
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_SLUICE_CACHE: HeaderName = HeaderName::from_static("x-sluice-cache");
 pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");

@@ -35,6 +35,13 @@ state: {{ backend: redis, redis_url: "{redis}", on_error: allow }}
     )
 }
 
+/// [`config`] with a request limit too high to refuse anything, so that
+/// every request asks Redis, and `on_error` as given.
+fn limited(upstream: &str, redis: &str, on_error: &str) -> String {
+    config(upstream, redis, "{ requests_per_minute: 1000 }", "")
+        .replace("on_error: allow", &format!("on_error: {on_error}"))
+}
+
 fn answer(prompt: u64, completion: u64) -> serde_json::Value {
     json!({
         "id": "c", "object": "chat.completion", "model": "gpt-4o-mini",
@@ -327,14 +334,8 @@ async fn a_killed_redis_is_survived_by_allow_and_refused_by_deny() {
         return;
     };
     let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
-    let yaml = config(
-        &upstream.url(),
-        &redis.url(),
-        "{ requests_per_minute: 1000 }",
-        "",
-    );
-    let allow = TestGateway::start(&yaml).await;
-    let deny = TestGateway::start(&yaml.replace("on_error: allow", "on_error: deny")).await;
+    let allow = TestGateway::start(&limited(&upstream.url(), &redis.url(), "allow")).await;
+    let deny = TestGateway::start(&limited(&upstream.url(), &redis.url(), "deny")).await;
     assert_eq!(
         allow
             .metric("sluice_state_errors_total", &[("operation", "take")])
@@ -364,11 +365,7 @@ async fn a_killed_redis_is_survived_by_allow_and_refused_by_deny() {
             .await
             .unwrap();
         assert!(errors >= 3.0, "{errors} errors counted");
-        let warnings = gw
-            .log_lines()
-            .into_iter()
-            .filter(|l| l["event"] == "state_error" && l["operation"] == "take")
-            .count();
+        let warnings = state_warnings(gw, "take").len();
         assert_eq!(warnings, 1, "warned once, not per request");
         assert!(
             eventually(Duration::from_secs(5), || connect_warnings(gw)
@@ -612,14 +609,7 @@ async fn a_connection_closed_while_idle_fails_no_request() {
         return;
     };
     let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
-    let yaml = config(
-        &upstream.url(),
-        &redis.url(),
-        "{ requests_per_minute: 1000 }",
-        "",
-    )
-    .replace("on_error: allow", "on_error: deny");
-    let gw = TestGateway::start(&yaml).await;
+    let gw = TestGateway::start(&limited(&upstream.url(), &redis.url(), "deny")).await;
     let client = Client::new();
     let url = gw.url("/v1/x");
     for round in 0..3 {
@@ -647,14 +637,7 @@ async fn a_refused_login_is_tried_again() {
     redis.cli(None, &["CONFIG", "SET", "requirepass", "pw-one"]);
     let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
     let url_with_password = redis.url().replace("redis://", "redis://:pw-one@");
-    let yaml = config(
-        &upstream.url(),
-        &url_with_password,
-        "{ requests_per_minute: 1000 }",
-        "",
-    )
-    .replace("on_error: allow", "on_error: deny");
-    let gw = TestGateway::start(&yaml).await;
+    let gw = TestGateway::start(&limited(&upstream.url(), &url_with_password, "deny")).await;
     let client = Client::new();
     let url = gw.url("/v1/x");
     let status = || async {
@@ -729,13 +712,18 @@ async fn a_cache_only_route_stops_waiting_on_a_redis_that_is_gone() {
     assert_eq!(upstream.seen().len(), 1 + REQUESTS);
 }
 
-/// The `connect` warnings in the log, by their `error`.
-fn connect_warnings(gw: &TestGateway) -> Vec<String> {
+/// The `state_error` warnings of `operation` in the log, by their `error`.
+fn state_warnings(gw: &TestGateway, operation: &str) -> Vec<String> {
     gw.log_lines()
         .into_iter()
-        .filter(|l| l["event"] == "state_error" && l["operation"] == "connect")
+        .filter(|l| l["event"] == "state_error" && l["operation"] == operation)
         .map(|l| l["error"].as_str().unwrap_or_default().to_string())
         .collect()
+}
+
+/// The `connect` warnings: why Redis could not be reached.
+fn connect_warnings(gw: &TestGateway) -> Vec<String> {
+    state_warnings(gw, "connect")
 }
 
 /// A wrong password in `redis_url` is named as such, at start and again
@@ -750,9 +738,7 @@ async fn a_refused_login_is_named_at_start_and_when_calls_fail() {
     redis.cli(None, &["CONFIG", "SET", "requirepass", "pw-right"]);
     let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
     let wrong = redis.url().replace("redis://", "redis://:pw-wrong@");
-    let yaml = config(&upstream.url(), &wrong, "{ requests_per_minute: 1000 }", "")
-        .replace("on_error: allow", "on_error: deny");
-    let gw = TestGateway::start(&yaml).await;
+    let gw = TestGateway::start(&limited(&upstream.url(), &wrong, "deny")).await;
     assert!(
         eventually(Duration::from_secs(5), || connect_warnings(&gw).len() == 1).await,
         "named at start: {}",
@@ -808,13 +794,7 @@ async fn what_redis_answered_is_in_the_warning() {
         return;
     };
     let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
-    let yaml = config(
-        &upstream.url(),
-        &redis.url(),
-        "{ requests_per_minute: 1000 }",
-        "",
-    );
-    let gw = TestGateway::start(&yaml).await;
+    let gw = TestGateway::start(&limited(&upstream.url(), &redis.url(), "allow")).await;
     let client = Client::new();
     let url = gw.url("/v1/x");
     assert_eq!(
@@ -828,19 +808,14 @@ async fn what_redis_answered_is_in_the_warning() {
     redis.cli(None, &["CONFIG", "SET", "maxmemory", "1"]);
     let reply = client.post_json(&url, &[ALICE, no_store()], "{}").await;
     assert_eq!(reply.status, 200, "allow serves from memory");
-    let warned = |gw: &TestGateway| {
-        gw.log_lines()
-            .into_iter()
-            .filter(|l| l["event"] == "state_error" && l["operation"] == "take")
-            .map(|l| l["error"].as_str().unwrap_or_default().to_string())
-            .collect::<Vec<_>>()
-    };
     assert!(
-        eventually(Duration::from_secs(5), || !warned(&gw).is_empty()).await,
+        eventually(Duration::from_secs(5), || !state_warnings(&gw, "take")
+            .is_empty())
+        .await,
         "{}",
         gw.log_text()
     );
-    let error = &warned(&gw)[0];
+    let error = &state_warnings(&gw, "take")[0];
     assert!(
         error.contains("answered OOM") && error.contains("maxmemory"),
         "{error}"

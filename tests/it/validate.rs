@@ -211,29 +211,25 @@ async fn a_deeply_nested_body_is_refused_before_parsing() {
 async fn a_model_named_by_the_path_or_a_stored_prompt_is_not_required() {
     let (gw, upstream) = start().await;
     let client = Client::new();
-    let azure = client
-        .post_json(
-            &gw.url("/openai/deployments/gpt4/chat/completions?api-version=2024-10-21"),
-            &[],
-            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
-        )
-        .await;
+    let post = |path: &str, body: &'static str| {
+        let url = gw.url(path);
+        let client = client.clone();
+        async move { client.post_json(&url, &[], body).await }
+    };
+    let chat = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
+    let azure = post(
+        "/openai/deployments/gpt4/chat/completions?api-version=2024-10-21",
+        chat,
+    )
+    .await;
     assert_eq!(azure.status, 200, "{}", azure.text());
-    let prompt = client
-        .post_json(
-            &gw.url("/v1/responses"),
-            &[],
-            r#"{"prompt":{"id":"pmpt_1"},"input":"hi"}"#,
-        )
-        .await;
+    let prompt = post(
+        "/v1/responses",
+        r#"{"prompt":{"id":"pmpt_1"},"input":"hi"}"#,
+    )
+    .await;
     assert_eq!(prompt.status, 200, "{}", prompt.text());
     assert_eq!(upstream.seen().len(), 2);
-    let bare = client
-        .post_json(
-            &gw.url("/v1/chat/completions"),
-            &[],
-            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
-        )
-        .await;
+    let bare = post("/v1/chat/completions", chat).await;
     assert_eq!(error(&bare)["param"], "model");
 }
