@@ -327,6 +327,52 @@ pub struct SetHeader {
 #[derive(Clone, Default)]
 pub struct KnownSecrets(pub Vec<String>);
 
+impl KnownSecrets {
+    /// Adds `secret` as a body may show it: as it is, escaped inside a
+    /// JSON string once and twice, and with `/` escaped as some encoders
+    /// do. A value too short to be a key is left out: masked, it would
+    /// mask the same word wherever it shows.
+    pub fn add(&mut self, secret: &str) {
+        if secret.len() < 8 {
+            return;
+        }
+        let escaped = json_escaped(secret);
+        let twice = json_escaped(&escaped);
+        let slashes = escaped.replace('/', "\\/");
+        for form in [secret.to_owned(), escaped, twice, slashes] {
+            if !self.0.contains(&form) {
+                self.0.push(form);
+            }
+        }
+    }
+
+    /// Longest first, so that a whole value is masked before a part of it.
+    pub fn sort(&mut self) {
+        self.0.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    }
+
+    /// These and the credential a request presented: a key known only by
+    /// its `hash`, or a token, that a client pastes into its own body.
+    pub fn with_presented(&self, presented: &[u8]) -> KnownSecrets {
+        let mut all = self.clone();
+        if let Ok(presented) = std::str::from_utf8(presented) {
+            all.add(presented);
+            all.sort();
+        }
+        all
+    }
+}
+
+/// `text` as it reads inside a JSON string.
+fn json_escaped(text: &str) -> String {
+    let quoted = serde_json::to_string(text).unwrap_or_default();
+    quoted
+        .strip_prefix('"')
+        .and_then(|q| q.strip_suffix('"'))
+        .unwrap_or(text)
+        .to_owned()
+}
+
 impl std::fmt::Debug for KnownSecrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "<{} redacted>", self.0.len())

@@ -1067,7 +1067,7 @@ impl Compiler<'_> {
                     CacheScope::Identity,
                 ),
             });
-            let cors = r.cors.as_ref().map(|c| self.cors(c));
+            let cors = r.cors.as_ref().map(|c| self.cors(c, at));
             // `None` when its variables failed (already reported): no
             // second error about an upstream named ``.
             let expanded = upstream.and_then(|u| self.text(u));
@@ -1107,7 +1107,13 @@ impl Compiler<'_> {
         out
     }
 
-    fn cors(&mut self, c: &RawCors) -> Cors {
+    fn cors(&mut self, c: &RawCors, route: &Location) -> Cors {
+        if c.allow_origins.is_empty() {
+            self.error(
+                route,
+                "cors: allow_origins is empty, so no browser could call this route; list the origins, or leave cors out",
+            );
+        }
         // Each is a token (RFC 9110 §5.6.2), as methods and header names
         // are: anything else would never match a preflight, silently.
         let list = |me: &mut Self,
@@ -1148,12 +1154,12 @@ impl Compiler<'_> {
                         "cors: allow_origins \"*\" cannot be combined with allow_credentials: true (any site could call with the user's credentials); list the origins",
                     );
                 }
-            } else if !is_origin(&origin) {
+            } else if !is_origin_pattern(&origin) {
                 // A browser's `origin` is exactly scheme://host[:port]:
                 // anything else would never match, and silently so.
                 self.error(
                     &written.referenced,
-                    "cors: each of allow_origins is \"*\" or an origin as browsers send it, scheme://host[:port] (like https://app.example.com), with no path or final slash",
+                    "cors: each of allow_origins is \"*\", an origin as browsers send it, scheme://host[:port] (like https://app.example.com), with no path or final slash, or one whose host starts with `*.` for the names under a domain (https://*.example.com)",
                 );
             }
             allow_origins.push(origin);
@@ -1407,12 +1413,21 @@ impl Compiler<'_> {
         }
         let issuer = j.issuer.as_ref().and_then(|t| self.text(t));
         let audiences: Vec<String> = j.audiences.iter().filter_map(|t| self.text(t)).collect();
-        let identity_claim = j
-            .identity_claim
-            .as_ref()
-            .and_then(|t| self.text(t))
-            .unwrap_or_else(|| "sub".to_owned());
-        let tier_claim = j.tier_claim.as_ref().and_then(|t| self.text(t));
+        let mut claim = |written: &Option<Text>, key: &str| {
+            let written = written.as_ref()?;
+            let name = self.text(written)?;
+            if name.trim().is_empty() {
+                self.error(
+                    &written.referenced,
+                    format!("{key} is empty: name the token claim to read"),
+                );
+                return None;
+            }
+            Some(name)
+        };
+        let identity_claim =
+            claim(&j.identity_claim, "identity_claim").unwrap_or_else(|| "sub".to_owned());
+        let tier_claim = claim(&j.tier_claim, "tier_claim");
         Some(Jwt {
             verifier: jwt::JwtVerifier::new(
                 keys,
@@ -1621,27 +1636,11 @@ impl Compiler<'_> {
 impl Compiler<'_> {
     /// The `set_headers` values of `upstreams`, whole and, for `<scheme>
     /// <credential>`, the credential alone, and the other secrets written
-    /// in the file: what a logged body must not show (SPEC §5). Each is also
-    /// listed as a JSON string would escape it, once and twice, and with
-    /// `/` escaped as some encoders do. Known settings written in the file
-    /// (`anthropic-version: 2023-06-01`) are left out, as are values too
-    /// short to be keys: masked, they would mask the same words wherever
-    /// they show.
+    /// in the file: what a logged body must not show (SPEC §5). Known
+    /// settings written in the file (`anthropic-version: 2023-06-01`) are
+    /// left out.
     fn known_secrets(&self, upstreams: &[Arc<Upstream>]) -> KnownSecrets {
-        let mut secrets: Vec<String> = Vec::new();
-        let mut add = |secret: &str| {
-            if secret.len() < 8 {
-                return;
-            }
-            let escaped = json_escaped(secret);
-            let twice = json_escaped(&escaped);
-            let slashes = escaped.replace('/', "\\/");
-            for form in [secret.to_owned(), escaped, twice, slashes] {
-                if !secrets.contains(&form) {
-                    secrets.push(form);
-                }
-            }
-        };
+        let mut secrets = KnownSecrets::default();
         for header in upstreams.iter().flat_map(|u| &u.set_headers) {
             let Ok(value) = header.value.to_str() else {
                 continue;
@@ -1650,19 +1649,17 @@ impl Compiler<'_> {
             if !from_variable && PLAIN_HEADERS.contains(&header.name.as_str()) {
                 continue;
             }
-            add(value);
-            add(value.rsplit(' ').next().unwrap_or(value));
+            secrets.add(value);
+            secrets.add(value.rsplit(' ').next().unwrap_or(value));
         }
         for secret in &self.secrets_written {
-            add(secret);
+            secrets.add(secret);
         }
-        // Longest first, so a whole value is masked before its credential.
-        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-        KnownSecrets(secrets)
+        secrets.sort();
+        secrets
     }
 }
 
-/// `text` as it reads inside a JSON string.
 /// A route's `host` as requests are compared with it: lower case,
 /// without a final dot; `*.example.com` matches the names under it.
 fn route_host(text: &str) -> Result<String, &'static str> {
@@ -1686,6 +1683,21 @@ fn route_host(text: &str) -> Result<String, &'static str> {
     }
 }
 
+/// Whether `text` is an origin as browsers send it, or one whose host
+/// is `*.` and a domain of two labels or more (`*.com` would let in any
+/// site of a top-level domain): a `*` anywhere else would never match.
+fn is_origin_pattern(text: &str) -> bool {
+    match text.split_once("://*.") {
+        Some((scheme, rest)) => {
+            let domain = rest.split(':').next().unwrap_or(rest);
+            domain.contains('.')
+                && !rest.contains('*')
+                && is_origin(&format!("{scheme}://x.{rest}"))
+        }
+        None => !text.contains('*') && is_origin(text),
+    }
+}
+
 /// Whether `text` is an origin as browsers send it: scheme://host[:port].
 fn is_origin(text: &str) -> bool {
     let Some((scheme, rest)) = text.split_once("://") else {
@@ -1700,15 +1712,6 @@ fn is_origin(text: &str) -> bool {
         && rest
             .parse::<http::uri::Authority>()
             .is_ok_and(|a| a.as_str() == rest && crate::upstream::port_is_valid(&a))
-}
-
-fn json_escaped(text: &str) -> String {
-    let quoted = serde_json::to_string(text).unwrap_or_default();
-    quoted
-        .strip_prefix('"')
-        .and_then(|q| q.strip_suffix('"'))
-        .unwrap_or(text)
-        .to_owned()
 }
 
 fn key_loc(t: &Option<Text>) -> Location {

@@ -122,7 +122,11 @@ impl Finish {
             ctx.error = error;
         }
         if let Some(log) = body_log {
-            ctx.response_body = Some(log.render(&active.snapshot.logging.known_secrets.0));
+            let secrets = ctx
+                .body_secrets
+                .as_ref()
+                .unwrap_or(&active.snapshot.logging.known_secrets);
+            ctx.response_body = Some(log.render(&secrets.0));
         }
         let mut stream_error = false;
         let mut malformed = false;

@@ -37,7 +37,7 @@ pub fn parse_hash(text: &str) -> Option<[u8; 32]> {
 /// `x-api-key`. An `authorization` of another scheme (or a bare `Bearer`)
 /// with no `x-api-key` beside it presents a credential that matches
 /// nothing, so it is refused rather than taken for no credential at all.
-fn credential(headers: &HeaderMap) -> Option<&[u8]> {
+pub fn credential(headers: &HeaderMap) -> Option<&[u8]> {
     let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
     if let Some(v) = authorization
         && v.len() > 7

@@ -41,10 +41,7 @@ pub fn allowed(cors: &Cors, headers: &HeaderMap) -> Allowed {
         return refused;
     };
     let any = cors.allow_origins.iter().any(|o| o == "*");
-    let listed = cors
-        .allow_origins
-        .iter()
-        .any(|o| o.eq_ignore_ascii_case(text));
+    let listed = cors.allow_origins.iter().any(|o| matches_origin(o, text));
     if !(any || listed) {
         return refused;
     }
@@ -61,6 +58,32 @@ pub fn allowed(cors: &Cors, headers: &HeaderMap) -> Allowed {
 }
 
 /// Whether a request is a CORS preflight rather than an API call.
+/// Whether `origin` is the one `allowed` names, in any case, or one
+/// under the domain of an allowed `scheme://*.domain[:port]`, with the
+/// same scheme and port (`https://a.b.example.com` for
+/// `https://*.example.com`; not `https://example.com` itself, which is
+/// listed apart when it is meant).
+fn matches_origin(allowed: &str, origin: &str) -> bool {
+    let Some((scheme, domain_and_port)) = allowed.split_once("://*.") else {
+        return allowed.eq_ignore_ascii_case(origin);
+    };
+    let Some((origin_scheme, authority)) = origin.split_once("://") else {
+        return false;
+    };
+    let Some(cut) = authority.len().checked_sub(domain_and_port.len() + 1) else {
+        return false;
+    };
+    origin_scheme.eq_ignore_ascii_case(scheme)
+        && cut > 0
+        && authority.as_bytes()[cut] == b'.'
+        && authority
+            .get(cut + 1..)
+            .is_some_and(|tail| tail.eq_ignore_ascii_case(domain_and_port))
+        && authority[..cut]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
 pub fn is_preflight(method: &Method, headers: &HeaderMap) -> bool {
     method == Method::OPTIONS
         && headers.contains_key(header::ORIGIN)

@@ -13,6 +13,7 @@ use super::cors::Allowed;
 use super::limit::{RequestUnits, Reservation, TokenEstimate};
 use crate::server::deadline::{Armed, Deadline};
 use crate::server::idle::{Activity, Busy};
+use crate::snapshot::KnownSecrets;
 use crate::state::{Decision, Slot};
 use crate::upstream::breaker::StreamVerdict;
 
@@ -134,6 +135,9 @@ pub struct RequestCtx {
     /// `log_bodies`: the masked head of each body, for the access log.
     pub request_body: Option<String>,
     pub response_body: Option<String>,
+    /// `log_bodies`: what the logged bodies must not show, the
+    /// credential this request presented among them.
+    pub body_secrets: Option<KnownSecrets>,
     /// The tightest request bucket seen, for the `x-ratelimit-*` headers.
     pub rate_limit: Option<Decision>,
     /// The request units admission took (refunded on a token refusal).
@@ -197,6 +201,7 @@ impl RequestCtx {
             output_tokens: None,
             cost_usd: None,
             request_body: None,
+            body_secrets: None,
             response_body: None,
             rate_limit: None,
             request_units: RequestUnits::default(),

@@ -45,7 +45,27 @@ impl std::fmt::Debug for JwksKeys {
 /// The URL as logs show it: never its userinfo or query, which may carry
 /// a token.
 pub(crate) fn shown(url: &Uri) -> String {
-    crate::upstream::without_secrets(&url.to_string())
+    // Parsed already, the URL's parts are known apart: its host and path
+    // show whatever its userinfo and query hold.
+    let Some(authority) = url.authority() else {
+        return crate::upstream::without_secrets(&url.to_string());
+    };
+    let userinfo = if authority.as_str().contains('@') {
+        "…@"
+    } else {
+        ""
+    };
+    let port = authority
+        .port()
+        .map(|p| format!(":{p}"))
+        .unwrap_or_default();
+    let query = if url.query().is_some() { "?…" } else { "" };
+    format!(
+        "{}://{userinfo}{}{port}{}{query}",
+        url.scheme_str().unwrap_or("http"),
+        authority.host(),
+        url.path()
+    )
 }
 
 impl JwksKeys {
@@ -218,6 +238,11 @@ mod tests {
             (
                 "https://login.example.com/keys.json?token=t0k",
                 "https://login.example.com/keys.json?…",
+            ),
+            // Userinfo and a query both: the host still shows.
+            (
+                "http://u:p@idp.example.com/jwks?x=1",
+                "http://…@idp.example.com/jwks?…",
             ),
         ] {
             assert_eq!(shown(&url.parse().unwrap()), logged);

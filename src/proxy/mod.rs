@@ -440,7 +440,12 @@ async fn process(
         let bytes = body
             .into_bytes(max_body, deadline, gw.body_budget(snap), &mut ctx.waiting)
             .await?;
-        ctx.request_body = Some(BodyLog::of(&bytes).render(&snap.logging.known_secrets.0));
+        let secrets = match auth::credential(&parts.headers) {
+            Some(presented) => snap.logging.known_secrets.with_presented(presented),
+            None => snap.logging.known_secrets.clone(),
+        };
+        ctx.request_body = Some(BodyLog::of(&bytes).render(&secrets.0));
+        ctx.body_secrets = Some(secrets);
         body = forward::RequestBody::Read(bytes);
     }
     if let Err(refused) = limit::admit(snap, &gw.state, &gw.metrics, route, ctx).await {

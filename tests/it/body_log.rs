@@ -215,3 +215,34 @@ async fn other_secrets_of_the_config_are_masked_in_bodies() {
         assert!(!text.contains(secret), "{secret} in {text}");
     }
 }
+
+/// A key configured by its `hash` is not known in clear, but the request
+/// presents it: pasted into the client's own body, and echoed back in the
+/// answer, it is masked in both, as a JWT presented as the credential is.
+#[tokio::test]
+async fn the_credential_a_request_presents_is_masked_in_its_bodies() {
+    const KEY: &str = "plainsecret-7070-abcdef";
+    let upstream = MockUpstream::start(|seen| UpstreamReply::text(seen.body.clone())).await;
+    let hash = sluice::proxy::auth::format_hash(KEY.as_bytes());
+    let yaml = config(&upstream.url(), true).replace(
+        "    - { id: bob, key: gwkey-bob-5566778899 }",
+        &format!("    - {{ id: carol, hash: \"{hash}\" }}"),
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let body = format!(r#"{{"messages":[{{"role":"user","content":"is {KEY} my key?"}}]}}"#);
+    let reply = Client::new()
+        .post_json(
+            &gw.url("/v1/chat/completions"),
+            &[("x-api-key", KEY)],
+            &body,
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.text().contains(KEY), "the client gets its echo");
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["identity"], "carol");
+    let masked = r#"{"messages":[{"role":"user","content":"is *** my key?"}]}"#;
+    assert_eq!(log["request_body"], masked);
+    assert_eq!(log["response_body"], masked);
+    assert!(!gw.log_text().contains(KEY));
+}

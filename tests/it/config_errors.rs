@@ -1362,10 +1362,29 @@ fn hosts_and_origins_that_could_never_match_are_refused() {
         "\"https://app.example.com/\"",
         "\"app.example.com\"",
         "\"https://app.example.com/x\"",
+        // A `*` matches only as the first label, over a domain.
+        "\"https://*.com\"",
+        "\"https://app*.example.com\"",
+        "\"https://*.*.example.com\"",
+        "\"*.example.com\"",
+        "\"https://*\"",
     ] {
         let e = one_error(&cors(origin, false), &[]);
         assert!(e.contains("an origin as browsers send it"), "{origin}: {e}");
     }
+    assert!(
+        load(
+            &cors(
+                "\"https://*.example.com\", \"http://*.example.com:3000\"",
+                true
+            ),
+            &[]
+        )
+        .is_ok()
+    );
+    let e = one_error(&cors("", false), &[]);
+    assert!(e.contains("allow_origins is empty"), "{e}");
+    assert!(e.starts_with("test.yaml:4:"), "points at the route: {e}");
     assert!(
         load(
             &cors(
@@ -1724,4 +1743,17 @@ fn an_empty_path_and_a_repeated_threshold_are_said_plainly() {
     // A route name whose variable is unset is one error, not also "empty".
     let yaml = "upstreams:\n  a: { mock: {} }\nroutes:\n  - { name: \"${RN}\", match: { path_prefix: / }, upstream: a }\n";
     assert_eq!(errors(yaml).len(), 1, "{:?}", errors(yaml));
+    // An empty claim name would read a claim called "".
+    let errs = errors(&format!(
+        "auth:\n  jwt: {{ hs256_secret: jwt-secret-0123456789abcdef, identity_claim: \"\", tier_claim: \" \" }}\n{BASE}"
+    ));
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert!(
+        errs[0].ends_with("identity_claim is empty: name the token claim to read"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[1].ends_with("tier_claim is empty: name the token claim to read"),
+        "{errs:?}"
+    );
 }

@@ -456,3 +456,55 @@ routes:
     assert_eq!(hit.header("access-control-allow-origin"), None);
     assert_eq!(upstream.seen().len(), 1);
 }
+
+/// `https://*.example.com` allows the origins under the domain, with the
+/// same scheme and port, and echoes the one that called; the domain
+/// itself, look-alikes and other schemes or ports are refused.
+#[tokio::test]
+async fn an_origin_under_a_wildcard_domain_is_allowed() {
+    let upstream = MockUpstream::always(UpstreamReply::text("{}")).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  app: {{ url: "{}" }}
+routes:
+  - name: chat
+    match: {{ path_prefix: / }}
+    auth: none
+    cors: {{ allow_origins: ["https://*.example.com", "http://*.dev.test:3000"] }}
+    upstream: app
+"#,
+        upstream.url()
+    ))
+    .await;
+    let allowed = |origin: &'static str| {
+        let url = gw.url("/v1/chat/completions");
+        async move {
+            let reply = Client::new().request(preflight(&url, origin)).await;
+            assert_eq!(reply.status, 204, "{origin}");
+            reply
+                .header("access-control-allow-origin")
+                .map(str::to_owned)
+        }
+    };
+    for origin in [
+        "https://app.example.com",
+        "https://pr-42.preview.example.com",
+        "HTTPS://App.Example.COM",
+        "http://web.dev.test:3000",
+    ] {
+        assert_eq!(allowed(origin).await.as_deref(), Some(origin));
+    }
+    for origin in [
+        "https://example.com",
+        "https://evilexample.com",
+        "https://app.example.com.evil.net",
+        "http://app.example.com",
+        "https://app.example.com:8443",
+        "http://web.dev.test",
+        "http://web.dev.test:30000",
+        "https://.example.com",
+    ] {
+        assert_eq!(allowed(origin).await, None, "{origin}");
+    }
+}
