@@ -381,7 +381,7 @@ async fn failover(
     let mut last_timed_out: Option<&str> = None;
     let mut attempts = 0u32;
     let (mut paused_attempts, mut shortest_pause) = (0u32, None::<Duration>);
-    for &member in &pool.members {
+    for (position, &member) in pool.members.iter().enumerate() {
         if attempts >= pool.max_attempts {
             break;
         }
@@ -446,7 +446,18 @@ async fn failover(
                     // first_byte bounds the wait for the first content
                     // from the attempt's start, not again from the head.
                     let sent = ctx.upstream_started.unwrap_or(held);
-                    let deadline = (sent + upstream.timeouts.first_byte).min(ctx.deadline(snap));
+                    let request_deadline = ctx.deadline(snap);
+                    let deadline = (sent + upstream.timeouts.first_byte).min(request_deadline);
+                    // The hold is there for a failover: when no other
+                    // member could take over from a stall, a stream that
+                    // is slow to its first content (a model that thinks
+                    // before it writes) goes on to the client once
+                    // first_byte is spent, as on a route to one upstream,
+                    // rather than being cut off with a 504.
+                    let can_take_over = pool.retry_on.contains(&RetryOn::Timeout)
+                        && attempts < pool.max_attempts
+                        && position + 1 < pool.members.len();
+                    let release = !can_take_over && deadline < request_deadline;
                     // A client that leaves during the hold drops this
                     // future: the answer is counted as its head said.
                     let mut unjudged = Unjudged(Some((active, member, Outcome::of_status(status))));
@@ -454,7 +465,7 @@ async fn failover(
                     let preamble = if parts.method == http::Method::HEAD {
                         Ok(resp)
                     } else {
-                        hold_preamble(resp, deadline, upstream.timeouts.idle).await
+                        hold_preamble(resp, deadline, release, upstream.timeouts.idle).await
                     };
                     unjudged.0 = None;
                     // Waiting for the stream's first content is upstream time.
@@ -614,10 +625,12 @@ fn is_event_stream<B>(resp: &Response<B>) -> bool {
 /// events, bytes, by `deadline` and by `idle` between frames, as the
 /// stream is once it flows) and returns the response with what was read
 /// put back in front; an error if the stream fails, stalls or ends first,
-/// so that the caller can fail over. Other responses pass unchanged.
+/// so that the caller can fail over. At `deadline`, with `release`, the
+/// stream goes on as it is instead. Other responses pass unchanged.
 async fn hold_preamble(
     resp: Response<BoxBody>,
     deadline: Instant,
+    release: bool,
     idle: Duration,
 ) -> Result<Response<BoxBody>, Preamble> {
     if !is_event_stream(&resp) {
@@ -632,6 +645,7 @@ async fn hold_preamble(
         let frame = match tokio::time::timeout_at(deadline.min(quiet_at).into(), body.frame()).await
         {
             Err(_) if quiet_at < deadline => return Err(Preamble::Quiet),
+            Err(_) if release => break,
             Err(_) => return Err(Preamble::TimedOut),
             Ok(None) => return Err(Preamble::Broke("stream ended before content")),
             Ok(Some(Err(_))) => return Err(Preamble::Broke("stream broke before content")),
@@ -909,6 +923,15 @@ async fn attempt(
                         outcome: Outcome::ConnectionError,
                         text: "answered 101 Switching Protocols, but no upgrade was asked for",
                     }),
+                    // hyper undoes `chunked` only: a `gzip, chunked` body
+                    // would reach the client still compressed, with
+                    // nothing saying so (as a client's is refused, 501).
+                    Some(Ok(resp)) if has_other_transfer_coding(resp.headers()) => {
+                        Err(AttemptFailure {
+                            outcome: Outcome::ConnectionError,
+                            text: "answered with a transfer coding other than chunked, which would be lost on the way",
+                        })
+                    }
                     Some(Ok(mut resp)) => {
                         // A proxy answers in its own version (RFC 9110
                         // §6.2): an HTTP/1.0 upstream's would close the
@@ -955,6 +978,19 @@ async fn attempt(
             Err(failure)
         }
     }
+}
+
+/// Whether a `transfer-encoding` line names a coding besides `chunked`.
+fn has_other_transfer_coding(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .any(|coding| {
+            !coding
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked")
+        })
 }
 
 /// How long an attempt waits for the upstream's answer head: `first_byte`

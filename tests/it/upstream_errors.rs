@@ -249,6 +249,24 @@ async fn a_status_beyond_599_is_a_502() {
     assert_eq!(ok, Some(0.0));
 }
 
+/// A body in a transfer coding besides chunked would reach the client
+/// still coded (hyper undoes chunked only), with nothing saying so: a
+/// 502 that says why, not a 200 of gzip bytes.
+#[tokio::test]
+async fn a_transfer_coding_besides_chunked_is_a_502() {
+    let (_up, gw, reply) = get_answered_by(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(reply.status, 502);
+    let message = reply.error_message();
+    assert!(
+        message.contains("transfer coding other than chunked"),
+        "{message}"
+    );
+    assert_eq!(attempts_of_app(&gw, "connection_error").await, Some(1.0));
+}
+
 /// A 101 to a request that asked for no upgrade (sluice sends none)
 /// switches to nothing: a 502, not a status passed on as an `ok`.
 #[tokio::test]
