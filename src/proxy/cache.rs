@@ -493,7 +493,11 @@ impl Fill {
 
     /// Takes the response head to store; false when this response must
     /// not be stored (only a 200 is, and not when the upstream said
-    /// `no-store` or `private`, or `vary: *`).
+    /// `no-store` or `private`, or `vary: *`). `no-cache` and `max-age=0`
+    /// do not count: LLM APIs send them on every stream by the SSE
+    /// convention (OpenAI's `no-cache, must-revalidate`), to keep proxies
+    /// from holding a live stream, not about the answer; read as RFC 9111
+    /// reads them, no stream would ever be cached.
     pub fn accept_head(&mut self, status: StatusCode, headers: &HeaderMap) -> bool {
         let request = self.request.take();
         if status != StatusCode::OK
