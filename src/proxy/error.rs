@@ -13,6 +13,9 @@ use crate::body::{BoxBody, full};
 
 /// A 429's wait in milliseconds, as OpenAI sends it beside `retry-after`.
 pub const RETRY_AFTER_MS: http::HeaderName = http::HeaderName::from_static("retry-after-ms");
+/// Read by the OpenAI and Anthropic SDKs (Stainless) before their own
+/// rules: `false` stops retries no wait could help.
+pub const X_SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-should-retry");
 
 #[derive(Debug)]
 pub enum ProxyError {
@@ -263,15 +266,25 @@ impl ProxyError {
             ProxyError::Unauthorized { .. } => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            ProxyError::RateLimited { retry_after, .. } => {
+            ProxyError::RateLimited { retry_after, over } => {
                 headers.insert(header::RETRY_AFTER, secs_header(retry_after));
                 headers.insert(
                     RETRY_AFTER_MS,
                     HeaderValue::from(u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX)),
                 );
+                // A request over the limit on its own never fits: an SDK
+                // that waited and sent it again would only be refused again.
+                if over.is_some() {
+                    headers.insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
+                }
             }
-            ProxyError::BudgetExceeded { retry_after }
-            | ProxyError::UpstreamUnavailable { retry_after }
+            ProxyError::BudgetExceeded { retry_after } => {
+                headers.insert(header::RETRY_AFTER, secs_header(retry_after));
+                // Until midnight UTC: past what SDKs wait for a
+                // `retry-after`, so they would retry at once, in vain.
+                headers.insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
+            }
+            ProxyError::UpstreamUnavailable { retry_after }
             | ProxyError::UpstreamFailed {
                 retry_after: Some(retry_after),
                 ..

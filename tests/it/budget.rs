@@ -70,6 +70,7 @@ async fn global_budget_alerts_once_per_threshold_and_is_enforced() {
     let refused = call(&gw, "key-bob").await;
     assert_eq!(refused.status, 429);
     assert_eq!(refused.json()["error"]["code"], "budget_exceeded");
+    assert_eq!(refused.header("x-should-retry"), Some("false"));
     let retry: u64 = refused.header("retry-after").unwrap().parse().unwrap();
     assert!(
         (1..=86_400).contains(&retry),

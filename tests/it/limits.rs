@@ -60,6 +60,7 @@ async fn sixth_request_of_five_per_minute_is_429_with_every_header() {
     assert_eq!(refused.status, 429);
     assert_eq!(refused.json()["error"]["code"], "rate_limit_exceeded");
     assert_eq!(refused.header("retry-after"), Some("12"));
+    assert_eq!(refused.header("x-should-retry"), None, "a wait helps");
     let ms: u64 = refused.header("retry-after-ms").unwrap().parse().unwrap();
     assert!((11_000..=12_000).contains(&ms), "retry-after-ms {ms}");
     assert_eq!(refused.header("x-ratelimit-remaining-requests"), Some("0"));
@@ -409,6 +410,8 @@ async fn a_request_over_the_whole_token_limit_says_it_never_fits() {
     );
     assert_eq!(r.header("retry-after"), Some("60"));
     assert_eq!(r.header("retry-after-ms"), Some("60000"));
+    // No wait helps: the SDKs' retries are told so.
+    assert_eq!(r.header("x-should-retry"), Some("false"));
     assert!(up.seen().is_empty());
     // Nothing was taken: a request that fits still does.
     let ok = Client::new()
