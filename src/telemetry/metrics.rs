@@ -594,7 +594,8 @@ impl RouteMetrics {
 
     /// The usage children of `model` on this route. Past
     /// [`MAX_MODELS_PER_ROUTE`] models, others count as `other`, as do
-    /// names longer than [`MAX_MODEL_LABEL`]: an upstream that echoes
+    /// names longer than [`MAX_MODEL_LABEL`] or holding a control
+    /// character: an upstream that echoes
     /// whatever model a client names must not grow the series, or their
     /// size, without bound.
     pub fn model(&self, metrics: &Metrics, model: &str) -> Arc<ModelMetrics> {
@@ -602,7 +603,12 @@ impl RouteMetrics {
         if let Some(found) = models.get(model) {
             return found.clone();
         }
-        let model = if models.len() >= MAX_MODELS_PER_ROUTE || model.len() > MAX_MODEL_LABEL {
+        // A name with a control character is no model anyone would chart,
+        // and a NUL or a line break in a label breaks some scrapers.
+        let model = if models.len() >= MAX_MODELS_PER_ROUTE
+            || model.len() > MAX_MODEL_LABEL
+            || model.chars().any(char::is_control)
+        {
             if let Some(other) = models.get(OTHER) {
                 return other.clone();
             }

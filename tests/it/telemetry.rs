@@ -338,6 +338,36 @@ routes:
     assert!(other_input > 0.0, "the 6 models past the cap are counted");
 }
 
+/// A model name holding a control character (a NUL, a line break), as
+/// an upstream echoing the request's would answer, is counted as `other`:
+/// no raw control byte reaches /metrics.
+#[tokio::test]
+async fn a_model_name_with_a_control_character_is_labelled_other() {
+    let gw = TestGateway::start(
+        "upstreams:\n  demo: { mock: {} }\nroutes:\n  - { name: chat, match: { path_prefix: / }, auth: none, upstream: demo }\n",
+    )
+    .await;
+    let c = Client::new();
+    for model in [r"\u0000z", r"a\nb", r"c\u2028\u0085d"] {
+        let body =
+            format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+        let reply = c
+            .post_json(&gw.url("/v1/chat/completions"), &[], &body)
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    gw.wait_access_logs(3).await;
+    let m = gw.metrics().await;
+    assert!(!m.bytes().any(|b| b == 0), "a NUL in /metrics");
+    let other = crate::support::gateway::sample(
+        &m,
+        "sluice_tokens_total",
+        &[("route", "chat"), ("model", "other"), ("kind", "input")],
+    );
+    assert!(other.is_some_and(|n| n > 0.0), "{m}");
+    assert!(!m.contains("model=\"a\\nb\""), "{m}");
+}
+
 /// A client that uploads slowly to a route that reads bodies whole
 /// (validation, pools, the cache) keeps sluice waiting, not working:
 /// `sluice_overhead_seconds` does not count its upload, or a slow mobile
