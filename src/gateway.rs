@@ -3,7 +3,7 @@
 //! readiness flag). Built once, shared by reference with every connection.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
@@ -156,6 +156,11 @@ impl<T> Registry<T> {
     }
 }
 
+/// [`Gateway::readiness`] states.
+const STARTING: u8 = 0;
+const READY: u8 = 1;
+const DRAINING: u8 = 2;
+
 pub struct Gateway {
     active: ArcSwap<Active>,
     /// Buckets, slots, budgets and the cache, across reloads (in memory
@@ -170,8 +175,8 @@ pub struct Gateway {
     pub log: Log,
     /// The format `log` writes (a restart-only setting).
     pub log_format: LogFormat,
-    /// False while starting and while draining: `/readyz` answers 503.
-    ready: AtomicBool,
+    /// Starting, ready or draining: `/readyz` answers 200 only when ready.
+    readiness: AtomicU8,
     /// Set when `shutdown_grace` ran out: requests still open from then
     /// on are being cut by sluice, not left by their clients.
     cutting: AtomicBool,
@@ -214,7 +219,7 @@ impl Gateway {
             metrics,
             log,
             log_format,
-            ready: AtomicBool::new(false),
+            readiness: AtomicU8::new(STARTING),
             cutting: AtomicBool::new(false),
             buffered: Arc::default(),
             clients,
@@ -276,11 +281,25 @@ impl Gateway {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.readiness.load(Ordering::Acquire) == READY
     }
 
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Release);
+    /// Started: ready unless the drain began meanwhile (a start that
+    /// waited for its JWKS keys must not undo a shutdown).
+    pub fn set_started(&self) {
+        let _ =
+            self.readiness
+                .compare_exchange(STARTING, READY, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Draining: not ready again.
+    pub fn set_draining(&self) {
+        self.readiness.store(DRAINING, Ordering::Release);
+    }
+
+    /// The keys of the active config's `jwks_url`, if it has one.
+    pub fn jwks(&self) -> Option<Arc<JwksKeys>> {
+        self.active().jwks.clone()
     }
 
     /// `shutdown_grace` ran out: the requests still open are cut.

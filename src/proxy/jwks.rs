@@ -4,6 +4,7 @@
 //! we do not know, at most once per [`REFETCH_FLOOR`] so that a flood of
 //! bad tokens cannot hammer the issuer.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,7 @@ pub const REFRESH_EVERY: Duration = Duration::from_secs(300);
 /// Shortest time between two refetches caused by unknown `kid`s.
 pub const REFETCH_FLOOR: Duration = Duration::from_secs(30);
 /// How long a fetch may take.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// A JWKS document larger than this is refused.
 const MAX_DOCUMENT: usize = 1 << 20;
 
@@ -34,6 +35,9 @@ pub struct JwksKeys {
     last_on_demand: Mutex<Option<Instant>>,
     /// Serializes fetches so that concurrent misses share one.
     fetching: tokio::sync::Mutex<()>,
+    /// Set, and its waiters told, when the first fetch has ended.
+    first_done: AtomicBool,
+    first_done_told: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for JwksKeys {
@@ -76,7 +80,20 @@ impl JwksKeys {
             keys: ArcSwap::from_pointee(Vec::new()),
             last_on_demand: Mutex::new(None),
             fetching: tokio::sync::Mutex::new(()),
+            first_done: AtomicBool::new(false),
+            first_done_told: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Returns once the first fetch has ended, with keys or without.
+    pub async fn first_fetch_done(&self) {
+        // Created before the flag is read: a notice sent in between is
+        // not lost.
+        let told = self.first_done_told.notified();
+        if self.first_done.load(Ordering::Acquire) {
+            return;
+        }
+        told.await;
     }
 
     pub fn url(&self) -> &Uri {
@@ -155,6 +172,9 @@ impl JwksKeys {
                 loop {
                     let Some(keys) = weak.upgrade() else { return };
                     keys.refresh().await;
+                    if !keys.first_done.swap(true, Ordering::AcqRel) {
+                        keys.first_done_told.notify_waiters();
+                    }
                     let wait = if keys.current().is_empty() {
                         let wait = retry;
                         retry = (retry * 2).min(REFETCH_FLOOR);

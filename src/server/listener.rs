@@ -119,7 +119,7 @@ pub async fn serve(
         });
     }
     // Probes see 503 from now on; in-flight requests carry on.
-    gw.set_ready(false);
+    gw.set_draining();
     drop(listener);
     let grace = limits.shutdown_grace;
     tokio::select! {

@@ -118,7 +118,21 @@ pub async fn start(gw: Arc<Gateway>) -> Result<Running, StartError> {
         let _ = admin_stop_tx.send(true);
         let _ = admin_task.await;
     });
-    gw.set_ready(true);
+    match gw.jwks() {
+        // Ready once the first fetch of the JWKS keys is done (or failed,
+        // within its timeout): until then every token would get a 401,
+        // and a probe that says ready would send traffic to it.
+        Some(jwks) => {
+            let gw = gw.clone();
+            tokio::spawn(async move {
+                // (Bounded again here: a start is never held for good.)
+                let wait = crate::proxy::jwks::FETCH_TIMEOUT * 2;
+                let _ = tokio::time::timeout(wait, jwks.first_fetch_done()).await;
+                gw.set_started();
+            });
+        }
+        None => gw.set_started(),
+    }
     // Threads serving requests (1 on a current-thread runtime).
     let threads = tokio::runtime::Handle::current().metrics().num_workers();
     let state = match snap.state.backend {

@@ -443,6 +443,42 @@ async fn jwks_url_keys_follow_rotation_and_bad_kids_cannot_hammer_the_issuer() {
     );
 }
 
+/// `/readyz` says 503 until the first fetch of the JWKS keys has ended:
+/// a probe that said ready before would send traffic whose every token
+/// gets a 401.
+#[tokio::test]
+async fn not_ready_until_the_jwks_keys_are_fetched() {
+    use std::time::Duration;
+
+    use crate::support::{MockUpstream, UpstreamReply};
+
+    let (doc, key) = jwks_with("a");
+    let issuer = MockUpstream::always(
+        UpstreamReply::text(doc)
+            .header("content-type", "application/json")
+            .delay(Duration::from_millis(700)),
+    )
+    .await;
+    let gw = TestGateway::start(&config(&format!(
+        "    jwks_url: {}/.well-known/jwks.json\n    algorithms: [ES256]\n    audiences: [sluice]",
+        issuer.url()
+    )))
+    .await;
+    let readyz = || async { Client::new().get(&gw.admin_url("/readyz")).await.status };
+    assert_eq!(readyz().await, 503, "ready before the keys came");
+    assert!(crate::support::eventually(Duration::from_secs(5), || issuer.seen().len() == 1).await);
+    let mut ready = false;
+    for _ in 0..50 {
+        if readyz().await == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "never ready");
+    assert_eq!(call(&gw, &es_token("a", &key)).await.status, 200);
+}
+
 #[tokio::test]
 async fn rs256_token_verifies_and_hs256_with_the_rsa_public_key_does_not() {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
