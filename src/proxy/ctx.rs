@@ -30,6 +30,9 @@ pub struct ConnInfo {
     /// An HTTP/1 connection's stream deadline, watched to cut a stream
     /// whose client stopped reading.
     pub deadline: Option<Arc<Deadline>>,
+    /// Told when `shutdown_grace` ran out: a request not answered yet
+    /// answers 503 then, rather than be closed without a word.
+    pub unanswered: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl ConnInfo {
@@ -42,6 +45,7 @@ impl ConnInfo {
             remote_ip,
             activity: None,
             deadline: None,
+            unanswered: None,
         }
     }
 }

@@ -58,6 +58,8 @@ pub enum ProxyError {
     BudgetExceeded {
         retry_after: Duration,
     },
+    /// `shutdown_grace` ran out before the request was answered.
+    ShuttingDown,
     /// Every attempt failed; `attempts` reads `openai: 503; backup: connect refused`.
     UpstreamFailed {
         attempts: String,
@@ -97,7 +99,8 @@ impl ProxyError {
             ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamUnavailable { .. }
             | ProxyError::StateUnavailable
-            | ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::Overloaded
+            | ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -121,7 +124,8 @@ impl ProxyError {
             | ProxyError::UpstreamUnavailable { .. }
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::StateUnavailable
-            | ProxyError::Overloaded => None,
+            | ProxyError::Overloaded
+            | ProxyError::ShuttingDown => None,
         }
     }
 
@@ -144,6 +148,7 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable { .. } => "upstream_unavailable",
             ProxyError::StateUnavailable => "state_unavailable",
             ProxyError::Overloaded => "server_overloaded",
+            ProxyError::ShuttingDown => "server_shutdown",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
         }
     }
@@ -166,7 +171,8 @@ impl ProxyError {
             | ProxyError::UpstreamUnavailable { .. }
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::StateUnavailable
-            | ProxyError::Overloaded => "server_error",
+            | ProxyError::Overloaded
+            | ProxyError::ShuttingDown => "server_error",
         }
     }
 
@@ -221,6 +227,9 @@ impl ProxyError {
             }
             ProxyError::Overloaded => {
                 "the gateway is holding too many request bodies (limits.max_buffered_bytes); retry shortly".to_owned()
+            }
+            ProxyError::ShuttingDown => {
+                "the gateway is shutting down and its grace ran out before this request was answered; retry".to_owned()
             }
         }
     }
@@ -302,6 +311,12 @@ impl ProxyError {
             | ProxyError::UpstreamTimeout { .. } => {}
             ProxyError::StateUnavailable | ProxyError::Overloaded => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ProxyError::ShuttingDown => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                // Closed after this answer: a retry goes to a new
+                // connection, to a replica that is not stopping.
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
         }
         resp

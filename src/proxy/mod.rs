@@ -76,7 +76,21 @@ pub async fn handle(
     // read what is left of a small one, and keep the connection.
     let mut unread = None;
     let req = req.map(|body| unread = Some(body));
-    let result = process(gw, active, ctx, req, &mut unread).await;
+    // Pinned where it is built: a select that took it by value would
+    // copy the whole (large) future on every request.
+    let result = {
+        let mut processing = std::pin::pin!(process(gw, active, ctx, req, &mut unread));
+        match &conn.unanswered {
+            Some(unanswered) => {
+                tokio::select! {
+                    biased;
+                    result = &mut processing => result,
+                    () = unanswered.notified() => Err(ProxyError::ShuttingDown),
+                }
+            }
+            None => processing.await,
+        }
+    };
     // What the log and metrics say: a client gone is 499 there, though
     // the answer (read only by a client that half-closed) says 400.
     let mut logged_status = None;

@@ -1,6 +1,7 @@
 //! Graceful drain of the proxy's connections: on shutdown each open
 //! connection is told to finish its in-flight requests and close, and
-//! the listener waits until every one has.
+//! the listener waits until every one has; when the grace runs out, the
+//! ones still open are cut, and the listener waits for those to be gone.
 //!
 //! hyper-util's `GracefulShutdown` does this with a `watch` channel whose
 //! wait takes a mutex on every poll of every connection (~500
@@ -42,11 +43,24 @@ struct Shared {
 #[derive(Default)]
 struct Open {
     next: u64,
-    /// Every open connection by its number, with its signal until the
-    /// drain sends it (by dropping it).
-    members: HashMap<u64, Option<oneshot::Sender<()>>>,
+    /// Every open connection by its number, with its signals until the
+    /// drain sends them (by dropping them).
+    members: HashMap<u64, Signals>,
     draining: bool,
+    cutting: bool,
 }
+
+/// A connection's signals: finish and close; answer what is not
+/// answered yet; close now.
+struct Signals {
+    drain: Option<oneshot::Sender<()>>,
+    unanswered: Arc<Notify>,
+    cut: Option<oneshot::Sender<()>>,
+}
+
+/// How long a cut waits for the requests told to answer (503) before it
+/// closes their connections.
+const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl Shared {
     /// The map, also after a panic elsewhere left it poisoned: it holds
@@ -61,6 +75,8 @@ pub struct Member {
     shared: Arc<Shared>,
     id: u64,
     signal: oneshot::Receiver<()>,
+    cut: oneshot::Receiver<()>,
+    unanswered: Arc<Notify>,
 }
 
 impl Drop for Member {
@@ -68,8 +84,9 @@ impl Drop for Member {
         let mut open = self.shared.open();
         open.members.remove(&self.id);
         if open.draining && open.members.is_empty() {
-            // A permit is stored if `drained` is not waiting yet.
-            self.shared.emptied.notify_one();
+            // Every waiter (a drain and a cut may both wait) registered
+            // before it read the map: none misses this.
+            self.shared.emptied.notify_waiters();
         }
     }
 }
@@ -78,16 +95,25 @@ impl Drain {
     /// Registers a connection about to be served.
     pub fn join(&self) -> Member {
         let (tx, rx) = oneshot::channel();
+        let (cut_tx, cut_rx) = oneshot::channel();
         let mut open = self.shared.open();
         let id = open.next;
         open.next += 1;
-        // Accepted as the drain began: told at once (tx dropped).
-        let signal = (!open.draining).then_some(tx);
-        open.members.insert(id, signal);
+        // Accepted as the drain began (or the cut): told at once (the
+        // sender dropped).
+        let unanswered = Arc::new(Notify::new());
+        let signals = Signals {
+            drain: (!open.draining).then_some(tx),
+            unanswered: unanswered.clone(),
+            cut: (!open.cutting).then_some(cut_tx),
+        };
+        open.members.insert(id, signals);
         Member {
             shared: self.shared.clone(),
             id,
             signal: rx,
+            cut: cut_rx,
+            unanswered,
         }
     }
 
@@ -100,18 +126,64 @@ impl Drain {
             // Dropping a sender wakes its connection.
             open.members
                 .values_mut()
-                .for_each(|signal| drop(signal.take()));
-            if open.members.is_empty() {
+                .for_each(|signals| drop(signals.drain.take()));
+        }
+        self.emptied().await;
+    }
+
+    /// Ends the connections still open: their requests not answered yet
+    /// are told to answer now (a 503, see [`Member::unanswered`]); after
+    /// [`ANSWER_WAIT`] the connections left (streams under way) are
+    /// closed. Returns once all are gone: the requests cut are accounted
+    /// for (logged, counted) by then.
+    pub async fn cut(&self) {
+        {
+            let mut open = self.shared.open();
+            open.draining = true;
+            open.members.values_mut().for_each(|signals| {
+                drop(signals.drain.take());
+                signals.unanswered.notify_waiters();
+            });
+        }
+        if tokio::time::timeout(ANSWER_WAIT, self.emptied())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        {
+            let mut open = self.shared.open();
+            open.cutting = true;
+            open.members
+                .values_mut()
+                .for_each(|signals| drop(signals.cut.take()));
+        }
+        self.emptied().await;
+    }
+
+    /// Returns once no connection is open (during a drain).
+    async fn emptied(&self) {
+        loop {
+            let told = self.shared.emptied.notified();
+            let mut told = pin!(told);
+            // Registered before the map is read: a member leaving in
+            // between still wakes it.
+            told.as_mut().enable();
+            if self.shared.open().members.is_empty() {
                 return;
             }
+            told.await;
         }
-        // The last member to leave stores a permit if it left before this
-        // waits, so no wake-up is lost.
-        self.shared.emptied.notified().await;
     }
 }
 
 impl Member {
+    /// Told when the drain gives up on this connection: a request still
+    /// waiting for its answer then answers 503 instead.
+    pub fn unanswered(&self) -> Arc<Notify> {
+        self.unanswered.clone()
+    }
+
     /// Runs `step` (a connection's first bytes or TLS handshake, before
     /// any request) unless the drain begins first: then `None`, and the
     /// connection closes. It holds no request to finish, and would
@@ -130,6 +202,7 @@ impl Member {
     /// `guard` watches the connection too: an h2 one quiet for its period
     /// is closed the same way; one whose stream outlived its deadline is
     /// dropped at once (its client is not reading).
+    /// [`Drain::cut`] drops it, its requests with it.
     /// Returns how the connection ended, unless it was dropped.
     pub async fn serve<C: Future>(
         mut self,
@@ -166,7 +239,11 @@ impl Member {
                 graceful(conn.as_mut());
             }
         }
-        Some(conn.await)
+        tokio::select! {
+            biased;
+            _ = &mut self.cut => None,
+            ended = conn => Some(ended),
+        }
     }
 }
 
@@ -211,6 +288,39 @@ mod tests {
             .expect("drained once both closed");
         assert!(fast.is_finished() && slow.is_finished());
         assert_eq!(started.elapsed().as_secs(), 5, "waited for the slower one");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_closes_what_the_drain_left_open_and_waits_for_it() {
+        let drain = Arc::new(Drain::default());
+        let stopped = Arc::new(Notify::new());
+        let slow = tokio::spawn(connection(
+            drain.join(),
+            Duration::from_secs(3600),
+            stopped.clone(),
+        ));
+        let draining = tokio::spawn({
+            let drain = drain.clone();
+            async move { drain.drained().await }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!slow.is_finished(), "the drain does not cut");
+        let cutting = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(1), drain.cut())
+            .await
+            .expect("cut");
+        // A connection with no request to answer 503 (a stream under
+        // way) is closed once its requests had their time to answer.
+        assert_eq!(cutting.elapsed(), ANSWER_WAIT);
+        assert!(slow.is_finished(), "gone when the cut returns");
+        draining.await.expect("task");
+        // A connection that comes after the cut is cut at once.
+        tokio::time::timeout(
+            Duration::from_millis(1),
+            connection(drain.join(), Duration::from_secs(3600), stopped),
+        )
+        .await
+        .expect("cut at once");
     }
 
     #[tokio::test(start_paused = true)]

@@ -91,8 +91,9 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let open = OpenConnection::new(&open, permit);
-        let conn = ConnInfo::new(remote, tls.is_some());
+        let mut conn = ConnInfo::new(remote, tls.is_some());
         let member = drain.join();
+        conn.unanswered = Some(member.unanswered());
         let gw = gw.clone();
         let builder = builder.clone();
         let tls = tls.clone();
@@ -127,12 +128,21 @@ pub async fn serve(
         () = tokio::time::sleep(grace) => {
             tracing::warn!(grace_s = grace.as_secs_f64(), "shutdown grace elapsed; closing remaining connections");
             gw.cut_remaining();
+            cut_within(&drain).await;
         }
         () = cut.notified() => {
             tracing::warn!("asked again to stop; closing remaining connections");
             gw.cut_remaining();
+            cut_within(&drain).await;
         }
     }
+}
+
+/// Cuts the connections still open and waits until they are gone, so
+/// that their requests are logged before `stopped`; bounded, as a stop
+/// must never hang.
+async fn cut_within(drain: &Drain) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain.cut()).await;
 }
 
 /// What serving one accepted connection takes, whatever its transport.

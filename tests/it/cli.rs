@@ -686,6 +686,12 @@ async fn cut_by_sluice(
     assert_eq!(access.len(), 1, "{events:?}");
     assert_eq!(access[0]["error"], "server_shutdown", "{}", access[0]);
     assert_eq!(access[0]["status"], 200);
+    // The cut request's line comes before `stopped`, which is the last.
+    assert_eq!(
+        events.last().and_then(|e| e["message"].as_str()),
+        Some("stopped"),
+        "{events:?}"
+    );
     events
 }
 
@@ -700,6 +706,66 @@ async fn a_stream_cut_at_the_end_of_the_grace_is_logged_as_cut_by_sluice() {
         .expect("exits after the grace");
     assert_eq!(status.code(), Some(0));
     cut_by_sluice(gw, rest).await;
+}
+
+/// A request still waiting for its upstream's answer when
+/// `shutdown_grace` runs out is answered 503 `server_shutdown` (with
+/// `connection: close`), as its access line says, not closed unanswered.
+#[tokio::test]
+async fn a_request_unanswered_at_the_end_of_the_grace_gets_a_503() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let yaml = format!(
+        "\
+listen: {proxy}
+admin: {{ listen: {admin} }}
+limits: {{ shutdown_grace: 300ms }}
+upstreams:
+  slow: {{ mock: {{ latency: 10s }} }}
+routes:
+  - {{ name: chat, match: {{ path_prefix: /v1/ }}, auth: none, upstream: slow }}
+"
+    );
+    let path = write(dir.path(), "proxy.yaml", &yaml);
+    let mut gw = Running(run_logging(&path).spawn().expect("spawn sluice run"));
+    wait_ready(admin).await;
+    let waiting = tokio::spawn(async move {
+        Client::new()
+            .post_json(
+                &format!("http://{proxy}/v1/chat/completions"),
+                &[],
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+            )
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&gw, libc::SIGTERM);
+    let reply = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("answered within the grace and a little")
+        .expect("request task");
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "server_shutdown");
+    assert_eq!(reply.header("connection"), Some("close"));
+    assert!(reply.header("x-request-id").is_some());
+    let status = gw
+        .exit_within(Duration::from_secs(5))
+        .expect("exits after the grace");
+    assert_eq!(status.code(), Some(0));
+    let events = stop_and_read_events(gw);
+    let access: Vec<_> = events
+        .iter()
+        .filter(|e| e["target"] == "sluice::access")
+        .collect();
+    assert_eq!(access.len(), 1, "{events:?}");
+    assert_eq!(access[0]["status"], 503);
+    assert_eq!(access[0]["error"], "server_shutdown");
+    assert_eq!(
+        events.last().and_then(|e| e["message"].as_str()),
+        Some("stopped"),
+        "{events:?}"
+    );
 }
 
 /// A second signal during the drain (Ctrl-C twice, an impatient
