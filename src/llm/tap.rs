@@ -144,7 +144,7 @@ impl Finish {
         } else if limit::left_mid_attempt(ctx) {
             // No answer to read: its estimate is what the upstream spent,
             // at the price of the model the request named.
-            let model = ctx.requested_model.take();
+            let model = ctx.requested_model.clone();
             let model = model.as_deref().unwrap_or("unknown");
             if let Some(cost) = estimated_cost(active, ctx, model) {
                 charge(gw, active, ctx, model, cost);

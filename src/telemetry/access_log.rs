@@ -107,6 +107,13 @@ fn identity(ctx: &RequestCtx) -> Option<IdentityLabel<'_>> {
     }
 }
 
+/// The model the answer named, else the one the request named (read
+/// where limits or budgets read the body): a refusal is logged with the
+/// model it refused.
+fn logged_model(ctx: &RequestCtx) -> Option<&str> {
+    ctx.model.as_deref().or(ctx.requested_model.as_deref())
+}
+
 enum IdentityLabel<'a> {
     Id(&'a str),
     Ip(std::net::IpAddr),
@@ -146,7 +153,7 @@ fn render(out: &mut String, ctx: &RequestCtx, latency: Duration) {
     out.str_field(key!("upstream"), ctx.upstream.as_deref());
     out.uint_field(key!("attempts"), Some(u64::from(ctx.attempts)));
     out.str_field(key!("cache"), ctx.cache.map(CacheStatus::label));
-    out.str_field(key!("model"), ctx.model.as_deref());
+    out.str_field(key!("model"), logged_model(ctx));
     out.uint_field(key!("input_tokens"), ctx.input_tokens);
     out.uint_field(key!("output_tokens"), ctx.output_tokens);
     out.0.push_str(key!("cost_usd"));
@@ -229,7 +236,7 @@ fn emit_fields(ctx: &RequestCtx, latency: Duration) {
         upstream = ctx.upstream.as_deref(),
         attempts = ctx.attempts,
         cache = ctx.cache.map(CacheStatus::label),
-        model = ctx.model.as_deref(),
+        model = logged_model(ctx),
         input_tokens = ctx.input_tokens,
         output_tokens = ctx.output_tokens,
         cost_usd = ctx.cost_usd,

@@ -413,6 +413,10 @@ async fn a_request_over_the_whole_token_limit_says_it_never_fits() {
     // No wait helps: the SDKs' retries are told so.
     assert_eq!(r.header("x-should-retry"), Some("false"));
     assert!(up.seen().is_empty());
+    // Logged with the model it refused, which no answer named.
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["model"], "m", "{log}");
+    assert_eq!(log["error"], "rate_limit_exceeded");
     // Nothing was taken: a request that fits still does.
     let ok = Client::new()
         .send(
