@@ -17,6 +17,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use super::h1_pool::{H1Pool, Leased};
+use super::timed::Timed;
 use crate::body::BoxBody;
 
 /// One upstream's pooled client. Plain `http://` upstreams (the app beside
@@ -25,7 +26,7 @@ use crate::body::BoxBody;
 #[derive(Clone)]
 pub enum HttpClient {
     Plain(Arc<H1Pool>),
-    Tls(Box<Client<HttpsConnector<HttpConnector>, BoxBody>>),
+    Tls(Box<Client<Timed<HttpsConnector<HttpConnector>>, BoxBody>>),
 }
 
 impl std::fmt::Debug for HttpClient {
@@ -134,8 +135,8 @@ fn tcp_connector(connect_timeout: Duration) -> HttpConnector {
 }
 
 fn pooled(
-    connector: HttpsConnector<HttpConnector>,
-) -> Client<HttpsConnector<HttpConnector>, BoxBody> {
+    connector: Timed<HttpsConnector<HttpConnector>>,
+) -> Client<Timed<HttpsConnector<HttpConnector>>, BoxBody> {
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
@@ -187,5 +188,8 @@ pub fn build_tls(ca_pem: Option<&[u8]>, connect_timeout: Duration) -> Result<Htt
         .enable_http1()
         .enable_http2()
         .wrap_connector(tcp_connector(connect_timeout));
-    Ok(HttpClient::Tls(Box::new(pooled(connector))))
+    Ok(HttpClient::Tls(Box::new(pooled(Timed::new(
+        connector,
+        connect_timeout,
+    )))))
 }

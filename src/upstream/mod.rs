@@ -8,6 +8,7 @@ pub mod h1_pool;
 pub mod health;
 pub mod mock;
 pub mod pool;
+pub mod timed;
 
 use std::collections::HashMap;
 use std::fmt;

@@ -108,3 +108,41 @@ async fn a_failed_handshake_says_why() {
         "{message}"
     );
 }
+
+/// A port that accepts connections and never answers the ClientHello (a
+/// black-holed balancer, a wrong port) fails the attempt at the
+/// upstream's `timeouts.connect`, which covers the TLS handshake too,
+/// not at `first_byte`: a 504 as for a TCP connect that timed out.
+#[tokio::test]
+async fn a_handshake_that_never_ends_is_bounded_by_the_connect_timeout() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            open.push(stream);
+        }
+    });
+    let gw = TestGateway::start(&format!(
+        "upstreams:\n  secure:\n    url: https://localhost:{port}\n    timeouts: {{ connect: 300ms, first_byte: 20s }}\nroutes:\n  - {{ name: r, match: {{ path_prefix: / }}, auth: none, upstream: secure }}\n"
+    ))
+    .await;
+    let started = std::time::Instant::now();
+    let reply = Client::new().get(&gw.url("/")).await;
+    let took = started.elapsed();
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "waited {took:?}, not the connect timeout"
+    );
+    assert_eq!(
+        gw.metric(
+            "sluice_upstream_requests_total",
+            &[("upstream", "secure"), ("outcome", "connect_error")]
+        )
+        .await,
+        Some(1.0)
+    );
+    held.abort();
+}
