@@ -264,11 +264,15 @@ impl BodyProgress {
 }
 
 /// Whether a body read failed because the client closed its connection
-/// (hyper's body ended early, or the socket was reset), rather than
+/// (hyper's body ended early, or the socket was reset), or over HTTP/2
+/// reset its stream or the connection (a cancelled upload), rather than
 /// because it broke the body's framing.
 pub fn went_away(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(error);
     while let Some(e) = cause {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_remote() && (h2.is_reset() || h2.is_go_away());
+        }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             return matches!(
                 io.kind(),
