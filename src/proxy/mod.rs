@@ -274,17 +274,31 @@ pub fn account_refused_head(
     let Some((status, code)) = refused_head_status(hyper_error) else {
         return;
     };
+    account_unread_head(
+        gw,
+        conn,
+        status,
+        code,
+        headers::request_id(&http::HeaderMap::new()),
+    );
+}
+
+/// Logs and counts a request answered before its head was read (by
+/// hyper, or a plain-HTTP request on the TLS listener), with `status`
+/// and `code`.
+pub fn account_unread_head(
+    gw: &Gateway,
+    conn: &ConnInfo,
+    status: u16,
+    code: &'static str,
+    request_id: http::HeaderValue,
+) {
     let active = gw.active();
     // Placeholders: the head was never read (logged as null).
     let Ok(method) = http::Method::from_bytes(b"UNREAD") else {
         return;
     };
-    let mut ctx = RequestCtx::new(
-        method,
-        http::Uri::default(),
-        headers::request_id(&http::HeaderMap::new()),
-        conn,
-    );
+    let mut ctx = RequestCtx::new(method, http::Uri::default(), request_id, conn);
     ctx.head_unread = true;
     ctx.status = status;
     ctx.error = Some(code);

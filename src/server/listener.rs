@@ -108,6 +108,17 @@ pub async fn serve(
             match tls {
                 None => connection.serve(stream, conn).await,
                 Some(acceptor) => {
+                    let first = first_byte(&stream, handshake_timeout);
+                    if let Some(Some(byte)) = connection.member.unless_draining(first).await
+                        && byte.is_ascii_uppercase()
+                    {
+                        // A request line (`GET …`), where a ClientHello
+                        // (0x16) belongs: answered, as nginx does, rather
+                        // than closed without a word.
+                        answer_plain_http(&connection.gw, stream, &conn).await;
+                        drop(open);
+                        return;
+                    }
                     let handshake = tls_handshake(acceptor, stream, handshake_timeout);
                     if let Some(Some(tls_stream)) =
                         connection.member.unless_draining(handshake).await
@@ -231,6 +242,47 @@ impl Drop for OpenConnection {
         self.gauge.dec();
     }
 }
+
+/// The first byte a client sends, once it comes (within `timeout`).
+async fn first_byte(stream: &TcpStream, timeout: Duration) -> Option<u8> {
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(timeout, stream.peek(&mut byte)).await {
+        Ok(Ok(1)) => Some(byte[0]),
+        _ => None,
+    }
+}
+
+/// Answers a plain-HTTP request sent to the TLS listener with a 400 that
+/// says so (logged and counted as a request whose head was not read),
+/// then closes the connection.
+async fn answer_plain_http(gw: &Gateway, mut stream: TcpStream, conn: &ConnInfo) {
+    use tokio::io::AsyncWriteExt;
+    let request_id = proxy::headers::request_id(&http::HeaderMap::new());
+    let body = serde_json::json!({
+        "error": {
+            "message": "a plain HTTP request was sent to this HTTPS port: use https://",
+            "type": "invalid_request_error",
+            "param": null,
+            "code": PLAIN_HTTP_CODE,
+        }
+    })
+    .to_string();
+    let head = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {}\r\nconnection: close\r\n\r\n",
+        body.len(),
+        request_id.to_str().unwrap_or("-"),
+    );
+    proxy::account_unread_head(gw, conn, 400, PLAIN_HTTP_CODE, request_id);
+    let answer = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+}
+
+/// The error code of a plain-HTTP request on the TLS listener.
+const PLAIN_HTTP_CODE: &str = "plain_http_to_https_port";
 
 async fn tls_handshake(
     acceptor: TlsAcceptor,

@@ -63,6 +63,49 @@ async fn https_clients_are_served_over_http1_and_h2() {
     assert_eq!(seen[0].header("x-forwarded-proto"), Some("https"));
 }
 
+/// Plain HTTP sent to the TLS listener is answered with a 400 that says
+/// so (as nginx does), logged and counted, not closed without a word; the
+/// listener still serves TLS afterwards.
+#[tokio::test]
+async fn plain_http_to_the_tls_port_gets_a_400_that_says_so() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let up = MockUpstream::always(UpstreamReply::text("behind tls")).await;
+    let gw = gateway(&pki, &up).await;
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        conn.read_to_end(&mut answer),
+    )
+    .await
+    .expect("answered and closed")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("\r\nx-request-id: "), "{answer}");
+    let body = answer.split("\r\n\r\n").nth(1).unwrap();
+    let json: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(json["error"]["code"], "plain_http_to_https_port");
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["status"], 400);
+    assert_eq!(log["error"], "plain_http_to_https_port");
+    assert!(up.seen().is_empty());
+    // TLS clients are served as before.
+    let url = format!("https://localhost:{}/v1/models", gw.addr.port());
+    let resp = https_client(&pki, false)
+        .request(http::Request::get(&url).body(Full::default()).unwrap())
+        .await
+        .expect("TLS request");
+    assert_eq!(resp.status(), 200);
+}
+
 /// `check` (and so `run` and a reload) reads the certificate and key, and
 /// points at the file at fault, as it does for a `ca_file`.
 #[test]
