@@ -82,10 +82,20 @@ pub async fn handle(
         let mut processing = std::pin::pin!(process(gw, active, ctx, req, &mut unread));
         match &conn.unanswered {
             Some(unanswered) => {
-                tokio::select! {
-                    biased;
-                    result = &mut processing => result,
-                    () = unanswered.notified() => Err(ProxyError::ShuttingDown),
+                let told = unanswered.notified();
+                let mut told = std::pin::pin!(told);
+                // Registered before the flag is read: a cut that comes
+                // between the two still wakes it, and one that came
+                // before is seen.
+                told.as_mut().enable();
+                if gw.is_cutting() {
+                    Err(ProxyError::ShuttingDown)
+                } else {
+                    tokio::select! {
+                        biased;
+                        result = &mut processing => result,
+                        () = told => Err(ProxyError::ShuttingDown),
+                    }
                 }
             }
             None => processing.await,
@@ -468,12 +478,15 @@ async fn process(
         let bytes = body
             .into_bytes(max_body, deadline, gw.body_budget(snap), &mut ctx.waiting)
             .await?;
-        let secrets = match auth::credential(&parts.headers) {
-            Some(presented) => snap.logging.known_secrets.with_presented(presented),
-            None => snap.logging.known_secrets.clone(),
-        };
+        // The config's list, unless the request presented a credential.
+        ctx.body_secrets = auth::credential(&parts.headers)
+            .filter(|presented| !presented.is_empty())
+            .map(|presented| snap.logging.known_secrets.with_presented(presented));
+        let secrets = ctx
+            .body_secrets
+            .as_ref()
+            .unwrap_or(&snap.logging.known_secrets);
         ctx.request_body = Some(BodyLog::of(&bytes).render(&secrets.0));
-        ctx.body_secrets = Some(secrets);
         body = forward::RequestBody::Read(bytes);
     }
     if let Err(refused) = limit::admit(snap, &gw.state, &gw.metrics, route, ctx).await {

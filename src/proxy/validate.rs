@@ -271,20 +271,29 @@ pub fn went_away(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(error);
     while let Some(e) = cause {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            // Its socket's error is held inside, not given as a source.
+            if let Some(io) = h2.get_io() {
+                return is_gone(io);
+            }
             return h2.is_remote() && (h2.is_reset() || h2.is_go_away());
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::UnexpectedEof
-                    | std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::BrokenPipe
-            );
+            return is_gone(io);
         }
         cause = e.source();
     }
     false
+}
+
+/// Whether a socket error says its peer closed or reset it.
+fn is_gone(io: &std::io::Error) -> bool {
+    matches!(
+        io.kind(),
+        std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::BrokenPipe
+    )
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -108,22 +108,26 @@ pub async fn serve(
             match tls {
                 None => connection.serve(stream, conn).await,
                 Some(acceptor) => {
-                    let first = first_byte(&stream, handshake_timeout);
-                    if let Some(Some(byte)) = connection.member.unless_draining(first).await
-                        && byte.is_ascii_uppercase()
-                    {
+                    // One deadline for the first byte and the handshake.
+                    let deadline = tokio::time::Instant::now() + handshake_timeout;
+                    let first = tokio::time::timeout_at(deadline, first_byte(&stream));
+                    match connection.member.unless_draining(first).await {
+                        // Draining, or nothing (in time): closed.
+                        None | Some(Err(_) | Ok(None)) => {}
                         // A request line (`GET …`), where a ClientHello
                         // (0x16) belongs: answered, as nginx does, rather
                         // than closed without a word.
-                        answer_plain_http(&connection.gw, stream, &conn).await;
-                        drop(open);
-                        return;
-                    }
-                    let handshake = tls_handshake(acceptor, stream, handshake_timeout);
-                    if let Some(Some(tls_stream)) =
-                        connection.member.unless_draining(handshake).await
-                    {
-                        connection.serve(tls_stream, conn).await;
+                        Some(Ok(Some(byte))) if byte.is_ascii_uppercase() => {
+                            answer_plain_http(&connection.gw, stream, &conn).await;
+                        }
+                        Some(Ok(Some(_))) => {
+                            let handshake = tls_handshake(acceptor, stream, deadline);
+                            if let Some(Some(tls_stream)) =
+                                connection.member.unless_draining(handshake).await
+                            {
+                                connection.serve(tls_stream, conn).await;
+                            }
+                        }
                     }
                 }
             }
@@ -243,11 +247,12 @@ impl Drop for OpenConnection {
     }
 }
 
-/// The first byte a client sends, once it comes (within `timeout`).
-async fn first_byte(stream: &TcpStream, timeout: Duration) -> Option<u8> {
+/// The first byte a client sends, once it comes, left unread; `None`
+/// when the connection ends first.
+async fn first_byte(stream: &TcpStream) -> Option<u8> {
     let mut byte = [0u8; 1];
-    match tokio::time::timeout(timeout, stream.peek(&mut byte)).await {
-        Ok(Ok(1)) => Some(byte[0]),
+    match stream.peek(&mut byte).await {
+        Ok(1) => Some(byte[0]),
         _ => None,
     }
 }
@@ -256,7 +261,7 @@ async fn first_byte(stream: &TcpStream, timeout: Duration) -> Option<u8> {
 /// says so (logged and counted as a request whose head was not read),
 /// then closes the connection.
 async fn answer_plain_http(gw: &Gateway, mut stream: TcpStream, conn: &ConnInfo) {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let request_id = proxy::headers::request_id(&http::HeaderMap::new());
     let body = serde_json::json!({
         "error": {
@@ -276,7 +281,20 @@ async fn answer_plain_http(gw: &Gateway, mut stream: TcpStream, conn: &ConnInfo)
     let answer = async {
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(body.as_bytes()).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        // What the client sent is read (and dropped) for a moment: a
+        // socket closed with unread bytes resets, and the reset could
+        // reach the client before the answer.
+        let mut sink = [0u8; 4096];
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            let n = stream.read(&mut sink).await?;
+            if n == 0 {
+                break;
+            }
+            left = left.saturating_sub(n);
+        }
+        Ok::<(), std::io::Error>(())
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
 }
@@ -287,9 +305,9 @@ const PLAIN_HTTP_CODE: &str = "plain_http_to_https_port";
 async fn tls_handshake(
     acceptor: TlsAcceptor,
     stream: TcpStream,
-    timeout: Duration,
+    deadline: tokio::time::Instant,
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(s)) => Some(s),
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "TLS handshake failed");
