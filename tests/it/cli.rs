@@ -626,24 +626,8 @@ async fn streaming_through(
     Running,
     tokio::task::JoinHandle<client::Reply>,
 ) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let yaml = format!(
-        "\
-listen: {proxy}
-admin: {{ listen: {admin} }}
-limits: {{ shutdown_grace: {grace} }}
-upstreams:
-  slow: {{ mock: {{ stream_chunks: 5, chunk_interval: 2s }} }}
-routes:
-  - {{ name: chat, match: {{ path_prefix: /v1/ }}, auth: none, upstream: slow }}
-"
-    );
-    let path = write(dir.path(), "proxy.yaml", &yaml);
-    let mut cmd = run_logging(&path);
-    let gw = Running(cmd.spawn().expect("spawn sluice run"));
-    wait_ready(admin).await;
+    let (dir, gw, proxy) =
+        running_before_slow_mock(grace, "{ stream_chunks: 5, chunk_interval: 2s }").await;
     let hyper_client = HyperClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let req = http::Request::post(format!("http://{proxy}/v1/chat/completions"))
         .header("content-type", "application/json")
@@ -658,6 +642,49 @@ routes:
     assert_eq!(resp.status(), 200);
     let rest = tokio::spawn(client::read(resp));
     (dir, gw, rest)
+}
+
+/// `sluice run`, ready, with `shutdown_grace` and a route `/v1/` to a
+/// mock upstream of `mock`'s settings; its proxy address.
+async fn running_before_slow_mock(
+    grace: &str,
+    mock: &str,
+) -> (tempfile::TempDir, Running, SocketAddr) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let yaml = format!(
+        "\
+listen: {proxy}
+admin: {{ listen: {admin} }}
+limits: {{ shutdown_grace: {grace} }}
+upstreams:
+  slow: {{ mock: {mock} }}
+routes:
+  - {{ name: chat, match: {{ path_prefix: /v1/ }}, auth: none, upstream: slow }}
+"
+    );
+    let path = write(dir.path(), "proxy.yaml", &yaml);
+    let gw = Running(run_logging(&path).spawn().expect("spawn sluice run"));
+    wait_ready(admin).await;
+    (dir, gw, proxy)
+}
+
+/// The one access line of `events`, of a request sluice cut with
+/// `status`, and `stopped` the last line, after it.
+fn the_cut_line(events: &[serde_json::Value], status: u16) {
+    let access: Vec<_> = events
+        .iter()
+        .filter(|e| e["target"] == "sluice::access")
+        .collect();
+    assert_eq!(access.len(), 1, "{events:?}");
+    assert_eq!(access[0]["error"], "server_shutdown", "{}", access[0]);
+    assert_eq!(access[0]["status"], status);
+    assert_eq!(
+        events.last().and_then(|e| e["message"].as_str()),
+        Some("stopped"),
+        "{events:?}"
+    );
 }
 
 /// Sends `signal` to our own child sluice.
@@ -679,19 +706,7 @@ async fn cut_by_sluice(
         .expect("stream task");
     assert!(reply.body_error.is_some(), "the cut stream looked complete");
     let events = stop_and_read_events(gw);
-    let access: Vec<_> = events
-        .iter()
-        .filter(|e| e["target"] == "sluice::access")
-        .collect();
-    assert_eq!(access.len(), 1, "{events:?}");
-    assert_eq!(access[0]["error"], "server_shutdown", "{}", access[0]);
-    assert_eq!(access[0]["status"], 200);
-    // The cut request's line comes before `stopped`, which is the last.
-    assert_eq!(
-        events.last().and_then(|e| e["message"].as_str()),
-        Some("stopped"),
-        "{events:?}"
-    );
+    the_cut_line(&events, 200);
     events
 }
 
@@ -713,23 +728,7 @@ async fn a_stream_cut_at_the_end_of_the_grace_is_logged_as_cut_by_sluice() {
 /// `connection: close`), as its access line says, not closed unanswered.
 #[tokio::test]
 async fn a_request_unanswered_at_the_end_of_the_grace_gets_a_503() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let yaml = format!(
-        "\
-listen: {proxy}
-admin: {{ listen: {admin} }}
-limits: {{ shutdown_grace: 300ms }}
-upstreams:
-  slow: {{ mock: {{ latency: 10s }} }}
-routes:
-  - {{ name: chat, match: {{ path_prefix: /v1/ }}, auth: none, upstream: slow }}
-"
-    );
-    let path = write(dir.path(), "proxy.yaml", &yaml);
-    let mut gw = Running(run_logging(&path).spawn().expect("spawn sluice run"));
-    wait_ready(admin).await;
+    let (_dir, mut gw, proxy) = running_before_slow_mock("300ms", "{ latency: 10s }").await;
     let waiting = tokio::spawn(async move {
         Client::new()
             .post_json(
@@ -753,19 +752,7 @@ routes:
         .exit_within(Duration::from_secs(5))
         .expect("exits after the grace");
     assert_eq!(status.code(), Some(0));
-    let events = stop_and_read_events(gw);
-    let access: Vec<_> = events
-        .iter()
-        .filter(|e| e["target"] == "sluice::access")
-        .collect();
-    assert_eq!(access.len(), 1, "{events:?}");
-    assert_eq!(access[0]["status"], 503);
-    assert_eq!(access[0]["error"], "server_shutdown");
-    assert_eq!(
-        events.last().and_then(|e| e["message"].as_str()),
-        Some("stopped"),
-        "{events:?}"
-    );
+    the_cut_line(&stop_and_read_events(gw), 503);
 }
 
 /// A second signal during the drain (Ctrl-C twice, an impatient

@@ -347,6 +347,14 @@ async fn model_is_rewritten_for_the_member_that_renames_it() {
     assert_eq!(String::from_utf8_lossy(&primary.seen()[0].body), body);
 }
 
+/// A stream whose role chunk comes at once, then `rest` after `after`
+/// (a model thinking, or an upstream that stalled before content).
+fn role_then(after: Duration, rest: Bytes) -> UpstreamReply {
+    let mut reply = UpstreamReply::sse(&[ROLE], Duration::ZERO);
+    reply.chunks.push((after, rest));
+    reply
+}
+
 const ROLE: &str =
     r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#;
 const HELLO: &str = r#"{"choices":[{"index":0,"delta":{"content":"Hello"},"finish_reason":null}]}"#;
@@ -785,12 +793,10 @@ async fn a_hung_member_trips_its_circuit_with_default_timeouts() {
 #[tokio::test]
 async fn a_stream_stalled_before_content_is_a_timeout_while_a_member_is_left() {
     let stalled = || {
-        let mut reply = UpstreamReply::sse(&[ROLE], Duration::ZERO);
-        reply.chunks.push((
+        role_then(
             Duration::from_millis(900),
             Bytes::from(format!("data: {HELLO}\n\ndata: [DONE]\n\n")),
-        ));
-        reply
+        )
     };
     let primary = MockUpstream::always(stalled()).await;
     let backup = MockUpstream::always(stalled()).await;
@@ -837,11 +843,10 @@ async fn a_stream_stalled_before_content_is_a_timeout_while_a_member_is_left() {
 /// first_byte is spent, the backup untouched.
 #[tokio::test]
 async fn a_slow_stream_is_not_cut_when_no_member_would_take_over() {
-    let mut thinking = UpstreamReply::sse(&[ROLE], Duration::ZERO);
-    thinking.chunks.push((
+    let thinking = role_then(
         Duration::from_millis(700),
         Bytes::from(format!("data: {HELLO}\n\ndata: [DONE]\n\n")),
-    ));
+    );
     let primary = MockUpstream::always(thinking).await;
     let backup = MockUpstream::always(UpstreamReply::text("backup")).await;
     let gw = TestGateway::start(&config(
@@ -969,11 +974,10 @@ routes:
 /// attempt counted, as the answer's head said.
 #[tokio::test]
 async fn an_attempt_held_when_the_client_leaves_is_counted() {
-    let mut stalled = UpstreamReply::sse(&[ROLE], Duration::ZERO);
-    stalled.chunks.push((
+    let stalled = role_then(
         Duration::from_secs(3),
         Bytes::from_static(b"data: [DONE]\n\n"),
-    ));
+    );
     let primary = MockUpstream::always(stalled).await;
     let backup = MockUpstream::always(UpstreamReply::text("backup")).await;
     let gw = TestGateway::start(&config(&primary.url(), &backup.url(), "", "")).await;
@@ -1083,12 +1087,12 @@ async fn a_reload_that_fixes_an_upstream_url_closes_its_circuit() {
 /// 503 alone answers 502 and leaves the next member alone.
 #[tokio::test]
 async fn a_stream_broken_before_content_fails_over_only_as_retry_on_says() {
-    let mut dying = UpstreamReply::sse(&[ROLE], Duration::ZERO).cut();
     // The role chunk is flushed before the cut.
-    dying.chunks.push((
+    let dying = role_then(
         Duration::from_millis(100),
         Bytes::from_static(b": ping\n\n"),
-    ));
+    )
+    .cut();
     let primary = MockUpstream::always(dying).await;
     let backup = MockUpstream::always(UpstreamReply::text("backup")).await;
     let gw = TestGateway::start(&config(
@@ -1110,11 +1114,10 @@ async fn a_stream_broken_before_content_fails_over_only_as_retry_on_says() {
 /// (by default the whole request_timeout): it fails over at once.
 #[tokio::test]
 async fn a_stream_quiet_before_content_fails_over_after_idle() {
-    let mut stalled = UpstreamReply::sse(&[ROLE], Duration::ZERO);
-    stalled.chunks.push((
+    let stalled = role_then(
         Duration::from_secs(10),
         Bytes::from(format!("data: {HELLO}\n\n")),
-    ));
+    );
     let primary = MockUpstream::always(stalled).await;
     let events = [ROLE, HELLO, STOP, "[DONE]"];
     let backup = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;
@@ -1231,11 +1234,10 @@ async fn every_member_rate_limited_gives_the_shortest_wait() {
 /// still tried.
 #[tokio::test]
 async fn a_quiet_second_member_still_fails_over_to_the_third() {
-    let mut stalled = UpstreamReply::sse(&[ROLE], Duration::ZERO);
-    stalled.chunks.push((
+    let stalled = role_then(
         Duration::from_secs(10),
         Bytes::from(format!("data: {HELLO}\n\n")),
-    ));
+    );
     let quiet = MockUpstream::always(stalled).await;
     let events = [ROLE, HELLO, STOP, "[DONE]"];
     let good = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;

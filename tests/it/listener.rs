@@ -257,14 +257,7 @@ async fn a_quiet_h2_connection_frees_its_slot() {
         "{ header_read_timeout: 300ms, max_connections: 1 }",
     ))
     .await;
-    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let driven = tokio::spawn(conn);
+    let (mut sender, driven) = crate::support::client::h2c_connection(gw.addr).await;
     // In use: requests a little apart keep it open past the timeout.
     for _ in 0..4 {
         let req = http::Request::get(format!("http://{}/x", gw.addr))

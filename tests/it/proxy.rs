@@ -664,14 +664,7 @@ routes:
     assert_eq!(status, 401, "admin.internal. is admin.internal");
 
     // h2: `:authority` and a `host` that differ.
-    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let (mut sender, _conn) = crate::support::client::h2c_connection(gw.addr).await;
     let req = http::Request::get("http://public.example/x")
         .header("host", "admin.internal")
         .body(http_body_util::Empty::<Bytes>::new())
@@ -997,56 +990,6 @@ routes:
     );
 }
 
-/// An HTTP/2 client that cancels its stream mid-upload (RST_STREAM) is
-/// logged as one gone away, 499 `client_closed`, as over HTTP/1.1: not
-/// as a malformed request.
-#[tokio::test]
-async fn an_h2_stream_cancelled_mid_upload_is_a_499() {
-    use http_body_util::StreamBody;
-    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
-    let gw = TestGateway::start(&format!(
-        "upstreams:\n  app: {{ url: \"{}\" }}\nroutes:\n  - {{ name: checked, match: {{ path_prefix: /v1/ }}, auth: none, validate: openai, upstream: app }}\n",
-        up.url()
-    ))
-    .await;
-    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let conn = tokio::spawn(conn);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, std::io::Error>>(4);
-    let body = StreamBody::new(tokio_stream_from(rx));
-    // Read whole by validation: the reset ends the read.
-    let req = http::Request::post(gw.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .header("content-length", "100000")
-        .body(body)
-        .unwrap();
-    let answer = tokio::spawn(async move { sender.send_request(req).await });
-    tx.send(Ok(http_body::Frame::data(Bytes::from(vec![b'x'; 10_000]))))
-        .await
-        .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    // Dropping the pending answer resets the stream (CANCEL); the
-    // connection stays up.
-    answer.abort();
-    let logs = gw.wait_access_logs(1).await;
-    assert_eq!(logs[0]["status"], 499, "{:?}", logs[0]);
-    assert_eq!(logs[0]["error"], "client_closed", "{:?}", logs[0]);
-    drop(tx);
-    conn.abort();
-}
-
-/// The frames `rx` yields, as a stream.
-fn tokio_stream_from<T: Send + 'static>(
-    mut rx: tokio::sync::mpsc::Receiver<T>,
-) -> impl futures_util::Stream<Item = T> {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
-}
-
 /// A body read whole and refused by validation leaves nothing unread:
 /// the connection serves the next request (nginx and Envoy keep it too).
 #[tokio::test]
@@ -1135,44 +1078,46 @@ async fn redirects_to_the_upstreams_own_address_are_made_relative() {
 }
 
 /// An HTTP/2 client that cancels its stream mid-upload (a browser's
-/// abort, an SDK's timeout: RST_STREAM CANCEL) is logged as 499 too.
+/// abort, an SDK's timeout: RST_STREAM CANCEL) is logged as 499 too,
+/// whether its body streamed through or was read whole (validation): not
+/// as a malformed request.
 #[tokio::test]
 async fn an_h2_client_cancelling_mid_upload_is_a_499() {
     let up = MockUpstream::always(UpstreamReply::text("ok")).await;
-    let gw = TestGateway::start(&crate::support::app_config(&up.url(), "")).await;
-    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-    let frames = Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
-        let data = rx.recv().await?;
-        Some((
-            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(data)),
-            rx,
-        ))
-    }));
-    let req = http::Request::post(gw.url("/upload"))
-        .header("content-type", "application/json")
-        .body(http_body_util::StreamBody::new(frames))
-        .unwrap();
-    tx.send(Bytes::from_static(b"{\"model\"")).await.unwrap();
-    // Cancelled while the body is still coming: the response is dropped
-    // with the sender alive, which resets the stream.
-    let pending = sender.send_request(req);
-    assert!(
-        tokio::time::timeout(std::time::Duration::from_millis(300), pending)
-            .await
-            .is_err()
-    );
-    let logs = gw.wait_access_logs(1).await;
-    assert_eq!(logs[0]["status"], 499, "{:?}", logs[0]);
-    assert_eq!(logs[0]["error"], "client_closed", "{:?}", logs[0]);
-    drop(tx);
+    let gw = TestGateway::start(&format!(
+        "upstreams:\n  app: {{ url: \"{}\" }}\nroutes:\n  - {{ name: checked, match: {{ path_prefix: /v1/ }}, auth: none, validate: openai, upstream: app }}\n  - {{ name: open, match: {{ path_prefix: / }}, auth: none, upstream: app }}\n",
+        up.url()
+    ))
+    .await;
+    for (i, path) in ["/upload", "/v1/chat/completions"].into_iter().enumerate() {
+        let (mut sender, conn) = crate::support::client::h2c_connection(gw.addr).await;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let frames = Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+            let data = rx.recv().await?;
+            Some((
+                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(data)),
+                rx,
+            ))
+        }));
+        let req = http::Request::post(gw.url(path))
+            .header("content-type", "application/json")
+            .body(http_body_util::StreamBody::new(frames))
+            .unwrap();
+        tx.send(Bytes::from_static(b"{\"model\"")).await.unwrap();
+        // Cancelled while the body is still coming: the response is
+        // dropped with the sender alive, which resets the stream.
+        let pending = sender.send_request(req);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(300), pending)
+                .await
+                .is_err()
+        );
+        let logs = gw.wait_access_logs(i + 1).await;
+        assert_eq!(logs[i]["status"], 499, "{path}: {:?}", logs[i]);
+        assert_eq!(logs[i]["error"], "client_closed", "{path}: {:?}", logs[i]);
+        drop(tx);
+        conn.abort();
+    }
 }
 
 /// A transfer coding other than chunked would be lost on the way (the
