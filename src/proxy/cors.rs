@@ -57,7 +57,6 @@ pub fn allowed(cors: &Cors, headers: &HeaderMap) -> Allowed {
     }
 }
 
-/// Whether a request is a CORS preflight rather than an API call.
 /// Whether `origin` is the one `allowed` names, in any case, or one
 /// under the domain of an allowed `scheme://*.domain[:port]`, with the
 /// same scheme and port (`https://a.b.example.com` for
@@ -84,6 +83,7 @@ fn matches_origin(allowed: &str, origin: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
+/// Whether a request is a CORS preflight rather than an API call.
 pub fn is_preflight(method: &Method, headers: &HeaderMap) -> bool {
     method == Method::OPTIONS
         && headers.contains_key(header::ORIGIN)

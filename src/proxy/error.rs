@@ -247,15 +247,8 @@ impl ProxyError {
             ProxyError::InvalidRequest { param, .. } => param.as_deref(),
             _ => None,
         };
-        let body = json!({
-            "error": {
-                "message": self.message(),
-                "type": self.kind(),
-                "param": param,
-                "code": self.code(),
-            }
-        });
-        let mut resp = Response::new(full(body.to_string()));
+        let body = error_body(&self.message(), self.kind(), param, self.code());
+        let mut resp = Response::new(full(body));
         *resp.status_mut() = status;
         let headers = resp.headers_mut();
         headers.insert(
@@ -321,6 +314,20 @@ impl ProxyError {
         }
         resp
     }
+}
+
+/// An error's body in the SPEC's (OpenAI's) shape:
+/// `{"error": {"message", "type", "param", "code"}}`.
+pub fn error_body(message: &str, kind: &str, param: Option<&str>, code: &str) -> String {
+    json!({
+        "error": {
+            "message": message,
+            "type": kind,
+            "param": param,
+            "code": code,
+        }
+    })
+    .to_string()
 }
 
 /// Whole seconds, rounded up so a client never retries too early.

@@ -926,7 +926,7 @@ async fn attempt(
                     // hyper undoes `chunked` only: a `gzip, chunked` body
                     // would reach the client still compressed, with
                     // nothing saying so (as a client's is refused, 501).
-                    Some(Ok(resp)) if has_other_transfer_coding(resp.headers()) => {
+                    Some(Ok(resp)) if headers::has_other_transfer_coding(resp.headers()) => {
                         Err(AttemptFailure {
                             outcome: Outcome::ConnectionError,
                             text: "answered with a transfer coding other than chunked, which would be lost on the way",
@@ -978,19 +978,6 @@ async fn attempt(
             Err(failure)
         }
     }
-}
-
-/// Whether a `transfer-encoding` line names a coding besides `chunked`.
-fn has_other_transfer_coding(headers: &http::HeaderMap) -> bool {
-    headers
-        .get_all(http::header::TRANSFER_ENCODING)
-        .iter()
-        .any(|coding| {
-            !coding
-                .as_bytes()
-                .trim_ascii()
-                .eq_ignore_ascii_case(b"chunked")
-        })
 }
 
 /// How long an attempt waits for the upstream's answer head: `first_byte`

@@ -42,6 +42,21 @@ fn hop_by_hop_bit(name: &HeaderName) -> Option<u32> {
     })
 }
 
+/// Whether a `transfer-encoding` line names a coding besides `chunked`,
+/// the only one hyper undoes: any other would be lost on the way, on a
+/// request (501) as on an answer (502).
+pub fn has_other_transfer_coding(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .any(|coding| {
+            !coding
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked")
+        })
+}
+
 /// Whether `name` describes one connection, not the message (see
 /// [`HOP_BY_HOP`]): dropped on each hop, so no config may set it.
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {

@@ -431,9 +431,7 @@ async fn process(
             return Ok(answer);
         }
     }
-    if let Some(coding) = req.headers().get(http::header::TRANSFER_ENCODING)
-        && !coding.as_bytes().eq_ignore_ascii_case(b"chunked")
-    {
+    if headers::has_other_transfer_coding(req.headers()) {
         // hyper reads `gzip, chunked` as chunked, and the gzip would be
         // lost on the way: the upstream would get compressed bytes as the
         // body, with nothing saying so. Refused once routed, so that the

@@ -263,15 +263,12 @@ async fn first_byte(stream: &TcpStream) -> Option<u8> {
 async fn answer_plain_http(gw: &Gateway, mut stream: TcpStream, conn: &ConnInfo) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let request_id = proxy::headers::request_id(&http::HeaderMap::new());
-    let body = serde_json::json!({
-        "error": {
-            "message": "a plain HTTP request was sent to this HTTPS port: use https://",
-            "type": "invalid_request_error",
-            "param": null,
-            "code": PLAIN_HTTP_CODE,
-        }
-    })
-    .to_string();
+    let body = proxy::error::error_body(
+        "a plain HTTP request was sent to this HTTPS port: use https://",
+        "invalid_request_error",
+        None,
+        PLAIN_HTTP_CODE,
+    );
     let head = format!(
         "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {}\r\nconnection: close\r\n\r\n",
         body.len(),
