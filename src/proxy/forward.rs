@@ -454,10 +454,20 @@ async fn failover(
                     // before it writes) goes on to the client once
                     // first_byte is spent, as on a route to one upstream,
                     // rather than being cut off with a 504.
-                    let can_take_over = pool.retry_on.contains(&RetryOn::Timeout)
-                        && attempts < pool.max_attempts
-                        && position + 1 < pool.members.len();
-                    let release = !can_take_over && deadline < request_deadline;
+                    // Asked when first_byte is spent: a later member whose
+                    // circuit is open (or that health checks marked down)
+                    // would be skipped, and cannot take over either.
+                    let can_take_over = || {
+                        pool.retry_on.contains(&RetryOn::Timeout)
+                            && attempts < pool.max_attempts
+                            && pool.members[position + 1..].iter().any(|later| {
+                                active
+                                    .breakers
+                                    .get(*later)
+                                    .is_some_and(|b| b.would_admit(Instant::now()))
+                            })
+                    };
+                    let release = || deadline < request_deadline && !can_take_over();
                     // A client that leaves during the hold drops this
                     // future: the answer is counted as its head said.
                     let mut unjudged = Unjudged(Some((active, member, Outcome::of_status(status))));
@@ -625,12 +635,13 @@ fn is_event_stream<B>(resp: &Response<B>) -> bool {
 /// events, bytes, by `deadline` and by `idle` between frames, as the
 /// stream is once it flows) and returns the response with what was read
 /// put back in front; an error if the stream fails, stalls or ends first,
-/// so that the caller can fail over. At `deadline`, with `release`, the
-/// stream goes on as it is instead. Other responses pass unchanged.
+/// so that the caller can fail over. At `deadline`, if `release` says
+/// so then, the stream goes on as it is instead. Other responses pass
+/// unchanged.
 async fn hold_preamble(
     resp: Response<BoxBody>,
     deadline: Instant,
-    release: bool,
+    release: impl Fn() -> bool,
     idle: Duration,
 ) -> Result<Response<BoxBody>, Preamble> {
     if !is_event_stream(&resp) {
@@ -645,7 +656,7 @@ async fn hold_preamble(
         let frame = match tokio::time::timeout_at(deadline.min(quiet_at).into(), body.frame()).await
         {
             Err(_) if quiet_at < deadline => return Err(Preamble::Quiet),
-            Err(_) if release => break,
+            Err(_) if release() => break,
             Err(_) => return Err(Preamble::TimedOut),
             Ok(None) => return Err(Preamble::Broke("stream ended before content")),
             Ok(Some(Err(_))) => return Err(Preamble::Broke("stream broke before content")),

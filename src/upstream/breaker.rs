@@ -131,6 +131,19 @@ impl Breaker {
         }
     }
 
+    /// Whether [`Breaker::admit`] would let an attempt through at `now`,
+    /// without taking a half-open circuit's probe: for asking whether a
+    /// member could still take over, not for sending to it.
+    pub fn would_admit(&self, now: Instant) -> bool {
+        let Ok(s) = self.state.lock() else {
+            return true;
+        };
+        let past = |until: Option<Instant>| until.is_none_or(|until| now >= until);
+        past(s.cooled_until)
+            && past(s.health_down_until)
+            && (s.open_until.is_none() || (past(s.open_until) && !s.probing))
+    }
+
     /// A success closes the circuit only as its probe: an attempt let
     /// through before the circuit opened (a stream judged when it ends)
     /// says nothing of the failures that opened it since.
@@ -393,6 +406,26 @@ mod tests {
         b.success(true);
         assert_eq!(b.admit(again), Admit::Yes);
         assert_eq!(b.up.get(), 1);
+    }
+
+    #[test]
+    fn would_admit_says_what_admit_would_without_taking_the_probe() {
+        let b = breaker();
+        let t0 = Instant::now();
+        let cooldown = Duration::from_secs(30);
+        assert!(b.would_admit(t0));
+        b.failure(t0, 1, cooldown, false);
+        assert!(!b.would_admit(t0), "open");
+        let later = t0 + cooldown;
+        assert!(b.would_admit(later), "a probe would go");
+        assert!(b.would_admit(later), "asking took no probe");
+        assert!(matches!(b.admit(later), Admit::Probe(_)));
+        assert!(!b.would_admit(later), "the probe is out");
+        b.success(true);
+        assert!(b.would_admit(later));
+        b.cool_down(later + cooldown);
+        assert!(!b.would_admit(later), "cooling down");
+        assert!(b.would_admit(later + cooldown));
     }
 
     #[test]

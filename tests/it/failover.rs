@@ -870,6 +870,60 @@ async fn a_slow_stream_is_not_cut_when_no_member_would_take_over() {
     );
 }
 
+/// The backup is there but marked down by its health checks: it would be
+/// skipped, so it cannot take over from a slow stream, which goes on to
+/// the client at first_byte rather than ending in a 504.
+#[tokio::test]
+async fn a_slow_stream_is_not_cut_for_a_member_that_is_down() {
+    let primary = MockUpstream::start(|seen| {
+        if seen.uri.path() == "/health" {
+            UpstreamReply::text("ok")
+        } else {
+            role_then(
+                Duration::from_millis(700),
+                Bytes::from(format!("data: {HELLO}\n\ndata: [DONE]\n\n")),
+            )
+        }
+    })
+    .await;
+    let backup = MockUpstream::always(failing(503)).await;
+    let gw = TestGateway::start(&config(
+        &primary.url(),
+        &backup.url(),
+        "    health_check: { path: /health, interval: 50ms }",
+        "",
+    ))
+    .await;
+    let mut down = false;
+    for _ in 0..100 {
+        if gw
+            .metric("sluice_upstream_up", &[("upstream", "backup")])
+            .await
+            == Some(0.0)
+        {
+            down = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(down, "the backup's failing checks must mark it down");
+    let reply = chat(&gw).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(reply.text().contains("Hello"), "{}", reply.text());
+    assert!(
+        backup.seen().iter().all(|s| s.uri.path() == "/health"),
+        "no failover to a member that is down"
+    );
+    assert_eq!(
+        gw.metric(
+            "sluice_upstream_requests_total",
+            &[("upstream", "primary"), ("outcome", "ok")]
+        )
+        .await,
+        Some(1.0)
+    );
+}
+
 #[tokio::test]
 async fn a_member_whose_failed_answers_go_unread_keeps_its_connection() {
     // sluice drops a `retry_on` answer's body unread and moves on; the
