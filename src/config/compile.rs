@@ -407,8 +407,15 @@ impl Compiler<'_> {
             );
         }
         let tls = raw.tls.as_ref().and_then(|spanned| {
-            let cert = self.required(&spanned.value.cert_file, &spanned.referenced, "cert_file");
-            let key = self.required(&spanned.value.key_file, &spanned.referenced, "key_file");
+            let Some(tls) = spanned.value.as_ref() else {
+                self.error(
+                    &spanned.referenced,
+                    "tls is empty: give it cert_file and key_file, or remove it to serve plain HTTP",
+                );
+                return None;
+            };
+            let cert = self.required(&tls.cert_file, &spanned.referenced, "cert_file");
+            let key = self.required(&tls.key_file, &spanned.referenced, "key_file");
             let (cert, key) = (cert?, key?);
             let files = TlsFiles {
                 cert_file: self.path(cert)?,
@@ -485,12 +492,19 @@ impl Compiler<'_> {
         let pricing = self.pricing(&raw.pricing);
         let budget = self.budget(raw.budget.as_ref());
         self.check_budget_use(&raw, &budget, &tiers);
+        let cache_max_bytes = raw.cache.as_ref().and_then(|c| c.max_bytes.clone());
         let cache = CacheSettings {
-            max_bytes: self.size(
-                &raw.cache.as_ref().and_then(|c| c.max_bytes.clone()),
-                256 << 20,
-            ),
+            max_bytes: self.size(&cache_max_bytes, 256 << 20),
         };
+        if cache.max_bytes == 0
+            && let Some(t) = &cache_max_bytes
+        {
+            // It would turn every route's cache off without a word.
+            self.error(
+                &t.referenced,
+                "cache.max_bytes must be above 0 (to cache nothing, leave `cache` out of the routes)",
+            );
+        }
         let state = self.state(raw.state.as_ref());
         let mut logging = self.logging(raw.logging.as_ref());
         if logging.log_bodies {

@@ -165,6 +165,10 @@ pub fn load_str(
                         col: error.col,
                     });
                     recover::without_key(&text, error.line, error.col)
+                } else if error.message.starts_with(DUPLICATE_KEY) {
+                    // The first one stands; the copy is reported and the
+                    // rest of the file read as if it were not there.
+                    recover::without_key(&text, error.line, error.col)
                 } else {
                     blanked_values.push((error.line, error.col));
                     blanked.extend(recover::key_of_value(&text, error.line, error.col));
@@ -208,6 +212,9 @@ fn missing_field(message: &str) -> Option<&str> {
     message.strip_prefix("missing field `")?.split('`').next()
 }
 
+/// How a key written twice in one mapping is reported.
+const DUPLICATE_KEY: &str = "duplicate key ";
+
 /// Parse errors reported before `check` gives up on a file (each one costs
 /// a parse of it).
 const MAX_PARSE_ERRORS: usize = 32;
@@ -220,7 +227,7 @@ fn in_our_words(message: String) -> String {
             .split(", set DuplicateKeyPolicy")
             .next()
             .unwrap_or(rest);
-        return format!("duplicate key `{key}`");
+        return format!("{DUPLICATE_KEY}`{key}`");
     }
     if message == "data did not match any variant of untagged enum RawValidate" {
         return "validate must be none, openai or { schema_file: PATH }".to_owned();

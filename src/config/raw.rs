@@ -62,25 +62,42 @@ pub type Text = Spanned<Scalar>;
 pub struct RawConfig {
     /// Proxy listener address. Default `0.0.0.0:8080`.
     pub listen: Option<Text>,
-    /// Serve HTTPS on the proxy listener (h2 + http/1.1 by ALPN).
-    pub tls: Option<Spanned<RawTls>>,
+    /// Serve HTTPS on the proxy listener (h2 + http/1.1 by ALPN). `None`
+    /// inside: `tls:` written with nothing under it (its files commented
+    /// out), which must not quietly serve plain HTTP.
+    #[serde(default, deserialize_with = "present")]
+    pub tls: Option<Spanned<Option<RawTls>>>,
     pub admin: Option<RawAdmin>,
     pub limits: Option<RawLimits>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_empty")]
     pub upstreams: BTreeMap<String, Spanned<RawUpstream>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_empty")]
     pub pools: BTreeMap<String, Spanned<RawPool>>,
     pub auth: Option<RawAuth>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_empty")]
     pub tiers: BTreeMap<String, Spanned<RawTier>>,
     #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_empty")]
     pub pricing: BTreeMap<String, Spanned<RawPrice>>,
     pub budget: Option<RawBudget>,
     pub cache: Option<RawCache>,
     pub state: Option<RawState>,
     pub logging: Option<RawLogging>,
+}
+
+/// A section that, written, is there even when null: `Some` whatever
+/// its value.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// A mapping section written with nothing under it (every entry
+/// commented out) reads as empty, as the other sections' nulls do.
+fn null_is_empty<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
+    d: D,
+) -> Result<T, D::Error> {
+    Option::<T>::deserialize(d).map(Option::unwrap_or_default)
 }
 
 #[derive(Debug, Deserialize)]

@@ -202,8 +202,8 @@ impl HttpUpstream {
     }
 
     /// Whether requests to it would reach `listener`, an address sluice
-    /// listens on: as far as the URL tells without a DNS lookup (an IP,
-    /// or `localhost`).
+    /// listens on: as far as the URL tells without a DNS lookup (an IP in
+    /// any form the resolver reads, or `localhost`).
     pub fn is_at(&self, listener: std::net::SocketAddr) -> bool {
         let default_port = if self.scheme == Scheme::HTTPS {
             443
@@ -218,6 +218,8 @@ impl HttpUpstream {
             .strip_prefix('[')
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(host);
+        // `localhost.` is the same name, rooted.
+        let host = host.strip_suffix('.').unwrap_or(host);
         // An unspecified address takes its family's loopback too, and
         // `[::]` (dual-stack on Linux) IPv4's as well.
         let listens_here = |ip: std::net::IpAddr| {
@@ -227,7 +229,9 @@ impl HttpUpstream {
                     && (listener.is_ipv6() || ip.is_ipv4()))
         };
         match host.parse::<std::net::IpAddr>() {
-            Ok(ip) => listens_here(ip),
+            // `::ffff:127.0.0.1` reaches IPv4's loopback.
+            Ok(ip) => listens_here(ip.to_canonical()),
+            Err(_) if let Some(ip) = shorthand_ipv4(host) => listens_here(ip.into()),
             Err(_) if host.eq_ignore_ascii_case("localhost") => {
                 listens_here(std::net::Ipv4Addr::LOCALHOST.into())
                     || listens_here(std::net::Ipv6Addr::LOCALHOST.into())
@@ -290,9 +294,80 @@ pub(crate) fn without_secrets(url: &str) -> String {
     }
 }
 
+/// An IPv4 address in the forms the system resolver (`inet_aton`) also
+/// reads and Rust's parser does not: fewer than four parts (`127.1`,
+/// the last part filling the bytes left), and octal (`0177.0.0.1`) or hex
+/// (`0x7f.1`) parts. hyper's connector hands such a host to the resolver,
+/// so it connects where this says.
+fn shorthand_ipv4(host: &str) -> Option<std::net::Ipv4Addr> {
+    let parts: Vec<&str> = host.split('.').collect();
+    if parts.len() > 4 {
+        return None;
+    }
+    let mut values = Vec::with_capacity(parts.len());
+    for part in &parts {
+        let (digits, radix) = match part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
+            Some(hex) => (hex, 16),
+            None if part.len() > 1 && part.starts_with('0') => (&part[1..], 8),
+            None => (*part, 10),
+        };
+        let value = if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+            u32::from_str_radix(digits, radix).ok()?
+        } else {
+            return None;
+        };
+        values.push(value);
+    }
+    let (last, leading) = values.split_last()?;
+    let mut address = 0u32;
+    for (i, &byte) in leading.iter().enumerate() {
+        address |= u32::from(u8::try_from(byte).ok()?) << (24 - 8 * i);
+    }
+    let room = 32 - 8 * leading.len() as u32;
+    if room < 32 && *last >= 1 << room {
+        return None;
+    }
+    Some((address | last).into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_in_every_spelling_is_seen_as_a_listener() {
+        let listener: std::net::SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        for url in [
+            "http://127.0.0.1:8080",
+            "http://127.1:8080",
+            "http://0x7f.1:8080",
+            "http://0177.0.0.1:8080",
+            "http://2130706433:8080",
+            "http://localhost:8080",
+            "http://localhost.:8080",
+            "http://[::ffff:127.0.0.1]:8080",
+        ] {
+            let up = HttpUpstream::new(url, None, Duration::from_secs(1)).unwrap();
+            assert!(up.is_at(listener), "{url}");
+        }
+        for url in [
+            "http://127.1:8081",
+            "http://10.1:8080",
+            "http://example.com:8080",
+            "http://1.2.3.4.5:8080",
+            "http://256.1:8080",
+            "http://08.1:8080",
+        ] {
+            let up = HttpUpstream::new(url, None, Duration::from_secs(1)).unwrap();
+            assert!(!up.is_at(listener), "{url}");
+        }
+        assert_eq!(shorthand_ipv4("127.65535"), Some([127, 0, 255, 255].into()));
+        assert_eq!(shorthand_ipv4("127.16777216"), None);
+        assert_eq!(shorthand_ipv4("1.2.3.256"), None);
+        assert_eq!(shorthand_ipv4("4294967295"), Some([255; 4].into()));
+        assert_eq!(shorthand_ipv4("4294967296"), None);
+        assert_eq!(shorthand_ipv4("1..2"), None);
+    }
 
     #[test]
     fn errors_quote_urls_without_secrets() {

@@ -1158,6 +1158,32 @@ routes:
 ",
     );
     assert_eq!(errs, ["test.yaml:3:3: duplicate key `a`"]);
+    // A key written twice (a copy-paste slip) does not hide the file's
+    // other errors, before it or after it, nor the checks that need the
+    // whole file read.
+    let errs = errors(
+        "\
+listen: not-an-address
+upstreams:
+  a: { url: \"http://127.0.0.1:1\" }
+  a:
+    url: \"http://127.0.0.1:2\"
+    timeouts: { connect: 5s }
+limits: { max_connections: 0 }
+routes:
+  - name: r
+    match: { path_prefix: / }
+    upstream: nosuch
+    cache: { ttl: 1h }
+    cache: { ttl: 2h }
+",
+    );
+    assert_eq!(errs.len(), 5, "{errs:#?}");
+    assert!(errs[0].starts_with("test.yaml:1:9: "), "{errs:#?}");
+    assert_eq!(errs[1], "test.yaml:4:3: duplicate key `a`");
+    assert!(errs[2].starts_with("test.yaml:7:"), "{errs:#?}");
+    assert!(errs[3].starts_with("test.yaml:11:15: "), "{errs:#?}");
+    assert_eq!(errs[4], "test.yaml:13:5: duplicate key `cache`");
     let errs = errors(&[ROUTE_R, "    match: { path_prefix: / }\n    upstream: a\n    validate: { schema_fil: x.json }\n"].concat());
     assert_eq!(
         errs,
@@ -1293,6 +1319,12 @@ fn values_that_would_break_every_request_are_refused() {
     }
     let e = one_error(&format!("limits: {{ max_request_body: 0 }}\n{BASE}"), &[]);
     assert!(e.ends_with("max_request_body must be above 0"), "{e}");
+    // It would turn every route's cache off, silently.
+    let e = one_error(&format!("cache: {{ max_bytes: 0 }}\n{BASE}"), &[]);
+    assert!(
+        e.starts_with("test.yaml:1:21: cache.max_bytes must be above 0"),
+        "{e}"
+    );
     let e = one_error(
         "upstreams:\n  a: { url: \"http://127.0.0.1:1\" }\npools:\n  p: { members: [a], health_check: { path: /h, interval: 1ms } }\nroutes:\n  - { name: r, match: { path_prefix: / }, upstream: p }\n",
         &[],
@@ -1582,6 +1614,10 @@ fn an_upstream_that_is_sluice_itself_is_refused() {
         "http://localhost:8080/v1",
         "http://[::1]:8080",
         "http://127.0.0.1:9090",
+        // Spellings the resolver reads as loopback too.
+        "http://127.1:8080",
+        "http://localhost.:8080",
+        "http://[::ffff:127.0.0.1]:8080",
     ] {
         let yaml = format!(
             "listen: \"[::]:8080\"\n{}",
@@ -1756,4 +1792,31 @@ fn an_empty_path_and_a_repeated_threshold_are_said_plainly() {
         errs[1].ends_with("tier_claim is empty: name the token claim to read"),
         "{errs:?}"
     );
+}
+
+/// A section left with nothing under it, its entries commented out:
+/// `tls:` would otherwise serve plain HTTP to a user who asked for TLS,
+/// and an empty map of upstreams, pools, tiers or prices is just empty,
+/// as an empty `limits:` or `auth:` is.
+#[test]
+fn sections_written_empty() {
+    let e = one_error(
+        &format!(
+            "tls:\n  # cert_file: /etc/sluice/tls.crt\n  # key_file: /etc/sluice/tls.key\n{BASE}"
+        ),
+        &[],
+    );
+    assert!(
+        e.starts_with("test.yaml:1:") && e.contains("tls is empty: give it cert_file and key_file"),
+        "{e}"
+    );
+    let empty =
+        format!("pools:\n  # p: {{ members: [app] }}\ntiers:\npricing:\nlimits:\nauth:\n{BASE}");
+    let snapshot = load(&empty, &[]).unwrap_or_else(|e| panic!("{e:#?}"));
+    assert!(snapshot.tls.is_none());
+    let e = one_error(
+        "upstreams:\nroutes:\n  - { name: r, match: { path_prefix: / }, upstream: a }\n",
+        &[],
+    );
+    assert!(e.ends_with("no upstream or pool named `a`"), "{e}");
 }
