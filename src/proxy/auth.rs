@@ -88,6 +88,7 @@ pub async fn identify(
             _ => Err(ProxyError::Unauthorized { reason: "missing" }),
         };
     };
+    ctx.logged_path = path_masking(ctx.uri.path(), presented);
     let Some(key) = find_api_key(&snap.auth, presented) else {
         return match &snap.auth.jwt {
             Some(jwt) if jwt::looks_like_jwt(presented) => {
@@ -110,6 +111,19 @@ pub async fn identify(
         return Err(ProxyError::Forbidden);
     }
     Ok(())
+}
+
+/// The path as logged when it holds the credential the request
+/// presented (a client that put its key in the URL too): masked, as the
+/// logged bodies mask it. Shorter credentials are not looked for: they
+/// would mask ordinary path segments.
+fn path_masking(path: &str, presented: &[u8]) -> Option<String> {
+    const SHORTEST: usize = 8;
+    if presented.len() < SHORTEST || memchr::memmem::find(path.as_bytes(), presented).is_none() {
+        return None;
+    }
+    let presented = std::str::from_utf8(presented).ok()?;
+    Some(path.replace(presented, "***"))
 }
 
 /// Sets the identity from a JWT, or refuses it with the reason.

@@ -139,6 +139,9 @@ pub struct RequestCtx {
     /// `log_bodies`: the masked head of each body, for the access log.
     pub request_body: Option<String>,
     pub response_body: Option<String>,
+    /// The path as logged, when it differs from `uri`'s: the credential
+    /// the request presented masked in it.
+    pub logged_path: Option<String>,
     /// `log_bodies`: what the logged bodies must not show, the
     /// credential this request presented among them.
     pub body_secrets: Option<KnownSecrets>,
@@ -205,6 +208,7 @@ impl RequestCtx {
             output_tokens: None,
             cost_usd: None,
             request_body: None,
+            logged_path: None,
             body_secrets: None,
             response_body: None,
             rate_limit: None,

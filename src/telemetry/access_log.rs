@@ -114,6 +114,10 @@ fn logged_model(ctx: &RequestCtx) -> Option<&str> {
     ctx.model.as_deref().or(ctx.requested_model.as_deref())
 }
 
+fn logged_path(ctx: &RequestCtx) -> &str {
+    ctx.logged_path.as_deref().unwrap_or(ctx.uri.path())
+}
+
 enum IdentityLabel<'a> {
     Id(&'a str),
     Ip(std::net::IpAddr),
@@ -137,7 +141,7 @@ fn render(out: &mut String, ctx: &RequestCtx, latency: Duration) {
     out.str_field(key!("route"), ctx.route.as_deref());
     let head = (!ctx.head_unread).then_some(ctx);
     out.str_field(key!("method"), head.map(|c| c.method.as_str()));
-    out.str_field(key!("path"), head.map(|c| c.uri.path()));
+    out.str_field(key!("path"), head.map(logged_path));
     out.uint_field(key!("status"), Some(u64::from(ctx.status)));
     out.0.push_str(key!("latency_ms"));
     out.millis(latency);
@@ -228,7 +232,7 @@ fn emit_fields(ctx: &RequestCtx, latency: Duration) {
         request_id = ctx.request_id.to_str().unwrap_or("-"),
         route = ctx.route.as_deref(),
         method = (!ctx.head_unread).then(|| ctx.method.as_str()),
-        path = (!ctx.head_unread).then(|| ctx.uri.path()),
+        path = (!ctx.head_unread).then(|| logged_path(ctx)),
         status = ctx.status,
         latency_ms = latency.as_micros() as f64 / 1000.0,
         identity,

@@ -158,7 +158,15 @@ async fn no_credential_or_upstream_secret_in_any_log_line() {
     let bearer = format!("Bearer {RAW}");
     models(&gw, "/v1/models", &[("authorization", &bearer)]).await;
     models(&gw, "/v1/models", &[("x-api-key", "sk-wrong-guess-123")]).await;
-    gw.wait_access_logs(2).await;
+    // A client that put its key in the URL's path as well.
+    models(
+        &gw,
+        &format!("/v1/{RAW}/models"),
+        &[("authorization", &bearer)],
+    )
+    .await;
+    let logs = gw.wait_access_logs(3).await;
+    assert_eq!(logs[2]["path"], "/v1/***/models", "{}", logs[2]);
     let text = gw.log_text();
     for secret in [RAW, "sk-wrong-guess-123", "sk-upstream-topsecret"] {
         assert!(!text.contains(secret), "log leaks {secret}:\n{text}");
