@@ -506,6 +506,15 @@ impl Fill {
         {
             return false;
         }
+        // Compressed though sluice asked for `identity`: a hit would hand
+        // that coding to clients that may not take it.
+        if headers
+            .get_all(http::header::CONTENT_ENCODING)
+            .iter()
+            .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"))
+        {
+            return false;
+        }
         // A response that varies on request headers (a cookie, the
         // origin, the language) answers only requests with the same
         // values: the key holds none of them.

@@ -202,8 +202,13 @@ pub fn from_client(headers: &mut HeaderMap, ctx: &RequestCtx) {
     // sluice reads answers as they pass (usage, the cache, the body log),
     // so it asks upstreams for them uncompressed; a compressed answer
     // would be metered as nothing and replayed from the cache to clients
-    // that never asked for that encoding.
-    headers.remove(header::ACCEPT_ENCODING);
+    // that never asked for that encoding. Said, not just left unsaid: a
+    // request without `accept-encoding` takes any coding (RFC 9110
+    // §12.5.3).
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     // The hops so far, from every line (RFC 9110 §5.3: several lines are
     // one comma-separated list), then ours. A prior value that is not
     // plain text is replaced, not extended.

@@ -760,6 +760,29 @@ async fn a_response_that_varies_on_everything_is_not_stored() {
     assert_eq!(upstream.seen().len(), 2);
 }
 
+/// An upstream that compressed its answer though sluice asked for
+/// `identity`: a hit would hand that coding to clients that never said
+/// they take it. Not stored.
+#[tokio::test]
+async fn a_compressed_answer_is_not_stored() {
+    let (gw, upstream) = start(
+        "{ ttl: 10m }",
+        UpstreamReply::json(&answer()).header("content-encoding", "gzip"),
+    )
+    .await;
+    for _ in 0..2 {
+        let reply = Client::new()
+            .post_json(&gw.url("/v1/chat/completions"), &[ALICE], CHAT)
+            .await;
+        assert_eq!(reply.header("x-sluice-cache"), Some("MISS"));
+    }
+    assert_eq!(upstream.seen().len(), 2);
+    assert_eq!(
+        upstream.seen()[0].header("accept-encoding"),
+        Some("identity")
+    );
+}
+
 /// A JSON answer cut short by an upstream that closed a body without a
 /// length looks ended to HTTP, but is no JSON document: not stored.
 #[tokio::test]
