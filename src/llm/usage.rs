@@ -192,32 +192,107 @@ impl Meter {
 }
 
 /// A JSON body as it passes, joined (shared when in one frame) up to
-/// `JSON_CAP`.
+/// `JSON_CAP`; past it, only its ends are kept.
 #[derive(Default)]
 pub struct JsonFrames {
     joined: Joined,
-    /// Past `JSON_CAP`: not metered at all (a partial document is not one).
-    over_cap: bool,
+    /// Past `JSON_CAP` (bulk embeddings in base64 get there): the first
+    /// and last bytes, where answers put their model and usage.
+    over_cap: Option<Ends>,
+}
+
+/// How much of each end of an answer over `JSON_CAP` is kept.
+const END_BYTES: usize = 64 << 10;
+
+struct Ends {
+    head: Bytes,
+    /// The last `END_BYTES` at least (at most twice that, trimmed as it
+    /// grows).
+    tail: BytesMut,
+}
+
+impl Ends {
+    fn push_tail(&mut self, data: &[u8]) {
+        if data.len() >= END_BYTES {
+            self.tail.clear();
+            self.tail.extend_from_slice(&data[data.len() - END_BYTES..]);
+            return;
+        }
+        self.tail.extend_from_slice(data);
+        let over = self.tail.len().saturating_sub(END_BYTES);
+        if self.tail.len() > 2 * END_BYTES {
+            bytes::Buf::advance(&mut self.tail, over);
+        }
+    }
 }
 
 impl JsonFrames {
     fn push(&mut self, data: &Bytes) {
-        if self.over_cap {
+        if let Some(ends) = self.over_cap.as_mut() {
+            ends.push_tail(data);
             return;
         }
         if self.joined.len() + data.len() > JSON_CAP {
-            self.joined = Joined::default();
-            self.over_cap = true;
+            let joined = std::mem::take(&mut self.joined).into_bytes();
+            let mut ends = Ends {
+                head: joined.slice(..joined.len().min(END_BYTES)),
+                tail: BytesMut::new(),
+            };
+            ends.push_tail(&joined[joined.len().saturating_sub(END_BYTES)..]);
+            ends.push_tail(data);
+            self.over_cap = Some(ends);
             return;
         }
         self.joined.push(data);
     }
 
     fn usage(&self) -> Usage {
-        if self.over_cap {
-            return Usage::default();
+        match &self.over_cap {
+            Some(ends) => from_json_ends(&ends.head, &ends.tail),
+            None => from_json_body(self.joined.as_slice()),
         }
-        from_json_body(self.joined.as_slice())
+    }
+}
+
+/// The model and token counts of an answer too large to parse whole,
+/// read from its ends: the last `"usage": {…}` and `"model": "…"` of
+/// its tail (where OpenAI, Anthropic and the responses API write them,
+/// after the content), else the first model of its head. Member names
+/// are matched with their quotes, which text inside a string escapes.
+/// Finish reasons are not read; nor is a malformed end told apart.
+fn from_json_ends(head: &[u8], tail: &[u8]) -> Usage {
+    use serde::Deserialize;
+    fn value_after<'a>(json: &'a [u8], name: &[u8], last: bool) -> Option<&'a [u8]> {
+        let at = if last {
+            memchr::memmem::rfind(json, name)?
+        } else {
+            memchr::memmem::find(json, name)?
+        };
+        let rest = json[at + name.len()..].trim_ascii_start();
+        Some(rest.strip_prefix(b":")?.trim_ascii_start())
+    }
+    fn read<'a, T: Deserialize<'a>>(value: &'a [u8]) -> Option<T> {
+        // One value, whatever follows it.
+        T::deserialize(&mut serde_json::Deserializer::from_slice(value)).ok()
+    }
+    let model = |json, last| {
+        value_after(json, b"\"model\"", last)
+            .and_then(read::<facts::Loose<Cow<'_, str>>>)
+            .and_then(|m| m.0)
+    };
+    let counts = value_after(tail, b"\"usage\"", true)
+        .filter(|v| v.starts_with(b"{"))
+        .and_then(read::<facts::Counts>)
+        .unwrap_or_default();
+    Usage {
+        model: model(tail, true)
+            .or_else(|| model(head, false))
+            .map(Cow::into_owned),
+        input_tokens: counts.input(),
+        output_tokens: counts.output(),
+        cache_read_tokens: counts.cache_read(),
+        cache_write_tokens: counts.cache_write(),
+        ..Usage::default()
     }
 }
 
@@ -433,16 +508,48 @@ mod tests {
         assert_eq!(usage.output_tokens, Some(5));
     }
 
+    /// Bulk embeddings in base64 pass 4 MiB: the model and usage after
+    /// the data are still read, from the answer's tail, in frames of
+    /// every size.
     #[test]
-    fn a_json_answer_over_the_cap_is_not_metered() {
+    fn a_json_answer_over_the_cap_is_metered_from_its_ends() {
+        let vector = format!(
+            r#"{{"object":"embedding","index":0,"embedding":"{}"}}"#,
+            "QUJD".repeat(2048)
+        );
+        let data = vec![vector.as_str(); JSON_CAP / vector.len() + 2].join(",");
+        let body = format!(
+            r#"{{"object":"list","data":[{data}],"model":"text-embedding-3-small","usage":{{"prompt_tokens":5000,"total_tokens":5000}}}}"#
+        );
+        assert!(body.len() > JSON_CAP);
+        for frame in [1000, 16 * 1024, END_BYTES + 1, 1 << 20, body.len()] {
+            let mut m = Meter::for_content_type(b"application/json").unwrap();
+            for chunk in body.as_bytes().chunks(frame) {
+                feed(&mut m, chunk);
+            }
+            let usage = m.finish();
+            assert_eq!(usage.input_tokens, Some(5000), "frames of {frame}");
+            assert_eq!(usage.model.as_deref(), Some("text-embedding-3-small"));
+            assert!(!usage.malformed);
+        }
+        // The model written first (chat's order) is read from the head;
+        // an answer without usage is counted as none.
         let mut m = Meter::for_content_type(b"application/json").unwrap();
-        feed(&mut m, br#"{"usage":{"prompt_tokens":3},"pad":""#);
+        feed(
+            &mut m,
+            br#"{"model":"gpt-4o","usage":{"prompt_tokens":3},"pad":""#,
+        );
         let pad = vec![b'x'; 64 * 1024];
         for _ in 0..(JSON_CAP / pad.len() + 1) {
             feed(&mut m, &pad);
         }
         feed(&mut m, br#""}"#);
-        assert_eq!(m.finish(), Usage::default());
+        let usage = m.finish();
+        assert_eq!(usage.model.as_deref(), Some("gpt-4o"));
+        assert_eq!(
+            usage.input_tokens, None,
+            "the usage at the head is not the tail's"
+        );
     }
 
     fn stripping_meter() -> Meter {

@@ -569,3 +569,40 @@ async fn cached_prompt_tokens_cost_their_own_prices() {
     let cost = (176.0 * 1.0 + 1024.0 * 0.10 + 10.0 * 3.0) / 1e6;
     check(&gw, "gpt-4.1", 1200, 10, cost, "stop").await;
 }
+
+/// Bulk embeddings in base64 (the OpenAI SDK's default encoding) pass
+/// 4 MiB, more than sluice parses whole: their model and usage, written
+/// after the data, are still metered and priced, from the answer's end.
+#[tokio::test]
+async fn an_answer_too_large_to_parse_whole_is_still_metered() {
+    let vector = json!({"object": "embedding", "index": 0, "embedding": "QUJD".repeat(4096)});
+    let answer = json!({
+        "object": "list",
+        "data": vec![vector; 330],
+        "model": "text-embedding-3-small",
+        "usage": {"prompt_tokens": 5000, "total_tokens": 5000},
+    });
+    let up = MockUpstream::always(UpstreamReply::json(&answer)).await;
+    let gw = TestGateway::start(&config(&up.url())).await;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/embeddings"), &[], "{}")
+        .await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.body.len() > 5 << 20, "{}", reply.body.len());
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["model"], "text-embedding-3-small", "{log}");
+    assert_eq!(log["input_tokens"], 5000);
+    assert!(
+        (log["cost_usd"].as_f64().unwrap() - 5000.0 / 1e6).abs() < 1e-12,
+        "{log}"
+    );
+    let labels = [
+        ("route", "chat"),
+        ("model", "text-embedding-3-small"),
+        ("kind", "input"),
+    ];
+    assert_eq!(
+        gw.metric("sluice_tokens_total", &labels).await,
+        Some(5000.0)
+    );
+}
