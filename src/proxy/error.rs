@@ -71,6 +71,9 @@ pub enum ProxyError {
     },
     UpstreamTimeout {
         upstream: String,
+        /// A pool's attempts, when more than this one was made: the
+        /// members that failed before it are named too.
+        attempts: Option<String>,
     },
     /// The shared state (Redis) failed and `state.on_error` is `deny`.
     StateUnavailable,
@@ -219,9 +222,14 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable { .. } => {
                 "every upstream is unavailable (circuit open, cooling down after a 429, or failing its health check); retry later".to_owned()
             }
-            ProxyError::UpstreamTimeout { upstream } => {
-                format!("upstream `{upstream}` did not answer in time")
-            }
+            ProxyError::UpstreamTimeout {
+                upstream,
+                attempts: None,
+            } => format!("upstream `{upstream}` did not answer in time"),
+            ProxyError::UpstreamTimeout {
+                upstream,
+                attempts: Some(attempts),
+            } => format!("upstream `{upstream}` did not answer in time (attempts: {attempts})"),
             ProxyError::StateUnavailable => {
                 "the shared limit store is unavailable; retry later".to_owned()
             }

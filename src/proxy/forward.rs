@@ -291,6 +291,7 @@ fn single_failure(name: &str, f: AttemptFailure) -> ProxyError {
     if f.late() {
         ProxyError::UpstreamTimeout {
             upstream: name.to_owned(),
+            attempts: None,
         }
     } else {
         ProxyError::UpstreamFailed {
@@ -603,6 +604,7 @@ async fn failover(
     match last_timed_out {
         Some(name) => Err(ProxyError::UpstreamTimeout {
             upstream: name.to_owned(),
+            attempts: (tried.len() > 1).then(|| tried.join("; ")),
         }),
         None => Err(ProxyError::UpstreamFailed {
             attempts: tried.join("; "),

@@ -167,6 +167,15 @@ async fn first_byte_timeout_fails_over_and_504_when_all_time_out() {
     let reply = chat(&gw).await;
     assert_eq!(reply.status, 504);
     assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
+    // The message names every attempt, as a 502's does, not only the last.
+    let failed_first = MockUpstream::always(failing(500)).await;
+    let gw = TestGateway::start(&config(&failed_first.url(), &slow2.url(), "", "")).await;
+    let reply = chat(&gw).await;
+    assert_eq!(reply.status, 504);
+    assert_eq!(
+        reply.json()["error"]["message"],
+        "upstream `backup` did not answer in time (attempts: primary: 500; backup: timed out)"
+    );
 }
 
 #[tokio::test]
