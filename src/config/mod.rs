@@ -127,9 +127,13 @@ pub fn load_str(
                     // A required key reported missing where a key was
                     // blanked (misspelt, or its value of the wrong type)
                     // was reported already.
+                    // So was a value replaced by a stand-in, which the
+                    // checks then refuse on its line (at it, or at the
+                    // flow mapping that holds it).
                     errors.extend(more.into_iter().filter(|e| {
                         missing_field(&e.message)
                             .is_none_or(|key| !recover::misspelt(key, e.line, e.col, &blanked))
+                            && !blanked_values.iter().any(|&(line, _)| e.line == line)
                     }));
                     break;
                 }
@@ -172,7 +176,12 @@ pub fn load_str(
                 } else {
                     blanked_values.push((error.line, error.col));
                     blanked.extend(recover::key_of_value(&text, error.line, error.col));
-                    recover::without_value(&text, error.line, error.col)
+                    recover::without_value(
+                        &text,
+                        error.line,
+                        error.col,
+                        recover::Wanted::of(&error.message),
+                    )
                 };
                 errors.push(error);
                 match next {
@@ -237,6 +246,12 @@ fn in_our_words(message: String) -> String {
     }
     if message.starts_with("budget breached") {
         return "the file has more YAML nodes than a config can (aliases expanding without end, or a file that is no config)".to_owned();
+    }
+    if message == "expected sequence start" {
+        return "expected a list here (`[a, b]`, or `- a` lines)".to_owned();
+    }
+    if message == "expected string scalar" {
+        return "expected a single value here, not a list or mapping (quote a value that starts with `[` or `{`, as in \"[::]:8080\")".to_owned();
     }
     if message == "expected mapping start" {
         return "expected a mapping here (`key: value` lines)".to_owned();

@@ -59,18 +59,53 @@ pub fn without_key(text: &str, line: u64, col: u64) -> Option<String> {
     Some(out)
 }
 
-/// `text` with the plain or quoted scalar at `line`:`col` (1-based) turned
-/// into spaces, so that its key reads as null and every column stays
-/// where it was: past a value of the wrong type (`methods: GET` where a
-/// list is wanted) the rest of the file can still be read. `None` when
-/// no scalar starts there (a collection, an anchor, a block scalar).
-pub fn without_value(text: &str, line: u64, col: u64) -> Option<String> {
+/// What the parser wanted where a value of the wrong shape stood.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wanted {
+    List,
+    Mapping,
+    /// A scalar, or a shape the message does not say.
+    Other,
+}
+
+impl Wanted {
+    /// Read from the parser's message.
+    pub fn of(message: &str) -> Wanted {
+        if message.starts_with("expected sequence start")
+            || message.starts_with("expected a list here")
+        {
+            Wanted::List
+        } else if message.starts_with("expected mapping start")
+            || message.starts_with("expected a mapping here")
+        {
+            Wanted::Mapping
+        } else {
+            Wanted::Other
+        }
+    }
+}
+
+/// `text` with the value at `line`:`col` (1-based) taken out, every
+/// column kept where it was, so that past a value of the wrong type the
+/// rest of the file can still be read: a scalar where a list or mapping
+/// is `wanted` (`methods: GET`) becomes an empty one (`[]`, padded), any
+/// other scalar spaces, so that its key reads as null, and a one-line
+/// flow collection where a scalar is wanted (`listen: [::]:8080`
+/// unquoted) an empty string. Errors that the stand-in then gets, at
+/// the same place, are the user's one error. `None` when nothing of these starts there (a block collection,
+/// an anchor, a block scalar, a collection that goes on past its line).
+pub fn without_value(text: &str, line: u64, col: u64, wanted: Wanted) -> Option<String> {
     let line = usize::try_from(line.checked_sub(1)?).ok()?;
     let col = usize::try_from(col.checked_sub(1)?).ok()?;
     let lines: Vec<&str> = text.split_inclusive('\n').collect();
     let value_line = lines.get(line)?;
     let col = value_line.char_indices().nth(col)?.0;
-    let (before, rest) = value_line.split_at(col);
+    let (mut before, mut rest) = value_line.split_at(col);
+    // A missing value is reported at its key's `:`.
+    if rest.starts_with(':') && !before.trim_end().ends_with(':') {
+        (before, rest) = value_line.split_at(col + 1);
+    }
+    let col = before.len();
     // A value comes after `key:` (block or flow); anything else (a list
     // item, a key) is not blanked.
     if !before.trim_end().ends_with(':') {
@@ -87,6 +122,30 @@ pub fn without_value(text: &str, line: u64, col: u64) -> Option<String> {
         .fold(Flow::default(), Flow::read)
         .depth
         > 0;
+    // Nothing where a list or mapping belongs (`nullup:` with nothing
+    // under it): an empty one, at the end of the line, moves no column.
+    let bare = rest.trim();
+    if bare.is_empty() || bare.starts_with('#') {
+        let empty = match wanted {
+            Wanted::List => "[]",
+            Wanted::Mapping => "{}",
+            Wanted::Other => return None,
+        };
+        let mut out = String::with_capacity(text.len() + 2);
+        for l in &lines[..line] {
+            out.push_str(l);
+        }
+        out.push_str(before);
+        if !before.ends_with(' ') {
+            out.push(' ');
+        }
+        out.push_str(empty);
+        out.push_str(&value_line[col..]);
+        for l in &lines[line + 1..] {
+            out.push_str(l);
+        }
+        return Some(out);
+    }
     let len = match rest.as_bytes().first()? {
         q @ (b'"' | b'\'') => {
             let mut i = 1;
@@ -101,31 +160,100 @@ pub fn without_value(text: &str, line: u64, col: u64) -> Option<String> {
                 }
             }
         }
+        // What follows the collection up to the value's end (`:8080` of
+        // `[::]:8080`) goes with it.
+        b'{' | b'[' if wanted == Wanted::Other => {
+            let closed = one_line_collection(rest)?;
+            closed + plain_len(&rest[closed..], in_flow)
+        }
         b'{' | b'[' | b'-' | b'|' | b'>' | b'&' | b'*' | b'!' | b'#' | b',' | b'}' | b']' => {
             return None;
         }
-        _ => {
-            let end = rest
-                .char_indices()
-                .find(|&(i, c)| {
-                    (in_flow && matches!(c, ',' | '}' | ']'))
-                        || (c == '#' && rest[..i].ends_with(' '))
-                })
-                .map_or(rest.len(), |(i, _)| i);
-            rest[..end].trim_end().len()
-        }
+        _ => plain_len(rest, in_flow),
     };
     let mut out = String::with_capacity(text.len());
     for l in &lines[..line] {
         out.push_str(l);
     }
     out.push_str(before);
-    out.extend(rest[..len].chars().map(|_| ' '));
-    out.push_str(&value_line[col + len..]);
+    let width = rest[..len].chars().count();
+    // A one-letter value (`members: a`) takes a space after it too, or
+    // the end of its line, so that no later column moves.
+    let after = &value_line[col + len..];
+    let spaces = after.len() - after.trim_start_matches(' ').len();
+    let line_ends = after.trim().is_empty();
+    let room = if line_ends {
+        usize::MAX
+    } else {
+        width + spaces
+    };
+    let empty = match wanted {
+        Wanted::List if room >= 2 => "[]",
+        Wanted::Mapping if room >= 2 => "{}",
+        // A collection where a scalar was wanted: an empty string, which
+        // any text setting reads (a null would leave a required one
+        // missing, an error the user did not make).
+        Wanted::Other if rest.starts_with(['[', '{']) => "\"\"",
+        _ => "",
+    };
+    out.push_str(empty);
+    out.extend(std::iter::repeat_n(' ', width.saturating_sub(empty.len())));
+    let taken = empty.len().saturating_sub(width).min(spaces);
+    out.push_str(&after[taken..]);
     for l in &lines[line + 1..] {
         out.push_str(l);
     }
     Some(out)
+}
+
+/// The length in bytes of the plain scalar `rest` starts with: in a flow
+/// collection it ends at `,`, `}` or `]`; in block style it runs to the
+/// end of the line, commas included (`methods: GET,POST`); a comment
+/// ends it either way.
+fn plain_len(rest: &str, in_flow: bool) -> usize {
+    let end = rest
+        .char_indices()
+        .find(|&(i, c)| {
+            (in_flow && matches!(c, ',' | '}' | ']')) || (c == '#' && rest[..i].ends_with(' '))
+        })
+        .map_or(rest.len(), |(i, _)| i);
+    rest[..end].trim_end().len()
+}
+
+/// The length in bytes of the flow collection `rest` starts with, when
+/// it closes on this line.
+fn one_line_collection(rest: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut quote = None;
+    let mut chars = rest.char_indices().peekable();
+    let mut prev = ' ';
+    while let Some((i, c)) = chars.next() {
+        match quote {
+            Some('"') if c == '\\' => {
+                chars.next();
+            }
+            Some('\'') if c == '\'' && chars.peek().is_some_and(|&(_, n)| n == '\'') => {
+                chars.next();
+            }
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None => match c {
+                '"' | '\'' => quote = Some(c),
+                '{' | '[' => depth += 1,
+                '}' | ']' => {
+                    depth = depth.checked_sub(1)?;
+                    if depth == 0 {
+                        return Some(i + 1);
+                    }
+                }
+                // A comment: the collection goes on past this line.
+                '#' if prev.is_whitespace() => return None,
+                _ => {}
+            },
+        }
+        prev = c;
+    }
+    None
 }
 
 /// The key whose value starts at `line`:`col` (1-based), and where the
@@ -345,35 +473,85 @@ mod tests {
     fn blanks_a_scalar_value_keeping_columns() {
         let text =
             "routes:\n  - match: { path_prefix: /, methods: GET }\n    auth: \"maybe\" # c\n";
-        let out = without_value(text, 2, 39).unwrap();
+        let out = without_value(text, 2, 39, Wanted::Other).unwrap();
         assert_eq!(
             out,
             "routes:\n  - match: { path_prefix: /, methods:     }\n    auth: \"maybe\" # c\n"
         );
-        let out = without_value(text, 3, 11).unwrap();
+        let out = without_value(text, 3, 11, Wanted::Other).unwrap();
         assert_eq!(
             out,
             "routes:\n  - match: { path_prefix: /, methods: GET }\n    auth:         # c\n"
         );
         // A flow mapping opened on an earlier line: cut at its end.
         assert_eq!(
-            without_value("m: { a: 1, # {\n  b: GET }\n", 2, 6).unwrap(),
+            without_value("m: { a: 1, # {\n  b: GET }\n", 2, 6, Wanted::Other).unwrap(),
             "m: { a: 1, # {\n  b:     }\n"
         );
         // In block style a value runs to the end of its line, commas too.
         assert_eq!(
-            without_value("x: '[' # [\nm: GET,POST # c\n", 2, 4).unwrap(),
+            without_value("x: '[' # [\nm: GET,POST # c\n", 2, 4, Wanted::Other).unwrap(),
             "x: '[' # [\nm:          # c\n"
         );
         // `''` inside single quotes.
         assert_eq!(
-            without_value("a: 'it''s'\nb: 1\n", 1, 4).unwrap(),
+            without_value("a: 'it''s'\nb: 1\n", 1, 4, Wanted::Other).unwrap(),
             "a:        \nb: 1\n"
         );
-        // Not after a key, or not a scalar: left alone.
-        assert!(without_value(text, 2, 5).is_none());
-        assert!(without_value("a: [1, 2]\n", 1, 4).is_none());
-        assert!(without_value("a: {b: 1}\n", 1, 4).is_none());
+        // Not after a key, or a collection where a collection was
+        // wanted: left alone.
+        assert!(without_value(text, 2, 5, Wanted::Other).is_none());
+        assert!(without_value("a: [1, 2]\n", 1, 4, Wanted::Mapping).is_none());
+        assert!(without_value("a: {b: 1}\n", 1, 4, Wanted::List).is_none());
+        // A one-line collection where a scalar was wanted.
+        assert_eq!(
+            without_value("listen: [::]:8080 # c\nb: 1\n", 1, 9, Wanted::Other).unwrap(),
+            "listen: \"\"        # c\nb: 1\n"
+        );
+        assert_eq!(
+            without_value("h: { k: [a, \"]\"] }\n", 1, 4, Wanted::Other).unwrap(),
+            "h: \"\"             \n"
+        );
+        assert!(without_value("a: [1, # c\n  2]\n", 1, 4, Wanted::Other).is_none());
+        // A scalar where a list or a mapping was wanted: an empty one.
+        assert_eq!(
+            without_value("m: { methods: GET }\n", 1, 15, Wanted::List).unwrap(),
+            "m: { methods: []  }\n"
+        );
+        assert_eq!(
+            without_value("p: x1\n", 1, 4, Wanted::Mapping).unwrap(),
+            "p: {}\n"
+        );
+        assert_eq!(
+            without_value("p: x\n", 1, 4, Wanted::Mapping).unwrap(),
+            "p: {}\n"
+        );
+        assert_eq!(
+            without_value("p: { a: x, b: 1 }\n", 1, 9, Wanted::Mapping).unwrap(),
+            "p: { a:  , b: 1 }\n"
+        );
+        // One letter: a space after it, or the line's end, gives room.
+        assert_eq!(
+            without_value("p: { members: a }\n", 1, 15, Wanted::List).unwrap(),
+            "p: { members: []}\n"
+        );
+        assert_eq!(
+            without_value("p:\n  members: a\n", 2, 12, Wanted::List).unwrap(),
+            "p:\n  members: []\n"
+        );
+        assert_eq!(
+            without_value("p: { members: a}\n", 1, 15, Wanted::List).unwrap(),
+            "p: { members:  }\n"
+        );
+        // Nothing at all where a mapping was wanted.
+        assert_eq!(
+            without_value("u:\n  a:\n  b: {}\n", 2, 5, Wanted::Mapping).unwrap(),
+            "u:\n  a: {}\n  b: {}\n"
+        );
+        assert_eq!(
+            without_value("u:\n  a: # c\n", 2, 4, Wanted::List).unwrap(),
+            "u:\n  a: [] # c\n"
+        );
     }
 
     #[test]

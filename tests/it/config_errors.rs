@@ -1820,3 +1820,58 @@ fn sections_written_empty() {
     );
     assert!(e.ends_with("no upstream or pool named `a`"), "{e}");
 }
+
+/// A value of the wrong shape (a list where one value belongs, one value
+/// or nothing where a list or mapping belongs) does not end the reading:
+/// every other error of the file is still reported, those before it
+/// included, and the stand-in sluice reads in its place adds none.
+#[test]
+fn values_of_the_wrong_shape_do_not_hide_the_other_errors() {
+    let errs = errors(
+        "\
+listen: not-an-address
+upstreams:
+  a: { url: \"http://user:pw@127.0.0.1:1\" }
+  b:
+    url: \"http://127.0.0.1:2\"
+    set_headers: { x-api-key: [a, b] }
+  nullup:
+pools:
+  p: { members: a }
+  q:
+    members: b
+routes:
+  - name: r
+    match: { path_prefix: /, methods: GET }
+    upstream: nosuch
+admin: { listen: [::]:9090 }
+",
+    );
+    let at: Vec<String> = errs
+        .iter()
+        .map(|e| e.split(": ").next().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        at,
+        [
+            "test.yaml:1:9",
+            "test.yaml:3:13",
+            "test.yaml:6:31",
+            "test.yaml:7:9",
+            "test.yaml:9:17",
+            "test.yaml:11:14",
+            "test.yaml:14:39",
+            "test.yaml:15:15",
+            "test.yaml:16:18",
+        ],
+        "{errs:#?}"
+    );
+    assert!(
+        errs[4].ends_with("expected a list here (`[a, b]`, or `- a` lines)"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[8].contains("quote a value that starts with `[`"),
+        "{errs:#?}"
+    );
+}
