@@ -219,6 +219,19 @@ impl Compiler<'_> {
         }
     }
 
+    /// Refuses a value that parsed but is out of range: `message` gets
+    /// it as written in the file (`${RATE}`, never what the variable
+    /// holds), with the same note as [`Compiler::parsed`]'s.
+    fn out_of_range(&mut self, t: &Text, message: impl FnOnce(&str) -> String) {
+        let written = t.value.0.trim();
+        let mut message = message(&format!("`{written}`"));
+        // As in `parsed`: a value its defaults alone made is shown whole.
+        if expand(&t.value.0, |_| None).ok() != expand(&t.value.0, self.env).ok() {
+            message.push_str(" (as its variables made it; their values are not shown)");
+        }
+        self.record(&t.referenced, message);
+    }
+
     fn duration(&mut self, t: &Option<Text>, default: Duration) -> Duration {
         t.as_ref()
             .and_then(|t| self.parsed(t, parse_duration))
@@ -762,11 +775,10 @@ impl Compiler<'_> {
         let failure_rate = match &raw.failure_rate {
             Some(t) => match self.number::<f64>(t, "a number between 0.0 and 1.0") {
                 Some(r) if (0.0..=1.0).contains(&r) => r,
-                Some(r) => {
-                    self.error(
-                        &t.referenced,
-                        format!("failure_rate {r} is not between 0.0 and 1.0"),
-                    );
+                Some(_) => {
+                    self.out_of_range(t, |r| {
+                        format!("failure_rate {r} is not between 0.0 and 1.0")
+                    });
                     0.0
                 }
                 None => 0.0,
@@ -776,11 +788,10 @@ impl Compiler<'_> {
         let status = match &raw.status {
             Some(t) => match self.number::<u16>(t, "an HTTP status") {
                 Some(s) if (400..=599).contains(&s) => s,
-                Some(s) => {
-                    self.error(
-                        &t.referenced,
-                        format!("{s} is not an HTTP error status (400-599), as an injected failure answers"),
-                    );
+                Some(_) => {
+                    self.out_of_range(t, |s| {
+                        format!("{s} is not an HTTP error status (400-599), as an injected failure answers")
+                    });
                     500
                 }
                 None => 500,
@@ -1491,7 +1502,7 @@ impl Compiler<'_> {
                         .iter()
                         .any(|(seen, _)| (seen * 1000.0).round() == (f * 1000.0).round()) =>
                 {
-                    self.error(&t.referenced, format!("alert_at lists {f} twice"));
+                    self.out_of_range(t, |f| format!("alert_at lists {f} twice"));
                 }
                 Some(f) if f > 0.0 && f.is_finite() => {
                     // The metric's `threshold` label is the fraction as the
@@ -1499,7 +1510,7 @@ impl Compiler<'_> {
                     let written = self.text(t).unwrap_or_default().trim().to_owned();
                     alerts.push((f, written));
                 }
-                Some(f) => self.error(&t.referenced, format!("alert_at {f} must be above 0")),
+                Some(_) => self.out_of_range(t, |f| format!("alert_at {f} must be above 0")),
                 None => {}
             }
         }

@@ -455,12 +455,12 @@ routes:
 ";
     assert_eq!(
         errors(yaml),
-        ["test.yaml:3:27: failure_rate 1.5 is not between 0.0 and 1.0"]
+        ["test.yaml:3:27: failure_rate `1.5` is not between 0.0 and 1.0"]
     );
     let below = yaml.replace("1.5", "-0.1");
     assert_eq!(
         errors(&below),
-        ["test.yaml:3:27: failure_rate -0.1 is not between 0.0 and 1.0"]
+        ["test.yaml:3:27: failure_rate `-0.1` is not between 0.0 and 1.0"]
     );
 }
 
@@ -547,7 +547,7 @@ listen: nowhere
         errors(yaml),
         [
             "test.yaml:7:13: no tier named `gold` under `tiers`",
-            "test.yaml:10:27: failure_rate 2 is not between 0.0 and 1.0",
+            "test.yaml:10:27: failure_rate `2` is not between 0.0 and 1.0",
             "test.yaml:14:11: `maybe` is not one of: required, optional, none",
             "test.yaml:15:15: route `chat`: no upstream or pool named `ghost`",
             "test.yaml:17:20: `5y` is not a duration like 250ms, 30s, 5m or 1h",
@@ -1715,7 +1715,7 @@ fn a_mock_failure_status_must_be_an_error() {
     let errs = errors(&one_upstream("mock: { failure_rate: 0.5, status: 200 }"));
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(
-        errs[0].contains("200 is not an HTTP error status"),
+        errs[0].contains("`200` is not an HTTP error status"),
         "{}",
         errs[0]
     );
@@ -1873,5 +1873,36 @@ admin: { listen: [::]:9090 }
     assert!(
         errs[8].contains("quote a value that starts with `[`"),
         "{errs:#?}"
+    );
+}
+
+/// Values out of range that variables made are quoted as the file
+/// writes them, never as the variables made them, as every other error
+/// quotes them (a variable may hold a secret).
+#[test]
+fn values_out_of_range_are_quoted_as_written() {
+    let errs = errors_with_env(
+        "\
+upstreams:
+  app:
+    mock: { failure_rate: \"${FR}\", status: \"${ST:-277}\" }
+routes:
+  - name: chat
+    match: { path_prefix: / }
+    upstream: app
+budget:
+  daily_usd: 10
+  alert_at: [\"${AA}\", 0.8, \"${AB}\"]
+",
+        &[("FR", "2"), ("AA", "-0.77"), ("AB", "0.80")],
+    );
+    assert_eq!(
+        errs,
+        [
+            "test.yaml:3:27: failure_rate `${FR}` is not between 0.0 and 1.0 (as its variables made it; their values are not shown)",
+            "test.yaml:3:44: `${ST:-277}` is not an HTTP error status (400-599), as an injected failure answers",
+            "test.yaml:10:14: alert_at `${AA}` must be above 0 (as its variables made it; their values are not shown)",
+            "test.yaml:10:28: alert_at lists `${AB}` twice (as its variables made it; their values are not shown)",
+        ]
     );
 }
