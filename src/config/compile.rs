@@ -502,6 +502,7 @@ impl Compiler<'_> {
         let routes = self.routes(&raw.routes, &upstream_index, &pool_index);
         let route_names: HashSet<&str> = routes.iter().map(|r| &*r.name).collect();
         let auth = self.auth(raw.auth.as_ref(), &tiers, &route_names);
+        self.check_tiers_given(&raw, &auth);
         let pricing = self.pricing(&raw.pricing);
         let budget = self.budget(raw.budget.as_ref());
         self.check_budget_use(&raw, &budget, &tiers);
@@ -1334,6 +1335,49 @@ impl Compiler<'_> {
             jwt,
             default_tier,
             anonymous_tier: Arc::from("anonymous"),
+        }
+    }
+
+    /// Warns of a tier nothing gives whose name is a near miss of one
+    /// that callers get (`anonymus`, or `fre` for the implicit default
+    /// `free`): misspelt, it would leave the callers it was meant for
+    /// unlimited without a word (SPEC §2: typos must not silently disable
+    /// a limit). A tier merely unused (kept ready for keys to come) is
+    /// fine; and when JWTs name tiers (`tier_claim`), any may be given.
+    fn check_tiers_given(&mut self, raw: &RawConfig, auth: &Auth) {
+        let from_tokens = raw
+            .auth
+            .as_ref()
+            .and_then(|a| a.jwt.as_ref())
+            .is_some_and(|j| j.value.tier_claim.is_some());
+        if from_tokens {
+            return;
+        }
+        let given: HashSet<&str> = auth
+            .api_keys
+            .values()
+            .filter_map(|k| k.tier.as_deref())
+            .chain(auth.default_tier.as_deref())
+            .chain([&*auth.anonymous_tier])
+            .collect();
+        for (name, tier) in &raw.tiers {
+            if given.contains(name.as_str()) {
+                continue;
+            }
+            let Some(meant) = given
+                .iter()
+                .copied()
+                .chain(["free"])
+                .find(|g| super::recover::is_near_miss(name, g) && !raw.tiers.contains_key(*g))
+            else {
+                continue;
+            };
+            self.warning(
+                &tier.referenced,
+                format!(
+                    "tier `{name}` is given to no one (no api key names it, and it is not default_tier or `anonymous`): did you mean `{meant}`?"
+                ),
+            );
         }
     }
 

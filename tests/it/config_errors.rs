@@ -1906,3 +1906,33 @@ budget:
         ]
     );
 }
+
+/// A tier whose name is a near miss of one callers get, and that no one
+/// is given, is a typo that would leave those callers unlimited: a
+/// warning says so. A tier merely unused (ready for keys to come) is
+/// not one, nor is any tier when JWTs name tiers.
+#[test]
+fn a_misspelt_tier_that_no_one_gets_is_warned_of() {
+    let warnings = |yaml: &str| -> Vec<String> {
+        load(yaml, &[])
+            .unwrap_or_else(|e| panic!("{e:#?}"))
+            .warnings
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    };
+    let w = warnings(&format!(
+        "tiers:\n  anonymus: {{ requests_per_minute: 1 }}\n  fre: {{}}\n  gold: {{}}\n{BASE}"
+    ));
+    assert_eq!(
+        w,
+        [
+            "test.yaml:2:13: warning: tier `anonymus` is given to no one (no api key names it, and it is not default_tier or `anonymous`): did you mean `anonymous`?",
+            "test.yaml:3:8: warning: tier `fre` is given to no one (no api key names it, and it is not default_tier or `anonymous`): did you mean `free`?",
+        ]
+    );
+    let by_tokens = format!(
+        "auth:\n  jwt: {{ hs256_secret: 0123456789abcdef0123456789abcdef, tier_claim: tier }}\ntiers:\n  anonymus: {{}}\n{BASE}"
+    );
+    assert!(warnings(&by_tokens).is_empty());
+}
