@@ -234,8 +234,9 @@ impl JsonFrames {
         }
         if self.joined.len() + data.len() > JSON_CAP {
             let joined = std::mem::take(&mut self.joined).into_bytes();
+            // Copied: a slice would keep the whole joined buffer.
             let mut ends = Ends {
-                head: joined.slice(..joined.len().min(END_BYTES)),
+                head: Bytes::copy_from_slice(&joined[..joined.len().min(END_BYTES)]),
                 tail: BytesMut::new(),
             };
             ends.push_tail(&joined[joined.len().saturating_sub(END_BYTES)..]);
