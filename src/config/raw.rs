@@ -74,9 +74,9 @@ pub struct RawConfig {
     #[serde(default, deserialize_with = "null_is_empty")]
     pub pools: BTreeMap<String, Spanned<RawPool>>,
     pub auth: Option<RawAuth>,
-    #[serde(default, deserialize_with = "null_is_empty")]
+    #[serde(default, deserialize_with = "entries_null_is_default")]
     pub tiers: BTreeMap<String, Spanned<RawTier>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_empty")]
     pub routes: Vec<Spanned<RawRoute>>,
     #[serde(default, deserialize_with = "null_is_empty")]
     pub pricing: BTreeMap<String, Spanned<RawPrice>>,
@@ -98,6 +98,30 @@ fn null_is_empty<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
     d: D,
 ) -> Result<T, D::Error> {
     Option::<T>::deserialize(d).map(Option::unwrap_or_default)
+}
+
+/// A section that, written with nothing under it, is there with its
+/// defaults (`cache:` on a route caches, as `cache: {}` does).
+fn null_is_default<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    Option::<T>::deserialize(d).map(|t| Some(t.unwrap_or_default()))
+}
+
+/// A map whose entries may be written with nothing under them (a tier
+/// `free:` whose limits are all commented out: no limit, as `free: {}`).
+fn entries_null_is_default<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
+    d: D,
+) -> Result<BTreeMap<String, Spanned<T>>, D::Error> {
+    let entries = Option::<BTreeMap<String, Spanned<Option<T>>>>::deserialize(d)?;
+    Ok(entries
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, e)| {
+            let value = e.value.unwrap_or_default();
+            (name, Spanned::new(value, e.referenced, e.defined))
+        })
+        .collect())
 }
 
 #[derive(Debug, Deserialize)]
@@ -138,6 +162,7 @@ pub struct RawUpstream {
     /// `http://` or `https://` base URL. Exactly one of `url` and `mock`.
     pub url: Option<Text>,
     /// The built-in OpenAI-compatible mock, served in process.
+    #[serde(default, deserialize_with = "null_is_default")]
     pub mock: Option<RawMock>,
     /// Headers replaced on the way to this upstream (its own credentials).
     #[serde(default)]
@@ -210,7 +235,7 @@ pub struct RawHealthCheck {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAuth {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_empty")]
     pub api_keys: Vec<Spanned<RawApiKey>>,
     pub jwt: Option<Spanned<RawJwt>>,
     /// Tier of identities without one. Default `free` when such a tier exists.
@@ -246,7 +271,7 @@ pub struct RawJwt {
     pub tier_claim: Option<Text>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTier {
     pub requests_per_minute: Option<Text>,
@@ -266,6 +291,7 @@ pub struct RawRoute {
     /// `none` (default) | `openai` | `{ schema_file: … }`.
     pub validate: Option<Spanned<RawValidate>>,
     pub rate_limit: Option<RawRateLimit>,
+    #[serde(default, deserialize_with = "null_is_default")]
     pub cache: Option<RawRouteCache>,
     pub cors: Option<RawCors>,
     /// An upstream or a pool name.
@@ -312,7 +338,7 @@ pub struct RawRateLimit {
     pub tokens_per_minute: Option<Text>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRouteCache {
     /// Default 5m.

@@ -1819,6 +1819,34 @@ fn sections_written_empty() {
         &[],
     );
     assert!(e.ends_with("no upstream or pool named `a`"), "{e}");
+    assert_eq!(
+        errors("routes:\nupstreams:\n  a: { mock: {} }\n"),
+        ["test.yaml:1:1: no routes: add at least one under `routes:`"]
+    );
+    // Inside sections too: a route's `cache:`, a `mock:`, a tier, the
+    // api keys, written with nothing under them, are as `{}` or `[]`:
+    // the route caches, the mock answers, the tier limits nothing.
+    let nested = "\
+upstreams:
+  a:
+    mock:
+    # failure_rate: 0.5
+tiers:
+  free:
+    # requests_per_minute: 5
+auth:
+  api_keys:
+    # - { id: x, key: y }
+routes:
+  - name: r
+    match: { path_prefix: / }
+    upstream: a
+    cache:
+      # ttl: 1m
+";
+    let snapshot = load(nested, &[]).unwrap_or_else(|e| panic!("{e:#?}"));
+    assert!(snapshot.routes[0].cache.is_some());
+    assert!(snapshot.tiers.contains_key("free"));
 }
 
 /// A value of the wrong shape (a list where one value belongs, one value
