@@ -345,13 +345,18 @@ impl RedisState {
 
 /// The connection to Redis: one multiplexed connection that
 /// redis-rs's manager reconnects after I/O errors, and that sluice
-/// replaces when the manager would not (a refused login).
+/// replaces when the manager would not: a refused login, a server that
+/// turned read-only (a failover moved the primary behind the same
+/// address), and a connection that stays open but answers nothing (a
+/// NAT or proxy that dropped it without a reset).
 struct Connection {
     client: redis::Client,
     manager: ArcSwap<ConnectionManager>,
     started: Instant,
     /// When the manager was last replaced, in ms since `started`.
     replaced_ms: AtomicU64,
+    /// When a call last got an answer, in ms since `started`.
+    answered_ms: AtomicU64,
 }
 
 /// Whether a call whose connection turned out closed goes out again.
@@ -365,8 +370,12 @@ enum Replay {
     Never,
 }
 
-/// A refused login is retried this often, not on every call.
-const RELOGIN_INTERVAL: Duration = Duration::from_secs(1);
+/// A connection is replaced at most this often, not on every call.
+const REPLACE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Calls that time out with no answer for this long mean the connection,
+/// not a slow command, is at fault: it is replaced.
+const SILENT_FOR: Duration = Duration::from_secs(1);
 
 impl Connection {
     fn new(client: redis::Client) -> redis::RedisResult<Self> {
@@ -376,6 +385,7 @@ impl Connection {
             manager: ArcSwap::from_pointee(manager),
             started: Instant::now(),
             replaced_ms: AtomicU64::new(0),
+            answered_ms: AtomicU64::new(0),
         })
     }
 
@@ -408,25 +418,52 @@ impl Connection {
                 other => other,
             }
         };
-        match tokio::time::timeout(CALL_TIMEOUT, attempts).await {
-            Err(_) => Err(StateError::Timeout(CALL_TIMEOUT)),
+        let result = tokio::time::timeout(CALL_TIMEOUT, attempts).await;
+        // Redis answered (an error reply is an answer too).
+        if matches!(&result, Ok(Ok(_))) || matches!(&result, Ok(Err(e)) if e.code().is_some()) {
+            self.answered_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+        match result {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
-                if e.kind() == redis::ErrorKind::AuthenticationFailed {
-                    self.relogin();
+                let timed_out = e.is_timeout();
+                if e.kind() == redis::ErrorKind::AuthenticationFailed
+                    || e.code() == Some("READONLY")
+                    || (timed_out && self.silent())
+                {
+                    self.replace();
                 }
                 Err(e.into())
+            }
+            Err(_) => {
+                if self.silent() {
+                    self.replace();
+                }
+                Err(StateError::Timeout(CALL_TIMEOUT))
             }
         }
     }
 
-    /// Replaces the manager after a refused login: redis-rs's manager
-    /// keeps answering with that error and never connects again, so a
-    /// rotated password would cut the replica off Redis until restarted.
-    fn relogin(&self) {
-        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether no call has had an answer for [`SILENT_FOR`].
+    fn silent(&self) -> bool {
+        let answered = self.answered_ms.load(Ordering::Relaxed);
+        self.now_ms().saturating_sub(answered) >= millis(SILENT_FOR)
+    }
+
+    /// Replaces the manager, which redis-rs would keep as it is: after a
+    /// refused login it answers with that error and never connects
+    /// again (a rotated password would cut the replica off Redis until
+    /// restarted), a read-only server stays read-only on the same
+    /// connection, and a connection that answers nothing is never found
+    /// closed. Calls already sent on the old one end on their own.
+    fn replace(&self) {
+        let now = self.now_ms();
         let last = self.replaced_ms.load(Ordering::Relaxed);
-        let due = last == 0 || now.saturating_sub(last) >= millis(RELOGIN_INTERVAL);
+        let due = last == 0 || now.saturating_sub(last) >= millis(REPLACE_INTERVAL);
         if due
             && self
                 .replaced_ms

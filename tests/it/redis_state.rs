@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{Client, MockUpstream, RedisServer, TestGateway, UpstreamReply, eventually};
+use crate::support::{
+    Client, MockUpstream, RedisServer, Relay, TestGateway, UpstreamReply, eventually,
+};
 
 const ALICE: (&str, &str) = ("authorization", "Bearer sk-alice-0001");
 
@@ -874,5 +876,75 @@ state: {{ backend: redis, redis_url: "{}", on_error: allow }}
         ),
         (429, json!("budget_exceeded")),
         "the budget spent before the outage is still spent"
+    );
+}
+
+/// Statuses of `deny` requests, one every 100 ms, until one is a 200 or
+/// `within` has passed: whether the replica got back to Redis.
+async fn back_within(gw: &TestGateway, within: Duration) -> bool {
+    let client = Client::new();
+    let url = gw.url("/v1/x");
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if client
+            .post_json(&url, &[ALICE, no_store()], "{}")
+            .await
+            .status
+            == 200
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// A connection that stays open but carries nothing more (a NAT entry or
+/// a proxy's that expired without a reset) is never found closed, so
+/// redis-rs keeps it; sluice replaces it once calls have gone unanswered
+/// for a second, rather than refusing every request until restarted.
+#[tokio::test]
+async fn a_connection_that_answers_nothing_is_replaced() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let relay = Relay::start(redis.port).await;
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
+    let gw = TestGateway::start(&limited(&upstream.url(), &relay.url(), "deny")).await;
+    assert!(back_within(&gw, Duration::from_secs(2)).await);
+    relay.strand();
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/x"), &[ALICE, no_store()], "{}")
+        .await;
+    assert_eq!(reply.status, 503, "the stranded connection answers nothing");
+    assert!(
+        back_within(&gw, Duration::from_secs(6)).await,
+        "a new connection takes over"
+    );
+}
+
+/// A failover behind one address (a Kubernetes Service, a managed Redis's
+/// primary endpoint): the old primary, now a replica, answers READONLY on
+/// the connection sluice holds. sluice connects again, and reaches the
+/// new primary.
+#[tokio::test]
+async fn a_primary_turned_replica_is_left_for_the_new_one() {
+    let (Some(old), Some(new)) = (RedisServer::start(), RedisServer::start()) else {
+        return;
+    };
+    let relay = Relay::start(old.port).await;
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
+    let gw = TestGateway::start(&limited(&upstream.url(), &relay.url(), "deny")).await;
+    assert!(back_within(&gw, Duration::from_secs(2)).await);
+    relay.point_at(new.port);
+    old.cli(None, &["REPLICAOF", "127.0.0.1", &new.port.to_string()]);
+    assert!(
+        back_within(&gw, Duration::from_secs(6)).await,
+        "the new primary takes the calls"
+    );
+    assert_ne!(
+        new.cli(None, &["DBSIZE"]),
+        "0",
+        "the limit is kept on the new primary"
     );
 }

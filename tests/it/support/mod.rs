@@ -7,6 +7,7 @@ pub mod client;
 pub mod gateway;
 pub mod raw;
 pub mod redis;
+pub mod relay;
 pub mod upstream;
 
 use std::time::Duration;
@@ -15,6 +16,7 @@ pub use client::{Client, Reply as ClientReply};
 pub use gateway::TestGateway;
 pub use raw::{AfterAnswer, RawUpstream};
 pub use redis::RedisServer;
+pub use relay::Relay;
 pub use upstream::{MockUpstream, Seen, TestPki, UpstreamReply, app_config, tls_listener_config};
 
 /// Polls `check` until it holds, for at most `within`.
