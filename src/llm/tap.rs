@@ -186,7 +186,10 @@ impl Finish {
         if let (Some(index), Some(sent)) = (ctx.upstream_index, ctx.upstream_started)
             && let Some(upstream) = active.upstreams.get(index)
         {
-            if broke_off {
+            // An error event the client saw counts even when the client
+            // then hung up on it, as the OpenAI SDKs do (its log line says
+            // `client_closed`).
+            if broke_off || stream_error {
                 upstream.stream_errors.inc();
             }
             upstream

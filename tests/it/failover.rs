@@ -540,6 +540,12 @@ async fn an_error_event_counts_against_the_circuit_when_the_client_leaves_on_it(
         Some(0.0),
         "the error event failed the member"
     );
+    assert_eq!(
+        gw.metric("sluice_stream_errors_total", &[("upstream", "primary")])
+            .await,
+        Some(1.0),
+        "the stream error is counted though the client left on it"
+    );
 }
 
 #[tokio::test]
