@@ -503,55 +503,77 @@ mod tests {
         assert!(without_value(text, 2, 5, Wanted::Other).is_none());
         assert!(without_value("a: [1, 2]\n", 1, 4, Wanted::Mapping).is_none());
         assert!(without_value("a: {b: 1}\n", 1, 4, Wanted::List).is_none());
-        // A one-line collection where a scalar was wanted.
-        assert_eq!(
-            without_value("listen: [::]:8080 # c\nb: 1\n", 1, 9, Wanted::Other).unwrap(),
-            "listen: \"\"        # c\nb: 1\n"
-        );
-        assert_eq!(
-            without_value("h: { k: [a, \"]\"] }\n", 1, 4, Wanted::Other).unwrap(),
-            "h: \"\"             \n"
-        );
+        // A one-line collection where a scalar was wanted: see the table
+        // below; one that goes on past its line is left alone.
         assert!(without_value("a: [1, # c\n  2]\n", 1, 4, Wanted::Other).is_none());
         // A scalar where a list or a mapping was wanted: an empty one.
         assert_eq!(
             without_value("m: { methods: GET }\n", 1, 15, Wanted::List).unwrap(),
             "m: { methods: []  }\n"
         );
-        assert_eq!(
-            without_value("p: x1\n", 1, 4, Wanted::Mapping).unwrap(),
-            "p: {}\n"
-        );
-        assert_eq!(
-            without_value("p: x\n", 1, 4, Wanted::Mapping).unwrap(),
-            "p: {}\n"
-        );
-        assert_eq!(
-            without_value("p: { a: x, b: 1 }\n", 1, 9, Wanted::Mapping).unwrap(),
-            "p: { a:  , b: 1 }\n"
-        );
-        // One letter: a space after it, or the line's end, gives room.
-        assert_eq!(
-            without_value("p: { members: a }\n", 1, 15, Wanted::List).unwrap(),
-            "p: { members: []}\n"
-        );
-        assert_eq!(
-            without_value("p:\n  members: a\n", 2, 12, Wanted::List).unwrap(),
-            "p:\n  members: []\n"
-        );
-        assert_eq!(
-            without_value("p: { members: a}\n", 1, 15, Wanted::List).unwrap(),
-            "p: { members:  }\n"
-        );
-        // Nothing at all where a mapping was wanted.
-        assert_eq!(
-            without_value("u:\n  a:\n  b: {}\n", 2, 5, Wanted::Mapping).unwrap(),
-            "u:\n  a: {}\n  b: {}\n"
-        );
-        assert_eq!(
-            without_value("u:\n  a: # c\n", 2, 4, Wanted::List).unwrap(),
-            "u:\n  a: [] # c\n"
-        );
+        // A word where a mapping or list was wanted: an empty one, with
+        // a space after it or the line's end to give a short word room;
+        // nothing at all, the same at the line's end.
+        for (text, line, col, wanted, out) in [
+            (
+                "listen: [::]:8080 # c\nb: 1\n",
+                1,
+                9,
+                Wanted::Other,
+                "listen: \"\"        # c\nb: 1\n",
+            ),
+            (
+                "h: { k: [a, \"]\"] }\n",
+                1,
+                4,
+                Wanted::Other,
+                "h: \"\"             \n",
+            ),
+            ("p: x1\n", 1, 4, Wanted::Mapping, "p: {}\n"),
+            ("p: x\n", 1, 4, Wanted::Mapping, "p: {}\n"),
+            (
+                "p: { a: x, b: 1 }\n",
+                1,
+                9,
+                Wanted::Mapping,
+                "p: { a:  , b: 1 }\n",
+            ),
+            (
+                "p: { members: a }\n",
+                1,
+                15,
+                Wanted::List,
+                "p: { members: []}\n",
+            ),
+            (
+                "p:\n  members: a\n",
+                2,
+                12,
+                Wanted::List,
+                "p:\n  members: []\n",
+            ),
+            (
+                "p: { members: a}\n",
+                1,
+                15,
+                Wanted::List,
+                "p: { members:  }\n",
+            ),
+            (
+                "u:\n  a:\n  b: {}\n",
+                2,
+                5,
+                Wanted::Mapping,
+                "u:\n  a: {}\n  b: {}\n",
+            ),
+            ("u:\n  a: # c\n", 2, 4, Wanted::List, "u:\n  a: [] # c\n"),
+        ] {
+            assert_eq!(
+                without_value(text, line, col, wanted).as_deref(),
+                Some(out),
+                "{text:?}"
+            );
+        }
     }
 
     #[test]

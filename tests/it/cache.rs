@@ -746,11 +746,13 @@ async fn a_response_that_varies_on_a_header_answers_only_that_value() {
 /// `vary: *` says no two requests are the same: never stored.
 #[tokio::test]
 async fn a_response_that_varies_on_everything_is_not_stored() {
-    let (gw, upstream) = start(
-        "{ ttl: 10m }",
-        UpstreamReply::json(&answer()).header("vary", "*"),
-    )
-    .await;
+    never_stored(UpstreamReply::json(&answer()).header("vary", "*")).await;
+}
+
+/// Asks twice for what `reply` answers: both are misses, both reach the
+/// upstream, which is returned.
+async fn never_stored(reply: UpstreamReply) -> MockUpstream {
+    let (gw, upstream) = start("{ ttl: 10m }", reply).await;
     for _ in 0..2 {
         let reply = Client::new()
             .post_json(&gw.url("/v1/chat/completions"), &[ALICE], CHAT)
@@ -758,6 +760,7 @@ async fn a_response_that_varies_on_everything_is_not_stored() {
         assert_eq!(reply.header("x-sluice-cache"), Some("MISS"));
     }
     assert_eq!(upstream.seen().len(), 2);
+    upstream
 }
 
 /// An upstream that compressed its answer though sluice asked for
@@ -765,18 +768,8 @@ async fn a_response_that_varies_on_everything_is_not_stored() {
 /// they take it. Not stored.
 #[tokio::test]
 async fn a_compressed_answer_is_not_stored() {
-    let (gw, upstream) = start(
-        "{ ttl: 10m }",
-        UpstreamReply::json(&answer()).header("content-encoding", "gzip"),
-    )
-    .await;
-    for _ in 0..2 {
-        let reply = Client::new()
-            .post_json(&gw.url("/v1/chat/completions"), &[ALICE], CHAT)
-            .await;
-        assert_eq!(reply.header("x-sluice-cache"), Some("MISS"));
-    }
-    assert_eq!(upstream.seen().len(), 2);
+    let upstream =
+        never_stored(UpstreamReply::json(&answer()).header("content-encoding", "gzip")).await;
     assert_eq!(
         upstream.seen()[0].header("accept-encoding"),
         Some("identity")

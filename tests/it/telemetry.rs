@@ -96,18 +96,14 @@ async fn in_flight_counts_open_streams() {
     let gw = TestGateway::start(&config(&up.url())).await;
     let url = gw.url("/stream");
     let task = tokio::spawn(async move { Client::new().get(&url).await });
-    let mut seen_one = false;
-    for _ in 0..100 {
-        if gw
-            .metric("sluice_in_flight_requests", &[("route", "app")])
-            .await
-            == Some(1.0)
-        {
-            seen_one = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let seen_one = gw
+        .metric_reaches(
+            "sluice_in_flight_requests",
+            &[("route", "app")],
+            1.0,
+            Duration::from_secs(1),
+        )
+        .await;
     assert!(seen_one, "an open stream must count as in flight");
     task.await.unwrap();
     gw.wait_access_logs(1).await;

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::Value;
 use sluice::gateway::Gateway;
@@ -205,6 +206,27 @@ impl TestGateway {
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let text = self.metrics().await;
         sample(&text, name, labels)
+    }
+
+    /// Whether the sample of `name` with `labels` reaches `value` within
+    /// `within` (polled every 20 ms).
+    pub async fn metric_reaches(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        value: f64,
+        within: Duration,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if self.metric(name, labels).await == Some(value) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Begins a graceful shutdown, as SIGTERM does.
