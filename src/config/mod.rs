@@ -111,6 +111,8 @@ pub fn load_str(
     // where values were blanked, to tell the errors that blanking made.
     let mut blanked: Vec<recover::Blanked> = Vec::new();
     let mut blanked_values: Vec<(u64, u64)> = Vec::new();
+    // The keys whose values were replaced by a stand-in.
+    let mut stand_ins: Vec<recover::Blanked> = Vec::new();
     let mut text = std::borrow::Cow::Borrowed(text);
     loop {
         let options = serde_saphyr::options! { with_snippet: false };
@@ -128,12 +130,11 @@ pub fn load_str(
                     // blanked (misspelt, or its value of the wrong type)
                     // was reported already.
                     // So was a value replaced by a stand-in, which the
-                    // checks then refuse on its line (at it, or at the
-                    // flow mapping that holds it).
+                    // checks may then refuse in turn.
                     errors.extend(more.into_iter().filter(|e| {
                         missing_field(&e.message)
                             .is_none_or(|key| !recover::misspelt(key, e.line, e.col, &blanked))
-                            && !blanked_values.iter().any(|&(line, _)| e.line == line)
+                            && !drawn_by_stand_in(e, &text, &blanked_values, &stand_ins)
                     }));
                     break;
                 }
@@ -175,7 +176,9 @@ pub fn load_str(
                     recover::without_key(&text, error.line, error.col)
                 } else {
                     blanked_values.push((error.line, error.col));
-                    blanked.extend(recover::key_of_value(&text, error.line, error.col));
+                    let key = recover::key_of_value(&text, error.line, error.col);
+                    stand_ins.extend(key.clone());
+                    blanked.extend(key);
                     recover::without_value(
                         &text,
                         error.line,
@@ -209,6 +212,40 @@ pub fn load_str(
         error.message = redact::message(std::mem::take(&mut error.message));
     }
     Err(ConfigErrors(errors))
+}
+
+/// Whether a check's error is the consequence of a stand-in (see
+/// [`recover::without_value`]) rather than an error of its own: at the
+/// stand-in itself, or about its key (`pool `p` has no members` for
+/// `members: a`) from the mapping that holds it: on its line, or above
+/// it with every line after it, the stand-in's included, indented at
+/// least as deep as that mapping (where the error points).
+fn drawn_by_stand_in(
+    e: &ConfigError,
+    text: &str,
+    values: &[(u64, u64)],
+    stand_ins: &[recover::Blanked],
+) -> bool {
+    let names = |name: &str| {
+        e.message.match_indices(name).any(|(at, _)| {
+            let word = |c: char| c.is_alphanumeric() || c == '_';
+            !e.message[..at].ends_with(word) && !e.message[at + name.len()..].starts_with(word)
+        })
+    };
+    let holds = |s: &recover::Blanked| {
+        if e.line > s.line {
+            return false;
+        }
+        // Lines are 1-based: those after the error's, to the stand-in's.
+        let first = usize::try_from(e.line).unwrap_or(usize::MAX);
+        let count = usize::try_from(s.line - e.line).unwrap_or(0);
+        text.lines().skip(first).take(count).all(|l| {
+            let body = l.trim_start_matches(' ');
+            let indent = u64::try_from(l.len() - body.len()).unwrap_or(u64::MAX);
+            body.trim().is_empty() || body.starts_with('#') || indent + 1 >= e.col
+        })
+    };
+    values.contains(&(e.line, e.col)) || stand_ins.iter().any(|s| names(&s.name) && holds(s))
 }
 
 /// The key of serde's "unknown field `x`, expected …".

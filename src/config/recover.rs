@@ -181,8 +181,10 @@ pub fn without_value(text: &str, line: u64, col: u64, wanted: Wanted) -> Option<
     // the end of its line, so that no later column moves.
     let after = &value_line[col + len..];
     let spaces = after.len() - after.trim_start_matches(' ').len();
-    let line_ends = after.trim().is_empty();
-    let room = if line_ends {
+    // What follows on the line is nothing, or a comment, whose column
+    // no error can name.
+    let only_comment = after.trim_start().starts_with('#');
+    let room = if after.trim().is_empty() || only_comment {
         usize::MAX
     } else {
         width + spaces
@@ -199,7 +201,12 @@ pub fn without_value(text: &str, line: u64, col: u64, wanted: Wanted) -> Option<
     out.push_str(empty);
     out.extend(std::iter::repeat_n(' ', width.saturating_sub(empty.len())));
     let taken = empty.len().saturating_sub(width).min(spaces);
-    out.push_str(&after[taken..]);
+    let after = &after[taken..];
+    // A comment must stay apart from what comes before it.
+    if only_comment && after.starts_with('#') {
+        out.push(' ');
+    }
+    out.push_str(after);
     for l in &lines[line + 1..] {
         out.push_str(l);
     }
@@ -227,6 +234,7 @@ fn one_line_collection(rest: &str) -> Option<usize> {
     let mut quote = None;
     let mut chars = rest.char_indices().peekable();
     let mut prev = ' ';
+    let mut last_sig = None;
     while let Some((i, c)) = chars.next() {
         match quote {
             Some('"') if c == '\\' => {
@@ -238,7 +246,7 @@ fn one_line_collection(rest: &str) -> Option<usize> {
             Some(q) if c == q => quote = None,
             Some(_) => {}
             None => match c {
-                '"' | '\'' => quote = Some(c),
+                '"' | '\'' if opens_scalar(last_sig) => quote = Some(c),
                 '{' | '[' => depth += 1,
                 '}' | ']' => {
                     depth = depth.checked_sub(1)?;
@@ -252,6 +260,9 @@ fn one_line_collection(rest: &str) -> Option<usize> {
             },
         }
         prev = c;
+        if !c.is_whitespace() {
+            last_sig = Some(c);
+        }
     }
     None
 }
@@ -263,7 +274,11 @@ pub fn key_of_value(text: &str, line: u64, col: u64) -> Option<Blanked> {
     let index = usize::try_from(line.checked_sub(1)?).ok()?;
     let chars = usize::try_from(col.checked_sub(1)?).ok()?;
     let value_line = text.split_inclusive('\n').nth(index)?;
-    let at = value_line.char_indices().nth(chars)?.0;
+    let mut at = value_line.char_indices().nth(chars)?.0;
+    // A missing value is reported at its key's `:`.
+    if value_line[at..].starts_with(':') && !value_line[..at].trim_end().ends_with(':') {
+        at += 1;
+    }
     let before = value_line[..at].trim_end().strip_suffix(':')?.trim_end();
     let start = before.rfind([' ', '{', ',', '\t']).map_or(0, |i| i + 1);
     let name = before[start..].trim_matches(['"', '\'']);
@@ -279,6 +294,7 @@ pub fn key_of_value(text: &str, line: u64, col: u64) -> Option<Blanked> {
 
 /// A key that was blanked (an unknown one, or one whose value was), and
 /// where it was.
+#[derive(Clone)]
 pub struct Blanked {
     pub name: String,
     pub line: u64,
@@ -299,6 +315,10 @@ impl Flow {
     fn read(mut self, text: &str) -> Flow {
         let mut chars = text.chars().peekable();
         let mut prev = ' ';
+        // The last character of the line so far that is not blank: a
+        // quote opens a quoted scalar only where a value starts, not
+        // inside a plain one (`x-title: Bob's bot`).
+        let mut last_sig: Option<char> = None;
         while let Some(c) = chars.next() {
             match self.quote {
                 Some('"') if c == '\\' => {
@@ -310,7 +330,7 @@ impl Flow {
                 Some(q) if c == q => self.quote = None,
                 Some(_) => {}
                 None => match c {
-                    '"' | '\'' => self.quote = Some(c),
+                    '"' | '\'' if opens_scalar(last_sig) => self.quote = Some(c),
                     '{' | '[' => self.depth += 1,
                     '}' | ']' => self.depth = self.depth.saturating_sub(1),
                     // A comment runs to the end of its line.
@@ -320,15 +340,30 @@ impl Flow {
                                 break;
                             }
                         }
+                        (prev, last_sig) = ('\n', None);
+                        continue;
                     }
                     _ => {}
                 },
             }
             prev = c;
+            if c == '\n' {
+                last_sig = None;
+            } else if !c.is_whitespace() {
+                last_sig = Some(c);
+            }
         }
         self
     }
 }
+
+/// Whether a quote after `last` (the line's last character that is not
+/// blank, `None` at its start) opens a quoted scalar.
+fn opens_scalar(last: Option<char>) -> bool {
+    last.is_none_or(|c| matches!(c, ':' | ',' | '[' | '{' | '-' | '?'))
+}
+
+impl Flow {}
 
 /// Whether a required key reported missing, in the mapping the parser
 /// places at `line`:`col` (one of its keys), is likely one a blanked
@@ -567,6 +602,17 @@ mod tests {
                 "u:\n  a: {}\n  b: {}\n",
             ),
             ("u:\n  a: # c\n", 2, 4, Wanted::List, "u:\n  a: [] # c\n"),
+            // A comment after a short word keeps a space before it.
+            ("p: x # c\n", 1, 4, Wanted::Mapping, "p: {} # c\n"),
+            ("m: a # c\n", 1, 4, Wanted::List, "m: [] # c\n"),
+            // An apostrophe inside a plain scalar opens no quote.
+            (
+                "h: { t: Bob's bot }\nm: { p: /, methods: GET }\n",
+                2,
+                21,
+                Wanted::List,
+                "h: { t: Bob's bot }\nm: { p: /, methods: []  }\n",
+            ),
         ] {
             assert_eq!(
                 without_value(text, line, col, wanted).as_deref(),

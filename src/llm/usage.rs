@@ -234,9 +234,13 @@ impl JsonFrames {
         }
         if self.joined.len() + data.len() > JSON_CAP {
             let joined = std::mem::take(&mut self.joined).into_bytes();
-            // Copied: a slice would keep the whole joined buffer.
+            // Copied (a slice would keep the whole joined buffer), and
+            // filled from this frame too when it carries most of the body.
+            let mut head = Vec::with_capacity(END_BYTES);
+            head.extend_from_slice(&joined[..joined.len().min(END_BYTES)]);
+            head.extend_from_slice(&data[..data.len().min(END_BYTES - head.len())]);
             let mut ends = Ends {
-                head: Bytes::copy_from_slice(&joined[..joined.len().min(END_BYTES)]),
+                head: head.into(),
                 tail: BytesMut::new(),
             };
             ends.push_tail(&joined[joined.len().saturating_sub(END_BYTES)..]);
@@ -256,38 +260,28 @@ impl JsonFrames {
 }
 
 /// The model and token counts of an answer too large to parse whole,
-/// read from its ends: the last `"usage": {…}` and `"model": "…"` of
-/// its tail (where OpenAI, Anthropic and the responses API write them,
-/// after the content), else the first model of its head. Member names
-/// are matched with their quotes, which text inside a string escapes.
-/// Finish reasons are not read; nor is a malformed end told apart.
+/// read from its ends: the answer's own (top-level) `model`, first from
+/// its head (chat, Anthropic and the responses API write it before the
+/// content) else from its tail (embeddings write it after), and its own
+/// `usage` from its tail (all of them write it last). Members of nested
+/// objects (a listed completion's usage, a tool's model) are not the
+/// answer's. Finish reasons are not read; nor is a malformed end told
+/// apart.
 fn from_json_ends(head: &[u8], tail: &[u8]) -> Usage {
     use serde::Deserialize;
-    fn value_after<'a>(json: &'a [u8], name: &[u8], last: bool) -> Option<&'a [u8]> {
-        let at = if last {
-            memchr::memmem::rfind(json, name)?
-        } else {
-            memchr::memmem::find(json, name)?
-        };
-        let rest = json[at + name.len()..].trim_ascii_start();
-        Some(rest.strip_prefix(b":")?.trim_ascii_start())
-    }
     fn read<'a, T: Deserialize<'a>>(value: &'a [u8]) -> Option<T> {
         // One value, whatever follows it.
         T::deserialize(&mut serde_json::Deserializer::from_slice(value)).ok()
     }
-    let model = |json, last| {
-        value_after(json, b"\"model\"", last)
-            .and_then(read::<facts::Loose<Cow<'_, str>>>)
-            .and_then(|m| m.0)
-    };
-    let counts = value_after(tail, b"\"usage\"", true)
+    let model = |value| read::<facts::Loose<Cow<'_, str>>>(value).and_then(|m| m.0);
+    let counts = top_level::from_end(tail, b"usage")
         .filter(|v| v.starts_with(b"{"))
         .and_then(read::<facts::Counts>)
         .unwrap_or_default();
     Usage {
-        model: model(tail, true)
-            .or_else(|| model(head, false))
+        model: top_level::from_start(head, b"model")
+            .and_then(model)
+            .or_else(|| top_level::from_end(tail, b"model").and_then(model))
             .map(Cow::into_owned),
         input_tokens: counts.input(),
         output_tokens: counts.output(),
@@ -427,6 +421,101 @@ fn from_json_body(body: &[u8]) -> Usage {
     }
 }
 
+/// Finding a member of a JSON document's top-level object in a piece of
+/// it, by tracking only strings and brackets: from the start of a head
+/// (read forwards from the document's first byte), or from the end of a
+/// tail (read backwards from its last byte, where the state is known too:
+/// outside every string).
+mod top_level {
+    /// The value of the top-level member `name` that comes first in
+    /// `head` (the document's start).
+    pub fn from_start<'a>(head: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+        let mut depth = 0usize;
+        let mut i = 0;
+        while i < head.len() {
+            match head[i] {
+                b'"' => {
+                    let start = i + 1;
+                    let end = string_end(head, start)?;
+                    if depth == 1 && &head[start..end] == name {
+                        let rest = head[end + 1..].trim_ascii_start();
+                        if let Some(value) = rest.strip_prefix(b":") {
+                            return Some(value.trim_ascii_start());
+                        }
+                    }
+                    i = end + 1;
+                    continue;
+                }
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' => depth = depth.checked_sub(1)?,
+                _ => {}
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// Where the string whose content starts at `start` ends (its
+    /// closing quote), escapes skipped.
+    fn string_end(json: &[u8], mut i: usize) -> Option<usize> {
+        loop {
+            match *json.get(i)? {
+                b'\\' => i += 2,
+                b'"' => return Some(i),
+                _ => i += 1,
+            }
+        }
+    }
+
+    /// The value of the top-level member `name` that comes last in
+    /// `tail` (the document's end).
+    pub fn from_end<'a>(tail: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+        let mut depth = 0usize;
+        let mut i = tail.len();
+        // Whether a `:` follows (for a string met going backwards, the
+        // first thing past it): then the string is a member's name.
+        let mut colon_after = false;
+        while i > 0 {
+            i -= 1;
+            match tail[i] {
+                b'"' if !escaped(tail, i) => {
+                    let end = i;
+                    // Back to the opening quote: one not escaped.
+                    loop {
+                        i = i.checked_sub(1)?;
+                        if tail[i] == b'"' && !escaped(tail, i) {
+                            break;
+                        }
+                    }
+                    if depth == 1 && colon_after && &tail[i + 1..end] == name {
+                        let rest = tail[end + 1..].trim_ascii_start();
+                        return rest.strip_prefix(b":").map(<[u8]>::trim_ascii_start);
+                    }
+                    colon_after = false;
+                }
+                b':' => colon_after = true,
+                b'}' | b']' => {
+                    depth += 1;
+                    colon_after = false;
+                }
+                b'{' | b'[' => {
+                    depth = depth.checked_sub(1)?;
+                    colon_after = false;
+                }
+                b if b.is_ascii_whitespace() => {}
+                _ => colon_after = false,
+            }
+        }
+        None
+    }
+
+    /// Whether the byte at `at` is escaped: an odd run of backslashes
+    /// before it.
+    fn escaped(json: &[u8], at: usize) -> bool {
+        json[..at].iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 1
+    }
+}
+
 /// Folds one stream event into `usage`.
 fn absorb(usage: &mut Usage, event: &Facts<'_>) {
     // OpenAI's `{"error": {...}}`, Anthropic's and the responses API's
@@ -532,6 +621,26 @@ mod tests {
             assert_eq!(usage.input_tokens, Some(5000), "frames of {frame}");
             assert_eq!(usage.model.as_deref(), Some("text-embedding-3-small"));
             assert!(!usage.malformed);
+        }
+        // Members of nested objects are not the answer's: a listing of
+        // stored completions has no usage of its own, and a tool's model
+        // after the content is not the answer's model.
+        let listed = format!(
+            r#"{{"object":"list","data":[{{"model":"gpt-4o","pad":"{}","usage":{{"prompt_tokens":7}}}}],"has_more":false}}"#,
+            "x".repeat(JSON_CAP)
+        );
+        let answer = format!(
+            r#"{{"model":"gpt-4o","output":"{}","tools":[{{"type":"image_generation","model":"gpt-image-1"}}],"usage":{{"input_tokens":4,"output_tokens":2}}}}"#,
+            "x\\\"y".repeat(JSON_CAP / 4)
+        );
+        for (body, model, input) in [(&listed, None, None), (&answer, Some("gpt-4o"), Some(4))] {
+            let mut m = Meter::for_content_type(b"application/json").unwrap();
+            for chunk in body.as_bytes().chunks(100_000) {
+                feed(&mut m, chunk);
+            }
+            let usage = m.finish();
+            assert_eq!(usage.model.as_deref(), model);
+            assert_eq!(usage.input_tokens, input);
         }
         // The model written first (chat's order) is read from the head;
         // an answer without usage is counted as none.

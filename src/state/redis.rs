@@ -355,8 +355,9 @@ struct Connection {
     started: Instant,
     /// When the manager was last replaced, in ms since `started`.
     replaced_ms: AtomicU64,
-    /// When a call last got an answer, in ms since `started`.
-    answered_ms: AtomicU64,
+    /// Since when calls have timed out with no answer between them, in
+    /// ms since `started` (0: the last call was answered).
+    unanswered_since_ms: AtomicU64,
 }
 
 /// Whether a call whose connection turned out closed goes out again.
@@ -385,7 +386,7 @@ impl Connection {
             manager: ArcSwap::from_pointee(manager),
             started: Instant::now(),
             replaced_ms: AtomicU64::new(0),
-            answered_ms: AtomicU64::new(0),
+            unanswered_since_ms: AtomicU64::new(0),
         })
     }
 
@@ -419,28 +420,32 @@ impl Connection {
             }
         };
         let result = tokio::time::timeout(CALL_TIMEOUT, attempts).await;
-        // Redis answered (an error reply is an answer too).
-        if matches!(&result, Ok(Ok(_))) || matches!(&result, Ok(Err(e)) if e.code().is_some()) {
-            self.answered_ms.store(self.now_ms(), Ordering::Relaxed);
+        let timed_out = match &result {
+            Err(_) => true,
+            Ok(Err(e)) => e.is_timeout(),
+            Ok(Ok(_)) => false,
+        };
+        if timed_out {
+            if self.silent_for_long() {
+                self.replace();
+            }
+        } else if self.unanswered_since_ms.load(Ordering::Relaxed) != 0 {
+            // An answer (an error reply is one too) ends the silence. Read
+            // first: most calls find nothing to clear, and a store on
+            // every call would bounce the line between cores.
+            self.unanswered_since_ms.store(0, Ordering::Relaxed);
         }
         match result {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
-                let timed_out = e.is_timeout();
                 if e.kind() == redis::ErrorKind::AuthenticationFailed
                     || e.code() == Some("READONLY")
-                    || (timed_out && self.silent())
                 {
                     self.replace();
                 }
                 Err(e.into())
             }
-            Err(_) => {
-                if self.silent() {
-                    self.replace();
-                }
-                Err(StateError::Timeout(CALL_TIMEOUT))
-            }
+            Err(_) => Err(StateError::Timeout(CALL_TIMEOUT)),
         }
     }
 
@@ -448,10 +453,20 @@ impl Connection {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Whether no call has had an answer for [`SILENT_FOR`].
-    fn silent(&self) -> bool {
-        let answered = self.answered_ms.load(Ordering::Relaxed);
-        self.now_ms().saturating_sub(answered) >= millis(SILENT_FOR)
+    /// Notes a call that timed out; whether calls have timed out, none
+    /// answered between them, for [`SILENT_FOR`] now. A lone timeout on
+    /// a replica that was idle (a latency spike) is not that.
+    fn silent_for_long(&self) -> bool {
+        let now = self.now_ms().max(1);
+        match self.unanswered_since_ms.compare_exchange(
+            0,
+            now,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => false,
+            Err(since) => now.saturating_sub(since) >= millis(SILENT_FOR),
+        }
     }
 
     /// Replaces the manager, which redis-rs would keep as it is: after a
@@ -472,6 +487,9 @@ impl Connection {
             && let Ok(manager) = Self::manager(&self.client)
         {
             self.manager.store(Arc::new(manager));
+            // The new connection gets its own second before it is judged
+            // silent: it may still be connecting.
+            self.unanswered_since_ms.store(0, Ordering::Relaxed);
         }
     }
 }

@@ -131,17 +131,17 @@ impl Breaker {
         }
     }
 
-    /// Whether [`Breaker::admit`] would let an attempt through at `now`,
-    /// without taking a half-open circuit's probe: for asking whether a
-    /// member could still take over, not for sending to it.
+    /// Whether [`Breaker::admit`] would let any attempt through at `now`
+    /// (for asking whether a member could still take over, not for
+    /// sending to it). A circuit open, even with its cooldown over, says
+    /// no: its one probe goes to one caller, and each of many slow
+    /// streams cut at once for it would count against their own member.
     pub fn would_admit(&self, now: Instant) -> bool {
         let Ok(s) = self.state.lock() else {
             return true;
         };
         let past = |until: Option<Instant>| until.is_none_or(|until| now >= until);
-        past(s.cooled_until)
-            && past(s.health_down_until)
-            && (s.open_until.is_none() || (past(s.open_until) && !s.probing))
+        past(s.cooled_until) && past(s.health_down_until) && s.open_until.is_none()
     }
 
     /// A success closes the circuit only as its probe: an attempt let
@@ -417,9 +417,14 @@ mod tests {
         b.failure(t0, 1, cooldown, false);
         assert!(!b.would_admit(t0), "open");
         let later = t0 + cooldown;
-        assert!(b.would_admit(later), "a probe would go");
-        assert!(b.would_admit(later), "asking took no probe");
-        assert!(matches!(b.admit(later), Admit::Probe(_)));
+        assert!(
+            !b.would_admit(later),
+            "half-open: one probe, for one caller"
+        );
+        assert!(
+            matches!(b.admit(later), Admit::Probe(_)),
+            "asking took no probe"
+        );
         assert!(!b.would_admit(later), "the probe is out");
         b.success(true);
         assert!(b.would_admit(later));

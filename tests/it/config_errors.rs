@@ -1902,6 +1902,44 @@ admin: { listen: [::]:9090 }
         errs[8].contains("quote a value that starts with `[`"),
         "{errs:#?}"
     );
+    // What the stand-in draws (a pool with no members, a cors with no
+    // origins, no routes) is left out; the real errors beside it (on its
+    // line too) are not, nor is a comment after it taken for one.
+    let errs = errors(
+        "\
+upstreams:
+  a: { mock: {}, set_headers: { x-title: Bob's bot } }
+pools:
+  q:
+    max_attempts: 2
+    members: a # the primary
+routes:
+  - { name: r, match: { path_prefix: v1, methods: GET }, upstream: nosuch }
+  - name: c
+    match: { path_prefix: /c }
+    upstream: q
+    cors: { allow_origins: x.com }
+",
+    );
+    let at: Vec<&str> = errs
+        .iter()
+        .map(|e| e.split(": ").next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        at,
+        [
+            "test.yaml:6:14",
+            "test.yaml:8:38",
+            "test.yaml:8:51",
+            "test.yaml:8:68",
+            "test.yaml:12:28"
+        ],
+        "{errs:#?}"
+    );
+    assert_eq!(
+        errors("routes: foo\nupstreams:\n  a: { mock: {} }\n"),
+        ["test.yaml:1:9: expected a list here (`[a, b]`, or `- a` lines)"]
+    );
 }
 
 /// Values out of range that variables made are quoted as the file
