@@ -249,15 +249,16 @@ def kubernetes():
     pod = get(dep, "spec", "template", "spec")
     pod_labels = get(dep, "spec", "template", "metadata", "labels", default={})
     containers = {c["name"]: c for c in pod.get("containers", [])}
-    sc = containers.get("sluice")
-    if not expect(sc is not None, "Deployment: has a container named sluice"):
+    sc = {c["name"]: c for c in pod.get("initContainers", [])}.get("sluice")
+    if not expect(sc is not None and sc.get("restartPolicy") == "Always",
+                  "Deployment: sluice is a native sidecar (initContainers, restartPolicy: Always): up before the app, down after it"):
         return
     ports = {p.get("name"): p.get("containerPort") for p in sc.get("ports", [])}
     expect(ports.get("http") == 8080 and ports.get("metrics") == 9090,
            "sluice container: ports http 8080 and metrics 9090", ports)
     args = sc.get("args", []) + sc.get("command", [])
     expect(args[:3] == ["run", "--config", "/etc/sluice/proxy.yaml"], "sluice container: run --config /etc/sluice/proxy.yaml", args)
-    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+    for probe, path in (("startupProbe", "/readyz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         hg = get(sc, probe, "httpGet", default={})
         expect(hg.get("path") == path and hg.get("port") in ("metrics", 9090),
                f"sluice container: {probe} GET {path} on the admin port", hg)
@@ -269,8 +270,9 @@ def kubernetes():
     r = sc.get("resources", {})
     expect(all(get(r, k, x) for k in ("requests", "limits") for x in ("cpu", "memory")),
            "sluice container: cpu and memory requests and limits", r)
-    pre = get(sc, "lifecycle", "preStop", "sleep", "seconds")
-    expect(isinstance(pre, int) and pre > 0, "sluice container: lifecycle.preStop.sleep (distroless has no shell)", get(sc, "lifecycle"))
+    app = containers.get("app", {})
+    pre = get(app, "lifecycle", "preStop", "sleep", "seconds")
+    expect(isinstance(pre, int) and pre > 0, "app container: lifecycle.preStop.sleep (serves while its endpoint is removed)", get(app, "lifecycle"))
     mounts = [m for m in sc.get("volumeMounts", []) if m.get("mountPath") == "/etc/sluice"]
     vols = {v["name"]: v for v in pod.get("volumes", [])}
     m = mounts[0] if mounts else {}
@@ -292,7 +294,7 @@ def kubernetes():
     grace = seconds(get(config, "limits", "shutdown_grace", default="30s"))
     tgps = pod.get("terminationGracePeriodSeconds", 30)
     expect(grace is not None and tgps > (pre or 0) + grace,
-           f"terminationGracePeriodSeconds {tgps} > preStop {pre}s + shutdown_grace {grace}s")
+           f"terminationGracePeriodSeconds {tgps} > the app's preStop {pre}s + sluice's shutdown_grace {grace}s")
     expect(str(get(config, "admin", "listen", default="0.0.0.0:9090")).endswith(":9090")
            and str(get(config, "listen", default="0.0.0.0:8080")).endswith(":8080")
            and not str(get(config, "admin", "listen", default="")).startswith("127."),
@@ -318,7 +320,6 @@ def kubernetes():
     mp = get(msvc, "spec", "ports", default=[])
     expect(selects(msvc) and any(p.get("name") == "metrics" and p.get("targetPort") in ("metrics", 9090) for p in mp),
            "Service sluice-metrics selects the pods and has port `metrics` -> 9090", mp)
-    app = containers.get("app", {})
     expect(any(e.get("name") == "OPENAI_BASE_URL" and e.get("value", "").startswith("http://127.0.0.1:8080/") for e in app.get("env", [])),
            "app container: egress through sluice (OPENAI_BASE_URL=http://127.0.0.1:8080/v1)")
 
