@@ -134,9 +134,14 @@ fn chat(at: &Obj<'_>) -> Result<(), Invalid> {
             for (j, call) in calls.as_array().into_iter().flatten().enumerate() {
                 let call = object(call, m.path_of(&format!("tool_calls[{j}]")))?;
                 call.required("id", &[Type::String])?;
-                let function = call.required_object("function")?;
-                function.required("name", &[Type::String])?;
-                function.required("arguments", &[Type::String])?;
+                // A `custom` tool's call carries `custom: {name, input}`
+                // instead; types this does not know are left to the API.
+                let kind = call.map.get("type").and_then(Value::as_str);
+                if kind.is_none_or(|k| k == "function") {
+                    let function = call.required_object("function")?;
+                    function.required("name", &[Type::String])?;
+                    function.required("arguments", &[Type::String])?;
+                }
             }
         }
     }
@@ -543,6 +548,19 @@ mod tests {
             "user": null,
         });
         assert_eq!(chat(body), Ok(()));
+        // A custom tool's call (GPT-5's free-form tools) has no `function`.
+        let custom = json!({
+            "model": "gpt-5",
+            "messages": [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "call_1", "type": "custom", "custom": {"name": "code_exec", "input": "print(1)"}},
+                ]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "1"},
+            ],
+            "tools": [{"type": "custom", "custom": {"name": "code_exec"}}],
+        });
+        assert_eq!(chat(custom), Ok(()));
         let nulls = json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": null, "response_format": null, "tool_choice": null});
         assert_eq!(chat(nulls), Ok(()));
         let embed = json!({"model": "e", "input": "x", "dimensions": null, "encoding_format": null, "user": null});
