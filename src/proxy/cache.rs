@@ -79,7 +79,7 @@ pub async fn lookup(
     let metrics = active.route_metrics(ctx.route_index);
     let directives = RequestDirectives::of(&parts.headers);
     let cacheable_method = matches!(parts.method, Method::GET | Method::HEAD | Method::POST);
-    if !cacheable_method || directives.no_store {
+    if !cacheable_method || directives.no_store || is_stateful(parts.uri.path()) {
         bypass(ctx, metrics);
         return Ok(Step::Forward(body));
     }
@@ -92,6 +92,11 @@ pub async fn lookup(
             &mut ctx.waiting,
         )
         .await?;
+    if asks_background(&bytes) {
+        // A background response is a job: each create starts one.
+        bypass(ctx, metrics);
+        return Ok(Step::Forward(RequestBody::Read(bytes)));
+    }
     let key = key(route, settings, parts, ctx, &bytes);
     let mut flight = None;
     if !directives.no_cache {
@@ -161,6 +166,54 @@ pub async fn lookup(
         &parts.headers,
     ));
     Ok(Step::Forward(RequestBody::Read(bytes)))
+}
+
+/// Whether `path` names one of the OpenAI API's stateful resources rather
+/// than an answer to compute: files, batches, uploads, fine-tuning jobs,
+/// vector stores, assistants and threads, conversations, containers,
+/// evals, the organization, and a stored response or chat completion
+/// (`/responses/{id}`, `/chat/completions/{id}`). Each create makes a
+/// new one and each read must see its state now, so a route's cache
+/// (usually over all of `/v1/`) passes them by: a cached batch would
+/// never finish, and a deleted file would still be there.
+pub fn is_stateful(path: &str) -> bool {
+    const RESOURCES: [&str; 12] = [
+        "files",
+        "batches",
+        "uploads",
+        "fine_tuning",
+        "vector_stores",
+        "assistants",
+        "threads",
+        "conversations",
+        "containers",
+        "evals",
+        "organization",
+        "realtime",
+    ];
+    let mut segments = path.split('/').filter(|s| !s.is_empty());
+    let mut previous: [&str; 2] = ["", ""];
+    for segment in segments.by_ref() {
+        if RESOURCES.contains(&segment) {
+            return true;
+        }
+        // An id under the endpoint that makes answers: a stored one.
+        if previous[1] == "responses" || (previous == ["chat", "completions"]) {
+            return true;
+        }
+        previous = [previous[1], segment];
+    }
+    false
+}
+
+/// Whether a JSON body asks for a background response (`"background":
+/// true` at its top level).
+fn asks_background(body: &[u8]) -> bool {
+    memchr::memmem::find(body, b"\"background\"").is_some()
+        && serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v.get("background").and_then(serde_json::Value::as_bool))
+            == Some(true)
 }
 
 /// Counts a request that missed the cache, once: as a miss if an upstream
@@ -607,6 +660,40 @@ fn is_per_response(name: &header::HeaderName) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stateful_resources_are_told_from_answers() {
+        for path in [
+            "/v1/batches",
+            "/v1/batches/batch_1",
+            "/v1/files/file-1/content",
+            "/v1/responses/resp_1",
+            "/v1/responses/resp_1/input_items",
+            "/v1/chat/completions/chatcmpl-1/messages",
+            "/v1/vector_stores/vs_1/search",
+            "/openai/v1/fine_tuning/jobs",
+        ] {
+            assert!(is_stateful(path), "{path}");
+        }
+        for path in [
+            "/v1/chat/completions",
+            "/v1/responses",
+            "/v1/completions",
+            "/v1/embeddings",
+            "/v1/models",
+            "/v1/audio/transcriptions",
+            "/chat",
+        ] {
+            assert!(!is_stateful(path), "{path}");
+        }
+        assert!(asks_background(
+            br#"{"model":"m","background":true,"input":"x"}"#
+        ));
+        assert!(!asks_background(br#"{"model":"m","background":false}"#));
+        assert!(!asks_background(
+            br#"{"model":"m","input":"\"background\": true"}"#
+        ));
+    }
 
     /// A parsed header value is a slice of its connection's read buffer:
     /// a stored copy must own its bytes, or each entry would keep a whole

@@ -870,3 +870,47 @@ async fn requests_of_other_vary_values_do_not_queue() {
         started.elapsed()
     );
 }
+
+/// The OpenAI API's stateful resources under a cached `/v1/` are passed
+/// by: a batch polled must show its progress, a second create must make a
+/// second batch, and a background response is a job of its own each time.
+/// Answers (a chat completion) are still cached beside them.
+#[tokio::test]
+async fn stateful_resources_and_background_jobs_are_never_cached() {
+    let (gw, upstream) = start(
+        "{ ttl: 10m }",
+        UpstreamReply::json(&json!({"id": "batch_1", "object": "batch", "status": "validating"})),
+    )
+    .await;
+    let client = Client::new();
+    for _ in 0..2 {
+        let polled = client
+            .send(
+                http::Method::GET,
+                &gw.url("/v1/batches/batch_1"),
+                &[ALICE],
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(polled.header("x-sluice-cache"), Some("BYPASS"));
+        let created = client
+            .post_json(&gw.url("/v1/batches"), &[ALICE], r#"{"input_file_id":"file-1","endpoint":"/v1/chat/completions","completion_window":"24h"}"#)
+            .await;
+        assert_eq!(created.header("x-sluice-cache"), Some("BYPASS"));
+        let job = client
+            .post_json(
+                &gw.url("/v1/responses"),
+                &[ALICE],
+                r#"{"model":"o3","input":"x","background":true}"#,
+            )
+            .await;
+        assert_eq!(job.header("x-sluice-cache"), Some("BYPASS"));
+    }
+    assert_eq!(upstream.seen().len(), 6, "every one reached the upstream");
+    for expected in ["MISS", "HIT"] {
+        let reply = client
+            .post_json(&gw.url("/v1/chat/completions"), &[ALICE], CHAT)
+            .await;
+        assert_eq!(reply.header("x-sluice-cache"), Some(expected));
+    }
+}
