@@ -320,7 +320,13 @@ impl Tap {
 }
 
 /// Puts a response's usage into the ctx (for the access log) and metrics.
-fn record_usage(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, usage: Usage) {
+fn record_usage(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, mut usage: Usage) {
+    // An answer that names no model (images, speech, transcriptions) is
+    // priced and labelled as the model its request named, where sluice
+    // read the request (token limits, budgets).
+    if usage.model.is_none() {
+        usage.model.clone_from(&ctx.requested_model);
+    }
     if usage.input_tokens.is_none() && usage.output_tokens.is_none() && usage.finishes.is_empty() {
         // Nothing to count (a stream broken before its end), but the log
         // still says which model was answering.

@@ -606,3 +606,50 @@ async fn an_answer_too_large_to_parse_whole_is_still_metered() {
         Some(5000.0)
     );
 }
+
+/// An answer that names no model (an image, speech or a transcription
+/// reports usage without one) is priced and labelled as the model its
+/// request named, where sluice read the request to reserve its tokens:
+/// not at the `default` price under `unknown`.
+#[tokio::test]
+async fn an_answer_without_a_model_is_priced_as_the_one_requested() {
+    let up = MockUpstream::always(UpstreamReply::json(&json!({
+        "created": 1, "data": [{"b64_json": "aGk="}],
+        "usage": {"input_tokens": 1000, "output_tokens": 4000, "total_tokens": 5000},
+    })))
+    .await;
+    let yaml = config(&up.url())
+        .replace(
+            "    auth: none\n",
+            "    auth: none\n    rate_limit: { tokens_per_minute: 1000000 }\n",
+        )
+        .replace(
+            "  default:",
+            "  gpt-image-1: { input: 5.00, output: 40.00 }\n  default:",
+        );
+    let gw = TestGateway::start(&yaml).await;
+    let reply = Client::new()
+        .post_json(
+            &gw.url("/v1/images/generations"),
+            &[],
+            r#"{"model":"gpt-image-1","prompt":"a cat"}"#,
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["model"], "gpt-image-1");
+    let cost = (1000.0 * 5.0 + 4000.0 * 40.0) / 1e6;
+    assert!(
+        (log["cost_usd"].as_f64().unwrap() - cost).abs() < 1e-12,
+        "{log}"
+    );
+    let labels = [
+        ("route", "chat"),
+        ("model", "gpt-image-1"),
+        ("kind", "output"),
+    ];
+    assert_eq!(
+        gw.metric("sluice_tokens_total", &labels).await,
+        Some(4000.0)
+    );
+}
