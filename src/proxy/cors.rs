@@ -11,7 +11,7 @@ use crate::body::{self, BoxBody};
 use crate::snapshot::Cors;
 
 /// What a browser may read of sluice's own headers besides the safelisted ones.
-const EXPOSE: &str = "x-request-id, x-sluice-cache, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens, retry-after, retry-after-ms, x-should-retry";
+const EXPOSE: &str = "x-request-id, x-sluice-upstream-request-id, x-sluice-cache, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens, retry-after, retry-after-ms, x-should-retry";
 
 /// What a request on a `cors` route gets: the allowed origin to echo in
 /// `access-control-allow-origin`, or `None` (no origin, or not allowed).
@@ -186,7 +186,7 @@ pub fn decorate(allowed: Allowed, headers: &mut HeaderMap) {
 mod tests {
     use super::EXPOSE;
     use crate::proxy::error::{RETRY_AFTER_MS, X_SHOULD_RETRY};
-    use crate::proxy::headers::{X_REQUEST_ID, X_SLUICE_CACHE};
+    use crate::proxy::headers::{X_REQUEST_ID, X_SLUICE_CACHE, X_SLUICE_UPSTREAM_REQUEST_ID};
     use crate::proxy::limit::{REQUEST_HEADERS, TOKEN_HEADERS};
 
     #[test]
@@ -194,6 +194,7 @@ mod tests {
         let exposed: Vec<&str> = EXPOSE.split(", ").collect();
         let ours = [
             X_REQUEST_ID,
+            X_SLUICE_UPSTREAM_REQUEST_ID,
             X_SLUICE_CACHE,
             http::header::RETRY_AFTER,
             RETRY_AFTER_MS,

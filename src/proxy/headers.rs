@@ -65,6 +65,10 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_SLUICE_CACHE: HeaderName = HeaderName::from_static("x-sluice-cache");
+/// The upstream's own `x-request-id`, which sluice's replaces: the id a
+/// provider's support asks for.
+pub const X_SLUICE_UPSTREAM_REQUEST_ID: HeaderName =
+    HeaderName::from_static("x-sluice-upstream-request-id");
 pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");

@@ -176,8 +176,15 @@ pub async fn handle(
     if let Some(decision) = ctx.token_limit.as_ref() {
         limit::token_headers(decision, resp.headers_mut());
     }
-    resp.headers_mut()
-        .insert(headers::X_REQUEST_ID, ctx.request_id.clone());
+    // The upstream's own id is kept beside sluice's (no lookup more: the
+    // insert hands back what it replaced).
+    let response_headers = resp.headers_mut();
+    if let Some(upstream_id) =
+        response_headers.insert(headers::X_REQUEST_ID, ctx.request_id.clone())
+        && upstream_id != ctx.request_id
+    {
+        response_headers.insert(headers::X_SLUICE_UPSTREAM_REQUEST_ID, upstream_id);
+    }
     if let Some(allowed) = ctx.cors.take() {
         cors::decorate(allowed, resp.headers_mut());
     }

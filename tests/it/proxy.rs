@@ -277,6 +277,29 @@ async fn request_id_is_kept_or_made_and_reaches_both_sides() {
     // Errors sluice answers itself carry one too.
     let not_found = client.get(&gw.url("/nowhere")).await;
     assert!(not_found.header("x-request-id").is_some());
+    assert_eq!(made.header("x-sluice-upstream-request-id"), None);
+}
+
+/// An upstream's own request id (OpenAI's `req_…`, which its support asks
+/// for) is kept beside sluice's, not lost under it.
+#[tokio::test]
+async fn the_upstreams_request_id_is_kept_beside_sluices() {
+    let up =
+        MockUpstream::always(UpstreamReply::text("ok").header("x-request-id", "req_abc123")).await;
+    let gw = TestGateway::start_with_env(&config(&up.url()), &ENV).await;
+    let reply = Client::new()
+        .send(
+            Method::GET,
+            &gw.url("/public"),
+            &[("x-request-id", "req-42")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(reply.header("x-request-id"), Some("req-42"));
+    assert_eq!(
+        reply.header("x-sluice-upstream-request-id"),
+        Some("req_abc123")
+    );
 }
 
 #[tokio::test]
