@@ -305,9 +305,26 @@ pub fn key(
         }
         (CacheScope::Identity, None) => field(&mut hash, b"-"),
     }
+    // Headers that choose whom the upstream answers for, or in which
+    // version of its API: one organization's answer is not another's.
+    for name in ANSWER_HEADERS {
+        for value in parts.headers.get_all(name) {
+            field(&mut hash, name.as_bytes());
+            field(&mut hash, value.as_bytes());
+        }
+    }
     body_digest(&mut hash, body);
     hash.finalize().into()
 }
+
+/// Request headers that change the answer itself: part of the key.
+const ANSWER_HEADERS: [&str; 5] = [
+    "openai-organization",
+    "openai-project",
+    "openai-beta",
+    "anthropic-version",
+    "anthropic-beta",
+];
 
 /// The body's part of the key: JSON in canonical form, else its bytes.
 /// A number beyond what a double holds exactly would read the same as

@@ -914,3 +914,28 @@ async fn stateful_resources_and_background_jobs_are_never_cached() {
         assert_eq!(reply.header("x-sluice-cache"), Some(expected));
     }
 }
+
+/// One caller asking for two organizations or projects (the SDK's
+/// `OpenAI-Organization`, `OpenAI-Project`) gets each its own answer,
+/// billed and attributed to it: those headers are part of the key.
+#[tokio::test]
+async fn the_organization_and_project_asked_for_are_in_the_key() {
+    let (gw, upstream) = start("{ ttl: 10m }", UpstreamReply::json(&answer())).await;
+    let client = Client::new();
+    let url = gw.url("/v1/chat/completions");
+    let ask = |org: &'static str| {
+        let client = &client;
+        let url = &url;
+        async move {
+            client
+                .post_json(url, &[ALICE, ("openai-organization", org)], CHAT)
+                .await
+                .header("x-sluice-cache")
+                .map(str::to_owned)
+        }
+    };
+    assert_eq!(ask("org-a").await.as_deref(), Some("MISS"));
+    assert_eq!(ask("org-b").await.as_deref(), Some("MISS"));
+    assert_eq!(ask("org-a").await.as_deref(), Some("HIT"));
+    assert_eq!(upstream.seen().len(), 2);
+}
