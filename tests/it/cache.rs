@@ -885,12 +885,7 @@ async fn stateful_resources_and_background_jobs_are_never_cached() {
     let client = Client::new();
     for _ in 0..2 {
         let polled = client
-            .send(
-                http::Method::GET,
-                &gw.url("/v1/batches/batch_1"),
-                &[ALICE],
-                Bytes::new(),
-            )
+            .get_with(&gw.url("/v1/batches/batch_1"), &[ALICE])
             .await;
         assert_eq!(polled.header("x-sluice-cache"), Some("BYPASS"));
         let created = client

@@ -41,11 +41,9 @@ async fn get_passes_path_and_query_through() {
     let up = MockUpstream::always(UpstreamReply::text("hello").header("x-from", "app")).await;
     let gw = TestGateway::start_with_env(&config(&up.url()), &ENV).await;
     let reply = Client::new()
-        .send(
-            Method::GET,
+        .get_with(
             &gw.url("/v1/models?limit=5&q=a%20b"),
             &[("x-api-key", "key-a")],
-            Bytes::new(),
         )
         .await;
     assert_eq!(reply.status, 200);
@@ -137,8 +135,7 @@ async fn hop_by_hop_credentials_and_sluice_headers_never_cross() {
     .await;
     let gw = TestGateway::start_with_env(&config(&up.url()), &ENV).await;
     let reply = Client::new()
-        .send(
-            Method::GET,
+        .get_with(
             &gw.url("/v1/models"),
             &[
                 ("authorization", "Bearer key-a"),
@@ -152,7 +149,6 @@ async fn hop_by_hop_credentials_and_sluice_headers_never_cross() {
                 ("x-custom", "kept"),
                 ("accept-encoding", "gzip, br"),
             ],
-            Bytes::new(),
         )
         .await;
     assert_eq!(reply.status, 200);
@@ -200,14 +196,12 @@ async fn hop_by_hop_credentials_and_sluice_headers_never_cross() {
 async fn every_x_forwarded_for_line_is_kept() {
     let (up, gw) = open_app().await;
     let reply = Client::new()
-        .send(
-            Method::GET,
+        .get_with(
             &gw.url("/x"),
             &[
                 ("x-forwarded-for", "1.1.1.1"),
                 ("x-forwarded-for", "2.2.2.2, 3.3.3.3"),
             ],
-            Bytes::new(),
         )
         .await;
     assert_eq!(reply.status, 200);
@@ -232,15 +226,13 @@ routes:
     ))
     .await;
     let reply = Client::new()
-        .send(
-            Method::GET,
+        .get_with(
             &gw.url("/anything"),
             &[
                 ("authorization", "Bearer sk-client-secret"),
                 ("x-api-key", "sk-client-secret"),
                 ("x-custom", "kept"),
             ],
-            Bytes::new(),
         )
         .await;
     assert_eq!(reply.status, 200);
@@ -256,12 +248,7 @@ async fn request_id_is_kept_or_made_and_reaches_both_sides() {
     let gw = TestGateway::start_with_env(&config(&up.url()), &ENV).await;
     let client = Client::new();
     let given = client
-        .send(
-            Method::GET,
-            &gw.url("/public"),
-            &[("x-request-id", "req-42")],
-            Bytes::new(),
-        )
+        .get_with(&gw.url("/public"), &[("x-request-id", "req-42")])
         .await;
     assert_eq!(given.header("x-request-id"), Some("req-42"));
     let made = client.get(&gw.url("/public")).await;
@@ -288,12 +275,7 @@ async fn the_upstreams_request_id_is_kept_beside_sluices() {
         MockUpstream::always(UpstreamReply::text("ok").header("x-request-id", "req_abc123")).await;
     let gw = TestGateway::start_with_env(&config(&up.url()), &ENV).await;
     let reply = Client::new()
-        .send(
-            Method::GET,
-            &gw.url("/public"),
-            &[("x-request-id", "req-42")],
-            Bytes::new(),
-        )
+        .get_with(&gw.url("/public"), &[("x-request-id", "req-42")])
         .await;
     assert_eq!(reply.header("x-request-id"), Some("req-42"));
     assert_eq!(

@@ -76,6 +76,10 @@ impl Client {
         self.send(Method::GET, url, &[], Bytes::new()).await
     }
 
+    pub async fn get_with(&self, url: &str, headers: &[(&str, &str)]) -> Reply {
+        self.send(Method::GET, url, headers, Bytes::new()).await
+    }
+
     pub async fn post_json(&self, url: &str, headers: &[(&str, &str)], body: &str) -> Reply {
         let mut h = vec![("content-type", "application/json")];
         h.extend_from_slice(headers);
