@@ -11,6 +11,10 @@
 /// answer's usage settles it.
 pub const MEDIA_TOKENS: u64 = 1_445;
 
+/// Tokens counted for an image sent in low detail (`"detail": "low"`),
+/// which OpenAI bills at a flat 85 whatever its size.
+pub const LOW_DETAIL_TOKENS: u64 = 85;
+
 /// The shortest string taken for media: text of this length has spaces
 /// or punctuation outside base64's alphabet.
 const MEDIA_MIN: usize = 1_024;
@@ -24,10 +28,30 @@ pub fn estimate(body: &[u8]) -> u64 {
     if !matches!(first, Some(b'{' | b'[')) {
         return 0;
     }
-    let (media_bytes, media) = inline_media(body);
-    let text = (body.len() - media_bytes) as u64;
+    let found = scan(body);
+    let low = found.low_detail.min(found.media);
+    let text = body
+        .len()
+        .saturating_sub(found.media_bytes + found.number_bytes) as u64;
     text.div_ceil(4)
-        .saturating_add(media.saturating_mul(MEDIA_TOKENS))
+        .saturating_add(found.numbers)
+        .saturating_add((found.media - low).saturating_mul(MEDIA_TOKENS))
+        .saturating_add(low.saturating_mul(LOW_DETAIL_TOKENS))
+}
+
+/// What [`scan`] finds in a body besides its text.
+#[derive(Default)]
+struct Found {
+    /// Inline media strings, and their bytes.
+    media: u64,
+    media_bytes: usize,
+    /// `"detail": "low"` members: that many images are low detail.
+    low_detail: u64,
+    /// Integers in arrays of them (token ids, as LangChain and tiktoken
+    /// users send embeddings input: one token each), and their bytes
+    /// with their separators.
+    numbers: u64,
+    number_bytes: usize,
 }
 
 /// `body` without a UTF-8 byte order mark, which some encoders write and
@@ -36,19 +60,25 @@ pub fn without_bom(body: &[u8]) -> &[u8] {
     body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body)
 }
 
-/// The bytes and the number of the JSON strings in `body` that are
-/// inline media, of at least [`MEDIA_MIN`] bytes: a base64 `data:` URL
-/// (OpenAI's `image_url`), or base64 as the value of a member named
-/// `data` or `file_data` (OpenAI's `input_audio` and `file` parts,
-/// Anthropic's `source`). Base64 anywhere else (pasted into a message)
-/// is text the model reads, and is billed as such.
-fn inline_media(body: &[u8]) -> (usize, u64) {
-    let (mut bytes, mut count) = (0, 0);
+/// The JSON strings in `body` that are inline media, of at least
+/// [`MEDIA_MIN`] bytes: a base64 `data:` URL (OpenAI's `image_url`), or
+/// base64 as the value of a member named `data` or `file_data` (OpenAI's
+/// `input_audio` and `file` parts, Anthropic's `source`). Base64 anywhere
+/// else (pasted into a message) is text the model reads, and is billed
+/// as such. Also the low-detail images, and the integers between strings
+/// (see [`Found`]).
+fn scan(body: &[u8]) -> Found {
+    let mut found = Found::default();
     let mut at = 0;
     // The member name the string being read is the value of.
     let mut key: &[u8] = b"";
     // Outside strings a JSON text holds no quote but those that open one.
-    while let Some(open) = memchr::memchr(b'"', &body[at..]) {
+    loop {
+        let open = memchr::memchr(b'"', &body[at..]);
+        integers(&body[at..open.map_or(body.len(), |o| at + o)], &mut found);
+        let Some(open) = open else {
+            break;
+        };
         let start = at + open + 1;
         let Some(end) = string_end(body, start) else {
             break;
@@ -64,14 +94,33 @@ fn inline_media(body: &[u8]) -> (usize, u64) {
                     None => matches!(key, b"data" | b"file_data") && is_base64(text),
                 };
             if media {
-                bytes += text.len();
-                count += 1;
+                found.media_bytes += text.len();
+                found.media += 1;
+            } else if key == b"detail" && text == b"low" {
+                found.low_detail += 1;
             }
             key = b"";
         }
         at = end + 1;
     }
-    (bytes, count)
+    found
+}
+
+/// Counts the integers of `gap` (JSON between two strings) that stand as
+/// elements of an array of numbers (`[101, 2023, …]`), each one token,
+/// with their bytes and separators; a number that is a member's value
+/// (`"max_tokens": 100`) is left to the text.
+fn integers(gap: &[u8], found: &mut Found) {
+    for item in gap.split(|&b| b == b',') {
+        let bare = item.trim_ascii().trim_ascii_start();
+        let bare = bare.strip_prefix(b"[").unwrap_or(bare).trim_ascii();
+        let bare = bare.strip_suffix(b"]").unwrap_or(bare).trim_ascii();
+        let digits = bare.strip_prefix(b"-").unwrap_or(bare);
+        if !digits.is_empty() && digits.iter().all(u8::is_ascii_digit) {
+            found.numbers += 1;
+            found.number_bytes += item.len() + 1;
+        }
+    }
 }
 
 /// Where the string whose text starts at `start` ends: its closing quote.
@@ -187,6 +236,30 @@ mod tests {
         // The base64 run sits inside a string with a quote escaped in it:
         // one string, with spaces, so text.
         assert_eq!(estimate(body.as_bytes()), (body.len() as u64).div_ceil(4));
+    }
+
+    /// A low-detail image is billed 85 tokens whatever its size; token
+    /// ids sent as arrays (embeddings input) are one token each.
+    #[test]
+    fn low_detail_images_and_token_ids_count_as_billed() {
+        let image = base64_of(100_000);
+        let part = format!(
+            r#"{{"type":"image_url","image_url":{{"url":"data:image/jpeg;base64,{image}","detail":"low"}}}}"#
+        );
+        let parts = vec![part.as_str(); 14].join(",");
+        let body = format!(r#"{{"model":"m","messages":[{{"role":"user","content":[{parts}]}}]}}"#);
+        let estimate = estimate(body.as_bytes());
+        assert!(
+            (14 * LOW_DETAIL_TOKENS..14 * LOW_DETAIL_TOKENS + 300).contains(&estimate),
+            "{estimate}"
+        );
+        let ids: Vec<String> = (0..12_000).map(|i| (100_000 + i).to_string()).collect();
+        let body = format!(r#"{{"model":"e","input":[[{}]]}}"#, ids.join(", "));
+        let estimate = super::estimate(body.as_bytes());
+        assert!((12_000..12_010).contains(&estimate), "{estimate}");
+        // A number that is a member's value is text, as before.
+        let body = br#"{"model":"m","max_tokens":100,"n":2}"#;
+        assert_eq!(super::estimate(body), (body.len() as u64).div_ceil(4));
     }
 
     #[test]
