@@ -56,6 +56,10 @@ pub fn compile(
     }
 }
 
+/// The tier of identities without one when `auth.default_tier` is not
+/// set, if the config defines it.
+const DEFAULT_TIER: &str = "free";
+
 struct Compiler<'a> {
     file: &'a str,
     base_dir: &'a Path,
@@ -207,13 +211,8 @@ impl Compiler<'_> {
         match parse(&s) {
             Ok(v) => Some(v),
             Err(e) => {
-                let mut message = self.as_written(e);
-                // Defaults are written in the file: quoted, they show the
-                // value whole. Only a variable's own value is hidden.
-                if expand(&t.value.0, |_| None).ok().as_deref() != Some(s.as_str()) {
-                    message.push_str(" (as its variables made it; their values are not shown)");
-                }
-                self.record(&t.referenced, message);
+                let message = self.as_written(e);
+                self.record_quoting(t, &s, message);
                 None
             }
         }
@@ -223,10 +222,16 @@ impl Compiler<'_> {
     /// it as written in the file (`${RATE}`, never what the variable
     /// holds), with the same note as [`Compiler::parsed`]'s.
     fn out_of_range(&mut self, t: &Text, message: impl FnOnce(&str) -> String) {
-        let written = t.value.0.trim();
-        let mut message = message(&format!("`{written}`"));
-        // As in `parsed`: a value its defaults alone made is shown whole.
-        if expand(&t.value.0, |_| None).ok() != expand(&t.value.0, self.env).ok() {
+        let message = message(&format!("`{}`", t.value.0.trim()));
+        let made = expand(&t.value.0, self.env).unwrap_or_default();
+        self.record_quoting(t, &made, message);
+    }
+
+    /// Records `message` about `t`, whose value `made` is, saying when
+    /// variables made it: defaults are written in the file, so a value
+    /// they alone made is shown whole; a variable's own value never is.
+    fn record_quoting(&mut self, t: &Text, made: &str, mut message: String) {
+        if expand(&t.value.0, |_| None).ok().as_deref() != Some(made) {
             message.push_str(" (as its variables made it; their values are not shown)");
         }
         self.record(&t.referenced, message);
@@ -1222,7 +1227,7 @@ impl Compiler<'_> {
     ) -> Auth {
         let Some(raw) = raw else {
             return Auth {
-                default_tier: tiers.get_key_value("free").map(|(k, _)| k.clone()),
+                default_tier: tiers.get_key_value(DEFAULT_TIER).map(|(k, _)| k.clone()),
                 anonymous_tier: Arc::from("anonymous"),
                 ..Auth::default()
             };
@@ -1242,7 +1247,7 @@ impl Compiler<'_> {
         };
         let default_tier = match &raw.default_tier {
             Some(t) => tier_ref(self, t),
-            None => tiers.get_key_value("free").map(|(k, _)| k.clone()),
+            None => tiers.get_key_value(DEFAULT_TIER).map(|(k, _)| k.clone()),
         };
         let mut api_keys = HashMap::with_capacity(raw.api_keys.len());
         let mut ids = HashSet::new();
@@ -1367,7 +1372,7 @@ impl Compiler<'_> {
             let Some(meant) = given
                 .iter()
                 .copied()
-                .chain(["free"])
+                .chain([DEFAULT_TIER])
                 .find(|g| super::recover::is_near_miss(name, g) && !raw.tiers.contains_key(*g))
             else {
                 continue;

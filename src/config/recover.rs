@@ -92,8 +92,9 @@ impl Wanted {
 /// other scalar spaces, so that its key reads as null, and a one-line
 /// flow collection where a scalar is wanted (`listen: [::]:8080`
 /// unquoted) an empty string. Errors that the stand-in then gets, at
-/// the same place, are the user's one error. `None` when nothing of these starts there (a block collection,
-/// an anchor, a block scalar, a collection that goes on past its line).
+/// the same place, are the user's one error. `None` when nothing of
+/// these starts there (a block collection, an anchor, a block scalar, a
+/// collection that goes on past its line).
 pub fn without_value(text: &str, line: u64, col: u64, wanted: Wanted) -> Option<String> {
     let line = usize::try_from(line.checked_sub(1)?).ok()?;
     let col = usize::try_from(col.checked_sub(1)?).ok()?;
@@ -131,20 +132,9 @@ pub fn without_value(text: &str, line: u64, col: u64, wanted: Wanted) -> Option<
             Wanted::Mapping => "{}",
             Wanted::Other => return None,
         };
-        let mut out = String::with_capacity(text.len() + 2);
-        for l in &lines[..line] {
-            out.push_str(l);
-        }
-        out.push_str(before);
-        if !before.ends_with(' ') {
-            out.push(' ');
-        }
-        out.push_str(empty);
-        out.push_str(&value_line[col..]);
-        for l in &lines[line + 1..] {
-            out.push_str(l);
-        }
-        return Some(out);
+        let space = if before.ends_with(' ') { "" } else { " " };
+        let new_line = format!("{before}{space}{empty}{}", &value_line[col..]);
+        return Some(with_line(&lines, line, &new_line));
     }
     let len = match rest.as_bytes().first()? {
         q @ (b'"' | b'\'') => {
@@ -171,10 +161,7 @@ pub fn without_value(text: &str, line: u64, col: u64, wanted: Wanted) -> Option<
         }
         _ => plain_len(rest, in_flow),
     };
-    let mut out = String::with_capacity(text.len());
-    for l in &lines[..line] {
-        out.push_str(l);
-    }
+    let mut out = String::with_capacity(value_line.len() + 2);
     out.push_str(before);
     let width = rest[..len].chars().count();
     // A one-letter value (`members: a`) takes a space after it too, or
@@ -207,10 +194,16 @@ pub fn without_value(text: &str, line: u64, col: u64, wanted: Wanted) -> Option<
         out.push(' ');
     }
     out.push_str(after);
-    for l in &lines[line + 1..] {
-        out.push_str(l);
+    Some(with_line(&lines, line, &out))
+}
+
+/// `lines` joined, line `at` replaced by `new` (which keeps its end).
+fn with_line(lines: &[&str], at: usize, new: &str) -> String {
+    let mut out = String::with_capacity(lines.iter().map(|l| l.len()).sum::<usize>() + 2);
+    for (i, l) in lines.iter().enumerate() {
+        out.push_str(if i == at { new } else { l });
     }
-    Some(out)
+    out
 }
 
 /// The length in bytes of the plain scalar `rest` starts with: in a flow

@@ -112,7 +112,7 @@ fn scan(body: &[u8]) -> Found {
 /// (`"max_tokens": 100`) is left to the text.
 fn integers(gap: &[u8], found: &mut Found) {
     for item in gap.split(|&b| b == b',') {
-        let bare = item.trim_ascii().trim_ascii_start();
+        let bare = item.trim_ascii();
         let bare = bare.strip_prefix(b"[").unwrap_or(bare).trim_ascii();
         let bare = bare.strip_suffix(b"]").unwrap_or(bare).trim_ascii();
         let digits = bare.strip_prefix(b"-").unwrap_or(bare);
@@ -124,7 +124,7 @@ fn integers(gap: &[u8], found: &mut Found) {
 }
 
 /// Where the string whose text starts at `start` ends: its closing quote.
-fn string_end(body: &[u8], start: usize) -> Option<usize> {
+pub(super) fn string_end(body: &[u8], start: usize) -> Option<usize> {
     let mut at = start;
     loop {
         let found = at + memchr::memchr2(b'"', b'\\', body.get(at..)?)?;

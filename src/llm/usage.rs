@@ -427,6 +427,8 @@ fn from_json_body(body: &[u8]) -> Usage {
 /// tail (read backwards from its last byte, where the state is known too:
 /// outside every string).
 mod top_level {
+    use crate::llm::prompt_size::string_end;
+
     /// The value of the top-level member `name` that comes first in
     /// `head` (the document's start).
     pub fn from_start<'a>(head: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
@@ -453,18 +455,6 @@ mod top_level {
             i += 1;
         }
         None
-    }
-
-    /// Where the string whose content starts at `start` ends (its
-    /// closing quote), escapes skipped.
-    fn string_end(json: &[u8], mut i: usize) -> Option<usize> {
-        loop {
-            match *json.get(i)? {
-                b'\\' => i += 2,
-                b'"' => return Some(i),
-                _ => i += 1,
-            }
-        }
     }
 
     /// The value of the top-level member `name` that comes last in

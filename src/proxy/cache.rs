@@ -176,7 +176,7 @@ pub async fn lookup(
 /// new one and each read must see its state now, so a route's cache
 /// (usually over all of `/v1/`) passes them by: a cached batch would
 /// never finish, and a deleted file would still be there.
-pub fn is_stateful(path: &str) -> bool {
+fn is_stateful(path: &str) -> bool {
     const RESOURCES: [&str; 12] = [
         "files",
         "batches",
@@ -191,9 +191,8 @@ pub fn is_stateful(path: &str) -> bool {
         "organization",
         "realtime",
     ];
-    let mut segments = path.split('/').filter(|s| !s.is_empty());
     let mut previous: [&str; 2] = ["", ""];
-    for segment in segments.by_ref() {
+    for segment in path.split('/').filter(|s| !s.is_empty()) {
         if RESOURCES.contains(&segment) {
             return true;
         }

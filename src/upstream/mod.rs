@@ -311,12 +311,11 @@ fn shorthand_ipv4(host: &str) -> Option<std::net::Ipv4Addr> {
             None if part.len() > 1 && part.starts_with('0') => (&part[1..], 8),
             None => (*part, 10),
         };
-        let value = if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_hexdigit()) {
-            u32::from_str_radix(digits, radix).ok()?
-        } else {
+        // (`from_str_radix` would also take a sign.)
+        if !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
-        };
-        values.push(value);
+        }
+        values.push(u32::from_str_radix(digits, radix).ok()?);
     }
     let (last, leading) = values.split_last()?;
     let mut address = 0u32;

@@ -628,20 +628,31 @@ async fn streaming_through(
 ) {
     let (dir, gw, proxy) =
         running_before_slow_mock(grace, "{ stream_chunks: 5, chunk_interval: 2s }").await;
+    let resp = open_stream(proxy, "m").await;
+    let rest = tokio::spawn(client::read(resp));
+    (dir, gw, rest)
+}
+
+/// A streamed chat completion of `model` through the proxy at `proxy`,
+/// once its head has come (a 200).
+async fn open_stream(
+    proxy: impl std::fmt::Display,
+    model: &str,
+) -> http::Response<hyper::body::Incoming> {
     let hyper_client = HyperClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let body = format!(
+        r#"{{"model":"{model}","stream":true,"messages":[{{"role":"user","content":"Say hello to the whole team"}}]}}"#
+    );
     let req = http::Request::post(format!("http://{proxy}/v1/chat/completions"))
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(
-            br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"Say hello to the whole team"}]}"#,
-        )))
+        .body(Full::new(Bytes::from(body)))
         .expect("request");
     let resp = tokio::time::timeout(Duration::from_secs(5), hyper_client.request(req))
         .await
         .expect("the stream's head within 5s")
         .expect("the stream starts");
     assert_eq!(resp.status(), 200);
-    let rest = tokio::spawn(client::read(resp));
-    (dir, gw, rest)
+    resp
 }
 
 /// `sluice run`, ready, with `shutdown_grace` and a route `/v1/` to a
@@ -969,18 +980,7 @@ routes:
     }
 
     // A streamed completion; wait for its first event.
-    let hyper_client = HyperClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let req = http::Request::post(format!("http://{proxy}/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(
-            br#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello to the whole team"}]}"#,
-        )))
-        .expect("request");
-    let resp = tokio::time::timeout(Duration::from_secs(5), hyper_client.request(req))
-        .await
-        .expect("the stream's head within 5s")
-        .expect("the stream starts");
-    assert_eq!(resp.status(), 200);
+    let resp = open_stream(&proxy, "gpt-4o-mini").await;
     let (parts, mut body) = resp.into_parts();
     let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
         .await
