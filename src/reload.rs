@@ -37,6 +37,9 @@ pub struct Reloader {
     path: PathBuf,
     env: Env,
     certs: Option<Arc<CertStore>>,
+    /// The addresses the listeners hold: a reload does not move them, so
+    /// an upstream there loops back into sluice whatever `listen` says.
+    bound: [std::net::SocketAddr; 2],
     /// The running config's text and the files it read: events that
     /// changed neither (a file touched, a sibling written) reload nothing.
     accepted: Option<Digest32>,
@@ -91,7 +94,13 @@ pub enum Outcome {
 }
 
 impl Reloader {
-    pub fn new(gw: Arc<Gateway>, path: PathBuf, env: Env, certs: Option<Arc<CertStore>>) -> Self {
+    /// Watches `path` for the gateway `running` serves.
+    pub fn new(
+        gw: Arc<Gateway>,
+        path: PathBuf,
+        env: Env,
+        running: &crate::server::Running,
+    ) -> Self {
         let tls_digest = gw.active().snapshot.tls.as_ref().and_then(tls_digest);
         let accepted = crate::config::read_text(&path)
             .ok()
@@ -101,7 +110,8 @@ impl Reloader {
             gw,
             path,
             env,
-            certs,
+            certs: running.certs.clone(),
+            bound: [running.proxy_addr, running.admin_addr],
             started,
             accepted,
             refused: None,
@@ -149,7 +159,7 @@ impl Reloader {
         let loaded = match &text {
             Ok(text) => {
                 let base_dir = base_dir(&self.path);
-                config::load_str(text, &file, base_dir, &*self.env)
+                config::load_str_beside(text, &file, base_dir, &*self.env, &self.bound)
             }
             Err(e) => Err(ConfigErrors(vec![config::ConfigError {
                 file: file.clone(),

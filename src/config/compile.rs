@@ -28,17 +28,20 @@ use crate::upstream::{self, MockSettings, Timeouts, Upstream};
 const MAX_CONNECTIONS_CAP: u64 = 10_000_000;
 
 /// Compiles one parsed file. `base_dir` resolves relative file paths;
-/// `env` looks up `${VAR}`s.
+/// `env` looks up `${VAR}`s; `bound` are listeners already held (by the
+/// running config a reload would replace).
 pub fn compile(
     raw: RawConfig,
     file: &str,
     base_dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
+    bound: &[std::net::SocketAddr],
 ) -> Result<Snapshot, Vec<ConfigError>> {
     let mut c = Compiler {
         file,
         base_dir,
         env,
+        bound,
         errors: Vec::new(),
         warnings: Vec::new(),
         expansions: Vec::new(),
@@ -64,6 +67,9 @@ struct Compiler<'a> {
     file: &'a str,
     base_dir: &'a Path,
     env: &'a dyn Fn(&str) -> Option<String>,
+    /// Listeners held already: a reload keeps them until a restart,
+    /// whatever the new `listen` says.
+    bound: &'a [std::net::SocketAddr],
     errors: Vec<ConfigError>,
     warnings: Vec<ConfigError>,
     /// What `${VAR}`s expanded to, and the text as written: messages
@@ -457,7 +463,10 @@ impl Compiler<'_> {
         let upstreams = self.upstreams(&raw.upstreams, &limits);
         for upstream in &upstreams {
             if let crate::upstream::UpstreamKind::Http(http) = &upstream.kind
-                && (http.is_at(listen) || http.is_at(admin_listen))
+                && [listen, admin_listen]
+                    .iter()
+                    .chain(self.bound)
+                    .any(|&at| http.is_at(at))
                 && let Some(url) = raw
                     .upstreams
                     .get(&*upstream.name)

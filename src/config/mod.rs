@@ -106,6 +106,19 @@ pub fn load_str(
     base_dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Snapshot, ConfigErrors> {
+    load_str_beside(text, file, base_dir, env, &[])
+}
+
+/// [`load_str`] for a config that would replace a running one: `bound`
+/// are the addresses its listeners hold, which a reload does not move,
+/// so an upstream there is sluice itself too.
+pub fn load_str_beside(
+    text: &str,
+    file: &str,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    bound: &[std::net::SocketAddr],
+) -> Result<Snapshot, ConfigErrors> {
     let mut errors = Vec::new();
     // Unknown keys blanked so far, to tell a misspelt required key, and
     // where values were blanked, to tell the errors that blanking made.
@@ -117,7 +130,7 @@ pub fn load_str(
     loop {
         let options = serde_saphyr::options! { with_snippet: false };
         match serde_saphyr::from_str_with_options::<raw::RawConfig>(&text, options) {
-            Ok(raw) => match compile::compile(raw, file, base_dir, env) {
+            Ok(raw) => match compile::compile(raw, file, base_dir, env, bound) {
                 Ok(mut snapshot) if errors.is_empty() => {
                     for warning in &mut snapshot.warnings {
                         warning.message = redact::message(std::mem::take(&mut warning.message));

@@ -523,6 +523,47 @@ async fn a_setting_changed_back_to_what_runs_needs_no_restart() {
     assert_eq!(warnings(), 1, "{}", gw.log_text());
 }
 
+/// A reload does not move the listeners: an upstream at the address
+/// still bound is sluice itself, though the new `listen` is elsewhere,
+/// and is refused as `check` refuses one at `listen` (each request
+/// would come back to sluice until connections ran out).
+#[tokio::test]
+async fn an_upstream_at_the_listener_still_bound_is_refused() {
+    let upstream = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let base = config(&upstream.url(), "");
+    let gw = TestGateway::start_watched(&base, &[], tempfile::tempdir().unwrap()).await;
+    for at in [gw.addr, gw.admin] {
+        let looping = base
+            .replace(
+                "upstreams:\n",
+                &format!("upstreams:\n  me: {{ url: \"http://{at}\" }}\n"),
+            )
+            .replace(
+                "routes:\n",
+                "routes:\n  - name: loop\n    match: { path_prefix: /loop/ }\n    upstream: me\n",
+            );
+        gw.swap_config(&format!("listen: 127.0.0.1:1\n{looping}"));
+        let refused = if at == gw.addr { 1.0 } else { 2.0 };
+        wait_reloads(&gw, "error", refused).await;
+        let reply = Client::new().get_with(&gw.url("/loop/x"), &[ALICE]).await;
+        assert_eq!(reply.status, 404, "the old config serves");
+    }
+    let failures: Vec<String> = gw
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "config_reload_failed")
+        .map(|l| l["errors"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(failures.len(), 2, "{}", gw.log_text());
+    for failure in &failures {
+        assert!(
+            failure.contains("upstream `me` is sluice itself"),
+            "{failure}"
+        );
+    }
+    assert_eq!(reloads(&gw, "ok").await, 0.0);
+}
+
 /// A config without `tls` reloaded onto a TLS listener (which serves TLS
 /// until restarted) leaves certificate rotation on: the files the
 /// listener started with are still watched and re-read.

@@ -88,7 +88,7 @@ impl TestGateway {
         let gw = Gateway::new(snapshot, sink);
         let running = server::start(gw.clone()).await.expect("gateway starts");
         if let Some((path, env)) = reload {
-            let reloader = Reloader::new(gw.clone(), path, env, running.certs.clone());
+            let reloader = Reloader::new(gw.clone(), path, env, &running);
             reload::spawn(reloader, reload::hangup().expect("SIGHUP handled"))
                 .expect("hot reload starts");
         }
