@@ -162,13 +162,16 @@ pub async fn send(
     if token_limited || crate::llm::spend::applies(snap, ctx.identity.as_ref()) {
         // Kept for an answer cut short before it reported usage: it is
         // charged this instead (see `limit::settle`, `tap::record_usage`).
+        // Read from the body as the client sent it: the question for
+        // usage is sluice's, and no prompt.
+        let sent = plain.as_ref().unwrap_or(&body);
         let estimate = if token_limited {
-            limit::estimate_tokens(&body)
+            limit::estimate_tokens(sent)
         } else {
-            limit::estimate_tokens_roughly(&body)
+            limit::estimate_tokens_roughly(sent)
         };
         ctx.estimate = Some(estimate);
-        ctx.requested_model = limit::requested_model(&body);
+        ctx.requested_model = limit::requested_model(sent);
         if token_limited {
             limit::reserve_tokens(snap, &gw.state, &gw.metrics, route, ctx, estimate.total())
                 .await?;

@@ -98,7 +98,12 @@ pub async fn admit(
             // Held by the ctx: freed when the tap finalizes (body ended or
             // client gone).
             Some(slot) => ctx.slot = Some(slot),
-            None => return Err(refuse("concurrency", CONCURRENCY_RETRY)),
+            None => {
+                if taken.units.give_back(state) {
+                    show_given_back(&mut ctx.rate_limit);
+                }
+                return Err(refuse("concurrency", CONCURRENCY_RETRY));
+            }
         }
     }
     ctx.request_units = taken.keep();
@@ -494,19 +499,24 @@ pub fn settle(state: &State, ctx: &mut RequestCtx) {
 /// both go back, as for a request refused at once.
 fn refund(state: &State, ctx: &mut RequestCtx) {
     release(state, ctx);
-    if ctx.request_units.give_back(state)
-        && let Some(shown) = ctx.rate_limit.as_mut()
-    {
-        // Each bucket got its unit back; the headers show that, the
-        // reset a unit's refill sooner.
-        shown.remaining = shown.remaining.saturating_add(1).min(shown.limit);
-        let unit = WINDOW / u32::try_from(shown.limit.max(1)).unwrap_or(u32::MAX);
-        shown.reset = if shown.remaining == shown.limit {
-            Duration::ZERO
-        } else {
-            shown.reset.saturating_sub(unit)
-        };
+    if ctx.request_units.give_back(state) {
+        show_given_back(&mut ctx.rate_limit);
     }
+}
+
+/// Each bucket got its unit back: the headers show that, the reset a
+/// unit's refill sooner.
+fn show_given_back(shown: &mut Option<Decision>) {
+    let Some(shown) = shown.as_mut() else {
+        return;
+    };
+    shown.remaining = shown.remaining.saturating_add(1).min(shown.limit);
+    let unit = WINDOW / u32::try_from(shown.limit.max(1)).unwrap_or(u32::MAX);
+    shown.reset = if shown.remaining == shown.limit {
+        Duration::ZERO
+    } else {
+        shown.reset.saturating_sub(unit)
+    };
 }
 
 fn release(state: &State, ctx: &mut RequestCtx) {

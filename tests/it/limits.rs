@@ -132,7 +132,12 @@ async fn concurrency_slot_is_freed_when_a_stream_ends_or_the_client_leaves() {
         Duration::from_millis(150),
     ))
     .await;
-    let gw = TestGateway::start(&config(&up.url(), "{ concurrent_requests: 1 }", "")).await;
+    let gw = TestGateway::start(&config(
+        &up.url(),
+        "{ concurrent_requests: 1, requests_per_minute: 100 }",
+        "",
+    ))
+    .await;
     let hyper_client =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http::<http_body_util::Full<Bytes>>();
@@ -149,6 +154,8 @@ async fn concurrency_slot_is_freed_when_a_stream_ends_or_the_client_leaves() {
     assert_eq!(first.status(), 200);
     let second = get(&gw, "/v1/x", "key-alice").await;
     assert_eq!(second.status, 429);
+    // Its request unit went back: the headers count only the stream's.
+    assert_eq!(second.header("x-ratelimit-remaining-requests"), Some("99"));
     assert_eq!(
         gw.metric(
             "sluice_rate_limited_total",
@@ -161,13 +168,54 @@ async fn concurrency_slot_is_freed_when_a_stream_ends_or_the_client_leaves() {
     let done = client::read(first).await;
     assert!(done.text().ends_with("data: 3\n\n"));
     gw.wait_access_logs(2).await;
-    assert_eq!(get(&gw, "/v1/x", "key-alice").await.status, 200);
+    let third = get(&gw, "/v1/x", "key-alice").await;
+    assert_eq!(third.status, 200);
+    assert_eq!(third.header("x-ratelimit-remaining-requests"), Some("98"));
     gw.wait_access_logs(3).await;
     // A client that leaves mid-stream frees it too.
     let leaving = open(&gw).await.unwrap();
     drop(leaving);
     gw.wait_access_logs(4).await;
     assert_eq!(get(&gw, "/v1/x", "key-alice").await.status, 200);
+}
+
+/// A streamed chat request's estimate is its client's body: the
+/// `stream_options` sluice adds to ask for usage is no prompt, and must
+/// not cost the client tokens (nor, cut short, dollars).
+#[tokio::test]
+async fn the_usage_question_sluice_adds_is_not_reserved() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&config(&up.url(), "{ tokens_per_minute: 100000 }", "")).await;
+    let body = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hello there, friend"}]}"#;
+    let remaining = |path: &'static str, key: &'static str| {
+        let gw = &gw;
+        async move {
+            let reply = Client::new()
+                .send(
+                    Method::POST,
+                    &gw.url(path),
+                    &[("x-api-key", key)],
+                    Bytes::from_static(body.as_bytes()),
+                )
+                .await;
+            assert_eq!(reply.status, 200);
+            reply
+                .header("x-ratelimit-remaining-tokens")
+                .and_then(|v| v.parse::<u64>().ok())
+                .expect("token headers")
+        }
+    };
+    // The same bytes, asked for usage by sluice (chat completions) and
+    // passed as they are (another path), each from a bucket of its own.
+    let asked = remaining("/v1/chat/completions", "key-alice").await;
+    let passed = remaining("/v1/other", "key-bob").await;
+    assert!(passed < 100_000, "a reservation was made: {passed}");
+    assert_eq!(asked, passed);
+    let asked_body = String::from_utf8_lossy(&up.seen()[0].body).into_owned();
+    assert!(
+        asked_body.contains("include_usage"),
+        "usage was asked for: {asked_body}"
+    );
 }
 
 /// An upstream whose every answer reports `tokens` prompt tokens.
