@@ -668,20 +668,28 @@ fn write_headers(names: HeaderNames, decision: &Decision, headers: &mut HeaderMa
     }
 }
 
-/// A duration as the OpenAI API writes resets: `20ms`, `1.5s`, `6m0s`.
+/// A duration as the OpenAI API writes resets (Go's durations, to the
+/// millisecond): `20ms`, `1.5s`, `6m0s`, `1m26.4s`, `1h0m0s`.
 fn reset_text(d: Duration) -> String {
     let ms = d.as_millis();
     if ms == 0 {
         // Go's (and so OpenAI's) zero duration.
-        "0s".to_owned()
-    } else if ms < 1000 {
-        format!("{ms}ms")
-    } else if ms < 60_000 {
-        let secs = format!("{:.3}", d.as_secs_f64());
-        format!("{}s", secs.trim_end_matches('0').trim_end_matches('.'))
-    } else {
-        format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
+        return "0s".to_owned();
     }
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let mut text = String::new();
+    if ms >= 3_600_000 {
+        text.push_str(&format!("{}h", ms / 3_600_000));
+    }
+    if ms >= 60_000 {
+        text.push_str(&format!("{}m", ms % 3_600_000 / 60_000));
+    }
+    let secs = format!("{}.{:03}", ms % 60_000 / 1000, ms % 1000);
+    text.push_str(secs.trim_end_matches('0').trim_end_matches('.'));
+    text.push('s');
+    text
 }
 
 #[cfg(test)]
@@ -695,6 +703,11 @@ mod tests {
         assert_eq!(reset_text(Duration::from_millis(1500)), "1.5s");
         assert_eq!(reset_text(Duration::from_secs(12)), "12s");
         assert_eq!(reset_text(Duration::from_secs(360)), "6m0s");
+        assert_eq!(reset_text(Duration::from_millis(86_400)), "1m26.4s");
+        assert_eq!(reset_text(Duration::from_millis(60_010)), "1m0.01s");
+        assert_eq!(reset_text(Duration::from_secs(3600)), "1h0m0s");
+        assert_eq!(reset_text(Duration::from_millis(3_725_500)), "1h2m5.5s");
+        assert_eq!(reset_text(Duration::from_millis(59_999)), "59.999s");
     }
 
     #[test]
