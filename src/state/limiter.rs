@@ -95,33 +95,43 @@ impl MemoryLimiter {
                 retry_after: Duration::ZERO,
             };
         };
-        let tat = match shard.tats.get(key) {
-            Some(tat) => (*tat).max(now_ns),
-            None => {
-                shard.sweep_if_due(now_ns);
-                now_ns
+        let decide = |tat: u64| {
+            let new_tat = tat.saturating_add(interval.saturating_mul(cost));
+            let ahead = new_tat - now_ns;
+            if ahead > window {
+                let used = tat - now_ns;
+                let refused = Decision {
+                    allowed: false,
+                    limit: per_minute,
+                    remaining: (window.saturating_sub(used)) / interval,
+                    reset: Duration::from_nanos(used),
+                    retry_after: Duration::from_nanos(ahead - window),
+                };
+                return (refused, None);
             }
-        };
-        let new_tat = tat.saturating_add(interval.saturating_mul(cost));
-        let ahead = new_tat - now_ns;
-        if ahead > window {
-            let used = tat - now_ns;
-            return Decision {
-                allowed: false,
+            let allowed = Decision {
+                allowed: true,
                 limit: per_minute,
-                remaining: (window.saturating_sub(used)) / interval,
-                reset: Duration::from_nanos(used),
-                retry_after: Duration::from_nanos(ahead - window),
+                remaining: (window - ahead) / interval,
+                reset: Duration::from_nanos(ahead),
+                retry_after: Duration::ZERO,
             };
+            (allowed, Some(new_tat))
+        };
+        // A bucket in use is updated in place: one lookup, no key cloned.
+        if let Some(tat) = shard.tats.get_mut(key) {
+            let (decision, taken) = decide((*tat).max(now_ns));
+            if let Some(new_tat) = taken {
+                *tat = new_tat;
+            }
+            return decision;
         }
-        shard.tats.insert(key.clone(), new_tat);
-        Decision {
-            allowed: true,
-            limit: per_minute,
-            remaining: (window - ahead) / interval,
-            reset: Duration::from_nanos(ahead),
-            retry_after: Duration::ZERO,
+        shard.sweep_if_due(now_ns);
+        let (decision, taken) = decide(now_ns);
+        if let Some(new_tat) = taken {
+            shard.tats.insert(key.clone(), new_tat);
         }
+        decision
     }
 
     /// Settles a reservation: adds `delta` units to a bucket whatever its
