@@ -99,6 +99,9 @@ pub async fn lookup(
     }
     let key = key(route, settings, parts, ctx, &bytes);
     let mut flight = None;
+    // When a waiting request stops waiting: half of what was left of its
+    // time when it first waited, however many leads it waits on in turn.
+    let mut give_up = None;
     if !directives.no_cache {
         for _ in 0..MAX_WAITS {
             let stored = gw.state.cache_get(&key).await;
@@ -141,7 +144,9 @@ pub async fn lookup(
                     // A client that leaves while it waits missed all the same.
                     ctx.cache = Some(CacheStatus::Miss);
                     let since = Instant::now();
-                    let give_up = since + deadline.saturating_duration_since(since) / 2;
+                    let give_up = *give_up.get_or_insert_with(|| {
+                        since + deadline.saturating_duration_since(since) / 2
+                    });
                     let woken = tokio::time::timeout_at(give_up.into(), done.changed()).await;
                     ctx.waiting += since.elapsed();
                     // A final answer that was not stored would be the

@@ -66,8 +66,11 @@ pub enum ProxyError {
         /// Every attempt was a 429 naming its wait: the shortest of them.
         retry_after: Option<Duration>,
     },
+    /// Every member was skipped; `members` reads `openai: circuit open;
+    /// backup: cooling down after a 429`.
     UpstreamUnavailable {
         retry_after: Duration,
+        members: String,
     },
     UpstreamTimeout {
         upstream: String,
@@ -219,8 +222,8 @@ impl ProxyError {
             ProxyError::UpstreamFailed { attempts, .. } => {
                 format!("every upstream attempt failed: {attempts}")
             }
-            ProxyError::UpstreamUnavailable { .. } => {
-                "every upstream is unavailable (circuit open, cooling down after a 429, or failing its health check); retry later".to_owned()
+            ProxyError::UpstreamUnavailable { members, .. } => {
+                format!("every upstream is unavailable ({members}); retry later")
             }
             ProxyError::UpstreamTimeout {
                 upstream,
@@ -294,7 +297,7 @@ impl ProxyError {
                 // `retry-after`, so they would retry at once, in vain.
                 headers.insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
             }
-            ProxyError::UpstreamUnavailable { retry_after }
+            ProxyError::UpstreamUnavailable { retry_after, .. }
             | ProxyError::UpstreamFailed {
                 retry_after: Some(retry_after),
                 ..

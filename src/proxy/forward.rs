@@ -408,8 +408,9 @@ async fn failover(
             // Named in a 502's list of attempts, so that "b: 503" alone
             // does not read as if `a` had never been configured.
             tried.push(format!(
-                "{}: skipped (circuit open or cooling down)",
-                upstream.name
+                "{}: skipped ({})",
+                upstream.name,
+                breaker.skip_reason(now)
             ));
             continue;
         }
@@ -602,6 +603,7 @@ async fn failover(
         });
         return Err(ProxyError::UpstreamUnavailable {
             retry_after: wait.max(Duration::from_secs(1)),
+            members: tried.join("; "),
         });
     }
     match last_timed_out {

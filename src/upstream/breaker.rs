@@ -131,6 +131,26 @@ impl Breaker {
         }
     }
 
+    /// Why [`Breaker::admit`] skipped the member at `now`, in a few words
+    /// for an error's list of members.
+    pub fn skip_reason(&self, now: Instant) -> &'static str {
+        let Ok(s) = self.state.lock() else {
+            return "skipped";
+        };
+        let ahead = |until: Option<Instant>| until.is_some_and(|until| now < until);
+        if ahead(s.cooled_until) {
+            "cooling down after a 429"
+        } else if ahead(s.health_down_until) {
+            "failing its health check"
+        } else if ahead(s.open_until) {
+            "circuit open"
+        } else if s.open_until.is_some() {
+            "circuit half-open, its probe under way"
+        } else {
+            "skipped"
+        }
+    }
+
     /// Whether [`Breaker::admit`] would let any attempt through at `now`
     /// (for asking whether a member could still take over, not for
     /// sending to it). A circuit open, even with its cooldown over, says
@@ -521,6 +541,26 @@ mod tests {
         b.health_failed(1, recheck);
         assert_eq!(b.admit(recheck), Admit::Yes);
         assert_eq!(b.up.get(), 1);
+    }
+
+    #[test]
+    fn a_skip_says_why() {
+        let t0 = Instant::now();
+        let cooldown = Duration::from_secs(30);
+        let b = breaker();
+        b.cool_down(t0 + Duration::from_secs(2));
+        assert_eq!(b.skip_reason(t0), "cooling down after a 429");
+        let b = breaker();
+        b.health_failed(1, t0 + Duration::from_secs(15));
+        assert_eq!(b.skip_reason(t0), "failing its health check");
+        let b = breaker();
+        b.failure(t0, 1, cooldown, false);
+        assert_eq!(b.skip_reason(t0), "circuit open");
+        assert!(matches!(b.admit(t0 + cooldown), Admit::Probe(_)));
+        assert_eq!(
+            b.skip_reason(t0 + cooldown),
+            "circuit half-open, its probe under way"
+        );
     }
 
     #[test]

@@ -425,6 +425,43 @@ async fn a_failed_lead_does_not_fail_the_requests_waiting_on_it() {
     );
 }
 
+/// A waiter's bound (half of what was left of its time when it began to
+/// wait) holds across leads that fail in turn: in an outage the last of
+/// three identical requests calls the upstream itself in time for its
+/// own answer, rather than waiting on each failure and timing out.
+#[tokio::test]
+async fn a_waiter_stops_waiting_in_time_however_many_leads_fail() {
+    let upstream = MockUpstream::always(
+        UpstreamReply::status(502)
+            .body(r#"{"error":{"message":"down"}}"#)
+            .delay(Duration::from_millis(1600)),
+    )
+    .await;
+    let yaml = format!(
+        "limits: {{ request_timeout: 4s }}\n{}",
+        config(&upstream.url(), "{ ttl: 10m }")
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let client = Client::new();
+    let url = gw.url("/v1/chat/completions");
+    let send = || {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move { client.post_json(&url, &[ALICE], CHAT).await })
+    };
+    let lead = send();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiters = [send(), send()];
+    // The lead fails at 1.6 s; one waiter takes its turn (failing at
+    // 3.2 s); the other stops waiting at about 2 s, its bound, and has
+    // its own answer by 3.6 s, within its 4 s.
+    assert_eq!(lead.await.unwrap().status, 502);
+    for waiter in futures_util::future::join_all(waiters).await {
+        let reply = waiter.unwrap();
+        assert_eq!(reply.status, 502, "{}", reply.text());
+    }
+    assert_eq!(upstream.seen().len(), 3);
+}
+
 /// A lead whose answer is final but not stored (a 400, a `no-store`)
 /// sends the requests waiting on it to the upstream at once, not one
 /// after the other.

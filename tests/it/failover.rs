@@ -321,6 +321,10 @@ async fn every_circuit_open_is_503_with_retry_after() {
     let reply = chat(&gw).await;
     assert_eq!(reply.status, 503);
     assert_eq!(reply.json()["error"]["code"], "upstream_unavailable");
+    assert_eq!(
+        reply.json()["error"]["message"],
+        "every upstream is unavailable (primary: skipped (circuit open); backup: skipped (circuit open)); retry later"
+    );
     let retry: u64 = reply.header("retry-after").unwrap().parse().unwrap();
     assert!((29..=30).contains(&retry), "retry-after {retry}");
     assert!(
@@ -1259,7 +1263,7 @@ async fn a_skipped_member_is_named_when_every_attempt_fails() {
     assert_eq!(reply.status, 502);
     assert_eq!(
         reply.json()["error"]["message"],
-        "every upstream attempt failed: primary: skipped (circuit open or cooling down); backup: 503"
+        "every upstream attempt failed: primary: skipped (circuit open); backup: 503"
     );
 }
 
