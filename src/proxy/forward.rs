@@ -114,18 +114,7 @@ pub async fn send(
     // A compressed body would be estimated at its compressed size, and
     // a stream's usage could not be asked for in it: a way around the
     // limit wherever the upstream takes compressed bodies.
-    // Every coding of every line, as bytes: a second line, or a value
-    // that is no text, must not slip one past.
-    let compressed = || {
-        parts
-            .headers
-            .get_all(http::header::CONTENT_ENCODING)
-            .iter()
-            .flat_map(|line| line.as_bytes().split(|b| *b == b','))
-            .map(<[u8]>::trim_ascii)
-            .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"identity"))
-    };
-    if token_limited && compressed() {
+    if token_limited && headers::is_compressed(&parts.headers) {
         return Err(ProxyError::UnsupportedEncoding);
     }
     let renames = |index: usize| {

@@ -57,6 +57,18 @@ pub fn has_other_transfer_coding(headers: &HeaderMap) -> bool {
         })
 }
 
+/// Whether a body comes compressed (`content-encoding` other than
+/// `identity`). Every coding of every line, as bytes: a second line, or
+/// a value that is no text, must not slip one past.
+pub fn is_compressed(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(http::header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|line| line.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"identity"))
+}
+
 /// Whether `name` describes one connection, not the message (see
 /// [`HOP_BY_HOP`]): dropped on each hop, so no config may set it.
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {

@@ -76,6 +76,11 @@ pub async fn check_body(
     if !applies || !has_body {
         return Ok(RequestBody::Streaming(body));
     }
+    if super::headers::is_compressed(&parts.headers) {
+        // Not read as JSON (a gzip body is no broken JSON): the client
+        // is told to send it plain, as on a token-limited route.
+        return Err(ProxyError::UnsupportedEncoding);
+    }
     let bytes = RequestBody::Streaming(body)
         .into_bytes(max_body, deadline, budget, &mut ctx.waiting)
         .await?;

@@ -87,10 +87,59 @@ impl BodyLog {
 
 /// A body's text with credentials masked: the values of secret JSON
 /// fields whatever their type (also in a body cut short mid-value),
+/// the parts of a `multipart/form-data` body with a secret name,
 /// `name=value` and `name: value` pairs with a secret name (form bodies,
 /// JSON escaped inside a string), bearer tokens and `sk-` style keys.
 pub fn mask(text: &str) -> String {
-    mask_pairs(&mask_patterns(&mask_fields(text)))
+    mask_pairs(&mask_patterns(&mask_form_parts(&mask_fields(text))))
+}
+
+/// Masks the content of each `multipart/form-data` part whose
+/// `Content-Disposition` names a secret field (`name="password"`), as a
+/// browser sends a login form: from the blank line after the part's
+/// headers to the boundary line that ends it (or the end of the text).
+fn mask_form_parts(text: &str) -> String {
+    const NAME: &str = "name=\"";
+    let mut out = String::with_capacity(text.len());
+    let mut copied = 0;
+    let mut from = 0;
+    while let Some(found) = find_ignore_case(&text[from..], NAME) {
+        let name_start = from + found + NAME.len();
+        let Some(name_len) = text[name_start..].find('"') else {
+            break;
+        };
+        from = name_start + name_len;
+        // `filename="…"` names a file, not the field.
+        let field = !text[..name_start - NAME.len()].ends_with(|c: char| c.is_ascii_alphanumeric());
+        if !field || !is_secret_name(&text[name_start..from]) {
+            continue;
+        }
+        let Some(blank) = text[from..]
+            .find("\r\n\r\n")
+            .map(|at| (at, 4))
+            .or_else(|| text[from..].find("\n\n").map(|at| (at, 2)))
+        else {
+            break;
+        };
+        let content = from + blank.0 + blank.1;
+        let end = text[content..]
+            .find("\n--")
+            .map_or(text.len(), |at| content + at);
+        // The line break before the boundary belongs to it.
+        let end = if text[..end].ends_with('\r') {
+            end - 1
+        } else {
+            end
+        };
+        if end > content {
+            out.push_str(&text[copied..content]);
+            out.push_str(MASK);
+            copied = end;
+        }
+        from = end.max(content);
+    }
+    out.push_str(&text[copied..]);
+    out
 }
 
 fn mask_fields(text: &str) -> String {
@@ -112,7 +161,14 @@ fn mask_fields(text: &str) -> String {
             continue;
         }
         j = skip_space(bytes, j + 1);
-        if !is_secret_name(&text[i + 1..key_end]) {
+        let name = &text[i + 1..key_end];
+        // A name spelled with escapes (`api\u005fkey`) is read as the
+        // JSON says it.
+        let unescaped = name
+            .contains('\\')
+            .then(|| serde_json::from_str::<String>(&text[i..=key_end]).ok())
+            .flatten();
+        if !is_secret_name(unescaped.as_deref().unwrap_or(name)) {
             i = j;
             continue;
         }
@@ -438,6 +494,39 @@ mod tests {
         assert_eq!(
             mask(r#"{"t":"{\"password\": [\"a]b\", \"SECRET\"], \"n\": 1}"}"#),
             r#"{"t":"{\"password\": ***, \"n\": 1}"}"#
+        );
+    }
+
+    #[test]
+    fn secret_form_parts_and_escaped_names_are_masked() {
+        let form = "--XyZ\r\nContent-Disposition: form-data; name=\"username\"\r\n\r\nalice\r\n\
+             --XyZ\r\nContent-Disposition: form-data; name=\"password\"\r\n\r\nCorrect Horse 9\r\n\
+             --XyZ\r\ncontent-disposition: form-data; name=\"API_KEY\"\r\n\r\nlive-123\r\n\
+             --XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"secret.txt\"\r\n\
+             Content-Type: text/plain\r\n\r\nplain\r\n--XyZ--\r\n";
+        let masked = mask(form);
+        assert!(
+            masked.contains("name=\"username\"\r\n\r\nalice\r\n"),
+            "{masked}"
+        );
+        assert!(
+            masked.contains("name=\"password\"\r\n\r\n***\r\n--XyZ"),
+            "{masked}"
+        );
+        assert!(
+            masked.contains("name=\"API_KEY\"\r\n\r\n***\r\n--XyZ"),
+            "{masked}"
+        );
+        assert!(masked.contains("\r\n\r\nplain\r\n--XyZ--"), "{masked}");
+        assert!(!masked.contains("Horse") && !masked.contains("live-123"));
+        // Cut short inside the secret part: nothing of it shows.
+        assert_eq!(
+            mask("name=\"password\"\n\nhunter2 and more"),
+            "name=\"password\"\n\n***"
+        );
+        assert_eq!(
+            mask(r#"{"api\u005fkey": "ZQX19aaaa", "n": 1}"#),
+            r#"{"api\u005fkey": "***", "n": 1}"#
         );
     }
 

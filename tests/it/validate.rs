@@ -233,3 +233,28 @@ async fn a_model_named_by_the_path_or_a_stored_prompt_is_not_required() {
     let bare = post("/v1/chat/completions", chat).await;
     assert_eq!(error(&bare)["param"], "model");
 }
+
+/// A compressed body is not read as broken JSON: the client is told to
+/// send it plain (415 and `accept-encoding: identity`), as on a
+/// token-limited route, on both kinds of validation.
+#[tokio::test]
+async fn a_compressed_body_is_415_not_invalid_json() {
+    let (gw, upstream) = start().await;
+    for path in ["/v1/chat/completions", "/items"] {
+        let reply = Client::new()
+            .send(
+                http::Method::POST,
+                &gw.url(path),
+                &[("content-encoding", "gzip")],
+                bytes::Bytes::from_static(b"\x1f\x8b\x08\x00\x00\x00\x00\x00"),
+            )
+            .await;
+        assert_eq!(reply.status, 415, "{path}: {}", reply.text());
+        assert_eq!(
+            reply.json()["error"]["code"],
+            "unsupported_content_encoding"
+        );
+        assert_eq!(reply.header("accept-encoding"), Some("identity"));
+    }
+    assert!(upstream.seen().is_empty());
+}
