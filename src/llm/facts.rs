@@ -427,6 +427,12 @@ pub fn parse<'a, T: Deserialize<'a>>(json: &'a [u8]) -> Option<T> {
     serde_json::from_slice(json).ok()
 }
 
+/// `n` as a count, when it is a whole number within `u64`.
+pub fn whole(n: f64) -> Option<u64> {
+    // 2^64 is the first float past u64::MAX; the cast is then exact.
+    (n.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&n)).then_some(n as u64)
+}
+
 /// A member of the expected JSON type, or `None` for any other (null
 /// included), which is skipped rather than an error.
 #[derive(Default)]
@@ -541,8 +547,10 @@ impl<'de, T: LooseKind<'de>> Visitor<'de> for LooseVisitor<T> {
     fn visit_i64<E: de::Error>(self, n: i64) -> Result<Self::Value, E> {
         Ok(u64::try_from(n).ok().and_then(T::from_u64))
     }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
+    /// A whole number written as a float (`100.0`, `1e2`: Python code
+    /// that computes a count sends one) counts as that number.
+    fn visit_f64<E: de::Error>(self, n: f64) -> Result<Self::Value, E> {
+        Ok(whole(n).and_then(T::from_u64))
     }
     fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
         Ok(None)
@@ -565,7 +573,7 @@ mod tests {
     #[test]
     fn members_of_other_types_are_absent_not_errors() {
         let facts = Facts::parse(
-            br#"{"model":7,"usage":{"prompt_tokens":1.5,"completion_tokens":-2,"input_tokens":4,"output_tokens":"5"},
+            br#"{"model":7,"usage":{"prompt_tokens":1.5,"completion_tokens":-2,"input_tokens":4.0,"output_tokens":"5"},
                 "choices":[3,{"finish_reason":1},{"finish_reason":"stop","extra":[{}]}],"stop_reason":{},"delta":[],
                 "message":"text","error":null}"#,
         )

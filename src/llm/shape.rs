@@ -314,7 +314,16 @@ impl Type {
     fn admits(self, value: &Value) -> bool {
         match self {
             Type::String => value.is_string(),
-            Type::Integer => value.is_i64() || value.is_u64(),
+            // A whole number written as a float (`100.0`, `1e2`), as JSON
+            // Schema counts it and Python code that computes one sends it.
+            Type::Integer => {
+                value.is_i64()
+                    || value.is_u64()
+                    || value.as_f64().is_some_and(|n| {
+                        n.fract() == 0.0
+                            && (-9.223_372_036_854_776e18..1.844_674_407_370_955_2e19).contains(&n)
+                    })
+            }
             Type::Number => value.is_number(),
             Type::Bool => value.is_boolean(),
             Type::Array => value.is_array(),
@@ -410,7 +419,7 @@ impl<'a> Obj<'a> {
 
     fn at_least(&self, field: &str, min: i64) -> Result<(), Invalid> {
         match self.map.get(field) {
-            Some(v) if v.as_i64().is_some_and(|n| n < min) => {
+            Some(v) if v.as_f64().is_some_and(|n| n < min as f64) => {
                 Err(self.invalid(field, format!("must be at least {min}, not {v}")))
             }
             _ => Ok(()),
@@ -509,6 +518,9 @@ mod tests {
                 "tools[0].function.name",
             ),
             (user(json!({"tool_choice": "sometimes"})), "tool_choice"),
+            (user(json!({"max_tokens": 1.5})), "max_tokens"),
+            (user(json!({"max_tokens": 0.0})), "max_tokens"),
+            (user(json!({"n": 1e300})), "n"),
             (
                 user(
                     json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}),
@@ -520,6 +532,15 @@ mod tests {
             let err = chat(body.clone()).expect_err(&body.to_string());
             assert_eq!(err.path, path, "{body}: {}", err.message);
         }
+    }
+
+    /// Whole numbers written as floats pass where an integer belongs,
+    /// as JSON Schema (OpenAI's API spec) reads them.
+    #[test]
+    fn whole_floats_are_integers() {
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 100.0, "n": 1.0, "seed": 1e2, "max_completion_tokens": 2E1});
+        assert_eq!(chat(body), Ok(()));
     }
 
     /// Valid requests of the current API pass: content parts of types

@@ -749,6 +749,10 @@ mod tests {
             (r#"{"max_completion_tokens":null,"max_tokens":100}"#, 100),
             (r#"{"max_tokens":"100"}"#, 0),
             (r#"{"max_tokens":-1}"#, 0),
+            // A whole number written as a float is that number.
+            (r#"{"max_tokens":100.0}"#, 100),
+            (r#"{"max_tokens":1e2,"n":2.0}"#, 200),
+            (r#"{"max_tokens":1.5}"#, 0),
             ("not json", 0),
             (r#"{"max_tokens":5,"max_tokens":100}"#, 100),
             // The responses API's name.
