@@ -224,8 +224,9 @@ fn object(value: &Value, path: String) -> Result<Obj<'_>, Invalid> {
 
 fn completions(at: &Obj<'_>) -> Result<(), Invalid> {
     // Required, as OpenAI's API reference has it (a missing prompt is
-    // OpenAI's 400 `missing_required_parameter`).
-    at.required("prompt", &[Type::String, Type::Array])?;
+    // OpenAI's 400 `missing_required_parameter`), and nullable, as its
+    // API spec has it (null is its `<|endoftext|>` default).
+    at.required("prompt", &[Type::String, Type::Array, Type::Null])?;
     sampling(at)?;
     at.optional("max_tokens", &[Type::Integer, Type::Null])?;
     at.at_least("max_tokens", 0)?;
@@ -638,6 +639,7 @@ mod tests {
         );
         let completions = |b: Value| check(Endpoint::Completions, false, &b).map_err(|e| e.path);
         assert_eq!(completions(json!({"model": "m", "prompt": "x"})), Ok(()));
+        assert_eq!(completions(json!({"model": "m", "prompt": null})), Ok(()));
         assert_eq!(
             completions(json!({"model": "m", "prompt": "x", "n": 0})),
             Err("n".into())

@@ -467,6 +467,22 @@ async fn process(
     let deadline = ctx.deadline(snap);
     let budget = gw.body_budget(snap);
     let route_path = slash_view.as_deref().unwrap_or(parts.uri.path());
+    // A debug aid: the request body is read whole (bounded) to log it,
+    // also one that validation then refuses.
+    let log_body = |ctx: &mut RequestCtx, bytes: &[u8]| {
+        if !snap.logging.log_bodies {
+            return;
+        }
+        // The config's list, unless the request presented a credential.
+        ctx.body_secrets = auth::credential(&parts.headers)
+            .filter(|presented| !presented.is_empty())
+            .map(|presented| snap.logging.known_secrets.with_presented(presented));
+        let secrets = ctx
+            .body_secrets
+            .as_ref()
+            .unwrap_or(&snap.logging.known_secrets);
+        ctx.request_body = Some(BodyLog::of(bytes).render(&secrets.0));
+    };
     let mut body = validate::check_body(
         &route.validate,
         &parts,
@@ -476,22 +492,14 @@ async fn process(
         max_body,
         deadline,
         budget,
+        log_body,
     )
     .await?;
-    if snap.logging.log_bodies {
-        // A debug aid: the request body is read whole (bounded) to log it.
+    if snap.logging.log_bodies && ctx.request_body.is_none() {
         let bytes = body
             .into_bytes(max_body, deadline, gw.body_budget(snap), &mut ctx.waiting)
             .await?;
-        // The config's list, unless the request presented a credential.
-        ctx.body_secrets = auth::credential(&parts.headers)
-            .filter(|presented| !presented.is_empty())
-            .map(|presented| snap.logging.known_secrets.with_presented(presented));
-        let secrets = ctx
-            .body_secrets
-            .as_ref()
-            .unwrap_or(&snap.logging.known_secrets);
-        ctx.request_body = Some(BodyLog::of(&bytes).render(&secrets.0));
+        log_body(ctx, &bytes);
         body = forward::RequestBody::Read(bytes);
     }
     if let Err(refused) = limit::admit(snap, &gw.state, &gw.metrics, route, ctx).await {

@@ -48,7 +48,8 @@ pub fn check_declared_size(headers: &HeaderMap, limit: u64) -> Result<(), ProxyE
 /// otherwise leaves it to stream. `path` is the one routes read. Once
 /// the body is read whole, valid or not, the ctx says so (the connection
 /// can then serve the next request) and counts the read as time spent
-/// waiting on the client, not sluice's overhead.
+/// waiting on the client, not sluice's overhead. `read` sees the body
+/// read, before it is checked (to log a refused body too).
 #[allow(clippy::too_many_arguments)]
 pub async fn check_body(
     validate: &Validate,
@@ -59,6 +60,7 @@ pub async fn check_body(
     max_body: u64,
     deadline: Instant,
     budget: Budget<'_>,
+    read: impl FnOnce(&mut RequestCtx, &[u8]),
 ) -> Result<RequestBody, ProxyError> {
     // Routes without `validate` (most) decide without looking at the path.
     let (applies, endpoint) = match validate {
@@ -85,6 +87,7 @@ pub async fn check_body(
         .into_bytes(max_body, deadline, budget, &mut ctx.waiting)
         .await?;
     ctx.body_unread = false;
+    read(ctx, &bytes);
     check_json(validate, endpoint, shape::model_in_path(path), &bytes)?;
     Ok(RequestBody::Read(bytes))
 }

@@ -279,3 +279,27 @@ async fn a_multipart_form_logs_no_password() {
     );
     assert!(!gw.log_text().contains("CorrectHorseBattery9"));
 }
+
+/// A body that validation refuses is the one an operator most needs to
+/// see: it is logged (masked) with its 400.
+#[tokio::test]
+async fn a_body_validation_refuses_is_logged() {
+    let upstream = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let yaml = config(&upstream.url(), true).replace(
+        "match: { path_prefix: /v1/ }\n",
+        "match: { path_prefix: /v1/ }\n    validate: openai\n",
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let body =
+        r#"{"model":"m","messages":[{"role":"robot","content":"hi"}],"api_key":"zz-9876543210"}"#;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[ALICE], body)
+        .await;
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(
+        log["request_body"],
+        r#"{"model":"m","messages":[{"role":"robot","content":"hi"}],"api_key":"***"}"#
+    );
+    assert!(upstream.seen().is_empty());
+}
