@@ -1107,7 +1107,7 @@ impl Compiler<'_> {
                     CacheScope::Identity,
                 ),
             });
-            let cors = r.cors.as_ref().map(|c| self.cors(c, at));
+            let cors = r.cors.as_ref().map(|c| self.cors(c, at, &methods));
             // `None` when its variables failed (already reported): no
             // second error about an upstream named ``.
             let expanded = upstream.and_then(|u| self.text(u));
@@ -1147,7 +1147,8 @@ impl Compiler<'_> {
         out
     }
 
-    fn cors(&mut self, c: &RawCors, route: &Location) -> Cors {
+    /// `methods`: the route's own, which a preflight is told by default.
+    fn cors(&mut self, c: &RawCors, route: &Location, methods: &[Method]) -> Cors {
         if c.allow_origins.is_empty() {
             self.error(
                 route,
@@ -1182,10 +1183,17 @@ impl Compiler<'_> {
             let Some(origin) = self.text(written) else {
                 continue;
             };
-            let origin = origin.trim().to_owned();
+            let mut origin = origin.trim().to_owned();
             if origin.is_empty() {
                 // `${DEV_ORIGIN:-}` unset: no origin, as the list reads.
                 continue;
+            }
+            // Browsers leave the scheme's default port out of `origin`:
+            // written in, it would never match.
+            for (scheme, port) in [("https://", ":443"), ("http://", ":80")] {
+                if origin.starts_with(scheme) && origin.ends_with(port) {
+                    origin.truncate(origin.len() - port.len());
+                }
             }
             if origin == "*" {
                 if allow_credentials {
@@ -1206,12 +1214,21 @@ impl Compiler<'_> {
         }
         Cors {
             allow_origins,
-            allow_methods: list(
-                self,
-                &c.allow_methods,
-                &["GET", "POST", "OPTIONS"],
-                ("an HTTP method", |b| Method::from_bytes(b).is_ok()),
-            ),
+            allow_methods: match (&c.allow_methods, methods) {
+                // A route limited to some methods offers those.
+                (None, [_, ..]) => methods
+                    .iter()
+                    .map(Method::as_str)
+                    .chain((!methods.contains(&Method::OPTIONS)).then_some("OPTIONS"))
+                    .map(str::to_owned)
+                    .collect(),
+                (written, _) => list(
+                    self,
+                    written,
+                    &["GET", "POST", "OPTIONS"],
+                    ("an HTTP method", |b| Method::from_bytes(b).is_ok()),
+                ),
+            },
             // Unset, a preflight's own list is echoed: browser SDKs send
             // headers of their own (the OpenAI SDK's `x-stainless-*`,
             // `openai-beta`…) that no fixed default would keep up with.
