@@ -158,7 +158,16 @@ fn chat(at: &Obj<'_>) -> Result<(), Invalid> {
         }
     }
     match at.map.get("tool_choice") {
-        None | Some(Value::Null | Value::Object(_)) => {}
+        None | Some(Value::Null) => {}
+        Some(choice @ Value::Object(map)) => {
+            // `{"type": "function", "function": {"name": …}}`; other
+            // types (`allowed_tools`, `custom`) are left to the API.
+            if map.get("type").and_then(Value::as_str) == Some("function") {
+                object(choice, "tool_choice".to_owned())?
+                    .required_object("function")?
+                    .required("name", &[Type::String])?;
+            }
+        }
         Some(Value::String(choice)) if ["none", "auto", "required"].contains(&choice.as_str()) => {}
         Some(other) => {
             return Err(at.invalid(
@@ -187,6 +196,18 @@ fn chat(at: &Obj<'_>) -> Result<(), Invalid> {
     at.optional("stop", &[Type::String, Type::Array, Type::Null])?;
     at.optional("stream_options", &[Type::Object, Type::Null])?;
     at.optional("seed", &[Type::Integer, Type::Null])?;
+    at.optional("logprobs", &[Type::Bool, Type::Null])?;
+    at.optional("top_logprobs", &[Type::Integer, Type::Null])?;
+    at.range("top_logprobs", 0.0, 20.0)?;
+    if let Some(metadata) = at.map.get("metadata") {
+        at.typed("metadata", metadata, &[Type::Object, Type::Null])?;
+        if metadata.is_object() {
+            let metadata = object(metadata, "metadata".to_owned())?;
+            for (key, value) in metadata.map {
+                metadata.typed(key, value, &[Type::String])?;
+            }
+        }
+    }
     at.optional("user", &[Type::String, Type::Null])
 }
 
@@ -520,6 +541,13 @@ mod tests {
             ),
             (user(json!({"tool_choice": "sometimes"})), "tool_choice"),
             (user(json!({"max_tokens": 1.5})), "max_tokens"),
+            (
+                user(json!({"tool_choice": {"type": "function", "function": {}}})),
+                "tool_choice.function.name",
+            ),
+            (user(json!({"logprobs": "yes"})), "logprobs"),
+            (user(json!({"top_logprobs": 30})), "top_logprobs"),
+            (user(json!({"metadata": {"a": 1}})), "metadata.a"),
             (user(json!({"max_tokens": 0.0})), "max_tokens"),
             (user(json!({"n": 1e300})), "n"),
             (
