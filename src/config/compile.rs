@@ -1191,7 +1191,10 @@ impl Compiler<'_> {
             // Browsers leave the scheme's default port out of `origin`:
             // written in, it would never match.
             for (scheme, port) in [("https://", ":443"), ("http://", ":80")] {
-                if origin.starts_with(scheme) && origin.ends_with(port) {
+                let has_scheme = origin
+                    .get(..scheme.len())
+                    .is_some_and(|s| s.eq_ignore_ascii_case(scheme));
+                if has_scheme && origin.ends_with(port) {
                     origin.truncate(origin.len() - port.len());
                 }
             }
@@ -1216,12 +1219,15 @@ impl Compiler<'_> {
             allow_origins,
             allow_methods: match (&c.allow_methods, methods) {
                 // A route limited to some methods offers those.
-                (None, [_, ..]) => methods
-                    .iter()
-                    .map(Method::as_str)
-                    .chain((!methods.contains(&Method::OPTIONS)).then_some("OPTIONS"))
-                    .map(str::to_owned)
-                    .collect(),
+                (None, [_, ..]) => {
+                    let mut offered: Vec<String> = Vec::with_capacity(methods.len() + 1);
+                    for method in methods.iter().chain([&Method::OPTIONS]) {
+                        if !offered.iter().any(|m| m == method.as_str()) {
+                            offered.push(method.as_str().to_owned());
+                        }
+                    }
+                    offered
+                }
                 (written, _) => list(
                     self,
                     written,

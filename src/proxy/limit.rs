@@ -81,6 +81,9 @@ pub async fn admit(
             ),
         )?;
         if global_spent || own_spent {
+            if taken.units.give_back(state) {
+                show_given_back(&mut ctx.rate_limit);
+            }
             count_refusal(metrics, route, tier_name.as_deref(), "budget");
             return Err(ProxyError::BudgetExceeded {
                 retry_after: until_midnight,
@@ -211,7 +214,12 @@ pub fn estimate_tokens(body: &[u8]) -> TokenEstimate {
         None => serde_json::from_slice::<serde_json::Value>(body)
             .ok()
             .map(|v| {
-                let cap = |name| v.get(name).and_then(serde_json::Value::as_u64);
+                let cap = |name| {
+                    let value = v.get(name)?;
+                    value
+                        .as_u64()
+                        .or_else(|| value.as_f64().and_then(facts::whole))
+                };
                 (
                     cap("max_completion_tokens")
                         .or_else(|| cap("max_tokens"))
@@ -753,6 +761,7 @@ mod tests {
             (r#"{"max_tokens":100.0}"#, 100),
             (r#"{"max_tokens":1e2,"n":2.0}"#, 200),
             (r#"{"max_tokens":1.5}"#, 0),
+            (r#"{"max_tokens":5,"max_tokens":100.0}"#, 100),
             ("not json", 0),
             (r#"{"max_tokens":5,"max_tokens":100}"#, 100),
             // The responses API's name.

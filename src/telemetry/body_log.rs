@@ -95,38 +95,46 @@ pub fn mask(text: &str) -> String {
 }
 
 /// Masks the content of each `multipart/form-data` part whose
-/// `Content-Disposition` names a secret field (`name="password"`), as a
-/// browser sends a login form: from the blank line after the part's
-/// headers to the boundary line that ends it (or the end of the text).
+/// `Content-Disposition` header names a secret field (`name="password"`),
+/// as a browser sends a login form: from the blank line after the part's
+/// headers to the line of the boundary that opened the part (or the end
+/// of the text, for a body cut short or one whose boundary is not seen).
 fn mask_form_parts(text: &str) -> String {
-    const NAME: &str = "name=\"";
+    const HEADER: &str = "content-disposition:";
     let mut out = String::with_capacity(text.len());
     let mut copied = 0;
     let mut from = 0;
-    while let Some(found) = find_ignore_case(&text[from..], NAME) {
-        let name_start = from + found + NAME.len();
-        let Some(name_len) = text[name_start..].find('"') else {
-            break;
-        };
-        from = name_start + name_len;
-        // `filename="…"` names a file, not the field.
-        let field = !text[..name_start - NAME.len()].ends_with(|c: char| c.is_ascii_alphanumeric());
-        if !field || !is_secret_name(&text[name_start..from]) {
+    while let Some(found) = find_ignore_case(&text[from..], HEADER) {
+        let at = from + found;
+        from = at + HEADER.len();
+        // Only a header line: not the words in a text or a page.
+        if at > 0 && !text[..at].ends_with('\n') {
             continue;
         }
-        let Some(blank) = text[from..]
-            .find("\r\n\r\n")
-            .map(|at| (at, 4))
-            .or_else(|| text[from..].find("\n\n").map(|at| (at, 2)))
-        else {
+        let line_end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+        if !field_name(&text[at..line_end]).is_some_and(is_secret_name) {
+            continue;
+        }
+        // The part's own blank line: the first after its headers.
+        let blank = [("\r\n\r\n", 4), ("\n\n", 2)]
+            .iter()
+            .filter_map(|(blank, len)| text[at..].find(blank).map(|i| at + i + len))
+            .min();
+        let Some(content) = blank else {
+            // Cut short in the part's headers: no content shows.
             break;
         };
-        let content = from + blank.0 + blank.1;
-        let end = text[content..]
-            .find("\n--")
-            .map_or(text.len(), |at| content + at);
+        // The boundary line nearest before the part's headers.
+        let delimiter = text[..at]
+            .lines()
+            .rev()
+            .map(str::trim_end)
+            .find(|line| line.starts_with("--"));
+        let end = delimiter
+            .and_then(|d| text[content..].find(&format!("\n{d}")))
+            .map_or(text.len(), |i| content + i);
         // The line break before the boundary belongs to it.
-        let end = if text[..end].ends_with('\r') {
+        let end = if end > content && text[..end].ends_with('\r') {
             end - 1
         } else {
             end
@@ -136,10 +144,27 @@ fn mask_form_parts(text: &str) -> String {
             out.push_str(MASK);
             copied = end;
         }
-        from = end.max(content);
+        from = from.max(end);
     }
     out.push_str(&text[copied..]);
     out
+}
+
+/// The field a `Content-Disposition` line names (`name="…"`, not
+/// `filename="…"`).
+fn field_name(line: &str) -> Option<&str> {
+    const NAME: &str = "name=\"";
+    let mut from = 0;
+    while let Some(found) = find_ignore_case(&line[from..], NAME) {
+        let at = from + found;
+        let start = at + NAME.len();
+        let len = line[start..].find('"')?;
+        if !line[..at].ends_with(|c: char| c.is_ascii_alphanumeric()) {
+            return Some(&line[start..start + len]);
+        }
+        from = start + len;
+    }
+    None
 }
 
 fn mask_fields(text: &str) -> String {
@@ -168,7 +193,7 @@ fn mask_fields(text: &str) -> String {
             .contains('\\')
             .then(|| serde_json::from_str::<String>(&text[i..=key_end]).ok())
             .flatten();
-        if !is_secret_name(unescaped.as_deref().unwrap_or(name)) {
+        if !is_secret_name(name) && !unescaped.as_deref().is_some_and(is_secret_name) {
             i = j;
             continue;
         }
@@ -521,8 +546,27 @@ mod tests {
         assert!(!masked.contains("Horse") && !masked.contains("live-123"));
         // Cut short inside the secret part: nothing of it shows.
         assert_eq!(
-            mask("name=\"password\"\n\nhunter2 and more"),
-            "name=\"password\"\n\n***"
+            mask("--b\nContent-Disposition: form-data; name=\"password\"\n\nhunter2 and more"),
+            "--b\nContent-Disposition: form-data; name=\"password\"\n\n***"
+        );
+        // Bare line feeds, a blank CRLF line further on, and a value with
+        // a line of its own starting with `--` (a PEM key): all of the
+        // part's content is masked, to its own boundary.
+        let lf = "--b\nContent-Disposition: form-data; name=\"client_secret\"\n\n\
+                  -----BEGIN KEY-----\nKEYBODY\n--tail\n--b\n\
+                  Content-Disposition: form-data; name=\"n\"\n\nl1\r\n\r\nl2\n--b--";
+        assert_eq!(
+            mask(lf),
+            "--b\nContent-Disposition: form-data; name=\"client_secret\"\n\n***\n--b\n\
+             Content-Disposition: form-data; name=\"n\"\n\nl1\r\n\r\nl2\n--b--"
+        );
+        // Outside a part's headers, `name="…"` is just text.
+        let page = "<input name=\"csrf_token\">\n\n<p>Sign in</p>";
+        assert_eq!(mask(page), page);
+        // Either spelling of a name counts: `token\u0073` reads `tokens`.
+        assert_eq!(
+            mask(r#"{"token\u0073": "t-1"}"#),
+            r#"{"token\u0073": "***"}"#
         );
         assert_eq!(
             mask(r#"{"api\u005fkey": "ZQX19aaaa", "n": 1}"#),

@@ -135,7 +135,7 @@ impl Breaker {
     /// for an error's list of members.
     pub fn skip_reason(&self, now: Instant) -> &'static str {
         let Ok(s) = self.state.lock() else {
-            return "skipped";
+            return "unavailable";
         };
         let ahead = |until: Option<Instant>| until.is_some_and(|until| now < until);
         if ahead(s.cooled_until) {
@@ -147,7 +147,8 @@ impl Breaker {
         } else if s.open_until.is_some() {
             "circuit half-open, its probe under way"
         } else {
-            "skipped"
+            // Admitted again since it was skipped.
+            "unavailable"
         }
     }
 

@@ -31,7 +31,7 @@ auth:
     - {{ id: alice, key: key-alice, tier: free }}
     - {{ id: bob, key: key-bob, tier: free }}
 tiers:
-  free: {{ daily_budget_usd: 0.5 }}
+  free: {{ daily_budget_usd: 0.5, requests_per_minute: 100 }}
 routes:
   - name: chat
     match: {{ path_prefix: /v1/ }}
@@ -71,6 +71,8 @@ async fn global_budget_alerts_once_per_threshold_and_is_enforced() {
     assert_eq!(refused.status, 429);
     assert_eq!(refused.json()["error"]["code"], "budget_exceeded");
     assert_eq!(refused.header("x-should-retry"), Some("false"));
+    // The refused request's unit went back: bob's bucket shows his one call.
+    assert_eq!(refused.header("x-ratelimit-remaining-requests"), Some("99"));
     let retry: u64 = refused.header("retry-after").unwrap().parse().unwrap();
     assert!(
         (1..=86_400).contains(&retry),

@@ -434,11 +434,11 @@ async fn a_waiter_stops_waiting_in_time_however_many_leads_fail() {
     let upstream = MockUpstream::always(
         UpstreamReply::status(502)
             .body(r#"{"error":{"message":"down"}}"#)
-            .delay(Duration::from_millis(1600)),
+            .delay(Duration::from_millis(3000)),
     )
     .await;
     let yaml = format!(
-        "limits: {{ request_timeout: 4s }}\n{}",
+        "limits: {{ request_timeout: 8s }}\n{}",
         config(&upstream.url(), "{ ttl: 10m }")
     );
     let gw = TestGateway::start(&yaml).await;
@@ -451,9 +451,10 @@ async fn a_waiter_stops_waiting_in_time_however_many_leads_fail() {
     let lead = send();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let waiters = [send(), send()];
-    // The lead fails at 1.6 s; one waiter takes its turn (failing at
-    // 3.2 s); the other stops waiting at about 2 s, its bound, and has
-    // its own answer by 3.6 s, within its 4 s.
+    // The lead fails at 3 s; one waiter takes its turn (failing at 6 s);
+    // the other stops waiting at about 4 s, its bound, and has its own
+    // answer by 7 s, within its 8 s. (Its bound counted afresh from 3 s
+    // would be 5.5 s, and its answer come after its deadline.)
     assert_eq!(lead.await.unwrap().status, 502);
     for waiter in futures_util::future::join_all(waiters).await {
         let reply = waiter.unwrap();
