@@ -264,7 +264,12 @@ async fn run(path: PathBuf) -> ExitCode {
                 .first()
                 .map(ToString::to_string)
                 .unwrap_or_default();
-            let more = errors.0.len().saturating_sub(1);
+            let more = errors
+                .0
+                .iter()
+                .skip(1)
+                .filter(|e| !e.message.starts_with(config::STOPPED_READING))
+                .count();
             if more > 0 {
                 stderr_line!(
                     "sluice: invalid config: {first} (and {more} more; see `sluice check --config {}`)",

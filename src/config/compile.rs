@@ -334,10 +334,9 @@ impl Compiler<'_> {
         if v.is_finite() && (0.0..=MAX_USD).contains(&v) {
             Some(v)
         } else {
-            self.error(
-                &t.referenced,
-                format!("`{v}` must be a non-negative amount of at most {MAX_USD} USD"),
-            );
+            self.out_of_range(t, |written| {
+                format!("{written} must be a non-negative amount of at most {MAX_USD} USD")
+            });
             None
         }
     }
@@ -425,9 +424,19 @@ impl Compiler<'_> {
                 .and_then(|a| a.listen.as_ref())
                 .or(raw.listen.as_ref())
                 .map_or(Location::UNKNOWN, |t| t.referenced);
-            self.error(
+            // Each as written (a `${VAR}` stays one), not by the values
+            // `error` would put back wherever they show.
+            let written = |t: Option<&Text>, made: std::net::SocketAddr| {
+                t.map_or_else(|| made.to_string(), |t| t.value.0.trim().to_owned())
+            };
+            let admin_written = written(
+                raw.admin.as_ref().and_then(|a| a.listen.as_ref()),
+                admin_listen,
+            );
+            let listen_written = written(raw.listen.as_ref(), listen);
+            self.record(
                 &at,
-                format!("admin.listen {admin_listen} and listen {listen} share a port; give each its own"),
+                format!("admin.listen {admin_written} and listen {listen_written} share a port; give each its own"),
             );
         }
         let tls = raw.tls.as_ref().and_then(|spanned| {

@@ -218,7 +218,7 @@ pub fn load_str_beside(
             file: file.to_owned(),
             line,
             col,
-            message: format!("stopped reading after {count} errors; fix these and check again"),
+            message: format!("{STOPPED_READING} {count} errors; fix these and check again"),
         });
     }
     for error in &mut errors {
@@ -277,6 +277,10 @@ const DUPLICATE_KEY: &str = "duplicate key ";
 /// Parse errors reported before `check` gives up on a file (each one costs
 /// a parse of it).
 const MAX_PARSE_ERRORS: usize = 32;
+
+/// How the note that ends a list of errors cut short begins (it is no
+/// error of its own).
+pub const STOPPED_READING: &str = "stopped reading after";
 
 /// A parser message said as the rest of sluice's errors are, where the
 /// library's own words would puzzle a user (its option names, its types).

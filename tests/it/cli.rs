@@ -334,7 +334,20 @@ fn run_with_an_invalid_config_exits_2_with_one_line_and_no_panic() {
     );
     let two = write(dir.path(), "two.yaml", TWO_ERRORS);
     let missing = dir.path().join("missing.yaml");
+    // More errors than are read: the note that says so is no error.
+    let typos: String = (0..40).map(|i| format!("typo{i}: 1\n")).collect();
+    let many = write(dir.path(), "many.yaml", &format!("{GOOD}{typos}"));
     let cases = [
+        (
+            &many,
+            format!(
+                "sluice: invalid config: {p}:11:1: unknown key (not repeated here: it could be a \
+                 secret), expected one of listen, tls, admin, limits, upstreams, pools, auth, tiers, \
+                 routes, pricing, budget, cache, state, logging \
+                 (and 32 more; see `sluice check --config {p}`)\n",
+                p = many.display()
+            ),
+        ),
         (
             &one,
             format!(

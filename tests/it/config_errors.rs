@@ -1957,18 +1957,28 @@ routes:
     match: { path_prefix: / }
     upstream: app
 budget:
-  daily_usd: 10
+  daily_usd: ${DU:-5.5}
   alert_at: [\"${AA}\", 0.8, \"${AB}\"]
+listen: 127.0.0.1:26100
+admin: { listen: \"${ADM}\" }
 ",
-        &[("FR", "2"), ("AA", "-0.77"), ("AB", "0.80")],
+        &[
+            ("FR", "2"),
+            ("AA", "-0.77"),
+            ("AB", "0.80"),
+            ("DU", "1e10"),
+            ("ADM", "127.0.0.1:26100"),
+        ],
     );
     assert_eq!(
         errs,
         [
             "test.yaml:3:27: failure_rate `${FR}` is not between 0.0 and 1.0 (as its variables made it; their values are not shown)",
             "test.yaml:3:44: `${ST:-277}` is not an HTTP error status (400-599), as an injected failure answers",
+            "test.yaml:9:14: `${DU:-5.5}` must be a non-negative amount of at most 1000000000 USD (as its variables made it; their values are not shown)",
             "test.yaml:10:14: alert_at `${AA}` must be above 0 (as its variables made it; their values are not shown)",
             "test.yaml:10:28: alert_at lists `${AB}` twice (as its variables made it; their values are not shown)",
+            "test.yaml:12:18: admin.listen ${ADM} and listen 127.0.0.1:26100 share a port; give each its own",
         ]
     );
 }
