@@ -207,7 +207,7 @@ impl ProxyError {
             ProxyError::NotImplemented { message } => (*message).to_owned(),
             ProxyError::InvalidRequest { message, .. } => message.clone(),
             ProxyError::UnsupportedEncoding => {
-                "this route's token limits read request bodies: send them uncompressed (no content-encoding)".to_owned()
+                "this route reads request bodies (to validate them or count their tokens): send them uncompressed (no content-encoding)".to_owned()
             }
             ProxyError::RateLimited {
                 over: Some((needed, limit)),

@@ -131,7 +131,7 @@ fn mask_form_parts(text: &str) -> String {
             .map(str::trim_end)
             .find(|line| line.starts_with("--"));
         let end = delimiter
-            .and_then(|d| text[content..].find(&format!("\n{d}")))
+            .and_then(|d| delimiter_line(&text[content..], d))
             .map_or(text.len(), |i| content + i);
         // The line break before the boundary belongs to it.
         let end = if end > content && text[..end].ends_with('\r') {
@@ -148,6 +148,23 @@ fn mask_form_parts(text: &str) -> String {
     }
     out.push_str(&text[copied..]);
     out
+}
+
+/// Where in `text` the line break before the line `delimiter` (a part's
+/// boundary, followed by a line's end, `--` or the text's end) is: a line
+/// that only begins like it is the part's content.
+fn delimiter_line(text: &str, delimiter: &str) -> Option<usize> {
+    let line = format!("\n{delimiter}");
+    let mut from = 0;
+    while let Some(found) = text[from..].find(&line) {
+        let at = from + found;
+        let rest = &text[at + line.len()..];
+        if rest.is_empty() || rest.starts_with(['\r', '\n']) || rest.starts_with("--") {
+            return Some(at);
+        }
+        from = at + line.len();
+    }
+    None
 }
 
 /// The field a `Content-Disposition` line names (`name="…"`, not
@@ -559,6 +576,14 @@ mod tests {
             mask(lf),
             "--b\nContent-Disposition: form-data; name=\"client_secret\"\n\n***\n--b\n\
              Content-Disposition: form-data; name=\"n\"\n\nl1\r\n\r\nl2\n--b--"
+        );
+        // A line that only begins like the boundary is content.
+        let near = "--b\r\nContent-Disposition: form-data; name=\"password\"\r\n\r\n\
+                    first\r\n--bX TAIL1\r\n--b\r\nContent-Disposition: form-data; name=\"n\"\r\n\r\nv\r\n--b--";
+        assert_eq!(
+            mask(near),
+            "--b\r\nContent-Disposition: form-data; name=\"password\"\r\n\r\n***\r\n--b\r\n\
+             Content-Disposition: form-data; name=\"n\"\r\n\r\nv\r\n--b--"
         );
         // Outside a part's headers, `name="…"` is just text.
         let page = "<input name=\"csrf_token\">\n\n<p>Sign in</p>";
