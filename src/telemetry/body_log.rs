@@ -56,6 +56,11 @@ impl BodyLog {
         // Known values first: masking a pattern may cut one short and
         // leave its tail unmatched (`Bearer acct:tail` → `Bearer ***:tail`).
         let mut text = String::from_utf8_lossy(&self.head).into_owned();
+        if is_binary(&text) {
+            // Audio, an image, a file: its size says more than 4 KiB of
+            // replacement characters would, and no text in it shows.
+            return format!("[{} bytes, not text]", self.total);
+        }
         for secret in known {
             if text.contains(secret.as_str()) {
                 text = text.replace(secret.as_str(), MASK);
@@ -83,6 +88,21 @@ impl BodyLog {
         text.push_str(&mark);
         text
     }
+}
+
+/// Whether a body's head, read as UTF-8, is mostly not text: more than
+/// one character in eight a byte that is no UTF-8 or a control character
+/// other than a tab or a line's end.
+fn is_binary(text: &str) -> bool {
+    let (mut odd, mut all) = (0usize, 0usize);
+    for c in text.chars() {
+        all += 1;
+        if c == char::REPLACEMENT_CHARACTER || (c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+        {
+            odd += 1;
+        }
+    }
+    odd * 8 > all
 }
 
 /// A body's text with credentials masked: the values of secret JSON
@@ -597,6 +617,18 @@ mod tests {
             mask(r#"{"api\u005fkey": "ZQX19aaaa", "n": 1}"#),
             r#"{"api\u005fkey": "***", "n": 1}"#
         );
+    }
+
+    #[test]
+    fn a_body_that_is_no_text_is_logged_as_its_size() {
+        let mut audio = b"RIFF\x24\x08\x00\x00WAVEfmt ".to_vec();
+        audio.extend((0..6000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8));
+        let mut log = BodyLog::default();
+        log.push(&audio);
+        assert_eq!(log.render(&[]), "[6016 bytes, not text]");
+        // Text with a few odd bytes is still text.
+        let text = format!("{{\"text\":\"caf\u{e9} \u{1}{}\"}}", "word ".repeat(20));
+        assert_eq!(BodyLog::of(text.as_bytes()).render(&[]), text);
     }
 
     #[test]
