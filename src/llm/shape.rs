@@ -281,7 +281,8 @@ fn embeddings(at: &Obj<'_>) -> Result<(), Invalid> {
 }
 
 fn responses(at: &Obj<'_>) -> Result<(), Invalid> {
-    at.optional("input", &[Type::String, Type::Array])?;
+    // Null is left out, as with a stored prompt that supplies the input.
+    at.optional("input", &[Type::String, Type::Array, Type::Null])?;
     at.optional("instructions", &[Type::String, Type::Null])?;
     at.optional("stream", &[Type::Bool, Type::Null])?;
     at.optional("temperature", &[Type::Number, Type::Null])?;
@@ -661,6 +662,10 @@ mod tests {
         assert_eq!(embed(json!({"model": "e"})), Err("input".into()));
         let responses = |b: Value| check(Endpoint::Responses, false, &b).map_err(|e| e.path);
         assert_eq!(responses(json!({"model": "m", "input": "hi"})), Ok(()));
+        assert_eq!(
+            responses(json!({"prompt": {"id": "pmpt_1"}, "input": null})),
+            Ok(())
+        );
         assert_eq!(
             responses(json!({"model": "m", "input": 5})),
             Err("input".into())
