@@ -30,10 +30,15 @@ pub enum BudgetScope {
 struct Day {
     index: u64,
     spent: HashMap<BudgetScope, f64>,
-    /// Thresholds already alerted, as fractions × 1000, with the budget
-    /// (in micro-dollars) they were of: a budget raised by a reload
-    /// alerts again at its own thresholds.
+    /// Thresholds this replica alerted from memory, as fractions × 1000,
+    /// with the budget (in micro-dollars) they were of: a budget raised
+    /// by a reload alerts again at its own thresholds.
     alerted: HashMap<BudgetScope, Vec<(u64, u64)>>,
+    /// Thresholds the shared backend's spend has crossed, alerted by
+    /// whichever replica claimed them: not alerted from memory again.
+    /// Apart from `alerted`, so that a charge answered later, whose
+    /// claim crossed one, still alerts it after a later charge was seen.
+    crossed_shared: HashMap<BudgetScope, Vec<(u64, u64)>>,
     /// Spend the shared backend did not take (its call failed), owed to
     /// it by the next call for the scope that reaches it.
     owed: HashMap<BudgetScope, f64>,
@@ -130,11 +135,16 @@ impl Budgets {
             let spent = d.spent.entry(scope.clone()).or_insert(0.0);
             *spent += usd;
             let spent = rounded(*spent);
+            let shared = d.crossed_shared.get(scope);
             let alerted = d.alerted.entry(scope.clone()).or_default();
             let mut alerts = Vec::new();
             for &threshold in alert_at {
                 let key = alert_key(threshold, budget);
-                if budget > 0.0 && spent >= rounded(threshold * budget) && !alerted.contains(&key) {
+                if budget > 0.0
+                    && spent >= rounded(threshold * budget)
+                    && !alerted.contains(&key)
+                    && !shared.is_some_and(|s| s.contains(&key))
+                {
                     alerted.push(key);
                     alerts.push(Alert {
                         threshold,
@@ -163,11 +173,11 @@ impl Budgets {
             let spent = d.spent.entry(scope.clone()).or_insert(0.0);
             *spent = spent.max(shared);
             if budget > 0.0 {
-                let alerted = d.alerted.entry(scope.clone()).or_default();
+                let crossed = d.crossed_shared.entry(scope.clone()).or_default();
                 for &threshold in alert_at {
                     let key = alert_key(threshold, budget);
-                    if rounded(shared) >= rounded(threshold * budget) && !alerted.contains(&key) {
-                        alerted.push(key);
+                    if rounded(shared) >= rounded(threshold * budget) && !crossed.contains(&key) {
+                        crossed.push(key);
                     }
                 }
             }
@@ -222,7 +232,9 @@ mod tests {
         let day = today().0;
         b.seen(&g, day, 6.0, 10.0, &[0.5, 0.8]);
         assert!((b.spent(&g) - 6.0).abs() < 1e-9);
-        assert!(b.alerted(&g, 0.5, 10.0) && !b.alerted(&g, 0.8, 10.0));
+        // Seen crossed is not alerted here: the charge whose claim crossed
+        // it, answered after this one, still alerts it.
+        assert!(!b.alerted(&g, 0.5, 10.0) && !b.alerted(&g, 0.8, 10.0));
         let a = b.add(&g, 2.5, 10.0, &[0.5, 0.8]);
         assert_eq!(a.iter().map(|a| a.threshold).collect::<Vec<_>>(), [0.8]);
         // A lower figure (read before this replica's own spend) lowers nothing.

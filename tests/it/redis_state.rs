@@ -183,6 +183,58 @@ async fn a_shared_budget_fraction_is_reached_to_the_nano_dollar() {
     );
 }
 
+/// Charges answered out of order (many requests at once, each charged
+/// in a task of its own after its response) still raise every threshold
+/// the shared spend crosses, once: a later charge seen first must not
+/// hide the claim of the one that crossed it. (Several worker threads,
+/// as `run` has: the charges' tasks then run in any order.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_charges_raise_each_threshold_once() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1000, 500))).await;
+    // Each answer costs 0.00045 USD: 20 of them cross 10% to 80% of 0.01.
+    let yaml = config(
+        &upstream.url(),
+        &redis.url(),
+        "{}",
+        "budget: { daily_usd: 0.01, alert_at: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8] }\n",
+    );
+    let gw = Arc::new(TestGateway::start(&yaml).await);
+    let calls = (0..20).map(|_| {
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            Client::new()
+                .post_json(&gw.url("/v1/x"), &[ALICE, no_store()], "{}")
+                .await
+                .status
+        })
+    });
+    for status in futures_util::future::join_all(calls).await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    let thresholds = || {
+        let mut seen: Vec<String> = gw
+            .log_lines()
+            .into_iter()
+            .filter(|l| l["message"] == "budget_alert")
+            .map(|l| l["threshold"].to_string())
+            .collect();
+        seen.sort();
+        seen
+    };
+    let all: Vec<String> = ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8"]
+        .map(String::from)
+        .to_vec();
+    assert!(
+        eventually(Duration::from_secs(3), || thresholds() == all).await,
+        "{:?}\n{}",
+        thresholds(),
+        gw.log_text()
+    );
+}
+
 #[tokio::test]
 async fn a_shared_budget_alert_fires_once() {
     let Some(redis) = RedisServer::start() else {
