@@ -223,41 +223,22 @@ fn plain_len(rest: &str, in_flow: bool) -> usize {
 /// The length in bytes of the flow collection `rest` starts with, when
 /// it closes on this line.
 fn one_line_collection(rest: &str) -> Option<usize> {
-    let mut depth = 0usize;
-    let mut quote = None;
-    let mut chars = rest.char_indices().peekable();
-    let mut prev = ' ';
-    let mut last_sig = None;
-    while let Some((i, c)) = chars.next() {
-        match quote {
-            Some('"') if c == '\\' => {
-                chars.next();
-            }
-            Some('\'') if c == '\'' && chars.peek().is_some_and(|&(_, n)| n == '\'') => {
-                chars.next();
-            }
-            Some(q) if c == q => quote = None,
-            Some(_) => {}
-            None => match c {
-                '"' | '\'' if opens_scalar(last_sig) => quote = Some(c),
-                '{' | '[' => depth += 1,
-                '}' | ']' => {
-                    depth = depth.checked_sub(1)?;
-                    if depth == 0 {
-                        return Some(i + 1);
-                    }
-                }
-                // A comment: the collection goes on past this line.
-                '#' if prev.is_whitespace() => return None,
-                _ => {}
-            },
+    let mut end = None;
+    Flow::default().scan(rest, |flow, met| match met {
+        Met::Close {
+            past,
+            unopened: false,
+        } if flow.depth == 0 => {
+            end = Some(past);
+            false
         }
-        prev = c;
-        if !c.is_whitespace() {
-            last_sig = Some(c);
-        }
-    }
-    None
+        Met::Close {
+            unopened: false, ..
+        } => true,
+        // A comment: the collection goes on past this line.
+        Met::Close { .. } | Met::Comment => false,
+    });
+    end
 }
 
 /// The key whose value starts at `line`:`col` (1-based), and where the
@@ -303,21 +284,38 @@ struct Flow {
     quote: Option<char>,
 }
 
+/// What [`Flow::scan`] meets outside quoted scalars.
+enum Met {
+    /// A closing bracket; `past` is the byte index after it, `unopened`
+    /// whether no collection was open.
+    Close { past: usize, unopened: bool },
+    /// A comment, which runs to the end of its line.
+    Comment,
+}
+
 impl Flow {
     /// The state after `text` (whole lines, or the start of one).
     fn read(mut self, text: &str) -> Flow {
-        let mut chars = text.chars().peekable();
+        self.scan(text, |_, _| true);
+        self
+    }
+
+    /// Reads `text` from this state, telling `meet` of each closing
+    /// bracket and comment outside quoted scalars; `meet` returning false
+    /// stops the read there.
+    fn scan(&mut self, text: &str, mut meet: impl FnMut(&Flow, Met) -> bool) {
+        let mut chars = text.char_indices().peekable();
         let mut prev = ' ';
         // The last character of the line so far that is not blank: a
         // quote opens a quoted scalar only where a value starts, not
         // inside a plain one (`x-title: Bob's bot`).
         let mut last_sig: Option<char> = None;
-        while let Some(c) = chars.next() {
+        while let Some((i, c)) = chars.next() {
             match self.quote {
                 Some('"') if c == '\\' => {
                     chars.next();
                 }
-                Some('\'') if c == '\'' && chars.peek() == Some(&'\'') => {
+                Some('\'') if c == '\'' && chars.peek().is_some_and(|&(_, n)| n == '\'') => {
                     chars.next();
                 }
                 Some(q) if c == q => self.quote = None,
@@ -325,10 +323,19 @@ impl Flow {
                 None => match c {
                     '"' | '\'' if opens_scalar(last_sig) => self.quote = Some(c),
                     '{' | '[' => self.depth += 1,
-                    '}' | ']' => self.depth = self.depth.saturating_sub(1),
-                    // A comment runs to the end of its line.
+                    '}' | ']' => {
+                        let unopened = self.depth == 0;
+                        self.depth = self.depth.saturating_sub(1);
+                        let past = i + c.len_utf8();
+                        if !meet(self, Met::Close { past, unopened }) {
+                            return;
+                        }
+                    }
                     '#' if prev.is_whitespace() => {
-                        for c in chars.by_ref() {
+                        if !meet(self, Met::Comment) {
+                            return;
+                        }
+                        for (_, c) in chars.by_ref() {
                             if c == '\n' {
                                 break;
                             }
@@ -346,7 +353,6 @@ impl Flow {
                 last_sig = Some(c);
             }
         }
-        self
     }
 }
 
@@ -355,8 +361,6 @@ impl Flow {
 fn opens_scalar(last: Option<char>) -> bool {
     last.is_none_or(|c| matches!(c, ':' | ',' | '[' | '{' | '-' | '?'))
 }
-
-impl Flow {}
 
 /// Whether a required key reported missing, in the mapping the parser
 /// places at `line`:`col` (one of its keys), is likely one a blanked
