@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
 use serde_json::Value;
@@ -311,9 +311,9 @@ pub fn key(
     }
     // Headers that choose whom the upstream answers for, or in which
     // version of its API: one organization's answer is not another's.
-    for name in ANSWER_HEADERS {
+    for name in &ANSWER_HEADERS {
         for value in parts.headers.get_all(name) {
-            field(&mut hash, name.as_bytes());
+            field(&mut hash, name.as_str().as_bytes());
             field(&mut hash, value.as_bytes());
         }
     }
@@ -322,12 +322,12 @@ pub fn key(
 }
 
 /// Request headers that change the answer itself: part of the key.
-const ANSWER_HEADERS: [&str; 5] = [
-    "openai-organization",
-    "openai-project",
-    "openai-beta",
-    "anthropic-version",
-    "anthropic-beta",
+const ANSWER_HEADERS: [HeaderName; 5] = [
+    HeaderName::from_static("openai-organization"),
+    HeaderName::from_static("openai-project"),
+    HeaderName::from_static("openai-beta"),
+    HeaderName::from_static("anthropic-version"),
+    HeaderName::from_static("anthropic-beta"),
 ];
 
 /// The body's part of the key: JSON in canonical form, else its bytes.
@@ -582,11 +582,7 @@ impl Fill {
         }
         // Compressed though sluice asked for `identity`: a hit would hand
         // that coding to clients that may not take it.
-        if headers
-            .get_all(http::header::CONTENT_ENCODING)
-            .iter()
-            .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"))
-        {
+        if super::headers::is_compressed(headers) {
             return false;
         }
         // A response that varies on request headers (a cookie, the
@@ -667,7 +663,7 @@ impl Fill {
 /// Headers that belong to one response only and are not replayed: the
 /// request's id and limits, the framing (a hit has its own length), the
 /// date and cookies.
-fn is_per_response(name: &header::HeaderName) -> bool {
+fn is_per_response(name: &HeaderName) -> bool {
     name == header::CONTENT_LENGTH
         || name == header::TRANSFER_ENCODING
         || name == header::DATE
