@@ -399,7 +399,8 @@ async fn failover(
             tried.push(format!(
                 "{}: skipped ({})",
                 upstream.name,
-                breaker.skip_reason(now)
+                // Admitted again since: a race, said plainly.
+                breaker.skip_reason(now).unwrap_or("unavailable")
             ));
             continue;
         }

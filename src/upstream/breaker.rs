@@ -131,38 +131,33 @@ impl Breaker {
         }
     }
 
-    /// Why [`Breaker::admit`] skipped the member at `now`, in a few words
-    /// for an error's list of members.
-    pub fn skip_reason(&self, now: Instant) -> &'static str {
-        let Ok(s) = self.state.lock() else {
-            return "unavailable";
-        };
+    /// Why [`Breaker::admit`] would skip the member at `now`, in a few
+    /// words for an error's list of members; `None` when it would let an
+    /// attempt through. (Asked, not taken: a circuit whose cooldown is
+    /// over says half-open, as its one probe goes to one caller.)
+    pub fn skip_reason(&self, now: Instant) -> Option<&'static str> {
+        let s = self.state.lock().ok()?;
         let ahead = |until: Option<Instant>| until.is_some_and(|until| now < until);
         if ahead(s.cooled_until) {
-            "cooling down after a 429"
+            Some("cooling down after a 429")
         } else if ahead(s.health_down_until) {
-            "failing its health check"
+            Some("failing its health check")
         } else if ahead(s.open_until) {
-            "circuit open"
+            Some("circuit open")
         } else if s.open_until.is_some() {
-            "circuit half-open, its probe under way"
+            Some("circuit half-open, its probe under way")
         } else {
-            // Admitted again since it was skipped.
-            "unavailable"
+            None
         }
     }
 
     /// Whether [`Breaker::admit`] would let any attempt through at `now`
     /// (for asking whether a member could still take over, not for
     /// sending to it). A circuit open, even with its cooldown over, says
-    /// no: its one probe goes to one caller, and each of many slow
-    /// streams cut at once for it would count against their own member.
+    /// no: each of many slow streams cut at once for its one probe would
+    /// count against their own member.
     pub fn would_admit(&self, now: Instant) -> bool {
-        let Ok(s) = self.state.lock() else {
-            return true;
-        };
-        let past = |until: Option<Instant>| until.is_none_or(|until| now >= until);
-        past(s.cooled_until) && past(s.health_down_until) && s.open_until.is_none()
+        self.skip_reason(now).is_none()
     }
 
     /// A success closes the circuit only as its probe: an attempt let
@@ -550,17 +545,17 @@ mod tests {
         let cooldown = Duration::from_secs(30);
         let b = breaker();
         b.cool_down(t0 + Duration::from_secs(2));
-        assert_eq!(b.skip_reason(t0), "cooling down after a 429");
+        assert_eq!(b.skip_reason(t0), Some("cooling down after a 429"));
         let b = breaker();
         b.health_failed(1, t0 + Duration::from_secs(15));
-        assert_eq!(b.skip_reason(t0), "failing its health check");
+        assert_eq!(b.skip_reason(t0), Some("failing its health check"));
         let b = breaker();
         b.failure(t0, 1, cooldown, false);
-        assert_eq!(b.skip_reason(t0), "circuit open");
+        assert_eq!(b.skip_reason(t0), Some("circuit open"));
         assert!(matches!(b.admit(t0 + cooldown), Admit::Probe(_)));
         assert_eq!(
             b.skip_reason(t0 + cooldown),
-            "circuit half-open, its probe under way"
+            Some("circuit half-open, its probe under way")
         );
     }
 
