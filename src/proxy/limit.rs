@@ -81,9 +81,7 @@ pub async fn admit(
             ),
         )?;
         if global_spent || own_spent {
-            if taken.units.give_back(state) {
-                show_given_back(&mut ctx.rate_limit);
-            }
+            taken.units.give_back_shown(state, &mut ctx.rate_limit);
             count_refusal(metrics, route, tier_name.as_deref(), "budget");
             return Err(ProxyError::BudgetExceeded {
                 retry_after: until_midnight,
@@ -102,9 +100,7 @@ pub async fn admit(
             // client gone).
             Some(slot) => ctx.slot = Some(slot),
             None => {
-                if taken.units.give_back(state) {
-                    show_given_back(&mut ctx.rate_limit);
-                }
+                taken.units.give_back_shown(state, &mut ctx.rate_limit);
                 return Err(refuse("concurrency", CONCURRENCY_RETRY));
             }
         }
@@ -156,6 +152,25 @@ impl RequestUnits {
             any = true;
         }
         any
+    }
+
+    /// Gives the units back, and has `shown` (the decision the response
+    /// headers are written from) say so: each bucket one unit fuller,
+    /// its reset a unit's refill sooner.
+    fn give_back_shown(&mut self, state: &State, shown: &mut Option<Decision>) {
+        if !self.give_back(state) {
+            return;
+        }
+        let Some(shown) = shown.as_mut() else {
+            return;
+        };
+        shown.remaining = shown.remaining.saturating_add(1).min(shown.limit);
+        let unit = WINDOW / u32::try_from(shown.limit.max(1)).unwrap_or(u32::MAX);
+        shown.reset = if shown.remaining == shown.limit {
+            Duration::ZERO
+        } else {
+            shown.reset.saturating_sub(unit)
+        };
     }
 }
 
@@ -507,24 +522,8 @@ pub fn settle(state: &State, ctx: &mut RequestCtx) {
 /// both go back, as for a request refused at once.
 fn refund(state: &State, ctx: &mut RequestCtx) {
     release(state, ctx);
-    if ctx.request_units.give_back(state) {
-        show_given_back(&mut ctx.rate_limit);
-    }
-}
-
-/// Each bucket got its unit back: the headers show that, the reset a
-/// unit's refill sooner.
-fn show_given_back(shown: &mut Option<Decision>) {
-    let Some(shown) = shown.as_mut() else {
-        return;
-    };
-    shown.remaining = shown.remaining.saturating_add(1).min(shown.limit);
-    let unit = WINDOW / u32::try_from(shown.limit.max(1)).unwrap_or(u32::MAX);
-    shown.reset = if shown.remaining == shown.limit {
-        Duration::ZERO
-    } else {
-        shown.reset.saturating_sub(unit)
-    };
+    ctx.request_units
+        .give_back_shown(state, &mut ctx.rate_limit);
 }
 
 fn release(state: &State, ctx: &mut RequestCtx) {
