@@ -866,10 +866,10 @@ impl Compiler<'_> {
             }
             let retry_on = match &p.retry_on {
                 None => DEFAULT_RETRY_ON.to_vec(),
-                Some(list) => list
-                    .iter()
-                    .filter_map(|t| {
-                        self.parsed(t, |s| match s {
+                Some(list) => {
+                    let mut retry_on = Vec::with_capacity(list.len());
+                    for t in list {
+                        let Some(condition) = self.parsed(t, |s| match s {
                             "connect" => Ok(RetryOn::Connect),
                             "timeout" => Ok(RetryOn::Timeout),
                             other => match other.parse::<u16>() {
@@ -878,9 +878,16 @@ impl Compiler<'_> {
                                     "`{other}` is not connect, timeout or an HTTP error status (400-599)"
                                 )),
                             },
-                        })
-                    })
-                    .collect(),
+                        }) else {
+                            continue;
+                        };
+                        if retry_on.contains(&condition) {
+                            self.out_of_range(t, |f| format!("retry_on lists {f} twice"));
+                        }
+                        retry_on.push(condition);
+                    }
+                    retry_on
+                }
             };
             let max_attempts = match &p.max_attempts {
                 Some(t) => match self.number::<u32>(t, "a whole number") {
@@ -1046,6 +1053,12 @@ impl Compiler<'_> {
                     }
                 }
             });
+            if matcher.methods.as_ref().is_some_and(Vec::is_empty) {
+                self.error(
+                    at,
+                    "match: methods is empty, so no request could match this route; list the methods, or leave methods out to match every method",
+                );
+            }
             let mut methods = Vec::new();
             for m in matcher.methods.iter().flatten() {
                 if let Some(method) = self.parsed(m, |s| {
@@ -1053,6 +1066,9 @@ impl Compiler<'_> {
                     Method::from_bytes(upper.as_bytes())
                         .map_err(|_| format!("`{s}` is not an HTTP method"))
                 }) {
+                    if methods.contains(&method) {
+                        self.out_of_range(m, |f| format!("methods lists {f} twice"));
+                    }
                     methods.push(method);
                 }
             }
@@ -1495,8 +1511,14 @@ impl Compiler<'_> {
             self.secrets_written.push(text);
             vec![key]
         };
+        if j.algorithms.as_ref().is_some_and(Vec::is_empty) {
+            self.error(
+                &spanned.referenced,
+                "jwt: algorithms is empty, so no token could be accepted; list them, or leave algorithms out for the default",
+            );
+        }
         let mut algorithms = Vec::new();
-        for a in &j.algorithms {
+        for a in j.algorithms.iter().flatten() {
             let Some(alg) = self.parsed(a, |s| {
                 s.parse::<jsonwebtoken::Algorithm>()
                     .ok()
@@ -1519,7 +1541,7 @@ impl Compiler<'_> {
             }
             algorithms.push(alg);
         }
-        if j.algorithms.is_empty() {
+        if j.algorithms.is_none() {
             algorithms.push(if hmac {
                 jsonwebtoken::Algorithm::HS256
             } else {

@@ -264,8 +264,7 @@ pub struct RawJwt {
     pub jwks_url: Option<Text>,
     pub keys_file: Option<Text>,
     pub hs256_secret: Option<Text>,
-    #[serde(default)]
-    pub algorithms: Vec<Text>,
+    pub algorithms: Option<Vec<Text>>,
     /// Default `sub`.
     pub identity_claim: Option<Text>,
     pub tier_claim: Option<Text>,

@@ -2012,3 +2012,37 @@ fn a_misspelt_tier_that_no_one_gets_is_warned_of() {
     );
     assert!(warnings(&by_tokens).is_empty());
 }
+
+/// An empty list that would make a route or a JWT check refuse
+/// everything is an error, as `alert_at` and `allow_origins` are; so is
+/// a list naming one entry twice, which is always a slip.
+#[test]
+fn empty_and_repeated_lists_are_errors() {
+    let errs = errors(
+        "\
+upstreams:
+  a: { mock: {} }
+  b: { mock: {} }
+pools:
+  p: { members: [a, b], retry_on: [connect, 502, \"502\"] }
+auth:
+  jwt: { hs256_secret: not-a-real-secret-but-long-enough-0123456789, algorithms: [] }
+routes:
+  - name: none-allowed
+    match: { path_prefix: /a/, methods: [] }
+    upstream: a
+  - name: twice
+    match: { path_prefix: /b/, methods: [GET, post, POST] }
+    upstream: p
+",
+    );
+    assert_eq!(
+        errs,
+        [
+            "test.yaml:5:50: retry_on lists `502` twice",
+            "test.yaml:7:8: jwt: algorithms is empty, so no token could be accepted; list them, or leave algorithms out for the default",
+            "test.yaml:9:5: match: methods is empty, so no request could match this route; list the methods, or leave methods out to match every method",
+            "test.yaml:13:53: methods lists `POST` twice",
+        ]
+    );
+}
