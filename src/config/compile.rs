@@ -1132,7 +1132,7 @@ impl Compiler<'_> {
                     CacheScope::Identity,
                 ),
             });
-            let cors = r.cors.as_ref().map(|c| self.cors(c, at, &methods));
+            let cors = r.cors.as_ref().map(|c| self.cors(c, &methods));
             // `None` when its variables failed (already reported): no
             // second error about an upstream named ``.
             let expanded = upstream.and_then(|u| self.text(u));
@@ -1173,10 +1173,14 @@ impl Compiler<'_> {
     }
 
     /// `methods`: the route's own, which a preflight is told by default.
-    fn cors(&mut self, c: &RawCors, route: &Location, methods: &[Method]) -> Cors {
-        if c.allow_origins.is_empty() {
+    fn cors(&mut self, spanned: &Spanned<RawCors>, methods: &[Method]) -> Cors {
+        let c = &spanned.value;
+        let at = &spanned.referenced;
+        let written_origins = self.required(&c.allow_origins, at, "allow_origins");
+        let written_origins: &[Text] = written_origins.map_or(&[], Vec::as_slice);
+        if c.allow_origins.as_ref().is_some_and(Vec::is_empty) {
             self.error(
-                route,
+                at,
                 "cors: allow_origins is empty, so no browser could call this route; list the origins, or leave cors out",
             );
         }
@@ -1203,8 +1207,8 @@ impl Compiler<'_> {
             }
         };
         let allow_credentials = self.bool(&c.allow_credentials, false);
-        let mut allow_origins = Vec::with_capacity(c.allow_origins.len());
-        for written in &c.allow_origins {
+        let mut allow_origins = Vec::with_capacity(written_origins.len());
+        for written in written_origins {
             let Some(origin) = self.text(written) else {
                 continue;
             };

@@ -292,7 +292,7 @@ pub struct RawRoute {
     pub rate_limit: Option<RawRateLimit>,
     #[serde(default, deserialize_with = "null_is_default")]
     pub cache: Option<RawRouteCache>,
-    pub cors: Option<RawCors>,
+    pub cors: Option<Spanned<RawCors>>,
     /// An upstream or a pool name.
     pub upstream: Option<Text>,
 }
@@ -349,7 +349,9 @@ pub struct RawRouteCache {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCors {
-    pub allow_origins: Vec<Text>,
+    /// Required; optional here so that its absence is one error among
+    /// the file's others, not the end of reading it.
+    pub allow_origins: Option<Vec<Text>>,
     pub allow_methods: Option<Vec<Text>>,
     pub allow_headers: Option<Vec<Text>>,
     pub max_age: Option<Text>,

@@ -1416,7 +1416,17 @@ fn hosts_and_origins_that_could_never_match_are_refused() {
     );
     let e = one_error(&cors("", false), &[]);
     assert!(e.contains("allow_origins is empty"), "{e}");
-    assert!(e.starts_with("test.yaml:4:"), "points at the route: {e}");
+    assert!(e.starts_with("test.yaml:6:11:"), "points at cors: {e}");
+    // Left out, it is one error among the file's others.
+    let errs = errors(&format!(
+        "{ROUTE_R}    match: {{ path_prefix: / }}\n    cors: {{ max_age: 10m }}\n    upstream: a\n    auth: nope\n"
+    ));
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert!(
+        errs[0].starts_with("test.yaml:6:11: missing field `allow_origins`"),
+        "{errs:?}"
+    );
+    assert!(errs[1].contains("nope"), "{errs:?}");
     assert!(
         load(
             &cors(
