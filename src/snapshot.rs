@@ -329,9 +329,11 @@ pub struct KnownSecrets(pub Vec<String>);
 
 impl KnownSecrets {
     /// Adds `secret` as a body may show it: as it is, escaped inside a
-    /// JSON string once and twice, and with `/` escaped as some encoders
-    /// do. A value too short to be a key is left out: masked, it would
-    /// mask the same word wherever it shows.
+    /// JSON string once and twice, with `/` escaped as some encoders do
+    /// (and that escaped again, as an upstream echoing it writes it), and
+    /// percent-encoded as a form or a query string carries it. A value
+    /// too short to be a key is left out: masked, it would mask the same
+    /// word wherever it shows.
     pub fn add(&mut self, secret: &str) {
         if secret.len() < 8 {
             return;
@@ -339,7 +341,16 @@ impl KnownSecrets {
         let escaped = json_escaped(secret);
         let twice = json_escaped(&escaped);
         let slashes = escaped.replace('/', "\\/");
-        for form in [secret.to_owned(), escaped, twice, slashes] {
+        let slashes_twice = json_escaped(&slashes);
+        let percent = percent_encoded(secret);
+        for form in [
+            secret.to_owned(),
+            escaped,
+            twice,
+            slashes,
+            slashes_twice,
+            percent,
+        ] {
             if !self.0.contains(&form) {
                 self.0.push(form);
             }
@@ -371,6 +382,20 @@ fn json_escaped(text: &str) -> String {
         .and_then(|q| q.strip_suffix('"'))
         .unwrap_or(text)
         .to_owned()
+}
+
+/// `text` with every byte but RFC 3986's unreserved ones written `%XX`,
+/// as browsers and `curl --data-urlencode` send a form value.
+fn percent_encoded(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 3);
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 impl std::fmt::Debug for KnownSecrets {

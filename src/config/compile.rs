@@ -16,7 +16,7 @@ use http::{HeaderName, HeaderValue, Method};
 use serde_saphyr::{Location, Spanned};
 
 use super::error::ConfigError;
-use super::expand::expand;
+use super::expand::{expand, variable_values};
 use super::raw::*;
 use super::units::{parse_duration, parse_size};
 use crate::proxy::jwt;
@@ -687,6 +687,10 @@ impl Compiler<'_> {
                     let Some(url_text) = self.text(url) else {
                         continue;
                     };
+                    self.secrets_written.extend(url_secrets(
+                        &url_text,
+                        variable_values(&url.value.0, self.env),
+                    ));
                     match upstream::HttpUpstream::new(
                         &url_text,
                         ca_pem.as_ref().map(|(pem, _)| pem.as_slice()),
@@ -775,6 +779,8 @@ impl Compiler<'_> {
             let Some(text) = self.text(value) else {
                 continue;
             };
+            self.secrets_written
+                .extend(variable_values(&value.value.0, self.env));
             // The value is usually a secret: the message never repeats it.
             match HeaderValue::from_str(&text) {
                 Ok(mut v) => {
@@ -1799,6 +1805,23 @@ impl Compiler<'_> {
         secrets.sort();
         secrets
     }
+}
+
+/// Of `values`, the variables that made `url`, those in its user info,
+/// path or query, where a token rides (`/hooks/${TOKEN}`); a scheme or
+/// an address is no secret, and masked it would hide the upstream's name
+/// wherever a logged body shows it.
+fn url_secrets(url: &str, values: Vec<String>) -> impl Iterator<Item = String> {
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let (authority, path) = after_scheme
+        .find('/')
+        .map_or((after_scheme, ""), |at| after_scheme.split_at(at));
+    let userinfo = authority.rsplit_once('@').map_or("", |(info, _)| info);
+    let path = path.to_owned();
+    let userinfo = userinfo.to_owned();
+    values
+        .into_iter()
+        .filter(move |v| path.contains(v.as_str()) || userinfo.contains(v.as_str()))
 }
 
 /// A route's `host` as requests are compared with it: lower case,

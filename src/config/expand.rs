@@ -37,6 +37,21 @@ pub fn expand(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Str
     }
 }
 
+/// The values `text`'s set variables hold, each on its own (a default
+/// is not one: the file writes it). A variable that is only part of a
+/// value (`sid=${SESSION}`) is a secret of its own.
+pub fn variable_values(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Vec<String> {
+    let values = std::cell::RefCell::new(Vec::new());
+    let _ = expand(text, |name| {
+        let value = lookup(name)?;
+        if !value.is_empty() {
+            values.borrow_mut().push(value.clone());
+        }
+        Some(value)
+    });
+    values.into_inner()
+}
+
 /// Defaults nested deeper than this are refused: no config needs them,
 /// and each level is a recursion.
 const MAX_NESTING: usize = 8;

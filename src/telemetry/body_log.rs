@@ -11,20 +11,41 @@ const MASK: &str = "***";
 /// Names of secret fields, matched as lower-cased substrings of the name
 /// (`client_secret`, `apiKey`…). `token` counts too, but not `tokens`:
 /// `max_tokens` and `prompt_tokens` are counts, not credentials.
-const SECRET_NAMES: [&str; 8] = [
+/// Parts of names whose values are secrets wherever they show.
+const SECRET_NAMES: [&str; 23] = [
     "api_key",
     "apikey",
     "api-key",
     "password",
     "passwd",
+    "pwd",
     "secret",
     "authorization",
     "credential",
+    "private_key",
+    "private-key",
+    "privatekey",
+    "access_key",
+    "access-key",
+    "accesskey",
+    "subscription-key",
+    "subscription_key",
+    "cookie",
+    "signature",
+    "sessionid",
+    "session_id",
+    "session-id",
+    "sessid",
 ];
+
+/// Whole names whose values are secrets: as parts they are common words
+/// (`keyboard`, `compass`).
+const SECRET_WHOLE_NAMES: [&str; 4] = ["key", "pass", "sig", "session"];
 
 fn is_secret_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     SECRET_NAMES.iter().any(|n| lower.contains(n))
+        || SECRET_WHOLE_NAMES.contains(&lower.as_str())
         || (lower.contains("token") && !lower.contains("tokens"))
 }
 
@@ -516,6 +537,39 @@ mod tests {
         );
         // Multi-byte text around secrets is never cut inside a character.
         assert_eq!(mask("é password=ü€ é&a=é"), "é password=***&a=é");
+    }
+
+    #[test]
+    fn vendor_and_session_names_are_masked() {
+        assert_eq!(
+            mask(
+                r#"{"key":"AIzaX","private_key":"-----BEGIN","AccessKey":"A","Ocp-Apim-Subscription-Key":"s","set-cookie":"c","sessionid":"i","signature":"g","pwd":"p","keyboard":"qwerty","compass":"n"}"#
+            ),
+            r#"{"key":"***","private_key":"***","AccessKey":"***","Ocp-Apim-Subscription-Key":"***","set-cookie":"***","sessionid":"***","signature":"***","pwd":"***","keyboard":"qwerty","compass":"n"}"#
+        );
+        assert_eq!(
+            mask("session=abc&pass=hunter2&X-Amz-Signature=f00&passage=ok"),
+            "session=***&pass=***&X-Amz-Signature=***&passage=ok"
+        );
+        assert_eq!(
+            mask("Cookie: session=cookieSecret7788\nAccept: */*"),
+            "Cookie: ***\nAccept: */*"
+        );
+    }
+
+    #[test]
+    fn known_secrets_are_masked_as_forms_and_echoes_encode_them() {
+        let mut known = crate::snapshot::KnownSecrets::default();
+        known.add("abc/def+ghi1234==");
+        known.sort();
+        for body in [
+            "k=abc%2Fdef%2Bghi1234%3D%3D&n=1",
+            r#"{"echo":"abc\\/def+ghi1234=="}"#,
+            r#"{"echo":"abc\/def+ghi1234=="}"#,
+        ] {
+            let text = BodyLog::of(body.as_bytes()).render(&known.0);
+            assert!(!text.contains("ghi1234"), "{body} → {text}");
+        }
     }
 
     #[test]

@@ -127,7 +127,7 @@ async fn set_headers_values_echoed_back_are_masked() {
         // Under names nothing else masks.
         // `x-slashed` as encoders that escape `/` write it.
         let echo = format!(
-            r#"{{"seen":["{}","{}","{}","{}","{}","{}","{}"]}}"#,
+            r#"{{"seen":["{}","{}","{}","{}","{}","{}","{}","{}","{}"]}}"#,
             seen.header("x-upstream-token").unwrap_or(""),
             seen.header("authorization").unwrap_or(""),
             seen.header("x-org").unwrap_or(""),
@@ -135,6 +135,12 @@ async fn set_headers_values_echoed_back_are_masked() {
             seen.header("ocp-apim-subscription-key").unwrap_or(""),
             seen.header("x-acct").unwrap_or(""),
             seen.header("x-slashed").unwrap_or("").replace('/', "\\/"),
+            // An upstream that names the session it refuses.
+            seen.header("cookie")
+                .and_then(|c| c.strip_prefix("sid="))
+                .and_then(|c| c.split(';').next())
+                .unwrap_or(""),
+            seen.uri.path(),
         );
         UpstreamReply::text(echo)
     })
@@ -142,11 +148,19 @@ async fn set_headers_values_echoed_back_are_masked() {
     let yaml = config(&upstream.url(), true).replace(
         &format!("  llm: {{ url: \"{}\" }}", upstream.url()),
         &format!(
-            "  llm:\n    url: \"{}\"\n    set_headers: {{ x-upstream-token: uptok-4f9a8b7c6d, authorization: \"Token up-cred-99887766\", x-org: \"${{ORG}}\", anthropic-version: 2023-06-01, ocp-apim-subscription-key: apim-literal-5566, x-acct: \"Bearer acct_7Hq2:ACCT-TAIL-41\", x-slashed: wJalrXUtn/K7MDENG/SLASHED-TAIL-42 }}",
+            "  llm:\n    url: \"{}/hooks/${{HOOK}}\"\n    set_headers: {{ cookie: \"sid=${{SESS}}; lang=en\", x-upstream-token: uptok-4f9a8b7c6d, authorization: \"Token up-cred-99887766\", x-org: \"${{ORG}}\", anthropic-version: 2023-06-01, ocp-apim-subscription-key: apim-literal-5566, x-acct: \"Bearer acct_7Hq2:ACCT-TAIL-41\", x-slashed: wJalrXUtn/K7MDENG/SLASHED-TAIL-42 }}",
             upstream.url()
         ),
     );
-    let gw = TestGateway::start_with_env(&yaml, &[("ORG", "org-from-env-31337")]).await;
+    let gw = TestGateway::start_with_env(
+        &yaml,
+        &[
+            ("ORG", "org-from-env-31337"),
+            ("SESS", "sess-from-env-24680"),
+            ("HOOK", "hook-from-env-13579"),
+        ],
+    )
+    .await;
     // A client that pastes another client's gateway key into its prompt.
     let reply = Client::new()
         .post_json(
@@ -175,6 +189,20 @@ async fn set_headers_values_echoed_back_are_masked() {
     );
     assert!(!text.contains("SLASHED-TAIL-42"), "escaped slashes: {text}");
     assert!(!text.contains("gwkey-bob"), "a gateway key: {text}");
+    assert!(
+        reply.text().contains("sess-from-env-24680")
+            && reply.text().contains("/hooks/hook-from-env-13579/"),
+        "the upstream got both: {}",
+        reply.text()
+    );
+    assert!(
+        !text.contains("sess-from-env-24680"),
+        "a variable that is part of a value: {text}"
+    );
+    assert!(
+        !text.contains("hook-from-env-13579"),
+        "a variable in the upstream's path: {text}"
+    );
     assert!(
         text.contains("2023-06-01"),
         "a plain setting is no secret: {text}"
