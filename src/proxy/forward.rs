@@ -8,7 +8,6 @@
 
 use std::error::Error as StdError;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -794,7 +793,10 @@ async fn attempt_asking_usage(
     let Some(plain) = plain else {
         return attempt(active, index, ctx, parts, body::full(body), None).await;
     };
-    if http.is_some_and(|h| h.refuses_stream_options.load(Ordering::Relaxed)) {
+    if http.is_some_and(|h| {
+        h.stream_options_refusals
+            .refuses(crate::upstream::api_version(&parts.uri))
+    }) {
         ctx.usage_injected = false;
         parts
             .headers
@@ -828,6 +830,7 @@ async fn attempt_asking_usage(
     count(active, index, Outcome::Http4xx);
     ctx.usage_injected = false;
     let mut again = again;
+    let asked = again.uri.clone();
     again
         .headers
         .insert(http::header::CONTENT_LENGTH, plain.len().into());
@@ -836,16 +839,18 @@ async fn attempt_asking_usage(
     // at fault. A client's own bad `stream_options` (a key the API does
     // not know) is refused both ways: it must not stop the metering of
     // every other client's streams.
+    let version = crate::upstream::api_version(&asked);
     if resp.status().is_success()
         && let Some(http) = http
-        && !http.refuses_stream_options.swap(true, Ordering::Relaxed)
+        && http.stream_options_refusals.record(version)
         && let Some(upstream) = active.snapshot.upstreams.get(index)
     {
         tracing::dispatcher::with_default(&active.log, || {
             tracing::warn!(
                 event = "stream_usage_refused",
                 upstream = &*upstream.name,
-                "the upstream refuses stream_options.include_usage: its streams go unmetered unless it reports usage itself, until a reload"
+                api_version = version,
+                "the upstream refuses stream_options.include_usage: its streams under this api-version go unmetered unless it reports usage itself, until a reload"
             );
         });
     }

@@ -76,9 +76,62 @@ pub struct HttpUpstream {
     /// CA's digest): a reload whose upstream has the same key keeps the
     /// client, and with it the pooled connections and TLS sessions.
     pub client_key: String,
-    /// It refused a request for naming `stream_options` (older Azure
-    /// OpenAI API versions do): sluice no longer asks it for stream usage.
-    pub refuses_stream_options: std::sync::atomic::AtomicBool,
+    /// The API versions for which it refused a request for naming
+    /// `stream_options` (older Azure OpenAI API versions do): sluice no
+    /// longer asks it for stream usage under those.
+    pub stream_options_refusals: StreamOptionsRefusals,
+}
+
+/// The `api-version`s (Azure's query parameter, chosen by each client;
+/// empty without one) under which an upstream refuses `stream_options`.
+/// One client's old version must not stop the metering of the others'.
+#[derive(Debug, Default)]
+pub struct StreamOptionsRefusals {
+    /// Whether `versions` holds any: streams read only this, unless one
+    /// was ever refused.
+    any: std::sync::atomic::AtomicBool,
+    versions: std::sync::Mutex<Vec<Box<str>>>,
+}
+
+/// Versions remembered at most: clients choose them, and past this a
+/// refused one is asked (and refused) again, one call more, rather than
+/// held without bound.
+const MAX_REFUSING_VERSIONS: usize = 32;
+
+impl StreamOptionsRefusals {
+    pub fn refuses(&self, version: &str) -> bool {
+        self.any.load(std::sync::atomic::Ordering::Relaxed)
+            && self
+                .versions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .any(|v| &**v == version)
+    }
+
+    /// Remembers `version`; whether it is new (so worth saying).
+    pub fn record(&self, version: &str) -> bool {
+        let mut versions = self
+            .versions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if versions.len() >= MAX_REFUSING_VERSIONS || versions.iter().any(|v| &**v == version) {
+            return false;
+        }
+        versions.push(version.into());
+        self.any.store(true, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+}
+
+/// The `api-version` query parameter of `uri`, as written; empty without
+/// one.
+pub fn api_version(uri: &http::Uri) -> &str {
+    uri.query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("api-version="))
+        .unwrap_or("")
 }
 
 impl fmt::Debug for HttpUpstream {
@@ -172,7 +225,7 @@ impl HttpUpstream {
             base_path,
             client,
             client_key,
-            refuses_stream_options: std::sync::atomic::AtomicBool::new(false),
+            stream_options_refusals: StreamOptionsRefusals::default(),
         })
     }
 

@@ -445,6 +445,55 @@ routes:
     assert_eq!(said, [json!("azure")]);
 }
 
+/// On Azure each client picks its `api-version`: one that refuses
+/// `stream_options` stops the question under that version only, and
+/// the streams of clients on newer versions are still metered.
+#[tokio::test]
+async fn a_refusal_under_one_api_version_leaves_the_others_metered() {
+    let up = MockUpstream::start(|seen| {
+        let old = seen.uri.query() == Some("api-version=2023-05-15");
+        if old && String::from_utf8_lossy(&seen.body).contains("stream_options") {
+            UpstreamReply::status(400)
+                .header("content-type", "application/json")
+                .body(r#"{"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error"}}"#)
+        } else {
+            UpstreamReply::sse(&STREAM, Duration::ZERO)
+        }
+    })
+    .await;
+    let gw = TestGateway::start(&config(&up.url())).await;
+    let stream = |version: &'static str| {
+        let url = gw.url(&format!("/v1/chat/completions?api-version={version}"));
+        async move {
+            Client::new()
+                .post_json(
+                    &url,
+                    &[],
+                    r#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#,
+                )
+                .await
+        }
+    };
+    assert_eq!(stream("2023-05-15").await.status, 200);
+    assert_eq!(up.seen().len(), 2, "asked, then asked without the question");
+    assert_eq!(stream("2023-05-15").await.status, 200);
+    assert_eq!(up.seen().len(), 3, "not asked again under that version");
+    assert_eq!(stream("2024-10-21").await.status, 200);
+    let sent: serde_json::Value =
+        serde_json::from_slice(&up.seen()[3].body).expect("the upstream got JSON");
+    assert_eq!(
+        sent["stream_options"]["include_usage"], true,
+        "a newer version is still asked for usage"
+    );
+    let said: Vec<_> = gw
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "stream_usage_refused")
+        .map(|l| l["api_version"].clone())
+        .collect();
+    assert_eq!(said, [json!("2023-05-15")]);
+}
+
 /// A client whose own `stream_options` the upstream refuses (a key it
 /// does not know) gets its 400, and every other client's streams are
 /// still asked for usage: one bad request must not stop the metering.
