@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant as TokioInstant, Sleep};
 
 use crate::body::{BodyError, BoxBody};
@@ -32,6 +33,8 @@ pub enum TapError {
     Deadline,
     #[error("the upstream ended the stream before it was complete")]
     Truncated,
+    #[error("sluice is shutting down (shutdown_grace ran out)")]
+    Shutdown,
 }
 
 pub struct Tap {
@@ -52,6 +55,10 @@ pub struct Tap {
     /// early it is set again for the current due time, so a stream pays
     /// for a timer update once per idle period, not once per chunk.
     timer: Option<Pin<Box<Sleep>>>,
+    /// Registered with the timer: ready when the drain cuts the
+    /// connection, so that a stream, waiting on its upstream, can end
+    /// with an error event a client reads rather than a bare close.
+    cut_told: Option<Pin<Box<OwnedNotified>>>,
     /// An upstream SSE stream: a break is reported to the client as a final
     /// error event, never as a clean-looking end.
     sse: bool,
@@ -73,6 +80,11 @@ const STREAM_ERROR_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the upstream
 /// The last event of an SSE stream cut by `request_timeout`: sluice's own
 /// limit, which a client should tell from a provider's failure.
 const DEADLINE_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the request exceeded its time limit (request_timeout)\",\"type\":\"server_error\",\"param\":null,\"code\":\"request_timeout\"}}\n\n";
+
+/// The last event of an SSE stream still open when a drain's
+/// `shutdown_grace` ran out: the client can tell it from a provider's
+/// failure, and retry elsewhere.
+const SHUTDOWN_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"sluice is shutting down and the stream outlasted its shutdown_grace\",\"type\":\"server_error\",\"param\":null,\"code\":\"server_shutdown\"}}\n\n";
 
 /// What accounting for a request needs: metrics, limits, spend and the
 /// access-log line. It accounts exactly once: when the tap that took it
@@ -251,6 +263,7 @@ impl Tap {
             deadline: TokioInstant::from_std(deadline),
             waiting_since: None,
             timer: None,
+            cut_told: None,
             sse,
             ended: false,
         }
@@ -270,6 +283,7 @@ impl Tap {
             self.ended = true;
             let event = match label {
                 "request_timeout" => DEADLINE_EVENT,
+                SERVER_SHUTDOWN => SHUTDOWN_EVENT,
                 _ => STREAM_ERROR_EVENT,
             };
             // A stream of named events (Anthropic's, the responses API's)
@@ -305,6 +319,31 @@ impl Tap {
             }
             None => self.deadline,
         }
+    }
+
+    /// Whether the drain cut the connection (`shutdown_grace` ran out);
+    /// registers to be woken when it does, at the first wait.
+    fn cut_by_drain(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.cut_told.is_none() {
+            let Some(finish) = self.finish.as_ref() else {
+                return false;
+            };
+            let Some(told) = finish.ctx.cut_told.clone() else {
+                return false;
+            };
+            let mut told = Box::pin(told.notified_owned());
+            // Registered before the flag is read: a cut in between still
+            // wakes it, and one before is seen.
+            told.as_mut().enable();
+            let cutting = finish.gw.is_cutting();
+            self.cut_told = Some(told);
+            if cutting {
+                return true;
+            }
+        }
+        self.cut_told
+            .as_mut()
+            .is_some_and(|told| told.as_mut().poll(cx).is_ready())
     }
 
     fn finalize(&mut self, error: Option<&'static str>) {
@@ -496,6 +535,9 @@ impl Body for Tap {
                     }
                 }
                 Poll::Pending => {
+                    if this.cut_by_drain(cx) {
+                        return this.fail(SERVER_SHUTDOWN, BodyError(TapError::Shutdown.into()));
+                    }
                     // The timer is armed only for bodies that make us wait, so a
                     // body that is ready at once costs no timer at all.
                     let due = this.due();

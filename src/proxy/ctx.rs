@@ -120,6 +120,9 @@ pub struct RequestCtx {
     /// On an h2 connection: the request counts as activity until its
     /// accounting is done.
     pub busy: Option<Busy>,
+    /// The connection's word that `shutdown_grace` ran out: a stream
+    /// still going then ends with an error event before it is closed.
+    pub cut_told: Option<Arc<tokio::sync::Notify>>,
     /// A stream's deadline, armed on its HTTP/1 connection.
     pub armed: Option<Armed>,
     /// The `code` of the error sluice answered or met, if any.
@@ -197,6 +200,7 @@ impl RequestCtx {
             upstream_idle: None,
             status: 0,
             busy: conn.activity.as_ref().map(Activity::enter),
+            cut_told: conn.unanswered.clone(),
             armed: None,
             error: None,
             cache: None,

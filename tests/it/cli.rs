@@ -718,8 +718,9 @@ fn signal(child: &Running, signal: libc::c_int) {
     assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill failed");
 }
 
-/// The stream `rest` reads was cut (never complete-looking), and the one
-/// access line says sluice cut it; the events logged.
+/// The stream `rest` reads was cut: it ends with sluice's
+/// `server_shutdown` error event, never complete-looking (no `[DONE]`),
+/// and the one access line says sluice cut it; the events logged.
 async fn cut_by_sluice(
     gw: Running,
     rest: tokio::task::JoinHandle<client::Reply>,
@@ -728,7 +729,20 @@ async fn cut_by_sluice(
         .await
         .expect("the stream ends")
         .expect("stream task");
-    assert!(reply.body_error.is_some(), "the cut stream looked complete");
+    let text = reply.text();
+    let last = text
+        .trim_end()
+        .rsplit("\n\n")
+        .next()
+        .and_then(|event| event.strip_prefix("data: "))
+        .and_then(|data| serde_json::from_str::<serde_json::Value>(data).ok());
+    assert_eq!(
+        last.as_ref().map(|e| &e["error"]["code"]),
+        Some(&serde_json::json!("server_shutdown")),
+        "{text}"
+    );
+    assert!(text.starts_with("data: "), "a chunk came before: {text}");
+    assert!(!text.contains("[DONE]"), "{text}");
     let events = stop_and_read_events(gw);
     the_cut_line(&events, 200);
     events
