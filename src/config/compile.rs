@@ -133,10 +133,10 @@ impl Compiler<'_> {
         let mut swaps: Vec<(String, String)> = Vec::new();
         for (value, written) in &self.expansions {
             for value in [value.as_str(), value.trim()] {
+                swaps.push((format!("`{value}`"), format!("`{written}`")));
                 if value.is_empty() {
                     continue;
                 }
-                swaps.push((format!("`{value}`"), format!("`{written}`")));
                 if value.len() >= 8 {
                     swaps.push((value.to_owned(), written.clone()));
                 }

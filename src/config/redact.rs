@@ -27,8 +27,9 @@ pub fn message(message: String) -> String {
 
 /// Whether `word` is shown: a near miss of an expected name, a short
 /// word of lower-case letters (`teir`), or words of them joined by `_`
-/// (`concurrent_requests`, a key of another section), which no key or
-/// password is, or a value quoted as written (`${TOKEN}`: the
+/// (`concurrent_requests`, a key of another section) or in camel case
+/// (`apiVersion`, `maxTokens`: a Kubernetes or JavaScript habit), which
+/// no key or password is, or a value quoted as written (`${TOKEN}`: the
 /// variable's name).
 fn shown_as_written<'a>(word: &str, mut expected: impl Iterator<Item = &'a str>) -> bool {
     if word.starts_with("${") {
@@ -42,6 +43,15 @@ fn shown_as_written<'a>(word: &str, mut expected: impl Iterator<Item = &'a str>)
         && word.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
         && word.split('_').all(|w| (2..=16).contains(&w.len()));
     if snake_words {
+        return true;
+    }
+    // Each capital starts a word of two or more lower-case letters.
+    let camel_words = word.len() <= 32
+        && word.bytes().all(|b| b.is_ascii_alphabetic())
+        && word
+            .split(|c: char| c.is_ascii_uppercase())
+            .all(|w| (2..=16).contains(&w.len()));
+    if camel_words {
         return true;
     }
     let word = word.to_ascii_lowercase();
@@ -119,6 +129,18 @@ mod tests {
             misplaced.starts_with("unknown field `concurrent_requests`"),
             "{misplaced}"
         );
+        for camel in ["apiVersion", "maxTokens", "allowOrigins"] {
+            let shown = message(format!("unknown field `{camel}`, there are no fields"));
+            assert!(
+                shown.starts_with(&format!("unknown field `{camel}`")),
+                "{shown}"
+            );
+        }
+        // Not words: a capital on its own, or a leading one.
+        for mixed in ["aBcDeFgHiJkLmNoP", "XkqTmvWzrbNpq", "sk9AbcdefGhij"] {
+            let hidden = message(format!("unknown field `{mixed}`, there are no fields"));
+            assert!(!hidden.contains(mixed), "{hidden}");
+        }
         let long_lower =
             message("unknown field `abcdefghijklmnopqrstu`, there are no fields".to_owned());
         assert!(

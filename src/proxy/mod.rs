@@ -445,7 +445,7 @@ async fn process(
         // answer carries the route's headers (CORS, `x-sluice-cache`) as
         // its other refusals do.
         return Err(ProxyError::NotImplemented {
-            message: "transfer codings other than chunked are not supported; send the body plain, or with content-encoding",
+            message: "transfer codings other than chunked are not supported; send the body plain (or, where the route does not read it, with content-encoding)",
         });
     }
     if let Err(e) = auth::identify(snap, active.jwks.as_deref(), route, req.headers(), ctx).await {

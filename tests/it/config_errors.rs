@@ -2056,3 +2056,18 @@ routes:
         ]
     );
 }
+
+/// A variable set to nothing is quoted as the file writes it too, not
+/// as an empty "``" that says nothing of where it came from.
+#[test]
+fn an_empty_variable_is_quoted_as_written() {
+    let errs = errors_with_env(
+        "listen: \"${LST}\"\nupstreams:\n  a: { mock: {} }\nroutes:\n  - { name: r, match: { path_prefix: / }, upstream: a }\n",
+        &[("LST", "")],
+    );
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with("test.yaml:1:9: `${LST}` is not a listen address"),
+        "{errs:?}"
+    );
+}
