@@ -308,7 +308,7 @@ async fn run(path: PathBuf) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let env: sluice::reload::Env = Arc::new(|name: &str| std::env::var(name).ok());
+    let env: sluice::reload::Env = Arc::new(config::process_env);
     let reloader = sluice::reload::Reloader::new(gw.clone(), path, env, &running);
     if let Err(e) = hangup.and_then(|hangup| sluice::reload::spawn(reloader, hangup)) {
         tracing::warn!(error = e.as_str(), "hot reload is off");

@@ -195,6 +195,16 @@ impl Compiler<'_> {
     /// `raw` with its `${VAR}`s expanded; an error points at `at`.
     fn expanded(&mut self, raw: &str, at: &Location) -> Option<String> {
         match expand(raw, self.env) {
+            Ok(s)
+                if s.contains(char::REPLACEMENT_CHARACTER)
+                    && !raw.contains(char::REPLACEMENT_CHARACTER) =>
+            {
+                self.error(
+                    at,
+                    "an environment variable of this value holds bytes that are not UTF-8",
+                );
+                None
+            }
             Ok(s) => {
                 if s != raw {
                     self.expansions.push((s.clone(), raw.to_owned()));

@@ -7,6 +7,7 @@ pub mod expand;
 pub mod raw;
 mod recover;
 mod redact;
+mod tags;
 pub mod units;
 
 use std::path::Path;
@@ -94,8 +95,18 @@ pub fn load(path: &Path) -> Result<Snapshot, ConfigErrors> {
         }])
     })?;
     let base_dir = path.parent().unwrap_or(Path::new("."));
-    load_str(&text, &path.display().to_string(), base_dir, &|name| {
-        std::env::var(name).ok()
+    load_str(&text, &path.display().to_string(), base_dir, &process_env)
+}
+
+/// The process's variable `name`. One set to bytes that are not UTF-8
+/// is read with U+FFFD in their place, which the config refuses: taken
+/// as unset, it would have let a `${KEY:-default}` fall back to its
+/// default, a development key, without a word.
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var_os(name).map(|value| {
+        value
+            .into_string()
+            .unwrap_or_else(|raw| raw.to_string_lossy().into_owned())
     })
 }
 
@@ -126,7 +137,19 @@ pub fn load_str_beside(
     let mut blanked_values: Vec<(u64, u64)> = Vec::new();
     // The keys whose values were replaced by a stand-in.
     let mut stand_ins: Vec<recover::Blanked> = Vec::new();
-    let mut text = std::borrow::Cow::Borrowed(text);
+    // Tags are refused where written; the reading below goes on past
+    // those it cannot take, as it would past any value of a wrong type.
+    let (tagged, untagged) = tags::refused(text);
+    errors.extend(tagged.into_iter().map(|t| ConfigError {
+        file: file.to_owned(),
+        line: t.line,
+        col: t.col,
+        message: t.message,
+    }));
+    let mut text = match untagged {
+        Some(untagged) => std::borrow::Cow::Owned(untagged),
+        None => std::borrow::Cow::Borrowed(text),
+    };
     loop {
         let options = serde_saphyr::options! { with_snippet: false };
         match serde_saphyr::from_str_with_options::<raw::RawConfig>(&text, options) {
@@ -300,6 +323,10 @@ fn in_our_words(message: String) -> String {
     }
     if message.starts_with("budget breached") {
         return "the file has more YAML nodes than a config can (aliases expanding without end, or a file that is no config)".to_owned();
+    }
+    if message.starts_with("cannot deserialize null into string") {
+        return "a value is needed here, not null (`~` or `null`; quote it to mean the text)"
+            .to_owned();
     }
     if message == "expected sequence start" {
         return "expected a list here (`[a, b]`, or `- a` lines)".to_owned();

@@ -248,6 +248,52 @@ fn check_and_run_take_the_file_without_the_flag() {
     );
 }
 
+/// A value the file or the environment makes in a way sluice cannot
+/// read as written is refused, never taken some other way: a YAML tag
+/// (`!ENV`, which the YAML reader would drop, leaving its text as the
+/// key), or a variable whose bytes are not UTF-8 (which read as unset
+/// would let its development default in).
+#[test]
+fn tags_and_variables_not_utf8_are_refused_not_guessed() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = write(
+        dir.path(),
+        "tagged.yaml",
+        "\
+auth:
+  api_keys:
+    - { id: a, key: !ENV TEAM_A_KEY }
+    - { id: b, key: \"${TEAM_B_KEY:-devkey-insecure}\" }
+upstreams:
+  llm: { mock: { failure_rate: !!float 0.5 } }
+routes:
+  - { name: chat, match: { path_prefix: / }, upstream: llm }
+limits: { request_timeout: 30x }
+",
+    );
+    let out = sluice()
+        .args(["check", "--config"])
+        .arg(&path)
+        .env(
+            "TEAM_B_KEY",
+            std::ffi::OsStr::from_bytes(b"team-b-\xff-key"),
+        )
+        .output()
+        .expect("run sluice check");
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
+    let p = path.display();
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "{p}:3:26: the `!ENV` tag is not supported: sluice takes each value as written (for an environment variable, write \"${{NAME}}\")\n\
+             {p}:4:21: an environment variable of this value holds bytes that are not UTF-8\n\
+             {p}:6:40: the `!!float` tag is not read: sluice takes each value as written, so leave the tag out\n\
+             {p}:9:28: `30x` is not a duration like 250ms, 30s, 5m or 1h\n"
+        )
+    );
+}
+
 #[test]
 fn check_prints_every_error_with_its_position_and_exits_1() {
     let dir = tempfile::tempdir().expect("temp dir");

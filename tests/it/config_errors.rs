@@ -2071,3 +2071,33 @@ fn an_empty_variable_is_quoted_as_written() {
         "{errs:?}"
     );
 }
+
+/// A null where a value belongs says so in plain words, and the rest of
+/// the file is still read.
+#[test]
+fn a_null_value_is_one_error_among_the_others() {
+    let errs = errors(
+        "\
+upstreams:
+  llm:
+    url: http://127.0.0.1:9
+    set_headers: { authorization: ~, x-org: \"o\" }
+    timeouts: { connect: 5x }
+routes:
+  - name: chat
+    match: { path_prefix: / }
+    upstream: null
+limits: { request_timeout: 30x }
+",
+    );
+    assert_eq!(
+        errs,
+        [
+            "test.yaml:4:35: a value is needed here, not null (`~` or `null`; quote it to mean the text)",
+            "test.yaml:5:26: `5x` is not a duration like 250ms, 30s, 5m or 1h",
+            // An optional key set to null is absent, and this one is required.
+            "test.yaml:7:5: missing field `upstream`",
+            "test.yaml:10:28: `30x` is not a duration like 250ms, 30s, 5m or 1h",
+        ]
+    );
+}
