@@ -2,6 +2,7 @@
 //! SSE decoding, usage, pricing and spend, and OpenAI request shapes.
 
 pub mod facts;
+pub mod form;
 pub mod pricing;
 pub mod prompt_size;
 pub mod shape;

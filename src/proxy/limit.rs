@@ -469,9 +469,17 @@ pub fn left_mid_attempt(ctx: &RequestCtx) -> bool {
     ctx.status == 499 && ctx.error == Some("client_closed") && ctx.upstream_started.is_some()
 }
 
-/// The `model` a request body names (its first string `model` member),
-/// found by a byte search: what an answer that never came is priced at.
+/// The `model` a request body names: its first string `model` member,
+/// found by a byte search, or an upload's `model` form field. What an
+/// answer that names none (audio, images) or never came is priced at.
+/// Any other body names none: what a file holds is no request's model.
 pub fn requested_model(body: &[u8]) -> Option<String> {
+    let body = crate::llm::prompt_size::without_bom(body);
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => {}
+        Some(b'-') => return crate::llm::form::field(body, "model").map(str::to_owned),
+        _ => return None,
+    }
     values_after(body, b"\"model\"").find_map(|value| {
         let name = value.strip_prefix(b"\"")?;
         let end = memchr::memchr2(b'"', b'\\', name)?;

@@ -210,7 +210,7 @@ fn delimiter_line(text: &str, delimiter: &str) -> Option<usize> {
 
 /// The field a `Content-Disposition` line names (`name="…"`, not
 /// `filename="…"`).
-fn field_name(line: &str) -> Option<&str> {
+pub(crate) fn field_name(line: &str) -> Option<&str> {
     const NAME: &str = "name=\"";
     let mut from = 0;
     while let Some(found) = find_ignore_case(&line[from..], NAME) {
