@@ -397,7 +397,7 @@ async fn process(
         let resolved = route::normalized(view);
         if meets(view) != written || resolved.is_some_and(|p| meets(&p) != written) {
             return Err(ProxyError::InvalidRequest {
-                message: "the path's escaped slashes (%2F, %5C) would make it meet another route than as written; send them as `/`".to_owned(),
+                message: "the path's escaped slashes (%2F, %5C) or backslashes would make it meet another route than as written; send them as `/`".to_owned(),
                 param: None,
             });
         }

@@ -120,22 +120,29 @@ pub fn normalized(path: &str) -> Option<String> {
     (out != path).then_some(out)
 }
 
-/// The path as an app that decodes `%2F` and `%5C` to slashes before
-/// its own routing reads it (Starlette, Werkzeug do), dot segments kept
-/// as such an app may keep them; `None` when `path` has neither escape.
-/// The upstream still gets the path as written; routes must agree on
-/// every reading of it (see `proxy::process`).
+/// The path as an app that reads `%2F`, `%5C` and a bare `\` as slashes
+/// before its own routing does (Starlette and Werkzeug decode the
+/// escapes; WHATWG URL parsers, as in Node, Deno, Bun and Next.js, take
+/// `\` for `/`), dot segments kept as such an app may keep them; `None`
+/// when `path` has none of them. The upstream still gets the path as
+/// written; routes must agree on every reading of it (see
+/// `proxy::process`).
 pub fn slashes_decoded(path: &str) -> Option<String> {
     let bytes = path.as_bytes();
     let escaped_slash = memchr::memchr_iter(b'%', bytes)
         .any(|i| matches!(bytes.get(i + 1..i + 3), Some(b"2F" | b"2f" | b"5C" | b"5c")));
-    if !escaped_slash {
+    if !escaped_slash && memchr::memchr(b'\\', bytes).is_none() {
         return None;
     }
     let mut plain = String::with_capacity(path.len());
     let mut rest = path;
-    while let Some(at) = rest.find('%') {
+    while let Some(at) = rest.find(['%', '\\']) {
         plain.push_str(&rest[..at]);
+        if rest[at..].starts_with('\\') {
+            plain.push('/');
+            rest = &rest[at + 1..];
+            continue;
+        }
         match rest.get(at + 1..at + 3) {
             Some("2F" | "2f" | "5C" | "5c") => {
                 plain.push('/');
@@ -326,6 +333,7 @@ mod tests {
             ("/v1/chat%2fcompletions", Some("/v1/chat/completions")),
             ("/public%2F..%2Fadmin", Some("/public/../admin")),
             ("/a%5C..%5Cb", Some("/a/../b")),
+            ("/public/..\\v1/models", Some("/public/../v1/models")),
             (
                 "/v1/models/org%2Fmodel%3A1",
                 Some("/v1/models/org/model%3A1"),

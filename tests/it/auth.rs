@@ -362,6 +362,9 @@ routes:
         "/v1/chat%2Fcompletions",
         "/v1/chat%2fcompletions",
         "/v1%5Cchat/completions",
+        // WHATWG URL parsers (Node, Deno, Bun, Next.js) read `\` as `/`.
+        "/v1\\chat/completions",
+        "/x/..\\v1/chat/completions",
     ] {
         let reply = Client::new()
             .post_json(&gw.url(path), &[], r#"{"model":1,"messages":"x"}"#)
