@@ -1926,6 +1926,10 @@ fn load_schema(path: &Path) -> Result<jsonschema::Validator, String> {
 /// HEAD follows GET, which serves it (RFC 9110 §9.3.2), as Go's and
 /// Apache's servers list it.
 fn allow_header(methods: &[Method], cors: bool) -> HeaderValue {
+    if methods.is_empty() {
+        // Every method but TRACE, which such a route refuses.
+        return HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS");
+    }
     let mut names: Vec<&str> = Vec::with_capacity(methods.len() + 2);
     for method in methods {
         if !names.contains(&method.as_str()) {

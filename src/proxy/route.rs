@@ -27,7 +27,10 @@ pub fn select<'s>(
         }
         // A CORS route takes its preflights whatever its methods.
         let preflight = route.cors.is_some() && super::cors::is_preflight(method, headers);
-        if route.methods.is_empty() || allows(&route.methods, method) || preflight {
+        // TRACE is taken only where listed: an upstream that echoes it
+        // would show the credentials sluice adds (nginx refuses it too).
+        let any_method = route.methods.is_empty() && *method != Method::TRACE;
+        if any_method || allows(&route.methods, method) || preflight {
             return Ok((index, route));
         }
         match wrong_method {
@@ -228,6 +231,14 @@ pub fn request_host<'a>(
     if hosts.next().is_some() {
         return Err(ambiguous("the request has more than one host header"));
     }
+    // Routes match the host before any `:`; the app reads the header
+    // whole (as `x-forwarded-host`), and `api.example.com:@evil.com` is
+    // evil.com to a URL parser: only a host and a port are taken.
+    if header.is_some_and(|h| !h.to_str().is_ok_and(is_host_and_port)) {
+        return Err(ambiguous(
+            "the host header is not a host name or address with an optional port",
+        ));
+    }
     let target = uri.host().map(without_port);
     match (target, header) {
         (Some(target), Some(header))
@@ -246,6 +257,57 @@ pub fn request_host<'a>(
         }
         (None, None) => Ok(None),
     }
+}
+
+/// RFC 9110's `Host`: `uri-host [ ":" port ]`, the host a name or IPv4
+/// address (RFC 3986's reg-name) or a bracketed IPv6 one.
+fn is_host_and_port(value: &str) -> bool {
+    let (host_ok, port) = match value.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, after)) => (
+                !v6.is_empty()
+                    && v6
+                        .bytes()
+                        .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.'),
+                after,
+            ),
+            None => return false,
+        },
+        None => {
+            let end = value.find(':').unwrap_or(value.len());
+            let name = &value[..end];
+            let reg_name = |b: u8| {
+                b.is_ascii_alphanumeric()
+                    || matches!(
+                        b,
+                        b'-' | b'.'
+                            | b'_'
+                            | b'~'
+                            | b'%'
+                            | b'!'
+                            | b'$'
+                            | b'&'
+                            | b'\''
+                            | b'('
+                            | b')'
+                            | b'*'
+                            | b'+'
+                            | b','
+                            | b';'
+                            | b'='
+                    )
+            };
+            (
+                !name.is_empty() && name.bytes().all(reg_name),
+                &value[end..],
+            )
+        }
+    };
+    host_ok
+        && (port.is_empty()
+            || port
+                .strip_prefix(':')
+                .is_some_and(|digits| digits.bytes().all(|b| b.is_ascii_digit())))
 }
 
 fn ambiguous(problem: &str) -> ProxyError {
@@ -316,6 +378,22 @@ mod tests {
             host("http://api.local:9/x", Some("API.local:80")).as_deref(),
             Some("api.local")
         );
+        assert_eq!(
+            host("/x", Some("127.0.0.1:9")).as_deref(),
+            Some("127.0.0.1")
+        );
+        // What a URL parser reads as another host is no host at all.
+        for refused in [
+            "internal.example.com:@evil.com",
+            "internal.example.com:80/x",
+            "internal.example.com:80 evil.com",
+            "a.example@evil.com",
+            "[::1]x",
+            "",
+            ":80",
+        ] {
+            assert_eq!(host("/x", Some(refused)), None, "{refused}");
+        }
     }
 
     #[test]

@@ -303,6 +303,78 @@ async fn unknown_path_is_404_in_openai_shape() {
     assert!(up.seen().is_empty());
 }
 
+/// TRACE reaches no upstream unless a route lists it: one that echoes
+/// it would show the credentials sluice sets (nginx refuses it too).
+#[tokio::test]
+async fn trace_is_405_on_a_route_that_takes_every_method() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams: {{ app: {{ url: "{}", set_headers: {{ authorization: "Bearer up-secret-0123456789" }} }} }}
+routes:
+  - {{ name: traced, match: {{ path_prefix: /t/, methods: [TRACE] }}, auth: none, upstream: app }}
+  - {{ name: any, match: {{ path_prefix: / }}, auth: none, upstream: app }}
+"#,
+        up.url()
+    ))
+    .await;
+    let reply = Client::new()
+        .send(Method::TRACE, &gw.url("/v1/models"), &[], Bytes::new())
+        .await;
+    assert_eq!(reply.status, 405, "{}", reply.text());
+    assert_eq!(
+        reply.header("allow"),
+        Some("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")
+    );
+    assert!(up.seen().is_empty());
+    let reply = Client::new()
+        .send(Method::TRACE, &gw.url("/t/x"), &[], Bytes::new())
+        .await;
+    assert_eq!(reply.status, 200, "listed, it is the operator's choice");
+    assert_eq!(Client::new().get(&gw.url("/v1/models")).await.status, 200);
+}
+
+/// A host header that a URL parser would read as another host (the app
+/// gets it as `x-forwarded-host`, and builds links from it) is refused,
+/// not routed on the part before its `:`.
+#[tokio::test]
+async fn a_host_header_that_is_no_host_and_port_is_400() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams: {{ app: {{ url: "{}" }} }}
+routes:
+  - {{ name: internal, match: {{ path_prefix: /, host: internal.example.com }}, auth: none, upstream: app }}
+"#,
+        up.url()
+    ))
+    .await;
+    for host in [
+        "internal.example.com:@evil.com",
+        "internal.example.com:80/x",
+    ] {
+        let reply = Client::new()
+            .send(Method::GET, &gw.url("/x"), &[("host", host)], Bytes::new())
+            .await;
+        assert_eq!(reply.status, 400, "{host}: {}", reply.text());
+        assert_eq!(reply.json()["error"]["code"], "invalid_request");
+    }
+    assert!(up.seen().is_empty());
+    let reply = Client::new()
+        .send(
+            Method::GET,
+            &gw.url("/x"),
+            &[("host", "internal.example.com:8080")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        up.seen()[0].header("x-forwarded-host"),
+        Some("internal.example.com:8080")
+    );
+}
+
 #[tokio::test]
 async fn wrong_method_is_405_with_allow() {
     let up = MockUpstream::always(UpstreamReply::text("ok")).await;
