@@ -75,6 +75,12 @@ mod tests {
         let body = b"--x\nContent-Disposition: form-data; name=\"file\"\n\nname=\"model\"\n\nfake\n--x--\n";
         assert_eq!(field(body, "model"), None);
         assert_eq!(field(b"{\"model\":\"m\"}", "model"), None);
-        assert_eq!(field(b"--x\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ncut", "model"), None);
+        assert_eq!(
+            field(
+                b"--x\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ncut",
+                "model"
+            ),
+            None
+        );
     }
 }

@@ -33,15 +33,29 @@ pub fn api_path(path: &str) -> &str {
 }
 
 impl Endpoint {
+    /// Read as an app that takes paths in any case (Express, ASP.NET
+    /// Core) or drops `;` parameters (Java servers) would route it: a
+    /// spelling that reaches its chat handler is validated and metered
+    /// as chat.
     pub fn of(path: &str) -> Option<Self> {
         let path = api_path(path);
-        if path.ends_with("/chat/completions") {
+        let last = path.rfind('/').unwrap_or(0);
+        let path = match path[last..].find(';') {
+            Some(params) => api_path(&path[..last + params]),
+            None => path,
+        };
+        let ends_with = |suffix: &str| {
+            path.len() >= suffix.len()
+                && path.as_bytes()[path.len() - suffix.len()..]
+                    .eq_ignore_ascii_case(suffix.as_bytes())
+        };
+        if ends_with("/chat/completions") {
             Some(Endpoint::ChatCompletions)
-        } else if path.ends_with("/completions") {
+        } else if ends_with("/completions") {
             Some(Endpoint::Completions)
-        } else if path.ends_with("/embeddings") {
+        } else if ends_with("/embeddings") {
             Some(Endpoint::Embeddings)
-        } else if path.ends_with("/responses") {
+        } else if ends_with("/responses") {
             Some(Endpoint::Responses)
         } else {
             None
@@ -643,6 +657,18 @@ mod tests {
             Some(Endpoint::ChatCompletions)
         );
         assert_eq!(api_path("/v1/models"), "/v1/models");
+        for spelling in [
+            "/v1/Chat/Completions",
+            "/v1/chat/completions;x",
+            "/v1/chat/completions;jsessionid=1/",
+        ] {
+            assert_eq!(
+                Endpoint::of(spelling),
+                Some(Endpoint::ChatCompletions),
+                "{spelling}"
+            );
+        }
+        assert_eq!(Endpoint::of("/v1/models;x"), None);
     }
 
     #[test]
