@@ -51,6 +51,9 @@ pub enum ProxyError {
     UnsupportedEncoding,
     RateLimited {
         retry_after: Duration,
+        /// Which limit: `requests`, `tokens` or `concurrency` (the
+        /// `sluice_rate_limited_total` label), which the message names.
+        limit: &'static str,
         /// The tokens a request needs and the per-minute limit it is over
         /// on its own: no wait makes it fit, and the message says so.
         over: Option<(u64, u64)>,
@@ -215,7 +218,13 @@ impl ProxyError {
             } => format!(
                 "this request needs about {needed} tokens, more than the limit of {limit} tokens per minute: reduce its input or max_tokens"
             ),
-            ProxyError::RateLimited { .. } => "rate limit exceeded; retry later".to_owned(),
+            ProxyError::RateLimited { limit, .. } => match *limit {
+                "requests" => "rate limit exceeded: too many requests per minute; retry after the time in retry-after",
+                "tokens" => "rate limit exceeded: too many tokens per minute; retry after the time in retry-after",
+                "concurrency" => "rate limit exceeded: too many requests in flight at once; retry when one ends",
+                _ => "rate limit exceeded; retry later",
+            }
+            .to_owned(),
             ProxyError::BudgetExceeded { .. } => {
                 "the daily budget is spent; retry after 00:00 UTC".to_owned()
             }
@@ -279,7 +288,9 @@ impl ProxyError {
             ProxyError::Unauthorized { .. } => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            ProxyError::RateLimited { retry_after, over } => {
+            ProxyError::RateLimited {
+                retry_after, over, ..
+            } => {
                 headers.insert(header::RETRY_AFTER, secs_header(retry_after));
                 headers.insert(
                     RETRY_AFTER_MS,

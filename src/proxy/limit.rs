@@ -329,6 +329,7 @@ pub async fn reserve_tokens(
             count_refusal(metrics, route, identity.tier.as_deref(), "tokens");
             return Err(ProxyError::RateLimited {
                 retry_after: crate::state::limiter::WINDOW,
+                limit: "tokens",
                 over: Some((estimate, per_minute)),
             });
         }
@@ -390,6 +391,7 @@ pub async fn covering_tokens(
     let (
         ProxyError::RateLimited {
             retry_after,
+            limit,
             over: None,
         },
         Some(identity),
@@ -397,13 +399,27 @@ pub async fn covering_tokens(
     else {
         return refusal;
     };
-    // A bucket the estimate never fits has no wait to give (its own
-    // refusal says so, once the request is let in).
+    // A bucket the estimate never fits has no wait to give: its refusal
+    // is the one that tells the client to stop, not to come back later
+    // for the same answer.
+    if let Some((key, per_minute)) =
+        buckets(snap, route, &identity, Kind::Tokens).find(|(_, per_minute)| estimate > *per_minute)
+    {
+        if let Ok((decision, _)) = state.take(&key, per_minute, 0).await {
+            keep_tightest(&mut ctx.token_limit, decision);
+        }
+        return ProxyError::RateLimited {
+            retry_after: crate::state::limiter::WINDOW,
+            limit: "tokens",
+            over: Some((estimate, per_minute)),
+        };
+    }
     let short = buckets(snap, route, &identity, Kind::Tokens)
         .filter(|&(_, per_minute)| estimate <= per_minute);
     let wait = wait_on(state, short, estimate, &mut ctx.token_limit).await;
     ProxyError::RateLimited {
         retry_after: (*retry_after).max(wait),
+        limit,
         over: None,
     }
 }
@@ -645,6 +661,7 @@ fn refused(
     count_refusal(metrics, route, tier, limit);
     ProxyError::RateLimited {
         retry_after,
+        limit,
         over: None,
     }
 }

@@ -154,6 +154,13 @@ async fn concurrency_slot_is_freed_when_a_stream_ends_or_the_client_leaves() {
     assert_eq!(first.status(), 200);
     let second = get(&gw, "/v1/x", "key-alice").await;
     assert_eq!(second.status, 429);
+    assert!(
+        second
+            .error_message()
+            .contains("too many requests in flight"),
+        "the message names the limit: {}",
+        second.error_message()
+    );
     // Its request unit went back: the headers count only the stream's.
     assert_eq!(second.header("x-ratelimit-remaining-requests"), Some("99"));
     assert_eq!(
@@ -690,6 +697,13 @@ async fn retry_after_of_a_request_refusal_covers_the_token_buckets() {
     assert_eq!(get(&gw, "/other/x", "key-alice").await.status, 200);
     let refused = post(&gw, r#"{"max_tokens":900}"#).await;
     assert_eq!(refused.status, 429);
+    assert!(
+        refused
+            .error_message()
+            .contains("too many requests per minute"),
+        "{}",
+        refused.error_message()
+    );
     let ms: u64 = refused.header("retry-after-ms").unwrap().parse().unwrap();
     assert!((48_000..=54_000).contains(&ms), "retry-after-ms {ms}");
     assert_eq!(refused.header("x-ratelimit-remaining-requests"), Some("0"));
@@ -699,6 +713,31 @@ async fn retry_after_of_a_request_refusal_covers_the_token_buckets() {
         .parse()
         .unwrap();
     assert!((45..=60).contains(&tokens), "remaining tokens {tokens}");
+}
+
+/// A request the token limit can never take, refused first by an empty
+/// request bucket, is told it never fits (`x-should-retry: false`), not
+/// to come back when the request bucket refills, only to hear it then.
+#[tokio::test]
+async fn a_request_refusal_of_one_that_never_fits_says_so() {
+    let up = llm_reporting(10, Duration::ZERO).await;
+    let gw = TestGateway::start(&config(
+        &up.url(),
+        "{ requests_per_minute: 1, tokens_per_minute: 2000 }",
+        "",
+    ))
+    .await;
+    assert_eq!(post(&gw, r#"{"max_tokens":10}"#).await.status, 200);
+    let refused = post(&gw, r#"{"max_tokens":5000}"#).await;
+    assert_eq!(refused.status, 429);
+    let message = refused.error_message();
+    assert!(
+        message.contains("more than the limit of 2000 tokens per minute"),
+        "{message}"
+    );
+    assert_eq!(refused.header("x-should-retry"), Some("false"));
+    assert_eq!(refused.header("retry-after"), Some("60"));
+    assert_eq!(up.seen().len(), 1);
 }
 
 /// A request refused by a limit, its small body sent with it, leaves the
