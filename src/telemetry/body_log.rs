@@ -42,11 +42,16 @@ const SECRET_NAMES: [&str; 23] = [
 /// (`keyboard`, `compass`).
 const SECRET_WHOLE_NAMES: [&str; 4] = ["key", "pass", "sig", "session"];
 
+/// Names with `token` that count tokens rather than hold one: OpenAI's
+/// usage (`max_tokens`, `input_token_details`, `token_count`) and
+/// logprobs (`top_logprobs`, `token_logprobs`).
+const TOKEN_COUNTS: [&str; 5] = ["tokens", "details", "count", "logprob", "limit"];
+
 fn is_secret_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     SECRET_NAMES.iter().any(|n| lower.contains(n))
         || SECRET_WHOLE_NAMES.contains(&lower.as_str())
-        || (lower.contains("token") && !lower.contains("tokens"))
+        || (lower.contains("token") && !TOKEN_COUNTS.iter().any(|n| lower.contains(n)))
 }
 
 /// The first [`LIMIT`] bytes of a body as it goes by.
@@ -520,8 +525,10 @@ mod tests {
     #[test]
     fn secrets_of_any_type_and_shape_are_masked() {
         assert_eq!(
-            mask(r#"{"api_keys":["k1","k2"],"secret":{"v":"x"},"pin_token":1234,"max_tokens":50}"#),
-            r#"{"api_keys":"***","secret":"***","pin_token":"***","max_tokens":50}"#
+            mask(
+                r#"{"api_keys":["k1","k2"],"secret":{"v":"x"},"pin_token":1234,"max_tokens":50,"input_token_details":{"audio":1},"token_logprobs":[-0.1]}"#
+            ),
+            r#"{"api_keys":"***","secret":"***","pin_token":"***","max_tokens":50,"input_token_details":{"audio":1},"token_logprobs":[-0.1]}"#
         );
         assert_eq!(
             mask("user=bob&password=hunter2&client_secret=s%3Dx&keep=1"),
