@@ -391,6 +391,14 @@ async fn anthropic_cached_prompt_tokens_count_as_input() {
     .await;
 }
 
+/// Older Azure OpenAI API versions' answer to a body naming
+/// `stream_options`.
+fn refuses_stream_options() -> UpstreamReply {
+    UpstreamReply::status(400)
+        .header("content-type", "application/json")
+        .body(r#"{"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error"}}"#)
+}
+
 /// An upstream that refuses `stream_options` (older Azure OpenAI API
 /// versions) is asked again without it, and not asked again: sluice's
 /// metering never breaks a request that works without sluice.
@@ -398,9 +406,7 @@ async fn anthropic_cached_prompt_tokens_count_as_input() {
 async fn an_upstream_that_refuses_stream_options_is_asked_without_it() {
     let up = MockUpstream::start(|seen| {
         if String::from_utf8_lossy(&seen.body).contains("stream_options") {
-            UpstreamReply::status(400)
-                .header("content-type", "application/json")
-                .body(r#"{"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error"}}"#)
+            refuses_stream_options()
         } else {
             UpstreamReply::sse(&STREAM, Duration::ZERO)
         }
@@ -453,9 +459,7 @@ async fn a_refusal_under_one_api_version_leaves_the_others_metered() {
     let up = MockUpstream::start(|seen| {
         let old = seen.uri.query() == Some("api-version=2023-05-15");
         if old && String::from_utf8_lossy(&seen.body).contains("stream_options") {
-            UpstreamReply::status(400)
-                .header("content-type", "application/json")
-                .body(r#"{"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error"}}"#)
+            refuses_stream_options()
         } else {
             UpstreamReply::sse(&STREAM, Duration::ZERO)
         }
