@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant as TokioInstant, Sleep};
 
@@ -420,6 +421,12 @@ fn record_usage(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, m
     // counts one output token) may be far below what it generated.
     let cost = match (reported, estimated_cost(active, ctx, model)) {
         (Some(reported), Some(estimated)) => Some(reported.max(estimated)),
+        // An answer that said how it ended but not what it used (an
+        // upstream that ignores `stream_options`): its estimate, as
+        // its token reservation keeps it, or its spend would be free.
+        (None, None) if !counted && !usage.finishes.is_empty() => {
+            estimate_at_price(active, ctx, model)
+        }
         (reported, estimated) => reported.or(estimated),
     };
     ctx.input_tokens = usage.input_tokens;
@@ -452,6 +459,12 @@ fn estimated_cost(active: &Active, ctx: &RequestCtx, model: &str) -> Option<f64>
     if !limit::cut_short(ctx) {
         return None;
     }
+    estimate_at_price(active, ctx, model)
+}
+
+/// The request's estimate (made where sluice read the request: token
+/// limits, budgets) at `model`'s price.
+fn estimate_at_price(active: &Active, ctx: &RequestCtx, model: &str) -> Option<f64> {
     let estimate = ctx.estimate?;
     pricing::cost(
         &active.snapshot.pricing,
@@ -599,6 +612,76 @@ impl Drop for Tap {
         } else {
             Some("client_closed")
         };
+        if error == Some("client_closed") && self.read_rest_for_usage() {
+            return;
+        }
         self.finalize(error);
     }
+}
+
+/// The most of an answer read for its usage after its client left.
+const REST_READ_MAX: usize = 16 << 20;
+
+impl Tap {
+    /// The client left before the body's end, but the upstream had
+    /// generated the whole answer (a JSON answer; a stream whose choices
+    /// all ended, its usage chunk still to come): the rest is read in the
+    /// background for its usage, which costs the provider nothing more,
+    /// so that the request is charged what the upstream bills rather than
+    /// an estimate (a client breaking off at `finish_reason` would
+    /// otherwise get its answer for the price of its prompt). Mid-answer,
+    /// the upstream is left at once: reading on would let it generate
+    /// the rest, which it would bill. `false` when nothing is read.
+    fn read_rest_for_usage(&mut self) -> bool {
+        if !self.meter.as_ref().is_some_and(Meter::answer_generated) {
+            return false;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        let (Some(finish), Some(meter)) = (self.finish.take(), self.meter.take()) else {
+            return false;
+        };
+        let inner = std::mem::replace(&mut self.inner, crate::body::empty());
+        let body_log = self.body_log.take();
+        let idle = self.idle.unwrap_or(Duration::from_secs(30));
+        let deadline = self.deadline;
+        runtime.spawn(read_usage(inner, meter, finish, body_log, idle, deadline));
+        true
+    }
+}
+
+/// Reads the rest of `inner` into `meter` (within `idle` a frame, the
+/// request's deadline and [`REST_READ_MAX`]), then accounts for the
+/// request its client left.
+async fn read_usage(
+    mut inner: BoxBody,
+    mut meter: Meter,
+    mut finish: Finish,
+    body_log: Option<BodyLog>,
+    idle: Duration,
+    deadline: TokioInstant,
+) {
+    let mut read = 0;
+    let whole = loop {
+        let due = (TokioInstant::now() + idle).min(deadline);
+        let frame = match tokio::time::timeout_at(due, inner.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(None) => break true,
+            Ok(Some(Err(_))) | Err(_) => break false,
+        };
+        if let Some(data) = frame.data_ref() {
+            read += data.len();
+            meter.observe(data);
+            if meter.finished() {
+                break true;
+            }
+            if read > REST_READ_MAX {
+                break false;
+            }
+        }
+    };
+    // Without counts, it keeps its estimate, as an answer cut short.
+    finish.ctx.read_after_client_left = whole && meter.counted();
+    finish.account(Some("client_closed"), Some(meter), None, body_log);
 }

@@ -161,6 +161,34 @@ impl Meter {
         !said_so && (stream.api || (rest.is_some() && stream.usage.model.is_some()))
     }
 
+    /// Whether the upstream has generated the whole answer, so that its
+    /// rest (the usage a stream sends after its last choice ended) costs
+    /// nothing more to read: a JSON answer comes once generated; a
+    /// stream, once every choice gave its finish reason.
+    pub fn answer_generated(&self) -> bool {
+        match self {
+            Meter::Json(_) => true,
+            Meter::Sse(stream) => {
+                stream.finished
+                    || (!stream.usage.finishes.is_empty()
+                        && stream
+                            .usage
+                            .finishes
+                            .reasons()
+                            .all(|reason| reason.is_some()))
+            }
+        }
+    }
+
+    /// Whether the body reported token counts so far.
+    pub fn counted(&self) -> bool {
+        let usage = match self {
+            Meter::Json(_) => return true,
+            Meter::Sse(stream) => &stream.usage,
+        };
+        usage.input_tokens.is_some() || usage.output_tokens.is_some()
+    }
+
     /// Whether the stream names its events (`event:` lines), as
     /// Anthropic's and the responses API's do.
     pub fn names_events(&self) -> bool {

@@ -466,6 +466,7 @@ pub struct Reservation {
 pub fn cut_short(ctx: &RequestCtx) -> bool {
     left_mid_attempt(ctx)
         || ((200..300).contains(&ctx.status)
+            && !ctx.read_after_client_left
             && matches!(
                 ctx.error,
                 Some(

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use serde_json::json;
 
 use crate::support::{Client, ClientReply, MockUpstream, TestGateway, UpstreamReply};
@@ -705,4 +706,94 @@ async fn an_answer_without_a_model_is_priced_as_the_one_requested() {
         gw.metric("sluice_tokens_total", &labels).await,
         Some(4000.0)
     );
+}
+
+/// A streamed chat completion through a gateway with a budget (so that
+/// spend is counted), read until its finish reason, then left: the
+/// client's body, and what it had read.
+async fn read_until_finish_then_leave(gw: &TestGateway) -> String {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<Bytes>>();
+    let resp = client
+        .request(
+            http::Request::post(gw.url("/v1/chat/completions"))
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(Bytes::from_static(
+                    br#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hi"}]}"#,
+                )))
+                .expect("request"),
+        )
+        .await
+        .expect("the stream starts");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains(r#""finish_reason":"stop""#) {
+        let frame = body.frame().await.expect("a frame").expect("no error");
+        if let Ok(data) = frame.into_data() {
+            seen.extend_from_slice(&data);
+        }
+    }
+    // As a loop that breaks on `finish_reason` does.
+    drop(body);
+    drop(client);
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// A client that leaves once every choice has ended, before the usage
+/// chunk sluice asked for, is charged what the upstream reports: the
+/// answer was generated whole, and reading its last chunk costs the
+/// provider nothing more. Charged only its prompt's estimate, it got the
+/// answer all but free, past any budget.
+#[tokio::test]
+async fn a_client_leaving_after_the_finish_reason_is_charged_the_reported_usage() {
+    let up = MockUpstream::always(UpstreamReply::sse(&STREAM, Duration::from_millis(300))).await;
+    let gw = TestGateway::start(&format!(
+        "{}budget:\n  daily_usd: 100\n  alert_at: [0.9]\n",
+        config(&up.url())
+    ))
+    .await;
+    let seen = read_until_finish_then_leave(&gw).await;
+    assert!(!seen.contains("usage"), "{seen}");
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["error"], "client_closed", "{log}");
+    assert_eq!(log["input_tokens"], 7, "{log}");
+    assert_eq!(log["output_tokens"], 2, "{log}");
+    assert_eq!(
+        log["cost_usd"], 2.25e-6,
+        "7 × $0.15 + 2 × $0.60 a million: {log}"
+    );
+    let spent = gw
+        .metric("sluice_budget_spent_usd", &[("scope", "global")])
+        .await;
+    assert_eq!(spent, Some(2.25e-6));
+}
+
+/// A whole answer that reports no usage (an upstream that ignores
+/// `stream_options`) is charged its estimate, as one cut short is:
+/// finishing it must not cost less than breaking it off.
+#[tokio::test]
+async fn a_whole_stream_without_usage_is_charged_its_estimate() {
+    let events = [STREAM[0], STREAM[1], STREAM[3]];
+    let up = MockUpstream::always(UpstreamReply::sse(&events, Duration::ZERO)).await;
+    let gw = TestGateway::start(&format!(
+        "{}budget:\n  daily_usd: 100\n  alert_at: [0.9]\n",
+        config(&up.url())
+    ))
+    .await;
+    let reply = Client::new()
+        .post_json(
+            &gw.url("/v1/chat/completions"),
+            &[],
+            r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"Say hi"}]}"#,
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["error"], serde_json::Value::Null, "{log}");
+    assert_eq!(log["input_tokens"], serde_json::Value::Null, "{log}");
+    let cost = log["cost_usd"].as_f64().expect("charged");
+    // At least the 100 tokens it may generate, at $0.60 a million.
+    assert!((6e-5..1e-4).contains(&cost), "{log}");
 }
