@@ -383,7 +383,7 @@ async fn process(
     }
     let host = route::request_host(req.version(), req.uri(), req.headers())?;
     let slash_view = route::slashes_decoded(req.uri().path());
-    if let Some(view) = &slash_view {
+    if slash_view.is_some() {
         // An app may read `%2F` as `/`, and then `..` as a step up, or
         // not: every reading must meet the same route, or one of them
         // would pass another route's auth (Envoy's
@@ -394,8 +394,10 @@ async fn process(
                 .map(|(index, _)| index)
         };
         let written = meets(req.uri().path());
-        let resolved = route::normalized(view);
-        if meets(view) != written || resolved.is_some_and(|p| meets(&p) != written) {
+        let differs = route::slash_readings(req.uri().path()).iter().any(|view| {
+            meets(view) != written || route::normalized(view).is_some_and(|p| meets(&p) != written)
+        });
+        if differs {
             return Err(ProxyError::InvalidRequest {
                 message: "the path's escaped slashes (%2F, %5C) or backslashes would make it meet another route than as written; send them as `/`".to_owned(),
                 param: None,

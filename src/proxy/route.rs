@@ -129,25 +129,51 @@ pub fn normalized(path: &str) -> Option<String> {
 /// `\` for `/`), dot segments kept as such an app may keep them; `None`
 /// when `path` has none of them. The upstream still gets the path as
 /// written; routes must agree on every reading of it (see
-/// `proxy::process`).
+/// [`slash_readings`]).
 pub fn slashes_decoded(path: &str) -> Option<String> {
-    let bytes = path.as_bytes();
-    let escaped_slash = memchr::memchr_iter(b'%', bytes)
-        .any(|i| matches!(bytes.get(i + 1..i + 3), Some(b"2F" | b"2f" | b"5C" | b"5c")));
-    if !escaped_slash && memchr::memchr(b'\\', bytes).is_none() {
-        return None;
+    let (escapes, backslashes) = slash_spellings(path);
+    (escapes || backslashes).then(|| with_slashes(path, escapes, backslashes))
+}
+
+/// Every way an app may read `path`'s other spellings of `/`: the
+/// escapes alone, the backslashes alone (a WHATWG parser keeps `%2F` in
+/// its segment), and both. Empty when it has none.
+pub fn slash_readings(path: &str) -> Vec<String> {
+    let (escapes, backslashes) = slash_spellings(path);
+    let mut readings = Vec::new();
+    if escapes {
+        readings.push(with_slashes(path, true, false));
     }
+    if backslashes {
+        readings.push(with_slashes(path, false, true));
+    }
+    if escapes && backslashes {
+        readings.push(with_slashes(path, true, true));
+    }
+    readings
+}
+
+/// Whether `path` holds `%2F`/`%5C` escapes, and bare backslashes.
+fn slash_spellings(path: &str) -> (bool, bool) {
+    let bytes = path.as_bytes();
+    let escapes = memchr::memchr_iter(b'%', bytes)
+        .any(|i| matches!(bytes.get(i + 1..i + 3), Some(b"2F" | b"2f" | b"5C" | b"5c")));
+    (escapes, memchr::memchr(b'\\', bytes).is_some())
+}
+
+/// `path` with its slash escapes, its backslashes, or both, as `/`.
+fn with_slashes(path: &str, escapes: bool, backslashes: bool) -> String {
     let mut plain = String::with_capacity(path.len());
     let mut rest = path;
     while let Some(at) = rest.find(['%', '\\']) {
         plain.push_str(&rest[..at]);
         if rest[at..].starts_with('\\') {
-            plain.push('/');
+            plain.push(if backslashes { '/' } else { '\\' });
             rest = &rest[at + 1..];
             continue;
         }
         match rest.get(at + 1..at + 3) {
-            Some("2F" | "2f" | "5C" | "5c") => {
+            Some("2F" | "2f" | "5C" | "5c") if escapes => {
                 plain.push('/');
                 rest = &rest[at + 3..];
             }
@@ -158,7 +184,7 @@ pub fn slashes_decoded(path: &str) -> Option<String> {
         }
     }
     plain.push_str(rest);
-    Some(plain)
+    plain
 }
 
 /// `path` with the escapes of unreserved characters (letters, digits,

@@ -365,6 +365,9 @@ routes:
         // WHATWG URL parsers (Node, Deno, Bun, Next.js) read `\` as `/`.
         "/v1\\chat/completions",
         "/x/..\\v1/chat/completions",
+        // Read with its backslashes alone (a WHATWG parser keeps `%2F`
+        // in its segment), it climbs out of /x/.
+        "/x/a%2Fb/..\\..\\v1/chat/completions",
     ] {
         let reply = Client::new()
             .post_json(&gw.url(path), &[], r#"{"model":1,"messages":"x"}"#)
