@@ -32,23 +32,39 @@ pub fn api_path(path: &str) -> &str {
     path.trim_end_matches('/')
 }
 
+/// The path as an app routes it that takes paths in any case (Express,
+/// ASP.NET Core; compare with [`ends_with_ignore_case`]) or drops `;`
+/// parameters from its segments (Java servers): without those and
+/// without a final slash.
+pub fn routed_path(path: &str) -> std::borrow::Cow<'_, str> {
+    let path = api_path(path);
+    if !path.contains(';') {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len());
+    for (i, segment) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(segment.split(';').next().unwrap_or(segment));
+    }
+    std::borrow::Cow::Owned(api_path(&out).to_owned())
+}
+
+/// Whether `path` ends with `suffix`, in any case.
+pub fn ends_with_ignore_case(path: &str, suffix: &str) -> bool {
+    path.len() >= suffix.len()
+        && path.as_bytes()[path.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+}
+
 impl Endpoint {
     /// Read as an app that takes paths in any case (Express, ASP.NET
     /// Core) or drops `;` parameters (Java servers) would route it: a
     /// spelling that reaches its chat handler is validated and metered
     /// as chat.
     pub fn of(path: &str) -> Option<Self> {
-        let path = api_path(path);
-        let last = path.rfind('/').unwrap_or(0);
-        let path = match path[last..].find(';') {
-            Some(params) => api_path(&path[..last + params]),
-            None => path,
-        };
-        let ends_with = |suffix: &str| {
-            path.len() >= suffix.len()
-                && path.as_bytes()[path.len() - suffix.len()..]
-                    .eq_ignore_ascii_case(suffix.as_bytes())
-        };
+        let path = routed_path(path);
+        let ends_with = |suffix: &str| ends_with_ignore_case(&path, suffix);
         if ends_with("/chat/completions") {
             Some(Endpoint::ChatCompletions)
         } else if ends_with("/completions") {
@@ -669,6 +685,10 @@ mod tests {
             );
         }
         assert_eq!(Endpoint::of("/v1/models;x"), None);
+        assert_eq!(
+            Endpoint::of("/v1/chat;x/completions"),
+            Some(Endpoint::ChatCompletions)
+        );
     }
 
     #[test]

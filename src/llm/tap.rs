@@ -392,7 +392,8 @@ fn record_usage(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, m
     // for `n`), `none` for a choice that ended without a reason and for
     // an answer that says nothing of how it ended. Embeddings complete
     // nothing: counted there, they would drown the quality signal.
-    let embeddings = crate::llm::shape::api_path(ctx.uri.path()).ends_with("/embeddings");
+    let embeddings = crate::llm::shape::Endpoint::of(ctx.uri.path())
+        == Some(crate::llm::shape::Endpoint::Embeddings);
     if usage.finishes.is_empty() && !embeddings {
         children.completion(&gw.metrics, "none").inc();
     }

@@ -106,9 +106,11 @@ pub async fn send(
     // As routes and validation read it (`%2F` as `/`), so that a path an
     // app reads as chat completions is metered as one.
     let slash_view = super::route::slashes_decoded(parts.uri.path());
-    let path = crate::llm::shape::api_path(slash_view.as_deref().unwrap_or(parts.uri.path()));
+    let path = crate::llm::shape::routed_path(slash_view.as_deref().unwrap_or(parts.uri.path()));
     let completions = parts.method == http::Method::POST
-        && (path.ends_with("/chat/completions") || path.ends_with("/v1/completions"));
+        && ["/chat/completions", "/v1/completions"]
+            .iter()
+            .any(|api| crate::llm::shape::ends_with_ignore_case(&path, api));
     let token_limited = limit::token_limits_apply(snap, route, ctx);
     // A compressed body would be estimated at its compressed size, and
     // a stream's usage could not be asked for in it: a way around the

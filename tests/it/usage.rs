@@ -797,3 +797,23 @@ async fn a_whole_stream_without_usage_is_charged_its_estimate() {
     // At least the 100 tokens it may generate, at $0.60 a million.
     assert!((6e-5..1e-4).contains(&cost), "{log}");
 }
+
+/// A path an app routes as chat completions in any case, or without its
+/// `;` parameters (Express, ASP.NET Core, Java servers), is metered as
+/// one: sluice asks for the stream's usage there too.
+#[tokio::test]
+async fn chat_spelled_another_way_is_still_metered() {
+    let up = MockUpstream::always(UpstreamReply::sse(&STREAM, Duration::ZERO)).await;
+    let gw = TestGateway::start(&config(&up.url())).await;
+    let reply = Client::new()
+        .post_json(
+            &gw.url("/v1/Chat;v=1/Completions;x"),
+            &[],
+            r#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#,
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    let sent = String::from_utf8_lossy(&up.seen()[0].body).into_owned();
+    assert!(sent.contains("include_usage"), "{sent}");
+    check_stream_usage(&gw).await;
+}
