@@ -161,7 +161,13 @@ pub async fn send(
             limit::estimate_tokens_roughly(sent)
         };
         ctx.estimate = Some(estimate);
-        ctx.requested_model = limit::requested_model(sent);
+        ctx.requested_model = limit::requested_model(
+            sent,
+            parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .map(http::HeaderValue::as_bytes),
+        );
         if token_limited {
             limit::reserve_tokens(snap, &gw.state, &gw.metrics, route, ctx, estimate.total())
                 .await?;

@@ -487,15 +487,17 @@ pub fn left_mid_attempt(ctx: &RequestCtx) -> bool {
 }
 
 /// The `model` a request body names: its first string `model` member,
-/// found by a byte search, or an upload's `model` form field. What an
-/// answer that names none (audio, images) or never came is priced at.
-/// Any other body names none: what a file holds is no request's model.
-pub fn requested_model(body: &[u8]) -> Option<String> {
+/// found by a byte search, or an upload's `model` form field (the form
+/// delimited by the `boundary` its content type names). What an answer
+/// that names none (audio, images) or never came is priced at. Any other
+/// body names none: what a file holds is no request's model.
+pub fn requested_model(body: &[u8], content_type: Option<&[u8]>) -> Option<String> {
+    if let Some(boundary) = content_type.and_then(crate::llm::form::boundary) {
+        return crate::llm::form::field(body, boundary, "model").map(str::to_owned);
+    }
     let body = crate::llm::prompt_size::without_bom(body);
-    match body.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'{') => {}
-        Some(b'-') => return crate::llm::form::field(body, "model").map(str::to_owned),
-        _ => return None,
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
     }
     values_after(body, b"\"model\"").find_map(|value| {
         let name = value.strip_prefix(b"\"")?;
@@ -746,22 +748,29 @@ mod tests {
     #[test]
     fn the_requested_model_is_the_first_string_member_so_named() {
         assert_eq!(
-            requested_model(br#"{"messages":[], "model" : "gpt-4o"}"#).as_deref(),
+            requested_model(br#"{"messages":[], "model" : "gpt-4o"}"#, None).as_deref(),
             Some("gpt-4o")
         );
         // A tool schema's `model` object first, then the request's own.
         assert_eq!(
-            requested_model(br#"{"tools":[{"properties":{"model":{}}}],"model":"m"}"#).as_deref(),
+            requested_model(
+                br#"{"tools":[{"properties":{"model":{}}}],"model":"m"}"#,
+                None
+            )
+            .as_deref(),
             Some("m")
         );
         // Quoted in a message, the name is escaped: not a member.
         assert_eq!(
-            requested_model(br#"{"messages":[{"content":"say \"model\": \"x\""}]}"#),
+            requested_model(
+                br#"{"messages":[{"content":"say \"model\": \"x\""}]}"#,
+                None
+            ),
             None
         );
-        assert_eq!(requested_model(br#"{"model":"a\"b"}"#), None);
-        assert_eq!(requested_model(br#"{"model":7}"#), None);
-        assert_eq!(requested_model(b"not json"), None);
+        assert_eq!(requested_model(br#"{"model":"a\"b"}"#, None), None);
+        assert_eq!(requested_model(br#"{"model":7}"#, None), None);
+        assert_eq!(requested_model(b"not json", None), None);
     }
 
     #[test]

@@ -213,17 +213,29 @@ fn delimiter_line(text: &str, delimiter: &str) -> Option<usize> {
     None
 }
 
-/// The field a `Content-Disposition` line names (`name="…"`, not
-/// `filename="…"`).
+/// The field a `Content-Disposition` line names (`name="…"`, or a bare
+/// `name=…` token, which servers read too; not `filename="…"`).
 pub(crate) fn field_name(line: &str) -> Option<&str> {
-    const NAME: &str = "name=\"";
+    const NAME: &str = "name=";
     let mut from = 0;
     while let Some(found) = find_ignore_case(&line[from..], NAME) {
         let at = from + found;
         let start = at + NAME.len();
-        let len = line[start..].find('"')?;
+        let rest = &line[start..];
+        let (value, len) = match rest.strip_prefix('"') {
+            Some(quoted) => {
+                let len = quoted.find('"')?;
+                (&quoted[..len], len + 2)
+            }
+            None => {
+                let len = rest
+                    .find(|c: char| c == ';' || c.is_ascii_whitespace())
+                    .unwrap_or(rest.len());
+                (&rest[..len], len)
+            }
+        };
         if !line[..at].ends_with(|c: char| c.is_ascii_alphanumeric()) {
-            return Some(&line[start..start + len]);
+            return Some(value);
         }
         from = start + len;
     }

@@ -817,3 +817,53 @@ async fn chat_spelled_another_way_is_still_metered() {
     assert!(sent.contains("include_usage"), "{sent}");
     check_stream_usage(&gw).await;
 }
+
+/// An upload (a transcription) names its model in a form field: that is
+/// what its answer, which names none, is priced at, never a model name
+/// its file's bytes or a preamble before the form happen to hold. (Read
+/// where the body is held whole: for a pool, as here, or token limits.)
+#[tokio::test]
+async fn an_upload_is_priced_at_its_model_field() {
+    let up = MockUpstream::always(UpstreamReply::json(&json!({
+        "text": "hello",
+        "usage": {"type": "tokens", "input_tokens": 1000, "output_tokens": 10},
+    })))
+    .await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  llm: {{ url: "{}" }}
+pools:
+  transcribers: {{ members: [llm] }}
+routes:
+  - {{ name: audio, match: {{ path_prefix: /v1/ }}, auth: none, upstream: transcribers }}
+pricing:
+  gpt-4o-transcribe: {{ input: 2.50, output: 10.00 }}
+  text-embedding-3-small: {{ input: 0.02, output: 0.02 }}
+  default: {{ input: 1.00, output: 3.00 }}
+budget:
+  daily_usd: 100
+  alert_at: [0.9]
+"#,
+        up.url()
+    ))
+    .await;
+    let body = b"--fake\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ntext-embedding-3-small\r\n--fake--\r\n\
+--real\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\nRIFF {\"model\":\"text-embedding-3-small\"} \r\n\
+--real\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o-transcribe\r\n--real--\r\n";
+    let reply = Client::new()
+        .send(
+            http::Method::POST,
+            &gw.url("/v1/audio/transcriptions"),
+            &[("content-type", "multipart/form-data; boundary=real")],
+            Bytes::from_static(body),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["model"], "gpt-4o-transcribe", "{log}");
+    assert_eq!(
+        log["cost_usd"], 0.0026,
+        "1000 × $2.50 + 10 × $10 a million: {log}"
+    );
+}
