@@ -146,3 +146,51 @@ async fn a_handshake_that_never_ends_is_bounded_by_the_connect_timeout() {
     );
     held.abort();
 }
+
+/// Requests to an HTTP/2 upstream share one connection: clients that
+/// stop reading large answers must not use up its flow-control window
+/// and freeze every other answer from that upstream.
+#[tokio::test]
+async fn stalled_readers_do_not_freeze_an_h2_upstream() {
+    use http_body_util::BodyExt;
+    let pki = TestPki::new();
+    // Past what the sockets between sluice and a client hold.
+    let big = "x".repeat(32 << 20);
+    let up = MockUpstream::start_tls(
+        move |seen| match seen.uri.path() {
+            "/big" => UpstreamReply::text(big.clone()),
+            _ => UpstreamReply::text("small"),
+        },
+        &pki.cert_pem,
+        &pki.key_pem,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &pki.ca_pem).unwrap();
+    let url = format!("https://localhost:{}", up.addr.port());
+    let gw = TestGateway::start_in(&config(&url, Some("ca.pem")), &[], dir).await;
+    // Each on its own connection, its answer's head read, its body not.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Full<bytes::Bytes>>();
+        let resp = client
+            .get(gw.url("/big").parse().unwrap())
+            .await
+            .expect("a head");
+        assert_eq!(resp.status(), 200);
+        stalled.push((client, resp));
+    }
+    let small = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        Client::new().get(&gw.url("/small")).await
+    })
+    .await
+    .expect("another answer comes while four readers stall");
+    assert_eq!(small.text(), "small");
+    assert_eq!(up.connections(), 1, "one h2 connection serves them all");
+    // The stalled answers are whole once read.
+    let (_, resp) = stalled.pop().expect("one");
+    let body = resp.into_body().collect().await.expect("read").to_bytes();
+    assert_eq!(body.len(), 32 << 20);
+}
