@@ -801,10 +801,10 @@ async fn attempt_asking_usage(
     let Some(plain) = plain else {
         return attempt(active, index, ctx, parts, body::full(body), None).await;
     };
-    if http.is_some_and(|h| {
-        h.stream_options_refusals
-            .refuses(crate::upstream::api_version(&parts.uri))
-    }) {
+    if let Some(http) = http
+        && let Some(version) = crate::upstream::api_version(&parts.uri)
+        && http.stream_options_refusals.refuses(version)
+    {
         ctx.usage_injected = false;
         parts
             .headers
@@ -847,9 +847,9 @@ async fn attempt_asking_usage(
     // at fault. A client's own bad `stream_options` (a key the API does
     // not know) is refused both ways: it must not stop the metering of
     // every other client's streams.
-    let version = crate::upstream::api_version(&asked);
     if resp.status().is_success()
         && let Some(http) = http
+        && let Some(version) = crate::upstream::api_version(&asked)
         && http.stream_options_refusals.record(version)
         && let Some(upstream) = active.snapshot.upstreams.get(index)
     {

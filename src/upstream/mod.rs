@@ -124,14 +124,19 @@ impl StreamOptionsRefusals {
     }
 }
 
-/// The `api-version` query parameter of `uri`, as written; empty without
-/// one.
-pub fn api_version(uri: &http::Uri) -> &str {
-    uri.query()
-        .into_iter()
-        .flat_map(|q| q.split('&'))
-        .find_map(|pair| pair.strip_prefix("api-version="))
-        .unwrap_or("")
+/// The `api-version` query parameter of `uri`, as written (empty without
+/// one); `None` when it is given twice, or in two spellings, which
+/// upstreams may read either way: a refusal is then never remembered, so
+/// no client can file it under another client's version.
+pub fn api_version(uri: &http::Uri) -> Option<&str> {
+    let mut found = None;
+    for pair in uri.query().into_iter().flat_map(|q| q.split('&')) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if name.eq_ignore_ascii_case("api-version") && found.replace(value).is_some() {
+            return None;
+        }
+    }
+    Some(found.unwrap_or(""))
 }
 
 impl fmt::Debug for HttpUpstream {

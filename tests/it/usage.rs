@@ -458,7 +458,11 @@ routes:
 #[tokio::test]
 async fn a_refusal_under_one_api_version_leaves_the_others_metered() {
     let up = MockUpstream::start(|seen| {
-        let old = seen.uri.query() == Some("api-version=2023-05-15");
+        // The last api-version is the one read.
+        let old = seen
+            .uri
+            .query()
+            .is_some_and(|q| q.ends_with("api-version=2023-05-15"));
         if old && String::from_utf8_lossy(&seen.body).contains("stream_options") {
             refuses_stream_options()
         } else {
@@ -497,6 +501,18 @@ async fn a_refusal_under_one_api_version_leaves_the_others_metered() {
         .map(|l| l["api_version"].clone())
         .collect();
     assert_eq!(said, [json!("2023-05-15")]);
+    // Two versions in one query: no refusal is filed under either, so
+    // no client can switch the question off for another's version.
+    assert_eq!(
+        stream("2024-10-21&api-version=2023-05-15").await.status,
+        200
+    );
+    assert_eq!(stream("2024-10-21").await.status, 200);
+    let last = up.seen().last().map(|s| s.body.clone()).unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&last).contains("include_usage"),
+        "still asked under 2024-10-21"
+    );
 }
 
 /// A client whose own `stream_options` the upstream refuses (a key it
