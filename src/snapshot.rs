@@ -342,15 +342,23 @@ impl KnownSecrets {
         let twice = json_escaped(&escaped);
         let slashes = escaped.replace('/', "\\/");
         let slashes_twice = json_escaped(&slashes);
-        let percent = percent_encoded(secret);
-        for form in [
+        // As browsers and `curl --data-urlencode` write a form value, in
+        // lower-case hex as some encoders do, and with `/` kept as
+        // Python's `quote` keeps it.
+        let percent = percent_encoded(secret, b"");
+        let lower = percent_lower_hex(&percent);
+        let path_kept = percent_encoded(secret, b"/");
+        let forms = [
             secret.to_owned(),
             escaped,
             twice,
             slashes,
             slashes_twice,
             percent,
-        ] {
+            lower,
+            path_kept,
+        ];
+        for form in forms {
             if !self.0.contains(&form) {
                 self.0.push(form);
             }
@@ -384,15 +392,34 @@ fn json_escaped(text: &str) -> String {
         .to_owned()
 }
 
-/// `text` with every byte but RFC 3986's unreserved ones written `%XX`,
-/// as browsers and `curl --data-urlencode` send a form value.
-fn percent_encoded(text: &str) -> String {
+/// `text` with every byte but RFC 3986's unreserved ones and `kept`
+/// written `%XX`.
+fn percent_encoded(text: &str, kept: &[u8]) -> String {
     let mut out = String::with_capacity(text.len() * 3);
     for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') || kept.contains(&b)
+        {
             out.push(char::from(b));
         } else {
             out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `encoded`'s `%XX` escapes in lower-case hex.
+fn percent_lower_hex(encoded: &str) -> String {
+    let mut out = String::with_capacity(encoded.len());
+    let mut hex = 0;
+    for c in encoded.chars() {
+        if c == '%' {
+            hex = 2;
+            out.push(c);
+        } else if hex > 0 {
+            hex -= 1;
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
         }
     }
     out

@@ -1818,20 +1818,38 @@ impl Compiler<'_> {
 }
 
 /// Of `values`, the variables that made `url`, those in its user info,
-/// path or query, where a token rides (`/hooks/${TOKEN}`); a scheme or
-/// an address is no secret, and masked it would hide the upstream's name
+/// path or query, where a token rides (`/hooks/${TOKEN}`); of a variable
+/// that is a whole URL (`${BACKUP_URL}`), the long segments and values
+/// there (a token is long; `v1`, `deployments` are not). A scheme or an
+/// address is no secret, and masked it would hide the upstream's name
 /// wherever a logged body shows it.
-fn url_secrets(url: &str, values: Vec<String>) -> impl Iterator<Item = String> {
+fn url_secrets(url: &str, values: Vec<String>) -> Vec<String> {
+    let (userinfo, path) = url_secret_parts(url);
+    let mut secrets = Vec::new();
+    for value in values {
+        if value.contains("://") {
+            let (userinfo, path) = url_secret_parts(&value);
+            secrets.extend(
+                path.split(['/', '?', '&', '=', '#'])
+                    .chain([userinfo])
+                    .filter(|part| part.len() >= 16)
+                    .map(str::to_owned),
+            );
+        } else if path.contains(value.as_str()) || userinfo.contains(value.as_str()) {
+            secrets.push(value);
+        }
+    }
+    secrets
+}
+
+/// A URL's user info and its path with the query.
+fn url_secret_parts(url: &str) -> (&str, &str) {
     let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
     let (authority, path) = after_scheme
         .find('/')
         .map_or((after_scheme, ""), |at| after_scheme.split_at(at));
     let userinfo = authority.rsplit_once('@').map_or("", |(info, _)| info);
-    let path = path.to_owned();
-    let userinfo = userinfo.to_owned();
-    values
-        .into_iter()
-        .filter(move |v| path.contains(v.as_str()) || userinfo.contains(v.as_str()))
+    (userinfo, path)
 }
 
 /// A route's `host` as requests are compared with it: lower case,

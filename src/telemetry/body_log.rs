@@ -272,6 +272,10 @@ fn mask_fields(text: &str) -> String {
             i = j;
             continue;
         }
+        if !holds_a_credential(unescaped.as_deref().unwrap_or(name), bytes, j) {
+            i = j;
+            continue;
+        }
         out.push_str(&text[copied..j]);
         out.push('"');
         out.push_str(MASK);
@@ -287,6 +291,34 @@ fn mask_fields(text: &str) -> String {
     }
     out.push_str(&text[copied..]);
     out
+}
+
+/// Whether the value at `start` of a member whose name reads as a secret
+/// is one. Names that are common words (`key`, `session`, `token`) are
+/// also a tool's parameters (`"key": {"type": "string"}`) or a logprob
+/// (`{"token": "Hello", "logprob": -0.1}`): an object or list under them
+/// is no credential, and neither is a logprob's token.
+fn holds_a_credential(name: &str, bytes: &[u8], start: usize) -> bool {
+    let lower = name.to_ascii_lowercase();
+    let word = lower == "token" || SECRET_WHOLE_NAMES.contains(&lower.as_str());
+    if !word {
+        return true;
+    }
+    match bytes.get(start) {
+        Some(b'{' | b'[') => false,
+        Some(b'"') if lower == "token" => {
+            let Some(end) = string_end(bytes, start) else {
+                return true;
+            };
+            let next = skip_space(bytes, end + 1);
+            if bytes.get(next) != Some(&b',') {
+                return true;
+            }
+            let after = skip_space(bytes, next + 1);
+            !bytes[after..].starts_with(b"\"logprob\"")
+        }
+        _ => true,
+    }
 }
 
 /// Where the JSON value starting at `start` ends (exclusive); `None` when
@@ -350,6 +382,10 @@ fn mask_pairs(text: &str) -> String {
             continue;
         }
         j = skip_space(bytes, j + 1);
+        if !holds_a_credential(&text[i..name_end], bytes, j) {
+            i = name_end;
+            continue;
+        }
         let (start, len) = pair_value(&bytes[j..]);
         let start = j + start;
         if len > 0 && &text[start..start + len] != MASK {
@@ -577,12 +613,26 @@ mod tests {
     }
 
     #[test]
+    fn words_that_are_secret_names_mask_credentials_only() {
+        assert_eq!(
+            mask(
+                r#"{"tools":[{"parameters":{"properties":{"key":{"type":"string"},"session":[1]}}}],"logprobs":{"content":[{"token":"Hello","logprob":-0.1}]},"token":"abc","key":"k1"}"#
+            ),
+            r#"{"tools":[{"parameters":{"properties":{"key":{"type":"string"},"session":[1]}}}],"logprobs":{"content":[{"token":"Hello","logprob":-0.1}]},"token":"***","key":"***"}"#
+        );
+        // Other secret names mask whatever they hold.
+        assert_eq!(mask(r#"{"api_key":{"v":1}}"#), r#"{"api_key":"***"}"#);
+    }
+
+    #[test]
     fn known_secrets_are_masked_as_forms_and_echoes_encode_them() {
         let mut known = crate::snapshot::KnownSecrets::default();
         known.add("abc/def+ghi1234==");
         known.sort();
         for body in [
             "k=abc%2Fdef%2Bghi1234%3D%3D&n=1",
+            "k=abc%2fdef%2bghi1234%3d%3d&n=1",
+            "/x?k=abc/def%2Bghi1234%3D%3D",
             r#"{"echo":"abc\\/def+ghi1234=="}"#,
             r#"{"echo":"abc\/def+ghi1234=="}"#,
         ] {

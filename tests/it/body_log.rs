@@ -209,6 +209,32 @@ async fn set_headers_values_echoed_back_are_masked() {
     );
 }
 
+/// An upstream URL made whole by a variable (`url: "${BACKUP_URL}"`, as
+/// the shipped ConfigMap writes it) may carry a token in its path: an
+/// upstream echoing its path logs it masked, and its host shows.
+#[tokio::test]
+async fn a_token_in_an_upstream_url_from_a_variable_is_masked() {
+    let upstream = MockUpstream::start(|seen| {
+        UpstreamReply::text(format!(r#"{{"path":"{}"}}"#, seen.uri.path()))
+    })
+    .await;
+    let whole = format!("{}/relay/tok-0123456789abcdefghij", upstream.url());
+    let gw = TestGateway::start_with_env(
+        &config("${BACKUP_URL}", true),
+        &[("BACKUP_URL", whole.as_str())],
+    )
+    .await;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[ALICE], "{}")
+        .await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.text().contains("tok-0123456789abcdefghij"));
+    gw.wait_access_logs(1).await;
+    let text = gw.log_text();
+    assert!(!text.contains("tok-0123456789abcdefghij"), "{text}");
+    assert!(text.contains("/relay/***/v1/chat/completions"), "{text}");
+}
+
 /// The other secrets a config holds: a body that quotes them (a prompt
 /// pasted from an ops runbook, an answer echoing it) logs them masked.
 #[tokio::test]
