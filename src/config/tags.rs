@@ -47,8 +47,16 @@ pub fn refused(text: &str) -> (Vec<Tagged>, Option<String>) {
             .and_then(|end| text.get(..end))
             .and_then(|head| head.rfind(&written))
         {
+            // A verbatim tag (`!<!ENV>`) goes with its brackets.
+            let (at, end) = match (
+                text[..at].strip_suffix("!<"),
+                text[at + written.len()..].strip_prefix('>'),
+            ) {
+                (Some(before), Some(_)) => (before.len(), at + written.len() + 1),
+                _ => (at, at + written.len()),
+            };
             let copy = blanked.get_or_insert_with(|| text.to_owned());
-            copy.replace_range(at..at + written.len(), &" ".repeat(written.len()));
+            copy.replace_range(at..end, &" ".repeat(end - at));
         }
         let message = if tag.is_yaml_core_schema() {
             format!(
@@ -111,6 +119,9 @@ mod tests {
             Some("a:      X\nb:       5\nc: !!str 1.10\n")
         );
         assert!(refused("a: 1\n").1.is_none());
+        let (tags, blanked) = refused("a: !<!ENV> X\n");
+        assert_eq!(tags.len(), 1);
+        assert_eq!(blanked.as_deref(), Some("a:         X\n"));
     }
 
     #[test]

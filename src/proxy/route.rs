@@ -331,9 +331,9 @@ fn is_host_and_port(value: &str) -> bool {
     };
     host_ok
         && (port.is_empty()
-            || port
-                .strip_prefix(':')
-                .is_some_and(|digits| digits.bytes().all(|b| b.is_ascii_digit())))
+            || port.strip_prefix(':').is_some_and(|digits| {
+                digits.is_empty() || (digits.len() <= 5 && digits.parse::<u16>().is_ok())
+            }))
 }
 
 fn ambiguous(problem: &str) -> ProxyError {
@@ -413,6 +413,7 @@ mod tests {
             "internal.example.com:@evil.com",
             "internal.example.com:80/x",
             "internal.example.com:80 evil.com",
+            "internal.example.com:99999",
             "a.example@evil.com",
             "[::1]x",
             "",
