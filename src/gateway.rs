@@ -63,6 +63,16 @@ impl Active {
         breakers.keep_only(&circuits, |circuit| circuit.retire());
         let names: Vec<&str> = snapshot.upstreams.iter().map(|u| &*u.name).collect();
         metrics.keep_upstreams_up(&names);
+        // A JWKS URL a reload retired is let go: its refresher, holding it
+        // weakly, stops once the requests of the old config have ended,
+        // rather than fetch it every few minutes for the process's life.
+        let jwks_url = snapshot
+            .auth
+            .jwt
+            .as_ref()
+            .and_then(|j| j.jwks.as_ref())
+            .map(|source| source.url.to_string());
+        jwks.keep_only(jwks_url.as_slice(), |_| {});
         if snapshot.budget.daily_usd.is_none() {
             metrics.clear_global_budget();
         }
@@ -92,8 +102,9 @@ impl Active {
                 .jwt
                 .as_ref()
                 .and_then(|j| j.jwks.as_ref())
-                .map(|source| {
-                    jwks.get_or(&source.url.to_string(), || {
+                .zip(jwks_url.as_deref())
+                .map(|(source, url)| {
+                    jwks.get_or(url, || {
                         let keys = JwksKeys::new(source.url.clone(), source.client.clone());
                         keys.spawn_refresher();
                         keys

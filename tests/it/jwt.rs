@@ -443,6 +443,35 @@ async fn jwks_url_keys_follow_rotation_and_bad_kids_cannot_hammer_the_issuer() {
     );
 }
 
+/// A JWKS URL that a reload replaced is fetched no more: its keys and
+/// their refresher are let go, not kept polling the old issuer (one
+/// more for each reload that changed it) for the life of the process.
+#[tokio::test]
+async fn a_jwks_url_a_reload_replaced_is_fetched_no_more() {
+    use std::time::Duration;
+
+    use crate::support::eventually;
+
+    // Down: its refresher retries at 1 s, 2 s, 4 s...
+    let old = Issuer::start(None).await;
+    let (doc, _) = jwks_with("a");
+    let new = Issuer::start(Some(doc)).await;
+    let yaml = |issuer: &Issuer| {
+        config(&format!(
+            "    jwks_url: {}/.well-known/jwks.json\n    algorithms: [ES256]\n    audiences: [sluice]",
+            issuer.upstream.url()
+        ))
+    };
+    let gw = TestGateway::start_watched(&yaml(&old), &[], tempfile::tempdir().unwrap()).await;
+    assert!(eventually(Duration::from_secs(5), || old.fetches() >= 2).await);
+    gw.swap_config(&yaml(&new));
+    assert!(eventually(Duration::from_secs(5), || new.fetches() >= 1).await);
+    let fetched = old.fetches();
+    // Past the old refresher's next retry, due within 4 s.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(old.fetches(), fetched, "the replaced URL is still fetched");
+}
+
 /// `/readyz` says 503 until the first fetch of the JWKS keys has ended:
 /// a probe that said ready before would send traffic whose every token
 /// gets a 401.
