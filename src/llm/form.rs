@@ -1,6 +1,13 @@
 //! Text fields of a `multipart/form-data` request body, read from its
 //! bytes: the `model` that OpenAI's audio, image and file uploads name.
 
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
 use crate::telemetry::body_log::field_name;
 
 /// The boundary a `multipart/form-data` content type names.
@@ -84,6 +91,68 @@ fn line_starting_with(text: &[u8], delimiter: &[u8]) -> Option<usize> {
     memchr::memmem::find_iter(text, delimiter).find(|&at| text[at - 1] == b'\n')
 }
 
+/// A request body sent on as it comes while a [`FieldWatch`] reads it;
+/// what it found is in the slot once the body has ended.
+pub struct Watched<B> {
+    inner: B,
+    watch: FieldWatch,
+    slot: Arc<OnceLock<String>>,
+}
+
+impl<B> Watched<B> {
+    pub fn new(inner: B, watch: FieldWatch) -> (Self, Arc<OnceLock<String>>) {
+        let slot = Arc::new(OnceLock::new());
+        (
+            Watched {
+                inner,
+                watch,
+                slot: slot.clone(),
+            },
+            slot,
+        )
+    }
+
+    fn ended(&self) {
+        if let Some(found) = self.watch.found() {
+            let _ = self.slot.set(found.to_owned());
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Watched<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.watch.push(data);
+                }
+                if this.inner.is_end_stream() {
+                    this.ended();
+                }
+            }
+            Poll::Ready(None) => this.ended(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,5 +197,180 @@ mod tests {
             Some(&b"r"[..])
         );
         assert_eq!(boundary(b"application/json"), None);
+    }
+
+    /// What a watch finds in `body` sent in chunks of `size` bytes.
+    fn watched(body: &[u8], size: usize) -> Option<String> {
+        let mut watch = FieldWatch::new(b"real", "model");
+        for chunk in body.chunks(size) {
+            watch.push(chunk);
+        }
+        watch.found().map(str::to_owned)
+    }
+
+    #[test]
+    fn a_watch_finds_the_field_however_the_body_is_cut() {
+        let file = "RIFF\r\n--rea {\"model\":\"cheap\"} name=\"model\"\r\n\r\n".repeat(200);
+        let body = format!(
+            "--real\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nfirst\r\n\
+             --real\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n{file}\r\n\
+             --real\r\nContent-Disposition: form-data; name=model\r\n\r\ngpt-4o-transcribe\r\n\
+             --real\r\nContent-Disposition: form-data; name=\"language\"\r\n\r\nen\r\n--real--\r\n"
+        );
+        for size in [1, 2, 3, 5, 7, 11, 64, 1000, body.len()] {
+            assert_eq!(
+                watched(body.as_bytes(), size).as_deref(),
+                Some("gpt-4o-transcribe"),
+                "chunks of {size}"
+            );
+        }
+        assert_eq!(watched(b"{\"model\":\"m\"}", 3), None);
+        // A part whose headers never end is let go, and the rest read.
+        let long = format!(
+            "--real\r\nX: {}\r\n--real\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n--real--",
+            "y".repeat(10_000)
+        );
+        assert_eq!(watched(long.as_bytes(), 100).as_deref(), Some("m"));
+    }
+}
+
+/// Finds the text field `name` of a form as its body streams through,
+/// chunk by chunk, holding no more than a part's headers or the field's
+/// value (each bounded): an upload sent on to the upstream as it comes
+/// is never held whole to be read. The field given last wins, as
+/// [`field`] reads it. Delimiters are CRLF ones (RFC 2046).
+pub struct FieldWatch {
+    /// `CRLF--boundary`: the body is read as if a CRLF came first, so
+    /// that the first delimiter line is found like the others.
+    delimiter: Vec<u8>,
+    name: &'static str,
+    state: Watching,
+    /// The end of what was searched (shorter than a delimiter), or the
+    /// part's headers, or the field's value, so far.
+    held: Vec<u8>,
+    found: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Watching {
+    Delimiter,
+    Headers,
+    Value,
+    Done,
+}
+
+/// A part's headers, or a field's value, longer than this is not read.
+const HELD_MAX: usize = 4096;
+
+impl FieldWatch {
+    pub fn new(boundary: &[u8], name: &'static str) -> Self {
+        FieldWatch {
+            delimiter: [&b"\r\n--"[..], boundary].concat(),
+            name,
+            state: Watching::Delimiter,
+            held: b"\r\n".to_vec(),
+            found: None,
+        }
+    }
+
+    pub fn push(&mut self, mut input: &[u8]) {
+        while !input.is_empty() {
+            match self.state {
+                Watching::Done => return,
+                Watching::Delimiter => match self.find_delimiter(input) {
+                    Some(end) => {
+                        input = &input[end..];
+                        self.held.clear();
+                        self.state = Watching::Headers;
+                    }
+                    None => return,
+                },
+                Watching::Headers | Watching::Value => {
+                    let end = if self.state == Watching::Headers {
+                        b"\r\n\r\n".as_slice()
+                    } else {
+                        self.delimiter.as_slice()
+                    };
+                    // Only what may end the search joins what is held.
+                    let before = self.held.len();
+                    self.held.extend_from_slice(input);
+                    let from = before.saturating_sub(end.len());
+                    let Some(at) = memchr::memmem::find(&self.held[from..], end).map(|i| from + i)
+                    else {
+                        if self.held.len() > HELD_MAX {
+                            // Not a field to read: look for the next part.
+                            let keep = self.held.len().saturating_sub(self.delimiter.len() - 1);
+                            self.held.drain(..keep);
+                            self.state = Watching::Delimiter;
+                        }
+                        return;
+                    };
+                    // What came after the end goes on to the next state.
+                    let consumed = at + end.len() - before;
+                    input = &input[consumed.min(input.len())..];
+                    self.held.truncate(at);
+                    if self.state == Watching::Headers {
+                        self.after_headers();
+                    } else {
+                        self.found = std::str::from_utf8(&self.held)
+                            .ok()
+                            .map(|v| v.trim().to_owned());
+                        // The delimiter just read opens the next part.
+                        self.held.clear();
+                        self.state = Watching::Headers;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The field's value, the last given, once seen.
+    pub fn found(&self) -> Option<&str> {
+        self.found.as_deref()
+    }
+
+    /// Where in `input` the first delimiter, joined to what was held,
+    /// ends; else keeps `input`'s end, for one split across chunks.
+    fn find_delimiter(&mut self, input: &[u8]) -> Option<usize> {
+        let needle = &self.delimiter;
+        let head = &input[..input.len().min(needle.len() - 1)];
+        let mut joined = std::mem::take(&mut self.held);
+        let held = joined.len();
+        joined.extend_from_slice(head);
+        let found = memchr::memmem::find(&joined, needle)
+            .map(|at| at + needle.len() - held)
+            .or_else(|| memchr::memmem::find(input, needle).map(|at| at + needle.len()));
+        if found.is_none() {
+            let keep = needle.len() - 1;
+            joined.extend_from_slice(&input[head.len()..]);
+            let start = joined.len().saturating_sub(keep);
+            joined.drain(..start);
+            self.held = joined;
+        }
+        found
+    }
+
+    /// `held` is a delimiter line's rest and the part's headers.
+    fn after_headers(&mut self) {
+        let text = String::from_utf8_lossy(&self.held);
+        let mut lines = text.split("\r\n");
+        // The close delimiter (`--boundary--`) ends the form.
+        if lines.next().is_some_and(|rest| rest.starts_with("--")) {
+            self.state = Watching::Done;
+            return;
+        }
+        let named = lines.any(|line| {
+            line.get(..20)
+                .is_some_and(|head| head.eq_ignore_ascii_case("content-disposition:"))
+                && field_name(line) == Some(self.name)
+        });
+        self.held.clear();
+        // Past the headers: the field's value, or content to skip, in
+        // which the search for the next delimiter starts at its first byte.
+        self.state = if named {
+            Watching::Value
+        } else {
+            Watching::Delimiter
+        };
     }
 }

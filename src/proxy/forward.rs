@@ -239,16 +239,25 @@ async fn stream_through(
             http::HeaderValue::from_static("chunked"),
         );
     }
+    // An upload's answer names no model (audio, images): where a budget
+    // prices it, its `model` form field is read as the body goes by.
+    let watch = crate::llm::spend::applies(&active.snapshot, ctx.identity.as_ref())
+        .then(|| parts.headers.get(http::header::CONTENT_TYPE))
+        .flatten()
+        .and_then(|content_type| crate::llm::form::boundary(content_type.as_bytes()))
+        .map(|boundary| crate::llm::form::FieldWatch::new(boundary, "model"));
     let (body, progress) = CappedBody::new(body, max_body);
-    let result = attempt(
-        active,
-        index,
-        ctx,
-        parts,
-        body.boxed_unsync(),
-        Some(&progress),
-    )
-    .await;
+    let (body, model) = match watch {
+        Some(watch) => {
+            let (watched, model) = crate::llm::form::Watched::new(body, watch);
+            (watched.boxed_unsync(), Some(model))
+        }
+        None => (body.boxed_unsync(), None),
+    };
+    let result = attempt(active, index, ctx, parts, body, Some(&progress)).await;
+    if let Some(model) = model.and_then(|slot| slot.get().cloned()) {
+        ctx.requested_model.get_or_insert(model);
+    }
     if matches!(&result, Err(f) if f.outcome == Outcome::Timeout) && progress.waiting_on_client() {
         // sluice was waiting for more of the client's body when time ran
         // out: its trickle, not the upstream, held the answer back. (An

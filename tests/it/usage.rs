@@ -836,8 +836,8 @@ async fn chat_spelled_another_way_is_still_metered() {
 
 /// An upload (a transcription) names its model in a form field: that is
 /// what its answer, which names none, is priced at, never a model name
-/// its file's bytes or a preamble before the form happen to hold. (Read
-/// where the body is held whole: for a pool, as here, or token limits.)
+/// its file's bytes or a preamble before the form happen to hold, whether
+/// sluice holds the body whole or streams it through.
 #[tokio::test]
 async fn an_upload_is_priced_at_its_model_field() {
     let up = MockUpstream::always(UpstreamReply::json(&json!({
@@ -845,14 +845,16 @@ async fn an_upload_is_priced_at_its_model_field() {
         "usage": {"type": "tokens", "input_tokens": 1000, "output_tokens": 10},
     })))
     .await;
-    let gw = TestGateway::start(&format!(
-        r#"
+    // Held whole for a pool's replays; streamed through to one upstream.
+    for target in ["transcribers", "llm"] {
+        let gw = TestGateway::start(&format!(
+            r#"
 upstreams:
   llm: {{ url: "{}" }}
 pools:
   transcribers: {{ members: [llm] }}
 routes:
-  - {{ name: audio, match: {{ path_prefix: /v1/ }}, auth: none, upstream: transcribers }}
+  - {{ name: audio, match: {{ path_prefix: /v1/ }}, auth: none, upstream: {target} }}
 pricing:
   gpt-4o-transcribe: {{ input: 2.50, output: 10.00 }}
   text-embedding-3-small: {{ input: 0.02, output: 0.02 }}
@@ -861,9 +863,14 @@ budget:
   daily_usd: 100
   alert_at: [0.9]
 "#,
-        up.url()
-    ))
-    .await;
+            up.url()
+        ))
+        .await;
+        upload_is_priced_as_transcription(&gw).await;
+    }
+}
+
+async fn upload_is_priced_as_transcription(gw: &TestGateway) {
     let body = b"--fake\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ntext-embedding-3-small\r\n--fake--\r\n\
 --real\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\nRIFF {\"model\":\"text-embedding-3-small\"} \r\n\
 --real\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o-transcribe\r\n--real--\r\n";
