@@ -127,6 +127,9 @@ pub struct RequestCtx {
     pub armed: Option<Armed>,
     /// The `code` of the error sluice answered or met, if any.
     pub error: Option<&'static str>,
+    /// Why the upstreams failed, where sluice answered for them (502,
+    /// 503, 504): logged as `error_detail`.
+    pub error_detail: Option<String>,
     pub cache: Option<CacheStatus>,
     /// A `Miss` is counted once the request has met its upstream or been
     /// refused (see `cache::count_miss`); this says it was.
@@ -206,6 +209,7 @@ impl RequestCtx {
             cut_told: conn.unanswered.clone(),
             armed: None,
             error: None,
+            error_detail: None,
             cache: None,
             miss_counted: false,
             read_after_client_left: false,

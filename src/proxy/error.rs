@@ -185,6 +185,19 @@ impl ProxyError {
         }
     }
 
+    /// What went wrong with the upstreams, as the answer says it, for
+    /// the access log: `error: upstream_error` alone leaves an operator
+    /// to guess (an untrusted certificate, a refused port, a timeout).
+    pub fn upstream_detail(&self) -> Option<String> {
+        matches!(
+            self,
+            ProxyError::UpstreamFailed { .. }
+                | ProxyError::UpstreamUnavailable { .. }
+                | ProxyError::UpstreamTimeout { .. }
+        )
+        .then(|| self.message())
+    }
+
     fn message(&self) -> String {
         match self {
             ProxyError::RouteNotFound => "no route matches this request".to_owned(),

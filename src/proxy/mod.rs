@@ -108,6 +108,7 @@ pub async fn handle(
         Ok(resp) => resp,
         Err(e) => {
             ctx.error = Some(e.code());
+            ctx.error_detail = e.upstream_detail();
             logged_status = Some(e.status().as_u16());
             let mut resp = e.into_response();
             if ctx.body_unread

@@ -170,6 +170,9 @@ fn render(out: &mut String, ctx: &RequestCtx, latency: Duration) {
         key!("client_ip"),
         Some(ctx.client_ip.to_str().unwrap_or("-")),
     );
+    if let Some(detail) = ctx.error_detail.as_deref() {
+        out.str_field(key!("error_detail"), Some(detail));
+    }
     if let Some(body) = ctx.request_body.as_deref() {
         out.str_field(key!("request_body"), Some(body));
     }
@@ -245,6 +248,7 @@ fn emit_fields(ctx: &RequestCtx, latency: Duration) {
         output_tokens = ctx.output_tokens,
         cost_usd = ctx.cost_usd,
         error = ctx.error,
+        error_detail = ctx.error_detail.as_deref(),
         client_ip = ctx.client_ip.to_str().unwrap_or("-"),
         request_body = ctx.request_body.as_deref(),
         response_body = ctx.response_body.as_deref(),

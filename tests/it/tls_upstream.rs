@@ -64,6 +64,14 @@ async fn https_upstream_with_unknown_ca_is_502() {
         "every upstream attempt failed: secure: TLS handshake failed: the certificate is not signed by a trusted CA (a private CA goes in ca_file)"
     );
     assert!(up.seen().is_empty());
+    // The operator reads why in the log too, not only the client.
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["error"], "upstream_error");
+    assert_eq!(
+        log["error_detail"],
+        reply.json()["error"]["message"],
+        "{log}"
+    );
 }
 
 /// Each reason a handshake fails is named, so that an operator can tell
