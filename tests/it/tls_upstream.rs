@@ -24,12 +24,15 @@ upstreams:
 /// An HTTPS upstream serving `pki`'s certificate, answering `text`, and
 /// a gateway that reaches it as `localhost` with `pki`'s CA as `ca_file`.
 async fn trusting(pki: &TestPki, text: &'static str) -> (MockUpstream, TestGateway) {
-    let up = MockUpstream::start_tls(
-        move |_| UpstreamReply::text(text),
-        &pki.cert_pem,
-        &pki.key_pem,
-    )
-    .await;
+    trusting_with(pki, move |_| UpstreamReply::text(text)).await
+}
+
+/// [`trusting`], its upstream answering as `handler` does.
+async fn trusting_with(
+    pki: &TestPki,
+    handler: impl Fn(&crate::support::Seen) -> UpstreamReply + Send + Sync + 'static,
+) -> (MockUpstream, TestGateway) {
+    let up = MockUpstream::start_tls(handler, &pki.cert_pem, &pki.key_pem).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.pem"), &pki.ca_pem).unwrap();
     let url = format!("https://localhost:{}", up.addr.port());
@@ -164,19 +167,11 @@ async fn stalled_readers_do_not_freeze_an_h2_upstream() {
     let pki = TestPki::new();
     // Past what the sockets between sluice and a client hold.
     let big = "x".repeat(32 << 20);
-    let up = MockUpstream::start_tls(
-        move |seen| match seen.uri.path() {
-            "/big" => UpstreamReply::text(big.clone()),
-            _ => UpstreamReply::text("small"),
-        },
-        &pki.cert_pem,
-        &pki.key_pem,
-    )
+    let (up, gw) = trusting_with(&pki, move |seen| match seen.uri.path() {
+        "/big" => UpstreamReply::text(big.clone()),
+        _ => UpstreamReply::text("small"),
+    })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("ca.pem"), &pki.ca_pem).unwrap();
-    let url = format!("https://localhost:{}", up.addr.port());
-    let gw = TestGateway::start_in(&config(&url, Some("ca.pem")), &[], dir).await;
     // Each on its own connection, its answer's head read, its body not.
     let mut stalled = Vec::new();
     for _ in 0..4 {
