@@ -634,7 +634,21 @@ impl Tap {
     /// the upstream is left at once: reading on would let it generate
     /// the rest, which it would bill. `false` when nothing is read.
     fn read_rest_for_usage(&mut self) -> bool {
-        if !self.meter.as_ref().is_some_and(Meter::answer_generated) {
+        // Only where the request was read: how many choices it asked
+        // for is known there, and only there is spend counted.
+        let Some(choices) = self
+            .finish
+            .as_ref()
+            .and_then(|f| f.ctx.estimate)
+            .map(|estimate| estimate.choices)
+        else {
+            return false;
+        };
+        if !self
+            .meter
+            .as_ref()
+            .is_some_and(|meter| meter.answer_generated(choices))
+        {
             return false;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {

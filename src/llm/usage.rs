@@ -164,18 +164,19 @@ impl Meter {
     /// Whether the upstream has generated the whole answer, so that its
     /// rest (the usage a stream sends after its last choice ended) costs
     /// nothing more to read: a JSON answer comes once generated; a
-    /// stream, once every choice gave its finish reason.
-    pub fn answer_generated(&self) -> bool {
+    /// stream, once each of the `choices` the request asked for gave its
+    /// finish reason.
+    pub fn answer_generated(&self, choices: u64) -> bool {
         match self {
             Meter::Json(_) => true,
             Meter::Sse(stream) => {
-                stream.finished
-                    || (!stream.usage.finishes.is_empty()
-                        && stream
-                            .usage
-                            .finishes
-                            .reasons()
-                            .all(|reason| reason.is_some()))
+                let ended = stream
+                    .usage
+                    .finishes
+                    .reasons()
+                    .filter(Option::is_some)
+                    .count();
+                stream.finished || u64::try_from(ended).is_ok_and(|ended| ended >= choices)
             }
         }
     }

@@ -203,6 +203,9 @@ fn tier_of<'a>(snap: &'a Snapshot, ctx: &RequestCtx) -> Option<&'a Tier> {
 pub struct TokenEstimate {
     pub prompt: u64,
     pub output: u64,
+    /// The choices the request asks for (`n`, 1 by default): an answer
+    /// is generated whole only once each has ended.
+    pub choices: u64,
 }
 
 impl TokenEstimate {
@@ -247,7 +250,11 @@ pub fn estimate_tokens(body: &[u8]) -> TokenEstimate {
     // A chat request asking for `n` choices may generate the cap for each.
     let choices = choices.unwrap_or(1).clamp(1, facts::MAX_CHOICES as u64);
     let output = cap.unwrap_or(0).saturating_mul(choices);
-    TokenEstimate { prompt, output }
+    TokenEstimate {
+        prompt,
+        output,
+        choices,
+    }
 }
 
 /// A cheap estimate for a budget alone, which needs one only if the
@@ -272,6 +279,9 @@ pub fn estimate_tokens_roughly(body: &[u8]) -> TokenEstimate {
             .or_else(|| cap(b"\"max_tokens\""))
             .or_else(|| cap(b"\"max_output_tokens\""))
             .unwrap_or(0),
+        choices: cap(b"\"n\"")
+            .unwrap_or(1)
+            .clamp(1, facts::MAX_CHOICES as u64),
     }
 }
 

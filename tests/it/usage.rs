@@ -727,7 +727,7 @@ async fn an_answer_without_a_model_is_priced_as_the_one_requested() {
 /// A streamed chat completion through a gateway with a budget (so that
 /// spend is counted), read until its finish reason, then left: the
 /// client's body, and what it had read.
-async fn read_until_finish_then_leave(gw: &TestGateway) -> String {
+async fn read_until_finish_then_leave(gw: &TestGateway, body: &'static str) -> String {
     use http_body_util::BodyExt;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Full<Bytes>>();
@@ -736,7 +736,7 @@ async fn read_until_finish_then_leave(gw: &TestGateway) -> String {
             http::Request::post(gw.url("/v1/chat/completions"))
                 .header("content-type", "application/json")
                 .body(http_body_util::Full::new(Bytes::from_static(
-                    br#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hi"}]}"#,
+                    body.as_bytes(),
                 )))
                 .expect("request"),
         )
@@ -770,7 +770,11 @@ async fn a_client_leaving_after_the_finish_reason_is_charged_the_reported_usage(
         config(&up.url())
     ))
     .await;
-    let seen = read_until_finish_then_leave(&gw).await;
+    let seen = read_until_finish_then_leave(
+        &gw,
+        r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hi"}]}"#,
+    )
+    .await;
     assert!(!seen.contains("usage"), "{seen}");
     let log = &gw.wait_access_logs(1).await[0];
     assert_eq!(log["error"], "client_closed", "{log}");
@@ -784,6 +788,43 @@ async fn a_client_leaving_after_the_finish_reason_is_charged_the_reported_usage(
         .metric("sluice_budget_spent_usd", &[("scope", "global")])
         .await;
     assert_eq!(spent, Some(2.25e-6));
+}
+
+/// Asked for two choices, a stream whose first choice ended is still
+/// being generated: the client leaving then is left at once (the
+/// upstream stops generating), and charged the estimate, not read on.
+#[tokio::test]
+async fn a_client_leaving_before_every_choice_ended_is_not_read_on() {
+    let events = [
+        r#"{"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#,
+        r#"{"model":"gpt-4o-mini","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+        r#"{"model":"gpt-4o-mini","choices":[{"index":1,"delta":{"content":"Hello"},"finish_reason":null}]}"#,
+        r#"{"model":"gpt-4o-mini","choices":[{"index":1,"delta":{},"finish_reason":"stop"}]}"#,
+        STREAM[2],
+        STREAM[3],
+    ];
+    let up = MockUpstream::always(UpstreamReply::sse(&events, Duration::from_millis(300))).await;
+    let gw = TestGateway::start(&format!(
+        "{}budget:\n  daily_usd: 100\n  alert_at: [0.9]\n",
+        config(&up.url())
+    ))
+    .await;
+    read_until_finish_then_leave(
+        &gw,
+        r#"{"model":"gpt-4o-mini","stream":true,"n":2,"max_tokens":10,"messages":[{"role":"user","content":"Say hi"}]}"#,
+    )
+    .await;
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["error"], "client_closed", "{log}");
+    assert_eq!(
+        log["input_tokens"],
+        serde_json::Value::Null,
+        "not read on: {log}"
+    );
+    assert!(
+        log["cost_usd"].as_f64().is_some_and(|c| c > 0.0),
+        "the estimate: {log}"
+    );
 }
 
 /// A whole answer that reports no usage (an upstream that ignores
