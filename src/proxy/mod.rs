@@ -395,8 +395,13 @@ async fn process(
                 .map(|(index, _)| index)
         };
         let written = meets(req.uri().path());
+        // A reading that starts `//` is a host and a path to a URL
+        // parser (`/\evil/v1/models` is host `evil`, path `/v1/models`),
+        // whatever route the rest meets.
         let differs = route::slash_readings(req.uri().path()).iter().any(|view| {
-            meets(view) != written || route::normalized(view).is_some_and(|p| meets(&p) != written)
+            view.starts_with("//")
+                || meets(view) != written
+                || route::normalized(view).is_some_and(|p| meets(&p) != written)
         });
         if differs {
             return Err(ProxyError::InvalidRequest {

@@ -265,6 +265,17 @@ pub fn request_host<'a>(
             "the host header is not a host name or address with an optional port",
         ));
     }
+    // An absolute-form target (or h2's `:authority`) is the client's
+    // text too, and goes on as `x-forwarded-host`.
+    if let Some(authority) = uri.authority() {
+        let text = authority.as_str();
+        let host_and_port = text.rsplit_once('@').map_or(text, |(_, after)| after);
+        if !is_host_and_port(host_and_port) {
+            return Err(ambiguous(
+                "the request target's host is not a host name or address with an optional port",
+            ));
+        }
+    }
     let target = uri.host().map(without_port);
     match (target, header) {
         (Some(target), Some(header))
@@ -329,11 +340,16 @@ fn is_host_and_port(value: &str) -> bool {
             )
         }
     };
-    host_ok
-        && (port.is_empty()
-            || port.strip_prefix(':').is_some_and(|digits| {
-                digits.is_empty() || (digits.len() <= 5 && digits.parse::<u16>().is_ok())
-            }))
+    host_ok && (port.is_empty() || port.strip_prefix(':').is_some_and(is_port))
+}
+
+/// A port as RFC 3986 writes it (digits only, `+80` is none), in range;
+/// or nothing, which the grammar allows.
+fn is_port(digits: &str) -> bool {
+    digits.is_empty()
+        || (digits.len() <= 5
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && digits.parse::<u16>().is_ok())
 }
 
 fn ambiguous(problem: &str) -> ProxyError {
@@ -409,11 +425,14 @@ mod tests {
             Some("127.0.0.1")
         );
         // What a URL parser reads as another host is no host at all.
+        assert_eq!(host("http://x:99999/a", Some("x")), None);
+        assert_eq!(host("http://x:+80/a", None), None);
         for refused in [
             "internal.example.com:@evil.com",
             "internal.example.com:80/x",
             "internal.example.com:80 evil.com",
             "internal.example.com:99999",
+            "internal.example.com:+80",
             "a.example@evil.com",
             "[::1]x",
             "",

@@ -368,6 +368,8 @@ routes:
         // Read with its backslashes alone (a WHATWG parser keeps `%2F`
         // in its segment), it climbs out of /x/.
         "/x/a%2Fb/..\\..\\v1/chat/completions",
+        // `//x` is a host to a WHATWG parser: the path is what follows.
+        "/\\x/v1/chat/completions",
     ] {
         let reply = Client::new()
             .post_json(&gw.url(path), &[], r#"{"model":1,"messages":"x"}"#)
