@@ -10,14 +10,15 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::telemetry::body_log::field_name;
 
-/// The boundary a `multipart/form-data` content type names.
+/// The boundary a `multipart/form-data` content type names: the last,
+/// where it names two, as Starlette (vLLM, LiteLLM) reads it.
 pub fn boundary(content_type: &[u8]) -> Option<&[u8]> {
     let text = std::str::from_utf8(content_type).ok()?;
     let (media, params) = text.split_once(';')?;
     if !media.trim().eq_ignore_ascii_case("multipart/form-data") {
         return None;
     }
-    params.split(';').find_map(|param| {
+    params.split(';').rev().find_map(|param| {
         let (name, value) = param.split_once('=')?;
         if !name.trim().eq_ignore_ascii_case("boundary") {
             return None;
@@ -197,6 +198,10 @@ mod tests {
             Some(&b"r"[..])
         );
         assert_eq!(boundary(b"application/json"), None);
+        assert_eq!(
+            boundary(b"multipart/form-data; boundary=C; boundary=E"),
+            Some(&b"E"[..])
+        );
     }
 
     /// What a watch finds in `body` sent in chunks of `size` bytes.

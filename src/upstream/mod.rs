@@ -124,6 +124,30 @@ impl StreamOptionsRefusals {
     }
 }
 
+/// `text` with its `%XX` escapes decoded (others kept as written).
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// The `api-version` query parameter of `uri`, as written (empty without
 /// one); `None` when it is given twice, or in two spellings, which
 /// upstreams may read either way: a refusal is then never remembered, so
@@ -132,7 +156,10 @@ pub fn api_version(uri: &http::Uri) -> Option<&str> {
     let mut found = None;
     for pair in uri.query().into_iter().flat_map(|q| q.split('&')) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if name.eq_ignore_ascii_case("api-version") && found.replace(value).is_some() {
+        // Upstreams decode names: `api%2Dversion` is one more.
+        let named = name.eq_ignore_ascii_case("api-version")
+            || (name.contains('%') && percent_decoded(name).eq_ignore_ascii_case("api-version"));
+        if named && found.replace(value).is_some() {
             return None;
         }
     }
