@@ -49,10 +49,11 @@ impl CachedResponse {
 /// allocations of its value and of a name no constant names, and the
 /// allocator's own bytes for each. With [`ENTRY_OVERHEAD`] (the store's
 /// node, timers and key, this struct, the model's name), measured from
-/// the outside at ~1.9 KB of memory for a small answer that 32 and 256
-/// counted as 706 bytes: a bound of 256 MiB then took ~700 MB.
-const HEADER_OVERHEAD: usize = 160;
-const ENTRY_OVERHEAD: usize = 640;
+/// the outside at ~2 KB of memory for a small answer that 32 and 256
+/// counted as 706 bytes (a bound of 256 MiB then took ~700 MB), and
+/// 160 and 640 as 1.2 KB.
+const HEADER_OVERHEAD: usize = 192;
+const ENTRY_OVERHEAD: usize = 1024;
 
 /// Largest entry body stored: an eighth of the whole bound, so that one
 /// huge answer cannot evict everything else, and never more than 8 MiB.

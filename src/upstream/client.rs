@@ -138,12 +138,13 @@ fn tcp_connector(connect_timeout: Duration) -> HttpConnector {
 /// one connection, and an answer whose client stops reading keeps what
 /// it was sent unread, up to the stream window, out of the connection's:
 /// with hyper's defaults (2 MiB of 5), three stalled clients froze every
-/// other answer from that upstream. With these, it takes 32 stalled
-/// answers, each holding at most 1 MiB of memory (Envoy's windows are
-/// larger still, with per-stream buffer limits); 1 MiB a stream is still
-/// 20 MB/s at 50 ms from the provider.
-const H2_STREAM_WINDOW: u32 = 1 << 20;
-const H2_CONNECTION_WINDOW: u32 = 32 << 20;
+/// other answer from that upstream. With these it takes 256 stalled
+/// answers of 256 KiB or more, all at once, held in 64 MiB of memory at
+/// most (Envoy's windows are larger still, with per-stream buffer
+/// limits); 256 KiB a stream is still 5 MB/s at 50 ms from the provider,
+/// far past the pace of generated tokens.
+const H2_STREAM_WINDOW: u32 = 256 << 10;
+const H2_CONNECTION_WINDOW: u32 = 64 << 20;
 
 fn pooled(
     connector: Timed<HttpsConnector<HttpConnector>>,
