@@ -239,11 +239,11 @@ async fn stream_through(
             http::HeaderValue::from_static("chunked"),
         );
     }
-    // An upload's answer names no model (audio, images): where a budget
-    // prices it, its `model` form field is read as the body goes by.
-    let watch = crate::llm::spend::applies(&active.snapshot, ctx.identity.as_ref())
-        .then(|| parts.headers.get(http::header::CONTENT_TYPE))
-        .flatten()
+    // An upload's answer names no model (audio, images): its `model`
+    // form field, read as the body goes by, prices it and labels it.
+    let watch = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
         .and_then(|content_type| crate::llm::form::boundary(content_type.as_bytes()))
         .map(|boundary| crate::llm::form::FieldWatch::new(boundary, "model"));
     let (body, progress) = CappedBody::new(body, max_body);

@@ -888,8 +888,16 @@ async fn an_upload_is_priced_at_its_model_field() {
         "usage": {"type": "tokens", "input_tokens": 1000, "output_tokens": 10},
     })))
     .await;
-    // Held whole for a pool's replays; streamed through to one upstream.
-    for target in ["transcribers", "llm"] {
+    // Held whole for a pool's replays; streamed through to one upstream,
+    // with a budget or without (the cost metric prices it all the same).
+    for (target, budget) in [
+        (
+            "transcribers",
+            "budget: { daily_usd: 100, alert_at: [0.9] }",
+        ),
+        ("llm", "budget: { daily_usd: 100, alert_at: [0.9] }"),
+        ("llm", ""),
+    ] {
         let gw = TestGateway::start(&format!(
             r#"
 upstreams:
@@ -902,9 +910,7 @@ pricing:
   gpt-4o-transcribe: {{ input: 2.50, output: 10.00 }}
   text-embedding-3-small: {{ input: 0.02, output: 0.02 }}
   default: {{ input: 1.00, output: 3.00 }}
-budget:
-  daily_usd: 100
-  alert_at: [0.9]
+{budget}
 "#,
             up.url()
         ))
