@@ -91,6 +91,11 @@ impl BodyLog {
             if text.contains(secret.as_str()) {
                 text = text.replace(secret.as_str(), MASK);
             }
+            // A percent-encoded form, in whatever case of hex an encoder
+            // wrote (`%2f` beside `%2B`).
+            if secret.contains('%') && text.contains('%') {
+                text = replace_ignore_case(&text, secret, MASK);
+            }
             // Cut at the limit in the middle of one: its head shows.
             if self.total > self.head.len()
                 && let Some(cut) = (4..secret.len())
@@ -550,6 +555,19 @@ fn mask_patterns(text: &str) -> String {
     out
 }
 
+/// `text` with every match of the ASCII `needle`, in any case, replaced.
+fn replace_ignore_case(text: &str, needle: &str, with: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = find_ignore_case(rest, needle) {
+        out.push_str(&rest[..at]);
+        out.push_str(with);
+        rest = &rest[at + needle.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn find_ignore_case(haystack: &str, needle: &str) -> Option<usize> {
     haystack
         .as_bytes()
@@ -632,6 +650,7 @@ mod tests {
         for body in [
             "k=abc%2Fdef%2Bghi1234%3D%3D&n=1",
             "k=abc%2fdef%2bghi1234%3d%3d&n=1",
+            "k=abc%2fdef%2Bghi1234%3D%3d&n=1",
             "/x?k=abc/def%2Bghi1234%3D%3D",
             r#"{"echo":"abc\\/def+ghi1234=="}"#,
             r#"{"echo":"abc\/def+ghi1234=="}"#,
