@@ -176,21 +176,19 @@ pub fn without_value(text: &str, line: u64, col: u64, wanted: Wanted) -> Option<
     } else {
         width + spaces
     };
-    let empty =
-        match wanted {
-            Wanted::List if room >= 2 => "[]",
-            Wanted::Mapping if room >= 2 => "{}",
-            // A collection where a scalar was wanted: an empty string, which
-            // any text setting reads (a null would leave a required one
-            // missing, an error the user did not make).
-            Wanted::Other if rest.starts_with(['[', '{']) => "\"\"",
-            // A null where text was wanted: blank, it would be null again;
-            // a stand-in text instead (one letter where `~` has no room).
-            Wanted::Other if matches!(&rest[..len], "~" | "null" | "Null" | "NULL") => {
-                if room >= 2 { "\"\"" } else { "_" }
-            }
-            _ => "",
-        };
+    let null = matches!(&rest[..len], "~" | "null" | "Null" | "NULL");
+    let empty = match wanted {
+        Wanted::List if room >= 2 => "[]",
+        Wanted::Mapping if room >= 2 => "{}",
+        // A collection where a scalar was wanted: an empty string, which
+        // any text setting reads (a null would leave a required one
+        // missing, an error the user did not make). So for a null where
+        // text was wanted: blank, it would be null again.
+        Wanted::Other if rest.starts_with(['[', '{']) || (null && room >= 2) => "\"\"",
+        // One letter of stand-in text where `~` has no room for two.
+        Wanted::Other if null => "_",
+        _ => "",
+    };
     out.push_str(empty);
     out.extend(std::iter::repeat_n(' ', width.saturating_sub(empty.len())));
     let taken = empty.len().saturating_sub(width).min(spaces);

@@ -133,10 +133,10 @@ pub struct RequestCtx {
     pub cache: Option<CacheStatus>,
     /// A `Miss` is counted once the request has met its upstream or been
     /// refused (see `cache::count_miss`); this says it was.
+    pub miss_counted: bool,
     /// Its client left, but the answer was read to its end for its
     /// usage: charged what it reported, not at least its estimate.
     pub read_after_client_left: bool,
-    pub miss_counted: bool,
     /// An origin the route's `cors` allows: its headers go on the response.
     pub cors: Option<Allowed>,
     /// A miss to store once its response ended cleanly.

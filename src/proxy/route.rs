@@ -313,27 +313,8 @@ fn is_host_and_port(value: &str) -> bool {
         None => {
             let end = value.find(':').unwrap_or(value.len());
             let name = &value[..end];
-            let reg_name = |b: u8| {
-                b.is_ascii_alphanumeric()
-                    || matches!(
-                        b,
-                        b'-' | b'.'
-                            | b'_'
-                            | b'~'
-                            | b'%'
-                            | b'!'
-                            | b'$'
-                            | b'&'
-                            | b'\''
-                            | b'('
-                            | b')'
-                            | b'*'
-                            | b'+'
-                            | b','
-                            | b';'
-                            | b'='
-                    )
-            };
+            // Unreserved, sub-delims and `%` of an escape (RFC 3986 §3.2.2).
+            let reg_name = |b: u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b);
             (
                 !name.is_empty() && name.bytes().all(reg_name),
                 &value[end..],
