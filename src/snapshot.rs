@@ -342,11 +342,10 @@ impl KnownSecrets {
         let twice = json_escaped(&escaped);
         let slashes = escaped.replace('/', "\\/");
         let slashes_twice = json_escaped(&slashes);
-        // As browsers and `curl --data-urlencode` write a form value, in
-        // lower-case hex as some encoders do, and with `/` kept as
-        // Python's `quote` keeps it.
+        // As browsers and `curl --data-urlencode` write a form value, and
+        // with `/` kept as Python's `quote` keeps it (the body log matches
+        // these in any case of hex).
         let percent = percent_encoded(secret, b"");
-        let lower = percent_lower_hex(&percent);
         let path_kept = percent_encoded(secret, b"/");
         let forms = [
             secret.to_owned(),
@@ -355,7 +354,6 @@ impl KnownSecrets {
             slashes,
             slashes_twice,
             percent,
-            lower,
             path_kept,
         ];
         for form in forms {
@@ -402,24 +400,6 @@ fn percent_encoded(text: &str, kept: &[u8]) -> String {
             out.push(char::from(b));
         } else {
             out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// `encoded`'s `%XX` escapes in lower-case hex.
-fn percent_lower_hex(encoded: &str) -> String {
-    let mut out = String::with_capacity(encoded.len());
-    let mut hex = 0;
-    for c in encoded.chars() {
-        if c == '%' {
-            hex = 2;
-            out.push(c);
-        } else if hex > 0 {
-            hex -= 1;
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
         }
     }
     out
