@@ -55,14 +55,7 @@ pub fn field<'b>(body: &'b [u8], boundary: &[u8], name: &str) -> Option<&'b str>
         let Some(end) = line_starting_with(content, &delimiter) else {
             return found;
         };
-        let named = std::str::from_utf8(headers).ok().is_some_and(|headers| {
-            headers.lines().any(|line| {
-                line.get(..20)
-                    .is_some_and(|head| head.eq_ignore_ascii_case("content-disposition:"))
-                    && field_name(line) == Some(name)
-            })
-        });
-        if named {
+        if std::str::from_utf8(headers).is_ok_and(|headers| names_field(headers, name)) {
             let value = &content[..end];
             let value = value.strip_suffix(b"\n").unwrap_or(value);
             let value = value.strip_suffix(b"\r").unwrap_or(value);
@@ -71,6 +64,15 @@ pub fn field<'b>(body: &'b [u8], boundary: &[u8], name: &str) -> Option<&'b str>
         // `content` runs to the body's end.
         at = body.len() - content.len() + end;
     }
+}
+
+/// Whether a part's `headers` name it the field `name`.
+fn names_field(headers: &str, name: &str) -> bool {
+    headers.lines().any(|line| {
+        line.get(..20)
+            .is_some_and(|head| head.eq_ignore_ascii_case("content-disposition:"))
+            && field_name(line) == Some(name)
+    })
 }
 
 /// A part's headers and its content, apart at the first blank line.
@@ -236,6 +238,16 @@ mod tests {
             "y".repeat(10_000)
         );
         assert_eq!(watched(long.as_bytes(), 100).as_deref(), Some("m"));
+        // Sent whole, only a bounded head of that part is held, and the
+        // rest of the chunk is still searched.
+        let mut watch = FieldWatch::new(b"real", "model");
+        watch.push(long.as_bytes());
+        assert_eq!(watch.found(), Some("m"));
+        assert!(
+            watch.held.capacity() <= 2 * HELD_MAX,
+            "{}",
+            watch.held.capacity()
+        );
     }
 }
 
@@ -296,19 +308,26 @@ impl FieldWatch {
                     } else {
                         self.delimiter.as_slice()
                     };
-                    // Only what may end the search joins what is held.
+                    // Held: at most HELD_MAX bytes and the end itself.
                     let before = self.held.len();
-                    self.held.extend_from_slice(input);
+                    let taken = input
+                        .len()
+                        .min((HELD_MAX + end.len()).saturating_sub(before));
+                    self.held.extend_from_slice(&input[..taken]);
                     let from = before.saturating_sub(end.len());
                     let Some(at) = memchr::memmem::find(&self.held[from..], end).map(|i| from + i)
                     else {
-                        if self.held.len() > HELD_MAX {
-                            // Not a field to read: look for the next part.
-                            let keep = self.held.len().saturating_sub(self.delimiter.len() - 1);
-                            self.held.drain(..keep);
-                            self.state = Watching::Delimiter;
+                        if self.held.len() <= HELD_MAX {
+                            // All of `input` is held: the end may come next.
+                            return;
                         }
-                        return;
+                        // Not a field to read: the next part is looked
+                        // for from the end of what was held on.
+                        let keep = self.held.len().saturating_sub(self.delimiter.len() - 1);
+                        self.held.drain(..keep);
+                        self.state = Watching::Delimiter;
+                        input = &input[taken..];
+                        continue;
                     };
                     // What came after the end goes on to the next state.
                     let consumed = at + end.len() - before;
@@ -358,17 +377,13 @@ impl FieldWatch {
     /// `held` is a delimiter line's rest and the part's headers.
     fn after_headers(&mut self) {
         let text = String::from_utf8_lossy(&self.held);
-        let mut lines = text.split("\r\n");
+        let (delimiter_rest, headers) = text.split_once("\r\n").unwrap_or((&text, ""));
         // The close delimiter (`--boundary--`) ends the form.
-        if lines.next().is_some_and(|rest| rest.starts_with("--")) {
+        if delimiter_rest.starts_with("--") {
             self.state = Watching::Done;
             return;
         }
-        let named = lines.any(|line| {
-            line.get(..20)
-                .is_some_and(|head| head.eq_ignore_ascii_case("content-disposition:"))
-                && field_name(line) == Some(self.name)
-        });
+        let named = names_field(headers, self.name);
         self.held.clear();
         // Past the headers: the field's value, or content to skip, in
         // which the search for the next delimiter starts at its first byte.
