@@ -11,7 +11,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use super::accept::AcceptErrors;
 use crate::body::{BoxBody, full};
@@ -24,6 +24,11 @@ use crate::proxy::headers::{X_REQUEST_ID, request_id};
 /// connection that says nothing must not hold a descriptor for ever.
 const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The most admin connections served at once; more wait in the kernel's
+/// listen queue. Prometheus and the kubelet need a handful, and a flood
+/// on this port must not spend the descriptors the proxy serves with.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+
 pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
     // HTTP/1.1 only (Prometheus and the kubelet speak it): the protocol
     // sniffing of an auto builder waits for a first byte with no timer.
@@ -33,7 +38,15 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut stop: watch::Rec
         .header_read_timeout(HEAD_TIMEOUT);
     let builder = Arc::new(builder);
     let mut accept_errors = AcceptErrors::new("admin");
+    let permits = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = stop.changed() => break,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -54,6 +67,7 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut stop: watch::Rec
             let _ = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(permit);
         });
     }
 }

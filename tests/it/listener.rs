@@ -293,6 +293,46 @@ async fn a_silent_admin_connection_is_closed() {
     assert_eq!(reply.status, 200);
 }
 
+/// A flood of connections on the admin port is served a bounded number
+/// at a time (the rest wait in the listen queue), so it cannot spend the
+/// descriptors the proxy needs; a probe waiting there is answered once a
+/// slot frees.
+#[tokio::test]
+async fn admin_connections_past_the_cap_wait_for_a_slot() {
+    use sluice::server::admin::MAX_ADMIN_CONNECTIONS;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&crate::support::app_config(&up.url(), "")).await;
+    let mut held = Vec::new();
+    for _ in 0..MAX_ADMIN_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(gw.admin).await.unwrap());
+    }
+    // The proxy itself is untouched by the admin flood.
+    let reply = crate::support::Client::new().get(&gw.url("/x")).await;
+    assert_eq!(reply.status, 200);
+    let mut probe = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
+    probe
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let waited =
+        tokio::time::timeout(Duration::from_millis(500), probe.read_to_end(&mut got)).await;
+    assert!(
+        waited.is_err(),
+        "served past the cap: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    held.pop();
+    let answered = tokio::time::timeout(Duration::from_secs(5), probe.read_to_end(&mut got)).await;
+    assert!(
+        answered.is_ok(),
+        "the waiting probe was not served once a slot freed"
+    );
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}
+
 /// The listen queue is the kernel's (up to `somaxconn`), not std's 128:
 /// a burst of connections past `max_connections` is queued at once, not
 /// dropped and retried a second later by every client past the 128th.
