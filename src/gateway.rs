@@ -76,7 +76,7 @@ impl Active {
         if snapshot.budget.daily_usd.is_none() {
             metrics.clear_global_budget();
         }
-        Active {
+        let active = Active {
             log: log.clone(),
             breakers: snapshot
                 .upstreams
@@ -122,6 +122,34 @@ impl Active {
                 .collect(),
             unrouted: metrics.route(crate::telemetry::metrics::UNNAMED, false),
             snapshot,
+        };
+        active.forget_dropped_health_checks();
+        active
+    }
+
+    /// Upstreams that no pool health-checks any more lose what the checks
+    /// said of them: nothing would check them again to let them back in.
+    fn forget_dropped_health_checks(&self) {
+        let pools = &self.snapshot.pools;
+        for (index, (upstream, breaker)) in self
+            .snapshot
+            .upstreams
+            .iter()
+            .zip(&self.breakers)
+            .enumerate()
+        {
+            let checked = pools
+                .iter()
+                .any(|p| p.health_check.is_some() && p.members.contains(&index));
+            if !checked && breaker.health_unchecked() {
+                tracing::dispatcher::with_default(&self.log, || {
+                    tracing::info!(
+                        event = "upstream_marked_up",
+                        upstream = %upstream.name,
+                        "no health check covers the member any more; it takes requests again"
+                    );
+                });
+            }
         }
     }
 

@@ -661,6 +661,73 @@ async fn health_checks_open_and_close_circuits_before_users_notice() {
     assert_eq!(events("upstream_marked_down").len(), 1);
 }
 
+/// A reload that removes the health check takes its verdict away too: a
+/// member it had marked down is reported up and takes requests at once,
+/// not only once traffic happens to reach for it.
+#[tokio::test]
+async fn a_reload_removing_the_health_check_lets_a_marked_down_member_back() {
+    let primary_fails = Arc::new(AtomicBool::new(false));
+    let flag = primary_fails.clone();
+    let primary = MockUpstream::start(move |_| {
+        if flag.load(Ordering::SeqCst) {
+            failing(503)
+        } else {
+            UpstreamReply::text("primary")
+        }
+    })
+    .await;
+    let backup = MockUpstream::start(|seen| {
+        if seen.uri.path() == "/health" {
+            failing(503)
+        } else {
+            UpstreamReply::text("backup")
+        }
+    })
+    .await;
+    let checked = config(
+        &primary.url(),
+        &backup.url(),
+        "    health_check: { path: /health, interval: 50ms }",
+        "",
+    );
+    let gw = TestGateway::start_watched(&checked, &[], tempfile::tempdir().unwrap()).await;
+    let backup_up = [("upstream", "backup")];
+    let down = gw
+        .metric_reaches(
+            "sluice_upstream_up",
+            &backup_up,
+            0.0,
+            Duration::from_secs(2),
+        )
+        .await;
+    assert!(down, "the backup's failing checks must mark it down");
+    gw.swap_config(&config(&primary.url(), &backup.url(), "", ""));
+    let up = gw
+        .metric_reaches(
+            "sluice_upstream_up",
+            &backup_up,
+            1.0,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(
+        up,
+        "still reported down with no check left: {}",
+        gw.log_text()
+    );
+    let back = gw
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "upstream_marked_up" && l["upstream"] == "backup")
+        .count();
+    assert_eq!(back, 1, "{}", gw.log_text());
+    // Not skipped either: with the primary failing, the backup answers.
+    primary_fails.store(true, Ordering::SeqCst);
+    let reply = chat(&gw).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "backup");
+}
+
 /// A member that fails users but passes its health check stays out for
 /// the cooldown traffic opened: passing checks neither close that circuit
 /// nor forgive the failures that add up to it.
