@@ -656,6 +656,9 @@ impl State {
     /// requests waiting on it find it rather than calling the upstream.
     pub fn cache_put(&self, key: Key, entry: CachedResponse, flight: Option<Flight>) {
         if entry.body.len() > self.cache.entry_cap() {
+            if let Some(flight) = flight {
+                flight.unstorable();
+            }
             return;
         }
         let Some(redis) = &self.redis else {
@@ -665,10 +668,16 @@ impl State {
         };
         let (redis, health) = (redis.clone(), self.health.clone());
         tokio::spawn(async move {
-            health
+            let stored = health
                 .cached("cache_put", redis.cache_put(&key, &entry))
                 .await;
-            drop(flight);
+            // Not stored (Redis gone): the answer was final, so the
+            // requests waiting on it call the upstream now, all at once,
+            // not one after another as if it had failed.
+            match (stored, flight) {
+                (None, Some(flight)) => flight.unstorable(),
+                (_, flight) => drop(flight),
+            }
         });
     }
 

@@ -621,6 +621,47 @@ async fn identical_requests_on_one_replica_make_one_upstream_call() {
     assert_eq!(upstream.seen().len(), 1);
 }
 
+/// With Redis gone, the answer of a fetch that identical requests waited
+/// on cannot be stored, but it was final: the waiters call the upstream
+/// at once, together, not one after another as after a failure (which
+/// made the last of them wait out every call before it).
+#[tokio::test]
+async fn waiters_on_an_answer_redis_could_not_store_call_at_once() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    const DELAY: Duration = Duration::from_millis(400);
+    let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = arrivals.clone();
+    let upstream = MockUpstream::start(move |_| {
+        seen.lock().unwrap().push(std::time::Instant::now());
+        UpstreamReply::json(&answer(3, 4)).delay(DELAY)
+    })
+    .await;
+    let gw = Arc::new(TestGateway::start(&config(&upstream.url(), &redis.url(), "{}", "")).await);
+    redis.kill();
+    const CALLS: usize = 5;
+    let calls = (0..CALLS).map(|_| {
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            Client::new()
+                .post_json(&gw.url("/v1/chat/completions"), &[ALICE], "{\"q\":2}")
+                .await
+        })
+    });
+    for reply in futures_util::future::join_all(calls).await {
+        assert_eq!(reply.unwrap().status, 200, "the cache only ever saves work");
+    }
+    let arrivals = arrivals.lock().unwrap().clone();
+    assert_eq!(arrivals.len(), CALLS, "nothing could be stored to share");
+    let followers = &arrivals[1..];
+    let spread = followers[followers.len() - 1] - followers[0];
+    assert!(
+        spread < DELAY,
+        "the waiters called one after another: {spread:?} from the first to the last"
+    );
+}
+
 #[tokio::test]
 async fn usage_beyond_the_estimate_is_charged_after_a_long_stream() {
     let Some(redis) = RedisServer::start() else {
