@@ -79,7 +79,7 @@ pub async fn lookup(
     let metrics = active.route_metrics(ctx.route_index);
     let directives = RequestDirectives::of(&parts.headers);
     let cacheable_method = matches!(parts.method, Method::GET | Method::HEAD | Method::POST);
-    if !cacheable_method || directives.no_store || is_stateful(parts.uri.path()) {
+    if !cacheable_method || directives.no_store || is_stateful(&parts.method, parts.uri.path()) {
         bypass(ctx, metrics);
         return Ok(Step::Forward(body));
     }
@@ -92,8 +92,7 @@ pub async fn lookup(
             &mut ctx.waiting,
         )
         .await?;
-    if asks_background(&bytes) {
-        // A background response is a job: each create starts one.
+    if changes_state(&bytes) {
         bypass(ctx, metrics);
         return Ok(Step::Forward(RequestBody::Read(bytes)));
     }
@@ -177,11 +176,12 @@ pub async fn lookup(
 /// than an answer to compute: files, batches, uploads, fine-tuning jobs,
 /// vector stores, assistants and threads, conversations, containers,
 /// evals, the organization, and a stored response or chat completion
-/// (`/responses/{id}`, `/chat/completions/{id}`). Each create makes a
+/// (`/responses/{id}`, `/chat/completions/{id}`, and the list of stored
+/// chat completions, a `GET /chat/completions`). Each create makes a
 /// new one and each read must see its state now, so a route's cache
 /// (usually over all of `/v1/`) passes them by: a cached batch would
 /// never finish, and a deleted file would still be there.
-fn is_stateful(path: &str) -> bool {
+fn is_stateful(method: &Method, path: &str) -> bool {
     const RESOURCES: [&str; 12] = [
         "files",
         "batches",
@@ -207,17 +207,26 @@ fn is_stateful(path: &str) -> bool {
         }
         previous = [previous[1], segment];
     }
-    false
+    previous == ["chat", "completions"] && method != Method::POST
 }
 
-/// Whether a JSON body asks for a background response (`"background":
-/// true` at its top level).
-fn asks_background(body: &[u8]) -> bool {
-    memchr::memmem::find(body, b"\"background\"").is_some()
-        && serde_json::from_slice::<serde_json::Value>(body)
-            .ok()
-            .and_then(|v| v.get("background").and_then(serde_json::Value::as_bool))
-            == Some(true)
+/// Whether a JSON body asks for more than an answer: a background
+/// response (`"background": true`), which is a job each create starts, or
+/// a turn of a `conversation`, which adds its items to it (the same
+/// question asked again is asked of a longer conversation).
+fn changes_state(body: &[u8]) -> bool {
+    let named = |name: &[u8]| memchr::memmem::find(body, name).is_some();
+    if !named(b"\"background\"") && !named(b"\"conversation\"") {
+        return false;
+    }
+    let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(body) else {
+        return false;
+    };
+    fields
+        .get("background")
+        .and_then(serde_json::Value::as_bool)
+        == Some(true)
+        || fields.get("conversation").is_some_and(|c| !c.is_null())
 }
 
 /// Counts a request that missed the cache, once: as a miss if an upstream
@@ -690,8 +699,12 @@ mod tests {
             "/v1/vector_stores/vs_1/search",
             "/openai/v1/fine_tuning/jobs",
         ] {
-            assert!(is_stateful(path), "{path}");
+            assert!(is_stateful(&Method::POST, path), "{path}");
         }
+        // The list of stored chat completions is read, not computed.
+        assert!(is_stateful(&Method::GET, "/v1/chat/completions"));
+        assert!(is_stateful(&Method::HEAD, "/v1/chat/completions"));
+        assert!(!is_stateful(&Method::GET, "/v1/models"));
         for path in [
             "/v1/chat/completions",
             "/v1/responses",
@@ -701,14 +714,25 @@ mod tests {
             "/v1/audio/transcriptions",
             "/chat",
         ] {
-            assert!(!is_stateful(path), "{path}");
+            assert!(!is_stateful(&Method::POST, path), "{path}");
         }
-        assert!(asks_background(
+        assert!(changes_state(
             br#"{"model":"m","background":true,"input":"x"}"#
         ));
-        assert!(!asks_background(br#"{"model":"m","background":false}"#));
-        assert!(!asks_background(
+        assert!(!changes_state(br#"{"model":"m","background":false}"#));
+        assert!(!changes_state(
             br#"{"model":"m","input":"\"background\": true"}"#
+        ));
+        // A conversation's turn, by id or as an object.
+        assert!(changes_state(
+            br#"{"model":"m","input":"and then?","conversation":"conv_1"}"#
+        ));
+        assert!(changes_state(
+            br#"{"model":"m","input":"x","conversation":{"id":"conv_1"}}"#
+        ));
+        assert!(!changes_state(br#"{"model":"m","conversation":null}"#));
+        assert!(!changes_state(
+            br#"{"model":"m","input":"my \"conversation\": x"}"#
         ));
     }
 

@@ -911,8 +911,10 @@ async fn requests_of_other_vary_values_do_not_queue() {
 
 /// The OpenAI API's stateful resources under a cached `/v1/` are passed
 /// by: a batch polled must show its progress, a second create must make a
-/// second batch, and a background response is a job of its own each time.
-/// Answers (a chat completion) are still cached beside them.
+/// second batch, a background response is a job of its own each time, a
+/// conversation's turn adds to it, and the list of stored chat
+/// completions grows. Answers (a chat completion) are still cached
+/// beside them.
 #[tokio::test]
 async fn stateful_resources_and_background_jobs_are_never_cached() {
     let (gw, upstream) = start(
@@ -938,8 +940,20 @@ async fn stateful_resources_and_background_jobs_are_never_cached() {
             )
             .await;
         assert_eq!(job.header("x-sluice-cache"), Some("BYPASS"));
+        let turn = client
+            .post_json(
+                &gw.url("/v1/responses"),
+                &[ALICE],
+                r#"{"model":"o3","input":"and then?","conversation":"conv_1"}"#,
+            )
+            .await;
+        assert_eq!(turn.header("x-sluice-cache"), Some("BYPASS"));
+        let stored = client
+            .get_with(&gw.url("/v1/chat/completions?limit=10"), &[ALICE])
+            .await;
+        assert_eq!(stored.header("x-sluice-cache"), Some("BYPASS"));
     }
-    assert_eq!(upstream.seen().len(), 6, "every one reached the upstream");
+    assert_eq!(upstream.seen().len(), 10, "every one reached the upstream");
     for expected in ["MISS", "HIT"] {
         let reply = client
             .post_json(&gw.url("/v1/chat/completions"), &[ALICE], CHAT)
