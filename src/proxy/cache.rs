@@ -287,7 +287,8 @@ fn directives(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 }
 
 /// The digest of what makes two requests the same: route, method, path
-/// and query, the identity when the route's scope is `identity`, and the
+/// and query, the host on a route matched by host, the identity when the
+/// route's scope is `identity`, and the
 /// body (JSON in canonical form, anything else as bytes). Every part is
 /// length-prefixed so that no two different requests write the same bytes.
 pub fn key(
@@ -302,6 +303,16 @@ pub fn key(
     field(&mut hash, parts.method.as_str().as_bytes());
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     field(&mut hash, path.as_bytes());
+    // A route chosen by host (`*.example.com`) may serve a tenant per
+    // host, as the app reads `x-forwarded-host`: one host's answer is not
+    // another's. (Envoy and Varnish key on the host whatever the route.)
+    if route.host.is_some() {
+        let host = super::route::request_host(parts.version, &parts.uri, &parts.headers)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        field(&mut hash, host.to_ascii_lowercase().as_bytes());
+    }
     match (settings.scope, ctx.identity.as_ref().map(|i| &i.id)) {
         (CacheScope::Shared, _) => field(&mut hash, b"*"),
         (CacheScope::Identity, Some(IdentityId::Key(id))) => {

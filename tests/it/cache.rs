@@ -986,3 +986,48 @@ async fn the_organization_and_project_asked_for_are_in_the_key() {
     assert_eq!(ask("org-a").await.as_deref(), Some("HIT"));
     assert_eq!(upstream.seen().len(), 2);
 }
+
+/// A route chosen by a wildcard host may serve one tenant per host (the
+/// app reads `x-forwarded-host`): the host is in the key, so one tenant
+/// never gets another's answer, whatever case or port it is written in.
+#[tokio::test]
+async fn tenants_of_a_host_matched_route_each_get_their_own_answer() {
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer())).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  app: {{ url: "{}" }}
+routes:
+  - name: tenants
+    match: {{ host: "*.example.com", path_prefix: / }}
+    auth: none
+    cache: {{ ttl: 10m, scope: shared }}
+    upstream: app
+"#,
+        upstream.url()
+    ))
+    .await;
+    let client = Client::new();
+    let url = gw.url("/api/profile");
+    let ask = |host: &'static str| {
+        let (client, url) = (&client, &url);
+        async move {
+            let reply = client.get_with(url, &[("host", host)]).await;
+            assert_eq!(reply.status, 200, "{}", reply.text());
+            reply.header("x-sluice-cache").map(str::to_owned)
+        }
+    };
+    assert_eq!(ask("tenant-a.example.com").await.as_deref(), Some("MISS"));
+    assert_eq!(ask("tenant-b.example.com").await.as_deref(), Some("MISS"));
+    assert_eq!(
+        ask("Tenant-A.example.com:8080").await.as_deref(),
+        Some("HIT")
+    );
+    assert_eq!(ask("tenant-b.example.com").await.as_deref(), Some("HIT"));
+    let hosts: Vec<_> = upstream
+        .seen()
+        .iter()
+        .map(|s| s.header("x-forwarded-host").unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(hosts, ["tenant-a.example.com", "tenant-b.example.com"]);
+}
