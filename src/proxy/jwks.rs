@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use http::{Request, Uri};
 use http_body_util::{BodyExt, Limited};
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::Jwk;
 
 use super::jwt::JwtKey;
 use crate::body;
@@ -190,22 +190,32 @@ impl JwksKeys {
     }
 }
 
+/// A JWKS document's `keys`, each entry read on its own.
+#[derive(serde::Deserialize)]
+struct Entries<'a> {
+    #[serde(borrow)]
+    keys: Vec<&'a serde_json::value::RawValue>,
+}
+
 /// The keys of a JWKS document. A document that is not one is reported
 /// without quoting it: an issuer, or a proxy before it, may answer with
 /// an error that reflects the request URL, token and all.
 fn keys_of(bytes: &[u8]) -> Result<Vec<JwtKey>, String> {
-    let set: JwkSet = serde_json::from_slice(bytes).map_err(|e| {
+    let set: Entries = serde_json::from_slice(bytes).map_err(|e| {
         format!(
             "not a JWKS document: it {}",
             crate::config::json_problem(&e)
         )
     })?;
-    // Keys this crate cannot use (other key types) are skipped, not
-    // fatal: issuers publish several kinds.
+    // Keys this crate cannot read or use (other key types, a member of
+    // an unexpected type) are skipped, not fatal: issuers publish several
+    // kinds, and RFC 7517 §5 has such JWKs ignored, so that one odd entry
+    // does not hold back the rotation published beside it.
     let keys: Vec<JwtKey> = set
         .keys
         .iter()
-        .filter_map(|jwk| JwtKey::from_jwk(jwk).ok().flatten())
+        .filter_map(|entry| serde_json::from_str::<Jwk>(entry.get()).ok())
+        .filter_map(|jwk| JwtKey::from_jwk(&jwk).ok().flatten())
         .collect();
     // An issuer (or a proxy before it) answering an empty set for a
     // moment must not take away the keys every valid token needs.
@@ -245,6 +255,27 @@ mod tests {
         jwk.common.public_key_use = Some(jsonwebtoken::jwk::PublicKeyUse::Encryption);
         let encrypts = serde_json::json!({ "keys": [jwk] }).to_string();
         let error = keys_of(encrypts.as_bytes()).err().unwrap_or_default();
+        assert!(error.contains("no key that can verify"), "{error}");
+    }
+
+    /// One entry that is no JWK this crate reads (a member of another
+    /// type, not an object at all) is skipped: the keys beside it still
+    /// verify tokens.
+    #[test]
+    fn an_unreadable_entry_leaves_the_others_in_use() {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let signing =
+            jsonwebtoken::EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap();
+        let jwk =
+            jsonwebtoken::jwk::Jwk::from_encoding_key(&signing, jsonwebtoken::Algorithm::ES256)
+                .unwrap();
+        let mut odd = serde_json::to_value(&jwk).unwrap();
+        odd["x5c"] = serde_json::json!("abc");
+        odd["kid"] = serde_json::json!(7);
+        let doc = serde_json::json!({ "keys": [odd, 123, null, jwk] }).to_string();
+        assert_eq!(keys_of(doc.as_bytes()).map(|k| k.len()), Ok(1));
+        let none = serde_json::json!({ "keys": [123] }).to_string();
+        let error = keys_of(none.as_bytes()).err().unwrap_or_default();
         assert!(error.contains("no key that can verify"), "{error}");
     }
 
