@@ -16,7 +16,7 @@ pub const ACCESS_TARGET: &str = "sluice::access";
 
 /// Every field of an access-log line (SPEC §5); those a request did not
 /// fill are written as `null`.
-pub const ACCESS_FIELDS: [&str; 17] = [
+pub const ACCESS_FIELDS: [&str; 18] = [
     "request_id",
     "route",
     "method",
@@ -24,6 +24,7 @@ pub const ACCESS_FIELDS: [&str; 17] = [
     "status",
     "latency_ms",
     "identity",
+    "identity_kind",
     "tier",
     "upstream",
     "attempts",
@@ -107,6 +108,17 @@ fn identity(ctx: &RequestCtx) -> Option<IdentityLabel<'_>> {
     }
 }
 
+/// What the identity is known by: an API key's `id`, a JWT's subject
+/// and an anonymous caller's address may be spelled alike (a token's
+/// `sub: team-a`, a key `id: team-a`), and are not the same caller.
+fn identity_kind(ctx: &RequestCtx) -> Option<&'static str> {
+    ctx.identity.as_ref().map(|i| match i.id {
+        IdentityId::Key(_) => "api_key",
+        IdentityId::Subject(_) => "jwt",
+        IdentityId::Ip(_) => "anonymous",
+    })
+}
+
 /// The model the answer named, else the one the request named (read
 /// where limits or budgets read the body): a refusal is logged with the
 /// model it refused.
@@ -150,6 +162,7 @@ fn render(out: &mut String, ctx: &RequestCtx, latency: Duration) {
         Some(IdentityLabel::Ip(ip)) => out.str_field(key!("identity"), Some(&ip.to_string())),
         None => out.str_field(key!("identity"), None),
     }
+    out.str_field(key!("identity_kind"), identity_kind(ctx));
     out.str_field(
         key!("tier"),
         ctx.identity.as_ref().and_then(|i| i.tier.as_deref()),
@@ -239,6 +252,7 @@ fn emit_fields(ctx: &RequestCtx, latency: Duration) {
         status = ctx.status,
         latency_ms = latency.as_micros() as f64 / 1000.0,
         identity,
+        identity_kind = identity_kind(ctx),
         tier = ctx.identity.as_ref().and_then(|i| i.tier.as_deref()),
         upstream = ctx.upstream.as_deref(),
         attempts = ctx.attempts,
@@ -296,6 +310,7 @@ mod tests {
         assert_eq!(line["status"], 200);
         assert_eq!(line["latency_ms"], 1.5);
         assert_eq!(line["identity"], "10.1.2.3");
+        assert_eq!(line["identity_kind"], "anonymous");
         assert_eq!(line["client_ip"], "10.1.2.3");
         assert_eq!(line["input_tokens"], 12);
         assert_eq!(line["output_tokens"], serde_json::Value::Null);

@@ -102,6 +102,7 @@ async fn bearer_and_x_api_key_both_work() {
     );
     let logs = gw.wait_access_logs(2).await;
     assert_eq!(logs[0]["identity"], "raw-key");
+    assert_eq!(logs[0]["identity_kind"], "api_key");
     assert_eq!(logs[0]["tier"], "pro");
 }
 
@@ -142,6 +143,7 @@ async fn optional_and_none_routes() {
     );
     let logs = gw.wait_access_logs(3).await;
     assert_eq!(logs[0]["identity"], "127.0.0.1");
+    assert_eq!(logs[0]["identity_kind"], "anonymous");
     assert_eq!(logs[0]["tier"], "anonymous");
 }
 

@@ -103,6 +103,7 @@ async fn valid_hs256_token_is_an_identity_with_its_tier() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     let logs = gw.wait_access_logs(1).await;
     assert_eq!(logs[0]["identity"], "alice");
+    assert_eq!(logs[0]["identity_kind"], "jwt");
     assert_eq!(logs[0]["tier"], "pro");
     // An unknown tier in the claim falls back to the default tier.
     let reply = call(
