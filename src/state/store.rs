@@ -333,12 +333,34 @@ pub enum Slot {
 }
 
 /// A lease in Redis: released when dropped, else it expires by itself.
+/// It is made before Redis is asked for the lease, so that a request
+/// dropped while Redis takes it (its client left) gives it back too: the
+/// release goes out on the same connection after the taking.
 pub struct SharedSlot {
     redis: Arc<RedisState>,
     health: Arc<Health>,
     key: BucketKey,
+    /// Empty once there is nothing to give back (Redis refused the lease,
+    /// or was not asked).
     holder: String,
+    /// When Redis lets the lease go by itself: a release that fails (Redis
+    /// down, or restarting) is tried again until then, since a Redis
+    /// restarted from its append-only file has the lease back and would
+    /// hold the slot for no one.
+    expires: Instant,
 }
+
+impl SharedSlot {
+    /// Nothing was taken: nothing to give back.
+    fn forget(mut self) {
+        self.holder.clear();
+    }
+}
+
+/// The first wait before a failed lease release is tried again; it
+/// doubles up to [`RELEASE_RETRY_MAX`].
+const RELEASE_RETRY: Duration = Duration::from_millis(500);
+const RELEASE_RETRY_MAX: Duration = Duration::from_secs(8);
 
 impl std::fmt::Debug for SharedSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -350,11 +372,65 @@ impl std::fmt::Debug for SharedSlot {
 
 impl Drop for SharedSlot {
     fn drop(&mut self) {
+        if self.holder.is_empty() {
+            return;
+        }
         let (redis, health) = (self.redis.clone(), self.health.clone());
         let (key, holder) = (self.key.clone(), std::mem::take(&mut self.holder));
+        let expires = self.expires;
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                health.always("release", redis.release(&key, &holder)).await;
+                let mut wait = RELEASE_RETRY;
+                while health
+                    .always("release", redis.release(&key, &holder))
+                    .await
+                    .is_none()
+                    && Instant::now() + wait < expires
+                {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(RELEASE_RETRY_MAX);
+                }
+            });
+        }
+    }
+}
+
+/// A take's decision on its way from Redis to the request that asked for
+/// it. A request dropped meanwhile (its client left) never claims it:
+/// the units it took are then given back, here.
+struct Unclaimed {
+    decision: Option<Decision>,
+    redis: Arc<RedisState>,
+    health: Arc<Health>,
+    key: BucketKey,
+    per_minute: u64,
+    cost: u64,
+}
+
+impl Unclaimed {
+    fn claim(mut self) -> Option<Decision> {
+        self.decision.take()
+    }
+}
+
+impl Drop for Unclaimed {
+    fn drop(&mut self) {
+        let Some(decision) = self.decision.take() else {
+            return;
+        };
+        if !decision.allowed {
+            return;
+        }
+        let (redis, health, key) = (self.redis.clone(), self.health.clone(), self.key.clone());
+        let (per_minute, back) = (
+            self.per_minute,
+            -i64::try_from(self.cost).unwrap_or(i64::MAX),
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                health
+                    .always("adjust", redis.adjust(&key, per_minute, back))
+                    .await;
             });
         }
     }
@@ -429,11 +505,15 @@ impl State {
         cost: u64,
     ) -> Result<(Decision, bool), Unavailable> {
         if let Some(redis) = &self.redis {
-            match self
-                .health
-                .timed("take", redis.take(key, per_minute, cost))
-                .await
-            {
+            let decided = if cost == 0 {
+                // Takes nothing: nothing to give back if dropped.
+                self.health
+                    .timed("take", redis.take(key, per_minute, 0))
+                    .await
+            } else {
+                self.shared_take(redis, key, per_minute, cost).await
+            };
+            match decided {
                 Some(decision) => return Ok((decision, true)),
                 None => self.fallback()?,
             }
@@ -442,6 +522,36 @@ impl State {
             self.memory.take(key, per_minute, cost, Instant::now()),
             false,
         ))
+    }
+
+    /// A take from Redis that runs to its end even when the request asking
+    /// for it is dropped while Redis decides (its client left): what it
+    /// took for no one is given back (see [`Unclaimed`]), rather than held
+    /// from the identity until the bucket refills.
+    async fn shared_take(
+        &self,
+        redis: &Arc<RedisState>,
+        key: &BucketKey,
+        per_minute: u64,
+        cost: u64,
+    ) -> Option<Decision> {
+        let (redis, health, key) = (redis.clone(), self.health.clone(), key.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let decision = health
+                .timed("take", redis.take(&key, per_minute, cost))
+                .await;
+            // Not received (the request is gone): dropped, so given back.
+            let _ = tx.send(Unclaimed {
+                decision,
+                redis,
+                health,
+                key,
+                per_minute,
+                cost,
+            });
+        });
+        rx.await.ok().and_then(Unclaimed::claim)
     }
 
     /// Moves a bucket by `delta` units, where the units were taken.
@@ -472,37 +582,30 @@ impl State {
         lease: Duration,
     ) -> Result<Option<Slot>, Unavailable> {
         if let Some(redis) = &self.redis {
-            let holder = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+            let slot = SharedSlot {
+                redis: redis.clone(),
+                health: self.health.clone(),
+                key: key.clone(),
+                holder: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+                expires: Instant::now() + lease,
+            };
             let got = self
                 .health
-                .call("acquire", redis.acquire(key, max, &holder, lease))
+                .call("acquire", redis.acquire(key, max, &slot.holder, lease))
                 .await;
-            let called = matches!(got, Called::Failed);
-            match got.ok() {
-                Some(got) => {
-                    return Ok(got.then(|| {
-                        Slot::Shared(SharedSlot {
-                            redis: redis.clone(),
-                            health: self.health.clone(),
-                            key: key.clone(),
-                            holder,
-                        })
-                    }));
+            match got {
+                Called::Ok(true) => return Ok(Some(Slot::Shared(slot))),
+                Called::Ok(false) => {
+                    slot.forget();
+                    return Ok(None);
                 }
-                None => {
-                    // A call made may have timed out after Redis took the
-                    // lease: give it back rather than let it block the
-                    // identity until it expires.
-                    if called {
-                        let (redis, health) = (redis.clone(), self.health.clone());
-                        let key = key.clone();
-                        tokio::spawn(async move {
-                            health.always("release", redis.release(&key, &holder)).await;
-                        });
-                    }
-                    self.fallback()?
-                }
+                Called::Skipped => slot.forget(),
+                // The call may have timed out after Redis took the lease:
+                // dropped, the slot gives it back rather than let it block
+                // the identity until it expires.
+                Called::Failed => drop(slot),
             }
+            self.fallback()?;
         }
         Ok(self.memory.acquire(key, max).map(Slot::Memory))
     }

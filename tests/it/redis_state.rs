@@ -382,6 +382,147 @@ async fn a_concurrency_lease_is_released_after_a_stream() {
     assert_eq!(free.status, 200, "the lease was released");
 }
 
+/// Sends `body` to `/v1/x` as alice and hangs up 5 ms later, while
+/// Redis, paused for 40 ms, still holds sluice's call: the call then ends
+/// well within its 100 ms timeout, for a request that is gone. A first
+/// request, answered, has Redis load sluice's scripts (a first call that
+/// found none would not run, whoever waited for it).
+async fn hang_up_during_a_paused_redis(gw: &TestGateway, redis: &RedisServer, body: &str) {
+    use tokio::io::AsyncWriteExt;
+    let small = r#"{"model":"m","max_tokens":10,"messages":[]}"#;
+    let first = Client::new()
+        .post_json(&gw.url("/v1/x"), &[ALICE, no_store()], small)
+        .await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    // Its settlement reaches Redis before the pause.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    redis.cli(None, &["CLIENT", "PAUSE", "40", "ALL"]);
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let request = format!(
+        "POST /v1/x HTTP/1.1\r\nhost: a\r\nauthorization: Bearer sk-alice-0001\r\n\
+         cache-control: no-store\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    drop(conn);
+    // Past the pause: Redis has run what was sent, and what followed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !gw.log_text().contains("state_error"),
+        "no call may time out here: {}",
+        gw.log_text()
+    );
+}
+
+/// A client that hangs up while Redis is taking its concurrency slot
+/// does not leave the lease behind to lock the identity out until it
+/// expires (`request_timeout` + 10 s).
+#[tokio::test]
+async fn a_client_gone_while_redis_takes_its_slot_leaves_no_lease() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
+    let gw = TestGateway::start(&config(
+        &upstream.url(),
+        &redis.url(),
+        "{ concurrent_requests: 1 }",
+        "",
+    ))
+    .await;
+    hang_up_during_a_paused_redis(&gw, &redis, "{}").await;
+    let next = Client::new()
+        .post_json(&gw.url("/v1/x"), &[ALICE, no_store()], "{}")
+        .await;
+    assert_eq!(next.status, 200, "a lease held for no one: {}", next.text());
+}
+
+/// The same for a token reservation: what a request that is gone took
+/// from the bucket is given back.
+#[tokio::test]
+async fn a_client_gone_while_redis_reserves_its_tokens_gets_them_back() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
+    let gw = TestGateway::start(&config(
+        &upstream.url(),
+        &redis.url(),
+        "{ tokens_per_minute: 1000 }",
+        "",
+    ))
+    .await;
+    hang_up_during_a_paused_redis(
+        &gw,
+        &redis,
+        r#"{"model":"m","max_tokens":900,"messages":[]}"#,
+    )
+    .await;
+    let next = Client::new()
+        .post_json(
+            &gw.url("/v1/x"),
+            &[ALICE, no_store()],
+            r#"{"model":"m","max_tokens":300,"messages":[]}"#,
+        )
+        .await;
+    assert_eq!(next.status, 200, "tokens held for no one: {}", next.text());
+}
+
+/// A lease whose release failed because Redis was down, and that a Redis
+/// restarted from its append-only file has back, is released once Redis
+/// answers again, not left to hold the slot until it expires.
+#[tokio::test]
+async fn a_lease_released_during_an_outage_is_released_when_redis_is_back() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream =
+        MockUpstream::always(UpstreamReply::json(&answer(1, 1)).delay(Duration::from_millis(400)))
+            .await;
+    let gw = Arc::new(
+        TestGateway::start(&config(
+            &upstream.url(),
+            &redis.url(),
+            "{ concurrent_requests: 1 }",
+            "",
+        ))
+        .await,
+    );
+    let held = {
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            Client::new()
+                .post_json(&gw.url("/v1/x"), &[ALICE, no_store()], "{}")
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let key = redis.cli(None, &["KEYS", "*slots*"]);
+    let lease = redis.cli(None, &["ZRANGE", &key, "0", "-1", "WITHSCORES"]);
+    let (holder, ends) = lease
+        .split_once('\n')
+        .expect("one lease, its holder and score");
+    // Redis goes down while the request holds the slot, so its release
+    // fails; it comes back with the lease, as from its append-only file.
+    redis.kill();
+    assert_eq!(held.await.unwrap().status, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    redis.restart();
+    redis.cli(None, &["ZADD", &key, ends, holder]);
+    redis.cli(None, &["PEXPIRE", &key, "300000"]);
+    let released = eventually(Duration::from_secs(6), || {
+        redis.cli(None, &["ZCARD", &key]) == "0"
+    })
+    .await;
+    assert!(released, "the lease is still held: {}", gw.log_text());
+    let next = Client::new()
+        .post_json(&gw.url("/v1/x"), &[ALICE, no_store()], "{}")
+        .await;
+    assert_eq!(next.status, 200, "{}", next.text());
+}
+
 #[tokio::test]
 async fn a_killed_redis_is_survived_by_allow_and_refused_by_deny() {
     let Some(mut redis) = RedisServer::start() else {
