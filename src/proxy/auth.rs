@@ -33,11 +33,20 @@ pub fn parse_hash(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+const X_API_KEY: header::HeaderName = header::HeaderName::from_static("x-api-key");
+
 /// The credential a request presents, if any: a bearer token, else an
 /// `x-api-key`. An `authorization` of another scheme (or a bare `Bearer`)
 /// with no `x-api-key` beside it presents a credential that matches
-/// nothing, so it is refused rather than taken for no credential at all.
+/// nothing, so it is refused rather than taken for no credential at all;
+/// so is a request with two `authorization` or two `x-api-key` headers,
+/// which name no single caller (a gateway taking the first would let
+/// whatever sits before it decide by the order it adds them in).
 pub fn credential(headers: &HeaderMap) -> Option<&[u8]> {
+    let repeated = |name| headers.get_all(name).iter().nth(1).is_some();
+    if repeated(header::AUTHORIZATION) || repeated(X_API_KEY) {
+        return Some(b"");
+    }
     let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
     if let Some(v) = authorization
         && v.len() > 7
@@ -45,7 +54,7 @@ pub fn credential(headers: &HeaderMap) -> Option<&[u8]> {
     {
         return Some(v[7..].trim_ascii());
     }
-    match headers.get("x-api-key") {
+    match headers.get(X_API_KEY) {
         Some(key) => Some(key.as_bytes().trim_ascii()),
         None => authorization.map(|_| &b""[..]),
     }
@@ -199,6 +208,14 @@ mod tests {
         h.remove("x-api-key");
         assert_eq!(credential(&h), Some(&b""[..]));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer"));
+        assert_eq!(credential(&h), Some(&b""[..]));
+        // Two of either header: no one caller, whatever each holds.
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k2"));
+        h.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer k2"));
+        assert_eq!(credential(&h), Some(&b""[..]));
+        h.remove(header::AUTHORIZATION);
+        h.insert("x-api-key", HeaderValue::from_static("k1"));
+        h.append("x-api-key", HeaderValue::from_static("k3"));
         assert_eq!(credential(&h), Some(&b""[..]));
     }
 }

@@ -453,3 +453,36 @@ async fn a_refused_small_body_keeps_the_connection() {
     assert!(text.contains("connection: close"), "{text}");
     assert!(closed);
 }
+
+/// Two `authorization` (or two `x-api-key`) headers name no single
+/// caller: refused, even when both hold a valid key, rather than the
+/// first one deciding.
+#[tokio::test]
+async fn two_credential_headers_of_one_name_are_401() {
+    let gw = gateway().await;
+    let bearer = format!("Bearer {RAW}");
+    for headers in [
+        vec![
+            ("authorization", bearer.as_str()),
+            ("authorization", bearer.as_str()),
+        ],
+        vec![
+            ("authorization", bearer.as_str()),
+            ("authorization", "Bearer wrong"),
+        ],
+        vec![("x-api-key", RAW), ("x-api-key", "test")],
+    ] {
+        let reply = models(&gw, "/v1/models", &headers).await;
+        assert_eq!(reply.status, 401, "{headers:?}");
+        assert_eq!(reply.header("www-authenticate"), Some("Bearer"));
+        assert!(reply.text().contains("invalid_api_key"), "{}", reply.text());
+    }
+    // One of each is no ambiguity: the bearer token decides, as before.
+    let one_each = models(
+        &gw,
+        "/v1/models",
+        &[("authorization", &bearer), ("x-api-key", "test")],
+    )
+    .await;
+    assert_eq!(one_each.status, 200);
+}
