@@ -635,13 +635,13 @@ impl Tap {
     /// the rest, which it would bill. `false` when nothing is read.
     fn read_rest_for_usage(&mut self) -> bool {
         // Only where the request was read: how many choices it asked
-        // for is known there, and only there is spend counted.
-        let Some(choices) = self
-            .finish
-            .as_ref()
-            .and_then(|f| f.ctx.estimate)
-            .map(|estimate| estimate.choices)
-        else {
+        // for is known there.
+        let Some(choices) = self.finish.as_ref().and_then(|f| {
+            f.ctx
+                .estimate
+                .map(|estimate| estimate.choices)
+                .or(f.ctx.choices_asked)
+        }) else {
             return false;
         };
         if !self

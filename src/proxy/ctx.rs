@@ -169,6 +169,10 @@ pub struct RequestCtx {
     pub reservations: Vec<Reservation>,
     /// The request's token estimate, where a limit or a budget needs it.
     pub estimate: Option<TokenEstimate>,
+    /// The choices (`n`) a chat or text completion asked for, where no
+    /// estimate says so: its answer is generated once each has ended,
+    /// and a client leaving after that is still metered.
+    pub choices_asked: Option<u64>,
     /// The model the request names, kept with the estimate: the price of
     /// an answer that never came (its client left first).
     pub requested_model: Option<String>,
@@ -230,6 +234,7 @@ impl RequestCtx {
             token_limit: None,
             reservations: Vec::new(),
             estimate: None,
+            choices_asked: None,
             requested_model: None,
             usage_injected: false,
         }

@@ -108,9 +108,12 @@ pub async fn send(
     let slash_view = super::route::slashes_decoded(parts.uri.path());
     let path = crate::llm::shape::routed_path(slash_view.as_deref().unwrap_or(parts.uri.path()));
     let completions = parts.method == http::Method::POST
-        && ["/chat/completions", "/v1/completions"]
+        && (["/chat/completions", "/v1/completions"]
             .iter()
-            .any(|api| crate::llm::shape::ends_with_ignore_case(&path, api));
+            .any(|api| crate::llm::shape::ends_with_ignore_case(&path, api))
+            // Azure OpenAI's text completions of a deployment.
+            || (crate::llm::shape::model_in_path(&path)
+                && crate::llm::shape::ends_with_ignore_case(&path, "/completions")));
     let token_limited = limit::token_limits_apply(snap, route, ctx);
     // A compressed body would be estimated at its compressed size, and
     // a stream's usage could not be asked for in it: a way around the
@@ -172,6 +175,8 @@ pub async fn send(
             limit::reserve_tokens(snap, &gw.state, &gw.metrics, route, ctx, estimate.total())
                 .await?;
         }
+    } else if completions {
+        ctx.choices_asked = Some(limit::choices_asked(plain.as_ref().unwrap_or(&body)));
     }
     match route.target {
         Target::Upstream(index) => {

@@ -279,10 +279,27 @@ pub fn estimate_tokens_roughly(body: &[u8]) -> TokenEstimate {
             .or_else(|| cap(b"\"max_tokens\""))
             .or_else(|| cap(b"\"max_output_tokens\""))
             .unwrap_or(0),
-        choices: cap(b"\"n\"")
-            .unwrap_or(1)
-            .clamp(1, facts::MAX_CHOICES as u64),
+        choices: choices_asked(body),
     }
+}
+
+/// The choices (`n`) a request asks for, found by a byte search (1 when
+/// it names none).
+pub fn choices_asked(body: &[u8]) -> u64 {
+    values_after(body, b"\"n\"")
+        .next()
+        .and_then(|digits| {
+            let end = digits
+                .iter()
+                .position(|b| !b.is_ascii_digit())
+                .unwrap_or(digits.len());
+            std::str::from_utf8(&digits[..end])
+                .ok()?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or(1)
+        .clamp(1, facts::MAX_CHOICES as u64)
 }
 
 /// What follows each `"name":` in `body` (`name` with its quotes), found

@@ -218,6 +218,27 @@ async fn usage_is_asked_for_and_hidden_from_a_client_that_did_not_ask() {
     check_stream_usage(&gw).await;
 }
 
+/// Azure OpenAI's text completions of a deployment are asked for usage
+/// as its chat completions and OpenAI's own completions are.
+#[tokio::test]
+async fn an_azure_deployment_s_text_completions_are_asked_for_usage() {
+    let up = MockUpstream::always(UpstreamReply::sse(&STREAM, Duration::ZERO)).await;
+    let gw =
+        TestGateway::start(&config(&up.url()).replace("path_prefix: /v1/", "path_prefix: /")).await;
+    let reply = Client::new()
+        .post_json(
+            &gw.url("/openai/deployments/inst/completions?api-version=2024-10-21"),
+            &[],
+            r#"{"prompt":"hi","stream":true}"#,
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    let sent: serde_json::Value = serde_json::from_slice(&up.seen()[0].body).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true, "{sent}");
+    assert_eq!(reply.text(), sse_text(&[STREAM[0], STREAM[1], STREAM[3]]));
+    check_stream_usage(&gw).await;
+}
+
 #[tokio::test]
 async fn a_stream_sent_with_a_length_is_not_cut_short_by_the_stripped_chunk() {
     // Some upstreams (a caching proxy, a canned test server) send a whole
@@ -767,29 +788,32 @@ async fn read_until_finish_then_leave(gw: &TestGateway, body: &'static str) -> S
 #[tokio::test]
 async fn a_client_leaving_after_the_finish_reason_is_charged_the_reported_usage() {
     let up = MockUpstream::always(UpstreamReply::sse(&STREAM, Duration::from_millis(300))).await;
-    let gw = TestGateway::start(&format!(
-        "{}budget:\n  daily_usd: 100\n  alert_at: [0.9]\n",
-        config(&up.url())
-    ))
-    .await;
-    let seen = read_until_finish_then_leave(
-        &gw,
-        r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hi"}]}"#,
-    )
-    .await;
-    assert!(!seen.contains("usage"), "{seen}");
-    let log = &gw.wait_access_logs(1).await[0];
-    assert_eq!(log["error"], "client_closed", "{log}");
-    assert_eq!(log["input_tokens"], 7, "{log}");
-    assert_eq!(log["output_tokens"], 2, "{log}");
-    assert_eq!(
-        log["cost_usd"], 2.25e-6,
-        "7 × $0.15 + 2 × $0.60 a million: {log}"
-    );
-    let spent = gw
-        .metric("sluice_budget_spent_usd", &[("scope", "global")])
+    // With a budget, and without one: metering does not depend on it.
+    for budget in ["budget:\n  daily_usd: 100\n  alert_at: [0.9]\n", ""] {
+        let gw = TestGateway::start(&format!("{}{budget}", config(&up.url()))).await;
+        let seen = read_until_finish_then_leave(
+            &gw,
+            r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hi"}]}"#,
+        )
         .await;
-    assert_eq!(spent, Some(2.25e-6));
+        assert!(!seen.contains("usage"), "{seen}");
+        let log = &gw.wait_access_logs(1).await[0];
+        assert_eq!(log["error"], "client_closed", "{log}");
+        assert_eq!(log["input_tokens"], 7, "{log}");
+        assert_eq!(log["output_tokens"], 2, "{log}");
+        assert_eq!(
+            log["cost_usd"], 2.25e-6,
+            "7 × $0.15 + 2 × $0.60 a million: {log}"
+        );
+        let cost = gw.metric("sluice_cost_usd_total", &[]).await;
+        assert_eq!(cost, Some(2.25e-6), "{budget}");
+        if !budget.is_empty() {
+            let spent = gw
+                .metric("sluice_budget_spent_usd", &[("scope", "global")])
+                .await;
+            assert_eq!(spent, Some(2.25e-6));
+        }
+    }
 }
 
 /// Asked for two choices, a stream whose first choice ended is still
@@ -806,27 +830,27 @@ async fn a_client_leaving_before_every_choice_ended_is_not_read_on() {
         STREAM[3],
     ];
     let up = MockUpstream::always(UpstreamReply::sse(&events, Duration::from_millis(300))).await;
-    let gw = TestGateway::start(&format!(
-        "{}budget:\n  daily_usd: 100\n  alert_at: [0.9]\n",
-        config(&up.url())
-    ))
-    .await;
-    read_until_finish_then_leave(
-        &gw,
-        r#"{"model":"gpt-4o-mini","stream":true,"n":2,"max_tokens":10,"messages":[{"role":"user","content":"Say hi"}]}"#,
-    )
-    .await;
-    let log = &gw.wait_access_logs(1).await[0];
-    assert_eq!(log["error"], "client_closed", "{log}");
-    assert_eq!(
-        log["input_tokens"],
-        serde_json::Value::Null,
-        "not read on: {log}"
-    );
-    assert!(
-        log["cost_usd"].as_f64().is_some_and(|c| c > 0.0),
-        "the estimate: {log}"
-    );
+    for budget in ["budget:\n  daily_usd: 100\n  alert_at: [0.9]\n", ""] {
+        let gw = TestGateway::start(&format!("{}{budget}", config(&up.url()))).await;
+        read_until_finish_then_leave(
+            &gw,
+            r#"{"model":"gpt-4o-mini","stream":true,"n":2,"max_tokens":10,"messages":[{"role":"user","content":"Say hi"}]}"#,
+        )
+        .await;
+        let log = &gw.wait_access_logs(1).await[0];
+        assert_eq!(log["error"], "client_closed", "{log}");
+        assert_eq!(
+            log["input_tokens"],
+            serde_json::Value::Null,
+            "not read on: {log}"
+        );
+        if !budget.is_empty() {
+            assert!(
+                log["cost_usd"].as_f64().is_some_and(|c| c > 0.0),
+                "the estimate: {log}"
+            );
+        }
+    }
 }
 
 /// A whole answer that reports no usage (an upstream that ignores
