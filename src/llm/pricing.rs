@@ -46,7 +46,9 @@ fn price_of<'p>(pricing: &'p HashMap<String, Price>, model: &str) -> Option<&'p 
 }
 
 /// `model` without a snapshot date at its end: `-2024-07-18`,
-/// `-20241022` or Vertex AI's `@20241022`.
+/// `-20241022`, Vertex AI's `@20241022`, or the four digits of OpenAI's
+/// older snapshots (`gpt-3.5-turbo-0125`, the answer to a `gpt-3.5-turbo`
+/// request) and Mistral's (`mistral-large-2411`).
 fn undated(model: &str) -> Option<&str> {
     let is_date = |d: &[u8]| match d.len() {
         10 => d.iter().enumerate().all(|(i, b)| match i {
@@ -55,7 +57,7 @@ fn undated(model: &str) -> Option<&str> {
         }),
         _ => d.iter().all(u8::is_ascii_digit),
     };
-    [10, 8].into_iter().find_map(|len| {
+    [10, 8, 4].into_iter().find_map(|len| {
         let at = model.len().checked_sub(len + 1)?;
         // `None` unless `at` starts a character, so a date's bytes are ASCII.
         let name = model.get(..at).filter(|n| !n.is_empty())?;
@@ -145,6 +147,10 @@ mod tests {
         assert_eq!(per_token("gpt-4o-2024-05-13"), 5.0, "listed itself");
         assert_eq!(per_token("claude-3-5-sonnet-20241022"), 3.0);
         assert_eq!(per_token("claude-3-5-sonnet@20241022"), 3.0);
+        assert_eq!(per_token("gpt-4o-0613"), 2.0, "four digits");
+        assert_eq!(per_token("gpt-4o-mini-0125"), 1.0);
+        assert_eq!(per_token("gpt-4o-mini@0125"), 9.0, "Vertex names eight");
+        assert_eq!(per_token("gpt-4o-mini-125"), 9.0);
         // Not a date, or nothing before it: the default.
         assert_eq!(per_token("gpt-4o-mini-2024-07"), 9.0);
         assert_eq!(per_token("gpt-4o-mini-12345678x"), 9.0);
