@@ -1966,7 +1966,9 @@ fn allow_header(methods: &[Method], cors: bool) -> HeaderValue {
 /// The largest per-minute limit: far past any real traffic, and small
 /// enough that the buckets' arithmetic in `f64` stays exact (and the
 /// `x-ratelimit-*` headers agree with each other).
-const MAX_PER_MINUTE: u64 = 1_000_000_000_000;
+/// A bucket counts its units in nanoseconds of a minute: past this, a
+/// unit would take less than one and the limit would not be the one set.
+const MAX_PER_MINUTE: u64 = 60_000_000_000;
 
 /// The largest amount of money a price or a budget may name: a price of
 /// 1e308 made every cost `inf`.

@@ -305,10 +305,7 @@ impl ProxyError {
                 retry_after, over, ..
             } => {
                 headers.insert(header::RETRY_AFTER, secs_header(retry_after));
-                headers.insert(
-                    RETRY_AFTER_MS,
-                    HeaderValue::from(u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX)),
-                );
+                headers.insert(RETRY_AFTER_MS, millis_header(retry_after));
                 // A request over the limit on its own never fits: an SDK
                 // that waited and sent it again would only be refused again.
                 if over.is_some() {
@@ -366,7 +363,33 @@ pub fn error_body(message: &str, kind: &str, param: Option<&str>, code: &str) ->
 }
 
 /// Whole seconds, rounded up so a client never retries too early.
+/// Whole milliseconds, rounded up as [`secs_header`] rounds seconds, and
+/// at least 1: a client retrying at once, or a millisecond short of the
+/// wait, is refused again.
+fn millis_header(d: Duration) -> HeaderValue {
+    let millis = d.as_micros().div_ceil(1000).max(1);
+    HeaderValue::from(u64::try_from(millis).unwrap_or(u64::MAX))
+}
+
 fn secs_header(d: Duration) -> HeaderValue {
     let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
     HeaderValue::from(secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wait is never told shorter than it is: a client that retries
+    /// exactly when told must find the bucket ready.
+    #[test]
+    fn waits_are_rounded_up() {
+        let ms = |micros| millis_header(Duration::from_micros(micros));
+        assert_eq!(ms(999_001), "1000");
+        assert_eq!(ms(10_000_500), "10001");
+        assert_eq!(ms(2_000_000), "2000");
+        assert_eq!(ms(1), "1");
+        assert_eq!(ms(0), "1", "never 0 on a refusal");
+        assert_eq!(secs_header(Duration::from_micros(10_000_500)), "11");
+    }
 }

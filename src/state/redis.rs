@@ -75,7 +75,9 @@ impl From<redis::RedisError> for StateError {
 }
 
 /// GCRA in one step: the bucket is one key holding its theoretical
-/// arrival time in µs of Redis time. Returns {allowed, ahead_us, retry_us}.
+/// arrival time in µs of Redis time, to the thousandth (a unit of a limit
+/// of millions a minute is a fraction of a µs). Returns {allowed,
+/// ahead_us, retry_us}, the wait rounded up.
 const TAKE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -87,9 +89,9 @@ if tat < now then tat = now end
 local new_tat = tat + interval * cost
 local ahead = new_tat - now
 if ahead > window then
-  return {0, tat - now, ahead - window}
+  return {0, tat - now, math.ceil(ahead - window)}
 end
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil(ahead / 1000) + 1000)
+redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(ahead / 1000) + 1000)
 return {1, ahead, 0}
 ";
 
@@ -107,7 +109,7 @@ local tat = tonumber(current or now)
 if tat < now then tat = now end
 tat = tat + tonumber(ARGV[1]) * delta
 if tat < now then tat = now end
-redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
 return 1
 ";
 
@@ -229,7 +231,7 @@ impl RedisState {
     ) -> Result<Decision, StateError> {
         let per_minute = per_minute.max(1);
         let window = micros(WINDOW);
-        let interval = (window / per_minute).max(1);
+        let interval = unit_micros(per_minute);
         // More than the whole window is refused anyway; clamping keeps the
         // script's arithmetic far from the edges of Redis integers.
         let cost = cost.min(per_minute.saturating_add(1));
@@ -241,7 +243,8 @@ impl RedisState {
         Ok(Decision {
             allowed: allowed == 1,
             limit: per_minute,
-            remaining: window.saturating_sub(ahead) / interval,
+            // (A whole number of units: the float's floor.)
+            remaining: (window.saturating_sub(ahead) as f64 / interval) as u64,
             reset: Duration::from_micros(ahead),
             retry_after: Duration::from_micros(retry),
         })
@@ -254,7 +257,7 @@ impl RedisState {
         per_minute: u64,
         delta: i64,
     ) -> Result<(), StateError> {
-        let interval = (micros(WINDOW) / per_minute.max(1)).max(1);
+        let interval = unit_micros(per_minute);
         let mut call = self.adjust.key(bucket_key(key));
         call.arg(interval).arg(delta);
         let _: i64 = self.script(Replay::Never, &call).await?;
@@ -521,6 +524,13 @@ fn probe_failure(e: &redis::RedisError) -> String {
         e.kind(),
         e.category()
     )
+}
+
+/// The µs one unit of a `per_minute` limit takes to refill, with its
+/// fraction: in whole µs, 40 million a minute would refill at 60 million
+/// (1 µs each), and 7 million at 7.5 million.
+fn unit_micros(per_minute: u64) -> f64 {
+    micros(WINDOW) as f64 / per_minute.max(1) as f64
 }
 
 fn micros(d: Duration) -> u64 {

@@ -1712,10 +1712,18 @@ fn limits_and_amounts_past_any_real_use_are_refused() {
     assert!(errs[0].contains("at most 1000000000 USD"), "{}", errs[0]);
     assert!(
         load(
-            &format!("tiers:\n  t: {{ requests_per_minute: 1_000_000_000_000 }}\n{BASE}"),
+            &format!("tiers:\n  t: {{ requests_per_minute: 60_000_000_000 }}\n{BASE}"),
             &[]
         )
         .is_ok()
+    );
+    // Past one a nanosecond, a bucket would not hold what it says.
+    let errs = errors(&format!(
+        "tiers:\n  t: {{ tokens_per_minute: 100_000_000_000 }}\n{BASE}"
+    ));
+    assert!(
+        errs.len() == 1 && errs[0].contains("at most 60000000000"),
+        "{errs:?}"
     );
 }
 
