@@ -492,7 +492,16 @@ impl Body for Tap {
         }
         // Loops only when a whole frame was the removed usage chunk.
         loop {
-            return match Pin::new(&mut this.inner).poll_frame(cx) {
+            let polled = match Pin::new(&mut this.inner).poll_frame(cx) {
+                // Trailers end a body: what follows is the end's work (a
+                // server that got them would poll no further, and the
+                // answer would read as one its client left). They are
+                // not passed on, as hyper would not send them to an
+                // HTTP/1.1 client either.
+                Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => Poll::Ready(None),
+                polled => polled,
+            };
+            return match polled {
                 Poll::Ready(Some(Ok(frame))) => {
                     let replaced = match (this.meter.as_mut(), frame.data_ref()) {
                         (Some(meter), Some(data)) => meter.observe(data),
@@ -540,11 +549,9 @@ impl Body for Tap {
                         this.copy(rest);
                     }
                     this.finalize(None);
+                    this.ended = true;
                     match rest {
-                        Some(rest) => {
-                            this.ended = true;
-                            Poll::Ready(Some(Ok(Frame::data(rest))))
-                        }
+                        Some(rest) => Poll::Ready(Some(Ok(Frame::data(rest)))),
                         None => Poll::Ready(None),
                     }
                 }

@@ -835,6 +835,35 @@ async fn a_json_answer_cut_short_is_not_stored() {
     assert_eq!(upstream.requests(), 2);
 }
 
+/// A chunked answer that ends with trailers is whole: logged without
+/// error, metered, and stored (it read as one its client had left).
+#[tokio::test]
+async fn an_answer_with_trailers_is_whole() {
+    use crate::support::raw::{AfterAnswer, RawUpstream};
+    let upstream = RawUpstream::start(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n\
+          54\r\n{\"object\":\"chat.completion\",\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4},\"x\":1}\r\n\
+          0\r\nx-t: done\r\n\r\n",
+        AfterAnswer::KeepAlive,
+    )
+    .await;
+    let gw = TestGateway::start(&config(&upstream.url(), "{ ttl: 10m }")).await;
+    let client = Client::new();
+    for expected in ["MISS", "HIT"] {
+        let reply = client
+            .post_json(&gw.url("/v1/chat/completions"), &[ALICE], CHAT)
+            .await;
+        assert_eq!(reply.status, 200);
+        assert!(reply.body_error.is_none(), "{:?}", reply.body_error);
+        assert!(reply.text().ends_with("\"x\":1}"), "{}", reply.text());
+        assert_eq!(reply.header("x-sluice-cache"), Some(expected));
+    }
+    let log = &gw.wait_access_logs(2).await[0];
+    assert_eq!(log["error"], serde_json::Value::Null, "{log}");
+    assert_eq!(log["input_tokens"], 3, "{log}");
+    assert_eq!(upstream.requests(), 1);
+}
+
 /// A request that leaves while it waits on another's fetch is logged
 /// and counted as a miss, as every request on a cached route has a
 /// cache result.
