@@ -662,7 +662,9 @@ async fn hold_preamble(
     release: impl Fn() -> bool,
     idle: Duration,
 ) -> Result<Response<BoxBody>, Preamble> {
-    if !is_event_stream(&resp) {
+    // A compressed stream (sent though sluice asked for `identity`) has
+    // no events to read: it passes as it came, as on a single upstream.
+    if !is_event_stream(&resp) || headers::is_compressed(resp.headers()) {
         return Ok(resp);
     }
     let (parts, mut body) = resp.into_parts();

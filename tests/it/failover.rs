@@ -1447,3 +1447,25 @@ async fn a_repointed_upstream_gauge_is_not_moved_by_the_old_config() {
     }
     assert_eq!(in_flight.await.unwrap(), "slow");
 }
+
+/// A stream compressed though sluice asked for `identity` has no events
+/// to read: on a pool it passes as it came, as on a single upstream,
+/// rather than being taken for one that never began (and generated again
+/// by the next member).
+#[tokio::test]
+async fn a_compressed_stream_passes_as_it_came() {
+    let squeezed = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03not-really-gzip".to_vec();
+    let primary = MockUpstream::always(
+        UpstreamReply::text(squeezed.clone())
+            .header("content-type", "text/event-stream")
+            .header("content-encoding", "gzip"),
+    )
+    .await;
+    let backup = MockUpstream::always(UpstreamReply::text("backup")).await;
+    let gw = TestGateway::start(&config(&primary.url(), &backup.url(), "", "")).await;
+    let reply = chat(&gw).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("content-encoding"), Some("gzip"));
+    assert_eq!(reply.body.to_vec(), squeezed);
+    assert!(backup.seen().is_empty(), "generated again by the backup");
+}
