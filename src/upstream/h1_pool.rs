@@ -112,6 +112,11 @@ impl H1Pool {
                         pool: Arc::downgrade(self),
                         authority,
                         sender,
+                        // hyper sends the next request on a connection that
+                        // answered in HTTP/1.0 as HTTP/1.0, where a chunked
+                        // body has no framing and is left out: such a
+                        // connection serves no second request.
+                        reusable: resp.version() != http::Version::HTTP_10,
                     };
                     return Ok(resp.map(|inner| Leased {
                         inner,
@@ -265,6 +270,7 @@ struct Lease {
     pool: Weak<H1Pool>,
     authority: Authority,
     sender: Sender,
+    reusable: bool,
 }
 
 impl Lease {
@@ -273,8 +279,9 @@ impl Lease {
             pool,
             authority,
             mut sender,
+            reusable,
         } = self;
-        if sender.is_closed() {
+        if sender.is_closed() || !reusable {
             return;
         }
         if sender.is_ready() {
