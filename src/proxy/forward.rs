@@ -662,9 +662,12 @@ async fn hold_preamble(
     release: impl Fn() -> bool,
     idle: Duration,
 ) -> Result<Response<BoxBody>, Preamble> {
+    if !is_event_stream(&resp) {
+        return first_frame_held(resp, deadline, idle).await;
+    }
     // A compressed stream (sent though sluice asked for `identity`) has
     // no events to read: it passes as it came, as on a single upstream.
-    if !is_event_stream(&resp) || headers::is_compressed(resp.headers()) {
+    if headers::is_compressed(resp.headers()) {
         return Ok(resp);
     }
     let (parts, mut body) = resp.into_parts();
@@ -702,6 +705,36 @@ async fn hold_preamble(
         if content || events >= PREAMBLE_EVENTS || bytes >= PREAMBLE_BYTES {
             break;
         }
+    }
+    Ok(Response::from_parts(
+        parts,
+        body::Replay::new(held, body).boxed_unsync(),
+    ))
+}
+
+/// A pool member's answer other than a stream, held until its body's
+/// first bytes: one that breaks before them (an upstream that closed or
+/// garbled its body right after the head) has sent the client nothing,
+/// so the next member may still answer (SPEC §3) rather than the client
+/// getting an empty reply. A body slow to begin (past `idle`) goes on
+/// as it is: it may be an answer still being generated.
+async fn first_frame_held(
+    resp: Response<BoxBody>,
+    deadline: Instant,
+    idle: Duration,
+) -> Result<Response<BoxBody>, Preamble> {
+    if http_body::Body::is_end_stream(resp.body()) {
+        return Ok(resp);
+    }
+    let (parts, mut body) = resp.into_parts();
+    let due = deadline.min(Instant::now() + idle);
+    let held = match tokio::time::timeout_at(due.into(), body.frame()).await {
+        Err(_) | Ok(None) => Vec::new(),
+        Ok(Some(Err(_))) => return Err(Preamble::Broke("answer broke before its body")),
+        Ok(Some(Ok(frame))) => vec![frame],
+    };
+    if held.is_empty() {
+        return Ok(Response::from_parts(parts, body));
     }
     Ok(Response::from_parts(
         parts,

@@ -1469,3 +1469,25 @@ async fn a_compressed_stream_passes_as_it_came() {
     assert_eq!(reply.body.to_vec(), squeezed);
     assert!(backup.seen().is_empty(), "generated again by the backup");
 }
+
+/// A member whose answer breaks right after its head (a garbled first
+/// chunk, a close) has sent the client nothing: the next member answers,
+/// rather than the client getting an empty reply.
+#[tokio::test]
+async fn an_answer_broken_before_its_body_fails_over() {
+    use crate::support::raw::{AfterAnswer, RawUpstream};
+    for broken in [
+        &b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"[..],
+        &b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 50\r\n\r\n"[..],
+    ] {
+        let primary = RawUpstream::start(broken, AfterAnswer::CloseWhenIdle(Duration::from_millis(20))).await;
+        let backup = MockUpstream::always(UpstreamReply::text("backup")).await;
+        let gw = TestGateway::start(&config(&primary.url(), &backup.url(), "", "")).await;
+        let reply = chat(&gw).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.text(), "backup");
+        let log = &gw.wait_access_logs(1).await[0];
+        assert_eq!(log["attempts"], 2, "{log}");
+        assert_eq!(log["error"], Value::Null, "{log}");
+    }
+}
