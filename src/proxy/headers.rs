@@ -307,13 +307,48 @@ pub fn to_client(headers: &mut HeaderMap) {
         // Chunks framed the body, not a length sent beside them (RFC 9112
         // §6.3): passed on, a wrong one would end the client's copy short.
         headers.remove(header::CONTENT_LENGTH);
+    } else {
+        one_content_length(headers);
     }
     strip_sluice(headers);
+}
+
+/// A length sent as a list of one value (`content-length: 5, 5`, which
+/// RFC 9110 §8.6 lets a recipient read as 5, as hyper did) goes on as
+/// that one value: clients that cannot read the list would read the body
+/// to the connection's close.
+fn one_content_length(headers: &mut HeaderMap) {
+    let Some(value) = headers.get(header::CONTENT_LENGTH) else {
+        return;
+    };
+    let bytes = value.as_bytes();
+    if !bytes.contains(&b',') {
+        return;
+    }
+    let first = bytes
+        .split(|b| *b == b',')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    if let Ok(single) = HeaderValue::from_bytes(first) {
+        headers.insert(header::CONTENT_LENGTH, single);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listed_length_goes_on_as_one_value() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5, 5"));
+        to_client(&mut h);
+        assert_eq!(h.get(header::CONTENT_LENGTH).unwrap(), "5");
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("7"));
+        to_client(&mut h);
+        assert_eq!(h.get(header::CONTENT_LENGTH).unwrap(), "7");
+    }
 
     #[test]
     fn connection_named_headers_go() {

@@ -345,3 +345,14 @@ async fn a_chunked_body_reaches_an_upstream_that_answered_in_http_1_0() {
         "the body is framed: {post}"
     );
 }
+
+/// A length an upstream sent as a list of one value reaches the client
+/// as that value, which every client reads.
+#[tokio::test]
+async fn a_listed_length_reaches_the_client_as_one_value() {
+    let (_up, _gw, reply) =
+        get_answered_by(b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\nhello").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "hello");
+    assert_eq!(reply.header("content-length"), Some("5"));
+}
