@@ -92,6 +92,45 @@ pub async fn check_body(
     Ok(RequestBody::Read(bytes))
 }
 
+/// `bytes` with each `\uXXXX` escape of a surrogate that is not half of
+/// a pair written as `\uFFFD`, if there is one.
+fn lone_surrogates_replaced(bytes: &[u8]) -> Option<Vec<u8>> {
+    let escape_at = |i: usize| -> Option<u16> {
+        let hex = bytes.get(i..i + 6)?.strip_prefix(b"\\u")?;
+        u16::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+    };
+    let mut out = Vec::new();
+    let mut copied = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        let Some(unit) = escape_at(i) else {
+            i += 2; // another escape, `\\` among them
+            continue;
+        };
+        let paired = (0xD800..0xDC00).contains(&unit)
+            && escape_at(i + 6).is_some_and(|low| (0xDC00..0xE000).contains(&low));
+        if paired {
+            i += 12;
+        } else if (0xD800..0xE000).contains(&unit) {
+            out.extend_from_slice(&bytes[copied..i]);
+            out.extend_from_slice(b"\\uFFFD");
+            i += 6;
+            copied = i;
+        } else {
+            i += 6;
+        }
+    }
+    if copied == 0 {
+        return None;
+    }
+    out.extend_from_slice(&bytes[copied..]);
+    Some(out)
+}
+
 fn check_json(
     validate: &Validate,
     endpoint: Option<Endpoint>,
@@ -104,8 +143,15 @@ fn check_json(
             None,
         ));
     }
-    let value: Value = serde_json::from_slice(bytes)
-        .map_err(|e| invalid(format!("the body is not valid JSON: {e}"), None))?;
+    let value: Value = match serde_json::from_slice(bytes) {
+        Ok(value) => value,
+        // A lone surrogate escape is JSON's grammar (RFC 8259 §8.2), and
+        // what JavaScript's `JSON.stringify` writes for text cut inside
+        // an emoji; upstreams take it. Checked as U+FFFD, sent as it came.
+        Err(e) => lone_surrogates_replaced(bytes)
+            .and_then(|fixed| serde_json::from_slice(&fixed).ok())
+            .ok_or_else(|| invalid(format!("the body is not valid JSON: {e}"), None))?,
+    };
     match (validate, endpoint) {
         (Validate::OpenAi, Some(endpoint)) => shape::check(endpoint, model_in_path, &value)
             .map_err(|e| invalid(e.message, Some(e.path).filter(|p| !p.is_empty()))),
@@ -392,6 +438,41 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lone_surrogates_are_read_as_replacement_characters() {
+        let fixed = |b: &[u8]| lone_surrogates_replaced(b).map(|v| String::from_utf8(v).unwrap());
+        assert_eq!(
+            fixed(br#"{"c":"abc \ud83d"}"#).as_deref(),
+            Some(r#"{"c":"abc \uFFFD"}"#)
+        );
+        assert_eq!(
+            fixed(br#"{"c":"\uDE00 and \ud83d\ude00"}"#).as_deref(),
+            Some(r#"{"c":"\uFFFD and \ud83d\ude00"}"#)
+        );
+        // Pairs, other escapes and an escaped backslash stay as they are.
+        assert_eq!(fixed(br#"{"c":"\ud83d\ude00 \n \u00e9"}"#), None);
+        assert_eq!(fixed(br#"{"c":"\\ud83d"}"#), None);
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"cut \ud83d"}]}"#;
+        assert!(
+            check_json(
+                &Validate::OpenAi,
+                Some(Endpoint::ChatCompletions),
+                false,
+                body
+            )
+            .is_ok()
+        );
+        assert!(
+            check_json(
+                &Validate::OpenAi,
+                Some(Endpoint::ChatCompletions),
+                false,
+                b"{"
+            )
+            .is_err()
+        );
+    }
 
     #[test]
     fn nesting_is_counted_outside_strings() {

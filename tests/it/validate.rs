@@ -258,3 +258,17 @@ async fn a_compressed_body_is_415_not_invalid_json() {
     }
     assert!(upstream.seen().is_empty());
 }
+
+/// Text cut inside an emoji, as JavaScript's `JSON.stringify` writes it
+/// (a lone surrogate escape), is JSON all the same: it passes, and the
+/// upstream gets the body as it was sent.
+#[tokio::test]
+async fn a_lone_surrogate_escape_passes_as_it_was_sent() {
+    let (gw, up) = start().await;
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"cut \ud83d"}]}"#;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], body)
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(up.seen()[0].body, body.as_bytes());
+}
