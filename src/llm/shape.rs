@@ -224,11 +224,38 @@ fn chat(at: &Obj<'_>) -> Result<(), Invalid> {
     at.optional("max_completion_tokens", &[Type::Integer, Type::Null])?;
     at.at_least("max_completion_tokens", 1)?;
     at.optional("stop", &[Type::String, Type::Array, Type::Null])?;
-    at.optional("stream_options", &[Type::Object, Type::Null])?;
+    stream_options(at)?;
     at.optional("seed", &[Type::Integer, Type::Null])?;
     at.optional("logprobs", &[Type::Bool, Type::Null])?;
     at.optional("top_logprobs", &[Type::Integer, Type::Null])?;
     at.range("top_logprobs", 0.0, 20.0)?;
+    at.optional("parallel_tool_calls", &[Type::Bool, Type::Null])?;
+    if let Some(bias) = at.map.get("logit_bias") {
+        at.typed("logit_bias", bias, &[Type::Object, Type::Null])?;
+        if bias.is_object() {
+            let bias = object(bias, "logit_bias".to_owned())?;
+            for (token, value) in bias.map {
+                bias.typed(token, value, &[Type::Number])?;
+                bias.range(token, -100.0, 100.0)?;
+            }
+        }
+    }
+    metadata(at)?;
+    at.optional("user", &[Type::String, Type::Null])
+}
+
+/// `stream_options`, where its one flag is a boolean.
+fn stream_options(at: &Obj<'_>) -> Result<(), Invalid> {
+    at.optional("stream_options", &[Type::Object, Type::Null])?;
+    if let Some(options) = at.map.get("stream_options").filter(|o| o.is_object()) {
+        object(options, "stream_options".to_owned())?
+            .optional("include_usage", &[Type::Bool, Type::Null])?;
+    }
+    Ok(())
+}
+
+/// `metadata`: an object of strings.
+fn metadata(at: &Obj<'_>) -> Result<(), Invalid> {
     if let Some(metadata) = at.map.get("metadata") {
         at.typed("metadata", metadata, &[Type::Object, Type::Null])?;
         if metadata.is_object() {
@@ -238,7 +265,7 @@ fn chat(at: &Obj<'_>) -> Result<(), Invalid> {
             }
         }
     }
-    at.optional("user", &[Type::String, Type::Null])
+    Ok(())
 }
 
 /// A message's content part: its `type`, and for the types OpenAI
@@ -282,6 +309,11 @@ fn completions(at: &Obj<'_>) -> Result<(), Invalid> {
     at.optional("max_tokens", &[Type::Integer, Type::Null])?;
     at.at_least("max_tokens", 0)?;
     at.optional("stop", &[Type::String, Type::Array, Type::Null])?;
+    stream_options(at)?;
+    at.optional("logprobs", &[Type::Integer, Type::Null])?;
+    at.range("logprobs", 0.0, 5.0)?;
+    at.optional("best_of", &[Type::Integer, Type::Null])?;
+    at.at_least("best_of", 1)?;
     at.optional("suffix", &[Type::String, Type::Null])
 }
 
@@ -294,6 +326,23 @@ fn embeddings(at: &Obj<'_>) -> Result<(), Invalid> {
     };
     if empty {
         return Err(at.invalid("input", "must not be empty".to_owned()));
+    }
+    // A list is of texts, of tokens, or of lists of tokens, none empty.
+    if let Value::Array(items) = input {
+        let texts = items
+            .iter()
+            .all(|i| i.as_str().is_some_and(|s| !s.is_empty()));
+        let tokens = items.iter().all(|i| i.is_u64());
+        let token_lists = items.iter().all(|i| {
+            i.as_array()
+                .is_some_and(|t| !t.is_empty() && t.iter().all(Value::is_u64))
+        });
+        if !(texts || tokens || token_lists) {
+            return Err(at.invalid(
+                "input",
+                "must be a list of texts, of tokens or of token lists, none empty".to_owned(),
+            ));
+        }
     }
     at.optional("dimensions", &[Type::Integer, Type::Null])?;
     at.at_least("dimensions", 1)?;
@@ -322,6 +371,31 @@ fn responses(at: &Obj<'_>) -> Result<(), Invalid> {
     at.optional("max_output_tokens", &[Type::Integer, Type::Null])?;
     at.at_least("max_output_tokens", 1)?;
     at.optional("tools", &[Type::Array, Type::Null])?;
+    if let Some(Value::Array(tools)) = at.map.get("tools") {
+        for (i, tool) in tools.iter().enumerate() {
+            object(tool, at.path_of(&format!("tools[{i}]")))?.required("type", &[Type::String])?;
+        }
+    }
+    if let Some(Value::Array(items)) = at.map.get("input") {
+        for (i, item) in items.iter().enumerate() {
+            let item = object(item, at.path_of(&format!("input[{i}]")))?;
+            // A message (typed so, or untyped with a role): a role the
+            // API knows, and text or parts.
+            let typed = item.map.get("type").and_then(Value::as_str);
+            if matches!(typed, None | Some("message")) && item.map.contains_key("role") {
+                item.required("role", &[Type::String])?;
+                let role = item.map.get("role").and_then(Value::as_str).unwrap_or("");
+                if !["user", "assistant", "system", "developer"].contains(&role) {
+                    return Err(item.invalid(
+                        "role",
+                        format!("must be user, assistant, system or developer, not {role:?}"),
+                    ));
+                }
+                item.required("content", &[Type::String, Type::Array])?;
+            }
+        }
+    }
+    metadata(at)?;
     at.optional("previous_response_id", &[Type::String, Type::Null])
 }
 
@@ -333,7 +407,7 @@ fn sampling(at: &Obj<'_>) -> Result<(), Invalid> {
     at.optional("top_p", &[Type::Number, Type::Null])?;
     at.range("top_p", 0.0, 1.0)?;
     at.optional("n", &[Type::Integer, Type::Null])?;
-    at.at_least("n", 1)?;
+    at.range("n", 1.0, 128.0)?;
     at.optional("presence_penalty", &[Type::Number, Type::Null])?;
     at.range("presence_penalty", -2.0, 2.0)?;
     at.optional("frequency_penalty", &[Type::Number, Type::Null])?;
@@ -724,5 +798,92 @@ mod tests {
             Err("n".into())
         );
         assert_eq!(completions(json!({"model": "m"})), Err("prompt".into()));
+    }
+
+    /// Fields whose types and ranges the API's reference fixes: a wrong
+    /// one is named, and every valid form still passes.
+    #[test]
+    fn typed_options_and_lists_are_checked() {
+        let chat = |extra: Value| {
+            let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+            if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+                body.extend(extra.clone());
+            }
+            check(Endpoint::ChatCompletions, false, &body).map_err(|e| e.path)
+        };
+        for (extra, path) in [
+            (json!({"parallel_tool_calls": "no"}), "parallel_tool_calls"),
+            (
+                json!({"stream_options": {"include_usage": "yes"}}),
+                "stream_options.include_usage",
+            ),
+            (json!({"logit_bias": {"50256": 200}}), "logit_bias.50256"),
+            (json!({"logit_bias": {"50256": "x"}}), "logit_bias.50256"),
+            (json!({"n": 129}), "n"),
+        ] {
+            assert_eq!(chat(extra.clone()), Err(path.into()), "{extra}");
+        }
+        for extra in [
+            json!({"parallel_tool_calls": false, "n": 128, "logit_bias": {"50256": -100}}),
+            json!({"stream_options": {"include_usage": true, "include_obfuscation": false}}),
+            json!({"logit_bias": null, "stream_options": null, "parallel_tool_calls": null}),
+        ] {
+            assert_eq!(chat(extra.clone()), Ok(()), "{extra}");
+        }
+        let completions = |b: Value| check(Endpoint::Completions, false, &b).map_err(|e| e.path);
+        let prompt = |extra: Value| {
+            let mut body = json!({"model": "m", "prompt": "x"});
+            if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+                body.extend(extra.clone());
+            }
+            completions(body)
+        };
+        assert_eq!(prompt(json!({"logprobs": 6})), Err("logprobs".into()));
+        assert_eq!(prompt(json!({"logprobs": true})), Err("logprobs".into()));
+        assert_eq!(prompt(json!({"best_of": 0})), Err("best_of".into()));
+        assert_eq!(prompt(json!({"logprobs": 5, "best_of": 2})), Ok(()));
+        let embed = |input: Value| {
+            check(
+                Endpoint::Embeddings,
+                false,
+                &json!({"model": "e", "input": input}),
+            )
+            .map_err(|e| e.path)
+        };
+        for bad in [json!([1, "a"]), json!([""]), json!([[]]), json!([[1], 2])] {
+            assert_eq!(embed(bad.clone()), Err("input".into()), "{bad}");
+        }
+        for good in [json!(["a", "b"]), json!([1, 2]), json!([[1, 2], [3]])] {
+            assert_eq!(embed(good.clone()), Ok(()), "{good}");
+        }
+        let responses = |extra: Value| {
+            let mut body = json!({"model": "m"});
+            if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+                body.extend(extra.clone());
+            }
+            check(Endpoint::Responses, false, &body).map_err(|e| e.path)
+        };
+        for (extra, path) in [
+            (
+                json!({"input": [{"role": "bogus", "content": "x"}]}),
+                "input[0].role",
+            ),
+            (
+                json!({"input": [{"role": "user", "content": 5}]}),
+                "input[0].content",
+            ),
+            (json!({"input": [5]}), "input[0]"),
+            (json!({"tools": [{"name": "f"}]}), "tools[0].type"),
+            (json!({"metadata": {"a": 1}}), "metadata.a"),
+        ] {
+            assert_eq!(responses(extra.clone()), Err(path.into()), "{extra}");
+        }
+        let items = json!({"input": [
+            {"role": "developer", "content": "be brief"},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+            {"type": "function_call_output", "call_id": "c1", "output": "{}"},
+            {"type": "item_reference", "id": "msg_1"},
+        ], "tools": [{"type": "web_search"}], "metadata": {"a": "1"}});
+        assert_eq!(responses(items), Ok(()));
     }
 }
