@@ -146,7 +146,7 @@ impl Active {
                     tracing::info!(
                         event = "upstream_marked_up",
                         upstream = %upstream.name,
-                        "no health check covers the member any more; it takes requests again"
+                        "no health check covers the member any more: their verdict is cleared"
                     );
                 });
             }

@@ -92,7 +92,10 @@ pub async fn lookup(
             &mut ctx.waiting,
         )
         .await?;
-    if changes_state(&bytes) {
+    let responses = parts.method == Method::POST
+        && crate::llm::shape::Endpoint::of(parts.uri.path())
+            == Some(crate::llm::shape::Endpoint::Responses);
+    if responses && changes_state(&bytes) {
         bypass(ctx, metrics);
         return Ok(Step::Forward(RequestBody::Read(bytes)));
     }
@@ -210,23 +213,33 @@ fn is_stateful(method: &Method, path: &str) -> bool {
     previous == ["chat", "completions"] && method != Method::POST
 }
 
-/// Whether a JSON body asks for more than an answer: a background
-/// response (`"background": true`), which is a job each create starts, or
-/// a turn of a `conversation`, which adds its items to it (the same
-/// question asked again is asked of a longer conversation).
+/// Whether a responses request asks for more than an answer: a
+/// background response (`"background": true`), which is a job each
+/// create starts, or a turn of a `conversation`, which adds its items to
+/// it (the same question asked again is asked of a longer conversation).
+/// Read as the API reads JSON (escaped names, a byte order mark, the
+/// last of a member written twice), so no spelling gets a replay.
 fn changes_state(body: &[u8]) -> bool {
-    let named = |name: &[u8]| memchr::memmem::find(body, name).is_some();
-    if !named(b"\"background\"") && !named(b"\"conversation\"") {
-        return false;
+    #[derive(serde::Deserialize)]
+    struct Asks {
+        background: Option<Value>,
+        conversation: Option<Value>,
     }
-    let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(body) else {
-        return false;
-    };
-    fields
-        .get("background")
-        .and_then(serde_json::Value::as_bool)
-        == Some(true)
-        || fields.get("conversation").is_some_and(|c| !c.is_null())
+    let body = crate::llm::prompt_size::without_bom(body);
+    let asks = serde_json::from_slice::<Asks>(body).ok().or_else(|| {
+        // A member written twice: the last one, as `Value` keeps it.
+        let Value::Object(mut fields) = serde_json::from_slice(body).ok()? else {
+            return None;
+        };
+        Some(Asks {
+            background: fields.remove("background"),
+            conversation: fields.remove("conversation"),
+        })
+    });
+    asks.is_some_and(|asks| {
+        asks.background.as_ref().and_then(Value::as_bool) == Some(true)
+            || asks.conversation.is_some_and(|c| !c.is_null())
+    })
 }
 
 /// Counts a request that missed the cache, once: as a miss if an upstream
@@ -744,6 +757,16 @@ mod tests {
         assert!(!changes_state(br#"{"model":"m","conversation":null}"#));
         assert!(!changes_state(
             br#"{"model":"m","input":"my \"conversation\": x"}"#
+        ));
+        // Spelled as a JSON parser reads it all the same.
+        assert!(changes_state(
+            br#"{"model":"m","input":"x","conv\u0065rsation":"conv_1"}"#
+        ));
+        assert!(changes_state(
+            "\u{feff}{\"model\":\"m\",\"background\":true}".as_bytes()
+        ));
+        assert!(changes_state(
+            br#"{"background":false,"model":"m","background":true}"#
         ));
     }
 

@@ -983,6 +983,14 @@ async fn stateful_resources_and_background_jobs_are_never_cached() {
         assert_eq!(stored.header("x-sluice-cache"), Some("BYPASS"));
     }
     assert_eq!(upstream.seen().len(), 10, "every one reached the upstream");
+    // Another API's `conversation` member is no responses turn.
+    let other = r#"{"model":"gpt-4o-mini","messages":[],"conversation":"c1"}"#;
+    for expected in ["MISS", "HIT"] {
+        let reply = client
+            .post_json(&gw.url("/v1/chat/completions"), &[ALICE], other)
+            .await;
+        assert_eq!(reply.header("x-sluice-cache"), Some(expected));
+    }
     for expected in ["MISS", "HIT"] {
         let reply = client
             .post_json(&gw.url("/v1/chat/completions"), &[ALICE], CHAT)
