@@ -538,18 +538,29 @@ impl State {
         let (redis, health, key) = (redis.clone(), self.health.clone(), key.clone());
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let decision = health
-                .timed("take", redis.take(&key, per_minute, cost))
+            let decided = health
+                .call("take", redis.take(&key, per_minute, cost))
                 .await;
+            let timed_out = matches!(decided, Called::Failed);
             // Not received (the request is gone): dropped, so given back.
             let _ = tx.send(Unclaimed {
-                decision,
-                redis,
-                health,
-                key,
+                decision: decided.ok(),
+                redis: redis.clone(),
+                health: health.clone(),
+                key: key.clone(),
                 per_minute,
                 cost,
             });
+            // A take that timed out may still have been made after the
+            // wait ended, holding the units for no one for a minute: they
+            // are given back (behind the take on the same connection).
+            // Had Redis refused it, this frees at most `cost` units early.
+            if timed_out {
+                let back = -i64::try_from(cost).unwrap_or(i64::MAX);
+                health
+                    .always("adjust", redis.adjust(&key, per_minute, back))
+                    .await;
+            }
         });
         rx.await.ok().and_then(Unclaimed::claim)
     }

@@ -454,6 +454,44 @@ async fn a_client_gone_while_redis_reserves_its_tokens_gets_them_back() {
     }
 }
 
+/// A token take that Redis makes only after sluice stopped waiting (its
+/// 100 ms) is given back: the request went on without it, and the tokens
+/// would otherwise be held for no one for a minute.
+#[tokio::test]
+async fn tokens_a_late_take_held_are_given_back() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
+    let gw = TestGateway::start(&config(
+        &upstream.url(),
+        &redis.url(),
+        "{ tokens_per_minute: 1000 }",
+        "",
+    ))
+    .await;
+    let url = gw.url("/v1/x");
+    let ask = |max_tokens: u32| {
+        let (url, body) = (
+            url.clone(),
+            format!(r#"{{"model":"m","max_tokens":{max_tokens},"messages":[]}}"#),
+        );
+        async move {
+            Client::new()
+                .post_json(&url, &[ALICE, no_store()], &body)
+                .await
+                .status
+        }
+    };
+    assert_eq!(ask(10).await, 200, "loads the scripts");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    redis.cli(None, &["CLIENT", "PAUSE", "300", "ALL"]);
+    assert_eq!(ask(900).await, 200, "decided from memory (on_error: allow)");
+    // Past the pause, and the second after a timeout when calls skip Redis.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(ask(300).await, 200, "the late take's 900 tokens still held");
+}
+
 /// A lease whose release failed because Redis was down, and that a Redis
 /// restarted from its append-only file has back, is released once Redis
 /// answers again, not left to hold the slot until it expires.
