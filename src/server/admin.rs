@@ -2,6 +2,7 @@
 //! starting or draining) and `/metrics` (Prometheus text format). It lives
 //! on its own port so the Service that clients use never exposes it.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -11,7 +12,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
 
 use super::accept::AcceptErrors;
 use crate::body::{BoxBody, full};
@@ -24,9 +26,11 @@ use crate::proxy::headers::{X_REQUEST_ID, request_id};
 /// connection that says nothing must not hold a descriptor for ever.
 const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The most admin connections served at once; more wait in the kernel's
-/// listen queue. Prometheus and the kubelet need a handful, and a flood
-/// on this port must not spend the descriptors the proxy serves with.
+/// The most admin connections open at once: Prometheus and the kubelet
+/// need a handful, and a flood on this port must not spend the
+/// descriptors the proxy serves with. A new connection past it closes
+/// the oldest, so that connections held open (never sending, or never
+/// reading their answers) cannot keep a probe out.
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;
 
 pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
@@ -38,15 +42,9 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut stop: watch::Rec
         .header_read_timeout(HEAD_TIMEOUT);
     let builder = Arc::new(builder);
     let mut accept_errors = AcceptErrors::new("admin");
-    let permits = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    // Oldest first.
+    let mut open: VecDeque<AbortHandle> = VecDeque::with_capacity(MAX_ADMIN_CONNECTIONS);
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = stop.changed() => break,
-        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -57,9 +55,15 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut stop: watch::Rec
             },
             _ = stop.changed() => break,
         };
+        open.retain(|connection| !connection.is_finished());
+        if open.len() >= MAX_ADMIN_CONNECTIONS
+            && let Some(oldest) = open.pop_front()
+        {
+            oldest.abort();
+        }
         let gw = gw.clone();
         let builder = builder.clone();
-        tokio::spawn(async move {
+        let connection = tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let gw = gw.clone();
                 async move { Ok::<_, Infallible>(respond(&gw, &req).await) }
@@ -67,8 +71,8 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut stop: watch::Rec
             let _ = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
-            drop(permit);
         });
+        open.push_back(connection.abort_handle());
     }
 }
 
