@@ -262,17 +262,7 @@ pub fn estimate_tokens(body: &[u8]) -> TokenEstimate {
 /// byte search, not a parse of the whole body on every request. (A cap
 /// named inside a message's text may be read instead: an estimate.)
 pub fn estimate_tokens_roughly(body: &[u8]) -> TokenEstimate {
-    let cap = |name: &[u8]| {
-        let digits = values_after(body, name).next()?;
-        let end = digits
-            .iter()
-            .position(|b| !b.is_ascii_digit())
-            .unwrap_or(digits.len());
-        std::str::from_utf8(&digits[..end])
-            .ok()?
-            .parse::<u64>()
-            .ok()
-    };
+    let cap = |name: &[u8]| number_after(body, name);
     TokenEstimate {
         prompt: crate::llm::prompt_size::estimate(body),
         output: cap(b"\"max_completion_tokens\"")
@@ -286,20 +276,19 @@ pub fn estimate_tokens_roughly(body: &[u8]) -> TokenEstimate {
 /// The choices (`n`) a request asks for, found by a byte search (1 when
 /// it names none).
 pub fn choices_asked(body: &[u8]) -> u64 {
-    values_after(body, b"\"n\"")
-        .next()
-        .and_then(|digits| {
-            let end = digits
-                .iter()
-                .position(|b| !b.is_ascii_digit())
-                .unwrap_or(digits.len());
-            std::str::from_utf8(&digits[..end])
-                .ok()?
-                .parse::<u64>()
-                .ok()
-        })
+    number_after(body, b"\"n\"")
         .unwrap_or(1)
         .clamp(1, facts::MAX_CHOICES as u64)
+}
+
+/// The whole number written after the first `"name":` in `body`.
+fn number_after(body: &[u8], name: &[u8]) -> Option<u64> {
+    let digits = values_after(body, name).next()?;
+    let end = digits
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(digits.len());
+    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
 }
 
 /// What follows each `"name":` in `body` (`name` with its quotes), found

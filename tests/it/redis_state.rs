@@ -382,6 +382,15 @@ async fn a_concurrency_lease_is_released_after_a_stream() {
     assert_eq!(free.status, 200, "the lease was released");
 }
 
+/// A gateway on its own Redis whose tier `free` (alice's) is `tier`, in
+/// front of an upstream answering 1 token in and 1 out.
+async fn on_redis(tier: &str) -> Option<(RedisServer, MockUpstream, TestGateway)> {
+    let redis = RedisServer::start()?;
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
+    let gw = TestGateway::start(&config(&upstream.url(), &redis.url(), tier, "")).await;
+    Some((redis, upstream, gw))
+}
+
 /// A gateway on Redis with `tier`, where alice sends `body` to `/v1/x`
 /// and hangs up 5 ms later, while Redis, paused for 40 ms, still holds
 /// sluice's call: the call then ends well within its 100 ms timeout, for
@@ -394,9 +403,7 @@ async fn after_a_hang_up_during_a_paused_redis(
     next: &str,
 ) -> Option<http::StatusCode> {
     use tokio::io::AsyncWriteExt;
-    let redis = RedisServer::start()?;
-    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
-    let gw = TestGateway::start(&config(&upstream.url(), &redis.url(), tier, "")).await;
+    let (redis, _upstream, gw) = on_redis(tier).await?;
     let url = gw.url("/v1/x");
     let small = r#"{"model":"m","max_tokens":10,"messages":[]}"#;
     let first = Client::new()
@@ -459,17 +466,9 @@ async fn a_client_gone_while_redis_reserves_its_tokens_gets_them_back() {
 /// would otherwise be held for no one for a minute.
 #[tokio::test]
 async fn tokens_a_late_take_held_are_given_back() {
-    let Some(redis) = RedisServer::start() else {
+    let Some((redis, _upstream, gw)) = on_redis("{ tokens_per_minute: 1000 }").await else {
         return;
     };
-    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
-    let gw = TestGateway::start(&config(
-        &upstream.url(),
-        &redis.url(),
-        "{ tokens_per_minute: 1000 }",
-        "",
-    ))
-    .await;
     let url = gw.url("/v1/x");
     let ask = |max_tokens: u32| {
         let (url, body) = (
@@ -550,17 +549,9 @@ async fn a_lease_released_during_an_outage_is_released_when_redis_is_back() {
 /// minute is 1.5 µs a token, not the 1 µs (60 million) of whole µs.
 #[tokio::test]
 async fn a_limit_of_tens_of_millions_a_minute_is_kept_exactly_in_redis() {
-    let Some(redis) = RedisServer::start() else {
+    let Some((_redis, _upstream, gw)) = on_redis("{ tokens_per_minute: 40000000 }").await else {
         return;
     };
-    let upstream = MockUpstream::always(UpstreamReply::json(&answer(1, 1))).await;
-    let gw = TestGateway::start(&config(
-        &upstream.url(),
-        &redis.url(),
-        "{ tokens_per_minute: 40000000 }",
-        "",
-    ))
-    .await;
     let reply = Client::new()
         .post_json(
             &gw.url("/v1/x"),
