@@ -661,9 +661,12 @@ impl Tap {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return false;
         };
-        let (Some(finish), Some(meter)) = (self.finish.take(), self.meter.take()) else {
+        let (Some(mut finish), Some(meter)) = (self.finish.take(), self.meter.take()) else {
             return false;
         };
+        // The client has gone: its concurrency slot is free now, whatever
+        // the upstream still has to send for the meter.
+        finish.ctx.slot = None;
         let inner = std::mem::replace(&mut self.inner, crate::body::empty());
         let body_log = self.body_log.take();
         let idle = self.idle.unwrap_or(Duration::from_secs(30));

@@ -143,6 +143,9 @@ fn check_json(
             None,
         ));
     }
+    // A byte order mark (a body saved by Notepad) is no part of the JSON
+    // to APIs, as to sluice's estimates: checked without it, sent as is.
+    let bytes = crate::llm::prompt_size::without_bom(bytes);
     let value: Value = match serde_json::from_slice(bytes) {
         Ok(value) => value,
         // A lone surrogate escape is JSON's grammar (RFC 8259 §8.2), and

@@ -816,6 +816,37 @@ async fn a_client_leaving_after_the_finish_reason_is_charged_the_reported_usage(
     }
 }
 
+/// The usage read after the client left holds no concurrency slot: the
+/// client's next request is not refused while the upstream finishes.
+#[tokio::test]
+async fn a_client_that_left_holds_no_slot_while_its_usage_is_read() {
+    let up = MockUpstream::always(UpstreamReply::sse(&STREAM, Duration::from_millis(300))).await;
+    let gw = TestGateway::start(&format!(
+        "{}tiers:\n  anonymous: {{ concurrent_requests: 1 }}\n",
+        config(&up.url())
+    ))
+    .await;
+    read_until_finish_then_leave(
+        &gw,
+        r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hi"}]}"#,
+    )
+    .await;
+    let next = Client::new()
+        .post_json(
+            &gw.url("/v1/chat/completions"),
+            &[],
+            r#"{"model":"gpt-4o-mini","messages":[]}"#,
+        )
+        .await;
+    assert_eq!(next.status, 200, "{}", next.text());
+    let logs = gw.wait_access_logs(2).await;
+    assert!(
+        logs.iter()
+            .any(|l| l["error"] == "client_closed" && l["input_tokens"] == 7),
+        "still metered: {logs:?}"
+    );
+}
+
 /// Asked for two choices, a stream whose first choice ended is still
 /// being generated: the client leaving then is left at once (the
 /// upstream stops generating), and charged the estimate, not read on.

@@ -272,3 +272,17 @@ async fn a_lone_surrogate_escape_passes_as_it_was_sent() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(up.seen()[0].body, body.as_bytes());
 }
+
+/// A body that starts with a byte order mark (saved by Notepad, sent with
+/// `curl -d @file`) is JSON to APIs: it passes, and goes on as it came.
+#[tokio::test]
+async fn a_body_after_a_byte_order_mark_passes_as_it_was_sent() {
+    let (gw, up) = start().await;
+    let body =
+        "\u{feff}{\"model\":\"gpt-4o\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}";
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], body)
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(up.seen()[0].body, body.as_bytes());
+}
