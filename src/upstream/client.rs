@@ -134,18 +134,6 @@ fn tcp_connector(connect_timeout: Duration) -> HttpConnector {
     http
 }
 
-/// An HTTP/2 upstream's flow-control windows. Every request to it shares
-/// one connection, and an answer whose client stops reading keeps what
-/// it was sent unread, up to the stream window, out of the connection's:
-/// with hyper's defaults (2 MiB of 5), three stalled clients froze every
-/// other answer from that upstream. With these it takes 256 stalled
-/// answers of 256 KiB or more, all at once, held in 64 MiB of memory at
-/// most (Envoy's windows are larger still, with per-stream buffer
-/// limits); 256 KiB a stream is still 5 MB/s at 50 ms from the provider,
-/// far past the pace of generated tokens.
-const H2_STREAM_WINDOW: u32 = 256 << 10;
-const H2_CONNECTION_WINDOW: u32 = 64 << 20;
-
 fn pooled(
     connector: Timed<HttpsConnector<HttpConnector>>,
 ) -> Client<Timed<HttpsConnector<HttpConnector>>, BoxBody> {
@@ -153,8 +141,6 @@ fn pooled(
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(IDLE_TIMEOUT)
-        .http2_initial_stream_window_size(H2_STREAM_WINDOW)
-        .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
         .build(connector)
 }
 
@@ -167,7 +153,11 @@ pub fn build_plain(connect_timeout: Duration) -> HttpClient {
 }
 
 /// Builds an HTTPS client trusting the web roots and the certificates in
-/// `ca_pem`; HTTP/2 is used when the upstream offers it by ALPN.
+/// `ca_pem`. It speaks HTTP/1.1, a connection per request in flight, as
+/// nginx does to upstreams: over one shared HTTP/2 connection, requests
+/// past the provider's stream limit (100 or so) queued behind the
+/// long-lived streams LLM answers are, whoever sent them, and clients
+/// that stopped reading held its flow-control window.
 pub fn build_tls(ca_pem: Option<&[u8]>, connect_timeout: Duration) -> Result<HttpClient, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -200,7 +190,6 @@ pub fn build_tls(ca_pem: Option<&[u8]>, connect_timeout: Duration) -> Result<Htt
         .with_tls_config(tls)
         .https_only()
         .enable_http1()
-        .enable_http2()
         .wrap_connector(tcp_connector(connect_timeout));
     Ok(HttpClient::Tls(Box::new(pooled(Timed::new(
         connector,
