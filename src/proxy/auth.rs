@@ -3,6 +3,7 @@
 //! their SHA-256 digests and finds a key by its digest in one hash lookup.
 //! Credentials never reach logs or error messages.
 
+use super::headers::X_API_KEY;
 use http::{HeaderMap, header};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -32,8 +33,6 @@ pub fn parse_hash(text: &str) -> Option<[u8; 32]> {
     hex::decode_to_slice(hex_part, &mut out).ok()?;
     Some(out)
 }
-
-const X_API_KEY: header::HeaderName = header::HeaderName::from_static("x-api-key");
 
 /// The credential a request presents, if any: a bearer token, else an
 /// `x-api-key`. An `authorization` of another scheme (or a bare `Bearer`)

@@ -1035,7 +1035,8 @@ async fn attempt(
     match result {
         Ok(mut resp) => {
             metrics.first_byte.observe(elapsed.as_secs_f64());
-            headers::to_client(resp.headers_mut());
+            let status = resp.status();
+            headers::to_client(resp.headers_mut(), status);
             if ctx.cors.is_some() {
                 super::cors::drop_upstreams(resp.headers_mut());
             }

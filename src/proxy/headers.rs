@@ -187,6 +187,7 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 pub fn from_client(headers: &mut HeaderMap, ctx: &RequestCtx) {
     let original_host = headers.remove(header::HOST);
     strip_hop_by_hop(headers);
+    one_content_length(headers);
     strip_sluice(headers);
     // One pass over the names, as for hop-by-hop headers: a removal
     // hashes, and most requests carry at most one of the two.
@@ -302,10 +303,13 @@ pub fn for_upstream(headers: &mut HeaderMap, upstream: &Upstream) {
 }
 
 /// Prepares an upstream's response headers for the client.
-pub fn to_client(headers: &mut HeaderMap) {
-    if strip_hop_by_hop(headers) {
-        // Chunks framed the body, not a length sent beside them (RFC 9112
-        // §6.3): passed on, a wrong one would end the client's copy short.
+pub fn to_client(headers: &mut HeaderMap, status: http::StatusCode) {
+    // Chunks framed the body, not a length sent beside them (RFC 9112
+    // §6.3): passed on, a wrong one would end the client's copy short. A
+    // 1xx or 204 has no body, and no length (RFC 9110 §8.6): an HTTP/2
+    // client takes one for a protocol error.
+    let bodiless = status.is_informational() || status == http::StatusCode::NO_CONTENT;
+    if strip_hop_by_hop(headers) || bodiless {
         headers.remove(header::CONTENT_LENGTH);
     } else {
         one_content_length(headers);
@@ -313,16 +317,18 @@ pub fn to_client(headers: &mut HeaderMap) {
     strip_sluice(headers);
 }
 
-/// A length sent as a list of one value (`content-length: 5, 5`, which
-/// RFC 9110 §8.6 lets a recipient read as 5, as hyper did) goes on as
-/// that one value: clients that cannot read the list would read the body
-/// to the connection's close.
+/// A length sent as a list of one value (`content-length: 5, 5`, or two
+/// lines of it, which RFC 9110 §8.6 lets a recipient read as 5, as hyper
+/// did) goes on as that one value: clients that cannot read the list
+/// read the body to the connection's close, and HTTP/2 clients take it
+/// for a protocol error.
 fn one_content_length(headers: &mut HeaderMap) {
-    let Some(value) = headers.get(header::CONTENT_LENGTH) else {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let Some(value) = values.next() else {
         return;
     };
     let bytes = value.as_bytes();
-    if !bytes.contains(&b',') {
+    if values.next().is_none() && !bytes.contains(&b',') {
         return;
     }
     let first = bytes
@@ -342,12 +348,19 @@ mod tests {
     #[test]
     fn a_listed_length_goes_on_as_one_value() {
         let mut h = HeaderMap::new();
+        let ok = http::StatusCode::OK;
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5, 5"));
-        to_client(&mut h);
+        to_client(&mut h, ok);
         assert_eq!(h.get(header::CONTENT_LENGTH).unwrap(), "5");
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        to_client(&mut h, ok);
+        assert_eq!(h.get_all(header::CONTENT_LENGTH).iter().count(), 1);
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("7"));
-        to_client(&mut h);
+        to_client(&mut h, ok);
         assert_eq!(h.get(header::CONTENT_LENGTH).unwrap(), "7");
+        // No body, no length.
+        to_client(&mut h, http::StatusCode::NO_CONTENT);
+        assert_eq!(h.get(header::CONTENT_LENGTH), None);
     }
 
     #[test]

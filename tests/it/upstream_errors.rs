@@ -356,3 +356,48 @@ async fn a_listed_length_reaches_the_client_as_one_value() {
     assert_eq!(reply.text(), "hello");
     assert_eq!(reply.header("content-length"), Some("5"));
 }
+
+/// A 204 carries no length, and a length comes as one value: sent on as
+/// the upstream wrote them, an HTTP/2 client takes either for a protocol
+/// error and loses the answer.
+#[tokio::test]
+async fn an_h2_client_gets_lengths_it_can_read() {
+    use http_body_util::BodyExt;
+    for (answer, status, length) in [
+        (
+            &b"HTTP/1.1 204 No Content\r\ncontent-length: 7\r\n\r\n"[..],
+            204,
+            None,
+        ),
+        (
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 2\r\n\r\nok"[..],
+            200,
+            Some("2"),
+        ),
+    ] {
+        let up = RawUpstream::start(answer, AfterAnswer::KeepAlive).await;
+        let gw = TestGateway::start(&config(&up.url(), "{}")).await;
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let resp = client
+            .get(gw.url("/x").parse().unwrap())
+            .await
+            .expect("an answer over h2");
+        assert_eq!(resp.status(), status);
+        assert_eq!(
+            resp.headers()
+                .get("content-length")
+                .map(|v| v.to_str().unwrap()),
+            length
+        );
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .expect("the body")
+            .to_bytes();
+        assert_eq!(body.len(), length.map_or(0, |l| l.parse().unwrap()));
+    }
+}
