@@ -267,14 +267,15 @@ pub fn request_host<'a>(
     }
     // An absolute-form target (or h2's `:authority`) is the client's
     // text too, and goes on as `x-forwarded-host`.
-    if let Some(authority) = uri.authority() {
-        let text = authority.as_str();
-        let host_and_port = text.rsplit_once('@').map_or(text, |(_, after)| after);
-        if !is_host_and_port(host_and_port) {
-            return Err(ambiguous(
-                "the request target's host is not a host name or address with an optional port",
-            ));
-        }
+    // Userinfo has no place in a request's target (RFC 9112 §3.2.2, RFC
+    // 9113 §8.3.1): `public.example@internal.example` is one host to a
+    // filter in front that reads the text, another to the route.
+    if let Some(authority) = uri.authority()
+        && !is_host_and_port(authority.as_str())
+    {
+        return Err(ambiguous(
+            "the request target's host is not a host name or address with an optional port",
+        ));
     }
     let target = uri.host().map(without_port);
     match (target, header) {

@@ -702,6 +702,10 @@ routes:
             "GET /x HTTP/1.1\r\nconnection: close\r\n\r\n",
             "no host on HTTP/1.1",
         ),
+        (
+            "GET http://public.example@admin.internal/x HTTP/1.1\r\nhost: admin.internal\r\nconnection: close\r\n\r\n",
+            "userinfo in the target, read as another host by a filter in front",
+        ),
     ] {
         let (status, text) = raw_exchange(&gw, request).await;
         assert_eq!(status, 400, "{why}: {text}");
