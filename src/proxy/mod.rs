@@ -410,6 +410,22 @@ async fn process(
             });
         }
     }
+    // The same for `;` parameters, which Java servers drop from each
+    // segment: `..;` is a step up to them.
+    if let Some(plain) = route::without_params(req.uri().path()) {
+        let meets = |path: &str| {
+            route::select(snap, req.method(), path, host, req.headers())
+                .ok()
+                .map(|(index, _)| index)
+        };
+        let read = route::normalized(&plain).unwrap_or(plain);
+        if meets(&read) != meets(req.uri().path()) {
+            return Err(ProxyError::InvalidRequest {
+                message: "the path's `;` parameters would make it meet another route than as written (a Java server reads `..;` as `..`)".to_owned(),
+                param: None,
+            });
+        }
+    }
     let (index, route) =
         match route::select(snap, req.method(), req.uri().path(), host, req.headers()) {
             Ok(found) => found,

@@ -135,6 +135,21 @@ pub fn slashes_decoded(path: &str) -> Option<String> {
     (escapes || backslashes).then(|| with_slashes(path, escapes, backslashes))
 }
 
+/// `path` with each segment's `;` parameters dropped, as Java servers
+/// read it (`/public/..;/admin` is `/public/../admin` to Tomcat, Jetty
+/// and Spring); `None` when it has none.
+pub fn without_params(path: &str) -> Option<String> {
+    memchr::memchr(b';', path.as_bytes())?;
+    let mut plain = String::with_capacity(path.len());
+    for (i, segment) in path.split('/').enumerate() {
+        if i > 0 {
+            plain.push('/');
+        }
+        plain.push_str(segment.split(';').next().unwrap_or(segment));
+    }
+    Some(plain)
+}
+
 /// Every way an app may read `path`'s other spellings of `/`: the
 /// escapes alone, the backslashes alone (a WHATWG parser keeps `%2F` in
 /// its segment), and both. Empty when it has none.

@@ -486,3 +486,44 @@ async fn two_credential_headers_of_one_name_are_401() {
     .await;
     assert_eq!(one_each.status, 200);
 }
+
+/// Java servers drop `;` parameters from each segment, so `..;` is a step
+/// up to them: a path whose parameter-free reading meets another route
+/// than as written is refused, as escaped slashes are; one that meets
+/// the same route either way passes as written.
+#[tokio::test]
+async fn a_path_parameter_cannot_slip_past_a_guarded_route() {
+    let up = crate::support::MockUpstream::always(crate::support::UpstreamReply::text("ok")).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  app: {{ url: "{}" }}
+auth:
+  api_keys:
+    - {{ id: ops, key: sk-ops-0123456789 }}
+routes:
+  - name: admin
+    match: {{ path_prefix: /admin/ }}
+    upstream: app
+  - name: public
+    match: {{ path_prefix: / }}
+    auth: none
+    upstream: app
+"#,
+        up.url()
+    ))
+    .await;
+    let client = Client::new();
+    for path in [
+        "/public/..;/admin/x",
+        "/admin;jsessionid=1/x",
+        "/public/..;x=1/admin/x",
+    ] {
+        let reply = client.get(&gw.url(path)).await;
+        assert_eq!(reply.status, 400, "{path}: {}", reply.text());
+    }
+    assert!(up.seen().is_empty(), "nothing reached the app");
+    let same = client.get(&gw.url("/public/page;jsessionid=1")).await;
+    assert_eq!(same.status, 200);
+    assert_eq!(up.seen()[0].uri.path(), "/public/page;jsessionid=1");
+}
