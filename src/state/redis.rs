@@ -75,9 +75,10 @@ impl From<redis::RedisError> for StateError {
 }
 
 /// GCRA in one step: the bucket is one key holding its theoretical
-/// arrival time in µs of Redis time, to the thousandth (a unit of a limit
-/// of millions a minute is a fraction of a µs). Returns {allowed,
-/// ahead_us, retry_us}, the wait rounded up.
+/// arrival time in µs of Redis time, with its fraction (a unit of a limit
+/// of millions a minute is a fraction of a µs; Lua's doubles keep a
+/// quarter of one at today's times). Returns {allowed, ahead_us,
+/// retry_us}, the wait rounded up.
 const TAKE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
