@@ -25,9 +25,14 @@ use crate::snapshot::{Snapshot, TlsFiles};
 /// Where `${VAR}`s come from: the process environment in `sluice run`.
 pub type Env = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
-/// A burst of file events (a ConfigMap update is several) is handled once,
-/// this long after its first event.
-const SETTLE: Duration = Duration::from_millis(100);
+/// A burst of file events (a ConfigMap update is several, a file written
+/// in place by a script one a write) is handled once the file has been
+/// quiet this long: read sooner, a file rewritten in place
+/// (`envsubst < t > proxy.yaml`) was read half-written, refused, or
+/// applied without its later routes.
+const SETTLE: Duration = Duration::from_millis(500);
+/// A file that never goes quiet is read this long after its first event.
+const SETTLE_MAX: Duration = Duration::from_secs(5);
 
 type Digest32 = [u8; 32];
 
@@ -406,8 +411,12 @@ pub fn spawn(mut reloader: Reloader, hangup: Hangup) -> Result<JoinHandle<()>, S
                 Some(()) = events.recv() => false,
                 else => break,
             };
-            tokio::time::sleep(SETTLE).await;
-            while events.try_recv().is_ok() {}
+            let first = tokio::time::Instant::now();
+            while let Ok(Some(())) = tokio::time::timeout(SETTLE, events.recv()).await {
+                if first.elapsed() >= SETTLE_MAX {
+                    break;
+                }
+            }
             // A rotated certificate counts even when the config in the
             // same batch was refused.
             if !matches!(reloader.config(forced), Outcome::Reloaded) {

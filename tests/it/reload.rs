@@ -671,3 +671,33 @@ async fn a_config_file_deleted_then_written_again_reloads() {
     wait_reloads(&gw, "ok", 1.0).await;
     assert_eq!(Client::new().get(&gw.url("/open/x")).await.status, 200);
 }
+
+/// A config rewritten in place by a script (`envsubst < t > proxy.yaml`),
+/// a line at a time, is read once it is whole: not half-written (refused,
+/// or applied without its later routes).
+#[tokio::test]
+async fn a_config_written_in_place_is_read_once_whole() {
+    use std::io::Write;
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw =
+        TestGateway::start_watched(&config(&up.url(), ""), &[], tempfile::tempdir().unwrap()).await;
+    let path = gw.path("proxy.yaml");
+    let old = std::fs::read_to_string(&path).unwrap();
+    let new = old.replace(
+        "  - name: chat\n",
+        "  - name: open\n    match: { path_prefix: /open/ }\n    auth: none\n    upstream: llm\n  - name: chat\n",
+    );
+    assert_ne!(old, new);
+    let mut file = std::fs::File::create(&path).unwrap();
+    for line in new.lines() {
+        writeln!(file, "{line}").unwrap();
+        file.flush().unwrap();
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    drop(file);
+    wait_reloads(&gw, "ok", 1.0).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(reloads(&gw, "error").await, 0.0, "{}", gw.log_text());
+    assert_eq!(reloads(&gw, "ok").await, 1.0, "{}", gw.log_text());
+    assert_eq!(Client::new().get(&gw.url("/open/x")).await.status, 200);
+}
