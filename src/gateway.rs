@@ -141,7 +141,9 @@ impl Active {
             let checked = pools
                 .iter()
                 .any(|p| p.health_check.is_some() && p.members.contains(&index));
-            if !checked && breaker.health_unchecked() {
+            // Cleared as a passing check clears it: it would otherwise be
+            // skipped and reported down until traffic next asked for it.
+            if !checked && breaker.health_passed() {
                 tracing::dispatcher::with_default(&self.log, || {
                     tracing::info!(
                         event = "upstream_marked_up",

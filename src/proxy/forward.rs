@@ -728,18 +728,14 @@ async fn first_frame_held(
     }
     let (parts, mut body) = resp.into_parts();
     let due = deadline.min(Instant::now() + idle);
-    let held = match tokio::time::timeout_at(due.into(), body.frame()).await {
-        Err(_) | Ok(None) => Vec::new(),
-        Ok(Some(Err(_))) => return Err(Preamble::Broke("answer broke before its body")),
-        Ok(Some(Ok(frame))) => vec![frame],
-    };
-    if held.is_empty() {
-        return Ok(Response::from_parts(parts, body));
+    match tokio::time::timeout_at(due.into(), body.frame()).await {
+        Ok(Some(Err(_))) => Err(Preamble::Broke("answer broke before its body")),
+        Ok(Some(Ok(first))) => Ok(Response::from_parts(
+            parts,
+            body::Replay::new(vec![first], body).boxed_unsync(),
+        )),
+        Err(_) | Ok(None) => Ok(Response::from_parts(parts, body)),
     }
-    Ok(Response::from_parts(
-        parts,
-        body::Replay::new(held, body).boxed_unsync(),
-    ))
 }
 
 /// Why a held stream preamble never reached content.

@@ -383,17 +383,19 @@ async fn process(
         });
     }
     let host = route::request_host(req.version(), req.uri(), req.headers())?;
+    // The route a reading of the path meets: an app may read the path
+    // otherwise than as written, and every reading must meet the same
+    // route, or one of them would pass another route's auth.
+    let meets = |path: &str| {
+        route::select(snap, req.method(), path, host, req.headers())
+            .ok()
+            .map(|(index, _)| index)
+    };
     let slash_view = route::slashes_decoded(req.uri().path());
     if slash_view.is_some() {
         // An app may read `%2F` as `/`, and then `..` as a step up, or
-        // not: every reading must meet the same route, or one of them
-        // would pass another route's auth (Envoy's
-        // `path_with_escaped_slashes_action` refuses such paths too).
-        let meets = |path: &str| {
-            route::select(snap, req.method(), path, host, req.headers())
-                .ok()
-                .map(|(index, _)| index)
-        };
+        // not (Envoy's `path_with_escaped_slashes_action` refuses such
+        // paths too).
         let written = meets(req.uri().path());
         // A reading that starts `//` is a host and a path to a URL
         // parser (`/\evil/v1/models` is host `evil`, path `/v1/models`),
@@ -413,11 +415,6 @@ async fn process(
     // The same for `;` parameters, which Java servers drop from each
     // segment: `..;` is a step up to them.
     if let Some(plain) = route::without_params(req.uri().path()) {
-        let meets = |path: &str| {
-            route::select(snap, req.method(), path, host, req.headers())
-                .ok()
-                .map(|(index, _)| index)
-        };
         let read = route::normalized(&plain).unwrap_or(plain);
         if meets(&read) != meets(req.uri().path()) {
             return Err(ProxyError::InvalidRequest {

@@ -541,28 +541,29 @@ impl State {
             let decided = health
                 .call("take", redis.take(&key, per_minute, cost))
                 .await;
-            let timed_out = matches!(decided, Called::Failed);
-            // Not received (the request is gone): dropped, so given back.
-            let _ = tx.send(Unclaimed {
-                decision: decided.ok(),
-                redis: redis.clone(),
-                health: health.clone(),
-                key: key.clone(),
-                per_minute,
-                cost,
-            });
-            // A take that timed out may still have been made after the
-            // wait ended, holding the units for no one for a minute: they
-            // are given back (behind the take on the same connection).
+            let Called::Failed = decided else {
+                // Not received (the request is gone): dropped, so given back.
+                let _ = tx.send(decided.ok().map(|decision| Unclaimed {
+                    decision: Some(decision),
+                    redis,
+                    health,
+                    key,
+                    per_minute,
+                    cost,
+                }));
+                return;
+            };
+            let _ = tx.send(None);
+            // A take that failed (timed out) may still have been made after
+            // the wait ended, holding the units for no one for a minute:
+            // they are given back (behind the take on the same connection).
             // Had Redis refused it, this frees at most `cost` units early.
             // Best effort, and no verdict on Redis: its failure, while
             // Redis is gone, says no more than the take's already did.
-            if timed_out {
-                let back = -i64::try_from(cost).unwrap_or(i64::MAX);
-                let _ = redis.adjust(&key, per_minute, back).await;
-            }
+            let back = -i64::try_from(cost).unwrap_or(i64::MAX);
+            let _ = redis.adjust(&key, per_minute, back).await;
         });
-        rx.await.ok().and_then(Unclaimed::claim)
+        rx.await.ok().flatten().and_then(Unclaimed::claim)
     }
 
     /// Moves a bucket by `delta` units, where the units were taken.

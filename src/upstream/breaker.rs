@@ -266,14 +266,6 @@ impl Breaker {
         was_down
     }
 
-    /// No pool checks this upstream's health any more (a reload removed
-    /// the check): the checks' verdict goes with them, so a member they
-    /// had marked down is neither skipped nor reported down, as it would
-    /// be until traffic next asked for it. True when it was down.
-    pub fn health_unchecked(&self) -> bool {
-        self.health_passed()
-    }
-
     /// A health check failed; at `threshold` consecutive ones the upstream
     /// is marked down until a check passes. `recheck_by` is when the next
     /// check is due at the latest: past it with no check, the mark lapses.
