@@ -311,7 +311,6 @@ async fn an_http_1_0_answer_keeps_the_clients_connection() {
 /// and the body was silently left out.
 #[tokio::test]
 async fn a_chunked_body_reaches_an_upstream_that_answered_in_http_1_0() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let upstream = RawUpstream::start(
         b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok",
         AfterAnswer::KeepAlive,
@@ -319,20 +318,13 @@ async fn a_chunked_body_reaches_an_upstream_that_answered_in_http_1_0() {
     .await;
     let gw = TestGateway::start(&config(&upstream.url(), "")).await;
     assert_eq!(Client::new().get(&gw.url("/a")).await.status, 200);
-    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    conn.write_all(
-        b"POST /b HTTP/1.1\r\nhost: t\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n\
-          5\r\nhello\r\n0\r\n\r\n",
+    let (status, answer) = crate::support::raw_exchange(
+        &gw,
+        "POST /b HTTP/1.1\r\nhost: t\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n\
+         5\r\nhello\r\n0\r\n\r\n",
     )
-    .await
-    .unwrap();
-    let mut answer = Vec::new();
-    conn.read_to_end(&mut answer).await.unwrap();
-    assert!(
-        answer.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&answer)
-    );
+    .await;
+    assert_eq!(status, 200, "{answer}");
     let heads = upstream.heads();
     let post = heads
         .iter()

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 pub use client::{Client, Reply as ClientReply};
 pub use gateway::TestGateway;
-pub use raw::{AfterAnswer, RawUpstream};
+pub use raw::{AfterAnswer, RawUpstream, raw_exchange};
 pub use redis::RedisServer;
 pub use relay::Relay;
 pub use upstream::{MockUpstream, Seen, TestPki, UpstreamReply, app_config, tls_listener_config};

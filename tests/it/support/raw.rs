@@ -125,3 +125,30 @@ async fn serve(
         }
     }
 }
+
+/// Sends raw bytes and reads the answer's status and whole text.
+pub async fn raw_exchange(gw: &super::TestGateway, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        conn.read_to_end(&mut got),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    // The final answer's status, after any interim (1xx) ones.
+    let mut rest = text.as_str();
+    loop {
+        let status: u16 = rest
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        match rest.split_once("\r\n\r\n") {
+            Some((_, after)) if (100..200).contains(&status) => rest = after,
+            _ => return (status, text),
+        }
+    }
+}
