@@ -55,6 +55,9 @@ pub struct Answer<'a> {
     pub status: Loose<Cow<'a, str>>,
     pub incomplete_details: Loose<Incomplete<'a>>,
     pub output: Loose<Output>,
+    /// An error object (not null), which some servers answer with a
+    /// 200, and the responses API puts in a failed answer.
+    pub error: Option<IgnoredAny>,
 }
 
 impl<'a> Answer<'a> {
@@ -259,6 +262,7 @@ members!(['de: 'a, 'a] Answer<'a> {
     4 b"status" => status,
     5 b"incomplete_details" => incomplete_details,
     6 b"output" => output,
+    7 b"error" => error,
 });
 members!(['de: 'a, 'a] Incomplete<'a> { 0 b"reason" => reason });
 members!(['de: 'a, 'a] OutputItem<'a> { 0 b"type" => kind });

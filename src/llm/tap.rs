@@ -142,11 +142,11 @@ impl Finish {
             ctx.response_body = Some(log.render(&secrets.0));
         }
         let mut stream_error = false;
-        let mut malformed = false;
+        let mut unfit = false;
         if let Some(meter) = meter {
             let usage = meter.finish();
             stream_error = usage.stream_error;
-            malformed = usage.malformed;
+            unfit = usage.malformed || usage.failed;
             if stream_error && ctx.error.is_none() {
                 // The upstream ended its stream with an error event of its
                 // own (the client saw it): the log and
@@ -170,7 +170,7 @@ impl Finish {
         if let Some(fill) = fill
             && ctx.error.is_none()
             && !stream_error
-            && !malformed
+            && !unfit
         {
             fill.store(&gw.state, ctx.model.clone(), ctx.cost_usd);
         }

@@ -33,6 +33,9 @@ pub struct Usage {
     /// A JSON answer that is no JSON document (one an upstream cut short
     /// by closing a body without a length): not to keep in the cache.
     pub malformed: bool,
+    /// A JSON answer that is an error (an `error` member, not null),
+    /// whatever its status said: not an answer to keep in the cache.
+    pub failed: bool,
 }
 
 /// How an answer's choices ended, by choice index: the reason each gave
@@ -434,6 +437,7 @@ fn from_json_body(body: &[u8]) -> Usage {
     };
     let counts = answer.usage.0.take().unwrap_or_default();
     let model = answer.model.0.take().map(Cow::into_owned);
+    let failed = answer.error.is_some();
     let mut finishes = Finishes::default();
     for (index, reason) in answer.finish_reasons() {
         finishes.set(index, reason.as_deref());
@@ -445,8 +449,8 @@ fn from_json_body(body: &[u8]) -> Usage {
         cache_read_tokens: counts.cache_read(),
         cache_write_tokens: counts.cache_write(),
         finishes,
-        stream_error: false,
-        malformed: false,
+        failed,
+        ..Usage::default()
     }
 }
 
@@ -843,6 +847,7 @@ mod tests {
                 finishes: Finishes::default(),
                 stream_error: false,
                 malformed: false,
+                failed: false,
             };
             for event in events {
                 if !facts::holds_nothing_new(event, Some(known)) {
@@ -902,6 +907,7 @@ mod tests {
                 finishes: Finishes(smallvec::smallvec![(0, Some("stop".into()))]),
                 stream_error: false,
                 malformed: false,
+                failed: false,
             }
         );
     }

@@ -236,9 +236,16 @@ async fn only_cacheable_200_answers_are_stored() {
         UpstreamReply::status(201).body("{}"),
         UpstreamReply::json(&answer()).header("cache-control", "no-store"),
         UpstreamReply::json(&answer()).header("cache-control", "private, max-age=60"),
+        // An error said in a 200 (some OpenAI-compatible servers, a
+        // failed responses-API answer): kept, it would answer every
+        // identical request with that error for the whole ttl.
+        UpstreamReply::json(&json!({"error": {"message": "overloaded", "type": "server_error"}})),
+        UpstreamReply::json(&json!({"type": "error", "error": {"type": "overloaded_error"}})),
+        UpstreamReply::json(&json!({"object": "response", "status": "failed",
+            "error": {"code": "server_error", "message": "failed"}, "output": []})),
     ];
-    for reply in replies {
-        let what = format!("{} {:?}", reply.status, reply.headers);
+    for (i, reply) in replies.into_iter().enumerate() {
+        let what = format!("reply {i}: {} {:?}", reply.status, reply.headers);
         let (gw, upstream) = start("{ ttl: 10m }", reply).await;
         let client = Client::new();
         let url = gw.url("/v1/chat/completions");
