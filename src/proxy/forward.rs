@@ -663,7 +663,7 @@ async fn hold_preamble(
     idle: Duration,
 ) -> Result<Response<BoxBody>, Preamble> {
     if !is_event_stream(&resp) {
-        return first_frame_held(resp, deadline, idle).await;
+        return first_frame_held(resp, deadline, release, idle).await;
     }
     // A compressed stream (sent though sluice asked for `identity`) has
     // no events to read: it passes as it came, as on a single upstream.
@@ -714,27 +714,33 @@ async fn hold_preamble(
 
 /// A pool member's answer other than a stream, held until its body's
 /// first bytes: one that breaks before them (an upstream that closed or
-/// garbled its body right after the head) has sent the client nothing,
-/// so the next member may still answer (SPEC §3) rather than the client
-/// getting an empty reply. A body slow to begin (past `idle`) goes on
-/// as it is: it may be an answer still being generated.
+/// garbled its body right after the head), or stalls before them, has
+/// sent the client nothing, so the next member may still answer (SPEC
+/// §3) rather than the client getting an empty reply or a cut one. As a
+/// stream's preamble is: bounded by `deadline` (first_byte) and `idle`;
+/// at `deadline`, if `release` says so then (no member could take
+/// over), it goes on as it is.
 async fn first_frame_held(
     resp: Response<BoxBody>,
     deadline: Instant,
+    release: impl Fn() -> bool,
     idle: Duration,
 ) -> Result<Response<BoxBody>, Preamble> {
     if http_body::Body::is_end_stream(resp.body()) {
         return Ok(resp);
     }
     let (parts, mut body) = resp.into_parts();
-    let due = deadline.min(Instant::now() + idle);
-    match tokio::time::timeout_at(due.into(), body.frame()).await {
+    let quiet_at = Instant::now() + idle;
+    match tokio::time::timeout_at(deadline.min(quiet_at).into(), body.frame()).await {
+        Err(_) if quiet_at < deadline => Err(Preamble::Quiet),
+        Err(_) if release() => Ok(Response::from_parts(parts, body)),
+        Err(_) => Err(Preamble::TimedOut),
         Ok(Some(Err(_))) => Err(Preamble::Broke("answer broke before its body")),
         Ok(Some(Ok(first))) => Ok(Response::from_parts(
             parts,
             body::Replay::new(vec![first], body).boxed_unsync(),
         )),
-        Err(_) | Ok(None) => Ok(Response::from_parts(parts, body)),
+        Ok(None) => Ok(Response::from_parts(parts, body)),
     }
 }
 
@@ -753,8 +759,8 @@ enum Preamble {
 impl Preamble {
     fn text(&self) -> &'static str {
         match self {
-            Preamble::TimedOut => "stream timed out before content",
-            Preamble::Quiet => "stream went quiet before content",
+            Preamble::TimedOut => "timed out before content",
+            Preamble::Quiet => "went quiet before content",
             Preamble::Broke(text) => text,
             Preamble::ReportedError => "stream reported an error before content",
         }

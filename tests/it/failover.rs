@@ -924,6 +924,65 @@ async fn a_stream_stalled_before_content_is_a_timeout_while_a_member_is_left() {
     assert_eq!(log["attempts"], 2);
 }
 
+/// A JSON answer whose head came but whose body has not by first_byte
+/// has sent the client nothing: the next member answers, as for a stream
+/// stalled before its content. With no member left to take over, the
+/// slow body goes on to the client whole.
+#[tokio::test]
+async fn an_answer_whose_body_is_late_fails_over_while_a_member_is_left() {
+    let late = || {
+        let mut reply = UpstreamReply::status(200).header("content-type", "application/json");
+        reply.chunks.push((
+            Duration::from_millis(900),
+            Bytes::from_static(b"{\"late\":true}"),
+        ));
+        reply
+    };
+    let primary = MockUpstream::always(late()).await;
+    let backup = MockUpstream::always(UpstreamReply::text("backup")).await;
+    let gw = TestGateway::start(&config(&primary.url(), &backup.url(), "", "")).await;
+    let started = std::time::Instant::now();
+    let reply = chat(&gw).await;
+    assert_eq!(
+        (reply.status.as_u16(), reply.text().as_str()),
+        (200, "backup")
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(850),
+        "{:?}",
+        started.elapsed()
+    );
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(
+        (log["upstream"].as_str(), log["attempts"].as_u64()),
+        (Some("backup"), Some(2)),
+        "{log}"
+    );
+    assert_eq!(
+        gw.metric(
+            "sluice_upstream_requests_total",
+            &[("upstream", "primary"), ("outcome", "timeout")]
+        )
+        .await,
+        Some(1.0)
+    );
+
+    let primary = MockUpstream::always(late()).await;
+    let backup = MockUpstream::always(late()).await;
+    let gw = TestGateway::start(&config(&primary.url(), &backup.url(), "", "")).await;
+    let reply = chat(&gw).await;
+    assert_eq!(
+        (reply.status.as_u16(), reply.text().as_str()),
+        (200, "{\"late\":true}")
+    );
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(
+        (log["upstream"].as_str(), log["error"].as_str()),
+        (Some("backup"), None),
+        "{log}"
+    );
+}
+
 /// A pool whose `retry_on` leaves out `timeout` never fails over from a
 /// slow stream: its first member's stream goes on to the client once
 /// first_byte is spent, the backup untouched.
