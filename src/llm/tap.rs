@@ -102,6 +102,12 @@ pub struct Finish {
 /// The status logged and counted for a request whose client went away
 /// before it was answered: nginx's, which dashboards know.
 const CLIENT_CLOSED_STATUS: u16 = 499;
+
+/// How long the end of a stream is awaited once its last event
+/// (`[DONE]`, a final event) has passed: an upstream that then keeps the
+/// stream open, or closes its connection without ending the body, has
+/// said all it had to say, and the client's stream ends cleanly.
+const AFTER_LAST_EVENT: Duration = Duration::from_secs(1);
 /// The `error` of a request still open when `shutdown_grace` ran out:
 /// sluice closed it, its client did not leave.
 const SERVER_SHUTDOWN: &str = "server_shutdown";
@@ -310,15 +316,45 @@ impl Tap {
         }
     }
 
-    /// When the body fails if no frame comes first; the idle gap starts
-    /// now if the body was not waiting yet.
+    /// When the body fails (or, once the stream has said all, ends) if
+    /// no frame comes first; the idle gap starts now if the body was not
+    /// waiting yet.
     fn due(&mut self) -> TokioInstant {
         match self.idle {
             Some(idle) => {
+                let idle = if self.said_all() {
+                    idle.min(AFTER_LAST_EVENT)
+                } else {
+                    idle
+                };
                 let since = *self.waiting_since.get_or_insert_with(TokioInstant::now);
                 (since + idle).min(self.deadline)
             }
             None => self.deadline,
+        }
+    }
+
+    /// Whether the stream's last event (`[DONE]`, a final event) passed.
+    fn said_all(&self) -> bool {
+        self.meter.as_ref().is_some_and(Meter::finished)
+    }
+
+    /// The start of an event held back (whole events only).
+    fn held(&mut self) -> Option<Bytes> {
+        self.meter.as_mut().and_then(Meter::take_held)
+    }
+
+    /// Ends the body whole, with `rest`, the unterminated last event of a
+    /// complete stream, passed on as it came.
+    fn end(&mut self, rest: Option<Bytes>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if let Some(rest) = rest.as_ref() {
+            self.copy(rest);
+        }
+        self.finalize(None);
+        self.ended = true;
+        match rest {
+            Some(rest) => Poll::Ready(Some(Ok(Frame::data(rest)))),
+            None => Poll::Ready(None),
         }
     }
 
@@ -528,9 +564,13 @@ impl Body for Tap {
                         }
                     }
                 }
+                Poll::Ready(Some(Err(_))) if this.said_all() => {
+                    let rest = this.held();
+                    this.end(rest)
+                }
                 Poll::Ready(Some(Err(e))) => this.fail("upstream_stream_error", e),
                 Poll::Ready(None) => {
-                    let rest = this.meter.as_mut().and_then(Meter::take_held);
+                    let rest = this.held();
                     if let Some(meter) = this.meter.as_mut()
                         && meter.broke_off(rest.as_ref())
                     {
@@ -543,17 +583,7 @@ impl Body for Tap {
                             BodyError(TapError::Truncated.into()),
                         );
                     }
-                    // An unterminated last event of a complete stream is
-                    // passed on as it came.
-                    if let Some(rest) = rest.as_ref() {
-                        this.copy(rest);
-                    }
-                    this.finalize(None);
-                    this.ended = true;
-                    match rest {
-                        Some(rest) => Poll::Ready(Some(Ok(Frame::data(rest)))),
-                        None => Poll::Ready(None),
-                    }
+                    this.end(rest)
                 }
                 Poll::Pending => {
                     if this.cut_by_drain(cx) {
@@ -565,6 +595,10 @@ impl Body for Tap {
                     let timer = this
                         .timer
                         .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+                    if due < timer.deadline() {
+                        // The stream's last event passed since it was set.
+                        timer.as_mut().reset(due);
+                    }
                     if timer.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }
@@ -577,6 +611,9 @@ impl Body for Tap {
                     }
                     if TokioInstant::now() >= this.deadline {
                         this.fail("request_timeout", BodyError(TapError::Deadline.into()))
+                    } else if this.said_all() {
+                        let rest = this.held();
+                        this.end(rest)
                     } else {
                         let idle = this.idle.unwrap_or_default();
                         this.fail(

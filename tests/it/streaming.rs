@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::support::{Client, MockUpstream, TestGateway, UpstreamReply};
+use crate::support::{AfterAnswer, Client, MockUpstream, TestGateway, UpstreamReply};
 
 /// What a client sees last when an upstream stream breaks (SPEC §3).
 const STREAM_ERROR_EVENT: &str = "data: {\"error\":{\"message\":\"the upstream stream broke before it was complete\",\"type\":\"server_error\",\"param\":null,\"code\":\"upstream_stream_error\"}}\n\n";
@@ -312,6 +312,51 @@ async fn close_delimited(events: &'static str) -> crate::support::RawUpstream {
         crate::support::AfterAnswer::CloseWhenIdle(Duration::ZERO),
     )
     .await
+}
+
+/// A stream whose last event (`[DONE]`) came has said all: an upstream
+/// that then closes its connection without ending the chunked body, or
+/// keeps the body open, ends the client's stream cleanly, with no error
+/// event after `[DONE]`, no stream error counted and no error logged.
+#[tokio::test]
+async fn a_stream_left_unended_after_its_last_event_ends_cleanly() {
+    let events = format!("data: {ROLE_M}\n\ndata: {TEXT_M}\n\ndata: {STOP_M}\n\ndata: [DONE]\n\n");
+    let answer: &'static [u8] = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{events}\r\n",
+            events.len()
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    );
+    for after in [
+        AfterAnswer::CloseWhenIdle(Duration::from_millis(50)),
+        AfterAnswer::KeepAlive,
+    ] {
+        let what = format!("{after:?}");
+        let up = crate::support::RawUpstream::start(answer, after).await;
+        let gw = TestGateway::start(&config(&up.url(), "")).await;
+        let reply = Client::new()
+            .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
+            .await;
+        assert_eq!(reply.status, 200, "{what}");
+        assert!(reply.body_error.is_none(), "{what}: {:?}", reply.body_error);
+        assert_eq!(reply.text(), events, "{what}");
+        let logs = gw.wait_access_logs(1).await;
+        assert_eq!(
+            logs[0]["error"],
+            serde_json::Value::Null,
+            "{what}: {}",
+            logs[0]
+        );
+        assert_eq!(
+            gw.metric("sluice_stream_errors_total", &[("upstream", "llm")])
+                .await
+                .unwrap_or(0.0),
+            0.0,
+            "{what}"
+        );
+    }
 }
 
 /// An LLM stream that ends (here by the upstream closing a close-delimited

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// How the upstream treats a connection after each answer.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 pub enum AfterAnswer {
     /// Keeps it open for the next request.
     KeepAlive,
