@@ -854,7 +854,9 @@ async fn attempt_asking_usage(
     };
     if let Some(http) = http
         && let Some(version) = crate::upstream::api_version(&parts.uri)
-        && http.stream_options_refusals.refuses(version)
+        && http
+            .stream_options_refusals
+            .refuses(version, Instant::now())
     {
         ctx.usage_injected = false;
         parts
@@ -901,7 +903,7 @@ async fn attempt_asking_usage(
     if resp.status().is_success()
         && let Some(http) = http
         && let Some(version) = crate::upstream::api_version(&asked)
-        && http.stream_options_refusals.record(version)
+        && http.stream_options_refusals.record(version, Instant::now())
         && let Some(upstream) = active.snapshot.upstreams.get(index)
     {
         tracing::dispatcher::with_default(&active.log, || {
@@ -909,7 +911,7 @@ async fn attempt_asking_usage(
                 event = "stream_usage_refused",
                 upstream = &*upstream.name,
                 api_version = version,
-                "the upstream refuses stream_options.include_usage: its streams under this api-version go unmetered unless it reports usage itself, until a reload"
+                "the upstream refuses stream_options.include_usage: its streams under this api-version go unmetered unless it reports usage itself, for the next 10 minutes"
             );
         });
     }

@@ -13,7 +13,7 @@ pub mod timed;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Uri};
@@ -90,8 +90,14 @@ pub struct StreamOptionsRefusals {
     /// Whether `versions` holds any: streams read only this, unless one
     /// was ever refused.
     any: std::sync::atomic::AtomicBool,
-    versions: std::sync::Mutex<Vec<Box<str>>>,
+    /// Each version, and when its refusal was last seen.
+    versions: std::sync::Mutex<Vec<(Box<str>, Instant)>>,
 }
+
+/// How long a refusal is believed. An upstream may be a router whose
+/// one backend refused, or be upgraded: past this, its streams are
+/// asked for usage again, at the cost of one refused call a version.
+const REFUSAL_MEMORY: Duration = Duration::from_secs(600);
 
 /// Versions remembered at most: clients choose them, and past this a
 /// refused one is asked (and refused) again, one call more, rather than
@@ -99,26 +105,42 @@ pub struct StreamOptionsRefusals {
 const MAX_REFUSING_VERSIONS: usize = 32;
 
 impl StreamOptionsRefusals {
-    pub fn refuses(&self, version: &str) -> bool {
+    /// Whether streams under `version` go without the question at `now`.
+    pub fn refuses(&self, version: &str, now: Instant) -> bool {
         self.any.load(std::sync::atomic::Ordering::Relaxed)
             && self
                 .versions
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .iter()
-                .any(|v| &**v == version)
+                .any(|(v, seen)| {
+                    &**v == version && now.saturating_duration_since(*seen) < REFUSAL_MEMORY
+                })
     }
 
-    /// Remembers `version`; whether it is new (so worth saying).
-    pub fn record(&self, version: &str) -> bool {
+    /// Remembers `version`'s refusal at `now`; whether it is new, or
+    /// came back after being forgotten (so worth saying).
+    pub fn record(&self, version: &str, now: Instant) -> bool {
         let mut versions = self
             .versions
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if versions.len() >= MAX_REFUSING_VERSIONS || versions.iter().any(|v| &**v == version) {
-            return false;
+        if let Some((_, seen)) = versions.iter_mut().find(|(v, _)| &**v == version) {
+            let forgotten = now.saturating_duration_since(*seen) >= REFUSAL_MEMORY;
+            *seen = now;
+            return forgotten;
         }
-        versions.push(version.into());
+        if versions.len() >= MAX_REFUSING_VERSIONS {
+            // Room is made by a forgotten one only.
+            let Some(stale) = versions
+                .iter()
+                .position(|(_, seen)| now.saturating_duration_since(*seen) >= REFUSAL_MEMORY)
+            else {
+                return false;
+            };
+            versions.swap_remove(stale);
+        }
+        versions.push((version.into(), now));
         self.any.store(true, std::sync::atomic::Ordering::Relaxed);
         true
     }
@@ -417,6 +439,30 @@ fn shorthand_ipv4(host: &str) -> Option<std::net::Ipv4Addr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_options_refusal_is_forgotten_after_a_while() {
+        let refusals = StreamOptionsRefusals::default();
+        let at = Instant::now();
+        assert!(!refusals.refuses("2023-05-15", at));
+        assert!(refusals.record("2023-05-15", at));
+        assert!(!refusals.record("2023-05-15", at + Duration::from_secs(60)));
+        let later = at + Duration::from_secs(60) + REFUSAL_MEMORY;
+        assert!(refusals.refuses("2023-05-15", later - Duration::from_secs(1)));
+        assert!(!refusals.refuses("2023-05-15", later));
+        assert!(!refusals.refuses("2024-10-21", at));
+        // Refused again once forgotten: said again.
+        assert!(refusals.record("2023-05-15", later));
+        assert!(refusals.refuses("2023-05-15", later));
+        // Full: a new version takes a forgotten one's place only.
+        for n in 1..MAX_REFUSING_VERSIONS {
+            assert!(refusals.record(&format!("v{n}"), at));
+        }
+        assert!(!refusals.record("new", at));
+        assert!(!refusals.refuses("new", at));
+        assert!(refusals.record("new", later));
+        assert!(refusals.refuses("new", later));
+    }
 
     #[test]
     fn loopback_in_every_spelling_is_seen_as_a_listener() {
