@@ -937,17 +937,18 @@ impl Compiler<'_> {
                 None => (5, Duration::from_secs(30)),
             };
             let health_check = p.health_check.as_ref().and_then(|h| {
-                let written = self.required(&h.value.path, &h.referenced, "path")?;
-                let path = self.text(written)?;
-                if !path.starts_with('/') {
-                    self.error(&written.referenced, "health_check.path must start with /");
-                }
+                // The interval first: its error is reported whatever the path's.
                 let interval = self.duration(&h.value.interval, Duration::from_secs(10));
                 if interval < Duration::from_millis(50)
                     && let Some(t) = &h.value.interval
                 {
                     // Below it (`1ms` for `1s`?), probes hammer the members.
                     self.error(&t.referenced, "health_check.interval must be at least 50ms");
+                }
+                let written = self.required(&h.value.path, &h.referenced, "path")?;
+                let path = self.text(written)?;
+                if !path.starts_with('/') {
+                    self.error(&written.referenced, "health_check.path must start with /");
                 }
                 Some(HealthCheck { path, interval })
             });
@@ -1601,12 +1602,15 @@ impl Compiler<'_> {
     fn pricing(&mut self, raw: &BTreeMap<String, Spanned<RawPrice>>) -> HashMap<String, Price> {
         raw.iter()
             .filter_map(|(model, p)| {
+                // Each read before any is given up on: `check` reports
+                // every bad price of an entry at once.
                 let input = self.required(&p.value.input, &p.referenced, "input");
                 let output = self.required(&p.value.output, &p.referenced, "output");
-                let input = self.opt_usd(&Some(input?.clone()))?;
-                let output = self.opt_usd(&Some(output?.clone()))?;
+                let input = input.and_then(|t| self.opt_usd(&Some(t.clone())));
+                let output = output.and_then(|t| self.opt_usd(&Some(t.clone())));
                 let cached_input = self.opt_usd(&p.value.cached_input);
                 let cache_write = self.opt_usd(&p.value.cache_write);
+                let (input, output) = (input?, output?);
                 Some((
                     model.clone(),
                     Price {

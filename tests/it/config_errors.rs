@@ -1710,6 +1710,14 @@ fn limits_and_amounts_past_any_real_use_are_refused() {
     ));
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(errs[0].contains("at most 1000000000 USD"), "{}", errs[0]);
+    // Every bad price of an entry at once, not one per `check`.
+    let errs = errors(&format!(
+        "pricing:\n  m: {{ input: 1000000001, output: -1, cached_input: x, cache_write: -2 }}\n{BASE}"
+    ));
+    assert_eq!(errs.len(), 4, "{errs:?}");
+    for (err, col) in errs.iter().zip([15, 35, 53, 69]) {
+        assert!(err.starts_with(&format!("test.yaml:2:{col}: ")), "{errs:?}");
+    }
     assert!(
         load(
             &format!("tiers:\n  t: {{ requests_per_minute: 60_000_000_000 }}\n{BASE}"),
