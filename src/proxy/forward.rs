@@ -491,7 +491,14 @@ async fn failover(
                     let preamble = if parts.method == http::Method::HEAD {
                         Ok(resp)
                     } else {
-                        hold_preamble(resp, deadline, release, upstream.timeouts.idle).await
+                        hold_preamble(
+                            resp,
+                            deadline,
+                            release,
+                            can_take_over,
+                            upstream.timeouts.idle,
+                        )
+                        .await
                     };
                     unjudged.0 = None;
                     // Waiting for the stream's first content is upstream time.
@@ -654,16 +661,18 @@ fn is_event_stream<B>(resp: &Response<B>) -> bool {
 /// stream is once it flows) and returns the response with what was read
 /// put back in front; an error if the stream fails, stalls or ends first,
 /// so that the caller can fail over. At `deadline`, if `release` says
-/// so then, the stream goes on as it is instead. Other responses pass
-/// unchanged.
+/// so then, the stream goes on as it is instead. Other answers are held
+/// for their first bytes ([`first_frame_held`]), while another member
+/// `can_take_over`.
 async fn hold_preamble(
     resp: Response<BoxBody>,
     deadline: Instant,
     release: impl Fn() -> bool,
+    can_take_over: impl Fn() -> bool,
     idle: Duration,
 ) -> Result<Response<BoxBody>, Preamble> {
     if !is_event_stream(&resp) {
-        return first_frame_held(resp, deadline, release, idle).await;
+        return first_frame_held(resp, deadline, release, can_take_over, idle).await;
     }
     // A compressed stream (sent though sluice asked for `identity`) has
     // no events to read: it passes as it came, as on a single upstream.
@@ -716,14 +725,16 @@ async fn hold_preamble(
 /// first bytes: one that breaks before them (an upstream that closed or
 /// garbled its body right after the head), or stalls before them, has
 /// sent the client nothing, so the next member may still answer (SPEC
-/// §3) rather than the client getting an empty reply or a cut one. As a
-/// stream's preamble is: bounded by `deadline` (first_byte) and `idle`;
-/// at `deadline`, if `release` says so then (no member could take
-/// over), it goes on as it is.
+/// §3) rather than the client getting an empty reply or a cut one.
+/// Bounded by `deadline` (first_byte) and `idle`, as a stream's preamble
+/// is; past `idle`, when no member `can_take_over`, and at `deadline`,
+/// when `release` says so then, it goes on as it is, as it would on a
+/// route to its upstream alone.
 async fn first_frame_held(
     resp: Response<BoxBody>,
     deadline: Instant,
     release: impl Fn() -> bool,
+    can_take_over: impl Fn() -> bool,
     idle: Duration,
 ) -> Result<Response<BoxBody>, Preamble> {
     if http_body::Body::is_end_stream(resp.body()) {
@@ -732,8 +743,8 @@ async fn first_frame_held(
     let (parts, mut body) = resp.into_parts();
     let quiet_at = Instant::now() + idle;
     match tokio::time::timeout_at(deadline.min(quiet_at).into(), body.frame()).await {
-        Err(_) if quiet_at < deadline => Err(Preamble::Quiet),
-        Err(_) if release() => Ok(Response::from_parts(parts, body)),
+        Err(_) if quiet_at < deadline && can_take_over() => Err(Preamble::Quiet),
+        Err(_) if quiet_at < deadline || release() => Ok(Response::from_parts(parts, body)),
         Err(_) => Err(Preamble::TimedOut),
         Ok(Some(Err(_))) => Err(Preamble::Broke("answer broke before its body")),
         Ok(Some(Ok(first))) => Ok(Response::from_parts(

@@ -981,6 +981,27 @@ async fn an_answer_whose_body_is_late_fails_over_while_a_member_is_left() {
         (Some("backup"), None),
         "{log}"
     );
+
+    // Nor does a member quiet past its idle fail when nobody would take
+    // over (here `retry_on` leaves out timeout).
+    let primary = MockUpstream::always(late()).await;
+    let backup = MockUpstream::always(UpstreamReply::text("backup")).await;
+    let gw = TestGateway::start(
+        &config(&primary.url(), &backup.url(), "    retry_on: [503]", "")
+            .replace("first_byte: 300ms", "first_byte: 10s, idle: 500ms"),
+    )
+    .await;
+    let reply = chat(&gw).await;
+    assert_eq!(
+        (reply.status.as_u16(), reply.text().as_str()),
+        (200, "{\"late\":true}")
+    );
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(
+        (log["upstream"].as_str(), log["error"].as_str()),
+        (Some("primary"), None),
+        "{log}"
+    );
 }
 
 /// A pool whose `retry_on` leaves out `timeout` never fails over from a
