@@ -609,11 +609,13 @@ impl Body for Tap {
                             return Poll::Pending;
                         }
                     }
-                    if TokioInstant::now() >= this.deadline {
-                        this.fail("request_timeout", BodyError(TapError::Deadline.into()))
-                    } else if this.said_all() {
+                    if this.said_all() {
+                        // Whole, though the request's time ran out while
+                        // its end was awaited.
                         let rest = this.held();
                         this.end(rest)
+                    } else if TokioInstant::now() >= this.deadline {
+                        this.fail("request_timeout", BodyError(TapError::Deadline.into()))
                     } else {
                         let idle = this.idle.unwrap_or_default();
                         this.fail(

@@ -329,13 +329,15 @@ async fn a_stream_left_unended_after_its_last_event_ends_cleanly() {
         .into_bytes()
         .into_boxed_slice(),
     );
-    for after in [
-        AfterAnswer::CloseWhenIdle(Duration::from_millis(50)),
-        AfterAnswer::KeepAlive,
+    // The last: the request's time runs out while its end is awaited.
+    for (after, extra) in [
+        (AfterAnswer::CloseWhenIdle(Duration::from_millis(50)), ""),
+        (AfterAnswer::KeepAlive, ""),
+        (AfterAnswer::KeepAlive, "limits: { request_timeout: 300ms }"),
     ] {
-        let what = format!("{after:?}");
+        let what = format!("{after:?} {extra}");
         let up = crate::support::RawUpstream::start(answer, after).await;
-        let gw = TestGateway::start(&config(&up.url(), "")).await;
+        let gw = TestGateway::start(&config(&up.url(), extra)).await;
         let reply = Client::new()
             .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
             .await;
