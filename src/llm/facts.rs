@@ -431,6 +431,35 @@ pub fn parse<'a, T: Deserialize<'a>>(json: &'a [u8]) -> Option<T> {
     serde_json::from_slice(json).ok()
 }
 
+/// Whether a JSON object has a top-level `error` member that is not
+/// null, read member by member whatever else it holds (members written
+/// twice among them, which [`parse`]'s readers refuse).
+pub fn names_an_error(json: &[u8]) -> bool {
+    struct AnyError;
+    impl<'de> Visitor<'de> for AnyError {
+        type Value = bool;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+            let mut found = false;
+            while let Some(name) = map.next_key::<Cow<'de, str>>()? {
+                if name == "error" {
+                    found |= map.next_value::<Option<IgnoredAny>>()?.is_some();
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(found)
+        }
+    }
+    serde_json::Deserializer::from_slice(json)
+        .deserialize_map(AnyError)
+        .unwrap_or(false)
+}
+
 /// `n` as a count, when it is a whole number within `u64`.
 pub fn whole(n: f64) -> Option<u64> {
     // 2^64 is the first float past u64::MAX; the cast is then exact.

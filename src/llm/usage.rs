@@ -432,6 +432,7 @@ fn from_json_body(body: &[u8]) -> Usage {
         let malformed = serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err();
         return Usage {
             malformed,
+            failed: !malformed && facts::names_an_error(body),
             ..Usage::default()
         };
     };

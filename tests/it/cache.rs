@@ -243,6 +243,12 @@ async fn only_cacheable_200_answers_are_stored() {
         UpstreamReply::json(&json!({"type": "error", "error": {"type": "overloaded_error"}})),
         UpstreamReply::json(&json!({"object": "response", "status": "failed",
             "error": {"code": "server_error", "message": "failed"}, "output": []})),
+        // Written twice, a member leaves the answer's usage unread, not
+        // its error.
+        UpstreamReply::text(r#"{"model":"a","model":"b","error":{"message":"x"}}"#)
+            .header("content-type", "application/json"),
+        UpstreamReply::text(r#"{"error":null,"error":{"message":"x"}}"#)
+            .header("content-type", "application/json"),
     ];
     for (i, reply) in replies.into_iter().enumerate() {
         let what = format!("reply {i}: {} {:?}", reply.status, reply.headers);
