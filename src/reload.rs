@@ -107,7 +107,7 @@ impl Reloader {
         running: &crate::server::Running,
     ) -> Self {
         let tls_digest = gw.active().snapshot.tls.as_ref().and_then(tls_digest);
-        let accepted = crate::config::read_text(&path)
+        let accepted = crate::config::read_config(&path, "")
             .ok()
             .map(|text| config_digest(&text, &gw.active().snapshot.sources));
         let started = Started::of(&gw.active().snapshot);
@@ -128,7 +128,8 @@ impl Reloader {
     /// Reloads the config if its file changed, or anyway when `forced`
     /// (SIGHUP: a `${VAR}` or a referenced file may differ).
     pub fn config(&mut self, forced: bool) -> Outcome {
-        let text = crate::config::read_text(&self.path);
+        let file = self.path.display().to_string();
+        let text = crate::config::read_config(&self.path, &file);
         let active = self.gw.active();
         let running = &active.snapshot;
         let now = text
@@ -152,28 +153,26 @@ impl Reloader {
             return Outcome::Unchanged;
         }
         let tls = self.tls_files().as_ref().and_then(tls_digest);
+        // An unreadable file by why it is: one reason after another (a
+        // file removed, then one too large) is refused, and said, each.
+        let unreadable = text.as_ref().err().map(ToString::to_string);
         let attempt = content_digest(&[
-            now.as_ref().map_or(&b"unreadable"[..], |d| &d[..]),
+            now.as_ref().map_or_else(
+                || unreadable.as_deref().unwrap_or_default().as_bytes(),
+                |d| &d[..],
+            ),
             tls.as_ref().map_or(&b"no pair"[..], |d| &d[..]),
         ]);
         if !forced && self.refused == Some(attempt) {
             return Outcome::Unchanged;
         }
         drop(active);
-        let file = self.path.display().to_string();
         let loaded = match &text {
             Ok(text) => {
                 let base_dir = base_dir(&self.path);
                 config::load_str_beside(text, &file, base_dir, &*self.env, &self.bound)
             }
-            Err(e) => Err(ConfigErrors(vec![config::ConfigError {
-                file: file.clone(),
-                // The file as a whole: its first position, which
-                // exists (0:0 does not) and keeps SPEC §1's format.
-                line: 1,
-                col: 1,
-                message: format!("cannot read config: {e}"),
-            }])),
+            Err(e) => Err(ConfigErrors(vec![e.clone()])),
         };
         let metrics = &self.gw.metrics.config_reloads;
         match loaded {

@@ -81,19 +81,39 @@ pub fn read_text(path: &Path) -> std::io::Result<String> {
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
+/// The text of the config file at `path` (shown as `file`), or why it
+/// cannot be had: at the first byte that is not UTF-8, else about the
+/// file as a whole, at its first position (which exists, as 0:0 does
+/// not, and keeps SPEC §1's `file:line:col: message`).
+pub fn read_config(path: &Path, file: &str) -> Result<String, ConfigError> {
+    let error = |line, col, message| ConfigError {
+        file: file.to_owned(),
+        line,
+        col,
+        message,
+    };
+    let bytes = read_file(path).map_err(|e| error(1, 1, format!("cannot read config: {e}")))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let before = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line_start = before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        // In characters, as every other error's column.
+        let col = std::str::from_utf8(&before[line_start..]).map_or(0, |s| s.chars().count()) + 1;
+        error(
+            line as u64,
+            col as u64,
+            "cannot read config: this byte is not UTF-8 (a config file is UTF-8 text)".to_owned(),
+        )
+    })
+}
+
 /// Reads, parses and compiles the file at `path`, taking `${VAR}`s from the
 /// process environment.
 pub fn load(path: &Path) -> Result<Snapshot, ConfigErrors> {
-    let text = read_text(path).map_err(|e| {
-        ConfigErrors(vec![ConfigError {
-            file: path.display().to_string(),
-            // The file as a whole: its first position, which exists (0:0
-            // does not) and keeps SPEC §1's `file:line:col: message`.
-            line: 1,
-            col: 1,
-            message: format!("cannot read config: {e}"),
-        }])
-    })?;
+    let text = read_config(path, &path.display().to_string()).map_err(|e| ConfigErrors(vec![e]))?;
     let base_dir = path.parent().unwrap_or(Path::new("."));
     load_str(&text, &path.display().to_string(), base_dir, &process_env)
 }

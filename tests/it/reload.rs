@@ -701,3 +701,47 @@ async fn a_config_written_in_place_is_read_once_whole() {
     assert_eq!(reloads(&gw, "ok").await, 1.0, "{}", gw.log_text());
     assert_eq!(Client::new().get(&gw.url("/open/x")).await.status, 200);
 }
+
+/// A config file removed, then put back unreadable for another reason
+/// (here a byte that is not UTF-8), is refused and said twice: each
+/// reason is its own refusal, and the second names the byte's place.
+/// Put back whole, it is read again.
+#[tokio::test]
+async fn each_reason_a_config_file_cannot_be_read_is_said() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw =
+        TestGateway::start_watched(&config(&up.url(), ""), &[], tempfile::tempdir().unwrap()).await;
+    let path = gw.path("proxy.yaml");
+    let good = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    wait_reloads(&gw, "error", 1.0).await;
+    let mut bad = b"# caf\xe9\n".to_vec();
+    bad.extend_from_slice(&good);
+    std::fs::write(&path, &bad).unwrap();
+    wait_reloads(&gw, "error", 2.0).await;
+    let failures: Vec<String> = gw
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "config_reload_failed")
+        .map(|l| l["errors"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(failures.len(), 2, "{}", gw.log_text());
+    assert!(
+        failures[0].contains("proxy.yaml:1:1: cannot read config"),
+        "{failures:?}"
+    );
+    assert!(
+        failures[1].contains("proxy.yaml:1:6: cannot read config: this byte is not UTF-8"),
+        "{failures:?}"
+    );
+    // Put back as it was: the running config stands again.
+    std::fs::write(&path, &good).unwrap();
+    for _ in 0..100 {
+        if gw.log_text().contains("config_restored") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let last_ok = gw.metric("sluice_config_last_reload_successful", &[]).await;
+    assert_eq!(last_ok, Some(1.0), "{}", gw.log_text());
+}
