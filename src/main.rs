@@ -283,10 +283,10 @@ async fn run(path: PathBuf) -> ExitCode {
     };
     if let Ok(filter) = std::env::var("SLUICE_LOG")
         && !filter.trim().is_empty()
-        && tracing_subscriber::EnvFilter::try_new(&filter).is_err()
+        && sluice::telemetry::log::usable_filter(&filter).is_none()
     {
         stderr_line!(
-            "sluice: SLUICE_LOG={filter:?} is not a log filter (like `warn` or `sluice=debug`); using logging.level"
+            "sluice: SLUICE_LOG={filter:?} is not a log filter (a level: trace, debug, info, warn, error or off; or directives like `sluice=debug`); using logging.level"
         );
     }
     let warnings = snapshot.warnings.clone();

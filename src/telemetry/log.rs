@@ -189,10 +189,10 @@ impl LineWriter {
 /// logs do not follow their error-log level. Only a `SLUICE_LOG`
 /// directive can turn it off.
 pub fn build(logging: &Logging, sink: LogSink) -> Log {
-    // An unset, empty or unparsable SLUICE_LOG leaves the configured level.
+    // An unset, empty or unusable SLUICE_LOG leaves the configured level.
     let directives = std::env::var("SLUICE_LOG")
         .ok()
-        .filter(|d| !d.trim().is_empty() && EnvFilter::try_new(d).is_ok())
+        .and_then(|d| usable_filter(&d))
         .map(|d| without_library_directives(&d))
         .unwrap_or_else(|| format!("{},{ACCESS_TARGET}=info", logging.level));
     let filter = EnvFilter::new(with_library_caps(&directives));
@@ -230,6 +230,32 @@ pub fn build(logging: &Logging, sink: LogSink) -> Log {
         guard,
         dropped,
     }
+}
+
+/// `SLUICE_LOG`'s value as the filter it means, its directives trimmed;
+/// `None` when it is empty or no filter sluice would take. A bare word
+/// is a target to `EnvFilter`, and every other target goes silent: a
+/// level misspelt (`warning`, `verbose`) would turn the whole log off,
+/// the errors included. So a bare word must be a level or one of
+/// sluice's own targets (`sluice`, `sluice::access`).
+pub fn usable_filter(value: &str) -> Option<String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let directives: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    let plain = |d: &str| {
+        d.contains(['=', '[', '{'])
+            || LEVELS.iter().any(|level| d.eq_ignore_ascii_case(level))
+            || d == "sluice"
+            || d.starts_with("sluice::")
+    };
+    if directives.is_empty() || !directives.iter().all(|d| plain(d)) {
+        return None;
+    }
+    let joined = directives.join(",");
+    EnvFilter::try_new(&joined).is_ok().then_some(joined)
 }
 
 /// A dispatcher writing events that `filter` lets through to `writer`,
@@ -448,6 +474,33 @@ impl<W: fmt::Write> fmt::Write for JsonEscape<'_, W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_misspelt_level_is_no_filter() {
+        for unusable in [
+            "",
+            " , ",
+            "warning",
+            "verbose",
+            "1",
+            "all",
+            "hyper",
+            "x=[",
+            "info,warnings",
+        ] {
+            assert_eq!(usable_filter(unusable), None, "{unusable:?}");
+        }
+        for (value, filter) in [
+            (" info", "info"),
+            ("WARN", "WARN"),
+            ("sluice=debug, warn", "sluice=debug,warn"),
+            ("sluice::access=off", "sluice::access=off"),
+            ("sluice", "sluice"),
+            ("hyper=debug", "hyper=debug"),
+        ] {
+            assert_eq!(usable_filter(value).as_deref(), Some(filter), "{value:?}");
+        }
+    }
 
     /// A stdout that takes nothing until it is let go.
     struct Stuck(std::sync::mpsc::Receiver<()>);
