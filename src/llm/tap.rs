@@ -344,6 +344,16 @@ impl Tap {
         self.meter.as_mut().and_then(Meter::take_held)
     }
 
+    /// When the body breaks off or stalls: if the stream had said all
+    /// (its last event passed, perhaps in the event held back), that
+    /// held rest, to end it whole with. The rest is given up otherwise:
+    /// half an event is not passed on.
+    fn whole_so_far(&mut self) -> Option<Option<Bytes>> {
+        let rest = self.held();
+        let meter = self.meter.as_mut()?;
+        meter.finished_with(rest.as_ref()).then_some(rest)
+    }
+
     /// Ends the body whole, with `rest`, the unterminated last event of a
     /// complete stream, passed on as it came.
     fn end(&mut self, rest: Option<Bytes>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
@@ -564,11 +574,10 @@ impl Body for Tap {
                         }
                     }
                 }
-                Poll::Ready(Some(Err(_))) if this.said_all() => {
-                    let rest = this.held();
-                    this.end(rest)
-                }
-                Poll::Ready(Some(Err(e))) => this.fail("upstream_stream_error", e),
+                Poll::Ready(Some(Err(e))) => match this.whole_so_far() {
+                    Some(rest) => this.end(rest),
+                    None => this.fail("upstream_stream_error", e),
+                },
                 Poll::Ready(None) => {
                     let rest = this.held();
                     if let Some(meter) = this.meter.as_mut()
@@ -587,7 +596,12 @@ impl Body for Tap {
                 }
                 Poll::Pending => {
                     if this.cut_by_drain(cx) {
-                        return this.fail(SERVER_SHUTDOWN, BodyError(TapError::Shutdown.into()));
+                        return match this.whole_so_far() {
+                            Some(rest) => this.end(rest),
+                            None => {
+                                this.fail(SERVER_SHUTDOWN, BodyError(TapError::Shutdown.into()))
+                            }
+                        };
                     }
                     // The timer is armed only for bodies that make us wait, so a
                     // body that is ready at once costs no timer at all.
@@ -609,10 +623,9 @@ impl Body for Tap {
                             return Poll::Pending;
                         }
                     }
-                    if this.said_all() {
+                    if let Some(rest) = this.whole_so_far() {
                         // Whole, though the request's time ran out while
                         // its end was awaited.
-                        let rest = this.held();
                         this.end(rest)
                     } else if TokioInstant::now() >= this.deadline {
                         this.fail("request_timeout", BodyError(TapError::Deadline.into()))

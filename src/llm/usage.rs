@@ -149,19 +149,21 @@ impl Meter {
         if stream.usage.stream_error {
             return false;
         }
-        // Line ends only (a blank line more than needed, or the LF of a
-        // CRLF split from its CR): nothing was cut.
-        let rest = rest.filter(|r| r.iter().any(|b| !matches!(b, b'\r' | b'\n')));
-        // The end of an event too long to read is no event to read.
-        if let Some(rest) = rest
-            && !stream.oversized
-        {
-            // Read as an event, as lenient parsers do: a stream that ends
-            // `data: [DONE]` without its blank line is complete.
-            stream.absorb_event(rest);
-        }
+        let rest = stream.absorb_rest(rest);
         let said_so = stream.finished || !stream.usage.finishes.is_empty();
         !said_so && (stream.api || (rest.is_some() && stream.usage.model.is_some()))
+    }
+
+    /// At a break or a stall of the upstream's body, with `rest` the
+    /// unterminated last event held back: whether the stream's last
+    /// event had passed, `rest` read as one (`data: [DONE]` may come
+    /// without its blank line).
+    pub fn finished_with(&mut self, rest: Option<&Bytes>) -> bool {
+        let Meter::Sse(stream) = self else {
+            return false;
+        };
+        stream.absorb_rest(rest);
+        stream.finished
     }
 
     /// Whether the upstream has generated the whole answer, so that its
@@ -349,6 +351,21 @@ pub struct SseMeter {
 const EVENT_CAP: usize = 1 << 20;
 
 impl SseMeter {
+    /// Reads `rest`, the unterminated last event held back, as an event,
+    /// as lenient parsers do; the rest when it held more than line ends
+    /// (a blank line more than needed, or the LF of a CRLF split from
+    /// its CR, cut nothing).
+    fn absorb_rest<'r>(&mut self, rest: Option<&'r Bytes>) -> Option<&'r Bytes> {
+        let rest = rest.filter(|r| r.iter().any(|b| !matches!(b, b'\r' | b'\n')));
+        // The end of an event too long to read is no event to read.
+        if let Some(rest) = rest
+            && !self.oversized
+        {
+            self.absorb_event(rest);
+        }
+        rest
+    }
+
     fn observe(&mut self, data: &Bytes) -> Option<Bytes> {
         let out = self.read(data);
         if self.splitter.pending() <= EVENT_CAP {

@@ -106,3 +106,54 @@ routes:
         "the silent connection was closed: {read:?}"
     );
 }
+
+/// A stream whose last event came before the drain's grace ran out ends
+/// whole, even when its upstream keeps the body open past the grace: no
+/// `server_shutdown` event after `[DONE]`, no error logged.
+#[tokio::test]
+async fn a_stream_that_said_all_ends_whole_when_the_grace_runs_out() {
+    use crate::support::{AfterAnswer, RawUpstream};
+    let events = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
+    let answer: &'static [u8] = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{events}\r\n",
+            events.len()
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    );
+    let up = RawUpstream::start(answer, AfterAnswer::KeepAlive).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+limits: {{ shutdown_grace: 300ms }}
+upstreams: {{ llm: {{ url: "{}", timeouts: {{ idle: 10s }} }} }}
+routes:
+  - name: chat
+    match: {{ path_prefix: / }}
+    auth: none
+    upstream: llm
+"#,
+        up.url()
+    ))
+    .await;
+    let hyper_client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let resp = hyper_client
+        .request(
+            http::Request::post(gw.url("/v1/chat/completions"))
+                .body(Default::default())
+                .unwrap(),
+        )
+        .await
+        .expect("stream starts");
+    assert_eq!(resp.status(), 200);
+    let stream = tokio::spawn(client::read(resp));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gw.shutdown();
+    let reply = stream.await.expect("stream task");
+    assert!(reply.body_error.is_none(), "{:?}", reply.body_error);
+    assert_eq!(reply.text(), events);
+    let log = &gw.wait_access_logs(1).await[0];
+    assert_eq!(log["error"], serde_json::Value::Null, "{log}");
+}

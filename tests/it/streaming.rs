@@ -329,6 +329,31 @@ async fn a_stream_left_unended_after_its_last_event_ends_cleanly() {
         .into_bytes()
         .into_boxed_slice(),
     );
+    // `[DONE]` without its blank line, then a break, is whole too.
+    let short: &'static [u8] = Box::leak(
+        String::from_utf8_lossy(answer)
+            .replace("[DONE]\n\n\r\n", "[DONE]\n\r\n")
+            .replace(
+                &format!("\r\n{:x}\r\n", events.len()),
+                &format!("\r\n{:x}\r\n", events.len() - 1),
+            )
+            .into_bytes()
+            .into_boxed_slice(),
+    );
+    let up = crate::support::RawUpstream::start(
+        short,
+        AfterAnswer::CloseWhenIdle(Duration::from_millis(50)),
+    )
+    .await;
+    let gw = TestGateway::start(&config(&up.url(), "")).await;
+    let reply = Client::new()
+        .post_json(&gw.url("/v1/chat/completions"), &[], "{}")
+        .await;
+    assert!(reply.body_error.is_none(), "{:?}", reply.body_error);
+    assert_eq!(reply.text(), events[..events.len() - 1]);
+    let logs = gw.wait_access_logs(1).await;
+    assert_eq!(logs[0]["error"], serde_json::Value::Null, "{}", logs[0]);
+
     // The last: the request's time runs out while its end is awaited.
     for (after, extra) in [
         (AfterAnswer::CloseWhenIdle(Duration::from_millis(50)), ""),
