@@ -1029,6 +1029,26 @@ impl Compiler<'_> {
                     "route name `none` is reserved: the metrics label requests that match no route `route=\"none\"`",
                 );
             }
+            let unmatchable = |s: &str| {
+                s.chars().find(|c| {
+                    matches!(c, '?' | '#') || c.is_whitespace() || c.is_control() || !c.is_ascii()
+                })
+            };
+            for (key, written) in [
+                ("path_prefix", &matcher.path_prefix),
+                ("path", &matcher.path),
+            ] {
+                if let Some(t) = written
+                    && let Some(c) = self.text(t).as_deref().and_then(unmatchable)
+                {
+                    self.error(
+                        &t.referenced,
+                        format!(
+                            "{key} holds {c:?}, which no request path does (a query is not part of it; spaces and letters beyond ASCII come percent-encoded, as `%20`, `%C3%BC`): the route would never match"
+                        ),
+                    );
+                }
+            }
             let path = match (&matcher.path_prefix, &matcher.path) {
                 (Some(_), Some(p)) => {
                     self.error(
@@ -1185,6 +1205,14 @@ impl Compiler<'_> {
                 cors,
                 target,
             });
+            let this = out.len() - 1;
+            if let Some(earlier) = out[..this].iter().find(|e| covers(e, &out[this])) {
+                let message = format!(
+                    "route `{}` is never reached: route `{}` before it takes every request it would (the first route that matches wins); move it above `{}`",
+                    out[this].name, earlier.name, earlier.name
+                );
+                self.warning(at, message);
+            }
         }
         out
     }
@@ -1947,6 +1975,28 @@ fn load_schema(path: &Path) -> Result<jsonschema::Validator, String> {
 /// The `allow` header value for a 405 on a route limited to `methods`:
 /// HEAD follows GET, which serves it (RFC 9110 §9.3.2), as Go's and
 /// Apache's servers list it.
+/// Whether route `earlier` takes every request route `later` would
+/// (same host or any, the same methods or more, a path that holds
+/// `later`'s), so that `later`, listed after it, is never reached.
+fn covers(earlier: &Route, later: &Route) -> bool {
+    let any = |p: &PathMatch| {
+        matches!(p, PathMatch::Any) || matches!(p, PathMatch::Prefix(p) if p == "/")
+    };
+    let path = match (&earlier.path, &later.path) {
+        (e, _) if any(e) => true,
+        (_, l) if any(l) => false,
+        (PathMatch::Prefix(e), PathMatch::Prefix(l) | PathMatch::Exact(l)) => {
+            l.starts_with(e.as_str())
+        }
+        (PathMatch::Exact(e), PathMatch::Exact(l)) => e == l,
+        _ => false,
+    };
+    let host = earlier.host.is_none() || earlier.host == later.host;
+    let methods = earlier.methods.is_empty()
+        || (!later.methods.is_empty() && later.methods.iter().all(|m| earlier.methods.contains(m)));
+    path && host && methods
+}
+
 fn allow_header(methods: &[Method], cors: bool) -> HeaderValue {
     if methods.is_empty() {
         // Every method but TRACE, which such a route refuses.

@@ -2117,3 +2117,50 @@ limits: { request_timeout: 30x }
         ]
     );
 }
+
+/// A route path that no request path can hold (a query, a space, a
+/// letter beyond ASCII: clients send them percent-encoded) is refused:
+/// the route would answer nothing, silently.
+#[test]
+fn a_route_path_no_request_can_have_is_refused() {
+    for (written, held) in [
+        ("path: \"/v1/models?x=1\"", "'?'"),
+        ("path_prefix: \"/ü/\"", "'ü'"),
+        ("path_prefix: \"/a b\"", "' '"),
+        ("path: \"/a#b\"", "'#'"),
+    ] {
+        let errs = errors(&format!(
+            "routes:\n  - name: r\n    match: {{ {written} }}\n    upstream: app\nupstreams:\n  app:\n    mock: {{}}\n"
+        ));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].starts_with("test.yaml:3:"), "{errs:?}");
+        assert!(errs[0].contains(&format!("holds {held}")), "{errs:?}");
+    }
+    assert!(load("routes:\n  - name: r\n    match: { path_prefix: /%C3%BC/ }\n    upstream: app\nupstreams:\n  app:\n    mock: {}\n", &[]).is_ok());
+}
+
+/// A route listed after one that takes every request it would is never
+/// reached: said at its place, naming the route that shadows it (a
+/// catch-all `auth: none` route above a guarded one leaves it open).
+#[test]
+fn a_route_shadowed_by_an_earlier_one_is_warned_of() {
+    let yaml = "upstreams:\n  app:\n    mock: {}\nroutes:\n  - name: all\n    match: {}\n    auth: none\n    upstream: app\n  - name: guarded\n    match: { path_prefix: /v1/ }\n    upstream: app\n  - name: models\n    match: { path: /v1/models, methods: [GET] }\n    upstream: app\n";
+    let snapshot = load(yaml, &[]).expect("valid");
+    let warnings: Vec<String> = snapshot.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0].starts_with("test.yaml:9:"), "{warnings:?}");
+    assert!(
+        warnings[0].contains("route `guarded` is never reached: route `all`"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[1].contains("route `models` is never reached: route `all`"),
+        "{warnings:?}"
+    );
+    // More specific first, as routes should be: nothing to say.
+    let ordered = "upstreams:\n  app:\n    mock: {}\nroutes:\n  - name: models\n    match: { path: /v1/models, methods: [GET] }\n    upstream: app\n  - name: other-host\n    match: { host: a.example, path_prefix: /v1/ }\n    upstream: app\n  - name: guarded\n    match: { path_prefix: /v1/ }\n    upstream: app\n  - name: all\n    match: {}\n    auth: none\n    upstream: app\n";
+    assert!(load(ordered, &[]).expect("valid").warnings.is_empty());
+    // A narrower method list does not cover a wider one.
+    let methods = "upstreams:\n  app:\n    mock: {}\nroutes:\n  - name: get\n    match: { path_prefix: /v1/, methods: [GET] }\n    upstream: app\n  - name: any\n    match: { path_prefix: /v1/ }\n    upstream: app\n";
+    assert!(load(methods, &[]).expect("valid").warnings.is_empty());
+}
