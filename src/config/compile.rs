@@ -1597,6 +1597,38 @@ impl Compiler<'_> {
                 jsonwebtoken::Algorithm::RS256
             });
         }
+        // Keys that no allowed algorithm uses (an EC key under the default
+        // RS256) would refuse every token, with `check` saying it was ok.
+        if let Some(f) = &j.keys_file
+            && !keys.is_empty()
+            && !algorithms.is_empty()
+            && !keys.iter().any(|k| {
+                algorithms.iter().any(|alg| {
+                    alg.family() == k.key.family() && k.alg.is_none_or(|tied| tied == *alg)
+                })
+            })
+        {
+            let mut families: Vec<&str> = keys
+                .iter()
+                .map(|k| match k.key.family() {
+                    jsonwebtoken::AlgorithmFamily::Rsa => "RSA",
+                    jsonwebtoken::AlgorithmFamily::Ec => "EC",
+                    jsonwebtoken::AlgorithmFamily::Ed => "Ed25519",
+                    jsonwebtoken::AlgorithmFamily::Hmac => "HMAC",
+                })
+                .collect();
+            families.sort_unstable();
+            families.dedup();
+            let allowed: Vec<String> = algorithms.iter().map(|a| format!("{a:?}")).collect();
+            self.error(
+                &f.referenced,
+                format!(
+                    "keys_file holds no key for the allowed algorithms ({}): its keys are {}; list their algorithms in jwt.algorithms (e.g. ES256 for EC P-256, EdDSA for Ed25519)",
+                    allowed.join(", "),
+                    families.join(", ")
+                ),
+            );
+        }
         let issuer = j.issuer.as_ref().and_then(|t| self.text(t));
         let audiences: Vec<String> = j.audiences.iter().filter_map(|t| self.text(t)).collect();
         let mut claim = |written: &Option<Text>, key: &str| {

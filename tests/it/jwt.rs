@@ -252,6 +252,38 @@ async fn es256_token_verified_with_a_pem_public_key() {
     assert_eq!(gw.wait_access_logs(1).await[0]["identity"], "svc-batch");
 }
 
+/// A keys_file whose keys no allowed algorithm uses (an EC key under the
+/// default RS256) would refuse every token: the config is refused, at
+/// the keys_file, saying what to list.
+#[test]
+fn keys_no_allowed_algorithm_uses_are_refused() {
+    let (_, public) = ec_keys();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.pem"), &public).unwrap();
+    let load = |algorithms: &str| {
+        sluice::config::load_str(
+            &config(&format!("    keys_file: keys.pem{algorithms}")),
+            "test.yaml",
+            dir.path(),
+            &|_| None,
+        )
+    };
+    for algorithms in ["", "\n    algorithms: [RS256, EdDSA]"] {
+        let err = load(algorithms).expect_err("no allowed algorithm uses an EC key");
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(
+            err.0[0]
+                .message
+                .starts_with("keys_file holds no key for the allowed algorithms"),
+            "{err}"
+        );
+        assert!(err.0[0].message.contains("its keys are EC;"), "{err}");
+        assert_eq!(err.0[0].line, 6, "{err}");
+    }
+    assert!(load("\n    algorithms: [ES256]").is_ok());
+    assert!(load("\n    algorithms: [RS256, ES256]").is_ok());
+}
+
 #[tokio::test]
 async fn public_key_used_as_hmac_secret_is_refused() {
     let (_, public) = ec_keys();
