@@ -419,8 +419,10 @@ impl Compiler<'_> {
             None => self.addr(&None, "0.0.0.0:9090"),
         };
         // An unspecified address takes the port on every address of its
-        // family, and `[::]` (dual-stack on Linux) on IPv4's too.
+        // family, and `[::]` (dual-stack on Linux) on IPv4's too; an
+        // IPv4-mapped address (`[::ffff:127.0.0.1]`) is that IPv4 one.
         let covers = |a: std::net::IpAddr, b: std::net::IpAddr| {
+            let (a, b) = (a.to_canonical(), b.to_canonical());
             a == b || (a.is_unspecified() && (a.is_ipv6() || b.is_ipv4()))
         };
         let clash = listen.port() == admin_listen.port()
