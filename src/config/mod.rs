@@ -196,7 +196,7 @@ pub fn load_str_beside(
                 }
             },
             Err(e) => {
-                let error = parse_error(file, &e);
+                let error = parse_error(file, &e, &text);
                 if let Some(missing) = missing_field(&error.message) {
                     // A required key that was misspelt is now missing,
                     // and was reported as unknown; another one is an
@@ -368,8 +368,8 @@ fn is_place(text: &str) -> bool {
         .is_some_and(|(line, col)| number(line.strip_suffix(',').unwrap_or(line)) && number(col))
 }
 
-fn parse_error(file: &str, e: &serde_saphyr::Error) -> ConfigError {
-    let (line, col) = e
+fn parse_error(file: &str, e: &serde_saphyr::Error, text: &str) -> ConfigError {
+    let (mut line, mut col) = e
         .location()
         .map(|l| (l.line(), l.column()))
         .unwrap_or((0, 0));
@@ -380,11 +380,32 @@ fn parse_error(file: &str, e: &serde_saphyr::Error) -> ConfigError {
         Some(i) if is_place(&rendered[i + " at line ".len()..]) => rendered[..i].to_owned(),
         _ => rendered,
     };
-    let message = in_our_words(message);
+    let mut message = in_our_words(message);
+    // The scanner says where it was when it met the tab (the end of the
+    // line before, often): the tab itself is what to point at.
+    if (message.contains("found a tab") || message.contains("tabs disallowed"))
+        && let Some((tab_line, tab_col)) = indenting_tab(text, line)
+    {
+        (line, col) = (tab_line, tab_col);
+        message = "a tab in this line's indentation: YAML indents with spaces only".to_owned();
+    }
     ConfigError {
         file: file.to_owned(),
         line,
         col,
         message,
     }
+}
+
+/// The first tab in a line's leading whitespace, from line `from` on
+/// (1-based line and column).
+fn indenting_tab(text: &str, from: u64) -> Option<(u64, u64)> {
+    text.lines()
+        .zip(1u64..)
+        .skip(usize::try_from(from.saturating_sub(1)).unwrap_or(0))
+        .find_map(|(l, number)| {
+            let indent = &l[..l.len() - l.trim_start_matches([' ', '\t']).len()];
+            let at = indent.find('\t')?;
+            Some((number, at as u64 + 1))
+        })
 }

@@ -2166,3 +2166,21 @@ fn a_route_shadowed_by_an_earlier_one_is_warned_of() {
     let methods = "upstreams:\n  app:\n    mock: {}\nroutes:\n  - name: get\n    match: { path_prefix: /v1/, methods: [GET] }\n    upstream: app\n  - name: any\n    match: { path_prefix: /v1/ }\n    upstream: app\n";
     assert!(load(methods, &[]).expect("valid").warnings.is_empty());
 }
+
+/// A tab in a line's indentation is pointed at where it is, not where
+/// the YAML scanner stood when it met it (the end of the line before).
+#[test]
+fn a_tab_indenting_a_line_is_reported_at_the_tab() {
+    let errs = errors(
+        "upstreams:\n  llm:\n    mock: {}\nroutes:\n  - name: chat\n    match:\n      path_prefix: /v1/\n\tupstream: llm\n",
+    );
+    assert_eq!(
+        errs,
+        ["test.yaml:8:1: a tab in this line's indentation: YAML indents with spaces only"]
+    );
+    let errs = errors(
+        "upstreams:\n  llm:\n    mock: {}\nroutes:\n  - name: chat\n    match: { path_prefix: /v1/ }\n  \t  upstream: llm\n",
+    );
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].starts_with("test.yaml:7:3: a tab"), "{errs:?}");
+}
