@@ -199,10 +199,23 @@ impl Compiler<'_> {
                 if s.contains(char::REPLACEMENT_CHARACTER)
                     && !raw.contains(char::REPLACEMENT_CHARACTER) =>
             {
-                self.error(
-                    at,
-                    "an environment variable of this value holds bytes that are not UTF-8",
-                );
+                // Named, as an unset one is (its value never shows).
+                let named = std::cell::RefCell::new(None);
+                let _ = expand(raw, |name| {
+                    let value = (self.env)(name)?;
+                    if value.contains(char::REPLACEMENT_CHARACTER) {
+                        named.borrow_mut().get_or_insert_with(|| name.to_owned());
+                    }
+                    Some(value)
+                });
+                let message = match named.into_inner() {
+                    Some(name) => {
+                        format!("environment variable `{name}` holds bytes that are not UTF-8")
+                    }
+                    None => "an environment variable of this value holds bytes that are not UTF-8"
+                        .to_owned(),
+                };
+                self.error(at, message);
                 None
             }
             Ok(s) => {
@@ -1707,6 +1720,9 @@ impl Compiler<'_> {
                     // config writes it (`1.0` stays `1.0`).
                     let written = self.text(t).unwrap_or_default().trim().to_owned();
                     alerts.push((f, written));
+                }
+                Some(f) if !f.is_finite() => {
+                    self.out_of_range(t, |f| format!("alert_at {f} is no finite fraction"));
                 }
                 Some(_) => self.out_of_range(t, |f| format!("alert_at {f} must be above 0")),
                 None => {}

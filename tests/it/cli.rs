@@ -287,7 +287,7 @@ limits: { request_timeout: 30x }
         stderr(&out),
         format!(
             "{p}:3:26: the `!ENV` tag is not supported: sluice takes each value as written (for an environment variable, write \"${{NAME}}\")\n\
-             {p}:4:21: an environment variable of this value holds bytes that are not UTF-8\n\
+             {p}:4:21: environment variable `TEAM_B_KEY` holds bytes that are not UTF-8\n\
              {p}:6:40: the `!!float` tag is not read: sluice takes each value as written, so leave the tag out\n\
              {p}:9:28: `30x` is not a duration like 250ms, 30s, 5m or 1h\n"
         )

@@ -1804,6 +1804,16 @@ fn an_empty_path_and_a_repeated_threshold_are_said_plainly() {
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(errs[0].contains("twice"), "{}", errs[0]);
     }
+    // A fraction too large for a number is not "below 0".
+    let errs = errors(&format!(
+        "budget: {{ daily_usd: 1, alert_at: [1e400] }}\n{BASE}"
+    ));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].ends_with("alert_at `1e400` is no finite fraction"),
+        "{}",
+        errs[0]
+    );
     // A route name whose variable is unset is one error, not also "empty".
     let yaml = "upstreams:\n  a: { mock: {} }\nroutes:\n  - { name: \"${RN}\", match: { path_prefix: / }, upstream: a }\n";
     assert_eq!(errors(yaml).len(), 1, "{:?}", errors(yaml));
