@@ -114,14 +114,7 @@ routes:
 async fn a_stream_that_said_all_ends_whole_when_the_grace_runs_out() {
     use crate::support::{AfterAnswer, RawUpstream};
     let events = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
-    let answer: &'static [u8] = Box::leak(
-        format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{events}\r\n",
-            events.len()
-        )
-        .into_bytes()
-        .into_boxed_slice(),
-    );
+    let answer = crate::support::raw::unended_sse_answer(events);
     let up = RawUpstream::start(answer, AfterAnswer::KeepAlive).await;
     let gw = TestGateway::start(&format!(
         r#"

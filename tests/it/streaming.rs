@@ -321,25 +321,9 @@ async fn close_delimited(events: &'static str) -> crate::support::RawUpstream {
 #[tokio::test]
 async fn a_stream_left_unended_after_its_last_event_ends_cleanly() {
     let events = format!("data: {ROLE_M}\n\ndata: {TEXT_M}\n\ndata: {STOP_M}\n\ndata: [DONE]\n\n");
-    let answer: &'static [u8] = Box::leak(
-        format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{events}\r\n",
-            events.len()
-        )
-        .into_bytes()
-        .into_boxed_slice(),
-    );
+    let answer = crate::support::raw::unended_sse_answer(&events);
     // `[DONE]` without its blank line, then a break, is whole too.
-    let short: &'static [u8] = Box::leak(
-        String::from_utf8_lossy(answer)
-            .replace("[DONE]\n\n\r\n", "[DONE]\n\r\n")
-            .replace(
-                &format!("\r\n{:x}\r\n", events.len()),
-                &format!("\r\n{:x}\r\n", events.len() - 1),
-            )
-            .into_bytes()
-            .into_boxed_slice(),
-    );
+    let short = crate::support::raw::unended_sse_answer(&events[..events.len() - 1]);
     let up = crate::support::RawUpstream::start(
         short,
         AfterAnswer::CloseWhenIdle(Duration::from_millis(50)),

@@ -152,3 +152,17 @@ pub async fn raw_exchange(gw: &super::TestGateway, request: &str) -> (u16, Strin
         }
     }
 }
+
+/// An HTTP/1.1 200 SSE answer carrying `events` as one chunk, its body
+/// left unended (no last chunk), for an upstream that then closes, stalls
+/// or keeps it open.
+pub fn unended_sse_answer(events: &str) -> &'static [u8] {
+    Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{events}\r\n",
+            events.len()
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    )
+}
