@@ -1056,10 +1056,17 @@ impl Compiler<'_> {
                 if let Some(t) = written
                     && let Some(c) = self.text(t).as_deref().and_then(unmatchable)
                 {
+                    // Quoted only as the file writes it: a variable's
+                    // value is never shown.
+                    let what = if t.value.0.contains(c) {
+                        format!("{c:?}")
+                    } else {
+                        "a character (from a variable)".to_owned()
+                    };
                     self.error(
                         &t.referenced,
                         format!(
-                            "{key} holds {c:?}, which no request path does (a query is not part of it; spaces and letters beyond ASCII come percent-encoded, as `%20`, `%C3%BC`): the route would never match"
+                            "{key} holds {what}, which no request path does (a query is not part of it; spaces and letters beyond ASCII come percent-encoded, as `%20`, `%C3%BC`): the route would never match"
                         ),
                     );
                 }
@@ -2029,6 +2036,18 @@ fn load_schema(path: &Path) -> Result<jsonschema::Validator, String> {
 /// (same host or any, the same methods or more, a path that holds
 /// `later`'s), so that `later`, listed after it, is never reached.
 fn covers(earlier: &Route, later: &Route) -> bool {
+    // The methods a route takes: a GET route takes HEAD too, a CORS
+    // route the OPTIONS of preflights; none listed, every one.
+    let takes = |route: &Route, m: &Method| {
+        route.methods.is_empty()
+            || route.methods.contains(m)
+            || (*m == Method::HEAD && route.methods.contains(&Method::GET))
+            || (*m == Method::OPTIONS && route.cors.is_some())
+    };
+    let mut later_methods = later.methods.clone();
+    if later.cors.is_some() && !later_methods.is_empty() {
+        later_methods.push(Method::OPTIONS);
+    }
     let any = |p: &PathMatch| {
         matches!(p, PathMatch::Any) || matches!(p, PathMatch::Prefix(p) if p == "/")
     };
@@ -2043,7 +2062,7 @@ fn covers(earlier: &Route, later: &Route) -> bool {
     };
     let host = earlier.host.is_none() || earlier.host == later.host;
     let methods = earlier.methods.is_empty()
-        || (!later.methods.is_empty() && later.methods.iter().all(|m| earlier.methods.contains(m)));
+        || (!later_methods.is_empty() && later_methods.iter().all(|m| takes(earlier, m)));
     path && host && methods
 }
 

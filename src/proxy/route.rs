@@ -86,7 +86,8 @@ fn allows(methods: &[Method], method: &Method) -> bool {
 
 /// A request path in normal form (RFC 3986 §6.2.2), as Envoy's
 /// `normalize_path` and `merge_slashes` make it: escapes of unreserved
-/// characters decoded (`%61` is `a`; `%2F` stays, being no `/`), `.` and
+/// characters decoded (`%61` is `a`; `%2F` stays, being no `/`), other
+/// escapes in upper case (`%c3` is `%C3`), `.` and
 /// `..` segments resolved, repeated slashes merged. Routes match it and
 /// upstreams get it, so that both read one path: `/%61dmin` or
 /// `/public/../admin` meets the `/admin` route and its auth. `None` when
@@ -213,11 +214,18 @@ fn decode_unreserved(path: &str) -> String {
             .then(|| bytes.get(i + 1..i + 3))
             .flatten()
             .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-            .filter(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
         match escaped {
-            Some(b) => {
+            Some(b) if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') => {
                 out.push(char::from(b));
+                i += 3;
+            }
+            Some(b) => {
+                // Other escapes kept, in upper case (RFC 3986 §6.2.2.1:
+                // `%c3` and `%C3` are one byte, and must meet one route).
+                out.push('%');
+                out.push(char::from(b"0123456789ABCDEF"[usize::from(b >> 4)]));
+                out.push(char::from(b"0123456789ABCDEF"[usize::from(b & 15)]));
                 i += 3;
             }
             None => {
@@ -370,6 +378,13 @@ fn without_port(raw: &str) -> &str {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn escapes_differing_in_case_are_one_path() {
+        assert_eq!(normalized("/caf%c3%a9").as_deref(), Some("/caf%C3%A9"));
+        assert_eq!(normalized("/caf%C3%A9"), None);
+        assert_eq!(normalized("/a%2fb/%7e%zz").as_deref(), Some("/a%2Fb/~%zz"));
+    }
 
     #[test]
     fn paths_are_matched_as_upstreams_resolve_them() {

@@ -2148,6 +2148,16 @@ fn a_route_path_no_request_can_have_is_refused() {
         assert!(errs[0].starts_with("test.yaml:3:"), "{errs:?}");
         assert!(errs[0].contains(&format!("holds {held}")), "{errs:?}");
     }
+    // A variable's value is never quoted.
+    let errs = errors_with_env(
+        "routes:\n  - name: r\n    match: { path_prefix: \"${P}\" }\n    upstream: app\nupstreams:\n  app:\n    mock: {}\n",
+        &[("P", "/k€y")],
+    );
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains("holds a character (from a variable)") && !errs[0].contains('€'),
+        "{errs:?}"
+    );
     assert!(load("routes:\n  - name: r\n    match: { path_prefix: /%C3%BC/ }\n    upstream: app\nupstreams:\n  app:\n    mock: {}\n", &[]).is_ok());
 }
 
@@ -2172,6 +2182,12 @@ fn a_route_shadowed_by_an_earlier_one_is_warned_of() {
     // More specific first, as routes should be: nothing to say.
     let ordered = "upstreams:\n  app:\n    mock: {}\nroutes:\n  - name: models\n    match: { path: /v1/models, methods: [GET] }\n    upstream: app\n  - name: other-host\n    match: { host: a.example, path_prefix: /v1/ }\n    upstream: app\n  - name: guarded\n    match: { path_prefix: /v1/ }\n    upstream: app\n  - name: all\n    match: {}\n    auth: none\n    upstream: app\n";
     assert!(load(ordered, &[]).expect("valid").warnings.is_empty());
+    // A GET route takes HEAD; a CORS route also takes its preflights,
+    // which a POST route before it does not.
+    let head = "upstreams:\n  app:\n    mock: {}\nroutes:\n  - name: get\n    match: { path_prefix: /g/, methods: [GET] }\n    upstream: app\n  - name: head\n    match: { path_prefix: /g/x, methods: [HEAD] }\n    upstream: app\n";
+    assert_eq!(load(head, &[]).expect("valid").warnings.len(), 1);
+    let cors = "upstreams:\n  app:\n    mock: {}\nroutes:\n  - name: post\n    match: { path_prefix: /v1/, methods: [POST] }\n    upstream: app\n  - name: corsy\n    match: { path_prefix: /v1/chat, methods: [POST] }\n    cors: { allow_origins: [\"*\"] }\n    upstream: app\n";
+    assert!(load(cors, &[]).expect("valid").warnings.is_empty());
     // A narrower method list does not cover a wider one.
     let methods = "upstreams:\n  app:\n    mock: {}\nroutes:\n  - name: get\n    match: { path_prefix: /v1/, methods: [GET] }\n    upstream: app\n  - name: any\n    match: { path_prefix: /v1/ }\n    upstream: app\n";
     assert!(load(methods, &[]).expect("valid").warnings.is_empty());
