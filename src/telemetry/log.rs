@@ -189,12 +189,7 @@ impl LineWriter {
 /// logs do not follow their error-log level. Only a `SLUICE_LOG`
 /// directive can turn it off.
 pub fn build(logging: &Logging, sink: LogSink) -> Log {
-    // An unset, empty or unusable SLUICE_LOG leaves the configured level.
-    let directives = std::env::var("SLUICE_LOG")
-        .ok()
-        .and_then(|d| usable_filter(&d))
-        .map(|d| without_library_directives(&d))
-        .unwrap_or_else(|| format!("{},{ACCESS_TARGET}=info", logging.level));
+    let directives = directives(std::env::var("SLUICE_LOG").ok().as_deref(), &logging.level);
     let filter = EnvFilter::new(with_library_caps(&directives));
     let format = logging.format;
     let mut dropped = None;
@@ -229,6 +224,26 @@ pub fn build(logging: &Logging, sink: LogSink) -> Log {
         access,
         guard,
         dropped,
+    }
+}
+
+/// The filter of `SLUICE_LOG` (`sluice_log`) and the configured `level`.
+/// An unset, empty or unusable `SLUICE_LOG` leaves the level (and the
+/// access log on); one that names targets only (`sluice::access=off`)
+/// keeps the level for every other target rather than silencing them.
+fn directives(sluice_log: Option<&str>, level: &str) -> String {
+    let default = format!("{level},{ACCESS_TARGET}=info");
+    let Some(filter) = sluice_log.and_then(usable_filter) else {
+        return default;
+    };
+    let filter = without_library_directives(&filter);
+    let sets_a_level = filter
+        .split(',')
+        .any(|d| !d.contains(['=', '[', '{']) && !d.starts_with("sluice"));
+    match (sets_a_level, filter.contains(ACCESS_TARGET)) {
+        (true, _) => filter,
+        (false, false) => format!("{default},{filter}"),
+        (false, true) => format!("{level},{filter}"),
     }
 }
 
@@ -474,6 +489,24 @@ impl<W: fmt::Write> fmt::Write for JsonEscape<'_, W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn target_directives_keep_the_level_for_the_rest() {
+        assert_eq!(directives(None, "info"), "info,sluice::access=info");
+        assert_eq!(
+            directives(Some("warning"), "warn"),
+            "warn,sluice::access=info"
+        );
+        assert_eq!(directives(Some("debug"), "info"), "debug");
+        assert_eq!(
+            directives(Some("sluice::access=off"), "info"),
+            "info,sluice::access=off"
+        );
+        assert_eq!(
+            directives(Some("sluice::proxy=debug"), "warn"),
+            "warn,sluice::access=info,sluice::proxy=debug"
+        );
+    }
 
     #[test]
     fn a_misspelt_level_is_no_filter() {
