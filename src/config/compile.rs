@@ -2060,7 +2060,11 @@ fn covers(earlier: &Route, later: &Route) -> bool {
         (PathMatch::Exact(e), PathMatch::Exact(l)) => e == l,
         _ => false,
     };
-    let host = earlier.host.is_none() || earlier.host == later.host;
+    // A later host under an earlier wildcard (`api.example.com` after
+    // `*.example.com`) is one of its hosts.
+    let host = earlier.host.is_none()
+        || (later.host.is_some()
+            && crate::proxy::route::host_matches(earlier.host.as_deref(), later.host.as_deref()));
     let methods = earlier.methods.is_empty()
         || (!later_methods.is_empty() && later_methods.iter().all(|m| takes(earlier, m)));
     path && host && methods

@@ -247,7 +247,9 @@ fn path_matches(m: &PathMatch, path: &str) -> bool {
     }
 }
 
-fn host_matches(want: Option<&str>, host: Option<&str>) -> bool {
+/// Whether `host` is one `want` names (`*.example.com`: a name under it;
+/// `None`: any host).
+pub fn host_matches(want: Option<&str>, host: Option<&str>) -> bool {
     match (want, host) {
         (None, _) => true,
         (Some(want), Some(host)) => match want.strip_prefix('*') {

@@ -2188,6 +2188,20 @@ fn a_route_shadowed_by_an_earlier_one_is_warned_of() {
     assert_eq!(load(head, &[]).expect("valid").warnings.len(), 1);
     let cors = "upstreams:\n  app:\n    mock: {}\nroutes:\n  - name: post\n    match: { path_prefix: /v1/, methods: [POST] }\n    upstream: app\n  - name: corsy\n    match: { path_prefix: /v1/chat, methods: [POST] }\n    cors: { allow_origins: [\"*\"] }\n    upstream: app\n";
     assert!(load(cors, &[]).expect("valid").warnings.is_empty());
+    // A host under an earlier wildcard is one of its hosts; the domain
+    // itself is not.
+    let hosts = "upstreams:\n  app:\n    mock: {}\nroutes:\n  - name: wild\n    match: { host: \"*.example.com\" }\n    upstream: app\n  - name: api\n    match: { host: api.example.com, path_prefix: /v1 }\n    upstream: app\n  - name: apex\n    match: { host: example.com }\n    upstream: app\n";
+    let warnings: Vec<String> = load(hosts, &[])
+        .expect("valid")
+        .warnings
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("route `api` is never reached: route `wild`"),
+        "{warnings:?}"
+    );
     // A narrower method list does not cover a wider one.
     let methods = "upstreams:\n  app:\n    mock: {}\nroutes:\n  - name: get\n    match: { path_prefix: /v1/, methods: [GET] }\n    upstream: app\n  - name: any\n    match: { path_prefix: /v1/ }\n    upstream: app\n";
     assert!(load(methods, &[]).expect("valid").warnings.is_empty());
