@@ -93,7 +93,8 @@ fn allows(methods: &[Method], method: &Method) -> bool {
 /// `/public/../admin` meets the `/admin` route and its auth. `None` when
 /// the path is already normal (no allocation).
 pub fn normalized(path: &str) -> Option<String> {
-    let plain = !path.contains('%') && !path.contains("/.") && !path.contains("//");
+    let plain =
+        path.is_ascii() && !path.contains('%') && !path.contains("/.") && !path.contains("//");
     if plain {
         return None;
     }
@@ -210,9 +211,11 @@ fn decode_unreserved(path: &str) -> String {
     let mut out = String::with_capacity(path.len());
     let mut i = 0;
     while i < bytes.len() {
+        // Two hex digits (`from_str_radix` alone would also take `+f`).
         let escaped = (bytes[i] == b'%')
             .then(|| bytes.get(i + 1..i + 3))
             .flatten()
+            .filter(|hex| hex.iter().all(u8::is_ascii_hexdigit))
             .and_then(|hex| std::str::from_utf8(hex).ok())
             .and_then(|hex| u8::from_str_radix(hex, 16).ok());
         match escaped {
@@ -223,20 +226,30 @@ fn decode_unreserved(path: &str) -> String {
             Some(b) => {
                 // Other escapes kept, in upper case (RFC 3986 §6.2.2.1:
                 // `%c3` and `%C3` are one byte, and must meet one route).
-                out.push('%');
-                out.push(char::from(b"0123456789ABCDEF"[usize::from(b >> 4)]));
-                out.push(char::from(b"0123456789ABCDEF"[usize::from(b & 15)]));
+                push_escape(&mut out, b);
                 i += 3;
             }
+            // A byte beyond ASCII, sent raw: escaped, as `%C3%A9` it
+            // meets the route written so (and an app reads it alike).
+            None if bytes[i] >= 0x80 => {
+                push_escape(&mut out, bytes[i]);
+                i += 1;
+            }
             None => {
-                // Whole characters: `path` is a `str`, and a `%` is ASCII.
-                let ch_len = path[i..].chars().next().map_or(1, char::len_utf8);
-                out.push_str(&path[i..i + ch_len]);
-                i += ch_len;
+                out.push(char::from(bytes[i]));
+                i += 1;
             }
         }
     }
     out
+}
+
+/// `%XX`, the escape of byte `b`, in upper case.
+fn push_escape(out: &mut String, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.push('%');
+    out.push(char::from(HEX[usize::from(b >> 4)]));
+    out.push(char::from(HEX[usize::from(b & 15)]));
 }
 
 fn path_matches(m: &PathMatch, path: &str) -> bool {
@@ -386,6 +399,10 @@ mod tests {
         assert_eq!(normalized("/caf%c3%a9").as_deref(), Some("/caf%C3%A9"));
         assert_eq!(normalized("/caf%C3%A9"), None);
         assert_eq!(normalized("/a%2fb/%7e%zz").as_deref(), Some("/a%2Fb/~%zz"));
+        // Not escapes: kept as written.
+        assert_eq!(normalized("/a%+fb/%-1/%"), None);
+        // Raw bytes beyond ASCII: escaped, as the route is written.
+        assert_eq!(normalized("/caf\u{e9}/x").as_deref(), Some("/caf%C3%A9/x"));
     }
 
     #[test]
@@ -400,7 +417,10 @@ mod tests {
             ("/%2e%2e/admin", "/admin"),
             // An escaped slash is no slash, and `..` beside it no segment.
             ("/admin/x%2F..%2F..%2Fpublic", "/admin/x%2F..%2F..%2Fpublic"),
-            ("/v1/models/ft%3Amodel%2Fé", "/v1/models/ft%3Amodel%2Fé"),
+            (
+                "/v1/models/ft%3Amodel%2Fé",
+                "/v1/models/ft%3Amodel%2F%C3%A9",
+            ),
         ] {
             assert_eq!(normalized(raw).as_deref().unwrap_or(raw), seen, "{raw}");
         }

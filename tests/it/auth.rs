@@ -509,3 +509,24 @@ async fn a_path_parameter_cannot_slip_past_a_guarded_route() {
     assert_eq!(same.status, 200);
     assert_eq!(up.seen()[0].uri.path(), "/public/page;jsessionid=1");
 }
+
+/// A route written with escapes guards its path however the client
+/// spells it: escapes in either case, or the raw bytes beyond ASCII.
+#[tokio::test]
+async fn a_non_ascii_path_cannot_slip_past_a_guarded_route() {
+    let (up, gw) = guarded("/caf%C3%A9/").await;
+    for path in [
+        "/caf%c3%a9/x",
+        "/caf%C3%a9/x",
+        "/caf\u{e9}/x",
+        "/public/../caf\u{e9}/x",
+    ] {
+        let (status, answer) = crate::support::raw_exchange(
+            &gw,
+            &format!("GET {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(status, 401, "{path}: {answer}");
+    }
+    assert!(up.seen().is_empty(), "nothing reached the app");
+}
