@@ -107,7 +107,7 @@ impl Reloader {
         running: &crate::server::Running,
     ) -> Self {
         let tls_digest = gw.active().snapshot.tls.as_ref().and_then(tls_digest);
-        let accepted = crate::config::read_config(&path, "")
+        let accepted = crate::config::read_text(&path)
             .ok()
             .map(|text| config_digest(&text, &gw.active().snapshot.sources));
         let started = Started::of(&gw.active().snapshot);

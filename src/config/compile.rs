@@ -2029,9 +2029,6 @@ fn load_schema(path: &Path) -> Result<jsonschema::Validator, String> {
     })
 }
 
-/// The `allow` header value for a 405 on a route limited to `methods`:
-/// HEAD follows GET, which serves it (RFC 9110 §9.3.2), as Go's and
-/// Apache's servers list it.
 /// Whether route `earlier` takes every request route `later` would
 /// (same host or any, the same methods or more, a path that holds
 /// `later`'s), so that `later`, listed after it, is never reached.
@@ -2070,6 +2067,9 @@ fn covers(earlier: &Route, later: &Route) -> bool {
     path && host && methods
 }
 
+/// The `allow` header value for a 405 on a route limited to `methods`:
+/// HEAD follows GET, which serves it (RFC 9110 §9.3.2), as Go's and
+/// Apache's servers list it.
 fn allow_header(methods: &[Method], cors: bool) -> HeaderValue {
     if methods.is_empty() {
         // Every method but TRACE, which such a route refuses.

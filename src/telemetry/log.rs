@@ -232,19 +232,25 @@ pub fn build(logging: &Logging, sink: LogSink) -> Log {
 /// access log on); one that names targets only (`sluice::access=off`)
 /// keeps the level for every other target rather than silencing them.
 fn directives(sluice_log: Option<&str>, level: &str) -> String {
-    let default = format!("{level},{ACCESS_TARGET}=info");
-    let Some(filter) = sluice_log.and_then(usable_filter) else {
-        return default;
-    };
-    let filter = without_library_directives(&filter);
-    let sets_a_level = filter
-        .split(',')
+    let access = format!("{ACCESS_TARGET}=info");
+    // The libraries' directives go (their caps hold whatever is asked).
+    let filter = sluice_log
+        .and_then(usable_filter)
+        .map(|f| without_library_directives(&f))
+        .unwrap_or_default();
+    let own: Vec<&str> = filter.split(',').filter(|d| !d.is_empty()).collect();
+    let sets_a_level = own
+        .iter()
         .any(|d| !d.contains(['=', '[', '{']) && !d.starts_with("sluice"));
-    match (sets_a_level, filter.contains(ACCESS_TARGET)) {
-        (true, _) => filter,
-        (false, false) => format!("{default},{filter}"),
-        (false, true) => format!("{level},{filter}"),
+    let mut parts: Vec<&str> = Vec::with_capacity(own.len() + 2);
+    if !sets_a_level {
+        parts.push(level);
+        if !filter.contains(ACCESS_TARGET) {
+            parts.push(&access);
+        }
     }
+    parts.extend(own);
+    parts.join(",")
 }
 
 /// `SLUICE_LOG`'s value as the filter it means, its directives trimmed;
@@ -505,6 +511,11 @@ mod tests {
         assert_eq!(
             directives(Some("sluice::proxy=debug"), "warn"),
             "warn,sluice::access=info,sluice::proxy=debug"
+        );
+        // Only library directives, which go: the level alone stays.
+        assert_eq!(
+            directives(Some("h2=debug"), "info"),
+            "info,sluice::access=info"
         );
     }
 

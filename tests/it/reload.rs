@@ -678,10 +678,7 @@ async fn a_config_file_deleted_then_written_again_reloads() {
 #[tokio::test]
 async fn a_config_written_in_place_is_read_once_whole() {
     use std::io::Write;
-    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
-    let gw =
-        TestGateway::start_watched(&config(&up.url(), ""), &[], tempfile::tempdir().unwrap()).await;
-    let path = gw.path("proxy.yaml");
+    let (_up, gw, path) = watched().await;
     let old = std::fs::read_to_string(&path).unwrap();
     let new = old.replace(
         "  - name: chat\n",
@@ -708,10 +705,7 @@ async fn a_config_written_in_place_is_read_once_whole() {
 /// Put back whole, it is read again.
 #[tokio::test]
 async fn each_reason_a_config_file_cannot_be_read_is_said() {
-    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
-    let gw =
-        TestGateway::start_watched(&config(&up.url(), ""), &[], tempfile::tempdir().unwrap()).await;
-    let path = gw.path("proxy.yaml");
+    let (_up, gw, path) = watched().await;
     let good = std::fs::read(&path).unwrap();
     std::fs::remove_file(&path).unwrap();
     wait_reloads(&gw, "error", 1.0).await;
@@ -744,4 +738,14 @@ async fn each_reason_a_config_file_cannot_be_read_is_said() {
     }
     let last_ok = gw.metric("sluice_config_last_reload_successful", &[]).await;
     assert_eq!(last_ok, Some(1.0), "{}", gw.log_text());
+}
+
+/// A gateway watching its config file in a directory of its own, in
+/// front of an upstream answering "ok", and that file's path.
+async fn watched() -> (MockUpstream, TestGateway, std::path::PathBuf) {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let gw =
+        TestGateway::start_watched(&config(&up.url(), ""), &[], tempfile::tempdir().unwrap()).await;
+    let path = gw.path("proxy.yaml");
+    (up, gw, path)
 }
