@@ -298,11 +298,15 @@ pub fn request_host<'a>(
     // Routes match the host before any `:`; the app reads the header
     // whole (as `x-forwarded-host`), and `api.example.com:@evil.com` is
     // evil.com to a URL parser: only a host and a port are taken.
-    if header.is_some_and(|h| !h.to_str().is_ok_and(is_host_and_port)) {
-        return Err(ambiguous(
-            "the host header is not a host name or address with an optional port",
-        ));
-    }
+    let header = match header.map(|h| h.to_str()) {
+        Some(Ok(h)) if is_host_and_port(h) => Some(h),
+        Some(_) => {
+            return Err(ambiguous(
+                "the host header is not a host name or address with an optional port",
+            ));
+        }
+        None => None,
+    };
     // An absolute-form target (or h2's `:authority`) is the client's
     // text too, and goes on as `x-forwarded-host`.
     // Userinfo has no place in a request's target (RFC 9112 §3.2.2, RFC
@@ -317,17 +321,11 @@ pub fn request_host<'a>(
     }
     let target = uri.host().map(without_port);
     match (target, header) {
-        (Some(target), Some(header))
-            if !header
-                .to_str()
-                .is_ok_and(|h| without_port(h).eq_ignore_ascii_case(target)) =>
-        {
-            Err(ambiguous(
-                "the host header names another host than the request target",
-            ))
-        }
+        (Some(target), Some(header)) if !without_port(header).eq_ignore_ascii_case(target) => Err(
+            ambiguous("the host header names another host than the request target"),
+        ),
         (Some(target), _) => Ok(Some(target)),
-        (None, Some(header)) => Ok(header.to_str().ok().map(without_port)),
+        (None, Some(header)) => Ok(Some(without_port(header))),
         (None, None) if version == Version::HTTP_11 => {
             Err(ambiguous("an HTTP/1.1 request needs a host header"))
         }
@@ -352,16 +350,33 @@ fn is_host_and_port(value: &str) -> bool {
         None => {
             let end = value.find(':').unwrap_or(value.len());
             let name = &value[..end];
-            // Unreserved, sub-delims and `%` of an escape (RFC 3986 §3.2.2).
-            let reg_name = |b: u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b);
             (
-                !name.is_empty() && name.bytes().all(reg_name),
+                !name.is_empty() && name.bytes().all(|b| REG_NAME[usize::from(b)]),
                 &value[end..],
             )
         }
     };
     host_ok && (port.is_empty() || port.strip_prefix(':').is_some_and(is_port))
 }
+
+/// The bytes of a reg-name: unreserved, sub-delims and the `%` of an
+/// escape (RFC 3986 §3.2.2). A table: every request's host is checked.
+static REG_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric();
+        b += 1;
+    }
+    let extra = b"-._~%!$&'()*+,;=";
+    let mut i = 0;
+    while i < extra.len() {
+        table[extra[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
 
 /// A port as RFC 3986 writes it (digits only, `+80` is none), in range;
 /// or nothing, which the grammar allows.
