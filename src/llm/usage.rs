@@ -42,7 +42,33 @@ pub struct Usage {
 /// (`None`: a choice that ended without one). One entry for the APIs that
 /// answer once, `n` for a chat request asking for `n` choices.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct Finishes(smallvec::SmallVec<[(u64, Option<String>); 1]>);
+pub struct Finishes(smallvec::SmallVec<[(u64, Option<Cow<'static, str>>); 1]>);
+
+/// The finish reasons the APIs give (OpenAI's chat and completions,
+/// Anthropic's, the responses API's statuses and incomplete reasons),
+/// kept without an allocation: every answer has one.
+const KNOWN_REASONS: [&str; 13] = [
+    "stop",
+    "length",
+    "tool_calls",
+    "content_filter",
+    "function_call",
+    "end_turn",
+    "max_tokens",
+    "stop_sequence",
+    "tool_use",
+    "pause_turn",
+    "refusal",
+    "error",
+    "cancelled",
+];
+
+fn owned_reason(reason: &str) -> Cow<'static, str> {
+    match KNOWN_REASONS.iter().find(|known| **known == reason) {
+        Some(known) => Cow::Borrowed(known),
+        None => Cow::Owned(reason.to_owned()),
+    }
+}
 
 impl Finishes {
     /// Records choice `index`'s reason: a stream saying it again keeps
@@ -50,8 +76,8 @@ impl Finishes {
     fn set(&mut self, index: u64, reason: Option<&str>) {
         let full = self.0.len() >= MAX_CHOICES;
         match self.0.iter_mut().find(|(i, _)| *i == index) {
-            Some((_, known)) => *known = reason.map(str::to_owned),
-            None if !full => self.0.push((index, reason.map(str::to_owned))),
+            Some((_, known)) => *known = reason.map(owned_reason),
+            None if !full => self.0.push((index, reason.map(owned_reason))),
             None => {}
         }
     }

@@ -4,9 +4,11 @@
 //! auth, because limits key on the identity; before the cache, because a
 //! cache hit still counts as a request.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
+use memchr::memmem::Finder;
 
 use super::ctx::{Identity, RequestCtx};
 use super::error::ProxyError;
@@ -262,7 +264,7 @@ pub fn estimate_tokens(body: &[u8]) -> TokenEstimate {
 /// byte search, not a parse of the whole body on every request. (A cap
 /// named inside a message's text may be read instead: an estimate.)
 pub fn estimate_tokens_roughly(body: &[u8]) -> TokenEstimate {
-    let cap = |name: &[u8]| number_after(body, name);
+    let cap = |name: &[u8]| number_after(body, &Finder::new(name));
     TokenEstimate {
         prompt: crate::llm::prompt_size::estimate(body),
         output: cap(b"\"max_completion_tokens\"")
@@ -276,13 +278,16 @@ pub fn estimate_tokens_roughly(body: &[u8]) -> TokenEstimate {
 /// The choices (`n`) a request asks for, found by a byte search (1 when
 /// it names none).
 pub fn choices_asked(body: &[u8]) -> u64 {
-    number_after(body, b"\"n\"")
+    // Built once: every chat request is searched, and building a
+    // searcher costs more than searching a small body.
+    static N: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"n\""));
+    number_after(body, &N)
         .unwrap_or(1)
         .clamp(1, facts::MAX_CHOICES as u64)
 }
 
 /// The whole number written after the first `"name":` in `body`.
-fn number_after(body: &[u8], name: &[u8]) -> Option<u64> {
+fn number_after(body: &[u8], name: &Finder<'_>) -> Option<u64> {
     let digits = values_after(body, name).next()?;
     let end = digits
         .iter()
@@ -295,9 +300,9 @@ fn number_after(body: &[u8], name: &[u8]) -> Option<u64> {
 /// by a byte search rather than a parse: inside a JSON string the
 /// quotes would be escaped, so text cannot match, though a nested
 /// member of the same name can.
-fn values_after<'b>(body: &'b [u8], name: &'b [u8]) -> impl Iterator<Item = &'b [u8]> {
-    memchr::memmem::find_iter(body, name).filter_map(move |at| {
-        let rest = body.get(at + name.len()..)?.trim_ascii_start();
+fn values_after<'b>(body: &'b [u8], name: &'b Finder<'_>) -> impl Iterator<Item = &'b [u8]> {
+    name.find_iter(body).filter_map(move |at| {
+        let rest = body.get(at + name.needle().len()..)?.trim_ascii_start();
         Some(rest.strip_prefix(b":")?.trim_ascii_start())
     })
 }
@@ -515,7 +520,8 @@ pub fn requested_model(body: &[u8], content_type: Option<&[u8]>) -> Option<Strin
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return None;
     }
-    values_after(body, b"\"model\"").find_map(|value| {
+    static MODEL: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"model\""));
+    values_after(body, &MODEL).find_map(|value| {
         let name = value.strip_prefix(b"\"")?;
         let end = memchr::memchr2(b'"', b'\\', name)?;
         (name[end] == b'"')
