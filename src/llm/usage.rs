@@ -328,20 +328,14 @@ impl JsonFrames {
 /// answer's. Finish reasons are not read; nor is a malformed end told
 /// apart.
 fn from_json_ends(head: &[u8], tail: &[u8]) -> Usage {
-    use serde::Deserialize;
-    fn read<'a, T: Deserialize<'a>>(value: &'a [u8]) -> Option<T> {
-        // One value, whatever follows it.
-        T::deserialize(&mut serde_json::Deserializer::from_slice(value)).ok()
-    }
-    let model = |value| read::<facts::Loose<Cow<'_, str>>>(value).and_then(|m| m.0);
     let counts = top_level::from_end(tail, b"usage")
         .filter(|v| v.starts_with(b"{"))
-        .and_then(read::<facts::Counts>)
+        .and_then(read_one::<facts::Counts>)
         .unwrap_or_default();
     Usage {
         model: top_level::from_start(head, b"model")
-            .and_then(model)
-            .or_else(|| top_level::from_end(tail, b"model").and_then(model))
+            .and_then(json_str)
+            .or_else(|| top_level::from_end(tail, b"model").and_then(json_str))
             .map(Cow::into_owned),
         input_tokens: counts.input(),
         output_tokens: counts.output(),
@@ -368,10 +362,15 @@ pub struct SseMeter {
     /// `message`, the responses API's `response`): its end is known.
     api: bool,
     /// The event being read outgrew `EVENT_CAP`: what came of it was
-    /// passed on unread, so that an event that never ends cannot grow
-    /// sluice's memory; the events after it are read again.
-    oversized: bool,
+    /// passed on, so that an event that never ends cannot grow sluice's
+    /// memory, but for its ends, read once it ends (see
+    /// [`SseMeter::absorb_oversized`]); the events after it are read again.
+    oversized: Option<Ends>,
 }
+
+/// How much of the start of an event too long to read is kept: its name
+/// and its payload's first members (its `type`).
+const OVERSIZED_HEAD: usize = 4 << 10;
 
 /// The longest SSE event read; LLM stream events are a few hundred bytes.
 const EVENT_CAP: usize = 1 << 20;
@@ -383,11 +382,13 @@ impl SseMeter {
     /// its CR, cut nothing).
     fn absorb_rest<'r>(&mut self, rest: Option<&'r Bytes>) -> Option<&'r Bytes> {
         let rest = rest.filter(|r| r.iter().any(|b| !matches!(b, b'\r' | b'\n')));
-        // The end of an event too long to read is no event to read.
-        if let Some(rest) = rest
-            && !self.oversized
-        {
-            self.absorb_event(rest);
+        if let Some(rest) = rest {
+            match self.oversized.take() {
+                Some(ends) => self.absorb_oversized(ends, rest),
+                None => {
+                    self.absorb_event(rest);
+                }
+            }
         }
         rest
     }
@@ -397,10 +398,21 @@ impl SseMeter {
         if self.splitter.pending() <= EVENT_CAP {
             return out;
         }
-        // An image's partial data, a huge delta: not read, but passed on,
-        // and the stream's later events (its usage) still are.
-        self.oversized = true;
+        // An image's partial data, a huge delta, a responses stream's
+        // final event repeating them: passed on, its ends kept, and the
+        // stream's later events still read.
         let held = self.splitter.take_pending_but_tail();
+        match self.oversized.as_mut() {
+            Some(ends) => ends.push_tail(&held),
+            None => {
+                let mut ends = Ends {
+                    head: held.slice(..held.len().min(OVERSIZED_HEAD)),
+                    tail: BytesMut::new(),
+                };
+                ends.push_tail(&held);
+                self.oversized = Some(ends);
+            }
+        }
         // In whole events, what is held has not been sent: it goes now.
         out.map(|out| [&out[..], &held[..]].concat().into())
     }
@@ -410,8 +422,11 @@ impl SseMeter {
         self.splitter.push(data);
         if !self.whole_events {
             while let Some(event) = self.splitter.next_event() {
-                if !std::mem::take(&mut self.oversized) {
-                    self.absorb_event(&event);
+                match self.oversized.take() {
+                    Some(ends) => self.absorb_oversized(ends, &event),
+                    None => {
+                        self.absorb_event(&event);
+                    }
                 }
             }
             return None;
@@ -425,7 +440,13 @@ impl SseMeter {
         let mut consumed = 0;
         while let Some((end, raw)) = self.splitter.next_event_raw() {
             // The end of an event too long to read: passed on as it is.
-            let strip = !std::mem::take(&mut self.oversized) && self.absorb_event(&raw[..end]);
+            let strip = match self.oversized.take() {
+                Some(ends) => {
+                    self.absorb_oversized(ends, &raw[..end]);
+                    false
+                }
+                None => self.absorb_event(&raw[..end]),
+            };
             let len = raw.len();
             match rebuilt.as_mut() {
                 // The first stripped event of a frame that began on an
@@ -442,6 +463,48 @@ impl SseMeter {
             None if self.splitter.pending() == 0 => None,
             // Whole events, then the start of one held back.
             None => Some(data.slice(..consumed)),
+        }
+    }
+
+    /// Folds into the usage what the ends of an event too long to read
+    /// say, `last` its bytes not yet passed: whether it was the stream's
+    /// last event or an error (its `type`, written first), and the token
+    /// counts written last in it. A responses stream's final event
+    /// repeats every output, an image's base64 among them: it is the
+    /// one that carries the usage, and says the stream is complete.
+    fn absorb_oversized(&mut self, mut ends: Ends, last: &[u8]) {
+        ends.push_tail(last);
+        if !self.named_events {
+            self.named_events = sse::has_event_name(&ends.head);
+        }
+        let head = sse::event_payload(&ends.head);
+        if sse::is_last_event(&head) {
+            self.finished = true;
+        }
+        let kind = top_level::from_start(&head, b"type").and_then(json_str);
+        let reason = match kind.as_deref() {
+            Some("error") => {
+                self.usage.stream_error = true;
+                None
+            }
+            Some("response.failed") => {
+                self.usage.stream_error = true;
+                Some("error")
+            }
+            Some("response.completed") => Some("stop"),
+            _ => None,
+        };
+        if kind.as_deref().is_some_and(|k| k.starts_with("response.")) {
+            self.api = true;
+        }
+        if let Some(reason) = reason
+            && self.usage.finishes.is_empty()
+        {
+            self.usage.finishes.set(0, Some(reason));
+        }
+        let counts = top_level::last_object(&ends.tail, b"usage").and_then(read_one::<facts::Counts>);
+        if let Some(counts) = counts {
+            add_counts(&mut self.usage, &counts);
         }
     }
 
@@ -576,6 +639,24 @@ mod top_level {
         None
     }
 
+    /// The object value of the member `name` written last in `tail`, at
+    /// any depth (the responses API nests its usage in `response`). A
+    /// quote that is not escaped cannot be inside a string, so an
+    /// unescaped `"name"` followed by `:` is a member's name.
+    pub fn last_object<'a>(tail: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+        let quoted = [&b"\""[..], name, b"\""].concat();
+        memchr::memmem::rfind_iter(tail, &quoted).find_map(|at| {
+            if escaped(tail, at) {
+                return None;
+            }
+            let value = tail[at + quoted.len()..]
+                .trim_ascii_start()
+                .strip_prefix(b":")?
+                .trim_ascii_start();
+            value.starts_with(b"{").then_some(value)
+        })
+    }
+
     /// Whether the byte at `at` is escaped: an odd run of backslashes
     /// before it.
     fn escaped(json: &[u8], at: usize) -> bool {
@@ -584,6 +665,33 @@ mod top_level {
 }
 
 /// Folds one stream event into `usage`.
+/// The counts an event reports, each over what earlier events said
+/// (streams report them as running totals).
+fn add_counts(usage: &mut Usage, counts: &facts::Counts) {
+    if let Some(n) = counts.input() {
+        usage.input_tokens = Some(n);
+    }
+    if let Some(n) = counts.output() {
+        usage.output_tokens = Some(n);
+    }
+    if let Some(n) = counts.cache_read() {
+        usage.cache_read_tokens = Some(n);
+    }
+    if let Some(n) = counts.cache_write() {
+        usage.cache_write_tokens = Some(n);
+    }
+}
+
+/// One JSON value read from the start of `value`, whatever follows it.
+fn read_one<'a, T: serde::Deserialize<'a>>(value: &'a [u8]) -> Option<T> {
+    T::deserialize(&mut serde_json::Deserializer::from_slice(value)).ok()
+}
+
+/// A JSON string value read from the start of `value`.
+fn json_str(value: &[u8]) -> Option<Cow<'_, str>> {
+    read_one::<facts::Loose<Cow<'_, str>>>(value).and_then(|s| s.0)
+}
+
 fn absorb(usage: &mut Usage, event: &Facts<'_>) {
     // OpenAI's `{"error": {...}}`, Anthropic's and the responses API's
     // `{"type": "error", ...}`, and the latter's `response.failed`.
@@ -605,18 +713,7 @@ fn absorb(usage: &mut Usage, event: &Facts<'_>) {
         usage.model = Some(model.to_owned());
     }
     if let Some(counts) = counts.or(event.usage.0.as_ref()) {
-        if let Some(n) = counts.input() {
-            usage.input_tokens = Some(n);
-        }
-        if let Some(n) = counts.output() {
-            usage.output_tokens = Some(n);
-        }
-        if let Some(n) = counts.cache_read() {
-            usage.cache_read_tokens = Some(n);
-        }
-        if let Some(n) = counts.cache_write() {
-            usage.cache_write_tokens = Some(n);
-        }
+        add_counts(usage, counts);
     }
     // A stream's chunks end each choice with its own `finish_reason`
     // (one chunk per choice when `n > 1`); the other reasons stand for
@@ -837,6 +934,62 @@ mod tests {
             assert_eq!(m.observe(&big), None);
         }
         assert!(!m.holds());
+    }
+
+    /// A responses stream whose final event repeats a generated image
+    /// (its base64 over `EVENT_CAP`), as the API sends it.
+    fn responses_stream_with_an_image(image_bytes: usize) -> Vec<u8> {
+        let image = "A".repeat(image_bytes);
+        let created = r#"event: response.created
+data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","model":"gpt-4.1","output":[],"usage":null}}
+
+"#;
+        let completed = format!(
+            "event: response.completed\ndata: {{\"type\":\"response.completed\",\"sequence_number\":9,\"response\":{{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"completed\",\"model\":\"gpt-4.1\",\"output\":[{{\"type\":\"image_generation_call\",\"result\":\"{image}\",\"status\":\"completed\"}}],\"text\":{{\"format\":{{\"type\":\"text\"}}}},\"usage\":{{\"input_tokens\":36,\"input_tokens_details\":{{\"cached_tokens\":0}},\"output_tokens\":87,\"total_tokens\":123}},\"user\":null,\"metadata\":{{}}}}}}\n\n"
+        );
+        [created.as_bytes(), completed.as_bytes()].concat()
+    }
+
+    #[test]
+    fn a_final_event_too_long_to_read_still_ends_the_stream_and_counts() {
+        let stream = responses_stream_with_an_image(EVENT_CAP + EVENT_CAP / 2);
+        for strip in [false, true] {
+            let mut m = Meter::for_content_type(b"text/event-stream").unwrap();
+            if strip {
+                m.strip_usage_chunk();
+            }
+            let mut sent = Vec::new();
+            for part in stream.chunks(64 << 10) {
+                let part = Bytes::copy_from_slice(part);
+                match m.observe(&part) {
+                    Some(out) => sent.extend_from_slice(&out),
+                    None => sent.extend_from_slice(&part),
+                }
+            }
+            sent.extend_from_slice(&m.take_held().unwrap_or_default());
+            assert_eq!(sent, stream, "every byte passes (strip: {strip})");
+            assert!(m.finished(), "its final event passed (strip: {strip})");
+            assert!(!m.broke_off(None));
+            let usage = m.finish();
+            assert_eq!(usage.model.as_deref(), Some("gpt-4.1"));
+            assert_eq!((usage.input_tokens, usage.output_tokens), (Some(36), Some(87)));
+            assert_eq!(usage.finishes.first(), Some("stop"));
+            assert!(!usage.stream_error);
+        }
+    }
+
+    #[test]
+    fn a_failed_final_event_too_long_to_read_is_a_stream_error() {
+        let stream = String::from_utf8(responses_stream_with_an_image(EVENT_CAP * 2))
+            .unwrap()
+            .replace("response.completed", "response.failed")
+            .into_bytes();
+        let mut m = Meter::for_content_type(b"text/event-stream").unwrap();
+        for part in stream.chunks(64 << 10) {
+            m.observe(&Bytes::copy_from_slice(part));
+        }
+        assert!(m.finished());
+        assert!(m.finish().stream_error);
     }
 
     #[test]

@@ -522,3 +522,37 @@ async fn a_broken_stream_of_named_events_ends_with_a_named_error_event() {
         "{text}"
     );
 }
+
+/// A responses stream's final event repeats every output, a generated
+/// image's base64 among them, and may be far over the size sluice reads
+/// an event at: it still ends the stream, whole and metered.
+#[tokio::test]
+async fn a_final_event_over_a_mebibyte_ends_the_stream_and_is_metered() {
+    let image = "A".repeat(3 << 19);
+    let created = r#"{"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","model":"gpt-4.1","output":[],"usage":null}}"#;
+    let completed = format!(
+        r#"{{"type":"response.completed","sequence_number":5,"response":{{"id":"resp_1","object":"response","status":"completed","model":"gpt-4.1","output":[{{"type":"image_generation_call","result":"{image}","status":"completed"}}],"usage":{{"input_tokens":36,"output_tokens":87,"total_tokens":123}},"user":null,"metadata":{{}}}}}}"#
+    );
+    let up = MockUpstream::always(UpstreamReply::sse(
+        &[created, completed.as_str()],
+        Duration::ZERO,
+    ))
+    .await;
+    let gw = TestGateway::start(&config(&up.url(), "")).await;
+    let reply = Client::new()
+        .post_json(
+            &gw.url("/v1/responses"),
+            &[],
+            r#"{"model":"gpt-4.1","stream":true,"input":"draw a cat"}"#,
+        )
+        .await;
+    assert_eq!(
+        reply.text(),
+        format!("data: {created}\n\ndata: {completed}\n\n"),
+        "the stream passes as it came, with no error event after it"
+    );
+    let logs = gw.wait_access_logs(1).await;
+    assert!(logs[0]["error"].is_null(), "{}", logs[0]);
+    assert_eq!(logs[0]["input_tokens"], 36, "{}", logs[0]);
+    assert_eq!(logs[0]["output_tokens"], 87, "{}", logs[0]);
+}
