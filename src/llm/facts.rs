@@ -145,16 +145,15 @@ impl Counts {
     /// at a lower price: OpenAI's `cached_tokens` (within its prompt
     /// count), Anthropic's `cache_read_input_tokens`.
     pub fn cache_read(&self) -> Option<u64> {
-        self.cache_read_input_tokens
-            .0
-            .or_else(|| self.prompt_tokens_details.0.as_ref()?.cached_tokens.0)
-            .or_else(|| self.input_tokens_details.0.as_ref()?.cached_tokens.0)
+        plausible(self.cache_read_input_tokens.0)
+            .or_else(|| plausible(self.prompt_tokens_details.0.as_ref()?.cached_tokens.0))
+            .or_else(|| plausible(self.input_tokens_details.0.as_ref()?.cached_tokens.0))
     }
 
     /// The prompt's tokens written to the provider's prompt cache
     /// (Anthropic's `cache_creation_input_tokens`), billed higher.
     pub fn cache_write(&self) -> Option<u64> {
-        self.cache_creation_input_tokens.0
+        plausible(self.cache_creation_input_tokens.0)
     }
 
     /// The prompt's tokens. OpenAI's counts include those read from its
@@ -162,21 +161,30 @@ impl Counts {
     /// or written to the cache, which it counts apart: added here, as
     /// OpenAI counts them (they are billed, if at other prices).
     pub fn input(&self) -> Option<u64> {
-        self.prompt_tokens.0.or_else(|| {
-            let cached = self
-                .cache_read_input_tokens
-                .0
+        plausible(self.prompt_tokens.0).or_else(|| {
+            let cached = plausible(self.cache_read_input_tokens.0)
                 .unwrap_or(0)
-                .saturating_add(self.cache_creation_input_tokens.0.unwrap_or(0));
-            match self.input_tokens.0 {
+                .saturating_add(plausible(self.cache_creation_input_tokens.0).unwrap_or(0));
+            match plausible(self.input_tokens.0) {
                 Some(input) => Some(input.saturating_add(cached)),
                 None => (cached > 0).then_some(cached),
             }
         })
     }
     pub fn output(&self) -> Option<u64> {
-        self.completion_tokens.0.or(self.output_tokens.0)
+        plausible(self.completion_tokens.0).or(plausible(self.output_tokens.0))
     }
+}
+
+/// The most tokens one answer is taken to report in one count: far past
+/// any context window or batch, and far below where adding counts up
+/// would wrap a counter (which Prometheus would read as a reset).
+pub const MOST_TOKENS: u64 = 1 << 32;
+
+/// A reported count, or none when it is past [`MOST_TOKENS`]: a broken
+/// upstream's, read as absent as a count of the wrong type is.
+fn plausible(count: Option<u64>) -> Option<u64> {
+    count.filter(|&n| n <= MOST_TOKENS)
 }
 
 /// The most choices whose ends are read from one answer or event (the

@@ -502,7 +502,8 @@ impl SseMeter {
         {
             self.usage.finishes.set(0, Some(reason));
         }
-        let counts = top_level::last_object(&ends.tail, b"usage").and_then(read_one::<facts::Counts>);
+        let counts =
+            top_level::last_object(&ends.tail, b"usage").and_then(read_one::<facts::Counts>);
         if let Some(counts) = counts {
             add_counts(&mut self.usage, &counts);
         }
@@ -566,7 +567,7 @@ fn from_json_body(body: &[u8]) -> Usage {
 /// (read forwards from the document's first byte), or from the end of a
 /// tail (read backwards from its last byte, where the state is known too:
 /// outside every string).
-mod top_level {
+pub(crate) mod top_level {
     use crate::llm::prompt_size::string_end;
 
     /// The value of the top-level member `name` that comes first in
@@ -936,6 +937,19 @@ mod tests {
         assert!(!m.holds());
     }
 
+    #[test]
+    fn a_count_no_answer_could_have_is_read_as_absent() {
+        let u = from_json_body(
+            br#"{"model":"m","choices":[],"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":10,"prompt_tokens_details":{"cached_tokens":9007199254740993}}}"#,
+        );
+        assert_eq!((u.input_tokens, u.output_tokens), (None, Some(10)));
+        assert_eq!(u.cache_read_tokens, None);
+        let u = from_json_body(
+            br#"{"type":"message","usage":{"input_tokens":4294967296,"output_tokens":4294967297}}"#,
+        );
+        assert_eq!((u.input_tokens, u.output_tokens), (Some(1 << 32), None));
+    }
+
     /// A responses stream whose final event repeats a generated image
     /// (its base64 over `EVENT_CAP`), as the API sends it.
     fn responses_stream_with_an_image(image_bytes: usize) -> Vec<u8> {
@@ -972,7 +986,10 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
             assert!(!m.broke_off(None));
             let usage = m.finish();
             assert_eq!(usage.model.as_deref(), Some("gpt-4.1"));
-            assert_eq!((usage.input_tokens, usage.output_tokens), (Some(36), Some(87)));
+            assert_eq!(
+                (usage.input_tokens, usage.output_tokens),
+                (Some(36), Some(87))
+            );
             assert_eq!(usage.finishes.first(), Some("stop"));
             assert!(!usage.stream_error);
         }
