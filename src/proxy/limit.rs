@@ -520,14 +520,14 @@ pub fn requested_model(body: &[u8], content_type: Option<&[u8]>) -> Option<Strin
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return None;
     }
-    static MODEL: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"model\""));
-    values_after(body, &MODEL).find_map(|value| {
-        let name = value.strip_prefix(b"\"")?;
-        let end = memchr::memchr2(b'"', b'\\', name)?;
-        (name[end] == b'"')
-            .then(|| std::str::from_utf8(&name[..end]).ok().map(str::to_owned))
-            .flatten()
-    })
+    // The request's own member, not a tool's or a message's of that
+    // name, which may come before it.
+    let value = crate::llm::usage::top_level::from_start(body, b"model")?;
+    let name = value.strip_prefix(b"\"")?;
+    let end = memchr::memchr2(b'"', b'\\', name)?;
+    (name[end] == b'"')
+        .then(|| std::str::from_utf8(&name[..end]).ok().map(str::to_owned))
+        .flatten()
 }
 
 /// Settles the reservations to the tokens really used. An answer cut
@@ -768,7 +768,7 @@ mod tests {
     }
 
     #[test]
-    fn the_requested_model_is_the_first_string_member_so_named() {
+    fn the_requested_model_is_the_requests_own_member() {
         assert_eq!(
             requested_model(br#"{"messages":[], "model" : "gpt-4o"}"#, None).as_deref(),
             Some("gpt-4o")
@@ -789,6 +789,15 @@ mod tests {
                 None
             ),
             None
+        );
+        // Another object's `model` before the request's own.
+        assert_eq!(
+            requested_model(
+                br#"{"extra":{"model":"gpt-4o"},"prompt":"cat","model":"gpt-image-1"}"#,
+                None
+            )
+            .as_deref(),
+            Some("gpt-image-1")
         );
         assert_eq!(requested_model(br#"{"model":"a\"b"}"#, None), None);
         assert_eq!(requested_model(br#"{"model":7}"#, None), None);
