@@ -93,6 +93,11 @@ pub fn read_config(path: &Path, file: &str) -> Result<String, ConfigError> {
         message,
     };
     let bytes = read_file(path).map_err(|e| error(1, 1, format!("cannot read config: {e}")))?;
+    // Said as it is, not as "no routes": a file emptied to be written
+    // again (`>` in a shell) may be read in between.
+    if bytes.trim_ascii().is_empty() {
+        return Err(error(1, 1, "the config file is empty".to_owned()));
+    }
     String::from_utf8(bytes).map_err(|e| {
         let before = &e.as_bytes()[..e.utf8_error().valid_up_to()];
         let line_start = before

@@ -218,6 +218,22 @@ fn check_accepts_a_valid_file_with_exit_0() {
     assert_eq!(stderr(&out), "");
 }
 
+/// An empty file is said to be empty (a ConfigMap gone wrong, a file
+/// caught between being emptied and written), not to lack routes.
+#[test]
+fn an_empty_config_file_is_said_to_be_empty() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for text in ["", " \n\n"] {
+        let empty = write(dir.path(), "empty.yaml", text);
+        let out = sluice().arg("check").arg(&empty).output().expect("check");
+        assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
+        assert_eq!(
+            stderr(&out),
+            format!("{}:1:1: the config file is empty\n", empty.display())
+        );
+    }
+}
+
 /// The file may also be named alone (`sluice check proxy.yaml`), as
 /// `promtool check config` takes it; naming it both ways is refused.
 #[test]
