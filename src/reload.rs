@@ -6,7 +6,7 @@
 //! state keyed by name (limits, budgets, cache, circuits) lives outside the
 //! snapshot, so it carries over.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -33,6 +33,9 @@ pub type Env = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 const SETTLE: Duration = Duration::from_millis(500);
 /// A file that never goes quiet is read this long after its first event.
 const SETTLE_MAX: Duration = Duration::from_secs(5);
+/// How often a directory that could not be watched (removed, to be made
+/// again) is tried again.
+const WATCH_RETRY: Duration = Duration::from_secs(2);
 
 type Digest32 = [u8; 32];
 
@@ -285,12 +288,27 @@ impl Reloader {
     /// Each file that concerns us and, for a symlink, its target
     /// (`proxy.yaml -> ../shared/proxy.yaml`, certbot's `live/` links,
     /// a ConfigMap's `..data/proxy.yaml`): an edit happens there.
+    /// A directory on a file's path that is a symlink
+    /// (`current -> releases/7`, swapped to deploy) counts too: the swap
+    /// happens beside it.
     fn paths(&self) -> Vec<PathBuf> {
         let mut paths = Vec::new();
         for file in self.files() {
             let target = std::fs::canonicalize(&file).ok();
+            let linked_dirs: Vec<PathBuf> = file
+                .ancestors()
+                .skip(1)
+                .filter(|dir| {
+                    !dir.as_os_str().is_empty()
+                        && dir
+                            .symlink_metadata()
+                            .is_ok_and(|m| m.file_type().is_symlink())
+                })
+                .map(Path::to_path_buf)
+                .collect();
             paths.push(file);
             paths.extend(target);
+            paths.extend(linked_dirs);
         }
         paths
     }
@@ -324,36 +342,56 @@ impl Reloader {
     }
 
     /// Watches the directories that concern us now, and no longer those
-    /// that stopped (a symlink's old target); a failure is warned about,
-    /// and SIGHUP still works.
+    /// that stopped (a symlink's old target). A directory replaced under
+    /// its name (`mv conf.new conf`) is watched again: a watch follows
+    /// the directory it was put on, wherever it goes. False when one
+    /// could not be watched (a directory removed, to be made again): it
+    /// is warned about once, and tried again after [`WATCH_RETRY`].
     fn watch(
         &self,
         watcher: Option<&mut notify::RecommendedWatcher>,
-        watched: &mut HashSet<PathBuf>,
-    ) {
-        let Some(watcher) = watcher else { return };
+        watches: &mut Watches,
+    ) -> bool {
+        let Some(watcher) = watcher else { return true };
         let dirs = self.dirs();
-        watched.retain(|dir| {
+        watches.on.retain(|dir, _| {
             let keep = dirs.contains(dir);
             if !keep {
                 let _ = watcher.unwatch(dir);
             }
             keep
         });
+        watches.failing.retain(|dir| dirs.contains(dir));
+        let mut all = true;
         for dir in dirs {
-            if watched.contains(&dir) {
+            let now = dir_identity(&dir);
+            if now.is_some() && watches.on.get(&dir) == Some(&now) {
                 continue;
+            }
+            if watches.on.remove(&dir).is_some() {
+                let _ = watcher.unwatch(&dir);
             }
             match watcher.watch(&dir, RecursiveMode::NonRecursive) {
                 Ok(()) => {
-                    watched.insert(dir);
+                    watches.failing.remove(&dir);
+                    watches.on.insert(dir, now);
                 }
                 Err(e) => {
-                    let error = format!("cannot watch {}: {e}", dir.display());
-                    self.log(|| tracing::warn!(event = "watch_failed", error = error.as_str()));
+                    all = false;
+                    if watches.failing.insert(dir.clone()) {
+                        let error = format!("cannot watch {}: {e}", dir.display());
+                        self.log(|| {
+                            tracing::warn!(
+                                event = "watch_failed",
+                                error = error.as_str(),
+                                "changes there are not seen until it can be watched (tried every 2s); SIGHUP reloads"
+                            );
+                        });
+                    }
                 }
             }
         }
+        all
     }
 
     fn log(&self, emit: impl FnOnce()) {
@@ -368,7 +406,7 @@ impl Reloader {
 pub fn spawn(mut reloader: Reloader, hangup: Hangup) -> Result<JoinHandle<()>, String> {
     let mut hangup = hangup.0;
     let (changed, mut events) = mpsc::channel::<()>(1);
-    let names = Arc::new(RwLock::new(reloader.names()));
+    let names = Arc::new(RwLock::new(reloader.concerns()));
     let watched_names = names.clone();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Reads (ours included) are not changes; a full channel already
@@ -401,13 +439,24 @@ pub fn spawn(mut reloader: Reloader, hangup: Hangup) -> Result<JoinHandle<()>, S
             None
         }
     };
-    let mut watched = HashSet::new();
-    reloader.watch(watcher.as_mut(), &mut watched);
+    let mut watches = Watches::default();
+    let mut all_watched = reloader.watch(watcher.as_mut(), &mut watches);
+    if let Ok(mut names) = names.write() {
+        *names = reloader.concerns();
+    }
     Ok(tokio::spawn(async move {
         loop {
             let forced = tokio::select! {
                 Some(()) = hangup.recv() => true,
                 Some(()) = events.recv() => false,
+                () = tokio::time::sleep(WATCH_RETRY), if !all_watched => {
+                    all_watched = reloader.watch(watcher.as_mut(), &mut watches);
+                    if !all_watched {
+                        continue;
+                    }
+                    // Watched again: what changed meanwhile was not seen.
+                    false
+                }
                 else => break,
             };
             let first = tokio::time::Instant::now();
@@ -416,28 +465,75 @@ pub fn spawn(mut reloader: Reloader, hangup: Hangup) -> Result<JoinHandle<()>, S
                     break;
                 }
             }
+            // Emptied to be written again in place, and caught between
+            // the two: given one more while to be filled.
+            if std::fs::metadata(&reloader.path).is_ok_and(|m| m.len() == 0) {
+                tokio::time::sleep(SETTLE).await;
+            }
             // A rotated certificate counts even when the config in the
             // same batch was refused.
             if !matches!(reloader.config(forced), Outcome::Reloaded) {
                 reloader.certs(forced);
             }
             // A reload may have moved the certificate: watch where it is now.
-            reloader.watch(watcher.as_mut(), &mut watched);
+            all_watched = reloader.watch(watcher.as_mut(), &mut watches);
             if let Ok(mut names) = names.write() {
-                *names = reloader.names();
+                *names = reloader.concerns();
             }
         }
     }))
 }
 
+/// The directories watched, each with the identity of the directory its
+/// watch is on, and those that could not be.
+#[derive(Default)]
+struct Watches {
+    on: HashMap<PathBuf, Option<DirId>>,
+    failing: HashSet<PathBuf>,
+}
+
+/// A directory's device and inode: another directory under the same
+/// name (one moved or made in its place) has another.
+type DirId = (u64, u64);
+
+#[cfg(unix)]
+fn dir_identity(dir: &Path) -> Option<DirId> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn dir_identity(dir: &Path) -> Option<DirId> {
+    dir.is_dir().then_some((0, 0))
+}
+
+/// What events concern us: those about these file names, and about the
+/// watched directories themselves (moved or removed).
+#[derive(Default)]
+struct Concerns {
+    names: HashSet<OsString>,
+    dirs: HashSet<PathBuf>,
+}
+
+impl Reloader {
+    fn concerns(&self) -> Concerns {
+        Concerns {
+            names: self.names(),
+            dirs: self.dirs(),
+        }
+    }
+}
+
 /// Whether a change to `path` may change the config or the certificate.
-fn concerns(path: &Path, names: &RwLock<HashSet<OsString>>) -> bool {
+fn concerns(path: &Path, concerns: &RwLock<Concerns>) -> bool {
     let Some(name) = path.file_name() else {
         return true;
     };
     // Kubernetes swaps a mount's `..data` symlink to a new `..<time>` dir.
     name.as_encoded_bytes().starts_with(b"..")
-        || names.read().map_or(true, |names| names.contains(name))
+        || concerns
+            .read()
+            .map_or(true, |c| c.names.contains(name) || c.dirs.contains(path))
 }
 
 /// SIGHUP as a stream of wake-ups (never on non-Unix systems).

@@ -749,3 +749,94 @@ async fn watched() -> (MockUpstream, TestGateway, std::path::PathBuf) {
     let path = gw.path("proxy.yaml");
     (up, gw, path)
 }
+
+const OPEN_ROUTE: &str =
+    "  - name: open\n    match: { path_prefix: /open/ }\n    auth: none\n    upstream: llm\n";
+
+/// The config's directory replaced under its name (`mv conf.new conf`,
+/// or removed and made again): the new one is read and watched; the
+/// watch had followed the old directory away.
+#[tokio::test]
+async fn a_config_directory_replaced_under_its_name_is_watched_again() {
+    let upstream = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("conf");
+    std::fs::create_dir(&conf).unwrap();
+    let yaml =
+        |route: &str| crate::support::gateway::with_test_listeners(&config(&upstream.url(), route));
+    let closed = yaml("");
+    std::fs::write(conf.join("proxy.yaml"), &closed).unwrap();
+    let root = dir.path().to_path_buf();
+    let gw = TestGateway::start_at(conf.join("proxy.yaml"), dir).await;
+    let client = Client::new();
+    let status = |path: &'static str| {
+        let (client, gw) = (&client, &gw);
+        async move { client.get(&gw.url(path)).await.status }
+    };
+    assert_eq!(status("/open/x").await, 404);
+
+    // Replaced by a directory moved in its place.
+    std::fs::create_dir(root.join("conf.new")).unwrap();
+    std::fs::write(root.join("conf.new/proxy.yaml"), yaml(OPEN_ROUTE)).unwrap();
+    std::fs::rename(&conf, root.join("conf.old")).unwrap();
+    std::fs::rename(root.join("conf.new"), &conf).unwrap();
+    wait_reloads(&gw, "ok", 1.0).await;
+    assert_eq!(status("/open/x").await, 200);
+    // The old one gone, an edit to the new one still reloads.
+    std::fs::remove_dir_all(root.join("conf.old")).unwrap();
+    std::fs::write(conf.join("proxy.yaml"), &closed).unwrap();
+    wait_reloads(&gw, "ok", 2.0).await;
+    assert_eq!(status("/open/x").await, 404);
+
+    // Removed, then made again: seen within the retry.
+    std::fs::remove_dir_all(&conf).unwrap();
+    wait_reloads(&gw, "error", 1.0).await;
+    std::fs::create_dir(&conf).unwrap();
+    std::fs::write(conf.join("proxy.yaml"), yaml(OPEN_ROUTE)).unwrap();
+    let reloaded = || {
+        gw.log_lines()
+            .iter()
+            .filter(|l| l["event"] == "config_reloaded")
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(8), || reloaded() >= 3).await,
+        "{}",
+        gw.log_text()
+    );
+    assert_eq!(status("/open/x").await, 200);
+    let failed: Vec<_> = gw
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "watch_failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "said once: {}", gw.log_text());
+    assert!(failed[0]["message"].is_string(), "{}", failed[0]);
+}
+
+/// A directory on the config's path that is a symlink, swapped to deploy
+/// (`current -> releases/2`): the swap reloads the config.
+#[tokio::test]
+async fn a_symlinked_directory_swapped_to_another_reloads_the_config() {
+    let upstream = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    for (release, route) in [("1", ""), ("2", OPEN_ROUTE)] {
+        let release = root.join("releases").join(release);
+        std::fs::create_dir_all(&release).unwrap();
+        std::fs::write(
+            release.join("proxy.yaml"),
+            crate::support::gateway::with_test_listeners(&config(&upstream.url(), route)),
+        )
+        .unwrap();
+    }
+    std::os::unix::fs::symlink("releases/1", root.join("current")).unwrap();
+    let gw = TestGateway::start_at(root.join("current/proxy.yaml"), dir).await;
+    assert_eq!(Client::new().get(&gw.url("/open/x")).await.status, 404);
+
+    // Swapped atomically, as deploy tools do.
+    std::os::unix::fs::symlink("releases/2", root.join("current.new")).unwrap();
+    std::fs::rename(root.join("current.new"), root.join("current")).unwrap();
+    wait_reloads(&gw, "ok", 1.0).await;
+    assert_eq!(Client::new().get(&gw.url("/open/x")).await.status, 200);
+}
