@@ -63,6 +63,8 @@ impl Active {
         breakers.keep_only(&circuits, |circuit| circuit.retire());
         let names: Vec<&str> = snapshot.upstreams.iter().map(|u| &*u.name).collect();
         metrics.keep_upstreams_up(&names);
+        let routes: Vec<&str> = snapshot.routes.iter().map(|r| &*r.name).collect();
+        metrics.keep_routes(&routes);
         // A JWKS URL a reload retired is let go: its refresher, holding it
         // weakly, stops once the requests of the old config have ended,
         // rather than fetch it every few minutes for the process's life.

@@ -389,6 +389,66 @@ impl Metrics {
         }
     }
 
+    /// Drops the series of routes no longer in the config that hold
+    /// nothing: an in-flight gauge at 0, and the histograms and cache
+    /// counters of a route that served no request. A config generator
+    /// that versions route names would otherwise grow them without
+    /// bound. What a removed route did count stays, as counters of
+    /// stopped series do.
+    pub fn keep_routes(&self, names: &[&str]) {
+        type Empty = dyn Fn(&prometheus::proto::Metric) -> bool;
+        // Each series to drop by its labels (by name: a family's labels
+        // come sorted, not in the vector's order).
+        let gone = |family: &dyn Collector, empty: &Empty| -> Vec<Vec<(String, String)>> {
+            family
+                .collect()
+                .iter()
+                .flat_map(|f| f.get_metric())
+                .filter(|m| empty(m))
+                .filter(|m| {
+                    m.get_label().iter().any(|l| {
+                        l.name() == "route" && l.value() != UNNAMED && !names.contains(&l.value())
+                    })
+                })
+                .map(|m| {
+                    m.get_label()
+                        .iter()
+                        .map(|l| (l.name().to_owned(), l.value().to_owned()))
+                        .collect()
+                })
+                .collect()
+        };
+        let unobserved = |m: &prometheus::proto::Metric| m.get_histogram().get_sample_count() == 0;
+        let zero_gauge = |m: &prometheus::proto::Metric| m.get_gauge().get_value() == 0.0;
+        let zero_counter = |m: &prometheus::proto::Metric| m.get_counter().get_value() == 0.0;
+        fn drop_each<T: prometheus::core::MetricVecBuilder>(
+            vec: &prometheus::core::MetricVec<T>,
+            series: Vec<Vec<(String, String)>>,
+        ) {
+            for labels in series {
+                let labels: HashMap<&str, &str> = labels
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_str()))
+                    .collect();
+                let _ = vec.remove(&labels);
+            }
+        }
+        drop_each(&self.in_flight, gone(&self.in_flight, &zero_gauge));
+        drop_each(
+            &self.request_duration,
+            gone(&self.request_duration, &unobserved),
+        );
+        drop_each(&self.overhead, gone(&self.overhead, &unobserved));
+        drop_each(
+            &self.cache_requests,
+            gone(&self.cache_requests, &zero_counter),
+        );
+        drop_each(
+            &self.cache_saved_usd,
+            gone(&self.cache_saved_usd, &zero_counter),
+        );
+    }
+
     /// Drops the global budget's gauges when the config no longer has
     /// one: its last figures would keep its alerts firing.
     pub fn clear_global_budget(&self) {

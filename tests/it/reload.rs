@@ -840,3 +840,64 @@ async fn a_symlinked_directory_swapped_to_another_reloads_the_config() {
     wait_reloads(&gw, "ok", 1.0).await;
     assert_eq!(Client::new().get(&gw.url("/open/x")).await.status, 200);
 }
+
+/// Routes a reload removed leave no empty series behind (a generator
+/// that versions route names would grow them without bound); what a
+/// removed route counted stays, as a stopped counter does.
+#[tokio::test]
+async fn a_reload_drops_the_empty_series_of_removed_routes() {
+    let up = MockUpstream::always(UpstreamReply::text("ok")).await;
+    let yaml = |first: &str, second: &str| {
+        format!(
+            r#"
+upstreams:
+  app: {{ url: "{}" }}
+routes:
+  - name: {first}
+    match: {{ path_prefix: /a/ }}
+    auth: none
+    cache: {{ ttl: 1m }}
+    upstream: app
+  - name: {second}
+    match: {{ path_prefix: / }}
+    auth: none
+    upstream: app
+"#,
+            up.url()
+        )
+    };
+    let gw = TestGateway::start_watched(
+        &yaml("idle_v1", "busy_v1"),
+        &[],
+        tempfile::tempdir().unwrap(),
+    )
+    .await;
+    assert_eq!(Client::new().get(&gw.url("/x")).await.status, 200);
+    let route = |name: &'static str| [("route", name)];
+    assert_eq!(
+        gw.metric("sluice_in_flight_requests", &route("idle_v1"))
+            .await,
+        Some(0.0)
+    );
+    gw.swap_config(&yaml("idle_v2", "busy_v2"));
+    wait_reloads(&gw, "ok", 1.0).await;
+    let text = gw.metrics().await;
+    assert!(!text.contains("route=\"idle_v1\""), "{text}");
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("sluice_in_flight_requests{route=\"busy_v1\"")),
+        "{text}"
+    );
+    assert_eq!(
+        gw.metric("sluice_request_duration_seconds_count", &route("busy_v1"))
+            .await,
+        Some(1.0),
+        "what it counted stays"
+    );
+    assert_eq!(
+        gw.metric("sluice_in_flight_requests", &route("idle_v2"))
+            .await,
+        Some(0.0)
+    );
+}
