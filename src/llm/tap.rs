@@ -85,7 +85,7 @@ const DEADLINE_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the request exce
 /// The last event of an SSE stream still open when a drain's
 /// `shutdown_grace` ran out: the client can tell it from a provider's
 /// failure, and retry elsewhere.
-const SHUTDOWN_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"sluice is shutting down and the stream outlasted its shutdown_grace\",\"type\":\"server_error\",\"param\":null,\"code\":\"server_shutdown\"}}\n\n";
+const SHUTDOWN_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"sluice is shutting down, and the stream was cut before its end\",\"type\":\"server_error\",\"param\":null,\"code\":\"server_shutdown\"}}\n\n";
 
 /// What accounting for a request needs: metrics, limits, spend and the
 /// access-log line. It accounts exactly once: when the tap that took it
@@ -412,6 +412,15 @@ fn record_usage(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, m
     // read the request (token limits, budgets).
     if usage.model.is_none() {
         usage.model.clone_from(&ctx.requested_model);
+    }
+    // An answer cut short (its client left) generated at least a token
+    // an event it streamed: its estimate (what it is charged, what its
+    // token reservation keeps) counts them, or a request with no
+    // `max_tokens` would pay for its prompt alone.
+    if limit::cut_short(ctx)
+        && let Some(estimate) = ctx.estimate.as_mut()
+    {
+        estimate.output = estimate.output.max(usage.events);
     }
     if usage.input_tokens.is_none() && usage.output_tokens.is_none() && usage.finishes.is_empty() {
         // Nothing to count (a stream broken before its end), but the log

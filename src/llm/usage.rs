@@ -27,6 +27,9 @@ pub struct Usage {
     /// Within `input_tokens`: written to it.
     pub cache_write_tokens: Option<u64>,
     pub finishes: Finishes,
+    /// The events of a stream that carried data: each was generated, a
+    /// token or more, whether or not the stream lived to report usage.
+    pub events: u64,
     /// A stream carried an error event (it may still end normally): not
     /// an answer to keep in the cache.
     pub stream_error: bool,
@@ -474,6 +477,7 @@ impl SseMeter {
     /// one that carries the usage, and says the stream is complete.
     fn absorb_oversized(&mut self, mut ends: Ends, last: &[u8]) {
         ends.push_tail(last);
+        self.usage.events += 1;
         if !self.named_events {
             self.named_events = sse::has_event_name(&ends.head);
         }
@@ -518,6 +522,8 @@ impl SseMeter {
         let payload = sse::event_payload(event);
         if sse::is_last_event(&payload) {
             self.finished = true;
+        } else if !payload.is_empty() {
+            self.usage.events += 1;
         }
         if facts::holds_nothing_new(&payload, self.usage.model.as_deref()) {
             return false;
@@ -1059,6 +1065,7 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
                 cache_read_tokens: None,
                 cache_write_tokens: None,
                 finishes: Finishes::default(),
+                events: 0,
                 stream_error: false,
                 malformed: false,
                 failed: false,
@@ -1119,6 +1126,7 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
                 cache_read_tokens: None,
                 cache_write_tokens: None,
                 finishes: Finishes(smallvec::smallvec![(0, Some("stop".into()))]),
+                events: 0,
                 stream_error: false,
                 malformed: false,
                 failed: false,

@@ -180,6 +180,62 @@ async fn budgets_are_not_enforced_unless_asked() {
     }
 }
 
+/// A client that leaves mid-stream from a request with no `max_tokens`
+/// is charged the output it was sent, a token an event at least, not its
+/// prompt alone: reading the content and hanging up before the usage
+/// chunk is no way to get it for free.
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_pays_for_what_it_was_sent() {
+    const BODY: &str = r#"{"model":"m","stream":true,"messages":[]}"#;
+    let chunk = r#"{"object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}"#;
+    let mut events = vec![chunk; 40];
+    events.push(r#"{"object":"chat.completion.chunk","model":"m","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":40}}"#);
+    events.push("[DONE]");
+    let up = MockUpstream::always(UpstreamReply::sse(&events, Duration::from_millis(30))).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+upstreams:
+  app: {{ url: "{}" }}
+auth:
+  api_keys:
+    - {{ id: alice, key: key-alice }}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    upstream: app
+pricing:
+  default: {{ input: 1000000, output: 1000000 }}
+budget:
+  daily_usd: 100000
+"#,
+        up.url()
+    ))
+    .await;
+    let (client, url) = (Client::new(), gw.url("/v1/chat/completions"));
+    let leaving = client.send(
+        Method::POST,
+        &url,
+        &[("x-api-key", "key-alice")],
+        Bytes::from_static(BODY.as_bytes()),
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(750), leaving)
+            .await
+            .is_err(),
+        "the stream ended before the client left"
+    );
+    let logs = gw.wait_access_logs(1).await;
+    assert_eq!(logs[0]["error"], "client_closed", "{logs:?}");
+    // $1 a token: the prompt (a quarter of the body the upstream got,
+    // `stream_options` added) and some 25 events of the 40.
+    let prompt = (up.seen()[0].body.len() as f64 / 4.0).ceil();
+    let cost = logs[0]["cost_usd"].as_f64().expect("a cost was charged");
+    assert!(
+        (prompt + 10.0..=prompt + 41.0).contains(&cost),
+        "{cost}, prompt {prompt}"
+    );
+}
+
 /// A client that leaves mid-stream, before the usage chunk, is charged
 /// the request's estimate (its prompt, plus its `max_tokens`): hanging
 /// up early is no way around a budget.
