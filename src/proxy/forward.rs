@@ -260,6 +260,13 @@ async fn stream_through(
         None => (body.boxed_unsync(), None),
     };
     let result = attempt(active, index, ctx, parts, body, Some(&progress)).await;
+    if result.is_err() && !progress.ended() {
+        // What the upstream did not take of the body is still on its
+        // way: the refusal says the connection closes after it (see
+        // `handle`), or the client's next request meets a closed socket.
+        ctx.body_unread = true;
+        ctx.body_drainable = false;
+    }
     if let Some(model) = model.and_then(|slot| slot.get().cloned()) {
         ctx.requested_model.get_or_insert(model);
     }

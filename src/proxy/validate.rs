@@ -7,7 +7,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -259,6 +259,8 @@ pub struct BodyProgress(Arc<Progress>);
 
 struct Progress {
     state: AtomicU8,
+    /// The client's body was read to its end.
+    ended: AtomicBool,
     /// When body bytes last came from the client, in µs since `start`
     /// plus one (0: none yet).
     last_read: AtomicU64,
@@ -269,6 +271,7 @@ impl Default for BodyProgress {
     fn default() -> Self {
         BodyProgress(Arc::new(Progress {
             state: AtomicU8::new(PASSING),
+            ended: AtomicBool::new(false),
             last_read: AtomicU64::new(0),
             start: Instant::now(),
         }))
@@ -296,6 +299,12 @@ impl BodyProgress {
 
     pub fn client_gone(&self) -> bool {
         self.0.state.load(Ordering::Acquire) == CLIENT_GONE
+    }
+
+    /// Whether the client's body was read to its end: if not, hyper
+    /// closes the connection once it has answered.
+    pub fn ended(&self) -> bool {
+        self.0.ended.load(Ordering::Acquire)
     }
 
     pub fn waiting_on_client(&self) -> bool {
@@ -407,6 +416,9 @@ where
                 // Only a read that found nothing waits on the client: a
                 // body that ended, or that hyper stopped polling, does not.
                 this.flag.set(PASSING);
+                if this.inner.is_end_stream() {
+                    this.flag.0.ended.store(true, Ordering::Release);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -420,6 +432,7 @@ where
             }
             Poll::Ready(None) => {
                 this.flag.set(PASSING);
+                this.flag.0.ended.store(true, Ordering::Release);
                 Poll::Ready(None)
             }
             Poll::Pending => {

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use crate::support::{
     AfterAnswer, Client, ClientReply, MockUpstream, RawUpstream, RefusedPort, TestGateway,
     UpstreamReply,
@@ -51,6 +53,34 @@ async fn connection_refused_is_502_naming_the_attempt() {
     assert_eq!(logs[0]["attempts"], 1);
     assert_eq!(logs[0]["error"], "upstream_error");
     assert_eq!(attempts_of_app(&gw, "connect_error").await, Some(1.0));
+}
+
+/// A body streaming through when the upstream cannot be reached is left
+/// unread: the 502 says the connection closes, so that a client sending
+/// its body after its head opens a new one for its next request rather
+/// than write it into a closed socket (RFC 9112 §9.6).
+#[tokio::test]
+async fn a_refusal_before_the_body_came_says_the_connection_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dead = RefusedPort::new();
+    let gw = TestGateway::start(&config(&dead.url(), "{ connect: 1s }")).await;
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(b"POST /upload HTTP/1.1\r\nhost: t\r\ncontent-length: 20\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("an answer before the body")
+            .unwrap();
+        assert!(n > 0, "closed without an answer");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 502"), "{head}");
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
 }
 
 #[tokio::test]
@@ -179,6 +209,42 @@ async fn a_get_a_reused_connection_dropped_is_sent_again_on_a_fresh_one() {
     let post = client.post_json(&gw.url("/x"), &[], "{}").await;
     assert_eq!(post.status, 502, "{}", post.text());
     assert_eq!(up.requests(), 4, "a POST is not sent twice");
+}
+
+/// The same race on an idempotent request with no body of another
+/// method (`DELETE /v1/files/{id}`), and on an `https://` upstream,
+/// whose connections hyper-util's pool keeps: sent again too.
+#[tokio::test]
+async fn an_idempotent_request_a_reused_connection_dropped_is_sent_again() {
+    let pki = crate::support::TestPki::new();
+    for tls in [false, true] {
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let up = if tls {
+            RawUpstream::start_tls(answer, AfterAnswer::DropTheNext, &pki).await
+        } else {
+            RawUpstream::start(answer, AfterAnswer::DropTheNext).await
+        };
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &pki.ca_pem).unwrap();
+        let timeouts = if tls { "{}\n    ca_file: ca.pem" } else { "{}" };
+        let gw = TestGateway::start_in(&config(&up.url(), timeouts), &[], dir).await;
+        let client = Client::new();
+        assert_eq!(client.get(&gw.url("/x")).await.status, 200, "tls: {tls}");
+        let delete = client
+            .send(
+                http::Method::DELETE,
+                &gw.url("/v1/files/f1"),
+                &[],
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(delete.status, 200, "tls: {tls}: {}", delete.text());
+        assert_eq!(
+            up.requests(),
+            3,
+            "tls: {tls}: the dropped request and its replay"
+        );
+    }
 }
 
 /// A GET through sluice to an upstream that answers `answer`, as it is,
