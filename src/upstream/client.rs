@@ -47,11 +47,27 @@ impl HttpClient {
     ) -> Result<http::Response<UpstreamBody>, ClientError> {
         match self {
             HttpClient::Plain(pool) => Ok(pool.request(req).await?.map(UpstreamBody::Plain)),
-            HttpClient::Tls(c) => match c.request(req).await {
-                Ok(resp) => Ok(resp.map(UpstreamBody::Tls)),
-                Err(e) if e.is_connect() => Err(ClientError::Connect(e.into())),
-                Err(e) => Err(ClientError::Pooled(e)),
-            },
+            HttpClient::Tls(c) => {
+                // hyper-util's pool replays a request only when its
+                // connection closed before it was written; one the
+                // upstream closed as it was reused (its keep-alive
+                // timeout shorter than ours) fails after. An idempotent
+                // request with no body goes again, as on the plain pool.
+                let replay = super::h1_pool::replay_of(&req);
+                let first = c.request(req).await;
+                let result = match (first, replay) {
+                    (Err(e), Some(again)) if !e.is_connect() => {
+                        tracing::debug!(error = %e, "replaying a request an upstream connection dropped");
+                        c.request(again).await
+                    }
+                    (first, _) => first,
+                };
+                match result {
+                    Ok(resp) => Ok(resp.map(UpstreamBody::Tls)),
+                    Err(e) if e.is_connect() => Err(ClientError::Connect(e.into())),
+                    Err(e) => Err(ClientError::Pooled(e)),
+                }
+            }
         }
     }
 }

@@ -232,14 +232,15 @@ impl H1Pool {
 
 /// A copy of `req` to send again if a reused connection fails it before
 /// any answer, when sending it twice is safe: an idempotent method with
-/// no body (RFC 9110 §9.2.2). Others (a chat completion is a POST) are never replayed: the upstream
+/// no body (RFC 9110 §9.2.2; a `DELETE /v1/files/{id}` among them).
+/// Others (a chat completion is a POST) are never replayed: the upstream
 /// may have started on it.
-fn replay_of(req: &Request<BoxBody>) -> Option<Request<BoxBody>> {
+pub(super) fn replay_of(req: &Request<BoxBody>) -> Option<Request<BoxBody>> {
     use http::Method;
     let method = req.method();
     let idempotent = matches!(
         *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     );
     if !idempotent || !req.body().is_end_stream() {
         return None;

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// How the upstream treats a connection after each answer.
@@ -24,6 +24,8 @@ pub enum AfterAnswer {
 
 pub struct RawUpstream {
     addr: std::net::SocketAddr,
+    /// Served over TLS (reached as `localhost`).
+    tls: bool,
     requests: Arc<AtomicUsize>,
     heads: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
@@ -32,18 +34,51 @@ pub struct RawUpstream {
 impl RawUpstream {
     /// Answers every request with `answer`, as it is.
     pub async fn start(answer: &'static [u8], after: AfterAnswer) -> Self {
+        Self::spawn(answer, after, None).await
+    }
+
+    /// [`RawUpstream::start`] over TLS (HTTP/1.1), with `pki`'s
+    /// certificate for `localhost`.
+    pub async fn start_tls(
+        answer: &'static [u8],
+        after: AfterAnswer,
+        pki: &super::TestPki,
+    ) -> Self {
+        let acceptor = super::upstream::tls_acceptor(&pki.cert_pem, &pki.key_pem, &[b"http/1.1"]);
+        Self::spawn(answer, after, Some(acceptor)).await
+    }
+
+    async fn spawn(
+        answer: &'static [u8],
+        after: AfterAnswer,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let requests = Arc::new(AtomicUsize::new(0));
         let heads = Arc::new(Mutex::new(Vec::new()));
         let (counted, kept) = (requests.clone(), heads.clone());
+        let secure = tls.is_some();
         let task = tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
-                tokio::spawn(serve(conn, answer, after, counted.clone(), kept.clone()));
+                let (counted, kept) = (counted.clone(), kept.clone());
+                match tls.clone() {
+                    None => {
+                        tokio::spawn(serve(conn, answer, after, counted, kept));
+                    }
+                    Some(acceptor) => {
+                        tokio::spawn(async move {
+                            if let Ok(conn) = acceptor.accept(conn).await {
+                                serve(conn, answer, after, counted, kept).await;
+                            }
+                        });
+                    }
+                }
             }
         });
         RawUpstream {
             addr,
+            tls: secure,
             requests,
             heads,
             task,
@@ -51,7 +86,11 @@ impl RawUpstream {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.tls {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     /// Requests received so far (answered or not).
@@ -71,8 +110,8 @@ impl Drop for RawUpstream {
     }
 }
 
-async fn serve(
-    mut conn: TcpStream,
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: S,
     answer: &'static [u8],
     after: AfterAnswer,
     requests: Arc<AtomicUsize>,

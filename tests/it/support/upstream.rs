@@ -126,23 +126,7 @@ impl MockUpstream {
         cert_pem: &str,
         key_pem: &str,
     ) -> Self {
-        use rustls_pki_types::pem::PemObject;
-        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-        let certs: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-                .collect::<Result<_, _>>()
-                .expect("test cert");
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("test key");
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("protocols")
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .expect("cert and key");
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = tls_acceptor(cert_pem, key_pem, &[b"h2", b"http/1.1"]);
         Self::spawn(Arc::new(handler), Some(acceptor)).await
     }
 
@@ -293,6 +277,27 @@ pub struct TestPki {
 
 /// A config with one open route to the upstream at `url`, after `head`
 /// (top-level settings such as `limits:` or `tls:`).
+/// A TLS acceptor serving the PEM certificate chain and key, offering
+/// `alpn` protocols.
+pub fn tls_acceptor(cert_pem: &str, key_pem: &str, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .expect("test cert");
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("test key");
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocols")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("cert and key");
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
 pub fn app_config(url: &str, head: &str) -> String {
     format!(
         r#"
