@@ -833,6 +833,21 @@ mod tests {
         );
     }
 
+    /// What the client is sent of `stream` passed through `m` in frames
+    /// of `frame` bytes.
+    fn passed(m: &mut Meter, stream: &[u8], frame: usize) -> Vec<u8> {
+        let mut sent = Vec::new();
+        for part in stream.chunks(frame) {
+            let part = Bytes::copy_from_slice(part);
+            match m.observe(&part) {
+                Some(out) => sent.extend_from_slice(&out),
+                None => sent.extend_from_slice(&part),
+            }
+        }
+        sent.extend_from_slice(&m.take_held().unwrap_or_default());
+        sent
+    }
+
     fn stripping_meter() -> Meter {
         let mut m = Meter::for_content_type(b"text/event-stream").unwrap();
         m.strip_usage_chunk();
@@ -896,16 +911,11 @@ mod tests {
         for cut in 1..stream.len() {
             let mut m = Meter::for_content_type(b"text/event-stream").unwrap();
             m.whole_events();
-            let mut sent = Vec::new();
-            for part in stream.chunks(cut) {
-                let part = Bytes::copy_from_slice(part);
-                match m.observe(&part) {
-                    Some(out) => sent.extend_from_slice(&out),
-                    None => sent.extend_from_slice(&part),
-                }
-            }
-            sent.extend_from_slice(&m.take_held().unwrap_or_default());
-            assert_eq!(sent, stream, "frames of {cut} bytes");
+            assert_eq!(
+                passed(&mut m, &stream, cut),
+                stream,
+                "frames of {cut} bytes"
+            );
         }
     }
 
@@ -978,16 +988,11 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
             if strip {
                 m.strip_usage_chunk();
             }
-            let mut sent = Vec::new();
-            for part in stream.chunks(64 << 10) {
-                let part = Bytes::copy_from_slice(part);
-                match m.observe(&part) {
-                    Some(out) => sent.extend_from_slice(&out),
-                    None => sent.extend_from_slice(&part),
-                }
-            }
-            sent.extend_from_slice(&m.take_held().unwrap_or_default());
-            assert_eq!(sent, stream, "every byte passes (strip: {strip})");
+            assert_eq!(
+                passed(&mut m, &stream, 64 << 10),
+                stream,
+                "every byte passes (strip: {strip})"
+            );
             assert!(m.finished(), "its final event passed (strip: {strip})");
             assert!(!m.broke_off(None));
             let usage = m.finish();

@@ -180,73 +180,24 @@ async fn budgets_are_not_enforced_unless_asked() {
     }
 }
 
-/// A client that leaves mid-stream from a request with no `max_tokens`
-/// is charged the output it was sent, a token an event at least, not its
-/// prompt alone: reading the content and hanging up before the usage
-/// chunk is no way to get it for free.
-#[tokio::test]
-async fn a_client_that_leaves_mid_stream_pays_for_what_it_was_sent() {
-    const BODY: &str = r#"{"model":"m","stream":true,"messages":[]}"#;
+/// A stream of `events` content chunks `gap` apart (then its usage and
+/// `[DONE]`), asked for with `body` by a client that leaves after
+/// `leave_after`, on a budgeted pool route at $1 a token: the upstream
+/// and the gateway, once the request is logged.
+async fn left_mid_stream(
+    body: &'static str,
+    events: usize,
+    gap: Duration,
+    leave_after: Duration,
+) -> (MockUpstream, TestGateway) {
     let chunk = r#"{"object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}"#;
-    let mut events = vec![chunk; 40];
-    events.push(r#"{"object":"chat.completion.chunk","model":"m","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":40}}"#);
-    events.push("[DONE]");
-    let up = MockUpstream::always(UpstreamReply::sse(&events, Duration::from_millis(30))).await;
-    let gw = TestGateway::start(&format!(
-        r#"
-upstreams:
-  app: {{ url: "{}" }}
-auth:
-  api_keys:
-    - {{ id: alice, key: key-alice }}
-routes:
-  - name: chat
-    match: {{ path_prefix: /v1/ }}
-    upstream: app
-pricing:
-  default: {{ input: 1000000, output: 1000000 }}
-budget:
-  daily_usd: 100000
-"#,
-        up.url()
-    ))
-    .await;
-    let (client, url) = (Client::new(), gw.url("/v1/chat/completions"));
-    let leaving = client.send(
-        Method::POST,
-        &url,
-        &[("x-api-key", "key-alice")],
-        Bytes::from_static(BODY.as_bytes()),
+    let usage = format!(
+        r#"{{"object":"chat.completion.chunk","model":"m","choices":[],"usage":{{"prompt_tokens":5,"completion_tokens":{events}}}}}"#
     );
-    assert!(
-        tokio::time::timeout(Duration::from_millis(750), leaving)
-            .await
-            .is_err(),
-        "the stream ended before the client left"
-    );
-    let logs = gw.wait_access_logs(1).await;
-    assert_eq!(logs[0]["error"], "client_closed", "{logs:?}");
-    // $1 a token: the prompt (a quarter of the body the upstream got,
-    // `stream_options` added) and some 25 events of the 40.
-    let prompt = (up.seen()[0].body.len() as f64 / 4.0).ceil();
-    let cost = logs[0]["cost_usd"].as_f64().expect("a cost was charged");
-    assert!(
-        (prompt + 10.0..=prompt + 41.0).contains(&cost),
-        "{cost}, prompt {prompt}"
-    );
-}
-
-/// A client that leaves mid-stream, before the usage chunk, is charged
-/// the request's estimate (its prompt, plus its `max_tokens`): hanging
-/// up early is no way around a budget.
-#[tokio::test]
-async fn a_client_that_leaves_mid_stream_is_charged_its_estimate() {
-    const BODY: &str = r#"{"model":"m","stream":true,"max_tokens":100,"messages":[]}"#;
-    let chunk = r#"{"object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}"#;
-    let mut events = vec![chunk; 10];
-    events.push(r#"{"object":"chat.completion.chunk","model":"m","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":10}}"#);
-    events.push("[DONE]");
-    let up = MockUpstream::always(UpstreamReply::sse(&events, Duration::from_millis(150))).await;
+    let mut stream = vec![chunk; events];
+    stream.push(&usage);
+    stream.push("[DONE]");
+    let up = MockUpstream::always(UpstreamReply::sse(&stream, gap)).await;
     let gw = TestGateway::start(&format!(
         r#"
 upstreams:
@@ -273,23 +224,63 @@ budget:
         Method::POST,
         &url,
         &[("x-api-key", "key-alice")],
-        Bytes::from_static(BODY.as_bytes()),
+        Bytes::from_static(body.as_bytes()),
     );
     assert!(
-        tokio::time::timeout(Duration::from_millis(800), leaving)
-            .await
-            .is_err(),
+        tokio::time::timeout(leave_after, leaving).await.is_err(),
         "the stream ended before the client left"
     );
     let logs = gw.wait_access_logs(1).await;
     assert_eq!(logs[0]["error"], "client_closed", "{logs:?}");
+    (up, gw)
+}
+
+/// A client that leaves mid-stream, before the usage chunk, is charged
+/// the request's estimate (its prompt, plus its `max_tokens`): hanging
+/// up early is no way around a budget.
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_is_charged_its_estimate() {
+    const BODY: &str = r#"{"model":"m","stream":true,"max_tokens":100,"messages":[]}"#;
+    let (_up, gw) = left_mid_stream(
+        BODY,
+        10,
+        Duration::from_millis(150),
+        Duration::from_millis(800),
+    )
+    .await;
+    let logs = gw.wait_access_logs(1).await;
+    let log = &logs[0];
     // $1 a token: the body's quarter (the upstream got it with
     // `stream_options` added), plus max_tokens.
-    let cost = logs[0]["cost_usd"].as_f64().expect("a cost was charged");
+    let cost = log["cost_usd"].as_f64().expect("a cost was charged");
     assert!((110.0..=140.0).contains(&cost), "{cost}");
-    assert_eq!(logs[0]["input_tokens"], serde_json::Value::Null);
+    assert_eq!(log["input_tokens"], serde_json::Value::Null);
     let spent = gw
         .metric("sluice_budget_spent_usd", &[("scope", "global")])
         .await;
     assert_eq!(spent, Some(cost));
+}
+
+/// One with no `max_tokens` is charged the output it was sent, a token
+/// an event at least, not its prompt alone: reading the content and
+/// hanging up before the usage chunk is no way to get it for free.
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_pays_for_what_it_was_sent() {
+    const BODY: &str = r#"{"model":"m","stream":true,"messages":[]}"#;
+    let (up, gw) = left_mid_stream(
+        BODY,
+        40,
+        Duration::from_millis(30),
+        Duration::from_millis(750),
+    )
+    .await;
+    let logs = gw.wait_access_logs(1).await;
+    // $1 a token: the prompt (a quarter of the body the upstream got,
+    // `stream_options` added) and some 25 events of the 40.
+    let prompt = (up.seen()[0].body.len() as f64 / 4.0).ceil();
+    let cost = logs[0]["cost_usd"].as_f64().expect("a cost was charged");
+    assert!(
+        (prompt + 10.0..=prompt + 41.0).contains(&cost),
+        "{cost}, prompt {prompt}"
+    );
 }
