@@ -596,7 +596,11 @@ async fn failover(
                 // sluice's own shortage (descriptors, ports) says nothing
                 // about the member: its circuit must not open for it.
                 let local = failure.outcome == Outcome::LocalError;
-                judge(verdict, out_of_time || local, pool);
+                judge(
+                    verdict,
+                    out_of_time || local || failure.text == KEEP_ALIVE_RACE,
+                    pool,
+                );
                 tried.push(format!("{}: {}", upstream.name, failure.text));
                 if out_of_time {
                     // No other member has any time left either.
@@ -1169,11 +1173,22 @@ fn classify(e: &ClientError) -> AttemptFailure {
             };
         }
     }
+    if let ClientError::ReusedClosed(_) = e {
+        return AttemptFailure {
+            outcome: Outcome::ConnectionError,
+            text: KEEP_ALIVE_RACE,
+        };
+    }
     AttemptFailure {
         outcome: Outcome::ConnectionError,
         text: "connection closed before the response",
     }
 }
+
+/// A reused connection the upstream closed as sluice sent on it (its
+/// keep-alive timeout shorter than sluice's): the member answers on a
+/// new connection, so its circuit does not count it.
+const KEEP_ALIVE_RACE: &str = "a reused connection closed before the response (the upstream's keep-alive ended as it was reused)";
 
 /// Whether a socket could not be opened for want of something local:
 /// descriptors (the process's or the system's) or buffer memory.

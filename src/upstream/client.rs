@@ -84,6 +84,11 @@ pub enum ClientError {
     Closed,
     #[error("the HTTP exchange failed")]
     Http(#[source] hyper::Error),
+    /// A reused connection closed (or was reset) before any answer to a
+    /// request that is not sent twice: the upstream's keep-alive ended
+    /// as sluice reused it, a race, not a sign of a failing upstream.
+    #[error("a reused connection closed before the response")]
+    ReusedClosed(#[source] hyper::Error),
     #[error("the HTTPS exchange failed")]
     Pooled(#[source] hyper_util::client::legacy::Error),
 }

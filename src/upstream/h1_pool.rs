@@ -132,7 +132,15 @@ impl H1Pool {
                         req = again;
                         replayed = true;
                     }
-                    (None, None) => return Err(ClientError::Http(e.into_error())),
+                    (None, None) => {
+                        let e = e.into_error();
+                        let garbled = e.is_parse() || e.is_parse_status() || e.is_parse_too_large();
+                        return Err(if reused && !garbled {
+                            ClientError::ReusedClosed(e)
+                        } else {
+                            ClientError::Http(e)
+                        });
+                    }
                 },
             }
         }

@@ -1566,3 +1566,32 @@ async fn an_answer_broken_before_its_body_fails_over() {
         assert_eq!(log["error"], Value::Null, "{log}");
     }
 }
+
+/// A member that closed a kept-alive connection as it was reused (its
+/// keep-alive timeout shorter than sluice's) fails the POST sent on it
+/// over to the next member, but its circuit does not count the race: it
+/// answers on a new connection.
+#[tokio::test]
+async fn a_keep_alive_race_fails_over_without_counting_against_the_member() {
+    use crate::support::{AfterAnswer, RawUpstream};
+    let primary = RawUpstream::start(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\nprimary",
+        AfterAnswer::DropTheNext,
+    )
+    .await;
+    let backup = MockUpstream::always(UpstreamReply::text("backup")).await;
+    let breaker = "    circuit_breaker: { failures: 1, cooldown: 30s }";
+    let gw = TestGateway::start(&config(&primary.url(), &backup.url(), breaker, "")).await;
+    let client = Client::new();
+    let first = client.post_json(&gw.url("/v1/x"), &[], "{}").await;
+    assert_eq!(first.text(), "primary");
+    let raced = client.post_json(&gw.url("/v1/x"), &[], "{}").await;
+    assert_eq!(raced.text(), "backup", "failed over");
+    assert_eq!(primary.requests(), 2, "a POST is not sent twice");
+    assert_eq!(primary_up(&gw).await, Some(1.0), "{}", gw.log_text());
+    let third = client.post_json(&gw.url("/v1/x"), &[], "{}").await;
+    assert_eq!(third.text(), "primary", "the member still takes requests");
+    let logs = gw.wait_access_logs(3).await;
+    assert_eq!(logs[1]["attempts"], 2, "{}", logs[1]);
+    assert_eq!(logs[1]["upstream"], "backup", "{}", logs[1]);
+}
