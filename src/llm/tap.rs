@@ -424,9 +424,16 @@ fn record_usage(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, m
     }
     if usage.input_tokens.is_none() && usage.output_tokens.is_none() && usage.finishes.is_empty() {
         // Nothing to count (a stream broken before its end), but the log
-        // still says which model was answering.
+        // still says which model was answering. A whole answer sluice
+        // could not read was generated all the same: its estimate, as
+        // one that reported no usage is charged, or it would be free.
+        let unread_answer = usage.unread && !usage.failed && (200..300).contains(&ctx.status);
+        let cost = |model| match unread_answer {
+            true => estimate_at_price(active, ctx, model),
+            false => estimated_cost(active, ctx, model),
+        };
         if let Some(model) = usage.model.as_deref()
-            && let Some(cost) = estimated_cost(active, ctx, model)
+            && let Some(cost) = cost(model)
         {
             charge(gw, active, ctx, model, cost);
         }

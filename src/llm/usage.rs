@@ -39,6 +39,10 @@ pub struct Usage {
     /// A JSON answer that is an error (an `error` member, not null),
     /// whatever its status said: not an answer to keep in the cache.
     pub failed: bool,
+    /// A JSON answer whose members could not be read (not JSON, a byte
+    /// order mark before it, a member written twice): what it reported
+    /// is unknown, not absent.
+    pub unread: bool,
 }
 
 /// How an answer's choices ended, by choice index: the reason each gave
@@ -546,6 +550,8 @@ fn from_json_body(body: &[u8]) -> Usage {
         return Usage {
             malformed,
             failed: !malformed && facts::names_an_error(body),
+            // Not JSON, or an object: an answer's shape (a list is none).
+            unread: malformed || body.trim_ascii_start().starts_with(b"{"),
             ..Usage::default()
         };
     };
@@ -1074,6 +1080,7 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
                 stream_error: false,
                 malformed: false,
                 failed: false,
+                unread: false,
             };
             for event in events {
                 if !facts::holds_nothing_new(event, Some(known)) {
@@ -1135,6 +1142,7 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
                 stream_error: false,
                 malformed: false,
                 failed: false,
+                unread: false,
             }
         );
     }
@@ -1167,6 +1175,11 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
         );
         // Not an object at all: nothing.
         assert_eq!(from_json_body(br#"["m"]"#), Usage::default());
+        // An object it cannot read (a member written twice), or no JSON:
+        // what it reported is unknown.
+        let twice = br#"{"model":"m","usage":{"prompt_tokens":1,"prompt_tokens":9}}"#;
+        assert!(from_json_body(twice).unread);
+        assert!(from_json_body("\u{feff}{}".as_bytes()).unread);
     }
 
     #[test]

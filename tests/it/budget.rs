@@ -284,3 +284,39 @@ async fn a_client_that_leaves_mid_stream_pays_for_what_it_was_sent() {
         "{cost}, prompt {prompt}"
     );
 }
+
+/// A whole answer sluice cannot read (a byte order mark before its
+/// JSON, a member written twice) is charged its estimate, as one that
+/// reports no usage is: a misbehaving upstream is no free ride.
+#[tokio::test]
+async fn an_answer_that_cannot_be_read_is_charged_its_estimate() {
+    for answer in [
+        "\u{feff}{\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":600000,\"completion_tokens\":0}}",
+        "{\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"prompt_tokens\":600000}}",
+    ] {
+        let up = MockUpstream::always(
+            UpstreamReply::text(answer).header("content-type", "application/json"),
+        )
+        .await;
+        let gw = TestGateway::start(&config(&up.url(), "  daily_usd: 100.0")).await;
+        let reply = Client::new()
+            .send(
+                Method::POST,
+                &gw.url("/v1/chat/completions"),
+                &[("x-api-key", "key-alice")],
+                Bytes::from(format!(
+                    r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
+                    "x".repeat(4000)
+                )),
+            )
+            .await;
+        assert_eq!(reply.status, 200);
+        let logs = gw.wait_access_logs(1).await;
+        // $1 a million input tokens: some thousand estimated.
+        let cost = logs[0]["cost_usd"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{}", logs[0]));
+        assert!((0.0005..0.01).contains(&cost), "{cost}");
+        assert_eq!(logs[0]["input_tokens"], serde_json::Value::Null);
+    }
+}
