@@ -176,10 +176,11 @@ impl Counts {
     }
 }
 
-/// The most tokens one answer is taken to report in one count: far past
-/// any context window or batch, and far below where adding counts up
-/// would wrap a counter (which Prometheus would read as a reset).
-pub const MOST_TOKENS: u64 = 1 << 32;
+/// The most tokens one answer is taken to report in one count: past any
+/// context window (10 million tokens) or embeddings batch (2,048 inputs
+/// of 8,192), and far below where adding counts up would wrap a counter
+/// (which Prometheus would read as a reset) or cost a fortune.
+pub const MOST_TOKENS: u64 = 100_000_000;
 
 /// A reported count, or none when it is past [`MOST_TOKENS`]: a broken
 /// upstream's, read as absent as a count of the wrong type is.

@@ -160,6 +160,13 @@ impl Meter {
         }
     }
 
+    /// Whether the stream ended inside an event too long to hold back,
+    /// part of which was passed on: what is appended to the stream must
+    /// begin with a blank line to be an event of its own.
+    pub fn cut_mid_event(&self) -> bool {
+        matches!(self, Meter::Sse(s) if s.cut_mid_event || s.oversized.is_some())
+    }
+
     /// Whether a stream's last event passed: OpenAI's `[DONE]`,
     /// Anthropic's `message_stop`, the responses API's final event. A
     /// client may hang up then, before the upstream's own end of body
@@ -373,6 +380,9 @@ pub struct SseMeter {
     /// memory, but for its ends, read once it ends (see
     /// [`SseMeter::absorb_oversized`]); the events after it are read again.
     oversized: Option<Ends>,
+    /// The stream ended inside an event too long to hold, part of which
+    /// the client was sent (see [`Meter::cut_mid_event`]).
+    cut_mid_event: bool,
 }
 
 /// How much of the start of an event too long to read is kept: its name
@@ -389,12 +399,21 @@ impl SseMeter {
     /// its CR, cut nothing).
     fn absorb_rest<'r>(&mut self, rest: Option<&'r Bytes>) -> Option<&'r Bytes> {
         let rest = rest.filter(|r| r.iter().any(|b| !matches!(b, b'\r' | b'\n')));
+        if self.oversized.take().is_some() {
+            // The end of an event too long to hold, cut before its
+            // blank line: whether it was whole cannot be told, so it
+            // says nothing (a final event cut short is no final event).
+            self.cut_mid_event = true;
+            return rest;
+        }
+        // Read as an event only when whole: `[DONE]`, or a payload that
+        // parses (half a final event does not end a stream).
         if let Some(rest) = rest {
-            match self.oversized.take() {
-                Some(ends) => self.absorb_oversized(ends, rest),
-                None => {
-                    self.absorb_event(rest);
-                }
+            let payload = sse::event_payload(rest);
+            if &*payload == b"[DONE]"
+                || serde_json::from_slice::<serde::de::IgnoredAny>(&payload).is_ok()
+            {
+                self.absorb_event(rest);
             }
         }
         rest
@@ -967,9 +986,9 @@ mod tests {
         assert_eq!((u.input_tokens, u.output_tokens), (None, Some(10)));
         assert_eq!(u.cache_read_tokens, None);
         let u = from_json_body(
-            br#"{"type":"message","usage":{"input_tokens":4294967296,"output_tokens":4294967297}}"#,
+            br#"{"type":"message","usage":{"input_tokens":100000000,"output_tokens":4294967295}}"#,
         );
-        assert_eq!((u.input_tokens, u.output_tokens), (Some(1 << 32), None));
+        assert_eq!((u.input_tokens, u.output_tokens), (Some(100_000_000), None));
     }
 
     /// A responses stream whose final event repeats a generated image
