@@ -285,6 +285,7 @@ impl Tap {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         // Read before `finalize` takes the meter.
         let named = self.meter.as_ref().is_some_and(Meter::names_events);
+        let mid_event = self.meter.as_ref().is_some_and(Meter::cut_mid_event);
         self.finalize(Some(label));
         if self.sse {
             self.ended = true;
@@ -296,10 +297,15 @@ impl Tap {
             // A stream of named events (Anthropic's, the responses API's)
             // gets a named one: Anthropic's SDK raises on `event: error`
             // only, and OpenAI's raises on it too.
-            let frame = if named {
-                Bytes::from([&b"event: error\n"[..], event].concat())
-            } else {
+            // After part of an event too long to hold back, a blank
+            // line ends it first (its data cut short): else the error
+            // would be read as more of its data.
+            let start: &[u8] = if mid_event { b"\n\n" } else { b"" };
+            let name: &[u8] = if named { b"event: error\n" } else { b"" };
+            let frame = if start.is_empty() && name.is_empty() {
                 Bytes::from_static(event)
+            } else {
+                Bytes::from([start, name, event].concat())
             };
             return Poll::Ready(Some(Ok(Frame::data(frame))));
         }
@@ -664,9 +670,10 @@ impl Body for Tap {
 
     fn size_hint(&self) -> SizeHint {
         match &self.meter {
-            // Not the upstream's length once a chunk may be cut out, nor
-            // while the start of an event is held back.
-            Some(meter) if meter.strips() || meter.holds() => SizeHint::default(),
+            // Not the upstream's length for a stream read event by event
+            // (a chunk may be cut out, half an event dropped, an error
+            // event added), nor while the start of an event is held back.
+            Some(meter) if self.sse || meter.strips() || meter.holds() => SizeHint::default(),
             _ => self.inner.size_hint(),
         }
     }

@@ -213,11 +213,13 @@ pub async fn handle(
     if sse && let Some(meter) = meter.as_mut() {
         meter.whole_events();
         if ctx.usage_injected {
-            // The client gets fewer bytes than the upstream sent: a length
-            // the upstream gave would cut the stream short.
             meter.strip_usage_chunk();
-            resp.headers_mut().remove(http::header::CONTENT_LENGTH);
         }
+        // The client may get other bytes than the upstream sent (the
+        // usage chunk cut out; half an event dropped and an error event
+        // added when the stream breaks): a length the upstream gave would
+        // cut the stream short, its end unread.
+        resp.headers_mut().remove(http::header::CONTENT_LENGTH);
     }
     resp.map(move |body| {
         let body = if head { crate::body::empty() } else { body };

@@ -556,3 +556,46 @@ async fn a_final_event_over_a_mebibyte_ends_the_stream_and_is_metered() {
     assert_eq!(logs[0]["input_tokens"], 36, "{}", logs[0]);
     assert_eq!(logs[0]["output_tokens"], 87, "{}", logs[0]);
 }
+
+/// A final event cut short (small, or too long to hold back) does not
+/// end a stream: the stream broke, the client is told so in an event of
+/// its own, and the answer is not cached.
+#[tokio::test]
+async fn a_final_event_cut_short_is_a_broken_stream() {
+    let created = r#"data: {"type":"response.created","sequence_number":0,"response":{"id":"r","object":"response","status":"in_progress","model":"gpt-4.1","output":[],"usage":null}}"#;
+    for size in [10, 3 << 19] {
+        let cut = format!(
+            "{created}\n\ndata: {{\"type\":\"response.completed\",\"sequence_number\":5,\"response\":{{\"id\":\"r\",\"output\":[{{\"type\":\"image_generation_call\",\"result\":\"{}",
+            "A".repeat(size)
+        );
+        let up = MockUpstream::always(
+            UpstreamReply::text(cut.clone()).header("content-type", "text/event-stream"),
+        )
+        .await;
+        let gw = TestGateway::start(&config(&up.url(), "").replace(
+            "    upstream: llm",
+            "    cache: { ttl: 10m }\n    upstream: llm",
+        ))
+        .await;
+        let ask = || async {
+            Client::new()
+                .post_json(
+                    &gw.url("/v1/responses"),
+                    &[],
+                    r#"{"model":"gpt-4.1","stream":true,"input":"draw"}"#,
+                )
+                .await
+        };
+        let reply = ask().await;
+        let text = reply.text();
+        assert!(
+            text.ends_with(&format!("\n\n{STREAM_ERROR_EVENT}")),
+            "size {size}: {}",
+            &text[text.len().saturating_sub(120)..]
+        );
+        let logs = gw.wait_access_logs(1).await;
+        assert_eq!(logs[0]["error"], "upstream_stream_error", "size {size}");
+        let again = ask().await;
+        assert_ne!(again.header("x-sluice-cache"), Some("HIT"), "size {size}");
+    }
+}
