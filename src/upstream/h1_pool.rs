@@ -106,8 +106,18 @@ impl H1Pool {
                 return Err(ClientError::Closed);
             }
             let replay = if reused { replay_of(&req) } else { None };
-            match sender.try_send_request(req).await {
-                Ok(resp) => {
+            match (sender.try_send_request(req).await, replay) {
+                // A 408 on a reused connection is the upstream closing it
+                // as idle (HAProxy and others say so), not an answer to
+                // this request: a replayable one goes again on a fresh
+                // connection, as Go's client does.
+                (Ok(resp), Some(again)) if resp.status() == http::StatusCode::REQUEST_TIMEOUT => {
+                    tracing::debug!("replaying a request a reused upstream connection timed out");
+                    drop(resp);
+                    req = again;
+                    replayed = true;
+                }
+                (Ok(resp), _) => {
                     let lease = Lease {
                         pool: Arc::downgrade(self),
                         authority,
@@ -123,7 +133,7 @@ impl H1Pool {
                         lease: Some(lease),
                     }));
                 }
-                Err(mut e) => match (e.take_message(), replay) {
+                (Err(mut e), replay) => match (e.take_message(), replay) {
                     (Some(unsent), _) if reused => req = unsent,
                     // A new connection closed before the request was sent.
                     (Some(_), _) => return Err(ClientError::Closed),

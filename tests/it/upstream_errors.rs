@@ -247,6 +247,27 @@ async fn an_idempotent_request_a_reused_connection_dropped_is_sent_again() {
     }
 }
 
+/// An upstream that closes an idle connection with a 408 as it is
+/// reused: a GET goes again on a fresh connection (the 408 answered no
+/// request of the client's); a POST gets the 408, as it would anyway.
+#[tokio::test]
+async fn a_408_on_a_reused_connection_sends_a_get_again() {
+    let up = RawUpstream::start(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        AfterAnswer::TimeOutTheNext,
+    )
+    .await;
+    let gw = TestGateway::start(&config(&up.url(), "{}")).await;
+    let client = Client::new();
+    assert_eq!(client.get(&gw.url("/x")).await.status, 200);
+    let again = client.get(&gw.url("/x")).await;
+    assert_eq!(again.status, 200, "{}", again.text());
+    assert_eq!(up.requests(), 3, "the timed-out request and its replay");
+    let post = client.post_json(&gw.url("/x"), &[], "{}").await;
+    assert_eq!(post.status, 408, "{}", post.text());
+    assert_eq!(up.requests(), 4, "a POST is not sent twice");
+}
+
 /// A GET through sluice to an upstream that answers `answer`, as it is,
 /// on a kept-alive connection.
 async fn get_answered_by(answer: &'static [u8]) -> (RawUpstream, TestGateway, ClientReply) {

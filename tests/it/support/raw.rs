@@ -20,6 +20,9 @@ pub enum AfterAnswer {
     /// Closes it, unanswered, when its next request comes: an upstream
     /// closing an idle connection just as it is reused.
     DropTheNext,
+    /// Answers its next request `408` with `connection: close` and
+    /// closes it: how HAProxy and others close an idle connection.
+    TimeOutTheNext,
 }
 
 pub struct RawUpstream {
@@ -156,6 +159,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         heads.lock().expect("heads").push(head);
         requests.fetch_add(1, Ordering::SeqCst);
         if answered && matches!(after, AfterAnswer::DropTheNext) {
+            return;
+        }
+        if answered && matches!(after, AfterAnswer::TimeOutTheNext) {
+            let _ = conn
+                .write_all(b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+                .await;
             return;
         }
         answered = true;
