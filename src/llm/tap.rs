@@ -363,6 +363,7 @@ impl Tap {
     /// Ends the body whole, with `rest`, the unterminated last event of a
     /// complete stream, passed on as it came.
     fn end(&mut self, rest: Option<Bytes>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let rest = rest.filter(|_| !self.meter.as_ref().is_some_and(Meter::drops_rest));
         if let Some(rest) = rest.as_ref() {
             self.copy(rest);
         }
@@ -664,8 +665,14 @@ impl Body for Tap {
     }
 
     fn is_end_stream(&self) -> bool {
-        // An event held back (whole events only) still has to go out.
-        self.ended || (self.inner.is_end_stream() && !self.meter.as_ref().is_some_and(Meter::holds))
+        // A stream read event by event ends only when the tap has seen
+        // its end (an upstream's length may end it before its last
+        // event: a stream broken off, to be said so); an event held back
+        // still has to go out.
+        self.ended
+            || (!self.sse
+                && self.inner.is_end_stream()
+                && !self.meter.as_ref().is_some_and(Meter::holds))
     }
 
     fn size_hint(&self) -> SizeHint {

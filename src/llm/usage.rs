@@ -160,6 +160,14 @@ impl Meter {
         }
     }
 
+    /// Whether the unterminated last event read at the stream's end (by
+    /// [`Meter::broke_off`] or [`Meter::finished_with`]) is to be given
+    /// up rather than passed on: half an event, or the usage chunk
+    /// sluice strips.
+    pub fn drops_rest(&self) -> bool {
+        matches!(self, Meter::Sse(s) if s.drop_rest)
+    }
+
     /// Whether the stream ended inside an event too long to hold back,
     /// part of which was passed on: what is appended to the stream must
     /// begin with a blank line to be an event of its own.
@@ -383,6 +391,9 @@ pub struct SseMeter {
     /// The stream ended inside an event too long to hold, part of which
     /// the client was sent (see [`Meter::cut_mid_event`]).
     cut_mid_event: bool,
+    /// The unterminated last event read at the end is not to be passed
+    /// on: half an event, or the usage chunk sluice strips.
+    drop_rest: bool,
 }
 
 /// How much of the start of an event too long to read is kept: its name
@@ -407,14 +418,19 @@ impl SseMeter {
             return rest;
         }
         // Read as an event only when whole: `[DONE]`, or a payload that
-        // parses (half a final event does not end a stream).
+        // parses (half a final event does not end a stream). Half an
+        // LLM API's event is not passed on, nor the usage chunk sluice
+        // strips; other streams (text data, a compressed body) end as
+        // they came.
         if let Some(rest) = rest {
             let payload = sse::event_payload(rest);
-            if &*payload == b"[DONE]"
-                || serde_json::from_slice::<serde::de::IgnoredAny>(&payload).is_ok()
-            {
-                self.absorb_event(rest);
-            }
+            let whole = &*payload == b"[DONE]"
+                || serde_json::from_slice::<serde::de::IgnoredAny>(&payload).is_ok();
+            self.drop_rest = if whole {
+                self.absorb_event(rest)
+            } else {
+                self.api
+            };
         }
         rest
     }

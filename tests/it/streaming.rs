@@ -599,3 +599,81 @@ async fn a_final_event_cut_short_is_a_broken_stream() {
         assert_ne!(again.header("x-sluice-cache"), Some("HIT"), "size {size}");
     }
 }
+
+/// A stream sent with a length that ends before its end (no `[DONE]`,
+/// finish reason or final event) broke off as surely as one cut: its
+/// length ending on a whole event says nothing more.
+#[tokio::test]
+async fn a_stream_whose_length_ends_before_its_end_is_broken() {
+    for (path, events) in [
+        (
+            "/v1/chat/completions",
+            "data: {\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n",
+        ),
+        (
+            "/v1/responses",
+            "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"model\":\"m\",\"output\":[]}}\n\n",
+        ),
+        (
+            "/v1/messages",
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"m\",\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\n\n",
+        ),
+    ] {
+        let up = MockUpstream::always(
+            UpstreamReply::text(events).header("content-type", "text/event-stream"),
+        )
+        .await;
+        let gw = TestGateway::start(&config(&up.url(), "").replace(
+            "    upstream: llm",
+            "    cache: { ttl: 10m }\n    upstream: llm",
+        ))
+        .await;
+        let ask = || async {
+            Client::new()
+                .post_json(
+                    &gw.url(path),
+                    &[],
+                    r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#,
+                )
+                .await
+        };
+        let reply = ask().await;
+        assert!(
+            reply.text().contains("upstream_stream_error"),
+            "{path}: {}",
+            reply.text()
+        );
+        let logs = gw.wait_access_logs(1).await;
+        assert_eq!(logs[0]["error"], "upstream_stream_error", "{path}");
+        assert_ne!(ask().await.header("x-sluice-cache"), Some("HIT"), "{path}");
+    }
+}
+
+/// The unterminated last event of a stream that said how it ended goes
+/// on only when whole, and never when it is the usage chunk sluice asked
+/// for on the client's behalf.
+#[tokio::test]
+async fn an_unterminated_last_event_goes_on_only_when_whole_and_wanted() {
+    let finish = "data: {\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
+    for tail in [
+        "data: {\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}",
+        "data: [",
+    ] {
+        let up = MockUpstream::always(
+            UpstreamReply::text(format!("{finish}{tail}"))
+                .header("content-type", "text/event-stream"),
+        )
+        .await;
+        let gw = TestGateway::start(&config(&up.url(), "")).await;
+        let reply = Client::new()
+            .post_json(
+                &gw.url("/v1/chat/completions"),
+                &[],
+                r#"{"model":"m","stream":true,"messages":[]}"#,
+            )
+            .await;
+        assert_eq!(reply.text(), finish, "{tail}");
+        let logs = gw.wait_access_logs(1).await;
+        assert!(logs[0]["error"].is_null(), "{tail}: {}", logs[0]);
+    }
+}
