@@ -557,6 +557,27 @@ async fn a_final_event_over_a_mebibyte_ends_the_stream_and_is_metered() {
     assert_eq!(logs[0]["output_tokens"], 87, "{}", logs[0]);
 }
 
+/// What a client asking `path` for `request` through a caching route
+/// reads of `stream` (sent with its length), checked to be a broken
+/// stream: logged so, and not cached (a second ask is no hit).
+async fn read_broken(stream: String, path: &str, request: &str) -> String {
+    let up = MockUpstream::always(
+        UpstreamReply::text(stream).header("content-type", "text/event-stream"),
+    )
+    .await;
+    let gw = TestGateway::start(&config(&up.url(), "").replace(
+        "    upstream: llm",
+        "    cache: { ttl: 10m }\n    upstream: llm",
+    ))
+    .await;
+    let ask = || async { Client::new().post_json(&gw.url(path), &[], request).await };
+    let text = ask().await.text();
+    let logs = gw.wait_access_logs(1).await;
+    assert_eq!(logs[0]["error"], "upstream_stream_error", "{path}: {text}");
+    assert_ne!(ask().await.header("x-sluice-cache"), Some("HIT"), "{path}");
+    text
+}
+
 /// A final event cut short (small, or too long to hold back) does not
 /// end a stream: the stream broke, the client is told so in an event of
 /// its own, and the answer is not cached.
@@ -568,35 +589,13 @@ async fn a_final_event_cut_short_is_a_broken_stream() {
             "{created}\n\ndata: {{\"type\":\"response.completed\",\"sequence_number\":5,\"response\":{{\"id\":\"r\",\"output\":[{{\"type\":\"image_generation_call\",\"result\":\"{}",
             "A".repeat(size)
         );
-        let up = MockUpstream::always(
-            UpstreamReply::text(cut.clone()).header("content-type", "text/event-stream"),
-        )
-        .await;
-        let gw = TestGateway::start(&config(&up.url(), "").replace(
-            "    upstream: llm",
-            "    cache: { ttl: 10m }\n    upstream: llm",
-        ))
-        .await;
-        let ask = || async {
-            Client::new()
-                .post_json(
-                    &gw.url("/v1/responses"),
-                    &[],
-                    r#"{"model":"gpt-4.1","stream":true,"input":"draw"}"#,
-                )
-                .await
-        };
-        let reply = ask().await;
-        let text = reply.text();
+        let request = r#"{"model":"gpt-4.1","stream":true,"input":"draw"}"#;
+        let text = read_broken(cut, "/v1/responses", request).await;
         assert!(
             text.ends_with(&format!("\n\n{STREAM_ERROR_EVENT}")),
             "size {size}: {}",
             &text[text.len().saturating_sub(120)..]
         );
-        let logs = gw.wait_access_logs(1).await;
-        assert_eq!(logs[0]["error"], "upstream_stream_error", "size {size}");
-        let again = ask().await;
-        assert_ne!(again.header("x-sluice-cache"), Some("HIT"), "size {size}");
     }
 }
 
@@ -619,33 +618,9 @@ async fn a_stream_whose_length_ends_before_its_end_is_broken() {
             "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"m\",\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\n\n",
         ),
     ] {
-        let up = MockUpstream::always(
-            UpstreamReply::text(events).header("content-type", "text/event-stream"),
-        )
-        .await;
-        let gw = TestGateway::start(&config(&up.url(), "").replace(
-            "    upstream: llm",
-            "    cache: { ttl: 10m }\n    upstream: llm",
-        ))
-        .await;
-        let ask = || async {
-            Client::new()
-                .post_json(
-                    &gw.url(path),
-                    &[],
-                    r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#,
-                )
-                .await
-        };
-        let reply = ask().await;
-        assert!(
-            reply.text().contains("upstream_stream_error"),
-            "{path}: {}",
-            reply.text()
-        );
-        let logs = gw.wait_access_logs(1).await;
-        assert_eq!(logs[0]["error"], "upstream_stream_error", "{path}");
-        assert_ne!(ask().await.header("x-sluice-cache"), Some("HIT"), "{path}");
+        let request = r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#;
+        let text = read_broken(events.to_owned(), path, request).await;
+        assert!(text.contains("upstream_stream_error"), "{path}: {text}");
     }
 }
 
