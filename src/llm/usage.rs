@@ -545,8 +545,16 @@ impl SseMeter {
         {
             self.usage.finishes.set(0, Some(reason));
         }
-        let counts =
-            top_level::last_object(&ends.tail, b"usage").and_then(read_one::<facts::Counts>);
+        // The answer's own usage: the event's, or its answer's where the
+        // event wraps one (`response`, Anthropic's `message`), written
+        // last in it; not a `usage` nested deeper (in metadata, say).
+        let level = match kind.as_deref() {
+            Some(k) if k.starts_with("response.") || k == "message_start" => 2,
+            _ => 1,
+        };
+        let counts = top_level::from_end_at(&ends.tail, b"usage", level)
+            .filter(|v| v.starts_with(b"{"))
+            .and_then(read_one::<facts::Counts>);
         if let Some(counts) = counts {
             add_counts(&mut self.usage, &counts);
         }
@@ -648,6 +656,13 @@ pub(crate) mod top_level {
     /// The value of the top-level member `name` that comes last in
     /// `tail` (the document's end).
     pub fn from_end<'a>(tail: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+        from_end_at(tail, name, 1)
+    }
+
+    /// [`from_end`] for a member of the object `level` deep (1: the
+    /// document's own; 2: one of its members', as the responses API's
+    /// `usage` inside `response`), on the path that ends the document.
+    pub fn from_end_at<'a>(tail: &'a [u8], name: &[u8], level: usize) -> Option<&'a [u8]> {
         let mut depth = 0usize;
         let mut i = tail.len();
         // Whether a `:` follows (for a string met going backwards, the
@@ -665,7 +680,7 @@ pub(crate) mod top_level {
                             break;
                         }
                     }
-                    if depth == 1 && colon_after && &tail[i + 1..end] == name {
+                    if depth == level && colon_after && &tail[i + 1..end] == name {
                         let rest = tail[end + 1..].trim_ascii_start();
                         return rest.strip_prefix(b":").map(<[u8]>::trim_ascii_start);
                     }
@@ -685,24 +700,6 @@ pub(crate) mod top_level {
             }
         }
         None
-    }
-
-    /// The object value of the member `name` written last in `tail`, at
-    /// any depth (the responses API nests its usage in `response`). A
-    /// quote that is not escaped cannot be inside a string, so an
-    /// unescaped `"name"` followed by `:` is a member's name.
-    pub fn last_object<'a>(tail: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
-        let quoted = [&b"\""[..], name, b"\""].concat();
-        memchr::memmem::rfind_iter(tail, &quoted).find_map(|at| {
-            if escaped(tail, at) {
-                return None;
-            }
-            let value = tail[at + quoted.len()..]
-                .trim_ascii_start()
-                .strip_prefix(b":")?
-                .trim_ascii_start();
-            value.starts_with(b"{").then_some(value)
-        })
     }
 
     /// Whether the byte at `at` is escaped: an odd run of backslashes
@@ -1008,7 +1005,8 @@ mod tests {
     }
 
     /// A responses stream whose final event repeats a generated image
-    /// (its base64 over `EVENT_CAP`), as the API sends it.
+    /// (its base64 over `EVENT_CAP`), as the API sends it, with a
+    /// `usage` nested in its metadata after its own.
     fn responses_stream_with_an_image(image_bytes: usize) -> Vec<u8> {
         let image = "A".repeat(image_bytes);
         let created = r#"event: response.created
@@ -1016,7 +1014,7 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
 
 "#;
         let completed = format!(
-            "event: response.completed\ndata: {{\"type\":\"response.completed\",\"sequence_number\":9,\"response\":{{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"completed\",\"model\":\"gpt-4.1\",\"output\":[{{\"type\":\"image_generation_call\",\"result\":\"{image}\",\"status\":\"completed\"}}],\"text\":{{\"format\":{{\"type\":\"text\"}}}},\"usage\":{{\"input_tokens\":36,\"input_tokens_details\":{{\"cached_tokens\":0}},\"output_tokens\":87,\"total_tokens\":123}},\"user\":null,\"metadata\":{{}}}}}}\n\n"
+            "event: response.completed\ndata: {{\"type\":\"response.completed\",\"sequence_number\":9,\"response\":{{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"completed\",\"model\":\"gpt-4.1\",\"output\":[{{\"type\":\"image_generation_call\",\"result\":\"{image}\",\"status\":\"completed\"}}],\"text\":{{\"format\":{{\"type\":\"text\"}}}},\"usage\":{{\"input_tokens\":36,\"input_tokens_details\":{{\"cached_tokens\":0}},\"output_tokens\":87,\"total_tokens\":123}},\"user\":null,\"metadata\":{{\"note\":{{\"usage\":{{\"input_tokens\":1,\"output_tokens\":1}}}}}}}}}}\n\n"
         );
         [created.as_bytes(), completed.as_bytes()].concat()
     }
