@@ -107,11 +107,12 @@ impl H1Pool {
             }
             let replay = if reused { replay_of(&req) } else { None };
             match (sender.try_send_request(req).await, replay) {
-                // A 408 on a reused connection is the upstream closing it
-                // as idle (HAProxy and others say so), not an answer to
-                // this request: a replayable one goes again on a fresh
-                // connection, as Go's client does.
-                (Ok(resp), Some(again)) if resp.status() == http::StatusCode::REQUEST_TIMEOUT => {
+                // A 408 closing a reused connection is the upstream
+                // closing it as idle (HAProxy and others say so), not an
+                // answer to this request: a replayable one goes again on
+                // a fresh connection, as Go's client does. (A 408 that
+                // keeps its connection is the upstream's answer.)
+                (Ok(resp), Some(again)) if closes_as_timed_out(&resp) => {
                     tracing::debug!("replaying a request a reused upstream connection timed out");
                     drop(resp);
                     req = again;
@@ -269,6 +270,18 @@ pub(super) fn replay_of(req: &Request<BoxBody>) -> Option<Request<BoxBody>> {
     *copy.version_mut() = req.version();
     *copy.headers_mut() = req.headers().clone();
     Some(copy)
+}
+
+/// A 408 with `connection: close`: how an upstream closes a connection
+/// that sat idle too long.
+fn closes_as_timed_out<B>(resp: &Response<B>) -> bool {
+    resp.status() == http::StatusCode::REQUEST_TIMEOUT
+        && resp
+            .headers()
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
 }
 
 /// `Host` for an authority, without the scheme's default port (as

@@ -211,6 +211,18 @@ async fn a_get_a_reused_connection_dropped_is_sent_again_on_a_fresh_one() {
         assert_eq!(post.status, post_status, "{after:?}: {}", post.text());
         assert_eq!(up.requests(), 4, "{after:?}: a POST is not sent twice");
     }
+    // A 408 that keeps its connection is the upstream's own answer.
+    let up = RawUpstream::start(
+        b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 4\r\n\r\nreal",
+        AfterAnswer::KeepAlive,
+    )
+    .await;
+    let gw = TestGateway::start(&config(&up.url(), "{}")).await;
+    let client = Client::new();
+    for sent in 1..=2 {
+        assert_eq!(client.get(&gw.url("/x")).await.status, 408);
+        assert_eq!(up.requests(), sent, "sent once each");
+    }
 }
 
 /// The same race on an idempotent request with no body of another
