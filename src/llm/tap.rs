@@ -435,9 +435,12 @@ fn record_usage(gw: &Arc<Gateway>, active: &Arc<Active>, ctx: &mut RequestCtx, m
         // could not read was generated all the same: its estimate, as
         // one that reported no usage is charged, or it would be free.
         let unread_answer = usage.unread && !usage.failed && (200..300).contains(&ctx.status);
-        let cost = |model| match unread_answer {
-            true => estimate_at_price(active, ctx, model),
-            false => estimated_cost(active, ctx, model),
+        let cost = |model| {
+            if unread_answer {
+                estimate_at_price(active, ctx, model)
+            } else {
+                estimated_cost(active, ctx, model)
+            }
         };
         if let Some(model) = usage.model.as_deref()
             && let Some(cost) = cost(model)

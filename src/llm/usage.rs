@@ -172,7 +172,7 @@ impl Meter {
     /// part of which was passed on: what is appended to the stream must
     /// begin with a blank line to be an event of its own.
     pub fn cut_mid_event(&self) -> bool {
-        matches!(self, Meter::Sse(s) if s.cut_mid_event || s.oversized.is_some())
+        matches!(self, Meter::Sse(s) if s.oversized.is_some())
     }
 
     /// Whether a stream's last event passed: OpenAI's `[DONE]`,
@@ -388,9 +388,6 @@ pub struct SseMeter {
     /// memory, but for its ends, read once it ends (see
     /// [`SseMeter::absorb_oversized`]); the events after it are read again.
     oversized: Option<Ends>,
-    /// The stream ended inside an event too long to hold, part of which
-    /// the client was sent (see [`Meter::cut_mid_event`]).
-    cut_mid_event: bool,
     /// The unterminated last event read at the end is not to be passed
     /// on: half an event, or the usage chunk sluice strips.
     drop_rest: bool,
@@ -410,11 +407,10 @@ impl SseMeter {
     /// its CR, cut nothing).
     fn absorb_rest<'r>(&mut self, rest: Option<&'r Bytes>) -> Option<&'r Bytes> {
         let rest = rest.filter(|r| r.iter().any(|b| !matches!(b, b'\r' | b'\n')));
-        if self.oversized.take().is_some() {
+        if self.oversized.is_some() {
             // The end of an event too long to hold, cut before its
             // blank line: whether it was whole cannot be told, so it
             // says nothing (a final event cut short is no final event).
-            self.cut_mid_event = true;
             return rest;
         }
         // Read as an event only when whole: `[DONE]`, or a payload that

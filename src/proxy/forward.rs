@@ -44,6 +44,13 @@ impl AttemptFailure {
     fn late(&self) -> bool {
         self.outcome == Outcome::Timeout || self.text == CONNECT_TIMED_OUT
     }
+
+    /// Says nothing of the member's health, so its circuit does not
+    /// count it: sluice's own shortage (descriptors, ports), or a
+    /// keep-alive race (the member answers on a new connection).
+    fn excuses_member(&self) -> bool {
+        self.outcome == Outcome::LocalError || self.text == KEEP_ALIVE_RACE
+    }
 }
 
 /// What a connect that timed out is called in a 502's list and a 504.
@@ -593,14 +600,8 @@ async fn failover(
                 count(active, member, failure.outcome);
                 let timed_out = failure.outcome == Outcome::Timeout;
                 let out_of_time = timed_out && request_bound;
-                // sluice's own shortage (descriptors, ports) says nothing
-                // about the member: its circuit must not open for it.
+                judge(verdict, out_of_time || failure.excuses_member(), pool);
                 let local = failure.outcome == Outcome::LocalError;
-                judge(
-                    verdict,
-                    out_of_time || local || failure.text == KEEP_ALIVE_RACE,
-                    pool,
-                );
                 tried.push(format!("{}: {}", upstream.name, failure.text));
                 if out_of_time {
                     // No other member has any time left either.
@@ -1186,8 +1187,7 @@ fn classify(e: &ClientError) -> AttemptFailure {
 }
 
 /// A reused connection the upstream closed as sluice sent on it (its
-/// keep-alive timeout shorter than sluice's): the member answers on a
-/// new connection, so its circuit does not count it.
+/// keep-alive timeout shorter than sluice's).
 const KEEP_ALIVE_RACE: &str = "a reused connection closed before the response (the upstream's keep-alive ended as it was reused)";
 
 /// Whether a socket could not be opened for want of something local:

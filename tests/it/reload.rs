@@ -52,6 +52,15 @@ async fn wait_reloads(gw: &TestGateway, result: &str, n: f64) {
     );
 }
 
+/// The `errors` of each `config_reload_failed` line logged so far.
+fn reload_failures(gw: &TestGateway) -> Vec<String> {
+    gw.log_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "config_reload_failed")
+        .map(|l| l["errors"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
 #[tokio::test]
 async fn a_configmap_symlink_swap_reloads_the_config() {
     let old = MockUpstream::always(UpstreamReply::text("old")).await;
@@ -548,12 +557,7 @@ async fn an_upstream_at_the_listener_still_bound_is_refused() {
         let reply = Client::new().get_with(&gw.url("/loop/x"), &[ALICE]).await;
         assert_eq!(reply.status, 404, "the old config serves");
     }
-    let failures: Vec<String> = gw
-        .log_lines()
-        .into_iter()
-        .filter(|l| l["event"] == "config_reload_failed")
-        .map(|l| l["errors"].as_str().unwrap_or_default().to_owned())
-        .collect();
+    let failures = reload_failures(&gw);
     assert_eq!(failures.len(), 2, "{}", gw.log_text());
     for failure in &failures {
         assert!(
@@ -713,12 +717,7 @@ async fn each_reason_a_config_file_cannot_be_read_is_said() {
     bad.extend_from_slice(&good);
     std::fs::write(&path, &bad).unwrap();
     wait_reloads(&gw, "error", 2.0).await;
-    let failures: Vec<String> = gw
-        .log_lines()
-        .into_iter()
-        .filter(|l| l["event"] == "config_reload_failed")
-        .map(|l| l["errors"].as_str().unwrap_or_default().to_owned())
-        .collect();
+    let failures = reload_failures(&gw);
     assert_eq!(failures.len(), 2, "{}", gw.log_text());
     assert!(
         failures[0].contains("proxy.yaml:1:1: cannot read config"),

@@ -5,23 +5,27 @@ use std::time::Duration;
 
 use crate::support::{Client, MockUpstream, TestGateway, UpstreamReply, client, eventually};
 
-#[tokio::test]
-async fn drain_lets_an_in_flight_stream_finish() {
-    let events = ["a", "b", "c", "d", "[DONE]"];
-    let up = MockUpstream::always(UpstreamReply::sse(&events, Duration::from_millis(200))).await;
-    let gw = TestGateway::start(&format!(
+/// One open route to the upstream `llm` at `url` (its settings
+/// followed by `upstream_extra`), with `grace` to drain in.
+fn stream_config(grace: &str, url: &str, upstream_extra: &str) -> String {
+    format!(
         r#"
-limits: {{ shutdown_grace: 10s }}
-upstreams: {{ llm: {{ url: "{}" }} }}
+limits: {{ shutdown_grace: {grace} }}
+upstreams: {{ llm: {{ url: "{url}"{upstream_extra} }} }}
 routes:
   - name: chat
     match: {{ path_prefix: / }}
     auth: none
     upstream: llm
-"#,
-        up.url()
-    ))
-    .await;
+"#
+    )
+}
+
+#[tokio::test]
+async fn drain_lets_an_in_flight_stream_finish() {
+    let events = ["a", "b", "c", "d", "[DONE]"];
+    let up = MockUpstream::always(UpstreamReply::sse(&events, Duration::from_millis(200))).await;
+    let gw = TestGateway::start(&stream_config("10s", &up.url(), "")).await;
     let c = Client::new();
     assert_eq!(c.get(&gw.admin_url("/readyz")).await.status, 200);
 
@@ -116,17 +120,10 @@ async fn a_stream_that_said_all_ends_whole_when_the_grace_runs_out() {
     let events = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
     let answer = crate::support::raw::unended_sse_answer(events);
     let up = RawUpstream::start(answer, AfterAnswer::KeepAlive).await;
-    let gw = TestGateway::start(&format!(
-        r#"
-limits: {{ shutdown_grace: 300ms }}
-upstreams: {{ llm: {{ url: "{}", timeouts: {{ idle: 10s }} }} }}
-routes:
-  - name: chat
-    match: {{ path_prefix: / }}
-    auth: none
-    upstream: llm
-"#,
-        up.url()
+    let gw = TestGateway::start(&stream_config(
+        "300ms",
+        &up.url(),
+        ", timeouts: { idle: 10s }",
     ))
     .await;
     let hyper_client =
