@@ -10,4 +10,5 @@ pub mod spend;
 pub mod splice;
 pub mod sse;
 pub mod tap;
+pub mod top_level;
 pub mod usage;

@@ -522,7 +522,7 @@ pub fn requested_model(body: &[u8], content_type: Option<&[u8]>) -> Option<Strin
     }
     // The request's own member, not a tool's or a message's of that
     // name, which may come before it.
-    let value = crate::llm::usage::top_level::from_start(body, b"model")?;
+    let value = crate::llm::top_level::from_start(body, b"model")?;
     let name = value.strip_prefix(b"\"")?;
     let end = memchr::memchr2(b'"', b'\\', name)?;
     (name[end] == b'"')
