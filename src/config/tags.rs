@@ -62,10 +62,14 @@ pub fn refused(text: &str) -> (Vec<Tagged>, Option<String>) {
             format!(
                 "the `{written}` tag is not read: sluice takes each value as written, so leave the tag out"
             )
-        } else {
+        } else if is_well_known(tag) {
             format!(
                 "the `{written}` tag is not supported: sluice takes each value as written (for an environment variable, write \"${{NAME}}\")"
             )
+        } else {
+            // Most likely a value that begins with `!` (a generated
+            // password): not repeated, since it could be a secret.
+            "a value that starts with `!` is read as a YAML tag, which sluice does not support (the text is not repeated here: it could be a secret); if the `!` is part of the value, quote it (\"!...\"); for an environment variable, write \"${NAME}\"".to_owned()
         };
         out.push(Tagged {
             line: u64::try_from(span.start.line()).unwrap_or(u64::MAX),
@@ -74,6 +78,32 @@ pub fn refused(text: &str) -> (Vec<Tagged>, Option<String>) {
         });
     }
     (out, blanked)
+}
+
+/// Tags other YAML tools read (Home Assistant, CloudFormation, GitLab,
+/// Ansible…), safe to quote back: they name a feature, not a value.
+const WELL_KNOWN: [&str; 14] = [
+    "env",
+    "env_var",
+    "vault",
+    "secret",
+    "include",
+    "ref",
+    "sub",
+    "getatt",
+    "reference",
+    "file",
+    "import",
+    "join",
+    "base64",
+    "unsafe",
+];
+
+fn is_well_known(tag: &Tag) -> bool {
+    tag.original_handle() == "!"
+        && WELL_KNOWN
+            .iter()
+            .any(|name| tag.suffix().eq_ignore_ascii_case(name))
 }
 
 fn is_harmless(tag: &Tag) -> bool {
@@ -109,6 +139,20 @@ mod tests {
         assert_eq!((tags[1].0, tags[1].1), (2, 10));
         assert!(tags[1].2.contains("`!!int`"), "{}", tags[1].2);
         assert_eq!(tags[2].0, 5);
+    }
+
+    #[test]
+    fn a_value_that_starts_with_a_bang_is_not_repeated() {
+        for text in [
+            "key: !Zq9bang-1401abcdef\n",
+            "key: !!Zq9dbl-1411abcdef\n",
+            "key: !<Zq9verbatim-1407abc>\n",
+        ] {
+            let tags = found(text);
+            assert_eq!(tags.len(), 1, "{text}: {tags:?}");
+            assert!(!tags[0].2.contains("Zq9"), "{}", tags[0].2);
+            assert!(tags[0].2.contains("quote it"), "{}", tags[0].2);
+        }
     }
 
     #[test]

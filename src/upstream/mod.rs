@@ -394,11 +394,36 @@ pub(crate) fn without_secrets(url: &str) -> String {
     let cut = rest.find(['?', '#']);
     match (at, cut) {
         (Some(_), Some(_)) => format!("{scheme}…"),
-        (Some(at), None) => format!("{scheme}…@{}", &rest[at + 1..]),
+        (Some(at), None) => format!("{scheme}…@{}", long_segments_cut(&rest[at + 1..])),
         // Marked by the character that began the part left out.
-        (None, Some(cut)) => format!("{scheme}{}{}…", &rest[..cut], &rest[cut..cut + 1]),
-        (None, None) => format!("{scheme}{rest}"),
+        (None, Some(cut)) => format!(
+            "{scheme}{}{}…",
+            long_segments_cut(&rest[..cut]),
+            &rest[cut..cut + 1]
+        ),
+        (None, None) => format!("{scheme}{}", long_segments_cut(rest)),
     }
+}
+
+/// `address/path` with each path segment long enough to be a token
+/// (`/bot<token>/`, `/hooks/<token>`) shown as `…`: `v1`, `openai` and
+/// `deployments` stay, and so the message still names the upstream.
+fn long_segments_cut(rest: &str) -> String {
+    const TOKEN_LEN: usize = 16;
+    let Some((address, path)) = rest.split_once('/') else {
+        return rest.to_owned();
+    };
+    let path: Vec<&str> = path
+        .split('/')
+        .map(|segment| {
+            if segment.len() >= TOKEN_LEN {
+                "…"
+            } else {
+                segment
+            }
+        })
+        .collect();
+    format!("{address}/{}", path.join("/"))
 }
 
 /// An IPv4 address in the forms the system resolver (`inet_aton`) also
@@ -514,6 +539,18 @@ mod tests {
                 "https://llm.example.com/v1?…",
             ),
             ("http://127.0.0.1:8000#frag", "http://127.0.0.1:8000#…"),
+            (
+                "https://api.telegram.org:99999/botZq9tg-1501abcdef/",
+                "https://api.telegram.org:99999/…/",
+            ),
+            (
+                "https://u:p@h.example.com/hooks/T0123456789abcdefXYZ?x",
+                "https://…",
+            ),
+            (
+                "https://h.example.com/openai/deployments/T0123456789abcdefXYZ",
+                "https://h.example.com/openai/deployments/…",
+            ),
             ("not a url", "not a url"),
         ] {
             assert_eq!(without_secrets(url), shown, "{url}");
