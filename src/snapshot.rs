@@ -314,6 +314,9 @@ pub struct Logging {
     /// logged bodies wherever they show (an upstream that echoes its
     /// request back).
     pub known_secrets: KnownSecrets,
+    /// The config's secrets as the access log masks them in what a
+    /// client chose (its path, request id, model), whatever `log_bodies`.
+    pub scrub: crate::telemetry::scrub::Scrub,
 }
 
 /// A header an upstream replaces, parsed once at load.

@@ -215,7 +215,13 @@ impl Finish {
                 .duration
                 .observe(now.saturating_duration_since(sent).as_secs_f64());
         }
-        access_log::emit(&gw.log, gw.log_format, ctx, latency);
+        access_log::emit(
+            &gw.log,
+            gw.log_format,
+            &active.snapshot.logging.scrub,
+            ctx,
+            latency,
+        );
     }
 }
 

@@ -151,6 +151,9 @@ pub struct RequestCtx {
     /// The path as logged, when it differs from `uri`'s: the credential
     /// the request presented masked in it.
     pub logged_path: Option<String>,
+    /// The client's `x-request-id` as logged when it holds the credential
+    /// the request presented.
+    pub logged_request_id: Option<String>,
     /// `log_bodies`: what the logged bodies must not show, the
     /// credential this request presented among them.
     pub body_secrets: Option<KnownSecrets>,
@@ -225,6 +228,7 @@ impl RequestCtx {
             cost_usd: None,
             request_body: None,
             logged_path: None,
+            logged_request_id: None,
             body_secrets: None,
             response_body: None,
             rate_limit: None,

@@ -328,7 +328,13 @@ pub fn account_unread_head(
     // requests counted.
     unrouted.duration.observe(0.0);
     unrouted.overhead.observe(0.0);
-    crate::telemetry::access_log::emit(&gw.log, gw.log_format, &ctx, std::time::Duration::ZERO);
+    crate::telemetry::access_log::emit(
+        &gw.log,
+        gw.log_format,
+        &active.snapshot.logging.scrub,
+        &ctx,
+        std::time::Duration::ZERO,
+    );
 }
 
 /// The status hyper's HTTP/1 server answered a refused head with (see

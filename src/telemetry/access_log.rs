@@ -10,6 +10,7 @@ use crate::proxy::cache::CacheStatus;
 use crate::proxy::ctx::{IdentityId, RequestCtx};
 use crate::snapshot::LogFormat;
 use crate::telemetry::log::{JsonEscape, Log, write_line_head};
+use crate::telemetry::scrub::Scrub;
 
 /// The `target` of access-log events.
 pub const ACCESS_TARGET: &str = "sluice::access";
@@ -45,7 +46,7 @@ pub const ACCESS_FIELDS: [&str; 18] = [
 /// other events share: the same stream, the same `SLUICE_LOG` switch, at
 /// a fraction of the cost of a `tracing` event visiting twenty fields.
 /// This runs once per request.
-pub fn emit(log: &Log, format: LogFormat, ctx: &RequestCtx, latency: Duration) {
+pub fn emit(log: &Log, format: LogFormat, scrub: &Scrub, ctx: &RequestCtx, latency: Duration) {
     if !log.access {
         return;
     }
@@ -61,7 +62,7 @@ pub fn emit(log: &Log, format: LogFormat, ctx: &RequestCtx, latency: Duration) {
             };
             out.clear();
             // Only a clock past year 9999 fails (as every line then does).
-            if render_line(out, ctx, latency).is_ok() {
+            if render_line(out, scrub, ctx, latency).is_ok() {
                 log.lines.write_line(out.as_bytes());
             }
             // A rare huge line (logged bodies) does not stay allocated.
@@ -70,7 +71,7 @@ pub fn emit(log: &Log, format: LogFormat, ctx: &RequestCtx, latency: Duration) {
             }
         }),
         LogFormat::Text => tracing::dispatcher::with_default(&log.dispatch, || {
-            emit_fields(ctx, latency);
+            emit_fields(scrub, ctx, latency);
         }),
     }
 }
@@ -86,10 +87,15 @@ thread_local! {
 
 /// One whole JSON line: the members every line starts with, `message`,
 /// then [`render`]'s.
-fn render_line(out: &mut String, ctx: &RequestCtx, latency: Duration) -> std::fmt::Result {
+fn render_line(
+    out: &mut String,
+    scrub: &Scrub,
+    ctx: &RequestCtx,
+    latency: Duration,
+) -> std::fmt::Result {
     write_line_head(out, &tracing::Level::INFO, ACCESS_TARGET)?;
     out.push_str(",\"message\":\"request\"");
-    render(out, ctx, latency);
+    render(out, scrub, ctx, latency);
     out.push_str("}\n");
     Ok(())
 }
@@ -130,6 +136,14 @@ fn logged_path(ctx: &RequestCtx) -> &str {
     ctx.logged_path.as_deref().unwrap_or(ctx.uri.path())
 }
 
+/// The request id as logged: the client's may hold its credential.
+fn logged_request_id(ctx: &RequestCtx) -> &str {
+    match &ctx.logged_request_id {
+        Some(id) => id,
+        None => ctx.request_id.to_str().unwrap_or("-"),
+    }
+}
+
 enum IdentityLabel<'a> {
     Id(&'a str),
     Ip(std::net::IpAddr),
@@ -144,16 +158,19 @@ macro_rules! key {
 
 /// `,"name":value` for every field of [`ACCESS_FIELDS`], in that order,
 /// then the body-log fields when `log_bodies` filled them.
-fn render(out: &mut String, ctx: &RequestCtx, latency: Duration) {
+fn render(out: &mut String, scrub: &Scrub, ctx: &RequestCtx, latency: Duration) {
     let mut out = Line(out);
     out.str_field(
         key!("request_id"),
-        ctx.request_id.to_str().ok().or(Some("-")),
+        Some(&scrub.scrub(logged_request_id(ctx))),
     );
     out.str_field(key!("route"), ctx.route.as_deref());
     let head = (!ctx.head_unread).then_some(ctx);
     out.str_field(key!("method"), head.map(|c| c.method.as_str()));
-    out.str_field(key!("path"), head.map(logged_path));
+    out.str_field(
+        key!("path"),
+        head.map(|c| scrub.scrub(logged_path(c))).as_deref(),
+    );
     out.uint_field(key!("status"), Some(u64::from(ctx.status)));
     out.0.push_str(key!("latency_ms"));
     out.millis(latency);
@@ -170,7 +187,10 @@ fn render(out: &mut String, ctx: &RequestCtx, latency: Duration) {
     out.str_field(key!("upstream"), ctx.upstream.as_deref());
     out.uint_field(key!("attempts"), Some(u64::from(ctx.attempts)));
     out.str_field(key!("cache"), ctx.cache.map(CacheStatus::label));
-    out.str_field(key!("model"), logged_model(ctx));
+    out.str_field(
+        key!("model"),
+        logged_model(ctx).map(|m| scrub.scrub(m)).as_deref(),
+    );
     out.uint_field(key!("input_tokens"), ctx.input_tokens);
     out.uint_field(key!("output_tokens"), ctx.output_tokens);
     out.0.push_str(key!("cost_usd"));
@@ -233,7 +253,7 @@ impl Line<'_> {
 }
 
 /// The access-log event as separate fields, for the human text format.
-fn emit_fields(ctx: &RequestCtx, latency: Duration) {
+fn emit_fields(scrub: &Scrub, ctx: &RequestCtx, latency: Duration) {
     let ip;
     let identity = match identity(ctx) {
         Some(IdentityLabel::Id(id)) => Some(id),
@@ -245,10 +265,10 @@ fn emit_fields(ctx: &RequestCtx, latency: Duration) {
     };
     tracing::info!(
         target: ACCESS_TARGET,
-        request_id = ctx.request_id.to_str().unwrap_or("-"),
+        request_id = &*scrub.scrub(logged_request_id(ctx)),
         route = ctx.route.as_deref(),
         method = (!ctx.head_unread).then(|| ctx.method.as_str()),
-        path = (!ctx.head_unread).then(|| logged_path(ctx)),
+        path = (!ctx.head_unread).then(|| scrub.scrub(logged_path(ctx))).as_deref(),
         status = ctx.status,
         latency_ms = latency.as_micros() as f64 / 1000.0,
         identity,
@@ -257,7 +277,7 @@ fn emit_fields(ctx: &RequestCtx, latency: Duration) {
         upstream = ctx.upstream.as_deref(),
         attempts = ctx.attempts,
         cache = ctx.cache.map(CacheStatus::label),
-        model = logged_model(ctx),
+        model = logged_model(ctx).map(|m| scrub.scrub(m)).as_deref(),
         input_tokens = ctx.input_tokens,
         output_tokens = ctx.output_tokens,
         cost_usd = ctx.cost_usd,
@@ -292,7 +312,12 @@ mod tests {
         ctx.input_tokens = Some(12);
         ctx.cost_usd = Some(0.000_015);
         let mut members = String::new();
-        render(&mut members, &ctx, Duration::from_micros(1_500));
+        render(
+            &mut members,
+            &Scrub::default(),
+            &ctx,
+            Duration::from_micros(1_500),
+        );
         let line: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(&format!("{{{}}}", &members[1..])).unwrap();
         assert_eq!(line.len(), ACCESS_FIELDS.len());

@@ -87,15 +87,8 @@ impl BodyLog {
             // replacement characters would, and no text in it shows.
             return format!("[{} bytes, not text]", self.total);
         }
+        mask_known(&mut text, known);
         for secret in known {
-            if text.contains(secret.as_str()) {
-                text = text.replace(secret.as_str(), MASK);
-            }
-            // A percent-encoded form, in whatever case of hex an encoder
-            // wrote (`%2f` beside `%2B`).
-            if secret.contains('%') && text.contains('%') {
-                text = replace_ignore_case(&text, secret, MASK);
-            }
             // Cut at the limit in the middle of one: its head shows.
             if self.total > self.head.len()
                 && let Some(cut) = (4..secret.len())
@@ -143,6 +136,20 @@ fn is_binary(text: &str) -> bool {
 /// JSON escaped inside a string), bearer tokens and `sk-` style keys.
 pub fn mask(text: &str) -> String {
     mask_pairs(&mask_patterns(&mask_form_parts(&mask_fields(text))))
+}
+
+/// Masks every value of `known` in `text`: as it is, and a
+/// percent-encoded form in whatever case of hex an encoder wrote (`%2f`
+/// beside `%2B`).
+pub fn mask_known(text: &mut String, known: &[String]) {
+    for secret in known {
+        if text.contains(secret.as_str()) {
+            *text = text.replace(secret.as_str(), MASK);
+        }
+        if secret.contains('%') && text.contains('%') {
+            *text = replace_ignore_case(text, secret, MASK);
+        }
+    }
 }
 
 /// Masks the content of each `multipart/form-data` part whose

@@ -682,6 +682,7 @@ mod tests {
             format: LogFormat::Json,
             log_bodies: false,
             known_secrets: Default::default(),
+            scrub: Default::default(),
         };
         let log = build(&logging, LogSink::Capture(buf.clone()));
         tracing::dispatcher::with_default(&log.dispatch, || {

@@ -6,3 +6,4 @@ pub mod batch;
 pub mod body_log;
 pub mod log;
 pub mod metrics;
+pub mod scrub;

@@ -530,3 +530,95 @@ async fn a_non_ascii_path_cannot_slip_past_a_guarded_route() {
     }
     assert!(up.seen().is_empty(), "nothing reached the app");
 }
+
+/// Secrets a client writes where the access log copies its text (the
+/// path, its `x-request-id`, the model it asks for) are masked there too,
+/// not only the credential it presented in the path.
+#[tokio::test]
+async fn secrets_in_a_clients_path_request_id_or_model_are_masked_in_the_log() {
+    const TEAM: &str = "tk-team-0801abcdef";
+    const UPSTREAM: &str = "up-secret-0123456789";
+    const HASHED: &str = "hashed-plain-0123456789";
+    const UNKNOWN: &str = "sk-unknown-0123456789abcdef";
+    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(HASHED.as_bytes()));
+    let config = format!(
+        r#"
+upstreams:
+  demo: {{ mock: {{}} }}
+  real:
+    url: http://127.0.0.1:9
+    set_headers: {{ authorization: "Bearer ${{UP_KEY}}" }}
+auth:
+  api_keys:
+    - {{ id: team, key: "${{TEAM_KEY}}" }}
+    - {{ id: hashed, hash: "sha256:{hash}" }}
+routes:
+  - name: chat
+    match: {{ path_prefix: /v1/ }}
+    upstream: demo
+    rate_limit: {{ tokens_per_minute: 1000000 }}
+  - name: public
+    match: {{ path_prefix: /public/ }}
+    auth: none
+    upstream: demo
+"#
+    );
+    let gw =
+        TestGateway::start_with_env(&config, &[("TEAM_KEY", TEAM), ("UP_KEY", UPSTREAM)]).await;
+    let team = format!("Bearer {TEAM}");
+    let hashed = format!("Bearer {HASHED}");
+    // A configured key and an upstream's secret in a path, no credential.
+    models(&gw, &format!("/public/{TEAM}"), &[]).await;
+    models(&gw, &format!("/public/x/{UPSTREAM}"), &[]).await;
+    // Refused, with a configured key in the path.
+    assert_eq!(
+        models(&gw, &format!("/v1/models/{TEAM}"), &[]).await.status,
+        401
+    );
+    // A key-looking token no config names.
+    models(&gw, &format!("/public/{UNKNOWN}"), &[]).await;
+    // The presented credential (known only by its hash) as the request id,
+    // and a configured key another caller presents.
+    models(
+        &gw,
+        "/v1/models",
+        &[("authorization", &hashed), ("x-request-id", HASHED)],
+    )
+    .await;
+    models(
+        &gw,
+        "/v1/models",
+        &[("authorization", &hashed), ("x-request-id", TEAM)],
+    )
+    .await;
+    // A configured key as the model asked for.
+    let reply = Client::new()
+        .post_json(
+            &gw.url("/v1/chat/completions"),
+            &[("authorization", &team)],
+            &format!(r#"{{"model":"{TEAM}","messages":[{{"role":"user","content":"hi"}}]}}"#),
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    let logs = gw.wait_access_logs(7).await;
+    assert_eq!(logs[0]["path"], "/public/***", "{}", logs[0]);
+    assert_eq!(logs[1]["path"], "/public/x/***", "{}", logs[1]);
+    assert_eq!(logs[2]["path"], "/v1/models/***", "{}", logs[2]);
+    assert_eq!(logs[2]["status"], 401);
+    assert_eq!(logs[3]["path"], "/public/sk-***", "{}", logs[3]);
+    assert_eq!(logs[4]["request_id"], "***", "{}", logs[4]);
+    assert_eq!(logs[5]["request_id"], "***", "{}", logs[5]);
+    assert_eq!(logs[6]["model"], "***", "{}", logs[6]);
+    let text = gw.log_text();
+    for secret in [TEAM, UPSTREAM, HASHED, UNKNOWN] {
+        assert!(!text.contains(secret), "log leaks {secret}:\n{text}");
+    }
+    // The client still gets its own request id back.
+    let reply = models(
+        &gw,
+        "/v1/models",
+        &[("authorization", &team), ("x-request-id", TEAM)],
+    )
+    .await;
+    assert_eq!(reply.headers["x-request-id"], TEAM);
+}

@@ -219,8 +219,10 @@ impl Compiler<'_> {
         }
         let state = self.state(raw.state.as_ref());
         let mut logging = self.logging(raw.logging.as_ref());
+        let known_secrets = self.known_secrets(&upstreams);
+        logging.scrub = crate::telemetry::scrub::Scrub::new(&known_secrets);
         if logging.log_bodies {
-            logging.known_secrets = self.known_secrets(&upstreams);
+            logging.known_secrets = known_secrets;
         }
         Snapshot {
             warnings: Vec::new(),

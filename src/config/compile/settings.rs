@@ -137,6 +137,7 @@ impl Compiler<'_> {
                 format: LogFormat::Json,
                 log_bodies: false,
                 known_secrets: KnownSecrets::default(),
+                scrub: Default::default(),
             };
         };
         let level = self.choice(
@@ -159,6 +160,7 @@ impl Compiler<'_> {
             ),
             log_bodies: self.bool(&raw.log_bodies, false),
             known_secrets: KnownSecrets::default(),
+            scrub: Default::default(),
         }
     }
 }
