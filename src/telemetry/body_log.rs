@@ -259,6 +259,9 @@ fn mask_fields(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut copied = 0;
     let mut i = 0;
+    // Where a `"name": "Authorization"` member ended: the `value` of the
+    // same object is the secret (HAR, Postman, `[{name, value}]` headers).
+    let mut secret_pair_at: Option<usize> = None;
     while i < bytes.len() {
         if bytes[i] != b'"' {
             i += 1;
@@ -269,7 +272,17 @@ fn mask_fields(text: &str) -> String {
         };
         let mut j = skip_space(bytes, key_end + 1);
         if bytes.get(j) != Some(&b':') {
-            i = key_end + 1;
+            // `["x-api-key", "value"]`: a header as a pair in a list.
+            if let Some((start, end)) = listed_pair_value(text, i, key_end) {
+                out.push_str(&text[copied..start]);
+                out.push('"');
+                out.push_str(MASK);
+                out.push('"');
+                copied = end;
+                i = end;
+            } else {
+                i = key_end + 1;
+            }
             continue;
         }
         j = skip_space(bytes, j + 1);
@@ -280,11 +293,20 @@ fn mask_fields(text: &str) -> String {
             .contains('\\')
             .then(|| serde_json::from_str::<String>(&text[i..=key_end]).ok())
             .flatten();
-        if !is_secret_name(name) && !unescaped.as_deref().is_some_and(is_secret_name) {
-            i = j;
-            continue;
+        let secret_name = is_secret_name(name) || unescaped.as_deref().is_some_and(is_secret_name);
+        let name = unescaped.as_deref().unwrap_or(name);
+        if PAIR_NAMES.iter().any(|n| name.eq_ignore_ascii_case(n))
+            && bytes.get(j) == Some(&b'"')
+            && let Some(end) = string_end(bytes, j)
+            && is_secret_name(&text[j + 1..end])
+        {
+            secret_pair_at = Some(end);
         }
-        if !holds_a_credential(unescaped.as_deref().unwrap_or(name), bytes, j) {
+        let pair_value = name.eq_ignore_ascii_case("value")
+            && secret_pair_at
+                .take()
+                .is_some_and(|at| !bytes[at..i].iter().any(|&b| b == b'{' || b == b'}'));
+        if !pair_value && (!secret_name || !holds_a_credential(name, bytes, j)) {
             i = j;
             continue;
         }
@@ -303,6 +325,31 @@ fn mask_fields(text: &str) -> String {
     }
     out.push_str(&text[copied..]);
     out
+}
+
+/// Members that name the header or field whose secret a `value` member
+/// beside them holds.
+const PAIR_NAMES: [&str; 4] = ["name", "key", "header", "field"];
+
+/// For a string between `start` and `end` (its quotes) that opens a list
+/// as a secret name (`["authorization", "Bearer …"]`), where the string
+/// after it starts and ends (exclusive).
+fn listed_pair_value(text: &str, start: usize, end: usize) -> Option<(usize, usize)> {
+    let bytes = text.as_bytes();
+    let before = text[..start].trim_ascii_end();
+    if !before.ends_with('[') || !is_secret_name(&text[start + 1..end]) {
+        return None;
+    }
+    let comma = skip_space(bytes, end + 1);
+    if bytes.get(comma) != Some(&b',') {
+        return None;
+    }
+    let value = skip_space(bytes, comma + 1);
+    if bytes.get(value) != Some(&b'"') {
+        return None;
+    }
+    let value_end = string_end(bytes, value)?;
+    Some((value, value_end + 1))
 }
 
 /// Whether the value at `start` of a member whose name reads as a secret
@@ -634,6 +681,25 @@ mod tests {
         assert_eq!(
             mask("Cookie: session=cookieSecret7788\nAccept: */*"),
             "Cookie: ***\nAccept: */*"
+        );
+    }
+
+    #[test]
+    fn headers_written_as_name_and_value_are_masked() {
+        assert_eq!(
+            mask(
+                r#"{"headers":[{"name":"Authorization","value":"Token mk724abcdefgh"},{"name":"X-Api-Key","value":"mk725abcdefgh"},{"name":"Accept","value":"*/*"}]}"#
+            ),
+            r#"{"headers":[{"name":"Authorization","value":"***"},{"name":"X-Api-Key","value":"***"},{"name":"Accept","value":"*/*"}]}"#
+        );
+        assert_eq!(
+            mask(r#"{"headers":[["x-api-key","mk723abcdefgh"],["accept","x"]],"key":"k1"}"#),
+            r#"{"headers":[["x-api-key","***"],["accept","x"]],"key":"***"}"#
+        );
+        // A `value` in another object than the name is not the secret's.
+        assert_eq!(
+            mask(r#"[{"name":"password_policy"},{"value":"open"}]"#),
+            r#"[{"name":"password_policy"},{"value":"open"}]"#
         );
     }
 
