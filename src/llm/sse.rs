@@ -70,10 +70,18 @@ impl EventSplitter {
     /// found, and the events after it read.
     pub fn take_pending_but_tail(&mut self) -> Bytes {
         self.scanned = 0;
-        let cut = self.buf.len().saturating_sub(3);
-        self.buf.split_to(cut).freeze()
+        let cut = self.buf.len().saturating_sub(SEPARATOR_TAIL);
+        let taken = self.buf.split_to(cut).freeze();
+        // The tail moves to a buffer of its own: the grown one goes with
+        // what was taken, and is freed once that is sent.
+        self.buf = BytesMut::from(&self.buf[..]);
+        taken
     }
 }
+
+/// The bytes an event's separator may have begun in: one not found yet
+/// is at most 4 bytes long.
+pub const SEPARATOR_TAIL: usize = 3;
 
 /// The position and length of the first blank-line separator: a line
 /// end right after a line end, where a line ends in CRLF, LF or a lone

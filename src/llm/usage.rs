@@ -434,7 +434,11 @@ impl SseMeter {
 
     fn observe(&mut self, data: &Bytes) -> Option<Bytes> {
         let out = self.read(data);
-        if self.splitter.pending() <= EVENT_CAP {
+        // Past the cap, the rest of the event goes on as it comes (but
+        // for the bytes where its end may begin), not held up to the cap
+        // again.
+        let pending = self.splitter.pending();
+        if pending <= EVENT_CAP && (self.oversized.is_none() || pending <= sse::SEPARATOR_TAIL) {
             return out;
         }
         // An image's partial data, a huge delta, a responses stream's
@@ -445,7 +449,9 @@ impl SseMeter {
             Some(ends) => ends.push_tail(&held),
             None => {
                 let mut ends = Ends {
-                    head: held.slice(..held.len().min(OVERSIZED_HEAD)),
+                    // Copied: a slice would keep the whole held buffer
+                    // alive until the event ends.
+                    head: Bytes::copy_from_slice(&held[..held.len().min(OVERSIZED_HEAD)]),
                     tail: BytesMut::new(),
                 };
                 ends.push_tail(&held);
@@ -453,7 +459,13 @@ impl SseMeter {
             }
         }
         // In whole events, what is held has not been sent: it goes now.
-        out.map(|out| [&out[..], &held[..]].concat().into())
+        out.map(|out| {
+            if out.is_empty() {
+                held
+            } else {
+                [&out[..], &held[..]].concat().into()
+            }
+        })
     }
 
     fn read(&mut self, data: &Bytes) -> Option<Bytes> {
@@ -948,6 +960,32 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
             assert_eq!(usage.finishes.first(), Some("stop"));
             assert!(!usage.stream_error);
         }
+    }
+
+    #[test]
+    fn past_the_cap_an_event_flows_on_as_it_comes() {
+        let stream = responses_stream_with_an_image(EVENT_CAP * 3);
+        let mut m = stripping_meter();
+        let (mut received, mut sent, mut over) = (0, 0, false);
+        for part in stream.chunks(64 << 10) {
+            received += part.len();
+            sent += match m.observe(&Bytes::copy_from_slice(part)) {
+                Some(out) => out.len(),
+                None => part.len(),
+            };
+            let held = received - sent;
+            assert!(held <= EVENT_CAP + (64 << 10), "held {held}");
+            // Once an event outgrew the cap, no more than the bytes its
+            // end may begin in wait, until it ends.
+            if over && m.cut_mid_event() {
+                assert!(held <= sse::SEPARATOR_TAIL, "held {held} past the cap");
+            }
+            over |= m.cut_mid_event();
+        }
+        assert!(over, "the image event outgrew the cap");
+        sent += m.take_held().map_or(0, |rest| rest.len());
+        assert_eq!(sent, stream.len());
+        assert!(m.finished());
     }
 
     #[test]
