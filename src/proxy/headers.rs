@@ -162,11 +162,16 @@ fn strip_sluice(headers: &mut HeaderMap) {
     }
 }
 
-/// The request id: the client's when it is a sane token, else a new one.
+/// The request id: the client's (SPEC §3) when it is text, else a new
+/// one. Its length is the head's limit; bytes past ASCII (obs-text,
+/// which no log line could show as sent) and a blank id are replaced.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(&X_REQUEST_ID) {
         let b = v.as_bytes();
-        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
+        if b.iter().any(|c| c.is_ascii_graphic())
+            && b.iter()
+                .all(|&c| c.is_ascii_graphic() || c == b' ' || c == b'\t')
+        {
             return v.clone();
         }
     }
@@ -436,6 +441,13 @@ mod tests {
         h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
         assert_eq!(request_id(&h), "abc-123");
         h.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
-        assert_ne!(request_id(&h), "has space");
+        assert_eq!(request_id(&h), "has space");
+        h.insert(X_REQUEST_ID, HeaderValue::from_static(" \t "));
+        assert_eq!(request_id(&h).len(), 32);
+        h.insert(
+            X_REQUEST_ID,
+            HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
+        );
+        assert_eq!(request_id(&h).len(), 32);
     }
 }

@@ -265,6 +265,20 @@ async fn request_id_is_kept_or_made_and_reaches_both_sides() {
     let not_found = client.get(&gw.url("/nowhere")).await;
     assert!(not_found.header("x-request-id").is_some());
     assert_eq!(made.header("x-sluice-upstream-request-id"), None);
+    // Any text is the client's: long, or with spaces; a blank one is not.
+    let long = "r".repeat(300);
+    for given in [long.as_str(), "trace 7 of 9"] {
+        let reply = client
+            .get_with(&gw.url("/public"), &[("x-request-id", given)])
+            .await;
+        assert_eq!(reply.header("x-request-id"), Some(given));
+    }
+    let blank = client
+        .get_with(&gw.url("/public"), &[("x-request-id", " ")])
+        .await;
+    assert_eq!(blank.header("x-request-id").map(str::len), Some(32));
+    let logs = gw.wait_access_logs(6).await;
+    assert_eq!(logs[3]["request_id"], long.as_str(), "{}", logs[3]);
 }
 
 /// An upstream's own request id (OpenAI's `req_…`, which its support asks
