@@ -33,6 +33,9 @@ pub struct ConnInfo {
     /// Told when `shutdown_grace` ran out: a request not answered yet
     /// answers 503 then, rather than be closed without a word.
     pub unanswered: Option<Arc<tokio::sync::Notify>>,
+    /// The request id of the answer to a head hyper refused (see
+    /// `server::refusal`), for its access-log line.
+    pub refusal_id: std::sync::OnceLock<HeaderValue>,
 }
 
 impl ConnInfo {
@@ -46,6 +49,7 @@ impl ConnInfo {
             activity: None,
             deadline: None,
             unanswered: None,
+            refusal_id: std::sync::OnceLock::new(),
         }
     }
 }

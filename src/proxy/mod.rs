@@ -294,13 +294,13 @@ pub fn account_refused_head(
     let Some((status, code)) = refused_head_status(hyper_error) else {
         return;
     };
-    account_unread_head(
-        gw,
-        conn,
-        status,
-        code,
-        headers::request_id(&http::HeaderMap::new()),
-    );
+    // The id the client was answered with (see `server::refusal`).
+    let request_id = conn
+        .refusal_id
+        .get()
+        .cloned()
+        .unwrap_or_else(|| headers::request_id(&http::HeaderMap::new()));
+    account_unread_head(gw, conn, status, code, request_id);
 }
 
 /// Logs and counts a request answered before its head was read (by

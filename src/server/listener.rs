@@ -19,6 +19,7 @@ use super::deadline::Deadline;
 use super::drain::{Drain, Guard, Member};
 use super::idle::{Activity, Watch};
 use super::preface;
+use super::refusal::Refusals;
 use crate::gateway::Gateway;
 use crate::proxy::{self, ctx::ConnInfo};
 
@@ -213,7 +214,10 @@ impl Connection {
                 async move { Ok::<_, Infallible>(proxy::handle(gw, req, conn).await) }
             })
         };
-        let io = TokioIo::new(preface::Rewound::new(head, stream));
+        let io = TokioIo::new(Refusals::new(
+            preface::Rewound::new(head, stream),
+            conn.clone(),
+        ));
         let served = builder.serve_connection(io, service);
         let ended = member
             .serve(served, |c| c.graceful_shutdown(), Some(guard))

@@ -10,6 +10,7 @@ pub mod idle;
 pub mod listener;
 pub mod open_files;
 mod preface;
+mod refusal;
 pub mod tls;
 
 use std::io;

@@ -805,7 +805,7 @@ async fn a_chunked_body_on_a_get_is_forwarded() {
 async fn an_oversized_request_head_is_refused() {
     let (up, gw) = open_app().await;
     let big = "a".repeat(100 * 1024);
-    let (status, _) = raw_exchange(
+    let (status, too_large) = raw_exchange(
         &gw,
         &format!("GET /x HTTP/1.1\r\nhost: t\r\nx-big: {big}\r\nconnection: close\r\n\r\n"),
     )
@@ -819,16 +819,29 @@ async fn an_oversized_request_head_is_refused() {
     .await;
     assert_eq!(status, 200);
     assert_eq!(up.seen().len(), 1);
-    let (status, _) = raw_exchange(&gw, "GET /x HTTP/7.1\r\nhost: t\r\n\r\n").await;
+    let (status, malformed) = raw_exchange(&gw, "GET /x HTTP/7.1\r\nhost: t\r\n\r\n").await;
     assert_eq!(status, 400);
 
     let logs = gw.wait_access_logs(3).await;
     let refused: Vec<_> = logs.iter().filter(|l| l["path"].is_null()).collect();
     assert_eq!(refused.len(), 2, "{logs:?}");
-    for (line, (status, error)) in refused
+    for ((line, (status, error)), answer) in refused
         .iter()
         .zip([(431, "request_too_large"), (400, "invalid_request")])
+        .zip([&too_large, &malformed])
     {
+        // Answered in the SPEC's shape, with the id the line logs.
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a head");
+        let head = head.to_ascii_lowercase();
+        assert!(head.contains("content-type: application/json"), "{head}");
+        let id = line["request_id"].as_str().expect("an id");
+        assert!(
+            head.contains(&format!("x-request-id: {id}")),
+            "{head}\n{line}"
+        );
+        let json: serde_json::Value = serde_json::from_str(body).expect("a JSON error");
+        assert_eq!(json["error"]["code"], error, "{body}");
+        assert_eq!(json["error"]["type"], "invalid_request_error", "{body}");
         assert_eq!(line["status"], status, "{line}");
         assert_eq!(line["error"], error, "{line}");
         assert!(

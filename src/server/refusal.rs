@@ -1,0 +1,202 @@
+//! hyper's own answer to a request head it refuses (431 for one over the
+//! bound, 414, 400 for one it cannot parse: its `Server::on_error`),
+//! given the SPEC's shape on its way out: a JSON error body and an
+//! `x-request-id`, as every other answer of sluice has. hyper offers no
+//! hook for that answer, so it is recognised in the bytes written: an
+//! exact head no answer of sluice's has (sluice's carry `x-request-id`).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::proxy::ctx::ConnInfo;
+use crate::proxy::{self, error::error_body};
+
+/// A connection's stream, its refusals rewritten.
+pub struct Refusals<S> {
+    inner: S,
+    conn: Arc<ConnInfo>,
+    /// The answer written in place of hyper's, how much of it is
+    /// written, and the length of hyper's, reported once it is all out.
+    rewrite: Option<(Vec<u8>, usize, usize)>,
+}
+
+impl<S> Refusals<S> {
+    pub fn new(inner: S, conn: Arc<ConnInfo>) -> Self {
+        Refusals {
+            inner,
+            conn,
+            rewrite: None,
+        }
+    }
+}
+
+/// What follows the status line in hyper's refusal, but for the date.
+const REFUSAL_HEADERS: &[u8] = b"connection: close\r\ncontent-length: 0\r\ndate: ";
+/// An IMF-fixdate (`Mon, 30 Nov 2026 06:26:52 GMT`) and the head's end.
+const DATE_AND_END: usize = 29 + 4;
+
+/// The status of hyper's refusal, when `written` is one.
+fn refused_status(written: &[u8]) -> Option<u16> {
+    // The cheap test first: this runs on every write of a connection.
+    if written.len() > 128 || !written.starts_with(b"HTTP/1.1 4") || !written.ends_with(b"\r\n\r\n")
+    {
+        return None;
+    }
+    let line_end = memchr::memmem::find(written, b"\r\n")?;
+    let rest = &written[line_end + 2..];
+    if rest.len() != REFUSAL_HEADERS.len() + DATE_AND_END || !rest.starts_with(REFUSAL_HEADERS) {
+        return None;
+    }
+    std::str::from_utf8(written.get(9..12)?).ok()?.parse().ok()
+}
+
+/// sluice's answer for a refused head: the same status, in the SPEC's
+/// shape (the code as the access log names it).
+fn answer(status: u16, date: &[u8], request_id: &str) -> Vec<u8> {
+    let (reason, message, code) = match status {
+        431 => (
+            "Request Header Fields Too Large",
+            "the request's head (its line and headers) is over 64 KiB",
+            "request_too_large",
+        ),
+        414 => (
+            "URI Too Long",
+            "the request's URI is too long",
+            "request_too_large",
+        ),
+        _ => (
+            "Bad Request",
+            "the request's head is not valid HTTP/1.1",
+            "invalid_request",
+        ),
+    };
+    let body = error_body(message, "invalid_request_error", None, code);
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {request_id}\r\nconnection: close\r\ndate: ",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(date);
+    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(body.as_bytes());
+    out
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Refusals<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Refusals<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.rewrite.is_none() {
+            let Some(status) = refused_status(buf) else {
+                return Pin::new(&mut this.inner).poll_write(cx, buf);
+            };
+            let date_at = buf.len() - DATE_AND_END;
+            let date = &buf[date_at..date_at + 29];
+            let id = this
+                .conn
+                .refusal_id
+                .get_or_init(|| proxy::headers::request_id(&http::HeaderMap::new()));
+            let answer = answer(status, date, id.to_str().unwrap_or("-"));
+            this.rewrite = Some((answer, 0, buf.len()));
+        }
+        // hyper calls again with the same bytes until they are taken.
+        while let Some((answer, written, taken)) = this.rewrite.as_mut() {
+            if *written == answer.len() {
+                let taken = *taken;
+                this.rewrite = None;
+                return Poll::Ready(Ok(taken));
+            }
+            match Pin::new(&mut this.inner).poll_write(cx, &answer[*written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => *written += n,
+                other => return other,
+            }
+        }
+        Poll::Ready(Ok(0))
+    }
+
+    /// HTTP/2's frames go out vectored as they would unwrapped; HTTP/1's
+    /// heads are written flat (hyper's `writev(false)`), so a refusal
+    /// comes through `poll_write`.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let first = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &b[..]);
+        if self.rewrite.is_some() || refused_status(first).is_some() {
+            return self.poll_write(cx, first);
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYPERS: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: Mon, 30 Nov 2026 06:26:52 GMT\r\n\r\n";
+
+    #[test]
+    fn only_hypers_exact_refusal_is_recognised() {
+        assert_eq!(refused_status(HYPERS), Some(431));
+        let bad = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: Mon, 30 Nov 2026 06:26:52 GMT\r\n\r\n";
+        assert_eq!(refused_status(bad), Some(400));
+        // sluice's own answers, an upstream's empty 4xx, a body's bytes.
+        for other in [
+            &b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nx-request-id: a\r\ndate: Mon, 30 Nov 2026 06:26:52 GMT\r\n\r\n"[..],
+            b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\nx-request-id: 0123456789abcdef0123\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\ndate: Mon, 30 Nov 2026 06:26:52 GMT\r\n\r\n",
+            b"data: HTTP/1.1 400\r\n\r\n",
+        ] {
+            assert_eq!(refused_status(other), None, "{}", String::from_utf8_lossy(other));
+        }
+    }
+
+    #[test]
+    fn the_answer_is_json_with_its_length_and_request_id() {
+        let text =
+            String::from_utf8(answer(431, b"Mon, 30 Nov 2026 06:26:52 GMT", "rid-1")).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"));
+        assert!(head.contains("\r\nx-request-id: rid-1\r\n"), "{head}");
+        assert!(
+            head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())),
+            "{head}"
+        );
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"]["code"], "request_too_large");
+    }
+}
