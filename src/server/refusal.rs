@@ -42,7 +42,7 @@ const DATE_AND_END: usize = 29 + 4;
 /// The status of hyper's refusal, when `written` is one.
 fn refused_status(written: &[u8]) -> Option<u16> {
     // The cheap test first: this runs on every write of a connection.
-    if written.len() > 128 || !written.starts_with(b"HTTP/1.1 4") || !written.ends_with(b"\r\n\r\n")
+    if written.len() > 160 || !written.starts_with(b"HTTP/1.1 4") || !written.ends_with(b"\r\n\r\n")
     {
         return None;
     }

@@ -589,6 +589,17 @@ fn mask_patterns(text: &str) -> String {
         let Some((at, prefix_len, accept)) = found else {
             break;
         };
+        // Inside a word (`risk-assessment`, `disk-0123456789`) it is
+        // no credential's prefix.
+        let before = match at {
+            0 => out.as_bytes().last(),
+            _ => rest.as_bytes().get(at - 1),
+        };
+        if before.is_some_and(u8::is_ascii_alphanumeric) {
+            out.push_str(&rest[..at + prefix_len]);
+            rest = &rest[at + prefix_len..];
+            continue;
+        }
         let after = &rest[at + prefix_len..];
         let token_len = after
             .bytes()
@@ -682,6 +693,15 @@ mod tests {
             mask("Cookie: session=cookieSecret7788\nAccept: */*"),
             "Cookie: ***\nAccept: */*"
         );
+    }
+
+    #[test]
+    fn a_prefix_inside_a_word_is_no_credential() {
+        assert_eq!(
+            mask("the risk-assessment of disk-0123456789 and sk-live-0123456789"),
+            "the risk-assessment of disk-0123456789 and sk-***"
+        );
+        assert_eq!(mask("keyJWT: eyJhbGciOiJIUzI1NiJ9x.e30"), "keyJWT: eyJ***");
     }
 
     #[test]
