@@ -22,6 +22,11 @@ pub struct Refusals<S> {
     /// The answer written in place of hyper's, how much of it is
     /// written, and the length of hyper's, reported once it is all out.
     rewrite: Option<(Vec<u8>, usize, usize)>,
+    /// Bytes came from the client since the last write: hyper answers a
+    /// head it refuses right after reading it, while an answer's body
+    /// is written as its upstream sends it (and may, byte for byte, be
+    /// a refusal's text: that is passed on as it is).
+    read_since_write: bool,
 }
 
 impl<S> Refusals<S> {
@@ -30,6 +35,7 @@ impl<S> Refusals<S> {
             inner,
             conn,
             rewrite: None,
+            read_since_write: false,
         }
     }
 }
@@ -60,7 +66,7 @@ fn answer(status: u16, date: &[u8], request_id: &str) -> Vec<u8> {
     let (reason, message, code) = match status {
         431 => (
             "Request Header Fields Too Large",
-            "the request's head (its line and headers) is over 64 KiB",
+            "the request's head is too large (its line and headers over 64 KiB, or over 100 headers)",
             "request_too_large",
         ),
         414 => (
@@ -92,7 +98,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Refusals<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.read_since_write = true;
+        }
+        polled
     }
 }
 
@@ -104,7 +115,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Refusals<S> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         if this.rewrite.is_none() {
-            let Some(status) = refused_status(buf) else {
+            let refused = if this.read_since_write {
+                refused_status(buf)
+            } else {
+                None
+            };
+            this.read_since_write = false;
+            let Some(status) = refused else {
                 return Pin::new(&mut this.inner).poll_write(cx, buf);
             };
             let date_at = buf.len() - DATE_AND_END;
@@ -144,9 +161,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Refusals<S> {
             .iter()
             .find(|b| !b.is_empty())
             .map_or(&[][..], |b| &b[..]);
-        if self.rewrite.is_some() || refused_status(first).is_some() {
+        if self.rewrite.is_some() || (self.read_since_write && refused_status(first).is_some()) {
             return self.poll_write(cx, first);
         }
+        self.read_since_write = false;
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -183,6 +201,38 @@ mod tests {
         ] {
             assert_eq!(refused_status(other), None, "{}", String::from_utf8_lossy(other));
         }
+    }
+
+    /// Only a refusal written right after the client's bytes were read
+    /// is rewritten: the same text as an answer's body goes as it is.
+    #[tokio::test]
+    async fn only_an_answer_to_bytes_just_read_is_rewritten() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let conn = Arc::new(ConnInfo::new("127.0.0.1:1".parse().unwrap(), false));
+        let (ours, mut client) = tokio::io::duplex(4096);
+        let mut stream = Refusals::new(ours, conn.clone());
+        // A body's bytes, no request read since the last write.
+        stream.write_all(HYPERS).await.unwrap();
+        let mut seen = vec![0; HYPERS.len()];
+        client.read_exact(&mut seen).await.unwrap();
+        assert_eq!(seen, HYPERS);
+        // A head read, then refused.
+        client
+            .write_all(b"GET / HTTP/1.1\r\nbad\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = [0; 64];
+        let _ = stream.read(&mut head).await.unwrap();
+        stream.write_all(HYPERS).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        let id = conn.refusal_id.get().expect("an id").to_str().unwrap();
+        assert!(
+            answer.contains(&format!("x-request-id: {id}\r\n")),
+            "{answer}"
+        );
+        assert!(answer.contains(r#""code":"request_too_large""#), "{answer}");
     }
 
     #[test]

@@ -906,6 +906,32 @@ async fn connect_is_refused() {
 }
 
 /// An upstream answering `ok`, behind one open route taking every path.
+/// An answer whose body, in one of its writes, reads byte for byte as
+/// hyper's refusal of a head (which sluice rewrites on its way out)
+/// reaches the client as the upstream sent it.
+#[tokio::test]
+async fn a_body_that_reads_like_a_refused_head_passes_unchanged() {
+    const REFUSAL: &str = "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: Mon, 30 Nov 2026 06:26:52 GMT\r\n\r\n";
+    let mut reply = UpstreamReply::status(200);
+    reply.chunks = vec![
+        (
+            std::time::Duration::ZERO,
+            Bytes::from_static(b"first part\n"),
+        ),
+        (
+            std::time::Duration::from_millis(200),
+            Bytes::from_static(REFUSAL.as_bytes()),
+        ),
+    ];
+    let up = MockUpstream::always(reply).await;
+    let gw = TestGateway::start(&crate::support::app_config(&up.url(), "")).await;
+    // HTTP/1.0: the body goes unframed, each piece as it comes.
+    let (status, text) = raw_exchange(&gw, "GET /x HTTP/1.0\r\nhost: t\r\n\r\n").await;
+    assert_eq!(status, 200);
+    let (_, body) = text.split_once("\r\n\r\n").expect("a head");
+    assert_eq!(body, format!("first part\n{REFUSAL}"));
+}
+
 async fn open_app() -> (MockUpstream, TestGateway) {
     let up = MockUpstream::always(UpstreamReply::text("ok")).await;
     let gw = TestGateway::start(&crate::support::app_config(&up.url(), "")).await;
