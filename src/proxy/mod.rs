@@ -72,6 +72,9 @@ pub async fn handle(
 
     ctx.body_unread = declares_body_over_http1(&req);
     ctx.body_drainable = ctx.body_unread && is_small_and_sent(&req);
+    let h2_drainable = req.version() == http::Version::HTTP_2
+        && !http_body::Body::is_end_stream(req.body())
+        && is_small_and_sent(&req);
     // The body, kept here until `process` takes it: a refusal can then
     // read what is left of a small one, and keep the connection.
     let mut unread = None;
@@ -122,6 +125,12 @@ pub async fn handle(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),
                 );
+            } else if h2_drainable {
+                // Over h2 an answer that ends before the request's body
+                // resets the stream (RST_STREAM after it), and some
+                // clients (curl 7.88) then drop the answer: a small body
+                // is read first, as over HTTP/1.
+                drain(unread.take(), &mut ctx.waiting).await;
             }
             resp
         }

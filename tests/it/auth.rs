@@ -622,3 +622,37 @@ routes:
     .await;
     assert_eq!(reply.headers["x-request-id"], TEAM);
 }
+
+/// Over h2, a refusal that came before the request's small body reads
+/// it first, so the stream ends closed both ways rather than reset after
+/// the answer (which some clients, curl 7.88 among them, drop).
+#[tokio::test]
+async fn an_h2_refusal_reads_a_small_body_before_ending_the_stream() {
+    let gw = gateway().await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let (mut client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let request = http::Request::post(format!("http://{}/v1/chat/completions", gw.addr))
+        .header("content-length", "2")
+        .body(())
+        .expect("a request");
+    let (answer, mut body) = client.send_request(request, false).expect("sent");
+    // The body comes a moment after its head, as curl sends it.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    body.send_data(Bytes::from_static(b"{}"), true)
+        .expect("body sent");
+    let answer = answer.await.expect("an answer");
+    assert_eq!(answer.status(), 401);
+    let mut content = answer.into_body();
+    let mut text = Vec::new();
+    while let Some(data) = content.data().await {
+        text.extend_from_slice(&data.expect("data"));
+    }
+    let json: serde_json::Value = serde_json::from_slice(&text).expect("a JSON error");
+    assert_eq!(json["error"]["code"], "invalid_api_key");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let reset = std::future::poll_fn(|cx| std::task::Poll::Ready(body.poll_reset(cx))).await;
+    assert!(reset.is_pending(), "the stream was reset: {reset:?}");
+}
