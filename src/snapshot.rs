@@ -153,6 +153,10 @@ pub enum CacheScope {
 pub struct RouteCache {
     pub ttl: Duration,
     pub scope: CacheScope,
+    /// The answer-changing request headers (`proxy::cache::ANSWER_HEADERS`,
+    /// bit by index) that every upstream the route sends to replaces with
+    /// its `set_headers`: what the client sent of them changes nothing.
+    pub replaced_headers: u8,
 }
 
 #[derive(Debug, Clone)]

@@ -344,7 +344,10 @@ pub fn key(
     }
     // Headers that choose whom the upstream answers for, or in which
     // version of its API: one organization's answer is not another's.
-    for name in &ANSWER_HEADERS {
+    for (i, name) in ANSWER_HEADERS.iter().enumerate() {
+        if settings.replaced_headers & (1 << i) != 0 {
+            continue;
+        }
         for value in parts.headers.get_all(name) {
             field(&mut hash, name.as_str().as_bytes());
             field(&mut hash, value.as_bytes());
@@ -354,8 +357,9 @@ pub fn key(
     hash.finalize().into()
 }
 
-/// Request headers that change the answer itself: part of the key.
-const ANSWER_HEADERS: [HeaderName; 5] = [
+/// Request headers that change the answer itself: part of the key
+/// (unless the route's upstreams set them: `RouteCache::replaced_headers`).
+pub const ANSWER_HEADERS: [HeaderName; 5] = [
     HeaderName::from_static("openai-organization"),
     HeaderName::from_static("openai-project"),
     HeaderName::from_static("openai-beta"),
@@ -782,6 +786,7 @@ mod tests {
         let settings = RouteCache {
             ttl: Duration::from_secs(60),
             scope: crate::snapshot::CacheScope::Shared,
+            replaced_headers: 0,
         };
         let mut fill = Fill::new([0; 32], &settings, None, 1024, &HeaderMap::new());
         assert!(fill.accept_head(StatusCode::OK, &headers));
@@ -807,6 +812,7 @@ mod tests {
         let ttl = |secs| RouteCache {
             ttl: Duration::from_secs(secs),
             scope: crate::snapshot::CacheScope::Shared,
+            replaced_headers: 0,
         };
         assert!(serves(&entry, &ttl(600), &HeaderMap::new()));
         assert!(!serves(&entry, &ttl(2), &HeaderMap::new()));

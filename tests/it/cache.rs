@@ -1037,6 +1037,46 @@ async fn the_organization_and_project_asked_for_are_in_the_key() {
     assert_eq!(upstream.seen().len(), 2);
 }
 
+/// A header the upstream sets itself (`set_headers`) reaches it the same
+/// whatever the client sent: it keeps no two clients apart in the key.
+#[tokio::test]
+async fn a_header_the_upstream_sets_itself_is_not_in_the_key() {
+    let upstream = MockUpstream::always(UpstreamReply::json(&answer())).await;
+    let config = config(&upstream.url(), "{ ttl: 10m, scope: shared }").replace(
+        &format!(r#"llm: {{ url: "{}" }}"#, upstream.url()),
+        &format!(
+            r#"llm: {{ url: "{}", set_headers: {{ anthropic-version: "2023-06-01" }} }}"#,
+            upstream.url()
+        ),
+    );
+    let gw = TestGateway::start(&config).await;
+    let client = Client::new();
+    let url = gw.url("/v1/chat/completions");
+    let mut results = Vec::new();
+    for version in [Some("2023-06-01"), Some("2026-10-21"), None] {
+        let mut headers = vec![ALICE];
+        if let Some(version) = version {
+            headers.push(("anthropic-version", version));
+        }
+        let reply = client.post_json(&url, &headers, CHAT).await;
+        results.push(reply.header("x-sluice-cache").map(str::to_owned));
+    }
+    assert_eq!(
+        results,
+        [
+            Some("MISS".to_owned()),
+            Some("HIT".to_owned()),
+            Some("HIT".to_owned())
+        ]
+    );
+    assert_eq!(upstream.seen().len(), 1);
+    // The header the client sends still counts where it passes through.
+    let reply = client
+        .post_json(&url, &[ALICE, ("openai-beta", "assistants=v2")], CHAT)
+        .await;
+    assert_eq!(reply.header("x-sluice-cache"), Some("MISS"));
+}
+
 /// A route chosen by a wildcard host may serve one tenant per host (the
 /// app reads `x-forwarded-host`): the host is in the key, so one tenant
 /// never gets another's answer, whatever case or port it is written in.

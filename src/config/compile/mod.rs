@@ -197,7 +197,8 @@ impl Compiler<'_> {
                 message: "no routes: add at least one under `routes:`".to_owned(),
             });
         }
-        let routes = self.routes(&raw.routes, &upstream_index, &pool_index);
+        let mut routes = self.routes(&raw.routes, &upstream_index, &pool_index);
+        routes::note_replaced_headers(&mut routes, &upstreams, &pools);
         let route_names: HashSet<&str> = routes.iter().map(|r| &*r.name).collect();
         let auth = self.auth(raw.auth.as_ref(), &tiers, &route_names);
         self.check_tiers_given(&raw, &auth);

@@ -11,6 +11,7 @@ use serde_saphyr::Spanned;
 
 use crate::config::raw::*;
 use crate::snapshot::*;
+use crate::upstream::Upstream;
 
 use super::Compiler;
 
@@ -203,6 +204,8 @@ impl Compiler<'_> {
                     ],
                     CacheScope::Identity,
                 ),
+                // Known once the routes' upstreams are (`replaced_headers`).
+                replaced_headers: 0,
             });
             let cors = r.cors.as_ref().map(|c| self.cors(c, &methods));
             // `None` when its variables failed (already reported): no
@@ -489,4 +492,34 @@ fn allow_header(methods: &[Method], cors: bool) -> HeaderValue {
         names.push("OPTIONS");
     }
     HeaderValue::from_str(&names.join(", ")).unwrap_or(HeaderValue::from_static(""))
+}
+
+/// For each cached route, which answer-changing headers all its
+/// upstreams set themselves (see [`RouteCache::replaced_headers`]).
+pub(super) fn note_replaced_headers(
+    routes: &mut [Route],
+    upstreams: &[Arc<Upstream>],
+    pools: &[Pool],
+) {
+    for route in routes {
+        let members: &[usize] = match &route.target {
+            Target::Upstream(index) => std::slice::from_ref(index),
+            Target::Pool(index) => pools.get(*index).map_or(&[], |p| &p.members[..]),
+        };
+        let Some(cache) = route.cache.as_mut() else {
+            continue;
+        };
+        cache.replaced_headers = crate::proxy::cache::ANSWER_HEADERS
+            .iter()
+            .enumerate()
+            .filter(|(_, name)| {
+                !members.is_empty()
+                    && members.iter().all(|&m| {
+                        upstreams
+                            .get(m)
+                            .is_some_and(|u| u.set_headers.iter().any(|h| h.name == **name))
+                    })
+            })
+            .fold(0, |bits, (i, _)| bits | 1 << i);
+    }
 }
