@@ -96,12 +96,6 @@ pub async fn identify(
             _ => Err(ProxyError::Unauthorized { reason: "missing" }),
         };
     };
-    ctx.logged_path = masking(ctx.uri.path(), presented);
-    ctx.logged_request_id = ctx
-        .request_id
-        .to_str()
-        .ok()
-        .and_then(|id| masking(id, presented));
     let Some(key) = find_api_key(&snap.auth, presented) else {
         return match &snap.auth.jwt {
             Some(jwt) if jwt::looks_like_jwt(presented) => {
@@ -124,19 +118,6 @@ pub async fn identify(
         return Err(ProxyError::Forbidden);
     }
     Ok(())
-}
-
-/// A text the client chose (its path, its request id) as logged when it
-/// holds the credential the request presented (a client that put its key
-/// in the URL too): masked, as the logged bodies mask it. Shorter
-/// credentials are not looked for: they would mask ordinary words.
-fn masking(text: &str, presented: &[u8]) -> Option<String> {
-    const SHORTEST: usize = 8;
-    if presented.len() < SHORTEST || memchr::memmem::find(text.as_bytes(), presented).is_none() {
-        return None;
-    }
-    let presented = std::str::from_utf8(presented).ok()?;
-    Some(text.replace(presented, "***"))
 }
 
 /// Sets the identity from a JWT, or refuses it with the reason.

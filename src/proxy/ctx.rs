@@ -152,12 +152,10 @@ pub struct RequestCtx {
     /// `log_bodies`: the masked head of each body, for the access log.
     pub request_body: Option<String>,
     pub response_body: Option<String>,
-    /// The path as logged, when it differs from `uri`'s: the credential
-    /// the request presented masked in it.
-    pub logged_path: Option<String>,
-    /// The client's `x-request-id` as logged when it holds the credential
-    /// the request presented.
-    pub logged_request_id: Option<String>,
+    /// The credentials the request came with, whatever the route does
+    /// with them: what its logged path, request id and model must not
+    /// show (a client that put its key in the URL too).
+    pub presented: Presented,
     /// `log_bodies`: what the logged bodies must not show, the
     /// credential this request presented among them.
     pub body_secrets: Option<KnownSecrets>,
@@ -231,8 +229,7 @@ impl RequestCtx {
             output_tokens: None,
             cost_usd: None,
             request_body: None,
-            logged_path: None,
-            logged_request_id: None,
+            presented: Presented::default(),
             body_secrets: None,
             response_body: None,
             rate_limit: None,
@@ -246,5 +243,45 @@ impl RequestCtx {
             requested_model: None,
             usage_injected: false,
         }
+    }
+}
+
+/// A request's `authorization` and `x-api-key` values, kept (a reference
+/// count, no copy) for the access log to mask.
+#[derive(Default)]
+pub struct Presented {
+    authorization: Option<HeaderValue>,
+    api_key: Option<HeaderValue>,
+}
+
+impl Presented {
+    pub fn of(headers: &http::HeaderMap) -> Self {
+        Presented {
+            authorization: headers.get(http::header::AUTHORIZATION).cloned(),
+            api_key: headers.get(crate::proxy::headers::X_API_KEY).cloned(),
+        }
+    }
+
+    /// Each credential long enough to be masked: the token after an
+    /// `authorization` scheme, the `x-api-key`. Shorter ones are not
+    /// looked for: they would mask ordinary words.
+    pub fn credentials(&self) -> impl Iterator<Item = &str> {
+        const SHORTEST: usize = 8;
+        let token = self.authorization.as_ref().and_then(|v| {
+            let v = v.to_str().ok()?.trim();
+            Some(v.split_once(' ').map_or(v, |(_, token)| token.trim()))
+        });
+        let key = self
+            .api_key
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim);
+        token.into_iter().chain(key).filter(|c| c.len() >= SHORTEST)
+    }
+}
+
+impl std::fmt::Debug for Presented {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
     }
 }

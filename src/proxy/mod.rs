@@ -70,6 +70,7 @@ pub async fn handle(
         gw, active, ctx, ..
     } = &mut finish;
 
+    ctx.presented = ctx::Presented::of(req.headers());
     ctx.body_unread = declares_body_over_http1(&req);
     ctx.body_drainable = ctx.body_unread && is_small_and_sent(&req);
     let h2_drainable = req.version() == http::Version::HTTP_2

@@ -132,16 +132,10 @@ fn logged_model(ctx: &RequestCtx) -> Option<&str> {
     ctx.model.as_deref().or(ctx.requested_model.as_deref())
 }
 
-fn logged_path(ctx: &RequestCtx) -> &str {
-    ctx.logged_path.as_deref().unwrap_or(ctx.uri.path())
-}
-
-/// The request id as logged: the client's may hold its credential.
-fn logged_request_id(ctx: &RequestCtx) -> &str {
-    match &ctx.logged_request_id {
-        Some(id) => id,
-        None => ctx.request_id.to_str().unwrap_or("-"),
-    }
+/// A text the client chose (its path, its request id, the model it
+/// asked for), as logged: with any secret it holds masked.
+fn scrubbed<'a>(scrub: &Scrub, ctx: &RequestCtx, text: &'a str) -> std::borrow::Cow<'a, str> {
+    scrub.scrub(text, &ctx.presented)
 }
 
 enum IdentityLabel<'a> {
@@ -162,14 +156,18 @@ fn render(out: &mut String, scrub: &Scrub, ctx: &RequestCtx, latency: Duration) 
     let mut out = Line(out);
     out.str_field(
         key!("request_id"),
-        Some(&scrub.scrub(logged_request_id(ctx))),
+        Some(&scrubbed(
+            scrub,
+            ctx,
+            ctx.request_id.to_str().unwrap_or("-"),
+        )),
     );
     out.str_field(key!("route"), ctx.route.as_deref());
     let head = (!ctx.head_unread).then_some(ctx);
     out.str_field(key!("method"), head.map(|c| c.method.as_str()));
     out.str_field(
         key!("path"),
-        head.map(|c| scrub.scrub(logged_path(c))).as_deref(),
+        head.map(|c| scrubbed(scrub, c, c.uri.path())).as_deref(),
     );
     out.uint_field(key!("status"), Some(u64::from(ctx.status)));
     out.0.push_str(key!("latency_ms"));
@@ -189,7 +187,9 @@ fn render(out: &mut String, scrub: &Scrub, ctx: &RequestCtx, latency: Duration) 
     out.str_field(key!("cache"), ctx.cache.map(CacheStatus::label));
     out.str_field(
         key!("model"),
-        logged_model(ctx).map(|m| scrub.scrub(m)).as_deref(),
+        logged_model(ctx)
+            .map(|m| scrubbed(scrub, ctx, m))
+            .as_deref(),
     );
     out.uint_field(key!("input_tokens"), ctx.input_tokens);
     out.uint_field(key!("output_tokens"), ctx.output_tokens);
@@ -265,10 +265,10 @@ fn emit_fields(scrub: &Scrub, ctx: &RequestCtx, latency: Duration) {
     };
     tracing::info!(
         target: ACCESS_TARGET,
-        request_id = &*scrub.scrub(logged_request_id(ctx)),
+        request_id = &*scrubbed(scrub, ctx, ctx.request_id.to_str().unwrap_or("-")),
         route = ctx.route.as_deref(),
         method = (!ctx.head_unread).then(|| ctx.method.as_str()),
-        path = (!ctx.head_unread).then(|| scrub.scrub(logged_path(ctx))).as_deref(),
+        path = (!ctx.head_unread).then(|| scrubbed(scrub, ctx, ctx.uri.path())).as_deref(),
         status = ctx.status,
         latency_ms = latency.as_micros() as f64 / 1000.0,
         identity,
@@ -277,7 +277,7 @@ fn emit_fields(scrub: &Scrub, ctx: &RequestCtx, latency: Duration) {
         upstream = ctx.upstream.as_deref(),
         attempts = ctx.attempts,
         cache = ctx.cache.map(CacheStatus::label),
-        model = logged_model(ctx).map(|m| scrub.scrub(m)).as_deref(),
+        model = logged_model(ctx).map(|m| scrubbed(scrub, ctx, m)).as_deref(),
         input_tokens = ctx.input_tokens,
         output_tokens = ctx.output_tokens,
         cost_usd = ctx.cost_usd,

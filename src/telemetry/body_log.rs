@@ -6,7 +6,7 @@
 /// The most of a body that is logged.
 pub const LIMIT: usize = 4096;
 
-const MASK: &str = "***";
+pub const MASK: &str = "***";
 
 /// Names of secret fields, matched as lower-cased substrings of the name
 /// (`client_secret`, `apiKey`…). `token` counts too, but not `tokens`:
@@ -45,7 +45,14 @@ const SECRET_WHOLE_NAMES: [&str; 4] = ["key", "pass", "sig", "session"];
 /// Names with `token` that count tokens rather than hold one: OpenAI's
 /// usage (`max_tokens`, `input_token_details`, `token_count`) and
 /// logprobs (`top_logprobs`, `token_logprobs`).
-const TOKEN_COUNTS: [&str; 5] = ["tokens", "details", "count", "logprob", "limit"];
+const TOKEN_COUNTS: [&str; 6] = [
+    "tokens",
+    "details",
+    "count",
+    "logprob",
+    "limit",
+    "tokenizer",
+];
 
 fn is_secret_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
@@ -334,10 +341,15 @@ const PAIR_NAMES: [&str; 4] = ["name", "key", "header", "field"];
 /// For a string between `start` and `end` (its quotes) that opens a list
 /// as a secret name (`["authorization", "Bearer …"]`), where the string
 /// after it starts and ends (exclusive).
+/// Only a list of two, and only a name no ordinary word reads as (not
+/// `key`, `session`, `token`: `"stop": ["token", "\n"]`, `["key", "Tell
+/// me about keys"]` are no credentials). A value the text ends in (cut
+/// at the limit) ends with it.
 fn listed_pair_value(text: &str, start: usize, end: usize) -> Option<(usize, usize)> {
     let bytes = text.as_bytes();
     let before = text[..start].trim_ascii_end();
-    if !before.ends_with('[') || !is_secret_name(&text[start + 1..end]) {
+    let name = text[start + 1..end].to_ascii_lowercase();
+    if !before.ends_with('[') || !SECRET_NAMES.iter().any(|n| name.contains(n)) {
         return None;
     }
     let comma = skip_space(bytes, end + 1);
@@ -348,7 +360,13 @@ fn listed_pair_value(text: &str, start: usize, end: usize) -> Option<(usize, usi
     if bytes.get(value) != Some(&b'"') {
         return None;
     }
-    let value_end = string_end(bytes, value)?;
+    let Some(value_end) = string_end(bytes, value) else {
+        return Some((value, text.len()));
+    };
+    let close = skip_space(bytes, value_end + 1);
+    if close < bytes.len() && bytes[close] != b']' {
+        return None;
+    }
     Some((value, value_end + 1))
 }
 
@@ -553,21 +571,23 @@ fn skip_space(bytes: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// A prefix, whether it is matched ignoring case, and whether the token
-/// after it is a credential.
-type Pattern = (&'static str, bool, fn(&str) -> bool);
+/// A prefix, whether it is matched ignoring case, whether the token after
+/// it may be base64 (`+`, `/`, `=`: a scheme's may, an `sk-` key or a JWT,
+/// base64url, never is, so a path's `/` after one stays), and whether
+/// that token is a credential.
+type Pattern = (&'static str, bool, bool, fn(&str) -> bool);
 
 /// Credentials recognized by their look, wherever they are: the prefix
 /// kept, the token after it masked when it passes its check. A JWT
 /// (`eyJ…`, base64 of `{"`) is caught outside `Bearer` too.
 const PATTERNS: [Pattern; 4] = [
-    ("bearer ", true, |token| !token.is_empty()),
+    ("bearer ", true, true, |token| !token.is_empty()),
     // Basic credentials are base64; prose ("basic questions") is words.
-    ("basic ", true, |token| {
+    ("basic ", true, true, |token| {
         token.len() >= 8 && !token.bytes().all(|b| b.is_ascii_lowercase())
     }),
-    ("sk-", false, |token| token.len() >= 8),
-    ("eyJ", false, |token| token.len() >= 16),
+    ("sk-", false, false, |token| token.len() >= 8),
+    ("eyJ", false, false, |token| token.len() >= 16),
 ];
 
 /// Masks what follows `Bearer `, `Basic `, `sk-` and `eyJ`.
@@ -577,16 +597,16 @@ fn mask_patterns(text: &str) -> String {
     loop {
         let found = PATTERNS
             .iter()
-            .filter_map(|&(prefix, ignore_case, accept)| {
+            .filter_map(|&(prefix, ignore_case, base64, accept)| {
                 let at = if ignore_case {
                     find_ignore_case(rest, prefix)
                 } else {
                     rest.find(prefix)
                 };
-                at.map(|at| (at, prefix.len(), accept))
+                at.map(|at| (at, prefix.len(), base64, accept))
             })
             .min_by_key(|&(at, ..)| at);
-        let Some((at, prefix_len, accept)) = found else {
+        let Some((at, prefix_len, base64, accept)) = found else {
             break;
         };
         // Inside a word (`risk-assessment`, `disk-0123456789`) it is
@@ -603,9 +623,10 @@ fn mask_patterns(text: &str) -> String {
         let after = &rest[at + prefix_len..];
         let token_len = after
             .bytes()
-            .take_while(|b| {
+            .take_while(|&b| {
                 b.is_ascii_alphanumeric()
-                    || matches!(b, b'-' | b'_' | b'.' | b'~' | b'+' | b'/' | b'=')
+                    || matches!(b, b'-' | b'_' | b'.' | b'~')
+                    || (base64 && matches!(b, b'+' | b'/' | b'='))
             })
             .count();
         out.push_str(&rest[..at + prefix_len]);
@@ -721,6 +742,16 @@ mod tests {
             mask(r#"[{"name":"password_policy"},{"value":"open"}]"#),
             r#"[{"name":"password_policy"},{"value":"open"}]"#
         );
+        // Lists of words, and a tokenizer's name, are no pairs.
+        for text in [
+            r#"{"tags":["session","keynote","workshop"],"stop":["token","\n"]}"#,
+            r#"{"enum":["key","value","other"],"messages":[["key","Tell me about keys"]]}"#,
+            r#"{"name":"tokenizer","value":"cl100k_base"}"#,
+        ] {
+            assert_eq!(mask(text), text);
+        }
+        // A pair cut at the end of the text shows none of its value.
+        assert_eq!(mask(r#"[["x-api-key","mk723abc"#), r#"[["x-api-key","***""#);
     }
 
     #[test]

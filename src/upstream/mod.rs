@@ -146,30 +146,6 @@ impl StreamOptionsRefusals {
     }
 }
 
-/// `text` with its `%XX` escapes decoded (others kept as written).
-fn percent_decoded(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// The `api-version` query parameter of `uri`, as written (empty without
 /// one); `None` when it is given twice, or in two spellings, which
 /// upstreams may read either way: a refusal is then never remembered, so
@@ -180,7 +156,10 @@ pub fn api_version(uri: &http::Uri) -> Option<&str> {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         // Upstreams decode names: `api%2Dversion` is one more.
         let named = name.eq_ignore_ascii_case("api-version")
-            || (name.contains('%') && percent_decoded(name).eq_ignore_ascii_case("api-version"));
+            || (name.contains('%')
+                && percent_encoding::percent_decode_str(name)
+                    .decode_utf8_lossy()
+                    .eq_ignore_ascii_case("api-version"));
         if named && found.replace(value).is_some() {
             return None;
         }
@@ -394,6 +373,9 @@ pub(crate) fn without_secrets(url: &str) -> String {
     let cut = rest.find(['?', '#']);
     match (at, cut) {
         (Some(_), Some(_)) => format!("{scheme}…"),
+        // A user info holds no `/` or `\\`: an `@` after one is in the
+        // path, maybe in a token, and what follows it may be too.
+        (Some(at), None) if rest[..at].contains(['/', '\\']) => format!("{scheme}…"),
         (Some(at), None) => format!("{scheme}…@{}", long_segments_cut(&rest[at + 1..])),
         // Marked by the character that began the part left out.
         (None, Some(cut)) => format!(
@@ -410,20 +392,23 @@ pub(crate) fn without_secrets(url: &str) -> String {
 /// `deployments` stay, and so the message still names the upstream.
 fn long_segments_cut(rest: &str) -> String {
     const TOKEN_LEN: usize = 16;
-    let Some((address, path)) = rest.split_once('/') else {
+    // A backslash splits too: a URL written with them is refused, and its
+    // message quotes it.
+    let Some(first) = rest.find(['/', '\\']) else {
         return rest.to_owned();
     };
-    let path: Vec<&str> = path
-        .split('/')
-        .map(|segment| {
-            if segment.len() >= TOKEN_LEN {
-                "…"
-            } else {
-                segment
-            }
-        })
-        .collect();
-    format!("{address}/{}", path.join("/"))
+    let (address, path) = rest.split_at(first);
+    let mut out = address.to_owned();
+    for piece in path.split_inclusive(['/', '\\']) {
+        let segment = piece.trim_end_matches(['/', '\\']);
+        out.push_str(if segment.len() >= TOKEN_LEN {
+            "…"
+        } else {
+            segment
+        });
+        out.push_str(&piece[segment.len()..]);
+    }
+    out
 }
 
 /// An IPv4 address in the forms the system resolver (`inet_aton`) also
@@ -550,6 +535,14 @@ mod tests {
             (
                 "https://h.example.com/openai/deployments/T0123456789abcdefXYZ",
                 "https://h.example.com/openai/deployments/…",
+            ),
+            (
+                "https://h.example.com\\hooks\\Zq9SECRETbackslash-1234567",
+                "https://h.example.com\\hooks\\…",
+            ),
+            (
+                "https://h.example.com:99999/hooks/Zq9SECRET@user-1234567",
+                "https://…",
             ),
             ("not a url", "not a url"),
         ] {

@@ -600,7 +600,32 @@ routes:
         )
         .await;
     assert_eq!(reply.status, 200);
-    let logs = gw.wait_access_logs(7).await;
+    // The presented credential where no auth runs (no route, an open
+    // route), percent-encoded, and as the model.
+    models(
+        &gw,
+        &format!("/nope/{HASHED}"),
+        &[("authorization", &hashed)],
+    )
+    .await;
+    models(
+        &gw,
+        "/public/hashed%2Dplain-0123456789",
+        &[("authorization", &hashed)],
+    )
+    .await;
+    let reply = Client::new()
+        .post_json(
+            &gw.url("/v1/chat/completions"),
+            &[("authorization", &hashed)],
+            &format!(r#"{{"model":"{HASHED}","messages":[{{"role":"user","content":"hi"}}]}}"#),
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    let logs = gw.wait_access_logs(10).await;
+    assert_eq!(logs[7]["path"], "/nope/***", "{}", logs[7]);
+    assert_eq!(logs[8]["path"], "/public/***", "{}", logs[8]);
+    assert_eq!(logs[9]["model"], "***", "{}", logs[9]);
     assert_eq!(logs[0]["path"], "/public/***", "{}", logs[0]);
     assert_eq!(logs[1]["path"], "/public/x/***", "{}", logs[1]);
     assert_eq!(logs[2]["path"], "/v1/models/***", "{}", logs[2]);

@@ -949,11 +949,37 @@ fn a_literal_secret_in_an_upstream_url_is_never_quoted() {
         "https://bob:pa#ss@llm.example.com",
         "https://llm.example.com/v1?key=AIzaSecret123",
         "https://${HOST:-llm.example.com}/v1?key=AIzaSecret123",
+        // A token in the path: a bad port, backslashes, an `@` in it.
+        "https://api.telegram.org:99999/botAIzaSecret123-0123456789/",
+        "https://h.example.com\\\\hooks\\\\AIzaSecret123-backslash",
+        "https://h.example.com:99999/hooks/AIzaSecret123@user-1234567",
     ] {
         let errs = errors(&one_upstream(&format!("url: \"{url}\"")));
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(
-            !errs[0].contains("pa#ss") && !errs[0].contains("AIzaSecret123"),
+            !errs[0].contains("pa#ss")
+                && !errs[0].contains("AIzaSecret123")
+                && !errs[0].contains("user-1234567"),
+            "{errs:?}"
+        );
+    }
+    // A header line pasted whole as a set_headers name, and a value
+    // that YAML reads as a tag.
+    for header in [
+        r#""Authorization: Bearer AIzaSecret123-0123": """#,
+        "x-api-key: !AIzaSecret123-0123",
+    ] {
+        let yaml = one_upstream(&format!(
+            "url: \"https://llm.example.com\", set_headers: {{ {header} }}"
+        ));
+        let errs = errors(&yaml);
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("not a valid header name") || e.contains("YAML tag")),
+            "{errs:?}"
+        );
+        assert!(
+            !errs.iter().any(|e| e.contains("AIzaSecret123")),
             "{errs:?}"
         );
     }

@@ -85,6 +85,9 @@ impl Compiler<'_> {
                 );
             }
             self.secrets_written.push(url.clone());
+            // Its token alone, as a client might paste it anywhere.
+            self.secrets_written
+                .extend(super::upstreams::url_secrets(&url, vec![url.clone()]));
             Some(url)
         });
         Budget {

@@ -155,10 +155,16 @@ impl Compiler<'_> {
         let mut out: Vec<SetHeader> = Vec::with_capacity(raw.len());
         for (name, value) in raw {
             let Ok(header) = HeaderName::from_bytes(name.as_bytes()) else {
-                self.error(
-                    &value.referenced,
-                    format!("upstream `{upstream}`: `{name}` is not a valid header name"),
-                );
+                // `Authorization: Bearer sk-…` written as the name: a
+                // header line pasted whole, its secret with it.
+                let message = if name.contains([':', ' ', '\t']) || name.len() > 64 {
+                    format!(
+                        "upstream `{upstream}`: a set_headers name is not a valid header name (not repeated here: it could hold a secret); write `name: value`, the value apart"
+                    )
+                } else {
+                    format!("upstream `{upstream}`: `{name}` is not a valid header name")
+                };
+                self.error(&value.referenced, message);
                 continue;
             };
             if let Some(why) = not_settable(&header) {
@@ -388,7 +394,7 @@ impl Compiler<'_> {
 /// there (a token is long; `v1`, `deployments` are not). A scheme or an
 /// address is no secret, and masked it would hide the upstream's name
 /// wherever a logged body shows it.
-fn url_secrets(url: &str, values: Vec<String>) -> Vec<String> {
+pub(super) fn url_secrets(url: &str, values: Vec<String>) -> Vec<String> {
     let (userinfo, path) = url_secret_parts(url);
     let mut secrets = Vec::new();
     for value in values {
