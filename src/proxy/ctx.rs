@@ -18,7 +18,7 @@ use crate::state::{Decision, Slot};
 use crate::upstream::breaker::StreamVerdict;
 
 /// What the listener knows about the connection a request came on.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ConnInfo {
     pub remote: SocketAddr,
     pub tls: bool,
@@ -36,6 +36,35 @@ pub struct ConnInfo {
     /// The request id of the answer to a head hyper refused (see
     /// `server::refusal`), for its access-log line.
     pub refusal_id: std::sync::OnceLock<HeaderValue>,
+    /// Requests of this connection whose answer is not done (see
+    /// [`Answering`]): while one is, what is written is its answer.
+    pub answering: std::sync::atomic::AtomicUsize,
+}
+
+/// One request's place in [`ConnInfo::answering`], from its start until
+/// its context is dropped, once its answer's body has ended.
+pub struct Answering(Arc<ConnInfo>);
+
+impl Answering {
+    pub fn new(conn: &Arc<ConnInfo>) -> Self {
+        conn.answering
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Answering(conn.clone())
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0
+            .answering
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for Answering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Answering")
+    }
 }
 
 impl ConnInfo {
@@ -50,6 +79,7 @@ impl ConnInfo {
             deadline: None,
             unanswered: None,
             refusal_id: std::sync::OnceLock::new(),
+            answering: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }
@@ -156,6 +186,8 @@ pub struct RequestCtx {
     /// with them: what its logged path, request id and model must not
     /// show (a client that put its key in the URL too).
     pub presented: Presented,
+    /// Held while this request is answered (see [`ConnInfo::answering`]).
+    pub answering: Option<Answering>,
     /// `log_bodies`: what the logged bodies must not show, the
     /// credential this request presented among them.
     pub body_secrets: Option<KnownSecrets>,
@@ -230,6 +262,7 @@ impl RequestCtx {
             cost_usd: None,
             request_body: None,
             presented: Presented::default(),
+            answering: None,
             body_secrets: None,
             response_body: None,
             rate_limit: None,
@@ -246,37 +279,38 @@ impl RequestCtx {
     }
 }
 
-/// A request's `authorization` and `x-api-key` values, kept (a reference
-/// count, no copy) for the access log to mask.
+/// A request's `authorization` and `x-api-key` values (every one sent),
+/// kept (a reference count, no copy) for the access log to mask.
 #[derive(Default)]
-pub struct Presented {
-    authorization: Option<HeaderValue>,
-    api_key: Option<HeaderValue>,
-}
+pub struct Presented(smallvec::SmallVec<[(bool, HeaderValue); 2]>);
 
 impl Presented {
     pub fn of(headers: &http::HeaderMap) -> Self {
-        Presented {
-            authorization: headers.get(http::header::AUTHORIZATION).cloned(),
-            api_key: headers.get(crate::proxy::headers::X_API_KEY).cloned(),
-        }
+        let authorization = headers.get_all(http::header::AUTHORIZATION).iter();
+        let api_keys = headers.get_all(crate::proxy::headers::X_API_KEY).iter();
+        Presented(
+            authorization
+                .map(|v| (true, v.clone()))
+                .chain(api_keys.map(|v| (false, v.clone())))
+                .collect(),
+        )
     }
 
     /// Each credential long enough to be masked: the token after an
-    /// `authorization` scheme, the `x-api-key`. Shorter ones are not
+    /// `authorization` scheme, an `x-api-key`. Shorter ones are not
     /// looked for: they would mask ordinary words.
     pub fn credentials(&self) -> impl Iterator<Item = &str> {
         const SHORTEST: usize = 8;
-        let token = self.authorization.as_ref().and_then(|v| {
-            let v = v.to_str().ok()?.trim();
-            Some(v.split_once(' ').map_or(v, |(_, token)| token.trim()))
-        });
-        let key = self
-            .api_key
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim);
-        token.into_iter().chain(key).filter(|c| c.len() >= SHORTEST)
+        self.0.iter().filter_map(|(scheme, value)| {
+            let value = value.to_str().ok()?.trim();
+            let credential = match scheme {
+                true => value
+                    .split_once(' ')
+                    .map_or(value, |(_, token)| token.trim()),
+                false => value,
+            };
+            (credential.len() >= SHORTEST).then_some(credential)
+        })
     }
 }
 

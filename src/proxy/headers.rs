@@ -162,13 +162,20 @@ fn strip_sluice(headers: &mut HeaderMap) {
     }
 }
 
-/// The request id: the client's (SPEC §3) when it is text, else a new
-/// one. Its length is the head's limit; bytes past ASCII (obs-text,
+/// The longest client request id kept: far past any tracing system's
+/// (a W3C `traceparent` is 55 bytes), and short enough that forwarding
+/// it cannot push an upstream's header line over its limit (nginx's is
+/// 8 KB) nor swell every log line.
+pub const REQUEST_ID_MAX: usize = 1024;
+
+/// The request id: the client's (SPEC §3) when it is text of at most
+/// [`REQUEST_ID_MAX`] bytes, else a new one. Bytes past ASCII (obs-text,
 /// which no log line could show as sent) and a blank id are replaced.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(&X_REQUEST_ID) {
         let b = v.as_bytes();
-        if b.iter().any(|c| c.is_ascii_graphic())
+        if b.len() <= REQUEST_ID_MAX
+            && b.iter().any(|c| c.is_ascii_graphic())
             && b.iter()
                 .all(|&c| c.is_ascii_graphic() || c == b' ' || c == b'\t')
         {

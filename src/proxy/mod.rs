@@ -71,6 +71,7 @@ pub async fn handle(
     } = &mut finish;
 
     ctx.presented = ctx::Presented::of(req.headers());
+    ctx.answering = Some(ctx::Answering::new(&conn));
     ctx.body_unread = declares_body_over_http1(&req);
     ctx.body_drainable = ctx.body_unread && is_small_and_sent(&req);
     let h2_drainable = req.version() == http::Version::HTTP_2
@@ -114,6 +115,7 @@ pub async fn handle(
             ctx.error = Some(e.code());
             ctx.error_detail = e.upstream_detail();
             logged_status = Some(e.status().as_u16());
+            let shutting_down = matches!(e, ProxyError::ShuttingDown);
             let mut resp = e.into_response();
             if ctx.body_unread
                 && !(ctx.body_drainable && drain(unread.take(), &mut ctx.waiting).await)
@@ -126,7 +128,7 @@ pub async fn handle(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),
                 );
-            } else if h2_drainable {
+            } else if h2_drainable && !shutting_down {
                 // Over h2 an answer that ends before the request's body
                 // resets the stream (RST_STREAM after it), and some
                 // clients (curl 7.88) then drop the answer: a small body

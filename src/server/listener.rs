@@ -214,9 +214,11 @@ impl Connection {
                 async move { Ok::<_, Infallible>(proxy::handle(gw, req, conn).await) }
             })
         };
+        let h1 = !preface::is_h2(&head);
         let io = TokioIo::new(Refusals::new(
             preface::Rewound::new(head, stream),
             conn.clone(),
+            h1,
         ));
         let served = builder.serve_connection(io, service);
         let ended = member

@@ -27,15 +27,37 @@ pub struct Refusals<S> {
     /// is written as its upstream sends it (and may, byte for byte, be
     /// a refusal's text: that is passed on as it is).
     read_since_write: bool,
+    /// HTTP/1 only: hyper's h2 layer answers in frames, and its writes
+    /// pass untouched.
+    enabled: bool,
 }
 
 impl<S> Refusals<S> {
-    pub fn new(inner: S, conn: Arc<ConnInfo>) -> Self {
+    pub fn new(inner: S, conn: Arc<ConnInfo>, enabled: bool) -> Self {
         Refusals {
             inner,
             conn,
             rewrite: None,
             read_since_write: false,
+            enabled,
+        }
+    }
+
+    /// Whether `written` is hyper's refusal of the head just read: bytes
+    /// came since the last write (hyper answers a head right after
+    /// reading it), and no answer of the connection's is being written
+    /// (whose body's bytes, and the client may send more meanwhile,
+    /// could read the same).
+    fn refusal(&self, written: &[u8]) -> Option<u16> {
+        let idle = self
+            .conn
+            .answering
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0;
+        if self.enabled && self.read_since_write && idle {
+            refused_status(written)
+        } else {
+            None
         }
     }
 }
@@ -66,7 +88,7 @@ fn answer(status: u16, date: &[u8], request_id: &str) -> Vec<u8> {
     let (reason, message, code) = match status {
         431 => (
             "Request Header Fields Too Large",
-            "the request's head is too large (its line and headers over 64 KiB, or over 100 headers)",
+            "the request's head is too large (its line and headers past 64 KiB, or over 100 headers)",
             "request_too_large",
         ),
         414 => (
@@ -115,11 +137,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Refusals<S> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         if this.rewrite.is_none() {
-            let refused = if this.read_since_write {
-                refused_status(buf)
-            } else {
-                None
-            };
+            let refused = this.refusal(buf);
             this.read_since_write = false;
             let Some(status) = refused else {
                 return Pin::new(&mut this.inner).poll_write(cx, buf);
@@ -134,7 +152,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Refusals<S> {
             this.rewrite = Some((answer, 0, buf.len()));
         }
         // hyper calls again with the same bytes until they are taken.
-        while let Some((answer, written, taken)) = this.rewrite.as_mut() {
+        loop {
+            let Some((answer, written, taken)) = this.rewrite.as_mut() else {
+                return Poll::Ready(Ok(buf.len()));
+            };
             if *written == answer.len() {
                 let taken = *taken;
                 this.rewrite = None;
@@ -146,7 +167,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Refusals<S> {
                 other => return other,
             }
         }
-        Poll::Ready(Ok(0))
     }
 
     /// HTTP/2's frames go out vectored as they would unwrapped; HTTP/1's
@@ -161,7 +181,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Refusals<S> {
             .iter()
             .find(|b| !b.is_empty())
             .map_or(&[][..], |b| &b[..]);
-        if self.rewrite.is_some() || (self.read_since_write && refused_status(first).is_some()) {
+        if self.rewrite.is_some() || self.refusal(first).is_some() {
             return self.poll_write(cx, first);
         }
         self.read_since_write = false;
@@ -210,12 +230,24 @@ mod tests {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let conn = Arc::new(ConnInfo::new("127.0.0.1:1".parse().unwrap(), false));
         let (ours, mut client) = tokio::io::duplex(4096);
-        let mut stream = Refusals::new(ours, conn.clone());
+        let mut stream = Refusals::new(ours, conn.clone(), true);
         // A body's bytes, no request read since the last write.
         stream.write_all(HYPERS).await.unwrap();
         let mut seen = vec![0; HYPERS.len()];
         client.read_exact(&mut seen).await.unwrap();
         assert_eq!(seen, HYPERS);
+        // Bytes read while an answer is written (a pipelined request):
+        // its body's bytes still pass.
+        conn.answering
+            .store(1, std::sync::atomic::Ordering::Relaxed);
+        client.write_all(b"GET /next HTTP/1.1\r\n").await.unwrap();
+        let mut pipelined = [0; 64];
+        let _ = stream.read(&mut pipelined).await.unwrap();
+        stream.write_all(HYPERS).await.unwrap();
+        client.read_exact(&mut seen).await.unwrap();
+        assert_eq!(seen, HYPERS);
+        conn.answering
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         // A head read, then refused.
         client
             .write_all(b"GET / HTTP/1.1\r\nbad\r\n\r\n")

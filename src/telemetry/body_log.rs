@@ -45,20 +45,15 @@ const SECRET_WHOLE_NAMES: [&str; 4] = ["key", "pass", "sig", "session"];
 /// Names with `token` that count tokens rather than hold one: OpenAI's
 /// usage (`max_tokens`, `input_token_details`, `token_count`) and
 /// logprobs (`top_logprobs`, `token_logprobs`).
-const TOKEN_COUNTS: [&str; 6] = [
-    "tokens",
-    "details",
-    "count",
-    "logprob",
-    "limit",
-    "tokenizer",
-];
+const TOKEN_COUNTS: [&str; 5] = ["tokens", "details", "count", "logprob", "limit"];
 
 fn is_secret_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     SECRET_NAMES.iter().any(|n| lower.contains(n))
         || SECRET_WHOLE_NAMES.contains(&lower.as_str())
-        || (lower.contains("token") && !TOKEN_COUNTS.iter().any(|n| lower.contains(n)))
+        || (lower.contains("token")
+            && lower != "tokenizer"
+            && !TOKEN_COUNTS.iter().any(|n| lower.contains(n)))
 }
 
 /// The first [`LIMIT`] bytes of a body as it goes by.
@@ -94,8 +89,8 @@ impl BodyLog {
             // replacement characters would, and no text in it shows.
             return format!("[{} bytes, not text]", self.total);
         }
-        mask_known(&mut text, known);
         for secret in known {
+            mask_secret(&mut text, secret);
             // Cut at the limit in the middle of one: its head shows.
             if self.total > self.head.len()
                 && let Some(cut) = (4..secret.len())
@@ -150,12 +145,16 @@ pub fn mask(text: &str) -> String {
 /// beside `%2B`).
 pub fn mask_known(text: &mut String, known: &[String]) {
     for secret in known {
-        if text.contains(secret.as_str()) {
-            *text = text.replace(secret.as_str(), MASK);
-        }
-        if secret.contains('%') && text.contains('%') {
-            *text = replace_ignore_case(text, secret, MASK);
-        }
+        mask_secret(text, secret);
+    }
+}
+
+fn mask_secret(text: &mut String, secret: &str) {
+    if text.contains(secret) {
+        *text = text.replace(secret, MASK);
+    }
+    if secret.contains('%') && text.contains('%') {
+        *text = replace_ignore_case(text, secret, MASK);
     }
 }
 
@@ -349,7 +348,8 @@ fn listed_pair_value(text: &str, start: usize, end: usize) -> Option<(usize, usi
     let bytes = text.as_bytes();
     let before = text[..start].trim_ascii_end();
     let name = text[start + 1..end].to_ascii_lowercase();
-    if !before.ends_with('[') || !SECRET_NAMES.iter().any(|n| name.contains(n)) {
+    let word = name == "token" || SECRET_WHOLE_NAMES.contains(&name.as_str());
+    if !before.ends_with('[') || word || !is_secret_name(&name) {
         return None;
     }
     let comma = skip_space(bytes, end + 1);
@@ -592,53 +592,83 @@ const PATTERNS: [Pattern; 4] = [
 
 /// Masks what follows `Bearer `, `Basic `, `sk-` and `eyJ`.
 fn mask_patterns(text: &str) -> String {
+    let bytes = text.as_bytes();
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    loop {
-        let found = PATTERNS
-            .iter()
-            .filter_map(|&(prefix, ignore_case, base64, accept)| {
-                let at = if ignore_case {
-                    find_ignore_case(rest, prefix)
-                } else {
-                    rest.find(prefix)
-                };
-                at.map(|at| (at, prefix.len(), base64, accept))
-            })
-            .min_by_key(|&(at, ..)| at);
-        let Some((at, prefix_len, base64, accept)) = found else {
-            break;
-        };
-        // Inside a word (`risk-assessment`, `disk-0123456789`) it is
-        // no credential's prefix.
-        let before = match at {
-            0 => out.as_bytes().last(),
-            _ => rest.as_bytes().get(at - 1),
-        };
-        if before.is_some_and(u8::is_ascii_alphanumeric) {
-            out.push_str(&rest[..at + prefix_len]);
-            rest = &rest[at + prefix_len..];
-            continue;
-        }
-        let after = &rest[at + prefix_len..];
-        let token_len = after
-            .bytes()
-            .take_while(|&b| {
-                b.is_ascii_alphanumeric()
-                    || matches!(b, b'-' | b'_' | b'.' | b'~')
-                    || (base64 && matches!(b, b'+' | b'/' | b'='))
-            })
-            .count();
-        out.push_str(&rest[..at + prefix_len]);
-        if accept(&after[..token_len]) {
-            out.push_str(MASK);
+    // Where each pattern next shows at or after `from`: searched again
+    // only once passed, so the text is read once per pattern however
+    // many matches it holds (a request id of `ask-ask-…` stays linear).
+    let mut next: [Option<usize>; PATTERNS.len()] = [None; PATTERNS.len()];
+    let find = |i: usize, from: usize| {
+        let (prefix, ignore_case, ..) = PATTERNS[i];
+        let rest = &text[from..];
+        let at = if ignore_case {
+            find_ignore_case(rest, prefix)
         } else {
-            out.push_str(&after[..token_len]);
-        }
-        rest = &after[token_len..];
+            memchr::memmem::find(rest.as_bytes(), prefix.as_bytes())
+        };
+        at.map(|at| from + at)
+    };
+    for (i, slot) in next.iter_mut().enumerate() {
+        *slot = find(i, 0);
     }
-    out.push_str(rest);
+    let mut copied = 0;
+    while let Some((i, at)) = next
+        .iter()
+        .enumerate()
+        .filter_map(|(i, at)| at.map(|at| (i, at)))
+        .min_by_key(|&(_, at)| at)
+    {
+        let (prefix, _, base64, accept) = PATTERNS[i];
+        let after = at + prefix.len();
+        // The token is read only where a word begins: read at every
+        // `sk-` of `ask-ask-…`, each would run to the text's end.
+        let token_len = (at >= copied && starts_a_word(bytes, at)).then(|| {
+            bytes[after..]
+                .iter()
+                .take_while(|&&b| {
+                    b.is_ascii_alphanumeric()
+                        || matches!(b, b'-' | b'_' | b'.' | b'~')
+                        || (base64 && matches!(b, b'+' | b'/' | b'='))
+                })
+                .count()
+        });
+        let resume = match token_len {
+            Some(len) if accept(&text[after..after + len]) => {
+                out.push_str(&text[copied..after]);
+                out.push_str(MASK);
+                copied = after + len;
+                copied
+            }
+            _ => after,
+        };
+        for (j, slot) in next.iter_mut().enumerate() {
+            if slot.is_some_and(|s| s < resume) {
+                *slot = find(j, resume);
+            }
+        }
+        if next[i] == Some(at) {
+            next[i] = find(i, after);
+        }
+    }
+    out.push_str(&text[copied..]);
     out
+}
+
+/// Whether a credential's prefix at `at` begins a word: not inside one
+/// (`risk-assessment`, `disk-0123456789`), but after a JSON escape of a
+/// line end or tab (`\nsk-…`) or a percent-encoded separator (`%20sk-`)
+/// as after any other separator.
+fn starts_a_word(bytes: &[u8], at: usize) -> bool {
+    let Some(&before) = at.checked_sub(1).and_then(|i| bytes.get(i)) else {
+        return true;
+    };
+    // `my_sk-learn`, `job-sk-batch`: inside a name too.
+    if !before.is_ascii_alphanumeric() && !matches!(before, b'_' | b'-') {
+        return true;
+    }
+    let escaped = at >= 2 && bytes[at - 2] == b'\\' && matches!(before, b'n' | b't' | b'r');
+    let percent = at >= 3 && bytes[at - 3] == b'%' && bytes[at - 2].is_ascii_hexdigit();
+    escaped || percent
 }
 
 /// `text` with every match of the ASCII `needle`, in any case, replaced.
@@ -723,6 +753,32 @@ mod tests {
             "the risk-assessment of disk-0123456789 and sk-***"
         );
         assert_eq!(mask("keyJWT: eyJhbGciOiJIUzI1NiJ9x.e30"), "keyJWT: eyJ***");
+        assert_eq!(
+            mask("my_sk-learn-notebook job-sk-batch-2024"),
+            "my_sk-learn-notebook job-sk-batch-2024"
+        );
+        // After an escaped line end or tab, or an encoded space, a word
+        // begins.
+        assert_eq!(
+            mask(r#"{"content":"use this:\nsk-proj-0123456789abcdef\tBearer xyz"}"#),
+            r#"{"content":"use this:\nsk-***\tBearer ***"}"#
+        );
+        assert_eq!(
+            mask("note=my%20key%20sk-proj-0123456789ab"),
+            "note=my%20key%20sk-***"
+        );
+    }
+
+    #[test]
+    fn many_prefixes_are_read_in_one_pass() {
+        // Read at each match, these took seconds (a debug build): each
+        // `sk-` inside a word read its token to the end of the text.
+        let text = "ask-".repeat(16 * 1024);
+        assert_eq!(mask_patterns(&text), text);
+        let text = "sk-a ".repeat(16 * 1024);
+        assert_eq!(mask_patterns(&text), text);
+        let text = format!("x sk-{}", "ask-".repeat(16 * 1024));
+        assert_eq!(mask_patterns(&text), "x sk-***");
     }
 
     #[test]
@@ -750,6 +806,11 @@ mod tests {
         ] {
             assert_eq!(mask(text), text);
         }
+        // Token names are secret names in pairs as in members.
+        assert_eq!(
+            mask(r#"{"h":[["X-Auth-Token","v0123456789"]],"tokenizer_token":"hf_x"}"#),
+            r#"{"h":[["X-Auth-Token","***"]],"tokenizer_token":"***"}"#
+        );
         // A pair cut at the end of the text shows none of its value.
         assert_eq!(mask(r#"[["x-api-key","mk723abc"#), r#"[["x-api-key","***""#);
     }

@@ -363,6 +363,11 @@ pub(crate) fn port_is_valid(authority: &http::uri::Authority) -> bool {
 /// When it has both an `@` and a `?` or `#`, which ends which is not
 /// known (a password may hold `?`, a query `@`): only its scheme shows.
 pub(crate) fn without_secrets(url: &str) -> String {
+    // No URL at all (`https%3A%2F%2F…` pasted encoded): a short text is
+    // a typo worth showing, a long one may hold anything.
+    if !url.contains("://") && (url.len() > 32 || url.contains('%')) {
+        return format!("{}…", url.get(..8).unwrap_or(""));
+    }
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
     let scheme = if scheme.is_empty() {
         String::new()
@@ -545,6 +550,10 @@ mod tests {
                 "https://…",
             ),
             ("not a url", "not a url"),
+            (
+                "https%3A%2F%2Fhooks.example.com%2Fservices%2FT0001",
+                "https%3A…",
+            ),
         ] {
             assert_eq!(without_secrets(url), shown, "{url}");
         }

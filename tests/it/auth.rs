@@ -548,6 +548,8 @@ upstreams:
   real:
     url: http://127.0.0.1:9
     set_headers: {{ authorization: "Bearer ${{UP_KEY}}" }}
+  azure:
+    url: "http://127.0.0.1:9/openai/deployments/${{DEPLOYMENT}}"
 auth:
   api_keys:
     - {{ id: team, key: "${{TEAM_KEY}}" }}
@@ -563,8 +565,15 @@ routes:
     upstream: demo
 "#
     );
-    let gw =
-        TestGateway::start_with_env(&config, &[("TEAM_KEY", TEAM), ("UP_KEY", UPSTREAM)]).await;
+    let gw = TestGateway::start_with_env(
+        &config,
+        &[
+            ("TEAM_KEY", TEAM),
+            ("UP_KEY", UPSTREAM),
+            ("DEPLOYMENT", "gpt4o-prod-east"),
+        ],
+    )
+    .await;
     let team = format!("Bearer {TEAM}");
     let hashed = format!("Bearer {HASHED}");
     // A configured key and an upstream's secret in a path, no credential.
@@ -622,7 +631,13 @@ routes:
         )
         .await;
     assert_eq!(reply.status, 200);
-    let logs = gw.wait_access_logs(10).await;
+    // An upstream URL's variable (a deployment) is no secret of the path.
+    models(&gw, "/public/openai/deployments/gpt4o-prod-east", &[]).await;
+    let logs = gw.wait_access_logs(11).await;
+    assert_eq!(
+        logs[10]["path"],
+        "/public/openai/deployments/gpt4o-prod-east"
+    );
     assert_eq!(logs[7]["path"], "/nope/***", "{}", logs[7]);
     assert_eq!(logs[8]["path"], "/public/***", "{}", logs[8]);
     assert_eq!(logs[9]["model"], "***", "{}", logs[9]);

@@ -265,8 +265,9 @@ async fn request_id_is_kept_or_made_and_reaches_both_sides() {
     let not_found = client.get(&gw.url("/nowhere")).await;
     assert!(not_found.header("x-request-id").is_some());
     assert_eq!(made.header("x-sluice-upstream-request-id"), None);
-    // Any text is the client's: long, or with spaces; a blank one is not.
-    let long = "r".repeat(300);
+    // Any text is the client's: long, or with spaces; a blank one, or
+    // one past 1 KiB, is not.
+    let long = "r".repeat(1024);
     for given in [long.as_str(), "trace 7 of 9"] {
         let reply = client
             .get_with(&gw.url("/public"), &[("x-request-id", given)])
@@ -277,7 +278,12 @@ async fn request_id_is_kept_or_made_and_reaches_both_sides() {
         .get_with(&gw.url("/public"), &[("x-request-id", " ")])
         .await;
     assert_eq!(blank.header("x-request-id").map(str::len), Some(32));
-    let logs = gw.wait_access_logs(6).await;
+    let too_long = "r".repeat(1025);
+    let replaced = client
+        .get_with(&gw.url("/public"), &[("x-request-id", &too_long)])
+        .await;
+    assert_eq!(replaced.header("x-request-id").map(str::len), Some(32));
+    let logs = gw.wait_access_logs(7).await;
     assert_eq!(logs[3]["request_id"], long.as_str(), "{}", logs[3]);
 }
 

@@ -40,6 +40,7 @@ pub fn compile(
         warnings: Vec::new(),
         expansions: Vec::new(),
         secrets_written: Vec::new(),
+        url_secrets_written: Vec::new(),
         sources: Vec::new(),
     };
     let mut snapshot = c.config(raw);
@@ -70,6 +71,9 @@ struct Compiler<'a> {
     /// Redis URL's password, the budget webhook URL (Slack's and most
     /// others carry their token in the path).
     secrets_written: Vec<String>,
+    /// Those an upstream URL holds (its variables, its long segments),
+    /// masked in logged bodies only.
+    url_secrets_written: Vec<String>,
     /// The files read besides the config (see [`Snapshot::sources`]).
     sources: Vec<PathBuf>,
 }
@@ -220,10 +224,12 @@ impl Compiler<'_> {
         }
         let state = self.state(raw.state.as_ref());
         let mut logging = self.logging(raw.logging.as_ref());
-        let known_secrets = self.known_secrets(&upstreams);
-        logging.scrub = crate::telemetry::scrub::Scrub::new(&known_secrets);
+        // An upstream URL's variables (a deployment name in its path) are
+        // masked in logged bodies, where its echo could show them, but not
+        // in what the client chose: its path and model would read `***`.
+        logging.scrub = crate::telemetry::scrub::Scrub::new(&self.known_secrets(&upstreams, false));
         if logging.log_bodies {
-            logging.known_secrets = known_secrets;
+            logging.known_secrets = self.known_secrets(&upstreams, true);
         }
         Snapshot {
             warnings: Vec::new(),

@@ -84,7 +84,7 @@ impl Compiler<'_> {
                     let Some(url_text) = self.text(url) else {
                         continue;
                     };
-                    self.secrets_written.extend(url_secrets(
+                    self.url_secrets_written.extend(url_secrets(
                         &url_text,
                         variable_values(&url.value.0, self.env),
                     ));
@@ -157,7 +157,11 @@ impl Compiler<'_> {
             let Ok(header) = HeaderName::from_bytes(name.as_bytes()) else {
                 // `Authorization: Bearer sk-…` written as the name: a
                 // header line pasted whole, its secret with it.
-                let message = if name.contains([':', ' ', '\t']) || name.len() > 64 {
+                let plain = name.len() <= 40
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b' '));
+                let message = if !plain || name.contains(' ') {
                     format!(
                         "upstream `{upstream}`: a set_headers name is not a valid header name (not repeated here: it could hold a secret); write `name: value`, the value apart"
                     )
@@ -367,7 +371,11 @@ impl Compiler<'_> {
     /// in the file: what a logged body must not show (SPEC §5). Known
     /// settings written in the file (`anthropic-version: 2023-06-01`) are
     /// left out.
-    pub(super) fn known_secrets(&self, upstreams: &[Arc<Upstream>]) -> KnownSecrets {
+    pub(super) fn known_secrets(
+        &self,
+        upstreams: &[Arc<Upstream>],
+        with_urls: bool,
+    ) -> KnownSecrets {
         let mut secrets = KnownSecrets::default();
         for header in upstreams.iter().flat_map(|u| &u.set_headers) {
             let Ok(value) = header.value.to_str() else {
@@ -382,6 +390,11 @@ impl Compiler<'_> {
         }
         for secret in &self.secrets_written {
             secrets.add(secret);
+        }
+        if with_urls {
+            for secret in &self.url_secrets_written {
+                secrets.add(secret);
+            }
         }
         secrets.sort();
         secrets
