@@ -186,6 +186,9 @@ pub struct RequestCtx {
     /// with them: what its logged path, request id and model must not
     /// show (a client that put its key in the URL too).
     pub presented: Presented,
+    /// `request_id` is the client's (else sluice made it, and it holds
+    /// nothing to mask).
+    pub request_id_given: bool,
     /// Held while this request is answered (see [`ConnInfo::answering`]).
     pub answering: Option<Answering>,
     /// `log_bodies`: what the logged bodies must not show, the
@@ -262,6 +265,7 @@ impl RequestCtx {
             cost_usd: None,
             request_body: None,
             presented: Presented::default(),
+            request_id_given: false,
             answering: None,
             body_secrets: None,
             response_body: None,

@@ -172,16 +172,22 @@ pub const REQUEST_ID_MAX: usize = 1024;
 /// [`REQUEST_ID_MAX`] bytes, else a new one. Bytes past ASCII (obs-text,
 /// which no log line could show as sent) and a blank id are replaced.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get(&X_REQUEST_ID) {
-        let b = v.as_bytes();
-        if b.len() <= REQUEST_ID_MAX
-            && b.iter().any(|c| c.is_ascii_graphic())
-            && b.iter()
-                .all(|&c| c.is_ascii_graphic() || c == b' ' || c == b'\t')
-        {
-            return v.clone();
-        }
-    }
+    clients_request_id(headers).unwrap_or_else(new_request_id)
+}
+
+/// The client's request id, when it is one [`request_id`] keeps.
+pub fn clients_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
+    let v = headers.get(&X_REQUEST_ID)?;
+    let b = v.as_bytes();
+    let kept = b.len() <= REQUEST_ID_MAX
+        && b.iter().any(|c| c.is_ascii_graphic())
+        && b.iter()
+            .all(|&c| c.is_ascii_graphic() || c == b' ' || c == b'\t');
+    kept.then(|| v.clone())
+}
+
+/// A request id of sluice's own.
+pub fn new_request_id() -> HeaderValue {
     // 128 random bits as 32 hex digits, without going through `fmt`.
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut id = [0u8; 32];

@@ -54,7 +54,9 @@ pub async fn handle(
     conn: Arc<ConnInfo>,
 ) -> Response<Tap> {
     let active = gw.active();
-    let request_id = headers::request_id(req.headers());
+    let clients_id = headers::clients_request_id(req.headers());
+    let request_id_given = clients_id.is_some();
+    let request_id = clients_id.unwrap_or_else(headers::new_request_id);
     // Boxed: the ctx travels from the phases into the tap and the response,
     // and a pointer moves where hundreds of bytes would be copied.
     let ctx = Box::new(RequestCtx::new(
@@ -71,6 +73,7 @@ pub async fn handle(
     } = &mut finish;
 
     ctx.presented = ctx::Presented::of(req.headers());
+    ctx.request_id_given = request_id_given;
     ctx.answering = Some(ctx::Answering::new(&conn));
     ctx.body_unread = declares_body_over_http1(&req);
     ctx.body_drainable = ctx.body_unread && is_small_and_sent(&req);

@@ -27,6 +27,12 @@ pub struct Refusals<S> {
     /// is written as its upstream sends it (and may, byte for byte, be
     /// a refusal's text: that is passed on as it is).
     read_since_write: bool,
+    /// No answer of the connection was in progress when bytes last came
+    /// (see [`ConnInfo::answering`]): they begin a new request. Bytes that
+    /// came while one was (a pipelined request, a stray CRLF) are no
+    /// head hyper answers before that answer's last bytes are written,
+    /// which may read like a refusal.
+    read_while_idle: bool,
     /// HTTP/1 only: hyper's h2 layer answers in frames, and its writes
     /// pass untouched.
     enabled: bool,
@@ -39,22 +45,17 @@ impl<S> Refusals<S> {
             conn,
             rewrite: None,
             read_since_write: false,
+            read_while_idle: false,
             enabled,
         }
     }
 
     /// Whether `written` is hyper's refusal of the head just read: bytes
     /// came since the last write (hyper answers a head right after
-    /// reading it), and no answer of the connection's is being written
-    /// (whose body's bytes, and the client may send more meanwhile,
-    /// could read the same).
+    /// reading it), while no answer of the connection's was being
+    /// written (whose body's bytes could read the same).
     fn refusal(&self, written: &[u8]) -> Option<u16> {
-        let idle = self
-            .conn
-            .answering
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 0;
-        if self.enabled && self.read_since_write && idle {
+        if self.enabled && self.read_since_write && self.read_while_idle {
             refused_status(written)
         } else {
             None
@@ -124,6 +125,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Refusals<S> {
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.read_since_write = true;
+            self.read_while_idle = self
+                .conn
+                .answering
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 0;
         }
         polled
     }
@@ -237,17 +243,18 @@ mod tests {
         client.read_exact(&mut seen).await.unwrap();
         assert_eq!(seen, HYPERS);
         // Bytes read while an answer is written (a pipelined request):
-        // its body's bytes still pass.
+        // its body's last bytes still pass, written once hyper has
+        // dropped the body (the answer no longer counted).
         conn.answering
             .store(1, std::sync::atomic::Ordering::Relaxed);
         client.write_all(b"GET /next HTTP/1.1\r\n").await.unwrap();
         let mut pipelined = [0; 64];
         let _ = stream.read(&mut pipelined).await.unwrap();
+        conn.answering
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         stream.write_all(HYPERS).await.unwrap();
         client.read_exact(&mut seen).await.unwrap();
         assert_eq!(seen, HYPERS);
-        conn.answering
-            .store(0, std::sync::atomic::Ordering::Relaxed);
         // A head read, then refused.
         client
             .write_all(b"GET / HTTP/1.1\r\nbad\r\n\r\n")

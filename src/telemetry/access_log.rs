@@ -138,6 +138,17 @@ fn scrubbed<'a>(scrub: &Scrub, ctx: &RequestCtx, text: &'a str) -> std::borrow::
     scrub.scrub(text, &ctx.presented)
 }
 
+/// The request id as logged: the client's masked as its other texts
+/// are; one sluice made holds nothing to mask.
+fn logged_request_id<'a>(scrub: &Scrub, ctx: &'a RequestCtx) -> std::borrow::Cow<'a, str> {
+    let id = ctx.request_id.to_str().unwrap_or("-");
+    if ctx.request_id_given {
+        scrubbed(scrub, ctx, id)
+    } else {
+        std::borrow::Cow::Borrowed(id)
+    }
+}
+
 enum IdentityLabel<'a> {
     Id(&'a str),
     Ip(std::net::IpAddr),
@@ -154,14 +165,7 @@ macro_rules! key {
 /// then the body-log fields when `log_bodies` filled them.
 fn render(out: &mut String, scrub: &Scrub, ctx: &RequestCtx, latency: Duration) {
     let mut out = Line(out);
-    out.str_field(
-        key!("request_id"),
-        Some(&scrubbed(
-            scrub,
-            ctx,
-            ctx.request_id.to_str().unwrap_or("-"),
-        )),
-    );
+    out.str_field(key!("request_id"), Some(&logged_request_id(scrub, ctx)));
     out.str_field(key!("route"), ctx.route.as_deref());
     let head = (!ctx.head_unread).then_some(ctx);
     out.str_field(key!("method"), head.map(|c| c.method.as_str()));
@@ -265,7 +269,7 @@ fn emit_fields(scrub: &Scrub, ctx: &RequestCtx, latency: Duration) {
     };
     tracing::info!(
         target: ACCESS_TARGET,
-        request_id = &*scrubbed(scrub, ctx, ctx.request_id.to_str().unwrap_or("-")),
+        request_id = &*logged_request_id(scrub, ctx),
         route = ctx.route.as_deref(),
         method = (!ctx.head_unread).then(|| ctx.method.as_str()),
         path = (!ctx.head_unread).then(|| scrubbed(scrub, ctx, ctx.uri.path())).as_deref(),

@@ -365,8 +365,8 @@ pub(crate) fn port_is_valid(authority: &http::uri::Authority) -> bool {
 pub(crate) fn without_secrets(url: &str) -> String {
     // No URL at all (`https%3A%2F%2F…` pasted encoded): a short text is
     // a typo worth showing, a long one may hold anything.
-    if !url.contains("://") && (url.len() > 32 || url.contains('%')) {
-        return format!("{}…", url.get(..8).unwrap_or(""));
+    if !url.contains("://") && (url.len() > 16 || url.contains(['%', '='])) {
+        return format!("{}…", url.get(..6).unwrap_or(""));
     }
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
     let scheme = if scheme.is_empty() {
@@ -550,9 +550,10 @@ mod tests {
                 "https://…",
             ),
             ("not a url", "not a url"),
+            ("sk-ant-api03-Zq9abcdef", "sk-ant…"),
             (
                 "https%3A%2F%2Fhooks.example.com%2Fservices%2FT0001",
-                "https%3A…",
+                "https%…",
             ),
         ] {
             assert_eq!(without_secrets(url), shown, "{url}");
