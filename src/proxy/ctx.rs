@@ -305,16 +305,17 @@ impl Presented {
     /// looked for: they would mask ordinary words.
     pub fn credentials(&self) -> impl Iterator<Item = &str> {
         const SHORTEST: usize = 8;
-        self.0.iter().filter_map(|(scheme, value)| {
-            let value = value.to_str().ok()?.trim();
-            let credential = match scheme {
-                true => value
-                    .split_once(' ')
-                    .map_or(value, |(_, token)| token.trim()),
-                false => value,
-            };
-            (credential.len() >= SHORTEST).then_some(credential)
-        })
+        // A header may list several, comma-separated (`Bearer a, Bearer
+        // b`, as headers joined by a client library).
+        self.0
+            .iter()
+            .filter_map(|(scheme, value)| Some((*scheme, value.to_str().ok()?)))
+            .flat_map(|(scheme, value)| value.split(',').map(move |part| (scheme, part.trim())))
+            .map(|(scheme, part)| match scheme {
+                true => part.split_once(' ').map_or(part, |(_, token)| token.trim()),
+                false => part,
+            })
+            .filter(|credential| credential.len() >= SHORTEST)
     }
 }
 

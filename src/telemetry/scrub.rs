@@ -167,5 +167,18 @@ mod tests {
         );
         assert_eq!(scrub.scrub("other-key-98765", &presented), "***");
         assert_eq!(scrub.scrub("/a/hashed%2Dplain-0123", &presented), "/a/***");
+        // Two in one header, comma-separated.
+        let mut joined = http::HeaderMap::new();
+        joined.insert(
+            "authorization",
+            "Bearer first-cred-000000, Bearer second-cred-1111"
+                .parse()
+                .unwrap(),
+        );
+        let presented = Presented::of(&joined);
+        assert_eq!(
+            scrub.scrub("/a/second-cred-1111/first-cred-000000", &presented),
+            "/a/***/***"
+        );
     }
 }
