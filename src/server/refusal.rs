@@ -65,19 +65,24 @@ impl<S> Refusals<S> {
 
 /// What follows the status line in hyper's refusal, but for the date.
 const REFUSAL_HEADERS: &[u8] = b"connection: close\r\ncontent-length: 0\r\ndate: ";
+/// The same after an HTTP/1.0 exchange kept alive (hyper answers in
+/// HTTP/1.0 then, and leaves `connection` out).
+const REFUSAL_HEADERS_1_0: &[u8] = b"content-length: 0\r\ndate: ";
 /// An IMF-fixdate (`Mon, 30 Nov 2026 06:26:52 GMT`) and the head's end.
 const DATE_AND_END: usize = 29 + 4;
 
 /// The status of hyper's refusal, when `written` is one.
 fn refused_status(written: &[u8]) -> Option<u16> {
     // The cheap test first: this runs on every write of a connection.
-    if written.len() > 160 || !written.starts_with(b"HTTP/1.1 4") || !written.ends_with(b"\r\n\r\n")
-    {
-        return None;
-    }
+    let headers = match written.get(..10) {
+        _ if written.len() > 160 || !written.ends_with(b"\r\n\r\n") => return None,
+        Some(b"HTTP/1.1 4") => REFUSAL_HEADERS,
+        Some(b"HTTP/1.0 4") => REFUSAL_HEADERS_1_0,
+        _ => return None,
+    };
     let line_end = memchr::memmem::find(written, b"\r\n")?;
     let rest = &written[line_end + 2..];
-    if rest.len() != REFUSAL_HEADERS.len() + DATE_AND_END || !rest.starts_with(REFUSAL_HEADERS) {
+    if rest.len() != headers.len() + DATE_AND_END || !rest.starts_with(headers) {
         return None;
     }
     std::str::from_utf8(written.get(9..12)?).ok()?.parse().ok()
@@ -85,7 +90,7 @@ fn refused_status(written: &[u8]) -> Option<u16> {
 
 /// sluice's answer for a refused head: the same status, in the SPEC's
 /// shape (the code as the access log names it).
-fn answer(status: u16, date: &[u8], request_id: &str) -> Vec<u8> {
+fn answer(version: &str, status: u16, date: &[u8], request_id: &str) -> Vec<u8> {
     let (reason, message, code) = match status {
         431 => (
             "Request Header Fields Too Large",
@@ -105,7 +110,7 @@ fn answer(status: u16, date: &[u8], request_id: &str) -> Vec<u8> {
     };
     let body = error_body(message, "invalid_request_error", None, code);
     let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {request_id}\r\nconnection: close\r\ndate: ",
+        "{version} {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {request_id}\r\nconnection: close\r\ndate: ",
         body.len()
     )
     .into_bytes();
@@ -154,7 +159,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Refusals<S> {
                 .conn
                 .refusal_id
                 .get_or_init(|| proxy::headers::request_id(&http::HeaderMap::new()));
-            let answer = answer(status, date, id.to_str().unwrap_or("-"));
+            // In the version hyper answered in (HTTP/1.0 to such a client).
+            let version = if buf.starts_with(b"HTTP/1.0") {
+                "HTTP/1.0"
+            } else {
+                "HTTP/1.1"
+            };
+            let answer = answer(version, status, date, id.to_str().unwrap_or("-"));
             this.rewrite = Some((answer, 0, buf.len()));
         }
         // hyper calls again with the same bytes until they are taken.
@@ -218,6 +229,8 @@ mod tests {
         assert_eq!(refused_status(HYPERS), Some(431));
         let bad = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: Mon, 30 Nov 2026 06:26:52 GMT\r\n\r\n";
         assert_eq!(refused_status(bad), Some(400));
+        let after_1_0 = b"HTTP/1.0 400 Bad Request\r\ncontent-length: 0\r\ndate: Mon, 30 Nov 2026 06:26:52 GMT\r\n\r\n";
+        assert_eq!(refused_status(after_1_0), Some(400));
         // sluice's own answers, an upstream's empty 4xx, a body's bytes.
         for other in [
             &b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nx-request-id: a\r\ndate: Mon, 30 Nov 2026 06:26:52 GMT\r\n\r\n"[..],
@@ -276,8 +289,13 @@ mod tests {
 
     #[test]
     fn the_answer_is_json_with_its_length_and_request_id() {
-        let text =
-            String::from_utf8(answer(431, b"Mon, 30 Nov 2026 06:26:52 GMT", "rid-1")).unwrap();
+        let text = String::from_utf8(answer(
+            "HTTP/1.1",
+            431,
+            b"Mon, 30 Nov 2026 06:26:52 GMT",
+            "rid-1",
+        ))
+        .unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
         assert!(head.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"));
         assert!(head.contains("\r\nx-request-id: rid-1\r\n"), "{head}");
