@@ -362,13 +362,22 @@ fn refused_head_status(e: &hyper::Error) -> Option<(u16, &'static str)> {
     let kind = e.to_string();
     if e.is_parse_too_large() {
         let status = if kind.contains("URI") { 414 } else { 431 };
-        return Some((status, "request_too_large"));
+        return Some((status, refused_head_code(status)));
     }
     // Internal parse failures get no answer from hyper.
     if kind.contains("internal") {
         return None;
     }
-    Some((400, "invalid_request"))
+    Some((400, refused_head_code(400)))
+}
+
+/// The error code of a head refused with `status` (431 or 414: too
+/// large; else malformed), in the log and in the answer alike.
+pub fn refused_head_code(status: u16) -> &'static str {
+    match status {
+        431 | 414 => "request_too_large",
+        _ => "invalid_request",
+    }
 }
 
 /// An answer with no length, or one too long to sit whole in the

@@ -269,21 +269,18 @@ async fn first_byte(stream: &TcpStream) -> Option<u8> {
 async fn answer_plain_http(gw: &Gateway, mut stream: TcpStream, conn: &ConnInfo) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let request_id = proxy::headers::request_id(&http::HeaderMap::new());
-    let body = proxy::error::error_body(
+    let answer = super::refusal::raw_error_answer(
+        "HTTP/1.1",
+        400,
+        "Bad Request",
         "a plain HTTP request was sent to this HTTPS port: use https://",
-        "invalid_request_error",
-        None,
         PLAIN_HTTP_CODE,
-    );
-    let head = format!(
-        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {}\r\nconnection: close\r\n\r\n",
-        body.len(),
         request_id.to_str().unwrap_or("-"),
+        None,
     );
     proxy::account_unread_head(gw, conn, 400, PLAIN_HTTP_CODE, request_id);
     let answer = async {
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body.as_bytes()).await?;
+        stream.write_all(&answer).await?;
         stream.shutdown().await?;
         // What the client sent is read (and dropped) for a moment: a
         // socket closed with unread bytes resets, and the reset could

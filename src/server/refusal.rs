@@ -91,31 +91,50 @@ fn refused_status(written: &[u8]) -> Option<u16> {
 /// sluice's answer for a refused head: the same status, in the SPEC's
 /// shape (the code as the access log names it).
 fn answer(version: &str, status: u16, date: &[u8], request_id: &str) -> Vec<u8> {
-    let (reason, message, code) = match status {
+    let (reason, message) = match status {
         431 => (
             "Request Header Fields Too Large",
             "the request's head is too large (its line and headers past 64 KiB, or over 100 headers)",
-            "request_too_large",
         ),
-        414 => (
-            "URI Too Long",
-            "the request's URI is too long",
-            "request_too_large",
-        ),
-        _ => (
-            "Bad Request",
-            "the request's head is not valid HTTP/1.1",
-            "invalid_request",
-        ),
+        414 => ("URI Too Long", "the request's URI is too long"),
+        _ => ("Bad Request", "the request's head is not valid HTTP/1.1"),
     };
+    let code = proxy::refused_head_code(status);
+    raw_error_answer(
+        version,
+        status,
+        reason,
+        message,
+        code,
+        request_id,
+        Some(date),
+    )
+}
+
+/// An error answer in the SPEC's shape, written as raw bytes where
+/// hyper's server is not the one answering (a refused head, a plain
+/// HTTP request on the TLS port), closing its connection.
+pub fn raw_error_answer(
+    version: &str,
+    status: u16,
+    reason: &str,
+    message: &str,
+    code: &str,
+    request_id: &str,
+    date: Option<&[u8]>,
+) -> Vec<u8> {
     let body = error_body(message, "invalid_request_error", None, code);
     let mut out = format!(
-        "{version} {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {request_id}\r\nconnection: close\r\ndate: ",
+        "{version} {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {request_id}\r\nconnection: close\r\n",
         body.len()
     )
     .into_bytes();
-    out.extend_from_slice(date);
-    out.extend_from_slice(b"\r\n\r\n");
+    if let Some(date) = date {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(date);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body.as_bytes());
     out
 }

@@ -6,7 +6,7 @@
 /// The most of a body that is logged.
 pub const LIMIT: usize = 4096;
 
-pub const MASK: &str = "***";
+const MASK: &str = "***";
 
 /// Names of secret fields, matched as lower-cased substrings of the name
 /// (`client_secret`, `apiKey`…). `token` counts too, but not `tokens`:
@@ -149,7 +149,9 @@ pub fn mask_known(text: &mut String, known: &[String]) {
     }
 }
 
-fn mask_secret(text: &mut String, secret: &str) {
+/// Masks `secret` in `text`: as it is, and, percent-encoded, in any case
+/// of hex.
+pub fn mask_secret(text: &mut String, secret: &str) {
     if text.contains(secret) {
         *text = text.replace(secret, MASK);
     }

@@ -74,9 +74,7 @@ impl Scrub {
 
 fn mask_presented(text: &mut String, presented: &Presented) {
     for credential in presented.credentials() {
-        if text.contains(credential) {
-            *text = text.replace(credential, body_log::MASK);
-        }
+        body_log::mask_secret(text, credential);
     }
 }
 
